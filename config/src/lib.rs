@@ -1,0 +1,552 @@
+//! Tessera's configuration: one TOML file in which every key has a default, so the server
+//! also runs with no file at all. `config/tessera.example.toml` documents every key; a test
+//! keeps it equal to [`Config::default`].
+//!
+//! Errors name the file, the key and the reason, because an operator reading a start-up
+//! failure should not have to guess which of fifty lines is wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error: which file, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the value came from; `None` for built-in defaults and command-line flags.
+    pub file: Option<PathBuf>,
+    /// Dotted key path, e.g. `portal.ping_interval_ms`.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "config error in {}: key `{}`: {}", file.display(), self.key, self.reason),
+            None => write!(f, "config error: key `{}`: {}", self.key, self.reason),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening addresses and the data folder.
+    pub server: Server,
+    /// The management service identity and key.
+    pub service: Service,
+    /// Participant signaling (Socket.IO portal).
+    pub portal: Portal,
+    /// WebRTC media transport.
+    pub webrtc: WebRtc,
+    /// Where recordings go.
+    pub storage: Storage,
+    /// Rooms created at start.
+    pub rooms: Rooms,
+    /// The demo page and its dev-only token endpoint.
+    pub demo: Demo,
+    /// Logging.
+    pub log: Log,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Portal (Socket.IO signaling), demo page and JS SDK address.
+    pub portal_addr: String,
+    /// Management REST API address.
+    pub api_addr: String,
+    /// Folder for the room store, the generated service key and (by default) recordings.
+    pub data_dir: PathBuf,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server { portal_addr: "127.0.0.1:8080".into(), api_addr: "127.0.0.1:3000".into(), data_dir: "tessera-data".into() }
+    }
+}
+
+/// `[service]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Service {
+    /// Service id for OWT's MAuth scheme (`mauth_serviceid`).
+    pub id: String,
+    /// Service key; empty means: read `<data_dir>/service.key`, generating it at first start.
+    /// The environment variable `TESSERA_SERVICE_KEY` overrides both.
+    pub key: String,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service { id: "tessera".into(), key: String::new() }
+    }
+}
+
+/// `[portal]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Portal {
+    /// host:port written into tokens so clients find the portal; empty means `server.portal_addr`.
+    pub public_host: String,
+    /// Whether clients must reach the portal over https/wss (a TLS proxy in front).
+    pub secure: bool,
+    /// How long a participant token stays valid, in seconds.
+    pub token_lifetime_secs: u64,
+    /// How long a reconnection ticket stays valid, in seconds.
+    pub reconnection_ticket_lifetime_secs: u64,
+    /// How long a participant whose socket dropped stays in the room, in seconds.
+    pub reconnection_timeout_secs: u64,
+    /// How long a connected socket may stay without logging in, in seconds.
+    pub login_timeout_secs: u64,
+    /// Socket.IO ping interval, in milliseconds.
+    pub ping_interval_ms: u64,
+    /// Socket.IO ping timeout, in milliseconds.
+    pub ping_timeout_ms: u64,
+    /// Largest message a client may send, in bytes.
+    pub max_message_bytes: u64,
+    /// Most requests a client may send per second before it is disconnected.
+    pub max_requests_per_sec: u32,
+}
+
+impl Default for Portal {
+    fn default() -> Self {
+        Portal {
+            public_host: String::new(),
+            secure: false,
+            token_lifetime_secs: 180,
+            reconnection_ticket_lifetime_secs: 600,
+            reconnection_timeout_secs: 60,
+            login_timeout_secs: 180,
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_message_bytes: 1_000_000,
+            max_requests_per_sec: 50,
+        }
+    }
+}
+
+/// `[webrtc]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtc {
+    /// Lowest UDP port for media.
+    pub udp_port_min: u16,
+    /// Highest UDP port for media.
+    pub udp_port_max: u16,
+    /// Address media is bound to; empty means every non-loopback address, or 127.0.0.1 when loopback is all there is.
+    pub bind_ip: String,
+    /// Public IP announced in candidates (behind 1:1 NAT); empty announces the bound addresses.
+    pub public_ip: String,
+    /// STUN/TURN servers handed to clients in the login result.
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl Default for WebRtc {
+    fn default() -> Self {
+        WebRtc {
+            udp_port_min: 40000,
+            udp_port_max: 49999,
+            bind_ip: String::new(),
+            public_ip: String::new(),
+            ice_servers: Vec::new(),
+        }
+    }
+}
+
+/// One STUN/TURN server, as in `RTCIceServer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    /// `stun:` / `turn:` URLs.
+    pub urls: Vec<String>,
+    /// TURN user name.
+    #[serde(default)]
+    pub username: String,
+    /// TURN credential.
+    #[serde(default)]
+    pub credential: String,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Folder for recordings; empty means `<data_dir>/recordings`.
+    pub recordings_dir: PathBuf,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { recordings_dir: PathBuf::new() }
+    }
+}
+
+/// `[rooms]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rooms {
+    /// Id (and name) of a room created at start if missing, with the default view; empty disables it.
+    pub default_room: String,
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms { default_room: "dev".into() }
+    }
+}
+
+/// When the dev-only token endpoint of the demo page is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevTokens {
+    /// On only while the portal listens on a loopback address.
+    Auto,
+    /// Always on: anyone who reaches the portal can get a token.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `[demo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Demo {
+    /// Serve the demo page at `/`.
+    pub enabled: bool,
+    /// The dev token endpoint (`POST /dev/token`) the demo page uses to join without a backend.
+    pub dev_tokens: DevTokens,
+}
+
+impl Default for Demo {
+    fn default() -> Self {
+        Demo { enabled: true, dev_tokens: DevTokens::Auto }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `tracing` filter, e.g. `info` or `tessera_portal=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { level: "info".into() }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the built-in defaults when `path` is `None`, and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate(None)?;
+            return Ok(config);
+        };
+        let err = |key: &str, reason: String| ConfigError { file: Some(path.to_path_buf()), key: key.into(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        let config = Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })?;
+        config.validate(Some(path))?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (without validating values).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            file: None,
+            key: "(syntax)".into(),
+            reason: e.message().to_string() + &line_of(text, e.span()),
+        })?;
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError { file: None, key, reason: friendlier(e.into_inner().to_string()) }
+        })
+    }
+
+    /// Applies `TESSERA_SERVICE_KEY` from the environment, if set and non-empty.
+    pub fn apply_env(&mut self) {
+        if let Ok(key) = std::env::var("TESSERA_SERVICE_KEY")
+            && !key.is_empty()
+        {
+            self.service.key = key;
+        }
+    }
+
+    /// Checks values that parse but make no sense. `file` is only used in error messages.
+    pub fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| ConfigError { file: file.map(Path::to_path_buf), key: key.into(), reason };
+        check_addr(&self.server.portal_addr).map_err(|r| err("server.portal_addr", r))?;
+        check_addr(&self.server.api_addr).map_err(|r| err("server.api_addr", r))?;
+        if self.server.data_dir.as_os_str().is_empty() {
+            return Err(err("server.data_dir", "must not be empty".into()));
+        }
+        if self.service.id.is_empty() {
+            return Err(err("service.id", "must not be empty".into()));
+        }
+        if !self.service.key.is_empty() && self.service.key.len() < 16 {
+            return Err(err("service.key", "must be at least 16 characters (or empty to generate one)".into()));
+        }
+        let p = &self.portal;
+        if !p.public_host.is_empty() && !p.public_host.contains(':') {
+            return Err(err("portal.public_host", format!("`{}` must be host:port", p.public_host)));
+        }
+        let positive = [
+            ("portal.token_lifetime_secs", p.token_lifetime_secs),
+            ("portal.reconnection_ticket_lifetime_secs", p.reconnection_ticket_lifetime_secs),
+            ("portal.login_timeout_secs", p.login_timeout_secs),
+            ("portal.ping_interval_ms", p.ping_interval_ms),
+            ("portal.ping_timeout_ms", p.ping_timeout_ms),
+            ("portal.max_requests_per_sec", u64::from(p.max_requests_per_sec)),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(err(key, "must be greater than 0".into()));
+            }
+        }
+        if p.max_message_bytes < 1024 {
+            return Err(err("portal.max_message_bytes", "must be at least 1024".into()));
+        }
+        if p.reconnection_ticket_lifetime_secs <= 60 {
+            // The OWT SDK refreshes a ticket 60 s before it expires.
+            return Err(err("portal.reconnection_ticket_lifetime_secs", "must be more than 60 (clients refresh 60 s before expiry)".into()));
+        }
+        let w = &self.webrtc;
+        if w.udp_port_min == 0 || w.udp_port_min > w.udp_port_max {
+            return Err(err(
+                "webrtc.udp_port_min",
+                format!("range {}..{} is empty or starts at 0", w.udp_port_min, w.udp_port_max),
+            ));
+        }
+        for (key, ip) in [("webrtc.bind_ip", &w.bind_ip), ("webrtc.public_ip", &w.public_ip)] {
+            if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(err(key, format!("`{ip}` is not an IP address")));
+            }
+        }
+        for (i, s) in w.ice_servers.iter().enumerate() {
+            if s.urls.is_empty() || s.urls.iter().any(|u| !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:"))) {
+                return Err(err(&format!("webrtc.ice_servers[{i}].urls"), "need one or more stun:/turn:/turns: URLs".into()));
+            }
+        }
+        if tracing_filter_invalid(&self.log.level) {
+            return Err(err("log.level", format!("`{}` is not a log filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    /// The folder recordings are written to.
+    pub fn recordings_dir(&self) -> PathBuf {
+        if self.storage.recordings_dir.as_os_str().is_empty() {
+            self.server.data_dir.join("recordings")
+        } else {
+            self.storage.recordings_dir.clone()
+        }
+    }
+
+    /// The host:port put into tokens.
+    pub fn portal_public_host(&self, bound: SocketAddr) -> String {
+        if self.portal.public_host.is_empty() { bound.to_string() } else { self.portal.public_host.clone() }
+    }
+
+    /// Whether the dev token endpoint is on, given the address the portal is bound to.
+    pub fn dev_tokens_enabled(&self, bound: SocketAddr) -> bool {
+        match self.demo.dev_tokens {
+            DevTokens::On => true,
+            DevTokens::Off => false,
+            DevTokens::Auto => bound.ip().is_loopback(),
+        }
+    }
+
+    /// Creates the data and recordings folders if needed and checks that they are writable,
+    /// so a bad path fails at start rather than at the first recording.
+    pub fn prepare_dirs(&self, file: Option<&Path>) -> Result<(), ConfigError> {
+        let check = |key: &str, dir: &Path| -> Result<(), ConfigError> {
+            let err = |reason: String| ConfigError { file: file.map(Path::to_path_buf), key: key.into(), reason };
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create folder {}: {e}", dir.display())))?;
+            let probe = dir.join(format!(".tessera-write-test-{}", std::process::id()));
+            std::fs::write(&probe, b"ok").map_err(|e| err(format!("folder {} is not writable: {e}", dir.display())))?;
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        };
+        check("server.data_dir", &self.server.data_dir)?;
+        let rec_key = if self.storage.recordings_dir.as_os_str().is_empty() { "server.data_dir" } else { "storage.recordings_dir" };
+        check(rec_key, &self.recordings_dir())
+    }
+}
+
+/// Validates `host:port`, with a clear message for ports past 65535 (which `SocketAddr`
+/// would only call "invalid socket address syntax").
+fn check_addr(addr: &str) -> Result<SocketAddr, String> {
+    if let Some((_, port)) = addr.rsplit_once(':')
+        && let Ok(n) = port.parse::<u64>()
+        && n > 65535
+    {
+        return Err(format!("port {n} is out of range (0-65535)"));
+    }
+    addr.parse::<SocketAddr>().map_err(|_| format!("`{addr}` is not an IP:port address (e.g. 127.0.0.1:8080)"))
+}
+
+/// Rejects obviously broken filters without pulling tracing-subscriber into this crate.
+fn tracing_filter_invalid(filter: &str) -> bool {
+    filter.trim().is_empty() || filter.chars().any(|c| c.is_whitespace() || c == ';')
+}
+
+/// Serde's messages for a negative number in an unsigned field say "expected u64"; say it plainly.
+fn friendlier(message: String) -> String {
+    if message.starts_with("invalid value: integer `-") && (message.contains("expected u") || message.contains("expected an unsigned")) {
+        format!("{message} (negative values are not allowed)")
+    } else {
+        message
+    }
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> ConfigError {
+        match Config::parse(text) {
+            Ok(c) => c.validate(Some(Path::new("t.toml"))).unwrap_err(),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        Config::default().validate(None).unwrap();
+    }
+
+    #[test]
+    fn example_file_documents_every_key_with_its_default() {
+        let text = include_str!("../tessera.example.toml");
+        let parsed = Config::parse(text).unwrap();
+        assert_eq!(parsed, Config::default(), "example values must equal the defaults");
+        // Every key of the default config must appear (uncommented) in the example.
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let example: toml::Table = text.parse().unwrap();
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    keys(&format!("{prefix}{k}."), v, out);
+                }
+            } else {
+                out.push(prefix.trim_end_matches('.').to_string());
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys("", &defaults, &mut want);
+        keys("", &toml::Value::Table(example), &mut have);
+        want.sort();
+        have.sort();
+        assert_eq!(want, have);
+        // And every key has a comment line right above it.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let l = line.trim();
+            if !l.is_empty() && !l.starts_with('#') && !l.starts_with('[') {
+                assert!(i > 0 && lines[i - 1].trim().starts_with('#'), "key on line {} has no doc comment: {l}", i + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse_err("[portal]\nping_interval = 5\n");
+        assert_eq!(e.key, "portal.ping_interval");
+        assert!(e.reason.contains("unknown field `ping_interval`"), "{e}");
+        let e = parse_err("bogus = 1\n");
+        assert!(e.reason.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse_err("[portal]\nping_interval_ms = \"fast\"\n");
+        assert_eq!(e.key, "portal.ping_interval_ms");
+        assert!(e.reason.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn negative_value_is_named() {
+        let e = parse_err("[portal]\nreconnection_timeout_secs = -3\n");
+        assert_eq!(e.key, "portal.reconnection_timeout_secs");
+        assert!(e.reason.contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse_err("[server]\nportal_addr = \"127.0.0.1:70000\"\n");
+        assert_eq!(e.key, "server.portal_addr");
+        assert!(e.reason.contains("out of range"), "{e}");
+        assert_eq!(e.to_string(), "config error in t.toml: key `server.portal_addr`: port 70000 is out of range (0-65535)");
+        let e = parse_err("[webrtc]\nudp_port_min = 5000\nudp_port_max = 4000\n");
+        assert_eq!(e.key, "webrtc.udp_port_min");
+        let e = parse_err("[webrtc]\nudp_port_max = 70000\n");
+        assert_eq!(e.key, "webrtc.udp_port_max");
+        let e = parse_err("[portal]\nping_timeout_ms = 0\n");
+        assert_eq!(e.key, "portal.ping_timeout_ms");
+        let e = parse_err("[demo]\ndev_tokens = \"maybe\"\n");
+        assert_eq!(e.key, "demo.dev_tokens");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let e = parse_err("[server]\nportal_addr = \n");
+        assert_eq!(e.key, "(syntax)");
+        assert!(e.reason.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my.toml");
+        std::fs::write(&path, "[log]\nlevel = \"\"\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err();
+        assert_eq!(e.file.as_deref(), Some(path.as_path()));
+        assert_eq!(e.key, "log.level");
+        let e = Config::load(Some(&dir.path().join("missing.toml"))).unwrap_err();
+        assert!(e.reason.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn unwritable_storage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "x").unwrap();
+        let mut c = Config::default();
+        c.server.data_dir = dir.path().join("data");
+        c.storage.recordings_dir = blocker.join("rec");
+        let e = c.prepare_dirs(Some(Path::new("x.toml"))).unwrap_err();
+        assert_eq!(e.key, "storage.recordings_dir");
+        c.storage.recordings_dir = PathBuf::new();
+        c.prepare_dirs(None).unwrap();
+        assert!(dir.path().join("data/recordings").is_dir());
+    }
+
+    #[test]
+    fn dev_tokens_auto_follows_loopback() {
+        let c = Config::default();
+        assert!(c.dev_tokens_enabled("127.0.0.1:8080".parse().unwrap()));
+        assert!(!c.dev_tokens_enabled("0.0.0.0:8080".parse().unwrap()));
+    }
+}

@@ -1,0 +1,1 @@
+//! The MCU: GStreamer pipelines composing forward streams into mixed streams (see issue "mixer").

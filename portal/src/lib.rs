@@ -1,0 +1,1 @@
+//! Tessera's portal: participant login and OWT Client-Portal signaling over Socket.IO.

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Tessera needs to build and run (GStreamer 1.22 + plugins,
+# pkg-config) and, with --test, what the test suite needs too (Chromium, Node packages).
+# Packages already present are skipped, so running it again is cheap. Needs root or sudo
+# only when something is missing.
+set -euo pipefail
+
+want_tests=0
+[ "${1:-}" = "--test" ] && want_tests=1
+
+pkgs=(pkg-config
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x)
+if [ "$want_tests" = 1 ]; then
+  pkgs+=(chromium iproute2 util-linux nodejs npm)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+# node and npm may come from outside Debian (nodesource, nvm): count them as present then.
+if [ "$want_tests" = 1 ] && command -v node >/dev/null && command -v npm >/dev/null; then
+  kept=()
+  for p in "${missing[@]}"; do [ "$p" = nodejs ] || [ "$p" = npm ] || kept+=("$p"); done
+  missing=("${kept[@]+"${kept[@]}"}")
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then SUDO=sudo; else
+      echo "install-deps: missing packages ${missing[*]}; run this script as root or install sudo" >&2
+      exit 1
+    fi
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "$want_tests" = 1 ]; then
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  for dir in "$root/clients/js" "$root/tests/node"; do
+    if [ -f "$dir/package.json" ] && [ ! -d "$dir/node_modules" ]; then
+      echo "install-deps: npm ci in $dir" >&2
+      (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+  done
+fi

@@ -1,0 +1,1 @@
+//! The SFU: WebRTC sessions that forward published streams to subscribers (see issue "webrtc-agent").
