@@ -1,1 +1,66 @@
-//! Tessera management API.
+//! Tessera's management REST API, following OWT's `/v1`: rooms, participant tokens,
+//! participants and streams. Every route under `/v1` requires the service credentials
+//! (see [`auth`]). Room configuration lives in the [`RoomStore`]; live state (who is
+//! connected, what is published) is asked of the portal through [`RoomControl`].
+//!
+//! The routes and bodies are documented in `docs/rest-api.md`.
+
+pub mod auth;
+pub mod error;
+mod routes;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::{App, HttpServer, web};
+use tessera_core::token::{PortalAddress, TokenAuthority};
+use tessera_core::{RoomControl, RoomStore};
+
+pub use auth::Credentials;
+pub use error::ApiError;
+
+/// Largest request body accepted, in bytes; rooms with many custom layouts fit easily.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Room configurations.
+    pub store: Arc<RoomStore>,
+    /// Signs participant tokens.
+    pub tokens: TokenAuthority,
+    /// Service credentials.
+    pub credentials: Credentials,
+    /// Where tokens send clients.
+    pub portal: PortalAddress,
+    /// Token lifetime in seconds.
+    pub token_lifetime_secs: u64,
+    /// Live conference state.
+    pub control: Arc<dyn RoomControl>,
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Registers the API's routes on an actix app.
+pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| routes::configure(cfg, state)
+}
+
+/// Starts the API server on an already-bound listener; the caller awaits or stops it.
+pub fn serve(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<actix_web::dev::Server> {
+    let server = HttpServer::new(move || App::new().wrap(routes::cors_headers()).configure(configure(state.clone())))
+        .workers(2)
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(5)
+        .run();
+    Ok(server)
+}

@@ -1,1 +1,205 @@
 //! Tessera's portal: participant login and OWT Client-Portal signaling over Socket.IO.
+//!
+//! Each socket gets one task ([`session`]) that reads its events in order and answers
+//! each request with an ack `('ok', data)` or `('error', reason)`. Room state lives in
+//! [`conference::Conferences`] behind one mutex that is never held across an await.
+//! The protocol is documented in `docs/protocol.md`.
+
+mod conference;
+pub mod http;
+mod requests;
+mod session;
+pub mod settings;
+pub mod socketio;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tessera_core::ticket::TicketAuthority;
+use tessera_core::token::{TokenAuthority, TokenLedger};
+use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomStore};
+use tracing::info;
+
+pub use settings::PortalSettings;
+
+use conference::{Conferences, Link};
+use socketio::SocketIo;
+
+/// The portal: shared by the Socket.IO sessions, the HTTP server and the management API.
+#[derive(Clone)]
+pub struct Portal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: PortalSettings,
+    store: Arc<RoomStore>,
+    tokens: TokenAuthority,
+    ledger: TokenLedger,
+    tickets: TicketAuthority,
+    sio: SocketIo,
+    conferences: Mutex<Conferences>,
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Portal {
+    /// Creates the portal and starts accepting Socket.IO connections. Must be called
+    /// inside a tokio runtime.
+    pub fn new(settings: PortalSettings, store: Arc<RoomStore>, tokens: TokenAuthority) -> Portal {
+        let (sio, mut sockets) = SocketIo::new(settings.socketio.clone());
+        let portal = Portal {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                tokens,
+                ledger: TokenLedger::default(),
+                tickets: TicketAuthority::random(),
+                sio,
+                conferences: Mutex::new(Conferences::default()),
+            }),
+        };
+        let accepting = portal.clone();
+        tokio::spawn(async move {
+            while let Some(socket) = sockets.recv().await {
+                tokio::spawn(session::run(accepting.clone(), socket));
+            }
+        });
+        portal
+    }
+
+    /// The Socket.IO server, for mounting its routes.
+    pub fn socketio(&self) -> &SocketIo {
+        &self.inner.sio
+    }
+
+    /// This portal as the management API's view of live rooms.
+    pub fn control(&self) -> Arc<dyn RoomControl> {
+        Arc::new(self.clone())
+    }
+
+    /// Drops every participant (sending `drop`) and closes all sockets.
+    pub async fn shutdown(&self) {
+        let rooms: Vec<String> = self.lock().rooms.keys().cloned().collect();
+        for room in rooms {
+            self.drop_room(&room, "server shutdown");
+        }
+        self.inner.sio.close_all();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Conferences> {
+        // A panic while holding the lock would be a bug; the state is still the best we have.
+        self.inner.conferences.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of participants in live rooms (tests and metrics).
+    pub fn participant_count(&self) -> usize {
+        self.lock().rooms.values().map(|r| r.participants.len()).sum()
+    }
+
+    /// Removes a participant from its room and tells the others.
+    pub(crate) fn leave(&self, room: &str, participant: &str, reason: &str) {
+        let notify_leave = self.inner.store.get(room).map(|r| r.notifying.participant_activities).unwrap_or(true);
+        let mut conf = self.lock();
+        if conf.remove(room, participant).is_none() {
+            return;
+        }
+        info!(room, participant, reason, "participant left");
+        if notify_leave {
+            conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
+        }
+    }
+
+    /// Drops one participant: `drop` notification, leave, socket closed.
+    pub(crate) fn drop_participant_now(&self, room: &str, participant: &str, reason: &str) -> bool {
+        let handle = {
+            let conf = self.lock();
+            let Some(p) = conf.room(room).and_then(|r| r.participant(participant)) else { return false };
+            match &p.link {
+                Link::Connected(h) => Some(h.clone()),
+                Link::Waiting(_) => None,
+            }
+        };
+        if let Some(h) = &handle {
+            let _ = h.emit("drop", vec![]);
+        }
+        self.leave(room, participant, reason);
+        if let Some(h) = handle {
+            h.disconnect();
+        }
+        true
+    }
+
+    fn drop_room(&self, room: &str, reason: &str) {
+        let ids: Vec<String> = {
+            let conf = self.lock();
+            conf.room(room).map(|r| r.participants.iter().map(|p| p.info.id.clone()).collect()).unwrap_or_default()
+        };
+        for id in ids {
+            self.drop_participant_now(room, &id, reason);
+        }
+        self.lock().rooms.remove(room);
+    }
+
+    /// Issues a reconnection ticket for a participant.
+    pub(crate) fn ticket_for(&self, participant: &str) -> Result<String, String> {
+        let lifetime = u64::try_from(self.inner.settings.ticket_lifetime.as_millis()).unwrap_or(u64::MAX);
+        self.inner.tickets.issue(participant, now_ms(), lifetime).map_err(|e| e.to_string())
+    }
+
+    /// The room snapshot sent in the login result.
+    pub(crate) fn room_snapshot(&self, room: &tessera_core::Room) -> Value {
+        let conf = self.lock();
+        let (participants, streams) = conf
+            .room(&room.id)
+            .map(|r| (r.participants_json(), r.streams.clone()))
+            .unwrap_or_default();
+        json!({
+            "id": room.id,
+            "views": room.views.iter().map(|v| v.label.clone()).collect::<Vec<_>>(),
+            "participants": participants,
+            "streams": streams,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl RoomControl for Portal {
+    async fn participants(&self, room: &str) -> Vec<ParticipantInfo> {
+        self.lock().participant_infos(room)
+    }
+
+    async fn drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError> {
+        if self.drop_participant_now(room, participant, "dropped over REST") {
+            Ok(())
+        } else {
+            Err(ControlError::ParticipantNotFound(participant.into()))
+        }
+    }
+
+    async fn streams(&self, room: &str) -> Vec<Value> {
+        self.lock().room(room).map(|r| r.streams.clone()).unwrap_or_default()
+    }
+
+    async fn delete_stream(&self, _room: &str, stream: &str) -> Result<(), ControlError> {
+        // Forward streams exist only once the webrtc-agent publishes them.
+        Err(ControlError::StreamNotFound(stream.into()))
+    }
+
+    async fn room_updated(&self, _room: &tessera_core::Room) {
+        // Limits and roles are read from the store at each login; nothing cached to refresh.
+    }
+
+    async fn room_deleted(&self, room: &str) {
+        self.drop_room(room, "room deleted");
+    }
+}

@@ -31,7 +31,7 @@ for (const p of packets) {
 eio.encodePacket({ type: 'message', data: Buffer.from([1, 2, 3, 255]) }, true, (enc) => show('eio binary (ws)', [...enc]));
 eio.encodePayload([
   { type: 'message', data: '40' },
-  { type: 'message', data: '42["echo","a\u001eb"]' },
+  { type: 'message', data: '42["echo","a,b"]' },
   { type: 'ping' },
   { type: 'message', data: Buffer.from([1, 2, 3]) },
 ], (enc) => show('eio payload', enc));

@@ -1,0 +1,244 @@
+//! Route handlers. Each one checks the caller first (via [`Authed`]), then the room, then
+//! the body, so errors come in the order a client can act on.
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use futures_util::future::{Ready, ready};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_core::Room;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::{ApiState, MAX_BODY_BYTES, now_ms, now_secs};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
+    let json_cfg = web::JsonConfig::default()
+        .limit(MAX_BODY_BYTES)
+        // curl users often omit the content type; the body is JSON either way.
+        .content_type_required(false)
+        .error_handler(|err, _req| {
+            use actix_web::error::JsonPayloadError as J;
+            let api = match &err {
+                J::Overflow { limit } | J::OverflowKnownLength { limit, .. } => {
+                    ApiError::TooLarge(format!("Request body larger than {limit} bytes"))
+                }
+                J::Deserialize(e) => ApiError::BadRequest(format!("Failed to parse JSON body: {e}")),
+                other => ApiError::BadRequest(format!("Failed to read JSON body: {other}")),
+            };
+            api.into()
+        });
+    cfg.app_data(web::Data::new(state))
+        .app_data(json_cfg)
+        .service(
+            web::scope("/v1")
+                .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+                .route("/rooms", web::post().to(create_room))
+                .route("/rooms", web::get().to(list_rooms))
+                .route("/rooms/{room}", web::get().to(get_room))
+                .route("/rooms/{room}", web::put().to(update_room))
+                .route("/rooms/{room}", web::delete().to(delete_room))
+                .route("/rooms/{room}/tokens", web::post().to(create_token))
+                .route("/rooms/{room}/participants", web::get().to(list_participants))
+                .route("/rooms/{room}/participants/{participant}", web::get().to(get_participant))
+                .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
+                .route("/rooms/{room}/streams", web::get().to(list_streams))
+                .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
+                .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream)),
+        )
+        .default_service(web::to(not_found));
+}
+
+/// Proof that the request carried valid service credentials. Extracting it runs the check,
+/// so a handler that takes `Authed` cannot forget authentication.
+pub(crate) struct Authed(Caller);
+
+impl FromRequest for Authed {
+    type Error = ApiError;
+    type Future = Ready<Result<Authed>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(state) = req.app_data::<web::Data<ApiState>>() else {
+            return ready(Err(ApiError::Internal("API state missing".into())));
+        };
+        let header = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+        let result = state.credentials.check(header, now_ms()).map(Authed);
+        if let Err(e) = &result {
+            tracing::info!(peer = ?req.peer_addr(), path = req.path(), reason = %e, "management API request refused");
+        }
+        ready(result)
+    }
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(ApiError::NotFound(format!("{} {}", req.method(), req.path())))
+}
+
+/// CORS pre-flight: answered without credentials, as browsers send none (OWT does the same).
+async fn preflight() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+/// OWT's CORS headers, so browser-based admin tools can call the API.
+pub(crate) fn cors_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add(("Access-Control-Allow-Origin", "*"))
+        .add(("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE, PATCH"))
+        .add(("Access-Control-Allow-Headers", "origin, authorization, content-type"))
+}
+
+/// The room as JSON, with OWT's `_id` beside `id` for scripts written against OWT.
+fn room_json(room: &Room) -> Value {
+    let mut v = serde_json::to_value(room).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("_id".into(), Value::String(room.id.clone()));
+    }
+    v
+}
+
+fn find_room(state: &ApiState, id: &str) -> Result<Room> {
+    state.store.get(id).ok_or_else(|| ApiError::RoomNotFound(id.into()))
+}
+
+async fn create_room(_: Authed, state: web::Data<ApiState>, body: web::Json<Value>) -> Result<HttpResponse> {
+    let Value::Object(mut body) = body.into_inner() else {
+        return Err(ApiError::BadRequest("Invalid request body: expected a JSON object {name, options}".into()));
+    };
+    let name = match body.remove("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(_) => return Err(ApiError::BadRequest("Invalid request body: `name` must be a non-empty string".into())),
+        None => return Err(ApiError::BadRequest("Invalid request body: `name` is required".into())),
+    };
+    let options = body.remove("options").unwrap_or(Value::Null);
+    if let Some(extra) = body.keys().next() {
+        return Err(ApiError::BadRequest(format!("Invalid request body: unknown field `{extra}` (expected name, options)")));
+    }
+    let room = Room::from_options(tessera_core::ids::room_id(), name, options)?;
+    let room = state.store.create(room)?;
+    tracing::info!(room = %room.id, name = %room.name, "room created");
+    Ok(HttpResponse::Ok().json(room_json(&room)))
+}
+
+#[derive(Deserialize)]
+struct Paging {
+    page: Option<usize>,
+    per_page: Option<usize>,
+}
+
+async fn list_rooms(_: Authed, state: web::Data<ApiState>, q: web::Query<Paging>) -> Result<HttpResponse> {
+    let rooms = state.store.list();
+    let rooms: Vec<Value> = match q.per_page {
+        Some(0) => return Err(ApiError::BadRequest("per_page must be at least 1".into())),
+        Some(per) => {
+            let page = q.page.unwrap_or(1).max(1);
+            rooms.iter().skip((page - 1).saturating_mul(per)).take(per).map(room_json).collect()
+        }
+        None => rooms.iter().map(room_json).collect(),
+    };
+    Ok(HttpResponse::Ok().json(rooms))
+}
+
+async fn get_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(room_json(&find_room(&state, &path)?)))
+}
+
+async fn update_room(
+    _: Authed,
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    let updated = state.store.update(room.updated(body.into_inner())?)?;
+    state.control.room_updated(&updated).await;
+    tracing::info!(room = %updated.id, "room updated");
+    Ok(HttpResponse::Ok().json(room_json(&updated)))
+}
+
+async fn delete_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
+    let room = state.store.delete(&path)?;
+    state.control.room_deleted(&room.id).await;
+    tracing::info!(room = %room.id, "room deleted");
+    Ok(HttpResponse::Ok().content_type("text/plain").body("Room deleted"))
+}
+
+async fn create_token(
+    caller: Authed,
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    let body = body.into_inner();
+    let field = |name: &str| -> Result<Option<String>> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::BadRequest(format!("Invalid request body: `{name}` must be a string"))),
+        }
+    };
+    if !body.is_object() {
+        return Err(ApiError::BadRequest("Invalid request body: expected a JSON object {user, role}".into()));
+    }
+    let user = field("user")?.or(caller.0.user).unwrap_or_default();
+    let role = field("role")?.or(caller.0.role).unwrap_or_default();
+    if user.trim().is_empty() || user.len() > 256 {
+        return Err(ApiError::BadRequest("Invalid request body: `user` must be a non-empty string of at most 256 bytes".into()));
+    }
+    if room.role(&role).is_none() {
+        let known: Vec<&str> = room.roles.iter().map(|r| r.role.as_str()).collect();
+        return Err(ApiError::BadRequest(format!(
+            "Invalid request body: `role` `{role}` is not a role of room {} (roles: {})",
+            room.id,
+            known.join(", ")
+        )));
+    }
+    let (token, claims) = state
+        .tokens
+        .issue(&room.id, &user, &role, &state.portal, now_secs(), state.token_lifetime_secs)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    tracing::info!(room = %room.id, user = %user, role = %role, token = %claims.jti, "token issued");
+    Ok(HttpResponse::Ok().content_type("text/plain").body(token))
+}
+
+async fn list_participants(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    Ok(HttpResponse::Ok().json(state.control.participants(&room.id).await))
+}
+
+async fn get_participant(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, participant) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let found = state.control.participants(&room.id).await.into_iter().find(|p| p.id == participant);
+    Ok(HttpResponse::Ok().json(found.ok_or(ApiError::ParticipantNotFound(participant))?))
+}
+
+async fn drop_participant(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, participant) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    state.control.drop_participant(&room.id, &participant).await?;
+    tracing::info!(room = %room.id, participant = %participant, "participant dropped over REST");
+    Ok(HttpResponse::Ok().finish())
+}
+
+async fn list_streams(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    Ok(HttpResponse::Ok().json(state.control.streams(&room.id).await))
+}
+
+async fn get_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, stream) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let found = state.control.streams(&room.id).await.into_iter().find(|s| s.get("id") == Some(&json!(stream)));
+    Ok(HttpResponse::Ok().json(found.ok_or(ApiError::StreamNotFound(stream))?))
+}
+
+async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, stream) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    state.control.delete_stream(&room.id, &stream).await?;
+    Ok(HttpResponse::Ok().finish())
+}

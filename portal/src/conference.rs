@@ -1,0 +1,129 @@
+//! Live state of rooms: who is in each room, through which socket, and what is
+//! published. One `std::sync::Mutex` guards it; every critical section is short and
+//! never awaits (emits go into bounded per-socket queues and do not block).
+//!
+//! A participant is either *connected* (a live socket) or *waiting* (socket lost,
+//! inside the reconnection grace period). Notifications for a waiting participant are
+//! queued and delivered after `relogin`.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::{Value, json};
+use tessera_core::{ParticipantInfo, Permission};
+
+use crate::socketio::SocketHandle;
+
+/// Most notifications kept for a participant while their socket is gone. Beyond this the
+/// oldest are dropped: a client that missed that much should rejoin anyway.
+const MAX_PENDING: usize = 1024;
+
+/// How a participant is reached right now.
+pub(crate) enum Link {
+    /// A live socket.
+    Connected(SocketHandle),
+    /// Socket lost; notifications wait here until relogin or the grace period ends.
+    Waiting(VecDeque<(String, Value)>),
+}
+
+/// One participant in a room.
+pub(crate) struct Participant {
+    pub info: ParticipantInfo,
+    pub link: Link,
+    /// Bumped at every socket change, so a stale socket's close or an old grace timer
+    /// cannot act on a participant who has moved on.
+    pub generation: u64,
+}
+
+/// A room with at least one participant.
+#[derive(Default)]
+pub(crate) struct RoomState {
+    /// Participants in join order.
+    pub participants: Vec<Participant>,
+    /// Streams in the room (OWT StreamInfo JSON), in publication order.
+    pub streams: Vec<Value>,
+}
+
+impl RoomState {
+    pub fn participant(&self, id: &str) -> Option<&Participant> {
+        self.participants.iter().find(|p| p.info.id == id)
+    }
+
+    pub fn participant_mut(&mut self, id: &str) -> Option<&mut Participant> {
+        self.participants.iter_mut().find(|p| p.info.id == id)
+    }
+
+    /// The participant list as the login result shows it.
+    pub fn participants_json(&self) -> Vec<Value> {
+        self.participants.iter().map(|p| json!({"id": p.info.id, "user": p.info.user, "role": p.info.role})).collect()
+    }
+}
+
+/// All live rooms.
+#[derive(Default)]
+pub(crate) struct Conferences {
+    pub rooms: HashMap<String, RoomState>,
+    /// participant id → room id, so `relogin` (which carries only a participant id) finds the room.
+    pub where_is: HashMap<String, String>,
+}
+
+impl Conferences {
+    pub fn room(&self, id: &str) -> Option<&RoomState> {
+        self.rooms.get(id)
+    }
+
+    /// Sends (or queues) one notification to one participant.
+    pub fn notify(&mut self, room: &str, participant: &str, event: &str, data: Value) {
+        let Some(p) = self.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) else { return };
+        deliver(p, event, data);
+    }
+
+    /// Sends a notification to everyone in the room except `except`.
+    pub fn broadcast(&mut self, room: &str, except: Option<&str>, event: &str, data: &Value) {
+        let Some(r) = self.rooms.get_mut(room) else { return };
+        for p in r.participants.iter_mut().filter(|p| Some(p.info.id.as_str()) != except) {
+            deliver(p, event, data.clone());
+        }
+    }
+
+    /// Removes a participant, returning it; drops the room state when it empties.
+    pub fn remove(&mut self, room: &str, participant: &str) -> Option<Participant> {
+        let r = self.rooms.get_mut(room)?;
+        let idx = r.participants.iter().position(|p| p.info.id == participant)?;
+        let p = r.participants.remove(idx);
+        self.where_is.remove(participant);
+        if r.participants.is_empty() && r.streams.is_empty() {
+            self.rooms.remove(room);
+        }
+        Some(p)
+    }
+
+    /// REST view of a room's participants.
+    pub fn participant_infos(&self, room: &str) -> Vec<ParticipantInfo> {
+        self.rooms.get(room).map(|r| r.participants.iter().map(|p| p.info.clone()).collect()).unwrap_or_default()
+    }
+}
+
+fn deliver(p: &mut Participant, event: &str, data: Value) {
+    match &mut p.link {
+        Link::Connected(handle) => {
+            if handle.emit(event, vec![data.clone()]).is_err() {
+                // The socket just died; its session task will move us to Waiting. Keep
+                // the message for relogin instead of losing it.
+                let mut q = VecDeque::new();
+                q.push_back((event.to_string(), data));
+                p.link = Link::Waiting(q);
+            }
+        }
+        Link::Waiting(queue) => {
+            if queue.len() >= MAX_PENDING {
+                queue.pop_front();
+            }
+            queue.push_back((event.to_string(), data));
+        }
+    }
+}
+
+/// Builds a participant's permission from its room role.
+pub(crate) fn permission_of(role: &tessera_core::room::Role) -> Permission {
+    Permission { publish: role.publish, subscribe: role.subscribe }
+}

@@ -1,0 +1,25 @@
+//! The portal's HTTP server: Socket.IO at `/socket.io/`, plus whatever the binary adds
+//! (demo page, JS SDK, dev token endpoint).
+
+use actix_web::{App, HttpServer, web};
+
+use crate::Portal;
+
+/// Starts the portal HTTP server on an already-bound listener. `extra` registers further
+/// routes on the same address.
+pub fn serve<F>(listener: std::net::TcpListener, portal: Portal, extra: F) -> std::io::Result<actix_web::dev::Server>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let server = HttpServer::new(move || {
+        let sio = portal.socketio().clone();
+        let extra = extra.clone();
+        App::new().configure(move |cfg| sio.configure(cfg)).configure(extra)
+    })
+    .workers(2)
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(3)
+    .run();
+    Ok(server)
+}

@@ -1,0 +1,280 @@
+//! Socket.IO v5 packet codec (pure functions).
+//!
+//! Layout: `<type>[<attachments>-][/<nsp>,][<ack id>][<JSON payload>]`, where type is
+//! CONNECT 0, DISCONNECT 1, EVENT 2, ACK 3, CONNECT_ERROR 4, BINARY_EVENT 5, BINARY_ACK 6.
+//! Binary packets (5/6) are recognised but rejected with [`PacketError::Binary`].
+
+use serde_json::Value;
+
+/// The Socket.IO packet type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketType {
+    Connect = 0,
+    Disconnect = 1,
+    Event = 2,
+    Ack = 3,
+    ConnectError = 4,
+    BinaryEvent = 5,
+    BinaryAck = 6,
+}
+
+impl PacketType {
+    fn from_char(c: char) -> Option<PacketType> {
+        Some(match c {
+            '0' => PacketType::Connect,
+            '1' => PacketType::Disconnect,
+            '2' => PacketType::Event,
+            '3' => PacketType::Ack,
+            '4' => PacketType::ConnectError,
+            '5' => PacketType::BinaryEvent,
+            '6' => PacketType::BinaryAck,
+            _ => return None,
+        })
+    }
+
+    fn digit(self) -> char {
+        match self {
+            PacketType::Connect => '0',
+            PacketType::Disconnect => '1',
+            PacketType::Event => '2',
+            PacketType::Ack => '3',
+            PacketType::ConnectError => '4',
+            PacketType::BinaryEvent => '5',
+            PacketType::BinaryAck => '6',
+        }
+    }
+}
+
+/// One (non-binary) Socket.IO packet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packet {
+    pub kind: PacketType,
+    /// The namespace, `/` by default.
+    pub nsp: String,
+    /// The acknowledgement id.
+    pub id: Option<u64>,
+    pub data: Option<Value>,
+}
+
+/// Why a Socket.IO packet could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("empty packet")]
+    Empty,
+    #[error("unknown packet type {0:?}")]
+    UnknownType(char),
+    #[error("invalid attachment count")]
+    BadAttachments,
+    #[error("binary packets are not supported ({attachments} attachment(s))")]
+    Binary { kind: PacketType, attachments: usize },
+    #[error("invalid ack id")]
+    BadAckId,
+    #[error("invalid JSON payload: {0}")]
+    Json(String),
+    #[error("invalid payload for {0:?} packet")]
+    InvalidPayload(PacketType),
+}
+
+impl Packet {
+    pub fn new(kind: PacketType, nsp: &str, id: Option<u64>, data: Option<Value>) -> Packet {
+        Packet { kind, nsp: nsp.to_owned(), id, data }
+    }
+
+    /// EVENT `[event, ...args]` on `/`.
+    pub fn event(event: &str, args: Vec<Value>) -> Packet {
+        let mut array = Vec::with_capacity(args.len() + 1);
+        array.push(Value::String(event.to_owned()));
+        array.extend(args);
+        Packet::new(PacketType::Event, "/", None, Some(Value::Array(array)))
+    }
+
+    /// ACK `id[...args]` on `/`.
+    pub fn ack(id: u64, args: Vec<Value>) -> Packet {
+        Packet::new(PacketType::Ack, "/", Some(id), Some(Value::Array(args)))
+    }
+
+    /// The server's answer to a successful CONNECT.
+    pub fn connect_ok(nsp: &str, sid: &str) -> Packet {
+        Packet::new(PacketType::Connect, nsp, None, Some(serde_json::json!({ "sid": sid })))
+    }
+
+    pub fn connect_error(nsp: &str, message: &str) -> Packet {
+        Packet::new(PacketType::ConnectError, nsp, None, Some(serde_json::json!({ "message": message })))
+    }
+
+    pub fn disconnect(nsp: &str) -> Packet {
+        Packet::new(PacketType::Disconnect, nsp, None, None)
+    }
+
+    /// Encodes the packet (text form; binary types get no attachment count).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        out.push(self.kind.digit());
+        if self.nsp != "/" && !self.nsp.is_empty() {
+            out.push_str(&self.nsp);
+            out.push(',');
+        }
+        if let Some(id) = self.id {
+            out.push_str(&id.to_string());
+        }
+        if let Some(data) = &self.data {
+            out.push_str(&data.to_string());
+        }
+        out
+    }
+
+    /// Decodes a packet. Never panics; binary packets yield [`PacketError::Binary`].
+    pub fn decode(s: &str) -> Result<Packet, PacketError> {
+        let first = s.chars().next().ok_or(PacketError::Empty)?;
+        let kind = PacketType::from_char(first).ok_or(PacketError::UnknownType(first))?;
+        let mut rest = &s[first.len_utf8()..];
+
+        if matches!(kind, PacketType::BinaryEvent | PacketType::BinaryAck) {
+            let dash = rest.find('-').ok_or(PacketError::BadAttachments)?;
+            let count = &rest[..dash];
+            if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(PacketError::BadAttachments);
+            }
+            let attachments = count.parse().map_err(|_| PacketError::BadAttachments)?;
+            return Err(PacketError::Binary { kind, attachments });
+        }
+
+        let mut nsp = "/".to_owned();
+        if rest.starts_with('/') {
+            match rest.find(',') {
+                Some(comma) => {
+                    nsp = rest[..comma].to_owned();
+                    rest = &rest[comma + 1..];
+                }
+                None => {
+                    nsp = rest.to_owned();
+                    rest = "";
+                }
+            }
+        }
+
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let id = if digits > 0 {
+            Some(rest[..digits].parse::<u64>().map_err(|_| PacketError::BadAckId)?)
+        } else {
+            None
+        };
+        rest = &rest[digits..];
+
+        let data = if rest.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str::<Value>(rest).map_err(|e| PacketError::Json(e.to_string()))?)
+        };
+
+        let valid = match kind {
+            PacketType::Connect => matches!(data, None | Some(Value::Object(_))),
+            PacketType::Disconnect => data.is_none(),
+            PacketType::ConnectError => matches!(data, Some(Value::Object(_) | Value::String(_))),
+            PacketType::Event | PacketType::Ack => matches!(data, Some(Value::Array(_))),
+            PacketType::BinaryEvent | PacketType::BinaryAck => false,
+        };
+        if !valid {
+            return Err(PacketError::InvalidPayload(kind));
+        }
+        Ok(Packet { kind, nsp, id, data })
+    }
+
+    /// Splits an EVENT into (name, args, ack id). Errors describe why it is not a valid event.
+    pub fn into_event(self) -> Result<(String, Vec<Value>, Option<u64>), String> {
+        if self.kind != PacketType::Event {
+            return Err(format!("not an event: {:?}", self.kind));
+        }
+        let Some(Value::Array(mut array)) = self.data else {
+            return Err("event payload is not an array".to_owned());
+        };
+        if array.is_empty() {
+            return Err("event without a name".to_owned());
+        }
+        match array.remove(0) {
+            Value::String(name) => Ok((name, array, self.id)),
+            other => Err(format!("event name is not a string: {other}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    // Frames below were produced by the npm package socket.io-parser 4.2.7
+    // (tests/node/gen-frames.mjs, `new Encoder().encode(packet)`).
+
+    fn p(kind: PacketType, nsp: &str, id: Option<u64>, data: Option<Value>) -> Packet {
+        Packet::new(kind, nsp, id, data)
+    }
+
+    #[test]
+    fn reference_frames_round_trip() {
+        use PacketType::*;
+        let cases = vec![
+            ("0", p(Connect, "/", None, None)),
+            ("0{\"token\":\"abc\"}", p(Connect, "/", None, Some(json!({"token": "abc"})))),
+            ("0/admin,", p(Connect, "/admin", None, None)),
+            ("0{\"sid\":\"oSO0OpakMV_3jnilAAAA\"}", Packet::connect_ok("/", "oSO0OpakMV_3jnilAAAA")),
+            ("1", Packet::disconnect("/")),
+            ("1/admin,", Packet::disconnect("/admin")),
+            ("2[\"hello\",1,{\"a\":\"b\"}]", Packet::event("hello", vec![json!(1), json!({"a": "b"})])),
+            ("212[\"echo\",\"x\"]", p(Event, "/", Some(12), Some(json!(["echo", "x"])))),
+            ("2/admin,13[\"echo\",\"x\"]", p(Event, "/admin", Some(13), Some(json!(["echo", "x"])))),
+            ("2[\"msg\",\"é 🎉 \\\"q\\\"\"]", Packet::event("msg", vec![json!("é 🎉 \"q\"")])),
+            ("312[\"ok\",{\"n\":1}]", Packet::ack(12, vec![json!("ok"), json!({"n": 1})])),
+            ("30[]", Packet::ack(0, vec![])),
+            ("4/admin,{\"message\":\"Invalid namespace\"}", Packet::connect_error("/admin", "Invalid namespace")),
+        ];
+        for (frame, packet) in cases {
+            assert_eq!(Packet::decode(frame).unwrap(), packet, "decode {frame:?}");
+            assert_eq!(packet.encode(), frame, "encode {packet:?}");
+        }
+    }
+
+    #[test]
+    fn binary_packets_are_rejected() {
+        let cases = [
+            ("51-[\"bin\",{\"_placeholder\":true,\"num\":0}]", PacketType::BinaryEvent, 1),
+            ("51-7[\"bin\",{\"_placeholder\":true,\"num\":0}]", PacketType::BinaryEvent, 1),
+            ("61-8[{\"_placeholder\":true,\"num\":0}]", PacketType::BinaryAck, 1),
+        ];
+        for (frame, kind, attachments) in cases {
+            assert_eq!(Packet::decode(frame), Err(PacketError::Binary { kind, attachments }));
+        }
+        assert_eq!(Packet::decode("5-[]"), Err(PacketError::BadAttachments));
+        assert_eq!(Packet::decode("5x-[]"), Err(PacketError::BadAttachments));
+        assert_eq!(Packet::decode("5[]"), Err(PacketError::BadAttachments));
+    }
+
+    #[test]
+    fn into_event() {
+        let ev = Packet::decode("212[\"echo\",\"x\",2]").unwrap().into_event().unwrap();
+        assert_eq!(ev, ("echo".to_owned(), vec![json!("x"), json!(2)], Some(12)));
+        assert!(Packet::decode("2[1,2]").unwrap().into_event().is_err());
+        assert!(Packet::decode("2[]").unwrap().into_event().is_err());
+        assert!(Packet::decode("30[]").unwrap().into_event().is_err());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        use PacketError::*;
+        assert_eq!(Packet::decode(""), Err(Empty));
+        assert_eq!(Packet::decode("9"), Err(UnknownType('9')));
+        assert_eq!(Packet::decode("é"), Err(UnknownType('é')));
+        assert!(matches!(Packet::decode("2[\"a\""), Err(Json(_))));
+        assert!(matches!(Packet::decode("2/é,{"), Err(Json(_))));
+        assert_eq!(Packet::decode("2{\"a\":1}"), Err(InvalidPayload(PacketType::Event)));
+        assert_eq!(Packet::decode("2"), Err(InvalidPayload(PacketType::Event)));
+        assert_eq!(Packet::decode("1{}"), Err(InvalidPayload(PacketType::Disconnect)));
+        assert_eq!(Packet::decode("0[]"), Err(InvalidPayload(PacketType::Connect)));
+        assert_eq!(Packet::decode("4"), Err(InvalidPayload(PacketType::ConnectError)));
+        assert_eq!(Packet::decode("299999999999999999999999[]"), Err(BadAckId));
+        let deep = format!("2{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(Packet::decode(&deep), Err(Json(_))));
+        // namespace without a comma runs to the end, like socket.io-parser
+        assert_eq!(Packet::decode("0/admin").unwrap(), p(PacketType::Connect, "/admin", None, None));
+    }
+}

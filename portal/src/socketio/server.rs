@@ -1,0 +1,398 @@
+//! The Engine.IO transports over actix-web: long-polling GET/POST and websocket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use rand::RngCore as _;
+use tokio::sync::{mpsc, oneshot};
+
+use super::engine::{self, OpenInfo, Packet as EPacket};
+use super::session::{Cmd, SessionTask, WsConn, WsIn};
+use super::socket::{CloseRequest, Control, Socket};
+
+/// Capacity of a session's command channel (HTTP requests waiting on the session task).
+const CMD_QUEUE: usize = 16;
+/// Capacity of the channel from a websocket reader to its session task.
+const WS_IN_QUEUE: usize = 16;
+/// Capacity of the stream of newly connected sockets.
+const SOCKETS_QUEUE: usize = 64;
+
+/// Tunables of the Socket.IO server.
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// The server pings every `ping_interval`.
+    pub ping_interval: Duration,
+    /// ...and closes the session when no pong came back within `ping_timeout`.
+    pub ping_timeout: Duration,
+    /// Largest accepted HTTP POST body or websocket message, in bytes.
+    pub max_payload: usize,
+    /// Time for the client to send the Socket.IO CONNECT after the handshake.
+    pub connect_timeout: Duration,
+    /// Time for a websocket upgrade probe to complete.
+    pub upgrade_timeout: Duration,
+    /// Packets a socket may have queued for the client before it is closed as too slow.
+    pub outgoing_queue: usize,
+    /// Events that may wait for the application before the session stops reading.
+    pub incoming_queue: usize,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        SocketIoConfig {
+            ping_interval: Duration::from_millis(25_000),
+            ping_timeout: Duration::from_millis(20_000),
+            max_payload: 1_000_000,
+            connect_timeout: Duration::from_secs(45),
+            upgrade_timeout: Duration::from_secs(10),
+            outgoing_queue: 1024,
+            incoming_queue: 256,
+        }
+    }
+}
+
+/// The HTTP-level errors of the reference server (`engine.io` `Server.errors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpError {
+    UnknownTransport,
+    UnknownSid,
+    BadHandshakeMethod,
+    BadRequest,
+    UnsupportedProtocolVersion,
+    PayloadTooLarge,
+}
+
+impl HttpError {
+    fn response(self) -> HttpResponse {
+        let (code, message) = match self {
+            HttpError::UnknownTransport => (0, "Transport unknown"),
+            HttpError::UnknownSid => (1, "Session ID unknown"),
+            HttpError::BadHandshakeMethod => (2, "Bad handshake method"),
+            HttpError::BadRequest => (3, "Bad request"),
+            HttpError::UnsupportedProtocolVersion => (5, "Unsupported protocol version"),
+            HttpError::PayloadTooLarge => return HttpResponse::new(StatusCode::PAYLOAD_TOO_LARGE),
+        };
+        HttpResponse::BadRequest().json(serde_json::json!({ "code": code, "message": message }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Polling,
+    WebSocket,
+}
+
+struct Query {
+    transport: Transport,
+    sid: Option<String>,
+}
+
+fn parse_query(query: &str) -> Result<Query, HttpError> {
+    let map = web::Query::<HashMap<String, String>>::from_query(query)
+        .map_err(|_| HttpError::BadRequest)?
+        .into_inner();
+    let transport = match map.get("transport").map(String::as_str) {
+        Some("polling") => Transport::Polling,
+        Some("websocket") => Transport::WebSocket,
+        _ => return Err(HttpError::UnknownTransport),
+    };
+    if map.get("EIO").map(String::as_str) != Some("4") {
+        return Err(HttpError::UnsupportedProtocolVersion);
+    }
+    Ok(Query { transport, sid: map.get("sid").cloned() })
+}
+
+/// A random 20-character URL-safe id (120 bits).
+pub(crate) fn generate_id() -> String {
+    let mut bytes = [0u8; 15];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[derive(Clone)]
+struct Entry {
+    cmd: mpsc::Sender<Cmd>,
+    control: Arc<Control>,
+    posting: Arc<AtomicBool>,
+}
+
+/// Shared server state.
+pub(crate) struct Inner {
+    pub(crate) config: SocketIoConfig,
+    pub(crate) sockets_tx: mpsc::Sender<Socket>,
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+impl Inner {
+    fn sessions(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn remove_session(&self, sid: &str) {
+        self.sessions().remove(sid);
+    }
+}
+
+/// The Socket.IO server: cheap to clone, shared by all actix workers.
+#[derive(Clone)]
+pub struct SocketIo {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SocketIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketIo").field("sessions", &self.session_count()).finish_non_exhaustive()
+    }
+}
+
+/// Clears the "POST in progress" flag of a session when the request ends.
+struct PostingGuard(Arc<AtomicBool>);
+
+impl Drop for PostingGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl SocketIo {
+    /// Returns the server and the stream of sockets that completed the Socket.IO CONNECT to "/".
+    pub fn new(config: SocketIoConfig) -> (SocketIo, mpsc::Receiver<Socket>) {
+        let (sockets_tx, sockets_rx) = mpsc::channel(SOCKETS_QUEUE);
+        let inner = Inner { config, sockets_tx, sessions: Mutex::new(HashMap::new()) };
+        (SocketIo { inner: Arc::new(inner) }, sockets_rx)
+    }
+
+    /// Registers the /socket.io/ routes on an actix App (polling GET/POST and websocket).
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        for path in ["/socket.io/", "/socket.io"] {
+            let (get, post) = (self.clone(), self.clone());
+            cfg.service(
+                web::resource(path)
+                    .route(web::get().to(move |req: HttpRequest, body: web::Payload| {
+                        let io = get.clone();
+                        async move { io.on_get(req, body).await }
+                    }))
+                    .route(web::post().to(move |req: HttpRequest, body: web::Payload| {
+                        let io = post.clone();
+                        async move { io.on_post(req, body).await }
+                    })),
+            );
+        }
+    }
+
+    /// Closes every session (server shutdown).
+    pub fn close_all(&self) {
+        let entries: Vec<Entry> = self.inner.sessions().values().cloned().collect();
+        tracing::debug!(count = entries.len(), "closing all socket.io sessions");
+        for entry in entries {
+            entry.control.request_close(CloseRequest::Shutdown);
+        }
+    }
+
+    /// Number of open Engine.IO sessions.
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions().len()
+    }
+
+    pub fn config(&self) -> &SocketIoConfig {
+        &self.inner.config
+    }
+
+    fn entry(&self, sid: &str) -> Option<Entry> {
+        self.inner.sessions().get(sid).cloned()
+    }
+
+    async fn on_get(self, req: HttpRequest, body: web::Payload) -> HttpResponse {
+        let query = match parse_query(req.query_string()) {
+            Ok(q) => q,
+            Err(e) => return e.response(),
+        };
+        match (query.transport, query.sid) {
+            (Transport::Polling, None) => {
+                let open = self.start_session(None);
+                HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(open.encode())
+            }
+            (Transport::Polling, Some(sid)) => self.poll(&sid).await,
+            (Transport::WebSocket, None) => match actix_ws::handle(&req, body) {
+                Ok((response, session, stream)) => {
+                    let conn = self.ws_conn(session, stream);
+                    self.start_session(Some(conn));
+                    response
+                }
+                Err(_) => HttpError::BadRequest.response(),
+            },
+            (Transport::WebSocket, Some(sid)) => self.upgrade(&req, body, &sid).await,
+        }
+    }
+
+    /// Creates a session and spawns its task; returns the open packet.
+    fn start_session(&self, ws: Option<WsConn>) -> EPacket {
+        let sid = generate_id();
+        let config = &self.inner.config;
+        let upgrades: &[&str] = if ws.is_some() { &[] } else { &["websocket"] };
+        let open = OpenInfo {
+            sid: &sid,
+            upgrades,
+            ping_interval: u64::try_from(config.ping_interval.as_millis()).unwrap_or(u64::MAX),
+            ping_timeout: u64::try_from(config.ping_timeout.as_millis()).unwrap_or(u64::MAX),
+            max_payload: config.max_payload,
+        }
+        .packet();
+        let control = Arc::new(Control::default());
+        let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+        let entry = Entry { cmd: cmd_tx, control: control.clone(), posting: Arc::new(AtomicBool::new(false)) };
+        self.inner.sessions().insert(sid.clone(), entry);
+        tracing::debug!(%sid, websocket = ws.is_some(), "engine.io session opened");
+        let first = ws.is_some().then(|| open.clone());
+        let task = SessionTask::new(sid, self.inner.clone(), control, cmd_rx, ws, first);
+        actix_web::rt::spawn(task.run());
+        open
+    }
+
+    async fn poll(&self, sid: &str) -> HttpResponse {
+        let Some(entry) = self.entry(sid) else { return HttpError::UnknownSid.response() };
+        let (tx, rx) = oneshot::channel();
+        if entry.cmd.send(Cmd::Poll(tx)).await.is_err() {
+            return HttpError::UnknownSid.response();
+        }
+        let payload = match rx.await {
+            Ok(Ok(payload)) => payload,
+            Ok(Err(e)) => return e.response(),
+            Err(_) => EPacket::Close.encode(),
+        };
+        HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(payload)
+    }
+
+    async fn upgrade(&self, req: &HttpRequest, body: web::Payload, sid: &str) -> HttpResponse {
+        let Some(entry) = self.entry(sid) else { return HttpError::UnknownSid.response() };
+        let Ok((response, session, stream)) = actix_ws::handle(req, body) else {
+            return HttpError::BadRequest.response();
+        };
+        let conn = self.ws_conn(session, stream);
+        if entry.cmd.send(Cmd::Upgrade(conn)).await.is_err() {
+            return HttpError::UnknownSid.response();
+        }
+        response
+    }
+
+    async fn on_post(self, req: HttpRequest, mut body: web::Payload) -> HttpResponse {
+        let query = match parse_query(req.query_string()) {
+            Ok(q) => q,
+            Err(e) => return e.response(),
+        };
+        let Some(sid) = query.sid else { return HttpError::BadHandshakeMethod.response() };
+        let Some(entry) = self.entry(&sid) else { return HttpError::UnknownSid.response() };
+        if query.transport != Transport::Polling {
+            return HttpError::BadRequest.response();
+        }
+        if entry.posting.swap(true, Ordering::SeqCst) {
+            return fail(&entry, "data request overlap from client", HttpError::BadRequest).await;
+        }
+        let _guard = PostingGuard(entry.posting.clone());
+
+        let max = self.inner.config.max_payload;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|len| len > max) {
+            return fail(&entry, "payload too large", HttpError::PayloadTooLarge).await;
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else {
+                return fail(&entry, "transport error", HttpError::BadRequest).await;
+            };
+            if buf.len() + chunk.len() > max {
+                return fail(&entry, "payload too large", HttpError::PayloadTooLarge).await;
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            return fail(&entry, "parse error: invalid UTF-8", HttpError::BadRequest).await;
+        };
+        let packets = match engine::decode_payload(text) {
+            Ok(p) => p,
+            Err(e) => return fail(&entry, &format!("parse error: {e}"), HttpError::BadRequest).await,
+        };
+        let (tx, rx) = oneshot::channel();
+        if entry.cmd.send(Cmd::Post(packets, tx)).await.is_err() {
+            return HttpError::UnknownSid.response();
+        }
+        match rx.await {
+            Ok(Ok(())) => HttpResponse::Ok().content_type("text/html").body("ok"),
+            Ok(Err(e)) => e.response(),
+            Err(_) => HttpError::BadRequest.response(),
+        }
+    }
+
+    /// Spawns the reader of a websocket; the session task gets the sender and the read channel.
+    fn ws_conn(&self, session: actix_ws::Session, stream: actix_ws::MessageStream) -> WsConn {
+        let max = self.inner.config.max_payload;
+        let (tx, rx) = mpsc::channel(WS_IN_QUEUE);
+        let mut stream = stream.max_frame_size(max).aggregate_continuations().max_continuation_size(max);
+        let mut pong_session = session.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = stream.recv() => m,
+                    () = tx.closed() => break,
+                };
+                let item = match msg {
+                    None | Some(Ok(actix_ws::AggregatedMessage::Close(_))) => WsIn::Closed,
+                    Some(Err(actix_ws::ProtocolError::Overflow)) => WsIn::Error("payload too large".to_owned()),
+                    Some(Err(e)) => WsIn::Error(format!("transport error: {e}")),
+                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => match EPacket::decode(&text) {
+                        Ok(p) => WsIn::Packet(p),
+                        Err(e) => WsIn::Error(format!("parse error: {e}")),
+                    },
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(bytes))) => WsIn::Packet(EPacket::Binary(bytes.to_vec())),
+                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
+                        let _ = pong_session.pong(&bytes).await;
+                        continue;
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => continue,
+                };
+                let last = !matches!(item, WsIn::Packet(_));
+                if tx.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        WsConn { session, incoming: rx }
+    }
+}
+
+/// Closes the session for a protocol error seen by the HTTP layer and answers with `error`.
+async fn fail(entry: &Entry, reason: &str, error: HttpError) -> HttpResponse {
+    let _ = entry.cmd.send(Cmd::Fail(reason.to_owned())).await;
+    error.response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_validation_matches_reference_errors() {
+        assert_eq!(parse_query("EIO=3&transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
+        assert_eq!(parse_query("transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
+        assert_eq!(parse_query("EIO=4&transport=flash").err(), Some(HttpError::UnknownTransport));
+        let q = parse_query("EIO=4&transport=websocket&sid=abc&t=x").unwrap();
+        assert_eq!((q.transport, q.sid.as_deref()), (Transport::WebSocket, Some("abc")));
+    }
+
+    #[test]
+    fn ids_are_url_safe_and_unique() {
+        let (a, b) = (generate_id(), generate_id());
+        assert_eq!(a.len(), 20);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+}

@@ -1,0 +1,514 @@
+//! One task per Engine.IO session: owns the transport state, the heartbeat and the
+//! Socket.IO layer. HTTP handlers and websocket readers talk to it over channels, so
+//! no lock is ever held across an `.await`.
+
+use std::collections::VecDeque;
+use std::future::pending;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::engine::{self, Packet as EPacket};
+use super::packet::{Packet as SPacket, PacketError, PacketType};
+use super::server::{HttpError, Inner};
+use super::socket::{CloseRequest, Control, Incoming, Socket, SocketHandle};
+
+/// How long the session waits for the application to take the `Closed` notification.
+const CLOSED_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the session waits to write one websocket frame or a close frame.
+const WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What arrives from a websocket (read by a separate reader task).
+#[derive(Debug)]
+pub(crate) enum WsIn {
+    Packet(EPacket),
+    Error(String),
+    Closed,
+}
+
+/// A websocket connection handed to the session task.
+pub(crate) struct WsConn {
+    pub(crate) session: actix_ws::Session,
+    pub(crate) incoming: mpsc::Receiver<WsIn>,
+}
+
+pub(crate) type PollReply = Result<String, HttpError>;
+
+/// Requests from the HTTP handlers.
+pub(crate) enum Cmd {
+    /// A long-polling GET waiting for packets.
+    Poll(oneshot::Sender<PollReply>),
+    /// Packets delivered by a polling POST.
+    Post(Vec<EPacket>, oneshot::Sender<Result<(), HttpError>>),
+    /// A websocket opened with this sid (upgrade probe).
+    Upgrade(WsConn),
+    /// The HTTP layer saw a protocol error: close the session.
+    Fail(String),
+}
+
+struct Connected {
+    id: String,
+    events: mpsc::Sender<Incoming>,
+}
+
+enum Ev {
+    CloseRequested,
+    Cmd(Option<Cmd>),
+    Ws(WsIn),
+    Probe(WsIn),
+    Out(String),
+    PollGone,
+    Timer,
+}
+
+pub(crate) struct SessionTask {
+    sid: String,
+    io: Arc<Inner>,
+    control: Arc<Control>,
+    cmd_rx: mpsc::Receiver<Cmd>,
+    /// Kept so that `out_rx` never reports "all senders gone".
+    out_tx: mpsc::Sender<String>,
+    out_rx: mpsc::Receiver<String>,
+    /// Packets ready to go out on the transport, in order.
+    queue: VecDeque<EPacket>,
+    ws: Option<actix_ws::Session>,
+    ws_in: Option<mpsc::Receiver<WsIn>>,
+    poll: Option<oneshot::Sender<PollReply>>,
+    probe: Option<WsConn>,
+    probe_deadline: Option<Instant>,
+    /// The probe answered `3probe`: polling is paused until the client sends `5`.
+    upgrading: bool,
+    next_ping: Option<Instant>,
+    pong_deadline: Option<Instant>,
+    connect_deadline: Option<Instant>,
+    socket: Option<Connected>,
+    /// Binary attachments of rejected binary packets still to swallow.
+    skip_binary: usize,
+    /// Set while a graceful close drains the queue: (reason, deadline).
+    closing: Option<(String, Instant)>,
+}
+
+impl SessionTask {
+    /// A new session; `ws` is set for websocket-only sessions, whose first frame is `open`.
+    pub(crate) fn new(
+        sid: String,
+        io: Arc<Inner>,
+        control: Arc<Control>,
+        cmd_rx: mpsc::Receiver<Cmd>,
+        ws: Option<WsConn>,
+        open: Option<EPacket>,
+    ) -> SessionTask {
+        let now = Instant::now();
+        let (out_tx, out_rx) = mpsc::channel(io.config.outgoing_queue.max(1));
+        let (ws, ws_in) = match ws {
+            Some(c) => (Some(c.session), Some(c.incoming)),
+            None => (None, None),
+        };
+        SessionTask {
+            next_ping: Some(now + io.config.ping_interval),
+            connect_deadline: Some(now + io.config.connect_timeout),
+            sid,
+            io,
+            control,
+            cmd_rx,
+            out_tx,
+            out_rx,
+            queue: open.into_iter().collect(),
+            ws,
+            ws_in,
+            poll: None,
+            probe: None,
+            probe_deadline: None,
+            upgrading: false,
+            pong_deadline: None,
+            socket: None,
+            skip_binary: 0,
+            closing: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let reason = loop {
+            let ev = self.next_event().await;
+            if let Err(reason) = self.handle(ev).await {
+                break self.closing.take().map_or(reason, |c| c.0);
+            }
+            if let Err(reason) = self.flush().await {
+                break self.closing.take().map_or(reason, |c| c.0);
+            }
+            if let Some((reason, _)) = &self.closing
+                && self.queue.is_empty()
+            {
+                break reason.clone();
+            }
+        };
+        self.finish(reason).await;
+    }
+
+    async fn next_event(&mut self) -> Ev {
+        let take_out = self.closing.is_none()
+            && (self.ws.is_some() || (self.poll.is_some() && !self.upgrading));
+        let deadline = [self.next_ping, self.pong_deadline, self.connect_deadline, self.probe_deadline]
+            .into_iter()
+            .chain([self.closing.as_ref().map(|c| c.1)])
+            .flatten()
+            .min();
+        tokio::select! {
+            biased;
+            () = self.control.requested() => Ev::CloseRequested,
+            cmd = self.cmd_rx.recv() => Ev::Cmd(cmd),
+            m = recv_ws(self.ws_in.as_mut()) => Ev::Ws(m),
+            m = recv_ws(self.probe.as_mut().map(|p| &mut p.incoming)) => Ev::Probe(m),
+            Some(s) = self.out_rx.recv(), if take_out => Ev::Out(s),
+            () = poll_gone(&mut self.poll) => Ev::PollGone,
+            () = sleep_opt(deadline) => Ev::Timer,
+        }
+    }
+
+    async fn handle(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::CloseRequested => self.on_close_request(),
+            Ev::Cmd(None) => Err("server closed".to_owned()),
+            Ev::Cmd(Some(cmd)) => self.on_cmd(cmd).await,
+            Ev::Ws(WsIn::Packet(p)) => self.on_packet(p).await,
+            Ev::Ws(WsIn::Error(e)) => Err(e),
+            Ev::Ws(WsIn::Closed) => Err("transport close".to_owned()),
+            Ev::Probe(m) => {
+                self.on_probe(m).await;
+                Ok(())
+            }
+            Ev::Out(s) => {
+                self.queue.push_back(EPacket::Message(s));
+                Ok(())
+            }
+            Ev::PollGone => Err("poll connection closed prematurely".to_owned()),
+            Ev::Timer => self.on_timer().await,
+        }
+    }
+
+    fn on_close_request(&mut self) -> Result<(), String> {
+        match self.control.take_request() {
+            Some(CloseRequest::Disconnect) if self.closing.is_none() => {
+                // Deliver what the application queued before the DISCONNECT.
+                while let Ok(s) = self.out_rx.try_recv() {
+                    self.queue.push_back(EPacket::Message(s));
+                }
+                self.queue.push_back(EPacket::Message(SPacket::disconnect("/").encode()));
+                self.queue.push_back(EPacket::Close);
+                let grace = self.io.config.ping_interval + self.io.config.ping_timeout;
+                self.closing = Some(("server namespace disconnect".to_owned(), Instant::now() + grace));
+                Ok(())
+            }
+            Some(CloseRequest::Disconnect) | None => Ok(()),
+            Some(CloseRequest::Overflow) => Err("outgoing queue overflow".to_owned()),
+            Some(CloseRequest::Shutdown) => Err("server shutting down".to_owned()),
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) -> Result<(), String> {
+        match cmd {
+            Cmd::Poll(tx) => {
+                if self.ws.is_some() {
+                    let _ = tx.send(Err(HttpError::BadRequest));
+                } else if self.poll.is_some() {
+                    let _ = tx.send(Err(HttpError::BadRequest));
+                    return Err("overlap from client".to_owned());
+                } else if self.upgrading {
+                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                } else {
+                    self.poll = Some(tx);
+                }
+                Ok(())
+            }
+            Cmd::Post(packets, tx) => {
+                if self.ws.is_some() {
+                    let _ = tx.send(Err(HttpError::BadRequest));
+                    return Ok(());
+                }
+                for p in packets {
+                    if let Err(e) = self.on_packet(p).await {
+                        let _ = tx.send(Err(HttpError::BadRequest));
+                        return Err(e);
+                    }
+                }
+                let _ = tx.send(Ok(()));
+                Ok(())
+            }
+            Cmd::Upgrade(conn) => {
+                if self.ws.is_some() || self.probe.is_some() || self.closing.is_some() {
+                    tracing::debug!(sid = %self.sid, "refusing a second websocket for the session");
+                    close_ws(conn.session).await;
+                } else {
+                    tracing::debug!(sid = %self.sid, "websocket upgrade probe started");
+                    self.probe = Some(conn);
+                    self.probe_deadline = Some(Instant::now() + self.io.config.upgrade_timeout);
+                }
+                Ok(())
+            }
+            Cmd::Fail(reason) => Err(reason),
+        }
+    }
+
+    async fn on_probe(&mut self, m: WsIn) {
+        match m {
+            WsIn::Packet(EPacket::Ping(data)) if data == "probe" && !self.upgrading => {
+                let sent = match self.probe.as_mut() {
+                    Some(p) => send_ws(&mut p.session, &EPacket::Pong(data), self.io.config.ping_timeout).await,
+                    None => Err(String::new()),
+                };
+                if sent.is_err() {
+                    self.drop_probe().await;
+                    return;
+                }
+                self.upgrading = true;
+                if let Some(tx) = self.poll.take() {
+                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                }
+            }
+            WsIn::Packet(EPacket::Upgrade) if self.upgrading => {
+                if let Some(conn) = self.probe.take() {
+                    tracing::debug!(sid = %self.sid, "upgraded to websocket");
+                    self.ws = Some(conn.session);
+                    self.ws_in = Some(conn.incoming);
+                }
+                self.probe_deadline = None;
+                self.upgrading = false;
+                if let Some(tx) = self.poll.take() {
+                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                }
+            }
+            other => {
+                tracing::debug!(sid = %self.sid, ?other, "websocket upgrade aborted");
+                self.drop_probe().await;
+            }
+        }
+    }
+
+    async fn drop_probe(&mut self) {
+        self.upgrading = false;
+        self.probe_deadline = None;
+        if let Some(conn) = self.probe.take() {
+            close_ws(conn.session).await;
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        if let Some((reason, deadline)) = &self.closing
+            && *deadline <= now
+        {
+            return Err(reason.clone());
+        }
+        if due(self.pong_deadline) {
+            return Err("ping timeout".to_owned());
+        }
+        if due(self.connect_deadline) {
+            return Err("connect timeout".to_owned());
+        }
+        if due(self.probe_deadline) {
+            tracing::debug!(sid = %self.sid, "websocket upgrade timed out");
+            self.drop_probe().await;
+        }
+        if due(self.next_ping) {
+            self.queue.push_back(EPacket::Ping(String::new()));
+            self.next_ping = None;
+            self.pong_deadline = Some(now + self.io.config.ping_timeout);
+        }
+        Ok(())
+    }
+
+    /// An Engine.IO packet from the client on the active transport.
+    async fn on_packet(&mut self, p: EPacket) -> Result<(), String> {
+        tracing::trace!(sid = %self.sid, kind = p.kind(), "engine.io packet in");
+        match p {
+            EPacket::Close => Err("transport close".to_owned()),
+            EPacket::Pong(_) => {
+                self.pong_deadline = None;
+                if self.next_ping.is_none() {
+                    self.next_ping = Some(Instant::now() + self.io.config.ping_interval);
+                }
+                Ok(())
+            }
+            EPacket::Ping(data) => {
+                self.queue.push_back(EPacket::Pong(data));
+                Ok(())
+            }
+            EPacket::Message(s) => self.on_message(&s).await,
+            EPacket::Binary(_) => {
+                if self.skip_binary > 0 {
+                    self.skip_binary -= 1;
+                    Ok(())
+                } else {
+                    self.deliver(Incoming::Invalid { reason: "unexpected binary message".to_owned() }).await
+                }
+            }
+            EPacket::Noop | EPacket::Upgrade => Ok(()),
+            EPacket::Open(_) => Err("parse error: open packet from client".to_owned()),
+        }
+    }
+
+    /// A Socket.IO packet.
+    async fn on_message(&mut self, s: &str) -> Result<(), String> {
+        let p = match SPacket::decode(s) {
+            Ok(p) => p,
+            Err(PacketError::Binary { attachments, .. }) => {
+                self.skip_binary = self.skip_binary.saturating_add(attachments);
+                let reason = "binary packets are not supported".to_owned();
+                return self.deliver(Incoming::Invalid { reason }).await;
+            }
+            Err(e) => return Err(format!("parse error: {e}")),
+        };
+        let root = p.nsp == "/";
+        match p.kind {
+            PacketType::Connect if !root => {
+                self.queue.push_back(EPacket::Message(SPacket::connect_error(&p.nsp, "Invalid namespace").encode()));
+                Ok(())
+            }
+            PacketType::Connect if self.socket.is_none() && self.closing.is_none() => self.connect().await,
+            PacketType::Disconnect if root && self.socket.is_some() => Err("client namespace disconnect".to_owned()),
+            PacketType::Event if root => match p.into_event() {
+                Ok((name, args, ack)) => self.deliver(Incoming::Event { name, args, ack }).await,
+                Err(reason) => self.deliver(Incoming::Invalid { reason }).await,
+            },
+            PacketType::Ack | PacketType::ConnectError if root => {
+                let reason = format!("unexpected {:?} packet", p.kind);
+                self.deliver(Incoming::Invalid { reason }).await
+            }
+            _ => {
+                tracing::trace!(sid = %self.sid, kind = ?p.kind, nsp = %p.nsp, "ignored socket.io packet");
+                Ok(())
+            }
+        }
+    }
+
+    /// CONNECT to `/`: hands a new [`Socket`] to the application.
+    async fn connect(&mut self) -> Result<(), String> {
+        let id = super::server::generate_id();
+        let (events_tx, events_rx) = mpsc::channel(self.io.config.incoming_queue.max(1));
+        let handle = SocketHandle::new(id.clone(), self.out_tx.clone(), self.control.clone());
+        self.queue.push_back(EPacket::Message(SPacket::connect_ok("/", &id).encode()));
+        let socket = Socket { id: id.clone(), handle, events: events_rx };
+        match timeout(self.io.config.ping_timeout, self.io.sockets_tx.send(socket)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(sid = %self.sid, socket = %id, "socket.io socket connected");
+                self.socket = Some(Connected { id, events: events_tx });
+                self.connect_deadline = None;
+            }
+            _ => {
+                tracing::debug!(sid = %self.sid, "application not accepting sockets");
+                self.queue.pop_back();
+                self.queue.push_back(EPacket::Message(SPacket::connect_error("/", "Server unavailable").encode()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Passes an event to the application; waits at most `ping_timeout` for queue space.
+    async fn deliver(&mut self, ev: Incoming) -> Result<(), String> {
+        let Some(socket) = &self.socket else { return Ok(()) };
+        match timeout(self.io.config.ping_timeout, socket.events.send(ev)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("socket events receiver dropped".to_owned()),
+            Err(_) => Err("incoming queue overflow".to_owned()),
+        }
+    }
+
+    /// Writes queued packets to the active transport.
+    async fn flush(&mut self) -> Result<(), String> {
+        if let Some(ws) = self.ws.as_mut() {
+            while let Some(p) = self.queue.pop_front() {
+                send_ws(ws, &p, self.io.config.ping_timeout).await?;
+            }
+        } else if !self.upgrading && !self.queue.is_empty() && self.poll.is_some() {
+            if self.closing.is_none() {
+                while let Ok(s) = self.out_rx.try_recv() {
+                    self.queue.push_back(EPacket::Message(s));
+                }
+            }
+            // A close packet travels alone: socket.io-client handles the packets of a payload
+            // on the next tick, so a DISCONNECT batched with `1` would be reported as
+            // "transport close".
+            let take = match self.queue.iter().position(|p| *p == EPacket::Close) {
+                Some(0) => 1,
+                Some(i) => i,
+                None => self.queue.len(),
+            };
+            let packets: Vec<EPacket> = self.queue.drain(..take).collect();
+            tracing::trace!(sid = %self.sid, count = packets.len(), "answering poll");
+            if let Some(tx) = self.poll.take()
+                && tx.send(Ok(engine::encode_payload(&packets))).is_err()
+            {
+                return Err("poll connection closed prematurely".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self, reason: String) {
+        self.control.mark_closed();
+        self.io.remove_session(&self.sid);
+        tracing::debug!(sid = %self.sid, socket = ?self.socket.as_ref().map(|s| &s.id), %reason, "session closed");
+        if let Some(tx) = self.poll.take() {
+            let _ = tx.send(Ok(EPacket::Close.encode()));
+        }
+        if let Some(ws) = self.ws.take() {
+            close_ws(ws).await;
+        }
+        self.ws_in = None;
+        if let Some(conn) = self.probe.take() {
+            close_ws(conn.session).await;
+        }
+        if let Some(socket) = self.socket.take() {
+            let _ = timeout(CLOSED_DELIVERY_TIMEOUT, socket.events.send(Incoming::Closed { reason })).await;
+        }
+    }
+}
+
+impl Drop for SessionTask {
+    fn drop(&mut self) {
+        // Also covers a task dropped by a runtime shutdown.
+        self.control.mark_closed();
+        self.io.remove_session(&self.sid);
+    }
+}
+
+async fn recv_ws(rx: Option<&mut mpsc::Receiver<WsIn>>) -> WsIn {
+    match rx {
+        Some(rx) => rx.recv().await.unwrap_or(WsIn::Closed),
+        None => pending().await,
+    }
+}
+
+async fn poll_gone(poll: &mut Option<oneshot::Sender<PollReply>>) {
+    match poll {
+        Some(tx) => tx.closed().await,
+        None => pending().await,
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => pending().await,
+    }
+}
+
+async fn send_ws(ws: &mut actix_ws::Session, p: &EPacket, limit: Duration) -> Result<(), String> {
+    tracing::trace!(kind = p.kind(), "engine.io packet out (websocket)");
+    let sent = match p {
+        EPacket::Binary(bytes) => timeout(limit, ws.binary(bytes.clone())).await,
+        other => timeout(limit, ws.text(other.encode())).await,
+    };
+    match sent {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("transport close".to_owned()),
+        Err(_) => Err("transport error: websocket write timed out".to_owned()),
+    }
+}
+
+async fn close_ws(ws: actix_ws::Session) {
+    let _ = timeout(WS_CLOSE_TIMEOUT, ws.close(Some(actix_ws::CloseCode::Normal.into()))).await;
+}

@@ -1,0 +1,144 @@
+//! The application-facing side of a connected Socket.IO socket.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+
+use super::packet::Packet;
+
+/// A socket that completed the Socket.IO CONNECT to `/`.
+#[derive(Debug)]
+pub struct Socket {
+    pub id: String,
+    pub handle: SocketHandle,
+    /// Everything the client sends; ends with [`Incoming::Closed`].
+    ///
+    /// Dropping this receiver while the socket is open closes the socket.
+    pub events: mpsc::Receiver<Incoming>,
+}
+
+/// What a client sent, or that its transport closed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// An EVENT packet: name is the first array element; args are the rest; ack is Some(id) when the client wants an acknowledgement.
+    Event { name: String, args: Vec<Value>, ack: Option<u64> },
+    /// The client sent a packet that is not a valid event (e.g. first element not a string, binary packet); the socket stays open.
+    Invalid { reason: String },
+    /// Transport closed (client disconnect, ping timeout, transport error, server close). Last message.
+    Closed { reason: String },
+}
+
+/// Returned when sending on a socket that is closed (or closing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("socket closed")]
+pub struct SocketClosed;
+
+/// Why the server side asked a session to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseRequest {
+    /// `SocketHandle::disconnect`: send a Socket.IO DISCONNECT first.
+    Disconnect,
+    /// The outgoing queue overflowed (slow client).
+    Overflow,
+    /// `SocketIo::close_all`.
+    Shutdown,
+}
+
+/// Shared between a session task and the handles that can close it.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    closed: AtomicBool,
+    request: Mutex<Option<CloseRequest>>,
+    notify: Notify,
+}
+
+impl Control {
+    /// Asks the session task to close; the first request wins.
+    pub(crate) fn request_close(&self, request: CloseRequest) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut slot) = self.request.lock() {
+            slot.get_or_insert(request);
+        }
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn take_request(&self) -> Option<CloseRequest> {
+        self.request.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// Resolves when a close was requested (a request made before the call is not lost).
+    pub(crate) async fn requested(&self) {
+        self.notify.notified().await
+    }
+
+    pub(crate) fn mark_closed(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    id: String,
+    /// Encoded Socket.IO packets, carried in Engine.IO messages by the session task.
+    out: mpsc::Sender<String>,
+    control: Arc<Control>,
+}
+
+/// A cheap, cloneable handle to send on a socket or close it. Never blocks, never panics.
+#[derive(Debug, Clone)]
+pub struct SocketHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl SocketHandle {
+    pub(crate) fn new(id: String, out: mpsc::Sender<String>, control: Arc<Control>) -> SocketHandle {
+        SocketHandle { inner: Arc::new(HandleInner { id, out, control }) }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Queues an EVENT `[event, ...args]`. A full queue (slow client) closes the socket.
+    pub fn emit(&self, event: &str, args: Vec<Value>) -> Result<(), SocketClosed> {
+        self.send(Packet::event(event, args))
+    }
+
+    /// Queues an ACK for the client's event `id`.
+    pub fn ack(&self, id: u64, args: Vec<Value>) -> Result<(), SocketClosed> {
+        self.send(Packet::ack(id, args))
+    }
+
+    /// Sends a Socket.IO DISCONNECT then closes the transport.
+    pub fn disconnect(&self) {
+        self.inner.control.request_close(CloseRequest::Disconnect);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.control.is_closed()
+    }
+
+    fn send(&self, packet: Packet) -> Result<(), SocketClosed> {
+        if self.is_closed() {
+            return Err(SocketClosed);
+        }
+        match self.inner.out.try_send(packet.encode()) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(socket = %self.inner.id, "outgoing queue full, closing slow client");
+                self.inner.control.request_close(CloseRequest::Overflow);
+                Err(SocketClosed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.inner.control.mark_closed();
+                Err(SocketClosed)
+            }
+        }
+    }
+}

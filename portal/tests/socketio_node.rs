@@ -1,0 +1,297 @@
+//! The hand-written Socket.IO server against the official `socket.io-client` (node), plus a
+//! few raw protocol checks over HTTP.
+//!
+//! The node part needs `npm ci` in `tests/node` once.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, dev::ServerHandle};
+use serde_json::{Value, json};
+use tessera_portal::socketio::{Incoming, Socket, SocketIo, SocketIoConfig};
+use tokio::sync::mpsc;
+
+const MAX_PAYLOAD: usize = 100_000;
+
+fn test_config() -> SocketIoConfig {
+    SocketIoConfig {
+        ping_interval: Duration::from_millis(300),
+        ping_timeout: Duration::from_millis(1000),
+        max_payload: MAX_PAYLOAD,
+        connect_timeout: Duration::from_secs(5),
+        ..SocketIoConfig::default()
+    }
+}
+
+/// "echo" → ack('ok', ...args); "ping-me" → emit "pong-you"; "bye" → disconnect.
+async fn echo_app(mut sockets: mpsc::Receiver<Socket>) {
+    while let Some(mut socket) = sockets.recv().await {
+        tokio::spawn(async move {
+            let handle = socket.handle.clone();
+            while let Some(ev) = socket.events.recv().await {
+                match ev {
+                    Incoming::Event { name, args, ack } => match name.as_str() {
+                        "echo" => {
+                            if let Some(id) = ack {
+                                let mut reply = vec![json!("ok")];
+                                reply.extend(args);
+                                let _ = handle.ack(id, reply);
+                            }
+                        }
+                        "ping-me" => {
+                            let _ = handle.emit("pong-you", args);
+                        }
+                        "bye" => handle.disconnect(),
+                        _ => {}
+                    },
+                    Incoming::Invalid { .. } => {}
+                    Incoming::Closed { .. } => break,
+                }
+            }
+        });
+    }
+}
+
+struct TestServer {
+    url: String,
+    io: SocketIo,
+    handle: ServerHandle,
+}
+
+async fn start_server() -> TestServer {
+    let (io, sockets) = SocketIo::new(test_config());
+    tokio::spawn(echo_app(sockets));
+    let app_io = io.clone();
+    let server = HttpServer::new(move || {
+        let io = app_io.clone();
+        App::new().configure(move |cfg| io.configure(cfg))
+    })
+    .workers(2)
+    .disable_signals()
+    .bind(("127.0.0.1", 0))
+    .expect("bind 127.0.0.1:0");
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    TestServer { url: format!("http://{addr}"), io, handle }
+}
+
+async fn wait_for_no_sessions(io: &SocketIo) {
+    for _ in 0..100 {
+        if io.session_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} session(s) still open", io.session_count());
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[actix_rt::test]
+async fn official_client_interop() {
+    let root = workspace_root();
+    let node_dir = root.join("tests/node");
+    assert!(
+        node_dir.join("node_modules/socket.io-client").is_dir(),
+        "tests/node/node_modules is missing: run `npm ci` in {}",
+        node_dir.display()
+    );
+    let server = start_server().await;
+
+    let child = tokio::process::Command::new("node")
+        .args(["--test", "tests/node/socketio-echo.test.mjs"])
+        .current_dir(&root)
+        .env("TESSERA_SIO_URL", &server.url)
+        .env("TESSERA_SIO_MAX_PAYLOAD", MAX_PAYLOAD.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), child)
+        .await
+        .expect("node test timed out")
+        .expect("could not run `node` (is Node.js 20+ installed?)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "node tests failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}", output.status);
+
+    wait_for_no_sessions(&server.io).await;
+    server.handle.stop(true).await;
+}
+
+/// GET or POST on /socket.io/ with a query; returns (status, body).
+async fn request(client: &reqwest::Client, method: reqwest::Method, url: &str, body: &str) -> (u16, String) {
+    let response = client.request(method, url).body(body.to_owned()).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
+    request(client, reqwest::Method::GET, url, "").await
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &str) -> (u16, String) {
+    request(client, reqwest::Method::POST, url, body).await
+}
+
+/// Polling handshake; returns the sid.
+async fn handshake(client: &reqwest::Client, base: &str) -> String {
+    let (status, body) = get(client, &format!("{base}/socket.io/?EIO=4&transport=polling")).await;
+    assert_eq!(status, 200, "{body}");
+    let open: Value = serde_json::from_str(body.strip_prefix('0').expect("open packet")).expect("open json");
+    assert_eq!(open["upgrades"], json!(["websocket"]));
+    assert_eq!(open["pingInterval"], json!(300));
+    assert_eq!(open["pingTimeout"], json!(1000));
+    assert_eq!(open["maxPayload"], json!(MAX_PAYLOAD));
+    open["sid"].as_str().expect("sid").to_owned()
+}
+
+#[actix_rt::test]
+async fn raw_protocol_errors() {
+    let server = start_server().await;
+    let client = reqwest::Client::new();
+    let base = &server.url;
+
+    let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=3&transport=polling")).await;
+    assert_eq!(status, 400);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"code": 5, "message": "Unsupported protocol version"}));
+
+    let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=4&transport=polling&sid=nope")).await;
+    assert_eq!(status, 400);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"code": 1, "message": "Session ID unknown"}));
+
+    let (status, body) = post(&client, &format!("{base}/socket.io/?EIO=4&transport=polling&sid=nope"), "40").await;
+    assert_eq!((status, body.contains("\"code\":1")), (400, true), "{body}");
+
+    let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=4&transport=carrier-pigeon")).await;
+    assert_eq!(status, 400);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"code": 0, "message": "Transport unknown"}));
+
+    let (status, _) = get(&client, &format!("{base}/socket.io/?EIO=4&transport=websocket")).await;
+    assert_eq!(status, 400, "websocket handshake without an upgrade");
+
+    server.handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn garbage_post_closes_only_that_session() {
+    let server = start_server().await;
+    let client = reqwest::Client::new();
+    let base = &server.url;
+    let bad = handshake(&client, base).await;
+    let good = handshake(&client, base).await;
+    assert_eq!(server.io.session_count(), 2);
+    let url = |sid: &str| format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
+
+    let (status, _) = post(&client, &url(&bad), "garbage!!").await;
+    assert_eq!(status, 400);
+    // The bad session is gone...
+    let mut gone = false;
+    for _ in 0..50 {
+        let (status, body) = get(&client, &url(&bad)).await;
+        if status == 400 {
+            assert!(body.contains("\"code\":1"), "{body}");
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "garbage did not close the session");
+
+    // ...the other one still works: CONNECT, a namespace error, an event with an ack.
+    assert_eq!(post(&client, &url(&good), "40\u{1e}40/admin,").await, (200, "ok".to_owned()));
+    let (status, body) = get(&client, &url(&good)).await;
+    assert_eq!(status, 200);
+    let packets: Vec<&str> = body.split('\u{1e}').filter(|p| *p != "2").collect();
+    assert_eq!(packets.len(), 2, "{body}");
+    let connect: Value = serde_json::from_str(packets[0].strip_prefix("40").expect("CONNECT reply")).unwrap();
+    assert_eq!(connect["sid"].as_str().map(str::len), Some(20));
+    assert_eq!(packets[1], "44/admin,{\"message\":\"Invalid namespace\"}");
+
+    assert_eq!(post(&client, &url(&good), "3\u{1e}4212[\"echo\",\"x\"]").await, (200, "ok".to_owned()));
+    let mut body = String::new();
+    for _ in 0..5 {
+        let (status, b) = get(&client, &url(&good)).await;
+        assert_eq!(status, 200, "{b}");
+        body.push_str(&b);
+        if b.contains("\"ok\"") {
+            break;
+        }
+        post(&client, &url(&good), "3").await;
+    }
+    assert!(body.contains("4312[\"ok\",\"x\"]"), "{body}");
+    assert_eq!(server.io.session_count(), 1);
+
+    // A second long-poll while one is pending is a protocol error that closes the session.
+    let mut overlapped = false;
+    for _ in 0..10 {
+        let first = {
+            let client = client.clone();
+            let url = url(&good);
+            tokio::spawn(async move { get(&client, &url).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if first.is_finished() {
+            // Answered at once (a queued ping): pong and try again.
+            post(&client, &url(&good), "3").await;
+            continue;
+        }
+        let (status, _) = get(&client, &url(&good)).await;
+        assert_eq!(status, 400);
+        let (status, body) = first.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.ends_with('1'), "pending poll answered with close: {body}");
+        overlapped = true;
+        break;
+    }
+    assert!(overlapped, "could not hold a long-poll open");
+    wait_for_no_sessions(&server.io).await;
+
+    server.handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn close_all_and_handles_after_close() {
+    let (io, mut sockets) = SocketIo::new(test_config());
+    let app_io = io.clone();
+    let server = HttpServer::new(move || {
+        let io = app_io.clone();
+        App::new().configure(move |cfg| io.configure(cfg))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let base = format!("http://{}", server.addrs()[0]);
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+
+    let client = reqwest::Client::new();
+    let sid = handshake(&client, &base).await;
+    let url = format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
+    assert_eq!(post(&client, &url, "40{\"token\":\"t\"}").await.0, 200);
+    let mut socket = tokio::time::timeout(Duration::from_secs(5), sockets.recv()).await.unwrap().unwrap();
+    assert_eq!(socket.handle.id(), socket.id);
+    assert!(socket.handle.emit("hello", vec![json!(1)]).is_ok());
+
+    // An invalid event keeps the socket open.
+    assert_eq!(post(&client, &url, "42[1,2]").await.0, 200);
+    let ev = tokio::time::timeout(Duration::from_secs(5), socket.events.recv()).await.unwrap().unwrap();
+    assert!(matches!(ev, Incoming::Invalid { .. }), "{ev:?}");
+
+    io.close_all();
+    let ev = tokio::time::timeout(Duration::from_secs(5), socket.events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev, Incoming::Closed { reason: "server shutting down".into() });
+    assert!(socket.handle.is_closed());
+    assert!(socket.handle.emit("late", vec![]).is_err());
+    assert!(socket.handle.ack(1, vec![]).is_err());
+    socket.handle.disconnect();
+    assert_eq!(io.session_count(), 0);
+    handle.stop(true).await;
+}

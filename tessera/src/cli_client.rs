@@ -1,0 +1,75 @@
+//! `tessera room …` and `tessera token …`: thin clients of the management API, so
+//! operators need neither curl nor the MAuth scheme.
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::{ApiArgs, RoomAction, TokenAction};
+
+fn service_key(api: &ApiArgs) -> anyhow::Result<String> {
+    if let Some(k) = &api.key
+        && !k.is_empty()
+    {
+        return Ok(k.clone());
+    }
+    let path = api.data_dir.join("service.key");
+    let key = std::fs::read_to_string(&path).with_context(|| {
+        format!("no service key: pass --key, set TESSERA_SERVICE_KEY, or run where {} exists", path.display())
+    })?;
+    Ok(key.trim().to_string())
+}
+
+async fn call(api: &ApiArgs, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<String> {
+    let key = service_key(api)?;
+    let url = format!("{}{}", api.api.trim_end_matches('/'), path);
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, &url).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.with_context(|| format!("cannot reach the management API at {url}"))?;
+    let status = res.status();
+    let text = res.text().await.context("reading the response")?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{status}: {msg}");
+    }
+    Ok(text)
+}
+
+fn pretty(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_else(|_| text.to_string())
+}
+
+/// Runs a `tessera room` subcommand.
+pub async fn room(action: RoomAction, api: ApiArgs) -> anyhow::Result<()> {
+    match action {
+        RoomAction::Create { name, options } => {
+            let options: Value = match options {
+                Some(o) => serde_json::from_str(&o).context("--options is not valid JSON")?,
+                None => Value::Object(Default::default()),
+            };
+            let body = serde_json::json!({"name": name, "options": options});
+            println!("{}", pretty(&call(&api, reqwest::Method::POST, "/v1/rooms", Some(body)).await?));
+        }
+        RoomAction::List => println!("{}", pretty(&call(&api, reqwest::Method::GET, "/v1/rooms", None).await?)),
+        RoomAction::Delete { id } => {
+            call(&api, reqwest::Method::DELETE, &format!("/v1/rooms/{id}"), None).await?;
+            println!("room {id} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `tessera token` subcommand.
+pub async fn token(action: TokenAction, api: ApiArgs) -> anyhow::Result<()> {
+    let TokenAction::Create { room, user, role } = action;
+    let body = serde_json::json!({"user": user, "role": role});
+    println!("{}", call(&api, reqwest::Method::POST, &format!("/v1/rooms/{room}/tokens"), Some(body)).await?);
+    Ok(())
+}

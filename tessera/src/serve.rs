@@ -1,0 +1,191 @@
+//! `tessera serve`: loads the configuration, prepares the data folder, and runs the
+//! portal and the management API until SIGINT/SIGTERM.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tessera_config::Config;
+use tessera_core::token::{PortalAddress, TokenAuthority};
+use tessera_core::{Room, RoomStore};
+use tracing::info;
+
+/// Flags of `tessera serve`; each overrides the config file.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file (see config/tessera.example.toml); built-in defaults when absent.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Portal (signaling, demo page) address, overrides server.portal_addr.
+    #[arg(long)]
+    portal_addr: Option<String>,
+    /// Management API address, overrides server.api_addr.
+    #[arg(long)]
+    api_addr: Option<String>,
+    /// Data folder, overrides server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(a) = &args.portal_addr {
+        config.server.portal_addr = a.clone();
+    }
+    if let Some(a) = &args.api_addr {
+        config.server.api_addr = a.clone();
+    }
+    if let Some(d) = &args.data_dir {
+        config.server.data_dir = d.clone();
+    }
+    config.apply_env();
+    // Flags and the environment may have brought new values: check again. Errors then
+    // name the key; the file is named only if the value could have come from it.
+    config.validate(args.config.as_deref())?;
+    config.prepare_dirs(args.config.as_deref())?;
+    Ok(config)
+}
+
+/// Returns the service key: configured, or read from / generated into `<data_dir>/service.key`.
+fn service_key(config: &Config) -> anyhow::Result<String> {
+    if !config.service.key.is_empty() {
+        return Ok(config.service.key.clone());
+    }
+    let path = config.server.data_dir.join("service.key");
+    match std::fs::read_to_string(&path) {
+        Ok(k) if k.trim().len() >= 16 => return Ok(k.trim().to_string()),
+        Ok(_) => anyhow::bail!("{} holds no usable key (need at least 16 characters); delete it to generate a new one", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let key = tessera_core::ids::random_hex(32);
+    write_private(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    // Printed once, at generation: later starts read the file silently.
+    println!("tessera: generated a service key (saved in {}): {key}", path.display());
+    Ok(key)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+/// Creates the configured default room when it is missing.
+fn ensure_default_room(config: &Config, store: &RoomStore) -> anyhow::Result<()> {
+    let id = &config.rooms.default_room;
+    if id.is_empty() || store.get(id).is_some() {
+        return Ok(());
+    }
+    if !tessera_core::ids::is_valid_id(id) {
+        anyhow::bail!("config key `rooms.default_room`: `{id}` must be letters, digits, '-' or '_'");
+    }
+    let room = Room::from_options(id.clone(), id.clone(), serde_json::json!({}))
+        .with_context(|| format!("default room `{id}`"))?;
+    store.create(room).with_context(|| format!("creating default room `{id}`"))?;
+    info!(room = %id, "default room created");
+    Ok(())
+}
+
+fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for the {what}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the server until a shutdown signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    init_tracing(&config.log.level);
+    let key = service_key(&config)?;
+    let store = Arc::new(RoomStore::open(config.server.data_dir.join("rooms.json"))?);
+    ensure_default_room(&config, &store)?;
+
+    let portal_listener = bind(&config.server.portal_addr, "portal")?;
+    let api_listener = bind(&config.server.api_addr, "management API")?;
+    let portal_bound: SocketAddr = portal_listener.local_addr()?;
+    let api_bound: SocketAddr = api_listener.local_addr()?;
+
+    let tokens = TokenAuthority::new(key.as_bytes());
+    let portal = tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), tokens.clone());
+    let api_state = tessera_management_api::ApiState {
+        store: store.clone(),
+        tokens: tokens.clone(),
+        credentials: tessera_management_api::Credentials { service_id: config.service.id.clone(), service_key: key.clone() },
+        portal: PortalAddress { host: config.portal_public_host(portal_bound), secure: config.portal.secure },
+        token_lifetime_secs: config.portal.token_lifetime_secs,
+        control: portal.control(),
+    };
+    let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
+        store: store.clone(),
+        tokens: tokens.clone(),
+        portal: api_state.portal.clone(),
+        lifetime_secs: config.portal.token_lifetime_secs,
+        default_room: config.rooms.default_room.clone(),
+    });
+    let api_server = tessera_management_api::serve(api_listener, api_state)?;
+    let portal_server =
+        tessera_portal::http::serve(portal_listener, portal.clone(), crate::portal_routes::configure(dev_tokens))?;
+
+    println!("tessera: portal listening on http://{portal_bound}");
+    println!("tessera: management API listening on http://{api_bound}");
+    if !config.rooms.default_room.is_empty() {
+        println!("tessera: default room `{}`", config.rooms.default_room);
+    }
+    info!(portal = %portal_bound, api = %api_bound, data_dir = %config.server.data_dir.display(), "tessera started");
+
+    let api_handle = api_server.handle();
+    let portal_handle = portal_server.handle();
+    let api_task = tokio::spawn(api_server);
+    let portal_task = tokio::spawn(portal_server);
+    tokio::select! {
+        _ = shutdown_signal() => info!("shutdown signal received"),
+        r = portal_task => { anyhow::bail!("portal server stopped unexpectedly: {r:?}") }
+    }
+    portal.shutdown().await;
+    portal_handle.stop(true).await;
+    api_handle.stop(true).await;
+    let _ = api_task.await;
+    info!("tessera stopped");
+    println!("tessera: stopped");
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The `tessera` command line: config errors as a user sees them, the service key, and
+//! the room/token subcommands against a running server.
+
+mod common;
+
+use std::process::Command;
+
+use common::{KEY, bin, start, start_with_env, tempdir};
+
+fn serve_output(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin()).arg("serve").args(args).env_remove("TESSERA_SERVICE_KEY").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn config_errors_name_file_key_and_reason() {
+    let dir = tempdir();
+    let cfg = dir.path().join("bad.toml");
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nportal_addr = \"127.0.0.1:99999\"\n", "key `server.portal_addr`: port 99999 is out of range"),
+        ("[portal]\nping_intervall_ms = 5\n", "unknown field `ping_intervall_ms`"),
+        ("[portal]\nping_interval_ms = \"soon\"\n", "key `portal.ping_interval_ms`: invalid type"),
+        ("[portal]\nreconnection_timeout_secs = -1\n", "key `portal.reconnection_timeout_secs`"),
+        ("[webrtc]\nudp_port_min = 6000\nudp_port_max = 5000\n", "key `webrtc.udp_port_min`"),
+        ("[storage]\nrecordings_dir = \"/proc/version/rec\"\n", "key `storage.recordings_dir`: cannot create folder"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&cfg, text).unwrap();
+        let (ok, stderr) = serve_output(&["--config", cfg.to_str().unwrap(), "--data-dir", data]);
+        assert!(!ok, "must fail for {text:?}");
+        assert!(stderr.contains(cfg.to_str().unwrap()), "names the file for {text:?}: {stderr}");
+        assert!(stderr.contains(want), "wanted {want:?} for {text:?}, got: {stderr}");
+    }
+    let (ok, stderr) = serve_output(&["--config", dir.path().join("missing.toml").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("missing.toml") && stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn example_config_starts_the_server() {
+    let dir = tempdir();
+    let example = common::workspace_root().join("config/tessera.example.toml");
+    let server = start(dir.path(), &["--config", example.to_str().unwrap()]);
+    assert!(server.portal.starts_with("http://127.0.0.1:"));
+}
+
+#[test]
+fn service_key_generated_once_and_env_overrides() {
+    let dir = tempdir();
+    let data = dir.path();
+    let mut s = start_with_env(data, &[], &[]);
+    let key = std::fs::read_to_string(data.join("service.key")).unwrap().trim().to_string();
+    assert_eq!(key.len(), 64);
+    // The key was printed at generation.
+    assert!(s.startup.iter().any(|l| l.contains("generated a service key") && l.contains(&key)), "{:?}", s.startup);
+    assert!(s.terminate());
+    drop(s);
+    // Second start: same key, not printed again.
+    let mut s = start_with_env(data, &[], &[]);
+    assert!(!s.startup.iter().any(|l| l.contains("generated")), "{:?}", s.startup);
+    assert_eq!(std::fs::read_to_string(data.join("service.key")).unwrap().trim(), key);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new().get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status()
+    });
+    assert_eq!(status, 200);
+    assert!(s.terminate());
+    drop(s);
+    // The environment variable wins over the file.
+    let s = start_with_env(data, &[], &[("TESSERA_SERVICE_KEY", KEY)]);
+    let (with_env, with_file) = rt.block_on(async {
+        let c = reqwest::Client::new();
+        (
+            c.get(s.url("/v1/rooms")).bearer_auth(KEY).send().await.unwrap().status(),
+            c.get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status(),
+        )
+    });
+    assert_eq!((with_env.as_u16(), with_file.as_u16()), (200, 401));
+}
+
+fn cli(server: &common::Server, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin()).args(args).args(["--api", &server.api, "--key", KEY]).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn room_and_token_subcommands() {
+    let dir = tempdir();
+    let server = start(dir.path(), &[]);
+    let (ok, out, err) = cli(&server, &["room", "create", "class", "--options", r#"{"participantLimit": 30}"#]);
+    assert!(ok, "{err}");
+    let room: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(room["participantLimit"], 30);
+    let id = room["id"].as_str().unwrap();
+
+    let (ok, out, _) = cli(&server, &["room", "list"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+
+    let (ok, out, err) = cli(&server, &["token", "create", "--room", id, "--user", "ann", "--role", "viewer"]);
+    assert!(ok, "{err}");
+    assert!(common_token_ok(out.trim()));
+
+    let (ok, _, err) = cli(&server, &["token", "create", "--room", id, "--user", "ann", "--role", "emperor"]);
+    assert!(!ok);
+    assert!(err.contains("400") && err.contains("emperor"), "{err}");
+
+    let (ok, out, _) = cli(&server, &["room", "delete", id]);
+    assert!(ok);
+    assert!(out.contains("deleted"));
+    let (ok, _, err) = cli(&server, &["room", "delete", id]);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+
+    // Wrong key: a clear 401.
+    let out = Command::new(bin()).args(["room", "list", "--api", &server.api, "--key", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+fn common_token_ok(token: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["tokenId"].is_string() && v["signature"].is_string())
+}
+
+#[test]
+fn help_is_clear() {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "room", "token"] {
+        assert!(text.contains(word), "{text}");
+    }
+    let out = Command::new(bin()).args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--config", "--portal-addr", "--api-addr", "--data-dir"] {
+        assert!(text.contains(flag), "{text}");
+    }
+}

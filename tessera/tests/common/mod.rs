@@ -1,0 +1,137 @@
+//! Test harness: starts the real `tessera` binary on ephemeral loopback ports with its
+//! own data folder, and talks to it over HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const KEY: &str = "test-service-key-0123456789";
+
+pub struct Server {
+    pub child: Child,
+    pub api: String,
+    pub portal: String,
+    pub lines: mpsc::Receiver<String>,
+    /// Stdout lines printed before the server listened.
+    pub startup: Vec<String>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tessera")
+}
+
+/// Starts `tessera serve` with the given extra args and data dir, waiting until it listens.
+pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+    start_with_env(data_dir, extra, &[("TESSERA_SERVICE_KEY", KEY)])
+}
+
+pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("TESSERA_SERVICE_KEY")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tessera");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let err_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let eb = err_buf.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var("TESSERA_TEST_VERBOSE").is_ok() {
+                eprintln!("[server] {line}");
+            }
+            eb.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut api, mut portal) = (None, None);
+    let mut startup = Vec::new();
+    while api.is_none() || portal.is_none() {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                startup.push(line.clone());
+                if let Some(a) = line.strip_prefix("tessera: management API listening on ") {
+                    api = Some(a.to_string());
+                }
+                if let Some(a) = line.strip_prefix("tessera: portal listening on ") {
+                    portal = Some(a.to_string());
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; stderr:\n{}", err_buf.lock().unwrap());
+            }
+        }
+    }
+    Server { child, api: api.unwrap(), portal: portal.unwrap(), lines: rx, startup, stderr: err_buf }
+}
+
+impl Server {
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        false
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.api, path)
+    }
+
+    /// Issues a token for `user` with `role` in `room` over REST.
+    pub async fn token(&self, room: &str, user: &str, role: &str) -> String {
+        let res = self
+            .client()
+            .post(self.url(&format!("/v1/rooms/{room}/tokens")))
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({"user": user, "role": role}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.text().await.unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
