@@ -6,6 +6,7 @@
 //! Everything that checks time takes `now` as an argument so it can be tested without
 //! sleeping (see `token` and `ticket`).
 
+pub mod agent;
 pub mod control;
 pub mod crypto;
 pub mod ids;

@@ -6,7 +6,7 @@
 //! inside the reconnection grace period). Notifications for a waiting participant are
 //! queued and delivered after `relogin`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::{Value, json};
 use tessera_core::{ParticipantInfo, Permission};
@@ -32,6 +32,46 @@ pub(crate) struct Participant {
     /// Bumped at every socket change, so a stale socket's close or an old grace timer
     /// cannot act on a participant who has moved on.
     pub generation: u64,
+    /// Transports (peer connections) this participant opened.
+    pub transports: HashSet<String>,
+    /// Publications and subscriptions by id.
+    pub sessions: HashMap<String, crate::media::SessionKind>,
+    /// `attributes` given at publish, by publication id.
+    pub attributes: HashMap<String, Value>,
+    /// Publications whose media flows (they are streams of the room).
+    pub ready: HashSet<String>,
+}
+
+impl Participant {
+    /// A participant that just logged in on `handle`.
+    pub fn new(info: ParticipantInfo, handle: SocketHandle) -> Self {
+        Participant {
+            info,
+            link: Link::Connected(handle),
+            generation: 0,
+            transports: HashSet::new(),
+            sessions: HashMap::new(),
+            attributes: HashMap::new(),
+            ready: HashSet::new(),
+        }
+    }
+
+    /// Publications announced but not flowing yet (they count against inputLimit).
+    pub fn pending_publications(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|(id, s)| **s == crate::media::SessionKind::Publication && !self.ready.contains(*id))
+            .count()
+    }
+
+    /// Ids of this participant's publications.
+    pub fn publications(&self) -> HashSet<String> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| **s == crate::media::SessionKind::Publication)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
 }
 
 /// A room with at least one participant.

@@ -7,6 +7,7 @@
 
 mod conference;
 pub mod http;
+mod media;
 mod requests;
 mod session;
 pub mod settings;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use tessera_core::agent::{AgentEvent, MediaAgent};
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{TokenAuthority, TokenLedger};
 use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomStore};
@@ -40,6 +42,7 @@ struct Inner {
     tickets: TicketAuthority,
     sio: SocketIo,
     conferences: Mutex<Conferences>,
+    agent: Option<Arc<dyn MediaAgent>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -53,9 +56,19 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Portal {
-    /// Creates the portal and starts accepting Socket.IO connections. Must be called
-    /// inside a tokio runtime.
-    pub fn new(settings: PortalSettings, store: Arc<RoomStore>, tokens: TokenAuthority) -> Portal {
+    /// Creates the portal and starts accepting Socket.IO connections. `agent` is the
+    /// media agent with the receiver of its events; without one, stream requests are
+    /// refused. Must be called inside a tokio runtime.
+    pub fn new(
+        settings: PortalSettings,
+        store: Arc<RoomStore>,
+        tokens: TokenAuthority,
+        agent: Option<(Arc<dyn MediaAgent>, tokio::sync::mpsc::Receiver<AgentEvent>)>,
+    ) -> Portal {
+        let (agent, events) = match agent {
+            Some((a, e)) => (Some(a), Some(e)),
+            None => (None, None),
+        };
         let (sio, mut sockets) = SocketIo::new(settings.socketio.clone());
         let portal = Portal {
             inner: Arc::new(Inner {
@@ -66,8 +79,17 @@ impl Portal {
                 tickets: TicketAuthority::random(),
                 sio,
                 conferences: Mutex::new(Conferences::default()),
+                agent,
             }),
         };
+        if let Some(mut events) = events {
+            let p = portal.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    p.on_agent_event(ev);
+                }
+            });
+        }
         let accepting = portal.clone();
         tokio::spawn(async move {
             while let Some(socket) = sockets.recv().await {
@@ -109,14 +131,17 @@ impl Portal {
     /// Removes a participant from its room and tells the others.
     pub(crate) fn leave(&self, room: &str, participant: &str, reason: &str) {
         let notify_leave = self.inner.store.get(room).map(|r| r.notifying.participant_activities).unwrap_or(true);
-        let mut conf = self.lock();
-        if conf.remove(room, participant).is_none() {
-            return;
-        }
-        info!(room, participant, reason, "participant left");
-        if notify_leave {
-            conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
-        }
+        let publications = {
+            let mut conf = self.lock();
+            let Some(p) = conf.remove(room, participant) else { return };
+            info!(room, participant, reason, "participant left");
+            if notify_leave {
+                conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
+            }
+            p.publications()
+        };
+        let (portal, room, participant) = (self.clone(), room.to_string(), participant.to_string());
+        tokio::spawn(async move { portal.media_cleanup(&room, &participant, publications).await });
     }
 
     /// Drops one participant: `drop` notification, leave, socket closed.
@@ -190,9 +215,23 @@ impl RoomControl for Portal {
         self.lock().room(room).map(|r| r.streams.clone()).unwrap_or_default()
     }
 
-    async fn delete_stream(&self, _room: &str, stream: &str) -> Result<(), ControlError> {
-        // Forward streams exist only once the webrtc-agent publishes them.
-        Err(ControlError::StreamNotFound(stream.into()))
+    async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError> {
+        let owner = {
+            let conf = self.lock();
+            let s = conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned();
+            match s {
+                None => return Err(ControlError::StreamNotFound(stream.into())),
+                Some(s) if s["type"] != "forward" => {
+                    return Err(ControlError::BadRequest(format!("Stream {stream} is not a forward stream")));
+                }
+                Some(s) => s["info"]["owner"].as_str().unwrap_or_default().to_string(),
+            }
+        };
+        if let Some(agent) = &self.inner.agent {
+            agent.end_session(&owner, stream).await;
+        }
+        self.on_agent_event(AgentEvent::StreamEnded { room: room.into(), stream: stream.into(), reason: "deleted over REST".into() });
+        Ok(())
     }
 
     async fn room_updated(&self, _room: &tessera_core::Room) {

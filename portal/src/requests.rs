@@ -73,20 +73,3 @@ impl Text {
     }
 }
 
-/// Which media kinds a `publish` request asks for, from `media.tracks[].type`.
-pub(crate) fn publish_kinds(args: &[Value]) -> Result<tessera_core::room::AudioVideo, String> {
-    let data = args.first().ok_or("publish: missing request data")?;
-    let mut kinds = tessera_core::room::AudioVideo::default();
-    let tracks = match data.get("media") {
-        Some(Value::Null) | None => return Ok(kinds),
-        Some(media) => media.get("tracks").and_then(Value::as_array).ok_or("publish: request.media.tracks must be an array")?,
-    };
-    for (i, t) in tracks.iter().enumerate() {
-        match t.get("type").and_then(Value::as_str) {
-            Some("audio") => kinds.audio = true,
-            Some("video") => kinds.video = true,
-            _ => return Err(format!("publish: request.media.tracks[{i}].type must be \"audio\" or \"video\"")),
-        }
-    }
-    Ok(kinds)
-}

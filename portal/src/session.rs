@@ -107,7 +107,13 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     continue;
                 }
                 let mut replay = Vec::new();
-                let reply = dispatch(&portal, &handle, &mut state, &name, &args, &mut replay);
+                let reply = match &state {
+                    State::Joined { room, participant, .. } if MEDIA.contains(&name.as_str()) => {
+                        let (room, participant) = (room.clone(), participant.clone());
+                        portal.media_request(&room, &participant, &name, &args).await
+                    }
+                    _ => dispatch(&portal, &handle, &mut state, &name, &args, &mut replay),
+                };
                 let close_after = matches!(state, State::Ended) && matches!(name.as_str(), "login" | "relogin");
                 ack(&handle, ack_id, reply);
                 // Notifications queued while the socket was gone, after the relogin ack.
@@ -145,6 +151,9 @@ fn dispatch(
         _ => Err(format!("Unknown request: {}", truncate(name))),
     }
 }
+
+/// Requests handled by [`Portal::media_request`] (they wait on the media agent).
+const MEDIA: [&str; 7] = ["publish", "unpublish", "stream-control", "subscribe", "unsubscribe", "subscription-control", "soac"];
 
 /// Requests the protocol defines, so an unknown name gets a different error than a
 /// known one sent at the wrong time.
@@ -192,7 +201,7 @@ fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Valu
         if room.participant_limit >= 0 && r.participants.len() as i64 >= room.participant_limit {
             return Err("Room is full".into());
         }
-        r.participants.push(Participant { info, link: Link::Connected(handle.clone()), generation: 0 });
+        r.participants.push(Participant::new(info, handle.clone()));
         conf.where_is.insert(participant.clone(), room.id.clone());
         if room.notifying.participant_activities {
             let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
@@ -284,19 +293,6 @@ fn in_room(portal: &Portal, state: &mut State, room: &str, participant: &str, na
                 conf.notify(room, &to, "text", json!({"from": participant, "to": "me", "message": message}));
             }
             Ok(None)
-        }
-        "publish" => {
-            let kinds = requests::publish_kinds(args)?;
-            let conf = portal.lock();
-            let allowed = conf.room(room).and_then(|r| r.participant(participant)).map(|p| p.info.permission.publish);
-            let Some(allowed) = allowed else { return Err("Illegal request".into()) };
-            if (kinds.audio && !allowed.audio) || (kinds.video && !allowed.video) {
-                return Err("unauthorized".into());
-            }
-            Err(format!("{name}: no WebRTC agent is running on this server"))
-        }
-        "unpublish" | "stream-control" | "subscribe" | "unsubscribe" | "subscription-control" | "soac" => {
-            Err(format!("{name}: no WebRTC agent is running on this server"))
         }
         _ if KNOWN.contains(&name) => Err(format!("{name}: not supported")),
         _ => Err(format!("Unknown request: {}", truncate(name))),

@@ -255,9 +255,9 @@ async fn garbage_post_closes_only_that_session() {
     server.handle.stop(true).await;
 }
 
-#[actix_rt::test]
-async fn close_all_and_handles_after_close() {
-    let (io, mut sockets) = SocketIo::new(test_config());
+/// A server without the echo app: the test takes the sockets itself.
+async fn start_bare(config: SocketIoConfig) -> (String, SocketIo, mpsc::Receiver<Socket>, ServerHandle) {
+    let (io, sockets) = SocketIo::new(config);
     let app_io = io.clone();
     let server = HttpServer::new(move || {
         let io = app_io.clone();
@@ -271,7 +271,31 @@ async fn close_all_and_handles_after_close() {
     let server = server.run();
     let handle = server.handle();
     tokio::spawn(server);
+    (base, io, sockets, handle)
+}
 
+#[actix_rt::test]
+async fn slow_client_is_closed_when_its_queue_overflows() {
+    let (base, io, mut sockets, handle) = start_bare(SocketIoConfig { outgoing_queue: 8, ..test_config() }).await;
+    let client = reqwest::Client::new();
+    let sid = handshake(&client, &base).await;
+    let url = format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
+    assert_eq!(post(&client, &url, "40").await.0, 200);
+    let mut socket = tokio::time::timeout(Duration::from_secs(5), sockets.recv()).await.unwrap().unwrap();
+    // Nobody polls: the queue fills up, then the socket is closed instead of growing.
+    let sent = (0..100).take_while(|i| socket.handle.emit("flood", vec![json!(i)]).is_ok()).count();
+    assert_eq!(sent, 8);
+    assert!(socket.handle.is_closed());
+    let ev = tokio::time::timeout(Duration::from_secs(5), socket.events.recv()).await.unwrap().unwrap();
+    assert_eq!(ev, Incoming::Closed { reason: "outgoing queue overflow".into() });
+    assert!(socket.events.recv().await.is_none(), "Closed is the last message");
+    assert_eq!(io.session_count(), 0);
+    handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn close_all_and_handles_after_close() {
+    let (base, io, mut sockets, handle) = start_bare(test_config()).await;
     let client = reqwest::Client::new();
     let sid = handshake(&client, &base).await;
     let url = format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
@@ -294,4 +318,17 @@ async fn close_all_and_handles_after_close() {
     socket.handle.disconnect();
     assert_eq!(io.session_count(), 0);
     handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn silent_clients_time_out() {
+    let server = start_server().await;
+    let client = reqwest::Client::new();
+    // Never polls, so never answers the ping: closed after ping_interval + ping_timeout.
+    let sid = handshake(&client, &server.url).await;
+    assert_eq!(server.io.session_count(), 1);
+    wait_for_no_sessions(&server.io).await;
+    let (status, body) = get(&client, &format!("{}/socket.io/?EIO=4&transport=polling&sid={sid}", server.url)).await;
+    assert_eq!((status, body.contains("\"code\":1")), (400, true), "{body}");
+    server.handle.stop(true).await;
 }

@@ -146,7 +146,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
     let tokens = TokenAuthority::new(key.as_bytes());
-    let portal = tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), tokens.clone());
+    let portal = tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), tokens.clone(), None);
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
         tokens: tokens.clone(),

@@ -274,6 +274,16 @@ mod tests {
         assert_eq!(Packet::decode("299999999999999999999999[]"), Err(BadAckId));
         let deep = format!("2{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(matches!(Packet::decode(&deep), Err(Json(_))));
+        // Random garbage over the interesting characters never panics.
+        use rand::{Rng as _, SeedableRng as _};
+        let alphabet: Vec<char> = "0123456789/,-[]{}\"é🎉ab \u{1e}".chars().collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..12);
+            let s: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            let _ = Packet::decode(&s).map(|p| p.into_event());
+            let _ = crate::socketio::engine::decode_payload(&s);
+        }
         // namespace without a comma runs to the end, like socket.io-parser
         assert_eq!(Packet::decode("0/admin").unwrap(), p(PacketType::Connect, "/admin", None, None));
     }

@@ -131,10 +131,7 @@ impl SessionTask {
 
     pub(crate) async fn run(mut self) {
         let reason = loop {
-            let ev = self.next_event().await;
-            if let Err(reason) = self.handle(ev).await {
-                break self.closing.take().map_or(reason, |c| c.0);
-            }
+            // Flush first: a websocket-only session starts with the open packet queued.
             if let Err(reason) = self.flush().await {
                 break self.closing.take().map_or(reason, |c| c.0);
             }
@@ -142,6 +139,10 @@ impl SessionTask {
                 && self.queue.is_empty()
             {
                 break reason.clone();
+            }
+            let ev = self.next_event().await;
+            if let Err(reason) = self.handle(ev).await {
+                break self.closing.take().map_or(reason, |c| c.0);
             }
         };
         self.finish(reason).await;

@@ -1,0 +1,471 @@
+//! Stream and subscription requests (`publish`, `unpublish`, `stream-control`,
+//! `subscribe`, `unsubscribe`, `subscription-control`, `soac`): validated here
+//! (permissions, ownership, limits, payload shapes), then handed to the media agent.
+//! Also the handling of the agent's events (`progress`, stream ready/ended).
+//!
+//! Transport ids follow OWT 1.2: a request without `transport.id` opens a new transport
+//! whose id is the new session's id; a request naming one of the participant's
+//! transports adds the session to it (one RTCPeerConnection renegotiated per request).
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+use tessera_core::agent::{
+    AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch,
+};
+use tracing::{debug, info};
+
+use crate::Portal;
+
+/// Whether a session id is a publication or a subscription (for ownership checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionKind {
+    Publication,
+    Subscription,
+}
+
+type Reply = Result<Option<Value>, String>;
+
+fn str_field<'a>(v: &'a Value, name: &str, request: &str) -> Result<&'a str, String> {
+    v.get(name).and_then(Value::as_str).ok_or_else(|| format!("{request}: `{name}` must be a string"))
+}
+
+fn data<'a>(request: &str, args: &'a [Value]) -> Result<&'a Value, String> {
+    match args.first() {
+        Some(v @ Value::Object(_)) => Ok(v),
+        Some(_) => Err(format!("{request}: invalid request data: expected an object")),
+        None => Err(format!("{request}: missing request data")),
+    }
+}
+
+fn kind_of(v: &Value, at: &str) -> Result<MediaKind, String> {
+    match v.get("type").and_then(Value::as_str) {
+        Some("audio") => Ok(MediaKind::Audio),
+        Some("video") => Ok(MediaKind::Video),
+        _ => Err(format!("{at}.type must be \"audio\" or \"video\"")),
+    }
+}
+
+/// The transport a request names (`transport.id`), or none for a new one.
+fn transport_of(request: &str, d: &Value) -> Result<Option<String>, String> {
+    match d.get("transport") {
+        None | Some(Value::Null) => Ok(None),
+        Some(t) => {
+            if let Some(ty) = t.get("type")
+                && ty != "webrtc"
+            {
+                return Err(format!("{request}: transport.type must be \"webrtc\""));
+            }
+            match t.get("id") {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if tessera_core::ids::is_valid_id(s) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("{request}: transport.id must be an id string")),
+            }
+        }
+    }
+}
+
+impl Portal {
+    fn agent(&self, request: &str) -> Result<std::sync::Arc<dyn tessera_core::agent::MediaAgent>, String> {
+        self.inner.agent.clone().ok_or_else(|| format!("{request}: no WebRTC agent is running on this server"))
+    }
+
+    /// Handles one stream/subscription request of a participant in `room`.
+    pub(crate) async fn media_request(&self, room: &str, participant: &str, name: &str, args: &[Value]) -> Reply {
+        match name {
+            "publish" => self.publish(room, participant, args).await,
+            "unpublish" => self.end(room, participant, "unpublish", args, SessionKind::Publication).await,
+            "subscribe" => self.subscribe(room, participant, args).await,
+            "unsubscribe" => self.end(room, participant, "unsubscribe", args, SessionKind::Subscription).await,
+            "soac" => self.soac(room, participant, args).await,
+            "stream-control" => self.stream_control(room, participant, args).await,
+            "subscription-control" => self.subscription_control(participant, args).await,
+            _ => Err(format!("Unknown request: {name}")),
+        }
+    }
+
+    async fn publish(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
+        let d = data("publish", args)?;
+        let mut tracks = Vec::new();
+        match d.get("media") {
+            None | Some(Value::Null) => {}
+            Some(media) => {
+                let list = media.get("tracks").and_then(Value::as_array).ok_or("publish: request.media.tracks must be an array")?;
+                for (i, t) in list.iter().enumerate() {
+                    let at = format!("publish: request.media.tracks[{i}]");
+                    let kind = kind_of(t, &at)?;
+                    let mid = t.get("mid").and_then(Value::as_str).ok_or(format!("{at}.mid must be a string"))?;
+                    let source = t.get("source").and_then(Value::as_str).unwrap_or(match kind {
+                        MediaKind::Audio => "mic",
+                        MediaKind::Video => "camera",
+                    });
+                    if !["mic", "camera", "screen-cast", "raw-file", "encoded-file"].contains(&source) {
+                        return Err(format!("{at}.source `{source}` is not mic, camera, screen-cast, raw-file or encoded-file"));
+                    }
+                    tracks.push(PublishTrack { kind, mid: mid.to_string(), source: source.to_string() });
+                }
+            }
+        }
+        let wants_data = d.get("data").and_then(Value::as_bool).unwrap_or(false);
+        if tracks.is_empty() && !wants_data {
+            return Err("publish: nothing to publish (no media tracks and no data)".into());
+        }
+        if tracks.iter().filter(|t| t.kind == MediaKind::Audio).count() > 1
+            || tracks.iter().filter(|t| t.kind == MediaKind::Video).count() > 1
+        {
+            return Err("publish: at most one audio and one video track per publication".into());
+        }
+        let attributes = d.get("attributes").cloned().unwrap_or(json!({}));
+        if !attributes.is_object() {
+            return Err("publish: attributes must be an object".into());
+        }
+        let transport = transport_of("publish", d)?;
+        let room_cfg = self.inner.store.get(room).ok_or("Room not found")?;
+        let session = tessera_core::ids::session_id();
+        let agent;
+        let transport = {
+            let mut conf = self.lock();
+            let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
+            let pending: usize = r.participants.iter().map(|p| p.pending_publications()).sum();
+            let inputs = r.streams.iter().filter(|s| s["type"] == "forward").count() + pending;
+            let p = r.participant_mut(participant).ok_or("Illegal request")?;
+            let allowed = p.info.permission.publish;
+            for t in &tracks {
+                let ok = match t.kind {
+                    MediaKind::Audio => allowed.audio,
+                    MediaKind::Video => allowed.video,
+                };
+                if !ok {
+                    return Err("unauthorized".into());
+                }
+            }
+            if room_cfg.input_limit >= 0 && inputs as i64 >= room_cfg.input_limit {
+                return Err("Too many inputs".into());
+            }
+            agent = self.agent("publish")?;
+            let transport = match transport {
+                Some(t) if p.transports.contains(&t) => t,
+                Some(t) => return Err(format!("Transport does NOT exist: {t}")),
+                None => session.clone(),
+            };
+            p.transports.insert(transport.clone());
+            p.sessions.insert(session.clone(), SessionKind::Publication);
+            p.attributes.insert(session.clone(), attributes);
+            transport
+        };
+        let at = SessionRef { room: room.into(), participant: participant.into(), transport: transport.clone(), session: session.clone() };
+        if let Err(e) = agent.publish(PublishSpec { at, tracks, data: wants_data }).await {
+            self.forget_session(room, participant, &session);
+            return Err(e.to_string());
+        }
+        info!(room, participant, publication = %session, transport = %transport, "publication started");
+        Ok(Some(json!({"id": session, "transportId": transport})))
+    }
+
+    async fn subscribe(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
+        let d = data("subscribe", args)?;
+        let mut tracks = Vec::new();
+        if let Some(media) = d.get("media").filter(|m| !m.is_null()) {
+            let list = media.get("tracks").and_then(Value::as_array).ok_or("subscribe: request.media.tracks must be an array")?;
+            for (i, t) in list.iter().enumerate() {
+                let at = format!("subscribe: request.media.tracks[{i}]");
+                let kind = kind_of(t, &at)?;
+                let mid = t.get("mid").and_then(Value::as_str).ok_or(format!("{at}.mid must be a string"))?;
+                let from = t.get("from").and_then(Value::as_str).ok_or(format!("{at}.from must be a stream id"))?;
+                tracks.push(SubscribeTrack { kind, mid: mid.into(), from: from.into() });
+            }
+        }
+        let data_from = match d.get("data") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(v) => Some(str_field(v, "from", "subscribe: data")?.to_string()),
+        };
+        if tracks.is_empty() && data_from.is_none() {
+            return Err("subscribe: nothing to subscribe to (no media tracks and no data)".into());
+        }
+        let transport = transport_of("subscribe", d)?;
+        let session = tessera_core::ids::session_id();
+        let agent;
+        let transport = {
+            let mut conf = self.lock();
+            let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
+            for t in &tracks {
+                let stream = r.streams.iter().find(|s| s["id"] == t.from.as_str());
+                let Some(stream) = stream else {
+                    return Err(format!("Stream does NOT exist: {}", t.from));
+                };
+                let has_kind = stream["media"]["tracks"]
+                    .as_array()
+                    .is_some_and(|ts| ts.iter().any(|x| x["type"] == t.kind.as_str()));
+                if !has_kind {
+                    return Err(format!("Stream {} has no {} track", t.from, t.kind.as_str()));
+                }
+            }
+            if let Some(from) = &data_from
+                && !r.streams.iter().any(|s| s["id"] == from.as_str() && s["data"] == true)
+            {
+                return Err(format!("Stream {from} has no data channel"));
+            }
+            let p = r.participant_mut(participant).ok_or("Illegal request")?;
+            let allowed = p.info.permission.subscribe;
+            for t in &tracks {
+                let ok = match t.kind {
+                    MediaKind::Audio => allowed.audio,
+                    MediaKind::Video => allowed.video,
+                };
+                if !ok {
+                    return Err("unauthorized".into());
+                }
+            }
+            agent = self.agent("subscribe")?;
+            let transport = match transport {
+                Some(t) if p.transports.contains(&t) => t,
+                Some(t) => return Err(format!("Transport does NOT exist: {t}")),
+                None => session.clone(),
+            };
+            p.transports.insert(transport.clone());
+            p.sessions.insert(session.clone(), SessionKind::Subscription);
+            transport
+        };
+        let at = SessionRef { room: room.into(), participant: participant.into(), transport: transport.clone(), session: session.clone() };
+        if let Err(e) = agent.subscribe(SubscribeSpec { at, tracks, data_from }).await {
+            self.forget_session(room, participant, &session);
+            return Err(e.to_string());
+        }
+        info!(room, participant, subscription = %session, transport = %transport, "subscription started");
+        Ok(Some(json!({"id": session, "transportId": transport})))
+    }
+
+    async fn soac(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
+        let d = data("soac", args)?;
+        let transport = str_field(d, "id", "soac")?;
+        let sig = d.get("signaling").filter(|s| s.is_object()).ok_or("soac: `signaling` must be an object")?;
+        let signaling = match sig.get("type").and_then(Value::as_str) {
+            Some("offer") => Signaling::Offer(str_field(sig, "sdp", "soac: signaling")?.to_string()),
+            Some("candidate") => {
+                let c = sig.get("candidate").ok_or("soac: signaling.candidate missing")?;
+                let line = str_field(c, "candidate", "soac: signaling.candidate")?;
+                // OWT clients prefix candidates with "a="; the agent wants the bare line.
+                let line = line.trim().strip_prefix("a=").unwrap_or(line.trim());
+                Signaling::Candidate {
+                    candidate: line.to_string(),
+                    sdp_mid: c.get("sdpMid").and_then(Value::as_str).map(str::to_string),
+                    sdp_mline_index: c.get("sdpMLineIndex").and_then(Value::as_u64).and_then(|i| u16::try_from(i).ok()),
+                }
+            }
+            Some("removed-candidates") => Signaling::RemovedCandidates,
+            Some("answer") => return Err("soac: the server makes the answers; send an offer".into()),
+            _ => return Err("soac: signaling.type must be offer, candidate or removed-candidates".into()),
+        };
+        {
+            let conf = self.lock();
+            let owns = conf.room(room).and_then(|r| r.participant(participant)).is_some_and(|p| p.transports.contains(transport));
+            if !owns {
+                return Err(format!("Transport does NOT exist: {transport}"));
+            }
+        }
+        let agent = self.agent("soac")?;
+        agent.signal(room, participant, transport, signaling).await.map_err(|e| e.to_string())?;
+        Ok(None)
+    }
+
+    async fn end(&self, room: &str, participant: &str, request: &str, args: &[Value], kind: SessionKind) -> Reply {
+        let d = data(request, args)?;
+        let id = str_field(d, "id", request)?.to_string();
+        let owned = {
+            let conf = self.lock();
+            conf.room(room).and_then(|r| r.participant(participant)).and_then(|p| p.sessions.get(&id)).is_some_and(|s| *s == kind)
+        };
+        if !owned {
+            return Err(match kind {
+                SessionKind::Publication => format!("Publication does NOT exist: {id}"),
+                SessionKind::Subscription => format!("Subscription does NOT exist: {id}"),
+            });
+        }
+        if let Some(agent) = &self.inner.agent {
+            agent.end_session(participant, &id).await;
+        }
+        self.forget_session(room, participant, &id);
+        if kind == SessionKind::Publication {
+            self.remove_stream(room, &id, "unpublished");
+        }
+        Ok(None)
+    }
+
+    async fn stream_control(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
+        let d = data("stream-control", args)?;
+        let id = str_field(d, "id", "stream-control")?.to_string();
+        let op = str_field(d, "operation", "stream-control")?;
+        let (is_owner, exists, mixed) = {
+            let conf = self.lock();
+            let r = conf.room(room);
+            let stream = r.and_then(|r| r.streams.iter().find(|s| s["id"] == id.as_str()));
+            let owner = stream.and_then(|s| s["info"]["owner"].as_str()).is_some_and(|o| o == participant);
+            let admin = r.and_then(|r| r.participant(participant)).is_some_and(|p| p.info.role == "admin");
+            (owner || admin, stream.is_some(), stream.is_some_and(|s| s["type"] == "mixed"))
+        };
+        if !exists {
+            return Err(format!("Stream does NOT exist: {id}"));
+        }
+        match op {
+            "pause" | "play" => {
+                if mixed {
+                    return Err("Stream is Mixed".into());
+                }
+                if !is_owner {
+                    return Err("unauthorized".into());
+                }
+                let switch = track_switch(d, op == "play", "stream-control")?;
+                let agent = self.agent("stream-control")?;
+                agent.switch(participant, &id, switch).await.map_err(|e| e.to_string())?;
+                self.set_track_status(room, &id, switch);
+                Ok(Some(json!("ok")))
+            }
+            "mix" | "unmix" | "get-region" | "set-region" => Err(format!("stream-control: `{op}` needs the mixer, which this server does not run yet")),
+            other => Err(format!("stream-control: unknown operation `{other}`")),
+        }
+    }
+
+    async fn subscription_control(&self, participant: &str, args: &[Value]) -> Reply {
+        let d = data("subscription-control", args)?;
+        let id = str_field(d, "id", "subscription-control")?.to_string();
+        let op = str_field(d, "operation", "subscription-control")?;
+        let owned = {
+            let conf = self.lock();
+            let room = conf.where_is.get(participant).cloned().unwrap_or_default();
+            conf.room(&room)
+                .and_then(|r| r.participant(participant))
+                .and_then(|p| p.sessions.get(&id))
+                .is_some_and(|s| *s == SessionKind::Subscription)
+        };
+        if !owned {
+            return Err(format!("Subscription does NOT exist: {id}"));
+        }
+        match op {
+            "pause" | "play" => {
+                let switch = track_switch(d, op == "play", "subscription-control")?;
+                self.agent("subscription-control")?.switch(participant, &id, switch).await.map_err(|e| e.to_string())?;
+                Ok(None)
+            }
+            "update" => Err("subscription-control: `update` (changing source or parameters) is not supported by the SFU; subscribe again".into()),
+            other => Err(format!("subscription-control: unknown operation `{other}`")),
+        }
+    }
+
+    fn forget_session(&self, room: &str, participant: &str, session: &str) {
+        let mut conf = self.lock();
+        if let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) {
+            p.sessions.remove(session);
+            p.attributes.remove(session);
+            p.ready.remove(session);
+        }
+    }
+
+    /// Removes a stream from the room and tells everyone.
+    pub(crate) fn remove_stream(&self, room: &str, stream: &str, reason: &str) {
+        let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
+        let mut conf = self.lock();
+        let Some(r) = conf.rooms.get_mut(room) else { return };
+        let before = r.streams.len();
+        r.streams.retain(|s| s["id"] != stream);
+        if r.streams.len() == before {
+            return;
+        }
+        info!(room, stream, reason, "stream removed");
+        if notify {
+            conf.broadcast(room, None, "stream", &json!({"id": stream, "status": "remove"}));
+        }
+    }
+
+    fn set_track_status(&self, room: &str, stream: &str, switch: TrackSwitch) {
+        let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
+        let status = if switch.active { "active" } else { "inactive" };
+        let mut conf = self.lock();
+        let Some(r) = conf.rooms.get_mut(room) else { return };
+        let Some(s) = r.streams.iter_mut().find(|s| s["id"] == stream) else { return };
+        let mut changed = Vec::new();
+        if let Some(tracks) = s["media"]["tracks"].as_array_mut() {
+            for t in tracks {
+                let kind = t["type"].as_str().unwrap_or_default().to_string();
+                if (kind == "audio" && switch.audio) || (kind == "video" && switch.video) {
+                    t["status"] = json!(status);
+                    changed.push(kind);
+                }
+            }
+        }
+        if notify {
+            for kind in changed {
+                let data = json!({"id": stream, "status": "update", "data": {"field": format!("{kind}.status"), "value": status}});
+                conf.broadcast(room, None, "stream", &data);
+            }
+        }
+    }
+
+    /// Applies one event from the media agent.
+    pub(crate) fn on_agent_event(&self, event: AgentEvent) {
+        match event {
+            AgentEvent::Progress { room, participant, data } => {
+                self.lock().notify(&room, &participant, "progress", data);
+            }
+            AgentEvent::StreamReady { room, mut stream } => {
+                let Some(id) = stream["id"].as_str().map(str::to_string) else { return };
+                let owner = stream["info"]["owner"].as_str().unwrap_or_default().to_string();
+                let notify = self.inner.store.get(&room).map(|r| r.notifying.stream_change).unwrap_or(true);
+                let mut conf = self.lock();
+                let Some(r) = conf.rooms.get_mut(&room) else { return };
+                if r.streams.iter().any(|s| s["id"] == id.as_str()) {
+                    return;
+                }
+                let Some(p) = r.participant_mut(&owner) else {
+                    debug!(%room, stream = %id, "stream ready after its owner left; ignored");
+                    return;
+                };
+                if !p.sessions.contains_key(&id) {
+                    return;
+                }
+                p.ready.insert(id.clone());
+                stream["info"]["attributes"] = p.attributes.get(&id).cloned().unwrap_or(json!({}));
+                r.streams.push(stream.clone());
+                info!(%room, stream = %id, owner = %owner, "stream added");
+                if notify {
+                    conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": stream}));
+                }
+            }
+            AgentEvent::StreamEnded { room, stream, reason } => {
+                let owner = {
+                    let conf = self.lock();
+                    conf.room(&room)
+                        .and_then(|r| r.streams.iter().find(|s| s["id"] == stream.as_str()))
+                        .and_then(|s| s["info"]["owner"].as_str().map(str::to_string))
+                };
+                if let Some(owner) = owner {
+                    self.forget_session(&room, &owner, &stream);
+                }
+                self.remove_stream(&room, &stream, &reason);
+            }
+            AgentEvent::SubscriptionEnded { room, participant, subscription, reason } => {
+                debug!(%room, %participant, %subscription, %reason, "subscription ended by the agent");
+                self.forget_session(&room, &participant, &subscription);
+            }
+        }
+    }
+
+    /// Everything a leaving participant published disappears; the agent frees its sessions.
+    pub(crate) async fn media_cleanup(&self, room: &str, participant: &str, publications: HashSet<String>) {
+        if let Some(agent) = &self.inner.agent {
+            agent.participant_left(participant).await;
+        }
+        for p in publications {
+            self.remove_stream(room, &p, "owner left");
+        }
+    }
+}
+
+fn track_switch(d: &Value, active: bool, request: &str) -> Result<TrackSwitch, String> {
+    let (audio, video) = match d.get("data").and_then(Value::as_str) {
+        Some("audio") => (true, false),
+        Some("video") => (false, true),
+        Some("av") => (true, true),
+        _ => return Err(format!("{request}: data must be \"audio\", \"video\" or \"av\"")),
+    };
+    Ok(TrackSwitch { audio, video, active })
+}
