@@ -190,4 +190,6 @@ pub trait MediaAgent: Send + Sync {
     async fn request_keyframe(&self, stream: &str);
     /// Drops everything a participant has (left the room).
     async fn participant_left(&self, participant: &str);
+    /// Counts of live media objects, for the stats endpoint.
+    fn stats(&self) -> Value;
 }

@@ -60,6 +60,10 @@ pub trait RoomControl: Send + Sync {
     async fn room_updated(&self, room: &crate::room::Room);
     /// The room was deleted; everyone in it is dropped.
     async fn room_deleted(&self, room: &str);
+    /// Server-wide counts (rooms, participants, media objects) for `GET /v1/stats`.
+    async fn stats(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
 }
 
 /// A `RoomControl` for a management API running without a portal: no one is ever connected.

@@ -36,6 +36,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
         .service(
             web::scope("/v1")
                 .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+                .route("/stats", web::get().to(stats))
                 .route("/rooms", web::post().to(create_room))
                 .route("/rooms", web::get().to(list_rooms))
                 .route("/rooms/{room}", web::get().to(get_room))
@@ -241,4 +242,9 @@ async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(S
     let room = find_room(&state, &room)?;
     state.control.delete_stream(&room.id, &stream).await?;
     Ok(HttpResponse::Ok().finish())
+}
+
+/// Tessera extension: live counts, for operators and leak checks.
+async fn stats(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.control.stats().await))
 }

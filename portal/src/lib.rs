@@ -241,4 +241,20 @@ impl RoomControl for Portal {
     async fn room_deleted(&self, room: &str) {
         self.drop_room(room, "room deleted");
     }
+
+    async fn stats(&self) -> Value {
+        let (rooms, participants, streams) = {
+            let conf = self.lock();
+            let participants: usize = conf.rooms.values().map(|r| r.participants.len()).sum();
+            let streams: usize = conf.rooms.values().map(|r| r.streams.len()).sum();
+            (conf.rooms.len(), participants, streams)
+        };
+        json!({
+            "rooms": rooms,
+            "participants": participants,
+            "streams": streams,
+            "sockets": self.inner.sio.session_count(),
+            "media": self.inner.agent.as_ref().map(|a| a.stats()).unwrap_or(Value::Null),
+        })
+    }
 }

@@ -146,7 +146,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
     let tokens = TokenAuthority::new(key.as_bytes());
-    let portal = tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), tokens.clone(), None);
+    let (agent, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
+    let agent: Arc<dyn tessera_core::agent::MediaAgent> = agent;
+    let portal = tessera_portal::Portal::new(
+        tessera_portal::PortalSettings::from_config(&config),
+        store.clone(),
+        tokens.clone(),
+        Some((agent, agent_events)),
+    );
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
         tokens: tokens.clone(),

@@ -35,7 +35,7 @@ pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> 
         .arg(data_dir)
         .args(extra)
         .env_remove("TESSERA_SERVICE_KEY")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in env {

@@ -1,0 +1,605 @@
+//! WebRTC publishers and subscribers on `webrtc` 0.21, speaking to Tessera through
+//! [`Signaling`]. ICE is bound to 127.0.0.1 (tests and benchmarks stay on loopback).
+//!
+//! The publisher sends synthetic media: one RTP packet per video frame whose payload
+//! starts with a VP8 payload descriptor and a VP8 frame tag (keyframe or not, so
+//! receivers can tell), followed by a [`Marker`]; audio packets carry a marker too. A
+//! keyframe is sent first and whenever the server asks for one (PLI/FIR).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use serde_json::{Value, json};
+use tessera_webrtc_agent::feedback::{KeyframeRequestTap, is_keyframe_request};
+use tokio::sync::{mpsc, watch};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCSessionDescription, register_default_interceptors,
+};
+
+use crate::signaling::Signaling;
+
+/// Bytes that start every marker, so receivers can find it.
+pub const MAGIC: [u8; 4] = *b"TSRA";
+
+/// What a synthetic packet carries after its codec header: who sent it, its index, and
+/// when (microseconds since the Unix epoch, same machine clock as the receiver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    /// Sender's tag (e.g. publisher index).
+    pub tag: u32,
+    /// Packet index per track, from 0.
+    pub index: u64,
+    /// Send time in µs since the epoch.
+    pub sent_us: u64,
+}
+
+impl Marker {
+    /// Encoded size.
+    pub const LEN: usize = 24;
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.tag.to_be_bytes());
+        out.extend_from_slice(&self.index.to_be_bytes());
+        out.extend_from_slice(&self.sent_us.to_be_bytes());
+    }
+
+    /// Finds and decodes a marker in a payload.
+    pub fn find(payload: &[u8]) -> Option<Marker> {
+        let at = payload.windows(4).position(|w| w == MAGIC)?;
+        let b = payload.get(at..at + Self::LEN)?;
+        Some(Marker {
+            tag: u32::from_be_bytes(b[4..8].try_into().ok()?),
+            index: u64::from_be_bytes(b[8..16].try_into().ok()?),
+            sent_us: u64::from_be_bytes(b[16..24].try_into().ok()?),
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Whether a VP8 RTP payload starts a keyframe (payload descriptor, then P bit = 0).
+pub fn is_vp8_keyframe(payload: &[u8]) -> bool {
+    let Some(&d) = payload.first() else { return false };
+    // Skip the extended descriptor bytes when X is set (tests only use the 1-byte form).
+    let start = d & 0x10 != 0;
+    let header_at = if d & 0x80 != 0 { 2 } else { 1 };
+    start && payload.get(header_at).is_some_and(|b| b & 0x01 == 0)
+}
+
+enum ConnEvent {
+    Track(Arc<dyn TrackRemote>),
+}
+
+struct Handler {
+    events: mpsc::UnboundedSender<ConnEvent>,
+    gathering: watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathering.send(true);
+        }
+    }
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let _ = self.events.send(ConnEvent::Track(track));
+    }
+}
+
+/// One RTCPeerConnection to the server (one transport).
+pub struct Connection {
+    /// The connection.
+    pub pc: Arc<dyn PeerConnection>,
+    events: Option<mpsc::UnboundedReceiver<ConnEvent>>,
+    gathered: watch::Receiver<bool>,
+    /// The server's transport id, once known.
+    pub transport: Option<String>,
+}
+
+impl Connection {
+    /// A connection with ICE on 127.0.0.1.
+    pub async fn new() -> anyhow::Result<Connection> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (gtx, grx) = watch::channel(false);
+        let mut media = MediaEngine::default();
+        media.register_default_codecs()?;
+        let registry = register_default_interceptors(Registry::new(), &mut media)?.with(Slot::from(14_000), KeyframeRequestTap::default());
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .with_handler(Arc::new(Handler { events: tx, gathering: gtx }) as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await?;
+        Ok(Connection { pc: Arc::new(pc), events: Some(rx), gathered: grx, transport: None })
+    }
+
+    /// Offers the current transceivers: sends `request` (publish/subscribe) with the
+    /// transport id filled in, then the offer by `soac`, applies the answer and waits for
+    /// the session's `ready`. Returns the session id.
+    pub async fn negotiate(&mut self, sig: &mut Signaling, request: &str, data: Value, offer_sdp: String) -> anyhow::Result<String> {
+        let session = self.exchange(sig, request, data, offer_sdp).await?;
+        self.wait_ready(sig, &session, Duration::from_secs(10)).await?;
+        Ok(session)
+    }
+
+    /// Sends the request and the offer and applies the answer; does not wait for `ready`.
+    pub async fn exchange(&mut self, sig: &mut Signaling, request: &str, mut data: Value, offer_sdp: String) -> anyhow::Result<String> {
+        let mut transport = json!({"type": "webrtc"});
+        if let Some(t) = &self.transport {
+            transport["id"] = json!(t);
+        }
+        data["transport"] = transport;
+        let ack = sig.ok(request, Some(data)).await?;
+        let session = ack["id"].as_str().ok_or_else(|| anyhow!("{request} ack without id: {ack}"))?.to_string();
+        let transport = ack["transportId"].as_str().ok_or_else(|| anyhow!("{request} ack without transportId"))?.to_string();
+        self.transport = Some(transport.clone());
+        sig.ok("soac", Some(json!({"id": transport, "signaling": {"type": "offer", "sdp": offer_sdp}}))).await?;
+        let t = transport.clone();
+        let answer = sig
+            .wait_for("answer", Duration::from_secs(10), |n| {
+                n.event == "progress" && n.data["id"] == t.as_str() && n.data["status"] == "soac" && n.data["data"]["type"] == "answer"
+            })
+            .await?;
+        let sdp = answer.data["data"]["sdp"].as_str().ok_or_else(|| anyhow!("answer without sdp"))?.to_string();
+        self.pc.set_remote_description(RTCSessionDescription::answer(sdp)?).await?;
+        Ok(session)
+    }
+
+    /// Waits for the session's `ready` progress (or fails on its `error`).
+    pub async fn wait_ready(&self, sig: &mut Signaling, session: &str, timeout: Duration) -> anyhow::Result<()> {
+        let t = self.transport.clone().unwrap_or_default();
+        sig.wait_for("session ready", timeout, |n| {
+            if n.event != "progress" || n.data["id"] != t.as_str() {
+                return false;
+            }
+            if n.data["status"] == "error" {
+                return true;
+            }
+            n.data["sessionId"] == session && n.data["status"] == "ready"
+        })
+        .await
+        .and_then(|n| if n.data["status"] == "error" { Err(anyhow!("session failed: {}", n.data)) } else { Ok(()) })
+    }
+
+    /// Creates and applies an offer for the current transceivers, waiting for ICE
+    /// gathering; returns its SDP. Mids are assigned from here on.
+    pub async fn make_offer(&self) -> anyhow::Result<String> {
+        let offer = self.pc.create_offer(None).await?;
+        self.pc.set_local_description(offer).await?;
+        let mut g = self.gathered.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(3), g.wait_for(|d| *d)).await;
+        Ok(self.pc.local_description().await.ok_or_else(|| anyhow!("no local offer"))?.sdp)
+    }
+
+    async fn mid_of_local(&self, track: &Arc<dyn TrackLocal>) -> Option<String> {
+        for t in self.pc.get_transceivers().await {
+            if let Ok(Some(s)) = t.sender().await
+                && std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(track))
+            {
+                return t.mid().await.ok().flatten();
+            }
+        }
+        None
+    }
+
+    async fn payload_type(&self, track: &Arc<dyn TrackLocal>, mime: &str) -> Option<u8> {
+        for s in self.pc.get_senders().await {
+            if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(track)) {
+                let params = s.get_parameters().await.ok()?;
+                return params.rtp_parameters.codecs.iter().find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime)).map(|c| c.payload_type);
+            }
+        }
+        None
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+struct SendTrack {
+    local: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    payload_type: u8,
+}
+
+/// Options of a synthetic publisher.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishOptions {
+    /// Send an Opus-typed audio track.
+    pub audio: bool,
+    /// Send a VP8-typed video track.
+    pub video: bool,
+    /// Open a data channel.
+    pub data: bool,
+    /// Marker tag in every packet.
+    pub tag: u32,
+}
+
+/// A publication of synthetic media.
+pub struct Publisher {
+    /// Its connection.
+    pub conn: Connection,
+    /// Publication (= stream) id.
+    pub stream_id: String,
+    video: Option<SendTrack>,
+    audio: Option<SendTrack>,
+    /// The publisher's data channel, when asked for.
+    pub data: Option<Arc<dyn DataChannel>>,
+    /// Keyframe requests received from the server.
+    pub keyframe_requests: Arc<AtomicU64>,
+    keyframe_wanted: Arc<AtomicBool>,
+    tag: u32,
+    /// Payloads sent, by (kind, index), so receivers can compare bytes.
+    pub sent: Arc<Mutex<HashMap<(&'static str, u64), Bytes>>>,
+    /// While true, `send_for` sends nothing (to test pauses from the outside).
+    pub paused: Arc<AtomicBool>,
+    counters: Mutex<Counters>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    video_seq: u16,
+    audio_seq: u16,
+    video_index: u64,
+    audio_index: u64,
+}
+
+fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
+}
+
+fn opus() -> RTCRtpCodec {
+    RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48000, channels: 2, sdp_fmtp_line: "minptime=10;useinbandfec=1".into(), ..Default::default() }
+}
+
+fn local_track(kind: RtpCodecKind, codec: RTCRtpCodec, ssrc: u32, name: &str) -> Arc<TrackLocalStaticRTP> {
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("stream-{ssrc}"),
+        format!("{name}-{ssrc}"),
+        name.to_string(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+impl Publisher {
+    /// Publishes on a new connection (or on `conn` if given: one connection for many sessions).
+    pub async fn start(sig: &mut Signaling, opts: PublishOptions, conn: Option<Connection>) -> anyhow::Result<Publisher> {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => Connection::new().await?,
+        };
+        let mut tracks_json = Vec::new();
+        let mut made = Vec::new();
+        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, vp8(), "video")] {
+            if !on {
+                continue;
+            }
+            let ssrc: u32 = rand::random();
+            let local = local_track(kind, codec.clone(), ssrc, name);
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
+            conn.pc.add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init)).await?;
+            made.push((name, local, ssrc, codec));
+        }
+        let data = if opts.data { Some(conn.pc.create_data_channel("pub-data", None).await?) } else { None };
+        let offer = conn.make_offer().await?;
+        for (name, local, _, _) in &made {
+            let mid = conn.mid_of_local(&(local.clone() as Arc<dyn TrackLocal>)).await.ok_or_else(|| anyhow!("no mid for {name}"))?;
+            let source = if *name == "audio" { "mic" } else { "camera" };
+            tracks_json.push(json!({"type": name, "mid": mid, "source": source}));
+        }
+        let mut req = json!({"media": {"tracks": tracks_json}, "attributes": {"tag": opts.tag}});
+        if opts.data {
+            req["data"] = json!(true);
+        }
+        let stream_id = conn.exchange(sig, "publish", req, offer).await.context("publish")?;
+        let keyframe_requests = Arc::new(AtomicU64::new(0));
+        let keyframe_wanted = Arc::new(AtomicBool::new(true));
+        let (mut video, mut audio) = (None, None);
+        for (name, local, ssrc, codec) in made {
+            let as_dyn = local.clone() as Arc<dyn TrackLocal>;
+            let payload_type = conn.payload_type(&as_dyn, &codec.mime_type).await.ok_or_else(|| anyhow!("{name} codec not negotiated"))?;
+            let t = SendTrack { local: local.clone(), ssrc, payload_type };
+            if name == "video" {
+                let (count, wanted) = (keyframe_requests.clone(), keyframe_wanted.clone());
+                tokio::spawn(async move {
+                    while let Some(ev) = local.poll().await {
+                        if let TrackLocalEvent::OnRtcpPacket(pkts) = ev
+                            && pkts.iter().any(|p| is_keyframe_request(p.as_ref()))
+                        {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            wanted.store(true, Ordering::Relaxed);
+                        }
+                    }
+                });
+                video = Some(t);
+            } else {
+                audio = Some(t);
+            }
+        }
+        let publisher = Publisher {
+            conn,
+            stream_id,
+            video,
+            audio,
+            data,
+            keyframe_requests,
+            keyframe_wanted,
+            tag: opts.tag,
+            sent: Arc::default(),
+            paused: Arc::default(),
+            counters: Mutex::new(Counters { video_seq: rand::random(), audio_seq: rand::random(), ..Default::default() }),
+            started: Instant::now(),
+        };
+        // The server calls a publication ready when its media flows: send until it does.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            publisher.send_video(600).await;
+            publisher.send_audio().await;
+            match publisher.conn.wait_ready(sig, &publisher.stream_id, Duration::from_millis(40)).await {
+                Ok(()) => break,
+                Err(e) if e.to_string().contains("session failed") => return Err(e),
+                Err(_) if Instant::now() > deadline => bail!("publication {} never became ready", publisher.stream_id),
+                Err(_) => {}
+            }
+        }
+        Ok(publisher)
+    }
+
+    /// Sends one video frame (a keyframe when one was asked for) of `bytes` bytes.
+    pub async fn send_video(&self, bytes: usize) {
+        let Some(v) = &self.video else { return };
+        let (seq, index) = {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let r = (c.video_seq, c.video_index);
+            c.video_seq = c.video_seq.wrapping_add(1);
+            c.video_index += 1;
+            r
+        };
+        let key = self.keyframe_wanted.swap(false, Ordering::Relaxed);
+        let mut payload = vec![0x10, if key { 0x00 } else { 0x01 }];
+        if key {
+            payload.extend_from_slice(&[0x00, 0x00, 0x9d, 0x01, 0x2a]);
+        }
+        Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
+        payload.resize(bytes.max(payload.len()), 0xAB);
+        let payload = Bytes::from(payload);
+        if let Ok(mut sent) = self.sent.lock() {
+            sent.insert(("video", index), payload.clone());
+        }
+        let ts = (self.started.elapsed().as_secs_f64() * 90000.0) as u32;
+        v.local.write_rtp(packet(v, seq, ts, true, payload)).await.ok();
+    }
+
+    /// Sends one 20 ms audio packet.
+    pub async fn send_audio(&self) {
+        let Some(a) = &self.audio else { return };
+        let (seq, index) = {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let r = (c.audio_seq, c.audio_index);
+            c.audio_seq = c.audio_seq.wrapping_add(1);
+            c.audio_index += 1;
+            r
+        };
+        let mut payload = vec![0xFC];
+        Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
+        payload.resize(80, 0);
+        let payload = Bytes::from(payload);
+        if let Ok(mut sent) = self.sent.lock() {
+            sent.insert(("audio", index), payload.clone());
+        }
+        let ts = (self.started.elapsed().as_secs_f64() * 48000.0) as u32;
+        a.local.write_rtp(packet(a, seq, ts, false, payload)).await.ok();
+    }
+
+    /// Sends synthetic media for `duration`: video at `fps` frames per second (one packet
+    /// of `video_bytes` each), audio every 20 ms. Returns packets sent (video, audio).
+    pub async fn send_for(&self, duration: Duration, fps: u32, video_bytes: usize) -> anyhow::Result<(u64, u64)> {
+        let start = Instant::now();
+        let (mut vn, mut an) = (0u64, 0u64);
+        let frame = Duration::from_secs_f64(1.0 / f64::from(fps.max(1)));
+        let mut next_video = Instant::now();
+        let mut next_audio = Instant::now();
+        while start.elapsed() < duration {
+            let now = Instant::now();
+            if self.paused.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                next_video = Instant::now();
+                next_audio = Instant::now();
+                continue;
+            }
+            if self.video.is_some() && now >= next_video {
+                self.send_video(video_bytes).await;
+                vn += 1;
+                next_video += frame;
+            }
+            if self.audio.is_some() && now >= next_audio {
+                self.send_audio().await;
+                an += 1;
+                next_audio += Duration::from_millis(20);
+            }
+            let next = match (&self.video, &self.audio) {
+                (Some(_), Some(_)) => next_video.min(next_audio),
+                (Some(_), None) => next_video,
+                (None, Some(_)) => next_audio,
+                (None, None) => return Ok((0, 0)),
+            };
+            tokio::time::sleep_until(next.into()).await;
+        }
+        Ok((vn, an))
+    }
+
+    /// Stops publishing and closes the connection.
+    pub async fn stop(&self, sig: &mut Signaling) -> anyhow::Result<()> {
+        sig.ok("unpublish", Some(json!({"id": self.stream_id}))).await?;
+        Ok(())
+    }
+}
+
+fn packet(t: &SendTrack, seq: u16, ts: u32, marker: bool, payload: Bytes) -> rtp::Packet {
+    rtp::Packet {
+        header: rtp::Header {
+            version: 2,
+            marker,
+            payload_type: t.payload_type,
+            sequence_number: seq,
+            timestamp: ts,
+            ssrc: t.ssrc,
+            ..Default::default()
+        },
+        payload,
+    }
+}
+
+/// One received media packet.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `audio` or `video`.
+    pub kind: &'static str,
+    /// RTP header as received.
+    pub header: rtp::Header,
+    /// Payload.
+    pub payload: Bytes,
+    /// Arrival time in µs since the epoch.
+    pub arrived_us: u64,
+}
+
+/// A subscription receiving media.
+pub struct Subscriber {
+    /// Its connection.
+    pub conn: Connection,
+    /// Subscription id.
+    pub id: String,
+    /// Everything received, in arrival order.
+    pub received: Arc<Mutex<Vec<Received>>>,
+    /// Data channel messages received: (is_text, bytes).
+    pub data: Arc<Mutex<Vec<(bool, Vec<u8>)>>>,
+}
+
+impl Subscriber {
+    /// Subscribes to `stream` (audio and/or video, and its data channel if `data`).
+    pub async fn start(sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
+        let mut conn = Connection::new().await?;
+        let mut kinds = Vec::new();
+        if audio {
+            kinds.push(RtpCodecKind::Audio);
+        }
+        if video {
+            kinds.push(RtpCodecKind::Video);
+        }
+        for k in &kinds {
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: vec![], send_encodings: vec![] };
+            conn.pc.add_transceiver_from_kind(*k, Some(init)).await?;
+        }
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let data_rx: Arc<Mutex<Vec<(bool, Vec<u8>)>>> = Arc::default();
+        if data {
+            let dc = conn.pc.create_data_channel(stream, None).await?;
+            let store = data_rx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = dc.poll().await {
+                    if let DataChannelEvent::OnMessage(m) = ev {
+                        if let Ok(mut s) = store.lock() {
+                            s.push((m.is_string, m.data.to_vec()));
+                        }
+                    }
+                }
+            });
+        }
+        let offer = conn.make_offer().await?;
+        let mut tracks = Vec::new();
+        let transceivers = conn.pc.get_transceivers().await;
+        for (t, k) in transceivers.iter().zip(&kinds) {
+            let mid = t.mid().await.ok().flatten().ok_or_else(|| anyhow!("transceiver without mid"))?;
+            let kind = if *k == RtpCodecKind::Audio { "audio" } else { "video" };
+            tracks.push(json!({"type": kind, "mid": mid, "from": stream}));
+        }
+        let mut req = json!({"media": {"tracks": tracks}});
+        if data {
+            req["data"] = json!({"from": stream});
+        }
+        // Collect tracks from the first moment: media may arrive before `ready`.
+        let mut events = conn.events.take().ok_or_else(|| anyhow!("connection already used"))?;
+        let sink = received.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let ConnEvent::Track(track) = ev;
+                {
+                    let sink = sink.clone();
+                    tokio::spawn(async move {
+                        let kind = if track.kind().await == RtpCodecKind::Audio { "audio" } else { "video" };
+                        while let Some(ev) = track.poll().await {
+                            if let TrackRemoteEvent::OnRtpPacket(p) = ev {
+                                let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us() };
+                                if let Ok(mut s) = sink.lock() {
+                                    s.push(r);
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        let id = conn.negotiate(sig, "subscribe", req, offer).await.context("subscribe")?;
+        Ok(Subscriber { conn, id, received, data: data_rx })
+    }
+
+    /// Packets received so far of one kind.
+    pub fn packets(&self, kind: &str) -> Vec<Received> {
+        self.received.lock().map(|r| r.iter().filter(|p| p.kind == kind).cloned().collect()).unwrap_or_default()
+    }
+
+    /// Waits until `pred` holds over the received packets, or fails after `timeout`.
+    pub async fn wait_until(&self, what: &str, timeout: Duration, pred: impl Fn(&[Received]) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self.received.lock().map(|r| pred(&r)).unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Per-tag counts of the keyframes in a list of received video packets.
+pub fn keyframes_by_tag(packets: &[Received]) -> HashMap<u32, usize> {
+    let mut m = HashMap::new();
+    for p in packets.iter().filter(|p| p.kind == "video" && is_vp8_keyframe(&p.payload)) {
+        if let Some(mk) = Marker::find(&p.payload) {
+            *m.entry(mk.tag).or_insert(0) += 1;
+        }
+    }
+    m
+}

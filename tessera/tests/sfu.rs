@@ -1,0 +1,358 @@
+//! The SFU end to end: real `tessera` binary, real WebRTC peers (webrtc-rs 0.21) on
+//! 127.0.0.1, signaling through the real portal.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber, is_vp8_keyframe, keyframes_by_tag};
+use tessera_client::signaling::Signaling;
+
+const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
+
+fn server() -> (tempfile::TempDir, common::Server) {
+    let dir = common::tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    (dir, s)
+}
+
+async fn room(s: &common::Server) -> String {
+    let res = s
+        .client()
+        .post(s.url("/v1/rooms"))
+        .bearer_auth(common::KEY)
+        .json(&json!({"name": format!("r-{}", rand_name()), "options": {}}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn rand_name() -> String {
+    format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+}
+
+async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
+    let token = s.token(room, user, "presenter").await;
+    let mut sig = Signaling::connect(&s.portal).await.unwrap();
+    let info = sig
+        .ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"})))
+        .await
+        .unwrap();
+    (sig, info)
+}
+
+fn av(tag: u32) -> PublishOptions {
+    PublishOptions { audio: true, video: true, data: false, tag }
+}
+
+async fn stats(s: &common::Server) -> Value {
+    s.client().get(s.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap()
+}
+
+/// Checks every received packet's payload against what the publisher sent, byte for byte.
+fn assert_payloads_match(p: &Publisher, sub: &Subscriber, kind: &'static str) -> usize {
+    let sent = p.sent.lock().unwrap();
+    let got = sub.packets(kind);
+    for r in &got {
+        let m = Marker::find(&r.payload).expect("marker in payload");
+        let original = sent.get(&(kind, m.index)).expect("packet was sent");
+        assert_eq!(&r.payload[..], &original[..], "{kind} packet {} differs", m.index);
+    }
+    got.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_publisher_three_subscribers_mute_unpublish() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let (mut psig, pinfo) = join(&s, &room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, av(7), None).await.unwrap());
+
+    // Everyone (the publisher too) hears of the stream.
+    let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
+    let info = &add.data["data"];
+    assert_eq!(info["id"], publisher.stream_id.as_str());
+    assert_eq!(info["type"], "forward");
+    assert_eq!(info["info"]["owner"], pinfo["id"]);
+    assert_eq!(info["info"]["attributes"]["tag"], 7);
+    let kinds: Vec<&str> = info["media"]["tracks"].as_array().unwrap().iter().map(|t| t["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["audio", "video"]);
+    assert_eq!(info["media"]["tracks"][1]["format"]["codec"], "vp8");
+    assert_eq!(info["media"]["tracks"][0]["format"]["codec"], "opus");
+
+    // REST lists it.
+    let listed: Value = s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed[0]["id"], publisher.stream_id.as_str());
+
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(6), 30, 1000).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut subs = Vec::new();
+    let mut sigs = Vec::new();
+    for i in 0..3 {
+        let (mut sig, _) = join(&s, &room, &format!("sub{i}")).await;
+        if i == 2 {
+            // A late joiner.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        let joined_at = Instant::now();
+        let sub = Subscriber::start(&mut sig, &publisher.stream_id, true, true, false).await.unwrap();
+        // A picture within a second: a keyframe arrives without waiting for the publisher's own schedule.
+        sub.wait_until("first keyframe", Duration::from_secs(1) + Duration::from_millis(500), |r| {
+            r.iter().any(|p| p.kind == "video" && is_vp8_keyframe(&p.payload))
+        })
+        .await
+        .unwrap();
+        assert!(joined_at.elapsed() < Duration::from_secs(3));
+        subs.push(sub);
+        sigs.push(sig);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Mute video: everyone is told, video stops, audio goes on.
+    psig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "pause", "data": "video"}))).await.unwrap();
+    let upd = sigs[0]
+        .wait_for("mute update", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "update")
+        .await
+        .unwrap();
+    assert_eq!(upd.data["data"], json!({"field": "video.status", "value": "inactive"}));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (v0, a0) = (subs[0].packets("video").len(), subs[0].packets("audio").len());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (v1, a1) = (subs[0].packets("video").len(), subs[0].packets("audio").len());
+    assert_eq!(v0, v1, "no video while muted");
+    assert!(a1 > a0 + 20, "audio continues while video is muted ({a0} -> {a1})");
+    let last_seq = subs[0].packets("video").last().unwrap().header.sequence_number;
+    psig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "play", "data": "video"}))).await.unwrap();
+    subs[0]
+        .wait_until("video after unmute", Duration::from_secs(2), |r| r.iter().filter(|p| p.kind == "video").count() > v1 + 5)
+        .await
+        .unwrap();
+    let after = subs[0].packets("video");
+    // The first packet after unmute continues the sequence (no gap for the receiver to chase).
+    assert_eq!(after[v1].header.sequence_number, last_seq.wrapping_add(1));
+
+    let _ = sender.await;
+    for sub in &subs {
+        let video = assert_payloads_match(&publisher, sub, "video");
+        let audio = assert_payloads_match(&publisher, sub, "audio");
+        assert!(video > 60, "video packets: {video}");
+        assert!(audio > 100, "audio packets: {audio}");
+        // One SSRC per track towards each subscriber.
+        let ssrcs: std::collections::HashSet<u32> = sub.packets("video").iter().map(|p| p.header.ssrc).collect();
+        assert_eq!(ssrcs.len(), 1);
+    }
+
+    // Unpublish: the others get a remove; REST no longer lists it.
+    publisher.stop(&mut psig).await.unwrap();
+    let rm = sigs[1].wait_for("stream remove", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "remove").await.unwrap();
+    assert_eq!(rm.data["id"], publisher.stream_id.as_str());
+    let listed: Value = s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    // Ten publishers publish at the same moment.
+    let mut starts = Vec::new();
+    for i in 0..10u32 {
+        let (s_portal, s_api_token) = (s.portal.clone(), s.token(&room, &format!("p{i}"), "presenter").await);
+        starts.push(tokio::spawn(async move {
+            let mut sig = Signaling::connect(&s_portal).await.unwrap();
+            sig.ok("login", Some(json!({"token": s_api_token, "protocol": "1.2"}))).await.unwrap();
+            let p = Publisher::start(&mut sig, PublishOptions { audio: false, video: true, data: false, tag: i }, None).await.unwrap();
+            (sig, Arc::new(p))
+        }));
+    }
+    let mut pubs = Vec::new();
+    for h in starts {
+        pubs.push(h.await.unwrap());
+    }
+    let mut senders = Vec::new();
+    for (_, p) in &pubs {
+        let p = p.clone();
+        // Publishers send their first keyframe now; later ones only when asked.
+        senders.push(tokio::spawn(async move { p.send_for(Duration::from_secs(60), 20, 600).await.unwrap() }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for viewer in 0..2 {
+        let (mut sig, _) = join(&s, &room, &format!("viewer{viewer}")).await;
+        let started = Instant::now();
+        let mut subs = Vec::new();
+        for (_, p) in &pubs {
+            subs.push(Subscriber::start(&mut sig, &p.stream_id, false, true, false).await.unwrap());
+        }
+        for (i, sub) in subs.iter().enumerate() {
+            sub.wait_until("keyframe", Duration::from_secs(2), |r| {
+                r.iter().any(|p| p.kind == "video" && is_vp8_keyframe(&p.payload))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                let v = sub.packets("video");
+                panic!(
+                    "viewer {viewer} stream {i}: {e}; {} video packets, keyframes by tag {:?}, publisher got {} PLIs, elapsed {:?}",
+                    v.len(),
+                    keyframes_by_tag(&v),
+                    pubs[i].1.keyframe_requests.load(std::sync::atomic::Ordering::Relaxed),
+                    started.elapsed()
+                )
+            });
+            let kf = keyframes_by_tag(&sub.packets("video"));
+            assert!(kf.get(&(i as u32)).copied().unwrap_or(0) >= 1, "keyframe of publisher {i}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    for h in senders {
+        h.abort();
+    }
+    // Keyframe requests were throttled: far fewer than one per packet.
+    for (_, p) in &pubs {
+        let n = p.keyframe_requests.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((1..=20).contains(&n), "keyframe requests to one publisher: {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn data_channel_messages_arrive_intact_and_in_order() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let (mut psig, _) = join(&s, &room, "pub").await;
+    let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1 }, None).await.unwrap();
+    let (mut ssig, _) = join(&s, &room, "sub").await;
+    let sub = Subscriber::start(&mut ssig, &p.stream_id, false, false, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dc = p.data.as_ref().unwrap();
+    let mut expected = Vec::new();
+    for i in 0..100u32 {
+        let text = format!("message {i}");
+        dc.send_text(&text).await.unwrap();
+        expected.push((true, text.into_bytes()));
+        if i % 10 == 0 {
+            let bin: Vec<u8> = (0..(i as usize * 100 + 1)).map(|b| (b % 251) as u8).collect();
+            dc.send(bytes::BytesMut::from(&bin[..])).await.unwrap();
+            expected.push((false, bin));
+        }
+    }
+    let big: Vec<u8> = (0..64 * 1024).map(|b| (b % 253) as u8).collect();
+    dc.send(bytes::BytesMut::from(&big[..])).await.unwrap();
+    expected.push((false, big));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sub.data.lock().unwrap().len() < expected.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = sub.data.lock().unwrap().clone();
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "message {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vanished_peer_leaves_the_others_working_and_is_freed() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let baseline_fds = fd_count(s.child.id());
+    let (mut good_sig, _) = join(&s, &room, "good").await;
+    let good = Arc::new(Publisher::start(&mut good_sig, av(1), None).await.unwrap());
+    let (mut bad_sig, _) = join(&s, &room, "bad").await;
+    let bad = Arc::new(Publisher::start(&mut bad_sig, av(2), None).await.unwrap());
+    let g = good.clone();
+    let good_sender = tokio::spawn(async move { g.send_for(Duration::from_secs(8), 30, 800).await.unwrap() });
+    let b = bad.clone();
+    let bad_sender = tokio::spawn(async move { b.send_for(Duration::from_secs(8), 30, 800).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (mut vsig, _) = join(&s, &room, "viewer").await;
+    let from_good = Subscriber::start(&mut vsig, &good.stream_id, true, true, false).await.unwrap();
+    let from_bad = Subscriber::start(&mut vsig, &bad.stream_id, true, true, false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!from_bad.packets("video").is_empty());
+    let st = stats(&s).await;
+    assert_eq!(st["media"]["transports"], 4, "{st}");
+
+    // The bad peer vanishes: no unpublish, no logout, sockets just gone.
+    bad_sender.abort();
+    bad.conn.close().await;
+    bad_sig.close().await;
+    let rm = vsig.wait_for("stream remove", Duration::from_secs(15), |n| n.event == "stream" && n.data["status"] == "remove").await.unwrap();
+    assert_eq!(rm.data["id"], bad.stream_id.as_str());
+    let before = from_good.packets("video").len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(from_good.packets("video").len() > before + 5, "the good stream keeps flowing");
+
+    // Its transport, publication and the subscription to it are gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = stats(&s).await;
+        if st["media"]["transports"] == 3 && st["media"]["publications"] == 1 && st["participants"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resources not freed: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = good_sender.await;
+    // Everyone leaves: every media object and socket is freed.
+    good.conn.close().await;
+    from_good.conn.close().await;
+    from_bad.conn.close().await;
+    good_sig.close().await;
+    vsig.close().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = stats(&s).await;
+        let media_empty = st["media"] == json!({"transports": 0, "publications": 0, "subscriptions": 0});
+        if media_empty && st["participants"] == 0 && st["sockets"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not freed: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // UDP sockets closed too: the server's descriptor count is back near where it started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = fd_count(s.child.id());
+    assert!(after <= baseline_fds + 4, "descriptors: {baseline_fds} at start, {after} after everyone left");
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_signaling_is_refused_precisely() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let (mut sig, _) = join(&s, &room, "x").await;
+    // Garbage SDP on a transport that exists.
+    let ack = sig.ok("publish", Some(json!({"media": {"tracks": [{"type": "video", "mid": "0", "source": "camera"}]}}))).await.unwrap();
+    let transport = ack["transportId"].as_str().unwrap().to_string();
+    let r = sig.request("soac", Some(json!({"id": transport, "signaling": {"type": "offer", "sdp": "this is not sdp"}}))).await.unwrap();
+    assert_eq!(r[0], "error");
+    assert!(r[1].as_str().unwrap().contains("invalid SDP offer"), "{r:?}");
+    // Someone else's or unknown transport.
+    let r = sig.request("soac", Some(json!({"id": "nope", "signaling": {"type": "offer", "sdp": "v=0"}}))).await.unwrap();
+    assert_eq!(r, vec![json!("error"), json!("Transport does NOT exist: nope")]);
+    // Subscribing to a stream that does not exist.
+    let r = sig.request("subscribe", Some(json!({"media": {"tracks": [{"type": "video", "mid": "0", "from": "ghost"}]}}))).await.unwrap();
+    assert_eq!(r, vec![json!("error"), json!("Stream does NOT exist: ghost")]);
+    // Bad shapes.
+    let r = sig.request("publish", Some(json!({"media": {"tracks": [{"type": "smell", "mid": "0"}]}}))).await.unwrap();
+    assert_eq!(r[0], "error");
+    let r = sig.request("soac", Some(json!({"id": transport, "signaling": {"type": "answer", "sdp": "v=0"}}))).await.unwrap();
+    assert_eq!(r[0], "error");
+    // The room still works: a real publication goes through.
+    let (mut sig2, _) = join(&s, &room, "y").await;
+    let p = Publisher::start(&mut sig2, av(3), None).await.unwrap();
+    assert!(!p.stream_id.is_empty());
+}

@@ -1,0 +1,316 @@
+//! The packet path of the SFU, from a publisher's track to its subscribers.
+//!
+//! A publisher's track has one reader task and one [`Fanout`]. The reader strips header
+//! extensions once (they are negotiated per connection and would be wrong downstream),
+//! then hands a clone of the packet to every subscriber's [`Sink`] with `try_send`: a
+//! clone of a packet without extensions is a refcount bump on the payload, no
+//! allocation, and a full sink drops that packet instead of slowing the publisher or the
+//! other subscribers. Each sink has its own writer task that rewrites SSRC, payload type
+//! and sequence number for its subscriber's connection ([`Rewriter`]) and writes it.
+//! The sink list is an `Arc<[Sink]>` behind a `std` `RwLock` that is read once per
+//! packet and never held across an await.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rtc::rtp;
+use tokio::sync::mpsc;
+
+/// Packets queued per subscriber track before new ones are dropped (about 1 s of HD video).
+pub const SINK_QUEUE: usize = 512;
+
+/// One subscriber's end of a fan-out.
+pub struct Sink {
+    /// Unique id, to remove it again.
+    pub id: u64,
+    tx: mpsc::Sender<rtp::Packet>,
+    /// While false, packets are not queued (paused subscription or muted stream).
+    pub active: Arc<AtomicBool>,
+    /// Packets dropped because the queue was full.
+    pub dropped: Arc<AtomicU64>,
+    /// Set when the source skipped packets (publisher mute): the writer continues the
+    /// subscriber's sequence numbers instead of leaving a gap.
+    pub resync: Arc<AtomicBool>,
+}
+
+impl Sink {
+    /// A sink with a process-unique id, and the receiving end its writer task reads.
+    pub fn new() -> (Sink, mpsc::Receiver<rtp::Packet>) {
+        // Unique across all fan-outs: a fan-out holds sinks of many transports.
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(SINK_QUEUE);
+        let sink = Sink {
+            id,
+            tx,
+            active: Arc::new(AtomicBool::new(true)),
+            dropped: Arc::new(AtomicU64::new(0)),
+            resync: Arc::new(AtomicBool::new(false)),
+        };
+        (sink, rx)
+    }
+
+    fn offer(&self, packet: &rtp::Packet) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.tx.try_send(packet.clone()).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for Sink {
+    fn clone(&self) -> Self {
+        Sink {
+            id: self.id,
+            tx: self.tx.clone(),
+            active: self.active.clone(),
+            dropped: self.dropped.clone(),
+            resync: self.resync.clone(),
+        }
+    }
+}
+
+/// The subscribers of one published track.
+#[derive(Default)]
+pub struct Fanout {
+    sinks: RwLock<Arc<[Sink]>>,
+}
+
+impl Fanout {
+    /// Adds a subscriber.
+    pub fn add(&self, sink: Sink) {
+        let mut guard = self.sinks.write().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<Sink> = guard.iter().cloned().collect();
+        v.push(sink);
+        *guard = v.into();
+    }
+
+    /// Removes a subscriber; its writer task ends when the queue drains.
+    pub fn remove(&self, id: u64) {
+        let mut guard = self.sinks.write().unwrap_or_else(|p| p.into_inner());
+        let v: Vec<Sink> = guard.iter().filter(|s| s.id != id).cloned().collect();
+        *guard = v.into();
+    }
+
+    /// Removes every subscriber (the publication ended).
+    pub fn clear(&self) {
+        *self.sinks.write().unwrap_or_else(|p| p.into_inner()) = Vec::new().into();
+    }
+
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.sinks.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether there are no subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The source skipped packets: every subscriber continues its sequence on the next one.
+    pub fn resync_all(&self) {
+        for s in self.sinks.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            s.resync.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands a packet to every subscriber. Strips header extensions first (in place,
+    /// once), so the per-subscriber clones do not allocate.
+    pub fn forward(&self, packet: &mut rtp::Packet) {
+        strip_extensions(packet);
+        let sinks = self.sinks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for s in sinks.iter() {
+            s.offer(packet);
+        }
+    }
+}
+
+/// Removes header extensions: their ids are negotiated per connection.
+pub fn strip_extensions(packet: &mut rtp::Packet) {
+    if packet.header.extension || !packet.header.extensions.is_empty() {
+        packet.header.extension = false;
+        packet.header.extension_profile = 0;
+        packet.header.extensions.clear();
+        packet.header.extensions_padding = 0;
+    }
+}
+
+/// Rewrites a forwarded packet for one subscriber connection: its own SSRC, the payload
+/// type negotiated there, and a sequence number that stays continuous when forwarding
+/// pauses and resumes (a gap would make the receiver ask for packets that never come).
+#[derive(Debug, Clone)]
+pub struct Rewriter {
+    /// SSRC announced to the subscriber.
+    pub ssrc: u32,
+    /// Payload type negotiated with the subscriber.
+    pub payload_type: u8,
+    seq_offset: u16,
+    last_out: Option<u16>,
+    resync: bool,
+}
+
+impl Rewriter {
+    /// A rewriter for a subscriber track.
+    pub fn new(ssrc: u32, payload_type: u8) -> Self {
+        Rewriter { ssrc, payload_type, seq_offset: 0, last_out: None, resync: true }
+    }
+
+    /// The next packet starts a new run (after a pause): continue the sequence from the last one sent.
+    pub fn resync(&mut self) {
+        self.resync = true;
+    }
+
+    /// Rewrites the packet in place.
+    pub fn rewrite(&mut self, packet: &mut rtp::Packet) {
+        let h = &mut packet.header;
+        if self.resync {
+            // First packet ever: keep the publisher's numbering (offset 0).
+            self.seq_offset = match self.last_out {
+                Some(last) => last.wrapping_add(1).wrapping_sub(h.sequence_number),
+                None => 0,
+            };
+            self.resync = false;
+        }
+        let out = h.sequence_number.wrapping_add(self.seq_offset);
+        // Only move "last" forward: reordered older packets must not rewind it.
+        match self.last_out {
+            Some(last) if out.wrapping_sub(last) > 0x8000 => {}
+            _ => self.last_out = Some(out),
+        }
+        h.sequence_number = out;
+        h.ssrc = self.ssrc;
+        h.payload_type = self.payload_type;
+    }
+}
+
+/// What to do with a keyframe request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyframeDecision {
+    /// Send a PLI now.
+    SendNow,
+    /// One was sent recently; send one at this instant (the caller schedules it).
+    SendAt(Instant),
+    /// A deferred one is already scheduled; nothing to do.
+    AlreadyScheduled,
+}
+
+/// Throttles keyframe requests to a publisher: at most one per `interval`, but a request
+/// inside the interval is never lost — it is deferred to the interval's end, so a
+/// subscriber that joins right after another still gets its keyframe soon.
+#[derive(Debug)]
+pub struct KeyframeThrottle {
+    interval: Duration,
+    last: Option<Instant>,
+    scheduled: bool,
+}
+
+impl KeyframeThrottle {
+    /// A throttle with the given minimum interval between PLIs.
+    pub fn new(interval: Duration) -> Self {
+        KeyframeThrottle { interval, last: None, scheduled: false }
+    }
+
+    /// Decides about a request arriving at `now`.
+    pub fn request(&mut self, now: Instant) -> KeyframeDecision {
+        if self.scheduled {
+            return KeyframeDecision::AlreadyScheduled;
+        }
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.scheduled = true;
+                KeyframeDecision::SendAt(last + self.interval)
+            }
+            _ => {
+                self.last = Some(now);
+                KeyframeDecision::SendNow
+            }
+        }
+    }
+
+    /// Records that the deferred request was sent at `now`.
+    pub fn sent_deferred(&mut self, now: Instant) {
+        self.scheduled = false;
+        self.last = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkt(seq: u16) -> rtp::Packet {
+        let mut p = rtp::Packet::default();
+        p.header.version = 2;
+        p.header.sequence_number = seq;
+        p.header.ssrc = 1;
+        p.header.payload_type = 96;
+        p
+    }
+
+    #[test]
+    fn rewriter_keeps_continuity_across_pauses() {
+        let mut r = Rewriter::new(777, 100);
+        let mut p = pkt(65534);
+        r.rewrite(&mut p);
+        assert_eq!((p.header.sequence_number, p.header.ssrc, p.header.payload_type), (65534, 777, 100));
+        let mut p = pkt(65535);
+        r.rewrite(&mut p);
+        let mut p = pkt(0);
+        r.rewrite(&mut p);
+        assert_eq!(p.header.sequence_number, 0);
+        // Paused: the source went on to 500; the subscriber continues at 1.
+        r.resync();
+        let mut p = pkt(500);
+        r.rewrite(&mut p);
+        assert_eq!(p.header.sequence_number, 1);
+        let mut p = pkt(501);
+        r.rewrite(&mut p);
+        assert_eq!(p.header.sequence_number, 2);
+        // A late, reordered packet keeps its relative place and does not rewind.
+        let mut p = pkt(499);
+        r.rewrite(&mut p);
+        assert_eq!(p.header.sequence_number, 0);
+        r.resync();
+        let mut p = pkt(9000);
+        r.rewrite(&mut p);
+        assert_eq!(p.header.sequence_number, 3);
+    }
+
+    #[test]
+    fn throttle_defers_instead_of_dropping() {
+        let t0 = Instant::now();
+        let mut t = KeyframeThrottle::new(Duration::from_millis(500));
+        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(100)), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
+        assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
+        t.sent_deferred(t0 + Duration::from_millis(500));
+        assert_eq!(t.request(t0 + Duration::from_millis(1100)), KeyframeDecision::SendNow);
+    }
+
+    #[test]
+    fn fanout_drops_for_full_or_paused_sinks_only() {
+        let f = Fanout::default();
+        let (a, mut ra) = Sink::new();
+        let (b, mut rb) = Sink::new();
+        assert_ne!(a.id, b.id);
+        let a_id = a.id;
+        b.active.store(false, Ordering::Relaxed);
+        f.add(a);
+        f.add(b);
+        let mut p = pkt(1);
+        p.header.extension = true;
+        p.header.extension_profile = 0xBEDE;
+        p.header.extensions.push(rtp::header::Extension { id: 3, payload: bytes::Bytes::from_static(&[1, 2]) });
+        for _ in 0..SINK_QUEUE + 10 {
+            f.forward(&mut p);
+        }
+        let got = ra.try_recv().unwrap();
+        assert!(got.header.extensions.is_empty() && !got.header.extension);
+        assert!(rb.try_recv().is_err(), "paused sink gets nothing");
+        f.remove(a_id);
+        assert_eq!(f.len(), 1);
+    }
+}

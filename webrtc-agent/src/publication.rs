@@ -1,0 +1,304 @@
+//! A publication: the tracks (and data channel) one `publish` announced, their fan-outs,
+//! keyframe requests to the publisher, and the stream description the room sees.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use serde_json::{Value, json};
+use tessera_core::agent::{MediaKind, PublishSpec, PublishTrack, TrackSwitch};
+use tracing::debug;
+use webrtc::data_channel::DataChannel;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+
+use crate::forward::{Fanout, KeyframeDecision, KeyframeThrottle};
+
+/// One received track of a publication.
+pub(crate) struct PubTrack {
+    pub kind: MediaKind,
+    pub codec: RTCRtpCodec,
+    pub fanout: Arc<Fanout>,
+    remote: Arc<dyn TrackRemote>,
+    media_ssrc: u32,
+    throttle: Mutex<KeyframeThrottle>,
+    /// Publisher-side mute (`stream-control pause`): nothing is forwarded while false.
+    active: AtomicBool,
+}
+
+impl PubTrack {
+    /// Asks the publisher for a keyframe, throttled; a request inside the throttle window
+    /// is sent at the window's end rather than dropped.
+    pub fn request_keyframe(self: &Arc<Self>) {
+        if self.kind != MediaKind::Video {
+            return;
+        }
+        let decision = self.throttle.lock().unwrap_or_else(|p| p.into_inner()).request(Instant::now());
+        let me = self.clone();
+        match decision {
+            KeyframeDecision::SendNow => {
+                tokio::spawn(async move { me.send_pli().await });
+            }
+            KeyframeDecision::SendAt(at) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    me.throttle.lock().unwrap_or_else(|p| p.into_inner()).sent_deferred(Instant::now());
+                    me.send_pli().await;
+                });
+            }
+            KeyframeDecision::AlreadyScheduled => {}
+        }
+    }
+
+    async fn send_pli(&self) {
+        let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: self.media_ssrc };
+        if let Err(e) = self.remote.write_rtcp(vec![Box::new(pli)]).await {
+            debug!(error = %e, "PLI to publisher failed");
+        } else {
+            debug!(ssrc = self.media_ssrc, "PLI sent to publisher");
+        }
+    }
+
+    /// Reads the publisher's packets until the track ends, forwarding them.
+    pub async fn run_reader(self: Arc<Self>, ended: Arc<AtomicBool>) {
+        while let Some(event) = self.remote.poll().await {
+            match event {
+                TrackRemoteEvent::OnRtpPacket(mut packet) => {
+                    if ended.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if self.active.load(Ordering::Relaxed) {
+                        self.fanout.forward(&mut packet);
+                    }
+                }
+                TrackRemoteEvent::OnEnded | TrackRemoteEvent::OnError => break,
+                _ => {}
+            }
+        }
+        self.fanout.clear();
+    }
+}
+
+/// A publication on one transport.
+pub(crate) struct Publication {
+    pub id: String,
+    pub room: String,
+    pub participant: String,
+    pub transport: String,
+    pub announced: Vec<PublishTrack>,
+    pub data: bool,
+    keyframe_interval: Duration,
+    tracks: Mutex<Vec<Arc<PubTrack>>>,
+    data_open: AtomicBool,
+    /// Subscribers' data channels: (subscription id, channel).
+    data_sinks: Mutex<Vec<(String, Arc<dyn DataChannel>)>>,
+    ready: AtomicBool,
+    pub ended: Arc<AtomicBool>,
+}
+
+impl Publication {
+    pub fn new(spec: &PublishSpec, keyframe_interval: Duration) -> Self {
+        Publication {
+            id: spec.at.session.clone(),
+            room: spec.at.room.clone(),
+            participant: spec.at.participant.clone(),
+            transport: spec.at.transport.clone(),
+            announced: spec.tracks.clone(),
+            data: spec.data,
+            keyframe_interval,
+            tracks: Mutex::new(Vec::new()),
+            data_open: AtomicBool::new(false),
+            data_sinks: Mutex::new(Vec::new()),
+            ready: AtomicBool::new(false),
+            ended: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The announced track with this mid, if any.
+    pub fn announced_at(&self, mid: &str) -> Option<&PublishTrack> {
+        self.announced.iter().find(|t| t.mid == mid)
+    }
+
+    /// Registers a received track; returns it for its reader task.
+    pub fn add_track(&self, kind: MediaKind, codec: RTCRtpCodec, remote: Arc<dyn TrackRemote>, media_ssrc: u32) -> Arc<PubTrack> {
+        let t = Arc::new(PubTrack {
+            kind,
+            codec,
+            fanout: Arc::new(Fanout::default()),
+            remote,
+            media_ssrc,
+            throttle: Mutex::new(KeyframeThrottle::new(self.keyframe_interval)),
+            active: AtomicBool::new(true),
+        });
+        self.tracks.lock().unwrap_or_else(|p| p.into_inner()).push(t.clone());
+        t
+    }
+
+    /// The flowing track of this kind.
+    pub fn track(&self, kind: MediaKind) -> Option<Arc<PubTrack>> {
+        self.tracks.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|t| t.kind == kind).cloned()
+    }
+
+    pub fn has_flowing(&self, kind: MediaKind) -> bool {
+        self.track(kind).is_some()
+    }
+
+    /// The publisher's data channel opened.
+    pub fn set_data_open(&self) {
+        self.data_open.store(true, Ordering::Relaxed);
+    }
+
+    /// Everything announced flows; returns true exactly once (when it becomes ready).
+    pub fn check_ready(&self) -> bool {
+        let all_media = self.announced.iter().all(|a| self.has_flowing(a.kind));
+        let data_ok = !self.data || self.data_open.load(Ordering::Relaxed);
+        all_media && data_ok && !self.ended.load(Ordering::Relaxed) && !self.ready.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn request_keyframe(&self) {
+        if let Some(t) = self.track(MediaKind::Video) {
+            t.request_keyframe();
+        }
+    }
+
+    /// Publisher mute/unmute.
+    pub fn switch(&self, s: TrackSwitch) {
+        for t in self.tracks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let hit = match t.kind {
+                MediaKind::Audio => s.audio,
+                MediaKind::Video => s.video,
+            };
+            if hit {
+                let was = t.active.swap(s.active, Ordering::Relaxed);
+                if s.active && !was {
+                    t.fanout.resync_all();
+                    t.request_keyframe();
+                }
+            }
+        }
+    }
+
+    pub fn add_data_sink(&self, subscription: &str, dc: Arc<dyn DataChannel>) {
+        self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).push((subscription.to_string(), dc));
+    }
+
+    pub fn remove_data_sink(&self, subscription: &str) {
+        self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _)| s != subscription);
+    }
+
+    /// Relays one message from the publisher's data channel to every subscriber's, in order.
+    pub async fn relay_data(&self, text: bool, data: &bytes::BytesMut) {
+        let sinks: Vec<Arc<dyn DataChannel>> =
+            self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, dc)| dc.clone()).collect();
+        for dc in sinks {
+            let r = if text {
+                match std::str::from_utf8(data) {
+                    Ok(s) => dc.send_text(s).await,
+                    Err(_) => dc.send(data.clone()).await,
+                }
+            } else {
+                dc.send(data.clone()).await
+            };
+            if let Err(e) = r {
+                debug!(error = %e, "data relay to a subscriber failed");
+            }
+        }
+    }
+
+    /// Stops forwarding for good.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Relaxed);
+        for t in self.tracks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.fanout.clear();
+        }
+        self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The stream as the room sees it (OWT StreamInfo; the portal adds `attributes`).
+    pub fn stream_info(&self) -> Value {
+        let tracks: Vec<Value> = self
+            .announced
+            .iter()
+            .filter_map(|a| {
+                let t = self.track(a.kind)?;
+                Some(json!({
+                    "id": format!("{}-{}", self.id, a.kind.as_str()),
+                    "type": a.kind.as_str(),
+                    "source": a.source,
+                    "mid": a.mid,
+                    "format": codec_format(&t.codec),
+                    "status": if t.active.load(Ordering::Relaxed) { "active" } else { "inactive" },
+                }))
+            })
+            .collect();
+        let mut v = json!({
+            "id": self.id,
+            "type": "forward",
+            "media": {"tracks": tracks},
+            "info": {"owner": self.participant, "type": "webrtc", "inViews": [], "attributes": {}},
+        });
+        if self.data {
+            v["data"] = json!(true);
+        }
+        v
+    }
+}
+
+/// OWT's format object for a negotiated codec.
+pub(crate) fn codec_format(codec: &RTCRtpCodec) -> Value {
+    let mime = codec.mime_type.to_ascii_lowercase();
+    let name = mime.split('/').nth(1).unwrap_or(&mime).to_string();
+    if mime.starts_with("audio/") {
+        let mut f = json!({"codec": name, "sampleRate": codec.clock_rate});
+        if codec.channels > 0 {
+            f["channelNum"] = json!(codec.channels);
+        }
+        f
+    } else if name == "h264" {
+        json!({"codec": "h264", "profile": h264_profile(&codec.sdp_fmtp_line)})
+    } else {
+        json!({"codec": name})
+    }
+}
+
+/// OWT's H.264 profile name from an fmtp line's `profile-level-id`.
+fn h264_profile(fmtp: &str) -> &'static str {
+    let id = fmtp
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("profile-level-id"))
+        .map(|(_, v)| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    match id.get(..4) {
+        Some("42e0") | Some("42c0") => "CB",
+        Some("4200") | Some("4280") => "B",
+        Some("4d00") | Some("4d40") => "M",
+        Some("6400") => "H",
+        _ => "CB",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let opus = RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48000, channels: 2, ..Default::default() };
+        assert_eq!(codec_format(&opus), json!({"codec": "opus", "sampleRate": 48000, "channelNum": 2}));
+        let vp8 = RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() };
+        assert_eq!(codec_format(&vp8), json!({"codec": "vp8"}));
+        let h264 = RTCRtpCodec {
+            mime_type: "video/H264".into(),
+            clock_rate: 90000,
+            sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+            ..Default::default()
+        };
+        assert_eq!(codec_format(&h264), json!({"codec": "h264", "profile": "CB"}));
+    }
+}

@@ -1,0 +1,597 @@
+//! One transport = one `RTCPeerConnection` with one client, owned by one task. The
+//! task serialises everything that touches the connection: offers (each one may add
+//! publications and subscriptions), candidates, received tracks, state changes. The
+//! connection's event handler only forwards events to the task, because webrtc-rs runs
+//! handler callbacks on its driver task, which must never block.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use serde_json::json;
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, SubscribeSpec, TrackSwitch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
+    register_default_interceptors,
+};
+
+use crate::feedback::{KeyframeRequestTap, is_keyframe_request};
+use crate::forward::{Fanout, Rewriter, Sink};
+use crate::publication::{PubTrack, Publication};
+use crate::WebrtcAgent;
+
+/// How long an answer waits for ICE gathering, so it carries the server's candidates.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Commands from the agent to a transport task.
+pub(crate) enum TransportCmd {
+    Publish(Arc<Publication>),
+    Subscribe(SubscribeSpec, Vec<Arc<Publication>>, Option<Arc<Publication>>),
+    Offer(String, oneshot::Sender<Result<(), AgentError>>),
+    Candidate { candidate: String, sdp_mid: Option<String>, sdp_mline_index: Option<u16> },
+    EndSession(String),
+    Switch(String, TrackSwitch),
+    Close(String),
+}
+
+/// Events from the connection's handler (and our own helper tasks) to the task.
+enum PcEvent {
+    Track(Arc<dyn TrackRemote>),
+    State(RTCPeerConnectionState),
+    DataChannel(Arc<dyn DataChannel>),
+    DataOpen(String),
+}
+
+/// The agent's way to reach a transport task.
+#[derive(Clone)]
+pub(crate) struct TransportHandle {
+    pub participant: String,
+    tx: mpsc::Sender<TransportCmd>,
+}
+
+impl TransportHandle {
+    pub async fn send(&self, cmd: TransportCmd) -> Result<(), AgentError> {
+        self.tx.send(cmd).await.map_err(|_| AgentError::Failed("transport is closed".into()))
+    }
+}
+
+struct Handler {
+    events: mpsc::UnboundedSender<PcEvent>,
+    gathering: watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathering.send(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.events.send(PcEvent::State(state));
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let _ = self.events.send(PcEvent::Track(track));
+    }
+
+    async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
+        let _ = self.events.send(PcEvent::DataChannel(dc));
+    }
+}
+
+/// A subscribed track on this transport.
+struct SubTrack {
+    kind: MediaKind,
+    source: Arc<PubTrack>,
+    fanout: Arc<Fanout>,
+    sink_id: u64,
+    active: Arc<AtomicBool>,
+    resync: Arc<AtomicBool>,
+}
+
+struct SubState {
+    tracks: Vec<SubTrack>,
+    data_source: Option<Arc<Publication>>,
+    ready_sent: bool,
+    stop: watch::Sender<bool>,
+}
+
+/// A subscription waiting for the offer that carries its m-lines.
+struct PendingSub {
+    spec: SubscribeSpec,
+    sources: Vec<Arc<Publication>>,
+    data_source: Option<Arc<Publication>>,
+}
+
+struct Task {
+    agent: Arc<WebrtcAgent>,
+    id: String,
+    room: String,
+    participant: String,
+    pc: Arc<dyn PeerConnection>,
+    events_tx: mpsc::UnboundedSender<PcEvent>,
+    gathered: watch::Receiver<bool>,
+    publications: Vec<Arc<Publication>>,
+    pending: Vec<PendingSub>,
+    subs: HashMap<String, SubState>,
+    connected: bool,
+    has_remote: bool,
+    early_candidates: Vec<RTCIceCandidateInit>,
+}
+
+/// Builds the peer connection and starts its task.
+pub(crate) async fn spawn(agent: Arc<WebrtcAgent>, room: &str, participant: &str, id: &str) -> Result<TransportHandle, AgentError> {
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (gather_tx, gathered) = watch::channel(false);
+    let handler = Arc::new(Handler { events: events_tx.clone(), gathering: gather_tx });
+    let pc = build_pc(&agent, handler).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let task = Task {
+        agent,
+        id: id.to_string(),
+        room: room.to_string(),
+        participant: participant.to_string(),
+        pc,
+        events_tx,
+        gathered,
+        publications: Vec::new(),
+        pending: Vec::new(),
+        subs: HashMap::new(),
+        connected: false,
+        has_remote: false,
+        early_candidates: Vec::new(),
+    };
+    let span = info_span!("transport", room = %room, participant = %participant, transport = %id);
+    tokio::spawn(task.run(rx, events_rx).instrument(span));
+    Ok(TransportHandle { participant: participant.to_string(), tx })
+}
+
+async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn PeerConnection>, AgentError> {
+    let s = &agent.settings;
+    let mut last_err = String::from("no free UDP port in the configured range");
+    for _ in 0..5 {
+        let Some(port) = agent.ports.allocate(&s.bind_ips) else { break };
+        let mut media = MediaEngine::default();
+        media.register_default_codecs().map_err(|e| AgentError::Failed(format!("media engine: {e}")))?;
+        let registry = register_default_interceptors(Registry::new(), &mut media)
+            .map_err(|e| AgentError::Failed(format!("interceptors: {e}")))?
+            .with(Slot::from(14_000), KeyframeRequestTap::default());
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            .with_ice_timeouts(Some(s.ice_disconnected_timeout), Some(s.ice_failed_timeout), Some(Duration::from_secs(2)))
+            .build();
+        let addrs: Vec<String> = s.bind_ips.iter().map(|ip| std::net::SocketAddr::new(*ip, port).to_string()).collect();
+        let built = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media)
+            .with_setting_engine(settings)
+            .with_interceptor_registry(registry)
+            .with_handler(handler.clone() as Arc<dyn PeerConnectionEventHandler>)
+            .with_udp_addrs(addrs)
+            .build()
+            .await;
+        match built {
+            Ok(pc) => return Ok(Arc::new(pc)),
+            Err(e) => last_err = e.to_string(),
+        }
+    }
+    Err(AgentError::Failed(format!("cannot open a media port: {last_err}")))
+}
+
+/// The order in which m-lines appear in an SDP, by mid.
+fn mid_order(sdp: &str) -> Vec<String> {
+    sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_string).collect()
+}
+
+/// Replaces the bound addresses in candidate lines with the public one (1:1 NAT).
+fn announce_public_ip(sdp: &str, bound: &[std::net::IpAddr], public: Option<std::net::IpAddr>) -> String {
+    let Some(public) = public else { return sdp.to_string() };
+    let public = public.to_string();
+    let bound: Vec<String> = bound.iter().map(|ip| ip.to_string()).collect();
+    sdp.split_inclusive('\n')
+        .map(|line| {
+            if !line.starts_with("a=candidate:") {
+                return line.to_string();
+            }
+            let mut fields: Vec<&str> = line.split(' ').collect();
+            // a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ ...
+            if fields.len() > 4 && bound.iter().any(|b| b == fields[4]) {
+                fields[4] = &public;
+            }
+            fields.join(" ")
+        })
+        .collect()
+}
+
+impl Task {
+    async fn run(mut self, mut cmds: mpsc::Receiver<TransportCmd>, mut events: mpsc::UnboundedReceiver<PcEvent>) {
+        debug!("transport opened");
+        let reason = loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => break "agent gone".to_string(),
+                    Some(TransportCmd::Close(reason)) => break reason,
+                    Some(cmd) => self.command(cmd).await,
+                },
+                ev = events.recv() => match ev {
+                    None => break "connection gone".to_string(),
+                    Some(ev) => if let Some(reason) = self.event(ev).await { break reason },
+                },
+            }
+        };
+        self.shutdown(&reason).await;
+    }
+
+    async fn command(&mut self, cmd: TransportCmd) {
+        match cmd {
+            TransportCmd::Publish(p) => self.publications.push(p),
+            TransportCmd::Subscribe(spec, sources, data_source) => self.pending.push(PendingSub { spec, sources, data_source }),
+            TransportCmd::Offer(sdp, reply) => {
+                let r = self.offer(sdp).await;
+                if let Err(e) = &r {
+                    warn!(error = %e, "offer failed");
+                }
+                let _ = reply.send(r);
+            }
+            TransportCmd::Candidate { candidate, sdp_mid, sdp_mline_index } => {
+                let init = RTCIceCandidateInit { candidate, sdp_mid, sdp_mline_index, ..Default::default() };
+                if self.has_remote {
+                    if let Err(e) = self.pc.add_ice_candidate(init).await {
+                        debug!(error = %e, "client candidate refused");
+                    }
+                } else if self.early_candidates.len() < 64 {
+                    self.early_candidates.push(init);
+                }
+            }
+            TransportCmd::EndSession(id) => {
+                self.publications.retain(|p| p.id != id);
+                self.pending.retain(|p| p.spec.at.session != id);
+                if let Some(sub) = self.subs.remove(&id) {
+                    drop_sub(&id, sub);
+                }
+            }
+            TransportCmd::Switch(id, switch) => {
+                if let Some(sub) = self.subs.get(&id) {
+                    for t in &sub.tracks {
+                        let hit = match t.kind {
+                            MediaKind::Audio => switch.audio,
+                            MediaKind::Video => switch.video,
+                        };
+                        if hit {
+                            let was = t.active.swap(switch.active, Ordering::Relaxed);
+                            if switch.active && !was {
+                                t.resync.store(true, Ordering::Relaxed);
+                                t.source.request_keyframe();
+                            }
+                        }
+                    }
+                }
+            }
+            TransportCmd::Close(_) => {}
+        }
+    }
+
+    /// Applies a client offer: attaches pending subscriptions, answers, starts forwarding.
+    async fn offer(&mut self, sdp: String) -> Result<(), AgentError> {
+        let order = mid_order(&sdp);
+        let pending = std::mem::take(&mut self.pending);
+        // Local sendonly transceivers are created before the offer is applied, in m-line
+        // order, so webrtc-rs pairs each with the client's recvonly m-line of its kind.
+        let mut planned: Vec<(usize, String, MediaKind, Arc<Publication>, Arc<PubTrack>)> = Vec::new();
+        for p in &pending {
+            for (t, src) in p.spec.tracks.iter().zip(&p.sources) {
+                let Some(track) = src.track(t.kind) else {
+                    return Err(AgentError::Rejected(format!("Stream {} has no {} media", t.from, t.kind.as_str())));
+                };
+                let pos = order.iter().position(|m| *m == t.mid).ok_or_else(|| {
+                    AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, p.spec.at.session))
+                })?;
+                planned.push((pos, p.spec.at.session.clone(), t.kind, src.clone(), track));
+            }
+        }
+        planned.sort_by_key(|(pos, ..)| *pos);
+        let mut locals: Vec<(String, MediaKind, Arc<PubTrack>, Arc<TrackLocalStaticRTP>, u32)> = Vec::new();
+        for (_, session, kind, src, track) in planned {
+            let ssrc: u32 = rand::random();
+            let codec_kind = match kind {
+                MediaKind::Audio => RtpCodecKind::Audio,
+                MediaKind::Video => RtpCodecKind::Video,
+            };
+            let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                src.id.clone(),
+                format!("{}-{}-{}", session, kind.as_str(), ssrc),
+                format!("{}-{}", src.id, kind.as_str()),
+                codec_kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                    codec: track.codec.clone(),
+                    ..Default::default()
+                }],
+            )));
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
+            self.pc
+                .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
+                .await
+                .map_err(|e| AgentError::Failed(format!("adding a subscriber track: {e}")))?;
+            locals.push((session, kind, track, local, ssrc));
+        }
+
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        self.pc.set_remote_description(offer).await.map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        self.has_remote = true;
+        for c in std::mem::take(&mut self.early_candidates) {
+            if let Err(e) = self.pc.add_ice_candidate(c).await {
+                debug!(error = %e, "early client candidate refused");
+            }
+        }
+        let answer = self.pc.create_answer(None).await.map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
+        self.pc.set_local_description(answer).await.map_err(|e| AgentError::Failed(format!("applying the answer: {e}")))?;
+        let mut gathered = self.gathered.clone();
+        let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done)).await;
+        let local = self.pc.local_description().await.ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        let sdp = announce_public_ip(&local.sdp, &self.agent.settings.bind_ips, self.agent.settings.public_ip);
+        self.progress(json!({"id": self.id, "status": "soac", "data": {"type": "answer", "sdp": sdp}})).await;
+
+        // Bind each subscriber track to its fan-out, with the payload type negotiated here.
+        let senders = self.pc.get_senders().await;
+        let mut by_session: HashMap<String, Vec<SubTrack>> = HashMap::new();
+        let mut stops: HashMap<String, (watch::Sender<bool>, watch::Receiver<bool>)> = HashMap::new();
+        for (session, kind, source, local, ssrc) in locals {
+            let mut payload_type = None;
+            for s in &senders {
+                if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(&(local.clone() as Arc<dyn TrackLocal>))) {
+                    if let Ok(params) = s.get_parameters().await {
+                        payload_type = params
+                            .rtp_parameters
+                            .codecs
+                            .iter()
+                            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&source.codec.mime_type))
+                            .map(|c| c.payload_type);
+                    }
+                }
+            }
+            let Some(payload_type) = payload_type else {
+                warn!(%session, kind = kind.as_str(), codec = %source.codec.mime_type, "subscriber did not accept the publisher's codec");
+                continue;
+            };
+            let stop_rx = stops.entry(session.clone()).or_insert_with(|| watch::channel(false)).1.clone();
+            let (sink, rx) = Sink::new();
+            let resync = sink.resync.clone();
+            let sub_track = SubTrack {
+                kind,
+                source: source.clone(),
+                fanout: source.fanout.clone(),
+                sink_id: sink.id,
+                active: sink.active.clone(),
+                resync: resync.clone(),
+            };
+            source.fanout.add(sink);
+            tokio::spawn(write_loop(local.clone(), rx, Rewriter::new(ssrc, payload_type), resync));
+            if kind == MediaKind::Video {
+                tokio::spawn(feedback_loop(local, source.clone(), stop_rx));
+            }
+            by_session.entry(session).or_default().push(sub_track);
+        }
+        for p in pending {
+            let id = p.spec.at.session.clone();
+            let (stop, _) = stops.remove(&id).unwrap_or_else(|| watch::channel(false));
+            let tracks = by_session.remove(&id).unwrap_or_default();
+            self.subs.insert(id.clone(), SubState { tracks, data_source: p.data_source, ready_sent: false, stop });
+        }
+        if self.connected {
+            self.announce_subscriptions().await;
+        }
+        Ok(())
+    }
+
+    /// Tells the client its new subscriptions are up, and asks for keyframes for them.
+    async fn announce_subscriptions(&mut self) {
+        let mut ready = Vec::new();
+        for (id, sub) in self.subs.iter_mut().filter(|(_, s)| !s.ready_sent) {
+            sub.ready_sent = true;
+            for t in &sub.tracks {
+                t.source.request_keyframe();
+            }
+            ready.push(id.clone());
+        }
+        for id in ready {
+            self.progress(json!({"id": self.id, "sessionId": id, "status": "ready"})).await;
+        }
+    }
+
+    async fn progress(&self, data: serde_json::Value) {
+        self.agent
+            .emit(AgentEvent::Progress { room: self.room.clone(), participant: self.participant.clone(), data })
+            .await;
+    }
+
+    /// Handles a connection event; returns a reason when the transport must end.
+    async fn event(&mut self, ev: PcEvent) -> Option<String> {
+        match ev {
+            PcEvent::State(state) => {
+                debug!(%state, "connection state");
+                match state {
+                    RTCPeerConnectionState::Connected if !self.connected => {
+                        self.connected = true;
+                        info!("transport connected");
+                        self.progress(json!({"id": self.id, "status": "ready"})).await;
+                        self.announce_subscriptions().await;
+                    }
+                    RTCPeerConnectionState::Failed => return Some("connection failed".into()),
+                    RTCPeerConnectionState::Closed => return Some("connection closed".into()),
+                    _ => {}
+                }
+            }
+            PcEvent::Track(remote) => self.track(remote).await,
+            PcEvent::DataChannel(dc) => self.data_channel(dc).await,
+            PcEvent::DataOpen(publication) => {
+                if let Some(p) = self.publications.iter().find(|p| p.id == publication).cloned() {
+                    p.set_data_open();
+                    self.check_ready(&p).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// A publisher's track started flowing.
+    async fn track(&mut self, remote: Arc<dyn TrackRemote>) {
+        let Some(ssrc) = remote.ssrcs().await.first().copied() else { return };
+        let Some(codec) = remote.codec(ssrc).await else {
+            warn!(ssrc, "track without a negotiated codec ignored");
+            return;
+        };
+        let mut mid = None;
+        for t in self.pc.get_transceivers().await {
+            if let Ok(Some(r)) = t.receiver().await
+                && std::ptr::addr_eq(Arc::as_ptr(r.track()), Arc::as_ptr(&remote))
+            {
+                mid = t.mid().await.ok().flatten();
+                break;
+            }
+        }
+        let Some(mid) = mid else {
+            warn!(ssrc, "track on an unknown m-line ignored");
+            return;
+        };
+        let found = self.publications.iter().find_map(|p| p.announced_at(&mid).map(|a| (p.clone(), a.kind)));
+        let Some((publication, kind)) = found else {
+            debug!(%mid, "track that no publication announced; ignored");
+            return;
+        };
+        if publication.has_flowing(kind) {
+            return;
+        }
+        info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, "publisher track flowing");
+        let track = publication.add_track(kind, codec, remote, ssrc);
+        tokio::spawn(track.run_reader(publication.ended.clone()));
+        self.check_ready(&publication).await;
+    }
+
+    async fn check_ready(&self, p: &Arc<Publication>) {
+        if p.check_ready() {
+            self.progress(json!({"id": self.id, "sessionId": p.id, "status": "ready"})).await;
+            self.agent.emit(AgentEvent::StreamReady { room: self.room.clone(), stream: p.stream_info() }).await;
+        }
+    }
+
+    /// A data channel opened by the client: a subscriber's (labelled with the stream id
+    /// it wants) or a publisher's (any other label, on a transport with a data publication).
+    async fn data_channel(&mut self, dc: Arc<dyn DataChannel>) {
+        let label = dc.label().await.unwrap_or_default();
+        let sub = self.subs.iter().find(|(_, s)| s.data_source.as_ref().is_some_and(|d| d.id == label)).map(|(id, s)| (id.clone(), s.data_source.clone()));
+        if let Some((sub_id, Some(source))) = sub {
+            source.add_data_sink(&sub_id, dc.clone());
+            // Drain the subscriber channel's events so its queue never fills.
+            tokio::spawn(async move { while dc.poll().await.is_some() {} });
+            return;
+        }
+        let Some(p) = self.publications.iter().find(|p| p.data && !p.is_ready()).cloned() else {
+            debug!(%label, "data channel with no matching publication or subscription; ignored");
+            return;
+        };
+        let events = self.events_tx.clone();
+        let _ = events.send(PcEvent::DataOpen(p.id.clone()));
+        tokio::spawn(async move {
+            while let Some(ev) = dc.poll().await {
+                match ev {
+                    DataChannelEvent::OnMessage(msg) => p.relay_data(msg.is_string, &msg.data).await,
+                    DataChannelEvent::OnClose => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    async fn shutdown(mut self, reason: &str) {
+        for (id, sub) in self.subs.drain() {
+            drop_sub(&id, sub);
+        }
+        for p in &self.publications {
+            p.end();
+        }
+        if let Err(e) = self.pc.close().await {
+            debug!(error = %e, "closing the peer connection");
+        }
+        self.agent.transport_closed(&self.id, reason).await;
+    }
+}
+
+fn drop_sub(id: &str, sub: SubState) {
+    for t in &sub.tracks {
+        t.fanout.remove(t.sink_id);
+    }
+    if let Some(d) = &sub.data_source {
+        d.remove_data_sink(id);
+    }
+    let _ = sub.stop.send(true);
+}
+
+/// Writes one subscriber track: rewrite, then send. Ends when the sink is removed.
+async fn write_loop(local: Arc<TrackLocalStaticRTP>, mut rx: mpsc::Receiver<rtc::rtp::Packet>, mut rw: Rewriter, resync: Arc<AtomicBool>) {
+    while let Some(mut packet) = rx.recv().await {
+        if resync.swap(false, Ordering::Relaxed) {
+            rw.resync();
+        }
+        rw.rewrite(&mut packet);
+        // Fails before DTLS is up (the track is not bound yet) and after close: both benign.
+        let _ = local.write_rtp(packet).await;
+    }
+}
+
+/// Relays a subscriber's keyframe requests to the publisher (throttled there).
+async fn feedback_loop(local: Arc<TrackLocalStaticRTP>, source: Arc<PubTrack>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            ev = local.poll() => match ev {
+                Some(TrackLocalEvent::OnRtcpPacket(packets)) => {
+                    if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
+                        source.request_keyframe();
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    // Not bound yet (poll returns None before negotiation) or unbound: wait a bit.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            },
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_ip_rewrites_only_bound_candidates() {
+        let sdp = "v=0\r\na=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\na=candidate:2 1 udp 1 192.168.1.1 40001 typ host\r\na=mid:0\r\n";
+        let out = announce_public_ip(sdp, &["10.0.0.5".parse().unwrap()], Some("203.0.113.7".parse().unwrap()));
+        assert!(out.contains("203.0.113.7 40000 typ host\r\n"));
+        assert!(out.contains("192.168.1.1 40001"));
+        assert_eq!(announce_public_ip(sdp, &[], None), sdp);
+        assert_eq!(mid_order(&out), vec!["0"]);
+    }
+}
