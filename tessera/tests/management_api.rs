@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 async fn json_of(res: reqwest::Response) -> (u16, Value) {
     let status = res.status().as_u16();
     let text = res.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)))
+    match serde_json::from_str(&text) {
+        Ok(v) => (status, v),
+        Err(_) => (status, Value::String(text)),
+    }
 }
 
 #[tokio::test]

@@ -356,3 +356,57 @@ async fn bad_signaling_is_refused_precisely() {
     let p = Publisher::start(&mut sig2, av(3), None).await.unwrap();
     assert!(!p.stream_id.is_empty());
 }
+
+/// OWT JS SDK 5.x style: one RTCPeerConnection per client for its publication and all
+/// its subscriptions, renegotiated with a fresh offer per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_transport_carries_publication_and_subscriptions() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let (mut asig, _) = join(&s, &room, "alice").await;
+    let (mut bsig, _) = join(&s, &room, "bob").await;
+    let (mut csig, _) = join(&s, &room, "carol").await;
+    let mut alice = Publisher::start(&mut asig, av(1), None).await.unwrap();
+    let mut bob = Publisher::start(&mut bsig, av(2), None).await.unwrap();
+    let carol = Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3 }, None).await.unwrap();
+    let alice_transport = alice.conn.transport.clone().unwrap();
+    assert_eq!(alice_transport, alice.stream_id, "the first session's id names the transport");
+
+    // Each subscribes to the others on its publishing connection.
+    let sub_ab = alice.conn.subscribe(&mut asig, &bob.stream_id, true, true, false).await.unwrap();
+    let sub_ac = alice.conn.subscribe(&mut asig, &carol.stream_id, false, true, false).await.unwrap();
+    let sub_ba = bob.conn.subscribe(&mut bsig, &alice.stream_id, true, true, false).await.unwrap();
+    assert_eq!(alice.conn.transport.as_deref(), Some(alice_transport.as_str()), "same transport reused");
+    assert_ne!(sub_ab, sub_ac);
+    let st = stats(&s).await;
+    assert_eq!(st["media"]["transports"], 3, "{st}");
+    assert_eq!(st["media"]["subscriptions"], 3, "{st}");
+    let _ = sub_ba;
+
+    let (alice, bob, carol) = (Arc::new(alice), Arc::new(bob), Arc::new(carol));
+    let mut tasks = Vec::new();
+    for p in [alice.clone(), bob.clone(), carol.clone()] {
+        tasks.push(tokio::spawn(async move { p.send_for(Duration::from_secs(3), 30, 700).await.unwrap() }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tags = |log: &Arc<std::sync::Mutex<Vec<tessera_client::peer::Received>>>, kind: &str| {
+        let mut m = std::collections::HashMap::new();
+        for r in log.lock().unwrap().iter().filter(|r| r.kind == kind) {
+            if let Some(mk) = Marker::find(&r.payload) {
+                *m.entry(mk.tag).or_insert(0usize) += 1;
+            }
+        }
+        m
+    };
+    let a_video = tags(&alice.conn.received, "video");
+    let a_audio = tags(&alice.conn.received, "audio");
+    assert!(a_video.get(&2).copied().unwrap_or(0) > 50, "alice gets bob's video: {a_video:?}");
+    assert!(a_video.get(&3).copied().unwrap_or(0) > 50, "alice gets carol's video: {a_video:?}");
+    assert!(a_audio.get(&2).copied().unwrap_or(0) > 80, "alice gets bob's audio: {a_audio:?}");
+    assert!(!a_video.contains_key(&1), "alice does not get her own stream back");
+    let b_video = tags(&bob.conn.received, "video");
+    assert!(b_video.get(&1).copied().unwrap_or(0) > 50, "bob gets alice's video: {b_video:?}");
+}

@@ -111,6 +111,24 @@ struct SubState {
     stop: watch::Sender<bool>,
 }
 
+/// A subscribed track to set up, at its m-line's position in the offer.
+struct Planned {
+    pos: usize,
+    session: String,
+    kind: MediaKind,
+    src: Arc<Publication>,
+    track: Arc<PubTrack>,
+}
+
+/// The local (sending) track made for a subscribed track.
+struct LocalTrack {
+    session: String,
+    kind: MediaKind,
+    source: Arc<PubTrack>,
+    local: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+}
+
 /// A subscription waiting for the offer that carries its m-lines.
 struct PendingSub {
     spec: SubscribeSpec,
@@ -292,7 +310,7 @@ impl Task {
         let pending = std::mem::take(&mut self.pending);
         // Local sendonly transceivers are created before the offer is applied, in m-line
         // order, so webrtc-rs pairs each with the client's recvonly m-line of its kind.
-        let mut planned: Vec<(usize, String, MediaKind, Arc<Publication>, Arc<PubTrack>)> = Vec::new();
+        let mut planned: Vec<Planned> = Vec::new();
         for p in &pending {
             for (t, src) in p.spec.tracks.iter().zip(&p.sources) {
                 let Some(track) = src.track(t.kind) else {
@@ -301,12 +319,12 @@ impl Task {
                 let pos = order.iter().position(|m| *m == t.mid).ok_or_else(|| {
                     AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, p.spec.at.session))
                 })?;
-                planned.push((pos, p.spec.at.session.clone(), t.kind, src.clone(), track));
+                planned.push(Planned { pos, session: p.spec.at.session.clone(), kind: t.kind, src: src.clone(), track });
             }
         }
-        planned.sort_by_key(|(pos, ..)| *pos);
-        let mut locals: Vec<(String, MediaKind, Arc<PubTrack>, Arc<TrackLocalStaticRTP>, u32)> = Vec::new();
-        for (_, session, kind, src, track) in planned {
+        planned.sort_by_key(|p| p.pos);
+        let mut locals: Vec<LocalTrack> = Vec::new();
+        for Planned { session, kind, src, track, .. } in planned {
             let ssrc: u32 = rand::random();
             let codec_kind = match kind {
                 MediaKind::Audio => RtpCodecKind::Audio,
@@ -328,7 +346,7 @@ impl Task {
                 .add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init))
                 .await
                 .map_err(|e| AgentError::Failed(format!("adding a subscriber track: {e}")))?;
-            locals.push((session, kind, track, local, ssrc));
+            locals.push(LocalTrack { session, kind, source: track, local, ssrc });
         }
 
         let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
@@ -351,18 +369,19 @@ impl Task {
         let senders = self.pc.get_senders().await;
         let mut by_session: HashMap<String, Vec<SubTrack>> = HashMap::new();
         let mut stops: HashMap<String, (watch::Sender<bool>, watch::Receiver<bool>)> = HashMap::new();
-        for (session, kind, source, local, ssrc) in locals {
+        for LocalTrack { session, kind, source, local, ssrc } in locals {
             let mut payload_type = None;
+            let as_dyn = local.clone() as Arc<dyn TrackLocal>;
             for s in &senders {
-                if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(&(local.clone() as Arc<dyn TrackLocal>))) {
-                    if let Ok(params) = s.get_parameters().await {
-                        payload_type = params
-                            .rtp_parameters
-                            .codecs
-                            .iter()
-                            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&source.codec.mime_type))
-                            .map(|c| c.payload_type);
-                    }
+                if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(&as_dyn))
+                    && let Ok(params) = s.get_parameters().await
+                {
+                    payload_type = params
+                        .rtp_parameters
+                        .codecs
+                        .iter()
+                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&source.codec.mime_type))
+                        .map(|c| c.payload_type);
                 }
             }
             let Some(payload_type) = payload_type else {

@@ -109,7 +109,8 @@ impl PeerConnectionEventHandler for Handler {
 pub struct Connection {
     /// The connection.
     pub pc: Arc<dyn PeerConnection>,
-    events: Option<mpsc::UnboundedReceiver<ConnEvent>>,
+    /// Every media packet received on this connection, in arrival order.
+    pub received: Arc<Mutex<Vec<Received>>>,
     gathered: watch::Receiver<bool>,
     /// The server's transport id, once known.
     pub transport: Option<String>,
@@ -131,7 +132,39 @@ impl Connection {
             .with_udp_addrs(vec!["127.0.0.1:0"])
             .build()
             .await?;
-        Ok(Connection { pc: Arc::new(pc), events: Some(rx), gathered: grx, transport: None })
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        tokio::spawn(collect_tracks(rx, received.clone()));
+        Ok(Connection { pc: Arc::new(pc), received, gathered: grx, transport: None })
+    }
+
+    /// Subscribes to `stream` on this connection (renegotiating it if it already carries
+    /// sessions, as the OWT JS SDK does). Returns the subscription id.
+    pub async fn subscribe(&mut self, sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<String> {
+        let before = self.pc.get_transceivers().await.len();
+        let mut kinds = Vec::new();
+        if audio {
+            kinds.push(RtpCodecKind::Audio);
+        }
+        if video {
+            kinds.push(RtpCodecKind::Video);
+        }
+        for k in &kinds {
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: vec![], send_encodings: vec![] };
+            self.pc.add_transceiver_from_kind(*k, Some(init)).await?;
+        }
+        let offer = self.make_offer().await?;
+        let mut tracks = Vec::new();
+        let transceivers = self.pc.get_transceivers().await;
+        for (t, k) in transceivers.iter().skip(before).zip(&kinds) {
+            let mid = t.mid().await.ok().flatten().ok_or_else(|| anyhow!("transceiver without mid"))?;
+            let kind = if *k == RtpCodecKind::Audio { "audio" } else { "video" };
+            tracks.push(json!({"type": kind, "mid": mid, "from": stream}));
+        }
+        let mut req = json!({"media": {"tracks": tracks}});
+        if data {
+            req["data"] = json!({"from": stream});
+        }
+        self.negotiate(sig, "subscribe", req, offer).await.context("subscribe")
     }
 
     /// Offers the current transceivers: sends `request` (publish/subscribe) with the
@@ -216,6 +249,24 @@ impl Connection {
     /// Closes the connection.
     pub async fn close(&self) {
         let _ = self.pc.close().await;
+    }
+}
+
+/// Records every packet of every track the connection receives.
+async fn collect_tracks(mut events: mpsc::UnboundedReceiver<ConnEvent>, sink: Arc<Mutex<Vec<Received>>>) {
+    while let Some(ConnEvent::Track(track)) = events.recv().await {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let kind = if track.kind().await == RtpCodecKind::Audio { "audio" } else { "video" };
+            while let Some(ev) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(p) = ev {
+                    let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us() };
+                    if let Ok(mut s) = sink.lock() {
+                        s.push(r);
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -492,6 +543,9 @@ pub struct Received {
     pub arrived_us: u64,
 }
 
+/// Data channel messages received: (is_text, bytes), in order.
+pub type DataLog = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
+
 /// A subscription receiving media.
 pub struct Subscriber {
     /// Its connection.
@@ -501,74 +555,29 @@ pub struct Subscriber {
     /// Everything received, in arrival order.
     pub received: Arc<Mutex<Vec<Received>>>,
     /// Data channel messages received: (is_text, bytes).
-    pub data: Arc<Mutex<Vec<(bool, Vec<u8>)>>>,
+    pub data: DataLog,
 }
 
 impl Subscriber {
-    /// Subscribes to `stream` (audio and/or video, and its data channel if `data`).
+    /// Subscribes to `stream` (audio and/or video, and its data channel if `data`) on a new connection.
     pub async fn start(sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
         let mut conn = Connection::new().await?;
-        let mut kinds = Vec::new();
-        if audio {
-            kinds.push(RtpCodecKind::Audio);
-        }
-        if video {
-            kinds.push(RtpCodecKind::Video);
-        }
-        for k in &kinds {
-            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: vec![], send_encodings: vec![] };
-            conn.pc.add_transceiver_from_kind(*k, Some(init)).await?;
-        }
-        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let data_rx: Arc<Mutex<Vec<(bool, Vec<u8>)>>> = Arc::default();
+        let data_rx: DataLog = Arc::default();
         if data {
             let dc = conn.pc.create_data_channel(stream, None).await?;
             let store = data_rx.clone();
             tokio::spawn(async move {
                 while let Some(ev) = dc.poll().await {
-                    if let DataChannelEvent::OnMessage(m) = ev {
-                        if let Ok(mut s) = store.lock() {
-                            s.push((m.is_string, m.data.to_vec()));
-                        }
+                    if let DataChannelEvent::OnMessage(m) = ev
+                        && let Ok(mut s) = store.lock()
+                    {
+                        s.push((m.is_string, m.data.to_vec()));
                     }
                 }
             });
         }
-        let offer = conn.make_offer().await?;
-        let mut tracks = Vec::new();
-        let transceivers = conn.pc.get_transceivers().await;
-        for (t, k) in transceivers.iter().zip(&kinds) {
-            let mid = t.mid().await.ok().flatten().ok_or_else(|| anyhow!("transceiver without mid"))?;
-            let kind = if *k == RtpCodecKind::Audio { "audio" } else { "video" };
-            tracks.push(json!({"type": kind, "mid": mid, "from": stream}));
-        }
-        let mut req = json!({"media": {"tracks": tracks}});
-        if data {
-            req["data"] = json!({"from": stream});
-        }
-        // Collect tracks from the first moment: media may arrive before `ready`.
-        let mut events = conn.events.take().ok_or_else(|| anyhow!("connection already used"))?;
-        let sink = received.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                let ConnEvent::Track(track) = ev;
-                {
-                    let sink = sink.clone();
-                    tokio::spawn(async move {
-                        let kind = if track.kind().await == RtpCodecKind::Audio { "audio" } else { "video" };
-                        while let Some(ev) = track.poll().await {
-                            if let TrackRemoteEvent::OnRtpPacket(p) = ev {
-                                let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us() };
-                                if let Ok(mut s) = sink.lock() {
-                                    s.push(r);
-                                }
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        let id = conn.negotiate(sig, "subscribe", req, offer).await.context("subscribe")?;
+        let id = conn.subscribe(sig, stream, audio, video, data).await?;
+        let received = conn.received.clone();
         Ok(Subscriber { conn, id, received, data: data_rx })
     }
 

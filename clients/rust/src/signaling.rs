@@ -70,10 +70,10 @@ impl Signaling {
                         let _ = pong.send("3".into()).await;
                     }
                     Some(b'4') => {
-                        if let Some(n) = handle_socketio(&text[1..], &pend) {
-                            if note_tx.send(n).await.is_err() {
-                                break;
-                            }
+                        if let Some(n) = handle_socketio(&text[1..], &pend)
+                            && note_tx.send(n).await.is_err()
+                        {
+                            break;
                         }
                     }
                     Some(b'1') => break,
