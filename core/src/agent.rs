@@ -193,3 +193,25 @@ pub trait MediaAgent: Send + Sync {
     /// Counts of live media objects, for the stats endpoint.
     fn stats(&self) -> Value;
 }
+
+/// The MCU as the portal drives it: one mixed stream per view of a room.
+#[async_trait::async_trait]
+pub trait MixEngine: Send + Sync {
+    /// Creates (or returns, if already there) the room's mixed streams, one per view, as
+    /// OWT StreamInfo (`type: "mixed"`, `info: {label, layout, activeInput}`, `media.tracks`).
+    async fn start_room(&self, room: &crate::room::Room) -> Vec<Value>;
+    /// Frees the room's mixed streams and pipelines.
+    async fn stop_room(&self, room: &str);
+    /// Adds a forward stream to a view; returns the view's new layout.
+    async fn mix(&self, room: &str, view: &str, stream: &str) -> Result<Value, AgentError>;
+    /// Removes a stream from a view; returns the view's new layout.
+    async fn unmix(&self, room: &str, view: &str, stream: &str) -> Result<Value, AgentError>;
+    /// Replaces a view's layout with OWT's `[{stream?, region: {id, shape, area}}]`:
+    /// regions become the view's custom template and listed streams are pinned to them.
+    /// Returns the applied layout.
+    async fn set_layout(&self, room: &str, view: &str, layout: Value) -> Result<Value, AgentError>;
+    /// Puts a stream of the view into a region (by id); returns the new layout.
+    async fn set_region(&self, room: &str, view: &str, stream: &str, region: &str) -> Result<Value, AgentError>;
+    /// The current layout of a view.
+    async fn layout(&self, room: &str, view: &str) -> Option<Value>;
+}

@@ -56,6 +56,8 @@ pub trait RoomControl: Send + Sync {
     async fn streams(&self, room: &str) -> Vec<serde_json::Value>;
     /// Stops a forward stream.
     async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError>;
+    /// Applies OWT StreamUpdate operations (mix/unmix, layout); returns the updated stream.
+    async fn patch_stream(&self, room: &str, stream: &str, ops: &serde_json::Value) -> Result<serde_json::Value, ControlError>;
     /// The room's configuration changed; running conferences pick up what they can.
     async fn room_updated(&self, room: &crate::room::Room);
     /// The room was deleted; everyone in it is dropped.
@@ -82,6 +84,9 @@ impl RoomControl for NoLiveRooms {
         Vec::new()
     }
     async fn delete_stream(&self, _room: &str, stream: &str) -> Result<(), ControlError> {
+        Err(ControlError::StreamNotFound(stream.into()))
+    }
+    async fn patch_stream(&self, _room: &str, stream: &str, _ops: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
         Err(ControlError::StreamNotFound(stream.into()))
     }
     async fn room_updated(&self, _room: &crate::room::Room) {}

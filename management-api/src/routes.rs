@@ -48,6 +48,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
                 .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
                 .route("/rooms/{room}/streams", web::get().to(list_streams))
                 .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
+                .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
                 .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream)),
         )
         .default_service(web::to(not_found));
@@ -247,4 +248,16 @@ async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(S
 /// Tessera extension: live counts, for operators and leak checks.
 async fn stats(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.stats().await))
+}
+
+async fn patch_stream(
+    _: Authed,
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
+    let (room, stream) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let updated = state.control.patch_stream(&room.id, &stream, &body).await?;
+    Ok(HttpResponse::Ok().json(updated))
 }

@@ -1,1 +1,479 @@
-//! The MCU: GStreamer pipelines composing forward streams into mixed streams (see issue "mixer").
+//! Tessera's MCU: each view of a room yields one **mixed stream** (`<roomId>-<label>`),
+//! composed with GStreamer from the forward streams mixed into it, and offered to
+//! subscribers through the webrtc-agent exactly like a forward stream.
+//!
+//! A view's pipeline runs only while someone consumes the mixed stream (a subscriber or
+//! a recorder has a sink on its fan-out): a supervisor task per view checks twice a
+//! second, starts the pipeline on demand and stops it after a few idle seconds. Inputs
+//! are taps on the forward streams' fan-outs, fed into the pipeline's appsrcs.
+
+pub mod layout;
+pub mod pipeline;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_core::agent::{AgentError, MediaKind, MixEngine};
+use tessera_core::room::{CustomTemplate, Room, View};
+use tessera_webrtc_agent::forward::Fanout;
+use tessera_webrtc_agent::{LocalTrack, WebrtcAgent};
+use tracing::{Instrument, info, info_span, warn};
+
+use layout::{Rect, Templates};
+use pipeline::ViewPipeline;
+
+/// How long a view may have no consumer before its pipeline stops.
+const IDLE_STOP: Duration = Duration::from_secs(3);
+/// How often a view checks for consumers.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
+
+/// The mixed stream id of a view (OWT's convention).
+pub fn mixed_stream_id(room: &str, label: &str) -> String {
+    format!("{room}-{label}")
+}
+
+/// What a view mixes and how it lays it out.
+struct ViewState {
+    inputs: Vec<String>,
+    pins: Vec<(String, String)>,
+    templates: Templates,
+    pipeline: Option<ViewPipeline>,
+    /// Taps feeding the pipeline: (stream, kind, sink id, feeder task).
+    taps: Vec<(String, MediaKind, u64, tokio::task::JoinHandle<()>)>,
+    idle_since: Option<Instant>,
+}
+
+struct ViewMix {
+    id: String,
+    config: View,
+    video_out: Option<Arc<Fanout>>,
+    audio_out: Option<Arc<Fanout>>,
+    state: Mutex<ViewState>,
+}
+
+impl ViewMix {
+    fn lock(&self) -> MutexGuard<'_, ViewState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn assigned(&self, s: &ViewState) -> Vec<(Rect, Option<String>)> {
+        let video_inputs: Vec<String> = s.inputs.clone();
+        layout::assign(s.templates.for_inputs(video_inputs.len()), &video_inputs, &s.pins)
+    }
+
+    fn layout_json(&self) -> Value {
+        let s = self.lock();
+        layout::to_json(&self.assigned(&s))
+    }
+
+    fn demand(&self) -> bool {
+        self.video_out.as_ref().is_some_and(|f| !f.is_empty()) || self.audio_out.as_ref().is_some_and(|f| !f.is_empty())
+    }
+
+    fn stream_info(&self) -> Value {
+        let mut tracks = Vec::new();
+        if let (Some(a), Some(_)) = (&self.config.audio, &self.audio_out) {
+            tracks.push(json!({"type": "audio", "source": "mixed", "format": a.format, "status": "active"}));
+        }
+        if let (Some(v), Some(_)) = (&self.config.video, &self.video_out) {
+            tracks.push(json!({
+                "type": "video",
+                "source": "mixed",
+                "format": v.format,
+                "parameters": {
+                    "resolution": v.parameters.resolution,
+                    "framerate": v.parameters.framerate,
+                    "bitrate": pipeline::bitrate_kbps(&self.config),
+                    "keyFrameInterval": v.parameters.key_frame_interval,
+                },
+                "status": "active",
+            }));
+        }
+        json!({
+            "id": self.id,
+            "type": "mixed",
+            "media": {"tracks": tracks},
+            "info": {"label": self.config.label, "layout": self.layout_json(), "activeInput": "unknown"},
+        })
+    }
+}
+
+/// The MCU service.
+pub struct Mixer {
+    agent: Arc<WebrtcAgent>,
+    rooms: Mutex<HashMap<String, HashMap<String, Arc<ViewMix>>>>,
+}
+
+fn opus_codec() -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+    rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+        mime_type: "audio/opus".into(),
+        clock_rate: 48000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+        ..Default::default()
+    }
+}
+
+fn video_codec(codec: &str) -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+    if codec == "h264" {
+        rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+            mime_type: "video/H264".into(),
+            clock_rate: 90000,
+            sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+            ..Default::default()
+        }
+    } else {
+        rtc::rtp_transceiver::rtp_sender::RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
+    }
+}
+
+impl Mixer {
+    /// A mixer producing its streams through `agent`.
+    pub fn new(agent: Arc<WebrtcAgent>) -> Arc<Mixer> {
+        Arc::new(Mixer { agent, rooms: Mutex::new(HashMap::new()) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Arc<ViewMix>>>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn view(&self, room: &str, label: &str) -> Result<Arc<ViewMix>, AgentError> {
+        self.lock()
+            .get(room)
+            .and_then(|v| v.get(label))
+            .cloned()
+            .ok_or_else(|| AgentError::Rejected(format!("View does NOT exist: {label}")))
+    }
+
+    fn create_view(&self, room: &Room, config: &View) -> Arc<ViewMix> {
+        let id = mixed_stream_id(&room.id, &config.label);
+        let weak_view: Arc<Mutex<Weak<ViewMix>>> = Arc::new(Mutex::new(Weak::new()));
+        let mut tracks = Vec::new();
+        if config.audio.is_some() {
+            tracks.push(LocalTrack { kind: MediaKind::Audio, codec: opus_codec(), on_keyframe: Arc::new(|| {}) });
+        }
+        if let Some(v) = &config.video {
+            let w = weak_view.clone();
+            let on_keyframe = Arc::new(move || {
+                let view = w.lock().ok().and_then(|g| g.upgrade());
+                if let Some(view) = view
+                    && let Some(p) = &view.lock().pipeline
+                {
+                    p.force_keyframe();
+                }
+            });
+            tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe });
+        }
+        let kinds: Vec<MediaKind> = tracks.iter().map(|t| t.kind).collect();
+        let fanouts = self.agent.add_local_stream(&room.id, &id, tracks);
+        let mut video_out = None;
+        let mut audio_out = None;
+        for (k, f) in kinds.into_iter().zip(fanouts) {
+            match k {
+                MediaKind::Audio => audio_out = Some(f),
+                MediaKind::Video => video_out = Some(f),
+            }
+        }
+        let templates = match &config.video {
+            Some(v) => Templates::from_layout(&v.layout, v.max_input),
+            None => Templates::from_layout(&Default::default(), 1),
+        };
+        let view = Arc::new(ViewMix {
+            id: id.clone(),
+            config: config.clone(),
+            video_out,
+            audio_out,
+            state: Mutex::new(ViewState { inputs: Vec::new(), pins: Vec::new(), templates, pipeline: None, taps: Vec::new(), idle_since: None }),
+        });
+        if let Ok(mut w) = weak_view.lock() {
+            *w = Arc::downgrade(&view);
+        }
+        let span = info_span!("view", room = %room.id, view = %config.label);
+        tokio::spawn(supervise(self.agent.clone(), Arc::downgrade(&view)).instrument(span));
+        view
+    }
+}
+
+/// Keeps a view's pipeline running exactly while it has consumers.
+async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(view) = view.upgrade() else { return };
+        let demand = view.demand();
+        let running = view.lock().pipeline.is_some();
+        if demand && !running {
+            if let Err(e) = start_pipeline(&agent, &view) {
+                warn!(error = %e, "cannot start the view pipeline");
+            }
+        } else if !demand && running {
+            let stop = {
+                let mut s = view.lock();
+                let since = *s.idle_since.get_or_insert_with(Instant::now);
+                since.elapsed() >= IDLE_STOP
+            };
+            if stop {
+                stop_pipeline(&agent, &view);
+            }
+        } else if demand {
+            view.lock().idle_since = None;
+        }
+    }
+}
+
+fn start_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
+    let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone())?;
+    info!(stream = %view.id, "view pipeline started");
+    let inputs = {
+        let mut s = view.lock();
+        s.pipeline = Some(p);
+        s.idle_since = None;
+        s.inputs.clone()
+    };
+    for stream in inputs {
+        attach(agent, view, &stream);
+    }
+    relayout(view);
+    Ok(())
+}
+
+fn stop_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) {
+    let (pipeline, taps) = {
+        let mut s = view.lock();
+        (s.pipeline.take(), std::mem::take(&mut s.taps))
+    };
+    for (stream, kind, sink, task) in taps {
+        agent.untap(&stream, kind, sink);
+        task.abort();
+    }
+    drop(pipeline);
+    info!(stream = %view.id, "view pipeline stopped (no consumer)");
+}
+
+/// Connects a stream's tracks to the running pipeline.
+fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
+    let mut s = view.lock();
+    if s.pipeline.is_none() {
+        return;
+    }
+    for kind in [MediaKind::Video, MediaKind::Audio] {
+        let wanted = match kind {
+            MediaKind::Video => view.video_out.is_some(),
+            MediaKind::Audio => view.audio_out.is_some(),
+        };
+        if !wanted || s.taps.iter().any(|(st, k, ..)| st == stream && *k == kind) {
+            continue;
+        }
+        let Some(mut tap) = agent.tap(stream, kind) else { continue };
+        let Some(p) = s.pipeline.as_mut() else { return };
+        let appsrc = match p.add_input(stream, kind, &tap.codec.mime_type) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(%stream, kind = kind.as_str(), error = %e, "cannot add input to the mix");
+                agent.untap(stream, kind, tap.sink_id);
+                continue;
+            }
+        };
+        let task = tokio::spawn(async move {
+            while let Some(packet) = tap.packets.recv().await {
+                ViewPipeline::push(&appsrc, kind, packet);
+            }
+        });
+        s.taps.push((stream.to_string(), kind, tap.sink_id, task));
+    }
+}
+
+fn detach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
+    let mut s = view.lock();
+    let mut kept = Vec::new();
+    for (st, kind, sink, task) in std::mem::take(&mut s.taps) {
+        if st == stream {
+            agent.untap(&st, kind, sink);
+            task.abort();
+            if let Some(p) = s.pipeline.as_mut() {
+                p.remove_input(&st, kind);
+            }
+        } else {
+            kept.push((st, kind, sink, task));
+        }
+    }
+    s.taps = kept;
+}
+
+fn relayout(view: &ViewMix) {
+    let s = view.lock();
+    if let Some(p) = &s.pipeline {
+        p.apply_layout(&view.assigned(&s));
+    }
+}
+
+/// Parses an OWT layout value into regions (a custom template) and pins.
+fn parse_layout(value: &Value) -> Result<(CustomTemplate, Vec<(String, String)>), AgentError> {
+    let items = value.as_array().ok_or_else(|| AgentError::Rejected("layout must be an array".into()))?;
+    let mut regions = Vec::new();
+    let mut pins = Vec::new();
+    let mut seen_streams = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let region: tessera_core::room::Region = serde_json::from_value(item.get("region").cloned().unwrap_or(Value::Null))
+            .map_err(|e| AgentError::Rejected(format!("layout[{i}].region: {e}")))?;
+        if regions.iter().any(|r: &tessera_core::room::Region| r.id == region.id) {
+            return Err(AgentError::Rejected(format!("layout[{i}].region.id `{}` is used twice", region.id)));
+        }
+        if let Some(stream) = item.get("stream").and_then(Value::as_str) {
+            if seen_streams.contains(&stream) {
+                return Err(AgentError::Rejected(format!("layout[{i}].stream `{stream}` is used twice")));
+            }
+            seen_streams.push(stream);
+            pins.push((stream.to_string(), region.id.clone()));
+        }
+        regions.push(region);
+    }
+    if regions.is_empty() {
+        return Err(AgentError::Rejected("layout needs at least one region".into()));
+    }
+    let template = CustomTemplate { primary: None, region: regions };
+    // Validate areas with the room model's rules.
+    let check = Room {
+        views: vec![View {
+            video: Some(tessera_core::room::ViewVideo {
+                layout: tessera_core::room::Layout {
+                    templates: tessera_core::room::Templates { base: "void".into(), custom: vec![template.clone()] },
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        name: "check".into(),
+        ..Default::default()
+    };
+    check.validate().map_err(|e| AgentError::Rejected(format!("layout: {}", e.reason)))?;
+    Ok((template, pins))
+}
+
+#[async_trait::async_trait]
+impl MixEngine for Mixer {
+    async fn start_room(&self, room: &Room) -> Vec<Value> {
+        let existing = self.lock().get(&room.id).map(|v| v.values().cloned().collect::<Vec<_>>());
+        let views = match existing {
+            Some(v) => v,
+            None => {
+                let views: Vec<Arc<ViewMix>> = room.views.iter().map(|v| self.create_view(room, v)).collect();
+                let mut rooms = self.lock();
+                let entry = rooms.entry(room.id.clone()).or_default();
+                for v in &views {
+                    entry.entry(v.config.label.clone()).or_insert_with(|| v.clone());
+                }
+                info!(room = %room.id, views = views.len(), "room mixing ready");
+                entry.values().cloned().collect()
+            }
+        };
+        let mut infos: Vec<Value> = views.iter().map(|v| v.stream_info()).collect();
+        infos.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        infos
+    }
+
+    async fn stop_room(&self, room: &str) {
+        let views = self.lock().remove(room);
+        for view in views.into_iter().flat_map(|v| v.into_values()) {
+            stop_pipeline(&self.agent, &view);
+            self.agent.remove_local_stream(&view.id);
+        }
+    }
+
+    async fn mix(&self, room: &str, label: &str, stream: &str) -> Result<Value, AgentError> {
+        let view = self.view(room, label)?;
+        {
+            let mut s = view.lock();
+            if !s.inputs.iter().any(|i| i == stream) {
+                if view.config.video.as_ref().is_some_and(|v| s.inputs.len() >= v.max_input as usize) {
+                    return Err(AgentError::Rejected(format!("View {label} is full")));
+                }
+                s.inputs.push(stream.to_string());
+            }
+        }
+        attach(&self.agent, &view, stream);
+        relayout(&view);
+        Ok(view.layout_json())
+    }
+
+    async fn unmix(&self, room: &str, label: &str, stream: &str) -> Result<Value, AgentError> {
+        let view = self.view(room, label)?;
+        {
+            let mut s = view.lock();
+            s.inputs.retain(|i| i != stream);
+            s.pins.retain(|(st, _)| st != stream);
+        }
+        detach(&self.agent, &view, stream);
+        relayout(&view);
+        Ok(view.layout_json())
+    }
+
+    async fn set_layout(&self, room: &str, label: &str, layout_value: Value) -> Result<Value, AgentError> {
+        let view = self.view(room, label)?;
+        let (template, pins) = parse_layout(&layout_value)?;
+        {
+            let mut s = view.lock();
+            for (stream, _) in &pins {
+                if !s.inputs.contains(stream) {
+                    return Err(AgentError::Rejected(format!("Stream {stream} is not mixed in view {label}")));
+                }
+            }
+            let mut base = view.config.video.as_ref().map(|v| v.layout.clone()).unwrap_or_default();
+            base.templates.custom.push(template);
+            s.templates = Templates::from_layout(&base, view.config.video.as_ref().map(|v| v.max_input).unwrap_or(16));
+            s.pins = pins;
+        }
+        relayout(&view);
+        Ok(view.layout_json())
+    }
+
+    async fn set_region(&self, room: &str, label: &str, stream: &str, region: &str) -> Result<Value, AgentError> {
+        let view = self.view(room, label)?;
+        {
+            let mut s = view.lock();
+            if !s.inputs.iter().any(|i| i == stream) {
+                return Err(AgentError::Rejected(format!("Stream {stream} is not mixed in view {label}")));
+            }
+            let regions = s.templates.for_inputs(s.inputs.len());
+            if !regions.iter().any(|r| r.id == region) {
+                return Err(AgentError::Rejected(format!("Region does NOT exist: {region}")));
+            }
+            // Whoever held the region gives it up; the stream moves there.
+            s.pins.retain(|(st, r)| st != stream && r != region);
+            s.pins.push((stream.to_string(), region.to_string()));
+        }
+        relayout(&view);
+        Ok(view.layout_json())
+    }
+
+    async fn layout(&self, room: &str, label: &str) -> Option<Value> {
+        self.view(room, label).ok().map(|v| v.layout_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_values_are_validated() {
+        let ok = json!([
+            {"stream": "a", "region": {"id": "1", "shape": "rectangle", "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}}},
+            {"region": {"id": "2", "shape": "rectangle", "area": {"left": "1/2", "top": "0", "width": "1/2", "height": "1"}}}
+        ]);
+        let (t, pins) = parse_layout(&ok).unwrap();
+        assert_eq!(t.region.len(), 2);
+        assert_eq!(pins, vec![("a".to_string(), "1".to_string())]);
+        let dup = json!([
+            {"stream": "a", "region": {"id": "1", "area": {"left": "0", "top": "0", "width": "1", "height": "1"}}},
+            {"stream": "a", "region": {"id": "2", "area": {"left": "0", "top": "0", "width": "1", "height": "1"}}}
+        ]);
+        assert!(parse_layout(&dup).unwrap_err().to_string().contains("used twice"));
+        let outside = json!([{"region": {"id": "1", "area": {"left": "1/2", "top": "0", "width": "1", "height": "1"}}}]);
+        assert!(parse_layout(&outside).is_err());
+        assert!(parse_layout(&json!({})).is_err());
+    }
+}

@@ -125,16 +125,18 @@ impl Conferences {
         }
     }
 
-    /// Removes a participant, returning it; drops the room state when it empties.
-    pub fn remove(&mut self, room: &str, participant: &str) -> Option<Participant> {
+    /// Removes a participant, returning it and whether the room emptied (its state is
+    /// then dropped: streams belong to participants, mixed ones to the room's life).
+    pub fn remove(&mut self, room: &str, participant: &str) -> Option<(Participant, bool)> {
         let r = self.rooms.get_mut(room)?;
         let idx = r.participants.iter().position(|p| p.info.id == participant)?;
         let p = r.participants.remove(idx);
         self.where_is.remove(participant);
-        if r.participants.is_empty() && r.streams.is_empty() {
+        let emptied = r.participants.is_empty();
+        if emptied {
             self.rooms.remove(room);
         }
-        Some(p)
+        Some((p, emptied))
     }
 
     /// REST view of a room's participants.

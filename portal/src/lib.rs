@@ -8,6 +8,7 @@
 mod conference;
 pub mod http;
 mod media;
+mod mixing;
 mod requests;
 mod session;
 pub mod settings;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use tessera_core::agent::{AgentEvent, MediaAgent};
+use tessera_core::agent::{AgentEvent, MediaAgent, MixEngine};
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{TokenAuthority, TokenLedger};
 use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomStore};
@@ -43,6 +44,7 @@ struct Inner {
     sio: SocketIo,
     conferences: Mutex<Conferences>,
     agent: Option<Arc<dyn MediaAgent>>,
+    mixer: Option<Arc<dyn MixEngine>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -64,6 +66,7 @@ impl Portal {
         store: Arc<RoomStore>,
         tokens: TokenAuthority,
         agent: Option<(Arc<dyn MediaAgent>, tokio::sync::mpsc::Receiver<AgentEvent>)>,
+        mixer: Option<Arc<dyn MixEngine>>,
     ) -> Portal {
         let (agent, events) = match agent {
             Some((a, e)) => (Some(a), Some(e)),
@@ -80,6 +83,7 @@ impl Portal {
                 sio,
                 conferences: Mutex::new(Conferences::default()),
                 agent,
+                mixer,
             }),
         };
         if let Some(mut events) = events {
@@ -131,17 +135,22 @@ impl Portal {
     /// Removes a participant from its room and tells the others.
     pub(crate) fn leave(&self, room: &str, participant: &str, reason: &str) {
         let notify_leave = self.inner.store.get(room).map(|r| r.notifying.participant_activities).unwrap_or(true);
-        let publications = {
+        let (publications, emptied) = {
             let mut conf = self.lock();
-            let Some(p) = conf.remove(room, participant) else { return };
+            let Some((p, emptied)) = conf.remove(room, participant) else { return };
             info!(room, participant, reason, "participant left");
             if notify_leave {
                 conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
             }
-            p.publications()
+            (p.publications(), emptied)
         };
         let (portal, room, participant) = (self.clone(), room.to_string(), participant.to_string());
-        tokio::spawn(async move { portal.media_cleanup(&room, &participant, publications).await });
+        tokio::spawn(async move {
+            portal.media_cleanup(&room, &participant, publications).await;
+            if emptied {
+                portal.room_emptied(&room).await;
+            }
+        });
     }
 
     /// Drops one participant: `drop` notification, leave, socket closed.
@@ -232,6 +241,10 @@ impl RoomControl for Portal {
         }
         self.on_agent_event(AgentEvent::StreamEnded { room: room.into(), stream: stream.into(), reason: "deleted over REST".into() });
         Ok(())
+    }
+
+    async fn patch_stream(&self, room: &str, stream: &str, ops: &Value) -> Result<Value, ControlError> {
+        self.patch(room, stream, ops).await
     }
 
     async fn room_updated(&self, _room: &tessera_core::Room) {

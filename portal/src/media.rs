@@ -320,7 +320,13 @@ impl Portal {
                 self.set_track_status(room, &id, switch);
                 Ok(Some(json!("ok")))
             }
-            "mix" | "unmix" | "get-region" | "set-region" => Err(format!("stream-control: `{op}` needs the mixer, which this server does not run yet")),
+            "mix" | "unmix" | "set-region" if mixed => Err(format!("stream-control: `{op}` applies to forward streams")),
+            "mix" | "unmix" | "get-region" | "set-region" => {
+                if !is_owner {
+                    return Err("unauthorized".into());
+                }
+                self.mix_control(room, &id, op, d.get("data")).await
+            }
             other => Err(format!("stream-control: unknown operation `{other}`")),
         }
     }
@@ -365,14 +371,18 @@ impl Portal {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
         let Some(r) = conf.rooms.get_mut(room) else { return };
-        let before = r.streams.len();
-        r.streams.retain(|s| s["id"] != stream);
-        if r.streams.len() == before {
-            return;
-        }
+        let Some(idx) = r.streams.iter().position(|s| s["id"] == stream) else { return };
+        let removed = r.streams.remove(idx);
         info!(room, stream, reason, "stream removed");
         if notify {
             conf.broadcast(room, None, "stream", &json!({"id": stream, "status": "remove"}));
+        }
+        drop(conf);
+        let views: Vec<String> =
+            removed["info"]["inViews"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        if !views.is_empty() {
+            let (portal, room, stream) = (self.clone(), room.to_string(), stream.to_string());
+            tokio::spawn(async move { portal.unmix_everywhere(&room, &stream, views).await });
         }
     }
 
@@ -429,6 +439,9 @@ impl Portal {
                 if notify {
                     conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": stream}));
                 }
+                drop(conf);
+                let portal = self.clone();
+                tokio::spawn(async move { portal.auto_mix(&room, &id).await });
             }
             AgentEvent::StreamEnded { room, stream, reason } => {
                 let owner = {

@@ -108,6 +108,7 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                 }
                 let mut replay = Vec::new();
                 let reply = match &state {
+                    State::Fresh if name == "login" => login(&portal, &handle, &mut state, &args).await,
                     State::Joined { room, participant, .. } if MEDIA.contains(&name.as_str()) => {
                         let (room, participant) = (room.clone(), participant.clone());
                         portal.media_request(&room, &participant, &name, &args).await
@@ -140,7 +141,6 @@ fn dispatch(
     replay: &mut Vec<(String, Value)>,
 ) -> Reply {
     match (name, &*state) {
-        ("login", State::Fresh) => login(portal, handle, state, args),
         ("relogin", State::Fresh) => relogin(portal, handle, state, args, replay),
         ("login" | "relogin", _) => Err("Connection is in service".into()),
         (_, State::Joined { room, participant, .. }) => {
@@ -177,7 +177,7 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
+async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
     let req: Login = requests::parse("login", args)?;
@@ -209,6 +209,7 @@ fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Valu
         }
     }
     info!(room = %room.id, participant = %participant, user = %claims.user, role = %claims.role, "participant joined");
+    portal.ensure_mixing(&room).await;
     let ticket = portal.ticket_for(&participant)?;
     *state = State::Joined { room: room.id.clone(), participant: participant.clone(), generation: 0 };
     let mut result = json!({

@@ -104,7 +104,7 @@ async fn official_client_interop() {
     let server = start_server().await;
 
     let child = tokio::process::Command::new("node")
-        .args(["--test", "tests/node/socketio-echo.test.mjs"])
+        .args(["--test", "--test-force-exit", "tests/node/socketio-echo.test.mjs"])
         .current_dir(&root)
         .env("TESSERA_SIO_URL", &server.url)
         .env("TESSERA_SIO_MAX_PAYLOAD", MAX_PAYLOAD.to_string())

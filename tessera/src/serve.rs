@@ -146,13 +146,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
     let tokens = TokenAuthority::new(key.as_bytes());
-    let (agent, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
-    let agent: Arc<dyn tessera_core::agent::MediaAgent> = agent;
+    let (sfu, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
+    let mixer: Arc<dyn tessera_core::agent::MixEngine> = tessera_mixer::Mixer::new(sfu.clone());
+    let agent: Arc<dyn tessera_core::agent::MediaAgent> = sfu;
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),
         store.clone(),
         tokens.clone(),
         Some((agent, agent_events)),
+        Some(mixer),
     );
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),

@@ -22,7 +22,7 @@ fn portal_protocol_with_real_socketio_client() {
     .unwrap();
     let server = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
     let out = Command::new("node")
-        .args(["--test", "--test-concurrency=1", "portal.test.mjs"])
+        .args(["--test", "--test-concurrency=1", "--test-force-exit", "portal.test.mjs"])
         .current_dir(&node_dir)
         .env("TESSERA_PORTAL", &server.portal)
         .env("TESSERA_API", &server.api)

@@ -97,7 +97,15 @@ test('login returns identity, permissions, room snapshot and a ticket', async ()
   assert.equal(info.room.id, room);
   assert.deepEqual(info.room.views, ['common']);
   assert.deepEqual(info.room.participants, [{ id: info.id, user: 'alice', role: 'presenter' }]);
-  assert.deepEqual(info.room.streams, []);
+  // The room's view yields one mixed stream from the start.
+  assert.equal(info.room.streams.length, 1);
+  const mixed = info.room.streams[0];
+  assert.equal(mixed.id, `${room}-common`);
+  assert.equal(mixed.type, 'mixed');
+  assert.equal(mixed.info.label, 'common');
+  // No input yet: one empty full-size region (fluid template).
+  assert.deepEqual(mixed.info.layout, [{ region: { id: '1', shape: 'rectangle', area: { left: '0/1', top: '0/1', width: '1/1', height: '1/1' } } }]);
+  assert.deepEqual(mixed.media.tracks.map((t) => t.type), ['audio', 'video']);
   const ticket = JSON.parse(Buffer.from(info.reconnectionTicket, 'base64').toString());
   assert.equal(ticket.participantId, info.id);
   assert.ok(ticket.notAfter > Date.now());

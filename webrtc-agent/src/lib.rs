@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use publication::Publication;
+pub use publication::KeyframeSource;
 use transport::{TransportCmd, TransportHandle};
 
 /// Settings of the SFU, from the `[webrtc]` config section.
@@ -68,13 +69,37 @@ impl AgentSettings {
     }
 }
 
+/// A track of a stream produced inside the server.
+pub struct LocalTrack {
+    /// Audio or video.
+    pub kind: tessera_core::agent::MediaKind,
+    /// Its RTP codec.
+    pub codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+    /// Called (throttled) when a subscriber needs a keyframe.
+    pub on_keyframe: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// A consumer's tap on a stream's track.
+pub struct Tap {
+    /// The track's codec.
+    pub codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+    /// Id to remove the tap.
+    pub sink_id: u64,
+    /// Clear to stop receiving without removing the tap (an idle consumer).
+    pub active: Arc<std::sync::atomic::AtomicBool>,
+    /// The packets (header extensions stripped).
+    pub packets: mpsc::Receiver<rtc::rtp::Packet>,
+}
+
 /// Counts of live objects, for the stats endpoint and leak tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AgentStats {
     /// Open transports (peer connections).
     pub transports: usize,
-    /// Publications (announced or flowing).
+    /// Client publications (announced or flowing).
     pub publications: usize,
+    /// Streams produced inside the server (mixed views).
+    pub local_streams: usize,
     /// Subscriptions.
     pub subscriptions: usize,
 }
@@ -119,7 +144,50 @@ impl WebrtcAgent {
     /// Counts of live transports, publications and subscriptions.
     pub fn stats(&self) -> AgentStats {
         let s = self.lock();
-        AgentStats { transports: s.transports.len(), publications: s.publications.len(), subscriptions: s.subscriptions.len() }
+        let local = s.publications.values().filter(|p| p.participant.is_empty()).count();
+        AgentStats {
+            transports: s.transports.len(),
+            publications: s.publications.len() - local,
+            local_streams: local,
+            subscriptions: s.subscriptions.len(),
+        }
+    }
+
+    /// Registers a stream produced inside the server (a mixed view) so clients can
+    /// subscribe to it like to a forward stream. Returns one fan-out per track, in order,
+    /// for the producer to feed with [`forward::Fanout::forward`].
+    pub fn add_local_stream(&self, room: &str, id: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<forward::Fanout>> {
+        let p = Arc::new(Publication::local(room, id, self.settings.keyframe_interval));
+        let fanouts = tracks.into_iter().map(|t| p.add_track(t.kind, t.codec, KeyframeSource::Local(t.on_keyframe)).fanout.clone()).collect();
+        self.lock().publications.insert(id.to_string(), p);
+        fanouts
+    }
+
+    /// Removes a stream added by [`WebrtcAgent::add_local_stream`]; its subscribers stop receiving.
+    pub fn remove_local_stream(&self, id: &str) {
+        let p = self.lock().publications.remove(id);
+        if let Some(p) = p {
+            p.end();
+        }
+    }
+
+    /// Taps a stream's track for a consumer inside the server (the mixer): returns the
+    /// codec, the sink id (to stop with [`WebrtcAgent::untap`]) and the packets.
+    pub fn tap(&self, stream: &str, kind: tessera_core::agent::MediaKind) -> Option<Tap> {
+        let p = self.publication(stream)?;
+        let track = p.track(kind)?;
+        let (sink, packets) = forward::Sink::new();
+        let tap = Tap { codec: track.codec.clone(), sink_id: sink.id, active: sink.active.clone(), packets };
+        track.fanout.add(sink);
+        track.request_keyframe();
+        Some(tap)
+    }
+
+    /// Stops a tap.
+    pub fn untap(&self, stream: &str, kind: tessera_core::agent::MediaKind, sink_id: u64) {
+        if let Some(t) = self.publication(stream).and_then(|p| p.track(kind)) {
+            t.fanout.remove(sink_id);
+        }
     }
 
     pub(crate) fn publication(&self, id: &str) -> Option<Arc<Publication>> {

@@ -15,13 +15,25 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use crate::forward::{Fanout, KeyframeDecision, KeyframeThrottle};
 
-/// One received track of a publication.
+/// How a track's producer is asked for a keyframe.
+pub enum KeyframeSource {
+    /// A remote publisher: send it a PLI for this SSRC.
+    Remote {
+        /// The publisher's track.
+        track: Arc<dyn TrackRemote>,
+        /// Its media SSRC.
+        ssrc: u32,
+    },
+    /// A producer inside the server (the mixer's encoder): call this.
+    Local(Arc<dyn Fn() + Send + Sync>),
+}
+
+/// One track of a publication (received from a client, or produced by the mixer).
 pub(crate) struct PubTrack {
     pub kind: MediaKind,
     pub codec: RTCRtpCodec,
     pub fanout: Arc<Fanout>,
-    remote: Arc<dyn TrackRemote>,
-    media_ssrc: u32,
+    source: KeyframeSource,
     throttle: Mutex<KeyframeThrottle>,
     /// Publisher-side mute (`stream-control pause`): nothing is forwarded while false.
     active: AtomicBool,
@@ -52,17 +64,24 @@ impl PubTrack {
     }
 
     async fn send_pli(&self) {
-        let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: self.media_ssrc };
-        if let Err(e) = self.remote.write_rtcp(vec![Box::new(pli)]).await {
-            debug!(error = %e, "PLI to publisher failed");
-        } else {
-            debug!(ssrc = self.media_ssrc, "PLI sent to publisher");
+        match &self.source {
+            KeyframeSource::Remote { track, ssrc } => {
+                let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: *ssrc };
+                if let Err(e) = track.write_rtcp(vec![Box::new(pli)]).await {
+                    debug!(error = %e, "PLI to publisher failed");
+                } else {
+                    debug!(ssrc, "PLI sent to publisher");
+                }
+            }
+            KeyframeSource::Local(f) => f(),
         }
     }
 
-    /// Reads the publisher's packets until the track ends, forwarding them.
+    /// Reads a remote publisher's packets until the track ends, forwarding them.
     pub async fn run_reader(self: Arc<Self>, ended: Arc<AtomicBool>) {
-        while let Some(event) = self.remote.poll().await {
+        let KeyframeSource::Remote { track, .. } = &self.source else { return };
+        let remote = track.clone();
+        while let Some(event) = remote.poll().await {
             match event {
                 TrackRemoteEvent::OnRtpPacket(mut packet) => {
                     if ended.load(Ordering::Relaxed) {
@@ -98,6 +117,25 @@ pub(crate) struct Publication {
 }
 
 impl Publication {
+    /// A stream produced inside the server: no owner, no transport, ready at once.
+    pub fn local(room: &str, id: &str, keyframe_interval: Duration) -> Self {
+        let p = Publication {
+            id: id.into(),
+            room: room.into(),
+            participant: String::new(),
+            transport: String::new(),
+            announced: Vec::new(),
+            data: false,
+            keyframe_interval,
+            tracks: Mutex::new(Vec::new()),
+            data_open: AtomicBool::new(false),
+            data_sinks: Mutex::new(Vec::new()),
+            ready: AtomicBool::new(true),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        p
+    }
+
     pub fn new(spec: &PublishSpec, keyframe_interval: Duration) -> Self {
         Publication {
             id: spec.at.session.clone(),
@@ -120,14 +158,13 @@ impl Publication {
         self.announced.iter().find(|t| t.mid == mid)
     }
 
-    /// Registers a received track; returns it for its reader task.
-    pub fn add_track(&self, kind: MediaKind, codec: RTCRtpCodec, remote: Arc<dyn TrackRemote>, media_ssrc: u32) -> Arc<PubTrack> {
+    /// Registers a track; returns it (for its reader task, when remote).
+    pub fn add_track(&self, kind: MediaKind, codec: RTCRtpCodec, source: KeyframeSource) -> Arc<PubTrack> {
         let t = Arc::new(PubTrack {
             kind,
             codec,
             fanout: Arc::new(Fanout::default()),
-            remote,
-            media_ssrc,
+            source,
             throttle: Mutex::new(KeyframeThrottle::new(self.keyframe_interval)),
             active: AtomicBool::new(true),
         });

@@ -497,7 +497,7 @@ impl Task {
             return;
         }
         info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, "publisher track flowing");
-        let track = publication.add_track(kind, codec, remote, ssrc);
+        let track = publication.add_track(kind, codec, crate::publication::KeyframeSource::Remote { track: remote, ssrc });
         tokio::spawn(track.run_reader(publication.ended.clone()));
         self.check_ready(&publication).await;
     }

@@ -1,0 +1,289 @@
+//! One GStreamer pipeline per running view (see `docs/mixer.md` for the diagram):
+//!
+//! ```text
+//! videotestsrc (background colour, live clock) ─┐
+//! appsrc → rtpjitterbuffer → depay → decoder ───┼→ compositor → vp8enc/x264enc → pay → appsink → fan-out
+//! appsrc → ... (one branch per video input)  ───┘
+//! audiotestsrc (silence, live clock) ───────────┐
+//! appsrc → rtpjitterbuffer → rtpopusdepay → opusdec ┼→ audiomixer → opusenc → rtpopuspay → appsink → fan-out
+//! ```
+//!
+//! Inputs are bins added and removed while the pipeline plays, on compositor/audiomixer
+//! request pads. The silent/background sources keep the mix producing output with zero
+//! inputs; `ignore-inactive-pads` keeps a stalled input from holding the mix back; the
+//! decoders ignore corrupt frames (`max-errors=-1`) so a bad input freezes alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use rtc::shared::marshal::{Marshal, Unmarshal};
+use tessera_core::agent::MediaKind;
+use tessera_core::room::View;
+use tessera_webrtc_agent::forward::Fanout;
+use tracing::{debug, warn};
+
+use crate::layout::Rect;
+
+/// Payload types used inside the pipeline (inputs are rewritten to them).
+const VIDEO_PT: u8 = 96;
+const AUDIO_PT: u8 = 111;
+
+/// Errors building or changing a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// An element could not be made or linked (missing plugin, bad description).
+    #[error("GStreamer: {0}")]
+    Gst(String),
+}
+
+impl From<gst::glib::Error> for PipelineError {
+    fn from(e: gst::glib::Error) -> Self {
+        PipelineError::Gst(e.to_string())
+    }
+}
+
+impl From<gst::glib::BoolError> for PipelineError {
+    fn from(e: gst::glib::BoolError) -> Self {
+        PipelineError::Gst(e.to_string())
+    }
+}
+
+/// One input branch in the pipeline.
+struct Branch {
+    bin: gst::Bin,
+    appsrc: gst_app::AppSrc,
+    mixer_pad: gst::Pad,
+}
+
+/// A running view pipeline.
+pub struct ViewPipeline {
+    pipeline: gst::Pipeline,
+    compositor: Option<gst::Element>,
+    audiomixer: Option<gst::Element>,
+    video_sink: Option<gst::Element>,
+    width: u32,
+    height: u32,
+    branches: HashMap<(String, MediaKind), Branch>,
+}
+
+/// Encoder bitrate for a view, in kbit/s: configured, or derived like OWT from resolution,
+/// frame rate and motion factor.
+pub fn bitrate_kbps(view: &View) -> u32 {
+    let Some(v) = &view.video else { return 0 };
+    if let Some(b) = v.parameters.bitrate {
+        return b;
+    }
+    let pixels = f64::from(v.parameters.resolution.width * v.parameters.resolution.height);
+    let kbps = pixels * f64::from(v.parameters.framerate) * v.motion_factor * 0.07 / 1000.0;
+    (kbps as u32).clamp(100, 20_000)
+}
+
+fn rgb_hex(view: &View) -> u32 {
+    let c = view.video.as_ref().map(|v| v.bg_color).unwrap_or_default();
+    0xFF00_0000 | (u32::from(c.r) << 16) | (u32::from(c.g) << 8) | u32::from(c.b)
+}
+
+/// Feeds RTP from the fan-out callback: parses the appsink buffer and forwards it.
+fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>) {
+    sink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
+                let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
+                let mut bytes = map.as_slice();
+                match rtc::rtp::Packet::unmarshal(&mut bytes) {
+                    Ok(mut packet) => fanout.forward(&mut packet),
+                    Err(e) => debug!(error = %e, "unparsable RTP from the encoder"),
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+}
+
+impl ViewPipeline {
+    /// Builds and starts the pipeline of a view, feeding the given fan-outs.
+    pub fn start(view: &View, video_out: Option<Arc<Fanout>>, audio_out: Option<Arc<Fanout>>) -> Result<ViewPipeline, PipelineError> {
+        gst::init()?;
+        let mut desc = String::new();
+        let (mut width, mut height) = (0, 0);
+        if let (Some(v), Some(_)) = (&view.video, &video_out) {
+            let p = &v.parameters;
+            (width, height) = (p.resolution.width, p.resolution.height);
+            let caps = format!("video/x-raw,format=I420,width={},height={},framerate={}/1", width, height, p.framerate);
+            let kbps = bitrate_kbps(view);
+            let encoder = if v.format.codec == "h264" {
+                format!(
+                    "x264enc name=venc tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads=2 ! video/x-h264,profile=constrained-baseline ! rtph264pay name=vpay pt={VIDEO_PT} mtu=1200 config-interval=-1",
+                    kfi = p.key_frame_interval
+                )
+            } else {
+                format!(
+                    "vp8enc name=venc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads=2 static-threshold=100 ! rtpvp8pay name=vpay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
+                    bps = kbps * 1000,
+                    kfi = p.key_frame_interval
+                )
+            };
+            desc.push_str(&format!(
+                "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp ignore-inactive-pads=true background=black ! {caps} ! queue max-size-buffers=2 leaky=downstream ! {encoder} ! appsink name=vsink sync=false emit-signals=false max-buffers=64 drop=true ",
+                bg = rgb_hex(view)
+            ));
+        }
+        if let (Some(_), Some(_)) = (&view.audio, &audio_out) {
+            desc.push_str(&format!(
+                "audiotestsrc is-live=true wave=silence samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! audiomixer name=amix ignore-inactive-pads=true ! audio/x-raw,rate=48000,channels=2 ! audioconvert ! opusenc bitrate=64000 frame-size=20 ! rtpopuspay pt={AUDIO_PT} ! appsink name=asink sync=false emit-signals=false max-buffers=64 drop=true"
+            ));
+        }
+        if desc.is_empty() {
+            return Err(PipelineError::Gst("view has neither audio nor video".into()));
+        }
+        let pipeline = gst::parse::launch(&desc)?
+            .downcast::<gst::Pipeline>()
+            .map_err(|_| PipelineError::Gst("not a pipeline".into()))?;
+        let compositor = pipeline.by_name("comp");
+        let audiomixer = pipeline.by_name("amix");
+        let video_sink = pipeline.by_name("vsink");
+        if let (Some(sink), Some(fanout)) = (&video_sink, video_out) {
+            let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("vsink".into()))?;
+            forward_to(&appsink, fanout);
+        }
+        if let (Some(sink), Some(fanout)) = (pipeline.by_name("asink"), audio_out) {
+            let appsink = sink.downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("asink".into()))?;
+            forward_to(&appsink, fanout);
+        }
+        // The background covers the whole canvas under every input.
+        if let Some(comp) = &compositor
+            && let Some(pad) = comp.static_pad("sink_0")
+        {
+            pad.set_property("zorder", 0u32);
+        }
+        pipeline.set_state(gst::State::Playing).map_err(|e| PipelineError::Gst(format!("cannot play: {e}")))?;
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new() })
+    }
+
+    /// The pipeline's bus, to watch for errors.
+    pub fn bus(&self) -> Option<gst::Bus> {
+        self.pipeline.bus()
+    }
+
+    /// Adds an input branch for one track of a stream; returns where to push its RTP.
+    pub fn add_input(&mut self, stream: &str, kind: MediaKind, codec_mime: &str) -> Result<gst_app::AppSrc, PipelineError> {
+        let key = (stream.to_string(), kind);
+        if let Some(b) = self.branches.get(&key) {
+            return Ok(b.appsrc.clone());
+        }
+        let mime = codec_mime.to_ascii_lowercase();
+        let (desc, mixer) = match kind {
+            MediaKind::Video => {
+                let Some(comp) = &self.compositor else { return Err(PipelineError::Gst("view has no video".into())) };
+                let (enc, depay, dec) = match mime.as_str() {
+                    "video/h264" => ("H264", "rtph264depay", "avdec_h264 max-errors=-1"),
+                    "video/vp9" => ("VP9", "rtpvp9depay", "vp9dec max-errors=-1"),
+                    _ => ("VP8", "rtpvp8depay", "vp8dec max-errors=-1"),
+                };
+                (
+                    format!(
+                        "appsrc name=src is-live=true format=time do-timestamp=true max-bytes=2000000 leaky-type=downstream caps=\"application/x-rtp,media=video,encoding-name={enc},clock-rate=90000,payload={VIDEO_PT}\" ! rtpjitterbuffer latency=80 drop-on-latency=true ! {depay} ! {dec} ! videoconvert ! videoscale ! queue max-size-buffers=3 leaky=downstream"
+                    ),
+                    comp.clone(),
+                )
+            }
+            MediaKind::Audio => {
+                let Some(amix) = &self.audiomixer else { return Err(PipelineError::Gst("view has no audio".into())) };
+                (
+                    format!(
+                        "appsrc name=src is-live=true format=time do-timestamp=true max-bytes=500000 leaky-type=downstream caps=\"application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload={AUDIO_PT}\" ! rtpjitterbuffer latency=80 drop-on-latency=true ! rtpopusdepay ! opusdec plc=true ! audioconvert ! audioresample ! audio/x-raw,rate=48000,channels=2 ! queue max-size-time=200000000 leaky=downstream"
+                    ),
+                    amix.clone(),
+                )
+            }
+        };
+        let bin = gst::parse::bin_from_description(&desc, true)?;
+        let appsrc = bin
+            .by_name("src")
+            .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+            .ok_or_else(|| PipelineError::Gst("input appsrc".into()))?;
+        self.pipeline.add(&bin)?;
+        let src_pad = bin.static_pad("src").ok_or_else(|| PipelineError::Gst("input bin has no src pad".into()))?;
+        let mixer_pad = mixer.request_pad_simple("sink_%u").ok_or_else(|| PipelineError::Gst("no mixer pad".into()))?;
+        if kind == MediaKind::Video {
+            mixer_pad.set_property("zorder", 1u32);
+            mixer_pad.set_property_from_str("sizing-policy", "keep-aspect-ratio");
+            // Hidden until the layout places it.
+            mixer_pad.set_property("alpha", 0.0f64);
+        }
+        src_pad.link(&mixer_pad).map_err(|e| PipelineError::Gst(format!("linking input: {e:?}")))?;
+        bin.sync_state_with_parent()?;
+        self.branches.insert(key, Branch { bin, appsrc: appsrc.clone(), mixer_pad });
+        Ok(appsrc)
+    }
+
+    /// Removes an input branch; the others keep flowing.
+    pub fn remove_input(&mut self, stream: &str, kind: MediaKind) {
+        let Some(b) = self.branches.remove(&(stream.to_string(), kind)) else { return };
+        let _ = b.appsrc.end_of_stream();
+        let _ = b.bin.set_state(gst::State::Null);
+        if let Some(src) = b.bin.static_pad("src") {
+            let _ = src.unlink(&b.mixer_pad);
+        }
+        if let Some(parent) = b.mixer_pad.parent_element() {
+            parent.release_request_pad(&b.mixer_pad);
+        }
+        let _ = self.pipeline.remove(&b.bin);
+    }
+
+    /// Places video inputs: each assigned stream's pad gets its region; others are hidden.
+    pub fn apply_layout(&self, assigned: &[(Rect, Option<String>)]) {
+        for ((stream, kind), b) in &self.branches {
+            if *kind != MediaKind::Video {
+                continue;
+            }
+            match assigned.iter().find(|(_, s)| s.as_deref() == Some(stream.as_str())) {
+                Some((rect, _)) => {
+                    let (x, y, w, h) = rect.pixels(self.width, self.height);
+                    b.mixer_pad.set_property("xpos", x);
+                    b.mixer_pad.set_property("ypos", y);
+                    b.mixer_pad.set_property("width", w);
+                    b.mixer_pad.set_property("height", h);
+                    b.mixer_pad.set_property("alpha", 1.0f64);
+                }
+                None => b.mixer_pad.set_property("alpha", 0.0f64),
+            }
+        }
+    }
+
+    /// Asks the video encoder for a keyframe now.
+    pub fn force_keyframe(&self) {
+        if let Some(sink) = &self.video_sink {
+            let s = gst::Structure::builder("GstForceKeyUnit").field("all-headers", true).build();
+            sink.send_event(gst::event::CustomUpstream::new(s));
+        }
+    }
+
+    /// Pushes one RTP packet of an input into its appsrc, with the pipeline's payload type.
+    pub fn push(appsrc: &gst_app::AppSrc, kind: MediaKind, mut packet: rtc::rtp::Packet) {
+        packet.header.payload_type = match kind {
+            MediaKind::Video => VIDEO_PT,
+            MediaKind::Audio => AUDIO_PT,
+        };
+        match packet.marshal() {
+            Ok(bytes) => {
+                if let Err(e) = appsrc.push_buffer(gst::Buffer::from_slice(bytes)) {
+                    debug!(error = ?e, "input dropped by the pipeline");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot serialise an input packet"),
+        }
+    }
+
+}
+
+impl Drop for ViewPipeline {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}

@@ -1,0 +1,214 @@
+//! The room side of mixing: mixed streams exist while the room is live, forward streams
+//! go into views (automatically when the room says `autoMix`, or by `stream-control
+//! mix/unmix` and REST PATCH), and every layout change reaches the room as a `stream`
+//! update (`video.layout`).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_core::{ControlError, Room};
+use tracing::{debug, info};
+
+use crate::Portal;
+
+impl Portal {
+    /// Creates the room's mixed streams if needed and lists them in the room state.
+    pub(crate) async fn ensure_mixing(&self, room: &Room) {
+        let Some(m) = &self.inner.mixer else { return };
+        if room.views.is_empty() {
+            return;
+        }
+        let infos = m.start_room(room).await;
+        let mut conf = self.lock();
+        let Some(r) = conf.rooms.get_mut(&room.id) else { return };
+        for info in infos {
+            if !r.streams.iter().any(|s| s["id"] == info["id"]) {
+                r.streams.push(info);
+            }
+        }
+    }
+
+    /// The last participant left: free the room's mixing unless someone came back meanwhile.
+    pub(crate) async fn room_emptied(&self, room: &str) {
+        let Some(m) = self.inner.mixer.clone() else { return };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if self.lock().rooms.contains_key(room) {
+            return;
+        }
+        m.stop_room(room).await;
+        info!(room, "room mixing stopped (room empty)");
+    }
+
+    fn view_labels(&self, room: &str) -> Vec<String> {
+        self.inner.store.get(room).map(|r| r.views.iter().map(|v| v.label.clone()).collect()).unwrap_or_default()
+    }
+
+    /// A new forward stream joins every view, when the room mixes automatically.
+    pub(crate) async fn auto_mix(&self, room: &str, stream: &str) {
+        let Some(cfg) = self.inner.store.get(room) else { return };
+        if !cfg.auto_mix {
+            return;
+        }
+        for label in self.view_labels(room) {
+            if let Err(e) = self.mix_into(room, &label, stream).await {
+                debug!(room, stream, view = %label, error = %e, "auto-mix skipped");
+            }
+        }
+    }
+
+    /// Mixes a forward stream into a view.
+    pub(crate) async fn mix_into(&self, room: &str, label: &str, stream: &str) -> Result<(), String> {
+        let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
+        self.forward_stream(room, stream)?;
+        let layout = m.mix(room, label, stream).await.map_err(|e| e.to_string())?;
+        self.set_in_view(room, stream, label, true);
+        self.layout_changed(room, label, layout);
+        Ok(())
+    }
+
+    /// Takes a stream out of a view.
+    pub(crate) async fn unmix_from(&self, room: &str, label: &str, stream: &str) -> Result<(), String> {
+        let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
+        let layout = m.unmix(room, label, stream).await.map_err(|e| e.to_string())?;
+        self.set_in_view(room, stream, label, false);
+        self.layout_changed(room, label, layout);
+        Ok(())
+    }
+
+    /// A stream left the room: take it out of the views it was in.
+    pub(crate) async fn unmix_everywhere(&self, room: &str, stream: &str, views: Vec<String>) {
+        for label in views {
+            if let Err(e) = self.unmix_from(room, &label, stream).await {
+                debug!(room, stream, view = %label, error = %e, "unmix after removal");
+            }
+        }
+    }
+
+    fn forward_stream(&self, room: &str, stream: &str) -> Result<Value, String> {
+        let conf = self.lock();
+        let s = conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned();
+        match s {
+            Some(s) if s["type"] == "forward" => Ok(s),
+            Some(_) => Err(format!("Stream {stream} is not a forward stream")),
+            None => Err(format!("Stream does NOT exist: {stream}")),
+        }
+    }
+
+    fn set_in_view(&self, room: &str, stream: &str, label: &str, present: bool) {
+        let mut conf = self.lock();
+        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == stream)) else { return };
+        let mut views: Vec<String> =
+            s["info"]["inViews"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        views.retain(|v| v != label);
+        if present {
+            views.push(label.to_string());
+        }
+        s["info"]["inViews"] = json!(views);
+    }
+
+    /// Records a view's new layout and tells the room.
+    fn layout_changed(&self, room: &str, label: &str, layout: Value) {
+        let id = format!("{room}-{label}");
+        let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
+        let mut conf = self.lock();
+        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == id.as_str())) else { return };
+        if s["info"]["layout"] == layout {
+            return;
+        }
+        s["info"]["layout"] = layout.clone();
+        if notify {
+            let data = json!({"id": id, "status": "update", "data": {"field": "video.layout", "value": layout}});
+            conf.broadcast(room, None, "stream", &data);
+        }
+    }
+
+    /// The view label of a mixed stream id, if it is one of this room's.
+    fn view_of(&self, room: &str, stream: &str) -> Option<String> {
+        self.view_labels(room).into_iter().find(|l| format!("{room}-{l}") == stream)
+    }
+
+    /// `stream-control` operations that concern mixing.
+    pub(crate) async fn mix_control(&self, room: &str, stream: &str, op: &str, data: Option<&Value>) -> Result<Option<Value>, String> {
+        match op {
+            "mix" | "unmix" => {
+                let label = data.and_then(Value::as_str).ok_or_else(|| format!("stream-control: `{op}` needs data: \"<view label>\""))?;
+                if op == "mix" {
+                    self.mix_into(room, label, stream).await?;
+                } else {
+                    self.unmix_from(room, label, stream).await?;
+                }
+                Ok(Some(json!("ok")))
+            }
+            "get-region" => {
+                let label = data.and_then(Value::as_str).ok_or("stream-control: `get-region` needs data: \"<view label>\"")?;
+                let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
+                let layout = m.layout(room, label).await.ok_or_else(|| format!("View does NOT exist: {label}"))?;
+                let region = layout
+                    .as_array()
+                    .and_then(|a| a.iter().find(|e| e["stream"] == stream))
+                    .and_then(|e| e["region"]["id"].as_str().map(str::to_string))
+                    .ok_or_else(|| format!("Stream {stream} is not in view {label}"))?;
+                Ok(Some(json!({"region": region})))
+            }
+            "set-region" => {
+                let d = data.ok_or("stream-control: `set-region` needs data: {view, region}")?;
+                let label = d["view"].as_str().ok_or("stream-control: set-region data.view must be a string")?;
+                let region = d["region"].as_str().ok_or("stream-control: set-region data.region must be a string")?;
+                let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
+                let layout = m.set_region(room, label, stream, region).await.map_err(|e| e.to_string())?;
+                self.layout_changed(room, label, layout);
+                Ok(Some(json!("ok")))
+            }
+            other => Err(format!("stream-control: unknown operation `{other}`")),
+        }
+    }
+
+    /// REST `PATCH /v1/rooms/{room}/streams/{stream}` (OWT StreamUpdate operations).
+    pub(crate) async fn patch(&self, room: &str, stream: &str, ops: &Value) -> Result<Value, ControlError> {
+        let ops = ops.as_array().ok_or_else(|| ControlError::BadRequest("body must be an array of operations".into()))?;
+        let exists = self.lock().room(room).is_some_and(|r| r.streams.iter().any(|s| s["id"] == stream));
+        if !exists {
+            return Err(ControlError::StreamNotFound(stream.into()));
+        }
+        let mixed_view = self.view_of(room, stream);
+        for (i, op) in ops.iter().enumerate() {
+            let bad = |m: &str| ControlError::BadRequest(format!("[{i}]: {m}"));
+            let kind = op["op"].as_str().ok_or_else(|| bad("`op` must be a string"))?;
+            let path = op["path"].as_str().ok_or_else(|| bad("`path` must be a string"))?;
+            let value = &op["value"];
+            match (kind, path, &mixed_view) {
+                ("add" | "remove", "/info/inViews", None) => {
+                    let label = value.as_str().ok_or_else(|| bad("`value` must be a view label"))?;
+                    let r = if kind == "add" { self.mix_into(room, label, stream).await } else { self.unmix_from(room, label, stream).await };
+                    r.map_err(|e| bad(&e))?;
+                }
+                ("replace", "/info/layout", Some(label)) => {
+                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
+                    let layout = m.set_layout(room, label, value.clone()).await.map_err(|e| bad(&e.to_string()))?;
+                    self.layout_changed(room, label, layout);
+                }
+                ("replace", p, Some(label)) if p.starts_with("/info/layout/") && p.ends_with("/stream") => {
+                    let index: usize = p["/info/layout/".len()..p.len() - "/stream".len()]
+                        .parse()
+                        .map_err(|_| bad("path must be /info/layout/<index>/stream"))?;
+                    let target = value.as_str().ok_or_else(|| bad("`value` must be a stream id"))?;
+                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
+                    let layout = m.layout(room, label).await.ok_or_else(|| bad("view is gone"))?;
+                    let region = layout
+                        .get(index)
+                        .and_then(|e| e["region"]["id"].as_str())
+                        .ok_or_else(|| bad(&format!("layout has no region #{index}")))?
+                        .to_string();
+                    let layout = m.set_region(room, label, target, &region).await.map_err(|e| bad(&e.to_string()))?;
+                    self.layout_changed(room, label, layout);
+                }
+                _ => return Err(bad(&format!("unsupported operation `{kind} {path}` on this stream"))),
+            }
+        }
+        let conf = self.lock();
+        conf.room(room)
+            .and_then(|r| r.streams.iter().find(|s| s["id"] == stream))
+            .cloned()
+            .ok_or_else(|| ControlError::StreamNotFound(stream.into()))
+    }
+}
