@@ -132,13 +132,14 @@ impl Templates {
     }
 }
 
-/// Which stream fills which region: streams in join order, except pinned ones, which
-/// keep their region while it exists.
-pub fn assign(regions: &[Rect], inputs: &[String], pins: &[(String, String)]) -> Vec<(Rect, Option<String>)> {
+/// Which stream fills which region: pinned streams first, then streams keep the region
+/// they had (`previous`, so tiles do not jump when someone leaves), then the rest in join
+/// order into the first free regions.
+pub fn assign(regions: &[Rect], inputs: &[String], pins: &[(String, String)], previous: &[(String, String)]) -> Vec<(Rect, Option<String>)> {
     let mut out: Vec<(Rect, Option<String>)> = regions.iter().map(|r| (r.clone(), None)).collect();
     let mut placed: Vec<&String> = Vec::new();
-    for (stream, region) in pins {
-        if !inputs.contains(stream) {
+    for (stream, region) in pins.iter().chain(previous) {
+        if !inputs.contains(stream) || placed.contains(&stream) {
             continue;
         }
         if let Some(slot) = out.iter_mut().find(|(r, s)| &r.id == region && s.is_none()) {
@@ -234,9 +235,14 @@ mod tests {
         let t = Templates::from_layout(&layout("fluid"), 16);
         let regions = t.for_inputs(3);
         let inputs = vec!["s1".to_string(), "s2".into(), "s3".into()];
-        let a = assign(regions, &inputs, &[]);
+        let a = assign(regions, &inputs, &[], &[]);
         assert_eq!(a.iter().map(|(_, s)| s.as_deref()).collect::<Vec<_>>(), [Some("s1"), Some("s2"), Some("s3"), None]);
-        let a = assign(regions, &inputs, &[("s3".into(), "1".into()), ("gone".into(), "2".into())]);
+        // s1 leaves: the others keep their regions; s4 takes the first free one.
+        let previous: Vec<(String, String)> = a.iter().filter_map(|(r, s)| s.clone().map(|s| (s, r.id.clone()))).collect();
+        let later = vec!["s2".to_string(), "s3".into(), "s4".into()];
+        let b = assign(regions, &later, &[], &previous);
+        assert_eq!(b.iter().map(|(_, s)| s.as_deref()).collect::<Vec<_>>(), [Some("s4"), Some("s2"), Some("s3"), None]);
+        let a = assign(regions, &inputs, &[("s3".into(), "1".into()), ("gone".into(), "2".into())], &[]);
         assert_eq!(a.iter().map(|(_, s)| s.as_deref()).collect::<Vec<_>>(), [Some("s3"), Some("s1"), Some("s2"), None]);
         let j = to_json(&a);
         assert_eq!(j[0]["stream"], "s3");

@@ -19,7 +19,7 @@ use tessera_core::agent::{AgentError, MediaKind, MixEngine};
 use tessera_core::room::{CustomTemplate, Room, View};
 use tessera_webrtc_agent::forward::Fanout;
 use tessera_webrtc_agent::{LocalTrack, WebrtcAgent};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use layout::{Rect, Templates};
 use pipeline::ViewPipeline;
@@ -38,6 +38,8 @@ pub fn mixed_stream_id(room: &str, label: &str) -> String {
 struct ViewState {
     inputs: Vec<String>,
     pins: Vec<(String, String)>,
+    /// Where each stream was last placed, so it stays there while others come and go.
+    placed: Vec<(String, String)>,
     templates: Templates,
     pipeline: Option<ViewPipeline>,
     /// Taps feeding the pipeline: (stream, kind, sink id, feeder task).
@@ -58,14 +60,16 @@ impl ViewMix {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn assigned(&self, s: &ViewState) -> Vec<(Rect, Option<String>)> {
-        let video_inputs: Vec<String> = s.inputs.clone();
-        layout::assign(s.templates.for_inputs(video_inputs.len()), &video_inputs, &s.pins)
+    /// Computes the placement and remembers it.
+    fn assigned(&self, s: &mut ViewState) -> Vec<(Rect, Option<String>)> {
+        let a = layout::assign(s.templates.for_inputs(s.inputs.len()), &s.inputs, &s.pins, &s.placed);
+        s.placed = a.iter().filter_map(|(r, st)| st.clone().map(|st| (st, r.id.clone()))).collect();
+        a
     }
 
     fn layout_json(&self) -> Value {
-        let s = self.lock();
-        layout::to_json(&self.assigned(&s))
+        let mut s = self.lock();
+        layout::to_json(&self.assigned(&mut s))
     }
 
     fn demand(&self) -> bool {
@@ -185,7 +189,15 @@ impl Mixer {
             config: config.clone(),
             video_out,
             audio_out,
-            state: Mutex::new(ViewState { inputs: Vec::new(), pins: Vec::new(), templates, pipeline: None, taps: Vec::new(), idle_since: None }),
+            state: Mutex::new(ViewState {
+                inputs: Vec::new(),
+                pins: Vec::new(),
+                placed: Vec::new(),
+                templates,
+                pipeline: None,
+                taps: Vec::new(),
+                idle_since: None,
+            }),
         });
         if let Ok(mut w) = weak_view.lock() {
             *w = Arc::downgrade(&view);
@@ -276,9 +288,19 @@ fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
                 continue;
             }
         };
+        debug!(%stream, kind = kind.as_str(), codec = %tap.codec.mime_type, "input attached");
+        let name = stream.to_string();
         let task = tokio::spawn(async move {
+            let mut n = 0u64;
             while let Some(packet) = tap.packets.recv().await {
+                if n == 0 {
+                    debug!(stream = %name, kind = kind.as_str(), "first input packet");
+                }
                 ViewPipeline::push(&appsrc, kind, packet);
+                n += 1;
+                if n == 1 || n % 500 == 0 {
+                    debug!(stream = %name, kind = kind.as_str(), packets = n, "input flowing");
+                }
             }
         });
         s.taps.push((stream.to_string(), kind, tap.sink_id, task));
@@ -303,9 +325,10 @@ fn detach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
 }
 
 fn relayout(view: &ViewMix) {
-    let s = view.lock();
+    let mut s = view.lock();
+    let assigned = view.assigned(&mut s);
     if let Some(p) = &s.pipeline {
-        p.apply_layout(&view.assigned(&s));
+        p.apply_layout(&assigned);
     }
 }
 
@@ -441,9 +464,17 @@ impl MixEngine for Mixer {
             if !regions.iter().any(|r| r.id == region) {
                 return Err(AgentError::Rejected(format!("Region does NOT exist: {region}")));
             }
-            // Whoever held the region gives it up; the stream moves there.
+            // The stream moves there; whoever held the region takes the stream's old one.
+            let old = s.placed.iter().find(|(st, _)| st == stream).map(|(_, r)| r.clone());
+            let holder = s.placed.iter().find(|(_, r)| r == region).map(|(st, _)| st.clone());
             s.pins.retain(|(st, r)| st != stream && r != region);
             s.pins.push((stream.to_string(), region.to_string()));
+            if let (Some(holder), Some(old)) = (holder, old)
+                && holder != stream
+            {
+                s.placed.retain(|(st, _)| *st != holder);
+                s.placed.push((holder, old));
+            }
         }
         relayout(&view);
         Ok(view.layout_json())

@@ -162,6 +162,10 @@ impl ViewPipeline {
             pad.set_property("zorder", 0u32);
         }
         pipeline.set_state(gst::State::Playing).map_err(|e| PipelineError::Gst(format!("cannot play: {e}")))?;
+        // Wait until it plays: a branch added while the state change is still in flight
+        // would sync to PAUSED and never flow.
+        let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
+        result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
         Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new() })
     }
 
@@ -217,7 +221,8 @@ impl ViewPipeline {
             mixer_pad.set_property("alpha", 0.0f64);
         }
         src_pad.link(&mixer_pad).map_err(|e| PipelineError::Gst(format!("linking input: {e:?}")))?;
-        bin.sync_state_with_parent()?;
+        // The pipeline always plays while inputs come and go.
+        bin.set_state(gst::State::Playing).map_err(|e| PipelineError::Gst(format!("starting input: {e}")))?;
         self.branches.insert(key, Branch { bin, appsrc: appsrc.clone(), mixer_pad });
         Ok(appsrc)
     }

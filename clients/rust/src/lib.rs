@@ -2,5 +2,6 @@
 //! over Socket.IO (websocket transport) in [`signaling`], and WebRTC publishers and
 //! subscribers in `peer`.
 
+pub mod media;
 pub mod peer;
 pub mod signaling;

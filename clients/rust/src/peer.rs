@@ -425,6 +425,30 @@ impl Publisher {
         Ok(publisher)
     }
 
+    /// Whether the server asked for a keyframe since the last call (for real encoders).
+    pub fn take_keyframe_request(&self) -> bool {
+        self.keyframe_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Writes an RTP packet made elsewhere (a real encoder) on the `"audio"` or `"video"`
+    /// track, with this track's SSRC and negotiated payload type.
+    pub async fn write_rtp(&self, kind: &str, mut packet: rtp::Packet) {
+        let t = if kind == "video" { &self.video } else { &self.audio };
+        let Some(t) = t else { return };
+        // Continue this track's own sequence: a jump back to the encoder's numbering
+        // would look like a replay to SRTP and be dropped.
+        packet.header.sequence_number = {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = if kind == "video" { &mut c.video_seq } else { &mut c.audio_seq };
+            let n = *seq;
+            *seq = seq.wrapping_add(1);
+            n
+        };
+        packet.header.ssrc = t.ssrc;
+        packet.header.payload_type = t.payload_type;
+        let _ = t.local.write_rtp(packet).await;
+    }
+
     /// Sends one video frame (a keyframe when one was asked for) of `bytes` bytes.
     pub async fn send_video(&self, bytes: usize) {
         let Some(v) = &self.video else { return };

@@ -1,0 +1,235 @@
+//! Real encoded media for tests and benchmarks, made and read with GStreamer: a live
+//! VP8 (solid colour) + Opus (sine tone) source feeding a [`Publisher`], and offline
+//! decoders that turn received RTP back into RGB frames and PCM samples.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use rtc::shared::marshal::{Marshal, Unmarshal};
+use tokio::sync::mpsc;
+
+use crate::peer::{Publisher, Received};
+
+/// A running GStreamer source; stops when dropped.
+pub struct LiveSource {
+    pipeline: gst::Pipeline,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for LiveSource {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn appsink_to_channel(sink: gst_app::AppSink) -> mpsc::Receiver<rtc::rtp::Packet> {
+    let (tx, rx) = mpsc::channel(1024);
+    sink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |s| {
+                let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                if let Some(buf) = sample.buffer()
+                    && let Ok(map) = buf.map_readable()
+                {
+                    let mut bytes = map.as_slice();
+                    if let Ok(p) = rtc::rtp::Packet::unmarshal(&mut bytes) {
+                        let _ = tx.try_send(p);
+                    }
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    rx
+}
+
+/// Starts encoding a solid `rgb` colour (VP8, 320×240, 15 fps) and a `tone_hz` sine (Opus)
+/// into the publisher's tracks. The publisher's keyframe requests force VP8 keyframes.
+pub fn live_source(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u32) -> anyhow::Result<LiveSource> {
+    gst::init()?;
+    let colour = 0xFF00_0000u32 | (u32::from(rgb.0) << 16) | (u32::from(rgb.1) << 8) | u32::from(rgb.2);
+    let desc = format!(
+        "videotestsrc is-live=true pattern=solid-color foreground-color={colour} ! video/x-raw,width=320,height=240,framerate=15/1 ! \
+         videoconvert ! vp8enc name=enc deadline=1 cpu-used=8 keyframe-max-dist=30 target-bitrate=300000 ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false \
+         audiotestsrc is-live=true wave=sine freq={tone_hz} volume=0.4 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! \
+         audioconvert ! opusenc bitrate=64000 ! rtpopuspay pt=111 ! appsink name=a sync=false"
+    );
+    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
+    let sink = |name: &str| -> anyhow::Result<gst_app::AppSink> {
+        pipeline
+            .by_name(name)
+            .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+            .ok_or_else(|| anyhow!("no appsink {name}"))
+    };
+    let mut video = appsink_to_channel(sink("v")?);
+    let mut audio = appsink_to_channel(sink("a")?);
+    // Keyframes are asked for from the sink end: an upstream event, not serialised with
+    // the data, so it cannot wait on the streaming thread.
+    let vsink = pipeline.by_name("v").ok_or_else(|| anyhow!("no video sink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let p = publisher.clone();
+    let v_task = tokio::spawn(async move {
+        while let Some(packet) = video.recv().await {
+            if p.take_keyframe_request() {
+                let s = gst::Structure::builder("GstForceKeyUnit").field("all-headers", true).build();
+                vsink.send_event(gst::event::CustomUpstream::new(s));
+            }
+            p.write_rtp("video", packet).await;
+        }
+    });
+    let a_task = tokio::spawn(async move {
+        while let Some(packet) = audio.recv().await {
+            publisher.write_rtp("audio", packet).await;
+        }
+    });
+    Ok(LiveSource { pipeline, tasks: vec![v_task, a_task] })
+}
+
+fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> anyhow::Result<Vec<gst::Sample>> {
+    gst::init()?;
+    let pipeline = gst::parse::launch(desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
+    let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok()).ok_or_else(|| anyhow!("no appsrc"))?;
+    let sink = pipeline.by_name("sink").and_then(|e| e.downcast::<gst_app::AppSink>().ok()).ok_or_else(|| anyhow!("no appsink"))?;
+    src.set_caps(Some(&caps.parse::<gst::Caps>()?));
+    pipeline.set_state(gst::State::Playing)?;
+    // Order by sequence (unwrapped) so depayloaders see the stream as sent.
+    packets.sort_by_key(|p| p.arrived_us);
+    let first_ts = packets.first().map(|p| p.header.timestamp).unwrap_or(0);
+    let mut ext_seq: Vec<(i64, usize)> = Vec::new();
+    let mut last: Option<i64> = None;
+    for (i, p) in packets.iter().enumerate() {
+        let s = i64::from(p.header.sequence_number);
+        let unwrapped = match last {
+            None => s,
+            Some(l) => {
+                let base = l - (l & 0xFFFF);
+                let cands = [base + s - 0x10000, base + s, base + s + 0x10000];
+                *cands.iter().min_by_key(|c| (**c - l).abs()).unwrap_or(&s)
+            }
+        };
+        last = Some(unwrapped);
+        ext_seq.push((unwrapped, i));
+    }
+    ext_seq.sort();
+    ext_seq.dedup_by_key(|(s, _)| *s);
+    let mut samples = Vec::new();
+    for (_, i) in ext_seq {
+        let p = &packets[i];
+        let pkt = rtc::rtp::Packet { header: p.header.clone(), payload: p.payload.clone() };
+        let bytes = pkt.marshal().context("marshal")?;
+        let mut buf = gst::Buffer::from_slice(bytes);
+        let secs = f64::from(p.header.timestamp.wrapping_sub(first_ts)) / clock;
+        if let Some(b) = buf.get_mut() {
+            b.set_pts(gst::ClockTime::from_nseconds((secs * 1e9) as u64));
+        }
+        src.push_buffer(buf).map_err(|e| anyhow!("push: {e:?}"))?;
+        while let Some(s) = sink.try_pull_sample(gst::ClockTime::ZERO) {
+            samples.push(s);
+        }
+    }
+    src.end_of_stream().map_err(|e| anyhow!("eos: {e:?}"))?;
+    while let Some(s) = sink.try_pull_sample(gst::ClockTime::from_mseconds(500)) {
+        samples.push(s);
+    }
+    pipeline.set_state(gst::State::Null)?;
+    Ok(samples)
+}
+
+/// A decoded RGB frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Packed RGB rows.
+    pub rgb: Vec<u8>,
+}
+
+impl Frame {
+    /// The colour at (x, y).
+    pub fn at(&self, x: usize, y: usize) -> (u8, u8, u8) {
+        let i = (y.min(self.height - 1) * self.width + x.min(self.width - 1)) * 3;
+        (self.rgb[i], self.rgb[i + 1], self.rgb[i + 2])
+    }
+
+    /// Average colour of a small square around (x, y).
+    pub fn around(&self, x: usize, y: usize) -> (u8, u8, u8) {
+        let (mut r, mut g, mut b, mut n) = (0u32, 0u32, 0u32, 0u32);
+        for dy in 0..8 {
+            for dx in 0..8 {
+                let (pr, pg, pb) = self.at((x + dx).saturating_sub(4), (y + dy).saturating_sub(4));
+                r += u32::from(pr);
+                g += u32::from(pg);
+                b += u32::from(pb);
+                n += 1;
+            }
+        }
+        ((r / n) as u8, (g / n) as u8, (b / n) as u8)
+    }
+}
+
+/// Decodes received VP8 RTP into RGB frames.
+pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
+    let mut video: Vec<Received> = packets.iter().filter(|p| p.kind == "video").cloned().collect();
+    let desc = "appsrc name=src format=time ! rtpvp8depay ! vp8dec ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false";
+    let caps = "application/x-rtp,media=video,encoding-name=VP8,clock-rate=90000,payload=96";
+    let samples = run_decoder(desc, caps, &mut video, 90000.0)?;
+    let mut frames = Vec::new();
+    for s in samples {
+        let (Some(buf), Some(caps)) = (s.buffer(), s.caps()) else { continue };
+        let st = caps.structure(0).ok_or_else(|| anyhow!("caps"))?;
+        let width = st.get::<i32>("width")? as usize;
+        let height = st.get::<i32>("height")? as usize;
+        let map = buf.map_readable()?;
+        // RGB rows are padded to 4 bytes.
+        let stride = (width * 3).div_ceil(4) * 4;
+        let mut rgb = Vec::with_capacity(width * height * 3);
+        for row in 0..height {
+            let start = row * stride;
+            rgb.extend_from_slice(map.get(start..start + width * 3).ok_or_else(|| anyhow!("short frame"))?);
+        }
+        frames.push(Frame { width, height, rgb });
+    }
+    Ok(frames)
+}
+
+/// Decodes received Opus RTP into mono 48 kHz samples.
+pub fn decode_opus(packets: &[Received]) -> anyhow::Result<Vec<i16>> {
+    let mut audio: Vec<Received> = packets.iter().filter(|p| p.kind == "audio").cloned().collect();
+    let desc = "appsrc name=src format=time ! rtpopusdepay ! opusdec ! audioconvert ! audioresample ! audio/x-raw,format=S16LE,channels=1,rate=48000 ! appsink name=sink sync=false";
+    let caps = "application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload=111";
+    let samples = run_decoder(desc, caps, &mut audio, 48000.0)?;
+    let mut pcm = Vec::new();
+    for s in samples {
+        let Some(buf) = s.buffer() else { continue };
+        let map = buf.map_readable()?;
+        pcm.extend(map.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+    }
+    Ok(pcm)
+}
+
+/// Signal power at `freq` Hz (Goertzel), normalised by length.
+pub fn tone_power(pcm: &[i16], freq: f64, rate: f64) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / rate;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in pcm {
+        let s0 = f64::from(x) + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (pcm.len().max(1) as f64).powi(2)
+}
+
+/// Waits, then returns (for convenience in tests).
+pub async fn settle(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}

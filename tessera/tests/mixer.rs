@@ -1,0 +1,185 @@
+//! The mixer end to end: real VP8/Opus publishers (GStreamer encoders) over WebRTC,
+//! a subscriber to the room's mixed stream decoding what it receives.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_client::media::{Frame, decode_opus, decode_vp8, live_source, tone_power};
+use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber};
+use tessera_client::signaling::Signaling;
+
+const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
+
+async fn join(s: &common::Server, room: &str, user: &str) -> Signaling {
+    let token = s.token(room, user, "presenter").await;
+    let mut sig = Signaling::connect(&s.portal).await.unwrap();
+    sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await.unwrap();
+    sig
+}
+
+fn is(c: (u8, u8, u8), want: &str) -> bool {
+    let (r, g, b) = (i32::from(c.0), i32::from(c.1), i32::from(c.2));
+    match want {
+        "red" => r > 150 && g < 90 && b < 90,
+        "blue" => b > 150 && r < 90 && g < 90,
+        "black" => r < 50 && g < 50 && b < 50,
+        _ => false,
+    }
+}
+
+/// Colour at the centre of each quadrant of a 2×2 fluid layout.
+fn quadrants(f: &Frame) -> [(u8, u8, u8); 4] {
+    let (w, h) = (f.width, f.height);
+    [f.around(w / 4, h / 4), f.around(3 * w / 4, h / 4), f.around(w / 4, 3 * h / 4), f.around(3 * w / 4, 3 * h / 4)]
+}
+
+fn snapshot(log: &std::sync::Mutex<Vec<Received>>) -> Vec<Received> {
+    log.lock().unwrap().clone()
+}
+
+fn last_frame(packets: &[Received]) -> Frame {
+    let frames = decode_vp8(packets).unwrap();
+    assert!(frames.len() > 5, "decoded only {} frames", frames.len());
+    frames.last().unwrap().clone()
+}
+
+async fn layout_of(s: &common::Server, room: &str) -> Value {
+    let v: Value = s
+        .client()
+        .get(s.url(&format!("/v1/rooms/{room}/streams/{room}-common")))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["info"]["layout"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
+    let dir = common::tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let room = "dev";
+    let mixed_id = format!("{room}-common");
+
+    // Two publishers: red + 440 Hz, blue + 1000 Hz.
+    let mut asig = join(&s, room, "red").await;
+    let a = Arc::new(Publisher::start(&mut asig, PublishOptions { audio: true, video: true, data: false, tag: 1 }, None).await.unwrap());
+    let _a_src = live_source(a.clone(), (255, 0, 0), 440).unwrap();
+    let mut bsig = join(&s, room, "blue").await;
+    let b = Arc::new(Publisher::start(&mut bsig, PublishOptions { audio: true, video: true, data: false, tag: 2 }, None).await.unwrap());
+    let _b_src = live_source(b.clone(), (0, 0, 255), 1000).unwrap();
+
+    // Both are mixed automatically, in join order.
+    let mut vsig = join(&s, room, "viewer").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = layout_of(&s, room).await;
+        if l[0]["stream"] == a.stream_id.as_str() && l[1]["stream"] == b.stream_id.as_str() {
+            assert_eq!(l.as_array().unwrap().len(), 4, "two inputs use the 2×2 fluid template: {l}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not mixed: {l}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sub = Subscriber::start(&mut vsig, &mixed_id, true, true, false).await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Both inputs appear within a couple of seconds (each needs a keyframe from its publisher).
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let frames = decode_vp8(&snapshot(&sub.received)).unwrap();
+        let ok = frames.last().is_some_and(|f| {
+            let q = quadrants(f);
+            is(q[0], "red") && is(q[1], "blue")
+        });
+        if ok || started.elapsed() > Duration::from_secs(6) {
+            eprintln!("both inputs shown after {:?}", started.elapsed());
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = snapshot(&sub.received);
+    let f = last_frame(&before);
+    assert_eq!((f.width, f.height), (640, 480));
+    let q = quadrants(&f);
+    assert!(is(q[0], "red"), "region 1 shows the first publisher: {q:?}");
+    assert!(is(q[1], "blue"), "region 2 shows the second: {q:?}");
+    assert!(is(q[2], "black") && is(q[3], "black"), "empty regions show the background: {q:?}");
+
+    // Audio holds both tones.
+    let pcm = decode_opus(&before).unwrap();
+    assert!(pcm.len() > 48000, "decoded {} samples from {} audio packets", pcm.len(), before.iter().filter(|p| p.kind == "audio").count());
+    let (p440, p1000, p700, p2500) =
+        (tone_power(&pcm, 440.0, 48000.0), tone_power(&pcm, 1000.0, 48000.0), tone_power(&pcm, 700.0, 48000.0), tone_power(&pcm, 2500.0, 48000.0));
+    assert!(p440 > 20.0 * p700 && p440 > 20.0 * p2500, "440 Hz present: {p440} vs {p700}/{p2500}");
+    assert!(p1000 > 20.0 * p700 && p1000 > 20.0 * p2500, "1000 Hz present: {p1000} vs {p700}/{p2500}");
+
+    // Swap over REST (OWT: put a stream into region #0); everyone is told.
+    let res = s
+        .client()
+        .patch(s.url(&format!("/v1/rooms/{room}/streams/{mixed_id}")))
+        .bearer_auth(common::KEY)
+        .json(&json!([{"op": "replace", "path": "/info/layout/0/stream", "value": b.stream_id}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let updated: Value = res.json().await.unwrap();
+    assert_eq!(updated["info"]["layout"][0]["stream"], b.stream_id.as_str());
+    assert_eq!(updated["info"]["layout"][1]["stream"], a.stream_id.as_str());
+    let note = vsig
+        .wait_for("layout update", Duration::from_secs(3), |n| {
+            n.event == "stream" && n.data["id"] == mixed_id.as_str() && n.data["data"]["field"] == "video.layout" && n.data["data"]["value"][0]["stream"] == b.stream_id.as_str()
+        })
+        .await
+        .unwrap();
+    assert_eq!(note.data["status"], "update");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let q = quadrants(&last_frame(&snapshot(&sub.received)));
+    assert!(is(q[0], "blue") && is(q[1], "red"), "swapped: {q:?}");
+
+    // A bad PATCH is refused precisely.
+    let res = s
+        .client()
+        .patch(s.url(&format!("/v1/rooms/{room}/streams/{mixed_id}")))
+        .bearer_auth(common::KEY)
+        .json(&json!([{"op": "replace", "path": "/info/layout/9/stream", "value": a.stream_id}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+
+    // A corrupt input (undecodable "VP8") joins: it takes the free region, the mix goes on.
+    let mut csig = join(&s, room, "garbage").await;
+    let c = Arc::new(Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3 }, None).await.unwrap());
+    let cc = c.clone();
+    let garbage = tokio::spawn(async move { cc.send_for(Duration::from_secs(5), 30, 900).await.unwrap() });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = layout_of(&s, room).await;
+    assert_eq!(l[2]["stream"], c.stream_id.as_str(), "{l}");
+    let frames_before = decode_vp8(&snapshot(&sub.received)).unwrap().len();
+    let q = quadrants(&last_frame(&snapshot(&sub.received)));
+    assert!(is(q[0], "blue") && is(q[1], "red"), "good inputs unharmed by a corrupt one: {q:?}");
+
+    // The red publisher leaves: its region goes to background, the others stay in place.
+    a.stop(&mut asig).await.unwrap();
+    drop(_a_src);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = layout_of(&s, room).await;
+    assert_eq!(l[0]["stream"], b.stream_id.as_str(), "{l}");
+    assert_eq!(l[1]["stream"], c.stream_id.as_str(), "{l}");
+    let all = snapshot(&sub.received);
+    let frames = decode_vp8(&all).unwrap();
+    assert!(frames.len() > frames_before + 30, "mix keeps producing frames: {} -> {}", frames_before, frames.len());
+    let q = quadrants(frames.last().unwrap());
+    assert!(is(q[0], "blue"), "blue stays: {q:?}");
+    assert!(is(q[1], "black"), "the leaver's region is background: {q:?}");
+    garbage.await.unwrap();
+}
