@@ -71,10 +71,10 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
 
     // Two publishers: red + 440 Hz, blue + 1000 Hz.
     let mut asig = join(&s, room, "red").await;
-    let a = Arc::new(Publisher::start(&mut asig, PublishOptions { audio: true, video: true, data: false, tag: 1 }, None).await.unwrap());
+    let a = Arc::new(Publisher::start(&mut asig, PublishOptions { audio: true, video: true, data: false, tag: 1, h264: false }, None).await.unwrap());
     let _a_src = live_source(a.clone(), (255, 0, 0), 440).unwrap();
     let mut bsig = join(&s, room, "blue").await;
-    let b = Arc::new(Publisher::start(&mut bsig, PublishOptions { audio: true, video: true, data: false, tag: 2 }, None).await.unwrap());
+    let b = Arc::new(Publisher::start(&mut bsig, PublishOptions { audio: true, video: true, data: false, tag: 2, h264: false }, None).await.unwrap());
     let _b_src = live_source(b.clone(), (0, 0, 255), 1000).unwrap();
 
     // Both are mixed automatically, in join order.
@@ -158,7 +158,7 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
 
     // A corrupt input (undecodable "VP8") joins: it takes the free region, the mix goes on.
     let mut csig = join(&s, room, "garbage").await;
-    let c = Arc::new(Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3 }, None).await.unwrap());
+    let c = Arc::new(Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: false }, None).await.unwrap());
     let cc = c.clone();
     let garbage = tokio::spawn(async move { cc.send_for(Duration::from_secs(5), 30, 900).await.unwrap() });
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -48,7 +48,7 @@ async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) 
 }
 
 fn av(tag: u32) -> PublishOptions {
-    PublishOptions { audio: true, video: true, data: false, tag }
+    PublishOptions { audio: true, video: true, data: false, tag, h264: false }
 }
 
 async fn stats(s: &common::Server) -> Value {
@@ -175,7 +175,7 @@ async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
         starts.push(tokio::spawn(async move {
             let mut sig = Signaling::connect(&s_portal).await.unwrap();
             sig.ok("login", Some(json!({"token": s_api_token, "protocol": "1.2"}))).await.unwrap();
-            let p = Publisher::start(&mut sig, PublishOptions { audio: false, video: true, data: false, tag: i }, None).await.unwrap();
+            let p = Publisher::start(&mut sig, PublishOptions { audio: false, video: true, data: false, tag: i, h264: false }, None).await.unwrap();
             (sig, Arc::new(p))
         }));
     }
@@ -233,7 +233,7 @@ async fn data_channel_messages_arrive_intact_and_in_order() {
     let (_dir, s) = server();
     let room = room(&s).await;
     let (mut psig, _) = join(&s, &room, "pub").await;
-    let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1 }, None).await.unwrap();
+    let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1, h264: false }, None).await.unwrap();
     let (mut ssig, _) = join(&s, &room, "sub").await;
     let sub = Subscriber::start(&mut ssig, &p.stream_id, false, false, true).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -360,6 +360,18 @@ async fn bad_signaling_is_refused_precisely() {
     let (mut sig2, _) = join(&s, &room, "y").await;
     let p = Publisher::start(&mut sig2, av(3), None).await.unwrap();
     assert!(!p.stream_id.is_empty());
+
+    // An operator stops it over REST: everyone is told, the publisher included.
+    let url = s.url(&format!("/v1/rooms/{room}/streams/{}", p.stream_id));
+    let res = s.client().delete(&url).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let rm = sig.wait_for("stream remove", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "remove").await.unwrap();
+    assert_eq!(rm.data["id"], p.stream_id.as_str());
+    let res = s.client().delete(&url).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    // A mixed stream cannot be deleted that way.
+    let res = s.client().delete(s.url(&format!("/v1/rooms/{room}/streams/{room}-common"))).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 400);
 }
 
 /// OWT JS SDK 5.x style: one RTCPeerConnection per client for its publication and all
@@ -373,7 +385,7 @@ async fn one_transport_carries_publication_and_subscriptions() {
     let (mut csig, _) = join(&s, &room, "carol").await;
     let mut alice = Publisher::start(&mut asig, av(1), None).await.unwrap();
     let mut bob = Publisher::start(&mut bsig, av(2), None).await.unwrap();
-    let carol = Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3 }, None).await.unwrap();
+    let carol = Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: false }, None).await.unwrap();
     let alice_transport = alice.conn.transport.clone().unwrap();
     assert_eq!(alice_transport, alice.stream_id, "the first session's id names the transport");
 
@@ -414,4 +426,21 @@ async fn one_transport_carries_publication_and_subscriptions() {
     assert!(!a_video.contains_key(&1), "alice does not get her own stream back");
     let b_video = tags(&bob.conn.received, "video");
     assert!(b_video.get(&1).copied().unwrap_or(0) > 50, "bob gets alice's video: {b_video:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h264_is_forwarded_with_the_subscribers_payload_type() {
+    let (_dir, s) = server();
+    let room = room(&s).await;
+    let (mut psig, _) = join(&s, &room, "pub").await;
+    let p = Arc::new(Publisher::start(&mut psig, PublishOptions { audio: false, video: true, data: false, tag: 9, h264: true }, None).await.unwrap());
+    let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
+    assert_eq!(add.data["data"]["media"]["tracks"][0]["format"], json!({"codec": "h264", "profile": "CB"}));
+    let (mut ssig, _) = join(&s, &room, "sub").await;
+    let sub = Subscriber::start(&mut ssig, &p.stream_id, false, true, false).await.unwrap();
+    let pp = p.clone();
+    tokio::spawn(async move { pp.send_for(Duration::from_secs(2), 30, 500).await.unwrap() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = assert_payloads_match(&p, &sub, "video");
+    assert!(n > 40, "h264 packets: {n}");
 }

@@ -200,6 +200,22 @@ test('after the grace period the participant leaves and the ticket is useless', 
   const gone = waitDisconnect(s2);
   assert.deepEqual(await request(s2, 'relogin', alice.info.reconnectionTicket), ['error', 'Client does NOT exist']);
   await gone;
+
+  // Forged and altered tickets are refused clearly, and end that socket only.
+  const decoded = JSON.parse(Buffer.from(bob.info.reconnectionTicket, 'base64').toString());
+  const stolen = Buffer.from(JSON.stringify({ ...decoded, participantId: 'someone-else' })).toString('base64');
+  const extended = Buffer.from(JSON.stringify({ ...decoded, notAfter: decoded.notAfter + 3600e3 })).toString('base64');
+  for (const [ticket, reason] of [
+    ['not a ticket', 'Invalid reconnection ticket'],
+    [stolen, 'Invalid reconnection ticket signature'],
+    [extended, 'Invalid reconnection ticket signature'],
+  ]) {
+    const s3 = await connect();
+    const closed = waitDisconnect(s3);
+    assert.deepEqual(await request(s3, 'relogin', ticket), ['error', reason]);
+    await closed;
+  }
+  assert.deepEqual(await request(bob.s, 'text', { to: 'all', message: 'bob unharmed' }), ['ok', undefined]);
   bob.s.close();
 });
 

@@ -211,6 +211,28 @@ async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn 
     Err(AgentError::Failed(format!("cannot open a media port: {last_err}")))
 }
 
+/// The payload type the subscriber negotiated for the publisher's codec: the same codec
+/// with the same H.264 profile and packetization mode if offered, else the same codec.
+fn negotiated_payload_type(codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters], want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec) -> Option<u8> {
+    let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type);
+    let key = |fmtp: &str| {
+        let mut parts: Vec<String> = fmtp
+            .split(';')
+            .map(|kv| kv.trim().to_ascii_lowercase())
+            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
+            .collect();
+        parts.sort();
+        parts
+    };
+    let wanted = key(&want.sdp_fmtp_line);
+    codecs
+        .iter()
+        .filter(same_mime)
+        .find(|c| key(&c.rtp_codec.sdp_fmtp_line) == wanted)
+        .or_else(|| codecs.iter().find(same_mime))
+        .map(|c| c.payload_type)
+}
+
 /// The order in which m-lines appear in an SDP, by mid.
 fn mid_order(sdp: &str) -> Vec<String> {
     sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_string).collect()
@@ -376,12 +398,7 @@ impl Task {
                 if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(&as_dyn))
                     && let Ok(params) = s.get_parameters().await
                 {
-                    payload_type = params
-                        .rtp_parameters
-                        .codecs
-                        .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&source.codec.mime_type))
-                        .map(|c| c.payload_type);
+                    payload_type = negotiated_payload_type(&params.rtp_parameters.codecs, &source.codec);
                 }
             }
             let Some(payload_type) = payload_type else {

@@ -287,6 +287,8 @@ pub struct PublishOptions {
     pub data: bool,
     /// Marker tag in every packet.
     pub tag: u32,
+    /// Offer H.264 (constrained baseline, packetization mode 1) instead of VP8.
+    pub h264: bool,
 }
 
 /// A publication of synthetic media.
@@ -323,6 +325,15 @@ fn vp8() -> RTCRtpCodec {
     RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
 }
 
+fn h264() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "video/H264".into(),
+        clock_rate: 90000,
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+        ..Default::default()
+    }
+}
+
 fn opus() -> RTCRtpCodec {
     RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48000, channels: 2, sdp_fmtp_line: "minptime=10;useinbandfec=1".into(), ..Default::default() }
 }
@@ -350,7 +361,7 @@ impl Publisher {
         };
         let mut tracks_json = Vec::new();
         let mut made = Vec::new();
-        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, vp8(), "video")] {
+        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, if opts.h264 { h264() } else { vp8() }, "video")] {
             if !on {
                 continue;
             }
