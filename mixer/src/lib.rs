@@ -291,16 +291,13 @@ fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
         debug!(%stream, kind = kind.as_str(), codec = %tap.codec.mime_type, "input attached");
         let name = stream.to_string();
         let task = tokio::spawn(async move {
-            let mut n = 0u64;
+            let mut first = true;
             while let Some(packet) = tap.packets.recv().await {
-                if n == 0 {
-                    debug!(stream = %name, kind = kind.as_str(), "first input packet");
+                if first {
+                    debug!(stream = %name, kind = kind.as_str(), "input flowing");
+                    first = false;
                 }
                 ViewPipeline::push(&appsrc, kind, packet);
-                n += 1;
-                if n == 1 || n % 500 == 0 {
-                    debug!(stream = %name, kind = kind.as_str(), packets = n, "input flowing");
-                }
             }
         });
         s.taps.push((stream.to_string(), kind, tap.sink_id, task));

@@ -119,7 +119,7 @@ pub(crate) struct Publication {
 impl Publication {
     /// A stream produced inside the server: no owner, no transport, ready at once.
     pub fn local(room: &str, id: &str, keyframe_interval: Duration) -> Self {
-        let p = Publication {
+        Publication {
             id: id.into(),
             room: room.into(),
             participant: String::new(),
@@ -132,8 +132,7 @@ impl Publication {
             data_sinks: Mutex::new(Vec::new()),
             ready: AtomicBool::new(true),
             ended: Arc::new(AtomicBool::new(false)),
-        };
-        p
+        }
     }
 
     pub fn new(spec: &PublishSpec, keyframe_interval: Duration) -> Self {
