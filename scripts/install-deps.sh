@@ -11,7 +11,8 @@ want_tests=0
 pkgs=(pkg-config
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x)
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x
+  gstreamer1.0-plugins-base-apps)
 if [ "$want_tests" = 1 ]; then
   pkgs+=(chromium iproute2 util-linux nodejs npm)
 fi

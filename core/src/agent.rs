@@ -215,3 +215,33 @@ pub trait MixEngine: Send + Sync {
     /// The current layout of a view.
     async fn layout(&self, room: &str, view: &str) -> Option<Value>;
 }
+
+/// What to record: a stream's audio and/or video (they may come from different streams).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingSpec {
+    /// `auto`, `webm`, `mkv` or `mp4`.
+    pub container: String,
+    /// Stream to take audio from.
+    pub audio_from: Option<String>,
+    /// Stream to take video from.
+    pub video_from: Option<String>,
+}
+
+/// Recording to storage, as the management API drives it.
+#[async_trait::async_trait]
+pub trait RecordingEngine: Send + Sync {
+    /// Starts a recording; returns its description (`id`, `state`, `storage`, ...).
+    async fn start(&self, room: &str, spec: RecordingSpec) -> Result<Value, AgentError>;
+    /// The room's recordings, running and finished.
+    async fn list(&self, room: &str) -> Vec<Value>;
+    /// Switches the audio or video source of a running recording.
+    async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<Value, AgentError>;
+    /// Stops and finalises a recording; returns its final description.
+    async fn stop(&self, room: &str, id: &str) -> Result<Value, AgentError>;
+    /// The file of a recording, for download.
+    async fn file(&self, room: &str, id: &str) -> Option<std::path::PathBuf>;
+    /// Stops every recording of a deleted room.
+    async fn room_deleted(&self, room: &str);
+    /// Stops and finalises everything (server shutdown).
+    async fn shutdown(&self);
+}

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod error;
+mod recordings;
 mod routes;
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub token_lifetime_secs: u64,
     /// Live conference state.
     pub control: Arc<dyn RoomControl>,
+    /// Recording to storage, when the server records.
+    pub recordings: Option<Arc<dyn tessera_core::agent::RecordingEngine>>,
 }
 
 /// Seconds since the Unix epoch.

@@ -49,14 +49,19 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
                 .route("/rooms/{room}/streams", web::get().to(list_streams))
                 .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
                 .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
-                .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream)),
+                .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream))
+                .route("/rooms/{room}/recordings", web::post().to(crate::recordings::start))
+                .route("/rooms/{room}/recordings", web::get().to(crate::recordings::list))
+                .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
+                .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
+                .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file)),
         )
         .default_service(web::to(not_found));
 }
 
 /// Proof that the request carried valid service credentials. Extracting it runs the check,
 /// so a handler that takes `Authed` cannot forget authentication.
-pub(crate) struct Authed(Caller);
+pub(crate) struct Authed(pub(crate) Caller);
 
 impl FromRequest for Authed {
     type Error = ApiError;
@@ -101,7 +106,7 @@ fn room_json(room: &Room) -> Value {
     v
 }
 
-fn find_room(state: &ApiState, id: &str) -> Result<Room> {
+pub(crate) fn find_room(state: &ApiState, id: &str) -> Result<Room> {
     state.store.get(id).ok_or_else(|| ApiError::RoomNotFound(id.into()))
 }
 
@@ -162,6 +167,9 @@ async fn update_room(
 
 async fn delete_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = state.store.delete(&path)?;
+    if let Some(r) = &state.recordings {
+        r.room_deleted(&room.id).await;
+    }
     state.control.room_deleted(&room.id).await;
     tracing::info!(room = %room.id, "room deleted");
     Ok(HttpResponse::Ok().content_type("text/plain").body("Room deleted"))

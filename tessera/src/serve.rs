@@ -148,6 +148,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let tokens = TokenAuthority::new(key.as_bytes());
     let (sfu, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
     let mixer: Arc<dyn tessera_core::agent::MixEngine> = tessera_mixer::Mixer::new(sfu.clone());
+    let recorder: Arc<dyn tessera_core::agent::RecordingEngine> = tessera_recorder::Recorder::new(sfu.clone(), config.recordings_dir());
     let agent: Arc<dyn tessera_core::agent::MediaAgent> = sfu;
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),
@@ -163,6 +164,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         portal: PortalAddress { host: config.portal_public_host(portal_bound), secure: config.portal.secure },
         token_lifetime_secs: config.portal.token_lifetime_secs,
         control: portal.control(),
+        recordings: Some(recorder.clone()),
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
         store: store.clone(),
@@ -190,6 +192,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => info!("shutdown signal received"),
         r = portal_task => { anyhow::bail!("portal server stopped unexpectedly: {r:?}") }
     }
+    // Recordings first, while their sources still flow, so every file is finalised.
+    recorder.shutdown().await;
     portal.shutdown().await;
     portal_handle.stop(true).await;
     api_handle.stop(true).await;

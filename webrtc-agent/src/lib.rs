@@ -183,6 +183,11 @@ impl WebrtcAgent {
         Some(tap)
     }
 
+    /// The room a stream (forward or produced inside the server) belongs to.
+    pub fn stream_room(&self, stream: &str) -> Option<String> {
+        self.publication(stream).map(|p| p.room.clone())
+    }
+
     /// Stops a tap.
     pub fn untap(&self, stream: &str, kind: tessera_core::agent::MediaKind, sink_id: u64) {
         if let Some(t) = self.publication(stream).and_then(|p| p.track(kind)) {

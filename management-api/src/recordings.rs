@@ -1,0 +1,95 @@
+//! `/v1/rooms/{room}/recordings`: start, list, switch source, stop, download.
+
+use actix_web::{HttpResponse, web};
+use serde_json::Value;
+use tessera_core::agent::{AgentError, MediaKind, RecordingSpec};
+
+use crate::error::ApiError;
+use crate::routes::{Authed, find_room};
+use crate::ApiState;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn engine(state: &ApiState) -> Result<std::sync::Arc<dyn tessera_core::agent::RecordingEngine>> {
+    state.recordings.clone().ok_or_else(|| ApiError::Internal("this server does not record".into()))
+}
+
+fn agent_error(e: AgentError) -> ApiError {
+    match e {
+        AgentError::NoSession(what) => ApiError::NotFound(format!("{what} not found")),
+        AgentError::Rejected(m) | AgentError::NoTransport(m) => ApiError::BadRequest(m),
+        AgentError::Failed(m) => ApiError::Internal(m),
+    }
+}
+
+/// `{from}` or `false`/absent.
+fn source(media: &Value, kind: &str) -> Result<Option<String>> {
+    match media.get(kind) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+        Some(v) => v
+            .get("from")
+            .and_then(Value::as_str)
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| ApiError::BadRequest(format!("Invalid request body: `media.{kind}.from` must be a stream id"))),
+    }
+}
+
+pub(crate) async fn start(_: Authed, state: web::Data<ApiState>, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    let container = match body.get("container") {
+        None | Some(Value::Null) => "auto".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::BadRequest("Invalid request body: `container` must be a string".into())),
+    };
+    let media = body.get("media").filter(|m| m.is_object()).ok_or_else(|| ApiError::BadRequest("Invalid request body: `media` must be an object".into()))?;
+    let spec = RecordingSpec { container, audio_from: source(media, "audio")?, video_from: source(media, "video")? };
+    let rec = engine(&state)?.start(&room.id, spec).await.map_err(agent_error)?;
+    Ok(HttpResponse::Ok().json(rec))
+}
+
+pub(crate) async fn list(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    Ok(HttpResponse::Ok().json(engine(&state)?.list(&room.id).await))
+}
+
+pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {
+    let (room, id) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let ops = body.as_array().ok_or_else(|| ApiError::BadRequest("Invalid request body: expected an array of operations".into()))?;
+    let engine = engine(&state)?;
+    let mut last = Value::Null;
+    for (i, op) in ops.iter().enumerate() {
+        let kind = match (op.get("op").and_then(Value::as_str), op.get("path").and_then(Value::as_str)) {
+            (Some("replace"), Some("/media/audio/from")) => MediaKind::Audio,
+            (Some("replace"), Some("/media/video/from")) => MediaKind::Video,
+            _ => return Err(ApiError::BadRequest(format!("[{i}]: supported: replace /media/audio/from or /media/video/from"))),
+        };
+        let from = op.get("value").and_then(Value::as_str).ok_or_else(|| ApiError::BadRequest(format!("[{i}]: `value` must be a stream id")))?;
+        last = engine.switch_source(&room.id, &id, kind, from).await.map_err(agent_error)?;
+    }
+    Ok(HttpResponse::Ok().json(last))
+}
+
+pub(crate) async fn stop(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, id) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let rec = engine(&state)?.stop(&room.id, &id).await.map_err(agent_error)?;
+    Ok(HttpResponse::Ok().json(rec))
+}
+
+pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+    let (room, id) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let file = engine(&state)?.file(&room.id, &id).await.ok_or_else(|| ApiError::NotFound(format!("recording {id} not found")))?;
+    let bytes = tokio::fs::read(&file).await.map_err(|e| ApiError::NotFound(format!("recording file {}: {e}", file.display())))?;
+    let mime = match file.extension().and_then(|e| e.to_str()) {
+        Some("webm") => "video/webm",
+        Some("mp4") => "video/mp4",
+        _ => "video/x-matroska",
+    };
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("recording");
+    Ok(HttpResponse::Ok()
+        .content_type(mime)
+        .insert_header(("Content-Disposition", format!("attachment; filename=\"{name}\"")))
+        .body(bytes))
+}

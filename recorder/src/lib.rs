@@ -1,0 +1,438 @@
+//! Tessera's recorder: any forward or mixed stream (audio and video may come from
+//! different streams, as in OWT) written to a file in the storage folder, without
+//! decoding:
+//!
+//! ```text
+//! tap → appsrc → rtpjitterbuffer → rtpvp8depay (wait-for-keyframe) ─┐
+//! tap → appsrc → rtpjitterbuffer → rtpopusdepay → opusparse ────────┼→ webmmux / matroskamux / mp4mux → filesink
+//! ```
+//!
+//! Files are written progressively (Matroska clusters, fragmented MP4), so a crash keeps
+//! what was written readable; a clean stop sends EOS so the muxer finalises the file.
+//! A recording ends when stopped over REST, when its sources end, when its room is
+//! deleted, and at server shutdown.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use rtc::shared::marshal::Marshal;
+use serde_json::{Value, json};
+use tessera_core::agent::{AgentError, MediaKind, RecordingEngine, RecordingSpec};
+use tessera_webrtc_agent::WebrtcAgent;
+use tracing::{info, warn};
+
+const VIDEO_PT: u8 = 96;
+const AUDIO_PT: u8 = 111;
+/// How long a stop waits for the muxer to finalise the file.
+const FINALISE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Recording,
+    Stopped,
+    Failed,
+}
+
+struct Input {
+    from: String,
+    codec: String,
+    sink_id: u64,
+    appsrc: gst_app::AppSrc,
+    feeder: tokio::task::JoinHandle<()>,
+}
+
+struct State {
+    status: Status,
+    reason: Option<String>,
+    ended: Option<Instant>,
+    pipeline: Option<gst::Pipeline>,
+    inputs: HashMap<MediaKind, Input>,
+    /// (stream, codec) per kind, kept after the end for the description.
+    sources: HashMap<MediaKind, (String, String)>,
+}
+
+struct Recording {
+    id: String,
+    room: String,
+    container: String,
+    path: PathBuf,
+    started_ms: u64,
+    started: Instant,
+    audio_from: Option<String>,
+    video_from: Option<String>,
+    state: Mutex<State>,
+}
+
+impl Recording {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn describe(&self) -> Value {
+        let s = self.lock();
+        let end = s.ended.unwrap_or_else(Instant::now);
+        let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let media = |kind: MediaKind, configured: &Option<String>| match (s.sources.get(&kind), configured) {
+            (Some((from, codec)), _) => json!({"from": from, "format": {"codec": codec_name(codec)}}),
+            (None, Some(from)) => json!({"from": from}),
+            (None, None) => json!(false),
+        };
+        let mut v = json!({
+            "id": self.id,
+            "state": match s.status { Status::Recording => "recording", Status::Stopped => "stopped", Status::Failed => "failed" },
+            "container": self.container,
+            "startedAt": self.started_ms,
+            "duration": end.duration_since(self.started).as_secs_f64(),
+            "size": size,
+            "storage": {"file": self.path.display().to_string()},
+            "url": format!("/v1/rooms/{}/recordings/{}/file", self.room, self.id),
+            "media": {"audio": media(MediaKind::Audio, &self.audio_from), "video": media(MediaKind::Video, &self.video_from)},
+        });
+        if let Some(r) = &s.reason {
+            v["reason"] = json!(r);
+        }
+        v
+    }
+
+    /// Ends the recording: stops the inputs, lets the muxer finalise, frees the pipeline.
+    fn finish(&self, agent: &WebrtcAgent, status: Status, reason: &str) {
+        let (pipeline, inputs) = {
+            let mut s = self.lock();
+            if s.status != Status::Recording {
+                return;
+            }
+            s.status = status;
+            s.reason = Some(reason.to_string());
+            s.ended = Some(Instant::now());
+            (s.pipeline.take(), std::mem::take(&mut s.inputs))
+        };
+        for (kind, input) in &inputs {
+            agent.untap(&input.from, *kind, input.sink_id);
+            input.feeder.abort();
+            let _ = input.appsrc.end_of_stream();
+        }
+        if let Some(p) = pipeline {
+            if status == Status::Stopped {
+                wait_for_eos(&p);
+            }
+            let _ = p.set_state(gst::State::Null);
+        }
+        info!(recording = %self.id, room = %self.room, reason, file = %self.path.display(), "recording ended");
+    }
+}
+
+fn wait_for_eos(p: &gst::Pipeline) {
+    let Some(bus) = p.bus() else { return };
+    let deadline = Instant::now() + FINALISE_TIMEOUT;
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match bus.timed_pop_filtered(gst::ClockTime::from_mseconds(left.as_millis() as u64), &[gst::MessageType::Eos, gst::MessageType::Error]) {
+            Some(_) | None => return,
+        }
+    }
+}
+
+fn codec_name(mime: &str) -> String {
+    mime.split('/').nth(1).unwrap_or(mime).to_ascii_lowercase()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The recording service.
+pub struct Recorder {
+    agent: Arc<WebrtcAgent>,
+    dir: PathBuf,
+    recordings: Mutex<HashMap<String, Arc<Recording>>>,
+    me: std::sync::Weak<Recorder>,
+}
+
+impl Recorder {
+    /// A recorder writing into `dir`.
+    pub fn new(agent: Arc<WebrtcAgent>, dir: PathBuf) -> Arc<Recorder> {
+        Arc::new_cyclic(|me| Recorder { agent, dir, recordings: Mutex::new(HashMap::new()), me: me.clone() })
+    }
+
+    fn arc(&self) -> Result<Arc<Recorder>, AgentError> {
+        self.me.upgrade().ok_or_else(|| AgentError::Failed("recorder is shutting down".into()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Recording>>> {
+        self.recordings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, room: &str, id: &str) -> Result<Arc<Recording>, AgentError> {
+        self.lock().get(id).filter(|r| r.room == room).cloned().ok_or_else(|| AgentError::NoSession(format!("recording {id}")))
+    }
+
+    fn codec_of(&self, room: &str, stream: &str, kind: MediaKind) -> Result<String, AgentError> {
+        if self.agent.stream_room(stream).as_deref() != Some(room) {
+            return Err(AgentError::Rejected(format!("Stream does NOT exist: {stream}")));
+        }
+        let tap = self.agent.tap(stream, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {stream} has no {} track", kind.as_str())))?;
+        self.agent.untap(stream, kind, tap.sink_id);
+        Ok(tap.codec.mime_type.to_ascii_lowercase())
+    }
+
+    /// Connects a stream's track to the recording's appsrc.
+    fn attach(self: &Arc<Self>, rec: &Arc<Recording>, kind: MediaKind, from: &str, appsrc: gst_app::AppSrc) -> Result<Input, AgentError> {
+        let mut tap = self.agent.tap(from, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {from} has no {} track", kind.as_str())))?;
+        let src = appsrc.clone();
+        let (me, recording) = (self.clone(), rec.clone());
+        let feeder = tokio::spawn(async move {
+            while let Some(mut packet) = tap.packets.recv().await {
+                packet.header.payload_type = if kind == MediaKind::Video { VIDEO_PT } else { AUDIO_PT };
+                if let Ok(bytes) = packet.marshal() {
+                    let _ = src.push_buffer(gst::Buffer::from_slice(bytes));
+                }
+            }
+            // The source ended (unpublished, owner left): finalise the file.
+            let agent = me.agent.clone();
+            tokio::task::spawn_blocking(move || recording.finish(&agent, Status::Stopped, "source ended"));
+        });
+        Ok(Input { from: from.to_string(), codec: tap.codec.mime_type.to_ascii_lowercase(), sink_id: tap.sink_id, appsrc, feeder })
+    }
+
+    fn build(self: &Arc<Self>, rec: &Arc<Recording>, video: Option<(&str, &str)>, audio: Option<&str>) -> Result<(), String> {
+        gst::init().map_err(|e| e.to_string())?;
+        let mux = match rec.container.as_str() {
+            "webm" => "webmmux name=mux",
+            "mp4" => "mp4mux name=mux fragment-duration=1000",
+            _ => "matroskamux name=mux",
+        };
+        let mut desc = format!("{mux} ! filesink name=file sync=false buffer-mode=unbuffered location=\"{}\" ", rec.path.display());
+        if let Some((_, mime)) = video {
+            let (enc, chain) = match mime {
+                "video/h264" => ("H264", "rtph264depay ! h264parse"),
+                "video/vp9" => ("VP9", "rtpvp9depay"),
+                _ => ("VP8", "rtpvp8depay wait-for-keyframe=true"),
+            };
+            desc.push_str(&format!(
+                "appsrc name=vsrc is-live=true format=time do-timestamp=true caps=\"application/x-rtp,media=video,encoding-name={enc},clock-rate=90000,payload={VIDEO_PT}\" ! rtpjitterbuffer latency=200 ! {chain} ! queue ! mux. "
+            ));
+        }
+        if audio.is_some() {
+            desc.push_str(&format!(
+                "appsrc name=asrc is-live=true format=time do-timestamp=true caps=\"application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload={AUDIO_PT}\" ! rtpjitterbuffer latency=200 ! rtpopusdepay ! opusparse ! queue ! mux. "
+            ));
+        }
+        let pipeline = gst::parse::launch(&desc).map_err(|e| e.to_string())?.downcast::<gst::Pipeline>().map_err(|_| "not a pipeline".to_string())?;
+        let appsrc = |name: &str| pipeline.by_name(name).and_then(|e| e.downcast::<gst_app::AppSrc>().ok());
+        if pipeline.set_state(gst::State::Playing).is_err() {
+            let reason = first_error(&pipeline).unwrap_or_else(|| "the pipeline did not start".into());
+            let _ = pipeline.set_state(gst::State::Null);
+            return Err(reason);
+        }
+        let mut inputs = HashMap::new();
+        if let (Some((from, _)), Some(src)) = (video, appsrc("vsrc")) {
+            inputs.insert(MediaKind::Video, self.attach(rec, MediaKind::Video, from, src).map_err(|e| e.to_string())?);
+        }
+        if let (Some(from), Some(src)) = (audio, appsrc("asrc")) {
+            inputs.insert(MediaKind::Audio, self.attach(rec, MediaKind::Audio, from, src).map_err(|e| e.to_string())?);
+        }
+        watch_bus(self.agent.clone(), rec.clone(), &pipeline);
+        let mut s = rec.lock();
+        s.pipeline = Some(pipeline);
+        s.sources = inputs.iter().map(|(k, i)| (*k, (i.from.clone(), i.codec.clone()))).collect();
+        s.inputs = inputs;
+        Ok(())
+    }
+}
+
+fn first_error(p: &gst::Pipeline) -> Option<String> {
+    let bus = p.bus()?;
+    let msg = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(200), &[gst::MessageType::Error])?;
+    match msg.view() {
+        gst::MessageView::Error(e) => Some(format!("{} ({})", e.error(), e.debug().map(|d| d.to_string()).unwrap_or_default())),
+        _ => None,
+    }
+}
+
+/// Turns pipeline errors (disk full, unwritable file) into the failed state.
+fn watch_bus(agent: Arc<WebrtcAgent>, rec: Arc<Recording>, p: &gst::Pipeline) {
+    let Some(bus) = p.bus() else { return };
+    std::thread::spawn(move || {
+        loop {
+            if rec.lock().status != Status::Recording {
+                return;
+            }
+            let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(500), &[gst::MessageType::Error]) else { continue };
+            if let gst::MessageView::Error(e) = msg.view() {
+                let reason = format!("{}", e.error());
+                warn!(recording = %rec.id, %reason, "recording failed");
+                rec.finish(&agent, Status::Failed, &reason);
+                return;
+            }
+        }
+    });
+}
+
+#[async_trait::async_trait]
+impl RecordingEngine for Recorder {
+    async fn start(&self, room: &str, spec: RecordingSpec) -> Result<Value, AgentError> {
+        if spec.audio_from.is_none() && spec.video_from.is_none() {
+            return Err(AgentError::Rejected("media: record audio, video or both".into()));
+        }
+        let video = match &spec.video_from {
+            Some(from) => Some((from.clone(), self.codec_of(room, from, MediaKind::Video)?)),
+            None => None,
+        };
+        if let Some(from) = &spec.audio_from {
+            let codec = self.codec_of(room, from, MediaKind::Audio)?;
+            if codec != "audio/opus" {
+                return Err(AgentError::Rejected(format!("audio codec {codec} cannot be recorded (opus only)")));
+            }
+        }
+        let vcodec = video.as_ref().map(|(_, c)| c.as_str());
+        let container = match (spec.container.as_str(), vcodec) {
+            ("auto" | "", Some("video/h264")) => "mkv",
+            ("auto" | "", _) => "webm",
+            ("webm", Some("video/h264")) => return Err(AgentError::Rejected("webm cannot hold H.264; use mkv or mp4".into())),
+            ("mp4", Some("video/vp8")) => return Err(AgentError::Rejected("mp4 cannot hold VP8; use webm or mkv".into())),
+            (c @ ("webm" | "mkv" | "mp4"), _) => c,
+            (other, _) => return Err(AgentError::Rejected(format!("container `{other}` is not auto, webm, mkv or mp4"))),
+        };
+        let id = tessera_core::ids::session_id();
+        let stamp = time_stamp();
+        let path = self.dir.join(format!("{room}-{id}-{stamp}.{container}"));
+        let rec = Arc::new(Recording {
+            id: id.clone(),
+            room: room.to_string(),
+            container: container.to_string(),
+            path,
+            started_ms: now_ms(),
+            started: Instant::now(),
+            audio_from: spec.audio_from.clone(),
+            video_from: spec.video_from.clone(),
+            state: Mutex::new(State {
+                status: Status::Recording,
+                reason: None,
+                ended: None,
+                pipeline: None,
+                inputs: HashMap::new(),
+                sources: HashMap::new(),
+            }),
+        });
+        self.lock().insert(id.clone(), rec.clone());
+        let me = self.arc()?;
+        let r = rec.clone();
+        let video_ref = video.clone();
+        let audio = spec.audio_from.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            me.build(&r, video_ref.as_ref().map(|(f, c)| (f.as_str(), c.as_str())), audio.as_deref())
+        })
+        .await
+        .map_err(|e| AgentError::Failed(e.to_string()))?;
+        if let Err(reason) = built {
+            let mut s = rec.lock();
+            s.status = Status::Failed;
+            s.reason = Some(reason.clone());
+            s.ended = Some(Instant::now());
+            warn!(recording = %id, %reason, "recording could not start");
+        } else {
+            info!(recording = %id, room, file = %rec.path.display(), "recording started");
+        }
+        Ok(rec.describe())
+    }
+
+    async fn list(&self, room: &str) -> Vec<Value> {
+        let mut recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room).cloned().collect();
+        recs.sort_by_key(|r| r.started_ms);
+        recs.iter().map(|r| r.describe()).collect()
+    }
+
+    async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<Value, AgentError> {
+        let rec = self.get(room, id)?;
+        let codec = self.codec_of(room, from, kind)?;
+        let old = {
+            let mut s = rec.lock();
+            if s.status != Status::Recording {
+                return Err(AgentError::Rejected("the recording has ended".into()));
+            }
+            let Some(current) = s.inputs.get(&kind) else {
+                return Err(AgentError::Rejected(format!("the recording has no {} source", kind.as_str())));
+            };
+            if current.codec != codec {
+                return Err(AgentError::Rejected(format!("Stream {from} is {codec}, the recording holds {}", current.codec)));
+            }
+            s.inputs.remove(&kind)
+        };
+        let Some(old) = old else { return Err(AgentError::Failed("source vanished".into())) };
+        self.agent.untap(&old.from, kind, old.sink_id);
+        old.feeder.abort();
+        let input = self.arc()?.attach(&rec, kind, from, old.appsrc.clone())?;
+        let mut s = rec.lock();
+        s.sources.insert(kind, (from.to_string(), codec));
+        s.inputs.insert(kind, input);
+        drop(s);
+        Ok(rec.describe())
+    }
+
+    async fn stop(&self, room: &str, id: &str) -> Result<Value, AgentError> {
+        let rec = self.get(room, id)?;
+        let agent = self.agent.clone();
+        let r = rec.clone();
+        let _ = tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "stopped")).await;
+        Ok(rec.describe())
+    }
+
+    async fn file(&self, room: &str, id: &str) -> Option<PathBuf> {
+        self.get(room, id).ok().map(|r| r.path.clone())
+    }
+
+    async fn room_deleted(&self, room: &str) {
+        let recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room).cloned().collect();
+        for r in recs {
+            let agent = self.agent.clone();
+            let _ = tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "room deleted")).await;
+        }
+    }
+
+    async fn shutdown(&self) {
+        let recs: Vec<Arc<Recording>> = self.lock().values().cloned().collect();
+        let mut tasks = Vec::new();
+        for r in recs {
+            let agent = self.agent.clone();
+            tasks.push(tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "server shutdown")));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// `YYYYMMDDTHHMMSSZ` for file names, computed without a date crate.
+fn time_stamp() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_stamps() {
+        let s = time_stamp();
+        assert_eq!(s.len(), 16);
+        assert!(s.starts_with("20"));
+        assert!(s.ends_with('Z'));
+    }
+}
