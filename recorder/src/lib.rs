@@ -126,15 +126,11 @@ impl Recording {
     }
 }
 
+/// Waits (bounded) until the muxer has written its end: EOS, or an error, or the timeout.
 fn wait_for_eos(p: &gst::Pipeline) {
     let Some(bus) = p.bus() else { return };
-    let deadline = Instant::now() + FINALISE_TIMEOUT;
-    while Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match bus.timed_pop_filtered(gst::ClockTime::from_mseconds(left.as_millis() as u64), &[gst::MessageType::Eos, gst::MessageType::Error]) {
-            Some(_) | None => return,
-        }
-    }
+    let timeout = gst::ClockTime::from_mseconds(FINALISE_TIMEOUT.as_millis() as u64);
+    let _ = bus.timed_pop_filtered(timeout, &[gst::MessageType::Eos, gst::MessageType::Error]);
 }
 
 fn codec_name(mime: &str) -> String {
