@@ -66,6 +66,8 @@ struct Recording {
     audio_from: Option<String>,
     video_from: Option<String>,
     state: Mutex<State>,
+    /// The muxer has written its end (set by whoever pops EOS from the bus).
+    eos: std::sync::atomic::AtomicBool,
 }
 
 impl Recording {
@@ -118,7 +120,7 @@ impl Recording {
         }
         if let Some(p) = pipeline {
             if status == Status::Stopped {
-                wait_for_eos(&p);
+                wait_for_eos(&p, &self.eos);
             }
             let _ = p.set_state(gst::State::Null);
         }
@@ -126,11 +128,20 @@ impl Recording {
     }
 }
 
-/// Waits (bounded) until the muxer has written its end: EOS, or an error, or the timeout.
-fn wait_for_eos(p: &gst::Pipeline) {
+/// Waits (bounded) until the muxer has written its end: EOS (seen here or by the bus
+/// watcher, which shares the bus), an error, or the timeout.
+fn wait_for_eos(p: &gst::Pipeline, eos: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
     let Some(bus) = p.bus() else { return };
-    let timeout = gst::ClockTime::from_mseconds(FINALISE_TIMEOUT.as_millis() as u64);
-    let _ = bus.timed_pop_filtered(timeout, &[gst::MessageType::Eos, gst::MessageType::Error]);
+    let deadline = Instant::now() + FINALISE_TIMEOUT;
+    while !eos.load(Ordering::Acquire) && Instant::now() < deadline {
+        if let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(50), &[gst::MessageType::Eos, gst::MessageType::Error]) {
+            if matches!(msg.view(), gst::MessageView::Eos(_)) {
+                eos.store(true, Ordering::Release);
+            }
+            return;
+        }
+    }
 }
 
 fn codec_name(mime: &str) -> String {
@@ -258,7 +269,13 @@ fn watch_bus(agent: Arc<WebrtcAgent>, rec: Arc<Recording>, p: &gst::Pipeline) {
             if rec.lock().status != Status::Recording {
                 return;
             }
-            let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(500), &[gst::MessageType::Error]) else { continue };
+            let Some(msg) = bus.timed_pop_filtered(gst::ClockTime::from_mseconds(200), &[gst::MessageType::Error, gst::MessageType::Eos]) else {
+                continue;
+            };
+            if let gst::MessageView::Eos(_) = msg.view() {
+                rec.eos.store(true, std::sync::atomic::Ordering::Release);
+                continue;
+            }
             if let gst::MessageView::Error(e) = msg.view() {
                 let reason = format!("{}", e.error());
                 warn!(recording = %rec.id, %reason, "recording failed");
@@ -314,6 +331,7 @@ impl RecordingEngine for Recorder {
                 inputs: HashMap::new(),
                 sources: HashMap::new(),
             }),
+            eos: std::sync::atomic::AtomicBool::new(false),
         });
         self.lock().insert(id.clone(), rec.clone());
         let me = self.arc()?;
