@@ -109,31 +109,61 @@ fn init_tracing(level: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// SIGINT/SIGTERM, installed before the server says it listens: a signal sent right
+/// after that line must stop it cleanly, not kill it with the default action.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Waits for SIGINT or SIGTERM.
+    async fn wait(&mut self) {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match &mut self.term {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            let int = async {
+                match &mut self.int {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 /// Runs the server until a shutdown signal.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::install();
     let config = load_config(&args)?;
     init_tracing(&config.log.level);
     let key = service_key(&config)?;
@@ -189,7 +219,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_task = tokio::spawn(api_server);
     let portal_task = tokio::spawn(portal_server);
     tokio::select! {
-        _ = shutdown_signal() => info!("shutdown signal received"),
+        _ = signals.wait() => info!("shutdown signal received"),
         r = portal_task => { anyhow::bail!("portal server stopped unexpectedly: {r:?}") }
     }
     // Recordings first, while their sources still flow, so every file is finalised.
