@@ -173,6 +173,16 @@ pub struct TrackSwitch {
     pub active: bool,
 }
 
+impl TrackSwitch {
+    /// Whether the switch applies to tracks of this kind.
+    pub fn covers(&self, kind: MediaKind) -> bool {
+        match kind {
+            MediaKind::Audio => self.audio,
+            MediaKind::Video => self.video,
+        }
+    }
+}
+
 /// A media agent as the portal drives it.
 #[async_trait::async_trait]
 pub trait MediaAgent: Send + Sync {

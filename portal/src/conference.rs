@@ -56,6 +56,20 @@ impl Participant {
         }
     }
 
+    /// Registers a new session on the transport the request named (which must be one of
+    /// this participant's) or, without one, on a new transport named after the session
+    /// (OWT 1.2's rule). Returns the transport id.
+    pub fn open_session(&mut self, requested: Option<String>, session: &str, kind: crate::media::SessionKind) -> Result<String, String> {
+        let transport = match requested {
+            Some(t) if self.transports.contains(&t) => t,
+            Some(t) => return Err(format!("Transport does NOT exist: {t}")),
+            None => session.to_string(),
+        };
+        self.transports.insert(transport.clone());
+        self.sessions.insert(session.to_string(), kind);
+        Ok(transport)
+    }
+
     /// Publications announced but not flowing yet (they count against inputLimit).
     pub fn pending_publications(&self) -> usize {
         self.sessions

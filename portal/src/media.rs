@@ -129,27 +129,12 @@ impl Portal {
             let pending: usize = r.participants.iter().map(|p| p.pending_publications()).sum();
             let inputs = r.streams.iter().filter(|s| s["type"] == "forward").count() + pending;
             let p = r.participant_mut(participant).ok_or("Illegal request")?;
-            let allowed = p.info.permission.publish;
-            for t in &tracks {
-                let ok = match t.kind {
-                    MediaKind::Audio => allowed.audio,
-                    MediaKind::Video => allowed.video,
-                };
-                if !ok {
-                    return Err("unauthorized".into());
-                }
-            }
+            permitted(p.info.permission.publish, tracks.iter().map(|t| t.kind))?;
             if room_cfg.input_limit >= 0 && inputs as i64 >= room_cfg.input_limit {
                 return Err("Too many inputs".into());
             }
             agent = self.agent("publish")?;
-            let transport = match transport {
-                Some(t) if p.transports.contains(&t) => t,
-                Some(t) => return Err(format!("Transport does NOT exist: {t}")),
-                None => session.clone(),
-            };
-            p.transports.insert(transport.clone());
-            p.sessions.insert(session.clone(), SessionKind::Publication);
+            let transport = p.open_session(transport, &session, SessionKind::Publication)?;
             p.attributes.insert(session.clone(), attributes);
             transport
         };
@@ -206,25 +191,9 @@ impl Portal {
                 return Err(format!("Stream {from} has no data channel"));
             }
             let p = r.participant_mut(participant).ok_or("Illegal request")?;
-            let allowed = p.info.permission.subscribe;
-            for t in &tracks {
-                let ok = match t.kind {
-                    MediaKind::Audio => allowed.audio,
-                    MediaKind::Video => allowed.video,
-                };
-                if !ok {
-                    return Err("unauthorized".into());
-                }
-            }
+            permitted(p.info.permission.subscribe, tracks.iter().map(|t| t.kind))?;
             agent = self.agent("subscribe")?;
-            let transport = match transport {
-                Some(t) if p.transports.contains(&t) => t,
-                Some(t) => return Err(format!("Transport does NOT exist: {t}")),
-                None => session.clone(),
-            };
-            p.transports.insert(transport.clone());
-            p.sessions.insert(session.clone(), SessionKind::Subscription);
-            transport
+            p.open_session(transport, &session, SessionKind::Subscription)?
         };
         let at = SessionRef { room: room.into(), participant: participant.into(), transport: transport.clone(), session: session.clone() };
         if let Err(e) = agent.subscribe(SubscribeSpec { at, tracks, data_from }).await {
@@ -471,6 +440,20 @@ impl Portal {
             self.remove_stream(room, &p, "owner left");
         }
     }
+}
+
+/// Refuses kinds the role may not publish/subscribe (OWT's `unauthorized`).
+fn permitted(allowed: tessera_core::room::AudioVideo, kinds: impl Iterator<Item = MediaKind>) -> Result<(), String> {
+    for kind in kinds {
+        let ok = match kind {
+            MediaKind::Audio => allowed.audio,
+            MediaKind::Video => allowed.video,
+        };
+        if !ok {
+            return Err("unauthorized".into());
+        }
+    }
+    Ok(())
 }
 
 fn track_switch(d: &Value, active: bool, request: &str) -> Result<TrackSwitch, String> {

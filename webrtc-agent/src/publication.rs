@@ -205,11 +205,7 @@ impl Publication {
     /// Publisher mute/unmute.
     pub fn switch(&self, s: TrackSwitch) {
         for t in self.tracks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let hit = match t.kind {
-                MediaKind::Audio => s.audio,
-                MediaKind::Video => s.video,
-            };
-            if hit {
+            if s.covers(t.kind) {
                 let was = t.active.swap(s.active, Ordering::Relaxed);
                 if s.active && !was {
                     t.fanout.resync_all();

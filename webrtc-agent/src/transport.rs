@@ -308,11 +308,7 @@ impl Task {
             TransportCmd::Switch(id, switch) => {
                 if let Some(sub) = self.subs.get(&id) {
                     for t in &sub.tracks {
-                        let hit = match t.kind {
-                            MediaKind::Audio => switch.audio,
-                            MediaKind::Video => switch.video,
-                        };
-                        if hit {
+                        if switch.covers(t.kind) {
                             let was = t.active.swap(switch.active, Ordering::Relaxed);
                             if switch.active && !was {
                                 t.resync.store(true, Ordering::Relaxed);
