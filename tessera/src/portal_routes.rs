@@ -30,10 +30,30 @@ struct DevTokenRequest {
     role: Option<String>,
 }
 
-/// Registers `/healthz` and, when `dev` is set, `POST /dev/token`.
-pub fn configure(dev: Option<DevTokens>) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static {
+/// The JS client and the demo page, embedded so `tessera serve` works from any folder.
+const ASSETS: [(&str, &str, &str); 4] = [
+    ("/sdk/tessera.js", "text/javascript; charset=utf-8", include_str!("../../clients/js/dist/tessera.js")),
+    ("/", "text/html; charset=utf-8", include_str!("../../clients/js/demo/index.html")),
+    ("/demo.js", "text/javascript; charset=utf-8", include_str!("../../clients/js/demo/demo.js")),
+    ("/demo.css", "text/css; charset=utf-8", include_str!("../../clients/js/demo/demo.css")),
+];
+
+/// Registers `/healthz`, the JS SDK at `/sdk/tessera.js`, the demo page at `/` when
+/// `demo` is set, and `POST /dev/token` when `dev` is set.
+pub fn configure(demo: bool, dev: Option<DevTokens>) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static {
     move |cfg: &mut web::ServiceConfig| {
         cfg.route("/healthz", web::get().to(|| async { HttpResponse::Ok().content_type("text/plain").body("ok") }));
+        for (path, mime, body) in ASSETS {
+            if path != "/sdk/tessera.js" && !demo {
+                continue;
+            }
+            cfg.route(
+                path,
+                web::get().to(move || async move {
+                    HttpResponse::Ok().content_type(mime).insert_header(("Cache-Control", "no-cache")).body(body)
+                }),
+            );
+        }
         if let Some(dev) = dev.clone() {
             cfg.app_data(web::Data::new(dev)).route("/dev/token", web::post().to(dev_token));
         }

@@ -102,9 +102,23 @@ fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// webrtc-rs warns once per packet in normal situations (e.g. media before DTLS is up);
+/// keep its crates at `error` unless the filter names them.
+const QUIET_DEPS: [&str; 6] = ["rtc", "rtc_ice", "rtc_dtls", "rtc_srtp", "rtc_sctp", "webrtc"];
+
+fn with_quiet_deps(filter: &str) -> String {
+    let mut f = filter.to_string();
+    for dep in QUIET_DEPS {
+        if !filter.split(',').any(|d| d.trim().starts_with(&format!("{dep}=")) || d.trim().starts_with(&format!("{dep}::"))) {
+            f.push_str(&format!(",{dep}=error"));
+        }
+    }
+    f
+}
+
 fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+    let from_env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+    let filter = tracing_subscriber::EnvFilter::try_new(with_quiet_deps(from_env.as_deref().unwrap_or(level)))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
@@ -205,7 +219,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let api_server = tessera_management_api::serve(api_listener, api_state)?;
     let portal_server =
-        tessera_portal::http::serve(portal_listener, portal.clone(), crate::portal_routes::configure(dev_tokens))?;
+        tessera_portal::http::serve(portal_listener, portal.clone(), crate::portal_routes::configure(config.demo.enabled, dev_tokens))?;
 
     println!("tessera: portal listening on http://{portal_bound}");
     println!("tessera: management API listening on http://{api_bound}");

@@ -1,0 +1,366 @@
+// Tessera browser client: joins a room through the portal (OWT Client-Portal protocol
+// 1.2 over Socket.IO), publishes local media and subscribes to forward and mixed
+// streams with one RTCPeerConnection per publication/subscription (the server also
+// accepts one shared connection; separate ones keep renegotiation out of the app's way).
+import { io } from 'socket.io-client';
+
+/** Error with a stable `code` for every failure the portal reports. */
+export class ConferenceError extends Error {
+  constructor(message, code) {
+    super(message);
+    this.name = 'ConferenceError';
+    this.code = code || errorCode(message);
+  }
+}
+
+const CODES = [
+  [/^unauthorized$/, 'unauthorized'],
+  [/^Room is full$/, 'room_full'],
+  [/^Token expired$/, 'token_expired'],
+  [/^Token already used$/, 'token_used'],
+  [/^Invalid token signature$/, 'token_invalid'],
+  [/^Malformed token$/, 'token_invalid'],
+  [/^Room not found/, 'room_not_found'],
+  [/^Invalid role$/, 'invalid_role'],
+  [/^Too many inputs$/, 'too_many_inputs'],
+  [/^Too many requests$/, 'flooding'],
+  [/does NOT exist/, 'not_found'],
+  [/^Ticket is expired$|reconnection ticket/i, 'reconnection_failed'],
+  [/^Illegal request$/, 'not_joined'],
+];
+
+/** Maps a portal error string to a stable code. */
+export function errorCode(message) {
+  for (const [re, code] of CODES) if (re.test(String(message))) return code;
+  return 'server_error';
+}
+
+/** Decodes a base64 JSON token or ticket. */
+export function decodeBase64Json(s) {
+  const text = typeof atob === 'function' ? atob(s) : Buffer.from(s, 'base64').toString('binary');
+  return JSON.parse(text);
+}
+
+/** When to refresh a reconnection ticket: a minute before it expires, at least 10 s from now. */
+export function refreshDelay(ticket, now = Date.now()) {
+  const { notAfter } = decodeBase64Json(ticket);
+  return Math.max(10_000, notAfter - now - 60_000);
+}
+
+/** The portal URL a token points to. */
+export function portalUrl(token) {
+  const { host, secure } = decodeBase64Json(token);
+  if (/^https?:\/\//.test(host)) return host;
+  return `${secure ? 'https' : 'http'}://${host}`;
+}
+
+/** A stream in the room: a participant's forward stream or a view's mixed stream. */
+export class RemoteStream extends EventTarget {
+  constructor(info) {
+    super();
+    this.id = info.id;
+    this.type = info.type;
+    this.update(info);
+  }
+
+  update(info) {
+    this.info = info.info || {};
+    this.media = info.media || { tracks: [] };
+    this.origin = this.info.owner;
+    this.attributes = this.info.attributes || {};
+    this.label = this.info.label;
+  }
+
+  /** Which kinds the stream carries. */
+  get kinds() {
+    return this.media.tracks.map((t) => t.type);
+  }
+}
+
+/** A local stream being published. */
+export class Publication extends EventTarget {
+  constructor(client, id, pc) {
+    super();
+    this.id = id;
+    this._client = client;
+    this._pc = pc;
+  }
+  mute(kind = 'av') {
+    return this._client._request('stream-control', { id: this.id, operation: 'pause', data: kind });
+  }
+  unmute(kind = 'av') {
+    return this._client._request('stream-control', { id: this.id, operation: 'play', data: kind });
+  }
+  async stop() {
+    this._pc.close();
+    this._client._sessions.delete(this.id);
+    await this._client._request('unpublish', { id: this.id });
+    this.dispatchEvent(new Event('ended'));
+  }
+}
+
+/** A remote stream being received; attach `stream` to a `<video>`. */
+export class Subscription extends EventTarget {
+  constructor(client, id, pc, stream) {
+    super();
+    this.id = id;
+    this._client = client;
+    this._pc = pc;
+    this.stream = stream;
+  }
+  mute(kind = 'av') {
+    return this._client._request('subscription-control', { id: this.id, operation: 'pause', data: kind });
+  }
+  unmute(kind = 'av') {
+    return this._client._request('subscription-control', { id: this.id, operation: 'play', data: kind });
+  }
+  async stop() {
+    this._pc.close();
+    this._client._sessions.delete(this.id);
+    await this._client._request('unsubscribe', { id: this.id });
+    this.dispatchEvent(new Event('ended'));
+  }
+}
+
+function waitGathering(pc, ms = 3000) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === 'complete') { pc.removeEventListener('icegatheringstatechange', done); resolve(); } };
+    pc.addEventListener('icegatheringstatechange', done);
+    setTimeout(resolve, ms);
+  });
+}
+
+/** A participant's connection to a Tessera room. */
+export class ConferenceClient extends EventTarget {
+  /** @param {{rtcConfiguration?: RTCConfiguration, io?: Function}} options */
+  constructor(options = {}) {
+    super();
+    this._options = options;
+    this._streams = new Map();
+    this._participants = new Map();
+    this._sessions = new Map(); // transport/session id → {resolveAnswer, resolveReady, reject}
+    this._ticket = null;
+    this._joined = false;
+  }
+
+  /** Streams currently in the room. */
+  get remoteStreams() {
+    return [...this._streams.values()];
+  }
+
+  /** Participants currently in the room. */
+  get participants() {
+    return [...this._participants.values()];
+  }
+
+  _request(name, data) {
+    return new Promise((resolve, reject) => {
+      const ack = (status, payload) => {
+        if (status === 'ok' || status === 'success') resolve(payload);
+        else reject(new ConferenceError(payload));
+      };
+      if (!this._socket) return reject(new ConferenceError('Not connected', 'not_joined'));
+      if (data === undefined) this._socket.emit(name, ack);
+      else this._socket.emit(name, data, ack);
+    });
+  }
+
+  /** Joins the room the token is for; resolves to `{self, participants, remoteStreams}`. */
+  join(token) {
+    const connect = this._options.io || io;
+    return new Promise((resolve, reject) => {
+      const socket = connect(portalUrl(token), { reconnection: true, reconnectionAttempts: 10, forceNew: true });
+      this._socket = socket;
+      this._bind(socket);
+      socket.once('connect_error', (e) => { if (!this._joined) reject(new ConferenceError(`connect_error: ${e.message}`, 'connect_error')); });
+      socket.once('connect', async () => {
+        try {
+          const info = await this._request('login', { token, userAgent: { sdk: { version: '1.0', type: 'JavaScript' } }, protocol: '1.2' });
+          this._joined = true;
+          this.self = { id: info.id, user: info.user, role: info.role, permission: info.permission };
+          this.roomId = info.room.id;
+          this.views = info.room.views;
+          for (const p of info.room.participants) this._participants.set(p.id, p);
+          for (const s of info.room.streams) this._streams.set(s.id, new RemoteStream(s));
+          this._setTicket(info.reconnectionTicket);
+          // Later connects are reconnections: resume the session.
+          socket.on('connect', () => this._relogin());
+          resolve({ self: this.self, participants: this.participants, remoteStreams: this.remoteStreams });
+        } catch (e) {
+          socket.close();
+          reject(e);
+        }
+      });
+    });
+  }
+
+  _setTicket(ticket) {
+    this._ticket = ticket;
+    clearTimeout(this._refreshTimer);
+    try {
+      this._refreshTimer = setTimeout(async () => {
+        try { this._setTicket(await this._request('refreshReconnectionTicket')); } catch { /* next relogin will tell */ }
+      }, refreshDelay(ticket));
+    } catch { /* unreadable ticket: no refresh */ }
+  }
+
+  async _relogin() {
+    try {
+      const ticket = await this._request('relogin', this._ticket);
+      if (typeof ticket === 'string') this._setTicket(ticket);
+      this.dispatchEvent(new Event('reconnected'));
+    } catch (e) {
+      this._leaveLocally(e);
+    }
+  }
+
+  _leaveLocally(reason) {
+    this._joined = false;
+    clearTimeout(this._refreshTimer);
+    for (const s of this._sessions.values()) s.pc && s.pc.close();
+    this._sessions.clear();
+    if (this._socket) this._socket.close();
+    const ev = new Event('serverdisconnected');
+    ev.reason = reason;
+    this.dispatchEvent(ev);
+  }
+
+  _bind(socket) {
+    socket.on('participant', (m) => {
+      if (m.action === 'join') {
+        this._participants.set(m.data.id, m.data);
+        const ev = new Event('participantjoined');
+        ev.participant = m.data;
+        this.dispatchEvent(ev);
+      } else if (m.action === 'leave') {
+        const p = this._participants.get(m.data);
+        this._participants.delete(m.data);
+        const ev = new Event('participantleft');
+        ev.participant = p || { id: m.data };
+        this.dispatchEvent(ev);
+      }
+    });
+    socket.on('stream', (m) => {
+      if (m.status === 'add') {
+        const s = new RemoteStream(m.data);
+        this._streams.set(s.id, s);
+        const ev = new Event('streamadded');
+        ev.stream = s;
+        this.dispatchEvent(ev);
+      } else if (m.status === 'remove') {
+        const s = this._streams.get(m.id);
+        this._streams.delete(m.id);
+        if (s) s.dispatchEvent(new Event('ended'));
+      } else if (m.status === 'update') {
+        const s = this._streams.get(m.id);
+        if (!s) return;
+        if (m.data.field === 'video.layout') s.info.layout = m.data.value;
+        else if (m.data.field === '.') s.update(m.data.value);
+        else if (/^(audio|video)\.status$/.test(m.data.field)) {
+          const kind = m.data.field.split('.')[0];
+          for (const t of s.media.tracks) if (t.type === kind) t.status = m.data.value;
+        }
+        const ev = new Event('updated');
+        ev.field = m.data.field;
+        ev.value = m.data.value;
+        s.dispatchEvent(ev);
+      }
+    });
+    socket.on('text', (m) => {
+      const ev = new Event('messagereceived');
+      Object.assign(ev, { message: m.message, origin: m.from, to: m.to });
+      this.dispatchEvent(ev);
+    });
+    socket.on('progress', (m) => {
+      const s = this._sessions.get(m.sessionId) || this._sessions.get(m.id);
+      if (!s) return;
+      if (m.status === 'soac' && m.data && m.data.type === 'answer') s.onAnswer(m.data.sdp);
+      else if (m.status === 'ready' && m.sessionId) s.onReady();
+      else if (m.status === 'error') s.onError(new ConferenceError(String(m.data || 'session failed'), 'session_failed'));
+    });
+    socket.on('drop', () => this._leaveLocally(new ConferenceError('Dropped by the server', 'dropped')));
+  }
+
+  async _negotiate(pc, request, data) {
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    await waitGathering(pc);
+    const ack = await this._request(request, { ...data, transport: { type: 'webrtc' } });
+    const session = { pc };
+    const answered = new Promise((resolve, reject) => { session.onAnswer = resolve; session.onError = reject; });
+    const ready = new Promise((resolve, reject) => { session.onReady = resolve; const prev = session.onError; session.onError = (e) => { prev(e); reject(e); }; });
+    this._sessions.set(ack.id, session);
+    if (ack.transportId !== ack.id) this._sessions.set(ack.transportId, session);
+    await this._request('soac', { id: ack.transportId, signaling: { type: 'offer', sdp: pc.localDescription.sdp } });
+    const timeout = (what) => new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, 'timeout')), 10_000));
+    const sdp = await Promise.race([answered, timeout('answer')]);
+    await pc.setRemoteDescription({ type: 'answer', sdp });
+    return { id: ack.id, ready: Promise.race([ready, timeout('ready')]) };
+  }
+
+  _peer() {
+    return new RTCPeerConnection(this._options.rtcConfiguration || {});
+  }
+
+  /** Publishes a MediaStream (its first audio and first video track). */
+  async publish(mediaStream, options = {}) {
+    const pc = this._peer();
+    const tracks = [];
+    for (const track of [mediaStream.getAudioTracks()[0], mediaStream.getVideoTracks()[0]]) {
+      if (!track) continue;
+      pc.addTransceiver(track, { direction: 'sendonly', streams: [mediaStream] });
+    }
+    try {
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      for (const t of pc.getTransceivers()) {
+        const kind = t.sender.track.kind;
+        const source = kind === 'audio' ? 'mic' : (options.source || 'camera');
+        tracks.push({ type: kind, mid: t.mid, source });
+      }
+      const { id, ready } = await this._negotiate(pc, 'publish', { media: { tracks }, attributes: options.attributes || {} });
+      await ready;
+      return new Publication(this, id, pc);
+    } catch (e) {
+      pc.close();
+      throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), 'webrtc_error');
+    }
+  }
+
+  /** Subscribes to a remote stream; resolves when media flows. */
+  async subscribe(remoteStream, options = {}) {
+    const want = { audio: options.audio !== false, video: options.video !== false };
+    const kinds = remoteStream.kinds.filter((k) => want[k]);
+    if (!kinds.length) throw new ConferenceError('Nothing to subscribe to', 'bad_request');
+    const pc = this._peer();
+    const mediaStream = new MediaStream();
+    const gotTrack = new Promise((resolve) => {
+      pc.addEventListener('track', (e) => { mediaStream.addTrack(e.track); resolve(); });
+    });
+    for (const k of kinds) pc.addTransceiver(k, { direction: 'recvonly' });
+    try {
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: remoteStream.id }));
+      const { id, ready } = await this._negotiate(pc, 'subscribe', { media: { tracks } });
+      await Promise.all([ready, gotTrack]);
+      const sub = new Subscription(this, id, pc, mediaStream);
+      remoteStream.addEventListener('ended', () => { pc.close(); sub.dispatchEvent(new Event('ended')); });
+      return sub;
+    } catch (e) {
+      pc.close();
+      throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), 'webrtc_error');
+    }
+  }
+
+  /** Sends a text message to everyone or to one participant. */
+  send(message, to = 'all') {
+    return this._request('text', { to, message });
+  }
+
+  /** Leaves the room. */
+  async leave() {
+    try { await this._request('logout'); } finally { this._leaveLocally(null); }
+  }
+}

@@ -1,0 +1,112 @@
+// Unit tests of the client library's pure parts and its notification handling, with a
+// fake socket standing in for socket.io (the real one is exercised by the browser tests).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConferenceClient, ConferenceError, errorCode, portalUrl, refreshDelay } from '../src/index.js';
+
+const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64');
+
+test('portal URL comes from the token', () => {
+  assert.equal(portalUrl(b64({ host: '127.0.0.1:8080', secure: false })), 'http://127.0.0.1:8080');
+  assert.equal(portalUrl(b64({ host: 'meet.example.org:443', secure: true })), 'https://meet.example.org:443');
+});
+
+test('portal errors map to stable codes', () => {
+  assert.equal(errorCode('unauthorized'), 'unauthorized');
+  assert.equal(errorCode('Room is full'), 'room_full');
+  assert.equal(errorCode('Token already used'), 'token_used');
+  assert.equal(errorCode('Stream does NOT exist: x'), 'not_found');
+  assert.equal(errorCode('something new'), 'server_error');
+  const e = new ConferenceError('Token expired');
+  assert.equal(e.code, 'token_expired');
+  assert.ok(e instanceof Error);
+});
+
+test('tickets are refreshed a minute before they expire', () => {
+  const now = 1_000_000;
+  assert.equal(refreshDelay(b64({ notAfter: now + 600_000 }), now), 540_000);
+  assert.equal(refreshDelay(b64({ notAfter: now + 30_000 }), now), 10_000);
+});
+
+function fakeSocket(answers) {
+  const handlers = {};
+  const sent = [];
+  const socket = {
+    on(ev, f) { (handlers[ev] ||= []).push(f); },
+    once(ev, f) { (handlers[ev] ||= []).push(f); },
+    emit(name, data, ack) {
+      if (typeof data === 'function') { ack = data; data = undefined; }
+      sent.push([name, data]);
+      const a = answers[name];
+      setTimeout(() => (a ? ack(...a(data)) : ack('error', 'Unknown request: ' + name)), 0);
+    },
+    close() {},
+    fire(ev, data) { for (const f of handlers[ev] || []) f(data); },
+  };
+  return { socket, sent };
+}
+
+test('join, notifications, relogin after a reconnect, login errors', async () => {
+  const ticket = b64({ participantId: 'p1', notAfter: Date.now() + 600_000 });
+  const { socket, sent } = fakeSocket({
+    login: () => ['ok', { id: 'p1', user: 'ann', role: 'presenter', permission: {}, room: { id: 'r', views: ['common'],
+      participants: [{ id: 'p1', user: 'ann', role: 'presenter' }],
+      streams: [{ id: 'r-common', type: 'mixed', media: { tracks: [{ type: 'video' }] }, info: { label: 'common' } }] },
+      reconnectionTicket: ticket }],
+    relogin: () => ['ok', ticket],
+    text: () => ['ok'],
+  });
+  const client = new ConferenceClient({ io: () => { setTimeout(() => socket.fire('connect'), 0); return socket; } });
+  const info = await client.join(b64({ host: 'h:1', secure: false }));
+  assert.equal(info.self.id, 'p1');
+  assert.deepEqual(info.remoteStreams.map((s) => [s.id, s.type, s.label]), [['r-common', 'mixed', 'common']]);
+
+  const events = [];
+  for (const e of ['participantjoined', 'participantleft', 'streamadded', 'messagereceived', 'reconnected']) client.addEventListener(e, (ev) => events.push([e, ev]));
+  socket.fire('participant', { action: 'join', data: { id: 'p2', user: 'bob', role: 'viewer' } });
+  socket.fire('stream', { id: 's1', status: 'add', data: { id: 's1', type: 'forward', media: { tracks: [{ type: 'audio' }, { type: 'video' }] }, info: { owner: 'p2', attributes: { a: 1 } } } });
+  socket.fire('text', { from: 'p2', to: 'all', message: 'hi' });
+  const s1 = client.remoteStreams.find((s) => s.id === 's1');
+  assert.equal(s1.origin, 'p2');
+  assert.deepEqual(s1.kinds, ['audio', 'video']);
+  let updated = null;
+  s1.addEventListener('updated', (e) => { updated = e; });
+  socket.fire('stream', { id: 's1', status: 'update', data: { field: 'video.status', value: 'inactive' } });
+  assert.equal(updated.field, 'video.status');
+  assert.equal(s1.media.tracks[1].status, 'inactive');
+  let ended = false;
+  s1.addEventListener('ended', () => { ended = true; });
+  socket.fire('stream', { id: 's1', status: 'remove' });
+  assert.ok(ended);
+  assert.equal(client.remoteStreams.length, 1);
+  socket.fire('participant', { action: 'leave', data: 'p2' });
+  assert.deepEqual(events.map((e) => e[0]).slice(0, 4), ['participantjoined', 'streamadded', 'messagereceived', 'participantleft']);
+  assert.equal(events[2][1].message, 'hi');
+
+  // The socket reconnects by itself: the client resumes with its ticket.
+  socket.fire('connect');
+  await new Promise((r) => setTimeout(r, 10));
+  assert.deepEqual(sent.filter(([n]) => n === 'relogin'), [['relogin', ticket]]);
+  assert.ok(events.some(([e]) => e === 'reconnected'));
+
+  await client.send('yo');
+  assert.deepEqual(sent.at(-1), ['text', { to: 'all', message: 'yo' }]);
+
+  const bad = fakeSocket({ login: () => ['error', 'Room is full'] });
+  const c2 = new ConferenceClient({ io: () => { setTimeout(() => bad.socket.fire('connect'), 0); return bad.socket; } });
+  await assert.rejects(c2.join(b64({ host: 'h:1' })), (e) => e instanceof ConferenceError && e.code === 'room_full');
+});
+
+test('the checked-in bundle is up to date with the sources', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tessera-js-'));
+  const out = join(dir, 'tessera.js');
+  const root = new URL('..', import.meta.url).pathname;
+  const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+  const args = pkg.scripts.build.replace(/^esbuild /, '').replace('dist/tessera.js', out);
+  execFileSync('sh', ['-c', `node_modules/.bin/esbuild ${args}`], { cwd: root, stdio: 'pipe' });
+  assert.equal(readFileSync(out, 'utf8'), readFileSync(join(root, 'dist/tessera.js'), 'utf8'), 'run `npm run build` in clients/js');
+});

@@ -1,0 +1,71 @@
+// Type declarations for the Tessera browser client (clients/js/src/index.js).
+
+export type ErrorCode =
+  | 'unauthorized' | 'room_full' | 'token_expired' | 'token_used' | 'token_invalid'
+  | 'room_not_found' | 'invalid_role' | 'too_many_inputs' | 'flooding' | 'not_found'
+  | 'reconnection_failed' | 'not_joined' | 'connect_error' | 'timeout' | 'session_failed'
+  | 'webrtc_error' | 'dropped' | 'bad_request' | 'server_error';
+
+export class ConferenceError extends Error {
+  constructor(message: string, code?: ErrorCode);
+  readonly code: ErrorCode;
+}
+
+export function errorCode(message: string): ErrorCode;
+export function portalUrl(token: string): string;
+export function refreshDelay(ticket: string, now?: number): number;
+export function decodeBase64Json(s: string): any;
+
+export interface Participant { id: string; user: string; role: string }
+
+export interface TrackInfo {
+  type: 'audio' | 'video';
+  source?: string;
+  format?: { codec: string; sampleRate?: number; channelNum?: number; profile?: string };
+  status?: 'active' | 'inactive';
+  mid?: string;
+}
+
+/** A forward (one participant's) or mixed (a view's) stream. Events: `ended`, `updated`. */
+export class RemoteStream extends EventTarget {
+  readonly id: string;
+  readonly type: 'forward' | 'mixed';
+  readonly origin?: string;
+  readonly attributes: Record<string, unknown>;
+  readonly label?: string;
+  readonly media: { tracks: TrackInfo[] };
+  readonly info: Record<string, any>;
+  readonly kinds: Array<'audio' | 'video'>;
+}
+
+export class Publication extends EventTarget {
+  readonly id: string;
+  mute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
+  unmute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
+  stop(): Promise<void>;
+}
+
+export class Subscription extends EventTarget {
+  readonly id: string;
+  readonly stream: MediaStream;
+  mute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
+  unmute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
+  stop(): Promise<void>;
+}
+
+export interface JoinResult { self: Participant & { permission: unknown }; participants: Participant[]; remoteStreams: RemoteStream[] }
+
+/**
+ * Events: `streamadded` (ev.stream), `participantjoined` / `participantleft` (ev.participant),
+ * `messagereceived` (ev.message, ev.origin, ev.to), `serverdisconnected` (ev.reason), `reconnected`.
+ */
+export class ConferenceClient extends EventTarget {
+  constructor(options?: { rtcConfiguration?: RTCConfiguration });
+  readonly remoteStreams: RemoteStream[];
+  readonly participants: Participant[];
+  join(token: string): Promise<JoinResult>;
+  publish(stream: MediaStream, options?: { source?: 'camera' | 'screen-cast'; attributes?: Record<string, unknown> }): Promise<Publication>;
+  subscribe(stream: RemoteStream, options?: { audio?: boolean; video?: boolean }): Promise<Subscription>;
+  send(message: string, to?: string): Promise<unknown>;
+  leave(): Promise<void>;
+}
