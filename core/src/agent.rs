@@ -220,6 +220,9 @@ pub trait MixEngine: Send + Sync {
     /// regions become the view's custom template and listed streams are pinned to them.
     /// Returns the applied layout.
     async fn set_layout(&self, room: &str, view: &str, layout: Value) -> Result<Value, AgentError>;
+    /// Switches a view's base template (`fluid`, `lecture`); pins and custom regions are
+    /// dropped. Returns the new layout. (Tessera extension.)
+    async fn set_template(&self, room: &str, view: &str, base: &str) -> Result<Value, AgentError>;
     /// Puts a stream of the view into a region (by id); returns the new layout.
     async fn set_region(&self, room: &str, view: &str, stream: &str, region: &str) -> Result<Value, AgentError>;
     /// The current layout of a view.

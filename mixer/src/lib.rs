@@ -450,6 +450,24 @@ impl MixEngine for Mixer {
         Ok(view.layout_json())
     }
 
+    async fn set_template(&self, room: &str, label: &str, base: &str) -> Result<Value, AgentError> {
+        if !["fluid", "lecture"].contains(&base) {
+            return Err(AgentError::Rejected(format!("template `{base}` is not fluid or lecture")));
+        }
+        let view = self.view(room, label)?;
+        {
+            let mut s = view.lock();
+            let mut layout = view.config.video.as_ref().map(|v| v.layout.clone()).unwrap_or_default();
+            layout.templates.base = base.to_string();
+            layout.templates.custom.clear();
+            s.templates = Templates::from_layout(&layout, view.config.video.as_ref().map(|v| v.max_input).unwrap_or(16));
+            s.pins.clear();
+            s.placed.clear();
+        }
+        relayout(&view);
+        Ok(view.layout_json())
+    }
+
     async fn set_region(&self, room: &str, label: &str, stream: &str, region: &str) -> Result<Value, AgentError> {
         let view = self.view(room, label)?;
         {

@@ -187,6 +187,12 @@ impl Portal {
                     let layout = m.set_layout(room, label, value.clone()).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
+                ("replace", "/info/layout/template", Some(label)) => {
+                    let base = value.as_str().ok_or_else(|| bad("`value` must be `fluid` or `lecture`"))?;
+                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
+                    let layout = m.set_template(room, label, base).await.map_err(|e| bad(&e.to_string()))?;
+                    self.layout_changed(room, label, layout);
+                }
                 ("replace", p, Some(label)) if p.starts_with("/info/layout/") && p.ends_with("/stream") => {
                     let index: usize = p["/info/layout/".len()..p.len() - "/stream".len()]
                         .parse()

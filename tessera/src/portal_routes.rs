@@ -19,6 +19,17 @@ pub struct DevTokens {
     pub lifetime_secs: u64,
     /// Room used when the request names none.
     pub default_room: String,
+    /// Live rooms, for the demo page's layout switcher.
+    pub control: std::sync::Arc<dyn tessera_core::RoomControl>,
+}
+
+#[derive(Deserialize)]
+struct DevLayoutRequest {
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    view: Option<String>,
+    template: String,
 }
 
 #[derive(Deserialize)]
@@ -55,7 +66,9 @@ pub fn configure(demo: bool, dev: Option<DevTokens>) -> impl Fn(&mut web::Servic
             );
         }
         if let Some(dev) = dev.clone() {
-            cfg.app_data(web::Data::new(dev)).route("/dev/token", web::post().to(dev_token));
+            cfg.app_data(web::Data::new(dev))
+                .route("/dev/token", web::post().to(dev_token))
+                .route("/dev/layout", web::post().to(dev_layout));
         }
     }
 }
@@ -82,5 +95,19 @@ async fn dev_token(dev: web::Data<DevTokens>, body: web::Json<DevTokenRequest>) 
     match dev.tokens.issue(&room.id, &body.user, &role, &dev.portal, now, dev.lifetime_secs) {
         Ok((token, _)) => HttpResponse::Ok().content_type("text/plain").body(token),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Switches a view's layout template for the demo page (same dev-only switch as tokens).
+async fn dev_layout(dev: web::Data<DevTokens>, body: web::Json<DevLayoutRequest>) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let body = body.into_inner();
+    let room = body.room.unwrap_or_else(|| dev.default_room.clone());
+    let view = body.view.unwrap_or_else(|| "common".into());
+    let ops = serde_json::json!([{"op": "replace", "path": "/info/layout/template", "value": body.template}]);
+    match dev.control.patch_stream(&room, &format!("{room}-{view}"), &ops).await {
+        Ok(stream) => HttpResponse::Ok().json(stream),
+        Err(tessera_core::ControlError::StreamNotFound(s)) => error(StatusCode::NOT_FOUND, format!("Stream not found: {s}")),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }

@@ -216,6 +216,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         portal: api_state.portal.clone(),
         lifetime_secs: config.portal.token_lifetime_secs,
         default_room: config.rooms.default_room.clone(),
+        control: portal.control(),
     });
     let api_server = tessera_management_api::serve(api_listener, api_state)?;
     let portal_server =

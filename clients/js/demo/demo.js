@@ -127,3 +127,17 @@ $('chat-form').addEventListener('submit', async (ev) => {
     showError(e);
   }
 });
+
+$('layout').addEventListener('change', async () => {
+  $('error').hidden = true;
+  try {
+    const res = await fetch('/dev/layout', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ room: client.roomId, view: 'common', template: $('layout').value }),
+    });
+    if (!res.ok) throw new Error((await res.json()).error.message);
+  } catch (e) {
+    showError(e);
+  }
+});

@@ -136,6 +136,15 @@ test('two participants see each other, the mix, chat, and survive a network drop
   await bob.click('#chat-form button');
   await alice.waitForFunction(() => document.getElementById('messages').textContent.includes('bob: back again'), null, { timeout: 5000 });
 
+  // Switch the mixed view to the lecture layout: everyone is told of the new layout.
+  const before = await alice.evaluate(() => window.tesseraClient.remoteStreams.find((s) => s.type === 'mixed').info.layout.length);
+  await alice.selectOption('#layout', 'lecture');
+  await bob.waitForFunction((n) => {
+    const m = window.tesseraClient.remoteStreams.find((s) => s.type === 'mixed');
+    return m && m.info.layout.length !== n && m.info.layout.length === 6;
+  }, before, { timeout: 5000 });
+  await waitVideo(alice, '#mixed', 'the mix after the layout change');
+
   mkdirSync(join(SHOT, '..'), { recursive: true });
   await alice.screenshot({ path: SHOT, fullPage: true });
   await bob.close();
