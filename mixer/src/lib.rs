@@ -28,6 +28,8 @@ use pipeline::ViewPipeline;
 const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How often a view checks for consumers.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
+/// A running view whose encoder produced no video for this long is rebuilt.
+const STALL_RESTART: Duration = Duration::from_secs(3);
 
 /// The mixed stream id of a view (OWT's convention).
 pub fn mixed_stream_id(room: &str, label: &str) -> String {
@@ -45,6 +47,8 @@ struct ViewState {
     /// Taps feeding the pipeline: (stream, kind, sink id, feeder task).
     taps: Vec<(String, MediaKind, u64, tokio::task::JoinHandle<()>)>,
     idle_since: Option<Instant>,
+    /// Last time the supervisor saw video output.
+    last_output: Instant,
 }
 
 struct ViewMix {
@@ -197,6 +201,7 @@ impl Mixer {
                 pipeline: None,
                 taps: Vec::new(),
                 idle_since: None,
+                last_output: Instant::now(),
             }),
         });
         if let Ok(mut w) = weak_view.lock() {
@@ -230,7 +235,27 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                 stop_pipeline(&agent, &view);
             }
         } else if demand {
-            view.lock().idle_since = None;
+            // A pipeline whose encoder went silent (a stuck start, a wedged element) is
+            // rebuilt rather than left showing nothing.
+            let stalled = {
+                let mut s = view.lock();
+                s.idle_since = None;
+                let produced = s
+                    .pipeline
+                    .as_ref()
+                    .is_some_and(|p| !p.has_video() || p.video_produced.swap(false, std::sync::atomic::Ordering::Relaxed));
+                if produced {
+                    s.last_output = Instant::now();
+                }
+                s.last_output.elapsed() >= STALL_RESTART
+            };
+            if stalled {
+                warn!(stream = %view.id, "view pipeline produced no video for 3 s; restarting it");
+                stop_pipeline(&agent, &view);
+                if let Err(e) = start_pipeline(&agent, &view) {
+                    warn!(error = %e, "cannot restart the view pipeline");
+                }
+            }
         }
     }
 }
@@ -242,6 +267,7 @@ fn start_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) -> Result<(), p
         let mut s = view.lock();
         s.pipeline = Some(p);
         s.idle_since = None;
+        s.last_output = Instant::now();
         s.inputs.clone()
     };
     for stream in inputs {

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -67,6 +68,15 @@ pub struct ViewPipeline {
     width: u32,
     height: u32,
     branches: HashMap<(String, MediaKind), Branch>,
+    /// Set whenever the video encoder output a packet; the supervisor clears and checks it.
+    pub video_produced: Arc<AtomicBool>,
+}
+
+impl ViewPipeline {
+    /// Whether this pipeline makes video (audio-only views have nothing to watch).
+    pub fn has_video(&self) -> bool {
+        self.video_sink.is_some()
+    }
 }
 
 /// Encoder bitrate for a view, in kbit/s: configured, or derived like OWT from resolution,
@@ -87,11 +97,14 @@ fn rgb_hex(view: &View) -> u32 {
 }
 
 /// Feeds RTP from the fan-out callback: parses the appsink buffer and forwards it.
-fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>) {
+fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>, produced: Option<Arc<AtomicBool>>) {
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
                 let sample = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                if let Some(p) = &produced {
+                    p.store(true, Ordering::Relaxed);
+                }
                 let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
                 let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
                 let mut bytes = map.as_slice();
@@ -147,13 +160,14 @@ impl ViewPipeline {
         let compositor = pipeline.by_name("comp");
         let audiomixer = pipeline.by_name("amix");
         let video_sink = pipeline.by_name("vsink");
+        let video_produced = Arc::new(AtomicBool::new(false));
         if let (Some(sink), Some(fanout)) = (&video_sink, video_out) {
             let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("vsink".into()))?;
-            forward_to(&appsink, fanout);
+            forward_to(&appsink, fanout, Some(video_produced.clone()));
         }
         if let (Some(sink), Some(fanout)) = (pipeline.by_name("asink"), audio_out) {
             let appsink = sink.downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("asink".into()))?;
-            forward_to(&appsink, fanout);
+            forward_to(&appsink, fanout, None);
         }
         // The background covers the whole canvas under every input.
         if let Some(comp) = &compositor
@@ -166,7 +180,7 @@ impl ViewPipeline {
         // would sync to PAUSED and never flow.
         let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
         result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
-        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new() })
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced })
     }
 
     /// The pipeline's bus, to watch for errors.
