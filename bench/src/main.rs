@@ -181,6 +181,23 @@ fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> (usize, usiz
     (packets, bytes, latency, loss)
 }
 
+/// CPU seconds used by the server and the window (µs since epoch) over `seconds` of traffic.
+async fn measure(pid: u32, seconds: u64) -> (f64, u64, u64, f64) {
+    let (cpu0, from) = (cpu_seconds(pid), tessera_client::peer::now_us());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (cpu1, to) = (cpu_seconds(pid), tessera_client::peer::now_us());
+    (cpu1 - cpu0, from, to, rss_mb(pid))
+}
+
+/// Subscribes `user` to `stream` and returns it with its time to first video packet.
+async fn subscribe_timed(t: &Target, user: &str, stream: &str) -> anyhow::Result<(Signaling, Subscriber, Option<f64>)> {
+    let mut sig = join(t, user).await?;
+    let started = Instant::now();
+    let s = Subscriber::start(&mut sig, stream, true, true, false).await?;
+    let first = s.wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video")).await.ok().map(|_| started.elapsed().as_secs_f64() * 1000.0);
+    Ok((sig, s, first))
+}
+
 /// `publishers` synthetic publishers; each subscriber set subscribes to every publisher
 /// but its own (`mesh`) or `fanout` subscribers per stream.
 async fn sfu_scenario(t: &Target, publishers: usize, fanout: usize, mesh: bool, seconds: u64) -> anyhow::Result<Figures> {
@@ -203,22 +220,13 @@ async fn sfu_scenario(t: &Target, publishers: usize, fanout: usize, mesh: bool, 
     for (i, (_, p)) in pubs.iter().enumerate() {
         let count = if mesh { publishers - 1 } else { fanout };
         for j in 0..count {
-            let mut sig = join(t, &format!("sub{i}-{j}")).await?;
-            let started = Instant::now();
-            let s = Subscriber::start(&mut sig, &p.stream_id, true, true, false).await?;
-            let got = s.wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video")).await;
-            if got.is_ok() {
-                first_frames.push(started.elapsed().as_secs_f64() * 1000.0);
-            }
+            let (sig, s, first) = subscribe_timed(t, &format!("sub{i}-{j}"), &p.stream_id).await?;
+            first_frames.extend(first);
             subs.push((sig, s));
         }
     }
-    let pid = t.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (cpu0, from) = (cpu_seconds(pid), tessera_client::peer::now_us());
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, to) = (cpu_seconds(pid), tessera_client::peer::now_us());
-    let rss = rss_mb(pid);
+    let (cpu, from, to, rss) = measure(t.child.id(), seconds).await;
     for s in &senders {
         s.abort();
     }
@@ -228,7 +236,7 @@ async fn sfu_scenario(t: &Target, publishers: usize, fanout: usize, mesh: bool, 
     Ok(Figures {
         forwarded_pps: packets as f64 / secs,
         mbps: bytes as f64 * 8.0 / secs / 1e6,
-        cpu_seconds: cpu1 - cpu0,
+        cpu_seconds: cpu,
         rss_mb: rss,
         latency,
         loss_pct: loss,
@@ -251,20 +259,12 @@ async fn mixer_scenario(t: &Target, inputs: usize, viewers: usize, seconds: u64)
     let mut subs = Vec::new();
     let mut first_frames = Vec::new();
     for j in 0..viewers {
-        let mut sig = join(t, &format!("viewer{j}")).await?;
-        let started = Instant::now();
-        let s = Subscriber::start(&mut sig, "dev-common", true, true, false).await?;
-        if s.wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video")).await.is_ok() {
-            first_frames.push(started.elapsed().as_secs_f64() * 1000.0);
-        }
+        let (sig, s, first) = subscribe_timed(t, &format!("viewer{j}"), "dev-common").await?;
+        first_frames.extend(first);
         subs.push((sig, s));
     }
-    let pid = t.child.id();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (cpu0, from) = (cpu_seconds(pid), tessera_client::peer::now_us());
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, to) = (cpu_seconds(pid), tessera_client::peer::now_us());
-    let rss = rss_mb(pid);
+    let (cpu, from, to, rss) = measure(t.child.id(), seconds).await;
     let logs: Vec<Vec<Received>> = subs.iter().map(|(_, s)| s.received.lock().map(|r| r.clone()).unwrap_or_default()).collect();
     let secs = (to - from) as f64 / 1e6;
     // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
@@ -276,7 +276,7 @@ async fn mixer_scenario(t: &Target, inputs: usize, viewers: usize, seconds: u64)
     Ok(Figures {
         forwarded_pps: packets as f64 / secs,
         mbps: bytes as f64 * 8.0 / secs / 1e6,
-        cpu_seconds: cpu1 - cpu0,
+        cpu_seconds: cpu,
         rss_mb: rss,
         latency: Vec::new(),
         loss_pct: 0.0,

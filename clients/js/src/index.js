@@ -77,48 +77,42 @@ export class RemoteStream extends EventTarget {
   }
 }
 
-/** A local stream being published. */
-export class Publication extends EventTarget {
-  constructor(client, id, pc) {
+/** What publications and subscriptions share: pause/resume and stop over the portal. */
+class Session extends EventTarget {
+  constructor(client, id, pc, control, end) {
     super();
     this.id = id;
     this._client = client;
     this._pc = pc;
+    this._control = control;
+    this._end = end;
   }
   mute(kind = 'av') {
-    return this._client._request('stream-control', { id: this.id, operation: 'pause', data: kind });
+    return this._client._request(this._control, { id: this.id, operation: 'pause', data: kind });
   }
   unmute(kind = 'av') {
-    return this._client._request('stream-control', { id: this.id, operation: 'play', data: kind });
+    return this._client._request(this._control, { id: this.id, operation: 'play', data: kind });
   }
   async stop() {
     this._pc.close();
     this._client._sessions.delete(this.id);
-    await this._client._request('unpublish', { id: this.id });
+    await this._client._request(this._end, { id: this.id });
     this.dispatchEvent(new Event('ended'));
   }
 }
 
+/** A local stream being published. */
+export class Publication extends Session {
+  constructor(client, id, pc) {
+    super(client, id, pc, 'stream-control', 'unpublish');
+  }
+}
+
 /** A remote stream being received; attach `stream` to a `<video>`. */
-export class Subscription extends EventTarget {
+export class Subscription extends Session {
   constructor(client, id, pc, stream) {
-    super();
-    this.id = id;
-    this._client = client;
-    this._pc = pc;
+    super(client, id, pc, 'subscription-control', 'unsubscribe');
     this.stream = stream;
-  }
-  mute(kind = 'av') {
-    return this._client._request('subscription-control', { id: this.id, operation: 'pause', data: kind });
-  }
-  unmute(kind = 'av') {
-    return this._client._request('subscription-control', { id: this.id, operation: 'play', data: kind });
-  }
-  async stop() {
-    this._pc.close();
-    this._client._sessions.delete(this.id);
-    await this._client._request('unsubscribe', { id: this.id });
-    this.dispatchEvent(new Event('ended'));
   }
 }
 
