@@ -29,7 +29,7 @@ const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How often a view checks for consumers.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
 /// A running view whose encoder produced no video for this long is rebuilt.
-const STALL_RESTART: Duration = Duration::from_secs(3);
+const STALL_RESTART: Duration = Duration::from_secs(2);
 
 /// The mixed stream id of a view (OWT's convention).
 pub fn mixed_stream_id(room: &str, label: &str) -> String {
@@ -250,7 +250,7 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                 s.last_output.elapsed() >= STALL_RESTART
             };
             if stalled {
-                warn!(stream = %view.id, "view pipeline produced no video for 3 s; restarting it");
+                warn!(stream = %view.id, "view pipeline produced no video for 2 s; restarting it");
                 stop_pipeline(&agent, &view);
                 if let Err(e) = start_pipeline(&agent, &view) {
                     warn!(error = %e, "cannot restart the view pipeline");

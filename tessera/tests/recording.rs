@@ -150,11 +150,20 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     let (status, _) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({"container": "mp4", "media": {"video": {"from": p.stream_id}}}))).await;
     assert_eq!(status, 400, "VP8 does not go into MP4");
 
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let (_, list) = api(&s, reqwest::Method::GET, &format!("/v1/rooms/{room}/recordings"), None).await;
-    let listed = list.as_array().unwrap();
-    assert_eq!(listed.len(), 2);
-    assert!(listed.iter().all(|r| r["state"] == "recording" && r["size"].as_u64().unwrap() > 10_000), "{list}");
+    // Both files grow. (The mixed view's pipeline starts on this first consumer; if its
+    // encoder stays silent the mixer rebuilds it after 2 s, so allow for that.)
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, list) = api(&s, reqwest::Method::GET, &format!("/v1/rooms/{room}/recordings"), None).await;
+        let listed = list.as_array().unwrap().clone();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|r| r["state"] == "recording"), "{list}");
+        if fwd_started.elapsed() > Duration::from_secs(4) && listed.iter().all(|r| r["size"].as_u64().unwrap() > 10_000) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recordings do not grow: {list}");
+    }
 
     // Stop by DELETE.
     let (status, done) = api(&s, reqwest::Method::DELETE, &format!("/v1/rooms/{room}/recordings/{fwd_id}"), None).await;
