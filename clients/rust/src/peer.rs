@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
@@ -27,7 +28,7 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCSessionDescription, register_default_interceptors,
+    RTCIceGatheringState, RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
 };
 
 use crate::signaling::Signaling;
@@ -119,17 +120,27 @@ pub struct Connection {
 impl Connection {
     /// A connection with ICE on 127.0.0.1.
     pub async fn new() -> anyhow::Result<Connection> {
+        Self::new_on("127.0.0.1").await
+    }
+
+    /// A connection with ICE on `ip` (a loopback-range address: tests and benchmarks
+    /// never leave 127.0.0.0/8).
+    pub async fn new_on(ip: &str) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
         let registry = register_default_interceptors(Registry::new(), &mut media)?.with(Slot::from(14_000), KeyframeRequestTap::default());
+        // No mDNS: candidates are plain loopback addresses, and joining the multicast group
+        // fails in a namespace that holds only loopback.
+        let settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build();
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media)
+            .with_setting_engine(settings)
             .with_interceptor_registry(registry)
             .with_handler(Arc::new(Handler { events: tx, gathering: gtx }) as Arc<dyn PeerConnectionEventHandler>)
-            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .with_udp_addrs(vec![format!("{ip}:0")])
             .build()
             .await?;
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -223,6 +234,23 @@ impl Connection {
         let mut g = self.gathered.clone();
         let _ = tokio::time::timeout(Duration::from_secs(3), g.wait_for(|d| *d)).await;
         Ok(self.pc.local_description().await.ok_or_else(|| anyhow!("no local offer"))?.sdp)
+    }
+
+    /// Applies a server's answer to this connection's offer.
+    pub async fn apply_answer(&self, answer_sdp: String) -> anyhow::Result<()> {
+        self.pc.set_remote_description(RTCSessionDescription::answer(answer_sdp)?).await?;
+        Ok(())
+    }
+
+    /// Applies a server's offer (servers that offer, like Janus subscriptions) and returns
+    /// the answer, with every local candidate gathered (no trickle).
+    pub async fn answer(&self, offer_sdp: String) -> anyhow::Result<String> {
+        self.pc.set_remote_description(RTCSessionDescription::offer(offer_sdp)?).await?;
+        let answer = self.pc.create_answer(None).await?;
+        self.pc.set_local_description(answer).await?;
+        let mut g = self.gathered.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(3), g.wait_for(|d| *d)).await;
+        Ok(self.pc.local_description().await.ok_or_else(|| anyhow!("no local answer"))?.sdp)
     }
 
     async fn mid_of_local(&self, track: &Arc<dyn TrackLocal>) -> Option<String> {
@@ -352,43 +380,28 @@ fn local_track(kind: RtpCodecKind, codec: RTCRtpCodec, ssrc: u32, name: &str) ->
     )))
 }
 
-impl Publisher {
-    /// Publishes on a new connection (or on `conn` if given: one connection for many sessions).
-    pub async fn start(sig: &mut Signaling, opts: PublishOptions, conn: Option<Connection>) -> anyhow::Result<Publisher> {
-        let mut conn = match conn {
-            Some(c) => c,
-            None => Connection::new().await?,
-        };
-        let mut tracks_json = Vec::new();
-        let mut made = Vec::new();
-        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, if opts.h264 { h264() } else { vp8() }, "video")] {
-            if !on {
-                continue;
-            }
-            let ssrc: u32 = rand::random();
-            let local = local_track(kind, codec.clone(), ssrc, name);
-            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
-            conn.pc.add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init)).await?;
-            made.push((name, local, ssrc, codec));
-        }
-        let data = if opts.data { Some(conn.pc.create_data_channel("pub-data", None).await?) } else { None };
-        let offer = conn.make_offer().await?;
-        for (name, local, _, _) in &made {
-            let mid = conn.mid_of_local(&(local.clone() as Arc<dyn TrackLocal>)).await.ok_or_else(|| anyhow!("no mid for {name}"))?;
-            let source = if *name == "audio" { "mic" } else { "camera" };
-            tracks_json.push(json!({"type": name, "mid": mid, "source": source}));
-        }
-        let mut req = json!({"media": {"tracks": tracks_json}, "attributes": {"tag": opts.tag}});
-        if opts.data {
-            req["data"] = json!(true);
-        }
-        let stream_id = conn.exchange(sig, "publish", req, offer).await.context("publish")?;
+/// A publisher's connection with its tracks added and its offer made, before the answer.
+pub struct PreparedPublisher {
+    /// The connection: apply the server's answer on `conn.pc`.
+    pub conn: Connection,
+    /// The offer SDP (every candidate gathered).
+    pub offer: String,
+    /// `{type, mid, source}` per track, as OWT's `publish` wants them.
+    pub tracks: Vec<Value>,
+    made: Vec<(&'static str, Arc<TrackLocalStaticRTP>, u32, RTCRtpCodec)>,
+    data: Option<Arc<dyn DataChannel>>,
+    tag: u32,
+}
+
+impl PreparedPublisher {
+    /// The publisher, once the answer is applied; `stream_id` is the server's name for it.
+    pub async fn finish(self, stream_id: String) -> anyhow::Result<Publisher> {
         let keyframe_requests = Arc::new(AtomicU64::new(0));
         let keyframe_wanted = Arc::new(AtomicBool::new(true));
         let (mut video, mut audio) = (None, None);
-        for (name, local, ssrc, codec) in made {
+        for (name, local, ssrc, codec) in self.made {
             let as_dyn = local.clone() as Arc<dyn TrackLocal>;
-            let payload_type = conn.payload_type(&as_dyn, &codec.mime_type).await.ok_or_else(|| anyhow!("{name} codec not negotiated"))?;
+            let payload_type = self.conn.payload_type(&as_dyn, &codec.mime_type).await.ok_or_else(|| anyhow!("{name} codec not negotiated"))?;
             let t = SendTrack { local: local.clone(), ssrc, payload_type };
             if name == "video" {
                 let (count, wanted) = (keyframe_requests.clone(), keyframe_wanted.clone());
@@ -407,20 +420,38 @@ impl Publisher {
                 audio = Some(t);
             }
         }
-        let publisher = Publisher {
-            conn,
+        Ok(Publisher {
+            conn: self.conn,
             stream_id,
             video,
             audio,
-            data,
+            data: self.data,
             keyframe_requests,
             keyframe_wanted,
-            tag: opts.tag,
+            tag: self.tag,
             sent: Arc::default(),
             paused: Arc::default(),
             counters: Mutex::new(Counters { video_seq: rand::random(), audio_seq: rand::random(), ..Default::default() }),
             started: Instant::now(),
+        })
+    }
+}
+
+impl Publisher {
+    /// Publishes on a new connection (or on `conn` if given: one connection for many sessions).
+    pub async fn start(sig: &mut Signaling, opts: PublishOptions, conn: Option<Connection>) -> anyhow::Result<Publisher> {
+        let conn = match conn {
+            Some(c) => c,
+            None => Connection::new().await?,
         };
+        let mut prepared = Publisher::prepare(opts, conn).await?;
+        let mut req = json!({"media": {"tracks": prepared.tracks.clone()}, "attributes": {"tag": opts.tag}});
+        if opts.data {
+            req["data"] = json!(true);
+        }
+        let offer = prepared.offer.clone();
+        let stream_id = prepared.conn.exchange(sig, "publish", req, offer).await.context("publish")?;
+        let publisher = prepared.finish(stream_id).await?;
         // The server calls a publication ready when its media flows: send until it does.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -434,6 +465,32 @@ impl Publisher {
             }
         }
         Ok(publisher)
+    }
+
+    /// Adds the tracks to `conn` and makes the offer, without signaling: the caller sends
+    /// [`PreparedPublisher::offer`] to whichever server it speaks to, applies the answer on
+    /// `conn.pc`, then calls [`PreparedPublisher::finish`].
+    pub async fn prepare(opts: PublishOptions, conn: Connection) -> anyhow::Result<PreparedPublisher> {
+        let mut made = Vec::new();
+        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, if opts.h264 { h264() } else { vp8() }, "video")] {
+            if !on {
+                continue;
+            }
+            let ssrc: u32 = rand::random();
+            let local = local_track(kind, codec.clone(), ssrc, name);
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
+            conn.pc.add_transceiver_from_track(local.clone() as Arc<dyn TrackLocal>, Some(init)).await?;
+            made.push((name, local, ssrc, codec));
+        }
+        let data = if opts.data { Some(conn.pc.create_data_channel("pub-data", None).await?) } else { None };
+        let offer = conn.make_offer().await?;
+        let mut tracks = Vec::new();
+        for (name, local, _, _) in &made {
+            let mid = conn.mid_of_local(&(local.clone() as Arc<dyn TrackLocal>)).await.ok_or_else(|| anyhow!("no mid for {name}"))?;
+            let source = if *name == "audio" { "mic" } else { "camera" };
+            tracks.push(json!({"type": name, "mid": mid, "source": source}));
+        }
+        Ok(PreparedPublisher { conn, offer, tracks, made, data, tag: opts.tag })
     }
 
     /// Whether the server asked for a keyframe since the last call (for real encoders).
@@ -596,7 +653,11 @@ pub struct Subscriber {
 impl Subscriber {
     /// Subscribes to `stream` (audio and/or video, and its data channel if `data`) on a new connection.
     pub async fn start(sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
-        let mut conn = Connection::new().await?;
+        Self::start_on(sig, Connection::new().await?, stream, audio, video, data).await
+    }
+
+    /// Like [`Subscriber::start`], on a connection made by the caller (its own bind address).
+    pub async fn start_on(sig: &mut Signaling, mut conn: Connection, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
         let data_rx: DataLog = Arc::default();
         if data {
             let dc = conn.pc.create_data_channel(stream, None).await?;

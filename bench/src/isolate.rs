@@ -1,0 +1,60 @@
+//! Keeps every load run on loopback: the bench re-executes itself inside a fresh network
+//! namespace holding only `lo` and a bridge `b0` with two loopback-range addresses
+//! (127.0.1.1 for the servers, 127.0.1.2 for the load generator — Janus's ICE library
+//! gathers nothing on `lo` itself). Nothing in there can reach another host, whatever a
+//! server's ICE gathering would like to do. When the machine has two CPUs or more, the
+//! load generator is pinned to CPU 0 and the servers to CPU 1, so they don't compete.
+
+use std::process::Command;
+
+/// Set in the re-executed bench: `pin` when servers are to be pinned to CPU 1.
+pub const ENV: &str = "TESSERA_BENCH_ISOLATED";
+
+/// Where the bench runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Inside the bench's own network namespace; servers pinned when `pinned`.
+    Namespace {
+        /// Servers on CPU 1, load generator on CPU 0.
+        pinned: bool,
+    },
+    /// In the host's namespace, everything bound to 127.0.0.1 (no root for a namespace).
+    HostLoopback,
+}
+
+const SETUP: &str = "set -e
+ip link set lo up
+ip link add b0 type bridge
+ip addr add 127.0.1.1/32 dev b0
+ip addr add 127.0.1.2/32 dev b0
+ip link set b0 up
+exec \"$@\"";
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn works(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Where this process is. When it is not isolated yet and can be, re-executes it inside a
+/// namespace and returns the child's exit code for the caller to exit with.
+pub fn enter() -> anyhow::Result<Result<Place, i32>> {
+    if let Ok(v) = std::env::var(ENV) {
+        return Ok(Ok(Place::Namespace { pinned: v == "pin" }));
+    }
+    if !works("unshare", &["-n", "true"]) || !works("ip", &["-V"]) {
+        return Ok(Ok(Place::HostLoopback));
+    }
+    let pin = cpus() >= 2 && works("taskset", &["-c", "0", "true"]);
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-n", "--", "sh", "-c", SETUP, "sh"]);
+    if pin {
+        cmd.args(["taskset", "-c", "0"]);
+    }
+    cmd.arg(exe).args(std::env::args_os().skip(1)).env(ENV, if pin { "pin" } else { "yes" });
+    let status = cmd.status()?;
+    Ok(Err(status.code().unwrap_or(1)))
+}

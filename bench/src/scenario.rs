@@ -1,0 +1,223 @@
+//! The scenarios: synthetic publishers and subscribers against any [`Server`], and the
+//! mixer scenarios that only Tessera can run. Every figure comes from what the subscribers
+//! received inside one measurement window and from the server's /proc entries over it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_client::media::{LiveFormat, live_source_with};
+use tessera_client::peer::{Marker, PublishOptions, Publisher, Received, Subscriber, now_us};
+
+use crate::server::tessera::Tessera;
+use crate::server::{Keep, Server, cpu_seconds, rss_mb};
+
+/// Figures of one scenario run on one server.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// Media packets the subscribers received per second.
+    pub forwarded_pps: f64,
+    /// Their bit rate (payload + RTP header).
+    pub mbps: f64,
+    /// Server CPU seconds (user + system, all threads) over the window.
+    pub cpu_seconds: f64,
+    /// Window length in seconds.
+    pub window_s: f64,
+    /// Server RSS at the end of the window.
+    pub rss_mb: f64,
+    /// One-way latencies (ms) of every marked packet received in the window.
+    pub latency: Vec<f64>,
+    /// Packets missing from the subscribers' sequences, in percent.
+    pub loss_pct: f64,
+    /// Median time from the start of a subscriber's join to its first video packet.
+    pub first_frame_ms: f64,
+    /// Mixed video frames per second seen by a viewer, when a mix was measured.
+    pub mixer_fps: Option<f64>,
+    /// The view's configured frame rate, when a mix was measured.
+    pub mixer_fps_configured: Option<u32>,
+    /// Subscriber connections.
+    pub subscribers: usize,
+}
+
+/// Value at quantile `p` (0..=1) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Packets, bytes, latency samples and loss % from what subscribers received in a window.
+fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> (usize, usize, Vec<f64>, f64) {
+    let (mut packets, mut bytes, mut latency) = (0usize, 0usize, Vec::new());
+    let (mut expected, mut got) = (0u64, 0u64);
+    for log in received {
+        let mut by_track: HashMap<(&str, u32), (u64, u64, u64)> = HashMap::new();
+        for r in log.iter().filter(|r| r.arrived_us >= from_us && r.arrived_us <= to_us) {
+            packets += 1;
+            bytes += r.payload.len() + 12;
+            if let Some(m) = Marker::find(&r.payload) {
+                latency.push((r.arrived_us.saturating_sub(m.sent_us)) as f64 / 1000.0);
+                let e = by_track.entry((r.kind, m.tag)).or_insert((u64::MAX, 0, 0));
+                e.0 = e.0.min(m.index);
+                e.1 = e.1.max(m.index);
+                e.2 += 1;
+            }
+        }
+        for (min, max, n) in by_track.values() {
+            expected += max - min + 1;
+            got += n;
+        }
+    }
+    let loss = if expected == 0 { 0.0 } else { 100.0 * (expected.saturating_sub(got)) as f64 / expected as f64 };
+    (packets, bytes, latency, loss)
+}
+
+/// Server CPU seconds and RSS over `seconds` of traffic, and the window (µs since epoch).
+async fn measure(pid: u32, seconds: u64) -> (f64, u64, u64, f64) {
+    let (cpu0, from) = (cpu_seconds(pid), now_us());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (cpu1, to) = (cpu_seconds(pid), now_us());
+    (cpu1 - cpu0, from, to, rss_mb(pid))
+}
+
+/// Subscribes and returns the subscription with the time from the start of the join
+/// (token/login or session creation included) to its first video packet.
+async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep, Option<f64>)> {
+    let started = Instant::now();
+    let (s, keep) = server.subscribe(user, stream).await?;
+    let first = s.wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video")).await.ok().map(|_| started.elapsed().as_secs_f64() * 1000.0);
+    Ok((s, keep, first))
+}
+
+fn logs(subs: &[(Subscriber, Keep)]) -> Vec<Vec<Received>> {
+    subs.iter().map(|(s, _)| s.received.lock().map(|r| r.clone()).unwrap_or_default()).collect()
+}
+
+/// `publishers` synthetic publishers (30 fps video of 1000-byte packets, 50 audio packets
+/// a second); each is subscribed by every other publisher's participant (`mesh`) or by
+/// `fanout` subscribers.
+pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: bool, seconds: u64) -> anyhow::Result<Figures> {
+    let mut pubs = Vec::new();
+    for i in 0..publishers {
+        pubs.push(server.publish(&format!("pub{i}"), i as u32).await?);
+    }
+    let warm = seconds + 60;
+    let senders: Vec<_> = pubs
+        .iter()
+        .map(|(p, _)| {
+            let p = p.clone();
+            tokio::spawn(async move { p.send_for(Duration::from_secs(warm), 30, 1000).await })
+        })
+        .collect();
+    let mut subs = Vec::new();
+    let mut first_frames = Vec::new();
+    for (i, (p, _)) in pubs.iter().enumerate() {
+        let count = if mesh { publishers - 1 } else { fanout };
+        for j in 0..count {
+            let (s, keep, first) = subscribe_timed(server, &format!("sub{i}-{j}"), &p.stream_id).await?;
+            first_frames.extend(first);
+            subs.push((s, keep));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (cpu, from, to, rss) = measure(server.pid(), seconds).await;
+    for s in &senders {
+        s.abort();
+    }
+    let (packets, bytes, latency, loss) = analyse(&logs(&subs), from, to);
+    let secs = (to - from) as f64 / 1e6;
+    Ok(Figures {
+        forwarded_pps: packets as f64 / secs,
+        mbps: bytes as f64 * 8.0 / secs / 1e6,
+        cpu_seconds: cpu,
+        window_s: secs,
+        rss_mb: rss,
+        latency,
+        loss_pct: loss,
+        first_frame_ms: percentile(&first_frames, 0.5),
+        subscribers: subs.len(),
+        ..Default::default()
+    })
+}
+
+/// A mixer load: `inputs` real VP8/Opus publishers (GStreamer-encoded) mixed into `room`'s
+/// `common` view, and `viewers` subscribers of the mix.
+pub async fn mixer(t: &Tessera, room: &str, inputs: usize, input: LiveFormat, viewers: usize, configured_fps: u32, seconds: u64) -> anyhow::Result<Figures> {
+    let mut keep = Vec::new();
+    for i in 0..inputs {
+        let mut sig = t.join_room(room, &format!("cam{i}")).await?;
+        let opts = PublishOptions { audio: true, video: true, data: false, tag: i as u32, h264: false };
+        let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+        let colour = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)][i % 4];
+        let src = live_source_with(p.clone(), colour, 300 + 100 * i as u32, input)?;
+        keep.push((sig, p, src));
+    }
+    let mut subs = Vec::new();
+    let mut first_frames = Vec::new();
+    for j in 0..viewers {
+        let started = Instant::now();
+        let mut sig = t.join_room(room, &format!("viewer{j}")).await?;
+        let s = Subscriber::start_on(&mut sig, t.connection().await?, &format!("{room}-common"), true, true, false).await?;
+        if s.wait_until("first mixed video", Duration::from_secs(8), |r| r.iter().any(|p| p.kind == "video")).await.is_ok() {
+            first_frames.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        subs.push((s, Box::new(sig) as Keep));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cpu, from, to, rss) = measure(t.pid(), seconds).await;
+    let logs = logs(&subs);
+    let secs = (to - from) as f64 / 1e6;
+    // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
+    let frames: HashSet<u32> =
+        logs.first().map(|l| l.iter().filter(|r| r.kind == "video" && r.arrived_us >= from && r.arrived_us <= to).map(|r| r.header.timestamp).collect()).unwrap_or_default();
+    let (packets, bytes, _, _) = analyse(&logs, from, to);
+    Ok(Figures {
+        forwarded_pps: packets as f64 / secs,
+        mbps: bytes as f64 * 8.0 / secs / 1e6,
+        cpu_seconds: cpu,
+        window_s: secs,
+        rss_mb: rss,
+        first_frame_ms: percentile(&first_frames, 0.5),
+        mixer_fps: Some(frames.len() as f64 / secs),
+        mixer_fps_configured: Some(configured_fps),
+        subscribers: subs.len(),
+        ..Default::default()
+    })
+}
+
+fn round(v: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (v * f).round() / f
+}
+
+/// One JSON row: the figures of `scenario` on `server`.
+pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
+    let packets = f.forwarded_pps * f.window_s;
+    let mut v = json!({
+        "scenario": scenario,
+        "server": server,
+        "subscribers": f.subscribers,
+        "forwarded_pps": f.forwarded_pps.round(),
+        "mbps": round(f.mbps, 2),
+        "cpu_seconds": round(f.cpu_seconds, 2),
+        "cpu_pct": round(f.cpu_seconds / f.window_s.max(0.001) * 100.0, 1),
+        "cpu_us_per_packet": if packets > 0.0 { round(f.cpu_seconds * 1e6 / packets, 2) } else { 0.0 },
+        "rss_mb": f.rss_mb.round(),
+        "latency_ms_p50": round(percentile(&f.latency, 0.5), 2),
+        "latency_ms_p95": round(percentile(&f.latency, 0.95), 2),
+        "latency_ms_p99": round(percentile(&f.latency, 0.99), 2),
+        "loss_pct": round(f.loss_pct, 2),
+        "first_frame_ms": f.first_frame_ms.round(),
+    });
+    if let Some(fps) = f.mixer_fps {
+        v["mixer_fps"] = json!(round(fps, 1));
+    }
+    if let Some(fps) = f.mixer_fps_configured {
+        v["mixer_fps_configured"] = json!(fps);
+    }
+    v
+}

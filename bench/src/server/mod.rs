@@ -1,0 +1,148 @@
+//! The seam between the scenarios and the servers they load: every server under test is
+//! started by the bench on loopback with its own configuration, and offers the same two
+//! verbs — publish a synthetic stream, subscribe to one. Adding a peer (mediasoup through
+//! its npm package, say) means one more module and one more [`AnyServer`] variant.
+
+pub mod janus;
+pub mod tessera;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use tessera_client::peer::{Publisher, Subscriber};
+
+/// Whatever must stay alive for a publication or subscription to last (a signaling
+/// connection, a Janus session and its poller).
+pub type Keep = Box<dyn std::any::Any + Send>;
+
+/// A server the scenarios can load.
+pub trait Server {
+    /// `"tessera"` or `"janus"`.
+    fn name(&self) -> &'static str;
+    /// The server's process id, for CPU and memory readings.
+    fn pid(&self) -> u32;
+    /// Publishes one synthetic VP8 + Opus stream tagged `tag`, ready to be subscribed to.
+    async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)>;
+    /// Subscribes to audio and video of `stream` (a publisher's `stream_id`).
+    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)>;
+}
+
+/// The servers this bench knows.
+pub enum AnyServer {
+    /// Tessera itself.
+    Tessera(tessera::Tessera),
+    /// Janus with its VideoRoom plugin.
+    Janus(janus::Janus),
+}
+
+/// Which server to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Tessera.
+    Tessera,
+    /// Janus.
+    Janus,
+}
+
+/// How to start the servers.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The tessera binary.
+    pub tessera_bin: PathBuf,
+    /// The janus binary.
+    pub janus_bin: PathBuf,
+    /// Pin the server to this CPU (the load generator runs on the others).
+    pub pin_cpu: Option<usize>,
+    /// Loopback-range address the servers' media binds to.
+    pub server_ip: String,
+    /// Loopback-range address the load generator's peers bind to.
+    pub client_ip: String,
+}
+
+impl Launch {
+    /// A command for a server binary, pinned when asked.
+    pub fn command(&self, bin: &PathBuf) -> Command {
+        match self.pin_cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        }
+    }
+}
+
+impl AnyServer {
+    /// Starts a fresh server of `kind`.
+    pub async fn start(kind: Kind, launch: &Launch) -> anyhow::Result<AnyServer> {
+        Ok(match kind {
+            Kind::Tessera => AnyServer::Tessera(tessera::Tessera::start(launch)?),
+            Kind::Janus => AnyServer::Janus(janus::Janus::start(launch).await?),
+        })
+    }
+
+    /// The Tessera server, for the scenarios only it can run (the mixer).
+    pub fn as_tessera(&self) -> Option<&tessera::Tessera> {
+        match self {
+            AnyServer::Tessera(t) => Some(t),
+            AnyServer::Janus(_) => None,
+        }
+    }
+}
+
+impl Server for AnyServer {
+    fn name(&self) -> &'static str {
+        match self {
+            AnyServer::Tessera(s) => s.name(),
+            AnyServer::Janus(s) => s.name(),
+        }
+    }
+    fn pid(&self) -> u32 {
+        match self {
+            AnyServer::Tessera(s) => s.pid(),
+            AnyServer::Janus(s) => s.pid(),
+        }
+    }
+    async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)> {
+        match self {
+            AnyServer::Tessera(s) => s.publish(user, tag).await,
+            AnyServer::Janus(s) => s.publish(user, tag).await,
+        }
+    }
+    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)> {
+        match self {
+            AnyServer::Tessera(s) => s.subscribe(user, stream).await,
+            AnyServer::Janus(s) => s.subscribe(user, stream).await,
+        }
+    }
+}
+
+/// A fresh scratch directory for one server run.
+pub fn scratch_dir(what: &str) -> anyhow::Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("tessera-bench-{what}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// user+system CPU seconds of a process (all its threads).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, i.e. 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident set size of a process in MiB.
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,136 @@
+//! Tessera under test: the real binary, started with a bench configuration, driven through
+//! its portal (Client-Portal protocol over Socket.IO) and management API like any client.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tessera_client::peer::{Connection, PublishOptions, Publisher, Subscriber};
+use tessera_client::signaling::Signaling;
+
+use super::{Keep, Launch, Server, scratch_dir};
+
+const KEY: &str = "bench-service-key-0123456789";
+
+/// A running Tessera.
+pub struct Tessera {
+    child: Child,
+    /// Portal base URL.
+    pub portal: String,
+    /// Management API base URL.
+    pub api: String,
+    client_ip: String,
+    dir: PathBuf,
+}
+
+impl Drop for Tessera {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Tessera {
+    /// Starts the binary on ephemeral loopback ports and waits until it listens.
+    pub fn start(launch: &Launch) -> anyhow::Result<Tessera> {
+        let dir = scratch_dir("tessera")?;
+        let cfg = dir.join("bench.toml");
+        std::fs::write(
+            &cfg,
+            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n[log]\nlevel = \"warn\"\n", launch.server_ip),
+        )?;
+        let mut child = launch
+            .command(&launch.tessera_bin)
+            .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env("TESSERA_SERVICE_KEY", KEY)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", launch.tessera_bin.display()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut portal, mut api) = (None, None);
+        while portal.is_none() || api.is_none() {
+            let Some(Ok(line)) = lines.next() else { bail!("tessera exited before listening") };
+            if let Some(a) = line.strip_prefix("tessera: portal listening on ") {
+                portal = Some(a.to_string());
+            }
+            if let Some(a) = line.strip_prefix("tessera: management API listening on ") {
+                api = Some(a.to_string());
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Tessera { child, portal: portal.unwrap_or_default(), api: api.unwrap_or_default(), client_ip: launch.client_ip.clone(), dir })
+    }
+
+    /// Logs `user` into the dev room as a presenter.
+    pub async fn join(&self, user: &str) -> anyhow::Result<Signaling> {
+        self.join_room("dev", user).await
+    }
+
+    /// Creates a room whose `common` view mixes at `width`×`height`, `fps`; returns its id.
+    pub async fn create_mix_room(&self, width: u32, height: u32, fps: u32) -> anyhow::Result<String> {
+        let body = json!({"name": format!("mix-{width}x{height}@{fps}"), "options": {"views": [{"label": "common", "video": {"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}}}]}});
+        let room: serde_json::Value = reqwest::Client::new()
+            .post(format!("{}/v1/rooms", self.api))
+            .bearer_auth(KEY)
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        room["_id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("room created without an id: {room}"))
+    }
+
+    /// Logs `user` into `room` as a presenter.
+    pub async fn join_room(&self, room: &str, user: &str) -> anyhow::Result<Signaling> {
+        let token = reqwest::Client::new()
+            .post(format!("{}/v1/rooms/{room}/tokens", self.api))
+            .bearer_auth(KEY)
+            .json(&json!({"user": user, "role": "presenter"}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let mut sig = Signaling::connect(&self.portal).await?;
+        sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await?;
+        Ok(sig)
+    }
+
+    /// A peer connection bound where the bench's clients live.
+    pub async fn connection(&self) -> anyhow::Result<Connection> {
+        Connection::new_on(&self.client_ip).await
+    }
+}
+
+impl Server for Tessera {
+    fn name(&self) -> &'static str {
+        "tessera"
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)> {
+        let mut sig = self.join(user).await?;
+        let opts = PublishOptions { audio: true, video: true, data: false, tag, h264: false };
+        let p = Publisher::start(&mut sig, opts, Some(self.connection().await?)).await?;
+        Ok((Arc::new(p), Box::new(sig)))
+    }
+    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)> {
+        let mut sig = self.join(user).await?;
+        let s = Subscriber::start_on(&mut sig, self.connection().await?, stream, true, true, false).await?;
+        Ok((s, Box::new(sig)))
+    }
+}
