@@ -40,14 +40,14 @@ fn works(cmd: &str, args: &[&str]) -> bool {
 
 /// Where this process is. When it is not isolated yet and can be, re-executes it inside a
 /// namespace and returns the child's exit code for the caller to exit with.
-pub fn enter() -> anyhow::Result<Result<Place, i32>> {
+pub fn enter(allow_pin: bool) -> anyhow::Result<Result<Place, i32>> {
     if let Ok(v) = std::env::var(ENV) {
         return Ok(Ok(Place::Namespace { pinned: v == "pin" }));
     }
     if !works("unshare", &["-n", "true"]) || !works("ip", &["-V"]) {
         return Ok(Ok(Place::HostLoopback));
     }
-    let pin = cpus() >= 2 && works("taskset", &["-c", "0", "true"]);
+    let pin = allow_pin && cpus() >= 2 && works("taskset", &["-c", "0", "true"]);
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new("unshare");
     cmd.args(["-n", "--", "sh", "-c", SETUP, "sh"]);

@@ -44,6 +44,9 @@ struct Args {
     /// The janus binary.
     #[arg(long, default_value = "/usr/bin/janus")]
     janus_bin: PathBuf,
+    /// Don't pin servers to CPU 1 and the load generator to CPU 0.
+    #[arg(long)]
+    no_pin: bool,
     /// Seconds of measured traffic per scenario (ramp steps and matrix cells use at most 5).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -201,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     if !KNOWN.contains(&args.scenario.as_str()) || args.scenario.is_empty() {
         bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix)", args.scenario);
     }
-    let place = match isolate::enter()? {
+    let place = match isolate::enter(!args.no_pin)? {
         Ok(place) => place,
         Err(code) => std::process::exit(code),
     };

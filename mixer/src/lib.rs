@@ -247,10 +247,14 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                 if produced {
                     s.last_output = Instant::now();
                 }
-                s.last_output.elapsed() >= STALL_RESTART
+                let failed = s.pipeline.as_ref().and_then(|p| p.failed.lock().ok().and_then(|f| f.clone()));
+                if let Some(error) = &failed {
+                    warn!(stream = %view.id, %error, "view pipeline failed; restarting it");
+                }
+                failed.is_some() || s.last_output.elapsed() >= STALL_RESTART
             };
             if stalled {
-                warn!(stream = %view.id, "view pipeline produced no video for 2 s; restarting it");
+                warn!(stream = %view.id, "view pipeline failed or produced no video for 2 s; restarting it");
                 stop_pipeline(&agent, &view);
                 if let Err(e) = start_pipeline(&agent, &view) {
                     warn!(error = %e, "cannot restart the view pipeline");

@@ -70,7 +70,22 @@ pub struct ViewPipeline {
     branches: HashMap<(String, MediaKind), Branch>,
     /// Set whenever the video encoder output a packet; the supervisor clears and checks it.
     pub video_produced: Arc<AtomicBool>,
+    /// The first error an element posted, if any: an aggregator that errors stops for
+    /// good while the other half (audio or video) goes on, so the view must be rebuilt.
+    pub failed: Arc<std::sync::Mutex<Option<String>>>,
 }
+
+/// Encoder threads: libvpx and x264 threads wait on each other by spinning, so more
+/// threads than the CPUs this process may use burn a whole core (measured: a view pinned
+/// to one CPU with threads=2 ran at 9 of 24 fps on 100 % of that CPU).
+fn encoder_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 2)
+}
+
+/// Aggregator settings shared by the compositor and the audio mixer: always live (a failed
+/// latency query must not make them wait for every input), and room for inputs that join
+/// later with more latency (jitter buffer + decoder) than the test sources had.
+const AGGREGATOR_LIVE: &str = "force-live=true min-upstream-latency=120000000 ignore-inactive-pads=true";
 
 impl ViewPipeline {
     /// Whether this pipeline makes video (audio-only views have nothing to watch).
@@ -131,24 +146,26 @@ impl ViewPipeline {
             let kbps = bitrate_kbps(view);
             let encoder = if v.format.codec == "h264" {
                 format!(
-                    "x264enc name=venc tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads=2 ! video/x-h264,profile=constrained-baseline ! rtph264pay name=vpay pt={VIDEO_PT} mtu=1200 config-interval=-1",
-                    kfi = p.key_frame_interval
+                    "x264enc name=venc tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads={threads} ! video/x-h264,profile=constrained-baseline ! rtph264pay name=vpay pt={VIDEO_PT} mtu=1200 config-interval=-1",
+                    kfi = p.key_frame_interval,
+                    threads = encoder_threads()
                 )
             } else {
                 format!(
-                    "vp8enc name=venc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads=2 static-threshold=100 ! rtpvp8pay name=vpay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
+                    "vp8enc name=venc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads={threads} static-threshold=100 ! rtpvp8pay name=vpay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
                     bps = kbps * 1000,
-                    kfi = p.key_frame_interval
+                    kfi = p.key_frame_interval,
+                    threads = encoder_threads()
                 )
             };
             desc.push_str(&format!(
-                "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp ignore-inactive-pads=true background=black ! {caps} ! queue max-size-buffers=2 leaky=downstream ! {encoder} ! appsink name=vsink sync=false emit-signals=false max-buffers=64 drop=true ",
+                "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp {AGGREGATOR_LIVE} background=black ! {caps} ! queue max-size-buffers=2 leaky=downstream ! {encoder} ! appsink name=vsink sync=false emit-signals=false max-buffers=64 drop=true ",
                 bg = rgb_hex(view)
             ));
         }
         if let (Some(_), Some(_)) = (&view.audio, &audio_out) {
             desc.push_str(&format!(
-                "audiotestsrc is-live=true wave=silence samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! audiomixer name=amix ignore-inactive-pads=true ! audio/x-raw,rate=48000,channels=2 ! audioconvert ! opusenc bitrate=64000 frame-size=20 ! rtpopuspay pt={AUDIO_PT} ! appsink name=asink sync=false emit-signals=false max-buffers=64 drop=true"
+                "audiotestsrc is-live=true wave=silence samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! audiomixer name=amix {AGGREGATOR_LIVE} ! audio/x-raw,rate=48000,channels=2 ! audioconvert ! opusenc bitrate=64000 frame-size=20 ! rtpopuspay pt={AUDIO_PT} ! appsink name=asink sync=false emit-signals=false max-buffers=64 drop=true"
             ));
         }
         if desc.is_empty() {
@@ -175,12 +192,42 @@ impl ViewPipeline {
         {
             pad.set_property("zorder", 0u32);
         }
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        if let Some(bus) = pipeline.bus() {
+            let (failed, weak) = (failed.clone(), pipeline.downgrade());
+            // Nobody pops this bus: handle what matters here and drop every message, so
+            // none pile up for the pipeline's lifetime.
+            bus.set_sync_handler(move |_, msg| {
+                use gst::MessageView;
+                let from = || msg.src().map(|s| s.path_string().to_string()).unwrap_or_default();
+                match msg.view() {
+                    MessageView::Error(e) => {
+                        warn!(element = %from(), error = %e.error(), debug = ?e.debug(), "view pipeline error");
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert_with(|| format!("{}: {}", from(), e.error()));
+                        }
+                    }
+                    MessageView::Warning(w) => debug!(element = %from(), warning = %w.error(), "view pipeline warning"),
+                    // An input joined with more latency: re-distribute it (not from a
+                    // streaming thread, hence call_async).
+                    MessageView::Latency(_) => {
+                        if let Some(p) = weak.upgrade() {
+                            p.call_async(|p| {
+                                let _ = p.recalculate_latency();
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                gst::BusSyncReply::Drop
+            });
+        }
         pipeline.set_state(gst::State::Playing).map_err(|e| PipelineError::Gst(format!("cannot play: {e}")))?;
         // Wait until it plays: a branch added while the state change is still in flight
         // would sync to PAUSED and never flow.
         let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
         result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
-        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced })
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, failed })
     }
 
     /// The pipeline's bus, to watch for errors.
@@ -244,14 +291,15 @@ impl ViewPipeline {
     /// Removes an input branch; the others keep flowing.
     pub fn remove_input(&mut self, stream: &str, kind: MediaKind) {
         let Some(b) = self.branches.remove(&(stream.to_string(), kind)) else { return };
-        let _ = b.appsrc.end_of_stream();
-        let _ = b.bin.set_state(gst::State::Null);
+        // Detach from the mixer first: stopping a branch whose thread is inside the
+        // aggregator's chain function could wait on the aggregator.
         if let Some(src) = b.bin.static_pad("src") {
             let _ = src.unlink(&b.mixer_pad);
         }
         if let Some(parent) = b.mixer_pad.parent_element() {
             parent.release_request_pad(&b.mixer_pad);
         }
+        let _ = b.bin.set_state(gst::State::Null);
         let _ = self.pipeline.remove(&b.bin);
     }
 
