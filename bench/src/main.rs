@@ -38,6 +38,9 @@ struct Args {
     /// Print a JSON array (one object per scenario and server) instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write that JSON array to this file (tables still print).
+    #[arg(long)]
+    save: Option<PathBuf>,
     /// The tessera binary (default: next to this one).
     #[arg(long)]
     tessera_bin: Option<PathBuf>,
@@ -100,7 +103,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, seconds: u64) -> anyhow::R
                         let s = AnyServer::start(kind, launch).await?;
                         let t = s.as_tessera().context("mixer needs Tessera")?;
                         let room = t.create_mix_room(width, height, fps).await?;
-                        let input = LiveFormat { width: 320, height: 240, fps };
+                        let input = LiveFormat { fps, ..LiveFormat::default() };
                         let f = scenario::mixer(t, &room, inputs, input, 1, fps, seconds.min(5)).await?;
                         let mut r = row(name, server_name, &f);
                         r["inputs"] = json!(inputs);
@@ -233,12 +236,17 @@ async fn main() -> anyhow::Result<()> {
         for &kind in &kinds {
             // Every scenario is bounded: a stuck one cannot hold the run.
             let limit = Duration::from_secs(args.seconds * 20 + 240);
+            let started = std::time::Instant::now();
             let r = tokio::time::timeout(limit, run(name, kind, &launch, args.seconds))
                 .await
                 .map_err(|_| anyhow::anyhow!("scenario {name} on {kind:?} timed out after {limit:?}"))?
                 .with_context(|| format!("scenario {name} on {kind:?}"))?;
+            eprintln!("tessera-bench: {name} on {kind:?} took {:.0} s", started.elapsed().as_secs_f64());
             rows.extend(r);
         }
+    }
+    if let Some(path) = &args.save {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -143,6 +143,18 @@ pub enum AgentEvent {
         /// Why.
         reason: String,
     },
+    /// A field of a stream's info changed on the media side (a mixed stream's
+    /// `activeInput` or `video.layout`, decided by the mixer itself).
+    StreamUpdated {
+        /// Room id.
+        room: String,
+        /// Stream id.
+        stream: String,
+        /// OWT's field name: `activeInput` or `video.layout`.
+        field: String,
+        /// The new value.
+        value: Value,
+    },
 }
 
 /// Why an agent refused a request.

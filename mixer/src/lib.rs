@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tessera_core::agent::{AgentError, MediaKind, MixEngine};
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, MixEngine};
 use tessera_core::room::{CustomTemplate, Room, View};
 use tessera_webrtc_agent::forward::Fanout;
 use tessera_webrtc_agent::{LocalTrack, WebrtcAgent};
@@ -30,6 +30,12 @@ const IDLE_STOP: Duration = Duration::from_secs(3);
 const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
 /// A running view whose encoder produced no video for this long is rebuilt.
 const STALL_RESTART: Duration = Duration::from_secs(2);
+/// Inputs quieter than this (dBFS) are not speaking.
+const VAD_FLOOR_DB: f32 = -50.0;
+/// A new speaker must be this much louder than the current one...
+const VAD_MARGIN_DB: f32 = 3.0;
+/// ...for this many supervisor ticks in a row (500 ms), so a cough doesn't switch.
+const VAD_TICKS: u32 = 2;
 
 /// The mixed stream id of a view (OWT's convention).
 pub fn mixed_stream_id(room: &str, label: &str) -> String {
@@ -49,9 +55,14 @@ struct ViewState {
     idle_since: Option<Instant>,
     /// Last time the supervisor saw video output.
     last_output: Instant,
+    /// The loudest input (voice activity), once one has spoken.
+    active: Option<String>,
+    /// A louder input and for how many supervisor ticks in a row it has been loudest.
+    candidate: Option<(String, u32)>,
 }
 
 struct ViewMix {
+    room: String,
     id: String,
     config: View,
     video_out: Option<Arc<Fanout>>,
@@ -99,11 +110,12 @@ impl ViewMix {
                 "status": "active",
             }));
         }
+        let active = self.lock().active.clone().unwrap_or_else(|| "unknown".into());
         json!({
             "id": self.id,
             "type": "mixed",
             "media": {"tracks": tracks},
-            "info": {"label": self.config.label, "layout": self.layout_json(), "activeInput": "unknown"},
+            "info": {"label": self.config.label, "layout": self.layout_json(), "activeInput": active},
         })
     }
 }
@@ -189,6 +201,7 @@ impl Mixer {
             None => Templates::from_layout(&Default::default(), 1),
         };
         let view = Arc::new(ViewMix {
+            room: room.id.clone(),
             id: id.clone(),
             config: config.clone(),
             video_out,
@@ -202,6 +215,8 @@ impl Mixer {
                 taps: Vec::new(),
                 idle_since: None,
                 last_output: Instant::now(),
+                active: None,
+                candidate: None,
             }),
         });
         if let Ok(mut w) = weak_view.lock() {
@@ -260,8 +275,76 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                     warn!(error = %e, "cannot restart the view pipeline");
                 }
             }
+            for (field, value) in voice_activity(&view) {
+                let event = AgentEvent::StreamUpdated { room: view.room.clone(), stream: view.id.clone(), field: field.into(), value };
+                agent.emit(event).await;
+            }
         }
     }
+}
+
+/// Voice activity: follows the loudest audio input and, when the view asks for it
+/// (`keepActiveInputPrimary`), moves it into the primary region. Returns the stream info
+/// fields that changed (`activeInput`, `video.layout`).
+fn voice_activity(view: &ViewMix) -> Vec<(&'static str, Value)> {
+    if !view.config.audio.as_ref().is_some_and(|a| a.vad) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut s = view.lock();
+    if s.active.as_ref().is_some_and(|a| !s.inputs.contains(a)) {
+        s.active = None;
+        s.candidate = None;
+        out.push(("activeInput", json!("unknown")));
+    }
+    let levels = match &s.pipeline {
+        Some(p) => p.audio_levels(),
+        None => return out,
+    };
+    let loudest = levels.iter().filter(|(st, db)| *db > VAD_FLOOR_DB && s.inputs.contains(st)).max_by(|a, b| a.1.total_cmp(&b.1)).cloned();
+    let Some((stream, db)) = loudest else {
+        s.candidate = None;
+        return out;
+    };
+    let active_db = s.active.as_ref().and_then(|a| levels.iter().find(|(st, _)| st == a)).map(|(_, d)| *d);
+    if s.active.as_deref() == Some(stream.as_str()) || active_db.is_some_and(|a| db < a + VAD_MARGIN_DB) {
+        s.candidate = None;
+        return out;
+    }
+    let ticks = match &s.candidate {
+        Some((c, n)) if *c == stream => n + 1,
+        _ => 1,
+    };
+    if ticks < VAD_TICKS {
+        s.candidate = Some((stream, ticks));
+        return out;
+    }
+    s.candidate = None;
+    s.active = Some(stream.clone());
+    debug!(view = %view.id, %stream, level_db = db, "active input");
+    out.push(("activeInput", json!(stream)));
+    if view.config.video.as_ref().is_some_and(|v| v.keep_active_input_primary) {
+        let before = view.assigned(&mut s);
+        let primary = before.first().map(|(r, _)| r.id.clone());
+        let holder = before.first().and_then(|(_, st)| st.clone());
+        if let Some(primary) = primary
+            && holder.as_deref() != Some(stream.as_str())
+        {
+            // The speaker takes the primary region; whoever held it takes the speaker's.
+            let old = s.placed.iter().find(|(st, _)| *st == stream).map(|(_, r)| r.clone());
+            s.placed.retain(|(st, _)| *st != stream && Some(st) != holder.as_ref());
+            s.placed.push((stream.clone(), primary));
+            if let (Some(h), Some(o)) = (holder, old) {
+                s.placed.push((h, o));
+            }
+            let after = view.assigned(&mut s);
+            if let Some(p) = &s.pipeline {
+                p.apply_layout(&after);
+            }
+            out.push(("video.layout", layout::to_json(&after)));
+        }
+    }
+    out
 }
 
 fn start_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {

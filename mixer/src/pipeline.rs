@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -57,6 +57,31 @@ struct Branch {
     bin: gst::Bin,
     appsrc: gst_app::AppSrc,
     mixer_pad: gst::Pad,
+    /// Audio inputs: smoothed mean square of the decoded samples (f32 bits, full scale = 1).
+    level: Option<Arc<AtomicU32>>,
+}
+
+/// Follows the loudness of an audio input from the buffers leaving its branch (S16LE).
+/// An exponential average over ~100 ms of 20 ms buffers: short clicks don't make a speaker.
+fn measure_level(pad: &gst::Pad) -> Arc<AtomicU32> {
+    let level = Arc::new(AtomicU32::new(0f32.to_bits()));
+    let store = level.clone();
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        if let Some(buffer) = info.buffer()
+            && let Ok(map) = buffer.map_readable()
+        {
+            let bytes = map.as_slice();
+            let n = bytes.len() / 2;
+            if n > 0 {
+                let sum: f64 = bytes.chunks_exact(2).map(|c| f64::from(i16::from_le_bytes([c[0], c[1]])).powi(2)).sum();
+                let ms = (sum / n as f64 / (32768.0 * 32768.0)) as f32;
+                let old = f32::from_bits(store.load(Ordering::Relaxed));
+                store.store((old * 0.8 + ms * 0.2).to_bits(), Ordering::Relaxed);
+            }
+        }
+        gst::PadProbeReturn::Ok
+    });
+    level
 }
 
 /// A running view pipeline.
@@ -165,7 +190,7 @@ impl ViewPipeline {
         }
         if let (Some(_), Some(_)) = (&view.audio, &audio_out) {
             desc.push_str(&format!(
-                "audiotestsrc is-live=true wave=silence samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! audiomixer name=amix {AGGREGATOR_LIVE} ! audio/x-raw,rate=48000,channels=2 ! audioconvert ! opusenc bitrate=64000 frame-size=20 ! rtpopuspay pt={AUDIO_PT} ! appsink name=asink sync=false emit-signals=false max-buffers=64 drop=true"
+                "audiotestsrc is-live=true wave=silence samplesperbuffer=960 ! audio/x-raw,format=S16LE,rate=48000,channels=2 ! audiomixer name=amix {AGGREGATOR_LIVE} ! audio/x-raw,format=S16LE,rate=48000,channels=2 ! audioconvert ! opusenc bitrate=64000 frame-size=20 ! rtpopuspay pt={AUDIO_PT} ! appsink name=asink sync=false emit-signals=false max-buffers=64 drop=true"
             ));
         }
         if desc.is_empty() {
@@ -261,7 +286,7 @@ impl ViewPipeline {
                 let Some(amix) = &self.audiomixer else { return Err(PipelineError::Gst("view has no audio".into())) };
                 (
                     format!(
-                        "appsrc name=src is-live=true format=time do-timestamp=true max-bytes=500000 leaky-type=downstream caps=\"application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload={AUDIO_PT}\" ! rtpjitterbuffer latency=80 drop-on-latency=true ! rtpopusdepay ! opusdec plc=true ! audioconvert ! audioresample ! audio/x-raw,rate=48000,channels=2 ! queue max-size-time=200000000 leaky=downstream"
+                        "appsrc name=src is-live=true format=time do-timestamp=true max-bytes=500000 leaky-type=downstream caps=\"application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload={AUDIO_PT}\" ! rtpjitterbuffer latency=80 drop-on-latency=true ! rtpopusdepay ! opusdec plc=true ! audioconvert ! audioresample ! audio/x-raw,format=S16LE,rate=48000,channels=2 ! queue max-size-time=200000000 leaky=downstream"
                     ),
                     amix.clone(),
                 )
@@ -282,9 +307,10 @@ impl ViewPipeline {
             mixer_pad.set_property("alpha", 0.0f64);
         }
         src_pad.link(&mixer_pad).map_err(|e| PipelineError::Gst(format!("linking input: {e:?}")))?;
+        let level = (kind == MediaKind::Audio).then(|| measure_level(&src_pad));
         // The pipeline always plays while inputs come and go.
         bin.set_state(gst::State::Playing).map_err(|e| PipelineError::Gst(format!("starting input: {e}")))?;
-        self.branches.insert(key, Branch { bin, appsrc: appsrc.clone(), mixer_pad });
+        self.branches.insert(key, Branch { bin, appsrc: appsrc.clone(), mixer_pad, level });
         Ok(appsrc)
     }
 
@@ -321,6 +347,14 @@ impl ViewPipeline {
                 None => b.mixer_pad.set_property("alpha", 0.0f64),
             }
         }
+    }
+
+    /// The loudness of each audio input in dBFS (−100 for silence), for voice activity.
+    pub fn audio_levels(&self) -> Vec<(String, f32)> {
+        self.branches
+            .iter()
+            .filter_map(|((stream, _), b)| b.level.as_ref().map(|l| (stream.clone(), 10.0 * f32::from_bits(l.load(Ordering::Relaxed)).max(1e-10).log10())))
+            .collect()
     }
 
     /// Asks the video encoder for a keyframe now.

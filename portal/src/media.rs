@@ -428,6 +428,7 @@ impl Portal {
                 debug!(%room, %participant, %subscription, %reason, "subscription ended by the agent");
                 self.forget_session(&room, &participant, &subscription);
             }
+            AgentEvent::StreamUpdated { room, stream, field, value } => self.stream_field_changed(&room, &stream, &field, value),
         }
     }
 

@@ -108,16 +108,29 @@ impl Portal {
 
     /// Records a view's new layout and tells the room.
     fn layout_changed(&self, room: &str, label: &str, layout: Value) {
-        let id = format!("{room}-{label}");
+        self.stream_field_changed(room, &format!("{room}-{label}"), "video.layout", layout);
+    }
+
+    /// Records a new value of a stream's `video.layout` or `activeInput` and, when it
+    /// differs, tells the room with a `stream` update (OWT's `{field, value}`).
+    pub(crate) fn stream_field_changed(&self, room: &str, id: &str, field: &str, value: Value) {
+        let key = match field {
+            "video.layout" => "layout",
+            "activeInput" => "activeInput",
+            other => {
+                debug!(%room, stream = %id, field = %other, "update of an unknown stream field ignored");
+                return;
+            }
+        };
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
-        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == id.as_str())) else { return };
-        if s["info"]["layout"] == layout {
+        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == id)) else { return };
+        if s["info"][key] == value {
             return;
         }
-        s["info"]["layout"] = layout.clone();
+        s["info"][key] = value.clone();
         if notify {
-            let data = json!({"id": id, "status": "update", "data": {"field": "video.layout", "value": layout}});
+            let data = json!({"id": id, "status": "update", "data": {"field": field, "value": value}});
             conf.broadcast(room, None, "stream", &data);
         }
     }

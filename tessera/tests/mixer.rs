@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_client::media::{Frame, decode_opus, decode_vp8, live_source, tone_power};
+use tessera_client::media::{Frame, LiveFormat, decode_opus, decode_vp8, live_source, live_source_with, tone_power};
 use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber};
 use tessera_client::signaling::Signaling;
 
@@ -182,4 +182,71 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
     assert!(is(q[0], "blue"), "blue stays: {q:?}");
     assert!(is(q[1], "black"), "the leaver's region is background: {q:?}");
     garbage.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loudest_input_becomes_active_and_takes_the_primary_region() {
+    let dir = common::tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let created: Value = s
+        .client()
+        .post(s.url("/v1/rooms"))
+        .bearer_auth(common::KEY)
+        .json(&json!({"name": "speakers", "options": {"views": [{"label": "common", "audio": {"vad": true}, "video": {"keepActiveInputPrimary": true}}]}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let room = created["_id"].as_str().unwrap().to_string();
+    let mixed_id = format!("{room}-common");
+
+    // A quiet red publisher joins first (primary region), a loud blue one second.
+    let opts = |tag| PublishOptions { audio: true, video: true, data: false, tag, h264: false };
+    let mut asig = join(&s, &room, "quiet").await;
+    let a = Arc::new(Publisher::start(&mut asig, opts(1), None).await.unwrap());
+    let _a_src = live_source_with(a.clone(), (255, 0, 0), 440, LiveFormat { volume: 0.02, ..Default::default() }).unwrap();
+    let mut bsig = join(&s, &room, "loud").await;
+    let b = Arc::new(Publisher::start(&mut bsig, opts(2), None).await.unwrap());
+    let _b_src = live_source_with(b.clone(), (0, 0, 255), 1000, LiveFormat { volume: 0.5, ..Default::default() }).unwrap();
+    let mut vsig = join(&s, &room, "viewer").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while layout_of(&s, &room).await[1]["stream"] != b.stream_id.as_str() {
+        assert!(tokio::time::Instant::now() < deadline, "not mixed in join order");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sub = Subscriber::start(&mut vsig, &mixed_id, true, true, false).await.unwrap();
+
+    // The loud one is detected and moved into the primary region; the room is told both.
+    let active = vsig
+        .wait_for("activeInput update", Duration::from_secs(8), |n| n.event == "stream" && n.data["id"] == mixed_id.as_str() && n.data["data"]["field"] == "activeInput")
+        .await
+        .unwrap();
+    assert_eq!(active.data["data"]["value"], b.stream_id.as_str(), "{:?}", active.data);
+    vsig.wait_for("layout update", Duration::from_secs(3), |n| {
+        n.event == "stream" && n.data["data"]["field"] == "video.layout" && n.data["data"]["value"][0]["stream"] == b.stream_id.as_str()
+    })
+    .await
+    .unwrap();
+    let info: Value = s
+        .client()
+        .get(s.url(&format!("/v1/rooms/{room}/streams/{mixed_id}")))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["info"]["activeInput"], b.stream_id.as_str(), "{info}");
+    assert_eq!(info["info"]["layout"][0]["stream"], b.stream_id.as_str(), "{info}");
+    assert_eq!(info["info"]["layout"][1]["stream"], a.stream_id.as_str(), "{info}");
+
+    // And the picture follows: blue in region 1, red in region 2.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let q = quadrants(&last_frame(&snapshot(&sub.received)));
+    assert!(is(q[0], "blue") && is(q[1], "red"), "speaker in the primary region: {q:?}");
 }

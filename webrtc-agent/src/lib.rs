@@ -199,7 +199,8 @@ impl WebrtcAgent {
         self.lock().publications.get(id).cloned()
     }
 
-    pub(crate) async fn emit(&self, event: AgentEvent) {
+    /// Sends an event to the portal (also used by the mixer for mixed-stream updates).
+    pub async fn emit(&self, event: AgentEvent) {
         if self.events.send(event).await.is_err() {
             debug!("portal gone; agent event dropped");
         }

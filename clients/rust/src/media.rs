@@ -50,8 +50,8 @@ fn appsink_to_channel(sink: gst_app::AppSink) -> mpsc::Receiver<rtc::rtp::Packet
     rx
 }
 
-/// Picture size and rate of a live source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Picture size and rate, and tone volume, of a live source.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LiveFormat {
     /// Width in pixels.
     pub width: u32,
@@ -59,11 +59,13 @@ pub struct LiveFormat {
     pub height: u32,
     /// Frames per second.
     pub fps: u32,
+    /// Tone volume, 0–1.
+    pub volume: f64,
 }
 
 impl Default for LiveFormat {
     fn default() -> Self {
-        LiveFormat { width: 320, height: 240, fps: 15 }
+        LiveFormat { width: 320, height: 240, fps: 15, volume: 0.4 }
     }
 }
 
@@ -76,12 +78,12 @@ pub fn live_source(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u32) -
 /// [`live_source`] at another picture size and rate.
 pub fn live_source_with(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u32, format: LiveFormat) -> anyhow::Result<LiveSource> {
     gst::init()?;
-    let LiveFormat { width, height, fps } = format;
+    let LiveFormat { width, height, fps, volume } = format;
     let colour = 0xFF00_0000u32 | (u32::from(rgb.0) << 16) | (u32::from(rgb.1) << 8) | u32::from(rgb.2);
     let desc = format!(
         "videotestsrc is-live=true pattern=solid-color foreground-color={colour} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! \
          videoconvert ! vp8enc name=enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false \
-         audiotestsrc is-live=true wave=sine freq={tone_hz} volume=0.4 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! \
+         audiotestsrc is-live=true wave=sine freq={tone_hz} volume={volume} samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! \
          audioconvert ! opusenc bitrate=64000 ! rtpopuspay pt=111 ! appsink name=a sync=false",
         keydist = fps * 2,
         bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
