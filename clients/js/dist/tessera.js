@@ -3615,6 +3615,7 @@ var ConferenceClient = class extends EventTarget {
         const s = this._streams.get(m.id);
         if (!s) return;
         if (m.data.field === "video.layout") s.info.layout = m.data.value;
+        else if (m.data.field === "activeInput") s.info.activeInput = m.data.value;
         else if (m.data.field === ".") s.update(m.data.value);
         else if (/^(audio|video)\.status$/.test(m.data.field)) {
           const kind = m.data.field.split(".")[0];
