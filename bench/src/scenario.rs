@@ -99,8 +99,9 @@ fn logs(subs: &[(Subscriber, Keep)]) -> Vec<Vec<Received>> {
 
 /// `publishers` synthetic publishers (30 fps video of 1000-byte packets, 50 audio packets
 /// a second); each is subscribed by every other publisher's participant (`mesh`) or by
-/// `fanout` subscribers.
-pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: bool, seconds: u64) -> anyhow::Result<Figures> {
+/// `fanout` subscribers, `parallel` joining at a time (1: each join on a quiet server, so
+/// its time to first frame is the server's alone).
+pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: bool, parallel: usize, seconds: u64) -> anyhow::Result<Figures> {
     let mut pubs = Vec::new();
     for i in 0..publishers {
         pubs.push(server.publish(&format!("pub{i}"), i as u32).await?);
@@ -115,15 +116,21 @@ pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: 
         .collect();
     let mut subs = Vec::new();
     let mut first_frames = Vec::new();
+    let mut wanted = Vec::new();
     for (i, (p, _)) in pubs.iter().enumerate() {
         let count = if mesh { publishers - 1 } else { fanout };
-        for j in 0..count {
-            let (s, keep, first) = subscribe_timed(server, &format!("sub{i}-{j}"), &p.stream_id).await?;
+        wanted.extend((0..count).map(|j| (format!("sub{i}-{j}"), p.stream_id.clone())));
+    }
+    for batch in wanted.chunks(parallel.max(1)) {
+        let joins = batch.iter().map(|(user, stream)| subscribe_timed(server, user, stream));
+        for r in futures_util::future::join_all(joins).await {
+            let (s, keep, first) = r?;
             first_frames.extend(first);
             subs.push((s, keep));
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the last joins' handshakes and keyframe requests settle before measuring.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (cpu, from, to, rss) = measure(server.pid(), seconds).await;
     for s in &senders {
         s.abort();

@@ -80,6 +80,7 @@ impl Janus {
 	loggers_folder = "{lib}/loggers"
 	debug_level = 3
 	session_timeout = 0
+	event_loops = {loops}
 }}
 media: {{
 	rtp_port_range = "20000-60000"
@@ -105,6 +106,9 @@ loggers: {{
 "#,
             dir = dir.display(),
             iface = ICE_INTERFACE,
+            // One media loop per CPU Janus may use, instead of a thread per peer connection:
+            // Janus's own advice for many peers, and what Tessera's runtime does too.
+            loops = if launch.pin_cpu.is_some() { 1 } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
             plugins = all_but(&format!("{lib}/plugins"), "libjanus_videoroom.so"),
             transports = all_but(&format!("{lib}/transports"), "libjanus_http.so"),
             events = all_but(&format!("{lib}/events"), ""),
@@ -259,7 +263,7 @@ impl Server for Janus {
 
     async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)> {
         let session = self.session().await?;
-        let conn = Connection::new_on(&self.client_ip).await?;
+        let conn = Connection::new_on_baseline_srtp(&self.client_ip).await?;
         let prepared = Publisher::prepare(PublishOptions { audio: true, video: true, data: false, tag, h264: false }, conn).await?;
         session
             .message(
@@ -296,7 +300,7 @@ impl Server for Janus {
         session.message(json!({"request": "join", "room": ROOM, "ptype": "subscriber", "streams": [{"feed": feed}]}), None).await?;
         let attached = session.wait("subscriber offer", Duration::from_secs(10), |e| e["jsep"]["type"] == "offer").await?;
         let offer = attached["jsep"]["sdp"].as_str().ok_or_else(|| anyhow!("Janus offer without sdp"))?.to_string();
-        let conn = Connection::new_on(&self.client_ip).await?;
+        let conn = Connection::new_on_baseline_srtp(&self.client_ip).await?;
         let answer = conn.answer(offer).await?;
         session.message(json!({"request": "start"}), Some(json!({"type": "answer", "sdp": answer, "trickle": false}))).await?;
         let received = conn.received.clone();

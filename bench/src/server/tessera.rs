@@ -111,7 +111,7 @@ impl Tessera {
 
     /// A peer connection bound where the bench's clients live.
     pub async fn connection(&self) -> anyhow::Result<Connection> {
-        Connection::new_on(&self.client_ip).await
+        Connection::new_on_baseline_srtp(&self.client_ip).await
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
@@ -126,6 +127,16 @@ impl Connection {
     /// A connection with ICE on `ip` (a loopback-range address: tests and benchmarks
     /// never leave 127.0.0.0/8).
     pub async fn new_on(ip: &str) -> anyhow::Result<Connection> {
+        Self::build(ip, None).await
+    }
+
+    /// Like [`Connection::new_on`], offering only the SRTP profile every server has
+    /// (`AES128_CM_HMAC_SHA1_80`), so benchmarks compare servers on the same cipher.
+    pub async fn new_on_baseline_srtp(ip: &str) -> anyhow::Result<Connection> {
+        Self::build(ip, Some(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80])).await
+    }
+
+    async fn build(ip: &str, srtp: Option<Vec<SrtpProtectionProfile>>) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
         let mut media = MediaEngine::default();
@@ -133,7 +144,11 @@ impl Connection {
         let registry = register_default_interceptors(Registry::new(), &mut media)?.with(Slot::from(14_000), KeyframeRequestTap::default());
         // No mDNS: candidates are plain loopback addresses, and joining the multicast group
         // fails in a namespace that holds only loopback.
-        let settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build();
+        let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);
+        if let Some(profiles) = srtp {
+            settings = settings.with_srtp_protection_profiles(profiles);
+        }
+        let settings = settings.build();
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media)
