@@ -41,6 +41,9 @@ struct Args {
     /// Also write that JSON array to this file (tables still print).
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Print the tables of a run saved with --save, without running anything.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// The tessera binary (default: next to this one).
     #[arg(long)]
     tessera_bin: Option<PathBuf>,
@@ -200,11 +203,29 @@ fn print_comparison(rows: &[Value]) {
     let mut scenarios: Vec<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
     scenarios.dedup();
     for sc in scenarios {
-        // A ramp compares its last steps (where capacity is stated); others have one row each.
-        let pick = |server: &str| rows.iter().rev().find(|r| r["scenario"] == sc && r["server"] == server);
+        // A ramp compares the largest step both servers passed (same load on both), and
+        // the capacities from its last rows; other scenarios have one row per server.
+        let passed_at = |server: &str, n: u64| rows.iter().find(|r| r["scenario"] == sc && r["server"] == server && r["step_subscribers"] == n && r["passed"] == true);
+        let common_step = rows
+            .iter()
+            .filter(|r| r["scenario"] == sc && r["server"] == "tessera" && r["passed"] == true)
+            .filter_map(|r| r["step_subscribers"].as_u64())
+            .filter(|n| passed_at("janus", *n).is_some())
+            .max();
+        let pick = |server: &str| match common_step {
+            Some(n) => passed_at(server, n),
+            None => rows.iter().rev().find(|r| r["scenario"] == sc && r["server"] == server),
+        };
+        let last = |server: &str| rows.iter().rev().find(|r| r["scenario"] == sc && r["server"] == server);
         let (Some(t), Some(j)) = (pick("tessera"), pick("janus")) else { continue };
+        let label_sc = match common_step {
+            Some(n) => format!("{sc} {n}"),
+            None => sc.to_string(),
+        };
         for (key, label) in figures {
+            let (t, j) = if key == "capacity_subscribers" { (last("tessera").unwrap_or(t), last("janus").unwrap_or(j)) } else { (t, j) };
             let (Some(a), Some(b)) = (t.get(key).and_then(Value::as_f64), j.get(key).and_then(Value::as_f64)) else { continue };
+            let sc = &label_sc;
             let ratio = if b.abs() > f64::EPSILON { format!("{:.2}", a / b) } else { "-".into() };
             println!("{sc:<12} {label:<18} {a:>10} {b:>10} {ratio:>15}");
         }
@@ -214,6 +235,15 @@ fn print_comparison(rows: &[Value]) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.report {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rows: Vec<Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a saved run", path.display()))?;
+        print_rows(&rows);
+        if rows.iter().any(|r| r["server"] == "janus") {
+            print_comparison(&rows);
+        }
+        return Ok(());
+    }
     let kinds = match args.against.as_str() {
         "none" => vec![Kind::Tessera],
         "janus" => vec![Kind::Tessera, Kind::Janus],
