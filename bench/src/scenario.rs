@@ -40,6 +40,25 @@ pub struct Figures {
     pub subscribers: usize,
 }
 
+impl Figures {
+    /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
+    /// subscriber's log.
+    fn window(logs: &[Vec<Received>], (cpu, from, to, rss): (f64, u64, u64, f64), first_frames: &[f64]) -> Figures {
+        let (packets, bytes, _, _) = analyse(logs, from, to);
+        let secs = (to - from) as f64 / 1e6;
+        Figures {
+            forwarded_pps: packets as f64 / secs,
+            mbps: bytes as f64 * 8.0 / secs / 1e6,
+            cpu_seconds: cpu,
+            window_s: secs,
+            rss_mb: rss,
+            first_frame_ms: percentile(first_frames, 0.5),
+            subscribers: logs.len(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Value at quantile `p` (0..=1) of `v`.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -135,20 +154,9 @@ pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: 
     for s in &senders {
         s.abort();
     }
-    let (packets, bytes, latency, loss) = analyse(&logs(&subs), from, to);
-    let secs = (to - from) as f64 / 1e6;
-    Ok(Figures {
-        forwarded_pps: packets as f64 / secs,
-        mbps: bytes as f64 * 8.0 / secs / 1e6,
-        cpu_seconds: cpu,
-        window_s: secs,
-        rss_mb: rss,
-        latency,
-        loss_pct: loss,
-        first_frame_ms: percentile(&first_frames, 0.5),
-        subscribers: subs.len(),
-        ..Default::default()
-    })
+    let logs = logs(&subs);
+    let (_, _, latency, loss) = analyse(&logs, from, to);
+    Ok(Figures { latency, loss_pct: loss, ..Figures::window(&logs, (cpu, from, to, rss), &first_frames) })
 }
 
 /// A mixer load: `inputs` real VP8/Opus publishers (GStreamer-encoded) mixed into `room`'s
@@ -181,18 +189,10 @@ pub async fn mixer(t: &Tessera, room: &str, inputs: usize, input: LiveFormat, vi
     // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
     let frames: HashSet<u32> =
         logs.first().map(|l| l.iter().filter(|r| r.kind == "video" && r.arrived_us >= from && r.arrived_us <= to).map(|r| r.header.timestamp).collect()).unwrap_or_default();
-    let (packets, bytes, _, _) = analyse(&logs, from, to);
     Ok(Figures {
-        forwarded_pps: packets as f64 / secs,
-        mbps: bytes as f64 * 8.0 / secs / 1e6,
-        cpu_seconds: cpu,
-        window_s: secs,
-        rss_mb: rss,
-        first_frame_ms: percentile(&first_frames, 0.5),
         mixer_fps: Some(frames.len() as f64 / secs),
         mixer_fps_configured: Some(configured_fps),
-        subscribers: subs.len(),
-        ..Default::default()
+        ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
     })
 }
 

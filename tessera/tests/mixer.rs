@@ -46,9 +46,9 @@ fn last_frame(packets: &[Received]) -> Frame {
     frames.last().unwrap().clone()
 }
 
-async fn layout_of(s: &common::Server, room: &str) -> Value {
-    let v: Value = s
-        .client()
+/// The mixed stream of `room`'s `common` view, as REST shows it.
+async fn mixed_stream(s: &common::Server, room: &str) -> Value {
+    s.client()
         .get(s.url(&format!("/v1/rooms/{room}/streams/{room}-common")))
         .bearer_auth(common::KEY)
         .send()
@@ -56,8 +56,11 @@ async fn layout_of(s: &common::Server, room: &str) -> Value {
         .unwrap()
         .json()
         .await
-        .unwrap();
-    v["info"]["layout"].clone()
+        .unwrap()
+}
+
+async fn layout_of(s: &common::Server, room: &str) -> Value {
+    mixed_stream(s, room).await["info"]["layout"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,16 +234,7 @@ async fn loudest_input_becomes_active_and_takes_the_primary_region() {
     })
     .await
     .unwrap();
-    let info: Value = s
-        .client()
-        .get(s.url(&format!("/v1/rooms/{room}/streams/{mixed_id}")))
-        .bearer_auth(common::KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = mixed_stream(&s, &room).await;
     assert_eq!(info["info"]["activeInput"], b.stream_id.as_str(), "{info}");
     assert_eq!(info["info"]["layout"][0]["stream"], b.stream_id.as_str(), "{info}");
     assert_eq!(info["info"]["layout"][1]["stream"], a.stream_id.as_str(), "{info}");
