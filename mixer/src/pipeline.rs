@@ -388,3 +388,39 @@ impl Drop for ViewPipeline {
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tessera_webrtc_agent::forward::Sink;
+
+    fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn an_element_error_marks_the_view_failed_and_names_the_element() {
+        let (video, audio) = (Arc::new(Fanout::default()), Arc::new(Fanout::default()));
+        let (vsink, mut vrx) = Sink::new();
+        let (asink, mut arx) = Sink::new();
+        video.add(vsink);
+        audio.add(asink);
+        let p = ViewPipeline::start(&View::default(), Some(video), Some(audio)).unwrap();
+        // With no input the view still produces: background video and silence.
+        wait_for("mixed video", || vrx.try_recv().is_ok());
+        wait_for("mixed audio", || arx.try_recv().is_ok());
+        assert!(p.failed.lock().unwrap().is_none());
+
+        // An aggregator that fails stops for good: the view must say so, naming it.
+        let comp = p.compositor.clone().unwrap();
+        gst::element_error!(comp, gst::CoreError::Failed, ("injected failure"));
+        wait_for("the failure to be recorded", || p.failed.lock().unwrap().is_some());
+        let failed = p.failed.lock().unwrap().clone().unwrap();
+        assert!(failed.contains("comp") && failed.contains("injected failure"), "{failed}");
+    }
+}
