@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{Registry, Slot};
+use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
+use rtc::rtp_transceiver::rtp_sender::RTCPFeedback;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
@@ -25,7 +26,7 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
-    register_default_interceptors,
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 
 use crate::feedback::{KeyframeRequestTap, is_keyframe_request};
@@ -179,6 +180,27 @@ pub(crate) async fn spawn(agent: Arc<WebrtcAgent>, room: &str, participant: &str
     Ok(TransportHandle { participant: participant.to_string(), tx })
 }
 
+
+/// Packets of each outgoing video stream kept for retransmission. webrtc-rs keeps 1024 by
+/// default — 34 s of a 30 packet/s stream, per subscriber; 256 is still 1.7 s of 720p
+/// (~150 packets/s), longer than any retransmission that can still arrive in time, and cut
+/// the memory per subscriber (docs/performance.md).
+const NACK_HISTORY: u16 = 256;
+
+/// webrtc-rs's default interceptors (NACK, TWCC feedback, RTCP reports) with a shorter
+/// NACK history, plus our keyframe-request tap.
+fn interceptors(media: &mut MediaEngine) -> Result<Registry, webrtc::error::Error> {
+    for parameter in ["", "pli"] {
+        media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
+    }
+    let registry = Registry::new()
+        .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    configure_simulcast_extension_headers(media)?;
+    let registry = configure_twcc_receiver_only(registry, media)?;
+    Ok(configure_rtcp_reports(registry).with(Slot::from(14_000), KeyframeRequestTap::default()))
+}
+
 async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn PeerConnection>, AgentError> {
     let s = &agent.settings;
     let mut last_err = String::from("no free UDP port in the configured range");
@@ -186,9 +208,7 @@ async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn 
         let Some(port) = agent.ports.allocate(&s.bind_ips) else { break };
         let mut media = MediaEngine::default();
         media.register_default_codecs().map_err(|e| AgentError::Failed(format!("media engine: {e}")))?;
-        let registry = register_default_interceptors(Registry::new(), &mut media)
-            .map_err(|e| AgentError::Failed(format!("interceptors: {e}")))?
-            .with(Slot::from(14_000), KeyframeRequestTap::default());
+        let registry = interceptors(&mut media).map_err(|e| AgentError::Failed(format!("interceptors: {e}")))?;
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_ice_timeouts(Some(s.ice_disconnected_timeout), Some(s.ice_failed_timeout), Some(Duration::from_secs(2)))
