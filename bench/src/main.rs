@@ -63,7 +63,7 @@ struct Args {
 const RAMP_MAX: usize = 310;
 const RAMP_STEP: usize = 60;
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 9] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "all", ""];
+const KNOWN: [&str; 8] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "all"];
 
 /// Runs one scenario on one server kind; returns its rows.
 async fn run(name: &str, kind: Kind, launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
@@ -249,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
         "janus" => vec![Kind::Tessera, Kind::Janus],
         other => bail!("--against {other}: expected none or janus"),
     };
-    if !KNOWN.contains(&args.scenario.as_str()) || args.scenario.is_empty() {
+    if !KNOWN.contains(&args.scenario.as_str()) {
         bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix)", args.scenario);
     }
     let place = match isolate::enter(!args.no_pin)? {
