@@ -21,7 +21,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tessera_client::media::LiveFormat;
 
-use scenario::{Figures, percentile, row};
+use scenario::{Figures, Load, percentile, row};
 use server::{AnyServer, Kind, Launch, Server};
 
 /// Load scenarios against Tessera, side by side with Janus.
@@ -53,6 +53,12 @@ struct Args {
     /// Don't pin servers to CPU 1 and the load generator to CPU 0.
     #[arg(long)]
     no_pin: bool,
+    /// Video bit rate of each synthetic publisher, kbit/s (1000-byte frames at 30 fps by default).
+    #[arg(long, default_value_t = 240)]
+    video_kbps: u32,
+    /// Video frames per second of each synthetic publisher.
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
     /// Seconds of measured traffic per scenario (ramp steps and matrix cells use at most 5).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -66,7 +72,7 @@ const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"]
 const KNOWN: [&str; 8] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "all"];
 
 /// Runs one scenario on one server kind; returns its rows.
-async fn run(name: &str, kind: Kind, launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
+async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) -> anyhow::Result<Vec<Value>> {
     let server_name = if kind == Kind::Tessera { "tessera" } else { "janus" };
     let mut rows = Vec::new();
     match name {
@@ -80,7 +86,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, seconds: u64) -> anyhow::R
             let mut retried = false;
             while n <= RAMP_MAX {
                 let s = AnyServer::start(kind, launch).await?;
-                let f = scenario::sfu(&s, 1, n, false, 8, step_s).await?;
+                let f = scenario::sfu(&s, load, 1, n, false, 8, step_s).await?;
                 let cpu_pct = f.cpu_seconds / f.window_s.max(0.001) * 100.0;
                 let ok = f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && cpu_pct < 95.0;
                 let mut r = row("ramp", s.name(), &f);
@@ -134,10 +140,10 @@ async fn run(name: &str, kind: Kind, launch: &Launch, seconds: u64) -> anyhow::R
         _ => {
             let s = AnyServer::start(kind, launch).await?;
             let f: Figures = match name {
-                "smoke" => scenario::sfu(&s, 1, 2, false, 1, seconds.min(3)).await?,
-                "one-to-one" => scenario::sfu(&s, 1, 1, false, 1, seconds).await?,
-                "fanout50" => scenario::sfu(&s, 1, 50, false, 1, seconds).await?,
-                "meeting10" => scenario::sfu(&s, 10, 0, true, 1, seconds).await?,
+                "smoke" => scenario::sfu(&s, load, 1, 2, false, 1, seconds.min(3)).await?,
+                "one-to-one" => scenario::sfu(&s, load, 1, 1, false, 1, seconds).await?,
+                "fanout50" => scenario::sfu(&s, load, 1, 50, false, 1, seconds).await?,
+                "meeting10" => scenario::sfu(&s, load, 10, 0, true, 1, seconds).await?,
                 other => bail!("unknown scenario `{other}`"),
             };
             rows.push(row(name, server_name, &f));
@@ -156,8 +162,8 @@ fn text(v: Option<&Value>) -> String {
 
 fn print_rows(rows: &[Value]) {
     println!(
-        "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>8}",
-        "scenario", "server", "subs", "fwd pps", "Mbit/s", "CPU %", "µs/pkt", "RSS MB", "p50 ms", "p99 ms", "loss %", "1st frame", "mix fps"
+        "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8}",
+        "scenario", "server", "subs", "fwd pps", "Mbit/s", "CPU %", "µs/pkt", "RSS MB", "p50 ms", "p99 ms", "loss %", "ooo %", "1st frame", "mix fps"
     );
     for r in rows {
         let c = |k: &str| text(r.get(k));
@@ -167,7 +173,7 @@ fn print_rows(rows: &[Value]) {
             _ => c("scenario"),
         };
         println!(
-            "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>8}",
+            "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8}",
             scenario,
             c("server"),
             c("subscribers"),
@@ -179,6 +185,7 @@ fn print_rows(rows: &[Value]) {
             c("latency_ms_p50"),
             c("latency_ms_p99"),
             c("loss_pct"),
+            c("out_of_order_pct"),
             c("first_frame_ms"),
             c("mixer_fps"),
         );
@@ -274,6 +281,10 @@ async fn main() -> anyhow::Result<()> {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
     }
     let launch = Launch { tessera_bin, janus_bin: args.janus_bin.clone(), pin_cpu, server_ip: server_ip.into(), client_ip: client_ip.into() };
+    if args.fps == 0 || args.fps > 120 || args.video_kbps == 0 || args.video_kbps > 20_000 {
+        bail!("--fps must be 1-120 and --video-kbps 1-20000");
+    }
+    let load = Load { video_kbps: args.video_kbps, fps: args.fps };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();
     for name in names {
@@ -282,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
             // Every scenario is bounded: a stuck one cannot hold the run.
             let limit = Duration::from_secs(args.seconds * 20 + 240);
             let started = std::time::Instant::now();
-            let r = tokio::time::timeout(limit, run(name, kind, &launch, args.seconds))
+            let r = tokio::time::timeout(limit, run(name, kind, &launch, load, args.seconds))
                 .await
                 .map_err(|_| anyhow::anyhow!("scenario {name} on {kind:?} timed out after {limit:?}"))?
                 .with_context(|| format!("scenario {name} on {kind:?}"))?;

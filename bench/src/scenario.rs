@@ -30,6 +30,12 @@ pub struct Figures {
     pub latency: Vec<f64>,
     /// Packets missing from the subscribers' sequences, in percent.
     pub loss_pct: f64,
+    /// Packets that arrived after a later packet of their track, in percent.
+    pub out_of_order_pct: f64,
+    /// Synthetic publishers' video bit rate and frame rate, when they were synthetic.
+    pub video_kbps: Option<u32>,
+    /// See `video_kbps`.
+    pub fps: Option<u32>,
     /// Median time from the start of a subscriber's join to its first video packet.
     pub first_frame_ms: f64,
     /// Mixed video frames per second seen by a viewer, when a mix was measured.
@@ -44,11 +50,11 @@ impl Figures {
     /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
     /// subscriber's log.
     fn window(logs: &[Vec<Received>], (cpu, from, to, rss): (f64, u64, u64, f64), first_frames: &[f64]) -> Figures {
-        let (packets, bytes, _, _) = analyse(logs, from, to);
+        let w = analyse(logs, from, to);
         let secs = (to - from) as f64 / 1e6;
         Figures {
-            forwarded_pps: packets as f64 / secs,
-            mbps: bytes as f64 * 8.0 / secs / 1e6,
+            forwarded_pps: w.packets as f64 / secs,
+            mbps: w.bytes as f64 * 8.0 / secs / 1e6,
             cpu_seconds: cpu,
             window_s: secs,
             rss_mb: rss,
@@ -69,30 +75,44 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Packets, bytes, latency samples and loss % from what subscribers received in a window.
-fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> (usize, usize, Vec<f64>, f64) {
+/// What subscribers received in a window.
+struct Window {
+    packets: usize,
+    bytes: usize,
+    latency: Vec<f64>,
+    loss_pct: f64,
+    /// Marked packets that arrived after a later one of the same track, in percent.
+    out_of_order_pct: f64,
+}
+
+fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> Window {
     let (mut packets, mut bytes, mut latency) = (0usize, 0usize, Vec::new());
-    let (mut expected, mut got) = (0u64, 0u64);
+    let (mut expected, mut got, mut late) = (0u64, 0u64, 0u64);
     for log in received {
-        let mut by_track: HashMap<(&str, u32), (u64, u64, u64)> = HashMap::new();
+        // Per track (kind, publisher tag): lowest and highest index, count, highest so far.
+        let mut by_track: HashMap<(&str, u32), (u64, u64, u64, u64)> = HashMap::new();
         for r in log.iter().filter(|r| r.arrived_us >= from_us && r.arrived_us <= to_us) {
             packets += 1;
             bytes += r.payload.len() + 12;
             if let Some(m) = Marker::find(&r.payload) {
                 latency.push((r.arrived_us.saturating_sub(m.sent_us)) as f64 / 1000.0);
-                let e = by_track.entry((r.kind, m.tag)).or_insert((u64::MAX, 0, 0));
+                let e = by_track.entry((r.kind, m.tag)).or_insert((u64::MAX, 0, 0, 0));
+                if e.2 > 0 && m.index < e.3 {
+                    late += 1;
+                }
                 e.0 = e.0.min(m.index);
                 e.1 = e.1.max(m.index);
                 e.2 += 1;
+                e.3 = e.3.max(m.index);
             }
         }
-        for (min, max, n) in by_track.values() {
+        for (min, max, n, _) in by_track.values() {
             expected += max - min + 1;
             got += n;
         }
     }
-    let loss = if expected == 0 { 0.0 } else { 100.0 * (expected.saturating_sub(got)) as f64 / expected as f64 };
-    (packets, bytes, latency, loss)
+    let pct = |part: u64, whole: u64| if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 };
+    Window { packets, bytes, latency, loss_pct: pct(expected.saturating_sub(got), expected), out_of_order_pct: pct(late, got) }
 }
 
 /// Server CPU seconds and RSS over `seconds` of traffic, and the window (µs since epoch).
@@ -116,11 +136,26 @@ fn logs(subs: &[(Subscriber, Keep)]) -> Vec<Vec<Received>> {
     subs.iter().map(|(s, _)| s.received.lock().map(|r| r.clone()).unwrap_or_default()).collect()
 }
 
-/// `publishers` synthetic publishers (30 fps video of 1000-byte packets, 50 audio packets
-/// a second); each is subscribed by every other publisher's participant (`mesh`) or by
-/// `fanout` subscribers, `parallel` joining at a time (1: each join on a quiet server, so
-/// its time to first frame is the server's alone).
-pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: bool, parallel: usize, seconds: u64) -> anyhow::Result<Figures> {
+/// What each synthetic publisher sends: VP8-framed video at `video_kbps` and `fps` (frames
+/// over 1100 bytes split into several packets), and 50 Opus-sized audio packets a second.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Video bit rate in kbit/s.
+    pub video_kbps: u32,
+    /// Video frames per second.
+    pub fps: u32,
+}
+
+impl Load {
+    fn frame_bytes(&self) -> usize {
+        (self.video_kbps as usize * 1000 / 8 / self.fps.max(1) as usize).max(64)
+    }
+}
+
+/// `publishers` synthetic publishers sending `load`; each is subscribed by every other
+/// publisher's participant (`mesh`) or by `fanout` subscribers, `parallel` joining at a
+/// time (1: each join on a quiet server, so its time to first frame is the server's alone).
+pub async fn sfu<S: Server>(server: &S, load: Load, publishers: usize, fanout: usize, mesh: bool, parallel: usize, seconds: u64) -> anyhow::Result<Figures> {
     let mut pubs = Vec::new();
     for i in 0..publishers {
         pubs.push(server.publish(&format!("pub{i}"), i as u32).await?);
@@ -130,7 +165,7 @@ pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: 
         .iter()
         .map(|(p, _)| {
             let p = p.clone();
-            tokio::spawn(async move { p.send_for(Duration::from_secs(warm), 30, 1000).await })
+            tokio::spawn(async move { p.send_for(Duration::from_secs(warm), load.fps, load.frame_bytes()).await })
         })
         .collect();
     let mut subs = Vec::new();
@@ -155,8 +190,15 @@ pub async fn sfu<S: Server>(server: &S, publishers: usize, fanout: usize, mesh: 
         s.abort();
     }
     let logs = logs(&subs);
-    let (_, _, latency, loss) = analyse(&logs, from, to);
-    Ok(Figures { latency, loss_pct: loss, ..Figures::window(&logs, (cpu, from, to, rss), &first_frames) })
+    let w = analyse(&logs, from, to);
+    Ok(Figures {
+        latency: w.latency,
+        loss_pct: w.loss_pct,
+        out_of_order_pct: w.out_of_order_pct,
+        video_kbps: Some(load.video_kbps),
+        fps: Some(load.fps),
+        ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
+    })
 }
 
 /// A mixer load: `inputs` real VP8/Opus publishers (GStreamer-encoded) mixed into `room`'s
@@ -218,8 +260,13 @@ pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
         "latency_ms_p95": round(percentile(&f.latency, 0.95), 2),
         "latency_ms_p99": round(percentile(&f.latency, 0.99), 2),
         "loss_pct": round(f.loss_pct, 2),
+        "out_of_order_pct": round(f.out_of_order_pct, 3),
         "first_frame_ms": f.first_frame_ms.round(),
     });
+    if let (Some(kbps), Some(fps)) = (f.video_kbps, f.fps) {
+        v["video_kbps"] = json!(kbps);
+        v["video_fps"] = json!(fps);
+    }
     if let Some(fps) = f.mixer_fps {
         v["mixer_fps"] = json!(round(fps, 1));
     }

@@ -21,7 +21,7 @@ fn smoke_scenario_reports_every_figure_for_both_servers() {
     for (r, server) in rows.iter().zip(["tessera", "janus"]) {
         assert_eq!(r["scenario"], "smoke");
         assert_eq!(r["server"], server);
-        for key in ["forwarded_pps", "cpu_seconds", "rss_mb", "latency_ms_p50", "latency_ms_p99", "loss_pct", "first_frame_ms"] {
+        for key in ["forwarded_pps", "cpu_seconds", "rss_mb", "latency_ms_p50", "latency_ms_p99", "loss_pct", "out_of_order_pct", "first_frame_ms"] {
             assert!(r[key].is_number(), "missing {key}: {r}");
         }
         // 2 subscribers × (30 video + 50 audio) packets/s, every one carrying a marker.

@@ -34,6 +34,9 @@ use webrtc::peer_connection::{
 
 use crate::signaling::Signaling;
 
+/// Largest synthetic video payload: bigger frames are split over several packets.
+pub const MAX_VIDEO_PAYLOAD: usize = 1100;
+
 /// Bytes that start every marker, so receivers can find it.
 pub const MAGIC: [u8; 4] = *b"TSRA";
 
@@ -532,29 +535,39 @@ impl Publisher {
         let _ = t.local.write_rtp(packet).await;
     }
 
-    /// Sends one video frame (a keyframe when one was asked for) of `bytes` bytes.
+    /// Sends one video frame (a keyframe when one was asked for) of `bytes` bytes, in as
+    /// many packets of at most [`MAX_VIDEO_PAYLOAD`] bytes as it needs (same timestamp,
+    /// RTP marker on the last, VP8 start bit on the first); every packet carries a marker.
     pub async fn send_video(&self, bytes: usize) {
         let Some(v) = &self.video else { return };
-        let (seq, index) = {
-            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            let r = (c.video_seq, c.video_index);
-            c.video_seq = c.video_seq.wrapping_add(1);
-            c.video_index += 1;
-            r
-        };
+        let count = bytes.div_ceil(MAX_VIDEO_PAYLOAD).max(1);
         let key = self.keyframe_wanted.swap(false, Ordering::Relaxed);
-        let mut payload = vec![0x10, if key { 0x00 } else { 0x01 }];
-        if key {
-            payload.extend_from_slice(&[0x00, 0x00, 0x9d, 0x01, 0x2a]);
-        }
-        Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
-        payload.resize(bytes.max(payload.len()), 0xAB);
-        let payload = Bytes::from(payload);
-        if let Ok(mut sent) = self.sent.lock() {
-            sent.insert(("video", index), payload.clone());
-        }
         let ts = (self.started.elapsed().as_secs_f64() * 90000.0) as u32;
-        v.local.write_rtp(packet(v, seq, ts, true, payload)).await.ok();
+        for part in 0..count {
+            let (seq, index) = {
+                let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+                let r = (c.video_seq, c.video_index);
+                c.video_seq = c.video_seq.wrapping_add(1);
+                c.video_index += 1;
+                r
+            };
+            let mut payload = if part == 0 {
+                let mut p = vec![0x10, if key { 0x00 } else { 0x01 }];
+                if key {
+                    p.extend_from_slice(&[0x00, 0x00, 0x9d, 0x01, 0x2a]);
+                }
+                p
+            } else {
+                vec![0x00]
+            };
+            Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
+            payload.resize((bytes / count).max(payload.len()), 0xAB);
+            let payload = Bytes::from(payload);
+            if let Ok(mut sent) = self.sent.lock() {
+                sent.insert(("video", index), payload.clone());
+            }
+            v.local.write_rtp(packet(v, seq, ts, part + 1 == count, payload)).await.ok();
+        }
     }
 
     /// Sends one 20 ms audio packet.
@@ -578,8 +591,9 @@ impl Publisher {
         a.local.write_rtp(packet(a, seq, ts, false, payload)).await.ok();
     }
 
-    /// Sends synthetic media for `duration`: video at `fps` frames per second (one packet
-    /// of `video_bytes` each), audio every 20 ms. Returns packets sent (video, audio).
+    /// Sends synthetic media for `duration`: video at `fps` frames per second of
+    /// `video_bytes` each (split into packets as needed), audio every 20 ms. Returns frames
+    /// (video) and packets (audio) sent.
     pub async fn send_for(&self, duration: Duration, fps: u32, video_bytes: usize) -> anyhow::Result<(u64, u64)> {
         let start = Instant::now();
         let (mut vn, mut an) = (0u64, 0u64);
