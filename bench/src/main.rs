@@ -86,12 +86,25 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
             let mut retried = false;
             while n <= RAMP_MAX {
                 let s = AnyServer::start(kind, launch).await?;
-                let f = scenario::sfu(&s, load, 1, n, false, 8, step_s).await?;
+                // A step that cannot even be set up (joins refused or timing out under
+                // load) is a failed step, not the end of the run.
+                let (f, error) = match scenario::sfu(&s, load, 1, n, false, 8, step_s).await {
+                    Ok(f) => (f, None),
+                    Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
+                };
                 let cpu_pct = f.cpu_seconds / f.window_s.max(0.001) * 100.0;
-                let ok = f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && cpu_pct < 95.0;
+                let ok = error.is_none()
+                    && f.missing_first_frames == 0
+                    && f.loss_pct <= 1.0
+                    && percentile(&f.latency, 0.99) <= 50.0
+                    && cpu_pct < 95.0;
                 let mut r = row("ramp", s.name(), &f);
                 r["step_subscribers"] = json!(n);
                 r["passed"] = json!(ok);
+                if let Some(e) = error {
+                    eprintln!("tessera-bench: ramp step {n} on {}: {e}", s.name());
+                    r["error"] = json!(e);
+                }
                 rows.push(r);
                 if !ok && !retried {
                     // One spike in a 5 s window should not decide the capacity: a failed
@@ -239,6 +252,14 @@ fn print_comparison(rows: &[Value]) {
     }
 }
 
+/// Writes the rows so far to `--save`'s file, if asked.
+fn save(args: &Args, rows: &[Value]) -> anyhow::Result<()> {
+    if let Some(path) = &args.save {
+        std::fs::write(path, serde_json::to_string_pretty(rows)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -290,19 +311,28 @@ async fn main() -> anyhow::Result<()> {
     for name in names {
         // Servers alternate per scenario, so both see the same machine state in one run.
         for &kind in &kinds {
-            // Every scenario is bounded: a stuck one cannot hold the run.
-            let limit = Duration::from_secs(args.seconds * 20 + 240);
+            // Every scenario is bounded: a stuck one cannot hold the run (the ramp and the
+            // matrix are many runs in one).
+            let limit = match name {
+                "ramp" | "mixer-matrix" => Duration::from_secs(900),
+                _ => Duration::from_secs(args.seconds * 20 + 240),
+            };
             let started = std::time::Instant::now();
-            let r = tokio::time::timeout(limit, run(name, kind, &launch, load, args.seconds))
+            let result = tokio::time::timeout(limit, run(name, kind, &launch, load, args.seconds))
                 .await
-                .map_err(|_| anyhow::anyhow!("scenario {name} on {kind:?} timed out after {limit:?}"))?
-                .with_context(|| format!("scenario {name} on {kind:?}"))?;
+                .map_err(|_| anyhow::anyhow!("timed out after {limit:?}"))
+                .and_then(|r| r);
+            match result {
+                Ok(r) => rows.extend(r),
+                Err(e) => {
+                    // Keep what the earlier scenarios measured.
+                    save(&args, &rows)?;
+                    return Err(e.context(format!("scenario {name} on {kind:?} (rows so far saved with --save)")));
+                }
+            }
             eprintln!("tessera-bench: {name} on {kind:?} took {:.0} s", started.elapsed().as_secs_f64());
-            rows.extend(r);
+            save(&args, &rows)?;
         }
-    }
-    if let Some(path) = &args.save {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

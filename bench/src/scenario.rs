@@ -44,6 +44,8 @@ pub struct Figures {
     pub mixer_fps_configured: Option<u32>,
     /// Subscriber connections.
     pub subscribers: usize,
+    /// Subscribers that saw no video within 5 s of joining.
+    pub missing_first_frames: usize,
 }
 
 impl Figures {
@@ -75,44 +77,76 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// What subscribers received in a window.
+/// What subscribers received in a window: rates and arrival order.
 struct Window {
     packets: usize,
     bytes: usize,
-    latency: Vec<f64>,
-    loss_pct: f64,
     /// Marked packets that arrived after a later one of the same track, in percent.
     out_of_order_pct: f64,
 }
 
 fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> Window {
-    let (mut packets, mut bytes, mut latency) = (0usize, 0usize, Vec::new());
-    let (mut expected, mut got, mut late) = (0u64, 0u64, 0u64);
+    let (mut packets, mut bytes, mut got, mut late) = (0usize, 0usize, 0u64, 0u64);
     for log in received {
-        // Per track (kind, publisher tag): lowest and highest index, count, highest so far.
-        let mut by_track: HashMap<(&str, u32), (u64, u64, u64, u64)> = HashMap::new();
+        // Highest index seen so far per track (kind, publisher tag).
+        let mut highest: HashMap<(&str, u32), u64> = HashMap::new();
         for r in log.iter().filter(|r| r.arrived_us >= from_us && r.arrived_us <= to_us) {
             packets += 1;
             bytes += r.payload.len() + 12;
             if let Some(m) = Marker::find(&r.payload) {
-                latency.push((r.arrived_us.saturating_sub(m.sent_us)) as f64 / 1000.0);
-                let e = by_track.entry((r.kind, m.tag)).or_insert((u64::MAX, 0, 0, 0));
-                if e.2 > 0 && m.index < e.3 {
-                    late += 1;
+                got += 1;
+                match highest.get_mut(&(r.kind, m.tag)) {
+                    Some(h) if m.index < *h => late += 1,
+                    Some(h) => *h = m.index,
+                    None => {
+                        highest.insert((r.kind, m.tag), m.index);
+                    }
                 }
-                e.0 = e.0.min(m.index);
-                e.1 = e.1.max(m.index);
-                e.2 += 1;
-                e.3 = e.3.max(m.index);
             }
         }
-        for (min, max, n, _) in by_track.values() {
-            expected += max - min + 1;
-            got += n;
+    }
+    Window { packets, bytes, out_of_order_pct: if got == 0 { 0.0 } else { 100.0 * late as f64 / got as f64 } }
+}
+
+/// Packets each publisher sent in the window: marker index ranges `[start, end)` of its
+/// video and audio tracks.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    video: (u64, u64),
+    audio: (u64, u64),
+}
+
+/// Loss and latency against what was sent: for every subscriber, each packet its publisher
+/// sent in the window counts once, whether it arrived or not (a subscriber that received
+/// nothing is 100 % loss), and each one that arrived gives a latency sample.
+fn delivery(subs: &[(u32, Vec<Received>)], sent: &HashMap<u32, Sent>) -> (Vec<f64>, f64) {
+    let (mut expected, mut got, mut latency) = (0u64, 0u64, Vec::new());
+    for (tag, log) in subs {
+        let Some(range) = sent.get(tag) else { continue };
+        expected += (range.video.1 - range.video.0) + (range.audio.1 - range.audio.0);
+        let mut seen = std::collections::HashSet::new();
+        for r in log {
+            let Some(m) = Marker::find(&r.payload) else { continue };
+            let (lo, hi) = if r.kind == "video" { range.video } else { range.audio };
+            if m.tag == *tag && m.index >= lo && m.index < hi && seen.insert((r.kind, m.index)) {
+                got += 1;
+                latency.push(r.arrived_us.saturating_sub(m.sent_us) as f64 / 1000.0);
+            }
         }
     }
-    let pct = |part: u64, whole: u64| if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 };
-    Window { packets, bytes, latency, loss_pct: pct(expected.saturating_sub(got), expected), out_of_order_pct: pct(late, got) }
+    let loss = if expected == 0 { 0.0 } else { 100.0 * expected.saturating_sub(got) as f64 / expected as f64 };
+    (latency, loss)
+}
+
+/// Aborts the tasks when dropped, whichever way the scenario ends.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<anyhow::Result<(u64, u64)>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Server CPU seconds and RSS over `seconds` of traffic, and the window (µs since epoch).
@@ -158,45 +192,55 @@ impl Load {
 pub async fn sfu<S: Server>(server: &S, load: Load, publishers: usize, fanout: usize, mesh: bool, parallel: usize, seconds: u64) -> anyhow::Result<Figures> {
     let mut pubs = Vec::new();
     for i in 0..publishers {
-        pubs.push(server.publish(&format!("pub{i}"), i as u32).await?);
+        let (p, keep) = server.publish(&format!("pub{i}"), i as u32).await?;
+        p.keep_sent.store(false, std::sync::atomic::Ordering::Relaxed);
+        pubs.push((p, keep));
     }
-    let warm = seconds + 60;
-    let senders: Vec<_> = pubs
-        .iter()
-        .map(|(p, _)| {
-            let p = p.clone();
-            tokio::spawn(async move { p.send_for(Duration::from_secs(warm), load.fps, load.frame_bytes()).await })
-        })
-        .collect();
+    // Senders run until the scenario ends, however long the joins take.
+    let _senders = AbortOnDrop(
+        pubs.iter()
+            .map(|(p, _)| {
+                let p = p.clone();
+                tokio::spawn(async move { p.send_for(Duration::from_secs(24 * 3600), load.fps, load.frame_bytes()).await })
+            })
+            .collect(),
+    );
     let mut subs = Vec::new();
     let mut first_frames = Vec::new();
     let mut wanted = Vec::new();
     for (i, (p, _)) in pubs.iter().enumerate() {
         let count = if mesh { publishers - 1 } else { fanout };
-        wanted.extend((0..count).map(|j| (format!("sub{i}-{j}"), p.stream_id.clone())));
+        wanted.extend((0..count).map(|j| (format!("sub{i}-{j}"), i as u32, p.stream_id.clone())));
     }
     for batch in wanted.chunks(parallel.max(1)) {
-        let joins = batch.iter().map(|(user, stream)| subscribe_timed(server, user, stream));
-        for r in futures_util::future::join_all(joins).await {
+        let joins = batch.iter().map(|(user, _, stream)| subscribe_timed(server, user, stream));
+        for (r, (_, tag, _)) in futures_util::future::join_all(joins).await.into_iter().zip(batch) {
             let (s, keep, first) = r?;
             first_frames.extend(first);
-            subs.push((s, keep));
+            subs.push((*tag, s, keep));
         }
     }
     // Let the last joins' handshakes and keyframe requests settle before measuring.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = |pubs: &[(Arc<Publisher>, Keep)]| pubs.iter().map(|(p, _)| p.sent_counts()).collect::<Vec<_>>();
+    let before = counts(&pubs);
     let (cpu, from, to, rss) = measure(server.pid(), seconds).await;
-    for s in &senders {
-        s.abort();
-    }
-    let logs = logs(&subs);
+    let after = counts(&pubs);
+    // Packets sent at the very end of the window are still on their way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent: HashMap<u32, Sent> =
+        before.iter().zip(&after).enumerate().map(|(i, (b, a))| (i as u32, Sent { video: (b.0, a.0), audio: (b.1, a.1) })).collect();
+    let tagged: Vec<(u32, Vec<Received>)> = subs.iter().map(|(tag, s, _)| (*tag, s.received.lock().map(|r| r.clone()).unwrap_or_default())).collect();
+    let (latency, loss_pct) = delivery(&tagged, &sent);
+    let logs: Vec<Vec<Received>> = tagged.into_iter().map(|(_, l)| l).collect();
     let w = analyse(&logs, from, to);
     Ok(Figures {
-        latency: w.latency,
-        loss_pct: w.loss_pct,
+        latency,
+        loss_pct,
         out_of_order_pct: w.out_of_order_pct,
         video_kbps: Some(load.video_kbps),
         fps: Some(load.fps),
+        missing_first_frames: logs.len() - first_frames.len(),
         ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
     })
 }
@@ -234,6 +278,7 @@ pub async fn mixer(t: &Tessera, room: &str, inputs: usize, input: LiveFormat, vi
     Ok(Figures {
         mixer_fps: Some(frames.len() as f64 / secs),
         mixer_fps_configured: Some(configured_fps),
+        missing_first_frames: viewers - first_frames.len(),
         ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
     })
 }
@@ -262,6 +307,7 @@ pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
         "loss_pct": round(f.loss_pct, 2),
         "out_of_order_pct": round(f.out_of_order_pct, 3),
         "first_frame_ms": f.first_frame_ms.round(),
+        "missing_first_frames": f.missing_first_frames,
     });
     if let (Some(kbps), Some(fps)) = (f.video_kbps, f.fps) {
         v["video_kbps"] = json!(kbps);

@@ -55,6 +55,8 @@ struct ViewState {
     idle_since: Option<Instant>,
     /// Last time the supervisor saw video output.
     last_output: Instant,
+    /// Last time the supervisor rebuilt the pipeline.
+    last_restart: Instant,
     /// The loudest input (voice activity), once one has spoken.
     active: Option<String>,
     /// A louder input and for how many supervisor ticks in a row it has been loudest.
@@ -215,6 +217,7 @@ impl Mixer {
                 taps: Vec::new(),
                 idle_since: None,
                 last_output: Instant::now(),
+                last_restart: Instant::now().checked_sub(STALL_RESTART).unwrap_or_else(Instant::now),
                 active: None,
                 candidate: None,
             }),
@@ -266,9 +269,11 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                 if let Some(error) = &failed {
                     warn!(stream = %view.id, %error, "view pipeline failed; restarting it");
                 }
-                failed.is_some() || s.last_output.elapsed() >= STALL_RESTART
+                // At most one rebuild per STALL_RESTART, whatever keeps failing.
+                (failed.is_some() || s.last_output.elapsed() >= STALL_RESTART) && s.last_restart.elapsed() >= STALL_RESTART
             };
             if stalled {
+                view.lock().last_restart = Instant::now();
                 warn!(stream = %view.id, "view pipeline failed or produced no video for 2 s; restarting it");
                 stop_pipeline(&agent, &view);
                 if let Err(e) = start_pipeline(&agent, &view) {

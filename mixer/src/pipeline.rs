@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -106,6 +106,10 @@ pub struct ViewPipeline {
 fn encoder_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 2)
 }
+
+/// Name prefix of input branch bins, so bus messages can tell an input's failure from the
+/// view's.
+const INPUT_BIN_PREFIX: &str = "mix-input-";
 
 /// Aggregator settings shared by the compositor and the audio mixer: always live (a failed
 /// latency query must not make them wait for every input), and room for inputs that join
@@ -226,6 +230,12 @@ impl ViewPipeline {
                 use gst::MessageView;
                 let from = || msg.src().map(|s| s.path_string().to_string()).unwrap_or_default();
                 match msg.view() {
+                    // An input branch that fails (a publisher sending garbage its depayloader
+                    // refuses, a flow error while it is being removed) only loses that input:
+                    // its region freezes and the mix goes on. Anything else stops the view.
+                    MessageView::Error(e) if from().contains(INPUT_BIN_PREFIX) => {
+                        warn!(element = %from(), error = %e.error(), "mix input failed; it stays frozen until it leaves");
+                    }
                     MessageView::Error(e) => {
                         warn!(element = %from(), error = %e.error(), debug = ?e.debug(), "view pipeline error");
                         if let Ok(mut f) = failed.lock() {
@@ -293,6 +303,8 @@ impl ViewPipeline {
             }
         };
         let bin = gst::parse::bin_from_description(&desc, true)?;
+        static NEXT_INPUT: AtomicU64 = AtomicU64::new(0);
+        bin.set_property("name", format!("{INPUT_BIN_PREFIX}{}", NEXT_INPUT.fetch_add(1, Ordering::Relaxed)));
         let appsrc = bin
             .by_name("src")
             .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
@@ -404,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn an_element_error_marks_the_view_failed_and_names_the_element() {
+    fn an_input_failure_loses_only_that_input_and_an_aggregator_failure_marks_the_view() {
         let (video, audio) = (Arc::new(Fanout::default()), Arc::new(Fanout::default()));
         let (vsink, mut vrx) = Sink::new();
         let (asink, mut arx) = Sink::new();
@@ -415,6 +427,15 @@ mod tests {
         wait_for("mixed video", || vrx.try_recv().is_ok());
         wait_for("mixed audio", || arx.try_recv().is_ok());
         assert!(p.failed.lock().unwrap().is_none());
+
+        // An input that fails loses only itself: the view is not marked failed.
+        let mut p = p;
+        let appsrc = p.add_input("s1", MediaKind::Video, "video/VP8").unwrap();
+        gst::element_error!(appsrc, gst::CoreError::Failed, ("input failure"));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(p.failed.lock().unwrap().is_none(), "{:?}", p.failed.lock().unwrap());
+        while vrx.try_recv().is_ok() {}
+        wait_for("mixed video after the input's failure", || vrx.try_recv().is_ok());
 
         // An aggregator that fails stops for good: the view must say so, naming it.
         let comp = p.compositor.clone().unwrap();

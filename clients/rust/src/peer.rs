@@ -351,8 +351,10 @@ pub struct Publisher {
     pub keyframe_requests: Arc<AtomicU64>,
     keyframe_wanted: Arc<AtomicBool>,
     tag: u32,
-    /// Payloads sent, by (kind, index), so receivers can compare bytes.
+    /// Payloads sent, by (kind, index), so receivers can compare bytes (while `keep_sent`).
     pub sent: Arc<Mutex<HashMap<(&'static str, u64), Bytes>>>,
+    /// Whether to keep every payload in `sent` (tests compare bytes; a long load run must not).
+    pub keep_sent: AtomicBool,
     /// While true, `send_for` sends nothing (to test pauses from the outside).
     pub paused: Arc<AtomicBool>,
     counters: Mutex<Counters>,
@@ -448,6 +450,7 @@ impl PreparedPublisher {
             keyframe_wanted,
             tag: self.tag,
             sent: Arc::default(),
+            keep_sent: AtomicBool::new(true),
             paused: Arc::default(),
             counters: Mutex::new(Counters { video_seq: rand::random(), audio_seq: rand::random(), ..Default::default() }),
             started: Instant::now(),
@@ -511,6 +514,12 @@ impl Publisher {
         Ok(PreparedPublisher { conn, offer, tracks, made, data, tag: opts.tag })
     }
 
+    /// Packets sent so far: (video, audio) — the next marker indices.
+    pub fn sent_counts(&self) -> (u64, u64) {
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        (c.video_index, c.audio_index)
+    }
+
     /// Whether the server asked for a keyframe since the last call (for real encoders).
     pub fn take_keyframe_request(&self) -> bool {
         self.keyframe_wanted.swap(false, Ordering::Relaxed)
@@ -563,7 +572,9 @@ impl Publisher {
             Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
             payload.resize((bytes / count).max(payload.len()), 0xAB);
             let payload = Bytes::from(payload);
-            if let Ok(mut sent) = self.sent.lock() {
+            if self.keep_sent.load(Ordering::Relaxed)
+                && let Ok(mut sent) = self.sent.lock()
+            {
                 sent.insert(("video", index), payload.clone());
             }
             v.local.write_rtp(packet(v, seq, ts, part + 1 == count, payload)).await.ok();
@@ -584,7 +595,9 @@ impl Publisher {
         Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
         payload.resize(80, 0);
         let payload = Bytes::from(payload);
-        if let Ok(mut sent) = self.sent.lock() {
+        if self.keep_sent.load(Ordering::Relaxed)
+            && let Ok(mut sent) = self.sent.lock()
+        {
             sent.insert(("audio", index), payload.clone());
         }
         let ts = (self.started.elapsed().as_secs_f64() * 48000.0) as u32;
