@@ -30,7 +30,8 @@ ip addr add 127.0.1.2/32 dev b0
 ip link set b0 up
 exec \"$@\"";
 
-fn cpus() -> usize {
+/// CPUs this process may run on.
+pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tessera_client::media::LiveFormat;
 
 use scenario::{Figures, Load, percentile, row};
-use server::{AnyServer, Kind, Launch, Server};
+use server::{AnyServer, Kind, Launch};
 
 /// Load scenarios against Tessera, side by side with Janus.
 #[derive(Parser, Debug)]
@@ -73,7 +73,6 @@ const KNOWN: [&str; 8] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer
 
 /// Runs one scenario on one server kind; returns its rows.
 async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) -> anyhow::Result<Vec<Value>> {
-    let server_name = if kind == Kind::Tessera { "tessera" } else { "janus" };
     let mut rows = Vec::new();
     match name {
         "ramp" => {
@@ -92,17 +91,16 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
                     Ok(f) => (f, None),
                     Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
                 };
-                let cpu_pct = f.cpu_seconds / f.window_s.max(0.001) * 100.0;
                 let ok = error.is_none()
                     && f.missing_first_frames == 0
                     && f.loss_pct <= 1.0
                     && percentile(&f.latency, 0.99) <= 50.0
-                    && cpu_pct < 95.0;
-                let mut r = row("ramp", s.name(), &f);
+                    && f.cpu_pct() < 95.0;
+                let mut r = row("ramp", kind.name(), &f);
                 r["step_subscribers"] = json!(n);
                 r["passed"] = json!(ok);
                 if let Some(e) = error {
-                    eprintln!("tessera-bench: ramp step {n} on {}: {e}", s.name());
+                    eprintln!("tessera-bench: ramp step {n} on {}: {e}", kind.name());
                     r["error"] = json!(e);
                 }
                 rows.push(r);
@@ -130,7 +128,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
             let s = AnyServer::start(kind, launch).await?;
             let t = s.as_tessera().context("mixer needs Tessera")?;
             let f = scenario::mixer(t, "dev", 4, LiveFormat::default(), 20, 24, seconds).await?;
-            rows.push(row(name, server_name, &f));
+            rows.push(row(name, kind.name(), &f));
         }
         "mixer-matrix" => {
             // One view per cell, one viewer (a view that nobody watches does no work).
@@ -142,7 +140,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
                         let room = t.create_mix_room(width, height, fps).await?;
                         let input = LiveFormat { fps, ..LiveFormat::default() };
                         let f = scenario::mixer(t, &room, inputs, input, 1, fps, seconds.min(5)).await?;
-                        let mut r = row(name, server_name, &f);
+                        let mut r = row(name, kind.name(), &f);
                         r["inputs"] = json!(inputs);
                         r["view"] = json!(format!("{width}x{height}@{fps}"));
                         rows.push(r);
@@ -159,7 +157,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
                 "meeting10" => scenario::sfu(&s, load, 10, 0, true, 1, seconds).await?,
                 other => bail!("unknown scenario `{other}`"),
             };
-            rows.push(row(name, server_name, &f));
+            rows.push(row(name, kind.name(), &f));
         }
     }
     Ok(rows)
@@ -280,6 +278,10 @@ async fn main() -> anyhow::Result<()> {
     if !KNOWN.contains(&args.scenario.as_str()) {
         bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix)", args.scenario);
     }
+    if args.fps == 0 || args.fps > 120 || args.video_kbps == 0 || args.video_kbps > 20_000 {
+        bail!("--fps must be 1-120 and --video-kbps 1-20000");
+    }
+    let load = Load { video_kbps: args.video_kbps, fps: args.fps };
     let place = match isolate::enter(!args.no_pin)? {
         Ok(place) => place,
         Err(code) => std::process::exit(code),
@@ -302,10 +304,6 @@ async fn main() -> anyhow::Result<()> {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
     }
     let launch = Launch { tessera_bin, janus_bin: args.janus_bin.clone(), pin_cpu, server_ip: server_ip.into(), client_ip: client_ip.into() };
-    if args.fps == 0 || args.fps > 120 || args.video_kbps == 0 || args.video_kbps > 20_000 {
-        bail!("--fps must be 1-120 and --video-kbps 1-20000");
-    }
-    let load = Load { video_kbps: args.video_kbps, fps: args.fps };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();
     for name in names {

@@ -49,6 +49,11 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// Server CPU over the window, in percent of one core.
+    pub fn cpu_pct(&self) -> f64 {
+        self.cpu_seconds / self.window_s.max(0.001) * 100.0
+    }
+
     /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
     /// subscriber's log.
     fn window(logs: &[Vec<Received>], (cpu, from, to, rss): (f64, u64, u64, f64), first_frames: &[f64]) -> Figures {
@@ -298,7 +303,7 @@ pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
         "forwarded_pps": f.forwarded_pps.round(),
         "mbps": round(f.mbps, 2),
         "cpu_seconds": round(f.cpu_seconds, 2),
-        "cpu_pct": round(f.cpu_seconds / f.window_s.max(0.001) * 100.0, 1),
+        "cpu_pct": round(f.cpu_pct(), 1),
         "cpu_us_per_packet": if packets > 0.0 { round(f.cpu_seconds * 1e6 / packets, 2) } else { 0.0 },
         "rss_mb": f.rss_mb.round(),
         "latency_ms_p50": round(percentile(&f.latency, 0.5), 2),

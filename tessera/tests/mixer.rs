@@ -65,10 +65,7 @@ async fn layout_of(s: &common::Server, room: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
-    let dir = common::tempdir();
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = "dev";
     let mixed_id = format!("{room}-common");
 
@@ -189,10 +186,7 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loudest_input_becomes_active_and_takes_the_primary_region() {
-    let dir = common::tempdir();
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let (_dir, s) = common::start_with_config(CONFIG);
     let created: Value = s
         .client()
         .post(s.url("/v1/rooms"))

@@ -12,14 +12,6 @@ use tessera_client::signaling::Signaling;
 
 const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
 
-fn server() -> (tempfile::TempDir, common::Server) {
-    let dir = common::tempdir();
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
-    (dir, s)
-}
-
 async fn room(s: &common::Server) -> String {
     let res = s
         .client()
@@ -69,7 +61,7 @@ fn assert_payloads_match(p: &Publisher, sub: &Subscriber, kind: &'static str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_publisher_three_subscribers_mute_unpublish() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let (mut psig, pinfo) = join(&s, &room, "pub").await;
     let publisher = Arc::new(Publisher::start(&mut psig, av(7), None).await.unwrap());
@@ -166,7 +158,7 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     // Ten publishers publish at the same moment.
     let mut starts = Vec::new();
@@ -230,7 +222,7 @@ async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn data_channel_messages_arrive_intact_and_in_order() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let (mut psig, _) = join(&s, &room, "pub").await;
     let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1, h264: false }, None).await.unwrap();
@@ -265,7 +257,7 @@ async fn data_channel_messages_arrive_intact_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_vanished_peer_leaves_the_others_working_and_is_freed() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let baseline_fds = fd_count(s.child.id());
     let (mut good_sig, _) = join(&s, &room, "good").await;
@@ -336,7 +328,7 @@ fn fd_count(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_signaling_is_refused_precisely() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let (mut sig, _) = join(&s, &room, "x").await;
     // Garbage SDP on a transport that exists.
@@ -378,7 +370,7 @@ async fn bad_signaling_is_refused_precisely() {
 /// its subscriptions, renegotiated with a fresh offer per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_transport_carries_publication_and_subscriptions() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let (mut asig, _) = join(&s, &room, "alice").await;
     let (mut bsig, _) = join(&s, &room, "bob").await;
@@ -430,7 +422,7 @@ async fn one_transport_carries_publication_and_subscriptions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h264_is_forwarded_with_the_subscribers_payload_type() {
-    let (_dir, s) = server();
+    let (_dir, s) = common::start_with_config(CONFIG);
     let room = room(&s).await;
     let (mut psig, _) = join(&s, &room, "pub").await;
     let p = Arc::new(Publisher::start(&mut psig, PublishOptions { audio: false, video: true, data: false, tag: 9, h264: true }, None).await.unwrap());

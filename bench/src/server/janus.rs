@@ -7,8 +7,7 @@
 //! (see `isolate`); Janus gathers on it and the load generator binds the other address.
 //! Every packet stays in 127.0.0.0/8.
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use serde_json::{Value, json};
 use tessera_client::peer::{Connection, PublishOptions, Publisher, Subscriber};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{Keep, Launch, Server, scratch_dir};
+use super::{Keep, Launch, Process, Server, scratch_dir};
 
 /// The one VideoRoom the bench uses, defined in the generated plugin configuration.
 const ROOM: u64 = 1234;
@@ -27,19 +26,10 @@ pub const ICE_INTERFACE: &str = "b0";
 
 /// A running Janus.
 pub struct Janus {
-    child: Child,
+    process: Process,
     base: String,
     http: reqwest::Client,
     client_ip: String,
-    dir: PathBuf,
-}
-
-impl Drop for Janus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Files in `folder` named `lib*.so` except `keep`: what Janus must not load.
@@ -108,7 +98,7 @@ loggers: {{
             iface = ICE_INTERFACE,
             // One media loop per CPU Janus may use, instead of a thread per peer connection:
             // Janus's own advice for many peers, and what Tessera's runtime does too.
-            loops = if launch.pin_cpu.is_some() { 1 } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
+            loops = if launch.pin_cpu.is_some() { 1 } else { crate::isolate::cpus() },
             plugins = all_but(&format!("{lib}/plugins"), "libjanus_videoroom.so"),
             transports = all_but(&format!("{lib}/transports"), "libjanus_http.so"),
             events = all_but(&format!("{lib}/events"), ""),
@@ -138,7 +128,12 @@ loggers: {{
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting {}", launch.janus_bin.display()))?;
-        let janus = Janus { child, base: format!("http://127.0.0.1:{port}/janus"), http: reqwest::Client::new(), client_ip: launch.client_ip.clone(), dir };
+        let janus = Janus {
+            process: Process { child, dir },
+            base: format!("http://127.0.0.1:{port}/janus"),
+            http: reqwest::Client::new(),
+            client_ip: launch.client_ip.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let up = janus.http.get(format!("{}/info", janus.base)).timeout(Duration::from_secs(1)).send().await;
@@ -146,7 +141,7 @@ loggers: {{
                 return Ok(janus);
             }
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(janus.dir.join("janus.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(janus.process.dir.join("janus.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 bail!("Janus did not answer on {} within 10 s; its log ends:\n{}", janus.base, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
@@ -254,11 +249,8 @@ impl Session {
 }
 
 impl Server for Janus {
-    fn name(&self) -> &'static str {
-        "janus"
-    }
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
 
     async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)> {

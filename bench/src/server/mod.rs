@@ -18,8 +18,6 @@ pub type Keep = Box<dyn std::any::Any + Send>;
 
 /// A server the scenarios can load.
 pub trait Server {
-    /// `"tessera"` or `"janus"`.
-    fn name(&self) -> &'static str;
     /// The server's process id, for CPU and memory readings.
     fn pid(&self) -> u32;
     /// Publishes one synthetic VP8 + Opus stream tagged `tag`, ready to be subscribed to.
@@ -43,6 +41,32 @@ pub enum Kind {
     Tessera,
     /// Janus.
     Janus,
+}
+
+impl Kind {
+    /// The server's name in reports: `"tessera"` or `"janus"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tessera => "tessera",
+            Kind::Janus => "janus",
+        }
+    }
+}
+
+/// A server process and its scratch directory: killed and removed when dropped.
+pub struct Process {
+    /// The running server.
+    pub child: std::process::Child,
+    /// Its configuration, data and log.
+    pub dir: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// How to start the servers.
@@ -93,12 +117,6 @@ impl AnyServer {
 }
 
 impl Server for AnyServer {
-    fn name(&self) -> &'static str {
-        match self {
-            AnyServer::Tessera(s) => s.name(),
-            AnyServer::Janus(s) => s.name(),
-        }
-    }
     fn pid(&self) -> u32 {
         match self {
             AnyServer::Tessera(s) => s.pid(),

@@ -2,8 +2,7 @@
 //! its portal (Client-Portal protocol over Socket.IO) and management API like any client.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,27 +11,19 @@ use serde_json::json;
 use tessera_client::peer::{Connection, PublishOptions, Publisher, Subscriber};
 use tessera_client::signaling::Signaling;
 
-use super::{Keep, Launch, Server, scratch_dir};
+use super::{Keep, Launch, Process, Server, scratch_dir};
 
 const KEY: &str = "bench-service-key-0123456789";
 
 /// A running Tessera.
 pub struct Tessera {
-    child: Child,
+    process: Process,
     /// Portal base URL.
     pub portal: String,
     /// Management API base URL.
     pub api: String,
+    http: reqwest::Client,
     client_ip: String,
-    dir: PathBuf,
-}
-
-impl Drop for Tessera {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Tessera {
@@ -68,7 +59,19 @@ impl Tessera {
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        Ok(Tessera { child, portal: portal.unwrap_or_default(), api: api.unwrap_or_default(), client_ip: launch.client_ip.clone(), dir })
+        Ok(Tessera {
+            process: Process { child, dir },
+            portal: portal.unwrap_or_default(),
+            api: api.unwrap_or_default(),
+            http: reqwest::Client::new(),
+            client_ip: launch.client_ip.clone(),
+        })
+    }
+
+    /// A management API POST with the service key; fails on an error status.
+    async fn api_post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<reqwest::Response> {
+        let res = self.http.post(format!("{}{path}", self.api)).bearer_auth(KEY).json(body).timeout(Duration::from_secs(10)).send().await?;
+        Ok(res.error_for_status()?)
     }
 
     /// Logs `user` into the dev room as a presenter.
@@ -79,31 +82,13 @@ impl Tessera {
     /// Creates a room whose `common` view mixes at `width`×`height`, `fps`; returns its id.
     pub async fn create_mix_room(&self, width: u32, height: u32, fps: u32) -> anyhow::Result<String> {
         let body = json!({"name": format!("mix-{width}x{height}@{fps}"), "options": {"views": [{"label": "common", "video": {"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}}}]}});
-        let room: serde_json::Value = reqwest::Client::new()
-            .post(format!("{}/v1/rooms", self.api))
-            .bearer_auth(KEY)
-            .json(&body)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let room: serde_json::Value = self.api_post("/v1/rooms", &body).await?.json().await?;
         room["_id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("room created without an id: {room}"))
     }
 
     /// Logs `user` into `room` as a presenter.
     pub async fn join_room(&self, room: &str, user: &str) -> anyhow::Result<Signaling> {
-        let token = reqwest::Client::new()
-            .post(format!("{}/v1/rooms/{room}/tokens", self.api))
-            .bearer_auth(KEY)
-            .json(&json!({"user": user, "role": "presenter"}))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
+        let token = self.api_post(&format!("/v1/rooms/{room}/tokens"), &json!({"user": user, "role": "presenter"})).await?.text().await?;
         let mut sig = Signaling::connect(&self.portal).await?;
         sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await?;
         Ok(sig)
@@ -116,11 +101,8 @@ impl Tessera {
 }
 
 impl Server for Tessera {
-    fn name(&self) -> &'static str {
-        "tessera"
-    }
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
     async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)> {
         let mut sig = self.join(user).await?;

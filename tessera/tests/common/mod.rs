@@ -24,6 +24,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tessera")
 }
 
+/// Starts a server with `config` as its TOML file, in a fresh directory kept alive as long
+/// as the returned guard.
+pub fn start_with_config(config: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let s = start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    (dir, s)
+}
+
 /// Starts `tessera serve` with the given extra args and data dir, waiting until it listens.
 pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
     start_with_env(data_dir, extra, &[("TESSERA_SERVICE_KEY", KEY)])
