@@ -5,6 +5,10 @@
 //! Errors name the file, the key and the reason, because an operator reading a start-up
 //! failure should not have to guess which of fifty lines is wrong.
 
+// Input from the network and files must never panic this crate: no unwrap/expect/panic
+// and no unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,11 +67,18 @@ pub struct Server {
     pub api_addr: String,
     /// Folder for the room store, the generated service key and (by default) recordings.
     pub data_dir: PathBuf,
+    /// Origins whose pages may call the management API from a browser (CORS); empty: none.
+    pub api_cors_origins: Vec<String>,
 }
 
 impl Default for Server {
     fn default() -> Self {
-        Server { portal_addr: "127.0.0.1:8080".into(), api_addr: "127.0.0.1:3000".into(), data_dir: "tessera-data".into() }
+        Server {
+            portal_addr: "127.0.0.1:8080".into(),
+            api_addr: "127.0.0.1:3000".into(),
+            data_dir: "tessera-data".into(),
+            api_cors_origins: Vec::new(),
+        }
     }
 }
 
@@ -112,6 +123,12 @@ pub struct Portal {
     pub max_message_bytes: u64,
     /// Most requests a client may send per second before it is disconnected.
     pub max_requests_per_sec: u32,
+    /// Most connections that have not logged in yet, in total.
+    pub max_unauthenticated_sessions: u32,
+    /// Most connections that have not logged in yet from one client address.
+    pub max_unauthenticated_sessions_per_address: u32,
+    /// Origins whose pages may reach the portal (Socket.IO, JS SDK) from a browser; `*`: any.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Portal {
@@ -127,6 +144,9 @@ impl Default for Portal {
             ping_timeout_ms: 20_000,
             max_message_bytes: 1_000_000,
             max_requests_per_sec: 50,
+            max_unauthenticated_sessions: 2000,
+            max_unauthenticated_sessions_per_address: 100,
+            cors_origins: vec!["*".into()],
         }
     }
 }
@@ -149,13 +169,7 @@ pub struct WebRtc {
 
 impl Default for WebRtc {
     fn default() -> Self {
-        WebRtc {
-            udp_port_min: 40000,
-            udp_port_max: 49999,
-            bind_ip: String::new(),
-            public_ip: String::new(),
-            ice_servers: Vec::new(),
-        }
+        WebRtc { udp_port_min: 40000, udp_port_max: 49999, bind_ip: String::new(), public_ip: String::new(), ice_servers: Vec::new() }
     }
 }
 
@@ -221,11 +235,13 @@ pub struct Demo {
     pub enabled: bool,
     /// The dev token endpoint (`POST /dev/token`) the demo page uses to join without a backend.
     pub dev_tokens: DevTokens,
+    /// Rooms the dev endpoints may serve besides `rooms.default_room`.
+    pub dev_rooms: Vec<String>,
 }
 
 impl Default for Demo {
     fn default() -> Self {
-        Demo { enabled: true, dev_tokens: DevTokens::Auto }
+        Demo { enabled: true, dev_tokens: DevTokens::Auto, dev_rooms: Vec::new() }
     }
 }
 
@@ -269,7 +285,7 @@ impl Config {
             reason: e.message().to_string() + &line_of(text, e.span()),
         })?;
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
+            let key = key_name(e.path().to_string());
             ConfigError { file: None, key, reason: friendlier(e.into_inner().to_string()) }
         })
     }
@@ -297,6 +313,11 @@ impl Config {
         if !self.service.key.is_empty() && self.service.key.len() < 16 {
             return Err(err("service.key", "must be at least 16 characters (or empty to generate one)".into()));
         }
+        for (key, origins) in [("portal.cors_origins", &self.portal.cors_origins), ("server.api_cors_origins", &self.server.api_cors_origins)] {
+            if let Some(bad) = origins.iter().find(|o| !valid_origin(o)) {
+                return Err(err(key, format!("`{}` is not `*` or an origin like `https://app.example.com[:port]`", bad.escape_debug())));
+            }
+        }
         let p = &self.portal;
         if !p.public_host.is_empty() && !p.public_host.contains(':') {
             return Err(err("portal.public_host", format!("`{}` must be host:port", p.public_host)));
@@ -308,6 +329,8 @@ impl Config {
             ("portal.ping_interval_ms", p.ping_interval_ms),
             ("portal.ping_timeout_ms", p.ping_timeout_ms),
             ("portal.max_requests_per_sec", u64::from(p.max_requests_per_sec)),
+            ("portal.max_unauthenticated_sessions", u64::from(p.max_unauthenticated_sessions)),
+            ("portal.max_unauthenticated_sessions_per_address", u64::from(p.max_unauthenticated_sessions_per_address)),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -323,10 +346,7 @@ impl Config {
         }
         let w = &self.webrtc;
         if w.udp_port_min == 0 || w.udp_port_min > w.udp_port_max {
-            return Err(err(
-                "webrtc.udp_port_min",
-                format!("range {}..{} is empty or starts at 0", w.udp_port_min, w.udp_port_max),
-            ));
+            return Err(err("webrtc.udp_port_min", format!("range {}..{} is empty or starts at 0", w.udp_port_min, w.udp_port_max)));
         }
         for (key, ip) in [("webrtc.bind_ip", &w.bind_ip), ("webrtc.public_ip", &w.public_ip)] {
             if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
@@ -346,11 +366,7 @@ impl Config {
 
     /// The folder recordings are written to.
     pub fn recordings_dir(&self) -> PathBuf {
-        if self.storage.recordings_dir.as_os_str().is_empty() {
-            self.server.data_dir.join("recordings")
-        } else {
-            self.storage.recordings_dir.clone()
-        }
+        if self.storage.recordings_dir.as_os_str().is_empty() { self.server.data_dir.join("recordings") } else { self.storage.recordings_dir.clone() }
     }
 
     /// The host:port put into tokens.
@@ -396,6 +412,12 @@ fn check_addr(addr: &str) -> Result<SocketAddr, String> {
     addr.parse::<SocketAddr>().map_err(|_| format!("`{addr}` is not an IP:port address (e.g. 127.0.0.1:8080)"))
 }
 
+/// A serde path as a key name. An unknown key written `""` in the file ends the path with
+/// an empty segment (`""` alone, or `portal.` after a section), which would name nothing.
+fn key_name(path: String) -> String {
+    if path.is_empty() || path.ends_with('.') { format!("{path}\"\"") } else { path }
+}
+
 /// Rejects obviously broken filters without pulling tracing-subscriber into this crate.
 fn tracing_filter_invalid(filter: &str) -> bool {
     filter.trim().is_empty() || filter.chars().any(|c| c.is_whitespace() || c == ';')
@@ -413,11 +435,23 @@ fn friendlier(message: String) -> String {
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(s) => {
-            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.as_bytes().iter().take(s.start).filter(|&&b| b == b'\n').count() + 1;
             format!(" (line {line})")
         }
         None => String::new(),
     }
+}
+
+/// `*` or `scheme://host[:port]` with nothing after (what browsers send as `Origin`).
+fn valid_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, authority)) = o.split_once("://") else { return false };
+    !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
+        && !authority.is_empty()
+        && !authority.contains(['/', '?', '#', ' '])
 }
 
 #[cfg(test)]
@@ -510,6 +544,16 @@ mod tests {
     }
 
     #[test]
+    fn empty_key_is_named() {
+        // Found by proptests: the key was "" (top level) or "portal." (in a section).
+        let e = parse_err("\"\" = 1\n");
+        assert_eq!(e.key, "\"\"");
+        assert!(e.reason.contains("unknown field ``"), "{e}");
+        assert_eq!(parse_err("[portal]\n\"\" = 1\n").key, "portal.\"\"");
+        assert_eq!(parse_err("[\"\"]\nx = 1\n").key, "\"\"");
+    }
+
+    #[test]
     fn syntax_error_has_line() {
         let e = parse_err("[server]\nportal_addr = \n");
         assert_eq!(e.key, "(syntax)");
@@ -548,5 +592,189 @@ mod tests {
         let c = Config::default();
         assert!(c.dev_tokens_enabled("127.0.0.1:8080".parse().unwrap()));
         assert!(!c.dev_tokens_enabled("0.0.0.0:8080".parse().unwrap()));
+    }
+}
+
+/// Property tests: no text makes the parser panic, every error names a key that exists in
+/// the document (or the syntax line, or the file), and an accepted config writes back to
+/// TOML and parses to itself.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// Every (section, key, default value) of the configuration.
+    fn known_keys() -> Vec<(String, String, toml::Value)> {
+        let Ok(toml::Value::Table(root)) = toml::Value::try_from(Config::default()) else { panic!("defaults are a table") };
+        let mut out = Vec::new();
+        for (section, t) in root {
+            if let toml::Value::Table(t) = t {
+                for (k, v) in t {
+                    out.push((section.clone(), k, v));
+                }
+            }
+        }
+        // Keys whose default is an empty list still need an element type to fuzz.
+        out.push(("webrtc".into(), "ice_servers".into(), toml::Value::Array(vec![ice_server_example()])));
+        out
+    }
+
+    fn ice_server_example() -> toml::Value {
+        toml::Value::Table(toml::toml! { urls = ["stun:stun.example:3478"] username = "u" credential = "c" })
+    }
+
+    /// Any TOML value, nested at most 2 deep.
+    fn any_toml() -> BoxedStrategy<toml::Value> {
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(toml::Value::Integer),
+            (-1i64..70_000).prop_map(toml::Value::Integer),
+            any::<f64>().prop_map(toml::Value::Float),
+            any::<bool>().prop_map(toml::Value::Boolean),
+            plausible_string().prop_map(toml::Value::String),
+        ];
+        leaf.prop_recursive(2, 12, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(toml::Value::Array),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..3).prop_map(|m| toml::Value::Table(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    fn plausible_string() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => prop::sample::select(
+                &[
+                    "", "127.0.0.1:8080", "0.0.0.0:0", "[::1]:3000", "127.0.0.1:70000", "localhost:80", "10.0.0.1", "::1", "not an ip", "*",
+                    "https://app.example.com", "http://x:8080/path", "stun:stun.example:3478", "turn:t.example", "info", "debug,tessera=trace",
+                    "bad filter", "auto", "on", "off", "maybe", "tessera-data", "0123456789abcdef", "short", "host:443",
+                ][..],
+            )
+            .prop_map(str::to_string),
+            1 => prop::collection::vec(any::<char>(), 0..12).prop_map(String::from_iter),
+        ]
+        .boxed()
+    }
+
+    /// A value like `default` (same type, other contents), or any value at all.
+    fn value_like(default: toml::Value) -> BoxedStrategy<toml::Value> {
+        let typed = match default {
+            toml::Value::Integer(_) => {
+                prop_oneof![6 => (-2i64..70_000).prop_map(toml::Value::Integer), 1 => any::<i64>().prop_map(toml::Value::Integer)].boxed()
+            }
+            toml::Value::Boolean(_) => any::<bool>().prop_map(toml::Value::Boolean).boxed(),
+            toml::Value::String(_) => plausible_string().prop_map(toml::Value::String).boxed(),
+            toml::Value::Array(items) => match items.first().cloned() {
+                Some(first) => prop::collection::vec(value_like(first), 0..3).prop_map(toml::Value::Array).boxed(),
+                None => prop::collection::vec(plausible_string().prop_map(toml::Value::String), 0..3).prop_map(toml::Value::Array).boxed(),
+            },
+            toml::Value::Table(t) => {
+                let fields: Vec<_> =
+                    t.into_iter().map(|(k, v)| prop::option::weighted(0.8, value_like(v)).prop_map(move |v| (k.clone(), v))).collect();
+                fields.prop_map(|fields| toml::Value::Table(fields.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())).boxed()
+            }
+            other => Just(other).boxed(),
+        };
+        prop_oneof![12 => typed, 1 => any_toml()].boxed()
+    }
+
+    /// Documents made of real sections and keys with random values, and now and then an
+    /// unknown section or key.
+    fn document() -> BoxedStrategy<toml::Table> {
+        let keys: Vec<_> = known_keys()
+            .into_iter()
+            .map(|(s, k, v)| prop::option::weighted(0.15, value_like(v)).prop_map(move |v| (s.clone(), k.clone(), v)))
+            .collect();
+        let stray = prop::option::weighted(0.1, ("[a-z_]{0,8}", "[a-z_]{0,8}", any_toml()));
+        (keys, stray)
+            .prop_map(|(keys, stray)| {
+                let mut doc = toml::Table::new();
+                let entries = keys.into_iter().filter_map(|(s, k, v)| Some((s, k, v?))).chain(stray);
+                for (section, key, value) in entries {
+                    if let toml::Value::Table(t) = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+                        t.insert(key, value);
+                    }
+                }
+                doc
+            })
+            .boxed()
+    }
+
+    /// Whether a serde path such as `webrtc.ice_servers[0].urls` leads to a value of `doc`.
+    fn resolves(doc: &toml::Table, path: &str) -> bool {
+        let mut here = toml::Value::Table(doc.clone());
+        for part in path.split('.') {
+            let (name, indexes) = match part.find('[') {
+                Some(i) => part.split_at(i),
+                None => (part, ""),
+            };
+            // An empty key is written `""` in error keys.
+            let name = if name == "\"\"" { "" } else { name };
+            let Some(next) = here.get(name).cloned() else { return false };
+            here = next;
+            for index in indexes.split('[').filter(|s| !s.is_empty()) {
+                let Some(next) = index.trim_end_matches(']').parse::<usize>().ok().and_then(|i| here.get(i).cloned()) else { return false };
+                here = next;
+            }
+        }
+        true
+    }
+
+    fn valid_keys() -> Vec<String> {
+        known_keys().into_iter().map(|(s, k, _)| format!("{s}.{k}")).collect()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in prop_oneof![
+            prop::collection::vec(any::<char>(), 0..80).prop_map(String::from_iter),
+            "[\\[\\]a-z_=\"'\\n .0-9#{},:*-]{0,80}",
+        ]) {
+            match Config::parse(&text) {
+                Ok(c) => { let _ = c.validate(None); }
+                Err(e) => prop_assert!(!e.key.is_empty() && !e.reason.is_empty() && e.file.is_none(), "{:?}", e),
+            }
+        }
+
+        #[test]
+        fn documents_parse_or_name_a_key_of_theirs(doc in document()) {
+            let text = toml::to_string(&doc).unwrap();
+            match Config::parse(&text) {
+                Ok(config) => {
+                    // What was accepted writes back as TOML that reads the same.
+                    let again = toml::to_string(&config).unwrap();
+                    prop_assert_eq!(Config::parse(&again), Ok(config.clone()), "rewritten as {}", again);
+                    let file = Path::new("fuzz.toml");
+                    if let Err(e) = config.validate(Some(file)) {
+                        prop_assert_eq!(e.file.as_deref(), Some(file));
+                        let section_key = e.key.split('[').next().unwrap_or_default().to_string();
+                        prop_assert!(valid_keys().contains(&section_key), "validation error names no config key: {:?}", e);
+                        prop_assert!(!e.reason.is_empty());
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(e.key != "(syntax)", "valid TOML refused as a syntax error: {:?}\n{}", e, text);
+                    prop_assert!(resolves(&doc, &e.key), "error key {:?} is not in the document: {:?}\n{}", e.key, e, text);
+                    prop_assert!(!e.reason.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn load_names_the_file(doc in document(), garbage in prop::option::weighted(0.3, "[\\[\\]=\"a-z \\n]{1,20}")) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("t.toml");
+            let text = toml::to_string(&doc).unwrap() + garbage.as_deref().unwrap_or("");
+            std::fs::write(&path, &text).unwrap();
+            if let Err(e) = Config::load(Some(&path)) {
+                prop_assert_eq!(e.file.as_deref(), Some(path.as_path()), "{:?}", e);
+            }
+        }
     }
 }

@@ -6,6 +6,10 @@
 //! Everything that checks time takes `now` as an argument so it can be tested without
 //! sleeping (see `token` and `ticket`).
 
+// Input from the network and files must never panic this crate: no unwrap/expect/panic
+// and no unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 pub mod agent;
 pub mod control;
 pub mod crypto;

@@ -483,13 +483,10 @@ impl<'de> Deserialize<'de> for Fraction {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         match serde_json::Value::deserialize(d)? {
-            serde_json::Value::String(s) => {
-                Fraction::parse(&s).ok_or_else(|| D::Error::custom(format!("`{s}` is not a fraction like \"1/3\"")))
+            serde_json::Value::String(s) => Fraction::parse(&s).ok_or_else(|| D::Error::custom(format!("`{s}` is not a fraction like \"1/3\""))),
+            serde_json::Value::Number(n) => {
+                n.as_f64().and_then(Fraction::from_f64).ok_or_else(|| D::Error::custom(format!("{n} is not between 0 and 1")))
             }
-            serde_json::Value::Number(n) => n
-                .as_f64()
-                .and_then(Fraction::from_f64)
-                .ok_or_else(|| D::Error::custom(format!("{n} is not between 0 and 1"))),
             other => Err(D::Error::custom(format!("expected a fraction string like \"1/3\", got {other}"))),
         }
     }
@@ -568,7 +565,8 @@ impl Room {
     fn from_json(v: serde_json::Value) -> Result<Room, RoomError> {
         serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "body".to_string() } else { path };
+            // The root is ".", and an unknown field named "" gives an empty path.
+            let field = if path == "." || path.is_empty() { "body".to_string() } else { path };
             RoomError::new(field, e.into_inner().to_string())
         })
     }
@@ -596,7 +594,7 @@ impl Room {
             if role.role.trim().is_empty() {
                 return Err(RoomError::new(format!("roles[{i}].role"), "must be a non-empty string"));
             }
-            if self.roles[..i].iter().any(|r| r.role == role.role) {
+            if self.roles.iter().take(i).any(|r| r.role == role.role) {
                 return Err(RoomError::new(format!("roles[{i}].role"), format!("duplicate role `{}`", role.role)));
             }
         }
@@ -608,21 +606,17 @@ impl Room {
 
     fn validate_view(&self, i: usize, view: &View) -> Result<(), RoomError> {
         let at = |f: &str| format!("views[{i}].{f}");
-        let label_ok = !view.label.is_empty()
-            && view.label.len() <= 64
-            && view.label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let label_ok =
+            !view.label.is_empty() && view.label.len() <= 64 && view.label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !label_ok {
             return Err(RoomError::new(at("label"), "must be 1-64 letters, digits, '-' or '_'"));
         }
-        if self.views[..i].iter().any(|v| v.label == view.label) {
+        if self.views.iter().take(i).any(|v| v.label == view.label) {
             return Err(RoomError::new(at("label"), format!("duplicate view label `{}`", view.label)));
         }
         if let Some(audio) = &view.audio {
             if !self.media_out.audio.iter().any(|f| f.codec == audio.format.codec) {
-                return Err(RoomError::new(
-                    at("audio.format.codec"),
-                    format!("`{}` is not in mediaOut.audio", audio.format.codec),
-                ));
+                return Err(RoomError::new(at("audio.format.codec"), format!("`{}` is not in mediaOut.audio", audio.format.codec)));
             }
             if audio.format.codec != "opus" {
                 return Err(RoomError::new(at("audio.format.codec"), "mixed audio supports `opus` only"));
@@ -630,10 +624,7 @@ impl Room {
         }
         let Some(video) = &view.video else { return Ok(()) };
         if !self.media_out.video.format.iter().any(|f| f.codec == video.format.codec) {
-            return Err(RoomError::new(
-                at("video.format.codec"),
-                format!("`{}` is not in mediaOut.video.format", video.format.codec),
-            ));
+            return Err(RoomError::new(at("video.format.codec"), format!("`{}` is not in mediaOut.video.format", video.format.codec)));
         }
         if !["vp8", "h264"].contains(&video.format.codec.as_str()) {
             return Err(RoomError::new(at("video.format.codec"), "mixed video supports `vp8` or `h264`"));
@@ -679,16 +670,14 @@ impl Room {
             }
             for (r, region) in tpl.region.iter().enumerate() {
                 let at_r = |f: &str| at_t(&format!("region[{r}].{f}"));
-                if region.id.is_empty() || tpl.region[..r].iter().any(|o| o.id == region.id) {
+                if region.id.is_empty() || tpl.region.iter().take(r).any(|o| o.id == region.id) {
                     return Err(RoomError::new(at_r("id"), "must be non-empty and unique in the template"));
                 }
                 if region.shape != "rectangle" {
                     return Err(RoomError::new(at_r("shape"), "only `rectangle` is supported"));
                 }
                 let a = region.area;
-                let fits = |start: Fraction, len: Fraction| {
-                    start.value() <= 1.0 && len.value() > 0.0 && start.value() + len.value() <= 1.0 + 1e-9
-                };
+                let fits = |start: Fraction, len: Fraction| start.value() <= 1.0 && len.value() > 0.0 && start.value() + len.value() <= 1.0 + 1e-9;
                 if !fits(a.left, a.width) || !fits(a.top, a.height) {
                     return Err(RoomError::new(at_r("area"), "must lie inside the output (left+width and top+height at most 1, sizes above 0)"));
                 }
@@ -752,8 +741,7 @@ mod tests {
         assert!(e.reason.contains("framerate"), "{e}");
         let e = Room::from_options("r".into(), "n".into(), json!({"views": [{}, {}]})).unwrap_err();
         assert_eq!(e.field, "views[1].label");
-        let e = Room::from_options("r".into(), "n".into(), json!({"views": [{"video": {"parameters": {"framerate": 0}}}]}))
-            .unwrap_err();
+        let e = Room::from_options("r".into(), "n".into(), json!({"views": [{"video": {"parameters": {"framerate": 0}}}]})).unwrap_err();
         assert_eq!(e.field, "views[0].video.parameters.framerate");
         let e = Room::from_options("r".into(), " ".into(), json!({})).unwrap_err();
         assert_eq!(e.field, "name");
@@ -791,5 +779,326 @@ mod tests {
         assert_eq!(up.id, "r");
         assert_eq!(up.views, room.views);
         assert!(room.updated(json!({"views": [{"label": "bad label"}]})).is_err());
+    }
+}
+
+/// Property tests: building a room from any JSON never panics; an accepted room is valid
+/// and survives the store's JSON round trip unchanged; fractions parse exactly.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    /// Any JSON value, nested at most 3 deep.
+    fn any_json() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text(12).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text(8), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// Mostly `typed`, sometimes any JSON at all in its place.
+    fn or_junk(typed: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Value> {
+        prop_oneof![40 => typed, 1 => any_json()].boxed()
+    }
+
+    /// An object with each field present or not (almost always when its name starts with
+    /// `!`, for the required ones), and now and then an unknown field.
+    fn object(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> BoxedStrategy<Value> {
+        let present: Vec<_> = fields
+            .into_iter()
+            .map(|(k, s)| {
+                let (k, p) = match k.strip_prefix('!') {
+                    Some(k) => (k, 0.97),
+                    None => (k, 0.6),
+                };
+                prop::option::weighted(p, s).prop_map(move |v| (k, v))
+            })
+            .collect();
+        (present, prop::option::weighted(0.02, ("[a-zA-Z]{1,6}", any_json())))
+            .prop_map(|(fields, extra)| {
+                let mut m = Map::new();
+                for (k, v) in fields {
+                    if let Some(v) = v {
+                        m.insert(k.to_string(), v);
+                    }
+                }
+                if let Some((k, v)) = extra {
+                    m.insert(k, v);
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    fn one_of(words: &'static [&'static str]) -> BoxedStrategy<Value> {
+        prop_oneof![30 => prop::sample::select(words).prop_map(Value::from), 1 => text(6).prop_map(Value::from)].boxed()
+    }
+
+    fn int(range: std::ops::Range<i64>) -> BoxedStrategy<Value> {
+        or_junk(range.prop_map(Value::from))
+    }
+
+    fn boolean() -> BoxedStrategy<Value> {
+        or_junk(any::<bool>().prop_map(Value::from))
+    }
+
+    fn fraction_json() -> BoxedStrategy<Value> {
+        prop_oneof![
+            8 => (0..3u32, 1..5u32).prop_map(|(n, d)| Value::from(format!("{n}/{d}"))),
+            4 => (0.0..0.6f64).prop_map(Value::from),
+            1 => prop::sample::select(&["0", "1", "0.5", " 1 / 2 ", "1/0", "-1", "NaN", "inf", "", "7/3", "1e0"][..]).prop_map(Value::from),
+            1 => any_json(),
+        ]
+        .boxed()
+    }
+
+    fn audio_format() -> BoxedStrategy<Value> {
+        object(vec![("!codec", one_of(&["opus", "opus", "pcmu", "pcma", "isac"])), ("sampleRate", int(8000..96_000)), ("channelNum", int(1..3))])
+    }
+
+    fn video_format() -> BoxedStrategy<Value> {
+        object(vec![("!codec", one_of(&["vp8", "vp8", "h264", "vp9", "av1"])), ("profile", one_of(&["CB", "B", "M", "H"]))])
+    }
+
+    fn region() -> BoxedStrategy<Value> {
+        // Mostly rectangles inside the output (in quarters), else anything.
+        let inside = (0..4u32, 0..4u32, 1..5u32, 1..5u32).prop_map(|(l, t, w, h)| {
+            let (w, h) = (w.min(4 - l), h.min(4 - t));
+            json!({"left": format!("{l}/4"), "top": format!("{t}/4"), "width": format!("{w}/4"), "height": h as f64 / 4.0})
+        });
+        let area = prop_oneof![
+            2 => inside,
+            1 => object(vec![("!left", fraction_json()), ("!top", fraction_json()), ("!width", fraction_json()), ("!height", fraction_json())]),
+        ]
+        .boxed();
+        object(vec![
+            ("!id", one_of(&["1", "2", "3", "4", "5", ""])),
+            ("shape", one_of(&["rectangle", "rectangle", "rectangle", "rectangle", "rectangle", "circle"])),
+            ("!area", area),
+        ])
+    }
+
+    fn layout() -> BoxedStrategy<Value> {
+        let custom =
+            object(vec![("primary", one_of(&["1", "2", "9"])), ("!region", or_junk(prop::collection::vec(region(), 1..4).prop_map(Value::Array)))]);
+        let templates = object(vec![
+            ("base", one_of(&["fluid", "lecture", "void", "void", "grid"])),
+            ("custom", or_junk(prop::collection::vec(custom, 1..3).prop_map(Value::Array))),
+        ]);
+        object(vec![
+            ("fitPolicy", one_of(&["letterbox", "crop", "letterbox", "crop", "letterbox", "crop", "stretch"])),
+            ("setRegionEffect", one_of(&["none"])),
+            ("!templates", templates),
+        ])
+    }
+
+    /// A layout of custom templates that are mostly right: unique region ids, areas in
+    /// quarters of the output (sometimes sticking out), a primary that may name no region.
+    fn custom_layout() -> BoxedStrategy<Value> {
+        let rect = (0..4u32, 0..4u32, 1..5u32, 1..5u32, prop::bool::weighted(0.9))
+            .prop_map(|(l, t, w, h, fit)| if fit { (l, t, w.min(4 - l), h.min(4 - t)) } else { (l, t, w, h) });
+        let template = (prop::collection::vec(rect, 1..5), prop::option::of(0..6usize)).prop_map(|(rects, primary)| {
+            let region: Vec<Value> = rects
+                .iter()
+                .enumerate()
+                .map(|(i, (l, t, w, h))| json!({"id": format!("r{i}"), "area": {"left": format!("{l}/4"), "top": format!("{t}/4"), "width": format!("{w}/4"), "height": format!("{h}/4")}}))
+                .collect();
+            match primary {
+                Some(p) => json!({"primary": format!("r{p}"), "region": region}),
+                None => json!({"region": region}),
+            }
+        });
+        (prop::sample::select(&["fluid", "lecture", "void"][..]), prop::collection::vec(template, 0..3))
+            .prop_map(|(base, custom)| json!({"templates": {"base": base, "custom": custom}}))
+            .boxed()
+    }
+
+    fn view() -> BoxedStrategy<Value> {
+        let resolution = object(vec![("!width", int(8..4000)), ("!height", int(8..2400))]);
+        let parameters =
+            object(vec![("resolution", resolution), ("framerate", int(0..65)), ("bitrate", int(0..52_000)), ("keyFrameInterval", int(0..200))]);
+        let bg = object(vec![("r", int(0..260)), ("g", int(0..260)), ("b", int(0..260))]);
+        let video = object(vec![
+            ("format", video_format()),
+            ("parameters", parameters),
+            ("maxInput", int(0..270)),
+            ("motionFactor", or_junk(prop_oneof![(-0.5..10.5f64), Just(0.8)].prop_map(Value::from))),
+            ("bgColor", bg),
+            ("keepActiveInputPrimary", boolean()),
+            ("layout", layout()),
+        ]);
+        let audio = object(vec![("format", audio_format()), ("vad", boolean())]);
+        object(vec![
+            ("label", prop_oneof![4 => "[a-z0-9_-]{1,10}".prop_map(Value::from), 1 => one_of(&["common", "bad label", ""])].boxed()),
+            ("audio", prop_oneof![Just(json!(false)), Just(json!(true)), audio].boxed()),
+            ("video", prop_oneof![Just(json!(false)), Just(json!(true)), video].boxed()),
+        ])
+    }
+
+    /// Room options shaped like OWT's create body, with junk mixed in at every level.
+    fn room_options() -> BoxedStrategy<Value> {
+        let av = || object(vec![("audio", boolean()), ("video", boolean())]);
+        let role = object(vec![
+            ("!role", prop_oneof![4 => "[a-z_]{1,12}".prop_map(Value::from), 1 => one_of(&["presenter", "viewer", " "])].boxed()),
+            ("publish", av()),
+            ("subscribe", av()),
+        ]);
+        let list = |s: BoxedStrategy<Value>, n: usize| or_junk(prop::collection::vec(s, 0..n).prop_map(Value::Array));
+        let media_in = object(vec![("audio", list(audio_format(), 3)), ("video", list(video_format(), 3))]);
+        let media_out_video = object(vec![("format", list(video_format(), 3)), ("parameters", any_json())]);
+        let media_out = object(vec![("audio", list(audio_format(), 3)), ("video", media_out_video)]);
+        let notifying = object(vec![("participantActivities", boolean()), ("streamChange", boolean())]);
+        prop_oneof![
+            1 => any_json(),
+            12 => object(vec![
+                ("id", any_json()),
+                ("participantLimit", int(-3..100)),
+                ("inputLimit", int(-3..100)),
+                ("roles", list(role, 4)),
+                ("views", list(view(), 3)),
+                ("mediaIn", media_in),
+                ("mediaOut", media_out),
+                ("notifying", notifying),
+                ("autoMix", boolean()),
+                ("selectActiveAudio", boolean()),
+                ("enableBandwidthAdaptation", boolean()),
+                ("transcoding", any_json()),
+                ("sip", any_json()),
+            ]),
+        ]
+        .boxed()
+    }
+
+    /// What the store does with a room: JSON text and back.
+    fn through_store(room: &Room) -> Result<Room, TestCaseError> {
+        let text = serde_json::to_string(room).map_err(|e| TestCaseError::fail(format!("serialize: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| TestCaseError::fail(format!("deserialize {text}: {e}")))
+    }
+
+    #[test]
+    fn unknown_empty_field_names_the_body() {
+        // Found by proptests: the error's field was "" (serde's path of a key named "").
+        let e = Room::from_options("r1".into(), "n".into(), json!({"": null})).unwrap_err();
+        assert_eq!(e.field, "body");
+        assert!(e.reason.contains("unknown field ``"), "{e}");
+    }
+
+    #[test]
+    fn floats_survive_the_store() {
+        // Found by proptests: without serde_json's `float_roundtrip`, this number came back
+        // from the store's JSON text one bit off (3.0171912935715436e276), so a stored
+        // room differed from the room that was saved.
+        let room = Room::from_options("r1".into(), "n".into(), json!({"transcoding": {"x": 3.017191293571544e276}})).unwrap();
+        assert_eq!(through_store(&room).unwrap(), room);
+        let mut room = Room::from_options("r1".into(), "n".into(), json!({})).unwrap();
+        room.views[0].video.as_mut().unwrap().motion_factor = 0.30000000000000004;
+        assert_eq!(through_store(&room).unwrap(), room);
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn from_options_never_panics_and_accepted_rooms_round_trip(name in prop_oneof![Just("Meeting".to_string()), text(10)], options in room_options()) {
+            match Room::from_options("r1".into(), name.clone(), options.clone()) {
+                Ok(room) => {
+                    prop_assert_eq!(&room.id, "r1");
+                    prop_assert_eq!(&room.name, &name);
+                    prop_assert_eq!(room.validate(), Ok(()));
+                    prop_assert_eq!(&through_store(&room)?, &room);
+                    let value = serde_json::to_value(&room).unwrap();
+                    prop_assert_eq!(&serde_json::from_value::<Room>(value).unwrap(), &room);
+                    // Updating with nothing changes nothing; with the room's own JSON neither.
+                    prop_assert_eq!(&room.updated(json!({})).unwrap(), &room);
+                    prop_assert_eq!(&room.updated(serde_json::to_value(&room).unwrap()).unwrap(), &room);
+                }
+                Err(e) => {
+                    prop_assert!(!e.field.is_empty() && !e.reason.is_empty(), "unclear error {:?} for {}", e, options);
+                }
+            }
+        }
+
+        #[test]
+        fn custom_layouts_validate_and_round_trip(layout in prop_oneof![3 => custom_layout(), 1 => layout()]) {
+            let options = json!({"views": [{"label": "v", "video": {"layout": layout}}]});
+            match Room::from_options("r1".into(), "n".into(), options) {
+                Ok(room) => {
+                    let video = room.views[0].video.as_ref().unwrap();
+                    for tpl in &video.layout.templates.custom {
+                        for r in &tpl.region {
+                            let a = r.area;
+                            prop_assert!(a.left.value() + a.width.value() <= 1.0 + 1e-9 && a.top.value() + a.height.value() <= 1.0 + 1e-9);
+                            prop_assert!(a.width.value() > 0.0 && a.height.value() > 0.0);
+                        }
+                    }
+                    prop_assert_eq!(&through_store(&room)?, &room);
+                }
+                Err(e) => prop_assert!(e.field.starts_with("views[0]") && !e.reason.is_empty(), "{:?}", e),
+            }
+        }
+
+        #[test]
+        fn updated_never_panics_and_keeps_the_id(patch in room_options()) {
+            let room = Room::from_options("r1".into(), "n".into(), json!({})).unwrap();
+            match room.updated(patch) {
+                Ok(up) => {
+                    prop_assert_eq!(&up.id, "r1");
+                    prop_assert_eq!(up.validate(), Ok(()));
+                    prop_assert_eq!(&through_store(&up)?, &up);
+                }
+                Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty()),
+            }
+        }
+
+        #[test]
+        fn fraction_parse_never_panics(s in prop_oneof![text(12), "[0-9 ./+-eE]{0,12}"]) {
+            if let Some(f) = Fraction::parse(&s) {
+                prop_assert!(f.den != 0, "{:?} parsed with a zero denominator", s);
+                // What we parsed is what we write back.
+                let again: Fraction = serde_json::from_value(serde_json::to_value(f).unwrap()).unwrap();
+                prop_assert_eq!(again, f);
+            }
+        }
+
+        #[test]
+        fn fraction_parse_reads_what_it_is_given(num in any::<u32>(), den in any::<u32>(), pad in "[ ]{0,2}") {
+            let got = Fraction::parse(&format!("{pad}{num}{pad}/{pad}{den}{pad}"));
+            prop_assert_eq!(got, (den != 0).then_some(Fraction { num, den }));
+            prop_assert_eq!(Fraction::parse(&num.to_string()), Some(Fraction { num, den: 1 }));
+        }
+
+        #[test]
+        fn fraction_from_decimal_is_close_and_bounded(v in prop_oneof![any::<f64>(), -0.5..1.5f64]) {
+            match Fraction::from_f64(v) {
+                Some(f) => {
+                    prop_assert!((0.0..=1.0).contains(&v));
+                    prop_assert!((f.value() - v).abs() <= 0.5 / 10000.0 + 1e-12, "{} became {:?}", v, f);
+                    let from_json: Fraction = serde_json::from_value(json!(v)).unwrap();
+                    prop_assert_eq!(from_json, f);
+                }
+                None => prop_assert!(!(0.0..=1.0).contains(&v)),
+            }
+        }
     }
 }

@@ -27,6 +27,9 @@ pub enum TicketError {
     /// Outside its notBefore..notAfter window.
     #[error("Ticket is expired")]
     Expired,
+    /// Already used for a relogin, or replaced since by a newer ticket's relogin.
+    #[error("Reconnection ticket already used")]
+    Used,
     /// Signing failed (a bug, not a client error).
     #[error("Ticket signing failed: {0}")]
     Signing(String),
@@ -87,8 +90,9 @@ impl TicketAuthority {
         TicketAuthority { key: key.to_vec() }
     }
 
-    /// A ticket for `participant_id` valid from `now_ms` for `lifetime_ms`.
-    pub fn issue(&self, participant_id: &str, now_ms: u64, lifetime_ms: u64) -> Result<String, TicketError> {
+    /// A ticket for `participant_id` valid from `now_ms` for `lifetime_ms`, with its
+    /// fields (the caller keeps `ticket_id` to make the ticket single-use).
+    pub fn issue(&self, participant_id: &str, now_ms: u64, lifetime_ms: u64) -> Result<(String, Ticket), TicketError> {
         let body = TicketBody {
             participant_id: participant_id.into(),
             ticket_id: crate::ids::random_hex(8),
@@ -105,7 +109,8 @@ impl TicketAuthority {
             signature: jwt,
         };
         let json = serde_json::to_vec(&env).map_err(|e| TicketError::Signing(e.to_string()))?;
-        Ok(B64.encode(json))
+        let ticket = Ticket { participant_id: env.participant_id, ticket_id: env.ticket_id, not_before: env.not_before, not_after: env.not_after };
+        Ok((B64.encode(json), ticket))
     }
 
     /// Verifies a ticket string at `now_ms`.
@@ -131,12 +136,7 @@ impl TicketAuthority {
         if now_ms < signed.not_before || now_ms > signed.not_after {
             return Err(TicketError::Expired);
         }
-        Ok(Ticket {
-            participant_id: signed.participant_id,
-            ticket_id: signed.ticket_id,
-            not_before: signed.not_before,
-            not_after: signed.not_after,
-        })
+        Ok(Ticket { participant_id: signed.participant_id, ticket_id: signed.ticket_id, not_before: signed.not_before, not_after: signed.not_after })
     }
 }
 
@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn round_trip_and_owt_shape() {
         let a = TicketAuthority::with_key(b"k");
-        let t = a.issue("p1", 10_000, 600_000).unwrap();
+        let t = a.issue("p1", 10_000, 600_000).unwrap().0;
         let v = a.verify(&t, 10_001).unwrap();
         assert_eq!(v.participant_id, "p1");
         assert_eq!(v.not_after, 610_000);
@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn expiry_window() {
         let a = TicketAuthority::with_key(b"k");
-        let t = a.issue("p1", 10_000, 1000).unwrap();
+        let t = a.issue("p1", 10_000, 1000).unwrap().0;
         assert_eq!(a.verify(&t, 9_999), Err(TicketError::Expired));
         assert_eq!(a.verify(&t, 11_001), Err(TicketError::Expired));
     }
@@ -168,10 +168,10 @@ mod tests {
     fn forged_and_rebound() {
         let a = TicketAuthority::with_key(b"k");
         let other = TicketAuthority::with_key(b"x");
-        let t = other.issue("p1", 0, 1000).unwrap();
+        let t = other.issue("p1", 0, 1000).unwrap().0;
         assert_eq!(a.verify(&t, 1), Err(TicketError::BadSignature));
         // Someone else's ticket with the outer participant id rewritten.
-        let t = a.issue("p1", 0, 1000).unwrap();
+        let t = a.issue("p1", 0, 1000).unwrap().0;
         let mut env: serde_json::Value = serde_json::from_slice(&B64.decode(&t).unwrap()).unwrap();
         env["participantId"] = "p2".into();
         assert_eq!(a.verify(&B64.encode(env.to_string()), 1), Err(TicketError::BadSignature));
@@ -180,5 +180,104 @@ mod tests {
         env["notAfter"] = 99_999.into();
         assert_eq!(a.verify(&B64.encode(env.to_string()), 1), Err(TicketError::BadSignature));
         assert_eq!(a.verify("garbage", 1), Err(TicketError::Malformed));
+    }
+}
+
+/// Property tests: `verify` never panics, never accepts an altered ticket with other
+/// fields, and every issued ticket verifies to exactly what was issued.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    /// Byte edits: (kind, position, byte); kind 0 flips, 1 inserts, 2 deletes.
+    fn edits() -> impl Strategy<Value = Vec<(u8, prop::sample::Index, u8)>> {
+        prop::collection::vec((0..3u8, any::<prop::sample::Index>(), 1..=255u8), 1..4)
+    }
+
+    fn apply(mut bytes: Vec<u8>, edits: &[(u8, prop::sample::Index, u8)]) -> Vec<u8> {
+        for (kind, i, b) in edits {
+            match kind {
+                0 if !bytes.is_empty() => {
+                    let i = i.index(bytes.len());
+                    bytes[i] ^= b;
+                }
+                1 => {
+                    let i = i.index(bytes.len() + 1);
+                    bytes.insert(i, *b);
+                }
+                2 if !bytes.is_empty() => {
+                    let i = i.index(bytes.len());
+                    bytes.remove(i);
+                }
+                _ => {}
+            }
+        }
+        bytes
+    }
+
+    fn check_mutant(a: &TicketAuthority, mutant: &str, ticket: &Ticket) -> Result<(), TestCaseError> {
+        if let Ok(got) = a.verify(mutant, ticket.not_before) {
+            prop_assert_eq!(&got, ticket, "altered ticket {:?} verified with other fields", mutant);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn verify_refuses_arbitrary_strings(s in text(200), now in any::<u64>()) {
+            prop_assert!(TicketAuthority::with_key(b"k").verify(&s, now).is_err());
+        }
+
+        #[test]
+        fn verify_refuses_base64_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            prop_assert!(TicketAuthority::with_key(b"k").verify(&B64.encode(&bytes), 0).is_err());
+        }
+
+        #[test]
+        fn issue_then_verify_round_trips(participant in text(60), now in any::<u64>(), lifetime in any::<u64>()) {
+            let a = TicketAuthority::with_key(b"k");
+            let (t, fields) = a.issue(&participant, now, lifetime).unwrap();
+            prop_assert_eq!(&fields.participant_id, &participant);
+            prop_assert_eq!(fields.not_after, now.saturating_add(lifetime));
+            prop_assert_eq!(a.verify(&t, now), Ok(fields.clone()));
+            prop_assert_eq!(a.verify(&t, fields.not_after), Ok(fields.clone()));
+            if now > 0 {
+                prop_assert_eq!(a.verify(&t, now - 1), Err(TicketError::Expired));
+            }
+            if fields.not_after < u64::MAX {
+                prop_assert_eq!(a.verify(&t, fields.not_after + 1), Err(TicketError::Expired));
+            }
+            prop_assert_eq!(TicketAuthority::with_key(b"x").verify(&t, now), Err(TicketError::BadSignature));
+        }
+
+        #[test]
+        fn altered_tickets_never_verify_with_other_fields(layer in 0..3u8, e in edits()) {
+            let a = TicketAuthority::with_key(b"k");
+            let (t, fields) = a.issue("participant-1", 10_000, 600_000).unwrap();
+            let mutant = match layer {
+                // The base64 text.
+                0 => String::from_utf8_lossy(&apply(t.into_bytes(), &e)).into_owned(),
+                // The JSON under it.
+                1 => B64.encode(apply(B64.decode(&t).unwrap(), &e)),
+                // The JWT inside the JSON.
+                _ => {
+                    let mut env: TicketEnvelope = serde_json::from_slice(&B64.decode(&t).unwrap()).unwrap();
+                    env.signature = String::from_utf8_lossy(&apply(env.signature.into_bytes(), &e)).into_owned();
+                    B64.encode(serde_json::to_vec(&env).unwrap())
+                }
+            };
+            check_mutant(&a, &mutant, &fields)?;
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! `host` (the portal's host:port), `secure` and `signature` — because the OWT JS SDK
 //! reads `host`/`secure` from it to find the portal. Unlike OWT, whose signature is an
 //! HMAC over the id and host with the real grant kept in a database, our `signature` is
-//! an HS256 JWT carrying the whole grant (room, user, role, expiry, id). The portal
+//! an HS256 JWT carrying the whole grant (room, user, role, expiry, id) and the envelope's
+//! `host`/`secure`, so a token cannot be pointed at another portal. The portal
 //! therefore needs no shared database, only the service key and a ledger of used ids.
 
 use std::collections::HashMap;
@@ -51,6 +52,10 @@ pub struct TokenClaims {
     pub iat: u64,
     /// Expires at, unix seconds.
     pub exp: u64,
+    /// The portal `host:port` of the envelope, signed so it cannot be redirected.
+    pub host: String,
+    /// The envelope's `secure` flag, signed for the same reason.
+    pub secure: bool,
 }
 
 /// The outer, OWT-compatible token object.
@@ -107,15 +112,12 @@ impl TokenAuthority {
             role: role.into(),
             iat: now,
             exp: now.saturating_add(lifetime_secs),
+            host: portal.host.clone(),
+            secure: portal.secure,
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&self.key))
             .map_err(|e| TokenError::Signing(e.to_string()))?;
-        let envelope = TokenEnvelope {
-            token_id: claims.jti.clone(),
-            host: portal.host.clone(),
-            secure: portal.secure,
-            signature: jwt,
-        };
+        let envelope = TokenEnvelope { token_id: claims.jti.clone(), host: portal.host.clone(), secure: portal.secure, signature: jwt };
         let json = serde_json::to_vec(&envelope).map_err(|e| TokenError::Signing(e.to_string()))?;
         Ok((B64.encode(json), claims))
     }
@@ -129,15 +131,20 @@ impl TokenAuthority {
         // Expiry is checked below against the caller's clock, without leeway.
         validation.validate_exp = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<TokenClaims>(&envelope.signature, &DecodingKey::from_secret(&self.key), &validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-                _ => TokenError::Malformed,
+        let data =
+            jsonwebtoken::decode::<TokenClaims>(&envelope.signature, &DecodingKey::from_secret(&self.key), &validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+                    _ => TokenError::Malformed,
+                }
             })?;
         let claims = data.claims;
-        // The outer id is unsigned; it must agree with the signed one or the ledger could
-        // be fooled into tracking the wrong id.
-        if !crate::crypto::constant_time_eq(claims.jti.as_bytes(), envelope.token_id.as_bytes()) {
+        // The outer fields are what OWT clients read; each must agree with its signed copy,
+        // or the ledger could track the wrong id and a client be sent to another portal.
+        let same = crate::crypto::constant_time_eq(claims.jti.as_bytes(), envelope.token_id.as_bytes())
+            & crate::crypto::constant_time_eq(claims.host.as_bytes(), envelope.host.as_bytes())
+            & (claims.secure == envelope.secure);
+        if !same {
             return Err(TokenError::BadSignature);
         }
         if now >= claims.exp {
@@ -154,6 +161,12 @@ pub struct TokenLedger {
 }
 
 impl TokenLedger {
+    /// Fails if the token was used already, without using it.
+    pub fn check_unused(&self, claims: &TokenClaims) -> Result<(), TokenError> {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.contains_key(&claims.jti) { Err(TokenError::Replayed) } else { Ok(()) }
+    }
+
     /// Marks the token used; fails if it was used before. Forgets expired entries, which
     /// can no longer verify anyway, so the ledger stays as small as the live tokens.
     pub fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError> {
@@ -234,6 +247,16 @@ mod tests {
         let mut env2: serde_json::Value = serde_json::from_slice(&B64.decode(&tok).unwrap()).unwrap();
         env2["tokenId"] = "ffff".into();
         assert_eq!(a.verify(&B64.encode(env2.to_string()), 1001), Err(TokenError::BadSignature));
+        // So is a token pointed at another portal, or switched to plain http.
+        let mut env3: serde_json::Value = serde_json::from_slice(&B64.decode(&tok).unwrap()).unwrap();
+        env3["host"] = "evil.example:443".into();
+        assert_eq!(a.verify(&B64.encode(env3.to_string()), 1001), Err(TokenError::BadSignature));
+        let secure = PortalAddress { host: "127.0.0.1:8080".into(), secure: true };
+        let (tok4, _) = a.issue("r", "u", "viewer", &secure, 1000, 180).unwrap();
+        let mut env4: serde_json::Value = serde_json::from_slice(&B64.decode(&tok4).unwrap()).unwrap();
+        assert!(a.verify(&tok4, 1001).is_ok());
+        env4["secure"] = false.into();
+        assert_eq!(a.verify(&B64.encode(env4.to_string()), 1001), Err(TokenError::BadSignature));
     }
 
     #[test]
@@ -256,5 +279,150 @@ mod tests {
         let (tok2, _) = a.issue("r", "u", "presenter", &portal(), 2000, 180).unwrap();
         ledger.consume(&a.verify(&tok2, 2000).unwrap(), 2000).unwrap();
         assert_eq!(ledger.used.lock().unwrap().len(), 1);
+    }
+}
+
+/// Property tests: `verify` never panics, never accepts an altered token with other
+/// claims, and every issued token verifies to exactly what was issued.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: &[u8] = b"property-test-service-key";
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// Any string, control characters and non-BMP characters included.
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    /// One byte-level edit at a position chosen relative to the input's length.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Flip(prop::sample::Index, u8),
+        Insert(prop::sample::Index, u8),
+        Delete(prop::sample::Index),
+    }
+
+    fn edits() -> impl Strategy<Value = Vec<Edit>> {
+        let edit = prop_oneof![
+            (any::<prop::sample::Index>(), 1..=255u8).prop_map(|(i, x)| Edit::Flip(i, x)),
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Insert(i, b)),
+            any::<prop::sample::Index>().prop_map(Edit::Delete),
+        ];
+        prop::collection::vec(edit, 1..4)
+    }
+
+    fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+        for e in edits {
+            match e {
+                Edit::Flip(i, x) if !bytes.is_empty() => {
+                    let i = i.index(bytes.len());
+                    bytes[i] ^= x;
+                }
+                Edit::Insert(i, b) => {
+                    let i = i.index(bytes.len() + 1);
+                    bytes.insert(i, *b);
+                }
+                Edit::Delete(i) if !bytes.is_empty() => {
+                    let i = i.index(bytes.len());
+                    bytes.remove(i);
+                }
+                _ => {}
+            }
+        }
+        bytes
+    }
+
+    fn issued() -> (TokenAuthority, String, TokenClaims) {
+        let a = TokenAuthority::new(KEY);
+        let portal = PortalAddress { host: "portal.example:8080".into(), secure: true };
+        let (tok, claims) = a.issue("room1", "alice", "presenter", &portal, 1000, 180).unwrap();
+        (a, tok, claims)
+    }
+
+    /// The verdict on an altered token: refused, or (if the edit was a no-op for the
+    /// parsers, e.g. whitespace in the JSON) exactly the original grant.
+    fn check_mutant(a: &TokenAuthority, mutant: &str, claims: &TokenClaims) -> Result<(), TestCaseError> {
+        if let Ok(got) = a.verify(mutant, 1001) {
+            prop_assert_eq!(&got, claims, "altered token {:?} verified with other claims", mutant);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn verify_refuses_arbitrary_strings(s in text(200)) {
+            let a = TokenAuthority::new(KEY);
+            prop_assert!(a.verify(&s, 0).is_err());
+            let _ = peek_host(&s);
+        }
+
+        #[test]
+        fn verify_refuses_base64_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let a = TokenAuthority::new(KEY);
+            prop_assert!(a.verify(&B64.encode(&bytes), 0).is_err());
+        }
+
+        #[test]
+        fn verify_refuses_envelopes_with_arbitrary_fields(id in text(20), host in text(20), secure in any::<bool>(), sig in text(80)) {
+            let a = TokenAuthority::new(KEY);
+            let env = TokenEnvelope { token_id: id, host, secure, signature: sig };
+            let tok = B64.encode(serde_json::to_vec(&env).unwrap());
+            prop_assert!(a.verify(&tok, 0).is_err());
+        }
+
+        #[test]
+        fn issue_then_verify_round_trips(
+            room in text(40), user in text(40), role in text(40), host in text(40), secure in any::<bool>(),
+            now in 0..u64::MAX / 2, lifetime in 1..u64::MAX / 2,
+        ) {
+            let a = TokenAuthority::new(KEY);
+            let portal = PortalAddress { host: host.clone(), secure };
+            let (tok, claims) = a.issue(&room, &user, &role, &portal, now, lifetime).unwrap();
+            prop_assert_eq!((&claims.room, &claims.user, &claims.role, &claims.host), (&room, &user, &role, &host));
+            prop_assert_eq!(claims.exp, now + lifetime);
+            prop_assert_eq!(a.verify(&tok, now), Ok(claims.clone()));
+            prop_assert_eq!(a.verify(&tok, claims.exp - 1), Ok(claims.clone()));
+            prop_assert_eq!(a.verify(&tok, claims.exp), Err(TokenError::Expired));
+            prop_assert_eq!(TokenAuthority::new(b"another key").verify(&tok, now), Err(TokenError::BadSignature));
+            prop_assert_eq!(peek_host(&tok), Some((host, secure)));
+        }
+
+        #[test]
+        fn altered_base64_never_verifies_with_other_claims(e in edits()) {
+            let (a, tok, claims) = issued();
+            let mutant = String::from_utf8_lossy(&apply(tok.into_bytes(), &e)).into_owned();
+            check_mutant(&a, &mutant, &claims)?;
+        }
+
+        #[test]
+        fn altered_envelope_json_never_verifies_with_other_claims(e in edits()) {
+            let (a, tok, claims) = issued();
+            let json = B64.decode(&tok).unwrap();
+            check_mutant(&a, &B64.encode(apply(json, &e)), &claims)?;
+        }
+
+        #[test]
+        fn altered_jwt_never_verifies_with_other_claims(part in 0..3usize, decoded in any::<bool>(), e in edits()) {
+            let (a, tok, claims) = issued();
+            let mut env: TokenEnvelope = serde_json::from_slice(&B64.decode(&tok).unwrap()).unwrap();
+            let mut parts: Vec<String> = env.signature.split('.').map(str::to_string).collect();
+            let b64u = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            parts[part] = if decoded {
+                // Edit the JSON (or signature bytes) under the base64url, as a forger would.
+                b64u.encode(apply(b64u.decode(&parts[part]).unwrap(), &e))
+            } else {
+                String::from_utf8_lossy(&apply(parts[part].clone().into_bytes(), &e)).into_owned()
+            };
+            env.signature = parts.join(".");
+            check_mutant(&a, &B64.encode(serde_json::to_vec(&env).unwrap()), &claims)?;
+        }
     }
 }

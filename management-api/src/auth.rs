@@ -70,7 +70,7 @@ impl Credentials {
         let cnonce = get("cnonce").ok_or_else(|| bad("mauth_cnonce missing"))?;
         let signature = get("signature").ok_or_else(|| bad("mauth_signature missing"))?;
         let ts: i64 = timestamp.parse().map_err(|_| bad("mauth_timestamp is not a number"))?;
-        if (ts - now_ms).abs() > MAUTH_WINDOW_MS {
+        if ts.abs_diff(now_ms) > MAUTH_WINDOW_MS.unsigned_abs() {
             return Err(bad("mauth_timestamp is too far from the server clock"));
         }
         let user_role = match (get("username"), get("role")) {
@@ -135,5 +135,104 @@ mod tests {
         assert_eq!(c.role.as_deref(), Some("viewer"));
         let h = mauth("svc", "0123456789abcdef", now, Some(("YWw=", "viewer")));
         assert_eq!(creds().check(Some(&h), now).unwrap().user.as_deref(), Some("al"));
+    }
+
+    #[test]
+    fn extreme_timestamps_are_refused_not_overflowed() {
+        // `ts - now` overflowed here (a panic in debug builds) before the signature was checked.
+        let now = 1_700_000_000_000;
+        for ts in [i64::MIN, i64::MAX, -now] {
+            let e = creds().check(Some(&mauth("svc", "0123456789abcdef", ts, None)), now).unwrap_err();
+            assert!(e.to_string().contains("too far"), "{e}");
+        }
+    }
+}
+
+/// Property tests: no `Authorization` header makes `check` panic or let in a caller
+/// without the key, every correctly signed MAuth header gets in with its user and role,
+/// and an altered one never gets in as someone else.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    const KEY: &str = "0123456789abcdef-service-key";
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn creds() -> Credentials {
+        Credentials { service_id: "svc".into(), service_key: KEY.into() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    fn header(ts: i64, cnonce: &str, user_role: Option<(&str, &str)>) -> String {
+        let sig = mauth_signature(KEY, &ts.to_string(), cnonce, user_role);
+        let mut h =
+            format!("MAuth realm=http://example,mauth_signature_method=HMAC_SHA256,mauth_serviceid=svc,mauth_cnonce={cnonce},mauth_timestamp={ts}");
+        if let Some((u, r)) = user_role {
+            h.push_str(&format!(",mauth_username={u},mauth_role={r}"));
+        }
+        h.push_str(&format!(",mauth_signature={sig}"));
+        h
+    }
+
+    /// A signed header for an optional (user, role), and the caller it stands for.
+    fn signed() -> impl Strategy<Value = (String, Caller)> {
+        let who = prop::option::of((text(16), "[a-z_]{1,12}"));
+        (-MAUTH_WINDOW_MS..=MAUTH_WINDOW_MS, "[A-Za-z0-9]{1,12}", who).prop_map(|(skew, cnonce, who)| match who {
+            Some((user, role)) => {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&user);
+                (header(NOW + skew, &cnonce, Some((&b64, &role))), Caller { user: Some(user), role: Some(role) })
+            }
+            None => (header(NOW + skew, &cnonce, None), Caller::default()),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_headers_are_refused(h in prop_oneof![
+            text(60),
+            "(MAuth|mauth|Bearer|bearer|Basic)? ?((mauth_)?(signature_method|serviceid|cnonce|timestamp|username|role|signature)=[A-Za-z0-9+/=\"_-]{0,12},?){0,7}",
+        ], now in prop_oneof![Just(NOW), any::<i64>()]) {
+            prop_assert!(creds().check(Some(&h), now).is_err(), "{:?} got in", h);
+        }
+
+        #[test]
+        fn signed_headers_get_in_as_signed((h, caller) in signed()) {
+            prop_assert_eq!(creds().check(Some(&h), NOW).ok(), Some(caller));
+            let other = Credentials { service_id: "other".into(), ..creds() }.check(Some(&h), NOW).map(|_| ()).map_err(|e| e.to_string());
+            prop_assert_eq!(other, Err("MAuth: invalid service id or signature".to_string()));
+        }
+
+        #[test]
+        fn late_headers_are_refused((h, _) in signed(), late in 2 * MAUTH_WINDOW_MS + 1..i64::MAX / 2, past in any::<bool>()) {
+            let now = if past { NOW - late } else { NOW + late };
+            let e = creds().check(Some(&h), now).unwrap_err();
+            prop_assert!(e.to_string().contains("too far"), "{}", e);
+        }
+
+        #[test]
+        fn altered_headers_never_get_in_as_someone_else((h, caller) in signed(), at in any::<prop::sample::Index>(), with in any::<char>(), delete in any::<bool>()) {
+            let mut chars: Vec<char> = h.chars().collect();
+            let i = at.index(chars.len());
+            if delete { chars.remove(i); } else { chars[i] = with; }
+            let altered: String = chars.into_iter().collect();
+            if let Ok(got) = creds().check(Some(&altered), NOW) {
+                prop_assert_eq!(got, caller, "{:?} got in as someone else", altered);
+            }
+        }
+
+        #[test]
+        fn bearer_needs_the_exact_key(key in text(40), pad in "[ \t]{0,2}") {
+            let h = format!("Bearer {pad}{key}{pad}");
+            let ok = creds().check(Some(&h), NOW).is_ok();
+            prop_assert_eq!(ok, key.trim() == KEY);
+            prop_assert_eq!(creds().check(Some(&format!("Bearer {pad}{KEY}{pad}")), NOW).ok(), Some(Caller::default()));
+        }
     }
 }

@@ -57,10 +57,9 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::RoomNotFound(_)
-            | ApiError::StreamNotFound(_)
-            | ApiError::ParticipantNotFound(_)
-            | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::RoomNotFound(_) | ApiError::StreamNotFound(_) | ApiError::ParticipantNotFound(_) | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -84,7 +83,7 @@ impl From<tessera_core::StoreError> for ApiError {
             S::NotFound(id) => ApiError::RoomNotFound(id),
             S::Conflict(m) => ApiError::Conflict(m),
             other => {
-                tracing::error!(error = %other, "room store failure");
+                tracing::error!(error = ?other.to_string(), "room store failure");
                 ApiError::Internal(other.to_string())
             }
         }

@@ -5,6 +5,10 @@
 //!
 //! The routes and bodies are documented in `docs/rest-api.md`.
 
+// Input from the network and files must never panic this crate: no unwrap/expect/panic
+// and no unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 pub mod auth;
 pub mod error;
 mod recordings;
@@ -40,6 +44,8 @@ pub struct ApiState {
     pub control: Arc<dyn RoomControl>,
     /// Recording to storage, when the server records.
     pub recordings: Option<Arc<dyn tessera_core::agent::RecordingEngine>>,
+    /// Origins allowed to call the API from a browser (`*`: any); empty: no CORS.
+    pub cors_origins: Vec<String>,
 }
 
 /// Seconds since the Unix epoch.
@@ -59,11 +65,18 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
 
 /// Starts the API server on an already-bound listener; the caller awaits or stops it.
 pub fn serve(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<actix_web::dev::Server> {
-    let server = HttpServer::new(move || App::new().wrap(routes::cors_headers()).configure(configure(state.clone())))
-        .workers(2)
-        .listen(listener)?
-        .disable_signals()
-        .shutdown_timeout(5)
-        .run();
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(routes::cors(&state.cors_origins))
+            // OWT's server (express) accepts a trailing slash on every route, and OWT's own
+            // REST client sends one (`POST /v1/rooms/{room}/tokens/`).
+            .wrap(actix_web::middleware::NormalizePath::trim())
+            .configure(configure(state.clone()))
+    })
+    .workers(2)
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(5)
+    .run();
     Ok(server)
 }

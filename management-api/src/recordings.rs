@@ -4,9 +4,9 @@ use actix_web::{HttpResponse, web};
 use serde_json::Value;
 use tessera_core::agent::{AgentError, MediaKind, RecordingSpec};
 
-use crate::error::ApiError;
-use crate::routes::{Authed, find_room};
 use crate::ApiState;
+use crate::error::ApiError;
+use crate::routes::{Authed, find_room, reject_unknown};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -36,12 +36,24 @@ fn source(media: &Value, kind: &str) -> Result<Option<String>> {
 
 pub(crate) async fn start(_: Authed, state: web::Data<ApiState>, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
+    let fields = body.as_object().ok_or_else(|| ApiError::BadRequest("Invalid request body: expected a JSON object {container, media}".into()))?;
+    reject_unknown(fields.keys(), &["container", "media"], "")?;
     let container = match body.get("container") {
         None | Some(Value::Null) => "auto".to_string(),
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(ApiError::BadRequest("Invalid request body: `container` must be a string".into())),
     };
-    let media = body.get("media").filter(|m| m.is_object()).ok_or_else(|| ApiError::BadRequest("Invalid request body: `media` must be an object".into()))?;
+    let media =
+        body.get("media").filter(|m| m.is_object()).ok_or_else(|| ApiError::BadRequest("Invalid request body: `media` must be an object".into()))?;
+    if let Some(m) = media.as_object() {
+        reject_unknown(m.keys(), &["audio", "video"], "media.")?;
+        for kind in ["audio", "video"] {
+            if let Some(Value::Object(track)) = m.get(kind) {
+                // OWT's `format`/`parameters` are accepted: recordings keep the source's encoding.
+                reject_unknown(track.keys(), &["from", "format", "parameters"], &format!("media.{kind}."))?;
+            }
+        }
+    }
     let spec = RecordingSpec { container, audio_from: source(media, "audio")?, video_from: source(media, "video")? };
     let rec = engine(&state)?.start(&room.id, spec).await.map_err(agent_error)?;
     Ok(HttpResponse::Ok().json(rec))
@@ -88,8 +100,55 @@ pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<
         _ => "video/x-matroska",
     };
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("recording");
-    Ok(HttpResponse::Ok()
-        .content_type(mime)
-        .insert_header(("Content-Disposition", format!("attachment; filename=\"{name}\"")))
-        .body(bytes))
+    Ok(HttpResponse::Ok().content_type(mime).insert_header(("Content-Disposition", format!("attachment; filename=\"{name}\""))).body(bytes))
+}
+
+/// Property tests of the recording body helpers: any JSON gives a source or a clear error.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            prop_oneof!["from|audio|video|format|s-1", "\\PC{0,8}"].prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(prop_oneof!["from|audio|video|format|parameters", "\\PC{0,6}"], inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn source_reads_from_or_explains(media in json(), kind in prop::sample::select(&["audio", "video"][..])) {
+            let track = media.get(kind);
+            match source(&media, kind) {
+                Ok(None) => prop_assert!(matches!(track, None | Some(Value::Null) | Some(Value::Bool(false)))),
+                Ok(Some(from)) => prop_assert_eq!(track.and_then(|t| t.get("from")).and_then(Value::as_str), Some(from.as_str())),
+                Err(e) => prop_assert!(e.to_string().contains(&format!("media.{kind}.from")), "{}", e),
+            }
+        }
+
+        #[test]
+        fn reject_unknown_names_the_first_stranger(keys in prop::collection::vec(prop_oneof!["container|media|audio", "\\PC{0,6}"], 0..5)) {
+            let known = ["container", "media"];
+            match reject_unknown(keys.iter(), &known, "body.") {
+                Ok(()) => prop_assert!(keys.iter().all(|k| known.contains(&k.as_str()))),
+                Err(e) => {
+                    let stranger = keys.iter().find(|k| !known.contains(&k.as_str())).unwrap();
+                    let named = format!("`body.{}`", stranger.escape_debug());
+                    prop_assert!(e.to_string().contains(&named), "{}", e);
+                }
+            }
+        }
+    }
 }

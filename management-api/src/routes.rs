@@ -23,16 +23,17 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
         .error_handler(|err, _req| {
             use actix_web::error::JsonPayloadError as J;
             let api = match &err {
-                J::Overflow { limit } | J::OverflowKnownLength { limit, .. } => {
-                    ApiError::TooLarge(format!("Request body larger than {limit} bytes"))
-                }
+                J::Overflow { limit } | J::OverflowKnownLength { limit, .. } => ApiError::TooLarge(format!("Request body larger than {limit} bytes")),
                 J::Deserialize(e) => ApiError::BadRequest(format!("Failed to parse JSON body: {e}")),
                 other => ApiError::BadRequest(format!("Failed to read JSON body: {other}")),
             };
             api.into()
         });
+    // Query strings get the same JSON errors as bodies (actix answers plain text otherwise).
+    let query_cfg = web::QueryConfig::default().error_handler(|err, _req| ApiError::BadRequest(format!("Invalid query string: {err}")).into());
     cfg.app_data(web::Data::new(state))
         .app_data(json_cfg)
+        .app_data(query_cfg)
         .service(
             web::scope("/v1")
                 .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
@@ -74,7 +75,7 @@ impl FromRequest for Authed {
         let header = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
         let result = state.credentials.check(header, now_ms()).map(Authed);
         if let Err(e) = &result {
-            tracing::info!(peer = ?req.peer_addr(), path = req.path(), reason = %e, "management API request refused");
+            tracing::info!(peer = ?req.peer_addr(), path = req.path(), reason = ?e.to_string(), "management API request refused");
         }
         ready(result)
     }
@@ -89,12 +90,18 @@ async fn preflight() -> HttpResponse {
     HttpResponse::Ok().finish()
 }
 
-/// OWT's CORS headers, so browser-based admin tools can call the API.
-pub(crate) fn cors_headers() -> actix_web::middleware::DefaultHeaders {
-    actix_web::middleware::DefaultHeaders::new()
-        .add(("Access-Control-Allow-Origin", "*"))
-        .add(("Access-Control-Allow-Methods", "POST, GET, OPTIONS, PUT, DELETE, PATCH"))
-        .add(("Access-Control-Allow-Headers", "origin, authorization, content-type"))
+/// CORS for browser-based admin tools on the configured origins only: the API issues
+/// tokens, so unlike OWT (which allows any origin) it is closed to pages unless configured.
+pub(crate) fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::Cors> {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["POST", "GET", "PUT", "DELETE", "PATCH"])
+        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .block_on_origin_mismatch(false)
+        .max_age(3600);
+    for origin in origins {
+        cors = if origin == "*" { cors.allow_any_origin() } else { cors.allowed_origin(origin) };
+    }
+    actix_web::middleware::Condition::new(!origins.is_empty(), cors)
 }
 
 /// The room as JSON, with OWT's `_id` beside `id` for scripts written against OWT.
@@ -125,7 +132,7 @@ async fn create_room(_: Authed, state: web::Data<ApiState>, body: web::Json<Valu
     }
     let room = Room::from_options(tessera_core::ids::room_id(), name, options)?;
     let room = state.store.create(room)?;
-    tracing::info!(room = %room.id, name = %room.name, "room created");
+    tracing::info!(room = %room.id, name = ?room.name, "room created");
     Ok(HttpResponse::Ok().json(room_json(&room)))
 }
 
@@ -136,28 +143,23 @@ struct Paging {
 }
 
 async fn list_rooms(_: Authed, state: web::Data<ApiState>, q: web::Query<Paging>) -> Result<HttpResponse> {
-    let rooms = state.store.list();
-    let rooms: Vec<Value> = match q.per_page {
+    // Paged in the store's SQL, so a page reads its own rows rather than every room.
+    let rooms = match q.per_page {
         Some(0) => return Err(ApiError::BadRequest("per_page must be at least 1".into())),
         Some(per) => {
             let page = q.page.unwrap_or(1).max(1);
-            rooms.iter().skip((page - 1).saturating_mul(per)).take(per).map(room_json).collect()
+            state.store.list_page((page - 1).saturating_mul(per), per)?
         }
-        None => rooms.iter().map(room_json).collect(),
+        None => state.store.list_page(0, usize::MAX)?,
     };
-    Ok(HttpResponse::Ok().json(rooms))
+    Ok(HttpResponse::Ok().json(rooms.iter().map(room_json).collect::<Vec<Value>>()))
 }
 
 async fn get_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(room_json(&find_room(&state, &path)?)))
 }
 
-async fn update_room(
-    _: Authed,
-    state: web::Data<ApiState>,
-    path: web::Path<String>,
-    body: web::Json<Value>,
-) -> Result<HttpResponse> {
+async fn update_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
     let updated = state.store.update(room.updated(body.into_inner())?)?;
     state.control.room_updated(&updated).await;
@@ -175,12 +177,7 @@ async fn delete_room(_: Authed, state: web::Data<ApiState>, path: web::Path<Stri
     Ok(HttpResponse::Ok().content_type("text/plain").body("Room deleted"))
 }
 
-async fn create_token(
-    caller: Authed,
-    state: web::Data<ApiState>,
-    path: web::Path<String>,
-    body: web::Json<Value>,
-) -> Result<HttpResponse> {
+async fn create_token(caller: Authed, state: web::Data<ApiState>, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
     let body = body.into_inner();
     let field = |name: &str| -> Result<Option<String>> {
@@ -190,9 +187,12 @@ async fn create_token(
             Some(_) => Err(ApiError::BadRequest(format!("Invalid request body: `{name}` must be a string"))),
         }
     };
-    if !body.is_object() {
+    let Some(fields) = body.as_object() else {
         return Err(ApiError::BadRequest("Invalid request body: expected a JSON object {user, role}".into()));
-    }
+    };
+    // OWT clients may send `preference` ({isp, region}, a placement hint Tessera has no use
+    // for on one node); anything else is a typo the caller should hear about.
+    reject_unknown(fields.keys(), &["user", "role", "preference"], "")?;
     let user = field("user")?.or(caller.0.user).unwrap_or_default();
     let role = field("role")?.or(caller.0.role).unwrap_or_default();
     if user.trim().is_empty() || user.len() > 256 {
@@ -210,7 +210,7 @@ async fn create_token(
         .tokens
         .issue(&room.id, &user, &role, &state.portal, now_secs(), state.token_lifetime_secs)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    tracing::info!(room = %room.id, user = %user, role = %role, token = %claims.jti, "token issued");
+    tracing::info!(room = %room.id, user = ?user, role = ?role, token = %claims.jti, "token issued");
     Ok(HttpResponse::Ok().content_type("text/plain").body(token))
 }
 
@@ -258,14 +258,19 @@ async fn stats(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.stats().await))
 }
 
-async fn patch_stream(
-    _: Authed,
-    state: web::Data<ApiState>,
-    path: web::Path<(String, String)>,
-    body: web::Json<Value>,
-) -> Result<HttpResponse> {
+async fn patch_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {
     let (room, stream) = path.into_inner();
     let room = find_room(&state, &room)?;
     let updated = state.control.patch_stream(&room.id, &stream, &body).await?;
     Ok(HttpResponse::Ok().json(updated))
+}
+
+/// Refuses a body with a field outside `known` (`at` names the enclosing object, e.g. `media.`).
+pub(crate) fn reject_unknown<'a>(keys: impl IntoIterator<Item = &'a String>, known: &[&str], at: &str) -> Result<()> {
+    match keys.into_iter().find(|k| !known.contains(&k.as_str())) {
+        Some(extra) => {
+            Err(ApiError::BadRequest(format!("Invalid request body: unknown field `{at}{}` (expected {})", extra.escape_debug(), known.join(", "))))
+        }
+        None => Ok(()),
+    }
 }

@@ -70,11 +70,8 @@ fn lecture(d: u32) -> Vec<Rect> {
 
 fn custom(t: &CustomTemplate) -> Vec<Rect> {
     // Primary region first: it is the one the first (or active) input fills.
-    let mut regions: Vec<Rect> = t
-        .region
-        .iter()
-        .map(|r| Rect { id: r.id.clone(), left: r.area.left, top: r.area.top, width: r.area.width, height: r.area.height })
-        .collect();
+    let mut regions: Vec<Rect> =
+        t.region.iter().map(|r| Rect { id: r.id.clone(), left: r.area.left, top: r.area.top, width: r.area.width, height: r.area.height }).collect();
     if let Some(p) = &t.primary
         && let Some(i) = regions.iter().position(|r| &r.id == p)
     {

@@ -162,11 +162,7 @@ impl Mixer {
     }
 
     fn view(&self, room: &str, label: &str) -> Result<Arc<ViewMix>, AgentError> {
-        self.lock()
-            .get(room)
-            .and_then(|v| v.get(label))
-            .cloned()
-            .ok_or_else(|| AgentError::Rejected(format!("View does NOT exist: {label}")))
+        self.lock().get(room).and_then(|v| v.get(label)).cloned().ok_or_else(|| AgentError::Rejected(format!("View does NOT exist: {label}")))
     }
 
     fn create_view(&self, room: &Room, config: &View) -> Arc<ViewMix> {
@@ -258,10 +254,8 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
             let stalled = {
                 let mut s = view.lock();
                 s.idle_since = None;
-                let produced = s
-                    .pipeline
-                    .as_ref()
-                    .is_some_and(|p| !p.has_video() || p.video_produced.swap(false, std::sync::atomic::Ordering::Relaxed));
+                let produced =
+                    s.pipeline.as_ref().is_some_and(|p| !p.has_video() || p.video_produced.swap(false, std::sync::atomic::Ordering::Relaxed));
                 if produced {
                     s.last_output = Instant::now();
                 }

@@ -200,9 +200,7 @@ impl ViewPipeline {
         if desc.is_empty() {
             return Err(PipelineError::Gst("view has neither audio nor video".into()));
         }
-        let pipeline = gst::parse::launch(&desc)?
-            .downcast::<gst::Pipeline>()
-            .map_err(|_| PipelineError::Gst("not a pipeline".into()))?;
+        let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| PipelineError::Gst("not a pipeline".into()))?;
         let compositor = pipeline.by_name("comp");
         let audiomixer = pipeline.by_name("amix");
         let video_sink = pipeline.by_name("vsink");
@@ -305,10 +303,8 @@ impl ViewPipeline {
         let bin = gst::parse::bin_from_description(&desc, true)?;
         static NEXT_INPUT: AtomicU64 = AtomicU64::new(0);
         bin.set_property("name", format!("{INPUT_BIN_PREFIX}{}", NEXT_INPUT.fetch_add(1, Ordering::Relaxed)));
-        let appsrc = bin
-            .by_name("src")
-            .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
-            .ok_or_else(|| PipelineError::Gst("input appsrc".into()))?;
+        let appsrc =
+            bin.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok()).ok_or_else(|| PipelineError::Gst("input appsrc".into()))?;
         self.pipeline.add(&bin)?;
         let src_pad = bin.static_pad("src").ok_or_else(|| PipelineError::Gst("input bin has no src pad".into()))?;
         let mixer_pad = mixer.request_pad_simple("sink_%u").ok_or_else(|| PipelineError::Gst("no mixer pad".into()))?;
@@ -365,7 +361,9 @@ impl ViewPipeline {
     pub fn audio_levels(&self) -> Vec<(String, f32)> {
         self.branches
             .iter()
-            .filter_map(|((stream, _), b)| b.level.as_ref().map(|l| (stream.clone(), 10.0 * f32::from_bits(l.load(Ordering::Relaxed)).max(1e-10).log10())))
+            .filter_map(|((stream, _), b)| {
+                b.level.as_ref().map(|l| (stream.clone(), 10.0 * f32::from_bits(l.load(Ordering::Relaxed)).max(1e-10).log10()))
+            })
             .collect()
     }
 
@@ -392,7 +390,6 @@ impl ViewPipeline {
             Err(e) => warn!(error = %e, "cannot serialise an input packet"),
         }
     }
-
 }
 
 impl Drop for ViewPipeline {

@@ -13,6 +13,10 @@ use tessera_core::{ParticipantInfo, Permission};
 
 use crate::socketio::SocketHandle;
 
+/// Unused reconnection tickets kept per participant. A client holds one at a time (it
+/// replaces it at each refresh); a few more cover a refresh answer lost with the socket.
+const MAX_TICKETS: usize = 4;
+
 /// Most notifications kept for a participant while their socket is gone. Beyond this the
 /// oldest are dropped: a client that missed that much should rejoin anyway.
 const MAX_PENDING: usize = 1024;
@@ -40,6 +44,8 @@ pub(crate) struct Participant {
     pub attributes: HashMap<String, Value>,
     /// Publications whose media flows (they are streams of the room).
     pub ready: HashSet<String>,
+    /// Ids of the reconnection tickets issued to this participant and not used yet.
+    tickets: VecDeque<String>,
 }
 
 impl Participant {
@@ -53,7 +59,28 @@ impl Participant {
             sessions: HashMap::new(),
             attributes: HashMap::new(),
             ready: HashSet::new(),
+            tickets: VecDeque::new(),
         }
+    }
+
+    /// Remembers a ticket just issued to this participant; the oldest unused one is
+    /// forgotten (and so refused) beyond [`MAX_TICKETS`].
+    pub fn ticket_issued(&mut self, ticket_id: String) {
+        if self.tickets.len() >= MAX_TICKETS {
+            self.tickets.pop_front();
+        }
+        self.tickets.push_back(ticket_id);
+    }
+
+    /// Spends a ticket for a relogin: true if it was issued to this participant and not
+    /// used. Every other outstanding ticket is void from then on, so a ticket copied
+    /// before the relogin cannot take the participant over afterwards.
+    pub fn use_ticket(&mut self, ticket_id: &str) -> bool {
+        let known = self.tickets.iter().any(|t| t == ticket_id);
+        if known {
+            self.tickets.clear();
+        }
+        known
     }
 
     /// Registers a new session on the transport the request named (which must be one of
@@ -72,19 +99,12 @@ impl Participant {
 
     /// Publications announced but not flowing yet (they count against inputLimit).
     pub fn pending_publications(&self) -> usize {
-        self.sessions
-            .iter()
-            .filter(|(id, s)| **s == crate::media::SessionKind::Publication && !self.ready.contains(*id))
-            .count()
+        self.sessions.iter().filter(|(id, s)| **s == crate::media::SessionKind::Publication && !self.ready.contains(*id)).count()
     }
 
     /// Ids of this participant's publications.
     pub fn publications(&self) -> HashSet<String> {
-        self.sessions
-            .iter()
-            .filter(|(_, s)| **s == crate::media::SessionKind::Publication)
-            .map(|(id, _)| id.clone())
-            .collect()
+        self.sessions.iter().filter(|(_, s)| **s == crate::media::SessionKind::Publication).map(|(id, _)| id.clone()).collect()
     }
 }
 

@@ -10,9 +10,7 @@
 use std::collections::HashSet;
 
 use serde_json::{Value, json};
-use tessera_core::agent::{
-    AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch,
-};
+use tessera_core::agent::{AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch};
 use tracing::{debug, info};
 
 use crate::Portal;
@@ -110,9 +108,7 @@ impl Portal {
         if tracks.is_empty() && !wants_data {
             return Err("publish: nothing to publish (no media tracks and no data)".into());
         }
-        if tracks.iter().filter(|t| t.kind == MediaKind::Audio).count() > 1
-            || tracks.iter().filter(|t| t.kind == MediaKind::Video).count() > 1
-        {
+        if tracks.iter().filter(|t| t.kind == MediaKind::Audio).count() > 1 || tracks.iter().filter(|t| t.kind == MediaKind::Video).count() > 1 {
             return Err("publish: at most one audio and one video track per publication".into());
         }
         let attributes = d.get("attributes").cloned().unwrap_or(json!({}));
@@ -178,9 +174,8 @@ impl Portal {
                 let Some(stream) = stream else {
                     return Err(format!("Stream does NOT exist: {}", t.from));
                 };
-                let has_kind = stream["media"]["tracks"]
-                    .as_array()
-                    .is_some_and(|ts| ts.iter().any(|x| x["type"] == t.kind.as_str()));
+                let has_kind =
+                    crate::at(stream, "/media/tracks").as_array().is_some_and(|ts| ts.iter().any(|x| crate::at(x, "/type") == t.kind.as_str()));
                 if !has_kind {
                     return Err(format!("Stream {} has no {} track", t.from, t.kind.as_str()));
                 }
@@ -268,7 +263,7 @@ impl Portal {
             let conf = self.lock();
             let r = conf.room(room);
             let stream = r.and_then(|r| r.streams.iter().find(|s| s["id"] == id.as_str()));
-            let owner = stream.and_then(|s| s["info"]["owner"].as_str()).is_some_and(|o| o == participant);
+            let owner = stream.and_then(|s| crate::at(s, "/info/owner").as_str()).is_some_and(|o| o == participant);
             let admin = r.and_then(|r| r.participant(participant)).is_some_and(|p| p.info.role == "admin");
             (owner || admin, stream.is_some(), stream.is_some_and(|s| s["type"] == "mixed"))
         };
@@ -347,8 +342,10 @@ impl Portal {
             conf.broadcast(room, None, "stream", &json!({"id": stream, "status": "remove"}));
         }
         drop(conf);
-        let views: Vec<String> =
-            removed["info"]["inViews"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        let views: Vec<String> = crate::at(&removed, "/info/inViews")
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         if !views.is_empty() {
             let (portal, room, stream) = (self.clone(), room.to_string(), stream.to_string());
             tokio::spawn(async move { portal.unmix_everywhere(&room, &stream, views).await });
@@ -362,7 +359,7 @@ impl Portal {
         let Some(r) = conf.rooms.get_mut(room) else { return };
         let Some(s) = r.streams.iter_mut().find(|s| s["id"] == stream) else { return };
         let mut changed = Vec::new();
-        if let Some(tracks) = s["media"]["tracks"].as_array_mut() {
+        if let Some(Value::Array(tracks)) = s.pointer_mut("/media/tracks") {
             for t in tracks {
                 let kind = t["type"].as_str().unwrap_or_default().to_string();
                 if (kind == "audio" && switch.audio) || (kind == "video" && switch.video) {
@@ -386,8 +383,8 @@ impl Portal {
                 self.lock().notify(&room, &participant, "progress", data);
             }
             AgentEvent::StreamReady { room, mut stream } => {
-                let Some(id) = stream["id"].as_str().map(str::to_string) else { return };
-                let owner = stream["info"]["owner"].as_str().unwrap_or_default().to_string();
+                let Some(id) = crate::at(&stream, "/id").as_str().map(str::to_string) else { return };
+                let owner = crate::at(&stream, "/info/owner").as_str().unwrap_or_default().to_string();
                 let notify = self.inner.store.get(&room).map(|r| r.notifying.stream_change).unwrap_or(true);
                 let mut conf = self.lock();
                 let Some(r) = conf.rooms.get_mut(&room) else { return };
@@ -402,7 +399,7 @@ impl Portal {
                     return;
                 }
                 p.ready.insert(id.clone());
-                stream["info"]["attributes"] = p.attributes.get(&id).cloned().unwrap_or(json!({}));
+                crate::set_at(&mut stream, "/info", "attributes", p.attributes.get(&id).cloned().unwrap_or(json!({})));
                 r.streams.push(stream.clone());
                 info!(%room, stream = %id, owner = %owner, "stream added");
                 if notify {
@@ -417,7 +414,7 @@ impl Portal {
                     let conf = self.lock();
                     conf.room(&room)
                         .and_then(|r| r.streams.iter().find(|s| s["id"] == stream.as_str()))
-                        .and_then(|s| s["info"]["owner"].as_str().map(str::to_string))
+                        .and_then(|s| crate::at(s, "/info/owner").as_str().map(str::to_string))
                 };
                 if let Some(owner) = owner {
                     self.forget_session(&room, &owner, &stream);

@@ -22,7 +22,7 @@ impl Portal {
         let mut conf = self.lock();
         let Some(r) = conf.rooms.get_mut(&room.id) else { return };
         for info in infos {
-            if !r.streams.iter().any(|s| s["id"] == info["id"]) {
+            if !r.streams.iter().any(|s| crate::at(s, "/id") == crate::at(&info, "/id")) {
                 r.streams.push(info);
             }
         }
@@ -88,7 +88,7 @@ impl Portal {
         let conf = self.lock();
         let s = conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned();
         match s {
-            Some(s) if s["type"] == "forward" => Ok(s),
+            Some(s) if crate::at(&s, "/type") == "forward" => Ok(s),
             Some(_) => Err(format!("Stream {stream} is not a forward stream")),
             None => Err(format!("Stream does NOT exist: {stream}")),
         }
@@ -98,12 +98,12 @@ impl Portal {
         let mut conf = self.lock();
         let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == stream)) else { return };
         let mut views: Vec<String> =
-            s["info"]["inViews"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            crate::at(s, "/info/inViews").as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
         views.retain(|v| v != label);
         if present {
             views.push(label.to_string());
         }
-        s["info"]["inViews"] = json!(views);
+        crate::set_at(s, "/info", "inViews", json!(views));
     }
 
     /// Records a view's new layout and tells the room.
@@ -125,10 +125,10 @@ impl Portal {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
         let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == id)) else { return };
-        if s["info"][key] == value {
+        if s.pointer("/info").and_then(|i| i.get(key)) == Some(&value) {
             return;
         }
-        s["info"][key] = value.clone();
+        crate::set_at(s, "/info", key, value.clone());
         if notify {
             let data = json!({"id": id, "status": "update", "data": {"field": field, "value": value}});
             conf.broadcast(room, None, "stream", &data);
@@ -159,7 +159,7 @@ impl Portal {
                 let region = layout
                     .as_array()
                     .and_then(|a| a.iter().find(|e| e["stream"] == stream))
-                    .and_then(|e| e["region"]["id"].as_str().map(str::to_string))
+                    .and_then(|e| crate::at(e, "/region/id").as_str().map(str::to_string))
                     .ok_or_else(|| format!("Stream {stream} is not in view {label}"))?;
                 Ok(Some(json!({"region": region})))
             }
@@ -206,16 +206,14 @@ impl Portal {
                     let layout = m.set_template(room, label, base).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
-                ("replace", p, Some(label)) if p.starts_with("/info/layout/") && p.ends_with("/stream") => {
-                    let index: usize = p["/info/layout/".len()..p.len() - "/stream".len()]
-                        .parse()
-                        .map_err(|_| bad("path must be /info/layout/<index>/stream"))?;
+                ("replace", p, Some(label)) if p.starts_with("/info/layout/") => {
+                    let index = layout_index(p).ok_or_else(|| bad("path must be /info/layout/<index>/stream"))?;
                     let target = value.as_str().ok_or_else(|| bad("`value` must be a stream id"))?;
                     let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
                     let layout = m.layout(room, label).await.ok_or_else(|| bad("view is gone"))?;
                     let region = layout
                         .get(index)
-                        .and_then(|e| e["region"]["id"].as_str())
+                        .and_then(|e| crate::at(e, "/region/id").as_str())
                         .ok_or_else(|| bad(&format!("layout has no region #{index}")))?
                         .to_string();
                     let layout = m.set_region(room, label, target, &region).await.map_err(|e| bad(&e.to_string()))?;
@@ -225,9 +223,75 @@ impl Portal {
             }
         }
         let conf = self.lock();
-        conf.room(room)
-            .and_then(|r| r.streams.iter().find(|s| s["id"] == stream))
-            .cloned()
-            .ok_or_else(|| ControlError::StreamNotFound(stream.into()))
+        conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned().ok_or_else(|| ControlError::StreamNotFound(stream.into()))
+    }
+}
+
+/// The region index of an OWT `/info/layout/<index>/stream` patch path.
+fn layout_index(path: &str) -> Option<usize> {
+    let index = path.strip_prefix("/info/layout/")?.strip_suffix("/stream")?;
+    // `parse` accepts a leading `+`; OWT's paths are plain decimal.
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    index.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_index;
+
+    #[test]
+    fn layout_paths() {
+        assert_eq!(layout_index("/info/layout/0/stream"), Some(0));
+        assert_eq!(layout_index("/info/layout/12/stream"), Some(12));
+        // Once a panic (prefix and suffix overlap): must simply not match.
+        assert_eq!(layout_index("/info/layout/stream"), None);
+        assert_eq!(layout_index("/info/layout//stream"), None);
+        assert_eq!(layout_index("/info/layout/+1/stream"), None);
+        assert_eq!(layout_index("/info/layout/1"), None);
+        assert_eq!(layout_index("/info/layout/99999999999999999999999/stream"), None);
+    }
+}
+
+/// Property tests: `layout_index` never panics and reads exactly the paths
+/// `/info/layout/<decimal digits>/stream`, as the number the digits say.
+#[cfg(test)]
+mod proptests {
+    use super::layout_index;
+    use crate::socketio::packet::proptests::{config, text};
+    use proptest::prelude::*;
+
+    /// The model: a plain decimal between the fixed prefix and suffix.
+    fn expected(path: &str) -> Option<usize> {
+        let rest = path.get("/info/layout/".len()..)?;
+        if !path.starts_with("/info/layout/") || !rest.ends_with("/stream") {
+            return None;
+        }
+        let digits = rest.get(..rest.len() - "/stream".len())?;
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        // Value by hand, refusing what does not fit in usize.
+        digits.bytes().try_fold(0usize, |n, d| n.checked_mul(10)?.checked_add(usize::from(d - b'0')))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn layout_index_matches_the_model(path in prop_oneof![
+            text(30),
+            "(/info/layout/)?[0-9+\\-a/é]{0,8}(/stream)?",
+            any::<usize>().prop_map(|n| format!("/info/layout/{n}/stream")),
+            (0..4usize, any::<u64>()).prop_map(|(zeros, n)| format!("/info/layout/{}{n}/stream", "0".repeat(zeros))),
+        ]) {
+            prop_assert_eq!(layout_index(&path), expected(&path), "{:?}", path);
+        }
+
+        #[test]
+        fn layout_index_reads_every_index(n in any::<usize>()) {
+            prop_assert_eq!(layout_index(&format!("/info/layout/{n}/stream")), Some(n));
+        }
     }
 }

@@ -33,6 +33,11 @@ pub(crate) fn parse<T: for<'de> Deserialize<'de>>(request: &str, args: &[Value])
     let Some(first) = args.first() else {
         return Err(format!("{request}: missing request data"));
     };
+    // serde would also read an array as the fields in order (`["all", "hi"]` as a text);
+    // the protocol sends objects, as the other requests require.
+    if !first.is_object() {
+        return Err(format!("{request}: invalid request data: expected an object"));
+    }
     serde_json::from_value(first.clone()).map_err(|e| format!("{request}: invalid request data: {e}"))
 }
 
@@ -73,3 +78,73 @@ impl Text {
     }
 }
 
+/// Property tests: `login` and `text` bodies of any shape parse or fail with a message
+/// naming the request, and what is accepted is exactly what the protocol allows.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::socketio::packet::proptests::{config, json_with, text};
+    use proptest::prelude::*;
+
+    const WORDS: &[&str] = &["token", "userAgent", "protocol", "sdk", "type", "version", "to", "message", "1.0", "1.2", "all", "p1"];
+
+    fn args() -> impl Strategy<Value = Vec<Value>> {
+        let body = prop_oneof![
+            3 => (prop::option::of(json_with(2, WORDS)), prop::option::of(json_with(2, WORDS)), prop::option::of(json_with(2, WORDS)))
+                .prop_map(|(a, b, c)| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [("token", a), ("userAgent", b), ("protocol", c)] {
+                        if let Some(v) = v {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    Value::Object(m)
+                }),
+            3 => (json_with(1, WORDS), prop_oneof![json_with(1, WORDS), text(8).prop_map(Value::from), (2040usize..2060).prop_map(|n| Value::from("é".repeat(n)))])
+                .prop_map(|(to, message)| serde_json::json!({"to": to, "message": message})),
+            1 => json_with(3, WORDS),
+        ];
+        prop::collection::vec(body, 0..3)
+    }
+
+    #[test]
+    fn arrays_are_not_request_bodies() {
+        // Found by proptests: serde read `["token"]` as a login and `["all", "hi"]` as a text.
+        let e = parse::<Login>("login", &[serde_json::json!(["token"])]).unwrap_err();
+        assert_eq!(e, "login: invalid request data: expected an object");
+        assert!(parse::<Text>("text", &[serde_json::json!(["all", "hi"])]).is_err());
+        assert!(parse::<Text>("text", &[serde_json::json!({"to": "all", "message": "hi"})]).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn login_bodies_parse_or_explain(args in args()) {
+            match parse::<Login>("login", &args) {
+                Ok(login) => {
+                    prop_assert_eq!(Some(login.token.as_str()), args[0]["token"].as_str());
+                    let protocol_ok = login.protocol.as_deref().is_none_or(|p| PROTOCOLS.contains(&p));
+                    let ua_ok = login.user_agent.as_ref().is_none_or(|ua| ua["sdk"]["type"].is_string() && ua["sdk"]["version"].is_string());
+                    prop_assert_eq!(login.check_client().is_ok(), protocol_ok && ua_ok);
+                }
+                Err(e) => prop_assert!(e.starts_with("login: "), "{}", e),
+            }
+        }
+
+        #[test]
+        fn text_bodies_parse_or_explain(args in args()) {
+            match parse::<Text>("text", &args) {
+                Ok(t) => {
+                    let expected = match (&t.to, &t.message) {
+                        (Value::String(to), Value::String(m)) if !to.is_empty() && m.chars().count() <= MAX_TEXT_CHARS => Some((to.clone(), m.clone())),
+                        _ => None,
+                    };
+                    let got = t.checked();
+                    prop_assert_eq!(got.as_ref().ok(), expected.as_ref(), "{:?}", got);
+                }
+                Err(e) => prop_assert!(e.starts_with("text: "), "{}", e),
+            }
+        }
+    }
+}

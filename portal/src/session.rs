@@ -95,13 +95,14 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                 return;
             }
             Some(Incoming::Invalid { reason }) => {
-                debug!(%reason, "invalid packet from client");
+                debug!(reason = ?truncate(&reason), "invalid packet from client");
             }
             Some(Incoming::Event { .. }) if flooded => {}
             Some(Incoming::Event { name, args, ack: ack_id }) => {
                 if !flood.allow() {
                     flooded = true;
-                    warn!(request = %name, "request flood; disconnecting this client");
+                    // `?`: the name is the client's, and must not forge log lines.
+                    warn!(request = ?truncate(&name), "request flood; disconnecting this client");
                     ack(&handle, ack_id, Err("Too many requests".into()));
                     handle.disconnect();
                     continue;
@@ -132,14 +133,7 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
     }
 }
 
-fn dispatch(
-    portal: &Portal,
-    handle: &SocketHandle,
-    state: &mut State,
-    name: &str,
-    args: &[Value],
-    replay: &mut Vec<(String, Value)>,
-) -> Reply {
+fn dispatch(portal: &Portal, handle: &SocketHandle, state: &mut State, name: &str, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
     match (name, &*state) {
         ("relogin", State::Fresh) => relogin(portal, handle, state, args, replay),
         ("login" | "relogin", _) => Err("Connection is in service".into()),
@@ -184,23 +178,23 @@ async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: 
     req.check_client()?;
     let inner = &portal.inner;
     let claims = inner.tokens.verify(&req.token, now_secs()).map_err(|e| e.to_string())?;
-    inner.ledger.consume(&claims, now_secs()).map_err(|e| e.to_string())?;
+    // The token is spent only by a login that succeeds (below, with the seat taken), so a
+    // user refused for a full room can retry with it; a used one is refused up front.
+    inner.ledger.check_unused(&claims).map_err(|e| e.to_string())?;
     let room = inner.store.get(&claims.room).ok_or_else(|| format!("Room not found: {}", claims.room))?;
     let role = room.role(&claims.role).ok_or("Invalid role")?;
     let permission = permission_of(role);
     let participant = handle.id().to_string();
-    let info = tessera_core::ParticipantInfo {
-        id: participant.clone(),
-        role: claims.role.clone(),
-        user: claims.user.clone(),
-        permission,
-    };
+    let info = tessera_core::ParticipantInfo { id: participant.clone(), role: claims.role.clone(), user: claims.user.clone(), permission };
     {
         let mut conf = portal.lock();
-        let r = conf.rooms.entry(room.id.clone()).or_default();
-        if room.participant_limit >= 0 && r.participants.len() as i64 >= room.participant_limit {
+        let present = conf.room(&room.id).map_or(0, |r| r.participants.len());
+        if room.participant_limit >= 0 && i64::try_from(present).unwrap_or(i64::MAX) >= room.participant_limit {
             return Err("Room is full".into());
         }
+        // Two sockets racing with one token: only the first consume wins.
+        inner.ledger.consume(&claims, now_secs()).map_err(|e| e.to_string())?;
+        let r = conf.rooms.entry(room.id.clone()).or_default();
         r.participants.push(Participant::new(info, handle.clone()));
         conf.where_is.insert(participant.clone(), room.id.clone());
         if room.notifying.participant_activities {
@@ -208,9 +202,10 @@ async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: 
             conf.broadcast(&room.id, Some(&participant), "participant", &joined);
         }
     }
-    info!(room = %room.id, participant = %participant, user = %claims.user, role = %claims.role, "participant joined");
+    info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
-    let ticket = portal.ticket_for(&participant)?;
+    let ticket = portal.ticket_for(&room.id, &participant)?;
+    handle.authenticated();
     *state = State::Joined { room: room.id.clone(), participant: participant.clone(), generation: 0 };
     let mut result = json!({
         "id": participant,
@@ -222,18 +217,12 @@ async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: 
     });
     if !inner.settings.ice_servers.is_empty() {
         // Tessera extension: clients that read it configure their RTCPeerConnection with it.
-        result["iceServers"] = json!(inner.settings.ice_servers);
+        crate::set_at(&mut result, "", "iceServers", json!(inner.settings.ice_servers));
     }
     Ok(Some(result))
 }
 
-fn relogin(
-    portal: &Portal,
-    handle: &SocketHandle,
-    state: &mut State,
-    args: &[Value],
-    replay: &mut Vec<(String, Value)>,
-) -> Reply {
+fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
     *state = State::Ended;
     // OWT clients send the ticket string itself; accept `{ticket}` too for clients that follow the doc.
     let ticket = match args.first() {
@@ -246,11 +235,12 @@ fn relogin(
     let (room, generation, pending, old) = {
         let mut conf = portal.lock();
         let room = conf.where_is.get(&participant).cloned().ok_or("Client does NOT exist")?;
-        let p = conf
-            .rooms
-            .get_mut(&room)
-            .and_then(|r| r.participant_mut(&participant))
-            .ok_or("Client does NOT exist")?;
+        let p = conf.rooms.get_mut(&room).and_then(|r| r.participant_mut(&participant)).ok_or("Client does NOT exist")?;
+        // Checked before anything changes: a replayed ticket leaves the live session alone.
+        if !p.use_ticket(&ticket.ticket_id) {
+            warn!(room = ?room, participant = ?participant, "relogin with a used reconnection ticket refused");
+            return Err(tessera_core::ticket::TicketError::Used.to_string());
+        }
         p.generation += 1;
         let old = std::mem::replace(&mut p.link, Link::Connected(handle.clone()));
         let (pending, old_handle) = match old {
@@ -263,7 +253,8 @@ fn relogin(
         // The client came back on a new socket before we noticed the old one died.
         old.disconnect();
     }
-    let new_ticket = portal.ticket_for(&participant)?;
+    let new_ticket = portal.ticket_for(&room, &participant)?;
+    handle.authenticated();
     *state = State::Joined { room: room.clone(), participant: participant.clone(), generation };
     info!(room = %room, participant = %participant, queued = pending.len(), "participant resumed by relogin");
     replay.extend(pending);
@@ -280,7 +271,7 @@ fn in_room(portal: &Portal, state: &mut State, room: &str, participant: &str, na
             portal.leave(room, participant, "logout");
             Ok(None)
         }
-        "refreshReconnectionTicket" => Ok(Some(Value::String(portal.ticket_for(participant)?))),
+        "refreshReconnectionTicket" => Ok(Some(Value::String(portal.ticket_for(room, participant)?))),
         "text" => {
             let (to, message) = requests::parse::<Text>("text", args)?.checked()?;
             let mut conf = portal.lock();
@@ -346,5 +337,442 @@ mod tests {
         assert_eq!(allowed, 10);
         f.last -= Duration::from_secs(1);
         assert!(f.allow());
+    }
+}
+
+/// Property tests of every request a client can send (and the REST stream PATCH), on a
+/// live portal with fake media and mix agents: any arguments give an answer, never a
+/// panic, and a refused request leaves the participant's sessions as they were.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::media::SessionKind;
+    use crate::socketio::packet::proptests::{config, json_with, text};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tessera_core::agent::{AgentError, MediaAgent, MixEngine, PublishSpec, Signaling, SubscribeSpec, TrackSwitch};
+    use tessera_core::token::{PortalAddress, TokenAuthority};
+    use tessera_core::{ParticipantInfo, Room, RoomStore};
+
+    const ROOM: &str = "room1";
+    const ME: &str = "p1";
+
+    /// Accepts everything, except tracks whose mid is `fail` (to test the cleanup).
+    struct FakeAgent;
+
+    #[async_trait::async_trait]
+    impl MediaAgent for FakeAgent {
+        async fn publish(&self, spec: PublishSpec) -> Result<(), AgentError> {
+            if spec.tracks.iter().any(|t| t.mid == "fail") { Err(AgentError::Rejected("refused".into())) } else { Ok(()) }
+        }
+        async fn subscribe(&self, spec: SubscribeSpec) -> Result<(), AgentError> {
+            if spec.tracks.iter().any(|t| t.mid == "fail") { Err(AgentError::Rejected("refused".into())) } else { Ok(()) }
+        }
+        async fn signal(&self, _: &str, _: &str, _: &str, _: Signaling) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn end_session(&self, _: &str, _: &str) {}
+        async fn switch(&self, _: &str, _: &str, _: TrackSwitch) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn request_keyframe(&self, _: &str) {}
+        async fn participant_left(&self, _: &str) {}
+        fn stats(&self) -> Value {
+            Value::Null
+        }
+    }
+
+    /// One view, `common`, whose layout has two regions with s-fwd in the first.
+    struct FakeMixer;
+
+    fn layout() -> Value {
+        json!([{"stream": "s-fwd", "region": {"id": "1"}}, {"region": {"id": "2"}}])
+    }
+
+    fn view_result(view: &str) -> Result<Value, AgentError> {
+        if view == "common" { Ok(layout()) } else { Err(AgentError::NoSession(format!("view {view}"))) }
+    }
+
+    #[async_trait::async_trait]
+    impl MixEngine for FakeMixer {
+        async fn start_room(&self, _: &Room) -> Vec<Value> {
+            Vec::new()
+        }
+        async fn stop_room(&self, _: &str) {}
+        async fn mix(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+            view_result(view)
+        }
+        async fn unmix(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+            view_result(view)
+        }
+        async fn set_layout(&self, _: &str, view: &str, _: Value) -> Result<Value, AgentError> {
+            view_result(view)
+        }
+        async fn set_template(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+            view_result(view)
+        }
+        async fn set_region(&self, _: &str, view: &str, _: &str, _: &str) -> Result<Value, AgentError> {
+            view_result(view)
+        }
+        async fn layout(&self, _: &str, view: &str) -> Option<Value> {
+            view_result(view).ok()
+        }
+    }
+
+    struct Fixture {
+        rt: tokio::runtime::Runtime,
+        portal: Portal,
+        tokens: TokenAuthority,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RoomStore::open(dir.path().join("rooms.db")).unwrap());
+        store.create(Room::from_options(ROOM.into(), "Room".into(), json!({})).unwrap()).unwrap();
+        let tokens = TokenAuthority::new(b"property-test-service-key");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (_, events) = tokio::sync::mpsc::channel(1);
+        let agent: Arc<dyn MediaAgent> = Arc::new(FakeAgent);
+        let portal = rt.block_on(async { Portal::new(Default::default(), store, tokens.clone(), Some((agent, events)), Some(Arc::new(FakeMixer))) });
+        Fixture { rt, portal, tokens, _dir: dir }
+    }
+
+    /// Room state before each case: p1 publishes s-fwd (mixed into `common`) and has
+    /// subscription sub1 on transport t1; the room has the mixed stream room1-common.
+    fn reset(portal: &Portal) {
+        let mut conf = portal.lock();
+        conf.rooms.clear();
+        conf.where_is.clear();
+        let presenter = tessera_core::room::Role::defaults().into_iter().find(|r| r.role == "presenter").unwrap();
+        let info = ParticipantInfo { id: ME.into(), role: "presenter".into(), user: "alice".into(), permission: permission_of(&presenter) };
+        let (out, _) = tokio::sync::mpsc::channel(1);
+        let mut p = Participant::new(info, SocketHandle::for_test(ME, out));
+        p.link = Link::Waiting(Default::default());
+        p.transports.insert("t1".into());
+        p.sessions.insert("s-fwd".into(), SessionKind::Publication);
+        p.ready.insert("s-fwd".into());
+        p.sessions.insert("sub1".into(), SessionKind::Subscription);
+        let r = conf.rooms.entry(ROOM.into()).or_default();
+        r.participants.push(p);
+        r.streams.push(json!({
+            "id": "s-fwd", "type": "forward", "data": true,
+            "media": {"tracks": [{"type": "audio", "status": "active"}, {"type": "video", "status": "active"}]},
+            "info": {"owner": ME, "inViews": ["common"], "attributes": {}},
+        }));
+        r.streams.push(
+            json!({"id": "room1-common", "type": "mixed", "media": {"tracks": [{"type": "audio"}, {"type": "video"}]}, "info": {"label": "common"}}),
+        );
+        conf.where_is.insert(ME.into(), ROOM.into());
+    }
+
+    fn sessions(portal: &Portal) -> HashMap<String, SessionKind> {
+        portal.lock().room(ROOM).and_then(|r| r.participant(ME)).map(|p| p.sessions.clone()).unwrap_or_default()
+    }
+
+    /// The words a request parser looks for, as keys and values.
+    const WORDS: &[&str] = &[
+        "id",
+        "media",
+        "tracks",
+        "type",
+        "mid",
+        "source",
+        "from",
+        "data",
+        "transport",
+        "attributes",
+        "signaling",
+        "sdp",
+        "candidate",
+        "sdpMid",
+        "sdpMLineIndex",
+        "operation",
+        "view",
+        "region",
+        "token",
+        "userAgent",
+        "protocol",
+        "sdk",
+        "version",
+        "to",
+        "message",
+        "ticket",
+        "audio",
+        "video",
+        "av",
+        "webrtc",
+        "offer",
+        "answer",
+        "removed-candidates",
+        "pause",
+        "play",
+        "mix",
+        "unmix",
+        "get-region",
+        "set-region",
+        "update",
+        "mic",
+        "camera",
+        "screen-cast",
+        "s-fwd",
+        "sub1",
+        "t1",
+        "room1-common",
+        "common",
+        "p1",
+        "all",
+        "1.2",
+        "0",
+        "1",
+        "fail",
+        "op",
+        "path",
+        "value",
+        "replace",
+        "add",
+        "remove",
+        "/info/inViews",
+        "/info/layout",
+        "/info/layout/template",
+        "/info/layout/0/stream",
+        "/info/layout/1/stream",
+        "fluid",
+    ];
+
+    fn junk() -> BoxedStrategy<Value> {
+        json_with(3, WORDS)
+    }
+
+    /// Mostly `typed`, sometimes any JSON.
+    fn or_junk(typed: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Value> {
+        prop_oneof![20 => typed, 1 => junk()].boxed()
+    }
+
+    fn word(words: &'static [&'static str]) -> BoxedStrategy<Value> {
+        or_junk(prop::sample::select(words).prop_map(Value::from))
+    }
+
+    /// An object whose fields are each present or not.
+    fn obj(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> BoxedStrategy<Value> {
+        let fields: Vec<_> = fields.into_iter().map(|(k, s)| prop::option::weighted(0.85, s).prop_map(move |v| (k, v))).collect();
+        or_junk(fields.prop_map(|fields| Value::Object(fields.into_iter().filter_map(|(k, v)| Some((k.to_string(), v?))).collect())))
+    }
+
+    fn tracks(with_from: bool) -> BoxedStrategy<Value> {
+        let mut fields =
+            vec![("type", word(&["audio", "video", "data"])), ("mid", word(&["0", "1", "fail"])), ("source", word(&["mic", "camera", "x"]))];
+        if with_from {
+            fields.push(("from", word(&["s-fwd", "room1-common", "nope"])));
+        }
+        or_junk(prop::collection::vec(obj(fields), 0..3).prop_map(Value::Array))
+    }
+
+    fn transport() -> BoxedStrategy<Value> {
+        prop_oneof![Just(Value::Null), obj(vec![("type", word(&["webrtc", "quic"])), ("id", word(&["t1", "t2", "bad id!"]))])].boxed()
+    }
+
+    /// A request body shaped for `name`, with junk mixed in at every level.
+    fn body(name: &'static str) -> BoxedStrategy<Value> {
+        let av = || word(&["audio", "video", "av", "both"]);
+        match name {
+            "publish" => obj(vec![
+                ("media", prop_oneof![Just(Value::Null), obj(vec![("tracks", tracks(false))])].boxed()),
+                ("data", or_junk(any::<bool>().prop_map(Value::from))),
+                ("attributes", or_junk(Just(json!({"k": "v"})))),
+                ("transport", transport()),
+            ]),
+            "subscribe" => obj(vec![
+                ("media", prop_oneof![Just(Value::Null), obj(vec![("tracks", tracks(true))])].boxed()),
+                ("data", prop_oneof![Just(json!(false)), obj(vec![("from", word(&["s-fwd", "room1-common"]))])].boxed()),
+                ("transport", transport()),
+            ]),
+            "soac" => {
+                let candidate = obj(vec![
+                    ("candidate", word(&["a=candidate:1 1 udp 1 10.0.0.1 9 typ host", "  ", "a="])),
+                    ("sdpMid", word(&["0"])),
+                    ("sdpMLineIndex", or_junk((0u64..70_000).prop_map(Value::from))),
+                ]);
+                let signaling = obj(vec![
+                    ("type", word(&["offer", "answer", "candidate", "removed-candidates"])),
+                    ("sdp", or_junk(text(20).prop_map(Value::from))),
+                    ("candidate", candidate),
+                ]);
+                obj(vec![("id", word(&["t1", "t2"])), ("signaling", signaling)])
+            }
+            "unpublish" | "unsubscribe" => obj(vec![("id", word(&["s-fwd", "sub1", "room1-common"]))]),
+            "stream-control" => obj(vec![
+                ("id", word(&["s-fwd", "room1-common", "nope"])),
+                ("operation", word(&["pause", "play", "mix", "unmix", "get-region", "set-region", "dance"])),
+                (
+                    "data",
+                    prop_oneof![av(), word(&["common", "other"]), obj(vec![("view", word(&["common", "x"])), ("region", word(&["1", "2"]))])].boxed(),
+                ),
+            ]),
+            "subscription-control" => {
+                obj(vec![("id", word(&["sub1", "s-fwd"])), ("operation", word(&["pause", "play", "update", "dance"])), ("data", av())])
+            }
+            "text" => obj(vec![
+                ("to", word(&["all", "p1", "nobody", ""])),
+                ("message", or_junk(prop_oneof![text(20), Just("x".repeat(2048)), Just("é".repeat(2049))].prop_map(Value::from))),
+            ]),
+            "login" => obj(vec![
+                ("token", word(&["", "bm90IGEgdG9rZW4="])),
+                ("userAgent", obj(vec![("sdk", obj(vec![("type", word(&["JavaScript"])), ("version", word(&["5.1"]))]))])),
+                ("protocol", word(&["1.0", "1.2", "2.0"])),
+            ]),
+            "relogin" => prop_oneof![text(20).prop_map(Value::from), obj(vec![("ticket", or_junk(text(20).prop_map(Value::from)))])].boxed(),
+            _ => junk(),
+        }
+    }
+
+    const NAMES: &[&str] = &[
+        "publish",
+        "unpublish",
+        "subscribe",
+        "unsubscribe",
+        "soac",
+        "stream-control",
+        "subscription-control",
+        "text",
+        "login",
+        "relogin",
+        "refreshReconnectionTicket",
+        "get-region",
+        "dance",
+    ];
+
+    fn request() -> BoxedStrategy<(&'static str, Vec<Value>)> {
+        // Mostly the requests with a body to parse.
+        prop_oneof![6 => prop::sample::select(&NAMES[..10]), 1 => prop::sample::select(NAMES)]
+            .prop_flat_map(|name| {
+                let args = prop_oneof![
+                    1 => Just(Vec::new()),
+                    16 => body(name).prop_map(|b| vec![b]),
+                    1 => prop::collection::vec(junk(), 0..3),
+                ];
+                (Just(name), args)
+            })
+            .boxed()
+    }
+
+    /// Runs a request as the session task would, from p1 (in the room) or, for login and
+    /// relogin, from a fresh socket.
+    fn run(f: &Fixture, name: &str, args: &[Value]) -> (Reply, bool) {
+        static SOCKET: AtomicU64 = AtomicU64::new(0);
+        let portal = &f.portal;
+        f.rt.block_on(async {
+            if MEDIA.contains(&name) {
+                return (portal.media_request(ROOM, ME, name, args).await, false);
+            }
+            let (out, _) = tokio::sync::mpsc::channel(64);
+            let id = format!("sock{}", SOCKET.fetch_add(1, Ordering::Relaxed));
+            let handle = SocketHandle::for_test(&id, out);
+            let mut replay = Vec::new();
+            if name == "login" || name == "relogin" {
+                let mut state = State::Fresh;
+                let reply = if name == "login" {
+                    login(portal, &handle, &mut state, args).await
+                } else {
+                    dispatch(portal, &handle, &mut state, name, args, &mut replay)
+                };
+                let joined = matches!(state, State::Joined { .. });
+                return (reply, joined);
+            }
+            let mut state = State::Joined { room: ROOM.into(), participant: ME.into(), generation: 0 };
+            (dispatch(portal, &handle, &mut state, name, args, &mut replay), false)
+        })
+    }
+
+    /// Checks one answer against the sessions before and after.
+    fn check(name: &str, reply: &Reply, before: &HashMap<String, SessionKind>, after: &HashMap<String, SessionKind>) -> Result<(), TestCaseError> {
+        match reply {
+            Err(e) => {
+                prop_assert!(!e.trim().is_empty(), "{} answered an empty error", name);
+                prop_assert_eq!(before, after, "refused {} changed the sessions: {}", name, e);
+            }
+            Ok(answer) => match name {
+                "publish" | "subscribe" => {
+                    let id = answer.as_ref().and_then(|a| a["id"].as_str()).unwrap_or_default();
+                    let kind = if name == "publish" { SessionKind::Publication } else { SessionKind::Subscription };
+                    prop_assert_eq!(after.get(id), Some(&kind), "{} answered {:?}", name, answer);
+                    prop_assert_eq!(after.len(), before.len() + 1);
+                }
+                "unpublish" | "unsubscribe" => prop_assert_eq!(after.len() + 1, before.len()),
+                _ => prop_assert_eq!(before, after, "{} changed the sessions", name),
+            },
+        }
+        Ok(())
+    }
+
+    fn patch_ops() -> BoxedStrategy<Value> {
+        let op = obj(vec![
+            ("op", word(&["add", "remove", "replace", "move"])),
+            (
+                "path",
+                word(&[
+                    "/info/inViews",
+                    "/info/layout",
+                    "/info/layout/template",
+                    "/info/layout/0/stream",
+                    "/info/layout/7/stream",
+                    "/info/layout//stream",
+                    "/x",
+                ]),
+            ),
+            ("value", prop_oneof![word(&["common", "other", "s-fwd", "fluid"]), Just(layout())].boxed()),
+        ]);
+        or_junk(prop::collection::vec(op, 0..4).prop_map(Value::Array))
+    }
+
+    /// Runs `test` on cases of `strategy` against one portal (building it per case would
+    /// cost more than the cases).
+    fn run_cases<S: Strategy>(strategy: S, test: impl Fn(&Fixture, S::Value) -> Result<(), TestCaseError>) {
+        let f = fixture();
+        // More cases than elsewhere: they are spread over a dozen requests, and cheap.
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 1024, ..config() });
+        if let Err(e) = runner.run(&strategy, |input| {
+            reset(&f.portal);
+            test(&f, input)
+        }) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn requests_never_panic_and_refusals_change_nothing() {
+        let real_login = prop::option::weighted(0.2, (text(12), prop::sample::select(&["presenter", "viewer", "nobody"][..])));
+        run_cases((request(), real_login), |f, ((name, mut args), real_login)| {
+            // Sometimes log in for real: a fresh valid token in an otherwise random body,
+            // or p1's own reconnection ticket.
+            if let Some((user, role)) = real_login {
+                match (name, args.first_mut()) {
+                    ("login", Some(Value::Object(m))) => {
+                        let portal = PortalAddress { host: "127.0.0.1:8080".into(), secure: false };
+                        let (token, _) = f.tokens.issue(ROOM, &user, role, &portal, now_secs(), 60).unwrap();
+                        m.insert("token".into(), token.into());
+                    }
+                    ("relogin", Some(arg)) => *arg = f.portal.ticket_for(ROOM, ME).unwrap().into(),
+                    _ => {}
+                }
+            }
+            let before = sessions(&f.portal);
+            let (reply, joined) = run(f, name, &args);
+            check(name, &reply, &before, &sessions(&f.portal))?;
+            prop_assert_eq!(joined, (name == "login" || name == "relogin") && reply.is_ok(), "{} answered {:?}", name, reply);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn stream_patches_never_panic() {
+        run_cases((prop::sample::select(&["s-fwd", "s-fwd", "room1-common", "room1-common", "nope"][..]), patch_ops()), |f, (stream, ops)| {
+            if let Err(e) = f.rt.block_on(f.portal.patch(ROOM, stream, &ops)) {
+                prop_assert!(!e.to_string().trim().is_empty());
+            }
+            Ok(())
+        });
     }
 }

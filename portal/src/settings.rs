@@ -40,6 +40,9 @@ impl PortalSettings {
                 ping_interval: Duration::from_millis(p.ping_interval_ms),
                 ping_timeout: Duration::from_millis(p.ping_timeout_ms),
                 max_payload: usize::try_from(p.max_message_bytes).unwrap_or(usize::MAX),
+                max_unauthenticated: usize::try_from(p.max_unauthenticated_sessions).unwrap_or(usize::MAX),
+                max_unauthenticated_per_address: usize::try_from(p.max_unauthenticated_sessions_per_address).unwrap_or(usize::MAX),
+                cors_origins: p.cors_origins.clone(),
                 ..SocketIoConfig::default()
             },
             ice_servers: c
@@ -47,12 +50,11 @@ impl PortalSettings {
                 .ice_servers
                 .iter()
                 .map(|s| {
-                    let mut v = serde_json::json!({"urls": s.urls});
-                    if !s.username.is_empty() {
-                        v["username"] = s.username.clone().into();
-                        v["credential"] = s.credential.clone().into();
+                    if s.username.is_empty() {
+                        serde_json::json!({"urls": s.urls})
+                    } else {
+                        serde_json::json!({"urls": s.urls, "username": s.username, "credential": s.credential})
                     }
-                    v
                 })
                 .collect(),
         }

@@ -96,11 +96,7 @@ fn workspace_root() -> PathBuf {
 async fn official_client_interop() {
     let root = workspace_root();
     let node_dir = root.join("tests/node");
-    assert!(
-        node_dir.join("node_modules/socket.io-client").is_dir(),
-        "tests/node/node_modules is missing: run `npm ci` in {}",
-        node_dir.display()
-    );
+    assert!(node_dir.join("node_modules/socket.io-client").is_dir(), "tests/node/node_modules is missing: run `npm ci` in {}", node_dir.display());
     let server = start_server().await;
 
     let child = tokio::process::Command::new("node")

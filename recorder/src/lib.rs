@@ -124,7 +124,7 @@ impl Recording {
             }
             let _ = p.set_state(gst::State::Null);
         }
-        info!(recording = %self.id, room = %self.room, reason, file = %self.path.display(), "recording ended");
+        info!(recording = %self.id, room = %self.room, reason, file = ?self.path, "recording ended");
     }
 }
 
@@ -278,7 +278,7 @@ fn watch_bus(agent: Arc<WebrtcAgent>, rec: Arc<Recording>, p: &gst::Pipeline) {
             }
             if let gst::MessageView::Error(e) = msg.view() {
                 let reason = format!("{}", e.error());
-                warn!(recording = %rec.id, %reason, "recording failed");
+                warn!(recording = %rec.id, reason = ?reason, "recording failed");
                 rec.finish(&agent, Status::Failed, &reason);
                 return;
             }
@@ -338,19 +338,17 @@ impl RecordingEngine for Recorder {
         let r = rec.clone();
         let video_ref = video.clone();
         let audio = spec.audio_from.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            me.build(&r, video_ref.as_ref().map(|(f, c)| (f.as_str(), c.as_str())), audio.as_deref())
-        })
-        .await
-        .map_err(|e| AgentError::Failed(e.to_string()))?;
+        let built = tokio::task::spawn_blocking(move || me.build(&r, video_ref.as_ref().map(|(f, c)| (f.as_str(), c.as_str())), audio.as_deref()))
+            .await
+            .map_err(|e| AgentError::Failed(e.to_string()))?;
         if let Err(reason) = built {
             let mut s = rec.lock();
             s.status = Status::Failed;
             s.reason = Some(reason.clone());
             s.ended = Some(Instant::now());
-            warn!(recording = %id, %reason, "recording could not start");
+            warn!(recording = %id, reason = ?reason, "recording could not start");
         } else {
-            info!(recording = %id, room, file = %rec.path.display(), "recording started");
+            info!(recording = %id, room, file = ?rec.path, "recording started");
         }
         Ok(rec.describe())
     }

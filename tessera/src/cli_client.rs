@@ -13,9 +13,8 @@ fn service_key(api: &ApiArgs) -> anyhow::Result<String> {
         return Ok(k.clone());
     }
     let path = api.data_dir.join("service.key");
-    let key = std::fs::read_to_string(&path).with_context(|| {
-        format!("no service key: pass --key, set TESSERA_SERVICE_KEY, or run where {} exists", path.display())
-    })?;
+    let key = std::fs::read_to_string(&path)
+        .with_context(|| format!("no service key: pass --key, set TESSERA_SERVICE_KEY, or run where {} exists", path.display()))?;
     Ok(key.trim().to_string())
 }
 
@@ -31,19 +30,14 @@ async fn call(api: &ApiArgs, method: reqwest::Method, path: &str, body: Option<V
     let status = res.status();
     let text = res.text().await.context("reading the response")?;
     if !status.is_success() {
-        let msg = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
+        let msg = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)).unwrap_or(text);
         bail!("{status}: {msg}");
     }
     Ok(text)
 }
 
 fn pretty(text: &str) -> String {
-    serde_json::from_str::<Value>(text)
-        .and_then(|v| serde_json::to_string_pretty(&v))
-        .unwrap_or_else(|_| text.to_string())
+    serde_json::from_str::<Value>(text).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_else(|_| text.to_string())
 }
 
 /// Runs a `tessera room` subcommand.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use tessera_config::Config;
 use tessera_core::token::{PortalAddress, TokenAuthority};
 use tessera_core::{Room, RoomStore};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Flags of `tessera serve`; each overrides the config file.
 #[derive(clap::Args, Debug)]
@@ -89,8 +89,7 @@ fn ensure_default_room(config: &Config, store: &RoomStore) -> anyhow::Result<()>
     if !tessera_core::ids::is_valid_id(id) {
         anyhow::bail!("config key `rooms.default_room`: `{id}` must be letters, digits, '-' or '_'");
     }
-    let room = Room::from_options(id.clone(), id.clone(), serde_json::json!({}))
-        .with_context(|| format!("default room `{id}`"))?;
+    let room = Room::from_options(id.clone(), id.clone(), serde_json::json!({})).with_context(|| format!("default room `{id}`"))?;
     store.create(room).with_context(|| format!("creating default room `{id}`"))?;
     info!(room = %id, "default room created");
     Ok(())
@@ -181,7 +180,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_tracing(&config.log.level);
     let key = service_key(&config)?;
-    let store = Arc::new(RoomStore::open(config.server.data_dir.join("rooms.json"))?);
+    let store = Arc::new(RoomStore::open(config.server.data_dir.join("rooms.db"))?);
     ensure_default_room(&config, &store)?;
 
     let portal_listener = bind(&config.server.portal_addr, "portal")?;
@@ -209,6 +208,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token_lifetime_secs: config.portal.token_lifetime_secs,
         control: portal.control(),
         recordings: Some(recorder.clone()),
+        cors_origins: config.server.api_cors_origins.clone(),
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
         store: store.clone(),
@@ -216,18 +216,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         portal: api_state.portal.clone(),
         lifetime_secs: config.portal.token_lifetime_secs,
         default_room: config.rooms.default_room.clone(),
+        extra_rooms: config.demo.dev_rooms.clone(),
+        any_ip_host: config.demo.dev_tokens == tessera_config::DevTokens::On,
         control: portal.control(),
     });
     let api_server = tessera_management_api::serve(api_listener, api_state)?;
-    let portal_server =
-        tessera_portal::http::serve(portal_listener, portal.clone(), crate::portal_routes::configure(config.demo.enabled, dev_tokens))?;
+    let portal_server = tessera_portal::http::serve(
+        portal_listener,
+        portal.clone(),
+        crate::portal_routes::configure(config.demo.enabled, dev_tokens.clone(), config.portal.cors_origins.clone()),
+    )?;
 
+    if let Some(dev) = &dev_tokens {
+        let mut rooms = vec![dev.default_room.clone()];
+        rooms.extend(dev.extra_rooms.iter().cloned());
+        // Loud on purpose: anyone who reaches the portal can join these rooms as presenter.
+        println!(
+            "tessera: WARNING: dev endpoints /dev/token and /dev/layout are ON for room(s) {rooms:?}: anyone who reaches \
+             http://{portal_bound} can join them as presenter. Turn them off with `[demo] dev_tokens = \"off\"`."
+        );
+        warn!(rooms = ?rooms, portal = %portal_bound, "dev token endpoint is on");
+    }
     println!("tessera: portal listening on http://{portal_bound}");
     println!("tessera: management API listening on http://{api_bound}");
     if !config.rooms.default_room.is_empty() {
         println!("tessera: default room `{}`", config.rooms.default_room);
     }
-    info!(portal = %portal_bound, api = %api_bound, data_dir = %config.server.data_dir.display(), "tessera started");
+    info!(portal = %portal_bound, api = %api_bound, data_dir = ?config.server.data_dir, "tessera started");
 
     let api_handle = api_server.handle();
     let portal_handle = portal_server.handle();

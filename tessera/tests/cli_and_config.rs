@@ -62,9 +62,7 @@ fn service_key_generated_once_and_env_overrides() {
     assert!(!s.startup.iter().any(|l| l.contains("generated")), "{:?}", s.startup);
     assert_eq!(std::fs::read_to_string(data.join("service.key")).unwrap().trim(), key);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let status = rt.block_on(async {
-        reqwest::Client::new().get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status()
-    });
+    let status = rt.block_on(async { reqwest::Client::new().get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status() });
     assert_eq!(status, 200);
     assert!(s.terminate());
     drop(s);

@@ -28,7 +28,8 @@ async fn room_crud_tokens_and_persistence() {
     assert_eq!(rooms[0]["views"][0]["label"], "common");
 
     // Create with OWT's {name, options}.
-    let body = json!({"name": "standup", "options": {"participantLimit": 5, "views": [{"label": "grid", "video": {"parameters": {"framerate": 15}}}]}});
+    let body =
+        json!({"name": "standup", "options": {"participantLimit": 5, "views": [{"label": "grid", "video": {"parameters": {"framerate": 15}}}]}});
     let (status, room) = json_of(c.post(server.url("/v1/rooms")).bearer_auth(KEY).json(&body).send().await.unwrap()).await;
     assert_eq!(status, 200, "{room}");
     let id = room["id"].as_str().unwrap().to_string();
@@ -48,25 +49,21 @@ async fn room_crud_tokens_and_persistence() {
     let (status, got) = json_of(c.get(server.url(&format!("/v1/rooms/{id}"))).bearer_auth(KEY).send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(got, room);
-    let (status, up) = json_of(
-        c.put(server.url(&format!("/v1/rooms/{id}"))).bearer_auth(KEY).json(&json!({"inputLimit": 3})).send().await.unwrap(),
-    )
-    .await;
+    let (status, up) =
+        json_of(c.put(server.url(&format!("/v1/rooms/{id}"))).bearer_auth(KEY).json(&json!({"inputLimit": 3})).send().await.unwrap()).await;
     assert_eq!(status, 200, "{up}");
     assert_eq!(up["inputLimit"], 3);
     assert_eq!(up["participantLimit"], 5);
 
     // Paging.
-    let (_, page2) =
-        json_of(c.get(server.url("/v1/rooms?page=2&per_page=1")).bearer_auth(KEY).send().await.unwrap()).await;
+    let (_, page2) = json_of(c.get(server.url("/v1/rooms?page=2&per_page=1")).bearer_auth(KEY).send().await.unwrap()).await;
     assert_eq!(page2.as_array().unwrap().len(), 1);
     assert_eq!(page2[0]["id"], id.as_str());
 
     // Token: an OWT-shaped base64 JSON object.
     let token = server.token(&id, "alice", "presenter").await;
     use base64::Engine;
-    let decoded: Value =
-        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(&token).unwrap()).unwrap();
+    let decoded: Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(&token).unwrap()).unwrap();
     assert_eq!(decoded["host"], server.portal.trim_start_matches("http://"));
     assert_eq!(decoded["secure"], false);
     assert!(decoded["tokenId"].as_str().unwrap().len() == 32);
@@ -74,12 +71,7 @@ async fn room_crud_tokens_and_persistence() {
 
     // Unknown role → 400 naming the field.
     let (status, err) = json_of(
-        c.post(server.url(&format!("/v1/rooms/{id}/tokens")))
-            .bearer_auth(KEY)
-            .json(&json!({"user": "bob", "role": "king"}))
-            .send()
-            .await
-            .unwrap(),
+        c.post(server.url(&format!("/v1/rooms/{id}/tokens"))).bearer_auth(KEY).json(&json!({"user": "bob", "role": "king"})).send().await.unwrap(),
     )
     .await;
     assert_eq!(status, 400);
@@ -127,7 +119,8 @@ async fn authentication() {
     let (status, _) = json_of(c.get(&url).header("Authorization", "Basic Zm9vOmJhcg==").send().await.unwrap()).await;
     assert_eq!(status, 401);
     // Tokens cannot be minted without credentials either.
-    let (status, _) = json_of(c.post(server.url("/v1/rooms/dev/tokens")).json(&json!({"user": "x", "role": "presenter"})).send().await.unwrap()).await;
+    let (status, _) =
+        json_of(c.post(server.url("/v1/rooms/dev/tokens")).json(&json!({"user": "x", "role": "presenter"})).send().await.unwrap()).await;
     assert_eq!(status, 401);
 
     // OWT MAuth, as the OWT server-side samples compute it.
@@ -178,9 +171,7 @@ async fn bad_requests_get_precise_errors() {
     let dir = tempdir();
     let server = start(dir.path(), &[]);
     let c = server.client();
-    let post = |body: &'static str| {
-        c.post(server.url("/v1/rooms")).bearer_auth(KEY).header("content-type", "application/json").body(body).send()
-    };
+    let post = |body: &'static str| c.post(server.url("/v1/rooms")).bearer_auth(KEY).header("content-type", "application/json").body(body).send();
 
     let (status, err) = json_of(post("{not json").await.unwrap()).await;
     assert_eq!(status, 400);
@@ -212,7 +203,9 @@ async fn bad_requests_get_precise_errors() {
     let (status, err) = json_of(c.get(server.url("/v1/rooms/nope")).bearer_auth(KEY).send().await.unwrap()).await;
     assert_eq!(status, 404);
     assert!(err["error"]["message"].as_str().unwrap().contains("nope"));
-    let (status, _) = json_of(c.post(server.url("/v1/rooms/nope/tokens")).bearer_auth(KEY).json(&json!({"user": "a", "role": "presenter"})).send().await.unwrap()).await;
+    let (status, _) =
+        json_of(c.post(server.url("/v1/rooms/nope/tokens")).bearer_auth(KEY).json(&json!({"user": "a", "role": "presenter"})).send().await.unwrap())
+            .await;
     assert_eq!(status, 404);
     let (status, err) = json_of(c.get(server.url("/v2/whatever")).bearer_auth(KEY).send().await.unwrap()).await;
     assert_eq!(status, 404);
@@ -221,4 +214,133 @@ async fn bad_requests_get_precise_errors() {
     // The server is unharmed: a good request still works.
     let (status, _) = json_of(post(r#"{"name": "fine"}"#).await.unwrap()).await;
     assert_eq!(status, 200);
+}
+
+/// OWT's own REST client (owt-server `restClient.js`) signs every call with MAuth and
+/// writes some paths with a trailing slash; OWT's express server accepts both spellings.
+/// Every route, driven that way.
+#[tokio::test]
+async fn every_route_with_mauth_and_a_trailing_slash() {
+    let dir = tempdir();
+    let server = start(dir.path(), &[]);
+    let c = server.client();
+    let auth = || {
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis().to_string();
+        let cnonce = "4242";
+        let sig = tessera_core_sig(KEY, &ts, cnonce, None);
+        format!(
+            "MAuth realm=http://marte3.dit.upm.es,mauth_signature_method=HMAC_SHA256,mauth_serviceid=tessera,mauth_cnonce={cnonce},mauth_timestamp={ts},mauth_signature={sig}"
+        )
+    };
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut req = c.request(method, server.url(path)).header("Authorization", auth());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send()
+    };
+    use reqwest::Method as M;
+    let (status, _) = json_of(call(M::GET, "/v1/stats/", None).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, room) = json_of(call(M::POST, "/v1/rooms/", Some(json!({"name": "slash"}))).await.unwrap()).await;
+    assert_eq!(status, 200, "{room}");
+    let id = room["id"].as_str().unwrap().to_string();
+    let (status, list) = json_of(call(M::GET, "/v1/rooms/", None).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(list.as_array().unwrap().iter().any(|r| r["id"] == id.as_str()));
+    assert_eq!(json_of(call(M::GET, &format!("/v1/rooms/{id}/"), None).await.unwrap()).await.0, 200);
+    let (status, updated) = json_of(call(M::PUT, &format!("/v1/rooms/{id}/"), Some(json!({"name": "slash2"}))).await.unwrap()).await;
+    assert_eq!(status, 200, "{updated}");
+    let token = call(M::POST, &format!("/v1/rooms/{id}/tokens/"), Some(json!({"user": "u", "role": "presenter"}))).await.unwrap();
+    assert_eq!(token.status(), 200);
+    let token = token.text().await.unwrap();
+
+    // A live participant, for the participant and stream routes.
+    let mut sig = tessera_client::signaling::Signaling::connect(&server.portal).await.unwrap();
+    let me = sig
+        .ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"version": "5.1", "type": "JavaScript"}}, "protocol": "1.2"})))
+        .await
+        .unwrap();
+    let pid = me["id"].as_str().unwrap().to_string();
+    let (status, ps) = json_of(call(M::GET, &format!("/v1/rooms/{id}/participants/"), None).await.unwrap()).await;
+    assert_eq!((status, ps.as_array().map(Vec::len)), (200, Some(1)), "{ps}");
+    assert_eq!(json_of(call(M::GET, &format!("/v1/rooms/{id}/participants/{pid}/"), None).await.unwrap()).await.0, 200);
+    let mixed = format!("{id}-common");
+    let (status, streams) = json_of(call(M::GET, &format!("/v1/rooms/{id}/streams/"), None).await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(streams.as_array().unwrap().iter().any(|s| s["id"] == mixed.as_str()), "{streams}");
+    assert_eq!(json_of(call(M::GET, &format!("/v1/rooms/{id}/streams/{mixed}/"), None).await.unwrap()).await.0, 200);
+    let ops = json!([{"op": "replace", "path": "/info/layout/template", "value": "lecture"}]);
+    let (status, patched) = json_of(call(M::PATCH, &format!("/v1/rooms/{id}/streams/{mixed}/"), Some(ops)).await.unwrap()).await;
+    assert_eq!(status, 200, "{patched}");
+    // A mixed stream cannot be deleted: the route answers (400), it is not an unknown path (404).
+    let (status, err) = json_of(call(M::DELETE, &format!("/v1/rooms/{id}/streams/{mixed}/"), None).await.unwrap()).await;
+    assert_eq!(status, 400, "{err}");
+
+    let rec = json!({"container": "mkv", "media": {"audio": {"from": mixed}, "video": {"from": mixed}}});
+    let (status, rec) = json_of(call(M::POST, &format!("/v1/rooms/{id}/recordings/"), Some(rec)).await.unwrap()).await;
+    assert_eq!(status, 200, "{rec}");
+    let rid = rec["id"].as_str().unwrap().to_string();
+    let (status, recs) = json_of(call(M::GET, &format!("/v1/rooms/{id}/recordings/"), None).await.unwrap()).await;
+    assert_eq!((status, recs.as_array().map(Vec::len)), (200, Some(1)), "{recs}");
+    let ops = json!([{"op": "replace", "path": "/media/audio/from", "value": mixed}]);
+    let (status, patched) = json_of(call(M::PATCH, &format!("/v1/rooms/{id}/recordings/{rid}/"), Some(ops)).await.unwrap()).await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(json_of(call(M::DELETE, &format!("/v1/rooms/{id}/recordings/{rid}/"), None).await.unwrap()).await.0, 200);
+    let file = call(M::GET, &format!("/v1/rooms/{id}/recordings/{rid}/file/"), None).await.unwrap();
+    assert_eq!(file.status(), 200);
+
+    assert_eq!(json_of(call(M::DELETE, &format!("/v1/rooms/{id}/participants/{pid}/"), None).await.unwrap()).await.0, 200);
+    assert_eq!(json_of(call(M::DELETE, &format!("/v1/rooms/{id}/"), None).await.unwrap()).await.0, 200);
+    assert_eq!(json_of(call(M::GET, &format!("/v1/rooms/{id}/"), None).await.unwrap()).await.0, 404);
+}
+
+/// The API issues tokens, so browsers get no CORS headers unless origins are configured;
+/// the portal answers CORS for any origin by default (OWT apps' pages live elsewhere).
+#[tokio::test]
+async fn cors_closed_on_the_api_open_on_the_portal() {
+    let dir = tempdir();
+    let server = start(dir.path(), &[]);
+    let c = server.client();
+    let origin = "https://app.example.com";
+    let res = c.get(server.url("/v1/rooms")).bearer_auth(KEY).header("Origin", origin).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("access-control-allow-origin").is_none(), "{:?}", res.headers());
+    let res = c.get(format!("{}/socket.io/?EIO=4&transport=polling", server.portal)).header("Origin", origin).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["access-control-allow-origin"], origin);
+    let pre = c
+        .request(reqwest::Method::OPTIONS, format!("{}/socket.io/?EIO=4&transport=polling", server.portal))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.status().is_success(), "{}", pre.status());
+    assert_eq!(pre.headers()["access-control-allow-origin"], origin);
+    assert!(pre.headers()["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+
+    // Configured: the API answers the listed origin only; the portal can be closed too.
+    let (_d, s2) = common::start_with_config(&format!(
+        "[server]\napi_cors_origins = [\"{origin}\"]\n[portal]\ncors_origins = [\"https://other.example.com\"]\n"
+    ));
+    let res = c.get(s2.url("/v1/rooms")).bearer_auth(KEY).header("Origin", origin).send().await.unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], origin);
+    let res = c.get(s2.url("/v1/rooms")).bearer_auth(KEY).header("Origin", "https://evil.example").send().await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let res = c.get(format!("{}/socket.io/?EIO=4&transport=polling", s2.portal)).header("Origin", origin).send().await.unwrap();
+    assert_eq!(res.status(), 200, "same-origin and non-browser clients are still served");
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    // A bad origin in the config names the key.
+    let (_d3, cfg) = {
+        let d = tempdir();
+        let p = d.path().join("bad.toml");
+        std::fs::write(&p, "[portal]\ncors_origins = [\"app.example.com/path\"]\n").unwrap();
+        (d, p)
+    };
+    let out = std::process::Command::new(common::bin()).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("portal.cors_origins") && err.contains("bad.toml"), "{err}");
 }

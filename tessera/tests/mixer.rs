@@ -48,15 +48,7 @@ fn last_frame(packets: &[Received]) -> Frame {
 
 /// The mixed stream of `room`'s `common` view, as REST shows it.
 async fn mixed_stream(s: &common::Server, room: &str) -> Value {
-    s.client()
-        .get(s.url(&format!("/v1/rooms/{room}/streams/{room}-common")))
-        .bearer_auth(common::KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    s.client().get(s.url(&format!("/v1/rooms/{room}/streams/{room}-common"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap()
 }
 
 async fn layout_of(s: &common::Server, room: &str) -> Value {
@@ -136,7 +128,10 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
     assert_eq!(updated["info"]["layout"][1]["stream"], a.stream_id.as_str());
     let note = vsig
         .wait_for("layout update", Duration::from_secs(3), |n| {
-            n.event == "stream" && n.data["id"] == mixed_id.as_str() && n.data["data"]["field"] == "video.layout" && n.data["data"]["value"][0]["stream"] == b.stream_id.as_str()
+            n.event == "stream"
+                && n.data["id"] == mixed_id.as_str()
+                && n.data["data"]["field"] == "video.layout"
+                && n.data["data"]["value"][0]["stream"] == b.stream_id.as_str()
         })
         .await
         .unwrap();
@@ -158,7 +153,8 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
 
     // A corrupt input (undecodable "VP8") joins: it takes the free region, the mix goes on.
     let mut csig = join(&s, room, "garbage").await;
-    let c = Arc::new(Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: false }, None).await.unwrap());
+    let c =
+        Arc::new(Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: false }, None).await.unwrap());
     let cc = c.clone();
     let garbage = tokio::spawn(async move { cc.send_for(Duration::from_secs(5), 30, 900).await.unwrap() });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -219,7 +215,9 @@ async fn loudest_input_becomes_active_and_takes_the_primary_region() {
 
     // The loud one is detected and moved into the primary region; the room is told both.
     let active = vsig
-        .wait_for("activeInput update", Duration::from_secs(8), |n| n.event == "stream" && n.data["id"] == mixed_id.as_str() && n.data["data"]["field"] == "activeInput")
+        .wait_for("activeInput update", Duration::from_secs(8), |n| {
+            n.event == "stream" && n.data["id"] == mixed_id.as_str() && n.data["data"]["field"] == "activeInput"
+        })
         .await
         .unwrap();
     assert_eq!(active.data["data"]["value"], b.stream_id.as_str(), "{:?}", active.data);

@@ -15,11 +15,8 @@ fn portal_protocol_with_real_socketio_client() {
     );
     let dir = common::tempdir();
     let cfg = dir.path().join("tessera.toml");
-    std::fs::write(
-        &cfg,
-        "[portal]\nreconnection_timeout_secs = 2\nping_interval_ms = 1000\nping_timeout_ms = 2000\nmax_requests_per_sec = 50\n",
-    )
-    .unwrap();
+    std::fs::write(&cfg, "[portal]\nreconnection_timeout_secs = 2\nping_interval_ms = 1000\nping_timeout_ms = 2000\nmax_requests_per_sec = 50\n")
+        .unwrap();
     let server = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
     let out = Command::new("node")
         .args(["--test", "--test-concurrency=1", "--test-force-exit", "portal.test.mjs"])

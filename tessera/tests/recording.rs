@@ -33,7 +33,13 @@ fn start(s: &Setup) -> common::Server {
     common::start(&s.data, &["--config", s.cfg.to_str().unwrap()])
 }
 
-async fn publish(s: &common::Server, room: &str, user: &str, colour: (u8, u8, u8), tone: u32) -> (Signaling, Arc<Publisher>, tessera_client::media::LiveSource) {
+async fn publish(
+    s: &common::Server,
+    room: &str,
+    user: &str,
+    colour: (u8, u8, u8),
+    tone: u32,
+) -> (Signaling, Arc<Publisher>, tessera_client::media::LiveSource) {
     let token = s.token(room, user, "presenter").await;
     let mut sig = Signaling::connect(&s.portal).await.unwrap();
     sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await.unwrap();
@@ -121,9 +127,14 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     let (mut psig, p, src) = publish(&s, room, "cam", (0, 200, 0), 660).await;
 
     // Forward stream, container auto (VP8/Opus → WebM).
-    let (status, rec) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "container": "auto", "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
-    })))
+    let (status, rec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "container": "auto", "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
+        })),
+    )
     .await;
     assert_eq!(status, 200, "{rec}");
     assert_eq!(rec["state"], "recording", "{rec}");
@@ -134,20 +145,38 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     let fwd_started = Instant::now();
 
     // The mixed stream, into Matroska.
-    let (status, mrec) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "container": "mkv", "media": {"audio": {"from": "dev-common"}, "video": {"from": "dev-common"}}
-    })))
+    let (status, mrec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "container": "mkv", "media": {"audio": {"from": "dev-common"}, "video": {"from": "dev-common"}}
+        })),
+    )
     .await;
     assert_eq!(status, 200, "{mrec}");
     let mixed_id = mrec["id"].as_str().unwrap().to_string();
     let mixed_file = PathBuf::from(mrec["storage"]["file"].as_str().unwrap());
 
     // Bad requests.
-    let (status, err) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({"media": {"video": {"from": "ghost"}}}))).await;
+    let (status, err) =
+        api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({"media": {"video": {"from": "ghost"}}}))).await;
     assert_eq!(status, 400, "{err}");
-    let (status, _) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({"container": "avi", "media": {"video": {"from": p.stream_id}}}))).await;
+    let (status, _) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({"container": "avi", "media": {"video": {"from": p.stream_id}}})),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, _) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({"container": "mp4", "media": {"video": {"from": p.stream_id}}}))).await;
+    let (status, _) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({"container": "mp4", "media": {"video": {"from": p.stream_id}}})),
+    )
+    .await;
     assert_eq!(status, 400, "VP8 does not go into MP4");
 
     // Both files grow. (The mixed view's pipeline starts on this first consumer; if its
@@ -189,9 +218,14 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     assert_eq!(res.status(), 401);
 
     // Stop by source end: the publisher leaves; the mixed recording goes on (the mix does).
-    let (status, rec2) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
-    })))
+    let (status, rec2) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
+        })),
+    )
     .await;
     assert_eq!(status, 200);
     let rec2_id = rec2["id"].as_str().unwrap().to_string();
@@ -228,9 +262,14 @@ async fn sigterm_finalises_and_sigkill_keeps_a_readable_file() {
     let mut s = start(&setup);
     let room = "dev";
     let (_sig, p, _src) = publish(&s, room, "cam", (200, 0, 0), 440).await;
-    let (_, rec) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
-    })))
+    let (_, rec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
+        })),
+    )
     .await;
     let file = PathBuf::from(rec["storage"]["file"].as_str().unwrap());
     let started = Instant::now();
@@ -245,9 +284,14 @@ async fn sigterm_finalises_and_sigkill_keeps_a_readable_file() {
     // SIGKILL: no chance to finalise, but what was written stays readable.
     let s = start(&setup);
     let (_sig, p, _src) = publish(&s, room, "cam", (0, 0, 200), 880).await;
-    let (_, rec) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "container": "mkv", "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
-    })))
+    let (_, rec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "container": "mkv", "media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}
+        })),
+    )
     .await;
     let file = PathBuf::from(rec["storage"]["file"].as_str().unwrap());
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -268,9 +312,14 @@ async fn unwritable_storage_fails_the_recording_not_the_room() {
     let rec_dir = setup.data.join("recordings");
     std::fs::remove_dir_all(&rec_dir).unwrap();
     std::fs::write(&rec_dir, b"not a folder").unwrap();
-    let (status, rec) = api(&s, reqwest::Method::POST, &format!("/v1/rooms/{room}/recordings"), Some(json!({
-        "media": {"video": {"from": p.stream_id}}
-    })))
+    let (status, rec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({
+            "media": {"video": {"from": p.stream_id}}
+        })),
+    )
     .await;
     assert_eq!(status, 200);
     assert_eq!(rec["state"], "failed", "{rec}");

@@ -32,10 +32,8 @@ fn rand_name() -> String {
 async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
     let token = s.token(room, user, "presenter").await;
     let mut sig = Signaling::connect(&s.portal).await.unwrap();
-    let info = sig
-        .ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"})))
-        .await
-        .unwrap();
+    let info =
+        sig.ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"}))).await.unwrap();
     (sig, info)
 }
 
@@ -82,7 +80,8 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
     let forward = |v: &Value| -> Vec<String> {
         v.as_array().unwrap().iter().filter(|s| s["type"] == "forward").map(|s| s["id"].as_str().unwrap().to_string()).collect()
     };
-    let listed: Value = s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    let listed: Value =
+        s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(forward(&listed), vec![publisher.stream_id.clone()]);
     assert!(listed.as_array().unwrap().iter().any(|s| s["id"] == format!("{room}-common") && s["type"] == "mixed"));
 
@@ -116,10 +115,7 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
 
     // Mute video: everyone is told, video stops, audio goes on.
     psig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "pause", "data": "video"}))).await.unwrap();
-    let upd = sigs[0]
-        .wait_for("mute update", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "update")
-        .await
-        .unwrap();
+    let upd = sigs[0].wait_for("mute update", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "update").await.unwrap();
     assert_eq!(upd.data["data"], json!({"field": "video.status", "value": "inactive"}));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (v0, a0) = (subs[0].packets("video").len(), subs[0].packets("audio").len());
@@ -129,10 +125,7 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
     assert!(a1 > a0 + 20, "audio continues while video is muted ({a0} -> {a1})");
     let last_seq = subs[0].packets("video").last().unwrap().header.sequence_number;
     psig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "play", "data": "video"}))).await.unwrap();
-    subs[0]
-        .wait_until("video after unmute", Duration::from_secs(2), |r| r.iter().filter(|p| p.kind == "video").count() > v1 + 5)
-        .await
-        .unwrap();
+    subs[0].wait_until("video after unmute", Duration::from_secs(2), |r| r.iter().filter(|p| p.kind == "video").count() > v1 + 5).await.unwrap();
     let after = subs[0].packets("video");
     // The first packet after unmute continues the sequence (no gap for the receiver to chase).
     assert_eq!(after[v1].header.sequence_number, last_seq.wrapping_add(1));
@@ -152,7 +145,8 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
     publisher.stop(&mut psig).await.unwrap();
     let rm = sigs[1].wait_for("stream remove", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "remove").await.unwrap();
     assert_eq!(rm.data["id"], publisher.stream_id.as_str());
-    let listed: Value = s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    let listed: Value =
+        s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
     assert!(forward(&listed).is_empty(), "{listed}");
 }
 
@@ -191,20 +185,18 @@ async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
             subs.push(Subscriber::start(&mut sig, &p.stream_id, false, true, false).await.unwrap());
         }
         for (i, sub) in subs.iter().enumerate() {
-            sub.wait_until("keyframe", Duration::from_secs(2), |r| {
-                r.iter().any(|p| p.kind == "video" && is_vp8_keyframe(&p.payload))
-            })
-            .await
-            .unwrap_or_else(|e| {
-                let v = sub.packets("video");
-                panic!(
-                    "viewer {viewer} stream {i}: {e}; {} video packets, keyframes by tag {:?}, publisher got {} PLIs, elapsed {:?}",
-                    v.len(),
-                    keyframes_by_tag(&v),
-                    pubs[i].1.keyframe_requests.load(std::sync::atomic::Ordering::Relaxed),
-                    started.elapsed()
-                )
-            });
+            sub.wait_until("keyframe", Duration::from_secs(2), |r| r.iter().any(|p| p.kind == "video" && is_vp8_keyframe(&p.payload)))
+                .await
+                .unwrap_or_else(|e| {
+                    let v = sub.packets("video");
+                    panic!(
+                        "viewer {viewer} stream {i}: {e}; {} video packets, keyframes by tag {:?}, publisher got {} PLIs, elapsed {:?}",
+                        v.len(),
+                        keyframes_by_tag(&v),
+                        pubs[i].1.keyframe_requests.load(std::sync::atomic::Ordering::Relaxed),
+                        started.elapsed()
+                    )
+                });
             let kf = keyframes_by_tag(&sub.packets("video"));
             assert!(kf.get(&(i as u32)).copied().unwrap_or(0) >= 1, "keyframe of publisher {i}");
         }

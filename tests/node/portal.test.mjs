@@ -222,11 +222,12 @@ test('after the grace period the participant leaves and the ticket is useless', 
 function forgeToken(room, claims, key = KEY) {
   const b64u = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
   const now = Math.floor(Date.now() / 1000);
-  const payload = { jti: crypto.randomBytes(16).toString('hex'), room, user: 'mallory', role: 'presenter', iat: now, exp: now + 60, ...claims };
+  // The grant signs the envelope's host and secure flag too.
+  const host = new URL(PORTAL).host;
+  const payload = { jti: crypto.randomBytes(16).toString('hex'), room, user: 'mallory', role: 'presenter', iat: now, exp: now + 60, host, secure: false, ...claims };
   const head = b64u({ alg: 'HS256', typ: 'JWT' });
   const body = b64u(payload);
   const sig = crypto.createHmac('sha256', key).update(`${head}.${body}`).digest('base64url');
-  const host = new URL(PORTAL).host;
   return Buffer.from(JSON.stringify({ tokenId: payload.jti, host, secure: false, signature: `${head}.${body}.${sig}` })).toString('base64');
 }
 

@@ -41,13 +41,8 @@ impl Sink {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SINK_QUEUE);
-        let sink = Sink {
-            id,
-            tx,
-            active: Arc::new(AtomicBool::new(true)),
-            dropped: Arc::new(AtomicU64::new(0)),
-            resync: Arc::new(AtomicBool::new(false)),
-        };
+        let sink =
+            Sink { id, tx, active: Arc::new(AtomicBool::new(true)), dropped: Arc::new(AtomicU64::new(0)), resync: Arc::new(AtomicBool::new(false)) };
         (sink, rx)
     }
 
@@ -63,13 +58,7 @@ impl Sink {
 
 impl Clone for Sink {
     fn clone(&self) -> Self {
-        Sink {
-            id: self.id,
-            tx: self.tx.clone(),
-            active: self.active.clone(),
-            dropped: self.dropped.clone(),
-            resync: self.resync.clone(),
-        }
+        Sink { id: self.id, tx: self.tx.clone(), active: self.active.clone(), dropped: self.dropped.clone(), resync: self.resync.clone() }
     }
 }
 
@@ -237,6 +226,92 @@ impl KeyframeThrottle {
     }
 }
 
+/// Sequence numbers a publisher track has already delivered, over the last
+/// [`SeenWindow::SIZE`], so a packet that arrives twice is forwarded once. webrtc-rs hands
+/// every RTX repair to the track, and its NACK generator does not see repairs (they pass
+/// its chain under the RTX SSRC), so it asks for a lost packet again on every round and
+/// each answer used to reach every subscriber.
+#[derive(Debug, Clone)]
+pub struct SeenWindow {
+    bits: [u64; Self::SIZE / 64],
+    highest: Option<u16>,
+}
+
+impl Default for SeenWindow {
+    fn default() -> Self {
+        SeenWindow { bits: [0; Self::SIZE / 64], highest: None }
+    }
+}
+
+impl SeenWindow {
+    /// Sequence numbers remembered behind the highest one.
+    pub const SIZE: usize = 1024;
+
+    /// Whether `seq` was delivered before; records it. A packet older than the window is
+    /// let through unrecorded (a source that restarted its numbering lower goes on).
+    pub fn repeat(&mut self, seq: u16) -> bool {
+        let slot = |s: u16| (usize::from(s) % Self::SIZE / 64, 1u64 << (s % 64));
+        let Some(highest) = self.highest else {
+            self.highest = Some(seq);
+            let (w, b) = slot(seq);
+            self.bits[w] |= b;
+            return false;
+        };
+        let ahead = seq.wrapping_sub(highest);
+        if ahead != 0 && ahead < 0x8000 {
+            // Newer: forget the slots it passes over (they now stand for unseen numbers).
+            if usize::from(ahead) >= Self::SIZE {
+                self.bits = [0; Self::SIZE / 64];
+            } else {
+                for s in 1..=ahead {
+                    let (w, b) = slot(highest.wrapping_add(s));
+                    self.bits[w] &= !b;
+                }
+            }
+            self.highest = Some(seq);
+        } else if usize::from(highest.wrapping_sub(seq)) >= Self::SIZE {
+            return false;
+        }
+        let (w, b) = slot(seq);
+        let seen = self.bits[w] & b != 0;
+        self.bits[w] |= b;
+        seen
+    }
+}
+
+#[cfg(test)]
+mod seen_window_tests {
+    use super::SeenWindow;
+
+    #[test]
+    fn repeats_are_caught_within_the_window_across_the_wrap() {
+        let mut w = SeenWindow::default();
+        for s in 65000u16..=65535 {
+            assert!(!w.repeat(s));
+        }
+        for s in 0u16..100 {
+            assert!(!w.repeat(s));
+        }
+        // Repeats of old and new packets.
+        assert!(w.repeat(65300));
+        assert!(w.repeat(99));
+        assert!(w.repeat(0));
+        // Lost then repaired: the first delivery passes, the second is a repeat.
+        assert!(!w.repeat(105));
+        assert!(!w.repeat(101));
+        assert!(w.repeat(101));
+        assert!(!w.repeat(102));
+        // Older than the window: let through (unknown), and not recorded.
+        assert!(!w.repeat(105u16.wrapping_sub(2000)));
+        assert!(!w.repeat(105u16.wrapping_sub(2000)));
+        // A jump ahead by more than the window forgets everything before it.
+        assert!(!w.repeat(3105));
+        assert!(!w.repeat(3104));
+        assert!(w.repeat(3105));
+        assert!(!w.repeat(101));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +387,160 @@ mod tests {
         assert!(rb.try_recv().is_err(), "paused sink gets nothing");
         f.remove(a_id);
         assert_eq!(f.len(), 1);
+    }
+}
+
+/// Property tests of the per-subscriber rewriter and the keyframe throttle.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// What the source does between two packets a subscriber receives.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The next packet.
+        Next,
+        /// Packets lost on the way (the gap must stay visible, for NACK).
+        Gap(u16),
+        /// An older packet arriving late.
+        Late(u16),
+        /// Forwarding paused and resumed (publisher or subscriber mute): the source's
+        /// numbering went on meanwhile, to any value.
+        Mute(u16),
+    }
+
+    fn steps(with_loss: bool) -> impl Strategy<Value = Vec<Step>> {
+        let step = if with_loss {
+            prop_oneof![8 => Just(Step::Next), 2 => (2..60u16).prop_map(Step::Gap), 2 => (1..12u16).prop_map(Step::Late), 1 => any::<u16>().prop_map(Step::Mute)].boxed()
+        } else {
+            prop_oneof![6 => Just(Step::Next), 1 => any::<u16>().prop_map(Step::Mute)].boxed()
+        };
+        prop::collection::vec(step, 1..200)
+    }
+
+    fn pkt(seq: u16, ts: u32) -> rtp::Packet {
+        let mut p = rtp::Packet::default();
+        p.header.version = 2;
+        p.header.sequence_number = seq;
+        p.header.timestamp = ts;
+        p.header.ssrc = 0x1234_5678;
+        p.header.payload_type = 111;
+        p.payload = bytes::Bytes::from(seq.to_be_bytes().to_vec());
+        p
+    }
+
+    /// Feeds the steps through a rewriter; yields (input seq, output packet, resynced before it).
+    fn run(first: u16, steps: &[Step], ssrc: u32, pt: u8) -> Vec<(u16, rtp::Packet, bool)> {
+        let mut r = Rewriter::new(ssrc, pt);
+        let (mut seq, mut highest) = (first, first);
+        let mut out = Vec::new();
+        let send = |r: &mut Rewriter, seq: u16, resynced: bool, out: &mut Vec<_>| {
+            let mut p = pkt(seq, u32::from(seq).wrapping_mul(960));
+            r.rewrite(&mut p);
+            out.push((seq, p, resynced));
+        };
+        send(&mut r, seq, true, &mut out);
+        for step in steps {
+            match step {
+                Step::Next => {
+                    highest = highest.wrapping_add(1);
+                    seq = highest;
+                }
+                Step::Gap(n) => {
+                    highest = highest.wrapping_add(*n);
+                    seq = highest;
+                }
+                Step::Late(n) => seq = highest.wrapping_sub(*n),
+                Step::Mute(to) => {
+                    r.resync();
+                    highest = *to;
+                    seq = *to;
+                }
+            }
+            send(&mut r, seq, matches!(step, Step::Mute(_)), &mut out);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn sequence_is_continuous_across_mutes(first in any::<u16>(), steps in steps(false), ssrc in any::<u32>(), pt in 0..128u8) {
+            let out = run(first, &steps, ssrc, pt);
+            // The very first packet keeps the publisher's numbering.
+            prop_assert_eq!(out[0].1.header.sequence_number, first);
+            for pair in out.windows(2) {
+                let (prev, next) = (pair[0].1.header.sequence_number, pair[1].1.header.sequence_number);
+                prop_assert_eq!(next, prev.wrapping_add(1), "gap in the output after {:?}", steps);
+            }
+            for (seq, p, _) in &out {
+                prop_assert_eq!((p.header.ssrc, p.header.payload_type), (ssrc, pt));
+                // Timestamps and payloads pass through untouched.
+                prop_assert_eq!(p.header.timestamp, u32::from(*seq).wrapping_mul(960));
+                prop_assert_eq!(&p.payload[..], &seq.to_be_bytes()[..]);
+            }
+        }
+
+        #[test]
+        fn losses_stay_visible_and_late_packets_do_not_rewind(first in any::<u16>(), steps in steps(true)) {
+            let out = run(first, &steps, 7, 96);
+            // Between resyncs the output is the input shifted by one offset (losses and
+            // reordering stay as they were); after a resync the output continues right
+            // after the highest number sent so far.
+            let mut highest_out = out[0].1.header.sequence_number;
+            let mut offset = 0u16;
+            for (i, (seq, p, resynced)) in out.iter().enumerate() {
+                let o = p.header.sequence_number;
+                if i > 0 && *resynced {
+                    prop_assert_eq!(o, highest_out.wrapping_add(1), "packet {} after a mute", i);
+                    offset = o.wrapping_sub(*seq);
+                }
+                prop_assert_eq!(o.wrapping_sub(*seq), offset, "packet {} moved within its run", i);
+                if (o.wrapping_sub(highest_out) as i16) > 0 {
+                    highest_out = o;
+                }
+            }
+        }
+
+        #[test]
+        fn keyframe_requests_are_spaced_and_never_lost(interval_ms in 1..1000u64, gaps in prop::collection::vec(0..1500u64, 1..60)) {
+            let interval = Duration::from_millis(interval_ms);
+            let t0 = Instant::now();
+            let mut t = KeyframeThrottle::new(interval);
+            let mut sent: Vec<Instant> = Vec::new();
+            let mut deferred: Option<Instant> = None;
+            let mut now = t0;
+            for gap in gaps {
+                now += Duration::from_millis(gap);
+                // The caller sends a deferred PLI when its time comes.
+                if let Some(at) = deferred.filter(|at| *at <= now) {
+                    t.sent_deferred(at);
+                    sent.push(at);
+                    deferred = None;
+                }
+                match t.request(now) {
+                    KeyframeDecision::SendNow => {
+                        prop_assert!(deferred.is_none());
+                        sent.push(now);
+                    }
+                    KeyframeDecision::SendAt(at) => {
+                        prop_assert!(deferred.is_none() && at > now && at <= now + interval);
+                        deferred = Some(at);
+                    }
+                    KeyframeDecision::AlreadyScheduled => prop_assert!(deferred.is_some()),
+                }
+                // Every request is answered by a PLI sent no earlier than interval after the previous one.
+                prop_assert!(deferred.is_some() || sent.last() == Some(&now));
+            }
+            for pair in sent.windows(2) {
+                prop_assert!(pair[1] - pair[0] >= interval, "PLIs {:?} apart", pair[1] - pair[0]);
+            }
+        }
     }
 }

@@ -15,6 +15,10 @@
 //! one UDP port per transport from the configured range; the answer SDP carries the
 //! candidates (OWT clients ignore trickled server candidates).
 
+// Input from the network and files must never panic this crate: no unwrap/expect/panic
+// and no unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 pub mod feedback;
 pub mod forward;
 pub mod net;
@@ -30,8 +34,8 @@ use tessera_core::agent::{AgentError, AgentEvent, MediaAgent, PublishSpec, Signa
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use publication::Publication;
 pub use publication::KeyframeSource;
+use publication::Publication;
 use transport::{TransportCmd, TransportHandle};
 
 /// Settings of the SFU, from the `[webrtc]` config section.
@@ -355,10 +359,7 @@ impl MediaAgent for WebrtcAgent {
     async fn participant_left(&self, participant: &str) {
         let transports: Vec<TransportHandle> = {
             let s = self.lock();
-            s.by_participant
-                .get(participant)
-                .map(|ids| ids.iter().filter_map(|id| s.transports.get(id).cloned()).collect())
-                .unwrap_or_default()
+            s.by_participant.get(participant).map(|ids| ids.iter().filter_map(|id| s.transports.get(id).cloned()).collect()).unwrap_or_default()
         };
         for t in transports {
             let _ = t.send(TransportCmd::Close("participant left".into())).await;

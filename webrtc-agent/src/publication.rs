@@ -13,7 +13,7 @@ use tracing::debug;
 use webrtc::data_channel::DataChannel;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
-use crate::forward::{Fanout, KeyframeDecision, KeyframeThrottle};
+use crate::forward::{Fanout, KeyframeDecision, KeyframeThrottle, SeenWindow};
 
 /// How a track's producer is asked for a keyframe.
 pub enum KeyframeSource {
@@ -81,11 +81,16 @@ impl PubTrack {
     pub async fn run_reader(self: Arc<Self>, ended: Arc<AtomicBool>) {
         let KeyframeSource::Remote { track, .. } = &self.source else { return };
         let remote = track.clone();
+        let mut seen = SeenWindow::default();
         while let Some(event) = remote.poll().await {
             match event {
                 TrackRemoteEvent::OnRtpPacket(mut packet) => {
                     if ended.load(Ordering::Relaxed) {
                         break;
+                    }
+                    // A repeated RTX repair (see `SeenWindow`) goes to nobody.
+                    if seen.repeat(packet.header.sequence_number) {
+                        continue;
                     }
                     if self.active.load(Ordering::Relaxed) {
                         self.fanout.forward(&mut packet);
@@ -225,8 +230,7 @@ impl Publication {
 
     /// Relays one message from the publisher's data channel to every subscriber's, in order.
     pub async fn relay_data(&self, text: bool, data: &bytes::BytesMut) {
-        let sinks: Vec<Arc<dyn DataChannel>> =
-            self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, dc)| dc.clone()).collect();
+        let sinks: Vec<Arc<dyn DataChannel>> = self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, dc)| dc.clone()).collect();
         for dc in sinks {
             let r = if text {
                 match std::str::from_utf8(data) {
@@ -268,16 +272,15 @@ impl Publication {
                 }))
             })
             .collect();
-        let mut v = json!({
-            "id": self.id,
-            "type": "forward",
-            "media": {"tracks": tracks},
-            "info": {"owner": self.participant, "type": "webrtc", "inViews": [], "attributes": {}},
-        });
+        let mut v = serde_json::Map::new();
+        v.insert("id".into(), json!(self.id));
+        v.insert("type".into(), json!("forward"));
+        v.insert("media".into(), json!({"tracks": tracks}));
+        v.insert("info".into(), json!({"owner": self.participant, "type": "webrtc", "inViews": [], "attributes": {}}));
         if self.data {
-            v["data"] = json!(true);
+            v.insert("data".into(), json!(true));
         }
-        v
+        Value::Object(v)
     }
 }
 
@@ -286,11 +289,11 @@ pub(crate) fn codec_format(codec: &RTCRtpCodec) -> Value {
     let mime = codec.mime_type.to_ascii_lowercase();
     let name = mime.split('/').nth(1).unwrap_or(&mime).to_string();
     if mime.starts_with("audio/") {
-        let mut f = json!({"codec": name, "sampleRate": codec.clock_rate});
         if codec.channels > 0 {
-            f["channelNum"] = json!(codec.channels);
+            json!({"codec": name, "sampleRate": codec.clock_rate, "channelNum": codec.channels})
+        } else {
+            json!({"codec": name, "sampleRate": codec.clock_rate})
         }
-        f
     } else if name == "h264" {
         json!({"codec": "h264", "profile": h264_profile(&codec.sdp_fmtp_line)})
     } else {
@@ -332,5 +335,50 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(codec_format(&h264), json!({"codec": "h264", "profile": "CB"}));
+    }
+}
+
+/// Property tests: OWT's format object is built from any negotiated codec without a panic.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn codec_format_names_the_codec(
+            mime in prop_oneof!["(audio|video|AUDIO|Video|x)?/?[A-Za-z0-9]{0,6}(/[a-z]{0,3})?", "\\PC{0,12}"],
+            fmtp in prop_oneof!["((profile-level-id|PROFILE-LEVEL-ID|x)=[0-9a-fA-F]{0,8}|packetization-mode=1| ?;)*", "\\PC{0,20}"],
+            clock_rate in any::<u32>(),
+            channels in any::<u16>(),
+        ) {
+            let codec = RTCRtpCodec { mime_type: mime.clone(), clock_rate, channels, sdp_fmtp_line: fmtp.clone(), ..Default::default() };
+            let f = codec_format(&codec);
+            let lower = mime.to_ascii_lowercase();
+            let name = lower.split('/').nth(1).unwrap_or(&lower);
+            prop_assert_eq!(f["codec"].as_str(), Some(name));
+            if lower.starts_with("audio/") {
+                prop_assert_eq!(f["sampleRate"].as_u64(), Some(u64::from(clock_rate)));
+            }
+            if name == "h264" && !lower.starts_with("audio/") {
+                prop_assert!(["CB", "B", "M", "H"].contains(&f["profile"].as_str().unwrap_or_default()), "{}", f);
+            }
+            prop_assert!(["CB", "B", "M", "H"].contains(&h264_profile(&fmtp)));
+        }
+
+        #[test]
+        fn h264_profile_reads_the_profile_idc(prefix in prop::sample::select(&["42e0", "42c0", "4200", "4280", "4d00", "4d40", "6400"][..]), level in "[0-9a-f]{2}", upper in any::<bool>()) {
+            let id = format!("{prefix}{level}");
+            let id = if upper { id.to_ascii_uppercase() } else { id };
+            let expected = match prefix {
+                "42e0" | "42c0" => "CB",
+                "4200" | "4280" => "B",
+                "4d00" | "4d40" => "M",
+                _ => "H",
+            };
+            prop_assert_eq!(h264_profile(&format!("packetization-mode=1; profile-level-id={id}")), expected);
+        }
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
-use rtc::rtp_transceiver::rtp_sender::RTCPFeedback;
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::RTCPFeedback;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use serde_json::json;
@@ -24,15 +24,15 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
-    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
+    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder, configure_rtcp_reports,
+    configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 
+use crate::WebrtcAgent;
 use crate::feedback::{KeyframeRequestTap, is_keyframe_request};
 use crate::forward::{Fanout, Rewriter, Sink};
 use crate::publication::{PubTrack, Publication};
-use crate::WebrtcAgent;
 
 /// How long an answer waits for ICE gathering, so it carries the server's candidates.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -180,22 +180,28 @@ pub(crate) async fn spawn(agent: Arc<WebrtcAgent>, room: &str, participant: &str
     Ok(TransportHandle { participant: participant.to_string(), tx })
 }
 
-
 /// Packets of each outgoing video stream kept for retransmission. webrtc-rs keeps 1024 by
 /// default — 34 s of a 30 packet/s stream, per subscriber; 256 is still 1.7 s of 720p
 /// (~150 packets/s), longer than any retransmission that can still arrive in time, and cut
 /// the memory per subscriber (docs/performance.md).
 const NACK_HISTORY: u16 = 256;
 
+/// NACKs sent for one lost packet of a publisher. webrtc-rs's generator does not see RTX
+/// repairs (they cross the interceptors under the RTX SSRC), so without a cap it asked for
+/// every lost packet each 100 ms for as long as it stayed in its 512-packet log — some
+/// 170 times at 30 packets/s — and the publisher answered each time. Three requests cover
+/// a lost retransmission; the repeats that still arrive are dropped (`SeenWindow`).
+const NACKS_PER_PACKET: u16 = 3;
+
 /// webrtc-rs's default interceptors (NACK, TWCC feedback, RTCP reports) with a shorter
-/// NACK history, plus our keyframe-request tap.
+/// NACK history and capped NACK repeats, plus our keyframe-request tap.
 fn interceptors(media: &mut MediaEngine) -> Result<Registry, webrtc::error::Error> {
     for parameter in ["", "pli"] {
         media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
     }
     let registry = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
     configure_simulcast_extension_headers(media)?;
     let registry = configure_twcc_receiver_only(registry, media)?;
     Ok(configure_rtcp_reports(registry).with(Slot::from(14_000), KeyframeRequestTap::default()))
@@ -233,7 +239,10 @@ async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn 
 
 /// The payload type the subscriber negotiated for the publisher's codec: the same codec
 /// with the same H.264 profile and packetization mode if offered, else the same codec.
-fn negotiated_payload_type(codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters], want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec) -> Option<u8> {
+fn negotiated_payload_type(
+    codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters],
+    want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+) -> Option<u8> {
     let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type);
     let key = |fmtp: &str| {
         let mut parts: Vec<String> = fmtp
@@ -270,8 +279,10 @@ fn announce_public_ip(sdp: &str, bound: &[std::net::IpAddr], public: Option<std:
             }
             let mut fields: Vec<&str> = line.split(' ').collect();
             // a=candidate:<foundation> <component> <transport> <priority> <address> <port> typ ...
-            if fields.len() > 4 && bound.iter().any(|b| b == fields[4]) {
-                fields[4] = &public;
+            if let Some(address) = fields.get_mut(4)
+                && bound.iter().any(|b| b == address)
+            {
+                *address = &public;
             }
             fields.join(" ")
         })
@@ -304,7 +315,7 @@ impl Task {
             TransportCmd::Offer(sdp, reply) => {
                 let r = self.offer(sdp).await;
                 if let Err(e) = &r {
-                    warn!(error = %e, "offer failed");
+                    warn!(error = ?e.to_string(), "offer failed");
                 }
                 let _ = reply.send(r);
             }
@@ -312,7 +323,7 @@ impl Task {
                 let init = RTCIceCandidateInit { candidate, sdp_mid, sdp_mline_index, ..Default::default() };
                 if self.has_remote {
                     if let Err(e) = self.pc.add_ice_candidate(init).await {
-                        debug!(error = %e, "client candidate refused");
+                        debug!(error = ?e.to_string(), "client candidate refused");
                     }
                 } else if self.early_candidates.len() < 64 {
                     self.early_candidates.push(init);
@@ -392,7 +403,7 @@ impl Task {
         self.has_remote = true;
         for c in std::mem::take(&mut self.early_candidates) {
             if let Err(e) = self.pc.add_ice_candidate(c).await {
-                debug!(error = %e, "early client candidate refused");
+                debug!(error = ?e.to_string(), "early client candidate refused");
             }
         }
         let answer = self.pc.create_answer(None).await.map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
@@ -467,9 +478,7 @@ impl Task {
     }
 
     async fn progress(&self, data: serde_json::Value) {
-        self.agent
-            .emit(AgentEvent::Progress { room: self.room.clone(), participant: self.participant.clone(), data })
-            .await;
+        self.agent.emit(AgentEvent::Progress { room: self.room.clone(), participant: self.participant.clone(), data }).await;
     }
 
     /// Handles a connection event; returns a reason when the transport must end.
@@ -523,7 +532,7 @@ impl Task {
         };
         let found = self.publications.iter().find_map(|p| p.announced_at(&mid).map(|a| (p.clone(), a.kind)));
         let Some((publication, kind)) = found else {
-            debug!(%mid, "track that no publication announced; ignored");
+            debug!(mid = ?mid, "track that no publication announced; ignored");
             return;
         };
         if publication.has_flowing(kind) {
@@ -546,7 +555,8 @@ impl Task {
     /// it wants) or a publisher's (any other label, on a transport with a data publication).
     async fn data_channel(&mut self, dc: Arc<dyn DataChannel>) {
         let label = dc.label().await.unwrap_or_default();
-        let sub = self.subs.iter().find(|(_, s)| s.data_source.as_ref().is_some_and(|d| d.id == label)).map(|(id, s)| (id.clone(), s.data_source.clone()));
+        let sub =
+            self.subs.iter().find(|(_, s)| s.data_source.as_ref().is_some_and(|d| d.id == label)).map(|(id, s)| (id.clone(), s.data_source.clone()));
         if let Some((sub_id, Some(source))) = sub {
             source.add_data_sink(&sub_id, dc.clone());
             // Drain the subscriber channel's events so its queue never fills.
@@ -554,7 +564,7 @@ impl Task {
             return;
         }
         let Some(p) = self.publications.iter().find(|p| p.data && !p.is_ready()).cloned() else {
-            debug!(%label, "data channel with no matching publication or subscription; ignored");
+            debug!(label = ?label, "data channel with no matching publication or subscription; ignored");
             return;
         };
         let events = self.events_tx.clone();
@@ -645,5 +655,193 @@ mod tests {
         assert!(out.contains("192.168.1.1 40001"));
         assert_eq!(announce_public_ip(sdp, &[], None), sdp);
         assert_eq!(mid_order(&out), vec!["0"]);
+    }
+}
+
+/// Property tests of the SDP helpers, and of the parsers (webrtc-rs's) that read what
+/// clients send: SDP offers, ICE candidates and RTCP feedback.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    const OFFER: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n\
+a=msid-semantic: WMS\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=ice-options:trickle\r\n\
+a=fingerprint:sha-256 AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99\r\n\
+a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+a=ssrc:1 cname:x\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 102\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=sendonly\r\na=rtcp-mux\r\n\
+a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack pli\r\na=rtpmap:102 H264/90000\r\n\
+a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\na=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n";
+
+    /// SDP-looking text: lines of the offer above, cut, repeated and mixed with junk.
+    fn sdp_like() -> impl Strategy<Value = String> {
+        let lines: Vec<&'static str> = OFFER.split("\r\n").filter(|l| !l.is_empty()).collect();
+        let line = prop_oneof![
+            4 => prop::sample::select(lines.clone()).prop_map(str::to_string),
+            2 => (prop::sample::select(lines), any::<prop::sample::Index>(), text(6)).prop_map(|(l, cut, junk)| {
+                let cut = cut.index(l.len() + 1);
+                format!("{}{junk}", l.get(..cut).unwrap_or(l))
+            }),
+            1 => "[a-z]=[ -~]{0,20}",
+            1 => text(20),
+        ];
+        (prop::collection::vec(line, 0..30), prop::sample::select(&["\r\n", "\n", "\r"][..]))
+            .prop_map(|(lines, eol)| lines.iter().map(|l| format!("{l}{eol}")).collect::<String>())
+    }
+
+    fn ip() -> impl Strategy<Value = std::net::IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(std::net::IpAddr::from),
+            any::<[u16; 8]>().prop_map(std::net::IpAddr::from),
+            prop::sample::select(&["10.0.0.5", "192.168.1.1", "::1"][..]).prop_map(|s| s.parse().unwrap()),
+        ]
+    }
+
+    fn fmtp() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            prop::sample::select(&["profile-level-id=42e01f", "profile-level-id=42E01F", "profile-level-id=640c1f", "profile-level-id=4d001f"][..]),
+            prop::sample::select(&["packetization-mode=1", "packetization-mode=0", " packetization-mode=1 "][..]),
+            prop::sample::select(&["level-asymmetry-allowed=1", "minptime=10", "", "=", ";"][..]),
+        ];
+        prop_oneof![4 => prop::collection::vec(part, 0..4).prop_map(|p| p.join(";")), 1 => text(20)]
+    }
+
+    fn codec(mime: impl Strategy<Value = &'static str>) -> impl Strategy<Value = RTCRtpCodec> {
+        (mime, fmtp()).prop_map(|(mime_type, sdp_fmtp_line)| RTCRtpCodec {
+            mime_type: mime_type.to_string(),
+            clock_rate: 90000,
+            sdp_fmtp_line,
+            ..Default::default()
+        })
+    }
+
+    fn mimes() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(&["video/H264", "video/h264", "video/VP8", "audio/opus", "video/AV1", ""][..])
+    }
+
+    /// The H.264 parameters that decide whether two codecs carry the same stream.
+    fn h264_key(fmtp: &str) -> Vec<String> {
+        let mut k: Vec<String> = fmtp
+            .split(';')
+            .map(|kv| kv.trim().to_ascii_lowercase())
+            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
+            .collect();
+        k.sort();
+        k
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn announce_public_ip_replaces_exactly_the_bound_addresses(
+            sdp in prop_oneof![sdp_like(), text(60)],
+            bound in prop::collection::vec(ip(), 0..3),
+            public in prop::option::of(ip()),
+        ) {
+            let out = announce_public_ip(&sdp, &bound, public);
+            let Some(public) = public else {
+                prop_assert_eq!(out, sdp);
+                return Ok(());
+            };
+            let before: Vec<&str> = sdp.split_inclusive('\n').collect();
+            let after: Vec<&str> = out.split_inclusive('\n').collect();
+            prop_assert_eq!(before.len(), after.len());
+            for (b, a) in before.iter().zip(&after) {
+                let (bf, af): (Vec<&str>, Vec<&str>) = (b.split(' ').collect(), a.split(' ').collect());
+                prop_assert_eq!(bf.len(), af.len());
+                for (i, (x, y)) in bf.iter().zip(&af).enumerate() {
+                    let replaced = b.starts_with("a=candidate:") && i == 4 && bound.iter().any(|ip| ip.to_string() == *x);
+                    if replaced {
+                        prop_assert_eq!(y.to_string(), public.to_string());
+                    } else {
+                        prop_assert_eq!(x, y);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn mid_order_lists_the_mid_lines(sdp in prop_oneof![sdp_like(), text(60)]) {
+            let mids = mid_order(&sdp);
+            prop_assert_eq!(mids.len(), sdp.lines().filter(|l| l.trim().starts_with("a=mid:")).count());
+            for m in &mids {
+                let line = format!("a=mid:{m}");
+                prop_assert!(sdp.contains(&line), "{:?} is not in the SDP", m);
+            }
+        }
+
+        #[test]
+        fn negotiated_payload_type_prefers_the_same_h264_stream(
+            want in codec(mimes()),
+            offered in prop::collection::vec((codec(mimes()), any::<u8>()), 0..6),
+        ) {
+            let codecs: Vec<RTCRtpCodecParameters> =
+                offered.into_iter().map(|(rtp_codec, payload_type)| RTCRtpCodecParameters { rtp_codec, payload_type }).collect();
+            let same: Vec<&RTCRtpCodecParameters> = codecs.iter().filter(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type)).collect();
+            match negotiated_payload_type(&codecs, &want) {
+                None => prop_assert!(same.is_empty()),
+                Some(pt) => {
+                    prop_assert!(same.iter().any(|c| c.payload_type == pt), "{} is not a payload type of the same codec", pt);
+                    let exact = same.iter().find(|c| h264_key(&c.rtp_codec.sdp_fmtp_line) == h264_key(&want.sdp_fmtp_line));
+                    let expected = exact.or(same.first()).map(|c| c.payload_type);
+                    prop_assert_eq!(Some(pt), expected);
+                }
+            }
+        }
+
+        #[test]
+        fn sdp_offers_parse_or_fail_cleanly(sdp in prop_oneof![sdp_like(), text(80)]) {
+            if let Ok(offer) = RTCSessionDescription::offer(sdp) {
+                let _ = offer.unmarshal();
+            }
+        }
+
+        #[test]
+        fn ice_candidates_parse_or_fail_cleanly(line in prop_oneof![
+            "(candidate:)?[0-9a-z]{0,4} [0-9]{0,2} (udp|tcp|UDP|x) [0-9]{0,10} [0-9a-f.:]{0,20} [0-9]{0,6} typ (host|srflx|relay|x)( raddr [0-9.]{0,15} rport [0-9]{0,6})?( tcptype (active|passive|so))?( generation [0-9])?",
+            text(60),
+        ]) {
+            let _ = rtc::ice::candidate::unmarshal_candidate(&line);
+        }
+
+        #[test]
+        fn rtcp_feedback_parses_or_fails_cleanly(
+            packets in prop::collection::vec((192u8..=207, 0u8..32, any::<bool>(), prop::collection::vec(any::<u8>(), 0..40)), 1..4),
+            raw in prop::collection::vec(any::<u8>(), 0..80),
+            use_raw in prop::bool::weighted(0.2),
+        ) {
+            // Mostly RTCP headers (version 2, a real packet type, a length that may lie)
+            // in front of random bodies.
+            let bytes: Vec<u8> = if use_raw {
+                raw
+            } else {
+                packets
+                    .iter()
+                    .flat_map(|(pt, count, honest, body)| {
+                        let words = if *honest { body.len() / 4 } else { usize::from(*count) };
+                        let mut p = vec![0x80 | count, *pt, 0, u8::try_from(words).unwrap_or(255)];
+                        p.extend_from_slice(&body[..body.len() / 4 * 4]);
+                        p
+                    })
+                    .collect()
+            };
+            if let Ok(parsed) = rtc::rtcp::packet::unmarshal(&mut &bytes[..]) {
+                for p in &parsed {
+                    let _ = is_keyframe_request(p.as_ref());
+                }
+            }
+        }
     }
 }

@@ -158,13 +158,7 @@ mod tests {
     #[test]
     fn open_packet_matches_reference_layout() {
         let reference = "0{\"sid\":\"abc\",\"upgrades\":[\"websocket\"],\"pingInterval\":25000,\"pingTimeout\":20000,\"maxPayload\":1000000}";
-        let info = OpenInfo {
-            sid: "abc",
-            upgrades: &["websocket"],
-            ping_interval: 25000,
-            ping_timeout: 20000,
-            max_payload: 1_000_000,
-        };
+        let info = OpenInfo { sid: "abc", upgrades: &["websocket"], ping_interval: 25000, ping_timeout: 20000, max_payload: 1_000_000 };
         assert_eq!(info.packet().encode(), reference);
         assert_eq!(Packet::decode(reference).unwrap(), info.packet());
     }
@@ -197,5 +191,81 @@ mod tests {
         assert_eq!(decode_payload("4a\u{1e}\u{1e}4b"), Err(EngineError::Empty));
         assert_eq!(decode_payload("4a\u{1e}9"), Err(EngineError::UnknownType('9')));
         assert_eq!(decode_payload("garbage!!"), Err(EngineError::UnknownType('g')));
+    }
+}
+
+/// Property tests: decoding never panics, re-encodes to its input where the packet keeps
+/// its data, and every packet (and payload) survives encode → decode.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    /// Text without the payload separator (which no packet of a payload can carry).
+    fn payload_text() -> impl Strategy<Value = String> {
+        text(24).prop_map(|s| s.replace(SEPARATOR, ""))
+    }
+
+    fn packet() -> impl Strategy<Value = Packet> {
+        prop_oneof![
+            payload_text().prop_map(Packet::Open),
+            Just(Packet::Close),
+            payload_text().prop_map(Packet::Ping),
+            payload_text().prop_map(Packet::Pong),
+            payload_text().prop_map(Packet::Message),
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(Packet::Binary),
+            Just(Packet::Upgrade),
+            Just(Packet::Noop),
+        ]
+    }
+
+    /// Strings over the characters that mean something to the codec, and any at all.
+    fn wire() -> impl Strategy<Value = String> {
+        prop_oneof![text(40), "[0-6b4\u{1e}A-Za-z0-9+/=!é]{0,40}"]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn decode_never_panics_and_keeps_what_it_reads(s in wire()) {
+            if let Ok(p) = Packet::decode(&s) {
+                let encoded = p.encode();
+                match p {
+                    // These carry no data: anything after the type is ignored.
+                    Packet::Close | Packet::Upgrade | Packet::Noop => prop_assert!(s.starts_with(&encoded)),
+                    // The others keep their data byte for byte (base64 is canonical).
+                    _ => prop_assert_eq!(&encoded, &s),
+                }
+            }
+            if let Ok(packets) = decode_payload(&s) {
+                prop_assert_eq!(packets.len(), s.split(SEPARATOR).count());
+            }
+        }
+
+        #[test]
+        fn packets_round_trip(p in packet()) {
+            prop_assert_eq!(Packet::decode(&p.encode()), Ok(p));
+        }
+
+        #[test]
+        fn payloads_round_trip(packets in prop::collection::vec(packet(), 1..6)) {
+            prop_assert_eq!(decode_payload(&encode_payload(&packets)), Ok(packets));
+        }
+
+        #[test]
+        fn websocket_frames_carry_any_text(data in text(40)) {
+            // A websocket frame is one packet, so even the separator may appear in it.
+            let p = Packet::Message(data);
+            prop_assert_eq!(Packet::decode(&p.encode()), Ok(p));
+        }
     }
 }

@@ -13,5 +13,5 @@ mod server;
 mod session;
 mod socket;
 
-pub use server::{SocketIo, SocketIoConfig};
+pub use server::{SocketIo, SocketIoConfig, cors};
 pub use socket::{Incoming, Socket, SocketClosed, SocketHandle};

@@ -154,18 +154,10 @@ impl Packet {
         }
 
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let id = if digits > 0 {
-            Some(rest[..digits].parse::<u64>().map_err(|_| PacketError::BadAckId)?)
-        } else {
-            None
-        };
+        let id = if digits > 0 { Some(rest[..digits].parse::<u64>().map_err(|_| PacketError::BadAckId)?) } else { None };
         rest = &rest[digits..];
 
-        let data = if rest.is_empty() {
-            None
-        } else {
-            Some(serde_json::from_str::<Value>(rest).map_err(|e| PacketError::Json(e.to_string()))?)
-        };
+        let data = if rest.is_empty() { None } else { Some(serde_json::from_str::<Value>(rest).map_err(|e| PacketError::Json(e.to_string()))?) };
 
         let valid = match kind {
             PacketType::Connect => matches!(data, None | Some(Value::Object(_))),
@@ -286,5 +278,95 @@ mod tests {
         }
         // namespace without a comma runs to the end, like socket.io-parser
         assert_eq!(Packet::decode("0/admin").unwrap(), p(PacketType::Connect, "/admin", None, None));
+    }
+}
+
+/// Property tests: decoding never panics, whatever decodes re-encodes to the same packet,
+/// and events/acks with any JSON arguments, namespace and id survive encode → decode.
+#[cfg(test)]
+pub(crate) mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// Any string, control and non-BMP characters included.
+    pub(crate) fn text(max: usize) -> impl Strategy<Value = String> + Clone {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    /// Any JSON value up to `depth` levels of arrays/objects, with `words` among its
+    /// strings and keys (to hit the field names and values a parser looks for).
+    pub(crate) fn json_with(depth: u32, words: &'static [&'static str]) -> BoxedStrategy<Value> {
+        let word = prop_oneof![3 => prop::sample::select(words).prop_map(str::to_string), 1 => text(10)];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (0u64..70_000).prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            word.clone().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(depth, 48, 5, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(word.clone(), inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    pub(crate) fn any_json() -> BoxedStrategy<Value> {
+        json_with(3, &["", "a"])
+    }
+
+    /// A namespace as a client can send it: `/` and anything but a comma.
+    fn nsp() -> impl Strategy<Value = String> {
+        prop_oneof![Just("/".to_string()), text(12).prop_map(|s| format!("/{}", s.replace(',', "")))]
+    }
+
+    fn wire() -> impl Strategy<Value = String> {
+        prop_oneof![text(40), "[0-6/,\\-\\[\\]{}\"a-c0-9 .:é\u{1e}]{0,40}", any_json().prop_map(|v| format!("2{v}"))]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn decode_never_panics_and_reencodes_to_itself(s in wire()) {
+            if let Ok(p) = Packet::decode(&s) {
+                prop_assert_eq!(Packet::decode(&p.encode()), Ok(p.clone()), "re-encoded as {:?}", p.encode());
+                if p.kind == PacketType::Event {
+                    let _ = p.into_event();
+                }
+            }
+        }
+
+        #[test]
+        fn events_round_trip(name in text(16), args in prop::collection::vec(any_json(), 0..4), nsp in nsp(), id in prop::option::of(any::<u64>())) {
+            let mut p = Packet::event(&name, args.clone());
+            p.nsp = nsp;
+            p.id = id;
+            let decoded = Packet::decode(&p.encode());
+            prop_assert_eq!(&decoded, &Ok(p.clone()), "encoded as {:?}", p.encode());
+            prop_assert_eq!(decoded.unwrap().into_event(), Ok((name, args, id)));
+        }
+
+        #[test]
+        fn acks_round_trip(args in prop::collection::vec(any_json(), 0..4), nsp in nsp(), id in any::<u64>()) {
+            let mut p = Packet::ack(id, args);
+            p.nsp = nsp;
+            prop_assert_eq!(Packet::decode(&p.encode()), Ok(p));
+        }
+
+        #[test]
+        fn connect_packets_round_trip(nsp in nsp(), sid in text(20), message in text(20)) {
+            for p in [Packet::connect_ok(&nsp, &sid), Packet::connect_error(&nsp, &message), Packet::disconnect(&nsp)] {
+                prop_assert_eq!(Packet::decode(&p.encode()), Ok(p));
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The Engine.IO transports over actix-web: long-polling GET/POST and websocket.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -40,6 +41,12 @@ pub struct SocketIoConfig {
     pub outgoing_queue: usize,
     /// Events that may wait for the application before the session stops reading.
     pub incoming_queue: usize,
+    /// Most sessions not yet marked authenticated ([`super::SocketHandle::authenticated`]), in total.
+    pub max_unauthenticated: usize,
+    /// ...and per client address.
+    pub max_unauthenticated_per_address: usize,
+    /// Origins allowed to reach `/socket.io/` from a browser (`*`: any); empty: no CORS.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for SocketIoConfig {
@@ -52,6 +59,9 @@ impl Default for SocketIoConfig {
             upgrade_timeout: Duration::from_secs(10),
             outgoing_queue: 1024,
             incoming_queue: 256,
+            max_unauthenticated: 2000,
+            max_unauthenticated_per_address: 100,
+            cors_origins: vec!["*".into()],
         }
     }
 }
@@ -65,6 +75,9 @@ pub(crate) enum HttpError {
     BadRequest,
     UnsupportedProtocolVersion,
     PayloadTooLarge,
+    /// Too many sessions that have not authenticated (engine.io's `FORBIDDEN`, as its
+    /// `allowRequest` refusal answers).
+    Forbidden,
 }
 
 impl HttpError {
@@ -76,6 +89,9 @@ impl HttpError {
             HttpError::BadRequest => (3, "Bad request"),
             HttpError::UnsupportedProtocolVersion => (5, "Unsupported protocol version"),
             HttpError::PayloadTooLarge => return HttpResponse::new(StatusCode::PAYLOAD_TOO_LARGE),
+            HttpError::Forbidden => {
+                return HttpResponse::Forbidden().json(serde_json::json!({ "code": 4, "message": "Too many connections waiting to log in" }));
+            }
         };
         HttpResponse::BadRequest().json(serde_json::json!({ "code": code, "message": message }))
     }
@@ -93,9 +109,7 @@ struct Query {
 }
 
 fn parse_query(query: &str) -> Result<Query, HttpError> {
-    let map = web::Query::<HashMap<String, String>>::from_query(query)
-        .map_err(|_| HttpError::BadRequest)?
-        .into_inner();
+    let map = web::Query::<HashMap<String, String>>::from_query(query).map_err(|_| HttpError::BadRequest)?.into_inner();
     let transport = match map.get("transport").map(String::as_str) {
         Some("polling") => Transport::Polling,
         Some("websocket") => Transport::WebSocket,
@@ -121,11 +135,77 @@ struct Entry {
     posting: Arc<AtomicBool>,
 }
 
+/// Counts sessions that have not authenticated yet, in total and per client address, so
+/// a flood of handshakes cannot hold unbounded memory for the login timeout.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    max_total: usize,
+    max_per_address: usize,
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl Admission {
+    fn new(config: &SocketIoConfig) -> Self {
+        Admission {
+            max_total: config.max_unauthenticated,
+            max_per_address: config.max_unauthenticated_per_address,
+            counts: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Admits one more unauthenticated session from `addr`, or refuses it.
+    fn admit(self: &Arc<Self>, addr: Option<IpAddr>) -> Option<Unauthenticated> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_addr) = &mut *counts;
+        if *total >= self.max_total {
+            return None;
+        }
+        if let Some(addr) = addr {
+            let n = by_addr.entry(addr).or_insert(0);
+            if *n >= self.max_per_address {
+                return None;
+            }
+            *n += 1;
+        }
+        *total += 1;
+        Some(Unauthenticated { admission: self.clone(), addr })
+    }
+
+    /// Sessions admitted and not yet authenticated or closed.
+    pub(crate) fn count(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+/// One admitted unauthenticated session; dropping it (login or close) frees its place.
+#[derive(Debug)]
+pub(crate) struct Unauthenticated {
+    admission: Arc<Admission>,
+    addr: Option<IpAddr>,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        let mut counts = self.admission.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_addr) = &mut *counts;
+        *total = total.saturating_sub(1);
+        if let Some(addr) = self.addr
+            && let Some(n) = by_addr.get_mut(&addr)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_addr.remove(&addr);
+            }
+        }
+    }
+}
+
 /// Shared server state.
 pub(crate) struct Inner {
     pub(crate) config: SocketIoConfig,
     pub(crate) sockets_tx: mpsc::Sender<Socket>,
     sessions: Mutex<HashMap<String, Entry>>,
+    admission: Arc<Admission>,
 }
 
 impl Inner {
@@ -163,7 +243,8 @@ impl SocketIo {
     /// Returns the server and the stream of sockets that completed the Socket.IO CONNECT to "/".
     pub fn new(config: SocketIoConfig) -> (SocketIo, mpsc::Receiver<Socket>) {
         let (sockets_tx, sockets_rx) = mpsc::channel(SOCKETS_QUEUE);
-        let inner = Inner { config, sockets_tx, sessions: Mutex::new(HashMap::new()) };
+        let admission = Arc::new(Admission::new(&config));
+        let inner = Inner { config, sockets_tx, sessions: Mutex::new(HashMap::new()), admission };
         (SocketIo { inner: Arc::new(inner) }, sockets_rx)
     }
 
@@ -173,6 +254,7 @@ impl SocketIo {
             let (get, post) = (self.clone(), self.clone());
             cfg.service(
                 web::resource(path)
+                    .wrap(cors(&self.inner.config.cors_origins))
                     .route(web::get().to(move |req: HttpRequest, body: web::Payload| {
                         let io = get.clone();
                         async move { io.on_get(req, body).await }
@@ -199,6 +281,11 @@ impl SocketIo {
         self.inner.sessions().len()
     }
 
+    /// Number of open sessions that have not authenticated yet.
+    pub fn unauthenticated_count(&self) -> usize {
+        self.inner.admission.count()
+    }
+
     pub fn config(&self) -> &SocketIoConfig {
         &self.inner.config
     }
@@ -212,26 +299,38 @@ impl SocketIo {
             Ok(q) => q,
             Err(e) => return e.response(),
         };
+        let admit = || {
+            let addr = req.peer_addr().map(|a| a.ip());
+            let admitted = self.inner.admission.admit(addr);
+            if admitted.is_none() {
+                tracing::warn!(client = ?addr, "too many connections waiting to log in; handshake refused");
+            }
+            admitted
+        };
         match (query.transport, query.sid) {
             (Transport::Polling, None) => {
-                let open = self.start_session(None);
+                let Some(pending) = admit() else { return HttpError::Forbidden.response() };
+                let open = self.start_session(None, pending);
                 HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(open.encode())
             }
             (Transport::Polling, Some(sid)) => self.poll(&sid).await,
-            (Transport::WebSocket, None) => match actix_ws::handle(&req, body) {
-                Ok((response, session, stream)) => {
-                    let conn = self.ws_conn(session, stream);
-                    self.start_session(Some(conn));
-                    response
+            (Transport::WebSocket, None) => {
+                let Some(pending) = admit() else { return HttpError::Forbidden.response() };
+                match actix_ws::handle(&req, body) {
+                    Ok((response, session, stream)) => {
+                        let conn = self.ws_conn(session, stream);
+                        self.start_session(Some(conn), pending);
+                        response
+                    }
+                    Err(_) => HttpError::BadRequest.response(),
                 }
-                Err(_) => HttpError::BadRequest.response(),
-            },
+            }
             (Transport::WebSocket, Some(sid)) => self.upgrade(&req, body, &sid).await,
         }
     }
 
     /// Creates a session and spawns its task; returns the open packet.
-    fn start_session(&self, ws: Option<WsConn>) -> EPacket {
+    fn start_session(&self, ws: Option<WsConn>, pending: Unauthenticated) -> EPacket {
         let sid = generate_id();
         let config = &self.inner.config;
         let upgrades: &[&str] = if ws.is_some() { &[] } else { &["websocket"] };
@@ -244,6 +343,7 @@ impl SocketIo {
         }
         .packet();
         let control = Arc::new(Control::default());
+        control.hold_unauthenticated(pending);
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
         let entry = Entry { cmd: cmd_tx, control: control.clone(), posting: Arc::new(AtomicBool::new(false)) };
         self.inner.sessions().insert(sid.clone(), entry);
@@ -296,11 +396,7 @@ impl SocketIo {
         let _guard = PostingGuard(entry.posting.clone());
 
         let max = self.inner.config.max_payload;
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|len| len > max) {
             return fail(&entry, "payload too large", HttpError::PayloadTooLarge).await;
         }
@@ -369,6 +465,25 @@ impl SocketIo {
     }
 }
 
+/// CORS for pages served on other origins (OWT apps load their page from their own web
+/// server and start Socket.IO with long-polling, which the browser gates on these headers).
+/// The origin is echoed rather than `*` so clients using `withCredentials` work too; the
+/// portal uses no cookies, so credentials grant nothing.
+/// Other origins get no CORS headers (the browser then refuses), never an error: the
+/// portal's own pages send an `Origin` too. No origins configured: no CORS at all.
+pub fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::Cors> {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST"])
+        .allow_any_header()
+        .supports_credentials()
+        .block_on_origin_mismatch(false)
+        .max_age(86_400);
+    for origin in origins {
+        cors = if origin == "*" { cors.allow_any_origin() } else { cors.allowed_origin(origin) };
+    }
+    actix_web::middleware::Condition::new(!origins.is_empty(), cors)
+}
+
 /// Closes the session for a protocol error seen by the HTTP layer and answers with `error`.
 async fn fail(entry: &Entry, reason: &str, error: HttpError) -> HttpResponse {
     let _ = entry.cmd.send(Cmd::Fail(reason.to_owned())).await;
@@ -394,5 +509,54 @@ mod tests {
         assert_eq!(a.len(), 20);
         assert_ne!(a, b);
         assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+}
+
+/// Property tests: the handshake query of any request gives a transport or an engine.io error.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::socketio::packet::proptests::{config, text};
+    use proptest::prelude::*;
+
+    /// Query strings from engine.io's keys and values (some percent- or plus-encoded).
+    fn pairs() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+        let key = prop::sample::select(&["EIO", "transport", "sid", "t", "b64"][..]);
+        let value = prop::sample::select(&["4", "3", "%34", "polling", "websocket", "web+socket", "flash", "abc", "a%20b", ""][..]);
+        prop::collection::vec((key, value), 0..5)
+    }
+
+    fn decoded(v: &str) -> String {
+        v.replace("%34", "4").replace("%20", " ").replace('+', " ")
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_query_parses_or_is_refused(q in prop_oneof![text(40), "[A-Za-z0-9=&%+;_.-]{0,40}"]) {
+            // Refusals are engine.io's errors; what passes names a transport.
+            if let Err(e) = parse_query(&q) {
+                prop_assert!(matches!(e, HttpError::BadRequest | HttpError::UnknownTransport | HttpError::UnsupportedProtocolVersion), "{:?}", e);
+            }
+        }
+
+        #[test]
+        fn queries_follow_engine_io(pairs in pairs()) {
+            let q = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+            // The last occurrence of a key counts.
+            let last = |key: &str| pairs.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| decoded(v));
+            let expected = match last("transport").as_deref() {
+                Some("polling") => Ok(Transport::Polling),
+                Some("websocket") => Ok(Transport::WebSocket),
+                _ => Err(HttpError::UnknownTransport),
+            }
+            .and_then(|t| if last("EIO").as_deref() == Some("4") { Ok(t) } else { Err(HttpError::UnsupportedProtocolVersion) });
+            let got = parse_query(&q);
+            prop_assert_eq!(got.as_ref().map(|p| p.transport).map_err(|e| *e), expected, "{}", q);
+            if let Ok(p) = got {
+                prop_assert_eq!(p.sid, last("sid"));
+            }
+        }
     }
 }

@@ -149,8 +149,7 @@ impl SessionTask {
     }
 
     async fn next_event(&mut self) -> Ev {
-        let take_out = self.closing.is_none()
-            && (self.ws.is_some() || (self.poll.is_some() && !self.upgrading));
+        let take_out = self.closing.is_none() && (self.ws.is_some() || (self.poll.is_some() && !self.upgrading));
         let deadline = [self.next_ping, self.pong_deadline, self.connect_deadline, self.probe_deadline]
             .into_iter()
             .chain([self.closing.as_ref().map(|c| c.1)])
@@ -379,7 +378,7 @@ impl SessionTask {
                 self.deliver(Incoming::Invalid { reason }).await
             }
             _ => {
-                tracing::trace!(sid = %self.sid, kind = ?p.kind, nsp = %p.nsp, "ignored socket.io packet");
+                tracing::trace!(sid = %self.sid, kind = ?p.kind, nsp = ?p.nsp.chars().take(64).collect::<String>(), "ignored socket.io packet");
                 Ok(())
             }
         }

@@ -52,6 +52,8 @@ pub(crate) struct Control {
     closed: AtomicBool,
     request: Mutex<Option<CloseRequest>>,
     notify: Notify,
+    /// This session's place among the unauthenticated ones, until login or close.
+    unauthenticated: Mutex<Option<super::server::Unauthenticated>>,
 }
 
 impl Control {
@@ -75,6 +77,17 @@ impl Control {
 
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.authenticated();
+    }
+
+    pub(crate) fn hold_unauthenticated(&self, place: super::server::Unauthenticated) {
+        *self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+    }
+
+    /// Frees the session's place among the unauthenticated ones (idempotent).
+    pub(crate) fn authenticated(&self) {
+        let place = self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(place);
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -124,6 +137,12 @@ impl SocketHandle {
         self.inner.control.is_closed()
     }
 
+    /// Tells the server this socket has authenticated (logged in): it no longer counts
+    /// against the caps on connections waiting to log in.
+    pub fn authenticated(&self) {
+        self.inner.control.authenticated();
+    }
+
     fn send(&self, packet: Packet) -> Result<(), SocketClosed> {
         if self.is_closed() {
             return Err(SocketClosed);
@@ -140,5 +159,13 @@ impl SocketHandle {
                 Err(SocketClosed)
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl SocketHandle {
+    /// A handle whose packets go to `out`, for unit tests of the layers above.
+    pub(crate) fn for_test(id: &str, out: mpsc::Sender<String>) -> SocketHandle {
+        SocketHandle::new(id.to_string(), out, Arc::new(Control::default()))
     }
 }
