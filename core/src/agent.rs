@@ -9,6 +9,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::stream::{LayoutEntry, StreamInfo};
+use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId};
+
 /// Audio or video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,7 +33,7 @@ impl MediaKind {
 }
 
 /// One track a publisher announces in `publish`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishTrack {
     /// Audio or video.
     pub kind: MediaKind,
@@ -41,31 +44,42 @@ pub struct PublishTrack {
 }
 
 /// One track a subscriber asks for in `subscribe`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscribeTrack {
     /// Audio or video.
     pub kind: MediaKind,
     /// The m-line id in the subscriber's offer.
     pub mid: String,
     /// The stream it comes from.
-    pub from: String,
+    pub from: StreamId,
 }
 
 /// Identifies a WebRTC session: who, which transport (peer connection), which session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRef {
     /// Room id.
-    pub room: String,
+    pub room: RoomId,
     /// Participant id.
-    pub participant: String,
+    pub participant: ParticipantId,
     /// Transport (peer connection) id.
-    pub transport: String,
+    pub transport: TransportId,
     /// Publication or subscription id.
-    pub session: String,
+    pub session: SessionId,
+}
+
+/// A participant's transport (one peer connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportRef {
+    /// Room id.
+    pub room: RoomId,
+    /// Owner.
+    pub participant: ParticipantId,
+    /// Transport id.
+    pub transport: TransportId,
 }
 
 /// A publication to set up on a transport; media starts after the client's offer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishSpec {
     /// Where it belongs.
     pub at: SessionRef,
@@ -76,18 +90,19 @@ pub struct PublishSpec {
 }
 
 /// A subscription to set up on a transport.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscribeSpec {
     /// Where it belongs.
     pub at: SessionRef,
     /// The requested tracks.
     pub tracks: Vec<SubscribeTrack>,
     /// Subscribe to this stream's data channel, if any.
-    pub data_from: Option<String>,
+    pub data_from: Option<StreamId>,
 }
 
 /// A client `soac` message, already checked for shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Signaling {
     /// A (re)offer for the transport.
     Offer(String),
@@ -104,61 +119,105 @@ pub enum Signaling {
     RemovedCandidates,
 }
 
-/// What an agent reports to the portal.
-#[derive(Debug, Clone)]
+/// How a transport's negotiation advances (OWT's `progress` notification, whose wire
+/// shape the portal builds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Progress {
+    /// The server's SDP answer to the client's offer.
+    Answer {
+        /// The SDP.
+        sdp: String,
+    },
+    /// The transport's ICE/DTLS connection is up.
+    TransportReady,
+    /// One session on the transport flows (publication: first media; subscription: bound).
+    SessionReady {
+        /// The publication or subscription.
+        session: SessionId,
+    },
+}
+
+/// A change of a stream's info decided on the media side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamUpdate {
+    /// A mixed stream's layout (OWT field `video.layout`).
+    Layout(Vec<LayoutEntry>),
+    /// A mixed stream's loudest input (OWT field `activeInput`), none when it left.
+    ActiveInput(Option<StreamId>),
+}
+
+/// What an agent reports to the room controller (the portal today).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AgentEvent {
-    /// A `progress` notification for a participant (answer SDP, ready, error).
+    /// Negotiation progress of a participant's transport.
     Progress {
         /// Room id.
-        room: String,
+        room: RoomId,
         /// Recipient.
-        participant: String,
-        /// The notification data, e.g. `{id, status: "soac", data: {type: "answer", sdp}}`.
-        data: Value,
+        participant: ParticipantId,
+        /// The transport.
+        transport: TransportId,
+        /// What happened.
+        progress: Progress,
     },
     /// A publication's media flows: it becomes a forward stream of the room.
     StreamReady {
         /// Room id.
-        room: String,
-        /// The stream in OWT StreamInfo form (`id`, `type`, `media.tracks`, `info`).
-        stream: Value,
+        room: RoomId,
+        /// The stream.
+        stream: StreamInfo,
     },
     /// A publication ended on the agent's side (peer gone, transport failed).
     StreamEnded {
         /// Room id.
-        room: String,
+        room: RoomId,
         /// Stream id.
-        stream: String,
+        stream: StreamId,
         /// Why.
         reason: String,
     },
     /// A subscription ended on the agent's side.
     SubscriptionEnded {
-        /// Room id.
-        room: String,
+        /// Room id (always the subscription's room).
+        room: RoomId,
         /// Owner.
-        participant: String,
+        participant: ParticipantId,
         /// Subscription id.
-        subscription: String,
+        subscription: SessionId,
         /// Why.
         reason: String,
     },
-    /// A field of a stream's info changed on the media side (a mixed stream's
-    /// `activeInput` or `video.layout`, decided by the mixer itself).
+    /// A transport closed (peer gone, ICE failed, closed by request). Every session on it
+    /// is over, including publications that never became streams.
+    TransportClosed {
+        /// Room id.
+        room: RoomId,
+        /// Owner.
+        participant: ParticipantId,
+        /// The transport.
+        transport: TransportId,
+        /// The publications and subscriptions that were on it.
+        sessions: Vec<SessionId>,
+        /// Why.
+        reason: String,
+    },
+    /// A field of a stream's info changed on the media side (the mixer's own decisions).
     StreamUpdated {
         /// Room id.
-        room: String,
+        room: RoomId,
         /// Stream id.
-        stream: String,
-        /// OWT's field name: `activeInput` or `video.layout`.
-        field: String,
-        /// The new value.
-        value: Value,
+        stream: StreamId,
+        /// What changed.
+        update: StreamUpdate,
     },
 }
 
 /// Why an agent refused a request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AgentError {
     /// The transport id is unknown to the agent.
     #[error("Transport does NOT exist: {0}")]
@@ -175,7 +234,7 @@ pub enum AgentError {
 }
 
 /// Pause/resume of a publication's or subscription's tracks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackSwitch {
     /// Affect audio.
     pub audio: bool,
@@ -203,15 +262,15 @@ pub trait MediaAgent: Send + Sync {
     /// Registers a subscription to existing streams.
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<(), AgentError>;
     /// Handles an offer or candidate from the client for one of its transports.
-    async fn signal(&self, room: &str, participant: &str, transport: &str, signaling: Signaling) -> Result<(), AgentError>;
+    async fn signal(&self, at: &TransportRef, signaling: Signaling) -> Result<(), AgentError>;
     /// Ends a publication (its stream disappears) or a subscription.
-    async fn end_session(&self, participant: &str, session: &str);
+    async fn end_session(&self, participant: &ParticipantId, session: &SessionId);
     /// Pauses or resumes forwarding of a publication's or subscription's tracks.
-    async fn switch(&self, participant: &str, session: &str, switch: TrackSwitch) -> Result<(), AgentError>;
+    async fn switch(&self, participant: &ParticipantId, session: &SessionId, switch: TrackSwitch) -> Result<(), AgentError>;
     /// Asks a publisher for a keyframe on a stream's video (throttled by the agent).
-    async fn request_keyframe(&self, stream: &str);
+    async fn request_keyframe(&self, stream: &StreamId);
     /// Drops everything a participant has (left the room).
-    async fn participant_left(&self, participant: &str);
+    async fn participant_left(&self, participant: &ParticipantId);
     /// Counts of live media objects, for the stats endpoint.
     fn stats(&self) -> Value;
 }
@@ -219,30 +278,29 @@ pub trait MediaAgent: Send + Sync {
 /// The MCU as the portal drives it: one mixed stream per view of a room.
 #[async_trait::async_trait]
 pub trait MixEngine: Send + Sync {
-    /// Creates (or returns, if already there) the room's mixed streams, one per view, as
-    /// OWT StreamInfo (`type: "mixed"`, `info: {label, layout, activeInput}`, `media.tracks`).
-    async fn start_room(&self, room: &crate::room::Room) -> Vec<Value>;
+    /// Creates (or returns, if already there) the room's mixed streams, one per view, in
+    /// view order. Concurrent calls for one room create its views once.
+    async fn start_room(&self, room: &crate::room::Room) -> Vec<StreamInfo>;
     /// Frees the room's mixed streams and pipelines.
     async fn stop_room(&self, room: &str);
     /// Adds a forward stream to a view; returns the view's new layout.
-    async fn mix(&self, room: &str, view: &str, stream: &str) -> Result<Value, AgentError>;
+    async fn mix(&self, room: &str, view: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError>;
     /// Removes a stream from a view; returns the view's new layout.
-    async fn unmix(&self, room: &str, view: &str, stream: &str) -> Result<Value, AgentError>;
-    /// Replaces a view's layout with OWT's `[{stream?, region: {id, shape, area}}]`:
-    /// regions become the view's custom template and listed streams are pinned to them.
-    /// Returns the applied layout.
-    async fn set_layout(&self, room: &str, view: &str, layout: Value) -> Result<Value, AgentError>;
+    async fn unmix(&self, room: &str, view: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError>;
+    /// Replaces a view's layout: its regions become the view's custom template and listed
+    /// streams are pinned to them. Returns the applied layout.
+    async fn set_layout(&self, room: &str, view: &str, layout: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError>;
     /// Switches a view's base template (`fluid`, `lecture`); pins and custom regions are
     /// dropped. Returns the new layout. (Tessera extension.)
-    async fn set_template(&self, room: &str, view: &str, base: &str) -> Result<Value, AgentError>;
+    async fn set_template(&self, room: &str, view: &str, base: &str) -> Result<Vec<LayoutEntry>, AgentError>;
     /// Puts a stream of the view into a region (by id); returns the new layout.
-    async fn set_region(&self, room: &str, view: &str, stream: &str, region: &str) -> Result<Value, AgentError>;
+    async fn set_region(&self, room: &str, view: &str, stream: &str, region: &str) -> Result<Vec<LayoutEntry>, AgentError>;
     /// The current layout of a view.
-    async fn layout(&self, room: &str, view: &str) -> Option<Value>;
+    async fn layout(&self, room: &str, view: &str) -> Option<Vec<LayoutEntry>>;
 }
 
 /// What to record: a stream's audio and/or video (they may come from different streams).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordingSpec {
     /// `auto`, `webm`, `mkv` or `mp4`.
     pub container: String,
@@ -269,4 +327,90 @@ pub trait RecordingEngine: Send + Sync {
     async fn room_deleted(&self, room: &str);
     /// Stops and finalises everything (server shutdown).
     async fn shutdown(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
+        let text = serde_json::to_string(&v).unwrap();
+        let back: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v, "{text}");
+    }
+
+    fn at() -> SessionRef {
+        SessionRef { room: "r".into(), participant: "p".into(), transport: "t".into(), session: "s".into() }
+    }
+
+    fn layout() -> Vec<LayoutEntry> {
+        let region: crate::room::Region =
+            serde_json::from_value(serde_json::json!({"id": "1", "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}})).unwrap();
+        vec![LayoutEntry { stream: Some("s".into()), region: region.clone() }, LayoutEntry { stream: None, region }]
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        round_trip(PublishSpec {
+            at: at(),
+            tracks: vec![PublishTrack { kind: MediaKind::Video, mid: "1".into(), source: "camera".into() }],
+            data: true,
+        });
+        round_trip(SubscribeSpec {
+            at: at(),
+            tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into() }],
+            data_from: Some("s9".into()),
+        });
+        round_trip(TransportRef { room: "r".into(), participant: "p".into(), transport: "t".into() });
+        round_trip(Signaling::Offer("v=0".into()));
+        round_trip(Signaling::Candidate {
+            candidate: "candidate:1 1 udp 1 127.0.0.1 9 typ host".into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: None,
+        });
+        round_trip(Signaling::RemovedCandidates);
+        round_trip(TrackSwitch { audio: true, video: false, active: false });
+        round_trip(RecordingSpec { container: "mkv".into(), audio_from: Some("a".into()), video_from: None });
+        for e in
+            [AgentError::NoTransport("t".into()), AgentError::NoSession("s".into()), AgentError::Rejected("x".into()), AgentError::Failed("y".into())]
+        {
+            round_trip(e);
+        }
+        round_trip(layout());
+    }
+
+    #[test]
+    fn every_event_round_trips() {
+        let events = vec![
+            AgentEvent::Progress {
+                room: "r".into(),
+                participant: "p".into(),
+                transport: "t".into(),
+                progress: Progress::Answer { sdp: "v=0".into() },
+            },
+            AgentEvent::Progress { room: "r".into(), participant: "p".into(), transport: "t".into(), progress: Progress::TransportReady },
+            AgentEvent::Progress {
+                room: "r".into(),
+                participant: "p".into(),
+                transport: "t".into(),
+                progress: Progress::SessionReady { session: "s".into() },
+            },
+            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::forward() },
+            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::mixed() },
+            AgentEvent::StreamEnded { room: "r".into(), stream: "s".into(), reason: "gone".into() },
+            AgentEvent::SubscriptionEnded { room: "r".into(), participant: "p".into(), subscription: "s".into(), reason: "x".into() },
+            AgentEvent::TransportClosed {
+                room: "r".into(),
+                participant: "p".into(),
+                transport: "t".into(),
+                sessions: vec!["a".into(), "b".into()],
+                reason: "ICE failed".into(),
+            },
+            AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::Layout(layout()) },
+            AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::ActiveInput(Some("s".into())) },
+        ];
+        for e in events {
+            round_trip(e);
+        }
+    }
 }

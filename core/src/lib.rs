@@ -16,9 +16,13 @@ pub mod crypto;
 pub mod ids;
 pub mod room;
 pub mod store;
+pub mod stream;
 pub mod ticket;
 pub mod token;
+pub mod typed_ids;
 
 pub use control::{ControlError, ParticipantInfo, Permission, RoomControl};
 pub use room::{Room, RoomError};
 pub use store::{RoomStore, StoreError};
+pub use stream::StreamInfo;
+pub use typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId, ViewLabel};

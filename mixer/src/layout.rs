@@ -7,8 +7,9 @@
 //! the base template with the same region count. The template used is the one with the
 //! fewest regions that still holds every input.
 
-use serde_json::{Value, json};
-use tessera_core::room::{CustomTemplate, Fraction, Layout};
+use tessera_core::StreamId;
+use tessera_core::room::{Area, CustomTemplate, Fraction, Layout, Region};
+use tessera_core::stream::LayoutEntry;
 
 /// A rectangle in fractions of the output.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,29 +155,22 @@ pub fn assign(regions: &[Rect], inputs: &[String], pins: &[(String, String)], pr
     out
 }
 
-/// OWT's layout JSON: `[{stream?, region: {id, shape, area: {left, top, width, height}}}]`.
-pub fn to_json(assigned: &[(Rect, Option<String>)]) -> Value {
-    let mut filled: Vec<Value> = Vec::new();
-    let mut empty: Vec<Value> = Vec::new();
-    for (r, s) in assigned {
-        let region = json!({
-            "id": r.id,
-            "shape": "rectangle",
-            "area": {"left": r.left, "top": r.top, "width": r.width, "height": r.height},
-        });
-        match s {
-            Some(s) => filled.push(json!({"stream": s, "region": region})),
-            // OWT lists regions without a stream last.
-            None => empty.push(json!({"region": region})),
-        }
-    }
-    filled.extend(empty);
-    Value::Array(filled)
+/// The layout as the room sees it: each region with the stream placed in it, filled
+/// regions first (as OWT lists them).
+pub fn entries(assigned: &[(Rect, Option<String>)]) -> Vec<LayoutEntry> {
+    let entry = |(r, s): &(Rect, Option<String>)| LayoutEntry {
+        stream: s.as_deref().map(StreamId::from),
+        region: Region { id: r.id.clone(), shape: "rectangle".into(), area: Area { left: r.left, top: r.top, width: r.width, height: r.height } },
+    };
+    let filled = assigned.iter().filter(|(_, s)| s.is_some()).map(entry);
+    let empty = assigned.iter().filter(|(_, s)| s.is_none()).map(entry);
+    filled.chain(empty).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn layout(base: &str) -> Layout {
         let mut l = Layout::default();
@@ -241,9 +235,9 @@ mod tests {
         assert_eq!(b.iter().map(|(_, s)| s.as_deref()).collect::<Vec<_>>(), [Some("s4"), Some("s2"), Some("s3"), None]);
         let a = assign(regions, &inputs, &[("s3".into(), "1".into()), ("gone".into(), "2".into())], &[]);
         assert_eq!(a.iter().map(|(_, s)| s.as_deref()).collect::<Vec<_>>(), [Some("s3"), Some("s1"), Some("s2"), None]);
-        let j = to_json(&a);
-        assert_eq!(j[0]["stream"], "s3");
-        assert_eq!(j[0]["region"]["area"]["width"], "1/2");
-        assert!(j[3].get("stream").is_none());
+        let j = entries(&a);
+        assert_eq!(j[0].stream.as_ref().map(StreamId::as_str), Some("s3"));
+        assert_eq!(j[0].region.area.width, Fraction { num: 1, den: 2 });
+        assert!(j[3].stream.is_none());
     }
 }

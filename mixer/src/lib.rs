@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use tessera_core::agent::{AgentError, AgentEvent, MediaKind, MixEngine};
-use tessera_core::room::{CustomTemplate, Room, View};
+use tessera_core::StreamId;
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, MixEngine, StreamUpdate};
+use tessera_core::room::{CustomTemplate, Room, VideoParameters, View};
+use tessera_core::stream::{LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
 use tessera_webrtc_agent::forward::Fanout;
 use tessera_webrtc_agent::{LocalTrack, WebrtcAgent};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -84,41 +85,45 @@ impl ViewMix {
         a
     }
 
-    fn layout_json(&self) -> Value {
+    fn layout(&self) -> Vec<LayoutEntry> {
         let mut s = self.lock();
-        layout::to_json(&self.assigned(&mut s))
+        layout::entries(&self.assigned(&mut s))
     }
 
     fn demand(&self) -> bool {
         self.video_out.as_ref().is_some_and(|f| !f.is_empty()) || self.audio_out.as_ref().is_some_and(|f| !f.is_empty())
     }
 
-    fn stream_info(&self) -> Value {
+    fn stream_info(&self) -> StreamInfo {
         let mut tracks = Vec::new();
         if let (Some(a), Some(_)) = (&self.config.audio, &self.audio_out) {
-            tracks.push(json!({"type": "audio", "source": "mixed", "format": a.format, "status": "active"}));
+            tracks.push(TrackInfo {
+                kind: MediaKind::Audio,
+                source: "mixed".into(),
+                mid: None,
+                format: TrackFormat::Audio(a.format.clone()),
+                parameters: None,
+                status: TrackStatus::Active,
+            });
         }
         if let (Some(v), Some(_)) = (&self.config.video, &self.video_out) {
-            tracks.push(json!({
-                "type": "video",
-                "source": "mixed",
-                "format": v.format,
-                "parameters": {
-                    "resolution": v.parameters.resolution,
-                    "framerate": v.parameters.framerate,
-                    "bitrate": pipeline::bitrate_kbps(&self.config),
-                    "keyFrameInterval": v.parameters.key_frame_interval,
-                },
-                "status": "active",
-            }));
+            let parameters = VideoParameters { bitrate: Some(pipeline::bitrate_kbps(&self.config)), ..v.parameters.clone() };
+            tracks.push(TrackInfo {
+                kind: MediaKind::Video,
+                source: "mixed".into(),
+                mid: None,
+                format: TrackFormat::Video(v.format.clone()),
+                parameters: Some(parameters),
+                status: TrackStatus::Active,
+            });
         }
-        let active = self.lock().active.clone().unwrap_or_else(|| "unknown".into());
-        json!({
-            "id": self.id,
-            "type": "mixed",
-            "media": {"tracks": tracks},
-            "info": {"label": self.config.label, "layout": self.layout_json(), "activeInput": active},
-        })
+        let active_input = self.lock().active.as_deref().map(StreamId::from);
+        StreamInfo {
+            id: self.id.as_str().into(),
+            kind: StreamKind::Mixed(MixedInfo { label: self.config.label.as_str().into(), layout: self.layout(), active_input }),
+            tracks,
+            data: false,
+        }
     }
 }
 
@@ -274,8 +279,8 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                     warn!(error = %e, "cannot restart the view pipeline");
                 }
             }
-            for (field, value) in voice_activity(&view) {
-                let event = AgentEvent::StreamUpdated { room: view.room.clone(), stream: view.id.clone(), field: field.into(), value };
+            for update in voice_activity(&view) {
+                let event = AgentEvent::StreamUpdated { room: view.room.as_str().into(), stream: view.id.as_str().into(), update };
                 agent.emit(event).await;
             }
         }
@@ -283,9 +288,8 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
 }
 
 /// Voice activity: follows the loudest audio input and, when the view asks for it
-/// (`keepActiveInputPrimary`), moves it into the primary region. Returns the stream info
-/// fields that changed (`activeInput`, `video.layout`).
-fn voice_activity(view: &ViewMix) -> Vec<(&'static str, Value)> {
+/// (`keepActiveInputPrimary`), moves it into the primary region. Returns what changed.
+fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
     if !view.config.audio.as_ref().is_some_and(|a| a.vad) {
         return Vec::new();
     }
@@ -294,7 +298,7 @@ fn voice_activity(view: &ViewMix) -> Vec<(&'static str, Value)> {
     if s.active.as_ref().is_some_and(|a| !s.inputs.contains(a)) {
         s.active = None;
         s.candidate = None;
-        out.push(("activeInput", json!("unknown")));
+        out.push(StreamUpdate::ActiveInput(None));
     }
     let levels = match &s.pipeline {
         Some(p) => p.audio_levels(),
@@ -321,7 +325,7 @@ fn voice_activity(view: &ViewMix) -> Vec<(&'static str, Value)> {
     s.candidate = None;
     s.active = Some(stream.clone());
     debug!(view = %view.id, %stream, level_db = db, "active input");
-    out.push(("activeInput", json!(stream)));
+    out.push(StreamUpdate::ActiveInput(Some(stream.as_str().into())));
     if view.config.video.as_ref().is_some_and(|v| v.keep_active_input_primary) {
         let before = view.assigned(&mut s);
         let primary = before.first().map(|(r, _)| r.id.clone());
@@ -340,7 +344,7 @@ fn voice_activity(view: &ViewMix) -> Vec<(&'static str, Value)> {
             if let Some(p) = &s.pipeline {
                 p.apply_layout(&after);
             }
-            out.push(("video.layout", layout::to_json(&after)));
+            out.push(StreamUpdate::Layout(layout::entries(&after)));
         }
     }
     out
@@ -441,23 +445,19 @@ fn relayout(view: &ViewMix) {
     }
 }
 
-/// Parses an OWT layout value into regions (a custom template) and pins.
-fn parse_layout(value: &Value) -> Result<(CustomTemplate, Vec<(String, String)>), AgentError> {
-    let items = value.as_array().ok_or_else(|| AgentError::Rejected("layout must be an array".into()))?;
-    let mut regions = Vec::new();
-    let mut pins = Vec::new();
-    let mut seen_streams = Vec::new();
+/// Turns a requested layout into regions (a custom template) and pins, checking it.
+fn parse_layout(items: &[LayoutEntry]) -> Result<(CustomTemplate, Vec<(String, String)>), AgentError> {
+    let mut regions: Vec<tessera_core::room::Region> = Vec::new();
+    let mut pins: Vec<(String, String)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let region: tessera_core::room::Region = serde_json::from_value(item.get("region").cloned().unwrap_or(Value::Null))
-            .map_err(|e| AgentError::Rejected(format!("layout[{i}].region: {e}")))?;
-        if regions.iter().any(|r: &tessera_core::room::Region| r.id == region.id) {
-            return Err(AgentError::Rejected(format!("layout[{i}].region.id `{}` is used twice", region.id)));
+        let region = item.region.clone();
+        if regions.iter().any(|r| r.id == region.id) {
+            return Err(AgentError::Rejected(format!("layout[{i}].region.id `{}` is used twice", region.id.escape_debug())));
         }
-        if let Some(stream) = item.get("stream").and_then(Value::as_str) {
-            if seen_streams.contains(&stream) {
-                return Err(AgentError::Rejected(format!("layout[{i}].stream `{stream}` is used twice")));
+        if let Some(stream) = &item.stream {
+            if pins.iter().any(|(s, _)| s == stream.as_str()) {
+                return Err(AgentError::Rejected(format!("layout[{i}].stream `{}` is used twice", stream.as_str().escape_debug())));
             }
-            seen_streams.push(stream);
             pins.push((stream.to_string(), region.id.clone()));
         }
         regions.push(region);
@@ -487,23 +487,27 @@ fn parse_layout(value: &Value) -> Result<(CustomTemplate, Vec<(String, String)>)
 
 #[async_trait::async_trait]
 impl MixEngine for Mixer {
-    async fn start_room(&self, room: &Room) -> Vec<Value> {
-        let existing = self.lock().get(&room.id).map(|v| v.values().cloned().collect::<Vec<_>>());
-        let views = match existing {
-            Some(v) => v,
-            None => {
-                let views: Vec<Arc<ViewMix>> = room.views.iter().map(|v| self.create_view(room, v)).collect();
-                let mut rooms = self.lock();
-                let entry = rooms.entry(room.id.clone()).or_default();
-                for v in &views {
-                    entry.entry(v.config.label.clone()).or_insert_with(|| v.clone());
+    async fn start_room(&self, room: &Room) -> Vec<StreamInfo> {
+        let views: Vec<Arc<ViewMix>> = {
+            // Checked and created under one lock: two first logins at once used to both
+            // create the views, and the second registration replaced the first's outputs
+            // with ones no pipeline fed.
+            let mut rooms = self.lock();
+            match rooms.get(&room.id) {
+                Some(v) => v.values().cloned().collect(),
+                None => {
+                    let views: Vec<Arc<ViewMix>> = room.views.iter().map(|v| self.create_view(room, v)).collect();
+                    let entry = rooms.entry(room.id.clone()).or_default();
+                    for v in &views {
+                        entry.insert(v.config.label.clone(), v.clone());
+                    }
+                    info!(room = %room.id, views = views.len(), "room mixing ready");
+                    views
                 }
-                info!(room = %room.id, views = views.len(), "room mixing ready");
-                entry.values().cloned().collect()
             }
         };
-        let mut infos: Vec<Value> = views.iter().map(|v| v.stream_info()).collect();
-        infos.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        let mut infos: Vec<StreamInfo> = views.iter().map(|v| v.stream_info()).collect();
+        infos.sort_by(|a, b| a.id.cmp(&b.id));
         infos
     }
 
@@ -515,7 +519,7 @@ impl MixEngine for Mixer {
         }
     }
 
-    async fn mix(&self, room: &str, label: &str, stream: &str) -> Result<Value, AgentError> {
+    async fn mix(&self, room: &str, label: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError> {
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
@@ -528,10 +532,10 @@ impl MixEngine for Mixer {
         }
         attach(&self.agent, &view, stream);
         relayout(&view);
-        Ok(view.layout_json())
+        Ok(view.layout())
     }
 
-    async fn unmix(&self, room: &str, label: &str, stream: &str) -> Result<Value, AgentError> {
+    async fn unmix(&self, room: &str, label: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError> {
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
@@ -540,12 +544,12 @@ impl MixEngine for Mixer {
         }
         detach(&self.agent, &view, stream);
         relayout(&view);
-        Ok(view.layout_json())
+        Ok(view.layout())
     }
 
-    async fn set_layout(&self, room: &str, label: &str, layout_value: Value) -> Result<Value, AgentError> {
+    async fn set_layout(&self, room: &str, label: &str, requested: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError> {
         let view = self.view(room, label)?;
-        let (template, pins) = parse_layout(&layout_value)?;
+        let (template, pins) = parse_layout(&requested)?;
         {
             let mut s = view.lock();
             for (stream, _) in &pins {
@@ -559,10 +563,10 @@ impl MixEngine for Mixer {
             s.pins = pins;
         }
         relayout(&view);
-        Ok(view.layout_json())
+        Ok(view.layout())
     }
 
-    async fn set_template(&self, room: &str, label: &str, base: &str) -> Result<Value, AgentError> {
+    async fn set_template(&self, room: &str, label: &str, base: &str) -> Result<Vec<LayoutEntry>, AgentError> {
         if !["fluid", "lecture"].contains(&base) {
             return Err(AgentError::Rejected(format!("template `{base}` is not fluid or lecture")));
         }
@@ -577,10 +581,10 @@ impl MixEngine for Mixer {
             s.placed.clear();
         }
         relayout(&view);
-        Ok(view.layout_json())
+        Ok(view.layout())
     }
 
-    async fn set_region(&self, room: &str, label: &str, stream: &str, region: &str) -> Result<Value, AgentError> {
+    async fn set_region(&self, room: &str, label: &str, stream: &str, region: &str) -> Result<Vec<LayoutEntry>, AgentError> {
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
@@ -604,17 +608,18 @@ impl MixEngine for Mixer {
             }
         }
         relayout(&view);
-        Ok(view.layout_json())
+        Ok(view.layout())
     }
 
-    async fn layout(&self, room: &str, label: &str) -> Option<Value> {
-        self.view(room, label).ok().map(|v| v.layout_json())
+    async fn layout(&self, room: &str, label: &str) -> Option<Vec<LayoutEntry>> {
+        self.view(room, label).ok().map(|v| v.layout())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     #[test]
     fn layout_values_are_validated() {
@@ -622,16 +627,71 @@ mod tests {
             {"stream": "a", "region": {"id": "1", "shape": "rectangle", "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}}},
             {"region": {"id": "2", "shape": "rectangle", "area": {"left": "1/2", "top": "0", "width": "1/2", "height": "1"}}}
         ]);
-        let (t, pins) = parse_layout(&ok).unwrap();
+        let entries = |v: serde_json::Value| -> Vec<LayoutEntry> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| LayoutEntry {
+                    stream: e.get("stream").and_then(|s| s.as_str()).map(StreamId::from),
+                    region: serde_json::from_value(e["region"].clone()).unwrap(),
+                })
+                .collect()
+        };
+        let (t, pins) = parse_layout(&entries(ok)).unwrap();
         assert_eq!(t.region.len(), 2);
         assert_eq!(pins, vec![("a".to_string(), "1".to_string())]);
         let dup = json!([
             {"stream": "a", "region": {"id": "1", "area": {"left": "0", "top": "0", "width": "1", "height": "1"}}},
             {"stream": "a", "region": {"id": "2", "area": {"left": "0", "top": "0", "width": "1", "height": "1"}}}
         ]);
-        assert!(parse_layout(&dup).unwrap_err().to_string().contains("used twice"));
+        assert!(parse_layout(&entries(dup)).unwrap_err().to_string().contains("used twice"));
         let outside = json!([{"region": {"id": "1", "area": {"left": "1/2", "top": "0", "width": "1", "height": "1"}}}]);
-        assert!(parse_layout(&outside).is_err());
-        assert!(parse_layout(&json!({})).is_err());
+        assert!(parse_layout(&entries(outside)).is_err());
+        assert!(parse_layout(&[]).is_err());
+    }
+
+    /// Two first logins at the same moment both created the room's views; the second
+    /// registration replaced the first's outputs in the SFU, so the view the mixer kept
+    /// fed a fan-out nobody could subscribe to. Each view must be created once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_room_starts_create_each_view_once() {
+        let settings = tessera_webrtc_agent::AgentSettings {
+            bind_ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            public_ip: None,
+            port_min: 40000,
+            port_max: 40100,
+            keyframe_interval: Duration::from_millis(300),
+            ice_disconnected_timeout: Duration::from_secs(5),
+            ice_failed_timeout: Duration::from_secs(10),
+        };
+        let (agent, _events) = WebrtcAgent::new(settings);
+        let mixer = Mixer::new(agent.clone());
+        for n in 0..20 {
+            // Many views widen the window between "no views yet" and "views registered".
+            let views: Vec<Value> = (0..16).map(|v| json!({"label": format!("v{v}")})).collect();
+            let room = Room::from_options(format!("room{n}"), format!("Room {n}"), json!({"views": views})).unwrap();
+            let barrier = Arc::new(tokio::sync::Barrier::new(4));
+            let starts: Vec<_> = (0..4)
+                .map(|_| {
+                    let (mixer, room, barrier) = (mixer.clone(), room.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        mixer.start_room(&room).await
+                    })
+                })
+                .collect();
+            for s in starts {
+                assert_eq!(s.await.unwrap().len(), 16, "one mixed stream per view");
+            }
+            for v in 0..16 {
+                let view = mixer.view(&room.id, &format!("v{v}")).unwrap();
+                // A consumer tapping the SFU's registered stream must reach the outputs the
+                // view's pipeline feeds.
+                let tap = agent.tap(&view.id, MediaKind::Video).expect("the mixed stream is registered");
+                assert!(view.video_out.as_ref().is_some_and(|f| !f.is_empty()), "{}: the view feeds a fan-out the SFU does not serve", view.id);
+                agent.untap(&view.id, MediaKind::Video, tap.sink_id);
+            }
+            mixer.stop_room(&room.id).await;
+        }
     }
 }

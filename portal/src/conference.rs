@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::{Value, json};
-use tessera_core::{ParticipantInfo, Permission};
+use tessera_core::{ParticipantInfo, Permission, StreamInfo};
 
 use crate::socketio::SocketHandle;
 
@@ -113,8 +113,8 @@ impl Participant {
 pub(crate) struct RoomState {
     /// Participants in join order.
     pub participants: Vec<Participant>,
-    /// Streams in the room (OWT StreamInfo JSON), in publication order.
-    pub streams: Vec<Value>,
+    /// Streams in the room, in publication order (mixed ones first, from the room's start).
+    pub streams: Vec<StreamInfo>,
 }
 
 impl RoomState {
@@ -124,6 +124,19 @@ impl RoomState {
 
     pub fn participant_mut(&mut self, id: &str) -> Option<&mut Participant> {
         self.participants.iter_mut().find(|p| p.info.id == id)
+    }
+
+    pub fn stream(&self, id: &str) -> Option<&StreamInfo> {
+        self.streams.iter().find(|s| s.id == id)
+    }
+
+    pub fn stream_mut(&mut self, id: &str) -> Option<&mut StreamInfo> {
+        self.streams.iter_mut().find(|s| s.id == id)
+    }
+
+    /// The streams in OWT's wire shape.
+    pub fn streams_json(&self) -> Vec<Value> {
+        self.streams.iter().map(crate::wire::stream_json).collect()
     }
 
     /// The participant list as the login result shows it.

@@ -17,6 +17,7 @@ mod requests;
 mod session;
 pub mod settings;
 pub mod socketio;
+mod wire;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -49,20 +50,6 @@ struct Inner {
     conferences: Mutex<Conferences>,
     agent: Option<Arc<dyn MediaAgent>>,
     mixer: Option<Arc<dyn MixEngine>>,
-}
-
-/// The JSON value at `pointer` (`/info/owner`), `Null` when absent — `Value` indexing
-/// without its panic on writes.
-pub(crate) fn at<'a>(v: &'a Value, pointer: &str) -> &'a Value {
-    v.pointer(pointer).unwrap_or(&Value::Null)
-}
-
-/// Sets `key` in the object at `pointer` (`""` for `v` itself); a target that is not an
-/// object is left alone.
-pub(crate) fn set_at(v: &mut Value, pointer: &str, key: &str, value: Value) {
-    if let Some(Value::Object(m)) = v.pointer_mut(pointer) {
-        m.insert(key.to_string(), value);
-    }
 }
 
 /// Seconds since the Unix epoch.
@@ -216,7 +203,7 @@ impl Portal {
     /// The room snapshot sent in the login result.
     pub(crate) fn room_snapshot(&self, room: &tessera_core::Room) -> Value {
         let conf = self.lock();
-        let (participants, streams) = conf.room(&room.id).map(|r| (r.participants_json(), r.streams.clone())).unwrap_or_default();
+        let (participants, streams) = conf.room(&room.id).map(|r| (r.participants_json(), r.streams_json())).unwrap_or_default();
         json!({
             "id": room.id,
             "views": room.views.iter().map(|v| v.label.clone()).collect::<Vec<_>>(),
@@ -241,23 +228,22 @@ impl RoomControl for Portal {
     }
 
     async fn streams(&self, room: &str) -> Vec<Value> {
-        self.lock().room(room).map(|r| r.streams.clone()).unwrap_or_default()
+        self.lock().room(room).map(|r| r.streams_json()).unwrap_or_default()
     }
 
     async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError> {
         let owner = {
             let conf = self.lock();
-            let s = conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned();
-            match s {
+            match conf.room(room).and_then(|r| r.stream(stream)) {
                 None => return Err(ControlError::StreamNotFound(stream.into())),
-                Some(s) if at(&s, "/type") != "forward" => {
-                    return Err(ControlError::BadRequest(format!("Stream {stream} is not a forward stream")));
-                }
-                Some(s) => at(&s, "/info/owner").as_str().unwrap_or_default().to_string(),
+                Some(s) => match s.owner() {
+                    Some(owner) => owner.clone(),
+                    None => return Err(ControlError::BadRequest(format!("Stream {stream} is not a forward stream"))),
+                },
             }
         };
         if let Some(agent) = &self.inner.agent {
-            agent.end_session(&owner, stream).await;
+            agent.end_session(&owner, &stream.into()).await;
         }
         self.on_agent_event(AgentEvent::StreamEnded { room: room.into(), stream: stream.into(), reason: "deleted over REST".into() });
         Ok(())

@@ -10,7 +10,10 @@
 use std::collections::HashSet;
 
 use serde_json::{Value, json};
-use tessera_core::agent::{AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch};
+use tessera_core::agent::{
+    AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
+};
+use tessera_core::stream::{StreamKind, TrackStatus};
 use tracing::{debug, info};
 
 use crate::Portal;
@@ -123,7 +126,7 @@ impl Portal {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
             let pending: usize = r.participants.iter().map(|p| p.pending_publications()).sum();
-            let inputs = r.streams.iter().filter(|s| s["type"] == "forward").count() + pending;
+            let inputs = r.streams.iter().filter(|s| s.is_forward()).count() + pending;
             let p = r.participant_mut(participant).ok_or("Illegal request")?;
             permitted(p.info.permission.publish, tracks.iter().map(|t| t.kind))?;
             if room_cfg.input_limit >= 0 && inputs as i64 >= room_cfg.input_limit {
@@ -134,7 +137,8 @@ impl Portal {
             p.attributes.insert(session.clone(), attributes);
             transport
         };
-        let at = SessionRef { room: room.into(), participant: participant.into(), transport: transport.clone(), session: session.clone() };
+        let at =
+            SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
         if let Err(e) = agent.publish(PublishSpec { at, tracks, data: wants_data }).await {
             self.forget_session(room, participant, &session);
             return Err(e.to_string());
@@ -170,18 +174,15 @@ impl Portal {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
             for t in &tracks {
-                let stream = r.streams.iter().find(|s| s["id"] == t.from.as_str());
-                let Some(stream) = stream else {
+                let Some(stream) = r.stream(t.from.as_str()) else {
                     return Err(format!("Stream does NOT exist: {}", t.from));
                 };
-                let has_kind =
-                    crate::at(stream, "/media/tracks").as_array().is_some_and(|ts| ts.iter().any(|x| crate::at(x, "/type") == t.kind.as_str()));
-                if !has_kind {
+                if !stream.has(t.kind) {
                     return Err(format!("Stream {} has no {} track", t.from, t.kind.as_str()));
                 }
             }
             if let Some(from) = &data_from
-                && !r.streams.iter().any(|s| s["id"] == from.as_str() && s["data"] == true)
+                && !r.stream(from.as_str()).is_some_and(|s| s.data)
             {
                 return Err(format!("Stream {from} has no data channel"));
             }
@@ -190,8 +191,9 @@ impl Portal {
             agent = self.agent("subscribe")?;
             p.open_session(transport, &session, SessionKind::Subscription)?
         };
-        let at = SessionRef { room: room.into(), participant: participant.into(), transport: transport.clone(), session: session.clone() };
-        if let Err(e) = agent.subscribe(SubscribeSpec { at, tracks, data_from }).await {
+        let at =
+            SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
+        if let Err(e) = agent.subscribe(SubscribeSpec { at, tracks, data_from: data_from.map(Into::into) }).await {
             self.forget_session(room, participant, &session);
             return Err(e.to_string());
         }
@@ -228,7 +230,8 @@ impl Portal {
             }
         }
         let agent = self.agent("soac")?;
-        agent.signal(room, participant, transport, signaling).await.map_err(|e| e.to_string())?;
+        let at = TransportRef { room: room.into(), participant: participant.into(), transport: transport.into() };
+        agent.signal(&at, signaling).await.map_err(|e| e.to_string())?;
         Ok(None)
     }
 
@@ -246,7 +249,7 @@ impl Portal {
             });
         }
         if let Some(agent) = &self.inner.agent {
-            agent.end_session(participant, &id).await;
+            agent.end_session(&participant.into(), &id.as_str().into()).await;
         }
         self.forget_session(room, participant, &id);
         if kind == SessionKind::Publication {
@@ -262,10 +265,10 @@ impl Portal {
         let (is_owner, exists, mixed) = {
             let conf = self.lock();
             let r = conf.room(room);
-            let stream = r.and_then(|r| r.streams.iter().find(|s| s["id"] == id.as_str()));
-            let owner = stream.and_then(|s| crate::at(s, "/info/owner").as_str()).is_some_and(|o| o == participant);
+            let stream = r.and_then(|r| r.stream(&id));
+            let owner = stream.and_then(|s| s.owner()).is_some_and(|o| o == participant);
             let admin = r.and_then(|r| r.participant(participant)).is_some_and(|p| p.info.role == "admin");
-            (owner || admin, stream.is_some(), stream.is_some_and(|s| s["type"] == "mixed"))
+            (owner || admin, stream.is_some(), stream.is_some_and(|s| !s.is_forward()))
         };
         if !exists {
             return Err(format!("Stream does NOT exist: {id}"));
@@ -280,7 +283,7 @@ impl Portal {
                 }
                 let switch = track_switch(d, op == "play", "stream-control")?;
                 let agent = self.agent("stream-control")?;
-                agent.switch(participant, &id, switch).await.map_err(|e| e.to_string())?;
+                agent.switch(&participant.into(), &id.as_str().into(), switch).await.map_err(|e| e.to_string())?;
                 self.set_track_status(room, &id, switch);
                 Ok(Some(json!("ok")))
             }
@@ -313,7 +316,8 @@ impl Portal {
         match op {
             "pause" | "play" => {
                 let switch = track_switch(d, op == "play", "subscription-control")?;
-                self.agent("subscription-control")?.switch(participant, &id, switch).await.map_err(|e| e.to_string())?;
+                let agent = self.agent("subscription-control")?;
+                agent.switch(&participant.into(), &id.as_str().into(), switch).await.map_err(|e| e.to_string())?;
                 Ok(None)
             }
             "update" => Err("subscription-control: `update` (changing source or parameters) is not supported by the SFU; subscribe again".into()),
@@ -335,17 +339,17 @@ impl Portal {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
         let Some(r) = conf.rooms.get_mut(room) else { return };
-        let Some(idx) = r.streams.iter().position(|s| s["id"] == stream) else { return };
+        let Some(idx) = r.streams.iter().position(|s| s.id == stream) else { return };
         let removed = r.streams.remove(idx);
         info!(room, stream, reason, "stream removed");
         if notify {
             conf.broadcast(room, None, "stream", &json!({"id": stream, "status": "remove"}));
         }
         drop(conf);
-        let views: Vec<String> = crate::at(&removed, "/info/inViews")
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
+        let views: Vec<String> = match &removed.kind {
+            StreamKind::Forward(f) => f.in_views.iter().map(ToString::to_string).collect(),
+            StreamKind::Mixed(_) => Vec::new(),
+        };
         if !views.is_empty() {
             let (portal, room, stream) = (self.clone(), room.to_string(), stream.to_string());
             tokio::spawn(async move { portal.unmix_everywhere(&room, &stream, views).await });
@@ -354,20 +358,16 @@ impl Portal {
 
     fn set_track_status(&self, room: &str, stream: &str, switch: TrackSwitch) {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
-        let status = if switch.active { "active" } else { "inactive" };
+        let (status, wire) = if switch.active { (TrackStatus::Active, "active") } else { (TrackStatus::Inactive, "inactive") };
         let mut conf = self.lock();
         let Some(r) = conf.rooms.get_mut(room) else { return };
-        let Some(s) = r.streams.iter_mut().find(|s| s["id"] == stream) else { return };
+        let Some(s) = r.stream_mut(stream) else { return };
         let mut changed = Vec::new();
-        if let Some(Value::Array(tracks)) = s.pointer_mut("/media/tracks") {
-            for t in tracks {
-                let kind = t["type"].as_str().unwrap_or_default().to_string();
-                if (kind == "audio" && switch.audio) || (kind == "video" && switch.video) {
-                    t["status"] = json!(status);
-                    changed.push(kind);
-                }
-            }
+        for t in s.tracks.iter_mut().filter(|t| switch.covers(t.kind)) {
+            t.status = status;
+            changed.push(t.kind.as_str());
         }
+        let status = wire;
         if notify {
             for kind in changed {
                 let data = json!({"id": stream, "status": "update", "data": {"field": format!("{kind}.status"), "value": status}});
@@ -379,16 +379,16 @@ impl Portal {
     /// Applies one event from the media agent.
     pub(crate) fn on_agent_event(&self, event: AgentEvent) {
         match event {
-            AgentEvent::Progress { room, participant, data } => {
-                self.lock().notify(&room, &participant, "progress", data);
+            AgentEvent::Progress { room, participant, transport, progress } => {
+                self.lock().notify(room.as_str(), participant.as_str(), "progress", crate::wire::progress_json(&transport, &progress));
             }
             AgentEvent::StreamReady { room, mut stream } => {
-                let Some(id) = crate::at(&stream, "/id").as_str().map(str::to_string) else { return };
-                let owner = crate::at(&stream, "/info/owner").as_str().unwrap_or_default().to_string();
+                let (room, id) = (room.to_string(), stream.id.to_string());
+                let Some(owner) = stream.owner().map(ToString::to_string) else { return };
                 let notify = self.inner.store.get(&room).map(|r| r.notifying.stream_change).unwrap_or(true);
                 let mut conf = self.lock();
                 let Some(r) = conf.rooms.get_mut(&room) else { return };
-                if r.streams.iter().any(|s| s["id"] == id.as_str()) {
+                if r.stream(&id).is_some() {
                     return;
                 }
                 let Some(p) = r.participant_mut(&owner) else {
@@ -399,40 +399,54 @@ impl Portal {
                     return;
                 }
                 p.ready.insert(id.clone());
-                crate::set_at(&mut stream, "/info", "attributes", p.attributes.get(&id).cloned().unwrap_or(json!({})));
-                r.streams.push(stream.clone());
+                // What the room controller owns: the publisher's attributes; views come with auto-mix.
+                if let StreamKind::Forward(f) = &mut stream.kind {
+                    f.attributes = p.attributes.get(&id).cloned().unwrap_or(json!({}));
+                }
+                let data = crate::wire::stream_json(&stream);
+                r.streams.push(stream);
                 info!(%room, stream = %id, owner = %owner, "stream added");
                 if notify {
-                    conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": stream}));
+                    conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": data}));
                 }
                 drop(conf);
                 let portal = self.clone();
                 tokio::spawn(async move { portal.auto_mix(&room, &id).await });
             }
             AgentEvent::StreamEnded { room, stream, reason } => {
-                let owner = {
-                    let conf = self.lock();
-                    conf.room(&room)
-                        .and_then(|r| r.streams.iter().find(|s| s["id"] == stream.as_str()))
-                        .and_then(|s| crate::at(s, "/info/owner").as_str().map(str::to_string))
-                };
+                let owner = self.lock().room(room.as_str()).and_then(|r| r.stream(stream.as_str())).and_then(|s| s.owner().cloned());
                 if let Some(owner) = owner {
-                    self.forget_session(&room, &owner, &stream);
+                    self.forget_session(room.as_str(), owner.as_str(), stream.as_str());
                 }
-                self.remove_stream(&room, &stream, &reason);
+                self.remove_stream(room.as_str(), stream.as_str(), &reason);
             }
             AgentEvent::SubscriptionEnded { room, participant, subscription, reason } => {
-                debug!(%room, %participant, %subscription, %reason, "subscription ended by the agent");
-                self.forget_session(&room, &participant, &subscription);
+                debug!(%room, %participant, %subscription, reason = ?reason, "subscription ended by the agent");
+                self.forget_session(room.as_str(), participant.as_str(), subscription.as_str());
             }
-            AgentEvent::StreamUpdated { room, stream, field, value } => self.stream_field_changed(&room, &stream, &field, value),
+            AgentEvent::TransportClosed { room, participant, transport, sessions, reason } => {
+                debug!(%room, %participant, %transport, reason = ?reason, "transport closed by the agent");
+                // Publications that never flowed stop counting against inputLimit here;
+                // ready ones are removed by their StreamEnded.
+                let mut conf = self.lock();
+                if let Some(p) = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(participant.as_str())) {
+                    for s in &sessions {
+                        if !p.ready.contains(s.as_str()) {
+                            p.sessions.remove(s.as_str());
+                            p.attributes.remove(s.as_str());
+                        }
+                    }
+                    p.transports.remove(transport.as_str());
+                }
+            }
+            AgentEvent::StreamUpdated { room, stream, update } => self.stream_updated(room.as_str(), stream.as_str(), update),
         }
     }
 
     /// Everything a leaving participant published disappears; the agent frees its sessions.
     pub(crate) async fn media_cleanup(&self, room: &str, participant: &str, publications: HashSet<String>) {
         if let Some(agent) = &self.inner.agent {
-            agent.participant_left(participant).await;
+            agent.participant_left(&participant.into()).await;
         }
         for p in publications {
             self.remove_stream(room, &p, "owner left");

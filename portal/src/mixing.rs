@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tessera_core::agent::StreamUpdate;
+use tessera_core::stream::{LayoutEntry, StreamKind};
 use tessera_core::{ControlError, Room};
 use tracing::{debug, info};
 
@@ -22,7 +24,7 @@ impl Portal {
         let mut conf = self.lock();
         let Some(r) = conf.rooms.get_mut(&room.id) else { return };
         for info in infos {
-            if !r.streams.iter().any(|s| crate::at(s, "/id") == crate::at(&info, "/id")) {
+            if r.stream(info.id.as_str()).is_none() {
                 r.streams.push(info);
             }
         }
@@ -84,11 +86,10 @@ impl Portal {
         }
     }
 
-    fn forward_stream(&self, room: &str, stream: &str) -> Result<Value, String> {
+    fn forward_stream(&self, room: &str, stream: &str) -> Result<(), String> {
         let conf = self.lock();
-        let s = conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned();
-        match s {
-            Some(s) if crate::at(&s, "/type") == "forward" => Ok(s),
+        match conf.room(room).and_then(|r| r.stream(stream)) {
+            Some(s) if s.is_forward() => Ok(()),
             Some(_) => Err(format!("Stream {stream} is not a forward stream")),
             None => Err(format!("Stream does NOT exist: {stream}")),
         }
@@ -96,39 +97,43 @@ impl Portal {
 
     fn set_in_view(&self, room: &str, stream: &str, label: &str, present: bool) {
         let mut conf = self.lock();
-        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == stream)) else { return };
-        let mut views: Vec<String> =
-            crate::at(s, "/info/inViews").as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
-        views.retain(|v| v != label);
-        if present {
-            views.push(label.to_string());
+        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.stream_mut(stream)) else { return };
+        if let StreamKind::Forward(f) = &mut s.kind {
+            f.in_views.retain(|v| v != label);
+            if present {
+                f.in_views.push(label.into());
+            }
         }
-        crate::set_at(s, "/info", "inViews", json!(views));
     }
 
     /// Records a view's new layout and tells the room.
-    fn layout_changed(&self, room: &str, label: &str, layout: Value) {
-        self.stream_field_changed(room, &format!("{room}-{label}"), "video.layout", layout);
+    fn layout_changed(&self, room: &str, label: &str, layout: Vec<LayoutEntry>) {
+        self.stream_updated(room, &format!("{room}-{label}"), StreamUpdate::Layout(layout));
     }
 
-    /// Records a new value of a stream's `video.layout` or `activeInput` and, when it
-    /// differs, tells the room with a `stream` update (OWT's `{field, value}`).
-    pub(crate) fn stream_field_changed(&self, room: &str, id: &str, field: &str, value: Value) {
-        let key = match field {
-            "video.layout" => "layout",
-            "activeInput" => "activeInput",
-            other => {
-                debug!(%room, stream = %id, field = %other, "update of an unknown stream field ignored");
-                return;
-            }
-        };
+    /// Records a mixed stream's new layout or active input and, when it differs, tells
+    /// the room with a `stream` update (OWT's `{field, value}`).
+    pub(crate) fn stream_updated(&self, room: &str, id: &str, update: StreamUpdate) {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
-        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.streams.iter_mut().find(|s| s["id"] == id)) else { return };
-        if s.pointer("/info").and_then(|i| i.get(key)) == Some(&value) {
+        let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.stream_mut(id)) else { return };
+        let StreamKind::Mixed(m) = &mut s.kind else {
+            debug!(%room, stream = %id, "a mixed-stream update for a forward stream ignored");
             return;
-        }
-        crate::set_at(s, "/info", key, value.clone());
+        };
+        let (field, value) = match update {
+            StreamUpdate::Layout(layout) if layout != m.layout => {
+                let value = crate::wire::layout_json(&layout);
+                m.layout = layout;
+                ("video.layout", value)
+            }
+            StreamUpdate::ActiveInput(active) if active != m.active_input => {
+                let value = json!(active.as_ref().map_or("unknown", |a| a.as_str()));
+                m.active_input = active;
+                ("activeInput", value)
+            }
+            _ => return,
+        };
         if notify {
             let data = json!({"id": id, "status": "update", "data": {"field": field, "value": value}});
             conf.broadcast(room, None, "stream", &data);
@@ -157,16 +162,16 @@ impl Portal {
                 let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
                 let layout = m.layout(room, label).await.ok_or_else(|| format!("View does NOT exist: {label}"))?;
                 let region = layout
-                    .as_array()
-                    .and_then(|a| a.iter().find(|e| e["stream"] == stream))
-                    .and_then(|e| crate::at(e, "/region/id").as_str().map(str::to_string))
+                    .iter()
+                    .find(|e| e.stream.as_ref().is_some_and(|s| s == stream))
+                    .map(|e| e.region.id.clone())
                     .ok_or_else(|| format!("Stream {stream} is not in view {label}"))?;
                 Ok(Some(json!({"region": region})))
             }
             "set-region" => {
                 let d = data.ok_or("stream-control: `set-region` needs data: {view, region}")?;
-                let label = d["view"].as_str().ok_or("stream-control: set-region data.view must be a string")?;
-                let region = d["region"].as_str().ok_or("stream-control: set-region data.region must be a string")?;
+                let label = d.get("view").and_then(Value::as_str).ok_or("stream-control: set-region data.view must be a string")?;
+                let region = d.get("region").and_then(Value::as_str).ok_or("stream-control: set-region data.region must be a string")?;
                 let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
                 let layout = m.set_region(room, label, stream, region).await.map_err(|e| e.to_string())?;
                 self.layout_changed(room, label, layout);
@@ -179,16 +184,16 @@ impl Portal {
     /// REST `PATCH /v1/rooms/{room}/streams/{stream}` (OWT StreamUpdate operations).
     pub(crate) async fn patch(&self, room: &str, stream: &str, ops: &Value) -> Result<Value, ControlError> {
         let ops = ops.as_array().ok_or_else(|| ControlError::BadRequest("body must be an array of operations".into()))?;
-        let exists = self.lock().room(room).is_some_and(|r| r.streams.iter().any(|s| s["id"] == stream));
+        let exists = self.lock().room(room).is_some_and(|r| r.stream(stream).is_some());
         if !exists {
             return Err(ControlError::StreamNotFound(stream.into()));
         }
         let mixed_view = self.view_of(room, stream);
         for (i, op) in ops.iter().enumerate() {
             let bad = |m: &str| ControlError::BadRequest(format!("[{i}]: {m}"));
-            let kind = op["op"].as_str().ok_or_else(|| bad("`op` must be a string"))?;
-            let path = op["path"].as_str().ok_or_else(|| bad("`path` must be a string"))?;
-            let value = &op["value"];
+            let kind = op.get("op").and_then(Value::as_str).ok_or_else(|| bad("`op` must be a string"))?;
+            let path = op.get("path").and_then(Value::as_str).ok_or_else(|| bad("`path` must be a string"))?;
+            let value = op.get("value").unwrap_or(&Value::Null);
             match (kind, path, &mixed_view) {
                 ("add" | "remove", "/info/inViews", None) => {
                     let label = value.as_str().ok_or_else(|| bad("`value` must be a view label"))?;
@@ -197,7 +202,8 @@ impl Portal {
                 }
                 ("replace", "/info/layout", Some(label)) => {
                     let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
-                    let layout = m.set_layout(room, label, value.clone()).await.map_err(|e| bad(&e.to_string()))?;
+                    let requested = crate::wire::parse_layout(value).map_err(|e| bad(&e))?;
+                    let layout = m.set_layout(room, label, requested).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
                 ("replace", "/info/layout/template", Some(label)) => {
@@ -211,11 +217,7 @@ impl Portal {
                     let target = value.as_str().ok_or_else(|| bad("`value` must be a stream id"))?;
                     let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
                     let layout = m.layout(room, label).await.ok_or_else(|| bad("view is gone"))?;
-                    let region = layout
-                        .get(index)
-                        .and_then(|e| crate::at(e, "/region/id").as_str())
-                        .ok_or_else(|| bad(&format!("layout has no region #{index}")))?
-                        .to_string();
+                    let region = layout.get(index).map(|e| e.region.id.clone()).ok_or_else(|| bad(&format!("layout has no region #{index}")))?;
                     let layout = m.set_region(room, label, target, &region).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
@@ -223,7 +225,7 @@ impl Portal {
             }
         }
         let conf = self.lock();
-        conf.room(room).and_then(|r| r.streams.iter().find(|s| s["id"] == stream)).cloned().ok_or_else(|| ControlError::StreamNotFound(stream.into()))
+        conf.room(room).and_then(|r| r.stream(stream)).map(crate::wire::stream_json).ok_or_else(|| ControlError::StreamNotFound(stream.into()))
     }
 }
 

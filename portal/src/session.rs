@@ -217,7 +217,9 @@ async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: 
     });
     if !inner.settings.ice_servers.is_empty() {
         // Tessera extension: clients that read it configure their RTCPeerConnection with it.
-        crate::set_at(&mut result, "", "iceServers", json!(inner.settings.ice_servers));
+        if let Value::Object(m) = &mut result {
+            m.insert("iceServers".into(), json!(inner.settings.ice_servers));
+        }
     }
     Ok(Some(result))
 }
@@ -352,9 +354,10 @@ mod proptests {
     use std::collections::HashMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use tessera_core::agent::{AgentError, MediaAgent, MixEngine, PublishSpec, Signaling, SubscribeSpec, TrackSwitch};
+    use tessera_core::agent::{AgentError, MediaAgent, MediaKind, MixEngine, PublishSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
+    use tessera_core::stream::{ForwardInfo, LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
     use tessera_core::token::{PortalAddress, TokenAuthority};
-    use tessera_core::{ParticipantInfo, Room, RoomStore};
+    use tessera_core::{ParticipantId, ParticipantInfo, Room, RoomStore, SessionId, StreamId};
 
     const ROOM: &str = "room1";
     const ME: &str = "p1";
@@ -370,15 +373,15 @@ mod proptests {
         async fn subscribe(&self, spec: SubscribeSpec) -> Result<(), AgentError> {
             if spec.tracks.iter().any(|t| t.mid == "fail") { Err(AgentError::Rejected("refused".into())) } else { Ok(()) }
         }
-        async fn signal(&self, _: &str, _: &str, _: &str, _: Signaling) -> Result<(), AgentError> {
+        async fn signal(&self, _: &TransportRef, _: Signaling) -> Result<(), AgentError> {
             Ok(())
         }
-        async fn end_session(&self, _: &str, _: &str) {}
-        async fn switch(&self, _: &str, _: &str, _: TrackSwitch) -> Result<(), AgentError> {
+        async fn end_session(&self, _: &ParticipantId, _: &SessionId) {}
+        async fn switch(&self, _: &ParticipantId, _: &SessionId, _: TrackSwitch) -> Result<(), AgentError> {
             Ok(())
         }
-        async fn request_keyframe(&self, _: &str) {}
-        async fn participant_left(&self, _: &str) {}
+        async fn request_keyframe(&self, _: &StreamId) {}
+        async fn participant_left(&self, _: &ParticipantId) {}
         fn stats(&self) -> Value {
             Value::Null
         }
@@ -387,36 +390,37 @@ mod proptests {
     /// One view, `common`, whose layout has two regions with s-fwd in the first.
     struct FakeMixer;
 
-    fn layout() -> Value {
-        json!([{"stream": "s-fwd", "region": {"id": "1"}}, {"region": {"id": "2"}}])
+    fn layout() -> Vec<LayoutEntry> {
+        let region = |id: &str| serde_json::from_value(json!({"id": id, "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}})).unwrap();
+        vec![LayoutEntry { stream: Some("s-fwd".into()), region: region("1") }, LayoutEntry { stream: None, region: region("2") }]
     }
 
-    fn view_result(view: &str) -> Result<Value, AgentError> {
+    fn view_result(view: &str) -> Result<Vec<LayoutEntry>, AgentError> {
         if view == "common" { Ok(layout()) } else { Err(AgentError::NoSession(format!("view {view}"))) }
     }
 
     #[async_trait::async_trait]
     impl MixEngine for FakeMixer {
-        async fn start_room(&self, _: &Room) -> Vec<Value> {
+        async fn start_room(&self, _: &Room) -> Vec<StreamInfo> {
             Vec::new()
         }
         async fn stop_room(&self, _: &str) {}
-        async fn mix(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+        async fn mix(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
             view_result(view)
         }
-        async fn unmix(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+        async fn unmix(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
             view_result(view)
         }
-        async fn set_layout(&self, _: &str, view: &str, _: Value) -> Result<Value, AgentError> {
+        async fn set_layout(&self, _: &str, view: &str, _: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError> {
             view_result(view)
         }
-        async fn set_template(&self, _: &str, view: &str, _: &str) -> Result<Value, AgentError> {
+        async fn set_template(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
             view_result(view)
         }
-        async fn set_region(&self, _: &str, view: &str, _: &str, _: &str) -> Result<Value, AgentError> {
+        async fn set_region(&self, _: &str, view: &str, _: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
             view_result(view)
         }
-        async fn layout(&self, _: &str, view: &str) -> Option<Value> {
+        async fn layout(&self, _: &str, view: &str) -> Option<Vec<LayoutEntry>> {
             view_result(view).ok()
         }
     }
@@ -457,14 +461,26 @@ mod proptests {
         p.sessions.insert("sub1".into(), SessionKind::Subscription);
         let r = conf.rooms.entry(ROOM.into()).or_default();
         r.participants.push(p);
-        r.streams.push(json!({
-            "id": "s-fwd", "type": "forward", "data": true,
-            "media": {"tracks": [{"type": "audio", "status": "active"}, {"type": "video", "status": "active"}]},
-            "info": {"owner": ME, "inViews": ["common"], "attributes": {}},
-        }));
-        r.streams.push(
-            json!({"id": "room1-common", "type": "mixed", "media": {"tracks": [{"type": "audio"}, {"type": "video"}]}, "info": {"label": "common"}}),
-        );
+        let track = |kind: MediaKind| TrackInfo {
+            kind,
+            source: "camera".into(),
+            mid: None,
+            format: TrackFormat::Video(tessera_core::room::VideoFormat { codec: "vp8".into(), profile: None }),
+            parameters: None,
+            status: TrackStatus::Active,
+        };
+        r.streams.push(StreamInfo {
+            id: "s-fwd".into(),
+            kind: StreamKind::Forward(ForwardInfo { owner: ME.into(), in_views: vec!["common".into()], attributes: json!({}) }),
+            tracks: vec![track(MediaKind::Audio), track(MediaKind::Video)],
+            data: true,
+        });
+        r.streams.push(StreamInfo {
+            id: "room1-common".into(),
+            kind: StreamKind::Mixed(MixedInfo { label: "common".into(), layout: layout(), active_input: None }),
+            tracks: vec![track(MediaKind::Audio), track(MediaKind::Video)],
+            data: false,
+        });
         conf.where_is.insert(ME.into(), ROOM.into());
     }
 
@@ -722,7 +738,7 @@ mod proptests {
                     "/x",
                 ]),
             ),
-            ("value", prop_oneof![word(&["common", "other", "s-fwd", "fluid"]), Just(layout())].boxed()),
+            ("value", prop_oneof![word(&["common", "other", "s-fwd", "fluid"]), Just(crate::wire::layout_json(&layout()))].boxed()),
         ]);
         or_junk(prop::collection::vec(op, 0..4).prop_map(Value::Array))
     }

@@ -134,11 +134,9 @@ fn dev_room(dev: &DevTokens, requested: Option<String>) -> Result<String, &'stat
     }
 }
 
-/// Both checks of a dev request, answered with 403 when one fails.
-fn dev_request_room(req: &HttpRequest, dev: &DevTokens, requested: Option<String>) -> Result<String, HttpResponse> {
-    check_dev_request(req, dev)
-        .and_then(|()| dev_room(dev, requested))
-        .map_err(|why| error(actix_web::http::StatusCode::FORBIDDEN, why.to_string()))
+/// Both checks of a dev request; `Err` is why it is refused (403).
+fn dev_request_room(req: &HttpRequest, dev: &DevTokens, requested: Option<String>) -> Result<String, &'static str> {
+    check_dev_request(req, dev).and_then(|()| dev_room(dev, requested))
 }
 
 async fn dev_token(req: HttpRequest, dev: web::Data<DevTokens>, body: web::Json<DevTokenRequest>) -> HttpResponse {
@@ -146,7 +144,7 @@ async fn dev_token(req: HttpRequest, dev: web::Data<DevTokens>, body: web::Json<
     let body = body.into_inner();
     let room_id = match dev_request_room(&req, &dev, body.room) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(why) => return error(StatusCode::FORBIDDEN, why.to_string()),
     };
     let Some(room) = dev.store.get(&room_id) else {
         return error(StatusCode::NOT_FOUND, format!("Room not found: {room_id}"));
@@ -171,7 +169,7 @@ async fn dev_layout(req: HttpRequest, dev: web::Data<DevTokens>, body: web::Json
     let body = body.into_inner();
     let room = match dev_request_room(&req, &dev, body.room) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(why) => return error(StatusCode::FORBIDDEN, why.to_string()),
     };
     let view = body.view.unwrap_or_else(|| "common".into());
     let ops = serde_json::json!([{"op": "replace", "path": "/info/layout/template", "value": body.template}]);

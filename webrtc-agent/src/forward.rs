@@ -250,12 +250,9 @@ impl SeenWindow {
     /// Whether `seq` was delivered before; records it. A packet older than the window is
     /// let through unrecorded (a source that restarted its numbering lower goes on).
     pub fn repeat(&mut self, seq: u16) -> bool {
-        let slot = |s: u16| (usize::from(s) % Self::SIZE / 64, 1u64 << (s % 64));
         let Some(highest) = self.highest else {
             self.highest = Some(seq);
-            let (w, b) = slot(seq);
-            self.bits[w] |= b;
-            return false;
+            return self.mark(seq, true);
         };
         let ahead = seq.wrapping_sub(highest);
         if ahead != 0 && ahead < 0x8000 {
@@ -264,18 +261,27 @@ impl SeenWindow {
                 self.bits = [0; Self::SIZE / 64];
             } else {
                 for s in 1..=ahead {
-                    let (w, b) = slot(highest.wrapping_add(s));
-                    self.bits[w] &= !b;
+                    self.mark(highest.wrapping_add(s), false);
                 }
             }
             self.highest = Some(seq);
         } else if usize::from(highest.wrapping_sub(seq)) >= Self::SIZE {
             return false;
         }
-        let (w, b) = slot(seq);
-        let seen = self.bits[w] & b != 0;
-        self.bits[w] |= b;
-        seen
+        self.mark(seq, true)
+    }
+
+    /// Sets or clears the slot of `seq`; returns whether it was set.
+    fn mark(&mut self, seq: u16, on: bool) -> bool {
+        let Some(word) = self.bits.get_mut(usize::from(seq) % Self::SIZE / 64) else { return false };
+        let bit = 1u64 << (seq % 64);
+        let was = *word & bit != 0;
+        if on {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        was
     }
 }
 

@@ -30,7 +30,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tessera_core::agent::{AgentError, AgentEvent, MediaAgent, PublishSpec, Signaling, SubscribeSpec, TrackSwitch};
+use tessera_core::agent::{AgentError, AgentEvent, MediaAgent, PublishSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
+use tessera_core::{ParticipantId, SessionId, StreamId};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -110,6 +111,7 @@ pub struct AgentStats {
 
 /// A subscription, as the agent tracks it to undo it.
 struct SubscriptionEntry {
+    room: String,
     participant: String,
     transport: String,
 }
@@ -227,7 +229,7 @@ impl WebrtcAgent {
 
     /// Called by a transport task when it ends: forget it and everything on it.
     pub(crate) async fn transport_closed(&self, id: &str, reason: &str) {
-        let (publications, subscriptions) = {
+        let (t, publications, subscriptions) = {
             let mut s = self.lock();
             let Some(t) = s.transports.remove(id) else { return };
             if let Some(set) = s.by_participant.get_mut(&t.participant) {
@@ -244,18 +246,36 @@ impl WebrtcAgent {
                 let ids: Vec<String> = s.subscriptions.iter().filter(|(_, e)| e.transport == id).map(|(k, _)| k.clone()).collect();
                 ids.into_iter().filter_map(|k| s.subscriptions.remove(&k).map(|e| (k, e))).collect()
             };
-            (pubs, subs)
+            (t, pubs, subs)
         };
+        let mut sessions: Vec<SessionId> = Vec::new();
         for p in publications {
             p.end();
+            sessions.push(p.id.as_str().into());
             if p.is_ready() {
-                self.emit(AgentEvent::StreamEnded { room: p.room.clone(), stream: p.id.clone(), reason: reason.into() }).await;
+                self.emit(AgentEvent::StreamEnded { room: p.room.as_str().into(), stream: p.id.as_str().into(), reason: reason.into() }).await;
             }
         }
         for (sub, e) in subscriptions {
-            self.emit(AgentEvent::SubscriptionEnded { room: String::new(), participant: e.participant, subscription: sub, reason: reason.into() })
-                .await;
+            sessions.push(sub.as_str().into());
+            let ended = AgentEvent::SubscriptionEnded {
+                room: e.room.into(),
+                participant: e.participant.into(),
+                subscription: sub.into(),
+                reason: reason.into(),
+            };
+            self.emit(ended).await;
         }
+        // Also reports publications that never flowed, which the room controller still
+        // counts as pending inputs until it hears they are gone.
+        let closed = AgentEvent::TransportClosed {
+            room: t.room.as_str().into(),
+            participant: t.participant.as_str().into(),
+            transport: id.into(),
+            sessions,
+            reason: reason.into(),
+        };
+        self.emit(closed).await;
         info!(transport = %id, reason, "transport closed");
     }
 }
@@ -264,9 +284,9 @@ impl WebrtcAgent {
 impl MediaAgent for WebrtcAgent {
     async fn publish(&self, spec: PublishSpec) -> Result<(), AgentError> {
         let me = self.self_arc()?;
-        let t = me.transport(&spec.at.room, &spec.at.participant, &spec.at.transport).await?;
+        let t = me.transport(spec.at.room.as_str(), spec.at.participant.as_str(), spec.at.transport.as_str()).await?;
         let publication = Arc::new(Publication::new(&spec, self.settings.keyframe_interval));
-        self.lock().publications.insert(spec.at.session.clone(), publication.clone());
+        self.lock().publications.insert(spec.at.session.to_string(), publication.clone());
         t.send(TransportCmd::Publish(publication)).await
     }
 
@@ -274,24 +294,28 @@ impl MediaAgent for WebrtcAgent {
         let me = self.self_arc()?;
         let mut sources = Vec::new();
         for track in &spec.tracks {
-            let p = self.publication(&track.from).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {}", track.from)))?;
+            let p = self.publication(track.from.as_str()).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {}", track.from)))?;
             if !p.has_flowing(track.kind) {
                 return Err(AgentError::Rejected(format!("Stream {} has no {} media yet", track.from, track.kind.as_str())));
             }
             sources.push(p);
         }
         let data_source = match &spec.data_from {
-            Some(from) => Some(self.publication(from).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {from}")))?),
+            Some(from) => Some(self.publication(from.as_str()).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {from}")))?),
             None => None,
         };
-        let t = me.transport(&spec.at.room, &spec.at.participant, &spec.at.transport).await?;
-        self.lock()
-            .subscriptions
-            .insert(spec.at.session.clone(), SubscriptionEntry { participant: spec.at.participant.clone(), transport: spec.at.transport.clone() });
+        let t = me.transport(spec.at.room.as_str(), spec.at.participant.as_str(), spec.at.transport.as_str()).await?;
+        let entry = SubscriptionEntry {
+            room: spec.at.room.to_string(),
+            participant: spec.at.participant.to_string(),
+            transport: spec.at.transport.to_string(),
+        };
+        self.lock().subscriptions.insert(spec.at.session.to_string(), entry);
         t.send(TransportCmd::Subscribe(spec, sources, data_source)).await
     }
 
-    async fn signal(&self, _room: &str, participant: &str, transport: &str, signaling: Signaling) -> Result<(), AgentError> {
+    async fn signal(&self, at: &TransportRef, signaling: Signaling) -> Result<(), AgentError> {
+        let (participant, transport) = (at.participant.as_str(), at.transport.as_str());
         let t = self.lock().transports.get(transport).filter(|t| t.participant == participant).cloned();
         let t = t.ok_or_else(|| AgentError::NoTransport(transport.into()))?;
         match signaling {
@@ -307,7 +331,8 @@ impl MediaAgent for WebrtcAgent {
         }
     }
 
-    async fn end_session(&self, participant: &str, session: &str) {
+    async fn end_session(&self, participant: &ParticipantId, session: &SessionId) {
+        let (participant, session) = (participant.as_str(), session.as_str());
         let (publication, subscription) = {
             let mut s = self.lock();
             let p = s.publications.get(session).filter(|p| p.participant == participant).cloned();
@@ -335,7 +360,8 @@ impl MediaAgent for WebrtcAgent {
         }
     }
 
-    async fn switch(&self, participant: &str, session: &str, switch: TrackSwitch) -> Result<(), AgentError> {
+    async fn switch(&self, participant: &ParticipantId, session: &SessionId, switch: TrackSwitch) -> Result<(), AgentError> {
+        let (participant, session) = (participant.as_str(), session.as_str());
         if let Some(p) = self.publication(session).filter(|p| p.participant == participant) {
             p.switch(switch);
             return Ok(());
@@ -346,8 +372,8 @@ impl MediaAgent for WebrtcAgent {
         t.send(TransportCmd::Switch(session.to_string(), switch)).await
     }
 
-    async fn request_keyframe(&self, stream: &str) {
-        if let Some(p) = self.publication(stream) {
+    async fn request_keyframe(&self, stream: &StreamId) {
+        if let Some(p) = self.publication(stream.as_str()) {
             p.request_keyframe();
         }
     }
@@ -356,10 +382,13 @@ impl MediaAgent for WebrtcAgent {
         serde_json::to_value(WebrtcAgent::stats(self)).unwrap_or_default()
     }
 
-    async fn participant_left(&self, participant: &str) {
+    async fn participant_left(&self, participant: &ParticipantId) {
         let transports: Vec<TransportHandle> = {
             let s = self.lock();
-            s.by_participant.get(participant).map(|ids| ids.iter().filter_map(|id| s.transports.get(id).cloned()).collect()).unwrap_or_default()
+            s.by_participant
+                .get(participant.as_str())
+                .map(|ids| ids.iter().filter_map(|id| s.transports.get(id).cloned()).collect())
+                .unwrap_or_default()
         };
         for t in transports {
             let _ = t.send(TransportCmd::Close("participant left".into())).await;

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tessera_core::agent::{MediaKind, PublishSpec, PublishTrack, TrackSwitch};
+use tessera_core::room::{AudioFormat, VideoFormat};
+use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
 use tracing::debug;
 use webrtc::data_channel::DataChannel;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -142,10 +144,10 @@ impl Publication {
 
     pub fn new(spec: &PublishSpec, keyframe_interval: Duration) -> Self {
         Publication {
-            id: spec.at.session.clone(),
-            room: spec.at.room.clone(),
-            participant: spec.at.participant.clone(),
-            transport: spec.at.transport.clone(),
+            id: spec.at.session.to_string(),
+            room: spec.at.room.to_string(),
+            participant: spec.at.participant.to_string(),
+            transport: spec.at.transport.to_string(),
             announced: spec.tracks.clone(),
             data: spec.data,
             keyframe_interval,
@@ -255,49 +257,44 @@ impl Publication {
         self.data_sinks.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// The stream as the room sees it (OWT StreamInfo; the portal adds `attributes`).
-    pub fn stream_info(&self) -> Value {
-        let tracks: Vec<Value> = self
+    /// The stream as the room sees it.
+    pub fn stream_info(&self) -> StreamInfo {
+        let tracks = self
             .announced
             .iter()
             .filter_map(|a| {
                 let t = self.track(a.kind)?;
-                Some(json!({
-                    "id": format!("{}-{}", self.id, a.kind.as_str()),
-                    "type": a.kind.as_str(),
-                    "source": a.source,
-                    "mid": a.mid,
-                    "format": codec_format(&t.codec),
-                    "status": if t.active.load(Ordering::Relaxed) { "active" } else { "inactive" },
-                }))
+                Some(TrackInfo {
+                    kind: a.kind,
+                    source: a.source.clone(),
+                    mid: Some(a.mid.clone()),
+                    format: codec_format(&t.codec),
+                    parameters: None,
+                    status: if t.active.load(Ordering::Relaxed) { TrackStatus::Active } else { TrackStatus::Inactive },
+                })
             })
             .collect();
-        let mut v = serde_json::Map::new();
-        v.insert("id".into(), json!(self.id));
-        v.insert("type".into(), json!("forward"));
-        v.insert("media".into(), json!({"tracks": tracks}));
-        v.insert("info".into(), json!({"owner": self.participant, "type": "webrtc", "inViews": [], "attributes": {}}));
-        if self.data {
-            v.insert("data".into(), json!(true));
+        StreamInfo {
+            id: self.id.as_str().into(),
+            // The room controller fills in what it owns: views and the publisher's attributes.
+            kind: StreamKind::Forward(ForwardInfo { owner: self.participant.as_str().into(), in_views: Vec::new(), attributes: Value::Null }),
+            tracks,
+            data: self.data,
         }
-        Value::Object(v)
     }
 }
 
-/// OWT's format object for a negotiated codec.
-pub(crate) fn codec_format(codec: &RTCRtpCodec) -> Value {
+/// The format of a negotiated codec.
+pub(crate) fn codec_format(codec: &RTCRtpCodec) -> TrackFormat {
     let mime = codec.mime_type.to_ascii_lowercase();
     let name = mime.split('/').nth(1).unwrap_or(&mime).to_string();
     if mime.starts_with("audio/") {
-        if codec.channels > 0 {
-            json!({"codec": name, "sampleRate": codec.clock_rate, "channelNum": codec.channels})
-        } else {
-            json!({"codec": name, "sampleRate": codec.clock_rate})
-        }
+        let channels = (codec.channels > 0).then_some(u32::from(codec.channels));
+        TrackFormat::Audio(AudioFormat { codec: name, sample_rate: Some(codec.clock_rate), channel_num: channels })
     } else if name == "h264" {
-        json!({"codec": "h264", "profile": h264_profile(&codec.sdp_fmtp_line)})
+        TrackFormat::Video(VideoFormat { codec: name, profile: Some(h264_profile(&codec.sdp_fmtp_line).to_string()) })
     } else {
-        json!({"codec": name})
+        TrackFormat::Video(VideoFormat { codec: name, profile: None })
     }
 }
 
@@ -325,16 +322,16 @@ mod tests {
     #[test]
     fn formats() {
         let opus = RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48000, channels: 2, ..Default::default() };
-        assert_eq!(codec_format(&opus), json!({"codec": "opus", "sampleRate": 48000, "channelNum": 2}));
+        assert_eq!(codec_format(&opus), TrackFormat::Audio(AudioFormat { codec: "opus".into(), sample_rate: Some(48000), channel_num: Some(2) }));
         let vp8 = RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() };
-        assert_eq!(codec_format(&vp8), json!({"codec": "vp8"}));
+        assert_eq!(codec_format(&vp8), TrackFormat::Video(VideoFormat { codec: "vp8".into(), profile: None }));
         let h264 = RTCRtpCodec {
             mime_type: "video/H264".into(),
             clock_rate: 90000,
             sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
             ..Default::default()
         };
-        assert_eq!(codec_format(&h264), json!({"codec": "h264", "profile": "CB"}));
+        assert_eq!(codec_format(&h264), TrackFormat::Video(VideoFormat { codec: "h264".into(), profile: Some("CB".into()) }));
     }
 }
 
@@ -358,12 +355,19 @@ mod proptests {
             let f = codec_format(&codec);
             let lower = mime.to_ascii_lowercase();
             let name = lower.split('/').nth(1).unwrap_or(&lower);
-            prop_assert_eq!(f["codec"].as_str(), Some(name));
-            if lower.starts_with("audio/") {
-                prop_assert_eq!(f["sampleRate"].as_u64(), Some(u64::from(clock_rate)));
-            }
-            if name == "h264" && !lower.starts_with("audio/") {
-                prop_assert!(["CB", "B", "M", "H"].contains(&f["profile"].as_str().unwrap_or_default()), "{}", f);
+            match &f {
+                TrackFormat::Audio(a) => {
+                    prop_assert!(lower.starts_with("audio/"));
+                    prop_assert_eq!(a.codec.as_str(), name);
+                    prop_assert_eq!(a.sample_rate, Some(clock_rate));
+                }
+                TrackFormat::Video(v) => {
+                    prop_assert!(!lower.starts_with("audio/"));
+                    prop_assert_eq!(v.codec.as_str(), name);
+                    if name == "h264" {
+                        prop_assert!(["CB", "B", "M", "H"].contains(&v.profile.as_deref().unwrap_or_default()), "{:?}", f);
+                    }
+                }
             }
             prop_assert!(["CB", "B", "M", "H"].contains(&h264_profile(&fmtp)));
         }

@@ -15,8 +15,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::RTCPFeedback;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use serde_json::json;
-use tessera_core::agent::{AgentError, AgentEvent, MediaKind, SubscribeSpec, TrackSwitch};
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, Progress, SubscribeSpec, TrackSwitch};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
@@ -59,6 +58,7 @@ enum PcEvent {
 /// The agent's way to reach a transport task.
 #[derive(Clone)]
 pub(crate) struct TransportHandle {
+    pub room: String,
     pub participant: String,
     tx: mpsc::Sender<TransportCmd>,
 }
@@ -177,7 +177,7 @@ pub(crate) async fn spawn(agent: Arc<WebrtcAgent>, room: &str, participant: &str
     };
     let span = info_span!("transport", room = %room, participant = %participant, transport = %id);
     tokio::spawn(task.run(rx, events_rx).instrument(span));
-    Ok(TransportHandle { participant: participant.to_string(), tx })
+    Ok(TransportHandle { room: room.to_string(), participant: participant.to_string(), tx })
 }
 
 /// Packets of each outgoing video stream kept for retransmission. webrtc-rs keeps 1024 by
@@ -331,7 +331,7 @@ impl Task {
             }
             TransportCmd::EndSession(id) => {
                 self.publications.retain(|p| p.id != id);
-                self.pending.retain(|p| p.spec.at.session != id);
+                self.pending.retain(|p| p.spec.at.session != *id.as_str());
                 if let Some(sub) = self.subs.remove(&id) {
                     drop_sub(&id, sub);
                 }
@@ -368,7 +368,7 @@ impl Task {
                 let pos = order.iter().position(|m| *m == t.mid).ok_or_else(|| {
                     AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, p.spec.at.session))
                 })?;
-                planned.push(Planned { pos, session: p.spec.at.session.clone(), kind: t.kind, src: src.clone(), track });
+                planned.push(Planned { pos, session: p.spec.at.session.to_string(), kind: t.kind, src: src.clone(), track });
             }
         }
         planned.sort_by_key(|p| p.pos);
@@ -412,7 +412,7 @@ impl Task {
         let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done)).await;
         let local = self.pc.local_description().await.ok_or_else(|| AgentError::Failed("no local description".into()))?;
         let sdp = announce_public_ip(&local.sdp, &self.agent.settings.bind_ips, self.agent.settings.public_ip);
-        self.progress(json!({"id": self.id, "status": "soac", "data": {"type": "answer", "sdp": sdp}})).await;
+        self.progress(Progress::Answer { sdp }).await;
 
         // Bind each subscriber track to its fan-out, with the payload type negotiated here.
         let senders = self.pc.get_senders().await;
@@ -451,7 +451,7 @@ impl Task {
             by_session.entry(session).or_default().push(sub_track);
         }
         for p in pending {
-            let id = p.spec.at.session.clone();
+            let id = p.spec.at.session.to_string();
             let (stop, _) = stops.remove(&id).unwrap_or_else(|| watch::channel(false));
             let tracks = by_session.remove(&id).unwrap_or_default();
             self.subs.insert(id.clone(), SubState { tracks, data_source: p.data_source, ready_sent: false, stop });
@@ -473,12 +473,18 @@ impl Task {
             ready.push(id.clone());
         }
         for id in ready {
-            self.progress(json!({"id": self.id, "sessionId": id, "status": "ready"})).await;
+            self.progress(Progress::SessionReady { session: id.into() }).await;
         }
     }
 
-    async fn progress(&self, data: serde_json::Value) {
-        self.agent.emit(AgentEvent::Progress { room: self.room.clone(), participant: self.participant.clone(), data }).await;
+    async fn progress(&self, progress: Progress) {
+        let event = AgentEvent::Progress {
+            room: self.room.as_str().into(),
+            participant: self.participant.as_str().into(),
+            transport: self.id.as_str().into(),
+            progress,
+        };
+        self.agent.emit(event).await;
     }
 
     /// Handles a connection event; returns a reason when the transport must end.
@@ -490,7 +496,7 @@ impl Task {
                     RTCPeerConnectionState::Connected if !self.connected => {
                         self.connected = true;
                         info!("transport connected");
-                        self.progress(json!({"id": self.id, "status": "ready"})).await;
+                        self.progress(Progress::TransportReady).await;
                         self.announce_subscriptions().await;
                     }
                     RTCPeerConnectionState::Failed => return Some("connection failed".into()),
@@ -546,8 +552,8 @@ impl Task {
 
     async fn check_ready(&self, p: &Arc<Publication>) {
         if p.check_ready() {
-            self.progress(json!({"id": self.id, "sessionId": p.id, "status": "ready"})).await;
-            self.agent.emit(AgentEvent::StreamReady { room: self.room.clone(), stream: p.stream_info() }).await;
+            self.progress(Progress::SessionReady { session: p.id.as_str().into() }).await;
+            self.agent.emit(AgentEvent::StreamReady { room: self.room.as_str().into(), stream: p.stream_info() }).await;
         }
     }
 
