@@ -12,8 +12,10 @@
 mod isolate;
 mod scenario;
 mod server;
+mod soak;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -28,8 +30,10 @@ use server::{AnyServer, Kind, Launch};
 #[derive(Parser, Debug)]
 #[command(name = "tessera-bench", version, about)]
 struct Args {
-    /// smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all (the five before), or
-    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only).
+    /// smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all (the five before),
+    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), or soak
+    /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
+    /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost).
     #[arg(long, default_value = "smoke")]
     scenario: String,
     /// Peer server run alongside: none (Tessera alone) or janus.
@@ -59,9 +63,16 @@ struct Args {
     /// Video frames per second of each synthetic publisher.
     #[arg(long, default_value_t = 30)]
     fps: u32,
-    /// Seconds of measured traffic per scenario (ramp steps and matrix cells use at most 5).
+    /// Seconds of measured traffic per scenario (ramp steps and matrix cells use at most 5);
+    /// default 10, and 1800 for soak.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Participants of the soak's core meeting (2-30).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    participants: usize,
+    /// Largest loss (percent) on the soak's core meeting that still passes.
+    #[arg(long, default_value_t = 0.0)]
+    max_loss_pct: f64,
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
@@ -69,12 +80,20 @@ struct Args {
 const RAMP_MAX: usize = 310;
 const RAMP_STEP: usize = 60;
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 8] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "all"];
+const KNOWN: [&str; 9] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "all"];
 
 /// Runs one scenario on one server kind; returns its rows.
-async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) -> anyhow::Result<Vec<Value>> {
+async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args) -> anyhow::Result<Vec<Value>> {
     let mut rows = Vec::new();
     match name {
+        "soak" if kind != Kind::Tessera => {
+            eprintln!("tessera-bench: soak is Tessera only (it records and watches the room's mix)");
+        }
+        "soak" => {
+            let t = Arc::new(server::tessera::Tessera::start_with(launch, soak::PORTAL_SETTINGS)?);
+            let o = soak::Soak { seconds, participants: args.participants, max_loss_pct: args.max_loss_pct, load };
+            rows.push(soak::soak(t, o).await?);
+        }
         "ramp" => {
             // Add subscribers to one publisher until loss passes 1 %, p99 passes 50 ms or
             // the server's CPU passes 95 % of its core; a fresh server per step so steps
@@ -91,11 +110,8 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64) 
                     Ok(f) => (f, None),
                     Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
                 };
-                let ok = error.is_none()
-                    && f.missing_first_frames == 0
-                    && f.loss_pct <= 1.0
-                    && percentile(&f.latency, 0.99) <= 50.0
-                    && f.cpu_pct() < 95.0;
+                let ok =
+                    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.cpu_pct() < 95.0;
                 let mut r = row("ramp", kind.name(), &f);
                 r["step_subscribers"] = json!(n);
                 r["passed"] = json!(ok);
@@ -223,7 +239,9 @@ fn print_comparison(rows: &[Value]) {
     for sc in scenarios {
         // A ramp compares the largest step both servers passed (same load on both), and
         // the capacities from its last rows; other scenarios have one row per server.
-        let passed_at = |server: &str, n: u64| rows.iter().find(|r| r["scenario"] == sc && r["server"] == server && r["step_subscribers"] == n && r["passed"] == true);
+        let passed_at = |server: &str, n: u64| {
+            rows.iter().find(|r| r["scenario"] == sc && r["server"] == server && r["step_subscribers"] == n && r["passed"] == true)
+        };
         let common_step = rows
             .iter()
             .filter(|r| r["scenario"] == sc && r["server"] == "tessera" && r["passed"] == true)
@@ -268,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
         if rows.iter().any(|r| r["server"] == "janus") {
             print_comparison(&rows);
         }
+        rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
         return Ok(());
     }
     let kinds = match args.against.as_str() {
@@ -276,7 +295,14 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("--against {other}: expected none or janus"),
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
-        bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix)", args.scenario);
+        bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak)", args.scenario);
+    }
+    let seconds = args.seconds.unwrap_or(if args.scenario == "soak" { 1800 } else { 10 });
+    if seconds == 0 {
+        bail!("--seconds must be at least 1");
+    }
+    if args.scenario == "soak" && (seconds < 30 || !(2..=30).contains(&args.participants) || !(0.0..=100.0).contains(&args.max_loss_pct)) {
+        bail!("soak needs --seconds of at least 30, --participants 2-30 and --max-loss-pct 0-100");
     }
     if args.fps == 0 || args.fps > 120 || args.video_kbps == 0 || args.video_kbps > 20_000 {
         bail!("--fps must be 1-120 and --video-kbps 1-20000");
@@ -313,10 +339,11 @@ async fn main() -> anyhow::Result<()> {
             // matrix are many runs in one).
             let limit = match name {
                 "ramp" | "mixer-matrix" => Duration::from_secs(900),
-                _ => Duration::from_secs(args.seconds * 20 + 240),
+                "soak" => Duration::from_secs(seconds + 900),
+                _ => Duration::from_secs(seconds * 20 + 240),
             };
             let started = std::time::Instant::now();
-            let result = tokio::time::timeout(limit, run(name, kind, &launch, load, args.seconds))
+            let result = tokio::time::timeout(limit, run(name, kind, &launch, load, seconds, &args))
                 .await
                 .map_err(|_| anyhow::anyhow!("timed out after {limit:?}"))
                 .and_then(|r| r);
@@ -339,6 +366,13 @@ async fn main() -> anyhow::Result<()> {
         if kinds.contains(&Kind::Janus) {
             print_comparison(&rows);
         }
+        rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
+    }
+    // A soak that measured a leak, a growth or a loss fails the run, after its report.
+    let failed: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == "soak" && r["passed"] == false).collect();
+    if !failed.is_empty() {
+        let why: Vec<&str> = failed.iter().flat_map(|r| r["failures"].as_array().into_iter().flatten()).filter_map(Value::as_str).collect();
+        bail!("soak failed: {}", why.join("; "));
     }
     Ok(())
 }

@@ -167,7 +167,11 @@ async fn measure(pid: u32, seconds: u64) -> (f64, u64, u64, f64) {
 async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep, Option<f64>)> {
     let started = Instant::now();
     let (s, keep) = server.subscribe(user, stream).await?;
-    let first = s.wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video")).await.ok().map(|_| started.elapsed().as_secs_f64() * 1000.0);
+    let first = s
+        .wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video"))
+        .await
+        .ok()
+        .map(|_| started.elapsed().as_secs_f64() * 1000.0);
     Ok((s, keep, first))
 }
 
@@ -186,7 +190,7 @@ pub struct Load {
 }
 
 impl Load {
-    fn frame_bytes(&self) -> usize {
+    pub(crate) fn frame_bytes(&self) -> usize {
         (self.video_kbps as usize * 1000 / 8 / self.fps.max(1) as usize).max(64)
     }
 }
@@ -194,7 +198,15 @@ impl Load {
 /// `publishers` synthetic publishers sending `load`; each is subscribed by every other
 /// publisher's participant (`mesh`) or by `fanout` subscribers, `parallel` joining at a
 /// time (1: each join on a quiet server, so its time to first frame is the server's alone).
-pub async fn sfu<S: Server>(server: &S, load: Load, publishers: usize, fanout: usize, mesh: bool, parallel: usize, seconds: u64) -> anyhow::Result<Figures> {
+pub async fn sfu<S: Server>(
+    server: &S,
+    load: Load,
+    publishers: usize,
+    fanout: usize,
+    mesh: bool,
+    parallel: usize,
+    seconds: u64,
+) -> anyhow::Result<Figures> {
     let mut pubs = Vec::new();
     for i in 0..publishers {
         let (p, keep) = server.publish(&format!("pub{i}"), i as u32).await?;
@@ -252,7 +264,15 @@ pub async fn sfu<S: Server>(server: &S, load: Load, publishers: usize, fanout: u
 
 /// A mixer load: `inputs` real VP8/Opus publishers (GStreamer-encoded) mixed into `room`'s
 /// `common` view, and `viewers` subscribers of the mix.
-pub async fn mixer(t: &Tessera, room: &str, inputs: usize, input: LiveFormat, viewers: usize, configured_fps: u32, seconds: u64) -> anyhow::Result<Figures> {
+pub async fn mixer(
+    t: &Tessera,
+    room: &str,
+    inputs: usize,
+    input: LiveFormat,
+    viewers: usize,
+    configured_fps: u32,
+    seconds: u64,
+) -> anyhow::Result<Figures> {
     let mut keep = Vec::new();
     for i in 0..inputs {
         let mut sig = t.join_room(room, &format!("cam{i}")).await?;
@@ -278,8 +298,10 @@ pub async fn mixer(t: &Tessera, room: &str, inputs: usize, input: LiveFormat, vi
     let logs = logs(&subs);
     let secs = (to - from) as f64 / 1e6;
     // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
-    let frames: HashSet<u32> =
-        logs.first().map(|l| l.iter().filter(|r| r.kind == "video" && r.arrived_us >= from && r.arrived_us <= to).map(|r| r.header.timestamp).collect()).unwrap_or_default();
+    let frames: HashSet<u32> = logs
+        .first()
+        .map(|l| l.iter().filter(|r| r.kind == "video" && r.arrived_us >= from && r.arrived_us <= to).map(|r| r.header.timestamp).collect())
+        .unwrap_or_default();
     Ok(Figures {
         mixer_fps: Some(frames.len() as f64 / secs),
         mixer_fps_configured: Some(configured_fps),

@@ -107,7 +107,9 @@ loggers: {{
         std::fs::write(dir.join("janus.jcfg"), jcfg)?;
         std::fs::write(
             dir.join("janus.transport.http.jcfg"),
-            format!("general: {{\n\tjson = \"plain\"\n\tbase_path = \"/janus\"\n\thttp = true\n\tport = {port}\n\tip = \"127.0.0.1\"\n\thttps = false\n}}\nadmin: {{\n\tadmin_http = false\n}}\n"),
+            format!(
+                "general: {{\n\tjson = \"plain\"\n\tbase_path = \"/janus\"\n\thttp = true\n\tport = {port}\n\tip = \"127.0.0.1\"\n\thttps = false\n}}\nadmin: {{\n\tadmin_http = false\n}}\n"
+            ),
         )?;
         // Same treatment as Tessera's dev room: no bitrate cap, keyframes only on demand
         // (a new subscriber), VP8 and Opus.
@@ -280,7 +282,9 @@ impl Server for Janus {
                 }
             })
         };
-        let got = session.wait("publisher media", Duration::from_secs(10), |e| e["janus"] == "media" && e["type"] == "video" && e["receiving"] == true).await;
+        let got = session
+            .wait("publisher media", Duration::from_secs(10), |e| e["janus"] == "media" && e["type"] == "video" && e["receiving"] == true)
+            .await;
         sending.abort();
         got?;
         Ok((publisher, Box::new(session)))

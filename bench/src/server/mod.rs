@@ -158,9 +158,25 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Resident set size of a process in MiB.
 pub fn rss_mb(pid: u32) -> f64 {
+    status_field(pid, "VmRSS:").map(|kb| kb / 1024.0).unwrap_or(0.0)
+}
+
+/// A line's first number in /proc/<pid>/status (`VmRSS:`, `Threads:`...).
+fn status_field(pid: u32, field: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// Threads of a process (`Threads:` in /proc/<pid>/status).
+pub fn threads(pid: u32) -> usize {
+    status_field(pid, "Threads:").map(|n| n as usize).unwrap_or(0)
+}
+
+/// Open file descriptors of a process (entries of /proc/<pid>/fd).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }

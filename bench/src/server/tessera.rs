@@ -29,11 +29,16 @@ pub struct Tessera {
 impl Tessera {
     /// Starts the binary on ephemeral loopback ports and waits until it listens.
     pub fn start(launch: &Launch) -> anyhow::Result<Tessera> {
+        Tessera::start_with(launch, "")
+    }
+
+    /// [`Tessera::start`] with more `[portal]` settings (TOML lines).
+    pub fn start_with(launch: &Launch, portal: &str) -> anyhow::Result<Tessera> {
         let dir = scratch_dir("tessera")?;
         let cfg = dir.join("bench.toml");
         std::fs::write(
             &cfg,
-            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n[log]\nlevel = \"warn\"\n", launch.server_ip),
+            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n", launch.server_ip),
         )?;
         let mut child = launch
             .command(&launch.tessera_bin)
@@ -63,7 +68,9 @@ impl Tessera {
             process: Process { child, dir },
             portal: portal.unwrap_or_default(),
             api: api.unwrap_or_default(),
-            http: reqwest::Client::new(),
+            // Idle connections are dropped before the API's own keep-alive (5 s) ends them:
+            // reusing one the server is closing fails the request.
+            http: reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build()?,
             client_ip: launch.client_ip.clone(),
         })
     }
@@ -72,6 +79,28 @@ impl Tessera {
     async fn api_post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<reqwest::Response> {
         let res = self.http.post(format!("{}{path}", self.api)).bearer_auth(KEY).json(body).timeout(Duration::from_secs(10)).send().await?;
         Ok(res.error_for_status()?)
+    }
+
+    /// A management API call with the service key; the JSON answer (a string answer as a
+    /// JSON string). Fails on an error status, with the server's message.
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<&serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.api)).bearer_auth(KEY).timeout(Duration::from_secs(10));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.with_context(|| format!("{method} {path}"))?;
+        let status = res.status();
+        let text = res.text().await?;
+        if !status.is_success() {
+            bail!("{method} {path}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    /// Creates a room with `options` (OWT room options); returns its id.
+    pub async fn create_room(&self, name: &str, options: serde_json::Value) -> anyhow::Result<String> {
+        let room: serde_json::Value = self.api_post("/v1/rooms", &json!({"name": name, "options": options})).await?.json().await?;
+        room["_id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("room created without an id: {room}"))
     }
 
     /// Logs `user` into the dev room as a presenter.

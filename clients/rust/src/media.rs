@@ -90,10 +90,7 @@ pub fn live_source_with(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u
     );
     let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
     let sink = |name: &str| -> anyhow::Result<gst_app::AppSink> {
-        pipeline
-            .by_name(name)
-            .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
-            .ok_or_else(|| anyhow!("no appsink {name}"))
+        pipeline.by_name(name).and_then(|e| e.downcast::<gst_app::AppSink>().ok()).ok_or_else(|| anyhow!("no appsink {name}"))
     };
     let mut video = appsink_to_channel(sink("v")?);
     let mut audio = appsink_to_channel(sink("a")?);

@@ -28,8 +28,8 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceGatheringState, RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
+    RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
 };
 
 use crate::signaling::Signaling;
@@ -383,7 +383,13 @@ fn h264() -> RTCRtpCodec {
 }
 
 fn opus() -> RTCRtpCodec {
-    RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48000, channels: 2, sdp_fmtp_line: "minptime=10;useinbandfec=1".into(), ..Default::default() }
+    RTCRtpCodec {
+        mime_type: "audio/opus".into(),
+        clock_rate: 48000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+        ..Default::default()
+    }
 }
 
 fn local_track(kind: RtpCodecKind, codec: RTCRtpCodec, ssrc: u32, name: &str) -> Arc<TrackLocalStaticRTP> {
@@ -493,7 +499,9 @@ impl Publisher {
     /// `conn.pc`, then calls [`PreparedPublisher::finish`].
     pub async fn prepare(opts: PublishOptions, conn: Connection) -> anyhow::Result<PreparedPublisher> {
         let mut made = Vec::new();
-        for (on, kind, codec, name) in [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, if opts.h264 { h264() } else { vp8() }, "video")] {
+        for (on, kind, codec, name) in
+            [(opts.audio, RtpCodecKind::Audio, opus(), "audio"), (opts.video, RtpCodecKind::Video, if opts.h264 { h264() } else { vp8() }, "video")]
+        {
             if !on {
                 continue;
             }
@@ -542,6 +550,33 @@ impl Publisher {
         packet.header.ssrc = t.ssrc;
         packet.header.payload_type = t.payload_type;
         let _ = t.local.write_rtp(packet).await;
+    }
+
+    /// The SSRC and negotiated payload type of the `"audio"` or `"video"` track.
+    pub fn track_ids(&self, kind: &str) -> Option<(u32, u8)> {
+        let t = if kind == "video" { &self.video } else { &self.audio };
+        t.as_ref().map(|t| (t.ssrc, t.payload_type))
+    }
+
+    /// Writes `packet` on the `"audio"` or `"video"` track as it is (sequence number,
+    /// timestamp, header bits, CSRCs and payload untouched), for fault tests: garbage over
+    /// the connection's real SRTP session. webrtc-rs drops a packet whose SSRC or payload
+    /// type is not this track's (see [`Publisher::track_ids`]); what it accepts it
+    /// marshals, encrypts and sends as is.
+    pub async fn write_raw_rtp(&self, kind: &str, packet: rtp::Packet) -> anyhow::Result<()> {
+        let t = if kind == "video" { &self.video } else { &self.audio };
+        let t = t.as_ref().ok_or_else(|| anyhow!("no {kind} track"))?;
+        t.local.write_rtp(packet).await?;
+        Ok(())
+    }
+
+    /// Sends RTCP packets (any, `rtcp::RawPacket` included) from the `"audio"` or `"video"`
+    /// track's sender, over the connection's SRTCP session, for fault tests.
+    pub async fn write_rtcp(&self, kind: &str, packets: Vec<Box<dyn rtc::rtcp::Packet>>) -> anyhow::Result<()> {
+        let t = if kind == "video" { &self.video } else { &self.audio };
+        let t = t.as_ref().ok_or_else(|| anyhow!("no {kind} track"))?;
+        t.local.write_rtcp(packets).await?;
+        Ok(())
     }
 
     /// Sends one video frame (a keyframe when one was asked for) of `bytes` bytes, in as
@@ -699,7 +734,14 @@ impl Subscriber {
     }
 
     /// Like [`Subscriber::start`], on a connection made by the caller (its own bind address).
-    pub async fn start_on(sig: &mut Signaling, mut conn: Connection, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
+    pub async fn start_on(
+        sig: &mut Signaling,
+        mut conn: Connection,
+        stream: &str,
+        audio: bool,
+        video: bool,
+        data: bool,
+    ) -> anyhow::Result<Subscriber> {
         let data_rx: DataLog = Arc::default();
         if data {
             let dc = conn.pc.create_data_channel(stream, None).await?;

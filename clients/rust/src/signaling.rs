@@ -32,6 +32,10 @@ pub struct Signaling {
     pub notifications: mpsc::Receiver<Notification>,
     /// Notifications received while waiting for others, oldest first.
     pub backlog: Vec<Notification>,
+    /// The writer and reader tasks (aborted by [`Signaling::kill`]).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// A second descriptor of the TCP socket, so [`Signaling::kill`] can reset it.
+    socket: Option<std::net::TcpStream>,
 }
 
 impl Signaling {
@@ -39,6 +43,10 @@ impl Signaling {
     pub async fn connect(portal: &str) -> anyhow::Result<Signaling> {
         let ws_url = format!("{}/socket.io/?EIO=4&transport=websocket", portal.replacen("http", "ws", 1));
         let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.with_context(|| format!("connecting {ws_url}"))?;
+        let socket = {
+            use std::os::fd::AsFd;
+            ws.get_ref().get_ref().as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from)
+        };
         let (mut sink, mut stream) = ws.split();
         // Engine.IO open packet, then Socket.IO CONNECT to "/".
         let open = next_text(&mut stream).await?;
@@ -55,7 +63,7 @@ impl Signaling {
         let pending: Pending = Arc::default();
         let pend = pending.clone();
         let pong = out_tx.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(msg) = out_rx.recv().await {
                 if sink.send(Message::text(msg)).await.is_err() {
                     break;
@@ -63,7 +71,7 @@ impl Signaling {
             }
             let _ = sink.close().await;
         });
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(text) = next_text(&mut stream).await {
                 match text.as_bytes().first() {
                     Some(b'2') => {
@@ -83,7 +91,7 @@ impl Signaling {
             // Connection gone: fail every waiting request.
             pend.lock().map(|mut p| p.clear()).ok();
         });
-        Ok(Signaling { out: out_tx, pending, next_id: 0, notifications: note_rx, backlog: Vec::new() })
+        Ok(Signaling { out: out_tx, pending, next_id: 0, notifications: note_rx, backlog: Vec::new(), tasks: vec![writer, reader], socket })
     }
 
     /// Sends a request and waits for its ack arguments (e.g. `["ok", data]`).
@@ -142,6 +150,39 @@ impl Signaling {
     /// Closes the connection (like a network drop: no logout).
     pub async fn close(&self) {
         let _ = self.out.send("1".into()).await;
+    }
+
+    /// Kills the connection like a network loss: the reader and writer tasks are aborted
+    /// and the TCP connection is reset, without a WebSocket close frame or an Engine.IO /
+    /// Socket.IO close packet (unlike [`Signaling::close`]). The server learns of it from
+    /// the reset, or at its ping timeout. Waiting requests fail and `notifications` ends.
+    pub async fn kill(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            // Zero linger: closing the socket's last descriptor sends RST, not FIN.
+            if let Ok(s) = tokio::net::TcpStream::from_std(socket) {
+                let _ = s.set_zero_linger();
+            }
+        }
+        self.stop_tasks().await;
+    }
+
+    /// Like [`Signaling::kill`], but the TCP connection stays open and silent, as when the
+    /// network drops everything or the client froze: not even a reset is sent, so the
+    /// server notices only at its ping timeout, or when a `relogin` takes the participant
+    /// over and closes it. Returns the socket; dropping it closes the connection.
+    pub async fn kill_silently(&mut self) -> Option<std::net::TcpStream> {
+        let socket = self.socket.take();
+        self.stop_tasks().await;
+        socket
+    }
+
+    async fn stop_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            // Returns once the task is dropped, and with it its half of the socket.
+            let _ = t.await;
+        }
+        self.pending.lock().map(|mut p| p.clear()).ok();
     }
 }
 
