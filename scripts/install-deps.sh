@@ -47,7 +47,11 @@ fi
 if [ "$want_tests" = 1 ]; then
   root="$(cd "$(dirname "$0")/.." && pwd)"
   for dir in "$root/clients/js" "$root/tests/node"; do
-    if [ -f "$dir/package.json" ] && [ ! -d "$dir/node_modules" ]; then
+    [ -f "$dir/package.json" ] || continue
+    # Install when node_modules is missing, or older than the lock file (a dependency was
+    # added or changed since; npm writes node_modules/.package-lock.json on install).
+    if [ ! -d "$dir/node_modules" ] || [ ! -f "$dir/node_modules/.package-lock.json" ] ||
+      { [ -f "$dir/package-lock.json" ] && [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; }; then
       echo "install-deps: npm ci in $dir" >&2
       (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
     fi

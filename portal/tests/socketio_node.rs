@@ -153,9 +153,11 @@ async fn raw_protocol_errors() {
     let client = reqwest::Client::new();
     let base = &server.url;
 
-    let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=3&transport=polling")).await;
-    assert_eq!(status, 400);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"code": 5, "message": "Unsupported protocol version"}));
+    for version in ["2", "5", ""] {
+        let (status, body) = get(&client, &format!("{base}/socket.io/?EIO={version}&transport=polling")).await;
+        assert_eq!(status, 400);
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"code": 5, "message": "Unsupported protocol version"}));
+    }
 
     let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=4&transport=polling&sid=nope")).await;
     assert_eq!(status, 400);
@@ -327,4 +329,89 @@ async fn silent_clients_time_out() {
     let (status, body) = get(&client, &format!("{}/socket.io/?EIO=4&transport=polling&sid={sid}", server.url)).await;
     assert_eq!((status, body.contains("\"code\":1")), (400, true), "{body}");
     server.handle.stop(true).await;
+}
+
+/// Splits an Engine.IO 3 payload (`<length>:<packet>` records, lengths in UTF-16 units).
+fn eio3_records(mut body: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some((len, rest)) = body.split_once(':') {
+        let len: usize = len.parse().expect("record length");
+        let end = rest.char_indices().scan(0, |units, (i, c)| {
+            *units += c.len_utf16();
+            Some((i + c.len_utf8(), *units))
+        });
+        let end = if len == 0 { 0 } else { end.take_while(|(_, u)| *u <= len).last().expect("record").0 };
+        out.push(rest[..end].to_owned());
+        body = &rest[end..];
+    }
+    assert!(body.is_empty(), "trailing bytes {body:?}");
+    out
+}
+
+#[actix_rt::test]
+async fn engine_io_3_polling_raw() {
+    let server = start_server().await;
+    let client = reqwest::Client::new();
+    let base = &server.url;
+    let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=3&transport=polling&t=x")).await;
+    assert_eq!(status, 200, "{body}");
+    let records = eio3_records(&body);
+    assert_eq!(records.len(), 1, "{body}");
+    let open: Value = serde_json::from_str(records[0].strip_prefix('0').expect("open packet")).unwrap();
+    assert_eq!(open["upgrades"], json!(["websocket"]));
+    assert_eq!((open["pingInterval"].clone(), open["pingTimeout"].clone()), (json!(300), json!(1000)));
+    let sid = open["sid"].as_str().unwrap().to_owned();
+    let url = format!("{base}/socket.io/?EIO=3&transport=polling&sid={sid}");
+
+    // Socket.IO v2: "/" is connected without a CONNECT from the client; the server never pings.
+    assert_eq!(get(&client, &url).await, (200, "2:40".to_owned()));
+    // The client pings, the server answers; a CONNECT to "/" is tolerated, other namespaces
+    // are refused with a v2 ERROR packet (named without the query string).
+    assert_eq!(post(&client, &url, "1:22:407:40/a?b,").await, (200, "ok".to_owned()));
+    assert_eq!(get(&client, &url).await, (200, "1:324:44/a,\"Invalid namespace\"".to_owned()));
+    // Events and acks are framed as in v5; lengths count UTF-16 units ("🎉" is two).
+    assert_eq!(post(&client, &url, "18:4212[\"echo\",\"é🎉\"]").await, (200, "ok".to_owned()));
+    assert_eq!(get(&client, &url).await, (200, "16:4312[\"ok\",\"é🎉\"]".to_owned()));
+    // A record length that does not match is a parse error that closes the session.
+    let bad = handshake_v3(&client, base).await;
+    let bad_url = format!("{base}/socket.io/?EIO=3&transport=polling&sid={bad}");
+    assert_eq!(post(&client, &bad_url, "2:4🎉").await.0, 400);
+    assert_eq!(get(&client, &bad_url).await.0, 400, "session closed");
+
+    // A client that stops pinging is closed after pingInterval + pingTimeout (1.3 s); a
+    // pending poll is answered with the close packet.
+    let started = std::time::Instant::now();
+    let (status, body) = get(&client, &url).await;
+    assert_eq!((status, body.as_str()), (200, "1:1"));
+    assert!(started.elapsed() >= Duration::from_millis(1000), "closed after {:?}", started.elapsed());
+    wait_for_no_sessions(&server.io).await;
+    server.handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn engine_io_3_pings_keep_the_session() {
+    let server = start_server().await;
+    let client = reqwest::Client::new();
+    let sid = handshake_v3(&client, &server.url).await;
+    let url = format!("{}/socket.io/?EIO=3&transport=polling&sid={sid}", server.url);
+    assert_eq!(get(&client, &url).await, (200, "2:40".to_owned()));
+    // Pinging every 300 ms for 2.5 s (twice the timeout) keeps the session open.
+    for _ in 0..8 {
+        assert_eq!(post(&client, &url, "1:2").await, (200, "ok".to_owned()));
+        assert_eq!(get(&client, &url).await, (200, "1:3".to_owned()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(server.io.session_count(), 1);
+    // DISCONNECT then close: the session ends.
+    post(&client, &url, "2:411:1").await;
+    wait_for_no_sessions(&server.io).await;
+    server.handle.stop(true).await;
+}
+
+async fn handshake_v3(client: &reqwest::Client, base: &str) -> String {
+    let (status, body) = get(client, &format!("{base}/socket.io/?EIO=3&transport=polling")).await;
+    assert_eq!(status, 200, "{body}");
+    let records = eio3_records(&body);
+    let open: Value = serde_json::from_str(records[0].strip_prefix('0').expect("open packet")).unwrap();
+    open["sid"].as_str().expect("sid").to_owned()
 }

@@ -61,3 +61,22 @@ for (const [label, p] of sio) {
   const out = enc.encode(p);
   show(`sio ${label}`, out.map((x) => (typeof x === 'string' ? x : `<${x.length} bytes>`)));
 }
+
+// Engine.IO v3 (engine.io-parser 2.x, what socket.io-client 2.x uses), for the EIO3 tests
+// in portal/src/socketio/engine.rs: `<length>:<packet>` records, lengths in UTF-16 units.
+const eio3 = require('socket.io-client-v2/node_modules/engine.io-parser');
+console.log(`engine.io-parser (v3) ${ver('socket.io-client-v2/node_modules/engine.io-parser')}`);
+eio3.encodePayload([
+  { type: 'message', data: '40' },
+  { type: 'message', data: '42["echo","a,b"]' },
+  { type: 'ping' },
+  { type: 'message', data: Buffer.from([1, 2, 3]) },
+], false, (enc) => show('eio3 payload', enc));
+eio3.encodePayload([{ type: 'message', data: '42["e","é 🎉"]' }, { type: 'ping', data: 'probe' }], false, (enc) => show('eio3 payload utf16', enc));
+eio3.encodePayload([], false, (enc) => show('eio3 empty payload', enc));
+eio3.encodePacket({ type: 'message', data: Buffer.from([1, 2, 3, 255]) }, true, (enc) => show('eio3 binary (ws)', [...enc]));
+for (const d of ['3:4🎉', '4:4🎉', '0:', '2:4a0:2:40', '2:4a1']) {
+  const out = [];
+  eio3.decodePayload(d, (p) => { out.push(p); });
+  show(`eio3 decodePayload ${JSON.stringify(d)}`, out);
+}

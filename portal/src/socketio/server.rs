@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use rand::RngCore as _;
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{self, OpenInfo, Packet as EPacket};
+use super::engine::{Eio, OpenInfo, Packet as EPacket};
 use super::session::{Cmd, SessionTask, WsConn, WsIn};
 use super::socket::{CloseRequest, Control, Socket};
 
@@ -106,6 +106,8 @@ enum Transport {
 struct Query {
     transport: Transport,
     sid: Option<String>,
+    /// Engine.IO 3 or 4; a session keeps the version of its handshake.
+    eio: Eio,
 }
 
 fn parse_query(query: &str) -> Result<Query, HttpError> {
@@ -115,10 +117,8 @@ fn parse_query(query: &str) -> Result<Query, HttpError> {
         Some("websocket") => Transport::WebSocket,
         _ => return Err(HttpError::UnknownTransport),
     };
-    if map.get("EIO").map(String::as_str) != Some("4") {
-        return Err(HttpError::UnsupportedProtocolVersion);
-    }
-    Ok(Query { transport, sid: map.get("sid").cloned() })
+    let eio = map.get("EIO").and_then(|v| Eio::from_query(v)).ok_or(HttpError::UnsupportedProtocolVersion)?;
+    Ok(Query { transport, sid: map.get("sid").cloned(), eio })
 }
 
 /// A random 20-character URL-safe id (120 bits).
@@ -130,6 +130,7 @@ pub(crate) fn generate_id() -> String {
 
 #[derive(Clone)]
 struct Entry {
+    eio: Eio,
     cmd: mpsc::Sender<Cmd>,
     control: Arc<Control>,
     posting: Arc<AtomicBool>,
@@ -310,16 +311,16 @@ impl SocketIo {
         match (query.transport, query.sid) {
             (Transport::Polling, None) => {
                 let Some(pending) = admit() else { return HttpError::Forbidden.response() };
-                let open = self.start_session(None, pending);
-                HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(open.encode())
+                let open = self.start_session(query.eio, None, pending);
+                HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(query.eio.encode_payload(&[open]))
             }
             (Transport::Polling, Some(sid)) => self.poll(&sid).await,
             (Transport::WebSocket, None) => {
                 let Some(pending) = admit() else { return HttpError::Forbidden.response() };
                 match actix_ws::handle(&req, body) {
                     Ok((response, session, stream)) => {
-                        let conn = self.ws_conn(session, stream);
-                        self.start_session(Some(conn), pending);
+                        let conn = self.ws_conn(query.eio, session, stream);
+                        self.start_session(query.eio, Some(conn), pending);
                         response
                     }
                     Err(_) => HttpError::BadRequest.response(),
@@ -330,7 +331,7 @@ impl SocketIo {
     }
 
     /// Creates a session and spawns its task; returns the open packet.
-    fn start_session(&self, ws: Option<WsConn>, pending: Unauthenticated) -> EPacket {
+    fn start_session(&self, eio: Eio, ws: Option<WsConn>, pending: Unauthenticated) -> EPacket {
         let sid = generate_id();
         let config = &self.inner.config;
         let upgrades: &[&str] = if ws.is_some() { &[] } else { &["websocket"] };
@@ -345,11 +346,11 @@ impl SocketIo {
         let control = Arc::new(Control::default());
         control.hold_unauthenticated(pending);
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
-        let entry = Entry { cmd: cmd_tx, control: control.clone(), posting: Arc::new(AtomicBool::new(false)) };
+        let entry = Entry { eio, cmd: cmd_tx, control: control.clone(), posting: Arc::new(AtomicBool::new(false)) };
         self.inner.sessions().insert(sid.clone(), entry);
-        tracing::debug!(%sid, websocket = ws.is_some(), "engine.io session opened");
+        tracing::debug!(%sid, websocket = ws.is_some(), ?eio, "engine.io session opened");
         let first = ws.is_some().then(|| open.clone());
-        let task = SessionTask::new(sid, self.inner.clone(), control, cmd_rx, ws, first);
+        let task = SessionTask::new(sid, eio, self.inner.clone(), control, cmd_rx, ws, first);
         actix_web::rt::spawn(task.run());
         open
     }
@@ -363,7 +364,7 @@ impl SocketIo {
         let payload = match rx.await {
             Ok(Ok(payload)) => payload,
             Ok(Err(e)) => return e.response(),
-            Err(_) => EPacket::Close.encode(),
+            Err(_) => entry.eio.encode_payload(&[EPacket::Close]),
         };
         HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(payload)
     }
@@ -373,7 +374,7 @@ impl SocketIo {
         let Ok((response, session, stream)) = actix_ws::handle(req, body) else {
             return HttpError::BadRequest.response();
         };
-        let conn = self.ws_conn(session, stream);
+        let conn = self.ws_conn(entry.eio, session, stream);
         if entry.cmd.send(Cmd::Upgrade(conn)).await.is_err() {
             return HttpError::UnknownSid.response();
         }
@@ -413,7 +414,7 @@ impl SocketIo {
         let Ok(text) = std::str::from_utf8(&buf) else {
             return fail(&entry, "parse error: invalid UTF-8", HttpError::BadRequest).await;
         };
-        let packets = match engine::decode_payload(text) {
+        let packets = match entry.eio.decode_payload(text) {
             Ok(p) => p,
             Err(e) => return fail(&entry, &format!("parse error: {e}"), HttpError::BadRequest).await,
         };
@@ -429,7 +430,7 @@ impl SocketIo {
     }
 
     /// Spawns the reader of a websocket; the session task gets the sender and the read channel.
-    fn ws_conn(&self, session: actix_ws::Session, stream: actix_ws::MessageStream) -> WsConn {
+    fn ws_conn(&self, eio: Eio, session: actix_ws::Session, stream: actix_ws::MessageStream) -> WsConn {
         let max = self.inner.config.max_payload;
         let (tx, rx) = mpsc::channel(WS_IN_QUEUE);
         let mut stream = stream.max_frame_size(max).aggregate_continuations().max_continuation_size(max);
@@ -444,11 +445,14 @@ impl SocketIo {
                     None | Some(Ok(actix_ws::AggregatedMessage::Close(_))) => WsIn::Closed,
                     Some(Err(actix_ws::ProtocolError::Overflow)) => WsIn::Error("payload too large".to_owned()),
                     Some(Err(e)) => WsIn::Error(format!("transport error: {e}")),
-                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => match EPacket::decode(&text) {
+                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => match eio.decode_packet(&text) {
                         Ok(p) => WsIn::Packet(p),
                         Err(e) => WsIn::Error(format!("parse error: {e}")),
                     },
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(bytes))) => WsIn::Packet(EPacket::Binary(bytes.to_vec())),
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(bytes))) => match eio.decode_binary_frame(&bytes) {
+                        Ok(p) => WsIn::Packet(p),
+                        Err(e) => WsIn::Error(format!("parse error: {e}")),
+                    },
                     Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
                         let _ = pong_session.pong(&bytes).await;
                         continue;
@@ -496,8 +500,11 @@ mod tests {
 
     #[test]
     fn query_validation_matches_reference_errors() {
-        assert_eq!(parse_query("EIO=3&transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
+        assert_eq!(parse_query("EIO=2&transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
+        assert_eq!(parse_query("EIO=5&transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
         assert_eq!(parse_query("transport=polling").err(), Some(HttpError::UnsupportedProtocolVersion));
+        assert_eq!(parse_query("EIO=3&transport=polling").unwrap().eio, Eio::V3);
+        assert_eq!(parse_query("EIO=4&transport=polling").unwrap().eio, Eio::V4);
         assert_eq!(parse_query("EIO=4&transport=flash").err(), Some(HttpError::UnknownTransport));
         let q = parse_query("EIO=4&transport=websocket&sid=abc&t=x").unwrap();
         assert_eq!((q.transport, q.sid.as_deref()), (Transport::WebSocket, Some("abc")));
@@ -522,12 +529,12 @@ mod proptests {
     /// Query strings from engine.io's keys and values (some percent- or plus-encoded).
     fn pairs() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
         let key = prop::sample::select(&["EIO", "transport", "sid", "t", "b64"][..]);
-        let value = prop::sample::select(&["4", "3", "%34", "polling", "websocket", "web+socket", "flash", "abc", "a%20b", ""][..]);
+        let value = prop::sample::select(&["4", "3", "2", "%34", "%33", "polling", "websocket", "web+socket", "flash", "abc", "a%20b", ""][..]);
         prop::collection::vec((key, value), 0..5)
     }
 
     fn decoded(v: &str) -> String {
-        v.replace("%34", "4").replace("%20", " ").replace('+', " ")
+        v.replace("%34", "4").replace("%33", "3").replace("%20", " ").replace('+', " ")
     }
 
     proptest! {
@@ -551,9 +558,13 @@ mod proptests {
                 Some("websocket") => Ok(Transport::WebSocket),
                 _ => Err(HttpError::UnknownTransport),
             }
-            .and_then(|t| if last("EIO").as_deref() == Some("4") { Ok(t) } else { Err(HttpError::UnsupportedProtocolVersion) });
+            .and_then(|t| match last("EIO").as_deref() {
+                Some("3") => Ok((t, Eio::V3)),
+                Some("4") => Ok((t, Eio::V4)),
+                _ => Err(HttpError::UnsupportedProtocolVersion),
+            });
             let got = parse_query(&q);
-            prop_assert_eq!(got.as_ref().map(|p| p.transport).map_err(|e| *e), expected, "{}", q);
+            prop_assert_eq!(got.as_ref().map(|p| (p.transport, p.eio)).map_err(|e| *e), expected, "{}", q);
             if let Ok(p) = got {
                 prop_assert_eq!(p.sid, last("sid"));
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::engine::{self, Packet as EPacket};
+use super::engine::{Eio, Packet as EPacket};
 use super::packet::{Packet as SPacket, PacketError, PacketType};
 use super::server::{HttpError, Inner};
 use super::socket::{CloseRequest, Control, Incoming, Socket, SocketHandle};
@@ -65,6 +65,8 @@ enum Ev {
 
 pub(crate) struct SessionTask {
     sid: String,
+    /// Engine.IO 3 (Socket.IO v2 client: the client pings, "/" is connected at once) or 4.
+    eio: Eio,
     io: Arc<Inner>,
     control: Arc<Control>,
     cmd_rx: mpsc::Receiver<Cmd>,
@@ -80,7 +82,10 @@ pub(crate) struct SessionTask {
     probe_deadline: Option<Instant>,
     /// The probe answered `3probe`: polling is paused until the client sends `5`.
     upgrading: bool,
+    /// v4: when the server sends its next ping.
     next_ping: Option<Instant>,
+    /// v4: when the pong to the last ping is overdue; v3: when the client's next ping (or
+    /// any packet) is overdue.
     pong_deadline: Option<Instant>,
     connect_deadline: Option<Instant>,
     socket: Option<Connected>,
@@ -94,6 +99,7 @@ impl SessionTask {
     /// A new session; `ws` is set for websocket-only sessions, whose first frame is `open`.
     pub(crate) fn new(
         sid: String,
+        eio: Eio,
         io: Arc<Inner>,
         control: Arc<Control>,
         cmd_rx: mpsc::Receiver<Cmd>,
@@ -106,10 +112,16 @@ impl SessionTask {
             Some(c) => (Some(c.session), Some(c.incoming)),
             None => (None, None),
         };
+        // v4: the server pings; v3: the client pings and the server watches for it.
+        let (next_ping, pong_deadline) = match eio {
+            Eio::V4 => (Some(now + io.config.ping_interval), None),
+            Eio::V3 => (None, Some(now + io.config.ping_interval + io.config.ping_timeout)),
+        };
         SessionTask {
-            next_ping: Some(now + io.config.ping_interval),
+            next_ping,
             connect_deadline: Some(now + io.config.connect_timeout),
             sid,
+            eio,
             io,
             control,
             cmd_rx,
@@ -122,7 +134,7 @@ impl SessionTask {
             probe: None,
             probe_deadline: None,
             upgrading: false,
-            pong_deadline: None,
+            pong_deadline,
             socket: None,
             skip_binary: 0,
             closing: None,
@@ -130,6 +142,11 @@ impl SessionTask {
     }
 
     pub(crate) async fn run(mut self) {
+        // Socket.IO v2 (over Engine.IO 3): the server connects "/" without waiting for a
+        // CONNECT, right after the open packet.
+        if self.eio == Eio::V3 {
+            let _ = self.connect().await;
+        }
         let reason = loop {
             // Flush first: a websocket-only session starts with the open packet queued.
             if let Err(reason) = self.flush().await {
@@ -216,7 +233,7 @@ impl SessionTask {
                     let _ = tx.send(Err(HttpError::BadRequest));
                     return Err("overlap from client".to_owned());
                 } else if self.upgrading {
-                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                    let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Noop])));
                 } else {
                     self.poll = Some(tx);
                 }
@@ -255,7 +272,7 @@ impl SessionTask {
         match m {
             WsIn::Packet(EPacket::Ping(data)) if data == "probe" && !self.upgrading => {
                 let sent = match self.probe.as_mut() {
-                    Some(p) => send_ws(&mut p.session, &EPacket::Pong(data), self.io.config.ping_timeout).await,
+                    Some(p) => send_ws(self.eio, &mut p.session, &EPacket::Pong(data), self.io.config.ping_timeout).await,
                     None => Err(String::new()),
                 };
                 if sent.is_err() {
@@ -264,7 +281,7 @@ impl SessionTask {
                 }
                 self.upgrading = true;
                 if let Some(tx) = self.poll.take() {
-                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                    let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Noop])));
                 }
             }
             WsIn::Packet(EPacket::Upgrade) if self.upgrading => {
@@ -276,7 +293,7 @@ impl SessionTask {
                 self.probe_deadline = None;
                 self.upgrading = false;
                 if let Some(tx) = self.poll.take() {
-                    let _ = tx.send(Ok(EPacket::Noop.encode()));
+                    let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Noop])));
                 }
             }
             other => {
@@ -323,8 +340,14 @@ impl SessionTask {
     /// An Engine.IO packet from the client on the active transport.
     async fn on_packet(&mut self, p: EPacket) -> Result<(), String> {
         tracing::trace!(sid = %self.sid, kind = p.kind(), "engine.io packet in");
+        if self.eio == Eio::V3 {
+            // As engine.io 3.x: any packet shows the client alive, not only its pings.
+            self.pong_deadline = Some(Instant::now() + self.io.config.ping_interval + self.io.config.ping_timeout);
+        }
         match p {
             EPacket::Close => Err("transport close".to_owned()),
+            // A v3 client does not answer pings (the server sends none): nothing to do.
+            EPacket::Pong(_) if self.eio == Eio::V3 => Ok(()),
             EPacket::Pong(_) => {
                 self.pong_deadline = None;
                 if self.next_ping.is_none() {
@@ -364,7 +387,7 @@ impl SessionTask {
         let root = p.nsp == "/";
         match p.kind {
             PacketType::Connect if !root => {
-                self.queue.push_back(EPacket::Message(SPacket::connect_error(&p.nsp, "Invalid namespace").encode()));
+                self.queue.push_back(EPacket::Message(self.connect_error(&p.nsp, "Invalid namespace").encode()));
                 Ok(())
             }
             PacketType::Connect if self.socket.is_none() && self.closing.is_none() => self.connect().await,
@@ -389,7 +412,12 @@ impl SessionTask {
         let id = super::server::generate_id();
         let (events_tx, events_rx) = mpsc::channel(self.io.config.incoming_queue.max(1));
         let handle = SocketHandle::new(id.clone(), self.out_tx.clone(), self.control.clone());
-        self.queue.push_back(EPacket::Message(SPacket::connect_ok("/", &id).encode()));
+        let ok = match self.eio {
+            // Socket.IO v2 answers (and announces) "/" with a bare `0`.
+            Eio::V3 => SPacket::new(PacketType::Connect, "/", None, None),
+            Eio::V4 => SPacket::connect_ok("/", &id),
+        };
+        self.queue.push_back(EPacket::Message(ok.encode()));
         let socket = Socket { id: id.clone(), handle, events: events_rx };
         match timeout(self.io.config.ping_timeout, self.io.sockets_tx.send(socket)).await {
             Ok(Ok(())) => {
@@ -400,10 +428,22 @@ impl SessionTask {
             _ => {
                 tracing::debug!(sid = %self.sid, "application not accepting sockets");
                 self.queue.pop_back();
-                self.queue.push_back(EPacket::Message(SPacket::connect_error("/", "Server unavailable").encode()));
+                self.queue.push_back(EPacket::Message(self.connect_error("/", "Server unavailable").encode()));
             }
         }
         Ok(())
+    }
+
+    /// A refused CONNECT: v5 `4<nsp>,{"message":…}`; v2 `4<nsp>,"…"` (ERROR packet),
+    /// named without the query string a v2 client appends to the namespace.
+    fn connect_error(&self, nsp: &str, message: &str) -> SPacket {
+        match self.eio {
+            Eio::V4 => SPacket::connect_error(nsp, message),
+            Eio::V3 => {
+                let nsp = nsp.split('?').next().unwrap_or(nsp);
+                SPacket::new(PacketType::ConnectError, nsp, None, Some(serde_json::Value::String(message.to_owned())))
+            }
+        }
     }
 
     /// Passes an event to the application; waits at most `ping_timeout` for queue space.
@@ -420,7 +460,7 @@ impl SessionTask {
     async fn flush(&mut self) -> Result<(), String> {
         if let Some(ws) = self.ws.as_mut() {
             while let Some(p) = self.queue.pop_front() {
-                send_ws(ws, &p, self.io.config.ping_timeout).await?;
+                send_ws(self.eio, ws, &p, self.io.config.ping_timeout).await?;
             }
         } else if !self.upgrading && !self.queue.is_empty() && self.poll.is_some() {
             if self.closing.is_none() {
@@ -439,7 +479,7 @@ impl SessionTask {
             let packets: Vec<EPacket> = self.queue.drain(..take).collect();
             tracing::trace!(sid = %self.sid, count = packets.len(), "answering poll");
             if let Some(tx) = self.poll.take()
-                && tx.send(Ok(engine::encode_payload(&packets))).is_err()
+                && tx.send(Ok(self.eio.encode_payload(&packets))).is_err()
             {
                 return Err("poll connection closed prematurely".to_owned());
             }
@@ -452,7 +492,7 @@ impl SessionTask {
         self.io.remove_session(&self.sid);
         tracing::debug!(sid = %self.sid, socket = ?self.socket.as_ref().map(|s| &s.id), %reason, "session closed");
         if let Some(tx) = self.poll.take() {
-            let _ = tx.send(Ok(EPacket::Close.encode()));
+            let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Close])));
         }
         if let Some(ws) = self.ws.take() {
             close_ws(ws).await;
@@ -496,11 +536,11 @@ async fn sleep_opt(deadline: Option<Instant>) {
     }
 }
 
-async fn send_ws(ws: &mut actix_ws::Session, p: &EPacket, limit: Duration) -> Result<(), String> {
+async fn send_ws(eio: Eio, ws: &mut actix_ws::Session, p: &EPacket, limit: Duration) -> Result<(), String> {
     tracing::trace!(kind = p.kind(), "engine.io packet out (websocket)");
     let sent = match p {
-        EPacket::Binary(bytes) => timeout(limit, ws.binary(bytes.clone())).await,
-        other => timeout(limit, ws.text(other.encode())).await,
+        EPacket::Binary(bytes) => timeout(limit, ws.binary(eio.binary_frame(bytes))).await,
+        other => timeout(limit, ws.text(eio.encode_packet(other))).await,
     };
     match sent {
         Ok(Ok(())) => Ok(()),
