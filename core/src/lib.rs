@@ -1,6 +1,7 @@
 //! Tessera's shared domain model, free of I/O frameworks: ids, the room model (roles,
 //! views, media formats), the persistent room store, participant tokens, reconnection
-//! tickets, the management-API signature scheme, and the trait through which the
+//! tickets, the management-API signature scheme, the media seam ([`media::StreamSource`])
+//! through which the mixer and recorder take streams, and the trait through which the
 //! management API reaches live conference state.
 //!
 //! Everything that checks time takes `now` as an argument so it can be tested without
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod control;
 pub mod crypto;
 pub mod ids;
+pub mod media;
 pub mod room;
 pub mod store;
 pub mod stream;

@@ -1,11 +1,12 @@
 //! Tessera's MCU: each view of a room yields one **mixed stream** (`<roomId>-<label>`),
 //! composed with GStreamer from the forward streams mixed into it, and offered to
-//! subscribers through the webrtc-agent exactly like a forward stream.
+//! subscribers exactly like a forward stream: the mixer takes and offers streams only
+//! through a [`StreamSource`] (the webrtc-agent's fan-outs in one process).
 //!
 //! A view's pipeline runs only while someone consumes the mixed stream (a subscriber or
-//! a recorder has a sink on its fan-out): a supervisor task per view checks twice a
-//! second, starts the pipeline on demand and stops it after a few idle seconds. Inputs
-//! are taps on the forward streams' fan-outs, fed into the pipeline's appsrcs.
+//! a recorder taps it): a supervisor task per view checks four times a second, starts the
+//! pipeline on demand and stops it after a few idle seconds. Inputs are taps on the
+//! forward streams, fed into the pipeline's appsrcs.
 
 pub mod layout;
 pub mod pipeline;
@@ -16,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use tessera_core::StreamId;
 use tessera_core::agent::{AgentError, AgentEvent, MediaKind, MixEngine, StreamUpdate};
+use tessera_core::media::{CodecInfo, LocalTrack, RtpSink, StreamSource};
 use tessera_core::room::{CustomTemplate, Room, VideoParameters, View};
 use tessera_core::stream::{LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
-use tessera_webrtc_agent::forward::Fanout;
-use tessera_webrtc_agent::{LocalTrack, WebrtcAgent};
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use layout::{Rect, Templates};
@@ -68,8 +69,8 @@ struct ViewMix {
     room: String,
     id: String,
     config: View,
-    video_out: Option<Arc<Fanout>>,
-    audio_out: Option<Arc<Fanout>>,
+    video_out: Option<Arc<dyn RtpSink>>,
+    audio_out: Option<Arc<dyn RtpSink>>,
     state: Mutex<ViewState>,
 }
 
@@ -91,7 +92,7 @@ impl ViewMix {
     }
 
     fn demand(&self) -> bool {
-        self.video_out.as_ref().is_some_and(|f| !f.is_empty()) || self.audio_out.as_ref().is_some_and(|f| !f.is_empty())
+        self.video_out.as_ref().is_some_and(|f| f.has_consumers()) || self.audio_out.as_ref().is_some_and(|f| f.has_consumers())
     }
 
     fn stream_info(&self) -> StreamInfo {
@@ -129,37 +130,40 @@ impl ViewMix {
 
 /// The MCU service.
 pub struct Mixer {
-    agent: Arc<WebrtcAgent>,
+    source: Arc<dyn StreamSource>,
+    events: mpsc::Sender<AgentEvent>,
     rooms: Mutex<HashMap<String, HashMap<String, Arc<ViewMix>>>>,
 }
 
-fn opus_codec() -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
-    rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+fn opus_codec() -> CodecInfo {
+    CodecInfo {
         mime_type: "audio/opus".into(),
         clock_rate: 48000,
         channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
-        ..Default::default()
+        fmtp: "minptime=10;useinbandfec=1".into(),
+        payload_type: Some(pipeline::AUDIO_PT),
     }
 }
 
-fn video_codec(codec: &str) -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+fn video_codec(codec: &str) -> CodecInfo {
     if codec == "h264" {
-        rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+        CodecInfo {
             mime_type: "video/H264".into(),
             clock_rate: 90000,
-            sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
-            ..Default::default()
+            channels: 0,
+            fmtp: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".into(),
+            payload_type: Some(pipeline::VIDEO_PT),
         }
     } else {
-        rtc::rtp_transceiver::rtp_sender::RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
+        CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: Some(pipeline::VIDEO_PT) }
     }
 }
 
 impl Mixer {
-    /// A mixer producing its streams through `agent`.
-    pub fn new(agent: Arc<WebrtcAgent>) -> Arc<Mixer> {
-        Arc::new(Mixer { agent, rooms: Mutex::new(HashMap::new()) })
+    /// A mixer taking its inputs from and offering its mixed streams through `source`,
+    /// reporting mixed-stream updates (layout, active input) on `events`.
+    pub fn new(source: Arc<dyn StreamSource>, events: mpsc::Sender<AgentEvent>) -> Arc<Mixer> {
+        Arc::new(Mixer { source, events, rooms: Mutex::new(HashMap::new()) })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Arc<ViewMix>>>> {
@@ -190,10 +194,10 @@ impl Mixer {
             tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe });
         }
         let kinds: Vec<MediaKind> = tracks.iter().map(|t| t.kind).collect();
-        let fanouts = self.agent.add_local_stream(&room.id, &id, tracks);
+        let sinks = self.source.publish_local(&room.id, &id, tracks);
         let mut video_out = None;
         let mut audio_out = None;
-        for (k, f) in kinds.into_iter().zip(fanouts) {
+        for (k, f) in kinds.into_iter().zip(sinks) {
             match k {
                 MediaKind::Audio => audio_out = Some(f),
                 MediaKind::Video => video_out = Some(f),
@@ -227,13 +231,13 @@ impl Mixer {
             *w = Arc::downgrade(&view);
         }
         let span = info_span!("view", room = %room.id, view = %config.label);
-        tokio::spawn(supervise(self.agent.clone(), Arc::downgrade(&view)).instrument(span));
+        tokio::spawn(supervise(self.source.clone(), self.events.clone(), Arc::downgrade(&view)).instrument(span));
         view
     }
 }
 
 /// Keeps a view's pipeline running exactly while it has consumers.
-async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
+async fn supervise(source: Arc<dyn StreamSource>, events: mpsc::Sender<AgentEvent>, view: Weak<ViewMix>) {
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);
     loop {
         tick.tick().await;
@@ -241,7 +245,7 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
         let demand = view.demand();
         let running = view.lock().pipeline.is_some();
         if demand && !running {
-            if let Err(e) = start_pipeline(&agent, &view) {
+            if let Err(e) = start_pipeline(source.as_ref(), &view) {
                 warn!(error = %e, "cannot start the view pipeline");
             }
         } else if !demand && running {
@@ -251,7 +255,7 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
                 since.elapsed() >= IDLE_STOP
             };
             if stop {
-                stop_pipeline(&agent, &view);
+                stop_pipeline(source.as_ref(), &view);
             }
         } else if demand {
             // A pipeline whose encoder went silent (a stuck start, a wedged element) is
@@ -274,14 +278,16 @@ async fn supervise(agent: Arc<WebrtcAgent>, view: Weak<ViewMix>) {
             if stalled {
                 view.lock().last_restart = Instant::now();
                 warn!(stream = %view.id, "view pipeline failed or produced no video for 2 s; restarting it");
-                stop_pipeline(&agent, &view);
-                if let Err(e) = start_pipeline(&agent, &view) {
+                stop_pipeline(source.as_ref(), &view);
+                if let Err(e) = start_pipeline(source.as_ref(), &view) {
                     warn!(error = %e, "cannot restart the view pipeline");
                 }
             }
             for update in voice_activity(&view) {
                 let event = AgentEvent::StreamUpdated { room: view.room.as_str().into(), stream: view.id.as_str().into(), update };
-                agent.emit(event).await;
+                if events.send(event).await.is_err() {
+                    debug!("portal gone; mixed-stream update dropped");
+                }
             }
         }
     }
@@ -350,7 +356,7 @@ fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
     out
 }
 
-fn start_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
+fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
     let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone())?;
     info!(stream = %view.id, "view pipeline started");
     let inputs = {
@@ -361,19 +367,19 @@ fn start_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) -> Result<(), p
         s.inputs.clone()
     };
     for stream in inputs {
-        attach(agent, view, &stream);
+        attach(source, view, &stream);
     }
     relayout(view);
     Ok(())
 }
 
-fn stop_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) {
+fn stop_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) {
     let (pipeline, taps) = {
         let mut s = view.lock();
         (s.pipeline.take(), std::mem::take(&mut s.taps))
     };
     for (stream, kind, sink, task) in taps {
-        agent.untap(&stream, kind, sink);
+        source.untap(&stream, kind, sink);
         task.abort();
     }
     drop(pipeline);
@@ -381,7 +387,7 @@ fn stop_pipeline(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>) {
 }
 
 /// Connects a stream's tracks to the running pipeline.
-fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
+fn attach(source: &dyn StreamSource, view: &Arc<ViewMix>, stream: &str) {
     let mut s = view.lock();
     if s.pipeline.is_none() {
         return;
@@ -394,21 +400,22 @@ fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
         if !wanted || s.taps.iter().any(|(st, k, ..)| st == stream && *k == kind) {
             continue;
         }
-        let Some(mut tap) = agent.tap(stream, kind) else { continue };
+        let Some(mut tap) = source.tap(stream, kind) else { continue };
         let Some(p) = s.pipeline.as_mut() else { return };
         let appsrc = match p.add_input(stream, kind, &tap.codec.mime_type) {
             Ok(a) => a,
             Err(e) => {
                 warn!(%stream, kind = kind.as_str(), error = %e, "cannot add input to the mix");
-                agent.untap(stream, kind, tap.sink_id);
+                source.untap(stream, kind, tap.sink_id);
                 continue;
             }
         };
         debug!(%stream, kind = kind.as_str(), codec = %tap.codec.mime_type, "input attached");
         let name = stream.to_string();
+        let sink_id = tap.sink_id;
         let task = tokio::spawn(async move {
             let mut first = true;
-            while let Some(packet) = tap.packets.recv().await {
+            while let Some(packet) = tap.recv().await {
                 if first {
                     debug!(stream = %name, kind = kind.as_str(), "input flowing");
                     first = false;
@@ -416,16 +423,16 @@ fn attach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
                 ViewPipeline::push(&appsrc, kind, packet);
             }
         });
-        s.taps.push((stream.to_string(), kind, tap.sink_id, task));
+        s.taps.push((stream.to_string(), kind, sink_id, task));
     }
 }
 
-fn detach(agent: &Arc<WebrtcAgent>, view: &Arc<ViewMix>, stream: &str) {
+fn detach(source: &dyn StreamSource, view: &Arc<ViewMix>, stream: &str) {
     let mut s = view.lock();
     let mut kept = Vec::new();
     for (st, kind, sink, task) in std::mem::take(&mut s.taps) {
         if st == stream {
-            agent.untap(&st, kind, sink);
+            source.untap(&st, kind, sink);
             task.abort();
             if let Some(p) = s.pipeline.as_mut() {
                 p.remove_input(&st, kind);
@@ -514,8 +521,8 @@ impl MixEngine for Mixer {
     async fn stop_room(&self, room: &str) {
         let views = self.lock().remove(room);
         for view in views.into_iter().flat_map(|v| v.into_values()) {
-            stop_pipeline(&self.agent, &view);
-            self.agent.remove_local_stream(&view.id);
+            stop_pipeline(self.source.as_ref(), &view);
+            self.source.unpublish_local(&view.id);
         }
     }
 
@@ -530,7 +537,7 @@ impl MixEngine for Mixer {
                 s.inputs.push(stream.to_string());
             }
         }
-        attach(&self.agent, &view, stream);
+        attach(self.source.as_ref(), &view, stream);
         relayout(&view);
         Ok(view.layout())
     }
@@ -542,7 +549,7 @@ impl MixEngine for Mixer {
             s.inputs.retain(|i| i != stream);
             s.pins.retain(|(st, _)| st != stream);
         }
-        detach(&self.agent, &view, stream);
+        detach(self.source.as_ref(), &view, stream);
         relayout(&view);
         Ok(view.layout())
     }
@@ -620,6 +627,74 @@ impl MixEngine for Mixer {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+    use tessera_core::RoomId;
+    use tessera_core::media::{RtpReceiver, Tap};
+
+    /// A track of [`Registry`]: counts its taps.
+    #[derive(Default)]
+    struct Track(AtomicUsize);
+
+    impl RtpSink for Track {
+        fn send(&self, _: &[u8]) {}
+        fn has_consumers(&self) -> bool {
+            self.0.load(Ordering::SeqCst) > 0
+        }
+    }
+
+    /// Packets that never come.
+    struct Silent;
+
+    impl RtpReceiver for Silent {
+        fn poll_recv(&mut self, _: &mut Context<'_>) -> Poll<Option<bytes::Bytes>> {
+            Poll::Pending
+        }
+    }
+
+    /// The tracks of a registered stream.
+    type Tracks = Vec<(MediaKind, Arc<Track>)>;
+
+    /// A stream source that, like the SFU, keeps the last registration of a stream id.
+    #[derive(Default)]
+    struct Registry {
+        streams: Mutex<HashMap<String, Tracks>>,
+        published: AtomicUsize,
+    }
+
+    impl Registry {
+        fn track(&self, stream: &str, kind: MediaKind) -> Option<Arc<Track>> {
+            self.streams.lock().unwrap().get(stream)?.iter().find(|(k, _)| *k == kind).map(|(_, t)| t.clone())
+        }
+    }
+
+    impl StreamSource for Registry {
+        fn tap(&self, stream: &str, kind: MediaKind) -> Option<Tap> {
+            let t = self.track(stream, kind)?;
+            t.0.fetch_add(1, Ordering::SeqCst);
+            let codec = CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: None };
+            Some(Tap { codec, sink_id: 1, packets: Box::new(Silent) })
+        }
+        fn untap(&self, stream: &str, kind: MediaKind, _: u64) {
+            if let Some(t) = self.track(stream, kind) {
+                t.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        fn request_keyframe(&self, _: &str) {}
+        fn stream_room(&self, _: &str) -> Option<RoomId> {
+            None
+        }
+        fn publish_local(&self, _: &str, stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
+            self.published.fetch_add(1, Ordering::SeqCst);
+            let tracks: Tracks = tracks.into_iter().map(|t| (t.kind, Arc::new(Track::default()))).collect();
+            let sinks = tracks.iter().map(|(_, t)| t.clone() as Arc<dyn RtpSink>).collect();
+            self.streams.lock().unwrap().insert(stream.to_string(), tracks);
+            sinks
+        }
+        fn unpublish_local(&self, stream: &str) {
+            self.streams.lock().unwrap().remove(stream);
+        }
+    }
 
     #[test]
     fn layout_values_are_validated() {
@@ -655,17 +730,9 @@ mod tests {
     /// fed a fan-out nobody could subscribe to. Each view must be created once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_room_starts_create_each_view_once() {
-        let settings = tessera_webrtc_agent::AgentSettings {
-            bind_ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
-            public_ip: None,
-            port_min: 40000,
-            port_max: 40100,
-            keyframe_interval: Duration::from_millis(300),
-            ice_disconnected_timeout: Duration::from_secs(5),
-            ice_failed_timeout: Duration::from_secs(10),
-        };
-        let (agent, _events) = WebrtcAgent::new(settings);
-        let mixer = Mixer::new(agent.clone());
+        let registry = Arc::new(Registry::default());
+        let agent: Arc<dyn StreamSource> = registry.clone();
+        let mixer = Mixer::new(agent.clone(), mpsc::channel(16).0);
         for n in 0..20 {
             // Many views widen the window between "no views yet" and "views registered".
             let views: Vec<Value> = (0..16).map(|v| json!({"label": format!("v{v}")})).collect();
@@ -683,15 +750,17 @@ mod tests {
             for s in starts {
                 assert_eq!(s.await.unwrap().len(), 16, "one mixed stream per view");
             }
+            assert_eq!(registry.published.swap(0, Ordering::SeqCst), 16, "each view registered once");
             for v in 0..16 {
                 let view = mixer.view(&room.id, &format!("v{v}")).unwrap();
-                // A consumer tapping the SFU's registered stream must reach the outputs the
-                // view's pipeline feeds.
+                // A consumer tapping the registered stream must reach the outputs the view's
+                // pipeline feeds.
                 let tap = agent.tap(&view.id, MediaKind::Video).expect("the mixed stream is registered");
-                assert!(view.video_out.as_ref().is_some_and(|f| !f.is_empty()), "{}: the view feeds a fan-out the SFU does not serve", view.id);
+                assert!(view.video_out.as_ref().is_some_and(|f| f.has_consumers()), "{}: the view feeds a track the source does not serve", view.id);
                 agent.untap(&view.id, MediaKind::Video, tap.sink_id);
             }
             mixer.stop_room(&room.id).await;
+            assert!(registry.streams.lock().unwrap().is_empty(), "stop_room unregisters the mixed streams");
         }
     }
 }

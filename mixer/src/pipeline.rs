@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! videotestsrc (background colour, live clock) ─┐
-//! appsrc → rtpjitterbuffer → depay → decoder ───┼→ compositor → vp8enc/x264enc → pay → appsink → fan-out
+//! appsrc → rtpjitterbuffer → depay → decoder ───┼→ compositor → vp8enc/x264enc → pay → appsink → RtpSink
 //! appsrc → ... (one branch per video input)  ───┘
 //! audiotestsrc (silence, live clock) ───────────┐
-//! appsrc → rtpjitterbuffer → rtpopusdepay → opusdec ┼→ audiomixer → opusenc → rtpopuspay → appsink → fan-out
+//! appsrc → rtpjitterbuffer → rtpopusdepay → opusdec ┼→ audiomixer → opusenc → rtpopuspay → appsink → RtpSink
 //! ```
 //!
 //! Inputs are bins added and removed while the pipeline plays, on compositor/audiomixer
@@ -20,17 +20,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use rtc::shared::marshal::{Marshal, Unmarshal};
 use tessera_core::agent::MediaKind;
+use tessera_core::media::{RtpSink, with_payload_type};
 use tessera_core::room::View;
-use tessera_webrtc_agent::forward::Fanout;
 use tracing::{debug, warn};
 
 use crate::layout::Rect;
 
 /// Payload types used inside the pipeline (inputs are rewritten to them).
-const VIDEO_PT: u8 = 96;
-const AUDIO_PT: u8 = 111;
+pub(crate) const VIDEO_PT: u8 = 96;
+pub(crate) const AUDIO_PT: u8 = 111;
 
 /// Errors building or changing a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +139,8 @@ fn rgb_hex(view: &View) -> u32 {
     0xFF00_0000 | (u32::from(c.r) << 16) | (u32::from(c.g) << 8) | u32::from(c.b)
 }
 
-/// Feeds RTP from the fan-out callback: parses the appsink buffer and forwards it.
-fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>, produced: Option<Arc<AtomicBool>>) {
+/// Hands the encoder's RTP packets (one per appsink buffer) to the mixed stream's track.
+fn forward_to(sink: &gst_app::AppSink, out: Arc<dyn RtpSink>, produced: Option<Arc<AtomicBool>>) {
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |s| {
@@ -151,11 +150,7 @@ fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>, produced: Option<Arc
                 }
                 let Some(buffer) = sample.buffer() else { return Ok(gst::FlowSuccess::Ok) };
                 let Ok(map) = buffer.map_readable() else { return Ok(gst::FlowSuccess::Ok) };
-                let mut bytes = map.as_slice();
-                match rtc::rtp::Packet::unmarshal(&mut bytes) {
-                    Ok(mut packet) => fanout.forward(&mut packet),
-                    Err(e) => debug!(error = %e, "unparsable RTP from the encoder"),
-                }
+                out.send(map.as_slice());
                 Ok(gst::FlowSuccess::Ok)
             })
             .build(),
@@ -163,8 +158,8 @@ fn forward_to(sink: &gst_app::AppSink, fanout: Arc<Fanout>, produced: Option<Arc
 }
 
 impl ViewPipeline {
-    /// Builds and starts the pipeline of a view, feeding the given fan-outs.
-    pub fn start(view: &View, video_out: Option<Arc<Fanout>>, audio_out: Option<Arc<Fanout>>) -> Result<ViewPipeline, PipelineError> {
+    /// Builds and starts the pipeline of a view, feeding the given tracks.
+    pub fn start(view: &View, video_out: Option<Arc<dyn RtpSink>>, audio_out: Option<Arc<dyn RtpSink>>) -> Result<ViewPipeline, PipelineError> {
         gst::init()?;
         let mut desc = String::new();
         let (mut width, mut height) = (0, 0);
@@ -375,19 +370,15 @@ impl ViewPipeline {
         }
     }
 
-    /// Pushes one RTP packet of an input into its appsrc, with the pipeline's payload type.
-    pub fn push(appsrc: &gst_app::AppSrc, kind: MediaKind, mut packet: rtc::rtp::Packet) {
-        packet.header.payload_type = match kind {
+    /// Pushes one marshalled RTP packet of an input into its appsrc, with the pipeline's
+    /// payload type (rewritten in place, no copy).
+    pub fn push(appsrc: &gst_app::AppSrc, kind: MediaKind, packet: bytes::Bytes) {
+        let pt = match kind {
             MediaKind::Video => VIDEO_PT,
             MediaKind::Audio => AUDIO_PT,
         };
-        match packet.marshal() {
-            Ok(bytes) => {
-                if let Err(e) = appsrc.push_buffer(gst::Buffer::from_slice(bytes)) {
-                    debug!(error = ?e, "input dropped by the pipeline");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot serialise an input packet"),
+        if let Err(e) = appsrc.push_buffer(gst::Buffer::from_slice(with_payload_type(packet, pt))) {
+            debug!(error = ?e, "input dropped by the pipeline");
         }
     }
 }
@@ -401,8 +392,25 @@ impl Drop for ViewPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
     use std::time::{Duration, Instant};
-    use tessera_webrtc_agent::forward::Sink;
+
+    /// A track that hands the mixed packets to a channel.
+    struct Collect(mpsc::Sender<Vec<u8>>);
+
+    impl RtpSink for Collect {
+        fn send(&self, packet: &[u8]) {
+            let _ = self.0.send(packet.to_vec());
+        }
+        fn has_consumers(&self) -> bool {
+            true
+        }
+    }
+
+    fn collect() -> (Arc<dyn RtpSink>, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel();
+        (Arc::new(Collect(tx)), rx)
+    }
 
     fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -414,11 +422,8 @@ mod tests {
 
     #[test]
     fn an_input_failure_loses_only_that_input_and_an_aggregator_failure_marks_the_view() {
-        let (video, audio) = (Arc::new(Fanout::default()), Arc::new(Fanout::default()));
-        let (vsink, mut vrx) = Sink::new();
-        let (asink, mut arx) = Sink::new();
-        video.add(vsink);
-        audio.add(asink);
+        let (video, vrx) = collect();
+        let (audio, arx) = collect();
         let p = ViewPipeline::start(&View::default(), Some(video), Some(audio)).unwrap();
         // With no input the view still produces: background video and silence.
         wait_for("mixed video", || vrx.try_recv().is_ok());

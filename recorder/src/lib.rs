@@ -20,10 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use rtc::shared::marshal::Marshal;
 use serde_json::{Value, json};
 use tessera_core::agent::{AgentError, MediaKind, RecordingEngine, RecordingSpec};
-use tessera_webrtc_agent::WebrtcAgent;
+use tessera_core::media::{StreamSource, with_payload_type};
 use tracing::{info, warn};
 
 const VIDEO_PT: u8 = 96;
@@ -102,7 +101,7 @@ impl Recording {
     }
 
     /// Ends the recording: stops the inputs, lets the muxer finalise, frees the pipeline.
-    fn finish(&self, agent: &WebrtcAgent, status: Status, reason: &str) {
+    fn finish(&self, source: &dyn StreamSource, status: Status, reason: &str) {
         let (pipeline, inputs) = {
             let mut s = self.lock();
             if s.status != Status::Recording {
@@ -114,7 +113,7 @@ impl Recording {
             (s.pipeline.take(), std::mem::take(&mut s.inputs))
         };
         for (kind, input) in &inputs {
-            agent.untap(&input.from, *kind, input.sink_id);
+            source.untap(&input.from, *kind, input.sink_id);
             input.feeder.abort();
             let _ = input.appsrc.end_of_stream();
         }
@@ -154,16 +153,16 @@ fn now_ms() -> u64 {
 
 /// The recording service.
 pub struct Recorder {
-    agent: Arc<WebrtcAgent>,
+    source: Arc<dyn StreamSource>,
     dir: PathBuf,
     recordings: Mutex<HashMap<String, Arc<Recording>>>,
     me: std::sync::Weak<Recorder>,
 }
 
 impl Recorder {
-    /// A recorder writing into `dir`.
-    pub fn new(agent: Arc<WebrtcAgent>, dir: PathBuf) -> Arc<Recorder> {
-        Arc::new_cyclic(|me| Recorder { agent, dir, recordings: Mutex::new(HashMap::new()), me: me.clone() })
+    /// A recorder taking its streams from `source` and writing into `dir`.
+    pub fn new(source: Arc<dyn StreamSource>, dir: PathBuf) -> Arc<Recorder> {
+        Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone() })
     }
 
     fn arc(&self) -> Result<Arc<Recorder>, AgentError> {
@@ -179,31 +178,30 @@ impl Recorder {
     }
 
     fn codec_of(&self, room: &str, stream: &str, kind: MediaKind) -> Result<String, AgentError> {
-        if self.agent.stream_room(stream).as_deref() != Some(room) {
+        if self.source.stream_room(stream).as_ref().map(|r| r.as_str()) != Some(room) {
             return Err(AgentError::Rejected(format!("Stream does NOT exist: {stream}")));
         }
-        let tap = self.agent.tap(stream, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {stream} has no {} track", kind.as_str())))?;
-        self.agent.untap(stream, kind, tap.sink_id);
-        Ok(tap.codec.mime_type.to_ascii_lowercase())
+        let tap = self.source.tap(stream, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {stream} has no {} track", kind.as_str())))?;
+        self.source.untap(stream, kind, tap.sink_id);
+        Ok(tap.codec.mime_lower())
     }
 
     /// Connects a stream's track to the recording's appsrc.
     fn attach(self: &Arc<Self>, rec: &Arc<Recording>, kind: MediaKind, from: &str, appsrc: gst_app::AppSrc) -> Result<Input, AgentError> {
-        let mut tap = self.agent.tap(from, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {from} has no {} track", kind.as_str())))?;
+        let mut tap = self.source.tap(from, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {from} has no {} track", kind.as_str())))?;
         let src = appsrc.clone();
         let (me, recording) = (self.clone(), rec.clone());
+        let (codec, sink_id) = (tap.codec.mime_lower(), tap.sink_id);
+        let pt = if kind == MediaKind::Video { VIDEO_PT } else { AUDIO_PT };
         let feeder = tokio::spawn(async move {
-            while let Some(mut packet) = tap.packets.recv().await {
-                packet.header.payload_type = if kind == MediaKind::Video { VIDEO_PT } else { AUDIO_PT };
-                if let Ok(bytes) = packet.marshal() {
-                    let _ = src.push_buffer(gst::Buffer::from_slice(bytes));
-                }
+            while let Some(packet) = tap.recv().await {
+                let _ = src.push_buffer(gst::Buffer::from_slice(with_payload_type(packet, pt)));
             }
             // The source ended (unpublished, owner left): finalise the file.
-            let agent = me.agent.clone();
-            tokio::task::spawn_blocking(move || recording.finish(&agent, Status::Stopped, "source ended"));
+            let source = me.source.clone();
+            tokio::task::spawn_blocking(move || recording.finish(source.as_ref(), Status::Stopped, "source ended"));
         });
-        Ok(Input { from: from.to_string(), codec: tap.codec.mime_type.to_ascii_lowercase(), sink_id: tap.sink_id, appsrc, feeder })
+        Ok(Input { from: from.to_string(), codec, sink_id, appsrc, feeder })
     }
 
     fn build(self: &Arc<Self>, rec: &Arc<Recording>, video: Option<(&str, &str)>, audio: Option<&str>) -> Result<(), String> {
@@ -243,7 +241,7 @@ impl Recorder {
         if let (Some(from), Some(src)) = (audio, appsrc("asrc")) {
             inputs.insert(MediaKind::Audio, self.attach(rec, MediaKind::Audio, from, src).map_err(|e| e.to_string())?);
         }
-        watch_bus(self.agent.clone(), rec.clone(), &pipeline);
+        watch_bus(self.source.clone(), rec.clone(), &pipeline);
         let mut s = rec.lock();
         s.pipeline = Some(pipeline);
         s.sources = inputs.iter().map(|(k, i)| (*k, (i.from.clone(), i.codec.clone()))).collect();
@@ -262,7 +260,7 @@ fn first_error(p: &gst::Pipeline) -> Option<String> {
 }
 
 /// Turns pipeline errors (disk full, unwritable file) into the failed state.
-fn watch_bus(agent: Arc<WebrtcAgent>, rec: Arc<Recording>, p: &gst::Pipeline) {
+fn watch_bus(source: Arc<dyn StreamSource>, rec: Arc<Recording>, p: &gst::Pipeline) {
     let Some(bus) = p.bus() else { return };
     std::thread::spawn(move || {
         loop {
@@ -279,7 +277,7 @@ fn watch_bus(agent: Arc<WebrtcAgent>, rec: Arc<Recording>, p: &gst::Pipeline) {
             if let gst::MessageView::Error(e) = msg.view() {
                 let reason = format!("{}", e.error());
                 warn!(recording = %rec.id, reason = ?reason, "recording failed");
-                rec.finish(&agent, Status::Failed, &reason);
+                rec.finish(source.as_ref(), Status::Failed, &reason);
                 return;
             }
         }
@@ -376,7 +374,7 @@ impl RecordingEngine for Recorder {
             s.inputs.remove(&kind)
         };
         let Some(old) = old else { return Err(AgentError::Failed("source vanished".into())) };
-        self.agent.untap(&old.from, kind, old.sink_id);
+        self.source.untap(&old.from, kind, old.sink_id);
         old.feeder.abort();
         let input = self.arc()?.attach(&rec, kind, from, old.appsrc.clone())?;
         let mut s = rec.lock();
@@ -388,9 +386,9 @@ impl RecordingEngine for Recorder {
 
     async fn stop(&self, room: &str, id: &str) -> Result<Value, AgentError> {
         let rec = self.get(room, id)?;
-        let agent = self.agent.clone();
+        let source = self.source.clone();
         let r = rec.clone();
-        let _ = tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "stopped")).await;
+        let _ = tokio::task::spawn_blocking(move || r.finish(source.as_ref(), Status::Stopped, "stopped")).await;
         Ok(rec.describe())
     }
 
@@ -401,8 +399,8 @@ impl RecordingEngine for Recorder {
     async fn room_deleted(&self, room: &str) {
         let recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room).cloned().collect();
         for r in recs {
-            let agent = self.agent.clone();
-            let _ = tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "room deleted")).await;
+            let source = self.source.clone();
+            let _ = tokio::task::spawn_blocking(move || r.finish(source.as_ref(), Status::Stopped, "room deleted")).await;
         }
     }
 
@@ -410,8 +408,8 @@ impl RecordingEngine for Recorder {
         let recs: Vec<Arc<Recording>> = self.lock().values().cloned().collect();
         let mut tasks = Vec::new();
         for r in recs {
-            let agent = self.agent.clone();
-            tasks.push(tokio::task::spawn_blocking(move || r.finish(&agent, Status::Stopped, "server shutdown")));
+            let source = self.source.clone();
+            tasks.push(tokio::task::spawn_blocking(move || r.finish(source.as_ref(), Status::Stopped, "server shutdown")));
         }
         for t in tasks {
             let _ = t.await;

@@ -190,8 +190,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let tokens = TokenAuthority::new(key.as_bytes());
     let (sfu, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
-    let mixer: Arc<dyn tessera_core::agent::MixEngine> = tessera_mixer::Mixer::new(sfu.clone());
-    let recorder: Arc<dyn tessera_core::agent::RecordingEngine> = tessera_recorder::Recorder::new(sfu.clone(), config.recordings_dir());
+    // The mixer and recorder take and offer streams through the media seam (the SFU's
+    // fan-outs in one process); the mixer's stream updates go to the portal with the SFU's events.
+    let streams: Arc<dyn tessera_core::media::StreamSource> = sfu.clone();
+    let mixer: Arc<dyn tessera_core::agent::MixEngine> = tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender());
+    let recorder: Arc<dyn tessera_core::agent::RecordingEngine> = tessera_recorder::Recorder::new(streams, config.recordings_dir());
     let agent: Arc<dyn tessera_core::agent::MediaAgent> = sfu;
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),

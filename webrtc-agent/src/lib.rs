@@ -10,6 +10,10 @@
 //!   gets a reader task feeding a [`forward::Fanout`].
 //! - A **subscription** adds a sendonly transceiver per requested track to the
 //!   subscriber's transport, fed by a [`forward::Sink`] on the source track's fan-out.
+//! - The mixer and recorder reach the fan-outs only through
+//!   [`tessera_core::media::StreamSource`], which the agent implements (`media`): taps
+//!   and streams produced inside the server (mixed views) convert packets to and from
+//!   marshalled bytes there, off the forwarding path.
 //!
 //! ICE: full ICE (not ICE-lite), host candidates on the configured or detected addresses,
 //! one UDP port per transport from the configured range; the answer SDP carries the
@@ -21,6 +25,7 @@
 
 pub mod feedback;
 pub mod forward;
+mod media;
 pub mod net;
 mod publication;
 mod transport;
@@ -72,28 +77,6 @@ impl AgentSettings {
             ice_failed_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// A track of a stream produced inside the server.
-pub struct LocalTrack {
-    /// Audio or video.
-    pub kind: tessera_core::agent::MediaKind,
-    /// Its RTP codec.
-    pub codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
-    /// Called (throttled) when a subscriber needs a keyframe.
-    pub on_keyframe: Arc<dyn Fn() + Send + Sync>,
-}
-
-/// A consumer's tap on a stream's track.
-pub struct Tap {
-    /// The track's codec.
-    pub codec: rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
-    /// Id to remove the tap.
-    pub sink_id: u64,
-    /// Clear to stop receiving without removing the tap (an idle consumer).
-    pub active: Arc<std::sync::atomic::AtomicBool>,
-    /// The packets (header extensions stripped).
-    pub packets: mpsc::Receiver<rtc::rtp::Packet>,
 }
 
 /// Counts of live objects, for the stats endpoint and leak tests.
@@ -159,53 +142,17 @@ impl WebrtcAgent {
         }
     }
 
-    /// Registers a stream produced inside the server (a mixed view) so clients can
-    /// subscribe to it like to a forward stream. Returns one fan-out per track, in order,
-    /// for the producer to feed with [`forward::Fanout::forward`].
-    pub fn add_local_stream(&self, room: &str, id: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<forward::Fanout>> {
-        let p = Arc::new(Publication::local(room, id, self.settings.keyframe_interval));
-        let fanouts = tracks.into_iter().map(|t| p.add_track(t.kind, t.codec, KeyframeSource::Local(t.on_keyframe)).fanout.clone()).collect();
-        self.lock().publications.insert(id.to_string(), p);
-        fanouts
-    }
-
-    /// Removes a stream added by [`WebrtcAgent::add_local_stream`]; its subscribers stop receiving.
-    pub fn remove_local_stream(&self, id: &str) {
-        let p = self.lock().publications.remove(id);
-        if let Some(p) = p {
-            p.end();
-        }
-    }
-
-    /// Taps a stream's track for a consumer inside the server (the mixer): returns the
-    /// codec, the sink id (to stop with [`WebrtcAgent::untap`]) and the packets.
-    pub fn tap(&self, stream: &str, kind: tessera_core::agent::MediaKind) -> Option<Tap> {
-        let p = self.publication(stream)?;
-        let track = p.track(kind)?;
-        let (sink, packets) = forward::Sink::new();
-        let tap = Tap { codec: track.codec.clone(), sink_id: sink.id, active: sink.active.clone(), packets };
-        track.fanout.add(sink);
-        track.request_keyframe();
-        Some(tap)
-    }
-
-    /// The room a stream (forward or produced inside the server) belongs to.
-    pub fn stream_room(&self, stream: &str) -> Option<String> {
-        self.publication(stream).map(|p| p.room.clone())
-    }
-
-    /// Stops a tap.
-    pub fn untap(&self, stream: &str, kind: tessera_core::agent::MediaKind, sink_id: u64) {
-        if let Some(t) = self.publication(stream).and_then(|p| p.track(kind)) {
-            t.fanout.remove(sink_id);
-        }
-    }
-
     pub(crate) fn publication(&self, id: &str) -> Option<Arc<Publication>> {
         self.lock().publications.get(id).cloned()
     }
 
-    /// Sends an event to the portal (also used by the mixer for mixed-stream updates).
+    /// A sender into the agent's event channel (to the portal), for other media nodes
+    /// that report on the same channel (the mixer's mixed-stream updates).
+    pub fn event_sender(&self) -> mpsc::Sender<AgentEvent> {
+        self.events.clone()
+    }
+
+    /// Sends an event to the portal.
     pub async fn emit(&self, event: AgentEvent) {
         if self.events.send(event).await.is_err() {
             debug!("portal gone; agent event dropped");
