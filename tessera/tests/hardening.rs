@@ -16,23 +16,7 @@ async fn json_of(res: reqwest::Response) -> (u16, Value) {
 }
 
 async fn new_room(s: &common::Server, options: Value) -> String {
-    let res = s
-        .client()
-        .post(s.url("/v1/rooms"))
-        .bearer_auth(common::KEY)
-        .json(&json!({"name": format!("hardening-{}", rand_suffix()), "options": options}))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(res).await;
-    assert_eq!(status, 200, "{body}");
-    body["id"].as_str().unwrap().to_string()
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    s.new_room(options).await
 }
 
 fn login_args(token: &str) -> Value {
@@ -40,10 +24,7 @@ fn login_args(token: &str) -> Value {
 }
 
 async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
-    let mut sig = Signaling::connect(&s.portal).await.unwrap();
-    let token = s.token(room, user, "presenter").await;
-    let info = sig.ok("login", Some(login_args(&token))).await.unwrap();
-    (sig, info)
+    s.join(room, user).await
 }
 
 /// The reason of an `('error', reason)` answer.

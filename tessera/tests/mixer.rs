@@ -14,10 +14,7 @@ use tessera_client::signaling::Signaling;
 const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
 
 async fn join(s: &common::Server, room: &str, user: &str) -> Signaling {
-    let token = s.token(room, user, "presenter").await;
-    let mut sig = Signaling::connect(&s.portal).await.unwrap();
-    sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await.unwrap();
-    sig
+    s.join(room, user).await.0
 }
 
 fn is(c: (u8, u8, u8), want: &str) -> bool {

@@ -19,18 +19,11 @@ use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber};
 use tessera_client::signaling::Signaling;
 
 async fn room(s: &common::Server) -> String {
-    let name = format!("resilience-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let res = s.client().post(s.url("/v1/rooms")).bearer_auth(common::KEY).json(&json!({"name": name, "options": {}})).send().await.unwrap();
-    let v: Value = res.json().await.unwrap();
-    v["id"].as_str().unwrap().to_string()
+    s.new_room(json!({})).await
 }
 
 async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
-    let token = s.token(room, user, "presenter").await;
-    let mut sig = Signaling::connect(&s.portal).await.unwrap();
-    let info =
-        sig.ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"}))).await.unwrap();
-    (sig, info)
+    s.join(room, user).await
 }
 
 fn av(tag: u32) -> PublishOptions {

@@ -13,17 +13,11 @@ use tessera_client::signaling::Signaling;
 const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 5\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
 
 async fn room(s: &common::Server, options: Value) -> String {
-    let name = format!("seams-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let res = s.client().post(s.url("/v1/rooms")).bearer_auth(common::KEY).json(&json!({"name": name, "options": options})).send().await.unwrap();
-    let v: Value = res.json().await.unwrap();
-    v["id"].as_str().unwrap().to_string()
+    s.new_room(options).await
 }
 
 async fn join(s: &common::Server, room: &str, user: &str) -> Signaling {
-    let token = s.token(room, user, "presenter").await;
-    let mut sig = Signaling::connect(&s.portal).await.unwrap();
-    sig.ok("login", Some(json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"}))).await.unwrap();
-    sig
+    s.join(room, user).await.0
 }
 
 /// The reason of an `('error', reason)` answer, or None for `ok`.

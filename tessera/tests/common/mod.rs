@@ -108,6 +108,34 @@ impl Server {
         false
     }
 
+    /// Creates a room with a unique name and these OWT room options; returns its id.
+    pub async fn new_room(&self, options: serde_json::Value) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!("room-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let res = self
+            .client()
+            .post(self.url("/v1/rooms"))
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({"name": name, "options": options}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "creating a room");
+        let v: serde_json::Value = res.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Logs `user` into `room` as a presenter on a new Socket.IO connection; returns the
+    /// connection and the login result.
+    pub async fn join(&self, room: &str, user: &str) -> (tessera_client::signaling::Signaling, serde_json::Value) {
+        let token = self.token(room, user, "presenter").await;
+        let mut sig = tessera_client::signaling::Signaling::connect(&self.portal).await.unwrap();
+        let login = serde_json::json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"});
+        let info = sig.ok("login", Some(login)).await.unwrap();
+        (sig, info)
+    }
+
     pub fn client(&self) -> reqwest::Client {
         reqwest::Client::new()
     }
