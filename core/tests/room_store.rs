@@ -126,7 +126,27 @@ fn ten_thousand_creates_and_pages() {
     assert_eq!(middle.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), &ids[5_000..5_003]);
     assert!(store.get(&ids[N / 2]).is_some());
 
+    // Listing everything again and again holds nothing on to: the process's resident
+    // memory after 10 more full listings is where it was after the first few.
+    for _ in 0..3 {
+        assert_eq!(store.list().len(), N);
+    }
+    let warm = rss_kb();
+    for _ in 0..10 {
+        assert_eq!(store.list().len(), N);
+    }
+    let after = rss_kb();
+    eprintln!("RSS across 10 listings of {N} rooms: {warm} kB -> {after} kB");
+    assert!(after <= warm + warm / 20, "RSS grew from {warm} kB to {after} kB across repeated listings");
+
     drop(store);
     let reopened = RoomStore::open(&db).unwrap();
     assert_eq!(reopened.list().len(), N);
+}
+
+/// This process's resident set size in kB (Linux).
+fn rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
