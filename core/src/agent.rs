@@ -7,7 +7,6 @@
 //! connectivity and the first media packet all come later.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::stream::{LayoutEntry, StreamInfo};
 use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId};
@@ -221,10 +220,13 @@ pub enum AgentEvent {
 pub enum AgentError {
     /// The transport id is unknown to the agent.
     #[error("Transport does NOT exist: {0}")]
-    NoTransport(String),
+    NoTransport(TransportId),
     /// The session id is unknown to the agent.
     #[error("Session does NOT exist: {0}")]
-    NoSession(String),
+    NoSession(SessionId),
+    /// The stream is unknown to the agent.
+    #[error("Stream does NOT exist: {0}")]
+    NoStream(StreamId),
     /// The request cannot be honoured (bad SDP, unsupported codec, ...).
     #[error("{0}")]
     Rejected(String),
@@ -254,79 +256,15 @@ impl TrackSwitch {
     }
 }
 
-/// A media agent as the portal drives it.
-#[async_trait::async_trait]
-pub trait MediaAgent: Send + Sync {
-    /// Registers a publication; its media flows after the client's offer on `spec.at.transport`.
-    async fn publish(&self, spec: PublishSpec) -> Result<(), AgentError>;
-    /// Registers a subscription to existing streams.
-    async fn subscribe(&self, spec: SubscribeSpec) -> Result<(), AgentError>;
-    /// Handles an offer or candidate from the client for one of its transports.
-    async fn signal(&self, at: &TransportRef, signaling: Signaling) -> Result<(), AgentError>;
-    /// Ends a publication (its stream disappears) or a subscription.
-    async fn end_session(&self, participant: &ParticipantId, session: &SessionId);
-    /// Pauses or resumes forwarding of a publication's or subscription's tracks.
-    async fn switch(&self, participant: &ParticipantId, session: &SessionId, switch: TrackSwitch) -> Result<(), AgentError>;
-    /// Asks a publisher for a keyframe on a stream's video (throttled by the agent).
-    async fn request_keyframe(&self, stream: &StreamId);
-    /// Drops everything a participant has (left the room).
-    async fn participant_left(&self, participant: &ParticipantId);
-    /// Counts of live media objects, for the stats endpoint.
-    fn stats(&self) -> Value;
-}
-
-/// The MCU as the portal drives it: one mixed stream per view of a room.
-#[async_trait::async_trait]
-pub trait MixEngine: Send + Sync {
-    /// Creates (or returns, if already there) the room's mixed streams, one per view, in
-    /// view order. Concurrent calls for one room create its views once.
-    async fn start_room(&self, room: &crate::room::Room) -> Vec<StreamInfo>;
-    /// Frees the room's mixed streams and pipelines.
-    async fn stop_room(&self, room: &str);
-    /// Adds a forward stream to a view; returns the view's new layout.
-    async fn mix(&self, room: &str, view: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError>;
-    /// Removes a stream from a view; returns the view's new layout.
-    async fn unmix(&self, room: &str, view: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError>;
-    /// Replaces a view's layout: its regions become the view's custom template and listed
-    /// streams are pinned to them. Returns the applied layout.
-    async fn set_layout(&self, room: &str, view: &str, layout: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError>;
-    /// Switches a view's base template (`fluid`, `lecture`); pins and custom regions are
-    /// dropped. Returns the new layout. (Tessera extension.)
-    async fn set_template(&self, room: &str, view: &str, base: &str) -> Result<Vec<LayoutEntry>, AgentError>;
-    /// Puts a stream of the view into a region (by id); returns the new layout.
-    async fn set_region(&self, room: &str, view: &str, stream: &str, region: &str) -> Result<Vec<LayoutEntry>, AgentError>;
-    /// The current layout of a view.
-    async fn layout(&self, room: &str, view: &str) -> Option<Vec<LayoutEntry>>;
-}
-
 /// What to record: a stream's audio and/or video (they may come from different streams).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordingSpec {
     /// `auto`, `webm`, `mkv` or `mp4`.
     pub container: String,
     /// Stream to take audio from.
-    pub audio_from: Option<String>,
+    pub audio_from: Option<StreamId>,
     /// Stream to take video from.
-    pub video_from: Option<String>,
-}
-
-/// Recording to storage, as the management API drives it.
-#[async_trait::async_trait]
-pub trait RecordingEngine: Send + Sync {
-    /// Starts a recording; returns its description (`id`, `state`, `storage`, ...).
-    async fn start(&self, room: &str, spec: RecordingSpec) -> Result<Value, AgentError>;
-    /// The room's recordings, running and finished.
-    async fn list(&self, room: &str) -> Vec<Value>;
-    /// Switches the audio or video source of a running recording.
-    async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<Value, AgentError>;
-    /// Stops and finalises a recording; returns its final description.
-    async fn stop(&self, room: &str, id: &str) -> Result<Value, AgentError>;
-    /// The file of a recording, for download.
-    async fn file(&self, room: &str, id: &str) -> Option<std::path::PathBuf>;
-    /// Stops every recording of a deleted room.
-    async fn room_deleted(&self, room: &str);
-    /// Stops and finalises everything (server shutdown).
-    async fn shutdown(&self);
+    pub video_from: Option<StreamId>,
 }
 
 #[cfg(test)]

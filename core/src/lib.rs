@@ -1,6 +1,7 @@
 //! Tessera's shared domain model, free of I/O frameworks: ids, the room model (roles,
 //! views, media formats), the persistent room store, participant tokens, reconnection
-//! tickets, the management-API signature scheme, the media seam ([`media::StreamSource`])
+//! tickets, the management-API signature scheme, the control protocol to media nodes
+//! ([`command`]: typed commands, replies and the router), the media seam ([`media::StreamSource`])
 //! through which the mixer and recorder take streams, and the trait through which the
 //! management API reaches live conference state.
 //!
@@ -12,6 +13,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod agent;
+pub mod command;
 pub mod control;
 pub mod crypto;
 pub mod ids;

@@ -42,8 +42,8 @@ pub struct ApiState {
     pub token_lifetime_secs: u64,
     /// Live conference state.
     pub control: Arc<dyn RoomControl>,
-    /// Recording to storage, when the server records.
-    pub recordings: Option<Arc<dyn tessera_core::agent::RecordingEngine>>,
+    /// Finds the recorder node of a room (none: this server does not record).
+    pub router: Arc<dyn tessera_core::command::Router>,
     /// Origins allowed to call the API from a browser (`*`: any); empty: no CORS.
     pub cors_origins: Vec<String>,
 }

@@ -2,7 +2,8 @@
 
 use actix_web::{HttpResponse, web};
 use serde_json::Value;
-use tessera_core::agent::{AgentError, MediaKind, RecordingSpec};
+use tessera_core::agent::{MediaKind, RecordingSpec};
+use tessera_core::command::{ListRecordings, RecorderNode, RecordingError, RecordingFile, StartRecording, StopRecording, SwitchSource};
 
 use crate::ApiState;
 use crate::error::ApiError;
@@ -10,15 +11,16 @@ use crate::routes::{Authed, find_room, reject_unknown};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn engine(state: &ApiState) -> Result<std::sync::Arc<dyn tessera_core::agent::RecordingEngine>> {
-    state.recordings.clone().ok_or_else(|| ApiError::Internal("this server does not record".into()))
+fn engine(state: &ApiState, room: &str) -> Result<std::sync::Arc<dyn RecorderNode>> {
+    state.router.recorder_for(&room.into()).ok_or_else(|| ApiError::Internal("this server does not record".into()))
 }
 
-fn agent_error(e: AgentError) -> ApiError {
+/// The recorder's refusals as REST errors.
+fn recording_error(e: RecordingError) -> ApiError {
     match e {
-        AgentError::NoSession(what) => ApiError::NotFound(format!("{what} not found")),
-        AgentError::Rejected(m) | AgentError::NoTransport(m) => ApiError::BadRequest(m),
-        AgentError::Failed(m) => ApiError::Internal(m),
+        RecordingError::NoRecording(_) => ApiError::NotFound(e.to_string()),
+        RecordingError::NoStream(_) | RecordingError::Rejected(_) => ApiError::BadRequest(e.to_string()),
+        RecordingError::Failed(m) => ApiError::Internal(m),
     }
 }
 
@@ -54,22 +56,23 @@ pub(crate) async fn start(_: Authed, state: web::Data<ApiState>, path: web::Path
             }
         }
     }
-    let spec = RecordingSpec { container, audio_from: source(media, "audio")?, video_from: source(media, "video")? };
-    let rec = engine(&state)?.start(&room.id, spec).await.map_err(agent_error)?;
+    let spec = RecordingSpec { container, audio_from: source(media, "audio")?.map(Into::into), video_from: source(media, "video")?.map(Into::into) };
+    let rec = engine(&state, &room.id)?.call(StartRecording { room: room.id.as_str().into(), spec }).await.map_err(recording_error)?;
     Ok(HttpResponse::Ok().json(rec))
 }
 
 pub(crate) async fn list(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
-    Ok(HttpResponse::Ok().json(engine(&state)?.list(&room.id).await))
+    let list = engine(&state, &room.id)?.call(ListRecordings { room: room.id.as_str().into() }).await.map_err(recording_error)?;
+    Ok(HttpResponse::Ok().json(list))
 }
 
 pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
     let ops = body.as_array().ok_or_else(|| ApiError::BadRequest("Invalid request body: expected an array of operations".into()))?;
-    let engine = engine(&state)?;
-    let mut last = Value::Null;
+    let engine = engine(&state, &room.id)?;
+    let mut last = None;
     for (i, op) in ops.iter().enumerate() {
         let kind = match (op.get("op").and_then(Value::as_str), op.get("path").and_then(Value::as_str)) {
             (Some("replace"), Some("/media/audio/from")) => MediaKind::Audio,
@@ -77,7 +80,8 @@ pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path
             _ => return Err(ApiError::BadRequest(format!("[{i}]: supported: replace /media/audio/from or /media/video/from"))),
         };
         let from = op.get("value").and_then(Value::as_str).ok_or_else(|| ApiError::BadRequest(format!("[{i}]: `value` must be a stream id")))?;
-        last = engine.switch_source(&room.id, &id, kind, from).await.map_err(agent_error)?;
+        let switch = SwitchSource { room: room.id.as_str().into(), recording: id.clone(), kind, from: from.into() };
+        last = Some(engine.call(switch).await.map_err(recording_error)?);
     }
     Ok(HttpResponse::Ok().json(last))
 }
@@ -85,14 +89,14 @@ pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path
 pub(crate) async fn stop(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let rec = engine(&state)?.stop(&room.id, &id).await.map_err(agent_error)?;
+    let rec = engine(&state, &room.id)?.call(StopRecording { room: room.id.as_str().into(), recording: id }).await.map_err(recording_error)?;
     Ok(HttpResponse::Ok().json(rec))
 }
 
 pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let file = engine(&state)?.file(&room.id, &id).await.ok_or_else(|| ApiError::NotFound(format!("recording {id} not found")))?;
+    let file = engine(&state, &room.id)?.call(RecordingFile { room: room.id.as_str().into(), recording: id }).await.map_err(recording_error)?;
     let bytes = tokio::fs::read(&file).await.map_err(|e| ApiError::NotFound(format!("recording file {}: {e}", file.display())))?;
     let mime = match file.extension().and_then(|e| e.to_str()) {
         Some("webm") => "video/webm",

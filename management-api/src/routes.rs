@@ -169,8 +169,11 @@ async fn update_room(_: Authed, state: web::Data<ApiState>, path: web::Path<Stri
 
 async fn delete_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = state.store.delete(&path)?;
-    if let Some(r) = &state.recordings {
-        r.room_deleted(&room.id).await;
+    if let Some(r) = state.router.recorder_for(&room.id.as_str().into()) {
+        let room = room.id.as_str().into();
+        if let Err(e) = r.call(tessera_core::command::RoomDeleted { room }).await {
+            tracing::warn!(error = %e, "the recorder could not stop the deleted room's recordings");
+        }
     }
     state.control.room_deleted(&room.id).await;
     tracing::info!(room = %room.id, "room deleted");

@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tessera_core::StreamId;
-use tessera_core::agent::{AgentError, AgentEvent, MediaKind, MixEngine, StreamUpdate};
+use tessera_core::agent::{AgentEvent, MediaKind, StreamUpdate};
+use tessera_core::command::{MixCommand, MixError, MixNode, MixReply};
 use tessera_core::media::{CodecInfo, LocalTrack, RtpSink, StreamSource};
-use tessera_core::room::{CustomTemplate, Room, VideoParameters, View};
+use tessera_core::room::{CustomTemplate, VideoParameters, View};
 use tessera_core::stream::{LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
+use tessera_core::{RoomId, StreamId, ViewLabel};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -170,12 +171,12 @@ impl Mixer {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn view(&self, room: &str, label: &str) -> Result<Arc<ViewMix>, AgentError> {
-        self.lock().get(room).and_then(|v| v.get(label)).cloned().ok_or_else(|| AgentError::Rejected(format!("View does NOT exist: {label}")))
+    fn view(&self, room: &str, label: &str) -> Result<Arc<ViewMix>, MixError> {
+        self.lock().get(room).and_then(|v| v.get(label)).cloned().ok_or_else(|| MixError::NoView(label.into()))
     }
 
-    fn create_view(&self, room: &Room, config: &View) -> Arc<ViewMix> {
-        let id = mixed_stream_id(&room.id, &config.label);
+    fn create_view(&self, room: &str, config: &View) -> Arc<ViewMix> {
+        let id = mixed_stream_id(room, &config.label);
         let weak_view: Arc<Mutex<Weak<ViewMix>>> = Arc::new(Mutex::new(Weak::new()));
         let mut tracks = Vec::new();
         if config.audio.is_some() {
@@ -194,7 +195,7 @@ impl Mixer {
             tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe });
         }
         let kinds: Vec<MediaKind> = tracks.iter().map(|t| t.kind).collect();
-        let sinks = self.source.publish_local(&room.id, &id, tracks);
+        let sinks = self.source.publish_local(room, &id, tracks);
         let mut video_out = None;
         let mut audio_out = None;
         for (k, f) in kinds.into_iter().zip(sinks) {
@@ -208,7 +209,7 @@ impl Mixer {
             None => Templates::from_layout(&Default::default(), 1),
         };
         let view = Arc::new(ViewMix {
-            room: room.id.clone(),
+            room: room.to_string(),
             id: id.clone(),
             config: config.clone(),
             video_out,
@@ -230,7 +231,7 @@ impl Mixer {
         if let Ok(mut w) = weak_view.lock() {
             *w = Arc::downgrade(&view);
         }
-        let span = info_span!("view", room = %room.id, view = %config.label);
+        let span = info_span!("view", room = %room, view = ?config.label);
         tokio::spawn(supervise(self.source.clone(), self.events.clone(), Arc::downgrade(&view)).instrument(span));
         view
     }
@@ -453,28 +454,28 @@ fn relayout(view: &ViewMix) {
 }
 
 /// Turns a requested layout into regions (a custom template) and pins, checking it.
-fn parse_layout(items: &[LayoutEntry]) -> Result<(CustomTemplate, Vec<(String, String)>), AgentError> {
+fn parse_layout(items: &[LayoutEntry]) -> Result<(CustomTemplate, Vec<(String, String)>), MixError> {
     let mut regions: Vec<tessera_core::room::Region> = Vec::new();
     let mut pins: Vec<(String, String)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let region = item.region.clone();
         if regions.iter().any(|r| r.id == region.id) {
-            return Err(AgentError::Rejected(format!("layout[{i}].region.id `{}` is used twice", region.id.escape_debug())));
+            return Err(MixError::BadLayout(format!("layout[{i}].region.id `{}` is used twice", region.id.escape_debug())));
         }
         if let Some(stream) = &item.stream {
             if pins.iter().any(|(s, _)| s == stream.as_str()) {
-                return Err(AgentError::Rejected(format!("layout[{i}].stream `{}` is used twice", stream.as_str().escape_debug())));
+                return Err(MixError::BadLayout(format!("layout[{i}].stream `{}` is used twice", stream.as_str().escape_debug())));
             }
             pins.push((stream.to_string(), region.id.clone()));
         }
         regions.push(region);
     }
     if regions.is_empty() {
-        return Err(AgentError::Rejected("layout needs at least one region".into()));
+        return Err(MixError::BadLayout("layout needs at least one region".into()));
     }
     let template = CustomTemplate { primary: None, region: regions };
     // Validate areas with the room model's rules.
-    let check = Room {
+    let check = tessera_core::Room {
         views: vec![View {
             video: Some(tessera_core::room::ViewVideo {
                 layout: tessera_core::room::Layout {
@@ -488,51 +489,70 @@ fn parse_layout(items: &[LayoutEntry]) -> Result<(CustomTemplate, Vec<(String, S
         name: "check".into(),
         ..Default::default()
     };
-    check.validate().map_err(|e| AgentError::Rejected(format!("layout: {}", e.reason)))?;
+    check.validate().map_err(|e| MixError::BadLayout(format!("layout: {}", e.reason)))?;
     Ok((template, pins))
 }
 
 #[async_trait::async_trait]
-impl MixEngine for Mixer {
-    async fn start_room(&self, room: &Room) -> Vec<StreamInfo> {
-        let views: Vec<Arc<ViewMix>> = {
-            // Checked and created under one lock: two first logins at once used to both
-            // create the views, and the second registration replaced the first's outputs
-            // with ones no pipeline fed.
-            let mut rooms = self.lock();
-            match rooms.get(&room.id) {
-                Some(v) => v.values().cloned().collect(),
-                None => {
-                    let views: Vec<Arc<ViewMix>> = room.views.iter().map(|v| self.create_view(room, v)).collect();
-                    let entry = rooms.entry(room.id.clone()).or_default();
-                    for v in &views {
-                        entry.insert(v.config.label.clone(), v.clone());
-                    }
-                    info!(room = %room.id, views = views.len(), "room mixing ready");
-                    views
-                }
+impl MixNode for Mixer {
+    async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
+        Ok(match command {
+            MixCommand::StartView(c) => MixReply::StartView(self.start_view(&c.room, &c.view)),
+            MixCommand::StopView(c) => {
+                self.stop_view(&c.room, &c.view);
+                MixReply::StopView(())
             }
-        };
-        let mut infos: Vec<StreamInfo> = views.iter().map(|v| v.stream_info()).collect();
-        infos.sort_by(|a, b| a.id.cmp(&b.id));
-        infos
+            MixCommand::Mix(c) => MixReply::Mix(self.mix(&c.room, &c.view, &c.stream)?),
+            MixCommand::Unmix(c) => MixReply::Unmix(self.unmix(&c.room, &c.view, &c.stream)?),
+            MixCommand::SetLayout(c) => MixReply::SetLayout(self.set_layout(&c.room, &c.view, c.layout)?),
+            MixCommand::SetTemplate(c) => MixReply::SetTemplate(self.set_template(&c.room, &c.view, &c.base)?),
+            MixCommand::SetRegion(c) => MixReply::SetRegion(self.set_region(&c.room, &c.view, &c.stream, &c.region)?),
+            MixCommand::GetLayout(c) => MixReply::GetLayout(self.view(c.room.as_str(), c.view.as_str())?.layout()),
+        })
+    }
+}
+
+impl Mixer {
+    /// Creates a view's mixed stream, or finds it if it runs. Checked and created under
+    /// one lock: two first logins at once used to both create the views, and the second
+    /// registration replaced the first's outputs with ones no pipeline fed.
+    fn start_view(&self, room: &RoomId, config: &View) -> StreamInfo {
+        let mut rooms = self.lock();
+        let views = rooms.entry(room.to_string()).or_default();
+        if let Some(v) = views.get(&config.label) {
+            return v.stream_info();
+        }
+        let view = self.create_view(room.as_str(), config);
+        views.insert(config.label.clone(), view.clone());
+        info!(%room, view = ?config.label, "view mixing ready");
+        view.stream_info()
     }
 
-    async fn stop_room(&self, room: &str) {
-        let views = self.lock().remove(room);
-        for view in views.into_iter().flat_map(|v| v.into_values()) {
+    /// Frees a view's pipeline and mixed stream.
+    fn stop_view(&self, room: &RoomId, label: &ViewLabel) {
+        let view = {
+            let mut rooms = self.lock();
+            let Some(views) = rooms.get_mut(room.as_str()) else { return };
+            let view = views.remove(label.as_str());
+            if views.is_empty() {
+                rooms.remove(room.as_str());
+            }
+            view
+        };
+        if let Some(view) = view {
             stop_pipeline(self.source.as_ref(), &view);
             self.source.unpublish_local(&view.id);
         }
     }
 
-    async fn mix(&self, room: &str, label: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError> {
+    fn mix(&self, room: &RoomId, label: &ViewLabel, stream: &StreamId) -> Result<Vec<LayoutEntry>, MixError> {
+        let (room, label, stream) = (room.as_str(), label.as_str(), stream.as_str());
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
             if !s.inputs.iter().any(|i| i == stream) {
                 if view.config.video.as_ref().is_some_and(|v| s.inputs.len() >= v.max_input as usize) {
-                    return Err(AgentError::Rejected(format!("View {label} is full")));
+                    return Err(MixError::ViewFull(label.into()));
                 }
                 s.inputs.push(stream.to_string());
             }
@@ -542,7 +562,8 @@ impl MixEngine for Mixer {
         Ok(view.layout())
     }
 
-    async fn unmix(&self, room: &str, label: &str, stream: &str) -> Result<Vec<LayoutEntry>, AgentError> {
+    fn unmix(&self, room: &RoomId, label: &ViewLabel, stream: &StreamId) -> Result<Vec<LayoutEntry>, MixError> {
+        let (room, label, stream) = (room.as_str(), label.as_str(), stream.as_str());
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
@@ -554,14 +575,15 @@ impl MixEngine for Mixer {
         Ok(view.layout())
     }
 
-    async fn set_layout(&self, room: &str, label: &str, requested: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError> {
+    fn set_layout(&self, room: &RoomId, label: &ViewLabel, requested: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, MixError> {
+        let (room, label) = (room.as_str(), label.as_str());
         let view = self.view(room, label)?;
         let (template, pins) = parse_layout(&requested)?;
         {
             let mut s = view.lock();
             for (stream, _) in &pins {
                 if !s.inputs.contains(stream) {
-                    return Err(AgentError::Rejected(format!("Stream {stream} is not mixed in view {label}")));
+                    return Err(MixError::NotInView { stream: stream.as_str().into(), view: label.into() });
                 }
             }
             let mut base = view.config.video.as_ref().map(|v| v.layout.clone()).unwrap_or_default();
@@ -573,9 +595,10 @@ impl MixEngine for Mixer {
         Ok(view.layout())
     }
 
-    async fn set_template(&self, room: &str, label: &str, base: &str) -> Result<Vec<LayoutEntry>, AgentError> {
+    fn set_template(&self, room: &RoomId, label: &ViewLabel, base: &str) -> Result<Vec<LayoutEntry>, MixError> {
+        let (room, label) = (room.as_str(), label.as_str());
         if !["fluid", "lecture"].contains(&base) {
-            return Err(AgentError::Rejected(format!("template `{base}` is not fluid or lecture")));
+            return Err(MixError::BadLayout(format!("template `{base}` is not fluid or lecture")));
         }
         let view = self.view(room, label)?;
         {
@@ -591,16 +614,17 @@ impl MixEngine for Mixer {
         Ok(view.layout())
     }
 
-    async fn set_region(&self, room: &str, label: &str, stream: &str, region: &str) -> Result<Vec<LayoutEntry>, AgentError> {
+    fn set_region(&self, room: &RoomId, label: &ViewLabel, stream: &StreamId, region: &str) -> Result<Vec<LayoutEntry>, MixError> {
+        let (room, label, stream) = (room.as_str(), label.as_str(), stream.as_str());
         let view = self.view(room, label)?;
         {
             let mut s = view.lock();
             if !s.inputs.iter().any(|i| i == stream) {
-                return Err(AgentError::Rejected(format!("Stream {stream} is not mixed in view {label}")));
+                return Err(MixError::NotInView { stream: stream.into(), view: label.into() });
             }
             let regions = s.templates.for_inputs(s.inputs.len());
             if !regions.iter().any(|r| r.id == region) {
-                return Err(AgentError::Rejected(format!("Region does NOT exist: {region}")));
+                return Err(MixError::NoRegion { view: label.into(), region: region.into() });
             }
             // The stream moves there; whoever held the region takes the stream's old one.
             let old = s.placed.iter().find(|(st, _)| st == stream).map(|(_, r)| r.clone());
@@ -616,10 +640,6 @@ impl MixEngine for Mixer {
         }
         relayout(&view);
         Ok(view.layout())
-    }
-
-    async fn layout(&self, room: &str, label: &str) -> Option<Vec<LayoutEntry>> {
-        self.view(room, label).ok().map(|v| v.layout())
     }
 }
 
@@ -729,21 +749,27 @@ mod tests {
     /// registration replaced the first's outputs in the SFU, so the view the mixer kept
     /// fed a fan-out nobody could subscribe to. Each view must be created once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_room_starts_create_each_view_once() {
+    async fn concurrent_view_starts_create_each_view_once() {
+        use tessera_core::command::{StartView, StopView};
         let registry = Arc::new(Registry::default());
         let agent: Arc<dyn StreamSource> = registry.clone();
         let mixer = Mixer::new(agent.clone(), mpsc::channel(16).0);
+        let node: Arc<dyn MixNode> = mixer.clone();
         for n in 0..20 {
             // Many views widen the window between "no views yet" and "views registered".
             let views: Vec<Value> = (0..16).map(|v| json!({"label": format!("v{v}")})).collect();
-            let room = Room::from_options(format!("room{n}"), format!("Room {n}"), json!({"views": views})).unwrap();
+            let room = tessera_core::Room::from_options(format!("room{n}"), format!("Room {n}"), json!({"views": views})).unwrap();
             let barrier = Arc::new(tokio::sync::Barrier::new(4));
             let starts: Vec<_> = (0..4)
                 .map(|_| {
-                    let (mixer, room, barrier) = (mixer.clone(), room.clone(), barrier.clone());
+                    let (node, room, barrier) = (node.clone(), room.clone(), barrier.clone());
                     tokio::spawn(async move {
                         barrier.wait().await;
-                        mixer.start_room(&room).await
+                        let mut ids = Vec::new();
+                        for view in room.views {
+                            ids.push(node.call(StartView { room: room.id.as_str().into(), view }).await.unwrap().id);
+                        }
+                        ids
                     })
                 })
                 .collect();
@@ -759,8 +785,11 @@ mod tests {
                 assert!(view.video_out.as_ref().is_some_and(|f| f.has_consumers()), "{}: the view feeds a track the source does not serve", view.id);
                 agent.untap(&view.id, MediaKind::Video, tap.sink_id);
             }
-            mixer.stop_room(&room.id).await;
-            assert!(registry.streams.lock().unwrap().is_empty(), "stop_room unregisters the mixed streams");
+            for v in 0..16 {
+                node.call(StopView { room: room.id.as_str().into(), view: format!("v{v}").into() }).await.unwrap();
+            }
+            assert!(registry.streams.lock().unwrap().is_empty(), "stopping the views unregisters the mixed streams");
+            assert!(mixer.lock().is_empty(), "no room left behind");
         }
     }
 }

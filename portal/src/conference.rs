@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::{Value, json};
-use tessera_core::{ParticipantInfo, Permission, StreamInfo};
+use tessera_core::{ParticipantId, ParticipantInfo, Permission, RoomId, SessionId, StreamInfo, TransportId, ViewLabel};
 
 use crate::socketio::SocketHandle;
 
@@ -37,13 +37,13 @@ pub(crate) struct Participant {
     /// cannot act on a participant who has moved on.
     pub generation: u64,
     /// Transports (peer connections) this participant opened.
-    pub transports: HashSet<String>,
+    pub transports: HashSet<TransportId>,
     /// Publications and subscriptions by id.
-    pub sessions: HashMap<String, crate::media::SessionKind>,
+    pub sessions: HashMap<SessionId, crate::media::SessionKind>,
     /// `attributes` given at publish, by publication id.
-    pub attributes: HashMap<String, Value>,
+    pub attributes: HashMap<SessionId, Value>,
     /// Publications whose media flows (they are streams of the room).
-    pub ready: HashSet<String>,
+    pub ready: HashSet<SessionId>,
     /// Ids of the reconnection tickets issued to this participant and not used yet.
     tickets: VecDeque<String>,
 }
@@ -86,14 +86,14 @@ impl Participant {
     /// Registers a new session on the transport the request named (which must be one of
     /// this participant's) or, without one, on a new transport named after the session
     /// (OWT 1.2's rule). Returns the transport id.
-    pub fn open_session(&mut self, requested: Option<String>, session: &str, kind: crate::media::SessionKind) -> Result<String, String> {
+    pub fn open_session(&mut self, requested: Option<String>, session: &str, kind: crate::media::SessionKind) -> Result<TransportId, String> {
         let transport = match requested {
-            Some(t) if self.transports.contains(&t) => t,
+            Some(t) if self.transports.contains(t.as_str()) => TransportId(t),
             Some(t) => return Err(format!("Transport does NOT exist: {t}")),
-            None => session.to_string(),
+            None => TransportId::from(session),
         };
         self.transports.insert(transport.clone());
-        self.sessions.insert(session.to_string(), kind);
+        self.sessions.insert(session.into(), kind);
         Ok(transport)
     }
 
@@ -103,7 +103,7 @@ impl Participant {
     }
 
     /// Ids of this participant's publications.
-    pub fn publications(&self) -> HashSet<String> {
+    pub fn publications(&self) -> HashSet<SessionId> {
         self.sessions.iter().filter(|(_, s)| **s == crate::media::SessionKind::Publication).map(|(id, _)| id.clone()).collect()
     }
 }
@@ -148,9 +148,12 @@ impl RoomState {
 /// All live rooms.
 #[derive(Default)]
 pub(crate) struct Conferences {
-    pub rooms: HashMap<String, RoomState>,
+    pub rooms: HashMap<RoomId, RoomState>,
     /// participant id → room id, so `relogin` (which carries only a participant id) finds the room.
-    pub where_is: HashMap<String, String>,
+    pub where_is: HashMap<ParticipantId, RoomId>,
+    /// The views started for each room, to stop when it empties (even if the room's
+    /// configuration changed meanwhile).
+    pub mixing: HashMap<RoomId, Vec<ViewLabel>>,
 }
 
 impl Conferences {

@@ -10,6 +10,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 mod conference;
+#[cfg(test)]
+mod controller_tests;
 pub mod http;
 mod media;
 mod mixing;
@@ -23,10 +25,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use tessera_core::agent::{AgentEvent, MediaAgent, MixEngine};
+use tessera_core::agent::AgentEvent;
+use tessera_core::command::{EndSession, GetStats, Router};
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{TokenAuthority, TokenLedger};
-use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomStore};
+use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomId, RoomStore};
 use tracing::info;
 
 pub use settings::PortalSettings;
@@ -48,8 +51,8 @@ struct Inner {
     tickets: TicketAuthority,
     sio: SocketIo,
     conferences: Mutex<Conferences>,
-    agent: Option<Arc<dyn MediaAgent>>,
-    mixer: Option<Arc<dyn MixEngine>>,
+    /// Finds the media nodes (SFU, mixer) serving a room.
+    router: Arc<dyn Router>,
 }
 
 /// Seconds since the Unix epoch.
@@ -63,20 +66,16 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Portal {
-    /// Creates the portal and starts accepting Socket.IO connections. `agent` is the
-    /// media agent with the receiver of its events; without one, stream requests are
-    /// refused. Must be called inside a tokio runtime.
+    /// Creates the portal and starts accepting Socket.IO connections. `router` finds the
+    /// media nodes of a room (none: stream requests are refused); `events` is where they
+    /// report back. Must be called inside a tokio runtime.
     pub fn new(
         settings: PortalSettings,
         store: Arc<RoomStore>,
         tokens: TokenAuthority,
-        agent: Option<(Arc<dyn MediaAgent>, tokio::sync::mpsc::Receiver<AgentEvent>)>,
-        mixer: Option<Arc<dyn MixEngine>>,
+        router: Arc<dyn Router>,
+        events: Option<tokio::sync::mpsc::Receiver<AgentEvent>>,
     ) -> Portal {
-        let (agent, events) = match agent {
-            Some((a, e)) => (Some(a), Some(e)),
-            None => (None, None),
-        };
         let (sio, mut sockets) = SocketIo::new(settings.socketio.clone());
         let portal = Portal {
             inner: Arc::new(Inner {
@@ -87,8 +86,7 @@ impl Portal {
                 tickets: TicketAuthority::random(),
                 sio,
                 conferences: Mutex::new(Conferences::default()),
-                agent,
-                mixer,
+                router,
             }),
         };
         if let Some(mut events) = events {
@@ -120,9 +118,9 @@ impl Portal {
 
     /// Drops every participant (sending `drop`) and closes all sockets.
     pub async fn shutdown(&self) {
-        let rooms: Vec<String> = self.lock().rooms.keys().cloned().collect();
+        let rooms: Vec<RoomId> = self.lock().rooms.keys().cloned().collect();
         for room in rooms {
-            self.drop_room(&room, "server shutdown");
+            self.drop_room(room.as_str(), "server shutdown");
         }
         self.inner.sio.close_all();
     }
@@ -242,8 +240,11 @@ impl RoomControl for Portal {
                 },
             }
         };
-        if let Some(agent) = &self.inner.agent {
-            agent.end_session(&owner, &stream.into()).await;
+        if let Some(agent) = self.inner.router.agent_for(&room.into()) {
+            let end = EndSession { room: room.into(), participant: owner, session: stream.into() };
+            if let Err(e) = agent.call(end).await {
+                tracing::debug!(room, stream, error = %e, "ending a deleted stream's publication");
+            }
         }
         self.on_agent_event(AgentEvent::StreamEnded { room: room.into(), stream: stream.into(), reason: "deleted over REST".into() });
         Ok(())
@@ -268,12 +269,20 @@ impl RoomControl for Portal {
             let streams: usize = conf.rooms.values().map(|r| r.streams.len()).sum();
             (conf.rooms.len(), participants, streams)
         };
+        let nodes = self.inner.router.media_nodes();
+        let mut media = if nodes.is_empty() { None } else { Some(tessera_core::command::MediaStats::default()) };
+        for node in nodes {
+            match node.call(GetStats).await {
+                Ok(s) => media = media.map(|m| m + s),
+                Err(e) => tracing::debug!(error = %e, "a media node did not answer GetStats"),
+            }
+        }
         json!({
             "rooms": rooms,
             "participants": participants,
             "streams": streams,
             "sockets": self.inner.sio.session_count(),
-            "media": self.inner.agent.as_ref().map(|a| a.stats()).unwrap_or(Value::Null),
+            "media": media.and_then(|m| serde_json::to_value(m).ok()).unwrap_or(Value::Null),
         })
     }
 }

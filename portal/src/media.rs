@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tessera_core::agent::{
     AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
 };
+use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, Signal, SwitchTracks};
 use tessera_core::stream::{StreamKind, TrackStatus};
 use tracing::{debug, info};
 
@@ -67,8 +68,8 @@ fn transport_of(request: &str, d: &Value) -> Result<Option<String>, String> {
 }
 
 impl Portal {
-    fn agent(&self, request: &str) -> Result<std::sync::Arc<dyn tessera_core::agent::MediaAgent>, String> {
-        self.inner.agent.clone().ok_or_else(|| format!("{request}: no WebRTC agent is running on this server"))
+    fn agent(&self, room: &str, request: &str) -> Result<std::sync::Arc<dyn MediaNode>, String> {
+        self.inner.router.agent_for(&room.into()).ok_or_else(|| format!("{request}: no WebRTC agent is running on this server"))
     }
 
     /// Handles one stream/subscription request of a participant in `room`.
@@ -80,7 +81,7 @@ impl Portal {
             "unsubscribe" => self.end(room, participant, "unsubscribe", args, SessionKind::Subscription).await,
             "soac" => self.soac(room, participant, args).await,
             "stream-control" => self.stream_control(room, participant, args).await,
-            "subscription-control" => self.subscription_control(participant, args).await,
+            "subscription-control" => self.subscription_control(room, participant, args).await,
             _ => Err(format!("Unknown request: {name}")),
         }
     }
@@ -132,14 +133,14 @@ impl Portal {
             if room_cfg.input_limit >= 0 && inputs as i64 >= room_cfg.input_limit {
                 return Err("Too many inputs".into());
             }
-            agent = self.agent("publish")?;
+            agent = self.agent(room, "publish")?;
             let transport = p.open_session(transport, &session, SessionKind::Publication)?;
-            p.attributes.insert(session.clone(), attributes);
+            p.attributes.insert(session.as_str().into(), attributes);
             transport
         };
         let at =
             SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
-        if let Err(e) = agent.publish(PublishSpec { at, tracks, data: wants_data }).await {
+        if let Err(e) = agent.call(PublishSpec { at, tracks, data: wants_data }).await {
             self.forget_session(room, participant, &session);
             return Err(e.to_string());
         }
@@ -188,12 +189,12 @@ impl Portal {
             }
             let p = r.participant_mut(participant).ok_or("Illegal request")?;
             permitted(p.info.permission.subscribe, tracks.iter().map(|t| t.kind))?;
-            agent = self.agent("subscribe")?;
+            agent = self.agent(room, "subscribe")?;
             p.open_session(transport, &session, SessionKind::Subscription)?
         };
         let at =
             SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
-        if let Err(e) = agent.subscribe(SubscribeSpec { at, tracks, data_from: data_from.map(Into::into) }).await {
+        if let Err(e) = agent.call(SubscribeSpec { at, tracks, data_from: data_from.map(Into::into) }).await {
             self.forget_session(room, participant, &session);
             return Err(e.to_string());
         }
@@ -229,9 +230,9 @@ impl Portal {
                 return Err(format!("Transport does NOT exist: {transport}"));
             }
         }
-        let agent = self.agent("soac")?;
+        let agent = self.agent(room, "soac")?;
         let at = TransportRef { room: room.into(), participant: participant.into(), transport: transport.into() };
-        agent.signal(&at, signaling).await.map_err(|e| e.to_string())?;
+        agent.call(Signal { at, signaling }).await.map_err(|e| e.to_string())?;
         Ok(None)
     }
 
@@ -240,7 +241,7 @@ impl Portal {
         let id = str_field(d, "id", request)?.to_string();
         let owned = {
             let conf = self.lock();
-            conf.room(room).and_then(|r| r.participant(participant)).and_then(|p| p.sessions.get(&id)).is_some_and(|s| *s == kind)
+            conf.room(room).and_then(|r| r.participant(participant)).and_then(|p| p.sessions.get(id.as_str())).is_some_and(|s| *s == kind)
         };
         if !owned {
             return Err(match kind {
@@ -248,8 +249,11 @@ impl Portal {
                 SessionKind::Subscription => format!("Subscription does NOT exist: {id}"),
             });
         }
-        if let Some(agent) = &self.inner.agent {
-            agent.end_session(&participant.into(), &id.as_str().into()).await;
+        if let Some(agent) = self.inner.router.agent_for(&room.into()) {
+            let end = EndSession { room: room.into(), participant: participant.into(), session: id.as_str().into() };
+            if let Err(e) = agent.call(end).await {
+                debug!(room, participant, session = %id, error = %e, "ending a session on the agent");
+            }
         }
         self.forget_session(room, participant, &id);
         if kind == SessionKind::Publication {
@@ -282,8 +286,9 @@ impl Portal {
                     return Err("unauthorized".into());
                 }
                 let switch = track_switch(d, op == "play", "stream-control")?;
-                let agent = self.agent("stream-control")?;
-                agent.switch(&participant.into(), &id.as_str().into(), switch).await.map_err(|e| e.to_string())?;
+                let agent = self.agent(room, "stream-control")?;
+                let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
+                agent.call(command).await.map_err(|e| e.to_string())?;
                 self.set_track_status(room, &id, switch);
                 Ok(Some(json!("ok")))
             }
@@ -298,16 +303,15 @@ impl Portal {
         }
     }
 
-    async fn subscription_control(&self, participant: &str, args: &[Value]) -> Reply {
+    async fn subscription_control(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
         let d = data("subscription-control", args)?;
         let id = str_field(d, "id", "subscription-control")?.to_string();
         let op = str_field(d, "operation", "subscription-control")?;
         let owned = {
             let conf = self.lock();
-            let room = conf.where_is.get(participant).cloned().unwrap_or_default();
-            conf.room(&room)
+            conf.room(room)
                 .and_then(|r| r.participant(participant))
-                .and_then(|p| p.sessions.get(&id))
+                .and_then(|p| p.sessions.get(id.as_str()))
                 .is_some_and(|s| *s == SessionKind::Subscription)
         };
         if !owned {
@@ -316,8 +320,9 @@ impl Portal {
         match op {
             "pause" | "play" => {
                 let switch = track_switch(d, op == "play", "subscription-control")?;
-                let agent = self.agent("subscription-control")?;
-                agent.switch(&participant.into(), &id.as_str().into(), switch).await.map_err(|e| e.to_string())?;
+                let agent = self.agent(room, "subscription-control")?;
+                let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
+                agent.call(command).await.map_err(|e| e.to_string())?;
                 Ok(None)
             }
             "update" => Err("subscription-control: `update` (changing source or parameters) is not supported by the SFU; subscribe again".into()),
@@ -387,7 +392,7 @@ impl Portal {
                 let Some(owner) = stream.owner().map(ToString::to_string) else { return };
                 let notify = self.inner.store.get(&room).map(|r| r.notifying.stream_change).unwrap_or(true);
                 let mut conf = self.lock();
-                let Some(r) = conf.rooms.get_mut(&room) else { return };
+                let Some(r) = conf.rooms.get_mut(room.as_str()) else { return };
                 if r.stream(&id).is_some() {
                     return;
                 }
@@ -395,13 +400,13 @@ impl Portal {
                     debug!(%room, stream = %id, "stream ready after its owner left; ignored");
                     return;
                 };
-                if !p.sessions.contains_key(&id) {
+                if !p.sessions.contains_key(id.as_str()) {
                     return;
                 }
-                p.ready.insert(id.clone());
+                p.ready.insert(id.as_str().into());
                 // What the room controller owns: the publisher's attributes; views come with auto-mix.
                 if let StreamKind::Forward(f) = &mut stream.kind {
-                    f.attributes = p.attributes.get(&id).cloned().unwrap_or(json!({}));
+                    f.attributes = p.attributes.get(id.as_str()).cloned().unwrap_or(json!({}));
                 }
                 let data = crate::wire::stream_json(&stream);
                 r.streams.push(stream);
@@ -444,12 +449,14 @@ impl Portal {
     }
 
     /// Everything a leaving participant published disappears; the agent frees its sessions.
-    pub(crate) async fn media_cleanup(&self, room: &str, participant: &str, publications: HashSet<String>) {
-        if let Some(agent) = &self.inner.agent {
-            agent.participant_left(&participant.into()).await;
+    pub(crate) async fn media_cleanup(&self, room: &str, participant: &str, publications: HashSet<tessera_core::SessionId>) {
+        if let Some(agent) = self.inner.router.agent_for(&room.into())
+            && let Err(e) = agent.call(ParticipantLeft { room: room.into(), participant: participant.into() }).await
+        {
+            debug!(room, participant, error = %e, "the agent could not drop a leaving participant's sessions");
         }
         for p in publications {
-            self.remove_stream(room, &p, "owner left");
+            self.remove_stream(room, p.as_str(), "owner left");
         }
     }
 }

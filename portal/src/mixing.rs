@@ -5,40 +5,68 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 use tessera_core::agent::StreamUpdate;
+use tessera_core::command::{GetLayout, Mix, MixNode, SetLayout, SetRegion, SetTemplate, StartView, StopView, Unmix};
 use tessera_core::stream::{LayoutEntry, StreamKind};
-use tessera_core::{ControlError, Room};
-use tracing::{debug, info};
+use tessera_core::{ControlError, Room, ViewLabel};
+use tracing::{debug, info, warn};
 
 use crate::Portal;
 
 impl Portal {
-    /// Creates the room's mixed streams if needed and lists them in the room state.
+    /// The mixer serving one view of a room.
+    fn mixer(&self, room: &str, view: &str) -> Result<Arc<dyn MixNode>, String> {
+        self.inner.router.mixer_for(&room.into(), &view.into()).ok_or_else(|| "this server runs no mixer".to_string())
+    }
+
+    /// Starts the room's views (each mixer creates a view once, however many logins ask)
+    /// and lists their mixed streams in the room state, in view order.
     pub(crate) async fn ensure_mixing(&self, room: &Room) {
-        let Some(m) = &self.inner.mixer else { return };
-        if room.views.is_empty() {
-            return;
-        }
-        let infos = m.start_room(room).await;
-        let mut conf = self.lock();
-        let Some(r) = conf.rooms.get_mut(&room.id) else { return };
-        for info in infos {
+        for view in &room.views {
+            let Ok(m) = self.mixer(&room.id, &view.label) else { return };
+            let label = ViewLabel::from(view.label.as_str());
+            let info = match m.call(StartView { room: room.id.as_str().into(), view: view.clone() }).await {
+                Ok(info) => info,
+                Err(e) => {
+                    warn!(room = %room.id, view = ?view.label, error = %e, "view could not start");
+                    continue;
+                }
+            };
+            let mut conf = self.lock();
+            let started = conf.mixing.entry(room.id.as_str().into()).or_default();
+            if !started.contains(&label) {
+                started.push(label);
+            }
+            let Some(r) = conf.rooms.get_mut(room.id.as_str()) else { continue };
             if r.stream(info.id.as_str()).is_none() {
                 r.streams.push(info);
             }
         }
     }
 
-    /// The last participant left: free the room's mixing unless someone came back meanwhile.
+    /// The last participant left: stop the views started for the room unless someone
+    /// came back meanwhile.
     pub(crate) async fn room_emptied(&self, room: &str) {
-        let Some(m) = self.inner.mixer.clone() else { return };
         tokio::time::sleep(Duration::from_secs(2)).await;
-        if self.lock().rooms.contains_key(room) {
-            return;
+        let views = {
+            let mut conf = self.lock();
+            if conf.rooms.contains_key(room) {
+                return;
+            }
+            conf.mixing.remove(room).unwrap_or_default()
+        };
+        for view in &views {
+            let Ok(m) = self.mixer(room, view.as_str()) else { continue };
+            if let Err(e) = m.call(StopView { room: room.into(), view: view.clone() }).await {
+                debug!(room, view = ?view, error = %e, "stopping a view");
+            }
         }
-        m.stop_room(room).await;
-        info!(room, "room mixing stopped (room empty)");
+        if !views.is_empty() {
+            info!(room, views = views.len(), "room mixing stopped (room empty)");
+        }
     }
 
     fn view_labels(&self, room: &str) -> Vec<String> {
@@ -60,9 +88,9 @@ impl Portal {
 
     /// Mixes a forward stream into a view.
     pub(crate) async fn mix_into(&self, room: &str, label: &str, stream: &str) -> Result<(), String> {
-        let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
+        let m = self.mixer(room, label)?;
         self.forward_stream(room, stream)?;
-        let layout = m.mix(room, label, stream).await.map_err(|e| e.to_string())?;
+        let layout = m.call(Mix { room: room.into(), view: label.into(), stream: stream.into() }).await.map_err(|e| e.to_string())?;
         self.set_in_view(room, stream, label, true);
         self.layout_changed(room, label, layout);
         Ok(())
@@ -70,8 +98,8 @@ impl Portal {
 
     /// Takes a stream out of a view.
     pub(crate) async fn unmix_from(&self, room: &str, label: &str, stream: &str) -> Result<(), String> {
-        let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
-        let layout = m.unmix(room, label, stream).await.map_err(|e| e.to_string())?;
+        let m = self.mixer(room, label)?;
+        let layout = m.call(Unmix { room: room.into(), view: label.into(), stream: stream.into() }).await.map_err(|e| e.to_string())?;
         self.set_in_view(room, stream, label, false);
         self.layout_changed(room, label, layout);
         Ok(())
@@ -159,8 +187,8 @@ impl Portal {
             }
             "get-region" => {
                 let label = data.and_then(Value::as_str).ok_or("stream-control: `get-region` needs data: \"<view label>\"")?;
-                let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
-                let layout = m.layout(room, label).await.ok_or_else(|| format!("View does NOT exist: {label}"))?;
+                let m = self.mixer(room, label)?;
+                let layout = m.call(GetLayout { room: room.into(), view: label.into() }).await.map_err(|e| e.to_string())?;
                 let region = layout
                     .iter()
                     .find(|e| e.stream.as_ref().is_some_and(|s| s == stream))
@@ -172,8 +200,9 @@ impl Portal {
                 let d = data.ok_or("stream-control: `set-region` needs data: {view, region}")?;
                 let label = d.get("view").and_then(Value::as_str).ok_or("stream-control: set-region data.view must be a string")?;
                 let region = d.get("region").and_then(Value::as_str).ok_or("stream-control: set-region data.region must be a string")?;
-                let m = self.inner.mixer.clone().ok_or("this server runs no mixer")?;
-                let layout = m.set_region(room, label, stream, region).await.map_err(|e| e.to_string())?;
+                let m = self.mixer(room, label)?;
+                let command = SetRegion { room: room.into(), view: label.into(), stream: stream.into(), region: region.into() };
+                let layout = m.call(command).await.map_err(|e| e.to_string())?;
                 self.layout_changed(room, label, layout);
                 Ok(Some(json!("ok")))
             }
@@ -201,24 +230,27 @@ impl Portal {
                     r.map_err(|e| bad(&e))?;
                 }
                 ("replace", "/info/layout", Some(label)) => {
-                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
+                    let m = self.mixer(room, label).map_err(|e| bad(&e))?;
                     let requested = crate::wire::parse_layout(value).map_err(|e| bad(&e))?;
-                    let layout = m.set_layout(room, label, requested).await.map_err(|e| bad(&e.to_string()))?;
+                    let command = SetLayout { room: room.into(), view: label.as_str().into(), layout: requested };
+                    let layout = m.call(command).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
                 ("replace", "/info/layout/template", Some(label)) => {
                     let base = value.as_str().ok_or_else(|| bad("`value` must be `fluid` or `lecture`"))?;
-                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
-                    let layout = m.set_template(room, label, base).await.map_err(|e| bad(&e.to_string()))?;
+                    let m = self.mixer(room, label).map_err(|e| bad(&e))?;
+                    let command = SetTemplate { room: room.into(), view: label.as_str().into(), base: base.into() };
+                    let layout = m.call(command).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
                 ("replace", p, Some(label)) if p.starts_with("/info/layout/") => {
                     let index = layout_index(p).ok_or_else(|| bad("path must be /info/layout/<index>/stream"))?;
                     let target = value.as_str().ok_or_else(|| bad("`value` must be a stream id"))?;
-                    let m = self.inner.mixer.clone().ok_or_else(|| bad("this server runs no mixer"))?;
-                    let layout = m.layout(room, label).await.ok_or_else(|| bad("view is gone"))?;
+                    let m = self.mixer(room, label).map_err(|e| bad(&e))?;
+                    let layout = m.call(GetLayout { room: room.into(), view: label.as_str().into() }).await.map_err(|e| bad(&e.to_string()))?;
                     let region = layout.get(index).map(|e| e.region.id.clone()).ok_or_else(|| bad(&format!("layout has no region #{index}")))?;
-                    let layout = m.set_region(room, label, target, &region).await.map_err(|e| bad(&e.to_string()))?;
+                    let command = SetRegion { room: room.into(), view: label.as_str().into(), stream: target.into(), region };
+                    let layout = m.call(command).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
                 }
                 _ => return Err(bad(&format!("unsupported operation `{kind} {path}` on this stream"))),

@@ -13,7 +13,7 @@ use crate::socketio::{Incoming, Socket, SocketHandle};
 use crate::{Portal, now_ms, now_secs};
 
 /// Where a socket stands.
-enum State {
+pub(crate) enum State {
     /// Connected, not logged in yet: only `login`/`relogin` are allowed.
     Fresh,
     /// Logged in as `participant` of `room`, owning the participant while `generation` matches.
@@ -133,7 +133,14 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
     }
 }
 
-fn dispatch(portal: &Portal, handle: &SocketHandle, state: &mut State, name: &str, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
+pub(crate) fn dispatch(
+    portal: &Portal,
+    handle: &SocketHandle,
+    state: &mut State,
+    name: &str,
+    args: &[Value],
+    replay: &mut Vec<(String, Value)>,
+) -> Reply {
     match (name, &*state) {
         ("relogin", State::Fresh) => relogin(portal, handle, state, args, replay),
         ("login" | "relogin", _) => Err("Connection is in service".into()),
@@ -147,7 +154,7 @@ fn dispatch(portal: &Portal, handle: &SocketHandle, state: &mut State, name: &st
 }
 
 /// Requests handled by [`Portal::media_request`] (they wait on the media agent).
-const MEDIA: [&str; 7] = ["publish", "unpublish", "stream-control", "subscribe", "unsubscribe", "subscription-control", "soac"];
+pub(crate) const MEDIA: [&str; 7] = ["publish", "unpublish", "stream-control", "subscribe", "unsubscribe", "subscription-control", "soac"];
 
 /// Requests the protocol defines, so an unknown name gets a different error than a
 /// known one sent at the wrong time.
@@ -171,7 +178,7 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
+pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
     let req: Login = requests::parse("login", args)?;
@@ -194,9 +201,9 @@ async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: 
         }
         // Two sockets racing with one token: only the first consume wins.
         inner.ledger.consume(&claims, now_secs()).map_err(|e| e.to_string())?;
-        let r = conf.rooms.entry(room.id.clone()).or_default();
+        let r = conf.rooms.entry(room.id.as_str().into()).or_default();
         r.participants.push(Participant::new(info, handle.clone()));
-        conf.where_is.insert(participant.clone(), room.id.clone());
+        conf.where_is.insert(participant.as_str().into(), room.id.as_str().into());
         if room.notifying.participant_activities {
             let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
             conf.broadcast(&room.id, Some(&participant), "participant", &joined);
@@ -236,8 +243,8 @@ fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Va
     let participant = ticket.participant_id;
     let (room, generation, pending, old) = {
         let mut conf = portal.lock();
-        let room = conf.where_is.get(&participant).cloned().ok_or("Client does NOT exist")?;
-        let p = conf.rooms.get_mut(&room).and_then(|r| r.participant_mut(&participant)).ok_or("Client does NOT exist")?;
+        let room = conf.where_is.get(participant.as_str()).map(ToString::to_string).ok_or("Client does NOT exist")?;
+        let p = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(&participant)).ok_or("Client does NOT exist")?;
         // Checked before anything changes: a replayed ticket leaves the live session alone.
         if !p.use_ticket(&ticket.ticket_id) {
             warn!(room = ?room, participant = ?participant, "relogin with a used reconnection ticket refused");
@@ -301,7 +308,7 @@ fn on_closed(portal: &Portal, state: &State, reason: &str) {
     };
     {
         let mut conf = portal.lock();
-        let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) else { return };
+        let Some(p) = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(participant)) else { return };
         if p.generation != *generation {
             // Another socket took this participant over (relogin); nothing to do.
             return;
@@ -354,10 +361,11 @@ mod proptests {
     use std::collections::HashMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use tessera_core::agent::{AgentError, MediaAgent, MediaKind, MixEngine, PublishSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
+    use tessera_core::agent::{AgentError, MediaKind};
+    use tessera_core::command::{AgentCommand, AgentReply, LocalRouter, MediaNode, MixCommand, MixError, MixNode, MixReply};
     use tessera_core::stream::{ForwardInfo, LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
     use tessera_core::token::{PortalAddress, TokenAuthority};
-    use tessera_core::{ParticipantId, ParticipantInfo, Room, RoomStore, SessionId, StreamId};
+    use tessera_core::{ParticipantInfo, Room, RoomStore};
 
     const ROOM: &str = "room1";
     const ME: &str = "p1";
@@ -366,24 +374,24 @@ mod proptests {
     struct FakeAgent;
 
     #[async_trait::async_trait]
-    impl MediaAgent for FakeAgent {
-        async fn publish(&self, spec: PublishSpec) -> Result<(), AgentError> {
-            if spec.tracks.iter().any(|t| t.mid == "fail") { Err(AgentError::Rejected("refused".into())) } else { Ok(()) }
-        }
-        async fn subscribe(&self, spec: SubscribeSpec) -> Result<(), AgentError> {
-            if spec.tracks.iter().any(|t| t.mid == "fail") { Err(AgentError::Rejected("refused".into())) } else { Ok(()) }
-        }
-        async fn signal(&self, _: &TransportRef, _: Signaling) -> Result<(), AgentError> {
-            Ok(())
-        }
-        async fn end_session(&self, _: &ParticipantId, _: &SessionId) {}
-        async fn switch(&self, _: &ParticipantId, _: &SessionId, _: TrackSwitch) -> Result<(), AgentError> {
-            Ok(())
-        }
-        async fn request_keyframe(&self, _: &StreamId) {}
-        async fn participant_left(&self, _: &ParticipantId) {}
-        fn stats(&self) -> Value {
-            Value::Null
+    impl MediaNode for FakeAgent {
+        async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+            Ok(match command {
+                AgentCommand::Publish(spec) if spec.tracks.iter().any(|t| t.mid == "fail") => {
+                    return Err(AgentError::Rejected("refused".into()));
+                }
+                AgentCommand::Subscribe(spec) if spec.tracks.iter().any(|t| t.mid == "fail") => {
+                    return Err(AgentError::Rejected("refused".into()));
+                }
+                AgentCommand::Publish(_) => AgentReply::Publish(()),
+                AgentCommand::Subscribe(_) => AgentReply::Subscribe(()),
+                AgentCommand::Signal(_) => AgentReply::Signal(()),
+                AgentCommand::EndSession(_) => AgentReply::EndSession(()),
+                AgentCommand::SwitchTracks(_) => AgentReply::SwitchTracks(()),
+                AgentCommand::RequestKeyframe(_) => AgentReply::RequestKeyframe(()),
+                AgentCommand::ParticipantLeft(_) => AgentReply::ParticipantLeft(()),
+                AgentCommand::GetStats(_) => AgentReply::GetStats(Default::default()),
+            })
         }
     }
 
@@ -395,33 +403,29 @@ mod proptests {
         vec![LayoutEntry { stream: Some("s-fwd".into()), region: region("1") }, LayoutEntry { stream: None, region: region("2") }]
     }
 
-    fn view_result(view: &str) -> Result<Vec<LayoutEntry>, AgentError> {
-        if view == "common" { Ok(layout()) } else { Err(AgentError::NoSession(format!("view {view}"))) }
-    }
-
     #[async_trait::async_trait]
-    impl MixEngine for FakeMixer {
-        async fn start_room(&self, _: &Room) -> Vec<StreamInfo> {
-            Vec::new()
-        }
-        async fn stop_room(&self, _: &str) {}
-        async fn mix(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
-            view_result(view)
-        }
-        async fn unmix(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
-            view_result(view)
-        }
-        async fn set_layout(&self, _: &str, view: &str, _: Vec<LayoutEntry>) -> Result<Vec<LayoutEntry>, AgentError> {
-            view_result(view)
-        }
-        async fn set_template(&self, _: &str, view: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
-            view_result(view)
-        }
-        async fn set_region(&self, _: &str, view: &str, _: &str, _: &str) -> Result<Vec<LayoutEntry>, AgentError> {
-            view_result(view)
-        }
-        async fn layout(&self, _: &str, view: &str) -> Option<Vec<LayoutEntry>> {
-            view_result(view).ok()
+    impl MixNode for FakeMixer {
+        async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
+            let view = match &command {
+                MixCommand::StartView(_) | MixCommand::StopView(_) => return Err(MixError::Failed("not in these tests".into())),
+                MixCommand::Mix(c) => &c.view,
+                MixCommand::Unmix(c) => &c.view,
+                MixCommand::SetLayout(c) => &c.view,
+                MixCommand::SetTemplate(c) => &c.view,
+                MixCommand::SetRegion(c) => &c.view,
+                MixCommand::GetLayout(c) => &c.view,
+            };
+            if view != "common" {
+                return Err(MixError::NoView(view.clone()));
+            }
+            Ok(match command {
+                MixCommand::Mix(_) => MixReply::Mix(layout()),
+                MixCommand::Unmix(_) => MixReply::Unmix(layout()),
+                MixCommand::SetLayout(_) => MixReply::SetLayout(layout()),
+                MixCommand::SetTemplate(_) => MixReply::SetTemplate(layout()),
+                MixCommand::SetRegion(_) => MixReply::SetRegion(layout()),
+                _ => MixReply::GetLayout(layout()),
+            })
         }
     }
 
@@ -438,9 +442,8 @@ mod proptests {
         store.create(Room::from_options(ROOM.into(), "Room".into(), json!({})).unwrap()).unwrap();
         let tokens = TokenAuthority::new(b"property-test-service-key");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (_, events) = tokio::sync::mpsc::channel(1);
-        let agent: Arc<dyn MediaAgent> = Arc::new(FakeAgent);
-        let portal = rt.block_on(async { Portal::new(Default::default(), store, tokens.clone(), Some((agent, events)), Some(Arc::new(FakeMixer))) });
+        let router = LocalRouter { agent: Some(Arc::new(FakeAgent)), mixer: Some(Arc::new(FakeMixer)), recorder: None };
+        let portal = rt.block_on(async { Portal::new(Default::default(), store, tokens.clone(), Arc::new(router), None) });
         Fixture { rt, portal, tokens, _dir: dir }
     }
 
@@ -484,7 +487,7 @@ mod proptests {
         conf.where_is.insert(ME.into(), ROOM.into());
     }
 
-    fn sessions(portal: &Portal) -> HashMap<String, SessionKind> {
+    fn sessions(portal: &Portal) -> HashMap<tessera_core::SessionId, SessionKind> {
         portal.lock().room(ROOM).and_then(|r| r.participant(ME)).map(|p| p.sessions.clone()).unwrap_or_default()
     }
 
@@ -703,7 +706,12 @@ mod proptests {
     }
 
     /// Checks one answer against the sessions before and after.
-    fn check(name: &str, reply: &Reply, before: &HashMap<String, SessionKind>, after: &HashMap<String, SessionKind>) -> Result<(), TestCaseError> {
+    fn check(
+        name: &str,
+        reply: &Reply,
+        before: &HashMap<tessera_core::SessionId, SessionKind>,
+        after: &HashMap<tessera_core::SessionId, SessionKind>,
+    ) -> Result<(), TestCaseError> {
         match reply {
             Err(e) => {
                 prop_assert!(!e.trim().is_empty(), "{} answered an empty error", name);

@@ -20,9 +20,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
-use serde_json::{Value, json};
-use tessera_core::agent::{AgentError, MediaKind, RecordingEngine, RecordingSpec};
+use tessera_core::agent::{MediaKind, RecordingSpec};
+use tessera_core::command::{
+    RecorderCommand, RecorderNode, RecorderReply, RecordingError, RecordingFormat, RecordingInfo, RecordingMedia, RecordingSource, RecordingState,
+    RecordingStorage,
+};
 use tessera_core::media::{StreamSource, with_payload_type};
+use tessera_core::{RoomId, StreamId};
 use tracing::{info, warn};
 
 const VIDEO_PT: u8 = 96;
@@ -62,8 +66,8 @@ struct Recording {
     path: PathBuf,
     started_ms: u64,
     started: Instant,
-    audio_from: Option<String>,
-    video_from: Option<String>,
+    audio_from: Option<StreamId>,
+    video_from: Option<StreamId>,
     state: Mutex<State>,
     /// The muxer has written its end (set by whoever pops EOS from the bus).
     eos: std::sync::atomic::AtomicBool,
@@ -74,30 +78,33 @@ impl Recording {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn describe(&self) -> Value {
+    fn describe(&self) -> RecordingInfo {
         let s = self.lock();
         let end = s.ended.unwrap_or_else(Instant::now);
         let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        let media = |kind: MediaKind, configured: &Option<String>| match (s.sources.get(&kind), configured) {
-            (Some((from, codec)), _) => json!({"from": from, "format": {"codec": codec_name(codec)}}),
-            (None, Some(from)) => json!({"from": from}),
-            (None, None) => json!(false),
+        let media = |kind: MediaKind, configured: &Option<StreamId>| match (s.sources.get(&kind), configured) {
+            (Some((from, codec)), _) => {
+                Some(RecordingSource { from: from.as_str().into(), format: Some(RecordingFormat { codec: codec_name(codec).to_string() }) })
+            }
+            (None, Some(from)) => Some(RecordingSource { from: from.clone(), format: None }),
+            (None, None) => None,
         };
-        let mut v = json!({
-            "id": self.id,
-            "state": match s.status { Status::Recording => "recording", Status::Stopped => "stopped", Status::Failed => "failed" },
-            "container": self.container,
-            "startedAt": self.started_ms,
-            "duration": end.duration_since(self.started).as_secs_f64(),
-            "size": size,
-            "storage": {"file": self.path.display().to_string()},
-            "url": format!("/v1/rooms/{}/recordings/{}/file", self.room, self.id),
-            "media": {"audio": media(MediaKind::Audio, &self.audio_from), "video": media(MediaKind::Video, &self.video_from)},
-        });
-        if let Some(r) = &s.reason {
-            v["reason"] = json!(r);
+        RecordingInfo {
+            id: self.id.clone(),
+            state: match s.status {
+                Status::Recording => RecordingState::Recording,
+                Status::Stopped => RecordingState::Stopped,
+                Status::Failed => RecordingState::Failed,
+            },
+            container: self.container.clone(),
+            started_at: self.started_ms,
+            duration: end.duration_since(self.started).as_secs_f64(),
+            size,
+            storage: RecordingStorage { file: self.path.display().to_string() },
+            url: format!("/v1/rooms/{}/recordings/{}/file", self.room, self.id),
+            media: RecordingMedia { audio: media(MediaKind::Audio, &self.audio_from), video: media(MediaKind::Video, &self.video_from) },
+            reason: s.reason.clone(),
         }
-        v
     }
 
     /// Ends the recording: stops the inputs, lets the muxer finalise, frees the pipeline.
@@ -165,30 +172,30 @@ impl Recorder {
         Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone() })
     }
 
-    fn arc(&self) -> Result<Arc<Recorder>, AgentError> {
-        self.me.upgrade().ok_or_else(|| AgentError::Failed("recorder is shutting down".into()))
+    fn arc(&self) -> Result<Arc<Recorder>, RecordingError> {
+        self.me.upgrade().ok_or_else(|| RecordingError::Failed("recorder is shutting down".into()))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Recording>>> {
         self.recordings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, room: &str, id: &str) -> Result<Arc<Recording>, AgentError> {
-        self.lock().get(id).filter(|r| r.room == room).cloned().ok_or_else(|| AgentError::NoSession(format!("recording {id}")))
+    fn get(&self, room: &str, id: &str) -> Result<Arc<Recording>, RecordingError> {
+        self.lock().get(id).filter(|r| r.room == room).cloned().ok_or_else(|| RecordingError::NoRecording(id.to_string()))
     }
 
-    fn codec_of(&self, room: &str, stream: &str, kind: MediaKind) -> Result<String, AgentError> {
+    fn codec_of(&self, room: &str, stream: &str, kind: MediaKind) -> Result<String, RecordingError> {
         if self.source.stream_room(stream).as_ref().map(|r| r.as_str()) != Some(room) {
-            return Err(AgentError::Rejected(format!("Stream does NOT exist: {stream}")));
+            return Err(RecordingError::NoStream(stream.into()));
         }
-        let tap = self.source.tap(stream, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {stream} has no {} track", kind.as_str())))?;
+        let tap = self.source.tap(stream, kind).ok_or_else(|| RecordingError::Rejected(format!("Stream {stream} has no {} track", kind.as_str())))?;
         self.source.untap(stream, kind, tap.sink_id);
         Ok(tap.codec.mime_lower())
     }
 
     /// Connects a stream's track to the recording's appsrc.
-    fn attach(self: &Arc<Self>, rec: &Arc<Recording>, kind: MediaKind, from: &str, appsrc: gst_app::AppSrc) -> Result<Input, AgentError> {
-        let mut tap = self.source.tap(from, kind).ok_or_else(|| AgentError::Rejected(format!("Stream {from} has no {} track", kind.as_str())))?;
+    fn attach(self: &Arc<Self>, rec: &Arc<Recording>, kind: MediaKind, from: &str, appsrc: gst_app::AppSrc) -> Result<Input, RecordingError> {
+        let mut tap = self.source.tap(from, kind).ok_or_else(|| RecordingError::Rejected(format!("Stream {from} has no {} track", kind.as_str())))?;
         let src = appsrc.clone();
         let (me, recording) = (self.clone(), rec.clone());
         let (codec, sink_id) = (tap.codec.mime_lower(), tap.sink_id);
@@ -285,29 +292,51 @@ fn watch_bus(source: Arc<dyn StreamSource>, rec: Arc<Recording>, p: &gst::Pipeli
 }
 
 #[async_trait::async_trait]
-impl RecordingEngine for Recorder {
-    async fn start(&self, room: &str, spec: RecordingSpec) -> Result<Value, AgentError> {
+impl RecorderNode for Recorder {
+    async fn handle(&self, command: RecorderCommand) -> Result<RecorderReply, RecordingError> {
+        Ok(match command {
+            RecorderCommand::StartRecording(c) => RecorderReply::StartRecording(self.start(c.room.as_str(), c.spec).await?),
+            RecorderCommand::ListRecordings(c) => RecorderReply::ListRecordings(self.list(c.room.as_str())),
+            RecorderCommand::SwitchSource(c) => {
+                RecorderReply::SwitchSource(self.switch_source(c.room.as_str(), &c.recording, c.kind, c.from.as_str()).await?)
+            }
+            RecorderCommand::StopRecording(c) => RecorderReply::StopRecording(self.stop(c.room.as_str(), &c.recording).await?),
+            RecorderCommand::RecordingFile(c) => RecorderReply::RecordingFile(self.get(c.room.as_str(), &c.recording)?.path.clone()),
+            RecorderCommand::RoomDeleted(c) => {
+                self.room_deleted(&c.room).await;
+                RecorderReply::RoomDeleted(())
+            }
+            RecorderCommand::ShutdownRecorder(_) => {
+                self.shutdown().await;
+                RecorderReply::ShutdownRecorder(())
+            }
+        })
+    }
+}
+
+impl Recorder {
+    async fn start(&self, room: &str, spec: RecordingSpec) -> Result<RecordingInfo, RecordingError> {
         if spec.audio_from.is_none() && spec.video_from.is_none() {
-            return Err(AgentError::Rejected("media: record audio, video or both".into()));
+            return Err(RecordingError::Rejected("media: record audio, video or both".into()));
         }
         let video = match &spec.video_from {
-            Some(from) => Some((from.clone(), self.codec_of(room, from, MediaKind::Video)?)),
+            Some(from) => Some((from.clone(), self.codec_of(room, from.as_str(), MediaKind::Video)?)),
             None => None,
         };
         if let Some(from) = &spec.audio_from {
-            let codec = self.codec_of(room, from, MediaKind::Audio)?;
+            let codec = self.codec_of(room, from.as_str(), MediaKind::Audio)?;
             if codec != "audio/opus" {
-                return Err(AgentError::Rejected(format!("audio codec {codec} cannot be recorded (opus only)")));
+                return Err(RecordingError::Rejected(format!("audio codec {codec} cannot be recorded (opus only)")));
             }
         }
         let vcodec = video.as_ref().map(|(_, c)| c.as_str());
         let container = match (spec.container.as_str(), vcodec) {
             ("auto" | "", Some("video/h264")) => "mkv",
             ("auto" | "", _) => "webm",
-            ("webm", Some("video/h264")) => return Err(AgentError::Rejected("webm cannot hold H.264; use mkv or mp4".into())),
-            ("mp4", Some("video/vp8")) => return Err(AgentError::Rejected("mp4 cannot hold VP8; use webm or mkv".into())),
+            ("webm", Some("video/h264")) => return Err(RecordingError::Rejected("webm cannot hold H.264; use mkv or mp4".into())),
+            ("mp4", Some("video/vp8")) => return Err(RecordingError::Rejected("mp4 cannot hold VP8; use webm or mkv".into())),
             (c @ ("webm" | "mkv" | "mp4"), _) => c,
-            (other, _) => return Err(AgentError::Rejected(format!("container `{other}` is not auto, webm, mkv or mp4"))),
+            (other, _) => return Err(RecordingError::Rejected(format!("container `{other}` is not auto, webm, mkv or mp4"))),
         };
         let id = tessera_core::ids::session_id();
         let stamp = time_stamp();
@@ -336,9 +365,11 @@ impl RecordingEngine for Recorder {
         let r = rec.clone();
         let video_ref = video.clone();
         let audio = spec.audio_from.clone();
-        let built = tokio::task::spawn_blocking(move || me.build(&r, video_ref.as_ref().map(|(f, c)| (f.as_str(), c.as_str())), audio.as_deref()))
-            .await
-            .map_err(|e| AgentError::Failed(e.to_string()))?;
+        let built = tokio::task::spawn_blocking(move || {
+            me.build(&r, video_ref.as_ref().map(|(f, c)| (f.as_str(), c.as_str())), audio.as_ref().map(StreamId::as_str))
+        })
+        .await
+        .map_err(|e| RecordingError::Failed(e.to_string()))?;
         if let Err(reason) = built {
             let mut s = rec.lock();
             s.status = Status::Failed;
@@ -351,29 +382,29 @@ impl RecordingEngine for Recorder {
         Ok(rec.describe())
     }
 
-    async fn list(&self, room: &str) -> Vec<Value> {
+    fn list(&self, room: &str) -> Vec<RecordingInfo> {
         let mut recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room).cloned().collect();
         recs.sort_by_key(|r| r.started_ms);
         recs.iter().map(|r| r.describe()).collect()
     }
 
-    async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<Value, AgentError> {
+    async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<RecordingInfo, RecordingError> {
         let rec = self.get(room, id)?;
         let codec = self.codec_of(room, from, kind)?;
         let old = {
             let mut s = rec.lock();
             if s.status != Status::Recording {
-                return Err(AgentError::Rejected("the recording has ended".into()));
+                return Err(RecordingError::Rejected("the recording has ended".into()));
             }
             let Some(current) = s.inputs.get(&kind) else {
-                return Err(AgentError::Rejected(format!("the recording has no {} source", kind.as_str())));
+                return Err(RecordingError::Rejected(format!("the recording has no {} source", kind.as_str())));
             };
             if current.codec != codec {
-                return Err(AgentError::Rejected(format!("Stream {from} is {codec}, the recording holds {}", current.codec)));
+                return Err(RecordingError::Rejected(format!("Stream {from} is {codec}, the recording holds {}", current.codec)));
             }
             s.inputs.remove(&kind)
         };
-        let Some(old) = old else { return Err(AgentError::Failed("source vanished".into())) };
+        let Some(old) = old else { return Err(RecordingError::Failed("source vanished".into())) };
         self.source.untap(&old.from, kind, old.sink_id);
         old.feeder.abort();
         let input = self.arc()?.attach(&rec, kind, from, old.appsrc.clone())?;
@@ -384,7 +415,7 @@ impl RecordingEngine for Recorder {
         Ok(rec.describe())
     }
 
-    async fn stop(&self, room: &str, id: &str) -> Result<Value, AgentError> {
+    async fn stop(&self, room: &str, id: &str) -> Result<RecordingInfo, RecordingError> {
         let rec = self.get(room, id)?;
         let source = self.source.clone();
         let r = rec.clone();
@@ -392,19 +423,16 @@ impl RecordingEngine for Recorder {
         Ok(rec.describe())
     }
 
-    async fn file(&self, room: &str, id: &str) -> Option<PathBuf> {
-        self.get(room, id).ok().map(|r| r.path.clone())
-    }
-
-    async fn room_deleted(&self, room: &str) {
-        let recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room).cloned().collect();
+    async fn room_deleted(&self, room: &RoomId) {
+        let recs: Vec<Arc<Recording>> = self.lock().values().filter(|r| r.room == room.as_str()).cloned().collect();
         for r in recs {
             let source = self.source.clone();
             let _ = tokio::task::spawn_blocking(move || r.finish(source.as_ref(), Status::Stopped, "room deleted")).await;
         }
     }
 
-    async fn shutdown(&self) {
+    /// Stops and finalises every recording (server shutdown).
+    pub async fn shutdown(&self) {
         let recs: Vec<Arc<Recording>> = self.lock().values().cloned().collect();
         let mut tasks = Vec::new();
         for r in recs {

@@ -193,15 +193,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The mixer and recorder take and offer streams through the media seam (the SFU's
     // fan-outs in one process); the mixer's stream updates go to the portal with the SFU's events.
     let streams: Arc<dyn tessera_core::media::StreamSource> = sfu.clone();
-    let mixer: Arc<dyn tessera_core::agent::MixEngine> = tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender());
-    let recorder: Arc<dyn tessera_core::agent::RecordingEngine> = tessera_recorder::Recorder::new(streams, config.recordings_dir());
-    let agent: Arc<dyn tessera_core::agent::MediaAgent> = sfu;
+    let mixer = tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender());
+    let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
+    // One process: every node is local and commands pass as values.
+    let router: Arc<dyn tessera_core::command::Router> =
+        Arc::new(tessera_core::command::LocalRouter { agent: Some(sfu), mixer: Some(mixer), recorder: Some(recorder.clone()) });
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),
         store.clone(),
         tokens.clone(),
-        Some((agent, agent_events)),
-        Some(mixer),
+        router.clone(),
+        Some(agent_events),
     );
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
@@ -210,7 +212,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         portal: PortalAddress { host: config.portal_public_host(portal_bound), secure: config.portal.secure },
         token_lifetime_secs: config.portal.token_lifetime_secs,
         control: portal.control(),
-        recordings: Some(recorder.clone()),
+        router,
         cors_origins: config.server.api_cors_origins.clone(),
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {

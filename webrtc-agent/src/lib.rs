@@ -35,8 +35,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tessera_core::agent::{AgentError, AgentEvent, MediaAgent, PublishSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
-use tessera_core::{ParticipantId, SessionId, StreamId};
+use tessera_core::agent::{AgentError, AgentEvent, PublishSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
+use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MediaStats};
+use tessera_core::{ParticipantId, SessionId};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -79,18 +80,8 @@ impl AgentSettings {
     }
 }
 
-/// Counts of live objects, for the stats endpoint and leak tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AgentStats {
-    /// Open transports (peer connections).
-    pub transports: usize,
-    /// Client publications (announced or flowing).
-    pub publications: usize,
-    /// Streams produced inside the server (mixed views).
-    pub local_streams: usize,
-    /// Subscriptions.
-    pub subscriptions: usize,
-}
+/// Counts of live objects, for the stats endpoint and leak tests (the protocol's type).
+pub type AgentStats = MediaStats;
 
 /// A subscription, as the agent tracks it to undo it.
 struct SubscriptionEntry {
@@ -228,7 +219,33 @@ impl WebrtcAgent {
 }
 
 #[async_trait::async_trait]
-impl MediaAgent for WebrtcAgent {
+impl MediaNode for WebrtcAgent {
+    async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        Ok(match command {
+            AgentCommand::Publish(spec) => AgentReply::Publish(self.publish(spec).await?),
+            AgentCommand::Subscribe(spec) => AgentReply::Subscribe(self.subscribe(spec).await?),
+            AgentCommand::Signal(s) => AgentReply::Signal(self.signal(&s.at, s.signaling).await?),
+            AgentCommand::EndSession(e) => {
+                self.end_session(&e.participant, &e.session).await;
+                AgentReply::EndSession(())
+            }
+            AgentCommand::SwitchTracks(s) => AgentReply::SwitchTracks(self.switch(&s.participant, &s.session, s.switch).await?),
+            AgentCommand::RequestKeyframe(k) => {
+                if let Some(p) = self.publication(k.stream.as_str()) {
+                    p.request_keyframe();
+                }
+                AgentReply::RequestKeyframe(())
+            }
+            AgentCommand::ParticipantLeft(p) => {
+                self.participant_left(&p.participant).await;
+                AgentReply::ParticipantLeft(())
+            }
+            AgentCommand::GetStats(_) => AgentReply::GetStats(self.stats()),
+        })
+    }
+}
+
+impl WebrtcAgent {
     async fn publish(&self, spec: PublishSpec) -> Result<(), AgentError> {
         let me = self.self_arc()?;
         let t = me.transport(spec.at.room.as_str(), spec.at.participant.as_str(), spec.at.transport.as_str()).await?;
@@ -241,14 +258,14 @@ impl MediaAgent for WebrtcAgent {
         let me = self.self_arc()?;
         let mut sources = Vec::new();
         for track in &spec.tracks {
-            let p = self.publication(track.from.as_str()).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {}", track.from)))?;
+            let p = self.publication(track.from.as_str()).ok_or_else(|| AgentError::NoStream(track.from.clone()))?;
             if !p.has_flowing(track.kind) {
                 return Err(AgentError::Rejected(format!("Stream {} has no {} media yet", track.from, track.kind.as_str())));
             }
             sources.push(p);
         }
         let data_source = match &spec.data_from {
-            Some(from) => Some(self.publication(from.as_str()).ok_or_else(|| AgentError::Rejected(format!("Stream does NOT exist: {from}")))?),
+            Some(from) => Some(self.publication(from.as_str()).ok_or_else(|| AgentError::NoStream(from.clone()))?),
             None => None,
         };
         let t = me.transport(spec.at.room.as_str(), spec.at.participant.as_str(), spec.at.transport.as_str()).await?;
@@ -315,18 +332,8 @@ impl MediaAgent for WebrtcAgent {
         }
         let transport = self.lock().subscriptions.get(session).filter(|e| e.participant == participant).map(|e| e.transport.clone());
         let transport = transport.ok_or_else(|| AgentError::NoSession(session.into()))?;
-        let t = self.lock().transports.get(&transport).cloned().ok_or_else(|| AgentError::NoTransport(transport))?;
+        let t = self.lock().transports.get(&transport).cloned().ok_or_else(|| AgentError::NoTransport(transport.into()))?;
         t.send(TransportCmd::Switch(session.to_string(), switch)).await
-    }
-
-    async fn request_keyframe(&self, stream: &StreamId) {
-        if let Some(p) = self.publication(stream.as_str()) {
-            p.request_keyframe();
-        }
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        serde_json::to_value(WebrtcAgent::stats(self)).unwrap_or_default()
     }
 
     async fn participant_left(&self, participant: &ParticipantId) {

@@ -1,0 +1,379 @@
+//! The room controller against a fake media node: one behaviour per test, no network,
+//! no WebRTC, time paused and passed in (tokio's test clock). The fake node records the
+//! commands it receives and the tests play the node's side by handing the portal the
+//! events a real node would send.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, Progress};
+use tessera_core::command::{
+    AgentCommand, AgentReply, LocalRouter, MediaNode, MediaStats, MixCommand, MixError, MixNode, MixReply, StartView, StopView,
+};
+use tessera_core::stream::{ForwardInfo, LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
+use tessera_core::token::{PortalAddress, TokenAuthority};
+use tessera_core::{Room, RoomStore, StreamId};
+use tokio::sync::mpsc;
+
+use crate::socketio::SocketHandle;
+use crate::socketio::packet::Packet;
+use crate::{Portal, now_secs};
+
+const ROOM: &str = "room1";
+
+/// A media node (SFU and mixer in one) that records what it is told and refuses
+/// publications whose track mid is `refuse`.
+#[derive(Default)]
+struct FakeNode {
+    agent: Mutex<Vec<AgentCommand>>,
+    mixer: Mutex<Vec<MixCommand>>,
+}
+
+#[async_trait::async_trait]
+impl MediaNode for FakeNode {
+    async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        let reply = match &command {
+            AgentCommand::Publish(p) if p.tracks.iter().any(|t| t.mid == "refuse") => Err(AgentError::Rejected("codec not supported".into())),
+            AgentCommand::Publish(_) => Ok(AgentReply::Publish(())),
+            AgentCommand::Subscribe(_) => Ok(AgentReply::Subscribe(())),
+            AgentCommand::Signal(_) => Ok(AgentReply::Signal(())),
+            AgentCommand::EndSession(_) => Ok(AgentReply::EndSession(())),
+            AgentCommand::SwitchTracks(_) => Ok(AgentReply::SwitchTracks(())),
+            AgentCommand::RequestKeyframe(_) => Ok(AgentReply::RequestKeyframe(())),
+            AgentCommand::ParticipantLeft(_) => Ok(AgentReply::ParticipantLeft(())),
+            AgentCommand::GetStats(_) => Ok(AgentReply::GetStats(MediaStats::default())),
+        };
+        self.agent.lock().unwrap().push(command);
+        reply
+    }
+}
+
+#[async_trait::async_trait]
+impl MixNode for FakeNode {
+    async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
+        let reply = match &command {
+            MixCommand::StartView(StartView { room, view }) => MixReply::StartView(StreamInfo {
+                id: StreamId::mixed(room, &view.label.as_str().into()),
+                kind: StreamKind::Mixed(MixedInfo { label: view.label.as_str().into(), layout: Vec::new(), active_input: None }),
+                tracks: vec![track(MediaKind::Audio), track(MediaKind::Video)],
+                data: false,
+            }),
+            MixCommand::StopView(_) => MixReply::StopView(()),
+            MixCommand::Mix(m) => MixReply::Mix(vec![LayoutEntry { stream: Some(m.stream.clone()), region: region() }]),
+            MixCommand::Unmix(_) => MixReply::Unmix(Vec::new()),
+            MixCommand::SetLayout(l) => MixReply::SetLayout(l.layout.clone()),
+            MixCommand::SetTemplate(_) => MixReply::SetTemplate(Vec::new()),
+            MixCommand::SetRegion(_) => MixReply::SetRegion(Vec::new()),
+            MixCommand::GetLayout(_) => MixReply::GetLayout(Vec::new()),
+        };
+        self.mixer.lock().unwrap().push(command);
+        Ok(reply)
+    }
+}
+
+impl FakeNode {
+    fn agent_commands(&self) -> Vec<AgentCommand> {
+        self.agent.lock().unwrap().clone()
+    }
+    fn mixer_commands(&self) -> Vec<MixCommand> {
+        self.mixer.lock().unwrap().clone()
+    }
+}
+
+fn region() -> tessera_core::room::Region {
+    serde_json::from_value(json!({"id": "1", "area": {"left": "0", "top": "0", "width": "1", "height": "1"}})).unwrap()
+}
+
+fn track(kind: MediaKind) -> TrackInfo {
+    let format = match kind {
+        MediaKind::Audio => {
+            TrackFormat::Audio(tessera_core::room::AudioFormat { codec: "opus".into(), sample_rate: Some(48000), channel_num: Some(2) })
+        }
+        MediaKind::Video => TrackFormat::Video(tessera_core::room::VideoFormat { codec: "vp8".into(), profile: None }),
+    };
+    TrackInfo { kind, source: "camera".into(), mid: None, format, parameters: None, status: TrackStatus::Active }
+}
+
+/// A portal on a fake node, with a room configured by `options`.
+struct Controller {
+    portal: Portal,
+    node: Arc<FakeNode>,
+    tokens: TokenAuthority,
+    _dir: tempfile::TempDir,
+}
+
+/// A logged-in participant: its socket's outgoing frames and its session state.
+struct Client {
+    id: String,
+    handle: SocketHandle,
+    out: mpsc::Receiver<String>,
+    state: crate::session::State,
+    login: Value,
+}
+
+fn controller(options: Value) -> Controller {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RoomStore::open(dir.path().join("rooms.db")).unwrap());
+    store.create(Room::from_options(ROOM.into(), "Room".into(), options).unwrap()).unwrap();
+    let tokens = TokenAuthority::new(b"controller-test-service-key");
+    let node = Arc::new(FakeNode::default());
+    let router = LocalRouter { agent: Some(node.clone()), mixer: Some(node.clone()), recorder: None };
+    let portal = Portal::new(Default::default(), store, tokens.clone(), Arc::new(router), None);
+    Controller { portal, node, tokens, _dir: dir }
+}
+
+impl Controller {
+    async fn try_join(&self, user: &str, role: &str) -> (Client, Result<Option<Value>, String>) {
+        static SOCKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!("sock{}", SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let (tx, out) = mpsc::channel(256);
+        let handle = SocketHandle::for_test(&id, tx);
+        let address = PortalAddress { host: "127.0.0.1:8080".into(), secure: false };
+        let (token, _) = self.tokens.issue(ROOM, user, role, &address, now_secs(), 60).unwrap();
+        let args = [json!({"token": token, "userAgent": {"sdk": {"type": "JavaScript", "version": "5.1"}}, "protocol": "1.2"})];
+        let mut state = crate::session::State::Fresh;
+        let reply = crate::session::login(&self.portal, &handle, &mut state, &args).await;
+        let login = reply.clone().ok().flatten().unwrap_or(Value::Null);
+        (Client { id, handle, out, state, login }, reply)
+    }
+
+    async fn join(&self, user: &str, role: &str) -> Client {
+        let (client, reply) = self.try_join(user, role).await;
+        reply.unwrap();
+        client
+    }
+
+    async fn request(&self, c: &mut Client, name: &str, args: Value) -> Result<Option<Value>, String> {
+        let args = [args];
+        if crate::session::MEDIA.contains(&name) {
+            return self.portal.media_request(ROOM, &c.id, name, &args).await;
+        }
+        let mut replay = Vec::new();
+        crate::session::dispatch(&self.portal, &c.handle, &mut c.state, name, &args, &mut replay)
+    }
+
+    /// Publishes camera audio+video; the publication id.
+    async fn publish(&self, c: &mut Client) -> String {
+        let media = json!({"tracks": [{"type": "audio", "mid": "0", "source": "mic"}, {"type": "video", "mid": "1", "source": "camera"}]});
+        let reply = self.request(c, "publish", json!({"media": media, "attributes": {"label": c.id}})).await.unwrap().unwrap();
+        reply["id"].as_str().unwrap().to_string()
+    }
+
+    /// The node reports a publication's first media: it becomes a forward stream.
+    async fn stream_ready(&self, owner: &Client, publication: &str) {
+        let stream = StreamInfo {
+            id: publication.into(),
+            kind: StreamKind::Forward(ForwardInfo { owner: owner.id.as_str().into(), in_views: Vec::new(), attributes: json!({}) }),
+            tracks: vec![track(MediaKind::Audio), track(MediaKind::Video)],
+            data: false,
+        };
+        self.event(AgentEvent::StreamReady { room: ROOM.into(), stream }).await;
+    }
+
+    /// Hands the portal one event from the node and lets the work it starts finish.
+    async fn event(&self, e: AgentEvent) {
+        self.portal.on_agent_event(e);
+        settle().await;
+    }
+}
+
+/// Lets spawned tasks run (test time is paused, so sleeping costs nothing).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// The notifications a client received since the last call, as (event, data).
+fn received(c: &mut Client) -> Vec<(String, Value)> {
+    let mut events = Vec::new();
+    while let Ok(frame) = c.out.try_recv() {
+        let Ok(p) = Packet::decode(&frame) else { continue };
+        if let Some(Value::Array(items)) = p.data
+            && let Some(Value::String(name)) = items.first()
+        {
+            events.push((name.clone(), items.get(1).cloned().unwrap_or(Value::Null)));
+        }
+    }
+    events
+}
+
+fn stream_events(events: &[(String, Value)]) -> Vec<&Value> {
+    events.iter().filter(|(n, _)| n == "stream").map(|(_, d)| d).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_is_announced_and_the_newcomer_sees_the_room() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let bob = c.join("bob", "viewer").await;
+    let joins: Vec<_> = received(&mut alice).into_iter().filter(|(n, _)| n == "participant").collect();
+    assert_eq!(joins.len(), 1, "{joins:?}");
+    assert_eq!(joins[0].1["action"], "join");
+    assert_eq!(joins[0].1["data"]["id"], bob.id.as_str());
+    assert_eq!(joins[0].1["data"]["user"], "bob");
+    let people: Vec<&str> = bob.login["room"]["participants"].as_array().unwrap().iter().map(|p| p["user"].as_str().unwrap()).collect();
+    assert_eq!(people, ["alice", "bob"]);
+    let streams = bob.login["room"]["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 1, "the mixed stream, once: {streams:?}");
+    assert_eq!(streams[0]["id"], "room1-common");
+    assert_eq!(streams[0]["type"], "mixed");
+    assert_eq!(bob.login["permission"]["publish"]["video"], false, "a viewer may not publish");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_publication_becomes_a_stream_everyone_sees_and_is_mixed() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let mut bob = c.join("bob", "viewer").await;
+    let id = c.publish(&mut alice).await;
+    let published = c.node.agent_commands();
+    let Some(AgentCommand::Publish(spec)) = published.last() else { panic!("{published:?}") };
+    assert_eq!((spec.at.room.as_str(), spec.at.participant.as_str(), spec.at.session.as_str()), (ROOM, alice.id.as_str(), id.as_str()));
+    assert_eq!(spec.at.transport.as_str(), id, "a publish without transport id opens a transport named after it");
+    assert_eq!(spec.tracks.len(), 2);
+    assert!(stream_events(&received(&mut bob)).is_empty(), "not a stream before media flows");
+
+    c.stream_ready(&alice, &id).await;
+    let events = received(&mut bob);
+    let added: Vec<_> = stream_events(&events).into_iter().filter(|e| e["status"] == "add").collect();
+    assert_eq!(added.len(), 1, "{events:?}");
+    assert_eq!(added[0]["status"], "add");
+    assert_eq!(added[0]["data"]["id"], id.as_str());
+    assert_eq!(added[0]["data"]["info"]["attributes"]["label"], alice.id.as_str(), "the publisher's attributes, kept by the controller");
+    assert_eq!(added[0]["data"]["info"]["owner"], alice.id.as_str());
+    let mixed: Vec<_> = c.node.mixer_commands().into_iter().filter_map(|m| if let MixCommand::Mix(m) = m { Some(m) } else { None }).collect();
+    assert_eq!(mixed.len(), 1, "autoMix puts the stream into the room's one view");
+    assert_eq!((mixed[0].view.as_str(), mixed[0].stream.as_str()), ("common", id.as_str()));
+    let update = stream_events(&events).into_iter().find(|e| e["status"] == "update").cloned();
+    assert_eq!(update.as_ref().map(|u| u["id"].clone()), Some(json!("room1-common")), "the view's layout change is announced: {events:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn permissions_are_checked_before_the_node_hears_anything() {
+    let c = controller(json!({}));
+    let mut bob = c.join("bob", "viewer").await;
+    let media = json!({"tracks": [{"type": "video", "mid": "1"}]});
+    assert_eq!(c.request(&mut bob, "publish", json!({"media": media})).await, Err("unauthorized".into()));
+    assert!(c.node.agent_commands().is_empty(), "{:?}", c.node.agent_commands());
+}
+
+#[tokio::test(start_paused = true)]
+async fn pending_publications_count_against_the_input_limit_until_their_transport_closes() {
+    let c = controller(json!({"inputLimit": 1}));
+    let mut alice = c.join("alice", "presenter").await;
+    let first = c.publish(&mut alice).await;
+    let media = json!({"tracks": [{"type": "video", "mid": "1"}]});
+    assert_eq!(c.request(&mut alice, "publish", json!({"media": media})).await, Err("Too many inputs".into()));
+    // The transport fails before any media: the node says so, and the place frees up.
+    let closed = AgentEvent::TransportClosed {
+        room: ROOM.into(),
+        participant: alice.id.as_str().into(),
+        transport: first.as_str().into(),
+        sessions: vec![first.as_str().into()],
+        reason: "ICE failed".into(),
+    };
+    c.event(closed).await;
+    c.publish(&mut alice).await;
+    let reply = c.request(&mut alice, "unpublish", json!({"id": first})).await;
+    assert_eq!(reply, Err(format!("Publication does NOT exist: {first}")), "the failed publication is gone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_by_the_node_reaches_the_client_and_leaves_nothing_behind() {
+    let c = controller(json!({"inputLimit": 1}));
+    let mut alice = c.join("alice", "presenter").await;
+    let media = json!({"tracks": [{"type": "video", "mid": "refuse"}]});
+    assert_eq!(c.request(&mut alice, "publish", json!({"media": media})).await, Err("codec not supported".into()));
+    // Not counted as pending: the room's single input is still free.
+    c.publish(&mut alice).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn subscriptions_need_an_existing_stream_and_end_when_the_node_says_so() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let mut bob = c.join("bob", "viewer").await;
+    let ask = |from: &str| json!({"media": {"tracks": [{"type": "video", "mid": "0", "from": from}]}});
+    assert_eq!(c.request(&mut bob, "subscribe", ask("ghost")).await, Err("Stream does NOT exist: ghost".into()));
+    let id = c.publish(&mut alice).await;
+    assert_eq!(c.request(&mut bob, "subscribe", ask(&id)).await, Err(format!("Stream does NOT exist: {id}")), "not before it flows");
+    c.stream_ready(&alice, &id).await;
+    let sub = c.request(&mut bob, "subscribe", ask(&id)).await.unwrap().unwrap();
+    let sub = sub["id"].as_str().unwrap().to_string();
+    let Some(AgentCommand::Subscribe(spec)) = c.node.agent_commands().last().cloned() else { panic!() };
+    assert_eq!(spec.tracks[0].from.as_str(), id);
+    assert_eq!(spec.at.participant.as_str(), bob.id);
+    let ended = AgentEvent::SubscriptionEnded {
+        room: ROOM.into(),
+        participant: bob.id.as_str().into(),
+        subscription: sub.as_str().into(),
+        reason: "gone".into(),
+    };
+    c.event(ended).await;
+    assert_eq!(c.request(&mut bob, "unsubscribe", json!({"id": sub})).await, Err(format!("Subscription does NOT exist: {sub}")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_reaches_only_the_transport_owner() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let mut bob = c.join("bob", "viewer").await;
+    let id = c.publish(&mut alice).await;
+    received(&mut alice);
+    received(&mut bob);
+    let answer = Progress::Answer { sdp: "v=0\r\n".into() };
+    c.event(AgentEvent::Progress { room: ROOM.into(), participant: alice.id.as_str().into(), transport: id.as_str().into(), progress: answer }).await;
+    let got = received(&mut alice);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "progress");
+    assert_eq!(got[0].1, json!({"id": id, "status": "soac", "data": {"type": "answer", "sdp": "v=0\r\n"}}));
+    assert!(received(&mut bob).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leaving_publisher_takes_its_streams_and_the_empty_room_stops_its_views() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let mut bob = c.join("bob", "viewer").await;
+    let id = c.publish(&mut alice).await;
+    c.stream_ready(&alice, &id).await;
+    received(&mut bob);
+    c.request(&mut alice, "logout", Value::Null).await.unwrap();
+    settle().await;
+    let events = received(&mut bob);
+    assert!(events.iter().any(|(n, d)| n == "participant" && d["action"] == "leave" && d["data"] == alice.id.as_str()), "{events:?}");
+    assert!(stream_events(&events).iter().any(|d| d["status"] == "remove" && d["id"] == id.as_str()), "{events:?}");
+    let left = c.node.agent_commands().into_iter().any(|cmd| matches!(cmd, AgentCommand::ParticipantLeft(p) if p.participant.as_str() == alice.id));
+    assert!(left, "the node is told to drop the participant's sessions");
+    let unmixed = c.node.mixer_commands().into_iter().any(|m| matches!(m, MixCommand::Unmix(u) if u.stream.as_str() == id));
+    assert!(unmixed, "the stream leaves its view");
+
+    c.request(&mut bob, "logout", Value::Null).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stops: Vec<StopView> =
+        c.node.mixer_commands().into_iter().filter_map(|m| if let MixCommand::StopView(s) = m { Some(s) } else { None }).collect();
+    assert_eq!(stops, vec![StopView { room: ROOM.into(), view: "common".into() }], "each started view stopped once");
+    assert_eq!(c.portal.participant_count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_room_that_fills_up_refuses_the_next_login_and_keeps_the_token_usable() {
+    let c = controller(json!({"participantLimit": 1}));
+    let _alice = c.join("alice", "presenter").await;
+    let (_, refused) = c.try_join("bob", "viewer").await;
+    assert_eq!(refused, Err("Room is full".into()));
+    assert_eq!(c.portal.participant_count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_participant_returning_within_the_grace_period_keeps_the_views_running() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    c.request(&mut alice, "logout", Value::Null).await.unwrap();
+    // Back within the 2 s the controller waits before stopping an empty room's views.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _again = c.join("alice", "presenter").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped = c.node.mixer_commands().into_iter().any(|m| matches!(m, MixCommand::StopView(_)));
+    assert!(!stopped, "the room came back to life; its view must keep running");
+}
