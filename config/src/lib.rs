@@ -165,11 +165,46 @@ pub struct WebRtc {
     pub public_ip: String,
     /// STUN/TURN servers handed to clients in the login result.
     pub ice_servers: Vec<IceServer>,
+    /// The forwarding engine: one socket per connection (`per-connection`), or worker
+    /// threads with one socket each on ports `udp_port_min + i` (`workers`, ICE-lite).
+    pub engine: WebRtcEngine,
+    /// Worker threads of the `workers` engine; 0: one per CPU the process may use.
+    pub workers: usize,
+}
+
+/// The SFU's forwarding engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebRtcEngine {
+    /// webrtc-rs's async layer: a task and a UDP port per connection.
+    #[default]
+    PerConnection,
+    /// webrtc-rs's sans-I/O core on worker threads, one UDP port per worker.
+    Workers,
+}
+
+impl std::str::FromStr for WebRtcEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-connection" => Ok(WebRtcEngine::PerConnection),
+            "workers" => Ok(WebRtcEngine::Workers),
+            other => Err(format!("`{other}` is not per-connection or workers")),
+        }
+    }
 }
 
 impl Default for WebRtc {
     fn default() -> Self {
-        WebRtc { udp_port_min: 40000, udp_port_max: 49999, bind_ip: String::new(), public_ip: String::new(), ice_servers: Vec::new() }
+        WebRtc {
+            udp_port_min: 40000,
+            udp_port_max: 49999,
+            bind_ip: String::new(),
+            public_ip: String::new(),
+            ice_servers: Vec::new(),
+            engine: WebRtcEngine::PerConnection,
+            workers: 0,
+        }
     }
 }
 
@@ -347,6 +382,12 @@ impl Config {
         let w = &self.webrtc;
         if w.udp_port_min == 0 || w.udp_port_min > w.udp_port_max {
             return Err(err("webrtc.udp_port_min", format!("range {}..{} is empty or starts at 0", w.udp_port_min, w.udp_port_max)));
+        }
+        if w.workers > 256 {
+            return Err(err("webrtc.workers", format!("{} is more than 256 threads", w.workers)));
+        }
+        if w.engine == WebRtcEngine::Workers && w.workers > usize::from(w.udp_port_max - w.udp_port_min) + 1 {
+            return Err(err("webrtc.workers", format!("{} workers need {} ports; udp_port_min..udp_port_max has fewer", w.workers, w.workers)));
         }
         for (key, ip) in [("webrtc.bind_ip", &w.bind_ip), ("webrtc.public_ip", &w.public_ip)] {
             if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {

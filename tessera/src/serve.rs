@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// Data folder, overrides server.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Forwarding engine (`per-connection` or `workers`), overrides webrtc.engine.
+    #[arg(long, env = "TESSERA_WEBRTC_ENGINE")]
+    webrtc_engine: Option<tessera_config::WebRtcEngine>,
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -38,6 +41,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = &args.data_dir {
         config.server.data_dir = d.clone();
+    }
+    if let Some(e) = args.webrtc_engine {
+        config.webrtc.engine = e;
     }
     config.apply_env();
     // Flags and the environment may have brought new values: check again. Errors then
@@ -189,15 +195,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
     let tokens = TokenAuthority::new(key.as_bytes());
-    let (sfu, agent_events) = tessera_webrtc_agent::WebrtcAgent::new(tessera_webrtc_agent::AgentSettings::from_config(&config));
-    // The mixer and recorder take and offer streams through the media seam (the SFU's
-    // fan-outs in one process); the mixer's stream updates go to the portal with the SFU's events.
-    let streams: Arc<dyn tessera_core::media::StreamSource> = sfu.clone();
-    let mixer = tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender());
+    // The SFU (either engine) is the media node for sessions and, through the media seam,
+    // the source of streams for the mixer and recorder; the mixer's stream updates go to
+    // the portal with the SFU's events.
+    let settings = tessera_webrtc_agent::AgentSettings::from_config(&config);
+    let (agent, streams, agent_events): (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>, _) =
+        match config.webrtc.engine {
+            tessera_config::WebRtcEngine::PerConnection => {
+                let (sfu, events) = tessera_webrtc_agent::WebrtcAgent::new(settings);
+                (sfu.clone(), sfu, events)
+            }
+            tessera_config::WebRtcEngine::Workers => {
+                let (sfu, events) = tessera_webrtc_agent::workers::WorkerAgent::new(settings, config.webrtc.workers)
+                    .map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
+                (sfu.clone(), sfu, events)
+            }
+        };
+    let (event_tx, agent_events) = forward_events(agent_events);
+    let mixer = tessera_mixer::Mixer::new(streams.clone(), event_tx);
     let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
     // One process: every node is local and commands pass as values.
     let router: Arc<dyn tessera_core::command::Router> =
-        Arc::new(tessera_core::command::LocalRouter { agent: Some(sfu), mixer: Some(mixer), recorder: Some(recorder.clone()) });
+        Arc::new(tessera_core::command::LocalRouter { agent: Some(agent), mixer: Some(mixer), recorder: Some(recorder.clone()) });
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),
         store.clone(),
@@ -266,4 +285,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!("tessera stopped");
     println!("tessera: stopped");
     Ok(())
+}
+
+/// One event channel to the portal for the SFU and the mixer: the SFU's events are
+/// forwarded into it in order, and the returned sender is the mixer's.
+fn forward_events(
+    mut sfu: tokio::sync::mpsc::Receiver<tessera_core::agent::AgentEvent>,
+) -> (tokio::sync::mpsc::Sender<tessera_core::agent::AgentEvent>, tokio::sync::mpsc::Receiver<tessera_core::agent::AgentEvent>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(e) = sfu.recv().await {
+            if forward.send(e).await.is_err() {
+                break;
+            }
+        }
+    });
+    (tx, rx)
 }

@@ -29,6 +29,7 @@ mod media;
 pub mod net;
 mod publication;
 mod transport;
+pub mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

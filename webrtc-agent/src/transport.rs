@@ -239,7 +239,7 @@ async fn build_pc(agent: &WebrtcAgent, handler: Arc<Handler>) -> Result<Arc<dyn 
 
 /// The payload type the subscriber negotiated for the publisher's codec: the same codec
 /// with the same H.264 profile and packetization mode if offered, else the same codec.
-fn negotiated_payload_type(
+pub(crate) fn negotiated_payload_type(
     codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters],
     want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
 ) -> Option<u8> {
@@ -263,7 +263,7 @@ fn negotiated_payload_type(
 }
 
 /// The order in which m-lines appear in an SDP, by mid.
-fn mid_order(sdp: &str) -> Vec<String> {
+pub(crate) fn mid_order(sdp: &str) -> Vec<String> {
     sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_string).collect()
 }
 

@@ -1,0 +1,115 @@
+//! The `workers` forwarding engine's own promises: one UDP socket per worker however many
+//! peers connect, subscribers spread over the workers, and media crossing from the
+//! publisher's worker to the others intact. (Everything else about forwarding is the SFU
+//! suite, which CI also runs on this engine: `TESSERA_WEBRTC_ENGINE=workers`.)
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber, is_vp8_keyframe};
+
+const SUBSCRIBERS: usize = 40;
+
+fn config(base: u16) -> String {
+    format!("[webrtc]\nbind_ip = \"127.0.0.1\"\nengine = \"workers\"\nworkers = 2\nudp_port_min = {base}\nudp_port_max = {}\n", base + 99)
+}
+
+/// Log text without terminal colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The UDP sockets the process holds, as `ss` lists them (local address:port).
+fn udp_sockets(pid: u32) -> Vec<String> {
+    let out = std::process::Command::new("ss").args(["-uanp"]).output().expect("ss (iproute2) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tag = format!("pid={pid},");
+    text.lines().filter(|l| l.contains(&tag)).filter_map(|l| l.split_whitespace().nth(3).map(str::to_string)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_subscribers_on_two_workers_use_two_ports_and_get_every_packet() {
+    // A port block of its own, so a parallel test's server cannot take these ports.
+    let base = 47_000 + (std::process::id() % 20) as u16 * 100;
+    let (_dir, s) = common::start_with_config(&config(base));
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let opts = PublishOptions { audio: true, video: true, data: false, tag: 1, h264: false };
+    let publisher = Arc::new(Publisher::start(&mut psig, opts, None).await.unwrap());
+    psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
+
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(60), 30, 800).await })
+    };
+    let mut subs = Vec::new();
+    let mut sigs = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let (mut sig, _) = s.join(&room, &format!("sub{i}")).await;
+        subs.push(Subscriber::start(&mut sig, &publisher.stream_id, true, true, false).await.unwrap());
+        sigs.push(sig);
+    }
+    for (i, sub) in subs.iter().enumerate() {
+        sub.wait_until(&format!("subscriber {i}: a keyframe"), Duration::from_secs(5), |r| {
+            r.iter().any(|p| p.kind == "video" && is_vp8_keyframe(&p.payload))
+        })
+        .await
+        .unwrap();
+    }
+
+    let sockets = udp_sockets(s.child.id());
+    assert_eq!(sockets.len(), 2, "one socket per worker: {sockets:?}");
+    let ports: HashSet<String> = sockets.iter().filter_map(|a| a.rsplit(':').next().map(str::to_string)).collect();
+    assert_eq!(ports, HashSet::from([base.to_string(), (base + 1).to_string()]), "{sockets:?}");
+    // Both workers carry transports (the room outgrew its first worker).
+    let log = strip_ansi(&s.stderr.lock().unwrap());
+    for w in 0..2 {
+        let on_w = log.lines().filter(|l| l.contains("transport connected") && l.contains(&format!("worker={w}"))).count();
+        assert!(on_w >= 10, "worker {w} connected {on_w} transports");
+    }
+    let stats: Value = s.client().get(s.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["media"]["transports"], json!(SUBSCRIBERS + 1), "{stats}");
+
+    // Every subscriber — on the publisher's worker or the other one — gets the
+    // publisher's payloads byte for byte, and (nearly) all of those sent over two seconds.
+    let newest = || publisher.sent.lock().unwrap().keys().filter(|(k, _)| *k == "video").map(|(_, i)| *i).max().unwrap_or(0);
+    let from = newest();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The last 100 ms may still be on their way.
+    let to = newest().saturating_sub(10);
+    assert!(to > from + 30, "the publisher sends ({from}..{to})");
+    sender.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = publisher.sent.lock().unwrap().clone();
+    for (i, sub) in subs.iter().enumerate() {
+        let got = sub.packets("video");
+        let mut in_window = 0;
+        for r in &got {
+            let m = Marker::find(&r.payload).expect("marker in payload");
+            assert_eq!(&r.payload[..], &sent[&("video", m.index)][..], "subscriber {i}: packet {} differs", m.index);
+            if (from..=to).contains(&m.index) {
+                in_window += 1;
+            }
+        }
+        let expected = (from..=to).filter(|n| sent.contains_key(&("video", *n))).count();
+        assert!(in_window * 10 >= expected * 9, "subscriber {i} got {in_window} of the {expected} video packets sent in the window");
+        assert!(!sub.packets("audio").is_empty(), "subscriber {i}: no audio");
+    }
+}

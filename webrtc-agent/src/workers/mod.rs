@@ -1,0 +1,701 @@
+//! The `workers` forwarding engine (`webrtc.engine = "workers"`): webrtc-rs's sans-I/O
+//! `rtc` driven by one OS thread per CPU, each owning one UDP socket (port
+//! `udp_port_min + worker`) and every peer connection placed on it. ICE-lite: the
+//! server answers the client's checks and never sends its own, so one socket serves all
+//! its connections (see [`demux`]).
+//!
+//! This module is the control plane: it places transports on workers, keeps the registry
+//! of publications, subscriptions and transports the portal's commands are checked
+//! against, and reports to the portal. The packet path lives in [`worker`], on the
+//! worker threads, without locks.
+
+mod demux;
+mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
+use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::transport::{RTCDtlsRole, RTCIceCandidateInit};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RtpCodecKind};
+use rtc::shared::marshal::Unmarshal;
+use tessera_core::agent::{AgentError, AgentEvent, MediaKind, Progress, Signaling};
+use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MediaStats};
+use tessera_core::media::{LocalTrack, RtpReceiver, RtpSink, StreamSource, Tap};
+use tessera_core::{RoomId, StreamInfo};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::AgentSettings;
+use crate::feedback::KeyframeRequestTap;
+use crate::media::{codec_info, rtc_codec};
+use worker::{Batch, Cmd, SourceTrack, Worker};
+
+/// A published track, unique across workers.
+pub(crate) type TrackId = u64;
+
+/// Batches queued from one worker to another before new ones are dropped.
+const INBOX: usize = 1024;
+/// Packets queued for a tap (mixer or recorder input) before new ones are dropped.
+const TAP_QUEUE: usize = 512;
+/// A room's transports stay on its first worker until that worker holds this many more
+/// transports than the least loaded one; then new ones spread (large fan-outs use every core).
+const ROOM_SPREAD: usize = 16;
+
+/// How the control plane reaches one worker.
+struct WorkerHandle {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    data: mpsc::Sender<Batch>,
+    transports: AtomicUsize,
+}
+
+/// A flowing track of a publication, as subscriptions find it.
+#[derive(Debug, Clone)]
+struct PubTrack {
+    kind: MediaKind,
+    track: TrackId,
+    codec: RTCRtpCodec,
+}
+
+struct PubEntry {
+    room: String,
+    /// Empty for streams produced inside the server (mixed views).
+    participant: String,
+    transport: String,
+    worker: usize,
+    tracks: Vec<PubTrack>,
+    ready: bool,
+}
+
+struct SubEntry {
+    participant: String,
+    transport: String,
+}
+
+struct TransportEntry {
+    room: String,
+    participant: String,
+    worker: usize,
+    sessions: HashSet<String>,
+}
+
+/// The control plane's registry (never touched on the packet path).
+#[derive(Default)]
+struct State {
+    transports: HashMap<String, TransportEntry>,
+    publications: HashMap<String, PubEntry>,
+    subscriptions: HashMap<String, SubEntry>,
+    by_participant: HashMap<String, HashSet<String>>,
+    homes: HashMap<String, usize>,
+}
+
+/// What the workers share with the control plane.
+pub(crate) struct Shared {
+    settings: AgentSettings,
+    workers: OnceLock<Vec<WorkerHandle>>,
+    state: Mutex<State>,
+    /// Events in order, to the task that forwards them to the portal.
+    events: mpsc::UnboundedSender<AgentEvent>,
+    next_track: AtomicU64,
+    next_tap: AtomicU64,
+    certificate: RTCCertificate,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: AgentEvent) {
+        if self.events.send(event).is_err() {
+            debug!("portal gone; agent event dropped");
+        }
+    }
+
+    pub(crate) fn next_track(&self) -> TrackId {
+        self.next_track.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a command to every worker but `except`.
+    pub(crate) fn broadcast(&self, except: usize, cmd: impl Fn(usize) -> Cmd) {
+        for (i, w) in self.workers.get().into_iter().flatten().enumerate() {
+            if i != except {
+                let _ = w.cmds.send(cmd(i));
+            }
+        }
+    }
+
+    pub(crate) fn send_to(&self, worker: usize, cmd: Cmd) {
+        if let Some(w) = self.workers.get().and_then(|w| w.get(worker)) {
+            let _ = w.cmds.send(cmd);
+        }
+    }
+
+    /// Hands a batch to another worker; a full inbox drops it (that worker is overloaded,
+    /// and waiting would stall this one).
+    pub(crate) fn send_batch(&self, worker: usize, batch: Batch) {
+        if let Some(w) = self.workers.get().and_then(|w| w.get(worker)) {
+            let _ = w.data.try_send(batch);
+        }
+    }
+
+    pub(crate) fn progress(&self, room: &str, participant: &str, transport: &str, progress: Progress) {
+        self.emit(AgentEvent::Progress { room: room.into(), participant: participant.into(), transport: transport.into(), progress });
+    }
+
+    pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, _worker: usize, codec: RTCRtpCodec) {
+        if let Some(p) = self.lock().publications.get_mut(publication) {
+            p.tracks.retain(|t| t.kind != kind);
+            p.tracks.push(PubTrack { kind, track, codec });
+        }
+    }
+
+    pub(crate) fn stream_ready(&self, room: &str, stream: StreamInfo) {
+        if let Some(p) = self.lock().publications.get_mut(stream.id.as_str()) {
+            p.ready = true;
+        }
+        self.emit(AgentEvent::StreamReady { room: room.into(), stream });
+    }
+
+    /// A worker closed a transport: forget its sessions and tell the portal, as the
+    /// per-connection engine does (ended streams, ended subscriptions, the closed transport).
+    pub(crate) fn transport_closed(&self, transport: &str, reason: &str) {
+        let (entry, ended, subs) = {
+            let mut s = self.lock();
+            let Some(t) = s.transports.remove(transport) else { return };
+            if let Some(w) = self.workers.get().and_then(|w| w.get(t.worker)) {
+                w.transports.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(set) = s.by_participant.get_mut(&t.participant) {
+                set.remove(transport);
+                if set.is_empty() {
+                    s.by_participant.remove(&t.participant);
+                }
+            }
+            let mut ended = Vec::new();
+            let mut subs = Vec::new();
+            for id in &t.sessions {
+                if let Some(p) = s.publications.remove(id) {
+                    ended.push((id.clone(), p.ready));
+                }
+                if s.subscriptions.remove(id).is_some() {
+                    subs.push(id.clone());
+                }
+            }
+            (t, ended, subs)
+        };
+        for (id, ready) in &ended {
+            if *ready {
+                self.emit(AgentEvent::StreamEnded { room: entry.room.as_str().into(), stream: id.as_str().into(), reason: reason.into() });
+            }
+        }
+        for id in &subs {
+            self.emit(AgentEvent::SubscriptionEnded {
+                room: entry.room.as_str().into(),
+                participant: entry.participant.as_str().into(),
+                subscription: id.as_str().into(),
+                reason: reason.into(),
+            });
+        }
+        self.emit(AgentEvent::TransportClosed {
+            room: entry.room.as_str().into(),
+            participant: entry.participant.as_str().into(),
+            transport: transport.into(),
+            sessions: entry.sessions.iter().map(|s| s.as_str().into()).collect(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// A random string of ASCII letters and digits (ICE credentials).
+pub(crate) fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| CHARS.get(rng.random_range(0..CHARS.len())).copied().map(char::from).unwrap_or('x')).collect()
+}
+
+/// Packets of each outgoing video stream kept for retransmission (see the per-connection
+/// engine: 256 is 1.7 s of 720p).
+const NACK_HISTORY: u16 = 256;
+/// NACKs sent for one lost packet of a publisher (the generator does not see RTX repairs).
+const NACKS_PER_PACKET: u16 = 3;
+
+/// A server-side peer connection: ICE-lite with this worker's credentials, the shared
+/// DTLS certificate, the same codecs and interceptors as the per-connection engine.
+pub(crate) fn build_pc(shared: &Shared, ufrag: &str, now: Instant) -> Result<RTCPeerConnection, AgentError> {
+    let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
+    let mut media = MediaEngine::default();
+    media.register_default_codecs().map_err(|e| failed("media engine", e))?;
+    for parameter in ["", "pli"] {
+        media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
+    }
+    let registry = Registry::new()
+        .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
+    configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
+    let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
+    let registry = configure_rtcp_reports(registry).with(Slot::from(14_000), KeyframeRequestTap::default());
+    let s = &shared.settings;
+    let settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_ice_credentials(ufrag.to_string(), random_token(24))
+        .with_answering_dtls_role(RTCDtlsRole::Server)
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .with_ice_timeouts(Some(s.ice_disconnected_timeout), Some(s.ice_failed_timeout), Some(Duration::from_secs(2)))
+        .build();
+    RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().with_certificates(vec![shared.certificate.clone()]).build())
+        .with_media_engine(media)
+        .with_setting_engine(settings)
+        .with_interceptor_registry(registry)
+        .build(now)
+        .map_err(|e| failed("peer connection", e))
+}
+
+/// Binds `count` consecutive UDP ports on `ip`: `min..min+count` if free, else the next
+/// free block in the range (another server on the machine, or a test running beside).
+fn bind_block(ip: std::net::IpAddr, min: u16, max: u16, count: usize) -> Result<Vec<std::net::UdpSocket>, AgentError> {
+    let mut base = usize::from(min);
+    let mut last_err = String::from("the range is smaller than the number of workers");
+    while base + count <= usize::from(max) + 1 {
+        let mut sockets = Vec::with_capacity(count);
+        for i in 0..count {
+            let Ok(port) = u16::try_from(base + i) else { break };
+            match std::net::UdpSocket::bind(SocketAddr::new(ip, port)) {
+                Ok(s) => sockets.push(s),
+                Err(e) => {
+                    last_err = format!("{ip}:{port}: {e}");
+                    break;
+                }
+            }
+        }
+        if sockets.len() == count {
+            return Ok(sockets);
+        }
+        base += count;
+    }
+    Err(AgentError::Failed(format!("no {count} free consecutive UDP ports in {min}..={max} ({last_err})")))
+}
+
+/// The SFU on worker threads (the `workers` engine).
+pub struct WorkerAgent {
+    shared: Arc<Shared>,
+    /// Each worker's socket address (for `ss`-style checks and logs).
+    addrs: Vec<SocketAddr>,
+}
+
+impl WorkerAgent {
+    /// Starts `workers` threads (0: one per CPU this process may use) on ports
+    /// `port_min + i` of the first bind address; returns the agent and its events.
+    pub fn new(settings: AgentSettings, workers: usize) -> Result<(Arc<WorkerAgent>, mpsc::Receiver<AgentEvent>), AgentError> {
+        let count = match workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let ip = settings.bind_ips.first().copied().ok_or_else(|| AgentError::Failed("no address to bind media to".into()))?;
+        let provider = rtc::crypto::default_provider().map_err(|e| AgentError::Failed(format!("crypto provider: {e}")))?;
+        let params = CertificateParams::new(vec![random_token(16)]).map_err(|e| AgentError::Failed(format!("DTLS certificate: {e}")))?;
+        let certificate = RTCCertificate::generate(provider.crypto(), rtc::crypto::SignatureScheme::EcdsaP256Sha256, params)
+            .map_err(|e| AgentError::Failed(format!("DTLS certificate: {e}")))?;
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (portal_tx, portal_rx) = mpsc::channel(4096);
+        // Ordered hand-over to the portal's bounded channel (workers never wait on it).
+        tokio::spawn(async move {
+            while let Some(e) = events_rx.recv().await {
+                if portal_tx.send(e).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let shared = Arc::new(Shared {
+            settings,
+            workers: OnceLock::new(),
+            state: Mutex::new(State::default()),
+            events: events_tx,
+            next_track: AtomicU64::new(1),
+            next_tap: AtomicU64::new(1),
+            certificate,
+        });
+        let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count)?;
+        let mut handles = Vec::new();
+        let mut addrs = Vec::new();
+        for (index, std_socket) in sockets.into_iter().enumerate() {
+            let bind = std_socket.local_addr().map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            std_socket.set_nonblocking(true).map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            let advertised = SocketAddr::new(shared.settings.public_ip.unwrap_or(ip), bind.port());
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            let (data_tx, data_rx) = mpsc::channel(INBOX);
+            let sh = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("tessera-worker-{index}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            warn!(worker = index, error = %e, "worker runtime failed to start");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        match tokio::net::UdpSocket::from_std(std_socket) {
+                            Ok(socket) => Worker::new(index, sh, socket, advertised, count).run(cmd_rx, data_rx).await,
+                            Err(e) => warn!(worker = index, error = %e, "worker socket unusable"),
+                        }
+                    });
+                })
+                .map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            handles.push(WorkerHandle { cmds: cmd_tx, data: data_tx, transports: AtomicUsize::new(0) });
+            addrs.push(bind);
+        }
+        let _ = shared.workers.set(handles);
+        info!(workers = count, addrs = ?addrs, public = ?shared.settings.public_ip, "webrtc-agent ready (workers engine, ICE-lite)");
+        Ok((Arc::new(WorkerAgent { shared, addrs }), portal_rx))
+    }
+
+    /// The workers' socket addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Counts of live transports, publications and subscriptions.
+    pub fn stats(&self) -> MediaStats {
+        let s = self.shared.lock();
+        let local = s.publications.values().filter(|p| p.participant.is_empty()).count();
+        MediaStats {
+            transports: s.transports.len(),
+            publications: s.publications.len() - local,
+            local_streams: local,
+            subscriptions: s.subscriptions.len(),
+        }
+    }
+
+    /// The worker for a new transport of `room`: the room's worker unless it holds
+    /// [`ROOM_SPREAD`] more transports than the least loaded one.
+    fn place(&self, s: &mut State, room: &str) -> usize {
+        let Some(workers) = self.shared.workers.get() else { return 0 };
+        let load = |i: usize| workers.get(i).map(|w| w.transports.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let least = (0..workers.len()).min_by_key(|i| load(*i)).unwrap_or(0);
+        let home = *s.homes.entry(room.to_string()).or_insert(least);
+        if load(home) >= load(least) + ROOM_SPREAD { least } else { home }
+    }
+
+    /// The transport's worker, opening it there on first use by this participant.
+    async fn transport(&self, room: &str, participant: &str, id: &str) -> Result<usize, AgentError> {
+        let worker = {
+            let mut s = self.shared.lock();
+            if let Some(t) = s.transports.get(id) {
+                return if t.participant == participant { Ok(t.worker) } else { Err(AgentError::NoTransport(id.into())) };
+            }
+            let w = self.place(&mut s, room);
+            s.transports
+                .insert(id.to_string(), TransportEntry { room: room.into(), participant: participant.into(), worker: w, sessions: HashSet::new() });
+            s.by_participant.entry(participant.to_string()).or_default().insert(id.to_string());
+            if let Some(h) = self.shared.workers.get().and_then(|h| h.get(w)) {
+                h.transports.fetch_add(1, Ordering::Relaxed);
+            }
+            w
+        };
+        let (tx, rx) = oneshot::channel();
+        self.shared.send_to(worker, Cmd::Open { transport: id.into(), room: room.into(), participant: participant.into(), reply: tx });
+        match rx.await {
+            Ok(Ok(())) => Ok(worker),
+            Ok(Err(e)) => {
+                self.shared.transport_closed(id, "could not be opened");
+                Err(e)
+            }
+            Err(_) => Err(AgentError::Failed("worker stopped".into())),
+        }
+    }
+
+    fn transport_of(&self, participant: &str, id: &str) -> Result<usize, AgentError> {
+        let s = self.shared.lock();
+        s.transports.get(id).filter(|t| t.participant == participant).map(|t| t.worker).ok_or_else(|| AgentError::NoTransport(id.into()))
+    }
+
+    async fn publish(&self, spec: tessera_core::agent::PublishSpec) -> Result<(), AgentError> {
+        let at = &spec.at;
+        let worker = self.transport(at.room.as_str(), at.participant.as_str(), at.transport.as_str()).await?;
+        {
+            let mut s = self.shared.lock();
+            s.publications.insert(
+                at.session.to_string(),
+                PubEntry {
+                    room: at.room.to_string(),
+                    participant: at.participant.to_string(),
+                    transport: at.transport.to_string(),
+                    worker,
+                    tracks: Vec::new(),
+                    ready: false,
+                },
+            );
+            if let Some(t) = s.transports.get_mut(at.transport.as_str()) {
+                t.sessions.insert(at.session.to_string());
+            }
+        }
+        self.shared.send_to(worker, Cmd::Publish { transport: at.transport.to_string(), spec });
+        Ok(())
+    }
+
+    async fn subscribe(&self, spec: tessera_core::agent::SubscribeSpec) -> Result<(), AgentError> {
+        let mut sources = Vec::new();
+        {
+            let s = self.shared.lock();
+            if let Some(from) = &spec.data_from
+                && !s.publications.contains_key(from.as_str())
+            {
+                return Err(AgentError::NoStream(from.clone()));
+            }
+            for t in &spec.tracks {
+                let p = s.publications.get(t.from.as_str()).ok_or_else(|| AgentError::NoStream(t.from.clone()))?;
+                let track = p
+                    .tracks
+                    .iter()
+                    .find(|x| x.kind == t.kind)
+                    .ok_or_else(|| AgentError::Rejected(format!("Stream {} has no {} media yet", t.from, t.kind.as_str())))?;
+                sources.push(SourceTrack {
+                    kind: t.kind,
+                    track: track.track,
+                    owner: p.worker,
+                    codec: track.codec.clone(),
+                    stream: t.from.to_string(),
+                });
+            }
+        }
+        let at = &spec.at;
+        let worker = self.transport(at.room.as_str(), at.participant.as_str(), at.transport.as_str()).await?;
+        {
+            let mut s = self.shared.lock();
+            s.subscriptions.insert(at.session.to_string(), SubEntry { participant: at.participant.to_string(), transport: at.transport.to_string() });
+            if let Some(t) = s.transports.get_mut(at.transport.as_str()) {
+                t.sessions.insert(at.session.to_string());
+            }
+        }
+        self.shared.send_to(worker, Cmd::Subscribe { transport: at.transport.to_string(), spec, sources });
+        Ok(())
+    }
+
+    async fn signal(&self, at: &tessera_core::agent::TransportRef, signaling: Signaling) -> Result<(), AgentError> {
+        let worker = self.transport_of(at.participant.as_str(), at.transport.as_str())?;
+        let transport = at.transport.to_string();
+        match signaling {
+            Signaling::Offer(sdp) => {
+                let (tx, rx) = oneshot::channel();
+                self.shared.send_to(worker, Cmd::Offer { transport, sdp, reply: tx });
+                rx.await.map_err(|_| AgentError::Failed("transport ended while negotiating".into()))?
+            }
+            Signaling::Candidate { candidate, sdp_mid, sdp_mline_index } => {
+                let candidate = RTCIceCandidateInit { candidate, sdp_mid, sdp_mline_index, ..Default::default() };
+                self.shared.send_to(worker, Cmd::Candidate { transport, candidate });
+                Ok(())
+            }
+            Signaling::RemovedCandidates => Ok(()),
+        }
+    }
+
+    fn end_session(&self, participant: &str, session: &str) {
+        let target = {
+            let mut s = self.shared.lock();
+            let from_pub = match s.publications.get(session) {
+                Some(p) if p.participant == participant => s.publications.remove(session).map(|p| p.transport),
+                _ => None,
+            };
+            let from_sub = match s.subscriptions.get(session) {
+                Some(e) if e.participant == participant => s.subscriptions.remove(session).map(|e| e.transport),
+                _ => None,
+            };
+            let transport = from_pub.or(from_sub);
+            transport.and_then(|t| {
+                let entry = s.transports.get_mut(&t)?;
+                entry.sessions.remove(session);
+                Some((t, entry.worker))
+            })
+        };
+        if let Some((transport, worker)) = target {
+            self.shared.send_to(worker, Cmd::EndSession { transport, session: session.into() });
+        }
+    }
+
+    fn switch(&self, participant: &str, session: &str, switch: tessera_core::agent::TrackSwitch) -> Result<(), AgentError> {
+        let target = {
+            let s = self.shared.lock();
+            let transport = s
+                .publications
+                .get(session)
+                .filter(|p| p.participant == participant)
+                .map(|p| p.transport.clone())
+                .or_else(|| s.subscriptions.get(session).filter(|e| e.participant == participant).map(|e| e.transport.clone()));
+            transport.and_then(|t| s.transports.get(&t).map(|e| (t.clone(), e.worker)))
+        };
+        let (transport, worker) = target.ok_or_else(|| AgentError::NoSession(session.into()))?;
+        self.shared.send_to(worker, Cmd::Switch { transport, session: session.into(), switch });
+        Ok(())
+    }
+
+    fn participant_left(&self, participant: &str) {
+        let transports: Vec<(String, usize)> = {
+            let s = self.shared.lock();
+            s.by_participant
+                .get(participant)
+                .map(|ids| ids.iter().filter_map(|id| s.transports.get(id).map(|t| (id.clone(), t.worker))).collect())
+                .unwrap_or_default()
+        };
+        for (transport, worker) in transports {
+            self.shared.send_to(worker, Cmd::Close { transport, reason: "participant left".into() });
+        }
+    }
+
+    fn keyframe_for(&self, stream: &str) {
+        let tracks: Vec<(TrackId, usize)> = {
+            let s = self.shared.lock();
+            s.publications
+                .get(stream)
+                .map(|p| p.tracks.iter().filter(|t| t.kind == MediaKind::Video).map(|t| (t.track, p.worker)).collect())
+                .unwrap_or_default()
+        };
+        for (track, worker) in tracks {
+            self.shared.send_to(worker, Cmd::Keyframe { track });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MediaNode for WorkerAgent {
+    async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        Ok(match command {
+            AgentCommand::Publish(spec) => AgentReply::Publish(self.publish(spec).await?),
+            AgentCommand::Subscribe(spec) => AgentReply::Subscribe(self.subscribe(spec).await?),
+            AgentCommand::Signal(s) => AgentReply::Signal(self.signal(&s.at, s.signaling).await?),
+            AgentCommand::EndSession(e) => {
+                self.end_session(e.participant.as_str(), e.session.as_str());
+                AgentReply::EndSession(())
+            }
+            AgentCommand::SwitchTracks(s) => AgentReply::SwitchTracks(self.switch(s.participant.as_str(), s.session.as_str(), s.switch)?),
+            AgentCommand::RequestKeyframe(k) => {
+                self.keyframe_for(k.stream.as_str());
+                AgentReply::RequestKeyframe(())
+            }
+            AgentCommand::ParticipantLeft(p) => {
+                self.participant_left(p.participant.as_str());
+                AgentReply::ParticipantLeft(())
+            }
+            AgentCommand::GetStats(_) => AgentReply::GetStats(self.stats()),
+        })
+    }
+}
+
+/// A tap's packets, already marshalled by the worker.
+struct TapReceiver(mpsc::Receiver<Bytes>);
+
+impl RtpReceiver for TapReceiver {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A local stream's track: the producer's packets go to the owning worker's inbox.
+struct LocalSink {
+    shared: Arc<Shared>,
+    worker: usize,
+    track: TrackId,
+    consumers: Arc<AtomicUsize>,
+}
+
+impl RtpSink for LocalSink {
+    fn send(&self, packet: &[u8]) {
+        if !self.has_consumers() {
+            return;
+        }
+        let mut buf = packet;
+        match rtp::Packet::unmarshal(&mut buf) {
+            Ok(p) => self.shared.send_batch(self.worker, vec![(self.track, p)]),
+            Err(e) => debug!(error = %e, "unparsable RTP from a local producer"),
+        }
+    }
+
+    fn has_consumers(&self) -> bool {
+        self.consumers.load(Ordering::Relaxed) > 0
+    }
+}
+
+impl StreamSource for WorkerAgent {
+    fn tap(&self, stream: &str, kind: MediaKind) -> Option<Tap> {
+        let (track, worker, codec) = {
+            let s = self.shared.lock();
+            let p = s.publications.get(stream)?;
+            let t = p.tracks.iter().find(|t| t.kind == kind)?;
+            (t.track, p.worker, t.codec.clone())
+        };
+        let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(TAP_QUEUE);
+        self.shared.send_to(worker, Cmd::Tap { track, id, tx });
+        Some(Tap { codec: codec_info(&codec, None), sink_id: id, packets: Box::new(TapReceiver(rx)) })
+    }
+
+    fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
+        let found = {
+            let s = self.shared.lock();
+            s.publications.get(stream).and_then(|p| p.tracks.iter().find(|t| t.kind == kind).map(|t| (t.track, p.worker)))
+        };
+        if let Some((track, worker)) = found {
+            self.shared.send_to(worker, Cmd::Untap { track, id: sink_id });
+        }
+    }
+
+    fn request_keyframe(&self, stream: &str) {
+        self.keyframe_for(stream);
+    }
+
+    fn stream_room(&self, stream: &str) -> Option<RoomId> {
+        self.shared.lock().publications.get(stream).map(|p| p.room.as_str().into())
+    }
+
+    fn publish_local(&self, room: &str, stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
+        let worker = {
+            let mut s = self.shared.lock();
+            self.place(&mut s, room)
+        };
+        let mut entries = Vec::new();
+        let mut sinks: Vec<Arc<dyn RtpSink>> = Vec::new();
+        for t in tracks {
+            let track = self.shared.next_track();
+            let codec = rtc_codec(&t.codec);
+            let consumers = Arc::new(AtomicUsize::new(0));
+            self.shared.send_to(
+                worker,
+                Cmd::LocalPublish { track, kind: t.kind, codec: codec.clone(), on_keyframe: t.on_keyframe, consumers: consumers.clone() },
+            );
+            entries.push(PubTrack { kind: t.kind, track, codec });
+            sinks.push(Arc::new(LocalSink { shared: self.shared.clone(), worker, track, consumers }));
+        }
+        self.shared.lock().publications.insert(
+            stream.to_string(),
+            PubEntry { room: room.into(), participant: String::new(), transport: String::new(), worker, tracks: entries, ready: true },
+        );
+        sinks
+    }
+
+    fn unpublish_local(&self, stream: &str) {
+        let p = self.shared.lock().publications.remove(stream);
+        if let Some(p) = p {
+            for t in p.tracks {
+                self.shared.send_to(p.worker, Cmd::LocalUnpublish { track: t.track });
+            }
+        }
+    }
+}

@@ -1,0 +1,1172 @@
+//! One forwarding worker: an OS thread that owns a UDP socket and the peer connections
+//! placed on it, and drives them with webrtc-rs's sans-I/O `RTCPeerConnection`.
+//!
+//! The loop: read every datagram waiting on the socket, hand each to its connection
+//! (`handle_read`), drain what that produced (received RTP goes straight to the local
+//! subscribers' senders, to the workers whose subscribers want it, and to taps), then
+//! drain `poll_write` only for the connections that have output, and run the timers that
+//! are due. Nothing on this path locks, awaits or logs per packet; the state is owned by
+//! the thread. Control commands (negotiation, sessions) arrive on a channel and are
+//! applied between batches.
+//!
+//! Costs inside `rtc` 0.21 we live with for now (measured in the bench, listed in
+//! docs/sfu.md): `handle_read` takes an owned `BytesMut` (one copy per datagram), the
+//! receive path clones the track id `String` per packet, `write_rtp` allocates the track
+//! id `String` per packet, and SRTP marshals then encrypts (two copies per sent packet).
+//! What this file adds per forwarded packet: one `rtp::Packet` clone per leg (header
+//! fields, the payload is reference-counted; extensions are stripped once before).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::sansio::Protocol;
+use rtc::shared::marshal::Marshal;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tessera_core::agent::{AgentError, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
+use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::demux::{self, Kind};
+use super::{Shared, TrackId};
+use crate::feedback::is_keyframe_request;
+use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
+
+/// Datagrams read from the socket before the loop drains outputs and timers.
+const READ_BATCH: usize = 64;
+/// Largest datagram we accept (above any MTU WebRTC uses).
+const MAX_DATAGRAM: usize = 2048;
+
+/// Packets handed from one worker to another, one batch per loop round.
+pub(crate) type Batch = Vec<(TrackId, rtp::Packet)>;
+
+/// A track one of this worker's subscriptions reads, wherever it is published.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceTrack {
+    pub kind: MediaKind,
+    pub track: TrackId,
+    pub owner: usize,
+    pub codec: RTCRtpCodec,
+    pub stream: String,
+}
+
+/// Commands from the control plane (and from other workers) to a worker.
+pub(crate) enum Cmd {
+    Open {
+        transport: String,
+        room: String,
+        participant: String,
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    Publish {
+        transport: String,
+        spec: PublishSpec,
+    },
+    Subscribe {
+        transport: String,
+        spec: SubscribeSpec,
+        sources: Vec<SourceTrack>,
+    },
+    Offer {
+        transport: String,
+        sdp: String,
+        reply: oneshot::Sender<Result<(), AgentError>>,
+    },
+    Candidate {
+        transport: String,
+        candidate: RTCIceCandidateInit,
+    },
+    EndSession {
+        transport: String,
+        session: String,
+    },
+    Switch {
+        transport: String,
+        session: String,
+        switch: TrackSwitch,
+    },
+    Close {
+        transport: String,
+        reason: String,
+    },
+    /// Another worker has (`add`) or no longer has subscribers of a track published here.
+    RemoteSubscriber {
+        track: TrackId,
+        worker: usize,
+        add: bool,
+    },
+    Keyframe {
+        track: TrackId,
+    },
+    Tap {
+        track: TrackId,
+        id: u64,
+        tx: mpsc::Sender<Bytes>,
+    },
+    Untap {
+        track: TrackId,
+        id: u64,
+    },
+    LocalPublish {
+        track: TrackId,
+        kind: MediaKind,
+        codec: RTCRtpCodec,
+        on_keyframe: Arc<dyn Fn() + Send + Sync>,
+        consumers: Arc<AtomicUsize>,
+    },
+    LocalUnpublish {
+        track: TrackId,
+    },
+    /// A message of a publication's data channel, for this worker's data subscribers.
+    Data {
+        publication: String,
+        text: bool,
+        data: Bytes,
+    },
+}
+
+/// A track published on this worker (by a client, or by the mixer).
+struct Published {
+    kind: MediaKind,
+    codec: RTCRtpCodec,
+    /// The publisher's connection and receiver, for keyframe requests; none for local tracks.
+    publisher: Option<(u32, RTCRtpReceiverId, u32)>,
+    on_keyframe: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Subscriber legs on this worker: (peer, leg).
+    subscribers: Vec<(u32, u32)>,
+    /// Other workers with subscribers (each gets one copy per packet).
+    workers: Vec<usize>,
+    taps: Vec<(u64, mpsc::Sender<Bytes>)>,
+    throttle: KeyframeThrottle,
+    pli_due: Option<Instant>,
+    seen: SeenWindow,
+    /// Publisher-side mute (`stream-control pause`).
+    active: bool,
+    /// Consumers of a local track (the mixer runs a view only while someone watches).
+    consumers: Option<Arc<AtomicUsize>>,
+}
+
+impl Published {
+    fn consumer_count(&self) -> usize {
+        self.subscribers.len() + self.workers.len() + self.taps.len()
+    }
+}
+
+/// One sending track of a subscription on a connection.
+struct Leg {
+    session: String,
+    kind: MediaKind,
+    source: TrackId,
+    owner: usize,
+    sender: RTCRtpSenderId,
+    /// The sending track's id (keyframe requests from the subscriber name it).
+    track_id: String,
+    rewriter: Rewriter,
+    active: bool,
+}
+
+/// A publication announced on a connection.
+struct PubSession {
+    id: String,
+    announced: Vec<PublishTrack>,
+    flowing: Vec<(MediaKind, TrackId)>,
+    /// The publication carries a data channel; `data_open` once the client opened it.
+    data: bool,
+    data_open: bool,
+    ready: bool,
+}
+
+/// A subscription waiting for the offer that carries its m-lines.
+struct PendingSub {
+    spec: SubscribeSpec,
+    sources: Vec<SourceTrack>,
+}
+
+/// One client connection (transport) on this worker.
+struct Peer {
+    /// Its key in the worker's map.
+    id: u32,
+    transport: String,
+    room: String,
+    participant: String,
+    pc: RTCPeerConnection,
+    ufrag: String,
+    addr: Option<SocketAddr>,
+    publications: Vec<PubSession>,
+    pending: Vec<PendingSub>,
+    legs: HashMap<u32, Leg>,
+    /// Subscriptions on this connection whose `ready` progress was not sent yet.
+    unannounced: Vec<String>,
+    subscriptions: HashSet<String>,
+    /// Received track id → the published track it feeds.
+    receivers: HashMap<String, TrackId>,
+    /// Subscriptions waiting for the client's data channel labelled with their stream id.
+    data_wanted: Vec<(String, String)>,
+    /// Subscribed data channels: (subscription, publication, channel).
+    data_legs: Vec<(String, String, usize)>,
+    /// The publisher's data channels: channel → publication.
+    data_sources: HashMap<usize, String>,
+    has_remote: bool,
+    candidate_added: bool,
+    connected: bool,
+    /// The earliest deadline of this connection in the timer heap.
+    scheduled: Option<Instant>,
+    dirty: bool,
+}
+
+/// What a timer entry wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Peer(u32),
+    Pli(TrackId),
+}
+
+/// The worker's state, owned by its thread.
+pub(crate) struct Worker {
+    index: usize,
+    shared: Arc<Shared>,
+    socket: UdpSocket,
+    /// The address in this worker's host candidate (what clients send to).
+    local: SocketAddr,
+    peers: HashMap<u32, Peer>,
+    by_transport: HashMap<String, u32>,
+    by_ufrag: HashMap<String, u32>,
+    by_addr: HashMap<SocketAddr, u32>,
+    published: HashMap<TrackId, Published>,
+    /// Tracks published on other workers: this worker's subscriber legs.
+    relayed: HashMap<TrackId, Vec<(u32, u32)>>,
+    /// Data subscribers on this worker, by publication: (peer, channel).
+    data_sinks: HashMap<String, Vec<(u32, usize)>>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    dirty: Vec<u32>,
+    outbox: Vec<Batch>,
+    next_peer: u32,
+    next_leg: u32,
+    /// Datagrams dropped because the socket's send buffer was full.
+    pub send_drops: u64,
+}
+
+impl Worker {
+    pub(crate) fn new(index: usize, shared: Arc<Shared>, socket: UdpSocket, local: SocketAddr, workers: usize) -> Worker {
+        Worker {
+            index,
+            shared,
+            socket,
+            local,
+            peers: HashMap::new(),
+            by_transport: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            published: HashMap::new(),
+            relayed: HashMap::new(),
+            data_sinks: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            outbox: (0..workers).map(|_| Vec::new()).collect(),
+            next_peer: 0,
+            next_leg: 0,
+            send_drops: 0,
+        }
+    }
+
+    /// Runs the loop until the control plane goes away.
+    pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut inbox: mpsc::Receiver<Batch>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let next = self.timers.peek().map(|Reverse((t, _))| *t);
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                batch = inbox.recv() => {
+                    if let Some(batch) = batch {
+                        let now = Instant::now();
+                        for (track, packet) in batch {
+                            self.incoming(track, packet, now);
+                        }
+                    }
+                }
+                readable = self.socket.readable() => {
+                    if readable.is_ok() {
+                        self.read_socket(&mut buf);
+                    }
+                }
+                () = sleep => self.run_timers(),
+            }
+            self.flush();
+        }
+        for id in self.peers.keys().copied().collect::<Vec<_>>() {
+            self.close_peer(id, "server shutdown");
+        }
+        self.flush();
+    }
+
+    fn read_socket(&mut self, buf: &mut [u8]) {
+        let mut scratch = String::new();
+        for _ in 0..READ_BATCH {
+            let (n, from) = match self.socket.try_recv_from(buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!(error = %e, "receive error");
+                    return;
+                }
+            };
+            let Some(datagram) = buf.get(..n) else { continue };
+            let peer = match demux::classify(datagram, &mut scratch) {
+                Kind::Stun(ufrag) => {
+                    let Some(&id) = self.by_ufrag.get(ufrag) else { continue };
+                    if let Some(p) = self.peers.get_mut(&id)
+                        && p.addr != Some(from)
+                    {
+                        // A new path (or a NAT rebinding): route its DTLS/SRTP here from now on.
+                        if let Some(old) = p.addr.replace(from) {
+                            self.by_addr.remove(&old);
+                        }
+                        self.by_addr.insert(from, id);
+                    }
+                    id
+                }
+                Kind::StunAnonymous | Kind::Other => match self.by_addr.get(&from) {
+                    Some(&id) => id,
+                    None => continue,
+                },
+            };
+            let now = Instant::now();
+            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            let msg = TaggedBytesMut {
+                now,
+                transport: TransportContext { local_addr: self.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
+                message: BytesMut::from(datagram),
+            };
+            // `handle_read` reports problems through its own logs; its result carries nothing to act on.
+            let _ = p.pc.handle_read(msg);
+            self.drain_peer(peer, now);
+        }
+    }
+
+    /// Takes everything a connection produced: events, received media, feedback.
+    fn drain_peer(&mut self, id: u32, now: Instant) {
+        let mut events = Vec::new();
+        let mut media = Vec::new();
+        let mut keyframe_requests = Vec::new();
+        let mut data = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&id) else { return };
+            while let Some(e) = p.pc.poll_event() {
+                events.push(e);
+            }
+            while let Some(TaggedRTCMessage { message, .. }) = p.pc.poll_read() {
+                match message {
+                    RTCMessage::RtpPacket(track_id, packet) => {
+                        if let Some(&track) = p.receivers.get(&track_id) {
+                            media.push((track, packet));
+                        }
+                    }
+                    RTCMessage::DataChannelMessage(channel, message) => {
+                        if let Some(publication) = p.data_sources.get(&channel) {
+                            data.push((publication.clone(), message.is_string, message.data.freeze()));
+                        }
+                    }
+                    RTCMessage::RtcpPacket(track_id, packets) => {
+                        if packets.iter().any(|r| is_keyframe_request(r.as_ref()))
+                            && let Some(leg) = p.legs.values().find(|l| l.track_id == track_id)
+                        {
+                            keyframe_requests.push((leg.source, leg.owner));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            p.mark_dirty(&mut self.dirty);
+        }
+        for e in events {
+            self.event(id, e, now);
+        }
+        for (track, packet) in media {
+            self.forward(track, packet, now);
+        }
+        for (track, owner) in keyframe_requests {
+            self.keyframe(track, owner, now);
+        }
+        for (publication, text, bytes) in data {
+            self.relay_data(&publication, text, &bytes, now);
+            self.shared.broadcast(self.index, |_| Cmd::Data { publication: publication.clone(), text, data: bytes.clone() });
+        }
+    }
+
+    /// Sends one message of a publication's data channel to its subscribers on this worker, in order.
+    fn relay_data(&mut self, publication: &str, text: bool, bytes: &Bytes, now: Instant) {
+        let Some(sinks) = self.data_sinks.get(publication) else { return };
+        for &(peer, channel) in sinks {
+            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            if let Some(mut dc) = p.pc.data_channel(channel) {
+                let r = match (text, std::str::from_utf8(bytes)) {
+                    (true, Ok(s)) => dc.send_text(now, s),
+                    _ => dc.send(now, BytesMut::from(&bytes[..])),
+                };
+                if let Err(e) = r {
+                    debug!(error = %e, "data relay to a subscriber failed");
+                }
+            }
+            p.mark_dirty(&mut self.dirty);
+        }
+    }
+
+    /// A data channel the client opened: a subscriber's (labelled with the stream id it
+    /// wants) or a publisher's (any other label, on a transport with a data publication).
+    fn data_channel_opened(&mut self, id: u32, channel: usize) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(label) = p.pc.data_channel(channel).map(|dc| dc.label().to_string()) else { return };
+        if let Some(pos) = p.data_wanted.iter().position(|(_, stream)| *stream == label) {
+            let (session, stream) = p.data_wanted.remove(pos);
+            p.data_legs.push((session, stream.clone(), channel));
+            self.data_sinks.entry(stream).or_default().push((id, channel));
+            return;
+        }
+        let Some(publication) = p.publications.iter_mut().find(|s| s.data && !s.data_open) else {
+            debug!(label = ?label, "data channel with no matching publication or subscription; ignored");
+            return;
+        };
+        publication.data_open = true;
+        let publication = publication.id.clone();
+        p.data_sources.insert(channel, publication.clone());
+        self.check_ready(id, &publication);
+    }
+
+    /// A packet of a track published here: to local subscribers, other workers and taps.
+    fn forward(&mut self, track: TrackId, mut packet: rtp::Packet, now: Instant) {
+        let Some(t) = self.published.get_mut(&track) else { return };
+        // A repeated RTX repair goes to nobody (see `SeenWindow`).
+        if !t.active || t.seen.repeat(packet.header.sequence_number) {
+            return;
+        }
+        strip_extensions(&mut packet);
+        for &w in &t.workers {
+            if let Some(out) = self.outbox.get_mut(w) {
+                out.push((track, packet.clone()));
+            }
+        }
+        if !t.taps.is_empty()
+            && let Ok(bytes) = packet.marshal()
+        {
+            let bytes = bytes.freeze();
+            t.taps.retain(|(_, tx)| !matches!(tx.try_send(bytes.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+        }
+        deliver(&mut self.peers, &mut self.dirty, &t.subscribers, &packet, now);
+    }
+
+    /// A packet from another worker (or a local producer) for this worker's subscribers.
+    fn incoming(&mut self, track: TrackId, packet: rtp::Packet, now: Instant) {
+        if self.published.contains_key(&track) {
+            return self.forward(track, packet, now);
+        }
+        if let Some(legs) = self.relayed.get(&track) {
+            deliver(&mut self.peers, &mut self.dirty, legs, &packet, now);
+        }
+    }
+
+    /// Asks a track's producer for a keyframe (throttled), wherever it is published.
+    fn keyframe(&mut self, track: TrackId, owner: usize, now: Instant) {
+        if owner != self.index {
+            self.shared.send_to(owner, Cmd::Keyframe { track });
+            return;
+        }
+        let Some(t) = self.published.get_mut(&track) else { return };
+        if t.kind != MediaKind::Video {
+            return;
+        }
+        match t.throttle.request(now) {
+            KeyframeDecision::SendNow => self.send_pli(track),
+            KeyframeDecision::SendAt(at) => {
+                t.pli_due = Some(at);
+                self.timers.push(Reverse((at, Timer::Pli(track))));
+            }
+            KeyframeDecision::AlreadyScheduled => {}
+        }
+    }
+
+    fn send_pli(&mut self, track: TrackId) {
+        let Some(t) = self.published.get(&track) else { return };
+        if let Some(f) = &t.on_keyframe {
+            f();
+            return;
+        }
+        let Some((peer, receiver, ssrc)) = t.publisher else { return };
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if let Some(mut r) = p.pc.rtp_receiver(receiver) {
+            let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
+            if let Err(e) = r.write_rtcp(Instant::now(), vec![Box::new(pli)]) {
+                debug!(error = %e, "PLI to publisher failed");
+            }
+        }
+        p.mark_dirty(&mut self.dirty);
+    }
+
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Peer(id) => {
+                    let Some(p) = self.peers.get_mut(&id) else { continue };
+                    if p.scheduled != Some(at) {
+                        continue; // superseded by an earlier deadline
+                    }
+                    p.scheduled = None;
+                    if let Err(e) = p.pc.handle_timeout(now) {
+                        debug!(transport = %p.transport, error = %e, "timer error");
+                    }
+                    p.dirty = false;
+                    self.drain_peer(id, now);
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.mark_dirty(&mut self.dirty);
+                    }
+                }
+                Timer::Pli(track) => {
+                    let Some(t) = self.published.get_mut(&track) else { continue };
+                    if t.pli_due != Some(at) {
+                        continue;
+                    }
+                    t.pli_due = None;
+                    t.throttle.sent_deferred(now);
+                    self.send_pli(track);
+                }
+            }
+        }
+    }
+
+    /// Sends what the dirty connections queued, hands batches to other workers, and
+    /// re-arms the connections' timers.
+    fn flush(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            let Some(p) = self.peers.get_mut(&id) else { continue };
+            p.dirty = false;
+            while let Some(out) = p.pc.poll_write() {
+                if let Err(e) = self.socket.try_send_to(&out.message, out.transport.peer_addr) {
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        self.send_drops += 1;
+                    } else {
+                        debug!(error = %e, "send error");
+                    }
+                }
+            }
+            if let Some(deadline) = p.pc.poll_timeout()
+                && p.scheduled.is_none_or(|s| deadline < s)
+            {
+                p.scheduled = Some(deadline);
+                self.timers.push(Reverse((deadline, Timer::Peer(id))));
+            }
+        }
+        for (w, out) in self.outbox.iter_mut().enumerate() {
+            if !out.is_empty() {
+                let batch = std::mem::take(out);
+                self.shared.send_batch(w, batch);
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let now = Instant::now();
+        match cmd {
+            Cmd::Open { transport, room, participant, reply } => {
+                let _ = reply.send(self.open(transport, room, participant, now));
+            }
+            Cmd::Publish { transport, spec } => {
+                if let Some(p) = self.peer_mut(&transport) {
+                    p.publications.push(PubSession {
+                        id: spec.at.session.to_string(),
+                        announced: spec.tracks,
+                        flowing: Vec::new(),
+                        data: spec.data,
+                        data_open: false,
+                        ready: false,
+                    });
+                }
+            }
+            Cmd::Subscribe { transport, spec, sources } => {
+                if let Some(p) = self.peer_mut(&transport) {
+                    p.pending.push(PendingSub { spec, sources });
+                }
+            }
+            Cmd::Offer { transport, sdp, reply } => {
+                let r = self.offer(&transport, sdp, now);
+                if let Err(e) = &r {
+                    warn!(transport = ?transport, error = ?e.to_string(), "offer failed");
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::Candidate { transport, candidate } => {
+                if let Some(p) = self.peer_mut(&transport)
+                    && p.has_remote
+                    && let Err(e) = p.pc.add_remote_candidate(candidate)
+                {
+                    debug!(error = %e, "client candidate refused");
+                }
+            }
+            Cmd::EndSession { transport, session } => self.end_session(&transport, &session),
+            Cmd::Switch { transport, session, switch } => self.switch(&transport, &session, switch, now),
+            Cmd::Close { transport, reason } => {
+                if let Some(&id) = self.by_transport.get(&transport) {
+                    self.close_peer(id, &reason);
+                }
+            }
+            Cmd::RemoteSubscriber { track, worker, add } => {
+                if let Some(t) = self.published.get_mut(&track) {
+                    t.workers.retain(|w| *w != worker);
+                    if add {
+                        t.workers.push(worker);
+                    }
+                    update_consumers(t);
+                }
+            }
+            Cmd::Keyframe { track } => self.keyframe(track, self.index, now),
+            Cmd::Tap { track, id, tx } => {
+                if let Some(t) = self.published.get_mut(&track) {
+                    t.taps.push((id, tx));
+                    update_consumers(t);
+                    self.keyframe(track, self.index, now);
+                }
+            }
+            Cmd::Untap { track, id } => {
+                if let Some(t) = self.published.get_mut(&track) {
+                    t.taps.retain(|(i, _)| *i != id);
+                    update_consumers(t);
+                }
+            }
+            Cmd::LocalPublish { track, kind, codec, on_keyframe, consumers } => {
+                let mut p = published(kind, codec, self.shared.settings.keyframe_interval);
+                p.on_keyframe = Some(on_keyframe);
+                p.consumers = Some(consumers);
+                self.published.insert(track, p);
+            }
+            Cmd::LocalUnpublish { track } => self.unpublish(track),
+            Cmd::Data { publication, text, data } => self.relay_data(&publication, text, &data, now),
+        }
+    }
+
+    fn peer_mut(&mut self, transport: &str) -> Option<&mut Peer> {
+        let id = *self.by_transport.get(transport)?;
+        self.peers.get_mut(&id)
+    }
+
+    fn open(&mut self, transport: String, room: String, participant: String, now: Instant) -> Result<(), AgentError> {
+        if self.by_transport.contains_key(&transport) {
+            return Ok(());
+        }
+        let ufrag = format!("w{}{}", self.index, super::random_token(10));
+        let pc = super::build_pc(&self.shared, &ufrag, now)?;
+        let id = self.next_peer;
+        self.next_peer = self.next_peer.wrapping_add(1);
+        self.by_transport.insert(transport.clone(), id);
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.peers.insert(
+            id,
+            Peer {
+                id,
+                transport,
+                room,
+                participant,
+                pc,
+                ufrag,
+                addr: None,
+                publications: Vec::new(),
+                pending: Vec::new(),
+                legs: HashMap::new(),
+                unannounced: Vec::new(),
+                subscriptions: HashSet::new(),
+                receivers: HashMap::new(),
+                data_wanted: Vec::new(),
+                data_legs: Vec::new(),
+                data_sources: HashMap::new(),
+                has_remote: false,
+                candidate_added: false,
+                connected: false,
+                scheduled: None,
+                dirty: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Applies a client offer: attaches pending subscriptions, answers, starts forwarding.
+    fn offer(&mut self, transport: &str, sdp: String, now: Instant) -> Result<(), AgentError> {
+        let id = *self.by_transport.get(transport).ok_or_else(|| AgentError::NoTransport(transport.into()))?;
+        let local = self.local;
+        let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
+        let order = crate::transport::mid_order(&sdp);
+        let pending = std::mem::take(&mut p.pending);
+        // Sending transceivers are created before the offer is applied, in m-line order,
+        // so each pairs with the client's recvonly m-line of its kind.
+        let mut planned = Vec::new();
+        for sub in &pending {
+            for t in &sub.spec.tracks {
+                let Some(src) = sub.sources.iter().find(|s| s.kind == t.kind && s.stream == t.from.as_str()) else {
+                    return Err(AgentError::Rejected(format!("Stream {} has no {} media", t.from, t.kind.as_str())));
+                };
+                let pos = order.iter().position(|m| *m == t.mid).ok_or_else(|| {
+                    AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, sub.spec.at.session))
+                })?;
+                planned.push((pos, sub.spec.at.session.to_string(), src.clone()));
+            }
+        }
+        planned.sort_by_key(|(pos, _, _)| *pos);
+        let mut created = Vec::new();
+        for (_, session, src) in planned {
+            let ssrc: u32 = rand::random();
+            let kind = match src.kind {
+                MediaKind::Audio => RtpCodecKind::Audio,
+                MediaKind::Video => RtpCodecKind::Video,
+            };
+            let track_id = format!("{}-{}-{}", session, src.kind.as_str(), ssrc);
+            let track = MediaStreamTrack::new(
+                src.stream.clone(),
+                track_id.clone(),
+                format!("{}-{}", src.stream, src.kind.as_str()),
+                kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                    codec: src.codec.clone(),
+                    ..Default::default()
+                }],
+            );
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
+            let transceiver =
+                p.pc.add_transceiver_from_track(track, Some(init)).map_err(|e| AgentError::Failed(format!("adding a subscriber track: {e}")))?;
+            created.push((session, src, RTCRtpSenderId::from(transceiver), track_id, ssrc));
+        }
+
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        p.has_remote = true;
+        if !p.candidate_added {
+            // The one candidate: the worker's socket (its public address behind 1:1 NAT).
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: local.ip().to_string(),
+                    port: local.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .and_then(|c| RTCIceCandidate::from(&c).to_json())
+            .map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
+            p.pc.add_local_candidate(candidate).map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
+            p.candidate_added = true;
+        }
+        let answer = p.pc.create_answer(None).map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
+        p.pc.set_local_description(now, answer).map_err(|e| AgentError::Failed(format!("applying the answer: {e}")))?;
+        let sdp = p.pc.local_description().map(|d| d.sdp).ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        self.shared.progress(&p.room, &p.participant, &p.transport, Progress::Answer { sdp });
+
+        // Bind each sending track to its source with the payload type negotiated here.
+        let mut sources_added = Vec::new();
+        for (session, src, sender, track_id, ssrc) in created {
+            let payload_type =
+                p.pc.rtp_sender(sender)
+                    .and_then(|mut s| crate::transport::negotiated_payload_type(&s.get_parameters().rtp_parameters.codecs, &src.codec));
+            let Some(payload_type) = payload_type else {
+                warn!(%session, kind = src.kind.as_str(), codec = %src.codec.mime_type, "subscriber did not accept the publisher's codec");
+                continue;
+            };
+            let leg_id = self.next_leg;
+            self.next_leg = self.next_leg.wrapping_add(1);
+            p.legs.insert(
+                leg_id,
+                Leg {
+                    session,
+                    kind: src.kind,
+                    source: src.track,
+                    owner: src.owner,
+                    sender,
+                    track_id,
+                    rewriter: Rewriter::new(ssrc, payload_type),
+                    active: true,
+                },
+            );
+            sources_added.push((src.track, src.owner, leg_id));
+        }
+        for sub in pending {
+            let session = sub.spec.at.session.to_string();
+            if let Some(from) = &sub.spec.data_from {
+                p.data_wanted.push((session.clone(), from.to_string()));
+            }
+            p.subscriptions.insert(session.clone());
+            p.unannounced.push(session);
+        }
+        let connected = p.connected;
+        p.mark_dirty(&mut self.dirty);
+        for (track, owner, leg) in sources_added {
+            self.attach(track, owner, id, leg);
+        }
+        if connected {
+            self.announce_subscriptions(id, now);
+        }
+        Ok(())
+    }
+
+    /// Adds a subscriber leg to its source: directly when the track is published here, else
+    /// through the owning worker (once per track and worker).
+    fn attach(&mut self, track: TrackId, owner: usize, peer: u32, leg: u32) {
+        if owner == self.index {
+            if let Some(t) = self.published.get_mut(&track) {
+                t.subscribers.push((peer, leg));
+                update_consumers(t);
+            }
+            return;
+        }
+        let legs = self.relayed.entry(track).or_default();
+        if legs.is_empty() {
+            self.shared.send_to(owner, Cmd::RemoteSubscriber { track, worker: self.index, add: true });
+        }
+        legs.push((peer, leg));
+    }
+
+    fn detach(&mut self, track: TrackId, owner: usize, peer: u32, leg: u32) {
+        if owner == self.index {
+            if let Some(t) = self.published.get_mut(&track) {
+                t.subscribers.retain(|s| *s != (peer, leg));
+                update_consumers(t);
+            }
+            return;
+        }
+        let Some(legs) = self.relayed.get_mut(&track) else { return };
+        legs.retain(|s| *s != (peer, leg));
+        if legs.is_empty() {
+            self.relayed.remove(&track);
+            self.shared.send_to(owner, Cmd::RemoteSubscriber { track, worker: self.index, add: false });
+        }
+    }
+
+    /// Tells the client its new subscriptions are up, and asks for keyframes for them.
+    fn announce_subscriptions(&mut self, id: u32, now: Instant) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let sessions = std::mem::take(&mut p.unannounced);
+        let mut sources: Vec<(TrackId, usize)> = Vec::new();
+        for s in &sessions {
+            sources.extend(p.legs.values().filter(|l| &l.session == s).map(|l| (l.source, l.owner)));
+            self.shared.progress(&p.room, &p.participant, &p.transport, Progress::SessionReady { session: s.as_str().into() });
+        }
+        for (track, owner) in sources {
+            self.keyframe(track, owner, now);
+        }
+    }
+
+    fn event(&mut self, id: u32, event: RTCPeerConnectionEvent, now: Instant) {
+        match event {
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
+                RTCPeerConnectionState::Connected => {
+                    let Some(p) = self.peers.get_mut(&id) else { return };
+                    if p.connected {
+                        return;
+                    }
+                    p.connected = true;
+                    info!(transport = %p.transport, worker = self.index, "transport connected");
+                    self.shared.progress(&p.room, &p.participant, &p.transport, Progress::TransportReady);
+                    self.announce_subscriptions(id, now);
+                }
+                RTCPeerConnectionState::Failed => self.close_peer(id, "connection failed"),
+                RTCPeerConnectionState::Closed => self.close_peer(id, "connection closed"),
+                _ => {}
+            },
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => self.track_opened(id, init.receiver_id, init.track_id),
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(channel)) => self.data_channel_opened(id, channel),
+            _ => {}
+        }
+    }
+
+    /// A publisher's track started flowing (its first packet arrived).
+    fn track_opened(&mut self, id: u32, receiver: RTCRtpReceiverId, track_id: String) {
+        let interval = self.shared.settings.keyframe_interval;
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(r) = p.pc.rtp_receiver(receiver) else { return };
+        let track = r.track();
+        let Some(ssrc) = track.ssrcs().next() else { return };
+        let Some(codec) = track.codec(ssrc).cloned() else {
+            warn!(ssrc, "track without a negotiated codec ignored");
+            return;
+        };
+        let mid = p.pc.rtp_transceiver(receiver.into()).and_then(|t| t.mid().clone());
+        let Some(mid) = mid else {
+            warn!(ssrc, "track on an unknown m-line ignored");
+            return;
+        };
+        let Some(publication) = p.publications.iter_mut().find(|s| s.announced.iter().any(|a| a.mid == mid)) else {
+            debug!(mid = ?mid, "track that no publication announced; ignored");
+            return;
+        };
+        let Some(kind) = publication.announced.iter().find(|a| a.mid == mid).map(|a| a.kind) else { return };
+        if publication.flowing.iter().any(|(k, _)| *k == kind) {
+            return;
+        }
+        let key = self.shared.next_track();
+        publication.flowing.push((kind, key));
+        p.receivers.insert(track_id, key);
+        info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, worker = self.index, "publisher track flowing");
+        let mut t = published(kind, codec.clone(), interval);
+        t.publisher = Some((id, receiver, ssrc));
+        self.published.insert(key, t);
+        self.shared.track_flowing(&publication.id, kind, key, self.index, codec);
+        let publication = publication.id.clone();
+        self.check_ready(id, &publication);
+    }
+
+    /// Announces a publication whose media (and data channel) all flow, once.
+    fn check_ready(&mut self, id: u32, publication: &str) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(s) = p.publications.iter_mut().find(|s| s.id == publication) else { return };
+        let media = s.announced.iter().all(|a| s.flowing.iter().any(|(k, _)| *k == a.kind));
+        if !media || (s.data && !s.data_open) || s.ready {
+            return;
+        }
+        s.ready = true;
+        let (room, participant, transport) = (p.room.clone(), p.participant.clone(), p.transport.clone());
+        if let Some((session, info)) = self.stream_info(id, publication) {
+            self.shared.progress(&room, &participant, &transport, Progress::SessionReady { session: session.as_str().into() });
+            self.shared.stream_ready(&room, info);
+        }
+    }
+
+    /// The stream description of a ready publication.
+    fn stream_info(&self, id: u32, publication: &str) -> Option<(String, StreamInfo)> {
+        let p = self.peers.get(&id)?;
+        let s = p.publications.iter().find(|s| s.id == publication)?;
+        let tracks = s
+            .announced
+            .iter()
+            .filter_map(|a| {
+                let (_, key) = s.flowing.iter().find(|(k, _)| *k == a.kind)?;
+                let t = self.published.get(key)?;
+                Some(TrackInfo {
+                    kind: a.kind,
+                    source: a.source.clone(),
+                    mid: Some(a.mid.clone()),
+                    format: crate::publication::codec_format(&t.codec),
+                    parameters: None,
+                    status: if t.active { TrackStatus::Active } else { TrackStatus::Inactive },
+                })
+            })
+            .collect();
+        let info = StreamInfo {
+            id: s.id.as_str().into(),
+            // The room controller fills in what it owns: views and the publisher's attributes.
+            kind: StreamKind::Forward(ForwardInfo {
+                owner: p.participant.as_str().into(),
+                in_views: Vec::new(),
+                attributes: serde_json::Value::Null,
+            }),
+            tracks,
+            data: s.data,
+        };
+        Some((s.id.clone(), info))
+    }
+
+    fn end_session(&mut self, transport: &str, session: &str) {
+        let Some(&id) = self.by_transport.get(transport) else { return };
+        let mut unpublish = Vec::new();
+        let mut detach = Vec::new();
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.pending.retain(|s| s.spec.at.session != *session);
+        if let Some(pos) = p.publications.iter().position(|s| s.id == session) {
+            let s = p.publications.remove(pos);
+            unpublish.extend(s.flowing.iter().map(|(_, k)| *k));
+            p.receivers.retain(|_, k| !unpublish.contains(k));
+        }
+        if p.subscriptions.remove(session) {
+            let legs: Vec<u32> = p.legs.iter().filter(|(_, l)| l.session == session).map(|(k, _)| *k).collect();
+            for leg in legs {
+                // The m-line stays until the client renegotiates it away; it just gets no media.
+                if let Some(l) = p.legs.remove(&leg) {
+                    detach.push((l.source, l.owner, leg));
+                }
+            }
+            p.unannounced.retain(|s| s != session);
+            p.data_wanted.retain(|(s, _)| s != session);
+        }
+        let mut data_detach = Vec::new();
+        p.data_legs.retain(|(s, stream, channel)| {
+            let ends = s == session;
+            if ends {
+                data_detach.push((stream.clone(), *channel));
+            }
+            !ends
+        });
+        p.data_sources.retain(|_, publication| publication != session);
+        p.mark_dirty(&mut self.dirty);
+        for (stream, channel) in data_detach {
+            self.remove_data_sink(&stream, id, channel);
+        }
+        for track in unpublish {
+            self.unpublish(track);
+        }
+        for (track, owner, leg) in detach {
+            self.detach(track, owner, id, leg);
+        }
+    }
+
+    fn remove_data_sink(&mut self, stream: &str, peer: u32, channel: usize) {
+        if let Some(sinks) = self.data_sinks.get_mut(stream) {
+            sinks.retain(|s| *s != (peer, channel));
+            if sinks.is_empty() {
+                self.data_sinks.remove(stream);
+            }
+        }
+    }
+
+    /// A published track ends: its subscribers here stop getting packets; the workers
+    /// relaying it and the taps are let go.
+    fn unpublish(&mut self, track: TrackId) {
+        // Dropping the track closes its taps; other workers' legs simply stop getting
+        // packets until their sessions end.
+        self.published.remove(&track);
+    }
+
+    fn switch(&mut self, transport: &str, session: &str, switch: TrackSwitch, now: Instant) {
+        let Some(&id) = self.by_transport.get(transport) else { return };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let mut keyframes = Vec::new();
+        let publication: Option<Vec<TrackId>> =
+            p.publications.iter().find(|s| s.id == session).map(|s| s.flowing.iter().filter(|(k, _)| switch.covers(*k)).map(|(_, t)| *t).collect());
+        match publication {
+            Some(tracks) => {
+                for key in tracks {
+                    let Some(t) = self.published.get_mut(&key) else { continue };
+                    let was = std::mem::replace(&mut t.active, switch.active);
+                    if switch.active && !was {
+                        // Subscribers continue their sequence numbers across the pause.
+                        for &(peer, leg) in &t.subscribers {
+                            if let Some(l) = self.peers.get_mut(&peer).and_then(|p| p.legs.get_mut(&leg)) {
+                                l.rewriter.resync();
+                            }
+                        }
+                        keyframes.push((key, self.index));
+                    }
+                }
+            }
+            None => {
+                for l in p.legs.values_mut().filter(|l| l.session == session && switch.covers(l.kind)) {
+                    let was = std::mem::replace(&mut l.active, switch.active);
+                    if switch.active && !was {
+                        l.rewriter.resync();
+                        keyframes.push((l.source, l.owner));
+                    }
+                }
+            }
+        }
+        for (track, owner) in keyframes {
+            self.keyframe(track, owner, now);
+        }
+    }
+
+    /// Closes a connection and forgets everything on it; the control plane reports it.
+    fn close_peer(&mut self, id: u32, reason: &str) {
+        let Some(mut p) = self.peers.remove(&id) else { return };
+        let _ = p.pc.close();
+        while let Some(out) = p.pc.poll_write() {
+            let _ = self.socket.try_send_to(&out.message, out.transport.peer_addr);
+        }
+        self.by_transport.remove(&p.transport);
+        self.by_ufrag.remove(&p.ufrag);
+        if let Some(addr) = p.addr {
+            self.by_addr.remove(&addr);
+        }
+        for s in &p.publications {
+            for (_, key) in &s.flowing {
+                self.unpublish(*key);
+            }
+        }
+        for (leg_id, l) in &p.legs {
+            self.detach(l.source, l.owner, id, *leg_id);
+        }
+        for (_, stream, channel) in &p.data_legs {
+            self.remove_data_sink(stream, id, *channel);
+        }
+        info!(transport = %p.transport, reason, worker = self.index, "transport closed");
+        self.shared.transport_closed(&p.transport, reason);
+    }
+}
+
+impl Peer {
+    /// Queues this connection for the next flush (once).
+    fn mark_dirty(&mut self, dirty: &mut Vec<u32>) {
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(self.id);
+        }
+    }
+}
+
+/// Writes a packet to each subscriber leg (rewritten for its connection).
+fn deliver(peers: &mut HashMap<u32, Peer>, dirty: &mut Vec<u32>, legs: &[(u32, u32)], packet: &rtp::Packet, now: Instant) {
+    for &(peer, leg) in legs {
+        let Some(p) = peers.get_mut(&peer) else { continue };
+        let Some(l) = p.legs.get_mut(&leg) else { continue };
+        if !l.active {
+            continue;
+        }
+        let mut out = packet.clone();
+        l.rewriter.rewrite(&mut out);
+        if let Some(mut s) = p.pc.rtp_sender(l.sender) {
+            // A refused packet (e.g. the leg was renegotiated away) is dropped for this leg only.
+            let _ = s.write_rtp(now, out);
+        }
+        if !p.dirty {
+            p.dirty = true;
+            dirty.push(peer);
+        }
+    }
+}
+
+fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -> Published {
+    Published {
+        kind,
+        codec,
+        publisher: None,
+        on_keyframe: None,
+        subscribers: Vec::new(),
+        workers: Vec::new(),
+        taps: Vec::new(),
+        throttle: KeyframeThrottle::new(keyframe_interval),
+        pli_due: None,
+        seen: SeenWindow::default(),
+        active: true,
+        consumers: None,
+    }
+}
+
+fn update_consumers(t: &Published) {
+    if let Some(c) = &t.consumers {
+        c.store(t.consumer_count(), Ordering::Relaxed);
+    }
+}
