@@ -113,3 +113,65 @@ async fn forty_subscribers_on_two_workers_use_two_ports_and_get_every_packet() {
         assert!(!sub.packets("audio").is_empty(), "subscriber {i}: no audio");
     }
 }
+
+/// The server ufrag and port in an answer SDP.
+fn ice_of(sdp: &str) -> (String, u16) {
+    let ufrag = sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:")).expect("ufrag in answer").to_string();
+    let port = sdp
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .and_then(|c| c.split_whitespace().nth(5))
+        .and_then(|p| p.parse().ok())
+        .expect("candidate port in answer");
+    (ufrag, port)
+}
+
+/// An unsigned binding request naming `ufrag`, as anyone who saw one check in clear could forge.
+fn forged_check(ufrag: &str) -> Vec<u8> {
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::message::{BINDING_REQUEST, Message, TransactionId};
+    use rtc::stun::textattrs::TextAttribute;
+    let mut m = Message::new();
+    let user = TextAttribute::new(ATTR_USERNAME, format!("{ufrag}:attacker"));
+    m.build(&[Box::new(TransactionId::new()), Box::new(BINDING_REQUEST), Box::new(user)]).unwrap();
+    m.raw
+}
+
+/// The ufrag travels in clear in every check: a forged, unsigned check from another
+/// address must not steal the publisher's route (its media would then be dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_check_cannot_redirect_a_publisher() {
+    let base = 48_000 + (std::process::id() % 20) as u16 * 50;
+    let cfg = format!("[webrtc]\nbind_ip = \"127.0.0.1\"\nengine = \"workers\"\nworkers = 1\nudp_port_min = {base}\nudp_port_max = {}\n", base + 49);
+    let (_dir, s) = common::start_with_config(&cfg);
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let opts = PublishOptions { audio: true, video: true, data: false, tag: 2, h264: false };
+    let publisher = Arc::new(Publisher::start(&mut psig, opts, None).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(60), 30, 800).await })
+    };
+    let (mut sig, _) = s.join(&room, "sub").await;
+    let sub = Subscriber::start(&mut sig, &publisher.stream_id, false, true, false).await.unwrap();
+    sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+
+    let answer = publisher.conn.pc.remote_description().await.expect("the publisher has the server's answer");
+    let (ufrag, port) = ice_of(&answer.sdp);
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let check = forged_check(&ufrag);
+    let flood = tokio::spawn(async move {
+        loop {
+            let _ = attacker.send_to(&check, ("127.0.0.1", port)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = sub.packets("video").len() - before;
+    flood.abort();
+    sender.abort();
+    // 30 frames/s of one packet each: about 60 in two seconds.
+    assert!(during >= 50, "the subscriber got {during} video packets in 2 s while forged checks flew");
+}

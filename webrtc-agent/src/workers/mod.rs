@@ -70,6 +70,8 @@ struct PubTrack {
     kind: MediaKind,
     track: TrackId,
     codec: RTCRtpCodec,
+    /// A local track's consumer count (the worker keeps it exact; a new tap counts at once).
+    consumers: Option<Arc<AtomicUsize>>,
 }
 
 struct PubEntry {
@@ -114,9 +116,15 @@ pub(crate) struct Shared {
     next_track: AtomicU64,
     next_tap: AtomicU64,
     certificate: RTCCertificate,
+    crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
 }
 
 impl Shared {
+    /// The crypto backend (STUN integrity checks).
+    pub(crate) fn crypto(&self) -> &dyn rtc::crypto::RTCCrypto {
+        self.crypto.crypto()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -161,14 +169,18 @@ impl Shared {
     pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, _worker: usize, codec: RTCRtpCodec) {
         if let Some(p) = self.lock().publications.get_mut(publication) {
             p.tracks.retain(|t| t.kind != kind);
-            p.tracks.push(PubTrack { kind, track, codec });
+            p.tracks.push(PubTrack { kind, track, codec, consumers: None });
         }
     }
 
-    pub(crate) fn stream_ready(&self, room: &str, stream: StreamInfo) {
-        if let Some(p) = self.lock().publications.get_mut(stream.id.as_str()) {
-            p.ready = true;
-        }
+    /// A publication's media all flow: tell its publisher and the room, unless it ended
+    /// meanwhile (an `unpublish` the worker has not applied yet must not resurrect it).
+    pub(crate) fn publication_ready(&self, room: &str, participant: &str, transport: &str, stream: StreamInfo) {
+        let mut s = self.lock();
+        let Some(p) = s.publications.get_mut(stream.id.as_str()) else { return };
+        p.ready = true;
+        // Emitted under the lock, so an end of this publication is reported after it.
+        self.progress(room, participant, transport, Progress::SessionReady { session: stream.id.as_str().into() });
         self.emit(AgentEvent::StreamReady { room: room.into(), stream });
     }
 
@@ -178,6 +190,10 @@ impl Shared {
         let (entry, ended, subs) = {
             let mut s = self.lock();
             let Some(t) = s.transports.remove(transport) else { return };
+            let room_in_use = s.transports.values().any(|o| o.room == t.room) || s.publications.values().any(|p| p.room == t.room);
+            if !room_in_use {
+                s.homes.remove(&t.room);
+            }
             if let Some(w) = self.workers.get().and_then(|w| w.get(t.worker)) {
                 w.transports.fetch_sub(1, Ordering::Relaxed);
             }
@@ -238,7 +254,7 @@ const NACKS_PER_PACKET: u16 = 3;
 
 /// A server-side peer connection: ICE-lite with this worker's credentials, the shared
 /// DTLS certificate, the same codecs and interceptors as the per-connection engine.
-pub(crate) fn build_pc(shared: &Shared, ufrag: &str, now: Instant) -> Result<RTCPeerConnection, AgentError> {
+pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<RTCPeerConnection, AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let mut media = MediaEngine::default();
     media.register_default_codecs().map_err(|e| failed("media engine", e))?;
@@ -254,7 +270,7 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, now: Instant) -> Result<RTC
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
-        .with_ice_credentials(ufrag.to_string(), random_token(24))
+        .with_ice_credentials(ufrag.to_string(), password.to_string())
         .with_answering_dtls_role(RTCDtlsRole::Server)
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .with_ice_timeouts(Some(s.ice_disconnected_timeout), Some(s.ice_failed_timeout), Some(Duration::from_secs(2)))
@@ -308,7 +324,17 @@ impl WorkerAgent {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let ip = settings.bind_ips.first().copied().ok_or_else(|| AgentError::Failed("no address to bind media to".into()))?;
+        let ip = match settings.bind_ips.as_slice() {
+            [ip] => *ip,
+            [] => return Err(AgentError::Failed("no address to bind media to".into())),
+            several => {
+                // One socket per worker on one address: which of several to announce is
+                // the operator's call (the per-connection engine gathers on all of them).
+                return Err(AgentError::Failed(format!(
+                    "webrtc.engine = \"workers\" binds one address, and this machine has several ({several:?}): set webrtc.bind_ip"
+                )));
+            }
+        };
         let provider = rtc::crypto::default_provider().map_err(|e| AgentError::Failed(format!("crypto provider: {e}")))?;
         let params = CertificateParams::new(vec![random_token(16)]).map_err(|e| AgentError::Failed(format!("DTLS certificate: {e}")))?;
         let certificate = RTCCertificate::generate(provider.crypto(), rtc::crypto::SignatureScheme::EcdsaP256Sha256, params)
@@ -331,6 +357,7 @@ impl WorkerAgent {
             next_track: AtomicU64::new(1),
             next_tap: AtomicU64::new(1),
             certificate,
+            crypto: provider,
         });
         let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count)?;
         let mut handles = Vec::new();
@@ -413,14 +440,23 @@ impl WorkerAgent {
         };
         let (tx, rx) = oneshot::channel();
         self.shared.send_to(worker, Cmd::Open { transport: id.into(), room: room.into(), participant: participant.into(), reply: tx });
-        match rx.await {
-            Ok(Ok(())) => Ok(worker),
-            Ok(Err(e)) => {
-                self.shared.transport_closed(id, "could not be opened");
-                Err(e)
-            }
+        let result = match rx.await {
+            Ok(r) => r,
             Err(_) => Err(AgentError::Failed("worker stopped".into())),
+        };
+        if result.is_err() {
+            // Nothing was opened: forget it without reporting a closed transport.
+            let mut s = self.shared.lock();
+            if s.transports.remove(id).is_some() {
+                if let Some(h) = self.shared.workers.get().and_then(|h| h.get(worker)) {
+                    h.transports.fetch_sub(1, Ordering::Relaxed);
+                }
+                if let Some(set) = s.by_participant.get_mut(participant) {
+                    set.remove(id);
+                }
+            }
         }
+        result.map(|()| worker)
     }
 
     fn transport_of(&self, participant: &str, id: &str) -> Result<usize, AgentError> {
@@ -432,7 +468,10 @@ impl WorkerAgent {
         let at = &spec.at;
         let worker = self.transport(at.room.as_str(), at.participant.as_str(), at.transport.as_str()).await?;
         {
+            // The transport may have closed while it opened: then nothing is registered.
             let mut s = self.shared.lock();
+            let t = s.transports.get_mut(at.transport.as_str()).ok_or_else(|| AgentError::NoTransport(at.transport.clone()))?;
+            t.sessions.insert(at.session.to_string());
             s.publications.insert(
                 at.session.to_string(),
                 PubEntry {
@@ -444,9 +483,6 @@ impl WorkerAgent {
                     ready: false,
                 },
             );
-            if let Some(t) = s.transports.get_mut(at.transport.as_str()) {
-                t.sessions.insert(at.session.to_string());
-            }
         }
         self.shared.send_to(worker, Cmd::Publish { transport: at.transport.to_string(), spec });
         Ok(())
@@ -454,12 +490,11 @@ impl WorkerAgent {
 
     async fn subscribe(&self, spec: tessera_core::agent::SubscribeSpec) -> Result<(), AgentError> {
         let mut sources = Vec::new();
+        let mut data_owner = None;
         {
             let s = self.shared.lock();
-            if let Some(from) = &spec.data_from
-                && !s.publications.contains_key(from.as_str())
-            {
-                return Err(AgentError::NoStream(from.clone()));
+            if let Some(from) = &spec.data_from {
+                data_owner = Some(s.publications.get(from.as_str()).map(|p| p.worker).ok_or_else(|| AgentError::NoStream(from.clone()))?);
             }
             for t in &spec.tracks {
                 let p = s.publications.get(t.from.as_str()).ok_or_else(|| AgentError::NoStream(t.from.clone()))?;
@@ -480,13 +515,13 @@ impl WorkerAgent {
         let at = &spec.at;
         let worker = self.transport(at.room.as_str(), at.participant.as_str(), at.transport.as_str()).await?;
         {
+            // The transport may have closed while it opened: then nothing is registered.
             let mut s = self.shared.lock();
+            let t = s.transports.get_mut(at.transport.as_str()).ok_or_else(|| AgentError::NoTransport(at.transport.clone()))?;
+            t.sessions.insert(at.session.to_string());
             s.subscriptions.insert(at.session.to_string(), SubEntry { participant: at.participant.to_string(), transport: at.transport.to_string() });
-            if let Some(t) = s.transports.get_mut(at.transport.as_str()) {
-                t.sessions.insert(at.session.to_string());
-            }
         }
-        self.shared.send_to(worker, Cmd::Subscribe { transport: at.transport.to_string(), spec, sources });
+        self.shared.send_to(worker, Cmd::Subscribe { transport: at.transport.to_string(), spec, sources, data_owner });
         Ok(())
     }
 
@@ -574,6 +609,13 @@ impl WorkerAgent {
     }
 }
 
+impl Drop for WorkerAgent {
+    fn drop(&mut self) {
+        // Workers hold the shared state, so they would outlive the agent without this.
+        self.shared.broadcast(usize::MAX, |_| Cmd::Shutdown);
+    }
+}
+
 #[async_trait::async_trait]
 impl MediaNode for WorkerAgent {
     async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
@@ -639,6 +681,9 @@ impl StreamSource for WorkerAgent {
             let s = self.shared.lock();
             let p = s.publications.get(stream)?;
             let t = p.tracks.iter().find(|t| t.kind == kind)?;
+            if let Some(c) = &t.consumers {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             (t.track, p.worker, t.codec.clone())
         };
         let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
@@ -680,7 +725,7 @@ impl StreamSource for WorkerAgent {
                 worker,
                 Cmd::LocalPublish { track, kind: t.kind, codec: codec.clone(), on_keyframe: t.on_keyframe, consumers: consumers.clone() },
             );
-            entries.push(PubTrack { kind: t.kind, track, codec });
+            entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(consumers.clone()) });
             sinks.push(Arc::new(LocalSink { shared: self.shared.clone(), worker, track, consumers }));
         }
         self.shared.lock().publications.insert(

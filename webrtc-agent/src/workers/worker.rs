@@ -38,6 +38,7 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDi
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::Marshal;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rtc::stun::integrity::MessageIntegrity;
 use tessera_core::agent::{AgentError, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
 use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
 use tokio::net::UdpSocket;
@@ -53,6 +54,11 @@ use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, s
 const READ_BATCH: usize = 64;
 /// Largest datagram we accept (above any MTU WebRTC uses).
 const MAX_DATAGRAM: usize = 2048;
+/// Addresses a connection may be reached from at once (its candidate pairs).
+const ADDRS_PER_PEER: usize = 4;
+/// A subscriber leg forwards at most one keyframe request per this interval (the
+/// publisher's throttle decides the PLIs; this bounds the commands between workers).
+const LEG_KEYFRAME_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Packets handed from one worker to another, one batch per loop round.
 pub(crate) type Batch = Vec<(TrackId, rtp::Packet)>;
@@ -83,6 +89,7 @@ pub(crate) enum Cmd {
         transport: String,
         spec: SubscribeSpec,
         sources: Vec<SourceTrack>,
+        data_owner: Option<usize>,
     },
     Offer {
         transport: String,
@@ -134,6 +141,19 @@ pub(crate) enum Cmd {
     LocalUnpublish {
         track: TrackId,
     },
+    /// A track published on another worker resumes after a pause: its legs here continue
+    /// their sequence numbers.
+    Resync {
+        track: TrackId,
+    },
+    /// Another worker has (`add`) or no longer has data subscribers of a publication here.
+    DataSubscriber {
+        publication: String,
+        worker: usize,
+        add: bool,
+    },
+    /// Stop: close every connection and end the thread.
+    Shutdown,
     /// A message of a publication's data channel, for this worker's data subscribers.
     Data {
         publication: String,
@@ -180,6 +200,7 @@ struct Leg {
     track_id: String,
     rewriter: Rewriter,
     active: bool,
+    last_keyframe_request: Option<Instant>,
 }
 
 /// A publication announced on a connection.
@@ -197,6 +218,8 @@ struct PubSession {
 struct PendingSub {
     spec: SubscribeSpec,
     sources: Vec<SourceTrack>,
+    /// The worker of the publication whose data channel it wants.
+    data_owner: Option<usize>,
 }
 
 /// One client connection (transport) on this worker.
@@ -208,7 +231,10 @@ struct Peer {
     participant: String,
     pc: RTCPeerConnection,
     ufrag: String,
-    addr: Option<SocketAddr>,
+    /// The server ICE password (checks from a new address must be signed with it).
+    password: String,
+    /// Addresses routed to this connection, oldest first.
+    addrs: Vec<SocketAddr>,
     publications: Vec<PubSession>,
     pending: Vec<PendingSub>,
     legs: HashMap<u32, Leg>,
@@ -217,10 +243,11 @@ struct Peer {
     subscriptions: HashSet<String>,
     /// Received track id → the published track it feeds.
     receivers: HashMap<String, TrackId>,
-    /// Subscriptions waiting for the client's data channel labelled with their stream id.
-    data_wanted: Vec<(String, String)>,
-    /// Subscribed data channels: (subscription, publication, channel).
-    data_legs: Vec<(String, String, usize)>,
+    /// Subscriptions waiting for the client's data channel labelled with their stream id:
+    /// (subscription, publication, the publication's worker).
+    data_wanted: Vec<(String, String, usize)>,
+    /// Subscribed data channels: (subscription, publication, its worker, channel).
+    data_legs: Vec<(String, String, usize, usize)>,
     /// The publisher's data channels: channel → publication.
     data_sources: HashMap<usize, String>,
     has_remote: bool,
@@ -254,6 +281,12 @@ pub(crate) struct Worker {
     relayed: HashMap<TrackId, Vec<(u32, u32)>>,
     /// Data subscribers on this worker, by publication: (peer, channel).
     data_sinks: HashMap<String, Vec<(u32, usize)>>,
+    /// Other workers with data subscribers of a publication made here.
+    data_workers: HashMap<String, Vec<usize>>,
+    /// Set by `Cmd::Shutdown`: the loop ends after this round.
+    stopping: bool,
+    /// Received packets of the datagram being handled (kept for its capacity).
+    scratch: Vec<(TrackId, rtp::Packet)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     dirty: Vec<u32>,
     outbox: Vec<Batch>,
@@ -277,6 +310,9 @@ impl Worker {
             published: HashMap::new(),
             relayed: HashMap::new(),
             data_sinks: HashMap::new(),
+            data_workers: HashMap::new(),
+            stopping: false,
+            scratch: Vec::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             outbox: (0..workers).map(|_| Vec::new()).collect(),
@@ -298,7 +334,6 @@ impl Worker {
                 }
             };
             tokio::select! {
-                biased;
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
@@ -319,6 +354,9 @@ impl Worker {
                 () = sleep => self.run_timers(),
             }
             self.flush();
+            if self.stopping {
+                break;
+            }
         }
         for id in self.peers.keys().copied().collect::<Vec<_>>() {
             self.close_peer(id, "server shutdown");
@@ -327,7 +365,6 @@ impl Worker {
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {
-        let mut scratch = String::new();
         for _ in 0..READ_BATCH {
             let (n, from) = match self.socket.try_recv_from(buf) {
                 Ok(r) => r,
@@ -338,21 +375,21 @@ impl Worker {
                 }
             };
             let Some(datagram) = buf.get(..n) else { continue };
-            let peer = match demux::classify(datagram, &mut scratch) {
-                Kind::Stun(ufrag) => {
-                    let Some(&id) = self.by_ufrag.get(ufrag) else { continue };
-                    if let Some(p) = self.peers.get_mut(&id)
-                        && p.addr != Some(from)
-                    {
-                        // A new path (or a NAT rebinding): route its DTLS/SRTP here from now on.
-                        if let Some(old) = p.addr.replace(from) {
-                            self.by_addr.remove(&old);
+            let peer = match demux::classify(datagram) {
+                Kind::BindingRequest { ufrag, mut message } => {
+                    let Some(&id) = self.by_ufrag.get(&ufrag) else { continue };
+                    let Some(p) = self.peers.get(&id) else { continue };
+                    if !p.addrs.contains(&from) {
+                        // Only a check signed with this connection's password may route an
+                        // address to it; an unsigned or forged one goes no further.
+                        if MessageIntegrity::check(&mut message, p.password.as_bytes(), self.shared.crypto()).is_err() {
+                            continue;
                         }
-                        self.by_addr.insert(from, id);
+                        self.learn(id, from);
                     }
                     id
                 }
-                Kind::StunAnonymous | Kind::Other => match self.by_addr.get(&from) {
+                Kind::StunOther | Kind::Other => match self.by_addr.get(&from) {
                     Some(&id) => id,
                     None => continue,
                 },
@@ -370,10 +407,31 @@ impl Worker {
         }
     }
 
+    /// Routes `addr` to connection `id` (a client may check from several addresses: host,
+    /// reflexive, relay). A connection keeps its last few; an address moves from another
+    /// connection only by a check signed for this one.
+    fn learn(&mut self, id: u32, addr: SocketAddr) {
+        if let Some(other) = self.by_addr.insert(addr, id)
+            && other != id
+            && let Some(o) = self.peers.get_mut(&other)
+        {
+            o.addrs.retain(|a| *a != addr);
+        }
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.addrs.push(addr);
+        if p.addrs.len() > ADDRS_PER_PEER {
+            let old = p.addrs.remove(0);
+            if self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+        }
+    }
+
     /// Takes everything a connection produced: events, received media, feedback.
     fn drain_peer(&mut self, id: u32, now: Instant) {
         let mut events = Vec::new();
-        let mut media = Vec::new();
+        // Reused across datagrams: no allocation per received packet.
+        let mut media = std::mem::take(&mut self.scratch);
         let mut keyframe_requests = Vec::new();
         let mut data = Vec::new();
         {
@@ -395,8 +453,10 @@ impl Worker {
                     }
                     RTCMessage::RtcpPacket(track_id, packets) => {
                         if packets.iter().any(|r| is_keyframe_request(r.as_ref()))
-                            && let Some(leg) = p.legs.values().find(|l| l.track_id == track_id)
+                            && let Some(leg) = p.legs.values_mut().find(|l| l.track_id == track_id)
+                            && leg.last_keyframe_request.is_none_or(|t| now.duration_since(t) >= LEG_KEYFRAME_INTERVAL)
                         {
+                            leg.last_keyframe_request = Some(now);
                             keyframe_requests.push((leg.source, leg.owner));
                         }
                     }
@@ -408,15 +468,18 @@ impl Worker {
         for e in events {
             self.event(id, e, now);
         }
-        for (track, packet) in media {
+        for (track, packet) in media.drain(..) {
             self.forward(track, packet, now);
         }
+        self.scratch = media;
         for (track, owner) in keyframe_requests {
             self.keyframe(track, owner, now);
         }
         for (publication, text, bytes) in data {
             self.relay_data(&publication, text, &bytes, now);
-            self.shared.broadcast(self.index, |_| Cmd::Data { publication: publication.clone(), text, data: bytes.clone() });
+            for &w in self.data_workers.get(&publication).into_iter().flatten() {
+                self.shared.send_to(w, Cmd::Data { publication: publication.clone(), text, data: bytes.clone() });
+            }
         }
     }
 
@@ -443,10 +506,14 @@ impl Worker {
     fn data_channel_opened(&mut self, id: u32, channel: usize) {
         let Some(p) = self.peers.get_mut(&id) else { return };
         let Some(label) = p.pc.data_channel(channel).map(|dc| dc.label().to_string()) else { return };
-        if let Some(pos) = p.data_wanted.iter().position(|(_, stream)| *stream == label) {
-            let (session, stream) = p.data_wanted.remove(pos);
-            p.data_legs.push((session, stream.clone(), channel));
-            self.data_sinks.entry(stream).or_default().push((id, channel));
+        if let Some(pos) = p.data_wanted.iter().position(|(_, stream, _)| *stream == label) {
+            let (session, stream, owner) = p.data_wanted.remove(pos);
+            p.data_legs.push((session, stream.clone(), owner, channel));
+            let sinks = self.data_sinks.entry(stream.clone()).or_default();
+            if sinks.is_empty() && owner != self.index {
+                self.shared.send_to(owner, Cmd::DataSubscriber { publication: stream, worker: self.index, add: true });
+            }
+            sinks.push((id, channel));
             return;
         }
         let Some(publication) = p.publications.iter_mut().find(|s| s.data && !s.data_open) else {
@@ -514,7 +581,9 @@ impl Worker {
     fn send_pli(&mut self, track: TrackId) {
         let Some(t) = self.published.get(&track) else { return };
         if let Some(f) = &t.on_keyframe {
-            f();
+            // The producer (the mixer's encoder) takes its own locks: not on the packet thread.
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f());
             return;
         }
         let Some((peer, receiver, ssrc)) = t.publisher else { return };
@@ -612,9 +681,9 @@ impl Worker {
                     });
                 }
             }
-            Cmd::Subscribe { transport, spec, sources } => {
+            Cmd::Subscribe { transport, spec, sources, data_owner } => {
                 if let Some(p) = self.peer_mut(&transport) {
-                    p.pending.push(PendingSub { spec, sources });
+                    p.pending.push(PendingSub { spec, sources, data_owner });
                 }
             }
             Cmd::Offer { transport, sdp, reply } => {
@@ -670,6 +739,23 @@ impl Worker {
             }
             Cmd::LocalUnpublish { track } => self.unpublish(track),
             Cmd::Data { publication, text, data } => self.relay_data(&publication, text, &data, now),
+            Cmd::Resync { track } => {
+                for &(peer, leg) in self.relayed.get(&track).into_iter().flatten() {
+                    if let Some(l) = self.peers.get_mut(&peer).and_then(|p| p.legs.get_mut(&leg)) {
+                        l.rewriter.resync();
+                    }
+                }
+            }
+            Cmd::DataSubscriber { publication, worker, add } => {
+                let workers = self.data_workers.entry(publication.clone()).or_default();
+                workers.retain(|w| *w != worker);
+                if add {
+                    workers.push(worker);
+                } else if workers.is_empty() {
+                    self.data_workers.remove(&publication);
+                }
+            }
+            Cmd::Shutdown => self.stopping = true,
         }
     }
 
@@ -683,7 +769,8 @@ impl Worker {
             return Ok(());
         }
         let ufrag = format!("w{}{}", self.index, super::random_token(10));
-        let pc = super::build_pc(&self.shared, &ufrag, now)?;
+        let password = super::random_token(24);
+        let pc = super::build_pc(&self.shared, &ufrag, &password, now)?;
         let id = self.next_peer;
         self.next_peer = self.next_peer.wrapping_add(1);
         self.by_transport.insert(transport.clone(), id);
@@ -697,7 +784,8 @@ impl Worker {
                 participant,
                 pc,
                 ufrag,
-                addr: None,
+                password,
+                addrs: Vec::new(),
                 publications: Vec::new(),
                 pending: Vec::new(),
                 legs: HashMap::new(),
@@ -813,14 +901,15 @@ impl Worker {
                     track_id,
                     rewriter: Rewriter::new(ssrc, payload_type),
                     active: true,
+                    last_keyframe_request: None,
                 },
             );
             sources_added.push((src.track, src.owner, leg_id));
         }
         for sub in pending {
             let session = sub.spec.at.session.to_string();
-            if let Some(from) = &sub.spec.data_from {
-                p.data_wanted.push((session.clone(), from.to_string()));
+            if let (Some(from), Some(owner)) = (&sub.spec.data_from, sub.data_owner) {
+                p.data_wanted.push((session.clone(), from.to_string(), owner));
             }
             p.subscriptions.insert(session.clone());
             p.unannounced.push(session);
@@ -952,9 +1041,8 @@ impl Worker {
         }
         s.ready = true;
         let (room, participant, transport) = (p.room.clone(), p.participant.clone(), p.transport.clone());
-        if let Some((session, info)) = self.stream_info(id, publication) {
-            self.shared.progress(&room, &participant, &transport, Progress::SessionReady { session: session.as_str().into() });
-            self.shared.stream_ready(&room, info);
+        if let Some((_, info)) = self.stream_info(id, publication) {
+            self.shared.publication_ready(&room, &participant, &transport, info);
         }
     }
 
@@ -1012,20 +1100,20 @@ impl Worker {
                 }
             }
             p.unannounced.retain(|s| s != session);
-            p.data_wanted.retain(|(s, _)| s != session);
+            p.data_wanted.retain(|(s, _, _)| s != session);
         }
         let mut data_detach = Vec::new();
-        p.data_legs.retain(|(s, stream, channel)| {
+        p.data_legs.retain(|(s, stream, owner, channel)| {
             let ends = s == session;
             if ends {
-                data_detach.push((stream.clone(), *channel));
+                data_detach.push((stream.clone(), *owner, *channel));
             }
             !ends
         });
         p.data_sources.retain(|_, publication| publication != session);
         p.mark_dirty(&mut self.dirty);
-        for (stream, channel) in data_detach {
-            self.remove_data_sink(&stream, id, channel);
+        for (stream, owner, channel) in data_detach {
+            self.remove_data_sink(&stream, owner, id, channel);
         }
         for track in unpublish {
             self.unpublish(track);
@@ -1035,11 +1123,14 @@ impl Worker {
         }
     }
 
-    fn remove_data_sink(&mut self, stream: &str, peer: u32, channel: usize) {
+    fn remove_data_sink(&mut self, stream: &str, owner: usize, peer: u32, channel: usize) {
         if let Some(sinks) = self.data_sinks.get_mut(stream) {
             sinks.retain(|s| *s != (peer, channel));
             if sinks.is_empty() {
                 self.data_sinks.remove(stream);
+                if owner != self.index {
+                    self.shared.send_to(owner, Cmd::DataSubscriber { publication: stream.to_string(), worker: self.index, add: false });
+                }
             }
         }
     }
@@ -1049,7 +1140,11 @@ impl Worker {
     fn unpublish(&mut self, track: TrackId) {
         // Dropping the track closes its taps; other workers' legs simply stop getting
         // packets until their sessions end.
-        self.published.remove(&track);
+        if let Some(t) = self.published.remove(&track)
+            && let Some(c) = &t.consumers
+        {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 
     fn switch(&mut self, transport: &str, session: &str, switch: TrackSwitch, now: Instant) {
@@ -1069,6 +1164,9 @@ impl Worker {
                             if let Some(l) = self.peers.get_mut(&peer).and_then(|p| p.legs.get_mut(&leg)) {
                                 l.rewriter.resync();
                             }
+                        }
+                        for &w in &t.workers {
+                            self.shared.send_to(w, Cmd::Resync { track: key });
                         }
                         keyframes.push((key, self.index));
                     }
@@ -1098,8 +1196,10 @@ impl Worker {
         }
         self.by_transport.remove(&p.transport);
         self.by_ufrag.remove(&p.ufrag);
-        if let Some(addr) = p.addr {
-            self.by_addr.remove(&addr);
+        for a in &p.addrs {
+            if self.by_addr.get(a) == Some(&id) {
+                self.by_addr.remove(a);
+            }
         }
         for s in &p.publications {
             for (_, key) in &s.flowing {
@@ -1109,8 +1209,8 @@ impl Worker {
         for (leg_id, l) in &p.legs {
             self.detach(l.source, l.owner, id, *leg_id);
         }
-        for (_, stream, channel) in &p.data_legs {
-            self.remove_data_sink(stream, id, *channel);
+        for (_, stream, owner, channel) in &p.data_legs {
+            self.remove_data_sink(stream, *owner, id, *channel);
         }
         info!(transport = %p.transport, reason, worker = self.index, "transport closed");
         self.shared.transport_closed(&p.transport, reason);
