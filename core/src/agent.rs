@@ -268,20 +268,21 @@ pub struct RecordingSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
+    /// Serialises and parses back; they must be equal.
+    pub(crate) fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
         let text = serde_json::to_string(&v).unwrap();
         let back: T = serde_json::from_str(&text).unwrap();
         assert_eq!(back, v, "{text}");
     }
 
-    fn at() -> SessionRef {
+    pub(crate) fn at() -> SessionRef {
         SessionRef { room: "r".into(), participant: "p".into(), transport: "t".into(), session: "s".into() }
     }
 
-    fn layout() -> Vec<LayoutEntry> {
+    pub(crate) fn layout() -> Vec<LayoutEntry> {
         let region: crate::room::Region =
             serde_json::from_value(serde_json::json!({"id": "1", "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}})).unwrap();
         vec![LayoutEntry { stream: Some("s".into()), region: region.clone() }, LayoutEntry { stream: None, region }]

@@ -614,24 +614,8 @@ impl std::ops::Add for MediaStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{PublishTrack, SessionRef, SubscribeTrack};
-    use serde::de::DeserializeOwned;
-
-    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
-        let text = serde_json::to_string(&v).unwrap();
-        let back: T = serde_json::from_str(&text).unwrap();
-        assert_eq!(back, v, "{text}");
-    }
-
-    fn at() -> SessionRef {
-        SessionRef { room: "r".into(), participant: "p".into(), transport: "t".into(), session: "s".into() }
-    }
-
-    fn layout() -> Vec<LayoutEntry> {
-        let region: crate::room::Region =
-            serde_json::from_value(serde_json::json!({"id": "1", "area": {"left": "0", "top": "0", "width": "1/2", "height": "1"}})).unwrap();
-        vec![LayoutEntry { stream: Some("s".into()), region: region.clone() }, LayoutEntry { stream: None, region }]
-    }
+    use crate::agent::tests::{at, layout, round_trip};
+    use crate::agent::{PublishTrack, SubscribeTrack};
 
     fn recording() -> RecordingInfo {
         RecordingInfo {

@@ -51,6 +51,8 @@ pub(crate) type TrackId = u64;
 
 /// Batches queued from one worker to another before new ones are dropped.
 const INBOX: usize = 1024;
+/// Socket buffer size asked for (bytes).
+const SOCKET_BUFFER: usize = 4 << 20;
 /// Packets queued for a tap (mixer or recorder input) before new ones are dropped.
 const TAP_QUEUE: usize = 512;
 /// A room's transports stay on its first worker until that worker holds this many more
@@ -365,6 +367,13 @@ impl WorkerAgent {
         for (index, std_socket) in sockets.into_iter().enumerate() {
             let bind = std_socket.local_addr().map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
             std_socket.set_nonblocking(true).map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            // One socket carries every connection's burst (a frame to hundreds of
+            // subscribers at once): ask for large buffers; the kernel caps them at
+            // net.core.{w,r}mem_max.
+            let sock = socket2::SockRef::from(&std_socket);
+            if let Err(e) = sock.set_send_buffer_size(SOCKET_BUFFER).and_then(|()| sock.set_recv_buffer_size(SOCKET_BUFFER)) {
+                warn!(worker = index, error = %e, "socket buffers left at the system default");
+            }
             let advertised = SocketAddr::new(shared.settings.public_ip.unwrap_or(ip), bind.port());
             let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
             let (data_tx, data_rx) = mpsc::channel(INBOX);

@@ -292,7 +292,9 @@ pub(crate) struct Worker {
     outbox: Vec<Batch>,
     next_peer: u32,
     next_leg: u32,
-    /// Datagrams dropped because the socket's send buffer was full.
+    /// Datagrams held back while the socket's send buffer is full, oldest first.
+    unsent: std::collections::VecDeque<(BytesMut, SocketAddr)>,
+    /// Datagrams dropped because even that queue was full.
     pub send_drops: u64,
 }
 
@@ -318,6 +320,7 @@ impl Worker {
             outbox: (0..workers).map(|_| Vec::new()).collect(),
             next_peer: 0,
             next_leg: 0,
+            unsent: std::collections::VecDeque::new(),
             send_drops: 0,
         }
     }
@@ -352,6 +355,11 @@ impl Worker {
                     }
                 }
                 () = sleep => self.run_timers(),
+                writable = self.socket.writable(), if !self.unsent.is_empty() => {
+                    if writable.is_ok() {
+                        self.send_unsent();
+                    }
+                }
             }
             self.flush();
             if self.stopping {
@@ -636,17 +644,12 @@ impl Worker {
     /// Sends what the dirty connections queued, hands batches to other workers, and
     /// re-arms the connections' timers.
     fn flush(&mut self) {
+        self.send_unsent();
         while let Some(id) = self.dirty.pop() {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
             while let Some(out) = p.pc.poll_write() {
-                if let Err(e) = self.socket.try_send_to(&out.message, out.transport.peer_addr) {
-                    if e.kind() == std::io::ErrorKind::WouldBlock {
-                        self.send_drops += 1;
-                    } else {
-                        debug!(error = %e, "send error");
-                    }
-                }
+                send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr);
             }
             if let Some(deadline) = p.pc.poll_timeout()
                 && p.scheduled.is_none_or(|s| deadline < s)
@@ -660,6 +663,18 @@ impl Worker {
                 let batch = std::mem::take(out);
                 self.shared.send_batch(w, batch);
             }
+        }
+    }
+
+    /// Sends what a full socket buffer held back, in order, until it fills again.
+    fn send_unsent(&mut self) {
+        while let Some((data, to)) = self.unsent.front() {
+            match self.socket.try_send_to(data, *to) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => debug!(error = %e, "send error"),
+                Ok(_) => {}
+            }
+            self.unsent.pop_front();
         }
     }
 
@@ -1192,7 +1207,7 @@ impl Worker {
         let Some(mut p) = self.peers.remove(&id) else { return };
         let _ = p.pc.close();
         while let Some(out) = p.pc.poll_write() {
-            let _ = self.socket.try_send_to(&out.message, out.transport.peer_addr);
+            send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr);
         }
         self.by_transport.remove(&p.transport);
         self.by_ufrag.remove(&p.ufrag);
@@ -1225,6 +1240,37 @@ impl Peer {
             dirty.push(self.id);
         }
     }
+}
+
+/// Datagrams held back for a full socket buffer before the oldest are dropped (a burst
+/// to hundreds of subscribers can outrun the kernel buffer; a stalled socket must not
+/// grow memory without bound).
+const MAX_UNSENT: usize = 16_384;
+
+/// Sends a datagram, or queues it behind earlier held-back ones (order is kept: a
+/// packet never overtakes one queued before it).
+fn send_or_queue(
+    socket: &UdpSocket,
+    unsent: &mut std::collections::VecDeque<(BytesMut, SocketAddr)>,
+    drops: &mut u64,
+    data: BytesMut,
+    to: SocketAddr,
+) {
+    if unsent.is_empty() {
+        match socket.try_send_to(&data, to) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                debug!(error = %e, "send error");
+                return;
+            }
+        }
+    }
+    if unsent.len() >= MAX_UNSENT {
+        unsent.pop_front();
+        *drops += 1;
+    }
+    unsent.push_back((data, to));
 }
 
 /// Writes a packet to each subscriber leg (rewritten for its connection).
