@@ -69,6 +69,10 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// Origins whose pages may call the management API from a browser (CORS); empty: none.
     pub api_cors_origins: Vec<String>,
+    /// On SIGTERM/SIGINT: refuse new logins and sessions (`/readyz` answers 503), let
+    /// running ones go on for up to this many seconds (less once everyone left), then stop.
+    /// 0: stop at once.
+    pub drain_timeout_secs: u64,
 }
 
 impl Default for Server {
@@ -78,6 +82,7 @@ impl Default for Server {
             api_addr: "127.0.0.1:3000".into(),
             data_dir: "tessera-data".into(),
             api_cors_origins: Vec::new(),
+            drain_timeout_secs: 0,
         }
     }
 }
@@ -341,6 +346,9 @@ impl Config {
         check_addr(&self.server.api_addr).map_err(|r| err("server.api_addr", r))?;
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(err("server.data_dir", "must not be empty".into()));
+        }
+        if self.server.drain_timeout_secs > 86_400 {
+            return Err(err("server.drain_timeout_secs", format!("{} is more than a day", self.server.drain_timeout_secs)));
         }
         if self.service.id.is_empty() {
             return Err(err("service.id", "must not be empty".into()));

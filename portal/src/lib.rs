@@ -53,6 +53,8 @@ struct Inner {
     conferences: Mutex<Conferences>,
     /// Finds the media nodes (SFU, mixer) serving a room.
     router: Arc<dyn Router>,
+    /// Set when the server drains: no new logins or sessions.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Seconds since the Unix epoch.
@@ -87,6 +89,7 @@ impl Portal {
                 sio,
                 conferences: Mutex::new(Conferences::default()),
                 router,
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         if let Some(mut events) = events {
@@ -114,6 +117,16 @@ impl Portal {
     /// This portal as the management API's view of live rooms.
     pub fn control(&self) -> Arc<dyn RoomControl> {
         Arc::new(self.clone())
+    }
+
+    /// Stops accepting logins and new publications/subscriptions; what runs goes on.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the server drains (for `/readyz` and the request checks).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drops every participant (sending `drop`) and closes all sockets.

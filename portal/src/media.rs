@@ -74,6 +74,9 @@ impl Portal {
 
     /// Handles one stream/subscription request of a participant in `room`.
     pub(crate) async fn media_request(&self, room: &str, participant: &str, name: &str, args: &[Value]) -> Reply {
+        if self.is_draining() && (name == "publish" || name == "subscribe") {
+            return Err(format!("{name}: the server is draining: no new sessions"));
+        }
         match name {
             "publish" => self.publish(room, participant, args).await,
             "unpublish" => self.end(room, participant, "unpublish", args, SessionKind::Publication).await,

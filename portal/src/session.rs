@@ -181,6 +181,9 @@ fn truncate(s: &str) -> String {
 pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
+    if portal.is_draining() {
+        return Err("Server is draining: log in to another server or retry later".into());
+    }
     let req: Login = requests::parse("login", args)?;
     req.check_client()?;
     let inner = &portal.inner;

@@ -55,11 +55,31 @@ const ASSETS: [(&str, &str, &str); 4] = [
     ("/demo.css", "text/css; charset=utf-8", include_str!("../../clients/js/demo/demo.css")),
 ];
 
-/// Registers `/healthz`, the JS SDK at `/sdk/tessera.js`, the demo page at `/` when
+/// Registers `/healthz`, `/readyz`, the JS SDK at `/sdk/tessera.js`, the demo page at `/` when
 /// `demo` is set, and `POST /dev/token` when `dev` is set.
-pub fn configure(demo: bool, dev: Option<DevTokens>, cors_origins: Vec<String>) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static {
+pub fn configure(
+    demo: bool,
+    dev: Option<DevTokens>,
+    cors_origins: Vec<String>,
+    portal: tessera_portal::Portal,
+) -> impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static {
     move |cfg: &mut web::ServiceConfig| {
         cfg.route("/healthz", web::get().to(|| async { HttpResponse::Ok().content_type("text/plain").body("ok") }));
+        // Ready means: accepting new logins and sessions (not while draining).
+        let p = portal.clone();
+        cfg.route(
+            "/readyz",
+            web::get().to(move || {
+                let draining = p.is_draining();
+                async move {
+                    if draining {
+                        HttpResponse::ServiceUnavailable().content_type("text/plain").body("draining")
+                    } else {
+                        HttpResponse::Ok().content_type("text/plain").body("ready")
+                    }
+                }
+            }),
+        );
         for (path, mime, body) in ASSETS {
             let sdk = path == "/sdk/tessera.js";
             if !sdk && !demo {

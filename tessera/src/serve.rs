@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tessera_config::Config;
@@ -248,7 +249,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let portal_server = tessera_portal::http::serve(
         portal_listener,
         portal.clone(),
-        crate::portal_routes::configure(config.demo.enabled, dev_tokens.clone(), config.portal.cors_origins.clone()),
+        crate::portal_routes::configure(config.demo.enabled, dev_tokens.clone(), config.portal.cors_origins.clone(), portal.clone()),
     )?;
 
     if let Some(dev) = &dev_tokens {
@@ -275,6 +276,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = signals.wait() => info!("shutdown signal received"),
         r = portal_task => { anyhow::bail!("portal server stopped unexpectedly: {r:?}") }
+    }
+    let drain = Duration::from_secs(config.server.drain_timeout_secs);
+    if !drain.is_zero() {
+        // Refuse new logins and sessions; what runs goes on until everyone left, the
+        // timeout, or a second signal.
+        portal.drain();
+        println!("tessera: draining for up to {} s ({} participants)", drain.as_secs(), portal.participant_count());
+        info!(timeout_secs = drain.as_secs(), participants = portal.participant_count(), "draining");
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            if portal.participant_count() == 0 {
+                info!("drained: no participant left");
+                break;
+            }
+            tokio::select! {
+                _ = signals.wait() => { info!("second signal: stopping now"); break; }
+                _ = tokio::time::sleep_until(deadline) => { info!(participants = portal.participant_count(), "drain timeout"); break; }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
     }
     // Recordings first, while their sources still flow, so every file is finalised.
     recorder.shutdown().await;

@@ -328,3 +328,63 @@ async fn unwritable_storage_fails_the_recording_not_the_room() {
     let sub = Subscriber::start(&mut sig, &p.stream_id, true, true, false).await.unwrap();
     sub.wait_until("media", Duration::from_secs(3), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
 }
+
+/// Drain: with `server.drain_timeout_secs`, SIGTERM makes `/readyz` answer 503 and refuses
+/// new logins and sessions while the running stream goes on; the server then stops by
+/// itself (here at the timeout, someone is still in), exits 0 and finalises the recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_the_running_sessions_then_stops_and_finalises() {
+    let dir = common::tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("[server]\ndrain_timeout_secs = 4\n{CONFIG}")).unwrap();
+    let s = common::start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let room = "dev";
+    let (_sig, p, _src) = publish(&s, room, "cam", (0, 200, 0), 660).await;
+    let token = s.token(room, "viewer", "presenter").await;
+    let mut vsig = Signaling::connect(&s.portal).await.unwrap();
+    vsig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await.unwrap();
+    let sub = Subscriber::start(&mut vsig, &p.stream_id, false, true, false).await.unwrap();
+    sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|x| x.kind == "video").count() > 10).await.unwrap();
+    let (_, rec) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/v1/rooms/{room}/recordings"),
+        Some(json!({"media": {"audio": {"from": p.stream_id}, "video": {"from": p.stream_id}}})),
+    )
+    .await;
+    let file = PathBuf::from(rec["storage"]["file"].as_str().unwrap());
+    let readyz = || async { s.client().get(format!("{}/readyz", s.portal)).send().await.unwrap().status().as_u16() };
+    assert_eq!(readyz().await, 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let signalled = Instant::now();
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(s.child.id().to_string()).status();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(readyz().await, 503, "not ready while draining");
+    let late_token = s.token(room, "late", "presenter").await;
+    let mut late = Signaling::connect(&s.portal).await.unwrap();
+    let refused = late.ok("login", Some(json!({"token": late_token, "protocol": "1.2"}))).await.unwrap_err().to_string();
+    assert!(refused.contains("draining"), "{refused}");
+    let refused = vsig.ok("publish", Some(json!({"media": {"tracks": [{"type": "video", "mid": "0"}]}}))).await.unwrap_err().to_string();
+    assert!(refused.contains("draining"), "{refused}");
+    let before = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = sub.packets("video").len() - before;
+    assert!(during >= 15, "the running stream goes on while draining: {during} video packets in 1 s");
+
+    // Stops by itself at the drain timeout, cleanly.
+    let mut s = s;
+    let status = loop {
+        if let Ok(Some(status)) = s.child.try_wait() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(15), "the server did not stop after draining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let stopped_after = signalled.elapsed();
+    assert!(stopped_after >= Duration::from_secs(4), "stopped after {stopped_after:?}, before the drain timeout");
+    let secs = discovered_seconds(&discover(&file));
+    assert!(secs > 4.0, "finalised recording of {secs:.2} s");
+    assert!(decode_file(&file).video_frames > 60);
+}
