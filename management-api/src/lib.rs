@@ -44,6 +44,8 @@ pub struct ApiState {
     pub control: Arc<dyn RoomControl>,
     /// Finds the recorder node of a room (none: this server does not record).
     pub router: Arc<dyn tessera_core::command::Router>,
+    /// Wakes the server's drain (`POST /v1/drain`); none: this server cannot be drained over REST.
+    pub drain: Option<Arc<tokio::sync::Notify>>,
     /// Origins allowed to call the API from a browser (`*`: any); empty: no CORS.
     pub cors_origins: Vec<String>,
 }

@@ -38,6 +38,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
             web::scope("/v1")
                 .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
                 .route("/stats", web::get().to(stats))
+                .route("/drain", web::post().to(drain))
                 .route("/rooms", web::post().to(create_room))
                 .route("/rooms", web::get().to(list_rooms))
                 .route("/rooms/{room}", web::get().to(get_room))
@@ -257,6 +258,14 @@ async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(S
 }
 
 /// Tessera extension: live counts, for operators and leak checks.
+/// `POST /v1/drain` (Tessera extension, what `tessera drain` calls): the same as SIGTERM.
+async fn drain(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
+    let hook = state.drain.as_ref().ok_or_else(|| ApiError::Internal("this server cannot be drained over REST".into()))?;
+    hook.notify_one();
+    tracing::info!("drain requested over REST");
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"draining": true})))
+}
+
 async fn stats(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.stats().await))
 }

@@ -1,4 +1,4 @@
-//! `tessera room …` and `tessera token …`: thin clients of the management API, so
+//! `tessera room …`, `tessera token …` and `tessera drain`: thin clients of the management API, so
 //! operators need neither curl nor the MAuth scheme.
 
 use anyhow::{Context, bail};
@@ -57,6 +57,13 @@ pub async fn room(action: RoomAction, api: ApiArgs) -> anyhow::Result<()> {
             println!("room {id} deleted");
         }
     }
+    Ok(())
+}
+
+/// `tessera drain`: asks the server to drain (`POST /v1/drain`).
+pub async fn drain(api: ApiArgs) -> anyhow::Result<()> {
+    call(&api, reqwest::Method::POST, "/v1/drain", None).await?;
+    println!("draining: new logins are refused; the server stops when everyone has left or at its drain timeout");
     Ok(())
 }
 

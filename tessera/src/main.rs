@@ -37,6 +37,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Drains a running server, as SIGTERM does: no new logins or sessions, the running ones
+    /// go on for up to `server.drain_timeout_secs`, then it stops.
+    Drain {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +108,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Room { action, api } => cli_client::room(action, api).await,
             Command::Token { action, api } => cli_client::token(action, api).await,
+            Command::Drain { api } => cli_client::drain(api).await,
         }
     });
     match result {

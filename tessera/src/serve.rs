@@ -225,6 +225,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         router.clone(),
         Some(agent_events),
     );
+    let drain_requested = Arc::new(tokio::sync::Notify::new());
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
         tokens: tokens.clone(),
@@ -233,6 +234,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token_lifetime_secs: config.portal.token_lifetime_secs,
         control: portal.control(),
         router,
+        drain: Some(drain_requested.clone()),
         cors_origins: config.server.api_cors_origins.clone(),
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
@@ -275,6 +277,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let portal_task = tokio::spawn(portal_server);
     tokio::select! {
         _ = signals.wait() => info!("shutdown signal received"),
+        _ = drain_requested.notified() => info!("drain requested (POST /v1/drain)"),
         r = portal_task => { anyhow::bail!("portal server stopped unexpectedly: {r:?}") }
     }
     let drain = Duration::from_secs(config.server.drain_timeout_secs);

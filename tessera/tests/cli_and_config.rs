@@ -141,3 +141,25 @@ fn help_is_clear() {
         assert!(text.contains(flag), "{text}");
     }
 }
+
+/// `tessera drain` drains a running server as SIGTERM does: with no one in, it stops at
+/// once (not at its 30 s timeout), cleanly.
+#[test]
+fn drain_subcommand_stops_an_idle_server_cleanly() {
+    let (_dir, mut server) = common::start_with_config("[server]\ndrain_timeout_secs = 30\n");
+    let (ok, out, err) = cli(&server, &["drain"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("draining"), "{out}");
+    let asked = std::time::Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            break status;
+        }
+        assert!(asked.elapsed() < std::time::Duration::from_secs(10), "the server did not stop after the drain");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    let printed: Vec<String> = server.lines.try_iter().collect();
+    assert!(printed.iter().any(|l| l.starts_with("tessera: draining for up to 30 s (0 participants)")), "{printed:?}");
+    assert!(printed.iter().any(|l| l == "tessera: stopped"), "{printed:?}");
+}
