@@ -200,19 +200,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // the source of streams for the mixer and recorder; the mixer's stream updates go to
     // the portal with the SFU's events.
     let settings = tessera_webrtc_agent::AgentSettings::from_config(&config);
-    let (agent, streams, agent_events): (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>, _) =
-        match config.webrtc.engine {
-            tessera_config::WebRtcEngine::PerConnection => {
-                let (sfu, events) = tessera_webrtc_agent::WebrtcAgent::new(settings);
-                (sfu.clone(), sfu, events)
-            }
-            tessera_config::WebRtcEngine::Workers => {
-                let (sfu, events) = tessera_webrtc_agent::workers::WorkerAgent::new(settings, config.webrtc.workers)
-                    .map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
-                (sfu.clone(), sfu, events)
-            }
-        };
-    let (event_tx, agent_events) = forward_events(agent_events);
+    type Sfu = (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>);
+    let ((agent, streams), event_tx, agent_events): (Sfu, _, _) = match config.webrtc.engine {
+        tessera_config::WebRtcEngine::PerConnection => {
+            let (sfu, events) = tessera_webrtc_agent::WebrtcAgent::new(settings);
+            ((sfu.clone(), sfu.clone()), sfu.event_sender(), events)
+        }
+        tessera_config::WebRtcEngine::Workers => {
+            let (sfu, events) = tessera_webrtc_agent::workers::WorkerAgent::new(settings, config.webrtc.workers)
+                .map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
+            ((sfu.clone(), sfu.clone()), sfu.event_sender(), events)
+        }
+    };
     let mixer = tessera_mixer::Mixer::new(streams.clone(), event_tx);
     let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
     // One process: every node is local and commands pass as values.
@@ -309,21 +308,4 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!("tessera stopped");
     println!("tessera: stopped");
     Ok(())
-}
-
-/// One event channel to the portal for the SFU and the mixer: the SFU's events are
-/// forwarded into it in order, and the returned sender is the mixer's.
-fn forward_events(
-    mut sfu: tokio::sync::mpsc::Receiver<tessera_core::agent::AgentEvent>,
-) -> (tokio::sync::mpsc::Sender<tessera_core::agent::AgentEvent>, tokio::sync::mpsc::Receiver<tessera_core::agent::AgentEvent>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    let forward = tx.clone();
-    tokio::spawn(async move {
-        while let Some(e) = sfu.recv().await {
-            if forward.send(e).await.is_err() {
-                break;
-            }
-        }
-    });
-    (tx, rx)
 }

@@ -63,7 +63,6 @@ const ROOM_SPREAD: usize = 16;
 struct WorkerHandle {
     cmds: mpsc::UnboundedSender<Cmd>,
     data: mpsc::Sender<Batch>,
-    transports: AtomicUsize,
 }
 
 /// A flowing track of a publication, as subscriptions find it.
@@ -168,7 +167,7 @@ impl Shared {
         self.emit(AgentEvent::Progress { room: room.into(), participant: participant.into(), transport: transport.into(), progress });
     }
 
-    pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, _worker: usize, codec: RTCRtpCodec) {
+    pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, codec: RTCRtpCodec) {
         if let Some(p) = self.lock().publications.get_mut(publication) {
             p.tracks.retain(|t| t.kind != kind);
             p.tracks.push(PubTrack { kind, track, codec, consumers: None });
@@ -195,9 +194,6 @@ impl Shared {
             let room_in_use = s.transports.values().any(|o| o.room == t.room) || s.publications.values().any(|p| p.room == t.room);
             if !room_in_use {
                 s.homes.remove(&t.room);
-            }
-            if let Some(w) = self.workers.get().and_then(|w| w.get(t.worker)) {
-                w.transports.fetch_sub(1, Ordering::Relaxed);
             }
             if let Some(set) = s.by_participant.get_mut(&t.participant) {
                 set.remove(transport);
@@ -314,6 +310,8 @@ fn bind_block(ip: std::net::IpAddr, min: u16, max: u16, count: usize) -> Result<
 /// The SFU on worker threads (the `workers` engine).
 pub struct WorkerAgent {
     shared: Arc<Shared>,
+    /// The portal's end of the event channel, for other media nodes reporting on it.
+    events: mpsc::Sender<AgentEvent>,
     /// Each worker's socket address (for `ss`-style checks and logs).
     addrs: Vec<SocketAddr>,
 }
@@ -344,9 +342,10 @@ impl WorkerAgent {
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let (portal_tx, portal_rx) = mpsc::channel(4096);
         // Ordered hand-over to the portal's bounded channel (workers never wait on it).
+        let relay = portal_tx.clone();
         tokio::spawn(async move {
             while let Some(e) = events_rx.recv().await {
-                if portal_tx.send(e).await.is_err() {
+                if relay.send(e).await.is_err() {
                     break;
                 }
             }
@@ -396,12 +395,18 @@ impl WorkerAgent {
                     });
                 })
                 .map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
-            handles.push(WorkerHandle { cmds: cmd_tx, data: data_tx, transports: AtomicUsize::new(0) });
+            handles.push(WorkerHandle { cmds: cmd_tx, data: data_tx });
             addrs.push(bind);
         }
         let _ = shared.workers.set(handles);
         info!(workers = count, addrs = ?addrs, public = ?shared.settings.public_ip, "webrtc-agent ready (workers engine, ICE-lite)");
-        Ok((Arc::new(WorkerAgent { shared, addrs }), portal_rx))
+        Ok((Arc::new(WorkerAgent { shared, events: portal_tx, addrs }), portal_rx))
+    }
+
+    /// A sender into the event channel to the portal, for other media nodes that report
+    /// on the same channel (the mixer's mixed-stream updates).
+    pub fn event_sender(&self) -> mpsc::Sender<AgentEvent> {
+        self.events.clone()
     }
 
     /// The workers' socket addresses.
@@ -424,9 +429,15 @@ impl WorkerAgent {
     /// The worker for a new transport of `room`: the room's worker unless it holds
     /// [`ROOM_SPREAD`] more transports than the least loaded one.
     fn place(&self, s: &mut State, room: &str) -> usize {
-        let Some(workers) = self.shared.workers.get() else { return 0 };
-        let load = |i: usize| workers.get(i).map(|w| w.transports.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-        let least = (0..workers.len()).min_by_key(|i| load(*i)).unwrap_or(0);
+        let count = self.shared.workers.get().map_or(1, Vec::len);
+        let mut load = vec![0usize; count];
+        for t in s.transports.values() {
+            if let Some(n) = load.get_mut(t.worker) {
+                *n += 1;
+            }
+        }
+        let least = (0..count).min_by_key(|i| load.get(*i).copied().unwrap_or(usize::MAX)).unwrap_or(0);
+        let load = |i: usize| load.get(i).copied().unwrap_or(usize::MAX);
         let home = *s.homes.entry(room.to_string()).or_insert(least);
         if load(home) >= load(least) + ROOM_SPREAD { least } else { home }
     }
@@ -442,9 +453,6 @@ impl WorkerAgent {
             s.transports
                 .insert(id.to_string(), TransportEntry { room: room.into(), participant: participant.into(), worker: w, sessions: HashSet::new() });
             s.by_participant.entry(participant.to_string()).or_default().insert(id.to_string());
-            if let Some(h) = self.shared.workers.get().and_then(|h| h.get(w)) {
-                h.transports.fetch_add(1, Ordering::Relaxed);
-            }
             w
         };
         let (tx, rx) = oneshot::channel();
@@ -456,13 +464,10 @@ impl WorkerAgent {
         if result.is_err() {
             // Nothing was opened: forget it without reporting a closed transport.
             let mut s = self.shared.lock();
-            if s.transports.remove(id).is_some() {
-                if let Some(h) = self.shared.workers.get().and_then(|h| h.get(worker)) {
-                    h.transports.fetch_sub(1, Ordering::Relaxed);
-                }
-                if let Some(set) = s.by_participant.get_mut(participant) {
-                    set.remove(id);
-                }
+            if s.transports.remove(id).is_some()
+                && let Some(set) = s.by_participant.get_mut(participant)
+            {
+                set.remove(id);
             }
         }
         result.map(|()| worker)

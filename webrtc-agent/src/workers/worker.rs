@@ -1041,7 +1041,7 @@ impl Worker {
         let mut t = published(kind, codec.clone(), interval);
         t.publisher = Some((id, receiver, ssrc));
         self.published.insert(key, t);
-        self.shared.track_flowing(&publication.id, kind, key, self.index, codec);
+        self.shared.track_flowing(&publication.id, kind, key, codec);
         let publication = publication.id.clone();
         self.check_ready(id, &publication);
     }
