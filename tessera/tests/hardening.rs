@@ -23,10 +23,6 @@ fn login_args(token: &str) -> Value {
     json!({"token": token, "userAgent": {"sdk": {"version": "5.1", "type": "JavaScript"}}, "protocol": "1.2"})
 }
 
-async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
-    s.join(room, user).await
-}
-
 /// The reason of an `('error', reason)` answer.
 async fn refused(sig: &mut Signaling, name: &str, data: Value) -> String {
     let args = sig.request(name, Some(data)).await.unwrap();
@@ -40,7 +36,7 @@ async fn refused(sig: &mut Signaling, name: &str, data: Value) -> String {
 async fn layout_path_without_index_is_a_clear_400() {
     let (_dir, s) = common::start_with_config("");
     let room = new_room(&s, json!({})).await;
-    let (_alice, _) = join(&s, &room, "alice").await;
+    let (_alice, _) = s.join(&room, "alice").await;
     let patch = |path: &str| {
         s.client()
             .patch(s.url(&format!("/v1/rooms/{room}/streams/{room}-common")))
@@ -102,8 +98,8 @@ async fn client_strings_cannot_forge_log_lines() {
 async fn reconnection_ticket_works_once() {
     let (_dir, s) = common::start_with_config("[portal]\nreconnection_timeout_secs = 10\n");
     let room = new_room(&s, json!({})).await;
-    let (alice, info) = join(&s, &room, "alice").await;
-    let (mut bob, _) = join(&s, &room, "bob").await;
+    let (alice, info) = s.join(&room, "alice").await;
+    let (mut bob, _) = s.join(&room, "bob").await;
     let ticket = info["reconnectionTicket"].as_str().unwrap().to_string();
     alice.close().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -201,7 +197,7 @@ async fn dev_endpoints_only_for_loopback_names_and_the_dev_room() {
 async fn full_room_does_not_spend_the_token() {
     let (_dir, s) = common::start_with_config("");
     let room = new_room(&s, json!({"participantLimit": 1})).await;
-    let (mut alice, _) = join(&s, &room, "alice").await;
+    let (mut alice, _) = s.join(&room, "alice").await;
     let bob_token = s.token(&room, "bob", "presenter").await;
     let mut bob = Signaling::connect(&s.portal).await.unwrap();
     assert_eq!(refused(&mut bob, "login", login_args(&bob_token)).await, "Room is full");
@@ -243,7 +239,7 @@ async fn unauthenticated_sessions_are_capped_per_address_and_in_total() {
     }
     // A fifth from the same address logs in, which frees its place.
     let room = new_room(&s, json!({})).await;
-    let (_alice, _) = join(&s, &room, "alice").await;
+    let (_alice, _) = s.join(&room, "alice").await;
     assert_eq!(handshake(a.clone()).await.0, 200);
     let (status, body) = handshake(a.clone()).await;
     assert_eq!(status, 403, "{body}");

@@ -15,20 +15,8 @@ use rand::Rng;
 use rtc::rtcp::raw_packet::RawPacket;
 use rtc::rtp;
 use serde_json::{Value, json};
-use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber};
+use tessera_client::peer::{Marker, Publisher, Subscriber};
 use tessera_client::signaling::Signaling;
-
-async fn room(s: &common::Server) -> String {
-    s.new_room(json!({})).await
-}
-
-async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
-    s.join(room, user).await
-}
-
-fn av(tag: u32) -> PublishOptions {
-    PublishOptions { audio: true, video: true, data: false, tag, h264: false }
-}
 
 async fn get(s: &common::Server, path: &str) -> (u16, Value) {
     let res = s.client().get(s.url(path)).bearer_auth(common::KEY).timeout(Duration::from_secs(5)).send().await.unwrap();
@@ -65,16 +53,16 @@ async fn publisher_survives_100_signaling_drops() {
     const ROUNDS: usize = 100;
     const ROUND: Duration = Duration::from_millis(200);
     let (_dir, s) = common::start_with_config(DROPS_CONFIG);
-    let room = room(&s).await;
-    let (mut psig, pinfo) = join(&s, &room, "pub").await;
+    let room = s.new_room(json!({})).await;
+    let (mut psig, pinfo) = s.join(&room, "pub").await;
     let pid = pinfo["id"].as_str().unwrap().to_string();
     let mut ticket = pinfo["reconnectionTicket"].as_str().unwrap().to_string();
-    let publisher = Arc::new(Publisher::start(&mut psig, av(1), None).await.unwrap());
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(1), None).await.unwrap());
     publisher.keep_sent.store(false, Ordering::Relaxed);
     let p = publisher.clone();
     let sender = tokio::spawn(async move { p.send_for(Duration::from_secs(60), FPS, 800).await });
 
-    let (mut ssig, _) = join(&s, &room, "sub").await;
+    let (mut ssig, _) = s.join(&room, "sub").await;
     let sub = Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
     sub.wait_until("media", Duration::from_secs(3), |r| r.len() > 20).await.unwrap();
 
@@ -422,23 +410,23 @@ const CHAOS_CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nb
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_from_one_publisher_harms_nobody_else() {
     let (_dir, mut s) = common::start_with_config(CHAOS_CONFIG);
-    let room = room(&s).await;
-    let (mut gsig, _) = join(&s, &room, "good").await;
-    let good = Arc::new(Publisher::start(&mut gsig, av(1), None).await.unwrap());
+    let room = s.new_room(json!({})).await;
+    let (mut gsig, _) = s.join(&room, "good").await;
+    let good = Arc::new(Publisher::start(&mut gsig, common::av(1), None).await.unwrap());
     good.keep_sent.store(false, Ordering::Relaxed);
     let g = good.clone();
     let good_sender = tokio::spawn(async move { g.send_for(Duration::from_secs(60), FPS, 800).await });
 
-    let (mut vsig, _) = join(&s, &room, "viewer").await;
+    let (mut vsig, _) = s.join(&room, "viewer").await;
     let viewer = Subscriber::start(&mut vsig, &good.stream_id, true, true, false).await.unwrap();
 
-    let (mut bsig, _) = join(&s, &room, "bad").await;
-    let bad = Arc::new(Publisher::start(&mut bsig, av(2), None).await.unwrap());
+    let (mut bsig, _) = s.join(&room, "bad").await;
+    let bad = Arc::new(Publisher::start(&mut bsig, common::av(2), None).await.unwrap());
     bad.keep_sent.store(false, Ordering::Relaxed);
     let b = bad.clone();
     let bad_sender = tokio::spawn(async move { b.send_for(Duration::from_secs(60), FPS, 800).await });
     // Someone watches the bad stream too: whatever gets through is forwarded to them.
-    let (mut wsig, _) = join(&s, &room, "bad-viewer").await;
+    let (mut wsig, _) = s.join(&room, "bad-viewer").await;
     let bad_viewer = Subscriber::start(&mut wsig, &bad.stream_id, true, true, false).await.unwrap();
     viewer.wait_until("good media", Duration::from_secs(3), |r| r.len() > 20).await.unwrap();
     bad_viewer.wait_until("bad media", Duration::from_secs(3), |r| r.len() > 20).await.unwrap();
@@ -583,13 +571,13 @@ async fn garbage_from_one_publisher_harms_nobody_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_packet_is_asked_for_a_few_times_and_forwarded_once() {
     let (_dir, s) = common::start_with_config(CHAOS_CONFIG);
-    let room = room(&s).await;
-    let (mut psig, _) = join(&s, &room, "pub").await;
-    let publisher = Arc::new(Publisher::start(&mut psig, av(1), None).await.unwrap());
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(1), None).await.unwrap());
     publisher.keep_sent.store(false, Ordering::Relaxed);
     let p = publisher.clone();
     let sender = tokio::spawn(async move { p.send_for(Duration::from_secs(60), FPS, 800).await });
-    let (mut vsig, _) = join(&s, &room, "viewer").await;
+    let (mut vsig, _) = s.join(&room, "viewer").await;
     let viewer = Subscriber::start(&mut vsig, &publisher.stream_id, false, true, false).await.unwrap();
     viewer.wait_until("media", Duration::from_secs(3), |r| r.len() > 20).await.unwrap();
 

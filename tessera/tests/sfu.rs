@@ -12,18 +12,6 @@ use tessera_client::signaling::Signaling;
 
 const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
 
-async fn room(s: &common::Server) -> String {
-    s.new_room(json!({})).await
-}
-
-async fn join(s: &common::Server, room: &str, user: &str) -> (Signaling, Value) {
-    s.join(room, user).await
-}
-
-fn av(tag: u32) -> PublishOptions {
-    PublishOptions { audio: true, video: true, data: false, tag, h264: false }
-}
-
 async fn stats(s: &common::Server) -> Value {
     s.client().get(s.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap()
 }
@@ -43,9 +31,9 @@ fn assert_payloads_match(p: &Publisher, sub: &Subscriber, kind: &'static str) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_publisher_three_subscribers_mute_unpublish() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
-    let (mut psig, pinfo) = join(&s, &room, "pub").await;
-    let publisher = Arc::new(Publisher::start(&mut psig, av(7), None).await.unwrap());
+    let room = s.new_room(json!({})).await;
+    let (mut psig, pinfo) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(7), None).await.unwrap());
 
     // Everyone (the publisher too) hears of the stream.
     let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
@@ -77,7 +65,7 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
     let mut subs = Vec::new();
     let mut sigs = Vec::new();
     for i in 0..3 {
-        let (mut sig, _) = join(&s, &room, &format!("sub{i}")).await;
+        let (mut sig, _) = s.join(&room, &format!("sub{i}")).await;
         if i == 2 {
             // A late joiner.
             tokio::time::sleep(Duration::from_millis(800)).await;
@@ -136,7 +124,7 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
+    let room = s.new_room(json!({})).await;
     // Ten publishers publish at the same moment.
     let mut starts = Vec::new();
     for i in 0..10u32 {
@@ -161,7 +149,7 @@ async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for viewer in 0..2 {
-        let (mut sig, _) = join(&s, &room, &format!("viewer{viewer}")).await;
+        let (mut sig, _) = s.join(&room, &format!("viewer{viewer}")).await;
         let started = Instant::now();
         let mut subs = Vec::new();
         for (_, p) in &pubs {
@@ -198,10 +186,10 @@ async fn ten_publishers_at_once_every_subscriber_gets_keyframes_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn data_channel_messages_arrive_intact_and_in_order() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
-    let (mut psig, _) = join(&s, &room, "pub").await;
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
     let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1, h264: false }, None).await.unwrap();
-    let (mut ssig, _) = join(&s, &room, "sub").await;
+    let (mut ssig, _) = s.join(&room, "sub").await;
     let sub = Subscriber::start(&mut ssig, &p.stream_id, false, false, true).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let dc = p.data.as_ref().unwrap();
@@ -233,19 +221,19 @@ async fn data_channel_messages_arrive_intact_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_vanished_peer_leaves_the_others_working_and_is_freed() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
+    let room = s.new_room(json!({})).await;
     let baseline_fds = fd_count(s.child.id());
-    let (mut good_sig, _) = join(&s, &room, "good").await;
-    let good = Arc::new(Publisher::start(&mut good_sig, av(1), None).await.unwrap());
-    let (mut bad_sig, _) = join(&s, &room, "bad").await;
-    let bad = Arc::new(Publisher::start(&mut bad_sig, av(2), None).await.unwrap());
+    let (mut good_sig, _) = s.join(&room, "good").await;
+    let good = Arc::new(Publisher::start(&mut good_sig, common::av(1), None).await.unwrap());
+    let (mut bad_sig, _) = s.join(&room, "bad").await;
+    let bad = Arc::new(Publisher::start(&mut bad_sig, common::av(2), None).await.unwrap());
     let g = good.clone();
     let good_sender = tokio::spawn(async move { g.send_for(Duration::from_secs(8), 30, 800).await.unwrap() });
     let b = bad.clone();
     let bad_sender = tokio::spawn(async move { b.send_for(Duration::from_secs(8), 30, 800).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let (mut vsig, _) = join(&s, &room, "viewer").await;
+    let (mut vsig, _) = s.join(&room, "viewer").await;
     let from_good = Subscriber::start(&mut vsig, &good.stream_id, true, true, false).await.unwrap();
     let from_bad = Subscriber::start(&mut vsig, &bad.stream_id, true, true, false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -304,8 +292,8 @@ fn fd_count(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_signaling_is_refused_precisely() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
-    let (mut sig, _) = join(&s, &room, "x").await;
+    let room = s.new_room(json!({})).await;
+    let (mut sig, _) = s.join(&room, "x").await;
     // Garbage SDP on a transport that exists.
     let ack = sig.ok("publish", Some(json!({"media": {"tracks": [{"type": "video", "mid": "0", "source": "camera"}]}}))).await.unwrap();
     let transport = ack["transportId"].as_str().unwrap().to_string();
@@ -324,8 +312,8 @@ async fn bad_signaling_is_refused_precisely() {
     let r = sig.request("soac", Some(json!({"id": transport, "signaling": {"type": "answer", "sdp": "v=0"}}))).await.unwrap();
     assert_eq!(r[0], "error");
     // The room still works: a real publication goes through.
-    let (mut sig2, _) = join(&s, &room, "y").await;
-    let p = Publisher::start(&mut sig2, av(3), None).await.unwrap();
+    let (mut sig2, _) = s.join(&room, "y").await;
+    let p = Publisher::start(&mut sig2, common::av(3), None).await.unwrap();
     assert!(!p.stream_id.is_empty());
 
     // An operator stops it over REST: everyone is told, the publisher included.
@@ -346,12 +334,12 @@ async fn bad_signaling_is_refused_precisely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_transport_carries_publication_and_subscriptions() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
-    let (mut asig, _) = join(&s, &room, "alice").await;
-    let (mut bsig, _) = join(&s, &room, "bob").await;
-    let (mut csig, _) = join(&s, &room, "carol").await;
-    let mut alice = Publisher::start(&mut asig, av(1), None).await.unwrap();
-    let mut bob = Publisher::start(&mut bsig, av(2), None).await.unwrap();
+    let room = s.new_room(json!({})).await;
+    let (mut asig, _) = s.join(&room, "alice").await;
+    let (mut bsig, _) = s.join(&room, "bob").await;
+    let (mut csig, _) = s.join(&room, "carol").await;
+    let mut alice = Publisher::start(&mut asig, common::av(1), None).await.unwrap();
+    let mut bob = Publisher::start(&mut bsig, common::av(2), None).await.unwrap();
     let carol = Publisher::start(&mut csig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: false }, None).await.unwrap();
     let alice_transport = alice.conn.transport.clone().unwrap();
     assert_eq!(alice_transport, alice.stream_id, "the first session's id names the transport");
@@ -398,12 +386,12 @@ async fn one_transport_carries_publication_and_subscriptions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h264_is_forwarded_with_the_subscribers_payload_type() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = room(&s).await;
-    let (mut psig, _) = join(&s, &room, "pub").await;
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
     let p = Arc::new(Publisher::start(&mut psig, PublishOptions { audio: false, video: true, data: false, tag: 9, h264: true }, None).await.unwrap());
     let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
     assert_eq!(add.data["data"]["media"]["tracks"][0]["format"], json!({"codec": "h264", "profile": "CB"}));
-    let (mut ssig, _) = join(&s, &room, "sub").await;
+    let (mut ssig, _) = s.join(&room, "sub").await;
     let sub = Subscriber::start(&mut ssig, &p.stream_id, false, true, false).await.unwrap();
     let pp = p.clone();
     tokio::spawn(async move { pp.send_for(Duration::from_secs(2), 30, 500).await.unwrap() }).await.unwrap();

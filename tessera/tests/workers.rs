@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber, is_vp8_keyframe};
+use tessera_client::peer::{Marker, Publisher, Subscriber, is_vp8_keyframe};
 
 const SUBSCRIBERS: usize = 40;
 
@@ -51,8 +51,7 @@ async fn forty_subscribers_on_two_workers_use_two_ports_and_get_every_packet() {
     let (_dir, s) = common::start_with_config(&config(base));
     let room = s.new_room(json!({})).await;
     let (mut psig, _) = s.join(&room, "pub").await;
-    let opts = PublishOptions { audio: true, video: true, data: false, tag: 1, h264: false };
-    let publisher = Arc::new(Publisher::start(&mut psig, opts, None).await.unwrap());
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(1), None).await.unwrap());
     psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
 
     let sender = {
@@ -146,8 +145,7 @@ async fn a_forged_check_cannot_redirect_a_publisher() {
     let (_dir, s) = common::start_with_config(&cfg);
     let room = s.new_room(json!({})).await;
     let (mut psig, _) = s.join(&room, "pub").await;
-    let opts = PublishOptions { audio: true, video: true, data: false, tag: 2, h264: false };
-    let publisher = Arc::new(Publisher::start(&mut psig, opts, None).await.unwrap());
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(2), None).await.unwrap());
     let sender = {
         let p = publisher.clone();
         tokio::spawn(async move { p.send_for(Duration::from_secs(60), 30, 800).await })

@@ -4,42 +4,14 @@
 // TESSERA_KEY, and runs the server with ping_interval_ms = 1000, ping_timeout_ms = 2000.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import crypto from 'node:crypto';
 import { createRequire } from 'node:module';
 import ioV2 from 'socket.io-client-v2';
 import { io as ioV4 } from 'socket.io-client';
+import { PORTAL, newRoom, token, request, waitFor, waitDisconnect } from './helpers.mjs';
 
 const require = createRequire(import.meta.url);
-const PORTAL = process.env.TESSERA_PORTAL;
-const API = process.env.TESSERA_API;
-const KEY = process.env.TESSERA_KEY;
 const PING_INTERVAL_MS = 1000;
 const PING_TIMEOUT_MS = 2000;
-assert.ok(PORTAL && API && KEY, 'TESSERA_PORTAL, TESSERA_API and TESSERA_KEY must be set');
-
-async function rest(method, path, body) {
-  const res = await fetch(API + path, {
-    method,
-    headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  let data;
-  try { data = JSON.parse(text); } catch { data = text; }
-  return { status: res.status, data };
-}
-
-async function newRoom() {
-  const r = await rest('POST', '/v1/rooms', { name: 'room-' + crypto.randomUUID(), options: {} });
-  assert.equal(r.status, 200, JSON.stringify(r.data));
-  return r.data.id;
-}
-
-async function token(room, user, role = 'presenter') {
-  const r = await rest('POST', `/v1/rooms/${room}/tokens`, { user, role });
-  assert.equal(r.status, 200, JSON.stringify(r.data));
-  return r.data;
-}
 
 /** Connects with socket.io-client 2.x (no automatic reconnection). */
 function connectV2(opts = {}) {
@@ -56,35 +28,6 @@ function connectV4() {
     const s = ioV4(PORTAL, { reconnection: false, forceNew: true });
     s.on('connect', () => resolve(s));
     s.on('connect_error', reject);
-  });
-}
-
-/** Emits a request and resolves with [status, data] from the ack. */
-function request(socket, name, data) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no ack for ${name}`)), 5000);
-    const ack = (status, payload) => { clearTimeout(timer); resolve([status, payload]); };
-    if (data === undefined) socket.emit(name, ack); else socket.emit(name, data, ack);
-  });
-}
-
-function waitFor(cond, what, ms = 5000) {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      const v = cond();
-      if (v) return resolve(v);
-      if (Date.now() - start > ms) return reject(new Error('timed out waiting for ' + what));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
-}
-
-function waitDisconnect(s) {
-  return new Promise((resolve) => {
-    if (!s.connected) return resolve('already');
-    s.on('disconnect', (reason) => resolve(reason));
   });
 }
 

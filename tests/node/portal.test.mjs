@@ -5,38 +5,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { io } from 'socket.io-client';
+import { PORTAL, KEY, sleep, rest, newRoom, token, request, waitFor, waitDisconnect } from './helpers.mjs';
 
-const PORTAL = process.env.TESSERA_PORTAL;
-const API = process.env.TESSERA_API;
-const KEY = process.env.TESSERA_KEY;
 const GRACE_MS = Number(process.env.TESSERA_GRACE_MS || 2000);
-assert.ok(PORTAL && API && KEY, 'TESSERA_PORTAL, TESSERA_API and TESSERA_KEY must be set');
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function rest(method, path, body) {
-  const res = await fetch(API + path, {
-    method,
-    headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  let data;
-  try { data = JSON.parse(text); } catch { data = text; }
-  return { status: res.status, data };
-}
-
-async function newRoom(options = {}) {
-  const r = await rest('POST', '/v1/rooms', { name: 'room-' + crypto.randomUUID(), options });
-  assert.equal(r.status, 200, JSON.stringify(r.data));
-  return r.data.id;
-}
-
-async function token(room, user, role = 'presenter') {
-  const r = await rest('POST', `/v1/rooms/${room}/tokens`, { user, role });
-  assert.equal(r.status, 200, JSON.stringify(r.data));
-  return r.data;
-}
 
 /** Connects a socket (no automatic reconnection: tests drive reconnection themselves). */
 function connect(opts = {}) {
@@ -44,15 +15,6 @@ function connect(opts = {}) {
     const s = io(PORTAL, { reconnection: false, forceNew: true, ...opts });
     s.on('connect', () => resolve(s));
     s.on('connect_error', reject);
-  });
-}
-
-/** Emits a request and resolves with [status, data] from the ack. */
-function request(socket, name, data) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no ack for ${name}`)), 5000);
-    const ack = (status, payload) => { clearTimeout(timer); resolve([status, payload]); };
-    if (data === undefined) socket.emit(name, ack); else socket.emit(name, data, ack);
   });
 }
 
@@ -65,26 +27,6 @@ async function join(room, user, role = 'presenter') {
   const [status, info] = await request(s, 'login', { token: await token(room, user, role), userAgent, protocol: '1.2' });
   assert.equal(status, 'ok', JSON.stringify(info));
   return { s, info, events };
-}
-
-function waitFor(cond, what, ms = 5000) {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      const v = cond();
-      if (v) return resolve(v);
-      if (Date.now() - start > ms) return reject(new Error('timed out waiting for ' + what));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
-}
-
-function waitDisconnect(s) {
-  return new Promise((resolve) => {
-    if (!s.connected) return resolve('already');
-    s.on('disconnect', (reason) => resolve(reason));
-  });
 }
 
 test('login returns identity, permissions, room snapshot and a ticket', async () => {

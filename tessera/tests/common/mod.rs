@@ -10,6 +10,11 @@ use std::time::Duration;
 
 pub const KEY: &str = "test-service-key-0123456789";
 
+/// Publishing camera and microphone with this marker tag.
+pub fn av(tag: u32) -> tessera_client::peer::PublishOptions {
+    tessera_client::peer::PublishOptions { audio: true, video: true, data: false, tag, h264: false }
+}
+
 pub struct Server {
     pub child: Child,
     pub api: String,
