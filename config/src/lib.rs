@@ -175,6 +175,9 @@ pub struct WebRtc {
     pub engine: WebRtcEngine,
     /// Worker threads of the `workers` engine; 0: one per CPU the process may use.
     pub workers: usize,
+    /// The `workers` engine also accepts ICE over TCP (RFC 6544, passive) on each worker's
+    /// port number, for clients whose network blocks UDP.
+    pub ice_tcp: bool,
 }
 
 /// The SFU's forwarding engine.
@@ -209,6 +212,7 @@ impl Default for WebRtc {
             ice_servers: Vec::new(),
             engine: WebRtcEngine::PerConnection,
             workers: 0,
+            ice_tcp: true,
         }
     }
 }

@@ -137,7 +137,8 @@ fn forged_check(ufrag: &str) -> Vec<u8> {
 }
 
 /// The ufrag travels in clear in every check: a forged, unsigned check from another
-/// address must not steal the publisher's route (its media would then be dropped).
+/// address must not steal the publisher's route (its media would then be dropped), over
+/// UDP or over an ICE-TCP connection; a TCP frame of a bad length closes that connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_check_cannot_redirect_a_publisher() {
     let base = 48_000 + (std::process::id() % 20) as u16 * 50;
@@ -158,9 +159,15 @@ async fn a_forged_check_cannot_redirect_a_publisher() {
     let (ufrag, port) = ice_of(&answer.sdp);
     let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let check = forged_check(&ufrag);
+    let mut framed = u16::try_from(check.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend_from_slice(&check);
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("the worker accepts ICE-TCP on its port");
     let flood = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
         loop {
             let _ = attacker.send_to(&check, ("127.0.0.1", port)).await;
+            let _ = tcp.write_all(&framed).await;
+            let _ = tcp.write_all(&[0, 4, 0x16, 0xfe, 0xfd, 0]).await; // a DTLS-looking frame on an unbound connection
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -170,6 +177,14 @@ async fn a_forged_check_cannot_redirect_a_publisher() {
     let during = sub.packets("video").len() - before;
     flood.abort();
     sender.abort();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut bad = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        bad.write_all(&[0xff, 0xff]).await.unwrap(); // 65535: more than any WebRTC packet
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), bad.read_to_end(&mut rest)).await;
+        assert!(matches!(closed, Ok(Ok(0))), "a frame of 65535 bytes should close the connection: {closed:?}");
+    }
     // 30 frames/s of one packet each: about 60 in two seconds.
     assert!(during >= 50, "the subscriber got {during} video packets in 2 s while forged checks flew");
 }

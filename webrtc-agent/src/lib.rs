@@ -63,6 +63,8 @@ pub struct AgentSettings {
     pub ice_disconnected_timeout: Duration,
     /// ICE: disconnected for this long marks it failed (and ends its sessions).
     pub ice_failed_timeout: Duration,
+    /// Passive ICE-TCP on each worker's port (the `workers` engine).
+    pub ice_tcp: bool,
 }
 
 impl AgentSettings {
@@ -77,6 +79,7 @@ impl AgentSettings {
             keyframe_interval: Duration::from_millis(300),
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
+            ice_tcp: w.ice_tcp,
         }
     }
 }

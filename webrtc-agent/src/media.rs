@@ -140,6 +140,7 @@ mod tests {
             keyframe_interval: Duration::from_millis(300),
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
+            ice_tcp: false,
         };
         WebrtcAgent::new(settings).0
     }

@@ -4,15 +4,10 @@
 // the loopback-only namespace tessera/tests/browser.rs creates.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
-import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { readFileSync } from 'node:fs';
+import { startServer as start, launchChromium } from './helpers.mjs';
 
-const BIN = process.env.TESSERA_BIN;
-assert.ok(BIN, 'TESSERA_BIN must point at the tessera binary');
 const KEY = 'cross-origin-test-key-0123456789';
 const SIO = readFileSync(new URL('../node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
 
@@ -22,25 +17,9 @@ let appOrigin;
 const servers = [];
 
 async function startServer(config) {
-  const dir = mkdtempSync(join(tmpdir(), 'tessera-cors-'));
-  const cfg = join(dir, 't.toml');
-  writeFileSync(cfg, config);
-  const child = spawn(BIN, ['serve', '--portal-addr', '127.0.0.1:0', '--api-addr', '127.0.0.1:0', '--data-dir', join(dir, 'data'), '--config', cfg], {
-    env: { ...process.env, TESSERA_SERVICE_KEY: KEY, RUST_LOG: process.env.SERVER_LOG || 'warn' },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  servers.push(child);
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error('server did not start')), 30_000);
-    child.stdout.on('data', (d) => {
-      buf += d;
-      const portal = buf.match(/portal listening on (http:\/\/\S+)/);
-      const api = buf.match(/management API listening on (http:\/\/\S+)/);
-      if (portal && api) { clearTimeout(timer); resolve({ portal: portal[1], api: api[1] }); }
-    });
-    child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
-  });
+  const s = await start({ config, key: KEY });
+  servers.push(s.child);
+  return s;
 }
 
 async function token(api) {
@@ -66,10 +45,7 @@ before(async () => {
   });
   await new Promise((r) => app.listen(0, '127.0.0.1', r));
   appOrigin = `http://127.0.0.1:${app.address().port}`;
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

@@ -3,105 +3,26 @@
 // loopback (tessera/tests/browser.rs does that), so media never leaves 127.0.0.1.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { startServer, launchChromium, openPage as openDemoPage, waitVideo } from './helpers.mjs';
 
-const BIN = process.env.TESSERA_BIN;
 const SHOT = process.env.TESSERA_SCREENSHOT || join(process.cwd(), 'demo-screenshot.png');
-assert.ok(BIN, 'TESSERA_BIN must point at the tessera binary');
 
 let server;
-let portal;
 let browser;
 
-async function startServer() {
-  const dir = mkdtempSync(join(tmpdir(), 'tessera-browser-'));
-  const cfg = join(dir, 't.toml');
-  writeFileSync(cfg, '[webrtc]\nbind_ip = "127.0.0.1"\n[portal]\nreconnection_timeout_secs = 5\n');
-  const child = spawn(BIN, ['serve', '--portal-addr', '127.0.0.1:0', '--api-addr', '127.0.0.1:0', '--data-dir', join(dir, 'data'), '--config', cfg], {
-    env: { ...process.env, TESSERA_SERVICE_KEY: 'browser-test-key-0123456789', RUST_LOG: process.env.SERVER_LOG || 'warn' },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const url = await new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error('server did not start')), 30_000);
-    child.stdout.on('data', (d) => {
-      buf += d;
-      const m = buf.match(/portal listening on (http:\/\/\S+)/);
-      if (m) { clearTimeout(timer); resolve(m[1]); }
-    });
-    child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
-  });
-  return { child, url };
-}
-
 before(async () => {
-  ({ child: server, url: portal } = await startServer());
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream', '--no-sandbox', '--disable-gpu',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run',
-      '--autoplay-policy=no-user-gesture-required',
-      // Loopback is the only interface in the test's network namespace; Chromium skips it
-      // when gathering unless told otherwise.
-      '--allow-loopback-in-peer-connection'],
-  });
+  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n[portal]\nreconnection_timeout_secs = 5\n', key: 'browser-test-key-0123456789' });
+  browser = await launchChromium({ media: true });
 });
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.kill('SIGTERM');
+  if (server) server.child.kill('SIGTERM');
 });
 
-async function openPage(user, role = 'presenter') {
-  const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
-  page.on('pageerror', (e) => console.error(`[${user}] page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error' || m.type() === 'warning') console.error(`[${user}] console: ${m.text()}`); });
-  await page.goto(portal);
-  await page.fill('#user', user);
-  await page.selectOption('#role', role);
-  await page.click('#join');
-  await page.waitForFunction(() => /In room/.test(document.getElementById('status').textContent), null, { timeout: 15_000 });
-  return page;
-}
-
-/** Two canvas samples of a video, some time apart: size, mean brightness, whether it changed. */
-async function sampleVideo(page, selector) {
-  return page.evaluate(async (sel) => {
-    const v = document.querySelector(sel);
-    if (!v || !v.videoWidth) return null;
-    const c = document.createElement('canvas');
-    c.width = 160; c.height = 120;
-    const ctx = c.getContext('2d');
-    const grab = () => { ctx.drawImage(v, 0, 0, 160, 120); return ctx.getImageData(0, 0, 160, 120).data; };
-    const a = grab();
-    await new Promise((r) => setTimeout(r, 700));
-    const b = grab();
-    let diff = 0, sum = 0;
-    for (let i = 0; i < a.length; i += 4) { diff += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]); sum += b[i] + b[i + 1] + b[i + 2]; }
-    return { width: v.videoWidth, height: v.videoHeight, changed: diff, mean: sum / (a.length / 4) / 3 };
-  }, selector);
-}
-
-async function waitVideo(page, selector, what) {
-  const deadline = Date.now() + 20_000;
-  let last = null;
-  while (Date.now() < deadline) {
-    last = await sampleVideo(page, selector);
-    if (last && last.width > 0 && last.changed > 1000 && last.mean > 10) return last;
-    await page.waitForTimeout(300);
-  }
-  const state = await page.evaluate(() => ({
-    error: document.getElementById('error').textContent,
-    status: document.getElementById('status').textContent,
-    tiles: document.querySelectorAll('.tile.remote').length,
-    streams: window.tesseraClient ? window.tesseraClient.remoteStreams.map((s) => `${s.type}:${s.id}`) : [],
-  }));
-  assert.fail(`${what}: no moving picture (${JSON.stringify(last)}; page ${JSON.stringify(state)})`);
-}
+const openPage = (user, role) => openDemoPage(browser, server.portal, user, role);
 
 test('two participants see each other, the mix, chat, and survive a network drop', async () => {
   const alice = await openPage('alice');

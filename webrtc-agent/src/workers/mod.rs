@@ -10,6 +10,7 @@
 //! worker threads, without locks.
 
 mod demux;
+mod tcp;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -282,16 +283,25 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         .map_err(|e| failed("peer connection", e))
 }
 
-/// Binds `count` consecutive UDP ports on `ip`: `min..min+count` if free, else the next
-/// free block in the range (another server on the machine, or a test running beside).
-fn bind_block(ip: std::net::IpAddr, min: u16, max: u16, count: usize) -> Result<Vec<std::net::UdpSocket>, AgentError> {
+/// A worker's sockets: UDP, and the ICE-TCP listener on the same port number.
+type Sockets = (std::net::UdpSocket, Option<std::net::TcpListener>);
+
+/// Binds `count` consecutive ports on `ip` (UDP, and TCP too with `tcp`): `min..min+count`
+/// if free, else the next free block in the range (another server on the machine, or a
+/// test running beside).
+fn bind_block(ip: std::net::IpAddr, min: u16, max: u16, count: usize, tcp: bool) -> Result<Vec<Sockets>, AgentError> {
     let mut base = usize::from(min);
     let mut last_err = String::from("the range is smaller than the number of workers");
+    let bind = |addr: SocketAddr| -> std::io::Result<Sockets> {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        let listener = if tcp { Some(std::net::TcpListener::bind(addr)?) } else { None };
+        Ok((udp, listener))
+    };
     while base + count <= usize::from(max) + 1 {
         let mut sockets = Vec::with_capacity(count);
         for i in 0..count {
             let Ok(port) = u16::try_from(base + i) else { break };
-            match std::net::UdpSocket::bind(SocketAddr::new(ip, port)) {
+            match bind(SocketAddr::new(ip, port)) {
                 Ok(s) => sockets.push(s),
                 Err(e) => {
                     last_err = format!("{ip}:{port}: {e}");
@@ -304,7 +314,8 @@ fn bind_block(ip: std::net::IpAddr, min: u16, max: u16, count: usize) -> Result<
         }
         base += count;
     }
-    Err(AgentError::Failed(format!("no {count} free consecutive UDP ports in {min}..={max} ({last_err})")))
+    let what = if tcp { "UDP+TCP" } else { "UDP" };
+    Err(AgentError::Failed(format!("no {count} free consecutive {what} ports in {min}..={max} ({last_err})")))
 }
 
 /// The SFU on worker threads (the `workers` engine).
@@ -360,12 +371,15 @@ impl WorkerAgent {
             certificate,
             crypto: provider,
         });
-        let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count)?;
+        let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count, shared.settings.ice_tcp)?;
         let mut handles = Vec::new();
         let mut addrs = Vec::new();
-        for (index, std_socket) in sockets.into_iter().enumerate() {
+        for (index, (std_socket, std_listener)) in sockets.into_iter().enumerate() {
             let bind = std_socket.local_addr().map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
             std_socket.set_nonblocking(true).map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            if let Some(l) = &std_listener {
+                l.set_nonblocking(true).map_err(|e| AgentError::Failed(format!("worker {index}: {e}")))?;
+            }
             // One socket carries every connection's burst (a frame to hundreds of
             // subscribers at once): ask for large buffers; the kernel caps them at
             // net.core.{w,r}mem_max.
@@ -388,8 +402,15 @@ impl WorkerAgent {
                         }
                     };
                     rt.block_on(async move {
+                        let listener = match std_listener.map(tokio::net::TcpListener::from_std).transpose() {
+                            Ok(l) => l,
+                            Err(e) => {
+                                warn!(worker = index, error = %e, "ICE-TCP listener unusable; this worker serves UDP only");
+                                None
+                            }
+                        };
                         match tokio::net::UdpSocket::from_std(std_socket) {
-                            Ok(socket) => Worker::new(index, sh, socket, advertised, count).run(cmd_rx, data_rx).await,
+                            Ok(socket) => Worker::new(index, sh, socket, listener, advertised, count).run(cmd_rx, data_rx).await,
                             Err(e) => warn!(worker = index, error = %e, "worker socket unusable"),
                         }
                     });
@@ -399,7 +420,7 @@ impl WorkerAgent {
             addrs.push(bind);
         }
         let _ = shared.workers.set(handles);
-        info!(workers = count, addrs = ?addrs, public = ?shared.settings.public_ip, "webrtc-agent ready (workers engine, ICE-lite)");
+        info!(workers = count, addrs = ?addrs, ice_tcp = shared.settings.ice_tcp, public = ?shared.settings.public_ip, "webrtc-agent ready (workers engine, ICE-lite)");
         Ok((Arc::new(WorkerAgent { shared, events: portal_tx, addrs }), portal_rx))
     }
 

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rtc::ice::tcp_type::TcpType;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
@@ -41,11 +42,12 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use rtc::stun::integrity::MessageIntegrity;
 use tessera_core::agent::{AgentError, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
 use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::demux::{self, Kind};
+use super::tcp::{self, TcpEvent};
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
 use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
@@ -235,6 +237,8 @@ struct Peer {
     password: String,
     /// Addresses routed to this connection, oldest first.
     addrs: Vec<SocketAddr>,
+    /// ICE-TCP connections (client addresses) bound to this connection, oldest first.
+    tcp_addrs: Vec<SocketAddr>,
     publications: Vec<PubSession>,
     pending: Vec<PendingSub>,
     legs: HashMap<u32, Leg>,
@@ -263,13 +267,66 @@ struct Peer {
 enum Timer {
     Peer(u32),
     Pli(TrackId),
+    /// An ICE-TCP connection (address, serial) that must be bound by now.
+    TcpUnbound(SocketAddr, u64),
 }
+
+/// Where a worker's packets leave: its UDP socket (with the queue behind a full send
+/// buffer) and its ICE-TCP connections.
+struct Outlet {
+    socket: UdpSocket,
+    /// Datagrams held back while the socket's send buffer is full, oldest first.
+    unsent: std::collections::VecDeque<(BytesMut, SocketAddr)>,
+    /// Datagrams dropped because even that queue was full.
+    send_drops: u64,
+    tcp: tcp::Conns,
+}
+
+impl Outlet {
+    /// Sends one packet `rtc` produced, over the transport it names.
+    fn send(&mut self, out: TaggedBytesMut) {
+        match out.transport.transport_protocol {
+            TransportProtocol::TCP => self.tcp.send(out.transport.peer_addr, &out.message),
+            _ => send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr),
+        }
+    }
+
+    /// Sends what a full socket buffer held back, in order, until it fills again.
+    fn send_unsent(&mut self) {
+        while let Some((data, to)) = self.unsent.front() {
+            match self.socket.try_send_to(data, *to) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => debug!(error = %e, "send error"),
+                Ok(_) => {}
+            }
+            self.unsent.pop_front();
+        }
+    }
+}
+
+/// Accepts on the ICE-TCP listener (not before `resume`), or waits forever when there is none.
+async fn accept(listener: Option<&TcpListener>, resume: Option<Instant>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let Some(l) = listener else { return std::future::pending().await };
+    if let Some(t) = resume {
+        tokio::time::sleep_until(t.into()).await;
+    }
+    l.accept().await
+}
+
+/// After a failed accept (e.g. out of file descriptors, which fails again at once), the
+/// listener rests this long instead of spinning the worker.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The worker's state, owned by its thread.
 pub(crate) struct Worker {
     index: usize,
     shared: Arc<Shared>,
-    socket: UdpSocket,
+    out: Outlet,
+    /// The ICE-TCP listener on the worker's port (`webrtc.ice_tcp`).
+    listener: Option<TcpListener>,
+    /// Set after a failed accept: the listener rests until then.
+    accept_resume: Option<Instant>,
+    tcp_events: mpsc::Receiver<TcpEvent>,
     /// The address in this worker's host candidate (what clients send to).
     local: SocketAddr,
     peers: HashMap<u32, Peer>,
@@ -292,18 +349,25 @@ pub(crate) struct Worker {
     outbox: Vec<Batch>,
     next_peer: u32,
     next_leg: u32,
-    /// Datagrams held back while the socket's send buffer is full, oldest first.
-    unsent: std::collections::VecDeque<(BytesMut, SocketAddr)>,
-    /// Datagrams dropped because even that queue was full.
-    pub send_drops: u64,
 }
 
 impl Worker {
-    pub(crate) fn new(index: usize, shared: Arc<Shared>, socket: UdpSocket, local: SocketAddr, workers: usize) -> Worker {
+    pub(crate) fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        socket: UdpSocket,
+        listener: Option<TcpListener>,
+        local: SocketAddr,
+        workers: usize,
+    ) -> Worker {
+        let (tcp_tx, tcp_events) = mpsc::channel(tcp::EVENT_QUEUE);
         Worker {
             index,
             shared,
-            socket,
+            out: Outlet { socket, unsent: std::collections::VecDeque::new(), send_drops: 0, tcp: tcp::Conns::new(tcp_tx) },
+            listener,
+            accept_resume: None,
+            tcp_events,
             local,
             peers: HashMap::new(),
             by_transport: HashMap::new(),
@@ -320,8 +384,6 @@ impl Worker {
             outbox: (0..workers).map(|_| Vec::new()).collect(),
             next_peer: 0,
             next_leg: 0,
-            unsent: std::collections::VecDeque::new(),
-            send_drops: 0,
         }
     }
 
@@ -349,17 +411,43 @@ impl Worker {
                         }
                     }
                 }
-                readable = self.socket.readable() => {
+                readable = self.out.socket.readable() => {
                     if readable.is_ok() {
                         self.read_socket(&mut buf);
                     }
                 }
                 () = sleep => self.run_timers(),
-                writable = self.socket.writable(), if !self.unsent.is_empty() => {
+                writable = self.out.socket.writable(), if !self.out.unsent.is_empty() => {
                     if writable.is_ok() {
-                        self.send_unsent();
+                        self.out.send_unsent();
                     }
                 }
+                accepted = accept(self.listener.as_ref(), self.accept_resume) => match accepted {
+                    Ok((stream, from)) => {
+                        self.accept_resume = None;
+                        if let Some(serial) = self.out.tcp.accept(stream, from) {
+                            self.timers.push(Reverse((Instant::now() + tcp::UNBOUND_TIMEOUT, Timer::TcpUnbound(from, serial))));
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "ICE-TCP accept failed");
+                        self.accept_resume = Some(Instant::now() + ACCEPT_BACKOFF);
+                    }
+                },
+                event = self.tcp_events.recv() => match event {
+                    Some(TcpEvent::Frame { from, serial, data }) if self.out.tcp.is_current(from, serial) => {
+                        self.receive(data, from, TransportProtocol::TCP);
+                    }
+                    Some(TcpEvent::Frame { .. }) => {}
+                    Some(TcpEvent::Closed { from, serial }) => {
+                        if let Some(id) = self.out.tcp.closed(from, serial)
+                            && let Some(p) = self.peers.get_mut(&id)
+                        {
+                            p.tcp_addrs.retain(|a| *a != from);
+                        }
+                    }
+                    None => {}
+                },
             }
             self.flush();
             if self.stopping {
@@ -370,11 +458,14 @@ impl Worker {
             self.close_peer(id, "server shutdown");
         }
         self.flush();
+        if self.out.send_drops > 0 || self.out.tcp.drops > 0 {
+            info!(worker = self.index, udp = self.out.send_drops, tcp = self.out.tcp.drops, "packets dropped behind full send queues");
+        }
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {
         for _ in 0..READ_BATCH {
-            let (n, from) = match self.socket.try_recv_from(buf) {
+            let (n, from) = match self.out.socket.try_recv_from(buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -383,35 +474,62 @@ impl Worker {
                 }
             };
             let Some(datagram) = buf.get(..n) else { continue };
-            let peer = match demux::classify(datagram) {
-                Kind::BindingRequest { ufrag, mut message } => {
-                    let Some(&id) = self.by_ufrag.get(&ufrag) else { continue };
-                    let Some(p) = self.peers.get(&id) else { continue };
-                    if !p.addrs.contains(&from) {
-                        // Only a check signed with this connection's password may route an
-                        // address to it; an unsigned or forged one goes no further.
-                        if MessageIntegrity::check(&mut message, p.password.as_bytes(), self.shared.crypto()).is_err() {
-                            continue;
-                        }
-                        self.learn(id, from);
+            self.receive(BytesMut::from(datagram), from, TransportProtocol::UDP);
+        }
+    }
+
+    /// Hands one packet (a UDP datagram or an ICE-TCP frame) to its connection.
+    fn receive(&mut self, data: BytesMut, from: SocketAddr, via: TransportProtocol) {
+        let routed = |w: &Self| match via {
+            TransportProtocol::TCP => w.out.tcp.peer_of(from),
+            _ => w.by_addr.get(&from).copied(),
+        };
+        let peer = match demux::classify(&data) {
+            Kind::BindingRequest { ufrag, mut message } => {
+                let Some(&id) = self.by_ufrag.get(&ufrag) else { return };
+                let Some(p) = self.peers.get(&id) else { return };
+                if routed(self) != Some(id) {
+                    // Only a check signed with this connection's password may route an
+                    // address to it; an unsigned or forged one goes no further.
+                    if MessageIntegrity::check(&mut message, p.password.as_bytes(), self.shared.crypto()).is_err() {
+                        return;
                     }
-                    id
+                    match via {
+                        TransportProtocol::TCP => self.learn_tcp(id, from),
+                        _ => self.learn(id, from),
+                    }
                 }
-                Kind::StunOther | Kind::Other => match self.by_addr.get(&from) {
-                    Some(&id) => id,
-                    None => continue,
-                },
-            };
-            let now = Instant::now();
-            let Some(p) = self.peers.get_mut(&peer) else { continue };
-            let msg = TaggedBytesMut {
-                now,
-                transport: TransportContext { local_addr: self.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
-                message: BytesMut::from(datagram),
-            };
-            // `handle_read` reports problems through its own logs; its result carries nothing to act on.
-            let _ = p.pc.handle_read(msg);
-            self.drain_peer(peer, now);
+                id
+            }
+            Kind::StunOther | Kind::Other => match routed(self) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let now = Instant::now();
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let msg = TaggedBytesMut {
+            now,
+            transport: TransportContext { local_addr: self.local, peer_addr: from, ecn: None, transport_protocol: via },
+            message: data,
+        };
+        // `handle_read` reports problems through its own logs; its result carries nothing to act on.
+        let _ = p.pc.handle_read(msg);
+        self.drain_peer(peer, now);
+    }
+
+    /// Binds an ICE-TCP connection to connection `id` (it keeps its last few).
+    fn learn_tcp(&mut self, id: u32, from: SocketAddr) {
+        if let Some(other) = self.out.tcp.bind(from, id)
+            && let Some(o) = self.peers.get_mut(&other)
+        {
+            o.tcp_addrs.retain(|a| *a != from);
+        }
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.tcp_addrs.push(from);
+        if p.tcp_addrs.len() > ADDRS_PER_PEER {
+            let old = p.tcp_addrs.remove(0);
+            self.out.tcp.close(old);
         }
     }
 
@@ -628,6 +746,7 @@ impl Worker {
                         p.mark_dirty(&mut self.dirty);
                     }
                 }
+                Timer::TcpUnbound(from, serial) => self.out.tcp.expire_unbound(from, serial),
                 Timer::Pli(track) => {
                     let Some(t) = self.published.get_mut(&track) else { continue };
                     if t.pli_due != Some(at) {
@@ -644,12 +763,12 @@ impl Worker {
     /// Sends what the dirty connections queued, hands batches to other workers, and
     /// re-arms the connections' timers.
     fn flush(&mut self) {
-        self.send_unsent();
+        self.out.send_unsent();
         while let Some(id) = self.dirty.pop() {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
             while let Some(out) = p.pc.poll_write() {
-                send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr);
+                self.out.send(out);
             }
             if let Some(deadline) = p.pc.poll_timeout()
                 && p.scheduled.is_none_or(|s| deadline < s)
@@ -663,18 +782,6 @@ impl Worker {
                 let batch = std::mem::take(out);
                 self.shared.send_batch(w, batch);
             }
-        }
-    }
-
-    /// Sends what a full socket buffer held back, in order, until it fills again.
-    fn send_unsent(&mut self) {
-        while let Some((data, to)) = self.unsent.front() {
-            match self.socket.try_send_to(data, *to) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => debug!(error = %e, "send error"),
-                Ok(_) => {}
-            }
-            self.unsent.pop_front();
         }
     }
 
@@ -801,6 +908,7 @@ impl Worker {
                 ufrag,
                 password,
                 addrs: Vec::new(),
+                tcp_addrs: Vec::new(),
                 publications: Vec::new(),
                 pending: Vec::new(),
                 legs: HashMap::new(),
@@ -824,6 +932,7 @@ impl Worker {
     fn offer(&mut self, transport: &str, sdp: String, now: Instant) -> Result<(), AgentError> {
         let id = *self.by_transport.get(transport).ok_or_else(|| AgentError::NoTransport(transport.into()))?;
         let local = self.local;
+        let tcp = self.listener.is_some();
         let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
         let order = crate::transport::mid_order(&sdp);
         let pending = std::mem::take(&mut p.pending);
@@ -871,21 +980,26 @@ impl Worker {
         p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.has_remote = true;
         if !p.candidate_added {
-            // The one candidate: the worker's socket (its public address behind 1:1 NAT).
-            let candidate = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: local.ip().to_string(),
-                    port: local.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
+            // The worker's socket (its public address behind 1:1 NAT), and its ICE-TCP
+            // port of the same number (lower priority: clients take it when UDP fails).
+            let networks: &[(&str, TcpType)] =
+                if tcp { &[("udp", TcpType::Unspecified), ("tcp", TcpType::Passive)] } else { &[("udp", TcpType::Unspecified)] };
+            for &(network, tcp_type) in networks {
+                let candidate = CandidateHostConfig {
+                    base_config: CandidateConfig {
+                        network: network.to_owned(),
+                        address: local.ip().to_string(),
+                        port: local.port(),
+                        component: 1,
+                        ..Default::default()
+                    },
+                    tcp_type,
+                }
+                .new_candidate_host()
+                .and_then(|c| RTCIceCandidate::from(&c).to_json())
+                .map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
+                p.pc.add_local_candidate(candidate).map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
             }
-            .new_candidate_host()
-            .and_then(|c| RTCIceCandidate::from(&c).to_json())
-            .map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
-            p.pc.add_local_candidate(candidate).map_err(|e| AgentError::Failed(format!("host candidate: {e}")))?;
             p.candidate_added = true;
         }
         let answer = p.pc.create_answer(None).map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
@@ -1207,7 +1321,10 @@ impl Worker {
         let Some(mut p) = self.peers.remove(&id) else { return };
         let _ = p.pc.close();
         while let Some(out) = p.pc.poll_write() {
-            send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr);
+            self.out.send(out);
+        }
+        for a in &p.tcp_addrs {
+            self.out.tcp.close(*a);
         }
         self.by_transport.remove(&p.transport);
         self.by_ufrag.remove(&p.ufrag);
