@@ -164,14 +164,15 @@ pub struct WebRtc {
     pub udp_port_min: u16,
     /// Highest UDP port for media.
     pub udp_port_max: u16,
-    /// Address media is bound to; empty means every non-loopback address, or 127.0.0.1 when loopback is all there is.
+    /// Address media is bound to; empty: 127.0.0.1 when loopback is all there is, else the default route's address
+    /// (`workers` engine) or every non-loopback address (`per-connection`).
     pub bind_ip: String,
     /// Public IP announced in candidates (behind 1:1 NAT); empty announces the bound addresses.
     pub public_ip: String,
     /// STUN/TURN servers handed to clients in the login result.
     pub ice_servers: Vec<IceServer>,
-    /// The forwarding engine: one socket per connection (`per-connection`), or worker
-    /// threads with one socket each on ports `udp_port_min + i` (`workers`, ICE-lite).
+    /// The forwarding engine: worker threads with one socket each on ports `udp_port_min + i`
+    /// (`workers`, ICE-lite, the default), or one socket per connection (`per-connection`).
     pub engine: WebRtcEngine,
     /// Worker threads of the `workers` engine; 0: one per CPU the process may use.
     pub workers: usize,
@@ -185,9 +186,9 @@ pub struct WebRtc {
 #[serde(rename_all = "kebab-case")]
 pub enum WebRtcEngine {
     /// webrtc-rs's async layer: a task and a UDP port per connection.
-    #[default]
     PerConnection,
     /// webrtc-rs's sans-I/O core on worker threads, one UDP port per worker.
+    #[default]
     Workers,
 }
 
@@ -210,7 +211,7 @@ impl Default for WebRtc {
             bind_ip: String::new(),
             public_ip: String::new(),
             ice_servers: Vec::new(),
-            engine: WebRtcEngine::PerConnection,
+            engine: WebRtcEngine::Workers,
             workers: 0,
             ice_tcp: true,
         }

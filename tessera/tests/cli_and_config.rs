@@ -163,3 +163,32 @@ fn drain_subcommand_stops_an_idle_server_cleanly() {
     assert!(printed.iter().any(|l| l.starts_with("tessera: draining for up to 30 s (0 participants)")), "{printed:?}");
     assert!(printed.iter().any(|l| l == "tessera: stopped"), "{printed:?}");
 }
+
+/// With several addresses and no `webrtc.bind_ip`, the workers engine (the default) binds
+/// the default route's, not whichever sorts first: checked in a network namespace with two
+/// veth ends (no packet is sent; binding is all that happens) and the default route on the
+/// second address.
+#[test]
+fn workers_engine_binds_the_default_routes_address() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let script = format!(
+        "ip link set lo up && ip link add v0 type veth peer name v1 \
+         && ip addr add 10.8.8.8/24 dev v0 && ip addr add 10.9.9.9/24 dev v1 \
+         && ip link set v0 up && ip link set v1 up && ip route add default dev v1 \
+         && exec timeout 3 {} serve --portal-addr 127.0.0.1:0 --api-addr 127.0.0.1:0 --data-dir {}",
+        bin(),
+        data.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .env("TESSERA_SERVICE_KEY", KEY)
+        .env("NO_COLOR", "1")
+        .env_remove("TESSERA_WEBRTC_ENGINE")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let ready = log.lines().find(|l| l.contains("webrtc-agent ready")).unwrap_or_else(|| panic!("no ready line:\n{log}"));
+    assert!(ready.contains("10.9.9.9:40000") && !ready.contains("10.8.8.8"), "{ready}");
+    assert!(log.contains("webrtc.bind_ip is not set"), "the log says why: {log}");
+}

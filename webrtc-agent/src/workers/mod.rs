@@ -335,15 +335,15 @@ impl WorkerAgent {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
+        // One socket per worker on one address. Several (no `bind_ip` configured, several
+        // interfaces): the default route's, which is where clients on the internet come from.
         let ip = match settings.bind_ips.as_slice() {
             [ip] => *ip,
             [] => return Err(AgentError::Failed("no address to bind media to".into())),
             several => {
-                // One socket per worker on one address: which of several to announce is
-                // the operator's call (the per-connection engine gathers on all of them).
-                return Err(AgentError::Failed(format!(
-                    "webrtc.engine = \"workers\" binds one address, and this machine has several ({several:?}): set webrtc.bind_ip"
-                )));
+                let ip = crate::net::primary_ip(several).ok_or_else(|| AgentError::Failed("no address to bind media to".into()))?;
+                info!(%ip, of = ?several, "webrtc.bind_ip is not set: media binds the default route's address (set webrtc.bind_ip to choose)");
+                ip
             }
         };
         let provider = rtc::crypto::default_provider().map_err(|e| AgentError::Failed(format!("crypto provider: {e}")))?;
