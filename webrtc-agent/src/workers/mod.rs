@@ -11,6 +11,7 @@
 
 mod demux;
 mod tcp;
+mod udp;
 mod worker;
 
 use std::collections::{HashMap, HashSet};

@@ -48,14 +48,13 @@ use tracing::{debug, info, warn};
 
 use super::demux::{self, Kind};
 use super::tcp::{self, TcpEvent};
+use super::udp;
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
 use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
 
-/// Datagrams read from the socket before the loop drains outputs and timers.
-const READ_BATCH: usize = 64;
-/// Largest datagram we accept (above any MTU WebRTC uses).
-const MAX_DATAGRAM: usize = 2048;
+/// `recvmmsg` calls per loop round before the loop drains outputs and timers.
+const READ_ROUNDS: usize = 2;
 /// Addresses a connection may be reached from at once (its candidate pairs).
 const ADDRS_PER_PEER: usize = 4;
 /// A subscriber leg forwards at most one keyframe request per this interval (the
@@ -271,35 +270,49 @@ enum Timer {
     TcpUnbound(SocketAddr, u64),
 }
 
-/// Where a worker's packets leave: its UDP socket (with the queue behind a full send
-/// buffer) and its ICE-TCP connections.
+/// Where a worker's packets leave: its UDP socket, through a queue sent in `sendmmsg`
+/// batches (which also holds datagrams back while the send buffer is full), and its
+/// ICE-TCP connections.
 struct Outlet {
     socket: UdpSocket,
-    /// Datagrams held back while the socket's send buffer is full, oldest first.
-    unsent: std::collections::VecDeque<(BytesMut, SocketAddr)>,
-    /// Datagrams dropped because even that queue was full.
+    /// Datagrams not yet sent, oldest first.
+    queue: std::collections::VecDeque<(BytesMut, SocketAddr)>,
+    /// Datagrams dropped because the queue was full.
     send_drops: u64,
     tcp: tcp::Conns,
 }
 
 impl Outlet {
-    /// Sends one packet `rtc` produced, over the transport it names.
+    /// Sends one packet `rtc` produced, over the transport it names (UDP: queued, and sent
+    /// once a batch is full or at the end of the loop round).
     fn send(&mut self, out: TaggedBytesMut) {
-        match out.transport.transport_protocol {
-            TransportProtocol::TCP => self.tcp.send(out.transport.peer_addr, &out.message),
-            _ => send_or_queue(&self.socket, &mut self.unsent, &mut self.send_drops, out.message, out.transport.peer_addr),
+        if out.transport.transport_protocol == TransportProtocol::TCP {
+            self.tcp.send(out.transport.peer_addr, &out.message);
+            return;
+        }
+        if self.queue.len() >= MAX_QUEUED {
+            self.queue.pop_front();
+            self.send_drops += 1;
+        }
+        self.queue.push_back((out.message, out.transport.peer_addr));
+        if self.queue.len() >= udp::BATCH {
+            self.send_queued();
         }
     }
 
-    /// Sends what a full socket buffer held back, in order, until it fills again.
-    fn send_unsent(&mut self) {
-        while let Some((data, to)) = self.unsent.front() {
-            match self.socket.try_send_to(data, *to) {
+    /// Sends the queue in order, in batches, until it is empty or the send buffer is full.
+    fn send_queued(&mut self) {
+        while !self.queue.is_empty() {
+            match udp::send_batch(&self.socket, self.queue.make_contiguous()) {
+                Ok(n) if n > 0 => drop(self.queue.drain(..n.min(self.queue.len()))),
+                Ok(_) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => debug!(error = %e, "send error"),
-                Ok(_) => {}
+                Err(e) => {
+                    // The first datagram cannot be sent (e.g. an address the socket cannot reach): skip it.
+                    debug!(error = %e, "send error");
+                    self.queue.pop_front();
+                }
             }
-            self.unsent.pop_front();
         }
     }
 }
@@ -364,7 +377,7 @@ impl Worker {
         Worker {
             index,
             shared,
-            out: Outlet { socket, unsent: std::collections::VecDeque::new(), send_drops: 0, tcp: tcp::Conns::new(tcp_tx) },
+            out: Outlet { socket, queue: std::collections::VecDeque::new(), send_drops: 0, tcp: tcp::Conns::new(tcp_tx) },
             listener,
             accept_resume: None,
             tcp_events,
@@ -389,7 +402,7 @@ impl Worker {
 
     /// Runs the loop until the control plane goes away.
     pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut inbox: mpsc::Receiver<Batch>) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut batch = udp::RecvBatch::new();
         loop {
             let next = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep = async {
@@ -413,13 +426,13 @@ impl Worker {
                 }
                 readable = self.out.socket.readable() => {
                     if readable.is_ok() {
-                        self.read_socket(&mut buf);
+                        self.read_socket(&mut batch);
                     }
                 }
                 () = sleep => self.run_timers(),
-                writable = self.out.socket.writable(), if !self.out.unsent.is_empty() => {
+                writable = self.out.socket.writable(), if !self.out.queue.is_empty() => {
                     if writable.is_ok() {
-                        self.out.send_unsent();
+                        self.out.send_queued();
                     }
                 }
                 accepted = accept(self.listener.as_ref(), self.accept_resume) => match accepted {
@@ -463,18 +476,24 @@ impl Worker {
         }
     }
 
-    fn read_socket(&mut self, buf: &mut [u8]) {
-        for _ in 0..READ_BATCH {
-            let (n, from) = match self.out.socket.try_recv_from(buf) {
-                Ok(r) => r,
+    fn read_socket(&mut self, batch: &mut udp::RecvBatch) {
+        for _ in 0..READ_ROUNDS {
+            let n = match batch.recv(&self.out.socket) {
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!(error = %e, "receive error");
                     return;
                 }
             };
-            let Some(datagram) = buf.get(..n) else { continue };
-            self.receive(BytesMut::from(datagram), from, TransportProtocol::UDP);
+            for i in 0..n {
+                if let Some((data, from)) = batch.get(i) {
+                    self.receive(data, from, TransportProtocol::UDP);
+                }
+            }
+            if n < udp::BATCH {
+                return;
+            }
         }
     }
 
@@ -763,7 +782,6 @@ impl Worker {
     /// Sends what the dirty connections queued, hands batches to other workers, and
     /// re-arms the connections' timers.
     fn flush(&mut self) {
-        self.out.send_unsent();
         while let Some(id) = self.dirty.pop() {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
@@ -777,6 +795,7 @@ impl Worker {
                 self.timers.push(Reverse((deadline, Timer::Peer(id))));
             }
         }
+        self.out.send_queued();
         for (w, out) in self.outbox.iter_mut().enumerate() {
             if !out.is_empty() {
                 let batch = std::mem::take(out);
@@ -1359,36 +1378,10 @@ impl Peer {
     }
 }
 
-/// Datagrams held back for a full socket buffer before the oldest are dropped (a burst
-/// to hundreds of subscribers can outrun the kernel buffer; a stalled socket must not
-/// grow memory without bound).
-const MAX_UNSENT: usize = 16_384;
-
-/// Sends a datagram, or queues it behind earlier held-back ones (order is kept: a
-/// packet never overtakes one queued before it).
-fn send_or_queue(
-    socket: &UdpSocket,
-    unsent: &mut std::collections::VecDeque<(BytesMut, SocketAddr)>,
-    drops: &mut u64,
-    data: BytesMut,
-    to: SocketAddr,
-) {
-    if unsent.is_empty() {
-        match socket.try_send_to(&data, to) {
-            Ok(_) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                debug!(error = %e, "send error");
-                return;
-            }
-        }
-    }
-    if unsent.len() >= MAX_UNSENT {
-        unsent.pop_front();
-        *drops += 1;
-    }
-    unsent.push_back((data, to));
-}
+/// Datagrams queued for the socket before the oldest are dropped (a burst to hundreds of
+/// subscribers can outrun the kernel buffer; a stalled socket must not grow memory
+/// without bound).
+const MAX_QUEUED: usize = 16_384;
 
 /// Writes a packet to each subscriber leg (rewritten for its connection).
 fn deliver(peers: &mut HashMap<u32, Peer>, dirty: &mut Vec<u32>, legs: &[(u32, u32)], packet: &rtp::Packet, now: Instant) {
