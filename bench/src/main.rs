@@ -73,9 +73,6 @@ struct Args {
     /// Largest loss (percent) on the soak's core meeting that still passes.
     #[arg(long, default_value_t = 0.0)]
     max_loss_pct: f64,
-    /// Tessera's forwarding engine: per-connection or workers (default: the server's default).
-    #[arg(long)]
-    engine: Option<String>,
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
@@ -332,19 +329,7 @@ async fn main() -> anyhow::Result<()> {
     if kinds.contains(&Kind::Janus) && !args.janus_bin.exists() {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
     }
-    if let Some(e) = &args.engine
-        && !["per-connection", "workers"].contains(&e.as_str())
-    {
-        bail!("--engine {e:?}: expected per-connection or workers");
-    }
-    let launch = Launch {
-        tessera_bin,
-        janus_bin: args.janus_bin.clone(),
-        pin_cpu,
-        server_ip: server_ip.into(),
-        client_ip: client_ip.into(),
-        engine: args.engine.clone(),
-    };
+    let launch = Launch { tessera_bin, janus_bin: args.janus_bin.clone(), pin_cpu, server_ip: server_ip.into(), client_ip: client_ip.into() };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();
     for name in names {

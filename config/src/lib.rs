@@ -164,15 +164,14 @@ pub struct WebRtc {
     pub udp_port_min: u16,
     /// Highest UDP port for media.
     pub udp_port_max: u16,
-    /// Address media is bound to; empty: 127.0.0.1 when loopback is all there is, else the default route's address
-    /// (`workers` engine) or every non-loopback address (`per-connection`).
+    /// Address media is bound to; empty: 127.0.0.1 when loopback is all there is, else the default route's address.
     pub bind_ip: String,
     /// Public IP announced in candidates (behind 1:1 NAT); empty announces the bound addresses.
     pub public_ip: String,
     /// STUN/TURN servers handed to clients in the login result.
     pub ice_servers: Vec<IceServer>,
-    /// The forwarding engine: worker threads with one socket each on ports `udp_port_min + i`
-    /// (`workers`, ICE-lite, the default), or one socket per connection (`per-connection`).
+    /// The forwarding engine: `workers` (worker threads with one socket each on ports
+    /// `udp_port_min + i`, ICE-lite), the only one since `per-connection` was removed.
     pub engine: WebRtcEngine,
     /// Worker threads of the `workers` engine; 0: one per CPU the process may use.
     pub workers: usize,
@@ -185,8 +184,6 @@ pub struct WebRtc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WebRtcEngine {
-    /// webrtc-rs's async layer: a task and a UDP port per connection.
-    PerConnection,
     /// webrtc-rs's sans-I/O core on worker threads, one UDP port per worker.
     #[default]
     Workers,
@@ -196,9 +193,9 @@ impl std::str::FromStr for WebRtcEngine {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "per-connection" => Ok(WebRtcEngine::PerConnection),
             "workers" => Ok(WebRtcEngine::Workers),
-            other => Err(format!("`{other}` is not per-connection or workers")),
+            "per-connection" => Err("the per-connection engine was removed; `workers` is the engine".into()),
+            other => Err(format!("`{other}` is not an engine (`workers`)")),
         }
     }
 }
@@ -399,7 +396,7 @@ impl Config {
         if w.workers > 256 {
             return Err(err("webrtc.workers", format!("{} is more than 256 threads", w.workers)));
         }
-        if w.engine == WebRtcEngine::Workers && w.workers > usize::from(w.udp_port_max - w.udp_port_min) + 1 {
+        if w.workers > usize::from(w.udp_port_max - w.udp_port_min) + 1 {
             return Err(err("webrtc.workers", format!("{} workers need {} ports; udp_port_min..udp_port_max has fewer", w.workers, w.workers)));
         }
         for (key, ip) in [("webrtc.bind_ip", &w.bind_ip), ("webrtc.public_ip", &w.public_ip)] {

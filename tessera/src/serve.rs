@@ -27,9 +27,6 @@ pub struct ServeArgs {
     /// Data folder, overrides server.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Forwarding engine (`per-connection` or `workers`), overrides webrtc.engine.
-    #[arg(long, env = "TESSERA_WEBRTC_ENGINE")]
-    webrtc_engine: Option<tessera_config::WebRtcEngine>,
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -42,9 +39,6 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = &args.data_dir {
         config.server.data_dir = d.clone();
-    }
-    if let Some(e) = args.webrtc_engine {
-        config.webrtc.engine = e;
     }
     config.apply_env();
     // Flags and the environment may have brought new values: check again. Errors then
@@ -196,22 +190,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
     let tokens = TokenAuthority::new(key.as_bytes());
-    // The SFU (either engine) is the media node for sessions and, through the media seam,
-    // the source of streams for the mixer and recorder; the mixer's stream updates go to
-    // the portal with the SFU's events.
+    // The SFU is the media node for sessions and, through the media seam, the source of
+    // streams for the mixer and recorder; the mixer's stream updates go to the portal with
+    // the SFU's events.
     let settings = tessera_webrtc_agent::AgentSettings::from_config(&config);
-    type Sfu = (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>);
-    let ((agent, streams), event_tx, agent_events): (Sfu, _, _) = match config.webrtc.engine {
-        tessera_config::WebRtcEngine::PerConnection => {
-            let (sfu, events) = tessera_webrtc_agent::WebrtcAgent::new(settings);
-            ((sfu.clone(), sfu.clone()), sfu.event_sender(), events)
-        }
-        tessera_config::WebRtcEngine::Workers => {
-            let (sfu, events) = tessera_webrtc_agent::workers::WorkerAgent::new(settings, config.webrtc.workers)
-                .map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
-            ((sfu.clone(), sfu.clone()), sfu.event_sender(), events)
-        }
-    };
+    let (sfu, agent_events) =
+        tessera_webrtc_agent::WorkerAgent::new(settings, config.webrtc.workers).map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
+    let (agent, streams, event_tx): (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>, _) =
+        (sfu.clone(), sfu.clone(), sfu.event_sender());
     let mixer = tessera_mixer::Mixer::new(streams.clone(), event_tx);
     let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
     // One process: every node is local and commands pass as values.

@@ -24,6 +24,7 @@ fn config_errors_name_file_key_and_reason() {
         ("[portal]\nping_interval_ms = \"soon\"\n", "key `portal.ping_interval_ms`: invalid type"),
         ("[portal]\nreconnection_timeout_secs = -1\n", "key `portal.reconnection_timeout_secs`"),
         ("[webrtc]\nudp_port_min = 6000\nudp_port_max = 5000\n", "key `webrtc.udp_port_min`"),
+        ("[webrtc]\nengine = \"per-connection\"\n", "key `webrtc.engine`: unknown variant `per-connection`, expected `workers`"),
         ("[storage]\nrecordings_dir = \"/proc/version/rec\"\n", "key `storage.recordings_dir`: cannot create folder"),
     ];
     for (text, want) in cases {
@@ -164,8 +165,8 @@ fn drain_subcommand_stops_an_idle_server_cleanly() {
     assert!(printed.iter().any(|l| l == "tessera: stopped"), "{printed:?}");
 }
 
-/// With several addresses and no `webrtc.bind_ip`, the workers engine (the default) binds
-/// the default route's, not whichever sorts first: checked in a network namespace with two
+/// With several addresses and no `webrtc.bind_ip`, the SFU binds the default route's, not
+/// whichever sorts first: checked in a network namespace with two
 /// veth ends (no packet is sent; binding is all that happens) and the default route on the
 /// second address.
 #[test]
@@ -180,13 +181,7 @@ fn workers_engine_binds_the_default_routes_address() {
         bin(),
         data.display()
     );
-    let out = Command::new("unshare")
-        .args(["-n", "sh", "-c", &script])
-        .env("TESSERA_SERVICE_KEY", KEY)
-        .env("NO_COLOR", "1")
-        .env_remove("TESSERA_WEBRTC_ENGINE")
-        .output()
-        .unwrap();
+    let out = Command::new("unshare").args(["-n", "sh", "-c", &script]).env("TESSERA_SERVICE_KEY", KEY).env("NO_COLOR", "1").output().unwrap();
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let ready = log.lines().find(|l| l.contains("webrtc-agent ready")).unwrap_or_else(|| panic!("no ready line:\n{log}"));
     assert!(ready.contains("10.9.9.9:40000") && !ready.contains("10.8.8.8"), "{ready}");

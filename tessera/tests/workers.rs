@@ -1,7 +1,7 @@
-//! The `workers` forwarding engine's own promises: one UDP socket per worker however many
-//! peers connect, subscribers spread over the workers, and media crossing from the
-//! publisher's worker to the others intact. (Everything else about forwarding is the SFU
-//! suite, which CI also runs on this engine: `TESSERA_WEBRTC_ENGINE=workers`.)
+//! The forwarding engine's own promises: one UDP socket per worker however many peers
+//! connect, subscribers spread over the workers, media crossing from the publisher's
+//! worker to the others intact, and routes that forged checks cannot move. (Everything
+//! else about forwarding is the SFU suite.)
 
 mod common;
 

@@ -1,121 +1,13 @@
-//! The packet path of the SFU, from a publisher's track to its subscribers.
-//!
-//! A publisher's track has one reader task and one [`Fanout`]. The reader strips header
-//! extensions once (they are negotiated per connection and would be wrong downstream),
-//! then hands a clone of the packet to every subscriber's [`Sink`] with `try_send`: a
-//! clone of a packet without extensions is a refcount bump on the payload, no
-//! allocation, and a full sink drops that packet instead of slowing the publisher or the
-//! other subscribers. Each sink has its own writer task that rewrites SSRC, payload type
-//! and sequence number for its subscriber's connection ([`Rewriter`]) and writes it.
-//! The sink list is an `Arc<[Sink]>` behind a `std` `RwLock` that is read once per
-//! packet and never held across an await.
+//! What happens to a forwarded packet between a publisher's track and each subscriber:
+//! header extensions stripped once (their ids are negotiated per connection, and a clone
+//! of a packet without them is a refcount bump on the payload), then per subscriber leg
+//! its own SSRC, payload type and a continuous sequence ([`Rewriter`]); repeated
+//! retransmissions dropped ([`SeenWindow`]); keyframe requests to the publisher spaced
+//! and deferred, never lost ([`KeyframeThrottle`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rtc::rtp;
-use tokio::sync::mpsc;
-
-/// Packets queued per subscriber track before new ones are dropped (about 1 s of HD video).
-pub const SINK_QUEUE: usize = 512;
-
-/// One subscriber's end of a fan-out.
-pub struct Sink {
-    /// Unique id, to remove it again.
-    pub id: u64,
-    tx: mpsc::Sender<rtp::Packet>,
-    /// While false, packets are not queued (paused subscription or muted stream).
-    pub active: Arc<AtomicBool>,
-    /// Packets dropped because the queue was full.
-    pub dropped: Arc<AtomicU64>,
-    /// Set when the source skipped packets (publisher mute): the writer continues the
-    /// subscriber's sequence numbers instead of leaving a gap.
-    pub resync: Arc<AtomicBool>,
-}
-
-impl Sink {
-    /// A sink with a process-unique id, and the receiving end its writer task reads.
-    pub fn new() -> (Sink, mpsc::Receiver<rtp::Packet>) {
-        // Unique across all fan-outs: a fan-out holds sinks of many transports.
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(SINK_QUEUE);
-        let sink =
-            Sink { id, tx, active: Arc::new(AtomicBool::new(true)), dropped: Arc::new(AtomicU64::new(0)), resync: Arc::new(AtomicBool::new(false)) };
-        (sink, rx)
-    }
-
-    fn offer(&self, packet: &rtp::Packet) {
-        if !self.active.load(Ordering::Relaxed) {
-            return;
-        }
-        if self.tx.try_send(packet.clone()).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Clone for Sink {
-    fn clone(&self) -> Self {
-        Sink { id: self.id, tx: self.tx.clone(), active: self.active.clone(), dropped: self.dropped.clone(), resync: self.resync.clone() }
-    }
-}
-
-/// The subscribers of one published track.
-#[derive(Default)]
-pub struct Fanout {
-    sinks: RwLock<Arc<[Sink]>>,
-}
-
-impl Fanout {
-    /// Adds a subscriber.
-    pub fn add(&self, sink: Sink) {
-        let mut guard = self.sinks.write().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<Sink> = guard.iter().cloned().collect();
-        v.push(sink);
-        *guard = v.into();
-    }
-
-    /// Removes a subscriber; its writer task ends when the queue drains.
-    pub fn remove(&self, id: u64) {
-        let mut guard = self.sinks.write().unwrap_or_else(|p| p.into_inner());
-        let v: Vec<Sink> = guard.iter().filter(|s| s.id != id).cloned().collect();
-        *guard = v.into();
-    }
-
-    /// Removes every subscriber (the publication ended).
-    pub fn clear(&self) {
-        *self.sinks.write().unwrap_or_else(|p| p.into_inner()) = Vec::new().into();
-    }
-
-    /// Number of subscribers.
-    pub fn len(&self) -> usize {
-        self.sinks.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether there are no subscribers.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The source skipped packets: every subscriber continues its sequence on the next one.
-    pub fn resync_all(&self) {
-        for s in self.sinks.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            s.resync.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Hands a packet to every subscriber. Strips header extensions first (in place,
-    /// once), so the per-subscriber clones do not allocate.
-    pub fn forward(&self, packet: &mut rtp::Packet) {
-        strip_extensions(packet);
-        let sinks = self.sinks.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for s in sinks.iter() {
-            s.offer(packet);
-        }
-    }
-}
 
 /// Removes header extensions: their ids are negotiated per connection.
 pub fn strip_extensions(packet: &mut rtp::Packet) {
@@ -369,30 +261,6 @@ mod tests {
         assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
         t.sent_deferred(t0 + Duration::from_millis(500));
         assert_eq!(t.request(t0 + Duration::from_millis(1100)), KeyframeDecision::SendNow);
-    }
-
-    #[test]
-    fn fanout_drops_for_full_or_paused_sinks_only() {
-        let f = Fanout::default();
-        let (a, mut ra) = Sink::new();
-        let (b, mut rb) = Sink::new();
-        assert_ne!(a.id, b.id);
-        let a_id = a.id;
-        b.active.store(false, Ordering::Relaxed);
-        f.add(a);
-        f.add(b);
-        let mut p = pkt(1);
-        p.header.extension = true;
-        p.header.extension_profile = 0xBEDE;
-        p.header.extensions.push(rtp::header::Extension { id: 3, payload: bytes::Bytes::from_static(&[1, 2]) });
-        for _ in 0..SINK_QUEUE + 10 {
-            f.forward(&mut p);
-        }
-        let got = ra.try_recv().unwrap();
-        assert!(got.header.extensions.is_empty() && !got.header.extension);
-        assert!(rb.try_recv().is_err(), "paused sink gets nothing");
-        f.remove(a_id);
-        assert_eq!(f.len(), 1);
     }
 }
 

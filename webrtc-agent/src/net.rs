@@ -1,8 +1,6 @@
-//! Where media sockets bind: which addresses, and which ports from the configured range.
-//! webrtc-rs 0.21 has no UDP mux, so each peer connection binds its own port.
+//! Which addresses media binds to.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Picks the addresses to gather candidates on. A configured address wins; otherwise every
 /// non-loopback IPv4 address of the machine, or 127.0.0.1 when loopback is all there is
@@ -52,41 +50,6 @@ fn default_route_iface(routes: &str) -> Option<&str> {
         .map(|(_, iface)| iface)
 }
 
-/// Hands out ports from `[min, max]` round-robin, skipping ports that are taken.
-#[derive(Debug)]
-pub struct PortAllocator {
-    min: u16,
-    max: u16,
-    next: AtomicU32,
-}
-
-impl PortAllocator {
-    /// An allocator over the inclusive range.
-    pub fn new(min: u16, max: u16) -> Self {
-        let (min, max) = if min <= max { (min, max) } else { (max, min) };
-        PortAllocator { min, max, next: AtomicU32::new(0) }
-    }
-
-    fn span(&self) -> u32 {
-        u32::from(self.max - self.min) + 1
-    }
-
-    /// Finds a port that is free on every address in `ips`, by binding and releasing it.
-    /// The port could be taken again before webrtc-rs binds it; the caller retries then.
-    pub fn allocate(&self, ips: &[IpAddr]) -> Option<u16> {
-        let span = self.span();
-        for _ in 0..span.min(4096) {
-            let n = self.next.fetch_add(1, Ordering::Relaxed) % span;
-            let port = self.min + n as u16;
-            let free = ips.iter().all(|ip| UdpSocket::bind(SocketAddr::new(*ip, port)).is_ok());
-            if free {
-                return Some(port);
-            }
-        }
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,22 +75,5 @@ mod tests {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         assert_eq!(primary_ip(&[lo]), Some(lo));
         assert_eq!(primary_ip(&[]), None);
-    }
-
-    #[test]
-    fn allocator_skips_taken_ports() {
-        let lo = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
-        // Find two adjacent free ports to make a range, hold the first one.
-        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port();
-        drop(probe);
-        let (min, max) = if base < 65535 { (base, base + 1) } else { (base - 1, base) };
-        let held = UdpSocket::bind(("127.0.0.1", min)).ok();
-        let a = PortAllocator::new(min, max);
-        let p = a.allocate(&lo).unwrap();
-        if held.is_some() {
-            assert_eq!(p, max);
-        }
-        assert!((min..=max).contains(&p));
     }
 }

@@ -82,8 +82,6 @@ pub struct Launch {
     pub server_ip: String,
     /// Loopback-range address the load generator's peers bind to.
     pub client_ip: String,
-    /// Tessera's forwarding engine (`webrtc.engine`); none: the server's default.
-    pub engine: Option<String>,
 }
 
 impl Launch {

@@ -38,11 +38,7 @@ impl Tessera {
         let cfg = dir.join("bench.toml");
         std::fs::write(
             &cfg,
-            format!(
-                "[webrtc]\nbind_ip = \"{}\"\n{}[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n",
-                launch.server_ip,
-                launch.engine.as_ref().map(|e| format!("engine = \"{e}\"\n")).unwrap_or_default()
-            ),
+            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n", launch.server_ip),
         )?;
         let mut child = launch
             .command(&launch.tessera_bin)
@@ -51,8 +47,6 @@ impl Tessera {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .env("TESSERA_SERVICE_KEY", KEY)
-            // The configuration file decides the engine, not the caller's environment.
-            .env_remove("TESSERA_WEBRTC_ENGINE")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -12,7 +12,7 @@ let browser;
 
 before(async () => {
   if (process.env.TESSERA_UDP_BLOCKED !== '1') return;
-  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n', key: 'ice-tcp-test-key-0123456789', args: ['--webrtc-engine', 'workers'] });
+  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n', key: 'ice-tcp-test-key-0123456789' });
   browser = await launchChromium({ media: true });
 });
 

@@ -44,8 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::AgentSettings;
+use crate::codec::{codec_info, rtc_codec};
 use crate::feedback::KeyframeRequestTap;
-use crate::media::{codec_info, rtc_codec};
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
 /// A published track, unique across workers.
@@ -778,5 +778,82 @@ impl StreamSource for WorkerAgent {
                 self.shared.send_to(p.worker, Cmd::LocalUnpublish { track: t.track });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::shared::marshal::Marshal;
+    use tessera_core::media::CodecInfo;
+
+    fn agent() -> Arc<WorkerAgent> {
+        let settings = AgentSettings {
+            bind_ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            public_ip: None,
+            port_min: 40200,
+            port_max: 40299,
+            keyframe_interval: Duration::from_millis(300),
+            ice_disconnected_timeout: Duration::from_secs(5),
+            ice_failed_timeout: Duration::from_secs(10),
+            ice_tcp: false,
+        };
+        WorkerAgent::new(settings, 1).unwrap().0
+    }
+
+    fn packet(seq: u16, pt: u8) -> Vec<u8> {
+        let mut p = rtp::Packet::default();
+        p.header.version = 2;
+        p.header.sequence_number = seq;
+        p.header.ssrc = 42;
+        p.header.payload_type = pt;
+        p.payload = Bytes::from_static(b"payload");
+        p.marshal().unwrap().to_vec()
+    }
+
+    /// A local stream's packets (the mixer's) reach a tap on it (the recorder's) unchanged
+    /// through the worker, the tap ends when the stream goes away, and the codec crosses the
+    /// seam intact.
+    #[tokio::test]
+    async fn local_stream_packets_reach_taps() {
+        let agent = agent();
+        let source: Arc<dyn StreamSource> = agent.clone();
+        let codec = CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: Some(96) };
+        let sinks =
+            source.publish_local("r", "r-common", vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}) }]);
+        assert_eq!(sinks.len(), 1);
+        assert!(!sinks[0].has_consumers());
+        assert_eq!(source.stream_room("r-common").as_ref().map(|r| r.as_str()), Some("r"));
+        assert!(source.tap("r-common", MediaKind::Audio).is_none());
+        let mut tap = source.tap("r-common", MediaKind::Video).unwrap();
+        assert_eq!(tap.codec, CodecInfo { payload_type: None, ..codec });
+        assert!(sinks[0].has_consumers(), "a tap counts as a consumer at once (the mixer starts producing)");
+        // Packets sent before the worker applied the tap are not for it: send until one arrives.
+        let mut seq = 0;
+        let first = loop {
+            seq += 1;
+            sinks[0].send(&packet(seq, 96));
+            if let Ok(got) = tokio::time::timeout(Duration::from_millis(20), tap.recv()).await {
+                break got.unwrap();
+            }
+            assert!(seq < 100, "no packet reached the tap");
+        };
+        assert!((1..=seq).any(|s| first.to_vec() == packet(s, 96)), "a sent packet, unchanged");
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), tap.recv()).await {}
+        // From then on, every packet in order; garbage in between is dropped.
+        sinks[0].send(&packet(500, 96));
+        sinks[0].send(b"not rtp");
+        sinks[0].send(&packet(501, 96));
+        for want in [500, 501] {
+            let got = tokio::time::timeout(Duration::from_secs(2), tap.recv()).await.unwrap().unwrap();
+            assert_eq!(got.to_vec(), packet(want, 96));
+        }
+        source.untap("r-common", MediaKind::Video, tap.sink_id);
+        assert!(tokio::time::timeout(Duration::from_secs(2), tap.recv()).await.unwrap().is_none());
+        let mut tap = source.tap("r-common", MediaKind::Video).unwrap();
+        source.unpublish_local("r-common");
+        assert!(tokio::time::timeout(Duration::from_secs(2), tap.recv()).await.unwrap().is_none());
+        assert!(source.stream_room("r-common").is_none());
+        assert_eq!(agent.stats().local_streams, 0);
     }
 }

@@ -404,6 +404,14 @@ impl Worker {
     pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut inbox: mpsc::Receiver<Batch>) {
         let mut batch = udp::RecvBatch::new();
         loop {
+            // Control before data: a command sent before a packet (a tap, a local
+            // publication, a subscription) is applied before that packet is handled.
+            while let Ok(cmd) = cmds.try_recv() {
+                self.command(cmd);
+            }
+            if self.stopping {
+                break;
+            }
             let next = self.timers.peek().map(|Reverse((t, _))| *t);
             let sleep = async {
                 match next {
@@ -953,7 +961,7 @@ impl Worker {
         let local = self.local;
         let tcp = self.listener.is_some();
         let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
-        let order = crate::transport::mid_order(&sdp);
+        let order = crate::sdp::mid_order(&sdp);
         let pending = std::mem::take(&mut p.pending);
         // Sending transceivers are created before the offer is applied, in m-line order,
         // so each pairs with the client's recvonly m-line of its kind.
@@ -1030,8 +1038,7 @@ impl Worker {
         let mut sources_added = Vec::new();
         for (session, src, sender, track_id, ssrc) in created {
             let payload_type =
-                p.pc.rtp_sender(sender)
-                    .and_then(|mut s| crate::transport::negotiated_payload_type(&s.get_parameters().rtp_parameters.codecs, &src.codec));
+                p.pc.rtp_sender(sender).and_then(|mut s| crate::sdp::negotiated_payload_type(&s.get_parameters().rtp_parameters.codecs, &src.codec));
             let Some(payload_type) = payload_type else {
                 warn!(%session, kind = src.kind.as_str(), codec = %src.codec.mime_type, "subscriber did not accept the publisher's codec");
                 continue;
@@ -1208,7 +1215,7 @@ impl Worker {
                     kind: a.kind,
                     source: a.source.clone(),
                     mid: Some(a.mid.clone()),
-                    format: crate::publication::codec_format(&t.codec),
+                    format: crate::codec::codec_format(&t.codec),
                     parameters: None,
                     status: if t.active { TrackStatus::Active } else { TrackStatus::Inactive },
                 })

@@ -1,0 +1,197 @@
+//! What the agent reads from SDP itself (webrtc-rs parses the rest): the m-line order of
+//! an offer, and which payload type a subscriber gave the publisher's codec.
+
+/// The payload type the subscriber negotiated for the publisher's codec: the same codec
+/// with the same H.264 profile and packetization mode if offered, else the same codec.
+pub(crate) fn negotiated_payload_type(
+    codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters],
+    want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+) -> Option<u8> {
+    let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type);
+    let key = |fmtp: &str| {
+        let mut parts: Vec<String> = fmtp
+            .split(';')
+            .map(|kv| kv.trim().to_ascii_lowercase())
+            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
+            .collect();
+        parts.sort();
+        parts
+    };
+    let wanted = key(&want.sdp_fmtp_line);
+    codecs
+        .iter()
+        .filter(same_mime)
+        .find(|c| key(&c.rtp_codec.sdp_fmtp_line) == wanted)
+        .or_else(|| codecs.iter().find(same_mime))
+        .map(|c| c.payload_type)
+}
+
+/// The order in which m-lines appear in an SDP, by mid.
+pub(crate) fn mid_order(sdp: &str) -> Vec<String> {
+    sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mids_in_order() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
+        assert_eq!(mid_order(sdp), vec!["1", "0"]);
+    }
+}
+
+/// Property tests of the SDP helpers, and of the parsers (webrtc-rs's) that read what
+/// clients send: SDP offers, ICE candidates and RTCP feedback.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::feedback::is_keyframe_request;
+    use proptest::prelude::*;
+    use rtc::peer_connection::sdp::RTCSessionDescription;
+    use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(any::<char>(), 0..max).prop_map(String::from_iter)
+    }
+
+    const OFFER: &str = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n\
+a=msid-semantic: WMS\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n\
+a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=ice-options:trickle\r\n\
+a=fingerprint:sha-256 AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99\r\n\
+a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+a=ssrc:1 cname:x\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 102\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=sendonly\r\na=rtcp-mux\r\n\
+a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack pli\r\na=rtpmap:102 H264/90000\r\n\
+a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\na=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n";
+
+    /// SDP-looking text: lines of the offer above, cut, repeated and mixed with junk.
+    fn sdp_like() -> impl Strategy<Value = String> {
+        let lines: Vec<&'static str> = OFFER.split("\r\n").filter(|l| !l.is_empty()).collect();
+        let line = prop_oneof![
+            4 => prop::sample::select(lines.clone()).prop_map(str::to_string),
+            2 => (prop::sample::select(lines), any::<prop::sample::Index>(), text(6)).prop_map(|(l, cut, junk)| {
+                let cut = cut.index(l.len() + 1);
+                format!("{}{junk}", l.get(..cut).unwrap_or(l))
+            }),
+            1 => "[a-z]=[ -~]{0,20}",
+            1 => text(20),
+        ];
+        (prop::collection::vec(line, 0..30), prop::sample::select(&["\r\n", "\n", "\r"][..]))
+            .prop_map(|(lines, eol)| lines.iter().map(|l| format!("{l}{eol}")).collect::<String>())
+    }
+
+    fn fmtp() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            prop::sample::select(&["profile-level-id=42e01f", "profile-level-id=42E01F", "profile-level-id=640c1f", "profile-level-id=4d001f"][..]),
+            prop::sample::select(&["packetization-mode=1", "packetization-mode=0", " packetization-mode=1 "][..]),
+            prop::sample::select(&["level-asymmetry-allowed=1", "minptime=10", "", "=", ";"][..]),
+        ];
+        prop_oneof![4 => prop::collection::vec(part, 0..4).prop_map(|p| p.join(";")), 1 => text(20)]
+    }
+
+    fn codec(mime: impl Strategy<Value = &'static str>) -> impl Strategy<Value = RTCRtpCodec> {
+        (mime, fmtp()).prop_map(|(mime_type, sdp_fmtp_line)| RTCRtpCodec {
+            mime_type: mime_type.to_string(),
+            clock_rate: 90000,
+            sdp_fmtp_line,
+            ..Default::default()
+        })
+    }
+
+    fn mimes() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(&["video/H264", "video/h264", "video/VP8", "audio/opus", "video/AV1", ""][..])
+    }
+
+    /// The H.264 parameters that decide whether two codecs carry the same stream.
+    fn h264_key(fmtp: &str) -> Vec<String> {
+        let mut k: Vec<String> = fmtp
+            .split(';')
+            .map(|kv| kv.trim().to_ascii_lowercase())
+            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
+            .collect();
+        k.sort();
+        k
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn mid_order_lists_the_mid_lines(sdp in prop_oneof![sdp_like(), text(60)]) {
+            let mids = mid_order(&sdp);
+            prop_assert_eq!(mids.len(), sdp.lines().filter(|l| l.trim().starts_with("a=mid:")).count());
+            for m in &mids {
+                let line = format!("a=mid:{m}");
+                prop_assert!(sdp.contains(&line), "{:?} is not in the SDP", m);
+            }
+        }
+
+        #[test]
+        fn negotiated_payload_type_prefers_the_same_h264_stream(
+            want in codec(mimes()),
+            offered in prop::collection::vec((codec(mimes()), any::<u8>()), 0..6),
+        ) {
+            let codecs: Vec<RTCRtpCodecParameters> =
+                offered.into_iter().map(|(rtp_codec, payload_type)| RTCRtpCodecParameters { rtp_codec, payload_type }).collect();
+            let same: Vec<&RTCRtpCodecParameters> = codecs.iter().filter(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type)).collect();
+            match negotiated_payload_type(&codecs, &want) {
+                None => prop_assert!(same.is_empty()),
+                Some(pt) => {
+                    prop_assert!(same.iter().any(|c| c.payload_type == pt), "{} is not a payload type of the same codec", pt);
+                    let exact = same.iter().find(|c| h264_key(&c.rtp_codec.sdp_fmtp_line) == h264_key(&want.sdp_fmtp_line));
+                    let expected = exact.or(same.first()).map(|c| c.payload_type);
+                    prop_assert_eq!(Some(pt), expected);
+                }
+            }
+        }
+
+        #[test]
+        fn sdp_offers_parse_or_fail_cleanly(sdp in prop_oneof![sdp_like(), text(80)]) {
+            if let Ok(offer) = RTCSessionDescription::offer(sdp) {
+                let _ = offer.unmarshal();
+            }
+        }
+
+        #[test]
+        fn ice_candidates_parse_or_fail_cleanly(line in prop_oneof![
+            "(candidate:)?[0-9a-z]{0,4} [0-9]{0,2} (udp|tcp|UDP|x) [0-9]{0,10} [0-9a-f.:]{0,20} [0-9]{0,6} typ (host|srflx|relay|x)( raddr [0-9.]{0,15} rport [0-9]{0,6})?( tcptype (active|passive|so))?( generation [0-9])?",
+            text(60),
+        ]) {
+            let _ = rtc::ice::candidate::unmarshal_candidate(&line);
+        }
+
+        #[test]
+        fn rtcp_feedback_parses_or_fails_cleanly(
+            packets in prop::collection::vec((192u8..=207, 0u8..32, any::<bool>(), prop::collection::vec(any::<u8>(), 0..40)), 1..4),
+            raw in prop::collection::vec(any::<u8>(), 0..80),
+            use_raw in prop::bool::weighted(0.2),
+        ) {
+            // Mostly RTCP headers (version 2, a real packet type, a length that may lie)
+            // in front of random bodies.
+            let bytes: Vec<u8> = if use_raw {
+                raw
+            } else {
+                packets
+                    .iter()
+                    .flat_map(|(pt, count, honest, body)| {
+                        let words = if *honest { body.len() / 4 } else { usize::from(*count) };
+                        let mut p = vec![0x80 | count, *pt, 0, u8::try_from(words).unwrap_or(255)];
+                        p.extend_from_slice(&body[..body.len() / 4 * 4]);
+                        p
+                    })
+                    .collect()
+            };
+            if let Ok(parsed) = rtc::rtcp::packet::unmarshal(&mut &bytes[..]) {
+                for p in &parsed {
+                    let _ = is_keyframe_request(p.as_ref());
+                }
+            }
+        }
+    }
+}
