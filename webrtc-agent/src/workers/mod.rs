@@ -1,4 +1,4 @@
-//! The `workers` forwarding engine (`webrtc.engine = "workers"`): webrtc-rs's sans-I/O
+//! The forwarding engine (`webrtc.engine = "workers"`): webrtc-rs's sans-I/O
 //! `rtc` driven by one OS thread per CPU, each owning one UDP socket (port
 //! `udp_port_min + worker`) and every peer connection placed on it. ICE-lite: the
 //! server answers the client's checks and never sends its own, so one socket serves all
@@ -187,8 +187,8 @@ impl Shared {
         self.emit(AgentEvent::StreamReady { room: room.into(), stream });
     }
 
-    /// A worker closed a transport: forget its sessions and tell the portal, as the
-    /// per-connection engine does (ended streams, ended subscriptions, the closed transport).
+    /// A worker closed a transport: forget its sessions and tell the portal (ended streams,
+    /// ended subscriptions, the closed transport).
     pub(crate) fn transport_closed(&self, transport: &str, reason: &str) {
         let (entry, ended, subs) = {
             let mut s = self.lock();
@@ -246,14 +246,14 @@ pub(crate) fn random_token(len: usize) -> String {
     (0..len).map(|_| CHARS.get(rng.random_range(0..CHARS.len())).copied().map(char::from).unwrap_or('x')).collect()
 }
 
-/// Packets of each outgoing video stream kept for retransmission (see the per-connection
-/// engine: 256 is 1.7 s of 720p).
+/// Packets of each outgoing video stream kept for retransmission: 256 is 1.7 s of 720p,
+/// longer than a retransmission can usefully arrive (webrtc-rs keeps 1024: 34 s).
 const NACK_HISTORY: u16 = 256;
 /// NACKs sent for one lost packet of a publisher (the generator does not see RTX repairs).
 const NACKS_PER_PACKET: u16 = 3;
 
 /// A server-side peer connection: ICE-lite with this worker's credentials, the shared
-/// DTLS certificate, the same codecs and interceptors as the per-connection engine.
+/// DTLS certificate, webrtc-rs's default codecs and the interceptors docs/sfu.md lists.
 pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<RTCPeerConnection, AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let mut media = MediaEngine::default();
