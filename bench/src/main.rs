@@ -23,7 +23,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tessera_client::media::LiveFormat;
 
-use scenario::{Figures, Load, percentile, row};
+use scenario::{Figures, Load, Shape, percentile, row};
 use server::{AnyServer, Kind, Launch};
 
 /// Load scenarios against Tessera, side by side with Janus.
@@ -77,8 +77,10 @@ struct Args {
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
 /// machine, so it also bounds what the ramp can tell).
-const RAMP_MAX: usize = 310;
+const RAMP_MAX: usize = 610;
 const RAMP_STEP: usize = 60;
+/// The fidelity scenarios' shape: full peers joining one at a time.
+const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
 const KNOWN: [&str; 9] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "all"];
 
@@ -106,10 +108,11 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                 let s = AnyServer::start(kind, launch).await?;
                 // A step that cannot even be set up (joins refused or timing out under
                 // load) is a failed step, not the end of the run.
-                let (f, error) = match scenario::sfu(&s, load, 1, n, false, 8, step_s).await {
-                    Ok(f) => (f, None),
-                    Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
-                };
+                let (f, error) =
+                    match scenario::sfu(&s, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
+                        Ok(f) => (f, None),
+                        Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
+                    };
                 let ok =
                     error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.cpu_pct() < 95.0;
                 let mut r = row("ramp", kind.name(), &f);
@@ -167,10 +170,10 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
         _ => {
             let s = AnyServer::start(kind, launch).await?;
             let f: Figures = match name {
-                "smoke" => scenario::sfu(&s, load, 1, 2, false, 1, seconds.min(3)).await?,
-                "one-to-one" => scenario::sfu(&s, load, 1, 1, false, 1, seconds).await?,
-                "fanout50" => scenario::sfu(&s, load, 1, 50, false, 1, seconds).await?,
-                "meeting10" => scenario::sfu(&s, load, 10, 0, true, 1, seconds).await?,
+                "smoke" => scenario::sfu(&s, load, Shape { publishers: 1, fanout: 2, ..FULL }, seconds.min(3)).await?,
+                "one-to-one" => scenario::sfu(&s, load, Shape { publishers: 1, fanout: 1, ..FULL }, seconds).await?,
+                "fanout50" => scenario::sfu(&s, load, Shape { publishers: 1, fanout: 50, ..FULL }, seconds).await?,
+                "meeting10" => scenario::sfu(&s, load, Shape { publishers: 10, mesh: true, ..FULL }, seconds).await?,
                 other => bail!("unknown scenario `{other}`"),
             };
             rows.push(row(name, kind.name(), &f));

@@ -11,7 +11,7 @@ use tessera_client::media::{LiveFormat, live_source_with};
 use tessera_client::peer::{Marker, PublishOptions, Publisher, Received, Subscriber, now_us};
 
 use crate::server::tessera::Tessera;
-use crate::server::{Keep, Server, cpu_seconds, rss_mb};
+use crate::server::{Keep, PeerKind, Server, Sub, cpu_seconds, rss_mb};
 
 /// Figures of one scenario run on one server.
 #[derive(Debug, Default)]
@@ -97,7 +97,7 @@ fn analyse(received: &[Vec<Received>], from_us: u64, to_us: u64) -> Window {
         let mut highest: HashMap<(&str, u32), u64> = HashMap::new();
         for r in log.iter().filter(|r| r.arrived_us >= from_us && r.arrived_us <= to_us) {
             packets += 1;
-            bytes += r.payload.len() + 12;
+            bytes += r.size;
             if let Some(m) = Marker::find(&r.payload) {
                 got += 1;
                 match highest.get_mut(&(r.kind, m.tag)) {
@@ -123,12 +123,23 @@ struct Sent {
 
 /// Loss and latency against what was sent: for every subscriber, each packet its publisher
 /// sent in the window counts once, whether it arrived or not (a subscriber that received
-/// nothing is 100 % loss), and each one that arrived gives a latency sample.
-fn delivery(subs: &[(u32, Vec<Received>)], sent: &HashMap<u32, Sent>) -> (Vec<f64>, f64) {
+/// nothing is 100 % loss), and each one that arrived gives a latency sample. A subscriber
+/// without payloads (a light peer that does not decrypt) counts the distinct sequence
+/// numbers that arrived in the window instead, and gives no latency.
+fn delivery(subs: &[(u32, bool, Vec<Received>)], sent: &HashMap<u32, Sent>, (from_us, to_us): (u64, u64)) -> (Vec<f64>, f64) {
     let (mut expected, mut got, mut latency) = (0u64, 0u64, Vec::new());
-    for (tag, log) in subs {
+    for (tag, payloads, log) in subs {
         let Some(range) = sent.get(tag) else { continue };
-        expected += (range.video.1 - range.video.0) + (range.audio.1 - range.audio.0);
+        let wanted = (range.video.1 - range.video.0) + (range.audio.1 - range.audio.0);
+        expected += wanted;
+        if !payloads {
+            let arrived: HashSet<(&str, u16)> =
+                log.iter().filter(|r| r.arrived_us >= from_us && r.arrived_us <= to_us).map(|r| (r.kind, r.header.sequence_number)).collect();
+            // Packets sent just before the window and arriving in it stand in for those
+            // sent at its end and arriving after: a few either way, never more than sent.
+            got += (arrived.len() as u64).min(wanted);
+            continue;
+        }
         let mut seen = std::collections::HashSet::new();
         for r in log {
             let Some(m) = Marker::find(&r.payload) else { continue };
@@ -163,15 +174,19 @@ async fn measure(pid: u32, seconds: u64) -> (f64, u64, u64, f64) {
 }
 
 /// Subscribes and returns the subscription with the time from the start of the join
-/// (token/login or session creation included) to its first video packet.
-async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep, Option<f64>)> {
+/// (token/login or session creation included) to its first video packet (none after 5 s).
+async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep, Option<f64>)> {
     let started = Instant::now();
-    let (s, keep) = server.subscribe(user, stream).await?;
-    let first = s
-        .wait_until("first video", Duration::from_secs(5), |r| r.iter().any(|p| p.kind == "video"))
-        .await
-        .ok()
-        .map(|_| started.elapsed().as_secs_f64() * 1000.0);
+    let (s, keep) = server.subscribe(user, stream, peer).await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut first = None;
+    while Instant::now() < deadline {
+        if s.received().lock().map(|r| r.iter().any(|p| p.kind == "video")).unwrap_or(false) {
+            first = Some(started.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok((s, keep, first))
 }
 
@@ -195,18 +210,27 @@ impl Load {
     }
 }
 
-/// `publishers` synthetic publishers sending `load`; each is subscribed by every other
-/// publisher's participant (`mesh`) or by `fanout` subscribers, `parallel` joining at a
-/// time (1: each join on a quiet server, so its time to first frame is the server's alone).
-pub async fn sfu<S: Server>(
-    server: &S,
-    load: Load,
-    publishers: usize,
-    fanout: usize,
-    mesh: bool,
-    parallel: usize,
-    seconds: u64,
-) -> anyhow::Result<Figures> {
+/// Who joins an SFU scenario: `publishers` synthetic publishers, each subscribed by every
+/// other publisher's participant (`mesh`) or by `fanout` subscribers, `parallel` joining at
+/// a time (1: each join on a quiet server, so its time to first frame is the server's
+/// alone), on light peers (`tessera_client::light`, one in ten decrypting) or full ones.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Synthetic publishers.
+    pub publishers: usize,
+    /// Subscribers per publisher (without `mesh`).
+    pub fanout: usize,
+    /// Every participant subscribes to every other publisher.
+    pub mesh: bool,
+    /// Joins at a time.
+    pub parallel: usize,
+    /// Light peers instead of full ones.
+    pub light: bool,
+}
+
+/// Runs `shape` with every publisher sending `load`, measuring `seconds`.
+pub async fn sfu<S: Server>(server: &S, load: Load, shape: Shape, seconds: u64) -> anyhow::Result<Figures> {
+    let Shape { publishers, fanout, mesh, parallel, light } = shape;
     let mut pubs = Vec::new();
     for i in 0..publishers {
         let (p, keep) = server.publish(&format!("pub{i}"), i as u32).await?;
@@ -230,7 +254,11 @@ pub async fn sfu<S: Server>(
         wanted.extend((0..count).map(|j| (format!("sub{i}-{j}"), i as u32, p.stream_id.clone())));
     }
     for batch in wanted.chunks(parallel.max(1)) {
-        let joins = batch.iter().map(|(user, _, stream)| subscribe_timed(server, user, stream));
+        let joins = batch.iter().map(|(user, _, stream)| {
+            // Light peers: one in ten decrypts, for latency from the markers.
+            let peer = if light { PeerKind::Light { decrypts: user.ends_with('0') } } else { PeerKind::Full };
+            subscribe_timed(server, user, stream, peer)
+        });
         for (r, (_, tag, _)) in futures_util::future::join_all(joins).await.into_iter().zip(batch) {
             let (s, keep, first) = r?;
             first_frames.extend(first);
@@ -247,9 +275,10 @@ pub async fn sfu<S: Server>(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent: HashMap<u32, Sent> =
         before.iter().zip(&after).enumerate().map(|(i, (b, a))| (i as u32, Sent { video: (b.0, a.0), audio: (b.1, a.1) })).collect();
-    let tagged: Vec<(u32, Vec<Received>)> = subs.iter().map(|(tag, s, _)| (*tag, s.received.lock().map(|r| r.clone()).unwrap_or_default())).collect();
-    let (latency, loss_pct) = delivery(&tagged, &sent);
-    let logs: Vec<Vec<Received>> = tagged.into_iter().map(|(_, l)| l).collect();
+    let tagged: Vec<(u32, bool, Vec<Received>)> =
+        subs.iter().map(|(tag, s, _)| (*tag, s.has_payloads(), s.received().lock().map(|r| r.clone()).unwrap_or_default())).collect();
+    let (latency, loss_pct) = delivery(&tagged, &sent, (from, to));
+    let logs: Vec<Vec<Received>> = tagged.into_iter().map(|(_, _, l)| l).collect();
     let w = analyse(&logs, from, to);
     Ok(Figures {
         latency,

@@ -188,3 +188,41 @@ async fn a_forged_check_cannot_redirect_a_publisher() {
     // 30 frames/s of one packet each: about 60 in two seconds.
     assert!(during >= 50, "the subscriber got {during} video packets in 2 s while forged checks flew");
 }
+
+/// The load generator's light peers (rtc sans-I/O, `tessera_client::light`) subscribe like
+/// any client: one reading RTP headers in clear sees the publisher's packets with
+/// continuous sequence numbers; one decrypting reads the publisher's markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_peers_receive_the_stream() {
+    let (_dir, s) = common::start_with_config("[webrtc]\nbind_ip = \"127.0.0.1\"\n");
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(3), None).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(30), 30, 800).await })
+    };
+    let mut subs = Vec::new();
+    for decrypts in [false, true] {
+        let (mut sig, _) = s.join(&room, &format!("light-{decrypts}")).await;
+        let sub = tessera_client::light::subscribe(&mut sig, "127.0.0.1", &publisher.stream_id, decrypts).await.expect("light subscribe");
+        subs.push((sig, sub));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sender.abort();
+    for (_, sub) in &subs {
+        let log = sub.received.lock().unwrap().clone();
+        let video: Vec<_> = log.iter().filter(|r| r.kind == "video").collect();
+        assert!(video.len() > 40, "decrypts={}: {} video packets in 2 s", sub.decrypts, video.len());
+        assert!(log.iter().any(|r| r.kind == "audio"), "decrypts={}: no audio", sub.decrypts);
+        let gaps = video.windows(2).filter(|w| w[1].header.sequence_number != w[0].header.sequence_number.wrapping_add(1)).count();
+        assert_eq!(gaps, 0, "decrypts={}: sequence numbers continuous", sub.decrypts);
+        let marked = video.iter().filter(|r| Marker::find(&r.payload).is_some_and(|m| m.tag == 3)).count();
+        if sub.decrypts {
+            assert_eq!(marked, video.len(), "every decrypted packet carries the publisher's marker");
+        } else {
+            assert_eq!(marked, 0, "payloads are not read");
+            assert!(video.iter().all(|r| r.size > 800), "sizes of the SRTP packets: {:?}", video.first().map(|r| r.size));
+        }
+    }
+}

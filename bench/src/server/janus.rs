@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
+use tessera_client::light::LightPeer;
 use tessera_client::peer::{Connection, PublishOptions, Publisher, Subscriber};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{Keep, Launch, Process, Server, scratch_dir};
+use super::{Keep, Launch, PeerKind, Process, Server, Sub, scratch_dir};
 
 /// The one VideoRoom the bench uses, defined in the generated plugin configuration.
 const ROOM: u64 = 1234;
@@ -290,17 +291,28 @@ impl Server for Janus {
         Ok((publisher, Box::new(session)))
     }
 
-    async fn subscribe(&self, _user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)> {
+    async fn subscribe(&self, _user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep)> {
         let feed: u64 = stream.parse().with_context(|| format!("`{stream}` is not a Janus feed id"))?;
         let session = self.session().await?;
         session.message(json!({"request": "join", "room": ROOM, "ptype": "subscriber", "streams": [{"feed": feed}]}), None).await?;
         let attached = session.wait("subscriber offer", Duration::from_secs(10), |e| e["jsep"]["type"] == "offer").await?;
         let offer = attached["jsep"]["sdp"].as_str().ok_or_else(|| anyhow!("Janus offer without sdp"))?.to_string();
-        let conn = Connection::new_on_baseline_srtp(&self.client_ip).await?;
-        let answer = conn.answer(offer).await?;
-        session.message(json!({"request": "start"}), Some(json!({"type": "answer", "sdp": answer, "trickle": false}))).await?;
-        let received = conn.received.clone();
-        let sub = Subscriber { conn, id: format!("janus-{}", session.handle), received, data: Default::default() };
+        let id = format!("janus-{}", session.handle);
+        let sub = match peer {
+            PeerKind::Full => {
+                let conn = Connection::new_on_baseline_srtp(&self.client_ip).await?;
+                let answer = conn.answer(offer).await?;
+                session.message(json!({"request": "start"}), Some(json!({"type": "answer", "sdp": answer, "trickle": false}))).await?;
+                let received = conn.received.clone();
+                Sub::Full(Subscriber { conn, id, received, data: Default::default() })
+            }
+            PeerKind::Light { decrypts } => {
+                let mut light = LightPeer::new(&self.client_ip, decrypts).await?;
+                let answer = light.answer(offer.clone())?;
+                session.message(json!({"request": "start"}), Some(json!({"type": "answer", "sdp": answer, "trickle": false}))).await?;
+                Sub::Light(light.start(id, &offer))
+            }
+        };
         Ok((sub, Box::new(session)))
     }
 }

@@ -10,11 +10,51 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use tessera_client::peer::{Publisher, Subscriber};
+use tessera_client::light::LightSubscriber;
+use tessera_client::peer::{Publisher, Received, Subscriber};
 
 /// Whatever must stay alive for a publication or subscription to last (a signaling
 /// connection, a Janus session and its poller).
 pub type Keep = Box<dyn std::any::Any + Send>;
+
+/// What subscribes: a full webrtc-rs peer (every packet decrypted and logged), or a light
+/// one (`tessera_client::light`) that only decrypts when `decrypts` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A full peer.
+    Full,
+    /// A light peer.
+    Light {
+        /// Decrypt payloads (markers: latency); else read the clear RTP header only.
+        decrypts: bool,
+    },
+}
+
+/// A subscription made by a scenario.
+pub enum Sub {
+    /// On a full peer.
+    Full(Subscriber),
+    /// On a light peer.
+    Light(LightSubscriber),
+}
+
+impl Sub {
+    /// Everything received so far, in arrival order.
+    pub fn received(&self) -> &Arc<std::sync::Mutex<Vec<Received>>> {
+        match self {
+            Sub::Full(s) => &s.received,
+            Sub::Light(s) => &s.received,
+        }
+    }
+
+    /// Whether the payloads (and their markers) are there to read.
+    pub fn has_payloads(&self) -> bool {
+        match self {
+            Sub::Full(_) => true,
+            Sub::Light(s) => s.decrypts,
+        }
+    }
+}
 
 /// A server the scenarios can load.
 pub trait Server {
@@ -23,7 +63,7 @@ pub trait Server {
     /// Publishes one synthetic VP8 + Opus stream tagged `tag`, ready to be subscribed to.
     async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)>;
     /// Subscribes to audio and video of `stream` (a publisher's `stream_id`).
-    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)>;
+    async fn subscribe(&self, user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep)>;
 }
 
 /// The servers this bench knows.
@@ -129,10 +169,10 @@ impl Server for AnyServer {
             AnyServer::Janus(s) => s.publish(user, tag).await,
         }
     }
-    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)> {
+    async fn subscribe(&self, user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep)> {
         match self {
-            AnyServer::Tessera(s) => s.subscribe(user, stream).await,
-            AnyServer::Janus(s) => s.subscribe(user, stream).await,
+            AnyServer::Tessera(s) => s.subscribe(user, stream, peer).await,
+            AnyServer::Janus(s) => s.subscribe(user, stream, peer).await,
         }
     }
 }

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use tessera_client::light;
 use tessera_client::peer::{Connection, PublishOptions, Publisher, Subscriber};
 use tessera_client::signaling::Signaling;
 
-use super::{Keep, Launch, Process, Server, scratch_dir};
+use super::{Keep, Launch, PeerKind, Process, Server, Sub, scratch_dir};
 
 const KEY: &str = "bench-service-key-0123456789";
 
@@ -139,9 +140,12 @@ impl Server for Tessera {
         let p = Publisher::start(&mut sig, opts, Some(self.connection().await?)).await?;
         Ok((Arc::new(p), Box::new(sig)))
     }
-    async fn subscribe(&self, user: &str, stream: &str) -> anyhow::Result<(Subscriber, Keep)> {
+    async fn subscribe(&self, user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep)> {
         let mut sig = self.join(user).await?;
-        let s = Subscriber::start_on(&mut sig, self.connection().await?, stream, true, true, false).await?;
+        let s = match peer {
+            PeerKind::Full => Sub::Full(Subscriber::start_on(&mut sig, self.connection().await?, stream, true, true, false).await?),
+            PeerKind::Light { decrypts } => Sub::Light(light::subscribe(&mut sig, &self.client_ip, stream, decrypts).await?),
+        };
         Ok((s, Box::new(sig)))
     }
 }

@@ -1,7 +1,8 @@
 //! A Rust client for Tessera, for tests and the load generator: Client-Portal signaling
-//! over Socket.IO (websocket transport) in [`signaling`], and WebRTC publishers and
-//! subscribers in `peer`.
+//! over Socket.IO (websocket transport) in [`signaling`], WebRTC publishers and
+//! subscribers in `peer`, and light receive-only peers for load generation in `light`.
 
+pub mod light;
 pub mod media;
 pub mod peer;
 pub mod signaling;

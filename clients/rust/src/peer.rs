@@ -20,6 +20,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::shared::marshal::MarshalSize;
 use serde_json::{Value, json};
 use tessera_webrtc_agent::feedback::{KeyframeRequestTap, is_keyframe_request};
 use tokio::sync::{mpsc, watch};
@@ -206,42 +207,15 @@ impl Connection {
     }
 
     /// Sends the request and the offer and applies the answer; does not wait for `ready`.
-    pub async fn exchange(&mut self, sig: &mut Signaling, request: &str, mut data: Value, offer_sdp: String) -> anyhow::Result<String> {
-        let mut transport = json!({"type": "webrtc"});
-        if let Some(t) = &self.transport {
-            transport["id"] = json!(t);
-        }
-        data["transport"] = transport;
-        let ack = sig.ok(request, Some(data)).await?;
-        let session = ack["id"].as_str().ok_or_else(|| anyhow!("{request} ack without id: {ack}"))?.to_string();
-        let transport = ack["transportId"].as_str().ok_or_else(|| anyhow!("{request} ack without transportId"))?.to_string();
-        self.transport = Some(transport.clone());
-        sig.ok("soac", Some(json!({"id": transport, "signaling": {"type": "offer", "sdp": offer_sdp}}))).await?;
-        let t = transport.clone();
-        let answer = sig
-            .wait_for("answer", Duration::from_secs(10), |n| {
-                n.event == "progress" && n.data["id"] == t.as_str() && n.data["status"] == "soac" && n.data["data"]["type"] == "answer"
-            })
-            .await?;
-        let sdp = answer.data["data"]["sdp"].as_str().ok_or_else(|| anyhow!("answer without sdp"))?.to_string();
-        self.pc.set_remote_description(RTCSessionDescription::answer(sdp)?).await?;
+    pub async fn exchange(&mut self, sig: &mut Signaling, request: &str, data: Value, offer_sdp: String) -> anyhow::Result<String> {
+        let (session, answer) = offer_session(sig, &mut self.transport, request, data, offer_sdp).await?;
+        self.pc.set_remote_description(RTCSessionDescription::answer(answer)?).await?;
         Ok(session)
     }
 
     /// Waits for the session's `ready` progress (or fails on its `error`).
     pub async fn wait_ready(&self, sig: &mut Signaling, session: &str, timeout: Duration) -> anyhow::Result<()> {
-        let t = self.transport.clone().unwrap_or_default();
-        sig.wait_for("session ready", timeout, |n| {
-            if n.event != "progress" || n.data["id"] != t.as_str() {
-                return false;
-            }
-            if n.data["status"] == "error" {
-                return true;
-            }
-            n.data["sessionId"] == session && n.data["status"] == "ready"
-        })
-        .await
-        .and_then(|n| if n.data["status"] == "error" { Err(anyhow!("session failed: {}", n.data)) } else { Ok(()) })
+        session_ready(sig, self.transport.as_deref().unwrap_or_default(), session, timeout).await
     }
 
     /// Creates and applies an offer for the current transceivers, waiting for ICE
@@ -298,6 +272,50 @@ impl Connection {
     }
 }
 
+/// The Client-Portal offer exchange: sends `request` (publish/subscribe) with the transport
+/// id filled in (`transport`, updated from the ack), then the offer by `soac`, and waits
+/// for the server's answer. Returns the session id and the answer SDP.
+pub async fn offer_session(
+    sig: &mut Signaling,
+    transport: &mut Option<String>,
+    request: &str,
+    mut data: Value,
+    offer_sdp: String,
+) -> anyhow::Result<(String, String)> {
+    let mut t = json!({"type": "webrtc"});
+    if let Some(id) = transport.as_deref() {
+        t["id"] = json!(id);
+    }
+    data["transport"] = t;
+    let ack = sig.ok(request, Some(data)).await?;
+    let session = ack["id"].as_str().ok_or_else(|| anyhow!("{request} ack without id: {ack}"))?.to_string();
+    let id = ack["transportId"].as_str().ok_or_else(|| anyhow!("{request} ack without transportId"))?.to_string();
+    *transport = Some(id.clone());
+    sig.ok("soac", Some(json!({"id": id, "signaling": {"type": "offer", "sdp": offer_sdp}}))).await?;
+    let answer = sig
+        .wait_for("answer", Duration::from_secs(10), |n| {
+            n.event == "progress" && n.data["id"] == id.as_str() && n.data["status"] == "soac" && n.data["data"]["type"] == "answer"
+        })
+        .await?;
+    let sdp = answer.data["data"]["sdp"].as_str().ok_or_else(|| anyhow!("answer without sdp"))?.to_string();
+    Ok((session, sdp))
+}
+
+/// Waits for a session's `ready` progress on `transport` (or fails on its `error`).
+pub async fn session_ready(sig: &mut Signaling, transport: &str, session: &str, timeout: Duration) -> anyhow::Result<()> {
+    sig.wait_for("session ready", timeout, |n| {
+        if n.event != "progress" || n.data["id"] != transport {
+            return false;
+        }
+        if n.data["status"] == "error" {
+            return true;
+        }
+        n.data["sessionId"] == session && n.data["status"] == "ready"
+    })
+    .await
+    .and_then(|n| if n.data["status"] == "error" { Err(anyhow!("session failed: {}", n.data)) } else { Ok(()) })
+}
+
 /// Records every packet of every track the connection receives.
 async fn collect_tracks(mut events: mpsc::UnboundedReceiver<ConnEvent>, sink: Arc<Mutex<Vec<Received>>>) {
     while let Some(ConnEvent::Track(track)) = events.recv().await {
@@ -306,7 +324,8 @@ async fn collect_tracks(mut events: mpsc::UnboundedReceiver<ConnEvent>, sink: Ar
             let kind = if track.kind().await == RtpCodecKind::Audio { "audio" } else { "video" };
             while let Some(ev) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = ev {
-                    let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us() };
+                    let size = p.header.marshal_size() + p.payload.len();
+                    let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us(), size };
                     if let Ok(mut s) = sink.lock() {
                         s.push(r);
                     }
@@ -710,6 +729,9 @@ pub struct Received {
     pub payload: Bytes,
     /// Arrival time in µs since the epoch.
     pub arrived_us: u64,
+    /// Bytes of the RTP packet (header and payload; for a light peer that does not decrypt,
+    /// the SRTP packet without its authentication tag).
+    pub size: usize,
 }
 
 /// Data channel messages received: (is_text, bytes), in order.

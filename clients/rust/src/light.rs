@@ -1,0 +1,249 @@
+//! Light receive-only peers for load generation, on webrtc-rs's sans-I/O core `rtc`.
+//!
+//! A load generator on the same machine as the server must receive more cheaply than the
+//! server forwards, or it measures itself. A light peer runs ICE, DTLS and SRTCP in full
+//! (the server cannot tell it from a browser's receive side, apart from sending no RTCP
+//! feedback of its own) but, unless it `decrypts`, reads each media packet's RTP header in
+//! clear — SRTP encrypts only the payload — and never decrypts it: sequence numbers give
+//! loss and order, arrival times give rates. A few decrypting peers among them read the
+//! payloads' send-time markers for latency. One task per peer, one socket each, on the
+//! caller's runtime.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use bytes::{Bytes, BytesMut};
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::sansio::Protocol;
+use rtc::shared::marshal::{MarshalSize, Unmarshal};
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::json;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+
+use crate::peer::{Received, now_us, offer_session, session_ready};
+use crate::signaling::Signaling;
+
+/// Bytes SRTP appends to every packet with `AES128_CM_HMAC_SHA1_80` (the profile offered).
+const SRTP_TAG: usize = 10;
+
+/// A light peer before it starts receiving: its connection and socket.
+pub struct LightPeer {
+    pc: RTCPeerConnection,
+    socket: UdpSocket,
+    local: SocketAddr,
+    decrypts: bool,
+}
+
+/// A running light peer; it stops when dropped.
+pub struct LightSubscriber {
+    /// The server's subscription id.
+    pub id: String,
+    /// Every media packet received, in arrival order (payloads empty unless it decrypts).
+    pub received: Arc<Mutex<Vec<Received>>>,
+    /// Whether payloads are decrypted (and markers can be read).
+    pub decrypts: bool,
+    _stop: oneshot::Sender<()>,
+}
+
+impl LightPeer {
+    /// A peer with its socket and host candidate on `ip` (a loopback-range address),
+    /// offering only the SRTP profile every server has.
+    pub async fn new(ip: &str, decrypts: bool) -> anyhow::Result<LightPeer> {
+        let socket = UdpSocket::bind(format!("{ip}:0")).await?;
+        let local = socket.local_addr()?;
+        let mut media = MediaEngine::default();
+        media.register_default_codecs()?;
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            .with_srtp_protection_profiles(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80])
+            .build();
+        let pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media)
+            .with_setting_engine(settings)
+            .build(Instant::now())?;
+        Ok(LightPeer { pc, socket, local, decrypts })
+    }
+
+    fn add_host_candidate(&mut self) -> anyhow::Result<()> {
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: self.local.ip().to_string(),
+                port: self.local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()?;
+        self.pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        Ok(())
+    }
+
+    /// Offers recvonly audio and video (servers that answer, like Tessera): returns the
+    /// offer SDP and the (kind, mid) of each m-line.
+    pub fn offer_recvonly(&mut self) -> anyhow::Result<(String, Vec<(&'static str, String)>)> {
+        let mut ids = Vec::new();
+        for (kind, name) in [(RtpCodecKind::Audio, "audio"), (RtpCodecKind::Video, "video")] {
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: vec![], send_encodings: vec![] };
+            ids.push((name, self.pc.add_transceiver_from_kind(kind, Some(init))?));
+        }
+        let offer = self.pc.create_offer(None)?;
+        self.pc.set_local_description(Instant::now(), offer)?;
+        self.add_host_candidate()?;
+        let mut mids = Vec::new();
+        for (name, id) in ids {
+            let mid = self.pc.rtp_transceiver(id).and_then(|t| t.mid().clone()).ok_or_else(|| anyhow!("{name} transceiver without mid"))?;
+            mids.push((name, mid));
+        }
+        let sdp = self.pc.local_description().ok_or_else(|| anyhow!("no local offer"))?.sdp;
+        Ok((sdp, mids))
+    }
+
+    /// Applies the server's answer to [`LightPeer::offer_recvonly`].
+    pub fn apply_answer(&mut self, sdp: String) -> anyhow::Result<()> {
+        self.pc.set_remote_description(Instant::now(), RTCSessionDescription::answer(sdp)?)?;
+        Ok(())
+    }
+
+    /// Answers a server's offer (servers that offer subscriptions, like Janus) with this
+    /// peer's host candidate; returns the answer SDP.
+    pub fn answer(&mut self, offer: String) -> anyhow::Result<String> {
+        self.pc.set_remote_description(Instant::now(), RTCSessionDescription::offer(offer)?)?;
+        self.add_host_candidate()?;
+        let answer = self.pc.create_answer(None)?;
+        self.pc.set_local_description(Instant::now(), answer)?;
+        Ok(self.pc.local_description().ok_or_else(|| anyhow!("no local answer"))?.sdp)
+    }
+
+    /// Starts receiving on a task of the current runtime. `remote_sdp` (the server's offer
+    /// or answer) tells which payload types are audio and which video.
+    pub fn start(self, id: String, remote_sdp: &str) -> LightSubscriber {
+        let kinds = payload_kinds(remote_sdp);
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let decrypts = self.decrypts;
+        tokio::spawn(run(self, kinds, received.clone(), stop_rx));
+        LightSubscriber { id, received, decrypts, _stop: stop_tx }
+    }
+}
+
+/// Subscribes to audio and video of `stream` through Tessera's portal with a light peer on `ip`.
+pub async fn subscribe(sig: &mut Signaling, ip: &str, stream: &str, decrypts: bool) -> anyhow::Result<LightSubscriber> {
+    let mut peer = LightPeer::new(ip, decrypts).await?;
+    let (offer, mids) = peer.offer_recvonly()?;
+    let tracks: Vec<_> = mids.iter().map(|(kind, mid)| json!({"type": kind, "mid": mid, "from": stream})).collect();
+    let mut transport = None;
+    let (session, answer) =
+        offer_session(sig, &mut transport, "subscribe", json!({"media": {"tracks": tracks}}), offer).await.context("subscribe")?;
+    peer.apply_answer(answer.clone())?;
+    // Running before `ready`: the server reports it once ICE and DTLS are through.
+    let sub = peer.start(session.clone(), &answer);
+    session_ready(sig, transport.as_deref().unwrap_or_default(), &session, Duration::from_secs(10)).await?;
+    Ok(sub)
+}
+
+/// Payload type → `audio`/`video`, from the m-lines of an SDP.
+fn payload_kinds(sdp: &str) -> HashMap<u8, &'static str> {
+    let mut out = HashMap::new();
+    for line in sdp.lines() {
+        let mut f = line.split_whitespace();
+        let kind = match f.next() {
+            Some("m=audio") => "audio",
+            Some("m=video") => "video",
+            _ => continue,
+        };
+        // m=<kind> <port> <proto> <fmt>...
+        for pt in f.skip(2).filter_map(|p| p.parse::<u8>().ok()) {
+            out.insert(pt, kind);
+        }
+    }
+    out
+}
+
+/// RTP (not RTCP, STUN or DTLS): version 2 and a payload type outside RTCP's 64..=95 (RFC 5761).
+fn is_rtp(d: &[u8]) -> bool {
+    matches!(d, [b0, b1, ..] if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)))
+}
+
+async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mutex<Vec<Received>>>, mut stop: oneshot::Receiver<()>) {
+    let mut buf = vec![0u8; 2048];
+    let record = |r: Received| {
+        if let Ok(mut l) = log.lock() {
+            l.push(r);
+        }
+    };
+    loop {
+        while let Some(out) = peer.pc.poll_write() {
+            let _ = peer.socket.send_to(&out.message, out.transport.peer_addr).await;
+        }
+        while peer.pc.poll_event().is_some() {}
+        while let Some(m) = peer.pc.poll_read() {
+            if let RTCMessage::RtpPacket(_, p) = m.message {
+                let kind = kinds.get(&p.header.payload_type).copied().unwrap_or("video");
+                let size = p.header.marshal_size() + p.payload.len();
+                record(Received { kind, header: p.header, payload: p.payload, arrived_us: now_us(), size });
+            }
+        }
+        let deadline = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            _ = &mut stop => break,
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let _ = peer.pc.handle_timeout(Instant::now());
+            }
+            r = peer.socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { break };
+                let Some(d) = buf.get(..n) else { continue };
+                if !peer.decrypts && is_rtp(d) {
+                    let mut b = d;
+                    if let Ok(header) = rtp::Header::unmarshal(&mut b) {
+                        let kind = kinds.get(&header.payload_type).copied().unwrap_or("video");
+                        record(Received { kind, header, payload: Bytes::new(), arrived_us: now_us(), size: n.saturating_sub(SRTP_TAG) });
+                    }
+                    continue;
+                }
+                let msg = TaggedBytesMut {
+                    now: Instant::now(),
+                    transport: TransportContext { local_addr: peer.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
+                    message: BytesMut::from(d),
+                };
+                let _ = peer.pc.handle_read(msg);
+            }
+        }
+    }
+    let _ = peer.pc.close();
+    while let Some(out) = peer.pc.poll_write() {
+        let _ = peer.socket.send_to(&out.message, out.transport.peer_addr).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_rtp() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97\r\n";
+        let k = payload_kinds(sdp);
+        assert_eq!((k[&111], k[&0], k[&96], k[&97]), ("audio", "audio", "video", "video"));
+        assert!(is_rtp(&[0x80, 96]) && is_rtp(&[0x80, 0x80 | 111]));
+        assert!(!is_rtp(&[0x80, 200]) && !is_rtp(&[0x81, 201]), "RTCP SR/RR");
+        assert!(!is_rtp(&[0x00, 0x01]) && !is_rtp(&[22, 254]) && !is_rtp(&[0x80]));
+    }
+}
