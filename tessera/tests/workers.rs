@@ -113,6 +113,63 @@ async fn forty_subscribers_on_two_workers_use_two_ports_and_get_every_packet() {
     }
 }
 
+/// The figure: a server with 300 subscribers on 2 workers holds exactly two UDP
+/// sockets. Light peers (the load generator's) keep the test cheap; the publisher sends
+/// 10 video frames a second, and every subscriber gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hundred_subscribers_on_two_workers_use_two_udp_sockets() {
+    const MANY: usize = 300;
+    let base = 45_000 + (std::process::id() % 20) as u16 * 100;
+    let (_dir, s) = common::start_with_config(&config(base));
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(4), None).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move {
+            loop {
+                p.send_video(600).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut subs = Vec::new();
+    let names: Vec<String> = (0..MANY).map(|i| format!("light{i}")).collect();
+    for batch in names.chunks(10) {
+        let joins = batch.iter().map(|name| {
+            let (s, room, stream) = (&s, &room, &publisher.stream_id);
+            async move {
+                let (mut sig, _) = s.join(room, name).await;
+                let sub = tessera_client::light::subscribe(&mut sig, "127.0.0.1", stream, false).await;
+                (sig, sub)
+            }
+        });
+        for (sig, sub) in futures_util::future::join_all(joins).await {
+            subs.push((sig, sub.expect("light subscribe")));
+        }
+    }
+    let sockets = udp_sockets(s.child.id());
+    assert_eq!(sockets.len(), 2, "one socket per worker with {MANY} subscribers: {sockets:?}");
+    let stats: Value = s.client().get(s.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["media"]["transports"], json!(MANY + 1), "{stats}");
+    let log = strip_ansi(&s.stderr.lock().unwrap());
+    for w in 0..2 {
+        let on_w = log.lines().filter(|l| l.contains("transport connected") && l.contains(&format!("worker={w}"))).count();
+        assert!(on_w >= 100, "worker {w} connected {on_w} transports");
+    }
+    let counts = |subs: &[(tessera_client::signaling::Signaling, tessera_client::light::LightSubscriber)]| -> Vec<usize> {
+        subs.iter().map(|(_, l)| l.received.lock().unwrap().iter().filter(|r| r.kind == "video").count()).collect()
+    };
+    let before = counts(&subs);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = counts(&subs);
+    sender.abort();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        // 10 frames a second: about 20 in the window.
+        assert!(a - b >= 15, "subscriber {i} got {} video packets in 2 s", a - b);
+    }
+}
+
 /// The server ufrag and port in an answer SDP.
 fn ice_of(sdp: &str) -> (String, u16) {
     let ufrag = sdp.lines().find_map(|l| l.trim().strip_prefix("a=ice-ufrag:")).expect("ufrag in answer").to_string();
