@@ -55,6 +55,22 @@ pub struct Config {
     pub demo: Demo,
     /// Logging.
     pub log: Log,
+    /// Several nodes coordinated over NATS (off by default: one process, nothing to run beside).
+    pub cluster: Cluster,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// NATS server URL (`nats://host:4222`); empty: no cluster, everything in this process.
+    pub nats_url: String,
+    /// This node's id in the cluster; empty: the one generated into `<data_dir>/node.id` at first start.
+    pub node_id: String,
+    /// Address other nodes send relayed media to; empty: the first address media binds to.
+    pub relay_addr: String,
+    /// Region label, for placing sessions near their portal.
+    pub region: String,
 }
 
 /// `[server]`
@@ -178,6 +194,11 @@ pub struct WebRtc {
     /// The `workers` engine also accepts ICE over TCP (RFC 6544, passive) on each worker's
     /// port number, for clients whose network blocks UDP.
     pub ice_tcp: bool,
+}
+
+/// Whether `id` can name a node (it becomes a NATS key and subject token).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The SFU's forwarding engine.
@@ -354,6 +375,17 @@ impl Config {
         }
         if self.service.id.is_empty() {
             return Err(err("service.id", "must not be empty".into()));
+        }
+        let c = &self.cluster;
+        let nats_scheme = ["nats://", "tls://"].iter().any(|p| c.nats_url.starts_with(p));
+        if !c.nats_url.is_empty() && !nats_scheme {
+            return Err(err("cluster.nats_url", format!("`{}` is not a nats:// or tls:// URL", c.nats_url)));
+        }
+        if !c.node_id.is_empty() && !valid_node_id(&c.node_id) {
+            return Err(err("cluster.node_id", format!("`{}`: use 1-64 letters, digits, `-` or `_`", c.node_id)));
+        }
+        if !c.relay_addr.is_empty() && c.relay_addr.parse::<std::net::IpAddr>().is_err() {
+            return Err(err("cluster.relay_addr", format!("`{}` is not an IP address", c.relay_addr)));
         }
         if !self.service.key.is_empty() && self.service.key.len() < 16 {
             return Err(err("service.key", "must be at least 16 characters (or empty to generate one)".into()));

@@ -18,6 +18,7 @@ pub mod control;
 pub mod crypto;
 pub mod ids;
 pub mod media;
+pub mod node;
 pub mod room;
 pub mod store;
 pub mod stream;

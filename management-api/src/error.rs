@@ -34,6 +34,9 @@ pub enum ApiError {
     /// Server-side failure (500, code 2001).
     #[error("{0}")]
     Internal(String),
+    /// Something the request needs is unreachable for now, e.g. the cluster's NATS (503, code 2002).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::TooLarge(_) => 1202,
             ApiError::Conflict(_) => 1203,
             ApiError::Internal(_) => 2001,
+            ApiError::Unavailable(_) => 2002,
         }
     }
 }
@@ -64,6 +68,7 @@ impl ResponseError for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct ApiState {
     pub drain: Option<Arc<tokio::sync::Notify>>,
     /// Origins allowed to call the API from a browser (`*`: any); empty: no CORS.
     pub cors_origins: Vec<String>,
+    /// The nodes of this deployment (this one alone without a cluster).
+    pub nodes: Arc<dyn tessera_core::node::NodeDirectory>,
 }
 
 /// Seconds since the Unix epoch.

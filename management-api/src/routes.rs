@@ -38,6 +38,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
             web::scope("/v1")
                 .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
                 .route("/stats", web::get().to(stats))
+                .route("/cluster/nodes", web::get().to(cluster_nodes))
                 .route("/drain", web::post().to(drain))
                 .route("/rooms", web::post().to(create_room))
                 .route("/rooms", web::get().to(list_rooms))
@@ -257,7 +258,6 @@ async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(S
     Ok(HttpResponse::Ok().finish())
 }
 
-/// Tessera extension: live counts, for operators and leak checks.
 /// `POST /v1/drain` (Tessera extension, what `tessera drain` calls): the same as SIGTERM.
 async fn drain(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     let hook = state.drain.as_ref().ok_or_else(|| ApiError::Internal("this server cannot be drained over REST".into()))?;
@@ -266,8 +266,16 @@ async fn drain(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Accepted().json(serde_json::json!({"draining": true})))
 }
 
+/// Tessera extension: live counts, for operators and leak checks.
 async fn stats(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.stats().await))
+}
+
+/// `GET /v1/cluster/nodes` (Tessera extension): every live node with its roles and load;
+/// `self` names the node that answered.
+async fn cluster_nodes(_: Authed, state: web::Data<ApiState>) -> Result<HttpResponse> {
+    let nodes = state.nodes.nodes().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"self": state.nodes.this_node().id, "nodes": nodes})))
 }
 
 async fn patch_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {

@@ -167,6 +167,11 @@ impl Mixer {
         Arc::new(Mixer { source, events, rooms: Mutex::new(HashMap::new()) })
     }
 
+    /// Mixed views running, over every room (a node's load report).
+    pub fn view_count(&self) -> usize {
+        self.lock().values().map(HashMap::len).sum()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Arc<ViewMix>>>> {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// Data folder, overrides server.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Join the cluster on this NATS server (nats://host:4222), overrides cluster.nats_url.
+    #[arg(long, value_name = "NATS_URL")]
+    cluster: Option<String>,
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -39,6 +42,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(d) = &args.data_dir {
         config.server.data_dir = d.clone();
+    }
+    if let Some(url) = &args.cluster {
+        config.cluster.nats_url = url.clone();
     }
     config.apply_env();
     // Flags and the environment may have brought new values: check again. Errors then
@@ -200,6 +206,46 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (sfu.clone(), sfu.clone(), sfu.event_sender());
     let mixer = tessera_mixer::Mixer::new(streams.clone(), event_tx);
     let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
+
+    // This node's load, for the node list and (in a cluster) its heartbeat.
+    let load = {
+        let (sfu, mixer, cpu) = (sfu.clone(), mixer.clone(), crate::node::CpuMeter::new());
+        Arc::new(move || {
+            let m = sfu.stats();
+            tessera_core::node::NodeLoad {
+                cpu_pct: cpu.sample(),
+                transports: m.transports,
+                publications: m.publications + m.local_streams,
+                subscriptions: m.subscriptions,
+                views: mixer.view_count(),
+            }
+        })
+    };
+    let node_id = crate::node::node_id(&config.cluster.node_id, &config.server.data_dir)?;
+    let cluster = if config.cluster.nats_url.is_empty() {
+        None
+    } else {
+        let relay_addr = match config.cluster.relay_addr.as_str() {
+            "" => sfu.addrs().first().map(|a| a.ip().to_string()).unwrap_or_default(),
+            ip => ip.to_string(),
+        };
+        let settings = tessera_cluster::ClusterSettings {
+            nats_url: config.cluster.nats_url.clone(),
+            node_id: node_id.clone(),
+            roles: tessera_core::node::Role::ALL.to_vec(),
+            relay_addr,
+            region: config.cluster.region.clone(),
+        };
+        let node = tessera_cluster::ClusterNode::join(settings).await?;
+        let load = load.clone();
+        node.spawn_heartbeat(move || load());
+        println!("tessera: node `{node_id}` joined the cluster at {}", config.cluster.nats_url);
+        Some(node)
+    };
+    let nodes: Arc<dyn tessera_core::node::NodeDirectory> = match &cluster {
+        Some(node) => node.clone(),
+        None => Arc::new(crate::node::LocalNode::new(node_id, Box::new(move || load()))),
+    };
     // One process: every node is local and commands pass as values.
     let router: Arc<dyn tessera_core::command::Router> =
         Arc::new(tessera_core::command::LocalRouter { agent: Some(agent), mixer: Some(mixer), recorder: Some(recorder.clone()) });
@@ -221,6 +267,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         router,
         drain: Some(drain_requested.clone()),
         cors_origins: config.server.api_cors_origins.clone(),
+        nodes,
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
         store: store.clone(),
@@ -270,6 +317,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Refuse new logins and sessions; what runs goes on until everyone left, the
         // timeout, or a second signal.
         portal.drain();
+        if let Some(node) = &cluster {
+            node.set_draining(true);
+        }
         println!("tessera: draining for up to {} s ({} participants)", drain.as_secs(), portal.participant_count());
         info!(timeout_secs = drain.as_secs(), participants = portal.participant_count(), "draining");
         let deadline = tokio::time::Instant::now() + drain;
@@ -284,6 +334,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+    // Out of the cluster first, so no one places anything here any more.
+    if let Some(node) = &cluster {
+        node.leave().await;
     }
     // Recordings first, while their sources still flow, so every file is finalised.
     recorder.shutdown().await;

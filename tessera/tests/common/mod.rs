@@ -32,10 +32,17 @@ pub fn bin() -> &'static str {
 /// Starts a server with `config` as its TOML file, in a fresh directory kept alive as long
 /// as the returned guard.
 pub fn start_with_config(config: &str) -> (tempfile::TempDir, Server) {
+    start_with_config_args(config, &[])
+}
+
+/// Like [`start_with_config`], with extra command-line arguments.
+pub fn start_with_config_args(config: &str, extra: &[&str]) -> (tempfile::TempDir, Server) {
     let dir = tempdir();
     let cfg = dir.path().join("t.toml");
     std::fs::write(&cfg, config).unwrap();
-    let s = start(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let s = start(&dir.path().join("data"), &args);
     (dir, s)
 }
 
@@ -177,4 +184,22 @@ pub fn tempdir() -> tempfile::TempDir {
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs the calling test again inside a fresh network namespace holding only loopback
+/// (`unshare -n`), for tests that must not share the host's network (cluster tests).
+/// Returns `true` in that inner run, where the test does its work; in the outer run it
+/// waits for the inner one, fails if it failed, and returns `false`.
+pub fn in_own_netns(test: &str) -> bool {
+    if std::env::var("TESSERA_TEST_NETNS").is_ok() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let script = format!("ip link set lo up && exec {} {test} --exact --nocapture --test-threads=1", exe.display());
+    let out = Command::new("unshare").args(["-n", "sh", "-c", &script]).env("TESSERA_TEST_NETNS", "1").output().expect("run unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stdout.contains("1 passed"), "{test} in its network namespace failed:\n{stdout}\n{stderr}");
+    println!("{stdout}");
+    false
 }

@@ -1,0 +1,337 @@
+//! Tessera's cluster: nodes coordinated over NATS.
+//!
+//! A node joins by registering itself in the JetStream key-value bucket `tessera_nodes`
+//! (key: its id; value: its [`NodeRecord`] as JSON) and re-writes that entry every
+//! [`HEARTBEAT`] with its current load. The bucket's `max_age` is [`NODE_TTL`], so the
+//! entry of a node that stops reporting (killed, cut off) disappears after at most that
+//! long; a node that stops cleanly deletes it at once. Writes are compare-and-set on the
+//! entry's revision, so two processes started with the same node id cannot both believe
+//! they own it: the second is refused while the first keeps reporting.
+//!
+//! NATS 2.9 (Debian 12) has no per-key TTL and no expiry events: expiry is bucket-wide and
+//! silent, which is why liveness is "the entry is there", read from the server.
+//! What lives in NATS and what only in a node's memory is listed in docs/cluster.md.
+
+// Input from the network must never panic this crate: no unwrap/expect/panic and no
+// unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tessera_core::node::{NodeDirectory, NodeDirectoryError, NodeLoad, NodeRecord, Role};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// The bucket of live nodes.
+pub const NODES_BUCKET: &str = "tessera_nodes";
+/// A node's entry disappears this long after its last report.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
+/// How often a node reports.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long connecting (and each request to NATS) may take.
+const NATS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How a node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// This node's id.
+    pub node_id: String,
+    /// What this node does.
+    pub roles: Vec<Role>,
+    /// Where other nodes send it relayed media.
+    pub relay_addr: String,
+    /// Its region label.
+    pub region: String,
+}
+
+/// Why joining or talking to the cluster failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The NATS server could not be reached.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// NATS is there but JetStream (the key-value buckets) is not usable.
+    #[error("NATS at {url} has no usable JetStream (start nats-server with -js): {reason}")]
+    JetStream {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// Another running node registered this id.
+    #[error("node id `{id}` is in use by another running node (instance {instance}, last report {age_ms} ms ago)")]
+    NodeIdInUse {
+        /// The id.
+        id: String,
+        /// The other node's instance.
+        instance: String,
+        /// How long ago it reported.
+        age_ms: u64,
+    },
+    /// A registry read or write failed.
+    #[error("node registry: {0}")]
+    Registry(String),
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// This process as a member of the cluster.
+pub struct ClusterNode {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The registry bucket (opened again if NATS lost it: memory storage does not survive a restart).
+    nodes: Mutex<kv::Store>,
+    record: Mutex<NodeRecord>,
+    /// The revision of our entry, for compare-and-set writes.
+    revision: Mutex<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl ClusterNode {
+    /// Connects to NATS, opens the registry and registers this node. Fails with the URL and
+    /// the reason when NATS cannot be reached, and when another live node has this id.
+    pub async fn join(settings: ClusterSettings) -> Result<Arc<ClusterNode>, ClusterError> {
+        let url = settings.nats_url.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("tessera-{}", settings.node_id))
+            .connection_timeout(NATS_TIMEOUT)
+            .request_timeout(Some(NATS_TIMEOUT))
+            .connect(url.as_str())
+            .await
+            .map_err(|e| ClusterError::Connect { url: url.clone(), reason: e.to_string() })?;
+        let js = jetstream::ContextBuilder::new().timeout(NATS_TIMEOUT).build(client.clone());
+        let nodes = open_nodes(&js).await.map_err(|reason| ClusterError::JetStream { url: url.clone(), reason })?;
+        let now = now_ms();
+        let record = NodeRecord {
+            id: settings.node_id.clone(),
+            instance: format!("{:016x}", rand::random::<u64>()),
+            roles: settings.roles,
+            relay_addr: settings.relay_addr,
+            region: settings.region,
+            draining: false,
+            load: NodeLoad::default(),
+            started_ms: now,
+            reported_ms: now,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let revision = register(&nodes, &record).await?;
+        info!(node = %record.id, instance = %record.instance, nats = %url, "joined the cluster");
+        let (stop, _) = watch::channel(false);
+        Ok(Arc::new(ClusterNode { client, js, nodes: Mutex::new(nodes), record: Mutex::new(record), revision: Mutex::new(revision), stop }))
+    }
+
+    /// Reports this node every [`HEARTBEAT`] with the load `load` measures, until
+    /// [`ClusterNode::leave`]. A report that fails (NATS away) is retried at the next beat;
+    /// the entry expires meanwhile if NATS stays away longer than [`NODE_TTL`], and the
+    /// node registers again when it is back.
+    pub fn spawn_heartbeat(self: &Arc<Self>, load: impl Fn() -> NodeLoad + Send + Sync + 'static) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                if let Err(e) = me.report(load()).await {
+                    warn!(node = %me.id(), error = %e, "cluster heartbeat failed");
+                }
+            }
+        })
+    }
+
+    /// Writes this node's entry with `load` (compare-and-set on our revision).
+    async fn report(&self, load: NodeLoad) -> Result<(), ClusterError> {
+        let record = {
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.load = load;
+            r.reported_ms = now_ms();
+            r.clone()
+        };
+        let value = encode(&record)?;
+        let revision = *self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        let next = match self.store().update(&record.id, value.clone(), revision).await {
+            Ok(rev) => rev,
+            Err(e) => {
+                debug!(node = %record.id, error = %e, "heartbeat update refused; re-reading the entry");
+                self.recover(&record, value).await?
+            }
+        };
+        *self.revision.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// After a refused report: the entry expired (NATS was away longer than the TTL), a
+    /// timed-out write landed after all, or NATS restarted and lost the bucket. Finds out
+    /// which and returns the entry's new revision.
+    async fn recover(&self, record: &NodeRecord, value: Bytes) -> Result<u64, ClusterError> {
+        let store = self.store();
+        match store.entry(&record.id).await {
+            Ok(Some(entry)) if decode(&entry.value).is_some_and(|r| r.instance == record.instance) => {
+                store.update(&record.id, value, entry.revision).await.map_err(|e| ClusterError::Registry(e.to_string()))
+            }
+            Ok(Some(entry)) => {
+                let other = decode(&entry.value).map(|r| r.instance).unwrap_or_default();
+                Err(ClusterError::Registry(format!("node id `{}` was taken by instance {other}", record.id)))
+            }
+            Ok(None) => {
+                info!(node = %record.id, "registering again (the entry had expired)");
+                register(&store, record).await
+            }
+            Err(e) => {
+                debug!(node = %record.id, error = %e, "registry unreadable; opening the bucket again");
+                let store = open_nodes(&self.js).await.map_err(ClusterError::Registry)?;
+                *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = store.clone();
+                info!(node = %record.id, "registering again (the registry was recreated)");
+                register(&store, record).await
+            }
+        }
+    }
+
+    fn store(&self) -> kv::Store {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Marks this node draining in its next report.
+    pub fn set_draining(&self, draining: bool) {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).draining = draining;
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> String {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).id.clone()
+    }
+
+    /// Stops reporting and removes this node's entry, so the others see it gone at once.
+    pub async fn leave(&self) {
+        let _ = self.stop.send(true);
+        let id = self.id();
+        match self.store().delete(&id).await {
+            Ok(()) => info!(node = %id, "left the cluster"),
+            Err(e) => warn!(node = %id, error = %e, "could not remove this node's entry; it expires in {} s", NODE_TTL.as_secs()),
+        }
+        let _ = self.client.flush().await;
+    }
+}
+
+/// Creates a node's entry; if one exists, waits (up to the TTL) for it to expire, in
+/// case it is this node's own predecessor that was killed, and refuses if it keeps
+/// being reported.
+async fn register(nodes: &kv::Store, record: &NodeRecord) -> Result<u64, ClusterError> {
+    let value = encode(record)?;
+    let deadline = tokio::time::Instant::now() + NODE_TTL + HEARTBEAT;
+    loop {
+        match nodes.create(&record.id, value.clone()).await {
+            Ok(rev) => return Ok(rev),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let other = nodes.entry(&record.id).await.map_err(|e| ClusterError::Registry(e.to_string()))?.and_then(|e| decode(&e.value));
+                if tokio::time::Instant::now() >= deadline {
+                    let (instance, age_ms) = other.map(|o| (o.instance, now_ms().saturating_sub(o.reported_ms))).unwrap_or_default();
+                    return Err(ClusterError::NodeIdInUse { id: record.id.clone(), instance, age_ms });
+                }
+                if let Some(o) = other {
+                    info!(node = %record.id, other = %o.instance, "node id registered by another instance; waiting for its entry to expire");
+                }
+                tokio::time::sleep(HEARTBEAT / 2).await;
+            }
+            Err(e) => return Err(ClusterError::Registry(e.to_string())),
+        }
+    }
+}
+
+/// Opens (or creates) the node registry.
+async fn open_nodes(js: &jetstream::Context) -> Result<kv::Store, String> {
+    open_bucket(js, NODES_BUCKET, "Tessera nodes: one entry per live node, re-written every 2 s", NODE_TTL).await
+}
+
+/// Opens a key-value bucket (history 1, memory storage, entries expiring `max_age` after
+/// their last write; zero: never), creating it if absent.
+///
+/// async-nats 0.51 creates buckets only after reading the account's JetStream info, whose
+/// reply from NATS 2.9 lacks fields the client requires (`reserved_memory`,
+/// `reserved_storage`), so the bucket's stream is made here the way its KV layer makes it
+/// (`KV_<bucket>` on `$KV.<bucket>.>`, one message per key, roll-ups, direct gets), then
+/// opened as a bucket.
+async fn open_bucket(js: &jetstream::Context, bucket: &str, description: &str, max_age: Duration) -> Result<kv::Store, String> {
+    let config = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: jetstream::stream::StorageType::Memory,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config).await.map_err(|e| e.to_string())?;
+    js.get_key_value(bucket).await.map_err(|e| e.to_string())
+}
+
+fn encode(record: &NodeRecord) -> Result<Bytes, ClusterError> {
+    serde_json::to_vec(record).map(Bytes::from).map_err(|e| ClusterError::Registry(e.to_string()))
+}
+
+fn decode(value: &[u8]) -> Option<NodeRecord> {
+    serde_json::from_slice(value).ok()
+}
+
+#[async_trait::async_trait]
+impl NodeDirectory for ClusterNode {
+    fn this_node(&self) -> NodeRecord {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, NodeDirectoryError> {
+        // The key listing waits for NATS while it is away: bound it, so a caller gets an answer.
+        tokio::time::timeout(NATS_TIMEOUT, self.list())
+            .await
+            .map_err(|_| NodeDirectoryError(format!("no answer from NATS within {} s", NATS_TIMEOUT.as_secs())))?
+    }
+}
+
+impl ClusterNode {
+    async fn list(&self) -> Result<Vec<NodeRecord>, NodeDirectoryError> {
+        let err = |e: String| NodeDirectoryError(e);
+        let store = self.store();
+        let mut keys = store.keys().await.map_err(|e| err(e.to_string()))?;
+        let mut ids = Vec::new();
+        while let Some(k) = keys.next().await {
+            ids.push(k.map_err(|e| err(e.to_string()))?);
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            // Gone between the listing and the read: expired or left.
+            if let Some(v) = store.get(&id).await.map_err(|e| err(e.to_string()))? {
+                match decode(&v) {
+                    Some(r) => out.push(r),
+                    None => warn!(key = %id.escape_debug(), "unreadable node entry skipped"),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}

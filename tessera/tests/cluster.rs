@@ -1,0 +1,217 @@
+//! Nodes coordinated over NATS: a real `nats-server` (Debian's, with JetStream) started by
+//! the test, Tessera nodes joining it, inside a network namespace of the test's own.
+
+mod common;
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A `nats-server` with JetStream on a free loopback port, stopped when dropped.
+struct Nats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Nats {
+        let dir = common::tempdir();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (scripts/install-deps.sh --test)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Nats { child, port, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn nodes(s: &common::Server) -> Value {
+    try_nodes(s).await.expect("the node list (200)")
+}
+
+/// The node list, or `None` while the node answers 503 (its NATS unreachable).
+async fn try_nodes(s: &common::Server) -> Option<Value> {
+    let res = s.client().get(s.url("/v1/cluster/nodes")).bearer_auth(common::KEY).timeout(Duration::from_secs(10)).send().await.unwrap();
+    match res.status().as_u16() {
+        200 => Some(res.json().await.unwrap()),
+        503 => None,
+        other => panic!("GET /v1/cluster/nodes answered {other}"),
+    }
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Waits until the node list (as `s` sees it) has exactly `want`.
+async fn wait_nodes(s: &common::Server, want: &[&str], within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = try_nodes(s).await;
+        if let Some(v) = &v
+            && ids(v) == want
+        {
+            return v.clone();
+        }
+        assert!(Instant::now() < deadline, "nodes {:?}, wanted {want:?} within {within:?}", v.as_ref().map(ids));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Nodes register with their roles and load, see each other, leave at once on SIGTERM
+/// and expire after the TTL on SIGKILL; a node id in use is refused; without a cluster the
+/// list holds this node alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_report_and_leave() {
+    if !common::in_own_netns("nodes_join_report_and_leave") {
+        return;
+    }
+    // Alone: this node, every role, its id kept in the data folder.
+    let (dir, mut alone) = common::start_with_config("[webrtc]\nbind_ip = \"127.0.0.1\"\n");
+    let v = nodes(&alone).await;
+    let id = std::fs::read_to_string(dir.path().join("data/node.id")).unwrap().trim().to_string();
+    assert_eq!(ids(&v), vec![id.clone()]);
+    assert_eq!(v["self"], id.as_str());
+    assert_eq!(v["nodes"][0]["roles"], serde_json::json!(["portal", "webrtc", "mixer", "recorder"]));
+    assert!(alone.terminate());
+
+    let nats = Nats::start();
+    let url = nats.url();
+    let join = |id: &str| {
+        let cfg = format!("[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"{id}\"\nregion = \"lab\"\n");
+        let (dir, s) = common::start_with_config_args(&cfg, &["--cluster", &url]);
+        assert!(s.startup.iter().any(|l| l.contains(&format!("node `{id}` joined the cluster"))), "{:?}", s.startup);
+        (dir, s)
+    };
+    let (_a_dir, a) = join("alpha");
+    let (_b_dir, mut b) = join("bravo");
+    let (_c_dir, mut c) = join("charlie");
+    let v = wait_nodes(&a, &["alpha", "bravo", "charlie"], Duration::from_secs(5)).await;
+    assert_eq!(v["self"], "alpha");
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["region"], "lab");
+        assert_eq!(n["relayAddr"], "127.0.0.1");
+        assert_eq!(n["draining"], false);
+        assert!(n["load"]["transports"].is_u64(), "{n}");
+    }
+    // Any node answers with the same list.
+    assert_eq!(ids(&nodes(&b).await), ids(&v));
+
+    // Load travels: a participant publishing on bravo shows up in bravo's next report.
+    let room = b.new_room(serde_json::json!({})).await;
+    let (mut sig, _) = b.join(&room, "p").await;
+    let _p = tessera_client::peer::Publisher::start(&mut sig, common::av(1), None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let v = nodes(&a).await;
+        let bravo = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "bravo").cloned().unwrap();
+        if bravo["load"]["transports"] == 1 && bravo["load"]["publications"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bravo's load never showed its publisher: {bravo}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The same id twice: refused (after waiting out a TTL in case it was its own crashed
+    // predecessor), with the id and the other instance named.
+    let cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"alpha\"\n".to_string();
+    let dup_dir = common::tempdir();
+    std::fs::write(dup_dir.path().join("t.toml"), &cfg).unwrap();
+    let started = Instant::now();
+    let out = Command::new(common::bin())
+        .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--cluster", &url, "--config"])
+        .arg(dup_dir.path().join("t.toml"))
+        .arg("--data-dir")
+        .arg(dup_dir.path().join("data"))
+        .env("TESSERA_SERVICE_KEY", common::KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("node id `alpha` is in use by another running node"), "{err}");
+    assert!(started.elapsed() >= Duration::from_secs(9), "it waited a TTL first: {:?}", started.elapsed());
+
+    // SIGTERM: gone from the list at once. SIGKILL: gone once its entry expires (10 s).
+    assert!(b.terminate());
+    wait_nodes(&a, &["alpha", "charlie"], Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    c.child.kill().unwrap();
+    let _ = c.child.wait();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ids(&nodes(&a).await), vec!["alpha", "charlie"], "a killed node stays listed until its entry expires");
+    wait_nodes(&a, &["alpha"], Duration::from_secs(12)).await;
+    let gone_after = killed.elapsed();
+    assert!(gone_after <= Duration::from_secs(13), "{gone_after:?}");
+    println!("killed node gone from the list after {gone_after:?}");
+
+    // NATS goes away: the list answers 503 with the reason, the node keeps serving; NATS
+    // comes back empty (memory storage): the node registers again by itself.
+    let port = nats.port;
+    drop(nats);
+    let asked = Instant::now();
+    let res = a.client().get(a.url("/v1/cluster/nodes")).bearer_auth(common::KEY).timeout(Duration::from_secs(10)).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(asked.elapsed() < Duration::from_secs(5), "answered in {:?}", asked.elapsed());
+    let body: Value = res.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("node registry is unreachable"), "{body}");
+    assert_eq!(a.client().get(a.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().status(), 200);
+    let _nats = Nats::start_on(port);
+    let back = Instant::now();
+    wait_nodes(&a, &["alpha"], Duration::from_secs(15)).await;
+    println!("registered again {:?} after NATS came back", back.elapsed());
+}
+
+/// A node refuses to start on a NATS it cannot reach, naming the URL and the reason; and a
+/// malformed URL is a config error naming the key.
+#[test]
+fn bad_nats_url_refuses_to_start() {
+    if !common::in_own_netns("bad_nats_url_refuses_to_start") {
+        return;
+    }
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    for (args, want) in [
+        (vec!["--cluster", url.as_str()], format!("cannot connect to NATS at {url}")),
+        (vec!["--cluster", "http://127.0.0.1:4222"], "key `cluster.nats_url`: `http://127.0.0.1:4222` is not a nats:// or tls:// URL".to_string()),
+    ] {
+        let dir = common::tempdir();
+        let out = Command::new(common::bin())
+            .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(&args)
+            .env("TESSERA_SERVICE_KEY", common::KEY)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {args:?}");
+        assert!(err.contains(&want), "wanted {want:?} in:\n{err}");
+    }
+}
