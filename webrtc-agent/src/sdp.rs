@@ -8,22 +8,25 @@ pub(crate) fn negotiated_payload_type(
     want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
 ) -> Option<u8> {
     let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type);
-    let key = |fmtp: &str| {
-        let mut parts: Vec<String> = fmtp
-            .split(';')
-            .map(|kv| kv.trim().to_ascii_lowercase())
-            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
-            .collect();
-        parts.sort();
-        parts
-    };
-    let wanted = key(&want.sdp_fmtp_line);
+    let wanted = h264_key(&want.sdp_fmtp_line);
     codecs
         .iter()
         .filter(same_mime)
-        .find(|c| key(&c.rtp_codec.sdp_fmtp_line) == wanted)
+        .find(|c| h264_key(&c.rtp_codec.sdp_fmtp_line) == wanted)
         .or_else(|| codecs.iter().find(same_mime))
         .map(|c| c.payload_type)
+}
+
+/// The H.264 parameters that decide whether two codecs carry the same stream (profile and
+/// packetization mode), normalised; empty for other codecs' fmtp lines.
+fn h264_key(fmtp: &str) -> Vec<String> {
+    let mut k: Vec<String> = fmtp
+        .split(';')
+        .map(|kv| kv.trim().to_ascii_lowercase())
+        .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
+        .collect();
+    k.sort();
+    k
 }
 
 /// The order in which m-lines appear in an SDP, by mid.
@@ -39,6 +42,15 @@ mod tests {
     fn mids_in_order() {
         let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
         assert_eq!(mid_order(sdp), vec!["1", "0"]);
+    }
+
+    #[test]
+    fn h264_streams_match_on_profile_and_packetization_mode() {
+        let key = h264_key("level-asymmetry-allowed=1; packetization-mode=1;profile-level-id=42E01F");
+        assert_eq!(key, vec!["packetization-mode=1", "profile-level-id=42e01f"]);
+        assert_eq!(key, h264_key("profile-level-id=42e01f;packetization-mode=1"));
+        assert_ne!(key, h264_key("profile-level-id=42e01f;packetization-mode=0"));
+        assert!(h264_key("minptime=10;useinbandfec=1").is_empty());
     }
 }
 
@@ -106,17 +118,6 @@ a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\na=extmap:1 urn:ietf:pa
 
     fn mimes() -> impl Strategy<Value = &'static str> {
         prop::sample::select(&["video/H264", "video/h264", "video/VP8", "audio/opus", "video/AV1", ""][..])
-    }
-
-    /// The H.264 parameters that decide whether two codecs carry the same stream.
-    fn h264_key(fmtp: &str) -> Vec<String> {
-        let mut k: Vec<String> = fmtp
-            .split(';')
-            .map(|kv| kv.trim().to_ascii_lowercase())
-            .filter(|kv| kv.starts_with("profile-level-id") || kv.starts_with("packetization-mode"))
-            .collect();
-        k.sort();
-        k
     }
 
     proptest! {
