@@ -99,6 +99,8 @@ pub struct ClusterNode {
     /// The revision of our entry, for compare-and-set writes.
     revision: Mutex<u64>,
     stop: watch::Sender<bool>,
+    /// The heartbeat task, stopped before the entry is deleted (so it cannot write it again).
+    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ClusterNode {
@@ -131,18 +133,28 @@ impl ClusterNode {
         let revision = register(&nodes, &record).await?;
         info!(node = %record.id, instance = %record.instance, nats = %url, "joined the cluster");
         let (stop, _) = watch::channel(false);
-        Ok(Arc::new(ClusterNode { client, js, nodes: Mutex::new(nodes), record: Mutex::new(record), revision: Mutex::new(revision), stop }))
+        Ok(Arc::new(ClusterNode {
+            client,
+            js,
+            nodes: Mutex::new(nodes),
+            record: Mutex::new(record),
+            revision: Mutex::new(revision),
+            stop,
+            heartbeat: Mutex::new(None),
+        }))
     }
 
     /// Reports this node every [`HEARTBEAT`] with the load `load` measures, until
     /// [`ClusterNode::leave`]. A report that fails (NATS away) is retried at the next beat;
     /// the entry expires meanwhile if NATS stays away longer than [`NODE_TTL`], and the
     /// node registers again when it is back.
-    pub fn spawn_heartbeat(self: &Arc<Self>, load: impl Fn() -> NodeLoad + Send + Sync + 'static) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_heartbeat(self: &Arc<Self>, load: impl Fn() -> NodeLoad + Send + Sync + 'static) {
         let me = self.clone();
         let mut stop = self.stop.subscribe();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
+            // After a stalled report (NATS away), one report, not a burst of the missed ones.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tokio::select! {
@@ -156,7 +168,8 @@ impl ClusterNode {
                     warn!(node = %me.id(), error = %e, "cluster heartbeat failed");
                 }
             }
-        })
+        });
+        *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
     /// Writes this node's entry with `load` (compare-and-set on our revision).
@@ -185,7 +198,8 @@ impl ClusterNode {
     /// which and returns the entry's new revision.
     async fn recover(&self, record: &NodeRecord, value: Bytes) -> Result<u64, ClusterError> {
         let store = self.store();
-        match store.entry(&record.id).await {
+        // A delete marker (someone's clean leave) counts as no entry.
+        match store.entry(&record.id).await.map(|e| e.filter(|e| e.operation == kv::Operation::Put)) {
             Ok(Some(entry)) if decode(&entry.value).is_some_and(|r| r.instance == record.instance) => {
                 store.update(&record.id, value, entry.revision).await.map_err(|e| ClusterError::Registry(e.to_string()))
             }
@@ -222,14 +236,28 @@ impl ClusterNode {
     }
 
     /// Stops reporting and removes this node's entry, so the others see it gone at once.
+    /// Bounded: with NATS away it gives up after a few seconds (the entry then expires), so
+    /// a shutdown never waits for NATS.
     pub async fn leave(&self) {
         let _ = self.stop.send(true);
-        let id = self.id();
-        match self.store().delete(&id).await {
-            Ok(()) => info!(node = %id, "left the cluster"),
-            Err(e) => warn!(node = %id, error = %e, "could not remove this node's entry; it expires in {} s", NODE_TTL.as_secs()),
+        let task = self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
         }
-        let _ = self.client.flush().await;
+        let id = self.id();
+        let revision = *self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        // Only our own revision: if another process took the id meanwhile, its entry stays.
+        let delete = async {
+            self.store().delete_expect_revision(&id, Some(revision)).await?;
+            let _ = self.client.flush().await;
+            Ok::<(), kv::DeleteError>(())
+        };
+        match tokio::time::timeout(NATS_TIMEOUT, delete).await {
+            Ok(Ok(())) => info!(node = %id, "left the cluster"),
+            Ok(Err(e)) => warn!(node = %id, error = %e, "could not remove this node's entry; it expires in {} s", NODE_TTL.as_secs()),
+            Err(_) => warn!(node = %id, "NATS did not answer; this node's entry expires in {} s", NODE_TTL.as_secs()),
+        }
     }
 }
 
@@ -243,13 +271,31 @@ async fn register(nodes: &kv::Store, record: &NodeRecord) -> Result<u64, Cluster
         match nodes.create(&record.id, value.clone()).await {
             Ok(rev) => return Ok(rev),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let other = nodes.entry(&record.id).await.map_err(|e| ClusterError::Registry(e.to_string()))?.and_then(|e| decode(&e.value));
-                if tokio::time::Instant::now() >= deadline {
-                    let (instance, age_ms) = other.map(|o| (o.instance, now_ms().saturating_sub(o.reported_ms))).unwrap_or_default();
-                    return Err(ClusterError::NodeIdInUse { id: record.id.clone(), instance, age_ms });
-                }
-                if let Some(o) = other {
-                    info!(node = %record.id, other = %o.instance, "node id registered by another instance; waiting for its entry to expire");
+                let entry = nodes.entry(&record.id).await.map_err(|e| ClusterError::Registry(e.to_string()))?;
+                let other = entry.as_ref().filter(|e| e.operation == kv::Operation::Put).and_then(|e| decode(&e.value).map(|r| (r, e.revision)));
+                match other {
+                    // Our own entry (an earlier write that timed out but landed): carry on from it.
+                    Some((o, revision)) if o.instance == record.instance => {
+                        return nodes.update(&record.id, value, revision).await.map_err(|e| ClusterError::Registry(e.to_string()));
+                    }
+                    Some((o, _)) if tokio::time::Instant::now() >= deadline => {
+                        return Err(ClusterError::NodeIdInUse {
+                            id: record.id.clone(),
+                            age_ms: now_ms().saturating_sub(o.reported_ms),
+                            instance: o.instance,
+                        });
+                    }
+                    Some((o, _)) => {
+                        info!(node = %record.id, other = %o.instance, "node id registered by another instance; waiting for its entry to expire");
+                    }
+                    // Gone (expired or deleted) since the create: try again shortly.
+                    None if tokio::time::Instant::now() >= deadline => {
+                        return Err(ClusterError::Registry(format!("could not register node `{}`: the entry keeps changing", record.id)));
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 }
                 tokio::time::sleep(HEARTBEAT / 2).await;
             }

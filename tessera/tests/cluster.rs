@@ -112,7 +112,7 @@ async fn nodes_join_report_and_leave() {
         assert!(s.startup.iter().any(|l| l.contains(&format!("node `{id}` joined the cluster"))), "{:?}", s.startup);
         (dir, s)
     };
-    let (_a_dir, a) = join("alpha");
+    let (_a_dir, mut a) = join("alpha");
     let (_b_dir, mut b) = join("bravo");
     let (_c_dir, mut c) = join("charlie");
     let v = wait_nodes(&a, &["alpha", "bravo", "charlie"], Duration::from_secs(5)).await;
@@ -183,10 +183,16 @@ async fn nodes_join_report_and_leave() {
     let body: Value = res.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("node registry is unreachable"), "{body}");
     assert_eq!(a.client().get(a.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().status(), 200);
-    let _nats = Nats::start_on(port);
+    let nats = Nats::start_on(port);
     let back = Instant::now();
     wait_nodes(&a, &["alpha"], Duration::from_secs(15)).await;
     println!("registered again {:?} after NATS came back", back.elapsed());
+
+    // A stop with NATS away does not wait for it (recordings and sessions close as usual).
+    drop(nats);
+    let stopping = Instant::now();
+    assert!(a.terminate(), "a clean exit with NATS away");
+    assert!(stopping.elapsed() < Duration::from_secs(8), "stopped in {:?}", stopping.elapsed());
 }
 
 /// A node refuses to start on a NATS it cannot reach, naming the URL and the reason; and a

@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,8 +25,11 @@ use tracing::debug;
 /// Largest frame accepted from a client (RFC 4571 allows 65535; WebRTC packets stay
 /// under an MTU, so anything this large is not one of ours).
 pub(crate) const MAX_FRAME: usize = 8192;
-/// Connections accepted by one worker at once; further ones are closed on accept.
+/// Connection tasks alive on one worker at once (closed ones whose last frames are still
+/// being written count too); further connections are closed on accept.
 pub(crate) const MAX_CONNECTIONS: usize = 4096;
+/// A write to a client that takes longer than this (it stopped reading) ends its connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection must send a signed binding request within this time, or it is closed.
 pub(crate) const UNBOUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one client before new ones are dropped (a stalled reader must
@@ -54,6 +59,8 @@ struct Conn {
 /// A worker's ICE-TCP connections, by client address.
 pub(crate) struct Conns {
     conns: HashMap<SocketAddr, Conn>,
+    /// Connection tasks still running.
+    live: Arc<AtomicUsize>,
     events: mpsc::Sender<TcpEvent>,
     next_serial: u64,
     /// Frames dropped because a client's queue was full.
@@ -63,20 +70,26 @@ pub(crate) struct Conns {
 impl Conns {
     /// An empty set whose connection tasks report on `events`.
     pub(crate) fn new(events: mpsc::Sender<TcpEvent>) -> Conns {
-        Conns { conns: HashMap::new(), events, next_serial: 0, drops: 0 }
+        Conns { conns: HashMap::new(), live: Arc::new(AtomicUsize::new(0)), events, next_serial: 0, drops: 0 }
     }
 
     /// Takes an accepted connection and starts its task; returns its serial, or `None`
     /// when the worker is at [`MAX_CONNECTIONS`] (the stream is dropped, i.e. closed).
     pub(crate) fn accept(&mut self, stream: TcpStream, from: SocketAddr) -> Option<u64> {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.live.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             debug!(%from, "ICE-TCP connection refused: too many connections");
             return None;
         }
         let serial = self.next_serial;
         self.next_serial += 1;
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        tokio::spawn(run(stream, from, serial, rx, self.events.clone()));
+        self.live.fetch_add(1, Ordering::Relaxed);
+        let live = Live(self.live.clone());
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let _live = live;
+            run(stream, from, serial, rx, events).await;
+        });
         // A new connection from an address replaces an old one; dropping the old sender ends its task.
         self.conns.insert(from, Conn { serial, tx, peer: None });
         Some(serial)
@@ -129,10 +142,25 @@ impl Conns {
         self.conns.get(&from).is_some_and(|c| c.serial == serial)
     }
 
+    /// Connection tasks still running.
+    #[cfg(test)]
+    fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
     /// Open connections.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.conns.len()
+    }
+}
+
+/// Counts a connection task as alive until it ends.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -180,12 +208,13 @@ async fn read_frames(r: OwnedReadHalf, from: SocketAddr, serial: u64, events: &m
 
 async fn write_frames(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(frame) = rx.recv().await {
-        if w.write_all(&frame).await.is_err() {
+        // A client that stops reading must not hold the task, its socket and its queue.
+        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&frame)).await, Ok(Ok(()))) {
             return;
         }
     }
     // The worker closed the connection: what it queued is written; say goodbye.
-    let _ = w.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, w.shutdown()).await;
 }
 
 #[cfg(test)]
@@ -228,6 +257,15 @@ mod tests {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, [0, 1, 5]);
+        // The task is gone once the client closed too.
+        drop(client);
+        for _ in 0..100 {
+            if conns.live() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(conns.live(), 0, "the connection task ended");
     }
 
     #[tokio::test]
