@@ -17,12 +17,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tessera_core::node::{NodeDirectory, NodeDirectoryError, NodeLoad, NodeRecord, Role};
+use tessera_core::node::{NodeDirectory, NodeDirectoryError, NodeLoad, NodeRecord, Role, now_ms};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -84,11 +84,6 @@ pub enum ClusterError {
     Registry(String),
 }
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// This process as a member of the cluster.
 pub struct ClusterNode {
     client: async_nats::Client,
@@ -117,19 +112,7 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Connect { url: url.clone(), reason: e.to_string() })?;
         let js = jetstream::ContextBuilder::new().timeout(NATS_TIMEOUT).build(client.clone());
         let nodes = open_nodes(&js).await.map_err(|reason| ClusterError::JetStream { url: url.clone(), reason })?;
-        let now = now_ms();
-        let record = NodeRecord {
-            id: settings.node_id.clone(),
-            instance: format!("{:016x}", rand::random::<u64>()),
-            roles: settings.roles,
-            relay_addr: settings.relay_addr,
-            region: settings.region,
-            draining: false,
-            load: NodeLoad::default(),
-            started_ms: now,
-            reported_ms: now,
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let record = NodeRecord::starting(settings.node_id.clone(), settings.roles, settings.relay_addr, settings.region);
         let revision = register(&nodes, &record).await?;
         info!(node = %record.id, instance = %record.instance, nats = %url, "joined the cluster");
         let (stop, _) = watch::channel(false);

@@ -81,6 +81,30 @@ pub struct NodeRecord {
     pub version: String,
 }
 
+/// Milliseconds since the Unix epoch (the node records' clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl NodeRecord {
+    /// A node starting now: a fresh instance id, no load yet, not draining.
+    pub fn starting(id: String, roles: Vec<Role>, relay_addr: String, region: String) -> NodeRecord {
+        let now = now_ms();
+        NodeRecord {
+            id,
+            instance: format!("{:016x}", rand::random::<u64>()),
+            roles,
+            relay_addr,
+            region,
+            draining: false,
+            load: NodeLoad::default(),
+            started_ms: now,
+            reported_ms: now,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
 /// Why the node list could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the node registry is unreachable: {0}")]

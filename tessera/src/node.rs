@@ -3,10 +3,10 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::Context;
-use tessera_core::node::{NodeDirectory, NodeDirectoryError, NodeLoad, NodeRecord, Role};
+use tessera_core::node::{NodeDirectory, NodeDirectoryError, NodeLoad, NodeRecord, Role, now_ms};
 
 /// The node id: `cluster.node_id`, else the one kept in `<data_dir>/node.id` (generated
 /// there at first start, so a node keeps its id across restarts).
@@ -77,19 +77,7 @@ pub struct LocalNode {
 impl LocalNode {
     /// This node as `id`, its load measured by `load` when listed.
     pub fn new(id: String, load: Box<dyn Fn() -> NodeLoad + Send + Sync>) -> LocalNode {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let record = NodeRecord {
-            id,
-            instance: format!("{:016x}", rand::random::<u64>()),
-            roles: Role::ALL.to_vec(),
-            relay_addr: String::new(),
-            region: String::new(),
-            draining: false,
-            load: NodeLoad::default(),
-            started_ms: now,
-            reported_ms: now,
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let record = NodeRecord::starting(id, Role::ALL.to_vec(), String::new(), String::new());
         LocalNode { record: Mutex::new(record), load }
     }
 }
@@ -99,7 +87,7 @@ impl NodeDirectory for LocalNode {
     fn this_node(&self) -> NodeRecord {
         let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
         r.load = (self.load)();
-        r.reported_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        r.reported_ms = now_ms();
         r.clone()
     }
 
