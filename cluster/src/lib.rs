@@ -16,6 +16,10 @@
 // unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+mod bucket;
+pub mod ledger;
+pub mod rooms;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +36,10 @@ pub const NODES_BUCKET: &str = "tessera_nodes";
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 /// How often a node reports.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The bucket of cluster-wide secrets (the service key, the reconnection-ticket key).
+pub const SECRETS_BUCKET: &str = "tessera_cluster";
 /// How long connecting (and each request to NATS) may take.
-const NATS_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const NATS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -218,6 +224,46 @@ impl ClusterNode {
         self.record.lock().unwrap_or_else(|p| p.into_inner()).id.clone()
     }
 
+    /// The cluster's rooms, shared by every node. `seed` (this node's own rooms) fills
+    /// the bucket when this node is the first to open it.
+    pub async fn rooms(&self, seed: Vec<tessera_core::Room>) -> Result<Arc<rooms::ClusterRooms>, ClusterError> {
+        rooms::ClusterRooms::open(&self.js, seed).await
+    }
+
+    /// The cluster's ledger of used participant tokens.
+    pub async fn token_ledger(&self) -> Result<ledger::ClusterLedger, ClusterError> {
+        ledger::ClusterLedger::open(&self.js).await
+    }
+
+    /// The cluster's value of the secret `name`, if a node set it.
+    pub async fn secret(&self, name: &str) -> Result<Option<String>, ClusterError> {
+        let kv = self.secrets().await?;
+        let value = tokio::time::timeout(NATS_TIMEOUT, kv.get(name)).await.map_err(|_| timed_out())?;
+        let value = value.map_err(|e| ClusterError::Registry(format!("reading the cluster's {name}: {e}")))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The cluster's value of the secret `name`: `proposed` if no node set it before
+    /// (the first node to join decides), else the value already set.
+    pub async fn agree_secret(&self, name: &str, proposed: &str) -> Result<String, ClusterError> {
+        let kv = self.secrets().await?;
+        let created = tokio::time::timeout(NATS_TIMEOUT, kv.create(name, Bytes::from(proposed.to_string()))).await.map_err(|_| timed_out())?;
+        match created {
+            Ok(_) => Ok(proposed.to_string()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                self.secret(name).await?.ok_or_else(|| ClusterError::Registry(format!("the cluster's {name} vanished while being read")))
+            }
+            Err(e) => Err(ClusterError::Registry(format!("setting the cluster's {name}: {e}"))),
+        }
+    }
+
+    async fn secrets(&self) -> Result<kv::Store, ClusterError> {
+        let description = "Tessera: secrets every node shares (service key, reconnection-ticket key)";
+        let (kv, _) =
+            bucket::open(&self.js, SECRETS_BUCKET, description, Duration::ZERO, bucket::Keep::Disk).await.map_err(ClusterError::Registry)?;
+        Ok(kv)
+    }
+
     /// Stops reporting and removes this node's entry, so the others see it gone at once.
     /// Bounded: with NATS away it gives up after a few seconds (the entry then expires), so
     /// a shutdown never waits for NATS.
@@ -289,34 +335,13 @@ async fn register(nodes: &kv::Store, record: &NodeRecord) -> Result<u64, Cluster
 
 /// Opens (or creates) the node registry.
 async fn open_nodes(js: &jetstream::Context) -> Result<kv::Store, String> {
-    open_bucket(js, NODES_BUCKET, "Tessera nodes: one entry per live node, re-written every 2 s", NODE_TTL).await
+    let (store, _) =
+        bucket::open(js, NODES_BUCKET, "Tessera nodes: one entry per live node, re-written every 2 s", NODE_TTL, bucket::Keep::Memory).await?;
+    Ok(store)
 }
 
-/// Opens a key-value bucket (history 1, memory storage, entries expiring `max_age` after
-/// their last write; zero: never), creating it if absent.
-///
-/// async-nats 0.51 creates buckets only after reading the account's JetStream info, whose
-/// reply from NATS 2.9 lacks fields the client requires (`reserved_memory`,
-/// `reserved_storage`), so the bucket's stream is made here the way its KV layer makes it
-/// (`KV_<bucket>` on `$KV.<bucket>.>`, one message per key, roll-ups, direct gets), then
-/// opened as a bucket.
-async fn open_bucket(js: &jetstream::Context, bucket: &str, description: &str, max_age: Duration) -> Result<kv::Store, String> {
-    let config = jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        description: Some(description.into()),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        storage: jetstream::stream::StorageType::Memory,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        num_replicas: 1,
-        discard: jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    };
-    js.get_or_create_stream(config).await.map_err(|e| e.to_string())?;
-    js.get_key_value(bucket).await.map_err(|e| e.to_string())
+fn timed_out() -> ClusterError {
+    ClusterError::Registry(format!("no answer from NATS within {} s", NATS_TIMEOUT.as_secs()))
 }
 
 fn encode(record: &NodeRecord) -> Result<Bytes, ClusterError> {

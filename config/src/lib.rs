@@ -59,6 +59,10 @@ pub struct Config {
     pub cluster: Cluster,
 }
 
+/// The longest a participant token may live; a cluster's ledger of used tokens keeps
+/// each one this long, so a token can never outlive its entry there.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
+
 /// `[cluster]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -414,6 +418,10 @@ impl Config {
                 return Err(err(key, "must be greater than 0".into()));
             }
         }
+        if p.token_lifetime_secs > MAX_TOKEN_LIFETIME_SECS {
+            // Tokens are for joining now; a cluster's ledger of used tokens keeps each one a day.
+            return Err(err("portal.token_lifetime_secs", format!("{} is more than {MAX_TOKEN_LIFETIME_SECS} (a day)", p.token_lifetime_secs)));
+        }
         if p.max_message_bytes < 1024 {
             return Err(err("portal.max_message_bytes", "must be at least 1024".into()));
         }
@@ -624,6 +632,9 @@ mod tests {
         assert_eq!(e.key, "portal.ping_timeout_ms");
         let e = parse_err("[demo]\ndev_tokens = \"maybe\"\n");
         assert_eq!(e.key, "demo.dev_tokens");
+        let e = parse_err("[portal]\ntoken_lifetime_secs = 86401\n");
+        assert_eq!(e.key, "portal.token_lifetime_secs");
+        assert!(e.reason.contains("a day"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,6 @@ pub mod typed_ids;
 
 pub use control::{ControlError, ParticipantInfo, Permission, RoomControl};
 pub use room::{Room, RoomError};
-pub use store::{RoomStore, StoreError};
+pub use store::{RoomStore, Rooms, StoreError};
 pub use stream::StreamInfo;
 pub use typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId, ViewLabel};

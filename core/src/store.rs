@@ -89,6 +89,9 @@ pub enum StoreError {
         /// SQLite's error.
         source: rusqlite::Error,
     },
+    /// The shared store (the cluster's) cannot be reached; nothing was changed.
+    #[error("room store unavailable: {0}")]
+    Unavailable(String),
     /// The database cannot be used as the store needs it (no WAL, or a newer schema).
     #[error("room store {path} cannot be used: {reason}")]
     Unusable {
@@ -97,6 +100,55 @@ pub enum StoreError {
         /// Why not.
         reason: String,
     },
+}
+
+/// Where room configurations live: this node's SQLite database ([`RoomStore`]), or in a
+/// cluster a bucket shared by every node (`tessera-cluster`). Reads answer from what the
+/// node holds, so joining a room never waits on another machine; writes may.
+#[async_trait::async_trait]
+pub trait Rooms: Send + Sync {
+    /// The room with this id.
+    fn get(&self, id: &str) -> Option<Room>;
+    /// At most `limit` rooms in creation order, after skipping the first `offset`.
+    fn list_page(&self, offset: usize, limit: usize) -> Result<Vec<Room>, StoreError>;
+    /// How many rooms there are.
+    fn count(&self) -> Result<usize, StoreError>;
+    /// Adds a validated room; its id and name must be new.
+    async fn create(&self, room: Room) -> Result<Room, StoreError>;
+    /// Replaces a room's configuration (same id); the name must stay unique.
+    async fn update(&self, room: Room) -> Result<Room, StoreError>;
+    /// Removes a room and returns it.
+    async fn delete(&self, id: &str) -> Result<Room, StoreError>;
+
+    /// All rooms, in creation order; a failing store is logged and reads as no rooms.
+    fn list(&self) -> Vec<Room> {
+        self.list_page(0, usize::MAX).unwrap_or_else(|e| {
+            tracing::error!(error = ?e.to_string(), "listing rooms");
+            Vec::new()
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Rooms for RoomStore {
+    fn get(&self, id: &str) -> Option<Room> {
+        RoomStore::get(self, id)
+    }
+    fn list_page(&self, offset: usize, limit: usize) -> Result<Vec<Room>, StoreError> {
+        RoomStore::list_page(self, offset, limit)
+    }
+    fn count(&self) -> Result<usize, StoreError> {
+        RoomStore::count(self)
+    }
+    async fn create(&self, room: Room) -> Result<Room, StoreError> {
+        RoomStore::create(self, room)
+    }
+    async fn update(&self, room: Room) -> Result<Room, StoreError> {
+        RoomStore::update(self, room)
+    }
+    async fn delete(&self, id: &str) -> Result<Room, StoreError> {
+        RoomStore::delete(self, id)
+    }
 }
 
 /// Rooms in a SQLite database: one writer connection, and a pool of readers that WAL
@@ -122,14 +174,6 @@ impl RoomStore {
     /// The database file this store persists to.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// All rooms, in creation order; a failing database is logged and reads as no rooms.
-    pub fn list(&self) -> Vec<Room> {
-        self.list_page(0, usize::MAX).unwrap_or_else(|e| {
-            tracing::error!(error = ?e.to_string(), "listing rooms");
-            Vec::new()
-        })
     }
 
     /// At most `limit` rooms in creation order, after skipping the first `offset`.

@@ -67,7 +67,8 @@ pub struct Ticket {
     pub not_after: u64,
 }
 
-/// Issues and checks reconnection tickets with one (per-process) key.
+/// Issues and checks reconnection tickets with one key: per process on a single node,
+/// shared by every portal of a cluster so a participant can resume on another one.
 #[derive(Clone)]
 pub struct TicketAuthority {
     key: Vec<u8>,
@@ -85,7 +86,7 @@ impl TicketAuthority {
         TicketAuthority { key: crate::ids::random_hex(32).into_bytes() }
     }
 
-    /// An authority with a given key (tests).
+    /// An authority with a given key (a cluster's, or a test's).
     pub fn with_key(key: &[u8]) -> Self {
         TicketAuthority { key: key.to_vec() }
     }

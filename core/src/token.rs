@@ -32,6 +32,9 @@ pub enum TokenError {
     /// Already used for a login.
     #[error("Token already used")]
     Replayed,
+    /// The shared ledger (the cluster's) cannot be reached, so the token cannot be spent.
+    #[error("Login unavailable, retry later: {0}")]
+    Unavailable(String),
     /// Signing failed (a bug, not a client error).
     #[error("Token signing failed: {0}")]
     Signing(String),
@@ -154,22 +157,31 @@ impl TokenAuthority {
     }
 }
 
-/// Remembers used token ids until they expire, so each token logs in once.
+/// Remembers which tokens logged in, so each logs in once: this node's memory
+/// ([`LocalLedger`]), or in a cluster a bucket every portal shares (`tessera-cluster`), so
+/// a token used on one portal is refused on all the others.
+#[async_trait::async_trait]
+pub trait TokenLedger: Send + Sync {
+    /// Marks the token used; fails with [`TokenError::Replayed`] if it was used before.
+    /// Atomic across every portal sharing the ledger: of two logins racing with one token,
+    /// one wins.
+    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError>;
+    /// Gives back a token whose login failed after it was consumed (say, the room filled
+    /// up meanwhile), so the user can retry with it.
+    async fn release(&self, claims: &TokenClaims);
+}
+
+/// The ledger of one node: used token ids in memory until they expire.
 #[derive(Debug, Default)]
-pub struct TokenLedger {
+pub struct LocalLedger {
     used: Mutex<HashMap<String, u64>>,
 }
 
-impl TokenLedger {
-    /// Fails if the token was used already, without using it.
-    pub fn check_unused(&self, claims: &TokenClaims) -> Result<(), TokenError> {
-        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        if used.contains_key(&claims.jti) { Err(TokenError::Replayed) } else { Ok(()) }
-    }
-
-    /// Marks the token used; fails if it was used before. Forgets expired entries, which
-    /// can no longer verify anyway, so the ledger stays as small as the live tokens.
-    pub fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError> {
+#[async_trait::async_trait]
+impl TokenLedger for LocalLedger {
+    /// Forgets expired entries, which can no longer verify anyway, so the ledger stays as
+    /// small as the live tokens.
+    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError> {
         // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         used.retain(|_, exp| *exp > now);
@@ -178,6 +190,10 @@ impl TokenLedger {
         }
         used.insert(claims.jti.clone(), claims.exp);
         Ok(())
+    }
+
+    async fn release(&self, claims: &TokenClaims) {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).remove(&claims.jti);
     }
 }
 
@@ -267,17 +283,21 @@ mod tests {
         assert_eq!(a.verify(&B64.encode(r#"{"tokenId":"a","host":"h","secure":false,"signature":"x.y.z"}"#), 0), Err(TokenError::Malformed));
     }
 
-    #[test]
-    fn replayed() {
+    #[tokio::test]
+    async fn replayed_and_released() {
         let a = TokenAuthority::new(b"secret");
-        let ledger = TokenLedger::default();
+        let ledger = LocalLedger::default();
         let (tok, _) = a.issue("r", "u", "presenter", &portal(), 1000, 180).unwrap();
         let c = a.verify(&tok, 1001).unwrap();
-        ledger.consume(&c, 1001).unwrap();
-        assert_eq!(ledger.consume(&c, 1002), Err(TokenError::Replayed));
+        ledger.consume(&c, 1001).await.unwrap();
+        assert_eq!(ledger.consume(&c, 1002).await, Err(TokenError::Replayed));
+        // A released token (its login failed after all) can be used again, once.
+        ledger.release(&c).await;
+        ledger.consume(&c, 1003).await.unwrap();
+        assert_eq!(ledger.consume(&c, 1004).await, Err(TokenError::Replayed));
         // Entries are pruned after expiry (by then verify refuses the token anyway).
         let (tok2, _) = a.issue("r", "u", "presenter", &portal(), 2000, 180).unwrap();
-        ledger.consume(&a.verify(&tok2, 2000).unwrap(), 2000).unwrap();
+        ledger.consume(&a.verify(&tok2, 2000).unwrap(), 2000).await.unwrap();
         assert_eq!(ledger.used.lock().unwrap().len(), 1);
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tessera_core::{Room, RoomStore};
+use tessera_core::{Room, RoomStore, Rooms};
 
 /// Set in the child process: the database it creates rooms in.
 const CHILD_DB: &str = "TESSERA_STORE_TEST_CHILD_DB";

@@ -87,6 +87,7 @@ impl From<tessera_core::StoreError> for ApiError {
         match e {
             S::NotFound(id) => ApiError::RoomNotFound(id),
             S::Conflict(m) => ApiError::Conflict(m),
+            S::Unavailable(m) => ApiError::Unavailable(m),
             other => {
                 tracing::error!(error = ?other.to_string(), "room store failure");
                 ApiError::Internal(other.to_string())

@@ -1,6 +1,6 @@
 //! Tessera's management REST API, following OWT's `/v1`: rooms, participant tokens,
 //! participants and streams. Every route under `/v1` requires the service credentials
-//! (see [`auth`]). Room configuration lives in the [`RoomStore`]; live state (who is
+//! (see [`auth`]). Room configuration lives in the [`Rooms`] store (this node's database, or the cluster's bucket); live state (who is
 //! connected, what is published) is asked of the portal through [`RoomControl`].
 //!
 //! The routes and bodies are documented in `docs/rest-api.md`.
@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::{App, HttpServer, web};
 use tessera_core::token::{PortalAddress, TokenAuthority};
-use tessera_core::{RoomControl, RoomStore};
+use tessera_core::{RoomControl, Rooms};
 
 pub use auth::Credentials;
 pub use error::ApiError;
@@ -31,7 +31,7 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct ApiState {
     /// Room configurations.
-    pub store: Arc<RoomStore>,
+    pub store: Arc<dyn Rooms>,
     /// Signs participant tokens.
     pub tokens: TokenAuthority,
     /// Service credentials.

@@ -133,7 +133,7 @@ async fn create_room(_: Authed, state: web::Data<ApiState>, body: web::Json<Valu
         return Err(ApiError::BadRequest(format!("Invalid request body: unknown field `{extra}` (expected name, options)")));
     }
     let room = Room::from_options(tessera_core::ids::room_id(), name, options)?;
-    let room = state.store.create(room)?;
+    let room = state.store.create(room).await?;
     tracing::info!(room = %room.id, name = ?room.name, "room created");
     Ok(HttpResponse::Ok().json(room_json(&room)))
 }
@@ -163,14 +163,14 @@ async fn get_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>
 
 async fn update_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>, body: web::Json<Value>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
-    let updated = state.store.update(room.updated(body.into_inner())?)?;
+    let updated = state.store.update(room.updated(body.into_inner())?).await?;
     state.control.room_updated(&updated).await;
     tracing::info!(room = %updated.id, "room updated");
     Ok(HttpResponse::Ok().json(room_json(&updated)))
 }
 
 async fn delete_room(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
-    let room = state.store.delete(&path)?;
+    let room = state.store.delete(&path).await?;
     if let Some(r) = state.router.recorder_for(&room.id.as_str().into()) {
         let room = room.id.as_str().into();
         if let Err(e) = r.call(tessera_core::command::RoomDeleted { room }).await {

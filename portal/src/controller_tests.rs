@@ -119,7 +119,7 @@ fn controller(options: Value) -> Controller {
     let tokens = TokenAuthority::new(b"controller-test-service-key");
     let node = Arc::new(FakeNode::default());
     let router = LocalRouter { agent: Some(node.clone()), mixer: Some(node.clone()), recorder: None };
-    let portal = Portal::new(Default::default(), store, tokens.clone(), Arc::new(router), None);
+    let portal = Portal::new(Default::default(), store, crate::Admission::local(tokens.clone()), Arc::new(router), None);
     Controller { portal, node, tokens, _dir: dir }
 }
 

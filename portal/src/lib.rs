@@ -28,14 +28,33 @@ use serde_json::{Value, json};
 use tessera_core::agent::AgentEvent;
 use tessera_core::command::{EndSession, GetStats, Router};
 use tessera_core::ticket::TicketAuthority;
-use tessera_core::token::{TokenAuthority, TokenLedger};
-use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomId, RoomStore};
+use tessera_core::token::{LocalLedger, TokenAuthority, TokenLedger};
+use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomId, Rooms};
 use tracing::info;
 
 pub use settings::PortalSettings;
 
 use conference::{Conferences, Link};
 use socketio::SocketIo;
+
+/// How the portal admits participants: the key tokens are signed with, the ledger that
+/// makes each token log in once, and the key of reconnection tickets.
+#[derive(Clone)]
+pub struct Admission {
+    /// Verifies participant tokens.
+    pub tokens: TokenAuthority,
+    /// Remembers used tokens (this node's memory, or the cluster's bucket).
+    pub ledger: Arc<dyn TokenLedger>,
+    /// Signs and checks reconnection tickets.
+    pub tickets: TicketAuthority,
+}
+
+impl Admission {
+    /// One node alone: used tokens kept in memory, a fresh ticket key for this run.
+    pub fn local(tokens: TokenAuthority) -> Admission {
+        Admission { tokens, ledger: Arc::new(LocalLedger::default()), tickets: TicketAuthority::random() }
+    }
+}
 
 /// The portal: shared by the Socket.IO sessions, the HTTP server and the management API.
 #[derive(Clone)]
@@ -45,10 +64,8 @@ pub struct Portal {
 
 struct Inner {
     settings: PortalSettings,
-    store: Arc<RoomStore>,
-    tokens: TokenAuthority,
-    ledger: TokenLedger,
-    tickets: TicketAuthority,
+    store: Arc<dyn Rooms>,
+    admission: Admission,
     sio: SocketIo,
     conferences: Mutex<Conferences>,
     /// Finds the media nodes (SFU, mixer) serving a room.
@@ -73,8 +90,8 @@ impl Portal {
     /// report back. Must be called inside a tokio runtime.
     pub fn new(
         settings: PortalSettings,
-        store: Arc<RoomStore>,
-        tokens: TokenAuthority,
+        store: Arc<dyn Rooms>,
+        admission: Admission,
         router: Arc<dyn Router>,
         events: Option<tokio::sync::mpsc::Receiver<AgentEvent>>,
     ) -> Portal {
@@ -83,9 +100,7 @@ impl Portal {
             inner: Arc::new(Inner {
                 settings,
                 store,
-                tokens,
-                ledger: TokenLedger::default(),
-                tickets: TicketAuthority::random(),
+                admission,
                 sio,
                 conferences: Mutex::new(Conferences::default()),
                 router,
@@ -204,7 +219,7 @@ impl Portal {
     /// participant's, so it can be used once.
     pub(crate) fn ticket_for(&self, room: &str, participant: &str) -> Result<String, String> {
         let lifetime = u64::try_from(self.inner.settings.ticket_lifetime.as_millis()).unwrap_or(u64::MAX);
-        let (ticket, fields) = self.inner.tickets.issue(participant, now_ms(), lifetime).map_err(|e| e.to_string())?;
+        let (ticket, fields) = self.inner.admission.tickets.issue(participant, now_ms(), lifetime).map_err(|e| e.to_string())?;
         let mut conf = self.lock();
         let p = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)).ok_or("Client does NOT exist")?;
         p.ticket_issued(fields.ticket_id);

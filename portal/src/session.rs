@@ -187,30 +187,39 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     let req: Login = requests::parse("login", args)?;
     req.check_client()?;
     let inner = &portal.inner;
-    let claims = inner.tokens.verify(&req.token, now_secs()).map_err(|e| e.to_string())?;
-    // The token is spent only by a login that succeeds (below, with the seat taken), so a
-    // user refused for a full room can retry with it; a used one is refused up front.
-    inner.ledger.check_unused(&claims).map_err(|e| e.to_string())?;
+    let claims = inner.admission.tokens.verify(&req.token, now_secs()).map_err(|e| e.to_string())?;
     let room = inner.store.get(&claims.room).ok_or_else(|| format!("Room not found: {}", claims.room))?;
     let role = room.role(&claims.role).ok_or("Invalid role")?;
     let permission = permission_of(role);
     let participant = handle.id().to_string();
     let info = tessera_core::ParticipantInfo { id: participant.clone(), role: claims.role.clone(), user: claims.user.clone(), permission };
-    {
-        let mut conf = portal.lock();
+    let full = |conf: &crate::conference::Conferences| {
         let present = conf.room(&room.id).map_or(0, |r| r.participants.len());
-        if room.participant_limit >= 0 && i64::try_from(present).unwrap_or(i64::MAX) >= room.participant_limit {
-            return Err("Room is full".into());
+        room.participant_limit >= 0 && i64::try_from(present).unwrap_or(i64::MAX) >= room.participant_limit
+    };
+    // Spent before the seat is taken, since the ledger may be another machine's (a
+    // cluster's) and the room lock is not held across a wait. Of two sockets racing with
+    // one token, only the first consume wins; a used token is refused as such, even at a
+    // full room.
+    inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| e.to_string())?;
+    let seated = {
+        let mut conf = portal.lock();
+        let seated = !full(&conf);
+        if seated {
+            let r = conf.rooms.entry(room.id.as_str().into()).or_default();
+            r.participants.push(Participant::new(info, handle.clone()));
+            conf.where_is.insert(participant.as_str().into(), room.id.as_str().into());
+            if room.notifying.participant_activities {
+                let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
+                conf.broadcast(&room.id, Some(&participant), "participant", &joined);
+            }
         }
-        // Two sockets racing with one token: only the first consume wins.
-        inner.ledger.consume(&claims, now_secs()).map_err(|e| e.to_string())?;
-        let r = conf.rooms.entry(room.id.as_str().into()).or_default();
-        r.participants.push(Participant::new(info, handle.clone()));
-        conf.where_is.insert(participant.as_str().into(), room.id.as_str().into());
-        if room.notifying.participant_activities {
-            let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
-            conf.broadcast(&room.id, Some(&participant), "participant", &joined);
-        }
+        seated
+    };
+    if !seated {
+        // Given back, so the user can retry with it when a seat frees up.
+        inner.admission.ledger.release(&claims).await;
+        return Err("Room is full".into());
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
@@ -242,7 +251,7 @@ fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Va
         Some(Value::Object(m)) => m.get("ticket").and_then(Value::as_str).map(str::to_string).ok_or("relogin: missing ticket")?,
         _ => return Err("relogin: missing reconnection ticket".into()),
     };
-    let ticket = portal.inner.tickets.verify(&ticket, now_ms()).map_err(|e| e.to_string())?;
+    let ticket = portal.inner.admission.tickets.verify(&ticket, now_ms()).map_err(|e| e.to_string())?;
     let participant = ticket.participant_id;
     let (room, generation, pending, old) = {
         let mut conf = portal.lock();
@@ -446,7 +455,7 @@ mod proptests {
         let tokens = TokenAuthority::new(b"property-test-service-key");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let router = LocalRouter { agent: Some(Arc::new(FakeAgent)), mixer: Some(Arc::new(FakeMixer)), recorder: None };
-        let portal = rt.block_on(async { Portal::new(Default::default(), store, tokens.clone(), Arc::new(router), None) });
+        let portal = rt.block_on(async { Portal::new(Default::default(), store, crate::Admission::local(tokens.clone()), Arc::new(router), None) });
         Fixture { rt, portal, tokens, _dir: dir }
     }
 

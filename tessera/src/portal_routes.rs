@@ -4,14 +4,13 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use tessera_core::RoomStore;
 use tessera_core::token::{PortalAddress, TokenAuthority};
 
 /// What the dev token endpoint needs to issue tokens.
 #[derive(Clone)]
 pub struct DevTokens {
     /// Room configurations.
-    pub store: std::sync::Arc<RoomStore>,
+    pub store: std::sync::Arc<dyn tessera_core::Rooms>,
     /// Token signer.
     pub tokens: TokenAuthority,
     /// Portal address for the token.

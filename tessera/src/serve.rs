@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tessera_config::Config;
+use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{PortalAddress, TokenAuthority};
-use tessera_core::{Room, RoomStore};
+use tessera_core::{Room, RoomStore, Rooms};
 use tracing::{info, warn};
 
 /// Flags of `tessera serve`; each overrides the config file.
@@ -60,17 +61,62 @@ fn service_key(config: &Config) -> anyhow::Result<String> {
         return Ok(config.service.key.clone());
     }
     let path = config.server.data_dir.join("service.key");
-    match std::fs::read_to_string(&path) {
-        Ok(k) if k.trim().len() >= 16 => return Ok(k.trim().to_string()),
-        Ok(_) => anyhow::bail!("{} holds no usable key (need at least 16 characters); delete it to generate a new one", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    if let Some(key) = read_key_file(&path)? {
+        return Ok(key);
     }
     let key = tessera_core::ids::random_hex(32);
     write_private(&path, &key).with_context(|| format!("writing {}", path.display()))?;
     // Printed once, at generation: later starts read the file silently.
     println!("tessera: generated a service key (saved in {}): {key}", path.display());
     Ok(key)
+}
+
+/// The key in `<data_dir>/service.key`, if the file exists.
+fn read_key_file(path: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(k) if k.trim().len() >= 16 => Ok(Some(k.trim().to_string())),
+        Ok(_) => anyhow::bail!("{} holds no usable key (need at least 16 characters); delete it to generate a new one", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The service key of a cluster node: every node must accept the same credentials and
+/// sign tokens with the same key. The first node to join sets it (its configured key, or
+/// its `service.key` file, or a new one); the others use it, refusing to start if they
+/// were configured with another; a node without a configured key keeps the cluster's in
+/// its `service.key`, so the CLI on that machine finds it.
+async fn cluster_service_key(config: &Config, node: &tessera_cluster::ClusterNode) -> anyhow::Result<String> {
+    let configured = (!config.service.key.is_empty()).then(|| config.service.key.clone());
+    let path = config.server.data_dir.join("service.key");
+    let local = match &configured {
+        Some(_) => None,
+        None => read_key_file(&path)?,
+    };
+    let proposed = configured.clone().or_else(|| local.clone()).unwrap_or_else(|| tessera_core::ids::random_hex(32));
+    let agreed = node.agree_secret("service-key", &proposed).await.context("agreeing on the cluster's service key")?;
+    match configured {
+        Some(k) if k != agreed => anyhow::bail!(
+            "config key `service.key` (or TESSERA_SERVICE_KEY) differs from the service key of the cluster at {} (set by the \
+             first node that joined it): give every node the same key, or leave it unset to use the cluster's",
+            config.cluster.nats_url
+        ),
+        Some(_) => {}
+        None if local.as_deref() == Some(agreed.as_str()) => {}
+        None => {
+            if local.is_some() {
+                std::fs::remove_file(&path).with_context(|| format!("replacing {}", path.display()))?;
+            }
+            write_private(&path, &agreed).with_context(|| format!("writing {}", path.display()))?;
+            if agreed == proposed {
+                // Printed once, at generation, as for a single node.
+                println!("tessera: generated the cluster's service key (saved in {}): {agreed}", path.display());
+            } else {
+                println!("tessera: this node uses the cluster's service key (saved in {})", path.display());
+            }
+        }
+    }
+    Ok(agreed)
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -88,7 +134,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 /// Creates the configured default room when it is missing.
-fn ensure_default_room(config: &Config, store: &RoomStore) -> anyhow::Result<()> {
+async fn ensure_default_room(config: &Config, store: &dyn Rooms) -> anyhow::Result<()> {
     let id = &config.rooms.default_room;
     if id.is_empty() || store.get(id).is_some() {
         return Ok(());
@@ -97,8 +143,12 @@ fn ensure_default_room(config: &Config, store: &RoomStore) -> anyhow::Result<()>
         anyhow::bail!("config key `rooms.default_room`: `{id}` must be letters, digits, '-' or '_'");
     }
     let room = Room::from_options(id.clone(), id.clone(), serde_json::json!({})).with_context(|| format!("default room `{id}`"))?;
-    store.create(room).with_context(|| format!("creating default room `{id}`"))?;
-    info!(room = %id, "default room created");
+    match store.create(room).await {
+        Ok(_) => info!(room = %id, "default room created"),
+        // Another node of the cluster created it meanwhile.
+        Err(tessera_core::StoreError::Conflict(_)) if store.get(id).is_some() => {}
+        Err(e) => return Err(e).with_context(|| format!("creating default room `{id}`")),
+    }
     Ok(())
 }
 
@@ -186,16 +236,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install();
     let config = load_config(&args)?;
     init_tracing(&config.log.level);
-    let key = service_key(&config)?;
-    let store = Arc::new(RoomStore::open(config.server.data_dir.join("rooms.db"))?);
-    ensure_default_room(&config, &store)?;
+    let local_rooms = RoomStore::open(config.server.data_dir.join("rooms.db"))?;
 
     let portal_listener = bind(&config.server.portal_addr, "portal")?;
     let api_listener = bind(&config.server.api_addr, "management API")?;
     let portal_bound: SocketAddr = portal_listener.local_addr()?;
     let api_bound: SocketAddr = api_listener.local_addr()?;
 
-    let tokens = TokenAuthority::new(key.as_bytes());
     // The SFU is the media node for sessions and, through the media seam, the source of
     // streams for the mixer and recorder; the mixer's stream updates go to the portal with
     // the SFU's events.
@@ -242,6 +289,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("tessera: node `{node_id}` joined the cluster at {}", config.cluster.nats_url);
         Some(node)
     };
+    // Rooms, the service key, used tokens and the ticket key: this node's own, or the
+    // cluster's (shared by every node, so any portal admits any participant).
+    let (store, key, admission_parts): (Arc<dyn Rooms>, String, _) = match &cluster {
+        None => (Arc::new(local_rooms), service_key(&config)?, None),
+        Some(node) => {
+            let key = cluster_service_key(&config, node).await?;
+            let rooms = node.rooms(local_rooms.list()).await.context("the cluster's rooms")?;
+            let ledger = node.token_ledger().await.context("the cluster's token ledger")?;
+            let ticket_key = node.agree_secret("ticket-key", &tessera_core::ids::random_hex(32)).await.context("the cluster's ticket key")?;
+            (rooms, key, Some((Arc::new(ledger), TicketAuthority::with_key(ticket_key.as_bytes()))))
+        }
+    };
+    ensure_default_room(&config, store.as_ref()).await?;
+    let tokens = TokenAuthority::new(key.as_bytes());
+    let admission = match admission_parts {
+        None => tessera_portal::Admission::local(tokens.clone()),
+        Some((ledger, tickets)) => tessera_portal::Admission { tokens: tokens.clone(), ledger, tickets },
+    };
     let nodes: Arc<dyn tessera_core::node::NodeDirectory> = match &cluster {
         Some(node) => node.clone(),
         None => Arc::new(crate::node::LocalNode::new(node_id, Box::new(move || load()))),
@@ -252,7 +317,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let portal = tessera_portal::Portal::new(
         tessera_portal::PortalSettings::from_config(&config),
         store.clone(),
-        tokens.clone(),
+        admission,
         router.clone(),
         Some(agent_events),
     );

@@ -23,6 +23,21 @@ impl Nats {
 
     fn start_on(port: u16) -> Nats {
         let dir = common::tempdir();
+        let child = Self::spawn(port, &dir);
+        Nats { child, port, _dir: dir }
+    }
+
+    /// Stops the server; [`Nats::restart`] starts it again on its port and its store.
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(self.port, &self._dir);
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir) -> Child {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path())
@@ -35,7 +50,7 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Nats { child, port, _dir: dir }
+        child
     }
 
     fn url(&self) -> String {
@@ -220,4 +235,159 @@ fn bad_nats_url_refuses_to_start() {
         assert!(!out.status.success(), "started with {args:?}");
         assert!(err.contains(&want), "wanted {want:?} in:\n{err}");
     }
+}
+
+/// Waits until `s` answers `GET path` with `status`.
+async fn wait_status(s: &common::Server, path: &str, status: u16, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let res = s.client().get(s.url(path)).bearer_auth(common::KEY).timeout(Duration::from_secs(10)).send().await.unwrap();
+        if res.status().as_u16() == status {
+            return res.json().await.unwrap_or(Value::Null);
+        }
+        assert!(Instant::now() < deadline, "GET {path} never answered {status} (last: {})", res.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs in at `s`'s portal with `token`: the login result or the portal's error.
+async fn login(s: &common::Server, token: &str) -> Result<Value, String> {
+    let mut sig = tessera_client::signaling::Signaling::connect(&s.portal).await.unwrap();
+    let login = serde_json::json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"});
+    sig.ok("login", Some(login)).await.map_err(|e| e.to_string())
+}
+
+/// Rooms, tokens, the service key and the ticket key are the cluster's: a room made or
+/// changed on one node is the same on the others, names are unique cluster-wide, a token
+/// from one node's REST API logs in on another node's portal once and nowhere else, a
+/// node without a key takes the cluster's and one with another key is refused. With NATS
+/// away, rooms still read (and participants join rooms they know) but changes and logins
+/// fail with a clear error; NATS back (with its disk), everything is there and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_tokens_and_keys_are_shared() {
+    if !common::in_own_netns("rooms_tokens_and_keys_are_shared") {
+        return;
+    }
+    let mut nats = Nats::start();
+    let url = nats.url();
+    let cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n";
+    // The first node has rooms of its own from before the cluster: they seed it.
+    let (a_dir, mut a) = common::start_with_config(cfg);
+    let early = a.new_room(serde_json::json!({})).await;
+    assert!(a.terminate());
+    let a = common::start(&a_dir.path().join("data"), &["--config", a_dir.path().join("t.toml").to_str().unwrap(), "--cluster", &url]);
+    let (_b_dir, b) = common::start_with_config_args(cfg, &["--cluster", &url]);
+    wait_status(&b, &format!("/v1/rooms/{early}"), 200, Duration::from_secs(1)).await;
+
+    // Made on one node, seen on the other; changed there, seen back.
+    let room = a.new_room(serde_json::json!({"participantLimit": 5})).await;
+    let started = Instant::now();
+    let seen = wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(2)).await;
+    println!("a room made on one node was seen on another after {:?}", started.elapsed());
+    assert_eq!(seen["participantLimit"], 5);
+    let res = b
+        .client()
+        .put(b.url(&format!("/v1/rooms/{room}")))
+        .bearer_auth(common::KEY)
+        .json(&serde_json::json!({"participantLimit": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while wait_status(&a, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await["participantLimit"] != 7 {
+        assert!(Instant::now() < deadline, "the change made on b never reached a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Names are unique across the cluster.
+    let name = seen["name"].as_str().unwrap().to_string();
+    let res = b.client().post(b.url("/v1/rooms")).bearer_auth(common::KEY).json(&serde_json::json!({"name": name})).send().await.unwrap();
+    assert_eq!(res.status(), 409);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["message"], format!("a room named `{name}` exists"));
+    let listed: Value = b.client().get(b.url("/v1/rooms")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    let listed: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(listed.ends_with(&[early.as_str(), room.as_str()]), "creation order: {listed:?}");
+
+    // A token from a's REST API logs in at b's portal, once; then nowhere.
+    let token = a.token(&room, "ann", "presenter").await;
+    let info = login(&b, &token).await.expect("a's token logs in at b");
+    assert_eq!(info["user"], "ann");
+    for s in [&a, &b] {
+        let err = login(s, &token).await.unwrap_err();
+        assert!(err.contains("Token already used"), "{err}");
+    }
+
+    // A node without a key takes the cluster's (and keeps it for the CLI); one configured
+    // with another key is refused, naming the key.
+    let c_dir = common::tempdir();
+    std::fs::write(c_dir.path().join("t.toml"), cfg).unwrap();
+    let c = common::start_with_env(&c_dir.path().join("data"), &["--config", c_dir.path().join("t.toml").to_str().unwrap(), "--cluster", &url], &[]);
+    assert_eq!(std::fs::read_to_string(c_dir.path().join("data/service.key")).unwrap().trim(), common::KEY);
+    assert!(c.startup.iter().any(|l| l.contains("uses the cluster's service key")), "{:?}", c.startup);
+    wait_status(&c, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await;
+    let out = Command::new(common::bin())
+        .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--cluster", &url, "--config"])
+        .arg(c_dir.path().join("t.toml"))
+        .arg("--data-dir")
+        .arg(c_dir.path().join("other"))
+        .env("TESSERA_SERVICE_KEY", "another-service-key-0123456789")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`service.key` (or TESSERA_SERVICE_KEY) differs from the service key of the cluster"), "{err}");
+    drop(c);
+
+    // Deleted on one node, gone on the other.
+    assert_eq!(a.client().delete(a.url(&format!("/v1/rooms/{early}"))).bearer_auth(common::KEY).send().await.unwrap().status(), 200);
+    wait_status(&b, &format!("/v1/rooms/{early}"), 404, Duration::from_secs(2)).await;
+
+    // NATS away: reads answer from each node's copy; a change answers 503 within seconds
+    // and a login fails with the reason, leaving the token unspent.
+    let spare = a.token(&room, "bob", "presenter").await;
+    nats.stop();
+    wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    let res = a
+        .client()
+        .post(a.url("/v1/rooms"))
+        .bearer_auth(common::KEY)
+        .json(&serde_json::json!({"name": "while-away"}))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(asked.elapsed() < Duration::from_secs(8), "answered in {:?}", asked.elapsed());
+    let err = login(&b, &spare).await.unwrap_err();
+    assert!(err.contains("Login unavailable, retry later"), "{err}");
+
+    // NATS back with its disk: the rooms are there, changes work, the unspent token logs in.
+    nats.restart();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(15);
+    loop {
+        let res = a
+            .client()
+            .post(a.url("/v1/rooms"))
+            .bearer_auth(common::KEY)
+            .json(&serde_json::json!({"name": "after-return"}))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 200 {
+            let made: Value = res.json().await.unwrap();
+            wait_status(&b, &format!("/v1/rooms/{}", made["id"].as_str().unwrap()), 200, Duration::from_secs(5)).await;
+            break;
+        }
+        assert!(Instant::now() < deadline, "room changes never worked again: {}", res.status());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("room changes worked again {:?} after NATS came back", back.elapsed());
+    assert_eq!(login(&b, &spare).await.expect("the unspent token logs in")["user"], "bob");
+    // What was refused while NATS was away did not happen later.
+    let listed: Value = a.client().get(a.url("/v1/rooms")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert!(listed.as_array().unwrap().iter().all(|r| r["name"] != "while-away"), "{listed}");
+    wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await;
 }

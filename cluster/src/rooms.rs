@@ -1,0 +1,417 @@
+//! Room configurations shared by every node: the bucket `tessera_rooms` on the NATS
+//! server's disk.
+//!
+//! Keys: `rooms.<id>` holds `{createdMs, room}` (the room as the REST API shows it), and
+//! `names.<sha-256 of the name, hex>` holds the id of the room with that name, so two
+//! nodes creating rooms with one name at once cannot both succeed (a create is atomic
+//! per key). Each node keeps a copy of every room in memory, read once at start and then
+//! kept current by a watch on `rooms.>`, so reads — a participant joining, the REST API
+//! listing — never wait on NATS and keep working while it is away; writes go to NATS
+//! (compare-and-set on the entry's revision) and fail with a clear error while it is away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tessera_core::store::{Rooms, StoreError};
+use tessera_core::{Room, node::now_ms};
+use tracing::{debug, info, warn};
+
+use crate::bucket::{self, Keep};
+use crate::{ClusterError, NATS_TIMEOUT};
+
+/// The bucket of room configurations.
+pub const ROOMS_BUCKET: &str = "tessera_rooms";
+const ROOM_PREFIX: &str = "rooms.";
+const NAME_PREFIX: &str = "names.";
+/// How long the copy waits before reading the bucket again after its watch ended.
+const RESYNC_PAUSE: Duration = Duration::from_secs(1);
+
+/// A room's entry.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Stored {
+    /// When it was created (rooms are listed in creation order).
+    created_ms: u64,
+    room: Room,
+}
+
+struct Cached {
+    room: Room,
+    created_ms: u64,
+    revision: u64,
+}
+
+/// This node's copy of the rooms.
+#[derive(Default)]
+struct Copy {
+    rooms: HashMap<String, Cached>,
+    /// The last revision applied per room id, deletes included, so a change that arrives
+    /// late (the watch replaying what a read already showed) never undoes a newer one.
+    seen: HashMap<String, u64>,
+}
+
+impl Copy {
+    fn apply(&mut self, id: &str, revision: u64, stored: Option<Stored>) {
+        if self.seen.get(id).is_some_and(|&r| r >= revision) {
+            return;
+        }
+        self.seen.insert(id.to_string(), revision);
+        match stored {
+            Some(s) => {
+                self.rooms.insert(id.to_string(), Cached { room: s.room, created_ms: s.created_ms, revision });
+            }
+            None => {
+                self.rooms.remove(id);
+            }
+        }
+    }
+
+    /// Applies an entry of the bucket (a room key's put or delete).
+    fn apply_entry(&mut self, entry: &kv::Entry) {
+        let Some(id) = entry.key.strip_prefix(ROOM_PREFIX) else { return };
+        match entry.operation {
+            kv::Operation::Put => match decode(&entry.value) {
+                Ok(stored) => self.apply(id, entry.revision, Some(stored)),
+                Err(e) => warn!(room = %id.escape_debug(), error = %e, "unreadable room entry ignored"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => self.apply(id, entry.revision, None),
+        }
+    }
+}
+
+fn decode(value: &[u8]) -> Result<Stored, String> {
+    let stored: Stored = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    stored.room.validate().map_err(|e| e.to_string())?;
+    Ok(stored)
+}
+
+fn room_key(id: &str) -> String {
+    format!("{ROOM_PREFIX}{id}")
+}
+
+/// Names can hold any character, keys cannot: a name's key is its hash.
+fn name_key(name: &str) -> String {
+    format!("{NAME_PREFIX}{}", hex::encode(sha2::Sha256::digest(name.as_bytes())))
+}
+
+/// How a compare-and-set write failed.
+enum Write {
+    /// The entry is not at the expected revision (or exists, for a create).
+    Moved,
+    /// NATS refused or failed.
+    Failed(String),
+}
+use Write::{Failed, Moved};
+const MOVED: &str = "the entry changed";
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The rooms of the cluster (see the module docs).
+pub struct ClusterRooms {
+    client: async_nats::Client,
+    kv: kv::Store,
+    copy: Arc<RwLock<Copy>>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ClusterRooms {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+impl ClusterRooms {
+    /// Opens the bucket (creating it if this is the cluster's first node, and then
+    /// putting `seed` in it: the rooms this node had before it joined), reads every room
+    /// and follows changes.
+    pub async fn open(js: &jetstream::Context, seed: Vec<Room>) -> Result<Arc<ClusterRooms>, ClusterError> {
+        let (kv, created) = bucket::open(js, ROOMS_BUCKET, "Tessera rooms: configurations shared by every node", Duration::ZERO, Keep::Disk)
+            .await
+            .map_err(ClusterError::Registry)?;
+        let (copy, last) = read_all(&kv).await.map_err(|e| ClusterError::Registry(format!("reading the rooms: {e}")))?;
+        let copy = Arc::new(RwLock::new(copy));
+        let follower = tokio::spawn(follow(kv.clone(), copy.clone(), last));
+        let rooms = Arc::new(ClusterRooms { client: js.client(), kv, copy, follower });
+        if created && !seed.is_empty() {
+            let n = seed.len();
+            for room in seed {
+                let id = room.id.clone();
+                if let Err(e) = rooms.create(room).await {
+                    warn!(room = %id, error = %e, "room of this node's store not added to the cluster");
+                }
+            }
+            info!(rooms = n, "the cluster's rooms start from this node's store");
+        }
+        Ok(rooms)
+    }
+
+    /// A request to NATS, refused at once while the connection is down (a write would be
+    /// queued and land when NATS returns, long after the caller was told it failed) and
+    /// bounded in time, so a REST call answers 503 while NATS is away.
+    async fn call<T, E: std::fmt::Display>(&self, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, StoreError> {
+        bucket::connected(&self.client).map_err(StoreError::Unavailable)?;
+        match tokio::time::timeout(NATS_TIMEOUT, f).await {
+            Ok(r) => r.map_err(unavailable),
+            Err(_) => Err(StoreError::Unavailable(format!("no answer from NATS within {} s", NATS_TIMEOUT.as_secs()))),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Copy> {
+        self.copy.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Copy> {
+        self.copy.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `name` for room `id`. A name entry left behind by a write that failed
+    /// half-way (its room gone or renamed) is taken over.
+    async fn claim_name(&self, name: &str, id: &str) -> Result<(), StoreError> {
+        let key = name_key(name);
+        match self.call(async { Ok::<_, String>(self.kv.create(&key, Bytes::from(id.to_string())).await) }).await? {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let Some(entry) = self.call(self.kv.entry(&key)).await?.filter(|e| e.operation == kv::Operation::Put) else {
+            return Err(StoreError::Conflict(format!("a room named `{name}` is being created; retry")));
+        };
+        let holder = String::from_utf8_lossy(&entry.value).to_string();
+        if holder == id {
+            return Ok(());
+        }
+        let holder_room = self.call(self.kv.entry(room_key(&holder))).await?.filter(|e| e.operation == kv::Operation::Put);
+        if holder_room.and_then(|e| decode(&e.value).ok()).is_some_and(|s| s.room.name == name) {
+            return Err(StoreError::Conflict(format!("a room named `{name}` exists")));
+        }
+        debug!(name = ?name, stale = %holder.escape_debug(), "taking over a stale room name entry");
+        self.call(self.kv.update(&key, Bytes::from(id.to_string()), entry.revision))
+            .await
+            .map(|_| ())
+            .map_err(|_| StoreError::Conflict(format!("a room named `{name}` is being created; retry")))
+    }
+
+    /// Gives a name back, if `id` still holds it.
+    async fn release_name(&self, name: &str, id: &str) {
+        let key = name_key(name);
+        let released = async {
+            if let Some(e) = self.kv.entry(&key).await.map_err(|e| e.to_string())?
+                && e.operation == kv::Operation::Put
+                && e.value.as_ref() == id.as_bytes()
+            {
+                self.kv.delete_expect_revision(&key, Some(e.revision)).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(e) = self.call(released).await {
+            // Harmless: a later create of this name takes the stale entry over.
+            debug!(name = ?name, error = %e, "room name entry left behind");
+        }
+    }
+
+    /// Writes a room's entry: a create (`revision` none) or a compare-and-set update.
+    async fn put_room(&self, stored: &Stored, revision: Option<u64>) -> Result<u64, StoreError> {
+        let value = serde_json::to_vec(stored).map(Bytes::from).map_err(unavailable)?;
+        let key = room_key(&stored.room.id);
+        let written = match revision {
+            Some(r) => self.call(async { Ok::<_, String>(self.kv.update(&key, value, r).await) }).await?.map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => Moved,
+                _ => Failed(e.to_string()),
+            }),
+            None => self.call(async { Ok::<_, String>(self.kv.create(&key, value).await) }).await?.map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => Moved,
+                _ => Failed(e.to_string()),
+            }),
+        };
+        written.map_err(|w| match w {
+            Moved => StoreError::Conflict(MOVED.into()),
+            Failed(e) => StoreError::Unavailable(e),
+        })
+    }
+}
+
+/// Reads every room, and the bucket's last revision before reading (the watch resumes
+/// after it, so nothing written meanwhile is missed; what the read already saw is
+/// skipped by revision).
+async fn read_all(kv: &kv::Store) -> Result<(Copy, u64), String> {
+    let read = async {
+        let mut stream = kv.stream.clone();
+        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+        let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| e.to_string())?;
+            if k.starts_with(ROOM_PREFIX) {
+                ids.push(k);
+            }
+        }
+        let mut copy = Copy::default();
+        for key in ids {
+            if let Some(entry) = kv.entry(&key).await.map_err(|e| e.to_string())? {
+                copy.apply_entry(&entry);
+            }
+        }
+        Ok::<_, String>((copy, last))
+    };
+    tokio::time::timeout(NATS_TIMEOUT * 10, read).await.map_err(|_| "NATS did not answer".to_string())?
+}
+
+/// Keeps the copy current: follows the bucket's changes from `last`; when the watch ends
+/// (NATS restarted or away too long), reads everything again and follows on.
+async fn follow(kv: kv::Store, copy: Arc<RwLock<Copy>>, mut last: u64) {
+    loop {
+        match kv.watch_from_revision(format!("{ROOM_PREFIX}>"), last.saturating_add(1)).await {
+            Ok(mut changes) => {
+                while let Some(change) = changes.next().await {
+                    match change {
+                        Ok(entry) => {
+                            last = last.max(entry.revision);
+                            copy.write().unwrap_or_else(|p| p.into_inner()).apply_entry(&entry);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "watching the cluster's rooms failed; reading them again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "cannot watch the cluster's rooms yet"),
+        }
+        loop {
+            tokio::time::sleep(RESYNC_PAUSE).await;
+            match read_all(&kv).await {
+                Ok((fresh, at)) => {
+                    *copy.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                    last = at;
+                    info!(revision = at, "the cluster's rooms read again");
+                    break;
+                }
+                Err(e) => debug!(error = %e, "the cluster's rooms cannot be read yet"),
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Rooms for ClusterRooms {
+    fn get(&self, id: &str) -> Option<Room> {
+        self.read().rooms.get(id).map(|c| c.room.clone())
+    }
+
+    fn list_page(&self, offset: usize, limit: usize) -> Result<Vec<Room>, StoreError> {
+        let copy = self.read();
+        let mut all: Vec<&Cached> = copy.rooms.values().collect();
+        all.sort_by(|a, b| (a.created_ms, &a.room.id).cmp(&(b.created_ms, &b.room.id)));
+        Ok(all.into_iter().skip(offset).take(limit).map(|c| c.room.clone()).collect())
+    }
+
+    fn count(&self) -> Result<usize, StoreError> {
+        Ok(self.read().rooms.len())
+    }
+
+    async fn create(&self, room: Room) -> Result<Room, StoreError> {
+        if self.read().rooms.contains_key(&room.id) {
+            return Err(StoreError::Conflict(format!("a room with id `{}` exists", room.id)));
+        }
+        self.claim_name(&room.name, &room.id).await?;
+        let stored = Stored { created_ms: now_ms(), room };
+        match self.put_room(&stored, None).await {
+            Ok(revision) => {
+                let room = stored.room.clone();
+                self.write().apply(&room.id, revision, Some(stored));
+                Ok(room)
+            }
+            Err(e) => {
+                self.release_name(&stored.room.name, &stored.room.id).await;
+                Err(match e {
+                    StoreError::Conflict(_) => StoreError::Conflict(format!("a room with id `{}` exists", stored.room.id)),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    async fn update(&self, room: Room) -> Result<Room, StoreError> {
+        let (base, created_ms, mut revision) = match self.read().rooms.get(&room.id) {
+            Some(c) => (c.room.clone(), c.created_ms, c.revision),
+            None => return Err(StoreError::NotFound(room.id)),
+        };
+        let old_name = base.name.clone();
+        let renamed = old_name != room.name;
+        if renamed {
+            self.claim_name(&room.name, &room.id).await?;
+        }
+        let stored = Stored { created_ms, room };
+        let changed_meanwhile = || StoreError::Conflict(format!("room `{}` was changed by another request meanwhile; retry", stored.room.id));
+        let mut retried = false;
+        let result = loop {
+            match self.put_room(&stored, Some(revision)).await {
+                Err(StoreError::Conflict(_)) if !retried => {
+                    // Our copy may lag the bucket by a watch delivery: if the entry still
+                    // holds what the change was based on, apply it to the newer revision.
+                    retried = true;
+                    let now = match self.call(self.kv.entry(room_key(&stored.room.id))).await {
+                        Ok(now) => now.filter(|e| e.operation == kv::Operation::Put),
+                        Err(e) => break Err(e),
+                    };
+                    match now.map(|e| (e.revision, decode(&e.value))) {
+                        None => break Err(StoreError::NotFound(stored.room.id.clone())),
+                        Some((r, Ok(s))) if s.room == base => revision = r,
+                        Some(_) => break Err(changed_meanwhile()),
+                    }
+                }
+                Err(StoreError::Conflict(_)) => break Err(changed_meanwhile()),
+                other => break other,
+            }
+        };
+        match result {
+            Ok(revision) => {
+                if renamed {
+                    self.release_name(&old_name, &stored.room.id).await;
+                }
+                let room = stored.room.clone();
+                self.write().apply(&room.id, revision, Some(stored));
+                Ok(room)
+            }
+            Err(e) => {
+                if renamed {
+                    self.release_name(&stored.room.name, &stored.room.id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<Room, StoreError> {
+        let key = room_key(id);
+        let Some(entry) = self.call(self.kv.entry(&key)).await?.filter(|e| e.operation == kv::Operation::Put) else {
+            // Gone from the bucket: make sure our copy agrees.
+            let stale = self.read().rooms.get(id).map(|c| c.revision);
+            if let Some(revision) = stale {
+                self.write().apply(id, revision.saturating_add(1), None);
+            }
+            return Err(StoreError::NotFound(id.into()));
+        };
+        // Not validated: a room that no longer validates must still be deletable.
+        let room = serde_json::from_slice::<serde_json::Value>(&entry.value)
+            .ok()
+            .and_then(|v| v.get("room").cloned())
+            .and_then(|r| serde_json::from_value::<Room>(r).ok())
+            .ok_or_else(|| StoreError::Unavailable(format!("room `{id}` is unreadable in the cluster's bucket")))?;
+        // Unconditional: a DELETE racing an update still deletes.
+        self.call(self.kv.delete(&key)).await?;
+        self.release_name(&room.name, id).await;
+        // The delete marker's revision is not returned; any revision above the put's is
+        // enough for the copy, and the watch brings the real one.
+        self.write().apply(id, entry.revision.saturating_add(1), None);
+        Ok(room)
+    }
+}
