@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use tessera_core::token::{TokenClaims, TokenError, TokenLedger};
-use tracing::debug;
+use tessera_core::token::{Spent, TokenClaims, TokenError, TokenLedger};
+use tracing::{debug, warn};
 
 use crate::bucket::{self, Keep};
 use crate::{ClusterError, NATS_TIMEOUT};
@@ -17,20 +17,39 @@ use crate::{ClusterError, NATS_TIMEOUT};
 pub const TOKENS_BUCKET: &str = "tessera_tokens";
 /// How long a used token id is remembered: the longest a token may live.
 pub const TOKEN_MEMORY: Duration = Duration::from_secs(86_400);
+const DESCRIPTION: &str = "Tessera: ids of participant tokens already used to log in";
 
 /// Used tokens, shared by every portal of the cluster.
 pub struct ClusterLedger {
-    client: async_nats::Client,
+    js: jetstream::Context,
     kv: kv::Store,
 }
 
 impl ClusterLedger {
     /// Opens (or creates) the bucket.
     pub async fn open(js: &jetstream::Context) -> Result<ClusterLedger, ClusterError> {
-        let (kv, _) = bucket::open(js, TOKENS_BUCKET, "Tessera: ids of participant tokens already used to log in", TOKEN_MEMORY, Keep::Disk)
-            .await
-            .map_err(ClusterError::Registry)?;
-        Ok(ClusterLedger { client: js.client(), kv })
+        let (kv, _) = bucket::open(js, TOKENS_BUCKET, DESCRIPTION, TOKEN_MEMORY, Keep::Disk).await.map_err(ClusterError::Registry)?;
+        Ok(ClusterLedger { js: js.clone(), kv })
+    }
+
+    /// Gives back the use written with `attempt`, whatever its revision (a create whose
+    /// answer was lost), and never another login's.
+    async fn give_back(&self, key: &str, attempt: &str) {
+        let undo = async {
+            if let Some(e) = self.kv.entry(key).await.map_err(|e| e.to_string())?
+                && e.operation == kv::Operation::Put
+                && e.value.as_ref() == attempt.as_bytes()
+            {
+                self.kv.delete_expect_revision(key, Some(e.revision)).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(NATS_TIMEOUT, undo).await {
+            Ok(Ok(())) => {}
+            // The token stays spent: the user asks for a new one.
+            Ok(Err(e)) => debug!(error = %e, "a token could not be given back"),
+            Err(_) => debug!("a token could not be given back: NATS did not answer"),
+        }
     }
 }
 
@@ -42,29 +61,41 @@ fn key(claims: &TokenClaims) -> Result<String, TokenError> {
     Ok(format!("t.{}", claims.jti))
 }
 
+fn unavailable(why: impl std::fmt::Display) -> TokenError {
+    TokenError::Unavailable(format!("the cluster's token ledger: {why}"))
+}
+
 #[async_trait::async_trait]
 impl TokenLedger for ClusterLedger {
-    async fn consume(&self, claims: &TokenClaims, _now: u64) -> Result<(), TokenError> {
+    async fn consume(&self, claims: &TokenClaims, _now: u64) -> Result<Spent, TokenError> {
         let key = key(claims)?;
-        bucket::connected(&self.client).map_err(|e| TokenError::Unavailable(format!("the cluster's token ledger: {e}")))?;
-        // The value is the token's expiry, for whoever reads the bucket by hand.
-        let why = match tokio::time::timeout(NATS_TIMEOUT, self.kv.create(&key, Bytes::from(claims.exp.to_string()))).await {
-            Ok(Ok(_)) => return Ok(()),
+        bucket::connected(&self.js.client()).map_err(unavailable)?;
+        // Each attempt writes its own value, so giving back a use can tell it from another
+        // login's.
+        let attempt = format!("{} {}", claims.exp, tessera_core::ids::random_hex(8));
+        let why = match tokio::time::timeout(NATS_TIMEOUT, self.kv.create(&key, Bytes::from(attempt.clone()))).await {
+            Ok(Ok(revision)) => return Ok(Spent(revision)),
             Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Err(TokenError::Replayed),
-            Ok(Err(e)) => format!("the cluster's token ledger: {e}"),
-            Err(_) => format!("the cluster's token ledger did not answer within {} s", NATS_TIMEOUT.as_secs()),
+            Ok(Err(e)) => {
+                // The bucket may be gone (NATS restarted without its store): make it again
+                // for the next login.
+                if let Err(e) = bucket::open(&self.js, TOKENS_BUCKET, DESCRIPTION, TOKEN_MEMORY, Keep::Disk).await {
+                    warn!(error = %e, "the cluster's token ledger cannot be opened");
+                }
+                e.to_string()
+            }
+            Err(_) => format!("no answer within {} s", NATS_TIMEOUT.as_secs()),
         };
         // The write may still land (NATS slow, or gone mid-request and queued by the
         // client): give it back, so the login that failed does not spend the token.
-        self.release(claims).await;
-        Err(TokenError::Unavailable(why))
+        self.give_back(&key, &attempt).await;
+        Err(unavailable(why))
     }
 
-    async fn release(&self, claims: &TokenClaims) {
+    async fn release(&self, claims: &TokenClaims, spent: Spent) {
         let Ok(key) = key(claims) else { return };
-        match tokio::time::timeout(NATS_TIMEOUT, self.kv.delete(&key)).await {
+        match tokio::time::timeout(NATS_TIMEOUT, self.kv.delete_expect_revision(&key, Some(spent.0))).await {
             Ok(Ok(())) => {}
-            // The token stays spent: the user asks for a new one.
             Ok(Err(e)) => debug!(error = %e, "a token could not be given back"),
             Err(_) => debug!("a token could not be given back: NATS did not answer"),
         }

@@ -19,6 +19,8 @@
 mod bucket;
 pub mod ledger;
 pub mod rooms;
+pub mod router;
+pub mod rpc;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,6 +104,8 @@ pub struct ClusterNode {
     stop: watch::Sender<bool>,
     /// The heartbeat task, stopped before the entry is deleted (so it cannot write it again).
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The live nodes as last read (every heartbeat), for placement without waiting on NATS.
+    known: Mutex<Vec<NodeRecord>>,
 }
 
 impl ClusterNode {
@@ -122,7 +126,7 @@ impl ClusterNode {
         let revision = register(&nodes, &record).await?;
         info!(node = %record.id, instance = %record.instance, nats = %url, "joined the cluster");
         let (stop, _) = watch::channel(false);
-        Ok(Arc::new(ClusterNode {
+        let node = Arc::new(ClusterNode {
             client,
             js,
             nodes: Mutex::new(nodes),
@@ -130,7 +134,10 @@ impl ClusterNode {
             revision: Mutex::new(revision),
             stop,
             heartbeat: Mutex::new(None),
-        }))
+            known: Mutex::new(Vec::new()),
+        });
+        node.refresh_known().await;
+        Ok(node)
     }
 
     /// Reports this node every [`HEARTBEAT`] with the load `load` measures, until
@@ -156,6 +163,7 @@ impl ClusterNode {
                 if let Err(e) = me.report(load()).await {
                     warn!(node = %me.id(), error = %e, "cluster heartbeat failed");
                 }
+                me.refresh_known().await;
             }
         });
         *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -212,6 +220,34 @@ impl ClusterNode {
 
     fn store(&self) -> kv::Store {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads the live nodes again (bounded; on failure the last list stays).
+    pub async fn refresh_known(&self) {
+        match tokio::time::timeout(NATS_TIMEOUT, self.list()).await {
+            Ok(Ok(nodes)) => *self.known.lock().unwrap_or_else(|p| p.into_inner()) = nodes,
+            Ok(Err(e)) => debug!(error = %e.0, "the node list could not be read"),
+            Err(_) => debug!("the node list could not be read: NATS did not answer"),
+        }
+    }
+
+    /// The live nodes as last read, at most one heartbeat old.
+    pub fn known_nodes(&self) -> Vec<NodeRecord> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts a placement on `node` in the known list until its next report, so rooms
+    /// placed between two reports spread instead of all going to the node that looked
+    /// least used.
+    pub fn count_placement(&self, node: &str) {
+        if let Some(n) = self.known.lock().unwrap_or_else(|p| p.into_inner()).iter_mut().find(|n| n.id == node) {
+            n.load.transports += 1;
+        }
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     /// Marks this node draining in its next report.

@@ -27,10 +27,17 @@ use crate::{ClusterError, NATS_TIMEOUT};
 
 /// The bucket of room configurations.
 pub const ROOMS_BUCKET: &str = "tessera_rooms";
+const ROOMS_DESCRIPTION: &str = "Tessera rooms: configurations shared by every node";
 const ROOM_PREFIX: &str = "rooms.";
 const NAME_PREFIX: &str = "names.";
 /// How long the copy waits before reading the bucket again after its watch ended.
 const RESYNC_PAUSE: Duration = Duration::from_secs(1);
+/// How often the copy checks that the bucket is the one it follows (NATS may have
+/// restarted without its store, and the bucket been made anew).
+const BUCKET_CHECK: Duration = Duration::from_secs(5);
+/// A name entry whose room is missing is taken over only after this long: a create in
+/// progress (name claimed, room not written yet) looks the same.
+const STALE_NAME: Duration = Duration::from_secs(60);
 
 /// A room's entry.
 #[derive(Serialize, Deserialize)]
@@ -133,12 +140,10 @@ impl ClusterRooms {
     /// putting `seed` in it: the rooms this node had before it joined), reads every room
     /// and follows changes.
     pub async fn open(js: &jetstream::Context, seed: Vec<Room>) -> Result<Arc<ClusterRooms>, ClusterError> {
-        let (kv, created) = bucket::open(js, ROOMS_BUCKET, "Tessera rooms: configurations shared by every node", Duration::ZERO, Keep::Disk)
-            .await
-            .map_err(ClusterError::Registry)?;
-        let (copy, last) = read_all(&kv).await.map_err(|e| ClusterError::Registry(format!("reading the rooms: {e}")))?;
+        let (kv, created) = bucket::open(js, ROOMS_BUCKET, ROOMS_DESCRIPTION, Duration::ZERO, Keep::Disk).await.map_err(ClusterError::Registry)?;
+        let (copy, last, born) = read_all(&kv).await.map_err(|e| ClusterError::Registry(format!("reading the rooms: {e}")))?;
         let copy = Arc::new(RwLock::new(copy));
-        let follower = tokio::spawn(follow(kv.clone(), copy.clone(), last));
+        let follower = tokio::spawn(follow(js.clone(), kv.clone(), copy.clone(), last, born));
         let rooms = Arc::new(ClusterRooms { client: js.client(), kv, copy, follower });
         if created && !seed.is_empty() {
             let n = seed.len();
@@ -172,12 +177,15 @@ impl ClusterRooms {
         self.copy.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims `name` for room `id`. A name entry left behind by a write that failed
-    /// half-way (its room gone or renamed) is taken over.
-    async fn claim_name(&self, name: &str, id: &str) -> Result<(), StoreError> {
+    /// Claims `name` for room `id`; true when this call took it (and must give it back
+    /// if the room's write fails), false when `id` held it already. A name entry left
+    /// behind by a write that failed half-way (its room gone or renamed) is taken over —
+    /// only once it is older than [`STALE_NAME`], since a create still in progress looks
+    /// the same.
+    async fn claim_name(&self, name: &str, id: &str) -> Result<bool, StoreError> {
         let key = name_key(name);
         match self.call(async { Ok::<_, String>(self.kv.create(&key, Bytes::from(id.to_string())).await) }).await? {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(unavailable(e)),
         }
@@ -186,17 +194,24 @@ impl ClusterRooms {
         };
         let holder = String::from_utf8_lossy(&entry.value).to_string();
         if holder == id {
-            return Ok(());
+            return Ok(false);
         }
         let holder_room = self.call(self.kv.entry(room_key(&holder))).await?.filter(|e| e.operation == kv::Operation::Put);
         if holder_room.and_then(|e| decode(&e.value).ok()).is_some_and(|s| s.room.name == name) {
             return Err(StoreError::Conflict(format!("a room named `{name}` exists")));
         }
+        let age_secs = i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX).saturating_sub(entry.created.unix_timestamp());
+        if age_secs < STALE_NAME.as_secs() as i64 {
+            return Err(StoreError::Conflict(format!("a room named `{name}` is being created; retry")));
+        }
         debug!(name = ?name, stale = %holder.escape_debug(), "taking over a stale room name entry");
-        self.call(self.kv.update(&key, Bytes::from(id.to_string()), entry.revision))
-            .await
-            .map(|_| ())
-            .map_err(|_| StoreError::Conflict(format!("a room named `{name}` is being created; retry")))
+        match self.call(async { Ok::<_, String>(self.kv.update(&key, Bytes::from(id.to_string()), entry.revision).await) }).await? {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(StoreError::Conflict(format!("a room named `{name}` is being created; retry")))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Gives a name back, if `id` still holds it.
@@ -241,10 +256,11 @@ impl ClusterRooms {
 /// Reads every room, and the bucket's last revision before reading (the watch resumes
 /// after it, so nothing written meanwhile is missed; what the read already saw is
 /// skipped by revision).
-async fn read_all(kv: &kv::Store) -> Result<(Copy, u64), String> {
+async fn read_all(kv: &kv::Store) -> Result<(Copy, u64, Born), String> {
     let read = async {
         let mut stream = kv.stream.clone();
-        let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        let (last, born) = (info.state.last_sequence, info.created.unix_timestamp());
         let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
         let mut ids = Vec::new();
         while let Some(k) = keys.next().await {
@@ -259,26 +275,40 @@ async fn read_all(kv: &kv::Store) -> Result<(Copy, u64), String> {
                 copy.apply_entry(&entry);
             }
         }
-        Ok::<_, String>((copy, last))
+        Ok::<_, String>((copy, last, born))
     };
     tokio::time::timeout(NATS_TIMEOUT * 10, read).await.map_err(|_| "NATS did not answer".to_string())?
 }
 
-/// Keeps the copy current: follows the bucket's changes from `last`; when the watch ends
-/// (NATS restarted or away too long), reads everything again and follows on.
-async fn follow(kv: kv::Store, copy: Arc<RwLock<Copy>>, mut last: u64) {
+/// Keeps the copy current: follows the bucket's changes from `last`. When the watch ends
+/// or errs, or the bucket turns out to be another one than was read (NATS restarted
+/// without its store: the watch would go on silently from a position the new bucket does
+/// not have), it opens the bucket again (making it if it is gone), reads everything and
+/// follows on.
+async fn follow(js: jetstream::Context, mut kv: kv::Store, copy: Arc<RwLock<Copy>>, mut last: u64, mut born: Born) {
     loop {
         match kv.watch_from_revision(format!("{ROOM_PREFIX}>"), last.saturating_add(1)).await {
             Ok(mut changes) => {
-                while let Some(change) = changes.next().await {
-                    match change {
-                        Ok(entry) => {
-                            last = last.max(entry.revision);
-                            copy.write().unwrap_or_else(|p| p.into_inner()).apply_entry(&entry);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "watching the cluster's rooms failed; reading them again");
-                            break;
+                let mut check = tokio::time::interval(BUCKET_CHECK);
+                check.tick().await;
+                loop {
+                    tokio::select! {
+                        change = changes.next() => match change {
+                            Some(Ok(entry)) => {
+                                last = last.max(entry.revision);
+                                copy.write().unwrap_or_else(|p| p.into_inner()).apply_entry(&entry);
+                            }
+                            Some(Err(e)) => {
+                                warn!(error = %e, "watching the cluster's rooms failed; reading them again");
+                                break;
+                            }
+                            None => break,
+                        },
+                        _ = check.tick() => {
+                            if !same_bucket(&js, &kv, born).await {
+                                warn!("the cluster's rooms bucket was made anew (NATS lost its store?); reading it again");
+                                break;
+                            }
                         }
                     }
                 }
@@ -287,16 +317,44 @@ async fn follow(kv: kv::Store, copy: Arc<RwLock<Copy>>, mut last: u64) {
         }
         loop {
             tokio::time::sleep(RESYNC_PAUSE).await;
+            match bucket::open(&js, ROOMS_BUCKET, ROOMS_DESCRIPTION, Duration::ZERO, Keep::Disk).await {
+                Ok((store, _)) => kv = store,
+                Err(e) => {
+                    debug!(error = %e, "the cluster's rooms bucket cannot be opened yet");
+                    continue;
+                }
+            }
             match read_all(&kv).await {
-                Ok((fresh, at)) => {
+                Ok((fresh, at, b)) => {
                     *copy.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-                    last = at;
+                    (last, born) = (at, b);
                     info!(revision = at, "the cluster's rooms read again");
                     break;
                 }
                 Err(e) => debug!(error = %e, "the cluster's rooms cannot be read yet"),
             }
         }
+    }
+}
+
+/// When the bucket's stream was made (seconds since the epoch): tells a bucket from one
+/// made anew under the same name.
+type Born = i64;
+
+/// False when the bucket's stream is not the one read (or is gone) while NATS answers;
+/// true when it is, or when NATS cannot be asked (nothing to compare then).
+async fn same_bucket(js: &jetstream::Context, kv: &kv::Store, born: Born) -> bool {
+    if bucket::connected(&js.client()).is_err() {
+        return true;
+    }
+    let mut stream = kv.stream.clone();
+    match tokio::time::timeout(NATS_TIMEOUT, stream.info()).await {
+        Ok(Ok(info)) => info.created.unix_timestamp() == born,
+        Ok(Err(e)) => {
+            debug!(error = %e, "the cluster's rooms bucket cannot be looked at");
+            false
+        }
+        Err(_) => true,
     }
 }
 
@@ -321,7 +379,7 @@ impl Rooms for ClusterRooms {
         if self.read().rooms.contains_key(&room.id) {
             return Err(StoreError::Conflict(format!("a room with id `{}` exists", room.id)));
         }
-        self.claim_name(&room.name, &room.id).await?;
+        let claimed = self.claim_name(&room.name, &room.id).await?;
         let stored = Stored { created_ms: now_ms(), room };
         match self.put_room(&stored, None).await {
             Ok(revision) => {
@@ -330,7 +388,9 @@ impl Rooms for ClusterRooms {
                 Ok(room)
             }
             Err(e) => {
-                self.release_name(&stored.room.name, &stored.room.id).await;
+                if claimed {
+                    self.release_name(&stored.room.name, &stored.room.id).await;
+                }
                 Err(match e {
                     StoreError::Conflict(_) => StoreError::Conflict(format!("a room with id `{}` exists", stored.room.id)),
                     other => other,
@@ -346,9 +406,7 @@ impl Rooms for ClusterRooms {
         };
         let old_name = base.name.clone();
         let renamed = old_name != room.name;
-        if renamed {
-            self.claim_name(&room.name, &room.id).await?;
-        }
+        let claimed = renamed && self.claim_name(&room.name, &room.id).await?;
         let stored = Stored { created_ms, room };
         let changed_meanwhile = || StoreError::Conflict(format!("room `{}` was changed by another request meanwhile; retry", stored.room.id));
         let mut retried = false;
@@ -382,7 +440,7 @@ impl Rooms for ClusterRooms {
                 Ok(room)
             }
             Err(e) => {
-                if renamed {
+                if claimed {
                     self.release_name(&stored.room.name, &stored.room.id).await;
                 }
                 Err(e)

@@ -75,6 +75,32 @@ pub struct Cluster {
     pub relay_addr: String,
     /// Region label, for placing sessions near their portal.
     pub region: String,
+    /// What this node does (`portal`, `webrtc`, `mixer`, `recorder`); empty: everything.
+    pub roles: Vec<String>,
+}
+
+/// The roles a node can have.
+pub const ROLES: [&str; 4] = ["portal", "webrtc", "mixer", "recorder"];
+
+impl Cluster {
+    /// Checked once flags and the environment are applied (`--cluster` may bring the URL):
+    /// a node without a cluster must run every role.
+    pub fn check_roles_alone(&self) -> Result<(), String> {
+        if self.nats_url.is_empty() && !ROLES.iter().all(|r| self.has_role(r)) {
+            return Err("key `cluster.roles`: a server without a cluster (cluster.nats_url) runs every role".into());
+        }
+        Ok(())
+    }
+
+    /// This node's roles: the configured ones, or all of them.
+    pub fn roles(&self) -> Vec<String> {
+        if self.roles.is_empty() { ROLES.iter().map(|r| r.to_string()).collect() } else { self.roles.clone() }
+    }
+
+    /// Whether this node has `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.is_empty() || self.roles.iter().any(|r| r == role)
+    }
 }
 
 /// `[server]`
@@ -387,6 +413,13 @@ impl Config {
         }
         if !c.node_id.is_empty() && !valid_node_id(&c.node_id) {
             return Err(err("cluster.node_id", format!("`{}`: use 1-64 letters, digits, `-` or `_`", c.node_id)));
+        }
+        if let Some(bad) = c.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
+            return Err(err("cluster.roles", format!("`{}` is not a role (portal, webrtc, mixer, recorder)", bad.escape_debug())));
+        }
+        if (c.has_role("mixer") || c.has_role("recorder")) && !c.has_role("webrtc") {
+            // They read streams from the SFU of their own process until media is relayed between nodes.
+            return Err(err("cluster.roles", "mixer and recorder need the webrtc role on the same node".into()));
         }
         if !c.relay_addr.is_empty() && c.relay_addr.parse::<std::net::IpAddr>().is_err() {
             return Err(err("cluster.relay_addr", format!("`{}` is not an IP address", c.relay_addr)));

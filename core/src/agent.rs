@@ -214,6 +214,20 @@ pub enum AgentEvent {
     },
 }
 
+impl AgentEvent {
+    /// The room the event belongs to.
+    pub fn room(&self) -> &RoomId {
+        match self {
+            AgentEvent::Progress { room, .. }
+            | AgentEvent::StreamReady { room, .. }
+            | AgentEvent::StreamEnded { room, .. }
+            | AgentEvent::SubscriptionEnded { room, .. }
+            | AgentEvent::TransportClosed { room, .. }
+            | AgentEvent::StreamUpdated { room, .. } => room,
+        }
+    }
+}
+
 /// Why an agent refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -557,6 +557,38 @@ protocol! {
     ShutdownRecorder(ShutdownRecorder) -> ();
 }
 
+impl AgentCommand {
+    /// The room the command concerns; none for node-wide ones (stats).
+    pub fn room(&self) -> Option<&RoomId> {
+        match self {
+            AgentCommand::Publish(c) => Some(&c.at.room),
+            AgentCommand::Subscribe(c) => Some(&c.at.room),
+            AgentCommand::Signal(c) => Some(&c.at.room),
+            AgentCommand::EndSession(c) => Some(&c.room),
+            AgentCommand::SwitchTracks(c) => Some(&c.room),
+            AgentCommand::RequestKeyframe(c) => Some(&c.room),
+            AgentCommand::ParticipantLeft(c) => Some(&c.room),
+            AgentCommand::GetStats(_) => None,
+        }
+    }
+}
+
+impl MixCommand {
+    /// The room the command concerns.
+    pub fn room(&self) -> &RoomId {
+        match self {
+            MixCommand::StartView(c) => &c.room,
+            MixCommand::StopView(c) => &c.room,
+            MixCommand::Mix(c) => &c.room,
+            MixCommand::Unmix(c) => &c.room,
+            MixCommand::SetLayout(c) => &c.room,
+            MixCommand::SetTemplate(c) => &c.room,
+            MixCommand::SetRegion(c) => &c.room,
+            MixCommand::GetLayout(c) => &c.room,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // routing
 

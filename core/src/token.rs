@@ -164,12 +164,18 @@ impl TokenAuthority {
 pub trait TokenLedger: Send + Sync {
     /// Marks the token used; fails with [`TokenError::Replayed`] if it was used before.
     /// Atomic across every portal sharing the ledger: of two logins racing with one token,
-    /// one wins.
-    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError>;
+    /// one wins. Returns a receipt for [`TokenLedger::release`].
+    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<Spent, TokenError>;
     /// Gives back a token whose login failed after it was consumed (say, the room filled
-    /// up meanwhile), so the user can retry with it.
-    async fn release(&self, claims: &TokenClaims);
+    /// up meanwhile), so the user can retry with it; only this consume's use, never
+    /// another login's.
+    async fn release(&self, claims: &TokenClaims, spent: Spent);
 }
+
+/// What a ledger needs to give back exactly one use of a token (the entry's revision in
+/// a cluster's ledger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spent(pub u64);
 
 /// The ledger of one node: used token ids in memory until they expire.
 #[derive(Debug, Default)]
@@ -181,7 +187,7 @@ pub struct LocalLedger {
 impl TokenLedger for LocalLedger {
     /// Forgets expired entries, which can no longer verify anyway, so the ledger stays as
     /// small as the live tokens.
-    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<(), TokenError> {
+    async fn consume(&self, claims: &TokenClaims, now: u64) -> Result<Spent, TokenError> {
         // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         used.retain(|_, exp| *exp > now);
@@ -189,10 +195,11 @@ impl TokenLedger for LocalLedger {
             return Err(TokenError::Replayed);
         }
         used.insert(claims.jti.clone(), claims.exp);
-        Ok(())
+        Ok(Spent(0))
     }
 
-    async fn release(&self, claims: &TokenClaims) {
+    async fn release(&self, claims: &TokenClaims, _spent: Spent) {
+        // One process: the use being given back is the only one there can be.
         self.used.lock().unwrap_or_else(|p| p.into_inner()).remove(&claims.jti);
     }
 }
@@ -289,10 +296,10 @@ mod tests {
         let ledger = LocalLedger::default();
         let (tok, _) = a.issue("r", "u", "presenter", &portal(), 1000, 180).unwrap();
         let c = a.verify(&tok, 1001).unwrap();
-        ledger.consume(&c, 1001).await.unwrap();
+        let spent = ledger.consume(&c, 1001).await.unwrap();
         assert_eq!(ledger.consume(&c, 1002).await, Err(TokenError::Replayed));
         // A released token (its login failed after all) can be used again, once.
-        ledger.release(&c).await;
+        ledger.release(&c, spent).await;
         ledger.consume(&c, 1003).await.unwrap();
         assert_eq!(ledger.consume(&c, 1004).await, Err(TokenError::Replayed));
         // Entries are pruned after expiry (by then verify refuses the token anyway).

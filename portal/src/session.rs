@@ -201,7 +201,7 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     // cluster's) and the room lock is not held across a wait. Of two sockets racing with
     // one token, only the first consume wins; a used token is refused as such, even at a
     // full room.
-    inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| e.to_string())?;
+    let spent = inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| e.to_string())?;
     let seated = {
         let mut conf = portal.lock();
         let seated = !full(&conf);
@@ -218,7 +218,7 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     };
     if !seated {
         // Given back, so the user can retry with it when a seat frees up.
-        inner.admission.ledger.release(&claims).await;
+        inner.admission.ledger.release(&claims, spent).await;
         return Err("Room is full".into());
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");

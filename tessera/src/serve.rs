@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// Join the cluster on this NATS server (nats://host:4222), overrides cluster.nats_url.
     #[arg(long, value_name = "NATS_URL")]
     cluster: Option<String>,
+    /// This node's roles in the cluster (portal,webrtc,mixer,recorder), overrides cluster.roles.
+    #[arg(long, value_delimiter = ',')]
+    roles: Option<Vec<String>>,
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -47,10 +50,14 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(url) = &args.cluster {
         config.cluster.nats_url = url.clone();
     }
+    if let Some(roles) = &args.roles {
+        config.cluster.roles = roles.iter().map(|r| r.trim().to_string()).collect();
+    }
     config.apply_env();
     // Flags and the environment may have brought new values: check again. Errors then
     // name the key; the file is named only if the value could have come from it.
     config.validate(args.config.as_deref())?;
+    config.cluster.check_roles_alone().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
     config.prepare_dirs(args.config.as_deref())?;
     Ok(config)
 }
@@ -145,8 +152,17 @@ async fn ensure_default_room(config: &Config, store: &dyn Rooms) -> anyhow::Resu
     let room = Room::from_options(id.clone(), id.clone(), serde_json::json!({})).with_context(|| format!("default room `{id}`"))?;
     match store.create(room).await {
         Ok(_) => info!(room = %id, "default room created"),
-        // Another node of the cluster created it meanwhile.
-        Err(tessera_core::StoreError::Conflict(_)) if store.get(id).is_some() => {}
+        Err(tessera_core::StoreError::Conflict(why)) => {
+            // Another node of the cluster is creating it: it reaches this node's copy of
+            // the rooms within moments.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while store.get(id).is_none() {
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!("creating default room `{id}`: {why}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Err(e) => return Err(e).with_context(|| format!("creating default room `{id}`")),
     }
     Ok(())
@@ -237,34 +253,48 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_tracing(&config.log.level);
     let local_rooms = RoomStore::open(config.server.data_dir.join("rooms.db"))?;
-
-    let portal_listener = bind(&config.server.portal_addr, "portal")?;
-    let api_listener = bind(&config.server.api_addr, "management API")?;
-    let portal_bound: SocketAddr = portal_listener.local_addr()?;
-    let api_bound: SocketAddr = api_listener.local_addr()?;
+    // Without a cluster a node has every role (checked by the config).
+    let is_portal = config.cluster.has_role("portal");
+    let listeners = if is_portal {
+        let portal_listener = bind(&config.server.portal_addr, "portal")?;
+        let api_listener = bind(&config.server.api_addr, "management API")?;
+        Some((portal_listener, api_listener))
+    } else {
+        None
+    };
 
     // The SFU is the media node for sessions and, through the media seam, the source of
     // streams for the mixer and recorder; the mixer's stream updates go to the portal with
     // the SFU's events.
-    let settings = tessera_webrtc_agent::AgentSettings::from_config(&config);
-    let (sfu, agent_events) =
-        tessera_webrtc_agent::WorkerAgent::new(settings, config.webrtc.workers).map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
-    let (agent, streams, event_tx): (Arc<dyn tessera_core::command::MediaNode>, Arc<dyn tessera_core::media::StreamSource>, _) =
-        (sfu.clone(), sfu.clone(), sfu.event_sender());
-    let mixer = tessera_mixer::Mixer::new(streams.clone(), event_tx);
-    let recorder = tessera_recorder::Recorder::new(streams, config.recordings_dir());
+    let (sfu, agent_events) = if config.cluster.has_role("webrtc") {
+        let settings = tessera_webrtc_agent::AgentSettings::from_config(&config);
+        let (sfu, events) =
+            tessera_webrtc_agent::WorkerAgent::new(settings, config.webrtc.workers).map_err(|e| anyhow::anyhow!("webrtc workers: {e}"))?;
+        (Some(sfu), Some(events))
+    } else {
+        (None, None)
+    };
+    let streams = sfu.clone().map(|s| s as Arc<dyn tessera_core::media::StreamSource>);
+    let mixer = match (&streams, &sfu) {
+        (Some(streams), Some(sfu)) if config.cluster.has_role("mixer") => Some(tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender())),
+        _ => None,
+    };
+    let recorder = match &streams {
+        Some(streams) if config.cluster.has_role("recorder") => Some(tessera_recorder::Recorder::new(streams.clone(), config.recordings_dir())),
+        _ => None,
+    };
 
     // This node's load, for the node list and (in a cluster) its heartbeat.
     let load = {
         let (sfu, mixer, cpu) = (sfu.clone(), mixer.clone(), crate::node::CpuMeter::new());
         Arc::new(move || {
-            let m = sfu.stats();
+            let m = sfu.as_ref().map(|s| s.stats()).unwrap_or_default();
             tessera_core::node::NodeLoad {
                 cpu_pct: cpu.sample(),
                 transports: m.transports,
                 publications: m.publications + m.local_streams,
                 subscriptions: m.subscriptions,
-                views: mixer.view_count(),
+                views: mixer.as_ref().map_or(0, |m| m.view_count()),
             }
         })
     };
@@ -273,22 +303,59 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     } else {
         let relay_addr = match config.cluster.relay_addr.as_str() {
-            "" => sfu.addrs().first().map(|a| a.ip().to_string()).unwrap_or_default(),
+            "" => sfu.as_ref().and_then(|s| s.addrs().first().map(|a| a.ip().to_string())).unwrap_or_default(),
             ip => ip.to_string(),
         };
+        let roles = config.cluster.roles().iter().filter_map(|r| r.parse().ok()).collect();
         let settings = tessera_cluster::ClusterSettings {
             nats_url: config.cluster.nats_url.clone(),
             node_id: node_id.clone(),
-            roles: tessera_core::node::Role::ALL.to_vec(),
+            roles,
             relay_addr,
             region: config.cluster.region.clone(),
         };
         let node = tessera_cluster::ClusterNode::join(settings).await?;
         let load = load.clone();
         node.spawn_heartbeat(move || load());
-        println!("tessera: node `{node_id}` joined the cluster at {}", config.cluster.nats_url);
+        println!("tessera: node `{node_id}` joined the cluster at {} as {}", config.cluster.nats_url, config.cluster.roles().join(","));
         Some(node)
     };
+    // This node's own parts; in a cluster they also serve other nodes' portals over NATS,
+    // and this node's portal places rooms on any node's parts.
+    let local = tessera_core::command::LocalRouter {
+        agent: sfu.clone().map(|s| s as Arc<dyn tessera_core::command::MediaNode>),
+        mixer: mixer.clone().map(|m| m as Arc<dyn tessera_core::command::MixNode>),
+        recorder: recorder.clone().map(|r| r as Arc<dyn tessera_core::command::RecorderNode>),
+    };
+    let (router, portal_events): (Arc<dyn tessera_core::command::Router>, _) = match &cluster {
+        // One process: every node is local and commands pass as values.
+        None => (Arc::new(local), agent_events),
+        Some(node) => {
+            let (to_portal, portal_events) = tokio::sync::mpsc::channel(1024);
+            let served = tessera_cluster::rpc::Served { media: local.agent.clone(), mixer: local.mixer.clone(), recorder: local.recorder.clone() };
+            tessera_cluster::rpc::serve(node.client(), &node_id, served, agent_events, is_portal.then(|| to_portal.clone()));
+            if is_portal {
+                tessera_cluster::rpc::receive_events(node.client(), &node_id, to_portal);
+            }
+            (Arc::new(tessera_cluster::router::ClusterRouter::new(node.clone(), local)), Some(portal_events))
+        }
+    };
+    let (Some((portal_listener, api_listener)), true) = (listeners, is_portal) else {
+        // A media node: it serves its parts to the portals until told to stop.
+        println!("tessera: node `{node_id}` serves {} (no portal)", config.cluster.roles().join(","));
+        info!(node = %node_id, "media node started");
+        signals.wait().await;
+        if let Some(node) = &cluster {
+            node.leave().await;
+        }
+        if let Some(recorder) = &recorder {
+            recorder.shutdown().await;
+        }
+        println!("tessera: stopped");
+        return Ok(());
+    };
+    let portal_bound: SocketAddr = portal_listener.local_addr()?;
+    let api_bound: SocketAddr = api_listener.local_addr()?;
     // Rooms, the service key, used tokens and the ticket key: this node's own, or the
     // cluster's (shared by every node, so any portal admits any participant).
     let (store, key, admission_parts): (Arc<dyn Rooms>, String, _) = match &cluster {
@@ -311,16 +378,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(node) => node.clone(),
         None => Arc::new(crate::node::LocalNode::new(node_id, Box::new(move || load()))),
     };
-    // One process: every node is local and commands pass as values.
-    let router: Arc<dyn tessera_core::command::Router> =
-        Arc::new(tessera_core::command::LocalRouter { agent: Some(agent), mixer: Some(mixer), recorder: Some(recorder.clone()) });
-    let portal = tessera_portal::Portal::new(
-        tessera_portal::PortalSettings::from_config(&config),
-        store.clone(),
-        admission,
-        router.clone(),
-        Some(agent_events),
-    );
+    let portal =
+        tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), admission, router.clone(), portal_events);
     let drain_requested = Arc::new(tokio::sync::Notify::new());
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
@@ -405,7 +464,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         node.leave().await;
     }
     // Recordings first, while their sources still flow, so every file is finalised.
-    recorder.shutdown().await;
+    if let Some(recorder) = &recorder {
+        recorder.shutdown().await;
+    }
     portal.shutdown().await;
     portal_handle.stop(true).await;
     api_handle.stop(true).await;

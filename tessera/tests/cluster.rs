@@ -391,3 +391,94 @@ async fn rooms_tokens_and_keys_are_shared() {
     assert!(listed.as_array().unwrap().iter().all(|r| r["name"] != "while-away"), "{listed}");
     wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await;
 }
+
+/// Roles on separate nodes: a portal-only node places its room on a node running the
+/// SFU, mixer and recorder, and drives them over NATS. A publisher and a subscriber join
+/// through the portal; the media flows through the other node; the room's mixed stream
+/// (made there) plays; a recording made there decodes. Without the cluster, roles are
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_drives_media_on_another_node() {
+    if !common::in_own_netns("portal_drives_media_on_another_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let media_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"media1\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n";
+    let (media_dir, media) = common::start_with_config_args(media_cfg, &["--cluster", &url]);
+    assert!(media.startup.iter().any(|l| l.contains("node `media1` serves webrtc,mixer,recorder (no portal)")), "{:?}", media.startup);
+    let portal_cfg = "[cluster]\nnode_id = \"portal1\"\nroles = [\"portal\"]\n";
+    let (_portal_dir, p) = common::start_with_config_args(portal_cfg, &["--cluster", &url]);
+    let v = wait_nodes(&p, &["media1", "portal1"], Duration::from_secs(5)).await;
+    let roles = |id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["roles"].clone();
+    assert_eq!(roles("portal1"), serde_json::json!(["portal"]));
+    assert_eq!(roles("media1"), serde_json::json!(["webrtc", "mixer", "recorder"]));
+
+    let room = p.new_room(serde_json::json!({})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
+    let sender = {
+        let pb = publisher.clone();
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(8), 30, 1000).await.unwrap() })
+    };
+    // The forward stream, through the media node.
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
+    sub.wait_until("video from the media node", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    let tagged = sub.packets("video").iter().filter(|p| tessera_client::peer::Marker::find(&p.payload).is_some_and(|m| m.tag == 1)).count();
+    assert!(tagged > 30, "the publisher's own payloads arrive ({tagged})");
+    let stats: Value = p.client().get(p.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["media"]["transports"], 2, "the media node's counts, asked over NATS: {stats}");
+
+    // The room's mixed stream, made on the media node.
+    let (mut vsig, _) = p.join(&room, "viewer").await;
+    let mixed = tessera_client::peer::Subscriber::start(&mut vsig, &format!("{room}-common"), true, true, false).await.unwrap();
+    mixed.wait_until("mixed video", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+
+    // A recording, made on the media node, in its data folder.
+    let body = serde_json::json!({"container": "mkv", "media": {"audio": {"from": publisher.stream_id}, "video": {"from": publisher.stream_id}}});
+    let res = p.client().post(p.url(&format!("/v1/rooms/{room}/recordings"))).bearer_auth(common::KEY).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let rec: Value = res.json().await.unwrap();
+    let file = std::path::PathBuf::from(rec["storage"]["file"].as_str().unwrap());
+    assert!(file.starts_with(media_dir.path()), "{}", file.display());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let res = p
+        .client()
+        .delete(p.url(&format!("/v1/rooms/{room}/recordings/{}", rec["id"].as_str().unwrap())))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let out = Command::new("gst-discoverer-1.0").arg(&file).output().expect("gst-discoverer-1.0 (gstreamer1.0-tools)");
+    let report = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(report.contains("vp8") && report.contains("opus"), "{report}");
+    sender.await.unwrap();
+    drop(media);
+}
+
+/// Roles other than all of them need a cluster; a mixer needs the webrtc role beside it.
+#[test]
+fn roles_need_a_cluster() {
+    for (cfg, want) in [
+        ("[cluster]\nroles = [\"portal\"]\n", "a server without a cluster (cluster.nats_url) runs every role"),
+        (
+            "[cluster]\nnats_url = \"nats://127.0.0.1:1\"\nroles = [\"portal\", \"mixer\"]\n",
+            "mixer and recorder need the webrtc role on the same node",
+        ),
+        ("[cluster]\nroles = [\"sfu\"]\n", "`sfu` is not a role"),
+    ] {
+        let dir = common::tempdir();
+        std::fs::write(dir.path().join("t.toml"), cfg).unwrap();
+        let out = Command::new(common::bin())
+            .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--config"])
+            .arg(dir.path().join("t.toml"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("cluster.roles") && err.contains(want), "{cfg}: {err}");
+    }
+}

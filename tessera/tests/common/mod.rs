@@ -90,6 +90,10 @@ pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> 
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
                 startup.push(line.clone());
+                // A cluster node without the portal role has neither address.
+                if line.ends_with("(no portal)") {
+                    (api, portal) = (Some(String::new()), Some(String::new()));
+                }
                 if let Some(a) = line.strip_prefix("tessera: management API listening on ") {
                     api = Some(a.to_string());
                 }

@@ -1,0 +1,245 @@
+//! Media nodes over NATS: the webrtc-agent, mixer and recorder of one node driven by the
+//! portal of another, with the same typed commands as in one process.
+//!
+//! A node serves its parts on `tessera.node.<id>.media`, `.mix` and `.recorder`: a request
+//! is the command as JSON (`core::command`), the reply the result as JSON (`{"Ok": reply}`
+//! or `{"Err": error}`), and the header `Tessera-From` names the calling portal node. What
+//! a media node reports back ([`AgentEvent`]s: negotiation progress, streams ready or
+//! ended) goes to every portal node that sent commands for the event's room, on
+//! `tessera.node.<portal>.events` (or straight into this process's portal when it is the
+//! caller). Only control travels here; media never waits on NATS.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap};
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tessera_core::agent::{AgentError, AgentEvent};
+use tessera_core::command::{
+    AgentCommand, AgentReply, MediaNode, MixCommand, MixError, MixNode, MixReply, RecorderCommand, RecorderNode, RecorderReply, RecordingError,
+};
+use tessera_core::typed_ids::RoomId;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// The header naming the node a command comes from.
+pub const FROM_HEADER: &str = "Tessera-From";
+/// How long a command may take on the remote node (negotiation included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The subject a node's part listens on.
+pub fn subject(node: &str, part: &str) -> String {
+    format!("tessera.node.{node}.{part}")
+}
+
+/// Sends a command to a node's part and decodes its result.
+async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
+    client: &Client,
+    from: &str,
+    to: &str,
+    part: &str,
+    command: &C,
+) -> Result<Result<R, E>, String> {
+    let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    headers.insert(FROM_HEADER, from);
+    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(CALL_TIMEOUT));
+    let reply = client.send_request(subject(to, part), request).await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable reply: {e}"))
+}
+
+/// Declares a proxy for one kind of node: commands go over NATS to the node `to`.
+macro_rules! remote {
+    ($(#[$doc:meta])* $Name:ident: $Node:ident, $Command:ty, $Reply:ty, $Error:ident, $part:literal, $what:literal) => {
+        $(#[$doc])*
+        pub struct $Name {
+            client: Client,
+            from: String,
+            to: String,
+        }
+
+        impl $Name {
+            /// A proxy for node `to`'s part, called by node `from`.
+            pub fn new(client: Client, from: &str, to: &str) -> Self {
+                $Name { client, from: from.to_string(), to: to.to_string() }
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $Node for $Name {
+            async fn handle(&self, command: $Command) -> Result<$Reply, $Error> {
+                call(&self.client, &self.from, &self.to, $part, &command)
+                    .await
+                    .map_err(|e| $Error::Failed(format!(concat!($what, " node `{}` did not answer {}: {}"), self.to, command.name(), e)))?
+            }
+        }
+    };
+}
+
+remote!(
+    /// A webrtc node (SFU) of another process.
+    RemoteMedia: MediaNode, AgentCommand, AgentReply, AgentError, "media", "webrtc"
+);
+remote!(
+    /// A mixer of another process.
+    RemoteMixer: MixNode, MixCommand, MixReply, MixError, "mix", "mixer"
+);
+remote!(
+    /// A recorder of another process.
+    RemoteRecorder: RecorderNode, RecorderCommand, RecorderReply, RecordingError, "recorder", "recorder"
+);
+
+/// Which portal nodes sent commands for which room, so events reach them.
+#[derive(Default)]
+pub struct EventRoutes {
+    origins: Mutex<HashMap<RoomId, HashSet<String>>>,
+}
+
+impl EventRoutes {
+    fn note(&self, room: &RoomId, from: &str) {
+        let mut o = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        if !o.get(room).is_some_and(|s| s.contains(from)) {
+            o.entry(room.clone()).or_default().insert(from.to_string());
+        }
+    }
+
+    fn of(&self, room: &RoomId) -> Vec<String> {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner()).get(room).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// Serves one part on its subject: each request decoded, handled by `handle` (told the
+/// caller's node id), and answered; a request that does not decode is answered with
+/// `bad`'s error, never dropped silently.
+async fn serve_part<C, R, E, F, Fut>(client: Client, subject: String, handle: F, bad: fn(String) -> E)
+where
+    C: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+    E: Serialize + Send + 'static,
+    F: Fn(C, Option<String>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<R, E>> + Send,
+{
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(subject = %subject, error = %e, "cannot serve this node's part over NATS");
+            return;
+        }
+    };
+    while let Some(msg) = requests.next().await {
+        let Some(reply_to) = msg.reply.clone() else { continue };
+        let from = msg.headers.as_ref().and_then(|h| h.get(FROM_HEADER)).map(|v| v.as_str().to_string());
+        let (client, handle) = (client.clone(), handle.clone());
+        // One task per request: a slow command (an SDP negotiation) must not hold up others.
+        tokio::spawn(async move {
+            let out: Result<R, E> = match serde_json::from_slice::<C>(&msg.payload) {
+                Ok(command) => handle(command, from).await,
+                Err(e) => Err(bad(format!("malformed command: {e}"))),
+            };
+            match serde_json::to_vec(&out) {
+                Ok(bytes) => {
+                    if let Err(e) = client.publish(reply_to, bytes.into()).await {
+                        debug!(error = %e, "a reply could not be sent");
+                    }
+                }
+                Err(e) => warn!(error = %e, "a reply could not be encoded"),
+            }
+        });
+    }
+}
+
+/// This node's parts as other nodes reach them.
+pub struct Served {
+    /// The SFU, if this node has the webrtc role.
+    pub media: Option<Arc<dyn MediaNode>>,
+    /// The mixer, if it has the mixer role.
+    pub mixer: Option<Arc<dyn MixNode>>,
+    /// The recorder, if it has the recorder role.
+    pub recorder: Option<Arc<dyn RecorderNode>>,
+}
+
+/// Serves `parts` of node `me` over NATS and delivers the events of its media nodes
+/// (`events`) to the portals that asked for them: over NATS, or into `local` when the
+/// portal is this node's own.
+pub fn serve(client: Client, me: &str, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) {
+    let routes = Arc::new(EventRoutes::default());
+    if let Some(media) = parts.media {
+        let routes = routes.clone();
+        let handle = move |c: AgentCommand, from: Option<String>| {
+            let (media, routes) = (media.clone(), routes.clone());
+            async move {
+                if let (Some(room), Some(from)) = (c.room(), from.as_deref()) {
+                    routes.note(room, from);
+                }
+                media.handle(c).await
+            }
+        };
+        tokio::spawn(serve_part(client.clone(), subject(me, "media"), handle, AgentError::Rejected));
+    }
+    if let Some(mixer) = parts.mixer {
+        let routes = routes.clone();
+        let handle = move |c: MixCommand, from: Option<String>| {
+            let (mixer, routes) = (mixer.clone(), routes.clone());
+            async move {
+                if let Some(from) = from.as_deref() {
+                    routes.note(c.room(), from);
+                }
+                mixer.handle(c).await
+            }
+        };
+        tokio::spawn(serve_part(client.clone(), subject(me, "mix"), handle, MixError::Failed));
+    }
+    if let Some(recorder) = parts.recorder {
+        let handle = move |c: RecorderCommand, _from: Option<String>| {
+            let recorder = recorder.clone();
+            async move { recorder.handle(c).await }
+        };
+        tokio::spawn(serve_part(client.clone(), subject(me, "recorder"), handle, RecordingError::Rejected));
+    }
+    if let Some(mut events) = events {
+        let me = me.to_string();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let mut bytes = None;
+                for to in routes.of(event.room()).into_iter().filter(|to| *to != me) {
+                    let payload = bytes.get_or_insert_with(|| serde_json::to_vec(&event).unwrap_or_default()).clone();
+                    if let Err(e) = client.publish(subject(&to, "events"), payload.into()).await {
+                        debug!(to = %to, error = %e, "an event could not be sent");
+                    }
+                }
+                // This node's own portal calls its parts directly, not over NATS, so it is
+                // not among the origins; it ignores events of rooms and people it does not hold.
+                if let Some(local) = &local {
+                    let _ = local.send(event).await;
+                }
+            }
+        });
+    }
+}
+
+/// Receives the events media nodes send this portal node and hands them to `portal`.
+pub fn receive_events(client: Client, me: &str, portal: mpsc::Sender<AgentEvent>) {
+    let subject = subject(me, "events");
+    tokio::spawn(async move {
+        let mut events = match client.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(subject = %subject, error = %e, "cannot receive media events over NATS");
+                return;
+            }
+        };
+        while let Some(msg) = events.next().await {
+            match serde_json::from_slice::<AgentEvent>(&msg.payload) {
+                Ok(event) => {
+                    if portal.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "an unreadable media event was dropped"),
+            }
+        }
+    });
+}
