@@ -79,8 +79,11 @@ impl TokenLedger for ClusterLedger {
             Ok(Err(e)) => {
                 // The bucket may be gone (NATS restarted without its store): make it again
                 // for the next login.
-                if let Err(e) = bucket::open(&self.js, TOKENS_BUCKET, DESCRIPTION, TOKEN_MEMORY, Keep::Disk).await {
-                    warn!(error = %e, "the cluster's token ledger cannot be opened");
+                let reopen = bucket::open(&self.js, TOKENS_BUCKET, DESCRIPTION, TOKEN_MEMORY, Keep::Disk);
+                match tokio::time::timeout(NATS_TIMEOUT, reopen).await {
+                    Ok(Err(e)) => warn!(error = %e, "the cluster's token ledger cannot be opened"),
+                    Err(_) => warn!("the cluster's token ledger cannot be opened: NATS did not answer"),
+                    Ok(Ok(_)) => {}
                 }
                 e.to_string()
             }

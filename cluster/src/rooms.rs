@@ -232,6 +232,14 @@ impl ClusterRooms {
         }
     }
 
+    /// Puts a room this node wrote into its copy at once (the watch brings it too), so
+    /// a read right after the write sees it; returns the room.
+    fn written(&self, stored: Stored, revision: u64) -> Room {
+        let room = stored.room.clone();
+        self.write().apply(&room.id, revision, Some(stored));
+        room
+    }
+
     /// Writes a room's entry: a create (`revision` none) or a compare-and-set update.
     async fn put_room(&self, stored: &Stored, revision: Option<u64>) -> Result<u64, StoreError> {
         let value = serde_json::to_vec(stored).map(Bytes::from).map_err(unavailable)?;
@@ -382,11 +390,7 @@ impl Rooms for ClusterRooms {
         let claimed = self.claim_name(&room.name, &room.id).await?;
         let stored = Stored { created_ms: now_ms(), room };
         match self.put_room(&stored, None).await {
-            Ok(revision) => {
-                let room = stored.room.clone();
-                self.write().apply(&room.id, revision, Some(stored));
-                Ok(room)
-            }
+            Ok(revision) => Ok(self.written(stored, revision)),
             Err(e) => {
                 if claimed {
                     self.release_name(&stored.room.name, &stored.room.id).await;
@@ -435,9 +439,7 @@ impl Rooms for ClusterRooms {
                 if renamed {
                     self.release_name(&old_name, &stored.room.id).await;
                 }
-                let room = stored.room.clone();
-                self.write().apply(&room.id, revision, Some(stored));
-                Ok(room)
+                Ok(self.written(stored, revision))
             }
             Err(e) => {
                 if claimed {

@@ -8,15 +8,18 @@
 //! sessions are), then the fewest WebRTC transports, then this node itself (no hop over
 //! NATS), then the lowest CPU. Placements made
 //! between two load reports count against the chosen node, so a burst of new rooms
-//! spreads. A room whose node is gone is placed anew by its next session.
+//! spreads. A room whose node is gone (its registry entry expired) is reported to the
+//! portal as lost and placed anew by its next session.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tessera_core::agent::AgentEvent;
 use tessera_core::command::{LocalRouter, MediaNode, MixNode, RecorderNode, Router};
 use tessera_core::node::{NodeDirectory, NodeRecord, Role};
 use tessera_core::typed_ids::{RoomId, ViewLabel};
-use tracing::info;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 use crate::ClusterNode;
 use crate::rpc::{RemoteMedia, RemoteMixer, RemoteRecorder};
@@ -29,24 +32,97 @@ pub struct ClusterRouter {
     region: String,
     /// This node's own parts (none where it lacks the role).
     local: LocalRouter,
-    /// Room → the webrtc node it was placed on.
-    homes: Mutex<HashMap<RoomId, String>>,
+    /// Room → the webrtc node it was placed on (as it was then).
+    homes: Mutex<HashMap<RoomId, NodeRecord>>,
+    /// Home nodes found gone, by how many checks in a row.
+    suspects: Mutex<HashMap<String, u32>>,
 }
 
+/// A home node is given up after this many checks in a row (one per heartbeat) found it
+/// both unlisted and not listening: a live node that NATS lost for a moment (a NATS
+/// restart empties the registry, and nodes reconnect with a backoff of a few seconds)
+/// must not lose its rooms.
+const GONE_AFTER_CHECKS: u32 = 3;
+
 impl ClusterRouter {
-    /// A router for the portal of `node`, whose own parts are `local`.
-    pub fn new(node: Arc<ClusterNode>, local: LocalRouter) -> ClusterRouter {
+    /// A router for the portal of `node`, whose own parts are `local`. When a node
+    /// serving rooms disappears from the cluster, each of its rooms is reported to
+    /// `portal` as [`AgentEvent::MediaLost`] (and placed anew by its next session).
+    pub fn new(node: Arc<ClusterNode>, local: LocalRouter, portal: Option<mpsc::Sender<AgentEvent>>) -> Arc<ClusterRouter> {
         let me = node.this_node();
-        ClusterRouter { node, me: me.id, region: me.region, local, homes: Mutex::new(HashMap::new()) }
+        let router = Arc::new(ClusterRouter {
+            node,
+            me: me.id,
+            region: me.region,
+            local,
+            homes: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
+        });
+        if let Some(portal) = portal {
+            let weak = Arc::downgrade(&router);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::HEARTBEAT);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(router) = weak.upgrade() else { return };
+                    for (room, node) in router.lost_homes().await {
+                        let reason = format!("webrtc node `{node}` is gone");
+                        if portal.send(AgentEvent::MediaLost { room, reason }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        router
+    }
+
+    /// Forgets the rooms whose node is gone, and returns them with that node. Gone: not in
+    /// the node list and not listening on NATS, [`GONE_AFTER_CHECKS`] checks in a row.
+    /// While NATS is away nothing can be told and nothing is given up.
+    async fn lost_homes(&self) -> Vec<(RoomId, String)> {
+        let known = self.node.known_nodes();
+        let homes: std::collections::HashSet<String> = self.homes.lock().unwrap_or_else(|p| p.into_inner()).values().map(|n| n.id.clone()).collect();
+        let mut gone = Vec::new();
+        for id in homes {
+            let listed = known.iter().any(|n| n.id == id);
+            let silent = !listed && crate::rpc::media_responds(&self.node.client(), &self.me, &id).await == Some(false);
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            if !silent {
+                suspects.remove(&id);
+                continue;
+            }
+            let n = suspects.entry(id.clone()).or_insert(0);
+            *n += 1;
+            if *n >= GONE_AFTER_CHECKS {
+                suspects.remove(&id);
+                gone.push(id);
+            }
+        }
+        let mut lost = Vec::new();
+        self.homes.lock().unwrap_or_else(|p| p.into_inner()).retain(|room, node| {
+            let alive = !gone.contains(&node.id);
+            if !alive {
+                lost.push((room.clone(), node.id.clone()));
+            }
+            alive
+        });
+        for (room, node) in &lost {
+            warn!(room = %room, node = %node, "the webrtc node serving a room is gone");
+        }
+        lost
     }
 
     /// The webrtc node serving `room`, placing it if it has none (or its node is gone).
     fn place(&self, room: &RoomId) -> Option<NodeRecord> {
-        let known = self.node.known_nodes();
         let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(home) = homes.get(room).and_then(|id| known.iter().find(|n| &n.id == id)) {
+        // A room stays where it is until its node is found gone (see `lost_homes`): a node
+        // missing from one list read may be alive, with the room's sessions.
+        if let Some(home) = homes.get(room) {
             return Some(home.clone());
         }
+        let known = self.node.known_nodes();
         let missing = |n: &NodeRecord| [Role::Mixer, Role::Recorder].iter().filter(|r| !n.roles.contains(r)).count();
         let chosen = known
             .iter()
@@ -56,7 +132,7 @@ impl ClusterRouter {
                 key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
             })?
             .clone();
-        homes.insert(room.clone(), chosen.id.clone());
+        homes.insert(room.clone(), chosen.clone());
         drop(homes);
         self.node.count_placement(&chosen.id);
         info!(room = %room, node = %chosen.id, "room placed on a webrtc node");
@@ -91,6 +167,12 @@ impl Router for ClusterRouter {
             return self.local.recorder.clone();
         }
         Some(Arc::new(RemoteRecorder::new(self.node.client(), &self.me, &node.id)))
+    }
+
+    fn release(&self, room: &RoomId) {
+        if let Some(node) = self.homes.lock().unwrap_or_else(|p| p.into_inner()).remove(room) {
+            debug!(room = %room, node = %node.id, "room no longer placed (empty)");
+        }
     }
 
     fn media_nodes(&self) -> Vec<Arc<dyn MediaNode>> {

@@ -19,36 +19,66 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tessera_core::agent::{AgentError, AgentEvent};
 use tessera_core::command::{
-    AgentCommand, AgentReply, MediaNode, MixCommand, MixError, MixNode, MixReply, RecorderCommand, RecorderNode, RecorderReply, RecordingError,
+    AgentCommand, AgentReply, GetStats, MediaNode, MixCommand, MixError, MixNode, MixReply, RecorderCommand, RecorderNode, RecorderReply,
+    RecordingError,
 };
 use tessera_core::typed_ids::RoomId;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::ClusterNode;
+
 /// The header naming the node a command comes from.
 pub const FROM_HEADER: &str = "Tessera-From";
 /// How long a command may take on the remote node (negotiation included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a media node looks for portals that left, to stop routing events to them.
+const FORGET_CHECK: Duration = Duration::from_secs(10);
+/// How long a stats request or a liveness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The subject a node's part listens on.
 pub fn subject(node: &str, part: &str) -> String {
     format!("tessera.node.{node}.{part}")
 }
 
-/// Sends a command to a node's part and decodes its result.
+/// Sends a command to a node's part and decodes its result. Refused at once while this
+/// node is not connected to NATS (the client would queue the command and send it on
+/// reconnection, after the caller was told it failed), and bounded as a whole.
 async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
     client: &Client,
     from: &str,
     to: &str,
     part: &str,
     command: &C,
+    limit: Duration,
 ) -> Result<Result<R, E>, String> {
+    crate::bucket::connected(client)?;
     let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
     headers.insert(FROM_HEADER, from);
-    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(CALL_TIMEOUT));
-    let reply = client.send_request(subject(to, part), request).await.map_err(|e| e.to_string())?;
+    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(limit));
+    let reply = tokio::time::timeout(limit, client.send_request(subject(to, part), request))
+        .await
+        .map_err(|_| format!("no answer within {} s", limit.as_secs()))?
+        .map_err(|e| e.to_string())?;
     serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable reply: {e}"))
+}
+
+/// Whether node `to` serves its media part: `Some(false)` when NATS says nobody listens
+/// there (the node is gone), `Some(true)` when it answers, `None` when that cannot be
+/// told (NATS away, or no answer in time).
+pub async fn media_responds(client: &Client, from: &str, to: &str) -> Option<bool> {
+    crate::bucket::connected(client).ok()?;
+    let payload = serde_json::to_vec(&AgentCommand::GetStats(GetStats)).ok()?;
+    let mut headers = HeaderMap::new();
+    headers.insert(FROM_HEADER, from);
+    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(PROBE_TIMEOUT));
+    match tokio::time::timeout(PROBE_TIMEOUT, client.send_request(subject(to, "media"), request)).await {
+        Ok(Ok(_)) => Some(true),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(false),
+        _ => None,
+    }
 }
 
 /// Declares a proxy for one kind of node: commands go over NATS to the node `to`.
@@ -71,7 +101,9 @@ macro_rules! remote {
         #[async_trait::async_trait]
         impl $Node for $Name {
             async fn handle(&self, command: $Command) -> Result<$Reply, $Error> {
-                call(&self.client, &self.from, &self.to, $part, &command)
+                // Stats are asked of every node at once: a hung one must not hold them up.
+                let limit = if command.name() == "GetStats" { PROBE_TIMEOUT } else { CALL_TIMEOUT };
+                call(&self.client, &self.from, &self.to, $part, &command, limit)
                     .await
                     .map_err(|e| $Error::Failed(format!(concat!($what, " node `{}` did not answer {}: {}"), self.to, command.name(), e)))?
             }
@@ -109,6 +141,18 @@ impl EventRoutes {
     fn of(&self, room: &RoomId) -> Vec<String> {
         self.origins.lock().unwrap_or_else(|p| p.into_inner()).get(room).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
+
+    /// Forgets portals in `gone` (no longer in the cluster), and rooms left with none.
+    fn forget(&self, gone: &HashSet<String>) {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, portals| {
+            portals.retain(|p| !gone.contains(p));
+            !portals.is_empty()
+        });
+    }
+
+    fn portals(&self) -> HashSet<String> {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect()
+    }
 }
 
 /// Serves one part on its subject: each request decoded, handled by `handle` (told the
@@ -139,13 +183,18 @@ where
                 Ok(command) => handle(command, from).await,
                 Err(e) => Err(bad(format!("malformed command: {e}"))),
             };
-            match serde_json::to_vec(&out) {
+            let bytes = serde_json::to_vec(&out).or_else(|e| {
+                // The caller gets an error rather than waiting out its timeout.
+                warn!(error = %e, "a reply could not be encoded");
+                serde_json::to_vec(&Err::<R, E>(bad(format!("the reply could not be encoded: {e}"))))
+            });
+            match bytes {
                 Ok(bytes) => {
                     if let Err(e) = client.publish(reply_to, bytes.into()).await {
                         debug!(error = %e, "a reply could not be sent");
                     }
                 }
-                Err(e) => warn!(error = %e, "a reply could not be encoded"),
+                Err(e) => warn!(error = %e, "an error reply could not be encoded either"),
             }
         });
     }
@@ -161,11 +210,30 @@ pub struct Served {
     pub recorder: Option<Arc<dyn RecorderNode>>,
 }
 
-/// Serves `parts` of node `me` over NATS and delivers the events of its media nodes
+/// Serves `parts` of `node` over NATS and delivers the events of its media nodes
 /// (`events`) to the portals that asked for them: over NATS, or into `local` when the
-/// portal is this node's own.
-pub fn serve(client: Client, me: &str, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) {
+/// portal is this node's own. Portals that left the cluster are forgotten.
+pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) {
+    let (client, me) = (node.client(), node.id());
+    let me = me.as_str();
     let routes = Arc::new(EventRoutes::default());
+    {
+        let (routes, node) = (Arc::downgrade(&routes), Arc::downgrade(node));
+        tokio::spawn(async move {
+            // Missing from two lists in a row (a list read just after a NATS restart may
+            // not hold every node yet).
+            let mut missing_once = HashSet::new();
+            loop {
+                tokio::time::sleep(FORGET_CHECK).await;
+                let (Some(routes), Some(node)) = (routes.upgrade(), node.upgrade()) else { return };
+                let live: HashSet<String> = node.known_nodes().into_iter().map(|n| n.id).collect();
+                let missing: HashSet<String> = routes.portals().into_iter().filter(|p| !live.contains(p)).collect();
+                let gone: HashSet<String> = missing.intersection(&missing_once).cloned().collect();
+                routes.forget(&gone);
+                missing_once = missing;
+            }
+        });
+    }
     if let Some(media) = parts.media {
         let routes = routes.clone();
         let handle = move |c: AgentCommand, from: Option<String>| {
@@ -203,17 +271,25 @@ pub fn serve(client: Client, me: &str, parts: Served, events: Option<mpsc::Recei
         let me = me.to_string();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                let mut bytes = None;
-                for to in routes.of(event.room()).into_iter().filter(|to| *to != me) {
-                    let payload = bytes.get_or_insert_with(|| serde_json::to_vec(&event).unwrap_or_default()).clone();
-                    if let Err(e) = client.publish(subject(&to, "events"), payload.into()).await {
-                        debug!(to = %to, error = %e, "an event could not be sent");
-                    }
-                }
-                // This node's own portal calls its parts directly, not over NATS, so it is
-                // not among the origins; it ignores events of rooms and people it does not hold.
+                let remote: Vec<String> = routes.of(event.room()).into_iter().filter(|to| *to != me).collect();
+                let payload = (!remote.is_empty()).then(|| serde_json::to_vec(&event).unwrap_or_default());
+                // This node's own portal first (it calls its parts directly, not over NATS,
+                // so it is not among the origins; it ignores events of rooms and people it
+                // does not hold): nothing of this node waits on NATS.
                 if let Some(local) = &local {
                     let _ = local.send(event).await;
+                }
+                let Some(payload) = payload else { continue };
+                // While NATS is away the client would queue events until it blocks; they
+                // are stale by the time it is back, so they are dropped instead.
+                if crate::bucket::connected(&client).is_err() {
+                    debug!(portals = remote.len(), "NATS away: an event for other portals dropped");
+                    continue;
+                }
+                for to in remote {
+                    if let Err(e) = client.publish(subject(&to, "events"), payload.clone().into()).await {
+                        debug!(to = %to, error = %e, "an event could not be sent");
+                    }
                 }
             }
         });

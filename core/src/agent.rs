@@ -212,6 +212,15 @@ pub enum AgentEvent {
         /// What changed.
         update: StreamUpdate,
     },
+    /// The node serving the room's media is gone (a cluster node died): every transport,
+    /// session and view of the room there is over. Reported by the cluster's router, not
+    /// by the node itself.
+    MediaLost {
+        /// Room id.
+        room: RoomId,
+        /// Why (which node).
+        reason: String,
+    },
 }
 
 impl AgentEvent {
@@ -223,7 +232,8 @@ impl AgentEvent {
             | AgentEvent::StreamEnded { room, .. }
             | AgentEvent::SubscriptionEnded { room, .. }
             | AgentEvent::TransportClosed { room, .. }
-            | AgentEvent::StreamUpdated { room, .. } => room,
+            | AgentEvent::StreamUpdated { room, .. }
+            | AgentEvent::MediaLost { room, .. } => room,
         }
     }
 }
@@ -361,6 +371,7 @@ pub(crate) mod tests {
             },
             AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::Layout(layout()) },
             AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::ActiveInput(Some("s".into())) },
+            AgentEvent::MediaLost { room: "r".into(), reason: "webrtc node `n2` is gone".into() },
         ];
         for e in events {
             round_trip(e);

@@ -603,6 +603,9 @@ pub trait Router: Send + Sync {
     fn recorder_for(&self, room: &RoomId) -> Option<Arc<dyn RecorderNode>>;
     /// Every webrtc node, for server-wide counts.
     fn media_nodes(&self) -> Vec<Arc<dyn MediaNode>>;
+    /// The room is empty and its views stopped: a router that placed it may forget where,
+    /// so it is placed afresh (on the least-used node) when someone comes back.
+    fn release(&self, _room: &RoomId) {}
 }
 
 /// Every node in this process; commands are passed as values, never serialised.

@@ -299,8 +299,10 @@ impl RoomControl for Portal {
         };
         let nodes = self.inner.router.media_nodes();
         let mut media = if nodes.is_empty() { None } else { Some(tessera_core::command::MediaStats::default()) };
-        for node in nodes {
-            match node.call(GetStats).await {
+        // All at once: in a cluster each is a request to another machine.
+        let answers = futures_util::future::join_all(nodes.iter().map(|n| n.call(GetStats))).await;
+        for answer in answers {
+            match answer {
                 Ok(s) => media = media.map(|m| m + s),
                 Err(e) => tracing::debug!(error = %e, "a media node did not answer GetStats"),
             }

@@ -15,7 +15,7 @@ use tessera_core::agent::{
 };
 use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, Signal, SwitchTracks};
 use tessera_core::stream::{StreamKind, TrackStatus};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::Portal;
 
@@ -448,6 +448,45 @@ impl Portal {
                 }
             }
             AgentEvent::StreamUpdated { room, stream, update } => self.stream_updated(room.as_str(), stream.as_str(), update),
+            AgentEvent::MediaLost { room, reason } => {
+                let portal = self.clone();
+                tokio::spawn(async move { portal.media_lost(room.as_str(), &reason).await });
+            }
+        }
+    }
+
+    /// The node serving the room's media is gone: every session there is over. Each
+    /// participant is told its transports failed (`progress` with status `error`, as OWT
+    /// reports a failed transport), the forward streams disappear (`stream` remove), and
+    /// the room's views start again where the room is placed next, so clients that
+    /// publish and subscribe again get media from another node.
+    pub(crate) async fn media_lost(&self, room: &str, reason: &str) {
+        let (streams, transports) = {
+            let mut conf = self.lock();
+            conf.mixing.remove(room);
+            let Some(r) = conf.rooms.get_mut(room) else { return };
+            let mut transports = Vec::new();
+            for p in r.participants.iter_mut() {
+                transports.extend(p.transports.drain().map(|t| (p.info.id.clone(), t)));
+                p.sessions.clear();
+                p.attributes.clear();
+                p.ready.clear();
+            }
+            let streams: Vec<String> = r.streams.iter().filter(|s| s.is_forward()).map(|s| s.id.to_string()).collect();
+            (streams, transports)
+        };
+        warn!(room, reason, transports = transports.len(), streams = streams.len(), "the room's media node is gone");
+        for (participant, transport) in &transports {
+            let data = json!({"id": transport, "status": "error", "data": reason});
+            self.lock().notify(room, participant, "progress", data);
+        }
+        for stream in streams {
+            self.remove_stream(room, &stream, reason);
+        }
+        // Mixed streams keep their ids and stay listed; their views start again on the
+        // room's next node (placed by this call).
+        if let Some(cfg) = self.inner.store.get(room) {
+            self.ensure_mixing(&cfg).await;
         }
     }
 

@@ -67,6 +67,10 @@ impl Portal {
         if !views.is_empty() {
             info!(room, views = views.len(), "room mixing stopped (room empty)");
         }
+        // Unless someone came back while the views stopped.
+        if !self.lock().rooms.contains_key(room) {
+            self.inner.router.release(&room.into());
+        }
     }
 
     fn view_labels(&self, room: &str) -> Vec<String> {

@@ -333,11 +333,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(node) => {
             let (to_portal, portal_events) = tokio::sync::mpsc::channel(1024);
             let served = tessera_cluster::rpc::Served { media: local.agent.clone(), mixer: local.mixer.clone(), recorder: local.recorder.clone() };
-            tessera_cluster::rpc::serve(node.client(), &node_id, served, agent_events, is_portal.then(|| to_portal.clone()));
+            tessera_cluster::rpc::serve(node, served, agent_events, is_portal.then(|| to_portal.clone()));
             if is_portal {
-                tessera_cluster::rpc::receive_events(node.client(), &node_id, to_portal);
+                tessera_cluster::rpc::receive_events(node.client(), &node_id, to_portal.clone());
             }
-            (Arc::new(tessera_cluster::router::ClusterRouter::new(node.clone(), local)), Some(portal_events))
+            let lost = is_portal.then(|| to_portal.clone());
+            (tessera_cluster::router::ClusterRouter::new(node.clone(), local, lost), Some(portal_events))
         }
     };
     let (Some((portal_listener, api_listener)), true) = (listeners, is_portal) else {

@@ -250,6 +250,12 @@ async fn wait_status(s: &common::Server, path: &str, status: u16, within: Durati
     }
 }
 
+/// `POST /v1/rooms` on `s` (bounded: NATS may be away).
+async fn create_room(s: &common::Server, name: &str) -> reqwest::Response {
+    let body = serde_json::json!({"name": name});
+    s.client().post(s.url("/v1/rooms")).bearer_auth(common::KEY).json(&body).timeout(Duration::from_secs(15)).send().await.unwrap()
+}
+
 /// Logs in at `s`'s portal with `token`: the login result or the portal's error.
 async fn login(s: &common::Server, token: &str) -> Result<Value, String> {
     let mut sig = tessera_client::signaling::Signaling::connect(&s.portal).await.unwrap();
@@ -348,15 +354,7 @@ async fn rooms_tokens_and_keys_are_shared() {
     nats.stop();
     wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(1)).await;
     let asked = Instant::now();
-    let res = a
-        .client()
-        .post(a.url("/v1/rooms"))
-        .bearer_auth(common::KEY)
-        .json(&serde_json::json!({"name": "while-away"}))
-        .timeout(Duration::from_secs(15))
-        .send()
-        .await
-        .unwrap();
+    let res = create_room(&a, "while-away").await;
     assert_eq!(res.status(), 503);
     assert!(asked.elapsed() < Duration::from_secs(8), "answered in {:?}", asked.elapsed());
     let err = login(&b, &spare).await.unwrap_err();
@@ -367,15 +365,7 @@ async fn rooms_tokens_and_keys_are_shared() {
     let back = Instant::now();
     let deadline = back + Duration::from_secs(15);
     loop {
-        let res = a
-            .client()
-            .post(a.url("/v1/rooms"))
-            .bearer_auth(common::KEY)
-            .json(&serde_json::json!({"name": "after-return"}))
-            .timeout(Duration::from_secs(15))
-            .send()
-            .await
-            .unwrap();
+        let res = create_room(&a, "after-return").await;
         if res.status() == 200 {
             let made: Value = res.json().await.unwrap();
             wait_status(&b, &format!("/v1/rooms/{}", made["id"].as_str().unwrap()), 200, Duration::from_secs(5)).await;
@@ -395,16 +385,17 @@ async fn rooms_tokens_and_keys_are_shared() {
 /// Roles on separate nodes: a portal-only node places its room on a node running the
 /// SFU, mixer and recorder, and drives them over NATS. A publisher and a subscriber join
 /// through the portal; the media flows through the other node; the room's mixed stream
-/// (made there) plays; a recording made there decodes. Without the cluster, roles are
-/// refused.
+/// (made there) plays; a recording made there decodes. NATS stopped for 10 s: the media
+/// flows on and nobody is told anything failed; NATS back: control works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portal_drives_media_on_another_node() {
     if !common::in_own_netns("portal_drives_media_on_another_node") {
         return;
     }
-    let nats = Nats::start();
+    let mut nats = Nats::start();
     let url = nats.url();
-    let media_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"media1\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n";
+    // The media node has an address of its own: clients must reach it, not the portal.
+    let media_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"media1\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n";
     let (media_dir, media) = common::start_with_config_args(media_cfg, &["--cluster", &url]);
     assert!(media.startup.iter().any(|l| l.contains("node `media1` serves webrtc,mixer,recorder (no portal)")), "{:?}", media.startup);
     let portal_cfg = "[cluster]\nnode_id = \"portal1\"\nroles = [\"portal\"]\n";
@@ -413,13 +404,15 @@ async fn portal_drives_media_on_another_node() {
     let roles = |id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["roles"].clone();
     assert_eq!(roles("portal1"), serde_json::json!(["portal"]));
     assert_eq!(roles("media1"), serde_json::json!(["webrtc", "mixer", "recorder"]));
+    let media_node = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "media1").unwrap().clone();
+    assert_eq!(media_node["relayAddr"], "127.0.0.2");
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
     let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
     let sender = {
         let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(8), 30, 1000).await.unwrap() })
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(30), 30, 1000).await.unwrap() })
     };
     // The forward stream, through the media node.
     let (mut ssig, _) = p.join(&room, "sub").await;
@@ -454,6 +447,45 @@ async fn portal_drives_media_on_another_node() {
     let out = Command::new("gst-discoverer-1.0").arg(&file).output().expect("gst-discoverer-1.0 (gstreamer1.0-tools)");
     let report = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(report.contains("vp8") && report.contains("opus"), "{report}");
+
+    // NATS away for 10 s: media already flowing keeps flowing, nobody hears of a failure.
+    nats.stop();
+    let before = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = sub.packets("video").len() - before;
+    assert!(during > 200, "video went on while NATS was away ({during} packets in 10 s)");
+    nats.restart();
+    let back = Instant::now();
+    // Control works again: a new subscriber (its commands go to the media node over NATS).
+    let mut lsig = loop {
+        let res = p
+            .client()
+            .post(p.url(&format!("/v1/rooms/{room}/tokens")))
+            .bearer_auth(common::KEY)
+            .json(&serde_json::json!({"user": "late", "role": "presenter"}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(r) = res
+            && r.status() == 200
+        {
+            let token = r.text().await.unwrap();
+            let mut sig = tessera_client::signaling::Signaling::connect(&p.portal).await.unwrap();
+            let login = serde_json::json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"});
+            if sig.ok("login", Some(login)).await.is_ok() {
+                break sig;
+            }
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "no login after NATS came back");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let late = tessera_client::peer::Subscriber::start(&mut lsig, &publisher.stream_id, true, true, false).await.unwrap();
+    late.wait_until("video after NATS came back", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    println!("a new subscriber got video {:?} after NATS came back", back.elapsed());
+    for (name, sig) in [("publisher", &mut psig), ("subscriber", &mut ssig)] {
+        let failure = sig.wait_for("no failure", Duration::from_millis(100), |n| n.event == "progress" && n.data["status"] == "error").await;
+        assert!(failure.is_err(), "the {name} was told of a failure: {:?}", failure.map(|n| n.data));
+    }
     sender.await.unwrap();
     drop(media);
 }
@@ -481,4 +513,90 @@ fn roles_need_a_cluster() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("cluster.roles") && err.contains(want), "{cfg}: {err}");
     }
+}
+
+/// A media node dies (SIGKILL): once its registry entry expires, the portal tells the
+/// room's participants their transports failed and removes the streams; publishing and
+/// subscribing again places the room on the surviving media node, and media flows (the
+/// forward stream, and the room's mixed stream made anew there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_media_node_is_replaced() {
+    if !common::in_own_netns("a_dead_media_node_is_replaced") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let media = |id: &str, ip: &str| {
+        let cfg = format!("[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n");
+        common::start_with_config_args(&cfg, &["--cluster", &url])
+    };
+    let (_d1, m1) = media("m1", "127.0.0.2");
+    let (_d2, m2) = media("m2", "127.0.0.3");
+    let (_dp, p) = common::start_with_config_args("[cluster]\nnode_id = \"p\"\nroles = [\"portal\"]\n", &["--cluster", &url]);
+    wait_nodes(&p, &["m1", "m2", "p"], Duration::from_secs(5)).await;
+
+    let room = p.new_room(serde_json::json!({})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap();
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
+    let send = |p: std::sync::Arc<tessera_client::peer::Publisher>| tokio::spawn(async move { p.send_for(Duration::from_secs(6), 30, 1000).await });
+    let publisher = std::sync::Arc::new(publisher);
+    let _sending = send(publisher.clone());
+    sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+
+    // Which node carries the room: the one whose report shows the transports.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let busy = loop {
+        let v = nodes(&p).await;
+        let busy = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["load"]["transports"].as_u64() >= Some(2))
+            .map(|n| n["id"].as_str().unwrap().to_string());
+        if let Some(b) = busy {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no media node reported the room's transports: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (mut dead, survivor) = if busy == "m1" { (m1, m2) } else { (m2, m1) };
+    let killed = Instant::now();
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+
+    // The subscriber is told its transport failed, and the stream is removed.
+    let failed = ssig.wait_for("transport error", Duration::from_secs(25), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+    assert_eq!(failed.data["data"], format!("webrtc node `{busy}` is gone"));
+    ssig.wait_for("stream removed", Duration::from_secs(2), |n| {
+        n.event == "stream" && n.data["status"] == "remove" && n.data["id"] == publisher.stream_id.as_str()
+    })
+    .await
+    .unwrap();
+    println!("participants told {:?} after the media node was killed", killed.elapsed());
+
+    // Again: placed on the survivor, media within 5 s of subscribing.
+    let again = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(2), None).await.unwrap());
+    let _sending = send(again.clone());
+    let resubscribed = Instant::now();
+    let sub = tessera_client::peer::Subscriber::start(&mut ssig, &again.stream_id, true, true, false).await.unwrap();
+    sub.wait_until("video again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    assert!(resubscribed.elapsed() < Duration::from_secs(5), "{:?}", resubscribed.elapsed());
+    println!("media again {:?} after resubscribing", resubscribed.elapsed());
+    let (mut vsig, _) = p.join(&room, "viewer").await;
+    let mixed = tessera_client::peer::Subscriber::start(&mut vsig, &format!("{room}-common"), true, true, false).await.unwrap();
+    mixed.wait_until("mixed video again", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    let survivor_id = if busy == "m1" { "m2" } else { "m1" };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = nodes(&p).await;
+        let load = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == survivor_id).unwrap()["load"].clone();
+        if load["transports"].as_u64() >= Some(3) && load["views"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the survivor never reported the room: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(survivor);
 }
