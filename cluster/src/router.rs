@@ -8,10 +8,11 @@
 //! sessions are), then the fewest WebRTC transports, then this node itself (no hop over
 //! NATS), then the lowest CPU. Placements made
 //! between two load reports count against the chosen node, so a burst of new rooms
-//! spreads. A room whose node is gone (its registry entry expired) is reported to the
-//! portal as lost and placed anew by its next session.
+//! spreads. A room stays on its node until that node is found gone (then it is reported
+//! to the portal as lost, and placed anew once the portal has ended its sessions) or the
+//! room empties.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tessera_core::agent::AgentEvent;
@@ -36,13 +37,15 @@ pub struct ClusterRouter {
     homes: Mutex<HashMap<RoomId, NodeRecord>>,
     /// Home nodes found gone, by how many checks in a row.
     suspects: Mutex<HashMap<String, u32>>,
+    /// Rooms reported lost and not yet released by the portal.
+    reported: Mutex<HashSet<RoomId>>,
 }
 
-/// A home node is given up after this many checks in a row (one per heartbeat) found it
-/// both unlisted and not listening: a live node that NATS lost for a moment (a NATS
-/// restart empties the registry, and nodes reconnect with a backoff of a few seconds)
-/// must not lose its rooms.
-const GONE_AFTER_CHECKS: u32 = 3;
+/// A home node is given up after this many checks in a row (one per heartbeat, so 8 s and
+/// more) found it both unlisted and not listening: a live node that NATS lost for a moment
+/// (a NATS restart empties the registry, and nodes reconnect with a backoff of up to a
+/// few seconds) must not lose its rooms.
+const GONE_AFTER_CHECKS: u32 = 5;
 
 impl ClusterRouter {
     /// A router for the portal of `node`, whose own parts are `local`. When a node
@@ -57,6 +60,7 @@ impl ClusterRouter {
             local,
             homes: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashSet::new()),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
@@ -78,13 +82,17 @@ impl ClusterRouter {
         router
     }
 
-    /// Forgets the rooms whose node is gone, and returns them with that node. Gone: not in
-    /// the node list and not listening on NATS, [`GONE_AFTER_CHECKS`] checks in a row.
+    /// The rooms whose node is gone, each reported once, with that node. Gone: not in the
+    /// node list and not listening on NATS, [`GONE_AFTER_CHECKS`] checks in a row. The
+    /// room keeps its home until the portal has ended its sessions and calls
+    /// [`Router::release`]: a session placed meanwhile would be wiped with the others, so
+    /// until then commands go to the dead node and fail at once ("no responders").
     /// While NATS is away nothing can be told and nothing is given up.
     async fn lost_homes(&self) -> Vec<(RoomId, String)> {
         let known = self.node.known_nodes();
-        let homes: std::collections::HashSet<String> = self.homes.lock().unwrap_or_else(|p| p.into_inner()).values().map(|n| n.id.clone()).collect();
-        let mut gone = Vec::new();
+        let homes: HashSet<String> = self.homes.lock().unwrap_or_else(|p| p.into_inner()).values().map(|n| n.id.clone()).collect();
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| homes.contains(id));
+        let mut gone = HashSet::new();
         for id in homes {
             let listed = known.iter().any(|n| n.id == id);
             let silent = !listed && crate::rpc::media_responds(&self.node.client(), &self.me, &id).await == Some(false);
@@ -94,22 +102,19 @@ impl ClusterRouter {
                 continue;
             }
             let n = suspects.entry(id.clone()).or_insert(0);
-            *n += 1;
+            *n = n.saturating_add(1);
             if *n >= GONE_AFTER_CHECKS {
-                suspects.remove(&id);
-                gone.push(id);
+                gone.insert(id);
             }
         }
+        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         let mut lost = Vec::new();
-        self.homes.lock().unwrap_or_else(|p| p.into_inner()).retain(|room, node| {
-            let alive = !gone.contains(&node.id);
-            if !alive {
+        for (room, node) in homes.iter().filter(|(_, n)| gone.contains(&n.id)) {
+            if reported.insert(room.clone()) {
+                warn!(room = %room, node = %node.id, "the webrtc node serving a room is gone");
                 lost.push((room.clone(), node.id.clone()));
             }
-            alive
-        });
-        for (room, node) in &lost {
-            warn!(room = %room, node = %node, "the webrtc node serving a room is gone");
         }
         lost
     }
@@ -170,6 +175,7 @@ impl Router for ClusterRouter {
     }
 
     fn release(&self, room: &RoomId) {
+        self.reported.lock().unwrap_or_else(|p| p.into_inner()).remove(room);
         if let Some(node) = self.homes.lock().unwrap_or_else(|p| p.into_inner()).remove(room) {
             debug!(room = %room, node = %node.id, "room no longer placed (empty)");
         }

@@ -57,6 +57,16 @@ pub struct Config {
     pub log: Log,
     /// Several nodes coordinated over NATS (off by default: one process, nothing to run beside).
     pub cluster: Cluster,
+    /// Where room, participant, stream and recording events are posted.
+    pub webhooks: Webhooks,
+}
+
+/// `[webhooks]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhooks {
+    /// URLs that receive every event as a signed JSON POST; empty: none.
+    pub urls: Vec<String>,
 }
 
 /// The longest a participant token may live; a cluster's ledger of used tokens keeps
@@ -413,6 +423,16 @@ impl Config {
         }
         if !c.node_id.is_empty() && !valid_node_id(&c.node_id) {
             return Err(err("cluster.node_id", format!("`{}`: use 1-64 letters, digits, `-` or `_`", c.node_id)));
+        }
+        for url in &self.webhooks.urls {
+            if url.starts_with("https://") {
+                // The HTTP client of this build has no TLS (no TLS crate can be added offline).
+                return Err(err("webhooks.urls", format!("`{}`: https is not supported yet; use http:// on a private network", url.escape_debug())));
+            }
+            let host = url.strip_prefix("http://").unwrap_or_default();
+            if host.is_empty() || host.starts_with('/') {
+                return Err(err("webhooks.urls", format!("`{}` is not an http:// URL", url.escape_debug())));
+            }
         }
         if let Some(bad) = c.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(err("cluster.roles", format!("`{}` is not a role (portal, webrtc, mixer, recorder)", bad.escape_debug())));

@@ -6,17 +6,21 @@ use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// OWT's signature encoding: base64 of the *hex string* of HMAC-SHA256(key, message).
-pub fn owt_signature(key: &[u8], message: &str) -> String {
-    use base64::Engine;
+/// HMAC-SHA256(key, message) as lower-case hex (webhook signatures).
+pub fn hmac_sha256_hex(key: &[u8], message: &[u8]) -> String {
     // unwrap-free: HMAC accepts keys of any length.
     let mut mac = match HmacSha256::new_from_slice(key) {
         Ok(m) => m,
         Err(_) => unreachable!("HMAC-SHA256 accepts any key length"),
     };
-    mac.update(message.as_bytes());
-    let hexed = hex::encode(mac.finalize().into_bytes());
-    base64::engine::general_purpose::STANDARD.encode(hexed)
+    mac.update(message);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// OWT's signature encoding: base64 of the *hex string* of HMAC-SHA256(key, message).
+pub fn owt_signature(key: &[u8], message: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(hmac_sha256_hex(key, message.as_bytes()))
 }
 
 /// Compares two secrets without leaking where they differ through timing.

@@ -27,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tessera_core::agent::AgentEvent;
 use tessera_core::command::{EndSession, GetStats, Router};
+use tessera_core::hooks::{Hook, HookSink};
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{LocalLedger, TokenAuthority, TokenLedger};
 use tessera_core::{ControlError, ParticipantInfo, RoomControl, RoomId, Rooms};
@@ -72,6 +73,8 @@ struct Inner {
     router: Arc<dyn Router>,
     /// Set when the server drains: no new logins or sessions.
     draining: std::sync::atomic::AtomicBool,
+    /// Where room, participant and stream events go (webhooks), when configured.
+    hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -105,6 +108,7 @@ impl Portal {
                 conferences: Mutex::new(Conferences::default()),
                 router,
                 draining: std::sync::atomic::AtomicBool::new(false),
+                hooks: std::sync::OnceLock::new(),
             }),
         };
         if let Some(mut events) = events {
@@ -158,6 +162,18 @@ impl Portal {
         self.inner.conferences.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sends room, participant and stream events to `hooks` from now on (once).
+    pub fn set_hooks(&self, hooks: Arc<dyn HookSink>) {
+        let _ = self.inner.hooks.set(hooks);
+    }
+
+    /// Hands an event to the hooks, if any; never waits.
+    pub(crate) fn hook(&self, hook: impl FnOnce() -> Hook) {
+        if let Some(h) = self.inner.hooks.get() {
+            h.emit(hook());
+        }
+    }
+
     /// Number of participants in live rooms (tests and metrics).
     pub fn participant_count(&self) -> usize {
         self.lock().rooms.values().map(|r| r.participants.len()).sum()
@@ -168,10 +184,24 @@ impl Portal {
         let notify_leave = self.inner.store.get(room).map(|r| r.notifying.participant_activities).unwrap_or(true);
         let (publications, emptied) = {
             let mut conf = self.lock();
+            // The streams a room ends with go with it (they get no removal of their own).
+            let ending: Vec<String> = match conf.room(room) {
+                Some(r) if r.participants.len() == 1 => r.streams.iter().map(|s| s.id.to_string()).collect(),
+                _ => Vec::new(),
+            };
             let Some((p, emptied)) = conf.remove(room, participant) else { return };
             info!(room, participant, reason, "participant left");
             if notify_leave {
                 conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
+            }
+            // Under the lock, so a room's events leave in the order they happened (emit
+            // only queues).
+            self.hook(|| Hook::ParticipantLeft { room: room.into(), participant: participant.into(), user: p.info.user.clone() });
+            if emptied {
+                for stream in ending {
+                    self.hook(|| Hook::StreamUnpublished { room: room.into(), stream, reason: "room ended".into() });
+                }
+                self.hook(|| Hook::RoomEnded { room: room.into() });
             }
             (p.publications(), emptied)
         };

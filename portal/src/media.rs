@@ -14,6 +14,7 @@ use tessera_core::agent::{
     AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
 };
 use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, Signal, SwitchTracks};
+use tessera_core::hooks::Hook;
 use tessera_core::stream::{StreamKind, TrackStatus};
 use tracing::{debug, info, warn};
 
@@ -353,6 +354,7 @@ impl Portal {
         if notify {
             conf.broadcast(room, None, "stream", &json!({"id": stream, "status": "remove"}));
         }
+        self.hook(|| Hook::StreamUnpublished { room: room.into(), stream: stream.into(), reason: reason.into() });
         drop(conf);
         let views: Vec<String> = match &removed.kind {
             StreamKind::Forward(f) => f.in_views.iter().map(ToString::to_string).collect(),
@@ -414,9 +416,11 @@ impl Portal {
                 let data = crate::wire::stream_json(&stream);
                 r.streams.push(stream);
                 info!(%room, stream = %id, owner = %owner, "stream added");
+                let published = Hook::StreamPublished { room: room.clone(), stream: id.clone(), kind: "forward".into(), owner: Some(owner.clone()) };
                 if notify {
                     conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": data}));
                 }
+                self.hook(|| published);
                 drop(conf);
                 let portal = self.clone();
                 tokio::spawn(async move { portal.auto_mix(&room, &id).await });
@@ -464,6 +468,9 @@ impl Portal {
         let (streams, transports) = {
             let mut conf = self.lock();
             conf.mixing.remove(room);
+            // Under the room lock, with the sessions cleared below: the next session is
+            // placed on a live node, and none placed there is cleared by mistake.
+            self.inner.router.release(&room.into());
             let Some(r) = conf.rooms.get_mut(room) else { return };
             let mut transports = Vec::new();
             for p in r.participants.iter_mut() {
@@ -484,8 +491,10 @@ impl Portal {
             self.remove_stream(room, &stream, reason);
         }
         // Mixed streams keep their ids and stay listed; their views start again on the
-        // room's next node (placed by this call).
-        if let Some(cfg) = self.inner.store.get(room) {
+        // room's next node (placed by this call), unless the room emptied meanwhile.
+        if let Some(cfg) = self.inner.store.get(room)
+            && self.lock().rooms.contains_key(room)
+        {
             self.ensure_mixing(&cfg).await;
         }
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tessera_core::agent::StreamUpdate;
 use tessera_core::command::{GetLayout, Mix, MixNode, SetLayout, SetRegion, SetTemplate, StartView, StopView, Unmix};
+use tessera_core::hooks::Hook;
 use tessera_core::stream::{LayoutEntry, StreamKind};
 use tessera_core::{ControlError, Room, ViewLabel};
 use tracing::{debug, info, warn};
@@ -42,7 +43,9 @@ impl Portal {
             }
             let Some(r) = conf.rooms.get_mut(room.id.as_str()) else { continue };
             if r.stream(info.id.as_str()).is_none() {
+                let published = Hook::StreamPublished { room: room.id.clone(), stream: info.id.to_string(), kind: "mixed".into(), owner: None };
                 r.streams.push(info);
+                self.hook(|| published);
             }
         }
     }
@@ -67,8 +70,10 @@ impl Portal {
         if !views.is_empty() {
             info!(room, views = views.len(), "room mixing stopped (room empty)");
         }
-        // Unless someone came back while the views stopped.
-        if !self.lock().rooms.contains_key(room) {
+        // Unless someone came back while the views stopped; checked and released under
+        // the room lock, so a login cannot slip in between.
+        let conf = self.lock();
+        if !conf.rooms.contains_key(room) {
             self.inner.router.release(&room.into());
         }
     }

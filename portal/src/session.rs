@@ -11,6 +11,7 @@ use crate::conference::{Link, Participant, permission_of};
 use crate::requests::{self, Login, Text};
 use crate::socketio::{Incoming, Socket, SocketHandle};
 use crate::{Portal, now_ms, now_secs};
+use tessera_core::hooks::Hook;
 
 /// Where a socket stands.
 pub(crate) enum State {
@@ -205,6 +206,7 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     let seated = {
         let mut conf = portal.lock();
         let seated = !full(&conf);
+        let started = !conf.rooms.contains_key(room.id.as_str());
         if seated {
             let r = conf.rooms.entry(room.id.as_str().into()).or_default();
             r.participants.push(Participant::new(info, handle.clone()));
@@ -213,6 +215,16 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
                 let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
                 conf.broadcast(&room.id, Some(&participant), "participant", &joined);
             }
+            // Under the lock, so a room's events leave in the order they happened.
+            if started {
+                portal.hook(|| Hook::RoomStarted { room: room.id.clone() });
+            }
+            portal.hook(|| Hook::ParticipantJoined {
+                room: room.id.clone(),
+                participant: participant.clone(),
+                user: claims.user.clone(),
+                role: claims.role.clone(),
+            });
         }
         seated
     };

@@ -25,6 +25,7 @@ use tessera_core::command::{
     RecorderCommand, RecorderNode, RecorderReply, RecordingError, RecordingFormat, RecordingInfo, RecordingMedia, RecordingSource, RecordingState,
     RecordingStorage,
 };
+use tessera_core::hooks::{Hook, HookSink};
 use tessera_core::media::{StreamSource, with_payload_type};
 use tessera_core::{RoomId, StreamId};
 use tracing::{info, warn};
@@ -71,6 +72,8 @@ struct Recording {
     state: Mutex<State>,
     /// The muxer has written its end (set by whoever pops EOS from the bus).
     eos: std::sync::atomic::AtomicBool,
+    /// Told when the recording ends (webhooks).
+    hooks: Option<Arc<dyn HookSink>>,
 }
 
 impl Recording {
@@ -131,6 +134,23 @@ impl Recording {
             let _ = p.set_state(gst::State::Null);
         }
         info!(recording = %self.id, room = %self.room, reason, file = ?self.path, "recording ended");
+        self.finished_hook();
+    }
+
+    /// Tells the hooks the recording ended, as it ended.
+    fn finished_hook(&self) {
+        let Some(h) = &self.hooks else { return };
+        let info = self.describe();
+        let state = if info.state == RecordingState::Stopped { "stopped" } else { "failed" };
+        h.emit(Hook::RecordingFinished {
+            room: self.room.clone(),
+            recording: self.id.clone(),
+            file: info.storage.file,
+            state: state.into(),
+            duration: info.duration,
+            size: info.size,
+            reason: info.reason,
+        });
     }
 }
 
@@ -164,12 +184,18 @@ pub struct Recorder {
     dir: PathBuf,
     recordings: Mutex<HashMap<String, Arc<Recording>>>,
     me: std::sync::Weak<Recorder>,
+    hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
 }
 
 impl Recorder {
     /// A recorder taking its streams from `source` and writing into `dir`.
     pub fn new(source: Arc<dyn StreamSource>, dir: PathBuf) -> Arc<Recorder> {
-        Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone() })
+        Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone(), hooks: std::sync::OnceLock::new() })
+    }
+
+    /// Tells `hooks` when recordings start and end, from now on (once).
+    pub fn set_hooks(&self, hooks: Arc<dyn HookSink>) {
+        let _ = self.hooks.set(hooks);
     }
 
     fn arc(&self) -> Result<Arc<Recorder>, RecordingError> {
@@ -359,8 +385,13 @@ impl Recorder {
                 sources: HashMap::new(),
             }),
             eos: std::sync::atomic::AtomicBool::new(false),
+            hooks: self.hooks.get().cloned(),
         });
         self.lock().insert(id.clone(), rec.clone());
+        // Before the pipeline runs, so that whatever ends it is reported after this.
+        if let Some(h) = &rec.hooks {
+            h.emit(Hook::RecordingStarted { room: room.to_string(), recording: id.clone(), file: rec.path.display().to_string() });
+        }
         let me = self.arc()?;
         let r = rec.clone();
         let video_ref = video.clone();
@@ -376,6 +407,8 @@ impl Recorder {
             s.reason = Some(reason.clone());
             s.ended = Some(Instant::now());
             warn!(recording = %id, reason = ?reason, "recording could not start");
+            drop(s);
+            rec.finished_hook();
         } else {
             info!(recording = %id, room, file = ?rec.path, "recording started");
         }

@@ -320,6 +320,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("tessera: node `{node_id}` joined the cluster at {} as {}", config.cluster.nats_url, config.cluster.roles().join(","));
         Some(node)
     };
+    // The service key signs tokens and webhooks: this node's, or the cluster's. Only a
+    // portal may set the cluster's; a media node reads it, for its webhooks only.
+    let key = match (&cluster, is_portal) {
+        (None, _) => Some(service_key(&config)?),
+        (Some(node), true) => Some(cluster_service_key(&config, node).await?),
+        (Some(node), false) if !config.webhooks.urls.is_empty() => node.secret("service-key").await?,
+        (Some(_), false) => None,
+    };
+    let hooks = match &key {
+        Some(key) if !config.webhooks.urls.is_empty() => Some(crate::webhooks::Webhooks::start(&config.webhooks.urls, key)),
+        None if !config.webhooks.urls.is_empty() => {
+            warn!("webhooks are off on this node: the cluster has no service key yet (start a portal node first)");
+            None
+        }
+        _ => None,
+    };
+    if let (Some(hooks), Some(recorder)) = (&hooks, &recorder) {
+        recorder.set_hooks(hooks.clone());
+    }
     // This node's own parts; in a cluster they also serve other nodes' portals over NATS,
     // and this node's portal places rooms on any node's parts.
     let local = tessera_core::command::LocalRouter {
@@ -352,21 +371,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(recorder) = &recorder {
             recorder.shutdown().await;
         }
+        if let Some(hooks) = &hooks {
+            hooks.flush(Duration::from_secs(5)).await;
+        }
         println!("tessera: stopped");
         return Ok(());
     };
+    let key = key.ok_or_else(|| anyhow::anyhow!("a portal node has a service key"))?;
     let portal_bound: SocketAddr = portal_listener.local_addr()?;
     let api_bound: SocketAddr = api_listener.local_addr()?;
     // Rooms, the service key, used tokens and the ticket key: this node's own, or the
     // cluster's (shared by every node, so any portal admits any participant).
-    let (store, key, admission_parts): (Arc<dyn Rooms>, String, _) = match &cluster {
-        None => (Arc::new(local_rooms), service_key(&config)?, None),
+    let (store, admission_parts): (Arc<dyn Rooms>, _) = match &cluster {
+        None => (Arc::new(local_rooms), None),
         Some(node) => {
-            let key = cluster_service_key(&config, node).await?;
             let rooms = node.rooms(local_rooms.list()).await.context("the cluster's rooms")?;
             let ledger = node.token_ledger().await.context("the cluster's token ledger")?;
             let ticket_key = node.agree_secret("ticket-key", &tessera_core::ids::random_hex(32)).await.context("the cluster's ticket key")?;
-            (rooms, key, Some((Arc::new(ledger), TicketAuthority::with_key(ticket_key.as_bytes()))))
+            (rooms, Some((Arc::new(ledger), TicketAuthority::with_key(ticket_key.as_bytes()))))
         }
     };
     ensure_default_room(&config, store.as_ref()).await?;
@@ -381,6 +403,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let portal =
         tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), admission, router.clone(), portal_events);
+    if let Some(hooks) = &hooks {
+        portal.set_hooks(hooks.clone());
+    }
     let drain_requested = Arc::new(tokio::sync::Notify::new());
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),
@@ -469,6 +494,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         recorder.shutdown().await;
     }
     portal.shutdown().await;
+    // What the stop itself caused (participants left, recordings finished) still goes out.
+    if let Some(hooks) = &hooks {
+        hooks.flush(Duration::from_secs(5)).await;
+    }
     portal_handle.stop(true).await;
     api_handle.stop(true).await;
     let _ = api_task.await;

@@ -412,7 +412,7 @@ async fn portal_drives_media_on_another_node() {
     let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
     let sender = {
         let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(30), 30, 1000).await.unwrap() })
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await.unwrap() })
     };
     // The forward stream, through the media node.
     let (mut ssig, _) = p.join(&room, "sub").await;
@@ -482,11 +482,16 @@ async fn portal_drives_media_on_another_node() {
     let late = tessera_client::peer::Subscriber::start(&mut lsig, &publisher.stream_id, true, true, false).await.unwrap();
     late.wait_until("video after NATS came back", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
     println!("a new subscriber got video {:?} after NATS came back", back.elapsed());
+    // Long enough after NATS came back for a node wrongly found gone to be reported (the
+    // portal gives a node up only after 8 s and more of silence): video goes on, no failure.
+    let before = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(sub.packets("video").len() > before + 200, "video went on after NATS came back");
     for (name, sig) in [("publisher", &mut psig), ("subscriber", &mut ssig)] {
         let failure = sig.wait_for("no failure", Duration::from_millis(100), |n| n.event == "progress" && n.data["status"] == "error").await;
         assert!(failure.is_err(), "the {name} was told of a failure: {:?}", failure.map(|n| n.data));
     }
-    sender.await.unwrap();
+    sender.abort();
     drop(media);
 }
 
@@ -501,17 +506,8 @@ fn roles_need_a_cluster() {
         ),
         ("[cluster]\nroles = [\"sfu\"]\n", "`sfu` is not a role"),
     ] {
-        let dir = common::tempdir();
-        std::fs::write(dir.path().join("t.toml"), cfg).unwrap();
-        let out = Command::new(common::bin())
-            .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--config"])
-            .arg(dir.path().join("t.toml"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("cluster.roles") && err.contains(want), "{cfg}: {err}");
+        let err = common::refused_start(cfg, &[]);
+        assert!(err.contains("cluster.roles") && err.contains(want), "{cfg}: {err}");
     }
 }
 
@@ -540,7 +536,7 @@ async fn a_dead_media_node_is_replaced() {
     let publisher = tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap();
     let (mut ssig, _) = p.join(&room, "sub").await;
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
-    let send = |p: std::sync::Arc<tessera_client::peer::Publisher>| tokio::spawn(async move { p.send_for(Duration::from_secs(6), 30, 1000).await });
+    let send = |p: std::sync::Arc<tessera_client::peer::Publisher>| tokio::spawn(async move { p.send_for(Duration::from_secs(20), 30, 1000).await });
     let publisher = std::sync::Arc::new(publisher);
     let _sending = send(publisher.clone());
     sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
@@ -567,7 +563,7 @@ async fn a_dead_media_node_is_replaced() {
     let _ = dead.child.wait();
 
     // The subscriber is told its transport failed, and the stream is removed.
-    let failed = ssig.wait_for("transport error", Duration::from_secs(25), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+    let failed = ssig.wait_for("transport error", Duration::from_secs(35), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
     assert_eq!(failed.data["data"], format!("webrtc node `{busy}` is gone"));
     ssig.wait_for("stream removed", Duration::from_secs(2), |n| {
         n.event == "stream" && n.data["status"] == "remove" && n.data["id"] == publisher.stream_id.as_str()
@@ -582,7 +578,6 @@ async fn a_dead_media_node_is_replaced() {
     let resubscribed = Instant::now();
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &again.stream_id, true, true, false).await.unwrap();
     sub.wait_until("video again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
-    assert!(resubscribed.elapsed() < Duration::from_secs(5), "{:?}", resubscribed.elapsed());
     println!("media again {:?} after resubscribing", resubscribed.elapsed());
     let (mut vsig, _) = p.join(&room, "viewer").await;
     let mixed = tessera_client::peer::Subscriber::start(&mut vsig, &format!("{room}-common"), true, true, false).await.unwrap();

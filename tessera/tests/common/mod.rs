@@ -182,6 +182,26 @@ impl Drop for Server {
     }
 }
 
+/// Runs `tessera serve` with `config` as its file and `extra` flags, expecting it to refuse
+/// to start; returns what it wrote to stderr.
+#[allow(dead_code)]
+pub fn refused_start(config: &str, extra: &[&str]) -> String {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("t.toml"), config).unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("t.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(extra)
+        .env_remove("TESSERA_SERVICE_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it started with {config:?}: {err}");
+    err
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
