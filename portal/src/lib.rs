@@ -235,12 +235,20 @@ impl Portal {
     }
 
     fn drop_room(&self, room: &str, reason: &str) {
-        let ids: Vec<String> = {
-            let conf = self.lock();
-            conf.room(room).map(|r| r.participants.iter().map(|p| p.info.id.clone()).collect()).unwrap_or_default()
-        };
-        for id in ids {
-            self.drop_participant_now(room, &id, reason);
+        // Again while anyone is left: a login that read the room before its deletion may
+        // seat someone meanwhile, who must leave properly too (events, media, hooks). The
+        // room is gone from the store, so this ends within a round or two.
+        for _ in 0..3 {
+            let ids: Vec<String> = {
+                let conf = self.lock();
+                conf.room(room).map(|r| r.participants.iter().map(|p| p.info.id.clone()).collect()).unwrap_or_default()
+            };
+            if ids.is_empty() {
+                return;
+            }
+            for id in ids {
+                self.drop_participant_now(room, &id, reason);
+            }
         }
         self.lock().rooms.remove(room);
     }
