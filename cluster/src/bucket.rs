@@ -63,6 +63,18 @@ pub(crate) async fn open(
     Ok((store, created))
 }
 
+/// Deletes `key` if it still holds `value`, at the revision read, so an entry someone
+/// else wrote meanwhile is left alone.
+pub(crate) async fn delete_if_holds(kv: &kv::Store, key: &str, value: &[u8]) -> Result<(), String> {
+    if let Some(e) = kv.entry(key).await.map_err(|e| e.to_string())?
+        && e.operation == kv::Operation::Put
+        && e.value.as_ref() == value
+    {
+        kv.delete_expect_revision(key, Some(e.revision)).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Fails while the client is not connected to NATS. Checked before a write whose failure
 /// the caller reports: async-nats queues what is published while disconnected and sends
 /// it on reconnection, so a write that "failed" would otherwise land later.

@@ -35,16 +35,7 @@ impl ClusterLedger {
     /// Gives back the use written with `attempt`, whatever its revision (a create whose
     /// answer was lost), and never another login's.
     async fn give_back(&self, key: &str, attempt: &str) {
-        let undo = async {
-            if let Some(e) = self.kv.entry(key).await.map_err(|e| e.to_string())?
-                && e.operation == kv::Operation::Put
-                && e.value.as_ref() == attempt.as_bytes()
-            {
-                self.kv.delete_expect_revision(key, Some(e.revision)).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        };
-        match tokio::time::timeout(NATS_TIMEOUT, undo).await {
+        match tokio::time::timeout(NATS_TIMEOUT, bucket::delete_if_holds(&self.kv, key, attempt.as_bytes())).await {
             Ok(Ok(())) => {}
             // The token stays spent: the user asks for a new one.
             Ok(Err(e)) => debug!(error = %e, "a token could not be given back"),

@@ -217,16 +217,7 @@ impl ClusterRooms {
     /// Gives a name back, if `id` still holds it.
     async fn release_name(&self, name: &str, id: &str) {
         let key = name_key(name);
-        let released = async {
-            if let Some(e) = self.kv.entry(&key).await.map_err(|e| e.to_string())?
-                && e.operation == kv::Operation::Put
-                && e.value.as_ref() == id.as_bytes()
-            {
-                self.kv.delete_expect_revision(&key, Some(e.revision)).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        };
-        if let Err(e) = self.call(released).await {
+        if let Err(e) = self.call(bucket::delete_if_holds(&self.kv, &key, id.as_bytes())).await {
             // Harmless: a later create of this name takes the stale entry over.
             debug!(name = ?name, error = %e, "room name entry left behind");
         }

@@ -42,9 +42,27 @@ pub fn subject(node: &str, part: &str) -> String {
     format!("tessera.node.{node}.{part}")
 }
 
-/// Sends a command to a node's part and decodes its result. Refused at once while this
-/// node is not connected to NATS (the client would queue the command and send it on
-/// reconnection, after the caller was told it failed), and bounded as a whole.
+/// Sends `command` from node `from` to node `to`'s part. Refused at once while this node
+/// is not connected to NATS (the client would queue the command and send it on
+/// reconnection, after the caller was told it failed), and bounded as a whole: the outer
+/// error is what happened on this side, the inner one NATS's answer.
+async fn send<C: Serialize>(
+    client: &Client,
+    from: &str,
+    to: &str,
+    part: &str,
+    command: &C,
+    limit: Duration,
+) -> Result<Result<async_nats::Message, async_nats::RequestError>, String> {
+    crate::bucket::connected(client)?;
+    let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    headers.insert(FROM_HEADER, from);
+    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(limit));
+    tokio::time::timeout(limit, client.send_request(subject(to, part), request)).await.map_err(|_| format!("no answer within {} s", limit.as_secs()))
+}
+
+/// Sends a command to a node's part and decodes its result.
 async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
     client: &Client,
     from: &str,
@@ -53,15 +71,7 @@ async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
     command: &C,
     limit: Duration,
 ) -> Result<Result<R, E>, String> {
-    crate::bucket::connected(client)?;
-    let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
-    let mut headers = HeaderMap::new();
-    headers.insert(FROM_HEADER, from);
-    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(limit));
-    let reply = tokio::time::timeout(limit, client.send_request(subject(to, part), request))
-        .await
-        .map_err(|_| format!("no answer within {} s", limit.as_secs()))?
-        .map_err(|e| e.to_string())?;
+    let reply = send(client, from, to, part, command, limit).await?.map_err(|e| e.to_string())?;
     serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable reply: {e}"))
 }
 
@@ -69,12 +79,7 @@ async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
 /// there (the node is gone), `Some(true)` when it answers, `None` when that cannot be
 /// told (NATS away, or no answer in time).
 pub async fn media_responds(client: &Client, from: &str, to: &str) -> Option<bool> {
-    crate::bucket::connected(client).ok()?;
-    let payload = serde_json::to_vec(&AgentCommand::GetStats(GetStats)).ok()?;
-    let mut headers = HeaderMap::new();
-    headers.insert(FROM_HEADER, from);
-    let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(PROBE_TIMEOUT));
-    match tokio::time::timeout(PROBE_TIMEOUT, client.send_request(subject(to, "media"), request)).await {
+    match send(client, from, to, "media", &AgentCommand::GetStats(GetStats), PROBE_TIMEOUT).await {
         Ok(Ok(_)) => Some(true),
         Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(false),
         _ => None,

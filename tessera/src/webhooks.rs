@@ -97,31 +97,29 @@ async fn deliver(client: reqwest::Client, url: String, key: Vec<u8>, mut events:
 
 /// Delivers one event, retrying with backoff; gives up (logged) after [`ATTEMPTS`].
 async fn post(client: &reqwest::Client, url: &str, key: &[u8], body: &str) {
-    {
-        let mut pause = Duration::from_millis(500);
-        for attempt in 1..=ATTEMPTS {
-            let timestamp = now().as_secs().to_string();
-            let signature = tessera_core::crypto::hmac_sha256_hex(key, format!("{timestamp}.{body}").as_bytes());
-            let sent = client
-                .post(url)
-                .header("Content-Type", "application/json")
-                .header("X-Tessera-Timestamp", &timestamp)
-                .header("X-Tessera-Signature", format!("v1={signature}"))
-                .body(body.to_string())
-                .timeout(ATTEMPT_TIMEOUT)
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => debug!(url = %url, status = %r.status(), attempt, "webhook refused"),
-                Err(e) => debug!(url = %url, error = %e, attempt, "webhook not delivered"),
-            }
-            if attempt == ATTEMPTS {
-                error!(url = %url, attempts = ATTEMPTS, "webhook event dropped: the receiver did not take it");
-                break;
-            }
-            tokio::time::sleep(pause).await;
-            pause *= 2;
+    let mut pause = Duration::from_millis(500);
+    for attempt in 1..=ATTEMPTS {
+        let timestamp = now().as_secs().to_string();
+        let signature = tessera_core::crypto::hmac_sha256_hex(key, format!("{timestamp}.{body}").as_bytes());
+        let sent = client
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("X-Tessera-Timestamp", &timestamp)
+            .header("X-Tessera-Signature", format!("v1={signature}"))
+            .body(body.to_string())
+            .timeout(ATTEMPT_TIMEOUT)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => break,
+            Ok(r) => debug!(url = %url, status = %r.status(), attempt, "webhook refused"),
+            Err(e) => debug!(url = %url, error = %e, attempt, "webhook not delivered"),
         }
+        if attempt == ATTEMPTS {
+            error!(url = %url, attempts = ATTEMPTS, "webhook event dropped: the receiver did not take it");
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     }
 }

@@ -258,9 +258,15 @@ async fn create_room(s: &common::Server, name: &str) -> reqwest::Response {
 
 /// Logs in at `s`'s portal with `token`: the login result or the portal's error.
 async fn login(s: &common::Server, token: &str) -> Result<Value, String> {
+    joined(s, token).await.map(|(_, info)| info)
+}
+
+/// Like [`login`], keeping the connection.
+async fn joined(s: &common::Server, token: &str) -> Result<(tessera_client::signaling::Signaling, Value), String> {
     let mut sig = tessera_client::signaling::Signaling::connect(&s.portal).await.unwrap();
     let login = serde_json::json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"});
-    sig.ok("login", Some(login)).await.map_err(|e| e.to_string())
+    let info = sig.ok("login", Some(login)).await.map_err(|e| e.to_string())?;
+    Ok((sig, info))
 }
 
 /// Rooms, tokens, the service key and the ticket key are the cluster's: a room made or
@@ -470,9 +476,7 @@ async fn portal_drives_media_on_another_node() {
             && r.status() == 200
         {
             let token = r.text().await.unwrap();
-            let mut sig = tessera_client::signaling::Signaling::connect(&p.portal).await.unwrap();
-            let login = serde_json::json!({"token": token, "userAgent": {"sdk": {"type": "Rust", "version": "1"}}, "protocol": "1.2"});
-            if sig.ok("login", Some(login)).await.is_ok() {
+            if let Ok((sig, _)) = joined(&p, &token).await {
                 break sig;
             }
         }
