@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Tessera needs to build and run (GStreamer 1.22 + plugins,
 # pkg-config) and, with --test, what the test suite needs too (Chromium, Node packages, nftables,
-# nats-server for the cluster tests,
+# nats-server for the cluster tests, curl for the TLS test,
 # Janus for the side-by-side benchmark smoke test).
 # Packages already present are skipped, so running it again is cheap. Needs root or sudo
 # only when something is missing.
@@ -16,7 +16,7 @@ pkgs=(pkg-config
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x
   gstreamer1.0-plugins-base-apps)
 if [ "$want_tests" = 1 ]; then
-  pkgs+=(chromium iproute2 util-linux nftables nats-server nodejs npm janus)
+  pkgs+=(chromium iproute2 util-linux nftables nats-server nodejs npm janus curl)
 fi
 
 missing=()

@@ -59,6 +59,28 @@ pub struct Config {
     pub cluster: Cluster,
     /// Where room, participant, stream and recording events are posted.
     pub webhooks: Webhooks,
+    /// https/wss for the portal and the management API.
+    pub tls: Tls,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain; with `key`, the portal and the management API serve https/wss.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// Serve https with a self-signed certificate kept in `<data_dir>/dev-tls/` (LAN demos:
+    /// browsers warn, but allow the camera once the warning is accepted).
+    pub dev: bool,
+}
+
+impl Tls {
+    /// Whether the portal and the management API serve TLS.
+    pub fn enabled(&self) -> bool {
+        self.dev || !self.cert.as_os_str().is_empty()
+    }
 }
 
 /// `[webhooks]`
@@ -166,7 +188,8 @@ impl Default for Service {
 pub struct Portal {
     /// host:port written into tokens so clients find the portal; empty means `server.portal_addr`.
     pub public_host: String,
-    /// Whether clients must reach the portal over https/wss (a TLS proxy in front).
+    /// Whether clients must reach the portal over https/wss (a TLS proxy in front); always
+    /// so when Tessera serves TLS itself (`[tls]`).
     pub secure: bool,
     /// How long a participant token stays valid, in seconds.
     pub token_lifetime_secs: u64,
@@ -423,6 +446,13 @@ impl Config {
         }
         if !c.node_id.is_empty() && !valid_node_id(&c.node_id) {
             return Err(err("cluster.node_id", format!("`{}`: use 1-64 letters, digits, `-` or `_`", c.node_id)));
+        }
+        let t = &self.tls;
+        match (t.cert.as_os_str().is_empty(), t.key.as_os_str().is_empty()) {
+            (false, true) => return Err(err("tls.key", "is needed with tls.cert".into())),
+            (true, false) => return Err(err("tls.cert", "is needed with tls.key".into())),
+            (false, false) if t.dev => return Err(err("tls.dev", "set either tls.dev or tls.cert and tls.key, not both".into())),
+            _ => {}
         }
         for url in &self.webhooks.urls {
             if url.starts_with("https://") {

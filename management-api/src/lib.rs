@@ -67,8 +67,9 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| routes::configure(cfg, state)
 }
 
-/// Starts the API server on an already-bound listener; the caller awaits or stops it.
-pub fn serve(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<actix_web::dev::Server> {
+/// Starts the API server on an already-bound listener, over TLS when `tls` is given; the
+/// caller awaits or stops it.
+pub fn serve(listener: std::net::TcpListener, tls: Option<rustls::ServerConfig>, state: ApiState) -> std::io::Result<actix_web::dev::Server> {
     let server = HttpServer::new(move || {
         App::new()
             .wrap(routes::cors(&state.cors_origins))
@@ -77,10 +78,11 @@ pub fn serve(listener: std::net::TcpListener, state: ApiState) -> std::io::Resul
             .wrap(actix_web::middleware::NormalizePath::trim())
             .configure(configure(state.clone()))
     })
-    .workers(2)
-    .listen(listener)?
-    .disable_signals()
-    .shutdown_timeout(5)
-    .run();
+    .workers(2);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    };
+    let server = server.disable_signals().shutdown_timeout(5).run();
     Ok(server)
 }

@@ -5,9 +5,14 @@ use actix_web::{App, HttpServer, web};
 
 use crate::Portal;
 
-/// Starts the portal HTTP server on an already-bound listener. `extra` registers further
-/// routes on the same address.
-pub fn serve<F>(listener: std::net::TcpListener, portal: Portal, extra: F) -> std::io::Result<actix_web::dev::Server>
+/// Starts the portal HTTP server on an already-bound listener, over TLS (https/wss) when
+/// `tls` is given. `extra` registers further routes on the same address.
+pub fn serve<F>(
+    listener: std::net::TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    portal: Portal,
+    extra: F,
+) -> std::io::Result<actix_web::dev::Server>
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
@@ -16,10 +21,11 @@ where
         let extra = extra.clone();
         App::new().configure(move |cfg| sio.configure(cfg)).configure(extra)
     })
-    .workers(2)
-    .listen(listener)?
-    .disable_signals()
-    .shutdown_timeout(3)
-    .run();
+    .workers(2);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    };
+    let server = server.disable_signals().shutdown_timeout(3).run();
     Ok(server)
 }

@@ -6,6 +6,7 @@ mod cli_client;
 mod node;
 mod portal_routes;
 mod serve;
+mod tls;
 mod webhooks;
 
 use std::path::PathBuf;

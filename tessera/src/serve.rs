@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// This node's roles in the cluster (portal,webrtc,mixer,recorder), overrides cluster.roles.
     #[arg(long, value_delimiter = ',')]
     roles: Option<Vec<String>>,
+    /// Serve https/wss with a self-signed certificate for a LAN demo, sets tls.dev.
+    #[arg(long)]
+    dev_tls: bool,
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -52,6 +55,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(roles) = &args.roles {
         config.cluster.roles = roles.iter().map(|r| r.trim().to_string()).collect();
+    }
+    if args.dev_tls {
+        config.tls.dev = true;
     }
     config.apply_env();
     // Flags and the environment may have brought new values: check again. Errors then
@@ -126,7 +132,7 @@ async fn cluster_service_key(config: &Config, node: &tessera_cluster::ClusterNod
     Ok(agreed)
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -255,6 +261,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let local_rooms = RoomStore::open(config.server.data_dir.join("rooms.db"))?;
     // Without a cluster a node has every role (checked by the config).
     let is_portal = config.cluster.has_role("portal");
+    // Before anything binds: a bad certificate stops the start naming the file.
+    let tls = if is_portal { crate::tls::load(&config)? } else { None };
     let listeners = if is_portal {
         let portal_listener = bind(&config.server.portal_addr, "portal")?;
         let api_listener = bind(&config.server.api_addr, "management API")?;
@@ -411,7 +419,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         store: store.clone(),
         tokens: tokens.clone(),
         credentials: tessera_management_api::Credentials { service_id: config.service.id.clone(), service_key: key.clone() },
-        portal: PortalAddress { host: config.portal_public_host(portal_bound), secure: config.portal.secure },
+        portal: PortalAddress { host: config.portal_public_host(portal_bound), secure: config.portal.secure || tls.is_some() },
         token_lifetime_secs: config.portal.token_lifetime_secs,
         control: portal.control(),
         router,
@@ -429,25 +437,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         any_ip_host: config.demo.dev_tokens == tessera_config::DevTokens::On,
         control: portal.control(),
     });
-    let api_server = tessera_management_api::serve(api_listener, api_state)?;
+    let api_server = tessera_management_api::serve(api_listener, tls.as_ref().map(|t| t.server.clone()), api_state)?;
     let portal_server = tessera_portal::http::serve(
         portal_listener,
+        tls.as_ref().map(|t| t.server.clone()),
         portal.clone(),
         crate::portal_routes::configure(config.demo.enabled, dev_tokens.clone(), config.portal.cors_origins.clone(), portal.clone()),
     )?;
 
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if let Some(dev) = &dev_tokens {
         let mut rooms = vec![dev.default_room.clone()];
         rooms.extend(dev.extra_rooms.iter().cloned());
         // Loud on purpose: anyone who reaches the portal can join these rooms as presenter.
         println!(
             "tessera: WARNING: dev endpoints /dev/token and /dev/layout are ON for room(s) {rooms:?}: anyone who reaches \
-             http://{portal_bound} can join them as presenter. Turn them off with `[demo] dev_tokens = \"off\"`."
+             {scheme}://{portal_bound} can join them as presenter. Turn them off with `[demo] dev_tokens = \"off\"`."
         );
         warn!(rooms = ?rooms, portal = %portal_bound, "dev token endpoint is on");
     }
-    println!("tessera: portal listening on http://{portal_bound}");
-    println!("tessera: management API listening on http://{api_bound}");
+    if let Some(tls) = &tls {
+        let what = if tls.self_signed { "self-signed certificate" } else { "certificate" };
+        println!("tessera: TLS with {what} {} (SHA-256 {})", tls.cert_path.display(), tls.fingerprint);
+    }
+    println!("tessera: portal listening on {scheme}://{portal_bound}");
+    println!("tessera: management API listening on {scheme}://{api_bound}");
     if !config.rooms.default_room.is_empty() {
         println!("tessera: default room `{}`", config.rooms.default_room);
     }

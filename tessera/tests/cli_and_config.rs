@@ -187,3 +187,86 @@ fn workers_engine_binds_the_default_routes_address() {
     assert!(ready.contains("10.9.9.9:40000") && !ready.contains("10.8.8.8"), "{ready}");
     assert!(log.contains("webrtc.bind_ip is not set"), "the log says why: {log}");
 }
+
+/// curl over https trusting only `ca`: (exit success, HTTP status, body).
+fn curl_https(ca: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl").arg("-sS").arg("--cacert").arg(ca).args(["-w", "\n%{http_code}"]).args(args).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (out.status.success(), code.to_string(), body.to_string())
+}
+
+/// SHA-256 of a PEM certificate's DER, as the server prints it.
+fn pem_fingerprint(pem: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    sha2::Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+#[test]
+fn dev_tls_serves_portal_and_api_over_https() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    let mut server = start(&data, &["--dev-tls"]);
+    assert!(server.api.starts_with("https://") && server.portal.starts_with("https://"), "{} {}", server.api, server.portal);
+    let cert = data.join("dev-tls/cert.pem");
+    let fingerprint = pem_fingerprint(&std::fs::read_to_string(&cert).unwrap());
+    let printed = server.startup.iter().find(|l| l.starts_with("tessera: TLS with self-signed certificate")).cloned().unwrap_or_default();
+    assert!(printed.contains(&fingerprint), "{printed:?} vs {fingerprint}");
+
+    // The API over https: curl verifies the chain and the name against the certificate.
+    let (ok, code, body) = curl_https(&cert, &[&format!("{}/v1/rooms", server.api)]);
+    assert!(ok && code == "401", "{code} {body}");
+    let localhost_api = server.api.replace("127.0.0.1", "localhost");
+    let (ok, code, _) = curl_https(&cert, &[&format!("{localhost_api}/v1/rooms/")]);
+    assert!(ok && code == "401", "{code}");
+    // The portal too, and its tokens send clients to https/wss.
+    let (ok, code, token) = curl_https(
+        &cert,
+        &["-X", "POST", "-H", "Content-Type: application/json", "-d", r#"{"user":"alice"}"#, &format!("{}/dev/token", server.portal)],
+    );
+    assert!(ok && code == "200", "{code} {token}");
+    use base64::Engine;
+    let token: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(token.trim()).unwrap()).unwrap();
+    assert_eq!(token["secure"], true, "{token}");
+    // No cleartext beside it.
+    let plain = Command::new("curl").args(["-sS", "-m", "5", &format!("{}/v1/rooms", server.api.replace("https://", "http://"))]).output().unwrap();
+    assert!(!plain.status.success() || plain.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&plain.stdout));
+    assert!(server.terminate());
+
+    // The certificate is kept, so a browser that accepted it keeps accepting it.
+    let mut again = start(&data, &["--dev-tls"]);
+    assert!(again.startup.iter().any(|l| l.contains(&fingerprint)), "{:?}", again.startup);
+    assert!(again.terminate());
+}
+
+#[test]
+fn tls_refuses_to_start_with_a_bad_certificate_naming_the_file() {
+    let dir = tempdir();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = write("cert.pem", &one.cert.pem());
+    let other_key = write("other-key.pem", &other.signing_key.serialize_pem());
+    let garbage = write("garbage.pem", "not a certificate\n");
+    let missing = dir.path().join("missing.pem").display().to_string();
+
+    let err = common::refused_start(&format!("[tls]\ncert = \"{missing}\"\nkey = \"{other_key}\"\n"), &[]);
+    assert!(err.contains("tls.cert") && err.contains(&missing) && err.contains("No such file"), "{err}");
+    let err = common::refused_start(&format!("[tls]\ncert = \"{garbage}\"\nkey = \"{other_key}\"\n"), &[]);
+    assert!(err.contains("tls.cert") && err.contains(&garbage) && err.contains("no PEM CERTIFICATE"), "{err}");
+    let err = common::refused_start(&format!("[tls]\ncert = \"{cert}\"\nkey = \"{garbage}\"\n"), &[]);
+    assert!(err.contains("tls.key") && err.contains(&garbage), "{err}");
+    let err = common::refused_start(&format!("[tls]\ncert = \"{cert}\"\nkey = \"{other_key}\"\n"), &[]);
+    assert!(err.contains(&cert) && err.contains(&other_key), "a key of another certificate: {err}");
+    let err = common::refused_start(&format!("[tls]\ncert = \"{cert}\"\n"), &[]);
+    assert!(err.contains("tls.key") && err.contains("needed"), "{err}");
+    let err = common::refused_start(&format!("[tls]\ncert = \"{cert}\"\nkey = \"{other_key}\"\n"), &["--dev-tls"]);
+    assert!(err.contains("tls.dev"), "{err}");
+}

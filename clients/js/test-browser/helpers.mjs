@@ -26,8 +26,8 @@ export async function startServer({ config, key, args = [] }) {
     const timer = setTimeout(() => reject(new Error('server did not start')), 30_000);
     child.stdout.on('data', (d) => {
       buf += d;
-      const portal = buf.match(/portal listening on (http:\/\/\S+)/);
-      const api = buf.match(/management API listening on (http:\/\/\S+)/);
+      const portal = buf.match(/portal listening on (https?:\/\/\S+)/);
+      const api = buf.match(/management API listening on (https?:\/\/\S+)/);
       if (portal && api) { clearTimeout(timer); resolve({ child, portal: portal[1], api: api[1] }); }
     });
     child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
