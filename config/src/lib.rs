@@ -151,6 +151,9 @@ pub struct Server {
     /// running ones go on for up to this many seconds (less once everyone left), then stop.
     /// 0: stop at once.
     pub drain_timeout_secs: u64,
+    /// Serve Prometheus metrics at `/metrics` on the management API address, without
+    /// credentials (scrapers send none): keep that address private.
+    pub metrics: bool,
 }
 
 impl Default for Server {
@@ -161,6 +164,7 @@ impl Default for Server {
             data_dir: "tessera-data".into(),
             api_cors_origins: Vec::new(),
             drain_timeout_secs: 0,
+            metrics: true,
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub cors_origins: Vec<String>,
     /// The nodes of this deployment (this one alone without a cluster).
     pub nodes: Arc<dyn tessera_core::node::NodeDirectory>,
+    /// Renders `GET /metrics` (Prometheus text); none: no such route.
+    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 /// Seconds since the Unix epoch.

@@ -31,35 +31,47 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
         });
     // Query strings get the same JSON errors as bodies (actix answers plain text otherwise).
     let query_cfg = web::QueryConfig::default().error_handler(|err, _req| ApiError::BadRequest(format!("Invalid query string: {err}")).into());
-    cfg.app_data(web::Data::new(state))
-        .app_data(json_cfg)
-        .app_data(query_cfg)
-        .service(
-            web::scope("/v1")
-                .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
-                .route("/stats", web::get().to(stats))
-                .route("/cluster/nodes", web::get().to(cluster_nodes))
-                .route("/drain", web::post().to(drain))
-                .route("/rooms", web::post().to(create_room))
-                .route("/rooms", web::get().to(list_rooms))
-                .route("/rooms/{room}", web::get().to(get_room))
-                .route("/rooms/{room}", web::put().to(update_room))
-                .route("/rooms/{room}", web::delete().to(delete_room))
-                .route("/rooms/{room}/tokens", web::post().to(create_token))
-                .route("/rooms/{room}/participants", web::get().to(list_participants))
-                .route("/rooms/{room}/participants/{participant}", web::get().to(get_participant))
-                .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
-                .route("/rooms/{room}/streams", web::get().to(list_streams))
-                .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
-                .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
-                .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream))
-                .route("/rooms/{room}/recordings", web::post().to(crate::recordings::start))
-                .route("/rooms/{room}/recordings", web::get().to(crate::recordings::list))
-                .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
-                .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
-                .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file)),
-        )
-        .default_service(web::to(not_found));
+    let metrics = state.metrics.is_some();
+    cfg.app_data(web::Data::new(state)).app_data(json_cfg).app_data(query_cfg);
+    if metrics {
+        // Prometheus scrapers send no credentials: keep this address private
+        // (docs/operator-guide.md), or turn it off with `server.metrics = false`.
+        cfg.route("/metrics", web::get().to(metrics_text));
+    }
+    cfg.service(
+        web::scope("/v1")
+            .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+            .route("/stats", web::get().to(stats))
+            .route("/cluster/nodes", web::get().to(cluster_nodes))
+            .route("/drain", web::post().to(drain))
+            .route("/rooms", web::post().to(create_room))
+            .route("/rooms", web::get().to(list_rooms))
+            .route("/rooms/{room}", web::get().to(get_room))
+            .route("/rooms/{room}", web::put().to(update_room))
+            .route("/rooms/{room}", web::delete().to(delete_room))
+            .route("/rooms/{room}/tokens", web::post().to(create_token))
+            .route("/rooms/{room}/participants", web::get().to(list_participants))
+            .route("/rooms/{room}/participants/{participant}", web::get().to(get_participant))
+            .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
+            .route("/rooms/{room}/streams", web::get().to(list_streams))
+            .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
+            .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
+            .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream))
+            .route("/rooms/{room}/recordings", web::post().to(crate::recordings::start))
+            .route("/rooms/{room}/recordings", web::get().to(crate::recordings::list))
+            .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
+            .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
+            .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file)),
+    )
+    .default_service(web::to(not_found));
+}
+
+/// `GET /metrics`: Prometheus text format 0.0.4.
+async fn metrics_text(state: web::Data<ApiState>) -> Result<HttpResponse> {
+    let render = state.metrics.clone().ok_or_else(|| ApiError::NotFound("GET /metrics".into()))?;
+    // Reading the parts takes a few locks briefly: off the async workers anyway.
+    let text = web::block(move || render()).await.map_err(|e| ApiError::Internal(format!("metrics: {e}")))?;
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
 }
 
 /// Proof that the request carried valid service credentials. Extracting it runs the check,

@@ -45,6 +45,23 @@ pub fn mixed_stream_id(room: &str, label: &str) -> String {
     format!("{room}-{label}")
 }
 
+/// One view's encoder totals since its pipeline (re)started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewMetrics {
+    /// Room id.
+    pub room: String,
+    /// View label.
+    pub view: String,
+    /// Whether its pipeline runs (views stop while nobody consumes them).
+    pub running: bool,
+    /// Video frames encoded.
+    pub frames: u64,
+    /// Frames whose encode time was measured.
+    pub timed_frames: u64,
+    /// Sum of those encode times, in seconds.
+    pub encode_secs: f64,
+}
+
 /// What a view mixes and how it lays it out.
 struct ViewState {
     inputs: Vec<String>,
@@ -170,6 +187,27 @@ impl Mixer {
     /// Mixed views running, over every room (a node's load report).
     pub fn view_count(&self) -> usize {
         self.lock().values().map(HashMap::len).sum()
+    }
+
+    /// Each running view's encoder totals, for `/metrics`.
+    pub fn metrics(&self) -> Vec<ViewMetrics> {
+        let views: Vec<Arc<ViewMix>> = self.lock().values().flat_map(|v| v.values().cloned()).collect();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        views
+            .iter()
+            .map(|v| {
+                let state = v.lock();
+                let e = state.pipeline.as_ref().and_then(|p| p.encoder.as_ref());
+                ViewMetrics {
+                    room: v.room.clone(),
+                    view: v.config.label.clone(),
+                    running: state.pipeline.is_some(),
+                    frames: e.map_or(0, |e| load(&e.frames)),
+                    timed_frames: e.map_or(0, |e| load(&e.timed)),
+                    encode_secs: e.map_or(0.0, |e| load(&e.encode_us) as f64 / 1e6),
+                }
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, Arc<ViewMix>>>> {

@@ -83,6 +83,56 @@ fn measure_level(pad: &gst::Pad) -> Arc<AtomicU32> {
     level
 }
 
+/// What the video encoder of a view did since its pipeline started.
+#[derive(Debug, Default)]
+pub struct EncoderStats {
+    /// Frames out of the encoder.
+    pub frames: AtomicU64,
+    /// Frames whose encode time was measured (matched in by timestamp).
+    pub timed: AtomicU64,
+    /// Sum of their encode times, in microseconds.
+    pub encode_us: AtomicU64,
+    /// Frames in the encoder: (timestamp, when it went in).
+    pending: std::sync::Mutex<std::collections::VecDeque<(gst::ClockTime, std::time::Instant)>>,
+}
+
+/// Counts frames out of `encoder` and times each from its sink pad to its src pad. Both
+/// encoders run without frame reordering or lag (zerolatency, lag-in-frames=0), so a frame
+/// leaves with the timestamp it came in with.
+fn measure_encoder(encoder: &gst::Element) -> Arc<EncoderStats> {
+    let stats = Arc::new(EncoderStats::default());
+    if let Some(pad) = encoder.static_pad("sink") {
+        let stats = stats.clone();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let (Some(pts), Ok(mut q)) = (info.buffer().and_then(|b| b.pts()), stats.pending.lock()) {
+                q.push_back((pts, std::time::Instant::now()));
+                // Frames the encoder dropped never come out: forget them.
+                if q.len() > 32 {
+                    q.pop_front();
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+    if let Some(pad) = encoder.static_pad("src") {
+        let stats = stats.clone();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            stats.frames.fetch_add(1, Ordering::Relaxed);
+            if let (Some(pts), Ok(mut q)) = (info.buffer().and_then(|b| b.pts()), stats.pending.lock()) {
+                while let Some((p, at)) = q.pop_front() {
+                    if p == pts {
+                        stats.timed.fetch_add(1, Ordering::Relaxed);
+                        stats.encode_us.fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+    stats
+}
+
 /// A running view pipeline.
 pub struct ViewPipeline {
     pipeline: gst::Pipeline,
@@ -94,6 +144,8 @@ pub struct ViewPipeline {
     branches: HashMap<(String, MediaKind), Branch>,
     /// Set whenever the video encoder output a packet; the supervisor clears and checks it.
     pub video_produced: Arc<AtomicBool>,
+    /// Frames and encode times of the video encoder (none for an audio-only view).
+    pub encoder: Option<Arc<EncoderStats>>,
     /// The first error an element posted, if any: an aggregator that errors stops for
     /// good while the other half (audio or video) goes on, so the view must be rebuilt.
     pub failed: Arc<std::sync::Mutex<Option<String>>>,
@@ -200,6 +252,7 @@ impl ViewPipeline {
         let audiomixer = pipeline.by_name("amix");
         let video_sink = pipeline.by_name("vsink");
         let video_produced = Arc::new(AtomicBool::new(false));
+        let encoder = pipeline.by_name("venc").map(|e| measure_encoder(&e));
         if let (Some(sink), Some(fanout)) = (&video_sink, video_out) {
             let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("vsink".into()))?;
             forward_to(&appsink, fanout, Some(video_produced.clone()));
@@ -255,7 +308,7 @@ impl ViewPipeline {
         // would sync to PAUSED and never flow.
         let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
         result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
-        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, failed })
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, encoder, failed })
     }
 
     /// The pipeline's bus, to watch for errors.

@@ -14,6 +14,7 @@ mod conference;
 mod controller_tests;
 pub mod http;
 mod media;
+pub mod metrics;
 mod mixing;
 mod requests;
 mod session;
@@ -75,6 +76,8 @@ struct Inner {
     draining: std::sync::atomic::AtomicBool,
     /// Where room, participant and stream events go (webhooks), when configured.
     hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
+    /// Logins and relogins by outcome, for the metrics.
+    logins: metrics::LoginCounts,
 }
 
 /// Seconds since the Unix epoch.
@@ -109,6 +112,7 @@ impl Portal {
                 router,
                 draining: std::sync::atomic::AtomicBool::new(false),
                 hooks: std::sync::OnceLock::new(),
+                logins: metrics::LoginCounts::default(),
             }),
         };
         if let Some(mut events) = events {
@@ -177,6 +181,26 @@ impl Portal {
     /// Number of participants in live rooms (tests and metrics).
     pub fn participant_count(&self) -> usize {
         self.lock().rooms.values().map(|r| r.participants.len()).sum()
+    }
+
+    /// Live rooms, participants, streams and subscriptions, and login totals.
+    pub fn metrics(&self) -> metrics::PortalMetrics {
+        let conf = self.lock();
+        let mut m = metrics::PortalMetrics { rooms: conf.rooms.len(), logins: self.inner.logins.snapshot(), ..Default::default() };
+        for r in conf.rooms.values() {
+            m.participants += r.participants.len();
+            m.streams += r.streams.len();
+            for p in &r.participants {
+                m.reconnecting += usize::from(matches!(p.link, Link::Waiting(_)));
+                for s in p.sessions.values() {
+                    match s {
+                        media::SessionKind::Subscription => m.subscriptions += 1,
+                        media::SessionKind::Publication => m.publications += 1,
+                    }
+                }
+            }
+        }
+        m
     }
 
     /// Removes a participant from its room and tells the others.

@@ -52,6 +52,8 @@ impl Flood {
 /// Answer to a request: `('ok', data?)` or `('error', reason)`.
 type Reply = Result<Option<Value>, String>;
 
+use crate::metrics::{LoginKind, Refusal, Refused};
+
 fn ack(handle: &SocketHandle, id: Option<u64>, reply: Reply) {
     let Some(id) = id else { return };
     let args = match reply {
@@ -179,18 +181,26 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
+/// `login`, counted by outcome for the metrics.
 pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
+    let result = try_login(portal, handle, state, args).await;
+    portal.inner.logins.count(LoginKind::Login, result.as_ref().err().map(|r| r.0));
+    result.map_err(|Refused(_, message)| message)
+}
+
+async fn try_login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Result<Option<Value>, Refused> {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
     if portal.is_draining() {
-        return Err("Server is draining: log in to another server or retry later".into());
+        return Err(Refused::new(Refusal::Draining, "Server is draining: log in to another server or retry later"));
     }
-    let req: Login = requests::parse("login", args)?;
-    req.check_client()?;
+    let bad = |m: String| Refused(Refusal::BadRequest, m);
+    let req: Login = requests::parse("login", args).map_err(bad)?;
+    req.check_client().map_err(bad)?;
     let inner = &portal.inner;
-    let claims = inner.admission.tokens.verify(&req.token, now_secs()).map_err(|e| e.to_string())?;
-    let room = inner.store.get(&claims.room).ok_or_else(|| format!("Room not found: {}", claims.room))?;
-    let role = room.role(&claims.role).ok_or("Invalid role")?;
+    let claims = inner.admission.tokens.verify(&req.token, now_secs()).map_err(|e| Refused(Refusal::from(&e), e.to_string()))?;
+    let room = inner.store.get(&claims.room).ok_or_else(|| Refused(Refusal::RoomNotFound, format!("Room not found: {}", claims.room)))?;
+    let role = room.role(&claims.role).ok_or(Refused::new(Refusal::Role, "Invalid role"))?;
     let permission = permission_of(role);
     let participant = handle.id().to_string();
     let info = tessera_core::ParticipantInfo { id: participant.clone(), role: claims.role.clone(), user: claims.user.clone(), permission };
@@ -202,7 +212,7 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     // cluster's) and the room lock is not held across a wait. Of two sockets racing with
     // one token, only the first consume wins; a used token is refused as such, even at a
     // full room.
-    let spent = inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| e.to_string())?;
+    let spent = inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| Refused(Refusal::from(&e), e.to_string()))?;
     let seated = {
         let mut conf = portal.lock();
         let seated = !full(&conf);
@@ -231,11 +241,11 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     if !seated {
         // Given back, so the user can retry with it when a seat frees up.
         inner.admission.ledger.release(&claims, spent).await;
-        return Err("Room is full".into());
+        return Err(Refused::new(Refusal::RoomFull, "Room is full"));
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
-    let ticket = portal.ticket_for(&room.id, &participant)?;
+    let ticket = portal.ticket_for(&room.id, &participant).map_err(|m| Refused(Refusal::Internal, m))?;
     handle.authenticated();
     *state = State::Joined { room: room.id.clone(), participant: participant.clone(), generation: 0 };
     let mut result = json!({
@@ -255,24 +265,41 @@ pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut St
     Ok(Some(result))
 }
 
+/// `relogin`, counted by outcome for the metrics.
 fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
+    let result = try_relogin(portal, handle, state, args, replay);
+    portal.inner.logins.count(LoginKind::Relogin, result.as_ref().err().map(|r| r.0));
+    result.map_err(|Refused(_, message)| message)
+}
+
+fn try_relogin(
+    portal: &Portal,
+    handle: &SocketHandle,
+    state: &mut State,
+    args: &[Value],
+    replay: &mut Vec<(String, Value)>,
+) -> Result<Option<Value>, Refused> {
     *state = State::Ended;
     // OWT clients send the ticket string itself; accept `{ticket}` too for clients that follow the doc.
     let ticket = match args.first() {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(m)) => m.get("ticket").and_then(Value::as_str).map(str::to_string).ok_or("relogin: missing ticket")?,
-        _ => return Err("relogin: missing reconnection ticket".into()),
+        Some(Value::Object(m)) => {
+            m.get("ticket").and_then(Value::as_str).map(str::to_string).ok_or(Refused::new(Refusal::BadRequest, "relogin: missing ticket"))?
+        }
+        _ => return Err(Refused::new(Refusal::BadRequest, "relogin: missing reconnection ticket")),
     };
-    let ticket = portal.inner.admission.tickets.verify(&ticket, now_ms()).map_err(|e| e.to_string())?;
+    let ticket = portal.inner.admission.tickets.verify(&ticket, now_ms()).map_err(|e| Refused(Refusal::from(&e), e.to_string()))?;
     let participant = ticket.participant_id;
+    let gone = || Refused::new(Refusal::UnknownParticipant, "Client does NOT exist");
     let (room, generation, pending, old) = {
         let mut conf = portal.lock();
-        let room = conf.where_is.get(participant.as_str()).map(ToString::to_string).ok_or("Client does NOT exist")?;
-        let p = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(&participant)).ok_or("Client does NOT exist")?;
+        let room = conf.where_is.get(participant.as_str()).map(ToString::to_string).ok_or_else(gone)?;
+        let p = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(&participant)).ok_or_else(gone)?;
         // Checked before anything changes: a replayed ticket leaves the live session alone.
         if !p.use_ticket(&ticket.ticket_id) {
             warn!(room = ?room, participant = ?participant, "relogin with a used reconnection ticket refused");
-            return Err(tessera_core::ticket::TicketError::Used.to_string());
+            let used = tessera_core::ticket::TicketError::Used;
+            return Err(Refused(Refusal::from(&used), used.to_string()));
         }
         p.generation += 1;
         let old = std::mem::replace(&mut p.link, Link::Connected(handle.clone()));
@@ -286,7 +313,7 @@ fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Va
         // The client came back on a new socket before we noticed the old one died.
         old.disconnect();
     }
-    let new_ticket = portal.ticket_for(&room, &participant)?;
+    let new_ticket = portal.ticket_for(&room, &participant).map_err(|m| Refused(Refusal::Internal, m))?;
     handle.authenticated();
     *state = State::Joined { room: room.clone(), participant: participant.clone(), generation };
     info!(room = %room, participant = %participant, queued = pending.len(), "participant resumed by relogin");

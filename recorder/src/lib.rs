@@ -193,6 +193,20 @@ impl Recorder {
         Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone(), hooks: std::sync::OnceLock::new() })
     }
 
+    /// Recordings this node knows, by state: (recording, stopped, failed).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let recordings: Vec<Arc<Recording>> = self.lock().values().cloned().collect();
+        let mut c = (0, 0, 0);
+        for r in recordings {
+            match r.lock().status {
+                Status::Recording => c.0 += 1,
+                Status::Stopped => c.1 += 1,
+                Status::Failed => c.2 += 1,
+            }
+        }
+        c
+    }
+
     /// Tells `hooks` when recordings start and end, from now on (once).
     pub fn set_hooks(&self, hooks: Arc<dyn HookSink>) {
         let _ = self.hooks.set(hooks);

@@ -3,6 +3,7 @@
 //! management API for operators and scripts.
 
 mod cli_client;
+mod metrics;
 mod node;
 mod portal_routes;
 mod serve;

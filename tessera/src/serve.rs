@@ -426,6 +426,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         drain: Some(drain_requested.clone()),
         cors_origins: config.server.api_cors_origins.clone(),
         nodes,
+        metrics: match config.server.metrics {
+            true => {
+                let sources = crate::metrics::Sources { portal: portal.clone(), sfu: sfu.clone(), mixer: mixer.clone(), recorder: recorder.clone() };
+                let metrics = crate::metrics::Metrics::install(sources)?;
+                Some(Arc::new(move || metrics.render()))
+            }
+            false => None,
+        },
     };
     let dev_tokens = config.dev_tokens_enabled(portal_bound).then(|| crate::portal_routes::DevTokens {
         store: store.clone(),

@@ -399,3 +399,121 @@ async fn h264_is_forwarded_with_the_subscribers_payload_type() {
     let n = assert_payloads_match(&p, &sub, "video");
     assert!(n > 40, "h264 packets: {n}");
 }
+
+/// Parses Prometheus text format 0.0.4 strictly: every line a comment, `# HELP`, `# TYPE`
+/// or a sample of a declared family with a float value. Returns sample → value.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let name_ok = |n: &str| {
+        let mut c = n.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':') && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
+    };
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+            assert!(name_ok(name) && ["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind), "{line:?}");
+            assert!(typed.insert(name.to_string()), "family typed twice: {line:?}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            assert!(name_ok(rest.split(' ').next().unwrap()), "{line:?}");
+            continue;
+        }
+        assert!(!line.starts_with('#') || line.starts_with("# "), "{line:?}");
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample without value {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name_ok(name), "bad metric name in {line:?}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels.strip_prefix('{').and_then(|l| l.strip_suffix('}')).unwrap_or_else(|| panic!("bad labels {line:?}"));
+            for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                assert!(name_ok(k) && v.starts_with('"'), "bad label {pair:?} in {line:?}");
+            }
+        }
+        let family = ["_sum", "_count", "_bucket"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| typed.contains(*f)).unwrap_or(name);
+        assert!(typed.contains(family), "sample of an undeclared family: {line:?}");
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("value not a float: {line:?}"));
+        assert!(samples.insert(series.to_string(), v).is_none(), "sample twice: {line:?}");
+    }
+    samples
+}
+
+async fn scrape(s: &common::Server) -> std::collections::HashMap<String, f64> {
+    let res = s.client().get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    parse_prometheus(&res.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_and_move_with_publish_and_subscribe() {
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let m0 = scrape(&s).await;
+    let get = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    assert_eq!(get(&m0, "tessera_participants"), 0.0);
+    assert!(get(&m0, "process_resident_memory_bytes") > 1e6, "{m0:?}");
+
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(3), None).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(6), 30, 1000).await.unwrap() })
+    };
+    let (mut ssig, _) = s.join(&room, "sub").await;
+    let sub = Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
+    let mixed = Subscriber::start(&mut ssig, &format!("{room}-common"), false, true, false).await.unwrap();
+    sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    mixed.wait_until("mixed video", Duration::from_secs(10), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    // A forged token is refused, and counted as such.
+    let mut forged = Signaling::connect(&s.portal).await.unwrap();
+    let refused = forged.request("login", Some(json!({"token": "Zm9yZ2Vk", "protocol": "1.2"}))).await.unwrap();
+    assert_eq!(refused[0], "error", "{refused:?}");
+    // Receiver reports come about once a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let m1 = scrape(&s).await;
+    assert_eq!(get(&m1, "tessera_rooms"), 1.0);
+    assert_eq!(get(&m1, "tessera_participants"), 2.0);
+    assert_eq!(get(&m1, "tessera_publications"), 1.0);
+    assert_eq!(get(&m1, "tessera_subscriptions"), 2.0);
+    assert_eq!(get(&m1, r#"tessera_logins_total{kind="login",result="ok"}"#), 2.0, "{m1:?}");
+    assert_eq!(get(&m1, r#"tessera_logins_total{kind="login",result="invalid"}"#), 1.0, "{m1:?}");
+    assert!(get(&m1, r#"tessera_transports{state="connected"}"#) >= 2.0, "{m1:?}");
+    let received = get(&m1, "tessera_rtp_packets_received_total");
+    let forwarded = (sub.packets("video").len() + sub.packets("audio").len()) as f64;
+    assert!(received >= forwarded * 0.9 && received > 100.0, "rtp in {received}, forwarded to one subscriber {forwarded}");
+    assert!(get(&m1, "tessera_packets_received_total") > received, "{m1:?}");
+    assert!(get(&m1, "tessera_bytes_sent_total") > get(&m0, "tessera_bytes_sent_total") + 50_000.0, "{m1:?}");
+    assert!(get(&m1, "tessera_client_fraction_lost_count") > 0.0, "subscribers' receiver reports: {m1:?}");
+    let frames = format!(r#"tessera_mixer_frames_total{{room="{room}",view="common"}}"#);
+    let f1 = get(&m1, &frames);
+    assert!(f1 > 10.0, "{frames}: {m1:?}");
+    let timed = format!(r#"tessera_mixer_encode_seconds_count{{room="{room}",view="common"}}"#);
+    let encode = format!(r#"tessera_mixer_encode_seconds_sum{{room="{room}",view="common"}}"#);
+    let mean_encode = get(&m1, &encode) / get(&m1, &timed);
+    assert!(mean_encode > 0.0 && mean_encode < 0.5, "mean encode time {mean_encode} s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m2 = scrape(&s).await;
+    let fps = get(&m2, &frames) - f1;
+    println!(
+        "metrics: rtp in {received}, rtt samples {}, mean rtt {:.4} s, reports {}, nacks in {}, keyframe requests in {}, plis out {}, mix fps {fps}, mean encode {:.4} s",
+        get(&m2, "tessera_client_rtt_seconds_count"),
+        get(&m2, "tessera_client_rtt_seconds_sum") / get(&m2, "tessera_client_rtt_seconds_count").max(1.0),
+        get(&m2, "tessera_client_fraction_lost_count"),
+        get(&m2, "tessera_nacks_received_total"),
+        get(&m2, "tessera_keyframe_requests_received_total"),
+        get(&m2, "tessera_plis_sent_total"),
+        mean_encode
+    );
+    assert!(fps > 5.0, "the mix encodes about 24 frames a second, counted {fps} in a second");
+    assert!(get(&m2, "tessera_rtp_packets_received_total") > received);
+    let _ = sender.await;
+}

@@ -24,6 +24,7 @@ mod codec;
 pub mod feedback;
 pub mod forward;
 pub mod net;
+pub mod rtcp_counter;
 mod sdp;
 pub mod workers;
 

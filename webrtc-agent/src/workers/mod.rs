@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 use crate::AgentSettings;
 use crate::codec::{codec_info, rtc_codec};
 use crate::feedback::KeyframeRequestTap;
+use crate::rtcp_counter::{RtcpCounter, RtcpCounters};
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
 /// A published track, unique across workers.
@@ -120,6 +121,99 @@ pub(crate) struct Shared {
     next_tap: AtomicU64,
     certificate: RTCCertificate,
     crypto: Arc<dyn rtc::crypto::RTCCryptoProvider>,
+    /// Each worker's traffic totals, stored by the worker once per loop round.
+    pub(crate) traffic: Vec<TrafficCells>,
+    /// RTCP the interceptors consume (NACKs, receiver reports), counted by every connection.
+    rtcp: Arc<RtcpCounters>,
+}
+
+/// Traffic totals of one worker since start (transport level: media, RTCP, STUN, DTLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Datagrams and ICE-TCP frames received.
+    pub packets_in: u64,
+    /// Their bytes.
+    pub bytes_in: u64,
+    /// Datagrams and ICE-TCP frames sent.
+    pub packets_out: u64,
+    /// Their bytes.
+    pub bytes_out: u64,
+    /// Datagrams dropped behind a full send queue.
+    pub dropped_out: u64,
+    /// RTP packets received from publishers (after decryption).
+    pub rtp_in: u64,
+    /// Keyframe requests (PLI/FIR) received from subscribers.
+    pub keyframe_requests_in: u64,
+    /// PLIs sent to publishers (after throttling).
+    pub plis_out: u64,
+    /// Connections whose ICE and DTLS completed, now (a gauge, not a total).
+    pub connected: u64,
+}
+
+impl Traffic {
+    fn add(&mut self, o: &Traffic) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.dropped_out += o.dropped_out;
+        self.rtp_in += o.rtp_in;
+        self.keyframe_requests_in += o.keyframe_requests_in;
+        self.plis_out += o.plis_out;
+        self.connected += o.connected;
+    }
+}
+
+/// A worker's [`Traffic`], readable from other threads.
+#[derive(Debug, Default)]
+pub(crate) struct TrafficCells([AtomicU64; 9]);
+
+impl TrafficCells {
+    /// Called by the owning worker only, once per loop round (not per packet).
+    pub(crate) fn store(&self, t: &Traffic) {
+        let values = [t.packets_in, t.bytes_in, t.packets_out, t.bytes_out, t.dropped_out, t.rtp_in, t.keyframe_requests_in, t.plis_out, t.connected];
+        for (cell, v) in self.0.iter().zip(values) {
+            cell.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> Traffic {
+        let [a, b, c, d, e, f, g, h, i] = self.0.each_ref().map(|c| c.load(Ordering::Relaxed));
+        Traffic {
+            packets_in: a,
+            bytes_in: b,
+            packets_out: c,
+            bytes_out: d,
+            dropped_out: e,
+            rtp_in: f,
+            keyframe_requests_in: g,
+            plis_out: h,
+            connected: i,
+        }
+    }
+}
+
+/// Everything `/metrics` reads of the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentMetrics {
+    /// Live object counts.
+    pub stats: MediaStats,
+    /// Traffic totals of all workers.
+    pub traffic: Traffic,
+    /// NACKs received from subscribers.
+    pub nacks_in: u64,
+    /// Packets those NACKs asked for.
+    pub nacked_packets: u64,
+    /// NACKs sent to publishers.
+    pub nacks_out: u64,
+    /// Receiver report blocks from subscribers.
+    pub reports: u64,
+    /// Sum of their fraction lost (0..1 each).
+    pub fraction_lost_sum: f64,
+    /// Round-trip times measured from those reports.
+    pub rtt_samples: u64,
+    /// Their sum, in seconds.
+    pub rtt_sum_secs: f64,
 }
 
 impl Shared {
@@ -266,7 +360,10 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
     let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
-    let registry = configure_rtcp_reports(registry).with(Slot::from(14_000), KeyframeRequestTap::default());
+    let registry = configure_rtcp_reports(registry)
+        .with(Slot::from(14_000), KeyframeRequestTap::default())
+        // Wire-ward of both NACK interceptors, so it sees what they consume and make.
+        .with(Slot::from(6_000), RtcpCounter::new(shared.rtcp.clone()));
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
@@ -371,6 +468,8 @@ impl WorkerAgent {
             next_tap: AtomicU64::new(1),
             certificate,
             crypto: provider,
+            traffic: (0..count).map(|_| TrafficCells::default()).collect(),
+            rtcp: Arc::new(RtcpCounters::default()),
         });
         let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count, shared.settings.ice_tcp)?;
         let mut handles = Vec::new();
@@ -445,6 +544,27 @@ impl WorkerAgent {
             publications: s.publications.len() - local,
             local_streams: local,
             subscriptions: s.subscriptions.len(),
+        }
+    }
+
+    /// Counts and traffic totals for `/metrics`.
+    pub fn metrics(&self) -> AgentMetrics {
+        let mut traffic = Traffic::default();
+        for cells in &self.shared.traffic {
+            traffic.add(&cells.load());
+        }
+        let r = &self.shared.rtcp;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        AgentMetrics {
+            stats: self.stats(),
+            traffic,
+            nacks_in: load(&r.nacks_in),
+            nacked_packets: load(&r.nacked_packets),
+            nacks_out: load(&r.nacks_out),
+            reports: load(&r.reports),
+            fraction_lost_sum: load(&r.fraction_lost_256) as f64 / 256.0,
+            rtt_samples: load(&r.rtt_samples),
+            rtt_sum_secs: load(&r.rtt_us) as f64 / 1e6,
         }
     }
 

@@ -280,12 +280,16 @@ struct Outlet {
     /// Datagrams dropped because the queue was full.
     send_drops: u64,
     tcp: tcp::Conns,
+    /// What went in and out, published to [`super::Shared`] once per loop round.
+    traffic: super::Traffic,
 }
 
 impl Outlet {
     /// Sends one packet `rtc` produced, over the transport it names (UDP: queued, and sent
     /// once a batch is full or at the end of the loop round).
     fn send(&mut self, out: TaggedBytesMut) {
+        self.traffic.packets_out += 1;
+        self.traffic.bytes_out += out.message.len() as u64;
         if out.transport.transport_protocol == TransportProtocol::TCP {
             self.tcp.send(out.transport.peer_addr, &out.message);
             return;
@@ -293,6 +297,7 @@ impl Outlet {
         if self.queue.len() >= MAX_QUEUED {
             self.queue.pop_front();
             self.send_drops += 1;
+            self.traffic.dropped_out += 1;
         }
         self.queue.push_back((out.message, out.transport.peer_addr));
         if self.queue.len() >= udp::BATCH {
@@ -377,7 +382,13 @@ impl Worker {
         Worker {
             index,
             shared,
-            out: Outlet { socket, queue: std::collections::VecDeque::new(), send_drops: 0, tcp: tcp::Conns::new(tcp_tx) },
+            out: Outlet {
+                socket,
+                queue: std::collections::VecDeque::new(),
+                send_drops: 0,
+                tcp: tcp::Conns::new(tcp_tx),
+                traffic: Default::default(),
+            },
             listener,
             accept_resume: None,
             tcp_events,
@@ -471,6 +482,9 @@ impl Worker {
                 },
             }
             self.flush();
+            if let Some(cells) = self.shared.traffic.get(self.index) {
+                cells.store(&self.out.traffic);
+            }
             if self.stopping {
                 break;
             }
@@ -507,6 +521,8 @@ impl Worker {
 
     /// Hands one packet (a UDP datagram or an ICE-TCP frame) to its connection.
     fn receive(&mut self, data: BytesMut, from: SocketAddr, via: TransportProtocol) {
+        self.out.traffic.packets_in += 1;
+        self.out.traffic.bytes_in += data.len() as u64;
         let routed = |w: &Self| match via {
             TransportProtocol::TCP => w.out.tcp.peer_of(from),
             _ => w.by_addr.get(&from).copied(),
@@ -595,6 +611,7 @@ impl Worker {
             while let Some(TaggedRTCMessage { message, .. }) = p.pc.poll_read() {
                 match message {
                     RTCMessage::RtpPacket(track_id, packet) => {
+                        self.out.traffic.rtp_in += 1;
                         if let Some(&track) = p.receivers.get(&track_id) {
                             media.push((track, packet));
                         }
@@ -605,6 +622,7 @@ impl Worker {
                         }
                     }
                     RTCMessage::RtcpPacket(track_id, packets) => {
+                        self.out.traffic.keyframe_requests_in += packets.iter().filter(|r| is_keyframe_request(r.as_ref())).count() as u64;
                         if packets.iter().any(|r| is_keyframe_request(r.as_ref()))
                             && let Some(leg) = p.legs.values_mut().find(|l| l.track_id == track_id)
                             && leg.last_keyframe_request.is_none_or(|t| now.duration_since(t) >= LEG_KEYFRAME_INTERVAL)
@@ -742,6 +760,7 @@ impl Worker {
         let Some((peer, receiver, ssrc)) = t.publisher else { return };
         let Some(p) = self.peers.get_mut(&peer) else { return };
         if let Some(mut r) = p.pc.rtp_receiver(receiver) {
+            self.out.traffic.plis_out += 1;
             let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
             if let Err(e) = r.write_rtcp(Instant::now(), vec![Box::new(pli)]) {
                 debug!(error = %e, "PLI to publisher failed");
@@ -1136,6 +1155,7 @@ impl Worker {
                         return;
                     }
                     p.connected = true;
+                    self.out.traffic.connected += 1;
                     info!(transport = %p.transport, worker = self.index, "transport connected");
                     self.shared.progress(&p.room, &p.participant, &p.transport, Progress::TransportReady);
                     self.announce_subscriptions(id, now);
@@ -1345,6 +1365,9 @@ impl Worker {
     /// Closes a connection and forgets everything on it; the control plane reports it.
     fn close_peer(&mut self, id: u32, reason: &str) {
         let Some(mut p) = self.peers.remove(&id) else { return };
+        if p.connected {
+            self.out.traffic.connected = self.out.traffic.connected.saturating_sub(1);
+        }
         let _ = p.pc.close();
         while let Some(out) = p.pc.poll_write() {
             self.out.send(out);

@@ -1,0 +1,151 @@
+//! Counts the RTCP that webrtc-rs's interceptors consume before the application could see
+//! it: NACKs from subscribers (answered from the NACK history), NACKs sent to publishers
+//! (made by the NACK generator) and the receiver reports subscribers send, whose loss and
+//! round-trip time become metrics. It sits wire-ward of both NACK interceptors and lets
+//! every packet pass unchanged. Counting is per RTCP packet (a few per second per stream),
+//! never per media packet.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
+
+/// Totals since start, shared by every connection of the agent.
+#[derive(Debug, Default)]
+pub struct RtcpCounters {
+    /// NACK packets received (from subscribers).
+    pub nacks_in: AtomicU64,
+    /// Media packets those NACKs asked for again.
+    pub nacked_packets: AtomicU64,
+    /// NACK packets sent (to publishers).
+    pub nacks_out: AtomicU64,
+    /// Report blocks received in receiver reports.
+    pub reports: AtomicU64,
+    /// Sum of their `fraction lost`, in 1/256.
+    pub fraction_lost_256: AtomicU64,
+    /// Report blocks that allowed a round-trip time (they echo one of our sender reports).
+    pub rtt_samples: AtomicU64,
+    /// Sum of those round-trip times, in microseconds.
+    pub rtt_us: AtomicU64,
+}
+
+/// The interceptor; one per connection, all counting into one [`RtcpCounters`].
+pub struct RtcpCounter {
+    counters: Arc<RtcpCounters>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl RtcpCounter {
+    /// Counts into `counters`.
+    pub fn new(counters: Arc<RtcpCounters>) -> Self {
+        RtcpCounter { counters, read: VecDeque::new(), write: VecDeque::new() }
+    }
+}
+
+/// Packets a NACK asks for: one per pair plus one per set bit of its bitmask.
+fn nacked(n: &TransportLayerNack) -> u64 {
+    n.nacks.iter().map(|p| 1 + u64::from(p.lost_packets.count_ones())).sum()
+}
+
+/// The middle 32 bits of the NTP time now, the unit of RTCP's LSR and DLSR (1/65536 s).
+fn compact_ntp_now() -> u32 {
+    const NTP_UNIX_OFFSET: u64 = 0x83AA_7E80;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs().wrapping_add(NTP_UNIX_OFFSET);
+    let frac16 = (u64::from(now.subsec_nanos()) << 16) / 1_000_000_000;
+    (((secs & 0xFFFF) << 16) | frac16) as u32
+}
+
+/// RFC 3550 §6.4.1: RTT = now − LSR − DLSR, for a block that echoes a sender report.
+/// `None` without one, or for an implausible result (a clock step, a bogus client).
+fn round_trip_us(now: u32, last_sender_report: u32, delay: u32) -> Option<u64> {
+    if last_sender_report == 0 {
+        return None;
+    }
+    let units = now.wrapping_sub(last_sender_report).wrapping_sub(delay);
+    // Ten seconds is far beyond any real path; beyond it the subtraction wrapped.
+    (units < 10 * 65_536).then(|| u64::from(units) * 1_000_000 / 65_536)
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let c = &self.counters;
+            for p in packets {
+                let any = p.as_any();
+                if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
+                    c.nacks_in.fetch_add(1, Relaxed);
+                    c.nacked_packets.fetch_add(nacked(n), Relaxed);
+                } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                    let now = compact_ntp_now();
+                    for r in &rr.reports {
+                        c.reports.fetch_add(1, Relaxed);
+                        c.fraction_lost_256.fetch_add(u64::from(r.fraction_lost), Relaxed);
+                        if let Some(us) = round_trip_us(now, r.last_sender_report, r.delay) {
+                            c.rtt_samples.fetch_add(1, Relaxed);
+                            c.rtt_us.fetch_add(us, Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let n = packets.iter().filter(|p| p.as_any().is::<TransportLayerNack>()).count();
+            if n > 0 {
+                self.counters.nacks_out.fetch_add(n as u64, Relaxed);
+            }
+        }
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for RtcpCounter {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_from_lsr_and_dlsr() {
+        // Sent at 1.0 s, held 0.25 s by the client, back at 1.3 s: 50 ms.
+        let (lsr, dlsr, now) = (65_536, 16_384, 65_536 + 16_384 + 3_277);
+        let us = round_trip_us(now, lsr, dlsr).unwrap();
+        assert!((49_000..=51_000).contains(&us), "{us}");
+        assert_eq!(round_trip_us(now, 0, dlsr), None, "no sender report echoed");
+        assert_eq!(round_trip_us(lsr, now, 0), None, "wrapped: implausible");
+        // Across the 16-bit seconds wrap: 6554 units of 1/65536 s.
+        assert_eq!(round_trip_us(100, u32::MAX - 6_453, 0), Some(100_006));
+    }
+}
