@@ -45,7 +45,7 @@ pub fn mixed_stream_id(room: &str, label: &str) -> String {
     format!("{room}-{label}")
 }
 
-/// One view's encoder totals since its pipeline (re)started.
+/// One view's encoder totals since the view started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewMetrics {
     /// Room id.
@@ -87,6 +87,8 @@ struct ViewMix {
     room: String,
     id: String,
     config: View,
+    /// Its encoder's totals, over every pipeline it ran.
+    encoder: Arc<pipeline::EncoderStats>,
     video_out: Option<Arc<dyn RtpSink>>,
     audio_out: Option<Arc<dyn RtpSink>>,
     state: Mutex<ViewState>,
@@ -196,15 +198,14 @@ impl Mixer {
         views
             .iter()
             .map(|v| {
-                let state = v.lock();
-                let e = state.pipeline.as_ref().and_then(|p| p.encoder.as_ref());
+                let e = &v.encoder;
                 ViewMetrics {
                     room: v.room.clone(),
                     view: v.config.label.clone(),
-                    running: state.pipeline.is_some(),
-                    frames: e.map_or(0, |e| load(&e.frames)),
-                    timed_frames: e.map_or(0, |e| load(&e.timed)),
-                    encode_secs: e.map_or(0.0, |e| load(&e.encode_us) as f64 / 1e6),
+                    running: v.lock().pipeline.is_some(),
+                    frames: load(&e.frames),
+                    timed_frames: load(&e.timed),
+                    encode_secs: load(&e.encode_us) as f64 / 1e6,
                 }
             })
             .collect()
@@ -255,6 +256,7 @@ impl Mixer {
             room: room.to_string(),
             id: id.clone(),
             config: config.clone(),
+            encoder: Arc::default(),
             video_out,
             audio_out,
             state: Mutex::new(ViewState {
@@ -401,7 +403,7 @@ fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
 }
 
 fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
-    let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone())?;
+    let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone(), &view.encoder)?;
     info!(stream = %view.id, "view pipeline started");
     let inputs = {
         let mut s = view.lock();

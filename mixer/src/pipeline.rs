@@ -83,7 +83,8 @@ fn measure_level(pad: &gst::Pad) -> Arc<AtomicU32> {
     level
 }
 
-/// What the video encoder of a view did since its pipeline started.
+/// What the video encoder of a view did, over all its pipelines (a view keeps one across
+/// restarts, so its totals only grow, as Prometheus counters must).
 #[derive(Debug, Default)]
 pub struct EncoderStats {
     /// Frames out of the encoder.
@@ -99,8 +100,11 @@ pub struct EncoderStats {
 /// Counts frames out of `encoder` and times each from its sink pad to its src pad. Both
 /// encoders run without frame reordering or lag (zerolatency, lag-in-frames=0), so a frame
 /// leaves with the timestamp it came in with.
-fn measure_encoder(encoder: &gst::Element) -> Arc<EncoderStats> {
-    let stats = Arc::new(EncoderStats::default());
+fn measure_encoder(encoder: &gst::Element, stats: &Arc<EncoderStats>) {
+    if let Ok(mut q) = stats.pending.lock() {
+        // Frames of a previous pipeline never come out of this one.
+        q.clear();
+    }
     if let Some(pad) = encoder.static_pad("sink") {
         let stats = stats.clone();
         pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
@@ -130,7 +134,6 @@ fn measure_encoder(encoder: &gst::Element) -> Arc<EncoderStats> {
             gst::PadProbeReturn::Ok
         });
     }
-    stats
 }
 
 /// A running view pipeline.
@@ -144,8 +147,7 @@ pub struct ViewPipeline {
     branches: HashMap<(String, MediaKind), Branch>,
     /// Set whenever the video encoder output a packet; the supervisor clears and checks it.
     pub video_produced: Arc<AtomicBool>,
-    /// Frames and encode times of the video encoder (none for an audio-only view).
-    pub encoder: Option<Arc<EncoderStats>>,
+
     /// The first error an element posted, if any: an aggregator that errors stops for
     /// good while the other half (audio or video) goes on, so the view must be rebuilt.
     pub failed: Arc<std::sync::Mutex<Option<String>>>,
@@ -211,7 +213,12 @@ fn forward_to(sink: &gst_app::AppSink, out: Arc<dyn RtpSink>, produced: Option<A
 
 impl ViewPipeline {
     /// Builds and starts the pipeline of a view, feeding the given tracks.
-    pub fn start(view: &View, video_out: Option<Arc<dyn RtpSink>>, audio_out: Option<Arc<dyn RtpSink>>) -> Result<ViewPipeline, PipelineError> {
+    pub fn start(
+        view: &View,
+        video_out: Option<Arc<dyn RtpSink>>,
+        audio_out: Option<Arc<dyn RtpSink>>,
+        encoder: &Arc<EncoderStats>,
+    ) -> Result<ViewPipeline, PipelineError> {
         gst::init()?;
         let mut desc = String::new();
         let (mut width, mut height) = (0, 0);
@@ -252,7 +259,9 @@ impl ViewPipeline {
         let audiomixer = pipeline.by_name("amix");
         let video_sink = pipeline.by_name("vsink");
         let video_produced = Arc::new(AtomicBool::new(false));
-        let encoder = pipeline.by_name("venc").map(|e| measure_encoder(&e));
+        if let Some(venc) = pipeline.by_name("venc") {
+            measure_encoder(&venc, encoder);
+        }
         if let (Some(sink), Some(fanout)) = (&video_sink, video_out) {
             let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("vsink".into()))?;
             forward_to(&appsink, fanout, Some(video_produced.clone()));
@@ -308,7 +317,7 @@ impl ViewPipeline {
         // would sync to PAUSED and never flow.
         let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
         result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
-        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, encoder, failed })
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, failed })
     }
 
     /// The pipeline's bus, to watch for errors.
@@ -477,7 +486,7 @@ mod tests {
     fn an_input_failure_loses_only_that_input_and_an_aggregator_failure_marks_the_view() {
         let (video, vrx) = collect();
         let (audio, arx) = collect();
-        let p = ViewPipeline::start(&View::default(), Some(video), Some(audio)).unwrap();
+        let p = ViewPipeline::start(&View::default(), Some(video), Some(audio), &Arc::default()).unwrap();
         // With no input the view still produces: background video and silence.
         wait_for("mixed video", || vrx.try_recv().is_ok());
         wait_for("mixed audio", || arx.try_recv().is_ok());

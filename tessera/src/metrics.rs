@@ -26,20 +26,48 @@ pub struct Metrics {
     handle: PrometheusHandle,
     process: metrics_process::Collector,
     sources: Sources,
+    /// Totals of sources that may start again from zero (a room's view ends and starts anew).
+    views: std::sync::Mutex<Monotonic>,
 }
+
+/// Makes a total that restarts from zero keep growing, as a Prometheus counter must (the
+/// exporter's `absolute` keeps the highest value it saw, so a restarted source would read
+/// flat until it passed its old total).
+#[derive(Default)]
+struct Monotonic(std::collections::HashMap<String, (f64, f64, std::time::Instant)>);
+
+impl Monotonic {
+    /// The series' total given the source's current `raw` value.
+    fn total(&mut self, series: String, raw: f64) -> f64 {
+        let (last, total, seen) = self.0.entry(series).or_insert((0.0, 0.0, std::time::Instant::now()));
+        *total += if raw >= *last { raw - *last } else { raw };
+        *last = raw;
+        *seen = std::time::Instant::now();
+        *total
+    }
+
+    /// Forgets series not seen for as long as the exporter keeps idle ones (it has dropped
+    /// them too, so they may start again from zero).
+    fn forget_idle(&mut self) {
+        self.0.retain(|_, (_, _, seen)| seen.elapsed() < IDLE);
+    }
+}
+
+/// Series not updated for this long leave `/metrics` (ended rooms and views).
+const IDLE: Duration = Duration::from_secs(300);
 
 impl Metrics {
     /// Installs the process-wide exporter (once per process).
     pub fn install(sources: Sources) -> anyhow::Result<Arc<Metrics>> {
         let handle = PrometheusBuilder::new()
             // Series of rooms and views that ended stop being updated: drop them.
-            .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)))
+            .idle_timeout(MetricKindMask::ALL, Some(IDLE))
             .install_recorder()
             .map_err(|e| anyhow::anyhow!("metrics exporter: {e}"))?;
         let process = metrics_process::Collector::default();
         process.describe();
         describe();
-        Ok(Arc::new(Metrics { handle, process, sources }))
+        Ok(Arc::new(Metrics { handle, process, sources, views: Default::default() }))
     }
 
     /// The current values, as Prometheus text.
@@ -86,12 +114,18 @@ impl Metrics {
             counter!("tessera_client_rtt_seconds_count").absolute(m.rtt_samples);
         }
         if let Some(mixer) = &self.sources.mixer {
+            let mut totals = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            totals.forget_idle();
             for v in mixer.metrics() {
+                let key = |name: &str| format!("{name}\0{}\0{}", v.room, v.view);
+                let frames = totals.total(key("frames"), v.frames as f64);
+                let timed = totals.total(key("timed"), v.timed_frames as f64);
+                let encode = totals.total(key("encode"), v.encode_secs);
                 let labels = [("room", v.room), ("view", v.view)];
                 gauge!("tessera_mixer_view_running", &labels).set(if v.running { 1.0 } else { 0.0 });
-                counter!("tessera_mixer_frames_total", &labels).absolute(v.frames);
-                gauge!("tessera_mixer_encode_seconds_sum", &labels).set(v.encode_secs);
-                counter!("tessera_mixer_encode_seconds_count", &labels).absolute(v.timed_frames);
+                counter!("tessera_mixer_frames_total", &labels).absolute(frames as u64);
+                gauge!("tessera_mixer_encode_seconds_sum", &labels).set(encode);
+                counter!("tessera_mixer_encode_seconds_count", &labels).absolute(timed as u64);
             }
         }
         if let Some(recorder) = &self.sources.recorder {
@@ -132,4 +166,18 @@ fn describe() {
     describe_gauge!("tessera_mixer_encode_seconds_sum", "Sum of a view's measured encode times");
     describe_counter!("tessera_mixer_encode_seconds_count", "Frames whose encode time was measured");
     describe_gauge!("tessera_recordings", "Recordings on this node by state");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_restarted_source_keeps_its_total_growing() {
+        let mut m = super::Monotonic::default();
+        assert_eq!(m.total("a".into(), 10.0), 10.0);
+        assert_eq!(m.total("a".into(), 25.0), 25.0);
+        // The view ended and started again: its source counts from zero.
+        assert_eq!(m.total("a".into(), 4.0), 29.0);
+        assert_eq!(m.total("a".into(), 6.0), 31.0);
+        assert_eq!(m.total("b".into(), 1.0), 1.0);
+    }
 }

@@ -75,10 +75,13 @@ fn dev_certificate(config: &Config) -> anyhow::Result<(PathBuf, PathBuf)> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let made = rcgen::generate_simple_self_signed(dev_names(config)).context("generating the self-signed certificate")?;
-    // The key first: a certificate without its key would be taken for a complete pair.
+    // The key first, and the certificate renamed into place last: a start cut short
+    // leaves no pair that looks complete.
     let _ = std::fs::remove_file(&key);
     crate::serve::write_private(&key, made.signing_key.serialize_pem().trim_end()).with_context(|| format!("cannot write {}", key.display()))?;
-    std::fs::write(&cert, made.cert.pem()).with_context(|| format!("cannot write {}", cert.display()))?;
+    let partial = dir.join("cert.pem.partial");
+    std::fs::write(&partial, made.cert.pem()).with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &cert).with_context(|| format!("cannot write {}", cert.display()))?;
     Ok((cert, key))
 }
 

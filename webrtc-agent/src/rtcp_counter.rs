@@ -1,8 +1,11 @@
 //! Counts the RTCP that webrtc-rs's interceptors consume before the application could see
 //! it: NACKs from subscribers (answered from the NACK history), NACKs sent to publishers
 //! (made by the NACK generator) and the receiver reports subscribers send, whose loss and
-//! round-trip time become metrics. It sits wire-ward of both NACK interceptors and lets
-//! every packet pass unchanged. Counting is per RTCP packet (a few per second per stream),
+//! round-trip time become metrics. It sits wire-ward of the NACK generator (which it must
+//! see write) and after the NACK responder (which passes NACKs on), and lets every packet
+//! pass unchanged. Round-trip times compare the wall clock now with the wall-clock time
+//! our sender report carried, so a clock step in between skews one sample (bounded by the
+//! plausibility check). Counting is per RTCP packet (a few per second per stream),
 //! never per media packet.
 
 use std::collections::VecDeque;
@@ -12,6 +15,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::reception_report::ReceptionReport;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
@@ -74,6 +79,21 @@ fn round_trip_us(now: u32, last_sender_report: u32, delay: u32) -> Option<u64> {
     (units < 10 * 65_536).then(|| u64::from(units) * 1_000_000 / 65_536)
 }
 
+fn count_reports(c: &RtcpCounters, reports: &[ReceptionReport]) {
+    if reports.is_empty() {
+        return;
+    }
+    let now = compact_ntp_now();
+    for r in reports {
+        c.reports.fetch_add(1, Relaxed);
+        c.fraction_lost_256.fetch_add(u64::from(r.fraction_lost), Relaxed);
+        if let Some(us) = round_trip_us(now, r.last_sender_report, r.delay) {
+            c.rtt_samples.fetch_add(1, Relaxed);
+            c.rtt_us.fetch_add(us, Relaxed);
+        }
+    }
+}
+
 impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
@@ -90,15 +110,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
                     c.nacks_in.fetch_add(1, Relaxed);
                     c.nacked_packets.fetch_add(nacked(n), Relaxed);
                 } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
-                    let now = compact_ntp_now();
-                    for r in &rr.reports {
-                        c.reports.fetch_add(1, Relaxed);
-                        c.fraction_lost_256.fetch_add(u64::from(r.fraction_lost), Relaxed);
-                        if let Some(us) = round_trip_us(now, r.last_sender_report, r.delay) {
-                            c.rtt_samples.fetch_add(1, Relaxed);
-                            c.rtt_us.fetch_add(us, Relaxed);
-                        }
-                    }
+                    count_reports(c, &rr.reports);
+                } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                    // A client that also sends (a publisher subscribing on the same
+                    // transport) reports what it receives in its sender reports.
+                    count_reports(c, &sr.reports);
                 }
             }
         }

@@ -134,7 +134,7 @@ pub struct Traffic {
     pub packets_in: u64,
     /// Their bytes.
     pub bytes_in: u64,
-    /// Datagrams and ICE-TCP frames sent.
+    /// Datagrams handed to the kernel and ICE-TCP frames queued on their connection.
     pub packets_out: u64,
     /// Their bytes.
     pub bytes_out: u64,
@@ -164,8 +164,10 @@ impl Traffic {
     }
 }
 
-/// A worker's [`Traffic`], readable from other threads.
+/// A worker's [`Traffic`], readable from other threads. On a cache line of its own, so
+/// workers storing theirs do not steal each other's line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct TrafficCells([AtomicU64; 9]);
 
 impl TrafficCells {
@@ -362,7 +364,8 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
     let registry = configure_rtcp_reports(registry)
         .with(Slot::from(14_000), KeyframeRequestTap::default())
-        // Wire-ward of both NACK interceptors, so it sees what they consume and make.
+        // Wire-ward of the NACK generator (it sees the NACKs made) and inward of the
+        // responder, which passes the NACKs it answers on.
         .with(Slot::from(6_000), RtcpCounter::new(shared.rtcp.clone()));
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()

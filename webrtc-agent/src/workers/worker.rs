@@ -288,9 +288,9 @@ impl Outlet {
     /// Sends one packet `rtc` produced, over the transport it names (UDP: queued, and sent
     /// once a batch is full or at the end of the loop round).
     fn send(&mut self, out: TaggedBytesMut) {
-        self.traffic.packets_out += 1;
-        self.traffic.bytes_out += out.message.len() as u64;
         if out.transport.transport_protocol == TransportProtocol::TCP {
+            self.traffic.packets_out += 1;
+            self.traffic.bytes_out += out.message.len() as u64;
             self.tcp.send(out.transport.peer_addr, &out.message);
             return;
         }
@@ -309,7 +309,12 @@ impl Outlet {
     fn send_queued(&mut self) {
         while !self.queue.is_empty() {
             match udp::send_batch(&self.socket, self.queue.make_contiguous()) {
-                Ok(n) if n > 0 => drop(self.queue.drain(..n.min(self.queue.len()))),
+                Ok(n) if n > 0 => {
+                    // Counted once per batch, when the kernel took them.
+                    let sent = self.queue.drain(..n.min(self.queue.len()));
+                    self.traffic.packets_out += sent.len() as u64;
+                    self.traffic.bytes_out += sent.map(|(b, _)| b.len() as u64).sum::<u64>();
+                }
                 Ok(_) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -420,6 +425,11 @@ impl Worker {
             while let Ok(cmd) = cmds.try_recv() {
                 self.command(cmd);
             }
+            // Once per loop round, before it may sleep: what the last round and the
+            // commands just applied did is visible while it waits.
+            if let Some(cells) = self.shared.traffic.get(self.index) {
+                cells.store(&self.out.traffic);
+            }
             if self.stopping {
                 break;
             }
@@ -482,9 +492,6 @@ impl Worker {
                 },
             }
             self.flush();
-            if let Some(cells) = self.shared.traffic.get(self.index) {
-                cells.store(&self.out.traffic);
-            }
             if self.stopping {
                 break;
             }
