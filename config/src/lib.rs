@@ -61,6 +61,61 @@ pub struct Config {
     pub webhooks: Webhooks,
     /// https/wss for the portal and the management API.
     pub tls: Tls,
+    /// The embedded TURN server and TURN credentials for clients.
+    pub turn: Turn,
+}
+
+/// `[turn]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Turn {
+    /// Run a TURN server (UDP) in this process, relaying to this server's media only.
+    pub enabled: bool,
+    /// UDP address the TURN server listens on.
+    pub listen_addr: String,
+    /// host:port clients reach it at; empty: `webrtc.public_ip`, else the listening
+    /// address (the machine's main address when that is 0.0.0.0), with the listening port.
+    pub public_addr: String,
+    /// IP announced as the relayed address; empty: the host of `public_addr` as derived.
+    pub relay_ip: String,
+    /// Lowest UDP port of relayed addresses.
+    pub relay_port_min: u16,
+    /// Highest UDP port of relayed addresses.
+    pub relay_port_max: u16,
+    /// TURN realm.
+    pub realm: String,
+    /// Shared secret of the TURN REST API credentials (coturn's `static-auth-secret`);
+    /// empty: generated into `<data_dir>/turn.secret` (a cluster's nodes agree on one).
+    pub secret: String,
+    /// How long the credentials handed to a participant stay valid, in seconds.
+    pub credential_lifetime_secs: u64,
+    /// Other TURN servers (`turn:`/`turns:` URLs) sharing `secret`, e.g. coturn with
+    /// `use-auth-secret`; handed to clients with the same credentials.
+    pub external_urls: Vec<String>,
+}
+
+impl Default for Turn {
+    fn default() -> Self {
+        Turn {
+            enabled: false,
+            listen_addr: "0.0.0.0:3478".into(),
+            public_addr: String::new(),
+            relay_ip: String::new(),
+            relay_port_min: 50000,
+            relay_port_max: 50999,
+            realm: "tessera".into(),
+            secret: String::new(),
+            credential_lifetime_secs: 86_400,
+            external_urls: Vec::new(),
+        }
+    }
+}
+
+impl Turn {
+    /// Whether clients get TURN credentials (embedded server or external ones).
+    pub fn hands_out_credentials(&self) -> bool {
+        self.enabled || !self.external_urls.is_empty()
+    }
 }
 
 /// `[tls]`
@@ -458,6 +513,34 @@ impl Config {
             (false, false) if t.dev => return Err(err("tls.dev", "set either tls.dev or tls.cert and tls.key, not both".into())),
             _ => {}
         }
+        let turn = &self.turn;
+        if turn.enabled {
+            check_addr(&turn.listen_addr).map_err(|r| err("turn.listen_addr", r))?;
+            if !turn.public_addr.is_empty() && turn.public_addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(err("turn.public_addr", format!("`{}` must be host:port", turn.public_addr.escape_debug())));
+            }
+            if !turn.relay_ip.is_empty() && turn.relay_ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(err("turn.relay_ip", format!("`{}` is not an IP address", turn.relay_ip.escape_debug())));
+            }
+            if turn.relay_port_min == 0 || turn.relay_port_min > turn.relay_port_max {
+                return Err(err("turn.relay_port_min", format!("{}..{} is not a port range", turn.relay_port_min, turn.relay_port_max)));
+            }
+            if turn.relay_port_min <= self.webrtc.udp_port_max && self.webrtc.udp_port_min <= turn.relay_port_max {
+                return Err(err("turn.relay_port_min", "the relay ports overlap webrtc.udp_port_min..udp_port_max".into()));
+            }
+            if turn.realm.is_empty() {
+                return Err(err("turn.realm", "must not be empty".into()));
+            }
+        }
+        if turn.hands_out_credentials() && !(60..=7 * 86_400).contains(&turn.credential_lifetime_secs) {
+            return Err(err("turn.credential_lifetime_secs", "must be between 60 and 604800 (a week)".into()));
+        }
+        if let Some(bad) = turn.external_urls.iter().find(|u| !(u.starts_with("turn:") || u.starts_with("turns:"))) {
+            return Err(err("turn.external_urls", format!("`{}` is not a turn: or turns: URL", bad.escape_debug())));
+        }
+        if !turn.secret.is_empty() && turn.secret.len() < 16 {
+            return Err(err("turn.secret", "must be at least 16 characters (or empty to generate one)".into()));
+        }
         for url in &self.webhooks.urls {
             if url.starts_with("https://") {
                 // The HTTP client of this build has no TLS (no TLS crate can be added offline).
@@ -470,6 +553,10 @@ impl Config {
         }
         if let Some(bad) = c.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(err("cluster.roles", format!("`{}` is not a role (portal, webrtc, mixer, recorder)", bad.escape_debug())));
+        }
+        if self.turn.enabled && !c.has_role("webrtc") {
+            // It relays to this process's own media only.
+            return Err(err("turn.enabled", "the TURN server runs on nodes with the webrtc role".into()));
         }
         if (c.has_role("mixer") || c.has_role("recorder")) && !c.has_role("webrtc") {
             // They read streams from the SFU of their own process until media is relayed between nodes.

@@ -256,10 +256,16 @@ async fn try_login(portal: &Portal, handle: &SocketHandle, state: &mut State, ar
         "room": portal.room_snapshot(&room),
         "reconnectionTicket": ticket,
     });
-    if !inner.settings.ice_servers.is_empty() {
+    let mut ice_servers = inner.settings.ice_servers.clone();
+    if let Some(turn) = &inner.settings.turn {
+        let expires = now_secs() + turn.lifetime.as_secs();
+        let (username, credential) = tessera_core::crypto::turn_credentials(&turn.secret, &participant, expires);
+        ice_servers.push(json!({"urls": turn.urls, "username": username, "credential": credential}));
+    }
+    if !ice_servers.is_empty() {
         // Tessera extension: clients that read it configure their RTCPeerConnection with it.
         if let Value::Object(m) = &mut result {
-            m.insert("iceServers".into(), json!(inner.settings.ice_servers));
+            m.insert("iceServers".into(), json!(ice_servers));
         }
     }
     Ok(Some(result))

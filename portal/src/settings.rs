@@ -19,6 +19,27 @@ pub struct PortalSettings {
     pub socketio: SocketIoConfig,
     /// STUN/TURN servers for clients (RTCIceServer objects), sent in the login result.
     pub ice_servers: Vec<serde_json::Value>,
+    /// TURN servers whose credentials each participant gets at login; set by the binary,
+    /// which knows the secret.
+    pub turn: Option<TurnGrant>,
+}
+
+/// TURN servers sharing one secret (TURN REST API credentials).
+#[derive(Clone)]
+pub struct TurnGrant {
+    /// `turn:`/`turns:` URLs.
+    pub urls: Vec<String>,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// How long a participant's credentials stay valid.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for TurnGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("TurnGrant").field("urls", &self.urls).field("lifetime", &self.lifetime).finish_non_exhaustive()
+    }
 }
 
 impl Default for PortalSettings {
@@ -57,6 +78,7 @@ impl PortalSettings {
                     }
                 })
                 .collect(),
+            turn: None,
         }
     }
 }

@@ -8,6 +8,7 @@ mod node;
 mod portal_routes;
 mod serve;
 mod tls;
+mod turn;
 mod webhooks;
 
 use std::path::PathBuf;

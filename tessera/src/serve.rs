@@ -84,6 +84,36 @@ fn service_key(config: &Config) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// The TURN credentials' shared secret: configured, the cluster's (every node's TURN
+/// server must accept every portal's credentials), or `<data_dir>/turn.secret`.
+async fn turn_secret(config: &Config, cluster: Option<&tessera_cluster::ClusterNode>) -> anyhow::Result<String> {
+    let configured = (!config.turn.secret.is_empty()).then(|| config.turn.secret.clone());
+    let path = config.server.data_dir.join("turn.secret");
+    let local = match &configured {
+        Some(s) => Some(s.clone()),
+        None => read_key_file(&path)?,
+    };
+    let secret = match cluster {
+        Some(node) => {
+            let proposed = local.clone().unwrap_or_else(|| tessera_core::ids::random_hex(32));
+            let agreed = node.agree_secret("turn-secret", &proposed).await.context("agreeing on the cluster's TURN secret")?;
+            if configured.as_ref().is_some_and(|c| *c != agreed) {
+                anyhow::bail!("config key `turn.secret` differs from the TURN secret of the cluster at {}", config.cluster.nats_url);
+            }
+            agreed
+        }
+        None => match local {
+            Some(s) => s,
+            None => {
+                let s = tessera_core::ids::random_hex(32);
+                write_private(&path, &s).with_context(|| format!("writing {}", path.display()))?;
+                s
+            }
+        },
+    };
+    Ok(secret)
+}
+
 /// The key in `<data_dir>/service.key`, if the file exists.
 fn read_key_file(path: &Path) -> anyhow::Result<Option<String>> {
     match std::fs::read_to_string(path) {
@@ -347,6 +377,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let (Some(hooks), Some(recorder)) = (&hooks, &recorder) {
         recorder.set_hooks(hooks.clone());
     }
+    let turn_secret = match config.turn.hands_out_credentials() {
+        true => Some(turn_secret(&config, cluster.as_deref()).await?),
+        false => None,
+    };
+    let turn = match (&turn_secret, &sfu) {
+        (Some(secret), Some(sfu)) if config.turn.enabled => Some(crate::turn::Turn::start(&config, secret.as_bytes(), sfu.addrs()).await?),
+        _ => None,
+    };
+    if let Some(t) = &turn {
+        println!("tessera: TURN server listening on {} ({})", t.bound, t.url);
+    }
     // This node's own parts; in a cluster they also serve other nodes' portals over NATS,
     // and this node's portal places rooms on any node's parts.
     let local = tessera_core::command::LocalRouter {
@@ -379,6 +420,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(recorder) = &recorder {
             recorder.shutdown().await;
         }
+        if let Some(t) = &turn {
+            t.stop().await;
+        }
         if let Some(hooks) = &hooks {
             hooks.flush(Duration::from_secs(5)).await;
         }
@@ -409,8 +453,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(node) => node.clone(),
         None => Arc::new(crate::node::LocalNode::new(node_id, Box::new(move || load()))),
     };
-    let portal =
-        tessera_portal::Portal::new(tessera_portal::PortalSettings::from_config(&config), store.clone(), admission, router.clone(), portal_events);
+    let mut portal_settings = tessera_portal::PortalSettings::from_config(&config);
+    if let Some(secret) = &turn_secret {
+        let mut urls: Vec<String> = turn.iter().map(|t| t.url.clone()).collect();
+        urls.extend(config.turn.external_urls.iter().cloned());
+        portal_settings.turn = Some(tessera_portal::settings::TurnGrant {
+            urls,
+            secret: secret.as_bytes().to_vec(),
+            lifetime: Duration::from_secs(config.turn.credential_lifetime_secs),
+        });
+    }
+    let portal = tessera_portal::Portal::new(portal_settings, store.clone(), admission, router.clone(), portal_events);
     if let Some(hooks) = &hooks {
         portal.set_hooks(hooks.clone());
     }
@@ -516,6 +569,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         recorder.shutdown().await;
     }
     portal.shutdown().await;
+    if let Some(t) = &turn {
+        t.stop().await;
+    }
     // What the stop itself caused (participants left, recordings finished) still goes out.
     if let Some(hooks) = &hooks {
         hooks.flush(Duration::from_secs(5)).await;

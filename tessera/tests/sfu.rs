@@ -517,3 +517,62 @@ async fn metrics_parse_and_move_with_publish_and_subscribe() {
     assert!(get(&m2, "tessera_rtp_packets_received_total") > received);
     let _ = sender.await;
 }
+
+/// The candidates a relay-only connection gathers with these ICE servers.
+async fn relay_candidates(ice: &Value) -> Vec<String> {
+    let probe = tessera_client::peer::Connection::relay_only("127.0.0.1", ice).await.unwrap();
+    probe.pc.create_data_channel("probe", None).await.unwrap();
+    let offer = probe.make_offer().await.unwrap();
+    probe.close().await;
+    offer.lines().filter(|l| l.starts_with("a=candidate")).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turn_relays_publish_and_subscribe_and_refuses_bad_credentials() {
+    let config = format!("{CONFIG}[turn]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nrelay_port_min = 51000\nrelay_port_max = 51999\n");
+    let (dir, s) = common::start_with_config(&config);
+    assert!(s.startup.iter().any(|l| l.starts_with("tessera: TURN server listening on 127.0.0.1:")), "{:?}", s.startup);
+    let room = s.new_room(json!({})).await;
+    let (mut psig, pinfo) = s.join(&room, "pub").await;
+    // Credentials of this participant, valid for a day (TURN REST API).
+    let ice = &pinfo["iceServers"];
+    let turn = &ice[0];
+    assert!(turn["urls"][0].as_str().unwrap().starts_with("turn:127.0.0.1:"), "{ice}");
+    let user = turn["username"].as_str().unwrap();
+    let (expiry, participant) = user.split_once(':').unwrap();
+    assert_eq!(participant, pinfo["id"].as_str().unwrap());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!((now + 86_000..=now + 86_500).contains(&expiry.parse::<u64>().unwrap()), "{user}");
+
+    // Publisher and subscriber may only use relayed candidates: media crosses the TURN server.
+    let candidates = relay_candidates(ice).await;
+    assert!(!candidates.is_empty() && candidates.iter().all(|c| c.contains("typ relay")), "{candidates:?}");
+    let conn = tessera_client::peer::Connection::relay_only("127.0.0.1", ice).await.unwrap();
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(5), Some(conn)).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(5), 30, 1000).await.unwrap() })
+    };
+    let (mut ssig, sinfo) = s.join(&room, "sub").await;
+    let conn = tessera_client::peer::Connection::relay_only("127.0.0.1", &sinfo["iceServers"]).await.unwrap();
+    let sub = Subscriber::start_on(&mut ssig, conn, &publisher.stream_id, true, true, false).await.unwrap();
+    sub.wait_until("video through TURN", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    let _ = sender.await;
+    let (video, audio) = (assert_payloads_match(&publisher, &sub, "video"), assert_payloads_match(&publisher, &sub, "audio"));
+    println!("through TURN: {video} video and {audio} audio packets, all intact");
+    assert!(video > 30 && audio > 50, "{video} video, {audio} audio packets");
+
+    // A wrong credential, an expired one, and a user name of no participant scheme get no relay.
+    let mut wrong = ice.clone();
+    wrong[0]["credential"] = json!("d3JvbmcgY3JlZGVudGlhbA==");
+    assert!(relay_candidates(&wrong).await.is_empty(), "a wrong credential got a relay");
+    let secret = std::fs::read_to_string(dir.path().join("data/turn.secret")).unwrap();
+    let (user, credential) = tessera_core::crypto::turn_credentials(secret.trim().as_bytes(), participant, now - 10);
+    let mut expired = ice.clone();
+    expired[0]["username"] = json!(user);
+    expired[0]["credential"] = json!(credential);
+    assert!(relay_candidates(&expired).await.is_empty(), "expired credentials got a relay");
+    let mut schemeless = ice.clone();
+    schemeless[0]["username"] = json!("alice");
+    assert!(relay_candidates(&schemeless).await.is_empty(), "a user name without expiry got a relay");
+}

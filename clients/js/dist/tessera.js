@@ -3541,6 +3541,7 @@ var ConferenceClient = class extends EventTarget {
           this.self = { id: info.id, user: info.user, role: info.role, permission: info.permission };
           this.roomId = info.room.id;
           this.views = info.room.views;
+          this._iceServers = Array.isArray(info.iceServers) ? info.iceServers : [];
           for (const p of info.room.participants) this._participants.set(p.id, p);
           for (const s of info.room.streams) this._streams.set(s.id, new RemoteStream(s));
           this._setTicket(info.reconnectionTicket);
@@ -3668,7 +3669,9 @@ var ConferenceClient = class extends EventTarget {
     return { id: ack.id, ready: Promise.race([ready, timeout("ready")]) };
   }
   _peer() {
-    return new RTCPeerConnection(this._options.rtcConfiguration || {});
+    const config = { ...this._options.rtcConfiguration || {} };
+    if (!config.iceServers && this._iceServers && this._iceServers.length) config.iceServers = this._iceServers;
+    return new RTCPeerConnection(config);
   }
   /** Publishes a MediaStream (its first audio and first video track). */
   async publish(mediaStream, options = {}) {

@@ -175,6 +175,8 @@ export class ConferenceClient extends EventTarget {
           this.self = { id: info.id, user: info.user, role: info.role, permission: info.permission };
           this.roomId = info.room.id;
           this.views = info.room.views;
+          // STUN/TURN servers (with this participant's TURN credentials) the server hands out.
+          this._iceServers = Array.isArray(info.iceServers) ? info.iceServers : [];
           for (const p of info.room.participants) this._participants.set(p.id, p);
           for (const s of info.room.streams) this._streams.set(s.id, new RemoteStream(s));
           this._setTicket(info.reconnectionTicket);
@@ -295,7 +297,10 @@ export class ConferenceClient extends EventTarget {
   }
 
   _peer() {
-    return new RTCPeerConnection(this._options.rtcConfiguration || {});
+    // The application's rtcConfiguration wins; without iceServers of its own, the server's.
+    const config = { ...(this._options.rtcConfiguration || {}) };
+    if (!config.iceServers && this._iceServers && this._iceServers.length) config.iceServers = this._iceServers;
+    return new RTCPeerConnection(config);
   }
 
   /** Publishes a MediaStream (its first audio and first video track). */

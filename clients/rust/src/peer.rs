@@ -29,8 +29,8 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
-    RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer,
+    RTCIceTransportPolicy, RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
 };
 
 use crate::signaling::Signaling;
@@ -131,16 +131,32 @@ impl Connection {
     /// A connection with ICE on `ip` (a loopback-range address: tests and benchmarks
     /// never leave 127.0.0.0/8).
     pub async fn new_on(ip: &str) -> anyhow::Result<Connection> {
-        Self::build(ip, None).await
+        Self::build(ip, None, None).await
+    }
+
+    /// A connection with ICE on `ip` that may only use relayed candidates, from the TURN
+    /// servers in a login result's `iceServers` (`iceTransportPolicy: 'relay'`).
+    pub async fn relay_only(ip: &str, ice_servers: &Value) -> anyhow::Result<Connection> {
+        let servers = ice_servers
+            .as_array()
+            .ok_or_else(|| anyhow!("iceServers is not an array"))?
+            .iter()
+            .map(|s| RTCIceServer {
+                urls: s["urls"].as_array().map(|u| u.iter().filter_map(|u| u.as_str().map(str::to_string)).collect()).unwrap_or_default(),
+                username: s["username"].as_str().unwrap_or_default().to_string(),
+                credential: s["credential"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect();
+        Self::build(ip, None, Some(servers)).await
     }
 
     /// Like [`Connection::new_on`], offering only the SRTP profile every server has
     /// (`AES128_CM_HMAC_SHA1_80`), so benchmarks compare servers on the same cipher.
     pub async fn new_on_baseline_srtp(ip: &str) -> anyhow::Result<Connection> {
-        Self::build(ip, Some(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80])).await
+        Self::build(ip, Some(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80]), None).await
     }
 
-    async fn build(ip: &str, srtp: Option<Vec<SrtpProtectionProfile>>) -> anyhow::Result<Connection> {
+    async fn build(ip: &str, srtp: Option<Vec<SrtpProtectionProfile>>, relay: Option<Vec<RTCIceServer>>) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
         let mut media = MediaEngine::default();
@@ -153,8 +169,12 @@ impl Connection {
             settings = settings.with_srtp_protection_profiles(profiles);
         }
         let settings = settings.build();
+        let configuration = match relay {
+            Some(servers) => RTCConfigurationBuilder::new().with_ice_servers(servers).with_ice_transport_policy(RTCIceTransportPolicy::Relay).build(),
+            None => RTCConfigurationBuilder::new().build(),
+        };
         let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_configuration(configuration)
             .with_media_engine(media)
             .with_setting_engine(settings)
             .with_interceptor_registry(registry)
