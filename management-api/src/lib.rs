@@ -13,6 +13,7 @@ pub mod auth;
 pub mod error;
 mod recordings;
 mod routes;
+mod streams;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

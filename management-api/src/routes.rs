@@ -11,6 +11,7 @@ use tessera_core::Room;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::streams::StreamShape;
 use crate::{ApiState, MAX_BODY_BYTES, now_ms, now_secs};
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -38,32 +39,37 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: ApiState) {
         // (docs/operator-guide.md), or turn it off with `server.metrics = false`.
         cfg.route("/metrics", web::get().to(metrics_text));
     }
-    cfg.service(
-        web::scope("/v1")
-            .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
-            .route("/stats", web::get().to(stats))
-            .route("/cluster/nodes", web::get().to(cluster_nodes))
-            .route("/drain", web::post().to(drain))
-            .route("/rooms", web::post().to(create_room))
-            .route("/rooms", web::get().to(list_rooms))
-            .route("/rooms/{room}", web::get().to(get_room))
-            .route("/rooms/{room}", web::put().to(update_room))
-            .route("/rooms/{room}", web::delete().to(delete_room))
-            .route("/rooms/{room}/tokens", web::post().to(create_token))
-            .route("/rooms/{room}/participants", web::get().to(list_participants))
-            .route("/rooms/{room}/participants/{participant}", web::get().to(get_participant))
-            .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
-            .route("/rooms/{room}/streams", web::get().to(list_streams))
-            .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
-            .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
-            .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream))
-            .route("/rooms/{room}/recordings", web::post().to(crate::recordings::start))
-            .route("/rooms/{room}/recordings", web::get().to(crate::recordings::list))
-            .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
-            .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
-            .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file)),
-    )
-    .default_service(web::to(not_found));
+    // OWT serves every /v1 route under /v1.1 too; only the stream shape differs.
+    cfg.service(api_scope("/v1", StreamShape::V1)).service(api_scope("/v1.1", StreamShape::V11)).default_service(web::to(not_found));
+}
+
+/// The API's routes under `prefix`, answering streams in `shape`.
+fn api_scope(prefix: &str, shape: StreamShape) -> actix_web::Scope {
+    web::scope(prefix)
+        .app_data(web::Data::new(shape))
+        .route("/{any:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+        .route("/stats", web::get().to(stats))
+        .route("/cluster/nodes", web::get().to(cluster_nodes))
+        .route("/drain", web::post().to(drain))
+        .route("/rooms", web::post().to(create_room))
+        .route("/rooms", web::get().to(list_rooms))
+        .route("/rooms/{room}", web::get().to(get_room))
+        .route("/rooms/{room}", web::put().to(update_room))
+        .route("/rooms/{room}", web::delete().to(delete_room))
+        .route("/rooms/{room}/tokens", web::post().to(create_token))
+        .route("/rooms/{room}/participants", web::get().to(list_participants))
+        .route("/rooms/{room}/participants/{participant}", web::get().to(get_participant))
+        .route("/rooms/{room}/participants/{participant}", web::delete().to(drop_participant))
+        .route("/rooms/{room}/participants/{participant}", web::patch().to(patch_participant))
+        .route("/rooms/{room}/streams", web::get().to(list_streams))
+        .route("/rooms/{room}/streams/{stream}", web::get().to(get_stream))
+        .route("/rooms/{room}/streams/{stream}", web::patch().to(patch_stream))
+        .route("/rooms/{room}/streams/{stream}", web::delete().to(delete_stream))
+        .route("/rooms/{room}/recordings", web::post().to(crate::recordings::start))
+        .route("/rooms/{room}/recordings", web::get().to(crate::recordings::list))
+        .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
+        .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
+        .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file))
 }
 
 /// `GET /metrics`: Prometheus text format 0.0.4.
@@ -251,16 +257,24 @@ async fn drop_participant(_: Authed, state: web::Data<ApiState>, path: web::Path
     Ok(HttpResponse::Ok().finish())
 }
 
-async fn list_streams(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
-    let room = find_room(&state, &path)?;
-    Ok(HttpResponse::Ok().json(state.control.streams(&room.id).await))
+async fn patch_participant(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {
+    let (room, participant) = path.into_inner();
+    let room = find_room(&state, &room)?;
+    let updated = state.control.patch_participant(&room.id, &participant, &body).await?;
+    Ok(HttpResponse::Ok().json(updated))
 }
 
-async fn get_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+async fn list_streams(_: Authed, state: web::Data<ApiState>, shape: web::Data<StreamShape>, path: web::Path<String>) -> Result<HttpResponse> {
+    let room = find_room(&state, &path)?;
+    let streams: Vec<Value> = state.control.streams(&room.id).await.into_iter().map(|s| shape.apply(s)).collect();
+    Ok(HttpResponse::Ok().json(streams))
+}
+
+async fn get_stream(_: Authed, state: web::Data<ApiState>, shape: web::Data<StreamShape>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, stream) = path.into_inner();
     let room = find_room(&state, &room)?;
     let found = state.control.streams(&room.id).await.into_iter().find(|s| s.get("id") == Some(&json!(stream)));
-    Ok(HttpResponse::Ok().json(found.ok_or(ApiError::StreamNotFound(stream))?))
+    Ok(HttpResponse::Ok().json(shape.apply(found.ok_or(ApiError::StreamNotFound(stream))?)))
 }
 
 async fn delete_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
@@ -290,11 +304,17 @@ async fn cluster_nodes(_: Authed, state: web::Data<ApiState>) -> Result<HttpResp
     Ok(HttpResponse::Ok().json(serde_json::json!({"self": state.nodes.this_node().id, "nodes": nodes})))
 }
 
-async fn patch_stream(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>, body: web::Json<Value>) -> Result<HttpResponse> {
+async fn patch_stream(
+    _: Authed,
+    state: web::Data<ApiState>,
+    shape: web::Data<StreamShape>,
+    path: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> Result<HttpResponse> {
     let (room, stream) = path.into_inner();
     let room = find_room(&state, &room)?;
     let updated = state.control.patch_stream(&room.id, &stream, &body).await?;
-    Ok(HttpResponse::Ok().json(updated))
+    Ok(HttpResponse::Ok().json(shape.apply(updated)))
 }
 
 /// Refuses a body with a field outside `known` (`at` names the enclosing object, e.g. `media.`).

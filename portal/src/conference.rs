@@ -44,6 +44,9 @@ pub(crate) struct Participant {
     pub attributes: HashMap<SessionId, Value>,
     /// Publications whose media flows (they are streams of the room).
     pub ready: HashSet<SessionId>,
+    /// Tracks (session, kind) paused because a permission was revoked over REST, resumed
+    /// when it is granted again.
+    pub held: HashSet<(String, tessera_core::agent::MediaKind)>,
     /// Ids of the reconnection tickets issued to this participant and not used yet.
     tickets: VecDeque<String>,
 }
@@ -59,6 +62,7 @@ impl Participant {
             sessions: HashMap::new(),
             attributes: HashMap::new(),
             ready: HashSet::new(),
+            held: HashSet::new(),
             tickets: VecDeque::new(),
         }
     }

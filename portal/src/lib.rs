@@ -16,6 +16,7 @@ pub mod http;
 mod media;
 pub mod metrics;
 mod mixing;
+mod permission;
 mod requests;
 mod session;
 pub mod settings;
@@ -342,6 +343,10 @@ impl RoomControl for Portal {
 
     async fn patch_stream(&self, room: &str, stream: &str, ops: &Value) -> Result<Value, ControlError> {
         self.patch(room, stream, ops).await
+    }
+
+    async fn patch_participant(&self, room: &str, participant: &str, ops: &Value) -> Result<ParticipantInfo, ControlError> {
+        Portal::patch_participant(self, room, participant, ops).await
     }
 
     async fn room_updated(&self, _room: &tessera_core::Room) {

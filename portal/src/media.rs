@@ -290,6 +290,7 @@ impl Portal {
                     return Err("unauthorized".into());
                 }
                 let switch = track_switch(d, op == "play", "stream-control")?;
+                self.own_switch(room, participant, &id, SessionKind::Publication, switch)?;
                 let agent = self.agent(room, "stream-control")?;
                 let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
                 agent.call(command).await.map_err(|e| e.to_string())?;
@@ -324,6 +325,7 @@ impl Portal {
         match op {
             "pause" | "play" => {
                 let switch = track_switch(d, op == "play", "subscription-control")?;
+                self.own_switch(room, participant, &id, SessionKind::Subscription, switch)?;
                 let agent = self.agent(room, "subscription-control")?;
                 let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
                 agent.call(command).await.map_err(|e| e.to_string())?;
@@ -340,6 +342,7 @@ impl Portal {
             p.sessions.remove(session);
             p.attributes.remove(session);
             p.ready.remove(session);
+            p.held.retain(|(id, _)| id != session);
         }
     }
 
@@ -366,7 +369,7 @@ impl Portal {
         }
     }
 
-    fn set_track_status(&self, room: &str, stream: &str, switch: TrackSwitch) {
+    pub(crate) fn set_track_status(&self, room: &str, stream: &str, switch: TrackSwitch) {
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let (status, wire) = if switch.active { (TrackStatus::Active, "active") } else { (TrackStatus::Inactive, "inactive") };
         let mut conf = self.lock();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tessera_core::agent::StreamUpdate;
+use tessera_core::agent::{MediaKind, StreamUpdate};
 use tessera_core::command::{GetLayout, Mix, MixNode, SetLayout, SetRegion, SetTemplate, StartView, StopView, Unmix};
 use tessera_core::hooks::Hook;
 use tessera_core::stream::{LayoutEntry, StreamKind};
@@ -261,6 +261,15 @@ impl Portal {
                     let command = SetRegion { room: room.into(), view: label.as_str().into(), stream: target.into(), region };
                     let layout = m.call(command).await.map_err(|e| bad(&e.to_string()))?;
                     self.layout_changed(room, label, layout);
+                }
+                ("replace", "/media/audio/status" | "/media/video/status", None) => {
+                    let media = if path == "/media/audio/status" { MediaKind::Audio } else { MediaKind::Video };
+                    let active = match value.as_str() {
+                        Some("active") => true,
+                        Some("inactive") => false,
+                        _ => return Err(bad("`value` must be \"active\" or \"inactive\"")),
+                    };
+                    self.set_stream_status(room, stream, media, active).await.map_err(|e| bad(&e))?;
                 }
                 _ => return Err(bad(&format!("unsupported operation `{kind} {path}` on this stream"))),
             }

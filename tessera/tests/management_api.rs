@@ -277,6 +277,36 @@ async fn every_route_with_mauth_and_a_trailing_slash() {
     let (status, err) = json_of(call(M::DELETE, &format!("/v1/rooms/{id}/streams/{mixed}/"), None).await.unwrap()).await;
     assert_eq!(status, 400, "{err}");
 
+    // A participant's permission, as OWT's ParticipantUpdate.
+    let ops = json!([{"op": "replace", "path": "/permission/subscribe/video", "value": false}]);
+    let (status, p) = json_of(call(M::PATCH, &format!("/v1/rooms/{id}/participants/{pid}/"), Some(ops)).await.unwrap()).await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["permission"]["subscribe"], json!({"audio": true, "video": false}));
+    let ops = json!([{"op": "replace", "path": "/permission/subscribe/video", "value": true}, {"op": "replace", "path": "/role", "value": "admin"}]);
+    let (status, err) = json_of(call(M::PATCH, &format!("/v1/rooms/{id}/participants/{pid}/"), Some(ops)).await.unwrap()).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("[1]"), "{err}");
+    let (_, p) = json_of(call(M::GET, &format!("/v1/rooms/{id}/participants/{pid}/"), None).await.unwrap()).await;
+    assert_eq!(p["permission"]["subscribe"]["video"], false, "a refused PATCH changes nothing");
+    let (status, _) = json_of(call(M::PATCH, &format!("/v1/rooms/{id}/participants/nobody/"), Some(json!([]))).await.unwrap()).await;
+    assert_eq!(status, 404);
+
+    // /v1.1 serves every /v1 route; streams in OWT's v1.1 shape (video layers in
+    // `original`), /v1 with video format and parameters flattened.
+    let (status, v11) = json_of(call(M::GET, &format!("/v1.1/rooms/{id}/streams/"), None).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let m11 = v11.as_array().unwrap().iter().find(|s| s["id"] == mixed.as_str()).unwrap().clone();
+    assert_eq!(m11["media"]["video"]["original"][0]["format"]["codec"], "vp8", "{m11}");
+    assert!(m11["media"].get("tracks").is_none(), "{m11}");
+    let (_, m1) = json_of(call(M::GET, &format!("/v1/rooms/{id}/streams/{mixed}/"), None).await.unwrap()).await;
+    assert_eq!(m1["media"]["video"]["format"]["codec"], "vp8", "{m1}");
+    assert_eq!(m1["media"]["audio"]["format"]["codec"], "opus", "{m1}");
+    assert!(m1["media"]["video"].get("original").is_none(), "{m1}");
+    for path in [format!("/v1.1/rooms/{id}/"), format!("/v1.1/rooms/{id}/participants/{pid}"), format!("/v1.1/rooms/{id}/streams/{mixed}")] {
+        assert_eq!(json_of(call(M::GET, &path, None).await.unwrap()).await.0, 200, "{path}");
+    }
+    assert_eq!(json_of(call(M::GET, "/v1.2/rooms", None).await.unwrap()).await.0, 404);
+
     let rec = json!({"container": "mkv", "media": {"audio": {"from": mixed}, "video": {"from": mixed}}});
     let (status, rec) = json_of(call(M::POST, &format!("/v1/rooms/{id}/recordings/"), Some(rec)).await.unwrap()).await;
     assert_eq!(status, 200, "{rec}");

@@ -576,3 +576,94 @@ async fn turn_relays_publish_and_subscribe_and_refuses_bad_credentials() {
     schemeless[0]["username"] = json!("alice");
     assert!(relay_candidates(&schemeless).await.is_empty(), "a user name without expiry got a relay");
 }
+
+/// Video packets a subscriber got so far.
+fn video_count(sub: &Subscriber) -> usize {
+    sub.packets("video").len()
+}
+
+/// Checks that `sub`'s video stops (audio going on) or flows again, over ~1 s.
+async fn expect_video(sub: &Subscriber, flowing: bool, what: &str) {
+    if flowing {
+        let before = video_count(sub);
+        sub.wait_until(what, Duration::from_secs(3), |r| r.iter().filter(|p| p.kind == "video").count() > before + 10).await.unwrap();
+        return;
+    }
+    // What was in flight when the pause landed may still arrive.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (v0, a0) = (video_count(sub), sub.packets("audio").len());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (v1, a1) = (video_count(sub), sub.packets("audio").len());
+    assert_eq!(v0, v1, "{what}: video still flows");
+    assert!(a1 > a0 + 15, "{what}: audio stopped too ({a0} -> {a1})");
+}
+
+/// OWT's REST controls on live media: a stream's video muted and unmuted from the server
+/// (`/v1.1` StreamUpdate), a subscriber's and a publisher's video permission revoked and
+/// granted again (ParticipantUpdate): a real subscriber loses and regains video each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_mutes_streams_and_permissions_take_effect_on_live_media() {
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let room = s.new_room(json!({})).await;
+    let (mut psig, pinfo) = s.join(&room, "pub").await;
+    let publisher = Arc::new(Publisher::start(&mut psig, common::av(9), None).await.unwrap());
+    let sender = {
+        let p = publisher.clone();
+        tokio::spawn(async move { p.send_for(Duration::from_secs(14), 30, 1000).await.unwrap() })
+    };
+    let (mut ssig, sinfo) = s.join(&room, "sub").await;
+    let sub = Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
+    expect_video(&sub, true, "video at first").await;
+    let c = s.client();
+    let stream_url = s.url(&format!("/v1.1/rooms/{room}/streams/{}", publisher.stream_id));
+    let patch = |url: String, ops: Value| c.patch(url).bearer_auth(common::KEY).json(&ops).send();
+
+    // Server-side mute over /v1.1: everyone told, video stops, the stream says inactive.
+    let res = patch(stream_url.clone(), json!([{"op": "replace", "path": "/media/video/status", "value": "inactive"}])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let updated: Value = res.json().await.unwrap();
+    assert_eq!(updated["media"]["video"]["status"], "inactive", "{updated}");
+    assert_eq!(updated["media"]["video"]["original"][0]["format"]["codec"], "vp8", "{updated}");
+    let upd = ssig.wait_for("mute update", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "update").await.unwrap();
+    assert_eq!(upd.data["data"], json!({"field": "video.status", "value": "inactive"}));
+    expect_video(&sub, false, "muted over REST").await;
+    let res = patch(stream_url.clone(), json!([{"op": "replace", "path": "/media/video/status", "value": "active"}])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    expect_video(&sub, true, "unmuted over REST").await;
+    let res = patch(stream_url.clone(), json!([{"op": "replace", "path": "/media/video/status", "value": "paused"}])).await.unwrap();
+    assert_eq!(res.status(), 400);
+
+    // The subscriber may no longer receive video: it stops; asking for it again is refused.
+    let sub_url = s.url(&format!("/v1/rooms/{room}/participants/{}", sinfo["id"].as_str().unwrap()));
+    let res = patch(sub_url.clone(), json!([{"op": "replace", "path": "/permission/subscribe/video", "value": false}])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    expect_video(&sub, false, "subscribe.video revoked").await;
+    let play = ssig.request("subscription-control", Some(json!({"id": sub.id, "operation": "play", "data": "video"}))).await.unwrap();
+    assert_eq!(play, vec![json!("error"), json!("unauthorized")]);
+    let res = patch(sub_url, json!([{"op": "replace", "path": "/permission/subscribe", "value": {"audio": true, "video": true}}])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    expect_video(&sub, true, "subscribe.video granted again").await;
+
+    // The publisher may no longer publish video: its video pauses for everyone, and returns.
+    let pub_url = s.url(&format!("/v1/rooms/{room}/participants/{}", pinfo["id"].as_str().unwrap()));
+    let res = patch(pub_url.clone(), json!([{"op": "replace", "path": "/permission/publish/video", "value": false}])).await.unwrap();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["permission"]["publish"], json!({"audio": true, "video": false}), "{body}");
+    expect_video(&sub, false, "publish.video revoked").await;
+    let play = psig.request("stream-control", Some(json!({"id": publisher.stream_id, "operation": "play", "data": "video"}))).await.unwrap();
+    assert_eq!(play, vec![json!("error"), json!("unauthorized")]);
+    let res = patch(pub_url, json!([{"op": "replace", "path": "/permission/publish/video", "value": true}])).await.unwrap();
+    assert_eq!(res.status(), 200);
+    expect_video(&sub, true, "publish.video granted again").await;
+    let listed: Value = c
+        .get(s.url(&format!("/v1/rooms/{room}/streams/{}", publisher.stream_id)))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["media"]["video"]["status"], "active", "{listed}");
+    sender.abort();
+}
