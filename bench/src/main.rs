@@ -281,6 +281,8 @@ fn save(args: &Args, rows: &[Value]) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The workspace's reqwest has rustls without a built-in provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     if let Some(path) = &args.report {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

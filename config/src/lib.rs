@@ -516,6 +516,10 @@ impl Config {
         let turn = &self.turn;
         if turn.enabled {
             check_addr(&turn.listen_addr).map_err(|r| err("turn.listen_addr", r))?;
+            if !turn.listen_addr.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()) {
+                // webrtc-rs's relay allocation takes IPv4 addresses only.
+                return Err(err("turn.listen_addr", format!("`{}` must be an IPv4 address:port", turn.listen_addr.escape_debug())));
+            }
             if !turn.public_addr.is_empty() && turn.public_addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
                 return Err(err("turn.public_addr", format!("`{}` must be host:port", turn.public_addr.escape_debug())));
             }
@@ -542,13 +546,9 @@ impl Config {
             return Err(err("turn.secret", "must be at least 16 characters (or empty to generate one)".into()));
         }
         for url in &self.webhooks.urls {
-            if url.starts_with("https://") {
-                // The HTTP client of this build has no TLS (no TLS crate can be added offline).
-                return Err(err("webhooks.urls", format!("`{}`: https is not supported yet; use http:// on a private network", url.escape_debug())));
-            }
-            let host = url.strip_prefix("http://").unwrap_or_default();
+            let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")).unwrap_or_default();
             if host.is_empty() || host.starts_with('/') {
-                return Err(err("webhooks.urls", format!("`{}` is not an http:// URL", url.escape_debug())));
+                return Err(err("webhooks.urls", format!("`{}` is not an http:// or https:// URL", url.escape_debug())));
             }
         }
         if let Some(bad) = c.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {

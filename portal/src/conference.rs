@@ -47,6 +47,11 @@ pub(crate) struct Participant {
     /// Tracks (session, kind) paused because a permission was revoked over REST, resumed
     /// when it is granted again.
     pub held: HashSet<(String, tessera_core::agent::MediaKind)>,
+    /// Subscription tracks the participant paused itself (`subscription-control`), which a
+    /// granted permission must not resume.
+    pub paused: HashSet<(String, tessera_core::agent::MediaKind)>,
+    /// The media kinds each session carries, as requested.
+    pub kinds: HashMap<SessionId, Vec<tessera_core::agent::MediaKind>>,
     /// Ids of the reconnection tickets issued to this participant and not used yet.
     tickets: VecDeque<String>,
 }
@@ -63,6 +68,8 @@ impl Participant {
             attributes: HashMap::new(),
             ready: HashSet::new(),
             held: HashSet::new(),
+            paused: HashSet::new(),
+            kinds: HashMap::new(),
             tickets: VecDeque::new(),
         }
     }

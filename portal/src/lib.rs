@@ -79,6 +79,8 @@ struct Inner {
     hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
     /// Logins and relogins by outcome, for the metrics.
     logins: metrics::LoginCounts,
+    /// Serialises permission changes over REST (see `permission.rs`).
+    permission_changes: tokio::sync::Mutex<()>,
 }
 
 /// Seconds since the Unix epoch.
@@ -114,6 +116,7 @@ impl Portal {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 hooks: std::sync::OnceLock::new(),
                 logins: metrics::LoginCounts::default(),
+                permission_changes: tokio::sync::Mutex::new(()),
             }),
         };
         if let Some(mut events) = events {

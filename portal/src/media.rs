@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 use tessera_core::agent::{
-    AgentEvent, MediaKind, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
+    AgentEvent, MediaKind, Progress, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
 };
 use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, Signal, SwitchTracks};
 use tessera_core::hooks::Hook;
@@ -139,6 +139,7 @@ impl Portal {
             }
             agent = self.agent(room, "publish")?;
             let transport = p.open_session(transport, &session, SessionKind::Publication)?;
+            p.kinds.insert(session.as_str().into(), tracks.iter().map(|t| t.kind).collect());
             p.attributes.insert(session.as_str().into(), attributes);
             transport
         };
@@ -194,7 +195,9 @@ impl Portal {
             let p = r.participant_mut(participant).ok_or("Illegal request")?;
             permitted(p.info.permission.subscribe, tracks.iter().map(|t| t.kind))?;
             agent = self.agent(room, "subscribe")?;
-            p.open_session(transport, &session, SessionKind::Subscription)?
+            let transport = p.open_session(transport, &session, SessionKind::Subscription)?;
+            p.kinds.insert(session.as_str().into(), tracks.iter().map(|t| t.kind).collect());
+            transport
         };
         let at =
             SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
@@ -290,7 +293,12 @@ impl Portal {
                     return Err("unauthorized".into());
                 }
                 let switch = track_switch(d, op == "play", "stream-control")?;
-                self.own_switch(room, participant, &id, SessionKind::Publication, switch)?;
+                let owner = {
+                    let conf = self.lock();
+                    conf.room(room).and_then(|r| r.stream(&id)).and_then(|s| s.owner().cloned())
+                };
+                // Rights and held tracks are the stream owner's, also when an admin acts.
+                self.own_switch(room, owner.as_ref().map_or(participant, |o| o.as_str()), &id, SessionKind::Publication, switch)?;
                 let agent = self.agent(room, "stream-control")?;
                 let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
                 agent.call(command).await.map_err(|e| e.to_string())?;
@@ -343,6 +351,8 @@ impl Portal {
             p.attributes.remove(session);
             p.ready.remove(session);
             p.held.retain(|(id, _)| id != session);
+            p.paused.retain(|(id, _)| id != session);
+            p.kinds.remove(session);
         }
     }
 
@@ -394,6 +404,10 @@ impl Portal {
         match event {
             AgentEvent::Progress { room, participant, transport, progress } => {
                 self.lock().notify(room.as_str(), participant.as_str(), "progress", crate::wire::progress_json(&transport, &progress));
+                if let Progress::SessionReady { session } = &progress {
+                    // A subscription that was still connecting when a permission was revoked.
+                    self.reapply_held(room.as_str(), participant.as_str(), session.as_str());
+                }
             }
             AgentEvent::StreamReady { room, mut stream } => {
                 let (room, id) = (room.to_string(), stream.id.to_string());
@@ -415,6 +429,30 @@ impl Portal {
                 // What the room controller owns: the publisher's attributes; views come with auto-mix.
                 if let StreamKind::Forward(f) = &mut stream.kind {
                     f.attributes = p.attributes.get(id.as_str()).cloned().unwrap_or(json!({}));
+                }
+                // A publication that was still connecting when its right was revoked
+                // starts paused, and is announced so.
+                let rights = p.info.permission.publish;
+                let mut held = Vec::new();
+                for t in stream.tracks.iter_mut() {
+                    let allowed = match t.kind {
+                        MediaKind::Audio => rights.audio,
+                        MediaKind::Video => rights.video,
+                    };
+                    if !allowed && t.status == TrackStatus::Active {
+                        t.status = TrackStatus::Inactive;
+                        p.held.insert((id.clone(), t.kind));
+                        held.push(t.kind);
+                    }
+                }
+                if !held.is_empty() {
+                    let portal = self.clone();
+                    let (room, owner, id) = (room.clone(), owner.clone(), id.clone());
+                    tokio::spawn(async move {
+                        for kind in held {
+                            portal.switch_session(&room, &owner, &id, crate::permission::switch(kind, false), false).await;
+                        }
+                    });
                 }
                 let data = crate::wire::stream_json(&stream);
                 r.streams.push(stream);
@@ -449,6 +487,9 @@ impl Portal {
                         if !p.ready.contains(s.as_str()) {
                             p.sessions.remove(s.as_str());
                             p.attributes.remove(s.as_str());
+                            p.kinds.remove(s.as_str());
+                            p.held.retain(|(id, _)| id != s.as_str());
+                            p.paused.retain(|(id, _)| id != s.as_str());
                         }
                     }
                     p.transports.remove(transport.as_str());

@@ -5,104 +5,115 @@
 //! expect: a participant no longer allowed to publish video has its published video paused
 //! (everyone is told the track is inactive), one no longer allowed to subscribe to video
 //! stops receiving it. Granting the right back resumes exactly what the revocation paused,
-//! never what the participant paused itself.
+//! never what the participant paused itself. Sessions still connecting at the revocation
+//! start paused when they become ready.
 
 use tessera_core::agent::{MediaKind, TrackSwitch};
 use tessera_core::command::SwitchTracks;
 use tessera_core::control::apply_permission_ops;
+use tessera_core::room::AudioVideo;
 use tessera_core::stream::TrackStatus;
 use tessera_core::{ControlError, ParticipantInfo};
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::Portal;
+use crate::conference::Participant;
 use crate::media::SessionKind;
 
 const KINDS: [MediaKind; 2] = [MediaKind::Audio, MediaKind::Video];
 
-fn switch(kind: MediaKind, active: bool) -> TrackSwitch {
+/// Pause (`active` false) or resume one kind.
+pub(crate) fn switch(kind: MediaKind, active: bool) -> TrackSwitch {
     TrackSwitch { audio: kind == MediaKind::Audio, video: kind == MediaKind::Video, active }
 }
 
+fn allows(rights: AudioVideo, kind: MediaKind) -> bool {
+    match kind {
+        MediaKind::Audio => rights.audio,
+        MediaKind::Video => rights.video,
+    }
+}
+
+/// A pause or resume to send: (session, kind, publication?, resume?).
+type Switch = (String, MediaKind, bool, bool);
+
 impl Portal {
     pub(crate) async fn patch_participant(&self, room: &str, participant: &str, ops: &serde_json::Value) -> Result<ParticipantInfo, ControlError> {
-        // What to pause and resume, decided under the lock; done after it (the agent may be
-        // another machine's).
-        let mut pause: Vec<(String, MediaKind, SessionKind)> = Vec::new();
-        let mut resume: Vec<(String, MediaKind, SessionKind)> = Vec::new();
-        let (old, info) = {
+        // One permission change at a time: a revocation and a grant in quick succession
+        // must reach the agent in that order.
+        let _one = self.inner.permission_changes.lock().await;
+        let (switches, info, changed) = {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or_else(|| ControlError::ParticipantNotFound(participant.into()))?;
-            let flowing: Vec<(String, Vec<(MediaKind, TrackStatus)>)> = r
+            // Forward streams of this participant with the tracks that flow.
+            let flowing: Vec<(String, Vec<MediaKind>)> = r
                 .streams
                 .iter()
                 .filter(|s| s.owner().is_some_and(|o| o.as_str() == participant))
-                .map(|s| (s.id.to_string(), s.tracks.iter().map(|t| (t.kind, t.status)).collect()))
+                .map(|s| (s.id.to_string(), s.tracks.iter().filter(|t| t.status == TrackStatus::Active).map(|t| t.kind).collect()))
                 .collect();
             let p = r.participant_mut(participant).ok_or_else(|| ControlError::ParticipantNotFound(participant.into()))?;
             let old = p.info.permission;
             let new = apply_permission_ops(old, ops)?;
             p.info.permission = new;
+            let mut switches = Vec::new();
             for kind in KINDS {
-                let allowed = |a: tessera_core::room::AudioVideo| if kind == MediaKind::Audio { a.audio } else { a.video };
-                for (rights_before, rights_after, sessions) in [
-                    (allowed(old.publish), allowed(new.publish), SessionKind::Publication),
-                    (allowed(old.subscribe), allowed(new.subscribe), SessionKind::Subscription),
-                ] {
-                    if rights_before && !rights_after {
-                        let ids: Vec<String> = match sessions {
-                            // Only tracks that flow: one the publisher paused stays its own.
-                            SessionKind::Publication => flowing
-                                .iter()
-                                .filter(|(_, tracks)| tracks.iter().any(|&(k, s)| k == kind && s == TrackStatus::Active))
-                                .map(|(id, _)| id.clone())
-                                .collect(),
-                            SessionKind::Subscription => {
-                                p.sessions.iter().filter(|(_, k)| **k == SessionKind::Subscription).map(|(id, _)| id.to_string()).collect()
-                            }
-                        };
-                        for id in ids {
-                            p.held.insert((id.clone(), kind));
-                            pause.push((id, kind, sessions));
-                        }
-                    } else if !rights_before && rights_after {
-                        let held: Vec<String> = p
-                            .held
-                            .iter()
-                            .filter(|(id, k)| *k == kind && p.sessions.get(id.as_str()) == Some(&sessions))
-                            .map(|(id, _)| id.clone())
-                            .collect();
-                        for id in held {
-                            p.held.remove(&(id.clone(), kind));
-                            resume.push((id, kind, sessions));
-                        }
+                for (before, after, publication) in
+                    [(old.publish, new.publish, true), (old.subscribe, new.subscribe, false)].map(|(b, a, p)| (allows(b, kind), allows(a, kind), p))
+                {
+                    if before && !after {
+                        hold(p, kind, publication, &flowing, &mut switches);
+                    } else if !before && after {
+                        release(p, kind, publication, &mut switches);
                     }
                 }
             }
-            (old, p.info.clone())
+            (switches, p.info.clone(), old != new)
         };
-        if old != info.permission {
+        if changed {
             info!(room, participant, permission = ?info.permission, "participant permission changed over REST");
         }
-        for (id, kind, sessions, active) in
-            pause.into_iter().map(|(i, k, s)| (i, k, s, false)).chain(resume.into_iter().map(|(i, k, s)| (i, k, s, true)))
-        {
-            self.switch_session(room, participant, &id, switch(kind, active), sessions == SessionKind::Publication).await;
+        for (session, kind, publication, resume) in switches {
+            self.switch_session(room, participant, &session, switch(kind, resume), publication).await;
         }
         Ok(info)
     }
 
     /// Pauses or resumes tracks of one session on the agent; a publication's stream tells
     /// everyone. A session that ended meanwhile is skipped.
-    async fn switch_session(&self, room: &str, participant: &str, session: &str, switch: TrackSwitch, publication: bool) {
+    pub(crate) async fn switch_session(&self, room: &str, participant: &str, session: &str, switch: TrackSwitch, publication: bool) {
         let Some(agent) = self.inner.router.agent_for(&room.into()) else { return };
         let command = SwitchTracks { room: room.into(), participant: participant.into(), session: session.into(), switch };
         if let Err(e) = agent.call(command).await {
-            debug!(room, participant, session, error = %e, "switching tracks after a permission change");
+            // A session still connecting is switched again when it becomes ready.
+            warn!(room, participant, session, error = %e, "switching tracks for a permission change failed");
             return;
         }
         if publication {
             self.set_track_status(room, session, switch);
         }
+    }
+
+    /// A subscription that became ready: what a revocation holds of it is paused now (it
+    /// may still have been connecting when the revocation came).
+    pub(crate) fn reapply_held(&self, room: &str, participant: &str, session: &str) {
+        let kinds: Vec<MediaKind> = {
+            let conf = self.lock();
+            let Some(p) = conf.room(room).and_then(|r| r.participant(participant)) else { return };
+            if p.sessions.get(session) != Some(&SessionKind::Subscription) {
+                return;
+            }
+            p.held.iter().filter(|(id, _)| id == session).map(|(_, k)| *k).collect()
+        };
+        if kinds.is_empty() {
+            return;
+        }
+        let (portal, room, participant, session) = (self.clone(), room.to_string(), participant.to_string(), session.to_string());
+        tokio::spawn(async move {
+            for kind in kinds {
+                portal.switch_session(&room, &participant, &session, switch(kind, false), false).await;
+            }
+        });
     }
 
     /// `PATCH .../streams/{id}` `/media/{audio,video}/status`: pauses or resumes a forward
@@ -123,21 +134,76 @@ impl Portal {
         Ok(())
     }
 
-    /// A participant's own pause of tracks the revocation holds: they stay paused when the
-    /// right comes back. A play of a kind it may not use is refused.
-    pub(crate) fn own_switch(&self, room: &str, participant: &str, session: &str, kind: SessionKind, s: TrackSwitch) -> Result<(), String> {
+    /// A participant's own pause or play of a session's tracks (`owner`: the publication's
+    /// owner, or the subscriber). A play of a kind the session carries but may no longer
+    /// use is refused; a pause is the participant's own from then on (a granted permission
+    /// will not resume it).
+    pub(crate) fn own_switch(&self, room: &str, owner: &str, session: &str, kind: SessionKind, s: TrackSwitch) -> Result<(), String> {
         let mut conf = self.lock();
-        let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) else { return Ok(()) };
+        let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(owner)) else { return Ok(()) };
         let rights = match kind {
             SessionKind::Publication => p.info.permission.publish,
             SessionKind::Subscription => p.info.permission.subscribe,
         };
-        if s.active && ((s.audio && !rights.audio) || (s.video && !rights.video)) {
+        let carried: Vec<MediaKind> = p.kinds.get(session).cloned().unwrap_or_default().into_iter().filter(|k| s.covers(*k)).collect();
+        if s.active && carried.iter().any(|k| !allows(rights, *k)) {
             return Err("unauthorized".into());
         }
-        if !s.active {
-            p.held.retain(|(id, k)| !(id == session && s.covers(*k)));
+        for k in carried {
+            let entry = (session.to_string(), k);
+            if s.active {
+                p.paused.remove(&entry);
+            } else {
+                p.held.remove(&entry);
+                if kind == SessionKind::Subscription {
+                    p.paused.insert(entry);
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// A revoked right: the participant's sessions of that side that carry `kind` and flow
+/// (not paused by the participant) are held and paused.
+fn hold(p: &mut Participant, kind: MediaKind, publication: bool, flowing: &[(String, Vec<MediaKind>)], out: &mut Vec<Switch>) {
+    let sessions: Vec<String> = if publication {
+        // Publications by their streams' flowing tracks, and those still connecting.
+        let mut ids: Vec<String> = flowing.iter().filter(|(_, kinds)| kinds.contains(&kind)).map(|(id, _)| id.clone()).collect();
+        ids.extend(
+            p.sessions
+                .iter()
+                .filter(|(id, k)| **k == SessionKind::Publication && !p.ready.contains(*id))
+                .filter(|(id, _)| p.kinds.get(*id).is_some_and(|ks| ks.contains(&kind)))
+                .map(|(id, _)| id.to_string()),
+        );
+        ids
+    } else {
+        p.sessions
+            .iter()
+            .filter(|(id, k)| **k == SessionKind::Subscription && p.kinds.get(*id).is_some_and(|ks| ks.contains(&kind)))
+            .map(|(id, _)| id.to_string())
+            .filter(|id| !p.paused.contains(&(id.clone(), kind)))
+            .collect()
+    };
+    for id in sessions {
+        if p.held.insert((id.clone(), kind)) {
+            // A publication still connecting has no stream to pause yet: the stream starts
+            // paused when it becomes ready (it is held).
+            if !publication || p.ready.contains(id.as_str()) {
+                out.push((id, kind, publication, false));
+            }
+        }
+    }
+}
+
+/// A granted right: what the revocation held of that side is resumed.
+fn release(p: &mut Participant, kind: MediaKind, publication: bool, out: &mut Vec<Switch>) {
+    let side = if publication { SessionKind::Publication } else { SessionKind::Subscription };
+    let held: Vec<String> =
+        p.held.iter().filter(|(id, k)| *k == kind && p.sessions.get(id.as_str()) == Some(&side)).map(|(id, _)| id.clone()).collect();
+    for id in held {
+        p.held.remove(&(id.clone(), kind));
+        out.push((id, kind, publication, true));
     }
 }

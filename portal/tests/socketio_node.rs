@@ -150,7 +150,7 @@ async fn handshake(client: &reqwest::Client, base: &str) -> String {
 #[actix_rt::test]
 async fn raw_protocol_errors() {
     let server = start_server().await;
-    let client = reqwest::Client::new();
+    let client = http();
     let base = &server.url;
 
     for version in ["2", "5", ""] {
@@ -179,7 +179,7 @@ async fn raw_protocol_errors() {
 #[actix_rt::test]
 async fn garbage_post_closes_only_that_session() {
     let server = start_server().await;
-    let client = reqwest::Client::new();
+    let client = http();
     let base = &server.url;
     let bad = handshake(&client, base).await;
     let good = handshake(&client, base).await;
@@ -275,7 +275,7 @@ async fn start_bare(config: SocketIoConfig) -> (String, SocketIo, mpsc::Receiver
 #[actix_rt::test]
 async fn slow_client_is_closed_when_its_queue_overflows() {
     let (base, io, mut sockets, handle) = start_bare(SocketIoConfig { outgoing_queue: 8, ..test_config() }).await;
-    let client = reqwest::Client::new();
+    let client = http();
     let sid = handshake(&client, &base).await;
     let url = format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
     assert_eq!(post(&client, &url, "40").await.0, 200);
@@ -294,7 +294,7 @@ async fn slow_client_is_closed_when_its_queue_overflows() {
 #[actix_rt::test]
 async fn close_all_and_handles_after_close() {
     let (base, io, mut sockets, handle) = start_bare(test_config()).await;
-    let client = reqwest::Client::new();
+    let client = http();
     let sid = handshake(&client, &base).await;
     let url = format!("{base}/socket.io/?EIO=4&transport=polling&sid={sid}");
     assert_eq!(post(&client, &url, "40{\"token\":\"t\"}").await.0, 200);
@@ -321,7 +321,7 @@ async fn close_all_and_handles_after_close() {
 #[actix_rt::test]
 async fn silent_clients_time_out() {
     let server = start_server().await;
-    let client = reqwest::Client::new();
+    let client = http();
     // Never polls, so never answers the ping: closed after ping_interval + ping_timeout.
     let sid = handshake(&client, &server.url).await;
     assert_eq!(server.io.session_count(), 1);
@@ -351,7 +351,7 @@ fn eio3_records(mut body: &str) -> Vec<String> {
 #[actix_rt::test]
 async fn engine_io_3_polling_raw() {
     let server = start_server().await;
-    let client = reqwest::Client::new();
+    let client = http();
     let base = &server.url;
     let (status, body) = get(&client, &format!("{base}/socket.io/?EIO=3&transport=polling&t=x")).await;
     assert_eq!(status, 200, "{body}");
@@ -391,7 +391,7 @@ async fn engine_io_3_polling_raw() {
 #[actix_rt::test]
 async fn engine_io_3_pings_keep_the_session() {
     let server = start_server().await;
-    let client = reqwest::Client::new();
+    let client = http();
     let sid = handshake_v3(&client, &server.url).await;
     let url = format!("{}/socket.io/?EIO=3&transport=polling&sid={sid}", server.url);
     assert_eq!(get(&client, &url).await, (200, "2:40".to_owned()));
@@ -414,4 +414,10 @@ async fn handshake_v3(client: &reqwest::Client, base: &str) -> String {
     let records = eio3_records(&body);
     let open: Value = serde_json::from_str(records[0].strip_prefix('0').expect("open packet")).unwrap();
     open["sid"].as_str().expect("sid").to_owned()
+}
+
+/// A reqwest client, with the crypto provider the workspace's rustls-no-provider reqwest needs.
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

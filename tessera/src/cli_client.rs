@@ -21,7 +21,7 @@ fn service_key(api: &ApiArgs) -> anyhow::Result<String> {
 async fn call(api: &ApiArgs, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<String> {
     let key = service_key(api)?;
     let url = format!("{}{}", api.api.trim_end_matches('/'), path);
-    let client = reqwest::Client::new();
+    let client = http_client(api)?;
     let mut req = client.request(method, &url).bearer_auth(key);
     if let Some(b) = body {
         req = req.json(&b);
@@ -34,6 +34,23 @@ async fn call(api: &ApiArgs, method: reqwest::Method, path: &str, body: Option<V
         bail!("{status}: {msg}");
     }
     Ok(text)
+}
+
+/// An https-capable client trusting the system's roots, plus `--ca-cert` or, without it,
+/// the server's generated dev certificate (`<data-dir>/dev-tls/cert.pem`) when present.
+fn http_client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
+    let dev = api.data_dir.join("dev-tls/cert.pem");
+    let ca = match &api.ca_cert {
+        Some(path) => Some(path.clone()),
+        None => dev.exists().then_some(dev),
+    };
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca {
+        let pem = std::fs::read(&path).with_context(|| format!("--ca-cert: cannot read {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("--ca-cert: {} is not a PEM certificate", path.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().context("building the HTTP client")
 }
 
 fn pretty(text: &str) -> String {

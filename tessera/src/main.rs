@@ -94,13 +94,20 @@ struct ApiArgs {
     /// Service key; defaults to $TESSERA_SERVICE_KEY, else <data-dir>/service.key.
     #[arg(long, env = "TESSERA_SERVICE_KEY", hide_env_values = true, global = true)]
     key: Option<String>,
-    /// Data folder to read service.key from when no key is given.
+    /// Data folder to read service.key from when no key is given (and dev-tls/cert.pem,
+    /// trusted for an https API when no --ca-cert is given).
     #[arg(long, default_value = "tessera-data", global = true)]
     data_dir: PathBuf,
+    /// PEM certificate(s) to trust for an https API, beside the system's roots.
+    #[arg(long, global = true)]
+    ca_cert: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for the process (the servers, the CLI's and the webhooks' https
+    // client): ring, which webrtc's DTLS already brings. Fails only if one is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

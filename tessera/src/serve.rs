@@ -367,7 +367,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (Some(_), false) => None,
     };
     let hooks = match &key {
-        Some(key) if !config.webhooks.urls.is_empty() => Some(crate::webhooks::Webhooks::start(&config.webhooks.urls, key)),
+        Some(key) if !config.webhooks.urls.is_empty() => Some(crate::webhooks::Webhooks::start(&config.webhooks.urls, key)?),
         None if !config.webhooks.urls.is_empty() => {
             warn!("webhooks are off on this node: the cluster has no service key yet (start a portal node first)");
             None

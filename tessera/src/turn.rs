@@ -36,9 +36,11 @@ impl Turn {
             tokio::net::UdpSocket::bind(&t.listen_addr).await.with_context(|| format!("turn.listen_addr: cannot listen on {}", t.listen_addr))?;
         let bound = socket.local_addr()?;
         let public = public_addr(config, bound);
+        // Announced in relayed addresses: configured, else the host clients reach us by
+        // when it is an address, else this machine's public or main address (never 0.0.0.0).
         let relay_ip: IpAddr = match t.relay_ip.parse() {
             Ok(ip) => ip,
-            Err(_) => public.split_once(':').and_then(|(h, _)| h.parse().ok()).unwrap_or(bound.ip()),
+            Err(_) => public.rsplit_once(':').and_then(|(h, _)| h.parse().ok()).unwrap_or_else(|| public_ip(config, bound)),
         };
         // Peers: the SFU's sockets, by their bound and announced addresses.
         let mut allowed: HashSet<SocketAddr> = media.iter().copied().collect();
@@ -85,15 +87,19 @@ fn public_addr(config: &Config, bound: SocketAddr) -> String {
     if !t.public_addr.is_empty() {
         return t.public_addr.clone();
     }
-    let ip = match config.webrtc.public_ip.parse::<IpAddr>() {
+    SocketAddr::new(public_ip(config, bound), bound.port()).to_string()
+}
+
+/// `webrtc.public_ip`, else the bound address, else (bound to 0.0.0.0) the machine's main one.
+fn public_ip(config: &Config, bound: SocketAddr) -> IpAddr {
+    match config.webrtc.public_ip.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) if bound.ip().is_unspecified() => {
             let ips = tessera_webrtc_agent::net::bind_ips(None);
             tessera_webrtc_agent::net::primary_ip(&ips).unwrap_or(bound.ip())
         }
         Err(_) => bound.ip(),
-    };
-    SocketAddr::new(ip, bound.port()).to_string()
+    }
 }
 
 /// Checks `<expiry>:<participant>` user names against the shared secret.

@@ -36,8 +36,9 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Starts delivering to `urls`, signing with `key`. Must be called inside a tokio runtime.
-    pub fn start(urls: &[String], key: &str) -> Arc<Webhooks> {
-        let client = reqwest::Client::new();
+    /// https receivers are checked against the system's roots.
+    pub fn start(urls: &[String], key: &str) -> anyhow::Result<Arc<Webhooks>> {
+        let client = reqwest::Client::builder().build().map_err(|e| anyhow::anyhow!("webhooks: the HTTP client: {e}"))?;
         let pending = Arc::new(AtomicUsize::new(0));
         let queues = urls
             .iter()
@@ -47,7 +48,7 @@ impl Webhooks {
                 (url.clone(), tx)
             })
             .collect();
-        Arc::new(Webhooks { queues, pending })
+        Ok(Arc::new(Webhooks { queues, pending }))
     }
 
     /// Waits (at most `within`) until every queued event was delivered or given up, so

@@ -63,14 +63,14 @@ fn service_key_generated_once_and_env_overrides() {
     assert!(!s.startup.iter().any(|l| l.contains("generated")), "{:?}", s.startup);
     assert_eq!(std::fs::read_to_string(data.join("service.key")).unwrap().trim(), key);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let status = rt.block_on(async { reqwest::Client::new().get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status() });
+    let status = rt.block_on(async { common::http().get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status() });
     assert_eq!(status, 200);
     assert!(s.terminate());
     drop(s);
     // The environment variable wins over the file.
     let s = start_with_env(data, &[], &[("TESSERA_SERVICE_KEY", KEY)]);
     let (with_env, with_file) = rt.block_on(async {
-        let c = reqwest::Client::new();
+        let c = common::http();
         (
             c.get(s.url("/v1/rooms")).bearer_auth(KEY).send().await.unwrap().status(),
             c.get(s.url("/v1/rooms")).bearer_auth(&key).send().await.unwrap().status(),
@@ -234,6 +234,13 @@ fn dev_tls_serves_portal_and_api_over_https() {
     // No cleartext beside it.
     let plain = Command::new("curl").args(["-sS", "-m", "5", &format!("{}/v1/rooms", server.api.replace("https://", "http://"))]).output().unwrap();
     assert!(!plain.status.success() || plain.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&plain.stdout));
+    // The CLI over https: it trusts the dev certificate of its --data-dir, or --ca-cert.
+    let (ok, out, err) = cli(&server, &["room", "list", "--data-dir", data.to_str().unwrap()]);
+    assert!(ok && out.contains("\"dev\""), "{out}{err}");
+    let (ok, _, err) = cli(&server, &["room", "list", "--ca-cert", cert.to_str().unwrap(), "--data-dir", "/nonexistent"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&server, &["room", "list", "--data-dir", "/nonexistent"]);
+    assert!(!ok && err.contains("cannot reach the management API"), "an untrusted certificate is refused: {err}");
     assert!(server.terminate());
 
     // The certificate is kept, so a browser that accepted it keeps accepting it.

@@ -222,6 +222,7 @@ async fn full_room_does_not_spend_the_token() {
 #[tokio::test]
 async fn unauthenticated_sessions_are_capped_per_address_and_in_total() {
     let (_dir, s) = common::start_with_config("[portal]\nmax_unauthenticated_sessions = 8\nmax_unauthenticated_sessions_per_address = 5\n");
+    common::http();
     let from = |last: u8| reqwest::Client::builder().local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))).build().unwrap();
     let handshake = |c: reqwest::Client| {
         let url = format!("{}/socket.io/?EIO=4&transport=polling", s.portal);

@@ -436,7 +436,7 @@ async fn garbage_from_one_publisher_harms_nobody_else() {
     let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = stop_probe.clone();
     let rest_probe = tokio::spawn(async move {
-        let client = reqwest::Client::new();
+        let client = common::http();
         let (mut ok, mut slowest) = (0usize, Duration::ZERO);
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();

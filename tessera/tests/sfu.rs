@@ -640,9 +640,19 @@ async fn rest_mutes_streams_and_permissions_take_effect_on_live_media() {
     expect_video(&sub, false, "subscribe.video revoked").await;
     let play = ssig.request("subscription-control", Some(json!({"id": sub.id, "operation": "play", "data": "video"}))).await.unwrap();
     assert_eq!(play, vec![json!("error"), json!("unauthorized")]);
-    let res = patch(sub_url, json!([{"op": "replace", "path": "/permission/subscribe", "value": {"audio": true, "video": true}}])).await.unwrap();
+    let res =
+        patch(sub_url.clone(), json!([{"op": "replace", "path": "/permission/subscribe", "value": {"audio": true, "video": true}}])).await.unwrap();
     assert_eq!(res.status(), 200);
     expect_video(&sub, true, "subscribe.video granted again").await;
+    // A pause of the subscriber's own stays when a revoked right comes back.
+    ssig.ok("subscription-control", Some(json!({"id": sub.id, "operation": "pause", "data": "video"}))).await.unwrap();
+    for value in [false, true] {
+        let res = patch(sub_url.clone(), json!([{"op": "replace", "path": "/permission/subscribe/video", "value": value}])).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    expect_video(&sub, false, "paused by the subscriber, through a revocation and a grant").await;
+    ssig.ok("subscription-control", Some(json!({"id": sub.id, "operation": "play", "data": "video"}))).await.unwrap();
+    expect_video(&sub, true, "played by the subscriber").await;
 
     // The publisher may no longer publish video: its video pauses for everyone, and returns.
     let pub_url = s.url(&format!("/v1/rooms/{room}/participants/{}", pinfo["id"].as_str().unwrap()));

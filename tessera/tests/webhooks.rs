@@ -26,42 +26,61 @@ impl Received {
 
 /// A plain HTTP/1.1 receiver on a thread: answers 200 to every POST and keeps it.
 fn receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
+    receiver_with(None)
+}
+
+/// Like [`receiver`], over TLS with `tls` when given (an `https://localhost` URL).
+fn receiver_with(tls: Option<Arc<rustls::ServerConfig>>) -> (String, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let url = if tls.is_some() { format!("https://localhost:{port}/hooks") } else { format!("http://127.0.0.1:{port}/hooks") };
     let got = Arc::new(Mutex::new(Vec::new()));
     let keep = got.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
+            let Ok(stream) = stream else { continue };
             let keep = keep.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut headers = Vec::new();
-                    loop {
-                        let mut h = String::new();
-                        reader.read_line(&mut h).unwrap();
-                        let h = h.trim_end();
-                        if h.is_empty() {
-                            break;
-                        }
-                        let (n, v) = h.split_once(':').unwrap();
-                        headers.push((n.trim().to_lowercase(), v.trim().to_string()));
-                    }
-                    let len: usize = headers.iter().find(|(n, _)| n == "content-length").map(|(_, v)| v.parse().unwrap()).unwrap_or(0);
-                    let mut body = vec![0; len];
-                    reader.read_exact(&mut body).unwrap();
-                    keep.lock().unwrap().push(Received { headers, body: String::from_utf8(body).unwrap() });
-                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
+            let tls = tls.clone();
+            std::thread::spawn(move || match tls {
+                Some(config) => {
+                    let Ok(conn) = rustls::ServerConnection::new(config) else { return };
+                    serve_requests(rustls::StreamOwned::new(conn, stream), keep);
                 }
+                None => serve_requests(stream, keep),
             });
         }
     });
     (url, got)
+}
+
+/// Reads requests off one connection until it closes, answering each 200.
+fn serve_requests(stream: impl Read + Write, keep: Arc<Mutex<Vec<Received>>>) {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (n, v) = h.split_once(':').unwrap();
+            headers.push((n.trim().to_lowercase(), v.trim().to_string()));
+        }
+        let len: usize = headers.iter().find(|(n, _)| n == "content-length").map(|(_, v)| v.parse().unwrap()).unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        keep.lock().unwrap().push(Received { headers, body: String::from_utf8(body).unwrap() });
+        let out = reader.get_mut();
+        if out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
 }
 
 /// The events received so far for `room`, as JSON.
@@ -167,9 +186,43 @@ async fn room_events_arrive_in_order_and_signed() {
     assert_ne!(r.header("x-tessera-signature"), Some(format!("v1={forged}").as_str()));
 }
 
-/// An https URL is refused at start, naming the key (this build's HTTP client has no TLS).
-#[test]
-fn https_webhooks_are_refused_naming_the_key() {
-    let err = common::refused_start("[webhooks]\nurls = [\"https://example.invalid/h\"]\n", &[]);
-    assert!(err.contains("key `webhooks.urls`") && err.contains("https is not supported yet"), "{err}");
+/// Webhooks over https reach a receiver whose certificate the machine trusts (here a
+/// test CA given through SSL_CERT_FILE, which the system roots are read from); a URL that
+/// is not http(s) is refused at start naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_reach_a_trusted_receiver() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = common::tempdir();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, made.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(made.signing_key.serialize_der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![made.cert.der().clone()], key)
+        .unwrap();
+    let (url, got) = receiver_with(Some(Arc::new(tls)));
+    let config = dir.path().join("t.toml");
+    std::fs::write(&config, format!("[webrtc]\nbind_ip = \"127.0.0.1\"\n[webhooks]\nurls = [\"{url}\"]\n")).unwrap();
+    let s = common::start_with_env(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[("TESSERA_SERVICE_KEY", common::KEY), ("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
+    let room = s.new_room(json!({})).await;
+    let (_sig, _) = s.join(&room, "ann").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events_of(&got, &room).len() < 2 {
+        assert!(Instant::now() < deadline, "over https so far: {:?}", names(&events_of(&got, &room)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(names(&events_of(&got, &room))[..2], ["room_started", "participant_joined"]);
+    let r = got.lock().unwrap()[0].clone();
+    let ts = r.header("x-tessera-timestamp").unwrap();
+    let want = format!("v1={}", tessera_core::crypto::hmac_sha256_hex(common::KEY.as_bytes(), format!("{ts}.{}", r.body).as_bytes()));
+    assert_eq!(r.header("x-tessera-signature"), Some(want.as_str()));
+
+    let err = common::refused_start("[webhooks]\nurls = [\"ftp://example.invalid/h\"]\n", &[]);
+    assert!(err.contains("key `webhooks.urls`") && err.contains("not an http:// or https:// URL"), "{err}");
 }

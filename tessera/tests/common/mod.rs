@@ -153,7 +153,7 @@ impl Server {
     }
 
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::new()
+        http()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -226,4 +226,11 @@ pub fn in_own_netns(test: &str) -> bool {
     assert!(out.status.success() && stdout.contains("1 passed"), "{test} in its network namespace failed:\n{stdout}\n{stderr}");
     println!("{stdout}");
     false
+}
+
+/// A reqwest client. The workspace's reqwest has rustls without a built-in crypto provider
+/// (the server installs ring at start), so a process that builds clients installs it first.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
