@@ -73,6 +73,9 @@ pub struct Turn {
     pub enabled: bool,
     /// UDP address the TURN server listens on.
     pub listen_addr: String,
+    /// TCP address it also listens on for TURN over TLS (`turns:`), with the `[tls]`
+    /// certificate; empty: no TLS listener.
+    pub tls_addr: String,
     /// host:port clients reach it at; empty: `webrtc.public_ip`, else the listening
     /// address (the machine's main address when that is 0.0.0.0), with the listening port.
     pub public_addr: String,
@@ -99,6 +102,7 @@ impl Default for Turn {
         Turn {
             enabled: false,
             listen_addr: "0.0.0.0:3478".into(),
+            tls_addr: String::new(),
             public_addr: String::new(),
             relay_ip: String::new(),
             relay_port_min: 50000,
@@ -526,6 +530,9 @@ impl Config {
             if !turn.relay_ip.is_empty() && turn.relay_ip.parse::<std::net::IpAddr>().is_err() {
                 return Err(err("turn.relay_ip", format!("`{}` is not an IP address", turn.relay_ip.escape_debug())));
             }
+            if !turn.tls_addr.is_empty() && !turn.tls_addr.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()) {
+                return Err(err("turn.tls_addr", format!("`{}` must be an IPv4 address:port", turn.tls_addr.escape_debug())));
+            }
             if turn.relay_port_min == 0 || turn.relay_port_min > turn.relay_port_max {
                 return Err(err("turn.relay_port_min", format!("{}..{} is not a port range", turn.relay_port_min, turn.relay_port_max)));
             }
@@ -632,6 +639,15 @@ impl Config {
     /// The folder recordings are written to.
     pub fn recordings_dir(&self) -> PathBuf {
         if self.storage.recordings_dir.as_os_str().is_empty() { self.server.data_dir.join("recordings") } else { self.storage.recordings_dir.clone() }
+    }
+
+    /// Checked once flags are applied (`--dev-tls` may bring the certificate): TURN over
+    /// TLS needs one.
+    pub fn check_turn_tls(&self) -> Result<(), String> {
+        if self.turn.enabled && !self.turn.tls_addr.is_empty() && !self.tls.enabled() {
+            return Err("key `turn.tls_addr`: TURN over TLS needs a certificate: set [tls] cert and key, or tls.dev (--dev-tls)".into());
+        }
+        Ok(())
     }
 
     /// The host:port put into tokens.

@@ -9,6 +9,7 @@ mod portal_routes;
 mod serve;
 mod tls;
 mod turn;
+mod turn_tls;
 mod webhooks;
 
 use std::path::PathBuf;

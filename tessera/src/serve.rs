@@ -64,6 +64,7 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     // name the key; the file is named only if the value could have come from it.
     config.validate(args.config.as_deref())?;
     config.cluster.check_roles_alone().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    config.check_turn_tls().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
     config.prepare_dirs(args.config.as_deref())?;
     Ok(config)
 }
@@ -292,7 +293,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Without a cluster a node has every role (checked by the config).
     let is_portal = config.cluster.has_role("portal");
     // Before anything binds: a bad certificate stops the start naming the file.
-    let tls = if is_portal { crate::tls::load(&config)? } else { None };
+    let tls = if is_portal || !config.turn.tls_addr.is_empty() { crate::tls::load(&config)? } else { None };
     let listeners = if is_portal {
         let portal_listener = bind(&config.server.portal_addr, "portal")?;
         let api_listener = bind(&config.server.api_addr, "management API")?;
@@ -382,11 +383,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         false => None,
     };
     let turn = match (&turn_secret, &sfu) {
-        (Some(secret), Some(sfu)) if config.turn.enabled => Some(crate::turn::Turn::start(&config, secret.as_bytes(), sfu.addrs()).await?),
+        (Some(secret), Some(sfu)) if config.turn.enabled => {
+            let tls = tls.as_ref().map(|t| Arc::new(t.server.clone()));
+            Some(crate::turn::Turn::start(&config, secret.as_bytes(), sfu.addrs(), tls).await?)
+        }
         _ => None,
     };
     if let Some(t) = &turn {
-        println!("tessera: TURN server listening on {} ({})", t.bound, t.url);
+        let tls = t.tls_bound.map(|a| format!(" and {a} (TLS)")).unwrap_or_default();
+        println!("tessera: TURN server listening on {}{tls} ({})", t.bound, t.urls.join(", "));
     }
     // This node's own parts; in a cluster they also serve other nodes' portals over NATS,
     // and this node's portal places rooms on any node's parts.
@@ -455,7 +460,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut portal_settings = tessera_portal::PortalSettings::from_config(&config);
     if let Some(secret) = &turn_secret {
-        let mut urls: Vec<String> = turn.iter().map(|t| t.url.clone()).collect();
+        let mut urls: Vec<String> = turn.iter().flat_map(|t| t.urls.clone()).collect();
         urls.extend(config.turn.external_urls.iter().cloned());
         portal_settings.turn = Some(tessera_portal::settings::TurnGrant {
             urls,

@@ -22,15 +22,18 @@ use webrtc_util::vnet::net::Net;
 /// A running TURN server.
 pub struct Turn {
     server: Server,
-    /// The URL clients are given.
-    pub url: String,
+    /// The URLs clients are given: `turn:` (UDP), and `turns:` with a TLS listener.
+    pub urls: Vec<String>,
     /// The bound UDP address.
     pub bound: SocketAddr,
+    /// The bound TLS address, if any.
+    pub tls_bound: Option<SocketAddr>,
 }
 
 impl Turn {
-    /// Starts the server; `media` are the SFU's addresses, the only peers it relays to.
-    pub async fn start(config: &Config, secret: &[u8], media: &[SocketAddr]) -> anyhow::Result<Turn> {
+    /// Starts the server; `media` are the SFU's addresses, the only peers it relays to;
+    /// `tls` serves `turn.tls_addr`.
+    pub async fn start(config: &Config, secret: &[u8], media: &[SocketAddr], tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<Turn> {
         let t = &config.turn;
         let socket =
             tokio::net::UdpSocket::bind(&t.listen_addr).await.with_context(|| format!("turn.listen_addr: cannot listen on {}", t.listen_addr))?;
@@ -47,19 +50,33 @@ impl Turn {
         if let Ok(ip) = config.webrtc.public_ip.parse::<IpAddr>() {
             allowed.extend(media.iter().map(|a| SocketAddr::new(ip, a.port())));
         }
-        let ranges = RelayAddressGeneratorRanges {
-            relay_address: relay_ip,
-            min_port: t.relay_port_min,
-            max_port: t.relay_port_max,
-            max_retries: 20,
-            address: bound.ip().to_string(),
-            net: Arc::new(Net::new(None)),
+        let allowed = Arc::new(allowed);
+        // Both listeners allocate from the same range; a port taken by the other is retried.
+        let relays = || {
+            let ranges = RelayAddressGeneratorRanges {
+                relay_address: relay_ip,
+                min_port: t.relay_port_min,
+                max_port: t.relay_port_max,
+                max_retries: 20,
+                address: bound.ip().to_string(),
+                net: Arc::new(Net::new(None)),
+            };
+            Box::new(MediaOnly { inner: ranges, allowed: allowed.clone() })
         };
+        let mut conn_configs = vec![ConnConfig { conn: Arc::new(socket), relay_addr_generator: relays() }];
+        let mut urls = vec![format!("turn:{public}?transport=udp")];
+        let mut tls_bound = None;
+        if let (false, Some(tls)) = (t.tls_addr.is_empty(), tls) {
+            let listener =
+                tokio::net::TcpListener::bind(&t.tls_addr).await.with_context(|| format!("turn.tls_addr: cannot listen on {}", t.tls_addr))?;
+            let at = listener.local_addr()?;
+            conn_configs.push(ConnConfig { conn: Arc::new(crate::turn_tls::TlsTurnConn::start(listener, tls)?), relay_addr_generator: relays() });
+            let host = public.rsplit_once(':').map_or(public.as_str(), |(h, _)| h);
+            urls.push(format!("turns:{host}:{}?transport=tcp", at.port()));
+            tls_bound = Some(at);
+        }
         let server = Server::new(ServerConfig {
-            conn_configs: vec![ConnConfig {
-                conn: Arc::new(socket),
-                relay_addr_generator: Box::new(MediaOnly { inner: ranges, allowed: Arc::new(allowed) }),
-            }],
+            conn_configs,
             realm: t.realm.clone(),
             auth_handler: Arc::new(RestCredentials { secret: secret.to_vec() }),
             channel_bind_timeout: Duration::ZERO,
@@ -67,9 +84,8 @@ impl Turn {
         })
         .await
         .map_err(|e| anyhow::anyhow!("TURN server: {e}"))?;
-        let url = format!("turn:{public}?transport=udp");
-        info!(addr = %bound, url = %url, relay_ports = ?(t.relay_port_min, t.relay_port_max), "TURN server listening");
-        Ok(Turn { server, url, bound })
+        info!(addr = %bound, tls = ?tls_bound, urls = ?urls, relay_ports = ?(t.relay_port_min, t.relay_port_max), "TURN server listening");
+        Ok(Turn { server, urls, bound, tls_bound })
     }
 
     /// Ends every allocation and stops listening.

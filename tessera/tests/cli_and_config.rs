@@ -276,4 +276,9 @@ fn tls_refuses_to_start_with_a_bad_certificate_naming_the_file() {
     assert!(err.contains("tls.key") && err.contains("needed"), "{err}");
     let err = common::refused_start(&format!("[tls]\ncert = \"{cert}\"\nkey = \"{other_key}\"\n"), &["--dev-tls"]);
     assert!(err.contains("tls.dev"), "{err}");
+    // TURN over TLS without a certificate, and on IPv6.
+    let err = common::refused_start("[turn]\nenabled = true\ntls_addr = \"127.0.0.1:0\"\n", &[]);
+    assert!(err.contains("turn.tls_addr") && err.contains("needs a certificate"), "{err}");
+    let err = common::refused_start("[turn]\nenabled = true\ntls_addr = \"[::1]:0\"\n", &["--dev-tls"]);
+    assert!(err.contains("turn.tls_addr") && err.contains("IPv4"), "{err}");
 }

@@ -677,3 +677,163 @@ async fn rest_mutes_streams_and_permissions_take_effect_on_live_media() {
     assert_eq!(listed["media"]["video"]["status"], "active", "{listed}");
     sender.abort();
 }
+
+/// A TURN client's leg over TLS, as webrtc-rs's TURN client wants it (a datagram `Conn`):
+/// messages framed as RFC 5766 §11.5 says for streams.
+struct TlsTurnClient {
+    read: tokio::sync::Mutex<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    write: tokio::sync::Mutex<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    server: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl webrtc_util::Conn for TlsTurnClient {
+    async fn connect(&self, _: std::net::SocketAddr) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.recv_from(buf).await?.0)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, std::net::SocketAddr)> {
+        use tokio::io::AsyncReadExt;
+        let mut read = self.read.lock().await;
+        let mut head = [0u8; 4];
+        read.read_exact(&mut head).await?;
+        let length = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        let rest = if head[0] >> 6 == 0 { 16 + length } else { length.div_ceil(4) * 4 };
+        let mut body = vec![0; rest];
+        read.read_exact(&mut body).await?;
+        let n = if head[0] >> 6 == 0 { 4 + rest } else { 4 + length };
+        buf[..4].copy_from_slice(&head);
+        buf[4..n].copy_from_slice(&body[..n - 4]);
+        Ok((n, self.server))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        self.send_to(buf, self.server).await
+    }
+    async fn send_to(&self, buf: &[u8], _: std::net::SocketAddr) -> webrtc_util::Result<usize> {
+        use tokio::io::AsyncWriteExt;
+        let mut message = buf.to_vec();
+        if buf[0] >> 6 == 1 {
+            message.resize(buf.len().div_ceil(4) * 4, 0);
+        }
+        self.write.lock().await.write_all(&message).await?;
+        Ok(buf.len())
+    }
+    fn local_addr(&self) -> webrtc_util::Result<std::net::SocketAddr> {
+        Ok(self.local)
+    }
+    fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        Some(self.server)
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// Allocates a relay on the TURN server behind `conn`; the error is the server's refusal.
+async fn allocate(
+    conn: Arc<dyn webrtc_util::Conn + Send + Sync>,
+    server: std::net::SocketAddr,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<(turn::client::Client, impl webrtc_util::Conn)> {
+    let client = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: String::new(),
+        turn_serv_addr: server.to_string(),
+        username: user.into(),
+        password: password.into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await?;
+    client.listen().await?;
+    let relay = tokio::time::timeout(Duration::from_secs(5), client.allocate()).await??;
+    Ok((client, relay))
+}
+
+/// TURN over TLS and UDP at the protocol level: allocations with the participant's
+/// credentials succeed on both legs (and fail with a wrong one), relayed datagrams reach
+/// the SFU (its packet counter moves), and nothing is relayed to any other address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turn_over_tls_and_udp_relays_to_the_media_only() {
+    use webrtc_util::Conn;
+    let config = format!(
+        "{CONFIG}[turn]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntls_addr = \"127.0.0.1:0\"\nrelay_port_min = 52000\nrelay_port_max = 52999\n"
+    );
+    let (dir, s) = common::start_with_config_args(&config, &["--dev-tls"]);
+    let line = s.startup.iter().find(|l| l.starts_with("tessera: TURN server listening on")).cloned().unwrap_or_default();
+    let addr = |after: &str| -> std::net::SocketAddr { line.split(after).nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap() };
+    let (udp_at, tls_at) = (addr("listening on "), addr(" and "));
+    assert!(line.contains(&format!("turns:127.0.0.1:{}?transport=tcp", tls_at.port())), "{line}");
+    let secret = std::fs::read_to_string(dir.path().join("data/turn.secret")).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (user, password) = tessera_core::crypto::turn_credentials(secret.trim().as_bytes(), "p1", now + 600);
+
+    // The SFU's worker sockets, from its start-up log (escape codes removed).
+    let log = s.stderr.lock().unwrap().clone();
+    let plain: String = log.split('\u{1b}').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
+    let media: std::net::SocketAddr = plain.split("addrs=[").nth(1).and_then(|r| r.split([',', ']']).next()).unwrap().trim().parse().unwrap();
+
+    // A TLS client trusting the server's dev certificate.
+    let cert = std::fs::read(dir.path().join("data/dev-tls/cert.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&cert) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls_conn = || async {
+        let tcp = tokio::net::TcpStream::connect(tls_at).await.unwrap();
+        let local = tcp.local_addr().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls.clone())).connect(name, tcp).await.unwrap();
+        let (read, write) = tokio::io::split(stream);
+        Arc::new(TlsTurnClient { read: read.into(), write: write.into(), server: tls_at, local }) as Arc<dyn webrtc_util::Conn + Send + Sync>
+    };
+
+    common::http();
+    let api = reqwest::Client::builder().tls_certs_merge(reqwest::Certificate::from_pem_bundle(&cert).unwrap()).build().unwrap();
+    let received = || async {
+        let text = api.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let line = text.lines().find(|l| l.starts_with("tessera_packets_received_total ")).unwrap().to_string();
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+
+    let spy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for (leg, conn, server) in [
+        ("TLS", tls_conn().await, tls_at),
+        ("UDP", Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()) as Arc<dyn webrtc_util::Conn + Send + Sync>, udp_at),
+    ] {
+        let (client, relay) = allocate(conn, server, &user, &password).await.unwrap_or_else(|e| panic!("{leg}: {e}"));
+        let relayed = relay.local_addr().unwrap();
+        assert!(relayed.ip().is_loopback() && (52000..=52999).contains(&relayed.port()), "{leg}: {relayed}");
+        let before = received().await;
+        for _ in 0..10 {
+            relay.send_to(b"relayed through TURN", media).await.unwrap();
+            relay.send_to(b"not for you", spy.local_addr().unwrap()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = received().await;
+        assert!(after >= before + 10.0, "{leg}: the SFU got {} of 10 relayed datagrams", after - before);
+        let mut buf = [0u8; 64];
+        let spied = tokio::time::timeout(Duration::from_millis(300), spy.recv_from(&mut buf)).await;
+        assert!(spied.is_err(), "{leg}: a datagram was relayed to an address that is not the server's media");
+        client.close().await.unwrap();
+    }
+    // A wrong password gets no relay, on either leg.
+    let wrong = allocate(tls_conn().await, tls_at, &user, "d3JvbmcgcGFzc3dvcmQ=").await;
+    assert!(wrong.is_err(), "a wrong credential got a relay over TLS");
+    let udp = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    assert!(allocate(udp, udp_at, &user, "d3JvbmcgcGFzc3dvcmQ=").await.is_err(), "a wrong credential got a relay over UDP");
+}

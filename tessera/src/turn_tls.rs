@@ -1,0 +1,198 @@
+//! TURN over TLS (`turns:`, RFC 5766 §2.1 / RFC 6062's framing of the client leg) for the
+//! embedded TURN server: clients behind firewalls that pass only TLS on TCP (port 443)
+//! reach it. webrtc-rs's TURN server reads and writes datagrams through a [`Conn`]; this
+//! one accepts TLS connections and turns their byte streams into messages: a STUN message
+//! is its 20-byte header plus the length it gives, a ChannelData message its 4-byte header
+//! plus the length padded to 4 bytes (RFC 5766 §11.5). Relays to peers stay UDP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, mpsc};
+use tracing::debug;
+use webrtc_util::Conn;
+
+/// Most TLS connections at once; beyond it new ones are closed at once.
+const MAX_CONNECTIONS: usize = 2048;
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages waiting for the TURN server, over all connections.
+const INCOMING: usize = 1024;
+/// Messages waiting to be written to one connection; beyond it they are dropped, as a
+/// congested UDP path would.
+const OUTGOING: usize = 256;
+
+type Writers = Arc<std::sync::Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+
+/// The TLS listener, as one datagram-like [`Conn`] for the TURN server.
+pub struct TlsTurnConn {
+    local: SocketAddr,
+    incoming: Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
+    writers: Writers,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TlsTurnConn {
+    /// Accepts TLS connections on `listener` with `tls`.
+    pub fn start(listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> std::io::Result<TlsTurnConn> {
+        let local = listener.local_addr()?;
+        let (tx, incoming) = mpsc::channel(INCOMING);
+        let writers: Writers = Arc::default();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let accept = tokio::spawn(accept_loop(listener, acceptor, tx, writers.clone()));
+        Ok(TlsTurnConn { local, incoming: Mutex::new(incoming), writers, accept })
+    }
+}
+
+impl Drop for TlsTurnConn {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, tx: mpsc::Sender<(Vec<u8>, SocketAddr)>, writers: Writers) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: rest instead of spinning.
+                debug!(error = %e, "TURN TLS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if writers.lock().map_or(true, |w| w.len() >= MAX_CONNECTIONS) {
+            continue;
+        }
+        let (acceptor, tx, writers) = (acceptor.clone(), tx.clone(), writers.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else {
+                debug!(from = %from, "TURN TLS handshake failed");
+                return;
+            };
+            let (mut read, mut write) = tokio::io::split(tls);
+            let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTGOING);
+            if let Ok(mut w) = writers.lock() {
+                w.insert(from, out_tx);
+            }
+            let writer = tokio::spawn(async move {
+                while let Some(message) = out_rx.recv().await {
+                    if write.write_all(&message).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Some(message) = read_message(&mut read).await {
+                if tx.send((message, from)).await.is_err() {
+                    break;
+                }
+            }
+            if let Ok(mut w) = writers.lock() {
+                w.remove(&from);
+            }
+            writer.abort();
+        });
+    }
+}
+
+/// One STUN or ChannelData message off the stream; `None` at its end or on garbage.
+async fn read_message(read: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+    let mut head = [0u8; 4];
+    read.read_exact(&mut head).await.ok()?;
+    let length = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let rest = match head[0] >> 6 {
+        // STUN: 20-byte header in all.
+        0 => 16 + length,
+        // ChannelData (channel numbers 0x4000..0x7FFF), padded to 4 bytes over TCP.
+        1 => length.div_ceil(4) * 4,
+        _ => return None,
+    };
+    let mut message = Vec::with_capacity(4 + rest);
+    message.extend_from_slice(&head);
+    message.resize(4 + rest, 0);
+    read.read_exact(&mut message[4..]).await.ok()?;
+    if head[0] >> 6 == 1 {
+        // The server parses the unpadded length.
+        message.truncate(4 + length);
+    }
+    Some(message)
+}
+
+#[async_trait::async_trait]
+impl Conn for TlsTurnConn {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other("a listener does not connect".into()))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.recv_from(buf).await?.0)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let (message, from) = self.incoming.lock().await.recv().await.ok_or(webrtc_util::Error::ErrClosedListener)?;
+        let n = message.len().min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), message.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        Ok((n, from))
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other("send needs a peer address".into()))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        let Some(writer) = self.writers.lock().ok().and_then(|w| w.get(&target).cloned()) else {
+            // The client's connection closed: like a datagram to a host that went away.
+            return Ok(buf.len());
+        };
+        let mut message = buf.to_vec();
+        if buf.first().is_some_and(|b| b >> 6 == 1) {
+            message.resize(buf.len().div_ceil(4) * 4, 0);
+        }
+        let _ = writer.try_send(message);
+        Ok(buf.len())
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        self.accept.abort();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_are_cut_at_their_lengths() {
+        // A STUN binding request (no attributes), then ChannelData of 5 bytes padded to 8.
+        let mut stream = vec![0x00, 0x01, 0x00, 0x00];
+        stream.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        stream.extend_from_slice(&[7; 12]);
+        stream.extend_from_slice(&[0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0]);
+        stream.extend_from_slice(&[0xC0, 0, 0, 0]);
+        let mut read = &stream[..];
+        assert_eq!(read_message(&mut read).await.map(|m| m.len()), Some(20));
+        assert_eq!(read_message(&mut read).await, Some(vec![0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5]));
+        assert_eq!(read_message(&mut read).await, None, "not STUN nor ChannelData");
+        let mut short: &[u8] = &[0x00, 0x01, 0x00, 0x08, 0, 0];
+        assert_eq!(read_message(&mut short).await, None, "cut short");
+    }
+}
