@@ -293,15 +293,19 @@ impl Portal {
                     return Err("unauthorized".into());
                 }
                 let switch = track_switch(d, op == "play", "stream-control")?;
+                // The stream is its owner's, also when an admin acts: the owner's rights,
+                // held tracks and session.
                 let owner = {
                     let conf = self.lock();
-                    conf.room(room).and_then(|r| r.stream(&id)).and_then(|s| s.owner().cloned())
+                    conf.room(room).and_then(|r| r.stream(&id)).and_then(|s| s.owner()).map_or(participant.to_string(), ToString::to_string)
                 };
-                // Rights and held tracks are the stream owner's, also when an admin acts.
-                self.own_switch(room, owner.as_ref().map_or(participant, |o| o.as_str()), &id, SessionKind::Publication, switch)?;
+                // Not beside a permission change: a play must not slip past a revocation.
+                let _one = self.inner.permission_changes.lock().await;
+                self.may_switch(room, &owner, &id, SessionKind::Publication, switch)?;
                 let agent = self.agent(room, "stream-control")?;
-                let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
+                let command = SwitchTracks { room: room.into(), participant: owner.as_str().into(), session: id.as_str().into(), switch };
                 agent.call(command).await.map_err(|e| e.to_string())?;
+                self.switched(room, &owner, &id, SessionKind::Publication, switch);
                 self.set_track_status(room, &id, switch);
                 Ok(Some(json!("ok")))
             }
@@ -333,10 +337,12 @@ impl Portal {
         match op {
             "pause" | "play" => {
                 let switch = track_switch(d, op == "play", "subscription-control")?;
-                self.own_switch(room, participant, &id, SessionKind::Subscription, switch)?;
+                let _one = self.inner.permission_changes.lock().await;
+                self.may_switch(room, participant, &id, SessionKind::Subscription, switch)?;
                 let agent = self.agent(room, "subscription-control")?;
                 let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };
                 agent.call(command).await.map_err(|e| e.to_string())?;
+                self.switched(room, participant, &id, SessionKind::Subscription, switch);
                 Ok(None)
             }
             "update" => Err("subscription-control: `update` (changing source or parameters) is not supported by the SFU; subscribe again".into()),
@@ -448,11 +454,7 @@ impl Portal {
                 if !held.is_empty() {
                     let portal = self.clone();
                     let (room, owner, id) = (room.clone(), owner.clone(), id.clone());
-                    tokio::spawn(async move {
-                        for kind in held {
-                            portal.switch_session(&room, &owner, &id, crate::permission::switch(kind, false), false).await;
-                        }
-                    });
+                    tokio::spawn(async move { portal.pause_held(&room, &owner, &id, held).await });
                 }
                 let data = crate::wire::stream_json(&stream);
                 r.streams.push(stream);

@@ -109,11 +109,23 @@ impl Portal {
             return;
         }
         let (portal, room, participant, session) = (self.clone(), room.to_string(), participant.to_string(), session.to_string());
-        tokio::spawn(async move {
-            for kind in kinds {
-                portal.switch_session(&room, &participant, &session, switch(kind, false), false).await;
+        tokio::spawn(async move { portal.pause_held(&room, &participant, &session, kinds).await });
+    }
+
+    /// Pauses `kinds` of a session that became ready, those still held once it is this
+    /// task's turn (a grant that came first has released them). A publication's stream was
+    /// announced with them inactive already.
+    pub(crate) async fn pause_held(&self, room: &str, participant: &str, session: &str, kinds: Vec<MediaKind>) {
+        let _one = self.inner.permission_changes.lock().await;
+        for kind in kinds {
+            let held = {
+                let conf = self.lock();
+                conf.room(room).and_then(|r| r.participant(participant)).is_some_and(|p| p.held.contains(&(session.to_string(), kind)))
+            };
+            if held {
+                self.switch_session(room, participant, session, switch(kind, false), false).await;
             }
-        });
+        }
     }
 
     /// `PATCH .../streams/{id}` `/media/{audio,video}/status`: pauses or resumes a forward
@@ -134,21 +146,29 @@ impl Portal {
         Ok(())
     }
 
-    /// A participant's own pause or play of a session's tracks (`owner`: the publication's
-    /// owner, or the subscriber). A play of a kind the session carries but may no longer
-    /// use is refused; a pause is the participant's own from then on (a granted permission
-    /// will not resume it).
-    pub(crate) fn own_switch(&self, room: &str, owner: &str, session: &str, kind: SessionKind, s: TrackSwitch) -> Result<(), String> {
-        let mut conf = self.lock();
-        let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(owner)) else { return Ok(()) };
+    /// Whether a participant's own play or pause of a session's tracks may go ahead
+    /// (`owner`: the publication's owner, or the subscriber): a play of a kind the session
+    /// carries but may no longer use is refused.
+    pub(crate) fn may_switch(&self, room: &str, owner: &str, session: &str, kind: SessionKind, s: TrackSwitch) -> Result<(), String> {
+        let conf = self.lock();
+        let Some(p) = conf.room(room).and_then(|r| r.participant(owner)) else { return Ok(()) };
         let rights = match kind {
             SessionKind::Publication => p.info.permission.publish,
             SessionKind::Subscription => p.info.permission.subscribe,
         };
-        let carried: Vec<MediaKind> = p.kinds.get(session).cloned().unwrap_or_default().into_iter().filter(|k| s.covers(*k)).collect();
-        if s.active && carried.iter().any(|k| !allows(rights, *k)) {
+        let carried = p.kinds.get(session).map(Vec::as_slice).unwrap_or_default();
+        if s.active && carried.iter().any(|k| s.covers(*k) && !allows(rights, *k)) {
             return Err("unauthorized".into());
         }
+        Ok(())
+    }
+
+    /// Bookkeeping of a participant's own switch that took effect: a pause is its own from
+    /// then on (a granted permission will not resume it), a play ends that.
+    pub(crate) fn switched(&self, room: &str, owner: &str, session: &str, kind: SessionKind, s: TrackSwitch) {
+        let mut conf = self.lock();
+        let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(owner)) else { return };
+        let carried: Vec<MediaKind> = p.kinds.get(session).cloned().unwrap_or_default().into_iter().filter(|k| s.covers(*k)).collect();
         for k in carried {
             let entry = (session.to_string(), k);
             if s.active {
@@ -160,7 +180,6 @@ impl Portal {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -183,16 +202,19 @@ fn hold(p: &mut Participant, kind: MediaKind, publication: bool, flowing: &[(Str
             .iter()
             .filter(|(id, k)| **k == SessionKind::Subscription && p.kinds.get(*id).is_some_and(|ks| ks.contains(&kind)))
             .map(|(id, _)| id.to_string())
-            .filter(|id| !p.paused.contains(&(id.clone(), kind)))
             .collect()
     };
     for id in sessions {
-        if p.held.insert((id.clone(), kind)) {
-            // A publication still connecting has no stream to pause yet: the stream starts
-            // paused when it becomes ready (it is held).
-            if !publication || p.ready.contains(id.as_str()) {
-                out.push((id, kind, publication, false));
-            }
+        // Every such session is paused (its own pause may not have reached the agent);
+        // only what the participant did not pause itself is resumed by a grant.
+        let own = p.paused.contains(&(id.clone(), kind));
+        if !own {
+            p.held.insert((id.clone(), kind));
+        }
+        // A publication still connecting has no stream to pause yet: the stream starts
+        // paused when it becomes ready (it is held).
+        if !publication || p.ready.contains(id.as_str()) {
+            out.push((id, kind, publication, false));
         }
     }
 }

@@ -36,13 +36,15 @@ async fn call(api: &ApiArgs, method: reqwest::Method, path: &str, body: Option<V
     Ok(text)
 }
 
-/// An https-capable client trusting the system's roots, plus `--ca-cert` or, without it,
-/// the server's generated dev certificate (`<data-dir>/dev-tls/cert.pem`) when present.
+/// An https-capable client trusting the system's roots, plus `--ca-cert` or, without it
+/// and for an API on this machine (a loopback address or localhost), the server's
+/// generated dev certificate (`<data-dir>/dev-tls/cert.pem`) when present. Never that file
+/// for another host: whoever could write it would be trusted with the service key.
 fn http_client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
     let dev = api.data_dir.join("dev-tls/cert.pem");
     let ca = match &api.ca_cert {
         Some(path) => Some(path.clone()),
-        None => dev.exists().then_some(dev),
+        None => (is_local(&api.api) && dev.exists()).then_some(dev),
     };
     let mut builder = reqwest::Client::builder();
     if let Some(path) = ca {
@@ -51,6 +53,16 @@ fn http_client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
         builder = builder.tls_certs_merge(certs);
     }
     builder.build().context("building the HTTP client")
+}
+
+/// Whether an API URL names this machine.
+fn is_local(url: &str) -> bool {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn pretty(text: &str) -> String {
@@ -90,4 +102,17 @@ pub async fn token(action: TokenAction, api: ApiArgs) -> anyhow::Result<()> {
     let body = serde_json::json!({"user": user, "role": role});
     println!("{}", call(&api, reqwest::Method::POST, &format!("/v1/rooms/{room}/tokens"), Some(body)).await?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_api_hosts() {
+        for url in ["https://127.0.0.1:3000", "https://localhost:3000/", "https://[::1]:3000", "http://127.0.0.2"] {
+            assert!(super::is_local(url), "{url}");
+        }
+        for url in ["https://meet.example.org", "https://10.0.0.5:3000", "https://localhost.example.org:3000"] {
+            assert!(!super::is_local(url), "{url}");
+        }
+    }
 }

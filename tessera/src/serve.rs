@@ -419,6 +419,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("tessera: node `{node_id}` serves {} (no portal)", config.cluster.roles().join(","));
         info!(node = %node_id, "media node started");
         signals.wait().await;
+        let drain = Duration::from_secs(config.server.drain_timeout_secs);
+        if let (Some(node), false) = (&cluster, drain.is_zero()) {
+            // Portals place nothing new here from the next heartbeat on; what runs goes on
+            // until its participants leave (and recordings end), the timeout, or a second
+            // signal. Rooms already placed here keep their sessions here until they empty.
+            node.set_draining(true);
+            let busy = || {
+                let transports = sfu.as_ref().map_or(0, |s| s.stats().transports);
+                let recording = recorder.as_ref().map_or(0, |r| r.counts().0);
+                (transports, recording)
+            };
+            let (transports, recording) = busy();
+            println!("tessera: draining for up to {} s ({transports} transports, {recording} recordings)", drain.as_secs());
+            info!(timeout_secs = drain.as_secs(), transports, recording, "media node draining");
+            let deadline = tokio::time::Instant::now() + drain;
+            loop {
+                if busy() == (0, 0) {
+                    info!("drained: no transport or recording left");
+                    break;
+                }
+                tokio::select! {
+                    _ = signals.wait() => { info!("second signal: stopping now"); break; }
+                    _ = tokio::time::sleep_until(deadline) => { info!(busy = ?busy(), "drain timeout"); break; }
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
         if let Some(node) = &cluster {
             node.leave().await;
         }

@@ -25,6 +25,14 @@ const INCOMING: usize = 1024;
 /// Messages waiting to be written to one connection; beyond it they are dropped, as a
 /// congested UDP path would.
 const OUTGOING: usize = 256;
+/// The TURN server reads at most this much of a message (its inbound MTU): a longer one is
+/// garbage, and its connection is closed.
+const MAX_MESSAGE: usize = 1500;
+/// A connection that sends nothing this long (no allocation refreshes, no data) is closed;
+/// clients refresh every few minutes.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The first message must come this soon after the handshake.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Writers = Arc<std::sync::Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
 
@@ -55,6 +63,7 @@ impl Drop for TlsTurnConn {
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, tx: mpsc::Sender<(Vec<u8>, SocketAddr)>, writers: Writers) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(s) => s,
@@ -65,11 +74,13 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
                 continue;
             }
         };
-        if writers.lock().map_or(true, |w| w.len() >= MAX_CONNECTIONS) {
+        // Counted from the accept, handshakes included, for the connection's whole life.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
-        }
+        };
         let (acceptor, tx, writers) = (acceptor.clone(), tx.clone(), writers.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else {
                 debug!(from = %from, "TURN TLS handshake failed");
                 return;
@@ -77,21 +88,29 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
             let (mut read, mut write) = tokio::io::split(tls);
             let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTGOING);
             if let Ok(mut w) = writers.lock() {
-                w.insert(from, out_tx);
+                w.insert(from, out_tx.clone());
             }
             let writer = tokio::spawn(async move {
                 while let Some(message) = out_rx.recv().await {
                     if write.write_all(&message).await.is_err() {
                         break;
                     }
+                    // tokio-rustls may keep encrypted bytes buffered: out before waiting.
+                    if out_rx.is_empty() && write.flush().await.is_err() {
+                        break;
+                    }
                 }
             });
-            while let Some(message) = read_message(&mut read).await {
+            let mut wait = FIRST_MESSAGE_TIMEOUT;
+            while let Ok(Some(message)) = tokio::time::timeout(wait, read_message(&mut read)).await {
+                wait = IDLE_TIMEOUT;
                 if tx.send((message, from)).await.is_err() {
                     break;
                 }
             }
-            if let Ok(mut w) = writers.lock() {
+            if let Ok(mut w) = writers.lock()
+                && w.get(&from).is_some_and(|s| s.same_channel(&out_tx))
+            {
                 w.remove(&from);
             }
             writer.abort();
@@ -111,6 +130,9 @@ async fn read_message(read: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>>
         1 => length.div_ceil(4) * 4,
         _ => return None,
     };
+    if 4 + rest > MAX_MESSAGE + 3 {
+        return None;
+    }
     let mut message = Vec::with_capacity(4 + rest);
     message.extend_from_slice(&head);
     message.resize(4 + rest, 0);
@@ -194,5 +216,7 @@ mod tests {
         assert_eq!(read_message(&mut read).await, None, "not STUN nor ChannelData");
         let mut short: &[u8] = &[0x00, 0x01, 0x00, 0x08, 0, 0];
         assert_eq!(read_message(&mut short).await, None, "cut short");
+        let mut long: &[u8] = &[0x00, 0x01, 0x07, 0xD0];
+        assert_eq!(read_message(&mut long).await, None, "longer than the server reads");
     }
 }

@@ -599,3 +599,96 @@ async fn a_dead_media_node_is_replaced() {
     }
     drop(survivor);
 }
+
+/// A media node told to stop with a drain timeout (SIGTERM, `server.drain_timeout_secs`)
+/// is reported draining, gets no new room, keeps its running media until its participants
+/// leave, and then exits by itself, long before the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_media_node_finishes_its_rooms_then_stops() {
+    if !common::in_own_netns("a_draining_media_node_finishes_its_rooms_then_stops") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let media = |id: &str, ip: &str| {
+        let cfg = format!(
+            "[server]\ndrain_timeout_secs = 60\n[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n"
+        );
+        common::start_with_config_args(&cfg, &["--cluster", &url])
+    };
+    let (_d1, m1) = media("m1", "127.0.0.2");
+    let (_d2, m2) = media("m2", "127.0.0.3");
+    let (_dp, p) = common::start_with_config_args("[cluster]\nnode_id = \"p\"\nroles = [\"portal\"]\n", &["--cluster", &url]);
+    wait_nodes(&p, &["m1", "m2", "p"], Duration::from_secs(5)).await;
+
+    let room = p.new_room(serde_json::json!({})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
+    let sending = {
+        let pb = publisher.clone();
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(60), 30, 1000).await })
+    };
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
+    sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    let load = |v: &Value, id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let busy = loop {
+        let v = nodes(&p).await;
+        if let Some(b) = ["m1", "m2"].into_iter().find(|id| load(&v, id)["load"]["transports"].as_u64() >= Some(2)) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no media node reported the room's transports: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let other = if busy == "m1" { "m2" } else { "m1" };
+    let (mut draining, _rest) = if busy == "m1" { (m1, m2) } else { (m2, m1) };
+    let _ = Command::new("kill").arg("-TERM").arg(draining.child.id().to_string()).status();
+
+    // Reported draining within a heartbeat or two.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let v = nodes(&p).await;
+        if load(&v, busy)["draining"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{busy} never reported draining: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A new room goes to the other node.
+    let room2 = p.new_room(serde_json::json!({})).await;
+    let (mut qsig, _) = p.join(&room2, "pub2").await;
+    let _second = tessera_client::peer::Publisher::start(&mut qsig, common::av(2), None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let v = nodes(&p).await;
+        if load(&v, other)["load"]["transports"].as_u64() >= Some(1) {
+            assert_eq!(load(&v, busy)["load"]["transports"], 2, "nothing new on the draining node: {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new room never reached {other}: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The running room goes on, and the node stays up meanwhile.
+    let before = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(sub.packets("video").len() > before + 40, "video went on while draining");
+    assert!(draining.child.try_wait().unwrap().is_none(), "the draining node stopped before its room ended");
+
+    // Its participants leave: it stops by itself, cleanly.
+    sending.abort();
+    ssig.ok("logout", None).await.unwrap();
+    psig.ok("logout", None).await.unwrap();
+    let left = Instant::now();
+    let status = loop {
+        if let Some(status) = draining.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(left.elapsed() < Duration::from_secs(20), "the drained node did not stop after its participants left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    println!("the drained node stopped {:?} after its last participants left", left.elapsed());
+    // It left the cluster (ids listed in order).
+    wait_nodes(&p, &[other, "p"], Duration::from_secs(5)).await;
+}

@@ -604,7 +604,13 @@ async fn expect_video(sub: &Subscriber, flowing: bool, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rest_mutes_streams_and_permissions_take_effect_on_live_media() {
     let (_dir, s) = common::start_with_config(CONFIG);
-    let room = s.new_room(json!({})).await;
+    let all = json!({"audio": true, "video": true});
+    let room = s
+        .new_room(json!({"roles": [
+            {"role": "presenter", "publish": all, "subscribe": all},
+            {"role": "admin", "publish": all, "subscribe": all}
+        ]}))
+        .await;
     let (mut psig, pinfo) = s.join(&room, "pub").await;
     let publisher = Arc::new(Publisher::start(&mut psig, common::av(9), None).await.unwrap());
     let sender = {
@@ -675,6 +681,15 @@ async fn rest_mutes_streams_and_permissions_take_effect_on_live_media() {
         .await
         .unwrap();
     assert_eq!(listed["media"]["video"]["status"], "active", "{listed}");
+
+    // An admin pauses and plays another participant's stream (OWT lets admins do so).
+    let token = s.token(&room, "boss", "admin").await;
+    let mut asig = Signaling::connect(&s.portal).await.unwrap();
+    asig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await.unwrap();
+    asig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "pause", "data": "video"}))).await.unwrap();
+    expect_video(&sub, false, "paused by an admin").await;
+    asig.ok("stream-control", Some(json!({"id": publisher.stream_id, "operation": "play", "data": "video"}))).await.unwrap();
+    expect_video(&sub, true, "played by an admin").await;
     sender.abort();
 }
 
