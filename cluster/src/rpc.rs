@@ -171,13 +171,7 @@ where
     F: Fn(C, Option<String>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<R, E>> + Send,
 {
-    let mut requests = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(subject = %subject, error = %e, "cannot serve this node's part over NATS");
-            return;
-        }
-    };
+    let Some(mut requests) = subscribe_or_warn(&client, &subject, "cannot serve this node's part over NATS").await else { return };
     while let Some(msg) = requests.next().await {
         let Some(reply_to) = msg.reply.clone() else { continue };
         let from = msg.headers.as_ref().and_then(|h| h.get(FROM_HEADER)).map(|v| v.as_str().to_string());
@@ -301,17 +295,22 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     }
 }
 
+/// A subscription to `subject`, or `None` with `what` logged (the node goes on without it).
+async fn subscribe_or_warn(client: &Client, subject: &str, what: &str) -> Option<async_nats::Subscriber> {
+    match client.subscribe(subject.to_string()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(subject = %subject, error = %e, "{what}");
+            None
+        }
+    }
+}
+
 /// Receives the events media nodes send this portal node and hands them to `portal`.
 pub fn receive_events(client: Client, me: &str, portal: mpsc::Sender<AgentEvent>) {
     let subject = subject(me, "events");
     tokio::spawn(async move {
-        let mut events = match client.subscribe(subject.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(subject = %subject, error = %e, "cannot receive media events over NATS");
-                return;
-            }
-        };
+        let Some(mut events) = subscribe_or_warn(&client, &subject, "cannot receive media events over NATS").await else { return };
         while let Some(msg) = events.next().await {
             match serde_json::from_slice::<AgentEvent>(&msg.payload) {
                 Ok(event) => {

@@ -515,6 +515,33 @@ fn roles_need_a_cluster() {
     }
 }
 
+/// Media nodes m1 (127.0.0.2) and m2 (127.0.0.3), each with `extra` at the head of its
+/// config, and a portal-only node p, on the NATS at `url`, once all three are listed.
+async fn two_media_nodes_and_a_portal(url: &str, extra: &str) -> [(tempfile::TempDir, common::Server); 3] {
+    let media = |id: &str, ip: &str| {
+        let cfg = format!("{extra}[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n");
+        common::start_with_config_args(&cfg, &["--cluster", url])
+    };
+    let (m1, m2) = (media("m1", "127.0.0.2"), media("m2", "127.0.0.3"));
+    let p = common::start_with_config_args("[cluster]\nnode_id = \"p\"\nroles = [\"portal\"]\n", &["--cluster", url]);
+    wait_nodes(&p.1, &["m1", "m2", "p"], Duration::from_secs(5)).await;
+    [m1, m2, p]
+}
+
+/// The node whose report shows at least `transports` transports (within 6 s).
+async fn node_with_transports(p: &common::Server, transports: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let v = nodes(p).await;
+        let busy = v["nodes"].as_array().unwrap().iter().find(|n| n["load"]["transports"].as_u64() >= Some(transports));
+        if let Some(n) = busy {
+            return n["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no node reported {transports} transports: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// A media node dies (SIGKILL): once its registry entry expires, the portal tells the
 /// room's participants their transports failed and removes the streams; publishing and
 /// subscribing again places the room on the surviving media node, and media flows (the
@@ -525,15 +552,7 @@ async fn a_dead_media_node_is_replaced() {
         return;
     }
     let nats = Nats::start();
-    let url = nats.url();
-    let media = |id: &str, ip: &str| {
-        let cfg = format!("[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n");
-        common::start_with_config_args(&cfg, &["--cluster", &url])
-    };
-    let (_d1, m1) = media("m1", "127.0.0.2");
-    let (_d2, m2) = media("m2", "127.0.0.3");
-    let (_dp, p) = common::start_with_config_args("[cluster]\nnode_id = \"p\"\nroles = [\"portal\"]\n", &["--cluster", &url]);
-    wait_nodes(&p, &["m1", "m2", "p"], Duration::from_secs(5)).await;
+    let [(_d1, m1), (_d2, m2), (_dp, p)] = two_media_nodes_and_a_portal(&nats.url(), "").await;
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
@@ -546,21 +565,7 @@ async fn a_dead_media_node_is_replaced() {
     sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
 
     // Which node carries the room: the one whose report shows the transports.
-    let deadline = Instant::now() + Duration::from_secs(6);
-    let busy = loop {
-        let v = nodes(&p).await;
-        let busy = v["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["load"]["transports"].as_u64() >= Some(2))
-            .map(|n| n["id"].as_str().unwrap().to_string());
-        if let Some(b) = busy {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "no media node reported the room's transports: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let busy = node_with_transports(&p, 2).await;
     let (mut dead, survivor) = if busy == "m1" { (m1, m2) } else { (m2, m1) };
     let killed = Instant::now();
     dead.child.kill().unwrap();
@@ -609,17 +614,7 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
         return;
     }
     let nats = Nats::start();
-    let url = nats.url();
-    let media = |id: &str, ip: &str| {
-        let cfg = format!(
-            "[server]\ndrain_timeout_secs = 60\n[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\", \"mixer\", \"recorder\"]\n"
-        );
-        common::start_with_config_args(&cfg, &["--cluster", &url])
-    };
-    let (_d1, m1) = media("m1", "127.0.0.2");
-    let (_d2, m2) = media("m2", "127.0.0.3");
-    let (_dp, p) = common::start_with_config_args("[cluster]\nnode_id = \"p\"\nroles = [\"portal\"]\n", &["--cluster", &url]);
-    wait_nodes(&p, &["m1", "m2", "p"], Duration::from_secs(5)).await;
+    let [(_d1, m1), (_d2, m2), (_dp, p)] = two_media_nodes_and_a_portal(&nats.url(), "[server]\ndrain_timeout_secs = 60\n").await;
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
@@ -632,15 +627,8 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
     sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
     let load = |v: &Value, id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(6);
-    let busy = loop {
-        let v = nodes(&p).await;
-        if let Some(b) = ["m1", "m2"].into_iter().find(|id| load(&v, id)["load"]["transports"].as_u64() >= Some(2)) {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "no media node reported the room's transports: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let busy = node_with_transports(&p, 2).await;
+    let busy = busy.as_str();
     let other = if busy == "m1" { "m2" } else { "m1" };
     let (mut draining, _rest) = if busy == "m1" { (m1, m2) } else { (m2, m1) };
     let _ = Command::new("kill").arg("-TERM").arg(draining.child.id().to_string()).status();
