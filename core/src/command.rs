@@ -521,6 +521,52 @@ pub struct RecordingFile {
     pub recording: String,
 }
 
+/// Asks for bytes of a recording's file, so a file on another node can be downloaded
+/// through any portal (over NATS in a cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadRecording {
+    /// Room id.
+    pub room: RoomId,
+    /// Recording id.
+    pub recording: String,
+    /// Where to start, in bytes.
+    pub offset: u64,
+    /// Most bytes wanted (the recorder gives at most [`MAX_RECORDING_CHUNK`]).
+    pub len: u32,
+}
+
+/// The largest chunk a [`ReadRecording`] gets: well under NATS's 1 MB message limit once
+/// base64-encoded, and small enough that a reply never holds up a node's other requests
+/// for long.
+pub const MAX_RECORDING_CHUNK: u32 = 64 * 1024;
+
+/// Bytes of a recording's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingChunk {
+    /// The file's name (no folder), for the download's name and type.
+    pub name: String,
+    /// The file's size now (a running recording grows).
+    pub size: u64,
+    /// The bytes from the requested offset; empty at the end.
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Bytes as base64 on the wire (JSON would spell every byte as a number).
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A room was deleted: its recordings stop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomDeleted {
@@ -551,6 +597,8 @@ protocol! {
     StopRecording(StopRecording) -> RecordingInfo;
     /// The file of a recording (on the recorder's machine).
     RecordingFile(RecordingFile) -> PathBuf;
+    /// Bytes of a recording's file.
+    ReadRecording(ReadRecording) -> RecordingChunk;
     /// Stops the recordings of a deleted room.
     RoomDeleted(RoomDeleted) -> ();
     /// Stops and finalises everything.

@@ -3,7 +3,9 @@
 use actix_web::{HttpResponse, web};
 use serde_json::Value;
 use tessera_core::agent::{MediaKind, RecordingSpec};
-use tessera_core::command::{ListRecordings, RecorderNode, RecordingError, RecordingFile, StartRecording, StopRecording, SwitchSource};
+use tessera_core::command::{
+    ListRecordings, MAX_RECORDING_CHUNK, ReadRecording, RecorderNode, RecordingError, StartRecording, StopRecording, SwitchSource,
+};
 
 use crate::ApiState;
 use crate::error::ApiError;
@@ -93,18 +95,53 @@ pub(crate) async fn stop(_: Authed, state: web::Data<ApiState>, path: web::Path<
     Ok(HttpResponse::Ok().json(rec))
 }
 
+/// `GET .../recordings/{id}/file`: the file, read in chunks from the recorder that made it
+/// (this process's, or another node's over NATS), streamed as they come.
 pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let file = engine(&state, &room.id)?.call(RecordingFile { room: room.id.as_str().into(), recording: id }).await.map_err(recording_error)?;
-    let bytes = tokio::fs::read(&file).await.map_err(|e| ApiError::NotFound(format!("recording file {}: {e}", file.display())))?;
-    let mime = match file.extension().and_then(|e| e.to_str()) {
+    let recorder = engine(&state, &room.id)?;
+    let read = {
+        let (recorder, room, id) = (recorder.clone(), room.id.clone(), id.clone());
+        move |offset: u64| {
+            let (recorder, room, recording) = (recorder.clone(), room.as_str().into(), id.clone());
+            async move { recorder.call(ReadRecording { room, recording, offset, len: MAX_RECORDING_CHUNK }).await }
+        }
+    };
+    // The first chunk before answering, so an unknown recording is a 404, not a broken body.
+    let first = read(0).await.map_err(recording_error)?;
+    let size = first.size;
+    let mime = match first.name.rsplit('.').next() {
         Some("webm") => "video/webm",
         Some("mp4") => "video/mp4",
         _ => "video/x-matroska",
     };
-    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("recording");
-    Ok(HttpResponse::Ok().content_type(mime).insert_header(("Content-Disposition", format!("attachment; filename=\"{name}\""))).body(bytes))
+    let name = first.name.clone();
+    let first_len = first.data.len() as u64;
+    // The size at the first chunk is the body's length: a running recording is cut there.
+    let body = futures_util::stream::unfold((Some(first.data), first_len, read), move |(pending, offset, read)| async move {
+        if let Some(data) = pending {
+            return Some((Ok::<_, actix_web::Error>(web::Bytes::from(data)), (None, offset, read)));
+        }
+        if offset >= size {
+            return None;
+        }
+        match read(offset).await {
+            Ok(chunk) if !chunk.data.is_empty() => {
+                let end = (offset + chunk.data.len() as u64).min(size);
+                let mut data = chunk.data;
+                data.truncate(usize::try_from(end - offset).unwrap_or(0));
+                Some((Ok(web::Bytes::from(data)), (None, end, read)))
+            }
+            Ok(_) => None,
+            Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e.to_string())), (None, size, read))),
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type(mime)
+        .insert_header(("Content-Disposition", format!("attachment; filename=\"{}\"", name.escape_debug())))
+        .no_chunking(size)
+        .streaming(body))
 }
 
 /// Property tests of the recording body helpers: any JSON gives a source or a clear error.

@@ -22,8 +22,8 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use tessera_core::agent::{MediaKind, RecordingSpec};
 use tessera_core::command::{
-    RecorderCommand, RecorderNode, RecorderReply, RecordingError, RecordingFormat, RecordingInfo, RecordingMedia, RecordingSource, RecordingState,
-    RecordingStorage,
+    MAX_RECORDING_CHUNK, RecorderCommand, RecorderNode, RecorderReply, RecordingChunk, RecordingError, RecordingFormat, RecordingInfo,
+    RecordingMedia, RecordingSource, RecordingState, RecordingStorage,
 };
 use tessera_core::hooks::{Hook, HookSink};
 use tessera_core::media::{StreamSource, with_payload_type};
@@ -342,6 +342,10 @@ impl RecorderNode for Recorder {
             }
             RecorderCommand::StopRecording(c) => RecorderReply::StopRecording(self.stop(c.room.as_str(), &c.recording).await?),
             RecorderCommand::RecordingFile(c) => RecorderReply::RecordingFile(self.get(c.room.as_str(), &c.recording)?.path.clone()),
+            RecorderCommand::ReadRecording(c) => {
+                let path = self.get(c.room.as_str(), &c.recording)?.path.clone();
+                RecorderReply::ReadRecording(read_chunk(&path, c.offset, c.len).await?)
+            }
             RecorderCommand::RoomDeleted(c) => {
                 self.room_deleted(&c.room).await;
                 RecorderReply::RoomDeleted(())
@@ -352,6 +356,22 @@ impl RecorderNode for Recorder {
             }
         })
     }
+}
+
+/// Bytes `offset..offset+len` (at most [`MAX_RECORDING_CHUNK`]) of a recording's file.
+async fn read_chunk(path: &std::path::Path, offset: u64, len: u32) -> Result<RecordingChunk, RecordingError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let failed = |e: std::io::Error| RecordingError::Failed(format!("reading {}: {e}", path.display()));
+    let mut file = tokio::fs::File::open(path).await.map_err(failed)?;
+    let size = file.metadata().await.map_err(failed)?.len();
+    let want = u64::from(len.min(MAX_RECORDING_CHUNK)).min(size.saturating_sub(offset));
+    let mut data = vec![0; usize::try_from(want).unwrap_or(0)];
+    if !data.is_empty() {
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(failed)?;
+        file.read_exact(&mut data).await.map_err(failed)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("recording").to_string();
+    Ok(RecordingChunk { name, size, data })
 }
 
 impl Recorder {

@@ -453,6 +453,22 @@ async fn portal_drives_media_on_another_node() {
     let out = Command::new("gst-discoverer-1.0").arg(&file).output().expect("gst-discoverer-1.0 (gstreamer1.0-tools)");
     let report = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(report.contains("vp8") && report.contains("opus"), "{report}");
+    // Downloaded through the portal: the media node's file, byte for byte, read over NATS.
+    let res = p
+        .client()
+        .get(p.url(&format!("/v1/rooms/{room}/recordings/{}/file", rec["id"].as_str().unwrap())))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "video/x-matroska");
+    let downloaded = res.bytes().await.unwrap();
+    let on_disk = std::fs::read(&file).unwrap();
+    assert!(on_disk.len() > tessera_core::command::MAX_RECORDING_CHUNK as usize, "a recording larger than one chunk: {} bytes", on_disk.len());
+    assert!(downloaded[..] == on_disk[..], "downloaded {} bytes, the file has {}", downloaded.len(), on_disk.len());
+    let res = p.client().get(p.url(&format!("/v1/rooms/{room}/recordings/nope/file"))).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 404);
 
     // NATS away for 10 s: media already flowing keeps flowing, nobody hears of a failure.
     nats.stop();
