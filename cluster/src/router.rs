@@ -181,6 +181,14 @@ impl Router for ClusterRouter {
         }
     }
 
+    fn recorder_nodes(&self) -> Vec<Arc<dyn RecorderNode>> {
+        let mut out: Vec<Arc<dyn RecorderNode>> = self.local.recorder.iter().cloned().collect();
+        for n in self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&Role::Recorder) && !self.is_me(n)) {
+            out.push(Arc::new(RemoteRecorder::new(self.node.client(), &self.me, &n.id)));
+        }
+        out
+    }
+
     fn media_nodes(&self) -> Vec<Arc<dyn MediaNode>> {
         let mut out: Vec<Arc<dyn MediaNode>> = Vec::new();
         for n in self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&Role::Webrtc)) {

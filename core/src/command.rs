@@ -651,6 +651,9 @@ pub trait Router: Send + Sync {
     fn recorder_for(&self, room: &RoomId) -> Option<Arc<dyn RecorderNode>>;
     /// Every webrtc node, for server-wide counts.
     fn media_nodes(&self) -> Vec<Arc<dyn MediaNode>>;
+    /// Every recorder node, this process's first: a recording outlives its room's
+    /// placement, so its file is looked for on each (downloads after the meeting).
+    fn recorder_nodes(&self) -> Vec<Arc<dyn RecorderNode>>;
     /// The room is empty and its views stopped: a router that placed it may forget where,
     /// so it is placed afresh (on the least-used node) when someone comes back.
     fn release(&self, _room: &RoomId) {}
@@ -679,6 +682,9 @@ impl Router for LocalRouter {
     }
     fn media_nodes(&self) -> Vec<Arc<dyn MediaNode>> {
         self.agent.iter().cloned().collect()
+    }
+    fn recorder_nodes(&self) -> Vec<Arc<dyn RecorderNode>> {
+        self.recorder.iter().cloned().collect()
     }
 }
 

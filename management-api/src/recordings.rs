@@ -100,7 +100,36 @@ pub(crate) async fn stop(_: Authed, state: web::Data<ApiState>, path: web::Path<
 pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let recorder = engine(&state, &room.id)?;
+    // The recorder that made it: the room may have been placed elsewhere since (or on no
+    // node at all once it emptied), so each recorder is asked, this process's first.
+    let recorders = state.router.recorder_nodes();
+    if recorders.is_empty() {
+        return Err(ApiError::Internal("this server does not record".into()));
+    }
+    let (mut found, mut unreachable) = (None, Vec::new());
+    for recorder in recorders {
+        let first = ReadRecording { room: room.id.as_str().into(), recording: id.clone(), offset: 0, len: MAX_RECORDING_CHUNK };
+        match recorder.call(first).await {
+            Ok(chunk) => {
+                found = Some((recorder, chunk));
+                break;
+            }
+            Err(RecordingError::NoRecording(_)) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "a recorder could not be asked for a recording");
+                unreachable.push(e.to_string());
+            }
+        }
+    }
+    let Some((recorder, first)) = found else {
+        // Not on any recorder that answered: unknown, unless one could not be asked.
+        return Err(match unreachable.is_empty() {
+            true => recording_error(RecordingError::NoRecording(id)),
+            false => {
+                ApiError::Unavailable(format!("recording {id} not found on the recorders that answered; others failed: {}", unreachable.join("; ")))
+            }
+        });
+    };
     let read = {
         let (recorder, room, id) = (recorder.clone(), room.id.clone(), id.clone());
         move |offset: u64| {
@@ -108,8 +137,6 @@ pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<
             async move { recorder.call(ReadRecording { room, recording, offset, len: MAX_RECORDING_CHUNK }).await }
         }
     };
-    // The first chunk before answering, so an unknown recording is a 404, not a broken body.
-    let first = read(0).await.map_err(recording_error)?;
     let size = first.size;
     let mime = match first.name.rsplit('.').next() {
         Some("webm") => "video/webm",
@@ -133,7 +160,8 @@ pub(crate) async fn file(_: Authed, state: web::Data<ApiState>, path: web::Path<
                 data.truncate(usize::try_from(end - offset).unwrap_or(0));
                 Some((Ok(web::Bytes::from(data)), (None, end, read)))
             }
-            Ok(_) => None,
+            // Shorter than when the download began: cut, and the client sees a short body.
+            Ok(_) => Some((Err(actix_web::error::ErrorInternalServerError("the recording file shrank")), (None, size, read))),
             Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e.to_string())), (None, size, read))),
         }
     });

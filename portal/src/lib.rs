@@ -79,8 +79,9 @@ struct Inner {
     hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
     /// Logins and relogins by outcome, for the metrics.
     logins: metrics::LoginCounts,
-    /// Serialises permission changes over REST (see `permission.rs`).
-    permission_changes: tokio::sync::Mutex<()>,
+    /// Serialises, per room, permission changes over REST and participants' own play and
+    /// pause (see `permission.rs`).
+    permission_changes: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -116,7 +117,7 @@ impl Portal {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 hooks: std::sync::OnceLock::new(),
                 logins: metrics::LoginCounts::default(),
-                permission_changes: tokio::sync::Mutex::new(()),
+                permission_changes: Default::default(),
             }),
         };
         if let Some(mut events) = events {

@@ -300,7 +300,7 @@ impl Portal {
                     conf.room(room).and_then(|r| r.stream(&id)).and_then(|s| s.owner()).map_or(participant.to_string(), ToString::to_string)
                 };
                 // Not beside a permission change: a play must not slip past a revocation.
-                let _one = self.inner.permission_changes.lock().await;
+                let _one = self.switch_lock(room).await;
                 self.may_switch(room, &owner, &id, SessionKind::Publication, switch)?;
                 let agent = self.agent(room, "stream-control")?;
                 let command = SwitchTracks { room: room.into(), participant: owner.as_str().into(), session: id.as_str().into(), switch };
@@ -337,7 +337,7 @@ impl Portal {
         match op {
             "pause" | "play" => {
                 let switch = track_switch(d, op == "play", "subscription-control")?;
-                let _one = self.inner.permission_changes.lock().await;
+                let _one = self.switch_lock(room).await;
                 self.may_switch(room, participant, &id, SessionKind::Subscription, switch)?;
                 let agent = self.agent(room, "subscription-control")?;
                 let command = SwitchTracks { room: room.into(), participant: participant.into(), session: id.as_str().into(), switch };

@@ -8,6 +8,8 @@
 //! never what the participant paused itself. Sessions still connecting at the revocation
 //! start paused when they become ready.
 
+use std::sync::Arc;
+
 use tessera_core::agent::{MediaKind, TrackSwitch};
 use tessera_core::command::SwitchTracks;
 use tessera_core::control::apply_permission_ops;
@@ -38,10 +40,22 @@ fn allows(rights: AudioVideo, kind: MediaKind) -> bool {
 type Switch = (String, MediaKind, bool, bool);
 
 impl Portal {
+    /// The room's lock for switching tracks: a revocation, a grant and a participant's own
+    /// play or pause in one room reach the agent in the order they were decided.
+    pub(crate) async fn switch_lock(&self, room: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.inner.permission_changes.lock().unwrap_or_else(|p| p.into_inner());
+            // Rooms nobody switches in any more (no guard out) are forgotten.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(room.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
     pub(crate) async fn patch_participant(&self, room: &str, participant: &str, ops: &serde_json::Value) -> Result<ParticipantInfo, ControlError> {
         // One permission change at a time: a revocation and a grant in quick succession
         // must reach the agent in that order.
-        let _one = self.inner.permission_changes.lock().await;
+        let _one = self.switch_lock(room).await;
         let (switches, info, changed) = {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or_else(|| ControlError::ParticipantNotFound(participant.into()))?;
@@ -116,7 +130,7 @@ impl Portal {
     /// task's turn (a grant that came first has released them). A publication's stream was
     /// announced with them inactive already.
     pub(crate) async fn pause_held(&self, room: &str, participant: &str, session: &str, kinds: Vec<MediaKind>) {
-        let _one = self.inner.permission_changes.lock().await;
+        let _one = self.switch_lock(room).await;
         for kind in kinds {
             let held = {
                 let conf = self.lock();
@@ -140,8 +154,11 @@ impl Portal {
             s.owner().cloned().ok_or("`/media/*/status` applies to forward streams")?
         };
         let agent = self.inner.router.agent_for(&room.into()).ok_or("no WebRTC agent serves this room")?;
-        let command = SwitchTracks { room: room.into(), participant: owner, session: stream.into(), switch: switch(kind, active) };
+        let _one = self.switch_lock(room).await;
+        let command = SwitchTracks { room: room.into(), participant: owner.clone(), session: stream.into(), switch: switch(kind, active) };
         agent.call(command).await.map_err(|e| e.to_string())?;
+        // The server's mute is the owner's pause as far as a later grant is concerned.
+        self.switched(room, owner.as_str(), stream, SessionKind::Publication, switch(kind, active));
         self.set_track_status(room, stream, switch(kind, active));
         Ok(())
     }

@@ -58,6 +58,8 @@ struct State {
     inputs: HashMap<MediaKind, Input>,
     /// (stream, codec) per kind, kept after the end for the description.
     sources: HashMap<MediaKind, (String, String)>,
+    /// Ended, but the muxer is still writing the file's end: the file is not complete.
+    finalising: bool,
 }
 
 struct Recording {
@@ -120,6 +122,7 @@ impl Recording {
             s.status = status;
             s.reason = Some(reason.to_string());
             s.ended = Some(Instant::now());
+            s.finalising = true;
             (s.pipeline.take(), std::mem::take(&mut s.inputs))
         };
         for (kind, input) in &inputs {
@@ -135,6 +138,7 @@ impl Recording {
         }
         info!(recording = %self.id, room = %self.room, reason, file = ?self.path, "recording ended");
         self.finished_hook();
+        self.lock().finalising = false;
     }
 
     /// Tells the hooks the recording ended, as it ended.
@@ -193,12 +197,15 @@ impl Recorder {
         Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone(), hooks: std::sync::OnceLock::new() })
     }
 
-    /// Recordings this node knows, by state: (recording, stopped, failed).
+    /// Recordings this node knows, by state: (recording, stopped, failed). One whose file
+    /// is still being finalised counts as recording: its file is not complete yet.
     pub fn counts(&self) -> (usize, usize, usize) {
         let recordings: Vec<Arc<Recording>> = self.lock().values().cloned().collect();
         let mut c = (0, 0, 0);
         for r in recordings {
-            match r.lock().status {
+            let s = r.lock();
+            match s.status {
+                _ if s.finalising => c.0 += 1,
                 Status::Recording => c.0 += 1,
                 Status::Stopped => c.1 += 1,
                 Status::Failed => c.2 += 1,
@@ -417,6 +424,7 @@ impl Recorder {
                 pipeline: None,
                 inputs: HashMap::new(),
                 sources: HashMap::new(),
+                finalising: false,
             }),
             eos: std::sync::atomic::AtomicBool::new(false),
             hooks: self.hooks.get().cloned(),
@@ -508,6 +516,12 @@ impl Recorder {
         }
         for t in tasks {
             let _ = t.await;
+        }
+        // Recordings that ended just before (their source left) may still be writing their
+        // end on another thread: the process must not exit under them.
+        let deadline = tokio::time::Instant::now() + FINALISE_TIMEOUT + Duration::from_secs(1);
+        while self.counts().0 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

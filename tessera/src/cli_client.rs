@@ -57,11 +57,9 @@ fn http_client(api: &ApiArgs) -> anyhow::Result<reqwest::Client> {
 
 /// Whether an API URL names this machine.
 fn is_local(url: &str) -> bool {
-    let authority = url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
+    // Parsed as the client will connect: `https://localhost@evil.example` is evil.example.
+    let Some(parsed) = reqwest::Url::parse(url).ok() else { return false };
+    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
@@ -111,7 +109,7 @@ mod tests {
         for url in ["https://127.0.0.1:3000", "https://localhost:3000/", "https://[::1]:3000", "http://127.0.0.2"] {
             assert!(super::is_local(url), "{url}");
         }
-        for url in ["https://meet.example.org", "https://10.0.0.5:3000", "https://localhost.example.org:3000"] {
+        for url in ["https://meet.example.org", "https://10.0.0.5:3000", "https://localhost.example.org:3000", "https://localhost:1@evil.example/"] {
             assert!(!super::is_local(url), "{url}");
         }
     }

@@ -18,6 +18,8 @@ use webrtc_util::Conn;
 
 /// Most TLS connections at once; beyond it new ones are closed at once.
 const MAX_CONNECTIONS: usize = 2048;
+/// Most TLS connections at once from one address, so one host cannot take every slot.
+const MAX_PER_ADDRESS: usize = 32;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages waiting for the TURN server, over all connections.
@@ -64,6 +66,7 @@ impl Drop for TlsTurnConn {
 
 async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, tx: mpsc::Sender<(Vec<u8>, SocketAddr)>, writers: Writers) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(s) => s,
@@ -75,12 +78,15 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
             }
         };
         // Counted from the accept, handshakes included, for the connection's whole life.
+        let Some(per_address) = PerAddress::take(&per_address, from.ip()) else {
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let (acceptor, tx, writers) = (acceptor.clone(), tx.clone(), writers.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, per_address);
             let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await else {
                 debug!(from = %from, "TURN TLS handshake failed");
                 return;
@@ -115,6 +121,37 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
             }
             writer.abort();
         });
+    }
+}
+
+/// One connection's place in the count of its address; given back when dropped.
+struct PerAddress {
+    counts: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    fn take(counts: &Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>, ip: std::net::IpAddr) -> Option<PerAddress> {
+        let mut c = counts.lock().ok()?;
+        let n = c.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.counts.lock()
+            && let Some(n) = c.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -512,6 +512,33 @@ async fn portal_drives_media_on_another_node() {
         assert!(failure.is_err(), "the {name} was told of a failure: {:?}", failure.map(|n| n.data));
     }
     sender.abort();
+
+    // After the meeting (everyone left, the room no longer placed anywhere) the recording
+    // still downloads through the portal, from the node that made it.
+    for sig in [&mut psig, &mut ssig, &mut vsig, &mut lsig] {
+        sig.ok("logout", None).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = nodes(&p).await;
+        let load = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "media1").unwrap()["load"].clone();
+        if load["transports"] == 0 && load["views"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the room never ended on media1: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let res = p
+        .client()
+        .get(p.url(&format!("/v1/rooms/{room}/recordings/{}/file", rec["id"].as_str().unwrap())))
+        .bearer_auth(common::KEY)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = res.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    assert!(body[..] == on_disk[..], "the download after the meeting differs from the file");
     drop(media);
 }
 
