@@ -125,6 +125,7 @@ impl Recording {
             s.finalising = true;
             (s.pipeline.take(), std::mem::take(&mut s.inputs))
         };
+        let _finalised = Finalised(self);
         for (kind, input) in &inputs {
             source.untap(&input.from, *kind, input.sink_id);
             input.feeder.abort();
@@ -138,7 +139,6 @@ impl Recording {
         }
         info!(recording = %self.id, room = %self.room, reason, file = ?self.path, "recording ended");
         self.finished_hook();
-        self.lock().finalising = false;
     }
 
     /// Tells the hooks the recording ended, as it ended.
@@ -297,10 +297,34 @@ impl Recorder {
         }
         watch_bus(self.source.clone(), rec.clone(), &pipeline);
         let mut s = rec.lock();
+        if s.status != Status::Recording {
+            // Ended while it was being built (shutdown, room deleted, its source gone): the
+            // end found no pipeline to finalise, so this one is finalised here.
+            s.finalising = true;
+            drop(s);
+            let _finalised = Finalised(rec);
+            for (kind, input) in &inputs {
+                self.source.untap(&input.from, *kind, input.sink_id);
+                input.feeder.abort();
+                let _ = input.appsrc.end_of_stream();
+            }
+            wait_for_eos(&pipeline, &rec.eos);
+            let _ = pipeline.set_state(gst::State::Null);
+            return Ok(());
+        }
         s.pipeline = Some(pipeline);
         s.sources = inputs.iter().map(|(k, i)| (*k, (i.from.clone(), i.codec.clone()))).collect();
         s.inputs = inputs;
         Ok(())
+    }
+}
+
+/// Clears a recording's `finalising` when its end is written, however that went.
+struct Finalised<'a>(&'a Recording);
+
+impl Drop for Finalised<'_> {
+    fn drop(&mut self) {
+        self.0.lock().finalising = false;
     }
 }
 

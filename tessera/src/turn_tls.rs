@@ -18,8 +18,10 @@ use webrtc_util::Conn;
 
 /// Most TLS connections at once; beyond it new ones are closed at once.
 const MAX_CONNECTIONS: usize = 2048;
-/// Most TLS connections at once from one address, so one host cannot take every slot.
-const MAX_PER_ADDRESS: usize = 32;
+/// Most TLS connections at once from one address, so one host cannot take every slot,
+/// while an office behind one NAT (a relay per publication and per subscription of each
+/// participant) still fits.
+const MAX_PER_ADDRESS: usize = 256;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages waiting for the TURN server, over all connections.
@@ -79,6 +81,7 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
         };
         // Counted from the accept, handshakes included, for the connection's whole life.
         let Some(per_address) = PerAddress::take(&per_address, from.ip()) else {
+            debug!(from = %from, "TURN TLS connection refused: too many from this address");
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -132,7 +135,7 @@ struct PerAddress {
 
 impl PerAddress {
     fn take(counts: &Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>, ip: std::net::IpAddr) -> Option<PerAddress> {
-        let mut c = counts.lock().ok()?;
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = c.entry(ip).or_default();
         if *n >= MAX_PER_ADDRESS {
             return None;
@@ -144,9 +147,8 @@ impl PerAddress {
 
 impl Drop for PerAddress {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.counts.lock()
-            && let Some(n) = c.get_mut(&self.ip)
-        {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 c.remove(&self.ip);
