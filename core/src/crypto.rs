@@ -70,9 +70,15 @@ mod tests {
 /// `base64(HMAC-SHA1(secret, user name))`, which a TURN server holding the same secret
 /// checks without asking anyone.
 pub fn turn_credentials(secret: &[u8], participant: &str, expires_at_secs: u64) -> (String, String) {
-    use base64::Engine;
     let username = format!("{expires_at_secs}:{participant}");
-    (username.clone(), base64::engine::general_purpose::STANDARD.encode(turn_password_mac(secret, &username)))
+    let password = turn_password(secret, &username);
+    (username, password)
+}
+
+/// The TURN REST API credential of a user name: `base64(HMAC-SHA1(secret, user name))`.
+pub fn turn_password(secret: &[u8], username: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(turn_password_mac(secret, username))
 }
 
 /// HMAC-SHA1 of a TURN user name with the shared secret (the credential before base64).

@@ -110,6 +110,14 @@ pub struct AudioVideo {
 impl AudioVideo {
     const BOTH: AudioVideo = AudioVideo { audio: true, video: true };
     const NONE: AudioVideo = AudioVideo { audio: false, video: false };
+
+    /// Whether `kind` is allowed.
+    pub fn allows(self, kind: crate::agent::MediaKind) -> bool {
+        match kind {
+            crate::agent::MediaKind::Audio => self.audio,
+            crate::agent::MediaKind::Video => self.video,
+        }
+    }
 }
 
 impl Role {

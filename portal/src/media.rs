@@ -441,11 +441,7 @@ impl Portal {
                 let rights = p.info.permission.publish;
                 let mut held = Vec::new();
                 for t in stream.tracks.iter_mut() {
-                    let allowed = match t.kind {
-                        MediaKind::Audio => rights.audio,
-                        MediaKind::Video => rights.video,
-                    };
-                    if !allowed && t.status == TrackStatus::Active {
+                    if !rights.allows(t.kind) && t.status == TrackStatus::Active {
                         t.status = TrackStatus::Inactive;
                         p.held.insert((id.clone(), t.kind));
                         held.push(t.kind);
@@ -560,16 +556,10 @@ impl Portal {
 
 /// Refuses kinds the role may not publish/subscribe (OWT's `unauthorized`).
 fn permitted(allowed: tessera_core::room::AudioVideo, kinds: impl Iterator<Item = MediaKind>) -> Result<(), String> {
-    for kind in kinds {
-        let ok = match kind {
-            MediaKind::Audio => allowed.audio,
-            MediaKind::Video => allowed.video,
-        };
-        if !ok {
-            return Err("unauthorized".into());
-        }
+    match kinds.into_iter().all(|k| allowed.allows(k)) {
+        true => Ok(()),
+        false => Err("unauthorized".into()),
     }
-    Ok(())
 }
 
 fn track_switch(d: &Value, active: bool, request: &str) -> Result<TrackSwitch, String> {

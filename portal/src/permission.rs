@@ -13,7 +13,6 @@ use std::sync::Arc;
 use tessera_core::agent::{MediaKind, TrackSwitch};
 use tessera_core::command::SwitchTracks;
 use tessera_core::control::apply_permission_ops;
-use tessera_core::room::AudioVideo;
 use tessera_core::stream::TrackStatus;
 use tessera_core::{ControlError, ParticipantInfo};
 use tracing::{info, warn};
@@ -27,13 +26,6 @@ const KINDS: [MediaKind; 2] = [MediaKind::Audio, MediaKind::Video];
 /// Pause (`active` false) or resume one kind.
 pub(crate) fn switch(kind: MediaKind, active: bool) -> TrackSwitch {
     TrackSwitch { audio: kind == MediaKind::Audio, video: kind == MediaKind::Video, active }
-}
-
-fn allows(rights: AudioVideo, kind: MediaKind) -> bool {
-    match kind {
-        MediaKind::Audio => rights.audio,
-        MediaKind::Video => rights.video,
-    }
 }
 
 /// A pause or resume to send: (session, kind, publication?, resume?).
@@ -73,7 +65,7 @@ impl Portal {
             let mut switches = Vec::new();
             for kind in KINDS {
                 for (before, after, publication) in
-                    [(old.publish, new.publish, true), (old.subscribe, new.subscribe, false)].map(|(b, a, p)| (allows(b, kind), allows(a, kind), p))
+                    [(old.publish, new.publish, true), (old.subscribe, new.subscribe, false)].map(|(b, a, p)| (b.allows(kind), a.allows(kind), p))
                 {
                     if before && !after {
                         hold(p, kind, publication, &flowing, &mut switches);
@@ -174,7 +166,7 @@ impl Portal {
             SessionKind::Subscription => p.info.permission.subscribe,
         };
         let carried = p.kinds.get(session).map(Vec::as_slice).unwrap_or_default();
-        if s.active && carried.iter().any(|k| s.covers(*k) && !allows(rights, *k)) {
+        if s.active && carried.iter().any(|k| s.covers(*k) && !rights.allows(*k)) {
             return Err("unauthorized".into());
         }
         Ok(())

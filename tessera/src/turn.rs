@@ -139,11 +139,7 @@ impl AuthHandler for RestCredentials {
             Some(_) => {
                 // The key a client with the right credential derives; a wrong one fails the
                 // message integrity check, and the server answers 401.
-                let password = {
-                    use base64::Engine;
-                    base64::engine::general_purpose::STANDARD.encode(tessera_core::crypto::turn_password_mac(&self.secret, username))
-                };
-                Ok(generate_auth_key(username, realm, &password))
+                Ok(generate_auth_key(username, realm, &tessera_core::crypto::turn_password(&self.secret, username)))
             }
         }
     }
