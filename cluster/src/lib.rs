@@ -18,6 +18,7 @@
 
 mod bucket;
 pub mod ledger;
+pub mod relay;
 pub mod rooms;
 pub mod router;
 pub mod rpc;
@@ -90,6 +91,9 @@ pub enum ClusterError {
     /// A registry read or write failed.
     #[error("node registry: {0}")]
     Registry(String),
+    /// The media relay could not start.
+    #[error("{0}")]
+    Relay(String),
 }
 
 /// This process as a member of the cluster.

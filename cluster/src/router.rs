@@ -3,14 +3,16 @@
 //! A room is placed on one webrtc node when its first session needs one, and stays there
 //! while that node is listed. The choice follows OWT's `least-used`: among live, not
 //! draining nodes with the webrtc role, prefer this portal's region, then nodes that also
-//! run the mixer and recorder (they read streams from the SFU of their own process until
-//! media is relayed between nodes, so a room's views and recordings are made where its
-//! sessions are), then the fewest WebRTC transports, then this node itself (no hop over
-//! NATS), then the lowest CPU. Placements made
-//! between two load reports count against the chosen node, so a burst of new rooms
-//! spreads. A room stays on its node until that node is found gone (then it is reported
-//! to the portal as lost, and placed anew once the portal has ended its sessions) or the
-//! room empties.
+//! run the mixer and recorder (a room's views and recordings are then made where its
+//! sessions are, with no relay hop), then the fewest WebRTC transports, then this node
+//! itself (no hop over NATS), then the lowest CPU. Placements made between two load
+//! reports count against the chosen node, so a burst of new rooms spreads. A room stays
+//! on its node until that node is found gone (then it is reported to the portal as lost,
+//! and placed anew once the portal has ended its sessions) or the room empties.
+//!
+//! A room whose webrtc node lacks the mixer or recorder role gets those on the least-used
+//! node that has it (fewest views, then CPU); streams cross between the nodes over the
+//! media relay (`relay.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,8 @@ pub struct ClusterRouter {
     suspects: Mutex<HashMap<String, u32>>,
     /// Rooms reported lost and not yet released by the portal.
     reported: Mutex<HashSet<RoomId>>,
+    /// Room → the mixer or recorder node serving it, when its webrtc node lacks that role.
+    parts: Mutex<HashMap<(RoomId, Role), NodeRecord>>,
 }
 
 /// A home node is given up after this many checks in a row (one per heartbeat, so 8 s and
@@ -61,6 +65,7 @@ impl ClusterRouter {
             homes: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashSet::new()),
+            parts: Mutex::new(HashMap::new()),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
@@ -144,6 +149,33 @@ impl ClusterRouter {
         Some(chosen)
     }
 
+    /// The node serving `role` (mixer, recorder) for `room`: its webrtc node when that has
+    /// the role (no relay hop), else the least-used node with it (fewest views, then CPU;
+    /// streams cross over the relay), kept for the room until it is released.
+    fn place_part(&self, room: &RoomId, role: Role) -> Option<NodeRecord> {
+        let home = self.place(room);
+        if let Some(home) = home.filter(|n| n.roles.contains(&role)) {
+            return Some(home);
+        }
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (room.clone(), role);
+        if let Some(n) = parts.get(&key) {
+            return Some(n.clone());
+        }
+        let known = self.node.known_nodes();
+        let chosen = known
+            .iter()
+            .filter(|n| n.roles.contains(&role) && !n.draining)
+            .min_by(|a, b| {
+                let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, n.load.views, n.id != self.me);
+                key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
+            })?
+            .clone();
+        info!(room = %room, node = %chosen.id, role = ?role, "room's media part placed on a node without its webrtc sessions");
+        parts.insert(key, chosen.clone());
+        Some(chosen)
+    }
+
     fn is_me(&self, node: &NodeRecord) -> bool {
         node.id == self.me
     }
@@ -159,7 +191,7 @@ impl Router for ClusterRouter {
     }
 
     fn mixer_for(&self, room: &RoomId, _view: &ViewLabel) -> Option<Arc<dyn MixNode>> {
-        let node = self.place(room).filter(|n| n.roles.contains(&Role::Mixer))?;
+        let node = self.place_part(room, Role::Mixer)?;
         if self.is_me(&node) {
             return self.local.mixer.clone();
         }
@@ -167,7 +199,7 @@ impl Router for ClusterRouter {
     }
 
     fn recorder_for(&self, room: &RoomId) -> Option<Arc<dyn RecorderNode>> {
-        let node = self.place(room).filter(|n| n.roles.contains(&Role::Recorder))?;
+        let node = self.place_part(room, Role::Recorder)?;
         if self.is_me(&node) {
             return self.local.recorder.clone();
         }
@@ -176,6 +208,7 @@ impl Router for ClusterRouter {
 
     fn release(&self, room: &RoomId) {
         self.reported.lock().unwrap_or_else(|p| p.into_inner()).remove(room);
+        self.parts.lock().unwrap_or_else(|p| p.into_inner()).retain(|(r, _), _| r != room);
         if let Some(node) = self.homes.lock().unwrap_or_else(|p| p.into_inner()).remove(room) {
             debug!(room = %room, node = %node.id, "room no longer placed (empty)");
         }

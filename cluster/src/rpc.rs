@@ -63,7 +63,7 @@ async fn send<C: Serialize>(
 }
 
 /// Sends a command to a node's part and decodes its result.
-async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
+pub(crate) async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
     client: &Client,
     from: &str,
     to: &str,
@@ -163,7 +163,7 @@ impl EventRoutes {
 /// Serves one part on its subject: each request decoded, handled by `handle` (told the
 /// caller's node id), and answered; a request that does not decode is answered with
 /// `bad`'s error, never dropped silently.
-async fn serve_part<C, R, E, F, Fut>(client: Client, subject: String, handle: F, bad: fn(String) -> E)
+pub(crate) async fn serve_part<C, R, E, F, Fut>(client: Client, subject: String, handle: F, bad: fn(String) -> E)
 where
     C: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,

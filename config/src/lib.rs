@@ -162,8 +162,13 @@ pub struct Cluster {
     pub nats_url: String,
     /// This node's id in the cluster; empty: the one generated into `<data_dir>/node.id` at first start.
     pub node_id: String,
-    /// Address other nodes send relayed media to; empty: the first address media binds to.
+    /// Where other nodes send relayed media to this one: `ip` or `ip:port` (no port or 0:
+    /// any free port, announced in the node's registry entry); empty: the address media
+    /// binds to (`webrtc.bind_ip` as resolved).
     pub relay_addr: String,
+    /// Sign every relayed datagram with a key the cluster shares and drop unsigned ones
+    /// (set it alike on every node).
+    pub relay_auth: bool,
     /// Region label, for placing sessions near their portal.
     pub region: String,
     /// What this node does (`portal`, `webrtc`, `mixer`, `recorder`); empty: everything.
@@ -174,6 +179,13 @@ pub struct Cluster {
 pub const ROLES: [&str; 4] = ["portal", "webrtc", "mixer", "recorder"];
 
 impl Cluster {
+    /// `relay_addr` as an address (port 0 when none is given); `None` when it is empty or
+    /// not an address.
+    pub fn relay_socket(&self) -> Option<std::net::SocketAddr> {
+        let a = self.relay_addr.as_str();
+        a.parse::<std::net::SocketAddr>().ok().or_else(|| a.parse::<std::net::IpAddr>().ok().map(|ip| std::net::SocketAddr::new(ip, 0)))
+    }
+
     /// Checked once flags and the environment are applied (`--cluster` may bring the URL):
     /// a node without a cluster must run every role.
     pub fn check_roles_alone(&self) -> Result<(), String> {
@@ -565,12 +577,8 @@ impl Config {
             // It relays to this process's own media only.
             return Err(err("turn.enabled", "the TURN server runs on nodes with the webrtc role".into()));
         }
-        if (c.has_role("mixer") || c.has_role("recorder")) && !c.has_role("webrtc") {
-            // They read streams from the SFU of their own process until media is relayed between nodes.
-            return Err(err("cluster.roles", "mixer and recorder need the webrtc role on the same node".into()));
-        }
-        if !c.relay_addr.is_empty() && c.relay_addr.parse::<std::net::IpAddr>().is_err() {
-            return Err(err("cluster.relay_addr", format!("`{}` is not an IP address", c.relay_addr)));
+        if !c.relay_addr.is_empty() && c.relay_socket().is_none() {
+            return Err(err("cluster.relay_addr", format!("`{}` is not an IP address or IP:port", c.relay_addr.escape_debug())));
         }
         if !self.service.key.is_empty() && self.service.key.len() < 16 {
             return Err(err("service.key", "must be at least 16 characters (or empty to generate one)".into()));

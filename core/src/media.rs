@@ -103,6 +103,43 @@ pub trait StreamSource: Send + Sync {
     fn unpublish_local(&self, stream: &str);
 }
 
+/// Why a stream produced on another node could not be brought to this one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    /// No node of the cluster offers the stream.
+    #[error("stream {0} is on no node of the cluster")]
+    NotFound(String),
+    /// A node has it but the relay could not be set up.
+    #[error("relaying stream {stream}: {reason}")]
+    Failed {
+        /// The stream.
+        stream: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Brings streams produced on other nodes into this node's [`StreamSource`] (a cluster's
+/// RTP relay), so consumers here take them like local ones. A node without a cluster
+/// has none: every stream is local there.
+#[async_trait::async_trait]
+pub trait StreamImporter: Send + Sync {
+    /// Makes `stream` of `room` available in this node's source; `Ok` at once when it
+    /// already is. The stream stays while it has consumers here (and a little after).
+    async fn import(&self, room: &RoomId, stream: &str) -> Result<(), ImportError>;
+}
+
+/// Makes sure `stream` can be tapped from `source`: local, or brought by `importer`.
+pub async fn ensure_stream(source: &dyn StreamSource, importer: Option<&dyn StreamImporter>, room: &RoomId, stream: &str) -> Result<(), ImportError> {
+    if source.stream_room(stream).is_some() {
+        return Ok(());
+    }
+    match importer {
+        Some(i) => i.import(room, stream).await,
+        None => Err(ImportError::NotFound(stream.to_string())),
+    }
+}
+
 /// A marshalled RTP packet with its payload type replaced (without copying when the
 /// packet's buffer is not shared). Packets too short to be RTP are returned unchanged.
 pub fn with_payload_type(packet: Bytes, payload_type: u8) -> BytesMut {

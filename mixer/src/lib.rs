@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tessera_core::agent::{AgentEvent, MediaKind, StreamUpdate};
 use tessera_core::command::{MixCommand, MixError, MixNode, MixReply};
-use tessera_core::media::{CodecInfo, LocalTrack, RtpSink, StreamSource};
+use tessera_core::media::{CodecInfo, LocalTrack, RtpSink, StreamImporter, StreamSource, ensure_stream};
 use tessera_core::room::{CustomTemplate, VideoParameters, View};
 use tessera_core::stream::{LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
 use tessera_core::{RoomId, StreamId, ViewLabel};
@@ -31,6 +31,8 @@ use pipeline::ViewPipeline;
 const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How often a view checks for consumers.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
+/// How often a running view tries again to bring inputs it could not take from other nodes.
+const IMPORT_RETRY: Duration = Duration::from_secs(1);
 /// A running view whose encoder produced no video for this long is rebuilt.
 const STALL_RESTART: Duration = Duration::from_secs(2);
 /// Inputs quieter than this (dBFS) are not speaking.
@@ -151,6 +153,8 @@ impl ViewMix {
 /// The MCU service.
 pub struct Mixer {
     source: Arc<dyn StreamSource>,
+    /// Brings inputs produced on other nodes here (a cluster's relay).
+    importer: std::sync::OnceLock<Arc<dyn StreamImporter>>,
     events: mpsc::Sender<AgentEvent>,
     rooms: Mutex<HashMap<String, HashMap<String, Arc<ViewMix>>>>,
 }
@@ -183,7 +187,15 @@ impl Mixer {
     /// A mixer taking its inputs from and offering its mixed streams through `source`,
     /// reporting mixed-stream updates (layout, active input) on `events`.
     pub fn new(source: Arc<dyn StreamSource>, events: mpsc::Sender<AgentEvent>) -> Arc<Mixer> {
-        Arc::new(Mixer { source, events, rooms: Mutex::new(HashMap::new()) })
+        Arc::new(Mixer { source, importer: std::sync::OnceLock::new(), events, rooms: Mutex::new(HashMap::new()) })
+    }
+
+    /// Lets views take inputs published on other nodes (set once, by a cluster, before
+    /// any view starts).
+    pub fn set_importer(&self, importer: Arc<dyn StreamImporter>) {
+        if self.importer.set(importer).is_err() {
+            warn!("a second stream importer was ignored");
+        }
     }
 
     /// Mixed views running, over every room (a node's load report).
@@ -277,20 +289,24 @@ impl Mixer {
             *w = Arc::downgrade(&view);
         }
         let span = info_span!("view", room = %room, view = ?config.label);
-        tokio::spawn(supervise(self.source.clone(), self.events.clone(), Arc::downgrade(&view)).instrument(span));
+        let importer = self.importer.get().cloned();
+        tokio::spawn(supervise(self.source.clone(), importer, self.events.clone(), Arc::downgrade(&view)).instrument(span));
         view
     }
 }
 
 /// Keeps a view's pipeline running exactly while it has consumers.
-async fn supervise(source: Arc<dyn StreamSource>, events: mpsc::Sender<AgentEvent>, view: Weak<ViewMix>) {
+async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn StreamImporter>>, events: mpsc::Sender<AgentEvent>, view: Weak<ViewMix>) {
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    let mut last_import = Instant::now();
     loop {
         tick.tick().await;
         let Some(view) = view.upgrade() else { return };
         let demand = view.demand();
         let running = view.lock().pipeline.is_some();
         if demand && !running {
+            // Inputs from other nodes are released while nobody watches: bring them back.
+            import_inputs(source.as_ref(), importer.as_deref(), &view).await;
             if let Err(e) = start_pipeline(source.as_ref(), &view) {
                 warn!(error = %e, "cannot start the view pipeline");
             }
@@ -327,6 +343,22 @@ async fn supervise(source: Arc<dyn StreamSource>, events: mpsc::Sender<AgentEven
                 stop_pipeline(source.as_ref(), &view);
                 if let Err(e) = start_pipeline(source.as_ref(), &view) {
                     warn!(error = %e, "cannot restart the view pipeline");
+                }
+            }
+            // An input that could not be brought from its node (not listed there yet, a
+            // relay hiccup) is tried again, once a second.
+            if importer.is_some() && last_import.elapsed() >= IMPORT_RETRY {
+                last_import = Instant::now();
+                let missing: Vec<String> = {
+                    let s = view.lock();
+                    s.inputs.iter().filter(|i| source.stream_room(i).is_none()).cloned().collect()
+                };
+                for stream in missing {
+                    let room = RoomId::from(view.room.as_str());
+                    if ensure_stream(source.as_ref(), importer.as_deref(), &room, &stream).await.is_ok() {
+                        attach(source.as_ref(), &view, &stream);
+                        relayout(&view);
+                    }
                 }
             }
             for update in voice_activity(&view) {
@@ -400,6 +432,17 @@ fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
         }
     }
     out
+}
+
+/// Brings the view's inputs that are not on this node from the nodes that have them.
+async fn import_inputs(source: &dyn StreamSource, importer: Option<&dyn StreamImporter>, view: &ViewMix) {
+    let inputs = view.lock().inputs.clone();
+    let room = RoomId::from(view.room.as_str());
+    for stream in inputs {
+        if let Err(e) = ensure_stream(source, importer, &room, &stream).await {
+            warn!(%stream, error = %e, "a mix input is not available");
+        }
+    }
 }
 
 fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
@@ -547,7 +590,14 @@ impl MixNode for Mixer {
                 self.stop_view(&c.room, &c.view);
                 MixReply::StopView(())
             }
-            MixCommand::Mix(c) => MixReply::Mix(self.mix(&c.room, &c.view, &c.stream)?),
+            MixCommand::Mix(c) => {
+                if let Err(e) = ensure_stream(self.source.as_ref(), self.importer.get().map(|i| i.as_ref()), &c.room, c.stream.as_str()).await {
+                    // The stream joins the layout anyway: it shows once it can be taken
+                    // (the view's next start brings it again).
+                    warn!(stream = %c.stream, error = %e, "a mix input is not available");
+                }
+                MixReply::Mix(self.mix(&c.room, &c.view, &c.stream)?)
+            }
             MixCommand::Unmix(c) => MixReply::Unmix(self.unmix(&c.room, &c.view, &c.stream)?),
             MixCommand::SetLayout(c) => MixReply::SetLayout(self.set_layout(&c.room, &c.view, c.layout)?),
             MixCommand::SetTemplate(c) => MixReply::SetTemplate(self.set_template(&c.room, &c.view, &c.base)?),

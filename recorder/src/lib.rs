@@ -26,7 +26,7 @@ use tessera_core::command::{
     RecordingMedia, RecordingSource, RecordingState, RecordingStorage,
 };
 use tessera_core::hooks::{Hook, HookSink};
-use tessera_core::media::{StreamSource, with_payload_type};
+use tessera_core::media::{ImportError, StreamImporter, StreamSource, ensure_stream, with_payload_type};
 use tessera_core::{RoomId, StreamId};
 use tracing::{info, warn};
 
@@ -189,12 +189,36 @@ pub struct Recorder {
     recordings: Mutex<HashMap<String, Arc<Recording>>>,
     me: std::sync::Weak<Recorder>,
     hooks: std::sync::OnceLock<Arc<dyn HookSink>>,
+    /// Brings streams produced on other nodes here (a cluster's relay).
+    importer: std::sync::OnceLock<Arc<dyn StreamImporter>>,
 }
 
 impl Recorder {
     /// A recorder taking its streams from `source` and writing into `dir`.
     pub fn new(source: Arc<dyn StreamSource>, dir: PathBuf) -> Arc<Recorder> {
-        Arc::new_cyclic(|me| Recorder { source, dir, recordings: Mutex::new(HashMap::new()), me: me.clone(), hooks: std::sync::OnceLock::new() })
+        Arc::new_cyclic(|me| Recorder {
+            source,
+            dir,
+            recordings: Mutex::new(HashMap::new()),
+            me: me.clone(),
+            hooks: std::sync::OnceLock::new(),
+            importer: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Lets recordings take streams published on other nodes (set once, by a cluster).
+    pub fn set_importer(&self, importer: Arc<dyn StreamImporter>) {
+        if self.importer.set(importer).is_err() {
+            warn!("a second stream importer was ignored");
+        }
+    }
+
+    /// Makes `stream` available here, from another node if need be.
+    async fn bring(&self, room: &str, stream: &str) -> Result<(), RecordingError> {
+        ensure_stream(self.source.as_ref(), self.importer.get().map(|i| i.as_ref()), &RoomId::from(room), stream).await.map_err(|e| match e {
+            ImportError::NotFound(_) => RecordingError::NoStream(stream.into()),
+            ImportError::Failed { .. } => RecordingError::Failed(e.to_string()),
+        })
     }
 
     /// Recordings this node knows, by state: (recording, stopped, failed). One whose file
@@ -410,6 +434,9 @@ impl Recorder {
         if spec.audio_from.is_none() && spec.video_from.is_none() {
             return Err(RecordingError::Rejected("media: record audio, video or both".into()));
         }
+        for from in spec.video_from.iter().chain(&spec.audio_from) {
+            self.bring(room, from.as_str()).await?;
+        }
         let video = match &spec.video_from {
             Some(from) => Some((from.clone(), self.codec_of(room, from.as_str(), MediaKind::Video)?)),
             None => None,
@@ -489,6 +516,7 @@ impl Recorder {
 
     async fn switch_source(&self, room: &str, id: &str, kind: MediaKind, from: &str) -> Result<RecordingInfo, RecordingError> {
         let rec = self.get(room, id)?;
+        self.bring(room, from).await?;
         let codec = self.codec_of(room, from, kind)?;
         let old = {
             let mut s = rec.lock();

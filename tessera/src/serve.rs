@@ -313,9 +313,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let streams = sfu.clone().map(|s| s as Arc<dyn tessera_core::media::StreamSource>);
-    let mixer = match (&streams, &sfu) {
-        (Some(streams), Some(sfu)) if config.cluster.has_role("mixer") => Some(tessera_mixer::Mixer::new(streams.clone(), sfu.event_sender())),
+    // Without the SFU (a mixer or recorder node of a cluster) streams live in a plain
+    // fan-out: the mixer's own, and those the relay brings from other nodes.
+    let streams: Option<Arc<dyn tessera_core::media::StreamSource>> = match &sfu {
+        Some(sfu) => Some(sfu.clone()),
+        None if config.cluster.has_role("mixer") || config.cluster.has_role("recorder") => Some(tessera_cluster::relay::LocalStreams::new()),
+        None => None,
+    };
+    let (mixer_events, agent_events) = match (&sfu, agent_events) {
+        (Some(sfu), events) => (Some(sfu.event_sender()), events),
+        (None, _) if config.cluster.has_role("mixer") => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            (Some(tx), Some(rx))
+        }
+        (None, events) => (None, events),
+    };
+    let mixer = match (&streams, mixer_events) {
+        (Some(streams), Some(events)) if config.cluster.has_role("mixer") => Some(tessera_mixer::Mixer::new(streams.clone(), events)),
         _ => None,
     };
     let recorder = match &streams {
@@ -338,13 +352,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         })
     };
     let node_id = crate::node::node_id(&config.cluster.node_id, &config.server.data_dir)?;
+    // A media node of a cluster binds its relay socket before joining, so its entry names it.
+    let relay_socket = match (&streams, config.cluster.nats_url.is_empty()) {
+        (Some(_), false) => {
+            let addr = match config.cluster.relay_socket() {
+                Some(a) => a,
+                None => {
+                    let ips = tessera_webrtc_agent::AgentSettings::from_config(&config).bind_ips;
+                    SocketAddr::new(ips.first().copied().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])), 0)
+                }
+            };
+            Some(tessera_cluster::relay::bind(addr)?)
+        }
+        _ => None,
+    };
     let cluster = if config.cluster.nats_url.is_empty() {
         None
     } else {
-        let relay_addr = match config.cluster.relay_addr.as_str() {
-            "" => sfu.as_ref().and_then(|s| s.addrs().first().map(|a| a.ip().to_string())).unwrap_or_default(),
-            ip => ip.to_string(),
-        };
+        let relay_addr = relay_socket.as_ref().and_then(|s| s.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default();
         let roles = config.cluster.roles().iter().filter_map(|r| r.parse().ok()).collect();
         let settings = tessera_cluster::ClusterSettings {
             nats_url: config.cluster.nats_url.clone(),
@@ -359,6 +384,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("tessera: node `{node_id}` joined the cluster at {} as {}", config.cluster.nats_url, config.cluster.roles().join(","));
         Some(node)
     };
+    // The relay: streams of other nodes for this node's subscribers, mixer and recorder;
+    // this node's streams for theirs.
+    if let (Some(node), Some(socket), Some(streams)) = (&cluster, relay_socket, &streams) {
+        let key = match config.cluster.relay_auth {
+            true => Some(node.agree_secret("relay-key", &tessera_core::ids::random_hex(32)).await.context("the cluster's relay key")?),
+            false => None,
+        };
+        let relay = tessera_cluster::relay::Relay::start(node.clone(), socket, key.as_deref().map(str::as_bytes), streams.clone())?;
+        println!("tessera: media relay on {} ({})", relay.addr(), if key.is_some() { "authenticated" } else { "unauthenticated" });
+        let importer: Arc<dyn tessera_core::media::StreamImporter> = relay.clone();
+        if let Some(sfu) = &sfu {
+            sfu.set_importer(importer.clone());
+        }
+        if let Some(mixer) = &mixer {
+            mixer.set_importer(importer.clone());
+        }
+        if let Some(recorder) = &recorder {
+            recorder.set_importer(importer);
+        }
+    }
     // The service key signs tokens and webhooks: this node's, or the cluster's. Only a
     // portal may set the cluster's; a media node reads it, for its webhooks only.
     let key = match (&cluster, is_portal) {

@@ -134,7 +134,8 @@ async fn nodes_join_report_and_leave() {
     assert_eq!(v["self"], "alpha");
     for n in v["nodes"].as_array().unwrap() {
         assert_eq!(n["region"], "lab");
-        assert_eq!(n["relayAddr"], "127.0.0.1");
+        let relay = n["relayAddr"].as_str().unwrap();
+        assert!(relay.starts_with("127.0.0.1:") && !relay.ends_with(":0"), "the bound relay socket: {relay}");
         assert_eq!(n["draining"], false);
         assert!(n["load"]["transports"].is_u64(), "{n}");
     }
@@ -411,7 +412,8 @@ async fn portal_drives_media_on_another_node() {
     assert_eq!(roles("portal1"), serde_json::json!(["portal"]));
     assert_eq!(roles("media1"), serde_json::json!(["webrtc", "mixer", "recorder"]));
     let media_node = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "media1").unwrap().clone();
-    assert_eq!(media_node["relayAddr"], "127.0.0.2");
+    let relay = media_node["relayAddr"].as_str().unwrap();
+    assert!(relay.starts_with("127.0.0.2:") && !relay.ends_with(":0"), "the bound relay socket: {relay}");
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
@@ -542,20 +544,109 @@ async fn portal_drives_media_on_another_node() {
     drop(media);
 }
 
-/// Roles other than all of them need a cluster; a mixer needs the webrtc role beside it.
+/// Roles other than all of them need a cluster; a relay address must be one.
 #[test]
 fn roles_need_a_cluster() {
-    for (cfg, want) in [
-        ("[cluster]\nroles = [\"portal\"]\n", "a server without a cluster (cluster.nats_url) runs every role"),
-        (
-            "[cluster]\nnats_url = \"nats://127.0.0.1:1\"\nroles = [\"portal\", \"mixer\"]\n",
-            "mixer and recorder need the webrtc role on the same node",
-        ),
-        ("[cluster]\nroles = [\"sfu\"]\n", "`sfu` is not a role"),
+    for (cfg, key, want) in [
+        ("[cluster]\nroles = [\"portal\"]\n", "cluster.roles", "a server without a cluster (cluster.nats_url) runs every role"),
+        ("[cluster]\nroles = [\"sfu\"]\n", "cluster.roles", "`sfu` is not a role"),
+        ("[cluster]\nrelay_addr = \"relay.example\"\n", "cluster.relay_addr", "`relay.example` is not an IP address or IP:port"),
     ] {
         let err = common::refused_start(cfg, &[]);
-        assert!(err.contains("cluster.roles") && err.contains(want), "{cfg}: {err}");
+        assert!(err.contains(key) && err.contains(want), "{cfg}: {err}");
     }
+}
+
+/// The mixer and recorder on a node without the SFU: the room's sessions are on node 1
+/// (portal + webrtc), its mixed view and recording on node 3 (mixer + recorder). The
+/// publisher's stream crosses to node 3 over the media relay (authenticated), the mixed
+/// stream made there crosses back to node 1's SFU for its subscriber: red and 440 Hz in,
+/// red and 440 Hz out. The recording made on node 3 from the relayed stream decodes and
+/// downloads through node 1's portal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixer_and_recorder_take_streams_over_the_relay() {
+    if !common::in_own_netns("mixer_and_recorder_take_streams_over_the_relay") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let n3_cfg = "[cluster]\nnode_id = \"n3\"\nroles = [\"mixer\", \"recorder\"]\nrelay_addr = \"127.0.0.3\"\nrelay_auth = true\n";
+    let (n3_dir, n3) = common::start_with_config_args(n3_cfg, &["--cluster", &url]);
+    assert!(n3.startup.iter().any(|l| l.contains("media relay on 127.0.0.3:") && l.contains("(authenticated)")), "{:?}", n3.startup);
+    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nrelay_auth = true\n";
+    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
+    let v = wait_nodes(&p, &["n1", "n3"], Duration::from_secs(5)).await;
+    let relay_of = |id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["relayAddr"].as_str().unwrap().to_string();
+    assert!(relay_of("n3").starts_with("127.0.0.3:"), "{v}");
+    assert!(relay_of("n1").starts_with("127.0.0.1:"), "{v}");
+
+    let room = p.new_room(serde_json::json!({})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
+    let _source = tessera_client::media::live_source(publisher.clone(), (255, 0, 0), 440).unwrap();
+
+    // The mixed stream, made on n3 from the relayed publication, relayed back to n1's SFU.
+    let (mut vsig, _) = p.join(&room, "viewer").await;
+    let mixed = tessera_client::peer::Subscriber::start(&mut vsig, &format!("{room}-common"), true, true, false).await.unwrap();
+    let started = Instant::now();
+    let frames = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let packets = mixed.received.lock().unwrap().clone();
+        let frames = tessera_client::media::decode_vp8(&packets).unwrap();
+        let red = |f: &tessera_client::media::Frame| {
+            let (r, g, b) = f.around(f.width / 2, f.height / 2);
+            r > 150 && g < 90 && b < 90
+        };
+        if frames.len() > 10 && frames.last().is_some_and(red) {
+            break (frames, packets);
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let f = frames.last().map(|f| f.around(f.width / 2, f.height / 2));
+            panic!("no red mixed picture from n3: {} frames, last centre {f:?}; n3:\n{}", frames.len(), n3.stderr.lock().unwrap());
+        }
+    };
+    println!("mixed picture from n3 after {:?}", started.elapsed());
+    let (frames, packets) = frames;
+    let last = frames.last().unwrap();
+    assert_eq!((last.width, last.height), (640, 480));
+    let pcm = tessera_client::media::decode_opus(&packets).unwrap();
+    let (p440, p1000) = (tessera_client::media::tone_power(&pcm, 440.0, 48000.0), tessera_client::media::tone_power(&pcm, 1000.0, 48000.0));
+    assert!(pcm.len() > 9600 && p440 > 20.0 * p1000, "the publisher's 440 Hz in the mix: {p440} vs {p1000} ({} samples)", pcm.len());
+
+    // A recording of the forward stream, made on n3 from the relayed packets.
+    let body = serde_json::json!({"container": "mkv", "media": {"audio": {"from": publisher.stream_id}, "video": {"from": publisher.stream_id}}});
+    let res = p.client().post(p.url(&format!("/v1/rooms/{room}/recordings"))).bearer_auth(common::KEY).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let rec: Value = res.json().await.unwrap();
+    let file = std::path::PathBuf::from(rec["storage"]["file"].as_str().unwrap());
+    assert!(file.starts_with(n3_dir.path()), "{}", file.display());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let path = format!("/v1/rooms/{room}/recordings/{}", rec["id"].as_str().unwrap());
+    let res = p.client().delete(p.url(&path)).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let out = Command::new("gst-discoverer-1.0").arg(&file).output().expect("gst-discoverer-1.0 (gstreamer1.0-tools)");
+    let report = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(report.contains("vp8") && report.contains("opus"), "{report}");
+    let duration = report.lines().find(|l| l.contains("duration:")).unwrap_or_default().to_string();
+    assert!(duration.contains("0:00:02") || duration.contains("0:00:03"), "about 3 s recorded: {duration}");
+    let res = p.client().get(p.url(&format!("{path}/file"))).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.bytes().await.unwrap()[..] == std::fs::read(&file).unwrap()[..], "downloaded through n1's portal");
+
+    // Everyone leaves: the view stops, and the relayed streams are released on both sides.
+    for sig in [&mut psig, &mut vsig] {
+        sig.ok("logout", None).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = n3.stderr.lock().unwrap().clone();
+        if log.contains("imported stream released") && log.contains("export ended") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n3 did not release its relayed streams:\n{log}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(n3);
 }
 
 /// Media nodes m1 (127.0.0.2) and m2 (127.0.0.3), each with `extra` at the head of its

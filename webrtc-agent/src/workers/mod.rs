@@ -38,7 +38,7 @@ use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RtpCodecKind};
 use rtc::shared::marshal::Unmarshal;
 use tessera_core::agent::{AgentError, AgentEvent, MediaKind, Progress, Signaling};
 use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MediaStats};
-use tessera_core::media::{LocalTrack, RtpReceiver, RtpSink, StreamSource, Tap};
+use tessera_core::media::{ImportError, LocalTrack, RtpReceiver, RtpSink, StreamImporter, StreamSource, Tap};
 use tessera_core::{RoomId, StreamInfo};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -426,6 +426,8 @@ pub struct WorkerAgent {
     events: mpsc::Sender<AgentEvent>,
     /// Each worker's socket address (for `ss`-style checks and logs).
     addrs: Vec<SocketAddr>,
+    /// Brings streams of other nodes here for subscribers (a cluster's relay).
+    importer: OnceLock<Arc<dyn StreamImporter>>,
 }
 
 impl WorkerAgent {
@@ -524,7 +526,7 @@ impl WorkerAgent {
         }
         let _ = shared.workers.set(handles);
         info!(workers = count, addrs = ?addrs, ice_tcp = shared.settings.ice_tcp, public = ?shared.settings.public_ip, "webrtc-agent ready (workers engine, ICE-lite)");
-        Ok((Arc::new(WorkerAgent { shared, events: portal_tx, addrs }), portal_rx))
+        Ok((Arc::new(WorkerAgent { shared, events: portal_tx, addrs, importer: OnceLock::new() }), portal_rx))
     }
 
     /// A sender into the event channel to the portal, for other media nodes that report
@@ -647,7 +649,33 @@ impl WorkerAgent {
         Ok(())
     }
 
+    /// Lets subscribers here take streams published on other nodes (set once, by a cluster).
+    pub fn set_importer(&self, importer: Arc<dyn StreamImporter>) {
+        if self.importer.set(importer).is_err() {
+            warn!("a second stream importer was ignored");
+        }
+    }
+
+    /// Brings the subscription's media streams that are not here from the nodes that have
+    /// them (data channels do not cross nodes).
+    async fn import_sources(&self, spec: &tessera_core::agent::SubscribeSpec) -> Result<(), AgentError> {
+        let Some(importer) = self.importer.get() else { return Ok(()) };
+        let mut streams: Vec<&tessera_core::StreamId> = spec.tracks.iter().map(|t| &t.from).collect();
+        streams.dedup();
+        for from in streams {
+            if self.shared.lock().publications.contains_key(from.as_str()) {
+                continue;
+            }
+            importer.import(&spec.at.room, from.as_str()).await.map_err(|e| match e {
+                ImportError::NotFound(_) => AgentError::NoStream(from.clone()),
+                ImportError::Failed { .. } => AgentError::Failed(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, spec: tessera_core::agent::SubscribeSpec) -> Result<(), AgentError> {
+        self.import_sources(&spec).await?;
         let mut sources = Vec::new();
         let mut data_owner = None;
         {

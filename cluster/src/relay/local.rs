@@ -1,0 +1,177 @@
+//! Streams on a node without the SFU (a mixer or recorder node): the streams its mixer
+//! produces and the streams its relay imports, each track fanned out to the taps on it
+//! (the mixer's decoders, the recorder, the relay's exports to other nodes).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tessera_core::agent::MediaKind;
+use tessera_core::media::{CodecInfo, LocalTrack, RtpReceiver, RtpSink, StreamSource, Tap};
+use tessera_core::typed_ids::RoomId;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// Packets a tap may fall behind before newer ones are dropped for it (a stalled
+/// consumer must not hold up the producer or the others).
+const TAP_QUEUE: usize = 512;
+
+/// One track's consumers.
+struct Fanout {
+    kind: MediaKind,
+    codec: CodecInfo,
+    on_keyframe: Arc<dyn Fn() + Send + Sync>,
+    taps: Mutex<Vec<(u64, mpsc::Sender<Bytes>)>>,
+}
+
+impl RtpSink for Fanout {
+    fn send(&self, packet: &[u8]) {
+        let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        if taps.is_empty() {
+            return;
+        }
+        // One copy, shared by every tap.
+        let packet = Bytes::copy_from_slice(packet);
+        for (id, tx) in taps.iter() {
+            if tx.try_send(packet.clone()).is_err() {
+                debug!(tap = id, "a tap fell behind; packet dropped for it");
+            }
+        }
+    }
+
+    fn has_consumers(&self) -> bool {
+        !self.taps.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
+struct Stream {
+    room: RoomId,
+    tracks: Vec<Arc<Fanout>>,
+}
+
+/// The [`StreamSource`] of a node without the webrtc role.
+#[derive(Default)]
+pub struct LocalStreams {
+    streams: Mutex<HashMap<String, Stream>>,
+    next_tap: AtomicU64,
+}
+
+struct TapRx(mpsc::Receiver<Bytes>);
+
+impl RtpReceiver for TapRx {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+impl LocalStreams {
+    /// No streams yet.
+    pub fn new() -> Arc<LocalStreams> {
+        Arc::new(LocalStreams::default())
+    }
+
+    fn track(&self, stream: &str, kind: MediaKind) -> Option<Arc<Fanout>> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.get(stream)?.tracks.iter().find(|t| t.kind == kind).cloned()
+    }
+
+    /// How many streams there are (produced here or imported).
+    pub fn count(&self) -> usize {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl StreamSource for LocalStreams {
+    fn tap(&self, stream: &str, kind: MediaKind) -> Option<Tap> {
+        let track = self.track(stream, kind)?;
+        let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(TAP_QUEUE);
+        track.taps.lock().unwrap_or_else(|p| p.into_inner()).push((id, tx));
+        // A new consumer starts with a picture.
+        if kind == MediaKind::Video {
+            (track.on_keyframe)();
+        }
+        Some(Tap { codec: track.codec.clone(), sink_id: id, packets: Box::new(TapRx(rx)) })
+    }
+
+    fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
+        if let Some(track) = self.track(stream, kind) {
+            track.taps.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != sink_id);
+        }
+    }
+
+    fn request_keyframe(&self, stream: &str) {
+        if let Some(track) = self.track(stream, MediaKind::Video) {
+            (track.on_keyframe)();
+        }
+    }
+
+    fn stream_room(&self, stream: &str) -> Option<RoomId> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).get(stream).map(|s| s.room.clone())
+    }
+
+    fn publish_local(&self, room: &str, stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
+        let fanouts: Vec<Arc<Fanout>> = tracks
+            .into_iter()
+            .map(|t| Arc::new(Fanout { kind: t.kind, codec: t.codec, on_keyframe: t.on_keyframe, taps: Mutex::new(Vec::new()) }))
+            .collect();
+        let sinks = fanouts.iter().map(|f| f.clone() as Arc<dyn RtpSink>).collect();
+        // Replacing a stream ends the taps of the one it replaces (their senders drop).
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).insert(stream.to_string(), Stream { room: room.into(), tracks: fanouts });
+        sinks
+    }
+
+    fn unpublish_local(&self, stream: &str) {
+        let gone = self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(stream);
+        if let Some(s) = gone {
+            for t in s.tracks {
+                t.taps.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    fn vp8() -> CodecInfo {
+        CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: Some(96) }
+    }
+
+    #[tokio::test]
+    async fn packets_fan_out_to_every_tap_until_the_stream_ends() {
+        let streams = LocalStreams::new();
+        let keyframes = Arc::new(AtomicUsize::new(0));
+        let k = keyframes.clone();
+        let on_keyframe = Arc::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+        });
+        let sinks = streams.publish_local("r", "r-common", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe }]);
+        assert_eq!(streams.stream_room("r-common").as_ref().map(|r| r.as_str()), Some("r"));
+        assert!(streams.tap("r-common", MediaKind::Audio).is_none());
+        assert!(!sinks[0].has_consumers());
+        sinks[0].send(b"before anyone");
+        let mut a = streams.tap("r-common", MediaKind::Video).unwrap();
+        let mut b = streams.tap("r-common", MediaKind::Video).unwrap();
+        assert_eq!(keyframes.load(Ordering::Relaxed), 2, "each new tap asks for a picture");
+        assert_eq!(a.codec, vp8());
+        sinks[0].send(b"one");
+        streams.request_keyframe("r-common");
+        assert_eq!(keyframes.load(Ordering::Relaxed), 3);
+        for tap in [&mut a, &mut b] {
+            assert_eq!(tap.recv().await.as_deref(), Some(&b"one"[..]));
+        }
+        streams.untap("r-common", MediaKind::Video, a.sink_id);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), a.recv()).await.unwrap(), None);
+        assert!(sinks[0].has_consumers());
+        streams.unpublish_local("r-common");
+        assert_eq!(tokio::time::timeout(Duration::from_secs(1), b.recv()).await.unwrap(), None);
+        assert!(!sinks[0].has_consumers());
+        assert_eq!(streams.count(), 0);
+    }
+}
