@@ -1,71 +1,138 @@
-//! Placement: which node serves a room's WebRTC sessions, mixed views and recordings.
+//! Placement: which node serves each WebRTC transport, mixed view and recording of a room.
 //!
-//! A room is placed on one webrtc node when its first session needs one, and stays there
-//! while that node is listed. The choice follows OWT's `least-used`: among live, not
-//! draining nodes with the webrtc role, prefer this portal's region, then nodes that also
-//! run the mixer and recorder (a room's views and recordings are then made where its
-//! sessions are, with no relay hop), then the fewest WebRTC transports, then this node
-//! itself (no hop over NATS), then the lowest CPU. Placements made between two load
-//! reports count against the chosen node, so a burst of new rooms spreads. A room stays
-//! on its node until that node is found gone (then it is reported to the portal as lost,
-//! and placed anew once the portal has ended its sessions) or the room empties.
+//! A room gets a home, a webrtc node, when its first session needs one: OWT's
+//! `least-used` among live, not draining nodes with the webrtc role, preferring this
+//! portal's region, then nodes that also run the mixer and recorder (a room's views and
+//! recordings are then made where its sessions are, with no relay hop), then the fewest
+//! WebRTC transports, then this node itself (no hop over NATS), then the lowest CPU.
+//! Each new transport (peer connection) of the room goes to the home too, until the home
+//! holds `room_spread` more transports than the least-used webrtc node: then to that node
+//! (0: every transport to the least-used node). A transport stays on its node; streams
+//! cross between nodes over the media relay (`relay/`). Placements made between two load
+//! reports count against the chosen node, so a burst spreads.
 //!
-//! A room whose webrtc node lacks the mixer or recorder role gets those on the least-used
-//! node that has it (fewest views, then CPU); streams cross between the nodes over the
-//! media relay (`relay.rs`).
+//! A room whose home lacks the mixer or recorder role gets those on the least-used node
+//! that has it (fewest views, then CPU). Everything is forgotten when the room empties.
+//! A node found gone (see [`GONE_AFTER_CHECKS`]) loses its transports: the portal is told
+//! which ([`AgentEvent::MediaLost`]), and the room's next transports go elsewhere.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use tessera_core::agent::AgentEvent;
-use tessera_core::command::{LocalRouter, MediaNode, MixNode, RecorderNode, Router};
+use tessera_core::agent::{AgentError, AgentEvent, LostTransport};
+use tessera_core::command::{AgentCommand, AgentReply, LocalRouter, MediaNode, MixNode, RecorderNode, Router};
 use tessera_core::node::{NodeDirectory, NodeRecord, Role};
-use tessera_core::typed_ids::{RoomId, ViewLabel};
+use tessera_core::typed_ids::{ParticipantId, RoomId, SessionId, TransportId, ViewLabel};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::ClusterNode;
 use crate::rpc::{RemoteMedia, RemoteMixer, RemoteRecorder};
 
+/// Where one transport of a room runs.
+struct PlacedTransport {
+    node: String,
+    participant: ParticipantId,
+    sessions: HashSet<SessionId>,
+}
+
+/// Where a room's parts run.
+#[derive(Default)]
+struct RoomPlacement {
+    /// The room's first webrtc node (see the module doc).
+    home: Option<NodeRecord>,
+    transports: HashMap<TransportId, PlacedTransport>,
+    /// Each session's transport.
+    sessions: HashMap<SessionId, TransportId>,
+    /// The mixer or recorder node, when the home lacks that role.
+    parts: HashMap<Role, NodeRecord>,
+}
+
+impl RoomPlacement {
+    fn node_of_session(&self, session: &str) -> Option<String> {
+        self.sessions.get(session).and_then(|t| self.transports.get(t)).map(|t| t.node.clone())
+    }
+
+    fn forget_session(&mut self, session: &str) {
+        if let Some(t) = self.sessions.remove(session)
+            && let Some(placed) = self.transports.get_mut(&t)
+        {
+            placed.sessions.remove(session);
+        }
+    }
+
+    /// The nodes this room uses.
+    fn nodes(&self) -> HashSet<String> {
+        let mut nodes: HashSet<String> = self.transports.values().map(|t| t.node.clone()).collect();
+        nodes.extend(self.home.iter().map(|h| h.id.clone()));
+        nodes.extend(self.parts.values().map(|n| n.id.clone()));
+        nodes
+    }
+
+    /// Everything on `node` is over: its transports (returned) and, if it made the room's
+    /// views, those (`true` in the result).
+    fn lose(&mut self, node: &str) -> (Vec<LostTransport>, bool) {
+        let gone: Vec<TransportId> = self.transports.iter().filter(|(_, t)| t.node == node).map(|(id, _)| id.clone()).collect();
+        let mut lost = Vec::new();
+        for id in gone {
+            if let Some(t) = self.transports.remove(&id) {
+                for s in &t.sessions {
+                    self.sessions.remove(s);
+                }
+                lost.push(LostTransport { participant: t.participant, transport: id, sessions: t.sessions.into_iter().collect() });
+            }
+        }
+        let mixer_here = match self.parts.get(&Role::Mixer) {
+            Some(n) => n.id == node,
+            None => self.home.as_ref().is_some_and(|h| h.id == node && h.roles.contains(&Role::Mixer)),
+        };
+        if self.home.as_ref().is_some_and(|h| h.id == node) {
+            self.home = None;
+        }
+        self.parts.retain(|_, n| n.id != node);
+        (lost, mixer_here)
+    }
+}
+
 /// Finds a room's nodes in the cluster: this process's own parts when placed here,
 /// proxies over NATS otherwise.
 pub struct ClusterRouter {
+    me_arc: Weak<ClusterRouter>,
     node: Arc<ClusterNode>,
     me: String,
     region: String,
     /// This node's own parts (none where it lacks the role).
     local: LocalRouter,
-    /// Room → the webrtc node it was placed on (as it was then).
-    homes: Mutex<HashMap<RoomId, NodeRecord>>,
-    /// Home nodes found gone, by how many checks in a row.
+    /// How many more transports than the least-used node a room's home may hold before
+    /// the room's new transports go elsewhere.
+    spread: u64,
+    rooms: Mutex<HashMap<RoomId, RoomPlacement>>,
+    /// Nodes in use found gone, by how many checks in a row.
     suspects: Mutex<HashMap<String, u32>>,
-    /// Rooms reported lost and not yet released by the portal.
-    reported: Mutex<HashSet<RoomId>>,
-    /// Room → the mixer or recorder node serving it, when its webrtc node lacks that role.
-    parts: Mutex<HashMap<(RoomId, Role), NodeRecord>>,
 }
 
-/// A home node is given up after this many checks in a row (one per heartbeat, so 8 s and
-/// more) found it both unlisted and not listening: a live node that NATS lost for a moment
-/// (a NATS restart empties the registry, and nodes reconnect with a backoff of up to a
-/// few seconds) must not lose its rooms.
+/// A node in use is given up after this many checks in a row (one per heartbeat, so 8 s
+/// and more) found it both unlisted and not listening: a live node that NATS lost for a
+/// moment (a NATS restart empties the registry, and nodes reconnect with a backoff of up
+/// to a few seconds) must not lose its sessions.
 const GONE_AFTER_CHECKS: u32 = 5;
 
 impl ClusterRouter {
-    /// A router for the portal of `node`, whose own parts are `local`. When a node
-    /// serving rooms disappears from the cluster, each of its rooms is reported to
-    /// `portal` as [`AgentEvent::MediaLost`] (and placed anew by its next session).
-    pub fn new(node: Arc<ClusterNode>, local: LocalRouter, portal: Option<mpsc::Sender<AgentEvent>>) -> Arc<ClusterRouter> {
+    /// A router for the portal of `node`, whose own parts are `local`, spreading a room's
+    /// transports over nodes after `spread` (see the module doc). When a node serving
+    /// rooms disappears from the cluster, what each room had there is reported to
+    /// `portal` as [`AgentEvent::MediaLost`].
+    pub fn new(node: Arc<ClusterNode>, local: LocalRouter, spread: u64, portal: Option<mpsc::Sender<AgentEvent>>) -> Arc<ClusterRouter> {
         let me = node.this_node();
-        let router = Arc::new(ClusterRouter {
+        let router = Arc::new_cyclic(|me_arc| ClusterRouter {
+            me_arc: me_arc.clone(),
             node,
             me: me.id,
             region: me.region,
             local,
-            homes: Mutex::new(HashMap::new()),
+            spread,
+            rooms: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
-            reported: Mutex::new(HashSet::new()),
-            parts: Mutex::new(HashMap::new()),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
@@ -75,9 +142,8 @@ impl ClusterRouter {
                 loop {
                     tick.tick().await;
                     let Some(router) = weak.upgrade() else { return };
-                    for (room, node) in router.lost_homes().await {
-                        let reason = format!("webrtc node `{node}` is gone");
-                        if portal.send(AgentEvent::MediaLost { room, reason }).await.is_err() {
+                    for event in router.lost().await {
+                        if portal.send(event).await.is_err() {
                             return;
                         }
                     }
@@ -87,18 +153,20 @@ impl ClusterRouter {
         router
     }
 
-    /// The rooms whose node is gone, each reported once, with that node. Gone: not in the
-    /// node list and not listening on NATS, [`GONE_AFTER_CHECKS`] checks in a row. The
-    /// room keeps its home until the portal has ended its sessions and calls
-    /// [`Router::release`]: a session placed meanwhile would be wiped with the others, so
-    /// until then commands go to the dead node and fail at once ("no responders").
-    /// While NATS is away nothing can be told and nothing is given up.
-    async fn lost_homes(&self) -> Vec<(RoomId, String)> {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<RoomId, RoomPlacement>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the rooms had on nodes found gone: not in the node list and not listening on
+    /// NATS, [`GONE_AFTER_CHECKS`] checks in a row. Each such node's transports are
+    /// forgotten at once (a session started meanwhile is placed on a live node) and
+    /// reported, per room. While NATS is away nothing can be told and nothing is given up.
+    async fn lost(&self) -> Vec<AgentEvent> {
         let known = self.node.known_nodes();
-        let homes: HashSet<String> = self.homes.lock().unwrap_or_else(|p| p.into_inner()).values().map(|n| n.id.clone()).collect();
-        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| homes.contains(id));
-        let mut gone = HashSet::new();
-        for id in homes {
+        let in_use: HashSet<String> = self.rooms().values().flat_map(|r| r.nodes()).collect();
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| in_use.contains(id));
+        let mut gone = Vec::new();
+        for id in in_use {
             let listed = known.iter().any(|n| n.id == id);
             let silent = !listed && crate::rpc::media_responds(&self.node.client(), &self.me, &id).await == Some(false);
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,71 +177,107 @@ impl ClusterRouter {
             let n = suspects.entry(id.clone()).or_insert(0);
             *n = n.saturating_add(1);
             if *n >= GONE_AFTER_CHECKS {
-                gone.insert(id);
+                suspects.remove(&id);
+                gone.push(id);
             }
         }
-        let homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-        let mut lost = Vec::new();
-        for (room, node) in homes.iter().filter(|(_, n)| gone.contains(&n.id)) {
-            if reported.insert(room.clone()) {
-                warn!(room = %room, node = %node.id, "the webrtc node serving a room is gone");
-                lost.push((room.clone(), node.id.clone()));
+        let mut events = Vec::new();
+        let mut rooms = self.rooms();
+        for id in gone {
+            let reason = format!("webrtc node `{id}` is gone");
+            for (room, placement) in rooms.iter_mut() {
+                let (transports, views) = placement.lose(&id);
+                if transports.is_empty() && !views {
+                    continue;
+                }
+                warn!(room = %room, node = %id, transports = transports.len(), views, "a node serving a room is gone");
+                events.push(AgentEvent::MediaLost { room: room.clone(), reason: reason.clone(), transports, views });
             }
         }
-        lost
+        events
     }
 
-    /// The webrtc node serving `room`, placing it if it has none (or its node is gone).
-    fn place(&self, room: &RoomId) -> Option<NodeRecord> {
-        let mut homes = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        // A room stays where it is until its node is found gone (see `lost_homes`): a node
-        // missing from one list read may be alive, with the room's sessions.
-        if let Some(home) = homes.get(room) {
-            return Some(home.clone());
-        }
+    /// The least-used live webrtc node; `prefer_full` first prefers nodes that also run the
+    /// mixer and recorder (for a room's home).
+    fn least_used(&self, prefer_full: bool) -> Option<NodeRecord> {
         let known = self.node.known_nodes();
-        let missing = |n: &NodeRecord| [Role::Mixer, Role::Recorder].iter().filter(|r| !n.roles.contains(r)).count();
-        let chosen = known
+        let missing = |n: &NodeRecord| if prefer_full { [Role::Mixer, Role::Recorder].iter().filter(|r| !n.roles.contains(r)).count() } else { 0 };
+        known
             .iter()
             .filter(|n| n.roles.contains(&Role::Webrtc) && !n.draining)
             .min_by(|a, b| {
                 let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, missing(n), n.load.transports, n.id != self.me);
                 key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
-            })?
-            .clone();
-        homes.insert(room.clone(), chosen.clone());
-        drop(homes);
-        self.node.count_placement(&chosen.id);
+            })
+            .cloned()
+    }
+
+    /// The room's home, choosing one if it has none.
+    fn home(&self, placement: &mut RoomPlacement, room: &RoomId) -> Option<NodeRecord> {
+        if let Some(home) = &placement.home {
+            return Some(home.clone());
+        }
+        let chosen = self.least_used(true)?;
         info!(room = %room, node = %chosen.id, "room placed on a webrtc node");
+        placement.home = Some(chosen.clone());
         Some(chosen)
     }
 
-    /// The node serving `role` (mixer, recorder) for `room`: its webrtc node when that has
-    /// the role (no relay hop), else the least-used node with it (fewest views, then CPU;
-    /// streams cross over the relay), kept for the room until it is released.
-    fn place_part(&self, room: &RoomId, role: Role) -> Option<NodeRecord> {
-        let home = self.place(room);
-        if let Some(home) = home.filter(|n| n.roles.contains(&role)) {
-            return Some(home);
+    /// The node of a transport, placing it if it is new (see the module doc).
+    fn place_transport(&self, room: &RoomId, transport: &TransportId, participant: &ParticipantId) -> Option<String> {
+        let mut rooms = self.rooms();
+        let placement = rooms.entry(room.clone()).or_default();
+        if let Some(t) = placement.transports.get(transport) {
+            return Some(t.node.clone());
         }
-        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (room.clone(), role);
-        if let Some(n) = parts.get(&key) {
+        let home = self.home(placement, room)?;
+        // The home's load as last reported (with placements counted since), not as it was
+        // when the room was placed.
+        let home_load = self.node.known_nodes().into_iter().find(|n| n.id == home.id).map_or(home.load.transports, |n| n.load.transports);
+        let chosen = match self.least_used(false) {
+            Some(least)
+                if least.id != home.id && home_load >= least.load.transports.saturating_add(usize::try_from(self.spread).unwrap_or(usize::MAX)) =>
+            {
+                debug!(room = %room, transport = %transport, node = %least.id, "transport placed off the room's home");
+                least.id
+            }
+            _ => home.id,
+        };
+        placement
+            .transports
+            .insert(transport.clone(), PlacedTransport { node: chosen.clone(), participant: participant.clone(), sessions: HashSet::new() });
+        drop(rooms);
+        self.node.count_placement(&chosen);
+        Some(chosen)
+    }
+
+    /// The node serving `role` (mixer, recorder) for `room`: its home when that has the
+    /// role (no relay hop), else the least-used node with it (fewest views, then CPU),
+    /// kept for the room until it is released.
+    fn place_part(&self, room: &RoomId, role: Role) -> Option<NodeRecord> {
+        let mut rooms = self.rooms();
+        let placement = rooms.entry(room.clone()).or_default();
+        // Where it already runs first (the home may have changed since: the view stays).
+        if let Some(n) = placement.parts.get(&role) {
             return Some(n.clone());
         }
-        let known = self.node.known_nodes();
-        let chosen = known
-            .iter()
-            .filter(|n| n.roles.contains(&role) && !n.draining)
-            .min_by(|a, b| {
-                let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, n.load.views, n.id != self.me);
-                key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
-            })?
-            .clone();
+        if let Some(home) = self.home(placement, room).filter(|n| n.roles.contains(&role)) {
+            return Some(home);
+        }
+        let chosen = self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&role) && !n.draining).min_by(|a, b| {
+            let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, n.load.views, n.id != self.me);
+            key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
+        })?;
         info!(room = %room, node = %chosen.id, role = ?role, "room's media part placed on a node without its webrtc sessions");
-        parts.insert(key, chosen.clone());
+        placement.parts.insert(role, chosen.clone());
         Some(chosen)
+    }
+
+    fn media(&self, node: &str) -> Option<Arc<dyn MediaNode>> {
+        if node == self.me {
+            return self.local.agent.clone();
+        }
+        Some(Arc::new(RemoteMedia::new(self.node.client(), &self.me, node)))
     }
 
     fn is_me(&self, node: &NodeRecord) -> bool {
@@ -181,13 +285,133 @@ impl ClusterRouter {
     }
 }
 
+/// A room's media as the portal sees it: one node, though each command goes to the node
+/// of the transport or session it names.
+struct RoomMedia {
+    router: Arc<ClusterRouter>,
+    room: RoomId,
+}
+
+impl RoomMedia {
+    fn at(&self, node: Option<String>, missing: impl FnOnce() -> AgentError) -> Result<Arc<dyn MediaNode>, AgentError> {
+        node.and_then(|n| self.router.media(&n)).ok_or_else(missing)
+    }
+
+    fn node_of_session(&self, session: &str) -> Option<String> {
+        self.router.rooms().get(&self.room).and_then(|p| p.node_of_session(session))
+    }
+
+    fn node_of_transport(&self, transport: &str) -> Option<String> {
+        self.router.rooms().get(&self.room).and_then(|p| p.transports.get(transport)).map(|t| t.node.clone())
+    }
+
+    fn note_session(&self, transport: &TransportId, session: &SessionId) {
+        let mut rooms = self.router.rooms();
+        if let Some(p) = rooms.get_mut(&self.room)
+            && let Some(t) = p.transports.get_mut(transport)
+        {
+            t.sessions.insert(session.clone());
+            p.sessions.insert(session.clone(), transport.clone());
+        }
+    }
+
+    fn forget_session(&self, session: &str) {
+        if let Some(p) = self.router.rooms().get_mut(&self.room) {
+            p.forget_session(session);
+        }
+    }
+
+    /// Sets up a publication or subscription on its transport's node.
+    async fn open(&self, at: &tessera_core::agent::SessionRef, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        let node = self.router.place_transport(&self.room, &at.transport, &at.participant);
+        let agent = self.at(node, || AgentError::Failed("no webrtc node is available".into()))?;
+        self.note_session(&at.transport, &at.session);
+        let out = agent.handle(command).await;
+        if out.is_err() {
+            self.forget_session(at.session.as_str());
+        }
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl MediaNode for RoomMedia {
+    async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        match command {
+            AgentCommand::Publish(spec) => {
+                let at = spec.at.clone();
+                self.open(&at, AgentCommand::Publish(spec)).await
+            }
+            AgentCommand::Subscribe(spec) => {
+                let at = spec.at.clone();
+                self.open(&at, AgentCommand::Subscribe(spec)).await
+            }
+            AgentCommand::Signal(s) => {
+                let transport = s.at.transport.clone();
+                self.at(self.node_of_transport(transport.as_str()), || AgentError::NoTransport(transport))?.handle(AgentCommand::Signal(s)).await
+            }
+            AgentCommand::EndSession(e) => {
+                let node = self.node_of_session(e.session.as_str());
+                let session = e.session.clone();
+                let out = match node.and_then(|n| self.router.media(&n)) {
+                    Some(agent) => agent.handle(AgentCommand::EndSession(e)).await,
+                    None => Ok(AgentReply::EndSession(())),
+                };
+                self.forget_session(session.as_str());
+                out
+            }
+            AgentCommand::SwitchTracks(s) => {
+                let session = s.session.clone();
+                self.at(self.node_of_session(session.as_str()), || AgentError::NoSession(session))?.handle(AgentCommand::SwitchTracks(s)).await
+            }
+            AgentCommand::RequestKeyframe(k) => match self.node_of_session(k.stream.as_str()).and_then(|n| self.router.media(&n)) {
+                Some(agent) => agent.handle(AgentCommand::RequestKeyframe(k)).await,
+                None => Ok(AgentReply::RequestKeyframe(())),
+            },
+            AgentCommand::ParticipantLeft(p) => {
+                // Every node holding one of the participant's transports.
+                let nodes: HashSet<String> = {
+                    let mut rooms = self.router.rooms();
+                    let Some(placement) = rooms.get_mut(&self.room) else { return Ok(AgentReply::ParticipantLeft(())) };
+                    let mine: Vec<TransportId> =
+                        placement.transports.iter().filter(|(_, t)| t.participant == p.participant).map(|(id, _)| id.clone()).collect();
+                    let mut nodes = HashSet::new();
+                    for id in mine {
+                        if let Some(t) = placement.transports.remove(&id) {
+                            for s in &t.sessions {
+                                placement.sessions.remove(s);
+                            }
+                            nodes.insert(t.node);
+                        }
+                    }
+                    nodes
+                };
+                let mut result = Ok(AgentReply::ParticipantLeft(()));
+                for node in nodes {
+                    if let Some(agent) = self.router.media(&node)
+                        && let Err(e) = agent.handle(AgentCommand::ParticipantLeft(p.clone())).await
+                    {
+                        result = Err(e);
+                    }
+                }
+                result
+            }
+            AgentCommand::GetStats(g) => {
+                let home = self.router.rooms().get(&self.room).and_then(|p| p.home.as_ref().map(|h| h.id.clone()));
+                self.at(home.or_else(|| Some(self.router.me.clone())), || AgentError::Failed("no webrtc node".into()))?
+                    .handle(AgentCommand::GetStats(g))
+                    .await
+            }
+        }
+    }
+}
+
 impl Router for ClusterRouter {
     fn agent_for(&self, room: &RoomId) -> Option<Arc<dyn MediaNode>> {
-        let node = self.place(room)?;
-        if self.is_me(&node) {
-            return self.local.agent.clone();
-        }
-        Some(Arc::new(RemoteMedia::new(self.node.client(), &self.me, &node.id)))
+        let router = self.me_arc.upgrade()?;
+        // Some webrtc node must exist for the room's sessions.
+        self.least_used(false).or_else(|| self.rooms().get(room).and_then(|p| p.home.clone()))?;
+        Some(Arc::new(RoomMedia { router, room: room.clone() }))
     }
 
     fn mixer_for(&self, room: &RoomId, _view: &ViewLabel) -> Option<Arc<dyn MixNode>> {
@@ -207,10 +431,8 @@ impl Router for ClusterRouter {
     }
 
     fn release(&self, room: &RoomId) {
-        self.reported.lock().unwrap_or_else(|p| p.into_inner()).remove(room);
-        self.parts.lock().unwrap_or_else(|p| p.into_inner()).retain(|(r, _), _| r != room);
-        if let Some(node) = self.homes.lock().unwrap_or_else(|p| p.into_inner()).remove(room) {
-            debug!(room = %room, node = %node.id, "room no longer placed (empty)");
+        if self.rooms().remove(room).is_some() {
+            debug!(room = %room, "room no longer placed (empty)");
         }
     }
 

@@ -155,7 +155,7 @@ pub struct Webhooks {
 pub const MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
 
 /// `[cluster]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
     /// NATS server URL (`nats://host:4222`); empty: no cluster, everything in this process.
@@ -169,10 +169,29 @@ pub struct Cluster {
     /// Sign every relayed datagram with a key the cluster shares and drop unsigned ones
     /// (set it alike on every node).
     pub relay_auth: bool,
+    /// A room's new WebRTC transports go to its first webrtc node until that node holds
+    /// this many more transports than the least-used one (0: each to the least-used node).
+    pub room_spread: u64,
     /// Region label, for placing sessions near their portal.
     pub region: String,
     /// What this node does (`portal`, `webrtc`, `mixer`, `recorder`); empty: everything.
     pub roles: Vec<String>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            nats_url: String::new(),
+            node_id: String::new(),
+            relay_addr: String::new(),
+            relay_auth: false,
+            // As the SFU's workers do within a node: a meeting stays on one node, a large
+            // fan-out uses several.
+            room_spread: 16,
+            region: String::new(),
+            roles: Vec::new(),
+        }
+    }
 }
 
 /// The roles a node can have.
@@ -577,8 +596,18 @@ impl Config {
             // It relays to this process's own media only.
             return Err(err("turn.enabled", "the TURN server runs on nodes with the webrtc role".into()));
         }
-        if !c.relay_addr.is_empty() && c.relay_socket().is_none() {
-            return Err(err("cluster.relay_addr", format!("`{}` is not an IP address or IP:port", c.relay_addr.escape_debug())));
+        if !c.relay_addr.is_empty() {
+            match c.relay_socket() {
+                None => return Err(err("cluster.relay_addr", format!("`{}` is not an IP address or IP:port", c.relay_addr.escape_debug()))),
+                // Other nodes send to it, and check packets come from it.
+                Some(a) if a.ip().is_unspecified() => {
+                    return Err(err(
+                        "cluster.relay_addr",
+                        format!("`{}`: name the address other nodes reach this one at", c.relay_addr.escape_debug()),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         if !self.service.key.is_empty() && self.service.key.len() < 16 {
             return Err(err("service.key", "must be at least 16 characters (or empty to generate one)".into()));

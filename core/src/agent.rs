@@ -212,15 +212,30 @@ pub enum AgentEvent {
         /// What changed.
         update: StreamUpdate,
     },
-    /// The node serving the room's media is gone (a cluster node died): every transport,
-    /// session and view of the room there is over. Reported by the cluster's router, not
-    /// by the node itself.
+    /// A node serving some of the room's media is gone (a cluster node died): the
+    /// transports listed, their sessions, and (with `views`) the room's views are over.
+    /// Reported by the cluster's router, not by the node itself.
     MediaLost {
         /// Room id.
         room: RoomId,
         /// Why (which node).
         reason: String,
+        /// The room's transports that were on that node.
+        transports: Vec<LostTransport>,
+        /// Whether the room's mixed views were made there (they start again elsewhere).
+        views: bool,
     },
+}
+
+/// A participant's transport lost with its node, and the sessions it carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostTransport {
+    /// Owner.
+    pub participant: ParticipantId,
+    /// The transport.
+    pub transport: TransportId,
+    /// Its publications and subscriptions.
+    pub sessions: Vec<SessionId>,
 }
 
 impl AgentEvent {
@@ -371,7 +386,12 @@ pub(crate) mod tests {
             },
             AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::Layout(layout()) },
             AgentEvent::StreamUpdated { room: "r".into(), stream: "r-common".into(), update: StreamUpdate::ActiveInput(Some("s".into())) },
-            AgentEvent::MediaLost { room: "r".into(), reason: "webrtc node `n2` is gone".into() },
+            AgentEvent::MediaLost {
+                room: "r".into(),
+                reason: "webrtc node `n2` is gone".into(),
+                transports: vec![LostTransport { participant: "p".into(), transport: "t".into(), sessions: vec!["s".into()] }],
+                views: true,
+            },
         ];
         for e in events {
             round_trip(e);

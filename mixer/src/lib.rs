@@ -31,8 +31,10 @@ use pipeline::ViewPipeline;
 const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How often a view checks for consumers.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
-/// How often a running view tries again to bring inputs it could not take from other nodes.
+/// How often a running view tries again to bring inputs it could not take from other nodes
+/// (doubling while it fails, up to [`IMPORT_RETRY_MAX`]).
 const IMPORT_RETRY: Duration = Duration::from_secs(1);
+const IMPORT_RETRY_MAX: Duration = Duration::from_secs(16);
 /// A running view whose encoder produced no video for this long is rebuilt.
 const STALL_RESTART: Duration = Duration::from_secs(2);
 /// Inputs quieter than this (dBFS) are not speaking.
@@ -298,7 +300,9 @@ impl Mixer {
 /// Keeps a view's pipeline running exactly while it has consumers.
 async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn StreamImporter>>, events: mpsc::Sender<AgentEvent>, view: Weak<ViewMix>) {
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_import = Instant::now();
+    let mut import_every = IMPORT_RETRY;
     loop {
         tick.tick().await;
         let Some(view) = view.upgrade() else { return };
@@ -346,20 +350,28 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
                 }
             }
             // An input that could not be brought from its node (not listed there yet, a
-            // relay hiccup) is tried again, once a second.
-            if importer.is_some() && last_import.elapsed() >= IMPORT_RETRY {
+            // relay hiccup) is tried again: after a second, then less often while it fails.
+            if importer.is_some() && last_import.elapsed() >= import_every {
                 last_import = Instant::now();
                 let missing: Vec<String> = {
                     let s = view.lock();
                     s.inputs.iter().filter(|i| source.stream_room(i).is_none()).cloned().collect()
                 };
+                let mut failed = false;
                 for stream in missing {
                     let room = RoomId::from(view.room.as_str());
-                    if ensure_stream(source.as_ref(), importer.as_deref(), &room, &stream).await.is_ok() {
-                        attach(source.as_ref(), &view, &stream);
-                        relayout(&view);
+                    match ensure_stream(source.as_ref(), importer.as_deref(), &room, &stream).await {
+                        Ok(()) => {
+                            attach(source.as_ref(), &view, &stream);
+                            relayout(&view);
+                        }
+                        Err(e) => {
+                            debug!(%stream, error = %e, "a mix input is still not available");
+                            failed = true;
+                        }
                     }
                 }
+                import_every = if failed { (import_every * 2).min(IMPORT_RETRY_MAX) } else { IMPORT_RETRY };
             }
             for update in voice_activity(&view) {
                 let event = AgentEvent::StreamUpdated { room: view.room.as_str().into(), stream: view.id.as_str().into(), update };
@@ -480,6 +492,18 @@ fn attach(source: &dyn StreamSource, view: &Arc<ViewMix>, stream: &str) {
     let mut s = view.lock();
     if s.pipeline.is_none() {
         return;
+    }
+    // A tap whose stream ended (an input relayed from a node that lost it) no longer
+    // counts: the stream may be back.
+    let ended: Vec<(String, MediaKind)> =
+        s.taps.iter().filter(|(st, _, _, task)| st == stream && task.is_finished()).map(|(st, k, ..)| (st.clone(), *k)).collect();
+    if !ended.is_empty() {
+        s.taps.retain(|(st, _, _, task)| !(st == stream && task.is_finished()));
+        for (st, kind) in ended {
+            if let Some(p) = s.pipeline.as_mut() {
+                p.remove_input(&st, kind);
+            }
+        }
     }
     for kind in [MediaKind::Video, MediaKind::Audio] {
         let wanted = match kind {

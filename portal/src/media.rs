@@ -494,47 +494,58 @@ impl Portal {
                 }
             }
             AgentEvent::StreamUpdated { room, stream, update } => self.stream_updated(room.as_str(), stream.as_str(), update),
-            AgentEvent::MediaLost { room, reason } => {
+            AgentEvent::MediaLost { room, reason, transports, views } => {
                 let portal = self.clone();
-                tokio::spawn(async move { portal.media_lost(room.as_str(), &reason).await });
+                tokio::spawn(async move { portal.media_lost(room.as_str(), &reason, transports, views).await });
             }
         }
     }
 
-    /// The node serving the room's media is gone: every session there is over. Each
-    /// participant is told its transports failed (`progress` with status `error`, as OWT
-    /// reports a failed transport), the forward streams disappear (`stream` remove), and
-    /// the room's views start again where the room is placed next, so clients that
-    /// publish and subscribe again get media from another node.
-    pub(crate) async fn media_lost(&self, room: &str, reason: &str) {
+    /// A node serving some of the room's media is gone: the sessions on the transports it
+    /// had are over. Each of their participants is told its transport failed (`progress`
+    /// with status `error`, as OWT reports a failed transport), the forward streams
+    /// published there disappear (`stream` remove), and, when the node made the room's
+    /// views, they start again on another node, so clients that publish and subscribe again
+    /// get media from a live node. Sessions on other nodes go on.
+    pub(crate) async fn media_lost(&self, room: &str, reason: &str, lost: Vec<tessera_core::agent::LostTransport>, views: bool) {
         let (streams, transports) = {
             let mut conf = self.lock();
-            conf.mixing.remove(room);
-            // Under the room lock, with the sessions cleared below: the next session is
-            // placed on a live node, and none placed there is cleared by mistake.
-            self.inner.router.release(&room.into());
+            if views {
+                conf.mixing.remove(room);
+            }
             let Some(r) = conf.rooms.get_mut(room) else { return };
             let mut transports = Vec::new();
-            for p in r.participants.iter_mut() {
-                transports.extend(p.transports.drain().map(|t| (p.info.id.clone(), t)));
-                p.sessions.clear();
-                p.attributes.clear();
-                p.ready.clear();
+            let mut streams = Vec::new();
+            for t in lost {
+                let Some(p) = r.participant_mut(t.participant.as_str()) else { continue };
+                if p.transports.remove(t.transport.as_str()) {
+                    transports.push((t.participant.clone(), t.transport.clone()));
+                }
+                for s in &t.sessions {
+                    if p.sessions.remove(s.as_str()) == Some(SessionKind::Publication) {
+                        streams.push(s.to_string());
+                    }
+                    p.attributes.remove(s.as_str());
+                    p.ready.remove(s.as_str());
+                    p.kinds.remove(s.as_str());
+                    p.held.retain(|(id, _)| id != s.as_str());
+                    p.paused.retain(|(id, _)| id != s.as_str());
+                }
             }
-            let streams: Vec<String> = r.streams.iter().filter(|s| s.is_forward()).map(|s| s.id.to_string()).collect();
             (streams, transports)
         };
-        warn!(room, reason, transports = transports.len(), streams = streams.len(), "the room's media node is gone");
+        warn!(room, reason, transports = transports.len(), streams = streams.len(), views, "a node serving the room's media is gone");
         for (participant, transport) in &transports {
             let data = json!({"id": transport, "status": "error", "data": reason});
-            self.lock().notify(room, participant, "progress", data);
+            self.lock().notify(room, participant.as_str(), "progress", data);
         }
         for stream in streams {
             self.remove_stream(room, &stream, reason);
         }
-        // Mixed streams keep their ids and stay listed; their views start again on the
-        // room's next node (placed by this call), unless the room emptied meanwhile.
-        if let Some(cfg) = self.inner.store.get(room)
+        // Mixed streams keep their ids and stay listed; their views start again on another
+        // node, unless the room emptied meanwhile.
+        if views
+            && let Some(cfg) = self.inner.store.get(room)
             && self.lock().rooms.contains_key(room)
         {
             self.ensure_mixing(&cfg).await;

@@ -19,6 +19,8 @@ pub struct Sources {
     pub mixer: Option<Arc<tessera_mixer::Mixer>>,
     /// Recordings.
     pub recorder: Option<Arc<tessera_recorder::Recorder>>,
+    /// The media relay between nodes (a cluster's media nodes only).
+    pub relay: Option<Arc<tessera_cluster::relay::Relay>>,
 }
 
 /// The exporter and its sources.
@@ -128,6 +130,17 @@ impl Metrics {
                 counter!("tessera_mixer_encode_seconds_count", &labels).absolute(timed as u64);
             }
         }
+        if let Some(relay) = &self.sources.relay {
+            let (imports, exports) = relay.counts();
+            let c = &relay.counters;
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            gauge!("tessera_relay_imported_streams").set(imports as f64);
+            gauge!("tessera_relay_exported_tracks").set(exports as f64);
+            counter!("tessera_relay_packets_sent_total").absolute(load(&c.packets_out));
+            counter!("tessera_relay_packets_received_total").absolute(load(&c.packets_in));
+            counter!("tessera_relay_nacked_packets_total").absolute(load(&c.nacked));
+            counter!("tessera_relay_datagrams_dropped_total").absolute(load(&c.dropped));
+        }
         if let Some(recorder) = &self.sources.recorder {
             let (recording, stopped, failed) = recorder.counts();
             gauge!("tessera_recordings", "state" => "recording").set(recording as f64);
@@ -166,6 +179,12 @@ fn describe() {
     describe_gauge!("tessera_mixer_encode_seconds_sum", "Sum of a view's measured encode times");
     describe_counter!("tessera_mixer_encode_seconds_count", "Frames whose encode time was measured");
     describe_gauge!("tessera_recordings", "Recordings on this node by state");
+    describe_gauge!("tessera_relay_imported_streams", "Streams this node takes from other nodes over the media relay");
+    describe_gauge!("tessera_relay_exported_tracks", "Tracks this node sends to other nodes over the media relay");
+    describe_counter!("tessera_relay_packets_sent_total", "RTP packets sent to other nodes (repairs included)");
+    describe_counter!("tessera_relay_packets_received_total", "RTP packets received from other nodes");
+    describe_counter!("tessera_relay_nacked_packets_total", "Relayed packets found missing and asked for again");
+    describe_counter!("tessera_relay_datagrams_dropped_total", "Relay datagrams dropped: unreadable, unsigned or forged, unexpected sender");
 }
 
 #[cfg(test)]

@@ -359,7 +359,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Some(a) => a,
                 None => {
                     let ips = tessera_webrtc_agent::AgentSettings::from_config(&config).bind_ips;
-                    SocketAddr::new(ips.first().copied().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])), 0)
+                    let ip = tessera_webrtc_agent::net::primary_ip(&ips).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+                    if ip.is_unspecified() {
+                        anyhow::bail!("config key `cluster.relay_addr`: webrtc.bind_ip is {ip}; name the address other nodes reach this one at");
+                    }
+                    SocketAddr::new(ip, 0)
                 }
             };
             Some(tessera_cluster::relay::bind(addr)?)
@@ -386,14 +390,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // The relay: streams of other nodes for this node's subscribers, mixer and recorder;
     // this node's streams for theirs.
+    let mut relay = None;
     if let (Some(node), Some(socket), Some(streams)) = (&cluster, relay_socket, &streams) {
         let key = match config.cluster.relay_auth {
             true => Some(node.agree_secret("relay-key", &tessera_core::ids::random_hex(32)).await.context("the cluster's relay key")?),
             false => None,
         };
-        let relay = tessera_cluster::relay::Relay::start(node.clone(), socket, key.as_deref().map(str::as_bytes), streams.clone())?;
-        println!("tessera: media relay on {} ({})", relay.addr(), if key.is_some() { "authenticated" } else { "unauthenticated" });
-        let importer: Arc<dyn tessera_core::media::StreamImporter> = relay.clone();
+        let started = tessera_cluster::relay::Relay::start(node.clone(), socket, key.as_deref().map(str::as_bytes), streams.clone())?;
+        println!("tessera: media relay on {} ({})", started.addr(), if key.is_some() { "authenticated" } else { "unauthenticated" });
+        let importer: Arc<dyn tessera_core::media::StreamImporter> = started.clone();
+        relay = Some(started);
         if let Some(sfu) = &sfu {
             sfu.set_importer(importer.clone());
         }
@@ -456,7 +462,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tessera_cluster::rpc::receive_events(node.client(), &node_id, to_portal.clone());
             }
             let lost = is_portal.then(|| to_portal.clone());
-            (tessera_cluster::router::ClusterRouter::new(node.clone(), local, lost), Some(portal_events))
+            (tessera_cluster::router::ClusterRouter::new(node.clone(), local, config.cluster.room_spread, lost), Some(portal_events))
         }
     };
     let (Some((portal_listener, api_listener)), true) = (listeners, is_portal) else {
@@ -558,7 +564,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         nodes,
         metrics: match config.server.metrics {
             true => {
-                let sources = crate::metrics::Sources { portal: portal.clone(), sfu: sfu.clone(), mixer: mixer.clone(), recorder: recorder.clone() };
+                let sources = crate::metrics::Sources {
+                    portal: portal.clone(),
+                    sfu: sfu.clone(),
+                    mixer: mixer.clone(),
+                    recorder: recorder.clone(),
+                    relay: relay.clone(),
+                };
                 let metrics = crate::metrics::Metrics::install(sources)?;
                 Some(Arc::new(move || metrics.render()))
             }

@@ -814,3 +814,106 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
     // It left the cluster (ids listed in order).
     wait_nodes(&p, &[other, "p"], Duration::from_secs(5)).await;
 }
+
+/// Waits until node `id` reports `transports` WebRTC transports (within 6 s).
+async fn wait_transports(p: &common::Server, id: &str, transports: u64) {
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let v = nodes(p).await;
+        let n = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["load"]["transports"].as_u64());
+        if n == Some(Some(transports)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {id} never reported {transports} transports: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One value of `/metrics` (a series without labels).
+async fn metric(s: &common::Server, name: &str) -> f64 {
+    let text = s.client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// A room over two webrtc nodes (`room_spread = 0`: each transport on the least-used
+/// node): the publisher on n1, subscribers on n2 get its payloads byte for byte over the
+/// media relay, which carries the stream once however many subscribers n2 has. n2 is
+/// killed: only its subscribers are told, the publisher and n1's subscriber go on, and a
+/// subscriber that subscribes again is placed on n1 and has media within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spreads_over_webrtc_nodes_and_survives_losing_one() {
+    if !common::in_own_netns("a_room_spreads_over_webrtc_nodes_and_survives_losing_one") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
+    let (_n2_dir, mut n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
+    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
+    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
+    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+
+    let room = p.new_room(serde_json::json!({"views": []})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(7), None).await.unwrap());
+    let _sending = {
+        let pb = publisher.clone();
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await })
+    };
+    // Each transport goes to the least-used node, once the last one shows in the reports.
+    wait_transports(&p, "n1", 1).await;
+    let subscribe = |name: &'static str| {
+        let (p, room, stream) = (&p, room.clone(), publisher.stream_id.clone());
+        async move {
+            let (mut sig, _) = p.join(&room, name).await;
+            let sub = tessera_client::peer::Subscriber::start(&mut sig, &stream, true, true, false).await.unwrap();
+            (sig, sub)
+        }
+    };
+    let (mut asig, a) = subscribe("a").await;
+    wait_transports(&p, "n2", 1).await;
+    let (mut bsig, b) = subscribe("b").await;
+    wait_transports(&p, "n1", 2).await;
+    let (mut csig, c) = subscribe("c").await;
+    wait_transports(&p, "n2", 2).await;
+    let tagged = |s: &tessera_client::peer::Subscriber| {
+        s.packets("video").iter().filter(|p| tessera_client::peer::Marker::find(&p.payload).is_some_and(|m| m.tag == 7)).count()
+    };
+    for (name, s) in [("a (n2)", &a), ("b (n1)", &b), ("c (n2)", &c)] {
+        s.wait_until(name, Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+        assert!(tagged(s) > 30, "{name} gets the publisher's own payloads ({})", tagged(s));
+    }
+    // The stream crosses once: n1 exports its two tracks, not two per subscriber on n2.
+    assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 2.0);
+    assert!(metric(&p, "tessera_relay_packets_sent_total").await > 60.0);
+
+    // n2 dies: its subscribers are told, nobody else is.
+    let killed = Instant::now();
+    n2.child.kill().unwrap();
+    let _ = n2.child.wait();
+    for (name, sig) in [("a", &mut asig), ("c", &mut csig)] {
+        let failed =
+            sig.wait_for("transport error", Duration::from_secs(35), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+        assert_eq!(failed.data["data"], "webrtc node `n2` is gone", "{name}");
+    }
+    println!("n2's subscribers told {:?} after it was killed", killed.elapsed());
+    let before = b.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(b.packets("video").len() > before + 15, "n1's subscriber goes on");
+    for (name, sig) in [("publisher", &mut psig), ("b", &mut bsig)] {
+        let told = sig
+            .wait_for("nothing", Duration::from_millis(200), |n| {
+                (n.event == "progress" && n.data["status"] == "error") || (n.event == "stream" && n.data["status"] == "remove")
+            })
+            .await;
+        assert!(told.is_err(), "{name} was told: {:?}", told.map(|n| n.data));
+    }
+    // a subscribes again: placed on n1, the only node left.
+    let again = Instant::now();
+    let a2 = tessera_client::peer::Subscriber::start(&mut asig, &publisher.stream_id, true, true, false).await.unwrap();
+    a2.wait_until("video again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    println!("media again {:?} after subscribing again", again.elapsed());
+    assert!(tagged(&a2) > 20);
+}

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tessera_core::agent::MediaKind;
@@ -24,26 +25,76 @@ struct Fanout {
     codec: CodecInfo,
     on_keyframe: Arc<dyn Fn() + Send + Sync>,
     taps: Mutex<Vec<(u64, mpsc::Sender<Bytes>)>>,
+    keyframes: Mutex<KeyframeThrottle>,
 }
 
 impl RtpSink for Fanout {
     fn send(&self, packet: &[u8]) {
-        let taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taps = self.taps.lock().unwrap_or_else(|p| p.into_inner());
         if taps.is_empty() {
             return;
         }
         // One copy, shared by every tap.
         let packet = Bytes::copy_from_slice(packet);
-        for (id, tx) in taps.iter() {
-            if tx.try_send(packet.clone()).is_err() {
+        taps.retain(|(id, tx)| match tx.try_send(packet.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 debug!(tap = id, "a tap fell behind; packet dropped for it");
+                true
             }
-        }
+            // Its consumer dropped it without untapping.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
     }
 
     fn has_consumers(&self) -> bool {
-        !self.taps.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.taps.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(_, tx)| !tx.is_closed())
     }
+}
+
+impl Fanout {
+    /// Asks the producer for a keyframe, at most once per [`KEYFRAME_INTERVAL`]: a request
+    /// inside the window is deferred to its end, never dropped. The producer's callback
+    /// runs on a blocking thread (the mixer's takes its locks and the encoder's).
+    fn keyframe(self: &Arc<Self>) {
+        let now = Instant::now();
+        let delay = {
+            let mut k = self.keyframes.lock().unwrap_or_else(|p| p.into_inner());
+            if k.pending {
+                return;
+            }
+            let due = k.last.map_or(now, |l| l + KEYFRAME_INTERVAL);
+            k.pending = true;
+            due.saturating_duration_since(now)
+        };
+        let me = self.clone();
+        let fire = move || {
+            {
+                let mut k = me.keyframes.lock().unwrap_or_else(|p| p.into_inner());
+                k.pending = false;
+                k.last = Some(Instant::now());
+            }
+            (me.on_keyframe)();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tokio::task::spawn_blocking(fire).await;
+                });
+            }
+            Err(_) => fire(),
+        }
+    }
+}
+
+/// Keyframe requests to one producer are at most this frequent.
+const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
+
+#[derive(Default)]
+struct KeyframeThrottle {
+    last: Option<Instant>,
+    pending: bool,
 }
 
 struct Stream {
@@ -91,7 +142,7 @@ impl StreamSource for LocalStreams {
         track.taps.lock().unwrap_or_else(|p| p.into_inner()).push((id, tx));
         // A new consumer starts with a picture.
         if kind == MediaKind::Video {
-            (track.on_keyframe)();
+            track.keyframe();
         }
         Some(Tap { codec: track.codec.clone(), sink_id: id, packets: Box::new(TapRx(rx)) })
     }
@@ -104,7 +155,7 @@ impl StreamSource for LocalStreams {
 
     fn request_keyframe(&self, stream: &str) {
         if let Some(track) = self.track(stream, MediaKind::Video) {
-            (track.on_keyframe)();
+            track.keyframe();
         }
     }
 
@@ -115,10 +166,23 @@ impl StreamSource for LocalStreams {
     fn publish_local(&self, room: &str, stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
         let fanouts: Vec<Arc<Fanout>> = tracks
             .into_iter()
-            .map(|t| Arc::new(Fanout { kind: t.kind, codec: t.codec, on_keyframe: t.on_keyframe, taps: Mutex::new(Vec::new()) }))
+            .map(|t| {
+                Arc::new(Fanout {
+                    kind: t.kind,
+                    codec: t.codec,
+                    on_keyframe: t.on_keyframe,
+                    taps: Mutex::new(Vec::new()),
+                    keyframes: Mutex::default(),
+                })
+            })
             .collect();
         let sinks = fanouts.iter().map(|f| f.clone() as Arc<dyn RtpSink>).collect();
-        // Replacing a stream ends the taps of the one it replaces (their senders drop).
+        // A stream published again under its id replaces the old one for new taps; the old
+        // one's taps end when it is unpublished... which this replacement is: end them now.
+        let old = self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(stream);
+        for t in old.into_iter().flat_map(|s| s.tracks) {
+            t.taps.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).insert(stream.to_string(), Stream { room: room.into(), tracks: fanouts });
         sinks
     }
@@ -157,12 +221,20 @@ mod tests {
         assert!(!sinks[0].has_consumers());
         sinks[0].send(b"before anyone");
         let mut a = streams.tap("r-common", MediaKind::Video).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(keyframes.load(Ordering::Relaxed), 1, "a new tap asks for a picture at once");
         let mut b = streams.tap("r-common", MediaKind::Video).unwrap();
-        assert_eq!(keyframes.load(Ordering::Relaxed), 2, "each new tap asks for a picture");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(keyframes.load(Ordering::Relaxed), 1, "the second's request, inside the window, waits...");
+        tokio::time::sleep(KEYFRAME_INTERVAL).await;
+        assert_eq!(keyframes.load(Ordering::Relaxed), 2, "...and is made at the end of the window, not dropped");
         assert_eq!(a.codec, vp8());
         sinks[0].send(b"one");
-        streams.request_keyframe("r-common");
-        assert_eq!(keyframes.load(Ordering::Relaxed), 3);
+        for _ in 0..10 {
+            streams.request_keyframe("r-common");
+        }
+        tokio::time::sleep(KEYFRAME_INTERVAL + Duration::from_millis(100)).await;
+        assert_eq!(keyframes.load(Ordering::Relaxed), 3, "ten requests at once are one");
         for tap in [&mut a, &mut b] {
             assert_eq!(tap.recv().await.as_deref(), Some(&b"one"[..]));
         }

@@ -13,12 +13,18 @@
 //! on the same pair of sockets; the exporter keeps the last [`HISTORY`] packets of each
 //! track to answer NACKs.
 //!
-//! Lifetimes without NATS on the data path: the importer sends a keepalive per channel
-//! every second, and an exporter that hears nothing for [`LEASE`] stops (the importer
-//! died or forgot); a stream that ends at its origin is ended at the importer by an `End`
-//! datagram; an import without consumers for [`IDLE_RELEASE`] is released (`Stop`).
+//! Lifetimes without NATS on the data path: each end says every second that it is alive
+//! (per channel); an exporter that hears nothing from its importer for [`LEASE`] stops
+//! (the importer died or forgot), and an import that hears nothing from its exporter for
+//! as long ends (the exporting node died: its consumers here are told the stream ended);
+//! a stream that ends at its origin is ended at the importer by an `End` datagram; an
+//! import without consumers for [`IDLE_RELEASE`] is released (`Stop`).
 //! Datagrams are unencrypted; with `cluster.relay_auth` each carries an HMAC tag keyed
 //! with a secret the cluster shares, and unsigned or forged ones are dropped (wire.rs).
+//! The tag does not stop a replay of a datagram captured on the network between nodes
+//! (a replayed packet is a duplicate receivers drop; a replayed `End` or `Stop` ends a
+//! relayed stream early): the relay assumes that network is not hostile, as the NATS
+//! server's buckets do. A node sends only to the relay address its peer registered.
 
 mod local;
 mod wire;
@@ -122,6 +128,8 @@ struct InChannel {
     from: SocketAddr,
     sink: Arc<dyn RtpSink>,
     gaps: GapDetector,
+    /// When the exporter was last heard on this channel (a packet or its keepalive).
+    heard: Instant,
 }
 
 /// A stream brought here from another node.
@@ -241,9 +249,9 @@ pub struct Relay {
     imports: Mutex<Imports>,
     exports: Mutex<HashMap<(SocketAddr, u32), OutChannel>>,
     next_channel: AtomicU32,
-    /// One import is set up at a time (two subscribers asking for one stream at once
-    /// must not import it twice).
-    setup: tokio::sync::Mutex<()>,
+    /// Imports being set up, one lock per stream (two subscribers asking for one stream at
+    /// once must not import it twice; a slow one must not hold up others).
+    setup: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     started: Instant,
     /// Packet counts.
     pub counters: RelayCounters,
@@ -266,15 +274,32 @@ impl Relay {
         local: Arc<dyn StreamSource>,
     ) -> Result<Arc<Relay>, ClusterError> {
         let (client, me) = (node.client(), node.id());
-        let relay = Relay::new(Arc::new(NatsControl { node }), socket, secret, local)?;
-        let weak = Arc::downgrade(&relay);
-        let handle = move |request: ExportRequest, _from: Option<String>| {
-            let relay = weak.upgrade();
+        let relay = Relay::new(Arc::new(NatsControl { node: node.clone() }), socket, secret, local)?;
+        let (weak, node) = (Arc::downgrade(&relay), Arc::downgrade(&node));
+        let handle = move |request: ExportRequest, from: Option<String>| {
+            let (relay, node) = (weak.upgrade(), node.upgrade());
             async move {
-                match relay {
-                    Some(r) => r.export(request),
-                    None => Err(ExportError::Refused("the relay stopped".into())),
+                let (Some(relay), Some(node)) = (relay, node) else { return Err(ExportError::Refused("the relay stopped".into())) };
+                // Media goes only to the relay address the asking node registered, not to
+                // any address a request names.
+                let from = from.ok_or_else(|| ExportError::Refused("an export request must name its node".into()))?;
+                let registered = |node: &ClusterNode| node.known_nodes().into_iter().find(|n| n.id == from).map(|n| n.relay_addr);
+                let addr = match registered(&node) {
+                    Some(a) => Some(a),
+                    None => {
+                        node.refresh_known().await;
+                        registered(&node)
+                    }
+                };
+                if addr.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) != Some(request.to) {
+                    return Err(ExportError::Refused(format!(
+                        "node `{}` asked for media at {}, but its registered relay address is {}",
+                        from.escape_debug(),
+                        request.to,
+                        addr.as_deref().unwrap_or("unknown")
+                    )));
                 }
+                relay.export(request)
             }
         };
         tokio::spawn(crate::rpc::serve_part(client, crate::rpc::subject(&me, "relay"), handle, ExportError::Refused));
@@ -303,7 +328,7 @@ impl Relay {
             imports: Mutex::new(Imports::default()),
             exports: Mutex::new(HashMap::new()),
             next_channel: AtomicU32::new(rand_start()),
-            setup: tokio::sync::Mutex::new(()),
+            setup: Mutex::new(HashMap::new()),
             started: Instant::now(),
             counters: RelayCounters::default(),
         });
@@ -355,7 +380,13 @@ impl Relay {
         }
         let Some(me) = self.me.upgrade() else { return Err(ExportError::Refused("the relay stopped".into())) };
         let mut tracks = Vec::new();
+        let mut kinds = Vec::new();
+        // One channel per kind of track, at most.
         for (kind, channel) in request.channels {
+            if kinds.contains(&kind) {
+                continue;
+            }
+            kinds.push(kind);
             let Some(tap) = self.local.tap(&request.stream, kind) else { continue };
             let (nacks, nack_rx) = mpsc::channel(16);
             let heard_ms = Arc::new(AtomicU64::new(self.now_ms()));
@@ -381,9 +412,14 @@ impl Relay {
 
     /// Ends an import here: its consumers stop receiving, and (when `tell`) the exporter
     /// is told to stop sending.
-    fn end_import(&self, stream: &str, tell: bool) {
+    fn end_import(&self, stream: &str, tell: bool, only_if_idle: bool) {
         let import = {
             let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+            // Decided idle outside this lock: a consumer may have come since.
+            let idle = |i: &Import| i.idle_since.is_some() && !i.sinks.iter().any(|s| s.has_consumers());
+            if only_if_idle && !imports.by_stream.get(stream).is_some_and(idle) {
+                return;
+            }
             let Some(import) = imports.by_stream.remove(stream) else { return };
             for c in &import.channels {
                 imports.by_channel.remove(c);
@@ -414,6 +450,7 @@ impl Relay {
                     let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
                     match imports.by_channel.get_mut(&frame.channel) {
                         Some(c) if c.from == src => {
+                            c.heard = Instant::now();
                             let gap = wire::rtp_seq(frame.body).map(|s| c.gaps.on_packet(s)).unwrap_or(0..0);
                             (c.sink.clone(), gap)
                         }
@@ -425,11 +462,21 @@ impl Relay {
                 };
                 self.counters.packets_in.fetch_add(1, Ordering::Relaxed);
                 if !gap.is_empty() {
-                    self.counters.nacked.fetch_add(u64::from(gap.end - gap.start), Ordering::Relaxed);
+                    let asked = (gap.end - gap.start).min(wire::MAX_NACK as u32);
+                    self.counters.nacked.fetch_add(u64::from(asked), Ordering::Relaxed);
                     wire::nack_body(nack_buf, gap.map(|s| s as u16));
                     self.send_control(Kind::Nack, frame.channel, nack_buf, src);
                 }
                 sink.send(frame.body);
+            }
+            Kind::Alive => {
+                let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+                match imports.by_channel.get_mut(&frame.channel) {
+                    Some(c) if c.from == src => c.heard = Instant::now(),
+                    _ => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             Kind::End => {
                 let stream = {
@@ -438,7 +485,7 @@ impl Relay {
                 };
                 if let Some(stream) = stream {
                     info!(stream = %stream.escape_debug(), "an imported stream ended at its origin");
-                    self.end_import(&stream, true);
+                    self.end_import(&stream, true, false);
                 }
             }
             Kind::Keyframe | Kind::Nack | Kind::Keepalive | Kind::Stop => {
@@ -447,6 +494,12 @@ impl Relay {
                 let keyframe_of = match exports.get(&key) {
                     None => {
                         self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        drop(exports);
+                        // An importer that still wants a channel this node no longer sends
+                        // (its lease ran out, its End was lost): told it ended.
+                        if matches!(frame.kind, Kind::Keepalive | Kind::Keyframe) {
+                            self.send_control(Kind::End, frame.channel, &[], src);
+                        }
                         return;
                     }
                     Some(out) => {
@@ -486,10 +539,39 @@ fn rand_start() -> u32 {
 #[async_trait::async_trait]
 impl StreamImporter for Relay {
     async fn import(&self, room: &RoomId, stream: &str) -> Result<(), ImportError> {
-        let _one_at_a_time = self.setup.lock().await;
-        if self.local.stream_room(stream).is_some() {
+        if self.keep(stream) || self.local.stream_room(stream).is_some() {
             return Ok(());
         }
+        let gate = self.setup.lock().unwrap_or_else(|p| p.into_inner()).entry(stream.to_string()).or_default().clone();
+        let out = {
+            let _one_per_stream = gate.lock().await;
+            if self.keep(stream) || self.local.stream_room(stream).is_some() { Ok(()) } else { self.bring(room, stream).await }
+        };
+        let mut setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
+        // The last one out removes the gate (the map holds one reference, each waiter one).
+        if setup.get(stream).is_some_and(|g| Arc::strong_count(g) <= 2) {
+            setup.remove(stream);
+        }
+        out
+    }
+}
+
+impl Relay {
+    /// Whether `stream` is imported here; if so it is kept (a new consumer is coming), as
+    /// if it had just been used.
+    fn keep(&self, stream: &str) -> bool {
+        let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+        match imports.by_stream.get_mut(stream) {
+            Some(import) => {
+                import.idle_since = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks the node that has `stream` to send it here, and offers it in the local source.
+    async fn bring(&self, room: &RoomId, stream: &str) -> Result<(), ImportError> {
         let channels = vec![(MediaKind::Audio, self.channel()), (MediaKind::Video, self.channel())];
         let request = ExportRequest { room: room.clone(), stream: stream.to_string(), to: self.addr, auth: self.key.is_some(), channels };
         let reply = self.control.ask(&request).await?;
@@ -512,7 +594,13 @@ impl StreamImporter for Relay {
         {
             let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
             for (t, sink) in reply.tracks.iter().zip(&sinks) {
-                let c = InChannel { stream: stream.to_string(), from: reply.from, sink: sink.clone(), gaps: GapDetector::default() };
+                let c = InChannel {
+                    stream: stream.to_string(),
+                    from: reply.from,
+                    sink: sink.clone(),
+                    gaps: GapDetector::default(),
+                    heard: Instant::now(),
+                };
                 imports.by_channel.insert(t.channel, c);
             }
             let channels = reply.tracks.iter().map(|t| t.channel).collect();
@@ -554,9 +642,16 @@ async fn keep_imports(relay: Weak<Relay>) {
         let Some(relay) = relay.upgrade() else { return };
         let mut keep = Vec::new();
         let mut idle = Vec::new();
+        let mut silent = Vec::new();
         {
             let mut imports = relay.imports.lock().unwrap_or_else(|p| p.into_inner());
-            for (stream, import) in imports.by_stream.iter_mut() {
+            let Imports { by_stream, by_channel } = &mut *imports;
+            for (stream, import) in by_stream.iter_mut() {
+                let heard = import.channels.iter().filter_map(|c| by_channel.get(c)).map(|c| c.heard).max();
+                if heard.is_none_or(|h| h.elapsed() >= LEASE) {
+                    silent.push(stream.clone());
+                    continue;
+                }
                 if import.sinks.iter().any(|s| s.has_consumers()) {
                     import.idle_since = None;
                 } else if import.idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_RELEASE {
@@ -570,7 +665,11 @@ async fn keep_imports(relay: Weak<Relay>) {
             relay.send_control(Kind::Keepalive, channel, &[], to);
         }
         for stream in idle {
-            relay.end_import(&stream, true);
+            relay.end_import(&stream, true, true);
+        }
+        for stream in silent {
+            info!(stream = %stream.escape_debug(), "the node exporting a stream went silent");
+            relay.end_import(&stream, false, false);
         }
     }
 }
@@ -629,8 +728,11 @@ impl Export {
                     }
                 }
                 _ = lease.tick() => {
+                    relay.send_control(Kind::Alive, self.channel, &[], self.to);
                     let silent = relay.now_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed));
                     if silent > u64::try_from(LEASE.as_millis()).unwrap_or(u64::MAX) {
+                        // In case it is alive after all (a long cut): it stops waiting.
+                        relay.send_control(Kind::End, self.channel, &[], self.to);
                         break "the importer went silent";
                     }
                 }

@@ -3,7 +3,7 @@
 
 use super::*;
 use std::collections::HashSet;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// Asks one exporter directly; optionally through a proxy address (both ways).
 struct Direct {
@@ -110,7 +110,8 @@ async fn a_stream_crosses_intact_with_keyframe_requests_back_and_ends_at_its_ori
     // The tap on the importer and the importer's own request after registering asked the
     // origin for pictures (plus the exporter's tap itself).
     let deadline = Instant::now() + Duration::from_secs(2);
-    while p.keyframes.load(Ordering::Relaxed) < 3 {
+    // Throttled at the origin: three requests at once make a keyframe now and one deferred.
+    while p.keyframes.load(Ordering::Relaxed) < 2 {
         assert!(Instant::now() < deadline, "keyframe requests did not cross back: {}", p.keyframes.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -137,11 +138,14 @@ async fn a_stream_crosses_intact_with_keyframe_requests_back_and_ends_at_its_ori
 }
 
 /// Forwards datagrams between the exporter and the importer, both ways, dropping the first
-/// transmission of every 7th RTP packet.
-async fn lossy_proxy(proxy: UdpSocket, exporter: SocketAddr, importer: SocketAddr, dropped: Arc<Mutex<HashSet<u16>>>) {
+/// transmission of every 7th RTP packet, and everything once `cut`.
+async fn lossy_proxy(proxy: UdpSocket, exporter: SocketAddr, importer: SocketAddr, dropped: Arc<Mutex<HashSet<u16>>>, cut: Arc<AtomicBool>) {
     let mut buf = vec![0u8; 2048];
     loop {
         let Ok((n, src)) = proxy.recv_from(&mut buf).await else { return };
+        if cut.load(Ordering::Relaxed) {
+            continue;
+        }
         let datagram = &buf[..n];
         let to = if src == exporter { importer } else { exporter };
         if src == exporter && datagram[1] == Kind::Rtp as u8 {
@@ -160,7 +164,7 @@ async fn lost_packets_are_asked_again_and_repaired() {
     let via = proxy.local_addr().unwrap();
     let p = pair((None, None), Some(via));
     let dropped = Arc::new(Mutex::new(HashSet::new()));
-    tokio::spawn(lossy_proxy(proxy, p.exporter.addr(), p.importer.addr(), dropped.clone()));
+    tokio::spawn(lossy_proxy(proxy, p.exporter.addr(), p.importer.addr(), dropped.clone(), Arc::default()));
     p.importer.import(&"r".into(), "s").await.unwrap();
     let mut tap = p.into.tap("s", MediaKind::Video).unwrap();
     let first = first_packet(&p, &mut tap).await;
@@ -217,5 +221,33 @@ async fn authenticated_relays_drop_forgeries_and_refuse_a_mismatch() {
     match unsigned.importer.import(&"r".into(), "s").await {
         Err(ImportError::Failed { reason, .. }) => assert!(reason.contains("relay_auth"), "{reason}"),
         other => panic!("{other:?}"),
+    }
+}
+
+/// The exporting node vanishes (the link is cut): the import ends after the lease and its
+/// consumers hear so, instead of waiting for packets forever; the exporter, hearing
+/// nothing from its importer either, stops sending.
+#[tokio::test]
+async fn an_import_ends_when_its_exporter_goes_silent() {
+    let proxy = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let via = proxy.local_addr().unwrap();
+    let p = pair((None, None), Some(via));
+    let cut = Arc::new(AtomicBool::new(false));
+    tokio::spawn(lossy_proxy(proxy, p.exporter.addr(), p.importer.addr(), Arc::default(), cut.clone()));
+    p.importer.import(&"r".into(), "s").await.unwrap();
+    let mut tap = p.into.tap("s", MediaKind::Video).unwrap();
+    first_packet(&p, &mut tap).await;
+    // A silent track (a muted publisher) keeps the import: the exporter says it is alive.
+    tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+    assert_eq!(p.importer.counts(), (1, 0), "a silent but alive export is kept");
+    cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    assert_eq!(tokio::time::timeout(LEASE + Duration::from_secs(3), tap.recv()).await.unwrap(), None);
+    assert!(cut_at.elapsed() >= LEASE - Duration::from_secs(1), "ended after the lease, not before");
+    assert!(p.into.stream_room("s").is_none());
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while p.exporter.counts() != (0, 0) {
+        assert!(Instant::now() < deadline, "the exporter kept sending to a silent importer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -41,6 +41,9 @@ pub(crate) enum Kind {
     End = 5,
     /// The importer no longer wants the channel (importer → exporter).
     Stop = 6,
+    /// The exporter still sends the channel, even while its track is silent (exporter →
+    /// importer, every second).
+    Alive = 7,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             4 => Kind::Keepalive,
             5 => Kind::End,
             6 => Kind::Stop,
+            7 => Kind::Alive,
             _ => return None,
         })
     }
@@ -148,6 +152,10 @@ pub(crate) fn rtp_seq(packet: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]))
 }
 
+/// A packet further behind the highest than this is a sender's restart, not a late one
+/// (the exporter keeps no older packets to repair anyway).
+const RESTART_BEHIND: usize = 512;
+
 /// Sequence-gap tracking on an importing channel: which packets to ask again for.
 #[derive(Debug, Default)]
 pub(crate) struct GapDetector {
@@ -163,6 +171,12 @@ impl GapDetector {
             return 0..0;
         };
         let ahead = seq.wrapping_sub(highest);
+        if ahead >= 0x8000 && usize::from(highest.wrapping_sub(seq)) > RESTART_BEHIND {
+            // Far behind: the sender started again with a new base (a mixer rebuilt its
+            // pipeline), not a late packet.
+            self.highest = Some(seq);
+            return 0..0;
+        }
         if ahead == 0 || ahead >= 0x8000 {
             // A duplicate or an older packet (a repair we asked for).
             return 0..0;
@@ -212,6 +226,7 @@ mod tests {
         assert_eq!(decode(&[0xE7, 1, 0], None), Err(WireError::Short));
         assert_eq!(decode(&[0x80, 1, 0, 0, 0, 0], None), Err(WireError::Magic));
         assert_eq!(decode(&[0xE7, 9, 0, 0, 0, 0], None), Err(WireError::Kind(9)));
+        assert_eq!(decode(&[0xE7, 7, 0, 0, 0, 1], None), Ok(Frame { kind: Kind::Alive, channel: 1, body: b"" }));
         assert_eq!(decode(&[0; 10], Some(&key)), Err(WireError::Short));
     }
 
@@ -239,6 +254,9 @@ mod tests {
         assert_eq!(g.on_packet(2), 0..0, "a duplicate is not a gap");
         assert_eq!(g.on_packet(3), 0..0);
         assert_eq!(g.on_packet(3 + 5000), 0..0, "a restart is not loss");
+        assert_eq!(g.on_packet(1000), 0..0, "a restart backwards is not a late packet...");
+        let seqs: Vec<u32> = g.on_packet(1003).collect();
+        assert_eq!(seqs, vec![1001, 1002], "...and loss after it is found");
     }
 
     proptest! {

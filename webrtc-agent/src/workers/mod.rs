@@ -662,10 +662,9 @@ impl WorkerAgent {
         let Some(importer) = self.importer.get() else { return Ok(()) };
         let mut streams: Vec<&tessera_core::StreamId> = spec.tracks.iter().map(|t| &t.from).collect();
         streams.dedup();
+        // Asked even for streams here: an imported one is then kept for this subscriber
+        // rather than released as idle while it negotiates.
         for from in streams {
-            if self.shared.lock().publications.contains_key(from.as_str()) {
-                continue;
-            }
             importer.import(&spec.at.room, from.as_str()).await.map_err(|e| match e {
                 ImportError::NotFound(_) => AgentError::NoStream(from.clone()),
                 ImportError::Failed { .. } => AgentError::Failed(e.to_string()),
