@@ -61,14 +61,6 @@ impl RoomPlacement {
         }
     }
 
-    /// The nodes this room uses.
-    fn nodes(&self) -> HashSet<String> {
-        let mut nodes: HashSet<String> = self.transports.values().map(|t| t.node.clone()).collect();
-        nodes.extend(self.home.iter().map(|h| h.id.clone()));
-        nodes.extend(self.parts.values().map(|n| n.id.clone()));
-        nodes
-    }
-
     /// Everything on `node` is over: its transports (returned) and, if it made the room's
     /// views, those (`true` in the result).
     fn lose(&mut self, node: &str) -> (Vec<LostTransport>, bool) {
@@ -163,12 +155,25 @@ impl ClusterRouter {
     /// reported, per room. While NATS is away nothing can be told and nothing is given up.
     async fn lost(&self) -> Vec<AgentEvent> {
         let known = self.node.known_nodes();
-        let in_use: HashSet<String> = self.rooms().values().flat_map(|r| r.nodes()).collect();
-        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| in_use.contains(id));
+        // Each node in use, with the part it serves the rooms (probed on that part's subject).
+        let in_use: HashMap<String, &'static str> = {
+            let rooms = self.rooms();
+            let mut parts = HashMap::new();
+            for r in rooms.values() {
+                for (role, n) in &r.parts {
+                    parts.entry(n.id.clone()).or_insert(if *role == Role::Mixer { "mix" } else { "recorder" });
+                }
+                for id in r.transports.values().map(|t| t.node.clone()).chain(r.home.iter().map(|h| h.id.clone())) {
+                    parts.insert(id, "media");
+                }
+            }
+            parts
+        };
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| in_use.contains_key(id));
         let mut gone = Vec::new();
-        for id in in_use {
+        for (id, part) in in_use {
             let listed = known.iter().any(|n| n.id == id);
-            let silent = !listed && crate::rpc::media_responds(&self.node.client(), &self.me, &id).await == Some(false);
+            let silent = !listed && crate::rpc::responds(&self.node.client(), &self.me, &id, part).await == Some(false);
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
             if !silent {
                 suspects.remove(&id);
@@ -181,6 +186,9 @@ impl ClusterRouter {
                 gone.push(id);
             }
         }
+        // A node that registered again while the others were probed is not gone.
+        let listed_now = self.node.known_nodes();
+        gone.retain(|id| !listed_now.iter().any(|n| n.id == *id));
         let mut events = Vec::new();
         let mut rooms = self.rooms();
         for id in gone {
@@ -223,25 +231,30 @@ impl ClusterRouter {
         Some(chosen)
     }
 
-    /// The node of a transport, placing it if it is new (see the module doc).
-    fn place_transport(&self, room: &RoomId, transport: &TransportId, participant: &ParticipantId) -> Option<String> {
+    /// The node of a transport, placing it if it is new (see the module doc): on `near` if
+    /// given (the node of the stream whose data channel it carries: data does not cross
+    /// nodes).
+    fn place_transport(&self, room: &RoomId, transport: &TransportId, participant: &ParticipantId, near: Option<String>) -> Option<String> {
         let mut rooms = self.rooms();
         let placement = rooms.entry(room.clone()).or_default();
         if let Some(t) = placement.transports.get(transport) {
             return Some(t.node.clone());
         }
         let home = self.home(placement, room)?;
+        let known = self.node.known_nodes();
         // The home's load as last reported (with placements counted since), not as it was
-        // when the room was placed.
-        let home_load = self.node.known_nodes().into_iter().find(|n| n.id == home.id).map_or(home.load.transports, |n| n.load.transports);
-        let chosen = match self.least_used(false) {
-            Some(least)
-                if least.id != home.id && home_load >= least.load.transports.saturating_add(usize::try_from(self.spread).unwrap_or(usize::MAX)) =>
-            {
+        // when the room was placed; a home that left the list or drains takes no more.
+        let home_now = known.iter().find(|n| n.id == home.id).filter(|n| !n.draining);
+        let spread = usize::try_from(self.spread).unwrap_or(usize::MAX);
+        let chosen = match (near, home_now, self.least_used(false)) {
+            (Some(near), ..) => near,
+            (None, Some(h), Some(least)) if least.id != h.id && h.load.transports >= least.load.transports.saturating_add(spread) => {
                 debug!(room = %room, transport = %transport, node = %least.id, "transport placed off the room's home");
                 least.id
             }
-            _ => home.id,
+            (None, Some(h), _) => h.id.clone(),
+            (None, None, Some(least)) => least.id,
+            (None, None, None) => return None,
         };
         placement
             .transports
@@ -305,14 +318,15 @@ impl RoomMedia {
         self.router.rooms().get(&self.room).and_then(|p| p.transports.get(transport)).map(|t| t.node.clone())
     }
 
-    fn note_session(&self, transport: &TransportId, session: &SessionId) {
+    /// Records a session on its transport; false when the transport is gone meanwhile
+    /// (its node was just found dead).
+    fn note_session(&self, transport: &TransportId, session: &SessionId) -> bool {
         let mut rooms = self.router.rooms();
-        if let Some(p) = rooms.get_mut(&self.room)
-            && let Some(t) = p.transports.get_mut(transport)
-        {
-            t.sessions.insert(session.clone());
-            p.sessions.insert(session.clone(), transport.clone());
-        }
+        let Some(p) = rooms.get_mut(&self.room) else { return false };
+        let Some(t) = p.transports.get_mut(transport) else { return false };
+        t.sessions.insert(session.clone());
+        p.sessions.insert(session.clone(), transport.clone());
+        true
     }
 
     fn forget_session(&self, session: &str) {
@@ -321,11 +335,19 @@ impl RoomMedia {
         }
     }
 
-    /// Sets up a publication or subscription on its transport's node.
-    async fn open(&self, at: &tessera_core::agent::SessionRef, command: AgentCommand) -> Result<AgentReply, AgentError> {
-        let node = self.router.place_transport(&self.room, &at.transport, &at.participant);
+    /// Sets up a publication or subscription on its transport's node (`near` the node of
+    /// the stream whose data it takes).
+    async fn open(&self, at: &tessera_core::agent::SessionRef, near: Option<String>, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        let node = self.router.place_transport(&self.room, &at.transport, &at.participant, near.clone());
+        if let (Some(near), Some(node)) = (&near, &node)
+            && near != node
+        {
+            return Err(AgentError::Rejected("a stream's data comes only on a transport of its own node: subscribe to it on a new transport".into()));
+        }
         let agent = self.at(node, || AgentError::Failed("no webrtc node is available".into()))?;
-        self.note_session(&at.transport, &at.session);
+        if !self.note_session(&at.transport, &at.session) {
+            return Err(AgentError::NoTransport(at.transport.clone()));
+        }
         let out = agent.handle(command).await;
         if out.is_err() {
             self.forget_session(at.session.as_str());
@@ -340,11 +362,12 @@ impl MediaNode for RoomMedia {
         match command {
             AgentCommand::Publish(spec) => {
                 let at = spec.at.clone();
-                self.open(&at, AgentCommand::Publish(spec)).await
+                self.open(&at, None, AgentCommand::Publish(spec)).await
             }
             AgentCommand::Subscribe(spec) => {
                 let at = spec.at.clone();
-                self.open(&at, AgentCommand::Subscribe(spec)).await
+                let near = spec.data_from.as_ref().and_then(|d| self.node_of_session(d.as_str()));
+                self.open(&at, near, AgentCommand::Subscribe(spec)).await
             }
             AgentCommand::Signal(s) => {
                 let transport = s.at.transport.clone();
@@ -433,6 +456,16 @@ impl Router for ClusterRouter {
     fn release(&self, room: &RoomId) {
         if self.rooms().remove(room).is_some() {
             debug!(room = %room, "room no longer placed (empty)");
+        }
+    }
+
+    fn transport_closed(&self, room: &RoomId, transport: &TransportId) {
+        if let Some(p) = self.rooms().get_mut(room)
+            && let Some(t) = p.transports.remove(transport)
+        {
+            for s in &t.sessions {
+                p.sessions.remove(s);
+            }
         }
     }
 

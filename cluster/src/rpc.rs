@@ -75,11 +75,23 @@ pub(crate) async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>
     serde_json::from_slice(&reply.payload).map_err(|e| format!("unreadable reply: {e}"))
 }
 
-/// Whether node `to` serves its media part: `Some(false)` when NATS says nobody listens
-/// there (the node is gone), `Some(true)` when it answers, `None` when that cannot be
-/// told (NATS away, or no answer in time).
-pub async fn media_responds(client: &Client, from: &str, to: &str) -> Option<bool> {
-    match send(client, from, to, "media", &AgentCommand::GetStats(GetStats), PROBE_TIMEOUT).await {
+/// Whether node `to` serves its `part` (`media`, `mix`, `recorder`): `Some(false)` when
+/// NATS says nobody listens there (the node is gone), `Some(true)` when it answers (even
+/// with an error), `None` when that cannot be told (NATS away, or no answer in time).
+pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Option<bool> {
+    let answer = match part {
+        "mix" => {
+            // A view no room has: answered with "no such view", which is an answer.
+            let probe = MixCommand::GetLayout(tessera_core::command::GetLayout { room: "-".into(), view: "-".into() });
+            send(client, from, to, part, &probe, PROBE_TIMEOUT).await
+        }
+        "recorder" => {
+            let probe = RecorderCommand::ListRecordings(tessera_core::command::ListRecordings { room: "-".into() });
+            send(client, from, to, part, &probe, PROBE_TIMEOUT).await
+        }
+        _ => send(client, from, to, "media", &AgentCommand::GetStats(GetStats), PROBE_TIMEOUT).await,
+    };
+    match answer {
         Ok(Ok(_)) => Some(true),
         Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(false),
         _ => None,

@@ -184,6 +184,8 @@ pub enum AgentEvent {
         room: RoomId,
         /// Owner.
         participant: ParticipantId,
+        /// Its transport.
+        transport: TransportId,
         /// Subscription id.
         subscription: SessionId,
         /// Why.
@@ -376,7 +378,13 @@ pub(crate) mod tests {
             AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::forward() },
             AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::mixed() },
             AgentEvent::StreamEnded { room: "r".into(), stream: "s".into(), reason: "gone".into() },
-            AgentEvent::SubscriptionEnded { room: "r".into(), participant: "p".into(), subscription: "s".into(), reason: "x".into() },
+            AgentEvent::SubscriptionEnded {
+                room: "r".into(),
+                participant: "p".into(),
+                transport: "t".into(),
+                subscription: "s".into(),
+                reason: "x".into(),
+            },
             AgentEvent::TransportClosed {
                 room: "r".into(),
                 participant: "p".into(),

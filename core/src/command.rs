@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{AgentError, MediaKind, PublishSpec, RecordingSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
 use crate::room::View;
 use crate::stream::{LayoutEntry, StreamInfo};
-use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, ViewLabel};
+use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId, ViewLabel};
 
 /// Declares one protocol: the command enum, the reply enum, the trait tying each command
 /// body to its reply type, the node trait and its typed `call`.
@@ -657,6 +657,8 @@ pub trait Router: Send + Sync {
     /// The room is empty and its views stopped: a router that placed it may forget where,
     /// so it is placed afresh (on the least-used node) when someone comes back.
     fn release(&self, _room: &RoomId) {}
+    /// A transport of the room closed (its sessions are over): a router may forget it.
+    fn transport_closed(&self, _room: &RoomId, _transport: &TransportId) {}
 }
 
 /// Every node in this process; commands are passed as values, never serialised.

@@ -303,13 +303,21 @@ async fn subscriptions_need_an_existing_stream_and_end_when_the_node_says_so() {
     let Some(AgentCommand::Subscribe(spec)) = c.node.agent_commands().last().cloned() else { panic!() };
     assert_eq!(spec.tracks[0].from.as_str(), id);
     assert_eq!(spec.at.participant.as_str(), bob.id);
+    received(&mut bob);
     let ended = AgentEvent::SubscriptionEnded {
         room: ROOM.into(),
         participant: bob.id.as_str().into(),
+        transport: spec.at.transport.clone(),
         subscription: sub.as_str().into(),
         reason: "gone".into(),
     };
     c.event(ended).await;
+    // Its transport lives on: the subscriber hears of the session's end, as OWT says it.
+    let got = received(&mut bob);
+    assert!(
+        got.iter().any(|(n, d)| n == "progress" && *d == json!({"id": spec.at.transport, "sessionId": sub, "status": "error", "data": "gone"})),
+        "{got:?}"
+    );
     assert_eq!(c.request(&mut bob, "unsubscribe", json!({"id": sub})).await, Err(format!("Subscription does NOT exist: {sub}")));
 }
 

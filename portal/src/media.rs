@@ -471,9 +471,22 @@ impl Portal {
                 }
                 self.remove_stream(room.as_str(), stream.as_str(), &reason);
             }
-            AgentEvent::SubscriptionEnded { room, participant, subscription, reason } => {
+            AgentEvent::SubscriptionEnded { room, participant, transport, subscription, reason } => {
                 debug!(%room, %participant, %subscription, reason = ?reason, "subscription ended by the agent");
+                // Told only when the transport lives on (a closed transport was told as such).
+                let known = {
+                    let conf = self.lock();
+                    conf.room(room.as_str())
+                        .and_then(|r| r.participant(participant.as_str()))
+                        .is_some_and(|p| p.sessions.contains_key(subscription.as_str()) && p.transports.contains(transport.as_str()))
+                };
                 self.forget_session(room.as_str(), participant.as_str(), subscription.as_str());
+                // OWT's session error: the SDK ends that subscription (its stream's node is
+                // gone, the relay from it broke) and the application may subscribe again.
+                if known {
+                    let data = json!({"id": transport, "sessionId": subscription, "status": "error", "data": reason});
+                    self.lock().notify(room.as_str(), participant.as_str(), "progress", data);
+                }
             }
             AgentEvent::TransportClosed { room, participant, transport, sessions, reason } => {
                 debug!(%room, %participant, %transport, reason = ?reason, "transport closed by the agent");
@@ -492,6 +505,8 @@ impl Portal {
                     }
                     p.transports.remove(transport.as_str());
                 }
+                drop(conf);
+                self.inner.router.transport_closed(&room, &transport);
             }
             AgentEvent::StreamUpdated { room, stream, update } => self.stream_updated(room.as_str(), stream.as_str(), update),
             AgentEvent::MediaLost { room, reason, transports, views } => {
@@ -549,6 +564,28 @@ impl Portal {
             && self.lock().rooms.contains_key(room)
         {
             self.ensure_mixing(&cfg).await;
+            // The views start empty: the forward streams that live on (on other nodes)
+            // go back into the views they were in.
+            let inputs: Vec<(String, String)> = {
+                let conf = self.lock();
+                conf.room(room)
+                    .map(|r| {
+                        r.streams
+                            .iter()
+                            .filter_map(|s| match &s.kind {
+                                StreamKind::Forward(f) => Some(f.in_views.iter().map(|v| (v.to_string(), s.id.to_string())).collect::<Vec<_>>()),
+                                StreamKind::Mixed(_) => None,
+                            })
+                            .flatten()
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            for (label, stream) in inputs {
+                if let Err(e) = self.mix_into(room, &label, &stream).await {
+                    debug!(room, stream, view = %label, error = %e, "a stream could not go back into its restarted view");
+                }
+            }
         }
     }
 

@@ -12,19 +12,22 @@ use serde_json::Value;
 /// A `nats-server` with JetStream on a free loopback port, stopped when dropped.
 struct Nats {
     child: Child,
+    host: String,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Nats {
     fn start() -> Nats {
-        Self::start_on(free_port())
+        Self::start_at("127.0.0.1")
     }
 
-    fn start_on(port: u16) -> Nats {
+    /// On `host` (an address of this namespace).
+    fn start_at(host: &str) -> Nats {
         let dir = common::tempdir();
-        let child = Self::spawn(port, &dir);
-        Nats { child, port, _dir: dir }
+        let port = free_port();
+        let child = Self::spawn(host, port, &dir);
+        Nats { child, host: host.to_string(), port, _dir: dir }
     }
 
     /// Stops the server; [`Nats::restart`] starts it again on its port and its store.
@@ -34,19 +37,19 @@ impl Nats {
     }
 
     fn restart(&mut self) {
-        self.child = Self::spawn(self.port, &self._dir);
+        self.child = Self::spawn(&self.host, self.port, &self._dir);
     }
 
-    fn spawn(port: u16, dir: &tempfile::TempDir) -> Child {
+    fn spawn(host: &str, port: u16, dir: &tempfile::TempDir) -> Child {
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", host, "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server is installed (scripts/install-deps.sh --test)");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -54,7 +57,7 @@ impl Nats {
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 }
 
@@ -199,7 +202,8 @@ async fn nodes_join_report_and_leave() {
     let body: Value = res.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("node registry is unreachable"), "{body}");
     assert_eq!(a.client().get(a.url("/v1/stats")).bearer_auth(common::KEY).send().await.unwrap().status(), 200);
-    let nats = Nats::start_on(port);
+    let dir = common::tempdir();
+    let nats = Nats { child: Nats::spawn("127.0.0.1", port, &dir), host: "127.0.0.1".into(), port, _dir: dir };
     let back = Instant::now();
     wait_nodes(&a, &["alpha"], Duration::from_secs(15)).await;
     println!("registered again {:?} after NATS came back", back.elapsed());
@@ -839,18 +843,17 @@ async fn metric(s: &common::Server, name: &str) -> f64 {
 
 /// A room over two webrtc nodes (`room_spread = 0`: each transport on the least-used
 /// node): the publisher on n1, subscribers on n2 get its payloads byte for byte over the
-/// media relay, which carries the stream once however many subscribers n2 has. n2 is
-/// killed: only its subscribers are told, the publisher and n1's subscriber go on, and a
-/// subscriber that subscribes again is placed on n1 and has media within 5 s.
+/// media relay, which carries the stream once however many subscribers n2 has. (A node's
+/// death is in `three_nodes_on_a_bridge`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_spreads_over_webrtc_nodes_and_survives_losing_one() {
-    if !common::in_own_netns("a_room_spreads_over_webrtc_nodes_and_survives_losing_one") {
+async fn a_room_spreads_over_webrtc_nodes() {
+    if !common::in_own_netns("a_room_spreads_over_webrtc_nodes") {
         return;
     }
     let nats = Nats::start();
     let url = nats.url();
     let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
-    let (_n2_dir, mut n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
+    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
     let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
     let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
     wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
@@ -872,11 +875,11 @@ async fn a_room_spreads_over_webrtc_nodes_and_survives_losing_one() {
             (sig, sub)
         }
     };
-    let (mut asig, a) = subscribe("a").await;
+    let (_asig, a) = subscribe("a").await;
     wait_transports(&p, "n2", 1).await;
-    let (mut bsig, b) = subscribe("b").await;
+    let (_bsig, b) = subscribe("b").await;
     wait_transports(&p, "n1", 2).await;
-    let (mut csig, c) = subscribe("c").await;
+    let (_csig, c) = subscribe("c").await;
     wait_transports(&p, "n2", 2).await;
     let tagged = |s: &tessera_client::peer::Subscriber| {
         s.packets("video").iter().filter(|p| tessera_client::peer::Marker::find(&p.payload).is_some_and(|m| m.tag == 7)).count()
@@ -888,21 +891,122 @@ async fn a_room_spreads_over_webrtc_nodes_and_survives_losing_one() {
     // The stream crosses once: n1 exports its two tracks, not two per subscriber on n2.
     assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 2.0);
     assert!(metric(&p, "tessera_relay_packets_sent_total").await > 60.0);
+}
 
-    // n2 dies: its subscribers are told, nobody else is.
+/// The cluster issue's three-node test: each node in a network namespace of its own on a
+/// bridge (127.0.2.x; `common::bridge`), NATS and the test's clients at 127.0.2.254.
+/// Node 1 runs the portal and an SFU, node 2 an SFU, node 3 the mixer and recorder
+/// (`room_spread = 0`: each transport on the least-used node). A publisher lands on node 1;
+/// a subscriber placed on node 2 receives the very payloads node 1's subscriber does, and
+/// decodes the publisher's red picture; the room's mixed stream, made on node 3, plays red
+/// for a subscriber on node 2; a recording made on node 3 decodes. Node 2 killed: its
+/// subscribers are told, subscribe again and get media from node 1 within 5 s. NATS
+/// stopped for 10 s: media flows on, then control works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_bridge() {
+    if !common::in_own_netns("three_nodes_on_a_bridge") {
+        return;
+    }
+    use common::bridge::{Bridge, HOST};
+    use tessera_client::peer::{Publisher, Subscriber};
+    let mut bridge = Bridge::new();
+    for n in 1..=3 {
+        bridge.add(n);
+    }
+    let mut nats = Nats::start_at(HOST);
+    let url = nats.url();
+    tessera_client::peer::set_default_ice_ip(HOST);
+    let node = |n: u8, roles: &str, extra: &str| {
+        let dir = common::tempdir();
+        let ip = Bridge::ip(n);
+        let cfg = format!("[webrtc]\nbind_ip = \"{ip}\"\n[cluster]\nnode_id = \"n{n}\"\nroles = [{roles}]\n{extra}");
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let args = ["--config", path.to_str().unwrap(), "--cluster", &url];
+        let s = common::start_in(&bridge.enter(n), &ip, &dir.path().join("data"), &args, &[("TESSERA_SERVICE_KEY", common::KEY)]);
+        (dir, s)
+    };
+    let (_d3, n3) = node(3, "\"mixer\", \"recorder\"", "");
+    let (_d2, mut n2) = node(2, "\"webrtc\"", "");
+    let (_d1, p) = node(1, "\"portal\", \"webrtc\"", "room_spread = 0\n");
+    let v = wait_nodes(&p, &["n1", "n2", "n3"], Duration::from_secs(5)).await;
+    for n in v["nodes"].as_array().unwrap() {
+        let id = n["id"].as_str().unwrap();
+        assert!(n["relayAddr"].as_str().unwrap().starts_with(&format!("127.0.2.{}:", &id[1..])), "{n}");
+    }
+
+    let room = p.new_room(serde_json::json!({})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = std::sync::Arc::new(Publisher::start(&mut psig, common::av(1), None).await.unwrap());
+    let _source = tessera_client::media::live_source(publisher.clone(), (255, 0, 0), 440).unwrap();
+    wait_transports(&p, "n1", 1).await;
+    let subscribe = |name: &'static str, stream: String| {
+        let (p, room) = (&p, room.clone());
+        async move {
+            let (mut sig, _) = p.join(&room, name).await;
+            let sub = Subscriber::start(&mut sig, &stream, true, true, false).await.unwrap();
+            (sig, sub)
+        }
+    };
+    let (mut on2sig, on2) = subscribe("on-n2", publisher.stream_id.clone()).await;
+    wait_transports(&p, "n2", 1).await;
+    let (mut on1sig, on1) = subscribe("on-n1", publisher.stream_id.clone()).await;
+    wait_transports(&p, "n1", 2).await;
+    for (name, s) in [("n1", &on1), ("n2", &on2)] {
+        s.wait_until(name, Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 60).await.unwrap();
+    }
+    // The same payloads on both nodes: every packet n2's subscriber got a moment ago, n1's got.
+    let from_n2 = on2.packets("video");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let from_n1: std::collections::HashSet<bytes::Bytes> = on1.packets("video").into_iter().map(|p| p.payload).collect();
+    let window = &from_n2[from_n2.len() - 40..from_n2.len() - 10];
+    let missing = window.iter().filter(|p| !from_n1.contains(&p.payload)).count();
+    assert_eq!(missing, 0, "{missing} of {} payloads relayed to n2 differ from n1's", window.len());
+    let red = |packets: &[tessera_client::peer::Received]| {
+        let frames = tessera_client::media::decode_vp8(packets).unwrap();
+        frames.last().is_some_and(|f| {
+            let (r, g, b) = f.around(f.width / 2, f.height / 2);
+            r > 150 && g < 90 && b < 90
+        })
+    };
+    assert!(red(&on2.received.lock().unwrap()), "n2's subscriber decodes the publisher's red picture");
+
+    // The mixed stream: made on n3 from the relayed publication, subscribed on n2.
+    let (mut vsig, viewer) = subscribe("viewer", format!("{room}-common")).await;
+    wait_transports(&p, "n2", 2).await;
+    let started = Instant::now();
+    while !red(&viewer.received.lock().unwrap()) {
+        assert!(started.elapsed() < Duration::from_secs(15), "no red mixed picture on n2 ({} packets)", viewer.packets("video").len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("mixed picture from n3 on n2 after {:?}", started.elapsed());
+
+    // A recording made on n3.
+    let body = serde_json::json!({"container": "mkv", "media": {"audio": {"from": publisher.stream_id}, "video": {"from": publisher.stream_id}}});
+    let res = p.client().post(p.url(&format!("/v1/rooms/{room}/recordings"))).bearer_auth(common::KEY).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let rec: Value = res.json().await.unwrap();
+    let file = std::path::PathBuf::from(rec["storage"]["file"].as_str().unwrap());
+    assert!(file.starts_with(_d3.path()), "made on n3: {}", file.display());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let path = format!("/v1/rooms/{room}/recordings/{}", rec["id"].as_str().unwrap());
+    assert_eq!(p.client().delete(p.url(&path)).bearer_auth(common::KEY).send().await.unwrap().status(), 200);
+    let out = Command::new("gst-discoverer-1.0").arg(&file).output().expect("gst-discoverer-1.0 (gstreamer1.0-tools)");
+    let report = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(report.contains("vp8") && report.contains("opus"), "{report}");
+
+    // n2 dies: its two subscribers are told; subscribing again lands on n1, media within 5 s.
     let killed = Instant::now();
     n2.child.kill().unwrap();
     let _ = n2.child.wait();
-    for (name, sig) in [("a", &mut asig), ("c", &mut csig)] {
+    for (name, sig) in [("on-n2", &mut on2sig), ("viewer", &mut vsig)] {
         let failed =
             sig.wait_for("transport error", Duration::from_secs(35), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
         assert_eq!(failed.data["data"], "webrtc node `n2` is gone", "{name}");
     }
     println!("n2's subscribers told {:?} after it was killed", killed.elapsed());
-    let before = b.packets("video").len();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(b.packets("video").len() > before + 15, "n1's subscriber goes on");
-    for (name, sig) in [("publisher", &mut psig), ("b", &mut bsig)] {
+    // Nobody else is: the publisher and n1's subscriber go on.
+    for (name, sig) in [("publisher", &mut psig), ("on-n1", &mut on1sig)] {
         let told = sig
             .wait_for("nothing", Duration::from_millis(200), |n| {
                 (n.event == "progress" && n.data["status"] == "error") || (n.event == "stream" && n.data["status"] == "remove")
@@ -910,10 +1014,45 @@ async fn a_room_spreads_over_webrtc_nodes_and_survives_losing_one() {
             .await;
         assert!(told.is_err(), "{name} was told: {:?}", told.map(|n| n.data));
     }
-    // a subscribes again: placed on n1, the only node left.
     let again = Instant::now();
-    let a2 = tessera_client::peer::Subscriber::start(&mut asig, &publisher.stream_id, true, true, false).await.unwrap();
-    a2.wait_until("video again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
-    println!("media again {:?} after subscribing again", again.elapsed());
-    assert!(tagged(&a2) > 20);
+    let on2_again = Subscriber::start(&mut on2sig, &publisher.stream_id, true, true, false).await.unwrap();
+    on2_again.wait_until("video again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
+    println!("media again {:?} after subscribing again (on n1)", again.elapsed());
+
+    // NATS away for 10 s: media keeps flowing; control works again once it is back.
+    let (b1, b2) = (on1.packets("video").len(), on2_again.packets("video").len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (a1, a2) = (on1.packets("video").len(), on2_again.packets("video").len());
+    println!("video in the second before NATS stopped: on n1 {} packets, again on n1 {}", a1 - b1, a2 - b2);
+    nats.stop();
+    let before = on1.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = on1.packets("video").len() - before;
+    // The live source sends about 15 video packets a second.
+    assert!(during > 100, "video went on while NATS was away ({during} packets in 10 s)");
+    nats.restart();
+    let back = Instant::now();
+    loop {
+        let res = p
+            .client()
+            .post(p.url(&format!("/v1/rooms/{room}/tokens")))
+            .bearer_auth(common::KEY)
+            .json(&serde_json::json!({"user": "late", "role": "presenter"}))
+            .send()
+            .await;
+        if let Ok(r) = res
+            && r.status() == 200
+            && let Ok((mut sig, _)) = joined(&p, &r.text().await.unwrap()).await
+            && let Ok(late) = Subscriber::start(&mut sig, &publisher.stream_id, true, true, false).await
+        {
+            late.wait_until("video after NATS came back", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20)
+                .await
+                .unwrap();
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "no control after NATS came back");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("a new subscriber had video {:?} after NATS came back", back.elapsed());
+    drop(n3);
 }

@@ -122,10 +122,23 @@ pub struct Connection {
     pub transport: Option<String>,
 }
 
+/// The address [`Connection::new`] binds ICE to (127.0.0.1 unless set).
+static DEFAULT_ICE_IP: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Makes every later [`Connection::new`] of this process bind ICE to `ip` (a
+/// loopback-range address: a test whose servers are in other network namespaces reaches
+/// them from its own address on a bridge, not from 127.0.0.1, which each namespace has).
+pub fn set_default_ice_ip(ip: &str) {
+    if let Ok(mut d) = DEFAULT_ICE_IP.write() {
+        *d = Some(ip.to_string());
+    }
+}
+
 impl Connection {
-    /// A connection with ICE on 127.0.0.1.
+    /// A connection with ICE on 127.0.0.1 (or the address [`set_default_ice_ip`] set).
     pub async fn new() -> anyhow::Result<Connection> {
-        Self::new_on("127.0.0.1").await
+        let ip = DEFAULT_ICE_IP.read().ok().and_then(|d| d.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
+        Self::new_on(&ip).await
     }
 
     /// A connection with ICE on `ip` (a loopback-range address: tests and benchmarks

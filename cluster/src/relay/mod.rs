@@ -284,14 +284,14 @@ impl Relay {
                 // any address a request names.
                 let from = from.ok_or_else(|| ExportError::Refused("an export request must name its node".into()))?;
                 let registered = |node: &ClusterNode| node.known_nodes().into_iter().find(|n| n.id == from).map(|n| n.relay_addr);
-                let addr = match registered(&node) {
-                    Some(a) => Some(a),
-                    None => {
-                        node.refresh_known().await;
-                        registered(&node)
-                    }
-                };
-                if addr.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) != Some(request.to) {
+                let matches = |a: &Option<String>| a.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) == Some(request.to);
+                let mut addr = registered(&node);
+                if !matches(&addr) {
+                    // A node that joined (or started again on another port) since the last read.
+                    node.refresh_known().await;
+                    addr = registered(&node);
+                }
+                if !matches(&addr) {
                     return Err(ExportError::Refused(format!(
                         "node `{}` asked for media at {}, but its registered relay address is {}",
                         from.escape_debug(),
@@ -543,15 +543,27 @@ impl StreamImporter for Relay {
             return Ok(());
         }
         let gate = self.setup.lock().unwrap_or_else(|p| p.into_inner()).entry(stream.to_string()).or_default().clone();
-        let out = {
-            let _one_per_stream = gate.lock().await;
-            if self.keep(stream) || self.local.stream_room(stream).is_some() { Ok(()) } else { self.bring(room, stream).await }
-        };
-        let mut setup = self.setup.lock().unwrap_or_else(|p| p.into_inner());
-        // The last one out removes the gate (the map holds one reference, each waiter one).
-        if setup.get(stream).is_some_and(|g| Arc::strong_count(g) <= 2) {
-            setup.remove(stream);
+        // Removes the gate when the last caller leaves (returning or cancelled): the map
+        // holds one reference, each caller one.
+        struct Leave<'a>(&'a Relay, &'a str, Option<Arc<tokio::sync::Mutex<()>>>);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let mut setup = self.0.setup.lock().unwrap_or_else(|p| p.into_inner());
+                drop(self.2.take());
+                if setup.get(self.1).is_some_and(|g| Arc::strong_count(g) == 1) {
+                    setup.remove(self.1);
+                }
+            }
         }
+        let leave = Leave(self, stream, Some(gate));
+        let out = match &leave.2 {
+            Some(gate) => {
+                let _one_per_stream = gate.lock().await;
+                if self.keep(stream) || self.local.stream_room(stream).is_some() { Ok(()) } else { self.bring(room, stream).await }
+            }
+            None => Ok(()),
+        };
+        drop(leave);
         out
     }
 }
@@ -688,7 +700,9 @@ struct Export {
 impl Export {
     async fn run(mut self, mut tap: tessera_core::media::Tap) {
         let relay = self.relay.clone();
-        let mut history: Vec<Option<Bytes>> = vec![None; HISTORY];
+        // Sent packets by the number they were sent under.
+        let mut history: Vec<Option<(u16, Bytes)>> = vec![None; HISTORY];
+        let mut numbering = wire::Renumber::default();
         let mut buf = Vec::with_capacity(1500);
         let mut lease = tokio::time::interval(KEEPALIVE);
         lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -703,24 +717,24 @@ impl Export {
                         }
                         break "the stream ended";
                     };
-                    wire::encode(&mut buf, Kind::Rtp, self.channel, &packet, relay.key.as_ref());
+                    let Some(seq) = wire::rtp_seq(&packet) else { continue };
+                    let seq = numbering.next(seq, Instant::now());
+                    wire::encode_rtp(&mut buf, self.channel, &packet, seq, relay.key.as_ref());
                     if let Err(e) = relay.socket.send_to(&buf, self.to).await {
                         debug!(to = %self.to, error = %e, "relayed packet not sent");
                     } else {
                         relay.counters.packets_out.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(seq) = wire::rtp_seq(&packet)
-                        && let Some(slot) = history.get_mut(usize::from(seq) % HISTORY)
-                    {
-                        *slot = Some(packet);
+                    if let Some(slot) = history.get_mut(usize::from(seq) % HISTORY) {
+                        *slot = Some((seq, packet));
                     }
                 }
                 nack = self.nack_rx.recv() => {
                     let Some(seqs) = nack else { break "the importer stopped it" };
                     for seq in seqs {
-                        let kept = history.get(usize::from(seq) % HISTORY).and_then(|p| p.as_ref()).filter(|p| wire::rtp_seq(p) == Some(seq));
-                        if let Some(p) = kept {
-                            wire::encode(&mut buf, Kind::Rtp, self.channel, p, relay.key.as_ref());
+                        let kept = history.get(usize::from(seq) % HISTORY).and_then(|p| p.as_ref()).filter(|(sent, _)| *sent == seq);
+                        if let Some((_, p)) = kept {
+                            wire::encode_rtp(&mut buf, self.channel, p, seq, relay.key.as_ref());
                             if relay.socket.send_to(&buf, self.to).await.is_ok() {
                                 relay.counters.packets_out.fetch_add(1, Ordering::Relaxed);
                             }

@@ -111,6 +111,63 @@ pub(crate) fn encode(out: &mut Vec<u8>, kind: Kind, channel: u32, body: &[u8], k
     }
 }
 
+/// Writes an RTP datagram carrying `packet` with its sequence number replaced by `seq`
+/// (the exporter keeps its channels' numbering continuous across a publisher's pause).
+/// A packet too short to be RTP goes as it is.
+pub(crate) fn encode_rtp(out: &mut Vec<u8>, channel: u32, packet: &[u8], seq: u16, key: Option<&Key>) {
+    out.clear();
+    out.push(MAGIC);
+    out.push(Kind::Rtp as u8);
+    out.extend_from_slice(&channel.to_be_bytes());
+    match (packet.get(..2), packet.get(4..)) {
+        (Some(head), Some(rest)) => {
+            out.extend_from_slice(head);
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(rest);
+        }
+        _ => out.extend_from_slice(packet),
+    }
+    if let Some(key) = key {
+        let mut mac = key.0.clone();
+        mac.update(out);
+        let tag = mac.finalize().into_bytes();
+        out.extend_from_slice(tag.get(..TAG).unwrap_or_default());
+    }
+}
+
+/// An exporter's numbering of one channel: the source's sequence numbers shifted so that a
+/// pause (no packet for [`PAUSE`], then a jump) does not look like loss downstream, where
+/// every packet skipped would be asked for again and the subscribers' pictures would stall.
+#[derive(Debug, Default)]
+pub(crate) struct Renumber {
+    last: Option<(u16, u16, std::time::Instant)>,
+    offset: u16,
+}
+
+/// A silence this long followed by a jump is a pause, not loss.
+pub(crate) const PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Renumber {
+    /// The number to send `seq` under, received at `now`.
+    pub(crate) fn next(&mut self, seq: u16, now: std::time::Instant) -> u16 {
+        if let Some((last_in, last_out, at)) = self.last {
+            let ahead = seq.wrapping_sub(last_in);
+            if ahead > 1 && ahead < 0x8000 && now.duration_since(at) >= PAUSE {
+                self.offset = last_out.wrapping_add(1).wrapping_sub(seq);
+            }
+        }
+        let out = seq.wrapping_add(self.offset);
+        let newer = self.last.is_none_or(|(last_in, ..)| {
+            let ahead = seq.wrapping_sub(last_in);
+            ahead > 0 && ahead < 0x8000
+        });
+        if newer {
+            self.last = Some((seq, out, now));
+        }
+        out
+    }
+}
+
 /// Reads a datagram; with a key, only one whose tag verifies.
 pub(crate) fn decode<'a>(datagram: &'a [u8], key: Option<&Key>) -> Result<Frame<'a>, WireError> {
     let signed = match key {
@@ -240,6 +297,31 @@ mod tests {
         assert_eq!(nack_seqs(&[1, 2, 3]).collect::<Vec<_>>(), vec![0x0102]);
         assert_eq!(rtp_seq(&[0x80, 96, 0x12, 0x34]), Some(0x1234));
         assert_eq!(rtp_seq(&[0x80]), None);
+    }
+
+    #[test]
+    fn rtp_is_sent_renumbered_and_a_pause_is_not_loss() {
+        let key = Key::new(b"k");
+        let mut buf = Vec::new();
+        let packet = [0x80, 96, 0x12, 0x34, 9, 9, 9, 9, 1, 2, 3, 4, 0xAA];
+        encode_rtp(&mut buf, 5, &packet, 0xBEEF, Some(&key));
+        let f = decode(&buf, Some(&key)).unwrap();
+        assert_eq!(f.kind, Kind::Rtp);
+        assert_eq!(f.body, &[0x80, 96, 0xBE, 0xEF, 9, 9, 9, 9, 1, 2, 3, 4, 0xAA]);
+        let t0 = std::time::Instant::now();
+        let mut r = Renumber::default();
+        assert_eq!(r.next(100, t0), 100);
+        assert_eq!(r.next(101, t0), 101);
+        assert_eq!(r.next(104, t0), 104, "a gap without a silence is loss: kept");
+        assert_eq!(r.next(103, t0), 103, "a late packet keeps its number");
+        let later = t0 + PAUSE;
+        assert_eq!(r.next(900, later), 105, "after a pause the numbering goes on");
+        assert_eq!(r.next(901, later), 106);
+        let mut r = Renumber::default();
+        assert_eq!(r.next(65530, t0), 65530);
+        assert_eq!(r.next(65531, t0), 65531);
+        assert_eq!(r.next(3, later), 65532, "across the wrap too");
+        assert_eq!(r.next(4, later), 65533);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod bridge;
+
 pub const KEY: &str = "test-service-key-0123456789";
 
 /// Publishing camera and microphone with this marker tag.
@@ -52,8 +54,22 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
 }
 
 pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--data-dir"])
+    start_in(&[], "127.0.0.1", data_dir, extra, env)
+}
+
+/// Starts the server with `prefix` before it (e.g. `nsenter -t PID -n`: in another
+/// network namespace), its portal and API listening on `ip`.
+pub fn start_in(prefix: &[String], ip: &str, data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    let (portal_addr, api_addr) = (format!("{ip}:0"), format!("{ip}:0"));
+    cmd.args(["serve", "--portal-addr", &portal_addr, "--api-addr", &api_addr, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env_remove("TESSERA_SERVICE_KEY")

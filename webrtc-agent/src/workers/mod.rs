@@ -91,6 +91,8 @@ struct PubEntry {
 struct SubEntry {
     participant: String,
     transport: String,
+    /// The streams it reads.
+    from: Vec<String>,
 }
 
 struct TransportEntry {
@@ -316,14 +318,8 @@ impl Shared {
                 self.emit(AgentEvent::StreamEnded { room: entry.room.as_str().into(), stream: id.as_str().into(), reason: reason.into() });
             }
         }
-        for id in &subs {
-            self.emit(AgentEvent::SubscriptionEnded {
-                room: entry.room.as_str().into(),
-                participant: entry.participant.as_str().into(),
-                subscription: id.as_str().into(),
-                reason: reason.into(),
-            });
-        }
+        // The transport first: the portal then knows these subscriptions ended with it
+        // (no session error of their own to tell).
         self.emit(AgentEvent::TransportClosed {
             room: entry.room.as_str().into(),
             participant: entry.participant.as_str().into(),
@@ -331,6 +327,15 @@ impl Shared {
             sessions: entry.sessions.iter().map(|s| s.as_str().into()).collect(),
             reason: reason.into(),
         });
+        for id in &subs {
+            self.emit(AgentEvent::SubscriptionEnded {
+                room: entry.room.as_str().into(),
+                participant: entry.participant.as_str().into(),
+                transport: transport.into(),
+                subscription: id.as_str().into(),
+                reason: reason.into(),
+            });
+        }
     }
 }
 
@@ -705,7 +710,9 @@ impl WorkerAgent {
             let mut s = self.shared.lock();
             let t = s.transports.get_mut(at.transport.as_str()).ok_or_else(|| AgentError::NoTransport(at.transport.clone()))?;
             t.sessions.insert(at.session.to_string());
-            s.subscriptions.insert(at.session.to_string(), SubEntry { participant: at.participant.to_string(), transport: at.transport.to_string() });
+            let from = spec.tracks.iter().map(|t| t.from.to_string()).collect();
+            s.subscriptions
+                .insert(at.session.to_string(), SubEntry { participant: at.participant.to_string(), transport: at.transport.to_string(), from });
         }
         self.shared.send_to(worker, Cmd::Subscribe { transport: at.transport.to_string(), spec, sources, data_owner });
         Ok(())
@@ -922,11 +929,32 @@ impl StreamSource for WorkerAgent {
     }
 
     fn unpublish_local(&self, stream: &str) {
-        let p = self.shared.lock().publications.remove(stream);
-        if let Some(p) = p {
-            for t in p.tracks {
-                self.shared.send_to(p.worker, Cmd::LocalUnpublish { track: t.track });
-            }
+        let (p, readers) = {
+            let s = &mut *self.shared.lock();
+            let p = s.publications.remove(stream);
+            let readers: Vec<(String, SubEntry)> = s
+                .subscriptions
+                .iter()
+                .filter(|(_, e)| e.from.iter().any(|f| f == stream))
+                .map(|(id, e)| (id.clone(), SubEntry { participant: e.participant.clone(), transport: e.transport.clone(), from: Vec::new() }))
+                .collect();
+            (p, readers)
+        };
+        let Some(p) = p else { return };
+        for t in &p.tracks {
+            self.shared.send_to(p.worker, Cmd::LocalUnpublish { track: t.track });
+        }
+        // Their legs would wait for packets that never come (a relayed stream whose node is
+        // gone): the subscriptions end, and their owners are told.
+        for (id, e) in readers {
+            self.end_session(&e.participant, &id);
+            self.shared.emit(AgentEvent::SubscriptionEnded {
+                room: p.room.as_str().into(),
+                participant: e.participant.as_str().into(),
+                transport: e.transport.as_str().into(),
+                subscription: id.as_str().into(),
+                reason: format!("Stream {stream} ended"),
+            });
         }
     }
 }
