@@ -46,6 +46,8 @@ struct RoomPlacement {
     sessions: HashMap<SessionId, TransportId>,
     /// The mixer or recorder node, when the home lacks that role.
     parts: HashMap<Role, NodeRecord>,
+    /// Transports lost with their node (not placed again under the same id).
+    lost: HashSet<TransportId>,
 }
 
 impl RoomPlacement {
@@ -71,6 +73,7 @@ impl RoomPlacement {
                 for s in &t.sessions {
                     self.sessions.remove(s);
                 }
+                self.lost.insert(id.clone());
                 lost.push(LostTransport { participant: t.participant, transport: id, sessions: t.sessions.into_iter().collect() });
             }
         }
@@ -234,34 +237,60 @@ impl ClusterRouter {
     /// The node of a transport, placing it if it is new (see the module doc): on `near` if
     /// given (the node of the stream whose data channel it carries: data does not cross
     /// nodes).
-    fn place_transport(&self, room: &RoomId, transport: &TransportId, participant: &ParticipantId, near: Option<String>) -> Option<String> {
+    fn place_transport(
+        &self,
+        room: &RoomId,
+        transport: &TransportId,
+        participant: &ParticipantId,
+        near: Option<String>,
+    ) -> Result<(String, bool), AgentError> {
         let mut rooms = self.rooms();
         let placement = rooms.entry(room.clone()).or_default();
         if let Some(t) = placement.transports.get(transport) {
-            return Some(t.node.clone());
+            return match near {
+                Some(near) if near != t.node => {
+                    Err(AgentError::Rejected("a stream's data comes only on a transport of its own node: subscribe to it on a new transport".into()))
+                }
+                _ => Ok((t.node.clone(), false)),
+            };
         }
-        let home = self.home(placement, room)?;
+        // A transport of a node found gone is over, even if the portal has not heard yet:
+        // it is not made anew elsewhere under the same id.
+        if placement.lost.contains(transport) {
+            return Err(AgentError::NoTransport(transport.clone()));
+        }
         let known = self.node.known_nodes();
-        // The home's load as last reported (with placements counted since), not as it was
-        // when the room was placed; a home that left the list or drains takes no more.
-        let home_now = known.iter().find(|n| n.id == home.id).filter(|n| !n.draining);
-        let spread = usize::try_from(self.spread).unwrap_or(usize::MAX);
-        let chosen = match (near, home_now, self.least_used(false)) {
-            (Some(near), ..) => near,
-            (None, Some(h), Some(least)) if least.id != h.id && h.load.transports >= least.load.transports.saturating_add(spread) => {
-                debug!(room = %room, transport = %transport, node = %least.id, "transport placed off the room's home");
-                least.id
+        let chosen = match near {
+            Some(near) => {
+                if !known.iter().any(|n| n.id == near && !n.draining) {
+                    return Err(AgentError::Rejected(format!("the node carrying that stream's data (`{near}`) takes no new sessions")));
+                }
+                near
             }
-            (None, Some(h), _) => h.id.clone(),
-            (None, None, Some(least)) => least.id,
-            (None, None, None) => return None,
+            None => {
+                let home = self.home(placement, room).ok_or_else(|| AgentError::Failed("no webrtc node is available".into()))?;
+                // The home's load as last reported (with placements counted since), not as
+                // it was when the room was placed; a home that left the list or drains takes
+                // no more.
+                let home_now = known.iter().find(|n| n.id == home.id).filter(|n| !n.draining);
+                let spread = usize::try_from(self.spread).unwrap_or(usize::MAX);
+                match (home_now, self.least_used(false)) {
+                    (Some(h), Some(least)) if least.id != h.id && h.load.transports >= least.load.transports.saturating_add(spread) => {
+                        debug!(room = %room, transport = %transport, node = %least.id, "transport placed off the room's home");
+                        least.id
+                    }
+                    (Some(h), _) => h.id.clone(),
+                    (None, Some(least)) => least.id,
+                    (None, None) => return Err(AgentError::Failed("no webrtc node is available".into())),
+                }
+            }
         };
         placement
             .transports
             .insert(transport.clone(), PlacedTransport { node: chosen.clone(), participant: participant.clone(), sessions: HashSet::new() });
         drop(rooms);
         self.node.count_placement(&chosen);
-        Some(chosen)
+        Ok((chosen, true))
     }
 
     /// The node serving `role` (mixer, recorder) for `room`: its home when that has the
@@ -338,19 +367,21 @@ impl RoomMedia {
     /// Sets up a publication or subscription on its transport's node (`near` the node of
     /// the stream whose data it takes).
     async fn open(&self, at: &tessera_core::agent::SessionRef, near: Option<String>, command: AgentCommand) -> Result<AgentReply, AgentError> {
-        let node = self.router.place_transport(&self.room, &at.transport, &at.participant, near.clone());
-        if let (Some(near), Some(node)) = (&near, &node)
-            && near != node
-        {
-            return Err(AgentError::Rejected("a stream's data comes only on a transport of its own node: subscribe to it on a new transport".into()));
-        }
-        let agent = self.at(node, || AgentError::Failed("no webrtc node is available".into()))?;
+        let (node, new) = self.router.place_transport(&self.room, &at.transport, &at.participant, near)?;
+        let agent = self.at(Some(node), || AgentError::Failed("no webrtc node is available".into()))?;
         if !self.note_session(&at.transport, &at.session) {
             return Err(AgentError::NoTransport(at.transport.clone()));
         }
         let out = agent.handle(command).await;
         if out.is_err() {
             self.forget_session(at.session.as_str());
+            // A transport that never carried a session is not the client's: forgotten.
+            if new
+                && let Some(p) = self.router.rooms().get_mut(&self.room)
+                && p.transports.get(&at.transport).is_some_and(|t| t.sessions.is_empty())
+            {
+                p.transports.remove(&at.transport);
+            }
         }
         out
     }

@@ -63,9 +63,57 @@ pub(crate) async fn start(_: Authed, state: web::Data<ApiState>, path: web::Path
     Ok(HttpResponse::Ok().json(rec))
 }
 
+/// Every recorder's recordings of `room`, and the recorder of each: in a cluster a room's
+/// recordings may be on several nodes (its recorder moved when a node left, or when the
+/// room was placed afresh after it emptied). Fails naming the recorders that could not be
+/// asked, rather than answering with a list that silently lacks theirs.
+async fn recordings_of(state: &ApiState, room: &str) -> Result<Vec<(std::sync::Arc<dyn RecorderNode>, tessera_core::command::RecordingInfo)>> {
+    let recorders = state.router.recorder_nodes();
+    if recorders.is_empty() {
+        return Err(ApiError::Internal("this server does not record".into()));
+    }
+    let (mut all, mut unreachable) = (Vec::new(), Vec::new());
+    for recorder in recorders {
+        match recorder.call(ListRecordings { room: room.into() }).await {
+            Ok(list) => {
+                for r in list {
+                    if !all.iter().any(|(_, known): &(_, tessera_core::command::RecordingInfo)| known.id == r.id) {
+                        all.push((recorder.clone(), r));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a recorder could not be asked for its recordings");
+                unreachable.push(e.to_string());
+            }
+        }
+    }
+    if !unreachable.is_empty() {
+        return Err(ApiError::Unavailable(format!("recordings of room {room}: some recorders could not be asked: {}", unreachable.join("; "))));
+    }
+    Ok(all)
+}
+
+/// The recorder holding recording `id` of `room`: the room's current one if it has it,
+/// else whichever has (see [`recordings_of`]).
+async fn holder(state: &ApiState, room: &str, id: &str) -> Result<std::sync::Arc<dyn RecorderNode>> {
+    let current = engine(state, room)?;
+    let here = current.call(ListRecordings { room: room.into() }).await.map_err(recording_error)?;
+    if here.iter().any(|r| r.id == id) {
+        return Ok(current);
+    }
+    recordings_of(state, room)
+        .await?
+        .into_iter()
+        .find(|(_, r)| r.id == id)
+        .map(|(recorder, _)| recorder)
+        .ok_or_else(|| recording_error(RecordingError::NoRecording(id.to_string())))
+}
+
 pub(crate) async fn list(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
-    let list = engine(&state, &room.id)?.call(ListRecordings { room: room.id.as_str().into() }).await.map_err(recording_error)?;
+    let mut list: Vec<_> = recordings_of(&state, &room.id).await?.into_iter().map(|(_, r)| r).collect();
+    list.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     Ok(HttpResponse::Ok().json(list))
 }
 
@@ -73,7 +121,7 @@ pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
     let ops = body.as_array().ok_or_else(|| ApiError::BadRequest("Invalid request body: expected an array of operations".into()))?;
-    let engine = engine(&state, &room.id)?;
+    let engine = holder(&state, &room.id, &id).await?;
     let mut last = None;
     for (i, op) in ops.iter().enumerate() {
         let kind = match (op.get("op").and_then(Value::as_str), op.get("path").and_then(Value::as_str)) {
@@ -91,7 +139,8 @@ pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path
 pub(crate) async fn stop(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, id) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let rec = engine(&state, &room.id)?.call(StopRecording { room: room.id.as_str().into(), recording: id }).await.map_err(recording_error)?;
+    let rec =
+        holder(&state, &room.id, &id).await?.call(StopRecording { room: room.id.as_str().into(), recording: id }).await.map_err(recording_error)?;
     Ok(HttpResponse::Ok().json(rec))
 }
 

@@ -718,7 +718,7 @@ impl Export {
                         break "the stream ended";
                     };
                     let Some(seq) = wire::rtp_seq(&packet) else { continue };
-                    let seq = numbering.next(seq, Instant::now());
+                    let Some(seq) = numbering.next(seq, Instant::now()) else { continue };
                     wire::encode_rtp(&mut buf, self.channel, &packet, seq, relay.key.as_ref());
                     if let Err(e) = relay.socket.send_to(&buf, self.to).await {
                         debug!(to = %self.to, error = %e, "relayed packet not sent");

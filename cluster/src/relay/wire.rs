@@ -136,35 +136,58 @@ pub(crate) fn encode_rtp(out: &mut Vec<u8>, channel: u32, packet: &[u8], seq: u1
 }
 
 /// An exporter's numbering of one channel: the source's sequence numbers shifted so that a
-/// pause (no packet for [`PAUSE`], then a jump) does not look like loss downstream, where
-/// every packet skipped would be asked for again and the subscribers' pictures would stall.
+/// pause (no packet for [`PAUSE`], then a jump larger than any loss burst worth asking
+/// for) or a source that started again lower (a mixer rebuilt its pipeline) does not look
+/// like loss downstream, where every packet skipped would be asked for again and the
+/// subscribers' pictures would stall. A smaller gap is loss and is kept, so the importer
+/// asks for it.
 #[derive(Debug, Default)]
 pub(crate) struct Renumber {
+    /// The newest input number, the number it went out under, and when it came.
     last: Option<(u16, u16, std::time::Instant)>,
     offset: u16,
+    /// The first input number after the last shift: older ones' numbers are taken.
+    shifted_at: Option<u16>,
 }
 
 /// A silence this long followed by a jump is a pause, not loss.
 pub(crate) const PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+/// ...and the jump must be larger than this (a burst the importer would ask for).
+const PAUSE_JUMP: u16 = MAX_NACK as u16;
 
 impl Renumber {
-    /// The number to send `seq` under, received at `now`.
-    pub(crate) fn next(&mut self, seq: u16, now: std::time::Instant) -> u16 {
-        if let Some((last_in, last_out, at)) = self.last {
-            let ahead = seq.wrapping_sub(last_in);
-            if ahead > 1 && ahead < 0x8000 && now.duration_since(at) >= PAUSE {
-                self.offset = last_out.wrapping_add(1).wrapping_sub(seq);
+    /// The number to send `seq` under, received at `now`; `None` for a late packet from
+    /// before a shift (its number went to another packet).
+    pub(crate) fn next(&mut self, seq: u16, now: std::time::Instant) -> Option<u16> {
+        let Some((last_in, last_out, at)) = self.last else {
+            self.last = Some((seq, seq, now));
+            return Some(seq);
+        };
+        let ahead = seq.wrapping_sub(last_in);
+        let shift = if ahead == 0 {
+            false
+        } else if ahead < 0x8000 {
+            ahead > PAUSE_JUMP && now.duration_since(at) >= PAUSE
+        } else if usize::from(last_in.wrapping_sub(seq)) > RESTART_BEHIND {
+            true
+        } else {
+            // A late packet: sent under its number, unless that number was given away.
+            if let Some(first) = self.shifted_at
+                && seq.wrapping_sub(first) >= 0x8000
+            {
+                return None;
             }
+            return Some(seq.wrapping_add(self.offset));
+        };
+        if shift {
+            self.offset = last_out.wrapping_add(1).wrapping_sub(seq);
+            self.shifted_at = Some(seq);
         }
         let out = seq.wrapping_add(self.offset);
-        let newer = self.last.is_none_or(|(last_in, ..)| {
-            let ahead = seq.wrapping_sub(last_in);
-            ahead > 0 && ahead < 0x8000
-        });
-        if newer {
+        if ahead != 0 {
             self.last = Some((seq, out, now));
         }
-        out
+        Some(out)
     }
 }
 
@@ -310,18 +333,24 @@ mod tests {
         assert_eq!(f.body, &[0x80, 96, 0xBE, 0xEF, 9, 9, 9, 9, 1, 2, 3, 4, 0xAA]);
         let t0 = std::time::Instant::now();
         let mut r = Renumber::default();
-        assert_eq!(r.next(100, t0), 100);
-        assert_eq!(r.next(101, t0), 101);
-        assert_eq!(r.next(104, t0), 104, "a gap without a silence is loss: kept");
-        assert_eq!(r.next(103, t0), 103, "a late packet keeps its number");
+        assert_eq!(r.next(100, t0), Some(100));
+        assert_eq!(r.next(101, t0), Some(101));
+        assert_eq!(r.next(104, t0), Some(104), "a gap without a silence is loss: kept");
+        assert_eq!(r.next(103, t0), Some(103), "a late packet keeps its number");
         let later = t0 + PAUSE;
-        assert_eq!(r.next(900, later), 105, "after a pause the numbering goes on");
-        assert_eq!(r.next(901, later), 106);
+        assert_eq!(r.next(110, later), Some(110), "a small gap after a silence is loss too (a quiet screen share)");
+        let resumed = later + PAUSE;
+        assert_eq!(r.next(500, resumed), Some(111), "after a pause the numbering goes on");
+        assert_eq!(r.next(501, resumed), Some(112));
+        assert_eq!(r.next(109, resumed), None, "a packet from before the pause: its number was given away");
+        assert_eq!(r.next(501, resumed), Some(112), "a duplicate keeps its number");
+        assert_eq!(r.next(40000, resumed), Some(113), "a source that started again far lower goes on too");
+        assert_eq!(r.next(40001, resumed), Some(114));
         let mut r = Renumber::default();
-        assert_eq!(r.next(65530, t0), 65530);
-        assert_eq!(r.next(65531, t0), 65531);
-        assert_eq!(r.next(3, later), 65532, "across the wrap too");
-        assert_eq!(r.next(4, later), 65533);
+        assert_eq!(r.next(65530, t0), Some(65530));
+        assert_eq!(r.next(65531, t0), Some(65531));
+        assert_eq!(r.next(300, later), Some(65532), "across the wrap too");
+        assert_eq!(r.next(301, later), Some(65533));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 /// The test's address on the bridge.
 pub const HOST: &str = "127.0.2.254";
 
-/// The bridge and the nodes' namespaces (each held by a `sleep`, ended on drop).
+/// The bridge and the nodes' namespaces (each held by a `sleep`, ended on drop, or after
+/// 15 minutes if the test is killed).
 pub struct Bridge {
     holders: Vec<(u8, Child)>,
 }
@@ -33,6 +34,10 @@ fn narrow(dev: &str) -> String {
 impl Bridge {
     /// `br0` in this namespace, at [`HOST`].
     pub fn new() -> Bridge {
+        // Never on the host: only in a namespace of the test's own.
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let outer = std::env::var_os(super::OUTER_NETNS).map(std::path::PathBuf::from);
+        assert!(outer.is_some_and(|o| o != ours), "Bridge::new outside a network namespace of the test's own");
         sh(&format!("ip link add br0 type bridge && ip link set br0 up && {} && ip addr add {HOST}/24 dev br0", narrow("br0")));
         Bridge { holders: Vec::new() }
     }
@@ -40,7 +45,8 @@ impl Bridge {
     /// A namespace for node `n` at 127.0.2.`n`, on the bridge.
     pub fn add(&mut self, n: u8) {
         // No inherited output: a holder left behind must not keep the test's pipes open.
-        let holder = Command::new("unshare").args(["-n", "sleep", "infinity"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("unshare");
+        // Bounded: a holder orphaned by a killed test ends by itself.
+        let holder = Command::new("unshare").args(["-n", "sleep", "900"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("unshare");
         let pid = holder.id();
         // Held (and ended on drop) before anything below can fail.
         self.holders.push((n, holder));
@@ -58,8 +64,11 @@ impl Bridge {
     }
 
     /// The command prefix that runs a program in node `n`'s namespace.
-    pub fn enter(&self, n: u8) -> Vec<String> {
-        let pid = self.holders.iter().find(|(k, _)| *k == n).map(|(_, c)| c.id()).expect("node added");
+    pub fn enter(&mut self, n: u8) -> Vec<String> {
+        let holder = self.holders.iter_mut().find(|(k, _)| *k == n).map(|(_, c)| c).expect("node added");
+        // A holder that ended would leave its pid to anything (nsenter into another namespace).
+        assert!(holder.try_wait().ok().flatten().is_none(), "node {n}'s namespace holder ended");
+        let pid = holder.id();
         vec!["nsenter".into(), "-t".into(), pid.to_string(), "-n".into()]
     }
 

@@ -226,6 +226,10 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The network namespace of the run that started the test's own (so the inner run can
+/// tell it is not on the host's).
+pub const OUTER_NETNS: &str = "TESSERA_TEST_OUTER_NETNS";
+
 /// Runs the calling test again inside a fresh network namespace holding only loopback
 /// (`unshare -n`), for tests that must not share the host's network (cluster tests).
 /// Returns `true` in that inner run, where the test does its work; in the outer run it
@@ -236,7 +240,13 @@ pub fn in_own_netns(test: &str) -> bool {
     }
     let exe = std::env::current_exe().expect("test binary path");
     let script = format!("ip link set lo up && exec {} {test} --exact --nocapture --test-threads=1", exe.display());
-    let out = Command::new("unshare").args(["-n", "sh", "-c", &script]).env("TESSERA_TEST_NETNS", "1").output().expect("run unshare");
+    let outer = std::fs::read_link("/proc/self/ns/net").unwrap_or_default();
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .env("TESSERA_TEST_NETNS", "1")
+        .env(OUTER_NETNS, outer)
+        .output()
+        .expect("run unshare");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stdout.contains("1 passed"), "{test} in its network namespace failed:\n{stdout}\n{stderr}");
