@@ -63,19 +63,28 @@ impl RoomPlacement {
         }
     }
 
+    /// Forgets a transport and its sessions.
+    fn remove_transport(&mut self, id: &TransportId) -> Option<PlacedTransport> {
+        let t = self.transports.remove(id)?;
+        for s in &t.sessions {
+            self.sessions.remove(s);
+        }
+        Some(t)
+    }
+
+    /// Forgets the transports matching `which`; returns them with their ids.
+    fn remove_transports(&mut self, which: impl Fn(&PlacedTransport) -> bool) -> Vec<(TransportId, PlacedTransport)> {
+        let ids: Vec<TransportId> = self.transports.iter().filter(|(_, t)| which(t)).map(|(id, _)| id.clone()).collect();
+        ids.into_iter().filter_map(|id| self.remove_transport(&id).map(|t| (id, t))).collect()
+    }
+
     /// Everything on `node` is over: its transports (returned) and, if it made the room's
     /// views, those (`true` in the result).
     fn lose(&mut self, node: &str) -> (Vec<LostTransport>, bool) {
-        let gone: Vec<TransportId> = self.transports.iter().filter(|(_, t)| t.node == node).map(|(id, _)| id.clone()).collect();
         let mut lost = Vec::new();
-        for id in gone {
-            if let Some(t) = self.transports.remove(&id) {
-                for s in &t.sessions {
-                    self.sessions.remove(s);
-                }
-                self.lost.insert(id.clone());
-                lost.push(LostTransport { participant: t.participant, transport: id, sessions: t.sessions.into_iter().collect() });
-            }
+        for (id, t) in self.remove_transports(|t| t.node == node) {
+            self.lost.insert(id.clone());
+            lost.push(LostTransport { participant: t.participant, transport: id, sessions: t.sessions.into_iter().collect() });
         }
         let mixer_here = match self.parts.get(&Role::Mixer) {
             Some(n) => n.id == node,
@@ -427,18 +436,7 @@ impl MediaNode for RoomMedia {
                 let nodes: HashSet<String> = {
                     let mut rooms = self.router.rooms();
                     let Some(placement) = rooms.get_mut(&self.room) else { return Ok(AgentReply::ParticipantLeft(())) };
-                    let mine: Vec<TransportId> =
-                        placement.transports.iter().filter(|(_, t)| t.participant == p.participant).map(|(id, _)| id.clone()).collect();
-                    let mut nodes = HashSet::new();
-                    for id in mine {
-                        if let Some(t) = placement.transports.remove(&id) {
-                            for s in &t.sessions {
-                                placement.sessions.remove(s);
-                            }
-                            nodes.insert(t.node);
-                        }
-                    }
-                    nodes
+                    placement.remove_transports(|t| t.participant == p.participant).into_iter().map(|(_, t)| t.node).collect()
                 };
                 let mut result = Ok(AgentReply::ParticipantLeft(()));
                 for node in nodes {
@@ -491,12 +489,8 @@ impl Router for ClusterRouter {
     }
 
     fn transport_closed(&self, room: &RoomId, transport: &TransportId) {
-        if let Some(p) = self.rooms().get_mut(room)
-            && let Some(t) = p.transports.remove(transport)
-        {
-            for s in &t.sessions {
-                p.sessions.remove(s);
-            }
+        if let Some(p) = self.rooms().get_mut(room) {
+            p.remove_transport(transport);
         }
     }
 

@@ -353,23 +353,12 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
             // relay hiccup) is tried again: after a second, then less often while it fails.
             if importer.is_some() && last_import.elapsed() >= import_every {
                 last_import = Instant::now();
-                let missing: Vec<String> = {
-                    let s = view.lock();
-                    s.inputs.iter().filter(|i| source.stream_room(i).is_none()).cloned().collect()
-                };
-                let mut failed = false;
-                for stream in missing {
-                    let room = RoomId::from(view.room.as_str());
-                    match ensure_stream(source.as_ref(), importer.as_deref(), &room, &stream).await {
-                        Ok(()) => {
-                            attach(source.as_ref(), &view, &stream);
-                            relayout(&view);
-                        }
-                        Err(e) => {
-                            debug!(%stream, error = %e, "a mix input is still not available");
-                            failed = true;
-                        }
-                    }
+                let (brought, failed) = import_inputs(source.as_ref(), importer.as_deref(), &view).await;
+                for stream in &brought {
+                    attach(source.as_ref(), &view, stream);
+                }
+                if !brought.is_empty() {
+                    relayout(&view);
                 }
                 import_every = if failed { (import_every * 2).min(IMPORT_RETRY_MAX) } else { IMPORT_RETRY };
             }
@@ -446,15 +435,22 @@ fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
     out
 }
 
-/// Brings the view's inputs that are not on this node from the nodes that have them.
-async fn import_inputs(source: &dyn StreamSource, importer: Option<&dyn StreamImporter>, view: &ViewMix) {
-    let inputs = view.lock().inputs.clone();
+/// Brings the view's inputs that are not on this node from the nodes that have them;
+/// returns those brought, and whether any could not be.
+async fn import_inputs(source: &dyn StreamSource, importer: Option<&dyn StreamImporter>, view: &ViewMix) -> (Vec<String>, bool) {
+    let missing: Vec<String> = view.lock().inputs.iter().filter(|i| source.stream_room(i).is_none()).cloned().collect();
     let room = RoomId::from(view.room.as_str());
-    for stream in inputs {
-        if let Err(e) = ensure_stream(source, importer, &room, &stream).await {
-            warn!(%stream, error = %e, "a mix input is not available");
+    let (mut brought, mut failed) = (Vec::new(), false);
+    for stream in missing {
+        match ensure_stream(source, importer, &room, &stream).await {
+            Ok(()) => brought.push(stream),
+            Err(e) => {
+                warn!(%stream, error = %e, "a mix input is not available");
+                failed = true;
+            }
         }
     }
+    (brought, failed)
 }
 
 fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {

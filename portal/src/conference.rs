@@ -57,6 +57,17 @@ pub(crate) struct Participant {
 }
 
 impl Participant {
+    /// Forgets a publication or subscription and everything kept about it; returns its kind
+    /// if it was known.
+    pub fn forget(&mut self, session: &str) -> Option<crate::media::SessionKind> {
+        self.attributes.remove(session);
+        self.ready.remove(session);
+        self.held.retain(|(id, _)| id != session);
+        self.paused.retain(|(id, _)| id != session);
+        self.kinds.remove(session);
+        self.sessions.remove(session)
+    }
+
     /// A participant that just logged in on `handle`.
     pub fn new(info: ParticipantInfo, handle: SocketHandle) -> Self {
         Participant {

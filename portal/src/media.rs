@@ -353,12 +353,7 @@ impl Portal {
     fn forget_session(&self, room: &str, participant: &str, session: &str) {
         let mut conf = self.lock();
         if let Some(p) = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) {
-            p.sessions.remove(session);
-            p.attributes.remove(session);
-            p.ready.remove(session);
-            p.held.retain(|(id, _)| id != session);
-            p.paused.retain(|(id, _)| id != session);
-            p.kinds.remove(session);
+            p.forget(session);
         }
     }
 
@@ -496,11 +491,7 @@ impl Portal {
                 if let Some(p) = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(participant.as_str())) {
                     for s in &sessions {
                         if !p.ready.contains(s.as_str()) {
-                            p.sessions.remove(s.as_str());
-                            p.attributes.remove(s.as_str());
-                            p.kinds.remove(s.as_str());
-                            p.held.retain(|(id, _)| id != s.as_str());
-                            p.paused.retain(|(id, _)| id != s.as_str());
+                            p.forget(s.as_str());
                         }
                     }
                     p.transports.remove(transport.as_str());
@@ -537,14 +528,9 @@ impl Portal {
                     transports.push((t.participant.clone(), t.transport.clone()));
                 }
                 for s in &t.sessions {
-                    if p.sessions.remove(s.as_str()) == Some(SessionKind::Publication) {
+                    if p.forget(s.as_str()) == Some(SessionKind::Publication) {
                         streams.push(s.to_string());
                     }
-                    p.attributes.remove(s.as_str());
-                    p.ready.remove(s.as_str());
-                    p.kinds.remove(s.as_str());
-                    p.held.retain(|(id, _)| id != s.as_str());
-                    p.paused.retain(|(id, _)| id != s.as_str());
                 }
             }
             (streams, transports)

@@ -96,13 +96,16 @@ pub(crate) enum WireError {
     Tag,
 }
 
-/// Writes a datagram into `out` (cleared first, so one buffer serves every packet).
-pub(crate) fn encode(out: &mut Vec<u8>, kind: Kind, channel: u32, body: &[u8], key: Option<&Key>) {
+/// Starts a datagram in `out` (cleared first, so one buffer serves every packet).
+fn header(out: &mut Vec<u8>, kind: Kind, channel: u32) {
     out.clear();
     out.push(MAGIC);
     out.push(kind as u8);
     out.extend_from_slice(&channel.to_be_bytes());
-    out.extend_from_slice(body);
+}
+
+/// Ends a datagram: with a key, its tag over everything before it.
+fn sign(out: &mut Vec<u8>, key: Option<&Key>) {
     if let Some(key) = key {
         let mut mac = key.0.clone();
         mac.update(out);
@@ -111,14 +114,18 @@ pub(crate) fn encode(out: &mut Vec<u8>, kind: Kind, channel: u32, body: &[u8], k
     }
 }
 
+/// Writes a datagram into `out`.
+pub(crate) fn encode(out: &mut Vec<u8>, kind: Kind, channel: u32, body: &[u8], key: Option<&Key>) {
+    header(out, kind, channel);
+    out.extend_from_slice(body);
+    sign(out, key);
+}
+
 /// Writes an RTP datagram carrying `packet` with its sequence number replaced by `seq`
 /// (the exporter keeps its channels' numbering continuous across a publisher's pause).
 /// A packet too short to be RTP goes as it is.
 pub(crate) fn encode_rtp(out: &mut Vec<u8>, channel: u32, packet: &[u8], seq: u16, key: Option<&Key>) {
-    out.clear();
-    out.push(MAGIC);
-    out.push(Kind::Rtp as u8);
-    out.extend_from_slice(&channel.to_be_bytes());
+    header(out, Kind::Rtp, channel);
     match (packet.get(..2), packet.get(4..)) {
         (Some(head), Some(rest)) => {
             out.extend_from_slice(head);
@@ -127,12 +134,7 @@ pub(crate) fn encode_rtp(out: &mut Vec<u8>, channel: u32, packet: &[u8], seq: u1
         }
         _ => out.extend_from_slice(packet),
     }
-    if let Some(key) = key {
-        let mut mac = key.0.clone();
-        mac.update(out);
-        let tag = mac.finalize().into_bytes();
-        out.extend_from_slice(tag.get(..TAG).unwrap_or_default());
-    }
+    sign(out, key);
 }
 
 /// An exporter's numbering of one channel: the source's sequence numbers shifted so that a
