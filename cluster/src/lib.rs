@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 mod bucket;
+pub mod homes;
 pub mod ledger;
 pub mod relay;
 pub mod rooms;

@@ -43,17 +43,20 @@ pub enum ControlError {
     /// The operation was valid but failed.
     #[error("Operation failed: {0}")]
     Failed(String),
+    /// The node holding the room's live state could not be reached (a cluster's).
+    #[error("Room unavailable, retry later: {0}")]
+    Unavailable(String),
 }
 
 /// Live state of rooms, as the management API needs it.
 #[async_trait::async_trait]
 pub trait RoomControl: Send + Sync {
     /// Participants currently in the room (including those inside their reconnection grace period).
-    async fn participants(&self, room: &str) -> Vec<ParticipantInfo>;
+    async fn participants(&self, room: &str) -> Result<Vec<ParticipantInfo>, ControlError>;
     /// Removes a participant: sends `drop` and closes the session.
     async fn drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError>;
     /// Streams of the room (forward and mixed), in the OWT REST format.
-    async fn streams(&self, room: &str) -> Vec<serde_json::Value>;
+    async fn streams(&self, room: &str) -> Result<Vec<serde_json::Value>, ControlError>;
     /// Stops a forward stream.
     async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError>;
     /// Applies OWT StreamUpdate operations (mix/unmix, layout); returns the updated stream.
@@ -77,14 +80,14 @@ pub struct NoLiveRooms;
 
 #[async_trait::async_trait]
 impl RoomControl for NoLiveRooms {
-    async fn participants(&self, _room: &str) -> Vec<ParticipantInfo> {
-        Vec::new()
+    async fn participants(&self, _room: &str) -> Result<Vec<ParticipantInfo>, ControlError> {
+        Ok(Vec::new())
     }
     async fn drop_participant(&self, _room: &str, participant: &str) -> Result<(), ControlError> {
         Err(ControlError::ParticipantNotFound(participant.into()))
     }
-    async fn streams(&self, _room: &str) -> Vec<serde_json::Value> {
-        Vec::new()
+    async fn streams(&self, _room: &str) -> Result<Vec<serde_json::Value>, ControlError> {
+        Ok(Vec::new())
     }
     async fn delete_stream(&self, _room: &str, stream: &str) -> Result<(), ControlError> {
         Err(ControlError::StreamNotFound(stream.into()))

@@ -16,6 +16,7 @@ pub mod agent;
 pub mod command;
 pub mod control;
 pub mod crypto;
+pub mod home;
 pub mod hooks;
 pub mod ids;
 pub mod media;

@@ -42,6 +42,8 @@ struct TicketBody {
     ticket_id: String,
     not_before: u64,
     not_after: u64,
+    #[serde(default, skip_serializing_if = "Seat::is_empty")]
+    seat: Seat,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,7 +53,34 @@ struct TicketEnvelope {
     ticket_id: String,
     not_before: u64,
     not_after: u64,
+    #[serde(default, skip_serializing_if = "Seat::is_empty")]
+    seat: Seat,
     signature: String,
+}
+
+/// Where the participant sat when the ticket was issued, so a cluster's portal can find
+/// the room's home, and a new home can seat the participant again once when the home
+/// that issued the ticket is gone. Empty on a single node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seat {
+    /// Room id.
+    #[serde(default)]
+    pub room: String,
+    /// User name from the participant's token.
+    #[serde(default)]
+    pub user: String,
+    /// Role name.
+    #[serde(default)]
+    pub role: String,
+    /// The home that issued the ticket (a node's id and its run's instance id).
+    #[serde(default)]
+    pub home: String,
+}
+
+impl Seat {
+    fn is_empty(&self) -> bool {
+        *self == Seat::default()
+    }
 }
 
 /// A verified ticket.
@@ -65,6 +94,8 @@ pub struct Ticket {
     pub not_before: u64,
     /// Valid until, unix ms.
     pub not_after: u64,
+    /// Where the participant sat (a cluster's portals fill it in).
+    pub seat: Seat,
 }
 
 /// Issues and checks reconnection tickets with one key: per process on a single node,
@@ -94,11 +125,17 @@ impl TicketAuthority {
     /// A ticket for `participant_id` valid from `now_ms` for `lifetime_ms`, with its
     /// fields (the caller keeps `ticket_id` to make the ticket single-use).
     pub fn issue(&self, participant_id: &str, now_ms: u64, lifetime_ms: u64) -> Result<(String, Ticket), TicketError> {
+        self.issue_seated(participant_id, &Seat::default(), now_ms, lifetime_ms)
+    }
+
+    /// [`TicketAuthority::issue`] with the participant's seat signed in.
+    pub fn issue_seated(&self, participant_id: &str, seat: &Seat, now_ms: u64, lifetime_ms: u64) -> Result<(String, Ticket), TicketError> {
         let body = TicketBody {
             participant_id: participant_id.into(),
             ticket_id: crate::ids::random_hex(8),
             not_before: now_ms,
             not_after: now_ms.saturating_add(lifetime_ms),
+            seat: seat.clone(),
         };
         let jwt = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &body, &EncodingKey::from_secret(&self.key))
             .map_err(|e| TicketError::Signing(e.to_string()))?;
@@ -107,10 +144,17 @@ impl TicketAuthority {
             ticket_id: body.ticket_id,
             not_before: body.not_before,
             not_after: body.not_after,
+            seat: body.seat,
             signature: jwt,
         };
         let json = serde_json::to_vec(&env).map_err(|e| TicketError::Signing(e.to_string()))?;
-        let ticket = Ticket { participant_id: env.participant_id, ticket_id: env.ticket_id, not_before: env.not_before, not_after: env.not_after };
+        let ticket = Ticket {
+            participant_id: env.participant_id,
+            ticket_id: env.ticket_id,
+            not_before: env.not_before,
+            not_after: env.not_after,
+            seat: env.seat,
+        };
         Ok((B64.encode(json), ticket))
     }
 
@@ -130,14 +174,21 @@ impl TicketAuthority {
         let same = constant_time_eq(signed.participant_id.as_bytes(), env.participant_id.as_bytes())
             & constant_time_eq(signed.ticket_id.as_bytes(), env.ticket_id.as_bytes())
             & constant_time_eq(&signed.not_before.to_be_bytes(), &env.not_before.to_be_bytes())
-            & constant_time_eq(&signed.not_after.to_be_bytes(), &env.not_after.to_be_bytes());
+            & constant_time_eq(&signed.not_after.to_be_bytes(), &env.not_after.to_be_bytes())
+            & (signed.seat == env.seat);
         if !same {
             return Err(TicketError::BadSignature);
         }
         if now_ms < signed.not_before || now_ms > signed.not_after {
             return Err(TicketError::Expired);
         }
-        Ok(Ticket { participant_id: signed.participant_id, ticket_id: signed.ticket_id, not_before: signed.not_before, not_after: signed.not_after })
+        Ok(Ticket {
+            participant_id: signed.participant_id,
+            ticket_id: signed.ticket_id,
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            seat: signed.seat,
+        })
     }
 }
 
@@ -163,6 +214,24 @@ mod tests {
         let t = a.issue("p1", 10_000, 1000).unwrap().0;
         assert_eq!(a.verify(&t, 9_999), Err(TicketError::Expired));
         assert_eq!(a.verify(&t, 11_001), Err(TicketError::Expired));
+    }
+
+    /// A cluster's ticket carries the seat, signed: changing the room or the role in the
+    /// envelope is refused, and a single node's ticket has no seat field at all.
+    #[test]
+    fn seat_is_signed() {
+        let a = TicketAuthority::random();
+        let seat = Seat { room: "r1".into(), user: "ann".into(), role: "viewer".into(), home: "n1/abc".into() };
+        let (t, fields) = a.issue_seated("p1", &seat, 10_000, 60_000).unwrap();
+        assert_eq!(a.verify(&t, 10_001).unwrap(), fields);
+        assert_eq!(fields.seat, seat);
+        let mut env: serde_json::Value = serde_json::from_slice(&B64.decode(&t).unwrap()).unwrap();
+        env["seat"]["role"] = "presenter".into();
+        let forged = B64.encode(serde_json::to_vec(&env).unwrap());
+        assert_eq!(a.verify(&forged, 10_001), Err(TicketError::BadSignature));
+        let plain = a.issue("p1", 10_000, 60_000).unwrap().0;
+        let env: serde_json::Value = serde_json::from_slice(&B64.decode(&plain).unwrap()).unwrap();
+        assert!(env.get("seat").is_none(), "{env}");
     }
 
     #[test]

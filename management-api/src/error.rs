@@ -110,6 +110,7 @@ impl From<tessera_core::ControlError> for ApiError {
             C::StreamNotFound(id) => ApiError::StreamNotFound(id),
             C::BadRequest(m) => ApiError::BadRequest(m),
             C::Failed(m) => ApiError::Internal(m),
+            C::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

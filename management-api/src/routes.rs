@@ -239,13 +239,13 @@ async fn create_token(caller: Authed, state: web::Data<ApiState>, path: web::Pat
 
 async fn list_participants(_: Authed, state: web::Data<ApiState>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
-    Ok(HttpResponse::Ok().json(state.control.participants(&room.id).await))
+    Ok(HttpResponse::Ok().json(state.control.participants(&room.id).await?))
 }
 
 async fn get_participant(_: Authed, state: web::Data<ApiState>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, participant) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let found = state.control.participants(&room.id).await.into_iter().find(|p| p.id == participant);
+    let found = state.control.participants(&room.id).await?.into_iter().find(|p| p.id == participant);
     Ok(HttpResponse::Ok().json(found.ok_or(ApiError::ParticipantNotFound(participant))?))
 }
 
@@ -266,14 +266,14 @@ async fn patch_participant(_: Authed, state: web::Data<ApiState>, path: web::Pat
 
 async fn list_streams(_: Authed, state: web::Data<ApiState>, shape: web::Data<StreamShape>, path: web::Path<String>) -> Result<HttpResponse> {
     let room = find_room(&state, &path)?;
-    let streams: Vec<Value> = state.control.streams(&room.id).await.into_iter().map(|s| shape.apply(s)).collect();
+    let streams: Vec<Value> = state.control.streams(&room.id).await?.into_iter().map(|s| shape.apply(s)).collect();
     Ok(HttpResponse::Ok().json(streams))
 }
 
 async fn get_stream(_: Authed, state: web::Data<ApiState>, shape: web::Data<StreamShape>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
     let (room, stream) = path.into_inner();
     let room = find_room(&state, &room)?;
-    let found = state.control.streams(&room.id).await.into_iter().find(|s| s.get("id") == Some(&json!(stream)));
+    let found = state.control.streams(&room.id).await?.into_iter().find(|s| s.get("id") == Some(&json!(stream)));
     Ok(HttpResponse::Ok().json(shape.apply(found.ok_or(ApiError::StreamNotFound(stream))?)))
 }
 

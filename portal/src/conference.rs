@@ -11,7 +11,60 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use serde_json::{Value, json};
 use tessera_core::{ParticipantId, ParticipantInfo, Permission, RoomId, SessionId, StreamInfo, TransportId, ViewLabel};
 
-use crate::socketio::SocketHandle;
+use crate::socketio::{SocketClosed, SocketHandle};
+
+/// Where a connected participant's socket is: on this node, or on another portal node (a
+/// front) of the cluster, reached through the room homes' per-client subjects.
+#[derive(Clone)]
+pub(crate) enum ClientLink {
+    /// A socket of this node.
+    Socket(SocketHandle),
+    /// A socket of another node.
+    Remote { client: tessera_core::home::ClientAddr, homes: std::sync::Arc<dyn tessera_core::home::Homes> },
+}
+
+impl From<SocketHandle> for ClientLink {
+    fn from(h: SocketHandle) -> Self {
+        ClientLink::Socket(h)
+    }
+}
+
+impl ClientLink {
+    /// The socket's id (the participant's id once logged in).
+    pub fn id(&self) -> &str {
+        match self {
+            ClientLink::Socket(h) => h.id(),
+            ClientLink::Remote { client, .. } => &client.socket,
+        }
+    }
+
+    /// Sends a notification. A remote socket's loss is learnt from its front, not here.
+    pub fn emit(&self, event: &str, args: Vec<Value>) -> Result<(), SocketClosed> {
+        match self {
+            ClientLink::Socket(h) => h.emit(event, args),
+            ClientLink::Remote { client, homes } => {
+                homes.to_client(client, tessera_core::home::ToClient::Emit { event: event.into(), args });
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a Socket.IO DISCONNECT and closes the socket.
+    pub fn disconnect(&self) {
+        match self {
+            ClientLink::Socket(h) => h.disconnect(),
+            ClientLink::Remote { client, homes } => homes.to_client(client, tessera_core::home::ToClient::Disconnect),
+        }
+    }
+
+    /// The socket logged in: it no longer counts against the caps on sockets waiting to
+    /// (a remote socket's front does this itself).
+    pub fn authenticated(&self) {
+        if let ClientLink::Socket(h) = self {
+            h.authenticated();
+        }
+    }
+}
 
 /// Unused reconnection tickets kept per participant. A client holds one at a time (it
 /// replaces it at each refresh); a few more cover a refresh answer lost with the socket.
@@ -24,7 +77,7 @@ const MAX_PENDING: usize = 1024;
 /// How a participant is reached right now.
 pub(crate) enum Link {
     /// A live socket.
-    Connected(SocketHandle),
+    Connected(ClientLink),
     /// Socket lost; notifications wait here until relogin or the grace period ends.
     Waiting(VecDeque<(String, Value)>),
 }
@@ -69,7 +122,7 @@ impl Participant {
     }
 
     /// A participant that just logged in on `handle`.
-    pub fn new(info: ParticipantInfo, handle: SocketHandle) -> Self {
+    pub fn new(info: ParticipantInfo, handle: ClientLink) -> Self {
         Participant {
             info,
             link: Link::Connected(handle),

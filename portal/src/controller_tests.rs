@@ -106,7 +106,7 @@ struct Controller {
 /// A logged-in participant: its socket's outgoing frames and its session state.
 struct Client {
     id: String,
-    handle: SocketHandle,
+    handle: crate::conference::ClientLink,
     out: mpsc::Receiver<String>,
     state: crate::session::State,
     login: Value,
@@ -128,7 +128,7 @@ impl Controller {
         static SOCKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = format!("sock{}", SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let (tx, out) = mpsc::channel(256);
-        let handle = SocketHandle::for_test(&id, tx);
+        let handle = crate::conference::ClientLink::from(SocketHandle::for_test(&id, tx));
         let address = PortalAddress { host: "127.0.0.1:8080".into(), secure: false };
         let (token, _) = self.tokens.issue(ROOM, user, role, &address, now_secs(), 60).unwrap();
         let args = [json!({"token": token, "userAgent": {"sdk": {"type": "JavaScript", "version": "5.1"}}, "protocol": "1.2"})];

@@ -12,6 +12,7 @@
 mod conference;
 #[cfg(test)]
 mod controller_tests;
+mod front;
 pub mod http;
 mod media;
 pub mod metrics;
@@ -29,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use tessera_core::agent::AgentEvent;
 use tessera_core::command::{EndSession, GetStats, Router};
+use tessera_core::home::{ControlAnswer, ControlRequest};
 use tessera_core::hooks::{Hook, HookSink};
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{LocalLedger, TokenAuthority, TokenLedger};
@@ -82,6 +84,10 @@ struct Inner {
     /// Serialises, per room, permission changes over REST and participants' own play and
     /// pause (see `permission.rs`).
     permission_changes: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The cluster's room homes (none on a single node: every room is this node's).
+    homes: std::sync::OnceLock<Arc<dyn tessera_core::home::Homes>>,
+    /// Sockets of this node whose room's home is another node, by socket id.
+    fronted: Mutex<std::collections::HashMap<String, front::Fronted>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -118,6 +124,8 @@ impl Portal {
                 hooks: std::sync::OnceLock::new(),
                 logins: metrics::LoginCounts::default(),
                 permission_changes: Default::default(),
+                homes: std::sync::OnceLock::new(),
+                fronted: Mutex::new(Default::default()),
             }),
         };
         if let Some(mut events) = events {
@@ -263,7 +271,7 @@ impl Portal {
         true
     }
 
-    fn drop_room(&self, room: &str, reason: &str) {
+    pub(crate) fn drop_room(&self, room: &str, reason: &str) {
         // Again while anyone is left: a login that read the room before its deletion may
         // seat someone meanwhile, who must leave properly too (events, media, hooks). The
         // room is gone from the store, so this ends within a round or two.
@@ -286,9 +294,15 @@ impl Portal {
     /// participant's, so it can be used once.
     pub(crate) fn ticket_for(&self, room: &str, participant: &str) -> Result<String, String> {
         let lifetime = u64::try_from(self.inner.settings.ticket_lifetime.as_millis()).unwrap_or(u64::MAX);
-        let (ticket, fields) = self.inner.admission.tickets.issue(participant, now_ms(), lifetime).map_err(|e| e.to_string())?;
         let mut conf = self.lock();
         let p = conf.rooms.get_mut(room).and_then(|r| r.participant_mut(participant)).ok_or("Client does NOT exist")?;
+        // In a cluster the ticket says where the participant sat, so any portal finds the
+        // room's home, and a new home can seat the participant again if this one is lost.
+        let seat = match self.homes() {
+            Some(h) => tessera_core::ticket::Seat { room: room.into(), user: p.info.user.clone(), role: p.info.role.clone(), home: h.incarnation() },
+            None => tessera_core::ticket::Seat::default(),
+        };
+        let (ticket, fields) = self.inner.admission.tickets.issue_seated(participant, &seat, now_ms(), lifetime).map_err(|e| e.to_string())?;
         p.ticket_issued(fields.ticket_id);
         Ok(ticket)
     }
@@ -306,13 +320,9 @@ impl Portal {
     }
 }
 
-#[async_trait::async_trait]
-impl RoomControl for Portal {
-    async fn participants(&self, room: &str) -> Vec<ParticipantInfo> {
-        self.lock().participant_infos(room)
-    }
-
-    async fn drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError> {
+impl Portal {
+    /// Drops a participant of a room this node holds.
+    pub(crate) fn local_drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError> {
         if self.drop_participant_now(room, participant, "dropped over REST") {
             Ok(())
         } else {
@@ -320,11 +330,13 @@ impl RoomControl for Portal {
         }
     }
 
-    async fn streams(&self, room: &str) -> Vec<Value> {
+    /// The streams of a room this node holds.
+    pub(crate) fn local_streams(&self, room: &str) -> Vec<Value> {
         self.lock().room(room).map(|r| r.streams_json()).unwrap_or_default()
     }
 
-    async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError> {
+    /// Stops a forward stream of a room this node holds.
+    pub(crate) async fn local_delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError> {
         let owner = {
             let conf = self.lock();
             match conf.room(room).and_then(|r| r.stream(stream)) {
@@ -344,13 +356,64 @@ impl RoomControl for Portal {
         self.on_agent_event(AgentEvent::StreamEnded { room: room.into(), stream: stream.into(), reason: "deleted over REST".into() });
         Ok(())
     }
+}
+
+/// In a cluster each request goes to the room's home when that is another node.
+#[async_trait::async_trait]
+impl RoomControl for Portal {
+    async fn participants(&self, room: &str) -> Result<Vec<ParticipantInfo>, ControlError> {
+        match front::control_elsewhere(self, room, ControlRequest::Participants).await {
+            Some(answer) => match answer? {
+                ControlAnswer::Participants(p) => Ok(p),
+                other => Err(front::unexpected(other)),
+            },
+            None => Ok(self.lock().participant_infos(room)),
+        }
+    }
+
+    async fn drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError> {
+        match front::control_elsewhere(self, room, ControlRequest::DropParticipant { participant: participant.into() }).await {
+            Some(answer) => answer.map(drop),
+            None => self.local_drop_participant(room, participant),
+        }
+    }
+
+    async fn streams(&self, room: &str) -> Result<Vec<Value>, ControlError> {
+        match front::control_elsewhere(self, room, ControlRequest::Streams).await {
+            Some(answer) => match answer? {
+                ControlAnswer::Json(Value::Array(streams)) => Ok(streams),
+                other => Err(front::unexpected(other)),
+            },
+            None => Ok(self.local_streams(room)),
+        }
+    }
+
+    async fn delete_stream(&self, room: &str, stream: &str) -> Result<(), ControlError> {
+        match front::control_elsewhere(self, room, ControlRequest::DeleteStream { stream: stream.into() }).await {
+            Some(answer) => answer.map(drop),
+            None => self.local_delete_stream(room, stream).await,
+        }
+    }
 
     async fn patch_stream(&self, room: &str, stream: &str, ops: &Value) -> Result<Value, ControlError> {
-        self.patch(room, stream, ops).await
+        match front::control_elsewhere(self, room, ControlRequest::PatchStream { stream: stream.into(), ops: ops.clone() }).await {
+            Some(answer) => match answer? {
+                ControlAnswer::Json(stream) => Ok(stream),
+                other => Err(front::unexpected(other)),
+            },
+            None => self.patch(room, stream, ops).await,
+        }
     }
 
     async fn patch_participant(&self, room: &str, participant: &str, ops: &Value) -> Result<ParticipantInfo, ControlError> {
-        Portal::patch_participant(self, room, participant, ops).await
+        let request = ControlRequest::PatchParticipant { participant: participant.into(), ops: ops.clone() };
+        match front::control_elsewhere(self, room, request).await {
+            Some(answer) => match answer? {
+                ControlAnswer::Participant(p) => Ok(p),
+                other => Err(front::unexpected(other)),
+            },
+            None => Portal::patch_participant(self, room, participant, ops).await,
+        }
     }
 
     async fn room_updated(&self, _room: &tessera_core::Room) {
@@ -358,7 +421,11 @@ impl RoomControl for Portal {
     }
 
     async fn room_deleted(&self, room: &str) {
-        self.drop_room(room, "room deleted");
+        match front::control_elsewhere(self, room, ControlRequest::RoomDeleted).await {
+            Some(Err(e)) => tracing::warn!(room, error = %e, "the room's home could not be told the room was deleted"),
+            Some(Ok(_)) => {}
+            None => self.drop_room(room, "room deleted"),
+        }
     }
 
     async fn stats(&self) -> Value {

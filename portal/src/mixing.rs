@@ -75,6 +75,9 @@ impl Portal {
         let conf = self.lock();
         if !conf.rooms.contains_key(room) {
             self.inner.router.release(&room.into());
+            if let Some(h) = self.homes() {
+                h.release(room);
+            }
         }
     }
 

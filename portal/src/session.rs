@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::conference::{Link, Participant, permission_of};
+use crate::conference::{ClientLink, Link, Participant, permission_of};
 use crate::requests::{self, Login, Text};
 use crate::socketio::{Incoming, Socket, SocketHandle};
 use crate::{Portal, now_ms, now_secs};
@@ -21,6 +21,33 @@ pub(crate) enum State {
     Joined { room: String, participant: String, generation: u64 },
     /// Logged out, dropped or failed login: every request is refused.
     Ended,
+    /// Logged in to `room`, whose home is another node of the cluster: every request is
+    /// forwarded there (`front.rs`).
+    Away { room: String, session: tessera_core::home::FrontSession },
+}
+
+impl State {
+    /// The state a home keeps for a socket of another front, from what the front sent.
+    pub(crate) fn from_front(session: tessera_core::home::FrontSession) -> State {
+        use tessera_core::home::FrontSession;
+        match session {
+            FrontSession::Fresh => State::Fresh,
+            FrontSession::Joined { room, participant, generation } => State::Joined { room, participant, generation },
+            FrontSession::Ended => State::Ended,
+        }
+    }
+
+    /// What a home tells the front about the socket's state.
+    pub(crate) fn to_front(&self) -> tessera_core::home::FrontSession {
+        use tessera_core::home::FrontSession;
+        match self {
+            State::Fresh => FrontSession::Fresh,
+            State::Joined { room, participant, generation } => {
+                FrontSession::Joined { room: room.clone(), participant: participant.clone(), generation: *generation }
+            }
+            State::Ended | State::Away { .. } => FrontSession::Ended,
+        }
+    }
 }
 
 /// A token bucket: `rate` requests per second with a burst of `2 * rate`.
@@ -50,7 +77,7 @@ impl Flood {
 }
 
 /// Answer to a request: `('ok', data?)` or `('error', reason)`.
-type Reply = Result<Option<Value>, String>;
+pub(crate) type Reply = Result<Option<Value>, String>;
 
 use crate::metrics::{LoginKind, Refusal, Refused};
 
@@ -72,6 +99,7 @@ pub(crate) async fn run(portal: Portal, socket: Socket) {
 
 async fn run_inner(portal: Portal, mut socket: Socket) {
     let handle = socket.handle.clone();
+    let link = ClientLink::Socket(handle.clone());
     let mut state = State::Fresh;
     let mut flood = Flood::new(portal.inner.settings.max_requests_per_sec);
     // Set once a flood closed the socket: events still queued are dropped unanswered.
@@ -94,7 +122,10 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     Some(Incoming::Closed { reason }) => reason,
                     _ => "transport gone".into(),
                 };
-                on_closed(&portal, &state, &reason);
+                match &state {
+                    State::Away { room, .. } => crate::front::closed(&portal, &handle, room, &state, reason),
+                    _ => on_closed(&portal, &state, &reason),
+                }
                 return;
             }
             Some(Incoming::Invalid { reason }) => {
@@ -112,12 +143,19 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                 }
                 let mut replay = Vec::new();
                 let reply = match &state {
-                    State::Fresh if name == "login" => login(&portal, &handle, &mut state, &args).await,
-                    State::Joined { room, participant, .. } if MEDIA.contains(&name.as_str()) => {
-                        let (room, participant) = (room.clone(), participant.clone());
-                        portal.media_request(&room, &participant, &name, &args).await
+                    State::Away { room, .. } => {
+                        let room = room.clone();
+                        crate::front::forward(&portal, &handle, &mut state, &room, &name, &args, &mut replay).await
                     }
-                    _ => dispatch(&portal, &handle, &mut state, &name, &args, &mut replay),
+                    State::Fresh if matches!(name.as_str(), "login" | "relogin") => match crate::front::home_elsewhere(&portal, &name, &args).await {
+                        Ok(Some(room)) => crate::front::forward(&portal, &handle, &mut state, &room, &name, &args, &mut replay).await,
+                        Ok(None) => handle_request(&portal, &link, &mut state, &name, &args, &mut replay).await,
+                        Err(reason) => {
+                            state = State::Ended;
+                            Err(reason)
+                        }
+                    },
+                    _ => handle_request(&portal, &link, &mut state, &name, &args, &mut replay).await,
                 };
                 let close_after = matches!(state, State::Ended) && matches!(name.as_str(), "login" | "relogin");
                 ack(&handle, ack_id, reply);
@@ -136,9 +174,34 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
     }
 }
 
+/// One request of a socket whose room this node holds (its own socket, or another
+/// front's, forwarded).
+pub(crate) async fn handle_request(
+    portal: &Portal,
+    link: &ClientLink,
+    state: &mut State,
+    name: &str,
+    args: &[Value],
+    replay: &mut Vec<(String, Value)>,
+) -> Reply {
+    match &*state {
+        State::Fresh if name == "login" => login(portal, link, state, args).await,
+        // In a cluster, a participant whose room's home was lost resumes at the new home.
+        State::Fresh if name == "relogin" => match crate::front::reseat_ticket(portal, args) {
+            Some(ticket) => crate::front::reseat(portal, link, state, ticket).await,
+            None => dispatch(portal, link, state, name, args, replay),
+        },
+        State::Joined { room, participant, .. } if MEDIA.contains(&name) => {
+            let (room, participant) = (room.clone(), participant.clone());
+            portal.media_request(&room, &participant, name, args).await
+        }
+        _ => dispatch(portal, link, state, name, args, replay),
+    }
+}
+
 pub(crate) fn dispatch(
     portal: &Portal,
-    handle: &SocketHandle,
+    handle: &ClientLink,
     state: &mut State,
     name: &str,
     args: &[Value],
@@ -182,13 +245,13 @@ fn truncate(s: &str) -> String {
 }
 
 /// `login`, counted by outcome for the metrics.
-pub(crate) async fn login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Reply {
+pub(crate) async fn login(portal: &Portal, handle: &ClientLink, state: &mut State, args: &[Value]) -> Reply {
     let result = try_login(portal, handle, state, args).await;
     portal.inner.logins.count(LoginKind::Login, result.as_ref().err().map(|r| r.0));
     result.map_err(|Refused(_, message)| message)
 }
 
-async fn try_login(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value]) -> Result<Option<Value>, Refused> {
+async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args: &[Value]) -> Result<Option<Value>, Refused> {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
     if portal.is_draining() {
@@ -204,44 +267,15 @@ async fn try_login(portal: &Portal, handle: &SocketHandle, state: &mut State, ar
     let permission = permission_of(role);
     let participant = handle.id().to_string();
     let info = tessera_core::ParticipantInfo { id: participant.clone(), role: claims.role.clone(), user: claims.user.clone(), permission };
-    let full = |conf: &crate::conference::Conferences| {
-        let present = conf.room(&room.id).map_or(0, |r| r.participants.len());
-        room.participant_limit >= 0 && i64::try_from(present).unwrap_or(i64::MAX) >= room.participant_limit
-    };
     // Spent before the seat is taken, since the ledger may be another machine's (a
     // cluster's) and the room lock is not held across a wait. Of two sockets racing with
     // one token, only the first consume wins; a used token is refused as such, even at a
     // full room.
     let spent = inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| Refused(Refusal::from(&e), e.to_string()))?;
-    let seated = {
-        let mut conf = portal.lock();
-        let seated = !full(&conf);
-        let started = !conf.rooms.contains_key(room.id.as_str());
-        if seated {
-            let r = conf.rooms.entry(room.id.as_str().into()).or_default();
-            r.participants.push(Participant::new(info, handle.clone()));
-            conf.where_is.insert(participant.as_str().into(), room.id.as_str().into());
-            if room.notifying.participant_activities {
-                let joined = json!({"action": "join", "data": {"id": participant, "user": claims.user, "role": claims.role}});
-                conf.broadcast(&room.id, Some(&participant), "participant", &joined);
-            }
-            // Under the lock, so a room's events leave in the order they happened.
-            if started {
-                portal.hook(|| Hook::RoomStarted { room: room.id.clone() });
-            }
-            portal.hook(|| Hook::ParticipantJoined {
-                room: room.id.clone(),
-                participant: participant.clone(),
-                user: claims.user.clone(),
-                role: claims.role.clone(),
-            });
-        }
-        seated
-    };
-    if !seated {
+    if let Err(refused) = seat(portal, &room, info, handle) {
         // Given back, so the user can retry with it when a seat frees up.
         inner.admission.ledger.release(&claims, spent).await;
-        return Err(Refused::new(Refusal::RoomFull, "Room is full"));
+        return Err(refused);
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
@@ -271,8 +305,38 @@ async fn try_login(portal: &Portal, handle: &SocketHandle, state: &mut State, ar
     Ok(Some(result))
 }
 
+/// Seats a participant in `room`, telling the others, unless the room is full or (in a
+/// cluster) this node does not hold it (any more).
+pub(crate) fn seat(portal: &Portal, room: &tessera_core::Room, info: tessera_core::ParticipantInfo, handle: &ClientLink) -> Result<(), Refused> {
+    let mut conf = portal.lock();
+    let present = conf.room(&room.id).map_or(0, |r| r.participants.len());
+    if room.participant_limit >= 0 && i64::try_from(present).unwrap_or(i64::MAX) >= room.participant_limit {
+        return Err(Refused::new(Refusal::RoomFull, "Room is full"));
+    }
+    // Checked under the room lock, which the release of an emptied room also holds.
+    if portal.homes().is_some_and(|h| !h.is_home(&room.id)) {
+        return Err(Refused::new(Refusal::Unavailable, "Room is moving to another server; retry"));
+    }
+    let started = !conf.rooms.contains_key(room.id.as_str());
+    let participant = info.id.clone();
+    let (user, role) = (info.user.clone(), info.role.clone());
+    let r = conf.rooms.entry(room.id.as_str().into()).or_default();
+    r.participants.push(Participant::new(info, handle.clone()));
+    conf.where_is.insert(participant.as_str().into(), room.id.as_str().into());
+    if room.notifying.participant_activities {
+        let joined = json!({"action": "join", "data": {"id": participant, "user": user, "role": role}});
+        conf.broadcast(&room.id, Some(&participant), "participant", &joined);
+    }
+    // Under the lock, so a room's events leave in the order they happened.
+    if started {
+        portal.hook(|| Hook::RoomStarted { room: room.id.clone() });
+    }
+    portal.hook(|| Hook::ParticipantJoined { room: room.id.clone(), participant, user, role });
+    Ok(())
+}
+
 /// `relogin`, counted by outcome for the metrics.
-fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
+fn relogin(portal: &Portal, handle: &ClientLink, state: &mut State, args: &[Value], replay: &mut Vec<(String, Value)>) -> Reply {
     let result = try_relogin(portal, handle, state, args, replay);
     portal.inner.logins.count(LoginKind::Relogin, result.as_ref().err().map(|r| r.0));
     result.map_err(|Refused(_, message)| message)
@@ -280,7 +344,7 @@ fn relogin(portal: &Portal, handle: &SocketHandle, state: &mut State, args: &[Va
 
 fn try_relogin(
     portal: &Portal,
-    handle: &SocketHandle,
+    handle: &ClientLink,
     state: &mut State,
     args: &[Value],
     replay: &mut Vec<(String, Value)>,
@@ -288,11 +352,8 @@ fn try_relogin(
     *state = State::Ended;
     // OWT clients send the ticket string itself; accept `{ticket}` too for clients that follow the doc.
     let ticket = match args.first() {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(m)) => {
-            m.get("ticket").and_then(Value::as_str).map(str::to_string).ok_or(Refused::new(Refusal::BadRequest, "relogin: missing ticket"))?
-        }
-        _ => return Err(Refused::new(Refusal::BadRequest, "relogin: missing reconnection ticket")),
+        Some(Value::Object(_)) => crate::front::relogin_ticket(args).ok_or(Refused::new(Refusal::BadRequest, "relogin: missing ticket"))?,
+        _ => crate::front::relogin_ticket(args).ok_or(Refused::new(Refusal::BadRequest, "relogin: missing reconnection ticket"))?,
     };
     let ticket = portal.inner.admission.tickets.verify(&ticket, now_ms()).map_err(|e| Refused(Refusal::from(&e), e.to_string()))?;
     let participant = ticket.participant_id;
@@ -358,7 +419,7 @@ fn in_room(portal: &Portal, state: &mut State, room: &str, participant: &str, na
 }
 
 /// The socket closed: a joined participant waits for relogin for the grace period.
-fn on_closed(portal: &Portal, state: &State, reason: &str) {
+pub(crate) fn on_closed(portal: &Portal, state: &State, reason: &str) {
     let State::Joined { room, participant, generation } = state else {
         debug!(%reason, "socket closed");
         return;
@@ -513,7 +574,7 @@ mod proptests {
         let presenter = tessera_core::room::Role::defaults().into_iter().find(|r| r.role == "presenter").unwrap();
         let info = ParticipantInfo { id: ME.into(), role: "presenter".into(), user: "alice".into(), permission: permission_of(&presenter) };
         let (out, _) = tokio::sync::mpsc::channel(1);
-        let mut p = Participant::new(info, SocketHandle::for_test(ME, out));
+        let mut p = Participant::new(info, SocketHandle::for_test(ME, out).into());
         p.link = Link::Waiting(Default::default());
         p.transports.insert("t1".into());
         p.sessions.insert("s-fwd".into(), SessionKind::Publication);
@@ -745,7 +806,7 @@ mod proptests {
             }
             let (out, _) = tokio::sync::mpsc::channel(64);
             let id = format!("sock{}", SOCKET.fetch_add(1, Ordering::Relaxed));
-            let handle = SocketHandle::for_test(&id, out);
+            let handle = ClientLink::from(SocketHandle::for_test(&id, out));
             let mut replay = Vec::new();
             if name == "login" || name == "relogin" {
                 let mut state = State::Fresh;

@@ -550,6 +550,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(hooks) = &hooks {
         portal.set_hooks(hooks.clone());
     }
+    // In a cluster each live room has one home among the portal nodes (docs/cluster.md).
+    if let Some(node) = &cluster {
+        let homes = tessera_cluster::homes::ClusterHomes::start(node.clone()).await.context("the cluster's room homes")?;
+        homes.serve(Arc::new(portal.clone()));
+        portal.set_homes(homes);
+    }
     let drain_requested = Arc::new(tokio::sync::Notify::new());
     let api_state = tessera_management_api::ApiState {
         store: store.clone(),

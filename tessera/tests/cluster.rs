@@ -1025,3 +1025,104 @@ async fn three_nodes_on_a_bridge() {
     }
     drop(n3);
 }
+
+/// The participants of one room on several portal nodes: the room has one home (the node
+/// its first participant came through), and a participant who joins through another
+/// portal is in the same room there — sees and is seen, talks, subscribes to the streams
+/// published at the home, shows in the REST API of either node — and resumes with its
+/// ticket through any portal. The home killed: the other portal tells its participants
+/// their transports failed and drops their connections; their relogin takes the room
+/// over there, seats them again (once), and the room goes on with media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_has_one_home_among_portals() {
+    if !common::in_own_netns("a_room_has_one_home_among_portals") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    let cfg = |id: &str| format!("[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"{id}\"\n");
+    let (_a_dir, mut a) = common::start_with_config_args(&cfg("alpha"), &["--cluster", &url]);
+    let (_b_dir, b) = common::start_with_config_args(&cfg("bravo"), &["--cluster", &url]);
+    wait_nodes(&b, &["alpha", "bravo"], Duration::from_secs(5)).await;
+    let room = a.new_room(serde_json::json!({"views": []})).await;
+    wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(2)).await;
+
+    // Ann comes through alpha, which becomes the room's home, and publishes.
+    let (mut ann, ann_info) = a.join(&room, "ann").await;
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut ann, common::av(3), None).await.unwrap());
+    let _sending = {
+        let pb = publisher.clone();
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await })
+    };
+    // Bob comes through bravo: the same room, with Ann and her stream in it.
+    let (mut bob, bob_info) = b.join(&room, "bob").await;
+    let users =
+        |info: &Value| info["room"]["participants"].as_array().unwrap().iter().map(|p| p["user"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(users(&bob_info), ["ann", "bob"], "{bob_info}");
+    let streams = bob_info["room"]["streams"].as_array().unwrap();
+    assert!(streams.iter().any(|s| s["id"] == publisher.stream_id.as_str()), "{bob_info}");
+    ann.wait_for("bob's join", Duration::from_secs(5), |n| n.event == "participant" && n.data["data"]["user"] == "bob").await.unwrap();
+    let sub = tessera_client::peer::Subscriber::start(&mut bob, &publisher.stream_id, true, true, false).await.unwrap();
+    sub.wait_until("ann's video at bob", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    let tagged = sub.packets("video").iter().filter(|p| tessera_client::peer::Marker::find(&p.payload).is_some_and(|m| m.tag == 3)).count();
+    assert!(tagged > 30, "bob gets ann's own payloads ({tagged})");
+    bob.ok("text", Some(serde_json::json!({"to": "all", "message": "hello from bravo"}))).await.unwrap();
+    ann.wait_for("bob's text", Duration::from_secs(5), |n| n.event == "text" && n.data["message"] == "hello from bravo").await.unwrap();
+    // Both nodes' REST APIs show the one room; its media is where the home placed it.
+    for s in [&a, &b] {
+        let list: Value =
+            s.client().get(s.url(&format!("/v1/rooms/{room}/participants"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+        let mut names: Vec<&str> = list.as_array().unwrap().iter().map(|p| p["user"].as_str().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["ann", "bob"], "{list}");
+        let list: Value =
+            s.client().get(s.url(&format!("/v1/rooms/{room}/streams"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
+        assert!(list.as_array().unwrap().iter().any(|s| s["id"] == publisher.stream_id.as_str()), "{list}");
+    }
+    wait_transports(&b, "alpha", 2).await;
+
+    // Bob's connection to bravo dies; what Ann says meanwhile waits for him, and he
+    // resumes through alpha with his ticket.
+    let bob_id = bob_info["id"].as_str().unwrap().to_string();
+    bob.kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ann.ok("text", Some(serde_json::json!({"to": bob_id, "message": "while you were away"}))).await.unwrap();
+    let mut bob = tessera_client::signaling::Signaling::connect(&a.portal).await.unwrap();
+    let next = bob.ok("relogin", Some(bob_info["reconnectionTicket"].clone())).await.unwrap();
+    assert!(next.as_str().is_some_and(|t| !t.is_empty()), "relogin answers the next ticket: {next}");
+    bob.wait_for("the text said while away", Duration::from_secs(5), |n| n.event == "text" && n.data["message"] == "while you were away")
+        .await
+        .unwrap();
+
+    // Carl comes through bravo and subscribes; then alpha, the home, is killed.
+    let (mut carl, carl_info) = b.join(&room, "carl").await;
+    let csub = tessera_client::peer::Subscriber::start(&mut carl, &publisher.stream_id, false, true, false).await.unwrap();
+    csub.wait_until("ann's video at carl", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
+    drop(ann_info);
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    let told =
+        carl.wait_for("carl's transport failed", Duration::from_secs(8), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+    println!("carl told his transport failed {:?} after the home died: {}", killed.elapsed(), told.data);
+    assert!(carl.wait_for("the connection to drop", Duration::from_secs(5), |_| false).await.unwrap_err().to_string().contains("connection closed"));
+    // His relogin through bravo: bravo takes the room over and seats him again.
+    let mut carl = tessera_client::signaling::Signaling::connect(&b.portal).await.unwrap();
+    let next = carl.ok("relogin", Some(carl_info["reconnectionTicket"].clone())).await.unwrap();
+    println!("carl resumed {:?} after the home died", killed.elapsed());
+    assert!(next.as_str().is_some_and(|t| !t.is_empty()), "{next}");
+    // Once only: the same ticket does not seat him twice.
+    let mut again = tessera_client::signaling::Signaling::connect(&b.portal).await.unwrap();
+    let err = again.ok("relogin", Some(carl_info["reconnectionTicket"].clone())).await.unwrap_err().to_string();
+    assert!(err.contains("Reconnection ticket already used") || err.contains("Client does NOT exist"), "{err}");
+    // The room goes on at bravo: Dave sees Carl, Carl publishes and Dave gets it.
+    let (mut dave, dave_info) = b.join(&room, "dave").await;
+    assert_eq!(users(&dave_info), ["carl", "dave"], "{dave_info}");
+    let carl_pub = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut carl, common::av(4), None).await.unwrap());
+    let _carl_sending = {
+        let pb = carl_pub.clone();
+        tokio::spawn(async move { pb.send_for(Duration::from_secs(60), 30, 1000).await })
+    };
+    let dsub = tessera_client::peer::Subscriber::start(&mut dave, &carl_pub.stream_id, false, true, false).await.unwrap();
+    dsub.wait_until("carl's video at dave", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
+    println!("media again {:?} after the home died", killed.elapsed());
+}

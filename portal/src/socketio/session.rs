@@ -218,7 +218,18 @@ impl SessionTask {
                 self.closing = Some(("server namespace disconnect".to_owned(), Instant::now() + grace));
                 Ok(())
             }
-            Some(CloseRequest::Disconnect) | None => Ok(()),
+            Some(CloseRequest::Abandon) if self.closing.is_none() => {
+                // What was queued goes out, then the transport closes with no Socket.IO
+                // DISCONNECT: the client takes it for a lost connection and reconnects.
+                while let Ok(s) = self.out_rx.try_recv() {
+                    self.queue.push_back(EPacket::Message(s));
+                }
+                self.queue.push_back(EPacket::Close);
+                let grace = self.io.config.ping_interval + self.io.config.ping_timeout;
+                self.closing = Some(("transport dropped for the client to reconnect".to_owned(), Instant::now() + grace));
+                Ok(())
+            }
+            Some(CloseRequest::Disconnect | CloseRequest::Abandon) | None => Ok(()),
             Some(CloseRequest::Overflow) => Err("outgoing queue overflow".to_owned()),
             Some(CloseRequest::Shutdown) => Err("server shutting down".to_owned()),
         }

@@ -44,6 +44,9 @@ pub(crate) enum CloseRequest {
     Overflow,
     /// `SocketIo::close_all`.
     Shutdown,
+    /// `SocketHandle::drop_transport`: closed as if the network failed, so the client
+    /// reconnects and resumes with `relogin`.
+    Abandon,
 }
 
 /// Shared between a session task and the handles that can close it.
@@ -135,6 +138,13 @@ impl SocketHandle {
 
     pub fn is_closed(&self) -> bool {
         self.inner.control.is_closed()
+    }
+
+    /// Closes the transport without a Socket.IO DISCONNECT, as a network failure would:
+    /// a client reconnects by itself and resumes its session with `relogin` (used when the
+    /// room's home node was lost and another takes the room over).
+    pub fn drop_transport(&self) {
+        self.inner.control.request_close(CloseRequest::Abandon);
     }
 
     /// Tells the server this socket has authenticated (logged in): it no longer counts

@@ -1,0 +1,486 @@
+//! Room homes over NATS: each live room is held by one portal node, claimed atomically in
+//! the key-value bucket `tessera_homes`; requests for it travel on a per-room subject and
+//! notifications back on per-client subjects.
+//!
+//! - Claim: key `r.<room>` → `{node, instance, atMs}`, created only if absent (of two
+//!   nodes claiming at once, one wins), re-written every [`HEARTBEAT`] by its holder; the
+//!   bucket's `max_age` is [`HOME_TTL`], so the claim of a node that died disappears and
+//!   another node can take the room over. A room that empties is released (its key
+//!   deleted at the holder's revision).
+//! - Requests: `tessera.room.<room>.home`, a [`ToHome`] as JSON, answered by the holder
+//!   (only the holder subscribes). "No responders" means nobody holds it (any more).
+//! - Notifications: `tessera.client.<front>.<socket>`, a [`ToClient`] as JSON; each front
+//!   subscribes to `tessera.client.<itself>.*`. NATS keeps one publisher's messages on one
+//!   subject in order, so a participant's notifications arrive in the order the home sent them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_nats::{Client, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tessera_core::home::{
+    ClientAddr, ControlAnswer, ControlErrorWire, ControlRequest, FrontReply, FrontRequest, FrontSession, Home, HomeError, HomeService, Homes,
+    ToClient,
+};
+use tessera_core::node::{NodeDirectory, now_ms};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::{ClusterError, ClusterNode, HEARTBEAT, NATS_TIMEOUT, NODE_TTL, bucket};
+
+/// The bucket of room claims.
+pub const HOMES_BUCKET: &str = "tessera_homes";
+/// A claim disappears this long after its holder's last refresh.
+pub const HOME_TTL: Duration = NODE_TTL;
+/// How long a forwarded client request may take at the home (a publish waits up to 10 s
+/// on its webrtc node).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages waiting to go to NATS (client notifications, closes); beyond this they are
+/// dropped, as a dead socket's would be.
+const OUTBOX: usize = 8192;
+/// How long a liveness probe of a room's home may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// A claim not refreshed for this long, whose room's subject nobody serves, belongs to a
+/// node that died or lost NATS: another node may take the room over without waiting for
+/// the claim to expire. (Holders refresh every [`HEARTBEAT`]; the age is read against the
+/// holder's clock, so nodes' clocks must agree within a second or two.)
+const STALE: Duration = Duration::from_secs(6);
+/// How long a forwarded management request may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node's claim on a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Claim {
+    node: String,
+    instance: String,
+    at_ms: u64,
+}
+
+/// What travels on a room's subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum ToHome {
+    /// A client's request (answered with a [`FrontReply`]).
+    Request { request: FrontRequest },
+    /// A client's socket closed (not answered).
+    Closed { client: ClientAddr, session: FrontSession, reason: String },
+    /// A management request (answered with `Result<ControlAnswer, ControlErrorWire>`).
+    Control { request: ControlRequest },
+    /// Who holds the room (answered with the holder's incarnation as a JSON string).
+    Ping,
+}
+
+/// A room this node holds.
+struct Held {
+    revision: u64,
+    /// The run this node took the room over from.
+    predecessor: Option<String>,
+    /// Serves the room's subject.
+    task: JoinHandle<()>,
+}
+
+/// The cluster's room homes, as one node sees and serves them.
+pub struct ClusterHomes {
+    this: Weak<ClusterHomes>,
+    node: Arc<ClusterNode>,
+    /// Notifications and closes, published in order by one task (callers hold the
+    /// portal's room lock and cannot await).
+    outbox: mpsc::Sender<(String, Bytes)>,
+    client: Client,
+    id: String,
+    instance: String,
+    kv: Mutex<kv::Store>,
+    held: Mutex<HashMap<String, Held>>,
+    service: OnceLock<Arc<dyn HomeService>>,
+}
+
+/// The subject-safe form of a room id: as it is when it is made of letters, digits, `-`
+/// and `_` (Tessera's own ids are), else `%` and its bytes in hex.
+fn token(room: &str) -> String {
+    if !room.is_empty() && room.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        room.to_string()
+    } else {
+        let hex: String = room.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("%{hex}")
+    }
+}
+
+/// A room's request subject.
+pub fn room_subject(room: &str) -> String {
+    format!("tessera.room.{}.home", token(room))
+}
+
+fn client_subject(client: &ClientAddr) -> String {
+    format!("tessera.client.{}.{}", client.front, client.socket)
+}
+
+/// The claim's key (bucket keys cannot hold `%`: a hex-encoded id goes after `x.`).
+fn key(room: &str) -> String {
+    let t = token(room);
+    match t.strip_prefix('%') {
+        Some(hex) => format!("x.{hex}"),
+        None => format!("r.{t}"),
+    }
+}
+
+async fn open_kv(node: &ClusterNode) -> Result<kv::Store, String> {
+    let description = "Tessera room homes: which portal node holds each live room, re-written every 2 s";
+    bucket::open(&node.js, HOMES_BUCKET, description, HOME_TTL, bucket::Keep::Memory).await.map(|(kv, _)| kv)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HomeError {
+    HomeError::Unavailable(e.to_string())
+}
+
+impl ClusterHomes {
+    /// Opens the bucket and starts receiving the notifications for this node's sockets and
+    /// refreshing this node's claims. `service` is set later with [`ClusterHomes::serve`].
+    pub async fn start(node: Arc<ClusterNode>) -> Result<Arc<ClusterHomes>, ClusterError> {
+        let kv = open_kv(&node).await.map_err(ClusterError::Registry)?;
+        let record = node.this_node();
+        let (outbox, mut queued) = mpsc::channel::<(String, Bytes)>(OUTBOX);
+        let client = node.client();
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = queued.recv().await {
+                if let Err(e) = client.publish(subject, payload).await {
+                    debug!(error = %e, "a message to another node could not be sent");
+                }
+            }
+        });
+        let homes = Arc::new_cyclic(|this| ClusterHomes {
+            this: this.clone(),
+            outbox,
+            client: node.client(),
+            id: record.id,
+            instance: record.instance,
+            node,
+            kv: Mutex::new(kv),
+            held: Mutex::new(HashMap::new()),
+            service: OnceLock::new(),
+        });
+        homes.spawn_refresh();
+        homes.spawn_clients().await?;
+        Ok(homes)
+    }
+
+    /// Hands requests and notifications to `service` (the portal) from now on.
+    pub fn serve(&self, service: Arc<dyn HomeService>) {
+        let _ = self.service.set(service);
+    }
+
+    fn kv(&self) -> kv::Store {
+        self.kv.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn claim_value(&self) -> Result<Bytes, HomeError> {
+        let claim = Claim { node: self.id.clone(), instance: self.instance.clone(), at_ms: now_ms() };
+        serde_json::to_vec(&claim).map(Bytes::from).map_err(|e| HomeError::Protocol(e.to_string()))
+    }
+
+    /// Notifications for this node's sockets.
+    async fn spawn_clients(self: &Arc<Self>) -> Result<(), ClusterError> {
+        let subject = format!("tessera.client.{}.*", self.id);
+        let mut sub = self.client.subscribe(subject.clone()).await.map_err(|e| ClusterError::Registry(format!("subscribing to {subject}: {e}")))?;
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(me) = me.upgrade() else { return };
+                let Some(socket) = msg.subject.rsplit('.').next() else { continue };
+                match serde_json::from_slice::<ToClient>(&msg.payload) {
+                    Ok(m) => {
+                        if let Some(s) = me.service.get() {
+                            s.to_client(socket, m);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "an unreadable client notification was dropped"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Re-writes this node's claims every [`HEARTBEAT`].
+    fn spawn_refresh(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                let rooms: Vec<(String, u64)> =
+                    me.held.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(r, h)| (r.clone(), h.revision)).collect();
+                for (room, revision) in rooms {
+                    match tokio::time::timeout(NATS_TIMEOUT, me.refresh(&room, revision)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(room = ?room, error = %e, "a room claim could not be refreshed"),
+                        Err(_) => debug!(room = ?room, "a room claim could not be refreshed: NATS did not answer"),
+                    }
+                }
+            }
+        });
+    }
+
+    async fn refresh(&self, room: &str, revision: u64) -> Result<(), HomeError> {
+        bucket::connected(&self.client).map_err(unavailable)?;
+        let value = self.claim_value()?;
+        let k = key(room);
+        let next = match self.kv().update(&k, value.clone(), revision).await {
+            Ok(rev) => rev,
+            Err(e) => {
+                debug!(room = ?room, error = %e, "claim update refused; re-reading it");
+                // Expired while NATS was away, or the bucket was lost with a NATS restart.
+                let entry = match self.kv().entry(&k).await {
+                    Ok(e) => e.filter(|e| e.operation == kv::Operation::Put),
+                    Err(_) => {
+                        let kv = open_kv(&self.node).await.map_err(unavailable)?;
+                        *self.kv.lock().unwrap_or_else(|p| p.into_inner()) = kv;
+                        None
+                    }
+                };
+                match entry.map(|e| (serde_json::from_slice::<Claim>(&e.value).ok(), e.revision)) {
+                    Some((Some(c), rev)) if c.node == self.id && c.instance == self.instance => {
+                        self.kv().update(&k, value, rev).await.map_err(unavailable)?
+                    }
+                    Some((other, _)) => {
+                        // Taken over while this node could not refresh it (NATS away past
+                        // the TTL): two nodes now hold the room's participants apart.
+                        let by = other.map(|c| c.node).unwrap_or_default();
+                        warn!(room = ?room, other = %by, "room claimed by another node while this one could not refresh its claim");
+                        return Err(HomeError::Unreachable { room: room.into(), node: by });
+                    }
+                    None => {
+                        info!(room = ?room, "claiming room again (the claim had expired)");
+                        self.kv().create(&k, value).await.map_err(unavailable)?
+                    }
+                }
+            }
+        };
+        if let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(room) {
+            h.revision = next;
+        }
+        Ok(())
+    }
+
+    /// Starts serving `room`'s subject.
+    async fn serve_room(self: &Arc<Self>, room: &str) -> Result<JoinHandle<()>, HomeError> {
+        let mut sub = self.client.subscribe(room_subject(room)).await.map_err(unavailable)?;
+        // The server has the subscription before anyone is told this node holds the room.
+        let _ = tokio::time::timeout(NATS_TIMEOUT, self.client.flush()).await;
+        let me = Arc::downgrade(self);
+        let room = room.to_string();
+        Ok(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(me) = me.upgrade() else { return };
+                let Some(service) = me.service.get().cloned() else { continue };
+                let message = match serde_json::from_slice::<ToHome>(&msg.payload) {
+                    Ok(ToHome::Ping) => {
+                        if let (Some(reply), Ok(payload)) = (msg.reply, serde_json::to_vec(&me.incarnation())) {
+                            let _ = me.client.publish(reply, payload.into()).await;
+                        }
+                        continue;
+                    }
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(room = ?room, error = %e, "an unreadable request for a room was dropped");
+                        continue;
+                    }
+                };
+                let (client, room) = (me.client.clone(), room.clone());
+                // Each request on its own task: a publish waiting on its webrtc node must
+                // not hold up the room's other participants. A front sends one client's
+                // requests one at a time, so each client's stay in order.
+                tokio::spawn(async move {
+                    let answer = match message {
+                        ToHome::Request { request } => serde_json::to_vec(&service.request(&room, request).await),
+                        ToHome::Closed { client: c, session, reason } => {
+                            service.closed(&room, c, session, reason);
+                            return;
+                        }
+                        ToHome::Ping => return,
+                        ToHome::Control { request } => {
+                            let answer: Result<ControlAnswer, ControlErrorWire> = service.control(&room, request).await.map_err(Into::into);
+                            serde_json::to_vec(&answer)
+                        }
+                    };
+                    let (Some(reply), Ok(payload)) = (msg.reply, answer) else { return };
+                    if let Err(e) = client.publish(reply, payload.into()).await {
+                        debug!(error = %e, "an answer to a front could not be sent");
+                    }
+                });
+            }
+        }))
+    }
+
+    async fn read_claim(&self, room: &str) -> Result<Option<(Claim, u64)>, HomeError> {
+        let entry = tokio::time::timeout(NATS_TIMEOUT, self.kv().entry(&key(room))).await.map_err(|_| unavailable("NATS did not answer"))?;
+        let entry = entry.map_err(unavailable)?;
+        Ok(entry.filter(|e| e.operation == kv::Operation::Put).and_then(|e| serde_json::from_slice::<Claim>(&e.value).ok().map(|c| (c, e.revision))))
+    }
+
+    /// Sends `message` to the home of `room` and waits for its answer. `Unreachable` when
+    /// nobody serves the room's subject (nothing was delivered, so a retry is safe).
+    async fn ask(&self, room: &str, message: &ToHome, limit: Duration) -> Result<Bytes, HomeError> {
+        bucket::connected(&self.client).map_err(unavailable)?;
+        let payload = serde_json::to_vec(message).map_err(|e| HomeError::Protocol(e.to_string()))?;
+        let request = async_nats::Request::new().payload(payload.into()).timeout(Some(limit));
+        let answer = tokio::time::timeout(limit, self.client.send_request(room_subject(room), request)).await;
+        let unreachable = || HomeError::Unreachable { room: room.into(), node: "its home".into() };
+        match answer {
+            Ok(Ok(msg)) => Ok(msg.payload),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Err(unreachable()),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::TimedOut => {
+                Err(unavailable(format!("the room's home did not answer within {} s", limit.as_secs())))
+            }
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(format!("the room's home did not answer within {} s", limit.as_secs()))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Homes for ClusterHomes {
+    fn node(&self) -> &str {
+        &self.id
+    }
+
+    fn incarnation(&self) -> String {
+        format!("{}/{}", self.id, self.instance)
+    }
+
+    async fn claim(&self, room: &str) -> Result<Home, HomeError> {
+        // A claim of this node's that is being released (its delete in flight) reads as
+        // held: wait for the delete rather than answer "here" for a room given up.
+        for _ in 0..50 {
+            if self.is_home(room) {
+                return Ok(Home::Here);
+            }
+            match self.read_claim(room).await? {
+                Some((c, revision)) if c.node != self.id => {
+                    let stale = now_ms().saturating_sub(c.at_ms) > STALE.as_millis() as u64;
+                    if !(stale && self.answering(room).await?.is_none()) {
+                        return Ok(Home::There(c.node));
+                    }
+                    // Its holder is gone: the room's live state went with it.
+                    let value = self.claim_value()?;
+                    if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
+                        warn!(room = ?room, dead = %c.node, "room taken over from a node that stopped answering");
+                        return self.hold(room, rev, Some(format!("{}/{}", c.node, c.instance))).await;
+                    }
+                }
+                Some((c, revision)) if c.instance != self.instance => {
+                    // This node's previous run held it and died: its rooms died with it.
+                    let value = self.claim_value()?;
+                    if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
+                        return self.hold(room, rev, Some(format!("{}/{}", c.node, c.instance))).await;
+                    }
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                None => {
+                    bucket::connected(&self.client).map_err(unavailable)?;
+                    let value = self.claim_value()?;
+                    match tokio::time::timeout(NATS_TIMEOUT, self.kv().create(&key(room), value)).await {
+                        Ok(Ok(rev)) => return self.hold(room, rev, None).await,
+                        // Another node claimed it first: read whose it is.
+                        Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                        Ok(Err(e)) => return Err(unavailable(e)),
+                        Err(_) => return Err(unavailable("NATS did not answer")),
+                    }
+                }
+            }
+        }
+        Err(HomeError::Unavailable(format!("the claim on room {room:?} keeps changing")))
+    }
+
+    async fn holder(&self, room: &str) -> Result<Option<Home>, HomeError> {
+        if self.is_home(room) {
+            return Ok(Some(Home::Here));
+        }
+        Ok(match self.read_claim(room).await? {
+            Some((c, _)) if c.node != self.id => Some(Home::There(c.node)),
+            _ => None,
+        })
+    }
+
+    fn is_home(&self, room: &str) -> bool {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).contains_key(room)
+    }
+
+    fn predecessor(&self, room: &str) -> Option<String> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(room).and_then(|h| h.predecessor.clone())
+    }
+
+    fn is_live(&self, incarnation: &str) -> bool {
+        self.node.known_nodes().iter().any(|n| format!("{}/{}", n.id, n.instance) == incarnation)
+    }
+
+    fn release(&self, room: &str) {
+        let Some(held) = self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(room) else { return };
+        held.task.abort();
+        let (kv, k, room) = (self.kv(), key(room), room.to_string());
+        tokio::spawn(async move {
+            match tokio::time::timeout(NATS_TIMEOUT, kv.delete_expect_revision(&k, Some(held.revision))).await {
+                Ok(Ok(())) => debug!(room = ?room, "room released"),
+                Ok(Err(e)) => debug!(room = ?room, error = %e, "a room's claim could not be deleted; it expires"),
+                Err(_) => debug!(room = ?room, "a room's claim could not be deleted (NATS did not answer); it expires"),
+            }
+        });
+    }
+
+    async fn forward(&self, room: &str, request: FrontRequest) -> Result<FrontReply, HomeError> {
+        let answer = self.ask(room, &ToHome::Request { request }, FORWARD_TIMEOUT).await?;
+        serde_json::from_slice(&answer).map_err(|e| HomeError::Protocol(format!("unreadable answer from the room's home: {e}")))
+    }
+
+    fn closed(&self, room: &str, client: ClientAddr, session: FrontSession, reason: String) {
+        let Ok(payload) = serde_json::to_vec(&ToHome::Closed { client, session, reason }) else { return };
+        if self.outbox.try_send((room_subject(room), payload.into())).is_err() {
+            debug!(room = ?room, "a socket's close could not be told to its room's home (outbox full)");
+        }
+    }
+
+    fn to_client(&self, client: &ClientAddr, message: ToClient) {
+        let Ok(payload) = serde_json::to_vec(&message) else { return };
+        if self.outbox.try_send((client_subject(client), payload.into())).is_err() {
+            debug!(socket = %client.socket, "a notification for another node's socket was dropped (outbox full)");
+        }
+    }
+
+    async fn answering(&self, room: &str) -> Result<Option<String>, HomeError> {
+        match self.ask(room, &ToHome::Ping, PING_TIMEOUT).await {
+            Ok(answer) => serde_json::from_slice(&answer).map(Some).map_err(|e| HomeError::Protocol(e.to_string())),
+            Err(HomeError::Unreachable { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn control(&self, room: &str, request: ControlRequest) -> Result<ControlAnswer, HomeError> {
+        let answer = self.ask(room, &ToHome::Control { request }, CONTROL_TIMEOUT).await?;
+        let answer: Result<ControlAnswer, ControlErrorWire> =
+            serde_json::from_slice(&answer).map_err(|e| HomeError::Protocol(format!("unreadable answer from the room's home: {e}")))?;
+        answer.map_err(HomeError::Control)
+    }
+}
+
+impl ClusterHomes {
+    async fn hold(&self, room: &str, revision: u64, predecessor: Option<String>) -> Result<Home, HomeError> {
+        let me = self.this.upgrade().ok_or_else(|| unavailable("shutting down"))?;
+        let task = match me.serve_room(room).await {
+            Ok(task) => task,
+            Err(e) => {
+                // Not served, so not held: give the claim back for the next try.
+                let _ = tokio::time::timeout(NATS_TIMEOUT, self.kv().delete_expect_revision(&key(room), Some(revision))).await;
+                return Err(e);
+            }
+        };
+        info!(room = ?room, node = %self.id, "room claimed: this node is its home");
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(room.to_string(), Held { revision, predecessor, task });
+        Ok(Home::Here)
+    }
+}
