@@ -23,8 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tessera_core::home::{
-    ClientAddr, ControlAnswer, ControlErrorWire, ControlRequest, FrontReply, FrontRequest, FrontSession, Home, HomeError, HomeService, Homes,
-    ToClient,
+    ClientAddr, ControlAnswer, ControlErrorWire, ControlRequest, FrontReply, FrontRequest, Home, HomeError, HomeService, Homes, ToClient,
 };
 use tessera_core::node::{NodeDirectory, now_ms};
 use tokio::sync::mpsc;
@@ -69,7 +68,7 @@ enum ToHome {
     /// A client's request (answered with a [`FrontReply`]).
     Request { request: FrontRequest },
     /// A client's socket closed (not answered).
-    Closed { client: ClientAddr, session: FrontSession, reason: String },
+    Closed { client: ClientAddr, delivered: u64, reason: String },
     /// A management request (answered with `Result<ControlAnswer, ControlErrorWire>`).
     Control { request: ControlRequest },
     /// Who holds the room (answered with the holder's incarnation as a JSON string).
@@ -97,6 +96,9 @@ pub struct ClusterHomes {
     instance: String,
     kv: Mutex<kv::Store>,
     held: Mutex<HashMap<String, Held>>,
+    /// Serialises this node's writes of claims (claim, refresh, release), so a release
+    /// and a refresh of one room cannot leave a claim nobody serves.
+    io: tokio::sync::Mutex<()>,
     service: OnceLock<Arc<dyn HomeService>>,
 }
 
@@ -162,6 +164,7 @@ impl ClusterHomes {
             node,
             kv: Mutex::new(kv),
             held: Mutex::new(HashMap::new()),
+            io: tokio::sync::Mutex::new(()),
             service: OnceLock::new(),
         });
         homes.spawn_refresh();
@@ -214,11 +217,23 @@ impl ClusterHomes {
             loop {
                 tick.tick().await;
                 let Some(me) = me.upgrade() else { return };
-                let rooms: Vec<(String, u64)> =
-                    me.held.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(r, h)| (r.clone(), h.revision)).collect();
-                for (room, revision) in rooms {
-                    match tokio::time::timeout(NATS_TIMEOUT, me.refresh(&room, revision)).await {
+                let rooms: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+                for room in rooms {
+                    let _io = me.io.lock().await;
+                    match tokio::time::timeout(NATS_TIMEOUT, me.refresh(&room)).await {
                         Ok(Ok(())) => {}
+                        Ok(Err(HomeError::Unreachable { node, .. })) => {
+                            // Taken over while this node could not refresh its claim (cut
+                            // off from NATS past the claim's age): the other node holds
+                            // the room now; this one steps down so the room has one home.
+                            warn!(room = ?room, other = %node, "room taken over by another node while this one could not refresh its claim; stepping down");
+                            if let Some(held) = me.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&room) {
+                                held.task.abort();
+                            }
+                            if let Some(s) = me.service.get() {
+                                s.room_lost(&room);
+                            }
+                        }
                         Ok(Err(e)) => warn!(room = ?room, error = %e, "a room claim could not be refreshed"),
                         Err(_) => debug!(room = ?room, "a room claim could not be refreshed: NATS did not answer"),
                     }
@@ -227,7 +242,10 @@ impl ClusterHomes {
         });
     }
 
-    async fn refresh(&self, room: &str, revision: u64) -> Result<(), HomeError> {
+    /// Re-writes one claim; called under `io`.
+    async fn refresh(&self, room: &str) -> Result<(), HomeError> {
+        // Released since the list was taken.
+        let Some(revision) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get(room).map(|h| h.revision) else { return Ok(()) };
         bucket::connected(&self.client).map_err(unavailable)?;
         let value = self.claim_value()?;
         let k = key(room);
@@ -249,10 +267,7 @@ impl ClusterHomes {
                         self.kv().update(&k, value, rev).await.map_err(unavailable)?
                     }
                     Some((other, _)) => {
-                        // Taken over while this node could not refresh it (NATS away past
-                        // the TTL): two nodes now hold the room's participants apart.
                         let by = other.map(|c| c.node).unwrap_or_default();
-                        warn!(room = ?room, other = %by, "room claimed by another node while this one could not refresh its claim");
                         return Err(HomeError::Unreachable { room: room.into(), node: by });
                     }
                     None => {
@@ -271,7 +286,8 @@ impl ClusterHomes {
     /// Starts serving `room`'s subject.
     async fn serve_room(self: &Arc<Self>, room: &str) -> Result<JoinHandle<()>, HomeError> {
         let mut sub = self.client.subscribe(room_subject(room)).await.map_err(unavailable)?;
-        // The server has the subscription before anyone is told this node holds the room.
+        // Sent before the caller learns it holds the room (the claim itself is already in
+        // the bucket: a front that reads it meanwhile gets "no responders" and retries).
         let _ = tokio::time::timeout(NATS_TIMEOUT, self.client.flush()).await;
         let me = Arc::downgrade(self);
         let room = room.to_string();
@@ -299,8 +315,8 @@ impl ClusterHomes {
                 tokio::spawn(async move {
                     let answer = match message {
                         ToHome::Request { request } => serde_json::to_vec(&service.request(&room, request).await),
-                        ToHome::Closed { client: c, session, reason } => {
-                            service.closed(&room, c, session, reason);
+                        ToHome::Closed { client: c, delivered, reason } => {
+                            service.closed(&room, c, delivered, reason);
                             return;
                         }
                         ToHome::Ping => return,
@@ -355,16 +371,28 @@ impl Homes for ClusterHomes {
     }
 
     async fn claim(&self, room: &str) -> Result<Home, HomeError> {
-        // A claim of this node's that is being released (its delete in flight) reads as
-        // held: wait for the delete rather than answer "here" for a room given up.
-        for _ in 0..50 {
+        if self.is_home(room) {
+            return Ok(Home::Here);
+        }
+        // Most often another live node holds it: answered without taking the write lock.
+        if let Some((c, _)) = self.read_claim(room).await?
+            && c.node != self.id
+            && now_ms().saturating_sub(c.at_ms) <= STALE.as_millis() as u64
+        {
+            return Ok(Home::There(c.node));
+        }
+        let _io = self.io.lock().await;
+        for _ in 0..10 {
             if self.is_home(room) {
                 return Ok(Home::Here);
             }
             match self.read_claim(room).await? {
-                Some((c, revision)) if c.node != self.id => {
+                Some((c, revision)) if c.node != self.id || c.instance != self.instance => {
                     let stale = now_ms().saturating_sub(c.at_ms) > STALE.as_millis() as u64;
-                    if !(stale && self.answering(room).await?.is_none()) {
+                    // This node's previous run held it and died: its rooms died with it.
+                    let previous_run = c.node == self.id;
+                    let holder_gone = previous_run || (stale && self.answering(room).await?.is_none());
+                    if !holder_gone {
                         return Ok(Home::There(c.node));
                     }
                     // Its holder is gone: the room's live state went with it.
@@ -374,15 +402,21 @@ impl Homes for ClusterHomes {
                         return self.hold(room, rev, Some(format!("{}/{}", c.node, c.instance))).await;
                     }
                 }
-                Some((c, revision)) if c.instance != self.instance => {
-                    // This node's previous run held it and died: its rooms died with it.
+                Some((_, revision)) => {
+                    // This run's own claim on a room it released (the delete did not go
+                    // through): take it again.
                     let value = self.claim_value()?;
                     if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
-                        return self.hold(room, rev, Some(format!("{}/{}", c.node, c.instance))).await;
+                        return self.hold(room, rev, None).await;
                     }
                 }
-                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 None => {
+                    // No claim, but maybe a holder: a NATS restart empties the bucket, and
+                    // holders write their claims again within a heartbeat.
+                    if let Some(holder) = self.answering(room).await? {
+                        let node = holder.split('/').next().unwrap_or_default().to_string();
+                        return Ok(Home::There(node));
+                    }
                     bucket::connected(&self.client).map_err(unavailable)?;
                     let value = self.claim_value()?;
                     match tokio::time::timeout(NATS_TIMEOUT, self.kv().create(&key(room), value)).await {
@@ -416,6 +450,10 @@ impl Homes for ClusterHomes {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).get(room).and_then(|h| h.predecessor.clone())
     }
 
+    fn node_listed(&self, node: &str) -> bool {
+        self.node.known_nodes().iter().any(|n| n.id == node)
+    }
+
     fn is_live(&self, incarnation: &str) -> bool {
         self.node.known_nodes().iter().any(|n| format!("{}/{}", n.id, n.instance) == incarnation)
     }
@@ -423,9 +461,24 @@ impl Homes for ClusterHomes {
     fn release(&self, room: &str) {
         let Some(held) = self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(room) else { return };
         held.task.abort();
-        let (kv, k, room) = (self.kv(), key(room), room.to_string());
+        let Some(me) = self.this.upgrade() else { return };
+        let room = room.to_string();
         tokio::spawn(async move {
-            match tokio::time::timeout(NATS_TIMEOUT, kv.delete_expect_revision(&k, Some(held.revision))).await {
+            let _io = me.io.lock().await;
+            // Claimed again since: keep it.
+            if me.is_home(&room) {
+                return;
+            }
+            // The claim at its current revision (a refresh may have moved it), if still ours.
+            let delete = async {
+                match me.read_claim(&room).await? {
+                    Some((c, revision)) if c.node == me.id && c.instance == me.instance => {
+                        me.kv().delete_expect_revision(&key(&room), Some(revision)).await.map_err(unavailable)
+                    }
+                    _ => Ok(()),
+                }
+            };
+            match tokio::time::timeout(NATS_TIMEOUT, delete).await {
                 Ok(Ok(())) => debug!(room = ?room, "room released"),
                 Ok(Err(e)) => debug!(room = ?room, error = %e, "a room's claim could not be deleted; it expires"),
                 Err(_) => debug!(room = ?room, "a room's claim could not be deleted (NATS did not answer); it expires"),
@@ -438,8 +491,8 @@ impl Homes for ClusterHomes {
         serde_json::from_slice(&answer).map_err(|e| HomeError::Protocol(format!("unreadable answer from the room's home: {e}")))
     }
 
-    fn closed(&self, room: &str, client: ClientAddr, session: FrontSession, reason: String) {
-        let Ok(payload) = serde_json::to_vec(&ToHome::Closed { client, session, reason }) else { return };
+    fn closed(&self, room: &str, client: ClientAddr, delivered: u64, reason: String) {
+        let Ok(payload) = serde_json::to_vec(&ToHome::Closed { client, delivered, reason }) else { return };
         if self.outbox.try_send((room_subject(room), payload.into())).is_err() {
             debug!(room = ?room, "a socket's close could not be told to its room's home (outbox full)");
         }
@@ -461,7 +514,18 @@ impl Homes for ClusterHomes {
     }
 
     async fn control(&self, room: &str, request: ControlRequest) -> Result<ControlAnswer, HomeError> {
-        let answer = self.ask(room, &ToHome::Control { request }, CONTROL_TIMEOUT).await?;
+        let message = ToHome::Control { request };
+        // A home that just claimed the room subscribes a moment after its claim shows.
+        let mut tries = 0;
+        let answer = loop {
+            match self.ask(room, &message, CONTROL_TIMEOUT).await {
+                Err(HomeError::Unreachable { .. }) if tries < 3 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
+        };
         let answer: Result<ControlAnswer, ControlErrorWire> =
             serde_json::from_slice(&answer).map_err(|e| HomeError::Protocol(format!("unreadable answer from the room's home: {e}")))?;
         answer.map_err(HomeError::Control)

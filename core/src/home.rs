@@ -77,6 +77,10 @@ pub struct FrontReply {
 pub enum ToClient {
     /// Emit a notification.
     Emit {
+        /// Its number among the notifications the home sent this socket (from 0), so the
+        /// front can tell the home which ones it delivered when the socket closes, and
+        /// notices one lost on the way.
+        seq: u64,
         /// Event name (`participant`, `stream`, `progress`, …).
         event: String,
         /// Its arguments (usually one).
@@ -248,10 +252,13 @@ pub trait Homes: Send + Sync {
     fn predecessor(&self, room: &str) -> Option<String>;
     /// Whether a node's run (an [`Homes::incarnation`]) is still in the cluster.
     fn is_live(&self, incarnation: &str) -> bool;
+    /// Whether a node (by id) is in the cluster's node list as last read.
+    fn node_listed(&self, node: &str) -> bool;
     /// Forwards a client's request to the home of `room`.
     async fn forward(&self, room: &str, request: FrontRequest) -> Result<FrontReply, HomeError>;
-    /// Tells the home of `room` that a client's socket closed.
-    fn closed(&self, room: &str, client: ClientAddr, session: FrontSession, reason: String);
+    /// Tells the home of `room` that a client's socket closed after `delivered` of the
+    /// home's notifications reached it.
+    fn closed(&self, room: &str, client: ClientAddr, delivered: u64, reason: String);
     /// Sends a notification or a close to a socket on another front.
     fn to_client(&self, client: &ClientAddr, message: ToClient);
     /// The incarnation of the node answering for `room` now (`None`: nobody holds it).
@@ -266,12 +273,15 @@ pub trait Homes: Send + Sync {
 pub trait HomeService: Send + Sync {
     /// A request from a client of another front, for a room this node holds.
     async fn request(&self, room: &str, request: FrontRequest) -> FrontReply;
-    /// A client of another front lost its socket.
-    fn closed(&self, room: &str, client: ClientAddr, session: FrontSession, reason: String);
+    /// A client of another front lost its socket after `delivered` notifications.
+    fn closed(&self, room: &str, client: ClientAddr, delivered: u64, reason: String);
     /// A management request for a room this node holds.
     async fn control(&self, room: &str, request: ControlRequest) -> Result<ControlAnswer, ControlError>;
     /// A notification or close for one of this node's sockets.
     fn to_client(&self, socket: &str, message: ToClient);
+    /// Another node took over a room this node held (this one was cut off from NATS past
+    /// its claim's age): this node's state of the room is void.
+    fn room_lost(&self, room: &str);
 }
 
 #[cfg(test)]
@@ -297,7 +307,7 @@ mod tests {
             home: "n1/x".into(),
         };
         assert_eq!(serde_json::from_str::<FrontReply>(&serde_json::to_string(&reply).unwrap()).unwrap(), reply);
-        for m in [ToClient::Emit { event: "drop".into(), args: vec![] }, ToClient::Disconnect] {
+        for m in [ToClient::Emit { seq: 3, event: "drop".into(), args: vec![] }, ToClient::Disconnect] {
             assert_eq!(serde_json::from_str::<ToClient>(&serde_json::to_string(&m).unwrap()).unwrap(), m);
         }
         let c = ControlRequest::PatchStream { stream: "s".into(), ops: json!([{"op": "add"}]) };

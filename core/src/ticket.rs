@@ -75,6 +75,10 @@ pub struct Seat {
     /// The home that issued the ticket (a node's id and its run's instance id).
     #[serde(default)]
     pub home: String,
+    /// The participant's permission when the ticket was issued (changes made over REST
+    /// since its last ticket refresh are not in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission: Option<crate::control::Permission>,
 }
 
 impl Seat {
@@ -221,7 +225,8 @@ mod tests {
     #[test]
     fn seat_is_signed() {
         let a = TicketAuthority::random();
-        let seat = Seat { room: "r1".into(), user: "ann".into(), role: "viewer".into(), home: "n1/abc".into() };
+        let permission = Some(crate::control::Permission { publish: Default::default(), subscribe: Default::default() });
+        let seat = Seat { room: "r1".into(), user: "ann".into(), role: "viewer".into(), home: "n1/abc".into(), permission };
         let (t, fields) = a.issue_seated("p1", &seat, 10_000, 60_000).unwrap();
         assert_eq!(a.verify(&t, 10_001).unwrap(), fields);
         assert_eq!(fields.seat, seat);

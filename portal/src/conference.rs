@@ -20,7 +20,36 @@ pub(crate) enum ClientLink {
     /// A socket of this node.
     Socket(SocketHandle),
     /// A socket of another node.
-    Remote { client: tessera_core::home::ClientAddr, homes: std::sync::Arc<dyn tessera_core::home::Homes> },
+    Remote {
+        client: tessera_core::home::ClientAddr,
+        homes: std::sync::Arc<dyn tessera_core::home::Homes>,
+        /// The notifications sent lately, numbered, until the front says which it delivered.
+        sent: std::sync::Arc<std::sync::Mutex<SentLog>>,
+    },
+}
+
+/// Notifications sent lately to a socket of another node. When its front reports the
+/// socket closed after delivering some, the rest are queued for the participant's relogin,
+/// as a local socket's undelivered ones are.
+#[derive(Default)]
+pub(crate) struct SentLog {
+    next: u64,
+    recent: VecDeque<(u64, String, Vec<Value>)>,
+}
+
+/// Notifications kept per remote socket for that (the gap between a socket's loss and the
+/// home hearing of it is short).
+const SENT_KEPT: usize = 256;
+
+impl SentLog {
+    /// The notifications from number `delivered` on, oldest first.
+    pub fn undelivered(&self, delivered: u64) -> VecDeque<(String, Value)> {
+        self.recent
+            .iter()
+            .filter(|(seq, _, _)| *seq >= delivered)
+            .map(|(_, event, args)| (event.clone(), args.first().cloned().unwrap_or(Value::Null)))
+            .collect()
+    }
 }
 
 impl From<SocketHandle> for ClientLink {
@@ -42,8 +71,18 @@ impl ClientLink {
     pub fn emit(&self, event: &str, args: Vec<Value>) -> Result<(), SocketClosed> {
         match self {
             ClientLink::Socket(h) => h.emit(event, args),
-            ClientLink::Remote { client, homes } => {
-                homes.to_client(client, tessera_core::home::ToClient::Emit { event: event.into(), args });
+            ClientLink::Remote { client, homes, sent } => {
+                let seq = {
+                    let mut log = sent.lock().unwrap_or_else(|p| p.into_inner());
+                    let seq = log.next;
+                    log.next += 1;
+                    if log.recent.len() >= SENT_KEPT {
+                        log.recent.pop_front();
+                    }
+                    log.recent.push_back((seq, event.to_string(), args.clone()));
+                    seq
+                };
+                homes.to_client(client, tessera_core::home::ToClient::Emit { seq, event: event.into(), args });
                 Ok(())
             }
         }
@@ -53,7 +92,7 @@ impl ClientLink {
     pub fn disconnect(&self) {
         match self {
             ClientLink::Socket(h) => h.disconnect(),
-            ClientLink::Remote { client, homes } => homes.to_client(client, tessera_core::home::ToClient::Disconnect),
+            ClientLink::Remote { client, homes, .. } => homes.to_client(client, tessera_core::home::ToClient::Disconnect),
         }
     }
 

@@ -24,7 +24,7 @@ use tessera_core::token::{TokenClaims, TokenError};
 use tessera_core::{ControlError, ParticipantInfo};
 use tracing::{debug, info, warn};
 
-use crate::conference::{ClientLink, permission_of};
+use crate::conference::{ClientLink, Link, permission_of};
 use crate::metrics::{LoginKind, Refusal, Refused};
 use crate::session::{Reply, State};
 use crate::socketio::SocketHandle;
@@ -35,6 +35,10 @@ use crate::{Portal, now_ms, now_secs};
 const HOME_WAIT: Duration = Duration::from_secs(14);
 /// How often a front checks that the homes of its sockets' rooms still answer.
 const WATCH: Duration = Duration::from_secs(2);
+/// Checks in a row a front must be missing from the node list before its sockets count as
+/// closed (its entry expires 10 s after its last report; a NATS restart empties the list
+/// for a moment).
+const FRONT_MISSES: u32 = 5;
 
 /// A socket of this node whose room's home is another node.
 pub(crate) struct Fronted {
@@ -44,6 +48,8 @@ pub(crate) struct Fronted {
     home: String,
     /// Transports the client opened through the home, told as failed if the home is lost.
     transports: HashSet<String>,
+    /// How many of the home's notifications reached the socket (they are numbered from 0).
+    delivered: u64,
 }
 
 impl Portal {
@@ -68,22 +74,82 @@ impl Portal {
     /// Every [`WATCH`]: a room whose home stopped answering (or is another node's run
     /// now) loses its sockets here: each is told its transports failed, and its transport
     /// is dropped so the client resumes at the room's new home.
+    ///
+    /// As a home, it also lets go of the participants of fronts that left the cluster (a
+    /// front that died cannot report its sockets closed): missing from the node list
+    /// [`FRONT_MISSES`] checks in a row, their participants wait for relogin as if their
+    /// sockets had closed.
     async fn watch_homes(&self) {
         let Some(homes) = self.homes().cloned() else { return };
         let mut tick = tokio::time::interval(WATCH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rooms whose home did not answer at the last check: lost at the second miss, so a
+        // home reconnecting to NATS at that moment does not cost its participants anything.
+        let mut suspects: HashSet<(String, String)> = HashSet::new();
+        let mut missing_fronts: HashMap<String, u32> = HashMap::new();
         loop {
             tick.tick().await;
             let rooms: HashSet<(String, String)> =
                 self.fronted().values().filter(|f| !f.home.is_empty()).map(|f| (f.room.clone(), f.home.clone())).collect();
+            suspects.retain(|r| rooms.contains(r));
             for (room, home) in rooms {
                 match homes.answering(&room).await {
-                    Ok(Some(now)) if now == home => {}
+                    Ok(Some(now)) if now == home => {
+                        suspects.remove(&(room, home));
+                    }
                     // NATS away: the home may be fine; media flows on meanwhile.
                     Err(e) => debug!(room = ?room, error = %e, "could not check the room's home"),
-                    Ok(now) => self.home_lost(&room, &home, now.as_deref()),
+                    Ok(now) => {
+                        let key = (room.clone(), home.clone());
+                        if suspects.remove(&key) {
+                            self.home_lost(&room, &home, now.as_deref());
+                        } else {
+                            suspects.insert(key);
+                        }
+                    }
                 }
             }
+            self.check_fronts(homes.as_ref(), &mut missing_fronts);
+        }
+    }
+
+    /// The home side of [`Portal::watch_homes`]: participants whose front left.
+    fn check_fronts(&self, homes: &dyn Homes, missing: &mut HashMap<String, u32>) {
+        let mut fronts: HashSet<String> = HashSet::new();
+        let mut gone: Vec<(String, String, u64)> = Vec::new();
+        {
+            let conf = self.lock();
+            for (room, r) in &conf.rooms {
+                for p in &r.participants {
+                    if let Link::Connected(ClientLink::Remote { client, .. }) = &p.link {
+                        fronts.insert(client.front.clone());
+                        if missing.get(&client.front).is_some_and(|n| *n + 1 >= FRONT_MISSES) && !homes.node_listed(&client.front) {
+                            gone.push((room.to_string(), p.info.id.clone(), p.generation));
+                        }
+                    }
+                }
+            }
+        }
+        missing.retain(|f, _| fronts.contains(f));
+        for front in fronts {
+            if homes.node_listed(&front) {
+                missing.remove(&front);
+            } else {
+                *missing.entry(front).or_default() += 1;
+            }
+        }
+        for (room, participant, generation) in gone {
+            info!(room = ?room, participant = ?participant, "the portal node holding this participant's socket left the cluster");
+            {
+                let mut conf = self.lock();
+                if let Some(p) = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(&participant))
+                    && p.generation == generation
+                    && matches!(p.link, Link::Connected(ClientLink::Remote { .. }))
+                {
+                    p.link = Link::Waiting(Default::default());
+                }
+            }
+            crate::session::on_closed(self, &State::Joined { room, participant, generation }, "its portal node left the cluster");
         }
     }
 
@@ -94,13 +160,53 @@ impl Portal {
             ids.iter().filter_map(|id| fronted.remove(id)).collect()
         };
         warn!(room = ?room, home, now = ?now, sockets = lost.len(), "the room's home is gone; its participants here reconnect");
-        let reason = "the server holding the room was lost";
         for f in lost {
-            for t in &f.transports {
-                let _ = f.handle.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
-            }
+            tell_transports_failed(&f);
             f.handle.drop_transport();
         }
+    }
+
+    /// This node held `room` and another node took it over: the participants here are
+    /// void. Its own sockets are told their transports failed and reconnect (their relogin
+    /// finds the new home); other fronts notice the new home by themselves.
+    pub(crate) fn lose_room(&self, room: &str) {
+        let state = {
+            let mut conf = self.lock();
+            conf.mixing.remove(room);
+            let state = conf.rooms.remove(room);
+            if let Some(r) = &state {
+                for p in &r.participants {
+                    conf.where_is.remove(p.info.id.as_str());
+                }
+            }
+            state
+        };
+        let Some(state) = state else { return };
+        warn!(room = ?room, participants = state.participants.len(), "another node took this room over; its participants here reconnect to it");
+        let reason = "the server holding the room was lost";
+        for p in &state.participants {
+            if let Link::Connected(ClientLink::Socket(h)) = &p.link {
+                for t in &p.transports {
+                    let _ = h.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
+                }
+                h.drop_transport();
+            }
+        }
+        let portal = self.clone();
+        let room = room.to_string();
+        tokio::spawn(async move {
+            for p in state.participants {
+                portal.media_cleanup(&room, &p.info.id, Default::default()).await;
+            }
+        });
+    }
+}
+
+/// Tells a fronted socket that the transports it opened through its lost home failed.
+fn tell_transports_failed(f: &Fronted) {
+    let reason = "the server holding the room was lost";
+    for t in &f.transports {
+        let _ = f.handle.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
     }
 }
 
@@ -109,14 +215,12 @@ impl Portal {
 /// or the request names no room: then it fails here with the usual error).
 pub(crate) async fn home_elsewhere(portal: &Portal, name: &str, args: &[Value]) -> Result<Option<String>, String> {
     let Some(homes) = portal.homes() else { return Ok(None) };
-    let room = match name {
-        "login" => {
-            let token = args.first().and_then(|a| a.get("token")).and_then(Value::as_str);
-            token.and_then(|t| portal.inner.admission.tokens.verify(t, now_secs()).ok()).map(|c| c.room)
-        }
-        _ => relogin_ticket(args).and_then(|t| portal.inner.admission.tickets.verify(&t, now_ms()).ok()).map(|t| t.seat.room),
-    };
-    let Some(room) = room.filter(|r| !r.is_empty()) else { return Ok(None) };
+    // A draining portal takes no new participants (refused here, as on a single node) and
+    // claims no room for them.
+    if name == "login" && portal.is_draining() {
+        return Ok(None);
+    }
+    let Some(room) = login_room(portal, name, args) else { return Ok(None) };
     let deadline = tokio::time::Instant::now() + HOME_WAIT;
     loop {
         match homes.claim(&room).await {
@@ -131,6 +235,29 @@ pub(crate) async fn home_elsewhere(portal: &Portal, name: &str, args: &[Value]) 
     }
 }
 
+/// The room a `login` (its token's) or `relogin` (its ticket's seat) names, if valid.
+fn login_room(portal: &Portal, name: &str, args: &[Value]) -> Option<String> {
+    let room = match name {
+        "login" => {
+            let token = args.first().and_then(|a| a.get("token")).and_then(Value::as_str);
+            token.and_then(|t| portal.inner.admission.tokens.verify(t, now_secs()).ok()).map(|c| c.room)
+        }
+        _ => relogin_ticket(args).and_then(|t| portal.inner.admission.tickets.verify(&t, now_ms()).ok()).map(|t| t.seat.room),
+    };
+    room.filter(|r| !r.is_empty())
+}
+
+/// After a `login`/`relogin` that failed: the room it named goes back if this node holds
+/// it and nobody sits in it (checked under the room lock, as in `room_emptied`).
+pub(crate) fn release_unused(portal: &Portal, name: &str, args: &[Value]) {
+    let Some(homes) = portal.homes() else { return };
+    let Some(room) = login_room(portal, name, args) else { return };
+    let conf = portal.lock();
+    if homes.is_home(&room) && !conf.rooms.contains_key(room.as_str()) && !conf.mixing.contains_key(room.as_str()) {
+        homes.release(&room);
+    }
+}
+
 /// The ticket string of a `relogin` (OWT clients send it bare; `{ticket}` is accepted too).
 pub(crate) fn relogin_ticket(args: &[Value]) -> Option<String> {
     match args.first() {
@@ -140,9 +267,10 @@ pub(crate) fn relogin_ticket(args: &[Value]) -> Option<String> {
     }
 }
 
-/// Forwards one request of `handle` to the home of `room`, waiting for a home that died
-/// to be replaced; when this node becomes the home meanwhile, a fresh socket's request is
-/// handled here.
+/// Forwards one request of `handle` to the home of `room`. A fresh socket's login or
+/// relogin waits for a home that died to be replaced, and is handled here when this node
+/// becomes the home meanwhile; a logged-in socket whose home is gone is told its
+/// transports failed and reconnects (`State::Lost`).
 pub(crate) async fn forward(
     portal: &Portal,
     handle: &SocketHandle,
@@ -161,30 +289,24 @@ pub(crate) async fn forward(
     if fresh {
         // Before the request goes: notifications the home sends right after seating the
         // participant may arrive before its answer.
-        let entry = Fronted { handle: handle.clone(), room: room.into(), home: String::new(), transports: HashSet::new() };
+        let entry = Fronted { handle: handle.clone(), room: room.into(), home: String::new(), transports: HashSet::new(), delivered: 0 };
         portal.fronted().insert(handle.id().to_string(), entry);
     }
-    let request = FrontRequest {
-        client: ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string() },
-        session,
-        name: name.into(),
-        args: args.to_vec(),
-    };
+    let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string() };
+    let request = FrontRequest { client: client.clone(), session, name: name.into(), args: args.to_vec() };
     let deadline = tokio::time::Instant::now() + HOME_WAIT;
     let answer = loop {
-        let failed = match homes.claim(room).await {
+        // A logged-in socket's home is looked up, never claimed: a room nobody holds any
+        // more lost its state with its home.
+        let home = if fresh { homes.claim(room).await } else { homes.holder(room).await.map(|h| h.unwrap_or(Home::Here)) };
+        let failed = match home {
             Ok(Home::Here) if fresh => {
                 portal.fronted().remove(handle.id());
                 *state = State::Fresh;
                 let link = ClientLink::Socket(handle.clone());
                 return crate::session::handle_request(portal, &link, state, name, args, replay).await;
             }
-            Ok(Home::Here) => {
-                // The home this socket's participant sat in is gone: resume by relogin.
-                portal.fronted().remove(handle.id());
-                handle.drop_transport();
-                return Err("The server holding the room was lost; reconnect".into());
-            }
+            Ok(Home::Here) => return lost(portal, handle, state),
             Ok(Home::There(_)) => match homes.forward(room, request.clone()).await {
                 Ok(reply) if reply.moved => None,
                 Ok(reply) => break Ok(reply),
@@ -206,11 +328,18 @@ pub(crate) async fn forward(
             if fresh {
                 portal.fronted().remove(handle.id());
                 *state = State::Ended;
+                // The home may have seated the participant before the answer was lost.
+                homes.closed(room, client, 0, "its login's answer was lost".into());
             }
             warn!(room = ?room, request = ?name, error = %e, "a request could not reach the room's home");
             return Err(format!("Room unavailable, retry later: {e}"));
         }
     };
+    // Another run answered for the home this socket's participant sat in.
+    let known = portal.fronted().get(handle.id()).map(|f| f.home.clone()).unwrap_or_default();
+    if !fresh && !known.is_empty() && known != reply.home {
+        return lost(portal, handle, state);
+    }
     replay.extend(reply.replay);
     match reply.session {
         FrontSession::Joined { .. } => {
@@ -237,19 +366,30 @@ pub(crate) async fn forward(
     reply.reply
 }
 
-/// A fronted socket closed: its home keeps the participant for relogin.
-pub(crate) fn closed(portal: &Portal, handle: &SocketHandle, room: &str, state: &State, reason: String) {
-    portal.fronted().remove(handle.id());
-    let (Some(homes), State::Away { session, .. }) = (portal.homes(), state) else { return };
+/// The home of a logged-in socket is gone: its transports are told failed, and the socket
+/// is dropped after this request's answer, so the client resumes at the new home.
+fn lost(portal: &Portal, handle: &SocketHandle, state: &mut State) -> Reply {
+    if let Some(f) = portal.fronted().remove(handle.id()) {
+        tell_transports_failed(&f);
+    }
+    *state = State::Lost;
+    Err("The server holding the room was lost; reconnect".into())
+}
+
+/// A fronted socket closed: its home keeps the participant for relogin, with the
+/// notifications that did not reach the socket.
+pub(crate) fn closed(portal: &Portal, handle: &SocketHandle, room: &str, reason: String) {
+    let delivered = portal.fronted().remove(handle.id()).map_or(0, |f| f.delivered);
+    let Some(homes) = portal.homes() else { return };
     let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string() };
-    homes.closed(room, client, session.clone(), reason);
+    homes.closed(room, client, delivered, reason);
 }
 
 /// A `relogin` this node (the room's home) can only serve by seating the participant
 /// again: the ticket is valid, the participant is not here, and the home that issued the
 /// ticket is gone (this node took the room over from it, or it is no longer in the
-/// cluster); a participant who left a live home is not brought back. `None`: the usual
-/// relogin.
+/// cluster). `None`: the usual relogin. A participant who left a home (logout, dropped,
+/// reconnection timeout) spent its chance then (see [`spend_reseat`]).
 pub(crate) fn reseat_ticket(portal: &Portal, args: &[Value]) -> Option<Ticket> {
     let homes = portal.homes()?;
     let ticket = portal.inner.admission.tickets.verify(&relogin_ticket(args)?, now_ms()).ok()?;
@@ -264,9 +404,41 @@ pub(crate) fn reseat_ticket(portal: &Portal, args: &[Value]) -> Option<Ticket> {
     (!known).then_some(ticket)
 }
 
-/// Seats a participant again from its ticket after its room's home was lost. Each
-/// participant of a lost home is seated again once, cluster-wide (the ticket ledger
-/// remembers it), so a copied ticket cannot bring it back after it left.
+/// The ledger entry that lets a participant of home `home` be seated again once.
+fn reseat_claims(home: &str, participant: &str, room: &str, exp: u64) -> TokenClaims {
+    let id = tessera_core::crypto::hmac_sha256_hex(b"tessera-reseat", format!("{home}\n{participant}").as_bytes());
+    TokenClaims {
+        jti: format!("seat-{}", id.get(..40).unwrap_or(&id)),
+        room: room.into(),
+        user: String::new(),
+        role: String::new(),
+        iat: now_secs(),
+        exp,
+        host: String::new(),
+        secure: false,
+    }
+}
+
+/// A participant left this home: its tickets must not seat it again elsewhere if this
+/// node dies later, so its one chance is spent now (in the background; the ledger is
+/// NATS's).
+pub(crate) fn spend_reseat(portal: &Portal, room: &str, participant: &str) {
+    let Some(homes) = portal.homes() else { return };
+    let lifetime = portal.inner.settings.ticket_lifetime.as_secs();
+    let claims = reseat_claims(&homes.incarnation(), participant, room, now_secs() + lifetime + 1);
+    let ledger = portal.inner.admission.ledger.clone();
+    tokio::spawn(async move {
+        if let Err(e) = ledger.consume(&claims, now_secs()).await
+            && !matches!(e, TokenError::Replayed)
+        {
+            debug!(error = %e, "a leaving participant's tickets could not be voided in the ledger");
+        }
+    });
+}
+
+/// Seats a participant again from its ticket after its room's home was lost: same id,
+/// user, role and the permission it had. Each participant of a lost home is seated again
+/// once, cluster-wide (the ledger of used tokens remembers it).
 pub(crate) async fn reseat(portal: &Portal, link: &ClientLink, state: &mut State, ticket: Ticket) -> Reply {
     let result = try_reseat(portal, link, state, ticket).await;
     portal.inner.logins.count(LoginKind::Relogin, result.as_ref().err().map(|r| r.0));
@@ -279,27 +451,29 @@ async fn try_reseat(portal: &Portal, link: &ClientLink, state: &mut State, ticke
     let room = portal.inner.store.get(&seat.room).ok_or_else(|| Refused(Refusal::RoomNotFound, format!("Room not found: {}", seat.room)))?;
     let role = room.role(&seat.role).ok_or(Refused::new(Refusal::Role, "Invalid role"))?;
     let participant = ticket.participant_id;
-    // One use per participant of the lost home, in the cluster's ledger of used tokens.
-    let id = tessera_core::crypto::hmac_sha256_hex(b"tessera-reseat", format!("{}\n{}", seat.home, participant).as_bytes());
-    let claims = TokenClaims {
-        jti: format!("seat-{}", id.get(..40).unwrap_or(&id)),
-        room: room.id.clone(),
-        user: seat.user.clone(),
-        role: seat.role.clone(),
-        iat: now_secs(),
-        exp: ticket.not_after / 1000 + 1,
-        host: String::new(),
-        secure: false,
-    };
-    portal.inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| match e {
+    let claims = reseat_claims(&seat.home, &participant, &room.id, ticket.not_after / 1000 + 1);
+    let spent = portal.inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| match e {
         TokenError::Replayed => {
             let used = tessera_core::ticket::TicketError::Used;
             Refused(Refusal::from(&used), used.to_string())
         }
         other => Refused(Refusal::from(&other), other.to_string()),
     })?;
-    let info = ParticipantInfo { id: participant.clone(), role: seat.role.clone(), user: seat.user.clone(), permission: permission_of(role) };
-    crate::session::seat(portal, &room, info, link)?;
+    // What the lost home had placed for this participant on the webrtc nodes that live on
+    // ends first, so a session it opens again is not caught by that cleanup.
+    let nodes = portal.inner.router.media_nodes();
+    let left = tessera_core::command::ParticipantLeft { room: room.id.as_str().into(), participant: participant.as_str().into() };
+    let calls = futures_util::future::join_all(nodes.iter().map(|n| n.call(left.clone())));
+    if tokio::time::timeout(Duration::from_secs(3), calls).await.is_err() {
+        debug!(room = %room.id, participant = %participant, "not every webrtc node confirmed the lost home's sessions ended");
+    }
+    let permission = seat.permission.unwrap_or_else(|| permission_of(role));
+    let info = ParticipantInfo { id: participant.clone(), role: seat.role.clone(), user: seat.user.clone(), permission };
+    if let Err(refused) = crate::session::seat(portal, &room, info, link) {
+        // Given back: the client may retry (the room was full, or moving).
+        portal.inner.admission.ledger.release(&claims, spent).await;
+        return Err(refused);
+    }
     info!(room = %room.id, participant = %participant, lost_home = %seat.home, "participant seated again by relogin (its room's home was lost)");
     portal.ensure_mixing(&room).await;
     let next = portal.ticket_for(&room.id, &participant).map_err(|m| Refused(Refusal::Internal, m))?;
@@ -334,17 +508,50 @@ impl HomeService for Portal {
         if !homes.is_home(room) {
             return FrontReply { reply: Err("Room moved".into()), session: request.session, replay: vec![], moved: true, home };
         }
-        let link = ClientLink::Remote { client: request.client, homes };
+        // A logged-in socket's session must be this run's participant on that very socket
+        // (not one seated again since on another, nor one of a home this node replaced).
+        if let FrontSession::Joined { room: r, participant, generation } = &request.session {
+            let conf = self.lock();
+            let p = conf.room(r).and_then(|r| r.participant(participant));
+            let current = p.is_some_and(|p| {
+                p.generation == *generation && matches!(&p.link, Link::Connected(ClientLink::Remote { client, .. }) if *client == request.client)
+            });
+            if !current {
+                return FrontReply { reply: Err("Client does NOT exist".into()), session: FrontSession::Ended, replay: vec![], moved: false, home };
+            }
+        }
+        let fresh = request.session == FrontSession::Fresh;
+        let link = ClientLink::Remote { client: request.client, homes: homes.clone(), sent: Default::default() };
         let mut state = State::from_front(request.session);
         let mut replay = Vec::new();
         let reply = crate::session::handle_request(self, &link, &mut state, &request.name, &request.args, &mut replay).await;
+        // Released while the login ran (it emptied meanwhile): the front finds the home again.
+        let moved = fresh && !matches!(state, State::Joined { .. }) && !homes.is_home(room);
         // A logout, drop or failed login ends the socket at the front too.
-        FrontReply { reply, session: state.to_front(), replay, moved: false, home }
+        FrontReply { reply, session: state.to_front(), replay, moved, home }
     }
 
-    fn closed(&self, _room: &str, client: ClientAddr, session: FrontSession, reason: String) {
-        debug!(front = %client.front, socket = %client.socket, "a socket of another front closed");
-        crate::session::on_closed(self, &State::from_front(session), &reason);
+    fn closed(&self, room: &str, client: ClientAddr, delivered: u64, reason: String) {
+        // The participant on that socket, if it still is: what it did not get waits for
+        // its relogin, before anything sent from now on.
+        let found = {
+            let mut conf = self.lock();
+            conf.rooms.get_mut(room).and_then(|r| {
+                let p =
+                    r.participants.iter_mut().find(|p| matches!(&p.link, Link::Connected(ClientLink::Remote { client: c, .. }) if *c == client))?;
+                let pending = match &p.link {
+                    Link::Connected(ClientLink::Remote { sent, .. }) => sent.lock().unwrap_or_else(|e| e.into_inner()).undelivered(delivered),
+                    _ => Default::default(),
+                };
+                p.link = Link::Waiting(pending);
+                Some((p.info.id.clone(), p.generation))
+            })
+        };
+        let Some((participant, generation)) = found else {
+            debug!(front = %client.front, socket = %client.socket, "a closed socket of another front held no participant here");
+            return;
+        };
+        crate::session::on_closed(self, &State::Joined { room: room.to_string(), participant, generation }, &reason);
     }
 
     async fn control(&self, room: &str, request: ControlRequest) -> Result<ControlAnswer, ControlError> {
@@ -371,15 +578,33 @@ impl HomeService for Portal {
     }
 
     fn to_client(&self, socket: &str, message: ToClient) {
-        let Some(handle) = self.fronted().get(socket).map(|f| f.handle.clone()) else {
+        let mut fronted = self.fronted();
+        let Some(f) = fronted.get_mut(socket) else {
+            // Its home hears of the close and queues what the socket did not get.
             debug!(socket, "a notification for a socket that is gone was dropped");
             return;
         };
         match message {
-            ToClient::Emit { event, args } => {
-                let _ = handle.emit(&event, args);
+            ToClient::Emit { seq, event, args } => {
+                if seq < f.delivered {
+                    return;
+                }
+                if seq > f.delivered {
+                    // One was lost on the way (the home's outbox overflowed): like a local
+                    // socket's overflow, the client reconnects and gets the rest replayed.
+                    warn!(socket, expected = f.delivered, got = seq, "a notification from the room's home was lost; the client reconnects");
+                    f.handle.drop_transport();
+                    return;
+                }
+                if f.handle.emit(&event, args).is_ok() {
+                    f.delivered += 1;
+                }
             }
-            ToClient::Disconnect => handle.disconnect(),
+            ToClient::Disconnect => f.handle.disconnect(),
         }
+    }
+
+    fn room_lost(&self, room: &str) {
+        self.lose_room(room);
     }
 }

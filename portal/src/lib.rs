@@ -228,6 +228,7 @@ impl Portal {
             };
             let Some((p, emptied)) = conf.remove(room, participant) else { return };
             info!(room, participant, reason, "participant left");
+            front::spend_reseat(self, room, participant);
             if notify_leave {
                 conf.broadcast(room, None, "participant", &json!({"action": "leave", "data": participant}));
             }
@@ -299,7 +300,13 @@ impl Portal {
         // In a cluster the ticket says where the participant sat, so any portal finds the
         // room's home, and a new home can seat the participant again if this one is lost.
         let seat = match self.homes() {
-            Some(h) => tessera_core::ticket::Seat { room: room.into(), user: p.info.user.clone(), role: p.info.role.clone(), home: h.incarnation() },
+            Some(h) => tessera_core::ticket::Seat {
+                room: room.into(),
+                user: p.info.user.clone(),
+                role: p.info.role.clone(),
+                home: h.incarnation(),
+                permission: Some(p.info.permission),
+            },
             None => tessera_core::ticket::Seat::default(),
         };
         let (ticket, fields) = self.inner.admission.tickets.issue_seated(participant, &seat, now_ms(), lifetime).map_err(|e| e.to_string())?;

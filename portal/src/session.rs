@@ -24,6 +24,9 @@ pub(crate) enum State {
     /// Logged in to `room`, whose home is another node of the cluster: every request is
     /// forwarded there (`front.rs`).
     Away { room: String, session: tessera_core::home::FrontSession },
+    /// The room's home was lost under this socket: its transport is dropped after the ack,
+    /// so the client reconnects and resumes with `relogin` at the new home.
+    Lost,
 }
 
 impl State {
@@ -45,7 +48,7 @@ impl State {
             State::Joined { room, participant, generation } => {
                 FrontSession::Joined { room: room.clone(), participant: participant.clone(), generation: *generation }
             }
-            State::Ended | State::Away { .. } => FrontSession::Ended,
+            State::Ended | State::Away { .. } | State::Lost => FrontSession::Ended,
         }
     }
 }
@@ -123,7 +126,7 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     _ => "transport gone".into(),
                 };
                 match &state {
-                    State::Away { room, .. } => crate::front::closed(&portal, &handle, room, &state, reason),
+                    State::Away { room, .. } => crate::front::closed(&portal, &handle, room, reason),
                     _ => on_closed(&portal, &state, &reason),
                 }
                 return;
@@ -169,6 +172,10 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     // OWT closes the socket after a failed login/relogin.
                     handle.disconnect();
                 }
+                if matches!(state, State::Lost) {
+                    state = State::Ended;
+                    handle.drop_transport();
+                }
             }
         }
     }
@@ -184,7 +191,7 @@ pub(crate) async fn handle_request(
     args: &[Value],
     replay: &mut Vec<(String, Value)>,
 ) -> Reply {
-    match &*state {
+    let reply = match &*state {
         State::Fresh if name == "login" => login(portal, link, state, args).await,
         // In a cluster, a participant whose room's home was lost resumes at the new home.
         State::Fresh if name == "relogin" => match crate::front::reseat_ticket(portal, args) {
@@ -196,7 +203,12 @@ pub(crate) async fn handle_request(
             portal.media_request(&room, &participant, name, args).await
         }
         _ => dispatch(portal, link, state, name, args, replay),
+    };
+    // A room this node claimed for a login that failed goes back, unless someone sits in it.
+    if matches!(name, "login" | "relogin") && !matches!(state, State::Joined { .. }) {
+        crate::front::release_unused(portal, name, args);
     }
+    reply
 }
 
 pub(crate) fn dispatch(
@@ -254,7 +266,9 @@ pub(crate) async fn login(portal: &Portal, handle: &ClientLink, state: &mut Stat
 async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args: &[Value]) -> Result<Option<Value>, Refused> {
     // A failed login ends the socket (OWT behaviour); success replaces this below.
     *state = State::Ended;
-    if portal.is_draining() {
+    // A draining home still takes the participants other portals bring to its live rooms
+    // (those rooms end with it); its own portal takes no new ones.
+    if portal.is_draining() && matches!(handle, ClientLink::Socket(_)) {
         return Err(Refused::new(Refusal::Draining, "Server is draining: log in to another server or retry later"));
     }
     let bad = |m: String| Refused(Refusal::BadRequest, m);
