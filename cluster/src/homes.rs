@@ -49,6 +49,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// the claim to expire. (Holders refresh every [`HEARTBEAT`]; the age is read against the
 /// holder's clock, so nodes' clocks must agree within a second or two.)
 const STALE: Duration = Duration::from_secs(6);
+/// How long a released room remembers the run it had been taken over from.
+const RELEASED_KEPT: Duration = Duration::from_secs(30);
 /// How long a forwarded management request may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,6 +80,10 @@ enum ToHome {
 /// A room this node holds.
 struct Held {
     revision: u64,
+    /// When the claim was last written: a holder that could not refresh it for [`STALE`]
+    /// leaves other nodes' requests unanswered until it has (another node may have taken
+    /// the room over meanwhile, and then answers them).
+    written: tokio::time::Instant,
     /// The run this node took the room over from.
     predecessor: Option<String>,
     /// Serves the room's subject.
@@ -99,6 +105,10 @@ pub struct ClusterHomes {
     /// Serialises this node's writes of claims (claim, refresh, release), so a release
     /// and a refresh of one room cannot leave a claim nobody serves.
     io: tokio::sync::Mutex<()>,
+    /// Rooms released lately and the run they had been taken over from: a room that
+    /// empties right after a takeover and is claimed again keeps its predecessor, so the
+    /// dead home's participants can still be seated again.
+    released: Mutex<HashMap<String, (String, tokio::time::Instant)>>,
     service: OnceLock<Arc<dyn HomeService>>,
 }
 
@@ -165,6 +175,7 @@ impl ClusterHomes {
             kv: Mutex::new(kv),
             held: Mutex::new(HashMap::new()),
             io: tokio::sync::Mutex::new(()),
+            released: Mutex::new(HashMap::new()),
             service: OnceLock::new(),
         });
         homes.spawn_refresh();
@@ -219,8 +230,11 @@ impl ClusterHomes {
                 let Some(me) = me.upgrade() else { return };
                 let rooms: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
                 for room in rooms {
-                    let _io = me.io.lock().await;
-                    match tokio::time::timeout(NATS_TIMEOUT, me.refresh(&room)).await {
+                    let refreshed = {
+                        let _io = me.io.lock().await;
+                        tokio::time::timeout(NATS_TIMEOUT, me.refresh(&room)).await
+                    };
+                    match refreshed {
                         Ok(Ok(())) => {}
                         Ok(Err(HomeError::Unreachable { node, .. })) => {
                             // Taken over while this node could not refresh its claim (cut
@@ -242,6 +256,18 @@ impl ClusterHomes {
         });
     }
 
+    /// Whether this node wrote its claim on `room` within [`STALE`].
+    fn written_lately(&self, room: &str) -> bool {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(room).is_some_and(|h| h.written.elapsed() < STALE)
+    }
+
+    /// Opens the bucket again (making it if NATS lost it).
+    async fn reopen(&self) -> Result<(), HomeError> {
+        let kv = open_kv(&self.node).await.map_err(unavailable)?;
+        *self.kv.lock().unwrap_or_else(|p| p.into_inner()) = kv;
+        Ok(())
+    }
+
     /// Re-writes one claim; called under `io`.
     async fn refresh(&self, room: &str) -> Result<(), HomeError> {
         // Released since the list was taken.
@@ -257,8 +283,7 @@ impl ClusterHomes {
                 let entry = match self.kv().entry(&k).await {
                     Ok(e) => e.filter(|e| e.operation == kv::Operation::Put),
                     Err(_) => {
-                        let kv = open_kv(&self.node).await.map_err(unavailable)?;
-                        *self.kv.lock().unwrap_or_else(|p| p.into_inner()) = kv;
+                        self.reopen().await?;
                         None
                     }
                 };
@@ -271,14 +296,29 @@ impl ClusterHomes {
                         return Err(HomeError::Unreachable { room: room.into(), node: by });
                     }
                     None => {
+                        // Gone (expired while NATS was away, or lost with a NATS restart);
+                        // unless another node serves the room by now, it is written again.
+                        if let Some(other) = self.answering(room).await?.filter(|o| *o != self.incarnation()) {
+                            return Err(HomeError::Unreachable { room: room.into(), node: other });
+                        }
                         info!(room = ?room, "claiming room again (the claim had expired)");
-                        self.kv().create(&k, value).await.map_err(unavailable)?
+                        match self.kv().create(&k, value.clone()).await {
+                            Ok(rev) => rev,
+                            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Err(unavailable(e)),
+                            // The bucket itself may be gone (a NATS restart loses memory
+                            // storage): made again, then written.
+                            Err(_) => {
+                                self.reopen().await?;
+                                self.kv().create(&k, value).await.map_err(unavailable)?
+                            }
+                        }
                     }
                 }
             }
         };
         if let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(room) {
             h.revision = next;
+            h.written = tokio::time::Instant::now();
         }
         Ok(())
     }
@@ -302,12 +342,25 @@ impl ClusterHomes {
                         }
                         continue;
                     }
+                    Ok(ToHome::Closed { client: c, delivered, reason }) => {
+                        // In the order received, before any later request of that client
+                        // (a relogin) runs; answered so the front knows it arrived.
+                        service.closed(&room, c, delivered, reason);
+                        if let Some(reply) = msg.reply {
+                            let _ = me.client.publish(reply, bytes::Bytes::from_static(b"true")).await;
+                        }
+                        continue;
+                    }
                     Ok(m) => m,
                     Err(e) => {
                         warn!(room = ?room, error = %e, "an unreadable request for a room was dropped");
                         continue;
                     }
                 };
+                if !me.written_lately(&room) {
+                    debug!(room = ?room, "a request for a room whose claim is not written lately left unanswered");
+                    continue;
+                }
                 let (client, room) = (me.client.clone(), room.clone());
                 // Each request on its own task: a publish waiting on its webrtc node must
                 // not hold up the room's other participants. A front sends one client's
@@ -315,11 +368,7 @@ impl ClusterHomes {
                 tokio::spawn(async move {
                     let answer = match message {
                         ToHome::Request { request } => serde_json::to_vec(&service.request(&room, request).await),
-                        ToHome::Closed { client: c, delivered, reason } => {
-                            service.closed(&room, c, delivered, reason);
-                            return;
-                        }
-                        ToHome::Ping => return,
+                        ToHome::Closed { .. } | ToHome::Ping => return,
                         ToHome::Control { request } => {
                             let answer: Result<ControlAnswer, ControlErrorWire> = service.control(&room, request).await.map_err(Into::into);
                             serde_json::to_vec(&answer)
@@ -335,8 +384,17 @@ impl ClusterHomes {
     }
 
     async fn read_claim(&self, room: &str) -> Result<Option<(Claim, u64)>, HomeError> {
-        let entry = tokio::time::timeout(NATS_TIMEOUT, self.kv().entry(&key(room))).await.map_err(|_| unavailable("NATS did not answer"))?;
-        let entry = entry.map_err(unavailable)?;
+        let read = || async { tokio::time::timeout(NATS_TIMEOUT, self.kv().entry(&key(room))).await.map_err(|_| unavailable("NATS did not answer")) };
+        let entry = match read().await? {
+            Ok(entry) => entry,
+            // The bucket may be gone (a NATS restart loses memory storage): made again.
+            Err(e) => {
+                debug!(room = ?room, error = %e, "claims unreadable; opening the bucket again");
+                bucket::connected(&self.client).map_err(unavailable)?;
+                self.reopen().await?;
+                read().await?.map_err(unavailable)?
+            }
+        };
         Ok(entry.filter(|e| e.operation == kv::Operation::Put).and_then(|e| serde_json::from_slice::<Claim>(&e.value).ok().map(|c| (c, e.revision))))
     }
 
@@ -403,10 +461,20 @@ impl Homes for ClusterHomes {
                     }
                 }
                 Some((_, revision)) => {
-                    // This run's own claim on a room it released (the delete did not go
-                    // through): take it again.
+                    // This run's own claim: one it could not refresh for a while (NATS was
+                    // away), or of a room it released whose delete did not go through.
                     let value = self.claim_value()?;
                     if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
+                        let still_held = {
+                            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                            held.get_mut(room).map(|h| {
+                                h.revision = rev;
+                                h.written = tokio::time::Instant::now();
+                            })
+                        };
+                        if still_held.is_some() {
+                            return Ok(Home::Here);
+                        }
                         return self.hold(room, rev, None).await;
                     }
                 }
@@ -423,7 +491,11 @@ impl Homes for ClusterHomes {
                         Ok(Ok(rev)) => return self.hold(room, rev, None).await,
                         // Another node claimed it first: read whose it is.
                         Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-                        Ok(Err(e)) => return Err(unavailable(e)),
+                        // The bucket may be gone (NATS restarted): made again, then retried.
+                        Ok(Err(e)) => {
+                            debug!(room = ?room, error = %e, "claim refused; opening the bucket again");
+                            self.reopen().await?;
+                        }
                         Err(_) => return Err(unavailable("NATS did not answer")),
                     }
                 }
@@ -438,7 +510,13 @@ impl Homes for ClusterHomes {
         }
         Ok(match self.read_claim(room).await? {
             Some((c, _)) if c.node != self.id => Some(Home::There(c.node)),
-            _ => None,
+            Some(_) => None,
+            // No claim, but maybe a holder about to write it again (after a NATS restart).
+            None => self
+                .answering(room)
+                .await?
+                .filter(|h| *h != self.incarnation())
+                .map(|h| Home::There(h.split('/').next().unwrap_or_default().to_string())),
         })
     }
 
@@ -461,6 +539,9 @@ impl Homes for ClusterHomes {
     fn release(&self, room: &str) {
         let Some(held) = self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(room) else { return };
         held.task.abort();
+        if let Some(p) = held.predecessor {
+            self.released.lock().unwrap_or_else(|p| p.into_inner()).insert(room.to_string(), (p, tokio::time::Instant::now()));
+        }
         let Some(me) = self.this.upgrade() else { return };
         let room = room.to_string();
         tokio::spawn(async move {
@@ -492,10 +573,22 @@ impl Homes for ClusterHomes {
     }
 
     fn closed(&self, room: &str, client: ClientAddr, delivered: u64, reason: String) {
-        let Ok(payload) = serde_json::to_vec(&ToHome::Closed { client, delivered, reason }) else { return };
-        if self.outbox.try_send((room_subject(room), payload.into())).is_err() {
-            debug!(room = ?room, "a socket's close could not be told to its room's home (outbox full)");
-        }
+        let Some(me) = self.this.upgrade() else { return };
+        let room = room.to_string();
+        // Asked until answered (for about the reconnection grace period's first half
+        // minute): a close the home never hears of would keep the participant forever.
+        tokio::spawn(async move {
+            let message = ToHome::Closed { client, delivered, reason };
+            for attempt in 0..15u32 {
+                match me.ask(&room, &message, PING_TIMEOUT).await {
+                    Ok(_) => return,
+                    // Nobody holds the room: nobody to tell.
+                    Err(HomeError::Unreachable { .. }) if attempt > 2 => return,
+                    Err(e) => debug!(room = ?room, error = %e, "a socket's close did not reach its room's home yet"),
+                }
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        });
     }
 
     fn to_client(&self, client: &ClientAddr, message: ToClient) {
@@ -534,6 +627,11 @@ impl Homes for ClusterHomes {
 
 impl ClusterHomes {
     async fn hold(&self, room: &str, revision: u64, predecessor: Option<String>) -> Result<Home, HomeError> {
+        let predecessor = predecessor.or_else(|| {
+            let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+            released.retain(|_, (_, at)| at.elapsed() < RELEASED_KEPT);
+            released.remove(room).map(|(p, _)| p)
+        });
         let me = self.this.upgrade().ok_or_else(|| unavailable("shutting down"))?;
         let task = match me.serve_room(room).await {
             Ok(task) => task,
@@ -544,7 +642,10 @@ impl ClusterHomes {
             }
         };
         info!(room = ?room, node = %self.id, "room claimed: this node is its home");
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(room.to_string(), Held { revision, predecessor, task });
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.to_string(), Held { revision, written: tokio::time::Instant::now(), predecessor, task });
         Ok(Home::Here)
     }
 }

@@ -17,6 +17,10 @@ pub struct ClientAddr {
     pub front: String,
     /// The socket's id on the front (also the participant's id once logged in).
     pub socket: String,
+    /// The front's run ([`Homes::incarnation`]), so a home notices a front that restarted
+    /// under the same id (its sockets died with the earlier run).
+    #[serde(default)]
+    pub run: String,
 }
 
 /// Where a socket's session stands, as the home last told its front.
@@ -292,7 +296,7 @@ mod tests {
     #[test]
     fn wire_shapes_round_trip() {
         let req = FrontRequest {
-            client: ClientAddr { front: "n2".into(), socket: "abc".into() },
+            client: ClientAddr { front: "n2".into(), socket: "abc".into(), run: "n2/x".into() },
             session: FrontSession::Joined { room: "r".into(), participant: "abc".into(), generation: 2 },
             name: "publish".into(),
             args: vec![json!({"media": {"audio": {"source": "mic"}}})],

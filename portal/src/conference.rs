@@ -42,6 +42,15 @@ pub(crate) struct SentLog {
 const SENT_KEPT: usize = 256;
 
 impl SentLog {
+    /// Keeps notification `seq` (the next one), forgetting the oldest beyond [`SENT_KEPT`].
+    pub fn record(&mut self, seq: u64, event: &str, args: &[Value]) {
+        self.next = seq + 1;
+        if self.recent.len() >= SENT_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((seq, event.to_string(), args.to_vec()));
+    }
+
     /// The notifications from number `delivered` on, oldest first.
     pub fn undelivered(&self, delivered: u64) -> VecDeque<(String, Value)> {
         self.recent
@@ -75,11 +84,7 @@ impl ClientLink {
                 let seq = {
                     let mut log = sent.lock().unwrap_or_else(|p| p.into_inner());
                     let seq = log.next;
-                    log.next += 1;
-                    if log.recent.len() >= SENT_KEPT {
-                        log.recent.pop_front();
-                    }
-                    log.recent.push_back((seq, event.to_string(), args.clone()));
+                    log.record(seq, event, &args);
                     seq
                 };
                 homes.to_client(client, tessera_core::home::ToClient::Emit { seq, event: event.into(), args });
@@ -268,6 +273,9 @@ pub(crate) struct Conferences {
     /// The views started for each room, to stop when it empties (even if the room's
     /// configuration changed meanwhile).
     pub mixing: HashMap<RoomId, Vec<ViewLabel>>,
+    /// Logins (and re-seats) in progress per room: a room this node holds is not given up
+    /// under one (see [`crate::session::Seating`]).
+    pub seating: HashMap<RoomId, usize>,
 }
 
 impl Conferences {

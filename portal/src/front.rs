@@ -39,6 +39,8 @@ const WATCH: Duration = Duration::from_secs(2);
 /// closed (its entry expires 10 s after its last report; a NATS restart empties the list
 /// for a moment).
 const FRONT_MISSES: u32 = 5;
+/// How long a home remembers sockets reported closed before their login arrived.
+const CLOSED_EARLY_KEPT: Duration = Duration::from_secs(60);
 
 /// A socket of this node whose room's home is another node.
 pub(crate) struct Fronted {
@@ -50,6 +52,11 @@ pub(crate) struct Fronted {
     transports: HashSet<String>,
     /// How many of the home's notifications reached the socket (they are numbered from 0).
     delivered: u64,
+    /// The home was found lost: the socket is being dropped.
+    lost: bool,
+    /// Notifications that came while the socket's login or relogin was in flight: sent
+    /// after its answer (and the replay), as on a single node.
+    held_back: Option<Vec<(u64, String, Vec<Value>)>>,
 }
 
 impl Portal {
@@ -90,7 +97,7 @@ impl Portal {
         loop {
             tick.tick().await;
             let rooms: HashSet<(String, String)> =
-                self.fronted().values().filter(|f| !f.home.is_empty()).map(|f| (f.room.clone(), f.home.clone())).collect();
+                self.fronted().values().filter(|f| !f.home.is_empty() && !f.lost).map(|f| (f.room.clone(), f.home.clone())).collect();
             suspects.retain(|r| rooms.contains(r));
             for (room, home) in rooms {
                 match homes.answering(&room).await {
@@ -115,24 +122,27 @@ impl Portal {
 
     /// The home side of [`Portal::watch_homes`]: participants whose front left.
     fn check_fronts(&self, homes: &dyn Homes, missing: &mut HashMap<String, u32>) {
-        let mut fronts: HashSet<String> = HashSet::new();
+        // A front's run is what must live: one restarted under the same id lost its sockets.
+        let live = |client: &ClientAddr| if client.run.is_empty() { homes.node_listed(&client.front) } else { homes.is_live(&client.run) };
+        let mut fronts: HashMap<String, bool> = HashMap::new();
         let mut gone: Vec<(String, String, u64)> = Vec::new();
         {
             let conf = self.lock();
             for (room, r) in &conf.rooms {
                 for p in &r.participants {
                     if let Link::Connected(ClientLink::Remote { client, .. }) = &p.link {
-                        fronts.insert(client.front.clone());
-                        if missing.get(&client.front).is_some_and(|n| *n + 1 >= FRONT_MISSES) && !homes.node_listed(&client.front) {
+                        let key = format!("{}|{}", client.front, client.run);
+                        let alive = *fronts.entry(key.clone()).or_insert_with(|| live(client));
+                        if !alive && missing.get(&key).is_some_and(|n| *n + 1 >= FRONT_MISSES) {
                             gone.push((room.to_string(), p.info.id.clone(), p.generation));
                         }
                     }
                 }
             }
         }
-        missing.retain(|f, _| fronts.contains(f));
-        for front in fronts {
-            if homes.node_listed(&front) {
+        missing.retain(|f, _| fronts.contains_key(f));
+        for (front, alive) in fronts {
+            if alive {
                 missing.remove(&front);
             } else {
                 *missing.entry(front).or_default() += 1;
@@ -154,16 +164,17 @@ impl Portal {
     }
 
     fn home_lost(&self, room: &str, home: &str, now: Option<&str>) {
-        let lost: Vec<Fronted> = {
-            let mut fronted = self.fronted();
-            let ids: Vec<String> = fronted.iter().filter(|(_, f)| f.room == room && f.home == home).map(|(id, _)| id.clone()).collect();
-            ids.iter().filter_map(|id| fronted.remove(id)).collect()
-        };
-        warn!(room = ?room, home, now = ?now, sockets = lost.len(), "the room's home is gone; its participants here reconnect");
-        for f in lost {
-            tell_transports_failed(&f);
+        let mut fronted = self.fronted();
+        let mut sockets = 0;
+        // Kept (marked lost) until their sockets close, which reports what they got.
+        for f in fronted.values_mut().filter(|f| f.room == room && f.home == home && !f.lost) {
+            f.lost = true;
+            sockets += 1;
+            tell_transports_failed(f);
             f.handle.drop_transport();
         }
+        drop(fronted);
+        warn!(room = ?room, home, now = ?now, sockets, "the room's home is gone; its participants here reconnect");
     }
 
     /// This node held `room` and another node took it over: the participants here are
@@ -192,12 +203,26 @@ impl Portal {
                 h.drop_transport();
             }
         }
+        // Only the sessions this node placed: the participants may already sit at the new
+        // home under the same ids, with new sessions on the same webrtc nodes.
         let portal = self.clone();
         let room = room.to_string();
         tokio::spawn(async move {
-            for p in state.participants {
-                portal.media_cleanup(&room, &p.info.id, Default::default()).await;
+            if let Some(agent) = portal.inner.router.agent_for(&room.as_str().into()) {
+                for p in &state.participants {
+                    for session in p.sessions.keys() {
+                        let end = tessera_core::command::EndSession {
+                            room: room.as_str().into(),
+                            participant: p.info.id.as_str().into(),
+                            session: session.clone(),
+                        };
+                        if let Err(e) = agent.call(end).await {
+                            debug!(room = ?room, error = %e, "ending a session of a room taken over");
+                        }
+                    }
+                }
             }
+            portal.inner.router.release(&room.as_str().into());
         });
     }
 }
@@ -253,7 +278,11 @@ pub(crate) fn release_unused(portal: &Portal, name: &str, args: &[Value]) {
     let Some(homes) = portal.homes() else { return };
     let Some(room) = login_room(portal, name, args) else { return };
     let conf = portal.lock();
-    if homes.is_home(&room) && !conf.rooms.contains_key(room.as_str()) && !conf.mixing.contains_key(room.as_str()) {
+    if homes.is_home(&room)
+        && !conf.rooms.contains_key(room.as_str())
+        && !conf.mixing.contains_key(room.as_str())
+        && !conf.seating.contains_key(room.as_str())
+    {
         homes.release(&room);
     }
 }
@@ -289,10 +318,18 @@ pub(crate) async fn forward(
     if fresh {
         // Before the request goes: notifications the home sends right after seating the
         // participant may arrive before its answer.
-        let entry = Fronted { handle: handle.clone(), room: room.into(), home: String::new(), transports: HashSet::new(), delivered: 0 };
+        let entry = Fronted {
+            handle: handle.clone(),
+            room: room.into(),
+            home: String::new(),
+            transports: HashSet::new(),
+            delivered: 0,
+            lost: false,
+            held_back: Some(Vec::new()),
+        };
         portal.fronted().insert(handle.id().to_string(), entry);
     }
-    let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string() };
+    let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string(), run: homes.incarnation() };
     let request = FrontRequest { client: client.clone(), session, name: name.into(), args: args.to_vec() };
     let deadline = tokio::time::Instant::now() + HOME_WAIT;
     let answer = loop {
@@ -358,6 +395,11 @@ pub(crate) async fn forward(
             }
             *state = State::Away { room: room.into(), session: reply.session };
         }
+        // The home no longer has this socket's participant (it timed out there, or was
+        // seated again elsewhere): the client reconnects and finds out by relogin.
+        FrontSession::Ended if !fresh && name != "logout" => {
+            let _ = lost(portal, handle, state);
+        }
         FrontSession::Fresh | FrontSession::Ended => {
             portal.fronted().remove(handle.id());
             *state = if reply.session == FrontSession::Fresh { State::Fresh } else { State::Ended };
@@ -366,23 +408,57 @@ pub(crate) async fn forward(
     reply.reply
 }
 
+/// After a fronted socket's login/relogin was answered (and its replay sent): the
+/// notifications held back meanwhile go out, in order.
+pub(crate) fn release_held_back(portal: &Portal, handle: &SocketHandle) {
+    let mut fronted = portal.fronted();
+    let Some(f) = fronted.get_mut(handle.id()) else { return };
+    for (seq, event, args) in f.held_back.take().unwrap_or_default() {
+        deliver(f, seq, event, args);
+    }
+}
+
+/// One numbered notification to a fronted socket, unless it was seen already; a gap
+/// means one was lost on the way (the home's outbox overflowed): like a local socket's
+/// overflow, the client reconnects and gets the rest replayed.
+fn deliver(f: &mut Fronted, seq: u64, event: String, args: Vec<Value>) {
+    if seq < f.delivered || f.lost {
+        return;
+    }
+    if seq > f.delivered {
+        warn!(socket = %f.handle.id(), expected = f.delivered, got = seq, "a notification from the room's home was lost; the client reconnects");
+        f.lost = true;
+        f.handle.drop_transport();
+        return;
+    }
+    if f.handle.emit(&event, args).is_ok() {
+        f.delivered += 1;
+    }
+}
+
 /// The home of a logged-in socket is gone: its transports are told failed, and the socket
 /// is dropped after this request's answer, so the client resumes at the new home.
 fn lost(portal: &Portal, handle: &SocketHandle, state: &mut State) -> Reply {
-    if let Some(f) = portal.fronted().remove(handle.id()) {
-        tell_transports_failed(&f);
+    if let Some(f) = portal.fronted().get_mut(handle.id())
+        && !f.lost
+    {
+        f.lost = true;
+        tell_transports_failed(f);
     }
     *state = State::Lost;
     Err("The server holding the room was lost; reconnect".into())
 }
 
-/// A fronted socket closed: its home keeps the participant for relogin, with the
-/// notifications that did not reach the socket.
-pub(crate) fn closed(portal: &Portal, handle: &SocketHandle, room: &str, reason: String) {
-    let delivered = portal.fronted().remove(handle.id()).map_or(0, |f| f.delivered);
+/// A socket closed: if its room's home is another node, that home keeps the participant
+/// for relogin, with the notifications that did not reach the socket.
+pub(crate) fn closed(portal: &Portal, handle: &SocketHandle, reason: String) {
+    let Some(f) = portal.fronted().remove(handle.id()) else { return };
     let Some(homes) = portal.homes() else { return };
-    let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string() };
-    homes.closed(room, client, delivered, reason);
+    if f.home.is_empty() {
+        return;
+    }
+    let client = ClientAddr { front: homes.node().to_string(), socket: handle.id().to_string(), run: homes.incarnation() };
+    homes.closed(&f.room, client, f.delivered, reason);
 }
 
 /// A `relogin` this node (the room's home) can only serve by seating the participant
@@ -450,6 +526,7 @@ async fn try_reseat(portal: &Portal, link: &ClientLink, state: &mut State, ticke
     let seat = ticket.seat;
     let room = portal.inner.store.get(&seat.room).ok_or_else(|| Refused(Refusal::RoomNotFound, format!("Room not found: {}", seat.room)))?;
     let role = room.role(&seat.role).ok_or(Refused::new(Refusal::Role, "Invalid role"))?;
+    let _seating = crate::session::Seating::new(portal, &room.id);
     let participant = ticket.participant_id;
     let claims = reseat_claims(&seat.home, &participant, &room.id, ticket.not_after / 1000 + 1);
     let spent = portal.inner.admission.ledger.consume(&claims, now_secs()).await.map_err(|e| match e {
@@ -548,7 +625,12 @@ impl HomeService for Portal {
             })
         };
         let Some((participant, generation)) = found else {
+            // Its login may still be on its way here (the front gave up waiting): it must
+            // not seat a participant whose socket is gone.
             debug!(front = %client.front, socket = %client.socket, "a closed socket of another front held no participant here");
+            let mut early = self.inner.closed_early.lock().unwrap_or_else(|p| p.into_inner());
+            early.retain(|_, at| at.elapsed() < CLOSED_EARLY_KEPT);
+            early.insert(client, std::time::Instant::now());
             return;
         };
         crate::session::on_closed(self, &State::Joined { room: room.to_string(), participant, generation }, &reason);
@@ -585,26 +667,57 @@ impl HomeService for Portal {
             return;
         };
         match message {
-            ToClient::Emit { seq, event, args } => {
-                if seq < f.delivered {
-                    return;
-                }
-                if seq > f.delivered {
-                    // One was lost on the way (the home's outbox overflowed): like a local
-                    // socket's overflow, the client reconnects and gets the rest replayed.
-                    warn!(socket, expected = f.delivered, got = seq, "a notification from the room's home was lost; the client reconnects");
-                    f.handle.drop_transport();
-                    return;
-                }
-                if f.handle.emit(&event, args).is_ok() {
-                    f.delivered += 1;
-                }
-            }
+            ToClient::Emit { seq, event, args } => match &mut f.held_back {
+                Some(held) => held.push((seq, event, args)),
+                None => deliver(f, seq, event, args),
+            },
             ToClient::Disconnect => f.handle.disconnect(),
         }
     }
 
     fn room_lost(&self, room: &str) {
         self.lose_room(room);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conference::SentLog;
+
+    fn fronted() -> (Fronted, tokio::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let handle = SocketHandle::for_test("s1", tx);
+        (Fronted { handle, room: "r".into(), home: "n1/a".into(), transports: HashSet::new(), delivered: 0, lost: false, held_back: None }, rx)
+    }
+
+    /// Numbered notifications reach the socket once and in order; a gap (one lost on the
+    /// way) makes the socket reconnect instead of going on without it.
+    #[test]
+    fn numbered_notifications_once_in_order_and_a_gap_drops_the_socket() {
+        let (mut f, mut rx) = fronted();
+        deliver(&mut f, 0, "text".into(), vec![json!({"message": "a"})]);
+        deliver(&mut f, 0, "text".into(), vec![json!({"message": "a"})]);
+        deliver(&mut f, 1, "text".into(), vec![json!({"message": "b"})]);
+        assert_eq!(f.delivered, 2);
+        let sent: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent[0].contains("\"a\"") && sent[1].contains("\"b\""), "{sent:?}");
+        deliver(&mut f, 3, "text".into(), vec![json!({"message": "d"})]);
+        assert!(f.lost && f.handle.is_closed(), "a gap drops the socket");
+        assert_eq!(f.delivered, 2, "what the home must replay starts at 2");
+        assert!(rx.try_recv().is_err());
+    }
+
+    /// What a home sent but the front did not deliver is what the relogin replays.
+    #[test]
+    fn undelivered_notifications_are_the_ones_after_the_count() {
+        let mut log = SentLog::default();
+        for (i, m) in ["a", "b", "c"].iter().enumerate() {
+            log.record(i as u64, "text", &[json!(m)]);
+        }
+        let rest: Vec<Value> = log.undelivered(1).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(rest, vec![json!("b"), json!("c")]);
+        assert!(log.undelivered(3).is_empty());
     }
 }

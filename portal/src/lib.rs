@@ -88,6 +88,8 @@ struct Inner {
     homes: std::sync::OnceLock<Arc<dyn tessera_core::home::Homes>>,
     /// Sockets of this node whose room's home is another node, by socket id.
     fronted: Mutex<std::collections::HashMap<String, front::Fronted>>,
+    /// Sockets of other fronts reported closed before their login reached this home.
+    closed_early: Mutex<std::collections::HashMap<tessera_core::home::ClientAddr, std::time::Instant>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -126,6 +128,7 @@ impl Portal {
                 permission_changes: Default::default(),
                 homes: std::sync::OnceLock::new(),
                 fronted: Mutex::new(Default::default()),
+                closed_early: Mutex::new(Default::default()),
             }),
         };
         if let Some(mut events) = events {

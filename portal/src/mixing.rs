@@ -75,7 +75,9 @@ impl Portal {
         let conf = self.lock();
         if !conf.rooms.contains_key(room) {
             self.inner.router.release(&room.into());
-            if let Some(h) = self.homes() {
+            if let Some(h) = self.homes()
+                && !conf.seating.contains_key(room)
+            {
                 h.release(room);
             }
         }

@@ -125,10 +125,10 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     Some(Incoming::Closed { reason }) => reason,
                     _ => "transport gone".into(),
                 };
-                match &state {
-                    State::Away { room, .. } => crate::front::closed(&portal, &handle, room, reason),
-                    _ => on_closed(&portal, &state, &reason),
-                }
+                // A socket served here, or one whose room's home is another node (whose
+                // home then keeps its participant for relogin).
+                on_closed(&portal, &state, &reason);
+                crate::front::closed(&portal, &handle, reason);
                 return;
             }
             Some(Incoming::Invalid { reason }) => {
@@ -167,6 +167,9 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     if handle.emit(&event, vec![data]).is_err() {
                         break;
                     }
+                }
+                if matches!(state, State::Away { .. }) {
+                    crate::front::release_held_back(&portal, &handle);
                 }
                 if close_after {
                     // OWT closes the socket after a failed login/relogin.
@@ -279,6 +282,7 @@ async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args
     let room = inner.store.get(&claims.room).ok_or_else(|| Refused(Refusal::RoomNotFound, format!("Room not found: {}", claims.room)))?;
     let role = room.role(&claims.role).ok_or(Refused::new(Refusal::Role, "Invalid role"))?;
     let permission = permission_of(role);
+    let _seating = Seating::new(portal, &room.id);
     let participant = handle.id().to_string();
     let info = tessera_core::ParticipantInfo { id: participant.clone(), role: claims.role.clone(), user: claims.user.clone(), permission };
     // Spent before the seat is taken, since the ledger may be another machine's (a
@@ -319,6 +323,32 @@ async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args
     Ok(Some(result))
 }
 
+/// A login in progress for a room, counted while it lives: in a cluster a room that
+/// emptied is not given up by its home under a login that is about to seat someone.
+pub(crate) struct Seating<'a> {
+    portal: &'a Portal,
+    room: String,
+}
+
+impl<'a> Seating<'a> {
+    pub(crate) fn new(portal: &'a Portal, room: &str) -> Seating<'a> {
+        *portal.lock().seating.entry(room.into()).or_default() += 1;
+        Seating { portal, room: room.to_string() }
+    }
+}
+
+impl Drop for Seating<'_> {
+    fn drop(&mut self) {
+        let mut conf = self.portal.lock();
+        if let Some(n) = conf.seating.get_mut(self.room.as_str()) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                conf.seating.remove(self.room.as_str());
+            }
+        }
+    }
+}
+
 /// Seats a participant in `room`, telling the others, unless the room is full or (in a
 /// cluster) this node does not hold it (any more).
 pub(crate) fn seat(portal: &Portal, room: &tessera_core::Room, info: tessera_core::ParticipantInfo, handle: &ClientLink) -> Result<(), Refused> {
@@ -330,6 +360,11 @@ pub(crate) fn seat(portal: &Portal, room: &tessera_core::Room, info: tessera_cor
     // Checked under the room lock, which the release of an emptied room also holds.
     if portal.homes().is_some_and(|h| !h.is_home(&room.id)) {
         return Err(Refused::new(Refusal::Unavailable, "Room is moving to another server; retry"));
+    }
+    if let ClientLink::Remote { client, .. } = handle
+        && portal.inner.closed_early.lock().unwrap_or_else(|p| p.into_inner()).remove(client).is_some()
+    {
+        return Err(Refused::new(Refusal::Internal, "Connection closed before the login completed"));
     }
     let started = !conf.rooms.contains_key(room.id.as_str());
     let participant = info.id.clone();

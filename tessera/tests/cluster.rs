@@ -1081,10 +1081,15 @@ async fn a_room_has_one_home_among_portals() {
     }
     wait_transports(&b, "alpha", 2).await;
 
-    // Bob's connection to bravo dies; what Ann says at that moment (before or after alpha
-    // hears of it) waits for him, and he resumes through alpha with his ticket.
+    // Bob's connection to bravo dies; alpha hears of it from bravo, what Ann says then waits
+    // for him, and he resumes through alpha with his ticket.
     let bob_id = bob_info["id"].as_str().unwrap().to_string();
     bob.kill().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&a, "tessera_participants_reconnecting").await != 1.0 {
+        assert!(Instant::now() < deadline, "alpha never heard that bob's socket on bravo closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     ann.ok("text", Some(serde_json::json!({"to": bob_id, "message": "while you were away"}))).await.unwrap();
     let mut bob = tessera_client::signaling::Signaling::connect(&a.portal).await.unwrap();
     let next = bob.ok("relogin", Some(bob_info["reconnectionTicket"].clone())).await.unwrap();
