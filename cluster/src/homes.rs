@@ -49,6 +49,10 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// the claim to expire. (Holders refresh every [`HEARTBEAT`]; the age is read against the
 /// holder's clock, so nodes' clocks must agree within a second or two.)
 const STALE: Duration = Duration::from_secs(6);
+/// How often the refresh loop looks at the NATS connection.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// The least time between two re-openings of the claims bucket.
+const REOPEN_GAP: Duration = Duration::from_secs(2);
 /// How long a released room remembers the run it had been taken over from.
 const RELEASED_KEPT: Duration = Duration::from_secs(30);
 /// How long a forwarded management request may take.
@@ -80,10 +84,6 @@ enum ToHome {
 /// A room this node holds.
 struct Held {
     revision: u64,
-    /// When the claim was last written: a holder that could not refresh it for [`STALE`]
-    /// leaves other nodes' requests unanswered until it has (another node may have taken
-    /// the room over meanwhile, and then answers them).
-    written: tokio::time::Instant,
     /// The run this node took the room over from.
     predecessor: Option<String>,
     /// Serves the room's subject.
@@ -109,6 +109,8 @@ pub struct ClusterHomes {
     /// empties right after a takeover and is claimed again keeps its predecessor, so the
     /// dead home's participants can still be seated again.
     released: Mutex<HashMap<String, (String, tokio::time::Instant)>>,
+    /// When the claims bucket was last opened again (at most every [`REOPEN_GAP`]).
+    reopened: Mutex<Option<tokio::time::Instant>>,
     service: OnceLock<Arc<dyn HomeService>>,
 }
 
@@ -176,6 +178,7 @@ impl ClusterHomes {
             held: Mutex::new(HashMap::new()),
             io: tokio::sync::Mutex::new(()),
             released: Mutex::new(HashMap::new()),
+            reopened: Mutex::new(None),
             service: OnceLock::new(),
         });
         homes.spawn_refresh();
@@ -223,11 +226,23 @@ impl ClusterHomes {
     fn spawn_refresh(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
+            // Checked often, written every heartbeat, and at once after NATS comes back: a
+            // holder that was cut off learns within a moment whether its rooms were taken
+            // over meanwhile (and steps down), so two nodes never serve a room for long.
+            let mut tick = tokio::time::interval(RECONNECT_CHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = tokio::time::Instant::now();
+            let mut was_connected = true;
             loop {
                 tick.tick().await;
                 let Some(me) = me.upgrade() else { return };
+                let connected = bucket::connected(&me.client).is_ok();
+                let due = last.elapsed() >= HEARTBEAT || (connected && !was_connected);
+                was_connected = connected;
+                if !due {
+                    continue;
+                }
+                last = tokio::time::Instant::now();
                 let rooms: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
                 for room in rooms {
                     let refreshed = {
@@ -256,13 +271,15 @@ impl ClusterHomes {
         });
     }
 
-    /// Whether this node wrote its claim on `room` within [`STALE`].
-    fn written_lately(&self, room: &str) -> bool {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(room).is_some_and(|h| h.written.elapsed() < STALE)
-    }
-
     /// Opens the bucket again (making it if NATS lost it).
     async fn reopen(&self) -> Result<(), HomeError> {
+        {
+            let mut last = self.reopened.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_GAP) {
+                return Err(unavailable("the claims bucket is unreadable"));
+            }
+            *last = Some(tokio::time::Instant::now());
+        }
         let kv = open_kv(&self.node).await.map_err(unavailable)?;
         *self.kv.lock().unwrap_or_else(|p| p.into_inner()) = kv;
         Ok(())
@@ -318,7 +335,6 @@ impl ClusterHomes {
         };
         if let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(room) {
             h.revision = next;
-            h.written = tokio::time::Instant::now();
         }
         Ok(())
     }
@@ -357,10 +373,6 @@ impl ClusterHomes {
                         continue;
                     }
                 };
-                if !me.written_lately(&room) {
-                    debug!(room = ?room, "a request for a room whose claim is not written lately left unanswered");
-                    continue;
-                }
                 let (client, room) = (me.client.clone(), room.clone());
                 // Each request on its own task: a publish waiting on its webrtc node must
                 // not hold up the room's other participants. A front sends one client's
@@ -449,7 +461,8 @@ impl Homes for ClusterHomes {
                     let stale = now_ms().saturating_sub(c.at_ms) > STALE.as_millis() as u64;
                     // This node's previous run held it and died: its rooms died with it.
                     let previous_run = c.node == self.id;
-                    let holder_gone = previous_run || (stale && self.answering(room).await?.is_none());
+                    // A holder that does not answer in time counts as gone once its claim is stale.
+                    let holder_gone = previous_run || (stale && self.answering(room).await.map_or(true, |a| a.is_none()));
                     if !holder_gone {
                         return Ok(Home::There(c.node));
                     }
@@ -467,10 +480,7 @@ impl Homes for ClusterHomes {
                     if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
                         let still_held = {
                             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-                            held.get_mut(room).map(|h| {
-                                h.revision = rev;
-                                h.written = tokio::time::Instant::now();
-                            })
+                            held.get_mut(room).map(|h| h.revision = rev)
                         };
                         if still_held.is_some() {
                             return Ok(Home::Here);
@@ -642,10 +652,7 @@ impl ClusterHomes {
             }
         };
         info!(room = ?room, node = %self.id, "room claimed: this node is its home");
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(room.to_string(), Held { revision, written: tokio::time::Instant::now(), predecessor, task });
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(room.to_string(), Held { revision, predecessor, task });
         Ok(Home::Here)
     }
 }

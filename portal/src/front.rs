@@ -613,7 +613,7 @@ impl HomeService for Portal {
         // its relogin, before anything sent from now on.
         let found = {
             let mut conf = self.lock();
-            conf.rooms.get_mut(room).and_then(|r| {
+            let found = conf.rooms.get_mut(room).and_then(|r| {
                 let p =
                     r.participants.iter_mut().find(|p| matches!(&p.link, Link::Connected(ClientLink::Remote { client: c, .. }) if *c == client))?;
                 let pending = match &p.link {
@@ -622,15 +622,19 @@ impl HomeService for Portal {
                 };
                 p.link = Link::Waiting(pending);
                 Some((p.info.id.clone(), p.generation))
-            })
+            });
+            if found.is_none() {
+                // Its login may still be on its way here (the front gave up waiting): it
+                // must not seat a participant whose socket is gone. Under the room lock,
+                // which `seat` holds while it checks.
+                let mut early = self.inner.closed_early.lock().unwrap_or_else(|p| p.into_inner());
+                early.retain(|_, at| at.elapsed() < CLOSED_EARLY_KEPT);
+                early.insert(client.clone(), std::time::Instant::now());
+            }
+            found
         };
         let Some((participant, generation)) = found else {
-            // Its login may still be on its way here (the front gave up waiting): it must
-            // not seat a participant whose socket is gone.
             debug!(front = %client.front, socket = %client.socket, "a closed socket of another front held no participant here");
-            let mut early = self.inner.closed_early.lock().unwrap_or_else(|p| p.into_inner());
-            early.retain(|_, at| at.elapsed() < CLOSED_EARLY_KEPT);
-            early.insert(client, std::time::Instant::now());
             return;
         };
         crate::session::on_closed(self, &State::Joined { room: room.to_string(), participant, generation }, &reason);
