@@ -35,6 +35,21 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// CPUs the machine has online (the pinned bench itself may run on one only).
+pub fn machine_cpus() -> usize {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    // A list of ranges: "0-1", "0,2-3".
+    let counted: usize = online
+        .trim()
+        .split(',')
+        .filter_map(|part| match part.split_once('-') {
+            Some((a, b)) => Some(b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1),
+            None => part.parse::<usize>().ok().map(|_| 1),
+        })
+        .sum();
+    if counted == 0 { cpus() } else { counted }
+}
+
 fn works(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
 }

@@ -31,9 +31,11 @@ use server::{AnyServer, Kind, Launch};
 #[command(name = "tessera-bench", version, about)]
 struct Args {
     /// smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all (the five before),
-    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), or soak
+    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), soak
     /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
-    /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost).
+    /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost),
+    /// or cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
+    /// its own where there is one; forwarded packets per second at capacity; Tessera only).
     #[arg(long, default_value = "smoke")]
     scenario: String,
     /// Peer server run alongside: none (Tessera alone) or janus.
@@ -79,10 +81,18 @@ struct Args {
 /// machine, so it also bounds what the ramp can tell).
 const RAMP_MAX: usize = 610;
 const RAMP_STEP: usize = 60;
+/// The cluster ramp's last step: two nodes should carry about twice one node's load.
+const CLUSTER_RAMP_MAX: usize = 1210;
 /// The fidelity scenarios' shape: full peers joining one at a time.
 const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 9] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "all"];
+const KNOWN: [&str; 10] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "cluster", "all"];
+
+/// Whether a ramp step passed: it ran, every subscriber saw video, loss ≤ 1 %, p99 ≤ 50 ms,
+/// and the busiest server process stayed under 95 % of its core.
+fn step_passes(f: &Figures, error: &Option<String>) -> bool {
+    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.max_cpu_pct() < 95.0
+}
 
 /// Runs one scenario on one server kind; returns its rows.
 async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args) -> anyhow::Result<Vec<Value>> {
@@ -113,8 +123,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                         Ok(f) => (f, None),
                         Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
                     };
-                let ok =
-                    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.cpu_pct() < 95.0;
+                let ok = step_passes(&f, &error);
                 let mut r = row("ramp", kind.name(), &f);
                 r["step_subscribers"] = json!(n);
                 r["passed"] = json!(ok);
@@ -138,6 +147,61 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             }
             if let Some(last) = rows.last_mut() {
                 last["capacity_subscribers"] = json!(capacity);
+            }
+        }
+        "cluster" if kind != Kind::Tessera => {
+            eprintln!("tessera-bench: cluster is Tessera only (Janus has no cluster of its own to compare)");
+        }
+        "cluster" => {
+            // The ramp twice: one webrtc node, then two; the same publisher, steps and pass
+            // rule, a fresh cluster (NATS too) per step.
+            let pinned = launch.pin_cpu.is_some();
+            let cpus = isolate::machine_cpus();
+            if pinned && cpus < 3 {
+                eprintln!(
+                    "tessera-bench: cluster: {cpus} CPUs: the second webrtc node shares CPU 0 with the load generator, the portal and \
+                     NATS, so the two-node figure understates what a node of its own would add"
+                );
+            }
+            let step_s = seconds.min(5);
+            for nodes in [1usize, 2] {
+                let placement = server::cluster::webrtc_cpus(nodes, cpus, pinned);
+                let mut capacity = 0;
+                let mut n = 10;
+                let mut retried = false;
+                while n <= CLUSTER_RAMP_MAX {
+                    let c = server::cluster::Cluster::start(launch, &placement).await?;
+                    let (f, error) =
+                        match scenario::sfu(&c, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
+                            Ok(f) => (f, None),
+                            Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
+                        };
+                    drop(c);
+                    let ok = step_passes(&f, &error);
+                    let mut r = row("cluster", kind.name(), &f);
+                    r["webrtc_nodes"] = json!(nodes);
+                    r["webrtc_cpus"] = json!(placement);
+                    r["step_subscribers"] = json!(n);
+                    r["passed"] = json!(ok);
+                    if let Some(e) = error {
+                        eprintln!("tessera-bench: cluster step {n} on {nodes} webrtc node(s): {e}");
+                        r["error"] = json!(e);
+                    }
+                    rows.push(r);
+                    if !ok && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    if !ok {
+                        break;
+                    }
+                    retried = false;
+                    capacity = n;
+                    n += RAMP_STEP;
+                }
+                if let Some(last) = rows.last_mut() {
+                    last["capacity_subscribers"] = json!(capacity);
+                }
             }
         }
         "mixer4" | "mixer-matrix" if kind != Kind::Tessera => {
@@ -197,9 +261,10 @@ fn print_rows(rows: &[Value]) {
     );
     for r in rows {
         let c = |k: &str| text(r.get(k));
-        let scenario = match (r.get("view"), r.get("step_subscribers")) {
-            (Some(v), _) => format!("{} {}in", text(Some(v)), c("inputs")),
-            (_, Some(n)) => format!("ramp {n}"),
+        let scenario = match (r.get("view"), r.get("step_subscribers"), r.get("webrtc_nodes")) {
+            (Some(v), _, _) => format!("{} {}in", text(Some(v)), c("inputs")),
+            (_, Some(n), Some(nodes)) => format!("cluster{nodes} {n}"),
+            (_, Some(n), _) => format!("ramp {n}"),
             _ => c("scenario"),
         };
         println!(
@@ -271,6 +336,60 @@ fn print_comparison(rows: &[Value]) {
     }
 }
 
+/// The cluster's scaling: forwarded packets per second at each cluster size's capacity
+/// (its largest passing step) and their ratio.
+fn print_cluster(rows: &[Value]) {
+    let at_capacity = |nodes: u64| {
+        rows.iter()
+            .filter(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["passed"] == true)
+            .max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0))
+    };
+    let (Some(one), Some(two)) = (at_capacity(1), at_capacity(2)) else { return };
+    // A ramp that never failed stopped at its last step: the limit was not found.
+    let limited = |nodes: u64| rows.iter().any(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["passed"] == false);
+    let pps = |r: &Value| r["forwarded_pps"].as_f64().unwrap_or(0.0);
+    println!();
+    println!("cluster: forwarded pkt/s at capacity (largest passing step)");
+    for (nodes, r) in [(1, one), (2, two)] {
+        println!(
+            "  {nodes} webrtc node(s) on CPUs {}: {} subscribers, {} pkt/s, busiest node {} % of a core{}",
+            text(r.get("webrtc_cpus")),
+            text(r.get("step_subscribers")),
+            pps(r),
+            text(r.get("busiest_cpu_pct")),
+            if limited(nodes) { "" } else { " (the ramp ended before a step failed: not the limit)" }
+        );
+    }
+    if pps(one) > 0.0 && limited(1) {
+        println!("  two nodes / one node: {:.2}", pps(two) / pps(one));
+    }
+    // The same load on both: how much of the busiest core it takes with one node and with
+    // two (what a second node relieves, whatever else limits the two-node ramp).
+    let passed = |nodes: u64, n: u64| {
+        rows.iter().find(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["step_subscribers"] == n && r["passed"] == true)
+    };
+    let common = rows
+        .iter()
+        .filter(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == 1 && r["passed"] == true)
+        .filter_map(|r| r["step_subscribers"].as_u64())
+        .filter(|n| passed(2, *n).is_some())
+        .max();
+    if let Some(n) = common
+        && let (Some(a), Some(b)) = (passed(1, n), passed(2, n))
+    {
+        let busiest = |r: &Value| r["busiest_cpu_pct"].as_f64().unwrap_or(0.0);
+        let total = |r: &Value| r["cpu_pct"].as_f64().unwrap_or(0.0);
+        println!(
+            "  at {n} subscribers: busiest node {:.1} % of a core with one node, {:.1} % with two ({:.2}× less); all nodes together {:.1} % vs {:.1} %",
+            busiest(a),
+            busiest(b),
+            if busiest(b) > 0.0 { busiest(a) / busiest(b) } else { 0.0 },
+            total(a),
+            total(b)
+        );
+    }
+}
+
 /// Writes the rows so far to `--save`'s file, if asked.
 fn save(args: &Args, rows: &[Value]) -> anyhow::Result<()> {
     if let Some(path) = &args.save {
@@ -292,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
             print_comparison(&rows);
         }
         rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
+        print_cluster(&rows);
         return Ok(());
     }
     let kinds = match args.against.as_str() {
@@ -300,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("--against {other}: expected none or janus"),
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
-        bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak)", args.scenario);
+        bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak, cluster)", args.scenario);
     }
     let seconds = args.seconds.unwrap_or(if args.scenario == "soak" { 1800 } else { 10 });
     if seconds == 0 {
@@ -344,6 +464,7 @@ async fn main() -> anyhow::Result<()> {
             // matrix are many runs in one).
             let limit = match name {
                 "ramp" | "mixer-matrix" => Duration::from_secs(900),
+                "cluster" => Duration::from_secs(1800),
                 "soak" => Duration::from_secs(seconds + 900),
                 _ => Duration::from_secs(seconds * 20 + 240),
             };
@@ -372,6 +493,7 @@ async fn main() -> anyhow::Result<()> {
             print_comparison(&rows);
         }
         rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
+        print_cluster(&rows);
     }
     // A soak that measured a leak, a growth or a loss fails the run, after its report.
     let failed: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == "soak" && r["passed"] == false).collect();

@@ -20,8 +20,11 @@ pub struct Figures {
     pub forwarded_pps: f64,
     /// Their bit rate (payload + RTP header).
     pub mbps: f64,
-    /// Server CPU seconds (user + system, all threads) over the window.
+    /// Server CPU seconds (user + system, all threads) over the window; of every process
+    /// measured, for a cluster.
     pub cpu_seconds: f64,
+    /// The busiest process's share of `cpu_seconds` (the one that saturates first).
+    pub max_cpu_seconds: f64,
     /// Window length in seconds.
     pub window_s: f64,
     /// Server RSS at the end of the window.
@@ -54,15 +57,21 @@ impl Figures {
         self.cpu_seconds / self.window_s.max(0.001) * 100.0
     }
 
+    /// The busiest process's CPU over the window, in percent of one core.
+    pub fn max_cpu_pct(&self) -> f64 {
+        self.max_cpu_seconds / self.window_s.max(0.001) * 100.0
+    }
+
     /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
     /// subscriber's log.
-    fn window(logs: &[Vec<Received>], (cpu, from, to, rss): (f64, u64, u64, f64), first_frames: &[f64]) -> Figures {
+    fn window(logs: &[Vec<Received>], Measured { cpu, max_cpu, from, to, rss }: Measured, first_frames: &[f64]) -> Figures {
         let w = analyse(logs, from, to);
         let secs = (to - from) as f64 / 1e6;
         Figures {
             forwarded_pps: w.packets as f64 / secs,
             mbps: w.bytes as f64 * 8.0 / secs / 1e6,
             cpu_seconds: cpu,
+            max_cpu_seconds: max_cpu,
             window_s: secs,
             rss_mb: rss,
             first_frame_ms: percentile(first_frames, 0.5),
@@ -165,12 +174,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Server CPU seconds and RSS over `seconds` of traffic, and the window (µs since epoch).
-async fn measure(pid: u32, seconds: u64) -> (f64, u64, u64, f64) {
-    let (cpu0, from) = (cpu_seconds(pid), now_us());
+/// What the servers' processes spent over a window.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// CPU seconds of every process.
+    cpu: f64,
+    /// CPU seconds of the busiest one.
+    max_cpu: f64,
+    /// The window, µs since the epoch.
+    from: u64,
+    /// See `from`.
+    to: u64,
+    /// RSS of every process at the end, MiB.
+    rss: f64,
+}
+
+/// The servers' CPU seconds and RSS over `seconds` of traffic, and the window.
+async fn measure(pids: &[u32], seconds: u64) -> Measured {
+    let (cpu0, from): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, to) = (cpu_seconds(pid), now_us());
-    (cpu1 - cpu0, from, to, rss_mb(pid))
+    let (cpu1, to): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());
+    let spent: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect();
+    Measured { cpu: spent.iter().sum(), max_cpu: spent.iter().copied().fold(0.0, f64::max), from, to, rss: pids.iter().map(|p| rss_mb(*p)).sum() }
 }
 
 /// Subscribes and returns the subscription with the time from the start of the join
@@ -269,7 +294,8 @@ pub async fn sfu<S: Server>(server: &S, load: Load, shape: Shape, seconds: u64) 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let counts = |pubs: &[(Arc<Publisher>, Keep)]| pubs.iter().map(|(p, _)| p.sent_counts()).collect::<Vec<_>>();
     let before = counts(&pubs);
-    let (cpu, from, to, rss) = measure(server.pid(), seconds).await;
+    let measured = measure(&server.pids(), seconds).await;
+    let (from, to) = (measured.from, measured.to);
     let after = counts(&pubs);
     // Packets sent at the very end of the window are still on their way.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -287,7 +313,7 @@ pub async fn sfu<S: Server>(server: &S, load: Load, shape: Shape, seconds: u64) 
         video_kbps: Some(load.video_kbps),
         fps: Some(load.fps),
         missing_first_frames: logs.len() - first_frames.len(),
-        ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
+        ..Figures::window(&logs, measured, &first_frames)
     })
 }
 
@@ -323,7 +349,8 @@ pub async fn mixer(
         subs.push((s, Box::new(sig) as Keep));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (cpu, from, to, rss) = measure(t.pid(), seconds).await;
+    let measured = measure(&[t.pid()], seconds).await;
+    let (from, to) = (measured.from, measured.to);
     let logs = logs(&subs);
     let secs = (to - from) as f64 / 1e6;
     // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
@@ -335,7 +362,7 @@ pub async fn mixer(
         mixer_fps: Some(frames.len() as f64 / secs),
         mixer_fps_configured: Some(configured_fps),
         missing_first_frames: viewers - first_frames.len(),
-        ..Figures::window(&logs, (cpu, from, to, rss), &first_frames)
+        ..Figures::window(&logs, measured, &first_frames)
     })
 }
 
@@ -355,6 +382,7 @@ pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
         "mbps": round(f.mbps, 2),
         "cpu_seconds": round(f.cpu_seconds, 2),
         "cpu_pct": round(f.cpu_pct(), 1),
+        "busiest_cpu_pct": round(f.max_cpu_pct(), 1),
         "cpu_us_per_packet": if packets > 0.0 { round(f.cpu_seconds * 1e6 / packets, 2) } else { 0.0 },
         "rss_mb": f.rss_mb.round(),
         "latency_ms_p50": round(percentile(&f.latency, 0.5), 2),

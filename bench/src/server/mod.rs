@@ -3,6 +3,7 @@
 //! verbs — publish a synthetic stream, subscribe to one. Adding a peer (mediasoup through
 //! its npm package, say) means one more module and one more [`AnyServer`] variant.
 
+pub mod cluster;
 pub mod janus;
 pub mod tessera;
 
@@ -60,6 +61,10 @@ impl Sub {
 pub trait Server {
     /// The server's process id, for CPU and memory readings.
     fn pid(&self) -> u32;
+    /// Every process whose CPU and memory count (a cluster's forwarding nodes).
+    fn pids(&self) -> Vec<u32> {
+        vec![self.pid()]
+    }
     /// Publishes one synthetic VP8 + Opus stream tagged `tag`, ready to be subscribed to.
     async fn publish(&self, user: &str, tag: u32) -> anyhow::Result<(Arc<Publisher>, Keep)>;
     /// Subscribes to audio and video of `stream` (a publisher's `stream_id`).

@@ -35,11 +35,20 @@ impl Tessera {
 
     /// [`Tessera::start`] with more `[portal]` settings (TOML lines).
     pub fn start_with(launch: &Launch, portal: &str) -> anyhow::Result<Tessera> {
+        Tessera::start_configured(launch, portal, "")
+    }
+
+    /// [`Tessera::start`] with more tables (TOML), e.g. a `[cluster]` one.
+    pub fn start_with_config(launch: &Launch, tables: &str) -> anyhow::Result<Tessera> {
+        Tessera::start_configured(launch, "", tables)
+    }
+
+    fn start_configured(launch: &Launch, portal: &str, tables: &str) -> anyhow::Result<Tessera> {
         let dir = scratch_dir("tessera")?;
         let cfg = dir.join("bench.toml");
         std::fs::write(
             &cfg,
-            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n", launch.server_ip),
+            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n{tables}", launch.server_ip),
         )?;
         let mut child = launch
             .command(&launch.tessera_bin)
