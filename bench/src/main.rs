@@ -94,6 +94,60 @@ fn step_passes(f: &Figures, error: &Option<String>) -> bool {
     error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.max_cpu_pct() < 95.0
 }
 
+/// Adds subscribers to one publisher (10, then `RAMP_STEP` more each step, up to `max`),
+/// each step on a server `start` makes afresh, until a step fails twice in a row (one
+/// spike in a 5 s window should not decide the capacity); see [`step_passes`]. Joins go 8
+/// at a time to keep the run short. The last row carries the capacity.
+async fn ramp<S: server::Server>(
+    scenario: &str,
+    server: &str,
+    max: usize,
+    load: Load,
+    seconds: u64,
+    mut start: impl AsyncFnMut() -> anyhow::Result<S>,
+    tag: impl Fn(&mut Value),
+) -> anyhow::Result<Vec<Value>> {
+    let step_s = seconds.min(5);
+    let mut rows = Vec::new();
+    let mut capacity = 0;
+    let mut n = 10;
+    let mut retried = false;
+    while n <= max {
+        let s = start().await?;
+        // A step that cannot even be set up (joins refused or timing out under load) is a
+        // failed step, not the end of the run.
+        let (f, error) = match scenario::sfu(&s, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
+            Ok(f) => (f, None),
+            Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
+        };
+        drop(s);
+        let ok = step_passes(&f, &error);
+        let mut r = row(scenario, server, &f);
+        tag(&mut r);
+        r["step_subscribers"] = json!(n);
+        r["passed"] = json!(ok);
+        if let Some(e) = error {
+            eprintln!("tessera-bench: {scenario} step {n} on {server}: {e}");
+            r["error"] = json!(e);
+        }
+        rows.push(r);
+        if !ok && !retried {
+            retried = true;
+            continue;
+        }
+        if !ok {
+            break;
+        }
+        retried = false;
+        capacity = n;
+        n += RAMP_STEP;
+    }
+    if let Some(last) = rows.last_mut() {
+        last["capacity_subscribers"] = json!(capacity);
+    }
+    Ok(rows)
+}
+
 /// Runs one scenario on one server kind; returns its rows.
 async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args) -> anyhow::Result<Vec<Value>> {
     let mut rows = Vec::new();
@@ -107,54 +161,14 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             rows.push(soak::soak(t, o).await?);
         }
         "ramp" => {
-            // Add subscribers to one publisher until loss passes 1 %, p99 passes 50 ms or
-            // the server's CPU passes 95 % of its core; a fresh server per step so steps
-            // don't inherit each other's state. Joins go 8 at a time to keep the run short.
-            let step_s = seconds.min(5);
-            let mut capacity = 0;
-            let mut n = 10;
-            let mut retried = false;
-            while n <= RAMP_MAX {
-                let s = AnyServer::start(kind, launch).await?;
-                // A step that cannot even be set up (joins refused or timing out under
-                // load) is a failed step, not the end of the run.
-                let (f, error) =
-                    match scenario::sfu(&s, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
-                        Ok(f) => (f, None),
-                        Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
-                    };
-                let ok = step_passes(&f, &error);
-                let mut r = row("ramp", kind.name(), &f);
-                r["step_subscribers"] = json!(n);
-                r["passed"] = json!(ok);
-                if let Some(e) = error {
-                    eprintln!("tessera-bench: ramp step {n} on {}: {e}", kind.name());
-                    r["error"] = json!(e);
-                }
-                rows.push(r);
-                if !ok && !retried {
-                    // One spike in a 5 s window should not decide the capacity: a failed
-                    // step is run once more on a fresh server and must fail again.
-                    retried = true;
-                    continue;
-                }
-                if !ok {
-                    break;
-                }
-                retried = false;
-                capacity = n;
-                n += RAMP_STEP;
-            }
-            if let Some(last) = rows.last_mut() {
-                last["capacity_subscribers"] = json!(capacity);
-            }
+            // A fresh server per step, so steps don't inherit each other's state.
+            rows.extend(ramp("ramp", kind.name(), RAMP_MAX, load, seconds, async || AnyServer::start(kind, launch).await, |_| {}).await?);
         }
         "cluster" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: cluster is Tessera only (Janus has no cluster of its own to compare)");
         }
         "cluster" => {
-            // The ramp twice: one webrtc node, then two; the same publisher, steps and pass
-            // rule, a fresh cluster (NATS too) per step.
+            // The ramp twice: one webrtc node, then two; a fresh cluster (NATS too) per step.
             let pinned = launch.pin_cpu.is_some();
             let cpus = isolate::machine_cpus();
             if pinned && cpus < 3 {
@@ -163,45 +177,14 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                      NATS, so the two-node figure understates what a node of its own would add"
                 );
             }
-            let step_s = seconds.min(5);
             for nodes in [1usize, 2] {
                 let placement = server::cluster::webrtc_cpus(nodes, cpus, pinned);
-                let mut capacity = 0;
-                let mut n = 10;
-                let mut retried = false;
-                while n <= CLUSTER_RAMP_MAX {
-                    let c = server::cluster::Cluster::start(launch, &placement).await?;
-                    let (f, error) =
-                        match scenario::sfu(&c, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
-                            Ok(f) => (f, None),
-                            Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
-                        };
-                    drop(c);
-                    let ok = step_passes(&f, &error);
-                    let mut r = row("cluster", kind.name(), &f);
+                let start = async || server::cluster::Cluster::start(launch, &placement).await;
+                let tag = |r: &mut Value| {
                     r["webrtc_nodes"] = json!(nodes);
                     r["webrtc_cpus"] = json!(placement);
-                    r["step_subscribers"] = json!(n);
-                    r["passed"] = json!(ok);
-                    if let Some(e) = error {
-                        eprintln!("tessera-bench: cluster step {n} on {nodes} webrtc node(s): {e}");
-                        r["error"] = json!(e);
-                    }
-                    rows.push(r);
-                    if !ok && !retried {
-                        retried = true;
-                        continue;
-                    }
-                    if !ok {
-                        break;
-                    }
-                    retried = false;
-                    capacity = n;
-                    n += RAMP_STEP;
-                }
-                if let Some(last) = rows.last_mut() {
-                    last["capacity_subscribers"] = json!(capacity);
-                }
+                };
+                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, start, tag).await?);
             }
         }
         "mixer4" | "mixer-matrix" if kind != Kind::Tessera => {

@@ -39,8 +39,8 @@ pub const HOME_TTL: Duration = NODE_TTL;
 /// How long a forwarded client request may take at the home (a publish waits up to 10 s
 /// on its webrtc node).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
-/// Messages waiting to go to NATS (client notifications, closes); beyond this they are
-/// dropped, as a dead socket's would be.
+/// Notifications waiting to go to NATS; beyond this they are dropped (the front sees the
+/// gap and its socket reconnects, as a local socket's overflow does).
 const OUTBOX: usize = 8192;
 /// How long a liveness probe of a room's home may take.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,7 +73,7 @@ struct Claim {
 enum ToHome {
     /// A client's request (answered with a [`FrontReply`]).
     Request { request: FrontRequest },
-    /// A client's socket closed (not answered).
+    /// A client's socket closed after `delivered` notifications (answered `true`).
     Closed { client: ClientAddr, delivered: u64, reason: String },
     /// A management request (answered with `Result<ControlAnswer, ControlErrorWire>`).
     Control { request: ControlRequest },
@@ -94,8 +94,8 @@ struct Held {
 pub struct ClusterHomes {
     this: Weak<ClusterHomes>,
     node: Arc<ClusterNode>,
-    /// Notifications and closes, published in order by one task (callers hold the
-    /// portal's room lock and cannot await).
+    /// Notifications for other fronts' sockets, published in order by one task (callers
+    /// hold the portal's room lock and cannot await).
     outbox: mpsc::Sender<(String, Bytes)>,
     client: Client,
     id: String,

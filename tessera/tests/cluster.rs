@@ -421,11 +421,7 @@ async fn portal_drives_media_on_another_node() {
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
-    let sender = {
-        let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await.unwrap() })
-    };
+    let (publisher, sender) = publish_sending(&mut psig, 1, 120).await;
     // The forward stream, through the media node.
     let (mut ssig, _) = p.join(&room, "sub").await;
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
@@ -716,11 +712,7 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
 
     let room = p.new_room(serde_json::json!({})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(1), None).await.unwrap());
-    let sending = {
-        let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(60), 30, 1000).await })
-    };
+    let (publisher, sending) = publish_sending(&mut psig, 1, 60).await;
     let (mut ssig, _) = p.join(&room, "sub").await;
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
     sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
@@ -794,6 +786,21 @@ async fn wait_transports(p: &common::Server, id: &str, transports: u64) {
 }
 
 /// One value of `/metrics` (a series without labels).
+/// Publishes synthetic audio and video tagged `tag` on `sig` and sends for `secs` (30
+/// frames/s of 1000 bytes); the task ends early if the connection goes.
+async fn publish_sending(
+    sig: &mut tessera_client::signaling::Signaling,
+    tag: u32,
+    secs: u64,
+) -> (std::sync::Arc<tessera_client::peer::Publisher>, tokio::task::JoinHandle<()>) {
+    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(sig, common::av(tag), None).await.unwrap());
+    let pb = publisher.clone();
+    let sending = tokio::spawn(async move {
+        let _ = pb.send_for(Duration::from_secs(secs), 30, 1000).await;
+    });
+    (publisher, sending)
+}
+
 async fn metric(s: &common::Server, name: &str) -> f64 {
     let text = s.client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
@@ -820,11 +827,7 @@ async fn a_room_spreads_over_webrtc_nodes() {
 
     let room = p.new_room(serde_json::json!({"views": []})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut psig, common::av(7), None).await.unwrap());
-    let _sending = {
-        let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await })
-    };
+    let (publisher, _sending) = publish_sending(&mut psig, 7, 120).await;
     // Each transport goes to the least-used node, once the last one shows in the reports.
     wait_transports(&p, "n1", 1).await;
     let subscribe = |name: &'static str| {
@@ -1049,11 +1052,7 @@ async fn a_room_has_one_home_among_portals() {
 
     // Ann comes through alpha, which becomes the room's home, and publishes.
     let (mut ann, ann_info) = a.join(&room, "ann").await;
-    let publisher = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut ann, common::av(3), None).await.unwrap());
-    let _sending = {
-        let pb = publisher.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(120), 30, 1000).await })
-    };
+    let (publisher, _sending) = publish_sending(&mut ann, 3, 120).await;
     // Bob comes through bravo: the same room, with Ann and her stream in it.
     let (mut bob, bob_info) = b.join(&room, "bob").await;
     let users =
@@ -1117,11 +1116,7 @@ async fn a_room_has_one_home_among_portals() {
     // The room goes on at bravo: Dave sees Carl, Carl publishes and Dave gets it.
     let (mut dave, dave_info) = b.join(&room, "dave").await;
     assert_eq!(users(&dave_info), ["carl", "dave"], "{dave_info}");
-    let carl_pub = std::sync::Arc::new(tessera_client::peer::Publisher::start(&mut carl, common::av(4), None).await.unwrap());
-    let _carl_sending = {
-        let pb = carl_pub.clone();
-        tokio::spawn(async move { pb.send_for(Duration::from_secs(60), 30, 1000).await })
-    };
+    let (carl_pub, _carl_sending) = publish_sending(&mut carl, 4, 60).await;
     let dsub = tessera_client::peer::Subscriber::start(&mut dave, &carl_pub.stream_id, false, true, false).await.unwrap();
     dsub.wait_until("carl's video at dave", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 30).await.unwrap();
     println!("media again {:?} after the home died", killed.elapsed());
