@@ -67,6 +67,23 @@ struct Claim {
     at_ms: u64,
 }
 
+impl Claim {
+    /// The holding run, as [`Homes::incarnation`] names it.
+    fn run(&self) -> String {
+        run_of(&self.node, &self.instance)
+    }
+
+    /// Not written for [`STALE`]: its holder may be gone.
+    fn stale(&self) -> bool {
+        now_ms().saturating_sub(self.at_ms) > STALE.as_millis() as u64
+    }
+}
+
+/// A node's run: its id and the instance id of this start.
+fn run_of(node: &str, instance: &str) -> String {
+    format!("{node}/{instance}")
+}
+
 /// What travels on a room's subject.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -437,7 +454,7 @@ impl Homes for ClusterHomes {
     }
 
     fn incarnation(&self) -> String {
-        format!("{}/{}", self.id, self.instance)
+        run_of(&self.id, &self.instance)
     }
 
     async fn claim(&self, room: &str) -> Result<Home, HomeError> {
@@ -447,7 +464,7 @@ impl Homes for ClusterHomes {
         // Most often another live node holds it: answered without taking the write lock.
         if let Some((c, _)) = self.read_claim(room).await?
             && c.node != self.id
-            && now_ms().saturating_sub(c.at_ms) <= STALE.as_millis() as u64
+            && !c.stale()
         {
             return Ok(Home::There(c.node));
         }
@@ -458,7 +475,7 @@ impl Homes for ClusterHomes {
             }
             match self.read_claim(room).await? {
                 Some((c, revision)) if c.node != self.id || c.instance != self.instance => {
-                    let stale = now_ms().saturating_sub(c.at_ms) > STALE.as_millis() as u64;
+                    let stale = c.stale();
                     // This node's previous run held it and died: its rooms died with it.
                     let previous_run = c.node == self.id;
                     // A holder that does not answer in time counts as gone once its claim is stale.
@@ -470,7 +487,7 @@ impl Homes for ClusterHomes {
                     let value = self.claim_value()?;
                     if let Ok(rev) = self.kv().update(&key(room), value, revision).await {
                         warn!(room = ?room, dead = %c.node, "room taken over from a node that stopped answering");
-                        return self.hold(room, rev, Some(format!("{}/{}", c.node, c.instance))).await;
+                        return self.hold(room, rev, Some(c.run())).await;
                     }
                 }
                 Some((_, revision)) => {
@@ -543,7 +560,7 @@ impl Homes for ClusterHomes {
     }
 
     fn is_live(&self, incarnation: &str) -> bool {
-        self.node.known_nodes().iter().any(|n| format!("{}/{}", n.id, n.instance) == incarnation)
+        self.node.known_nodes().iter().any(|n| run_of(&n.id, &n.instance) == incarnation)
     }
 
     fn release(&self, room: &str) {

@@ -170,7 +170,7 @@ impl Portal {
         for f in fronted.values_mut().filter(|f| f.room == room && f.home == home && !f.lost) {
             f.lost = true;
             sockets += 1;
-            tell_transports_failed(f);
+            tell_transports_failed(&f.handle, f.transports.iter().map(String::as_str));
             f.handle.drop_transport();
         }
         drop(fronted);
@@ -194,12 +194,9 @@ impl Portal {
         };
         let Some(state) = state else { return };
         warn!(room = ?room, participants = state.participants.len(), "another node took this room over; its participants here reconnect to it");
-        let reason = "the server holding the room was lost";
         for p in &state.participants {
             if let Link::Connected(ClientLink::Socket(h)) = &p.link {
-                for t in &p.transports {
-                    let _ = h.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
-                }
+                tell_transports_failed(h, p.transports.iter().map(|t| t.as_str()));
                 h.drop_transport();
             }
         }
@@ -227,11 +224,11 @@ impl Portal {
     }
 }
 
-/// Tells a fronted socket that the transports it opened through its lost home failed.
-fn tell_transports_failed(f: &Fronted) {
+/// Tells a socket that the transports it opened through its room's lost home failed.
+fn tell_transports_failed<'a>(handle: &SocketHandle, transports: impl IntoIterator<Item = &'a str>) {
     let reason = "the server holding the room was lost";
-    for t in &f.transports {
-        let _ = f.handle.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
+    for t in transports {
+        let _ = handle.emit("progress", vec![json!({"id": t, "status": "error", "data": reason})]);
     }
 }
 
@@ -443,7 +440,7 @@ fn lost(portal: &Portal, handle: &SocketHandle, state: &mut State) -> Reply {
         && !f.lost
     {
         f.lost = true;
-        tell_transports_failed(f);
+        tell_transports_failed(&f.handle, f.transports.iter().map(String::as_str));
     }
     *state = State::Lost;
     Err("The server holding the room was lost; reconnect".into())
