@@ -427,6 +427,10 @@ impl MediaNode for RoomMedia {
                 let session = s.session.clone();
                 self.at(self.node_of_session(session.as_str()), || AgentError::NoSession(session))?.handle(AgentCommand::SwitchTracks(s)).await
             }
+            AgentCommand::SelectLayer(l) => {
+                let session = l.session.clone();
+                self.at(self.node_of_session(session.as_str()), || AgentError::NoSession(session))?.handle(AgentCommand::SelectLayer(l)).await
+            }
             AgentCommand::RequestKeyframe(k) => match self.node_of_session(k.stream.as_str()).and_then(|n| self.router.media(&n)) {
                 Some(agent) => agent.handle(AgentCommand::RequestKeyframe(k)).await,
                 None => Ok(AgentReply::RequestKeyframe(())),

@@ -51,6 +51,27 @@ pub struct SubscribeTrack {
     pub mid: String,
     /// The stream it comes from.
     pub from: StreamId,
+    /// Which simulcast layer of a layered video track (ignored for other tracks).
+    #[serde(default)]
+    pub layer: LayerChoice,
+}
+
+/// Which simulcast layer a subscriber wants of a layered video track.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerChoice {
+    /// The server's pick: the highest layer flowing.
+    #[default]
+    Auto,
+    /// The layer of this RID (the nearest flowing one, lower first, while it does not flow).
+    Rid(String),
+    /// The flowing layer whose picture size is closest to this one.
+    Resolution {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
 }
 
 /// Identifies a WebRTC session: who, which transport (peer connection), which session.
@@ -338,7 +359,7 @@ pub(crate) mod tests {
         });
         round_trip(SubscribeSpec {
             at: at(),
-            tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into() }],
+            tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into(), layer: LayerChoice::Auto }],
             data_from: Some("s9".into()),
         });
         round_trip(TransportRef { room: "r".into(), participant: "p".into(), transport: "t".into() });

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{AgentError, MediaKind, PublishSpec, RecordingSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
+use crate::agent::{AgentError, LayerChoice, MediaKind, PublishSpec, RecordingSpec, Signaling, SubscribeSpec, TrackSwitch, TransportRef};
 use crate::room::View;
 use crate::stream::{LayoutEntry, StreamInfo};
 use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId, ViewLabel};
@@ -137,6 +137,19 @@ pub struct SwitchTracks {
     pub switch: TrackSwitch,
 }
 
+/// Changes the simulcast layer a subscription's video takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectLayer {
+    /// Room id.
+    pub room: RoomId,
+    /// Owner.
+    pub participant: ParticipantId,
+    /// The subscription.
+    pub session: SessionId,
+    /// The layer wanted.
+    pub layer: LayerChoice,
+}
+
 /// Asks a stream's publisher for a keyframe (throttled by the node).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestKeyframe {
@@ -195,6 +208,8 @@ protocol! {
     SwitchTracks(SwitchTracks) -> ();
     /// Asks for a keyframe.
     RequestKeyframe(RequestKeyframe) -> ();
+    /// Changes a subscription's simulcast layer.
+    SelectLayer(SelectLayer) -> ();
     /// Drops what a participant had.
     ParticipantLeft(ParticipantLeft) -> ();
     /// Counts of live objects.
@@ -615,6 +630,7 @@ impl AgentCommand {
             AgentCommand::EndSession(c) => Some(&c.room),
             AgentCommand::SwitchTracks(c) => Some(&c.room),
             AgentCommand::RequestKeyframe(c) => Some(&c.room),
+            AgentCommand::SelectLayer(c) => Some(&c.room),
             AgentCommand::ParticipantLeft(c) => Some(&c.room),
             AgentCommand::GetStats(_) => None,
         }
@@ -733,7 +749,7 @@ mod tests {
                 .into(),
             SubscribeSpec {
                 at: at(),
-                tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into() }],
+                tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into(), layer: Default::default() }],
                 data_from: Some("s9".into()),
             }
             .into(),

@@ -99,6 +99,9 @@ pub struct TrackInfo {
     pub parameters: Option<VideoParameters>,
     /// Forwarded or paused.
     pub status: TrackStatus,
+    /// The simulcast layer's RID (one track per layer of a layered video).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rid: Option<String>,
 }
 
 impl StreamInfo {
@@ -142,6 +145,7 @@ pub(crate) mod tests {
                     format: TrackFormat::Audio(AudioFormat { codec: "opus".into(), sample_rate: Some(48000), channel_num: Some(2) }),
                     parameters: None,
                     status: TrackStatus::Active,
+                    rid: None,
                 },
                 TrackInfo {
                     kind: MediaKind::Video,
@@ -150,6 +154,7 @@ pub(crate) mod tests {
                     format: TrackFormat::Video(VideoFormat { codec: "h264".into(), profile: Some("CB".into()) }),
                     parameters: None,
                     status: TrackStatus::Inactive,
+                    rid: None,
                 },
             ],
             data: true,
@@ -180,6 +185,7 @@ pub(crate) mod tests {
                     key_frame_interval: 100,
                 }),
                 status: TrackStatus::Active,
+                rid: None,
             }],
             data: false,
         }

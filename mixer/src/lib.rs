@@ -129,6 +129,7 @@ impl ViewMix {
                 format: TrackFormat::Audio(a.format.clone()),
                 parameters: None,
                 status: TrackStatus::Active,
+                rid: None,
             });
         }
         if let (Some(v), Some(_)) = (&self.config.video, &self.video_out) {
@@ -140,6 +141,7 @@ impl ViewMix {
                 format: TrackFormat::Video(v.format.clone()),
                 parameters: Some(parameters),
                 status: TrackStatus::Active,
+                rid: None,
             });
         }
         let active_input = self.lock().active.as_deref().map(StreamId::from);

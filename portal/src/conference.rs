@@ -149,6 +149,8 @@ pub(crate) struct Participant {
     pub paused: HashSet<(String, tessera_core::agent::MediaKind)>,
     /// The media kinds each session carries, as requested.
     pub kinds: HashMap<SessionId, Vec<tessera_core::agent::MediaKind>>,
+    /// The stream each subscription's audio and video come from (an update keeps them).
+    pub reads: HashMap<SessionId, Vec<(tessera_core::agent::MediaKind, tessera_core::StreamId)>>,
     /// Ids of the reconnection tickets issued to this participant and not used yet.
     tickets: VecDeque<String>,
 }
@@ -162,6 +164,7 @@ impl Participant {
         self.held.retain(|(id, _)| id != session);
         self.paused.retain(|(id, _)| id != session);
         self.kinds.remove(session);
+        self.reads.remove(session);
         self.sessions.remove(session)
     }
 
@@ -178,6 +181,7 @@ impl Participant {
             held: HashSet::new(),
             paused: HashSet::new(),
             kinds: HashMap::new(),
+            reads: HashMap::new(),
             tickets: VecDeque::new(),
         }
     }

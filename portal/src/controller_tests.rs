@@ -41,6 +41,7 @@ impl MediaNode for FakeNode {
             AgentCommand::EndSession(_) => Ok(AgentReply::EndSession(())),
             AgentCommand::SwitchTracks(_) => Ok(AgentReply::SwitchTracks(())),
             AgentCommand::RequestKeyframe(_) => Ok(AgentReply::RequestKeyframe(())),
+            AgentCommand::SelectLayer(_) => Ok(AgentReply::SelectLayer(())),
             AgentCommand::ParticipantLeft(_) => Ok(AgentReply::ParticipantLeft(())),
             AgentCommand::GetStats(_) => Ok(AgentReply::GetStats(MediaStats::default())),
         };
@@ -92,7 +93,7 @@ fn track(kind: MediaKind) -> TrackInfo {
         }
         MediaKind::Video => TrackFormat::Video(tessera_core::room::VideoFormat { codec: "vp8".into(), profile: None }),
     };
-    TrackInfo { kind, source: "camera".into(), mid: None, format, parameters: None, status: TrackStatus::Active }
+    TrackInfo { kind, source: "camera".into(), mid: None, format, parameters: None, status: TrackStatus::Active, rid: None }
 }
 
 /// A portal on a fake node, with a room configured by `options`.

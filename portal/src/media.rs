@@ -11,11 +11,12 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 use tessera_core::agent::{
-    AgentEvent, MediaKind, Progress, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch, TransportRef,
+    AgentEvent, LayerChoice, MediaKind, Progress, PublishSpec, PublishTrack, SessionRef, Signaling, SubscribeSpec, SubscribeTrack, TrackSwitch,
+    TransportRef,
 };
-use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, Signal, SwitchTracks};
+use tessera_core::command::{EndSession, MediaNode, ParticipantLeft, SelectLayer, Signal, SwitchTracks};
 use tessera_core::hooks::Hook;
-use tessera_core::stream::{StreamKind, TrackStatus};
+use tessera_core::stream::{StreamInfo, StreamKind, TrackStatus};
 use tracing::{debug, info, warn};
 
 use crate::Portal;
@@ -38,6 +39,46 @@ fn data<'a>(request: &str, args: &'a [Value]) -> Result<&'a Value, String> {
         Some(v @ Value::Object(_)) => Ok(v),
         Some(_) => Err(format!("{request}: invalid request data: expected an object")),
         None => Err(format!("{request}: missing request data")),
+    }
+}
+
+/// What a subscriber's `from` names: a stream id, or one of its tracks' ids
+/// (`<stream>-<kind>`, `<stream>-video-<rid>` for a simulcast layer; see `wire::track_json`).
+/// Returns the stream and the layer's RID.
+fn resolve_from<'a>(streams: &'a [StreamInfo], from: &str) -> Option<(&'a StreamInfo, Option<String>)> {
+    if let Some(s) = streams.iter().find(|s| s.id.as_str() == from) {
+        return Some((s, None));
+    }
+    streams.iter().find_map(|s| {
+        let rest = from.strip_prefix(s.id.as_str())?.strip_prefix('-')?;
+        if rest == "audio" || rest == "video" {
+            return Some((s, None));
+        }
+        let rid = rest.strip_prefix("video-")?;
+        s.tracks.iter().any(|t| t.rid.as_deref() == Some(rid)).then(|| (s, Some(rid.to_string())))
+    })
+}
+
+/// `parameters.resolution` of a subscribe track or update, when given.
+fn requested_resolution(parameters: Option<&Value>, at: &str) -> Result<Option<(u32, u32)>, String> {
+    let Some(r) = parameters.filter(|p| !p.is_null()).and_then(|p| p.get("resolution")).filter(|r| !r.is_null()) else { return Ok(None) };
+    let dim = |name: &str| r.get(name).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
+    match (dim("width"), dim("height")) {
+        (Some(w), Some(h)) => Ok(Some((w, h))),
+        _ => Err(format!("{at}.parameters.resolution must be {{width, height}} in pixels")),
+    }
+}
+
+/// The layer a subscriber asks for: a RID (by track id), else the layer nearest a
+/// resolution, else the server's pick; only a simulcast video has layers.
+fn layer_choice(stream: &StreamInfo, kind: MediaKind, rid: Option<String>, resolution: Option<(u32, u32)>) -> LayerChoice {
+    if kind != MediaKind::Video || !stream.tracks.iter().any(|t| t.rid.is_some()) {
+        return LayerChoice::Auto;
+    }
+    match (rid, resolution) {
+        (Some(rid), _) => LayerChoice::Rid(rid),
+        (None, Some((width, height))) => LayerChoice::Resolution { width, height },
+        (None, None) => LayerChoice::Auto,
     }
 }
 
@@ -155,7 +196,7 @@ impl Portal {
 
     async fn subscribe(&self, room: &str, participant: &str, args: &[Value]) -> Reply {
         let d = data("subscribe", args)?;
-        let mut tracks = Vec::new();
+        let mut asked = Vec::new();
         if let Some(media) = d.get("media").filter(|m| !m.is_null()) {
             let list = media.get("tracks").and_then(Value::as_array).ok_or("subscribe: request.media.tracks must be an array")?;
             for (i, t) in list.iter().enumerate() {
@@ -163,14 +204,16 @@ impl Portal {
                 let kind = kind_of(t, &at)?;
                 let mid = t.get("mid").and_then(Value::as_str).ok_or(format!("{at}.mid must be a string"))?;
                 let from = t.get("from").and_then(Value::as_str).ok_or(format!("{at}.from must be a stream id"))?;
-                tracks.push(SubscribeTrack { kind, mid: mid.into(), from: from.into() });
+                let resolution = requested_resolution(t.get("parameters"), &at)?;
+                asked.push((kind, mid.to_string(), from.to_string(), resolution));
             }
         }
+        let mut tracks = Vec::new();
         let data_from = match d.get("data") {
             None | Some(Value::Null) | Some(Value::Bool(false)) => None,
             Some(v) => Some(str_field(v, "from", "subscribe: data")?.to_string()),
         };
-        if tracks.is_empty() && data_from.is_none() {
+        if asked.is_empty() && data_from.is_none() {
             return Err("subscribe: nothing to subscribe to (no media tracks and no data)".into());
         }
         let transport = transport_of("subscribe", d)?;
@@ -179,13 +222,15 @@ impl Portal {
         let transport = {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
-            for t in &tracks {
-                let Some(stream) = r.stream(t.from.as_str()) else {
-                    return Err(format!("Stream does NOT exist: {}", t.from));
+            for (kind, mid, from, resolution) in asked {
+                let Some((stream, rid)) = resolve_from(&r.streams, &from) else {
+                    return Err(format!("Stream does NOT exist: {from}"));
                 };
-                if !stream.has(t.kind) {
-                    return Err(format!("Stream {} has no {} track", t.from, t.kind.as_str()));
+                if !stream.has(kind) || (rid.is_some() && kind != MediaKind::Video) {
+                    return Err(format!("Stream {} has no {} track {from}", stream.id, kind.as_str()));
                 }
+                let layer = layer_choice(stream, kind, rid, resolution);
+                tracks.push(SubscribeTrack { kind, mid, from: stream.id.clone(), layer });
             }
             if let Some(from) = &data_from
                 && !r.stream(from.as_str()).is_some_and(|s| s.data)
@@ -197,6 +242,7 @@ impl Portal {
             agent = self.agent(room, "subscribe")?;
             let transport = p.open_session(transport, &session, SessionKind::Subscription)?;
             p.kinds.insert(session.as_str().into(), tracks.iter().map(|t| t.kind).collect());
+            p.reads.insert(session.as_str().into(), tracks.iter().map(|t| (t.kind, t.from.clone())).collect());
             transport
         };
         let at =
@@ -345,9 +391,56 @@ impl Portal {
                 self.switched(room, participant, &id, SessionKind::Subscription, switch);
                 Ok(None)
             }
-            "update" => Err("subscription-control: `update` (changing source or parameters) is not supported by the SFU; subscribe again".into()),
+            "update" => self.update_subscription(room, participant, &id, d.get("data").unwrap_or(&Value::Null)).await,
             other => Err(format!("subscription-control: unknown operation `{other}`")),
         }
+    }
+
+    /// `subscription-control update`: another simulcast layer of the same stream (OWT:
+    /// `video.from` naming a layer's track, or `video.parameters.resolution`). The source
+    /// stream stays; nothing is transcoded.
+    async fn update_subscription(&self, room: &str, participant: &str, id: &str, update: &Value) -> Reply {
+        const REQUEST: &str = "subscription-control: update";
+        if !update.is_object() {
+            return Err(format!("{REQUEST}: `data` must be an object"));
+        }
+        let choice = {
+            let conf = self.lock();
+            let r = conf.room(room).ok_or("Illegal request")?;
+            let reads = r.participant(participant).and_then(|p| p.reads.get(id)).cloned().unwrap_or_default();
+            let read = |kind: MediaKind| reads.iter().find(|(k, _)| *k == kind).map(|(_, s)| s.clone());
+            if let Some(audio) = update.get("audio").filter(|a| !a.is_null()) {
+                let from = audio.get("from").and_then(Value::as_str);
+                let current = read(MediaKind::Audio);
+                if from.is_some_and(|f| resolve_from(&r.streams, f).is_none_or(|(s, _)| Some(&s.id) != current.as_ref())) {
+                    return Err(format!("{REQUEST} cannot change the source stream of audio; subscribe again"));
+                }
+            }
+            let Some(video) = update.get("video").filter(|v| !v.is_null()) else { return Ok(None) };
+            let Some(current) = read(MediaKind::Video) else { return Err(format!("{REQUEST}: subscription {id} has no video")) };
+            let Some(stream) = r.stream(current.as_str()) else { return Err(format!("Stream does NOT exist: {current}")) };
+            let rid = match video.get("from").and_then(Value::as_str) {
+                None => None,
+                Some(from) => match resolve_from(&r.streams, from) {
+                    Some((s, rid)) if s.id == current => rid,
+                    Some(_) => return Err(format!("{REQUEST} cannot change the source stream ({from}); subscribe again")),
+                    None => return Err(format!("Stream does NOT exist: {from}")),
+                },
+            };
+            let resolution = requested_resolution(video.get("parameters"), REQUEST)?;
+            let layered = stream.tracks.iter().any(|t| t.rid.is_some());
+            if !layered && (rid.is_some() || resolution.is_some()) {
+                return Err(format!("{REQUEST}: stream {current} has no simulcast layers to choose from (the SFU does not transcode)"));
+            }
+            if !layered {
+                return Ok(None);
+            }
+            layer_choice(stream, MediaKind::Video, rid, resolution)
+        };
+        let agent = self.agent(room, "subscription-control")?;
+        let command = SelectLayer { room: room.into(), participant: participant.into(), session: id.into(), layer: choice };
+        agent.call(command).await.map_err(|e| e.to_string())?;
+        Ok(None)
     }
 
     fn forget_session(&self, room: &str, participant: &str, session: &str) {

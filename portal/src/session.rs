@@ -556,6 +556,7 @@ mod proptests {
                 AgentCommand::EndSession(_) => AgentReply::EndSession(()),
                 AgentCommand::SwitchTracks(_) => AgentReply::SwitchTracks(()),
                 AgentCommand::RequestKeyframe(_) => AgentReply::RequestKeyframe(()),
+                AgentCommand::SelectLayer(_) => AgentReply::SelectLayer(()),
                 AgentCommand::ParticipantLeft(_) => AgentReply::ParticipantLeft(()),
                 AgentCommand::GetStats(_) => AgentReply::GetStats(Default::default()),
             })
@@ -638,6 +639,7 @@ mod proptests {
             format: TrackFormat::Video(tessera_core::room::VideoFormat { codec: "vp8".into(), profile: None }),
             parameters: None,
             status: TrackStatus::Active,
+            rid: None,
         };
         r.streams.push(StreamInfo {
             id: "s-fwd".into(),

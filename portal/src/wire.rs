@@ -45,8 +45,13 @@ pub(crate) fn stream_json(s: &StreamInfo) -> Value {
 fn track_json(s: &StreamInfo, t: &TrackInfo, forward: bool) -> Value {
     let mut v = Map::new();
     if forward {
-        // OWT SDK 5.1 keys a forward stream's tracks by `<stream>-<kind>`.
-        v.insert("id".into(), json!(format!("{}-{}", s.id, t.kind.as_str())));
+        // OWT SDK 5.1 keys a forward stream's tracks by id, and subscribes to a simulcast
+        // layer by its track's id (`media.resolve_from` reads these back).
+        let id = match &t.rid {
+            Some(rid) => format!("{}-{}-{rid}", s.id, t.kind.as_str()),
+            None => format!("{}-{}", s.id, t.kind.as_str()),
+        };
+        v.insert("id".into(), json!(id));
     }
     v.insert("type".into(), json!(t.kind.as_str()));
     v.insert("source".into(), json!(t.source));
@@ -66,6 +71,9 @@ fn track_json(s: &StreamInfo, t: &TrackInfo, forward: bool) -> Value {
         TrackStatus::Inactive => "inactive",
     };
     v.insert("status".into(), json!(status));
+    if let Some(rid) = &t.rid {
+        v.insert("rid".into(), json!(rid));
+    }
     Value::Object(v)
 }
 

@@ -31,12 +31,19 @@ pub struct Rewriter {
     seq_offset: u16,
     last_out: Option<u16>,
     resync: bool,
+    ts_offset: u32,
+    /// The newest timestamp sent, and when.
+    last_ts: Option<(u32, Instant)>,
+    rebase_ts: bool,
 }
+
+/// The RTP clock of video (a switch between layers carries timestamps on at this rate).
+const VIDEO_CLOCK: u64 = 90_000;
 
 impl Rewriter {
     /// A rewriter for a subscriber track.
     pub fn new(ssrc: u32, payload_type: u8) -> Self {
-        Rewriter { ssrc, payload_type, seq_offset: 0, last_out: None, resync: true }
+        Rewriter { ssrc, payload_type, seq_offset: 0, last_out: None, resync: true, ts_offset: 0, last_ts: None, rebase_ts: false }
     }
 
     /// The next packet starts a new run (after a pause): continue the sequence from the last one sent.
@@ -44,9 +51,30 @@ impl Rewriter {
         self.resync = true;
     }
 
-    /// Rewrites the packet in place.
-    pub fn rewrite(&mut self, packet: &mut rtp::Packet) {
+    /// The next packet comes from another source (another simulcast layer of the same
+    /// video, with its own numbering and timestamp base): sequence numbers and (90 kHz)
+    /// timestamps continue from the last ones sent, the timestamps advanced by the time
+    /// that passed.
+    pub fn switch_source(&mut self) {
+        self.resync = true;
+        self.rebase_ts = true;
+    }
+
+    /// Rewrites the packet in place (`now`: when it is sent, for a later switch).
+    pub fn rewrite(&mut self, packet: &mut rtp::Packet, now: Instant) {
         let h = &mut packet.header;
+        if std::mem::take(&mut self.rebase_ts)
+            && let Some((last, at)) = self.last_ts
+        {
+            let ticks = (now.saturating_duration_since(at).as_micros() as u64 * VIDEO_CLOCK / 1_000_000).max(1);
+            self.ts_offset = last.wrapping_add(ticks as u32).wrapping_sub(h.timestamp);
+        }
+        let ts = h.timestamp.wrapping_add(self.ts_offset);
+        match self.last_ts {
+            Some((last, _)) if ts.wrapping_sub(last) > 0x8000_0000 => {}
+            _ => self.last_ts = Some((ts, now)),
+        }
+        h.timestamp = ts;
         if self.resync {
             // First packet ever: keep the publisher's numbering (offset 0).
             self.seq_offset = match self.last_out {
@@ -227,29 +255,55 @@ mod tests {
     fn rewriter_keeps_continuity_across_pauses() {
         let mut r = Rewriter::new(777, 100);
         let mut p = pkt(65534);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!((p.header.sequence_number, p.header.ssrc, p.header.payload_type), (65534, 777, 100));
         let mut p = pkt(65535);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         let mut p = pkt(0);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!(p.header.sequence_number, 0);
         // Paused: the source went on to 500; the subscriber continues at 1.
         r.resync();
         let mut p = pkt(500);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!(p.header.sequence_number, 1);
         let mut p = pkt(501);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!(p.header.sequence_number, 2);
         // A late, reordered packet keeps its relative place and does not rewind.
         let mut p = pkt(499);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!(p.header.sequence_number, 0);
         r.resync();
         let mut p = pkt(9000);
-        r.rewrite(&mut p);
+        r.rewrite(&mut p, Instant::now());
         assert_eq!(p.header.sequence_number, 3);
+    }
+
+    #[test]
+    fn a_switch_of_source_carries_sequence_and_timestamps_on() {
+        let t0 = Instant::now();
+        let mut r = Rewriter::new(1, 96);
+        let mut p = pkt(10);
+        p.header.timestamp = 1000;
+        r.rewrite(&mut p, t0);
+        assert_eq!((p.header.sequence_number, p.header.timestamp), (10, 1000));
+        // Another layer, numbered and timed from elsewhere, 100 ms later.
+        r.switch_source();
+        let mut p = pkt(5000);
+        p.header.timestamp = 777_777;
+        r.rewrite(&mut p, t0 + Duration::from_millis(100));
+        assert_eq!((p.header.sequence_number, p.header.timestamp), (11, 10_000));
+        let mut p = pkt(5001);
+        p.header.timestamp = 780_777;
+        r.rewrite(&mut p, t0 + Duration::from_millis(133));
+        assert_eq!((p.header.sequence_number, p.header.timestamp), (12, 13_000));
+        // A pause of the same source keeps its timestamps (same clock) but closes the sequence gap.
+        r.resync();
+        let mut p = pkt(6000);
+        p.header.timestamp = 870_777;
+        r.rewrite(&mut p, t0 + Duration::from_millis(1133));
+        assert_eq!((p.header.sequence_number, p.header.timestamp), (13, 103_000));
     }
 
     #[test]
@@ -315,7 +369,7 @@ mod proptests {
         let mut out = Vec::new();
         let send = |r: &mut Rewriter, seq: u16, resynced: bool, out: &mut Vec<_>| {
             let mut p = pkt(seq, u32::from(seq).wrapping_mul(960));
-            r.rewrite(&mut p);
+            r.rewrite(&mut p, Instant::now());
             out.push((seq, p, resynced));
         };
         send(&mut r, seq, true, &mut out);

@@ -26,6 +26,7 @@ pub mod forward;
 pub mod net;
 pub mod rtcp_counter;
 mod sdp;
+pub mod simulcast;
 pub mod workers;
 
 use std::net::IpAddr;

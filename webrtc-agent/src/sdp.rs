@@ -34,9 +34,109 @@ pub(crate) fn mid_order(sdp: &str) -> Vec<String> {
     sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_string).collect()
 }
 
+/// The simulcast layers each m-line of an offer sends (`a=simulcast:send` with its
+/// `a=rid:<id> send` lines, RFC 8853), by mid, in the order the client listed them.
+/// Layers with no matching `a=rid` line, and more than [`crate::simulcast::MAX_LAYERS`],
+/// are left out; an m-line with fewer than two layers is not simulcast.
+pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for section in sdp.split("\nm=").skip(1) {
+        let lines: Vec<&str> = section.lines().map(str::trim).collect();
+        let Some(mid) = lines.iter().find_map(|l| l.strip_prefix("a=mid:")) else { continue };
+        let declared: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("a=rid:"))
+            .filter_map(|r| {
+                let mut parts = r.split_whitespace();
+                let id = parts.next()?;
+                (parts.next() == Some("send")).then_some(id)
+            })
+            .collect();
+        let Some(list) = lines.iter().find_map(|l| l.strip_prefix("a=simulcast:send ")) else { continue };
+        let mut rids: Vec<String> = Vec::new();
+        // `q;h;f`, alternatives after commas, `~` for a layer that starts paused.
+        for layer in list.split_whitespace().next().unwrap_or_default().split(';') {
+            let Some(id) = layer.split(',').next().map(|id| id.trim_start_matches('~')) else { continue };
+            if declared.contains(&id) && !rids.iter().any(|r| r == id) {
+                rids.push(id.to_string());
+            }
+        }
+        rids.truncate(crate::simulcast::MAX_LAYERS);
+        if rids.len() > 1 {
+            out.push((mid.to_string(), rids));
+        }
+    }
+    out
+}
+
+/// The SDP without RTX (its payload types, their `rtpmap`, `fmtp` and `rtcp-fb` lines) in
+/// the m-sections of the given mids.
+pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    let mut sections = sdp.split_inclusive("\nm=");
+    if let Some(session) = sections.next() {
+        out.push_str(session);
+    }
+    for section in sections {
+        let in_scope = section.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).any(|m| mids.contains(&m));
+        if !in_scope {
+            out.push_str(section);
+            continue;
+        }
+        let rtx: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=rtpmap:"))
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("rtx/"))
+            .map(|(pt, _)| pt)
+            .collect();
+        let names_rtx = |l: &str| {
+            ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"]
+                .iter()
+                .any(|p| l.trim().strip_prefix(p).and_then(|r| r.split([' ', '\r']).next()).is_some_and(|pt| rtx.contains(&pt)))
+        };
+        for (i, line) in section.split_inclusive('\n').enumerate() {
+            if i == 0 {
+                // The m= line (its "m=" went with the previous part): drop the RTX formats.
+                let ending = &line[line.trim_end().len()..];
+                let kept: Vec<&str> = line.trim_end().split(' ').enumerate().filter(|(n, f)| *n < 3 || !rtx.contains(f)).map(|(_, f)| f).collect();
+                out.push_str(&kept.join(" "));
+                out.push_str(ending);
+            } else if !names_rtx(line) {
+                out.push_str(line);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtx_is_taken_out_of_the_named_sections_only() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97 98\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n\
+                   a=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\na=rtcp-fb:97 nack\r\na=rtpmap:98 H264/90000\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
+        let out = without_rtx(sdp, &["0"]);
+        assert_eq!(
+            out,
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:98 H264/90000\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n"
+        );
+        assert_eq!(without_rtx(sdp, &["9"]), sdp);
+        assert_eq!(without_rtx("garbage", &["0"]), "garbage");
+    }
+
+    #[test]
+    fn simulcast_layers_by_mid() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n\
+                   a=rid:q send\r\na=rid:h send max-width=640\r\na=rid:f send\r\na=rid:x recv\r\na=simulcast:send q;~h;f,x;zz\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=rid:a send\r\na=simulcast:send a\r\n";
+        assert_eq!(simulcast_rids(sdp), vec![("1".to_string(), vec!["q".to_string(), "h".to_string(), "f".to_string()])]);
+        assert!(simulcast_rids("garbage\nm=\na=simulcast:send").is_empty());
+    }
 
     #[test]
     fn mids_in_order() {

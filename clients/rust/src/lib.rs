@@ -6,3 +6,4 @@ pub mod light;
 pub mod media;
 pub mod peer;
 pub mod signaling;
+pub mod simulcast;

@@ -29,7 +29,7 @@ impl Drop for LiveSource {
     }
 }
 
-fn appsink_to_channel(sink: gst_app::AppSink) -> mpsc::Receiver<rtc::rtp::Packet> {
+pub(crate) fn appsink_to_channel(sink: gst_app::AppSink) -> mpsc::Receiver<rtc::rtp::Packet> {
     let (tx, rx) = mpsc::channel(1024);
     sink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()

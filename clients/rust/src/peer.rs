@@ -147,6 +147,12 @@ impl Connection {
         Self::build(ip, None, None).await
     }
 
+    /// A connection whose media engine also offers the MID and RID header extensions a
+    /// simulcast sender needs (RFC 8852).
+    pub async fn with_simulcast_extensions(ip: &str) -> anyhow::Result<Connection> {
+        Self::build_with(ip, None, None, true).await
+    }
+
     /// A connection with ICE on `ip` that may only use relayed candidates, from the TURN
     /// servers in a login result's `iceServers` (`iceTransportPolicy: 'relay'`).
     pub async fn relay_only(ip: &str, ice_servers: &Value) -> anyhow::Result<Connection> {
@@ -170,10 +176,22 @@ impl Connection {
     }
 
     async fn build(ip: &str, srtp: Option<Vec<SrtpProtectionProfile>>, relay: Option<Vec<RTCIceServer>>) -> anyhow::Result<Connection> {
+        Self::build_with(ip, srtp, relay, false).await
+    }
+
+    async fn build_with(
+        ip: &str,
+        srtp: Option<Vec<SrtpProtectionProfile>>,
+        relay: Option<Vec<RTCIceServer>>,
+        simulcast: bool,
+    ) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
+        if simulcast {
+            rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers(&mut media)?;
+        }
         let registry = register_default_interceptors(Registry::new(), &mut media)?.with(Slot::from(14_000), KeyframeRequestTap::default());
         // No mDNS: candidates are plain loopback addresses, and joining the multicast group
         // fails in a namespace that holds only loopback.
@@ -203,6 +221,20 @@ impl Connection {
     /// Subscribes to `stream` on this connection (renegotiating it if it already carries
     /// sessions, as the OWT JS SDK does). Returns the subscription id.
     pub async fn subscribe(&mut self, sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<String> {
+        self.subscribe_with(sig, stream, audio, video, data, Value::Null).await
+    }
+
+    /// Like [`Connection::subscribe`], `video` adding its fields to the video track's
+    /// request (`{"from": "<a layer's track id>"}`, `{"parameters": {...}}`).
+    pub async fn subscribe_with(
+        &mut self,
+        sig: &mut Signaling,
+        stream: &str,
+        audio: bool,
+        video: bool,
+        data: bool,
+        video_fields: Value,
+    ) -> anyhow::Result<String> {
         let before = self.pc.get_transceivers().await.len();
         let mut kinds = Vec::new();
         if audio {
@@ -221,7 +253,11 @@ impl Connection {
         for (t, k) in transceivers.iter().skip(before).zip(&kinds) {
             let mid = t.mid().await.ok().flatten().ok_or_else(|| anyhow!("transceiver without mid"))?;
             let kind = if *k == RtpCodecKind::Audio { "audio" } else { "video" };
-            tracks.push(json!({"type": kind, "mid": mid, "from": stream}));
+            let mut track = json!({"type": kind, "mid": mid, "from": stream});
+            if let (true, Some(fields), Some(t)) = (kind == "video", video_fields.as_object(), track.as_object_mut()) {
+                t.extend(fields.clone());
+            }
+            tracks.push(track);
         }
         let mut req = json!({"media": {"tracks": tracks}});
         if data {
@@ -278,7 +314,8 @@ impl Connection {
         Ok(self.pc.local_description().await.ok_or_else(|| anyhow!("no local answer"))?.sdp)
     }
 
-    async fn mid_of_local(&self, track: &Arc<dyn TrackLocal>) -> Option<String> {
+    /// The mid of the transceiver sending `track`.
+    pub async fn mid_of_local(&self, track: &Arc<dyn TrackLocal>) -> Option<String> {
         for t in self.pc.get_transceivers().await {
             if let Ok(Some(s)) = t.sender().await
                 && std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(track))
@@ -289,7 +326,8 @@ impl Connection {
         None
     }
 
-    async fn payload_type(&self, track: &Arc<dyn TrackLocal>, mime: &str) -> Option<u8> {
+    /// The payload type negotiated for `mime` on the transceiver sending `track`.
+    pub async fn payload_type(&self, track: &Arc<dyn TrackLocal>, mime: &str) -> Option<u8> {
         for s in self.pc.get_senders().await {
             if std::ptr::addr_eq(Arc::as_ptr(s.track()), Arc::as_ptr(track)) {
                 let params = s.get_parameters().await.ok()?;
@@ -421,7 +459,7 @@ struct Counters {
     audio_index: u64,
 }
 
-fn vp8() -> RTCRtpCodec {
+pub(crate) fn vp8() -> RTCRtpCodec {
     RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
 }
 
@@ -786,6 +824,15 @@ impl Subscriber {
     /// Subscribes to `stream` (audio and/or video, and its data channel if `data`) on a new connection.
     pub async fn start(sig: &mut Signaling, stream: &str, audio: bool, video: bool, data: bool) -> anyhow::Result<Subscriber> {
         Self::start_on(sig, Connection::new().await?, stream, audio, video, data).await
+    }
+
+    /// A video-only subscription on a new connection, `video_fields` added to its track's
+    /// request (a simulcast layer's track id as `from`, `parameters`).
+    pub async fn start_video(sig: &mut Signaling, stream: &str, video_fields: Value) -> anyhow::Result<Subscriber> {
+        let mut conn = Connection::new().await?;
+        let id = conn.subscribe_with(sig, stream, false, true, false, video_fields).await?;
+        let received = conn.received.clone();
+        Ok(Subscriber { conn, id, received, data: Arc::default() })
     }
 
     /// Like [`Subscriber::start`], on a connection made by the caller (its own bind address).

@@ -36,7 +36,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RtpCodecKind};
 use rtc::shared::marshal::Unmarshal;
-use tessera_core::agent::{AgentError, AgentEvent, MediaKind, Progress, Signaling};
+use tessera_core::agent::{AgentError, AgentEvent, LayerChoice, MediaKind, Progress, Signaling};
 use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MediaStats};
 use tessera_core::media::{ImportError, LocalTrack, RtpReceiver, RtpSink, StreamImporter, StreamSource, Tap};
 use tessera_core::{RoomId, StreamInfo};
@@ -47,6 +47,7 @@ use crate::AgentSettings;
 use crate::codec::{codec_info, rtc_codec};
 use crate::feedback::KeyframeRequestTap;
 use crate::rtcp_counter::{RtcpCounter, RtcpCounters};
+use crate::simulcast::LayerBoard;
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
 /// A published track, unique across workers.
@@ -76,6 +77,24 @@ struct PubTrack {
     codec: RTCRtpCodec,
     /// A local track's consumer count (the worker keeps it exact; a new tap counts at once).
     consumers: Option<Arc<AtomicUsize>>,
+    /// The layers of a simulcast video (`track` is the first that flowed).
+    layers: Option<Arc<LayerBoard>>,
+}
+
+impl PubTrack {
+    /// The track a tap reads: a simulcast video's highest flowing layer (recordings and
+    /// mixing take the best picture), else the track.
+    fn tapped(&self) -> TrackId {
+        self.layers.as_ref().and_then(|b| b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i))).map_or(self.track, |l| l.track)
+    }
+
+    /// Every track it has: each layer of a simulcast video, else the one.
+    fn all_tracks(&self) -> Vec<TrackId> {
+        match &self.layers {
+            Some(b) => b.layers.iter().map(|l| l.track).collect(),
+            None => vec![self.track],
+        }
+    }
 }
 
 struct PubEntry {
@@ -267,10 +286,10 @@ impl Shared {
         self.emit(AgentEvent::Progress { room: room.into(), participant: participant.into(), transport: transport.into(), progress });
     }
 
-    pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, codec: RTCRtpCodec) {
+    pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, codec: RTCRtpCodec, layers: Option<Arc<LayerBoard>>) {
         if let Some(p) = self.lock().publications.get_mut(publication) {
             p.tracks.retain(|t| t.kind != kind);
-            p.tracks.push(PubTrack { kind, track, codec, consumers: None });
+            p.tracks.push(PubTrack { kind, track, codec, consumers: None, layers });
         }
     }
 
@@ -700,6 +719,7 @@ impl WorkerAgent {
                     owner: p.worker,
                     codec: track.codec.clone(),
                     stream: t.from.to_string(),
+                    layers: track.layers.clone(),
                 });
             }
         }
@@ -775,6 +795,17 @@ impl WorkerAgent {
         Ok(())
     }
 
+    fn select_layer(&self, participant: &str, session: &str, layer: LayerChoice) -> Result<(), AgentError> {
+        let target = {
+            let s = self.shared.lock();
+            let transport = s.subscriptions.get(session).filter(|e| e.participant == participant).map(|e| e.transport.clone());
+            transport.and_then(|t| s.transports.get(&t).map(|e| (t.clone(), e.worker)))
+        };
+        let (transport, worker) = target.ok_or_else(|| AgentError::NoSession(session.into()))?;
+        self.shared.send_to(worker, Cmd::SelectLayer { transport, session: session.into(), layer });
+        Ok(())
+    }
+
     fn participant_left(&self, participant: &str) {
         let transports: Vec<(String, usize)> = {
             let s = self.shared.lock();
@@ -793,7 +824,13 @@ impl WorkerAgent {
             let s = self.shared.lock();
             s.publications
                 .get(stream)
-                .map(|p| p.tracks.iter().filter(|t| t.kind == MediaKind::Video).map(|t| (t.track, p.worker)).collect())
+                .map(|p| {
+                    p.tracks
+                        .iter()
+                        .filter(|t| t.kind == MediaKind::Video)
+                        .flat_map(|t| t.all_tracks().into_iter().map(|track| (track, p.worker)))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         for (track, worker) in tracks {
@@ -829,6 +866,7 @@ impl MediaNode for WorkerAgent {
                 self.participant_left(p.participant.as_str());
                 AgentReply::ParticipantLeft(())
             }
+            AgentCommand::SelectLayer(l) => AgentReply::SelectLayer(self.select_layer(l.participant.as_str(), l.session.as_str(), l.layer)?),
             AgentCommand::GetStats(_) => AgentReply::GetStats(self.stats()),
         })
     }
@@ -877,7 +915,7 @@ impl StreamSource for WorkerAgent {
             if let Some(c) = &t.consumers {
                 c.fetch_add(1, Ordering::Relaxed);
             }
-            (t.track, p.worker, t.codec.clone())
+            (t.tapped(), p.worker, t.codec.clone())
         };
         let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(TAP_QUEUE);
@@ -888,10 +926,13 @@ impl StreamSource for WorkerAgent {
     fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
         let found = {
             let s = self.shared.lock();
-            s.publications.get(stream).and_then(|p| p.tracks.iter().find(|t| t.kind == kind).map(|t| (t.track, p.worker)))
+            s.publications.get(stream).and_then(|p| p.tracks.iter().find(|t| t.kind == kind).map(|t| (t.all_tracks(), p.worker)))
         };
-        if let Some((track, worker)) = found {
-            self.shared.send_to(worker, Cmd::Untap { track, id: sink_id });
+        // A simulcast video's tap is on the layer that was highest then: untapped wherever it is.
+        if let Some((tracks, worker)) = found {
+            for track in tracks {
+                self.shared.send_to(worker, Cmd::Untap { track, id: sink_id });
+            }
         }
     }
 
@@ -918,7 +959,7 @@ impl StreamSource for WorkerAgent {
                 worker,
                 Cmd::LocalPublish { track, kind: t.kind, codec: codec.clone(), on_keyframe: t.on_keyframe, consumers: consumers.clone() },
             );
-            entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(consumers.clone()) });
+            entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(consumers.clone()), layers: None });
             sinks.push(Arc::new(LocalSink { shared: self.shared.clone(), worker, track, consumers }));
         }
         self.shared.lock().publications.insert(

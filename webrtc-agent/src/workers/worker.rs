@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use rtc::ice::tcp_type::TcpType;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
-use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent, RTCTrackEventInit};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
@@ -40,7 +40,8 @@ use rtc::sansio::Protocol;
 use rtc::shared::marshal::Marshal;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use rtc::stun::integrity::MessageIntegrity;
-use tessera_core::agent::{AgentError, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
+use tessera_core::agent::{AgentError, LayerChoice, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
+use tessera_core::room::{Resolution, VideoParameters};
 use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -52,6 +53,7 @@ use super::udp;
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
 use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
+use crate::simulcast::{LayerBoard, VideoCodec, Vp8Munger, vp8_keyframe_size};
 
 /// `recvmmsg` calls per loop round before the loop drains outputs and timers.
 const READ_ROUNDS: usize = 2;
@@ -60,6 +62,12 @@ const ADDRS_PER_PEER: usize = 4;
 /// A subscriber leg forwards at most one keyframe request per this interval (the
 /// publisher's throttle decides the PLIs; this bounds the commands between workers).
 const LEG_KEYFRAME_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the publisher's worker measures a layered video's layers.
+const LAYER_TICK: Duration = Duration::from_millis(500);
+/// A layer that sent nothing for this long no longer flows (its subscribers move).
+const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A subscriber waiting for a layer's keyframe asks again after this long.
+const SWITCH_KEYFRAME_RETRY: Duration = Duration::from_millis(1000);
 
 /// Packets handed from one worker to another, one batch per loop round.
 pub(crate) type Batch = Vec<(TrackId, rtp::Packet)>;
@@ -72,6 +80,8 @@ pub(crate) struct SourceTrack {
     pub owner: usize,
     pub codec: RTCRtpCodec,
     pub stream: String,
+    /// The layers of a layered (simulcast) video; `track` is its first flowing layer.
+    pub layers: Option<Arc<LayerBoard>>,
 }
 
 /// Commands from the control plane (and from other workers) to a worker.
@@ -109,6 +119,16 @@ pub(crate) enum Cmd {
         transport: String,
         session: String,
         switch: TrackSwitch,
+    },
+    /// A subscription's video takes another simulcast layer.
+    SelectLayer {
+        transport: String,
+        session: String,
+        layer: LayerChoice,
+    },
+    /// Which layers of a layered video flow (or their order) changed: subscribers here choose again.
+    LayersChanged {
+        board: u64,
     },
     Close {
         transport: String,
@@ -182,6 +202,38 @@ struct Published {
     active: bool,
     /// Consumers of a local track (the mixer runs a view only while someone watches).
     consumers: Option<Arc<AtomicUsize>>,
+    /// A simulcast layer's measurements (bytes since the last tick, last packet).
+    meter: Option<LayerMeter>,
+}
+
+/// What the publisher's worker measures of one simulcast layer between two ticks.
+struct LayerMeter {
+    board: Arc<LayerBoard>,
+    index: usize,
+    bytes: u64,
+    frames: u32,
+    last: Instant,
+}
+
+/// A subscriber leg's simulcast layer: what it wants, and a switch under way.
+struct Selection {
+    board: Arc<LayerBoard>,
+    choice: LayerChoice,
+    /// The layer (track) it moves to at that layer's next keyframe.
+    target: Option<TrackId>,
+    /// The current layer has given this leg a keyframe (nothing is sent before one).
+    started: bool,
+    vp8: Option<Vp8Munger>,
+    /// When a keyframe of the awaited layer was last asked for.
+    asked: Option<Instant>,
+}
+
+/// What delivering a packet to layered legs leads to, done once the packet is delivered.
+enum LegNote {
+    /// The leg moved to another layer: it no longer reads `from`.
+    Switched { peer: u32, leg: u32, from: TrackId, owner: usize },
+    /// A leg awaits a keyframe of this track.
+    Keyframe { track: TrackId, owner: usize },
 }
 
 impl Published {
@@ -202,6 +254,15 @@ struct Leg {
     rewriter: Rewriter,
     active: bool,
     last_keyframe_request: Option<Instant>,
+    /// The layer choice of a simulcast source.
+    sel: Option<Selection>,
+}
+
+impl Leg {
+    /// The tracks it reads: its source, and the layer it is switching to.
+    fn tracks(&self) -> impl Iterator<Item = TrackId> + '_ {
+        std::iter::once(self.source).chain(self.sel.as_ref().and_then(|s| s.target))
+    }
 }
 
 /// A publication announced on a connection.
@@ -209,6 +270,8 @@ struct PubSession {
     id: String,
     announced: Vec<PublishTrack>,
     flowing: Vec<(MediaKind, TrackId)>,
+    /// Its video's layers when the client sends simulcast.
+    board: Option<Arc<LayerBoard>>,
     /// The publication carries a data channel; `data_open` once the client opened it.
     data: bool,
     data_open: bool,
@@ -246,6 +309,10 @@ struct Peer {
     subscriptions: HashSet<String>,
     /// Received track id → the published track it feeds.
     receivers: HashMap<String, TrackId>,
+    /// Simulcast layers share one received track id: their SSRC → the layer's track.
+    layer_receivers: HashMap<u32, TrackId>,
+    /// The simulcast layers (RIDs) of each m-line of the last offer.
+    simulcast: Vec<(String, Vec<String>)>,
     /// Subscriptions waiting for the client's data channel labelled with their stream id:
     /// (subscription, publication, the publication's worker).
     data_wanted: Vec<(String, String, usize)>,
@@ -266,6 +333,8 @@ struct Peer {
 enum Timer {
     Peer(u32),
     Pli(TrackId),
+    /// Measure a layered video's layers (a board on this worker).
+    Layers(u64),
     /// An ICE-TCP connection (address, serial) that must be bound by now.
     TcpUnbound(SocketAddr, u64),
 }
@@ -359,6 +428,10 @@ pub(crate) struct Worker {
     published: HashMap<TrackId, Published>,
     /// Tracks published on other workers: this worker's subscriber legs.
     relayed: HashMap<TrackId, Vec<(u32, u32)>>,
+    /// Layered videos published here, and their last ranking (to see it change).
+    boards: HashMap<u64, (Arc<LayerBoard>, Vec<usize>)>,
+    /// What the last delivery to layered legs left to do.
+    notes: Vec<LegNote>,
     /// Data subscribers on this worker, by publication: (peer, channel).
     data_sinks: HashMap<String, Vec<(u32, usize)>>,
     /// Other workers with data subscribers of a publication made here.
@@ -404,6 +477,8 @@ impl Worker {
             by_addr: HashMap::new(),
             published: HashMap::new(),
             relayed: HashMap::new(),
+            boards: HashMap::new(),
+            notes: Vec::new(),
             data_sinks: HashMap::new(),
             data_workers: HashMap::new(),
             stopping: false,
@@ -619,7 +694,8 @@ impl Worker {
                 match message {
                     RTCMessage::RtpPacket(track_id, packet) => {
                         self.out.traffic.rtp_in += 1;
-                        if let Some(&track) = p.receivers.get(&track_id) {
+                        let layer = if p.layer_receivers.is_empty() { None } else { p.layer_receivers.get(&packet.header.ssrc) };
+                        if let Some(&track) = layer.or_else(|| p.receivers.get(&track_id)) {
                             media.push((track, packet));
                         }
                     }
@@ -635,7 +711,8 @@ impl Worker {
                             && leg.last_keyframe_request.is_none_or(|t| now.duration_since(t) >= LEG_KEYFRAME_INTERVAL)
                         {
                             leg.last_keyframe_request = Some(now);
-                            keyframe_requests.push((leg.source, leg.owner));
+                            let awaited = leg.sel.as_ref().and_then(|s| s.target);
+                            keyframe_requests.push((awaited.unwrap_or(leg.source), leg.owner));
                         }
                     }
                     _ => {}
@@ -707,6 +784,16 @@ impl Worker {
     /// A packet of a track published here: to local subscribers, other workers and taps.
     fn forward(&mut self, track: TrackId, mut packet: rtp::Packet, now: Instant) {
         let Some(t) = self.published.get_mut(&track) else { return };
+        if let Some(m) = &mut t.meter {
+            m.bytes += packet.payload.len() as u64;
+            m.frames += u32::from(packet.header.marker);
+            m.last = now;
+            if m.board.codec == VideoCodec::Vp8
+                && let Some(size) = vp8_keyframe_size(&packet.payload)
+            {
+                m.board.set_size(m.index, size);
+            }
+        }
         // A repeated RTX repair goes to nobody (see `SeenWindow`).
         if !t.active || t.seen.repeat(packet.header.sequence_number) {
             return;
@@ -723,7 +810,8 @@ impl Worker {
             let bytes = bytes.freeze();
             t.taps.retain(|(_, tx)| !matches!(tx.try_send(bytes.clone()), Err(mpsc::error::TrySendError::Closed(_))));
         }
-        deliver(&mut self.peers, &mut self.dirty, &t.subscribers, &packet, now);
+        deliver(&mut self.peers, &mut self.dirty, &t.subscribers, track, &packet, now, &mut self.notes);
+        self.follow_notes(now);
     }
 
     /// A packet from another worker (or a local producer) for this worker's subscribers.
@@ -732,8 +820,25 @@ impl Worker {
             return self.forward(track, packet, now);
         }
         if let Some(legs) = self.relayed.get(&track) {
-            deliver(&mut self.peers, &mut self.dirty, legs, &packet, now);
+            deliver(&mut self.peers, &mut self.dirty, legs, track, &packet, now, &mut self.notes);
+            self.follow_notes(now);
         }
+    }
+
+    /// Does what delivering to layered legs left: lets go of the layers they left, asks
+    /// for the keyframes they wait for.
+    fn follow_notes(&mut self, now: Instant) {
+        if self.notes.is_empty() {
+            return;
+        }
+        let mut notes = std::mem::take(&mut self.notes);
+        for note in notes.drain(..) {
+            match note {
+                LegNote::Switched { peer, leg, from, owner } => self.detach(from, owner, peer, leg),
+                LegNote::Keyframe { track, owner } => self.keyframe(track, owner, now),
+            }
+        }
+        self.notes = notes;
     }
 
     /// Asks a track's producer for a keyframe (throttled), wherever it is published.
@@ -800,6 +905,7 @@ impl Worker {
                     }
                 }
                 Timer::TcpUnbound(from, serial) => self.out.tcp.expire_unbound(from, serial),
+                Timer::Layers(board) => self.measure_layers(board, now),
                 Timer::Pli(track) => {
                     let Some(t) = self.published.get_mut(&track) else { continue };
                     if t.pli_due != Some(at) {
@@ -850,6 +956,7 @@ impl Worker {
                         id: spec.at.session.to_string(),
                         announced: spec.tracks,
                         flowing: Vec::new(),
+                        board: None,
                         data: spec.data,
                         data_open: false,
                         ready: false,
@@ -878,6 +985,8 @@ impl Worker {
             }
             Cmd::EndSession { transport, session } => self.end_session(&transport, &session),
             Cmd::Switch { transport, session, switch } => self.switch(&transport, &session, switch, now),
+            Cmd::SelectLayer { transport, session, layer } => self.select_layer(&transport, &session, layer, now),
+            Cmd::LayersChanged { board } => self.reselect_board(board, now),
             Cmd::Close { transport, reason } => {
                 if let Some(&id) = self.by_transport.get(&transport) {
                     self.close_peer(id, &reason);
@@ -968,6 +1077,8 @@ impl Worker {
                 unannounced: Vec::new(),
                 subscriptions: HashSet::new(),
                 receivers: HashMap::new(),
+                layer_receivers: HashMap::new(),
+                simulcast: Vec::new(),
                 data_wanted: Vec::new(),
                 data_legs: Vec::new(),
                 data_sources: HashMap::new(),
@@ -988,6 +1099,7 @@ impl Worker {
         let tcp = self.listener.is_some();
         let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
         let order = crate::sdp::mid_order(&sdp);
+        let simulcast = crate::sdp::simulcast_rids(&sdp);
         let pending = std::mem::take(&mut p.pending);
         // Sending transceivers are created before the offer is applied, in m-line order,
         // so each pairs with the client's recvonly m-line of its kind.
@@ -1000,12 +1112,12 @@ impl Worker {
                 let pos = order.iter().position(|m| *m == t.mid).ok_or_else(|| {
                     AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, sub.spec.at.session))
                 })?;
-                planned.push((pos, sub.spec.at.session.to_string(), src.clone()));
+                planned.push((pos, sub.spec.at.session.to_string(), src.clone(), t.layer.clone()));
             }
         }
-        planned.sort_by_key(|(pos, _, _)| *pos);
+        planned.sort_by_key(|(pos, _, _, _)| *pos);
         let mut created = Vec::new();
-        for (_, session, src) in planned {
+        for (_, session, src, layer) in planned {
             let ssrc: u32 = rand::random();
             let kind = match src.kind {
                 MediaKind::Audio => RtpCodecKind::Audio,
@@ -1026,12 +1138,13 @@ impl Worker {
             let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
             let transceiver =
                 p.pc.add_transceiver_from_track(track, Some(init)).map_err(|e| AgentError::Failed(format!("adding a subscriber track: {e}")))?;
-            created.push((session, src, RTCRtpSenderId::from(transceiver), track_id, ssrc));
+            created.push((session, src, layer, RTCRtpSenderId::from(transceiver), track_id, ssrc));
         }
 
         let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.has_remote = true;
+        p.simulcast = simulcast;
         if !p.candidate_added {
             // The worker's socket (its public address behind 1:1 NAT), and its ICE-TCP
             // port of the same number (lower priority: clients take it when UDP fails).
@@ -1057,12 +1170,21 @@ impl Worker {
         }
         let answer = p.pc.create_answer(None).map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
         p.pc.set_local_description(now, answer).map_err(|e| AgentError::Failed(format!("applying the answer: {e}")))?;
-        let sdp = p.pc.local_description().map(|d| d.sdp).ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        let mut sdp = p.pc.local_description().map(|d| d.sdp).ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        if !p.simulcast.is_empty() {
+            // Simulcast layers come without repair flows: webrtc-rs cannot yet tell a layer's
+            // RTX packets apart (repaired-rtp-stream-id), so the client is told no RTX there
+            // and retransmits on each layer's own SSRC. (webrtc-rs refuses an answer edited
+            // before it is applied; it only ever receives on these m-lines, so its own copy
+            // offering RTX changes nothing.)
+            let mids: Vec<&str> = p.simulcast.iter().map(|(m, _)| m.as_str()).collect();
+            sdp = crate::sdp::without_rtx(&sdp, &mids);
+        }
         self.shared.progress(&p.room, &p.participant, &p.transport, Progress::Answer { sdp });
 
         // Bind each sending track to its source with the payload type negotiated here.
         let mut sources_added = Vec::new();
-        for (session, src, sender, track_id, ssrc) in created {
+        for (session, src, layer, sender, track_id, ssrc) in created {
             let payload_type =
                 p.pc.rtp_sender(sender).and_then(|mut s| crate::sdp::negotiated_payload_type(&s.get_parameters().rtp_parameters.codecs, &src.codec));
             let Some(payload_type) = payload_type else {
@@ -1071,21 +1193,31 @@ impl Worker {
             };
             let leg_id = self.next_leg;
             self.next_leg = self.next_leg.wrapping_add(1);
+            // A layered source starts on the layer chosen for it, at that layer's next keyframe.
+            let (source, sel) = match &src.layers {
+                Some(board) => {
+                    let first = board.choose(&layer).and_then(|i| board.layers.get(i)).map_or(src.track, |l| l.track);
+                    let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
+                    (first, Some(Selection { board: board.clone(), choice: layer, target: None, started: false, vp8, asked: None }))
+                }
+                None => (src.track, None),
+            };
             p.legs.insert(
                 leg_id,
                 Leg {
                     session,
                     kind: src.kind,
-                    source: src.track,
+                    source,
                     owner: src.owner,
                     sender,
                     track_id,
                     rewriter: Rewriter::new(ssrc, payload_type),
                     active: true,
                     last_keyframe_request: None,
+                    sel,
                 },
             );
-            sources_added.push((src.track, src.owner, leg_id));
+            sources_added.push((source, src.owner, leg_id));
         }
         for sub in pending {
             let session = sub.spec.at.session.to_string();
@@ -1171,20 +1303,37 @@ impl Worker {
                 RTCPeerConnectionState::Closed => self.close_peer(id, "connection closed"),
                 _ => {}
             },
-            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => self.track_opened(id, init.receiver_id, init.track_id),
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => self.track_opened(id, init),
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(channel)) => self.data_channel_opened(id, channel),
             _ => {}
         }
     }
 
-    /// A publisher's track started flowing (its first packet arrived).
-    fn track_opened(&mut self, id: u32, receiver: RTCRtpReceiverId, track_id: String) {
+    /// A publisher's track started flowing (its first packet arrived); for simulcast, one
+    /// of its layers did.
+    fn track_opened(&mut self, id: u32, init: RTCTrackEventInit) {
         let interval = self.shared.settings.keyframe_interval;
+        let now = Instant::now();
         let Some(p) = self.peers.get_mut(&id) else { return };
-        let Some(r) = p.pc.rtp_receiver(receiver) else { return };
-        let track = r.track();
-        let Some(ssrc) = track.ssrcs().next() else { return };
-        let Some(codec) = track.codec(ssrc).cloned() else {
+        let receiver = init.receiver_id;
+        let Some(mut r) = p.pc.rtp_receiver(receiver) else { return };
+        let ssrc = match init.rid {
+            Some(_) => init.ssrc,
+            None => match r.track().ssrcs().next() {
+                Some(ssrc) => ssrc,
+                None => return,
+            },
+        };
+        // A layer's coding may not name its codec: then the m-line's negotiated one.
+        let codec = r.track().codec(ssrc).cloned().or_else(|| {
+            r.get_parameters()
+                .rtp_parameters
+                .codecs
+                .iter()
+                .find(|c| !c.rtp_codec.mime_type.to_ascii_lowercase().ends_with("/rtx"))
+                .map(|c| c.rtp_codec.clone())
+        });
+        let Some(codec) = codec else {
             warn!(ssrc, "track without a negotiated codec ignored");
             return;
         };
@@ -1193,24 +1342,161 @@ impl Worker {
             warn!(ssrc, "track on an unknown m-line ignored");
             return;
         };
+        let declared = p.simulcast.iter().find(|(m, _)| *m == mid).map(|(_, rids)| rids.clone());
         let Some(publication) = p.publications.iter_mut().find(|s| s.announced.iter().any(|a| a.mid == mid)) else {
             debug!(mid = ?mid, "track that no publication announced; ignored");
             return;
         };
         let Some(kind) = publication.announced.iter().find(|a| a.mid == mid).map(|a| a.kind) else { return };
-        if publication.flowing.iter().any(|(k, _)| *k == kind) {
-            return;
-        }
-        let key = self.shared.next_track();
+        let mut layer = None;
+        let key = match (&init.rid, declared) {
+            (Some(rid), Some(rids)) if kind == MediaKind::Video => {
+                let shared = &self.shared;
+                let board = publication.board.get_or_insert_with(|| {
+                    let layers = rids.iter().map(|r| (r.clone(), shared.next_track())).collect();
+                    Arc::new(LayerBoard::new(shared.next_track(), VideoCodec::of(&codec.mime_type), layers))
+                });
+                let Some(index) = board.index_of_rid(rid) else {
+                    warn!(publication = %publication.id, rid = ?rid, "a layer the offer did not declare (RIDs changed?); ignored");
+                    return;
+                };
+                let Some(key) = board.layers.get(index).map(|l| l.track) else { return };
+                if publication.flowing.iter().any(|(_, t)| *t == key) {
+                    return;
+                }
+                p.layer_receivers.insert(ssrc, key);
+                layer = Some((board.clone(), index));
+                key
+            }
+            (Some(rid), _) => {
+                warn!(publication = %publication.id, rid = ?rid, "RID layer on an m-line that declared no simulcast; ignored");
+                return;
+            }
+            (None, _) => {
+                if publication.flowing.iter().any(|(k, _)| *k == kind) {
+                    return;
+                }
+                let key = self.shared.next_track();
+                p.receivers.insert(init.track_id, key);
+                key
+            }
+        };
+        let first = !publication.flowing.iter().any(|(k, _)| *k == kind);
         publication.flowing.push((kind, key));
-        p.receivers.insert(track_id, key);
-        info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, worker = self.index, "publisher track flowing");
+        let rid = layer.as_ref().and_then(|(b, i)| b.layers.get(*i)).map(|l| l.rid.clone());
+        info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, rid = ?rid, worker = self.index, "publisher track flowing");
         let mut t = published(kind, codec.clone(), interval);
         t.publisher = Some((id, receiver, ssrc));
+        t.meter = layer.as_ref().map(|(board, index)| LayerMeter { board: board.clone(), index: *index, bytes: 0, frames: 0, last: now });
         self.published.insert(key, t);
-        self.shared.track_flowing(&publication.id, kind, key, codec);
         let publication = publication.id.clone();
+        if first {
+            self.shared.track_flowing(&publication, kind, key, codec, layer.as_ref().map(|(b, _)| b.clone()));
+        }
+        if let Some((board, index)) = layer {
+            // Its first keyframe shows its size (which ranks it) and gives subscribers a start.
+            self.keyframe(key, self.index, now);
+            if first {
+                self.boards.insert(board.id, (board.clone(), Vec::new()));
+                self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board.id))));
+            }
+            if board.set_live_mask(board.live_mask() | 1 << index) {
+                self.layers_changed(board.id, now);
+            }
+        }
         self.check_ready(id, &publication);
+    }
+
+    /// Measures a layered video's layers (bitrate, whether each still flows) and tells
+    /// every worker when which layers flow, or their order, changed.
+    fn measure_layers(&mut self, board_id: u64, now: Instant) {
+        let Some((board, _)) = self.boards.get(&board_id) else { return };
+        let board = board.clone();
+        let mut live = 0u32;
+        for (i, layer) in board.layers.iter().enumerate() {
+            let Some(m) = self.published.get_mut(&layer.track).and_then(|t| t.meter.as_mut()) else { continue };
+            let tick_ms = (LAYER_TICK.as_millis() as u64).max(1);
+            let bps = m.bytes.saturating_mul(8).saturating_mul(1000) / tick_ms;
+            board.set_bitrate(i, u32::try_from(bps).unwrap_or(u32::MAX));
+            board.set_framerate(i, u32::try_from(u64::from(m.frames) * 1000 / tick_ms).unwrap_or(u32::MAX));
+            (m.bytes, m.frames) = (0, 0);
+            if now.saturating_duration_since(m.last) < LAYER_TIMEOUT {
+                live |= 1 << i;
+            }
+        }
+        let ranking = board.ranked_all();
+        let mut changed = board.set_live_mask(live);
+        if let Some((_, last)) = self.boards.get_mut(&board_id)
+            && *last != ranking
+        {
+            changed |= !last.is_empty();
+            *last = ranking;
+        }
+        if changed {
+            debug!(board = board_id, live = format!("{live:#b}"), "simulcast layers changed");
+            self.layers_changed(board_id, now);
+        }
+        self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board_id))));
+    }
+
+    /// Every worker's subscribers of a layered video choose their layer again.
+    fn layers_changed(&mut self, board: u64, now: Instant) {
+        self.shared.broadcast(self.index, |_| Cmd::LayersChanged { board });
+        self.reselect_board(board, now);
+    }
+
+    /// This worker's legs reading a layered video choose their layer again.
+    fn reselect_board(&mut self, board: u64, now: Instant) {
+        let legs: Vec<(u32, u32)> = self
+            .peers
+            .iter()
+            .flat_map(|(&peer, p)| {
+                p.legs.iter().filter(|(_, l)| l.sel.as_ref().is_some_and(|s| s.board.id == board)).map(move |(&leg, _)| (peer, leg))
+            })
+            .collect();
+        for (peer, leg) in legs {
+            self.reselect(peer, leg, now);
+        }
+    }
+
+    /// A subscription's video takes another layer.
+    fn select_layer(&mut self, transport: &str, session: &str, layer: LayerChoice, now: Instant) {
+        let Some(&id) = self.by_transport.get(transport) else { return };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let mut legs = Vec::new();
+        for (&leg, l) in p.legs.iter_mut().filter(|(_, l)| l.session == session) {
+            if let Some(sel) = &mut l.sel {
+                sel.choice = layer.clone();
+                legs.push(leg);
+            }
+        }
+        for leg in legs {
+            self.reselect(id, leg, now);
+        }
+    }
+
+    /// Points a layered leg at the layer its choice gives now: it moves there at that
+    /// layer's next keyframe (asked for at once), reading both until then.
+    fn reselect(&mut self, peer: u32, leg: u32, now: Instant) {
+        let Some(l) = self.peers.get_mut(&peer).and_then(|p| p.legs.get_mut(&leg)) else { return };
+        let (owner, source) = (l.owner, l.source);
+        let Some(sel) = &mut l.sel else { return };
+        let Some(want) = sel.board.choose(&sel.choice).and_then(|i| sel.board.layers.get(i)).map(|l| l.track) else { return };
+        if sel.target == Some(want) {
+            return;
+        }
+        let dropped = sel.target.take();
+        if want != source {
+            sel.target = Some(want);
+            sel.asked = Some(now);
+        }
+        if let Some(t) = dropped {
+            self.detach(t, owner, peer, leg);
+        }
+        if want != source {
+            self.attach(want, owner, peer, leg);
+            self.keyframe(want, owner, now);
+        }
     }
 
     /// Announces a publication whose media (and data channel) all flow, once.
@@ -1232,22 +1518,35 @@ impl Worker {
     fn stream_info(&self, id: u32, publication: &str) -> Option<(String, StreamInfo)> {
         let p = self.peers.get(&id)?;
         let s = p.publications.iter().find(|s| s.id == publication)?;
-        let tracks = s
-            .announced
-            .iter()
-            .filter_map(|a| {
-                let (_, key) = s.flowing.iter().find(|(k, _)| *k == a.kind)?;
-                let t = self.published.get(key)?;
-                Some(TrackInfo {
-                    kind: a.kind,
-                    source: a.source.clone(),
-                    mid: Some(a.mid.clone()),
-                    format: crate::codec::codec_format(&t.codec),
-                    parameters: None,
-                    status: if t.active { TrackStatus::Active } else { TrackStatus::Inactive },
-                })
-            })
-            .collect();
+        let mut tracks = Vec::new();
+        for a in &s.announced {
+            let Some((_, key)) = s.flowing.iter().find(|(k, _)| *k == a.kind) else { continue };
+            let Some(t) = self.published.get(key) else { continue };
+            let info = TrackInfo {
+                kind: a.kind,
+                source: a.source.clone(),
+                mid: Some(a.mid.clone()),
+                format: crate::codec::codec_format(&t.codec),
+                parameters: None,
+                status: if t.active { TrackStatus::Active } else { TrackStatus::Inactive },
+                rid: None,
+            };
+            match s.board.as_ref().filter(|_| a.kind == MediaKind::Video) {
+                // One track per declared layer, with its picture size once seen.
+                Some(board) => tracks.extend(board.layers.iter().enumerate().map(|(i, l)| TrackInfo {
+                    rid: Some(l.rid.clone()),
+                    // As measured so far (a layer that has not shown a keyframe has no size yet).
+                    parameters: board.size(i).map(|(w, h)| VideoParameters {
+                        resolution: Resolution { width: u32::from(w), height: u32::from(h) },
+                        framerate: board.framerate(i),
+                        bitrate: Some(board.bitrate(i) / 1000).filter(|b| *b > 0),
+                        key_frame_interval: 0,
+                    }),
+                    ..info.clone()
+                })),
+                None => tracks.push(info),
+            }
+        }
         let info = StreamInfo {
             id: s.id.as_str().into(),
             // The room controller fills in what it owns: views and the publisher's attributes.
@@ -1278,7 +1577,7 @@ impl Worker {
             for leg in legs {
                 // The m-line stays until the client renegotiates it away; it just gets no media.
                 if let Some(l) = p.legs.remove(&leg) {
-                    detach.push((l.source, l.owner, leg));
+                    detach.extend(l.tracks().map(|t| (t, l.owner, leg)));
                 }
             }
             p.unannounced.retain(|s| s != session);
@@ -1322,10 +1621,15 @@ impl Worker {
     fn unpublish(&mut self, track: TrackId) {
         // Dropping the track closes its taps; other workers' legs simply stop getting
         // packets until their sessions end.
-        if let Some(t) = self.published.remove(&track)
-            && let Some(c) = &t.consumers
-        {
+        let Some(t) = self.published.remove(&track) else { return };
+        if let Some(c) = &t.consumers {
             c.store(0, Ordering::Relaxed);
+        }
+        // The last layer of a layered video: nobody measures it any more.
+        if let Some(m) = &t.meter
+            && !m.board.layers.iter().any(|l| self.published.contains_key(&l.track))
+        {
+            self.boards.remove(&m.board.id);
         }
     }
 
@@ -1359,6 +1663,10 @@ impl Worker {
                     let was = std::mem::replace(&mut l.active, switch.active);
                     if switch.active && !was {
                         l.rewriter.resync();
+                        if let Some(sel) = &mut l.sel {
+                            // A layered leg resumes on a keyframe, like a switch.
+                            sel.started = false;
+                        }
                         keyframes.push((l.source, l.owner));
                     }
                 }
@@ -1395,7 +1703,9 @@ impl Worker {
             }
         }
         for (leg_id, l) in &p.legs {
-            self.detach(l.source, l.owner, id, *leg_id);
+            for track in l.tracks() {
+                self.detach(track, l.owner, id, *leg_id);
+            }
         }
         for (_, stream, owner, channel) in &p.data_legs {
             self.remove_data_sink(stream, *owner, id, *channel);
@@ -1420,16 +1730,65 @@ impl Peer {
 /// without bound).
 const MAX_QUEUED: usize = 16_384;
 
-/// Writes a packet to each subscriber leg (rewritten for its connection).
-fn deliver(peers: &mut HashMap<u32, Peer>, dirty: &mut Vec<u32>, legs: &[(u32, u32)], packet: &rtp::Packet, now: Instant) {
+/// Writes a packet of `track` to each subscriber leg (rewritten for its connection). A
+/// layered leg takes it only from its current layer once that gave it a keyframe, and
+/// moves to the layer it awaits at that layer's keyframe; what that leaves to do goes to `notes`.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    peers: &mut HashMap<u32, Peer>,
+    dirty: &mut Vec<u32>,
+    legs: &[(u32, u32)],
+    track: TrackId,
+    packet: &rtp::Packet,
+    now: Instant,
+    notes: &mut Vec<LegNote>,
+) {
+    // Looked at once per packet, and only for layered legs.
+    let mut keyframe: Option<bool> = None;
     for &(peer, leg) in legs {
         let Some(p) = peers.get_mut(&peer) else { continue };
         let Some(l) = p.legs.get_mut(&leg) else { continue };
-        if !l.active {
+        // Before its connection is up nothing can be sent (and a layered leg must not
+        // count a keyframe as given).
+        if !l.active || !p.connected {
             continue;
         }
+        if let Some(sel) = &mut l.sel {
+            let codec = sel.board.codec;
+            // Without keyframe detection (other codecs) a leg moves at once.
+            let key = codec == VideoCodec::Other || *keyframe.get_or_insert_with(|| codec.starts_keyframe(&packet.payload));
+            let needs_key = if sel.target == Some(track) {
+                true
+            } else if l.source == track {
+                !sel.started
+            } else {
+                continue;
+            };
+            if needs_key {
+                if !key {
+                    if sel.asked.is_none_or(|t| now.saturating_duration_since(t) >= SWITCH_KEYFRAME_RETRY) {
+                        sel.asked = Some(now);
+                        notes.push(LegNote::Keyframe { track, owner: l.owner });
+                    }
+                    continue;
+                }
+                if sel.target == Some(track) {
+                    notes.push(LegNote::Switched { peer, leg, from: l.source, owner: l.owner });
+                    l.source = track;
+                    sel.target = None;
+                    l.rewriter.switch_source();
+                    if let Some(v) = &mut sel.vp8 {
+                        v.rebase();
+                    }
+                }
+                sel.started = true;
+            }
+        }
         let mut out = packet.clone();
-        l.rewriter.rewrite(&mut out);
+        l.rewriter.rewrite(&mut out, now);
+        if let Some(Selection { vp8: Some(v), .. }) = &mut l.sel {
+            v.munge(&mut out);
+        }
         if let Some(mut s) = p.pc.rtp_sender(l.sender) {
             // A refused packet (e.g. the leg was renegotiated away) is dropped for this leg only.
             let _ = s.write_rtp(now, out);
@@ -1455,6 +1814,7 @@ fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -
         seen: SeenWindow::default(),
         active: true,
         consumers: None,
+        meter: None,
     }
 }
 

@@ -1,0 +1,507 @@
+//! Simulcast: a publisher's video in several layers (RIDs, RFC 8853), and what moving a
+//! subscriber from one layer to another takes — a keyframe of the new layer to start on
+//! ([`VideoCodec::starts_keyframe`]), and picture ids that go on where the old layer's
+//! stopped ([`Vp8Munger`]; sequence numbers and timestamps are the [`crate::forward::Rewriter`]'s).
+//!
+//! [`LayerBoard`] is a layered video as every worker sees it: its layers' RIDs and tracks
+//! (fixed when the first layer flows) and what the publisher's worker measures of them —
+//! which flow, their picture sizes and bitrates — written when they change, never per
+//! packet, and read only when a subscriber's layer is chosen.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::BytesMut;
+use rtc::rtp;
+use tessera_core::agent::LayerChoice;
+
+/// Layers a publication may offer (OWT and browsers use up to 3).
+pub const MAX_LAYERS: usize = 4;
+
+/// Video codecs whose keyframes the SFU can find: a layer switch waits for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VideoCodec {
+    /// VP8 (RFC 7741).
+    Vp8,
+    /// H.264 (RFC 6184).
+    H264,
+    /// Anything else: subscribers stay on the layer they started with.
+    Other,
+}
+
+impl VideoCodec {
+    /// The family of a codec's MIME type (`video/VP8`, ...).
+    pub fn of(mime: &str) -> VideoCodec {
+        let name = mime.rsplit('/').next().unwrap_or(mime);
+        if name.eq_ignore_ascii_case("vp8") {
+            VideoCodec::Vp8
+        } else if name.eq_ignore_ascii_case("h264") {
+            VideoCodec::H264
+        } else {
+            VideoCodec::Other
+        }
+    }
+
+    /// Whether the payload is the first packet of a keyframe.
+    pub fn starts_keyframe(self, payload: &[u8]) -> bool {
+        match self {
+            VideoCodec::Vp8 => vp8_keyframe_header(payload).is_some(),
+            VideoCodec::H264 => h264_starts_keyframe(payload),
+            VideoCodec::Other => false,
+        }
+    }
+}
+
+/// Where a VP8 payload descriptor keeps its fields: (picture id at, 15-bit), TL0PICIDX
+/// at, and the length of the descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Vp8Descriptor {
+    picture_id: Option<(usize, bool)>,
+    tl0: Option<usize>,
+    len: usize,
+}
+
+fn vp8_descriptor(payload: &[u8]) -> Option<Vp8Descriptor> {
+    let first = *payload.first()?;
+    let mut d = Vp8Descriptor { picture_id: None, tl0: None, len: 1 };
+    if first & 0x80 == 0 {
+        return Some(d);
+    }
+    let x = *payload.get(1)?;
+    d.len = 2;
+    if x & 0x80 != 0 {
+        let m = *payload.get(d.len)? & 0x80 != 0;
+        d.picture_id = Some((d.len, m));
+        d.len += if m { 2 } else { 1 };
+    }
+    if x & 0x40 != 0 {
+        d.tl0 = Some(d.len);
+        d.len += 1;
+    }
+    if x & 0x30 != 0 {
+        d.len += 1;
+    }
+    (payload.len() > d.len).then_some(d)
+}
+
+/// The VP8 frame header after the descriptor when the packet starts a keyframe (S bit,
+/// partition 0, P bit clear).
+fn vp8_keyframe_header(payload: &[u8]) -> Option<&[u8]> {
+    let first = *payload.first()?;
+    if first & 0x10 == 0 || first & 0x07 != 0 {
+        return None;
+    }
+    let d = vp8_descriptor(payload)?;
+    let header = payload.get(d.len..)?;
+    (header.first()? & 0x01 == 0).then_some(header)
+}
+
+/// A VP8 keyframe's picture size, from its first packet (start code `9d 01 2a`, then
+/// 14-bit width and height).
+pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
+    let h = vp8_keyframe_header(payload)?;
+    if h.get(3..6)? != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let w = u16::from_le_bytes([*h.get(6)?, *h.get(7)?]) & 0x3fff;
+    let hgt = u16::from_le_bytes([*h.get(8)?, *h.get(9)?]) & 0x3fff;
+    (w > 0 && hgt > 0).then_some((w, hgt))
+}
+
+/// A VP8 payload's picture id (7 or 15 bits), when it has one.
+pub fn vp8_picture_id(payload: &[u8]) -> Option<u16> {
+    let (at, long) = vp8_descriptor(payload)?.picture_id?;
+    let hi = u16::from(*payload.get(at)? & 0x7f);
+    if long { Some(hi << 8 | u16::from(*payload.get(at + 1)?)) } else { Some(hi) }
+}
+
+/// H.264: an IDR slice or a sequence parameter set starts the packet (single NAL unit,
+/// inside a STAP-A, or the first fragment of an FU-A).
+fn h264_starts_keyframe(payload: &[u8]) -> bool {
+    let key = |nal: u8| matches!(nal & 0x1f, 5 | 7);
+    let Some(&first) = payload.first() else { return false };
+    match first & 0x1f {
+        24 => {
+            let mut at = 1;
+            while let (Some(&hi), Some(&lo)) = (payload.get(at), payload.get(at + 1)) {
+                let size = usize::from(u16::from_be_bytes([hi, lo]));
+                match payload.get(at + 2) {
+                    Some(&nal) if size > 0 => {
+                        if key(nal) {
+                            return true;
+                        }
+                    }
+                    _ => return false,
+                }
+                at += 2 + size;
+            }
+            false
+        }
+        28 => payload.get(1).is_some_and(|&fu| fu & 0x80 != 0 && key(fu)),
+        _ => key(first),
+    }
+}
+
+/// Keeps a subscriber's VP8 picture ids and TL0PICIDX continuous across layer switches:
+/// each layer numbers its own pictures, and a decoder that sees the numbers jump back
+/// takes the new pictures for old ones and drops them.
+#[derive(Debug, Clone, Default)]
+pub struct Vp8Munger {
+    picture_offset: u16,
+    tl0_offset: u8,
+    last_picture: Option<u16>,
+    last_tl0: Option<u8>,
+    rebase: bool,
+}
+
+impl Vp8Munger {
+    /// The next packet starts another layer: its numbers continue from the last ones sent.
+    pub fn rebase(&mut self) {
+        self.rebase = true;
+    }
+
+    /// Rewrites the packet's picture id and TL0PICIDX; the payload is copied only when
+    /// they move (after a switch), never on the first layer.
+    pub fn munge(&mut self, packet: &mut rtp::Packet) {
+        let Some(d) = vp8_descriptor(&packet.payload) else { return };
+        let p = &packet.payload;
+        let picture = d.picture_id.and_then(|(at, long)| {
+            let hi = u16::from(*p.get(at)? & 0x7f);
+            if long { Some((hi << 8 | u16::from(*p.get(at + 1)?), 0x7fff)) } else { Some((hi, 0x7f)) }
+        });
+        let tl0 = d.tl0.and_then(|at| p.get(at).copied());
+        if std::mem::take(&mut self.rebase) {
+            if let (Some((id, _)), Some(last)) = (picture, self.last_picture) {
+                self.picture_offset = last.wrapping_add(1).wrapping_sub(id) & 0x7fff;
+            }
+            if let (Some(t), Some(last)) = (tl0, self.last_tl0) {
+                self.tl0_offset = last.wrapping_add(1).wrapping_sub(t);
+            }
+        }
+        let picture_out = picture.map(|(id, mask)| (id.wrapping_add(self.picture_offset) & mask, mask));
+        let tl0_out = tl0.map(|t| t.wrapping_add(self.tl0_offset));
+        if let Some((out, mask)) = picture_out {
+            // Only forward: a late packet of an older picture must not rewind it.
+            match self.last_picture {
+                Some(last) if out.wrapping_sub(last) & mask > mask / 2 => {}
+                _ => self.last_picture = Some(out),
+            }
+        }
+        if let Some(out) = tl0_out {
+            match self.last_tl0 {
+                Some(last) if out.wrapping_sub(last) > 0x80 => {}
+                _ => self.last_tl0 = Some(out),
+            }
+        }
+        if self.picture_offset == 0 && self.tl0_offset == 0 {
+            return;
+        }
+        let mut bytes = BytesMut::from(&packet.payload[..]);
+        if let (Some((at, long)), Some((out, _))) = (d.picture_id, picture_out) {
+            if long {
+                if let Some(b) = bytes.get_mut(at..at + 2) {
+                    b.copy_from_slice(&(out | 0x8000).to_be_bytes());
+                }
+            } else if let Some(b) = bytes.get_mut(at) {
+                *b = out as u8 & 0x7f;
+            }
+        }
+        if let (Some(at), Some(out)) = (d.tl0, tl0_out)
+            && let Some(b) = bytes.get_mut(at)
+        {
+            *b = out;
+        }
+        packet.payload = bytes.freeze();
+    }
+}
+
+/// One layer on a [`LayerBoard`].
+#[derive(Debug)]
+pub struct BoardLayer {
+    /// Its RID.
+    pub rid: String,
+    /// The published track that carries it.
+    pub track: u64,
+    /// `width << 16 | height` of its last keyframe; 0 until one was seen.
+    size: AtomicU32,
+    /// Bits per second, over the last measuring interval.
+    bitrate: AtomicU32,
+    /// Frames per second, over the last measuring interval.
+    framerate: AtomicU32,
+}
+
+/// A layered video's layers, shared by the publisher's worker (which writes what it
+/// measures, on change) and the workers whose subscribers take it (which read it when
+/// they choose a layer).
+#[derive(Debug)]
+pub struct LayerBoard {
+    /// Unique across the agent (the publisher's worker's timers and commands name it).
+    pub id: u64,
+    /// The codec every layer uses.
+    pub codec: VideoCodec,
+    /// In the order the publisher declared them.
+    pub layers: Vec<BoardLayer>,
+    /// Bit i: layer i is flowing.
+    live: AtomicU32,
+}
+
+impl LayerBoard {
+    /// A board for the declared layers (RID, track), none flowing yet.
+    pub fn new(id: u64, codec: VideoCodec, layers: Vec<(String, u64)>) -> LayerBoard {
+        let layers = layers
+            .into_iter()
+            .take(MAX_LAYERS)
+            .map(|(rid, track)| BoardLayer { rid, track, size: AtomicU32::new(0), bitrate: AtomicU32::new(0), framerate: AtomicU32::new(0) })
+            .collect();
+        LayerBoard { id, codec, layers, live: AtomicU32::new(0) }
+    }
+
+    /// The index of the layer carried by `track`.
+    pub fn index_of(&self, track: u64) -> Option<usize> {
+        self.layers.iter().position(|l| l.track == track)
+    }
+
+    /// The index of the layer of `rid`.
+    pub fn index_of_rid(&self, rid: &str) -> Option<usize> {
+        self.layers.iter().position(|l| l.rid == rid)
+    }
+
+    /// Which layers flow (bit i: layer i).
+    pub fn live_mask(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Sets which layers flow; returns whether that changed.
+    pub fn set_live_mask(&self, mask: u32) -> bool {
+        self.live.swap(mask, Ordering::Relaxed) != mask
+    }
+
+    /// Whether layer `i` flows.
+    pub fn is_live(&self, i: usize) -> bool {
+        i < MAX_LAYERS && self.live_mask() & (1 << i) != 0
+    }
+
+    /// Layer `i`'s picture size, once a keyframe showed it.
+    pub fn size(&self, i: usize) -> Option<(u16, u16)> {
+        let v = self.layers.get(i)?.size.load(Ordering::Relaxed);
+        (v != 0).then_some(((v >> 16) as u16, v as u16))
+    }
+
+    /// Records layer `i`'s picture size; returns whether it changed.
+    pub fn set_size(&self, i: usize, (w, h): (u16, u16)) -> bool {
+        let v = u32::from(w) << 16 | u32::from(h);
+        self.layers.get(i).is_some_and(|l| l.size.swap(v, Ordering::Relaxed) != v)
+    }
+
+    /// Layer `i`'s bitrate (bits per second) over the last interval.
+    pub fn bitrate(&self, i: usize) -> u32 {
+        self.layers.get(i).map_or(0, |l| l.bitrate.load(Ordering::Relaxed))
+    }
+
+    /// Records layer `i`'s bitrate.
+    pub fn set_bitrate(&self, i: usize, bps: u32) {
+        if let Some(l) = self.layers.get(i) {
+            l.bitrate.store(bps, Ordering::Relaxed);
+        }
+    }
+
+    /// Layer `i`'s frame rate over the last interval.
+    pub fn framerate(&self, i: usize) -> u32 {
+        self.layers.get(i).map_or(0, |l| l.framerate.load(Ordering::Relaxed))
+    }
+
+    /// Records layer `i`'s frame rate.
+    pub fn set_framerate(&self, i: usize, fps: u32) {
+        if let Some(l) = self.layers.get(i) {
+            l.framerate.store(fps, Ordering::Relaxed);
+        }
+    }
+
+    /// Every layer from the lowest to the highest: by picture size where every layer's is
+    /// known, else by bitrate where measured, else as declared.
+    pub fn ranked_all(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.layers.len()).collect();
+        let area = |i: usize| self.size(i).map(|(w, h)| u32::from(w) * u32::from(h));
+        if order.iter().all(|&i| area(i).is_some()) {
+            order.sort_by_key(|&i| (area(i), self.bitrate(i), i));
+        } else if order.iter().all(|&i| self.bitrate(i) > 0) {
+            order.sort_by_key(|&i| (self.bitrate(i), i));
+        }
+        order
+    }
+
+    /// The flowing layers, lowest first.
+    pub fn ranked(&self) -> Vec<usize> {
+        self.ranked_all().into_iter().filter(|&i| self.is_live(i)).collect()
+    }
+
+    /// The layer to forward for a subscriber's choice, among the flowing ones; none while
+    /// no layer flows. A RID that does not flow gives the nearest lower flowing layer,
+    /// else the nearest higher one.
+    pub fn choose(&self, choice: &LayerChoice) -> Option<usize> {
+        let live = self.ranked();
+        match choice {
+            LayerChoice::Auto => live.last().copied(),
+            LayerChoice::Rid(rid) => {
+                let Some(want) = self.index_of_rid(rid) else { return live.last().copied() };
+                if self.is_live(want) {
+                    return Some(want);
+                }
+                let all = self.ranked_all();
+                let pos = all.iter().position(|&i| i == want)?;
+                let below = all.get(..pos).and_then(|b| b.iter().rev().find(|&&i| self.is_live(i)));
+                below.or_else(|| all.get(pos + 1..).and_then(|a| a.iter().find(|&&i| self.is_live(i)))).copied()
+            }
+            LayerChoice::Resolution { width, height } => {
+                let want = i64::from(*width) * i64::from(*height);
+                let sized: Vec<(usize, i64)> =
+                    live.iter().filter_map(|&i| self.size(i).map(|(w, h)| (i, (i64::from(w) * i64::from(h) - want).abs()))).collect();
+                // Ties go to the lower layer (ranked first).
+                sized.iter().min_by_key(|(_, d)| *d).map(|(i, _)| *i).or(live.last().copied())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VP8 payload: extended descriptor with a 15-bit picture id and TL0PICIDX, then a
+    /// keyframe (with its size) or an interframe header.
+    fn vp8(picture: u16, tl0: u8, key: bool, size: (u16, u16)) -> Vec<u8> {
+        let mut p = vec![0x90, 0xC0, 0x80 | (picture >> 8) as u8, picture as u8, tl0];
+        if key {
+            p.extend_from_slice(&[0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a]);
+            p.extend_from_slice(&size.0.to_le_bytes());
+            p.extend_from_slice(&size.1.to_le_bytes());
+        } else {
+            p.extend_from_slice(&[0x01, 0x00, 0x00]);
+        }
+        p.extend_from_slice(&[0xAA; 20]);
+        p
+    }
+
+    fn packet(payload: Vec<u8>) -> rtp::Packet {
+        rtp::Packet { header: rtp::Header { version: 2, ..Default::default() }, payload: payload.into() }
+    }
+
+    fn ids(p: &rtp::Packet) -> (u16, u8) {
+        (u16::from_be_bytes([p.payload[2], p.payload[3]]) & 0x7fff, p.payload[4])
+    }
+
+    #[test]
+    fn vp8_keyframes_and_their_size_are_found() {
+        assert!(VideoCodec::Vp8.starts_keyframe(&vp8(5, 1, true, (640, 480))));
+        assert_eq!(vp8_keyframe_size(&vp8(5, 1, true, (640, 480))), Some((640, 480)));
+        assert!(!VideoCodec::Vp8.starts_keyframe(&vp8(5, 1, false, (0, 0))));
+        // A continuation packet (S bit clear) is never a start.
+        let mut cont = vp8(5, 1, true, (640, 480));
+        cont[0] = 0x80;
+        assert!(!VideoCodec::Vp8.starts_keyframe(&cont));
+        // The one-byte descriptor form.
+        assert!(VideoCodec::Vp8.starts_keyframe(&[0x10, 0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00]));
+        assert_eq!(vp8_keyframe_size(&[0x10, 0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00]), Some((320, 240)));
+        for garbage in [&[][..], &[0x90], &[0x90, 0xff], &[0x10], &[0xff; 3]] {
+            assert!(!VideoCodec::Vp8.starts_keyframe(garbage));
+            assert_eq!(vp8_keyframe_size(garbage), None);
+        }
+    }
+
+    #[test]
+    fn h264_keyframes_are_found_in_every_packetisation() {
+        let h = VideoCodec::of("video/H264");
+        assert!(h.starts_keyframe(&[0x65, 0x88]), "IDR slice");
+        assert!(h.starts_keyframe(&[0x67, 0x42]), "SPS");
+        assert!(!h.starts_keyframe(&[0x41, 0x9a]), "non-IDR slice");
+        // STAP-A with SPS and PPS.
+        assert!(h.starts_keyframe(&[0x78, 0x00, 0x02, 0x67, 0x42, 0x00, 0x02, 0x68, 0xce]));
+        assert!(!h.starts_keyframe(&[0x78, 0x00, 0x02, 0x68, 0xce, 0x00, 0x09]));
+        // FU-A: the first fragment of an IDR, not the later ones.
+        assert!(h.starts_keyframe(&[0x7c, 0x85, 0x88]));
+        assert!(!h.starts_keyframe(&[0x7c, 0x05, 0x88]));
+        assert!(!h.starts_keyframe(&[0x7c, 0x81, 0x88]));
+        assert!(!h.starts_keyframe(&[]) && !h.starts_keyframe(&[0x78, 0xff]) && !h.starts_keyframe(&[0x7c]));
+        assert_eq!(VideoCodec::of("video/VP9"), VideoCodec::Other);
+    }
+
+    #[test]
+    fn picture_ids_go_on_across_a_switch_and_wrap() {
+        let mut m = Vp8Munger::default();
+        // The first layer passes untouched (no copy: the very same bytes).
+        let mut p = packet(vp8(0x7ffe, 200, true, (320, 240)));
+        let before = p.payload.as_ptr();
+        m.munge(&mut p);
+        assert_eq!((ids(&p), p.payload.as_ptr()), ((0x7ffe, 200), before));
+        let mut p = packet(vp8(0x7fff, 255, false, (0, 0)));
+        m.munge(&mut p);
+        assert_eq!(ids(&p), (0x7fff, 255));
+        // Another layer, numbered elsewhere, starts at the next numbers (wrapping).
+        m.rebase();
+        let mut p = packet(vp8(1234, 7, true, (640, 480)));
+        m.munge(&mut p);
+        assert_eq!(ids(&p), (0, 0));
+        assert_eq!(vp8_keyframe_size(&p.payload), Some((640, 480)), "the rest of the payload is intact");
+        let mut p = packet(vp8(1235, 8, false, (0, 0)));
+        m.munge(&mut p);
+        assert_eq!(ids(&p), (1, 1));
+        // A late packet of an older picture keeps its place and does not rewind.
+        let mut p = packet(vp8(1234, 7, false, (0, 0)));
+        m.munge(&mut p);
+        assert_eq!(ids(&p), (0, 0));
+        m.rebase();
+        let mut p = packet(vp8(50, 3, true, (160, 120)));
+        m.munge(&mut p);
+        assert_eq!(ids(&p), (2, 2));
+    }
+
+    #[test]
+    fn seven_bit_picture_ids_stay_seven_bits() {
+        let mut m = Vp8Munger::default();
+        let mut p = packet(vec![0x90, 0x80, 0x7f, 0x00, 0x00, 0x00, 0xAA]);
+        m.munge(&mut p);
+        m.rebase();
+        let mut p = packet(vec![0x90, 0x80, 0x10, 0x00, 0x00, 0x00, 0xAA]);
+        m.munge(&mut p);
+        assert_eq!(p.payload[2], 0x00, "0x7f + 1 wraps to 0 in 7 bits");
+        assert_eq!(&p.payload[3..], &[0x00, 0x00, 0x00, 0xAA]);
+    }
+
+    #[test]
+    fn garbage_payloads_are_left_alone() {
+        let mut m = Vp8Munger::default();
+        for g in [vec![], vec![0x90], vec![0x90, 0x80], vec![0x90, 0x80, 0x80]] {
+            let mut p = packet(g.clone());
+            m.rebase();
+            m.munge(&mut p);
+            assert_eq!(&p.payload[..], &g[..]);
+        }
+    }
+
+    #[test]
+    fn layers_are_chosen_among_those_flowing() {
+        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("f".into(), 10), ("h".into(), 11), ("q".into(), 12)]);
+        assert_eq!(b.choose(&LayerChoice::Auto), None, "nothing flows yet");
+        b.set_live_mask(0b111);
+        // Declared order (f first) until measured; then by bitrate while sizes are unknown.
+        assert_eq!(b.ranked(), vec![0, 1, 2]);
+        b.set_bitrate(0, 2_000_000);
+        b.set_bitrate(1, 600_000);
+        b.set_bitrate(2, 150_000);
+        assert_eq!(b.ranked(), vec![2, 1, 0]);
+        b.set_size(0, (1280, 720));
+        b.set_size(1, (640, 360));
+        b.set_size(2, (320, 180));
+        assert_eq!(b.ranked(), vec![2, 1, 0]);
+        assert_eq!(b.choose(&LayerChoice::Auto), Some(0));
+        assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(1));
+        assert_eq!(b.choose(&LayerChoice::Resolution { width: 300, height: 200 }), Some(2));
+        assert_eq!(b.choose(&LayerChoice::Resolution { width: 1920, height: 1080 }), Some(0));
+        // h stops: a subscriber that wanted it goes down to q; with q stopped too, up to f.
+        b.set_live_mask(0b101);
+        assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(2));
+        b.set_live_mask(0b001);
+        assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(0));
+        assert_eq!(b.choose(&LayerChoice::Rid("nope".into())), Some(0));
+        assert_eq!(b.index_of(12), Some(2));
+    }
+}
