@@ -3445,9 +3445,29 @@ var RemoteStream = class extends EventTarget {
   }
   /** Which kinds the stream carries. */
   get kinds() {
-    return this.media.tracks.map((t) => t.type);
+    return [...new Set(this.media.tracks.map((t) => t.type))];
+  }
+  /** A simulcast video's layers, lowest first (by picture size where the server knows
+   * it, else as the publisher listed them): `[{rid, id, width?, height?}]`; empty when
+   * the video is not simulcast. */
+  get layers() {
+    const layers = this.media.tracks.map((t, i) => ({ t, i })).filter(({ t }) => t.type === "video" && t.rid).map(({ t, i }) => ({ rid: t.rid, id: t.id, width: t.parameters?.resolution?.width, height: t.parameters?.resolution?.height, order: i }));
+    if (layers.every((l) => l.width && l.height)) layers.sort((a, b) => a.width * a.height - b.width * b.height || a.order - b.order);
+    return layers.map(({ order, ...l }) => l);
   }
 };
+var DEFAULT_SIMULCAST = [
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 15e4 },
+  { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 5e5 },
+  { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 15e5 }
+];
+function pickLayer(layers, name) {
+  if (name === "auto") return null;
+  const at = { low: 0, medium: Math.floor((layers.length - 1) / 2), high: layers.length - 1 }[name];
+  if (at === void 0) throw new ConferenceError(`Unknown layer ${name}: high, medium, low or auto`, "bad_request");
+  if (!layers.length) throw new ConferenceError("The stream has no simulcast layers", "bad_request");
+  return layers[at];
+}
 var Session = class extends EventTarget {
   constructor(client, id, pc, control, end) {
     super();
@@ -3476,9 +3496,19 @@ var Publication = class extends Session {
   }
 };
 var Subscription = class extends Session {
-  constructor(client, id, pc, stream) {
+  constructor(client, id, pc, stream, remote) {
     super(client, id, pc, "subscription-control", "unsubscribe");
     this.stream = stream;
+    this._remote = remote;
+    this.layer = "auto";
+  }
+  /** Asks for another simulcast layer of the stream ('high' | 'medium' | 'low' | 'auto');
+   * the server moves at that layer's next keyframe. */
+  async setLayer(name) {
+    const layer = pickLayer(this._remote.layers, name);
+    const from = layer ? layer.id : this._remote.id;
+    await this._client._request(this._control, { id: this.id, operation: "update", data: { video: { from } } });
+    this.layer = name;
   }
 };
 function waitGathering(pc, ms = 3e3) {
@@ -3673,13 +3703,20 @@ var ConferenceClient = class extends EventTarget {
     if (!config.iceServers && this._iceServers && this._iceServers.length) config.iceServers = this._iceServers;
     return new RTCPeerConnection(config);
   }
-  /** Publishes a MediaStream (its first audio and first video track). */
+  /** Publishes a MediaStream (its first audio and first video track); `simulcast: true`
+   * sends the video as DEFAULT_SIMULCAST's three layers, or give the encodings yourself. */
   async publish(mediaStream, options = {}) {
     const pc = this._peer();
     const tracks = [];
+    const simulcast = options.simulcast === true ? DEFAULT_SIMULCAST : options.simulcast;
+    if (simulcast && !(Array.isArray(simulcast) && simulcast.length > 1 && simulcast.every((e) => e && e.rid))) {
+      throw new ConferenceError("simulcast: true, or at least two encodings each with a rid", "bad_request");
+    }
     for (const track of [mediaStream.getAudioTracks()[0], mediaStream.getVideoTracks()[0]]) {
       if (!track) continue;
-      pc.addTransceiver(track, { direction: "sendonly", streams: [mediaStream] });
+      const init = { direction: "sendonly", streams: [mediaStream] };
+      if (track.kind === "video" && simulcast) init.sendEncodings = simulcast.map((e) => ({ ...e }));
+      pc.addTransceiver(track, init);
     }
     try {
       const offer = await pc.createOffer();
@@ -3702,6 +3739,7 @@ var ConferenceClient = class extends EventTarget {
     const want = { audio: options.audio !== false, video: options.video !== false };
     const kinds = remoteStream.kinds.filter((k) => want[k]);
     if (!kinds.length) throw new ConferenceError("Nothing to subscribe to", "bad_request");
+    const layer = pickLayer(remoteStream.layers, options.layer || "auto");
     const pc = this._peer();
     const mediaStream = new MediaStream();
     const gotTrack = new Promise((resolve) => {
@@ -3714,10 +3752,11 @@ var ConferenceClient = class extends EventTarget {
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
-      const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: remoteStream.id }));
+      const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: kinds[i] === "video" && layer ? layer.id : remoteStream.id }));
       const { id, ready } = await this._negotiate(pc, "subscribe", { media: { tracks } });
       await Promise.all([ready, gotTrack]);
-      const sub = new Subscription(this, id, pc, mediaStream);
+      const sub = new Subscription(this, id, pc, mediaStream, remoteStream);
+      sub.layer = options.layer || "auto";
       remoteStream.addEventListener("ended", () => {
         pc.close();
         sub.dispatchEvent(new Event("ended"));
@@ -3744,11 +3783,13 @@ var ConferenceClient = class extends EventTarget {
 export {
   ConferenceClient,
   ConferenceError,
+  DEFAULT_SIMULCAST,
   Publication,
   RemoteStream,
   Subscription,
   decodeBase64Json,
   errorCode,
+  pickLayer,
   portalUrl,
   refreshDelay
 };

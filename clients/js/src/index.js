@@ -73,8 +73,36 @@ export class RemoteStream extends EventTarget {
 
   /** Which kinds the stream carries. */
   get kinds() {
-    return this.media.tracks.map((t) => t.type);
+    return [...new Set(this.media.tracks.map((t) => t.type))];
   }
+
+  /** A simulcast video's layers, lowest first (by picture size where the server knows
+   * it, else as the publisher listed them): `[{rid, id, width?, height?}]`; empty when
+   * the video is not simulcast. */
+  get layers() {
+    const layers = this.media.tracks
+      .map((t, i) => ({ t, i }))
+      .filter(({ t }) => t.type === 'video' && t.rid)
+      .map(({ t, i }) => ({ rid: t.rid, id: t.id, width: t.parameters?.resolution?.width, height: t.parameters?.resolution?.height, order: i }));
+    if (layers.every((l) => l.width && l.height)) layers.sort((a, b) => a.width * a.height - b.width * b.height || a.order - b.order);
+    return layers.map(({ order, ...l }) => l);
+  }
+}
+
+/** What `publish(stream, {simulcast: true})` sends: three layers, lowest first. */
+export const DEFAULT_SIMULCAST = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
+
+/** The layer a `setLayer` name picks among `layers` (lowest first); null for 'auto'. */
+export function pickLayer(layers, name) {
+  if (name === 'auto') return null;
+  const at = { low: 0, medium: Math.floor((layers.length - 1) / 2), high: layers.length - 1 }[name];
+  if (at === undefined) throw new ConferenceError(`Unknown layer ${name}: high, medium, low or auto`, 'bad_request');
+  if (!layers.length) throw new ConferenceError('The stream has no simulcast layers', 'bad_request');
+  return layers[at];
 }
 
 /** What publications and subscriptions share: pause/resume and stop over the portal. */
@@ -110,9 +138,21 @@ export class Publication extends Session {
 
 /** A remote stream being received; attach `stream` to a `<video>`. */
 export class Subscription extends Session {
-  constructor(client, id, pc, stream) {
+  constructor(client, id, pc, stream, remote) {
     super(client, id, pc, 'subscription-control', 'unsubscribe');
     this.stream = stream;
+    this._remote = remote;
+    /** The simulcast layer asked for: 'high', 'medium', 'low' or 'auto' (the server's pick). */
+    this.layer = 'auto';
+  }
+
+  /** Asks for another simulcast layer of the stream ('high' | 'medium' | 'low' | 'auto');
+   * the server moves at that layer's next keyframe. */
+  async setLayer(name) {
+    const layer = pickLayer(this._remote.layers, name);
+    const from = layer ? layer.id : this._remote.id;
+    await this._client._request(this._control, { id: this.id, operation: 'update', data: { video: { from } } });
+    this.layer = name;
   }
 }
 
@@ -303,13 +343,20 @@ export class ConferenceClient extends EventTarget {
     return new RTCPeerConnection(config);
   }
 
-  /** Publishes a MediaStream (its first audio and first video track). */
+  /** Publishes a MediaStream (its first audio and first video track); `simulcast: true`
+   * sends the video as DEFAULT_SIMULCAST's three layers, or give the encodings yourself. */
   async publish(mediaStream, options = {}) {
     const pc = this._peer();
     const tracks = [];
+    const simulcast = options.simulcast === true ? DEFAULT_SIMULCAST : options.simulcast;
+    if (simulcast && !(Array.isArray(simulcast) && simulcast.length > 1 && simulcast.every((e) => e && e.rid))) {
+      throw new ConferenceError('simulcast: true, or at least two encodings each with a rid', 'bad_request');
+    }
     for (const track of [mediaStream.getAudioTracks()[0], mediaStream.getVideoTracks()[0]]) {
       if (!track) continue;
-      pc.addTransceiver(track, { direction: 'sendonly', streams: [mediaStream] });
+      const init = { direction: 'sendonly', streams: [mediaStream] };
+      if (track.kind === 'video' && simulcast) init.sendEncodings = simulcast.map((e) => ({ ...e }));
+      pc.addTransceiver(track, init);
     }
     try {
       const offer = await pc.createOffer();
@@ -333,6 +380,7 @@ export class ConferenceClient extends EventTarget {
     const want = { audio: options.audio !== false, video: options.video !== false };
     const kinds = remoteStream.kinds.filter((k) => want[k]);
     if (!kinds.length) throw new ConferenceError('Nothing to subscribe to', 'bad_request');
+    const layer = pickLayer(remoteStream.layers, options.layer || 'auto');
     const pc = this._peer();
     const mediaStream = new MediaStream();
     const gotTrack = new Promise((resolve) => {
@@ -342,10 +390,12 @@ export class ConferenceClient extends EventTarget {
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
-      const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: remoteStream.id }));
+      // A simulcast layer is asked for by its track's id (OWT's way).
+      const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: kinds[i] === 'video' && layer ? layer.id : remoteStream.id }));
       const { id, ready } = await this._negotiate(pc, 'subscribe', { media: { tracks } });
       await Promise.all([ready, gotTrack]);
-      const sub = new Subscription(this, id, pc, mediaStream);
+      const sub = new Subscription(this, id, pc, mediaStream, remoteStream);
+      sub.layer = options.layer || 'auto';
       remoteStream.addEventListener('ended', () => { pc.close(); sub.dispatchEvent(new Event('ended')); });
       return sub;
     } catch (e) {

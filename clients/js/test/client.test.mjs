@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ConferenceClient, ConferenceError, errorCode, portalUrl, refreshDelay } from '../src/index.js';
+import { ConferenceClient, ConferenceError, RemoteStream, errorCode, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
 
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64');
 
@@ -99,6 +99,26 @@ test('join, notifications, relogin after a reconnect, login errors', async () =>
   const bad = fakeSocket({ login: () => ['error', 'Room is full'] });
   const c2 = new ConferenceClient({ io: () => { setTimeout(() => bad.socket.fire('connect'), 0); return bad.socket; } });
   await assert.rejects(c2.join(b64({ host: 'h:1' })), (e) => e instanceof ConferenceError && e.code === 'room_full');
+});
+
+test('simulcast layers are ranked and picked by name', () => {
+  const track = (rid, size) => ({ type: 'video', id: `s-video-${rid}`, rid, ...(size ? { parameters: { resolution: { width: size[0], height: size[1] } } } : {}) });
+  // Listed high first, sizes known: ranked by size.
+  const sized = new RemoteStream({ id: 's', type: 'forward', media: { tracks: [{ type: 'audio', id: 's-audio' }, track('f', [1280, 720]), track('h', [640, 360]), track('q', [320, 180])] } });
+  assert.deepEqual(sized.kinds, ['audio', 'video']);
+  assert.deepEqual(sized.layers.map((l) => l.rid), ['q', 'h', 'f']);
+  assert.equal(pickLayer(sized.layers, 'low').id, 's-video-q');
+  assert.equal(pickLayer(sized.layers, 'medium').rid, 'h');
+  assert.equal(pickLayer(sized.layers, 'high').width, 1280);
+  assert.equal(pickLayer(sized.layers, 'auto'), null);
+  // A size unknown: the order the publisher listed them in.
+  const listed = new RemoteStream({ id: 's', type: 'forward', media: { tracks: [track('q'), track('h', [640, 360]), track('f')] } });
+  assert.deepEqual(listed.layers.map((l) => l.rid), ['q', 'h', 'f']);
+  assert.throws(() => pickLayer(listed.layers, 'huge'), (e) => e.code === 'bad_request');
+  const plain = new RemoteStream({ id: 'p', type: 'forward', media: { tracks: [{ type: 'video', id: 'p-video' }] } });
+  assert.deepEqual(plain.layers, []);
+  assert.throws(() => pickLayer(plain.layers, 'low'), (e) => e.code === 'bad_request');
+  assert.equal(pickLayer(plain.layers, 'auto'), null);
 });
 
 test('the checked-in bundle is up to date with the sources', () => {

@@ -24,7 +24,19 @@ export interface TrackInfo {
   format?: { codec: string; sampleRate?: number; channelNum?: number; profile?: string };
   status?: 'active' | 'inactive';
   mid?: string;
+  /** Its id (`<stream>-<kind>`, `<stream>-video-<rid>` for a simulcast layer). */
+  id?: string;
+  /** A simulcast layer's RID. */
+  rid?: string;
+  parameters?: { resolution?: { width: number; height: number }; framerate?: number; bitrate?: number };
 }
+
+/** A simulcast layer of a remote video. */
+export interface Layer { rid: string; id: string; width?: number; height?: number }
+
+/** Three layers, lowest first: quarter, half and full size (150 kbit/s, 500 kbit/s, 1.5 Mbit/s at most). */
+export const DEFAULT_SIMULCAST: RTCRtpEncodingParameters[];
+export function pickLayer(layers: Layer[], name: 'high' | 'medium' | 'low' | 'auto'): Layer | null;
 
 /** A forward (one participant's) or mixed (a view's) stream. Events: `ended`, `updated`. */
 export class RemoteStream extends EventTarget {
@@ -36,6 +48,8 @@ export class RemoteStream extends EventTarget {
   readonly media: { tracks: TrackInfo[] };
   readonly info: Record<string, any>;
   readonly kinds: Array<'audio' | 'video'>;
+  /** A simulcast video's layers, lowest first; empty when not simulcast. */
+  readonly layers: Layer[];
 }
 
 export class Publication extends EventTarget {
@@ -48,6 +62,10 @@ export class Publication extends EventTarget {
 export class Subscription extends EventTarget {
   readonly id: string;
   readonly stream: MediaStream;
+  /** The simulcast layer asked for ('auto' until `setLayer`). */
+  readonly layer: 'high' | 'medium' | 'low' | 'auto';
+  /** Asks for another simulcast layer; the server moves at its next keyframe. */
+  setLayer(name: 'high' | 'medium' | 'low' | 'auto'): Promise<void>;
   mute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   unmute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   stop(): Promise<void>;
@@ -64,8 +82,12 @@ export class ConferenceClient extends EventTarget {
   readonly remoteStreams: RemoteStream[];
   readonly participants: Participant[];
   join(token: string): Promise<JoinResult>;
-  publish(stream: MediaStream, options?: { source?: 'camera' | 'screen-cast'; attributes?: Record<string, unknown> }): Promise<Publication>;
-  subscribe(stream: RemoteStream, options?: { audio?: boolean; video?: boolean }): Promise<Subscription>;
+  publish(
+    stream: MediaStream,
+    options?: { source?: 'camera' | 'screen-cast'; attributes?: Record<string, unknown>; simulcast?: boolean | RTCRtpEncodingParameters[] },
+  ): Promise<Publication>;
+  /** `layer`: the simulcast layer to start on (default 'auto'). */
+  subscribe(stream: RemoteStream, options?: { audio?: boolean; video?: boolean; layer?: 'high' | 'medium' | 'low' | 'auto' }): Promise<Subscription>;
   send(message: string, to?: string): Promise<unknown>;
   leave(): Promise<void>;
 }
