@@ -351,6 +351,9 @@ pub struct WebRtc {
     /// The `workers` engine also accepts ICE over TCP (RFC 6544, passive) on each worker's
     /// port number, for clients whose network blocks UDP.
     pub ice_tcp: bool,
+    /// Estimate each subscriber's bandwidth (transport-wide congestion control feedback,
+    /// GCC), so a simulcast subscriber on `auto` gets the highest layer its link carries.
+    pub bandwidth_estimation: bool,
 }
 
 /// Whether `id` can name a node (it becomes a NATS key and subject token).
@@ -389,6 +392,7 @@ impl Default for WebRtc {
             engine: WebRtcEngine::Workers,
             workers: 0,
             ice_tcp: true,
+            bandwidth_estimation: true,
         }
     }
 }

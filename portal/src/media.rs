@@ -435,6 +435,11 @@ impl Portal {
             if !layered {
                 return Ok(None);
             }
+            // Other parameters alone (frame rate, bitrate, keyframe interval: not transcoded)
+            // leave the layer as it is.
+            if video.get("from").is_none() && resolution.is_none() {
+                return Ok(None);
+            }
             layer_choice(stream, MediaKind::Video, rid, resolution)
         };
         let agent = self.agent(room, "subscription-control")?;

@@ -996,10 +996,156 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     let moved = wait_for_picture(&auto, H, Duration::from_secs(4)).await;
     wait_for_picture(&q, H, Duration::from_secs(2)).await;
     p.stop_layer("f", false);
-    let back = wait_for_picture(&auto, F, Duration::from_secs(4)).await;
+    // (`auto` goes up carefully: after 3 s without congestion.)
+    let back = wait_for_picture(&auto, F, Duration::from_secs(7)).await;
     wait_for_picture(&q, F, Duration::from_secs(2)).await;
     println!("moved off the stopped layer in {moved:?}, back in {back:?}");
     assert_eq!(runs(&check_layered_video(&auto, 2)), [F, H, F]);
     assert_eq!(runs(&check_layered_video(&q, 3)), [Q, F, H, F]);
     assert_eq!(runs(&check_layered_video(&h, 1)), [H, Q], "a subscriber of another layer is not disturbed");
+}
+
+/// The width of the newest VP8 keyframe among `packets` from index `from` on (a layered
+/// subscriber changes layer only at a keyframe, so this is the layer it reads), with its index.
+fn newest_keyframe_width(packets: &[tessera_client::peer::Received], from: usize) -> Option<(usize, u16)> {
+    packets.iter().enumerate().skip(from).rev().find_map(|(i, p)| tessera_webrtc_agent::simulcast::vp8_keyframe_size(&p.payload).map(|(w, _)| (i, w)))
+}
+
+/// Frames received from index `from` on, per picture width (the width of the keyframe that
+/// began each layer's run).
+fn frames_by_width(packets: &[tessera_client::peer::Received], from: usize) -> std::collections::BTreeMap<u16, usize> {
+    let mut width = newest_keyframe_width(packets.get(..from).unwrap_or_default(), 0).map_or(0, |(_, w)| w);
+    let mut out = std::collections::BTreeMap::new();
+    for p in packets.iter().skip(from) {
+        if let Some((w, _)) = tessera_webrtc_agent::simulcast::vp8_keyframe_size(&p.payload) {
+            width = w;
+        }
+        if p.header.marker {
+            *out.entry(width).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// Waits until the subscriber's newest keyframe is `width` wide; returns how long it took.
+async fn wait_for_layer(sub: &Subscriber, width: u16, within: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let packets = sub.packets("video");
+        if newest_keyframe_width(&packets, 0).is_some_and(|(_, w)| w == width) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not on the {width}-wide layer within {within:?} (newest keyframe {:?})",
+            newest_keyframe_width(&packets, 0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `auto` follows the subscriber's bandwidth estimate (GCC on its TWCC feedback): the
+/// server in a namespace of its own, its link to the subscriber limited with a token
+/// bucket (`tc tbf`; this kernel has no netem), then freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulcast_auto_follows_the_subscribers_bandwidth() {
+    use common::bridge::{Bridge, HOST};
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_NOISY_LAYERS};
+    if !common::in_own_netns("simulcast_auto_follows_the_subscribers_bandwidth") {
+        return;
+    }
+    let mut bridge = Bridge::new();
+    bridge.add(1);
+    tessera_client::peer::set_default_ice_ip(HOST);
+    let dir = common::tempdir();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("[webrtc]\nbind_ip = \"{}\"\n", Bridge::ip(1))).unwrap();
+    let s = common::start_in(
+        &bridge.enter(1),
+        &Bridge::ip(1),
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+        &[("TESSERA_SERVICE_KEY", common::KEY)],
+    );
+    let room = s.new_room(json!({"views": []})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let p = SimulcastPublisher::start(&mut psig, &THREE_NOISY_LAYERS).await.unwrap();
+    // The layers' bitrates are measured (80, 250, 700 kbit/s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The subscriber on an address of its own, so its link alone can be limited.
+    const SUBSCRIBER: &str = "127.0.2.253";
+    let add = std::process::Command::new("ip").args(["addr", "add", &format!("{SUBSCRIBER}/32"), "dev", "br0"]).status().unwrap();
+    assert!(add.success());
+    let (mut ssig, _) = s.join(&room, "sub").await;
+    let conn = tessera_client::peer::Connection::new_on(SUBSCRIBER).await.unwrap();
+    let sub = Subscriber::start_video_on(&mut ssig, conn, &p.stream_id, Value::Null).await.unwrap();
+    let first = wait_for_layer(&sub, 640, Duration::from_secs(5), "free link").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // What the server sends to the subscriber limited to 450 kbit/s, behind a queue of 20
+    // packets (the publisher's way and its keyframe requests stay free): the top layer no
+    // longer fits.
+    let node = bridge.enter(1);
+    let tc = |args: &str| {
+        let out = std::process::Command::new(&node[0]).args(&node[1..]).args(["sh", "-c", &format!("tc {args}")]).output().unwrap();
+        assert!(out.status.success(), "tc {args}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    tc("qdisc add dev eth0 root handle 1: htb default 10");
+    tc("class add dev eth0 parent 1: classid 1:10 htb rate 1gbit");
+    tc("class add dev eth0 parent 1: classid 1:20 htb rate 450kbit ceil 450kbit");
+    tc("qdisc add dev eth0 parent 1:20 handle 20: pfifo limit 20");
+    tc(&format!("filter add dev eth0 parent 1: protocol ip u32 match ip dst {SUBSCRIBER}/32 flowid 1:20"));
+    let down = wait_for_layer(&sub, 320, Duration::from_secs(6), "limited link").await;
+    // While the limit holds it stays below the top layer (but for a short try up now and then).
+    let held_from = sub.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let held = frames_by_width(&sub.packets("video"), held_from);
+    tc("qdisc del dev eth0 root");
+    let freed_at = sub.packets("video").len();
+    let up = wait_for_layer(&sub, 640, Duration::from_secs(20), "freed link").await;
+    println!(
+        "auto: on f {first:?} after subscribing; down to h {down:?} after the limit; frames by width while it held {held:?}; back on f {up:?} after it was lifted"
+    );
+    let below: usize = held.iter().filter(|(w, _)| **w < 640).map(|(_, n)| n).sum();
+    assert!(below * 10 >= held.values().sum::<usize>() * 7, "below the top layer for less than 70 % of the frames while limited: {held:?}");
+    assert!(down <= Duration::from_secs(3), "down after {down:?}");
+    assert!(up <= Duration::from_secs(15), "up after {up:?}");
+
+    // Once back on f, every frame decodes; and in sequence order (retransmissions of what
+    // was lost arrive late) timestamps and picture ids never go back, across every switch.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let packets = sub.packets("video");
+    let start = packets
+        .iter()
+        .enumerate()
+        .skip(freed_at)
+        .find_map(|(i, p)| (tessera_webrtc_agent::simulcast::vp8_keyframe_size(&p.payload).map(|(w, _)| w) == Some(640)).then_some(i));
+    let tail = &packets[start.expect("a keyframe of f after the link was freed")..];
+    let sent = tail.iter().filter(|p| p.header.marker).count();
+    let decoded = tessera_client::media::decode_vp8(tail).unwrap();
+    assert!(sent >= 30 && decoded.len() + 2 >= sent && decoded.iter().all(|f| f.width == 640), "{} of {sent} frames decoded", decoded.len());
+    let mut in_order: Vec<(i64, &tessera_client::peer::Received)> = Vec::new();
+    let mut highest: Option<i64> = None;
+    for p in &packets {
+        let s = i64::from(p.header.sequence_number);
+        let seq = match highest {
+            None => s,
+            Some(h) => [h - (h & 0xffff) - 0x10000 + s, h - (h & 0xffff) + s, h - (h & 0xffff) + 0x10000 + s]
+                .into_iter()
+                .min_by_key(|c| (c - h).abs())
+                .unwrap_or(s),
+        };
+        highest = Some(highest.map_or(seq, |h| h.max(seq)));
+        in_order.push((seq, p));
+    }
+    in_order.sort_by_key(|(seq, _)| *seq);
+    in_order.dedup_by_key(|(seq, _)| *seq);
+    for w in in_order.windows(2) {
+        let (a, b) = (w[0].1, w[1].1);
+        assert!(b.header.timestamp.wrapping_sub(a.header.timestamp) < 0x8000_0000, "timestamp went back at {}", w[1].0);
+        let (pa, pb) = (tessera_webrtc_agent::simulcast::vp8_picture_id(&a.payload), tessera_webrtc_agent::simulcast::vp8_picture_id(&b.payload));
+        if let (Some(pa), Some(pb)) = (pa, pb) {
+            assert!(pb.wrapping_sub(pa) & 0x7fff < 0x4000, "picture id went back: {pa} -> {pb}");
+        }
+    }
 }

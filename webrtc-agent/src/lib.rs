@@ -20,6 +20,7 @@
 // and no unchecked indexing outside tests (`./scripts/test` runs clippy with -D warnings).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+pub mod bwe;
 mod codec;
 pub mod feedback;
 pub mod forward;
@@ -53,6 +54,8 @@ pub struct AgentSettings {
     pub ice_failed_timeout: Duration,
     /// Passive ICE-TCP on each worker's port.
     pub ice_tcp: bool,
+    /// Send-side bandwidth estimation per connection (TWCC + GCC).
+    pub bandwidth_estimation: bool,
 }
 
 impl AgentSettings {
@@ -68,6 +71,7 @@ impl AgentSettings {
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: w.ice_tcp,
+            bandwidth_estimation: w.bandwidth_estimation,
         }
     }
 }

@@ -52,10 +52,22 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
                 (parts.next() == Some("send")).then_some(id)
             })
             .collect();
-        let Some(list) = lines.iter().find_map(|l| l.strip_prefix("a=simulcast:send ")) else { continue };
+        // `a=simulcast:send q;h;f`, or with a `recv` list first (RFC 8853 allows either order).
+        let Some(list) = lines.iter().filter_map(|l| l.strip_prefix("a=simulcast:")).find_map(|v| {
+            let mut words = v.split_whitespace();
+            while let Some(direction) = words.next() {
+                let list = words.next();
+                if direction == "send" {
+                    return list;
+                }
+            }
+            None
+        }) else {
+            continue;
+        };
         let mut rids: Vec<String> = Vec::new();
         // `q;h;f`, alternatives after commas, `~` for a layer that starts paused.
-        for layer in list.split_whitespace().next().unwrap_or_default().split(';') {
+        for layer in list.split(';') {
             let Some(id) = layer.split(',').next().map(|id| id.trim_start_matches('~')) else { continue };
             if declared.contains(&id) && !rids.iter().any(|r| r == id) {
                 rids.push(id.to_string());
@@ -136,6 +148,9 @@ mod tests {
                    m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=rid:a send\r\na=simulcast:send a\r\n";
         assert_eq!(simulcast_rids(sdp), vec![("1".to_string(), vec!["q".to_string(), "h".to_string(), "f".to_string()])]);
         assert!(simulcast_rids("garbage\nm=\na=simulcast:send").is_empty());
+        let recv_first =
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:v\r\na=rid:a send\r\na=rid:b send\r\na=rid:c recv\r\na=simulcast:recv c send a;b\r\n";
+        assert_eq!(simulcast_rids(recv_first), vec![("v".to_string(), vec!["a".to_string(), "b".to_string()])]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! packet, and read only when a subscriber's layer is chosen.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rtc::rtp;
@@ -319,7 +320,16 @@ impl LayerBoard {
     /// Every layer from the lowest to the highest: by picture size where every layer's is
     /// known, else by bitrate where measured, else as declared.
     pub fn ranked_all(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.layers.len()).collect();
+        self.rank((0..self.layers.len()).collect())
+    }
+
+    /// The flowing layers, lowest first (by picture size where every flowing layer's is
+    /// known, else by bitrate, else as declared: a layer that never flows does not decide).
+    pub fn ranked(&self) -> Vec<usize> {
+        self.rank((0..self.layers.len()).filter(|&i| self.is_live(i)).collect())
+    }
+
+    fn rank(&self, mut order: Vec<usize>) -> Vec<usize> {
         let area = |i: usize| self.size(i).map(|(w, h)| u32::from(w) * u32::from(h));
         if order.iter().all(|&i| area(i).is_some()) {
             order.sort_by_key(|&i| (area(i), self.bitrate(i), i));
@@ -327,11 +337,6 @@ impl LayerBoard {
             order.sort_by_key(|&i| (self.bitrate(i), i));
         }
         order
-    }
-
-    /// The flowing layers, lowest first.
-    pub fn ranked(&self) -> Vec<usize> {
-        self.ranked_all().into_iter().filter(|&i| self.is_live(i)).collect()
     }
 
     /// The layer to forward for a subscriber's choice, among the flowing ones; none while
@@ -362,9 +367,134 @@ impl LayerBoard {
     }
 }
 
+/// How the server picks the layer of a subscriber on `auto`, from its connection's
+/// bandwidth estimate ([`crate::bwe`]): it starts on the highest layer (or the best that
+/// fits a known estimate); on congestion — a tenth of the packets lost over the last
+/// second, or GCC's target falling by a sixth — it goes down at once, to the best layer
+/// that fits 90 % of what reached the client, at least one layer, then lets the move take
+/// effect for [`AUTO_SETTLE`] before acting again. It goes up carefully: one layer at a
+/// time, after [`AUTO_BACKOFF`] without congestion, as a trial that must meet no
+/// congestion for [`AUTO_TRIAL`]; a failed trial doubles the wait before the next (up to
+/// [`AUTO_BACKOFF_MAX`]). Going up is the probe: GCC's own increase is too slow to follow
+/// a link that was freed (8 % a second).
+#[derive(Debug, Clone, Default)]
+pub struct AutoState {
+    last_target: u64,
+    quiet_since: Option<Instant>,
+    backoff: Option<Duration>,
+    trial: Option<Instant>,
+    settle_until: Option<Instant>,
+}
+
+/// Quiet time before trying a higher layer (doubled after each failed try).
+pub const AUTO_BACKOFF: Duration = Duration::from_secs(3);
+/// The longest wait between two tries.
+pub const AUTO_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A try that meets no congestion for this long keeps its layer.
+pub const AUTO_TRIAL: Duration = Duration::from_secs(3);
+/// After a move down, congestion is not acted on again for this long (the move waits for a
+/// keyframe, the estimate for the queue to drain).
+pub const AUTO_SETTLE: Duration = Duration::from_millis(2500);
+/// Loss (per mille of the last second's packets) that is congestion.
+const LOSS_CONGESTION: u32 = 100;
+/// Feedback covering fewer packets says nothing about loss.
+const LOSS_MIN_PACKETS: u32 = 20;
+
+impl AutoState {
+    /// The layer for a subscriber heading to layer `current` (the one it reads, or the one
+    /// it is moving to), given its connection's estimate with `delivered` already its share.
+    pub fn next(&mut self, board: &LayerBoard, current: Option<usize>, estimate: crate::bwe::Reading, now: Instant) -> Option<usize> {
+        let live = board.ranked();
+        let top = *live.last()?;
+        let previous = std::mem::replace(&mut self.last_target, estimate.target);
+        if estimate.target == 0 {
+            // No feedback (yet): nothing to adapt to.
+            return Some(top);
+        }
+        let quiet_since = *self.quiet_since.get_or_insert(now);
+        let backoff = *self.backoff.get_or_insert(AUTO_BACKOFF);
+        let fitting = |budget: u64| live.iter().rev().copied().find(|&i| u64::from(board.bitrate(i)) <= budget).or(live.first().copied());
+        let Some(at) = current.and_then(|c| live.iter().position(|&i| i == c)) else {
+            // First pick, or its layer stopped: the best that fits the estimate.
+            self.quiet_since = Some(now);
+            return fitting(estimate.target * 85 / 100);
+        };
+        let lossy = estimate.packets >= LOSS_MIN_PACKETS && estimate.loss_permille >= LOSS_CONGESTION;
+        let falling = previous > 0 && estimate.target * 6 < previous * 5;
+        if lossy || falling {
+            self.quiet_since = Some(now);
+            if self.settle_until.is_some_and(|t| now < t) {
+                return current;
+            }
+            self.backoff = Some(if self.trial.take().is_some() { (backoff * 2).min(AUTO_BACKOFF_MAX) } else { AUTO_BACKOFF });
+            let Some(below) = at.checked_sub(1) else { return current };
+            self.settle_until = Some(now + AUTO_SETTLE);
+            let fits = fitting(estimate.delivered * 9 / 10).and_then(|f| live.iter().position(|&i| i == f)).unwrap_or(0);
+            return live.get(fits.min(below)).copied();
+        }
+        if self.trial.is_some_and(|t| now.saturating_duration_since(t) >= AUTO_TRIAL) {
+            self.trial = None;
+            self.backoff = Some(AUTO_BACKOFF);
+            self.quiet_since = Some(now);
+        }
+        if self.trial.is_none() && now.saturating_duration_since(quiet_since) >= backoff && at + 1 < live.len() {
+            self.trial = Some(now);
+            self.quiet_since = Some(now);
+            return live.get(at + 1).copied();
+        }
+        current
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_goes_down_at_once_and_up_carefully() {
+        use crate::bwe::Reading;
+        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
+        b.set_live_mask(0b111);
+        for (i, bps) in [100_000, 300_000, 900_000].into_iter().enumerate() {
+            b.set_bitrate(i, bps);
+        }
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100 };
+        let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100 };
+        let mut a = AutoState::default();
+        // No feedback yet: the highest layer; a first pick with an estimate: the best that fits.
+        assert_eq!(a.next(&b, None, Reading::default(), t0), Some(2));
+        assert_eq!(AutoState::default().next(&b, None, clean(500_000, 0), t0), Some(1));
+        // On f, clean: stays. Loss: down at once to what fits what was delivered.
+        assert_eq!(a.next(&b, Some(2), clean(1_000_000, 900_000), at(0)), Some(2));
+        assert_eq!(a.next(&b, Some(2), lossy(1_000_000, 400_000), at(250)), Some(1));
+        // Still lossy while the move settles: no further step.
+        assert_eq!(a.next(&b, Some(1), lossy(600_000, 300_000), at(1000)), Some(1));
+        // GCC's target keeps falling after the settling: another step down.
+        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(3000)), Some(0));
+        // Quiet for the backoff (3 s from the last congestion): a try one layer up...
+        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(5000)), Some(0));
+        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(6100)), Some(1));
+        // ...that fails: back down, and the next try waits twice as long.
+        assert_eq!(a.next(&b, Some(1), lossy(400_000, 200_000), at(6500)), Some(0));
+        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(10_000)), Some(0));
+        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(12_600)), Some(1));
+        // This one holds for the trial: kept, and the next step up comes after the base wait.
+        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(15_700)), Some(1));
+        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(17_500)), Some(1));
+        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(18_800)), Some(2));
+        // The layer read stops flowing: the best that fits, at once; nothing flows: none.
+        b.set_live_mask(0b011);
+        assert_eq!(a.next(&b, Some(2), clean(2_000_000, 900_000), at(19_000)), Some(1));
+        b.set_live_mask(0);
+        assert_eq!(a.next(&b, Some(1), clean(2_000_000, 900_000), at(19_000)), None);
+        // The lowest layer goes nowhere lower.
+        b.set_live_mask(0b111);
+        let mut low = AutoState::default();
+        assert_eq!(low.next(&b, Some(0), clean(150_000, 90_000), at(0)), Some(0));
+        assert_eq!(low.next(&b, Some(0), lossy(150_000, 50_000), at(500)), Some(0));
+    }
 
     /// A VP8 payload: extended descriptor with a 15-bit picture id and TL0PICIDX, then a
     /// keyframe (with its size) or an interframe header.

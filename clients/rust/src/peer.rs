@@ -134,11 +134,15 @@ pub fn set_default_ice_ip(ip: &str) {
     }
 }
 
+/// The address connections bind ICE to unless told otherwise.
+pub(crate) fn default_ice_ip() -> String {
+    DEFAULT_ICE_IP.read().ok().and_then(|d| d.clone()).unwrap_or_else(|| "127.0.0.1".to_string())
+}
+
 impl Connection {
     /// A connection with ICE on 127.0.0.1 (or the address [`set_default_ice_ip`] set).
     pub async fn new() -> anyhow::Result<Connection> {
-        let ip = DEFAULT_ICE_IP.read().ok().and_then(|d| d.clone()).unwrap_or_else(|| "127.0.0.1".to_string());
-        Self::new_on(&ip).await
+        Self::new_on(&default_ice_ip()).await
     }
 
     /// A connection with ICE on `ip` (a loopback-range address: tests and benchmarks
@@ -192,7 +196,11 @@ impl Connection {
         if simulcast {
             rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers(&mut media)?;
         }
-        let registry = register_default_interceptors(Registry::new(), &mut media)?.with(Slot::from(14_000), KeyframeRequestTap::default());
+        // Browsers give up on a lost packet after a few requests; webrtc-rs's generator
+        // would ask for it as long as it stays in its window.
+        let registry = register_default_interceptors(Registry::new(), &mut media)?
+            .with(Slot::NackGenerator, rtc::interceptor::NackGeneratorBuilder::new().with_max_nacks_per_packet(5).build())
+            .with(Slot::from(14_000), KeyframeRequestTap::default());
         // No mDNS: candidates are plain loopback addresses, and joining the multicast group
         // fails in a namespace that holds only loopback.
         let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);
@@ -829,7 +837,11 @@ impl Subscriber {
     /// A video-only subscription on a new connection, `video_fields` added to its track's
     /// request (a simulcast layer's track id as `from`, `parameters`).
     pub async fn start_video(sig: &mut Signaling, stream: &str, video_fields: Value) -> anyhow::Result<Subscriber> {
-        let mut conn = Connection::new().await?;
+        Self::start_video_on(sig, Connection::new().await?, stream, video_fields).await
+    }
+
+    /// [`Subscriber::start_video`] on a connection made by the caller (its own bind address).
+    pub async fn start_video_on(sig: &mut Signaling, mut conn: Connection, stream: &str, video_fields: Value) -> anyhow::Result<Subscriber> {
         let id = conn.subscribe_with(sig, stream, false, true, false, video_fields).await?;
         let received = conn.received.clone();
         Ok(Subscriber { conn, id, received, data: Arc::default() })

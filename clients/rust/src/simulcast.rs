@@ -35,14 +35,24 @@ pub struct LayerSpec {
     pub height: u32,
     /// The solid colour of every picture.
     pub rgb: (u8, u8, u8),
+    /// Send a moving zone plate at this bitrate (kbit/s) instead of the solid colour: a picture that
+    /// costs what the encoder is given, for bandwidth tests.
+    pub noise_kbps: Option<u32>,
 }
 
 /// Three layers, lowest first, as browsers send them: quarter, half and full size, blue,
 /// green and red.
 pub const THREE_LAYERS: [LayerSpec; 3] = [
-    LayerSpec { rid: "q", width: 160, height: 120, rgb: (0, 0, 255) },
-    LayerSpec { rid: "h", width: 320, height: 240, rgb: (0, 255, 0) },
-    LayerSpec { rid: "f", width: 640, height: 480, rgb: (255, 0, 0) },
+    LayerSpec { rid: "q", width: 160, height: 120, rgb: (0, 0, 255), noise_kbps: None },
+    LayerSpec { rid: "h", width: 320, height: 240, rgb: (0, 255, 0), noise_kbps: None },
+    LayerSpec { rid: "f", width: 640, height: 480, rgb: (255, 0, 0), noise_kbps: None },
+];
+
+/// Three layers of moving pictures, each as costly as a camera's: 80, 250 and 700 kbit/s.
+pub const THREE_NOISY_LAYERS: [LayerSpec; 3] = [
+    LayerSpec { rid: "q", width: 160, height: 120, rgb: (0, 0, 0), noise_kbps: Some(80) },
+    LayerSpec { rid: "h", width: 320, height: 240, rgb: (0, 0, 0), noise_kbps: Some(250) },
+    LayerSpec { rid: "f", width: 640, height: 480, rgb: (0, 0, 0), noise_kbps: Some(700) },
 ];
 
 struct Layer {
@@ -94,7 +104,7 @@ impl SimulcastPublisher {
     /// says the publication is ready.
     pub async fn start(sig: &mut Signaling, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
         gst::init()?;
-        let conn = Connection::with_simulcast_extensions("127.0.0.1").await?;
+        let conn = Connection::with_simulcast_extensions(&crate::peer::default_ice_ip()).await?;
         let layers: Vec<Layer> = layers
             .iter()
             .map(|spec| Layer { spec: *spec, ssrc: rand::random(), keyframe: Arc::new(AtomicBool::new(true)), stopped: Arc::default() })
@@ -149,13 +159,18 @@ impl SimulcastPublisher {
         }));
         let mut pipelines = Vec::new();
         for l in &layers {
-            let LayerSpec { width, height, rgb, .. } = l.spec;
+            let LayerSpec { width, height, rgb, noise_kbps, .. } = l.spec;
             let colour = 0xFF00_0000u32 | (u32::from(rgb.0) << 16) | (u32::from(rgb.1) << 8) | u32::from(rgb.2);
+            let (source, bitrate) = match noise_kbps {
+                Some(kbps) => ("pattern=zone-plate kx2=20 ky2=20 kt=1".to_string(), u64::from(kbps) * 1000),
+                None => {
+                    (format!("pattern=solid-color foreground-color={colour}"), (u64::from(width) * u64::from(height) * 2).clamp(100_000, 1_000_000))
+                }
+            };
             let desc = format!(
-                "videotestsrc is-live=true pattern=solid-color foreground-color={colour} ! video/x-raw,width={width},height={height},framerate=15/1 ! \
-                 videoconvert ! vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 target-bitrate={bitrate} ! \
+                "videotestsrc is-live=true {source} ! video/x-raw,width={width},height={height},framerate=15/1 ! \
+                 videoconvert ! vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
                  rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit ! appsink name=v sync=false",
-                bitrate = (u64::from(width) * u64::from(height) * 2).clamp(100_000, 1_000_000),
             );
             let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
             let sink = pipeline.by_name("v").ok_or_else(|| anyhow!("no appsink"))?;

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
+use rtc::interceptor::{
+    CongestionControlBuilder, GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, Registry, Slot, TwccSenderBuilder,
+};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -44,6 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::AgentSettings;
+use crate::bwe::{Estimate, SubscriberEstimator};
 use crate::codec::{codec_info, rtc_codec};
 use crate::feedback::KeyframeRequestTap;
 use crate::rtcp_counter::{RtcpCounter, RtcpCounters};
@@ -52,6 +55,9 @@ use worker::{Batch, Cmd, SourceTrack, Worker};
 
 /// A published track, unique across workers.
 pub(crate) type TrackId = u64;
+
+/// Where a subscriber connection's GCC target starts (bits per second).
+const GCC_START_BITRATE: f64 = 1_000_000.0;
 
 /// Batches queued from one worker to another before new ones are dropped.
 const INBOX: usize = 1024;
@@ -374,7 +380,11 @@ const NACKS_PER_PACKET: u16 = 3;
 
 /// A server-side peer connection: ICE-lite with this worker's credentials, the shared
 /// DTLS certificate, webrtc-rs's default codecs and the interceptors docs/sfu.md lists.
-pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<RTCPeerConnection, AgentError> {
+/// With `webrtc.bandwidth_estimation`, the connection also numbers what it sends
+/// (transport-wide sequence numbers) and estimates its bandwidth from the client's TWCC
+/// feedback ([`crate::bwe`]), without a pacer (forwarded media leaves as it comes; the
+/// estimate only chooses simulcast layers); what it finds is returned with it.
+pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<(RTCPeerConnection, Arc<Estimate>), AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let mut media = MediaEngine::default();
     media.register_default_codecs().map_err(|e| failed("media engine", e))?;
@@ -386,6 +396,15 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
     let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
+    let estimate = Arc::new(Estimate::default());
+    let registry = if shared.settings.bandwidth_estimation {
+        let estimator = SubscriberEstimator::new(GCC_START_BITRATE, GCC_MIN_BITRATE, GCC_MAX_BITRATE, estimate.clone());
+        registry
+            .with(Slot::CongestionControl, CongestionControlBuilder::new(estimator).build())
+            .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+    } else {
+        registry
+    };
     let registry = configure_rtcp_reports(registry)
         .with(Slot::from(14_000), KeyframeRequestTap::default())
         // Wire-ward of the NACK generator (it sees the NACKs made) and inward of the
@@ -405,6 +424,7 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         .with_setting_engine(settings)
         .with_interceptor_registry(registry)
         .build(now)
+        .map(|pc| (pc, estimate))
         .map_err(|e| failed("peer connection", e))
 }
 
@@ -1016,6 +1036,7 @@ mod tests {
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: false,
+            bandwidth_estimation: true,
         };
         WorkerAgent::new(settings, 1).unwrap().0
     }

@@ -53,7 +53,7 @@ use super::udp;
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
 use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
-use crate::simulcast::{LayerBoard, VideoCodec, Vp8Munger, vp8_keyframe_size};
+use crate::simulcast::{AutoState, LayerBoard, VideoCodec, Vp8Munger, vp8_keyframe_size};
 
 /// `recvmmsg` calls per loop round before the loop drains outputs and timers.
 const READ_ROUNDS: usize = 2;
@@ -66,6 +66,8 @@ const LEG_KEYFRAME_INTERVAL: Duration = Duration::from_millis(200);
 const LAYER_TICK: Duration = Duration::from_millis(500);
 /// A layer that sent nothing for this long no longer flows (its subscribers move).
 const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often subscribers on `auto` look at their bandwidth estimate.
+const ADAPT_TICK: Duration = Duration::from_millis(250);
 /// A subscriber waiting for a layer's keyframe asks again after this long.
 const SWITCH_KEYFRAME_RETRY: Duration = Duration::from_millis(1000);
 
@@ -226,6 +228,11 @@ struct Selection {
     vp8: Option<Vp8Munger>,
     /// When a keyframe of the awaited layer was last asked for.
     asked: Option<Instant>,
+    /// On `auto`: how the layer follows the connection's bandwidth.
+    auto: AutoState,
+    /// The source's sequence number the leg started (or switched) at: an older packet of
+    /// that layer (late, or a retransmission) would land before it, and is dropped.
+    floor: Option<u16>,
 }
 
 /// What delivering a packet to layered legs leads to, done once the packet is delivered.
@@ -294,6 +301,8 @@ struct Peer {
     room: String,
     participant: String,
     pc: RTCPeerConnection,
+    /// What its send-side bandwidth estimator found.
+    estimate: Arc<crate::bwe::Estimate>,
     ufrag: String,
     /// The server ICE password (checks from a new address must be signed with it).
     password: String,
@@ -335,6 +344,8 @@ enum Timer {
     Pli(TrackId),
     /// Measure a layered video's layers (a board on this worker).
     Layers(u64),
+    /// Subscribers on `auto` choose again from their bandwidth estimate.
+    Adapt,
     /// An ICE-TCP connection (address, serial) that must be bound by now.
     TcpUnbound(SocketAddr, u64),
 }
@@ -494,6 +505,7 @@ impl Worker {
     /// Runs the loop until the control plane goes away.
     pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, mut inbox: mpsc::Receiver<Batch>) {
         let mut batch = udp::RecvBatch::new();
+        self.timers.push(Reverse((Instant::now() + ADAPT_TICK, Timer::Adapt)));
         loop {
             // Control before data: a command sent before a packet (a tap, a local
             // publication, a subscription) is applied before that packet is handled.
@@ -906,6 +918,23 @@ impl Worker {
                 }
                 Timer::TcpUnbound(from, serial) => self.out.tcp.expire_unbound(from, serial),
                 Timer::Layers(board) => self.measure_layers(board, now),
+                Timer::Adapt => {
+                    // Subscribers on `auto` follow their connection's bandwidth estimate.
+                    let legs: Vec<(u32, u32)> = self
+                        .peers
+                        .iter()
+                        .flat_map(|(&peer, p)| {
+                            p.legs
+                                .iter()
+                                .filter(|(_, l)| l.active && l.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto))
+                                .map(move |(&leg, _)| (peer, leg))
+                        })
+                        .collect();
+                    for (peer, leg) in legs {
+                        self.reselect(peer, leg, now);
+                    }
+                    self.timers.push(Reverse((now + ADAPT_TICK, Timer::Adapt)));
+                }
                 Timer::Pli(track) => {
                     let Some(t) = self.published.get_mut(&track) else { continue };
                     if t.pli_due != Some(at) {
@@ -1054,7 +1083,7 @@ impl Worker {
         }
         let ufrag = format!("w{}{}", self.index, super::random_token(10));
         let password = super::random_token(24);
-        let pc = super::build_pc(&self.shared, &ufrag, &password, now)?;
+        let (pc, estimate) = super::build_pc(&self.shared, &ufrag, &password, now)?;
         let id = self.next_peer;
         self.next_peer = self.next_peer.wrapping_add(1);
         self.by_transport.insert(transport.clone(), id);
@@ -1067,6 +1096,7 @@ impl Worker {
                 room,
                 participant,
                 pc,
+                estimate,
                 ufrag,
                 password,
                 addrs: Vec::new(),
@@ -1198,7 +1228,19 @@ impl Worker {
                 Some(board) => {
                     let first = board.choose(&layer).and_then(|i| board.layers.get(i)).map_or(src.track, |l| l.track);
                     let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
-                    (first, Some(Selection { board: board.clone(), choice: layer, target: None, started: false, vp8, asked: None }))
+                    (
+                        first,
+                        Some(Selection {
+                            board: board.clone(),
+                            choice: layer,
+                            target: None,
+                            started: false,
+                            vp8,
+                            asked: None,
+                            auto: AutoState::default(),
+                            floor: None,
+                        }),
+                    )
                 }
                 None => (src.track, None),
             };
@@ -1361,18 +1403,19 @@ impl Worker {
                     return;
                 };
                 let Some(key) = board.layers.get(index).map(|l| l.track) else { return };
+                p.layer_receivers.insert(ssrc, key);
                 if publication.flowing.iter().any(|(_, t)| *t == key) {
+                    // The layer came back on another SSRC: keyframe requests go there now.
+                    if let Some(t) = self.published.get_mut(&key) {
+                        t.publisher = Some((id, receiver, ssrc));
+                    }
                     return;
                 }
-                p.layer_receivers.insert(ssrc, key);
                 layer = Some((board.clone(), index));
                 key
             }
-            (Some(rid), _) => {
-                warn!(publication = %publication.id, rid = ?rid, "RID layer on an m-line that declared no simulcast; ignored");
-                return;
-            }
-            (None, _) => {
+            // One track (a RID on an m-line that declared no simulcast is taken as the track).
+            _ => {
                 if publication.flowing.iter().any(|(k, _)| *k == kind) {
                     return;
                 }
@@ -1463,6 +1506,12 @@ impl Worker {
     fn select_layer(&mut self, transport: &str, session: &str, layer: LayerChoice, now: Instant) {
         let Some(&id) = self.by_transport.get(transport) else { return };
         let Some(p) = self.peers.get_mut(&id) else { return };
+        // A subscription still waiting for its offer starts on the new choice.
+        for t in p.pending.iter_mut().filter(|s| s.spec.at.session == *session).flat_map(|s| s.spec.tracks.iter_mut()) {
+            if t.kind == MediaKind::Video {
+                t.layer = layer.clone();
+            }
+        }
         let mut legs = Vec::new();
         for (&leg, l) in p.legs.iter_mut().filter(|(_, l)| l.session == session) {
             if let Some(sel) = &mut l.sel {
@@ -1478,13 +1527,31 @@ impl Worker {
     /// Points a layered leg at the layer its choice gives now: it moves there at that
     /// layer's next keyframe (asked for at once), reading both until then.
     fn reselect(&mut self, peer: u32, leg: u32, now: Instant) {
-        let Some(l) = self.peers.get_mut(&peer).and_then(|p| p.legs.get_mut(&leg)) else { return };
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        // On `auto`, what reaches the client is shared by the connection's auto legs.
+        let auto_legs = p.legs.values().filter(|l| l.active && l.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto)).count().max(1) as u64;
+        let mut estimate = p.estimate.read();
+        estimate.delivered /= auto_legs;
+        let Some(l) = p.legs.get_mut(&leg) else { return };
         let (owner, source) = (l.owner, l.source);
         let Some(sel) = &mut l.sel else { return };
-        let Some(want) = sel.board.choose(&sel.choice).and_then(|i| sel.board.layers.get(i)).map(|l| l.track) else { return };
-        if sel.target == Some(want) {
+        let chosen = match &sel.choice {
+            LayerChoice::Auto => {
+                let heading = sel.board.index_of(sel.target.unwrap_or(source));
+                sel.auto.next(&sel.board, heading, estimate, now)
+            }
+            other => sel.board.choose(other),
+        };
+        let Some(want) = chosen.and_then(|i| sel.board.layers.get(i)).map(|l| l.track) else { return };
+        // Where keyframes cannot be found, a move would show a broken picture: only off a
+        // layer that stopped.
+        if sel.board.codec == VideoCodec::Other && sel.started && sel.board.index_of(source).is_some_and(|i| sel.board.is_live(i)) {
             return;
         }
+        if sel.target == Some(want) || (want == source && sel.target.is_none()) {
+            return;
+        }
+        debug!(peer, leg, estimate = ?estimate, layer = ?chosen, "simulcast layer chosen");
         let dropped = sel.target.take();
         if want != source {
             sel.target = Some(want);
@@ -1571,6 +1638,7 @@ impl Worker {
             let s = p.publications.remove(pos);
             unpublish.extend(s.flowing.iter().map(|(_, k)| *k));
             p.receivers.retain(|_, k| !unpublish.contains(k));
+            p.layer_receivers.retain(|_, k| !unpublish.contains(k));
         }
         if p.subscriptions.remove(session) {
             let legs: Vec<u32> = p.legs.iter().filter(|(_, l)| l.session == session).map(|(k, _)| *k).collect();
@@ -1757,9 +1825,19 @@ fn deliver(
             let codec = sel.board.codec;
             // Without keyframe detection (other codecs) a leg moves at once.
             let key = codec == VideoCodec::Other || *keyframe.get_or_insert_with(|| codec.starts_keyframe(&packet.payload));
+            let seq = packet.header.sequence_number;
             let needs_key = if sel.target == Some(track) {
                 true
             } else if l.source == track {
+                if let Some(floor) = sel.floor {
+                    let ahead = seq.wrapping_sub(floor);
+                    if ahead >= 0x8000 {
+                        continue;
+                    }
+                    if ahead > 0x1000 {
+                        sel.floor = None;
+                    }
+                }
                 !sel.started
             } else {
                 continue;
@@ -1782,6 +1860,7 @@ fn deliver(
                     }
                 }
                 sel.started = true;
+                sel.floor = Some(seq);
             }
         }
         let mut out = packet.clone();

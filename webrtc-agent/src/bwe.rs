@@ -1,0 +1,105 @@
+//! A subscriber connection's bandwidth, as the SFU's simulcast choice reads it: GCC's
+//! target (webrtc-rs's port, driven by the client's transport-wide congestion control
+//! feedback), and over the last second of that feedback, what reached the client and what
+//! was lost. The estimator runs inside the connection's interceptor chain (as its
+//! congestion controller, without a pacer: forwarded media leaves as it comes) and writes
+//! what it finds where the worker reads it when it chooses layers.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport};
+
+/// How much feedback the delivered rate and the loss are measured over.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// What a connection's estimator last found.
+#[derive(Debug, Default)]
+pub struct Estimate {
+    target: AtomicU64,
+    delivered: AtomicU64,
+    loss_permille: AtomicU32,
+    packets: AtomicU32,
+}
+
+/// A reading of an [`Estimate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reading {
+    /// GCC's target, bits per second; 0 until the client's first feedback.
+    pub target: u64,
+    /// Bits per second the client reported receiving, over the last second.
+    pub delivered: u64,
+    /// Of the packets reported over the last second, the share lost, per mille.
+    pub loss_permille: u32,
+    /// How many packets that second of feedback covers.
+    pub packets: u32,
+}
+
+impl Estimate {
+    /// The latest values.
+    pub fn read(&self) -> Reading {
+        Reading {
+            target: self.target.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            loss_permille: self.loss_permille.load(Ordering::Relaxed),
+            packets: self.packets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// GCC, and a second of feedback kept to measure delivery and loss.
+pub struct SubscriberEstimator {
+    gcc: Gcc,
+    /// (when reported, bytes, arrived) per packet, oldest first.
+    window: VecDeque<(Instant, usize, bool)>,
+    first: Option<Instant>,
+    out: Arc<Estimate>,
+}
+
+impl SubscriberEstimator {
+    /// An estimator starting GCC at `start` bits per second (within `min..=max`), writing into `out`.
+    pub fn new(start: f64, min: f64, max: f64, out: Arc<Estimate>) -> Self {
+        SubscriberEstimator { gcc: Gcc::new(start, min, max), window: VecDeque::new(), first: None, out }
+    }
+}
+
+impl BandwidthEstimator for SubscriberEstimator {
+    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
+        self.gcc.on_reports(now, reports);
+        if reports.is_empty() {
+            return;
+        }
+        let first = *self.first.get_or_insert(now);
+        self.window.extend(reports.iter().map(|r| (now, r.size, r.arrived)));
+        while self.window.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > WINDOW) {
+            self.window.pop_front();
+        }
+        // Until a whole window of feedback came in, over the time there was.
+        let span = now.saturating_duration_since(first).clamp(Duration::from_millis(100), WINDOW);
+        let bytes: usize = self.window.iter().filter(|(_, _, arrived)| *arrived).map(|(_, size, _)| size).sum();
+        let lost = self.window.iter().filter(|(_, _, arrived)| !arrived).count();
+        let total = self.window.len().max(1);
+        self.out.target.store(self.gcc.target_bitrate().max(0.0) as u64, Ordering::Relaxed);
+        self.out.delivered.store((bytes as u64 * 8 * 1000) / span.as_millis().max(1) as u64, Ordering::Relaxed);
+        self.out.loss_permille.store((lost * 1000 / total) as u32, Ordering::Relaxed);
+        self.out.packets.store(u32::try_from(self.window.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    fn target_bitrate(&self) -> f64 {
+        self.gcc.target_bitrate()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.gcc.handle_timeout(now);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.gcc.poll_timeout()
+    }
+
+    fn stats(&self) -> EstimatorStats {
+        self.gcc.stats()
+    }
+}
