@@ -166,6 +166,9 @@ pub enum StreamUpdate {
     Layout(Vec<LayoutEntry>),
     /// A mixed stream's loudest input (OWT field `activeInput`), none when it left.
     ActiveInput(Option<StreamId>),
+    /// The simulcast layers (RIDs) of a forward stream that someone takes: its publisher
+    /// may stop sending the others (told to the publisher alone, field `video.layers`).
+    ActiveLayers(Vec<String>),
 }
 
 /// What an agent reports to the room controller (the portal today).

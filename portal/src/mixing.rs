@@ -156,6 +156,14 @@ impl Portal {
     /// Records a mixed stream's new layout or active input and, when it differs, tells
     /// the room with a `stream` update (OWT's `{field, value}`).
     pub(crate) fn stream_updated(&self, room: &str, id: &str, update: StreamUpdate) {
+        if let StreamUpdate::ActiveLayers(active) = update {
+            // Only the publisher acts on it (Tessera's JS client pauses the other encodings).
+            let mut conf = self.lock();
+            let Some(owner) = conf.rooms.get(room).and_then(|r| r.stream(id)).and_then(|s| s.owner().cloned()) else { return };
+            let data = json!({"id": id, "status": "update", "data": {"field": "video.layers", "value": {"active": active}}});
+            conf.notify(room, owner.as_str(), "stream", data);
+            return;
+        }
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
         let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.stream_mut(id)) else { return };

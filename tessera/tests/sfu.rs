@@ -894,6 +894,28 @@ fn check_layered_video(sub: &Subscriber, switches: usize) -> Vec<(usize, usize, 
     frames.iter().map(|f| (f.width, f.height, name(f.around(f.width / 2, f.height / 2)))).collect()
 }
 
+/// The picture size of every frame a real demuxer and decoder find in a recording.
+fn recorded_sizes(path: &std::path::Path) -> Vec<(i32, i32)> {
+    use gstreamer as gst;
+    use gstreamer::prelude::*;
+    gst::init().unwrap();
+    let desc = format!("filesrc location=\"{}\" ! decodebin ! videoconvert ! appsink name=v sync=false", path.display());
+    let p = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
+    let v = p.by_name("v").unwrap().downcast::<gstreamer_app::AppSink>().unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    let mut sizes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.is_eos() && Instant::now() < deadline {
+        if let Some(s) = v.try_pull_sample(gst::ClockTime::from_mseconds(50))
+            && let Some(st) = s.caps().and_then(|c| c.structure(0))
+        {
+            sizes.push((st.get::<i32>("width").unwrap_or(0), st.get::<i32>("height").unwrap_or(0)));
+        }
+    }
+    p.set_state(gst::State::Null).unwrap();
+    sizes
+}
+
 /// Runs of equal items, in order.
 fn runs<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::new();
@@ -995,11 +1017,32 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     p.stop_layer("f", true);
     let moved = wait_for_picture(&auto, H, Duration::from_secs(4)).await;
     wait_for_picture(&q, H, Duration::from_secs(2)).await;
+    // A recording started now starts on h, and moves to f with everyone when it returns.
+    let recordings = s.url(&format!("/v1/rooms/{room}/recordings"));
+    let rec: Value = s
+        .client()
+        .post(&recordings)
+        .bearer_auth(common::KEY)
+        .json(&json!({"media": {"video": {"from": p.stream_id}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (rec_id, rec_file) = (rec["id"].as_str().unwrap().to_string(), rec["storage"]["file"].as_str().unwrap().to_string());
+    tokio::time::sleep(Duration::from_secs(2)).await;
     p.stop_layer("f", false);
     // (`auto` goes up carefully: after 3 s without congestion.)
     let back = wait_for_picture(&auto, F, Duration::from_secs(7)).await;
     wait_for_picture(&q, F, Duration::from_secs(2)).await;
     println!("moved off the stopped layer in {moved:?}, back in {back:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = s.client().delete(format!("{recordings}/{rec_id}")).bearer_auth(common::KEY).send().await.unwrap();
+    assert_eq!(stopped.status(), 200);
+    let sizes = recorded_sizes(std::path::Path::new(&rec_file));
+    assert!(sizes.len() > 40, "{} frames recorded", sizes.len());
+    assert_eq!(runs(&sizes), [(320, 240), (640, 480)], "the recording's picture sizes, in order");
     assert_eq!(runs(&check_layered_video(&auto, 2)), [F, H, F]);
     assert_eq!(runs(&check_layered_video(&q, 3)), [Q, F, H, F]);
     assert_eq!(runs(&check_layered_video(&h, 1)), [H, Q], "a subscriber of another layer is not disturbed");
@@ -1045,8 +1088,8 @@ async fn wait_for_layer(sub: &Subscriber, width: u16, within: Duration, what: &s
 }
 
 /// `auto` follows the subscriber's bandwidth estimate (GCC on its TWCC feedback): the
-/// server in a namespace of its own, its link to the subscriber limited with a token
-/// bucket (`tc tbf`; this kernel has no netem), then freed.
+/// server in a namespace of its own, what it sends to the subscriber limited (`tc` htb;
+/// this kernel has no netem), then freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simulcast_auto_follows_the_subscribers_bandwidth() {
     use common::bridge::{Bridge, HOST};
@@ -1108,19 +1151,30 @@ async fn simulcast_auto_follows_the_subscribers_bandwidth() {
     );
     let below: usize = held.iter().filter(|(w, _)| **w < 640).map(|(_, n)| n).sum();
     assert!(below * 10 >= held.values().sum::<usize>() * 7, "below the top layer for less than 70 % of the frames while limited: {held:?}");
-    assert!(down <= Duration::from_secs(3), "down after {down:?}");
+    // (1.9–2.2 s here; margin for a loaded machine.)
+    assert!(down <= Duration::from_secs(4), "down after {down:?}");
     assert!(up <= Duration::from_secs(15), "up after {up:?}");
 
-    // Once back on f, every frame decodes; and in sequence order (retransmissions of what
-    // was lost arrive late) timestamps and picture ids never go back, across every switch.
+    // Once back on f, every frame decodes (from a keyframe sent after the link was freed:
+    // the move up may have been a trial that met the limit); and in sequence order
+    // (retransmissions of what was lost arrive late) timestamps and picture ids never go
+    // back, across every switch.
+    let lifted_us = tessera_client::peer::now_us();
+    let clean_start = loop {
+        let packets = sub.packets("video");
+        let found = packets.iter().enumerate().skip(freed_at).find_map(|(i, p)| {
+            (p.arrived_us > lifted_us + 300_000 && tessera_webrtc_agent::simulcast::vp8_keyframe_size(&p.payload).map(|(w, _)| w) == Some(640))
+                .then_some(i)
+        });
+        if let Some(i) = found {
+            break i;
+        }
+        assert!(tessera_client::peer::now_us() < lifted_us + 8_000_000, "no keyframe of f after the link was freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let packets = sub.packets("video");
-    let start = packets
-        .iter()
-        .enumerate()
-        .skip(freed_at)
-        .find_map(|(i, p)| (tessera_webrtc_agent::simulcast::vp8_keyframe_size(&p.payload).map(|(w, _)| w) == Some(640)).then_some(i));
-    let tail = &packets[start.expect("a keyframe of f after the link was freed")..];
+    let tail = &packets[clean_start..];
     let sent = tail.iter().filter(|p| p.header.marker).count();
     let decoded = tessera_client::media::decode_vp8(tail).unwrap();
     assert!(sent >= 30 && decoded.len() + 2 >= sent && decoded.iter().all(|f| f.width == 640), "{} of {sent} frames decoded", decoded.len());
@@ -1148,4 +1202,54 @@ async fn simulcast_auto_follows_the_subscribers_bandwidth() {
             assert!(pb.wrapping_sub(pa) & 0x7fff < 0x4000, "picture id went back: {pa} -> {pb}");
         }
     }
+}
+
+/// The next `video.layers` update the server sends the publisher of `stream`; the test
+/// acts on it as Tessera's JS client does (the other layers stop being sent).
+async fn asked_layers(psig: &mut Signaling, stream: &str, p: &tessera_client::simulcast::SimulcastPublisher) -> Vec<String> {
+    let n = psig
+        .wait_for("video.layers", Duration::from_secs(5), |n| {
+            n.event == "stream" && n.data["id"] == stream && n.data["data"]["field"] == "video.layers"
+        })
+        .await
+        .unwrap();
+    let active: Vec<String> = n.data["data"]["value"]["active"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect();
+    for rid in ["q", "h", "f"] {
+        p.stop_layer(rid, !active.iter().any(|a| a == rid));
+    }
+    active
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulcast_layers_nobody_takes_are_paused_at_the_publisher() {
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
+    const H: (usize, usize, &str) = (320, 240, "green");
+    const F: (usize, usize, &str) = (640, 480, "red");
+    let (_dir, s) = common::start_with_config(CONFIG);
+    // No views: nothing mixes (a mix takes the top layer).
+    let room = s.new_room(json!({"views": []})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let p = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
+    let id = p.stream_id.clone();
+    // Nobody takes it: the lowest layer only (kept, so a subscriber starts at once).
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q"]);
+    // A subscriber asks for h by RID: h comes back, and it moves there.
+    let (mut ssig, _) = s.join(&room, "sub").await;
+    let h = Subscriber::start_video(&mut ssig, &format!("{id}-video-h"), Value::Null).await.unwrap();
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h"]);
+    wait_for_picture(&h, H, Duration::from_secs(5)).await;
+    // One on auto may want any: every layer, and it reaches f.
+    let auto = Subscriber::start_video(&mut ssig, &id, Value::Null).await.unwrap();
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h", "f"]);
+    let reached = wait_for_picture(&auto, F, Duration::from_secs(5)).await;
+    println!("the auto subscriber reached f {reached:?} after subscribing");
+    // It leaves: f is not sent any more, and h's subscriber goes on undisturbed.
+    ssig.ok("unsubscribe", Some(json!({"id": auto.id}))).await.unwrap();
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h"]);
+    let before = h.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(h.packets("video").len() > before + 20, "h's subscriber stalled");
+    // (It waited on q if h had stopped before it subscribed.)
+    let h_runs = runs(&check_layered_video(&h, 1));
+    assert!(h_runs == [H] || h_runs == [(160, 120, "blue"), H], "{h_runs:?}");
 }

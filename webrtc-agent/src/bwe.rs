@@ -16,12 +16,28 @@ use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport};
 const WINDOW: Duration = Duration::from_secs(1);
 
 /// What a connection's estimator last found.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Estimate {
     target: AtomicU64,
     delivered: AtomicU64,
     loss_permille: AtomicU32,
     packets: AtomicU32,
+    /// When it was last written, in µs after `base`.
+    updated_us: AtomicU64,
+    base: Instant,
+}
+
+impl Default for Estimate {
+    fn default() -> Self {
+        Estimate {
+            target: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            loss_permille: AtomicU32::new(0),
+            packets: AtomicU32::new(0),
+            updated_us: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
 }
 
 /// A reading of an [`Estimate`].
@@ -35,16 +51,21 @@ pub struct Reading {
     pub loss_permille: u32,
     /// How many packets that second of feedback covers.
     pub packets: u32,
+    /// How long ago the client's last feedback came (a client that stopped sending it
+    /// leaves the values as they were).
+    pub age: Duration,
 }
 
 impl Estimate {
-    /// The latest values.
-    pub fn read(&self) -> Reading {
+    /// The latest values, as of `now`.
+    pub fn read(&self, now: Instant) -> Reading {
+        let updated = self.base + Duration::from_micros(self.updated_us.load(Ordering::Relaxed));
         Reading {
             target: self.target.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             loss_permille: self.loss_permille.load(Ordering::Relaxed),
             packets: self.packets.load(Ordering::Relaxed),
+            age: now.saturating_duration_since(updated),
         }
     }
 }
@@ -54,30 +75,35 @@ pub struct SubscriberEstimator {
     gcc: Gcc,
     /// (when reported, bytes, arrived) per packet, oldest first.
     window: VecDeque<(Instant, usize, bool)>,
-    first: Option<Instant>,
+    /// Scratch for the reports that carry a transport-wide number.
+    twcc: Vec<PacketReport>,
     out: Arc<Estimate>,
 }
 
 impl SubscriberEstimator {
     /// An estimator starting GCC at `start` bits per second (within `min..=max`), writing into `out`.
     pub fn new(start: f64, min: f64, max: f64, out: Arc<Estimate>) -> Self {
-        SubscriberEstimator { gcc: Gcc::new(start, min, max), window: VecDeque::new(), first: None, out }
+        SubscriberEstimator { gcc: Gcc::new(start, min, max), window: VecDeque::new(), twcc: Vec::new(), out }
     }
 }
 
 impl BandwidthEstimator for SubscriberEstimator {
     fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
-        self.gcc.on_reports(now, reports);
-        if reports.is_empty() {
+        // A stream the client does not number (TWCC on video but not on audio, say) is
+        // reported as never arriving: it says nothing about the path.
+        self.twcc.clear();
+        self.twcc.extend(reports.iter().filter(|r| r.is_twcc).cloned());
+        self.gcc.on_reports(now, &self.twcc);
+        if self.twcc.is_empty() {
             return;
         }
-        let first = *self.first.get_or_insert(now);
-        self.window.extend(reports.iter().map(|r| (now, r.size, r.arrived)));
-        while self.window.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > WINDOW) {
+        self.window.extend(self.twcc.iter().map(|r| (now, r.size, r.arrived)));
+        while self.window.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) >= WINDOW) {
             self.window.pop_front();
         }
-        // Until a whole window of feedback came in, over the time there was.
-        let span = now.saturating_duration_since(first).clamp(Duration::from_millis(100), WINDOW);
+        // Over the time the window's own feedback spans (shorter at first, or after a gap).
+        let oldest = self.window.front().map_or(now, |(at, _, _)| *at);
+        let span = now.saturating_duration_since(oldest).clamp(Duration::from_millis(100), WINDOW);
         let bytes: usize = self.window.iter().filter(|(_, _, arrived)| *arrived).map(|(_, size, _)| size).sum();
         let lost = self.window.iter().filter(|(_, _, arrived)| !arrived).count();
         let total = self.window.len().max(1);
@@ -85,6 +111,8 @@ impl BandwidthEstimator for SubscriberEstimator {
         self.out.delivered.store((bytes as u64 * 8 * 1000) / span.as_millis().max(1) as u64, Ordering::Relaxed);
         self.out.loss_permille.store((lost * 1000 / total) as u32, Ordering::Relaxed);
         self.out.packets.store(u32::try_from(self.window.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
+        let since = now.saturating_duration_since(self.out.base);
+        self.out.updated_us.store(u64::try_from(since.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     fn target_bitrate(&self) -> f64 {

@@ -243,6 +243,10 @@ pub struct LayerBoard {
     pub layers: Vec<BoardLayer>,
     /// Bit i: layer i is flowing.
     live: AtomicU32,
+    /// Subscriber legs, on every worker, that may want any layer (`auto`, a resolution).
+    wide: AtomicU32,
+    /// Subscriber legs, on every worker, that want layer i (by RID).
+    want: [AtomicU32; MAX_LAYERS],
 }
 
 impl LayerBoard {
@@ -253,7 +257,7 @@ impl LayerBoard {
             .take(MAX_LAYERS)
             .map(|(rid, track)| BoardLayer { rid, track, size: AtomicU32::new(0), bitrate: AtomicU32::new(0), framerate: AtomicU32::new(0) })
             .collect();
-        LayerBoard { id, codec, layers, live: AtomicU32::new(0) }
+        LayerBoard { id, codec, layers, live: AtomicU32::new(0), wide: AtomicU32::new(0), want: Default::default() }
     }
 
     /// The index of the layer carried by `track`.
@@ -264,6 +268,36 @@ impl LayerBoard {
     /// The index of the layer of `rid`.
     pub fn index_of_rid(&self, rid: &str) -> Option<usize> {
         self.layers.iter().position(|l| l.rid == rid)
+    }
+
+    /// Counts a subscriber leg's choice in (`true`) or out: a RID wants that layer, `auto`
+    /// and a resolution may want any.
+    pub fn count_choice(&self, choice: &LayerChoice, on: bool) {
+        let cell = match choice {
+            LayerChoice::Rid(rid) => self.index_of_rid(rid).and_then(|i| self.want.get(i)).unwrap_or(&self.wide),
+            LayerChoice::Auto | LayerChoice::Resolution { .. } => &self.wide,
+        };
+        if on {
+            cell.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The layers the publisher should send (bit i: layer i): all of them while a reader
+    /// may want any (a subscriber on `auto` or by resolution, or `tapped`: the mixer, a
+    /// recording); else every layer up to the highest that a subscriber reads (`read`)
+    /// or asked for by RID, lower ones kept for moving down; else only the lowest, so
+    /// that a new subscriber starts at once.
+    pub fn wanted(&self, tapped: bool, read: impl Fn(usize) -> bool) -> u32 {
+        let all = (1u32 << self.layers.len()) - 1;
+        if tapped || self.wide.load(Ordering::Relaxed) > 0 {
+            return all;
+        }
+        let asked = |i: usize| self.want.get(i).is_some_and(|c| c.load(Ordering::Relaxed) > 0);
+        let order = self.ranked_all();
+        let upto = order.iter().rposition(|&i| read(i) || asked(i)).unwrap_or(0);
+        order.iter().take(upto + 1).fold(0, |mask, &i| mask | 1 << i)
     }
 
     /// Which layers flow (bit i: layer i).
@@ -369,7 +403,8 @@ impl LayerBoard {
 
 /// How the server picks the layer of a subscriber on `auto`, from its connection's
 /// bandwidth estimate ([`crate::bwe`]): it starts on the highest layer (or the best that
-/// fits a known estimate); on congestion — a tenth of the packets lost over the last
+/// fits a known estimate), and until it first meets congestion goes straight to the best
+/// layer that fits GCC's target when more layers flow; on congestion — a tenth of the packets lost over the last
 /// second, or GCC's target falling by a sixth — it goes down at once, to the best layer
 /// that fits 90 % of what reached the client, at least one layer, then lets the move take
 /// effect for [`AUTO_SETTLE`] before acting again. It goes up carefully: one layer at a
@@ -379,11 +414,15 @@ impl LayerBoard {
 /// a link that was freed (8 % a second).
 #[derive(Debug, Clone, Default)]
 pub struct AutoState {
-    last_target: u64,
+    /// GCC's targets of the last [`PEAK_SPAN`] (since the last move down), oldest first.
+    targets: std::collections::VecDeque<(Instant, u64)>,
     quiet_since: Option<Instant>,
     backoff: Option<Duration>,
     trial: Option<Instant>,
     settle_until: Option<Instant>,
+    /// Whether this subscriber has met congestion yet: until then it goes straight to
+    /// the best layer that fits GCC's target (a new subscriber, layers that came back).
+    congested_once: bool,
 }
 
 /// Quiet time before trying a higher layer (doubled after each failed try).
@@ -395,6 +434,10 @@ pub const AUTO_TRIAL: Duration = Duration::from_secs(3);
 /// After a move down, congestion is not acted on again for this long (the move waits for a
 /// keyframe, the estimate for the queue to drain).
 pub const AUTO_SETTLE: Duration = Duration::from_millis(2500);
+/// GCC's target falling by a sixth below its highest over this span is congestion.
+const PEAK_SPAN: Duration = Duration::from_secs(2);
+/// Feedback older than this says nothing (the client stopped sending it): hold.
+const STALE: Duration = Duration::from_millis(1500);
 /// Loss (per mille of the last second's packets) that is congestion.
 const LOSS_CONGESTION: u32 = 100;
 /// Feedback covering fewer packets says nothing about loss.
@@ -406,31 +449,59 @@ impl AutoState {
     pub fn next(&mut self, board: &LayerBoard, current: Option<usize>, estimate: crate::bwe::Reading, now: Instant) -> Option<usize> {
         let live = board.ranked();
         let top = *live.last()?;
-        let previous = std::mem::replace(&mut self.last_target, estimate.target);
         if estimate.target == 0 {
             // No feedback (yet): nothing to adapt to.
             return Some(top);
         }
-        let quiet_since = *self.quiet_since.get_or_insert(now);
-        let backoff = *self.backoff.get_or_insert(AUTO_BACKOFF);
         let fitting = |budget: u64| live.iter().rev().copied().find(|&i| u64::from(board.bitrate(i)) <= budget).or(live.first().copied());
         let Some(at) = current.and_then(|c| live.iter().position(|&i| i == c)) else {
             // First pick, or its layer stopped: the best that fits the estimate.
             self.quiet_since = Some(now);
+            self.trial = None;
             return fitting(estimate.target * 85 / 100);
         };
+        if estimate.age > STALE {
+            return current;
+        }
+        let quiet_since = *self.quiet_since.get_or_insert(now);
+        let backoff = *self.backoff.get_or_insert(AUTO_BACKOFF);
+        // While a move down settles, what GCC does answers the congestion before it: its
+        // targets are not kept, and the comparison starts afresh after.
+        let settling = self.settle_until.is_some_and(|t| now < t);
+        if settling {
+            self.targets.clear();
+        } else {
+            self.targets.push_back((now, estimate.target));
+            while self.targets.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > PEAK_SPAN) {
+                self.targets.pop_front();
+            }
+        }
+        let peak = self.targets.iter().map(|(_, t)| *t).max().unwrap_or(estimate.target);
         let lossy = estimate.packets >= LOSS_MIN_PACKETS && estimate.loss_permille >= LOSS_CONGESTION;
-        let falling = previous > 0 && estimate.target * 6 < previous * 5;
+        let falling = estimate.target * 6 < peak * 5;
         if lossy || falling {
+            self.congested_once = true;
             self.quiet_since = Some(now);
-            if self.settle_until.is_some_and(|t| now < t) {
+            if settling {
                 return current;
             }
-            self.backoff = Some(if self.trial.take().is_some() { (backoff * 2).min(AUTO_BACKOFF_MAX) } else { AUTO_BACKOFF });
+            // A failed try waits twice as long before the next; other congestion leaves the wait as it is.
+            if self.trial.take().is_some() {
+                self.backoff = Some((backoff * 2).min(AUTO_BACKOFF_MAX));
+            }
             let Some(below) = at.checked_sub(1) else { return current };
+            // What GCC does next answers this move, not the congestion before it.
+            self.targets.clear();
+            self.targets.push_back((now, estimate.target));
             self.settle_until = Some(now + AUTO_SETTLE);
             let fits = fitting(estimate.delivered * 9 / 10).and_then(|f| live.iter().position(|&i| i == f)).unwrap_or(0);
             return live.get(fits.min(below)).copied();
+        }
+        if !self.congested_once
+            && let Some(best) = fitting(estimate.target * 85 / 100)
+            && live.iter().position(|&i| i == best).is_some_and(|b| b > at)
+        {
+            return Some(best);
         }
         if self.trial.is_some_and(|t| now.saturating_duration_since(t) >= AUTO_TRIAL) {
             self.trial = None;
@@ -451,6 +522,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_publisher_is_asked_for_what_is_read() {
+        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("f".into(), 10), ("h".into(), 11), ("q".into(), 12)]);
+        for (i, size) in [(1280, 720), (640, 360), (320, 180)].into_iter().enumerate() {
+            b.set_size(i, size);
+        }
+        assert_eq!(b.wanted(true, |_| false), 0b111);
+        assert_eq!(b.wanted(false, |_| false), 0b100, "nobody: the lowest only");
+        assert_eq!(b.wanted(false, |i| i == 1), 0b110, "h read: q and h");
+        assert_eq!(b.wanted(false, |i| i == 2), 0b100);
+        assert_eq!(b.wanted(false, |i| i == 0), 0b111);
+        // Asked for by RID (while reading another layer): wanted too.
+        b.count_choice(&LayerChoice::Rid("h".into()), true);
+        assert_eq!(b.wanted(false, |i| i == 2), 0b110);
+        b.count_choice(&LayerChoice::Rid("h".into()), false);
+        b.count_choice(&LayerChoice::Rid("h".into()), false);
+        assert_eq!(b.wanted(false, |_| false), 0b100, "never below zero");
+        // Auto or a resolution may want any.
+        b.count_choice(&LayerChoice::Auto, true);
+        assert_eq!(b.wanted(false, |_| false), 0b111);
+        b.count_choice(&LayerChoice::Auto, false);
+        b.count_choice(&LayerChoice::Resolution { width: 1, height: 1 }, true);
+        assert_eq!(b.wanted(false, |_| false), 0b111);
+    }
+
+    #[test]
     fn auto_goes_down_at_once_and_up_carefully() {
         use crate::bwe::Reading;
         let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
@@ -460,8 +556,8 @@ mod tests {
         }
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100 };
-        let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100 };
+        let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100, age: Duration::ZERO };
+        let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100, age: Duration::ZERO };
         let mut a = AutoState::default();
         // No feedback yet: the highest layer; a first pick with an estimate: the best that fits.
         assert_eq!(a.next(&b, None, Reading::default(), t0), Some(2));
@@ -471,11 +567,12 @@ mod tests {
         assert_eq!(a.next(&b, Some(2), lossy(1_000_000, 400_000), at(250)), Some(1));
         // Still lossy while the move settles: no further step.
         assert_eq!(a.next(&b, Some(1), lossy(600_000, 300_000), at(1000)), Some(1));
-        // GCC's target keeps falling after the settling: another step down.
-        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(3000)), Some(0));
+        // GCC's lagging fall during the settling is not acted on; falling further after it is.
+        assert_eq!(a.next(&b, Some(1), clean(400_000, 300_000), at(3000)), Some(1));
+        assert_eq!(a.next(&b, Some(1), clean(300_000, 300_000), at(3250)), Some(0));
         // Quiet for the backoff (3 s from the last congestion): a try one layer up...
         assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(5000)), Some(0));
-        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(6100)), Some(1));
+        assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(6300)), Some(1));
         // ...that fails: back down, and the next try waits twice as long.
         assert_eq!(a.next(&b, Some(1), lossy(400_000, 200_000), at(6500)), Some(0));
         assert_eq!(a.next(&b, Some(0), clean(400_000, 100_000), at(10_000)), Some(0));
@@ -489,8 +586,14 @@ mod tests {
         assert_eq!(a.next(&b, Some(2), clean(2_000_000, 900_000), at(19_000)), Some(1));
         b.set_live_mask(0);
         assert_eq!(a.next(&b, Some(1), clean(2_000_000, 900_000), at(19_000)), None);
-        // The lowest layer goes nowhere lower.
+        // Before any congestion, straight to the best that fits (layers that came back).
         b.set_live_mask(0b111);
+        assert_eq!(AutoState::default().next(&b, Some(0), clean(2_000_000, 100_000), at(0)), Some(2));
+        assert_eq!(AutoState::default().next(&b, Some(0), clean(500_000, 100_000), at(0)), Some(1));
+        // Stale feedback: hold.
+        let mut stale = AutoState::default();
+        assert_eq!(stale.next(&b, Some(1), Reading { age: Duration::from_secs(5), ..lossy(100_000, 10_000) }, at(0)), Some(1));
+        // The lowest layer goes nowhere lower.
         let mut low = AutoState::default();
         assert_eq!(low.next(&b, Some(0), clean(150_000, 90_000), at(0)), Some(0));
         assert_eq!(low.next(&b, Some(0), lossy(150_000, 50_000), at(500)), Some(0));

@@ -3493,6 +3493,27 @@ var Session = class extends EventTarget {
 var Publication = class extends Session {
   constructor(client, id, pc) {
     super(client, id, pc, "stream-control", "unpublish");
+    this.activeLayers = null;
+  }
+  /** The server says which simulcast layers someone takes: the others stop being encoded
+   * and sent until they are wanted again. */
+  async _setActiveLayers(active) {
+    this.activeLayers = active;
+    const sender = this._pc.getSenders().find((s) => s.track && s.track.kind === "video");
+    if (!sender) return;
+    const params = sender.getParameters();
+    if (!params.encodings || params.encodings.length < 2) return;
+    let changed = false;
+    for (const e of params.encodings) {
+      const on2 = !e.rid || active.includes(e.rid);
+      if (e.active !== on2) {
+        e.active = on2;
+        changed = true;
+      }
+    }
+    if (changed) await sender.setParameters(params).catch(() => {
+    });
+    this.dispatchEvent(new Event("layerschanged"));
   }
 };
 var Subscription = class extends Session {
@@ -3532,6 +3553,7 @@ var ConferenceClient = class extends EventTarget {
     this._streams = /* @__PURE__ */ new Map();
     this._participants = /* @__PURE__ */ new Map();
     this._sessions = /* @__PURE__ */ new Map();
+    this._publications = /* @__PURE__ */ new Map();
     this._ticket = null;
     this._joined = false;
   }
@@ -3611,6 +3633,7 @@ var ConferenceClient = class extends EventTarget {
     clearTimeout(this._refreshTimer);
     for (const s of this._sessions.values()) s.pc && s.pc.close();
     this._sessions.clear();
+    this._publications.clear();
     if (this._socket) this._socket.close();
     const ev = new Event("serverdisconnected");
     ev.reason = reason;
@@ -3643,6 +3666,11 @@ var ConferenceClient = class extends EventTarget {
         this._streams.delete(m.id);
         if (s) s.dispatchEvent(new Event("ended"));
       } else if (m.status === "update") {
+        if (m.data && m.data.field === "video.layers") {
+          const p = this._publications.get(m.id);
+          if (p && m.data.value && Array.isArray(m.data.value.active)) p._setActiveLayers(m.data.value.active);
+          return;
+        }
         const s = this._streams.get(m.id);
         if (!s) return;
         if (m.data.field === "video.layout") s.info.layout = m.data.value;
@@ -3728,7 +3756,10 @@ var ConferenceClient = class extends EventTarget {
       }
       const { id, ready } = await this._negotiate(pc, "publish", { media: { tracks }, attributes: options.attributes || {} });
       await ready;
-      return new Publication(this, id, pc);
+      const publication = new Publication(this, id, pc);
+      this._publications.set(id, publication);
+      publication.addEventListener("ended", () => this._publications.delete(id));
+      return publication;
     } catch (e) {
       pc.close();
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), "webrtc_error");

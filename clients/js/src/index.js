@@ -133,6 +133,25 @@ class Session extends EventTarget {
 export class Publication extends Session {
   constructor(client, id, pc) {
     super(client, id, pc, 'stream-control', 'unpublish');
+    /** The simulcast layers (RIDs) the server wants sent; null until it says. */
+    this.activeLayers = null;
+  }
+
+  /** The server says which simulcast layers someone takes: the others stop being encoded
+   * and sent until they are wanted again. */
+  async _setActiveLayers(active) {
+    this.activeLayers = active;
+    const sender = this._pc.getSenders().find((s) => s.track && s.track.kind === 'video');
+    if (!sender) return;
+    const params = sender.getParameters();
+    if (!params.encodings || params.encodings.length < 2) return;
+    let changed = false;
+    for (const e of params.encodings) {
+      const on = !e.rid || active.includes(e.rid);
+      if (e.active !== on) { e.active = on; changed = true; }
+    }
+    if (changed) await sender.setParameters(params).catch(() => {});
+    this.dispatchEvent(new Event('layerschanged'));
   }
 }
 
@@ -174,6 +193,7 @@ export class ConferenceClient extends EventTarget {
     this._streams = new Map();
     this._participants = new Map();
     this._sessions = new Map(); // transport/session id → {resolveAnswer, resolveReady, reject}
+    this._publications = new Map(); // publication id → Publication
     this._ticket = null;
     this._joined = false;
   }
@@ -256,6 +276,7 @@ export class ConferenceClient extends EventTarget {
     clearTimeout(this._refreshTimer);
     for (const s of this._sessions.values()) s.pc && s.pc.close();
     this._sessions.clear();
+    this._publications.clear();
     if (this._socket) this._socket.close();
     const ev = new Event('serverdisconnected');
     ev.reason = reason;
@@ -289,6 +310,11 @@ export class ConferenceClient extends EventTarget {
         this._streams.delete(m.id);
         if (s) s.dispatchEvent(new Event('ended'));
       } else if (m.status === 'update') {
+        if (m.data && m.data.field === 'video.layers') {
+          const p = this._publications.get(m.id);
+          if (p && m.data.value && Array.isArray(m.data.value.active)) p._setActiveLayers(m.data.value.active);
+          return;
+        }
         const s = this._streams.get(m.id);
         if (!s) return;
         if (m.data.field === 'video.layout') s.info.layout = m.data.value;
@@ -368,7 +394,10 @@ export class ConferenceClient extends EventTarget {
       }
       const { id, ready } = await this._negotiate(pc, 'publish', { media: { tracks }, attributes: options.attributes || {} });
       await ready;
-      return new Publication(this, id, pc);
+      const publication = new Publication(this, id, pc);
+      this._publications.set(id, publication);
+      publication.addEventListener('ended', () => this._publications.delete(id));
+      return publication;
     } catch (e) {
       pc.close();
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), 'webrtc_error');

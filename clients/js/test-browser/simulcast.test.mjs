@@ -1,16 +1,24 @@
 // Simulcast from a real browser: the JS client publishes Chromium's fake camera at
 // 1280x720 as three layers (`simulcast: true`); another client subscribes to the low
-// layer, then switches to high and medium, and the picture size it decodes follows.
-// Loopback-only namespace, as every browser test.
+// layer, then switches to high and medium, and the picture size it decodes follows. And
+// in a room with no views (nothing mixes), layers nobody takes stop being encoded and sent
+// by the browser until someone wants them. Loopback-only namespace, as every browser test.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, launchChromium } from './helpers.mjs';
 
+const KEY = 'browser-simulcast-key-0123456789';
 let server;
 let browser;
 
+async function rest(path, body) {
+  const res = await fetch(`${server.api}${path}`, { method: 'POST', headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+  assert.equal(res.status, 200, `${path}: ${await res.clone().text()}`);
+  return res;
+}
+
 before(async () => {
-  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n', key: 'browser-simulcast-key-0123456789' });
+  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n', key: KEY });
   browser = await launchChromium({ media: true });
 });
 
@@ -70,4 +78,56 @@ test('a simulcast publication plays in the layer the subscriber chooses', async 
   assert.equal(r.medium.width, 640, JSON.stringify(r));
   assert.equal(r.layer, 'medium');
   assert.ok(r.frames > 5, `frames decoded in a second on the medium layer: ${r.frames}`);
+});
+
+test('layers nobody takes are paused in the publishing browser', async () => {
+  const room = (await (await rest('/v1/rooms', { name: 'no-views', options: { views: [] } })).json()).id;
+  const token = async (user) => (await rest(`/v1/rooms/${room}/tokens`, { user, role: 'presenter' })).text();
+  const tokens = { alice: await token('alice'), bob: await token('bob') };
+  const page = await browser.newPage();
+  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
+  await page.goto(server.portal + '/');
+  const r = await page.evaluate(async (tokens) => {
+    const { ConferenceClient } = await import('/sdk/tessera.js');
+    const wait = async (what, ms, cond) => {
+      const start = performance.now();
+      while (!(await cond())) {
+        if (performance.now() - start > ms) throw new Error(`no ${what} within ${ms} ms`);
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      return Math.round(performance.now() - start);
+    };
+    // Bytes the browser sent per layer over a second.
+    const sending = async (pc) => {
+      const read = async () => {
+        const out = {};
+        (await pc.getStats()).forEach((s) => { if (s.type === 'outbound-rtp' && s.kind === 'video') out[s.rid] = s.bytesSent; });
+        return out;
+      };
+      const a = await read();
+      await new Promise((res) => setTimeout(res, 1000));
+      const b = await read();
+      return Object.fromEntries(Object.keys(b).map((rid) => [rid, b[rid] - (a[rid] || 0)]));
+    };
+    const alice = new ConferenceClient();
+    await alice.join(tokens.alice);
+    const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
+    const publication = await alice.publish(camera, { simulcast: true });
+    const pc = publication._pc;
+    const pausedIn = await wait('[q] alone', 5000, () => JSON.stringify(publication.activeLayers) === '["q"]');
+    await new Promise((res) => setTimeout(res, 1500));
+    const alone = await sending(pc);
+    const bob = new ConferenceClient();
+    const joined = await bob.join(tokens.bob);
+    const stream = joined.remoteStreams.find((s) => s.id === publication.id);
+    await bob.subscribe(stream, { audio: false, layer: 'high' });
+    const resumedIn = await wait('all layers', 5000, () => JSON.stringify(publication.activeLayers) === '["q","h","f"]');
+    await new Promise((res) => setTimeout(res, 1000));
+    const watched = await sending(pc);
+    return { pausedIn, alone, resumedIn, watched };
+  }, tokens);
+  console.log(`dynacast in Chromium: ${JSON.stringify(r)}`);
+  assert.ok(r.alone.q > 1000, `q is sent while alone: ${JSON.stringify(r)}`);
+  assert.ok((r.alone.h || 0) < 300 && (r.alone.f || 0) < 300, `h and f paused while alone: ${JSON.stringify(r)}`);
+  assert.ok(r.watched.f > 5000 && r.watched.h > 1000, `h and f sent again once watched: ${JSON.stringify(r)}`);
 });

@@ -52,8 +52,11 @@ export class RemoteStream extends EventTarget {
   readonly layers: Layer[];
 }
 
+/** Events: `ended`, `layerschanged` (the server changed `activeLayers`). */
 export class Publication extends EventTarget {
   readonly id: string;
+  /** The simulcast layers (RIDs) the server wants sent (the others are paused); null until it says. */
+  readonly activeLayers: string[] | null;
   mute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   unmute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   stop(): Promise<void>;

@@ -243,7 +243,8 @@ async fn an_import_ends_when_its_exporter_goes_silent() {
     cut.store(true, Ordering::Relaxed);
     let cut_at = Instant::now();
     assert_eq!(tokio::time::timeout(LEASE + Duration::from_secs(3), tap.recv()).await.unwrap(), None);
-    assert!(cut_at.elapsed() >= LEASE - Duration::from_secs(1), "ended after the lease, not before");
+    // The lease runs from the last keepalive heard (sent every second; later on a loaded machine).
+    assert!(cut_at.elapsed() >= LEASE - 2 * KEEPALIVE, "ended after the lease, not before ({:?})", cut_at.elapsed());
     assert!(p.into.stream_room("s").is_none());
     let deadline = Instant::now() + Duration::from_secs(4);
     while p.exporter.counts() != (0, 0) {

@@ -88,12 +88,6 @@ struct PubTrack {
 }
 
 impl PubTrack {
-    /// The track a tap reads: a simulcast video's highest flowing layer (recordings and
-    /// mixing take the best picture), else the track.
-    fn tapped(&self) -> TrackId {
-        self.layers.as_ref().and_then(|b| b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i))).map_or(self.track, |l| l.track)
-    }
-
     /// Every track it has: each layer of a simulcast video, else the one.
     fn all_tracks(&self) -> Vec<TrackId> {
         match &self.layers {
@@ -935,7 +929,8 @@ impl StreamSource for WorkerAgent {
             if let Some(c) = &t.consumers {
                 c.fetch_add(1, Ordering::Relaxed);
             }
-            (t.tapped(), p.worker, t.codec.clone())
+            // A simulcast video's worker keeps its taps on the highest flowing layer.
+            (t.track, p.worker, t.codec.clone())
         };
         let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(TAP_QUEUE);

@@ -40,7 +40,9 @@ use rtc::sansio::Protocol;
 use rtc::shared::marshal::Marshal;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use rtc::stun::integrity::MessageIntegrity;
-use tessera_core::agent::{AgentError, LayerChoice, MediaKind, Progress, PublishSpec, PublishTrack, SubscribeSpec, TrackSwitch};
+use tessera_core::agent::{
+    AgentError, AgentEvent, LayerChoice, MediaKind, Progress, PublishSpec, PublishTrack, StreamUpdate, SubscribeSpec, TrackSwitch,
+};
 use tessera_core::room::{Resolution, VideoParameters};
 use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -66,6 +68,8 @@ const LEG_KEYFRAME_INTERVAL: Duration = Duration::from_millis(200);
 const LAYER_TICK: Duration = Duration::from_millis(500);
 /// A layer that sent nothing for this long no longer flows (its subscribers move).
 const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long after a switch a layered leg drops its new layer's older packets.
+const FLOOR_FOR: Duration = Duration::from_secs(1);
 /// How often subscribers on `auto` look at their bandwidth estimate.
 const ADAPT_TICK: Duration = Duration::from_millis(250);
 /// A subscriber waiting for a layer's keyframe asks again after this long.
@@ -230,9 +234,124 @@ struct Selection {
     asked: Option<Instant>,
     /// On `auto`: how the layer follows the connection's bandwidth.
     auto: AutoState,
-    /// The source's sequence number the leg started (or switched) at: an older packet of
-    /// that layer (late, or a retransmission) would land before it, and is dropped.
-    floor: Option<u16>,
+    /// The source's sequence number the leg started (or switched) at, and when: for a
+    /// second, an older packet of that layer (late, or a retransmission) would land
+    /// before it, and is dropped.
+    floor: Option<(u16, Instant)>,
+}
+
+impl Selection {
+    fn new(board: Arc<LayerBoard>, choice: LayerChoice) -> Selection {
+        board.count_choice(&choice, true);
+        let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
+        Selection { board, choice, target: None, started: false, vp8, asked: None, auto: AutoState::default(), floor: None }
+    }
+
+    /// Changes the choice (the board counts what legs want, for the publisher).
+    fn set_choice(&mut self, choice: LayerChoice) {
+        self.board.count_choice(&self.choice, false);
+        self.board.count_choice(&choice, true);
+        if choice == LayerChoice::Auto && self.choice != LayerChoice::Auto {
+            self.auto = AutoState::default();
+        }
+        self.choice = choice;
+    }
+}
+
+impl Drop for Selection {
+    fn drop(&mut self) {
+        self.board.count_choice(&self.choice, false);
+    }
+}
+
+/// A layered video published on this worker, as its worker keeps it.
+struct BoardState {
+    board: Arc<LayerBoard>,
+    /// The last ranking (to see it change).
+    ranking: Vec<usize>,
+    /// The layers last asked of the publisher (bit i: layer i); all at first.
+    asked: u32,
+    /// The publication, and the connection it came on.
+    publication: String,
+    peer: u32,
+    /// Taps (the mixer, a recording, another node) on it.
+    taps: Vec<LayerTap>,
+}
+
+/// A tap on a layered video: it reads the highest flowing layer, and moves when that
+/// changes as a subscriber does (at a keyframe, its numbering continuous), so a mix or a
+/// recording that started on the first layer to flow goes on in the best one.
+struct LayerTap {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    source: TrackId,
+    sel: Selection,
+    rewriter: Rewriter,
+}
+
+/// What a layered reader (a leg or a tap) does with a packet of `track`.
+enum Gate {
+    /// Not for it (another layer, or not a keyframe it waits for).
+    Skip,
+    /// Not yet: it waits for a keyframe of `track`, and it is time to ask again.
+    Ask,
+    /// Send it.
+    Send,
+    /// Send it: it starts the new layer; the reader left the one given.
+    Switched(TrackId),
+}
+
+/// The layered gate: a reader takes packets only from its current layer once that gave
+/// it a keyframe, and moves to the layer it awaits at that layer's keyframe.
+fn gate(
+    sel: &mut Selection,
+    source: &mut TrackId,
+    rewriter: &mut Rewriter,
+    track: TrackId,
+    packet: &rtp::Packet,
+    now: Instant,
+    keyframe: &mut Option<bool>,
+) -> Gate {
+    let codec = sel.board.codec;
+    // Without keyframe detection (other codecs) a reader moves at once.
+    let key = codec == VideoCodec::Other || *keyframe.get_or_insert_with(|| codec.starts_keyframe(&packet.payload));
+    let seq = packet.header.sequence_number;
+    let needs_key = if sel.target == Some(track) {
+        true
+    } else if *source == track {
+        if let Some((floor, at)) = sel.floor {
+            if now.saturating_duration_since(at) > FLOOR_FOR {
+                sel.floor = None;
+            } else if seq.wrapping_sub(floor) >= 0x8000 {
+                return Gate::Skip;
+            }
+        }
+        !sel.started
+    } else {
+        return Gate::Skip;
+    };
+    if !needs_key {
+        return Gate::Send;
+    }
+    if !key {
+        if sel.asked.is_none_or(|t| now.saturating_duration_since(t) >= SWITCH_KEYFRAME_RETRY) {
+            sel.asked = Some(now);
+            return Gate::Ask;
+        }
+        return Gate::Skip;
+    }
+    let mut left = None;
+    if sel.target == Some(track) {
+        left = Some(std::mem::replace(source, track));
+        sel.target = None;
+        rewriter.switch_source();
+        if let Some(v) = &mut sel.vp8 {
+            v.rebase();
+        }
+    }
+    sel.started = true;
+    sel.floor = Some((seq, now));
+    left.map_or(Gate::Send, Gate::Switched)
 }
 
 /// What delivering a packet to layered legs leads to, done once the packet is delivered.
@@ -439,8 +558,8 @@ pub(crate) struct Worker {
     published: HashMap<TrackId, Published>,
     /// Tracks published on other workers: this worker's subscriber legs.
     relayed: HashMap<TrackId, Vec<(u32, u32)>>,
-    /// Layered videos published here, and their last ranking (to see it change).
-    boards: HashMap<u64, (Arc<LayerBoard>, Vec<usize>)>,
+    /// Layered videos published here.
+    boards: HashMap<u64, BoardState>,
     /// What the last delivery to layered legs left to do.
     notes: Vec<LegNote>,
     /// Data subscribers on this worker, by publication: (peer, channel).
@@ -796,6 +915,7 @@ impl Worker {
     /// A packet of a track published here: to local subscribers, other workers and taps.
     fn forward(&mut self, track: TrackId, mut packet: rtp::Packet, now: Instant) {
         let Some(t) = self.published.get_mut(&track) else { return };
+        let layered = t.meter.as_ref().map(|m| m.board.id);
         if let Some(m) = &mut t.meter {
             m.bytes += packet.payload.len() as u64;
             m.frames += u32::from(packet.header.marker);
@@ -824,6 +944,73 @@ impl Worker {
         }
         deliver(&mut self.peers, &mut self.dirty, &t.subscribers, track, &packet, now, &mut self.notes);
         self.follow_notes(now);
+        if let Some(board) = layered {
+            self.feed_layer_taps(board, track, &packet, now);
+        }
+    }
+
+    /// A layered video's packet to its taps (each reads one layer; see [`LayerTap`]).
+    fn feed_layer_taps(&mut self, board: u64, track: TrackId, packet: &rtp::Packet, now: Instant) {
+        let Some(state) = self.boards.get_mut(&board) else { return };
+        if state.taps.is_empty() {
+            return;
+        }
+        let mut keyframe = None;
+        let mut ask = false;
+        state.taps.retain_mut(|tap| {
+            match gate(&mut tap.sel, &mut tap.source, &mut tap.rewriter, track, packet, now, &mut keyframe) {
+                Gate::Skip => return true,
+                Gate::Ask => {
+                    ask = true;
+                    return true;
+                }
+                Gate::Send | Gate::Switched(_) => {}
+            }
+            let mut out = packet.clone();
+            tap.rewriter.rewrite(&mut out, now);
+            out.header.payload_type = packet.header.payload_type;
+            if let Some(v) = &mut tap.sel.vp8 {
+                v.munge(&mut out);
+            }
+            match out.marshal() {
+                Ok(bytes) => !matches!(tap.tx.try_send(bytes.freeze()), Err(mpsc::error::TrySendError::Closed(_))),
+                Err(_) => true,
+            }
+        });
+        if ask {
+            self.keyframe(track, self.index, now);
+        }
+    }
+
+    /// A tap on a layered video (see [`LayerTap`]): it starts on the highest flowing layer.
+    fn tap_layers(&mut self, board: u64, id: u64, tx: mpsc::Sender<Bytes>, now: Instant) {
+        let Some(state) = self.boards.get_mut(&board) else { return };
+        let b = state.board.clone();
+        let Some(start) = b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i)).map(|l| l.track) else { return };
+        let sel = Selection::new(b, LayerChoice::Auto);
+        state.taps.push(LayerTap { id, tx, source: start, sel, rewriter: Rewriter::new(rand::random(), 0) });
+        self.keyframe(start, self.index, now);
+    }
+
+    /// A layered video's taps move to the layer that is highest now.
+    fn retarget_layer_taps(&mut self, board: u64, now: Instant) {
+        let Some(state) = self.boards.get_mut(&board) else { return };
+        let mut ask = Vec::new();
+        for tap in &mut state.taps {
+            let b = &tap.sel.board;
+            let Some(want) = b.choose(&tap.sel.choice).and_then(|i| b.layers.get(i)).map(|l| l.track) else { continue };
+            if tap.sel.target == Some(want) || (want == tap.source && tap.sel.target.is_none()) {
+                continue;
+            }
+            tap.sel.target = (want != tap.source).then_some(want);
+            if tap.sel.target.is_some() {
+                tap.sel.asked = Some(now);
+                ask.push(want);
+            }
+        }
+        for track in ask {
+            self.keyframe(track, self.index, now);
+        }
     }
 
     /// A packet from another worker (or a local producer) for this worker's subscribers.
@@ -1032,7 +1219,10 @@ impl Worker {
             }
             Cmd::Keyframe { track } => self.keyframe(track, self.index, now),
             Cmd::Tap { track, id, tx } => {
-                if let Some(t) = self.published.get_mut(&track) {
+                let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id);
+                if let Some(board) = layered {
+                    self.tap_layers(board, id, tx, now);
+                } else if let Some(t) = self.published.get_mut(&track) {
                     t.taps.push((id, tx));
                     update_consumers(t);
                     self.keyframe(track, self.index, now);
@@ -1042,6 +1232,9 @@ impl Worker {
                 if let Some(t) = self.published.get_mut(&track) {
                     t.taps.retain(|(i, _)| *i != id);
                     update_consumers(t);
+                }
+                for state in self.boards.values_mut() {
+                    state.taps.retain(|t| t.id != id);
                 }
             }
             Cmd::LocalPublish { track, kind, codec, on_keyframe, consumers } => {
@@ -1227,20 +1420,7 @@ impl Worker {
             let (source, sel) = match &src.layers {
                 Some(board) => {
                     let first = board.choose(&layer).and_then(|i| board.layers.get(i)).map_or(src.track, |l| l.track);
-                    let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
-                    (
-                        first,
-                        Some(Selection {
-                            board: board.clone(),
-                            choice: layer,
-                            target: None,
-                            started: false,
-                            vp8,
-                            asked: None,
-                            auto: AutoState::default(),
-                            floor: None,
-                        }),
-                    )
+                    (first, Some(Selection::new(board.clone(), layer)))
                 }
                 None => (src.track, None),
             };
@@ -1440,7 +1620,16 @@ impl Worker {
             // Its first keyframe shows its size (which ranks it) and gives subscribers a start.
             self.keyframe(key, self.index, now);
             if first {
-                self.boards.insert(board.id, (board.clone(), Vec::new()));
+                let all = (1u32 << board.layers.len()) - 1;
+                let state = BoardState {
+                    board: board.clone(),
+                    ranking: Vec::new(),
+                    asked: all,
+                    publication: publication.clone(),
+                    peer: id,
+                    taps: Vec::new(),
+                };
+                self.boards.insert(board.id, state);
                 self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board.id))));
             }
             if board.set_live_mask(board.live_mask() | 1 << index) {
@@ -1453,8 +1642,8 @@ impl Worker {
     /// Measures a layered video's layers (bitrate, whether each still flows) and tells
     /// every worker when which layers flow, or their order, changed.
     fn measure_layers(&mut self, board_id: u64, now: Instant) {
-        let Some((board, _)) = self.boards.get(&board_id) else { return };
-        let board = board.clone();
+        let Some(state) = self.boards.get(&board_id) else { return };
+        let board = state.board.clone();
         let mut live = 0u32;
         for (i, layer) in board.layers.iter().enumerate() {
             let Some(m) = self.published.get_mut(&layer.track).and_then(|t| t.meter.as_mut()) else { continue };
@@ -1469,11 +1658,31 @@ impl Worker {
         }
         let ranking = board.ranked_all();
         let mut changed = board.set_live_mask(live);
-        if let Some((_, last)) = self.boards.get_mut(&board_id)
-            && *last != ranking
+        // What the publisher should send: a layer nobody takes costs it upload for nothing.
+        let reads = |track: TrackId| self.published.get(&track).map_or((false, false), |t| (t.consumer_count() > 0, !t.taps.is_empty()));
+        let tapped = board.layers.iter().any(|l| reads(l.track).1) || self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
+        let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track).0));
+        let mut tell = None;
+        if let Some(state) = self.boards.get_mut(&board_id) {
+            if state.ranking != ranking {
+                changed |= !state.ranking.is_empty();
+                state.ranking = ranking;
+            }
+            if state.asked != wanted {
+                state.asked = wanted;
+                let rids = board.layers.iter().enumerate().filter(|(i, _)| wanted & 1 << i != 0).map(|(_, l)| l.rid.clone()).collect();
+                tell = Some((state.peer, state.publication.clone(), rids));
+            }
+        }
+        if let Some((peer, publication, rids)) = tell
+            && let Some(p) = self.peers.get(&peer)
         {
-            changed |= !last.is_empty();
-            *last = ranking;
+            debug!(publication = %publication, layers = ?rids, "simulcast layers asked of the publisher");
+            self.shared.emit(AgentEvent::StreamUpdated {
+                room: p.room.as_str().into(),
+                stream: publication.as_str().into(),
+                update: StreamUpdate::ActiveLayers(rids),
+            });
         }
         if changed {
             debug!(board = board_id, live = format!("{live:#b}"), "simulcast layers changed");
@@ -1482,10 +1691,12 @@ impl Worker {
         self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board_id))));
     }
 
-    /// Every worker's subscribers of a layered video choose their layer again.
+    /// Every worker's subscribers of a layered video choose their layer again (and its
+    /// taps, which are on this worker).
     fn layers_changed(&mut self, board: u64, now: Instant) {
         self.shared.broadcast(self.index, |_| Cmd::LayersChanged { board });
         self.reselect_board(board, now);
+        self.retarget_layer_taps(board, now);
     }
 
     /// This worker's legs reading a layered video choose their layer again.
@@ -1515,7 +1726,7 @@ impl Worker {
         let mut legs = Vec::new();
         for (&leg, l) in p.legs.iter_mut().filter(|(_, l)| l.session == session) {
             if let Some(sel) = &mut l.sel {
-                sel.choice = layer.clone();
+                sel.set_choice(layer.clone());
                 legs.push(leg);
             }
         }
@@ -1530,11 +1741,16 @@ impl Worker {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         // On `auto`, what reaches the client is shared by the connection's auto legs.
         let auto_legs = p.legs.values().filter(|l| l.active && l.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto)).count().max(1) as u64;
-        let mut estimate = p.estimate.read();
+        let mut estimate = p.estimate.read(now);
         estimate.delivered /= auto_legs;
         let Some(l) = p.legs.get_mut(&leg) else { return };
         let (owner, source) = (l.owner, l.source);
         let Some(sel) = &mut l.sel else { return };
+        // Where keyframes cannot be found, a move would show a broken picture: only off a
+        // layer that stopped.
+        if sel.board.codec == VideoCodec::Other && sel.started && sel.board.index_of(source).is_some_and(|i| sel.board.is_live(i)) {
+            return;
+        }
         let chosen = match &sel.choice {
             LayerChoice::Auto => {
                 let heading = sel.board.index_of(sel.target.unwrap_or(source));
@@ -1543,11 +1759,6 @@ impl Worker {
             other => sel.board.choose(other),
         };
         let Some(want) = chosen.and_then(|i| sel.board.layers.get(i)).map(|l| l.track) else { return };
-        // Where keyframes cannot be found, a move would show a broken picture: only off a
-        // layer that stopped.
-        if sel.board.codec == VideoCodec::Other && sel.started && sel.board.index_of(source).is_some_and(|i| sel.board.is_live(i)) {
-            return;
-        }
         if sel.target == Some(want) || (want == source && sel.target.is_none()) {
             return;
         }
@@ -1732,8 +1943,10 @@ impl Worker {
                     if switch.active && !was {
                         l.rewriter.resync();
                         if let Some(sel) = &mut l.sel {
-                            // A layered leg resumes on a keyframe, like a switch.
+                            // A layered leg resumes on a keyframe, like a switch, and
+                            // `auto` starts over (the estimate before the pause is old).
                             sel.started = false;
+                            sel.auto = AutoState::default();
                         }
                         keyframes.push((l.source, l.owner));
                     }
@@ -1822,45 +2035,14 @@ fn deliver(
             continue;
         }
         if let Some(sel) = &mut l.sel {
-            let codec = sel.board.codec;
-            // Without keyframe detection (other codecs) a leg moves at once.
-            let key = codec == VideoCodec::Other || *keyframe.get_or_insert_with(|| codec.starts_keyframe(&packet.payload));
-            let seq = packet.header.sequence_number;
-            let needs_key = if sel.target == Some(track) {
-                true
-            } else if l.source == track {
-                if let Some(floor) = sel.floor {
-                    let ahead = seq.wrapping_sub(floor);
-                    if ahead >= 0x8000 {
-                        continue;
-                    }
-                    if ahead > 0x1000 {
-                        sel.floor = None;
-                    }
-                }
-                !sel.started
-            } else {
-                continue;
-            };
-            if needs_key {
-                if !key {
-                    if sel.asked.is_none_or(|t| now.saturating_duration_since(t) >= SWITCH_KEYFRAME_RETRY) {
-                        sel.asked = Some(now);
-                        notes.push(LegNote::Keyframe { track, owner: l.owner });
-                    }
+            match gate(sel, &mut l.source, &mut l.rewriter, track, packet, now, &mut keyframe) {
+                Gate::Skip => continue,
+                Gate::Ask => {
+                    notes.push(LegNote::Keyframe { track, owner: l.owner });
                     continue;
                 }
-                if sel.target == Some(track) {
-                    notes.push(LegNote::Switched { peer, leg, from: l.source, owner: l.owner });
-                    l.source = track;
-                    sel.target = None;
-                    l.rewriter.switch_source();
-                    if let Some(v) = &mut sel.vp8 {
-                        v.rebase();
-                    }
-                }
-                sel.started = true;
-                sel.floor = Some(seq);
+                Gate::Switched(from) => notes.push(LegNote::Switched { peer, leg, from, owner: l.owner }),
+                Gate::Send => {}
             }
         }
         let mut out = packet.clone();
