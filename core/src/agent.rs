@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::stream::{LayoutEntry, StreamInfo};
+use crate::stream::{LayoutEntry, StreamInfo, TrackInfo};
 use crate::typed_ids::{ParticipantId, RoomId, SessionId, StreamId, TransportId};
 
 /// Audio or video.
@@ -169,6 +169,9 @@ pub enum StreamUpdate {
     /// The simulcast layers (RIDs) of a forward stream that someone takes: its publisher
     /// may stop sending the others (told to the publisher alone, field `video.layers`).
     ActiveLayers(Vec<String>),
+    /// A forward stream's tracks as now measured (its simulcast layers' picture sizes,
+    /// once known); told to everyone as the whole stream (field `.`).
+    Tracks(Vec<TrackInfo>),
 }
 
 /// What an agent reports to the room controller (the portal today).

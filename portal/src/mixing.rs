@@ -166,6 +166,24 @@ impl Portal {
         }
         let notify = self.inner.store.get(room).map(|r| r.notifying.stream_change).unwrap_or(true);
         let mut conf = self.lock();
+        if let StreamUpdate::Tracks(mut tracks) = update {
+            let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.stream_mut(id)).filter(|s| s.is_forward()) else { return };
+            // Mute states are the room's: kept as they are.
+            for t in &mut tracks {
+                if let Some(old) = s.tracks.iter().find(|o| o.kind == t.kind && o.rid == t.rid) {
+                    t.status = old.status;
+                }
+            }
+            if tracks == s.tracks {
+                return;
+            }
+            s.tracks = tracks;
+            let value = crate::wire::stream_json(s);
+            if notify {
+                conf.broadcast(room, None, "stream", &json!({"id": id, "status": "update", "data": {"field": ".", "value": value}}));
+            }
+            return;
+        }
         let Some(s) = conf.rooms.get_mut(room).and_then(|r| r.stream_mut(id)) else { return };
         let StreamKind::Mixed(m) = &mut s.kind else {
             debug!(%room, stream = %id, "a mixed-stream update for a forward stream ignored");

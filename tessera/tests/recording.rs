@@ -49,14 +49,7 @@ async fn publish(
 }
 
 async fn api(s: &common::Server, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = s.client().request(method, s.url(path)).bearer_auth(common::KEY);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let res = req.send().await.unwrap();
-    let status = res.status().as_u16();
-    let text = res.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    s.api(method, path, body).await
 }
 
 /// What a real demuxer and decoder find in a file.

@@ -980,8 +980,31 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
         assert_eq!(t["id"], format!("{}-video-{}", p.stream_id, t["rid"].as_str().unwrap()));
     }
     let layer = |rid: &str| format!("{}-video-{rid}", p.stream_id);
-    // Let the server see a keyframe of every layer (their sizes rank them).
+    // Let the server see a keyframe of every layer (their sizes rank them); the stream's
+    // description then carries them (REST in OWT's v1.1 shape, and a `stream update` of
+    // the whole stream to everyone).
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, v11) = s.api(reqwest::Method::GET, &format!("/v1.1/rooms/{room}/streams/{}", p.stream_id), None).await;
+    let sizes: Vec<(&str, u64, u64)> = v11["media"]["video"]["original"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["simulcastRid"].as_str().unwrap_or("?"),
+                o["parameters"]["resolution"]["width"].as_u64().unwrap_or(0),
+                o["parameters"]["resolution"]["height"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(sizes, [("q", 160, 120), ("h", 320, 240), ("f", 640, 480)], "{v11}");
+    psig.wait_for("stream update with f's size", Duration::from_secs(2), |n| {
+        n.event == "stream"
+            && n.data["data"]["field"] == "."
+            && n.data["data"]["value"]["media"]["tracks"][2]["parameters"]["resolution"]["width"] == 640
+    })
+    .await
+    .unwrap();
 
     // By a layer's track id (OWT's `from` for a RID), by resolution, and the server's pick.
     let (mut ssig, _) = s.join(&room, "sub").await;
@@ -1018,18 +1041,8 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     let moved = wait_for_picture(&auto, H, Duration::from_secs(4)).await;
     wait_for_picture(&q, H, Duration::from_secs(2)).await;
     // A recording started now starts on h, and moves to f with everyone when it returns.
-    let recordings = s.url(&format!("/v1/rooms/{room}/recordings"));
-    let rec: Value = s
-        .client()
-        .post(&recordings)
-        .bearer_auth(common::KEY)
-        .json(&json!({"media": {"video": {"from": p.stream_id}}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let recordings = format!("/v1/rooms/{room}/recordings");
+    let (_, rec) = s.api(reqwest::Method::POST, &recordings, Some(json!({"media": {"video": {"from": p.stream_id}}}))).await;
     let (rec_id, rec_file) = (rec["id"].as_str().unwrap().to_string(), rec["storage"]["file"].as_str().unwrap().to_string());
     tokio::time::sleep(Duration::from_secs(2)).await;
     p.stop_layer("f", false);
@@ -1038,8 +1051,7 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     wait_for_picture(&q, F, Duration::from_secs(2)).await;
     println!("moved off the stopped layer in {moved:?}, back in {back:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let stopped = s.client().delete(format!("{recordings}/{rec_id}")).bearer_auth(common::KEY).send().await.unwrap();
-    assert_eq!(stopped.status(), 200);
+    assert_eq!(s.api(reqwest::Method::DELETE, &format!("{recordings}/{rec_id}"), None).await.0, 200);
     let sizes = recorded_sizes(std::path::Path::new(&rec_file));
     assert!(sizes.len() > 40, "{} frames recorded", sizes.len());
     assert_eq!(runs(&sizes), [(320, 240), (640, 480)], "the recording's picture sizes, in order");

@@ -3486,6 +3486,7 @@ var Session = class extends EventTarget {
   async stop() {
     this._pc.close();
     this._client._sessions.delete(this.id);
+    this._client._publications.delete(this.id);
     await this._client._request(this._end, { id: this.id });
     this.dispatchEvent(new Event("ended"));
   }
@@ -3496,24 +3497,31 @@ var Publication = class extends Session {
     this.activeLayers = null;
   }
   /** The server says which simulcast layers someone takes: the others stop being encoded
-   * and sent until they are wanted again. */
-  async _setActiveLayers(active) {
+   * and sent until they are wanted again. Updates apply one at a time, the latest last. */
+  _setActiveLayers(active) {
     this.activeLayers = active;
+    this._layers = (this._layers || Promise.resolve()).then(() => this._applyLayers());
+    return this._layers;
+  }
+  async _applyLayers() {
     const sender = this._pc.getSenders().find((s) => s.track && s.track.kind === "video");
-    if (!sender) return;
+    if (!sender || !this.activeLayers) return;
     const params = sender.getParameters();
     if (!params.encodings || params.encodings.length < 2) return;
     let changed = false;
     for (const e of params.encodings) {
-      const on2 = !e.rid || active.includes(e.rid);
+      const on2 = !e.rid || this.activeLayers.includes(e.rid);
       if (e.active !== on2) {
         e.active = on2;
         changed = true;
       }
     }
-    if (changed) await sender.setParameters(params).catch(() => {
-    });
-    this.dispatchEvent(new Event("layerschanged"));
+    if (!changed) return;
+    try {
+      await sender.setParameters(params);
+      this.dispatchEvent(new Event("layerschanged"));
+    } catch (e) {
+    }
   }
 };
 var Subscription = class extends Session {
@@ -3664,6 +3672,7 @@ var ConferenceClient = class extends EventTarget {
       } else if (m.status === "remove") {
         const s = this._streams.get(m.id);
         this._streams.delete(m.id);
+        this._publications.delete(m.id);
         if (s) s.dispatchEvent(new Event("ended"));
       } else if (m.status === "update") {
         if (m.data && m.data.field === "video.layers") {

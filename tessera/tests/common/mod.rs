@@ -127,6 +127,19 @@ pub fn start_in(prefix: &[String], ip: &str, data_dir: &Path, extra: &[&str], en
 }
 
 impl Server {
+    /// A management API call with the service key: its status, and its body as JSON (or as
+    /// a JSON string when it is not JSON).
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let mut req = self.client().request(method, self.url(path)).bearer_auth(KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit status success.
     pub fn terminate(&mut self) -> bool {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();

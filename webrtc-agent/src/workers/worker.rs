@@ -68,6 +68,8 @@ const LEG_KEYFRAME_INTERVAL: Duration = Duration::from_millis(200);
 const LAYER_TICK: Duration = Duration::from_millis(500);
 /// A layer that sent nothing for this long no longer flows (its subscribers move).
 const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A publisher asked for a layer that does not flow is asked again after this long.
+const RETELL: Duration = Duration::from_secs(5);
 /// How long after a switch a layered leg drops its new layer's older packets.
 const FLOOR_FOR: Duration = Duration::from_secs(1);
 /// How often subscribers on `auto` look at their bandwidth estimate.
@@ -271,11 +273,15 @@ struct BoardState {
     ranking: Vec<usize>,
     /// The layers last asked of the publisher (bit i: layer i); all at first.
     asked: u32,
+    /// When they were last asked.
+    told: Option<Instant>,
     /// The publication, and the connection it came on.
     publication: String,
     peer: u32,
     /// Taps (the mixer, a recording, another node) on it.
     taps: Vec<LayerTap>,
+    /// The layers whose picture size is known (bit i: layer i), as last reported.
+    sized: u32,
 }
 
 /// A tap on a layered video: it reads the highest flowing layer, and moves when that
@@ -983,10 +989,11 @@ impl Worker {
     }
 
     /// A tap on a layered video (see [`LayerTap`]): it starts on the highest flowing layer.
-    fn tap_layers(&mut self, board: u64, id: u64, tx: mpsc::Sender<Bytes>, now: Instant) {
+    fn tap_layers(&mut self, board: u64, track: TrackId, id: u64, tx: mpsc::Sender<Bytes>, now: Instant) {
         let Some(state) = self.boards.get_mut(&board) else { return };
         let b = state.board.clone();
-        let Some(start) = b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i)).map(|l| l.track) else { return };
+        // While no layer flows, the one tapped (it moves when one does).
+        let start = b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i)).map_or(track, |l| l.track);
         let sel = Selection::new(b, LayerChoice::Auto);
         state.taps.push(LayerTap { id, tx, source: start, sel, rewriter: Rewriter::new(rand::random(), 0) });
         self.keyframe(start, self.index, now);
@@ -998,6 +1005,10 @@ impl Worker {
         let mut ask = Vec::new();
         for tap in &mut state.taps {
             let b = &tap.sel.board;
+            // Where keyframes cannot be found, only off a layer that stopped (as for legs).
+            if b.codec == VideoCodec::Other && tap.sel.started && b.index_of(tap.source).is_some_and(|i| b.is_live(i)) {
+                continue;
+            }
             let Some(want) = b.choose(&tap.sel.choice).and_then(|i| b.layers.get(i)).map(|l| l.track) else { continue };
             if tap.sel.target == Some(want) || (want == tap.source && tap.sel.target.is_none()) {
                 continue;
@@ -1221,7 +1232,7 @@ impl Worker {
             Cmd::Tap { track, id, tx } => {
                 let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id);
                 if let Some(board) = layered {
-                    self.tap_layers(board, id, tx, now);
+                    self.tap_layers(board, track, id, tx, now);
                 } else if let Some(t) = self.published.get_mut(&track) {
                     t.taps.push((id, tx));
                     update_consumers(t);
@@ -1625,9 +1636,11 @@ impl Worker {
                     board: board.clone(),
                     ranking: Vec::new(),
                     asked: all,
+                    told: None,
                     publication: publication.clone(),
                     peer: id,
                     taps: Vec::new(),
+                    sized: 0,
                 };
                 self.boards.insert(board.id, state);
                 self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board.id))));
@@ -1648,9 +1661,13 @@ impl Worker {
         for (i, layer) in board.layers.iter().enumerate() {
             let Some(m) = self.published.get_mut(&layer.track).and_then(|t| t.meter.as_mut()) else { continue };
             let tick_ms = (LAYER_TICK.as_millis() as u64).max(1);
-            let bps = m.bytes.saturating_mul(8).saturating_mul(1000) / tick_ms;
-            board.set_bitrate(i, u32::try_from(bps).unwrap_or(u32::MAX));
-            board.set_framerate(i, u32::try_from(u64::from(m.frames) * 1000 / tick_ms).unwrap_or(u32::MAX));
+            // A layer that sent nothing (paused by its publisher) keeps its last figures,
+            // so the layers' order does not change while it rests.
+            if m.bytes > 0 {
+                let bps = m.bytes.saturating_mul(8).saturating_mul(1000) / tick_ms;
+                board.set_bitrate(i, u32::try_from(bps).unwrap_or(u32::MAX));
+                board.set_framerate(i, u32::try_from(u64::from(m.frames) * 1000 / tick_ms).unwrap_or(u32::MAX));
+            }
             (m.bytes, m.frames) = (0, 0);
             if now.saturating_duration_since(m.last) < LAYER_TIMEOUT {
                 live |= 1 << i;
@@ -1663,13 +1680,24 @@ impl Worker {
         let tapped = board.layers.iter().any(|l| reads(l.track).1) || self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
         let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track).0));
         let mut tell = None;
+        let sized = (0..board.layers.len()).filter(|&i| board.size(i).is_some()).fold(0u32, |m, i| m | 1 << i);
+        let mut resized = None;
         if let Some(state) = self.boards.get_mut(&board_id) {
+            if state.sized != sized {
+                state.sized = sized;
+                resized = Some((state.peer, state.publication.clone()));
+            }
             if state.ranking != ranking {
                 changed |= !state.ranking.is_empty();
                 state.ranking = ranking;
             }
-            if state.asked != wanted {
+            // Asked once the stream is announced (before, the room would not know it), and
+            // again while a layer asked for does not flow (the message may have been lost).
+            let ready = self.peers.get(&state.peer).is_some_and(|p| p.publications.iter().any(|s| s.id == state.publication && s.ready));
+            let unanswered = wanted & !live != 0 && state.told.is_some_and(|t| now.saturating_duration_since(t) >= RETELL);
+            if ready && (state.asked != wanted || unanswered) {
                 state.asked = wanted;
+                state.told = Some(now);
                 let rids = board.layers.iter().enumerate().filter(|(i, _)| wanted & 1 << i != 0).map(|(_, l)| l.rid.clone()).collect();
                 tell = Some((state.peer, state.publication.clone(), rids));
             }
@@ -1683,6 +1711,16 @@ impl Worker {
                 stream: publication.as_str().into(),
                 update: StreamUpdate::ActiveLayers(rids),
             });
+        }
+        // A layer's size became known: the stream's description says so (once per layer;
+        // a stream not announced yet will carry it when it is).
+        if let Some((peer, publication)) = resized
+            && let Some(p) = self.peers.get(&peer)
+            && p.publications.iter().any(|s| s.id == publication && s.ready)
+            && let Some((_, info)) = self.stream_info(peer, &publication)
+        {
+            let (room, stream) = (p.room.as_str().into(), publication.as_str().into());
+            self.shared.emit(AgentEvent::StreamUpdated { room, stream, update: StreamUpdate::Tracks(info.tracks) });
         }
         if changed {
             debug!(board = board_id, live = format!("{live:#b}"), "simulcast layers changed");
