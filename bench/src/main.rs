@@ -75,6 +75,9 @@ struct Args {
     /// Largest loss (percent) on the soak's core meeting that still passes.
     #[arg(long, default_value_t = 0.0)]
     max_loss_pct: f64,
+    /// Run Tessera with `webrtc.bandwidth_estimation = false` (to measure what it costs).
+    #[arg(long)]
+    no_bandwidth_estimation: bool,
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
@@ -437,7 +440,14 @@ async fn main() -> anyhow::Result<()> {
     if kinds.contains(&Kind::Janus) && !args.janus_bin.exists() {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
     }
-    let launch = Launch { tessera_bin, janus_bin: args.janus_bin.clone(), pin_cpu, server_ip: server_ip.into(), client_ip: client_ip.into() };
+    let launch = Launch {
+        tessera_bin,
+        janus_bin: args.janus_bin.clone(),
+        pin_cpu,
+        server_ip: server_ip.into(),
+        client_ip: client_ip.into(),
+        bandwidth_estimation: !args.no_bandwidth_estimation,
+    };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();
     for name in names {

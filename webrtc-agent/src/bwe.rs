@@ -7,10 +7,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport};
+use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, Interceptor, PacketReport, StreamInfo, TaggedPacket};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
 
 /// How much feedback the delivered rate and the loss are measured over.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -25,6 +27,8 @@ pub struct Estimate {
     /// When it was last written, in µs after `base`.
     updated_us: AtomicU64,
     base: Instant,
+    /// Whether the connection estimates at all (see [`Switched`]).
+    enabled: AtomicBool,
 }
 
 impl Default for Estimate {
@@ -36,6 +40,7 @@ impl Default for Estimate {
             packets: AtomicU32::new(0),
             updated_us: AtomicU64::new(0),
             base: Instant::now(),
+            enabled: AtomicBool::new(false),
         }
     }
 }
@@ -57,6 +62,11 @@ pub struct Reading {
 }
 
 impl Estimate {
+    /// Starts estimating (the connection takes a simulcast video).
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
     /// The latest values, as of `now`.
     pub fn read(&self, now: Instant) -> Reading {
         let updated = self.base + Duration::from_micros(self.updated_us.load(Ordering::Relaxed));
@@ -129,5 +139,96 @@ impl BandwidthEstimator for SubscriberEstimator {
 
     fn stats(&self) -> EstimatorStats {
         self.gcc.stats()
+    }
+}
+
+/// An interceptor that works only once its connection's [`Estimate`] is enabled: before,
+/// packets pass it untouched. Numbering every sent packet and keeping its history costs
+/// 20–30 % more CPU per forwarded packet (docs/performance.md), which only a connection
+/// that takes a simulcast video has any use for.
+pub struct Switched<I> {
+    inner: I,
+    estimate: Arc<Estimate>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl<I> Switched<I> {
+    /// `inner`, working once `estimate` is enabled.
+    pub fn new(inner: I, estimate: Arc<Estimate>) -> Self {
+        Switched { inner, estimate, read: VecDeque::new(), write: VecDeque::new() }
+    }
+
+    fn on(&self) -> bool {
+        self.estimate.enabled.load(Ordering::Relaxed)
+    }
+}
+
+impl<I: Interceptor> Protocol<TaggedPacket, TaggedPacket, ()> for Switched<I> {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Error> {
+        if self.on() {
+            self.inner.handle_read(msg)
+        } else {
+            self.read.push_back(msg);
+            Ok(())
+        }
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front().or_else(|| self.inner.poll_read())
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
+        if self.on() {
+            self.inner.handle_write(msg)
+        } else {
+            self.write.push_back(msg);
+            Ok(())
+        }
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front().or_else(|| self.inner.poll_write())
+    }
+
+    fn handle_event(&mut self, evt: ()) -> Result<(), Error> {
+        self.inner.handle_event(evt)
+    }
+
+    fn poll_event(&mut self) -> Option<()> {
+        self.inner.poll_event()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
+        if self.on() { self.inner.handle_timeout(now) } else { Ok(()) }
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        if self.on() { self.inner.poll_timeout() } else { None }
+    }
+
+    fn close(&mut self) -> Result<(), Error> {
+        self.inner.close()
+    }
+}
+
+impl<I: Interceptor> Interceptor for Switched<I> {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.inner.bind_local_stream(info);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.inner.unbind_local_stream(info);
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.inner.bind_remote_stream(info);
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.inner.unbind_remote_stream(info);
     }
 }

@@ -127,6 +127,8 @@ pub struct Launch {
     pub server_ip: String,
     /// Loopback-range address the load generator's peers bind to.
     pub client_ip: String,
+    /// Tessera's send-side bandwidth estimation (`webrtc.bandwidth_estimation`).
+    pub bandwidth_estimation: bool,
 }
 
 impl Launch {

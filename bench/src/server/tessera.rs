@@ -48,7 +48,10 @@ impl Tessera {
         let cfg = dir.join("bench.toml");
         std::fs::write(
             &cfg,
-            format!("[webrtc]\nbind_ip = \"{}\"\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n{tables}", launch.server_ip),
+            format!(
+                "[webrtc]\nbind_ip = \"{}\"\nbandwidth_estimation = {}\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n{tables}",
+                launch.server_ip, launch.bandwidth_estimation
+            ),
         )?;
         let mut child = launch
             .command(&launch.tessera_bin)

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::AgentSettings;
-use crate::bwe::{Estimate, SubscriberEstimator};
+use crate::bwe::{Estimate, SubscriberEstimator, Switched};
 use crate::codec::{codec_info, rtc_codec};
 use crate::feedback::KeyframeRequestTap;
 use crate::rtcp_counter::{RtcpCounter, RtcpCounters};
@@ -393,9 +393,10 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     let estimate = Arc::new(Estimate::default());
     let registry = if shared.settings.bandwidth_estimation {
         let estimator = SubscriberEstimator::new(GCC_START_BITRATE, GCC_MIN_BITRATE, GCC_MAX_BITRATE, estimate.clone());
+        // Working only once the connection takes a simulcast video (see `Switched`).
         registry
-            .with(Slot::CongestionControl, CongestionControlBuilder::new(estimator).build())
-            .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+            .with(Slot::CongestionControl, Switched::new(CongestionControlBuilder::new(estimator).build(), estimate.clone()))
+            .with(Slot::TwccSender, Switched::new(TwccSenderBuilder::new().build(), estimate.clone()))
     } else {
         registry
     };

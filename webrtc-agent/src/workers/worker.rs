@@ -1431,6 +1431,8 @@ impl Worker {
             let (source, sel) = match &src.layers {
                 Some(board) => {
                     let first = board.choose(&layer).and_then(|i| board.layers.get(i)).map_or(src.track, |l| l.track);
+                    // This connection now needs its bandwidth estimated.
+                    p.estimate.enable();
                     (first, Some(Selection::new(board.clone(), layer)))
                 }
                 None => (src.track, None),
