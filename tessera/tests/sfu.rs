@@ -885,13 +885,7 @@ fn check_layered_video(sub: &Subscriber, switches: usize) -> Vec<(usize, usize, 
     let sent = packets.iter().filter(|p| p.header.marker).count();
     let frames = tessera_client::media::decode_vp8(&packets).unwrap();
     assert!(frames.len() <= sent && frames.len() + switches + 1 >= sent, "{} of {sent} frames decoded", frames.len());
-    let name = |(r, g, b): (u8, u8, u8)| match (r > 150, g > 150, b > 150) {
-        (true, false, false) => "red",
-        (false, true, false) => "green",
-        (false, false, true) => "blue",
-        _ => "other",
-    };
-    frames.iter().map(|f| (f.width, f.height, name(f.around(f.width / 2, f.height / 2)))).collect()
+    frames.iter().map(picture).collect()
 }
 
 /// The picture size of every frame a real demuxer and decoder find in a recording.
@@ -916,6 +910,17 @@ fn recorded_sizes(path: &std::path::Path) -> Vec<(i32, i32)> {
     sizes
 }
 
+/// A decoded picture's size and the name of its (solid) colour.
+fn picture(f: &tessera_client::media::Frame) -> (usize, usize, &'static str) {
+    let name = match f.around(f.width / 2, f.height / 2) {
+        (r, g, b) if r > 150 && g <= 150 && b <= 150 => "red",
+        (r, g, b) if r <= 150 && g > 150 && b <= 150 => "green",
+        (r, g, b) if r <= 150 && g <= 150 && b > 150 => "blue",
+        _ => "other",
+    };
+    (f.width, f.height, name)
+}
+
 /// Runs of equal items, in order.
 fn runs<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::new();
@@ -932,22 +937,7 @@ async fn wait_for_picture(sub: &Subscriber, want: (usize, usize, &'static str), 
     let start = Instant::now();
     loop {
         let packets = sub.packets("video");
-        let last = tessera_client::media::decode_vp8(&packets).unwrap().last().map(|f| {
-            let (r, g, b) = f.around(f.width / 2, f.height / 2);
-            (
-                f.width,
-                f.height,
-                if r > 150 {
-                    "red"
-                } else if g > 150 {
-                    "green"
-                } else if b > 150 {
-                    "blue"
-                } else {
-                    "other"
-                },
-            )
-        });
+        let last = tessera_client::media::decode_vp8(&packets).unwrap().last().map(picture);
         if last == Some(want) {
             return start.elapsed();
         }

@@ -111,8 +111,13 @@ pub fn vp8_keyframe_size(payload: &[u8]) -> Option<(u16, u16)> {
 /// A VP8 payload's picture id (7 or 15 bits), when it has one.
 pub fn vp8_picture_id(payload: &[u8]) -> Option<u16> {
     let (at, long) = vp8_descriptor(payload)?.picture_id?;
+    picture_id_at(payload, at, long).map(|(id, _)| id)
+}
+
+/// The picture id the descriptor keeps at `at` (15 bits when `long`), and its mask.
+fn picture_id_at(payload: &[u8], at: usize, long: bool) -> Option<(u16, u16)> {
     let hi = u16::from(*payload.get(at)? & 0x7f);
-    if long { Some(hi << 8 | u16::from(*payload.get(at + 1)?)) } else { Some(hi) }
+    if long { Some((hi << 8 | u16::from(*payload.get(at + 1)?), 0x7fff)) } else { Some((hi, 0x7f)) }
 }
 
 /// H.264: an IDR slice or a sequence parameter set starts the packet (single NAL unit,
@@ -165,10 +170,7 @@ impl Vp8Munger {
     pub fn munge(&mut self, packet: &mut rtp::Packet) {
         let Some(d) = vp8_descriptor(&packet.payload) else { return };
         let p = &packet.payload;
-        let picture = d.picture_id.and_then(|(at, long)| {
-            let hi = u16::from(*p.get(at)? & 0x7f);
-            if long { Some((hi << 8 | u16::from(*p.get(at + 1)?), 0x7fff)) } else { Some((hi, 0x7f)) }
-        });
+        let picture = d.picture_id.and_then(|(at, long)| picture_id_at(p, at, long));
         let tl0 = d.tl0.and_then(|at| p.get(at).copied());
         if std::mem::take(&mut self.rebase) {
             if let (Some((id, _)), Some(last)) = (picture, self.last_picture) {

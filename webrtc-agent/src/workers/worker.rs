@@ -391,6 +391,11 @@ struct Leg {
 }
 
 impl Leg {
+    /// Whether it forwards a layered video on `auto` (the bandwidth estimate moves it).
+    fn on_auto(&self) -> bool {
+        self.active && self.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto)
+    }
+
     /// The tracks it reads: its source, and the layer it is switching to.
     fn tracks(&self) -> impl Iterator<Item = TrackId> + '_ {
         std::iter::once(self.source).chain(self.sel.as_ref().and_then(|s| s.target))
@@ -1118,16 +1123,7 @@ impl Worker {
                 Timer::Layers(board) => self.measure_layers(board, now),
                 Timer::Adapt => {
                     // Subscribers on `auto` follow their connection's bandwidth estimate.
-                    let legs: Vec<(u32, u32)> = self
-                        .peers
-                        .iter()
-                        .flat_map(|(&peer, p)| {
-                            p.legs
-                                .iter()
-                                .filter(|(_, l)| l.active && l.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto))
-                                .map(move |(&leg, _)| (peer, leg))
-                        })
-                        .collect();
+                    let legs = self.legs_where(Leg::on_auto);
                     for (peer, leg) in legs {
                         self.reselect(peer, leg, now);
                     }
@@ -1739,16 +1735,14 @@ impl Worker {
         self.retarget_layer_taps(board, now);
     }
 
+    /// Every leg on this worker for which `pred` holds: (peer, leg).
+    fn legs_where(&self, pred: impl Fn(&Leg) -> bool) -> Vec<(u32, u32)> {
+        self.peers.iter().flat_map(|(&peer, p)| p.legs.iter().filter(|(_, l)| pred(l)).map(move |(&leg, _)| (peer, leg))).collect()
+    }
+
     /// This worker's legs reading a layered video choose their layer again.
     fn reselect_board(&mut self, board: u64, now: Instant) {
-        let legs: Vec<(u32, u32)> = self
-            .peers
-            .iter()
-            .flat_map(|(&peer, p)| {
-                p.legs.iter().filter(|(_, l)| l.sel.as_ref().is_some_and(|s| s.board.id == board)).map(move |(&leg, _)| (peer, leg))
-            })
-            .collect();
-        for (peer, leg) in legs {
+        for (peer, leg) in self.legs_where(|l| l.sel.as_ref().is_some_and(|s| s.board.id == board)) {
             self.reselect(peer, leg, now);
         }
     }
@@ -1780,7 +1774,7 @@ impl Worker {
     fn reselect(&mut self, peer: u32, leg: u32, now: Instant) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         // On `auto`, what reaches the client is shared by the connection's auto legs.
-        let auto_legs = p.legs.values().filter(|l| l.active && l.sel.as_ref().is_some_and(|s| s.choice == LayerChoice::Auto)).count().max(1) as u64;
+        let auto_legs = p.legs.values().filter(|l| l.on_auto()).count().max(1) as u64;
         let mut estimate = p.estimate.read(now);
         estimate.delivered /= auto_legs;
         let Some(l) = p.legs.get_mut(&leg) else { return };
