@@ -72,6 +72,15 @@ pub enum LayerChoice {
         /// Height in pixels.
         height: u32,
     },
+    /// The lowest flowing layer that fills a region of this size unenlarged, fitted with
+    /// its aspect ratio kept (its width or its height reaches the region's; the highest
+    /// flowing one when none does): what a mixer's region needs, decoding no more.
+    Fill {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
 }
 
 /// Identifies a WebRTC session: who, which transport (peer connection), which session.

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::MediaKind;
+use crate::agent::{LayerChoice, MediaKind};
 use crate::typed_ids::RoomId;
 
 /// The RTP encoding of a track.
@@ -92,6 +92,10 @@ pub trait StreamSource: Send + Sync {
     fn tap(&self, stream: &str, kind: MediaKind) -> Option<Tap>;
     /// Removes a tap; its receiver ends.
     fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64);
+    /// Changes which simulcast layer a tap on a layered video reads (it starts on the
+    /// highest flowing one, as a recording wants); sources and streams without layers
+    /// ignore it.
+    fn set_tap_layer(&self, _stream: &str, _kind: MediaKind, _sink_id: u64, _layer: LayerChoice) {}
     /// Asks the producer of a stream's video for a keyframe (throttled by the source).
     fn request_keyframe(&self, stream: &str);
     /// The room a stream (forward or produced inside the server) belongs to.

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use tessera_core::agent::{AgentEvent, MediaKind, StreamUpdate};
+use tessera_core::agent::{AgentEvent, LayerChoice, MediaKind, StreamUpdate};
 use tessera_core::command::{MixCommand, MixError, MixNode, MixReply};
 use tessera_core::media::{CodecInfo, LocalTrack, RtpSink, StreamImporter, StreamSource, ensure_stream};
 use tessera_core::room::{CustomTemplate, VideoParameters, View};
@@ -360,11 +360,11 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
                     attach(source.as_ref(), &view, stream);
                 }
                 if !brought.is_empty() {
-                    relayout(&view);
+                    relayout(source.as_ref(), &view);
                 }
                 import_every = if failed { (import_every * 2).min(IMPORT_RETRY_MAX) } else { IMPORT_RETRY };
             }
-            for update in voice_activity(&view) {
+            for update in voice_activity(source.as_ref(), &view) {
                 let event = AgentEvent::StreamUpdated { room: view.room.as_str().into(), stream: view.id.as_str().into(), update };
                 if events.send(event).await.is_err() {
                     debug!("portal gone; mixed-stream update dropped");
@@ -376,7 +376,7 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
 
 /// Voice activity: follows the loudest audio input and, when the view asks for it
 /// (`keepActiveInputPrimary`), moves it into the primary region. Returns what changed.
-fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
+fn voice_activity(source: &dyn StreamSource, view: &ViewMix) -> Vec<StreamUpdate> {
     if !view.config.audio.as_ref().is_some_and(|a| a.vad) {
         return Vec::new();
     }
@@ -428,9 +428,7 @@ fn voice_activity(view: &ViewMix) -> Vec<StreamUpdate> {
                 s.placed.push((h, o));
             }
             let after = view.assigned(&mut s);
-            if let Some(p) = &s.pipeline {
-                p.apply_layout(&after);
-            }
+            place(source, &s, &after);
             out.push(StreamUpdate::Layout(layout::entries(&after)));
         }
     }
@@ -468,7 +466,7 @@ fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), 
     for stream in inputs {
         attach(source, view, &stream);
     }
-    relayout(view);
+    relayout(source, view);
     Ok(())
 }
 
@@ -555,11 +553,24 @@ fn detach(source: &dyn StreamSource, view: &Arc<ViewMix>, stream: &str) {
     s.taps = kept;
 }
 
-fn relayout(view: &ViewMix) {
+/// Places the inputs in their regions, and has each simulcast input's tap read the
+/// lowest layer that fills its region (the lowest of all while it is not shown): no
+/// decoding of 1280×720 for a 320×240 tile.
+fn relayout(source: &dyn StreamSource, view: &ViewMix) {
     let mut s = view.lock();
     let assigned = view.assigned(&mut s);
-    if let Some(p) = &s.pipeline {
-        p.apply_layout(&assigned);
+    place(source, &s, &assigned);
+}
+
+/// Gives the running pipeline a placement (see [`relayout`]).
+fn place(source: &dyn StreamSource, s: &ViewState, assigned: &[(Rect, Option<String>)]) {
+    let Some(p) = &s.pipeline else { return };
+    let sizes = p.apply_layout(assigned);
+    for (stream, kind, sink, _) in &s.taps {
+        if *kind == MediaKind::Video {
+            let (width, height) = sizes.iter().find(|(st, _)| st == stream).map_or((0, 0), |(_, size)| *size);
+            source.set_tap_layer(stream, MediaKind::Video, *sink, LayerChoice::Fill { width, height });
+        }
     }
 }
 
@@ -675,7 +686,7 @@ impl Mixer {
             }
         }
         attach(self.source.as_ref(), &view, stream);
-        relayout(&view);
+        relayout(self.source.as_ref(), &view);
         Ok(view.layout())
     }
 
@@ -688,7 +699,7 @@ impl Mixer {
             s.pins.retain(|(st, _)| st != stream);
         }
         detach(self.source.as_ref(), &view, stream);
-        relayout(&view);
+        relayout(self.source.as_ref(), &view);
         Ok(view.layout())
     }
 
@@ -708,7 +719,7 @@ impl Mixer {
             s.templates = Templates::from_layout(&base, view.config.video.as_ref().map(|v| v.max_input).unwrap_or(16));
             s.pins = pins;
         }
-        relayout(&view);
+        relayout(self.source.as_ref(), &view);
         Ok(view.layout())
     }
 
@@ -727,7 +738,7 @@ impl Mixer {
             s.pins.clear();
             s.placed.clear();
         }
-        relayout(&view);
+        relayout(self.source.as_ref(), &view);
         Ok(view.layout())
     }
 
@@ -755,7 +766,7 @@ impl Mixer {
                 s.placed.push((holder, old));
             }
         }
-        relayout(&view);
+        relayout(self.source.as_ref(), &view);
         Ok(view.layout())
     }
 }

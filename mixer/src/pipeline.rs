@@ -395,7 +395,9 @@ impl ViewPipeline {
     }
 
     /// Places video inputs: each assigned stream's pad gets its region; others are hidden.
-    pub fn apply_layout(&self, assigned: &[(Rect, Option<String>)]) {
+    /// Returns each placed stream's region size in pixels.
+    pub fn apply_layout(&self, assigned: &[(Rect, Option<String>)]) -> Vec<(String, (u32, u32))> {
+        let mut sizes = Vec::new();
         for ((stream, kind), b) in &self.branches {
             if *kind != MediaKind::Video {
                 continue;
@@ -408,10 +410,12 @@ impl ViewPipeline {
                     b.mixer_pad.set_property("width", w);
                     b.mixer_pad.set_property("height", h);
                     b.mixer_pad.set_property("alpha", 1.0f64);
+                    sizes.push((stream.clone(), (w.unsigned_abs(), h.unsigned_abs())));
                 }
                 None => b.mixer_pad.set_property("alpha", 0.0f64),
             }
         }
+        sizes
     }
 
     /// The loudness of each audio input in dBFS (−100 for silence), for voice activity.

@@ -22,6 +22,8 @@ fn is(c: (u8, u8, u8), want: &str) -> bool {
     match want {
         "red" => r > 150 && g < 90 && b < 90,
         "blue" => b > 150 && r < 90 && g < 90,
+        "green" => g > 150 && r < 90 && b < 90,
+        "yellow" => r > 150 && g > 150 && b < 90,
         "black" => r < 50 && g < 50 && b < 50,
         _ => false,
     }
@@ -175,6 +177,57 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
     assert!(is(q[0], "blue"), "blue stays: {q:?}");
     assert!(is(q[1], "black"), "the leaver's region is background: {q:?}");
     garbage.await.unwrap();
+}
+
+/// Waits until the mix's newest frame passes `test`; returns how long that took.
+async fn wait_for_mix(sub: &Subscriber, within: Duration, what: &str, test: impl Fn(&Frame) -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let frames = decode_vp8(&snapshot(&sub.received)).unwrap();
+        if frames.last().is_some_and(&test) {
+            return start.elapsed();
+        }
+        let last = frames.last().map(quadrants);
+        assert!(start.elapsed() < within, "{what}: not within {within:?}; quadrants of the last frame {last:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_simulcast_input_is_mixed_from_the_lowest_layer_that_fills_its_region() {
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let room = "dev";
+    let mixed_id = format!("{room}-common");
+    // Layers q 160×120 blue, h 320×240 green, f 640×480 red; the view is 640×480.
+    let mut psig = join(&s, room, "layers").await;
+    let p = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
+    let mut vsig = join(&s, room, "viewer").await;
+    let sub = Subscriber::start(&mut vsig, &mixed_id, false, true, false).await.unwrap();
+    let centre = |f: &Frame| f.around(f.width / 2, f.height / 2);
+    // Alone, it fills the view: only f covers 640×480.
+    let t = wait_for_mix(&sub, Duration::from_secs(8), "alone, from f", |f| is(centre(f), "red")).await;
+    println!("alone: f after {t:?}");
+    // A second input: the 2×2 template, a quarter (320×240) each, which h fills.
+    let mut ysig = join(&s, room, "yellow").await;
+    let y = Arc::new(Publisher::start(&mut ysig, PublishOptions { audio: true, video: true, data: false, tag: 2, h264: false }, None).await.unwrap());
+    let y_src = live_source(y.clone(), (255, 255, 0), 1000).unwrap();
+    let t = wait_for_mix(&sub, Duration::from_secs(6), "in a quarter, from h", |f| {
+        let q = quadrants(f);
+        is(q[0], "green") && is(q[1], "yellow")
+    })
+    .await;
+    println!("in a quarter: h after {t:?}");
+    // Held there (not a passing picture before the move back up).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let q = quadrants(&last_frame(&snapshot(&sub.received)));
+    assert!(is(q[0], "green") && is(q[1], "yellow"), "{q:?}");
+    // Alone again: back to f.
+    y.stop(&mut ysig).await.unwrap();
+    drop(y_src);
+    let t = wait_for_mix(&sub, Duration::from_secs(6), "alone again, from f", |f| is(centre(f), "red")).await;
+    println!("alone again: f after {t:?}");
+    drop(p);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

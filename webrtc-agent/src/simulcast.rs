@@ -277,7 +277,7 @@ impl LayerBoard {
     pub fn count_choice(&self, choice: &LayerChoice, on: bool) {
         let cell = match choice {
             LayerChoice::Rid(rid) => self.index_of_rid(rid).and_then(|i| self.want.get(i)).unwrap_or(&self.wide),
-            LayerChoice::Auto | LayerChoice::Resolution { .. } => &self.wide,
+            LayerChoice::Auto | LayerChoice::Resolution { .. } | LayerChoice::Fill { .. } => &self.wide,
         };
         if on {
             cell.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +398,12 @@ impl LayerBoard {
                     live.iter().filter_map(|&i| self.size(i).map(|(w, h)| (i, (i64::from(w) * i64::from(h) - want).abs()))).collect();
                 // Ties go to the lower layer (ranked first).
                 sized.iter().min_by_key(|(_, d)| *d).map(|(i, _)| *i).or(live.last().copied())
+            }
+            LayerChoice::Fill { width, height } => {
+                // Fitted inside the region with its aspect ratio kept (the mixer letterboxes), a
+                // picture is not enlarged when its width or its height reaches the region's.
+                let covers = |i: usize| self.size(i).is_some_and(|(w, h)| u32::from(w) >= *width || u32::from(h) >= *height);
+                live.iter().copied().find(|&i| covers(i)).or(live.last().copied())
             }
         }
     }
@@ -731,6 +737,13 @@ mod tests {
         assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(1));
         assert_eq!(b.choose(&LayerChoice::Resolution { width: 300, height: 200 }), Some(2));
         assert_eq!(b.choose(&LayerChoice::Resolution { width: 1920, height: 1080 }), Some(0));
+        // A region of 426×240 needs h; in one of 640×480 (4:3) h is letterboxed to 640×360
+        // unscaled; 800×480 needs f; a bigger one gets f.
+        assert_eq!(b.choose(&LayerChoice::Fill { width: 426, height: 240 }), Some(1));
+        assert_eq!(b.choose(&LayerChoice::Fill { width: 640, height: 480 }), Some(1));
+        assert_eq!(b.choose(&LayerChoice::Fill { width: 800, height: 480 }), Some(0));
+        assert_eq!(b.choose(&LayerChoice::Fill { width: 1920, height: 1080 }), Some(0));
+        assert_eq!(b.choose(&LayerChoice::Fill { width: 0, height: 0 }), Some(2));
         // h stops: a subscriber that wanted it goes down to q; with q stopped too, up to f.
         b.set_live_mask(0b101);
         assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(2));

@@ -952,6 +952,16 @@ impl StreamSource for WorkerAgent {
         }
     }
 
+    fn set_tap_layer(&self, stream: &str, kind: MediaKind, sink_id: u64, layer: LayerChoice) {
+        let worker = {
+            let s = self.shared.lock();
+            s.publications.get(stream).filter(|p| p.tracks.iter().any(|t| t.kind == kind && t.layers.is_some())).map(|p| p.worker)
+        };
+        if let Some(worker) = worker {
+            self.shared.send_to(worker, Cmd::TapLayer { id: sink_id, choice: layer });
+        }
+    }
+
     fn request_keyframe(&self, stream: &str) {
         self.keyframe_for(stream);
     }

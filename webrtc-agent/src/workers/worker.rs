@@ -160,6 +160,11 @@ pub(crate) enum Cmd {
         track: TrackId,
         id: u64,
     },
+    /// A tap on a layered video reads another layer (see [`LayerTap`]).
+    TapLayer {
+        id: u64,
+        choice: LayerChoice,
+    },
     LocalPublish {
         track: TrackId,
         kind: MediaKind,
@@ -284,7 +289,8 @@ struct BoardState {
     sized: u32,
 }
 
-/// A tap on a layered video: it reads the highest flowing layer, and moves when that
+/// A tap on a layered video: it reads the highest flowing layer, or the one its consumer
+/// chose (the mixer: the lowest that fills the input's region), and moves when that
 /// changes as a subscriber does (at a keyframe, its numbering continuous), so a mix or a
 /// recording that started on the first layer to flow goes on in the best one.
 struct LayerTap {
@@ -1242,6 +1248,18 @@ impl Worker {
                 }
                 for state in self.boards.values_mut() {
                     state.taps.retain(|t| t.id != id);
+                }
+            }
+            Cmd::TapLayer { id, choice } => {
+                let board = self.boards.iter_mut().find_map(|(board, state)| {
+                    let tap = state.taps.iter_mut().find(|t| t.id == id)?;
+                    if tap.sel.choice != choice {
+                        tap.sel.set_choice(choice.clone());
+                    }
+                    Some(*board)
+                });
+                if let Some(board) = board {
+                    self.retarget_layer_taps(board, now);
                 }
             }
             Cmd::LocalPublish { track, kind, codec, on_keyframe, consumers } => {
