@@ -1,9 +1,21 @@
 //! A subscriber connection's bandwidth, as the SFU's simulcast choice reads it: GCC's
 //! target (webrtc-rs's port, driven by the client's transport-wide congestion control
 //! feedback), and over the last second of that feedback, what reached the client and what
-//! was lost. The estimator runs inside the connection's interceptor chain (as its
-//! congestion controller, without a pacer: forwarded media leaves as it comes) and writes
-//! what it finds where the worker reads it when it chooses layers.
+//! was lost, and the path's capacity as the media's own packet trains show it. The
+//! estimator runs inside the connection's interceptor chain (as its congestion
+//! controller, without a pacer: forwarded media leaves as it comes) and writes what it
+//! finds where the worker reads it when it chooses layers.
+//!
+//! **Capacity from packet trains.** A video frame's packets leave the SFU back to back;
+//! a bottleneck on the way spreads them out at its own rate, and the client's feedback
+//! says when each arrived. So each train (three packets or more, all arrived, sent
+//! within [`TRAIN_GAP`] of each other) whose arrivals spread more than their departures
+//! gives a sample of the bottleneck's rate (the bytes after the first over the arrival
+//! spread), and one that arrived as it left says the path is not narrower than that
+//! (unbounded at this resolution). The median of the last [`CAPACITY_SAMPLES`] samples
+//! of the last [`CAPACITY_SPAN`] is the capacity (a low layer makes few trains): the layer choice tries a higher layer only when it fits
+//! ([`crate::simulcast::AutoState`]), so a subscriber on a narrow link is not pushed
+//! into loss by trials that cannot succeed, while one whose link was freed sees it at once.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -16,6 +28,19 @@ use rtc::shared::error::Error;
 
 /// How much feedback the delivered rate and the loss are measured over.
 const WINDOW: Duration = Duration::from_secs(1);
+/// Packets that leave within this of the one before belong to one train.
+const TRAIN_GAP: Duration = Duration::from_millis(1);
+/// Two packets of a train whose arrivals are no further apart than their departures and
+/// this met no bottleneck between them (TWCC reports arrivals in 250 µs steps).
+const PAIR_SPREAD_MIN: Duration = Duration::from_micros(500);
+/// Capacity samples are kept this long...
+const CAPACITY_SPAN: Duration = Duration::from_secs(10);
+/// ...and only so many of the latest.
+const CAPACITY_SAMPLES: usize = 5;
+/// Fewer samples than this say nothing.
+const CAPACITY_MIN_SAMPLES: usize = 3;
+/// A capacity sample of a train that met no bottleneck.
+pub const UNBOUNDED: u64 = u64::MAX;
 
 /// What a connection's estimator last found.
 #[derive(Debug)]
@@ -24,6 +49,7 @@ pub struct Estimate {
     delivered: AtomicU64,
     loss_permille: AtomicU32,
     packets: AtomicU32,
+    capacity: AtomicU64,
     /// When it was last written, in µs after `base`.
     updated_us: AtomicU64,
     base: Instant,
@@ -38,6 +64,7 @@ impl Default for Estimate {
             delivered: AtomicU64::new(0),
             loss_permille: AtomicU32::new(0),
             packets: AtomicU32::new(0),
+            capacity: AtomicU64::new(0),
             updated_us: AtomicU64::new(0),
             base: Instant::now(),
             enabled: AtomicBool::new(false),
@@ -56,6 +83,9 @@ pub struct Reading {
     pub loss_permille: u32,
     /// How many packets that second of feedback covers.
     pub packets: u32,
+    /// The path's capacity in bits per second as packet trains show it: 0 while unknown,
+    /// [`UNBOUNDED`] when trains met no bottleneck.
+    pub capacity: u64,
     /// How long ago the client's last feedback came (a client that stopped sending it
     /// leaves the values as they were).
     pub age: Duration,
@@ -75,6 +105,7 @@ impl Estimate {
             delivered: self.delivered.load(Ordering::Relaxed),
             loss_permille: self.loss_permille.load(Ordering::Relaxed),
             packets: self.packets.load(Ordering::Relaxed),
+            capacity: self.capacity.load(Ordering::Relaxed),
             age: now.saturating_duration_since(updated),
         }
     }
@@ -87,13 +118,15 @@ pub struct SubscriberEstimator {
     window: VecDeque<(Instant, usize, bool)>,
     /// Scratch for the reports that carry a transport-wide number.
     twcc: Vec<PacketReport>,
+    /// (when, bits per second or [`UNBOUNDED`]) per train, oldest first.
+    trains: VecDeque<(Instant, u64)>,
     out: Arc<Estimate>,
 }
 
 impl SubscriberEstimator {
     /// An estimator starting GCC at `start` bits per second (within `min..=max`), writing into `out`.
     pub fn new(start: f64, min: f64, max: f64, out: Arc<Estimate>) -> Self {
-        SubscriberEstimator { gcc: Gcc::new(start, min, max), window: VecDeque::new(), twcc: Vec::new(), out }
+        SubscriberEstimator { gcc: Gcc::new(start, min, max), window: VecDeque::new(), twcc: Vec::new(), trains: VecDeque::new(), out }
     }
 }
 
@@ -121,6 +154,11 @@ impl BandwidthEstimator for SubscriberEstimator {
         self.out.delivered.store((bytes as u64 * 8 * 1000) / span.as_millis().max(1) as u64, Ordering::Relaxed);
         self.out.loss_permille.store((lost * 1000 / total) as u32, Ordering::Relaxed);
         self.out.packets.store(u32::try_from(self.window.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
+        self.trains.extend(train_rates(&self.twcc).map(|rate| (now, rate)));
+        while self.trains.len() > CAPACITY_SAMPLES || self.trains.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) >= CAPACITY_SPAN) {
+            self.trains.pop_front();
+        }
+        self.out.capacity.store(median(self.trains.iter().map(|(_, r)| *r)), Ordering::Relaxed);
         let since = now.saturating_duration_since(self.out.base);
         self.out.updated_us.store(u64::try_from(since.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
@@ -140,6 +178,61 @@ impl BandwidthEstimator for SubscriberEstimator {
     fn stats(&self) -> EstimatorStats {
         self.gcc.stats()
     }
+}
+
+/// The rate each packet train in `reports` (in send order) shows: bits per second, or
+/// [`UNBOUNDED`] when its arrivals spread no more than its departures (see the module
+/// docs). Trains with a lost packet or fewer than three packets show nothing.
+fn train_rates(reports: &[PacketReport]) -> impl Iterator<Item = u64> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        while start < reports.len() {
+            let from = start;
+            let mut end = from + 1;
+            while let (Some(a), Some(b)) = (reports.get(end - 1), reports.get(end)) {
+                if b.departure.saturating_duration_since(a.departure) > TRAIN_GAP {
+                    break;
+                }
+                end += 1;
+            }
+            start = end;
+            let train = reports.get(from..end).unwrap_or_default();
+            if let Some(rate) = train_rate(train) {
+                return Some(rate);
+            }
+        }
+        None
+    })
+}
+
+fn train_rate(train: &[PacketReport]) -> Option<u64> {
+    if train.len() < 3 || train.iter().any(|r| !r.arrived || r.arrival.is_none()) {
+        return None;
+    }
+    // The packets a shaper's token bucket let through together lead the train and show
+    // nothing of its rate: the rate is read from the first pair the path spread apart.
+    let spread = |pair: &[PacketReport]| match pair {
+        [a, b] => {
+            let arrival = b.arrival.zip(a.arrival).and_then(|(b, a)| b.checked_sub(a)).unwrap_or_default();
+            arrival > b.departure.saturating_duration_since(a.departure) + PAIR_SPREAD_MIN
+        }
+        _ => false,
+    };
+    let Some(first) = train.windows(2).position(spread) else { return Some(UNBOUNDED) };
+    let (from, last) = (train.get(first)?, train.last()?);
+    let arrival = last.arrival?.checked_sub(from.arrival?)?;
+    let bits: u64 = train.iter().skip(first + 1).map(|r| r.size as u64 * 8).sum();
+    Some(bits * 1_000_000 / u64::try_from(arrival.as_micros()).unwrap_or(u64::MAX).max(1))
+}
+
+/// The median of `samples` (the upper one of an even count), 0 with too few.
+fn median(samples: impl Iterator<Item = u64>) -> u64 {
+    let mut v: Vec<u64> = samples.collect();
+    if v.len() < CAPACITY_MIN_SAMPLES {
+        return 0;
+    }
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 /// An interceptor that works only once its connection's [`Estimate`] is enabled: before,
@@ -230,5 +323,61 @@ impl<I: Interceptor> Interceptor for Switched<I> {
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
         self.inner.unbind_remote_stream(info);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report of a packet of `size` bytes sent at `sent_us` and arrived at `arrived_us`
+    /// (receiver clock), or lost.
+    fn report(sent_us: u64, arrived_us: Option<u64>, size: usize, base: Instant) -> PacketReport {
+        PacketReport {
+            ssrc: 1,
+            id: sent_us,
+            rtp_sequence_number: 0,
+            is_twcc: true,
+            twcc_sequence_number: 0,
+            size,
+            arrived: arrived_us.is_some(),
+            departure: base + Duration::from_micros(sent_us),
+            arrival: arrived_us.map(Duration::from_micros),
+            ecn: Default::default(),
+        }
+    }
+
+    #[test]
+    fn packet_trains_show_the_bottleneck() {
+        let base = Instant::now();
+        let mut reports = Vec::new();
+        // A frame of four 1100-byte packets sent 50 µs apart through a 600 kbit/s link:
+        // 14.67 ms apart on arrival.
+        for i in 0..4 {
+            reports.push(report(i * 50, Some(10_000 + i * 14_667), 1100, base));
+        }
+        // 40 ms later, a frame that met no bottleneck.
+        for i in 0..3 {
+            reports.push(report(40_000 + i * 50, Some(60_000 + i * 60), 1100, base));
+        }
+        // Through a shaper whose token bucket let the first two pass together: the rate
+        // from the first pair it spread.
+        reports.push(report(60_000, Some(70_000), 1100, base));
+        reports.push(report(60_050, Some(70_250), 1100, base));
+        reports.push(report(60_100, Some(80_500), 734, base));
+        // A frame with a lost packet, and one of two packets: no sample.
+        reports.push(report(80_000, Some(90_000), 1100, base));
+        reports.push(report(80_050, None, 1100, base));
+        reports.push(report(80_100, Some(120_000), 1100, base));
+        reports.push(report(120_000, Some(130_000), 1100, base));
+        reports.push(report(120_050, Some(145_000), 1100, base));
+        let rates: Vec<u64> = train_rates(&reports).collect();
+        assert_eq!(rates.len(), 3, "{rates:?}");
+        assert!((590_000..=610_000).contains(&rates[0]), "{rates:?}");
+        assert_eq!(rates[1], UNBOUNDED);
+        assert!((570_000..=575_000).contains(&rates[2]), "{rates:?}");
+        assert_eq!(median([600_000, UNBOUNDED].into_iter()), 0, "too few samples");
+        assert_eq!(median([600_000, 610_000, UNBOUNDED].into_iter()), 610_000);
+        assert_eq!(median([600_000, UNBOUNDED, UNBOUNDED].into_iter()), UNBOUNDED);
     }
 }

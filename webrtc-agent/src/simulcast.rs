@@ -419,7 +419,11 @@ impl LayerBoard {
 /// time, after [`AUTO_BACKOFF`] without congestion, as a trial that must meet no
 /// congestion for [`AUTO_TRIAL`]; a failed trial doubles the wait before the next (up to
 /// [`AUTO_BACKOFF_MAX`]). Going up is the probe: GCC's own increase is too slow to follow
-/// a link that was freed (8 % a second).
+/// a link that was freed (8 % a second). Where the media's packet trains show the link's
+/// capacity ([`crate::bwe`]), a try is made only when the next layer fits it with a tenth
+/// spare, and when it does, steps up come after [`AUTO_FAST_STEP`] instead of the backoff
+/// and the trial; a link whose capacity misled a try once (a shaper with a large token
+/// bucket passes short trains at full speed) gets only the gate from then on.
 #[derive(Debug, Clone, Default)]
 pub struct AutoState {
     /// GCC's targets of the last [`PEAK_SPAN`] (since the last move down), oldest first.
@@ -427,6 +431,10 @@ pub struct AutoState {
     quiet_since: Option<Instant>,
     backoff: Option<Duration>,
     trial: Option<Instant>,
+    /// The running trial was made on the capacity's word.
+    trial_on_capacity: bool,
+    /// Packet trains' capacity has not misled a trial on this connection.
+    capacity_misled: bool,
     settle_until: Option<Instant>,
     /// Whether this subscriber has met congestion yet: until then it goes straight to
     /// the best layer that fits GCC's target (a new subscriber, layers that came back).
@@ -439,6 +447,11 @@ pub const AUTO_BACKOFF: Duration = Duration::from_secs(3);
 pub const AUTO_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A try that meets no congestion for this long keeps its layer.
 pub const AUTO_TRIAL: Duration = Duration::from_secs(3);
+/// How long a move down settles after its switch took place (a second of feedback, and
+/// some for the link's queue).
+pub const SWITCH_SETTLE: Duration = Duration::from_millis(1500);
+/// Quiet time before a step up, and its trial, where packet trains show room for it.
+pub const AUTO_FAST_STEP: Duration = Duration::from_secs(1);
 /// After a move down, congestion is not acted on again for this long (the move waits for a
 /// keyframe, the estimate for the queue to drain).
 pub const AUTO_SETTLE: Duration = Duration::from_millis(2500);
@@ -452,6 +465,17 @@ const LOSS_CONGESTION: u32 = 100;
 const LOSS_MIN_PACKETS: u32 = 20;
 
 impl AutoState {
+    /// Tells it the subscriber still waits for the keyframe of the layer it moves to: a
+    /// move down settles until [`SWITCH_SETTLE`] after that (the loss it measures is then
+    /// the new layer's, not the backlog of the old one).
+    pub fn switching(&mut self, now: Instant) {
+        if let Some(t) = self.settle_until
+            && now < t
+        {
+            self.settle_until = Some(t.max(now + SWITCH_SETTLE));
+        }
+    }
+
     /// The layer for a subscriber heading to layer `current` (the one it reads, or the one
     /// it is moving to), given its connection's estimate with `delivered` already its share.
     pub fn next(&mut self, board: &LayerBoard, current: Option<usize>, estimate: crate::bwe::Reading, now: Instant) -> Option<usize> {
@@ -496,6 +520,7 @@ impl AutoState {
             // A failed try waits twice as long before the next; other congestion leaves the wait as it is.
             if self.trial.take().is_some() {
                 self.backoff = Some((backoff * 2).min(AUTO_BACKOFF_MAX));
+                self.capacity_misled |= self.trial_on_capacity;
             }
             let Some(below) = at.checked_sub(1) else { return current };
             // What GCC does next answers this move, not the congestion before it.
@@ -511,13 +536,22 @@ impl AutoState {
         {
             return Some(best);
         }
-        if self.trial.is_some_and(|t| now.saturating_duration_since(t) >= AUTO_TRIAL) {
+        // A try needs room for the next layer where packet trains show the capacity (a
+        // tenth spare); unknown capacity leaves it to the try.
+        let room = |i: usize| estimate.capacity == 0 || estimate.capacity / 11 * 10 >= u64::from(board.bitrate(i));
+        let proven = estimate.capacity != 0 && !self.capacity_misled && live.get(at + 1).is_some_and(|&i| room(i));
+        let step = if proven { AUTO_FAST_STEP } else { AUTO_TRIAL };
+        if self.trial.is_some_and(|t| now.saturating_duration_since(t) >= step) {
             self.trial = None;
             self.backoff = Some(AUTO_BACKOFF);
             self.quiet_since = Some(now);
         }
-        if self.trial.is_none() && now.saturating_duration_since(quiet_since) >= backoff && at + 1 < live.len() {
+        // (From when the trial just passed, if it did.)
+        let quiet_since = self.quiet_since.unwrap_or(quiet_since);
+        let wait = if proven { AUTO_FAST_STEP } else { self.backoff.unwrap_or(backoff) };
+        if self.trial.is_none() && now.saturating_duration_since(quiet_since) >= wait && live.get(at + 1).is_some_and(|&i| room(i)) {
             self.trial = Some(now);
+            self.trial_on_capacity = proven;
             self.quiet_since = Some(now);
             return live.get(at + 1).copied();
         }
@@ -564,8 +598,8 @@ mod tests {
         }
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100, age: Duration::ZERO };
-        let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100, age: Duration::ZERO };
+        let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100, capacity: 0, age: Duration::ZERO };
+        let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100, capacity: 0, age: Duration::ZERO };
         let mut a = AutoState::default();
         // No feedback yet: the highest layer; a first pick with an estimate: the best that fits.
         assert_eq!(a.next(&b, None, Reading::default(), t0), Some(2));
@@ -605,6 +639,50 @@ mod tests {
         let mut low = AutoState::default();
         assert_eq!(low.next(&b, Some(0), clean(150_000, 90_000), at(0)), Some(0));
         assert_eq!(low.next(&b, Some(0), lossy(150_000, 50_000), at(500)), Some(0));
+    }
+
+    #[test]
+    fn auto_tries_a_higher_layer_only_where_the_capacity_holds_it() {
+        use crate::bwe::{Reading, UNBOUNDED};
+        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
+        b.set_live_mask(0b111);
+        for (i, bps) in [100_000, 300_000, 900_000].into_iter().enumerate() {
+            b.set_bitrate(i, bps);
+        }
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let reading = |loss_permille: u32, capacity: u64| Reading {
+            target: 1_000_000,
+            delivered: 400_000,
+            loss_permille,
+            packets: 100,
+            capacity,
+            age: Duration::ZERO,
+        };
+        let mut a = AutoState::default();
+        assert_eq!(a.next(&b, Some(2), reading(200, 600_000), at(0)), Some(1));
+        // Quiet for long, but trains show 600 kbit/s: f (900 kbit/s) would not fit.
+        assert_eq!(a.next(&b, Some(1), reading(0, 600_000), at(5000)), Some(1));
+        assert_eq!(a.next(&b, Some(1), reading(0, 980_000), at(20_000)), Some(1), "a tenth spare is needed");
+        // The link is freed: trains meet no bottleneck, and the try comes at once.
+        assert_eq!(a.next(&b, Some(1), reading(0, UNBOUNDED), at(20_250)), Some(2));
+        // From a lower layer the steps come a second apart, not after the backoff and the trial.
+        let mut q = AutoState::default();
+        assert_eq!(q.next(&b, Some(2), Reading { delivered: 150_000, ..reading(200, 150_000) }, at(0)), Some(0));
+        assert_eq!(q.next(&b, Some(0), reading(0, 150_000), at(4000)), Some(0), "no room for h");
+        assert_eq!(q.next(&b, Some(0), reading(0, UNBOUNDED), at(4250)), Some(1));
+        assert_eq!(q.next(&b, Some(1), reading(0, UNBOUNDED), at(4750)), Some(1));
+        assert_eq!(q.next(&b, Some(1), reading(0, UNBOUNDED), at(5250)), Some(1), "the trial's second");
+        assert_eq!(q.next(&b, Some(1), reading(0, UNBOUNDED), at(6300)), Some(2));
+        // That try fails: the trains misled it (a shaper's token bucket), so from now on
+        // only the backoff and the trial, though the trains still show room.
+        assert_eq!(q.next(&b, Some(2), reading(200, UNBOUNDED), at(6800)), Some(1));
+        assert_eq!(q.next(&b, Some(1), reading(0, UNBOUNDED), at(9400)), Some(1));
+        assert_eq!(q.next(&b, Some(1), reading(0, UNBOUNDED), at(12_900)), Some(2));
+        // Unknown capacity leaves it to tries, as before.
+        let mut u = AutoState::default();
+        assert_eq!(u.next(&b, Some(2), reading(200, 0), at(0)), Some(1));
+        assert_eq!(u.next(&b, Some(1), reading(0, 0), at(3500)), Some(2));
     }
 
     /// A VP8 payload: extended descriptor with a 15-bit picture id and TL0PICIDX, then a

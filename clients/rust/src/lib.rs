@@ -3,6 +3,7 @@
 //! subscribers in `peer`, and light receive-only peers for load generation in `light`.
 
 pub mod light;
+pub mod loss;
 pub mod media;
 pub mod peer;
 pub mod signaling;

@@ -200,7 +200,8 @@ impl Connection {
         // would ask for it as long as it stays in its window.
         let registry = register_default_interceptors(Registry::new(), &mut media)?
             .with(Slot::NackGenerator, rtc::interceptor::NackGeneratorBuilder::new().with_max_nacks_per_packet(5).build())
-            .with(Slot::from(14_000), KeyframeRequestTap::default());
+            .with(Slot::from(14_000), KeyframeRequestTap::default())
+            .with(Slot::from(14_100), crate::loss::KeyframeOnLoss::default());
         // No mDNS: candidates are plain loopback addresses, and joining the multicast group
         // fails in a namespace that holds only loopback.
         let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);

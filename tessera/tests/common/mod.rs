@@ -264,6 +264,9 @@ pub fn in_own_netns(test: &str) -> bool {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stdout.contains("1 passed"), "{test} in its network namespace failed:\n{stdout}\n{stderr}");
     println!("{stdout}");
+    if std::env::var("TESSERA_TEST_VERBOSE").is_ok() {
+        eprintln!("{stderr}");
+    }
     false
 }
 

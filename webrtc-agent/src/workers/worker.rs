@@ -47,7 +47,7 @@ use tessera_core::room::{Resolution, VideoParameters};
 use tessera_core::stream::{ForwardInfo, StreamInfo, StreamKind, TrackInfo, TrackStatus};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::demux::{self, Kind};
 use super::tcp::{self, TcpEvent};
@@ -1680,8 +1680,11 @@ impl Worker {
             // A layer that sent nothing (paused by its publisher) keeps its last figures,
             // so the layers' order does not change while it rests.
             if m.bytes > 0 {
-                let bps = m.bytes.saturating_mul(8).saturating_mul(1000) / tick_ms;
-                board.set_bitrate(i, u32::try_from(bps).unwrap_or(u32::MAX));
+                // Averaged over about two seconds: one tick holds a few frames only, and
+                // their sizes vary (a keyframe, an encoder making up for it after).
+                let bps = u32::try_from(m.bytes.saturating_mul(8).saturating_mul(1000) / tick_ms).unwrap_or(u32::MAX);
+                let before = board.bitrate(i);
+                board.set_bitrate(i, if before == 0 { bps } else { u32::try_from((u64::from(before) * 3 + u64::from(bps)) / 4).unwrap_or(u32::MAX) });
                 board.set_framerate(i, u32::try_from(u64::from(m.frames) * 1000 / tick_ms).unwrap_or(u32::MAX));
             }
             (m.bytes, m.frames) = (0, 0);
@@ -1795,6 +1798,9 @@ impl Worker {
         let auto_legs = p.legs.values().filter(|l| l.on_auto()).count().max(1) as u64;
         let mut estimate = p.estimate.read(now);
         estimate.delivered /= auto_legs;
+        if estimate.capacity != crate::bwe::UNBOUNDED {
+            estimate.capacity /= auto_legs;
+        }
         let Some(l) = p.legs.get_mut(&leg) else { return };
         let (owner, source) = (l.owner, l.source);
         let Some(sel) = &mut l.sel else { return };
@@ -1805,6 +1811,10 @@ impl Worker {
         }
         let chosen = match &sel.choice {
             LayerChoice::Auto => {
+                trace!(peer, leg, estimate = ?estimate, "auto layer reading");
+                if sel.target.is_some() {
+                    sel.auto.switching(now);
+                }
                 let heading = sel.board.index_of(sel.target.unwrap_or(source));
                 sel.auto.next(&sel.board, heading, estimate, now)
             }

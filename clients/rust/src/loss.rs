@@ -1,0 +1,191 @@
+//! Keyframe requests on lasting loss, as browsers make them: a video packet that stays
+//! missing for [`GIVE_UP`] (its retransmissions, if any were asked for, did not come)
+//! leaves a picture that cannot be decoded, so the client asks for a keyframe (PLI)
+//! instead of showing nothing until the sender's next periodic one. A test subscriber
+//! behind a congested link needs it as much as a browser does: a layer switch whose
+//! keyframe the link dropped would otherwise freeze it for seconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::sansio::Protocol;
+use rtc::shared::TransportContext;
+use rtc::shared::error::Error;
+
+/// How long a packet may stay missing before the picture is given up on.
+pub const GIVE_UP: Duration = Duration::from_secs(1);
+/// How often missing packets are looked at.
+const CHECK: Duration = Duration::from_millis(100);
+/// A jump longer than this is a new sequence (a sender restart), not loss.
+const MAX_GAP: u16 = 512;
+
+#[derive(Default)]
+struct Stream {
+    highest: Option<u16>,
+    /// Missing sequence numbers and since when.
+    missing: HashMap<u16, Instant>,
+}
+
+/// The interceptor (see the module docs); video streams only.
+#[derive(Default)]
+pub struct KeyframeOnLoss {
+    streams: HashMap<u32, Stream>,
+    /// RTX SSRC → the media SSRC it repairs.
+    rtx: HashMap<u32, u32>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+    next: Option<Instant>,
+}
+
+impl KeyframeOnLoss {
+    fn arrived(&mut self, ssrc: u32, seq: u16, now: Instant) {
+        let Some(s) = self.streams.get_mut(&ssrc) else { return };
+        let Some(highest) = s.highest else {
+            s.highest = Some(seq);
+            return;
+        };
+        let ahead = seq.wrapping_sub(highest);
+        if ahead == 0 || ahead >= 0x8000 {
+            // Late or repaired.
+            s.missing.remove(&seq);
+            return;
+        }
+        if ahead > MAX_GAP {
+            s.missing.clear();
+        } else {
+            for gap in 1..ahead {
+                s.missing.insert(highest.wrapping_add(gap), now);
+            }
+            if ahead > 1 && self.next.is_none() {
+                self.next = Some(now + CHECK);
+            }
+        }
+        s.highest = Some(seq);
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(p) = &msg.message.packet {
+            let ssrc = p.header.ssrc;
+            if let Some(&media) = self.rtx.get(&ssrc) {
+                // An RTX packet starts with the sequence number it repairs.
+                if let [a, b, ..] = p.payload[..] {
+                    self.arrived(media, u16::from_be_bytes([a, b]), msg.now);
+                }
+            } else {
+                self.arrived(ssrc, p.header.sequence_number, msg.now);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        if self.next.is_none_or(|t| t > now) {
+            return Ok(());
+        }
+        let mut waiting = false;
+        for (&ssrc, s) in &mut self.streams {
+            if s.missing.values().any(|since| now.saturating_duration_since(*since) >= GIVE_UP) {
+                s.missing.clear();
+                let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
+                self.write.push_back(TaggedPacket {
+                    now,
+                    transport: TransportContext::default(),
+                    message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(pli)])),
+                });
+            }
+            waiting |= !s.missing.is_empty();
+        }
+        self.next = waiting.then_some(now + CHECK);
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        self.next
+    }
+}
+
+impl Interceptor for KeyframeOnLoss {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        if info.mime_type.to_ascii_lowercase().starts_with("video/") {
+            self.streams.insert(info.ssrc, Stream::default());
+            if let Some(rtx) = info.ssrc_rtx {
+                self.rtx.insert(rtx, info.ssrc);
+            }
+        }
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.streams.remove(&info.ssrc);
+        self.rtx.retain(|_, media| *media != info.ssrc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rtp(ssrc: u32, seq: u16, now: Instant) -> TaggedPacket {
+        let packet = rtc::rtp::Packet {
+            header: rtc::rtp::Header { version: 2, ssrc, sequence_number: seq, ..Default::default() },
+            payload: vec![0; 10].into(),
+        };
+        TaggedPacket { now, transport: TransportContext::default(), message: AttributedPacket::new(Packet::Rtp(packet)) }
+    }
+
+    fn plis(k: &mut KeyframeOnLoss) -> usize {
+        std::iter::from_fn(|| k.poll_write())
+            .filter(|m| matches!(&m.message.packet, Packet::Rtcp(p) if p.iter().any(|p| p.as_any().is::<PictureLossIndication>())))
+            .count()
+    }
+
+    #[test]
+    fn a_packet_missing_for_a_second_asks_for_a_keyframe_once() {
+        let mut k = KeyframeOnLoss::default();
+        k.bind_remote_stream(&StreamInfo { ssrc: 7, mime_type: "video/VP8".into(), ..Default::default() });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 3 is lost, 5 comes late: only 3 stays missing.
+        for (seq, ms) in [(1, 0), (2, 10), (4, 20), (6, 30), (5, 40), (7, 50)] {
+            k.handle_read(rtp(7, seq, at(ms))).unwrap();
+        }
+        k.handle_timeout(at(500)).unwrap();
+        assert_eq!(plis(&mut k), 0, "not yet");
+        k.handle_timeout(at(1100)).unwrap();
+        assert_eq!(plis(&mut k), 1);
+        k.handle_timeout(at(2000)).unwrap();
+        assert_eq!(plis(&mut k), 0, "asked once");
+        assert_eq!(k.poll_timeout(), None, "nothing missing, nothing to wake up for");
+        // A retransmission in time asks for nothing; audio is not watched.
+        k.handle_read(rtp(7, 9, at(2100))).unwrap();
+        k.handle_read(rtp(7, 8, at(2200))).unwrap();
+        k.handle_read(rtp(9, 1, at(2100))).unwrap();
+        k.handle_read(rtp(9, 5, at(2100))).unwrap();
+        k.handle_timeout(at(3500)).unwrap();
+        assert_eq!(plis(&mut k), 0);
+    }
+}
