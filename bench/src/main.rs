@@ -12,6 +12,7 @@
 mod isolate;
 mod scenario;
 mod server;
+mod simulcast;
 mod soak;
 
 use std::path::PathBuf;
@@ -34,8 +35,10 @@ struct Args {
     /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), soak
     /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
     /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost),
-    /// or cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
-    /// its own where there is one; forwarded packets per second at capacity; Tessera only).
+    /// cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
+    /// its own where there is one; forwarded packets per second at capacity; Tessera only),
+    /// or simulcast (one publisher of three layers, 50 subscribers of which 20 on limited
+    /// links; per group bit rate, loss, gaps; CPU per packet against fanout50's; Tessera only).
     #[arg(long, default_value = "smoke")]
     scenario: String,
     /// Peer server run alongside: none (Tessera alone) or janus.
@@ -89,7 +92,7 @@ const CLUSTER_RAMP_MAX: usize = 1210;
 /// The fidelity scenarios' shape: full peers joining one at a time.
 const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 10] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "cluster", "all"];
+const KNOWN: [&str; 11] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "cluster", "simulcast", "all"];
 
 /// Whether a ramp step passed: it ran, every subscriber saw video, loss ≤ 1 %, p99 ≤ 50 ms,
 /// and the busiest server process stayed under 95 % of its core.
@@ -190,6 +193,15 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                 rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, start, tag).await?);
             }
         }
+        "simulcast" if kind != Kind::Tessera => {
+            eprintln!("tessera-bench: simulcast is Tessera only (the scenario drives Tessera's layer choice and its estimator)");
+        }
+        "simulcast" => {
+            if std::env::var(isolate::ENV).is_err() {
+                bail!("simulcast needs the bench's own network namespace (unshare -n, ip and tc, as root): it limits links with tc");
+            }
+            rows.extend(simulcast::simulcast(launch, seconds).await?);
+        }
         "mixer4" | "mixer-matrix" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: {name} is Tessera only: Janus's VideoRoom forwards, it has no video mixer");
         }
@@ -248,6 +260,7 @@ fn print_rows(rows: &[Value]) {
     for r in rows {
         let c = |k: &str| text(r.get(k));
         let scenario = match (r.get("view"), r.get("step_subscribers"), r.get("webrtc_nodes")) {
+            _ if r.get("group").is_some() => format!("sc-{}", c("group")),
             (Some(v), _, _) => format!("{} {}in", text(Some(v)), c("inputs")),
             (_, Some(n), Some(nodes)) => format!("cluster{nodes} {n}"),
             (_, Some(n), _) => format!("ramp {n}"),
@@ -406,7 +419,10 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("--against {other}: expected none or janus"),
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
-        bail!("unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak, cluster)", args.scenario);
+        bail!(
+            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak, cluster, simulcast)",
+            args.scenario
+        );
     }
     let seconds = args.seconds.unwrap_or(if args.scenario == "soak" { 1800 } else { 10 });
     if seconds == 0 {
@@ -487,6 +503,7 @@ async fn main() -> anyhow::Result<()> {
         }
         rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
         print_cluster(&rows);
+        simulcast::print(&rows);
     }
     // A soak that measured a leak, a growth or a loss fails the run, after its report.
     let failed: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == "soak" && r["passed"] == false).collect();

@@ -176,21 +176,21 @@ impl Drop for AbortOnDrop {
 
 /// What the servers' processes spent over a window.
 #[derive(Debug, Clone, Copy)]
-struct Measured {
+pub(crate) struct Measured {
     /// CPU seconds of every process.
-    cpu: f64,
+    pub(crate) cpu: f64,
     /// CPU seconds of the busiest one.
-    max_cpu: f64,
+    pub(crate) max_cpu: f64,
     /// The window, µs since the epoch.
-    from: u64,
+    pub(crate) from: u64,
     /// See `from`.
-    to: u64,
+    pub(crate) to: u64,
     /// RSS of every process at the end, MiB.
-    rss: f64,
+    pub(crate) rss: f64,
 }
 
 /// The servers' CPU seconds and RSS over `seconds` of traffic, and the window.
-async fn measure(pids: &[u32], seconds: u64) -> Measured {
+pub(crate) async fn measure(pids: &[u32], seconds: u64) -> Measured {
     let (cpu0, from): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let (cpu1, to): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());

@@ -16,6 +16,13 @@ use super::{Keep, Launch, PeerKind, Process, Server, Sub, scratch_dir};
 
 const KEY: &str = "bench-service-key-0123456789";
 
+/// Where the server's log goes: the file `TESSERA_BENCH_SERVER_LOG` names (appended;
+/// `RUST_LOG` chooses what is logged), else nowhere.
+fn server_log() -> Stdio {
+    let file = std::env::var_os("TESSERA_BENCH_SERVER_LOG").and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+    file.map_or_else(Stdio::null, Stdio::from)
+}
+
 /// A running Tessera.
 pub struct Tessera {
     process: Process,
@@ -61,7 +68,7 @@ impl Tessera {
             .arg(dir.join("data"))
             .env("TESSERA_SERVICE_KEY", KEY)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(server_log())
             .spawn()
             .with_context(|| format!("starting {}", launch.tessera_bin.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
@@ -134,6 +141,11 @@ impl Tessera {
         let mut sig = Signaling::connect(&self.portal).await?;
         sig.ok("login", Some(json!({"token": token, "protocol": "1.2"}))).await?;
         Ok(sig)
+    }
+
+    /// The address the bench's clients bind to.
+    pub fn client_ip(&self) -> &str {
+        &self.client_ip
     }
 
     /// A peer connection bound where the bench's clients live.

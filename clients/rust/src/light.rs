@@ -6,8 +6,10 @@
 //! feedback of its own) but, unless it `decrypts`, reads each media packet's RTP header in
 //! clear — SRTP encrypts only the payload — and never decrypts it: sequence numbers give
 //! loss and order, arrival times give rates. A few decrypting peers among them read the
-//! payloads' send-time markers for latency. One task per peer, one socket each, on the
-//! caller's runtime.
+//! payloads' send-time markers for latency. A peer with `feedback` receives in full (it
+//! decrypts) and answers as a browser's receive side does: transport-wide congestion
+//! control feedback (TWCC) and receiver reports, so the server's bandwidth estimation
+//! works for it. One task per peer, one socket each, on the caller's runtime.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +20,9 @@ use anyhow::{Context, anyhow};
 use bytes::{Bytes, BytesMut};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::Registry;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::{configure_rtcp_reports, configure_twcc_receiver_only};
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::message::RTCMessage;
@@ -47,6 +51,18 @@ pub struct LightPeer {
     socket: UdpSocket,
     local: SocketAddr,
     decrypts: bool,
+    video_only: bool,
+}
+
+/// How a light peer receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LightOptions {
+    /// Decrypt payloads (to read markers).
+    pub decrypts: bool,
+    /// Send TWCC feedback and receiver reports, as browsers do (the peer then decrypts).
+    pub feedback: bool,
+    /// Receive video only (a stream without audio).
+    pub video_only: bool,
 }
 
 /// A running light peer; it stops when dropped.
@@ -64,10 +80,22 @@ impl LightPeer {
     /// A peer with its socket and host candidate on `ip` (a loopback-range address),
     /// offering only the SRTP profile every server has.
     pub async fn new(ip: &str, decrypts: bool) -> anyhow::Result<LightPeer> {
+        LightPeer::with_options(ip, LightOptions { decrypts, ..LightOptions::default() }).await
+    }
+
+    /// [`LightPeer::new`] with more choices.
+    pub async fn with_options(ip: &str, options: LightOptions) -> anyhow::Result<LightPeer> {
         let socket = UdpSocket::bind(format!("{ip}:0")).await?;
         let local = socket.local_addr()?;
+        if options.feedback {
+            // Arrival times as the kernel saw them: a load generator's peer may read its
+            // socket late, which would squeeze the arrivals its feedback reports.
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimestampns, &true)?;
+        }
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
+        let registry =
+            if options.feedback { configure_rtcp_reports(configure_twcc_receiver_only(Registry::new(), &mut media)?) } else { Registry::new() };
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_srtp_protection_profiles(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80])
@@ -76,8 +104,9 @@ impl LightPeer {
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media)
             .with_setting_engine(settings)
+            .with_interceptor_registry(registry)
             .build(Instant::now())?;
-        Ok(LightPeer { pc, socket, local, decrypts })
+        Ok(LightPeer { pc, socket, local, decrypts: options.decrypts || options.feedback, video_only: options.video_only })
     }
 
     fn add_host_candidate(&mut self) -> anyhow::Result<()> {
@@ -96,11 +125,13 @@ impl LightPeer {
         Ok(())
     }
 
-    /// Offers recvonly audio and video (servers that answer, like Tessera): returns the
-    /// offer SDP and the (kind, mid) of each m-line.
+    /// Offers recvonly audio and video, or video alone (servers that answer, like
+    /// Tessera): returns the offer SDP and the (kind, mid) of each m-line.
     pub fn offer_recvonly(&mut self) -> anyhow::Result<(String, Vec<(&'static str, String)>)> {
         let mut ids = Vec::new();
-        for (kind, name) in [(RtpCodecKind::Audio, "audio"), (RtpCodecKind::Video, "video")] {
+        let kinds: &[(RtpCodecKind, &'static str)] =
+            if self.video_only { &[(RtpCodecKind::Video, "video")] } else { &[(RtpCodecKind::Audio, "audio"), (RtpCodecKind::Video, "video")] };
+        for &(kind, name) in kinds {
             let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: vec![], send_encodings: vec![] };
             ids.push((name, self.pc.add_transceiver_from_kind(kind, Some(init))?));
         }
@@ -146,7 +177,12 @@ impl LightPeer {
 
 /// Subscribes to audio and video of `stream` through Tessera's portal with a light peer on `ip`.
 pub async fn subscribe(sig: &mut Signaling, ip: &str, stream: &str, decrypts: bool) -> anyhow::Result<LightSubscriber> {
-    let mut peer = LightPeer::new(ip, decrypts).await?;
+    subscribe_with(sig, ip, stream, LightOptions { decrypts, ..LightOptions::default() }).await
+}
+
+/// [`subscribe`] with more choices.
+pub async fn subscribe_with(sig: &mut Signaling, ip: &str, stream: &str, options: LightOptions) -> anyhow::Result<LightSubscriber> {
+    let mut peer = LightPeer::with_options(ip, options).await?;
     let (offer, mids) = peer.offer_recvonly()?;
     let tracks: Vec<_> = mids.iter().map(|(kind, mid)| json!({"type": kind, "mid": mid, "from": stream})).collect();
     let mut transport = None;
@@ -182,6 +218,47 @@ fn is_rtp(d: &[u8]) -> bool {
     matches!(d, [b0, b1, ..] if (128..=191).contains(b0) && !(64..=95).contains(&(b1 & 0x7f)))
 }
 
+/// Receives one datagram: its length, its sender, and when it arrived (the kernel's
+/// receive time where the socket records it, else now).
+async fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Instant)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    loop {
+        socket.readable().await?;
+        let got = socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut iov = [std::io::IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            let msg =
+                recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
+            let stamp = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::ScmTimestampns(t) => {
+                        Some(Duration::new(u64::try_from(t.tv_sec()).unwrap_or(0), u32::try_from(t.tv_nsec()).unwrap_or(0)))
+                    }
+                    _ => None,
+                })
+            });
+            let from = msg.address.as_ref().and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))))
+            });
+            Ok((msg.bytes, from, stamp))
+        });
+        match got {
+            Ok((n, Some(from), stamp)) => {
+                let now = Instant::now();
+                // The kernel stamps with the wall clock: how long ago that was, on the monotonic one.
+                let ago = stamp.and_then(|s| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(s));
+                return Ok((n, from, ago.and_then(|a| now.checked_sub(a)).unwrap_or(now)));
+            }
+            Ok((_, None, _)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mutex<Vec<Received>>>, mut stop: oneshot::Receiver<()>) {
     let mut buf = vec![0u8; 2048];
     let record = |r: Received| {
@@ -207,8 +284,8 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
             () = tokio::time::sleep_until(deadline.into()) => {
                 let _ = peer.pc.handle_timeout(Instant::now());
             }
-            r = peer.socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { break };
+            r = recv(&peer.socket, &mut buf) => {
+                let Ok((n, from, arrived)) = r else { break };
                 let Some(d) = buf.get(..n) else { continue };
                 if !peer.decrypts && is_rtp(d) {
                     let mut b = d;
@@ -219,7 +296,7 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
                     continue;
                 }
                 let msg = TaggedBytesMut {
-                    now: Instant::now(),
+                    now: arrived,
                     transport: TransportContext { local_addr: peer.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
                     message: BytesMut::from(d),
                 };

@@ -20,6 +20,8 @@ use tessera_webrtc_agent::feedback::is_keyframe_request;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 
+pub use tessera_webrtc_agent::simulcast::vp8_keyframe_size;
+
 use crate::media::appsink_to_channel;
 use crate::peer::{Connection, vp8};
 use crate::signaling::Signaling;
@@ -103,8 +105,13 @@ impl SimulcastPublisher {
     /// Publishes `layers` (VP8, 15 fps) on a new connection and waits until the server
     /// says the publication is ready.
     pub async fn start(sig: &mut Signaling, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
+        SimulcastPublisher::start_on(sig, &crate::peer::default_ice_ip(), layers).await
+    }
+
+    /// [`SimulcastPublisher::start`] with ICE on `ip`.
+    pub async fn start_on(sig: &mut Signaling, ip: &str, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
         gst::init()?;
-        let conn = Connection::with_simulcast_extensions(&crate::peer::default_ice_ip()).await?;
+        let conn = Connection::with_simulcast_extensions(ip).await?;
         let layers: Vec<Layer> = layers
             .iter()
             .map(|spec| Layer { spec: *spec, ssrc: rand::random(), keyframe: Arc::new(AtomicBool::new(true)), stopped: Arc::default() })

@@ -1,0 +1,301 @@
+//! The simulcast scenario (Tessera only): one publisher sending three real VP8 layers,
+//! fifty light subscribers on `auto`, twenty of them behind a limited link of their own;
+//! per group what arrived (bit rate, loss, the longest gap in the video, the layer it
+//! ended on), and the server's CPU per forwarded packet against fanout50's on the same
+//! light peers in the same run.
+//!
+//! The limited links are real queues: each limited subscriber has an address of its own
+//! in the bench's namespace, and an HTB class on `lo` (where every packet between two of
+//! the namespace's addresses goes) holds what the server sends it to a rate behind a
+//! short FIFO, as a home uplink's bottleneck does. Those subscribers answer with TWCC
+//! feedback and receiver reports as browsers do (`LightOptions::feedback`); the others
+//! send none, so the server keeps them on the layer they started on, the highest.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tessera_client::light::{self, LightOptions, LightSubscriber};
+use tessera_client::peer::Received;
+use tessera_client::signaling::Signaling;
+use tessera_client::simulcast::{LayerSpec, SimulcastPublisher, vp8_keyframe_size};
+
+use crate::scenario::{Figures, Shape, measure, row};
+use crate::server::tessera::Tessera;
+use crate::server::{AnyServer, Kind, Launch, Server};
+
+/// Subscribers on a free link.
+const FREE: usize = 30;
+/// Subscribers on a limited link each.
+const LIMITED: usize = 20;
+/// The limited links' rate: the middle layer fits, the top one does not.
+const LIMIT_KBPS: u32 = 600;
+/// Packets the limited links' queue holds before it drops.
+const LIMIT_QUEUE: u32 = 64;
+/// Moving zone plates (each layer costs what its encoder is given), 15 fps.
+const LAYERS: [LayerSpec; 3] = [
+    LayerSpec { rid: "q", width: 160, height: 120, rgb: (0, 0, 0), noise_kbps: Some(150) },
+    LayerSpec { rid: "h", width: 320, height: 240, rgb: (0, 0, 0), noise_kbps: Some(400) },
+    LayerSpec { rid: "f", width: 640, height: 480, rgb: (0, 0, 0), noise_kbps: Some(1200) },
+];
+/// Time the limited subscribers get to find their layer before the window.
+const SETTLE: Duration = Duration::from_secs(8);
+/// A subscriber whose video paused longer than this in the window stalled.
+const STALL: Duration = Duration::from_secs(1);
+/// The limited subscribers' addresses: 127.0.1.100 and up, beside the load generator's.
+fn limited_ip(i: usize) -> String {
+    format!("127.0.1.{}", 100 + i)
+}
+
+fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The limited links, removed when dropped.
+struct Shaping;
+
+impl Shaping {
+    /// One HTB class per address at `kbps` with a `queue`-packet FIFO; all other traffic
+    /// through an unlimited default class.
+    fn new(addresses: &[String], kbps: u32, queue: u32) -> anyhow::Result<Shaping> {
+        run("tc", &["qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1"])?;
+        let shaping = Shaping;
+        run("tc", &["class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit"])?;
+        for (i, ip) in addresses.iter().enumerate() {
+            let class = format!("1:{:x}", 0x100 + i);
+            let rate = format!("{kbps}kbit");
+            // A burst of one packet, as a link that serialises at its rate: `lo`'s 64 KiB
+            // MTU would otherwise give each class a 64 KiB token bucket that lets every
+            // frame through at once (a link that hides its rate until it is overrun).
+            let class_args = ["class", "add", "dev", "lo", "parent", "1:", "classid", &class, "htb", "rate", &rate, "ceil", &rate];
+            run("tc", &[&class_args[..], &["burst", "1600b", "cburst", "1600b"]].concat())?;
+            run("tc", &["qdisc", "add", "dev", "lo", "parent", &class, "pfifo", "limit", &queue.to_string()])?;
+            let dst = format!("{ip}/32");
+            run("tc", &["filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "u32", "match", "ip", "dst", &dst, "flowid", &class])?;
+        }
+        Ok(shaping)
+    }
+}
+
+impl Drop for Shaping {
+    fn drop(&mut self) {
+        let _ = run("tc", &["qdisc", "del", "dev", "lo", "root"]);
+    }
+}
+
+/// What one subscriber's video did in the window.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    packets: usize,
+    bytes: usize,
+    /// Sequence numbers missing between the lowest and highest that arrived.
+    lost: u64,
+    expected: u64,
+    /// The longest time without a video packet (window edges included).
+    longest_gap: Duration,
+    /// The width of the last keyframe that arrived (subscribers that decrypt).
+    width: Option<u16>,
+}
+
+fn seen(log: &[Received], (from_us, to_us): (u64, u64)) -> Seen {
+    let video: Vec<&Received> = log.iter().filter(|r| r.kind == "video" && r.arrived_us >= from_us && r.arrived_us <= to_us).collect();
+    let mut s = Seen { longest_gap: Duration::from_micros(to_us - from_us), ..Seen::default() };
+    let (Some(first), Some(last)) = (video.first(), video.last()) else { return s };
+    let mut gap = (first.arrived_us - from_us).max(to_us - last.arrived_us);
+    // Sequence numbers unwrapped from the first one (the server numbers a subscriber's
+    // video continuously across layer switches).
+    let (mut ext, mut prev) = (0i64, first.header.sequence_number);
+    let mut numbers = HashSet::new();
+    for pair in video.windows(2) {
+        if let [a, b] = pair {
+            gap = gap.max(b.arrived_us - a.arrived_us);
+        }
+    }
+    for r in &video {
+        ext += i64::from(r.header.sequence_number.wrapping_sub(prev) as i16);
+        prev = r.header.sequence_number;
+        numbers.insert(ext);
+        s.packets += 1;
+        s.bytes += r.size;
+        if let Some((w, _)) = vp8_keyframe_size(&r.payload) {
+            s.width = Some(w);
+        }
+    }
+    let (lo, hi) = (numbers.iter().min().copied().unwrap_or(0), numbers.iter().max().copied().unwrap_or(0));
+    s.expected = (hi - lo + 1) as u64;
+    s.lost = s.expected - numbers.len() as u64;
+    s.longest_gap = Duration::from_micros(gap);
+    s
+}
+
+/// One group's row.
+fn group_row(name: &str, seens: &[Seen], window_s: f64, first_frames: &[f64]) -> Value {
+    let kbps: Vec<f64> = seens.iter().map(|s| s.bytes as f64 * 8.0 / window_s / 1000.0).collect();
+    let (lost, expected): (u64, u64) = seens.iter().fold((0, 0), |(l, e), s| (l + s.lost, e + s.expected));
+    let mut widths: BTreeMap<String, usize> = BTreeMap::new();
+    for s in seens {
+        *widths.entry(s.width.map_or("?".to_string(), |w| w.to_string())).or_default() += 1;
+    }
+    let longest = seens.iter().map(|s| s.longest_gap).max().unwrap_or_default();
+    json!({
+        "scenario": "simulcast",
+        "server": "tessera",
+        "group": name,
+        "subscribers": seens.len(),
+        "kbps_mean": (kbps.iter().sum::<f64>() / kbps.len().max(1) as f64).round(),
+        "kbps_min": kbps.iter().copied().fold(f64::INFINITY, f64::min).round(),
+        "kbps_max": kbps.iter().copied().fold(0.0, f64::max).round(),
+        "loss_pct": if expected == 0 { 0.0 } else { (10000.0 * lost as f64 / expected as f64).round() / 100.0 },
+        "longest_gap_ms": longest.as_millis() as u64,
+        "stalled": seens.iter().filter(|s| s.longest_gap > STALL).count(),
+        "last_keyframe_widths": widths,
+        "first_frame_ms": crate::scenario::percentile(first_frames, 0.5).round(),
+    })
+}
+
+/// A subscriber of the scenario: its group, its peer, its session.
+struct Member {
+    limited: bool,
+    sub: LightSubscriber,
+    _sig: Signaling,
+    first_frame_ms: Option<f64>,
+}
+
+async fn join(t: &Tessera, room: &str, stream: &str, i: usize, limited: bool) -> anyhow::Result<Member> {
+    let started = Instant::now();
+    let mut sig = t.join_room(room, &format!("sub{i}")).await?;
+    let (ip, options) = if limited {
+        (limited_ip(i - FREE), LightOptions { feedback: true, video_only: true, ..LightOptions::default() })
+    } else {
+        (t.client_ip().to_string(), LightOptions { video_only: true, ..LightOptions::default() })
+    };
+    let sub = light::subscribe_with(&mut sig, &ip, stream, options).await.with_context(|| format!("subscriber {i}"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut first_frame_ms = None;
+    while Instant::now() < deadline {
+        if sub.received.lock().map(|r| r.iter().any(|p| p.kind == "video")).unwrap_or(false) {
+            first_frame_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Member { limited, sub, _sig: sig, first_frame_ms })
+}
+
+/// Runs the scenario, then fanout50 on light peers as the reference; returns the rows:
+/// one per group, the reference, and the comparison.
+pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    let t = Tessera::start(launch)?;
+    let room = t.create_room("simulcast", json!({"views": []})).await?;
+    let mut psig = t.join_room(&room, "layers").await?;
+    let publisher = SimulcastPublisher::start_on(&mut psig, t.client_ip(), &LAYERS).await?;
+    // The server measures each layer's bit rate before anyone needs it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let limited_ips: Vec<String> = (0..LIMITED).map(limited_ip).collect();
+    for ip in &limited_ips {
+        run("ip", &["addr", "add", &format!("{ip}/32"), "dev", "b0"])?;
+    }
+    let _shaping = Shaping::new(&limited_ips, LIMIT_KBPS, LIMIT_QUEUE)?;
+    let mut members = Vec::new();
+    let wanted: Vec<usize> = (0..FREE + LIMITED).collect();
+    for batch in wanted.chunks(8) {
+        let joins = batch.iter().map(|&i| join(&t, &room, &publisher.stream_id, i, i >= FREE));
+        for m in futures_util::future::join_all(joins).await {
+            members.push(m?);
+        }
+    }
+    tokio::time::sleep(SETTLE).await;
+    let measured = measure(&[t.pid()], seconds).await;
+    let window = (measured.from, measured.to);
+    let window_s = (measured.to - measured.from) as f64 / 1e6;
+    let mut groups: [(Vec<Seen>, Vec<f64>); 2] = Default::default();
+    let mut packets = 0usize;
+    for m in &members {
+        let s = seen(&m.sub.received.lock().map(|r| r.clone()).unwrap_or_default(), window);
+        packets += s.packets;
+        let g = &mut groups[usize::from(m.limited)];
+        g.0.push(s);
+        g.1.extend(m.first_frame_ms);
+    }
+    let missing = members.iter().filter(|m| m.first_frame_ms.is_none()).count();
+    for (name, (seens, first)) in ["free", "limited"].iter().zip(&groups) {
+        rows.push(group_row(name, seens, window_s, first));
+    }
+    let cpu_us = measured.cpu * 1e6 / (packets.max(1) as f64);
+    drop(members);
+    drop(publisher);
+    drop(t);
+
+    // The reference: the same count of light subscribers of one synthetic publisher, on a
+    // fresh server in the same run (no simulcast, so no bandwidth estimation at work).
+    let s = AnyServer::start(Kind::Tessera, launch).await?;
+    let load = crate::scenario::Load { video_kbps: 1200, fps: 15 };
+    let f: Figures =
+        crate::scenario::sfu(&s, load, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 8, light: true }, seconds).await?;
+    let mut reference = row("fanout50-light", "tessera", &f);
+    reference["reference_for"] = json!("simulcast");
+    let reference_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
+    rows.push(reference);
+    rows.push(json!({
+        "scenario": "simulcast",
+        "server": "tessera",
+        "group": "all",
+        "subscribers": FREE + LIMITED,
+        "missing_first_frames": missing,
+        "forwarded_pps": (packets as f64 / window_s).round(),
+        "cpu_pct": (measured.cpu / window_s * 1000.0).round() / 10.0,
+        "cpu_us_per_packet": (cpu_us * 100.0).round() / 100.0,
+        "fanout50_cpu_us_per_packet": reference_us,
+        "cpu_ratio_to_fanout50": if reference_us > 0.0 { (cpu_us / reference_us * 100.0).round() / 100.0 } else { 0.0 },
+        "limit_kbps": LIMIT_KBPS,
+        "limit_queue_packets": LIMIT_QUEUE,
+        "layers_kbps": LAYERS.iter().map(|l| l.noise_kbps.unwrap_or(0)).collect::<Vec<_>>(),
+    }));
+    Ok(rows)
+}
+
+/// Prints the scenario's rows, when a run has them.
+pub fn print(rows: &[Value]) {
+    let groups: Vec<&Value> = rows.iter().filter(|r| r["scenario"] == "simulcast" && r["group"].is_string() && r["group"] != "all").collect();
+    if groups.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<10} {:>5} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8} {:>10}  last keyframe widths",
+        "simulcast", "subs", "kbit/s", "min", "max", "loss %", "gap ms", "stalled", "1st frame"
+    );
+    for g in groups {
+        println!(
+            "{:<10} {:>5} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8} {:>10}  {}",
+            g["group"].as_str().unwrap_or("?"),
+            g["subscribers"],
+            g["kbps_mean"],
+            g["kbps_min"],
+            g["kbps_max"],
+            g["loss_pct"],
+            g["longest_gap_ms"],
+            g["stalled"],
+            g["first_frame_ms"],
+            g["last_keyframe_widths"]
+        );
+    }
+    if let Some(all) = rows.iter().find(|r| r["scenario"] == "simulcast" && r["group"] == "all") {
+        println!(
+            "simulcast: {} pkt/s forwarded, CPU {} %, {} µs/pkt; fanout50 on the same light peers {} µs/pkt: ratio {} (subscribers without a first frame: {})",
+            all["forwarded_pps"],
+            all["cpu_pct"],
+            all["cpu_us_per_packet"],
+            all["fanout50_cpu_us_per_packet"],
+            all["cpu_ratio_to_fanout50"],
+            all["missing_first_frames"]
+        );
+    }
+}
