@@ -57,15 +57,21 @@ fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The limited links, removed when dropped.
-struct Shaping;
+/// The limited links and their addresses, removed when dropped.
+struct Shaping {
+    addresses: Vec<String>,
+}
 
 impl Shaping {
     /// One HTB class per address at `kbps` with a `queue`-packet FIFO; all other traffic
     /// through an unlimited default class.
     fn new(addresses: &[String], kbps: u32, queue: u32) -> anyhow::Result<Shaping> {
+        let mut shaping = Shaping { addresses: Vec::new() };
+        for ip in addresses {
+            run("ip", &["addr", "add", &format!("{ip}/32"), "dev", "b0"])?;
+            shaping.addresses.push(ip.clone());
+        }
         run("tc", &["qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1"])?;
-        let shaping = Shaping;
         run("tc", &["class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "100gbit"])?;
         for (i, ip) in addresses.iter().enumerate() {
             let class = format!("1:{:x}", 0x100 + i);
@@ -86,6 +92,9 @@ impl Shaping {
 impl Drop for Shaping {
     fn drop(&mut self) {
         let _ = run("tc", &["qdisc", "del", "dev", "lo", "root"]);
+        for ip in &self.addresses {
+            let _ = run("ip", &["addr", "del", &format!("{ip}/32"), "dev", "b0"]);
+        }
     }
 }
 
@@ -105,16 +114,16 @@ struct Seen {
 
 fn seen(log: &[Received], (from_us, to_us): (u64, u64)) -> Seen {
     let video: Vec<&Received> = log.iter().filter(|r| r.kind == "video" && r.arrived_us >= from_us && r.arrived_us <= to_us).collect();
-    let mut s = Seen { longest_gap: Duration::from_micros(to_us - from_us), ..Seen::default() };
+    let mut s = Seen { longest_gap: Duration::from_micros(to_us.saturating_sub(from_us)), ..Seen::default() };
     let (Some(first), Some(last)) = (video.first(), video.last()) else { return s };
-    let mut gap = (first.arrived_us - from_us).max(to_us - last.arrived_us);
+    let mut gap = first.arrived_us.saturating_sub(from_us).max(to_us.saturating_sub(last.arrived_us));
     // Sequence numbers unwrapped from the first one (the server numbers a subscriber's
     // video continuously across layer switches).
     let (mut ext, mut prev) = (0i64, first.header.sequence_number);
     let mut numbers = HashSet::new();
     for pair in video.windows(2) {
         if let [a, b] = pair {
-            gap = gap.max(b.arrived_us - a.arrived_us);
+            gap = gap.max(b.arrived_us.saturating_sub(a.arrived_us));
         }
     }
     for r in &video {
@@ -199,10 +208,7 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     // The server measures each layer's bit rate before anyone needs it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let limited_ips: Vec<String> = (0..LIMITED).map(limited_ip).collect();
-    for ip in &limited_ips {
-        run("ip", &["addr", "add", &format!("{ip}/32"), "dev", "b0"])?;
-    }
-    let _shaping = Shaping::new(&limited_ips, LIMIT_KBPS, LIMIT_QUEUE)?;
+    let shaping = Shaping::new(&limited_ips, LIMIT_KBPS, LIMIT_QUEUE)?;
     let mut members = Vec::new();
     let wanted: Vec<usize> = (0..FREE + LIMITED).collect();
     for batch in wanted.chunks(8) {
@@ -232,6 +238,7 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     drop(members);
     drop(publisher);
     drop(t);
+    drop(shaping);
 
     // The reference: the same count of light subscribers of one synthetic publisher, on a
     // fresh server in the same run (no simulcast, so no bandwidth estimation at work).

@@ -10,8 +10,10 @@
 //! a bottleneck on the way spreads them out at its own rate, and the client's feedback
 //! says when each arrived. So each train (three packets or more, all arrived, sent
 //! within [`TRAIN_GAP`] of each other) whose arrivals spread more than their departures
-//! gives a sample of the bottleneck's rate (the bytes after the first over the arrival
-//! spread), and one that arrived as it left says the path is not narrower than that
+//! gives a sample of the bottleneck's rate: the bytes after the packet that ends the
+//! train's first spread gap, over the arrival time they span (packets a shaper's token
+//! bucket let through together at the head show nothing, and the gap after them only
+//! what the bucket lacked). One that arrived as it left says the path is not narrower than that
 //! (unbounded at this resolution). The median of the last [`CAPACITY_SAMPLES`] samples
 //! of the last [`CAPACITY_SPAN`] is the capacity (a low layer makes few trains): the layer choice tries a higher layer only when it fits
 //! ([`crate::simulcast::AutoState`]), so a subscriber on a narrow link is not pushed
@@ -210,7 +212,8 @@ fn train_rate(train: &[PacketReport]) -> Option<u64> {
         return None;
     }
     // The packets a shaper's token bucket let through together lead the train and show
-    // nothing of its rate: the rate is read from the first pair the path spread apart.
+    // nothing of its rate, and the first gap after them only the bucket's remaining
+    // deficit: the rate is read from the packet that ends the first gap on.
     let spread = |pair: &[PacketReport]| match pair {
         [a, b] => {
             let arrival = b.arrival.zip(a.arrival).and_then(|(b, a)| b.checked_sub(a)).unwrap_or_default();
@@ -219,9 +222,12 @@ fn train_rate(train: &[PacketReport]) -> Option<u64> {
         _ => false,
     };
     let Some(first) = train.windows(2).position(spread) else { return Some(UNBOUNDED) };
-    let (from, last) = (train.get(first)?, train.last()?);
+    let (from, last) = (train.get(first + 1)?, train.last()?);
+    if first + 2 >= train.len() {
+        return None;
+    }
     let arrival = last.arrival?.checked_sub(from.arrival?)?;
-    let bits: u64 = train.iter().skip(first + 1).map(|r| r.size as u64 * 8).sum();
+    let bits: u64 = train.iter().skip(first + 2).map(|r| r.size as u64 * 8).sum();
     Some(bits * 1_000_000 / u64::try_from(arrival.as_micros()).unwrap_or(u64::MAX).max(1))
 }
 
@@ -360,11 +366,16 @@ mod tests {
         for i in 0..3 {
             reports.push(report(40_000 + i * 50, Some(60_000 + i * 60), 1100, base));
         }
-        // Through a shaper whose token bucket let the first two pass together: the rate
-        // from the first pair it spread.
+        // Through a shaper whose token bucket let the first two pass together, the third
+        // after the bucket's deficit only: the rate from the fourth on. With only three,
+        // nothing.
         reports.push(report(60_000, Some(70_000), 1100, base));
         reports.push(report(60_050, Some(70_250), 1100, base));
-        reports.push(report(60_100, Some(80_500), 734, base));
+        reports.push(report(60_100, Some(75_000), 1100, base));
+        reports.push(report(60_150, Some(85_500), 734, base));
+        reports.push(report(70_000, Some(90_000), 1100, base));
+        reports.push(report(70_050, Some(90_250), 1100, base));
+        reports.push(report(70_100, Some(95_000), 1100, base));
         // A frame with a lost packet, and one of two packets: no sample.
         reports.push(report(80_000, Some(90_000), 1100, base));
         reports.push(report(80_050, None, 1100, base));
@@ -375,7 +386,7 @@ mod tests {
         assert_eq!(rates.len(), 3, "{rates:?}");
         assert!((590_000..=610_000).contains(&rates[0]), "{rates:?}");
         assert_eq!(rates[1], UNBOUNDED);
-        assert!((570_000..=575_000).contains(&rates[2]), "{rates:?}");
+        assert!((555_000..=562_000).contains(&rates[2]), "{rates:?}");
         assert_eq!(median([600_000, UNBOUNDED].into_iter()), 0, "too few samples");
         assert_eq!(median([600_000, 610_000, UNBOUNDED].into_iter()), 610_000);
         assert_eq!(median([600_000, UNBOUNDED, UNBOUNDED].into_iter()), UNBOUNDED);

@@ -399,6 +399,8 @@ impl LayerBoard {
                 // Ties go to the lower layer (ranked first).
                 sized.iter().min_by_key(|(_, d)| *d).map(|(i, _)| *i).or(live.last().copied())
             }
+            // Not shown: the lowest, whether sizes are known or not.
+            LayerChoice::Fill { width: 0, .. } | LayerChoice::Fill { height: 0, .. } => live.first().copied(),
             LayerChoice::Fill { width, height } => {
                 // Fitted inside the region with its aspect ratio kept (the mixer letterboxes), a
                 // picture is not enlarged when its width or its height reaches the region's.
@@ -433,7 +435,10 @@ pub struct AutoState {
     trial: Option<Instant>,
     /// The running trial was made on the capacity's word.
     trial_on_capacity: bool,
-    /// Packet trains' capacity has not misled a trial on this connection.
+    /// When the last step up made on the capacity's word was taken (or its switch took place).
+    capacity_step: Option<Instant>,
+    /// The packet trains' capacity misled a step up of this subscriber's (congestion
+    /// followed within [`AUTO_TRIAL`]): it only gates tries from then on.
     capacity_misled: bool,
     settle_until: Option<Instant>,
     /// Whether this subscriber has met congestion yet: until then it goes straight to
@@ -468,11 +473,19 @@ impl AutoState {
     /// Tells it the subscriber still waits for the keyframe of the layer it moves to: a
     /// move down settles until [`SWITCH_SETTLE`] after that (the loss it measures is then
     /// the new layer's, not the backlog of the old one).
+    /// A step up's trial starts when its switch takes place.
     pub fn switching(&mut self, now: Instant) {
         if let Some(t) = self.settle_until
             && now < t
         {
             self.settle_until = Some(t.max(now + SWITCH_SETTLE));
+        }
+        if self.trial.is_some() {
+            self.trial = Some(now);
+            self.quiet_since = Some(now);
+            if self.trial_on_capacity {
+                self.capacity_step = Some(now);
+            }
         }
     }
 
@@ -520,7 +533,11 @@ impl AutoState {
             // A failed try waits twice as long before the next; other congestion leaves the wait as it is.
             if self.trial.take().is_some() {
                 self.backoff = Some((backoff * 2).min(AUTO_BACKOFF_MAX));
-                self.capacity_misled |= self.trial_on_capacity;
+            }
+            // A queue may take longer than the fast trial to overflow.
+            if self.capacity_step.is_some_and(|t| now.saturating_duration_since(t) < AUTO_TRIAL) {
+                self.capacity_misled = true;
+                self.capacity_step = None;
             }
             let Some(below) = at.checked_sub(1) else { return current };
             // What GCC does next answers this move, not the congestion before it.
@@ -540,7 +557,7 @@ impl AutoState {
         // tenth spare); unknown capacity leaves it to the try.
         let room = |i: usize| estimate.capacity == 0 || estimate.capacity / 11 * 10 >= u64::from(board.bitrate(i));
         let proven = estimate.capacity != 0 && !self.capacity_misled && live.get(at + 1).is_some_and(|&i| room(i));
-        let step = if proven { AUTO_FAST_STEP } else { AUTO_TRIAL };
+        let step = if self.trial_on_capacity && !self.capacity_misled { AUTO_FAST_STEP } else { AUTO_TRIAL };
         if self.trial.is_some_and(|t| now.saturating_duration_since(t) >= step) {
             self.trial = None;
             self.backoff = Some(AUTO_BACKOFF);
@@ -552,6 +569,9 @@ impl AutoState {
         if self.trial.is_none() && now.saturating_duration_since(quiet_since) >= wait && live.get(at + 1).is_some_and(|&i| room(i)) {
             self.trial = Some(now);
             self.trial_on_capacity = proven;
+            if proven {
+                self.capacity_step = Some(now);
+            }
             self.quiet_since = Some(now);
             return live.get(at + 1).copied();
         }

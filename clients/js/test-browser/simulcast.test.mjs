@@ -2,9 +2,12 @@
 // 1280x720 as three layers (`simulcast: true`); another client subscribes to the low
 // layer, then switches to high and medium, and the picture size it decodes follows. And
 // in a room with no views (nothing mixes), layers nobody takes stop being encoded and sent
-// by the browser until someone wants them. Loopback-only namespace, as every browser test.
+// by the browser until someone wants them. And two subscribers on `auto`, one of them
+// behind a throttled link (tc on what the server sends to its port): it moves to a lower
+// layer while the other stays on the top one. Loopback-only namespace, as every browser test.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { startServer, launchChromium } from './helpers.mjs';
 
 const KEY = 'browser-simulcast-key-0123456789';
@@ -135,4 +138,84 @@ test('layers nobody takes are paused in the publishing browser', async () => {
   assert.ok(r.alone.q > 1000, `q is sent while alone: ${JSON.stringify(r)}`);
   assert.ok((r.alone.h || 0) < 300 && (r.alone.f || 0) < 300, `h and f paused while alone: ${JSON.stringify(r)}`);
   assert.ok(r.watched.f > 5000 && r.watched.h > 1000, `h and f sent again once watched: ${JSON.stringify(r)}`);
+});
+
+test('a subscriber on a throttled link gets a lower layer while another keeps the top one', async () => {
+  const page = await browser.newPage();
+  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
+  await page.goto(server.portal + '/');
+  // Alice publishes; Bob and Carl subscribe on auto, each on a connection of its own.
+  const port = await page.evaluate(async () => {
+    const { ConferenceClient } = await import('/sdk/tessera.js');
+    const token = async (user) => (await fetch('/dev/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) })).text();
+    const alice = new ConferenceClient();
+    await alice.join(await token('alice'));
+    const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
+    const publication = await alice.publish(camera, { simulcast: true });
+    const watch = async (user) => {
+      const client = new ConferenceClient();
+      const joined = await client.join(await token(user));
+      const stream = joined.remoteStreams.find((s) => s.id === publication.id);
+      const subscription = await client.subscribe(stream, { audio: false });
+      const video = document.createElement('video');
+      video.muted = true;
+      video.srcObject = subscription.stream;
+      document.body.appendChild(video);
+      await video.play();
+      return { subscription, video };
+    };
+    window.viewers = { bob: await watch('bob'), carl: await watch('carl') };
+    // Both start on the top layer.
+    const start = performance.now();
+    while (performance.now() - start < 15000) {
+      if (window.viewers.bob.video.videoWidth === 1280 && window.viewers.carl.video.videoWidth === 1280) break;
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    if (window.viewers.carl.video.videoWidth !== 1280 || window.viewers.bob.video.videoWidth !== 1280) {
+      return { error: `not both on the top layer before the limit: bob ${window.viewers.bob.video.videoWidth}, carl ${window.viewers.carl.video.videoWidth}` };
+    }
+    // Carl's local port: what the server sends to.
+    let port = null;
+    const stats = await window.viewers.carl.subscription._pc.getStats();
+    stats.forEach((s) => {
+      if (s.type === 'candidate-pair' && s.state === 'succeeded' && s.nominated) port = stats.get(s.localCandidateId).port;
+    });
+    return { port };
+  }).then((r) => { assert.ok(!r.error, r.error); return r.port; });
+  assert.ok(port, 'no selected candidate pair for carl');
+  // What the server sends to Carl's port: 450 kbit/s behind a 64-packet queue, a
+  // one-packet burst (Chromium's fake camera: h about 300 kbit/s fits, f about 800 does not).
+  const tc = (args) => execFileSync('tc', args.split(' '));
+  tc('qdisc add dev lo root handle 1: htb default 1');
+  try {
+    tc('class add dev lo parent 1: classid 1:1 htb rate 100gbit');
+    tc('class add dev lo parent 1: classid 1:10 htb rate 450kbit ceil 450kbit burst 1600b cburst 1600b');
+    tc('qdisc add dev lo parent 1:10 pfifo limit 64');
+    tc(`filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff match ip dport ${port} 0xffff flowid 1:10`);
+    const r = await page.evaluate(async () => {
+      const { bob, carl } = window.viewers;
+      // Carl below the top layer within 15 s; then both sampled every 250 ms for 8 s.
+      const start = performance.now();
+      while (carl.video.videoWidth === 1280 && performance.now() - start < 15000) await new Promise((res) => setTimeout(res, 100));
+      const down = Math.round(performance.now() - start);
+      const widths = { bob: [], carl: [] };
+      for (let i = 0; i < 32; i++) {
+        await new Promise((res) => setTimeout(res, 250));
+        widths.bob.push(bob.video.videoWidth);
+        widths.carl.push(carl.video.videoWidth);
+      }
+      const frames = (v) => v.getVideoPlaybackQuality().totalVideoFrames;
+      const before = { bob: frames(bob.video), carl: frames(carl.video) };
+      await new Promise((res) => setTimeout(res, 1000));
+      return { down, widths, fps: { bob: frames(bob.video) - before.bob, carl: frames(carl.video) - before.carl } };
+    });
+    const share = (list, test) => list.filter(test).length / list.length;
+    console.log(`throttled subscriber in Chromium: carl below the top layer after ${r.down} ms; ${JSON.stringify(r)}`);
+    assert.ok(r.down < 15000, `carl never left the top layer: ${JSON.stringify(r)}`);
+    assert.ok(share(r.widths.carl, (w) => w > 0 && w < 1280) >= 0.7, `carl below the top layer for less than 70 % of the time: ${JSON.stringify(r.widths.carl)}`);
+    assert.ok(share(r.widths.bob, (w) => w === 1280) >= 0.9, `bob not on the top layer: ${JSON.stringify(r.widths.bob)}`);
+    assert.ok(r.fps.carl > 5 && r.fps.bob > 5, `frames decoded in a second: ${JSON.stringify(r.fps)}`);
+  } finally {
+    tc('qdisc del dev lo root');
+  }
 });

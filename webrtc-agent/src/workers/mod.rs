@@ -387,7 +387,9 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     }
     let registry = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build())
+        // Wire-ward of the responder: it sees the NACKs first (see `nack_age`).
+        .with(Slot::from(3_500), crate::nack_age::NackAgeLimit::default());
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
     let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
     let estimate = Arc::new(Estimate::default());

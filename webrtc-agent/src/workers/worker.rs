@@ -1010,7 +1010,7 @@ impl Worker {
         self.keyframe(start, self.index, now);
     }
 
-    /// A layered video's taps move to the layer that is highest now.
+    /// A layered video's taps move to the layer their choice gives now.
     fn retarget_layer_taps(&mut self, board: u64, now: Instant) {
         let Some(state) = self.boards.get_mut(&board) else { return };
         let mut ask = Vec::new();
@@ -1705,6 +1705,8 @@ impl Worker {
             if state.sized != sized {
                 state.sized = sized;
                 resized = Some((state.peer, state.publication.clone()));
+                // Choices by size (a resolution, a mixer's region) may pick another layer now.
+                changed = true;
             }
             if state.ranking != ranking {
                 changed |= !state.ranking.is_empty();
