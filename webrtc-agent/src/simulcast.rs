@@ -435,8 +435,12 @@ pub struct AutoState {
     trial: Option<Instant>,
     /// The running trial was made on the capacity's word.
     trial_on_capacity: bool,
-    /// When the last step up made on the capacity's word was taken (or its switch took place).
+    /// When the switch of the last step up made on the capacity's word took place.
     capacity_step: Option<Instant>,
+    /// Such a step waits for its switch.
+    capacity_pending: bool,
+    /// When [`AutoState::switching`] was last told (the same tick as `next` while it waits).
+    switch_seen: Option<Instant>,
     /// The packet trains' capacity misled a step up of this subscriber's (congestion
     /// followed within [`AUTO_TRIAL`]): it only gates tries from then on.
     capacity_misled: bool,
@@ -483,10 +487,8 @@ impl AutoState {
         if self.trial.is_some() {
             self.trial = Some(now);
             self.quiet_since = Some(now);
-            if self.trial_on_capacity {
-                self.capacity_step = Some(now);
-            }
         }
+        self.switch_seen = Some(now);
     }
 
     /// The layer for a subscriber heading to layer `current` (the one it reads, or the one
@@ -507,6 +509,12 @@ impl AutoState {
         };
         if estimate.age > STALE {
             return current;
+        }
+        // A step up on the capacity's word whose switch is done: from now on, congestion
+        // within AUTO_TRIAL is its doing.
+        if self.capacity_pending && self.switch_seen != Some(now) {
+            self.capacity_pending = false;
+            self.capacity_step = Some(now);
         }
         let quiet_since = *self.quiet_since.get_or_insert(now);
         let backoff = *self.backoff.get_or_insert(AUTO_BACKOFF);
@@ -553,6 +561,10 @@ impl AutoState {
         {
             return Some(best);
         }
+        // Nothing goes up while a move down settles.
+        if settling {
+            return current;
+        }
         // A try needs room for the next layer where packet trains show the capacity (a
         // tenth spare); unknown capacity leaves it to the try.
         let room = |i: usize| estimate.capacity == 0 || estimate.capacity / 11 * 10 >= u64::from(board.bitrate(i));
@@ -569,9 +581,8 @@ impl AutoState {
         if self.trial.is_none() && now.saturating_duration_since(quiet_since) >= wait && live.get(at + 1).is_some_and(|&i| room(i)) {
             self.trial = Some(now);
             self.trial_on_capacity = proven;
-            if proven {
-                self.capacity_step = Some(now);
-            }
+            self.capacity_pending = proven;
+            self.capacity_step = None;
             self.quiet_since = Some(now);
             return live.get(at + 1).copied();
         }

@@ -178,7 +178,10 @@ test('a subscriber on a throttled link gets a lower layer while another keeps th
     let port = null;
     const stats = await window.viewers.carl.subscription._pc.getStats();
     stats.forEach((s) => {
-      if (s.type === 'candidate-pair' && s.state === 'succeeded' && s.nominated) port = stats.get(s.localCandidateId).port;
+      if (s.type === 'transport' && s.selectedCandidatePairId) {
+        const pair = stats.get(s.selectedCandidatePairId);
+        port = pair && stats.get(pair.localCandidateId)?.port;
+      }
     });
     return { port };
   }).then((r) => { assert.ok(!r.error, r.error); return r.port; });
@@ -216,6 +219,6 @@ test('a subscriber on a throttled link gets a lower layer while another keeps th
     assert.ok(share(r.widths.bob, (w) => w === 1280) >= 0.9, `bob not on the top layer: ${JSON.stringify(r.widths.bob)}`);
     assert.ok(r.fps.carl > 5 && r.fps.bob > 5, `frames decoded in a second: ${JSON.stringify(r.fps)}`);
   } finally {
-    tc('qdisc del dev lo root');
+    try { tc('qdisc del dev lo root'); } catch (e) { console.error(`removing the shaping: ${e.message}`); }
   }
 });

@@ -404,9 +404,9 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     };
     let registry = configure_rtcp_reports(registry)
         .with(Slot::from(14_000), KeyframeRequestTap::default())
-        // Wire-ward of the NACK generator (it sees the NACKs made) and inward of the
-        // responder, which passes the NACKs it answers on.
-        .with(Slot::from(6_000), RtcpCounter::new(shared.rtcp.clone()));
+        // Wire-ward of the NACK generator (it sees the NACKs made) and of the age limit
+        // (it counts every NACK a client sent, refused or not).
+        .with(Slot::from(3_200), RtcpCounter::new(shared.rtcp.clone()));
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
