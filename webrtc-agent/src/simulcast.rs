@@ -619,15 +619,20 @@ mod tests {
         assert_eq!(b.wanted(false, |_| false), 0b111);
     }
 
+    /// Layers q, h, f, all flowing, at these bitrates.
+    fn flowing_at(bps: &[u32; 3]) -> LayerBoard {
+        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
+        b.set_live_mask(0b111);
+        for (i, bps) in bps.iter().enumerate() {
+            b.set_bitrate(i, *bps);
+        }
+        b
+    }
+
     #[test]
     fn auto_goes_down_at_once_and_up_carefully() {
         use crate::bwe::Reading;
-        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
-        b.set_live_mask(0b111);
-        for (i, bps) in [100_000, 300_000, 900_000].into_iter().enumerate() {
-            b.set_bitrate(i, bps);
-        }
-        let t0 = Instant::now();
+        let (b, t0) = (flowing_at(&[100_000, 300_000, 900_000]), Instant::now());
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let clean = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 0, packets: 100, capacity: 0, age: Duration::ZERO };
         let lossy = |target: u64, delivered: u64| Reading { target, delivered, loss_permille: 200, packets: 100, capacity: 0, age: Duration::ZERO };
@@ -675,12 +680,7 @@ mod tests {
     #[test]
     fn auto_tries_a_higher_layer_only_where_the_capacity_holds_it() {
         use crate::bwe::{Reading, UNBOUNDED};
-        let b = LayerBoard::new(1, VideoCodec::Vp8, vec![("q".into(), 10), ("h".into(), 11), ("f".into(), 12)]);
-        b.set_live_mask(0b111);
-        for (i, bps) in [100_000, 300_000, 900_000].into_iter().enumerate() {
-            b.set_bitrate(i, bps);
-        }
-        let t0 = Instant::now();
+        let (b, t0) = (flowing_at(&[100_000, 300_000, 900_000]), Instant::now());
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let reading = |loss_permille: u32, capacity: u64| Reading {
             target: 1_000_000,

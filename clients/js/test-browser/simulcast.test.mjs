@@ -30,19 +30,32 @@ after(async () => {
   if (server) server.child.kill('SIGTERM');
 });
 
-test('a simulcast publication plays in the layer the subscriber chooses', async () => {
+/** A portal page with `token(user)` (a dev-room token) and `publishCamera()` (Alice joins
+ * and publishes the fake 1280x720 camera with simulcast; resolves to the publication) on `window`. */
+async function portalPage() {
   const page = await browser.newPage();
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
   await page.goto(server.portal + '/');
+  await page.evaluate(() => {
+    window.token = async (user) => (await fetch('/dev/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) })).text();
+    window.publishCamera = async () => {
+      const { ConferenceClient } = await import('/sdk/tessera.js');
+      const alice = new ConferenceClient();
+      await alice.join(await window.token('alice'));
+      const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
+      return alice.publish(camera, { simulcast: true });
+    };
+  });
+  return page;
+}
+
+test('a simulcast publication plays in the layer the subscriber chooses', async () => {
+  const page = await portalPage();
   const r = await page.evaluate(async () => {
     const { ConferenceClient } = await import('/sdk/tessera.js');
-    const token = async (user) => (await fetch('/dev/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) })).text();
-    const alice = new ConferenceClient();
-    await alice.join(await token('alice'));
-    const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
-    const publication = await alice.publish(camera, { simulcast: true });
+    const publication = await window.publishCamera();
     const bob = new ConferenceClient();
-    const joined = await bob.join(await token('bob'));
+    const joined = await bob.join(await window.token('bob'));
     const stream = joined.remoteStreams.find((s) => s.id === publication.id);
     if (!stream) return { error: 'no stream of alice' };
     const subscription = await bob.subscribe(stream, { layer: 'low' });
@@ -141,20 +154,14 @@ test('layers nobody takes are paused in the publishing browser', async () => {
 });
 
 test('a subscriber on a throttled link gets a lower layer while another keeps the top one', async () => {
-  const page = await browser.newPage();
-  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
-  await page.goto(server.portal + '/');
+  const page = await portalPage();
   // Alice publishes; Bob and Carl subscribe on auto, each on a connection of its own.
   const port = await page.evaluate(async () => {
     const { ConferenceClient } = await import('/sdk/tessera.js');
-    const token = async (user) => (await fetch('/dev/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) })).text();
-    const alice = new ConferenceClient();
-    await alice.join(await token('alice'));
-    const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
-    const publication = await alice.publish(camera, { simulcast: true });
+    const publication = await window.publishCamera();
     const watch = async (user) => {
       const client = new ConferenceClient();
-      const joined = await client.join(await token(user));
+      const joined = await client.join(await window.token(user));
       const stream = joined.remoteStreams.find((s) => s.id === publication.id);
       const subscription = await client.subscribe(stream, { audio: false });
       const video = document.createElement('video');
