@@ -24,6 +24,9 @@ test('the demo page joins over https and wss and plays video', async () => {
   // The page is a secure context (the camera needs one off localhost) and the token sends
   // the client to the TLS portal.
   assert.equal(await alice.evaluate(() => window.isSecureContext && location.protocol), 'https:');
+  // Socket.IO may still be upgrading from polling when the page says "In room" (seen
+  // once in CI): the upgrade to wss must be done within 5 s.
+  await alice.waitForFunction(() => window.tesseraClient._socket.io.engine.transport.name === 'websocket', null, { timeout: 5000 }).catch(() => {});
   const transport = await alice.evaluate(() => window.tesseraClient._socket.io.engine.transport.name);
   assert.equal(transport, 'websocket');
   assert.match(await alice.evaluate(() => window.tesseraClient._socket.io.uri), /^https:\/\//);
