@@ -4,6 +4,11 @@
 //! instead of showing nothing until the sender's next periodic one. A test subscriber
 //! behind a congested link needs it as much as a browser does: a layer switch whose
 //! keyframe the link dropped would otherwise freeze it for seconds.
+//!
+//! Likewise a video stream whose packets arrive without a keyframe among them (its first
+//! one was lost before the receiver was ready, or sent before the connection was) cannot
+//! be decoded at all: as Chrome's receiver does, the client asks for one after
+//! [`NO_KEYFRAME_WAIT`], and again every [`GIVE_UP`] until one comes.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -13,19 +18,45 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::sansio::Protocol;
 use rtc::shared::TransportContext;
 use rtc::shared::error::Error;
+use tessera_webrtc_agent::simulcast::VideoCodec;
 
 /// How long a packet may stay missing before the picture is given up on.
 pub const GIVE_UP: Duration = Duration::from_secs(1);
+/// How long packets may arrive without any keyframe before one is asked for.
+pub const NO_KEYFRAME_WAIT: Duration = Duration::from_millis(500);
 /// How often missing packets are looked at.
 const CHECK: Duration = Duration::from_millis(100);
 /// A jump longer than this is a new sequence (a sender restart), not loss.
 const MAX_GAP: u16 = 512;
 
-#[derive(Default)]
 struct Stream {
     highest: Option<u16>,
     /// Missing sequence numbers and since when.
     missing: HashMap<u16, Instant>,
+    codec: VideoCodec,
+    /// No keyframe has come yet: since when packets arrive, when one was last asked for.
+    keyless: Option<(Instant, Option<Instant>)>,
+    /// A keyframe has come (or the codec's keyframes cannot be told).
+    keyed: bool,
+}
+
+impl Stream {
+    fn new(codec: VideoCodec) -> Self {
+        Stream { highest: None, missing: HashMap::new(), codec, keyless: None, keyed: codec == VideoCodec::Other }
+    }
+
+    /// Whether a keyframe request is due for lack of any keyframe (and notes it asked).
+    fn keyframe_due(&mut self, now: Instant) -> bool {
+        let Some((since, asked)) = &mut self.keyless else { return false };
+        let due = match asked {
+            None => now.saturating_duration_since(*since) >= NO_KEYFRAME_WAIT,
+            Some(at) => now.saturating_duration_since(*at) >= GIVE_UP,
+        };
+        if due {
+            *asked = Some(now);
+        }
+        due
+    }
 }
 
 /// The interceptor (see the module docs); video streams only.
@@ -40,6 +71,22 @@ pub struct KeyframeOnLoss {
 }
 
 impl KeyframeOnLoss {
+    /// A media packet (not a repair) of a watched stream: has the stream had a keyframe?
+    fn media(&mut self, ssrc: u32, payload: &[u8], now: Instant) {
+        let Some(s) = self.streams.get_mut(&ssrc) else { return };
+        if s.keyed {
+            return;
+        }
+        if s.codec.starts_keyframe(payload) {
+            s.keyed = true;
+            s.keyless = None;
+        } else if s.keyless.is_none() {
+            s.keyless = Some((now, None));
+            let check = now + NO_KEYFRAME_WAIT;
+            self.next = Some(self.next.map_or(check, |n| n.min(check)));
+        }
+    }
+
     fn arrived(&mut self, ssrc: u32, seq: u16, now: Instant) {
         let Some(s) = self.streams.get_mut(&ssrc) else { return };
         let Some(highest) = s.highest else {
@@ -82,6 +129,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
                     self.arrived(media, u16::from_be_bytes([a, b]), msg.now);
                 }
             } else {
+                self.media(ssrc, &p.payload, msg.now);
                 self.arrived(ssrc, p.header.sequence_number, msg.now);
             }
         }
@@ -108,7 +156,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
         }
         let mut waiting = false;
         for (&ssrc, s) in &mut self.streams {
-            if s.missing.values().any(|since| now.saturating_duration_since(*since) >= GIVE_UP) {
+            let lost = s.missing.values().any(|since| now.saturating_duration_since(*since) >= GIVE_UP);
+            let keyless = s.keyframe_due(now);
+            if lost || keyless {
                 s.missing.clear();
                 let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
                 self.write.push_back(TaggedPacket {
@@ -117,7 +167,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
                     message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(pli)])),
                 });
             }
-            waiting |= !s.missing.is_empty();
+            waiting |= !s.missing.is_empty() || s.keyless.is_some();
         }
         self.next = waiting.then_some(now + CHECK);
         Ok(())
@@ -133,7 +183,7 @@ impl Interceptor for KeyframeOnLoss {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
         if info.mime_type.to_ascii_lowercase().starts_with("video/") {
-            self.streams.insert(info.ssrc, Stream::default());
+            self.streams.insert(info.ssrc, Stream::new(VideoCodec::of(&info.mime_type)));
             if let Some(rtx) = info.ssrc_rtx {
                 self.rtx.insert(rtx, info.ssrc);
             }
@@ -149,11 +199,17 @@ impl Interceptor for KeyframeOnLoss {
 mod tests {
     use super::*;
 
+    /// A VP8 packet: the start of a keyframe (S bit, then the P bit clear).
     fn rtp(ssrc: u32, seq: u16, now: Instant) -> TaggedPacket {
-        let packet = rtc::rtp::Packet {
-            header: rtc::rtp::Header { version: 2, ssrc, sequence_number: seq, ..Default::default() },
-            payload: vec![0; 10].into(),
-        };
+        vp8(ssrc, seq, now, true)
+    }
+
+    fn vp8(ssrc: u32, seq: u16, now: Instant, key: bool) -> TaggedPacket {
+        let mut payload = vec![0; 10];
+        payload[0] = 0x10;
+        payload[1] = u8::from(!key);
+        let packet =
+            rtc::rtp::Packet { header: rtc::rtp::Header { version: 2, ssrc, sequence_number: seq, ..Default::default() }, payload: payload.into() };
         TaggedPacket { now, transport: TransportContext::default(), message: AttributedPacket::new(Packet::Rtp(packet)) }
     }
 
@@ -187,5 +243,32 @@ mod tests {
         k.handle_read(rtp(9, 5, at(2100))).unwrap();
         k.handle_timeout(at(3500)).unwrap();
         assert_eq!(plis(&mut k), 0);
+    }
+
+    #[test]
+    fn packets_without_any_keyframe_ask_for_one_until_it_comes() {
+        let mut k = KeyframeOnLoss::default();
+        k.bind_remote_stream(&StreamInfo { ssrc: 7, mime_type: "video/VP8".into(), ..Default::default() });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for seq in 0..5u16 {
+            k.handle_read(vp8(7, seq, at(u64::from(seq) * 50), false)).unwrap();
+        }
+        k.handle_timeout(at(400)).unwrap();
+        assert_eq!(plis(&mut k), 0, "not yet");
+        assert_eq!(k.poll_timeout(), Some(at(500)));
+        k.handle_timeout(at(500)).unwrap();
+        assert_eq!(plis(&mut k), 1, "delta frames alone cannot be decoded");
+        k.handle_timeout(at(1000)).unwrap();
+        assert_eq!(plis(&mut k), 0, "asked a moment ago");
+        k.handle_timeout(at(1500)).unwrap();
+        assert_eq!(plis(&mut k), 1, "asked again: none came");
+        // The keyframe comes: no more requests, nothing to wake up for.
+        k.handle_read(vp8(7, 5, at(1600), true)).unwrap();
+        k.handle_read(vp8(7, 6, at(1650), false)).unwrap();
+        k.handle_timeout(at(1700)).unwrap();
+        k.handle_timeout(at(3000)).unwrap();
+        assert_eq!(plis(&mut k), 0);
+        assert_eq!(k.poll_timeout(), None);
     }
 }
