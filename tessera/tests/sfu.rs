@@ -1245,6 +1245,20 @@ async fn simulcast_layers_nobody_takes_are_paused_at_the_publisher() {
     assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h", "f"]);
     let reached = wait_for_picture(&auto, F, Duration::from_secs(5)).await;
     println!("the auto subscriber reached f {reached:?} after subscribing");
+    // It pauses its video: it wants no layer, and f is not sent any more; it resumes: f
+    // again, and its picture comes back (the subscription moving up from h on auto, f
+    // having stopped meanwhile), every frame decodable.
+    ssig.ok("subscription-control", Some(json!({"id": auto.id, "operation": "pause", "data": "video"}))).await.unwrap();
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h"]);
+    let paused = auto.packets("video").len();
+    ssig.ok("subscription-control", Some(json!({"id": auto.id, "operation": "play", "data": "video"}))).await.unwrap();
+    assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h", "f"]);
+    auto.wait_until("video after resuming", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > paused + 30).await.unwrap();
+    let back = Instant::now();
+    while runs(&check_layered_video(&auto, 4)).last() != Some(&F) {
+        assert!(back.elapsed() < Duration::from_secs(10), "auto did not come back to f: {:?}", runs(&check_layered_video(&auto, 4)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // It leaves: f is not sent any more, and h's subscriber goes on undisturbed.
     ssig.ok("unsubscribe", Some(json!({"id": auto.id}))).await.unwrap();
     assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h"]);

@@ -245,29 +245,53 @@ struct Selection {
     /// second, an older packet of that layer (late, or a retransmission) would land
     /// before it, and is dropped.
     floor: Option<(u16, Instant)>,
+    /// Paused: its choice is not counted (the publisher need not send for it).
+    paused: bool,
 }
 
 impl Selection {
     fn new(board: Arc<LayerBoard>, choice: LayerChoice) -> Selection {
         board.count_choice(&choice, true);
         let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
-        Selection { board, choice, target: None, started: false, vp8, asked: None, auto: AutoState::default(), floor: None }
+        Selection { board, choice, target: None, started: false, vp8, asked: None, auto: AutoState::default(), floor: None, paused: false }
     }
 
     /// Changes the choice (the board counts what legs want, for the publisher).
     fn set_choice(&mut self, choice: LayerChoice) {
-        self.board.count_choice(&self.choice, false);
-        self.board.count_choice(&choice, true);
+        if !self.paused {
+            self.board.count_choice(&self.choice, false);
+            self.board.count_choice(&choice, true);
+        }
         if choice == LayerChoice::Auto && self.choice != LayerChoice::Auto {
             self.auto = AutoState::default();
         }
         self.choice = choice;
     }
+
+    /// Pauses or resumes the leg's reading: a paused leg wants no layer, and resumes like
+    /// a switch (on a keyframe; `auto` starts over, the estimate before the pause is old).
+    fn set_paused(&mut self, paused: bool) {
+        if paused == self.paused {
+            return;
+        }
+        self.paused = paused;
+        self.board.count_choice(&self.choice, !paused);
+        if !paused {
+            self.started = false;
+            self.auto = AutoState::default();
+            // Its pictures go on numbered from the last one sent, as the sequence does.
+            if let Some(v) = &mut self.vp8 {
+                v.rebase();
+            }
+        }
+    }
 }
 
 impl Drop for Selection {
     fn drop(&mut self) {
-        self.board.count_choice(&self.choice, false);
+        if !self.paused {
+            self.board.count_choice(&self.choice, false);
+        }
     }
 }
 
@@ -1805,7 +1829,8 @@ impl Worker {
         }
         let Some(l) = p.legs.get_mut(&leg) else { return };
         let (owner, source) = (l.owner, l.source);
-        let Some(sel) = &mut l.sel else { return };
+        // A paused leg reads nothing; it chooses again when it resumes.
+        let Some(sel) = l.sel.as_mut().filter(|s| !s.paused) else { return };
         // Where keyframes cannot be found, a move would show a broken picture: only off a
         // layer that stopped.
         if sel.board.codec == VideoCodec::Other && sel.started && sel.board.index_of(source).is_some_and(|i| sel.board.is_live(i)) {
@@ -2002,18 +2027,34 @@ impl Worker {
                 }
             }
             None => {
-                for l in p.legs.values_mut().filter(|l| l.session == session && switch.covers(l.kind)) {
+                // A paused layered leg lets go of its layers, so that the publisher may
+                // stop sending what nobody watches; it takes them again on resume.
+                let (mut detached, mut resumed) = (Vec::new(), Vec::new());
+                for (&leg, l) in p.legs.iter_mut().filter(|(_, l)| l.session == session && switch.covers(l.kind)) {
                     let was = std::mem::replace(&mut l.active, switch.active);
-                    if switch.active && !was {
-                        l.rewriter.resync();
-                        if let Some(sel) = &mut l.sel {
-                            // A layered leg resumes on a keyframe, like a switch, and
-                            // `auto` starts over (the estimate before the pause is old).
-                            sel.started = false;
-                            sel.auto = AutoState::default();
+                    if was == switch.active {
+                        continue;
+                    }
+                    if let Some(sel) = &mut l.sel {
+                        sel.set_paused(!switch.active);
+                        if switch.active {
+                            resumed.push((l.source, l.owner, leg));
+                        } else {
+                            detached.extend(std::iter::once(l.source).chain(sel.target.take()).map(|t| (t, l.owner, leg)));
                         }
+                    }
+                    if switch.active {
+                        l.rewriter.resync();
                         keyframes.push((l.source, l.owner));
                     }
+                }
+                for (track, owner, leg) in detached {
+                    self.detach(track, owner, id, leg);
+                }
+                for (track, owner, leg) in resumed {
+                    self.attach(track, owner, id, leg);
+                    // The best layer now (sizes and flowing layers may have changed).
+                    self.reselect(id, leg, now);
                 }
             }
         }
