@@ -164,7 +164,7 @@ fn delivery(subs: &[(u32, bool, Vec<Received>)], sent: &HashMap<u32, Sent>, (fro
 }
 
 /// Aborts the tasks when dropped, whichever way the scenario ends.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<anyhow::Result<(u64, u64)>>>);
+pub(crate) struct AbortOnDrop(pub(crate) Vec<tokio::task::JoinHandle<anyhow::Result<(u64, u64)>>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -2,7 +2,8 @@
 //! fifty light subscribers on `auto`, twenty of them behind a limited link of their own;
 //! per group what arrived (bit rate, loss, the longest gap in the video, the layer it
 //! ended on), and the server's CPU per forwarded packet against fanout50's on the same
-//! light peers in the same run.
+//! light peers in the same run: fanout50 as it is (audio and video), and like for like
+//! (the same subscribers at the same video rates, without simulcast).
 //!
 //! The limited links are real queues: each limited subscriber has an address of its own
 //! in the bench's namespace, and an HTB class on `lo` (where every packet between two of
@@ -13,16 +14,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tessera_client::light::{self, LightOptions, LightSubscriber};
-use tessera_client::peer::Received;
+use tessera_client::peer::{PublishOptions, Publisher, Received};
 use tessera_client::signaling::Signaling;
 use tessera_client::simulcast::{LayerSpec, SimulcastPublisher, vp8_keyframe_size};
 
-use crate::scenario::{Figures, Shape, measure, row};
+use crate::scenario::{AbortOnDrop, Figures, Load, Shape, measure, row};
 use crate::server::tessera::Tessera;
 use crate::server::{AnyServer, Kind, Launch, Server};
 
@@ -176,11 +179,14 @@ struct Member {
     first_frame_ms: Option<f64>,
 }
 
-async fn join(t: &Tessera, room: &str, stream: &str, i: usize, limited: bool) -> anyhow::Result<Member> {
+/// Joins subscriber `i`; a limited one answers with feedback, from its own shaped address
+/// when `shaped`.
+async fn join(t: &Tessera, room: &str, stream: &str, i: usize, limited: bool, shaped: bool) -> anyhow::Result<Member> {
     let started = Instant::now();
     let mut sig = t.join_room(room, &format!("sub{i}")).await?;
     let (ip, options) = if limited {
-        (limited_ip(i - FREE), LightOptions { feedback: true, video_only: true, ..LightOptions::default() })
+        let ip = if shaped { limited_ip(i - FREE) } else { t.client_ip().to_string() };
+        (ip, LightOptions { feedback: true, video_only: true, ..LightOptions::default() })
     } else {
         (t.client_ip().to_string(), LightOptions { video_only: true, ..LightOptions::default() })
     };
@@ -212,7 +218,7 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     let mut members = Vec::new();
     let wanted: Vec<usize> = (0..FREE + LIMITED).collect();
     for batch in wanted.chunks(8) {
-        let joins = batch.iter().map(|&i| join(&t, &room, &publisher.stream_id, i, i >= FREE));
+        let joins = batch.iter().map(|&i| join(&t, &room, &publisher.stream_id, i, i >= FREE, true));
         for m in futures_util::future::join_all(joins).await {
             members.push(m?);
         }
@@ -250,6 +256,11 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     reference["reference_for"] = json!("simulcast");
     let reference_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
     rows.push(reference);
+    drop(s);
+    let like = like_for_like(launch, seconds).await?;
+    let like_us = like["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
+    rows.push(like);
+    let ratio = |reference: f64| if reference > 0.0 { (cpu_us / reference * 100.0).round() / 100.0 } else { 0.0 };
     rows.push(json!({
         "scenario": "simulcast",
         "server": "tessera",
@@ -260,12 +271,72 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
         "cpu_pct": (measured.cpu / window_s * 1000.0).round() / 10.0,
         "cpu_us_per_packet": (cpu_us * 100.0).round() / 100.0,
         "fanout50_cpu_us_per_packet": reference_us,
-        "cpu_ratio_to_fanout50": if reference_us > 0.0 { (cpu_us / reference_us * 100.0).round() / 100.0 } else { 0.0 },
+        "cpu_ratio_to_fanout50": ratio(reference_us),
+        "like_for_like_cpu_us_per_packet": like_us,
+        "cpu_ratio_to_like_for_like": ratio(like_us),
         "limit_kbps": LIMIT_KBPS,
         "limit_queue_packets": LIMIT_QUEUE,
         "layers_kbps": LAYERS.iter().map(|l| l.noise_kbps.unwrap_or(0)).collect::<Vec<_>>(),
     }));
     Ok(rows)
+}
+
+/// The like-for-like reference, on a fresh server: the scenario's subscribers (light,
+/// video only, the same twenty answering with feedback) receiving what they received
+/// there, without simulcast: the thirty free ones a synthetic video-only publisher at the
+/// top layer's rate, the twenty others one at the middle layer's, all on free links.
+/// (Each connection costs the server something whatever its rate — timers, reports,
+/// feedback — so a reference of fifty subscribers at the top rate makes each packet look
+/// cheaper.) The scenario's shaper stays in place, though nobody is behind it: the kernel
+/// charges the sender for every packet's trip through `lo`'s HTB and its filters (5-10 %
+/// of the server's CPU in the scenario, profiled), a cost of the test network, not of
+/// the server.
+async fn like_for_like(launch: &Launch, seconds: u64) -> anyhow::Result<Value> {
+    let limited_ips: Vec<String> = (0..LIMITED).map(limited_ip).collect();
+    let _shaping = Shaping::new(&limited_ips, LIMIT_KBPS, LIMIT_QUEUE)?;
+    let t = Tessera::start(launch)?;
+    let room = t.create_room("reference", json!({"views": []})).await?;
+    let mut keep = Vec::new();
+    let mut senders = Vec::new();
+    let mut streams = Vec::new();
+    for (tag, spec) in [&LAYERS[2], &LAYERS[1]].into_iter().enumerate() {
+        let mut sig = t.join_room(&room, &format!("synthetic-{}", spec.rid)).await?;
+        let opts = PublishOptions { audio: false, video: true, data: false, tag: tag as u32, h264: false };
+        let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+        p.keep_sent.store(false, Ordering::Relaxed);
+        let load = Load { video_kbps: spec.noise_kbps.unwrap_or(0), fps: 15 };
+        let sender = p.clone();
+        senders.push(tokio::spawn(async move { sender.send_for(Duration::from_secs(24 * 3600), load.fps, load.frame_bytes()).await }));
+        streams.push(p.stream_id.clone());
+        keep.push((sig, p));
+    }
+    let senders = AbortOnDrop(senders);
+    let mut members = Vec::new();
+    let wanted: Vec<usize> = (0..FREE + LIMITED).collect();
+    for batch in wanted.chunks(8) {
+        let joins = batch.iter().map(|&i| join(&t, &room, &streams[usize::from(i >= FREE)], i, i >= FREE, false));
+        for m in futures_util::future::join_all(joins).await {
+            members.push(m?);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let measured = measure(&[t.pid()], seconds).await;
+    drop(senders);
+    let window_s = (measured.to - measured.from) as f64 / 1e6;
+    let packets: usize =
+        members.iter().map(|m| seen(&m.sub.received.lock().map(|r| r.clone()).unwrap_or_default(), (measured.from, measured.to)).packets).sum();
+    let cpu_us = measured.cpu * 1e6 / (packets.max(1) as f64);
+    Ok(json!({
+        "scenario": "like-for-like",
+        "server": "tessera",
+        "reference_for": "simulcast",
+        "subscribers": members.len(),
+        "video_kbps": [LAYERS[2].noise_kbps, LAYERS[1].noise_kbps],
+        "fps": 15,
+        "forwarded_pps": (packets as f64 / window_s).round(),
+        "cpu_pct": (measured.cpu / window_s * 1000.0).round() / 10.0,
+        "cpu_us_per_packet": (cpu_us * 100.0).round() / 100.0,
+    }))
 }
 
 /// Prints the scenario's rows, when a run has them.
@@ -296,12 +367,14 @@ pub fn print(rows: &[Value]) {
     }
     if let Some(all) = rows.iter().find(|r| r["scenario"] == "simulcast" && r["group"] == "all") {
         println!(
-            "simulcast: {} pkt/s forwarded, CPU {} %, {} µs/pkt; fanout50 on the same light peers {} µs/pkt: ratio {} (subscribers without a first frame: {})",
+            "simulcast: {} pkt/s forwarded, CPU {} %, {} µs/pkt; fanout50 on the same light peers {} µs/pkt: ratio {}; like for like (no simulcast, same rates) {} µs/pkt: ratio {} (subscribers without a first frame: {})",
             all["forwarded_pps"],
             all["cpu_pct"],
             all["cpu_us_per_packet"],
             all["fanout50_cpu_us_per_packet"],
             all["cpu_ratio_to_fanout50"],
+            all["like_for_like_cpu_us_per_packet"],
+            all["cpu_ratio_to_like_for_like"],
             all["missing_first_frames"]
         );
     }

@@ -1255,8 +1255,8 @@ async fn simulcast_layers_nobody_takes_are_paused_at_the_publisher() {
     assert_eq!(asked_layers(&mut psig, &id, &p).await, ["q", "h", "f"]);
     auto.wait_until("video after resuming", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > paused + 30).await.unwrap();
     let back = Instant::now();
-    while runs(&check_layered_video(&auto, 4)).last() != Some(&F) {
-        assert!(back.elapsed() < Duration::from_secs(10), "auto did not come back to f: {:?}", runs(&check_layered_video(&auto, 4)));
+    while runs(&check_layered_video(&auto, 6)).last() != Some(&F) {
+        assert!(back.elapsed() < Duration::from_secs(10), "auto did not come back to f: {:?}", runs(&check_layered_video(&auto, 6)));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // It leaves: f is not sent any more, and h's subscriber goes on undisturbed.

@@ -880,6 +880,8 @@ impl Worker {
                         self.out.traffic.keyframe_requests_in += packets.iter().filter(|r| is_keyframe_request(r.as_ref())).count() as u64;
                         if packets.iter().any(|r| is_keyframe_request(r.as_ref()))
                             && let Some(leg) = p.legs.values_mut().find(|l| l.track_id == track_id)
+                            // A paused leg shows nothing: its subscriber's requests wait for the resume's keyframe.
+                            && leg.active
                             && leg.last_keyframe_request.is_none_or(|t| now.duration_since(t) >= LEG_KEYFRAME_INTERVAL)
                         {
                             leg.last_keyframe_request = Some(now);
