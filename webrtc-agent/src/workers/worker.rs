@@ -2040,23 +2040,37 @@ impl Worker {
                     if let Some(sel) = &mut l.sel {
                         sel.set_paused(!switch.active);
                         if switch.active {
-                            resumed.push((l.source, l.owner, leg));
+                            resumed.push((l.owner, leg));
                         } else {
                             detached.extend(std::iter::once(l.source).chain(sel.target.take()).map(|t| (t, l.owner, leg)));
                         }
                     }
                     if switch.active {
                         l.rewriter.resync();
-                        keyframes.push((l.source, l.owner));
+                        if l.sel.is_none() {
+                            keyframes.push((l.source, l.owner));
+                        }
                     }
                 }
                 for (track, owner, leg) in detached {
                     self.detach(track, owner, id, leg);
                 }
-                for (track, owner, leg) in resumed {
-                    self.attach(track, owner, id, leg);
-                    // The best layer now (sizes and flowing layers may have changed).
+                for (owner, leg) in resumed {
+                    // The layer its choice gives now (sizes and flowing layers may have
+                    // changed), chosen before it reads anything: it starts at that
+                    // layer's keyframe, with no detour through the one it paused on.
                     self.reselect(id, leg, now);
+                    let Some(l) = self.peers.get_mut(&id).and_then(|p| p.legs.get_mut(&leg)) else { continue };
+                    let Some(sel) = &mut l.sel else { continue };
+                    match sel.target.take() {
+                        // Attached, and its keyframe asked for, by `reselect`.
+                        Some(t) => l.source = t,
+                        None => {
+                            let source = l.source;
+                            self.attach(source, owner, id, leg);
+                            keyframes.push((source, owner));
+                        }
+                    }
                 }
             }
         }
