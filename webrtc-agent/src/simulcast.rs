@@ -42,6 +42,15 @@ impl VideoCodec {
         }
     }
 
+    /// The picture size a packet shows: a VP8 keyframe's header, an H.264 SPS.
+    pub fn picture_size(self, payload: &[u8]) -> Option<(u16, u16)> {
+        match self {
+            VideoCodec::Vp8 => vp8_keyframe_size(payload),
+            VideoCodec::H264 => h264_sps_size(payload),
+            VideoCodec::Other => None,
+        }
+    }
+
     /// Whether the payload is the first packet of a keyframe.
     pub fn starts_keyframe(self, payload: &[u8]) -> bool {
         match self {
@@ -145,6 +154,154 @@ fn h264_starts_keyframe(payload: &[u8]) -> bool {
         28 => payload.get(1).is_some_and(|&fu| fu & 0x80 != 0 && key(fu)),
         _ => key(first),
     }
+}
+
+/// An H.264 picture size, from a sequence parameter set the packet carries (a single NAL
+/// unit or inside a STAP-A; browsers send it with every IDR), cropping applied.
+pub fn h264_sps_size(payload: &[u8]) -> Option<(u16, u16)> {
+    let first = *payload.first()?;
+    match first & 0x1f {
+        7 => sps_size(payload),
+        24 => {
+            let mut at = 1;
+            while let (Some(&hi), Some(&lo)) = (payload.get(at), payload.get(at + 1)) {
+                let size = usize::from(u16::from_be_bytes([hi, lo]));
+                let nal = payload.get(at + 2..at + 2 + size)?;
+                if nal.first().is_some_and(|b| b & 0x1f == 7) {
+                    return sps_size(nal);
+                }
+                at += 2 + size;
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Reads an RBSP bit by bit (emulation-prevention bytes already removed).
+struct Bits<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn bit(&mut self) -> Option<u32> {
+        let byte = *self.data.get(self.at / 8)?;
+        let bit = (byte >> (7 - self.at % 8)) & 1;
+        self.at += 1;
+        Some(u32::from(bit))
+    }
+
+    fn bits(&mut self, n: u32) -> Option<u32> {
+        (0..n).try_fold(0u32, |v, _| Some(v << 1 | self.bit()?))
+    }
+
+    /// Exp-Golomb, unsigned (values beyond 32 bits are refused).
+    fn ue(&mut self) -> Option<u32> {
+        let mut zeros = 0;
+        while self.bit()? == 0 {
+            zeros += 1;
+            if zeros > 31 {
+                return None;
+            }
+        }
+        let rest = self.bits(zeros)?;
+        ((1u64 << zeros) - 1 + u64::from(rest)).try_into().ok()
+    }
+
+    /// Exp-Golomb, signed.
+    fn se(&mut self) -> Option<i64> {
+        let k = i64::from(self.ue()?);
+        Some(if k % 2 == 1 { (k + 1) / 2 } else { -(k / 2) })
+    }
+}
+
+/// The size a sequence parameter set NAL unit (header byte first) declares.
+fn sps_size(nal: &[u8]) -> Option<(u16, u16)> {
+    // Emulation prevention: 00 00 03 → 00 00 (an SPS is tens of bytes, once per keyframe).
+    let mut rbsp = Vec::with_capacity(nal.len());
+    let mut zeros = 0;
+    for &b in nal.get(1..)? {
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        rbsp.push(b);
+    }
+    let mut r = Bits { data: &rbsp, at: 0 };
+    let profile = r.bits(8)?;
+    r.bits(16)?; // constraint flags, level
+    r.ue()?; // seq_parameter_set_id
+    let mut chroma_format = 1;
+    if matches!(profile, 100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135) {
+        chroma_format = r.ue()?;
+        if chroma_format == 3 {
+            r.bit()?; // separate_colour_plane_flag
+        }
+        r.ue()?; // bit depths
+        r.ue()?;
+        r.bit()?; // qpprime_y_zero_transform_bypass_flag
+        if r.bit()? == 1 {
+            for i in 0..if chroma_format == 3 { 12 } else { 8 } {
+                if r.bit()? == 1 {
+                    // A scaling list: only read past.
+                    let (mut last, mut next) = (8i64, 8i64);
+                    for _ in 0..if i < 6 { 16 } else { 64 } {
+                        if next != 0 {
+                            next = (last + r.se()? + 256).rem_euclid(256);
+                        }
+                        if next != 0 {
+                            last = next;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    r.ue()?; // log2_max_frame_num_minus4
+    match r.ue()? {
+        0 => {
+            r.ue()?;
+        }
+        1 => {
+            r.bit()?;
+            r.se()?;
+            r.se()?;
+            let cycle = r.ue()?;
+            if cycle > 255 {
+                return None;
+            }
+            for _ in 0..cycle {
+                r.se()?;
+            }
+        }
+        _ => {}
+    }
+    r.ue()?; // max_num_ref_frames
+    r.bit()?; // gaps_in_frame_num_value_allowed_flag
+    let width_mbs = u64::from(r.ue()?) + 1;
+    let height_units = u64::from(r.ue()?) + 1;
+    let frame_mbs_only = u64::from(r.bit()?);
+    if frame_mbs_only == 0 {
+        r.bit()?; // mb_adaptive_frame_field_flag
+    }
+    r.bit()?; // direct_8x8_inference_flag
+    let (mut left, mut right, mut top, mut bottom) = (0u64, 0u64, 0u64, 0u64);
+    if r.bit()? == 1 {
+        (left, right, top, bottom) = (r.ue()?.into(), r.ue()?.into(), r.ue()?.into(), r.ue()?.into());
+    }
+    // Crop units (H.264 7.4.2.1.1): chroma subsampling, times two for field coding.
+    let (sub_w, sub_h) = match chroma_format {
+        0 => (1, 1),
+        1 => (2, 2),
+        2 => (2, 1),
+        _ => (1, 1),
+    };
+    let width = (width_mbs * 16).checked_sub((left + right) * sub_w)?;
+    let height = ((2 - frame_mbs_only) * height_units * 16).checked_sub((top + bottom) * sub_h * (2 - frame_mbs_only))?;
+    let (w, h) = (u16::try_from(width).ok()?, u16::try_from(height).ok()?);
+    (w > 0 && h > 0).then_some((w, h))
 }
 
 /// Keeps a subscriber's VP8 picture ids and TL0PICIDX continuous across layer switches:
@@ -592,6 +749,69 @@ impl AutoState {
 
 #[cfg(test)]
 mod tests {
+
+    /// The SPS a real encoder writes for a picture of `width`×`height`, as an RTP
+    /// payload: the NAL unit alone, and inside a STAP-A with the PPS after it.
+    fn encoded_sps(encoder: &str, width: u32, height: u32) -> Option<(Vec<u8>, Vec<u8>)> {
+        let dir = std::env::temp_dir().join(format!("tessera-sps-{}-{encoder}-{width}x{height}", std::process::id()));
+        let file = dir.with_extension("h264");
+        let pipeline = format!(
+            "videotestsrc num-buffers=1 ! video/x-raw,width={width},height={height} ! {encoder} ! video/x-h264,stream-format=byte-stream ! filesink location={}",
+            file.display()
+        );
+        let ok = std::process::Command::new("gst-launch-1.0").arg("-q").args(pipeline.split(' ')).status().ok()?.success();
+        let data = std::fs::read(&file).ok();
+        let _ = std::fs::remove_file(&file);
+        let data = data.filter(|_| ok)?;
+        // Annex B: NAL units after 00 00 01 start codes.
+        let starts: Vec<usize> = data.windows(3).enumerate().filter(|(_, w)| *w == [0, 0, 1]).map(|(i, _)| i + 3).collect();
+        let nal = |ty: u8| {
+            starts.iter().enumerate().find(|(_, at)| data.get(**at).is_some_and(|b| b & 0x1f == ty)).map(|(i, &at)| {
+                let end = starts.get(i + 1).map_or(data.len(), |next| next - 3);
+                let mut n = data[at..end].to_vec();
+                while n.last() == Some(&0) {
+                    n.pop();
+                }
+                n
+            })
+        };
+        let (sps, pps) = (nal(7)?, nal(8)?);
+        let mut stap = vec![24u8];
+        for n in [&sps, &pps] {
+            stap.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            stap.extend_from_slice(n);
+        }
+        Some((sps, stap))
+    }
+
+    #[test]
+    fn h264_picture_sizes_come_from_real_encoders_sps() {
+        // x264 writes High profile (scaling lists, chroma format), openh264 Constrained
+        // Baseline; 180 and 90 are not multiples of 16 (cropping).
+        let mut checked = 0;
+        for encoder in ["x264enc", "openh264enc"] {
+            for (w, h) in [(1280u16, 720u16), (640, 360), (320, 180), (160, 90)] {
+                let Some((sps, stap)) = encoded_sps(encoder, u32::from(w), u32::from(h)) else {
+                    eprintln!("{encoder} not available: skipped");
+                    continue;
+                };
+                assert_eq!(h264_sps_size(&sps), Some((w, h)), "{encoder} {w}x{h}: {sps:02x?}");
+                assert_eq!(h264_sps_size(&stap), Some((w, h)), "{encoder} {w}x{h} in a STAP-A");
+                assert_eq!(VideoCodec::H264.picture_size(&stap), Some((w, h)));
+                // Cut short anywhere: no size, no panic.
+                for cut in 1..sps.len() - 1 {
+                    let _ = h264_sps_size(&sps[..cut]);
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "no H.264 encoder to test with");
+        // Not an SPS.
+        assert_eq!(h264_sps_size(&[0x65, 0x88, 0x84]), None);
+        assert_eq!(h264_sps_size(&[0x7c, 0x85, 0x00]), None);
+        assert_eq!(h264_sps_size(&[]), None);
+    }
+
     use super::*;
 
     #[test]
@@ -860,5 +1080,25 @@ mod tests {
         assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(0));
         assert_eq!(b.choose(&LayerChoice::Rid("nope".into())), Some(0));
         assert_eq!(b.index_of(12), Some(2));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever a publisher puts in an SPS or a STAP-A: a size or none, never a panic.
+        #[test]
+        fn h264_sps_size_takes_any_bytes(kind in prop_oneof![Just(0x67u8), Just(0x78u8), any::<u8>()], body in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let mut payload = vec![kind];
+            payload.extend(body);
+            if let Some((w, h)) = h264_sps_size(&payload) {
+                prop_assert!(w > 0 && h > 0);
+            }
+        }
     }
 }

@@ -55,7 +55,7 @@ use super::udp;
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
 use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
-use crate::simulcast::{AutoState, LayerBoard, VideoCodec, Vp8Munger, vp8_keyframe_size};
+use crate::simulcast::{AutoState, LayerBoard, VideoCodec, Vp8Munger};
 
 /// `recvmmsg` calls per loop round before the loop drains outputs and timers.
 const READ_ROUNDS: usize = 2;
@@ -963,9 +963,7 @@ impl Worker {
             m.bytes += packet.payload.len() as u64;
             m.frames += u32::from(packet.header.marker);
             m.last = now;
-            if m.board.codec == VideoCodec::Vp8
-                && let Some(size) = vp8_keyframe_size(&packet.payload)
-            {
+            if let Some(size) = m.board.codec.picture_size(&packet.payload) {
                 m.board.set_size(m.index, size);
             }
         }
