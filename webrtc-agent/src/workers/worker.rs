@@ -309,8 +309,8 @@ struct BoardState {
     peer: u32,
     /// Taps (the mixer, a recording, another node) on it.
     taps: Vec<LayerTap>,
-    /// The layers whose picture size is known (bit i: layer i), as last reported.
-    sized: u32,
+    /// The layers' picture sizes (where known), as last reported.
+    sizes: Vec<Option<(u16, u16)>>,
 }
 
 /// A tap on a layered video: it reads the highest flowing layer, or the one its consumer
@@ -1680,7 +1680,7 @@ impl Worker {
                     publication: publication.clone(),
                     peer: id,
                     taps: Vec::new(),
-                    sized: 0,
+                    sizes: vec![None; board.layers.len()],
                 };
                 self.boards.insert(board.id, state);
                 self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board.id))));
@@ -1723,11 +1723,11 @@ impl Worker {
         let tapped = board.layers.iter().any(|l| reads(l.track).1) || self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
         let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track).0));
         let mut tell = None;
-        let sized = (0..board.layers.len()).filter(|&i| board.size(i).is_some()).fold(0u32, |m, i| m | 1 << i);
+        let sizes: Vec<Option<(u16, u16)>> = (0..board.layers.len()).map(|i| board.size(i)).collect();
         let mut resized = None;
         if let Some(state) = self.boards.get_mut(&board_id) {
-            if state.sized != sized {
-                state.sized = sized;
+            if state.sizes != sizes {
+                state.sizes = sizes;
                 resized = Some((state.peer, state.publication.clone()));
                 // Choices by size (a resolution, a mixer's region) may pick another layer now.
                 changed = true;
@@ -1757,8 +1757,9 @@ impl Worker {
                 update: StreamUpdate::ActiveLayers(rids),
             });
         }
-        // A layer's size became known: the stream's description says so (once per layer;
-        // a stream not announced yet will carry it when it is).
+        // A layer's size became known or changed (an encoder scaling down for CPU or
+        // bandwidth): the stream's description says so, at most once a tick (a stream not
+        // announced yet will carry it when it is).
         if let Some((peer, publication)) = resized
             && let Some(p) = self.peers.get(&peer)
             && p.publications.iter().any(|s| s.id == publication && s.ready)
