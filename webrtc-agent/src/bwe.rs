@@ -94,7 +94,7 @@ pub struct Reading {
 }
 
 impl Estimate {
-    /// Starts estimating (the connection takes a simulcast video).
+    /// Starts estimating (the connection takes a simulcast video on `auto`).
     pub fn enable(&self) {
         self.enabled.store(true, Ordering::Relaxed);
     }
@@ -244,7 +244,7 @@ fn median(samples: impl Iterator<Item = u64>) -> u64 {
 /// An interceptor that works only once its connection's [`Estimate`] is enabled: before,
 /// packets pass it untouched. Numbering every sent packet and keeping its history costs
 /// 20–30 % more CPU per forwarded packet (docs/performance.md), which only a connection
-/// that takes a simulcast video has any use for.
+/// that takes a simulcast video on `auto` has any use for.
 pub struct Switched<I> {
     inner: I,
     estimate: Arc<Estimate>,

@@ -1469,8 +1469,11 @@ impl Worker {
             let (source, sel) = match &src.layers {
                 Some(board) => {
                     let first = board.choose(&layer).and_then(|i| board.layers.get(i)).map_or(src.track, |l| l.track);
-                    // This connection now needs its bandwidth estimated.
-                    p.estimate.enable();
+                    // On `auto`, this connection now needs its bandwidth estimated (a
+                    // leg on a chosen layer never reads it).
+                    if layer == LayerChoice::Auto {
+                        p.estimate.enable();
+                    }
                     (first, Some(Selection::new(board.clone(), layer)))
                 }
                 None => (src.track, None),
@@ -1811,6 +1814,9 @@ impl Worker {
                 sel.set_choice(layer.clone());
                 legs.push(leg);
             }
+        }
+        if !legs.is_empty() && layer == LayerChoice::Auto {
+            p.estimate.enable();
         }
         for leg in legs {
             self.reselect(id, leg, now);
