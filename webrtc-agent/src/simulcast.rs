@@ -236,6 +236,9 @@ fn sps_size(nal: &[u8]) -> Option<(u16, u16)> {
     let mut chroma_format = 1;
     if matches!(profile, 100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135) {
         chroma_format = r.ue()?;
+        if chroma_format > 3 {
+            return None;
+        }
         if chroma_format == 3 {
             r.bit()?; // separate_colour_plane_flag
         }
@@ -276,7 +279,8 @@ fn sps_size(nal: &[u8]) -> Option<(u16, u16)> {
                 r.se()?;
             }
         }
-        _ => {}
+        2 => {}
+        _ => return None,
     }
     r.ue()?; // max_num_ref_frames
     r.bit()?; // gaps_in_frame_num_value_allowed_flag
@@ -752,14 +756,28 @@ mod tests {
 
     /// The SPS a real encoder writes for a picture of `width`×`height`, as an RTP
     /// payload: the NAL unit alone, and inside a STAP-A with the PPS after it.
-    fn encoded_sps(encoder: &str, width: u32, height: u32) -> Option<(Vec<u8>, Vec<u8>)> {
-        let dir = std::env::temp_dir().join(format!("tessera-sps-{}-{encoder}-{width}x{height}", std::process::id()));
+    fn encoded_sps(encoder: &str, format: &str, width: u32, height: u32) -> Option<(Vec<u8>, Vec<u8>)> {
+        let dir = std::env::temp_dir().join(format!("tessera-sps-{}-{encoder}-{format}-{width}x{height}", std::process::id()));
         let file = dir.with_extension("h264");
-        let pipeline = format!(
-            "videotestsrc num-buffers=1 ! video/x-raw,width={width},height={height} ! {encoder} ! video/x-h264,stream-format=byte-stream ! filesink location={}",
-            file.display()
-        );
-        let ok = std::process::Command::new("gst-launch-1.0").arg("-q").args(pipeline.split(' ')).status().ok()?.success();
+        let caps = format!("video/x-raw,format={format},width={width},height={height}");
+        let location = format!("location={}", file.display());
+        let args = [
+            "30",
+            "gst-launch-1.0",
+            "-q",
+            "videotestsrc",
+            "num-buffers=1",
+            "!",
+            &caps,
+            "!",
+            encoder,
+            "!",
+            "video/x-h264,stream-format=byte-stream",
+            "!",
+            "filesink",
+            &location,
+        ];
+        let ok = std::process::Command::new("timeout").args(args).status().ok()?.success();
         let data = std::fs::read(&file).ok();
         let _ = std::fs::remove_file(&file);
         let data = data.filter(|_| ok)?;
@@ -786,16 +804,17 @@ mod tests {
 
     #[test]
     fn h264_picture_sizes_come_from_real_encoders_sps() {
-        // x264 writes High profile (scaling lists, chroma format), openh264 Constrained
-        // Baseline; 180 and 90 are not multiples of 16 (cropping).
+        // x264 writes High profile (chroma format, 4:2:0 as browsers send, and 4:4:4),
+        // openh264 Constrained Baseline; 180 and 90 are not multiples of 16 (cropping).
+        // Needs GStreamer's encoders (scripts/install-deps.sh installs them).
         let mut checked = 0;
-        for encoder in ["x264enc", "openh264enc"] {
+        for (encoder, format) in [("x264enc", "I420"), ("x264enc", "Y444"), ("openh264enc", "I420")] {
             for (w, h) in [(1280u16, 720u16), (640, 360), (320, 180), (160, 90)] {
-                let Some((sps, stap)) = encoded_sps(encoder, u32::from(w), u32::from(h)) else {
-                    eprintln!("{encoder} not available: skipped");
+                let Some((sps, stap)) = encoded_sps(encoder, format, u32::from(w), u32::from(h)) else {
+                    eprintln!("{encoder} {format} not available: skipped");
                     continue;
                 };
-                assert_eq!(h264_sps_size(&sps), Some((w, h)), "{encoder} {w}x{h}: {sps:02x?}");
+                assert_eq!(h264_sps_size(&sps), Some((w, h)), "{encoder} {format} {w}x{h}: {sps:02x?}");
                 assert_eq!(h264_sps_size(&stap), Some((w, h)), "{encoder} {w}x{h} in a STAP-A");
                 assert_eq!(VideoCodec::H264.picture_size(&stap), Some((w, h)));
                 // Cut short anywhere: no size, no panic.

@@ -279,6 +279,8 @@ impl Selection {
         if !paused {
             self.started = false;
             self.auto = AutoState::default();
+            // The floor of its last start is another time's (maybe another layer's).
+            self.floor = None;
             // Its pictures go on numbered from the last one sent, as the sequence does.
             if let Some(v) = &mut self.vp8 {
                 v.rebase();
@@ -2068,8 +2070,12 @@ impl Worker {
                     let Some(l) = self.peers.get_mut(&id).and_then(|p| p.legs.get_mut(&leg)) else { continue };
                     let Some(sel) = &mut l.sel else { continue };
                     match sel.target.take() {
-                        // Attached, and its keyframe asked for, by `reselect`.
-                        Some(t) => l.source = t,
+                        // Attached, and its keyframe asked for, by `reselect`; another
+                        // layer has its own timestamp base.
+                        Some(t) => {
+                            l.source = t;
+                            l.rewriter.switch_source();
+                        }
                         None => {
                             let source = l.source;
                             self.attach(source, owner, id, leg);
