@@ -2,9 +2,9 @@
 //! target (webrtc-rs's port, driven by the client's transport-wide congestion control
 //! feedback), and over the last second of that feedback, what reached the client and what
 //! was lost, and the path's capacity as the media's own packet trains show it. The
-//! estimator runs inside the connection's interceptor chain (as its congestion
-//! controller, without a pacer: forwarded media leaves as it comes) and writes what it
-//! finds where the worker reads it when it chooses layers.
+//! estimator runs inside the connection's interceptor chain ([`SendSide`], part of
+//! [`crate::wire::Wire`]; without a pacer: forwarded media leaves as it comes) and writes
+//! what it finds where the worker reads it when it chooses layers.
 //!
 //! **Capacity from packet trains.** A video frame's packets leave the SFU back to back;
 //! a bottleneck on the way spreads them out at its own rate, and the client's feedback
@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, Interceptor, PacketReport, StreamInfo, TaggedPacket};
-use rtc::sansio::Protocol;
-use rtc::shared::error::Error;
+use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport, StreamInfo};
 
 /// How much feedback the delivered rate and the loss are measured over.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -55,7 +53,7 @@ pub struct Estimate {
     /// When it was last written, in µs after `base`.
     updated_us: AtomicU64,
     base: Instant,
-    /// Whether the connection estimates at all (see [`Switched`]).
+    /// Whether the connection estimates at all (see [`SendSide`]).
     enabled: AtomicBool,
 }
 
@@ -241,94 +239,206 @@ fn median(samples: impl Iterator<Item = u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// An interceptor that works only once its connection's [`Estimate`] is enabled: before,
-/// packets pass it untouched. Numbering every sent packet and keeping its history costs
-/// 20–30 % more CPU per forwarded packet (docs/performance.md), which only a connection
-/// that takes a simulcast video on `auto` has any use for.
-pub struct Switched<I> {
-    inner: I,
+/// The transport-cc header extension's URI (draft-holmer-rmcat-transport-wide-cc-extensions-01).
+const TRANSPORT_CC_URI: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+/// Sent packets remembered for feedback: at the ~250 packets/s of a 2.5 Mbit/s layer
+/// four seconds, far longer than feedback takes (every ~100 ms).
+const HISTORY: usize = 1024;
+/// A packet sent longer ago than this and not reported as arrived is forgotten, not
+/// reported lost (as rtc's own send history does).
+const FORGET_AFTER: Duration = Duration::from_secs(2);
+
+/// Every transport-wide sequence number as its two big-endian extension bytes, so that
+/// numbering a packet needs no allocation for its payload.
+// Evaluated at compile time: an index out of range fails the build, not a packet.
+#[allow(clippy::indexing_slicing)]
+static TWCC_BYTES: [u8; 131_072] = {
+    let mut t = [0u8; 131_072];
+    let mut i = 0;
+    while i < 65_536 {
+        t[2 * i] = (i >> 8) as u8;
+        t[2 * i + 1] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// One numbered packet, as its feedback will be matched.
+#[derive(Clone, Copy)]
+struct Sent {
+    /// Transport-wide number, unwrapped (the wire carries its low 16 bits).
+    id: u64,
+    ssrc: u32,
+    rtp_sequence_number: u16,
+    size: u32,
+    departure: Instant,
+    arrived: bool,
+    arrival: Option<Duration>,
+}
+
+/// The send side of a connection's bandwidth estimate: it numbers each RTP packet that
+/// leaves with a transport-wide sequence number, remembers it, and turns the client's
+/// TWCC feedback into [`PacketReport`]s for the estimator, once the connection's
+/// [`Estimate`] is enabled (before, it does nothing: numbering and history cost CPU on
+/// every packet, and only a connection with a simulcast video on `auto` reads the
+/// estimate). Replaces rtc's TwccSender and CongestionControl interceptors: their
+/// history keeps three hash maps per packet and their numbering allocates per packet,
+/// where this is a ring indexed by the number and a static table of extension bytes.
+pub struct SendSide {
+    estimator: SubscriberEstimator,
     estimate: Arc<Estimate>,
-    read: VecDeque<TaggedPacket>,
-    write: VecDeque<TaggedPacket>,
+    /// Local streams that negotiated transport-cc: (SSRC, extension id).
+    streams: Vec<(u32, u8)>,
+    /// By `id % HISTORY`; allocated when the estimate is first enabled.
+    ring: Vec<Option<Sent>>,
+    /// Number of the next packet.
+    next: u64,
+    /// Highest number reported as arrived so far, and the lowest not yet reported.
+    highest_arrived: Option<u64>,
+    next_to_report: u64,
+    /// Reused for each feedback's reports.
+    reports: Vec<PacketReport>,
 }
 
-impl<I> Switched<I> {
-    /// `inner`, working once `estimate` is enabled.
-    pub fn new(inner: I, estimate: Arc<Estimate>) -> Self {
-        Switched { inner, estimate, read: VecDeque::new(), write: VecDeque::new() }
-    }
-
-    fn on(&self) -> bool {
-        self.estimate.enabled.load(Ordering::Relaxed)
-    }
-}
-
-impl<I: Interceptor> Protocol<TaggedPacket, TaggedPacket, ()> for Switched<I> {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Error> {
-        if self.on() {
-            self.inner.handle_read(msg)
-        } else {
-            self.read.push_back(msg);
-            Ok(())
+impl SendSide {
+    /// Feeds `estimator`, which writes into `estimate`; works once `estimate` is enabled.
+    pub fn new(estimator: SubscriberEstimator, estimate: Arc<Estimate>) -> Self {
+        SendSide {
+            estimator,
+            estimate,
+            streams: Vec::new(),
+            ring: Vec::new(),
+            next: 0,
+            highest_arrived: None,
+            next_to_report: 0,
+            reports: Vec::new(),
         }
     }
 
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front().or_else(|| self.inner.poll_read())
+    fn on(&mut self) -> bool {
+        if !self.estimate.enabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.ring.is_empty() {
+            self.ring = vec![None; HISTORY];
+        }
+        true
     }
 
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
-        if self.on() {
-            self.inner.handle_write(msg)
-        } else {
-            self.write.push_back(msg);
-            Ok(())
+    /// A local stream was bound: numbered if it negotiated the extension.
+    pub fn bind(&mut self, info: &StreamInfo) {
+        let id = info.rtp_header_extensions.iter().find(|e| e.uri == TRANSPORT_CC_URI).and_then(|e| u8::try_from(e.id).ok());
+        if let Some(id) = id.filter(|id| *id != 0) {
+            self.streams.retain(|(ssrc, _)| *ssrc != info.ssrc);
+            self.streams.push((info.ssrc, id));
         }
     }
 
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front().or_else(|| self.inner.poll_write())
+    /// A local stream was unbound.
+    pub fn unbind(&mut self, ssrc: u32) {
+        self.streams.retain(|(s, _)| *s != ssrc);
     }
 
-    fn handle_event(&mut self, evt: ()) -> Result<(), Error> {
-        self.inner.handle_event(evt)
+    /// Numbers and remembers `packet`, leaving now.
+    pub fn on_write(&mut self, packet: &mut rtc::rtp::Packet, now: Instant) {
+        let ssrc = packet.header.ssrc;
+        let Some(&(_, ext)) = self.streams.iter().find(|(s, _)| *s == ssrc) else { return };
+        if !self.on() {
+            return;
+        }
+        let id = self.next;
+        let wire = usize::from(id as u16) * 2;
+        let Some(bytes) = TWCC_BYTES.get(wire..wire + 2) else { return };
+        if packet.header.set_extension(ext, bytes::Bytes::from_static(bytes)).is_err() {
+            return;
+        }
+        self.next += 1;
+        let size = rtc::shared::marshal::MarshalSize::marshal_size(packet);
+        if let Some(slot) = self.ring.get_mut((id % HISTORY as u64) as usize) {
+            *slot = Some(Sent {
+                id,
+                ssrc,
+                rtp_sequence_number: packet.header.sequence_number,
+                size: u32::try_from(size).unwrap_or(u32::MAX),
+                departure: now,
+                arrived: false,
+                arrival: None,
+            });
+        }
     }
 
-    fn poll_event(&mut self) -> Option<()> {
-        self.inner.poll_event()
+    /// The unwrapped number of a packet the wire names by its low 16 bits, if remembered.
+    fn slot(&mut self, wire: u16) -> Option<&mut Sent> {
+        let last = self.next.checked_sub(1)?;
+        let id = last.checked_sub(u64::from((last as u16).wrapping_sub(wire)))?;
+        self.ring.get_mut((id % HISTORY as u64) as usize)?.as_mut().filter(|s| s.id == id)
     }
 
-    fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
-        if self.on() { self.inner.handle_timeout(now) } else { Ok(()) }
+    /// Takes in the transport-cc feedback among `packets`, received now, and runs the
+    /// estimator on what it reports.
+    pub fn on_read(&mut self, packets: &[Box<dyn rtc::rtcp::Packet>], now: Instant) {
+        use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+        let mut fed = false;
+        for p in packets {
+            let Some(feedback) = p.as_any().downcast_ref::<TransportLayerCc>() else { continue };
+            if !self.on() {
+                return;
+            }
+            fed = true;
+            for ack in rtc::interceptor::convert_twcc(feedback) {
+                let Some(sent) = self.slot(ack.sequence_number) else { continue };
+                sent.arrived = ack.arrived;
+                sent.arrival = ack.arrival;
+                let (id, arrived) = (sent.id, sent.arrived);
+                if arrived && self.highest_arrived.is_none_or(|h| h < id) {
+                    self.highest_arrived = Some(id);
+                }
+            }
+        }
+        if fed {
+            self.take_reports(now);
+            self.estimator.on_reports(now, &self.reports);
+        }
     }
 
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        if self.on() { self.inner.poll_timeout() } else { None }
+    /// Everything from the last report up to the highest packet that arrived, in send
+    /// order; what did not arrive by then is reported lost, unless it is older than
+    /// [`FORGET_AFTER`].
+    fn take_reports(&mut self, now: Instant) {
+        self.reports.clear();
+        let Some(high) = self.highest_arrived else { return };
+        let from = self.next_to_report.max(self.next.saturating_sub(HISTORY as u64));
+        for id in from..=high {
+            let Some(Some(s)) = self.ring.get((id % HISTORY as u64) as usize) else { continue };
+            if s.id != id || (!s.arrived && now.saturating_duration_since(s.departure) > FORGET_AFTER) {
+                continue;
+            }
+            self.reports.push(PacketReport {
+                ssrc: s.ssrc,
+                id,
+                rtp_sequence_number: s.rtp_sequence_number,
+                is_twcc: true,
+                twcc_sequence_number: id as u16,
+                size: s.size as usize,
+                arrived: s.arrived,
+                departure: s.departure,
+                arrival: s.arrival,
+                ecn: Default::default(),
+            });
+        }
+        self.next_to_report = self.next_to_report.max(high + 1);
     }
 
-    fn close(&mut self) -> Result<(), Error> {
-        self.inner.close()
+    /// When the estimator wants [`Self::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.estimate.enabled.load(Ordering::Relaxed) { self.estimator.poll_timeout() } else { None }
     }
-}
 
-impl<I: Interceptor> Interceptor for Switched<I> {
-    fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.inner.bind_local_stream(info);
-    }
-    fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.inner.unbind_local_stream(info);
-    }
-    fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        self.inner.bind_remote_stream(info);
-    }
-    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        self.inner.unbind_remote_stream(info);
+    /// Runs the estimator's timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.estimate.enabled.load(Ordering::Relaxed) {
+            self.estimator.handle_timeout(now);
+        }
     }
 }
 
@@ -390,5 +500,95 @@ mod tests {
         assert_eq!(median([600_000, UNBOUNDED].into_iter()), 0, "too few samples");
         assert_eq!(median([600_000, 610_000, UNBOUNDED].into_iter()), 610_000);
         assert_eq!(median([600_000, UNBOUNDED, UNBOUNDED].into_iter()), UNBOUNDED);
+    }
+
+    fn feedback(base: u16, symbols: &[bool]) -> Vec<Box<dyn rtc::rtcp::Packet>> {
+        use rtc::rtcp::transport_feedbacks::transport_layer_cc::*;
+        let symbol_list: Vec<SymbolTypeTcc> =
+            symbols.iter().map(|r| if *r { SymbolTypeTcc::PacketReceivedSmallDelta } else { SymbolTypeTcc::PacketNotReceived }).collect();
+        let recv_deltas =
+            symbols.iter().filter(|r| **r).map(|_| RecvDelta { type_tcc_packet: SymbolTypeTcc::PacketReceivedSmallDelta, delta: 1_000 }).collect();
+        vec![Box::new(TransportLayerCc {
+            sender_ssrc: 1,
+            media_ssrc: 7,
+            base_sequence_number: base,
+            packet_status_count: symbols.len() as u16,
+            reference_time: 0,
+            fb_pkt_count: 0,
+            packet_chunks: vec![PacketStatusChunk::StatusVectorChunk(StatusVectorChunk {
+                type_tcc: StatusChunkTypeTcc::StatusVectorChunk,
+                symbol_size: SymbolSizeTypeTcc::TwoBit,
+                symbol_list,
+            })],
+            recv_deltas,
+        })]
+    }
+
+    fn send_side() -> (SendSide, Arc<Estimate>) {
+        let estimate = Arc::new(Estimate::default());
+        let estimator = SubscriberEstimator::new(1_000_000.0, 100_000.0, 10_000_000.0, estimate.clone());
+        let mut s = SendSide::new(estimator, estimate.clone());
+        let ext = rtc::interceptor::RTPHeaderExtension { uri: TRANSPORT_CC_URI.into(), id: 5 };
+        s.bind(&StreamInfo { ssrc: 7, rtp_header_extensions: vec![ext], ..Default::default() });
+        (s, estimate)
+    }
+
+    fn packet(ssrc: u32, seq: u16) -> rtc::rtp::Packet {
+        rtc::rtp::Packet { header: rtc::rtp::Header { version: 2, ssrc, sequence_number: seq, ..Default::default() }, payload: vec![0; 1000].into() }
+    }
+
+    #[test]
+    fn sent_packets_are_numbered_and_feedback_reaches_the_estimate() {
+        let (mut s, estimate) = send_side();
+        let t0 = Instant::now();
+        // Not enabled yet: nothing is numbered.
+        let mut p = packet(7, 100);
+        s.on_write(&mut p, t0);
+        assert!(p.header.get_extension(5).is_none());
+        estimate.enable();
+        for i in 0..6u16 {
+            let mut p = packet(7, 101 + i);
+            s.on_write(&mut p, t0 + Duration::from_millis(u64::from(i)));
+            assert_eq!(p.header.get_extension(5).as_deref(), Some(&i.to_be_bytes()[..]));
+            // Another stream (no transport-cc negotiated) is not numbered.
+            let mut other = packet(8, i);
+            s.on_write(&mut other, t0);
+            assert!(other.header.get_extension(5).is_none());
+        }
+        // Packet 2 lost; 40000 was never sent (ignored).
+        let now = t0 + Duration::from_millis(50);
+        s.on_read(&feedback(0, &[true, true, false, true, true, true]), now);
+        let ids: Vec<(u64, bool, u16)> = s.reports.iter().map(|r| (r.id, r.arrived, r.rtp_sequence_number)).collect();
+        assert_eq!(ids, [(0, true, 101), (1, true, 102), (2, false, 103), (3, true, 104), (4, true, 105), (5, true, 106)]);
+        assert!(s.reports.iter().all(|r| r.size > 1000 && r.is_twcc));
+        let r = estimate.read(now);
+        assert_eq!((r.packets, r.loss_permille), (6, 166));
+        s.on_read(&feedback(40_000, &[true]), now);
+        assert!(s.reports.is_empty(), "nothing new was reported");
+        // Reported packets are not reported again.
+        s.on_read(&feedback(3, &[true, true, true]), now);
+        assert!(s.reports.is_empty());
+    }
+
+    #[test]
+    fn numbers_wrap_and_old_unreported_packets_are_forgotten() {
+        let (mut s, estimate) = send_side();
+        estimate.enable();
+        let t0 = Instant::now();
+        s.next = 65_534;
+        for i in 0..4u16 {
+            let mut p = packet(7, i);
+            s.on_write(&mut p, t0);
+            assert_eq!(p.header.get_extension(5).as_deref(), Some(&65_534u16.wrapping_add(i).to_be_bytes()[..]));
+        }
+        s.on_read(&feedback(65_535, &[false, true]), t0 + Duration::from_millis(30));
+        let ids: Vec<(u64, bool)> = s.reports.iter().map(|r| (r.id, r.arrived)).collect();
+        assert_eq!(ids, [(65_534, false), (65_535, false), (65_536, true)], "65534 never reported: lost");
+        // Three seconds on, 65537 was never reported: forgotten rather than lost.
+        let mut p = packet(7, 9);
+        s.on_write(&mut p, t0 + Duration::from_secs(3));
+        s.on_read(&feedback(2, &[true]), t0 + Duration::from_secs(3));
+        let ids: Vec<u64> = s.reports.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [65_538]);
     }
 }

@@ -29,6 +29,7 @@ pub mod net;
 pub mod rtcp_counter;
 mod sdp;
 pub mod simulcast;
+pub mod wire;
 pub mod workers;
 
 use std::net::IpAddr;

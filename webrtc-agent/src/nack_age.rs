@@ -6,39 +6,61 @@
 //! the move, from retransmissions of the top layer's packets). Past [`NACK_MAX_AGE`] a
 //! repaired packet would come too late for the receiver's jitter buffer anyway.
 //!
-//! The interceptor sits wire-ward of webrtc-rs's NACK responder: on the write path it
-//! notes when each packet of this connection's streams first left, on the read path it
-//! takes the sequence numbers that are too old out of each NACK before the responder
-//! sees it (a NACK left empty is dropped).
+//! It works in [`crate::wire::Wire`], wire-ward of webrtc-rs's NACK responder: on the
+//! write path it notes when each packet of this connection's streams first left, on the
+//! read path it takes the sequence numbers that are too old out of each NACK before the
+//! responder sees it (a NACK left empty is dropped).
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, nack_pairs_from_sequence_numbers};
-use rtc::sansio::Protocol;
-use rtc::shared::error::Error;
 
 /// Packets sent longer ago than this are not retransmitted.
 pub const NACK_MAX_AGE: Duration = Duration::from_millis(1000);
 /// Send times kept per stream (as many as the responder's history, and more).
 const SLOTS: usize = 512;
 
-/// The interceptor (see the module docs).
+/// (sequence number, first sent) by sequence number modulo [`SLOTS`].
+type SendTimes = Box<[Option<(u16, Instant)>]>;
+
+/// Send times per local stream, and the NACK filter they allow (see the module docs).
 #[derive(Default)]
 pub struct NackAgeLimit {
-    /// Per sending SSRC: (sequence number, first sent) by sequence number modulo [`SLOTS`].
-    sent: HashMap<u32, Vec<Option<(u16, Instant)>>>,
-    read: VecDeque<TaggedPacket>,
-    write: VecDeque<TaggedPacket>,
+    /// Per sending SSRC (a connection has a few: a linear search beats hashing).
+    sent: Vec<(u32, SendTimes)>,
     /// NACKed packets refused for their age (for tests and logs).
     pub refused: u64,
 }
 
 impl NackAgeLimit {
+    /// A local stream was bound: its send times are kept from now on.
+    pub fn bind(&mut self, ssrc: u32) {
+        if !self.sent.iter().any(|(s, _)| *s == ssrc) {
+            self.sent.push((ssrc, vec![None; SLOTS].into_boxed_slice()));
+        }
+    }
+
+    /// A local stream was unbound.
+    pub fn unbind(&mut self, ssrc: u32) {
+        self.sent.retain(|(s, _)| *s != ssrc);
+    }
+
+    /// Packet `seq` of stream `ssrc` left now (a retransmission on the stream's own SSRC
+    /// keeps the first send's time).
+    pub fn on_sent(&mut self, ssrc: u32, seq: u16, now: Instant) {
+        let Some((_, ring)) = self.sent.iter_mut().find(|(s, _)| *s == ssrc) else { return };
+        if let Some(slot) = ring.get_mut(usize::from(seq) % SLOTS)
+            && !matches!(slot, Some((s, _)) if *s == seq)
+        {
+            *slot = Some((seq, now));
+        }
+    }
+
     /// The sequence numbers of `nack` still young enough to resend, as of `now`.
     fn young(&self, nack: &TransportLayerNack, now: Instant) -> Vec<u16> {
-        let Some(ring) = self.sent.get(&nack.media_ssrc) else { return nack.nacks.iter().flat_map(|p| p.packet_list()).collect() };
+        let Some((_, ring)) = self.sent.iter().find(|(s, _)| *s == nack.media_ssrc) else {
+            return nack.nacks.iter().flat_map(|p| p.packet_list()).collect();
+        };
         nack.nacks
             .iter()
             .flat_map(|p| p.packet_list())
@@ -49,119 +71,71 @@ impl NackAgeLimit {
             })
             .collect()
     }
-}
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for NackAgeLimit {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &mut msg.message.packet
-            && packets.iter().any(|p| p.as_any().is::<TransportLayerNack>())
-        {
-            let now = msg.now;
-            let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
-            for p in packets.drain(..) {
-                let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
-                    kept.push(p);
-                    continue;
-                };
-                let asked = nack.nacks.iter().map(|n| n.packet_list().len()).sum::<usize>();
-                let young = self.young(nack, now);
-                self.refused += (asked - young.len().min(asked)) as u64;
-                if !young.is_empty() {
-                    kept.push(Box::new(TransportLayerNack {
-                        sender_ssrc: nack.sender_ssrc,
-                        media_ssrc: nack.media_ssrc,
-                        nacks: nack_pairs_from_sequence_numbers(&young),
-                    }));
-                }
-            }
-            if kept.is_empty() {
-                return Ok(());
-            }
-            *packets = kept;
+    /// Takes the packets sent too long ago out of the NACKs among `packets` (received
+    /// now), dropping NACKs left empty; other RTCP stays.
+    pub fn filter(&mut self, packets: &mut Vec<Box<dyn rtc::rtcp::Packet>>, now: Instant) {
+        if !packets.iter().any(|p| p.as_any().is::<TransportLayerNack>()) {
+            return;
         }
-        self.read.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtp(p) = &msg.message.packet
-            && let Some(ring) = self.sent.get_mut(&p.header.ssrc)
-            && let Some(slot) = ring.get_mut(usize::from(p.header.sequence_number) % SLOTS)
-        {
-            let seq = p.header.sequence_number;
-            // A retransmission on the stream's own SSRC keeps the first send's time.
-            if !matches!(slot, Some((s, _)) if *s == seq) {
-                *slot = Some((seq, msg.now));
+        let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
+        for p in packets.drain(..) {
+            let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
+                kept.push(p);
+                continue;
+            };
+            let asked = nack.nacks.iter().map(|n| n.packet_list().len()).sum::<usize>();
+            let young = self.young(nack, now);
+            self.refused += (asked - young.len().min(asked)) as u64;
+            if !young.is_empty() {
+                kept.push(Box::new(TransportLayerNack {
+                    sender_ssrc: nack.sender_ssrc,
+                    media_ssrc: nack.media_ssrc,
+                    nacks: nack_pairs_from_sequence_numbers(&young),
+                }));
             }
         }
-        self.write.push_back(msg);
-        Ok(())
+        *packets = kept;
     }
-
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write.pop_front()
-    }
-}
-
-impl Interceptor for NackAgeLimit {
-    fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.sent.insert(info.ssrc, vec![None; SLOTS]);
-    }
-    fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.sent.remove(&info.ssrc);
-    }
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtc::interceptor::AttributedPacket;
-    use rtc::shared::TransportContext;
-
-    fn tagged(packet: Packet, now: Instant) -> TaggedPacket {
-        TaggedPacket { now, transport: TransportContext::default(), message: AttributedPacket::new(packet) }
-    }
 
     #[test]
     fn old_packets_are_not_asked_again() {
         let mut k = NackAgeLimit::default();
-        k.bind_local_stream(&StreamInfo { ssrc: 5, ..Default::default() });
+        k.bind(5);
         let t0 = Instant::now();
         for seq in 0..20u16 {
-            let p = rtc::rtp::Packet {
-                header: rtc::rtp::Header { version: 2, ssrc: 5, sequence_number: seq, ..Default::default() },
-                payload: vec![0; 4].into(),
-            };
-            k.handle_write(tagged(Packet::Rtp(p), t0 + Duration::from_millis(u64::from(seq) * 100))).unwrap();
-            while k.poll_write().is_some() {}
+            k.on_sent(5, seq, t0 + Duration::from_millis(u64::from(seq) * 100));
         }
+        // A retransmission keeps the first send's time.
+        k.on_sent(5, 3, t0 + Duration::from_millis(1900));
         // At 2.05 s: 0..=10 left more than a second ago; 11 and 15 are young; 700 was never sent here.
+        let at = t0 + Duration::from_millis(2050);
         let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[2, 3, 11, 15, 700]) };
-        k.handle_read(tagged(Packet::Rtcp(vec![Box::new(nack)]), t0 + Duration::from_millis(2050))).unwrap();
-        let out = k.poll_read().unwrap();
-        let Packet::Rtcp(packets) = &out.message.packet else { panic!("not RTCP") };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, at);
         let n = packets[0].as_any().downcast_ref::<TransportLayerNack>().unwrap();
         let seqs: Vec<u16> = n.nacks.iter().flat_map(|p| p.packet_list()).collect();
         assert_eq!(seqs, [11, 15, 700]);
         assert_eq!(k.refused, 2);
         // Only old ones: the NACK is dropped; another stream's NACK passes.
         let old = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[1]) };
-        k.handle_read(tagged(Packet::Rtcp(vec![Box::new(old)]), t0 + Duration::from_millis(2050))).unwrap();
-        assert!(k.poll_read().is_none());
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(old)];
+        k.filter(&mut packets, at);
+        assert!(packets.is_empty());
         let other = TransportLayerNack { sender_ssrc: 1, media_ssrc: 9, nacks: nack_pairs_from_sequence_numbers(&[1]) };
-        k.handle_read(tagged(Packet::Rtcp(vec![Box::new(other)]), t0 + Duration::from_millis(2050))).unwrap();
-        assert!(k.poll_read().is_some());
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(other)];
+        k.filter(&mut packets, at);
+        assert_eq!(packets.len(), 1);
+        // Unbound: nothing is refused any more.
+        k.unbind(5);
+        let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[1]) };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, at);
+        assert_eq!(packets.len(), 1);
     }
 }

@@ -1,25 +1,20 @@
 //! Counts the RTCP that webrtc-rs's interceptors consume before the application could see
 //! it: NACKs from subscribers (answered from the NACK history), NACKs sent to publishers
 //! (made by the NACK generator) and the receiver reports subscribers send, whose loss and
-//! round-trip time become metrics. It sits wire-ward of the NACK generator (which it must
-//! see write) and after the NACK responder (which passes NACKs on), and lets every packet
-//! pass unchanged. Round-trip times compare the wall clock now with the wall-clock time
-//! our sender report carried, so a clock step in between skews one sample (bounded by the
-//! plausibility check). Counting is per RTCP packet (a few per second per stream),
-//! never per media packet.
+//! round-trip time become metrics. It counts in [`crate::wire::Wire`], wire-most in the
+//! chain, so it sees every NACK a client sent (before the age limit refuses any) and every
+//! NACK the generator made, and lets every packet pass unchanged. Round-trip times compare
+//! the wall clock now with the wall-clock time our sender report carried, so a clock step
+//! in between skews one sample (bounded by the plausibility check). Counting is per RTCP
+//! packet (a few per second per stream), never per media packet.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::reception_report::ReceptionReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
-use rtc::sansio::Protocol;
-use rtc::shared::error::Error;
 
 /// Totals since start, shared by every connection of the agent.
 #[derive(Debug, Default)]
@@ -40,17 +35,30 @@ pub struct RtcpCounters {
     pub rtt_us: AtomicU64,
 }
 
-/// The interceptor; one per connection, all counting into one [`RtcpCounters`].
-pub struct RtcpCounter {
-    counters: Arc<RtcpCounters>,
-    read: VecDeque<TaggedPacket>,
-    write: VecDeque<TaggedPacket>,
-}
+impl RtcpCounters {
+    /// Counts RTCP received from a client.
+    pub fn count_read(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+        for p in packets {
+            let any = p.as_any();
+            if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
+                self.nacks_in.fetch_add(1, Relaxed);
+                self.nacked_packets.fetch_add(nacked(n), Relaxed);
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                count_reports(self, &rr.reports);
+            } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                // A client that also sends (a publisher subscribing on the same
+                // transport) reports what it receives in its sender reports.
+                count_reports(self, &sr.reports);
+            }
+        }
+    }
 
-impl RtcpCounter {
-    /// Counts into `counters`.
-    pub fn new(counters: Arc<RtcpCounters>) -> Self {
-        RtcpCounter { counters, read: VecDeque::new(), write: VecDeque::new() }
+    /// Counts RTCP sent to a client.
+    pub fn count_written(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+        let n = packets.iter().filter(|p| p.as_any().is::<TransportLayerNack>()).count();
+        if n > 0 {
+            self.nacks_out.fetch_add(n as u64, Relaxed);
+        }
     }
 }
 
@@ -92,61 +100,6 @@ fn count_reports(c: &RtcpCounters, reports: &[ReceptionReport]) {
             c.rtt_us.fetch_add(us, Relaxed);
         }
     }
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpCounter {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            let c = &self.counters;
-            for p in packets {
-                let any = p.as_any();
-                if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
-                    c.nacks_in.fetch_add(1, Relaxed);
-                    c.nacked_packets.fetch_add(nacked(n), Relaxed);
-                } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
-                    count_reports(c, &rr.reports);
-                } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
-                    // A client that also sends (a publisher subscribing on the same
-                    // transport) reports what it receives in its sender reports.
-                    count_reports(c, &sr.reports);
-                }
-            }
-        }
-        self.read.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            let n = packets.iter().filter(|p| p.as_any().is::<TransportLayerNack>()).count();
-            if n > 0 {
-                self.counters.nacks_out.fetch_add(n as u64, Relaxed);
-            }
-        }
-        self.write.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write.pop_front()
-    }
-}
-
-impl Interceptor for RtcpCounter {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 #[cfg(test)]

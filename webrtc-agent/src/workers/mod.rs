@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{
-    CongestionControlBuilder, GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, Registry, Slot, TwccSenderBuilder,
-};
+use rtc::interceptor::{GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -46,11 +44,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::AgentSettings;
-use crate::bwe::{Estimate, SubscriberEstimator, Switched};
+use crate::bwe::{Estimate, SendSide, SubscriberEstimator};
 use crate::codec::{codec_info, rtc_codec};
-use crate::feedback::KeyframeRequestTap;
-use crate::rtcp_counter::{RtcpCounter, RtcpCounters};
+use crate::rtcp_counter::RtcpCounters;
 use crate::simulcast::LayerBoard;
+use crate::wire::Wire;
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
 /// A published track, unique across workers.
@@ -387,26 +385,17 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     }
     let registry = Registry::new()
         .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build())
-        // Wire-ward of the responder: it sees the NACKs first (see `nack_age`).
-        .with(Slot::from(3_500), crate::nack_age::NackAgeLimit::default());
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
     let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
     let estimate = Arc::new(Estimate::default());
-    let registry = if shared.settings.bandwidth_estimation {
-        let estimator = SubscriberEstimator::new(GCC_START_BITRATE, GCC_MIN_BITRATE, GCC_MAX_BITRATE, estimate.clone());
-        // Working only once the connection takes a simulcast video (see `Switched`).
-        registry
-            .with(Slot::CongestionControl, Switched::new(CongestionControlBuilder::new(estimator).build(), estimate.clone()))
-            .with(Slot::TwccSender, Switched::new(TwccSenderBuilder::new().build(), estimate.clone()))
-    } else {
-        registry
-    };
-    let registry = configure_rtcp_reports(registry)
-        .with(Slot::from(14_000), KeyframeRequestTap::default())
-        // Wire-ward of the NACK generator (it sees the NACKs made) and of the age limit
-        // (it counts every NACK a client sent, refused or not).
-        .with(Slot::from(3_200), RtcpCounter::new(shared.rtcp.clone()));
+    // Working only once the connection takes a simulcast video on auto (see `SendSide`).
+    let send_side = shared
+        .settings
+        .bandwidth_estimation
+        .then(|| SendSide::new(SubscriberEstimator::new(GCC_START_BITRATE, GCC_MIN_BITRATE, GCC_MAX_BITRATE, estimate.clone()), estimate.clone()));
+    // Wire-most (rtc's slot for the send history): see `crate::wire`.
+    let registry = configure_rtcp_reports(registry).with(Slot::CongestionControl, Wire::new(shared.rtcp.clone(), send_side));
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)

@@ -1,0 +1,127 @@
+//! Tessera's own interceptor, wire-most in each connection's chain: the keyframe-request
+//! tap ([`crate::feedback`]), the RTCP counters ([`crate::rtcp_counter`]), the NACK age
+//! limit ([`crate::nack_age`]) and the send side of the bandwidth estimate
+//! ([`crate::bwe::SendSide`]) in one link of rtc's chain.
+//!
+//! Why one: rtc's chain hands each packet (a ~220-byte struct) to every interceptor by
+//! value, which queues it and gives it back, so every interceptor costs several copies
+//! of every packet in both directions whether it looks at the packet or not. As five
+//! interceptors (rtc's TWCC sender and congestion controller among them, whose send
+//! history keeps three hash maps per packet) they cost more CPU per forwarded packet
+//! than SRTP did (docs/performance.md, "Simulcast").
+//!
+//! Wire-most is where each part belongs: NACKs are counted as the client sent them and
+//! filtered before the NACK responder sees them; NACKs the generator made are counted as
+//! they leave; transport-wide numbers are given after every generator (retransmissions
+//! included), in the order packets reach the wire.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
+
+use crate::bwe::SendSide;
+use crate::feedback::{deliverable, keyframe_requests};
+use crate::nack_age::NackAgeLimit;
+use crate::rtcp_counter::RtcpCounters;
+
+/// The interceptor (see the module docs); one per connection.
+pub struct Wire {
+    counters: Arc<RtcpCounters>,
+    ages: NackAgeLimit,
+    /// With `webrtc.bandwidth_estimation`.
+    send_side: Option<SendSide>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Wire {
+    /// Counting into `counters`, estimating with `send_side` if given.
+    pub fn new(counters: Arc<RtcpCounters>, send_side: Option<SendSide>) -> Self {
+        Wire { counters, ages: NackAgeLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new() }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &mut msg.message.packet
+            && !packets.is_empty()
+        {
+            self.counters.count_read(packets);
+            if let Some(requests) = keyframe_requests(packets) {
+                self.read.push_back(deliverable(requests, msg.now, msg.transport));
+            }
+            if let Some(s) = &mut self.send_side {
+                s.on_read(packets, msg.now);
+            }
+            self.ages.filter(packets, msg.now);
+            // Only NACKs refused for their age were in it: nothing left to pass on (an
+            // empty compound packet means something else to rtc).
+            if packets.is_empty() {
+                return Ok(());
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        match &mut msg.message.packet {
+            Packet::Rtp(p) => {
+                self.ages.on_sent(p.header.ssrc, p.header.sequence_number, msg.now);
+                if let Some(s) = &mut self.send_side {
+                    s.on_write(p, msg.now);
+                }
+            }
+            Packet::Rtcp(packets) => self.counters.count_written(packets),
+            _ => {}
+        }
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        if let Some(s) = &mut self.send_side {
+            s.handle_timeout(now);
+        }
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.send_side.as_ref().and_then(SendSide::poll_timeout)
+    }
+}
+
+impl Interceptor for Wire {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.ages.bind(info.ssrc);
+        if let Some(s) = &mut self.send_side {
+            s.bind(info);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.ages.unbind(info.ssrc);
+        if let Some(s) = &mut self.send_side {
+            s.unbind(info.ssrc);
+        }
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
