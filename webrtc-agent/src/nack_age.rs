@@ -3,8 +3,9 @@
 //! retransmissions then queue behind everything else on the same link and keep it
 //! congested after the server has already moved the client to a lower layer (measured
 //! with Chromium behind a 450 kbit/s shaper: 60 % loss on the lowest layer for 5 s after
-//! the move, from retransmissions of the top layer's packets). Past [`NACK_MAX_AGE`] a
-//! repaired packet would come too late for the receiver's jitter buffer anyway.
+//! the move, from retransmissions of the top layer's packets). Past [`NACK_MAX_AGE`], or
+//! three round trips on a longer path (libwebrtc's rule), a repaired packet would come too
+//! late for the receiver's jitter buffer anyway.
 //!
 //! It works in [`crate::wire::Wire`], wire-ward of webrtc-rs's NACK responder: on the
 //! write path it notes when each packet of this connection's streams first left, on the
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, nack_pairs_from_sequence_numbers};
 
-/// Packets sent longer ago than this are not retransmitted.
+/// Packets sent longer ago than this, or three round trips if longer (libwebrtc's
+/// rule), are not retransmitted.
 pub const NACK_MAX_AGE: Duration = Duration::from_millis(1000);
 /// Send times kept per stream (as many as the responder's history, and more).
 const SLOTS: usize = 512;
@@ -30,6 +32,8 @@ pub struct NackAgeLimit {
     sent: Vec<(u32, SendTimes)>,
     /// NACKed packets refused for their age (for tests and logs).
     pub refused: u64,
+    /// The client's smoothed round-trip time, from its receiver reports.
+    rtt: Option<Duration>,
 }
 
 impl NackAgeLimit {
@@ -56,8 +60,23 @@ impl NackAgeLimit {
         }
     }
 
+    /// A round-trip time measured from a client's receiver report (smoothed as TCP
+    /// does: 7/8 of the old and 1/8 of the new).
+    pub fn on_rtt(&mut self, sample: Duration) {
+        self.rtt = Some(match self.rtt {
+            Some(rtt) => (rtt * 7 + sample) / 8,
+            None => sample,
+        });
+    }
+
+    /// Packets older than this are not resent.
+    pub fn max_age(&self) -> Duration {
+        self.rtt.map_or(NACK_MAX_AGE, |rtt| NACK_MAX_AGE.max(rtt * 3))
+    }
+
     /// The sequence numbers of `nack` still young enough to resend, as of `now`.
     fn young(&self, nack: &TransportLayerNack, now: Instant) -> Vec<u16> {
+        let max_age = self.max_age();
         let Some((_, ring)) = self.sent.iter().find(|(s, _)| *s == nack.media_ssrc) else {
             return nack.nacks.iter().flat_map(|p| p.packet_list()).collect();
         };
@@ -65,7 +84,7 @@ impl NackAgeLimit {
             .iter()
             .flat_map(|p| p.packet_list())
             .filter(|seq| match ring.get(usize::from(*seq) % SLOTS) {
-                Some(Some((s, at))) if s == seq => now.saturating_duration_since(*at) <= NACK_MAX_AGE,
+                Some(Some((s, at))) if s == seq => now.saturating_duration_since(*at) <= max_age,
                 // Unknown here: the responder decides (it has no such packet either).
                 _ => true,
             })
@@ -131,6 +150,19 @@ mod tests {
         let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(other)];
         k.filter(&mut packets, at);
         assert_eq!(packets.len(), 1);
+        // On a path of 650 ms round trip, 1.95 s is still young: 2 and 3 are resent.
+        k.on_rtt(Duration::from_millis(650));
+        assert_eq!(k.max_age(), Duration::from_millis(1950));
+        // Smoothed: one sample of 50 ms moves it by an eighth of the difference.
+        k.on_rtt(Duration::from_millis(50));
+        assert_eq!(k.max_age(), Duration::from_millis(1725));
+        k.on_rtt(Duration::from_millis(1175));
+        assert_eq!(k.max_age(), Duration::from_millis(1950));
+        let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[0, 2, 3]) };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, at);
+        let n = packets[0].as_any().downcast_ref::<TransportLayerNack>().unwrap();
+        assert_eq!(n.nacks.iter().flat_map(|p| p.packet_list()).collect::<Vec<_>>(), [2, 3]);
         // Unbound: nothing is refused any more.
         k.unbind(5);
         let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[1]) };

@@ -36,21 +36,24 @@ pub struct RtcpCounters {
 }
 
 impl RtcpCounters {
-    /// Counts RTCP received from a client.
-    pub fn count_read(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+    /// Counts RTCP received from a client; returns the round-trip time (µs) of the last
+    /// report block among them that echoes one of our sender reports.
+    pub fn count_read(&self, packets: &[Box<dyn rtc::rtcp::Packet>]) -> Option<u64> {
+        let mut rtt = None;
         for p in packets {
             let any = p.as_any();
             if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
                 self.nacks_in.fetch_add(1, Relaxed);
                 self.nacked_packets.fetch_add(nacked(n), Relaxed);
             } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
-                count_reports(self, &rr.reports);
+                rtt = count_reports(self, &rr.reports).or(rtt);
             } else if let Some(sr) = any.downcast_ref::<SenderReport>() {
                 // A client that also sends (a publisher subscribing on the same
                 // transport) reports what it receives in its sender reports.
-                count_reports(self, &sr.reports);
+                rtt = count_reports(self, &sr.reports).or(rtt);
             }
         }
+        rtt
     }
 
     /// Counts RTCP sent to a client.
@@ -87,19 +90,23 @@ fn round_trip_us(now: u32, last_sender_report: u32, delay: u32) -> Option<u64> {
     (units < 10 * 65_536).then(|| u64::from(units) * 1_000_000 / 65_536)
 }
 
-fn count_reports(c: &RtcpCounters, reports: &[ReceptionReport]) {
+/// Counts `reports`; the round-trip time (µs) of the last one that allows one.
+fn count_reports(c: &RtcpCounters, reports: &[ReceptionReport]) -> Option<u64> {
     if reports.is_empty() {
-        return;
+        return None;
     }
     let now = compact_ntp_now();
+    let mut last = None;
     for r in reports {
         c.reports.fetch_add(1, Relaxed);
         c.fraction_lost_256.fetch_add(u64::from(r.fraction_lost), Relaxed);
         if let Some(us) = round_trip_us(now, r.last_sender_report, r.delay) {
             c.rtt_samples.fetch_add(1, Relaxed);
             c.rtt_us.fetch_add(us, Relaxed);
+            last = Some(us);
         }
     }
+    last
 }
 
 #[cfg(test)]
@@ -116,5 +123,29 @@ mod tests {
         assert_eq!(round_trip_us(lsr, now, 0), None, "wrapped: implausible");
         // Across the 16-bit seconds wrap: 6554 units of 1/65536 s.
         assert_eq!(round_trip_us(100, u32::MAX - 6_453, 0), Some(100_006));
+    }
+
+    #[test]
+    fn receiver_reports_are_counted_and_give_the_round_trip() {
+        let c = RtcpCounters::default();
+        // Our sender report left 0.2 s ago; the client held it 0.05 s.
+        let block = |lsr: u32| ReceptionReport { ssrc: 5, fraction_lost: 64, last_sender_report: lsr, delay: 3_277, ..Default::default() };
+        let sent = compact_ntp_now().wrapping_sub(13_107);
+        let rr = ReceiverReport { ssrc: 1, reports: vec![block(0), block(sent)], ..Default::default() };
+        let nack = TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: 5,
+            nacks: rtc::rtcp::transport_feedbacks::transport_layer_nack::nack_pairs_from_sequence_numbers(&[1, 2, 3]),
+        };
+        let packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(rr), Box::new(nack)];
+        let rtt = c.count_read(&packets).unwrap();
+        assert!((145_000..=170_000).contains(&rtt), "{rtt}");
+        assert_eq!((c.reports.load(Relaxed), c.fraction_lost_256.load(Relaxed), c.rtt_samples.load(Relaxed)), (2, 128, 1));
+        assert_eq!((c.nacks_in.load(Relaxed), c.nacked_packets.load(Relaxed)), (1, 3));
+        // A block that echoes no sender report gives no round trip.
+        let rr = ReceiverReport { ssrc: 1, reports: vec![block(0)], ..Default::default() };
+        assert_eq!(c.count_read(&[Box::new(rr) as Box<dyn rtc::rtcp::Packet>]), None);
+        c.count_written(&packets);
+        assert_eq!(c.nacks_out.load(Relaxed), 1);
     }
 }

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::sansio::Protocol;
@@ -56,7 +56,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
         if let Packet::Rtcp(packets) = &mut msg.message.packet
             && !packets.is_empty()
         {
-            self.counters.count_read(packets);
+            if let Some(us) = self.counters.count_read(packets) {
+                self.ages.on_rtt(Duration::from_micros(us));
+            }
             if let Some(requests) = keyframe_requests(packets) {
                 self.read.push_back(deliverable(requests, msg.now, msg.transport));
             }
