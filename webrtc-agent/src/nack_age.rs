@@ -7,6 +7,10 @@
 //! three round trips on a longer path (libwebrtc's rule), a repaired packet would come too
 //! late for the receiver's jitter buffer anyway.
 //!
+//! Nor may retransmissions add more than half of what the connection sends (a budget
+//! earned by first transmissions, saved up to a burst): a lossy link must not be asked to
+//! carry a storm of repairs on top of its media.
+//!
 //! It works in [`crate::wire::Wire`], wire-ward of webrtc-rs's NACK responder: on the
 //! write path it notes when each packet of this connection's streams first left, on the
 //! read path it takes the sequence numbers that are too old out of each NACK before the
@@ -21,22 +25,32 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, n
 pub const NACK_MAX_AGE: Duration = Duration::from_millis(1000);
 /// Send times kept per stream (as many as the responder's history, and more).
 const SLOTS: usize = 512;
+/// Retransmissions may add at most one packet for every [`SENT_PER_RESEND`] first
+/// transmissions of the connection...
+const SENT_PER_RESEND: u32 = 2;
+/// ...with a burst of at most this many.
+const RESEND_BURST: u32 = 100;
 
 /// (sequence number, first sent) by sequence number modulo [`SLOTS`].
 type SendTimes = Box<[Option<(u16, Instant)>]>;
 
 /// Send times per local stream, and the NACK filter they allow (see the module docs).
 #[derive(Default)]
-pub struct NackAgeLimit {
+pub struct NackLimit {
     /// Per sending SSRC (a connection has a few: a linear search beats hashing).
     sent: Vec<(u32, SendTimes)>,
     /// NACKed packets refused for their age (for tests and logs).
     pub refused: u64,
+    /// NACKed packets refused for the retransmission budget.
+    pub over_budget: u64,
     /// The client's smoothed round-trip time, from its receiver reports.
     rtt: Option<Duration>,
+    /// Retransmissions allowed now, in units of 1/[`SENT_PER_RESEND`] packet: each first
+    /// transmission adds one unit, each packet granted to a NACK takes a whole packet.
+    budget: u32,
 }
 
-impl NackAgeLimit {
+impl NackLimit {
     /// A local stream was bound: its send times are kept from now on.
     pub fn bind(&mut self, ssrc: u32) {
         if !self.sent.iter().any(|(s, _)| *s == ssrc) {
@@ -51,7 +65,10 @@ impl NackAgeLimit {
 
     /// Packet `seq` of stream `ssrc` left now (a retransmission on the stream's own SSRC
     /// keeps the first send's time).
-    pub fn on_sent(&mut self, ssrc: u32, seq: u16, now: Instant) {
+    pub fn on_sent(&mut self, ssrc: u32, seq: u16, retransmission: bool, now: Instant) {
+        if !retransmission {
+            self.budget = (self.budget + 1).min(RESEND_BURST * SENT_PER_RESEND);
+        }
         let Some((_, ring)) = self.sent.iter_mut().find(|(s, _)| *s == ssrc) else { return };
         if let Some(slot) = ring.get_mut(usize::from(seq) % SLOTS)
             && !matches!(slot, Some((s, _)) if *s == seq)
@@ -104,8 +121,13 @@ impl NackAgeLimit {
                 continue;
             };
             let asked = nack.nacks.iter().map(|n| n.packet_list().len()).sum::<usize>();
-            let young = self.young(nack, now);
+            let mut young = self.young(nack, now);
             self.refused += (asked - young.len().min(asked)) as u64;
+            // Over budget: the newest are kept (the oldest are nearest their deadline).
+            let granted = young.len().min((self.budget / SENT_PER_RESEND) as usize);
+            self.over_budget += (young.len() - granted) as u64;
+            young.drain(..young.len() - granted);
+            self.budget -= granted as u32 * SENT_PER_RESEND;
             if !young.is_empty() {
                 kept.push(Box::new(TransportLayerNack {
                     sender_ssrc: nack.sender_ssrc,
@@ -124,14 +146,14 @@ mod tests {
 
     #[test]
     fn old_packets_are_not_asked_again() {
-        let mut k = NackAgeLimit::default();
+        let mut k = NackLimit::default();
         k.bind(5);
         let t0 = Instant::now();
         for seq in 0..20u16 {
-            k.on_sent(5, seq, t0 + Duration::from_millis(u64::from(seq) * 100));
+            k.on_sent(5, seq, false, t0 + Duration::from_millis(u64::from(seq) * 100));
         }
         // A retransmission keeps the first send's time.
-        k.on_sent(5, 3, t0 + Duration::from_millis(1900));
+        k.on_sent(5, 3, true, t0 + Duration::from_millis(1900));
         // At 2.05 s: 0..=10 left more than a second ago; 11 and 15 are young; 700 was never sent here.
         let at = t0 + Duration::from_millis(2050);
         let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[2, 3, 11, 15, 700]) };
@@ -169,5 +191,49 @@ mod tests {
         let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
         k.filter(&mut packets, at);
         assert_eq!(packets.len(), 1);
+    }
+
+    #[test]
+    fn retransmissions_add_at_most_half_of_what_was_sent() {
+        let mut k = NackLimit::default();
+        k.bind(5);
+        let t0 = Instant::now();
+        let seqs = |n: &[Box<dyn rtc::rtcp::Packet>]| -> Vec<u16> {
+            n.iter()
+                .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+                .flat_map(|n| n.nacks.iter().flat_map(|p| p.packet_list()))
+                .collect()
+        };
+        for seq in 0..10u16 {
+            k.on_sent(5, seq, false, t0);
+        }
+        // Retransmissions do not add to the budget.
+        k.on_sent(5, 0, true, t0);
+        // Ten sent: five may be resent, the newest of those asked for.
+        let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[1, 2, 3, 4, 5, 6, 7, 8]) };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, t0);
+        assert_eq!(seqs(&packets), [4, 5, 6, 7, 8]);
+        assert_eq!((k.over_budget, k.refused), (3, 0));
+        // Spent: nothing until more is sent; four more sent allow two.
+        let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&[1, 2, 3]) };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack.clone())];
+        k.filter(&mut packets, t0);
+        assert!(packets.is_empty());
+        for seq in 10..14u16 {
+            k.on_sent(5, seq, false, t0);
+        }
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, t0);
+        assert_eq!(seqs(&packets), [2, 3]);
+        // A long quiet stream saves up at most a burst of 100.
+        for seq in 0..5_000u16 {
+            k.on_sent(5, seq, false, t0);
+        }
+        let all: Vec<u16> = (4_000..4_300).collect();
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> =
+            vec![Box::new(TransportLayerNack { sender_ssrc: 1, media_ssrc: 5, nacks: nack_pairs_from_sequence_numbers(&all) })];
+        k.filter(&mut packets, t0);
+        assert_eq!(seqs(&packets), (4_200..4_300).collect::<Vec<_>>());
     }
 }

@@ -19,19 +19,19 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 
 use crate::bwe::SendSide;
 use crate::feedback::{deliverable, keyframe_requests};
-use crate::nack_age::NackAgeLimit;
+use crate::nack_age::NackLimit;
 use crate::rtcp_counter::RtcpCounters;
 
 /// The interceptor (see the module docs); one per connection.
 pub struct Wire {
     counters: Arc<RtcpCounters>,
-    ages: NackAgeLimit,
+    ages: NackLimit,
     /// With `webrtc.bandwidth_estimation`.
     send_side: Option<SendSide>,
     read: VecDeque<TaggedPacket>,
@@ -41,7 +41,7 @@ pub struct Wire {
 impl Wire {
     /// Counting into `counters`, estimating with `send_side` if given.
     pub fn new(counters: Arc<RtcpCounters>, send_side: Option<SendSide>) -> Self {
-        Wire { counters, ages: NackAgeLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new() }
+        Wire { counters, ages: NackLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new() }
     }
 }
 
@@ -81,9 +81,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
     }
 
     fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        let retransmission = msg.message.has(&Attribute::Retransmission);
         match &mut msg.message.packet {
             Packet::Rtp(p) => {
-                self.ages.on_sent(p.header.ssrc, p.header.sequence_number, msg.now);
+                self.ages.on_sent(p.header.ssrc, p.header.sequence_number, retransmission, msg.now);
                 if let Some(s) = &mut self.send_side {
                     s.on_write(p, msg.now);
                 }
