@@ -135,45 +135,34 @@ fn h264_starts_keyframe(payload: &[u8]) -> bool {
     let key = |nal: u8| matches!(nal & 0x1f, 5 | 7);
     let Some(&first) = payload.first() else { return false };
     match first & 0x1f {
-        24 => {
-            let mut at = 1;
-            while let (Some(&hi), Some(&lo)) = (payload.get(at), payload.get(at + 1)) {
-                let size = usize::from(u16::from_be_bytes([hi, lo]));
-                match payload.get(at + 2) {
-                    Some(&nal) if size > 0 => {
-                        if key(nal) {
-                            return true;
-                        }
-                    }
-                    _ => return false,
-                }
-                at += 2 + size;
-            }
-            false
-        }
+        24 => stap_a_units(payload).any(|unit| unit.first().is_some_and(|&nal| key(nal))),
         28 => payload.get(1).is_some_and(|&fu| fu & 0x80 != 0 && key(fu)),
         _ => key(first),
     }
 }
 
+/// The NAL units a STAP-A aggregates (`payload` from its header byte on), each whole. A
+/// unit of length zero or cut off by the packet's end ends the walk: the packet is
+/// malformed, and nothing in it from there on is trusted (one rule for keyframes and
+/// sizes).
+fn stap_a_units(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = payload.get(1..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        let (size, tail) = rest.split_first_chunk::<2>()?;
+        let size = usize::from(u16::from_be_bytes(*size));
+        let unit = tail.get(..size).filter(|u| !u.is_empty());
+        rest = if unit.is_some() { tail.get(size..).unwrap_or_default() } else { &[] };
+        unit
+    })
+}
+
 /// An H.264 picture size, from a sequence parameter set the packet carries (a single NAL
 /// unit or inside a STAP-A; browsers send it with every IDR), cropping applied.
 pub fn h264_sps_size(payload: &[u8]) -> Option<(u16, u16)> {
-    let first = *payload.first()?;
-    match first & 0x1f {
+    let is_sps = |nal: &[u8]| nal.first().is_some_and(|b| b & 0x1f == 7);
+    match payload.first()? & 0x1f {
         7 => sps_size(payload),
-        24 => {
-            let mut at = 1;
-            while let (Some(&hi), Some(&lo)) = (payload.get(at), payload.get(at + 1)) {
-                let size = usize::from(u16::from_be_bytes([hi, lo]));
-                let nal = payload.get(at + 2..at + 2 + size)?;
-                if nal.first().is_some_and(|b| b & 0x1f == 7) {
-                    return sps_size(nal);
-                }
-                at += 2 + size;
-            }
-            None
-        }
+        24 => stap_a_units(payload).find(|unit| is_sps(unit)).and_then(sps_size),
         _ => None,
     }
 }
@@ -1010,6 +999,13 @@ mod tests {
         assert!(!h.starts_keyframe(&[0x7c, 0x05, 0x88]));
         assert!(!h.starts_keyframe(&[0x7c, 0x81, 0x88]));
         assert!(!h.starts_keyframe(&[]) && !h.starts_keyframe(&[0x78, 0xff]) && !h.starts_keyframe(&[0x7c]));
+        // A malformed STAP-A is trusted up to its first bad unit: a zero-length one, or
+        // one cut off (the same rule as for the sizes).
+        assert!(!h.starts_keyframe(&[0x78, 0x00, 0x00, 0x00, 0x02, 0x67, 0x42]), "after a zero-length unit");
+        assert!(!h.starts_keyframe(&[0x78, 0x00, 0x09, 0x65, 0x88]), "cut off");
+        assert!(h.starts_keyframe(&[0x78, 0x00, 0x02, 0x65, 0x88, 0x00, 0x09, 0x41]), "before a cut-off unit");
+        let units: Vec<&[u8]> = stap_a_units(&[0x78, 0x00, 0x01, 0x09, 0x00, 0x02, 0x68, 0xce, 0x00]).collect();
+        assert_eq!(units, [&[0x09][..], &[0x68, 0xce][..]], "a lone length byte at the end is no unit");
         assert_eq!(VideoCodec::of("video/VP9"), VideoCodec::Other);
     }
 
