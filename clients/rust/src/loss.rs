@@ -34,20 +34,29 @@ struct Stream {
     /// Missing sequence numbers and since when.
     missing: HashMap<u16, Instant>,
     codec: VideoCodec,
-    /// No keyframe has come yet: since when packets arrive, when one was last asked for.
-    keyless: Option<(Instant, Option<Instant>)>,
+    keyframe: Keyframe,
+}
+
+/// Whether a stream has had a keyframe yet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Keyframe {
+    /// Nothing has arrived yet.
+    Unseen,
+    /// Packets arrive without any keyframe: since when, and when one was last asked for.
+    Missing { since: Instant, asked: Option<Instant> },
     /// A keyframe has come (or the codec's keyframes cannot be told).
-    keyed: bool,
+    Seen,
 }
 
 impl Stream {
     fn new(codec: VideoCodec) -> Self {
-        Stream { highest: None, missing: HashMap::new(), codec, keyless: None, keyed: codec == VideoCodec::Other }
+        let keyframe = if codec == VideoCodec::Other { Keyframe::Seen } else { Keyframe::Unseen };
+        Stream { highest: None, missing: HashMap::new(), codec, keyframe }
     }
 
     /// Whether a keyframe request is due for lack of any keyframe (and notes it asked).
     fn keyframe_due(&mut self, now: Instant) -> bool {
-        let Some((since, asked)) = &mut self.keyless else { return false };
+        let Keyframe::Missing { since, asked } = &mut self.keyframe else { return false };
         let due = match asked {
             None => now.saturating_duration_since(*since) >= NO_KEYFRAME_WAIT,
             Some(at) => now.saturating_duration_since(*at) >= GIVE_UP,
@@ -74,14 +83,13 @@ impl KeyframeOnLoss {
     /// A media packet (not a repair) of a watched stream: has the stream had a keyframe?
     fn media(&mut self, ssrc: u32, payload: &[u8], now: Instant) {
         let Some(s) = self.streams.get_mut(&ssrc) else { return };
-        if s.keyed {
+        if s.keyframe == Keyframe::Seen {
             return;
         }
         if s.codec.starts_keyframe(payload) {
-            s.keyed = true;
-            s.keyless = None;
-        } else if s.keyless.is_none() {
-            s.keyless = Some((now, None));
+            s.keyframe = Keyframe::Seen;
+        } else if s.keyframe == Keyframe::Unseen {
+            s.keyframe = Keyframe::Missing { since: now, asked: None };
             let check = now + NO_KEYFRAME_WAIT;
             self.next = Some(self.next.map_or(check, |n| n.min(check)));
         }
@@ -167,7 +175,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
                     message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(pli)])),
                 });
             }
-            waiting |= !s.missing.is_empty() || s.keyless.is_some();
+            waiting |= !s.missing.is_empty() || matches!(s.keyframe, Keyframe::Missing { .. });
         }
         self.next = waiting.then_some(now + CHECK);
         Ok(())
