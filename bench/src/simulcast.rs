@@ -25,7 +25,7 @@ use tessera_client::peer::{PublishOptions, Publisher, Received};
 use tessera_client::signaling::Signaling;
 use tessera_client::simulcast::{LayerSpec, SimulcastPublisher, vp8_keyframe_size};
 
-use crate::scenario::{AbortOnDrop, Figures, Load, Shape, measure, row};
+use crate::scenario::{AbortOnDrop, Figures, Load, Measured, Shape, measure, row};
 use crate::server::tessera::Tessera;
 use crate::server::{AnyServer, Kind, Launch, Server};
 
@@ -179,6 +179,13 @@ struct Member {
     first_frame_ms: Option<f64>,
 }
 
+impl Member {
+    /// What it received in the measured window.
+    fn seen_in(&self, measured: &Measured) -> Seen {
+        seen(&self.sub.received.lock().map(|r| r.clone()).unwrap_or_default(), (measured.from, measured.to))
+    }
+}
+
 /// Joins subscriber `i`; a limited one answers with feedback, from its own shaped address
 /// when `shaped`.
 async fn join(t: &Tessera, room: &str, stream: &str, i: usize, limited: bool, shaped: bool) -> anyhow::Result<Member> {
@@ -225,22 +232,20 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     }
     tokio::time::sleep(SETTLE).await;
     let measured = measure(&[t.pid()], seconds).await;
-    let window = (measured.from, measured.to);
-    let window_s = (measured.to - measured.from) as f64 / 1e6;
     let mut groups: [(Vec<Seen>, Vec<f64>); 2] = Default::default();
     let mut packets = 0usize;
     for m in &members {
-        let s = seen(&m.sub.received.lock().map(|r| r.clone()).unwrap_or_default(), window);
+        let s = m.seen_in(&measured);
         packets += s.packets;
         let g = &mut groups[usize::from(m.limited)];
         g.0.push(s);
         g.1.extend(m.first_frame_ms);
     }
     let missing = members.iter().filter(|m| m.first_frame_ms.is_none()).count();
+    let (window_s, cpu_us) = per_packet(&measured, packets);
     for (name, (seens, first)) in ["free", "limited"].iter().zip(&groups) {
         rows.push(group_row(name, seens, window_s, first));
     }
-    let cpu_us = measured.cpu * 1e6 / (packets.max(1) as f64);
     drop(members);
     drop(publisher);
     drop(t);
@@ -322,10 +327,8 @@ async fn like_for_like(launch: &Launch, seconds: u64) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let measured = measure(&[t.pid()], seconds).await;
     drop(senders);
-    let window_s = (measured.to - measured.from) as f64 / 1e6;
-    let packets: usize =
-        members.iter().map(|m| seen(&m.sub.received.lock().map(|r| r.clone()).unwrap_or_default(), (measured.from, measured.to)).packets).sum();
-    let cpu_us = measured.cpu * 1e6 / (packets.max(1) as f64);
+    let packets = members.iter().map(|m| m.seen_in(&measured).packets).sum();
+    let (window_s, cpu_us) = per_packet(&measured, packets);
     Ok(json!({
         "scenario": "like-for-like",
         "server": "tessera",
@@ -337,6 +340,12 @@ async fn like_for_like(launch: &Launch, seconds: u64) -> anyhow::Result<Value> {
         "cpu_pct": (measured.cpu / window_s * 1000.0).round() / 10.0,
         "cpu_us_per_packet": (cpu_us * 100.0).round() / 100.0,
     }))
+}
+
+/// The measured window's length in seconds, and the server's CPU µs per packet of the
+/// `packets` forwarded in it.
+fn per_packet(measured: &Measured, packets: usize) -> (f64, f64) {
+    ((measured.to - measured.from) as f64 / 1e6, measured.cpu * 1e6 / (packets.max(1) as f64))
 }
 
 /// Prints the scenario's rows, when a run has them.
