@@ -1048,6 +1048,23 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     assert_eq!(runs(&check_layered_video(&auto, 2)), [F, H, F]);
     assert_eq!(runs(&check_layered_video(&q, 3)), [Q, F, H, F]);
     assert_eq!(runs(&check_layered_video(&h, 1)), [H, Q], "a subscriber of another layer is not disturbed");
+
+    // h grows to 480×360 mid-stream: the stream's description says so, and a subscriber
+    // that moves to h gets the new pictures, every frame decodable.
+    p.resize("h", 480, 360).unwrap();
+    psig.wait_for("stream update with h's new size", Duration::from_secs(4), |n| {
+        n.event == "stream"
+            && n.data["data"]["field"] == "."
+            && n.data["data"]["value"]["media"]["tracks"][1]["parameters"]["resolution"]["width"] == 480
+    })
+    .await
+    .unwrap();
+    let (_, v11) = s.api(reqwest::Method::GET, &format!("/v1.1/rooms/{room}/streams/{}", p.stream_id), None).await;
+    let h_size = &v11["media"]["video"]["original"][1]["parameters"]["resolution"];
+    assert_eq!((h_size["width"].as_u64(), h_size["height"].as_u64()), (Some(480), Some(360)), "{v11}");
+    ssig.ok("subscription-control", Some(update(&h.id, json!({"from": layer("h")})))).await.unwrap();
+    wait_for_picture(&h, (480, 360, "green"), Duration::from_secs(3)).await;
+    assert_eq!(runs(&check_layered_video(&h, 2)), [H, Q, (480, 360, "green")]);
 }
 
 /// The width of the newest VP8 keyframe among `packets` from index `from` on (a layered

@@ -175,7 +175,7 @@ impl SimulcastPublisher {
                 }
             };
             let desc = format!(
-                "videotestsrc is-live=true {source} ! video/x-raw,width={width},height={height},framerate=15/1 ! \
+                "videotestsrc is-live=true {source} ! capsfilter name=size caps=video/x-raw,width={width},height={height},framerate=15/1 ! \
                  videoconvert ! vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
                  rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit ! appsink name=v sync=false",
             );
@@ -208,6 +208,23 @@ impl SimulcastPublisher {
         let publisher = SimulcastPublisher { conn, stream_id, offer, answer, layers, pipelines, tasks };
         publisher.conn.wait_ready(sig, &publisher.stream_id, std::time::Duration::from_secs(10)).await?;
         Ok(publisher)
+    }
+
+    /// Changes layer `rid`'s picture size from its next frame on (as a browser scales a
+    /// layer down when its CPU or uplink is short), starting with a keyframe.
+    pub fn resize(&self, rid: &str, width: u32, height: u32) -> anyhow::Result<()> {
+        let i = self.layers.iter().position(|l| l.spec.rid == rid).ok_or_else(|| anyhow!("no layer {rid}"))?;
+        let filter = self.pipelines.get(i).and_then(|p| p.by_name("size")).ok_or_else(|| anyhow!("no size filter"))?;
+        let caps = gst::Caps::builder("video/x-raw")
+            .field("width", width as i32)
+            .field("height", height as i32)
+            .field("framerate", gst::Fraction::new(15, 1))
+            .build();
+        filter.set_property("caps", caps);
+        if let Some(l) = self.layers.get(i) {
+            l.keyframe.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Stops (`true`) or restarts sending layer `rid`; a restart begins with a keyframe.
