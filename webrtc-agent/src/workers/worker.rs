@@ -268,6 +268,26 @@ impl Selection {
         self.choice = choice;
     }
 
+    /// Where keyframes cannot be found a move would show a broken picture: a reader of
+    /// `source` that has started stays on it while it flows.
+    fn held(&self, source: TrackId) -> bool {
+        self.board.codec == VideoCodec::Other && self.started && self.board.index_of(source).is_some_and(|i| self.board.is_live(i))
+    }
+
+    /// Aims the reader of `source` at layer `want`: it moves at `want`'s next keyframe
+    /// (the caller asks for one), or stays where it is, calling off a move under way.
+    fn aim(&mut self, want: TrackId, source: TrackId, now: Instant) -> Aim {
+        if self.target == Some(want) || (want == source && self.target.is_none()) {
+            return Aim::Unchanged;
+        }
+        let dropped = self.target.take();
+        if want != source {
+            self.target = Some(want);
+            self.asked = Some(now);
+        }
+        Aim::Changed { dropped }
+    }
+
     /// Pauses or resumes the leg's reading: a paused leg wants no layer, and resumes like
     /// a switch (on a keyframe; `auto` starts over, the estimate before the pause is old).
     fn set_paused(&mut self, paused: bool) {
@@ -287,6 +307,14 @@ impl Selection {
             }
         }
     }
+}
+
+/// What [`Selection::aim`] did.
+enum Aim {
+    /// Already there, or on the way.
+    Unchanged,
+    /// A new aim; the layer it was heading for before, if any.
+    Changed { dropped: Option<TrackId> },
 }
 
 impl Drop for Selection {
@@ -1041,18 +1069,13 @@ impl Worker {
         let Some(state) = self.boards.get_mut(&board) else { return };
         let mut ask = Vec::new();
         for tap in &mut state.taps {
+            if tap.sel.held(tap.source) {
+                continue;
+            }
             let b = &tap.sel.board;
-            // Where keyframes cannot be found, only off a layer that stopped (as for legs).
-            if b.codec == VideoCodec::Other && tap.sel.started && b.index_of(tap.source).is_some_and(|i| b.is_live(i)) {
-                continue;
-            }
             let Some(want) = b.choose(&tap.sel.choice).and_then(|i| b.layers.get(i)).map(|l| l.track) else { continue };
-            if tap.sel.target == Some(want) || (want == tap.source && tap.sel.target.is_none()) {
-                continue;
-            }
-            tap.sel.target = (want != tap.source).then_some(want);
-            if tap.sel.target.is_some() {
-                tap.sel.asked = Some(now);
+            // A tap reads every layer of its board: nothing to detach from.
+            if matches!(tap.sel.aim(want, tap.source, now), Aim::Changed { .. }) && want != tap.source {
                 ask.push(want);
             }
         }
@@ -1840,9 +1863,7 @@ impl Worker {
         let (owner, source) = (l.owner, l.source);
         // A paused leg reads nothing; it chooses again when it resumes.
         let Some(sel) = l.sel.as_mut().filter(|s| !s.paused) else { return };
-        // Where keyframes cannot be found, a move would show a broken picture: only off a
-        // layer that stopped.
-        if sel.board.codec == VideoCodec::Other && sel.started && sel.board.index_of(source).is_some_and(|i| sel.board.is_live(i)) {
+        if sel.held(source) {
             return;
         }
         let chosen = match &sel.choice {
@@ -1857,15 +1878,8 @@ impl Worker {
             other => sel.board.choose(other),
         };
         let Some(want) = chosen.and_then(|i| sel.board.layers.get(i)).map(|l| l.track) else { return };
-        if sel.target == Some(want) || (want == source && sel.target.is_none()) {
-            return;
-        }
+        let Aim::Changed { dropped } = sel.aim(want, source, now) else { return };
         debug!(peer, leg, estimate = ?estimate, layer = ?chosen, "simulcast layer chosen");
-        let dropped = sel.target.take();
-        if want != source {
-            sel.target = Some(want);
-            sel.asked = Some(now);
-        }
         if let Some(t) = dropped {
             self.detach(t, owner, peer, leg);
         }
