@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use rtc::interceptor::{BandwidthEstimator, EstimatorStats, Gcc, PacketReport, StreamInfo};
 
+use crate::probe::Prober;
+
 /// How much feedback the delivered rate and the loss are measured over.
 const WINDOW: Duration = Duration::from_secs(1);
 /// Packets that leave within this of the one before belong to one train.
@@ -55,6 +57,8 @@ pub struct Estimate {
     base: Instant,
     /// Whether the connection estimates at all (see [`SendSide`]).
     enabled: AtomicBool,
+    /// Whether the worker asks for probe trains (see [`crate::probe`]).
+    probing: AtomicBool,
 }
 
 impl Default for Estimate {
@@ -68,6 +72,7 @@ impl Default for Estimate {
             updated_us: AtomicU64::new(0),
             base: Instant::now(),
             enabled: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
         }
     }
 }
@@ -95,6 +100,17 @@ impl Estimate {
     /// Starts estimating (the connection takes a simulcast video on `auto`).
     pub fn enable(&self) {
         self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it estimates (a simulcast video on `auto` was taken).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Asks for probe trains, or stops them (a subscriber below its video's top layer
+    /// wants to know whether the next one fits).
+    pub fn set_probing(&self, on: bool) {
+        self.probing.store(on, Ordering::Relaxed);
     }
 
     /// The latest values, as of `now`.
@@ -287,8 +303,11 @@ struct Sent {
 pub struct SendSide {
     estimator: SubscriberEstimator,
     estimate: Arc<Estimate>,
-    /// Local streams that negotiated transport-cc: (SSRC, extension id).
-    streams: Vec<(u32, u8)>,
+    /// Local streams that negotiated transport-cc: (SSRC, extension id, the media
+    /// stream's SSRC: itself, or the one an RTX stream repairs).
+    streams: Vec<(u32, u8, u32)>,
+    /// Probe trains and the RTX numbering they share with retransmissions.
+    prober: Prober,
     /// By `id % HISTORY`; allocated when the estimate is first enabled.
     ring: Vec<Option<Sent>>,
     /// Number of the next packet.
@@ -307,6 +326,7 @@ impl SendSide {
             estimator,
             estimate,
             streams: Vec::new(),
+            prober: Prober::default(),
             ring: Vec::new(),
             next: 0,
             highest_arrived: None,
@@ -325,24 +345,32 @@ impl SendSide {
         true
     }
 
-    /// A local stream was bound: numbered if it negotiated the extension.
+    /// A local stream was bound: numbered if it negotiated the extension (its RTX
+    /// stream too: retransmissions and probes are bytes on the path like the media).
     pub fn bind(&mut self, info: &StreamInfo) {
+        self.unbind(info.ssrc);
+        self.prober.bind(info);
         let id = info.rtp_header_extensions.iter().find(|e| e.uri == TRANSPORT_CC_URI).and_then(|e| u8::try_from(e.id).ok());
         if let Some(id) = id.filter(|id| *id != 0) {
-            self.streams.retain(|(ssrc, _)| *ssrc != info.ssrc);
-            self.streams.push((info.ssrc, id));
+            self.streams.push((info.ssrc, id, info.ssrc));
+            if let Some(rtx) = info.ssrc_rtx {
+                self.streams.push((rtx, id, info.ssrc));
+            }
         }
     }
 
     /// A local stream was unbound.
     pub fn unbind(&mut self, ssrc: u32) {
-        self.streams.retain(|(s, _)| *s != ssrc);
+        self.streams.retain(|(_, _, media)| *media != ssrc);
+        self.prober.unbind(ssrc);
     }
 
-    /// Numbers and remembers `packet`, leaving now.
+    /// Numbers and remembers `packet`, leaving now (an RTX packet first takes its RTX
+    /// sequence number, see [`crate::probe`]).
     pub fn on_write(&mut self, packet: &mut rtc::rtp::Packet, now: Instant) {
+        self.prober.renumber(packet);
         let ssrc = packet.header.ssrc;
-        let Some(&(_, ext)) = self.streams.iter().find(|(s, _)| *s == ssrc) else { return };
+        let Some(&(_, ext, _)) = self.streams.iter().find(|(s, _, _)| *s == ssrc) else { return };
         if !self.on() {
             return;
         }
@@ -365,6 +393,13 @@ impl SendSide {
                 arrival: None,
             });
         }
+    }
+
+    /// A media packet that left (after [`Self::on_write`]): when the worker asks for
+    /// probes and one is due, the train to send right after it, into `train`.
+    pub fn probe_train(&mut self, packet: &rtc::rtp::Packet, now: Instant, train: &mut Vec<rtc::rtp::Packet>) {
+        let probing = self.estimate.enabled() && self.estimate.probing.load(Ordering::Relaxed);
+        self.prober.after(packet, probing, now, train);
     }
 
     /// The unwrapped number of a packet the wire names by its low 16 bits, if remembered.

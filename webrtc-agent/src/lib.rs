@@ -26,6 +26,7 @@ pub mod feedback;
 pub mod forward;
 pub mod nack_age;
 pub mod net;
+pub mod probe;
 pub mod rtcp_counter;
 mod sdp;
 pub mod simulcast;

@@ -624,6 +624,11 @@ const LOSS_CONGESTION: u32 = 100;
 const LOSS_MIN_PACKETS: u32 = 20;
 
 impl AutoState {
+    /// Whether a move down still settles (then the link is not probed: its queue drains).
+    pub fn settling(&self, now: Instant) -> bool {
+        self.settle_until.is_some_and(|t| now < t)
+    }
+
     /// Tells it the subscriber still waits for the keyframe of the layer it moves to: a
     /// move down settles until [`SWITCH_SETTLE`] after that (the loss it measures is then
     /// the new layer's, not the backlog of the old one).

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 
@@ -36,12 +36,14 @@ pub struct Wire {
     send_side: Option<SendSide>,
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    /// Scratch for a probe train ([`crate::probe`]).
+    train: Vec<rtc::rtp::Packet>,
 }
 
 impl Wire {
     /// Counting into `counters`, estimating with `send_side` if given.
     pub fn new(counters: Arc<RtcpCounters>, send_side: Option<SendSide>) -> Self {
-        Wire { counters, ages: NackLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new() }
+        Wire { counters, ages: NackLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new(), train: Vec::new() }
     }
 }
 
@@ -87,12 +89,23 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
                 self.ages.on_sent(p.header.ssrc, p.header.sequence_number, retransmission, msg.now);
                 if let Some(s) = &mut self.send_side {
                     s.on_write(p, msg.now);
+                    if !retransmission {
+                        s.probe_train(p, msg.now, &mut self.train);
+                    }
                 }
             }
             Packet::Rtcp(packets) => self.counters.count_written(packets),
             _ => {}
         }
+        let (now, transport) = (msg.now, msg.transport);
         self.write.push_back(msg);
+        // Back to back behind the packet that started it: the train the estimate reads.
+        for mut probe in self.train.drain(..) {
+            if let Some(s) = &mut self.send_side {
+                s.on_write(&mut probe, now);
+            }
+            self.write.push_back(TaggedPacket { now, transport, message: AttributedPacket::new(Packet::Rtp(probe)).with(Attribute::Retransmission) });
+        }
         Ok(())
     }
 

@@ -49,8 +49,10 @@ async function portalPage() {
   return page;
 }
 
-test('a simulcast publication plays in the layer the subscriber chooses', async () => {
+test('a simulcast publication plays in the layer the subscriber chooses', async (t) => {
   const page = await portalPage();
+  // Closed after: its publisher and subscriber would load the CPU of the tests after.
+  t.after(() => page.close());
   const r = await page.evaluate(async () => {
     const { ConferenceClient } = await import('/sdk/tessera.js');
     const publication = await window.publishCamera();
@@ -96,11 +98,12 @@ test('a simulcast publication plays in the layer the subscriber chooses', async 
   assert.ok(r.frames > 5, `frames decoded in a second on the medium layer: ${r.frames}`);
 });
 
-test('layers nobody takes are paused in the publishing browser', async () => {
+test('layers nobody takes are paused in the publishing browser', async (t) => {
   const room = (await (await rest('/v1/rooms', { name: 'no-views', options: { views: [] } })).json()).id;
   const token = async (user) => (await rest(`/v1/rooms/${room}/tokens`, { user, role: 'presenter' })).text();
   const tokens = { alice: await token('alice'), bob: await token('bob') };
   const page = await browser.newPage();
+  t.after(() => page.close());
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
   await page.goto(server.portal + '/');
   const r = await page.evaluate(async (tokens) => {
@@ -155,6 +158,7 @@ test('layers nobody takes are paused in the publishing browser', async () => {
 
 test('a subscriber on a throttled link gets a lower layer while another keeps the top one', async (t) => {
   const page = await portalPage();
+  t.after(() => page.close());
   // Alice publishes; Bob and Carl subscribe on auto, each on a connection of its own.
   const port = await page.evaluate(async () => {
     const { ConferenceClient } = await import('/sdk/tessera.js');

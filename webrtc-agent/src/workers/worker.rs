@@ -250,6 +250,13 @@ struct Selection {
 }
 
 impl Selection {
+    /// On `auto`, heading below the top flowing layer and not settling after a move down.
+    fn could_go_up(&self, source: TrackId, now: Instant) -> bool {
+        let heading = self.target.unwrap_or(source);
+        let top = self.board.ranked().last().and_then(|&i| self.board.layers.get(i)).map(|l| l.track);
+        self.choice == LayerChoice::Auto && !self.paused && top.is_some_and(|t| t != heading) && !self.auto.settling(now)
+    }
+
     fn new(board: Arc<LayerBoard>, choice: LayerChoice) -> Selection {
         board.count_choice(&choice, true);
         let vp8 = (board.codec == VideoCodec::Vp8).then(Vp8Munger::default);
@@ -883,15 +890,26 @@ impl Worker {
     /// Takes everything a connection produced: events, received media, feedback.
     fn drain_peer(&mut self, id: u32, now: Instant) {
         let mut events = Vec::new();
-        // Reused across datagrams: no allocation per received packet.
-        let mut media = std::mem::take(&mut self.scratch);
-        let mut keyframe_requests = Vec::new();
-        let mut data = Vec::new();
+        // Events first: a track's first packet comes out of the same datagram as its
+        // OnTrack event, and only a track that event registered takes the packet.
         {
             let Some(p) = self.peers.get_mut(&id) else { return };
             while let Some(e) = p.pc.poll_event() {
                 events.push(e);
             }
+        }
+        for e in events.drain(..) {
+            self.event(id, e, now);
+        }
+        // Reused across datagrams: no allocation per received packet.
+        let mut media = std::mem::take(&mut self.scratch);
+        let mut keyframe_requests = Vec::new();
+        let mut data = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&id) else {
+                self.scratch = media;
+                return;
+            };
             while let Some(TaggedRTCMessage { message, .. }) = p.pc.poll_read() {
                 match message {
                     RTCMessage::RtpPacket(track_id, packet) => {
@@ -921,6 +939,9 @@ impl Worker {
                     }
                     _ => {}
                 }
+            }
+            while let Some(e) = p.pc.poll_event() {
+                events.push(e);
             }
             p.mark_dirty(&mut self.dirty);
         }
@@ -1181,6 +1202,10 @@ impl Worker {
                     let legs = self.legs_where(Leg::on_auto);
                     for (peer, leg) in legs {
                         self.reselect(peer, leg, now);
+                    }
+                    // A connection with a leg that could go up probes its link (see `crate::probe`).
+                    for p in self.peers.values().filter(|p| p.estimate.enabled()) {
+                        p.estimate.set_probing(p.legs.values().any(|l| l.on_auto() && l.sel.as_ref().is_some_and(|s| s.could_go_up(l.source, now))));
                     }
                     self.timers.push(Reverse((now + ADAPT_TICK, Timer::Adapt)));
                 }
