@@ -11,8 +11,8 @@
 //!
 //! Costs inside `rtc` 0.21 we live with for now (measured in the bench, listed in
 //! docs/sfu.md): `handle_read` takes an owned `BytesMut` (one copy per datagram), the
-//! receive path clones the track id `String` per packet, `write_rtp` allocates the track
-//! id `String` per packet, and SRTP marshals then encrypts (two copies per sent packet).
+//! receive path clones the track id `String` per packet, and SRTP marshals then encrypts
+//! (two copies per sent packet). Forwarded packets skip `write_rtp` (see [`deliver`]).
 //! What this file adds per forwarded packet: one `rtp::Packet` clone per leg (header
 //! fields, the payload is reference-counted; extensions are stripped once before).
 
@@ -2221,9 +2221,12 @@ fn deliver(
         if let Some(Selection { vp8: Some(v), .. }) = &mut l.sel {
             v.munge(&mut out);
         }
-        if let Some(mut s) = p.pc.rtp_sender(l.sender) {
-            // A refused packet (e.g. the leg was renegotiated away) is dropped for this leg only.
-            let _ = s.write_rtp(now, out);
+        // Straight into the connection, not through `RTCRtpSender::write_rtp`: that checks
+        // what the rewriter made sure of (the leg's SSRC and payload type, no extensions)
+        // and allocates the track id `String` per packet, which rtc then ignores. A
+        // refused packet is dropped for this leg only.
+        if p.pc.rtp_sender(l.sender).is_some() {
+            let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) });
         }
         if !p.dirty {
             p.dirty = true;
