@@ -10,6 +10,7 @@
 //! tool stops by itself.
 
 mod isolate;
+mod mixer_bare;
 mod scenario;
 mod server;
 mod simulcast;
@@ -32,7 +33,7 @@ use server::{AnyServer, Kind, Launch};
 #[command(name = "tessera-bench", version, about)]
 struct Args {
     /// smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all (the five before),
-    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), soak
+    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), mixer-vs-gstreamer (Tessera's 9-input 720p30 view against a bare GStreamer pipeline doing the same work, same CPU, same moving content; CPU ratio and fps), soak
     /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
     /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost),
     /// cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
@@ -92,7 +93,8 @@ const CLUSTER_RAMP_MAX: usize = 1210;
 /// The fidelity scenarios' shape: full peers joining one at a time.
 const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 11] = ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "soak", "cluster", "simulcast", "all"];
+const KNOWN: [&str; 12] =
+    ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "mixer-vs-gstreamer", "soak", "cluster", "simulcast", "all"];
 
 /// Whether a ramp step passed: it ran, every subscriber saw video, loss ≤ 1 %, p99 ≤ 50 ms,
 /// and the busiest server process stayed under 95 % of its core.
@@ -202,6 +204,10 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             }
             rows.extend(simulcast::simulcast(launch, seconds).await?);
         }
+        "mixer-vs-gstreamer" if kind != Kind::Tessera => {
+            eprintln!("tessera-bench: mixer-vs-gstreamer compares Tessera's mixer with a bare GStreamer pipeline; Janus has no mixer");
+        }
+        "mixer-vs-gstreamer" => rows.extend(mixer_bare::mixer_vs_gstreamer(launch, seconds).await?),
         "mixer4" | "mixer-matrix" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: {name} is Tessera only: Janus's VideoRoom forwards, it has no video mixer");
         }
@@ -420,7 +426,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
         bail!(
-            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, soak, cluster, simulcast)",
+            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, mixer-vs-gstreamer, soak, cluster, simulcast)",
             args.scenario
         );
     }

@@ -116,6 +116,52 @@ pub fn live_source_with(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u
     Ok(LiveSource { pipeline, tasks: vec![v_task, a_task] })
 }
 
+/// VP8 RTP packets encoded once, with their presentation times: the same moving content
+/// replayed to several receivers (a server's mixer, a bare GStreamer pipeline) without
+/// encoding it again for each.
+pub struct Clip {
+    /// The packets in order, each with its frame's presentation time from the clip's start.
+    pub packets: Vec<(Duration, rtc::rtp::Packet)>,
+    /// How long the clip plays (frames × frame time): a replay loops after it.
+    pub duration: Duration,
+}
+
+/// Encodes `seconds` of `videotestsrc {source}` (its properties, e.g. `pattern=smpte
+/// horizontal-speed=4` for moving bars) at `format`'s size and rate, as a live source
+/// would (VP8, keyframe every 2 s, RTP packets of at most 1100 bytes), as fast as it goes.
+pub fn encode_clip(source: &str, format: LiveFormat, seconds: u32) -> anyhow::Result<Clip> {
+    gst::init()?;
+    let LiveFormat { width, height, fps, .. } = format;
+    let frames = fps.max(1) * seconds.max(1);
+    let desc = format!(
+        "videotestsrc num-buffers={frames} {source} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! videoconvert ! \
+         vp8enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false",
+        keydist = fps * 2,
+        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
+    );
+    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
+    let sink = pipeline.by_name("v").and_then(|e| e.downcast::<gst_app::AppSink>().ok()).ok_or_else(|| anyhow!("no appsink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let mut packets = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
+            let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
+            let pts = buffer.pts().map_or(Duration::ZERO, |t| Duration::from_nanos(t.nseconds()));
+            let map = buffer.map_readable()?;
+            let mut bytes = map.as_slice();
+            packets.push((pts, rtc::rtp::Packet::unmarshal(&mut bytes).context("the payloader's RTP")?));
+        }
+        Ok(())
+    })();
+    pipeline.set_state(gst::State::Null)?;
+    result?;
+    if packets.is_empty() {
+        anyhow::bail!("the encoder made no packets of `{source}`");
+    }
+    let duration = Duration::from_secs_f64(f64::from(frames) / f64::from(fps.max(1)));
+    Ok(Clip { packets, duration })
+}
+
 fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> anyhow::Result<Vec<gst::Sample>> {
     gst::init()?;
     let pipeline = gst::parse::launch(desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;

@@ -1,0 +1,257 @@
+//! `mixer-vs-gstreamer`: what Tessera's mixer costs on top of GStreamer's own work. In one
+//! run, on the same pinned CPU one after the other: Tessera mixing nine VP8 publishers
+//! into a 1280×720@30 view watched by one viewer, and a bare `gst-launch-1.0` pipeline
+//! doing the same media work — nine RTP inputs through the mixer's jitter buffer,
+//! depayloader, decoder, converter and scaler into a compositor with the same background
+//! and the same 3×3 regions, then the same VP8 encoder settings and payloader, sent to a
+//! UDP port. Both get the same moving content (`videotestsrc` SMPTE bars scrolling,
+//! encoded once before either runs and replayed without re-encoding, so the load
+//! generator's CPU is the same for both). Reported: each one's CPU, output frame rate,
+//! and Tessera's CPU ÷ the bare pipeline's.
+//!
+//! What only Tessera does is the rest of a conference server: SRTP/DTLS on nine inputs
+//! and one output, the SFU that hands the inputs to the mixer, an audio mix of the
+//! (silent) view, signaling, and the RTP handling in and out of GStreamer.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rtc::shared::marshal::Marshal;
+use serde_json::{Value, json};
+use tessera_client::media::{Clip, LiveFormat, encode_clip};
+use tessera_client::peer::{PublishOptions, Publisher, Subscriber, now_us};
+use tokio::net::UdpSocket;
+
+use crate::scenario::{Figures, measure, row};
+use crate::server::{AnyServer, Kind, Launch, Process, Server, scratch_dir};
+
+/// The view: its size and rate, and the inputs.
+const WIDTH: u32 = 1280;
+const HEIGHT: u32 = 720;
+const FPS: u32 = 30;
+const INPUTS: usize = 9;
+/// Each input: moving bars at 640×360@30.
+const INPUT: LiveFormat = LiveFormat { width: 640, height: 360, fps: FPS, volume: 0.0 };
+const CONTENT: &str = "pattern=smpte horizontal-speed=4";
+/// Seconds of content encoded (replayed in a loop).
+const CLIP_SECONDS: u32 = 10;
+/// Time for the mixer to get its inputs' keyframes (every 2 s in the clip) and settle.
+const WARM_UP: Duration = Duration::from_secs(4);
+/// The mixer's encoder bit rate for this view: Tessera derives it as OWT does (pixels ×
+/// fps × motion factor 0.8 × 0.07), and the bare pipeline is given the same.
+const VIEW_KBPS: u32 = 1548;
+/// The mixer's key frame interval (frames) for a view that sets none.
+const KEY_FRAME_INTERVAL: u32 = 100;
+
+/// Where a replay sends.
+enum Target {
+    /// A Tessera publisher (its own sequence numbers, SSRC, SRTP).
+    Publisher(Arc<Publisher>),
+    /// Plain RTP to a UDP port.
+    Udp(SocketAddr),
+}
+
+/// Sends `clip` to every target at its frames' times, looping (timestamps carry on across
+/// laps), until `stop`.
+async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let ticks = (clip.duration.as_secs_f64() * 90_000.0) as u32;
+    let start = tokio::time::Instant::now();
+    let mut seq: u16 = 0;
+    for lap in 0u32.. {
+        for (pts, packet) in &clip.packets {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            tokio::time::sleep_until(start + clip.duration * lap + *pts).await;
+            let mut p = packet.clone();
+            p.header.timestamp = p.header.timestamp.wrapping_add(ticks.wrapping_mul(lap));
+            p.header.sequence_number = seq;
+            seq = seq.wrapping_add(1);
+            for t in &targets {
+                match t {
+                    Target::Publisher(publisher) => publisher.write_rtp("video", p.clone()).await,
+                    Target::Udp(to) => {
+                        let bytes = p.marshal()?;
+                        socket.send_to(&bytes, to).await?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bare pipeline for inputs on `ports`, its output to `out` (see the module docs).
+fn bare_pipeline(ports: &[u16], out: u16) -> String {
+    let caps = format!("video/x-raw,format=I420,width={WIDTH},height={HEIGHT},framerate={FPS}/1");
+    let (w, h) = (WIDTH / 3, HEIGHT / 3);
+    let pads: String = (0..ports.len())
+        .map(|i| {
+            let (x, y) = ((i as u32 % 3) * w, (i as u32 / 3) * h);
+            let n = i + 1;
+            format!("sink_{n}::xpos={x} sink_{n}::ypos={y} sink_{n}::width={w} sink_{n}::height={h} sink_{n}::zorder=1 sink_{n}::sizing-policy=keep-aspect-ratio ")
+        })
+        .collect();
+    let mut desc = format!(
+        "videotestsrc is-live=true pattern=solid-color foreground-color=0xFF000000 ! {caps} ! \
+         compositor name=comp force-live=true min-upstream-latency=120000000 ignore-inactive-pads=true background=black {pads}! {caps} ! \
+         queue max-size-buffers=2 leaky=downstream ! \
+         vp8enc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={KEY_FRAME_INTERVAL} lag-in-frames=0 error-resilient=partitions threads=1 static-threshold=100 ! \
+         rtpvp8pay pt=96 mtu=1200 picture-id-mode=15-bit ! udpsink host=127.0.0.1 port={out} sync=false async=false ",
+        bps = VIEW_KBPS * 1000,
+    );
+    for (i, port) in ports.iter().enumerate() {
+        desc.push_str(&format!(
+            "udpsrc address=127.0.0.1 port={port} caps=\"application/x-rtp,media=video,encoding-name=VP8,clock-rate=90000,payload=96\" ! \
+             rtpjitterbuffer latency=80 drop-on-latency=true ! rtpvp8depay ! vp8dec max-errors=-1 ! videoconvert ! videoscale ! \
+             queue max-size-buffers=3 leaky=downstream ! comp.sink_{} ",
+            i + 1
+        ));
+    }
+    desc
+}
+
+/// Distinct RTP timestamps (frames) per second among `(arrival µs, timestamp)` in `from..=to`.
+fn frame_rate(seen: &[(u64, u32)], from: u64, to: u64) -> f64 {
+    let frames: HashSet<u32> = seen.iter().filter(|(at, _)| *at >= from && *at <= to).map(|(_, ts)| *ts).collect();
+    frames.len() as f64 / ((to.saturating_sub(from)) as f64 / 1e6).max(0.001)
+}
+
+/// Tessera's side: nine publishers replaying `clip` into the view, one viewer.
+async fn tessera(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<Figures> {
+    let s = AnyServer::start(Kind::Tessera, launch).await?;
+    let t = s.as_tessera().context("mixer-vs-gstreamer needs Tessera")?;
+    let room = t.create_mix_room(WIDTH, HEIGHT, FPS).await?;
+    let mut keep = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..INPUTS {
+        let mut sig = t.join_room(&room, &format!("cam{i}")).await?;
+        let opts = PublishOptions { audio: false, video: true, data: false, tag: i as u32, h264: false };
+        let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+        targets.push(Target::Publisher(p.clone()));
+        keep.push((sig, p));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let replaying = tokio::spawn(replay(clip, targets, stop.clone()));
+    let mut sig = t.join_room(&room, "viewer").await?;
+    let viewer = Subscriber::start_on(&mut sig, t.connection().await?, &format!("{room}-common"), true, true, false).await?;
+    tokio::time::sleep(WARM_UP).await;
+    let measured = measure(&[t.pid()], seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = replaying.await;
+    let seen: Vec<(u64, u32)> = viewer
+        .received
+        .lock()
+        .map(|r| r.iter().filter(|p| p.kind == "video").map(|p| (p.arrived_us, p.header.timestamp)).collect())
+        .unwrap_or_default();
+    drop((viewer, sig, keep));
+    Ok(Figures {
+        cpu_seconds: measured.cpu,
+        max_cpu_seconds: measured.max_cpu,
+        window_s: (measured.to - measured.from) as f64 / 1e6,
+        rss_mb: measured.rss,
+        mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),
+        mixer_fps_configured: Some(FPS),
+        subscribers: 1,
+        ..Figures::default()
+    })
+}
+
+/// The bare pipeline's side, pinned as the server is.
+async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<Figures> {
+    // Free ports for the inputs (held until the pipeline is about to bind them).
+    let probes: Vec<std::net::UdpSocket> = (0..INPUTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
+    let out = UdpSocket::bind("127.0.0.1:0").await?;
+    let desc = bare_pipeline(&ports, out.local_addr()?.port());
+    drop(probes);
+    let dir = scratch_dir("gstreamer")?;
+    let mut cmd = launch.command(&"gst-launch-1.0".into());
+    cmd.arg("-q").args(desc.split_whitespace().map(|a| a.replace('"', ""))).stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().context("starting gst-launch-1.0 (Debian package gstreamer1.0-tools)")?;
+    let process = Process { child, dir };
+    let pid = process.child.id();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listening = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok(n) = out.recv(&mut buf).await {
+                if let Some(ts) = buf.get(4..8).filter(|_| n >= 12) {
+                    let ts = u32::from_be_bytes([ts[0], ts[1], ts[2], ts[3]]);
+                    if let Ok(mut s) = seen.lock() {
+                        s.push((now_us(), ts));
+                    }
+                }
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = ports.iter().map(|p| Target::Udp(SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
+    let replaying = tokio::spawn(replay(clip, targets, stop.clone()));
+    tokio::time::sleep(WARM_UP).await;
+    let measured = measure(&[pid], seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = replaying.await;
+    listening.abort();
+    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    drop(process);
+    Ok(Figures {
+        cpu_seconds: measured.cpu,
+        max_cpu_seconds: measured.max_cpu,
+        window_s: (measured.to - measured.from) as f64 / 1e6,
+        rss_mb: measured.rss,
+        mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),
+        mixer_fps_configured: Some(FPS),
+        ..Figures::default()
+    })
+}
+
+/// Runs both sides and returns their rows (the ratio is printed).
+pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
+    let started = Instant::now();
+    let clip = Arc::new(tokio::task::spawn_blocking(|| encode_clip(CONTENT, INPUT, CLIP_SECONDS)).await??);
+    eprintln!("tessera-bench: mixer-vs-gstreamer: {} packets of moving bars encoded in {:.1} s", clip.packets.len(), started.elapsed().as_secs_f64());
+    let tessera = tessera(launch, clip.clone(), seconds).await?;
+    let bare = bare(launch, clip, seconds).await?;
+    let ratio = tessera.cpu_pct() / bare.cpu_pct().max(0.001);
+    eprintln!(
+        "tessera-bench: mixer-vs-gstreamer: Tessera {:.1} % of a core at {:.1} fps, bare GStreamer {:.1} % at {:.1} fps: ratio {:.2}",
+        tessera.cpu_pct(),
+        tessera.mixer_fps.unwrap_or(0.0),
+        bare.cpu_pct(),
+        bare.mixer_fps.unwrap_or(0.0),
+        ratio
+    );
+    let mut rows = vec![row("mixer-vs-gstreamer", "tessera", &tessera), row("mixer-vs-gstreamer", "gstreamer", &bare)];
+    if let Some(r) = rows.first_mut() {
+        r["cpu_ratio_to_bare"] = json!((ratio * 100.0).round() / 100.0);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bare_pipeline_places_each_input_in_its_region() {
+        let d = bare_pipeline(&[5000, 5001, 5002, 5003], 6000);
+        assert!(d.contains("sink_4::xpos=0 sink_4::ypos=240 sink_4::width=426 sink_4::height=240"), "{d}");
+        assert!(d.contains("udpsrc address=127.0.0.1 port=5003"), "{d}");
+        assert!(d.contains("target-bitrate=1548000") && d.contains("udpsink host=127.0.0.1 port=6000"), "{d}");
+        assert_eq!(d.matches("vp8dec").count(), 4);
+    }
+
+    #[test]
+    fn frame_rate_counts_distinct_timestamps_in_the_window() {
+        let seen = [(0, 1), (1_000_000, 2), (1_000_001, 2), (1_500_000, 3), (3_000_000, 4)];
+        assert_eq!(frame_rate(&seen, 1_000_000, 2_000_000), 2.0);
+    }
+}
