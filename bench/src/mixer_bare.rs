@@ -4,10 +4,14 @@
 //! doing the same media work — nine RTP inputs through the mixer's jitter buffer,
 //! depayloader, decoder, converter and scaler into a compositor with the same background
 //! and the same 3×3 regions, then the same VP8 encoder settings and payloader, sent to a
-//! UDP port. Both get the same moving content (`videotestsrc` SMPTE bars scrolling,
+//! UDP port. Both get the same moving content (diagonal stripes moving 4 pixels a frame,
 //! encoded once before either runs and replayed without re-encoding, so the load
 //! generator's CPU is the same for both). Reported: each one's CPU, output frame rate,
-//! and Tessera's CPU ÷ the bare pipeline's.
+//! and Tessera's CPU ÷ the bare pipeline's; and the latency each adds: every input
+//! picture shows its frame index (`tessera_client::media::encode_counted_clip`), read
+//! back from the decoded output, so each output frame's first packet's arrival minus
+//! when the input picture it shows was sent is one sample (both on the bench's clock,
+//! so it holds the network and the clients too, a few ms on loopback).
 //!
 //! What only Tessera does is the rest of a conference server: SRTP/DTLS on nine inputs
 //! and one output, the SFU that hands the inputs to the mixer, an audio mix of the
@@ -21,13 +25,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rtc::shared::marshal::Marshal;
+use rtc::shared::marshal::{Marshal, Unmarshal};
 use serde_json::{Value, json};
-use tessera_client::media::{Clip, LiveFormat, encode_clip};
-use tessera_client::peer::{PublishOptions, Publisher, Subscriber, now_us};
+use tessera_client::media::{Clip, LiveFormat, decode_vp8, encode_counted_clip, read_counter};
+use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber, now_us};
 use tokio::net::UdpSocket;
 
-use crate::scenario::{Figures, measure, row};
+use crate::scenario::{Figures, measure, percentile, row};
 use crate::server::{AnyServer, Kind, Launch, Process, Server, scratch_dir};
 
 /// The view: its size and rate, and the inputs.
@@ -35,9 +39,9 @@ const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 720;
 const FPS: u32 = 30;
 const INPUTS: usize = 9;
-/// Each input: moving bars at 640×360@30.
+/// Each input: 640×360@30, shown in a region of 426×240 (scaled by 2/3).
 const INPUT: LiveFormat = LiveFormat { width: 640, height: 360, fps: FPS, volume: 0.0 };
-const CONTENT: &str = "pattern=smpte horizontal-speed=4";
+const REGION_SCALE: f64 = 2.0 / 3.0;
 /// Seconds of content encoded (replayed in a loop).
 const CLIP_SECONDS: u32 = 10;
 /// Time for the mixer to get its inputs' keyframes (every 2 s in the clip) and settle.
@@ -56,9 +60,12 @@ enum Target {
     Udp(SocketAddr),
 }
 
+/// When each picture was sent: (µs since the epoch, its frame index in the clip).
+type Sent = Arc<std::sync::Mutex<Vec<(u64, u32)>>>;
+
 /// Sends `clip` to every target at its frames' times, looping (timestamps carry on across
-/// laps), until `stop`.
-async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// laps), until `stop`; notes in `sent` when each picture's first packet went.
+async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>, sent: Sent) -> anyhow::Result<()> {
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
     let ticks = (clip.duration.as_secs_f64() * 90_000.0) as u32;
     let start = tokio::time::Instant::now();
@@ -69,6 +76,12 @@ async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>) ->
                 return Ok(());
             }
             tokio::time::sleep_until(start + clip.duration * lap + *pts).await;
+            let index = (pts.as_secs_f64() * f64::from(FPS)).round() as u32;
+            if let Ok(mut s) = sent.lock()
+                && s.last().is_none_or(|(_, i)| *i != index)
+            {
+                s.push((now_us(), index));
+            }
             let mut p = packet.clone();
             p.header.timestamp = p.header.timestamp.wrapping_add(ticks.wrapping_mul(lap));
             p.header.sequence_number = seq;
@@ -117,6 +130,27 @@ fn bare_pipeline(ports: &[u16], out: u16) -> String {
     desc
 }
 
+/// The latency samples (ms) of a mixer's output: for each decoded frame whose first packet
+/// arrived in `from..=to` and whose top-left region shows a readable frame index, the time
+/// from the latest send of that picture before the arrival.
+fn latencies(output: &[Received], sent: &[(u64, u32)], from: u64, to: u64) -> anyhow::Result<Vec<f64>> {
+    let mut first: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for p in output {
+        let at = first.entry(p.header.timestamp).or_insert(p.arrived_us);
+        *at = (*at).min(p.arrived_us);
+    }
+    let mut samples = Vec::new();
+    for frame in decode_vp8(output)? {
+        let Some(&arrived) = first.get(&frame.timestamp).filter(|a| (from..=to).contains(*a)) else { continue };
+        let Some(index) = read_counter(&frame, 0, 0, REGION_SCALE) else { continue };
+        let sent_at = sent.iter().filter(|(at, i)| *i == index && *at <= arrived).map(|(at, _)| *at).max();
+        if let Some(at) = sent_at {
+            samples.push((arrived - at) as f64 / 1000.0);
+        }
+    }
+    Ok(samples)
+}
+
 /// Distinct RTP timestamps (frames) per second among `(arrival µs, timestamp)` in `from..=to`.
 fn frame_rate(seen: &[(u64, u32)], from: u64, to: u64) -> f64 {
     let frames: HashSet<u32> = seen.iter().filter(|(at, _)| *at >= from && *at <= to).map(|(_, ts)| *ts).collect();
@@ -138,20 +172,21 @@ async fn tessera(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Resu
         keep.push((sig, p));
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let replaying = tokio::spawn(replay(clip, targets, stop.clone()));
+    let sent = Sent::default();
+    let replaying = tokio::spawn(replay(clip, targets, stop.clone(), sent.clone()));
     let mut sig = t.join_room(&room, "viewer").await?;
     let viewer = Subscriber::start_on(&mut sig, t.connection().await?, &format!("{room}-common"), true, true, false).await?;
     tokio::time::sleep(WARM_UP).await;
     let measured = measure(&[t.pid()], seconds).await;
     stop.store(true, Ordering::Relaxed);
     let _ = replaying.await;
-    let seen: Vec<(u64, u32)> = viewer
-        .received
-        .lock()
-        .map(|r| r.iter().filter(|p| p.kind == "video").map(|p| (p.arrived_us, p.header.timestamp)).collect())
-        .unwrap_or_default();
+    let output: Vec<Received> = viewer.received.lock().map(|r| r.iter().filter(|p| p.kind == "video").cloned().collect()).unwrap_or_default();
     drop((viewer, sig, keep));
+    let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
+    let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
+    let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
     Ok(Figures {
+        latency,
         cpu_seconds: measured.cpu,
         max_cpu_seconds: measured.max_cpu,
         window_s: (measured.to - measured.from) as f64 / 1e6,
@@ -177,32 +212,36 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     let child = cmd.spawn().context("starting gst-launch-1.0 (Debian package gstreamer1.0-tools)")?;
     let process = Process { child, dir };
     let pid = process.child.id();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received: Arc<std::sync::Mutex<Vec<Received>>> = Arc::default();
     let listening = {
-        let seen = seen.clone();
+        let received = received.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             while let Ok(n) = out.recv(&mut buf).await {
-                if let Some(ts) = buf.get(4..8).filter(|_| n >= 12) {
-                    let ts = u32::from_be_bytes([ts[0], ts[1], ts[2], ts[3]]);
-                    if let Ok(mut s) = seen.lock() {
-                        s.push((now_us(), ts));
-                    }
+                let mut bytes = buf.get(..n).unwrap_or_default();
+                let Ok(p) = rtc::rtp::Packet::unmarshal(&mut bytes) else { continue };
+                if let Ok(mut r) = received.lock() {
+                    r.push(Received { kind: "video", header: p.header, payload: p.payload, arrived_us: now_us(), size: n });
                 }
             }
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let sent = Sent::default();
     let targets = ports.iter().map(|p| Target::Udp(SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
-    let replaying = tokio::spawn(replay(clip, targets, stop.clone()));
+    let replaying = tokio::spawn(replay(clip, targets, stop.clone(), sent.clone()));
     tokio::time::sleep(WARM_UP).await;
     let measured = measure(&[pid], seconds).await;
     stop.store(true, Ordering::Relaxed);
     let _ = replaying.await;
     listening.abort();
-    let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let output = received.lock().map(|s| s.clone()).unwrap_or_default();
     drop(process);
+    let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
+    let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
+    let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
     Ok(Figures {
+        latency,
         cpu_seconds: measured.cpu,
         max_cpu_seconds: measured.max_cpu,
         window_s: (measured.to - measured.from) as f64 / 1e6,
@@ -216,8 +255,12 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
 /// Runs both sides and returns their rows (the ratio is printed).
 pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
     let started = Instant::now();
-    let clip = Arc::new(tokio::task::spawn_blocking(|| encode_clip(CONTENT, INPUT, CLIP_SECONDS)).await??);
-    eprintln!("tessera-bench: mixer-vs-gstreamer: {} packets of moving bars encoded in {:.1} s", clip.packets.len(), started.elapsed().as_secs_f64());
+    let clip = Arc::new(tokio::task::spawn_blocking(|| encode_counted_clip(INPUT, CLIP_SECONDS)).await??);
+    eprintln!(
+        "tessera-bench: mixer-vs-gstreamer: {} packets of moving, counted pictures encoded in {:.1} s",
+        clip.packets.len(),
+        started.elapsed().as_secs_f64()
+    );
     let tessera = tessera(launch, clip.clone(), seconds).await?;
     let bare = bare(launch, clip, seconds).await?;
     let ratio = tessera.cpu_pct() / bare.cpu_pct().max(0.001);
@@ -227,7 +270,16 @@ pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result
         tessera.mixer_fps.unwrap_or(0.0),
         bare.cpu_pct(),
         bare.mixer_fps.unwrap_or(0.0),
-        ratio
+        ratio,
+    );
+    eprintln!(
+        "tessera-bench: mixer-vs-gstreamer: latency p50/p99 ms: Tessera {:.0}/{:.0} ({} frames read), bare {:.0}/{:.0} ({})",
+        percentile(&tessera.latency, 0.5),
+        percentile(&tessera.latency, 0.99),
+        tessera.latency.len(),
+        percentile(&bare.latency, 0.5),
+        percentile(&bare.latency, 0.99),
+        bare.latency.len(),
     );
     let mut rows = vec![row("mixer-vs-gstreamer", "tessera", &tessera), row("mixer-vs-gstreamer", "gstreamer", &bare)];
     if let Some(r) = rows.first_mut() {

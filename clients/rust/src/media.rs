@@ -145,11 +145,7 @@ pub fn encode_clip(source: &str, format: LiveFormat, seconds: u32) -> anyhow::Re
     let mut packets = Vec::new();
     let result = (|| -> anyhow::Result<()> {
         while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
-            let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
-            let pts = buffer.pts().map_or(Duration::ZERO, |t| Duration::from_nanos(t.nseconds()));
-            let map = buffer.map_readable()?;
-            let mut bytes = map.as_slice();
-            packets.push((pts, rtc::rtp::Packet::unmarshal(&mut bytes).context("the payloader's RTP")?));
+            packets.push(clip_packet(&sample)?);
         }
         Ok(())
     })();
@@ -160,6 +156,104 @@ pub fn encode_clip(source: &str, format: LiveFormat, seconds: u32) -> anyhow::Re
     }
     let duration = Duration::from_secs_f64(f64::from(frames) / f64::from(fps.max(1)));
     Ok(Clip { packets, duration })
+}
+
+/// Bits of the frame counter drawn into a counted clip: the frame's index, then its parity.
+const COUNTER_BITS: u32 = 10;
+/// The counter's cells: squares of this side (pixels of the clip's picture)...
+const COUNTER_CELL: usize = 40;
+/// ...this far apart, left to right, from (`COUNTER_CELL`/2, `COUNTER_CELL`/2).
+const COUNTER_PITCH: usize = 56;
+
+/// A [`Clip`] of moving diagonal stripes whose every picture shows its frame index as a
+/// row of black or white squares at the top (9 bits and a parity bit), for measuring how
+/// long a picture takes through a mixer: [`read_counter`] reads it back from the
+/// decoded output. Encoded like [`encode_clip`]. At least 600 pixels wide.
+pub fn encode_counted_clip(format: LiveFormat, seconds: u32) -> anyhow::Result<Clip> {
+    gst::init()?;
+    let LiveFormat { width, height, fps, .. } = format;
+    let (w, h) = (width as usize, height as usize);
+    if w < COUNTER_PITCH * COUNTER_BITS as usize + COUNTER_CELL || h < 2 * COUNTER_CELL || w % 2 == 1 || h % 2 == 1 {
+        anyhow::bail!("a counted clip needs an even size of at least 600×80, not {w}×{h}");
+    }
+    let frames = fps.max(1) * seconds.max(1);
+    let desc = format!(
+        "appsrc name=src format=time caps=video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 ! \
+         vp8enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false",
+        keydist = fps * 2,
+        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
+    );
+    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
+    let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok()).ok_or_else(|| anyhow!("no appsrc"))?;
+    let sink = pipeline.by_name("v").and_then(|e| e.downcast::<gst_app::AppSink>().ok()).ok_or_else(|| anyhow!("no appsink"))?;
+    pipeline.set_state(gst::State::Playing)?;
+    let result = (|| -> anyhow::Result<Vec<(Duration, rtc::rtp::Packet)>> {
+        let mut packets = Vec::new();
+        let mut picture = vec![128u8; w * h * 3 / 2];
+        for n in 0..frames {
+            let (luma, _) = picture.split_at_mut(w * h);
+            for (y, row) in luma.chunks_exact_mut(w).enumerate() {
+                for (x, px) in row.iter_mut().enumerate() {
+                    // Stripes 32 pixels wide, moving 4 pixels a frame.
+                    *px = if (x + y + 4 * n as usize) % 64 < 32 { 60 } else { 190 };
+                }
+            }
+            let code = (n % 512) | (((n % 512).count_ones() & 1) << 9);
+            for bit in 0..COUNTER_BITS as usize {
+                let on = (code >> bit) & 1 == 1;
+                for y in COUNTER_CELL / 2..COUNTER_CELL / 2 + COUNTER_CELL {
+                    let from = y * w + COUNTER_CELL / 2 + bit * COUNTER_PITCH;
+                    if let Some(cells) = luma.get_mut(from..from + COUNTER_CELL) {
+                        cells.fill(if on { 235 } else { 16 });
+                    }
+                }
+            }
+            let mut buffer = gst::Buffer::from_slice(picture.clone());
+            if let Some(b) = buffer.get_mut() {
+                b.set_pts(gst::ClockTime::from_nseconds(u64::from(n) * 1_000_000_000 / u64::from(fps.max(1))));
+            }
+            src.push_buffer(buffer).map_err(|e| anyhow!("push: {e:?}"))?;
+            while let Some(sample) = sink.try_pull_sample(gst::ClockTime::ZERO) {
+                packets.push(clip_packet(&sample)?);
+            }
+        }
+        src.end_of_stream().map_err(|e| anyhow!("eos: {e:?}"))?;
+        while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(5)) {
+            packets.push(clip_packet(&sample)?);
+        }
+        Ok(packets)
+    })();
+    pipeline.set_state(gst::State::Null)?;
+    let packets = result?;
+    let duration = Duration::from_secs_f64(f64::from(frames) / f64::from(fps.max(1)));
+    Ok(Clip { packets, duration })
+}
+
+/// A payloader's sample as a clip packet.
+fn clip_packet(sample: &gst::Sample) -> anyhow::Result<(Duration, rtc::rtp::Packet)> {
+    let buffer = sample.buffer().ok_or_else(|| anyhow!("sample without a buffer"))?;
+    let pts = buffer.pts().map_or(Duration::ZERO, |t| Duration::from_nanos(t.nseconds()));
+    let map = buffer.map_readable()?;
+    let mut bytes = map.as_slice();
+    Ok((pts, rtc::rtp::Packet::unmarshal(&mut bytes).context("the payloader's RTP")?))
+}
+
+/// The frame index a picture of [`encode_counted_clip`] shows, read from `frame` where
+/// that picture was drawn at (`x`, `y`) scaled by `scale` (a mixer's region); `None`
+/// where the counter cannot be read (a bad parity: a picture between two, or blurred).
+pub fn read_counter(frame: &Frame, x: usize, y: usize, scale: f64) -> Option<u32> {
+    let mut code = 0u32;
+    for bit in 0..COUNTER_BITS as usize {
+        let cx = x + ((COUNTER_CELL + bit * COUNTER_PITCH) as f64 * scale) as usize;
+        let cy = y + (COUNTER_CELL as f64 * scale) as usize;
+        let (r, g, b) = frame.around(cx, cy);
+        let luma = (u32::from(r) * 3 + u32::from(g) * 6 + u32::from(b)) / 10;
+        if luma > 128 {
+            code |= 1 << bit;
+        }
+    }
+    let index = code & 0x1FF;
+    (index.count_ones() & 1 == code >> 9).then_some(index)
 }
 
 fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> anyhow::Result<Vec<gst::Sample>> {
@@ -215,6 +309,8 @@ fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> 
 /// A decoded RGB frame.
 #[derive(Debug, Clone)]
 pub struct Frame {
+    /// The RTP timestamp of the packets it was decoded from.
+    pub timestamp: u32,
     /// Width in pixels.
     pub width: usize,
     /// Height in pixels.
@@ -252,9 +348,13 @@ pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
     let desc = "appsrc name=src format=time ! rtpvp8depay ! vp8dec ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false";
     let caps = "application/x-rtp,media=video,encoding-name=VP8,clock-rate=90000,payload=96";
     let samples = run_decoder(desc, caps, &mut video, 90000.0)?;
+    // `run_decoder` sorted the packets by arrival and timed buffers from the first one.
+    let first_ts = video.first().map_or(0, |p| p.header.timestamp);
     let mut frames = Vec::new();
     for s in samples {
         let (Some(buf), Some(caps)) = (s.buffer(), s.caps()) else { continue };
+        let ticks = buf.pts().map_or(0, |t| (t.nseconds() as f64 * 90_000.0 / 1e9).round() as u64);
+        let timestamp = first_ts.wrapping_add(ticks as u32);
         let st = caps.structure(0).ok_or_else(|| anyhow!("caps"))?;
         let width = st.get::<i32>("width")? as usize;
         let height = st.get::<i32>("height")? as usize;
@@ -266,7 +366,7 @@ pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
             let start = row * stride;
             rgb.extend_from_slice(map.get(start..start + width * 3).ok_or_else(|| anyhow!("short frame"))?);
         }
-        frames.push(Frame { width, height, rgb });
+        frames.push(Frame { timestamp, width, height, rgb });
     }
     Ok(frames)
 }
@@ -302,4 +402,51 @@ pub fn tone_power(pcm: &[i16], freq: f64, rate: f64) -> f64 {
 /// Waits, then returns (for convenience in tests).
 pub async fn settle(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counted_clip_shows_each_frame_index_scaled_or_not() {
+        let clip = encode_counted_clip(LiveFormat { width: 640, height: 360, fps: 30, volume: 0.0 }, 1).expect("encode");
+        assert!(clip.packets.len() >= 30, "{} packets", clip.packets.len());
+        assert_eq!(clip.duration, Duration::from_secs(1));
+        let received: Vec<Received> = clip
+            .packets
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| Received {
+                kind: "video",
+                header: p.header.clone(),
+                payload: p.payload.clone(),
+                arrived_us: i as u64,
+                size: p.payload.len(),
+            })
+            .collect();
+        let frames = decode_vp8(&received).expect("decode");
+        let read: Vec<Option<u32>> = frames.iter().map(|f| read_counter(f, 0, 0, 1.0)).collect();
+        assert_eq!(read, (0..30).map(Some).collect::<Vec<_>>());
+        // Each frame's timestamp is its packets'.
+        let mut sent: Vec<u32> = clip.packets.iter().map(|(_, p)| p.header.timestamp).collect();
+        sent.dedup();
+        assert_eq!(frames.iter().map(|f| f.timestamp).collect::<Vec<_>>(), sent);
+        // Scaled to 2/3 (a mixer's 3×3 region of 1280×720), still read.
+        let small: Vec<Frame> = frames.iter().map(|f| scale(f, 2.0 / 3.0)).collect();
+        assert_eq!(small.iter().map(|f| read_counter(f, 0, 0, 2.0 / 3.0)).collect::<Vec<_>>(), read);
+    }
+
+    /// A nearest-neighbour downscale.
+    fn scale(f: &Frame, by: f64) -> Frame {
+        let (width, height) = ((f.width as f64 * by) as usize, (f.height as f64 * by) as usize);
+        let mut rgb = Vec::with_capacity(width * height * 3);
+        for y in 0..height {
+            for x in 0..width {
+                let (r, g, b) = f.at((x as f64 / by) as usize, (y as f64 / by) as usize);
+                rgb.extend_from_slice(&[r, g, b]);
+            }
+        }
+        Frame { timestamp: f.timestamp, width, height, rgb }
+    }
 }
