@@ -466,6 +466,7 @@ async fn main() -> anyhow::Result<()> {
         tessera_bin,
         janus_bin: args.janus_bin.clone(),
         pin_cpu,
+        all_cpus: false,
         server_ip: server_ip.into(),
         client_ip: client_ip.into(),
         bandwidth_estimation: !args.no_bandwidth_estimation,

@@ -13,6 +13,9 @@
 //! when the input picture it shows was sent is one sample (both on the bench's clock,
 //! so it holds the network and the clients too, a few ms on loopback).
 //!
+//! Then two such views (two rooms, eighteen publishers) on the whole machine with the
+//! server unpinned: whether both keep the full frame rate.
+//!
 //! What only Tessera does is the rest of a conference server: SRTP/DTLS on nine inputs
 //! and one output, the SFU that hands the inputs to the mixer, an audio mix of the
 //! (silent) view, signaling, and the RTP handling in and out of GStreamer.
@@ -157,45 +160,62 @@ fn frame_rate(seen: &[(u64, u32)], from: u64, to: u64) -> f64 {
     frames.len() as f64 / ((to.saturating_sub(from)) as f64 / 1e6).max(0.001)
 }
 
-/// Tessera's side: nine publishers replaying `clip` into the view, one viewer.
-async fn tessera(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<Figures> {
+/// Tessera's side: `views` rooms, each with nine publishers replaying `clip` into its
+/// view and one viewer; figures per view (the CPU is the whole server's).
+async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: usize) -> anyhow::Result<Vec<Figures>> {
     let s = AnyServer::start(Kind::Tessera, launch).await?;
     let t = s.as_tessera().context("mixer-vs-gstreamer needs Tessera")?;
-    let room = t.create_mix_room(WIDTH, HEIGHT, FPS).await?;
     let mut keep = Vec::new();
     let mut targets = Vec::new();
-    for i in 0..INPUTS {
-        let mut sig = t.join_room(&room, &format!("cam{i}")).await?;
-        let opts = PublishOptions { audio: false, video: true, data: false, tag: i as u32, h264: false };
-        let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
-        targets.push(Target::Publisher(p.clone()));
-        keep.push((sig, p));
+    let mut rooms = Vec::new();
+    for v in 0..views {
+        let room = t.create_named_mix_room(&format!("mixer-vs-gstreamer-{v}"), WIDTH, HEIGHT, FPS).await?;
+        for i in 0..INPUTS {
+            let mut sig = t.join_room(&room, &format!("cam{i}")).await?;
+            let opts = PublishOptions { audio: false, video: true, data: false, tag: i as u32, h264: false };
+            let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+            targets.push(Target::Publisher(p.clone()));
+            keep.push((sig, p));
+        }
+        rooms.push(room);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Sent::default();
     let replaying = tokio::spawn(replay(clip, targets, stop.clone(), sent.clone()));
-    let mut sig = t.join_room(&room, "viewer").await?;
-    let viewer = Subscriber::start_on(&mut sig, t.connection().await?, &format!("{room}-common"), true, true, false).await?;
+    let mut viewers = Vec::new();
+    for room in &rooms {
+        let mut sig = t.join_room(room, "viewer").await?;
+        let viewer = Subscriber::start_on(&mut sig, t.connection().await?, &format!("{room}-common"), true, true, false).await?;
+        viewers.push((viewer, sig));
+    }
     tokio::time::sleep(WARM_UP).await;
     let measured = measure(&[t.pid()], seconds).await;
     stop.store(true, Ordering::Relaxed);
     let _ = replaying.await;
-    let output: Vec<Received> = viewer.received.lock().map(|r| r.iter().filter(|p| p.kind == "video").cloned().collect()).unwrap_or_default();
-    drop((viewer, sig, keep));
-    let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
+    let outputs: Vec<Vec<Received>> = viewers
+        .iter()
+        .map(|(v, _)| v.received.lock().map(|r| r.iter().filter(|p| p.kind == "video").cloned().collect()).unwrap_or_default())
+        .collect();
+    drop((viewers, keep));
     let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
-    let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
-    Ok(Figures {
-        latency,
-        cpu_seconds: measured.cpu,
-        max_cpu_seconds: measured.max_cpu,
-        window_s: (measured.to - measured.from) as f64 / 1e6,
-        rss_mb: measured.rss,
-        mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),
-        mixer_fps_configured: Some(FPS),
-        subscribers: 1,
-        ..Figures::default()
-    })
+    let mut figures = Vec::new();
+    for output in outputs {
+        let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
+        let sent = sent.clone();
+        let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
+        figures.push(Figures {
+            latency,
+            cpu_seconds: measured.cpu,
+            max_cpu_seconds: measured.max_cpu,
+            window_s: (measured.to - measured.from) as f64 / 1e6,
+            rss_mb: measured.rss,
+            mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),
+            mixer_fps_configured: Some(FPS),
+            subscribers: 1,
+            ..Figures::default()
+        });
+    }
+    Ok(figures)
 }
 
 /// The bare pipeline's side, pinned as the server is.
@@ -261,8 +281,8 @@ pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result
         clip.packets.len(),
         started.elapsed().as_secs_f64()
     );
-    let tessera = tessera(launch, clip.clone(), seconds).await?;
-    let bare = bare(launch, clip, seconds).await?;
+    let tessera = tessera_views(launch, clip.clone(), seconds, 1).await?.into_iter().next().context("no view measured")?;
+    let bare = bare(launch, clip.clone(), seconds).await?;
     let ratio = tessera.cpu_pct() / bare.cpu_pct().max(0.001);
     eprintln!(
         "tessera-bench: mixer-vs-gstreamer: Tessera {:.1} % of a core at {:.1} fps, bare GStreamer {:.1} % at {:.1} fps: ratio {:.2}",
@@ -284,6 +304,22 @@ pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result
     let mut rows = vec![row("mixer-vs-gstreamer", "tessera", &tessera), row("mixer-vs-gstreamer", "gstreamer", &bare)];
     if let Some(r) = rows.first_mut() {
         r["cpu_ratio_to_bare"] = json!((ratio * 100.0).round() / 100.0);
+    }
+    // Two such views (two rooms) on the whole machine (every CPU, the load generator's
+    // too): both at full rate?
+    let unpinned = Launch { pin_cpu: None, all_cpus: true, ..launch.clone() };
+    let two = tessera_views(&unpinned, clip, seconds, 2).await?;
+    let fps: Vec<String> = two.iter().map(|f| format!("{:.1}", f.mixer_fps.unwrap_or(0.0))).collect();
+    eprintln!(
+        "tessera-bench: mixer-vs-gstreamer: two views unpinned: {} fps, server {:.0} % of a core, latency p50/p99 ms {}",
+        fps.join(" and "),
+        two.first().map_or(0.0, Figures::cpu_pct),
+        two.iter().map(|f| format!("{:.0}/{:.0}", percentile(&f.latency, 0.5), percentile(&f.latency, 0.99))).collect::<Vec<_>>().join(" and "),
+    );
+    for (i, f) in two.iter().enumerate() {
+        let mut r = row("mixer-two-views", "tessera", f);
+        r["view"] = json!(i + 1);
+        rows.push(r);
     }
     Ok(rows)
 }

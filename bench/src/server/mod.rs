@@ -123,6 +123,9 @@ pub struct Launch {
     pub janus_bin: PathBuf,
     /// Pin the server to this CPU (the load generator runs on the others).
     pub pin_cpu: Option<usize>,
+    /// Instead, let the server run on every CPU of the machine (the bench's own process
+    /// may be pinned, and a child would inherit that).
+    pub all_cpus: bool,
     /// Loopback-range address the servers' media binds to.
     pub server_ip: String,
     /// Loopback-range address the load generator's peers bind to.
@@ -134,6 +137,11 @@ pub struct Launch {
 impl Launch {
     /// A command for a server binary, pinned when asked.
     pub fn command(&self, bin: &PathBuf) -> Command {
+        if self.all_cpus {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(format!("0-{}", crate::isolate::machine_cpus().max(1) - 1)).arg(bin);
+            return c;
+        }
         match self.pin_cpu {
             Some(cpu) => {
                 let mut c = Command::new("taskset");

@@ -130,9 +130,14 @@ impl Tessera {
 
     /// Creates a room whose `common` view mixes at `width`×`height`, `fps`; returns its id.
     pub async fn create_mix_room(&self, width: u32, height: u32, fps: u32) -> anyhow::Result<String> {
-        let body = json!({"name": format!("mix-{width}x{height}@{fps}"), "options": {"views": [{"label": "common", "video": {"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}}}]}});
-        let room: serde_json::Value = self.api_post("/v1/rooms", &body).await?.json().await?;
-        room["_id"].as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("room created without an id: {room}"))
+        self.create_named_mix_room(&format!("mix-{width}x{height}@{fps}"), width, height, fps).await
+    }
+
+    /// [`Tessera::create_mix_room`] named `name` (room names are unique).
+    pub async fn create_named_mix_room(&self, name: &str, width: u32, height: u32, fps: u32) -> anyhow::Result<String> {
+        let options =
+            json!({"views": [{"label": "common", "video": {"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}}}]});
+        self.create_room(name, options).await
     }
 
     /// Logs `user` into `room` as a presenter.
