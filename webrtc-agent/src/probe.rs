@@ -97,6 +97,11 @@ impl Prober {
             return;
         }
         self.keeping = true;
+        // A padding-only packet (a publisher without RTX pads on its media SSRC) would
+        // make a train of empty copies.
+        if packet.payload.is_empty() {
+            return;
+        }
         let ssrc = packet.header.ssrc;
         let Some(s) = self.streams.iter_mut().find(|s| s.ssrc == ssrc) else { return };
         if let Some(slot) = s.recent.get_mut(s.sent % TRAIN) {
@@ -211,6 +216,19 @@ mod tests {
         assert!(train.is_empty());
         assert_eq!(p.rtx_of(10), Some(11));
         assert_eq!(p.rtx_of(30), None);
+    }
+
+    #[test]
+    fn padding_only_packets_are_not_copied() {
+        let mut p = Prober::default();
+        p.bind(&info(10, Some(11), "video/VP8"));
+        let mut train = Vec::new();
+        let mut padding = packet(10, 0);
+        padding.payload = Bytes::new();
+        for _ in 0..5 {
+            p.after(&padding, true, Instant::now(), &mut train);
+        }
+        assert!(train.is_empty());
     }
 
     #[test]

@@ -250,11 +250,14 @@ struct Selection {
 }
 
 impl Selection {
-    /// On `auto`, heading below the top flowing layer and not settling after a move down.
+    /// On `auto`, heading below the top flowing layer, free to move there (not held for
+    /// want of keyframes) and not settling after a move down.
     fn could_go_up(&self, source: TrackId, now: Instant) -> bool {
+        if self.choice != LayerChoice::Auto || self.paused || self.auto.settling(now) || self.held(source) {
+            return false;
+        }
         let heading = self.target.unwrap_or(source);
-        let top = self.board.ranked().last().and_then(|&i| self.board.layers.get(i)).map(|l| l.track);
-        self.choice == LayerChoice::Auto && !self.paused && top.is_some_and(|t| t != heading) && !self.auto.settling(now)
+        self.board.ranked().last().and_then(|&i| self.board.layers.get(i)).is_some_and(|l| l.track != heading)
     }
 
     fn new(board: Arc<LayerBoard>, choice: LayerChoice) -> Selection {
@@ -1880,6 +1883,7 @@ impl Worker {
         // On `auto`, what reaches the client is shared by the connection's auto legs.
         let auto_legs = p.legs.values().filter(|l| l.on_auto()).count().max(1) as u64;
         let mut estimate = p.estimate.read(now);
+        let probes = p.estimate.clone();
         estimate.delivered /= auto_legs;
         if estimate.capacity != crate::bwe::UNBOUNDED {
             estimate.capacity /= auto_legs;
@@ -1898,7 +1902,13 @@ impl Worker {
                     sel.auto.switching(now);
                 }
                 let heading = sel.board.index_of(sel.target.unwrap_or(source));
-                sel.auto.next(&sel.board, heading, estimate, now)
+                let next = sel.auto.next(&sel.board, heading, estimate, now);
+                // A move down lets the link's queue drain: no probe trains into it (the
+                // next Adapt tick would stop them only up to 250 ms later).
+                if sel.auto.settling(now) {
+                    probes.set_probing(false);
+                }
+                next
             }
             other => sel.board.choose(other),
         };
