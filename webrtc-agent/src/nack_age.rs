@@ -31,12 +31,22 @@ const SENT_PER_RESEND: u32 = 2;
 /// ...with a burst of at most this many.
 const RESEND_BURST: u32 = 100;
 
-/// (sequence number, first sent) by sequence number modulo [`SLOTS`].
-type SendTimes = Box<[Option<(u16, Instant)>]>;
+/// When a packet first left: its sequence number, and milliseconds after the limit's
+/// base, wrapping (plus one: 0 is an empty slot). Eight bytes, not the 24 of an
+/// `Option<(u16, Instant)>`: every subscriber stream keeps [`SLOTS`] of them.
+#[derive(Clone, Copy, Default)]
+struct SentAt {
+    seq: u16,
+    ms: u32,
+}
+
+/// Send times by sequence number modulo [`SLOTS`].
+type SendTimes = Box<[SentAt]>;
 
 /// Send times per local stream, and the NACK filter they allow (see the module docs).
-#[derive(Default)]
 pub struct NackLimit {
+    /// What send times count from.
+    base: Instant,
     /// Per sending SSRC (a connection has a few: a linear search beats hashing).
     sent: Vec<(u32, SendTimes)>,
     /// NACKed packets refused for their age (for tests and logs).
@@ -50,11 +60,24 @@ pub struct NackLimit {
     budget: u32,
 }
 
+impl Default for NackLimit {
+    fn default() -> Self {
+        NackLimit { base: Instant::now(), sent: Vec::new(), refused: 0, over_budget: 0, rtt: None, budget: 0 }
+    }
+}
+
 impl NackLimit {
-    /// A local stream was bound: its send times are kept from now on.
-    pub fn bind(&mut self, ssrc: u32) {
-        if !self.sent.iter().any(|(s, _)| *s == ssrc) {
-            self.sent.push((ssrc, vec![None; SLOTS].into_boxed_slice()));
+    /// `at` in wrapping milliseconds after the base, never 0.
+    fn ms(&self, at: Instant) -> u32 {
+        (at.saturating_duration_since(self.base).as_millis() as u32).wrapping_add(1).max(1)
+    }
+
+    /// A local stream was bound: its send times are kept from now on, if it can be NACKed
+    /// (an audio stream usually cannot: nothing to keep for it).
+    pub fn bind(&mut self, info: &rtc::interceptor::StreamInfo) {
+        let nack = info.rtcp_feedback.iter().any(|f| f.typ == "nack" && f.parameter.is_empty());
+        if nack && !self.sent.iter().any(|(s, _)| *s == info.ssrc) {
+            self.sent.push((info.ssrc, vec![SentAt::default(); SLOTS].into_boxed_slice()));
         }
     }
 
@@ -69,11 +92,12 @@ impl NackLimit {
         if !retransmission {
             self.budget = (self.budget + 1).min(RESEND_BURST * SENT_PER_RESEND);
         }
+        let ms = self.ms(now);
         let Some((_, ring)) = self.sent.iter_mut().find(|(s, _)| *s == ssrc) else { return };
         if let Some(slot) = ring.get_mut(usize::from(seq) % SLOTS)
-            && !matches!(slot, Some((s, _)) if *s == seq)
+            && !(slot.ms != 0 && slot.seq == seq)
         {
-            *slot = Some((seq, now));
+            *slot = SentAt { seq, ms };
         }
     }
 
@@ -93,7 +117,8 @@ impl NackLimit {
 
     /// The sequence numbers of `nack` still young enough to resend, as of `now`.
     fn young(&self, nack: &TransportLayerNack, now: Instant) -> Vec<u16> {
-        let max_age = self.max_age();
+        let max_age = u32::try_from(self.max_age().as_millis()).unwrap_or(u32::MAX);
+        let now_ms = self.ms(now);
         let Some((_, ring)) = self.sent.iter().find(|(s, _)| *s == nack.media_ssrc) else {
             return nack.nacks.iter().flat_map(|p| p.packet_list()).collect();
         };
@@ -101,7 +126,7 @@ impl NackLimit {
             .iter()
             .flat_map(|p| p.packet_list())
             .filter(|seq| match ring.get(usize::from(*seq) % SLOTS) {
-                Some(Some((s, at))) if s == seq => now.saturating_duration_since(*at) <= max_age,
+                Some(slot) if slot.ms != 0 && slot.seq == *seq => now_ms.wrapping_sub(slot.ms) <= max_age,
                 // Unknown here: the responder decides (it has no such packet either).
                 _ => true,
             })
@@ -144,10 +169,19 @@ impl NackLimit {
 mod tests {
     use super::*;
 
+    /// A stream that negotiated NACK.
+    fn video(ssrc: u32) -> rtc::interceptor::StreamInfo {
+        rtc::interceptor::StreamInfo {
+            ssrc,
+            rtcp_feedback: vec![rtc::interceptor::RTCPFeedback { typ: "nack".into(), parameter: String::new() }],
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn old_packets_are_not_asked_again() {
         let mut k = NackLimit::default();
-        k.bind(5);
+        k.bind(&video(5));
         let t0 = Instant::now();
         for seq in 0..20u16 {
             k.on_sent(5, seq, false, t0 + Duration::from_millis(u64::from(seq) * 100));
@@ -196,7 +230,7 @@ mod tests {
     #[test]
     fn retransmissions_add_at_most_half_of_what_was_sent() {
         let mut k = NackLimit::default();
-        k.bind(5);
+        k.bind(&video(5));
         let t0 = Instant::now();
         let seqs = |n: &[Box<dyn rtc::rtcp::Packet>]| -> Vec<u16> {
             n.iter()

@@ -127,7 +127,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
 
 impl Interceptor for Wire {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.ages.bind(info.ssrc);
+        self.ages.bind(info);
         if let Some(s) = &mut self.send_side {
             s.bind(info);
         }
