@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rtc::shared::marshal::{Marshal, Unmarshal};
 use serde_json::{Value, json};
-use tessera_client::media::{Clip, LiveFormat, decode_vp8, encode_counted_clip, read_counter};
+use tessera_client::media::{Clip, LiveFormat, decode_vp8_each, encode_counted_clip, read_counter};
 use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber, now_us};
 use tokio::net::UdpSocket;
 
@@ -59,8 +59,23 @@ const KEY_FRAME_INTERVAL: u32 = 100;
 enum Target {
     /// A Tessera publisher (its own sequence numbers, SSRC, SRTP).
     Publisher(Arc<Publisher>),
-    /// Plain RTP to a UDP port.
-    Udp(SocketAddr),
+    /// Plain RTP to a UDP port, from a socket bound before the ports were chosen (so it
+    /// cannot take one of them).
+    Udp(Arc<UdpSocket>, SocketAddr),
+}
+
+/// Stops a replay when dropped (an error on the way out must not leave it running).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits for a stopped replay; its error, if it failed, is the run's.
+async fn finish(replaying: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    replaying.await.context("the replay task")?.context("replaying the clip")
 }
 
 /// When each picture was sent: (µs since the epoch, its frame index in the clip).
@@ -69,7 +84,6 @@ type Sent = Arc<std::sync::Mutex<Vec<(u64, u32)>>>;
 /// Sends `clip` to every target at its frames' times, looping (timestamps carry on across
 /// laps), until `stop`; notes in `sent` when each picture's first packet went.
 async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>, sent: Sent) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
     let ticks = (clip.duration.as_secs_f64() * 90_000.0) as u32;
     let start = tokio::time::Instant::now();
     let mut seq: u16 = 0;
@@ -79,7 +93,8 @@ async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>, se
                 return Ok(());
             }
             tokio::time::sleep_until(start + clip.duration * lap + *pts).await;
-            let index = (pts.as_secs_f64() * f64::from(FPS)).round() as u32;
+            // The picture shows its index modulo 512 (`encode_counted_clip`).
+            let index = (pts.as_secs_f64() * f64::from(FPS)).round() as u32 % 512;
             if let Ok(mut s) = sent.lock()
                 && s.last().is_none_or(|(_, i)| *i != index)
             {
@@ -92,7 +107,7 @@ async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>, se
             for t in &targets {
                 match t {
                     Target::Publisher(publisher) => publisher.write_rtp("video", p.clone()).await,
-                    Target::Udp(to) => {
+                    Target::Udp(socket, to) => {
                         let bytes = p.marshal()?;
                         socket.send_to(&bytes, to).await?;
                     }
@@ -104,7 +119,7 @@ async fn replay(clip: Arc<Clip>, targets: Vec<Target>, stop: Arc<AtomicBool>, se
 }
 
 /// The bare pipeline for inputs on `ports`, its output to `out` (see the module docs).
-fn bare_pipeline(ports: &[u16], out: u16) -> String {
+fn bare_pipeline(ports: &[u16], out: u16, threads: usize) -> String {
     let caps = format!("video/x-raw,format=I420,width={WIDTH},height={HEIGHT},framerate={FPS}/1");
     let (w, h) = (WIDTH / 3, HEIGHT / 3);
     let pads: String = (0..ports.len())
@@ -118,7 +133,7 @@ fn bare_pipeline(ports: &[u16], out: u16) -> String {
         "videotestsrc is-live=true pattern=solid-color foreground-color=0xFF000000 ! {caps} ! \
          compositor name=comp force-live=true min-upstream-latency=120000000 ignore-inactive-pads=true background=black {pads}! {caps} ! \
          queue max-size-buffers=2 leaky=downstream ! \
-         vp8enc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={KEY_FRAME_INTERVAL} lag-in-frames=0 error-resilient=partitions threads=1 static-threshold=100 ! \
+         vp8enc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={KEY_FRAME_INTERVAL} lag-in-frames=0 error-resilient=partitions threads={threads} static-threshold=100 ! \
          rtpvp8pay pt=96 mtu=1200 picture-id-mode=15-bit ! udpsink host=127.0.0.1 port={out} sync=false async=false ",
         bps = VIEW_KBPS * 1000,
     );
@@ -143,14 +158,15 @@ fn latencies(output: &[Received], sent: &[(u64, u32)], from: u64, to: u64) -> an
         *at = (*at).min(p.arrived_us);
     }
     let mut samples = Vec::new();
-    for frame in decode_vp8(output)? {
-        let Some(&arrived) = first.get(&frame.timestamp).filter(|a| (from..=to).contains(*a)) else { continue };
-        let Some(index) = read_counter(&frame, 0, 0, REGION_SCALE) else { continue };
+    // Frame by frame: kept, the output of a 10 s window would be over a gigabyte of RGB.
+    decode_vp8_each(output, |frame| {
+        let Some(&arrived) = first.get(&frame.timestamp).filter(|a| (from..=to).contains(*a)) else { return };
+        let Some(index) = read_counter(&frame, 0, 0, REGION_SCALE) else { return };
         let sent_at = sent.iter().filter(|(at, i)| *i == index && *at <= arrived).map(|(at, _)| *at).max();
         if let Some(at) = sent_at {
             samples.push((arrived - at) as f64 / 1000.0);
         }
-    }
+    })?;
     Ok(samples)
 }
 
@@ -180,6 +196,7 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
         rooms.push(room);
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_error = StopOnDrop(stop.clone());
     let sent = Sent::default();
     let replaying = tokio::spawn(replay(clip, targets, stop.clone(), sent.clone()));
     let mut viewers = Vec::new();
@@ -191,7 +208,7 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
     tokio::time::sleep(WARM_UP).await;
     let measured = measure(&[t.pid()], seconds).await;
     stop.store(true, Ordering::Relaxed);
-    let _ = replaying.await;
+    finish(replaying).await?;
     let outputs: Vec<Vec<Received>> = viewers
         .iter()
         .map(|(v, _)| v.received.lock().map(|r| r.iter().filter(|p| p.kind == "video").cloned().collect()).unwrap_or_default())
@@ -221,16 +238,20 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
 /// The bare pipeline's side, pinned as the server is.
 async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<Figures> {
     // Free ports for the inputs (held until the pipeline is about to bind them).
+    let send = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     let probes: Vec<std::net::UdpSocket> = (0..INPUTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     let out = UdpSocket::bind("127.0.0.1:0").await?;
-    let desc = bare_pipeline(&ports, out.local_addr()?.port());
+    // The encoder's threads as the mixer picks them: one on one CPU, else two.
+    let threads = if launch.pin_cpu.is_some() { 1 } else { crate::isolate::machine_cpus().clamp(1, 2) };
+    let desc = bare_pipeline(&ports, out.local_addr()?.port(), threads);
     drop(probes);
     let dir = scratch_dir("gstreamer")?;
+    let log = std::fs::File::create(dir.join("gst-launch.log"))?;
     let mut cmd = launch.command(&"gst-launch-1.0".into());
-    cmd.arg("-q").args(desc.split_whitespace().map(|a| a.replace('"', ""))).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.arg("-q").args(desc.split_whitespace().map(|a| a.replace('"', ""))).stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn().context("starting gst-launch-1.0 (Debian package gstreamer1.0-tools)")?;
-    let process = Process { child, dir };
+    let mut process = Process { child, dir };
     let pid = process.child.id();
     let received: Arc<std::sync::Mutex<Vec<Received>>> = Arc::default();
     let listening = {
@@ -247,13 +268,19 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
         })
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_error = StopOnDrop(stop.clone());
     let sent = Sent::default();
-    let targets = ports.iter().map(|p| Target::Udp(SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
+    let targets = ports.iter().map(|p| Target::Udp(send.clone(), SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
     let replaying = tokio::spawn(replay(clip, targets, stop.clone(), sent.clone()));
     tokio::time::sleep(WARM_UP).await;
     let measured = measure(&[pid], seconds).await;
+    // A pipeline that failed (a bad element, a port taken) measured nothing.
+    if let Ok(Some(status)) = process.child.try_wait() {
+        let log = std::fs::read_to_string(process.dir.join("gst-launch.log")).unwrap_or_default();
+        anyhow::bail!("gst-launch-1.0 exited ({status}) during the measurement: {}", log.trim());
+    }
     stop.store(true, Ordering::Relaxed);
-    let _ = replaying.await;
+    finish(replaying).await?;
     listening.abort();
     let output = received.lock().map(|s| s.clone()).unwrap_or_default();
     drop(process);
@@ -330,7 +357,7 @@ mod tests {
 
     #[test]
     fn the_bare_pipeline_places_each_input_in_its_region() {
-        let d = bare_pipeline(&[5000, 5001, 5002, 5003], 6000);
+        let d = bare_pipeline(&[5000, 5001, 5002, 5003], 6000, 1);
         assert!(d.contains("sink_4::xpos=0 sink_4::ypos=240 sink_4::width=426 sink_4::height=240"), "{d}");
         assert!(d.contains("udpsrc address=127.0.0.1 port=5003"), "{d}");
         assert!(d.contains("target-bitrate=1548000") && d.contains("udpsink host=127.0.0.1 port=6000"), "{d}");

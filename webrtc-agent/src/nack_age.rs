@@ -126,7 +126,11 @@ impl NackLimit {
             .iter()
             .flat_map(|p| p.packet_list())
             .filter(|seq| match ring.get(usize::from(*seq) % SLOTS) {
-                Some(slot) if slot.ms != 0 && slot.seq == *seq => now_ms.wrapping_sub(slot.ms) <= max_age,
+                // (A send time after `now` wraps to far past 2³¹: young, as a saturating age would be.)
+                Some(slot) if slot.ms != 0 && slot.seq == *seq => {
+                    let age = now_ms.wrapping_sub(slot.ms);
+                    age <= max_age || age > 0x8000_0000
+                }
                 // Unknown here: the responder decides (it has no such packet either).
                 _ => true,
             })
@@ -141,7 +145,9 @@ impl NackLimit {
         }
         let mut kept: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::with_capacity(packets.len());
         for p in packets.drain(..) {
-            let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() else {
+            // A NACK for a stream kept here no send times for (audio: none negotiated) is
+            // the responder's to ignore; it spends no retransmission budget.
+            let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>().filter(|n| self.sent.iter().any(|(s, _)| *s == n.media_ssrc)) else {
                 kept.push(p);
                 continue;
             };

@@ -139,7 +139,10 @@ impl Launch {
     pub fn command(&self, bin: &PathBuf) -> Command {
         if self.all_cpus {
             let mut c = Command::new("taskset");
-            c.arg("-c").arg(format!("0-{}", crate::isolate::machine_cpus().max(1) - 1)).arg(bin);
+            // The online CPUs as the kernel lists them ("0-1", "0,2-3").
+            let online = std::fs::read_to_string("/sys/devices/system/cpu/online").map(|s| s.trim().to_string()).unwrap_or_default();
+            let list = if online.is_empty() { format!("0-{}", crate::isolate::machine_cpus().max(1) - 1) } else { online };
+            c.arg("-c").arg(list).arg(bin);
             return c;
         }
         match self.pin_cpu {

@@ -256,7 +256,16 @@ pub fn read_counter(frame: &Frame, x: usize, y: usize, scale: f64) -> Option<u32
     (index.count_ones() & 1 == code >> 9).then_some(index)
 }
 
-fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> anyhow::Result<Vec<gst::Sample>> {
+/// Feeds `packets` (sorted here by arrival, then by sequence) through the decoding
+/// pipeline `desc`, handing each decoded sample to `each` with the RTP timestamp the
+/// buffers are timed from (the first in sequence order; older ones are timed at 0).
+fn run_decoder(
+    desc: &str,
+    caps: &str,
+    packets: &mut [Received],
+    clock: f64,
+    each: &mut dyn FnMut(gst::Sample, u32) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     gst::init()?;
     let pipeline = gst::parse::launch(desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
     let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok()).ok_or_else(|| anyhow!("no appsrc"))?;
@@ -265,7 +274,6 @@ fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> 
     pipeline.set_state(gst::State::Playing)?;
     // Order by sequence (unwrapped) so depayloaders see the stream as sent.
     packets.sort_by_key(|p| p.arrived_us);
-    let first_ts = packets.first().map(|p| p.header.timestamp).unwrap_or(0);
     let mut ext_seq: Vec<(i64, usize)> = Vec::new();
     let mut last: Option<i64> = None;
     for (i, p) in packets.iter().enumerate() {
@@ -283,27 +291,30 @@ fn run_decoder(desc: &str, caps: &str, packets: &mut [Received], clock: f64) -> 
     }
     ext_seq.sort();
     ext_seq.dedup_by_key(|(s, _)| *s);
-    let mut samples = Vec::new();
+    let first_ts = ext_seq.first().and_then(|(_, i)| packets.get(*i)).map_or(0, |p| p.header.timestamp);
     for (_, i) in ext_seq {
         let p = &packets[i];
         let pkt = rtc::rtp::Packet { header: p.header.clone(), payload: p.payload.clone() };
         let bytes = pkt.marshal().context("marshal")?;
         let mut buf = gst::Buffer::from_slice(bytes);
-        let secs = f64::from(p.header.timestamp.wrapping_sub(first_ts)) / clock;
+        // A timestamp older than the first (reordered) is timed at the start: a wrapped
+        // difference would time it hours later and push every later picture's time up.
+        let ticks = p.header.timestamp.wrapping_sub(first_ts);
+        let secs = if ticks > 0x8000_0000 { 0.0 } else { f64::from(ticks) / clock };
         if let Some(b) = buf.get_mut() {
             b.set_pts(gst::ClockTime::from_nseconds((secs * 1e9) as u64));
         }
         src.push_buffer(buf).map_err(|e| anyhow!("push: {e:?}"))?;
         while let Some(s) = sink.try_pull_sample(gst::ClockTime::ZERO) {
-            samples.push(s);
+            each(s, first_ts)?;
         }
     }
     src.end_of_stream().map_err(|e| anyhow!("eos: {e:?}"))?;
     while let Some(s) = sink.try_pull_sample(gst::ClockTime::from_mseconds(500)) {
-        samples.push(s);
+        each(s, first_ts)?;
     }
     pipeline.set_state(gst::State::Null)?;
-    Ok(samples)
+    Ok(())
 }
 
 /// A decoded RGB frame.
@@ -344,20 +355,23 @@ impl Frame {
 
 /// Decodes received VP8 RTP into RGB frames.
 pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
+    let mut frames = Vec::new();
+    decode_vp8_each(packets, |f| frames.push(f))?;
+    Ok(frames)
+}
+
+/// [`decode_vp8`], handing each frame to `each` as it is decoded instead of keeping them
+/// all (a 1280×720 frame is 2.7 MB of RGB).
+pub fn decode_vp8_each(packets: &[Received], mut each: impl FnMut(Frame)) -> anyhow::Result<()> {
     let mut video: Vec<Received> = packets.iter().filter(|p| p.kind == "video").cloned().collect();
     let desc = "appsrc name=src format=time ! rtpvp8depay ! vp8dec ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false";
     let caps = "application/x-rtp,media=video,encoding-name=VP8,clock-rate=90000,payload=96";
-    let samples = run_decoder(desc, caps, &mut video, 90000.0)?;
-    // `run_decoder` sorted the packets by arrival and timed buffers from the first one.
-    let first_ts = video.first().map_or(0, |p| p.header.timestamp);
-    let mut frames = Vec::new();
-    for s in samples {
-        let (Some(buf), Some(caps)) = (s.buffer(), s.caps()) else { continue };
-        let ticks = buf.pts().map_or(0, |t| (t.nseconds() as f64 * 90_000.0 / 1e9).round() as u64);
-        let timestamp = first_ts.wrapping_add(ticks as u32);
+    run_decoder(desc, caps, &mut video, 90000.0, &mut |s, base| {
+        let (Some(buf), Some(caps)) = (s.buffer(), s.caps()) else { return Ok(()) };
         let st = caps.structure(0).ok_or_else(|| anyhow!("caps"))?;
         let width = st.get::<i32>("width")? as usize;
         let height = st.get::<i32>("height")? as usize;
+        let ticks = buf.pts().map_or(0, |t| (t.nseconds() as f64 * 90_000.0 / 1e9).round() as u64);
         let map = buf.map_readable()?;
         // RGB rows are padded to 4 bytes.
         let stride = (width * 3).div_ceil(4) * 4;
@@ -366,9 +380,9 @@ pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
             let start = row * stride;
             rgb.extend_from_slice(map.get(start..start + width * 3).ok_or_else(|| anyhow!("short frame"))?);
         }
-        frames.push(Frame { timestamp, width, height, rgb });
-    }
-    Ok(frames)
+        each(Frame { timestamp: base.wrapping_add(ticks as u32), width, height, rgb });
+        Ok(())
+    })
 }
 
 /// Decodes received Opus RTP into mono 48 kHz samples.
@@ -376,13 +390,14 @@ pub fn decode_opus(packets: &[Received]) -> anyhow::Result<Vec<i16>> {
     let mut audio: Vec<Received> = packets.iter().filter(|p| p.kind == "audio").cloned().collect();
     let desc = "appsrc name=src format=time ! rtpopusdepay ! opusdec ! audioconvert ! audioresample ! audio/x-raw,format=S16LE,channels=1,rate=48000 ! appsink name=sink sync=false";
     let caps = "application/x-rtp,media=audio,encoding-name=OPUS,clock-rate=48000,payload=111";
-    let samples = run_decoder(desc, caps, &mut audio, 48000.0)?;
     let mut pcm = Vec::new();
-    for s in samples {
-        let Some(buf) = s.buffer() else { continue };
-        let map = buf.map_readable()?;
-        pcm.extend(map.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
-    }
+    run_decoder(desc, caps, &mut audio, 48000.0, &mut |s, _| {
+        if let Some(buf) = s.buffer() {
+            let map = buf.map_readable()?;
+            pcm.extend(map.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+        }
+        Ok(())
+    })?;
     Ok(pcm)
 }
 
