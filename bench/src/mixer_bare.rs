@@ -34,7 +34,7 @@ use tessera_client::media::{Clip, LiveFormat, decode_vp8_each, encode_counted_cl
 use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber, now_us};
 use tokio::net::UdpSocket;
 
-use crate::scenario::{Figures, measure, percentile, row};
+use crate::scenario::{Figures, Measured, measure, percentile, row};
 use crate::server::{AnyServer, Kind, Launch, Process, Server, scratch_dir};
 
 /// The view: its size and rate, and the inputs.
@@ -217,20 +217,7 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
     let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
     let mut figures = Vec::new();
     for output in outputs {
-        let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
-        let sent = sent.clone();
-        let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
-        figures.push(Figures {
-            latency,
-            cpu_seconds: measured.cpu,
-            max_cpu_seconds: measured.max_cpu,
-            window_s: (measured.to - measured.from) as f64 / 1e6,
-            rss_mb: measured.rss,
-            mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),
-            mixer_fps_configured: Some(FPS),
-            subscribers: 1,
-            ..Figures::default()
-        });
+        figures.push(Figures { subscribers: 1, ..mixer_figures(output, sent.clone(), measured).await? });
     }
     Ok(figures)
 }
@@ -284,8 +271,14 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     listening.abort();
     let output = received.lock().map(|s| s.clone()).unwrap_or_default();
     drop(process);
-    let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
     let sent = sent.lock().map(|s| s.clone()).unwrap_or_default();
+    mixer_figures(output, sent, measured).await
+}
+
+/// A mixer's figures over the window `measured`: its CPU and memory, and from its `output`
+/// (video packets as they arrived) the frame rate and the latency.
+async fn mixer_figures(output: Vec<Received>, sent: Vec<(u64, u32)>, measured: Measured) -> anyhow::Result<Figures> {
+    let seen: Vec<(u64, u32)> = output.iter().map(|p| (p.arrived_us, p.header.timestamp)).collect();
     let latency = tokio::task::spawn_blocking(move || latencies(&output, &sent, measured.from, measured.to)).await??;
     Ok(Figures {
         latency,
