@@ -115,14 +115,14 @@ impl NackLimit {
         self.rtt.map_or(NACK_MAX_AGE, |rtt| NACK_MAX_AGE.max(rtt * 3))
     }
 
-    /// The sequence numbers of `nack` still young enough to resend, as of `now`.
-    fn young(&self, nack: &TransportLayerNack, now: Instant) -> Vec<u16> {
+    /// The sequence numbers of `nack` still young enough to resend, as of `now`; `None`
+    /// for a stream kept here no send times for.
+    fn young(&self, nack: &TransportLayerNack, now: Instant) -> Option<Vec<u16>> {
         let max_age = u32::try_from(self.max_age().as_millis()).unwrap_or(u32::MAX);
         let now_ms = self.ms(now);
-        let Some((_, ring)) = self.sent.iter().find(|(s, _)| *s == nack.media_ssrc) else {
-            return nack.nacks.iter().flat_map(|p| p.packet_list()).collect();
-        };
-        nack.nacks
+        let (_, ring) = self.sent.iter().find(|(s, _)| *s == nack.media_ssrc)?;
+        let young = nack
+            .nacks
             .iter()
             .flat_map(|p| p.packet_list())
             .filter(|seq| match ring.get(usize::from(*seq) % SLOTS) {
@@ -134,7 +134,8 @@ impl NackLimit {
                 // Unknown here: the responder decides (it has no such packet either).
                 _ => true,
             })
-            .collect()
+            .collect();
+        Some(young)
     }
 
     /// Takes the packets sent too long ago out of the NACKs among `packets` (received
@@ -147,12 +148,11 @@ impl NackLimit {
         for p in packets.drain(..) {
             // A NACK for a stream kept here no send times for (audio: none negotiated) is
             // the responder's to ignore; it spends no retransmission budget.
-            let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>().filter(|n| self.sent.iter().any(|(s, _)| *s == n.media_ssrc)) else {
+            let Some((nack, mut young)) = p.as_any().downcast_ref::<TransportLayerNack>().and_then(|n| Some((n, self.young(n, now)?))) else {
                 kept.push(p);
                 continue;
             };
             let asked = nack.nacks.iter().map(|n| n.packet_list().len()).sum::<usize>();
-            let mut young = self.young(nack, now);
             self.refused += (asked - young.len().min(asked)) as u64;
             // Over budget: the newest are kept (the oldest are nearest their deadline).
             let granted = young.len().min((self.budget / SENT_PER_RESEND) as usize);
