@@ -20,7 +20,6 @@
 //! and one output, the SFU that hands the inputs to the mixer, an audio mix of the
 //! (silent) view, signaling, and the RTP handling in and out of GStreamer.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -34,7 +33,7 @@ use tessera_client::media::{Clip, LiveFormat, decode_vp8_each, encode_counted_cl
 use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber, now_us};
 use tokio::net::UdpSocket;
 
-use crate::scenario::{Figures, Measured, measure, percentile, row};
+use crate::scenario::{Figures, Measured, frame_rate, measure, percentile, row};
 use crate::server::{AnyServer, Kind, Launch, Process, Server, scratch_dir};
 
 /// The view: its size and rate, and the inputs.
@@ -170,12 +169,6 @@ fn latencies(output: &[Received], sent: &[(u64, u32)], from: u64, to: u64) -> an
     Ok(samples)
 }
 
-/// Distinct RTP timestamps (frames) per second among `(arrival µs, timestamp)` in `from..=to`.
-fn frame_rate(seen: &[(u64, u32)], from: u64, to: u64) -> f64 {
-    let frames: HashSet<u32> = seen.iter().filter(|(at, _)| *at >= from && *at <= to).map(|(_, ts)| *ts).collect();
-    frames.len() as f64 / ((to.saturating_sub(from)) as f64 / 1e6).max(0.001)
-}
-
 /// Tessera's side: `views` rooms, each with nine publishers replaying `clip` into its
 /// view and one viewer; figures per view (the CPU is the whole server's).
 async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: usize) -> anyhow::Result<Vec<Figures>> {
@@ -224,8 +217,8 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
 
 /// The bare pipeline's side, pinned as the server is.
 async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<Figures> {
-    // Free ports for the inputs (held until the pipeline is about to bind them).
     let send = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+    // Free ports for the inputs (held until the pipeline is about to bind them).
     let probes: Vec<std::net::UdpSocket> = (0..INPUTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     let out = UdpSocket::bind("127.0.0.1:0").await?;

@@ -352,18 +352,22 @@ pub async fn mixer(
     let measured = measure(&[t.pid()], seconds).await;
     let (from, to) = (measured.from, measured.to);
     let logs = logs(&subs);
-    let secs = (to - from) as f64 / 1e6;
-    // Output frame rate: distinct RTP timestamps of the mixed video seen by the first viewer.
-    let frames: HashSet<u32> = logs
-        .first()
-        .map(|l| l.iter().filter(|r| r.kind == "video" && r.arrived_us >= from && r.arrived_us <= to).map(|r| r.header.timestamp).collect())
-        .unwrap_or_default();
+    // Output frame rate, as the first viewer saw it.
+    let seen: Vec<(u64, u32)> =
+        logs.first().map(|l| l.iter().filter(|r| r.kind == "video").map(|r| (r.arrived_us, r.header.timestamp)).collect()).unwrap_or_default();
     Ok(Figures {
-        mixer_fps: Some(frames.len() as f64 / secs),
+        mixer_fps: Some(frame_rate(&seen, from, to)),
         mixer_fps_configured: Some(configured_fps),
         missing_first_frames: viewers - first_frames.len(),
         ..Figures::window(&logs, measured, &first_frames)
     })
+}
+
+/// Video frames per second: distinct RTP timestamps among `(arrival µs, timestamp)` that
+/// arrived in `from..=to`.
+pub(crate) fn frame_rate(seen: &[(u64, u32)], from: u64, to: u64) -> f64 {
+    let frames: HashSet<u32> = seen.iter().filter(|(at, _)| *at >= from && *at <= to).map(|(_, ts)| *ts).collect();
+    frames.len() as f64 / ((to.saturating_sub(from)) as f64 / 1e6).max(0.001)
 }
 
 fn round(v: f64, places: i32) -> f64 {

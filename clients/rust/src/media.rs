@@ -75,6 +75,17 @@ pub fn live_source(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u32) -
     live_source_with(publisher, rgb, tone_hz, LiveFormat::default())
 }
 
+/// The VP8 encoder and payloader of the sources here: realtime, a keyframe every 2 s, a
+/// bit rate for the picture size and rate, RTP packets of at most 1100 bytes.
+fn vp8_rtp(format: LiveFormat) -> String {
+    let LiveFormat { width, height, fps, .. } = format;
+    format!(
+        "vp8enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100",
+        keydist = fps * 2,
+        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
+    )
+}
+
 /// [`live_source`] at another picture size and rate.
 pub fn live_source_with(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u32, format: LiveFormat) -> anyhow::Result<LiveSource> {
     gst::init()?;
@@ -82,11 +93,10 @@ pub fn live_source_with(publisher: Arc<Publisher>, rgb: (u8, u8, u8), tone_hz: u
     let colour = 0xFF00_0000u32 | (u32::from(rgb.0) << 16) | (u32::from(rgb.1) << 8) | u32::from(rgb.2);
     let desc = format!(
         "videotestsrc is-live=true pattern=solid-color foreground-color={colour} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! \
-         videoconvert ! vp8enc name=enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false \
+         videoconvert ! {video} ! appsink name=v sync=false \
          audiotestsrc is-live=true wave=sine freq={tone_hz} volume={volume} samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! \
          audioconvert ! opusenc bitrate=64000 ! rtpopuspay pt=111 ! appsink name=a sync=false",
-        keydist = fps * 2,
-        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
+        video = vp8_rtp(format),
     );
     let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
     let sink = |name: &str| -> anyhow::Result<gst_app::AppSink> {
@@ -126,38 +136,6 @@ pub struct Clip {
     pub duration: Duration,
 }
 
-/// Encodes `seconds` of `videotestsrc {source}` (its properties, e.g. `pattern=smpte
-/// horizontal-speed=4` for moving bars) at `format`'s size and rate, as a live source
-/// would (VP8, keyframe every 2 s, RTP packets of at most 1100 bytes), as fast as it goes.
-pub fn encode_clip(source: &str, format: LiveFormat, seconds: u32) -> anyhow::Result<Clip> {
-    gst::init()?;
-    let LiveFormat { width, height, fps, .. } = format;
-    let frames = fps.max(1) * seconds.max(1);
-    let desc = format!(
-        "videotestsrc num-buffers={frames} {source} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! videoconvert ! \
-         vp8enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false",
-        keydist = fps * 2,
-        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
-    );
-    let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
-    let sink = pipeline.by_name("v").and_then(|e| e.downcast::<gst_app::AppSink>().ok()).ok_or_else(|| anyhow!("no appsink"))?;
-    pipeline.set_state(gst::State::Playing)?;
-    let mut packets = Vec::new();
-    let result = (|| -> anyhow::Result<()> {
-        while let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
-            packets.push(clip_packet(&sample)?);
-        }
-        Ok(())
-    })();
-    pipeline.set_state(gst::State::Null)?;
-    result?;
-    if packets.is_empty() {
-        anyhow::bail!("the encoder made no packets of `{source}`");
-    }
-    let duration = Duration::from_secs_f64(f64::from(frames) / f64::from(fps.max(1)));
-    Ok(Clip { packets, duration })
-}
-
 /// Bits of the frame counter drawn into a counted clip: the frame's index, then its parity.
 const COUNTER_BITS: u32 = 10;
 /// The counter's cells: squares of this side (pixels of the clip's picture)...
@@ -168,7 +146,8 @@ const COUNTER_PITCH: usize = 56;
 /// A [`Clip`] of moving diagonal stripes whose every picture shows its frame index as a
 /// row of black or white squares at the top (9 bits and a parity bit), for measuring how
 /// long a picture takes through a mixer: [`read_counter`] reads it back from the
-/// decoded output. Encoded like [`encode_clip`]. At least 600 pixels wide.
+/// decoded output. Encoded as a live source would be ([`vp8_rtp`]), as fast as it goes.
+/// At least 600 pixels wide.
 pub fn encode_counted_clip(format: LiveFormat, seconds: u32) -> anyhow::Result<Clip> {
     gst::init()?;
     let LiveFormat { width, height, fps, .. } = format;
@@ -178,10 +157,8 @@ pub fn encode_counted_clip(format: LiveFormat, seconds: u32) -> anyhow::Result<C
     }
     let frames = fps.max(1) * seconds.max(1);
     let desc = format!(
-        "appsrc name=src format=time caps=video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 ! \
-         vp8enc deadline=1 cpu-used=8 keyframe-max-dist={keydist} target-bitrate={bitrate} ! rtpvp8pay pt=96 mtu=1100 ! appsink name=v sync=false",
-        keydist = fps * 2,
-        bitrate = (u64::from(width) * u64::from(height) * u64::from(fps) / 16).clamp(300_000, 2_000_000),
+        "appsrc name=src format=time caps=video/x-raw,format=I420,width={width},height={height},framerate={fps}/1 ! {} ! appsink name=v sync=false",
+        vp8_rtp(format)
     );
     let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
     let src = pipeline.by_name("src").and_then(|e| e.downcast::<gst_app::AppSrc>().ok()).ok_or_else(|| anyhow!("no appsrc"))?;
@@ -424,8 +401,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_counted_clip_shows_each_frame_index_scaled_or_not() {
-        let clip = encode_counted_clip(LiveFormat { width: 640, height: 360, fps: 30, volume: 0.0 }, 1).expect("encode");
+    fn a_counted_clip_shows_each_frame_index_scaled_or_not() -> anyhow::Result<()> {
+        let clip = encode_counted_clip(LiveFormat { width: 640, height: 360, fps: 30, volume: 0.0 }, 1)?;
         assert!(clip.packets.len() >= 30, "{} packets", clip.packets.len());
         assert_eq!(clip.duration, Duration::from_secs(1));
         let received: Vec<Received> = clip
@@ -440,7 +417,7 @@ mod tests {
                 size: p.payload.len(),
             })
             .collect();
-        let frames = decode_vp8(&received).expect("decode");
+        let frames = decode_vp8(&received)?;
         let read: Vec<Option<u32>> = frames.iter().map(|f| read_counter(f, 0, 0, 1.0)).collect();
         assert_eq!(read, (0..30).map(Some).collect::<Vec<_>>());
         // Each frame's timestamp is its packets'.
@@ -450,6 +427,7 @@ mod tests {
         // Scaled to 2/3 (a mixer's 3×3 region of 1280×720), still read.
         let small: Vec<Frame> = frames.iter().map(|f| scale(f, 2.0 / 3.0)).collect();
         assert_eq!(small.iter().map(|f| read_counter(f, 0, 0, 2.0 / 3.0)).collect::<Vec<_>>(), read);
+        Ok(())
     }
 
     /// A nearest-neighbour downscale.
