@@ -83,6 +83,9 @@ pub struct LocalTrack {
     pub codec: CodecInfo,
     /// Called (throttled by the source) when a consumer needs a keyframe.
     pub on_keyframe: Arc<dyn Fn() + Send + Sync>,
+    /// A simulcast layer's RID: the video tracks with one are the layers of one layered
+    /// video, in the order given (a stream relayed from another node with its layers).
+    pub rid: Option<String>,
 }
 
 /// Streams as the media nodes inside the server take and offer them.
@@ -98,6 +101,26 @@ pub trait StreamSource: Send + Sync {
     fn set_tap_layer(&self, _stream: &str, _kind: MediaKind, _sink_id: u64, _layer: LayerChoice) {}
     /// Asks the producer of a stream's video for a keyframe (throttled by the source).
     fn request_keyframe(&self, stream: &str);
+    /// The RIDs of a stream's simulcast video layers, in the publisher's order; empty when
+    /// its video has one encoding (or the source does not tell layers apart).
+    fn layers(&self, _stream: &str) -> Vec<String> {
+        Vec::new()
+    }
+    /// Taps one simulcast layer of a stream's video as it arrives, never switching (a relay
+    /// to another node carries each layer on its own); `None` without such a layer.
+    fn tap_layer(&self, _stream: &str, _rid: &str) -> Option<Tap> {
+        None
+    }
+    /// Asks for a keyframe of one layer of a stream's video (all of them where the source
+    /// does not tell layers apart).
+    fn request_layer_keyframe(&self, stream: &str, _rid: &str) {
+        self.request_keyframe(stream);
+    }
+    /// Whether [`StreamSource::publish_local`] takes layered videos (tracks with a `rid`)
+    /// and lets each consumer choose its layer; a source that does not gets the top layer only.
+    fn takes_layers(&self) -> bool {
+        false
+    }
     /// The room a stream (forward or produced inside the server) belongs to.
     fn stream_room(&self, stream: &str) -> Option<RoomId>;
     /// Registers a stream produced inside the server so clients and other media nodes

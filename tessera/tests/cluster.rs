@@ -785,7 +785,6 @@ async fn wait_transports(p: &common::Server, id: &str, transports: u64) {
     }
 }
 
-/// One value of `/metrics` (a series without labels).
 /// Publishes synthetic audio and video tagged `tag` on `sig` and sends for `secs` (30
 /// frames/s of 1000 bytes); the task ends early if the connection goes.
 async fn publish_sending(
@@ -801,6 +800,7 @@ async fn publish_sending(
     (publisher, sending)
 }
 
+/// One value of `/metrics` (a series without labels).
 async fn metric(s: &common::Server, name: &str) -> f64 {
     let text = s.client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
@@ -854,6 +854,77 @@ async fn a_room_spreads_over_webrtc_nodes() {
     // The stream crosses once: n1 exports its two tracks, not two per subscriber on n2.
     assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 2.0);
     assert!(metric(&p, "tessera_relay_packets_sent_total").await > 60.0);
+}
+
+/// A simulcast stream published on n1 crosses to n2 layer by layer, so subscribers on n2
+/// choose their layer as they would on n1: by RID, by resolution or `auto`, switch at a
+/// keyframe with their numbering continuous, and move off a layer that stops at the
+/// publisher and back when it returns. (`room_spread = 0`: transports alternate between
+/// the nodes, n2 first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulcast_layers_are_chosen_on_another_node() {
+    use common::layers::{check_layered_video, runs, wait_for_picture};
+    use tessera_client::peer::Subscriber;
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
+    if !common::in_own_netns("simulcast_layers_are_chosen_on_another_node") {
+        return;
+    }
+    const Q: (usize, usize, &str) = (160, 120, "blue");
+    const H: (usize, usize, &str) = (320, 240, "green");
+    const F: (usize, usize, &str) = (640, 480, "red");
+    let nats = Nats::start();
+    let url = nats.url();
+    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
+    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
+    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
+    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
+    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+
+    let room = p.new_room(serde_json::json!({"views": []})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
+    wait_transports(&p, "n1", 1).await;
+    let layer = |rid: &str| format!("{}-video-{rid}", publisher.stream_id);
+    // Every layer's keyframe seen at the origin (their sizes rank them).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let resolution = |w: u32, h: u32| serde_json::json!({"parameters": {"resolution": {"width": w, "height": h}}});
+    let q = Subscriber::start_video(&mut ssig, &layer("q"), Value::Null).await.unwrap();
+    wait_transports(&p, "n2", 1).await;
+    let f_here = Subscriber::start_video(&mut ssig, &layer("f"), Value::Null).await.unwrap();
+    wait_transports(&p, "n1", 2).await;
+    let h = Subscriber::start_video(&mut ssig, &publisher.stream_id, resolution(300, 200)).await.unwrap();
+    wait_transports(&p, "n2", 2).await;
+    let auto = Subscriber::start_video(&mut ssig, &publisher.stream_id, Value::Null).await.unwrap();
+    wait_transports(&p, "n1", 3).await;
+    let auto2 = Subscriber::start_video(&mut ssig, &publisher.stream_id, Value::Null).await.unwrap();
+    wait_transports(&p, "n2", 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(&check_layered_video(&q, 0)), [Q], "q on n2");
+    assert_eq!(runs(&check_layered_video(&h, 0)), [H], "h by resolution on n2");
+    assert_eq!(runs(&check_layered_video(&auto2, 0)), [F], "auto on n2");
+    assert_eq!(runs(&check_layered_video(&f_here, 0)), [F], "f on n1");
+    assert_eq!(runs(&check_layered_video(&auto, 0)), [F], "auto on n1");
+    // The video crosses once, layer by layer: three tracks, whatever n2's subscribers take.
+    assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0);
+
+    // q moves up to f on n2, at a keyframe of f.
+    let update = |id: &str, video: Value| serde_json::json!({"id": id, "operation": "update", "data": {"video": video}});
+    ssig.ok("subscription-control", Some(update(&q.id, serde_json::json!({"from": layer("f")})))).await.unwrap();
+    let up = wait_for_picture(&q, F, Duration::from_secs(3)).await;
+    // The top layer stops at the publisher: n2's subscribers on it move down, and back up
+    // when it returns (`auto` carefully, after 3 s without congestion).
+    publisher.stop_layer("f", true);
+    let moved = wait_for_picture(&auto2, H, Duration::from_secs(5)).await;
+    wait_for_picture(&q, H, Duration::from_secs(2)).await;
+    publisher.stop_layer("f", false);
+    let back = wait_for_picture(&auto2, F, Duration::from_secs(8)).await;
+    wait_for_picture(&q, F, Duration::from_secs(2)).await;
+    println!("on n2: up in {up:?}, off the stopped layer in {moved:?}, back in {back:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(runs(&check_layered_video(&q, 3)), [Q, F, H, F]);
+    assert_eq!(runs(&check_layered_video(&auto2, 2)), [F, H, F]);
+    assert_eq!(runs(&check_layered_video(&h, 0)), [H], "a subscriber of another layer is not disturbed");
 }
 
 /// The cluster issue's three-node test: each node in a network namespace of its own on a

@@ -62,6 +62,9 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 const IDLE_RELEASE: Duration = Duration::from_secs(10);
 /// How long the nodes may take to answer an import.
 const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels an importer that takes layers offers for a simulcast video's layers (the most
+/// layers the SFU receives of one video).
+const LAYER_CHANNELS: usize = 4;
 
 /// What an importer asks of the node that has a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +79,11 @@ pub struct ExportRequest {
     pub auth: bool,
     /// The channel the importer chose for each kind of track it takes.
     pub channels: Vec<(MediaKind, u32)>,
+    /// Channels for the layers of a simulcast video, one per layer, when the importer lets
+    /// its consumers choose layers; without them (or too few) the video channel carries
+    /// the top layer.
+    #[serde(default)]
+    pub layer_channels: Vec<u32>,
 }
 
 /// One track the exporter sends.
@@ -87,6 +95,9 @@ pub struct ExportedTrack {
     pub codec: CodecInfo,
     /// The importer's channel it comes on.
     pub channel: u32,
+    /// The simulcast layer it is, when the video comes layer by layer.
+    #[serde(default)]
+    pub rid: Option<String>,
 }
 
 /// The exporter's answer: where the packets come from, and which tracks.
@@ -149,6 +160,8 @@ struct Imports {
 /// The exporter's end of one track, as the receive loop reaches it.
 struct OutChannel {
     stream: String,
+    /// The simulcast layer it carries (keyframe requests name it).
+    rid: Option<String>,
     nacks: mpsc::Sender<Vec<u16>>,
     /// Milliseconds since the relay started when the importer was last heard.
     heard_ms: Arc<AtomicU64>,
@@ -381,29 +394,53 @@ impl Relay {
         let Some(me) = self.me.upgrade() else { return Err(ExportError::Refused("the relay stopped".into())) };
         let mut tracks = Vec::new();
         let mut kinds = Vec::new();
-        // One channel per kind of track, at most.
+        // One channel per kind of track, at most; a simulcast video layer by layer when the
+        // importer offered channels enough.
         for (kind, channel) in request.channels {
             if kinds.contains(&kind) {
                 continue;
             }
             kinds.push(kind);
-            let Some(tap) = self.local.tap(&request.stream, kind) else { continue };
-            let (nacks, nack_rx) = mpsc::channel(16);
-            let heard_ms = Arc::new(AtomicU64::new(self.now_ms()));
-            let key = (request.to, channel);
-            let out = OutChannel { stream: request.stream.clone(), nacks, heard_ms: heard_ms.clone() };
-            if let Some(old) = self.exports.lock().unwrap_or_else(|p| p.into_inner()).insert(key, out) {
-                debug!(stream = %old.stream, "an export channel was asked for again; the old one ends");
+            let rids = if kind == MediaKind::Video { self.local.layers(&request.stream) } else { Vec::new() };
+            if !rids.is_empty() && rids.len() <= request.layer_channels.len() {
+                for (rid, &channel) in rids.iter().zip(&request.layer_channels) {
+                    let Some(tap) = self.local.tap_layer(&request.stream, rid) else { continue };
+                    tracks.push(self.send_track(&me, &request.stream, request.to, kind, channel, Some(rid.clone()), tap));
+                }
+                continue;
             }
-            tracks.push(ExportedTrack { kind, codec: tap.codec.clone(), channel });
-            let export = Export { relay: me.clone(), stream: request.stream.clone(), kind, to: request.to, channel, heard_ms, nack_rx };
-            tokio::spawn(export.run(tap));
+            let Some(tap) = self.local.tap(&request.stream, kind) else { continue };
+            tracks.push(self.send_track(&me, &request.stream, request.to, kind, channel, None, tap));
         }
         if tracks.is_empty() {
             return Err(ExportError::NoStream(request.stream));
         }
         info!(stream = %request.stream.escape_debug(), to = %request.to, tracks = tracks.len(), "exporting a stream to another node");
         Ok(ExportReply { from: self.addr, tracks })
+    }
+
+    /// Starts sending one tapped track (a layer, with its `rid`) to an importer's channel.
+    #[allow(clippy::too_many_arguments)]
+    fn send_track(
+        &self,
+        me: &Arc<Relay>,
+        stream: &str,
+        to: SocketAddr,
+        kind: MediaKind,
+        channel: u32,
+        rid: Option<String>,
+        tap: tessera_core::media::Tap,
+    ) -> ExportedTrack {
+        let (nacks, nack_rx) = mpsc::channel(16);
+        let heard_ms = Arc::new(AtomicU64::new(self.now_ms()));
+        let out = OutChannel { stream: stream.to_string(), rid: rid.clone(), nacks, heard_ms: heard_ms.clone() };
+        if let Some(old) = self.exports.lock().unwrap_or_else(|p| p.into_inner()).insert((to, channel), out) {
+            debug!(stream = %old.stream.escape_debug(), "an export channel was asked for again; the old one ends");
+        }
+        let track = ExportedTrack { kind, codec: tap.codec.clone(), channel, rid };
+        let export = Export { relay: me.clone(), stream: stream.to_string(), kind, to, channel, heard_ms, nack_rx };
+        tokio::spawn(export.run(tap));
+        track
     }
 
     fn channel(&self) -> u32 {
@@ -505,7 +542,7 @@ impl Relay {
                     Some(out) => {
                         out.heard_ms.store(self.now_ms(), Ordering::Relaxed);
                         match frame.kind {
-                            Kind::Keyframe => Some(out.stream.clone()),
+                            Kind::Keyframe => Some((out.stream.clone(), out.rid.clone())),
                             Kind::Nack => {
                                 // A full queue drops the request: the importer's consumers
                                 // recover from the loss themselves (their own NACKs, PLIs).
@@ -521,8 +558,10 @@ impl Relay {
                     exports.remove(&key);
                 }
                 drop(exports);
-                if let Some(stream) = keyframe_of {
-                    self.local.request_keyframe(&stream);
+                match keyframe_of {
+                    Some((stream, Some(rid))) => self.local.request_layer_keyframe(&stream, &rid),
+                    Some((stream, None)) => self.local.request_keyframe(&stream),
+                    None => {}
                 }
             }
         }
@@ -585,7 +624,10 @@ impl Relay {
     /// Asks the node that has `stream` to send it here, and offers it in the local source.
     async fn bring(&self, room: &RoomId, stream: &str) -> Result<(), ImportError> {
         let channels = vec![(MediaKind::Audio, self.channel()), (MediaKind::Video, self.channel())];
-        let request = ExportRequest { room: room.clone(), stream: stream.to_string(), to: self.addr, auth: self.key.is_some(), channels };
+        // Where consumers here choose layers (an SFU), every layer comes; else the top one.
+        let layer_channels = if self.local.takes_layers() { (0..LAYER_CHANNELS).map(|_| self.channel()).collect() } else { Vec::new() };
+        let request =
+            ExportRequest { room: room.clone(), stream: stream.to_string(), to: self.addr, auth: self.key.is_some(), channels, layer_channels };
         let reply = self.control.ask(&request).await?;
         let mut tracks = Vec::new();
         for t in &reply.tracks {
@@ -600,7 +642,7 @@ impl Relay {
                 }
                 MediaKind::Audio => Arc::new(|| {}),
             };
-            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe });
+            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe, rid: t.rid.clone() });
         }
         let sinks = self.local.publish_local(room.as_str(), stream, tracks);
         {

@@ -69,7 +69,7 @@ fn pair(secrets: (Option<&[u8]>, Option<&[u8]>), via: Option<SocketAddr>) -> Pai
     let on_keyframe = Arc::new(move || {
         k.fetch_add(1, Ordering::Relaxed);
     });
-    let sink = from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe }]).remove(0);
+    let sink = from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None }]).remove(0);
     let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
     let exporter = Relay::new(nobody, socket(), secrets.0, from.clone()).unwrap();
     let into = LocalStreams::new();
@@ -124,7 +124,14 @@ async fn a_stream_crosses_intact_with_keyframe_requests_back_and_ends_at_its_ori
     }
     assert_eq!(p.importer.counters.nacked.load(Ordering::Relaxed), 0, "no loss on loopback");
     // An exporter refuses to pass on a stream it imported itself.
-    let request = ExportRequest { room: room.clone(), stream: "s".into(), to: p.exporter.addr(), auth: false, channels: vec![(MediaKind::Video, 1)] };
+    let request = ExportRequest {
+        room: room.clone(),
+        stream: "s".into(),
+        to: p.exporter.addr(),
+        auth: false,
+        channels: vec![(MediaKind::Video, 1)],
+        layer_channels: vec![],
+    };
     assert_eq!(p.importer.export(request), Err(ExportError::NoStream("s".into())));
     // The stream ends at its origin: it ends at the importer, and its consumer hears so.
     p.from.unpublish_local("s");
@@ -250,5 +257,173 @@ async fn an_import_ends_when_its_exporter_goes_silent() {
     while p.exporter.counts() != (0, 0) {
         assert!(Instant::now() < deadline, "the exporter kept sending to a silent importer");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An origin whose video has three simulcast layers, each kept as a stream `s/<rid>` of a
+/// [`LocalStreams`] (which knows no layers itself); `s`'s top layer is `f`.
+struct ThreeLayers {
+    streams: Arc<LocalStreams>,
+}
+
+const RIDS: [&str; 3] = ["q", "h", "f"];
+
+impl StreamSource for ThreeLayers {
+    fn tap(&self, stream: &str, kind: MediaKind) -> Option<tessera_core::media::Tap> {
+        self.streams.tap(&format!("{stream}/f"), kind)
+    }
+    fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
+        for rid in RIDS {
+            self.streams.untap(&format!("{stream}/{rid}"), kind, sink_id);
+        }
+    }
+    fn request_keyframe(&self, stream: &str) {
+        for rid in RIDS {
+            self.streams.request_keyframe(&format!("{stream}/{rid}"));
+        }
+    }
+    fn stream_room(&self, stream: &str) -> Option<RoomId> {
+        self.streams.stream_room(&format!("{stream}/f"))
+    }
+    fn publish_local(&self, room: &str, stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
+        self.streams.publish_local(room, stream, tracks)
+    }
+    fn unpublish_local(&self, stream: &str) {
+        self.streams.unpublish_local(stream)
+    }
+    fn layers(&self, _stream: &str) -> Vec<String> {
+        RIDS.iter().map(|r| r.to_string()).collect()
+    }
+    fn tap_layer(&self, stream: &str, rid: &str) -> Option<tessera_core::media::Tap> {
+        self.streams.tap(&format!("{stream}/{rid}"), MediaKind::Video)
+    }
+    fn request_layer_keyframe(&self, stream: &str, rid: &str) {
+        self.streams.request_keyframe(&format!("{stream}/{rid}"));
+    }
+}
+
+/// An importer's source that keeps what it was given: each track's RID, and its sink
+/// tapped (every packet kept by track).
+struct Keeps {
+    layers: bool,
+    given: Mutex<Vec<Given>>,
+}
+
+/// One track an importer gave [`Keeps`]: its RID, the packets that came, its keyframe request.
+struct Given {
+    rid: Option<String>,
+    kept: Arc<Mutex<Vec<Vec<u8>>>>,
+    on_keyframe: Arc<dyn Fn() + Send + Sync>,
+}
+
+struct KeptSink(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl RtpSink for KeptSink {
+    fn send(&self, packet: &[u8]) {
+        self.0.lock().unwrap().push(packet.to_vec());
+    }
+    fn has_consumers(&self) -> bool {
+        true
+    }
+}
+
+impl StreamSource for Keeps {
+    fn tap(&self, _: &str, _: MediaKind) -> Option<tessera_core::media::Tap> {
+        None
+    }
+    fn untap(&self, _: &str, _: MediaKind, _: u64) {}
+    fn request_keyframe(&self, _: &str) {}
+    fn stream_room(&self, _: &str) -> Option<RoomId> {
+        None
+    }
+    fn publish_local(&self, _room: &str, _stream: &str, tracks: Vec<LocalTrack>) -> Vec<Arc<dyn RtpSink>> {
+        let mut given = self.given.lock().unwrap();
+        tracks
+            .into_iter()
+            .map(|t| {
+                let kept = Arc::new(Mutex::new(Vec::new()));
+                given.push(Given { rid: t.rid, kept: kept.clone(), on_keyframe: t.on_keyframe });
+                Arc::new(KeptSink(kept)) as Arc<dyn RtpSink>
+            })
+            .collect()
+    }
+    fn unpublish_local(&self, _: &str) {}
+    fn takes_layers(&self) -> bool {
+        self.layers
+    }
+}
+
+/// A simulcast video crosses layer by layer to an importer whose consumers choose layers
+/// (an SFU): each layer on its own channel, byte for byte, and a keyframe request for one
+/// layer reaches that layer's producer only. An importer that does not take layers (a
+/// mixer-only node) gets the top layer alone, as before.
+#[tokio::test]
+async fn a_simulcast_video_crosses_layer_by_layer() {
+    for takes_layers in [true, false] {
+        let streams = LocalStreams::new();
+        let mut sinks = Vec::new();
+        let mut keyframes = Vec::new();
+        for rid in RIDS {
+            let count = Arc::new(AtomicUsize::new(0));
+            let k = count.clone();
+            let on_keyframe = Arc::new(move || {
+                k.fetch_add(1, Ordering::Relaxed);
+            });
+            let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None };
+            sinks.push(streams.publish_local("r", &format!("s/{rid}"), vec![track]).remove(0));
+            keyframes.push(count);
+        }
+        let origin = Arc::new(ThreeLayers { streams });
+        let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
+        let exporter = Relay::new(nobody, socket(), None, origin).unwrap();
+        let into = Arc::new(Keeps { layers: takes_layers, given: Mutex::default() });
+        let control = Arc::new(Direct { exporter: Arc::downgrade(&exporter), via: None });
+        let importer = Relay::new(control, socket(), None, into.clone()).unwrap();
+        importer.import(&"r".into(), "s").await.unwrap();
+        let rids: Vec<Option<String>> = into.given.lock().unwrap().iter().map(|g| g.rid.clone()).collect();
+        if takes_layers {
+            assert_eq!(rids, RIDS.map(|r| Some(r.to_string())), "one track per layer, in the origin's order");
+            assert_eq!(exporter.counts(), (0, 3));
+        } else {
+            assert_eq!(rids, [None], "the top layer alone");
+        }
+        // Each layer's packets carry its own payload: layer i sends seq 1000 * (i + 1) + n.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut n = 0u16;
+        loop {
+            for (i, sink) in sinks.iter().enumerate() {
+                sink.send(&rtp(1000 * (i as u16 + 1) + n));
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let given = into.given.lock().unwrap();
+            if given.iter().all(|g| g.kept.lock().unwrap().len() >= 20) {
+                for (i, g) in given.iter().enumerate() {
+                    let layer = if takes_layers { i } else { 2 };
+                    for p in g.kept.lock().unwrap().iter() {
+                        let seq = wire::rtp_seq(p).unwrap();
+                        assert_eq!(seq / 1000, layer as u16 + 1, "layer {layer}'s channel carries its packets only");
+                        assert_eq!(&p[..], &rtp(seq)[..], "byte for byte");
+                    }
+                }
+                break;
+            }
+            drop(given);
+            assert!(Instant::now() < deadline, "the layers did not all cross");
+        }
+        if takes_layers {
+            // Settle the requests made at the start (the taps', the importer's), then ask h.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let before: Vec<usize> = keyframes.iter().map(|k| k.load(Ordering::Relaxed)).collect();
+            (into.given.lock().unwrap()[1].on_keyframe)();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while keyframes[1].load(Ordering::Relaxed) == before[1] {
+                assert!(Instant::now() < deadline, "h's keyframe request did not cross");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let after: Vec<usize> = keyframes.iter().map(|k| k.load(Ordering::Relaxed)).collect();
+            assert_eq!((after[0], after[2]), (before[0], before[2]), "q and f were not asked");
+        }
     }
 }

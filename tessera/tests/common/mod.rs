@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub mod bridge;
+pub mod layers;
 
 pub const KEY: &str = "test-service-key-0123456789";
 

@@ -47,7 +47,7 @@ use crate::AgentSettings;
 use crate::bwe::{Estimate, SendSide, SubscriberEstimator};
 use crate::codec::{codec_info, rtc_codec};
 use crate::rtcp_counter::RtcpCounters;
-use crate::simulcast::LayerBoard;
+use crate::simulcast::{LayerBoard, VideoCodec};
 use crate::wire::Wire;
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
@@ -892,7 +892,9 @@ struct LocalSink {
     shared: Arc<Shared>,
     worker: usize,
     track: TrackId,
-    consumers: Arc<AtomicUsize>,
+    /// Its consumers; for a layer of a layered video, every layer's and the video's taps'
+    /// (each layer is measured while anyone reads any of them, so that choices can be made).
+    consumers: Vec<Arc<AtomicUsize>>,
 }
 
 impl RtpSink for LocalSink {
@@ -908,7 +910,18 @@ impl RtpSink for LocalSink {
     }
 
     fn has_consumers(&self) -> bool {
-        self.consumers.load(Ordering::Relaxed) > 0
+        self.consumers.iter().any(|c| c.load(Ordering::Relaxed) > 0)
+    }
+}
+
+/// The sink of a layer beyond what a layered video holds: it takes nothing.
+struct NoSink;
+
+impl RtpSink for NoSink {
+    fn send(&self, _packet: &[u8]) {}
+
+    fn has_consumers(&self) -> bool {
+        false
     }
 }
 
@@ -926,7 +939,7 @@ impl StreamSource for WorkerAgent {
         };
         let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(TAP_QUEUE);
-        self.shared.send_to(worker, Cmd::Tap { track, id, tx });
+        self.shared.send_to(worker, Cmd::Tap { track, id, tx, exact: false });
         Some(Tap { codec: codec_info(&codec, None), sink_id: id, packets: Box::new(TapReceiver(rx)) })
     }
 
@@ -953,6 +966,44 @@ impl StreamSource for WorkerAgent {
         }
     }
 
+    fn layers(&self, stream: &str) -> Vec<String> {
+        let s = self.shared.lock();
+        let board = s.publications.get(stream).and_then(|p| p.tracks.iter().find_map(|t| t.layers.clone()));
+        board.map(|b| b.layers.iter().map(|l| l.rid.clone()).collect()).unwrap_or_default()
+    }
+
+    fn tap_layer(&self, stream: &str, rid: &str) -> Option<Tap> {
+        let (track, worker, codec) = {
+            let s = self.shared.lock();
+            let p = s.publications.get(stream)?;
+            let t = p.tracks.iter().find(|t| t.layers.is_some())?;
+            let layer = t.layers.as_ref()?.layers.iter().find(|l| l.rid == rid)?;
+            (layer.track, p.worker, t.codec.clone())
+        };
+        let id = self.shared.next_tap.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(TAP_QUEUE);
+        self.shared.send_to(worker, Cmd::Tap { track, id, tx, exact: true });
+        Some(Tap { codec: codec_info(&codec, None), sink_id: id, packets: Box::new(TapReceiver(rx)) })
+    }
+
+    fn request_layer_keyframe(&self, stream: &str, rid: &str) {
+        let found = {
+            let s = self.shared.lock();
+            s.publications.get(stream).and_then(|p| {
+                let board = p.tracks.iter().find_map(|t| t.layers.as_ref())?;
+                board.layers.iter().find(|l| l.rid == rid).map(|l| (l.track, p.worker))
+            })
+        };
+        match found {
+            Some((track, worker)) => self.shared.send_to(worker, Cmd::Keyframe { track }),
+            None => self.keyframe_for(stream),
+        }
+    }
+
+    fn takes_layers(&self) -> bool {
+        true
+    }
+
     fn request_keyframe(&self, stream: &str) {
         self.keyframe_for(stream);
     }
@@ -966,18 +1017,78 @@ impl StreamSource for WorkerAgent {
             let mut s = self.shared.lock();
             self.place(&mut s, room)
         };
+        // The video tracks with a RID are the layers of one layered video (a stream relayed
+        // from another node with its simulcast layers): one board, measured by the worker.
+        let mut rids: Vec<String> = Vec::new();
+        for rid in tracks.iter().filter(|t| t.kind == MediaKind::Video).filter_map(|t| t.rid.as_ref()) {
+            if !rids.contains(rid) {
+                rids.push(rid.clone());
+            }
+        }
+        let board = match tracks.iter().find(|t| t.kind == MediaKind::Video && t.rid.is_some()) {
+            Some(first) => {
+                let layers = rids.iter().map(|r| (r.clone(), self.shared.next_track())).collect();
+                Some(Arc::new(LayerBoard::new(self.shared.next_track(), VideoCodec::of(&first.codec.mime_type), layers)))
+            }
+            None => None,
+        };
+        // One consumer count per layer, and one for the taps on the whole video.
+        let layer_counts: Vec<Arc<AtomicUsize>> = board.iter().flat_map(|b| b.layers.iter()).map(|_| Arc::default()).collect();
+        let board_taps: Arc<AtomicUsize> = Arc::default();
         let mut entries = Vec::new();
         let mut sinks: Vec<Arc<dyn RtpSink>> = Vec::new();
+        let mut taken = HashSet::new();
         for t in tracks {
-            let track = self.shared.next_track();
             let codec = rtc_codec(&t.codec);
-            let consumers = Arc::new(AtomicUsize::new(0));
+            let layer = match (&board, &t.rid, t.kind) {
+                (Some(b), Some(rid), MediaKind::Video) => match b.index_of_rid(rid).filter(|i| taken.insert(*i)) {
+                    Some(i) => Some((b.clone(), i)),
+                    None => {
+                        // Beyond what a board holds, or a RID given twice.
+                        warn!(stream = %stream.escape_debug(), rid = %rid.escape_debug(), "a layer of a local stream left out");
+                        sinks.push(Arc::new(NoSink));
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let (track, consumers, sink_counts) = match &layer {
+                Some((b, i)) => {
+                    let (Some(l), Some(c)) = (b.layers.get(*i), layer_counts.get(*i)) else {
+                        sinks.push(Arc::new(NoSink));
+                        continue;
+                    };
+                    let mut all = layer_counts.clone();
+                    all.push(board_taps.clone());
+                    (l.track, c.clone(), all)
+                }
+                None => {
+                    let c: Arc<AtomicUsize> = Arc::default();
+                    (self.shared.next_track(), c.clone(), vec![c])
+                }
+            };
+            let local_layer = layer.as_ref().map(|(b, i)| worker::LocalLayer { board: b.clone(), index: *i, taps: board_taps.clone() });
+            let first_layer = layer.as_ref().is_some_and(|(_, i)| *i == 0);
             self.shared.send_to(
                 worker,
-                Cmd::LocalPublish { track, kind: t.kind, codec: codec.clone(), on_keyframe: t.on_keyframe, consumers: consumers.clone() },
+                Cmd::LocalPublish {
+                    track,
+                    kind: t.kind,
+                    codec: codec.clone(),
+                    on_keyframe: t.on_keyframe,
+                    consumers: consumers.clone(),
+                    layer: local_layer,
+                },
             );
-            entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(consumers.clone()), layers: None });
-            sinks.push(Arc::new(LocalSink { shared: self.shared.clone(), worker, track, consumers }));
+            match &layer {
+                // The layered video is one entry (its first layer names it), as a client's is.
+                Some((b, _)) if first_layer => {
+                    entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(board_taps.clone()), layers: Some(b.clone()) })
+                }
+                Some(_) => {}
+                None => entries.push(PubTrack { kind: t.kind, track, codec, consumers: Some(consumers), layers: None }),
+            }
+            sinks.push(Arc::new(LocalSink { shared: self.shared.clone(), worker, track, consumers: sink_counts }));
         }
         self.shared.lock().publications.insert(
             stream.to_string(),
@@ -999,8 +1110,8 @@ impl StreamSource for WorkerAgent {
             (p, readers)
         };
         let Some(p) = p else { return };
-        for t in &p.tracks {
-            self.shared.send_to(p.worker, Cmd::LocalUnpublish { track: t.track });
+        for track in p.tracks.iter().flat_map(|t| t.all_tracks()) {
+            self.shared.send_to(p.worker, Cmd::LocalUnpublish { track });
         }
         // Their legs would wait for packets that never come (a relayed stream whose node is
         // gone): the subscriptions end, and their owners are told.
@@ -1056,8 +1167,11 @@ mod tests {
         let agent = agent();
         let source: Arc<dyn StreamSource> = agent.clone();
         let codec = CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: Some(96) };
-        let sinks =
-            source.publish_local("r", "r-common", vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}) }]);
+        let sinks = source.publish_local(
+            "r",
+            "r-common",
+            vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}), rid: None }],
+        );
         assert_eq!(sinks.len(), 1);
         assert!(!sinks[0].has_consumers());
         assert_eq!(source.stream_room("r-common").as_ref().map(|r| r.as_str()), Some("r"));

@@ -155,6 +155,9 @@ pub(crate) enum Cmd {
         track: TrackId,
         id: u64,
         tx: mpsc::Sender<Bytes>,
+        /// Reads this very track, even a layer of a layered video (a relay to another node),
+        /// instead of following the video's best layer.
+        exact: bool,
     },
     Untap {
         track: TrackId,
@@ -171,6 +174,8 @@ pub(crate) enum Cmd {
         codec: RTCRtpCodec,
         on_keyframe: Arc<dyn Fn() + Send + Sync>,
         consumers: Arc<AtomicUsize>,
+        /// Which layer of a layered video it is (a stream relayed with its layers).
+        layer: Option<LocalLayer>,
     },
     LocalUnpublish {
         track: TrackId,
@@ -194,6 +199,14 @@ pub(crate) enum Cmd {
         text: bool,
         data: Bytes,
     },
+}
+
+/// A layer of a layered video produced inside the server (relayed from another node).
+pub(crate) struct LocalLayer {
+    pub board: Arc<LayerBoard>,
+    pub index: usize,
+    /// The count of taps on the whole video (each follows its best layer), for the producer.
+    pub taps: Arc<AtomicUsize>,
 }
 
 /// A track published on this worker (by a client, or by the mixer).
@@ -344,13 +357,25 @@ struct BoardState {
     asked: u32,
     /// When they were last asked.
     told: Option<Instant>,
-    /// The publication, and the connection it came on.
+    /// The publication, and the connection it came on (none for a video produced inside
+    /// the server: nobody to ask for layers, no description to update from here).
     publication: String,
-    peer: u32,
+    peer: Option<u32>,
     /// Taps (the mixer, a recording, another node) on it.
     taps: Vec<LayerTap>,
+    /// Where a local video's producer reads how many taps there are.
+    tap_count: Option<Arc<AtomicUsize>>,
     /// The layers' picture sizes (where known), as last reported.
     sizes: Vec<Option<(u16, u16)>>,
+}
+
+impl BoardState {
+    /// Tells a local video's producer how many taps it has.
+    fn count_taps(&self) {
+        if let Some(c) = &self.tap_count {
+            c.store(self.taps.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// A tap on a layered video: it reads the highest flowing layer, or the one its consumer
@@ -1013,6 +1038,7 @@ impl Worker {
     fn forward(&mut self, track: TrackId, mut packet: rtp::Packet, now: Instant) {
         let Some(t) = self.published.get_mut(&track) else { return };
         let layered = t.meter.as_ref().map(|m| m.board.id);
+        let mut woke = None;
         if let Some(m) = &mut t.meter {
             m.bytes += packet.payload.len() as u64;
             m.frames += u32::from(packet.header.marker);
@@ -1020,7 +1046,17 @@ impl Worker {
             if let Some(size) = m.board.codec.picture_size(&packet.payload) {
                 m.board.set_size(m.index, size);
             }
+            // A relayed layer flows from its first packet (a client's from its track event).
+            if t.publisher.is_none() && !m.board.is_live(m.index) {
+                woke = Some((m.board.clone(), m.index));
+            }
         }
+        if let Some((board, index)) = woke
+            && board.set_live_mask(board.live_mask() | 1 << index)
+        {
+            self.layers_changed(board.id, now);
+        }
+        let Some(t) = self.published.get_mut(&track) else { return };
         // A repeated RTX repair goes to nobody (see `SeenWindow`).
         if !t.active || t.seen.repeat(packet.header.sequence_number) {
             return;
@@ -1072,6 +1108,7 @@ impl Worker {
                 Err(_) => true,
             }
         });
+        state.count_taps();
         if ask {
             self.keyframe(track, self.index, now);
         }
@@ -1085,6 +1122,7 @@ impl Worker {
         let start = b.choose(&LayerChoice::Auto).and_then(|i| b.layers.get(i)).map_or(track, |l| l.track);
         let sel = Selection::new(b, LayerChoice::Auto);
         state.taps.push(LayerTap { id, tx, source: start, sel, rewriter: Rewriter::new(rand::random(), 0) });
+        state.count_taps();
         self.keyframe(start, self.index, now);
     }
 
@@ -1308,8 +1346,8 @@ impl Worker {
                 }
             }
             Cmd::Keyframe { track } => self.keyframe(track, self.index, now),
-            Cmd::Tap { track, id, tx } => {
-                let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id);
+            Cmd::Tap { track, id, tx, exact } => {
+                let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id).filter(|_| !exact);
                 if let Some(board) = layered {
                     self.tap_layers(board, track, id, tx, now);
                 } else if let Some(t) = self.published.get_mut(&track) {
@@ -1325,6 +1363,7 @@ impl Worker {
                 }
                 for state in self.boards.values_mut() {
                     state.taps.retain(|t| t.id != id);
+                    state.count_taps();
                 }
             }
             Cmd::TapLayer { id, choice } => {
@@ -1339,10 +1378,30 @@ impl Worker {
                     self.retarget_layer_taps(board, now);
                 }
             }
-            Cmd::LocalPublish { track, kind, codec, on_keyframe, consumers } => {
+            Cmd::LocalPublish { track, kind, codec, on_keyframe, consumers, layer } => {
                 let mut p = published(kind, codec, self.shared.settings.keyframe_interval);
                 p.on_keyframe = Some(on_keyframe);
                 p.consumers = Some(consumers);
+                if let Some(l) = layer {
+                    // It flows from its first packet on (`forward`), not before.
+                    let last = now.checked_sub(LAYER_TIMEOUT).unwrap_or(now);
+                    p.meter = Some(LayerMeter { board: l.board.clone(), index: l.index, bytes: 0, frames: 0, last });
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.boards.entry(l.board.id) {
+                        let n = l.board.layers.len();
+                        e.insert(BoardState {
+                            board: l.board.clone(),
+                            ranking: Vec::new(),
+                            asked: (1u32 << n) - 1,
+                            told: None,
+                            publication: String::new(),
+                            peer: None,
+                            taps: Vec::new(),
+                            tap_count: Some(l.taps),
+                            sizes: vec![None; n],
+                        });
+                        self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(l.board.id))));
+                    }
+                }
                 self.published.insert(track, p);
             }
             Cmd::LocalUnpublish { track } => self.unpublish(track),
@@ -1734,8 +1793,9 @@ impl Worker {
                     asked: all,
                     told: None,
                     publication: publication.clone(),
-                    peer: id,
+                    peer: Some(id),
                     taps: Vec::new(),
+                    tap_count: None,
                     sizes: vec![None; board.layers.len()],
                 };
                 self.boards.insert(board.id, state);
@@ -1784,7 +1844,7 @@ impl Worker {
         if let Some(state) = self.boards.get_mut(&board_id) {
             if state.sizes != sizes {
                 state.sizes = sizes;
-                resized = Some((state.peer, state.publication.clone()));
+                resized = state.peer.map(|peer| (peer, state.publication.clone()));
                 // Choices by size (a resolution, a mixer's region) may pick another layer now.
                 changed = true;
             }
@@ -1794,13 +1854,16 @@ impl Worker {
             }
             // Asked once the stream is announced (before, the room would not know it), and
             // again while a layer asked for does not flow (the message may have been lost).
-            let ready = self.peers.get(&state.peer).is_some_and(|p| p.publications.iter().any(|s| s.id == state.publication && s.ready));
+            let ready = state
+                .peer
+                .and_then(|peer| self.peers.get(&peer))
+                .is_some_and(|p| p.publications.iter().any(|s| s.id == state.publication && s.ready));
             let unanswered = wanted & !live != 0 && state.told.is_some_and(|t| now.saturating_duration_since(t) >= RETELL);
             if ready && (state.asked != wanted || unanswered) {
                 state.asked = wanted;
                 state.told = Some(now);
                 let rids = board.layers.iter().enumerate().filter(|(i, _)| wanted & 1 << i != 0).map(|(_, l)| l.rid.clone()).collect();
-                tell = Some((state.peer, state.publication.clone(), rids));
+                tell = state.peer.map(|peer| (peer, state.publication.clone(), rids));
             }
         }
         if let Some((peer, publication, rids)) = tell

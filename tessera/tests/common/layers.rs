@@ -1,0 +1,77 @@
+//! Checks of a subscriber's simulcast video: continuity across layer switches, every
+//! frame decodable, and which layer (size and colour) each picture came from.
+
+use std::time::{Duration, Instant};
+
+use tessera_client::peer::Subscriber;
+
+/// A layered subscriber's video, checked: sequence numbers without a gap, timestamps never
+/// going back, picture ids one per frame going up by one (across layer switches too), the
+/// first packet a keyframe, and every frame decodable (`switches` frames at most may be
+/// cut short where the old layer was left mid-frame). Returns each decoded picture's size
+/// and the name of its colour.
+pub fn check_layered_video(sub: &Subscriber, switches: usize) -> Vec<(usize, usize, &'static str)> {
+    use tessera_webrtc_agent::simulcast::{vp8_keyframe_size, vp8_picture_id};
+    let packets = sub.packets("video");
+    assert!(!packets.is_empty(), "no video");
+    assert!(
+        vp8_keyframe_size(&packets[0].payload).is_some(),
+        "the first packet does not start a keyframe: {:02x?}",
+        packets
+            .iter()
+            .take(4)
+            .map(|p| (p.header.sequence_number, p.header.timestamp, p.arrived_us, p.payload.get(..12).unwrap_or_default().to_vec()))
+            .collect::<Vec<_>>()
+    );
+    for w in packets.windows(2) {
+        let (a, b) = (&w[0].header, &w[1].header);
+        assert_eq!(b.sequence_number, a.sequence_number.wrapping_add(1), "a gap in the sequence");
+        assert!(b.timestamp.wrapping_sub(a.timestamp) < 0x8000_0000, "timestamp went back: {} -> {}", a.timestamp, b.timestamp);
+        let (pa, pb) = (vp8_picture_id(&w[0].payload).expect("picture id"), vp8_picture_id(&w[1].payload).expect("picture id"));
+        if a.timestamp == b.timestamp {
+            assert_eq!(pa, pb, "one picture id per frame");
+        } else {
+            assert_eq!(pb, (pa + 1) & 0x7fff, "picture ids jump from {pa} to {pb}");
+        }
+    }
+    let sent = packets.iter().filter(|p| p.header.marker).count();
+    let frames = tessera_client::media::decode_vp8(&packets).unwrap();
+    assert!(frames.len() <= sent && frames.len() + switches + 1 >= sent, "{} of {sent} frames decoded", frames.len());
+    frames.iter().map(picture).collect()
+}
+
+/// A decoded picture's size and the name of its (solid) colour.
+pub fn picture(f: &tessera_client::media::Frame) -> (usize, usize, &'static str) {
+    let name = match f.around(f.width / 2, f.height / 2) {
+        (r, g, b) if r > 150 && g <= 150 && b <= 150 => "red",
+        (r, g, b) if r <= 150 && g > 150 && b <= 150 => "green",
+        (r, g, b) if r <= 150 && g <= 150 && b > 150 => "blue",
+        _ => "other",
+    };
+    (f.width, f.height, name)
+}
+
+/// Runs of equal items, in order.
+pub fn runs<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for i in items {
+        if out.last() != Some(i) {
+            out.push(*i);
+        }
+    }
+    out
+}
+
+/// Waits until the subscriber's last decoded picture is `want` (size and colour).
+pub async fn wait_for_picture(sub: &Subscriber, want: (usize, usize, &'static str), within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let packets = sub.packets("video");
+        let last = tessera_client::media::decode_vp8(&packets).unwrap().last().map(picture);
+        if last == Some(want) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "no {want:?} picture within {within:?}; last {last:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
