@@ -86,6 +86,9 @@ pub struct LocalTrack {
     /// A simulcast layer's RID: the video tracks with one are the layers of one layered
     /// video, in the order given (a stream relayed from another node with its layers).
     pub rid: Option<String>,
+    /// For a layer: told whether anyone here needs it now (called on a media thread: it
+    /// must not block), so that its producer may stop sending it; `None` to send regardless.
+    pub on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
 }
 
 /// Streams as the media nodes inside the server take and offer them.
@@ -121,6 +124,10 @@ pub trait StreamSource: Send + Sync {
     fn takes_layers(&self) -> bool {
         false
     }
+    /// Stops (`idle`) or starts again a tap's packets; an idle tap does not count as a
+    /// reader of its track (a relayed layer nobody on the importing node takes, so that
+    /// the publisher may pause it). Sources that cannot ignore it.
+    fn set_tap_idle(&self, _stream: &str, _kind: MediaKind, _sink_id: u64, _idle: bool) {}
     /// The room a stream (forward or produced inside the server) belongs to.
     fn stream_room(&self, stream: &str) -> Option<RoomId>;
     /// Registers a stream produced inside the server so clients and other media nodes

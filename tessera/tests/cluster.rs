@@ -927,6 +927,69 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     assert_eq!(runs(&check_layered_video(&h, 0)), [H], "a subscriber of another layer is not disturbed");
 }
 
+/// Layers that no subscriber on another node takes are paused at the publisher, as they
+/// are for subscribers on its own node: the importing node tells the origin which relayed
+/// layers it needs (its keepalives), and the origin counts only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulcast_layers_nobody_takes_on_another_node_are_paused() {
+    use common::layers::{asked_layers, check_layered_video, runs, wait_for_picture};
+    use tessera_client::peer::Subscriber;
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
+    if !common::in_own_netns("simulcast_layers_nobody_takes_on_another_node_are_paused") {
+        return;
+    }
+    const H: (usize, usize, &str) = (320, 240, "green");
+    const F: (usize, usize, &str) = (640, 480, "red");
+    let nats = Nats::start();
+    let url = nats.url();
+    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
+    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
+    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
+    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
+    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+
+    let room = p.new_room(serde_json::json!({"views": []})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
+    let id = publisher.stream_id.clone();
+    wait_transports(&p, "n1", 1).await;
+    assert_eq!(asked_layers(&mut psig, &id, &publisher).await, ["q"], "nobody takes it");
+    // Asked until the publisher is told `want`, acting on each message as the JS client does.
+    let until = async |psig: &mut tessera_client::signaling::Signaling, want: &[&str]| {
+        let mut seen = Vec::new();
+        loop {
+            let got = asked_layers(psig, &id, &publisher).await;
+            seen.push(got.clone());
+            if got == want {
+                return seen;
+            }
+            assert!(seen.len() < 5, "the publisher was never told {want:?}: {seen:?}");
+        }
+    };
+    // A subscriber by RID h on n2: the layers up to h, not f, however the import began.
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let h = Subscriber::start_video(&mut ssig, &format!("{id}-video-h"), Value::Null).await.unwrap();
+    wait_transports(&p, "n2", 1).await;
+    println!("h on n2: {:?}", until(&mut psig, &["q", "h"]).await);
+    wait_for_picture(&h, H, Duration::from_secs(5)).await;
+    // A subscriber by RID q on n1 changes nothing; one on `auto` on n2 may want any: f
+    // comes back, and it reaches f.
+    let _q = Subscriber::start_video(&mut ssig, &format!("{id}-video-q"), Value::Null).await.unwrap();
+    wait_transports(&p, "n1", 2).await;
+    let auto = Subscriber::start_video(&mut ssig, &id, Value::Null).await.unwrap();
+    wait_transports(&p, "n2", 2).await;
+    println!("auto on n2: {:?}", until(&mut psig, &["q", "h", "f"]).await);
+    wait_for_picture(&auto, F, Duration::from_secs(8)).await;
+    // It leaves: f is paused again; h's subscriber goes on undisturbed.
+    ssig.ok("unsubscribe", Some(serde_json::json!({"id": auto.id}))).await.unwrap();
+    println!("auto gone: {:?}", until(&mut psig, &["q", "h"]).await);
+    let before = h.packets("video").len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.packets("video").len() > before + 20, "h's subscriber stalled");
+    let h_runs = runs(&check_layered_video(&h, 1));
+    assert!(h_runs == [H] || h_runs == [(160, 120, "blue"), H], "{h_runs:?}");
+}
+
 /// The cluster issue's three-node test: each node in a network namespace of its own on a
 /// bridge (127.0.2.x; `common::bridge`), NATS and the test's clients at 127.0.2.254.
 /// Node 1 runs the portal and an SFU, node 2 an SFU, node 3 the mixer and recorder

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::layers::{check_layered_video, runs, wait_for_picture};
+use common::layers::{asked_layers, check_layered_video, runs, wait_for_picture};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1152,22 +1152,6 @@ async fn simulcast_auto_follows_the_subscribers_bandwidth() {
             assert!(pb.wrapping_sub(pa) & 0x7fff < 0x4000, "picture id went back: {pa} -> {pb}");
         }
     }
-}
-
-/// The next `video.layers` update the server sends the publisher of `stream`; the test
-/// acts on it as Tessera's JS client does (the other layers stop being sent).
-async fn asked_layers(psig: &mut Signaling, stream: &str, p: &tessera_client::simulcast::SimulcastPublisher) -> Vec<String> {
-    let n = psig
-        .wait_for("video.layers", Duration::from_secs(5), |n| {
-            n.event == "stream" && n.data["id"] == stream && n.data["data"]["field"] == "video.layers"
-        })
-        .await
-        .unwrap();
-    let active: Vec<String> = n.data["data"]["value"]["active"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect();
-    for rid in ["q", "h", "f"] {
-        p.stop_layer(rid, !active.iter().any(|a| a == rid));
-    }
-    active
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -215,7 +215,11 @@ mod tests {
         let on_keyframe = Arc::new(move || {
             k.fetch_add(1, Ordering::Relaxed);
         });
-        let sinks = streams.publish_local("r", "r-common", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None }]);
+        let sinks = streams.publish_local(
+            "r",
+            "r-common",
+            vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None }],
+        );
         assert_eq!(streams.stream_room("r-common").as_ref().map(|r| r.as_str()), Some("r"));
         assert!(streams.tap("r-common", MediaKind::Audio).is_none());
         assert!(!sinks[0].has_consumers());

@@ -31,7 +31,7 @@ mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,9 @@ struct InChannel {
     gaps: GapDetector,
     /// When the exporter was last heard on this channel (a packet or its keepalive).
     heard: Instant,
+    /// Whether a consumer here needs the channel's packets now (a layer nobody takes is
+    /// kept, but the exporter sends nothing: see [`Kind::Keepalive`]).
+    wanted: Arc<AtomicBool>,
 }
 
 /// A stream brought here from another node.
@@ -162,6 +165,10 @@ struct OutChannel {
     stream: String,
     /// The simulcast layer it carries (keyframe requests name it).
     rid: Option<String>,
+    kind: MediaKind,
+    /// The tap it reads, and whether the importer said it needs nothing now.
+    sink_id: u64,
+    idle: bool,
     nacks: mpsc::Sender<Vec<u16>>,
     /// Milliseconds since the relay started when the importer was last heard.
     heard_ms: Arc<AtomicU64>,
@@ -433,7 +440,8 @@ impl Relay {
     ) -> ExportedTrack {
         let (nacks, nack_rx) = mpsc::channel(16);
         let heard_ms = Arc::new(AtomicU64::new(self.now_ms()));
-        let out = OutChannel { stream: stream.to_string(), rid: rid.clone(), nacks, heard_ms: heard_ms.clone() };
+        let out =
+            OutChannel { stream: stream.to_string(), rid: rid.clone(), kind, sink_id: tap.sink_id, idle: false, nacks, heard_ms: heard_ms.clone() };
         if let Some(old) = self.exports.lock().unwrap_or_else(|p| p.into_inner()).insert((to, channel), out) {
             debug!(stream = %old.stream.escape_debug(), "an export channel was asked for again; the old one ends");
         }
@@ -528,7 +536,8 @@ impl Relay {
             Kind::Keyframe | Kind::Nack | Kind::Keepalive | Kind::Stop => {
                 let key = (src, frame.channel);
                 let mut exports = self.exports.lock().unwrap_or_else(|p| p.into_inner());
-                let keyframe_of = match exports.get(&key) {
+                let mut idle_now = None;
+                let keyframe_of = match exports.get_mut(&key) {
                     None => {
                         self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                         drop(exports);
@@ -549,6 +558,15 @@ impl Relay {
                                 let _ = out.nacks.try_send(wire::nack_seqs(frame.body).collect());
                                 None
                             }
+                            Kind::Keepalive => {
+                                // `[0]`: kept, but nobody there needs the packets now.
+                                let idle = frame.body.first() == Some(&0);
+                                if idle != out.idle {
+                                    out.idle = idle;
+                                    idle_now = Some((out.stream.clone(), out.kind, out.sink_id, idle));
+                                }
+                                None
+                            }
                             _ => None,
                         }
                     }
@@ -562,6 +580,10 @@ impl Relay {
                     Some((stream, Some(rid))) => self.local.request_layer_keyframe(&stream, &rid),
                     Some((stream, None)) => self.local.request_keyframe(&stream),
                     None => {}
+                }
+                if let Some((stream, kind, sink_id, idle)) = idle_now {
+                    debug!(stream = %stream.escape_debug(), channel = frame.channel, idle, "the importer's need of a relayed track changed");
+                    self.local.set_tap_idle(&stream, kind, sink_id, idle);
                 }
             }
         }
@@ -630,7 +652,22 @@ impl Relay {
             ExportRequest { room: room.clone(), stream: stream.to_string(), to: self.addr, auth: self.key.is_some(), channels, layer_channels };
         let reply = self.control.ask(&request).await?;
         let mut tracks = Vec::new();
+        let mut wanted = Vec::new();
         for t in &reply.tracks {
+            let want = Arc::new(AtomicBool::new(true));
+            wanted.push(want.clone());
+            // A layer nobody here takes is not sent (the exporter's tap idles, and its
+            // publisher may pause it); said at once, and with every keepalive after.
+            let on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>> = t.rid.as_ref().map(|_| {
+                let (me, channel, to) = (self.me.clone(), t.channel, reply.from);
+                Arc::new(move |w: bool| {
+                    if want.swap(w, Ordering::Relaxed) != w
+                        && let Some(relay) = me.upgrade()
+                    {
+                        relay.send_control(Kind::Keepalive, channel, &[u8::from(w)], to);
+                    }
+                }) as Arc<dyn Fn(bool) + Send + Sync>
+            });
             let on_keyframe: Arc<dyn Fn() + Send + Sync> = match t.kind {
                 MediaKind::Video => {
                     let (me, channel, to) = (self.me.clone(), t.channel, reply.from);
@@ -642,18 +679,19 @@ impl Relay {
                 }
                 MediaKind::Audio => Arc::new(|| {}),
             };
-            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe, rid: t.rid.clone() });
+            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe, rid: t.rid.clone(), on_wanted });
         }
         let sinks = self.local.publish_local(room.as_str(), stream, tracks);
         {
             let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
-            for (t, sink) in reply.tracks.iter().zip(&sinks) {
+            for ((t, sink), wanted) in reply.tracks.iter().zip(&sinks).zip(wanted) {
                 let c = InChannel {
                     stream: stream.to_string(),
                     from: reply.from,
                     sink: sink.clone(),
                     gaps: GapDetector::default(),
                     heard: Instant::now(),
+                    wanted,
                 };
                 imports.by_channel.insert(t.channel, c);
             }
@@ -712,11 +750,11 @@ async fn keep_imports(relay: Weak<Relay>) {
                     idle.push(stream.clone());
                     continue;
                 }
-                keep.extend(import.channels.iter().map(|c| (*c, import.from)));
+                keep.extend(import.channels.iter().map(|c| (*c, import.from, by_channel.get(c).is_none_or(|c| c.wanted.load(Ordering::Relaxed)))));
             }
         }
-        for (channel, to) in keep {
-            relay.send_control(Kind::Keepalive, channel, &[], to);
+        for (channel, to, wanted) in keep {
+            relay.send_control(Kind::Keepalive, channel, &[u8::from(wanted)], to);
         }
         for stream in idle {
             relay.end_import(&stream, true, true);

@@ -69,7 +69,8 @@ fn pair(secrets: (Option<&[u8]>, Option<&[u8]>), via: Option<SocketAddr>) -> Pai
     let on_keyframe = Arc::new(move || {
         k.fetch_add(1, Ordering::Relaxed);
     });
-    let sink = from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None }]).remove(0);
+    let sink =
+        from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None }]).remove(0);
     let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
     let exporter = Relay::new(nobody, socket(), secrets.0, from.clone()).unwrap();
     let into = LocalStreams::new();
@@ -264,6 +265,9 @@ async fn an_import_ends_when_its_exporter_goes_silent() {
 /// [`LocalStreams`] (which knows no layers itself); `s`'s top layer is `f`.
 struct ThreeLayers {
     streams: Arc<LocalStreams>,
+    /// The layer taps made (RID, tap id) and the idle calls (tap id, idle), in order.
+    tapped: Mutex<Vec<(String, u64)>>,
+    idles: Mutex<Vec<(u64, bool)>>,
 }
 
 const RIDS: [&str; 3] = ["q", "h", "f"];
@@ -295,7 +299,12 @@ impl StreamSource for ThreeLayers {
         RIDS.iter().map(|r| r.to_string()).collect()
     }
     fn tap_layer(&self, stream: &str, rid: &str) -> Option<tessera_core::media::Tap> {
-        self.streams.tap(&format!("{stream}/{rid}"), MediaKind::Video)
+        let tap = self.streams.tap(&format!("{stream}/{rid}"), MediaKind::Video)?;
+        self.tapped.lock().unwrap().push((rid.to_string(), tap.sink_id));
+        Some(tap)
+    }
+    fn set_tap_idle(&self, _stream: &str, _kind: MediaKind, sink_id: u64, idle: bool) {
+        self.idles.lock().unwrap().push((sink_id, idle));
     }
     fn request_layer_keyframe(&self, stream: &str, rid: &str) {
         self.streams.request_keyframe(&format!("{stream}/{rid}"));
@@ -314,6 +323,7 @@ struct Given {
     rid: Option<String>,
     kept: Arc<Mutex<Vec<Vec<u8>>>>,
     on_keyframe: Arc<dyn Fn() + Send + Sync>,
+    on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
 }
 
 struct KeptSink(Arc<Mutex<Vec<Vec<u8>>>>);
@@ -342,7 +352,7 @@ impl StreamSource for Keeps {
             .into_iter()
             .map(|t| {
                 let kept = Arc::new(Mutex::new(Vec::new()));
-                given.push(Given { rid: t.rid, kept: kept.clone(), on_keyframe: t.on_keyframe });
+                given.push(Given { rid: t.rid, kept: kept.clone(), on_keyframe: t.on_keyframe, on_wanted: t.on_wanted });
                 Arc::new(KeptSink(kept)) as Arc<dyn RtpSink>
             })
             .collect()
@@ -369,13 +379,13 @@ async fn a_simulcast_video_crosses_layer_by_layer() {
             let on_keyframe = Arc::new(move || {
                 k.fetch_add(1, Ordering::Relaxed);
             });
-            let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None };
+            let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None };
             sinks.push(streams.publish_local("r", &format!("s/{rid}"), vec![track]).remove(0));
             keyframes.push(count);
         }
-        let origin = Arc::new(ThreeLayers { streams });
+        let origin = Arc::new(ThreeLayers { streams, tapped: Mutex::default(), idles: Mutex::default() });
         let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
-        let exporter = Relay::new(nobody, socket(), None, origin).unwrap();
+        let exporter = Relay::new(nobody, socket(), None, origin.clone()).unwrap();
         let into = Arc::new(Keeps { layers: takes_layers, given: Mutex::default() });
         let control = Arc::new(Direct { exporter: Arc::downgrade(&exporter), via: None });
         let importer = Relay::new(control, socket(), None, into.clone()).unwrap();
@@ -424,6 +434,29 @@ async fn a_simulcast_video_crosses_layer_by_layer() {
             tokio::time::sleep(Duration::from_millis(400)).await;
             let after: Vec<usize> = keyframes.iter().map(|k| k.load(Ordering::Relaxed)).collect();
             assert_eq!((after[0], after[2]), (before[0], before[2]), "q and f were not asked");
+            // Nobody on the importer needs f: its tap at the origin idles (so the
+            // publisher may pause it), said once however often it is repeated; then f is
+            // needed again.
+            let f_tap = origin.tapped.lock().unwrap().iter().find(|(rid, _)| rid == "f").map(|t| t.1).unwrap();
+            let f_wanted = into.given.lock().unwrap()[2].on_wanted.clone().expect("a layer says whether it is needed");
+            assert!(into.given.lock().unwrap().iter().all(|g| g.on_wanted.is_some()));
+            f_wanted(false);
+            f_wanted(false);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while origin.idles.lock().unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "f's tap was not idled");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Keepalives (every second) repeat the state; it is passed on once.
+            tokio::time::sleep(KEEPALIVE + Duration::from_millis(300)).await;
+            assert_eq!(*origin.idles.lock().unwrap(), [(f_tap, true)]);
+            f_wanted(true);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while origin.idles.lock().unwrap().len() < 2 {
+                assert!(Instant::now() < deadline, "f's tap was not woken");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(*origin.idles.lock().unwrap(), [(f_tap, true), (f_tap, false)]);
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_client::peer::Subscriber;
+use tessera_client::signaling::Signaling;
 
 /// A layered subscriber's video, checked: sequence numbers without a gap, timestamps never
 /// going back, picture ids one per frame going up by one (across layer switches too), the
@@ -74,4 +75,20 @@ pub async fn wait_for_picture(sub: &Subscriber, want: (usize, usize, &'static st
         assert!(start.elapsed() < within, "no {want:?} picture within {within:?}; last {last:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The next `video.layers` update the server sends the publisher of `stream`; the test
+/// acts on it as Tessera's JS client does (the other layers stop being sent).
+pub async fn asked_layers(psig: &mut Signaling, stream: &str, p: &tessera_client::simulcast::SimulcastPublisher) -> Vec<String> {
+    let n = psig
+        .wait_for("video.layers", Duration::from_secs(5), |n| {
+            n.event == "stream" && n.data["id"] == stream && n.data["data"]["field"] == "video.layers"
+        })
+        .await
+        .unwrap();
+    let active: Vec<String> = n.data["data"]["value"]["active"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect();
+    for rid in ["q", "h", "f"] {
+        p.stop_layer(rid, !active.iter().any(|a| a == rid));
+    }
+    active
 }

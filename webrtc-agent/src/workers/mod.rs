@@ -1004,6 +1004,13 @@ impl StreamSource for WorkerAgent {
         true
     }
 
+    fn set_tap_idle(&self, stream: &str, _kind: MediaKind, sink_id: u64, idle: bool) {
+        let worker = self.shared.lock().publications.get(stream).map(|p| p.worker);
+        if let Some(worker) = worker {
+            self.shared.send_to(worker, Cmd::TapIdle { id: sink_id, idle });
+        }
+    }
+
     fn request_keyframe(&self, stream: &str) {
         self.keyframe_for(stream);
     }
@@ -1067,7 +1074,12 @@ impl StreamSource for WorkerAgent {
                     (self.shared.next_track(), c.clone(), vec![c])
                 }
             };
-            let local_layer = layer.as_ref().map(|(b, i)| worker::LocalLayer { board: b.clone(), index: *i, taps: board_taps.clone() });
+            let local_layer = layer.as_ref().map(|(b, i)| worker::LocalLayer {
+                board: b.clone(),
+                index: *i,
+                taps: board_taps.clone(),
+                on_wanted: t.on_wanted.clone(),
+            });
             let first_layer = layer.as_ref().is_some_and(|(_, i)| *i == 0);
             self.shared.send_to(
                 worker,
@@ -1170,7 +1182,7 @@ mod tests {
         let sinks = source.publish_local(
             "r",
             "r-common",
-            vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}), rid: None }],
+            vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}), rid: None, on_wanted: None }],
         );
         assert_eq!(sinks.len(), 1);
         assert!(!sinks[0].has_consumers());

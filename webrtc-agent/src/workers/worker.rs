@@ -163,6 +163,12 @@ pub(crate) enum Cmd {
         track: TrackId,
         id: u64,
     },
+    /// A tap stops (`idle`) or starts again reading its track: an idle tap gets no packets
+    /// and does not count as a reader (a relayed layer nobody on the other node takes).
+    TapIdle {
+        id: u64,
+        idle: bool,
+    },
     /// A tap on a layered video reads another layer (see [`LayerTap`]).
     TapLayer {
         id: u64,
@@ -207,6 +213,15 @@ pub(crate) struct LocalLayer {
     pub index: usize,
     /// The count of taps on the whole video (each follows its best layer), for the producer.
     pub taps: Arc<AtomicUsize>,
+    /// Told whether anyone here needs the layer (its producer may stop sending it).
+    pub on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+}
+
+/// A tap on one track: its packets, unless idle.
+struct TrackTap {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    idle: bool,
 }
 
 /// A track published on this worker (by a client, or by the mixer).
@@ -220,7 +235,7 @@ struct Published {
     subscribers: Vec<(u32, u32)>,
     /// Other workers with subscribers (each gets one copy per packet).
     workers: Vec<usize>,
-    taps: Vec<(u64, mpsc::Sender<Bytes>)>,
+    taps: Vec<TrackTap>,
     throttle: KeyframeThrottle,
     pli_due: Option<Instant>,
     seen: SeenWindow,
@@ -230,6 +245,8 @@ struct Published {
     consumers: Option<Arc<AtomicUsize>>,
     /// A simulcast layer's measurements (bytes since the last tick, last packet).
     meter: Option<LayerMeter>,
+    /// A relayed layer's producer, told whether anyone here needs it.
+    on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
 }
 
 /// What the publisher's worker measures of one simulcast layer between two ticks.
@@ -465,7 +482,7 @@ enum LegNote {
 
 impl Published {
     fn consumer_count(&self) -> usize {
-        self.subscribers.len() + self.workers.len() + self.taps.len()
+        self.subscribers.len() + self.workers.len() + self.taps.iter().filter(|t| !t.idle).count()
     }
 }
 
@@ -1067,11 +1084,11 @@ impl Worker {
                 out.push((track, packet.clone()));
             }
         }
-        if !t.taps.is_empty()
+        if t.taps.iter().any(|tap| !tap.idle)
             && let Ok(bytes) = packet.marshal()
         {
             let bytes = bytes.freeze();
-            t.taps.retain(|(_, tx)| !matches!(tx.try_send(bytes.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+            t.taps.retain(|tap| tap.idle || !matches!(tap.tx.try_send(bytes.clone()), Err(mpsc::error::TrySendError::Closed(_))));
         }
         deliver(&mut self.peers, &mut self.dirty, &t.subscribers, track, &packet, now, &mut self.notes);
         self.follow_notes(now);
@@ -1351,19 +1368,27 @@ impl Worker {
                 if let Some(board) = layered {
                     self.tap_layers(board, track, id, tx, now);
                 } else if let Some(t) = self.published.get_mut(&track) {
-                    t.taps.push((id, tx));
+                    t.taps.push(TrackTap { id, tx, idle: false });
                     update_consumers(t);
                     self.keyframe(track, self.index, now);
                 }
             }
             Cmd::Untap { track, id } => {
                 if let Some(t) = self.published.get_mut(&track) {
-                    t.taps.retain(|(i, _)| *i != id);
+                    t.taps.retain(|tap| tap.id != id);
                     update_consumers(t);
                 }
                 for state in self.boards.values_mut() {
                     state.taps.retain(|t| t.id != id);
                     state.count_taps();
+                }
+            }
+            Cmd::TapIdle { id, idle } => {
+                for t in self.published.values_mut() {
+                    if let Some(tap) = t.taps.iter_mut().find(|tap| tap.id == id) {
+                        tap.idle = idle;
+                        update_consumers(t);
+                    }
                 }
             }
             Cmd::TapLayer { id, choice } => {
@@ -1386,6 +1411,7 @@ impl Worker {
                     // It flows from its first packet on (`forward`), not before.
                     let last = now.checked_sub(LAYER_TIMEOUT).unwrap_or(now);
                     p.meter = Some(LayerMeter { board: l.board.clone(), index: l.index, bytes: 0, frames: 0, last });
+                    p.on_wanted = l.on_wanted;
                     if let std::collections::hash_map::Entry::Vacant(e) = self.boards.entry(l.board.id) {
                         let n = l.board.layers.len();
                         e.insert(BoardState {
@@ -1835,10 +1861,13 @@ impl Worker {
         let ranking = board.ranked_all();
         let mut changed = board.set_live_mask(live);
         // What the publisher should send: a layer nobody takes costs it upload for nothing.
-        let reads = |track: TrackId| self.published.get(&track).map_or((false, false), |t| (t.consumer_count() > 0, !t.taps.is_empty()));
-        let tapped = board.layers.iter().any(|l| reads(l.track).1) || self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
-        let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track).0));
+        // A tap on the whole video (a recording, the mixer) may want any layer; a tap on one
+        // layer (a relay to another node, while that node needs it) reads that layer.
+        let reads = |track: TrackId| self.published.get(&track).is_some_and(|t| t.consumer_count() > 0);
+        let tapped = self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
+        let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track)));
         let mut tell = None;
+        let mut tell_producer = None;
         let sizes: Vec<Option<(u16, u16)>> = (0..board.layers.len()).map(|i| board.size(i)).collect();
         let mut resized = None;
         if let Some(state) = self.boards.get_mut(&board_id) {
@@ -1864,6 +1893,17 @@ impl Worker {
                 state.told = Some(now);
                 let rids = board.layers.iter().enumerate().filter(|(i, _)| wanted & 1 << i != 0).map(|(_, l)| l.rid.clone()).collect();
                 tell = state.peer.map(|peer| (peer, state.publication.clone(), rids));
+            }
+            // A relayed video's producer (the relay, which repeats it to the origin) hears
+            // of each layer whose need changed.
+            if state.peer.is_none() && state.asked != wanted {
+                tell_producer = Some(state.asked ^ wanted);
+                state.asked = wanted;
+            }
+        }
+        for (i, layer) in board.layers.iter().enumerate().filter(|(i, _)| tell_producer.is_some_and(|bits| bits & 1 << i != 0)) {
+            if let Some(on_wanted) = self.published.get(&layer.track).and_then(|t| t.on_wanted.as_ref()) {
+                on_wanted(wanted & 1 << i != 0);
             }
         }
         if let Some((peer, publication, rids)) = tell
@@ -2323,6 +2363,7 @@ fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -
         active: true,
         consumers: None,
         meter: None,
+        on_wanted: None,
     }
 }
 
