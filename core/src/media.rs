@@ -86,10 +86,23 @@ pub struct LocalTrack {
     /// A simulcast layer's RID: the video tracks with one are the layers of one layered
     /// video, in the order given (a stream relayed from another node with its layers).
     pub rid: Option<String>,
-    /// For a layer: told whether anyone here needs it now (called on a media thread: it
-    /// must not block), so that its producer may stop sending it; `None` to send regardless.
-    pub on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    /// Told what this node's consumers need of the track (called on a media thread: it
+    /// must not block), so that its producer sends only that; `None` to send regardless.
+    pub on_need: Option<NeedFn>,
 }
+
+/// What the consumers on a node need of a track produced on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// Whether anyone needs this layer of a layered video now (a layer nobody needs may be
+    /// paused at its publisher).
+    Layer(bool),
+    /// The layer the consumers of a layered video relayed one layer at a time agree on.
+    Choice(LayerChoice),
+}
+
+/// Where a track's consumers tell its producer what they [`Need`].
+pub type NeedFn = Arc<dyn Fn(Need) + Send + Sync>;
 
 /// Streams as the media nodes inside the server take and offer them.
 pub trait StreamSource: Send + Sync {

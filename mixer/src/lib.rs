@@ -240,7 +240,7 @@ impl Mixer {
         let weak_view: Arc<Mutex<Weak<ViewMix>>> = Arc::new(Mutex::new(Weak::new()));
         let mut tracks = Vec::new();
         if config.audio.is_some() {
-            tracks.push(LocalTrack { kind: MediaKind::Audio, codec: opus_codec(), on_keyframe: Arc::new(|| {}), rid: None, on_wanted: None });
+            tracks.push(LocalTrack { kind: MediaKind::Audio, codec: opus_codec(), on_keyframe: Arc::new(|| {}), rid: None, on_need: None });
         }
         if let Some(v) = &config.video {
             let w = weak_view.clone();
@@ -252,7 +252,7 @@ impl Mixer {
                     p.force_keyframe();
                 }
             });
-            tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe, rid: None, on_wanted: None });
+            tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe, rid: None, on_need: None });
         }
         let kinds: Vec<MediaKind> = tracks.iter().map(|t| t.kind).collect();
         let sinks = self.source.publish_local(room, &id, tracks);

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::mix::{is, quadrants, wait_for_mix};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,24 +17,6 @@ const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip
 
 async fn join(s: &common::Server, room: &str, user: &str) -> Signaling {
     s.join(room, user).await.0
-}
-
-fn is(c: (u8, u8, u8), want: &str) -> bool {
-    let (r, g, b) = (i32::from(c.0), i32::from(c.1), i32::from(c.2));
-    match want {
-        "red" => r > 150 && g < 90 && b < 90,
-        "blue" => b > 150 && r < 90 && g < 90,
-        "green" => g > 150 && r < 90 && b < 90,
-        "yellow" => r > 150 && g > 150 && b < 90,
-        "black" => r < 50 && g < 50 && b < 50,
-        _ => false,
-    }
-}
-
-/// Colour at the centre of each quadrant of a 2×2 fluid layout.
-fn quadrants(f: &Frame) -> [(u8, u8, u8); 4] {
-    let (w, h) = (f.width, f.height);
-    [f.around(w / 4, h / 4), f.around(3 * w / 4, h / 4), f.around(w / 4, 3 * h / 4), f.around(3 * w / 4, 3 * h / 4)]
 }
 
 fn snapshot(log: &std::sync::Mutex<Vec<Received>>) -> Vec<Received> {
@@ -177,20 +161,6 @@ async fn mixed_view_composes_colours_and_tones_follows_layout_changes() {
     assert!(is(q[0], "blue"), "blue stays: {q:?}");
     assert!(is(q[1], "black"), "the leaver's region is background: {q:?}");
     garbage.await.unwrap();
-}
-
-/// Waits until the mix's newest frame passes `test`; returns how long that took.
-async fn wait_for_mix(sub: &Subscriber, within: Duration, what: &str, test: impl Fn(&Frame) -> bool) -> Duration {
-    let start = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let frames = decode_vp8(&snapshot(&sub.received)).unwrap();
-        if frames.last().is_some_and(&test) {
-            return start.elapsed();
-        }
-        let last = frames.last().map(quadrants);
-        assert!(start.elapsed() < within, "{what}: not within {within:?}; quadrants of the last frame {last:?}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,8 +9,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tessera_core::agent::MediaKind;
-use tessera_core::media::{CodecInfo, LocalTrack, RtpReceiver, RtpSink, StreamSource, Tap};
+use tessera_core::agent::{LayerChoice, MediaKind};
+use tessera_core::media::{CodecInfo, LocalTrack, Need, NeedFn, RtpReceiver, RtpSink, StreamSource, Tap};
 use tessera_core::typed_ids::RoomId;
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -26,6 +26,12 @@ struct Fanout {
     on_keyframe: Arc<dyn Fn() + Send + Sync>,
     taps: Mutex<Vec<(u64, mpsc::Sender<Bytes>)>>,
     keyframes: Mutex<KeyframeThrottle>,
+    /// Where the producer of a layered video (relayed one layer at a time) hears which layer
+    /// the taps agree on.
+    on_need: Option<NeedFn>,
+    /// The layer each tap chose (a tap that chose none wants the top one), and the one
+    /// last told.
+    choices: Mutex<(HashMap<u64, LayerChoice>, LayerChoice)>,
 }
 
 impl RtpSink for Fanout {
@@ -53,6 +59,23 @@ impl RtpSink for Fanout {
 }
 
 impl Fanout {
+    /// Tells the producer the layer the taps now agree on, if that changed.
+    fn retell(&self) {
+        let Some(on_need) = &self.on_need else { return };
+        let ids: Vec<u64> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, _)| *id).collect();
+        let agreed = {
+            let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
+            choices.0.retain(|id, _| ids.contains(id));
+            let agreed = agreed(ids.iter().map(|id| choices.0.get(id).cloned().unwrap_or_default()));
+            if agreed == choices.1 {
+                return;
+            }
+            choices.1 = agreed.clone();
+            agreed
+        };
+        on_need(Need::Choice(agreed));
+    }
+
     /// Asks the producer for a keyframe, at most once per [`KEYFRAME_INTERVAL`]: a request
     /// inside the window is deferred to its end, never dropped. The producer's callback
     /// runs on a blocking thread (the mixer's takes its locks and the encoder's).
@@ -86,6 +109,24 @@ impl Fanout {
             Err(_) => fire(),
         }
     }
+}
+
+/// One layer for several consumers of a layered video: theirs when they agree; the
+/// largest region when each fills one (a mixer's views); else the top layer (a recording
+/// wants it, and it serves everyone).
+fn agreed(choices: impl Iterator<Item = LayerChoice>) -> LayerChoice {
+    let mut out: Option<LayerChoice> = None;
+    for c in choices {
+        out = Some(match (out, c) {
+            (None, c) => c,
+            (Some(LayerChoice::Fill { width: a, height: b }), LayerChoice::Fill { width: c, height: d }) => {
+                LayerChoice::Fill { width: a.max(c), height: b.max(d) }
+            }
+            (Some(a), c) if a == c => a,
+            _ => return LayerChoice::Auto,
+        });
+    }
+    out.unwrap_or_default()
 }
 
 /// Keyframe requests to one producer are at most this frequent.
@@ -140,9 +181,10 @@ impl StreamSource for LocalStreams {
         let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(TAP_QUEUE);
         track.taps.lock().unwrap_or_else(|p| p.into_inner()).push((id, tx));
-        // A new consumer starts with a picture.
+        // A new consumer starts with a picture (and in the top layer until it chooses).
         if kind == MediaKind::Video {
             track.keyframe();
+            track.retell();
         }
         Some(Tap { codec: track.codec.clone(), sink_id: id, packets: Box::new(TapRx(rx)) })
     }
@@ -150,6 +192,14 @@ impl StreamSource for LocalStreams {
     fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
         if let Some(track) = self.track(stream, kind) {
             track.taps.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != sink_id);
+            track.retell();
+        }
+    }
+
+    fn set_tap_layer(&self, stream: &str, kind: MediaKind, sink_id: u64, layer: LayerChoice) {
+        if let Some(track) = self.track(stream, kind) {
+            track.choices.lock().unwrap_or_else(|p| p.into_inner()).0.insert(sink_id, layer);
+            track.retell();
         }
     }
 
@@ -173,6 +223,8 @@ impl StreamSource for LocalStreams {
                     on_keyframe: t.on_keyframe,
                     taps: Mutex::new(Vec::new()),
                     keyframes: Mutex::default(),
+                    on_need: t.on_need,
+                    choices: Mutex::default(),
                 })
             })
             .collect();
@@ -207,6 +259,38 @@ mod tests {
         CodecInfo { mime_type: "video/VP8".into(), clock_rate: 90000, channels: 0, fmtp: String::new(), payload_type: Some(96) }
     }
 
+    #[test]
+    fn taps_agree_on_one_layer() {
+        let fill = |width, height| LayerChoice::Fill { width, height };
+        assert_eq!(agreed([].into_iter()), LayerChoice::Auto);
+        assert_eq!(agreed([fill(320, 240)].into_iter()), fill(320, 240));
+        assert_eq!(agreed([fill(320, 240), fill(160, 360)].into_iter()), fill(320, 360), "the largest region");
+        assert_eq!(agreed([fill(320, 240), LayerChoice::Auto].into_iter()), LayerChoice::Auto, "a recording takes the top layer");
+        let rid = || LayerChoice::Rid("h".into());
+        assert_eq!(agreed([rid(), rid()].into_iter()), rid());
+        assert_eq!(agreed([rid(), fill(1, 1)].into_iter()), LayerChoice::Auto);
+    }
+
+    /// A relayed layered video's producer hears the layer its taps agree on, on a change
+    /// only: a mixer's region alone, the top layer while a recording also reads it.
+    #[tokio::test]
+    async fn the_producer_hears_the_layer_the_taps_agree_on() {
+        let streams = LocalStreams::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let on_need: NeedFn = Arc::new(move |n| h.lock().unwrap().push(n));
+        let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe: Arc::new(|| {}), rid: None, on_need: Some(on_need) };
+        streams.publish_local("r", "s", vec![track]);
+        let mixer = streams.tap("s", MediaKind::Video).unwrap();
+        assert!(heard.lock().unwrap().is_empty(), "a new tap takes the top layer, as the producer sends");
+        streams.set_tap_layer("s", MediaKind::Video, mixer.sink_id, LayerChoice::Fill { width: 320, height: 240 });
+        streams.set_tap_layer("s", MediaKind::Video, mixer.sink_id, LayerChoice::Fill { width: 320, height: 240 });
+        let recorder = streams.tap("s", MediaKind::Video).unwrap();
+        streams.untap("s", MediaKind::Video, recorder.sink_id);
+        let fill = Need::Choice(LayerChoice::Fill { width: 320, height: 240 });
+        assert_eq!(*heard.lock().unwrap(), [fill.clone(), Need::Choice(LayerChoice::Auto), fill]);
+    }
+
     #[tokio::test]
     async fn packets_fan_out_to_every_tap_until_the_stream_ends() {
         let streams = LocalStreams::new();
@@ -215,11 +299,8 @@ mod tests {
         let on_keyframe = Arc::new(move || {
             k.fetch_add(1, Ordering::Relaxed);
         });
-        let sinks = streams.publish_local(
-            "r",
-            "r-common",
-            vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None }],
-        );
+        let sinks =
+            streams.publish_local("r", "r-common", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_need: None }]);
         assert_eq!(streams.stream_room("r-common").as_ref().map(|r| r.as_str()), Some("r"));
         assert!(streams.tap("r-common", MediaKind::Audio).is_none());
         assert!(!sinks[0].has_consumers());

@@ -40,8 +40,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 pub use local::LocalStreams;
 use serde::{Deserialize, Serialize};
-use tessera_core::agent::MediaKind;
-use tessera_core::media::{CodecInfo, ImportError, LocalTrack, RtpSink, StreamImporter, StreamSource};
+use tessera_core::agent::{LayerChoice, MediaKind};
+use tessera_core::media::{CodecInfo, ImportError, LocalTrack, Need, NeedFn, RtpSink, StreamImporter, StreamSource};
 use tessera_core::node::Role;
 use tessera_core::typed_ids::RoomId;
 use tokio::net::UdpSocket;
@@ -141,9 +141,25 @@ struct InChannel {
     gaps: GapDetector,
     /// When the exporter was last heard on this channel (a packet or its keepalive).
     heard: Instant,
-    /// Whether a consumer here needs the channel's packets now (a layer nobody takes is
-    /// kept, but the exporter sends nothing: see [`Kind::Keepalive`]).
-    wanted: Arc<AtomicBool>,
+    /// What the consumers here need of it, repeated with every keepalive.
+    need: Arc<ChannelNeed>,
+}
+
+/// What an importer's consumers need of one channel.
+#[derive(Debug, Default)]
+struct ChannelNeed {
+    /// A layer nobody here takes: the channel is kept, but the exporter sends nothing (see
+    /// [`Kind::Keepalive`]).
+    idle: AtomicBool,
+    /// The layer the consumers of a video relayed one layer at a time agree on, as sent
+    /// ([`Kind::Layer`]); `None` until they chose one.
+    choice: Mutex<Option<Vec<u8>>>,
+}
+
+impl ChannelNeed {
+    fn choice(&self) -> Option<Vec<u8>> {
+        self.choice.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A stream brought here from another node.
@@ -166,9 +182,11 @@ struct OutChannel {
     /// The simulcast layer it carries (keyframe requests name it).
     rid: Option<String>,
     kind: MediaKind,
-    /// The tap it reads, and whether the importer said it needs nothing now.
+    /// The tap it reads, whether the importer said it needs nothing now, and the layer it
+    /// last asked for.
     sink_id: u64,
     idle: bool,
+    choice: LayerChoice,
     nacks: mpsc::Sender<Vec<u16>>,
     /// Milliseconds since the relay started when the importer was last heard.
     heard_ms: Arc<AtomicU64>,
@@ -440,8 +458,16 @@ impl Relay {
     ) -> ExportedTrack {
         let (nacks, nack_rx) = mpsc::channel(16);
         let heard_ms = Arc::new(AtomicU64::new(self.now_ms()));
-        let out =
-            OutChannel { stream: stream.to_string(), rid: rid.clone(), kind, sink_id: tap.sink_id, idle: false, nacks, heard_ms: heard_ms.clone() };
+        let out = OutChannel {
+            stream: stream.to_string(),
+            rid: rid.clone(),
+            kind,
+            sink_id: tap.sink_id,
+            idle: false,
+            choice: LayerChoice::Auto,
+            nacks,
+            heard_ms: heard_ms.clone(),
+        };
         if let Some(old) = self.exports.lock().unwrap_or_else(|p| p.into_inner()).insert((to, channel), out) {
             debug!(stream = %old.stream.escape_debug(), "an export channel was asked for again; the old one ends");
         }
@@ -533,10 +559,11 @@ impl Relay {
                     self.end_import(&stream, true, false);
                 }
             }
-            Kind::Keyframe | Kind::Nack | Kind::Keepalive | Kind::Stop => {
+            Kind::Keyframe | Kind::Nack | Kind::Keepalive | Kind::Stop | Kind::Layer => {
                 let key = (src, frame.channel);
                 let mut exports = self.exports.lock().unwrap_or_else(|p| p.into_inner());
                 let mut idle_now = None;
+                let mut layer_now = None;
                 let keyframe_of = match exports.get_mut(&key) {
                     None => {
                         self.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -567,6 +594,17 @@ impl Relay {
                                 }
                                 None
                             }
+                            Kind::Layer => {
+                                match serde_json::from_slice::<LayerChoice>(frame.body) {
+                                    Ok(choice) if choice != out.choice => {
+                                        out.choice = choice.clone();
+                                        layer_now = Some((out.stream.clone(), out.kind, out.sink_id, choice));
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => debug!(%src, error = %e, "unreadable layer choice from an importer"),
+                                }
+                                None
+                            }
                             _ => None,
                         }
                     }
@@ -580,6 +618,10 @@ impl Relay {
                     Some((stream, Some(rid))) => self.local.request_layer_keyframe(&stream, &rid),
                     Some((stream, None)) => self.local.request_keyframe(&stream),
                     None => {}
+                }
+                if let Some((stream, kind, sink_id, choice)) = layer_now {
+                    debug!(stream = %stream.escape_debug(), channel = frame.channel, choice = ?choice, "the importer's layer changed");
+                    self.local.set_tap_layer(&stream, kind, sink_id, choice);
                 }
                 if let Some((stream, kind, sink_id, idle)) = idle_now {
                     debug!(stream = %stream.escape_debug(), channel = frame.channel, idle, "the importer's need of a relayed track changed");
@@ -652,21 +694,33 @@ impl Relay {
             ExportRequest { room: room.clone(), stream: stream.to_string(), to: self.addr, auth: self.key.is_some(), channels, layer_channels };
         let reply = self.control.ask(&request).await?;
         let mut tracks = Vec::new();
-        let mut wanted = Vec::new();
+        let mut needs = Vec::new();
         for t in &reply.tracks {
-            let want = Arc::new(AtomicBool::new(true));
-            wanted.push(want.clone());
-            // A layer nobody here takes is not sent (the exporter's tap idles, and its
-            // publisher may pause it); said at once, and with every keepalive after.
-            let on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>> = t.rid.as_ref().map(|_| {
+            let need = Arc::new(ChannelNeed::default());
+            needs.push(need.clone());
+            // Said at once, and with every keepalive after: a layer nobody here takes is
+            // not sent (the exporter's tap idles, and its publisher may pause it); a video
+            // relayed one layer at a time comes in the layer the consumers here agree on.
+            let on_need: Option<NeedFn> = (t.kind == MediaKind::Video).then(|| {
                 let (me, channel, to) = (self.me.clone(), t.channel, reply.from);
-                Arc::new(move |w: bool| {
-                    if want.swap(w, Ordering::Relaxed) != w
-                        && let Some(relay) = me.upgrade()
-                    {
-                        relay.send_control(Kind::Keepalive, channel, &[u8::from(w)], to);
+                Arc::new(move |n: Need| {
+                    let Some(relay) = me.upgrade() else { return };
+                    match n {
+                        Need::Layer(wanted) => {
+                            if need.idle.swap(!wanted, Ordering::Relaxed) == wanted {
+                                relay.send_control(Kind::Keepalive, channel, &[u8::from(wanted)], to);
+                            }
+                        }
+                        Need::Choice(choice) => {
+                            let Ok(body) = serde_json::to_vec(&choice) else { return };
+                            let mut last = need.choice.lock().unwrap_or_else(|p| p.into_inner());
+                            if last.as_ref() != Some(&body) {
+                                relay.send_control(Kind::Layer, channel, &body, to);
+                                *last = Some(body);
+                            }
+                        }
                     }
-                }) as Arc<dyn Fn(bool) + Send + Sync>
+                }) as NeedFn
             });
             let on_keyframe: Arc<dyn Fn() + Send + Sync> = match t.kind {
                 MediaKind::Video => {
@@ -679,19 +733,19 @@ impl Relay {
                 }
                 MediaKind::Audio => Arc::new(|| {}),
             };
-            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe, rid: t.rid.clone(), on_wanted });
+            tracks.push(LocalTrack { kind: t.kind, codec: t.codec.clone(), on_keyframe, rid: t.rid.clone(), on_need });
         }
         let sinks = self.local.publish_local(room.as_str(), stream, tracks);
         {
             let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
-            for ((t, sink), wanted) in reply.tracks.iter().zip(&sinks).zip(wanted) {
+            for ((t, sink), need) in reply.tracks.iter().zip(&sinks).zip(needs) {
                 let c = InChannel {
                     stream: stream.to_string(),
                     from: reply.from,
                     sink: sink.clone(),
                     gaps: GapDetector::default(),
                     heard: Instant::now(),
-                    wanted,
+                    need,
                 };
                 imports.by_channel.insert(t.channel, c);
             }
@@ -750,11 +804,15 @@ async fn keep_imports(relay: Weak<Relay>) {
                     idle.push(stream.clone());
                     continue;
                 }
-                keep.extend(import.channels.iter().map(|c| (*c, import.from, by_channel.get(c).is_none_or(|c| c.wanted.load(Ordering::Relaxed)))));
+                keep.extend(import.channels.iter().map(|c| (*c, import.from, by_channel.get(c).map(|c| c.need.clone()))));
             }
         }
-        for (channel, to, wanted) in keep {
+        for (channel, to, need) in keep {
+            let wanted = need.as_ref().is_none_or(|n| !n.idle.load(Ordering::Relaxed));
             relay.send_control(Kind::Keepalive, channel, &[u8::from(wanted)], to);
+            if let Some(choice) = need.and_then(|n| n.choice()) {
+                relay.send_control(Kind::Layer, channel, &choice, to);
+            }
         }
         for stream in idle {
             relay.end_import(&stream, true, true);

@@ -4,6 +4,7 @@
 use super::*;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use tessera_core::media::Need;
 
 /// Asks one exporter directly; optionally through a proxy address (both ways).
 struct Direct {
@@ -70,7 +71,7 @@ fn pair(secrets: (Option<&[u8]>, Option<&[u8]>), via: Option<SocketAddr>) -> Pai
         k.fetch_add(1, Ordering::Relaxed);
     });
     let sink =
-        from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None }]).remove(0);
+        from.publish_local("r", "s", vec![LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_need: None }]).remove(0);
     let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
     let exporter = Relay::new(nobody, socket(), secrets.0, from.clone()).unwrap();
     let into = LocalStreams::new();
@@ -268,13 +269,20 @@ struct ThreeLayers {
     /// The layer taps made (RID, tap id) and the idle calls (tap id, idle), in order.
     tapped: Mutex<Vec<(String, u64)>>,
     idles: Mutex<Vec<(u64, bool)>>,
+    /// The layer choices made on its taps (tap id, choice), in order.
+    choices: Mutex<Vec<(u64, LayerChoice)>>,
 }
 
 const RIDS: [&str; 3] = ["q", "h", "f"];
 
 impl StreamSource for ThreeLayers {
     fn tap(&self, stream: &str, kind: MediaKind) -> Option<tessera_core::media::Tap> {
-        self.streams.tap(&format!("{stream}/f"), kind)
+        let tap = self.streams.tap(&format!("{stream}/f"), kind)?;
+        self.tapped.lock().unwrap().push(("*".to_string(), tap.sink_id));
+        Some(tap)
+    }
+    fn set_tap_layer(&self, _stream: &str, _kind: MediaKind, sink_id: u64, layer: LayerChoice) {
+        self.choices.lock().unwrap().push((sink_id, layer));
     }
     fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
         for rid in RIDS {
@@ -323,7 +331,7 @@ struct Given {
     rid: Option<String>,
     kept: Arc<Mutex<Vec<Vec<u8>>>>,
     on_keyframe: Arc<dyn Fn() + Send + Sync>,
-    on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    on_need: Option<tessera_core::media::NeedFn>,
 }
 
 struct KeptSink(Arc<Mutex<Vec<Vec<u8>>>>);
@@ -352,7 +360,7 @@ impl StreamSource for Keeps {
             .into_iter()
             .map(|t| {
                 let kept = Arc::new(Mutex::new(Vec::new()));
-                given.push(Given { rid: t.rid, kept: kept.clone(), on_keyframe: t.on_keyframe, on_wanted: t.on_wanted });
+                given.push(Given { rid: t.rid, kept: kept.clone(), on_keyframe: t.on_keyframe, on_need: t.on_need });
                 Arc::new(KeptSink(kept)) as Arc<dyn RtpSink>
             })
             .collect()
@@ -365,8 +373,9 @@ impl StreamSource for Keeps {
 
 /// A simulcast video crosses layer by layer to an importer whose consumers choose layers
 /// (an SFU): each layer on its own channel, byte for byte, and a keyframe request for one
-/// layer reaches that layer's producer only. An importer that does not take layers (a
-/// mixer-only node) gets the top layer alone, as before.
+/// layer reaches that layer's producer only, and a layer nobody needs idles its tap at the
+/// origin. An importer that does not take layers (a mixer-only node) gets one layer, the
+/// one its consumers agree on (the top one until they choose).
 #[tokio::test]
 async fn a_simulcast_video_crosses_layer_by_layer() {
     for takes_layers in [true, false] {
@@ -379,11 +388,11 @@ async fn a_simulcast_video_crosses_layer_by_layer() {
             let on_keyframe = Arc::new(move || {
                 k.fetch_add(1, Ordering::Relaxed);
             });
-            let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_wanted: None };
+            let track = LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe, rid: None, on_need: None };
             sinks.push(streams.publish_local("r", &format!("s/{rid}"), vec![track]).remove(0));
             keyframes.push(count);
         }
-        let origin = Arc::new(ThreeLayers { streams, tapped: Mutex::default(), idles: Mutex::default() });
+        let origin = Arc::new(ThreeLayers { streams, tapped: Mutex::default(), idles: Mutex::default(), choices: Mutex::default() });
         let nobody = Arc::new(Direct { exporter: Weak::new(), via: None });
         let exporter = Relay::new(nobody, socket(), None, origin.clone()).unwrap();
         let into = Arc::new(Keeps { layers: takes_layers, given: Mutex::default() });
@@ -438,8 +447,9 @@ async fn a_simulcast_video_crosses_layer_by_layer() {
             // publisher may pause it), said once however often it is repeated; then f is
             // needed again.
             let f_tap = origin.tapped.lock().unwrap().iter().find(|(rid, _)| rid == "f").map(|t| t.1).unwrap();
-            let f_wanted = into.given.lock().unwrap()[2].on_wanted.clone().expect("a layer says whether it is needed");
-            assert!(into.given.lock().unwrap().iter().all(|g| g.on_wanted.is_some()));
+            let f_need = into.given.lock().unwrap()[2].on_need.clone().expect("a layer says whether it is needed");
+            assert!(into.given.lock().unwrap().iter().all(|g| g.on_need.is_some()));
+            let f_wanted = |w: bool| f_need(Need::Layer(w));
             f_wanted(false);
             f_wanted(false);
             let deadline = Instant::now() + Duration::from_secs(3);
@@ -457,6 +467,27 @@ async fn a_simulcast_video_crosses_layer_by_layer() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             assert_eq!(*origin.idles.lock().unwrap(), [(f_tap, true), (f_tap, false)]);
+        } else {
+            // The consumers there agree on a layer (a mixer's region): the origin's tap on the
+            // whole video takes it, once however often keepalives repeat it.
+            let tap = origin.tapped.lock().unwrap().iter().find(|(what, _)| what == "*").map(|t| t.1).unwrap();
+            let need = into.given.lock().unwrap()[0].on_need.clone().expect("a video says which layer it needs");
+            let fill = LayerChoice::Fill { width: 320, height: 240 };
+            need(Need::Choice(fill.clone()));
+            need(Need::Choice(fill.clone()));
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while origin.choices.lock().unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "the choice did not cross");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(KEEPALIVE + Duration::from_millis(300)).await;
+            need(Need::Choice(LayerChoice::Auto));
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while origin.choices.lock().unwrap().len() < 2 {
+                assert!(Instant::now() < deadline, "the second choice did not cross");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(*origin.choices.lock().unwrap(), [(tap, fill), (tap, LayerChoice::Auto)]);
         }
     }
 }

@@ -44,6 +44,9 @@ pub(crate) enum Kind {
     /// The exporter still sends the channel, even while its track is silent (exporter →
     /// importer, every second).
     Alive = 7,
+    /// The layer the importer's consumers of a layered video agree on, as JSON (importer →
+    /// exporter, on a change and with every keepalive after).
+    Layer = 8,
 }
 
 impl Kind {
@@ -56,6 +59,7 @@ impl Kind {
             5 => Kind::End,
             6 => Kind::Stop,
             7 => Kind::Alive,
+            8 => Kind::Layer,
             _ => return None,
         })
     }

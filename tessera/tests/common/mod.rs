@@ -10,6 +10,7 @@ use std::time::Duration;
 
 pub mod bridge;
 pub mod layers;
+pub mod mix;
 
 pub const KEY: &str = "test-service-key-0123456789";
 

@@ -1074,12 +1074,8 @@ impl StreamSource for WorkerAgent {
                     (self.shared.next_track(), c.clone(), vec![c])
                 }
             };
-            let local_layer = layer.as_ref().map(|(b, i)| worker::LocalLayer {
-                board: b.clone(),
-                index: *i,
-                taps: board_taps.clone(),
-                on_wanted: t.on_wanted.clone(),
-            });
+            let local_layer =
+                layer.as_ref().map(|(b, i)| worker::LocalLayer { board: b.clone(), index: *i, taps: board_taps.clone(), on_need: t.on_need.clone() });
             let first_layer = layer.as_ref().is_some_and(|(_, i)| *i == 0);
             self.shared.send_to(
                 worker,
@@ -1182,7 +1178,7 @@ mod tests {
         let sinks = source.publish_local(
             "r",
             "r-common",
-            vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}), rid: None, on_wanted: None }],
+            vec![LocalTrack { kind: MediaKind::Video, codec: codec.clone(), on_keyframe: Arc::new(|| {}), rid: None, on_need: None }],
         );
         assert_eq!(sinks.len(), 1);
         assert!(!sinks[0].has_consumers());

@@ -214,7 +214,7 @@ pub(crate) struct LocalLayer {
     /// The count of taps on the whole video (each follows its best layer), for the producer.
     pub taps: Arc<AtomicUsize>,
     /// Told whether anyone here needs the layer (its producer may stop sending it).
-    pub on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    pub on_need: Option<tessera_core::media::NeedFn>,
 }
 
 /// A tap on one track: its packets, unless idle.
@@ -246,7 +246,7 @@ struct Published {
     /// A simulcast layer's measurements (bytes since the last tick, last packet).
     meter: Option<LayerMeter>,
     /// A relayed layer's producer, told whether anyone here needs it.
-    on_wanted: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    on_need: Option<tessera_core::media::NeedFn>,
 }
 
 /// What the publisher's worker measures of one simulcast layer between two ticks.
@@ -1411,7 +1411,7 @@ impl Worker {
                     // It flows from its first packet on (`forward`), not before.
                     let last = now.checked_sub(LAYER_TIMEOUT).unwrap_or(now);
                     p.meter = Some(LayerMeter { board: l.board.clone(), index: l.index, bytes: 0, frames: 0, last });
-                    p.on_wanted = l.on_wanted;
+                    p.on_need = l.on_need;
                     if let std::collections::hash_map::Entry::Vacant(e) = self.boards.entry(l.board.id) {
                         let n = l.board.layers.len();
                         e.insert(BoardState {
@@ -1902,8 +1902,8 @@ impl Worker {
             }
         }
         for (i, layer) in board.layers.iter().enumerate().filter(|(i, _)| tell_producer.is_some_and(|bits| bits & 1 << i != 0)) {
-            if let Some(on_wanted) = self.published.get(&layer.track).and_then(|t| t.on_wanted.as_ref()) {
-                on_wanted(wanted & 1 << i != 0);
+            if let Some(on_need) = self.published.get(&layer.track).and_then(|t| t.on_need.as_ref()) {
+                on_need(tessera_core::media::Need::Layer(wanted & 1 << i != 0));
             }
         }
         if let Some((peer, publication, rids)) = tell
@@ -2363,7 +2363,7 @@ fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -
         active: true,
         consumers: None,
         meter: None,
-        on_wanted: None,
+        on_need: None,
     }
 }
 
