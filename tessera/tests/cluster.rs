@@ -864,12 +864,7 @@ async fn a_room_spreads_over_webrtc_nodes() {
         return;
     }
     let nats = Nats::start();
-    let url = nats.url();
-    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
-    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
-    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
-    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
-    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+    let [_n2, (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
     let room = p.new_room(serde_json::json!({"views": []})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
@@ -902,6 +897,27 @@ async fn a_room_spreads_over_webrtc_nodes() {
     assert!(metric(&p, "tessera_relay_packets_sent_total").await > 60.0);
 }
 
+/// Webrtc nodes n2 (127.0.0.2) and n1 (127.0.0.1, with the portal; `room_spread = 0`: each
+/// transport on the least-used node, n1 on a tie) on the NATS at `url`, once both are listed.
+async fn two_webrtc_nodes(url: &str) -> [(tempfile::TempDir, common::Server); 2] {
+    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
+    let n2 = common::start_with_config_args(n2_cfg, &["--cluster", url]);
+    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
+    let n1 = common::start_with_config_args(n1_cfg, &["--cluster", url]);
+    wait_nodes(&n1.1, &["n1", "n2"], Duration::from_secs(5)).await;
+    [n2, n1]
+}
+
+/// A room without views and a webrtc-rs publisher of three VP8 layers in it (160×120 blue,
+/// 320×240 green, 640×480 red), its transport on n1.
+async fn simulcast_room(p: &common::Server) -> (String, tessera_client::signaling::Signaling, tessera_client::simulcast::SimulcastPublisher) {
+    let room = p.new_room(serde_json::json!({"views": []})).await;
+    let (mut psig, _) = p.join(&room, "pub").await;
+    let publisher = tessera_client::simulcast::SimulcastPublisher::start(&mut psig, &tessera_client::simulcast::THREE_LAYERS).await.unwrap();
+    wait_transports(p, "n1", 1).await;
+    (room, psig, publisher)
+}
+
 /// A simulcast stream published on n1 crosses to n2 layer by layer, so subscribers on n2
 /// choose their layer as they would on n1: by RID, by resolution or `auto`, switch at a
 /// keyframe with their numbering continuous, and move off a layer that stops at the
@@ -911,7 +927,6 @@ async fn a_room_spreads_over_webrtc_nodes() {
 async fn simulcast_layers_are_chosen_on_another_node() {
     use common::layers::{check_layered_video, runs, wait_for_picture};
     use tessera_client::peer::Subscriber;
-    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
     if !common::in_own_netns("simulcast_layers_are_chosen_on_another_node") {
         return;
     }
@@ -919,17 +934,9 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     const H: (usize, usize, &str) = (320, 240, "green");
     const F: (usize, usize, &str) = (640, 480, "red");
     let nats = Nats::start();
-    let url = nats.url();
-    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
-    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
-    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
-    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
-    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+    let [_n2, (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
-    let room = p.new_room(serde_json::json!({"views": []})).await;
-    let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
-    wait_transports(&p, "n1", 1).await;
+    let (room, _psig, publisher) = simulcast_room(&p).await;
     let layer = |rid: &str| format!("{}-video-{rid}", publisher.stream_id);
     // Every layer's keyframe seen at the origin (their sizes rank them).
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -986,25 +993,16 @@ async fn simulcast_layers_are_chosen_on_another_node() {
 async fn simulcast_layers_nobody_takes_on_another_node_are_paused() {
     use common::layers::{asked_layers, check_layered_video, runs, wait_for_picture};
     use tessera_client::peer::Subscriber;
-    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
     if !common::in_own_netns("simulcast_layers_nobody_takes_on_another_node_are_paused") {
         return;
     }
     const H: (usize, usize, &str) = (320, 240, "green");
     const F: (usize, usize, &str) = (640, 480, "red");
     let nats = Nats::start();
-    let url = nats.url();
-    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
-    let (_n2_dir, _n2) = common::start_with_config_args(n2_cfg, &["--cluster", &url]);
-    let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
-    let (_n1_dir, p) = common::start_with_config_args(n1_cfg, &["--cluster", &url]);
-    wait_nodes(&p, &["n1", "n2"], Duration::from_secs(5)).await;
+    let [_n2, (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
-    let room = p.new_room(serde_json::json!({"views": []})).await;
-    let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
+    let (room, mut psig, publisher) = simulcast_room(&p).await;
     let id = publisher.stream_id.clone();
-    wait_transports(&p, "n1", 1).await;
     assert_eq!(asked_layers(&mut psig, &id, &publisher).await, ["q"], "nobody takes it");
     // Asked until the publisher is told `want`, acting on each message as the JS client does.
     let until = async |psig: &mut tessera_client::signaling::Signaling, want: &[&str]| {
