@@ -244,6 +244,9 @@ pub struct Server {
     /// Serve Prometheus metrics at `/metrics` on the management API address, without
     /// credentials (scrapers send none): keep that address private.
     pub metrics: bool,
+    /// Where a node without the portal role (a media node of a cluster, which has no API)
+    /// serves `GET /metrics`; empty: nowhere. Portal nodes serve it on `api_addr`.
+    pub metrics_addr: String,
 }
 
 impl Default for Server {
@@ -255,6 +258,7 @@ impl Default for Server {
             api_cors_origins: Vec::new(),
             drain_timeout_secs: 0,
             metrics: true,
+            metrics_addr: String::new(),
         }
     }
 }
@@ -528,6 +532,9 @@ impl Config {
         let err = |key: &str, reason: String| ConfigError { file: file.map(Path::to_path_buf), key: key.into(), reason };
         check_addr(&self.server.portal_addr).map_err(|r| err("server.portal_addr", r))?;
         check_addr(&self.server.api_addr).map_err(|r| err("server.api_addr", r))?;
+        if !self.server.metrics_addr.is_empty() {
+            check_addr(&self.server.metrics_addr).map_err(|r| err("server.metrics_addr", r))?;
+        }
         if self.server.data_dir.as_os_str().is_empty() {
             return Err(err("server.data_dir", "must not be empty".into()));
         }

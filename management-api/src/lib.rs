@@ -70,6 +70,13 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| routes::configure(cfg, state)
 }
 
+/// Serves `GET /metrics` alone (a media node of a cluster, which has no API), rendered
+/// by `render`; anything else is 404. The caller awaits or stops it.
+pub fn serve_metrics(listener: std::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) -> std::io::Result<actix_web::dev::Server> {
+    let server = HttpServer::new(move || App::new().configure(routes::configure_metrics_only(render.clone()))).workers(1);
+    Ok(server.listen(listener)?.disable_signals().shutdown_timeout(2).run())
+}
+
 /// Starts the API server on an already-bound listener, over TLS when `tls` is given; the
 /// caller awaits or stops it.
 pub fn serve(listener: std::net::TcpListener, tls: Option<rustls::ServerConfig>, state: ApiState) -> std::io::Result<actix_web::dev::Server> {

@@ -1,6 +1,8 @@
 //! Route handlers. Each one checks the caller first (via [`Authed`]), then the room, then
 //! the body, so errors come in the order a client can act on.
 
+use std::sync::Arc;
+
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
@@ -75,9 +77,23 @@ fn api_scope(prefix: &str, shape: StreamShape) -> actix_web::Scope {
 /// `GET /metrics`: Prometheus text format 0.0.4.
 async fn metrics_text(state: web::Data<ApiState>) -> Result<HttpResponse> {
     let render = state.metrics.clone().ok_or_else(|| ApiError::NotFound("GET /metrics".into()))?;
-    // Reading the parts takes a few locks briefly: off the async workers anyway.
+    render_metrics(render).await
+}
+
+/// The metrics text, rendered off the async workers (reading the parts takes a few locks
+/// briefly).
+async fn render_metrics(render: Arc<dyn Fn() -> String + Send + Sync>) -> Result<HttpResponse> {
     let text = web::block(move || render()).await.map_err(|e| ApiError::Internal(format!("metrics: {e}")))?;
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
+}
+
+/// The routes of a media node's HTTP server: `GET /metrics`, JSON 404s for the rest.
+pub(crate) fn configure_metrics_only(render: Arc<dyn Fn() -> String + Send + Sync>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(render))
+            .route("/metrics", web::get().to(|render: web::Data<Arc<dyn Fn() -> String + Send + Sync>>| render_metrics(render.get_ref().clone())))
+            .default_service(web::to(not_found));
+    }
 }
 
 /// Proof that the request carried valid service credentials. Extracting it runs the check,

@@ -11,8 +11,8 @@ use metrics_util::MetricKindMask;
 
 /// What `/metrics` reads.
 pub struct Sources {
-    /// Rooms, participants, logins.
-    pub portal: tessera_portal::Portal,
+    /// Rooms, participants, logins (none on a media node of a cluster).
+    pub portal: Option<tessera_portal::Portal>,
     /// Transports and traffic (none on a node without the webrtc role).
     pub sfu: Option<Arc<tessera_webrtc_agent::WorkerAgent>>,
     /// Views.
@@ -81,16 +81,18 @@ impl Metrics {
     }
 
     fn update(&self) {
-        let p = self.sources.portal.metrics();
-        gauge!("tessera_rooms").set(p.rooms as f64);
-        gauge!("tessera_participants").set(p.participants as f64);
-        gauge!("tessera_participants_reconnecting").set(p.reconnecting as f64);
-        gauge!("tessera_streams").set(p.streams as f64);
-        gauge!("tessera_publications").set(p.publications as f64);
-        gauge!("tessera_subscriptions").set(p.subscriptions as f64);
-        for l in &p.logins {
-            let result = l.refused.map_or("ok", |r| r.label());
-            counter!("tessera_logins_total", "kind" => l.kind.label(), "result" => result).absolute(l.count);
+        if let Some(portal) = &self.sources.portal {
+            let p = portal.metrics();
+            gauge!("tessera_rooms").set(p.rooms as f64);
+            gauge!("tessera_participants").set(p.participants as f64);
+            gauge!("tessera_participants_reconnecting").set(p.reconnecting as f64);
+            gauge!("tessera_streams").set(p.streams as f64);
+            gauge!("tessera_publications").set(p.publications as f64);
+            gauge!("tessera_subscriptions").set(p.subscriptions as f64);
+            for l in &p.logins {
+                let result = l.refused.map_or("ok", |r| r.label());
+                counter!("tessera_logins_total", "kind" => l.kind.label(), "result" => result).absolute(l.count);
+            }
         }
         if let Some(sfu) = &self.sources.sfu {
             let m = sfu.metrics();

@@ -466,7 +466,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let (Some((portal_listener, api_listener)), true) = (listeners, is_portal) else {
-        // A media node: it serves its parts to the portals until told to stop.
+        // A media node: it serves its parts to the portals until told to stop (and its own
+        // `/metrics` where asked: it has no API).
+        let metrics_server = match config.server.metrics && !config.server.metrics_addr.is_empty() {
+            true => {
+                let listener = bind(&config.server.metrics_addr, "metrics (server.metrics_addr)")?;
+                let bound = listener.local_addr()?;
+                let sources = crate::metrics::Sources {
+                    portal: None,
+                    sfu: sfu.clone(),
+                    mixer: mixer.clone(),
+                    recorder: recorder.clone(),
+                    relay: relay.clone(),
+                };
+                let metrics = crate::metrics::Metrics::install(sources)?;
+                let server = tessera_management_api::serve_metrics(listener, Arc::new(move || metrics.render()))?;
+                println!("tessera: metrics listening on http://{bound}/metrics");
+                let handle = server.handle();
+                tokio::spawn(server);
+                Some(handle)
+            }
+            false => None,
+        };
         println!("tessera: node `{node_id}` serves {} (no portal)", config.cluster.roles().join(","));
         info!(node = %node_id, "media node started");
         signals.wait().await;
@@ -508,6 +529,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         if let Some(hooks) = &hooks {
             hooks.flush(Duration::from_secs(5)).await;
+        }
+        if let Some(handle) = metrics_server {
+            handle.stop(true).await;
         }
         println!("tessera: stopped");
         return Ok(());
@@ -571,7 +595,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics: match config.server.metrics {
             true => {
                 let sources = crate::metrics::Sources {
-                    portal: portal.clone(),
+                    portal: Some(portal.clone()),
                     sfu: sfu.clone(),
                     mixer: mixer.clone(),
                     recorder: recorder.clone(),

@@ -897,10 +897,11 @@ async fn a_room_spreads_over_webrtc_nodes() {
     assert!(metric(&p, "tessera_relay_packets_sent_total").await > 60.0);
 }
 
-/// Webrtc nodes n2 (127.0.0.2) and n1 (127.0.0.1, with the portal; `room_spread = 0`: each
-/// transport on the least-used node, n1 on a tie) on the NATS at `url`, once both are listed.
+/// Webrtc nodes n2 (127.0.0.2, `/metrics` on `server.metrics_addr`) and n1 (127.0.0.1, with
+/// the portal; `room_spread = 0`: each transport on the least-used node, n1 on a tie) on the
+/// NATS at `url`, once both are listed.
 async fn two_webrtc_nodes(url: &str) -> [(tempfile::TempDir, common::Server); 2] {
-    let n2_cfg = "[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
+    let n2_cfg = "[server]\nmetrics_addr = \"127.0.0.2:0\"\n[webrtc]\nbind_ip = \"127.0.0.2\"\n[cluster]\nnode_id = \"n2\"\nroles = [\"webrtc\"]\n";
     let n2 = common::start_with_config_args(n2_cfg, &["--cluster", url]);
     let n1_cfg = "[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"n1\"\nroles = [\"portal\", \"webrtc\"]\nroom_spread = 0\n";
     let n1 = common::start_with_config_args(n1_cfg, &["--cluster", url]);
@@ -934,7 +935,7 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     const H: (usize, usize, &str) = (320, 240, "green");
     const F: (usize, usize, &str) = (640, 480, "red");
     let nats = Nats::start();
-    let [_n2, (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
+    let [(_n2_dir, n2), (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
     let (room, _psig, publisher) = simulcast_room(&p).await;
     let layer = |rid: &str| format!("{}-video-{rid}", publisher.stream_id);
@@ -964,8 +965,13 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     let auto2_start = climbed(runs(&check_layered_video(&auto2, 2)), F, "auto on n2");
     assert_eq!(runs(&check_layered_video(&f_here, 0)), [F], "f on n1");
     assert_eq!(runs(&check_layered_video(&auto, 0)), [F], "auto on n1");
-    // The video crosses once, layer by layer: three tracks, whatever n2's subscribers take.
+    // The video crosses once, layer by layer: three tracks, whatever n2's subscribers take
+    // (a media node serves its own `/metrics`).
     assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0);
+    assert_eq!(metric(&n2, "tessera_relay_imported_streams").await, 1.0);
+    assert_eq!(metric(&n2, "tessera_transports{state=\"connected\"}").await, 3.0);
+    let res = n2.client().get(n2.url("/v1/rooms")).send().await.unwrap();
+    assert_eq!(res.status(), 404, "a media node has no API");
 
     // q moves up to f on n2, at a keyframe of f.
     let update = |id: &str, video: Value| serde_json::json!({"id": id, "operation": "update", "data": {"video": video}});

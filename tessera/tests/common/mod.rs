@@ -108,9 +108,14 @@ pub fn start_in(prefix: &[String], ip: &str, data_dir: &Path, extra: &[&str], en
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
                 startup.push(line.clone());
-                // A cluster node without the portal role has neither address.
+                // A cluster node without the portal role has no portal, and no API: its
+                // HTTP server, if any, serves `/metrics` alone.
+                if let Some(a) = line.strip_prefix("tessera: metrics listening on ") {
+                    api = Some(a.trim_end_matches("/metrics").to_string());
+                }
                 if line.ends_with("(no portal)") {
-                    (api, portal) = (Some(String::new()), Some(String::new()));
+                    api.get_or_insert_with(String::new);
+                    portal = Some(String::new());
                 }
                 if let Some(a) = line.strip_prefix("tessera: management API listening on ") {
                     api = Some(a.to_string());
