@@ -911,10 +911,14 @@ async fn two_webrtc_nodes(url: &str) -> [(tempfile::TempDir, common::Server); 2]
 
 /// A room without views and a webrtc-rs publisher of three VP8 layers in it (160×120 blue,
 /// 320×240 green, 640×480 red), its transport on n1.
-async fn simulcast_room(p: &common::Server) -> (String, tessera_client::signaling::Signaling, tessera_client::simulcast::SimulcastPublisher) {
+async fn simulcast_room(
+    p: &common::Server,
+    held: &[&str],
+) -> (String, tessera_client::signaling::Signaling, tessera_client::simulcast::SimulcastPublisher) {
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
     let room = p.new_room(serde_json::json!({"views": []})).await;
     let (mut psig, _) = p.join(&room, "pub").await;
-    let publisher = tessera_client::simulcast::SimulcastPublisher::start(&mut psig, &tessera_client::simulcast::THREE_LAYERS).await.unwrap();
+    let publisher = SimulcastPublisher::start_holding(&mut psig, &THREE_LAYERS, held).await.unwrap();
     wait_transports(p, "n1", 1).await;
     (room, psig, publisher)
 }
@@ -937,7 +941,7 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     let nats = Nats::start();
     let [(_n2_dir, n2), (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
-    let (room, _psig, publisher) = simulcast_room(&p).await;
+    let (room, _psig, publisher) = simulcast_room(&p, &[]).await;
     let layer = |rid: &str| format!("{}-video-{rid}", publisher.stream_id);
     // Every layer's keyframe seen at the origin (their sizes rank them).
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -978,7 +982,7 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     ssig.ok("subscription-control", Some(update(&q.id, serde_json::json!({"from": layer("f")})))).await.unwrap();
     let up = wait_for_picture(&q, F, Duration::from_secs(3)).await;
     // The top layer stops at the publisher: n2's subscribers on it move down, and back up
-    // when it returns (`auto` carefully, after 3 s without congestion).
+    // when it returns.
     publisher.stop_layer("f", true);
     let moved = wait_for_picture(&auto2, H, Duration::from_secs(5)).await;
     wait_for_picture(&q, H, Duration::from_secs(2)).await;
@@ -990,6 +994,37 @@ async fn simulcast_layers_are_chosen_on_another_node() {
     assert_eq!(runs(&check_layered_video(&q, 3)), [Q, F, H, F]);
     assert_eq!(runs(&check_layered_video(&auto2, 4)), [auto2_start, vec![H, F]].concat());
     assert_eq!(runs(&check_layered_video(&h, 2)), h_start, "a subscriber of another layer is not disturbed");
+}
+
+/// A layer the publisher declared but has not sent yet when another node imports the
+/// stream does not end the import: its channel waits, and carries the layer once the
+/// publisher starts it (the exporter's tap on it is kept until the layer flows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_layer_that_starts_late_reaches_another_node() {
+    use common::layers::{check_layered_video, runs, wait_for_picture};
+    use tessera_client::peer::Subscriber;
+    if !common::in_own_netns("a_layer_that_starts_late_reaches_another_node") {
+        return;
+    }
+    const F: (usize, usize, &str) = (640, 480, "red");
+    const H: (usize, usize, &str) = (320, 240, "green");
+    let nats = Nats::start();
+    let [(_n2_dir, n2), (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
+
+    let (room, _psig, publisher) = simulcast_room(&p, &["f"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut ssig, _) = p.join(&room, "sub").await;
+    let auto = Subscriber::start_video(&mut ssig, &publisher.stream_id, Value::Null).await.unwrap();
+    wait_transports(&p, "n2", 1).await;
+    wait_for_picture(&auto, H, Duration::from_secs(5)).await;
+    assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0, "the unsent layer's channel is kept");
+    publisher.stop_layer("f", false);
+    let up = wait_for_picture(&auto, F, Duration::from_secs(8)).await;
+    println!("the late layer reached n2's subscriber {up:?} after it started");
+    assert_eq!(metric(&n2, "tessera_relay_imported_streams").await, 1.0);
+    assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0);
+    let got = runs(&check_layered_video(&auto, 2));
+    assert!(got.ends_with(&[H, F]) && got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
 }
 
 /// Layers that no subscriber on another node takes are paused at the publisher, as they
@@ -1007,7 +1042,7 @@ async fn simulcast_layers_nobody_takes_on_another_node_are_paused() {
     let nats = Nats::start();
     let [_n2, (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
-    let (room, mut psig, publisher) = simulcast_room(&p).await;
+    let (room, mut psig, publisher) = simulcast_room(&p, &[]).await;
     let id = publisher.stream_id.clone();
     assert_eq!(asked_layers(&mut psig, &id, &publisher).await, ["q"], "nobody takes it");
     // Asked until the publisher is told `want`, acting on each message as the JS client does.

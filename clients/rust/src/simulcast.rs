@@ -110,11 +110,27 @@ impl SimulcastPublisher {
 
     /// [`SimulcastPublisher::start`] with ICE on `ip`.
     pub async fn start_on(sig: &mut Signaling, ip: &str, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
+        SimulcastPublisher::begin(sig, ip, layers, &[]).await
+    }
+
+    /// [`SimulcastPublisher::start`], with the layers named in `held` declared but not sent
+    /// until [`SimulcastPublisher::stop_layer`] restarts them (as a browser short of uplink
+    /// starts).
+    pub async fn start_holding(sig: &mut Signaling, layers: &[LayerSpec], held: &[&str]) -> anyhow::Result<SimulcastPublisher> {
+        SimulcastPublisher::begin(sig, &crate::peer::default_ice_ip(), layers, held).await
+    }
+
+    async fn begin(sig: &mut Signaling, ip: &str, layers: &[LayerSpec], held: &[&str]) -> anyhow::Result<SimulcastPublisher> {
         gst::init()?;
         let conn = Connection::with_simulcast_extensions(ip).await?;
         let layers: Vec<Layer> = layers
             .iter()
-            .map(|spec| Layer { spec: *spec, ssrc: rand::random(), keyframe: Arc::new(AtomicBool::new(true)), stopped: Arc::default() })
+            .map(|spec| Layer {
+                spec: *spec,
+                ssrc: rand::random(),
+                keyframe: Arc::new(AtomicBool::new(true)),
+                stopped: Arc::new(AtomicBool::new(held.contains(&spec.rid))),
+            })
             .collect();
         let codings = layers
             .iter()

@@ -42,6 +42,7 @@ impl RtpSink for Fanout {
         }
         // One copy, shared by every tap.
         let packet = Bytes::copy_from_slice(packet);
+        let before = taps.len();
         taps.retain(|(id, tx)| match tx.try_send(packet.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -51,6 +52,11 @@ impl RtpSink for Fanout {
             // Its consumer dropped it without untapping.
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
+        if taps.len() < before {
+            drop(taps);
+            // Its choice of layer goes with it.
+            self.retell();
+        }
     }
 
     fn has_consumers(&self) -> bool {
@@ -59,21 +65,19 @@ impl RtpSink for Fanout {
 }
 
 impl Fanout {
-    /// Tells the producer the layer the taps now agree on, if that changed.
+    /// Tells the producer the layer the taps now agree on, if that changed. Decided and
+    /// told under the choices' lock (taken before the taps'), so that two changes at once
+    /// cannot be told in the wrong order.
     fn retell(&self) {
         let Some(on_need) = &self.on_need else { return };
-        let ids: Vec<u64> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, _)| *id).collect();
-        let agreed = {
-            let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
-            choices.0.retain(|id, _| ids.contains(id));
-            let agreed = agreed(ids.iter().map(|id| choices.0.get(id).cloned().unwrap_or_default()));
-            if agreed == choices.1 {
-                return;
-            }
+        let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<u64> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|(_, tx)| !tx.is_closed()).map(|(id, _)| *id).collect();
+        choices.0.retain(|id, _| ids.contains(id));
+        let agreed = agreed(ids.iter().map(|id| choices.0.get(id).cloned().unwrap_or_default()));
+        if agreed != choices.1 {
             choices.1 = agreed.clone();
-            agreed
-        };
-        on_need(Need::Choice(agreed));
+            on_need(Need::Choice(agreed));
+        }
     }
 
     /// Asks the producer for a keyframe, at most once per [`KEYFRAME_INTERVAL`]: a request
@@ -197,7 +201,8 @@ impl StreamSource for LocalStreams {
     }
 
     fn set_tap_layer(&self, stream: &str, kind: MediaKind, sink_id: u64, layer: LayerChoice) {
-        if let Some(track) = self.track(stream, kind) {
+        // Only a layered video's producer hears choices (nobody would clear them otherwise).
+        if let Some(track) = self.track(stream, kind).filter(|t| t.on_need.is_some()) {
             track.choices.lock().unwrap_or_else(|p| p.into_inner()).0.insert(sink_id, layer);
             track.retell();
         }

@@ -31,7 +31,7 @@ mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -145,20 +145,33 @@ struct InChannel {
     need: Arc<ChannelNeed>,
 }
 
-/// What an importer's consumers need of one channel.
+/// What an importer's consumers need of one channel. Sent, whether changed or repeated,
+/// under its lock: a repeat cannot overtake the change it repeats.
 #[derive(Debug, Default)]
-struct ChannelNeed {
+struct ChannelNeed(Mutex<NeedState>);
+
+#[derive(Debug, Default)]
+struct NeedState {
     /// A layer nobody here takes: the channel is kept, but the exporter sends nothing (see
     /// [`Kind::Keepalive`]).
-    idle: AtomicBool,
+    idle: bool,
     /// The layer the consumers of a video relayed one layer at a time agree on, as sent
     /// ([`Kind::Layer`]); `None` until they chose one.
-    choice: Mutex<Option<Vec<u8>>>,
+    choice: Option<Vec<u8>>,
 }
 
 impl ChannelNeed {
-    fn choice(&self) -> Option<Vec<u8>> {
-        self.choice.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, NeedState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keepalive (saying whether the channel is needed), and the layer choice if any.
+    fn repeat(&self, relay: &Relay, channel: u32, to: SocketAddr) {
+        let state = self.lock();
+        relay.send_control(Kind::Keepalive, channel, &[u8::from(!state.idle)], to);
+        if let Some(choice) = &state.choice {
+            relay.send_control(Kind::Layer, channel, choice, to);
+        }
     }
 }
 
@@ -421,18 +434,29 @@ impl Relay {
         let mut kinds = Vec::new();
         // One channel per kind of track, at most; a simulcast video layer by layer when the
         // importer offered channels enough.
+        // Layer channels must be distinct, and not the per-kind ones (else two tracks would
+        // share a channel): a request that breaks this gets the whole video instead.
+        let mut layer_channels = request.layer_channels.clone();
+        layer_channels.sort_unstable();
+        layer_channels.dedup();
+        let distinct =
+            layer_channels.len() == request.layer_channels.len() && !request.channels.iter().any(|(_, c)| request.layer_channels.contains(c));
         for (kind, channel) in request.channels {
             if kinds.contains(&kind) {
                 continue;
             }
             kinds.push(kind);
-            let rids = if kind == MediaKind::Video { self.local.layers(&request.stream) } else { Vec::new() };
+            let rids = if kind == MediaKind::Video && distinct { self.local.layers(&request.stream) } else { Vec::new() };
             if !rids.is_empty() && rids.len() <= request.layer_channels.len() {
+                let before = tracks.len();
                 for (rid, &channel) in rids.iter().zip(&request.layer_channels) {
                     let Some(tap) = self.local.tap_layer(&request.stream, rid) else { continue };
                     tracks.push(self.send_track(&me, &request.stream, request.to, kind, channel, Some(rid.clone()), tap));
                 }
-                continue;
+                if tracks.len() > before {
+                    continue;
+                }
+                // Its layers went between the two looks: the video as a whole, if still there.
             }
             let Some(tap) = self.local.tap(&request.stream, kind) else { continue };
             tracks.push(self.send_track(&me, &request.stream, request.to, kind, channel, None, tap));
@@ -550,11 +574,20 @@ impl Relay {
                 }
             }
             Kind::End => {
-                let stream = {
-                    let imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
-                    imports.by_channel.get(&frame.channel).filter(|c| c.from == src).map(|c| c.stream.clone())
+                // One channel ended (a layer's tap closed, say): the import ends with its last.
+                let ended = {
+                    let mut imports = self.imports.lock().unwrap_or_else(|p| p.into_inner());
+                    let Imports { by_stream, by_channel } = &mut *imports;
+                    match by_channel.get(&frame.channel).filter(|c| c.from == src).map(|c| c.stream.clone()) {
+                        Some(stream) => {
+                            by_channel.remove(&frame.channel);
+                            let rest = by_stream.get(&stream).is_some_and(|i| i.channels.iter().any(|c| by_channel.contains_key(c)));
+                            (!rest).then_some(stream)
+                        }
+                        None => None,
+                    }
                 };
-                if let Some(stream) = stream {
+                if let Some(stream) = ended {
                     info!(stream = %stream.escape_debug(), "an imported stream ended at its origin");
                     self.end_import(&stream, true, false);
                 }
@@ -707,16 +740,22 @@ impl Relay {
                     let Some(relay) = me.upgrade() else { return };
                     match n {
                         Need::Layer(wanted) => {
-                            if need.idle.swap(!wanted, Ordering::Relaxed) == wanted {
+                            let mut state = need.lock();
+                            if state.idle == wanted {
+                                state.idle = !wanted;
                                 relay.send_control(Kind::Keepalive, channel, &[u8::from(wanted)], to);
                             }
                         }
                         Need::Choice(choice) => {
                             let Ok(body) = serde_json::to_vec(&choice) else { return };
-                            let mut last = need.choice.lock().unwrap_or_else(|p| p.into_inner());
-                            if last.as_ref() != Some(&body) {
+                            let mut state = need.lock();
+                            // The exporter starts on auto: nothing to say (and repeat) yet.
+                            if state.choice.is_none() && choice == LayerChoice::Auto {
+                                return;
+                            }
+                            if state.choice.as_ref() != Some(&body) {
                                 relay.send_control(Kind::Layer, channel, &body, to);
-                                *last = Some(body);
+                                state.choice = Some(body);
                             }
                         }
                     }
@@ -804,15 +843,12 @@ async fn keep_imports(relay: Weak<Relay>) {
                     idle.push(stream.clone());
                     continue;
                 }
-                keep.extend(import.channels.iter().map(|c| (*c, import.from, by_channel.get(c).map(|c| c.need.clone()))));
+                // Channels that ended on their own (see `Kind::End`) are not kept.
+                keep.extend(import.channels.iter().filter_map(|c| Some((*c, import.from, by_channel.get(c)?.need.clone()))));
             }
         }
         for (channel, to, need) in keep {
-            let wanted = need.as_ref().is_none_or(|n| !n.idle.load(Ordering::Relaxed));
-            relay.send_control(Kind::Keepalive, channel, &[u8::from(wanted)], to);
-            if let Some(choice) = need.and_then(|n| n.choice()) {
-                relay.send_control(Kind::Layer, channel, &choice, to);
-            }
+            need.repeat(&relay, channel, to);
         }
         for stream in idle {
             relay.end_import(&stream, true, true);

@@ -10,8 +10,9 @@
 //!
 //! The channel is chosen by the importing node, one per track; the exporter knows it by
 //! the importer's address and that number. Bodies: `Rtp` a marshalled RTP packet (to
-//! the importer), `Nack` big-endian 16-bit sequence numbers (to the exporter), the others
-//! empty. The tag is HMAC-SHA256 over everything before it, truncated to 16 bytes, keyed
+//! the importer), `Nack` big-endian 16-bit sequence numbers (to the exporter),
+//! `Keepalive` one byte (1: send, 0: keep the channel but send nothing; empty is 1),
+//! `Layer` the JSON of a layer choice, the others empty. The tag is HMAC-SHA256 over everything before it, truncated to 16 bytes, keyed
 //! with the cluster's relay key.
 
 use hmac::{Hmac, Mac};

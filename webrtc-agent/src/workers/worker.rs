@@ -255,7 +255,8 @@ struct LayerMeter {
     index: usize,
     bytes: u64,
     frames: u32,
-    last: Instant,
+    /// Its last packet (none yet: a relayed layer is not live before its first).
+    last: Option<Instant>,
 }
 
 /// A subscriber leg's simulcast layer: what it wants, and a switch under way.
@@ -384,6 +385,9 @@ struct BoardState {
     tap_count: Option<Arc<AtomicUsize>>,
     /// The layers' picture sizes (where known), as last reported.
     sizes: Vec<Option<(u16, u16)>>,
+    /// Taps on one layer that has not flowed yet (another node's relay asked for every
+    /// declared layer): attached when it starts, so that it is not taken as ended.
+    waiting: Vec<(TrackId, TrackTap)>,
 }
 
 impl BoardState {
@@ -1059,7 +1063,7 @@ impl Worker {
         if let Some(m) = &mut t.meter {
             m.bytes += packet.payload.len() as u64;
             m.frames += u32::from(packet.header.marker);
-            m.last = now;
+            m.last = Some(now);
             if let Some(size) = m.board.codec.picture_size(&packet.payload) {
                 m.board.set_size(m.index, size);
             }
@@ -1371,6 +1375,10 @@ impl Worker {
                     t.taps.push(TrackTap { id, tx, idle: false });
                     update_consumers(t);
                     self.keyframe(track, self.index, now);
+                } else if let Some(state) = self.boards.values_mut().find(|s| s.board.layers.iter().any(|l| l.track == track)) {
+                    // A declared layer that has not flowed yet (dropping the sender would
+                    // end the tap as if the stream had ended).
+                    state.waiting.push((track, TrackTap { id, tx, idle: false }));
                 }
             }
             Cmd::Untap { track, id } => {
@@ -1380,15 +1388,27 @@ impl Worker {
                 }
                 for state in self.boards.values_mut() {
                     state.taps.retain(|t| t.id != id);
+                    state.waiting.retain(|(_, t)| t.id != id);
                     state.count_taps();
                 }
             }
             Cmd::TapIdle { id, idle } => {
-                for t in self.published.values_mut() {
+                let mut woke = None;
+                for (&track, t) in self.published.iter_mut() {
                     if let Some(tap) = t.taps.iter_mut().find(|tap| tap.id == id) {
+                        // Back in use: its consumers need a picture to start from.
+                        if tap.idle && !idle {
+                            woke = Some(track);
+                        }
                         tap.idle = idle;
                         update_consumers(t);
                     }
+                }
+                for (_, tap) in self.boards.values_mut().flat_map(|s| s.waiting.iter_mut()).filter(|(_, t)| t.id == id) {
+                    tap.idle = idle;
+                }
+                if let Some(track) = woke {
+                    self.keyframe(track, self.index, now);
                 }
             }
             Cmd::TapLayer { id, choice } => {
@@ -1409,8 +1429,7 @@ impl Worker {
                 p.consumers = Some(consumers);
                 if let Some(l) = layer {
                     // It flows from its first packet on (`forward`), not before.
-                    let last = now.checked_sub(LAYER_TIMEOUT).unwrap_or(now);
-                    p.meter = Some(LayerMeter { board: l.board.clone(), index: l.index, bytes: 0, frames: 0, last });
+                    p.meter = Some(LayerMeter { board: l.board.clone(), index: l.index, bytes: 0, frames: 0, last: None });
                     p.on_need = l.on_need;
                     if let std::collections::hash_map::Entry::Vacant(e) = self.boards.entry(l.board.id) {
                         let n = l.board.layers.len();
@@ -1424,6 +1443,7 @@ impl Worker {
                             taps: Vec::new(),
                             tap_count: Some(l.taps),
                             sizes: vec![None; n],
+                            waiting: Vec::new(),
                         });
                         self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(l.board.id))));
                     }
@@ -1802,7 +1822,13 @@ impl Worker {
         info!(publication = %publication.id, kind = kind.as_str(), codec = %codec.mime_type, ssrc, rid = ?rid, worker = self.index, "publisher track flowing");
         let mut t = published(kind, codec.clone(), interval);
         t.publisher = Some((id, receiver, ssrc));
-        t.meter = layer.as_ref().map(|(board, index)| LayerMeter { board: board.clone(), index: *index, bytes: 0, frames: 0, last: now });
+        t.meter = layer.as_ref().map(|(board, index)| LayerMeter { board: board.clone(), index: *index, bytes: 0, frames: 0, last: Some(now) });
+        if let Some(state) = layer.as_ref().and_then(|(board, _)| self.boards.get_mut(&board.id)) {
+            let (now_on, still): (Vec<_>, Vec<_>) = std::mem::take(&mut state.waiting).into_iter().partition(|(k, _)| *k == key);
+            state.waiting = still;
+            t.taps.extend(now_on.into_iter().map(|(_, tap)| tap));
+            update_consumers(&t);
+        }
         self.published.insert(key, t);
         let publication = publication.id.clone();
         if first {
@@ -1823,6 +1849,7 @@ impl Worker {
                     taps: Vec::new(),
                     tap_count: None,
                     sizes: vec![None; board.layers.len()],
+                    waiting: Vec::new(),
                 };
                 self.boards.insert(board.id, state);
                 self.timers.push(Reverse((now + LAYER_TICK, Timer::Layers(board.id))));
@@ -1854,7 +1881,7 @@ impl Worker {
                 board.set_framerate(i, u32::try_from(u64::from(m.frames) * 1000 / tick_ms).unwrap_or(u32::MAX));
             }
             (m.bytes, m.frames) = (0, 0);
-            if now.saturating_duration_since(m.last) < LAYER_TIMEOUT {
+            if m.last.is_some_and(|last| now.saturating_duration_since(last) < LAYER_TIMEOUT) {
                 live |= 1 << i;
             }
         }
