@@ -111,6 +111,16 @@ pub struct ClusterNode {
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The live nodes as last read (every heartbeat), for placement without waiting on NATS.
     known: Mutex<Vec<NodeRecord>>,
+    /// This node's NATS connection, as its client reported it.
+    link: Arc<Mutex<Link>>,
+}
+
+/// Whether the NATS connection is up, and when it last came back.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// Up; since its last reconnection (none: since the start).
+    Up(Option<std::time::Instant>),
+    Down,
 }
 
 impl ClusterNode {
@@ -118,7 +128,20 @@ impl ClusterNode {
     /// the reason when NATS cannot be reached, and when another live node has this id.
     pub async fn join(settings: ClusterSettings) -> Result<Arc<ClusterNode>, ClusterError> {
         let url = settings.nats_url.clone();
+        let link = Arc::new(Mutex::new(Link::Up(None)));
+        let on_event = link.clone();
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let link = on_event.clone();
+                async move {
+                    let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
+                    match (event, *link) {
+                        (async_nats::Event::Connected, Link::Down) => *link = Link::Up(Some(std::time::Instant::now())),
+                        (async_nats::Event::Disconnected | async_nats::Event::Closed, _) => *link = Link::Down,
+                        _ => {}
+                    }
+                }
+            })
             .name(format!("tessera-{}", settings.node_id))
             .connection_timeout(NATS_TIMEOUT)
             .request_timeout(Some(NATS_TIMEOUT))
@@ -140,6 +163,7 @@ impl ClusterNode {
             stop,
             heartbeat: Mutex::new(None),
             known: Mutex::new(Vec::new()),
+            link,
         });
         node.refresh_known().await;
         Ok(node)
@@ -247,6 +271,17 @@ impl ClusterNode {
     pub fn count_placement(&self, node: &str) {
         if let Some(n) = self.known.lock().unwrap_or_else(|p| p.into_inner()).iter_mut().find(|n| n.id == node) {
             n.load.transports += 1;
+        }
+    }
+
+    /// Whether this node's NATS connection is down or came back less than `within` ago
+    /// (what others' subjects look like then is not to be trusted: they may be reconnecting).
+    pub fn reconnected_within(&self, within: Duration) -> bool {
+        let link = *self.link.lock().unwrap_or_else(|p| p.into_inner());
+        match link {
+            _ if self.client.connection_state() != async_nats::connection::State::Connected => true,
+            Link::Down => true,
+            Link::Up(since) => since.is_some_and(|at| at.elapsed() < within),
         }
     }
 

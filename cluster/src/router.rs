@@ -13,11 +13,12 @@
 //!
 //! A room whose home lacks the mixer or recorder role gets those on the least-used node
 //! that has it (fewest views, then CPU). Everything is forgotten when the room empties.
-//! A node found gone (see [`GONE_AFTER_CHECKS`]) loses its transports: the portal is told
+//! A node found gone (see [`GONE_AFTER_SILENCE`]) loses its transports: the portal is told
 //! which ([`AgentEvent::MediaLost`]), and the room's next transports go elsewhere.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use tessera_core::agent::{AgentError, AgentEvent, LostTransport};
 use tessera_core::command::{AgentCommand, AgentReply, LocalRouter, MediaNode, MixNode, RecorderNode, Router};
@@ -111,15 +112,25 @@ pub struct ClusterRouter {
     /// the room's new transports go elsewhere.
     spread: u64,
     rooms: Mutex<HashMap<RoomId, RoomPlacement>>,
-    /// Nodes in use found gone, by how many checks in a row.
-    suspects: Mutex<HashMap<String, u32>>,
+    /// Nodes in use that NATS says nobody listens for, since the first probe that said so.
+    suspects: Mutex<HashMap<String, Instant>>,
+    /// When every node in use was last probed.
+    probed_all: Mutex<Option<Instant>>,
 }
 
-/// A node in use is given up after this many checks in a row (one per heartbeat, so 8 s
-/// and more) found it both unlisted and not listening: a live node that NATS lost for a
-/// moment (a NATS restart empties the registry, and nodes reconnect with a backoff of up
-/// to a few seconds) must not lose its sessions.
-const GONE_AFTER_CHECKS: u32 = 5;
+/// A node in use is given up when NATS has said at every probe for this long that nobody
+/// listens on its subject. A killed node's connection closes, so NATS knows at once (the
+/// node registry would keep its entry for up to [`crate::NODE_TTL`]); a live node that lost
+/// NATS for a moment reconnects within milliseconds (its client retries at once).
+const GONE_AFTER_SILENCE: Duration = Duration::from_secs(2);
+/// Nodes in use are probed this often (a stats request: NATS answers "no responders" for a
+/// node that is not there without asking anyone)...
+const PROBE: Duration = Duration::from_secs(1);
+/// ...and one that stopped answering, this often.
+const SUSPECT_PROBE: Duration = Duration::from_millis(500);
+/// For this long after this node's own NATS connection came back, nobody is judged: after a
+/// NATS restart the other nodes reconnect with a backoff of up to 4 s.
+const RECONNECT_GRACE: Duration = Duration::from_secs(6);
 
 impl ClusterRouter {
     /// A router for the portal of `node`, whose own parts are `local`, spreading a room's
@@ -137,11 +148,12 @@ impl ClusterRouter {
             spread,
             rooms: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            probed_all: Mutex::new(None),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(crate::HEARTBEAT);
+                let mut tick = tokio::time::interval(SUSPECT_PROBE);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
@@ -161,12 +173,15 @@ impl ClusterRouter {
         self.rooms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What the rooms had on nodes found gone: not in the node list and not listening on
-    /// NATS, [`GONE_AFTER_CHECKS`] checks in a row. Each such node's transports are
-    /// forgotten at once (a session started meanwhile is placed on a live node) and
-    /// reported, per room. While NATS is away nothing can be told and nothing is given up.
+    /// What the rooms had on nodes found gone: not listening on NATS for
+    /// [`GONE_AFTER_SILENCE`]. Each such node's transports are forgotten at once (a session
+    /// started meanwhile is placed on a live node) and reported, per room. While NATS is
+    /// away, and for [`RECONNECT_GRACE`] after it is back, nothing is judged.
     async fn lost(&self) -> Vec<AgentEvent> {
-        let known = self.node.known_nodes();
+        if self.node.reconnected_within(RECONNECT_GRACE) {
+            self.suspects.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return Vec::new();
+        }
         // Each node in use, with the part it serves the rooms (probed on that part's subject).
         let in_use: HashMap<String, &'static str> = {
             let rooms = self.rooms();
@@ -181,26 +196,38 @@ impl ClusterRouter {
             }
             parts
         };
-        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| in_use.contains_key(id));
+        let all = {
+            let mut probed = self.probed_all.lock().unwrap_or_else(|p| p.into_inner());
+            let due = probed.is_none_or(|at| at.elapsed() >= PROBE);
+            if due {
+                *probed = Some(Instant::now());
+            }
+            due
+        };
+        let to_probe: Vec<(String, &'static str)> = {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            suspects.retain(|id, _| in_use.contains_key(id));
+            in_use.into_iter().filter(|(id, _)| all || suspects.contains_key(id)).collect()
+        };
         let mut gone = Vec::new();
-        for (id, part) in in_use {
-            let listed = known.iter().any(|n| n.id == id);
-            let silent = !listed && crate::rpc::responds(&self.node.client(), &self.me, &id, part).await == Some(false);
+        for (id, part) in to_probe {
+            let silent = crate::rpc::responds(&self.node.client(), &self.me, &id, part).await == Some(false);
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
             if !silent {
                 suspects.remove(&id);
                 continue;
             }
-            let n = suspects.entry(id.clone()).or_insert(0);
-            *n = n.saturating_add(1);
-            if *n >= GONE_AFTER_CHECKS {
+            let since = *suspects.entry(id.clone()).or_insert_with(Instant::now);
+            if since.elapsed() >= GONE_AFTER_SILENCE {
                 suspects.remove(&id);
                 gone.push(id);
             }
         }
-        // A node that registered again while the others were probed is not gone.
-        let listed_now = self.node.known_nodes();
-        gone.retain(|id| !listed_now.iter().any(|n| n.id == *id));
+        // Our own connection dropped during the probes: what they said is not trusted.
+        if self.node.reconnected_within(RECONNECT_GRACE) {
+            self.suspects.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return Vec::new();
+        }
         let mut events = Vec::new();
         let mut rooms = self.rooms();
         for id in gone {

@@ -682,7 +682,7 @@ async fn node_with_transports(p: &common::Server, transports: u64) -> String {
     }
 }
 
-/// A media node dies (SIGKILL): once its registry entry expires, the portal tells the
+/// A media node dies (SIGKILL): once NATS has said for 2 s that it is gone, the portal tells the
 /// room's participants their transports failed and removes the streams; publishing and
 /// subscribing again places the room on the surviving media node, and media flows (the
 /// forward stream, and the room's mixed stream made anew there).
@@ -712,7 +712,7 @@ async fn a_dead_media_node_is_replaced() {
     let _ = dead.child.wait();
 
     // The subscriber is told its transport failed, and the stream is removed.
-    let failed = ssig.wait_for("transport error", Duration::from_secs(35), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+    let failed = ssig.wait_for("transport error", Duration::from_secs(10), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
     assert_eq!(failed.data["data"], format!("webrtc node `{busy}` is gone"));
     ssig.wait_for("stream removed", Duration::from_secs(2), |n| {
         n.event == "stream" && n.data["status"] == "remove" && n.data["id"] == publisher.stream_id.as_str()
@@ -1189,7 +1189,7 @@ async fn three_nodes_on_a_bridge() {
     let _ = n2.child.wait();
     for (name, sig) in [("on-n2", &mut on2sig), ("viewer", &mut vsig)] {
         let failed =
-            sig.wait_for("transport error", Duration::from_secs(35), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+            sig.wait_for("transport error", Duration::from_secs(10), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
         assert_eq!(failed.data["data"], "webrtc node `n2` is gone", "{name}");
     }
     println!("n2's subscribers told {:?} after it was killed", killed.elapsed());
