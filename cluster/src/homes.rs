@@ -142,6 +142,21 @@ fn token(room: &str) -> String {
     }
 }
 
+/// Which node holds `room` now, asked on its subject: `Some(None)` when nobody serves it,
+/// `None` when that cannot be told (NATS away, no answer in time).
+pub(crate) async fn holder(client: &async_nats::Client, room: &str) -> Option<Option<String>> {
+    let payload = serde_json::to_vec(&ToHome::Ping).ok()?;
+    let request = async_nats::Request::new().payload(payload.into()).timeout(Some(PING_TIMEOUT));
+    match tokio::time::timeout(PING_TIMEOUT, client.send_request(room_subject(room), request)).await {
+        Ok(Ok(msg)) => {
+            let run: String = serde_json::from_slice(&msg.payload).ok()?;
+            Some(Some(run.rsplit_once('/').map_or(run.as_str(), |(node, _)| node).to_string()))
+        }
+        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Some(None),
+        _ => None,
+    }
+}
+
 /// A room's request subject.
 pub fn room_subject(room: &str) -> String {
     format!("tessera.room.{}.home", token(room))

@@ -19,6 +19,7 @@
 mod bucket;
 pub mod homes;
 pub mod ledger;
+mod placed;
 pub mod relay;
 pub mod rooms;
 pub mod router;

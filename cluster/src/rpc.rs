@@ -223,8 +223,12 @@ pub struct Served {
 
 /// Serves `parts` of `node` over NATS and delivers the events of its media nodes
 /// (`events`) to the portals that asked for them: over NATS, or into `local` when the
-/// portal is this node's own. Portals that left the cluster are forgotten.
-pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) {
+/// portal is this node's own. Portals that left the cluster are forgotten. Returns the
+/// parts as this node's own portal is to call them (its SFU's sessions noted as this
+/// node's, so that what a dead home placed here can be told apart and ended).
+pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) -> Served {
+    let mut own_media = None;
+    let (own_mixer, own_recorder) = (parts.mixer.clone(), parts.recorder.clone());
     let (client, me) = (node.client(), node.id());
     let me = me.as_str();
     let routes = Arc::new(EventRoutes::default());
@@ -247,11 +251,15 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     }
     if let Some(media) = parts.media {
         let routes = routes.clone();
+        let placed = Arc::new(crate::placed::Placed::new(me));
+        crate::placed::sweep(placed.clone(), Arc::downgrade(node), client.clone(), media.clone());
+        own_media = Some(Arc::new(crate::placed::Noted { inner: media.clone(), placed: placed.clone() }) as Arc<dyn MediaNode>);
         let handle = move |c: AgentCommand, from: Option<String>| {
-            let (media, routes) = (media.clone(), routes.clone());
+            let (media, routes, placed) = (media.clone(), routes.clone(), placed.clone());
             async move {
                 if let (Some(room), Some(from)) = (c.room(), from.as_deref()) {
                     routes.note(room, from);
+                    placed.note(&c, from);
                 }
                 media.handle(c).await
             }
@@ -305,6 +313,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
             }
         });
     }
+    Served { media: own_media, mixer: own_mixer, recorder: own_recorder }
 }
 
 /// A subscription to `subject`, or `None` with `what` logged (the node goes on without it).

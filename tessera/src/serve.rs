@@ -457,7 +457,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(node) => {
             let (to_portal, portal_events) = tokio::sync::mpsc::channel(1024);
             let served = tessera_cluster::rpc::Served { media: local.agent.clone(), mixer: local.mixer.clone(), recorder: local.recorder.clone() };
-            tessera_cluster::rpc::serve(node, served, agent_events, is_portal.then(|| to_portal.clone()));
+            let own = tessera_cluster::rpc::serve(node, served, agent_events, is_portal.then(|| to_portal.clone()));
+            let local = tessera_core::command::LocalRouter { agent: own.media, mixer: own.mixer, recorder: own.recorder };
             if is_portal {
                 tessera_cluster::rpc::receive_events(node.client(), &node_id, to_portal.clone());
             }

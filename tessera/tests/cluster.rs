@@ -1354,3 +1354,60 @@ async fn a_room_has_one_home_among_portals() {
         b.client().get(b.url(&format!("/v1/rooms/{room}/participants"))).bearer_auth(common::KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(list.as_array().unwrap().iter().map(|p| p["user"].as_str().unwrap()).collect::<Vec<_>>(), ["dave"], "{list}");
 }
+
+/// What a dead home placed on a webrtc node that lives on ends there: a participant who
+/// never comes back (Ann, whose client keeps its peer connection up) loses her transport
+/// once another node holds the room, while the participants the new home seats again keep
+/// theirs. (Alpha is a portal only, so every transport is on bravo.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
+    if !common::in_own_netns("a_dead_homes_participants_leave_the_nodes_that_live_on") {
+        return;
+    }
+    let nats = Nats::start();
+    let url = nats.url();
+    // Bravo first: alpha's first look at the node list finds it.
+    let (_b_dir, b) = common::start_with_config_args("[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"bravo\"\n", &["--cluster", &url]);
+    let (_a_dir, mut a) = common::start_with_config_args("[cluster]\nnode_id = \"alpha\"\nroles = [\"portal\"]\n", &["--cluster", &url]);
+    for s in [&a, &b] {
+        wait_nodes(s, &["alpha", "bravo"], Duration::from_secs(5)).await;
+    }
+    let room = a.new_room(serde_json::json!({"views": []})).await;
+    wait_status(&b, &format!("/v1/rooms/{room}"), 200, Duration::from_secs(2)).await;
+
+    // Ann comes through alpha (the room's home) and publishes; Bob through bravo subscribes.
+    let (mut ann, _ann_info) = a.join(&room, "ann").await;
+    let (publisher, _sending) = publish_sending(&mut ann, 3, 60).await;
+    let (mut bob, bob_info) = b.join(&room, "bob").await;
+    let sub = tessera_client::peer::Subscriber::start(&mut bob, &publisher.stream_id, false, true, false).await.unwrap();
+    sub.wait_until("ann's video at bob", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
+    wait_transports(&b, "bravo", 2).await;
+
+    let killed = Instant::now();
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    bob.wait_for("bob's transport failed", Duration::from_secs(8), |n| n.event == "progress" && n.data["status"] == "error").await.unwrap();
+    let mut bob = tessera_client::signaling::Signaling::connect(&b.portal).await.unwrap();
+    bob.ok("relogin", Some(bob_info["reconnectionTicket"].clone())).await.unwrap();
+    let (bob_pub, _bob_sending) = publish_sending(&mut bob, 4, 60).await;
+    // Ann's transport ends although her client still holds it; Bob's new one stays.
+    let deadline = killed + Duration::from_secs(15);
+    while metric(&b, "tessera_transports{state=\"connected\"}").await != 1.0 {
+        if Instant::now() >= deadline {
+            let log = b.stderr.lock().unwrap().clone();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "the lost home's transports never ended on bravo: {}\n{}",
+                metric(&b, "tessera_transports{state=\"connected\"}").await,
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("the dead home's participant left bravo {:?} after the kill", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(metric(&b, "tessera_transports{state=\"connected\"}").await, 1.0, "the new home's transport is kept");
+    let (mut cat, _) = b.join(&room, "cat").await;
+    let csub = tessera_client::peer::Subscriber::start(&mut cat, &bob_pub.stream_id, false, true, false).await.unwrap();
+    csub.wait_until("bob's video at cat", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
+}
