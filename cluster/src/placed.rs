@@ -1,22 +1,25 @@
-//! What rooms' homes placed on this webrtc node, so that what a dead home placed ends here
-//! too: its participants who never come back would otherwise keep their transports (and
-//! upload to nobody) for as long as their clients keep the peer connections up.
+//! What rooms' homes placed on this node, so that what a dead home placed ends here too:
+//! its participants who never come back would otherwise keep their transports (and upload
+//! to nobody) for as long as their clients keep the peer connections up, and its views
+//! would go on decoding and encoding for nobody.
 //!
-//! Every command that opens a session names its room and participant, and comes from the
-//! room's home (header `Tessera-From`, or this node's own portal). Once a second the node
-//! asks, for each room that another node placed participants in, the room's subject who
-//! holds the room now: when another node does (the room was taken over), or
-//! nobody has for [`ORPHANED_AFTER`], the participants the old home placed here leave, as
-//! when a home says they left (`ParticipantLeft`). A participant the new home placed again
-//! is its, and is left alone. A home restarted under the same id is taken as the same home.
+//! Every command that opens a session names its room and participant, a view's start its
+//! room and label; they come from the room's home (header `Tessera-From`, or this node's own
+//! portal). Once a second the node asks, for each room that another node placed something
+//! in, the room's subject who holds the room now: when another node does (the room was
+//! taken over), or nobody has for [`ORPHANED_AFTER`], what the old home placed here ends,
+//! as when a home says so (`ParticipantLeft`, `StopView`). What the new home placed again
+//! (a participant seated again, a view it asked for anew) is its own and is left alone. A
+//! home restarted under the same id is taken as the same home.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use tessera_core::command::{AgentCommand, MediaNode, ParticipantLeft};
-use tessera_core::typed_ids::{ParticipantId, RoomId};
+use tessera_core::agent::AgentError;
+use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MixCommand, MixError, MixNode, MixReply, ParticipantLeft, StopView};
+use tessera_core::typed_ids::{ParticipantId, RoomId, ViewLabel};
 use tracing::{debug, info};
 
 use crate::ClusterNode;
@@ -30,7 +33,16 @@ const ORPHANED_AFTER: Duration = Duration::from_secs(6);
 /// Nothing is judged while this node's NATS link is down or came back less than this ago.
 const RECONNECT_GRACE: Duration = Duration::from_secs(6);
 
-/// Who placed each participant's sessions here, by room.
+/// Something a home placed here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Placement {
+    /// A participant's sessions (on the SFU).
+    Participant(ParticipantId),
+    /// A view (on the mixer).
+    View(ViewLabel),
+}
+
+/// Who placed each participant's sessions and each view here, by room.
 pub(crate) struct Placed {
     /// This node (whose own portal needs no watching: its rooms end with it).
     me: String,
@@ -39,8 +51,8 @@ pub(crate) struct Placed {
 
 #[derive(Default)]
 struct PlacedRoom {
-    /// Each participant, and the node that last placed a session for it.
-    by: HashMap<ParticipantId, String>,
+    /// Each placement, and the node that last asked for it.
+    by: HashMap<Placement, String>,
     /// Since when nobody has held the room.
     unheld_since: Option<Instant>,
 }
@@ -50,40 +62,51 @@ impl Placed {
         Placed { me: me.to_string(), rooms: Mutex::default() }
     }
 
-    /// Notes a command from node `from` (a participant leaving is forgotten).
-    pub(crate) fn note(&self, command: &AgentCommand, from: &str) {
+    fn placed(&self, room: &RoomId, what: Placement, from: &str) {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.to_string());
+    }
+
+    fn ended(&self, room: &RoomId, what: &Placement) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = rooms.get_mut(room) {
+            r.by.remove(what);
+            if r.by.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// Notes an SFU command from node `from` (a participant leaving is forgotten).
+    pub(crate) fn note(&self, command: &AgentCommand, from: &str) {
         match command {
-            AgentCommand::Publish(c) => {
-                rooms.entry(c.at.room.clone()).or_default().by.insert(c.at.participant.clone(), from.to_string());
-            }
-            AgentCommand::Subscribe(c) => {
-                rooms.entry(c.at.room.clone()).or_default().by.insert(c.at.participant.clone(), from.to_string());
-            }
-            AgentCommand::ParticipantLeft(c) => {
-                if let Some(r) = rooms.get_mut(&c.room) {
-                    r.by.remove(&c.participant);
-                    if r.by.is_empty() {
-                        rooms.remove(&c.room);
-                    }
-                }
-            }
+            AgentCommand::Publish(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
+            AgentCommand::Subscribe(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
+            AgentCommand::ParticipantLeft(c) => self.ended(&c.room, &Placement::Participant(c.participant.clone())),
             _ => {}
         }
     }
 
-    /// The rooms where another node placed participants.
+    /// Notes a mixer command from node `from` (a view stopped is forgotten).
+    pub(crate) fn note_mix(&self, command: &MixCommand, from: &str) {
+        match command {
+            MixCommand::StartView(c) => self.placed(&c.room, Placement::View(c.view.label.as_str().into()), from),
+            MixCommand::StopView(c) => self.ended(&c.room, &Placement::View(c.view.clone())),
+            _ => {}
+        }
+    }
+
+    /// The rooms where another node placed something.
     fn rooms(&self) -> Vec<RoomId> {
         let rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         rooms.iter().filter(|(_, r)| r.by.values().any(|by| *by != self.me)).map(|(id, _)| id.clone()).collect()
     }
 
-    /// The participants of `room` whose home is gone, given who holds it now (`None`:
+    /// What was placed in `room` by a home that is gone, given who holds it now (`None`:
     /// nobody), forgotten here.
-    fn orphans(&self, room: &RoomId, holder: Option<&str>, now: Instant) -> Vec<(ParticipantId, String)> {
+    fn orphans(&self, room: &RoomId, holder: Option<&str>, now: Instant) -> Vec<(Placement, String)> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = rooms.get_mut(room) else { return Vec::new() };
-        let lost: Vec<ParticipantId> = match holder {
+        let lost: Vec<Placement> = match holder {
             Some(holder) => {
                 r.unheld_since = None;
                 r.by.iter().filter(|(_, by)| by.as_str() != holder).map(|(p, _)| p.clone()).collect()
@@ -96,7 +119,7 @@ impl Placed {
                 r.by.keys().cloned().collect()
             }
         };
-        let out: Vec<(ParticipantId, String)> = lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).collect();
+        let out: Vec<(Placement, String)> = lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).collect();
         if r.by.is_empty() {
             rooms.remove(room);
         }
@@ -110,8 +133,14 @@ impl Placed {
     }
 }
 
-/// Ends, on `media`, what homes that are gone had placed here (see the module doc).
-pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client, media: Arc<dyn MediaNode>) {
+/// This node's parts that a lost home's placements are ended on.
+pub(crate) struct Parts {
+    pub(crate) media: Option<Arc<dyn MediaNode>>,
+    pub(crate) mixer: Option<Arc<dyn MixNode>>,
+}
+
+/// Ends what homes that are gone had placed on this node's `parts` (see the module doc).
+pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client, parts: Parts) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,11 +157,20 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
                 if node.reconnected_within(RECONNECT_GRACE) {
                     break;
                 }
-                for (participant, home) in placed.orphans(&room, holder.as_deref(), Instant::now()) {
-                    info!(room = %room, participant = %participant, home = %home, now = ?holder, "the home that placed a participant here is gone; its sessions end");
-                    let left = AgentCommand::ParticipantLeft(ParticipantLeft { room: room.clone(), participant });
-                    if let Err(e) = media.handle(left).await {
-                        debug!(error = %e, "ending a lost home's participant failed");
+                for (what, home) in placed.orphans(&room, holder.as_deref(), Instant::now()) {
+                    info!(room = %room, placed = ?what, home = %home, now = ?holder, "the home that placed this here is gone; it ends");
+                    let failed = match (what, &parts.media, &parts.mixer) {
+                        (Placement::Participant(participant), Some(media), _) => {
+                            let left = AgentCommand::ParticipantLeft(ParticipantLeft { room: room.clone(), participant });
+                            media.handle(left).await.err().map(|e| e.to_string())
+                        }
+                        (Placement::View(view), _, Some(mixer)) => {
+                            mixer.handle(MixCommand::StopView(StopView { room: room.clone(), view })).await.err().map(|e| e.to_string())
+                        }
+                        _ => None,
+                    };
+                    if let Some(e) = failed {
+                        debug!(error = %e, "ending what a lost home placed failed");
                     }
                 }
             }
@@ -149,8 +187,22 @@ pub(crate) struct Noted {
 
 #[async_trait::async_trait]
 impl MediaNode for Noted {
-    async fn handle(&self, command: AgentCommand) -> Result<tessera_core::command::AgentReply, tessera_core::agent::AgentError> {
+    async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
         self.placed.note(&command, &self.placed.me);
+        self.inner.handle(command).await
+    }
+}
+
+/// This node's mixer as its own portal calls it (see [`Noted`]).
+pub(crate) struct NotedMix {
+    pub(crate) inner: Arc<dyn MixNode>,
+    pub(crate) placed: Arc<Placed>,
+}
+
+#[async_trait::async_trait]
+impl MixNode for NotedMix {
+    async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
+        self.placed.note_mix(&command, &self.placed.me);
         self.inner.handle(command).await
     }
 }
@@ -174,9 +226,25 @@ mod tests {
         placed.note(&publish("r", "bob"), "bravo");
         let now = Instant::now();
         let lost = placed.orphans(&"r".into(), Some("bravo"), now);
-        assert_eq!(lost, [("ann".into(), "alpha".to_string())]);
+        assert_eq!(lost, [(Placement::Participant("ann".into()), "alpha".to_string())]);
         assert!(placed.orphans(&"r".into(), Some("bravo"), now).is_empty(), "told once");
         assert!(placed.rooms().is_empty(), "what this node's own portal placed is not watched");
+    }
+
+    #[test]
+    fn a_view_started_again_by_the_new_home_is_kept() {
+        let placed = Placed::new("carl");
+        let start = |room: &str| MixCommand::StartView(tessera_core::command::StartView { room: room.into(), view: Default::default() });
+        placed.note_mix(&start("r"), "alpha");
+        placed.note_mix(&start("s"), "alpha");
+        placed.note_mix(&start("s"), "bravo");
+        let now = Instant::now();
+        let label = tessera_core::room::View::default().label;
+        assert_eq!(placed.orphans(&"r".into(), Some("bravo"), now), [(Placement::View(label.as_str().into()), "alpha".to_string())]);
+        assert!(placed.orphans(&"s".into(), Some("bravo"), now).is_empty(), "bravo's own view stays");
+        let stop = MixCommand::StopView(StopView { room: "s".into(), view: label.as_str().into() });
+        placed.note_mix(&stop, "bravo");
+        assert!(placed.rooms().is_empty(), "a stopped view is forgotten");
     }
 
     #[test]

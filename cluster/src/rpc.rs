@@ -224,13 +224,22 @@ pub struct Served {
 /// Serves `parts` of `node` over NATS and delivers the events of its media nodes
 /// (`events`) to the portals that asked for them: over NATS, or into `local` when the
 /// portal is this node's own. Portals that left the cluster are forgotten. Returns the
-/// parts as this node's own portal is to call them (its SFU's sessions noted as this
-/// node's, so that what a dead home placed here can be told apart and ended).
+/// parts as this node's own portal is to call them (its SFU's sessions and its mixer's
+/// views noted as this node's, so that what a dead home placed here can be told apart and
+/// ended: `placed.rs`).
 pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiver<AgentEvent>>, local: Option<mpsc::Sender<AgentEvent>>) -> Served {
-    let mut own_media = None;
-    let (own_mixer, own_recorder) = (parts.mixer.clone(), parts.recorder.clone());
     let (client, me) = (node.client(), node.id());
     let me = me.as_str();
+    let placed = Arc::new(crate::placed::Placed::new(me));
+    let sweep_on = crate::placed::Parts { media: parts.media.clone(), mixer: parts.mixer.clone() };
+    if sweep_on.media.is_some() || sweep_on.mixer.is_some() {
+        crate::placed::sweep(placed.clone(), Arc::downgrade(node), client.clone(), sweep_on);
+    }
+    let own = Served {
+        media: parts.media.clone().map(|inner| Arc::new(crate::placed::Noted { inner, placed: placed.clone() }) as Arc<dyn MediaNode>),
+        mixer: parts.mixer.clone().map(|inner| Arc::new(crate::placed::NotedMix { inner, placed: placed.clone() }) as Arc<dyn MixNode>),
+        recorder: parts.recorder.clone(),
+    };
     let routes = Arc::new(EventRoutes::default());
     {
         let (routes, node) = (Arc::downgrade(&routes), Arc::downgrade(node));
@@ -250,10 +259,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         });
     }
     if let Some(media) = parts.media {
-        let routes = routes.clone();
-        let placed = Arc::new(crate::placed::Placed::new(me));
-        crate::placed::sweep(placed.clone(), Arc::downgrade(node), client.clone(), media.clone());
-        own_media = Some(Arc::new(crate::placed::Noted { inner: media.clone(), placed: placed.clone() }) as Arc<dyn MediaNode>);
+        let (routes, placed) = (routes.clone(), placed.clone());
         let handle = move |c: AgentCommand, from: Option<String>| {
             let (media, routes, placed) = (media.clone(), routes.clone(), placed.clone());
             async move {
@@ -267,12 +273,13 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         tokio::spawn(serve_part(client.clone(), subject(me, "media"), handle, AgentError::Rejected));
     }
     if let Some(mixer) = parts.mixer {
-        let routes = routes.clone();
+        let (routes, placed) = (routes.clone(), placed.clone());
         let handle = move |c: MixCommand, from: Option<String>| {
-            let (mixer, routes) = (mixer.clone(), routes.clone());
+            let (mixer, routes, placed) = (mixer.clone(), routes.clone(), placed.clone());
             async move {
                 if let Some(from) = from.as_deref() {
                     routes.note(c.room(), from);
+                    placed.note_mix(&c, from);
                 }
                 mixer.handle(c).await
             }
@@ -313,7 +320,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
             }
         });
     }
-    Served { media: own_media, mixer: own_mixer, recorder: own_recorder }
+    own
 }
 
 /// A subscription to `subject`, or `None` with `what` logged (the node goes on without it).

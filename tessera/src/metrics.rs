@@ -120,7 +120,10 @@ impl Metrics {
         if let Some(mixer) = &self.sources.mixer {
             let mut totals = self.views.lock().unwrap_or_else(|p| p.into_inner());
             totals.forget_idle();
-            for v in mixer.metrics() {
+            let views = mixer.metrics();
+            // A stopped view's own series linger until idle: this count does not.
+            gauge!("tessera_mixer_views").set(views.len() as f64);
+            for v in views {
                 let key = |name: &str| format!("{name}\0{}\0{}", v.room, v.view);
                 let frames = totals.total(key("frames"), v.frames as f64);
                 let timed = totals.total(key("timed"), v.timed_frames as f64);
@@ -176,6 +179,7 @@ fn describe() {
     describe_counter!("tessera_client_fraction_lost_count", "Receiver report blocks from subscribers");
     describe_gauge!("tessera_client_rtt_seconds_sum", "Sum of round-trip times measured from subscribers' receiver reports");
     describe_counter!("tessera_client_rtt_seconds_count", "Round-trip times measured");
+    describe_gauge!("tessera_mixer_views", "Views this node's mixer has");
     describe_gauge!("tessera_mixer_view_running", "1 while a view's pipeline runs");
     describe_counter!("tessera_mixer_frames_total", "Video frames a view encoded since its pipeline started");
     describe_gauge!("tessera_mixer_encode_seconds_sum", "Sum of a view's measured encode times");

@@ -997,34 +997,42 @@ async fn simulcast_layers_are_chosen_on_another_node() {
 }
 
 /// A layer the publisher declared but has not sent yet when another node imports the
-/// stream does not end the import: its channel waits, and carries the layer once the
-/// publisher starts it (the exporter's tap on it is kept until the layer flows).
+/// stream does not end the import: the exporter's tap on it waits for the layer, counts as
+/// wanting it (so the origin asks the publisher for it, as a browser that had not started
+/// its top layer yet would be asked), and carries it once it flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_layer_that_starts_late_reaches_another_node() {
-    use common::layers::{check_layered_video, runs, wait_for_picture};
+    use common::layers::{asked_layers, check_layered_video, runs, wait_for_picture};
     use tessera_client::peer::Subscriber;
     if !common::in_own_netns("a_layer_that_starts_late_reaches_another_node") {
         return;
     }
     const F: (usize, usize, &str) = (640, 480, "red");
-    const H: (usize, usize, &str) = (320, 240, "green");
     let nats = Nats::start();
     let [(_n2_dir, n2), (_n1_dir, p)] = two_webrtc_nodes(&nats.url()).await;
 
-    let (room, _psig, publisher) = simulcast_room(&p, &["f"]).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // f is held back; nobody subscribes yet, so the publisher is told to send q only.
+    let (room, mut psig, publisher) = simulcast_room(&p, &["f"]).await;
+    let id = publisher.stream_id.clone();
+    assert_eq!(asked_layers(&mut psig, &id, &publisher).await, ["q"], "nobody takes it");
+    // A subscriber on `auto` on n2 may want any layer: the origin asks for all three, f
+    // included although it never flowed (the publisher then starts it, as the JS client does).
     let (mut ssig, _) = p.join(&room, "sub").await;
-    let auto = Subscriber::start_video(&mut ssig, &publisher.stream_id, Value::Null).await.unwrap();
+    let auto = Subscriber::start_video(&mut ssig, &id, Value::Null).await.unwrap();
     wait_transports(&p, "n2", 1).await;
-    wait_for_picture(&auto, H, Duration::from_secs(5)).await;
-    assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0, "the unsent layer's channel is kept");
-    publisher.stop_layer("f", false);
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|l: &Vec<String>| !l.iter().any(|r| r == "f")) {
+        assert!(seen.len() < 5, "the publisher was never asked for f: {seen:?}");
+        seen.push(asked_layers(&mut psig, &id, &publisher).await);
+    }
+    let asked = Instant::now();
     let up = wait_for_picture(&auto, F, Duration::from_secs(8)).await;
-    println!("the late layer reached n2's subscriber {up:?} after it started");
+    println!("asked {seen:?}; the late layer reached n2's subscriber {up:?} after it was asked for ({:?})", asked.elapsed());
+    // One import, three tracks: the held layer's channel was kept all along.
     assert_eq!(metric(&n2, "tessera_relay_imported_streams").await, 1.0);
     assert_eq!(metric(&p, "tessera_relay_exported_tracks").await, 3.0);
-    let got = runs(&check_layered_video(&auto, 2));
-    assert!(got.ends_with(&[H, F]) && got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
+    let got = runs(&check_layered_video(&auto, 3));
+    assert!(got.last() == Some(&F) && got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
 }
 
 /// Layers that no subscriber on another node takes are paused at the publisher, as they
@@ -1355,10 +1363,12 @@ async fn a_room_has_one_home_among_portals() {
     assert_eq!(list.as_array().unwrap().iter().map(|p| p["user"].as_str().unwrap()).collect::<Vec<_>>(), ["dave"], "{list}");
 }
 
-/// What a dead home placed on a webrtc node that lives on ends there: a participant who
-/// never comes back (Ann, whose client keeps its peer connection up) loses her transport
-/// once another node holds the room, while the participants the new home seats again keep
-/// theirs. (Alpha is a portal only, so every transport is on bravo.)
+/// What a dead home placed on a node that lives on ends there: a participant who never
+/// comes back (Ann, whose client keeps its peer connection up) loses her transport once
+/// another node holds the room, while the participants the new home seats again keep
+/// theirs; in a room nobody comes back to, its participant's transport and its view end
+/// once nobody has held it for a while. (Alpha is a portal only, so every transport and
+/// view is on bravo.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
     if !common::in_own_netns("a_dead_homes_participants_leave_the_nodes_that_live_on") {
@@ -1381,7 +1391,18 @@ async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
     let (mut bob, bob_info) = b.join(&room, "bob").await;
     let sub = tessera_client::peer::Subscriber::start(&mut bob, &publisher.stream_id, false, true, false).await.unwrap();
     sub.wait_until("ann's video at bob", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
-    wait_transports(&b, "bravo", 2).await;
+    // A second room, with a view (mixed on bravo), that nobody comes back to: Dan alone.
+    let room2 = a.new_room(serde_json::json!({})).await;
+    let (mut dan, _) = a.join(&room2, "dan").await;
+    let (_dan_pub, _dan_sending) = publish_sending(&mut dan, 5, 60).await;
+    let metrics = async || b.client().get(b.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let view_of_room2 = format!("tessera_mixer_view_running{{room=\"{room2}\"");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !metrics().await.contains(&view_of_room2) {
+        assert!(Instant::now() < deadline, "room 2's view never ran on bravo");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_transports(&b, "bravo", 3).await;
 
     let killed = Instant::now();
     a.child.kill().unwrap();
@@ -1390,7 +1411,9 @@ async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
     let mut bob = tessera_client::signaling::Signaling::connect(&b.portal).await.unwrap();
     bob.ok("relogin", Some(bob_info["reconnectionTicket"].clone())).await.unwrap();
     let (bob_pub, _bob_sending) = publish_sending(&mut bob, 4, 60).await;
-    // Ann's transport ends although her client still holds it; Bob's new one stays.
+    // Ann's and Dan's transports end although their clients still hold them (Ann's when
+    // bravo takes her room over, Dan's once nobody has held his for 6 s), and so does room
+    // 2's view; Bob's new transport stays.
     let deadline = killed + Duration::from_secs(15);
     while metric(&b, "tessera_transports{state=\"connected\"}").await != 1.0 {
         if Instant::now() >= deadline {
@@ -1404,7 +1427,12 @@ async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("the dead home's participant left bravo {:?} after the kill", killed.elapsed());
+    println!("the dead home's participants left bravo {:?} after the kill", killed.elapsed());
+    while metric(&b, "tessera_mixer_views").await != 0.0 {
+        assert!(Instant::now() < deadline, "the lost home's view never stopped on bravo");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("its view stopped {:?} after the kill", killed.elapsed());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(metric(&b, "tessera_transports{state=\"connected\"}").await, 1.0, "the new home's transport is kept");
     let (mut cat, _) = b.join(&room, "cat").await;

@@ -1890,7 +1890,10 @@ impl Worker {
         // What the publisher should send: a layer nobody takes costs it upload for nothing.
         // A tap on the whole video (a recording, the mixer) may want any layer; a tap on one
         // layer (a relay to another node, while that node needs it) reads that layer.
-        let reads = |track: TrackId| self.published.get(&track).is_some_and(|t| t.consumer_count() > 0);
+        // (A tap waiting for a layer that has not flowed yet reads it as soon as it does.)
+        let waiting: Vec<TrackId> =
+            self.boards.get(&board_id).map(|s| s.waiting.iter().filter(|(_, t)| !t.idle).map(|(k, _)| *k).collect()).unwrap_or_default();
+        let reads = |track: TrackId| self.published.get(&track).is_some_and(|t| t.consumer_count() > 0) || waiting.contains(&track);
         let tapped = self.boards.get(&board_id).is_some_and(|s| !s.taps.is_empty());
         let wanted = board.wanted(tapped, |i| board.layers.get(i).is_some_and(|l| reads(l.track)));
         let mut tell = None;
