@@ -80,7 +80,7 @@ impl Claim {
 }
 
 /// A node's run: its id and the instance id of this start.
-fn run_of(node: &str, instance: &str) -> String {
+pub(crate) fn run_of(node: &str, instance: &str) -> String {
     format!("{node}/{instance}")
 }
 
@@ -142,15 +142,15 @@ fn token(room: &str) -> String {
     }
 }
 
-/// Which node holds `room` now, asked on its subject: `Some(None)` when nobody serves it,
-/// `None` when that cannot be told (NATS away, no answer in time).
+/// Which run (`<node>/<instance>`) holds `room` now, asked on its subject: `Some(None)`
+/// when nobody serves it, `None` when that cannot be told (NATS away, no answer in time).
 pub(crate) async fn holder(client: &async_nats::Client, room: &str) -> Option<Option<String>> {
     let payload = serde_json::to_vec(&ToHome::Ping).ok()?;
     let request = async_nats::Request::new().payload(payload.into()).timeout(Some(PING_TIMEOUT));
     match tokio::time::timeout(PING_TIMEOUT, client.send_request(room_subject(room), request)).await {
         Ok(Ok(msg)) => {
             let run: String = serde_json::from_slice(&msg.payload).ok()?;
-            Some(Some(run.rsplit_once('/').map_or(run.as_str(), |(node, _)| node).to_string()))
+            Some(Some(run))
         }
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Some(None),
         _ => None,

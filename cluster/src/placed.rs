@@ -10,7 +10,8 @@
 //! taken over), or nobody has for [`ORPHANED_AFTER`], what the old home placed here ends,
 //! as when a home says so (`ParticipantLeft`, `StopView`). What the new home placed again
 //! (a participant seated again, a view it asked for anew) is its own and is left alone. A
-//! home restarted under the same id is taken as the same home.
+//! home restarted under the same id is another run (header `Tessera-Run`): what its
+//! previous run placed is lost as well, unless the new run places it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -23,6 +24,7 @@ use tessera_core::typed_ids::{ParticipantId, RoomId, ViewLabel};
 use tracing::{debug, info};
 
 use crate::ClusterNode;
+use crate::rpc::Caller;
 
 /// How often the rooms' holders are asked.
 const CHECK: Duration = Duration::from_secs(1);
@@ -52,7 +54,7 @@ pub(crate) struct Placed {
 #[derive(Default)]
 struct PlacedRoom {
     /// Each placement, and the node that last asked for it.
-    by: HashMap<Placement, String>,
+    by: HashMap<Placement, Caller>,
     /// Since when nobody has held the room.
     unheld_since: Option<Instant>,
 }
@@ -62,8 +64,13 @@ impl Placed {
         Placed { me: me.to_string(), rooms: Mutex::default() }
     }
 
-    fn placed(&self, room: &RoomId, what: Placement, from: &str) {
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.to_string());
+    fn placed(&self, room: &RoomId, what: Placement, from: &Caller) {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
+    }
+
+    /// This node, as what its own portal places is noted.
+    fn own(&self) -> Caller {
+        Caller { node: self.me.clone(), run: None }
     }
 
     fn ended(&self, room: &RoomId, what: &Placement) {
@@ -76,8 +83,8 @@ impl Placed {
         }
     }
 
-    /// Notes an SFU command from node `from` (a participant leaving is forgotten).
-    pub(crate) fn note(&self, command: &AgentCommand, from: &str) {
+    /// Notes an SFU command from `from` (a participant leaving is forgotten).
+    pub(crate) fn note(&self, command: &AgentCommand, from: &Caller) {
         match command {
             AgentCommand::Publish(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
             AgentCommand::Subscribe(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
@@ -86,8 +93,8 @@ impl Placed {
         }
     }
 
-    /// Notes a mixer command from node `from` (a view stopped is forgotten).
-    pub(crate) fn note_mix(&self, command: &MixCommand, from: &str) {
+    /// Notes a mixer command from `from` (a view stopped is forgotten).
+    pub(crate) fn note_mix(&self, command: &MixCommand, from: &Caller) {
         match command {
             MixCommand::StartView(c) => self.placed(&c.room, Placement::View(c.view.label.as_str().into()), from),
             MixCommand::StopView(c) => self.ended(&c.room, &Placement::View(c.view.clone())),
@@ -98,18 +105,22 @@ impl Placed {
     /// The rooms where another node placed something.
     fn rooms(&self) -> Vec<RoomId> {
         let rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        rooms.iter().filter(|(_, r)| r.by.values().any(|by| *by != self.me)).map(|(id, _)| id.clone()).collect()
+        rooms.iter().filter(|(_, r)| r.by.values().any(|by| by.node != self.me)).map(|(id, _)| id.clone()).collect()
     }
 
-    /// What was placed in `room` by a home that is gone, given who holds it now (`None`:
-    /// nobody), forgotten here.
+    /// What was placed in `room` by a home that is gone, given the run that holds it now
+    /// (`<node>/<instance>`, or a bare node id from an older node; `None`: nobody), forgotten
+    /// here, each with who had placed it.
     fn orphans(&self, room: &RoomId, holder: Option<&str>, now: Instant) -> Vec<(Placement, String)> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = rooms.get_mut(room) else { return Vec::new() };
         let lost: Vec<Placement> = match holder {
             Some(holder) => {
                 r.unheld_since = None;
-                r.by.iter().filter(|(_, by)| by.as_str() != holder).map(|(p, _)| p.clone()).collect()
+                let (node, run) = holder.rsplit_once('/').map_or((holder, None), |(node, _)| (node, Some(holder)));
+                // A run is compared only where both sides tell it.
+                let other = |by: &Caller| by.node != node || by.run.as_deref().zip(run).is_some_and(|(a, b)| a != b);
+                r.by.iter().filter(|(_, by)| other(by)).map(|(p, _)| p.clone()).collect()
             }
             None => {
                 let since = *r.unheld_since.get_or_insert(now);
@@ -119,7 +130,8 @@ impl Placed {
                 r.by.keys().cloned().collect()
             }
         };
-        let out: Vec<(Placement, String)> = lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).collect();
+        let out: Vec<(Placement, String)> =
+            lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).map(|(p, by)| (p, by.run.unwrap_or(by.node))).collect();
         if r.by.is_empty() {
             rooms.remove(room);
         }
@@ -188,7 +200,7 @@ pub(crate) struct Noted {
 #[async_trait::async_trait]
 impl MediaNode for Noted {
     async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
-        self.placed.note(&command, &self.placed.me);
+        self.placed.note(&command, &self.placed.own());
         self.inner.handle(command).await
     }
 }
@@ -202,7 +214,7 @@ pub(crate) struct NotedMix {
 #[async_trait::async_trait]
 impl MixNode for NotedMix {
     async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
-        self.placed.note_mix(&command, &self.placed.me);
+        self.placed.note_mix(&command, &self.placed.own());
         self.inner.handle(command).await
     }
 }
@@ -217,50 +229,72 @@ mod tests {
         AgentCommand::Publish(PublishSpec { at, tracks: Vec::new(), data: false })
     }
 
+    /// Node `node`'s run `instance`.
+    fn run(node: &str, instance: &str) -> Caller {
+        Caller { node: node.into(), run: Some(format!("{node}/{instance}")) }
+    }
+
     #[test]
     fn a_taken_over_room_loses_the_old_homes_participants_only() {
         let placed = Placed::new("bravo");
-        placed.note(&publish("r", "ann"), "alpha");
-        placed.note(&publish("r", "bob"), "alpha");
+        placed.note(&publish("r", "ann"), &run("alpha", "1"));
+        placed.note(&publish("r", "bob"), &run("alpha", "1"));
         // Bob seated again at bravo, which placed him here anew.
-        placed.note(&publish("r", "bob"), "bravo");
+        placed.note(&publish("r", "bob"), &placed.own());
         let now = Instant::now();
-        let lost = placed.orphans(&"r".into(), Some("bravo"), now);
-        assert_eq!(lost, [(Placement::Participant("ann".into()), "alpha".to_string())]);
-        assert!(placed.orphans(&"r".into(), Some("bravo"), now).is_empty(), "told once");
+        let lost = placed.orphans(&"r".into(), Some("bravo/9"), now);
+        assert_eq!(lost, [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
+        assert!(placed.orphans(&"r".into(), Some("bravo/9"), now).is_empty(), "told once");
         assert!(placed.rooms().is_empty(), "what this node's own portal placed is not watched");
+    }
+
+    #[test]
+    fn a_home_restarted_under_its_id_is_another_home() {
+        let placed = Placed::new("bravo");
+        placed.note(&publish("r", "ann"), &run("alpha", "1"));
+        placed.note(&publish("r", "bob"), &run("alpha", "1"));
+        let now = Instant::now();
+        assert!(placed.orphans(&"r".into(), Some("alpha/1"), now).is_empty(), "the same run holds the room");
+        // Alpha restarted and seated Bob again; Ann never came back.
+        placed.note(&publish("r", "bob"), &run("alpha", "2"));
+        assert_eq!(placed.orphans(&"r".into(), Some("alpha/2"), now), [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
+        // An older node tells no run: its node id alone is compared.
+        placed.note(&publish("r", "cat"), &Caller { node: "alpha".into(), run: None });
+        assert!(placed.orphans(&"r".into(), Some("alpha/3"), now).len() == 1, "bob's run is gone, cat's unknown");
+        assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1]);
+        assert!(placed.orphans(&"r".into(), Some("alpha"), now).is_empty());
     }
 
     #[test]
     fn a_view_started_again_by_the_new_home_is_kept() {
         let placed = Placed::new("carl");
         let start = |room: &str| MixCommand::StartView(tessera_core::command::StartView { room: room.into(), view: Default::default() });
-        placed.note_mix(&start("r"), "alpha");
-        placed.note_mix(&start("s"), "alpha");
-        placed.note_mix(&start("s"), "bravo");
+        placed.note_mix(&start("r"), &run("alpha", "1"));
+        placed.note_mix(&start("s"), &run("alpha", "1"));
+        placed.note_mix(&start("s"), &run("bravo", "1"));
         let now = Instant::now();
         let label = tessera_core::room::View::default().label;
-        assert_eq!(placed.orphans(&"r".into(), Some("bravo"), now), [(Placement::View(label.as_str().into()), "alpha".to_string())]);
-        assert!(placed.orphans(&"s".into(), Some("bravo"), now).is_empty(), "bravo's own view stays");
+        assert_eq!(placed.orphans(&"r".into(), Some("bravo/1"), now), [(Placement::View(label.as_str().into()), "alpha/1".to_string())]);
+        assert!(placed.orphans(&"s".into(), Some("bravo/1"), now).is_empty(), "bravo's own view stays");
         let stop = MixCommand::StopView(StopView { room: "s".into(), view: label.as_str().into() });
-        placed.note_mix(&stop, "bravo");
+        placed.note_mix(&stop, &run("bravo", "1"));
         assert!(placed.rooms().is_empty(), "a stopped view is forgotten");
     }
 
     #[test]
     fn a_room_nobody_holds_is_given_up_after_a_while() {
         let placed = Placed::new("bravo");
-        placed.note(&publish("r", "ann"), "alpha");
+        placed.note(&publish("r", "ann"), &run("alpha", "1"));
         let t0 = Instant::now();
         assert!(placed.orphans(&"r".into(), None, t0).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER / 2).is_empty());
         // Held again meanwhile: the wait starts over.
-        assert!(placed.orphans(&"r".into(), Some("alpha"), t0 + ORPHANED_AFTER / 2).is_empty());
+        assert!(placed.orphans(&"r".into(), Some("alpha/1"), t0 + ORPHANED_AFTER / 2).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER).is_empty());
         assert_eq!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER * 2).len(), 1);
         assert!(placed.rooms().is_empty());
-        placed.note(&publish("q", "cat"), "alpha");
-        placed.note(&AgentCommand::ParticipantLeft(ParticipantLeft { room: "q".into(), participant: "cat".into() }), "alpha");
+        placed.note(&publish("q", "cat"), &run("alpha", "1"));
+        placed.note(&AgentCommand::ParticipantLeft(ParticipantLeft { room: "q".into(), participant: "cat".into() }), &run("alpha", "1"));
         assert!(placed.rooms().is_empty(), "a participant who left is forgotten");
     }
 }

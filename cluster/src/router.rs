@@ -105,6 +105,8 @@ pub struct ClusterRouter {
     me_arc: Weak<ClusterRouter>,
     node: Arc<ClusterNode>,
     me: String,
+    /// This node's run, told to the nodes it places things on.
+    run: String,
     region: String,
     /// This node's own parts (none where it lacks the role).
     local: LocalRouter,
@@ -142,6 +144,7 @@ impl ClusterRouter {
         let router = Arc::new_cyclic(|me_arc| ClusterRouter {
             me_arc: me_arc.clone(),
             node,
+            run: crate::homes::run_of(&me.id, &me.instance),
             me: me.id,
             region: me.region,
             local,
@@ -351,11 +354,15 @@ impl ClusterRouter {
         Some(chosen)
     }
 
+    fn caller(&self) -> crate::rpc::Caller {
+        crate::rpc::Caller { node: self.me.clone(), run: Some(self.run.clone()) }
+    }
+
     fn media(&self, node: &str) -> Option<Arc<dyn MediaNode>> {
         if node == self.me {
             return self.local.agent.clone();
         }
-        Some(Arc::new(RemoteMedia::new(self.node.client(), &self.me, node)))
+        Some(Arc::new(RemoteMedia::new(self.node.client(), self.caller(), node)))
     }
 
     fn is_me(&self, node: &NodeRecord) -> bool {
@@ -502,7 +509,7 @@ impl Router for ClusterRouter {
         if self.is_me(&node) {
             return self.local.mixer.clone();
         }
-        Some(Arc::new(RemoteMixer::new(self.node.client(), &self.me, &node.id)))
+        Some(Arc::new(RemoteMixer::new(self.node.client(), self.caller(), &node.id)))
     }
 
     fn recorder_for(&self, room: &RoomId) -> Option<Arc<dyn RecorderNode>> {
@@ -510,7 +517,7 @@ impl Router for ClusterRouter {
         if self.is_me(&node) {
             return self.local.recorder.clone();
         }
-        Some(Arc::new(RemoteRecorder::new(self.node.client(), &self.me, &node.id)))
+        Some(Arc::new(RemoteRecorder::new(self.node.client(), self.caller(), &node.id)))
     }
 
     fn release(&self, room: &RoomId) {
@@ -528,7 +535,7 @@ impl Router for ClusterRouter {
     fn recorder_nodes(&self) -> Vec<Arc<dyn RecorderNode>> {
         let mut out: Vec<Arc<dyn RecorderNode>> = self.local.recorder.iter().cloned().collect();
         for n in self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&Role::Recorder) && !self.is_me(n)) {
-            out.push(Arc::new(RemoteRecorder::new(self.node.client(), &self.me, &n.id)));
+            out.push(Arc::new(RemoteRecorder::new(self.node.client(), self.caller(), &n.id)));
         }
         out
     }
@@ -539,7 +546,7 @@ impl Router for ClusterRouter {
             if self.is_me(&n) {
                 out.extend(self.local.agent.clone());
             } else {
-                out.push(Arc::new(RemoteMedia::new(self.node.client(), &self.me, &n.id)));
+                out.push(Arc::new(RemoteMedia::new(self.node.client(), self.caller(), &n.id)));
             }
         }
         out

@@ -3,7 +3,8 @@
 //!
 //! A node serves its parts on `tessera.node.<id>.media`, `.mix` and `.recorder`: a request
 //! is the command as JSON (`core::command`), the reply the result as JSON (`{"Ok": reply}`
-//! or `{"Err": error}`), and the header `Tessera-From` names the calling portal node. What
+//! or `{"Err": error}`), the header `Tessera-From` names the calling portal node and
+//! `Tessera-Run` its run (`<node>/<instance>`: a node restarted under its id is another run). What
 //! a media node reports back ([`AgentEvent`]s: negotiation progress, streams ready or
 //! ended) goes to every portal node that sent commands for the event's room, on
 //! `tessera.node.<portal>.events` (or straight into this process's portal when it is the
@@ -30,6 +31,17 @@ use crate::ClusterNode;
 
 /// The header naming the node a command comes from.
 pub const FROM_HEADER: &str = "Tessera-From";
+/// The header naming the run (`<node>/<instance>`) of the node a command comes from.
+pub const RUN_HEADER: &str = "Tessera-Run";
+
+/// Who sends a command: a node, and its run (`None` from a node too old to say it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The node id.
+    pub node: String,
+    /// `<node>/<instance>`: changed by a restart.
+    pub run: Option<String>,
+}
 /// How long a command may take on the remote node (negotiation included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a media node looks for portals that left, to stop routing events to them.
@@ -48,7 +60,7 @@ pub fn subject(node: &str, part: &str) -> String {
 /// error is what happened on this side, the inner one NATS's answer.
 async fn send<C: Serialize>(
     client: &Client,
-    from: &str,
+    from: &Caller,
     to: &str,
     part: &str,
     command: &C,
@@ -57,7 +69,10 @@ async fn send<C: Serialize>(
     crate::bucket::connected(client)?;
     let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
-    headers.insert(FROM_HEADER, from);
+    headers.insert(FROM_HEADER, from.node.as_str());
+    if let Some(run) = &from.run {
+        headers.insert(RUN_HEADER, run.as_str());
+    }
     let request = async_nats::Request::new().payload(payload.into()).headers(headers).timeout(Some(limit));
     tokio::time::timeout(limit, client.send_request(subject(to, part), request)).await.map_err(|_| format!("no answer within {} s", limit.as_secs()))
 }
@@ -65,7 +80,7 @@ async fn send<C: Serialize>(
 /// Sends a command to a node's part and decodes its result.
 pub(crate) async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>(
     client: &Client,
-    from: &str,
+    from: &Caller,
     to: &str,
     part: &str,
     command: &C,
@@ -79,6 +94,7 @@ pub(crate) async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>
 /// NATS says nobody listens there (the node is gone), `Some(true)` when it answers (even
 /// with an error), `None` when that cannot be told (NATS away, or no answer in time).
 pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Option<bool> {
+    let from = &Caller { node: from.to_string(), run: None };
     let answer = match part {
         "mix" => {
             // A view no room has: answered with "no such view", which is an answer.
@@ -104,14 +120,14 @@ macro_rules! remote {
         $(#[$doc])*
         pub struct $Name {
             client: Client,
-            from: String,
+            from: Caller,
             to: String,
         }
 
         impl $Name {
-            /// A proxy for node `to`'s part, called by node `from`.
-            pub fn new(client: Client, from: &str, to: &str) -> Self {
-                $Name { client, from: from.to_string(), to: to.to_string() }
+            /// A proxy for node `to`'s part, called by `from`.
+            pub fn new(client: Client, from: Caller, to: &str) -> Self {
+                $Name { client, from, to: to.to_string() }
             }
         }
 
@@ -180,13 +196,16 @@ where
     C: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
     E: Serialize + Send + 'static,
-    F: Fn(C, Option<String>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(C, Option<Caller>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<R, E>> + Send,
 {
     let Some(mut requests) = subscribe_or_warn(&client, &subject, "cannot serve this node's part over NATS").await else { return };
     while let Some(msg) = requests.next().await {
         let Some(reply_to) = msg.reply.clone() else { continue };
-        let from = msg.headers.as_ref().and_then(|h| h.get(FROM_HEADER)).map(|v| v.as_str().to_string());
+        let from = msg.headers.as_ref().and_then(|h| {
+            let node = h.get(FROM_HEADER)?.as_str().to_string();
+            Some(Caller { node, run: h.get(RUN_HEADER).map(|v| v.as_str().to_string()) })
+        });
         let (client, handle) = (client.clone(), handle.clone());
         // One task per request: a slow command (an SDP negotiation) must not hold up others.
         tokio::spawn(async move {
@@ -260,11 +279,11 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     }
     if let Some(media) = parts.media {
         let (routes, placed) = (routes.clone(), placed.clone());
-        let handle = move |c: AgentCommand, from: Option<String>| {
+        let handle = move |c: AgentCommand, from: Option<Caller>| {
             let (media, routes, placed) = (media.clone(), routes.clone(), placed.clone());
             async move {
-                if let (Some(room), Some(from)) = (c.room(), from.as_deref()) {
-                    routes.note(room, from);
+                if let (Some(room), Some(from)) = (c.room(), from.as_ref()) {
+                    routes.note(room, &from.node);
                     placed.note(&c, from);
                 }
                 media.handle(c).await
@@ -274,11 +293,11 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     }
     if let Some(mixer) = parts.mixer {
         let (routes, placed) = (routes.clone(), placed.clone());
-        let handle = move |c: MixCommand, from: Option<String>| {
+        let handle = move |c: MixCommand, from: Option<Caller>| {
             let (mixer, routes, placed) = (mixer.clone(), routes.clone(), placed.clone());
             async move {
-                if let Some(from) = from.as_deref() {
-                    routes.note(c.room(), from);
+                if let Some(from) = from.as_ref() {
+                    routes.note(c.room(), &from.node);
                     placed.note_mix(&c, from);
                 }
                 mixer.handle(c).await
@@ -287,7 +306,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         tokio::spawn(serve_part(client.clone(), subject(me, "mix"), handle, MixError::Failed));
     }
     if let Some(recorder) = parts.recorder {
-        let handle = move |c: RecorderCommand, _from: Option<String>| {
+        let handle = move |c: RecorderCommand, _from: Option<Caller>| {
             let recorder = recorder.clone();
             async move { recorder.handle(c).await }
         };

@@ -258,7 +258,8 @@ impl NatsControl {
             .map(|to| {
                 let (client, me) = (client.clone(), me.clone());
                 async move {
-                    let answer = crate::rpc::call::<_, ExportReply, ExportError>(&client, &me, &to, "relay", request, ASK_TIMEOUT).await;
+                    let from = crate::rpc::Caller { node: me, run: None };
+                    let answer = crate::rpc::call::<_, ExportReply, ExportError>(&client, &from, &to, "relay", request, ASK_TIMEOUT).await;
                     (to, answer)
                 }
             })
@@ -327,13 +328,13 @@ impl Relay {
         let (client, me) = (node.client(), node.id());
         let relay = Relay::new(Arc::new(NatsControl { node: node.clone() }), socket, secret, local)?;
         let (weak, node) = (Arc::downgrade(&relay), Arc::downgrade(&node));
-        let handle = move |request: ExportRequest, from: Option<String>| {
+        let handle = move |request: ExportRequest, from: Option<crate::rpc::Caller>| {
             let (relay, node) = (weak.upgrade(), node.upgrade());
             async move {
                 let (Some(relay), Some(node)) = (relay, node) else { return Err(ExportError::Refused("the relay stopped".into())) };
                 // Media goes only to the relay address the asking node registered, not to
                 // any address a request names.
-                let from = from.ok_or_else(|| ExportError::Refused("an export request must name its node".into()))?;
+                let from = from.ok_or_else(|| ExportError::Refused("an export request must name its node".into()))?.node;
                 let registered = |node: &ClusterNode| node.known_nodes().into_iter().find(|n| n.id == from).map(|n| n.relay_addr);
                 let matches = |a: &Option<String>| a.as_deref().and_then(|a| a.parse::<SocketAddr>().ok()) == Some(request.to);
                 let mut addr = registered(&node);
