@@ -144,13 +144,13 @@ fn token(room: &str) -> String {
 
 /// Which run (`<node>/<instance>`) holds `room` now, asked on its subject: `Some(None)`
 /// when nobody serves it, `None` when that cannot be told (NATS away, no answer in time).
-pub(crate) async fn holder(client: &async_nats::Client, room: &str) -> Option<Option<String>> {
+pub(crate) async fn holder(client: &async_nats::Client, room: &str) -> Option<Option<crate::rpc::Caller>> {
     let payload = serde_json::to_vec(&ToHome::Ping).ok()?;
     let request = async_nats::Request::new().payload(payload.into()).timeout(Some(PING_TIMEOUT));
     match tokio::time::timeout(PING_TIMEOUT, client.send_request(room_subject(room), request)).await {
         Ok(Ok(msg)) => {
             let run: String = serde_json::from_slice(&msg.payload).ok()?;
-            Some(Some(run))
+            Some(Some(crate::rpc::Caller::parse(&run)))
         }
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Some(None),
         _ => None,

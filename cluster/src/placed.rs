@@ -109,18 +109,14 @@ impl Placed {
     }
 
     /// What was placed in `room` by a home that is gone, given the run that holds it now
-    /// (`<node>/<instance>`, or a bare node id from an older node; `None`: nobody), forgotten
-    /// here, each with who had placed it.
-    fn orphans(&self, room: &RoomId, holder: Option<&str>, now: Instant) -> Vec<(Placement, String)> {
+    /// (`None`: nobody), forgotten here, each with who had placed it.
+    fn orphans(&self, room: &RoomId, holder: Option<&Caller>, now: Instant) -> Vec<(Placement, String)> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = rooms.get_mut(room) else { return Vec::new() };
         let lost: Vec<Placement> = match holder {
             Some(holder) => {
                 r.unheld_since = None;
-                let (node, run) = holder.rsplit_once('/').map_or((holder, None), |(node, _)| (node, Some(holder)));
-                // A run is compared only where both sides tell it.
-                let other = |by: &Caller| by.node != node || by.run.as_deref().zip(run).is_some_and(|(a, b)| a != b);
-                r.by.iter().filter(|(_, by)| other(by)).map(|(p, _)| p.clone()).collect()
+                r.by.iter().filter(|(_, by)| by.is_other_than(holder)).map(|(p, _)| p.clone()).collect()
             }
             None => {
                 let since = *r.unheld_since.get_or_insert(now);
@@ -169,8 +165,8 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
                 if node.reconnected_within(RECONNECT_GRACE) {
                     break;
                 }
-                for (what, home) in placed.orphans(&room, holder.as_deref(), Instant::now()) {
-                    info!(room = %room, placed = ?what, home = %home, now = ?holder, "the home that placed this here is gone; it ends");
+                for (what, home) in placed.orphans(&room, holder.as_ref(), Instant::now()) {
+                    info!(room = %room, placed = ?what, home = %home, now = ?holder.as_ref().map(|h| h.run.as_deref().unwrap_or(&h.node)), "the home that placed this here is gone; it ends");
                     let failed = match (what, &parts.media, &parts.mixer) {
                         (Placement::Participant(participant), Some(media), _) => {
                             let left = AgentCommand::ParticipantLeft(ParticipantLeft { room: room.clone(), participant });
@@ -231,7 +227,12 @@ mod tests {
 
     /// Node `node`'s run `instance`.
     fn run(node: &str, instance: &str) -> Caller {
-        Caller { node: node.into(), run: Some(format!("{node}/{instance}")) }
+        Caller::run(node, instance)
+    }
+
+    /// The holder as a room's ping names it.
+    fn held(run: &str) -> Caller {
+        Caller::parse(run)
     }
 
     #[test]
@@ -242,9 +243,9 @@ mod tests {
         // Bob seated again at bravo, which placed him here anew.
         placed.note(&publish("r", "bob"), &placed.own());
         let now = Instant::now();
-        let lost = placed.orphans(&"r".into(), Some("bravo/9"), now);
+        let lost = placed.orphans(&"r".into(), Some(&held("bravo/9")), now);
         assert_eq!(lost, [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
-        assert!(placed.orphans(&"r".into(), Some("bravo/9"), now).is_empty(), "told once");
+        assert!(placed.orphans(&"r".into(), Some(&held("bravo/9")), now).is_empty(), "told once");
         assert!(placed.rooms().is_empty(), "what this node's own portal placed is not watched");
     }
 
@@ -254,15 +255,15 @@ mod tests {
         placed.note(&publish("r", "ann"), &run("alpha", "1"));
         placed.note(&publish("r", "bob"), &run("alpha", "1"));
         let now = Instant::now();
-        assert!(placed.orphans(&"r".into(), Some("alpha/1"), now).is_empty(), "the same run holds the room");
+        assert!(placed.orphans(&"r".into(), Some(&held("alpha/1")), now).is_empty(), "the same run holds the room");
         // Alpha restarted and seated Bob again; Ann never came back.
         placed.note(&publish("r", "bob"), &run("alpha", "2"));
-        assert_eq!(placed.orphans(&"r".into(), Some("alpha/2"), now), [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
+        assert_eq!(placed.orphans(&"r".into(), Some(&held("alpha/2")), now), [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
         // An older node tells no run: its node id alone is compared.
         placed.note(&publish("r", "cat"), &Caller { node: "alpha".into(), run: None });
-        assert!(placed.orphans(&"r".into(), Some("alpha/3"), now).len() == 1, "bob's run is gone, cat's unknown");
+        assert!(placed.orphans(&"r".into(), Some(&held("alpha/3")), now).len() == 1, "bob's run is gone, cat's unknown");
         assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1]);
-        assert!(placed.orphans(&"r".into(), Some("alpha"), now).is_empty());
+        assert!(placed.orphans(&"r".into(), Some(&held("alpha")), now).is_empty());
     }
 
     #[test]
@@ -274,8 +275,8 @@ mod tests {
         placed.note_mix(&start("s"), &run("bravo", "1"));
         let now = Instant::now();
         let label = tessera_core::room::View::default().label;
-        assert_eq!(placed.orphans(&"r".into(), Some("bravo/1"), now), [(Placement::View(label.as_str().into()), "alpha/1".to_string())]);
-        assert!(placed.orphans(&"s".into(), Some("bravo/1"), now).is_empty(), "bravo's own view stays");
+        assert_eq!(placed.orphans(&"r".into(), Some(&held("bravo/1")), now), [(Placement::View(label.as_str().into()), "alpha/1".to_string())]);
+        assert!(placed.orphans(&"s".into(), Some(&held("bravo/1")), now).is_empty(), "bravo's own view stays");
         let stop = MixCommand::StopView(StopView { room: "s".into(), view: label.as_str().into() });
         placed.note_mix(&stop, &run("bravo", "1"));
         assert!(placed.rooms().is_empty(), "a stopped view is forgotten");
@@ -289,7 +290,7 @@ mod tests {
         assert!(placed.orphans(&"r".into(), None, t0).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER / 2).is_empty());
         // Held again meanwhile: the wait starts over.
-        assert!(placed.orphans(&"r".into(), Some("alpha/1"), t0 + ORPHANED_AFTER / 2).is_empty());
+        assert!(placed.orphans(&"r".into(), Some(&held("alpha/1")), t0 + ORPHANED_AFTER / 2).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER).is_empty());
         assert_eq!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER * 2).len(), 1);
         assert!(placed.rooms().is_empty());

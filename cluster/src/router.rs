@@ -106,7 +106,7 @@ pub struct ClusterRouter {
     node: Arc<ClusterNode>,
     me: String,
     /// This node's run, told to the nodes it places things on.
-    run: String,
+    caller: crate::rpc::Caller,
     region: String,
     /// This node's own parts (none where it lacks the role).
     local: LocalRouter,
@@ -144,7 +144,7 @@ impl ClusterRouter {
         let router = Arc::new_cyclic(|me_arc| ClusterRouter {
             me_arc: me_arc.clone(),
             node,
-            run: crate::homes::run_of(&me.id, &me.instance),
+            caller: crate::rpc::Caller::run(&me.id, &me.instance),
             me: me.id,
             region: me.region,
             local,
@@ -355,7 +355,7 @@ impl ClusterRouter {
     }
 
     fn caller(&self) -> crate::rpc::Caller {
-        crate::rpc::Caller { node: self.me.clone(), run: Some(self.run.clone()) }
+        self.caller.clone()
     }
 
     fn media(&self, node: &str) -> Option<Arc<dyn MediaNode>> {

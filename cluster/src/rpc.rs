@@ -42,6 +42,28 @@ pub struct Caller {
     /// `<node>/<instance>`: changed by a restart.
     pub run: Option<String>,
 }
+
+impl Caller {
+    /// Run `instance` of node `node`.
+    pub fn run(node: &str, instance: &str) -> Caller {
+        Caller { node: node.to_string(), run: Some(crate::homes::run_of(node, instance)) }
+    }
+
+    /// A run as `<node>/<instance>` names it, or a bare node id (from a node too old to
+    /// tell its run).
+    pub fn parse(run: &str) -> Caller {
+        match run.rsplit_once('/') {
+            Some((node, _)) => Caller { node: node.to_string(), run: Some(run.to_string()) },
+            None => Caller { node: run.to_string(), run: None },
+        }
+    }
+
+    /// Whether `other` is another run than this one: another node, or the same node
+    /// restarted (runs are compared only where both tell theirs).
+    pub fn is_other_than(&self, other: &Caller) -> bool {
+        self.node != other.node || self.run.as_deref().zip(other.run.as_deref()).is_some_and(|(a, b)| a != b)
+    }
+}
 /// How long a command may take on the remote node (negotiation included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a media node looks for portals that left, to stop routing events to them.
