@@ -30,6 +30,7 @@ pub mod probe;
 pub mod rtcp_counter;
 mod sdp;
 pub mod simulcast;
+pub mod stack;
 pub mod wire;
 pub mod workers;
 

@@ -23,18 +23,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, Registry, Slot};
+use rtc::interceptor::{
+    GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot,
+    TwccReceiverBuilder,
+};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
-};
+use rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::transport::{RTCDtlsRole, RTCIceCandidateInit};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpHeaderExtensionCapability, RtpCodecKind, TYPE_RTCP_FB_TRANSPORT_CC};
+use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::marshal::Unmarshal;
 use tessera_core::agent::{AgentError, AgentEvent, LayerChoice, MediaKind, Progress, Signaling};
 use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MediaStats};
@@ -48,6 +50,7 @@ use crate::bwe::{Estimate, SendSide, SubscriberEstimator};
 use crate::codec::{codec_info, rtc_codec};
 use crate::rtcp_counter::RtcpCounters;
 use crate::simulcast::{LayerBoard, VideoCodec};
+use crate::stack::Stack;
 use crate::wire::Wire;
 use worker::{Batch, Cmd, SourceTrack, Worker};
 
@@ -383,19 +386,31 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     for parameter in ["", "pli"] {
         media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
     }
-    let registry = Registry::new()
-        .with(Slot::NackResponder, NackResponderBuilder::new().with_size(NACK_HISTORY).build())
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build());
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
-    let registry = configure_twcc_receiver_only(registry, &mut media).map_err(|e| failed("interceptors", e))?;
+    // Transport-wide congestion control feedback to publishers (what rtc's
+    // `configure_twcc_receiver_only` registers; its interceptor is in the stack below).
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media.register_feedback(RTCPFeedback { typ: TYPE_RTCP_FB_TRANSPORT_CC.into(), parameter: String::new() }, kind);
+        media
+            .register_header_extension(RTCRtpHeaderExtensionCapability { uri: TRANSPORT_CC_URI.to_string() }, kind, None)
+            .map_err(|e| failed("interceptors", e))?;
+    }
     let estimate = Arc::new(Estimate::default());
     // Working only once the connection takes a simulcast video on auto (see `SendSide`).
     let send_side = shared
         .settings
         .bandwidth_estimation
         .then(|| SendSide::new(SubscriberEstimator::new(GCC_START_BITRATE, GCC_MIN_BITRATE, GCC_MAX_BITRATE, estimate.clone()), estimate.clone()));
-    // Wire-most (rtc's slot for the send history): see `crate::wire`.
-    let registry = configure_rtcp_reports(registry).with(Slot::CongestionControl, Wire::new(shared.rtcp.clone(), send_side));
+    // One link of rtc's chain (see `crate::stack`), in the slot wire-most.
+    let stack = Stack::new(
+        Wire::new(shared.rtcp.clone(), send_side),
+        NackResponderBuilder::new().with_size(NACK_HISTORY).build(),
+        NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build(),
+        TwccReceiverBuilder::new().build(),
+        ReceiverReportBuilder::new().build(),
+        SenderReportBuilder::new().build(),
+    );
+    let registry = Registry::new().with(Slot::CongestionControl, stack);
     let s = &shared.settings;
     let settings = SettingEngineBuilder::new()
         .with_lite(true)

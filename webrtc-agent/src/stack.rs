@@ -1,0 +1,406 @@
+//! A connection's interceptors as one link of rtc's chain, so that a forwarded packet
+//! meets only those that look at it.
+//!
+//! rtc's chain walks every packet through every interceptor, by value: each takes it onto
+//! its queue and gives it back, several copies of a ~220-byte struct per interceptor
+//! whether it looks at the packet or not (docs/performance.md, "Where the CPU goes"). Of
+//! the six a server connection has, three look at the RTP it sends: the sender reports
+//! (counts), the NACK responder (history) and [`Wire`] (NACK ages, transport-wide
+//! numbers, probes). The NACK generator, the TWCC receiver and the receiver reports only
+//! read what arrives; on the way out they pass everything untouched. So here an RTP packet
+//! going out visits those three and nothing else, and everything else (what arrives,
+//! RTCP going out, what an interceptor generates on a timer or in answer to feedback)
+//! takes the whole walk in rtc's own order, as its chain would.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use rtc::interceptor::{
+    Interceptor, NackGeneratorInterceptor, NackResponderInterceptor, Packet, ReceiverReportInterceptor, SenderReportInterceptor, StreamInfo,
+    TaggedPacket, TwccReceiverInterceptor,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
+use tracing::debug;
+
+use crate::wire::Wire;
+
+/// The interceptors (see the module docs), in rtc's slot order.
+pub struct Stack {
+    wire: Wire,
+    nack_responder: NackResponderInterceptor,
+    nack_generator: NackGeneratorInterceptor,
+    twcc_receiver: TwccReceiverInterceptor,
+    receiver_reports: ReceiverReportInterceptor,
+    sender_reports: SenderReportInterceptor,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+    /// Reused between walks.
+    belt: VecDeque<TaggedPacket>,
+    /// An interceptor may hold packets of its own going out (generated on a timer, or in
+    /// answer to what arrived) that only a whole walk collects...
+    pending_writes: bool,
+    /// ...or, after a timer, coming in.
+    pending_reads: bool,
+}
+
+/// A direction of a walk.
+#[derive(Clone, Copy)]
+enum Way {
+    /// Network to application: wire-most first.
+    Read,
+    /// Application to network: wire-most last.
+    Write,
+}
+
+impl Stack {
+    /// The link for one connection.
+    pub fn new(
+        wire: Wire,
+        nack_responder: NackResponderInterceptor,
+        nack_generator: NackGeneratorInterceptor,
+        twcc_receiver: TwccReceiverInterceptor,
+        receiver_reports: ReceiverReportInterceptor,
+        sender_reports: SenderReportInterceptor,
+    ) -> Self {
+        Stack {
+            wire,
+            nack_responder,
+            nack_generator,
+            twcc_receiver,
+            receiver_reports,
+            sender_reports,
+            read: VecDeque::new(),
+            write: VecDeque::new(),
+            belt: VecDeque::new(),
+            pending_writes: false,
+            pending_reads: false,
+        }
+    }
+
+    /// Every interceptor, wire-most first (rtc's slots: congestion control, NACK responder,
+    /// NACK generator, TWCC receiver, receiver reports, sender reports).
+    fn all(&mut self) -> [&mut dyn Interceptor; 6] {
+        [
+            &mut self.wire,
+            &mut self.nack_responder,
+            &mut self.nack_generator,
+            &mut self.twcc_receiver,
+            &mut self.receiver_reports,
+            &mut self.sender_reports,
+        ]
+    }
+
+    /// Walks the belt through every interceptor, as rtc's chain does: each takes what is on
+    /// the belt, and what it gives out (passed on, or its own) goes on to the next.
+    fn walk(&mut self, way: Way) {
+        let mut belt = std::mem::take(&mut self.belt);
+        let mut all = self.all();
+        if matches!(way, Way::Write) {
+            all.reverse();
+        }
+        for interceptor in all {
+            pass(interceptor, &mut belt, way);
+        }
+        match way {
+            Way::Read => self.read.extend(belt.drain(..)),
+            Way::Write => self.write.extend(belt.drain(..)),
+        }
+        self.belt = belt;
+    }
+
+    /// An RTP packet going out: through the three that look at it, application-most first.
+    fn write_rtp(&mut self, msg: TaggedPacket) {
+        let mut belt = std::mem::take(&mut self.belt);
+        belt.push_back(msg);
+        pass(&mut self.sender_reports, &mut belt, Way::Write);
+        pass(&mut self.nack_responder, &mut belt, Way::Write);
+        pass(&mut self.wire, &mut belt, Way::Write);
+        self.write.extend(belt.drain(..));
+        self.belt = belt;
+    }
+}
+
+/// Hands everything on the belt to `interceptor`, and puts what it gives out on the belt.
+fn pass(interceptor: &mut dyn Interceptor, belt: &mut VecDeque<TaggedPacket>, way: Way) {
+    while let Some(next) = belt.pop_front() {
+        let handled = match way {
+            Way::Read => interceptor.handle_read(next),
+            Way::Write => interceptor.handle_write(next),
+        };
+        if let Err(e) = handled {
+            debug!(error = %e, "an interceptor refused a packet");
+        }
+    }
+    loop {
+        let out = match way {
+            Way::Read => interceptor.poll_read(),
+            Way::Write => interceptor.poll_write(),
+        };
+        let Some(out) = out else { break };
+        belt.push_back(out);
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.belt.push_back(msg);
+        self.walk(Way::Read);
+        // The NACK responder answers a NACK with retransmissions: they wait in it for the next
+        // whole write walk.
+        self.pending_writes = true;
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        if self.read.is_empty() && std::mem::take(&mut self.pending_reads) {
+            self.walk(Way::Read);
+        }
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if matches!(msg.message.packet, Packet::Rtp(_)) {
+            self.write_rtp(msg);
+        } else {
+            self.belt.push_back(msg);
+            self.walk(Way::Write);
+        }
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        if self.write.is_empty() && std::mem::take(&mut self.pending_writes) {
+            self.walk(Way::Write);
+        }
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        for interceptor in self.all() {
+            interceptor.handle_timeout(now)?;
+        }
+        self.pending_writes = true;
+        self.pending_reads = true;
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.all().into_iter().filter_map(|i| i.poll_timeout()).min()
+    }
+
+    fn close(&mut self) -> Result<(), Self::Error> {
+        for interceptor in self.all() {
+            interceptor.close()?;
+        }
+        self.pending_writes = true;
+        self.pending_reads = true;
+        Ok(())
+    }
+}
+
+impl Interceptor for Stack {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        for interceptor in self.all() {
+            interceptor.bind_local_stream(info);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        for interceptor in self.all() {
+            interceptor.unbind_local_stream(info);
+        }
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        for interceptor in self.all() {
+            interceptor.bind_remote_stream(info);
+        }
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        for interceptor in self.all() {
+            interceptor.unbind_remote_stream(info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rtc::interceptor::{
+        AttributedPacket, NackGeneratorBuilder, NackResponderBuilder, RTCPFeedback, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot,
+        TwccReceiverBuilder,
+    };
+    use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+    use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, nack_pairs_from_sequence_numbers};
+    use rtc::shared::TransportContext;
+    use rtc::shared::marshal::Marshal;
+
+    use super::*;
+    use crate::rtcp_counter::RtcpCounters;
+
+    /// The stack as the server's connections have it: the one link of rtc's chain (which
+    /// ends every chain with its terminus for inbound RTCP).
+    fn stack() -> impl Interceptor {
+        let stack = Stack::new(
+            Wire::new(Arc::new(RtcpCounters::default()), None),
+            NackResponderBuilder::new().with_size(256).build(),
+            NackGeneratorBuilder::new().build(),
+            TwccReceiverBuilder::new().build(),
+            ReceiverReportBuilder::new().build(),
+            SenderReportBuilder::new().build(),
+        );
+        Registry::new().with(Slot::CongestionControl, stack).build()
+    }
+
+    /// The same interceptors in rtc's own chain.
+    fn chain() -> impl Interceptor {
+        Registry::new()
+            .with(Slot::CongestionControl, Wire::new(Arc::new(RtcpCounters::default()), None))
+            .with(Slot::NackResponder, NackResponderBuilder::new().with_size(256).build())
+            .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+            .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
+            .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
+            .with(Slot::SenderReport, SenderReportBuilder::new().build())
+            .build()
+    }
+
+    fn stream(ssrc: u32, rtx: Option<u32>) -> StreamInfo {
+        StreamInfo {
+            ssrc,
+            ssrc_rtx: rtx,
+            payload_type: 96,
+            payload_type_rtx: rtx.map(|_| 97),
+            mime_type: "video/VP8".into(),
+            clock_rate: 90_000,
+            rtcp_feedback: vec![RTCPFeedback { typ: "nack".into(), parameter: String::new() }],
+            ..Default::default()
+        }
+    }
+
+    fn tagged(packet: Packet, now: Instant) -> TaggedPacket {
+        let peer: SocketAddr = ([127, 0, 0, 1], 5000).into();
+        let transport = TransportContext { peer_addr: peer, ..Default::default() };
+        TaggedPacket { now, transport, message: AttributedPacket::new(packet) }
+    }
+
+    fn rtp(ssrc: u32, seq: u16) -> Packet {
+        Packet::Rtp(rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                ssrc,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 3000,
+                ..Default::default()
+            },
+            payload: bytes::Bytes::from(vec![seq as u8; 50]),
+        })
+    }
+
+    /// What left or arrived, as bytes on the wire (RTCP compound packets marshalled whole,
+    /// each part's sender SSRC zeroed: every generator draws its own at random; and a
+    /// sender report's NTP time, read from the wall clock).
+    fn bytes(msg: &TaggedPacket) -> Vec<u8> {
+        match &msg.message.packet {
+            Packet::Rtp(p) => p.marshal().map(|b| b.to_vec()).unwrap_or_default(),
+            Packet::Rtcp(p) => {
+                let mut b = rtc::rtcp::packet::marshal(p).map(|b| b.to_vec()).unwrap_or_default();
+                let mut at = 0;
+                while at + 8 <= b.len() {
+                    let words = usize::from(u16::from_be_bytes([b[at + 2], b[at + 3]]));
+                    b[at + 4..at + 8].fill(0);
+                    if b[at + 1] == 200 && at + 16 <= b.len() {
+                        b[at + 8..at + 16].fill(0);
+                    }
+                    at += (words + 1) * 4;
+                }
+                b
+            }
+            _ => vec![0xff],
+        }
+    }
+
+    /// What went out and what came in after one step, as bytes.
+    type Step = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+    /// Drains both directions: (written, read), each sorted (reports for several streams
+    /// come in the order of a hash map).
+    fn drain(i: &mut dyn Interceptor) -> Step {
+        let mut written = Vec::new();
+        while let Some(m) = i.poll_write() {
+            written.push(bytes(&m));
+        }
+        let mut read = Vec::new();
+        while let Some(m) = i.poll_read() {
+            read.push(bytes(&m));
+        }
+        written.sort();
+        read.sort();
+        (written, read)
+    }
+
+    /// One connection's life: a sending stream (with and one without RTX), a receiving
+    /// stream with a gap, a NACK and a PLI from the client, RTCP written by the application,
+    /// report timers.
+    fn life(i: &mut dyn Interceptor) -> Vec<Step> {
+        let t0 = Instant::now();
+        let mut steps = Vec::new();
+        i.bind_local_stream(&stream(10, Some(11)));
+        i.bind_local_stream(&stream(20, None));
+        i.bind_remote_stream(&stream(30, None));
+        for seq in 0..40u16 {
+            let now = t0 + Duration::from_millis(u64::from(seq) * 33);
+            let ssrc = if seq % 2 == 0 { 10 } else { 20 };
+            i.handle_write(tagged(rtp(ssrc, seq), now)).unwrap();
+            if seq % 3 != 1 {
+                i.handle_read(tagged(rtp(30, seq), now)).unwrap();
+            }
+            if let Some(at) = i.poll_timeout().filter(|at| *at <= now) {
+                i.handle_timeout(at).unwrap();
+            }
+            steps.push(drain(i));
+        }
+        let now = t0 + Duration::from_millis(1400);
+        for media_ssrc in [10, 20] {
+            let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc, nacks: nack_pairs_from_sequence_numbers(&[4, 6, 7, 30]) };
+            let pli = PictureLossIndication { sender_ssrc: 1, media_ssrc };
+            i.handle_read(tagged(Packet::Rtcp(vec![Box::new(nack), Box::new(pli)]), now)).unwrap();
+            steps.push(drain(i));
+        }
+        i.handle_write(tagged(Packet::Rtcp(vec![Box::new(PictureLossIndication { sender_ssrc: 1, media_ssrc: 30 })]), now)).unwrap();
+        steps.push(drain(i));
+        for ms in [2000, 3000, 4500] {
+            i.handle_timeout(t0 + Duration::from_millis(ms)).unwrap();
+            steps.push(drain(i));
+        }
+        i.unbind_local_stream(&stream(20, None));
+        i.handle_write(tagged(rtp(20, 41), t0 + Duration::from_millis(4600))).unwrap();
+        steps.push(drain(i));
+        steps
+    }
+
+    #[test]
+    fn the_stack_sends_and_delivers_what_rtcs_chain_does() {
+        let (mut ours, mut theirs) = (stack(), chain());
+        let (a, b) = (life(&mut ours), life(&mut theirs));
+        assert_eq!(a.len(), b.len());
+        let mut retransmissions = 0;
+        let mut reports = 0;
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(x, y, "step {step}: what left or arrived differs");
+            retransmissions += x.0.iter().filter(|p| p.len() > 1 && p[1] & 0x7f == 97).count();
+            reports += x.0.iter().filter(|p| p.len() > 1 && (200..=201).contains(&p[1])).count();
+        }
+        // The comparison saw the parts that matter: RTX answers to the NACK, reports both ways.
+        assert!(retransmissions >= 1, "a NACKed packet young enough was repaired over RTX");
+        assert!(reports >= 2, "sender and receiver reports went out: {reports}");
+    }
+}
