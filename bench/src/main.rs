@@ -480,7 +480,9 @@ async fn main() -> anyhow::Result<()> {
             // Every scenario is bounded: a stuck one cannot hold the run (the ramp and the
             // matrix are many runs in one).
             let limit = match name {
-                "ramp" | "mixer-matrix" => Duration::from_secs(900),
+                // Up to 21 steps of a ramp, each joining its subscribers 8 at a time.
+                "ramp" => Duration::from_secs(1500),
+                "mixer-matrix" => Duration::from_secs(900),
                 "cluster" => Duration::from_secs(1800),
                 "soak" => Duration::from_secs(seconds + 900),
                 _ => Duration::from_secs(seconds * 20 + 240),
