@@ -6,8 +6,8 @@
 //! Every command that opens a session names its room and participant, a view's start its
 //! room and label; they come from the room's home (header `Tessera-From`, or this node's own
 //! portal). Once a second the node asks, for each room that another node placed something
-//! in, the room's subject who holds the room now: when another node does (the room was
-//! taken over), or nobody has for [`ORPHANED_AFTER`], what the old home placed here ends,
+//! in, the room's subject who holds the room now: when another node does at two checks in a
+//! row (the room was taken over), or nobody has for [`ORPHANED_AFTER`], what the old home placed here ends,
 //! as when a home says so (`ParticipantLeft`, `StopView`). What the new home placed again
 //! (a participant seated again, a view it asked for anew) is its own and is left alone. A
 //! home restarted under the same id is another run (header `Tessera-Run`): what its
@@ -28,10 +28,10 @@ use crate::rpc::Caller;
 
 /// How often the rooms' holders are asked.
 const CHECK: Duration = Duration::from_secs(1);
-/// A room nobody holds for this long lost its home (as long as a claim may go unrefreshed
-/// before another node may take the room over: a home cut off from NATS for less keeps its
-/// participants' media).
-const ORPHANED_AFTER: Duration = Duration::from_secs(6);
+/// A room nobody holds for this long lost its home: past [`crate::homes::HOME_TTL`] its
+/// home's claim has expired, and the room is anybody's to take (a home cut off from NATS
+/// for less keeps its participants' media).
+const ORPHANED_AFTER: Duration = Duration::from_secs(12);
 /// Nothing is judged while this node's NATS link is down or came back less than this ago.
 const RECONNECT_GRACE: Duration = Duration::from_secs(6);
 
@@ -57,6 +57,10 @@ struct PlacedRoom {
     by: HashMap<Placement, Caller>,
     /// Since when nobody has held the room.
     unheld_since: Option<Instant>,
+    /// Another run than a placer's that answered the last check: what that placer placed
+    /// ends only when the next check names the same holder (a home cut off for a while
+    /// may answer a ping or two before it sees it lost the room).
+    suspect: Option<Caller>,
 }
 
 impl Placed {
@@ -65,7 +69,18 @@ impl Placed {
     }
 
     fn placed(&self, room: &RoomId, what: Placement, from: &Caller) {
+        // This node's own portal's placements need no watching (its rooms end with it, and
+        // a room it loses it ends itself), but one replaces what another home placed.
+        if *from == self.own() {
+            self.ended(room, &what);
+            return;
+        }
         self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
+    }
+
+    /// Whether `what` is placed in `room` again (since [`Placed::orphans`] gave it up).
+    fn placed_again(&self, room: &RoomId, what: &Placement) -> bool {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).get(room).is_some_and(|r| r.by.contains_key(what))
     }
 
     /// This node, as what its own portal places is noted.
@@ -116,9 +131,16 @@ impl Placed {
         let lost: Vec<Placement> = match holder {
             Some(holder) => {
                 r.unheld_since = None;
-                r.by.iter().filter(|(_, by)| by.is_other_than(holder)).map(|(p, _)| p.clone()).collect()
+                let lost: Vec<Placement> = r.by.iter().filter(|(_, by)| by.is_other_than(holder)).map(|(p, _)| p.clone()).collect();
+                if lost.is_empty() || r.suspect.as_ref() != Some(holder) {
+                    r.suspect = (!lost.is_empty()).then(|| holder.clone());
+                    return Vec::new();
+                }
+                r.suspect = None;
+                lost
             }
             None => {
+                r.suspect = None;
                 let since = *r.unheld_since.get_or_insert(now);
                 if now.saturating_duration_since(since) < ORPHANED_AFTER {
                     return Vec::new();
@@ -137,6 +159,7 @@ impl Placed {
     fn forgive(&self) {
         for r in self.rooms.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
             r.unheld_since = None;
+            r.suspect = None;
         }
     }
 }
@@ -166,6 +189,10 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
                     break;
                 }
                 for (what, home) in placed.orphans(&room, holder.as_ref(), Instant::now()) {
+                    // The new home placed it again meanwhile: its, not the lost home's.
+                    if placed.placed_again(&room, &what) {
+                        continue;
+                    }
                     info!(room = %room, placed = ?what, home = %home, now = ?holder.as_ref().map(|h| h.run.as_deref().unwrap_or(&h.node)), "the home that placed this here is gone; it ends");
                     let failed = match (what, &parts.media, &parts.mixer) {
                         (Placement::Participant(participant), Some(media), _) => {
@@ -230,9 +257,12 @@ mod tests {
         Caller::run(node, instance)
     }
 
-    /// The holder as a room's ping names it.
-    fn held(run: &str) -> Caller {
-        Caller::parse(run)
+    /// What two checks in a row that find `holder` holding `room` give up (the first gives
+    /// up nothing).
+    fn twice(placed: &Placed, room: &str, holder: &str, now: Instant) -> Vec<(Placement, String)> {
+        let holder = Caller::parse(holder);
+        assert!(placed.orphans(&room.into(), Some(&holder), now).is_empty(), "given up at the first check");
+        placed.orphans(&room.into(), Some(&holder), now)
     }
 
     #[test]
@@ -243,9 +273,9 @@ mod tests {
         // Bob seated again at bravo, which placed him here anew.
         placed.note(&publish("r", "bob"), &placed.own());
         let now = Instant::now();
-        let lost = placed.orphans(&"r".into(), Some(&held("bravo/9")), now);
+        let lost = twice(&placed, "r", "bravo/9", now);
         assert_eq!(lost, [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
-        assert!(placed.orphans(&"r".into(), Some(&held("bravo/9")), now).is_empty(), "told once");
+        assert!(twice(&placed, "r", "bravo/9", now).is_empty(), "told once");
         assert!(placed.rooms().is_empty(), "what this node's own portal placed is not watched");
     }
 
@@ -255,15 +285,15 @@ mod tests {
         placed.note(&publish("r", "ann"), &run("alpha", "1"));
         placed.note(&publish("r", "bob"), &run("alpha", "1"));
         let now = Instant::now();
-        assert!(placed.orphans(&"r".into(), Some(&held("alpha/1")), now).is_empty(), "the same run holds the room");
+        assert!(twice(&placed, "r", "alpha/1", now).is_empty(), "the same run holds the room");
         // Alpha restarted and seated Bob again; Ann never came back.
         placed.note(&publish("r", "bob"), &run("alpha", "2"));
-        assert_eq!(placed.orphans(&"r".into(), Some(&held("alpha/2")), now), [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
+        assert_eq!(twice(&placed, "r", "alpha/2", now), [(Placement::Participant("ann".into()), "alpha/1".to_string())]);
         // An older node tells no run: its node id alone is compared.
         placed.note(&publish("r", "cat"), &Caller { node: "alpha".into(), run: None });
-        assert!(placed.orphans(&"r".into(), Some(&held("alpha/3")), now).len() == 1, "bob's run is gone, cat's unknown");
+        assert!(twice(&placed, "r", "alpha/3", now).len() == 1, "bob's run is gone, cat's unknown");
         assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1]);
-        assert!(placed.orphans(&"r".into(), Some(&held("alpha")), now).is_empty());
+        assert!(twice(&placed, "r", "alpha", now).is_empty());
     }
 
     #[test]
@@ -275,11 +305,23 @@ mod tests {
         placed.note_mix(&start("s"), &run("bravo", "1"));
         let now = Instant::now();
         let label = tessera_core::room::View::default().label;
-        assert_eq!(placed.orphans(&"r".into(), Some(&held("bravo/1")), now), [(Placement::View(label.as_str().into()), "alpha/1".to_string())]);
-        assert!(placed.orphans(&"s".into(), Some(&held("bravo/1")), now).is_empty(), "bravo's own view stays");
+        assert_eq!(twice(&placed, "r", "bravo/1", now), [(Placement::View(label.as_str().into()), "alpha/1".to_string())]);
+        assert!(twice(&placed, "s", "bravo/1", now).is_empty(), "bravo's own view stays");
         let stop = MixCommand::StopView(StopView { room: "s".into(), view: label.as_str().into() });
         placed.note_mix(&stop, &run("bravo", "1"));
         assert!(placed.rooms().is_empty(), "a stopped view is forgotten");
+    }
+
+    #[test]
+    fn one_answer_from_another_home_is_not_enough() {
+        let placed = Placed::new("bravo");
+        placed.note(&publish("r", "ann"), &run("alpha", "1"));
+        let now = Instant::now();
+        // A cut-off home that took the room over answers once, then the placer again.
+        assert!(placed.orphans(&"r".into(), Some(&Caller::parse("carl/1")), now).is_empty());
+        assert!(placed.orphans(&"r".into(), Some(&Caller::parse("alpha/1")), now).is_empty());
+        assert!(placed.orphans(&"r".into(), Some(&Caller::parse("carl/1")), now).is_empty(), "not the same holder twice in a row");
+        assert_eq!(placed.orphans(&"r".into(), Some(&Caller::parse("carl/1")), now).len(), 1);
     }
 
     #[test]
@@ -290,7 +332,7 @@ mod tests {
         assert!(placed.orphans(&"r".into(), None, t0).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER / 2).is_empty());
         // Held again meanwhile: the wait starts over.
-        assert!(placed.orphans(&"r".into(), Some(&held("alpha/1")), t0 + ORPHANED_AFTER / 2).is_empty());
+        assert!(twice(&placed, "r", "alpha/1", t0 + ORPHANED_AFTER / 2).is_empty());
         assert!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER).is_empty());
         assert_eq!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER * 2).len(), 1);
         assert!(placed.rooms().is_empty());
