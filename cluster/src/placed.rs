@@ -72,7 +72,7 @@ impl Placed {
         // This node's own portal's placements need no watching (its rooms end with it, and
         // a room it loses it ends itself), but one replaces what another home placed.
         if *from == self.own() {
-            self.ended(room, &what);
+            self.ended(room, &what, from);
             return;
         }
         self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
@@ -88,10 +88,15 @@ impl Placed {
         Caller { node: self.me.clone(), run: None }
     }
 
-    fn ended(&self, room: &RoomId, what: &Placement) {
+    /// `what` ended, as `from` said: forgotten unless another home placed it since (this
+    /// node's own portal ends anything).
+    fn ended(&self, room: &RoomId, what: &Placement, from: &Caller) {
+        let own = *from == self.own();
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = rooms.get_mut(room) {
-            r.by.remove(what);
+            if r.by.get(what).is_some_and(|by| own || !by.is_other_than(from)) {
+                r.by.remove(what);
+            }
             if r.by.is_empty() {
                 rooms.remove(room);
             }
@@ -103,7 +108,7 @@ impl Placed {
         match command {
             AgentCommand::Publish(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
             AgentCommand::Subscribe(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
-            AgentCommand::ParticipantLeft(c) => self.ended(&c.room, &Placement::Participant(c.participant.clone())),
+            AgentCommand::ParticipantLeft(c) => self.ended(&c.room, &Placement::Participant(c.participant.clone()), from),
             _ => {}
         }
     }
@@ -112,7 +117,7 @@ impl Placed {
     pub(crate) fn note_mix(&self, command: &MixCommand, from: &Caller) {
         match command {
             MixCommand::StartView(c) => self.placed(&c.room, Placement::View(c.view.label.as_str().into()), from),
-            MixCommand::StopView(c) => self.ended(&c.room, &Placement::View(c.view.clone())),
+            MixCommand::StopView(c) => self.ended(&c.room, &Placement::View(c.view.clone()), from),
             _ => {}
         }
     }
@@ -182,12 +187,16 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
                 placed.forgive();
                 continue;
             }
-            for room in placed.rooms() {
-                let Some(holder) = crate::homes::holder(&client, room.as_str()).await else { continue };
-                // Asked again after the answer: our own link may have dropped meanwhile.
-                if node.reconnected_within(RECONNECT_GRACE) {
-                    break;
-                }
+            // All at once: a home that does not answer holds up no other room's check.
+            let rooms = placed.rooms();
+            let holders = futures_util::future::join_all(rooms.iter().map(|room| crate::homes::holder(&client, room.as_str()))).await;
+            // Asked again after the answers: our own link may have dropped meanwhile.
+            if node.reconnected_within(RECONNECT_GRACE) {
+                placed.forgive();
+                continue;
+            }
+            for (room, holder) in rooms.into_iter().zip(holders) {
+                let Some(holder) = holder else { continue };
                 for (what, home) in placed.orphans(&room, holder.as_ref(), Instant::now()) {
                     // The new home placed it again meanwhile: its, not the lost home's.
                     if placed.placed_again(&room, &what) {
@@ -310,6 +319,19 @@ mod tests {
         let stop = MixCommand::StopView(StopView { room: "s".into(), view: label.as_str().into() });
         placed.note_mix(&stop, &run("bravo", "1"));
         assert!(placed.rooms().is_empty(), "a stopped view is forgotten");
+    }
+
+    #[test]
+    fn only_its_placer_forgets_a_placement() {
+        let placed = Placed::new("carl");
+        placed.note(&publish("r", "ann"), &run("alpha", "1"));
+        placed.note(&publish("r", "ann"), &run("bravo", "1"));
+        // The old home's late word about Ann does not undo the new home's placement.
+        let left = AgentCommand::ParticipantLeft(ParticipantLeft { room: "r".into(), participant: "ann".into() });
+        placed.note(&left, &run("alpha", "1"));
+        assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1]);
+        placed.note(&left, &run("bravo", "1"));
+        assert!(placed.rooms().is_empty());
     }
 
     #[test]

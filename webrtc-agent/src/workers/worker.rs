@@ -1891,6 +1891,10 @@ impl Worker {
         // A tap on the whole video (a recording, the mixer) may want any layer; a tap on one
         // layer (a relay to another node, while that node needs it) reads that layer.
         // (A tap waiting for a layer that has not flowed yet reads it as soon as it does.)
+        // A waiting tap whose exporter went away (its receiver dropped) waits for nothing.
+        if let Some(s) = self.boards.get_mut(&board_id) {
+            s.waiting.retain(|(_, t)| !t.tx.is_closed());
+        }
         let waiting: Vec<TrackId> =
             self.boards.get(&board_id).map(|s| s.waiting.iter().filter(|(_, t)| !t.idle).map(|(k, _)| *k).collect()).unwrap_or_default();
         let reads = |track: TrackId| self.published.get(&track).is_some_and(|t| t.consumer_count() > 0) || waiting.contains(&track);
