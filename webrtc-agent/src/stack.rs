@@ -8,8 +8,9 @@
 //! (counts), the NACK responder (history) and [`Wire`] (NACK ages, transport-wide
 //! numbers, probes). The NACK generator, the TWCC receiver and the receiver reports only
 //! read what arrives; on the way out they pass everything untouched. So here an RTP packet
-//! going out visits those three and nothing else, and everything else (what arrives,
-//! RTCP going out, what an interceptor generates on a timer or in answer to feedback)
+//! going out visits those three and nothing else; an RTP packet coming in visits only
+//! those other three (the first three pass incoming RTP untouched); and everything else
+//! (RTCP either way, what an interceptor generates on a timer or in answer to feedback)
 //! takes the whole walk in rtc's own order, as its chain would.
 
 use std::collections::VecDeque;
@@ -109,6 +110,17 @@ impl Stack {
         self.belt = belt;
     }
 
+    /// An RTP packet coming in: through the three that look at it, wire-most first.
+    fn read_rtp(&mut self, msg: TaggedPacket) {
+        let mut belt = std::mem::take(&mut self.belt);
+        belt.push_back(msg);
+        pass(&mut self.nack_generator, &mut belt, Way::Read);
+        pass(&mut self.twcc_receiver, &mut belt, Way::Read);
+        pass(&mut self.receiver_reports, &mut belt, Way::Read);
+        self.read.extend(belt.drain(..));
+        self.belt = belt;
+    }
+
     /// An RTP packet going out: through the three that look at it, application-most first.
     fn write_rtp(&mut self, msg: TaggedPacket) {
         let mut belt = std::mem::take(&mut self.belt);
@@ -150,8 +162,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
     type Time = Instant;
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.belt.push_back(msg);
-        self.walk(Way::Read);
+        if matches!(msg.message.packet, Packet::Rtp(_)) {
+            self.read_rtp(msg);
+        } else {
+            self.belt.push_back(msg);
+            self.walk(Way::Read);
+        }
         // The NACK responder answers a NACK with retransmissions: they wait in it for the next
         // whole write walk.
         self.pending_writes = true;
@@ -235,11 +251,12 @@ mod tests {
     use std::time::Duration;
 
     use rtc::interceptor::{
-        AttributedPacket, NackGeneratorBuilder, NackResponderBuilder, RTCPFeedback, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot,
-        TwccReceiverBuilder,
+        AttributedPacket, NackGeneratorBuilder, NackResponderBuilder, RTCPFeedback, RTPHeaderExtension, ReceiverReportBuilder, Registry,
+        SenderReportBuilder, Slot, TwccReceiverBuilder,
     };
     use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
     use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, nack_pairs_from_sequence_numbers};
+    use rtc::sdp::extmap::TRANSPORT_CC_URI;
     use rtc::shared::TransportContext;
     use rtc::shared::marshal::Marshal;
 
@@ -355,13 +372,20 @@ mod tests {
         let mut steps = Vec::new();
         i.bind_local_stream(&stream(10, Some(11)));
         i.bind_local_stream(&stream(20, None));
-        i.bind_remote_stream(&stream(30, None));
+        // The client numbers what it sends for transport-wide feedback.
+        let mut remote = stream(30, None);
+        remote.rtp_header_extensions.push(RTPHeaderExtension { uri: TRANSPORT_CC_URI.into(), id: 5 });
+        i.bind_remote_stream(&remote);
         for seq in 0..40u16 {
             let now = t0 + Duration::from_millis(u64::from(seq) * 33);
             let ssrc = if seq % 2 == 0 { 10 } else { 20 };
             i.handle_write(tagged(rtp(ssrc, seq), now)).unwrap();
             if seq % 3 != 1 {
-                i.handle_read(tagged(rtp(30, seq), now)).unwrap();
+                let mut arriving = rtp(30, seq);
+                if let Packet::Rtp(p) = &mut arriving {
+                    p.header.set_extension(5, bytes::Bytes::copy_from_slice(&seq.to_be_bytes())).unwrap();
+                }
+                i.handle_read(tagged(arriving, now)).unwrap();
             }
             if let Some(at) = i.poll_timeout().filter(|at| *at <= now) {
                 i.handle_timeout(at).unwrap();
@@ -394,13 +418,16 @@ mod tests {
         assert_eq!(a.len(), b.len());
         let mut retransmissions = 0;
         let mut reports = 0;
+        let mut feedback = 0;
         for (step, (x, y)) in a.iter().zip(&b).enumerate() {
             assert_eq!(x, y, "step {step}: what left or arrived differs");
             retransmissions += x.0.iter().filter(|p| p.len() > 1 && p[1] & 0x7f == 97).count();
             reports += x.0.iter().filter(|p| p.len() > 1 && (200..=201).contains(&p[1])).count();
+            feedback += x.0.iter().filter(|p| p.len() > 1 && p[0] & 0x1f == 15 && p[1] == 205).count();
         }
         // The comparison saw the parts that matter: RTX answers to the NACK, reports both ways.
         assert!(retransmissions >= 1, "a NACKed packet young enough was repaired over RTX");
         assert!(reports >= 2, "sender and receiver reports went out: {reports}");
+        assert!(feedback >= 1, "transport-wide feedback went out: {feedback}");
     }
 }
