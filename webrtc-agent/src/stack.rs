@@ -163,14 +163,15 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if matches!(msg.message.packet, Packet::Rtp(_)) {
+            // None of the three it meets makes a packet as it reads.
             self.read_rtp(msg);
         } else {
             self.belt.push_back(msg);
             self.walk(Way::Read);
+            // The NACK responder answers a NACK with retransmissions: they wait in it for
+            // the next whole write walk.
+            self.pending_writes = true;
         }
-        // The NACK responder answers a NACK with retransmissions: they wait in it for the next
-        // whole write walk.
-        self.pending_writes = true;
         Ok(())
     }
 
