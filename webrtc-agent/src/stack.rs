@@ -80,55 +80,43 @@ impl Stack {
     }
 
     /// Every interceptor, wire-most first (rtc's slots: congestion control, NACK responder,
-    /// NACK generator, TWCC receiver, receiver reports, sender reports).
-    fn all(&mut self) -> [&mut dyn Interceptor; 6] {
+    /// NACK generator, TWCC receiver, receiver reports, sender reports), each with whether
+    /// it only reads what arrives (passing everything going out untouched) or, like the
+    /// other three, passes incoming RTP untouched.
+    fn all(&mut self) -> [(&mut dyn Interceptor, bool); 6] {
         [
-            &mut self.wire,
-            &mut self.nack_responder,
-            &mut self.nack_generator,
-            &mut self.twcc_receiver,
-            &mut self.receiver_reports,
-            &mut self.sender_reports,
+            (&mut self.wire, false),
+            (&mut self.nack_responder, false),
+            (&mut self.nack_generator, true),
+            (&mut self.twcc_receiver, true),
+            (&mut self.receiver_reports, true),
+            (&mut self.sender_reports, false),
         ]
     }
 
-    /// Walks the belt through every interceptor, as rtc's chain does: each takes what is on
-    /// the belt, and what it gives out (passed on, or its own) goes on to the next.
-    fn walk(&mut self, way: Way) {
+    /// Walks `msg` (or nothing, to collect what the interceptors hold) through them, as
+    /// rtc's chain does: each takes what is on the belt, and what it gives out (passed on,
+    /// or its own) goes on to the next. An RTP packet meets only the three that look at it
+    /// going its way (see the module docs).
+    fn walk(&mut self, msg: Option<TaggedPacket>, way: Way) {
+        let rtp = msg.as_ref().is_some_and(|m| matches!(m.message.packet, Packet::Rtp(_)));
+        let reading = matches!(way, Way::Read);
         let mut belt = std::mem::take(&mut self.belt);
+        belt.extend(msg);
         let mut all = self.all();
-        if matches!(way, Way::Write) {
+        if !reading {
             all.reverse();
         }
-        for interceptor in all {
+        for (interceptor, reads_arrivals) in all {
+            if rtp && reads_arrivals != reading {
+                continue;
+            }
             pass(interceptor, &mut belt, way);
         }
         match way {
             Way::Read => self.read.extend(belt.drain(..)),
             Way::Write => self.write.extend(belt.drain(..)),
         }
-        self.belt = belt;
-    }
-
-    /// An RTP packet coming in: through the three that look at it, wire-most first.
-    fn read_rtp(&mut self, msg: TaggedPacket) {
-        let mut belt = std::mem::take(&mut self.belt);
-        belt.push_back(msg);
-        pass(&mut self.nack_generator, &mut belt, Way::Read);
-        pass(&mut self.twcc_receiver, &mut belt, Way::Read);
-        pass(&mut self.receiver_reports, &mut belt, Way::Read);
-        self.read.extend(belt.drain(..));
-        self.belt = belt;
-    }
-
-    /// An RTP packet going out: through the three that look at it, application-most first.
-    fn write_rtp(&mut self, msg: TaggedPacket) {
-        let mut belt = std::mem::take(&mut self.belt);
-        belt.push_back(msg);
-        pass(&mut self.sender_reports, &mut belt, Way::Write);
-        pass(&mut self.nack_responder, &mut belt, Way::Write);
-        pass(&mut self.wire, &mut belt, Way::Write);
-        self.write.extend(belt.drain(..));
         self.belt = belt;
     }
 }
@@ -162,45 +150,37 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
     type Time = Instant;
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if matches!(msg.message.packet, Packet::Rtp(_)) {
-            // None of the three it meets makes a packet as it reads.
-            self.read_rtp(msg);
-        } else {
-            self.belt.push_back(msg);
-            self.walk(Way::Read);
-            // The NACK responder answers a NACK with retransmissions: they wait in it for
-            // the next whole write walk.
+        // The NACK responder answers a NACK with retransmissions: they wait in it for the
+        // next whole write walk. (None of the three an RTP packet meets makes a packet as it
+        // reads.)
+        if !matches!(msg.message.packet, Packet::Rtp(_)) {
             self.pending_writes = true;
         }
+        self.walk(Some(msg), Way::Read);
         Ok(())
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
         if self.read.is_empty() && std::mem::take(&mut self.pending_reads) {
-            self.walk(Way::Read);
+            self.walk(None, Way::Read);
         }
         self.read.pop_front()
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if matches!(msg.message.packet, Packet::Rtp(_)) {
-            self.write_rtp(msg);
-        } else {
-            self.belt.push_back(msg);
-            self.walk(Way::Write);
-        }
+        self.walk(Some(msg), Way::Write);
         Ok(())
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
         if self.write.is_empty() && std::mem::take(&mut self.pending_writes) {
-            self.walk(Way::Write);
+            self.walk(None, Way::Write);
         }
         self.write.pop_front()
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.handle_timeout(now)?;
         }
         self.pending_writes = true;
@@ -209,11 +189,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        self.all().into_iter().filter_map(|i| i.poll_timeout()).min()
+        self.all().into_iter().filter_map(|(i, _)| i.poll_timeout()).min()
     }
 
     fn close(&mut self) -> Result<(), Self::Error> {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.close()?;
         }
         self.pending_writes = true;
@@ -224,22 +204,22 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
 
 impl Interceptor for Stack {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.bind_local_stream(info);
         }
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.unbind_local_stream(info);
         }
     }
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.bind_remote_stream(info);
         }
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        for interceptor in self.all() {
+        for (interceptor, _) in self.all() {
             interceptor.unbind_remote_stream(info);
         }
     }
