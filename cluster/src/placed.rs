@@ -85,7 +85,7 @@ impl Placed {
 
     /// This node, as what its own portal places is noted.
     fn own(&self) -> Caller {
-        Caller { node: self.me.clone(), run: None }
+        Caller::node(&self.me)
     }
 
     /// `what` ended, as `from` said: forgotten unless another home placed it since (this

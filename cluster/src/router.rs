@@ -354,15 +354,11 @@ impl ClusterRouter {
         Some(chosen)
     }
 
-    fn caller(&self) -> crate::rpc::Caller {
-        self.caller.clone()
-    }
-
     fn media(&self, node: &str) -> Option<Arc<dyn MediaNode>> {
         if node == self.me {
             return self.local.agent.clone();
         }
-        Some(Arc::new(RemoteMedia::new(self.node.client(), self.caller(), node)))
+        Some(Arc::new(RemoteMedia::new(self.node.client(), self.caller.clone(), node)))
     }
 
     fn is_me(&self, node: &NodeRecord) -> bool {
@@ -509,7 +505,7 @@ impl Router for ClusterRouter {
         if self.is_me(&node) {
             return self.local.mixer.clone();
         }
-        Some(Arc::new(RemoteMixer::new(self.node.client(), self.caller(), &node.id)))
+        Some(Arc::new(RemoteMixer::new(self.node.client(), self.caller.clone(), &node.id)))
     }
 
     fn recorder_for(&self, room: &RoomId) -> Option<Arc<dyn RecorderNode>> {
@@ -517,7 +513,7 @@ impl Router for ClusterRouter {
         if self.is_me(&node) {
             return self.local.recorder.clone();
         }
-        Some(Arc::new(RemoteRecorder::new(self.node.client(), self.caller(), &node.id)))
+        Some(Arc::new(RemoteRecorder::new(self.node.client(), self.caller.clone(), &node.id)))
     }
 
     fn release(&self, room: &RoomId) {
@@ -535,7 +531,7 @@ impl Router for ClusterRouter {
     fn recorder_nodes(&self) -> Vec<Arc<dyn RecorderNode>> {
         let mut out: Vec<Arc<dyn RecorderNode>> = self.local.recorder.iter().cloned().collect();
         for n in self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&Role::Recorder) && !self.is_me(n)) {
-            out.push(Arc::new(RemoteRecorder::new(self.node.client(), self.caller(), &n.id)));
+            out.push(Arc::new(RemoteRecorder::new(self.node.client(), self.caller.clone(), &n.id)));
         }
         out
     }
@@ -546,7 +542,7 @@ impl Router for ClusterRouter {
             if self.is_me(&n) {
                 out.extend(self.local.agent.clone());
             } else {
-                out.push(Arc::new(RemoteMedia::new(self.node.client(), self.caller(), &n.id)));
+                out.push(Arc::new(RemoteMedia::new(self.node.client(), self.caller.clone(), &n.id)));
             }
         }
         out

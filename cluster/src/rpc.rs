@@ -44,6 +44,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Node `node`, telling no run (what a node may be asked without a placement: a probe,
+    /// a relay export; and this node's own portal).
+    pub fn node(node: &str) -> Caller {
+        Caller { node: node.to_string(), run: None }
+    }
+
     /// Run `instance` of node `node`.
     pub fn run(node: &str, instance: &str) -> Caller {
         Caller { node: node.to_string(), run: Some(crate::homes::run_of(node, instance)) }
@@ -54,7 +60,7 @@ impl Caller {
     pub fn parse(run: &str) -> Caller {
         match run.rsplit_once('/') {
             Some((node, _)) => Caller { node: node.to_string(), run: Some(run.to_string()) },
-            None => Caller { node: run.to_string(), run: None },
+            None => Caller::node(run),
         }
     }
 
@@ -116,7 +122,7 @@ pub(crate) async fn call<C: Serialize, R: DeserializeOwned, E: DeserializeOwned>
 /// NATS says nobody listens there (the node is gone), `Some(true)` when it answers (even
 /// with an error), `None` when that cannot be told (NATS away, or no answer in time).
 pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Option<bool> {
-    let from = &Caller { node: from.to_string(), run: None };
+    let from = &Caller::node(from);
     let answer = match part {
         "mix" => {
             // A view no room has: answered with "no such view", which is an answer.

@@ -258,7 +258,7 @@ impl NatsControl {
             .map(|to| {
                 let (client, me) = (client.clone(), me.clone());
                 async move {
-                    let from = crate::rpc::Caller { node: me, run: None };
+                    let from = crate::rpc::Caller::node(&me);
                     let answer = crate::rpc::call::<_, ExportReply, ExportError>(&client, &from, &to, "relay", request, ASK_TIMEOUT).await;
                     (to, answer)
                 }
