@@ -45,6 +45,17 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const SECRETS_BUCKET: &str = "tessera_cluster";
 /// How long connecting (and each request to NATS) may take.
 pub(crate) const NATS_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest wait between two attempts to reconnect to NATS. The client's own backoff
+/// grows to 4 s, but other nodes give a media node up after 2 s of not hearing it
+/// (`router.rs`): a node whose link comes back must be on NATS again well within that.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
+
+/// The wait before reconnection attempt `attempts` (1: the first): none, then doubling
+/// from 2 ms up to [`RECONNECT_MAX_DELAY`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+    if attempts <= 1 { Duration::ZERO } else { Duration::from_millis(2u64.pow(exp)).min(RECONNECT_MAX_DELAY) }
+}
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -144,6 +155,7 @@ impl ClusterNode {
                 }
             })
             .name(format!("tessera-{}", settings.node_id))
+            .reconnect_delay_callback(reconnect_delay)
             .connection_timeout(NATS_TIMEOUT)
             .request_timeout(Some(NATS_TIMEOUT))
             .connect(url.as_str())
@@ -283,6 +295,15 @@ impl ClusterNode {
             _ if self.client.connection_state() != async_nats::connection::State::Connected => true,
             Link::Down => true,
             Link::Up(since) => since.is_some_and(|at| at.elapsed() < within),
+        }
+    }
+
+    /// When this node's NATS connection last came back (`None`: never lost since the start,
+    /// or down now).
+    pub fn came_back(&self) -> Option<std::time::Instant> {
+        match *self.link.lock().unwrap_or_else(|p| p.into_inner()) {
+            Link::Up(at) => at,
+            Link::Down => None,
         }
     }
 

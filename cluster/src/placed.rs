@@ -12,12 +12,23 @@
 //! (a participant seated again, a view it asked for anew) is its own and is left alone. A
 //! home restarted under the same id is another run (header `Tessera-Run`): what its
 //! previous run placed is lost as well, unless the new run places it again.
+//!
+//! A home that was only cut off from NATS for longer than [`ORPHANED_AFTER`] comes back
+//! believing in what was ended here meanwhile (the events saying so went to nobody). What
+//! the sweep ends is therefore kept for [`ENDED_KEPT`], by placer, and told to that placer
+//! when it asks (`tessera.node.<id>.ended`, see `router.rs`), once.
+//!
+//! Commands run concurrently, so a placement is noted both before its command runs (for the
+//! sweep, which must not end what a new home is placing) and again after (unless someone
+//! else placed it since): a participant's leaving noted between the two would otherwise
+//! hide a session the later command still made.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
+use serde::{Deserialize, Serialize};
 use tessera_core::agent::AgentError;
 use tessera_core::command::{AgentCommand, AgentReply, MediaNode, MixCommand, MixError, MixNode, MixReply, ParticipantLeft, StopView};
 use tessera_core::typed_ids::{ParticipantId, RoomId, ViewLabel};
@@ -34,21 +45,41 @@ const CHECK: Duration = Duration::from_secs(1);
 const ORPHANED_AFTER: Duration = Duration::from_secs(12);
 /// Nothing is judged while this node's NATS link is down or came back less than this ago.
 const RECONNECT_GRACE: Duration = Duration::from_secs(6);
+/// How long what the sweep ended waits for its placer to ask (a home cut off from NATS asks
+/// once it is back; one that never comes back never asks).
+const ENDED_KEPT: Duration = Duration::from_secs(600);
 
-/// Something a home placed here.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Placement {
+/// Something a home placed here (as JSON: `{"participant": id}` or `{"view": label}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum Placement {
     /// A participant's sessions (on the SFU).
     Participant(ParticipantId),
     /// A view (on the mixer).
     View(ViewLabel),
 }
 
+/// What the sweep ended in a room, as told to its placer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Ended {
+    /// The room.
+    pub(crate) room: RoomId,
+    /// What ended there.
+    pub(crate) what: Placement,
+}
+
+/// A placer's question: what of its placements has the sweep ended? (As JSON: `{}`; the
+/// placer is the request's caller.)
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct WhatEnded {}
+
 /// Who placed each participant's sessions and each view here, by room.
 pub(crate) struct Placed {
     /// This node (whose own portal needs no watching: its rooms end with it).
     me: String,
     rooms: Mutex<HashMap<RoomId, PlacedRoom>>,
+    /// What the sweep ended, by whom it had been placed, and when.
+    ended: Mutex<Vec<(Caller, Ended, Instant)>>,
 }
 
 #[derive(Default)]
@@ -65,7 +96,7 @@ struct PlacedRoom {
 
 impl Placed {
     pub(crate) fn new(me: &str) -> Placed {
-        Placed { me: me.to_string(), rooms: Mutex::default() }
+        Placed { me: me.to_string(), rooms: Mutex::default(), ended: Mutex::default() }
     }
 
     fn placed(&self, room: &RoomId, what: Placement, from: &Caller) {
@@ -75,7 +106,48 @@ impl Placed {
             self.ended(room, &what, from);
             return;
         }
+        // Placed again: no longer to be told as ended.
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).retain(|(by, e, _)| !(e.room == *room && e.what == what && !by.is_other_than(from)));
         self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
+    }
+
+    /// What an SFU command that opens something places: its room and what.
+    pub(crate) fn placement_of(command: &AgentCommand) -> Option<(&RoomId, Placement)> {
+        match command {
+            AgentCommand::Publish(c) => Some((&c.at.room, Placement::Participant(c.at.participant.clone()))),
+            AgentCommand::Subscribe(c) => Some((&c.at.room, Placement::Participant(c.at.participant.clone()))),
+            _ => None,
+        }
+    }
+
+    /// What a mixer command that opens something places.
+    pub(crate) fn placement_of_mix(command: &MixCommand) -> Option<(&RoomId, Placement)> {
+        match command {
+            MixCommand::StartView(c) => Some((&c.room, Placement::View(c.view.label.as_str().into()))),
+            _ => None,
+        }
+    }
+
+    /// Notes again, after its command ran, what `from` placed, unless it is noted already
+    /// (by anyone: a newer home's placement is not taken back).
+    pub(crate) fn noted_after(&self, room: &RoomId, what: Placement, from: &Caller) {
+        if *from == self.own() {
+            return;
+        }
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.entry(what).or_insert_with(|| from.clone());
+    }
+
+    /// What the sweep ended of `placer`'s placements (forgotten here once told). A caller
+    /// that tells no run is told nothing: its runs cannot be told apart.
+    pub(crate) fn take_ended(&self, placer: &Caller) -> Vec<Ended> {
+        if placer.run.is_none() {
+            return Vec::new();
+        }
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        let (theirs, others): (Vec<_>, Vec<_>) = ended.drain(..).partition(|(by, _, _)| by == placer);
+        *ended = others;
+        theirs.into_iter().map(|(_, e, _)| e).collect()
     }
 
     /// Whether `what` is placed in `room` again (since [`Placed::orphans`] gave it up).
@@ -103,21 +175,21 @@ impl Placed {
         }
     }
 
-    /// Notes an SFU command from `from` (a participant leaving is forgotten).
+    /// Notes an SFU command from `from` before it runs (a participant leaving is
+    /// forgotten).
     pub(crate) fn note(&self, command: &AgentCommand, from: &Caller) {
-        match command {
-            AgentCommand::Publish(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
-            AgentCommand::Subscribe(c) => self.placed(&c.at.room, Placement::Participant(c.at.participant.clone()), from),
-            AgentCommand::ParticipantLeft(c) => self.ended(&c.room, &Placement::Participant(c.participant.clone()), from),
+        match (command, Self::placement_of(command)) {
+            (_, Some((room, what))) => self.placed(room, what, from),
+            (AgentCommand::ParticipantLeft(c), None) => self.ended(&c.room, &Placement::Participant(c.participant.clone()), from),
             _ => {}
         }
     }
 
-    /// Notes a mixer command from `from` (a view stopped is forgotten).
+    /// Notes a mixer command from `from` before it runs (a view stopped is forgotten).
     pub(crate) fn note_mix(&self, command: &MixCommand, from: &Caller) {
-        match command {
-            MixCommand::StartView(c) => self.placed(&c.room, Placement::View(c.view.label.as_str().into()), from),
-            MixCommand::StopView(c) => self.ended(&c.room, &Placement::View(c.view.clone()), from),
+        match (command, Self::placement_of_mix(command)) {
+            (_, Some((room, what))) => self.placed(room, what, from),
+            (MixCommand::StopView(c), None) => self.ended(&c.room, &Placement::View(c.view.clone()), from),
             _ => {}
         }
     }
@@ -153,12 +225,15 @@ impl Placed {
                 r.by.keys().cloned().collect()
             }
         };
-        let out: Vec<(Placement, String)> =
-            lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).map(|(p, by)| (p, by.run.unwrap_or(by.node))).collect();
+        let out: Vec<(Placement, Caller)> = lost.into_iter().filter_map(|p| r.by.remove_entry(&p)).collect();
         if r.by.is_empty() {
             rooms.remove(room);
         }
-        out
+        drop(rooms);
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        ended.extend(out.iter().map(|(what, by)| (by.clone(), Ended { room: room.clone(), what: what.clone() }, now)));
+        out.into_iter().map(|(p, by)| (p, by.run.unwrap_or(by.node))).collect()
     }
 
     fn forgive(&self) {
@@ -232,6 +307,7 @@ pub(crate) struct Noted {
 #[async_trait::async_trait]
 impl MediaNode for Noted {
     async fn handle(&self, command: AgentCommand) -> Result<AgentReply, AgentError> {
+        // This node's own portal: nothing is kept of what it places, so nothing to note again.
         self.placed.note(&command, &self.placed.own());
         self.inner.handle(command).await
     }
@@ -344,6 +420,46 @@ mod tests {
         assert!(placed.orphans(&"r".into(), Some(&Caller::parse("alpha/1")), now).is_empty());
         assert!(placed.orphans(&"r".into(), Some(&Caller::parse("carl/1")), now).is_empty(), "not the same holder twice in a row");
         assert_eq!(placed.orphans(&"r".into(), Some(&Caller::parse("carl/1")), now).len(), 1);
+    }
+
+    #[test]
+    fn a_placement_noted_again_after_its_command_outlives_a_leaving_noted_meanwhile() {
+        let placed = Placed::new("carl");
+        let alpha = run("alpha", "1");
+        // Ann leaves and comes back at once; the two commands run side by side, and the
+        // leaving is noted after the new publication was.
+        let publication = publish("r", "ann");
+        placed.note(&publication, &alpha);
+        placed.note(&AgentCommand::ParticipantLeft(ParticipantLeft { room: "r".into(), participant: "ann".into() }), &alpha);
+        assert!(placed.rooms().is_empty());
+        let (room, what) = Placed::placement_of(&publication).unwrap();
+        placed.noted_after(room, what.clone(), &alpha);
+        assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1], "the session the publication made is watched");
+        // Noting again takes back no newer home's placement.
+        placed.note(&publication, &run("bravo", "1"));
+        placed.noted_after(room, what, &alpha);
+        assert_eq!(twice(&placed, "r", "bravo/1", Instant::now()), [], "ann is bravo's");
+    }
+
+    #[test]
+    fn what_the_sweep_ended_is_told_to_its_placer_once() {
+        let placed = Placed::new("bravo");
+        let (alpha, alpha2) = (run("alpha", "1"), run("alpha", "2"));
+        placed.note(&publish("r", "ann"), &alpha);
+        placed.note(&publish("q", "bob"), &alpha);
+        let t0 = Instant::now();
+        assert!(placed.orphans(&"r".into(), None, t0).is_empty());
+        assert!(placed.orphans(&"q".into(), None, t0).is_empty());
+        assert_eq!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER).len(), 1);
+        assert_eq!(placed.orphans(&"q".into(), None, t0 + ORPHANED_AFTER).len(), 1);
+        // Bob is seated again by the same run before it asks: his is not told.
+        placed.note(&publish("q", "bob"), &alpha);
+        assert!(placed.take_ended(&alpha2).is_empty(), "another run is told nothing");
+        assert!(placed.take_ended(&Caller::node("alpha")).is_empty(), "a caller without a run is told nothing");
+        assert_eq!(placed.take_ended(&alpha), [Ended { room: "r".into(), what: Placement::Participant("ann".into()) }]);
+        assert!(placed.take_ended(&alpha).is_empty(), "told once");
+        let json = serde_json::to_string(&Ended { room: "r".into(), what: Placement::View("common".into()) }).unwrap();
+        assert_eq!(json, r#"{"room":"r","what":{"view":"common"}}"#);
     }
 
     #[test]

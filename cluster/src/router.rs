@@ -118,12 +118,16 @@ pub struct ClusterRouter {
     suspects: Mutex<HashMap<String, Instant>>,
     /// When every node in use was last probed.
     probed_all: Mutex<Option<Instant>>,
+    /// The last return of this node's NATS link, and the nodes in use not yet asked since
+    /// what they ended meanwhile.
+    to_ask: Mutex<(Option<Instant>, HashSet<String>)>,
 }
 
 /// A node in use is given up when NATS has said at every probe for this long that nobody
 /// listens on its subject. A killed node's connection closes, so NATS knows at once (the
 /// node registry would keep its entry for up to [`crate::NODE_TTL`]); a live node that lost
-/// NATS for a moment reconnects within milliseconds (its client retries at once).
+/// NATS for a moment reconnects within milliseconds (its client retries at once, then
+/// every 250 ms at most: `RECONNECT_MAX_DELAY`).
 const GONE_AFTER_SILENCE: Duration = Duration::from_secs(2);
 /// Nodes in use are probed this often (a stats request: NATS answers "no responders" for a
 /// node that is not there without asking anyone)...
@@ -131,7 +135,8 @@ const PROBE: Duration = Duration::from_secs(1);
 /// ...and one that stopped answering, this often.
 const SUSPECT_PROBE: Duration = Duration::from_millis(500);
 /// For this long after this node's own NATS connection came back, nobody is judged: after a
-/// NATS restart the other nodes reconnect with a backoff of up to 4 s.
+/// NATS restart the other nodes reconnect within 250 ms of it listening, and may take a
+/// moment to serve their subjects again.
 const RECONNECT_GRACE: Duration = Duration::from_secs(6);
 
 impl ClusterRouter {
@@ -152,6 +157,7 @@ impl ClusterRouter {
             rooms: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             probed_all: Mutex::new(None),
+            to_ask: Mutex::new((None, HashSet::new())),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
@@ -199,6 +205,7 @@ impl ClusterRouter {
             }
             parts
         };
+        let mut events = self.ended_while_away(&in_use).await;
         let all = {
             let mut probed = self.probed_all.lock().unwrap_or_else(|p| p.into_inner());
             let due = probed.is_none_or(|at| at.elapsed() >= PROBE);
@@ -226,12 +233,12 @@ impl ClusterRouter {
                 gone.push(id);
             }
         }
-        // Our own connection dropped during the probes: what they said is not trusted.
+        // Our own connection dropped during the probes: what they said is not trusted (what
+        // nodes said they ended is: it is reported).
         if self.node.reconnected_within(RECONNECT_GRACE) {
             self.suspects.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            return Vec::new();
+            return events;
         }
-        let mut events = Vec::new();
         let mut rooms = self.rooms();
         for id in gone {
             let reason = format!("webrtc node `{id}` is gone");
@@ -245,6 +252,66 @@ impl ClusterRouter {
             }
         }
         events
+    }
+
+    /// What the nodes in use ended of this run's placements while its NATS link was away,
+    /// once it is back (`placed.rs`: a home cut off for longer than a node waits for it
+    /// loses what it placed there, and the events saying so reached nobody). Each node is
+    /// asked once per return of the link, again at the next check if it could not answer.
+    /// The transports ended are forgotten and reported as lost, like a gone node's; a view
+    /// ended makes the room's views start again.
+    async fn ended_while_away(&self, in_use: &HashMap<String, &'static str>) -> Vec<AgentEvent> {
+        let Some(back) = self.node.came_back() else { return Vec::new() };
+        let asking: Vec<String> = {
+            let mut to_ask = self.to_ask.lock().unwrap_or_else(|p| p.into_inner());
+            if to_ask.0 != Some(back) {
+                *to_ask = (Some(back), in_use.keys().cloned().collect());
+            }
+            to_ask.1.retain(|id| in_use.contains_key(id));
+            to_ask.1.iter().cloned().collect()
+        };
+        if asking.is_empty() {
+            return Vec::new();
+        }
+        let client = self.node.client();
+        let answers = futures_util::future::join_all(asking.iter().map(|id| crate::rpc::what_ended(&client, &self.caller, id))).await;
+        let mut told = Vec::new();
+        {
+            let mut to_ask = self.to_ask.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, answer) in asking.into_iter().zip(answers) {
+                let Some(ended) = answer else { continue };
+                to_ask.1.remove(&id);
+                if !ended.is_empty() {
+                    told.push((id, ended));
+                }
+            }
+        }
+        let mut lost: HashMap<RoomId, (Vec<LostTransport>, bool, String)> = HashMap::new();
+        let mut rooms = self.rooms();
+        for (id, ended) in told {
+            for crate::placed::Ended { room, what } in ended {
+                let Some(placement) = rooms.get_mut(&room) else { continue };
+                let entry = lost
+                    .entry(room.clone())
+                    .or_insert_with(|| (Vec::new(), false, format!("node `{id}` ended this while the room's home was cut off from the cluster")));
+                match what {
+                    crate::placed::Placement::Participant(who) => {
+                        for (transport, t) in placement.remove_transports(|t| t.node == id && t.participant == who) {
+                            placement.lost.insert(transport.clone());
+                            entry.0.push(LostTransport { participant: t.participant, transport, sessions: t.sessions.into_iter().collect() });
+                        }
+                    }
+                    crate::placed::Placement::View(_) => entry.1 = true,
+                }
+            }
+        }
+        lost.into_iter()
+            .filter(|(_, (transports, views, _))| !transports.is_empty() || *views)
+            .map(|(room, (transports, views, reason))| {
+                warn!(room = %room, transports = transports.len(), views, "a node ended what this home placed while it was cut off");
+                AgentEvent::MediaLost { room, reason, transports, views }
+            })
+            .collect()
     }
 
     /// The least-used live webrtc node; `prefer_full` first prefers nodes that also run the

@@ -1,7 +1,8 @@
 //! Media nodes over NATS: the webrtc-agent, mixer and recorder of one node driven by the
 //! portal of another, with the same typed commands as in one process.
 //!
-//! A node serves its parts on `tessera.node.<id>.media`, `.mix` and `.recorder`: a request
+//! A node serves its parts on `tessera.node.<id>.media`, `.mix` and `.recorder` (and, with
+//! an SFU or a mixer, `.ended`: what it ended of a placer's placements, see `placed.rs`): a request
 //! is the command as JSON (`core::command`), the reply the result as JSON (`{"Ok": reply}`
 //! or `{"Err": error}`), the header `Tessera-From` names the calling portal node and
 //! `Tessera-Run` its run (`<node>/<instance>`: a node restarted under its id is another run). What
@@ -138,6 +139,27 @@ pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Opti
     match answer {
         Ok(Ok(_)) => Some(true),
         Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(false),
+        _ => None,
+    }
+}
+
+/// What node `to` ended of `from`'s placements while `from` was away ([`crate::placed`]):
+/// nothing when it serves no such question (a node with neither SFU nor mixer), `None`
+/// when that cannot be told now.
+pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str) -> Option<Vec<crate::placed::Ended>> {
+    match send(client, from, to, "ended", &crate::placed::WhatEnded::default(), PROBE_TIMEOUT).await {
+        Ok(Ok(reply)) => match serde_json::from_slice::<Result<Vec<crate::placed::Ended>, String>>(&reply.payload) {
+            Ok(Ok(ended)) => Some(ended),
+            Ok(Err(e)) => {
+                debug!(node = %to, error = %e, "a node could not say what it ended");
+                None
+            }
+            Err(e) => {
+                warn!(node = %to, error = %e, "an unreadable answer to what a node ended");
+                None
+            }
+        },
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(Vec::new()),
         _ => None,
     }
 }
@@ -279,7 +301,8 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     let me = me.as_str();
     let placed = Arc::new(crate::placed::Placed::new(me));
     let sweep_on = crate::placed::Parts { media: parts.media.clone(), mixer: parts.mixer.clone() };
-    if sweep_on.media.is_some() || sweep_on.mixer.is_some() {
+    let sweep_on_any = sweep_on.media.is_some() || sweep_on.mixer.is_some();
+    if sweep_on_any {
         crate::placed::sweep(placed.clone(), Arc::downgrade(node), client.clone(), sweep_on);
     }
     let own = Served {
@@ -310,11 +333,17 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         let handle = move |c: AgentCommand, from: Option<Caller>| {
             let (media, routes, placed) = (media.clone(), routes.clone(), placed.clone());
             async move {
-                if let (Some(room), Some(from)) = (c.room(), from.as_ref()) {
+                let Some(from) = from.filter(|_| c.room().is_some()) else { return media.handle(c).await };
+                if let Some(room) = c.room() {
                     routes.note(room, &from.node);
-                    placed.note(&c, from);
                 }
-                media.handle(c).await
+                placed.note(&c, &from);
+                let placing = crate::placed::Placed::placement_of(&c).map(|(room, what)| (room.clone(), what));
+                let out = media.handle(c).await;
+                if let Some((room, what)) = placing {
+                    placed.noted_after(&room, what, &from);
+                }
+                out
             }
         };
         tokio::spawn(serve_part(client.clone(), subject(me, "media"), handle, AgentError::Rejected));
@@ -324,14 +353,27 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         let handle = move |c: MixCommand, from: Option<Caller>| {
             let (mixer, routes, placed) = (mixer.clone(), routes.clone(), placed.clone());
             async move {
-                if let Some(from) = from.as_ref() {
-                    routes.note(c.room(), &from.node);
-                    placed.note_mix(&c, from);
+                let Some(from) = from else { return mixer.handle(c).await };
+                routes.note(c.room(), &from.node);
+                placed.note_mix(&c, &from);
+                let placing = crate::placed::Placed::placement_of_mix(&c).map(|(room, what)| (room.clone(), what));
+                let out = mixer.handle(c).await;
+                if let Some((room, what)) = placing {
+                    placed.noted_after(&room, what, &from);
                 }
-                mixer.handle(c).await
+                out
             }
         };
         tokio::spawn(serve_part(client.clone(), subject(me, "mix"), handle, MixError::Failed));
+    }
+    if sweep_on_any {
+        // What the sweep ended, told to its placer (a home back from a NATS outage).
+        let placed = placed.clone();
+        let handle = move |_: crate::placed::WhatEnded, from: Option<Caller>| {
+            let placed = placed.clone();
+            async move { Ok::<_, String>(from.map(|from| placed.take_ended(&from)).unwrap_or_default()) }
+        };
+        tokio::spawn(serve_part(client.clone(), subject(me, "ended"), handle, std::convert::identity));
     }
     if let Some(recorder) = parts.recorder {
         let handle = move |c: RecorderCommand, _from: Option<Caller>| {

@@ -1441,3 +1441,105 @@ async fn a_dead_homes_participants_leave_the_nodes_that_live_on() {
     let csub = tessera_client::peer::Subscriber::start(&mut cat, &bob_pub.stream_id, false, true, false).await.unwrap();
     csub.wait_until("bob's video at cat", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
 }
+
+/// A TCP relay between one node and NATS that the test can cut: its connections close (so
+/// NATS forgets that node's subscriptions at once, as when its link fails) and new ones
+/// are closed on arrival until it is restored.
+struct NatsLink {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kill: tokio::sync::watch::Sender<u64>,
+}
+
+impl NatsLink {
+    async fn to(nats: &Nats) -> NatsLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = format!("{}:{}", nats.host, nats.port);
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kill, _) = tokio::sync::watch::channel(0u64);
+        let (is_cut, killer) = (cut.clone(), kill.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let (upstream, mut killed) = (upstream.clone(), killer.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = killed.changed() => {}
+                    }
+                });
+            }
+        });
+        NatsLink { addr, cut, kill }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// Cuts the link for `secs`, then restores it.
+    async fn cut_for(&self, secs: f64) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kill.send_modify(|n| *n += 1);
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A media node whose own NATS link drops for a moment keeps its sessions (it is back on
+/// NATS before the portals give it up); a room's home cut off from NATS for longer than
+/// the media node waits for it learns, once back, that its participants' transports
+/// there ended meanwhile, and tells them. (Alpha is a portal only, so every transport is
+/// on bravo; each node reaches NATS through a link the test can cut.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_cut_off_from_nats_learns_what_ended_meanwhile() {
+    if !common::in_own_netns("a_home_cut_off_from_nats_learns_what_ended_meanwhile") {
+        return;
+    }
+    let nats = Nats::start();
+    let (a_link, b_link) = (NatsLink::to(&nats).await, NatsLink::to(&nats).await);
+    let (_b_dir, b) =
+        common::start_with_config_args("[webrtc]\nbind_ip = \"127.0.0.1\"\n[cluster]\nnode_id = \"bravo\"\n", &["--cluster", &b_link.url()]);
+    let (_a_dir, a) = common::start_with_config_args("[cluster]\nnode_id = \"alpha\"\nroles = [\"portal\"]\n", &["--cluster", &a_link.url()]);
+    for s in [&a, &b] {
+        wait_nodes(s, &["alpha", "bravo"], Duration::from_secs(5)).await;
+    }
+    let room = a.new_room(serde_json::json!({"views": []})).await;
+    let (mut ann, _) = a.join(&room, "ann").await;
+    let (publisher, _sending) = publish_sending(&mut ann, 3, 120).await;
+    let (mut bob, _) = a.join(&room, "bob").await;
+    let sub = tessera_client::peer::Subscriber::start(&mut bob, &publisher.stream_id, false, true, false).await.unwrap();
+    sub.wait_until("ann's video at bob", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
+    wait_transports(&a, "bravo", 2).await;
+    let video = || sub.received.lock().unwrap().iter().filter(|p| p.kind == "video").count();
+
+    // Bravo's link drops for 1.5 s: nobody is told anything, and media flows throughout.
+    let before = video();
+    b_link.cut_for(1.5).await;
+    let during = video();
+    assert!(during > before + 20, "video stopped while bravo's NATS link was down: {before} → {during} packets");
+    let failed = |n: &tessera_client::signaling::Notification| n.event == "progress" && n.data["status"] == "error";
+    assert!(ann.wait_for("a failure", Duration::from_secs(5), failed).await.is_err(), "bravo was given up after a 1.5 s blip");
+    assert_eq!(metric(&b, "tessera_transports{state=\"connected\"}").await, 2.0);
+
+    // Alpha's link is cut for 16 s: nobody holds the room meanwhile, so bravo ends what
+    // alpha placed there after 12 s (events saying so go to nobody)...
+    let cut = Instant::now();
+    a_link.cut_for(16.0).await;
+    assert_eq!(metric(&b, "tessera_transports{state=\"connected\"}").await, 0.0, "bravo kept the cut-off home's transports");
+    // ...and alpha, back, learns it and tells Ann and Bob.
+    let back = Instant::now();
+    let told = ann.wait_for("ann told her transport ended", Duration::from_secs(12), failed).await.unwrap();
+    assert!(told.data["data"].as_str().unwrap().contains("cut off"), "{:?}", told.data);
+    bob.wait_for("bob told his transport ended", Duration::from_secs(3), failed).await.unwrap();
+    println!("cut {:?}; told {:?} after the link came back", back - cut, back.elapsed());
+    bob.wait_for("ann's stream removed", Duration::from_secs(3), |n| n.event == "stream" && n.data["status"] == "remove").await.unwrap();
+    // They publish and subscribe again, on bravo.
+    let (publisher, _sending) = publish_sending(&mut ann, 4, 60).await;
+    let sub = tessera_client::peer::Subscriber::start(&mut bob, &publisher.stream_id, false, true, false).await.unwrap();
+    sub.wait_until("ann's video at bob again", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 10).await.unwrap();
+}
