@@ -10,6 +10,16 @@ use anyhow::Context;
 use tessera_config::Config;
 use tessera_core::ticket::TicketAuthority;
 use tessera_core::token::{PortalAddress, TokenAuthority};
+
+/// Prints a line to stdout, or nothing if stdout is gone: a server whose output pipe was
+/// closed (a supervisor restarted, `| head`) goes on serving, and stops cleanly, instead of
+/// panicking as `println!` does.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use tessera_core::{Room, RoomStore, Rooms};
 use tracing::{info, warn};
 
@@ -81,7 +91,7 @@ fn service_key(config: &Config) -> anyhow::Result<String> {
     let key = tessera_core::ids::random_hex(32);
     write_private(&path, &key).with_context(|| format!("writing {}", path.display()))?;
     // Printed once, at generation: later starts read the file silently.
-    println!("tessera: generated a service key (saved in {}): {key}", path.display());
+    say!("tessera: generated a service key (saved in {}): {key}", path.display());
     Ok(key)
 }
 
@@ -154,9 +164,9 @@ async fn cluster_service_key(config: &Config, node: &tessera_cluster::ClusterNod
             write_private(&path, &agreed).with_context(|| format!("writing {}", path.display()))?;
             if agreed == proposed {
                 // Printed once, at generation, as for a single node.
-                println!("tessera: generated the cluster's service key (saved in {}): {agreed}", path.display());
+                say!("tessera: generated the cluster's service key (saved in {}): {agreed}", path.display());
             } else {
-                println!("tessera: this node uses the cluster's service key (saved in {})", path.display());
+                say!("tessera: this node uses the cluster's service key (saved in {})", path.display());
             }
         }
     }
@@ -385,7 +395,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let node = tessera_cluster::ClusterNode::join(settings).await?;
         let load = load.clone();
         node.spawn_heartbeat(move || load());
-        println!("tessera: node `{node_id}` joined the cluster at {} as {}", config.cluster.nats_url, config.cluster.roles().join(","));
+        say!("tessera: node `{node_id}` joined the cluster at {} as {}", config.cluster.nats_url, config.cluster.roles().join(","));
         Some(node)
     };
     // The relay: streams of other nodes for this node's subscribers, mixer and recorder;
@@ -397,7 +407,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             false => None,
         };
         let started = tessera_cluster::relay::Relay::start(node.clone(), socket, key.as_deref().map(str::as_bytes), streams.clone())?;
-        println!("tessera: media relay on {} ({})", started.addr(), if key.is_some() { "authenticated" } else { "unauthenticated" });
+        say!("tessera: media relay on {} ({})", started.addr(), if key.is_some() { "authenticated" } else { "unauthenticated" });
         let importer: Arc<dyn tessera_core::media::StreamImporter> = started.clone();
         relay = Some(started);
         if let Some(sfu) = &sfu {
@@ -442,7 +452,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     if let Some(t) = &turn {
         let tls = t.tls_bound.map(|a| format!(" and {a} (TLS)")).unwrap_or_default();
-        println!("tessera: TURN server listening on {}{tls} ({})", t.bound, t.urls.join(", "));
+        say!("tessera: TURN server listening on {}{tls} ({})", t.bound, t.urls.join(", "));
     }
     // This node's own parts; in a cluster they also serve other nodes' portals over NATS,
     // and this node's portal places rooms on any node's parts.
@@ -482,14 +492,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 };
                 let metrics = crate::metrics::Metrics::install(sources)?;
                 let server = tessera_management_api::serve_metrics(listener, Arc::new(move || metrics.render()))?;
-                println!("tessera: metrics listening on http://{bound}/metrics");
+                say!("tessera: metrics listening on http://{bound}/metrics");
                 let handle = server.handle();
                 tokio::spawn(server);
                 Some(handle)
             }
             false => None,
         };
-        println!("tessera: node `{node_id}` serves {} (no portal)", config.cluster.roles().join(","));
+        say!("tessera: node `{node_id}` serves {} (no portal)", config.cluster.roles().join(","));
         info!(node = %node_id, "media node started");
         signals.wait().await;
         let drain = Duration::from_secs(config.server.drain_timeout_secs);
@@ -504,7 +514,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 (transports, recording)
             };
             let (transports, recording) = busy();
-            println!("tessera: draining for up to {} s ({transports} transports, {recording} recordings)", drain.as_secs());
+            say!("tessera: draining for up to {} s ({transports} transports, {recording} recordings)", drain.as_secs());
             info!(timeout_secs = drain.as_secs(), transports, recording, "media node draining");
             let deadline = tokio::time::Instant::now() + drain;
             loop {
@@ -534,7 +544,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(handle) = metrics_server {
             handle.stop(true).await;
         }
-        println!("tessera: stopped");
+        say!("tessera: stopped");
         return Ok(());
     };
     let key = key.ok_or_else(|| anyhow::anyhow!("a portal node has a service key"))?;
@@ -631,7 +641,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut rooms = vec![dev.default_room.clone()];
         rooms.extend(dev.extra_rooms.iter().cloned());
         // Loud on purpose: anyone who reaches the portal can join these rooms as presenter.
-        println!(
+        say!(
             "tessera: WARNING: dev endpoints /dev/token and /dev/layout are ON for room(s) {rooms:?}: anyone who reaches \
              {scheme}://{portal_bound} can join them as presenter. Turn them off with `[demo] dev_tokens = \"off\"`."
         );
@@ -639,12 +649,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(tls) = &tls {
         let what = if tls.self_signed { "self-signed certificate" } else { "certificate" };
-        println!("tessera: TLS with {what} {} (SHA-256 {})", tls.cert_path.display(), tls.fingerprint);
+        say!("tessera: TLS with {what} {} (SHA-256 {})", tls.cert_path.display(), tls.fingerprint);
     }
-    println!("tessera: portal listening on {scheme}://{portal_bound}");
-    println!("tessera: management API listening on {scheme}://{api_bound}");
+    say!("tessera: portal listening on {scheme}://{portal_bound}");
+    say!("tessera: management API listening on {scheme}://{api_bound}");
     if !config.rooms.default_room.is_empty() {
-        println!("tessera: default room `{}`", config.rooms.default_room);
+        say!("tessera: default room `{}`", config.rooms.default_room);
     }
     info!(portal = %portal_bound, api = %api_bound, data_dir = ?config.server.data_dir, "tessera started");
 
@@ -665,7 +675,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(node) = &cluster {
             node.set_draining(true);
         }
-        println!("tessera: draining for up to {} s ({} participants)", drain.as_secs(), portal.participant_count());
+        say!("tessera: draining for up to {} s ({} participants)", drain.as_secs(), portal.participant_count());
         info!(timeout_secs = drain.as_secs(), participants = portal.participant_count(), "draining");
         let deadline = tokio::time::Instant::now() + drain;
         loop {
@@ -700,6 +710,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     api_handle.stop(true).await;
     let _ = api_task.await;
     info!("tessera stopped");
-    println!("tessera: stopped");
+    say!("tessera: stopped");
     Ok(())
 }

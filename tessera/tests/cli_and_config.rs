@@ -282,3 +282,32 @@ fn tls_refuses_to_start_with_a_bad_certificate_naming_the_file() {
     let err = common::refused_start("[turn]\nenabled = true\ntls_addr = \"[::1]:0\"\n", &["--dev-tls"]);
     assert!(err.contains("turn.tls_addr") && err.contains("IPv4"), "{err}");
 }
+
+/// A server whose stdout was closed (its supervisor's pipe gone) still stops cleanly on
+/// SIGTERM: what it prints then is dropped, not a panic.
+#[test]
+fn a_closed_stdout_does_not_stop_the_server_from_stopping_cleanly() {
+    use std::io::BufRead as _;
+    let dir = common::tempdir();
+    let mut child = Command::new(bin())
+        .args(["serve", "--portal-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("TESSERA_SERVICE_KEY", KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("portal listening on") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the server did not start");
+    }
+    drop(stdout);
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
