@@ -84,37 +84,105 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
 /// The SDP without RTX (its payload types, their `rtpmap`, `fmtp` and `rtcp-fb` lines) in
 /// the m-sections of the given mids.
 pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
+    retain_formats(sdp, |mid, formats| mids.contains(&mid).then(|| formats.iter().filter(|f| !f.is_rtx()).map(|f| f.pt.to_string()).collect()))
+}
+
+/// An offer with each m-line the server sends a known codec on (`sending`: mid → the
+/// publisher's codec) cut down to that codec and its RTX: what the server keeps of the
+/// client's offer, and answers, is then a tenth of a browser's full list. The codec is
+/// matched as [`negotiated_payload_type`] matches it (an H.264 of the same profile and
+/// packetization mode if offered, else any H.264); an m-line that does not offer it is left
+/// whole (the subscription then fails as before, with its error).
+pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<String, rtc::rtp_transceiver::rtp_sender::RTCRtpCodec>) -> String {
+    if sending.is_empty() {
+        return sdp.to_string();
+    }
+    retain_formats(sdp, |mid, formats| {
+        let want = sending.get(mid)?;
+        let subtype = want.mime_type.rsplit('/').next().unwrap_or_default();
+        let same = |f: &&Format<'_>| f.name().eq_ignore_ascii_case(subtype) && f.clock_rate() == Some(want.clock_rate);
+        let key = h264_key(&want.sdp_fmtp_line);
+        let exact: Vec<&Format<'_>> = formats.iter().filter(same).filter(|f| h264_key(f.fmtp) == key).collect();
+        let main: Vec<&Format<'_>> = if exact.is_empty() { formats.iter().filter(same).collect() } else { exact };
+        if main.is_empty() {
+            return None;
+        }
+        let repairs = formats.iter().filter(|f| f.is_rtx() && main.iter().any(|m| f.repairs() == Some(m.pt)));
+        Some(main.iter().copied().chain(repairs).map(|f| f.pt.to_string()).collect())
+    })
+}
+
+/// One format of an m-line: its payload type and what its `a=rtpmap` and `a=fmtp` say.
+struct Format<'a> {
+    pt: &'a str,
+    rtpmap: &'a str,
+    fmtp: &'a str,
+}
+
+impl Format<'_> {
+    /// The encoding name (`VP8`, `rtx`).
+    fn name(&self) -> &str {
+        self.rtpmap.split('/').next().unwrap_or_default().trim()
+    }
+
+    fn clock_rate(&self) -> Option<u32> {
+        self.rtpmap.split('/').nth(1).and_then(|c| c.trim().parse().ok())
+    }
+
+    fn is_rtx(&self) -> bool {
+        self.name().eq_ignore_ascii_case("rtx")
+    }
+
+    /// The payload type an RTX format repairs (`apt=`).
+    fn repairs(&self) -> Option<&str> {
+        self.fmtp.split(';').find_map(|kv| kv.trim().strip_prefix("apt=")).map(str::trim)
+    }
+}
+
+/// Rewrites each m-section for which `keep(mid, formats)` names the payload types to keep:
+/// the others leave its m= line with their `a=rtpmap`, `a=fmtp` and `a=rtcp-fb` lines.
+/// Sections it answers `None` for, and everything else, are left as they are (line
+/// endings included).
+fn retain_formats(sdp: &str, keep: impl Fn(&str, &[Format<'_>]) -> Option<Vec<String>>) -> String {
     let mut out = String::with_capacity(sdp.len());
     let mut sections = sdp.split_inclusive("\nm=");
     if let Some(session) = sections.next() {
         out.push_str(session);
     }
+    let value = |line: &'_ str, prefix: &str| -> Option<(String, String)> {
+        let rest = line.trim().strip_prefix(prefix)?;
+        let (pt, v) = rest.split_once(' ').unwrap_or((rest, ""));
+        Some((pt.to_string(), v.to_string()))
+    };
     for section in sections {
-        let in_scope = section.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).any(|m| mids.contains(&m));
-        if !in_scope {
+        let Some(mid) = section.lines().find_map(|l| l.trim().strip_prefix("a=mid:")) else {
             out.push_str(section);
             continue;
-        }
-        let rtx: Vec<&str> = section
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("a=rtpmap:"))
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("rtx/"))
-            .map(|(pt, _)| pt)
+        };
+        let rtpmaps: Vec<(String, String)> = section.lines().filter_map(|l| value(l, "a=rtpmap:")).collect();
+        let fmtps: Vec<(String, String)> = section.lines().filter_map(|l| value(l, "a=fmtp:")).collect();
+        let formats: Vec<Format<'_>> = rtpmaps
+            .iter()
+            .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| p == pt).map_or("", |(_, f)| f.as_str()) })
             .collect();
-        let names_rtx = |l: &str| {
+        let Some(kept) = keep(mid, &formats) else {
+            out.push_str(section);
+            continue;
+        };
+        let dropped = |pt: &str| formats.iter().any(|f| f.pt == pt) && !kept.iter().any(|k| k == pt);
+        let names_dropped = |l: &str| {
             ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"]
                 .iter()
-                .any(|p| l.trim().strip_prefix(p).and_then(|r| r.split([' ', '\r']).next()).is_some_and(|pt| rtx.contains(&pt)))
+                .any(|p| l.trim().strip_prefix(p).and_then(|r| r.split([' ', '\r']).next()).is_some_and(dropped))
         };
         for (i, line) in section.split_inclusive('\n').enumerate() {
             if i == 0 {
-                // The m= line (its "m=" went with the previous part): drop the RTX formats.
+                // The m= line (its "m=" went with the previous part): the formats dropped go.
                 let ending = &line[line.trim_end().len()..];
-                let kept: Vec<&str> = line.trim_end().split(' ').enumerate().filter(|(n, f)| *n < 3 || !rtx.contains(f)).map(|(_, f)| f).collect();
+                let kept: Vec<&str> = line.trim_end().split(' ').enumerate().filter(|(n, f)| *n < 3 || !dropped(f)).map(|(_, f)| f).collect();
                 out.push_str(&kept.join(" "));
                 out.push_str(ending);
-            } else if !names_rtx(line) {
+            } else if !names_dropped(line) {
                 out.push_str(line);
             }
         }
@@ -125,6 +193,63 @@ pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn codec(mime: &str, clock_rate: u32, fmtp: &str) -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+        rtc::rtp_transceiver::rtp_sender::RTCRtpCodec { mime_type: mime.into(), clock_rate, sdp_fmtp_line: fmtp.into(), ..Default::default() }
+    }
+
+    /// A browser's offer to receive: audio, then video with three codecs and their RTX, and
+    /// a third m-line nobody sends on.
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111 63 0 8\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
+        a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1\r\na=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n\
+        a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\n\
+        a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtcp-fb:96 nack pli\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+        a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
+        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
+        a=rtpmap:127 H264/90000\r\na=fmtp:127 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+        a=rtpmap:125 rtx/90000\r\na=fmtp:125 apt=127\r\na=rtcp-fb:* ccm fir\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
+
+    #[test]
+    fn an_offer_keeps_only_what_is_sent_on_each_subscription() {
+        let sending = std::collections::HashMap::from([
+            ("0".to_string(), codec("audio/opus", 48000, "minptime=10;useinbandfec=1")),
+            ("1".to_string(), codec("video/H264", 90000, "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f")),
+        ]);
+        let out = only_sent_codecs(OFFER, &sending);
+        let section = |n: usize| out.split("\r\nm=").nth(n).unwrap().to_string();
+        assert!(out.starts_with("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n"));
+        assert_eq!(
+            section(1),
+            "audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
+             a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1"
+        );
+        // The same profile's H.264 (not the first one offered) and its RTX; `rtcp-fb:*` stays.
+        assert_eq!(
+            section(2),
+            "video 9 UDP/TLS/RTP/SAVPF 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\n\
+             a=rtpmap:127 H264/90000\r\na=fmtp:127 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+             a=rtpmap:125 rtx/90000\r\na=fmtp:125 apt=127\r\na=rtcp-fb:* ccm fir"
+        );
+        assert_eq!(section(3), OFFER.split("\r\nm=").nth(3).unwrap(), "an m-line nothing is sent on is left whole");
+        // What it keeps still parses, and still offers the codec.
+        let parsed = rtc::sdp::SessionDescription::unmarshal(&mut std::io::Cursor::new(out.as_bytes())).unwrap();
+        assert_eq!(parsed.media_descriptions[1].media_name.formats, ["127", "125"]);
+    }
+
+    #[test]
+    fn an_offer_without_the_sent_codec_is_left_whole() {
+        let sending = std::collections::HashMap::from([("1".to_string(), codec("video/AV1", 90000, ""))]);
+        assert_eq!(only_sent_codecs(OFFER, &sending), OFFER);
+        // Another profile of the codec: any H.264 is kept rather than none.
+        let sending =
+            std::collections::HashMap::from([("1".to_string(), codec("video/H264", 90000, "packetization-mode=1;profile-level-id=640c1f"))]);
+        let out = only_sent_codecs(OFFER, &sending);
+        assert!(out.contains("m=video 9 UDP/TLS/RTP/SAVPF 102 103 127 125\r\n"), "{out}");
+        assert_eq!(only_sent_codecs(OFFER, &Default::default()), OFFER);
+    }
 
     #[test]
     fn rtx_is_taken_out_of_the_named_sections_only() {
@@ -265,6 +390,21 @@ a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\na=extmap:1 urn:ietf:pa
                     prop_assert_eq!(Some(pt), expected);
                 }
             }
+        }
+
+        #[test]
+        fn cutting_an_offer_down_keeps_what_it_does_not_name(
+            sdp in prop_oneof![sdp_like(), text(80)],
+            sent in prop::collection::vec(("[0-3]", codec(mimes())), 0..3),
+        ) {
+            let sending: std::collections::HashMap<String, RTCRtpCodec> = sent.into_iter().collect();
+            let out = only_sent_codecs(&sdp, &sending);
+            // Only format lines go: every other line is kept, in order.
+            let others = |s: &str| s.lines().filter(|l| !["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"].iter().any(|p| l.trim().starts_with(p))).map(|l| {
+                if l.starts_with("m=") { l.split(' ').take(3).collect::<Vec<_>>().join(" ") } else { l.to_string() }
+            }).collect::<Vec<_>>();
+            prop_assert_eq!(others(&out), others(&sdp));
+            prop_assert!(out.len() <= sdp.len());
         }
 
         #[test]

@@ -59,6 +59,9 @@ use crate::simulcast::{AutoState, LayerBoard, VideoCodec, Vp8Munger};
 
 /// `recvmmsg` calls per loop round before the loop drains outputs and timers.
 const READ_ROUNDS: usize = 2;
+/// A connection handed this many forwarded packets since it was last drained is drained
+/// at once (see `deliver`).
+const DRAIN_EVERY: u32 = 4;
 /// Addresses a connection may be reached from at once (its candidate pairs).
 const ADDRS_PER_PEER: usize = 4;
 /// A subscriber leg forwards at most one keyframe request per this interval (the
@@ -568,6 +571,9 @@ struct Peer {
     layer_receivers: HashMap<u32, TrackId>,
     /// The simulcast layers (RIDs) of each m-line of the last offer.
     simulcast: Vec<(String, Vec<String>)>,
+    /// The codec sent on each subscription's m-line (by mid): the client's offers are cut
+    /// down to it there (`sdp::only_sent_codecs`).
+    sending: HashMap<String, rtc::rtp_transceiver::rtp_sender::RTCRtpCodec>,
     /// Subscriptions waiting for the client's data channel labelled with their stream id:
     /// (subscription, publication, the publication's worker).
     data_wanted: Vec<(String, String, usize)>,
@@ -581,6 +587,8 @@ struct Peer {
     /// The earliest deadline of this connection in the timer heap.
     scheduled: Option<Instant>,
     dirty: bool,
+    /// Forwarded packets handed to it since it was last drained.
+    unsent: u32,
 }
 
 /// What a timer entry wakes.
@@ -678,7 +686,9 @@ pub(crate) struct Worker {
     tcp_events: mpsc::Receiver<TcpEvent>,
     /// The address in this worker's host candidate (what clients send to).
     local: SocketAddr,
-    peers: HashMap<u32, Peer>,
+    /// Boxed: a connection is kilobytes, and a map grown by doubling would keep up to as
+    /// many empty slots of that size (twice over while it rehashes).
+    peers: HashMap<u32, Box<Peer>>,
     by_transport: HashMap<String, u32>,
     by_ufrag: HashMap<String, u32>,
     by_addr: HashMap<SocketAddr, u32>,
@@ -1094,7 +1104,7 @@ impl Worker {
             let bytes = bytes.freeze();
             t.taps.retain(|tap| tap.idle || !matches!(tap.tx.try_send(bytes.clone()), Err(mpsc::error::TrySendError::Closed(_))));
         }
-        deliver(&mut self.peers, &mut self.dirty, &t.subscribers, track, &packet, now, &mut self.notes);
+        deliver(&mut self.peers, &mut self.dirty, &mut self.out, &t.subscribers, track, &packet, now, &mut self.notes);
         self.follow_notes(now);
         if let Some(board) = layered {
             self.feed_layer_taps(board, track, &packet, now);
@@ -1173,7 +1183,7 @@ impl Worker {
             return self.forward(track, packet, now);
         }
         if let Some(legs) = self.relayed.get(&track) {
-            deliver(&mut self.peers, &mut self.dirty, legs, track, &packet, now, &mut self.notes);
+            deliver(&mut self.peers, &mut self.dirty, &mut self.out, legs, track, &packet, now, &mut self.notes);
             self.follow_notes(now);
         }
     }
@@ -1290,6 +1300,7 @@ impl Worker {
         while let Some(id) = self.dirty.pop() {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
+            p.unsent = 0;
             while let Some(out) = p.pc.poll_write() {
                 self.out.send(out);
             }
@@ -1474,7 +1485,7 @@ impl Worker {
 
     fn peer_mut(&mut self, transport: &str) -> Option<&mut Peer> {
         let id = *self.by_transport.get(transport)?;
-        self.peers.get_mut(&id)
+        self.peers.get_mut(&id).map(|p| &mut **p)
     }
 
     fn open(&mut self, transport: String, room: String, participant: String, now: Instant) -> Result<(), AgentError> {
@@ -1490,7 +1501,7 @@ impl Worker {
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
             id,
-            Peer {
+            Box::new(Peer {
                 id,
                 transport,
                 room,
@@ -1509,6 +1520,7 @@ impl Worker {
                 receivers: HashMap::new(),
                 layer_receivers: HashMap::new(),
                 simulcast: Vec::new(),
+                sending: HashMap::new(),
                 data_wanted: Vec::new(),
                 data_legs: Vec::new(),
                 data_sources: HashMap::new(),
@@ -1517,7 +1529,8 @@ impl Worker {
                 connected: false,
                 scheduled: None,
                 dirty: false,
-            },
+                unsent: 0,
+            }),
         );
         Ok(())
     }
@@ -1543,6 +1556,7 @@ impl Worker {
                     AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, sub.spec.at.session))
                 })?;
                 planned.push((pos, sub.spec.at.session.to_string(), src.clone(), t.layer.clone()));
+                p.sending.insert(t.mid.to_string(), src.codec.clone());
             }
         }
         planned.sort_by_key(|(pos, _, _, _)| *pos);
@@ -1571,6 +1585,9 @@ impl Worker {
             created.push((session, src, layer, RTCRtpSenderId::from(transceiver), track_id, ssrc));
         }
 
+        // What rtc keeps of the offer (text and parsed, for the connection's life) and
+        // answers is then only what is sent on the subscriptions' m-lines.
+        let sdp = crate::sdp::only_sent_codecs(&sdp, &p.sending);
         let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.has_remote = true;
@@ -2334,8 +2351,9 @@ const MAX_QUEUED: usize = 16_384;
 /// moves to the layer it awaits at that layer's keyframe; what that leaves to do goes to `notes`.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
-    peers: &mut HashMap<u32, Peer>,
+    peers: &mut HashMap<u32, Box<Peer>>,
     dirty: &mut Vec<u32>,
+    out: &mut Outlet,
     legs: &[(u32, u32)],
     track: TrackId,
     packet: &rtp::Packet,
@@ -2363,17 +2381,27 @@ fn deliver(
                 Gate::Send => {}
             }
         }
-        let mut out = packet.clone();
-        l.rewriter.rewrite(&mut out, now);
+        let mut copy = packet.clone();
+        l.rewriter.rewrite(&mut copy, now);
         if let Some(Selection { vp8: Some(v), .. }) = &mut l.sel {
-            v.munge(&mut out);
+            v.munge(&mut copy);
         }
         // Straight into the connection, not through `RTCRtpSender::write_rtp`: that checks
         // what the rewriter made sure of (the leg's SSRC and payload type, no extensions)
         // and allocates the track id `String` per packet, which rtc then ignores. A
         // refused packet is dropped for this leg only.
         if p.pc.rtp_sender(l.sender).is_some() {
-            let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) });
+            let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), copy) });
+            p.unsent += 1;
+            // rtc's handler queues grow to the most a connection was handed between two
+            // drains, and keep that size: a burst (a keyframe, a full receive batch) is
+            // sent on every few packets, not left to pile up until the round's flush.
+            if p.unsent >= DRAIN_EVERY {
+                p.unsent = 0;
+                while let Some(datagram) = p.pc.poll_write() {
+                    out.send(datagram);
+                }
+            }
         }
         if !p.dirty {
             p.dirty = true;
