@@ -27,6 +27,7 @@ pub mod forward;
 pub mod nack_age;
 pub mod net;
 pub mod probe;
+pub mod responder;
 pub mod rtcp_counter;
 mod sdp;
 pub mod simulcast;

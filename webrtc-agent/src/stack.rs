@@ -17,19 +17,20 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Interceptor, NackGeneratorInterceptor, NackResponderInterceptor, Packet, ReceiverReportInterceptor, SenderReportInterceptor, StreamInfo,
-    TaggedPacket, TwccReceiverInterceptor,
+    Interceptor, NackGeneratorInterceptor, Packet, ReceiverReportInterceptor, SenderReportInterceptor, StreamInfo, TaggedPacket,
+    TwccReceiverInterceptor,
 };
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use tracing::debug;
 
+use crate::responder::Responder;
 use crate::wire::Wire;
 
 /// The interceptors (see the module docs), in rtc's slot order.
 pub struct Stack {
     wire: Wire,
-    nack_responder: NackResponderInterceptor,
+    nack_responder: Responder,
     nack_generator: NackGeneratorInterceptor,
     twcc_receiver: TwccReceiverInterceptor,
     receiver_reports: ReceiverReportInterceptor,
@@ -58,7 +59,7 @@ impl Stack {
     /// The link for one connection.
     pub fn new(
         wire: Wire,
-        nack_responder: NackResponderInterceptor,
+        nack_responder: Responder,
         nack_generator: NackGeneratorInterceptor,
         twcc_receiver: TwccReceiverInterceptor,
         receiver_reports: ReceiverReportInterceptor,
@@ -249,7 +250,7 @@ mod tests {
     fn stack() -> impl Interceptor {
         let stack = Stack::new(
             Wire::new(Arc::new(RtcpCounters::default()), None),
-            NackResponderBuilder::new().with_size(256).build(),
+            crate::responder::Responder::new(256),
             NackGeneratorBuilder::new().build(),
             TwccReceiverBuilder::new().build(),
             ReceiverReportBuilder::new().build(),
@@ -374,8 +375,10 @@ mod tests {
             steps.push(drain(i));
         }
         let now = t0 + Duration::from_millis(1400);
-        for media_ssrc in [10, 20] {
-            let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc, nacks: nack_pairs_from_sequence_numbers(&[4, 6, 7, 30]) };
+        // Young and old packets of both streams (even numbers went on 10, odd on 20), in one
+        // NACK each: one lost bitmask covers several.
+        for (media_ssrc, lost) in [(10, &[4, 30, 32, 34, 36][..]), (20, &[7, 31, 33, 37][..])] {
+            let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc, nacks: nack_pairs_from_sequence_numbers(lost) };
             let pli = PictureLossIndication { sender_ssrc: 1, media_ssrc };
             i.handle_read(tagged(Packet::Rtcp(vec![Box::new(nack), Box::new(pli)]), now)).unwrap();
             steps.push(drain(i));
@@ -397,17 +400,22 @@ mod tests {
         let (mut ours, mut theirs) = (stack(), chain());
         let (a, b) = (life(&mut ours), life(&mut theirs));
         assert_eq!(a.len(), b.len());
-        let mut retransmissions = 0;
+        let (mut retransmissions, mut plain) = (0, 0);
         let mut reports = 0;
         let mut feedback = 0;
         for (step, (x, y)) in a.iter().zip(&b).enumerate() {
             assert_eq!(x, y, "step {step}: what left or arrived differs");
             retransmissions += x.0.iter().filter(|p| p.len() > 1 && p[1] & 0x7f == 97).count();
+            // The NACK steps' RTP on stream 20 (no RTX): sent again as it was.
+            if (40..42).contains(&step) {
+                plain += x.0.iter().filter(|p| p.len() > 12 && p[1] & 0x7f == 96 && p[8..12] == 20u32.to_be_bytes()).count();
+            }
             reports += x.0.iter().filter(|p| p.len() > 1 && (200..=201).contains(&p[1])).count();
             feedback += x.0.iter().filter(|p| p.len() > 1 && p[0] & 0x1f == 15 && p[1] == 205).count();
         }
         // The comparison saw the parts that matter: RTX answers to the NACK, reports both ways.
-        assert!(retransmissions >= 1, "a NACKed packet young enough was repaired over RTX");
+        assert!(retransmissions >= 4, "NACKed packets young enough were repaired over RTX: {retransmissions}");
+        assert!(plain >= 3, "and sent again as they were where there is no RTX: {plain}");
         assert!(reports >= 2, "sender and receiver reports went out: {reports}");
         assert!(feedback >= 1, "transport-wide feedback went out: {feedback}");
     }

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{
-    GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, NackResponderBuilder, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot,
-    TwccReceiverBuilder,
+    GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot, TwccReceiverBuilder,
 };
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -147,6 +146,10 @@ pub(crate) struct Shared {
     pub(crate) traffic: Vec<TrafficCells>,
     /// RTCP the interceptors consume (NACKs, receiver reports), counted by every connection.
     rtcp: Arc<RtcpCounters>,
+    /// The codecs and header extensions every connection starts from, made once: a clone
+    /// is what registering them again would make, without the slack of vectors grown one
+    /// push at a time (kilobytes per connection) or the work.
+    media: MediaEngine,
 }
 
 /// Traffic totals of one worker since start (transport level: media, RTCP, STUN, DTLS).
@@ -373,6 +376,27 @@ const NACK_HISTORY: u16 = 256;
 /// NACKs sent for one lost packet of a publisher (the generator does not see RTX repairs).
 const NACKS_PER_PACKET: u16 = 3;
 
+/// The codecs and header extensions a connection offers and accepts: rtc's defaults, NACK
+/// and PLI feedback on video, the simulcast extensions, and transport-wide congestion
+/// control feedback (what rtc's `configure_twcc_receiver_only` registers; its interceptor
+/// is in each connection's stack).
+fn media_engine() -> Result<MediaEngine, AgentError> {
+    let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
+    let mut media = MediaEngine::default();
+    media.register_default_codecs().map_err(|e| failed("media engine", e))?;
+    for parameter in ["", "pli"] {
+        media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
+    }
+    configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media.register_feedback(RTCPFeedback { typ: TYPE_RTCP_FB_TRANSPORT_CC.into(), parameter: String::new() }, kind);
+        media
+            .register_header_extension(RTCRtpHeaderExtensionCapability { uri: TRANSPORT_CC_URI.to_string() }, kind, None)
+            .map_err(|e| failed("interceptors", e))?;
+    }
+    Ok(media)
+}
+
 /// A server-side peer connection: ICE-lite with this worker's credentials, the shared
 /// DTLS certificate, webrtc-rs's default codecs and the interceptors docs/sfu.md lists.
 /// With `webrtc.bandwidth_estimation`, the connection also numbers what it sends
@@ -381,20 +405,7 @@ const NACKS_PER_PACKET: u16 = 3;
 /// estimate only chooses simulcast layers); what it finds is returned with it.
 pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<(RTCPeerConnection, Arc<Estimate>), AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
-    let mut media = MediaEngine::default();
-    media.register_default_codecs().map_err(|e| failed("media engine", e))?;
-    for parameter in ["", "pli"] {
-        media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
-    }
-    configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
-    // Transport-wide congestion control feedback to publishers (what rtc's
-    // `configure_twcc_receiver_only` registers; its interceptor is in the stack below).
-    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
-        media.register_feedback(RTCPFeedback { typ: TYPE_RTCP_FB_TRANSPORT_CC.into(), parameter: String::new() }, kind);
-        media
-            .register_header_extension(RTCRtpHeaderExtensionCapability { uri: TRANSPORT_CC_URI.to_string() }, kind, None)
-            .map_err(|e| failed("interceptors", e))?;
-    }
+    let media = shared.media.clone();
     let estimate = Arc::new(Estimate::default());
     // Working only once the connection takes a simulcast video on auto (see `SendSide`).
     let send_side = shared
@@ -404,7 +415,7 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
     // One link of rtc's chain (see `crate::stack`), in the slot wire-most.
     let stack = Stack::new(
         Wire::new(shared.rtcp.clone(), send_side),
-        NackResponderBuilder::new().with_size(NACK_HISTORY).build(),
+        crate::responder::Responder::new(NACK_HISTORY),
         NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build(),
         TwccReceiverBuilder::new().build(),
         ReceiverReportBuilder::new().build(),
@@ -520,6 +531,7 @@ impl WorkerAgent {
             crypto: provider,
             traffic: (0..count).map(|_| TrafficCells::default()).collect(),
             rtcp: Arc::new(RtcpCounters::default()),
+            media: media_engine()?,
         });
         let sockets = bind_block(ip, shared.settings.port_min, shared.settings.port_max, count, shared.settings.ice_tcp)?;
         let mut handles = Vec::new();

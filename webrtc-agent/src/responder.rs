@@ -1,0 +1,293 @@
+//! The NACK responder: what a connection sent on each stream that negotiated `nack`, kept
+//! to be sent again (as RTX where the stream has a repair flow) when the client reports it
+//! lost.
+//!
+//! It answers as rtc's `NackResponderInterceptor` does, packet for packet (the stack's
+//! differential test runs both), but keeps each packet in 48 bytes instead of rtc's
+//! 112-byte `rtp::Packet`: what the server sends has no CSRCs, padding or header
+//! extensions at this point of the stack (the rewriter strips them; transport-wide numbers
+//! are added nearer the wire), so a packet is its payload (shared with every other copy of
+//! it, not copied) and four header fields. A packet that does carry more keeps its whole
+//! header aside. For a subscriber with one video stream that is 12 KB of history instead
+//! of 29 KB.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp::header::Header;
+use rtc::sansio::Protocol;
+use rtc::shared::TransportContext;
+use rtc::shared::error::Error;
+
+/// One packet as sent.
+#[derive(Clone)]
+struct Kept {
+    payload: Bytes,
+    timestamp: u32,
+    sequence_number: u16,
+    payload_type: u8,
+    marker: bool,
+    /// The whole header, when it holds more than the fields above (rare here).
+    header: Option<Box<Header>>,
+}
+
+impl Kept {
+    fn of(packet: &rtc::rtp::Packet) -> Kept {
+        let h = &packet.header;
+        let plain = h.version == 2
+            && !h.padding
+            && !h.extension
+            && h.csrc.is_empty()
+            && h.extension_profile == 0
+            && h.extensions.is_empty()
+            && h.extensions_padding == 0;
+        Kept {
+            payload: packet.payload.clone(),
+            timestamp: h.timestamp,
+            sequence_number: h.sequence_number,
+            payload_type: h.payload_type,
+            marker: h.marker,
+            header: (!plain).then(|| Box::new(h.clone())),
+        }
+    }
+
+    /// The packet again, on `ssrc`.
+    fn packet(&self, ssrc: u32) -> rtc::rtp::Packet {
+        let header = match &self.header {
+            Some(h) => (**h).clone(),
+            None => Header {
+                version: 2,
+                marker: self.marker,
+                payload_type: self.payload_type,
+                sequence_number: self.sequence_number,
+                timestamp: self.timestamp,
+                ssrc,
+                ..Default::default()
+            },
+        };
+        rtc::rtp::Packet { header, payload: self.payload.clone() }
+    }
+}
+
+/// The last packets of one stream, by sequence number (a power-of-two ring, as rtc's).
+struct History {
+    slots: Vec<Option<Kept>>,
+    mask: u16,
+    /// The newest sequence number kept, once one is.
+    newest: Option<u16>,
+}
+
+impl History {
+    /// Room for `size` packets: a power of two up to 32768 (else none, as rtc's).
+    fn new(size: u16) -> Option<History> {
+        size.is_power_of_two().then(|| History { slots: vec![None; usize::from(size)], mask: size - 1, newest: None })
+    }
+
+    fn slot(&mut self, seq: u16) -> Option<&mut Option<Kept>> {
+        self.slots.get_mut(usize::from(seq & self.mask))
+    }
+
+    fn add(&mut self, packet: &rtc::rtp::Packet) {
+        let seq = packet.header.sequence_number;
+        match self.newest {
+            Some(newest) if seq == newest => return,
+            // Newer: the sequence numbers skipped since are gone.
+            Some(newest) if seq.wrapping_sub(newest) < 1 << 15 => {
+                let mut s = newest.wrapping_add(1);
+                while s != seq {
+                    if let Some(slot) = self.slot(s) {
+                        *slot = None;
+                    }
+                    s = s.wrapping_add(1);
+                }
+                self.newest = Some(seq);
+            }
+            // Older (out of order): kept if still in the window (rtc's would overwrite a
+            // newer packet's slot with it), the newest stays.
+            Some(newest) if usize::from(newest.wrapping_sub(seq)) >= self.slots.len() => return,
+            Some(_) => {}
+            None => self.newest = Some(seq),
+        }
+        if let Some(slot) = self.slot(seq) {
+            *slot = Some(Kept::of(packet));
+        }
+    }
+
+    fn get(&self, seq: u16) -> Option<&Kept> {
+        let behind = self.newest?.wrapping_sub(seq);
+        if behind >= 1 << 15 || usize::from(behind) >= self.slots.len() {
+            return None;
+        }
+        self.slots.get(usize::from(seq & self.mask))?.as_ref().filter(|k| k.sequence_number == seq)
+    }
+}
+
+/// A stream the connection sends with NACK negotiated.
+struct Stream {
+    history: History,
+    /// The repair flow's SSRC and payload type, if it has one.
+    rtx: Option<(u32, u8)>,
+    rtx_sequence_number: u16,
+}
+
+/// The NACK responder (see the module doc).
+pub struct Responder {
+    size: u16,
+    streams: HashMap<u32, Stream>,
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Responder {
+    /// A responder keeping the last `size` packets of each stream (a power of two; another
+    /// size keeps nothing, as rtc's).
+    pub fn new(size: u16) -> Responder {
+        Responder { size, streams: HashMap::new(), read: VecDeque::new(), write: VecDeque::new() }
+    }
+
+    fn answer(&mut self, now: Instant, nack: &TransportLayerNack) {
+        let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else { return };
+        for pair in &nack.nacks {
+            let lost = (0..16u16).filter(|i| pair.lost_packets & (1 << i) != 0).map(|i| pair.packet_id.wrapping_add(i + 1));
+            for seq in std::iter::once(pair.packet_id).chain(lost) {
+                let Some(kept) = stream.history.get(seq) else { continue };
+                let packet = match stream.rtx {
+                    Some((ssrc, payload_type)) => {
+                        // RFC 4588: the original sequence number, then the original payload.
+                        let mut payload = Vec::with_capacity(2 + kept.payload.len());
+                        payload.extend_from_slice(&seq.to_be_bytes());
+                        payload.extend_from_slice(&kept.payload);
+                        let sequence_number = stream.rtx_sequence_number;
+                        stream.rtx_sequence_number = sequence_number.wrapping_add(1);
+                        let header = Header {
+                            version: 2,
+                            ssrc,
+                            payload_type,
+                            sequence_number,
+                            timestamp: kept.timestamp,
+                            marker: kept.marker,
+                            ..Default::default()
+                        };
+                        rtc::rtp::Packet { header, payload: payload.into() }
+                    }
+                    None => kept.packet(nack.media_ssrc),
+                };
+                self.write.push_back(TaggedPacket {
+                    now,
+                    transport: TransportContext::default(),
+                    message: AttributedPacket::new(Packet::Rtp(packet)).with(Attribute::Retransmission),
+                });
+            }
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for Responder {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for nack in packets.iter().filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>()) {
+                self.answer(msg.now, nack);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(packet) = &msg.message.packet
+            && let Some(stream) = self.streams.get_mut(&packet.header.ssrc)
+        {
+            stream.history.add(packet);
+        }
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for Responder {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        let nack = info.rtcp_feedback.iter().any(|fb| fb.typ == "nack" && fb.parameter.is_empty());
+        if nack && let Some(history) = History::new(self.size) {
+            let rtx = info.ssrc_rtx.zip(info.payload_type_rtx);
+            self.streams.insert(info.ssrc, Stream { history, rtx, rtx_sequence_number: 0 });
+        }
+    }
+
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.streams.remove(&info.ssrc);
+    }
+
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(seq: u16) -> rtc::rtp::Packet {
+        rtc::rtp::Packet {
+            header: Header { version: 2, sequence_number: seq, timestamp: u32::from(seq) * 3000, ssrc: 7, payload_type: 96, ..Default::default() },
+            payload: Bytes::from(vec![seq as u8; 3]),
+        }
+    }
+
+    #[test]
+    fn a_kept_packet_is_48_bytes_and_comes_back_whole() {
+        assert_eq!(std::mem::size_of::<Option<Kept>>(), 48);
+        let p = packet(5);
+        assert_eq!(Kept::of(&p).packet(7), p);
+        // A header with more than the four fields is kept whole.
+        let mut q = packet(6);
+        q.header.csrc = vec![1, 2];
+        q.header.padding = true;
+        assert_eq!(Kept::of(&q).packet(7), q);
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_packets_and_forgets_what_was_skipped() {
+        let mut h = History::new(8).unwrap();
+        assert!(History::new(6).is_none());
+        assert!(h.get(0).is_none());
+        for seq in [65530u16, 65531, 65533] {
+            h.add(&packet(seq));
+        }
+        assert!(h.get(65532).is_none(), "skipped");
+        assert_eq!(h.get(65533).map(|k| k.sequence_number), Some(65533));
+        // Across the wrap, and a late packet is kept without moving the newest.
+        for seq in [65535u16, 0, 1, 2] {
+            h.add(&packet(seq));
+        }
+        h.add(&packet(65534));
+        assert!(h.get(65534).is_some());
+        assert!(h.get(65530).is_none(), "overwritten by 2");
+        assert!(h.get(3).is_none(), "not sent yet");
+        assert_eq!(h.newest, Some(2));
+    }
+}
