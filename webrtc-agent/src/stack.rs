@@ -245,11 +245,22 @@ mod tests {
     use super::*;
     use crate::rtcp_counter::RtcpCounters;
 
+    /// With `webrtc.bandwidth_estimation`, a connection's send side once its estimate is at
+    /// work and probing (transport-wide numbers on everything sent, RTX numbering shared by
+    /// probes and retransmissions).
+    fn send_side(estimating: bool) -> Option<crate::bwe::SendSide> {
+        let estimate = Arc::new(crate::bwe::Estimate::default());
+        estimate.enable();
+        estimate.set_probing(true);
+        let estimator = crate::bwe::SubscriberEstimator::new(1_000_000.0, 30_000.0, 3_000_000.0, estimate.clone());
+        estimating.then(|| crate::bwe::SendSide::new(estimator, estimate))
+    }
+
     /// The stack as the server's connections have it: the one link of rtc's chain (which
     /// ends every chain with its terminus for inbound RTCP).
-    fn stack() -> impl Interceptor {
+    fn stack(estimating: bool) -> impl Interceptor {
         let stack = Stack::new(
-            Wire::new(Arc::new(RtcpCounters::default()), None),
+            Wire::new(Arc::new(RtcpCounters::default()), send_side(estimating)),
             crate::responder::Responder::new(256),
             NackGeneratorBuilder::new().build(),
             TwccReceiverBuilder::new().build(),
@@ -260,9 +271,9 @@ mod tests {
     }
 
     /// The same interceptors in rtc's own chain.
-    fn chain() -> impl Interceptor {
+    fn chain(estimating: bool) -> impl Interceptor {
         Registry::new()
-            .with(Slot::CongestionControl, Wire::new(Arc::new(RtcpCounters::default()), None))
+            .with(Slot::CongestionControl, Wire::new(Arc::new(RtcpCounters::default()), send_side(estimating)))
             .with(Slot::NackResponder, NackResponderBuilder::new().with_size(256).build())
             .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
             .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
@@ -280,6 +291,7 @@ mod tests {
             mime_type: "video/VP8".into(),
             clock_rate: 90_000,
             rtcp_feedback: vec![RTCPFeedback { typ: "nack".into(), parameter: String::new() }],
+            rtp_header_extensions: vec![RTPHeaderExtension { uri: TRANSPORT_CC_URI.into(), id: 3 }],
             ..Default::default()
         }
     }
@@ -356,7 +368,7 @@ mod tests {
         i.bind_local_stream(&stream(20, None));
         // The client numbers what it sends for transport-wide feedback.
         let mut remote = stream(30, None);
-        remote.rtp_header_extensions.push(RTPHeaderExtension { uri: TRANSPORT_CC_URI.into(), id: 5 });
+        remote.rtp_header_extensions = vec![RTPHeaderExtension { uri: TRANSPORT_CC_URI.into(), id: 5 }];
         i.bind_remote_stream(&remote);
         for seq in 0..40u16 {
             let now = t0 + Duration::from_millis(u64::from(seq) * 33);
@@ -397,15 +409,37 @@ mod tests {
 
     #[test]
     fn the_stack_sends_and_delivers_what_rtcs_chain_does() {
-        let (mut ours, mut theirs) = (stack(), chain());
+        compare(false);
+    }
+
+    /// With the send side at work, what leaves carries transport-wide numbers in the order
+    /// packets reached the wire, and RTX numbers shared by probes and retransmissions:
+    /// any change in the order the stack hands packets on shows in the bytes.
+    #[test]
+    fn with_bandwidth_estimation_the_numbering_is_the_same_too() {
+        let (numbered, probes) = compare(true);
+        assert!(numbered >= 40, "transport-wide numbers went out on what was sent: {numbered}");
+        assert!(probes >= 1, "a probe train went out: {probes}");
+    }
+
+    /// Runs one connection's life through the stack and rtc's chain and compares each
+    /// step; returns the RTP packets that went out with a transport-wide number, and those
+    /// on the RTX stream outside the NACK steps (probes).
+    fn compare(estimating: bool) -> (usize, usize) {
+        let (mut ours, mut theirs) = (stack(estimating), chain(estimating));
         let (a, b) = (life(&mut ours), life(&mut theirs));
         assert_eq!(a.len(), b.len());
-        let (mut retransmissions, mut plain) = (0, 0);
+        let (mut retransmissions, mut plain, mut numbered, mut probes) = (0, 0, 0, 0);
         let mut reports = 0;
         let mut feedback = 0;
         for (step, (x, y)) in a.iter().zip(&b).enumerate() {
             assert_eq!(x, y, "step {step}: what left or arrived differs");
             retransmissions += x.0.iter().filter(|p| p.len() > 1 && p[1] & 0x7f == 97).count();
+            // RTP with a header extension (the only one here: the transport-wide number).
+            numbered += x.0.iter().filter(|p| p.len() > 12 && p[0] & 0x10 != 0 && (96..=97).contains(&(p[1] & 0x7f))).count();
+            if !(40..42).contains(&step) {
+                probes += x.0.iter().filter(|p| p.len() > 1 && p[1] & 0x7f == 97).count();
+            }
             // The NACK steps' RTP on stream 20 (no RTX): sent again as it was.
             if (40..42).contains(&step) {
                 plain += x.0.iter().filter(|p| p.len() > 12 && p[1] & 0x7f == 96 && p[8..12] == 20u32.to_be_bytes()).count();
@@ -418,5 +452,6 @@ mod tests {
         assert!(plain >= 3, "and sent again as they were where there is no RTX: {plain}");
         assert!(reports >= 2, "sender and receiver reports went out: {reports}");
         assert!(feedback >= 1, "transport-wide feedback went out: {feedback}");
+        (numbered, probes)
     }
 }
