@@ -106,8 +106,6 @@ impl Placed {
             self.ended(room, &what, from);
             return;
         }
-        // Placed again: no longer to be told as ended.
-        self.ended.lock().unwrap_or_else(|p| p.into_inner()).retain(|(by, e, _)| !(e.room == *room && e.what == what && !by.is_other_than(from)));
         self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
     }
 
@@ -135,6 +133,13 @@ impl Placed {
             return;
         }
         self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.entry(what).or_insert_with(|| from.clone());
+    }
+
+    /// Notes that the sweep ended `what`, which `by` had placed in `room` (to be told to `by`).
+    fn record_ended(&self, room: &RoomId, what: Placement, by: Caller) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        ended.push((by, Ended { room: room.clone(), what }, Instant::now()));
     }
 
     /// What the sweep ended of `placer`'s placements (forgotten here once told). A caller
@@ -202,7 +207,7 @@ impl Placed {
 
     /// What was placed in `room` by a home that is gone, given the run that holds it now
     /// (`None`: nobody), forgotten here, each with who had placed it.
-    fn orphans(&self, room: &RoomId, holder: Option<&Caller>, now: Instant) -> Vec<(Placement, String)> {
+    fn orphans(&self, room: &RoomId, holder: Option<&Caller>, now: Instant) -> Vec<(Placement, Caller)> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let Some(r) = rooms.get_mut(room) else { return Vec::new() };
         let lost: Vec<Placement> = match holder {
@@ -229,11 +234,7 @@ impl Placed {
         if r.by.is_empty() {
             rooms.remove(room);
         }
-        drop(rooms);
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
-        ended.extend(out.iter().map(|(what, by)| (by.clone(), Ended { room: room.clone(), what: what.clone() }, now)));
-        out.into_iter().map(|(p, by)| (p, by.run.unwrap_or(by.node))).collect()
+        out
     }
 
     fn forgive(&self) {
@@ -272,13 +273,14 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
             }
             for (room, holder) in rooms.into_iter().zip(holders) {
                 let Some(holder) = holder else { continue };
-                for (what, home) in placed.orphans(&room, holder.as_ref(), Instant::now()) {
+                for (what, by) in placed.orphans(&room, holder.as_ref(), Instant::now()) {
                     // The new home placed it again meanwhile: its, not the lost home's.
                     if placed.placed_again(&room, &what) {
                         continue;
                     }
+                    let home = by.run.as_deref().unwrap_or(&by.node);
                     info!(room = %room, placed = ?what, home = %home, now = ?holder.as_ref().map(|h| h.run.as_deref().unwrap_or(&h.node)), "the home that placed this here is gone; it ends");
-                    let failed = match (what, &parts.media, &parts.mixer) {
+                    let failed = match (what.clone(), &parts.media, &parts.mixer) {
                         (Placement::Participant(participant), Some(media), _) => {
                             let left = AgentCommand::ParticipantLeft(ParticipantLeft { room: room.clone(), participant });
                             media.handle(left).await.err().map(|e| e.to_string())
@@ -288,8 +290,10 @@ pub(crate) fn sweep(placed: Arc<Placed>, node: Weak<ClusterNode>, client: Client
                         }
                         _ => None,
                     };
-                    if let Some(e) = failed {
-                        debug!(error = %e, "ending what a lost home placed failed");
+                    match failed {
+                        Some(e) => debug!(error = %e, "ending what a lost home placed failed"),
+                        // To be told to its placer, should it come back (see the module doc).
+                        None => placed.record_ended(&room, what, by),
                     }
                 }
             }
@@ -347,7 +351,7 @@ mod tests {
     fn twice(placed: &Placed, room: &str, holder: &str, now: Instant) -> Vec<(Placement, String)> {
         let holder = Caller::parse(holder);
         assert!(placed.orphans(&room.into(), Some(&holder), now).is_empty(), "given up at the first check");
-        placed.orphans(&room.into(), Some(&holder), now)
+        placed.orphans(&room.into(), Some(&holder), now).into_iter().map(|(p, by)| (p, by.run.unwrap_or(by.node))).collect()
     }
 
     #[test]
@@ -450,13 +454,24 @@ mod tests {
         let t0 = Instant::now();
         assert!(placed.orphans(&"r".into(), None, t0).is_empty());
         assert!(placed.orphans(&"q".into(), None, t0).is_empty());
-        assert_eq!(placed.orphans(&"r".into(), None, t0 + ORPHANED_AFTER).len(), 1);
-        assert_eq!(placed.orphans(&"q".into(), None, t0 + ORPHANED_AFTER).len(), 1);
-        // Bob is seated again by the same run before it asks: his is not told.
+        // As the sweep does once it has ended them.
+        for room in ["r", "q"] {
+            for (what, by) in placed.orphans(&room.into(), None, t0 + ORPHANED_AFTER) {
+                placed.record_ended(&room.into(), what, by);
+            }
+        }
+        // Bob is seated again by the same run before it asks: his old transports ended all
+        // the same (the home keeps what it placed since).
         placed.note(&publish("q", "bob"), &alpha);
         assert!(placed.take_ended(&alpha2).is_empty(), "another run is told nothing");
         assert!(placed.take_ended(&Caller::node("alpha")).is_empty(), "a caller without a run is told nothing");
-        assert_eq!(placed.take_ended(&alpha), [Ended { room: "r".into(), what: Placement::Participant("ann".into()) }]);
+        assert_eq!(
+            placed.take_ended(&alpha),
+            [
+                Ended { room: "r".into(), what: Placement::Participant("ann".into()) },
+                Ended { room: "q".into(), what: Placement::Participant("bob".into()) }
+            ]
+        );
         assert!(placed.take_ended(&alpha).is_empty(), "told once");
         let json = serde_json::to_string(&Ended { room: "r".into(), what: Placement::View("common".into()) }).unwrap();
         assert_eq!(json, r#"{"room":"r","what":{"view":"common"}}"#);

@@ -35,6 +35,8 @@ struct PlacedTransport {
     node: String,
     participant: ParticipantId,
     sessions: HashSet<SessionId>,
+    /// When it was placed.
+    at: Instant,
 }
 
 /// Where a room's parts run.
@@ -205,7 +207,6 @@ impl ClusterRouter {
             }
             parts
         };
-        let mut events = self.ended_while_away(&in_use).await;
         let all = {
             let mut probed = self.probed_all.lock().unwrap_or_else(|p| p.into_inner());
             let due = probed.is_none_or(|at| at.elapsed() >= PROBE);
@@ -217,7 +218,7 @@ impl ClusterRouter {
         let to_probe: Vec<(String, &'static str)> = {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
             suspects.retain(|id, _| in_use.contains_key(id));
-            in_use.into_iter().filter(|(id, _)| all || suspects.contains_key(id)).collect()
+            in_use.iter().filter(|(id, _)| all || suspects.contains_key(*id)).map(|(id, part)| (id.clone(), *part)).collect()
         };
         let mut gone = Vec::new();
         for (id, part) in to_probe {
@@ -233,6 +234,8 @@ impl ClusterRouter {
                 gone.push(id);
             }
         }
+        // After the probes: a node slow to say what it ended holds up no judging of the others.
+        let mut events = self.ended_while_away(&in_use).await;
         // Our own connection dropped during the probes: what they said is not trusted (what
         // nodes said they ended is: it is reported).
         if self.node.reconnected_within(RECONNECT_GRACE) {
@@ -274,7 +277,12 @@ impl ClusterRouter {
             return Vec::new();
         }
         let client = self.node.client();
-        let answers = futures_util::future::join_all(asking.iter().map(|id| crate::rpc::what_ended(&client, &self.caller, id))).await;
+        // A webrtc or mixer node that nobody answers for (its own link down for a moment) is
+        // asked again; a recorder has nothing to say.
+        let answers = futures_util::future::join_all(
+            asking.iter().map(|id| crate::rpc::what_ended(&client, &self.caller, id, in_use.get(id).is_some_and(|part| *part != "recorder"))),
+        )
+        .await;
         let mut told = Vec::new();
         {
             let mut to_ask = self.to_ask.lock().unwrap_or_else(|p| p.into_inner());
@@ -296,7 +304,9 @@ impl ClusterRouter {
                     .or_insert_with(|| (Vec::new(), false, format!("node `{id}` ended this while the room's home was cut off from the cluster")));
                 match what {
                     crate::placed::Placement::Participant(who) => {
-                        for (transport, t) in placement.remove_transports(|t| t.node == id && t.participant == who) {
+                        // Only what was placed before the link came back: what the participant
+                        // was given since is new, and lives.
+                        for (transport, t) in placement.remove_transports(|t| t.node == id && t.participant == who && t.at < back) {
                             placement.lost.insert(transport.clone());
                             entry.0.push(LostTransport { participant: t.participant, transport, sessions: t.sessions.into_iter().collect() });
                         }
@@ -391,9 +401,10 @@ impl ClusterRouter {
                 }
             }
         };
-        placement
-            .transports
-            .insert(transport.clone(), PlacedTransport { node: chosen.clone(), participant: participant.clone(), sessions: HashSet::new() });
+        placement.transports.insert(
+            transport.clone(),
+            PlacedTransport { node: chosen.clone(), participant: participant.clone(), sessions: HashSet::new(), at: Instant::now() },
+        );
         drop(rooms);
         self.node.count_placement(&chosen);
         Ok((chosen, true))

@@ -144,9 +144,10 @@ pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Opti
 }
 
 /// What node `to` ended of `from`'s placements while `from` was away ([`crate::placed`]):
-/// nothing when it serves no such question (a node with neither SFU nor mixer), `None`
-/// when that cannot be told now.
-pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str) -> Option<Vec<crate::placed::Ended>> {
+/// `None` when that cannot be told now, and when nobody answers for a node that `serves`
+/// the question (an SFU or mixer whose own link is down for a moment); nothing when nobody
+/// answers for one that does not.
+pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str, serves: bool) -> Option<Vec<crate::placed::Ended>> {
     match send(client, from, to, "ended", &crate::placed::WhatEnded::default(), PROBE_TIMEOUT).await {
         Ok(Ok(reply)) => match serde_json::from_slice::<Result<Vec<crate::placed::Ended>, String>>(&reply.payload) {
             Ok(Ok(ended)) => Some(ended),
@@ -159,7 +160,7 @@ pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str) -> Opti
                 None
             }
         },
-        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Some(Vec::new()),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders && !serves => Some(Vec::new()),
         _ => None,
     }
 }
@@ -340,7 +341,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
                 placed.note(&c, &from);
                 let placing = crate::placed::Placed::placement_of(&c).map(|(room, what)| (room.clone(), what));
                 let out = media.handle(c).await;
-                if let Some((room, what)) = placing {
+                if let (Some((room, what)), true) = (placing, out.is_ok()) {
                     placed.noted_after(&room, what, &from);
                 }
                 out
@@ -358,7 +359,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
                 placed.note_mix(&c, &from);
                 let placing = crate::placed::Placed::placement_of_mix(&c).map(|(room, what)| (room.clone(), what));
                 let out = mixer.handle(c).await;
-                if let Some((room, what)) = placing {
+                if let (Some((room, what)), true) = (placing, out.is_ok()) {
                     placed.noted_after(&room, what, &from);
                 }
                 out

@@ -356,10 +356,18 @@ async fn one_transport_carries_publication_and_subscriptions() {
     assert_eq!(st["media"]["transports"], 3, "{st}");
     assert_eq!(st["media"]["subscriptions"], 3, "{st}");
     let _ = sub_ba;
+    // A transport opened by a subscription takes a stream of another codec later: Erin
+    // subscribes to Carol's VP8, then on the same transport to Dave's H.264 (the server
+    // keeps the first video m-line of an offer whole: rtc takes a connection's codecs from it).
+    let (mut dsig, _) = s.join(&room, "dave").await;
+    let (mut esig, _) = s.join(&room, "erin").await;
+    let dave = Publisher::start(&mut dsig, PublishOptions { audio: false, video: true, data: false, tag: 4, h264: true }, None).await.unwrap();
+    let mut erin = Subscriber::start(&mut esig, &carol.stream_id, false, true, false).await.unwrap();
+    erin.conn.subscribe(&mut esig, &dave.stream_id, false, true, false).await.unwrap();
 
-    let (alice, bob, carol) = (Arc::new(alice), Arc::new(bob), Arc::new(carol));
+    let (alice, bob, carol, dave) = (Arc::new(alice), Arc::new(bob), Arc::new(carol), Arc::new(dave));
     let mut tasks = Vec::new();
-    for p in [alice.clone(), bob.clone(), carol.clone()] {
+    for p in [alice.clone(), bob.clone(), carol.clone(), dave.clone()] {
         tasks.push(tokio::spawn(async move { p.send_for(Duration::from_secs(3), 30, 700).await.unwrap() }));
     }
     for t in tasks {
@@ -383,6 +391,9 @@ async fn one_transport_carries_publication_and_subscriptions() {
     assert!(!a_video.contains_key(&1), "alice does not get her own stream back");
     let b_video = tags(&bob.conn.received, "video");
     assert!(b_video.get(&1).copied().unwrap_or(0) > 50, "bob gets alice's video: {b_video:?}");
+    let e_video = tags(&erin.conn.received, "video");
+    assert!(e_video.get(&3).copied().unwrap_or(0) > 50, "erin gets carol's VP8: {e_video:?}");
+    assert!(e_video.get(&4).copied().unwrap_or(0) > 50, "erin gets dave's H.264 on the same transport: {e_video:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

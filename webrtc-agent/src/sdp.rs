@@ -84,7 +84,7 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
 /// The SDP without RTX (its payload types, their `rtpmap`, `fmtp` and `rtcp-fb` lines) in
 /// the m-sections of the given mids.
 pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
-    retain_formats(sdp, |mid, formats| mids.contains(&mid).then(|| formats.iter().filter(|f| !f.is_rtx()).map(|f| f.pt.to_string()).collect()))
+    retain_formats(sdp, |_, mid, formats| mids.contains(&mid).then(|| formats.iter().filter(|f| !f.is_rtx()).map(|f| f.pt.to_string()).collect()))
 }
 
 /// An offer with each m-line the server sends a known codec on (`sending`: mid → the
@@ -92,12 +92,21 @@ pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
 /// client's offer, and answers, is then a tenth of a browser's full list. The codec is
 /// matched as [`negotiated_payload_type`] matches it (an H.264 of the same profile and
 /// packetization mode if offered, else any H.264); an m-line that does not offer it is left
-/// whole (the subscription then fails as before, with its error).
+/// whole (the subscription then fails as before, with its error). The first audio and the
+/// first video m-line are never cut: rtc fixes the codecs a connection may ever use from
+/// those of the first remote description that has them, so cutting them would keep a
+/// transport opened by a subscription from later taking a stream of another codec, or
+/// publishing.
 pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<String, rtc::rtp_transceiver::rtp_sender::RTCRtpCodec>) -> String {
     if sending.is_empty() {
         return sdp.to_string();
     }
-    retain_formats(sdp, |mid, formats| {
+    let mut seen = Vec::new();
+    retain_formats(sdp, |kind, mid, formats| {
+        if !seen.contains(&kind) {
+            seen.push(kind);
+            return None;
+        }
         let want = sending.get(mid)?;
         let subtype = want.mime_type.rsplit('/').next().unwrap_or_default();
         let same = |f: &&Format<'_>| f.name().eq_ignore_ascii_case(subtype) && f.clock_rate() == Some(want.clock_rate);
@@ -139,11 +148,12 @@ impl Format<'_> {
     }
 }
 
-/// Rewrites each m-section for which `keep(mid, formats)` names the payload types to keep:
+/// Rewrites each m-section for which `keep(kind, mid, formats)` names the payload types to
+/// keep (`kind`: the m-line's media, `audio`, `video`…; asked of every m-section in order):
 /// the others leave its m= line with their `a=rtpmap`, `a=fmtp` and `a=rtcp-fb` lines.
 /// Sections it answers `None` for, and everything else, are left as they are (line
 /// endings included).
-fn retain_formats(sdp: &str, keep: impl Fn(&str, &[Format<'_>]) -> Option<Vec<String>>) -> String {
+fn retain_formats<'s>(sdp: &'s str, mut keep: impl FnMut(&'s str, &str, &[Format<'_>]) -> Option<Vec<String>>) -> String {
     let mut out = String::with_capacity(sdp.len());
     let mut sections = sdp.split_inclusive("\nm=");
     if let Some(session) = sections.next() {
@@ -155,6 +165,7 @@ fn retain_formats(sdp: &str, keep: impl Fn(&str, &[Format<'_>]) -> Option<Vec<St
         Some((pt.to_string(), v.to_string()))
     };
     for section in sections {
+        let kind = section.split(' ').next().unwrap_or_default();
         let Some(mid) = section.lines().find_map(|l| l.trim().strip_prefix("a=mid:")) else {
             out.push_str(section);
             continue;
@@ -165,7 +176,7 @@ fn retain_formats(sdp: &str, keep: impl Fn(&str, &[Format<'_>]) -> Option<Vec<St
             .iter()
             .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| p == pt).map_or("", |(_, f)| f.as_str()) })
             .collect();
-        let Some(kept) = keep(mid, &formats) else {
+        let Some(kept) = keep(kind, mid, &formats) else {
             out.push_str(section);
             continue;
         };
@@ -198,57 +209,81 @@ mod tests {
         rtc::rtp_transceiver::rtp_sender::RTCRtpCodec { mime_type: mime.into(), clock_rate, sdp_fmtp_line: fmtp.into(), ..Default::default() }
     }
 
-    /// A browser's offer to receive: audio, then video with three codecs and their RTX, and
-    /// a third m-line nobody sends on.
-    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111 63 0 8\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
-        a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1\r\na=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n\
-        a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\n\
-        a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtcp-fb:96 nack pli\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
-        a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
-        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
-        a=rtpmap:127 H264/90000\r\na=fmtp:127 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
-        a=rtpmap:125 rtx/90000\r\na=fmtp:125 apt=127\r\na=rtcp-fb:* ccm fir\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
+    /// An audio m-line of a browser's offer to receive.
+    fn audio(mid: u8) -> String {
+        format!(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 0 8\r\nc=IN IP4 0.0.0.0\r\na=mid:{mid}\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
+             a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1\r\na=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\n\
+             a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n"
+        )
+    }
+
+    /// A video m-line of a browser's offer to receive: three codecs and their RTX.
+    fn video(mid: u8) -> String {
+        format!(
+            "m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:{mid}\r\na=recvonly\r\n\
+             a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtcp-fb:96 nack pli\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+             a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
+             a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
+             a=rtpmap:127 H264/90000\r\na=fmtp:127 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+             a=rtpmap:125 rtx/90000\r\na=fmtp:125 apt=127\r\na=rtcp-fb:* ccm fir\r\n"
+        )
+    }
+
+    /// Two audio and three video m-lines, interleaved.
+    fn offer() -> String {
+        let head = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2 3 4\r\n";
+        [head.to_string(), audio(0), video(1), video(2), audio(3), video(4)].concat()
+    }
+
+    fn h264_cb() -> rtc::rtp_transceiver::rtp_sender::RTCRtpCodec {
+        codec("video/H264", 90000, "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f")
+    }
 
     #[test]
     fn an_offer_keeps_only_what_is_sent_on_each_subscription() {
+        let opus = codec("audio/opus", 48000, "minptime=10;useinbandfec=1");
         let sending = std::collections::HashMap::from([
-            ("0".to_string(), codec("audio/opus", 48000, "minptime=10;useinbandfec=1")),
-            ("1".to_string(), codec("video/H264", 90000, "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f")),
+            ("0".to_string(), opus.clone()),
+            ("1".to_string(), h264_cb()),
+            ("2".to_string(), h264_cb()),
+            ("3".to_string(), opus),
         ]);
-        let out = only_sent_codecs(OFFER, &sending);
-        let section = |n: usize| out.split("\r\nm=").nth(n).unwrap().to_string();
-        assert!(out.starts_with("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n"));
-        assert_eq!(
-            section(1),
-            "audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
-             a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1"
-        );
+        let (offer, out) = (offer(), only_sent_codecs(&offer(), &sending));
+        let section = |sdp: &str, n: usize| sdp.split("\r\nm=").nth(n).unwrap().to_string();
+        assert!(out.starts_with("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2 3 4\r\n"));
+        // The first of each kind stays whole: rtc takes the connection's codecs from them.
+        assert_eq!(section(&out, 1), section(&offer, 1));
+        assert_eq!(section(&out, 2), section(&offer, 2));
         // The same profile's H.264 (not the first one offered) and its RTX; `rtcp-fb:*` stays.
         assert_eq!(
-            section(2),
-            "video 9 UDP/TLS/RTP/SAVPF 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\n\
+            section(&out, 3),
+            "video 9 UDP/TLS/RTP/SAVPF 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\na=recvonly\r\n\
              a=rtpmap:127 H264/90000\r\na=fmtp:127 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
              a=rtpmap:125 rtx/90000\r\na=fmtp:125 apt=127\r\na=rtcp-fb:* ccm fir"
         );
-        assert_eq!(section(3), OFFER.split("\r\nm=").nth(3).unwrap(), "an m-line nothing is sent on is left whole");
+        assert_eq!(
+            section(&out, 4),
+            "audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:3\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n\
+             a=rtcp-fb:111 transport-cc\r\na=fmtp:111 minptime=10;useinbandfec=1"
+        );
+        assert_eq!(section(&out, 5), section(&offer, 5), "an m-line nothing is sent on is left whole");
         // What it keeps still parses, and still offers the codec.
         let parsed = rtc::sdp::SessionDescription::unmarshal(&mut std::io::Cursor::new(out.as_bytes())).unwrap();
-        assert_eq!(parsed.media_descriptions[1].media_name.formats, ["127", "125"]);
+        assert_eq!(parsed.media_descriptions[2].media_name.formats, ["127", "125"]);
     }
 
     #[test]
     fn an_offer_without_the_sent_codec_is_left_whole() {
-        let sending = std::collections::HashMap::from([("1".to_string(), codec("video/AV1", 90000, ""))]);
-        assert_eq!(only_sent_codecs(OFFER, &sending), OFFER);
+        let offer = offer();
+        let sending = std::collections::HashMap::from([("2".to_string(), codec("video/AV1", 90000, ""))]);
+        assert_eq!(only_sent_codecs(&offer, &sending), offer);
         // Another profile of the codec: any H.264 is kept rather than none.
         let sending =
-            std::collections::HashMap::from([("1".to_string(), codec("video/H264", 90000, "packetization-mode=1;profile-level-id=640c1f"))]);
-        let out = only_sent_codecs(OFFER, &sending);
-        assert!(out.contains("m=video 9 UDP/TLS/RTP/SAVPF 102 103 127 125\r\n"), "{out}");
-        assert_eq!(only_sent_codecs(OFFER, &Default::default()), OFFER);
+            std::collections::HashMap::from([("2".to_string(), codec("video/H264", 90000, "packetization-mode=1;profile-level-id=640c1f"))]);
+        let out = only_sent_codecs(&offer, &sending);
+        assert!(out.contains("m=video 9 UDP/TLS/RTP/SAVPF 102 103 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n"), "{out}");
+        assert_eq!(only_sent_codecs(&offer, &Default::default()), offer);
     }
 
     #[test]

@@ -1544,6 +1544,8 @@ impl Worker {
         let order = crate::sdp::mid_order(&sdp);
         let simulcast = crate::sdp::simulcast_rids(&sdp);
         let pending = std::mem::take(&mut p.pending);
+        // The codec each new subscription's m-line will carry (kept once the offer applies).
+        let mut sending = Vec::new();
         // Sending transceivers are created before the offer is applied, in m-line order,
         // so each pairs with the client's recvonly m-line of its kind.
         let mut planned = Vec::new();
@@ -1556,7 +1558,7 @@ impl Worker {
                     AgentError::Rejected(format!("the offer has no m-line with mid {} for subscription {}", t.mid, sub.spec.at.session))
                 })?;
                 planned.push((pos, sub.spec.at.session.to_string(), src.clone(), t.layer.clone()));
-                p.sending.insert(t.mid.to_string(), src.codec.clone());
+                sending.push((t.mid.to_string(), src.codec.clone()));
             }
         }
         planned.sort_by_key(|(pos, _, _, _)| *pos);
@@ -1587,9 +1589,12 @@ impl Worker {
 
         // What rtc keeps of the offer (text and parsed, for the connection's life) and
         // answers is then only what is sent on the subscriptions' m-lines.
-        let sdp = crate::sdp::only_sent_codecs(&sdp, &p.sending);
+        let mut cut_to = p.sending.clone();
+        cut_to.extend(sending.iter().cloned());
+        let sdp = crate::sdp::only_sent_codecs(&sdp, &cut_to);
         let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
         p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        p.sending = cut_to;
         p.has_remote = true;
         p.simulcast = simulcast;
         if !p.candidate_added {
