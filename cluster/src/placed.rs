@@ -99,18 +99,21 @@ impl Placed {
         Placed { me: me.to_string(), rooms: Mutex::default(), ended: Mutex::default() }
     }
 
-    fn placed(&self, room: &RoomId, what: Placement, from: &Caller) {
+    /// Notes what `from` is placing; returns it, to be noted again once placed
+    /// ([`Placed::noted_after`]).
+    fn placed(&self, room: &RoomId, what: Placement, from: &Caller) -> Option<(RoomId, Placement)> {
         // This node's own portal's placements need no watching (its rooms end with it, and
         // a room it loses it ends itself), but one replaces what another home placed.
         if *from == self.own() {
             self.ended(room, &what, from);
-            return;
+            return None;
         }
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what, from.clone());
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.insert(what.clone(), from.clone());
+        Some((room.clone(), what))
     }
 
     /// What an SFU command that opens something places: its room and what.
-    pub(crate) fn placement_of(command: &AgentCommand) -> Option<(&RoomId, Placement)> {
+    fn placement_of(command: &AgentCommand) -> Option<(&RoomId, Placement)> {
         match command {
             AgentCommand::Publish(c) => Some((&c.at.room, Placement::Participant(c.at.participant.clone()))),
             AgentCommand::Subscribe(c) => Some((&c.at.room, Placement::Participant(c.at.participant.clone()))),
@@ -119,27 +122,31 @@ impl Placed {
     }
 
     /// What a mixer command that opens something places.
-    pub(crate) fn placement_of_mix(command: &MixCommand) -> Option<(&RoomId, Placement)> {
+    fn placement_of_mix(command: &MixCommand) -> Option<(&RoomId, Placement)> {
         match command {
             MixCommand::StartView(c) => Some((&c.room, Placement::View(c.view.label.as_str().into()))),
             _ => None,
         }
     }
 
-    /// Notes again, after its command ran, what `from` placed, unless it is noted already
-    /// (by anyone: a newer home's placement is not taken back).
-    pub(crate) fn noted_after(&self, room: &RoomId, what: Placement, from: &Caller) {
-        if *from == self.own() {
-            return;
-        }
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room.clone()).or_default().by.entry(what).or_insert_with(|| from.clone());
+    /// Notes again, once its command succeeded, what [`Placed::note`] said `from` was
+    /// placing, unless it is noted already (by anyone: a newer home's placement is not
+    /// taken back).
+    pub(crate) fn noted_after(&self, placing: Option<(RoomId, Placement)>, from: &Caller) {
+        let Some((room, what)) = placing else { return };
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).entry(room).or_default().by.entry(what).or_insert_with(|| from.clone());
+    }
+
+    /// What the sweep ended, without what waited past [`ENDED_KEPT`].
+    fn ended_kept(&self) -> std::sync::MutexGuard<'_, Vec<(Caller, Ended, Instant)>> {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        ended
     }
 
     /// Notes that the sweep ended `what`, which `by` had placed in `room` (to be told to `by`).
     fn record_ended(&self, room: &RoomId, what: Placement, by: Caller) {
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
-        ended.push((by, Ended { room: room.clone(), what }, Instant::now()));
+        self.ended_kept().push((by, Ended { room: room.clone(), what }, Instant::now()));
     }
 
     /// What the sweep ended of `placer`'s placements (forgotten here once told). A caller
@@ -148,8 +155,7 @@ impl Placed {
         if placer.run.is_none() {
             return Vec::new();
         }
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        let mut ended = self.ended_kept();
         let (theirs, others): (Vec<_>, Vec<_>) = ended.drain(..).partition(|(by, _, _)| by == placer);
         *ended = others;
         theirs.into_iter().map(|(_, e, _)| e).collect()
@@ -181,21 +187,28 @@ impl Placed {
     }
 
     /// Notes an SFU command from `from` before it runs (a participant leaving is
-    /// forgotten).
-    pub(crate) fn note(&self, command: &AgentCommand, from: &Caller) {
+    /// forgotten); returns what it places, for [`Placed::noted_after`].
+    pub(crate) fn note(&self, command: &AgentCommand, from: &Caller) -> Option<(RoomId, Placement)> {
         match (command, Self::placement_of(command)) {
             (_, Some((room, what))) => self.placed(room, what, from),
-            (AgentCommand::ParticipantLeft(c), None) => self.ended(&c.room, &Placement::Participant(c.participant.clone()), from),
-            _ => {}
+            (AgentCommand::ParticipantLeft(c), None) => {
+                self.ended(&c.room, &Placement::Participant(c.participant.clone()), from);
+                None
+            }
+            _ => None,
         }
     }
 
-    /// Notes a mixer command from `from` before it runs (a view stopped is forgotten).
-    pub(crate) fn note_mix(&self, command: &MixCommand, from: &Caller) {
+    /// Notes a mixer command from `from` before it runs (a view stopped is forgotten);
+    /// returns what it places, for [`Placed::noted_after`].
+    pub(crate) fn note_mix(&self, command: &MixCommand, from: &Caller) -> Option<(RoomId, Placement)> {
         match (command, Self::placement_of_mix(command)) {
             (_, Some((room, what))) => self.placed(room, what, from),
-            (MixCommand::StopView(c), None) => self.ended(&c.room, &Placement::View(c.view.clone()), from),
-            _ => {}
+            (MixCommand::StopView(c), None) => {
+                self.ended(&c.room, &Placement::View(c.view.clone()), from);
+                None
+            }
+            _ => None,
         }
     }
 
@@ -433,15 +446,14 @@ mod tests {
         // Ann leaves and comes back at once; the two commands run side by side, and the
         // leaving is noted after the new publication was.
         let publication = publish("r", "ann");
-        placed.note(&publication, &alpha);
+        let placing = placed.note(&publication, &alpha);
         placed.note(&AgentCommand::ParticipantLeft(ParticipantLeft { room: "r".into(), participant: "ann".into() }), &alpha);
         assert!(placed.rooms().is_empty());
-        let (room, what) = Placed::placement_of(&publication).unwrap();
-        placed.noted_after(room, what.clone(), &alpha);
+        placed.noted_after(placing.clone(), &alpha);
         assert_eq!(placed.rooms(), ["r".into()] as [RoomId; 1], "the session the publication made is watched");
         // Noting again takes back no newer home's placement.
         placed.note(&publication, &run("bravo", "1"));
-        placed.noted_after(room, what, &alpha);
+        placed.noted_after(placing, &alpha);
         assert_eq!(twice(&placed, "r", "bravo/1", Instant::now()), [], "ann is bravo's");
     }
 

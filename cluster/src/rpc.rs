@@ -338,11 +338,10 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
                 if let Some(room) = c.room() {
                     routes.note(room, &from.node);
                 }
-                placed.note(&c, &from);
-                let placing = crate::placed::Placed::placement_of(&c).map(|(room, what)| (room.clone(), what));
+                let placing = placed.note(&c, &from);
                 let out = media.handle(c).await;
-                if let (Some((room, what)), true) = (placing, out.is_ok()) {
-                    placed.noted_after(&room, what, &from);
+                if out.is_ok() {
+                    placed.noted_after(placing, &from);
                 }
                 out
             }
@@ -356,11 +355,10 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
             async move {
                 let Some(from) = from else { return mixer.handle(c).await };
                 routes.note(c.room(), &from.node);
-                placed.note_mix(&c, &from);
-                let placing = crate::placed::Placed::placement_of_mix(&c).map(|(room, what)| (room.clone(), what));
+                let placing = placed.note_mix(&c, &from);
                 let out = mixer.handle(c).await;
-                if let (Some((room, what)), true) = (placing, out.is_ok()) {
-                    placed.noted_after(&room, what, &from);
+                if out.is_ok() {
+                    placed.noted_after(placing, &from);
                 }
                 out
             }

@@ -7,14 +7,16 @@ pub(crate) fn negotiated_payload_type(
     codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters],
     want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
 ) -> Option<u8> {
-    let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type);
-    let wanted = h264_key(&want.sdp_fmtp_line);
-    codecs
-        .iter()
-        .filter(same_mime)
-        .find(|c| h264_key(&c.rtp_codec.sdp_fmtp_line) == wanted)
-        .or_else(|| codecs.iter().find(same_mime))
-        .map(|c| c.payload_type)
+    let same_mime = codecs.iter().filter(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&want.mime_type)).collect();
+    same_stream(same_mime, want, |c| &c.rtp_codec.sdp_fmtp_line).first().map(|c| c.payload_type)
+}
+
+/// Of `candidates`, all of `want`'s codec, those that carry the same stream: of the same
+/// H.264 profile and packetization mode if any is, else all of them.
+fn same_stream<'a, T>(candidates: Vec<&'a T>, want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec, fmtp: impl Fn(&T) -> &str) -> Vec<&'a T> {
+    let key = h264_key(&want.sdp_fmtp_line);
+    let exact: Vec<&T> = candidates.iter().copied().filter(|c| h264_key(fmtp(c)) == key).collect();
+    if exact.is_empty() { candidates } else { exact }
 }
 
 /// The H.264 parameters that decide whether two codecs carry the same stream (profile and
@@ -90,8 +92,8 @@ pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
 /// An offer with each m-line the server sends a known codec on (`sending`: mid → the
 /// publisher's codec) cut down to that codec and its RTX: what the server keeps of the
 /// client's offer, and answers, is then a tenth of a browser's full list. The codec is
-/// matched as [`negotiated_payload_type`] matches it (an H.264 of the same profile and
-/// packetization mode if offered, else any H.264); an m-line that does not offer it is left
+/// matched as [`negotiated_payload_type`] matches it ([`same_stream`], and the same clock
+/// rate); an m-line that does not offer it is left
 /// whole (the subscription then fails as before, with its error). The first audio and the
 /// first video m-line are never cut: rtc fixes the codecs a connection may ever use from
 /// those of the first remote description that has them, so cutting them would keep a
@@ -109,10 +111,8 @@ pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<St
         }
         let want = sending.get(mid)?;
         let subtype = want.mime_type.rsplit('/').next().unwrap_or_default();
-        let same = |f: &&Format<'_>| f.name().eq_ignore_ascii_case(subtype) && f.clock_rate() == Some(want.clock_rate);
-        let key = h264_key(&want.sdp_fmtp_line);
-        let exact: Vec<&Format<'_>> = formats.iter().filter(same).filter(|f| h264_key(f.fmtp) == key).collect();
-        let main: Vec<&Format<'_>> = if exact.is_empty() { formats.iter().filter(same).collect() } else { exact };
+        let same = formats.iter().filter(|f| f.name().eq_ignore_ascii_case(subtype) && f.clock_rate() == Some(want.clock_rate)).collect();
+        let main = same_stream(same, want, |f| f.fmtp);
         if main.is_empty() {
             return None;
         }
@@ -159,10 +159,10 @@ fn retain_formats<'s>(sdp: &'s str, mut keep: impl FnMut(&'s str, &str, &[Format
     if let Some(session) = sections.next() {
         out.push_str(session);
     }
-    let value = |line: &'_ str, prefix: &str| -> Option<(String, String)> {
+    // A format attribute's payload type and value.
+    let value = |line: &'s str, prefix: &str| -> Option<(&'s str, &'s str)> {
         let rest = line.trim().strip_prefix(prefix)?;
-        let (pt, v) = rest.split_once(' ').unwrap_or((rest, ""));
-        Some((pt.to_string(), v.to_string()))
+        Some(rest.split_once(' ').unwrap_or((rest, "")))
     };
     for section in sections {
         let kind = section.split(' ').next().unwrap_or_default();
@@ -170,11 +170,11 @@ fn retain_formats<'s>(sdp: &'s str, mut keep: impl FnMut(&'s str, &str, &[Format
             out.push_str(section);
             continue;
         };
-        let rtpmaps: Vec<(String, String)> = section.lines().filter_map(|l| value(l, "a=rtpmap:")).collect();
-        let fmtps: Vec<(String, String)> = section.lines().filter_map(|l| value(l, "a=fmtp:")).collect();
-        let formats: Vec<Format<'_>> = rtpmaps
-            .iter()
-            .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| p == pt).map_or("", |(_, f)| f.as_str()) })
+        let fmtps: Vec<(&str, &str)> = section.lines().filter_map(|l| value(l, "a=fmtp:")).collect();
+        let formats: Vec<Format<'_>> = section
+            .lines()
+            .filter_map(|l| value(l, "a=rtpmap:"))
+            .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| *p == pt).map_or("", |(_, f)| *f) })
             .collect();
         let Some(kept) = keep(kind, mid, &formats) else {
             out.push_str(section);
