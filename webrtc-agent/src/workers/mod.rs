@@ -397,13 +397,24 @@ fn media_engine() -> Result<MediaEngine, AgentError> {
     Ok(media)
 }
 
+/// A connection as [`build_pc`] makes it, with what the worker keeps of its insides.
+pub(crate) struct Built {
+    pub(crate) pc: RTCPeerConnection,
+    /// What its send-side bandwidth estimator found.
+    pub(crate) estimate: Arc<Estimate>,
+    /// How its SRTP was keyed.
+    pub(crate) tap: Arc<crate::srtp_out::KeyTap>,
+    /// Its interceptors, for the packets the worker encrypts itself.
+    pub(crate) stack: crate::stack::SharedStack,
+}
+
 /// A server-side peer connection: ICE-lite with this worker's credentials, the shared
 /// DTLS certificate, webrtc-rs's default codecs and the interceptors docs/sfu.md lists.
 /// With `webrtc.bandwidth_estimation`, the connection also numbers what it sends
 /// (transport-wide sequence numbers) and estimates its bandwidth from the client's TWCC
 /// feedback ([`crate::bwe`]), without a pacer (forwarded media leaves as it comes; the
 /// estimate only chooses simulcast layers); what it finds is returned with it.
-pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<(RTCPeerConnection, Arc<Estimate>), AgentError> {
+pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instant) -> Result<Built, AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let media = shared.media.clone();
     let estimate = Arc::new(Estimate::default());
@@ -421,9 +432,12 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         ReceiverReportBuilder::new().build(),
         SenderReportBuilder::new().build(),
     );
-    let registry = Registry::new().with(Slot::CongestionControl, stack);
+    let stack = crate::stack::SharedStack::new(stack);
+    let registry = Registry::new().with(Slot::CongestionControl, stack.clone());
     let s = &shared.settings;
+    let tap = crate::srtp_out::KeyTap::new(shared.crypto.clone());
     let settings = SettingEngineBuilder::new()
+        .with_crypto_provider(tap.clone())
         .with_lite(true)
         .with_ice_credentials(ufrag.to_string(), password.to_string())
         .with_answering_dtls_role(RTCDtlsRole::Server)
@@ -436,7 +450,7 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         .with_setting_engine(settings)
         .with_interceptor_registry(registry)
         .build(now)
-        .map(|pc| (pc, estimate))
+        .map(|pc| Built { pc, estimate, tap, stack })
         .map_err(|e| failed("peer connection", e))
 }
 

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rtc::ice::tcp_type::TcpType;
+use rtc::interceptor::{AttributedPacket, Packet as InterceptorPacket, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent, RTCTrackEventInit};
@@ -589,6 +590,15 @@ struct Peer {
     dirty: bool,
     /// Forwarded packets handed to it since it was last drained.
     unsent: u32,
+    /// How rtc keyed its SRTP contexts.
+    tap: Arc<crate::srtp_out::KeyTap>,
+    /// Its interceptors (shared with rtc's chain).
+    stack: crate::stack::SharedStack,
+    /// Forwarded media's own SRTP context once connected (`crate::srtp_out`), and the
+    /// handshake it was keyed from.
+    srtp: Option<(rtc::srtp::context::Context, usize)>,
+    /// Where rtc last sent this connection's packets.
+    remote: Option<rtc::shared::TransportContext>,
 }
 
 /// What a timer entry wakes.
@@ -906,6 +916,11 @@ impl Worker {
             transport: TransportContext { local_addr: self.local, peer_addr: from, ecn: None, transport_protocol: via },
             message: data,
         };
+        // A client sends DTLS and SRTP(C) only on its selected pair: where the media it is
+        // sent must go now (STUN checks come from any candidate).
+        if msg.message.first().is_some_and(|b| *b >= 20) {
+            p.remote = Some(msg.transport);
+        }
         // `handle_read` reports problems through its own logs; its result carries nothing to act on.
         let _ = p.pc.handle_read(msg);
         self.drain_peer(peer, now);
@@ -1302,6 +1317,10 @@ impl Worker {
             p.dirty = false;
             p.unsent = 0;
             while let Some(out) = p.pc.poll_write() {
+                // DTLS and SRTP(C) go to the selected pair only (STUN answers any check).
+                if out.message.first().is_some_and(|b| *b >= 20) {
+                    p.remote = Some(out.transport);
+                }
                 self.out.send(out);
             }
             if let Some(deadline) = p.pc.poll_timeout()
@@ -1494,7 +1513,7 @@ impl Worker {
         }
         let ufrag = format!("w{}{}", self.index, super::random_token(10));
         let password = super::random_token(24);
-        let (pc, estimate) = super::build_pc(&self.shared, &ufrag, &password, now)?;
+        let super::Built { pc, estimate, tap, stack } = super::build_pc(&self.shared, &ufrag, &password, now)?;
         let id = self.next_peer;
         self.next_peer = self.next_peer.wrapping_add(1);
         self.by_transport.insert(transport.clone(), id);
@@ -1530,6 +1549,10 @@ impl Worker {
                 scheduled: None,
                 dirty: false,
                 unsent: 0,
+                tap,
+                stack,
+                srtp: None,
+                remote: None,
             }),
         );
         Ok(())
@@ -1750,6 +1773,14 @@ impl Worker {
                         return;
                     }
                     p.connected = true;
+                    let cipher = p.pc.get_stats(now, rtc::statistics::StatsSelector::None).transport().map(|t| t.srtp_cipher.clone());
+                    let handshake = p.tap.handshakes();
+                    p.srtp = cipher
+                        .as_deref()
+                        .and_then(crate::srtp_out::profile)
+                        .and_then(|profile| crate::srtp_out::outbound(&p.tap, profile))
+                        .map(|c| (c, handshake));
+                    debug!(transport = %p.transport, cipher = ?cipher, own = p.srtp.is_some(), "forwarded media's SRTP");
                     self.out.traffic.connected += 1;
                     info!(transport = %p.transport, worker = self.index, "transport connected");
                     self.shared.progress(&p.room, &p.participant, &p.transport, Progress::TransportReady);
@@ -2395,7 +2426,22 @@ fn deliver(
         // what the rewriter made sure of (the leg's SSRC and payload type, no extensions)
         // and allocates the track id `String` per packet, which rtc then ignores. A
         // refused packet is dropped for this leg only.
-        if p.pc.rtp_sender(l.sender).is_some() {
+        if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
+            // Keyed again (a new DTLS handshake): rtc's new context takes over.
+            p.srtp = None;
+        }
+        if let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote) {
+            // Encrypted here, past rtc's pipeline (`crate::srtp_out`), after meeting the
+            // interceptors it would have met there.
+            let tagged = TaggedPacket { now, transport: remote, message: AttributedPacket::new(InterceptorPacket::Rtp(copy)) };
+            let sent = p.stack.0.lock().ok().and_then(|mut s| s.send_rtp(tagged));
+            if let Some(InterceptorPacket::Rtp(packet)) = sent.map(|t| t.message.packet)
+                && let Ok(plain) = packet.marshal()
+                && let Ok(sealed) = srtp.encrypt_rtp_with_header(&plain, &packet.header)
+            {
+                out.send(TaggedBytesMut { now, transport: remote, message: sealed });
+            }
+        } else if p.pc.rtp_sender(l.sender).is_some() {
             let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), copy) });
             p.unsent += 1;
             // rtc's handler queues grow to the most a connection was handed between two
