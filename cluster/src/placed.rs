@@ -15,8 +15,9 @@
 //!
 //! A home that was only cut off from NATS for longer than [`ORPHANED_AFTER`] comes back
 //! believing in what was ended here meanwhile (the events saying so went to nobody). What
-//! the sweep ends is therefore kept for [`ENDED_KEPT`], by placer, and told to that placer
-//! when it asks (`tessera.node.<id>.ended`, see `router.rs`), once.
+//! the sweep ends is therefore kept for [`ENDED_KEPT`], by placer, numbered, and told to
+//! that placer when it asks (`tessera.node.<id>.ended`, see `router.rs`): everything after
+//! the number it last read, so an answer lost on the way is given again.
 //!
 //! Commands run concurrently, so a placement is noted both before its command runs (for the
 //! sweep, which must not end what a new home is placing) and again after (unless someone
@@ -68,18 +69,50 @@ pub(crate) struct Ended {
     pub(crate) what: Placement,
 }
 
-/// A placer's question: what of its placements has the sweep ended? (As JSON: `{}`; the
-/// placer is the request's caller.)
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub(crate) struct WhatEnded {}
+/// A placer's question: what of its placements has the sweep ended since the last answer
+/// it read? (As JSON: `{"instance": n, "after": m}`, both 0 at first; the placer is the
+/// request's caller.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub(crate) struct WhatEnded {
+    /// The `instance` of that answer: a node started again numbers afresh.
+    pub(crate) instance: u64,
+    /// Its `upTo`.
+    pub(crate) after: u64,
+}
+
+/// The answer: what ended after the question's number, in order, and the number to ask
+/// after next time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct EndedSince {
+    /// This run of the node.
+    pub(crate) instance: u64,
+    /// The last number given.
+    pub(crate) up_to: u64,
+    /// What ended.
+    pub(crate) ended: Vec<Ended>,
+}
+
+impl EndedSince {
+    /// The question that follows this answer.
+    pub(crate) fn next(&self) -> WhatEnded {
+        WhatEnded { instance: self.instance, after: self.up_to }
+    }
+}
 
 /// Who placed each participant's sessions and each view here, by room.
 pub(crate) struct Placed {
     /// This node (whose own portal needs no watching: its rooms end with it).
     me: String,
     rooms: Mutex<HashMap<RoomId, PlacedRoom>>,
-    /// What the sweep ended, by whom it had been placed, and when.
-    ended: Mutex<Vec<(Caller, Ended, Instant)>>,
+    /// What the sweep ended, by whom it had been placed, when, and its number.
+    ended: Mutex<Vec<(Caller, Ended, Instant, u64)>>,
+    /// This run (the process's start time), so that placers tell its numbers from a
+    /// previous run's.
+    instance: u64,
+    /// The last number given to an ending.
+    numbered: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -96,7 +129,8 @@ struct PlacedRoom {
 
 impl Placed {
     pub(crate) fn new(me: &str) -> Placed {
-        Placed { me: me.to_string(), rooms: Mutex::default(), ended: Mutex::default() }
+        let instance = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Placed { me: me.to_string(), rooms: Mutex::default(), ended: Mutex::default(), instance, numbered: Default::default() }
     }
 
     /// Notes what `from` is placing; returns it, to be noted again once placed
@@ -138,27 +172,32 @@ impl Placed {
     }
 
     /// What the sweep ended, without what waited past [`ENDED_KEPT`].
-    fn ended_kept(&self) -> std::sync::MutexGuard<'_, Vec<(Caller, Ended, Instant)>> {
+    fn ended_kept(&self) -> std::sync::MutexGuard<'_, Vec<(Caller, Ended, Instant, u64)>> {
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        ended.retain(|(_, _, at)| at.elapsed() < ENDED_KEPT);
+        ended.retain(|(_, _, at, _)| at.elapsed() < ENDED_KEPT);
         ended
     }
 
     /// Notes that the sweep ended `what`, which `by` had placed in `room` (to be told to `by`).
     fn record_ended(&self, room: &RoomId, what: Placement, by: Caller) {
-        self.ended_kept().push((by, Ended { room: room.clone(), what }, Instant::now()));
+        let mut ended = self.ended_kept();
+        let number = self.numbered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        ended.push((by, Ended { room: room.clone(), what }, Instant::now(), number));
     }
 
-    /// What the sweep ended of `placer`'s placements (forgotten here once told). A caller
-    /// that tells no run is told nothing: its runs cannot be told apart.
-    pub(crate) fn take_ended(&self, placer: &Caller) -> Vec<Ended> {
-        if placer.run.is_none() {
-            return Vec::new();
-        }
-        let mut ended = self.ended_kept();
-        let (theirs, others): (Vec<_>, Vec<_>) = ended.drain(..).partition(|(by, _, _)| by == placer);
-        *ended = others;
-        theirs.into_iter().map(|(_, e, _)| e).collect()
+    /// What the sweep ended of `placer`'s placements after what `question` says it read
+    /// (kept until [`ENDED_KEPT`], so an answer that was lost is given again). A caller that
+    /// tells no run is told nothing: its runs cannot be told apart.
+    pub(crate) fn ended_since(&self, placer: &Caller, question: WhatEnded) -> EndedSince {
+        let ended = self.ended_kept();
+        let up_to = self.numbered.load(std::sync::atomic::Ordering::Relaxed);
+        let after = if question.instance == self.instance { question.after } else { 0 };
+        let theirs = if placer.run.is_none() {
+            Vec::new()
+        } else {
+            ended.iter().filter(|(by, _, _, n)| by == placer && *n > after).map(|(_, e, _, _)| e.clone()).collect()
+        };
+        EndedSince { instance: self.instance, up_to, ended: theirs }
     }
 
     /// Whether `what` is placed in `room` again (since [`Placed::orphans`] gave it up).
@@ -458,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn what_the_sweep_ended_is_told_to_its_placer_once() {
+    fn what_the_sweep_ended_is_told_to_its_placer_until_it_has_read_it() {
         let placed = Placed::new("bravo");
         let (alpha, alpha2) = (run("alpha", "1"), run("alpha", "2"));
         placed.note(&publish("r", "ann"), &alpha);
@@ -466,27 +505,45 @@ mod tests {
         let t0 = Instant::now();
         assert!(placed.orphans(&"r".into(), None, t0).is_empty());
         assert!(placed.orphans(&"q".into(), None, t0).is_empty());
-        // As the sweep does once it has ended them.
-        for room in ["r", "q"] {
-            for (what, by) in placed.orphans(&room.into(), None, t0 + ORPHANED_AFTER) {
+        let sweep = |room: &str, at: Instant| {
+            for (what, by) in placed.orphans(&room.into(), None, at) {
                 placed.record_ended(&room.into(), what, by);
             }
-        }
+        };
+        // As the sweep does once it has ended them.
+        sweep("r", t0 + ORPHANED_AFTER);
+        sweep("q", t0 + ORPHANED_AFTER);
         // Bob is seated again by the same run before it asks: his old transports ended all
         // the same (the home keeps what it placed since).
         placed.note(&publish("q", "bob"), &alpha);
-        assert!(placed.take_ended(&alpha2).is_empty(), "another run is told nothing");
-        assert!(placed.take_ended(&Caller::node("alpha")).is_empty(), "a caller without a run is told nothing");
-        assert_eq!(
-            placed.take_ended(&alpha),
-            [
-                Ended { room: "r".into(), what: Placement::Participant("ann".into()) },
-                Ended { room: "q".into(), what: Placement::Participant("bob".into()) }
-            ]
-        );
-        assert!(placed.take_ended(&alpha).is_empty(), "told once");
+        let first = WhatEnded::default();
+        assert!(placed.ended_since(&alpha2, first).ended.is_empty(), "another run is told nothing");
+        assert!(placed.ended_since(&Caller::node("alpha"), first).ended.is_empty(), "a caller without a run is told nothing");
+        let both = [
+            Ended { room: "r".into(), what: Placement::Participant("ann".into()) },
+            Ended { room: "q".into(), what: Placement::Participant("bob".into()) },
+        ];
+        let answer = placed.ended_since(&alpha, first);
+        assert_eq!(answer.ended, both);
+        // The answer was lost on the way: asked the same again, it is given again.
+        assert_eq!(placed.ended_since(&alpha, first), answer);
+        // Read: nothing more, until the sweep ends something else.
+        assert!(placed.ended_since(&alpha, answer.next()).ended.is_empty(), "told until read");
+        placed.note(&publish("s", "cy"), &alpha);
+        assert!(placed.orphans(&"s".into(), None, t0).is_empty());
+        sweep("s", t0 + ORPHANED_AFTER);
+        let later = placed.ended_since(&alpha, answer.next());
+        assert_eq!(later.ended, [Ended { room: "s".into(), what: Placement::Participant("cy".into()) }]);
+        assert!(later.up_to > answer.up_to);
+        // Numbers from another run of this node count for nothing.
+        let stale = WhatEnded { instance: answer.instance.wrapping_add(1), after: later.up_to };
+        assert_eq!(placed.ended_since(&alpha, stale).ended.len(), 3);
         let json = serde_json::to_string(&Ended { room: "r".into(), what: Placement::View("common".into()) }).unwrap();
         assert_eq!(json, r#"{"room":"r","what":{"view":"common"}}"#);
+        let question: WhatEnded = serde_json::from_str("{}").unwrap();
+        assert_eq!(question, WhatEnded::default(), "a question without numbers asks for everything");
+        let json = serde_json::to_value(later.next()).unwrap();
+        assert_eq!(json, serde_json::json!({"instance": later.instance, "after": later.up_to}));
     }
 
     #[test]

@@ -123,6 +123,8 @@ pub struct ClusterRouter {
     /// The last return of this node's NATS link, and the nodes in use not yet asked since
     /// what they ended meanwhile.
     to_ask: Mutex<(Option<Instant>, HashSet<String>)>,
+    /// Each node's last answer read: what it ended is asked for after it.
+    ended_read: Mutex<HashMap<String, crate::placed::WhatEnded>>,
 }
 
 /// A node in use is given up when NATS has said at every probe for this long that nobody
@@ -160,6 +162,7 @@ impl ClusterRouter {
             suspects: Mutex::new(HashMap::new()),
             probed_all: Mutex::new(None),
             to_ask: Mutex::new((None, HashSet::new())),
+            ended_read: Mutex::new(HashMap::new()),
         });
         if let Some(portal) = portal {
             let weak = Arc::downgrade(&router);
@@ -277,20 +280,27 @@ impl ClusterRouter {
             return Vec::new();
         }
         let client = self.node.client();
+        let read: Vec<crate::placed::WhatEnded> = {
+            let ended_read = self.ended_read.lock().unwrap_or_else(|p| p.into_inner());
+            asking.iter().map(|id| ended_read.get(id).copied().unwrap_or_default()).collect()
+        };
         // A webrtc or mixer node that nobody answers for (its own link down for a moment) is
-        // asked again; a recorder has nothing to say.
-        let answers = futures_util::future::join_all(
-            asking.iter().map(|id| crate::rpc::what_ended(&client, &self.caller, id, in_use.get(id).is_some_and(|part| *part != "recorder"))),
-        )
+        // asked again; a recorder has nothing to say. What a node tells stays told there
+        // until this home asks after it, so an answer lost on the way comes again.
+        let answers = futures_util::future::join_all(asking.iter().zip(read).map(|(id, question)| {
+            crate::rpc::what_ended(&client, &self.caller, id, question, in_use.get(id).is_some_and(|part| *part != "recorder"))
+        }))
         .await;
         let mut told = Vec::new();
         {
             let mut to_ask = self.to_ask.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ended_read = self.ended_read.lock().unwrap_or_else(|p| p.into_inner());
             for (id, answer) in asking.into_iter().zip(answers) {
-                let Some(ended) = answer else { continue };
+                let Some(answer) = answer else { continue };
                 to_ask.1.remove(&id);
-                if !ended.is_empty() {
-                    told.push((id, ended));
+                ended_read.insert(id.clone(), answer.next());
+                if !answer.ended.is_empty() {
+                    told.push((id, answer.ended));
                 }
             }
         }

@@ -147,9 +147,15 @@ pub async fn responds(client: &Client, from: &str, to: &str, part: &str) -> Opti
 /// `None` when that cannot be told now, and when nobody answers for a node that `serves`
 /// the question (an SFU or mixer whose own link is down for a moment); nothing when nobody
 /// answers for one that does not.
-pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str, serves: bool) -> Option<Vec<crate::placed::Ended>> {
-    match send(client, from, to, "ended", &crate::placed::WhatEnded::default(), PROBE_TIMEOUT).await {
-        Ok(Ok(reply)) => match serde_json::from_slice::<Result<Vec<crate::placed::Ended>, String>>(&reply.payload) {
+pub(crate) async fn what_ended(
+    client: &Client,
+    from: &Caller,
+    to: &str,
+    question: crate::placed::WhatEnded,
+    serves: bool,
+) -> Option<crate::placed::EndedSince> {
+    match send(client, from, to, "ended", &question, PROBE_TIMEOUT).await {
+        Ok(Ok(reply)) => match serde_json::from_slice::<Result<crate::placed::EndedSince, String>>(&reply.payload) {
             Ok(Ok(ended)) => Some(ended),
             Ok(Err(e)) => {
                 debug!(node = %to, error = %e, "a node could not say what it ended");
@@ -160,7 +166,7 @@ pub(crate) async fn what_ended(client: &Client, from: &Caller, to: &str, serves:
                 None
             }
         },
-        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders && !serves => Some(Vec::new()),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders && !serves => Some(crate::placed::EndedSince::default()),
         _ => None,
     }
 }
@@ -368,9 +374,9 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
     if sweep_on_any {
         // What the sweep ended, told to its placer (a home back from a NATS outage).
         let placed = placed.clone();
-        let handle = move |_: crate::placed::WhatEnded, from: Option<Caller>| {
+        let handle = move |question: crate::placed::WhatEnded, from: Option<Caller>| {
             let placed = placed.clone();
-            async move { Ok::<_, String>(from.map(|from| placed.take_ended(&from)).unwrap_or_default()) }
+            async move { Ok::<_, String>(from.map(|from| placed.ended_since(&from, question)).unwrap_or_default()) }
         };
         tokio::spawn(serve_part(client.clone(), subject(me, "ended"), handle, std::convert::identity));
     }
