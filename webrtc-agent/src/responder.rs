@@ -148,6 +148,12 @@ impl Responder {
         Responder { size, streams: HashMap::new(), read: VecDeque::new(), write: VecDeque::new() }
     }
 
+    /// Whether a lost packet of stream `ssrc` is sent again as it was, on its own SSRC (NACK
+    /// negotiated without RTX).
+    pub fn resends_in_place(&self, ssrc: u32) -> bool {
+        self.streams.get(&ssrc).is_some_and(|s| s.rtx.is_none())
+    }
+
     fn answer(&mut self, now: Instant, nack: &TransportLayerNack) {
         let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else { return };
         for pair in &nack.nacks {

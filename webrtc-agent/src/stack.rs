@@ -125,12 +125,20 @@ impl Stack {
     /// An RTP packet Tessera sends itself, past rtc's pipeline (`crate::srtp_out`): it
     /// meets what it would have met going out through rtc (sender report counts, the NACK
     /// history, [`Wire`]'s ages and numbers) and comes back as it would have reached the
-    /// wire. Anything else the walk gives out waits for rtc's next write as usual.
+    /// wire. Anything else the walk gives out waits for rtc's next write as usual. Not for
+    /// a stream that [`Stack::resends_in_place`].
     pub fn send_rtp(&mut self, msg: TaggedPacket) -> Option<TaggedPacket> {
         let held = self.write.len();
         self.walk(Some(msg), Way::Write);
         let at = (held..self.write.len()).rev().find(|&i| self.write.get(i).is_some_and(|m| matches!(m.message.packet, Packet::Rtp(_))))?;
         self.write.remove(at)
+    }
+
+    /// Whether lost packets of stream `ssrc` are sent again as they were (NACK without
+    /// RTX): those resends leave through rtc's SRTP context, so the stream must go through
+    /// rtc whole (one SSRC is never encrypted by two contexts).
+    pub fn resends_in_place(&self, ssrc: u32) -> bool {
+        self.nack_responder.resends_in_place(ssrc)
     }
 }
 
@@ -340,15 +348,18 @@ mod tests {
     /// The stack as the server's connections have it: the one link of rtc's chain (which
     /// ends every chain with its terminus for inbound RTCP).
     fn stack(estimating: bool) -> impl Interceptor {
-        let stack = Stack::new(
+        Registry::new().with(Slot::CongestionControl, new_stack(estimating)).build()
+    }
+
+    fn new_stack(estimating: bool) -> Stack {
+        Stack::new(
             Wire::new(Arc::new(RtcpCounters::default()), send_side(estimating)),
             crate::responder::Responder::new(256),
             NackGeneratorBuilder::new().build(),
             TwccReceiverBuilder::new().build(),
             ReceiverReportBuilder::new().build(),
             SenderReportBuilder::new().build(),
-        );
-        Registry::new().with(Slot::CongestionControl, stack).build()
+        )
     }
 
     /// The stack with every RTP packet going out sent past rtc's pipeline, as the worker
@@ -371,7 +382,9 @@ mod tests {
             self.stack.poll_read()
         }
         fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
-            if matches!(msg.message.packet, Packet::Rtp(_)) {
+            if let Packet::Rtp(p) = &msg.message.packet
+                && !self.stack.resends_in_place(p.header.ssrc)
+            {
                 self.sent.extend(self.stack.send_rtp(msg));
                 return Ok(());
             }
@@ -407,15 +420,23 @@ mod tests {
     }
 
     fn bypassed(estimating: bool) -> impl Interceptor {
-        let stack = Stack::new(
-            Wire::new(Arc::new(RtcpCounters::default()), send_side(estimating)),
-            crate::responder::Responder::new(256),
-            NackGeneratorBuilder::new().build(),
-            TwccReceiverBuilder::new().build(),
-            ReceiverReportBuilder::new().build(),
-            SenderReportBuilder::new().build(),
-        );
-        Registry::new().with(Slot::CongestionControl, Bypassed { stack, sent: VecDeque::new() }).build()
+        Registry::new().with(Slot::CongestionControl, Bypassed { stack: new_stack(estimating), sent: VecDeque::new() }).build()
+    }
+
+    /// A stream whose losses are sent again as they were (NACK without RTX) goes through
+    /// rtc whole: its resends leave through rtc's SRTP context.
+    #[test]
+    fn a_stream_resent_in_place_is_not_sent_past_rtc() {
+        let (mut s, now) = (new_stack(false), Instant::now());
+        s.bind_local_stream(&stream(10, Some(11)));
+        s.bind_local_stream(&stream(20, None));
+        let mut audio = stream(30, None);
+        audio.rtcp_feedback.clear();
+        s.bind_local_stream(&audio);
+        assert!(!s.resends_in_place(10), "RTX repairs stream 10");
+        assert!(!s.resends_in_place(30), "stream 30 is never resent");
+        assert!(s.resends_in_place(20), "stream 20 is resent in place");
+        assert!(s.send_rtp(tagged(rtp(10, 1), now)).is_some());
     }
 
     /// The same interceptors in rtc's own chain.

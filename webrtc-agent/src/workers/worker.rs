@@ -2430,18 +2430,26 @@ fn deliver(
             // Keyed again (a new DTLS handshake): rtc's new context takes over.
             p.srtp = None;
         }
-        if let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote) {
+        let mut copy = Some(copy);
+        if let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
+            && let Ok(mut stack) = p.stack.0.lock()
+            && let Some(packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
+        {
             // Encrypted here, past rtc's pipeline (`crate::srtp_out`), after meeting the
             // interceptors it would have met there.
-            let tagged = TaggedPacket { now, transport: remote, message: AttributedPacket::new(InterceptorPacket::Rtp(copy)) };
-            let sent = p.stack.0.lock().ok().and_then(|mut s| s.send_rtp(tagged));
+            let tagged = TaggedPacket { now, transport: remote, message: AttributedPacket::new(InterceptorPacket::Rtp(packet)) };
+            let sent = stack.send_rtp(tagged);
+            drop(stack);
             if let Some(InterceptorPacket::Rtp(packet)) = sent.map(|t| t.message.packet)
                 && let Ok(plain) = packet.marshal()
                 && let Ok(sealed) = srtp.encrypt_rtp_with_header(&plain, &packet.header)
             {
                 out.send(TaggedBytesMut { now, transport: remote, message: sealed });
             }
-        } else if p.pc.rtp_sender(l.sender).is_some() {
+        }
+        if let Some(copy) = copy
+            && p.pc.rtp_sender(l.sender).is_some()
+        {
             let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), copy) });
             p.unsent += 1;
             // rtc's handler queues grow to the most a connection was handed between two
