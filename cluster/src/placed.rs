@@ -71,14 +71,24 @@ pub(crate) struct Ended {
 
 /// A placer's question: what of its placements has the sweep ended since the last answer
 /// it read? (As JSON: `{"instance": n, "after": m}`, both 0 at first; the placer is the
-/// request's caller.)
+/// request's caller.) A home of an earlier version asks `{}`, and is answered as it
+/// expects: a list, each ending told once ([`EndedAnswer::Once`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub(crate) struct WhatEnded {
     /// The `instance` of that answer: a node started again numbers afresh.
-    pub(crate) instance: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) instance: Option<u64>,
     /// Its `upTo`.
-    pub(crate) after: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) after: Option<u64>,
+}
+
+impl WhatEnded {
+    /// The first question to a node.
+    pub(crate) fn first() -> WhatEnded {
+        WhatEnded { instance: Some(0), after: Some(0) }
+    }
 }
 
 /// The answer: what ended after the question's number, in order, and the number to ask
@@ -97,7 +107,29 @@ pub(crate) struct EndedSince {
 impl EndedSince {
     /// The question that follows this answer.
     pub(crate) fn next(&self) -> WhatEnded {
-        WhatEnded { instance: self.instance, after: self.up_to }
+        WhatEnded { instance: Some(self.instance), after: Some(self.up_to) }
+    }
+}
+
+/// What a node answers: numbered, or (to a home of an earlier version, and from a node of
+/// one) a plain list, each ending told once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum EndedAnswer {
+    /// See [`EndedSince`].
+    Since(EndedSince),
+    /// What ended, forgotten once told.
+    Once(Vec<Ended>),
+}
+
+impl EndedAnswer {
+    /// The answer to `question` as a numbered one (a plain list leaves the question's
+    /// numbers as they were).
+    pub(crate) fn numbered(self, question: WhatEnded) -> EndedSince {
+        match self {
+            EndedAnswer::Since(since) => since,
+            EndedAnswer::Once(ended) => EndedSince { instance: question.instance.unwrap_or(0), up_to: question.after.unwrap_or(0), ended },
+        }
     }
 }
 
@@ -191,13 +223,28 @@ impl Placed {
     pub(crate) fn ended_since(&self, placer: &Caller, question: WhatEnded) -> EndedSince {
         let ended = self.ended_kept();
         let up_to = self.numbered.load(std::sync::atomic::Ordering::Relaxed);
-        let after = if question.instance == self.instance { question.after } else { 0 };
+        let after = if question.instance == Some(self.instance) { question.after.unwrap_or(0) } else { 0 };
         let theirs = if placer.run.is_none() {
             Vec::new()
         } else {
             ended.iter().filter(|(by, _, _, n)| by == placer && *n > after).map(|(_, e, _, _)| e.clone()).collect()
         };
         EndedSince { instance: self.instance, up_to, ended: theirs }
+    }
+
+    /// The answer to `question` from `placer`: numbered, or, to a home of an earlier version
+    /// (a question without numbers), what ended of its placements, forgotten here once told.
+    pub(crate) fn answer(&self, placer: &Caller, question: WhatEnded) -> EndedAnswer {
+        if question.after.is_some() {
+            return EndedAnswer::Since(self.ended_since(placer, question));
+        }
+        if placer.run.is_none() {
+            return EndedAnswer::Once(Vec::new());
+        }
+        let mut ended = self.ended_kept();
+        let (theirs, others): (Vec<_>, Vec<_>) = ended.drain(..).partition(|(by, _, _, _)| by == placer);
+        *ended = others;
+        EndedAnswer::Once(theirs.into_iter().map(|(_, e, _, _)| e).collect())
     }
 
     /// Whether `what` is placed in `room` again (since [`Placed::orphans`] gave it up).
@@ -516,7 +563,7 @@ mod tests {
         // Bob is seated again by the same run before it asks: his old transports ended all
         // the same (the home keeps what it placed since).
         placed.note(&publish("q", "bob"), &alpha);
-        let first = WhatEnded::default();
+        let first = WhatEnded::first();
         assert!(placed.ended_since(&alpha2, first).ended.is_empty(), "another run is told nothing");
         assert!(placed.ended_since(&Caller::node("alpha"), first).ended.is_empty(), "a caller without a run is told nothing");
         let both = [
@@ -536,14 +583,24 @@ mod tests {
         assert_eq!(later.ended, [Ended { room: "s".into(), what: Placement::Participant("cy".into()) }]);
         assert!(later.up_to > answer.up_to);
         // Numbers from another run of this node count for nothing.
-        let stale = WhatEnded { instance: answer.instance.wrapping_add(1), after: later.up_to };
+        let stale = WhatEnded { instance: Some(answer.instance.wrapping_add(1)), after: Some(later.up_to) };
         assert_eq!(placed.ended_since(&alpha, stale).ended.len(), 3);
         let json = serde_json::to_string(&Ended { room: "r".into(), what: Placement::View("common".into()) }).unwrap();
         assert_eq!(json, r#"{"room":"r","what":{"view":"common"}}"#);
-        let question: WhatEnded = serde_json::from_str("{}").unwrap();
-        assert_eq!(question, WhatEnded::default(), "a question without numbers asks for everything");
         let json = serde_json::to_value(later.next()).unwrap();
         assert_eq!(json, serde_json::json!({"instance": later.instance, "after": later.up_to}));
+        // A home of an earlier version asks `{}` and reads a list, each ending told once.
+        let old: WhatEnded = serde_json::from_str("{}").unwrap();
+        let told = placed.answer(&alpha, old);
+        assert_eq!(serde_json::to_value(&told).unwrap().as_array().map(Vec::len), Some(3));
+        assert_eq!(placed.answer(&alpha, old), EndedAnswer::Once(Vec::new()), "told once");
+        // A node of an earlier version answers a list: read as told, the numbers unchanged.
+        let list = serde_json::to_string(&told).unwrap();
+        let read: EndedAnswer = serde_json::from_str(&list).unwrap();
+        let numbered = read.numbered(later.next());
+        assert_eq!((numbered.ended.len(), numbered.next()), (3, later.next()));
+        let since: EndedAnswer = serde_json::from_str(&serde_json::to_string(&EndedAnswer::Since(later.clone())).unwrap()).unwrap();
+        assert_eq!(since, EndedAnswer::Since(later));
     }
 
     #[test]

@@ -282,7 +282,7 @@ impl ClusterRouter {
         let client = self.node.client();
         let read: Vec<crate::placed::WhatEnded> = {
             let ended_read = self.ended_read.lock().unwrap_or_else(|p| p.into_inner());
-            asking.iter().map(|id| ended_read.get(id).copied().unwrap_or_default()).collect()
+            asking.iter().map(|id| ended_read.get(id).copied().unwrap_or_else(crate::placed::WhatEnded::first)).collect()
         };
         // A webrtc or mixer node that nobody answers for (its own link down for a moment) is
         // asked again; a recorder has nothing to say. What a node tells stays told there

@@ -155,8 +155,8 @@ pub(crate) async fn what_ended(
     serves: bool,
 ) -> Option<crate::placed::EndedSince> {
     match send(client, from, to, "ended", &question, PROBE_TIMEOUT).await {
-        Ok(Ok(reply)) => match serde_json::from_slice::<Result<crate::placed::EndedSince, String>>(&reply.payload) {
-            Ok(Ok(ended)) => Some(ended),
+        Ok(Ok(reply)) => match serde_json::from_slice::<Result<crate::placed::EndedAnswer, String>>(&reply.payload) {
+            Ok(Ok(answer)) => Some(answer.numbered(question)),
             Ok(Err(e)) => {
                 debug!(node = %to, error = %e, "a node could not say what it ended");
                 None
@@ -376,7 +376,7 @@ pub fn serve(node: &Arc<ClusterNode>, parts: Served, events: Option<mpsc::Receiv
         let placed = placed.clone();
         let handle = move |question: crate::placed::WhatEnded, from: Option<Caller>| {
             let placed = placed.clone();
-            async move { Ok::<_, String>(from.map(|from| placed.ended_since(&from, question)).unwrap_or_default()) }
+            async move { Ok::<_, String>(from.map_or(crate::placed::EndedAnswer::Once(Vec::new()), |from| placed.answer(&from, question))) }
         };
         tokio::spawn(serve_part(client.clone(), subject(me, "ended"), handle, std::convert::identity));
     }

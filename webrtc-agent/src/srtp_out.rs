@@ -36,7 +36,7 @@ struct Seen {
 pub struct KeyTap {
     inner: Arc<dyn RTCCryptoProvider>,
     seen: Mutex<Seen>,
-    /// Master keys seen: two per handshake (local, remote).
+    /// Master keys seen since the connection began: two per handshake (local, remote).
     masters: AtomicUsize,
 }
 
@@ -62,6 +62,23 @@ impl KeyTap {
         let (key, block, at) = seen.masters.get(pairs.checked_sub(1)? * 2)?;
         let session = seen.sessions.get(*at)?;
         Some((key.clone(), block.get(..salt_len)?.to_vec(), session.clone()))
+    }
+}
+
+impl KeyTap {
+    /// Forgets the keys noted so far (zeroed), once a context was keyed from them: a
+    /// connection keeps no secrets here that rtc does not hold anyway.
+    fn forget(&self) {
+        if let Ok(mut seen) = self.seen.lock() {
+            for (key, block, _) in &mut seen.masters {
+                key.fill(0);
+                block.fill(0);
+            }
+            for key in &mut seen.sessions {
+                key.fill(0);
+            }
+            *seen = Seen::default();
+        }
     }
 }
 
@@ -94,7 +111,7 @@ impl RTCCrypto for KeyTap {
         {
             let at = seen.sessions.len();
             seen.masters.push((key.to_vec(), block.to_vec(), at));
-            self.masters.store(seen.masters.len(), Ordering::Relaxed);
+            self.masters.fetch_add(1, Ordering::Relaxed);
         }
         self.inner.crypto().block_encrypt(algorithm, key, block)
     }
@@ -162,6 +179,8 @@ pub fn outbound(tap: &KeyTap, profile: ProtectionProfile) -> Option<Context> {
     let check = KeyTap::new(tap.inner.clone());
     let context = Context::new(&key, &salt, profile, None, None, check.crypto()).ok()?;
     let derived = check.seen.lock().ok()?.sessions.first().cloned()?;
+    check.forget();
+    tap.forget();
     (derived == session).then_some(context)
 }
 
@@ -230,6 +249,13 @@ mod tests {
         let (plain, header) = packet(10);
         let sealed = outbound(&tap, profile).expect("keyed").encrypt_rtp_with_header(&plain, &header).expect("encrypt");
         let mut peer = Context::new(&[5u8; 16], &[6u8; 14], profile, None, None, provider().crypto()).expect("peer");
+        assert_eq!(peer.decrypt_rtp(&sealed).expect("decrypt").to_vec(), plain);
+        // Nothing secret is kept once used; a handshake after that keys afresh.
+        assert!(tap.seen.lock().is_ok_and(|s| s.masters.is_empty() && s.sessions.is_empty()));
+        handshake(&tap, profile, (&[9u8; 16], &[10u8; 14]), (&[11u8; 16], &[12u8; 14]));
+        assert_eq!(tap.handshakes(), 3);
+        let sealed = outbound(&tap, profile).expect("keyed").encrypt_rtp_with_header(&plain, &header).expect("encrypt");
+        let mut peer = Context::new(&[9u8; 16], &[10u8; 14], profile, None, None, provider().crypto()).expect("peer");
         assert_eq!(peer.decrypt_rtp(&sealed).expect("decrypt").to_vec(), plain);
     }
 

@@ -128,9 +128,16 @@ impl Stack {
     /// wire. Anything else the walk gives out waits for rtc's next write as usual. Not for
     /// a stream that [`Stack::resends_in_place`].
     pub fn send_rtp(&mut self, msg: TaggedPacket) -> Option<TaggedPacket> {
+        let Packet::Rtp(p) = &msg.message.packet else { return None };
+        let (ssrc, seq) = (p.header.ssrc, p.header.sequence_number);
         let held = self.write.len();
         self.walk(Some(msg), Way::Write);
-        let at = (held..self.write.len()).rev().find(|&i| self.write.get(i).is_some_and(|m| matches!(m.message.packet, Packet::Rtp(_))))?;
+        // The packet itself, not what the walk made beside it (a probe train on the RTX
+        // stream follows it out of `Wire`): those go through rtc with every other packet
+        // of their stream.
+        let at = (held..self.write.len()).find(|&i| {
+            self.write.get(i).is_some_and(|m| matches!(&m.message.packet, Packet::Rtp(q) if q.header.ssrc == ssrc && q.header.sequence_number == seq))
+        })?;
         self.write.remove(at)
     }
 
@@ -385,7 +392,14 @@ mod tests {
             if let Packet::Rtp(p) = &msg.message.packet
                 && !self.stack.resends_in_place(p.header.ssrc)
             {
-                self.sent.extend(self.stack.send_rtp(msg));
+                let (ssrc, seq) = (p.header.ssrc, p.header.sequence_number);
+                let sent = self.stack.send_rtp(msg);
+                // What comes back is the packet itself (never a probe made beside it).
+                assert!(
+                    matches!(&sent, Some(m) if matches!(&m.message.packet, Packet::Rtp(q) if q.header.ssrc == ssrc && q.header.sequence_number == seq)),
+                    "send_rtp gave back another packet than {ssrc}/{seq}"
+                );
+                self.sent.extend(sent);
                 return Ok(());
             }
             self.stack.handle_write(msg)

@@ -40,6 +40,7 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDi
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::Marshal;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rtc::stun::attributes::ATTR_USE_CANDIDATE;
 use rtc::stun::integrity::MessageIntegrity;
 use tessera_core::agent::{
     AgentError, AgentEvent, LayerChoice, MediaKind, Progress, PublishSpec, PublishTrack, StreamUpdate, SubscribeSpec, TrackSwitch,
@@ -887,16 +888,20 @@ impl Worker {
             TransportProtocol::TCP => w.out.tcp.peer_of(from),
             _ => w.by_addr.get(&from).copied(),
         };
+        let mut nominates = false;
         let peer = match demux::classify(&data) {
             Kind::BindingRequest { ufrag, mut message } => {
                 let Some(&id) = self.by_ufrag.get(&ufrag) else { return };
                 let Some(p) = self.peers.get(&id) else { return };
-                if routed(self) != Some(id) {
-                    // Only a check signed with this connection's password may route an
-                    // address to it; an unsigned or forged one goes no further.
-                    if MessageIntegrity::check(&mut message, p.password.as_bytes(), self.shared.crypto()).is_err() {
-                        return;
-                    }
+                let known = routed(self) == Some(id);
+                nominates = message.contains(ATTR_USE_CANDIDATE);
+                // Only a check signed with this connection's password may route an address
+                // to it, or make it the one media goes to; an unsigned or forged one goes
+                // no further.
+                if (!known || nominates) && MessageIntegrity::check(&mut message, p.password.as_bytes(), self.shared.crypto()).is_err() {
+                    return;
+                }
+                if !known {
                     match via {
                         TransportProtocol::TCP => self.learn_tcp(id, from),
                         _ => self.learn(id, from),
@@ -916,9 +921,9 @@ impl Worker {
             transport: TransportContext { local_addr: self.local, peer_addr: from, ecn: None, transport_protocol: via },
             message: data,
         };
-        // A client sends DTLS and SRTP(C) only on its selected pair: where the media it is
-        // sent must go now (STUN checks come from any candidate).
-        if msg.message.first().is_some_and(|b| *b >= 20) {
+        // The client (the controlling agent: the server is ICE-lite) nominates the pair
+        // media goes on from now, as rtc selects it.
+        if nominates {
             p.remote = Some(msg.transport);
         }
         // `handle_read` reports problems through its own logs; its result carries nothing to act on.
@@ -2432,6 +2437,7 @@ fn deliver(
         }
         let mut copy = Some(copy);
         if let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
+            && p.pc.rtp_sender(l.sender).is_some()
             && let Ok(mut stack) = p.stack.0.lock()
             && let Some(packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
         {
