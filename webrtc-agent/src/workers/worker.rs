@@ -598,7 +598,8 @@ struct Peer {
     /// Forwarded media's own SRTP context once connected (`crate::srtp_out`), and the
     /// handshake it was keyed from.
     srtp: Option<(rtc::srtp::context::Context, usize)>,
-    /// Where rtc last sent this connection's packets.
+    /// The client's selected pair, where forwarded media goes: the address of its last
+    /// signed nominating check, or where rtc last sent DTLS or SRTP(C).
     remote: Option<rtc::shared::TransportContext>,
 }
 
