@@ -8,7 +8,7 @@
 //! default one, and noting the master key and salt the first context is keyed with (the
 //! local one: rtc keys it before the remote one). RFC 3711's key derivation (§4.3.1)
 //! encrypts, with the master key, the master salt XOR the label and index, so the first
-//! block derived — label 0, index 0 — is the salt itself. [`Outbound`] then keys its own
+//! block derived — label 0, index 0 — is the salt itself. [`outbound`] then keys its own
 //! context the same way and checks that it derives the very session key rtc's context was
 //! given before it is used.
 
@@ -63,9 +63,7 @@ impl KeyTap {
         let session = seen.sessions.get(*at)?;
         Some((key.clone(), block.get(..salt_len)?.to_vec(), session.clone()))
     }
-}
 
-impl KeyTap {
     /// Forgets the keys noted so far (zeroed), once a context was keyed from them: a
     /// connection keeps no secrets here that rtc does not hold anyway.
     fn forget(&self) {

@@ -2428,17 +2428,15 @@ fn deliver(
         if let Some(Selection { vp8: Some(v), .. }) = &mut l.sel {
             v.munge(&mut copy);
         }
-        // Straight into the connection, not through `RTCRtpSender::write_rtp`: that checks
-        // what the rewriter made sure of (the leg's SSRC and payload type, no extensions)
-        // and allocates the track id `String` per packet, which rtc then ignores. A
-        // refused packet is dropped for this leg only.
         if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
             // Keyed again (a new DTLS handshake): rtc's new context takes over.
             p.srtp = None;
         }
+        // A leg whose sender is gone sends nothing, on either path.
+        let live = p.pc.rtp_sender(l.sender).is_some();
         let mut copy = Some(copy);
-        if let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
-            && p.pc.rtp_sender(l.sender).is_some()
+        if live
+            && let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
             && let Ok(mut stack) = p.stack.0.lock()
             && let Some(packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
         {
@@ -2454,9 +2452,11 @@ fn deliver(
                 out.send(TaggedBytesMut { now, transport: remote, message: sealed });
             }
         }
-        if let Some(copy) = copy
-            && p.pc.rtp_sender(l.sender).is_some()
-        {
+        // Otherwise straight into the connection, not through `RTCRtpSender::write_rtp`:
+        // that checks what the rewriter made sure of (the leg's SSRC and payload type, no
+        // extensions) and allocates the track id `String` per packet, which rtc then
+        // ignores. A refused packet is dropped for this leg only.
+        if live && let Some(copy) = copy {
             let _ = p.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), copy) });
             p.unsent += 1;
             // rtc's handler queues grow to the most a connection was handed between two
