@@ -15,11 +15,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
 use rtc::crypto::{
     AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CryptoAlgorithm, CryptoError, HashAlgorithm, HmacAlgorithm, Mac, RTCCrypto, RTCCryptoProvider,
     RTCRandom, StreamCipher, StreamCipherAlgorithm,
 };
-use rtc::srtp::context::Context;
+use rtc::rtp;
 use rtc::srtp::protection_profile::ProtectionProfile;
 
 /// What the tap saw keyed, in order.
@@ -170,22 +171,203 @@ pub fn profile(cipher: &str) -> Option<ProtectionProfile> {
     }
 }
 
-/// A connection's outgoing SRTP context, keyed as rtc's own.
-pub fn outbound(tap: &KeyTap, profile: ProtectionProfile) -> Option<Context> {
-    let (key, salt, session) = tap.local(profile.salt_len())?;
-    // Keyed through a tap of its own, to read back the session key it derives.
-    let check = KeyTap::new(tap.inner.clone());
-    let context = Context::new(&key, &salt, profile, None, None, check.crypto()).ok()?;
-    let derived = check.seen.lock().ok()?.sessions.first().cloned()?;
-    check.forget();
+/// A connection's outgoing SRTP protection, keyed as rtc's own local context: `None` when
+/// the keys seen are not a handshake's, or do not derive the very session key rtc's
+/// context was given (rtc's path then carries everything, as before).
+pub fn outbound(tap: &KeyTap, profile: ProtectionProfile) -> Option<Sealer> {
+    let (mut key, mut salt, mut session) = tap.local(profile.salt_len())?;
     tap.forget();
-    (derived == session).then_some(context)
+    let sealer = Sealer::new(profile, &key, &salt, &session);
+    key.fill(0);
+    salt.fill(0);
+    session.fill(0);
+    sealer
+}
+
+/// Bytes a sealed packet may grow by: the longest tag of a profile [`Sealer`] keys.
+pub const MAX_TAG: usize = 16;
+
+/// Forwarded packets' SRTP protection (RFC 3711's AES-CM with HMAC-SHA1, RFC 7714's
+/// AES-GCM), done by Tessera: the key schedules are expanded once, when keyed, and each
+/// packet is marshalled into the datagram buffer it leaves in and sealed there. rtc-srtp's
+/// context (which Tessera used first) allocates the protected packet, looks the SSRC up in
+/// a hash map and expands the AES key again for every packet.
+pub struct Sealer {
+    cipher: Cipher,
+    /// What each SSRC sent so far, searched linearly: a connection sends a few.
+    streams: Vec<Roll>,
+}
+
+/// A profile's session keys, ready to use.
+// One per connection, inside its boxed state: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Cipher {
+    /// AES-128 in counter mode, HMAC-SHA1 truncated to `tag` bytes.
+    Cm { aes: aes::Aes128Enc, salt: [u8; 14], auth: hmac::Hmac<sha1::Sha1>, tag: usize },
+    /// AES-GCM (128 or 256), its 16-byte tag.
+    Gcm { key: ring::aead::LessSafeKey, salt: [u8; 12] },
+}
+
+/// One SSRC's packet index as RFC 3711 Appendix A keeps it: the rollover count and the
+/// highest sequence number sent.
+struct Roll {
+    ssrc: u32,
+    roc: u32,
+    highest: u16,
+}
+
+impl Roll {
+    /// The rollover count of `seq`, estimated as a receiver estimates it (RFC 3711
+    /// Appendix A; while the first half cycle is not passed, libsrtp and rtc take the
+    /// first cycle, not the one before), and the state moved on.
+    fn advance(&mut self, seq: u16) -> u32 {
+        const HALF: u16 = 0x8000;
+        let v = if self.roc == 0 && self.highest <= HALF {
+            0
+        } else if self.highest < HALF {
+            if i32::from(seq) - i32::from(self.highest) > i32::from(HALF) { self.roc.wrapping_sub(1) } else { self.roc }
+        } else if self.highest - HALF > seq {
+            self.roc.wrapping_add(1)
+        } else {
+            self.roc
+        };
+        if v == self.roc.wrapping_add(1) {
+            (self.roc, self.highest) = (v, seq);
+        } else if v == self.roc && seq > self.highest {
+            self.highest = seq;
+        }
+        v
+    }
+}
+
+/// RFC 3711's key derivation (§4.3.1, AES-CM PRF, key derivation rate 0, as DTLS-SRTP
+/// uses it; RFC 7714 §11 for GCM): `out.len()` bytes for `label`, with AES-128 or AES-256
+/// as the master key's length says.
+fn derive(master: &[u8], salt: &[u8], label: u8, out: &mut [u8]) -> Option<()> {
+    use aes::cipher::{BlockEncrypt, KeyInit};
+    let mut x = [0u8; 16];
+    x.get_mut(..salt.len()).filter(|_| salt.len() <= 14)?.copy_from_slice(salt);
+    x[7] ^= label;
+    let aes128 = aes::Aes128Enc::new_from_slice(master).ok();
+    let aes256 = aes::Aes256Enc::new_from_slice(master).ok();
+    for (i, chunk) in out.chunks_mut(16).enumerate() {
+        let mut block = x;
+        let [hi, lo] = u16::try_from(i).ok()?.to_be_bytes();
+        (block[14], block[15]) = (hi, lo);
+        match (&aes128, &aes256) {
+            (Some(k), _) => k.encrypt_block((&mut block).into()),
+            (None, Some(k)) => k.encrypt_block((&mut block).into()),
+            (None, None) => return None,
+        }
+        chunk.copy_from_slice(block.get(..chunk.len())?);
+    }
+    Some(())
+}
+
+impl Sealer {
+    /// Keyed from a master key and salt for `profile`; `None` for a profile it does not
+    /// do, keys of the wrong length, or when the encryption key it derives is not `expect`.
+    pub fn new(profile: ProtectionProfile, master: &[u8], salt: &[u8], expect: &[u8]) -> Option<Sealer> {
+        if master.len() != profile.key_len() || salt.len() != profile.salt_len() {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        let key = key.get_mut(..profile.key_len())?;
+        derive(master, salt, 0, key)?;
+        let cipher = if *key != *expect {
+            None
+        } else {
+            match profile {
+                ProtectionProfile::Aes128CmHmacSha1_80 | ProtectionProfile::Aes128CmHmacSha1_32 => {
+                    use aes::cipher::KeyInit;
+                    let (mut s, mut auth) = ([0u8; 14], [0u8; 20]);
+                    derive(master, salt, 2, &mut s)?;
+                    derive(master, salt, 1, &mut auth)?;
+                    let cipher = Cipher::Cm {
+                        aes: aes::Aes128Enc::new_from_slice(key).ok()?,
+                        salt: s,
+                        auth: <hmac::Hmac<sha1::Sha1> as hmac::Mac>::new_from_slice(&auth).ok()?,
+                        tag: profile.rtp_auth_tag_len(),
+                    };
+                    auth.fill(0);
+                    Some(cipher)
+                }
+                ProtectionProfile::AeadAes128Gcm | ProtectionProfile::AeadAes256Gcm => {
+                    let algorithm = if key.len() == 16 { &ring::aead::AES_128_GCM } else { &ring::aead::AES_256_GCM };
+                    let mut s = [0u8; 12];
+                    derive(master, salt, 2, &mut s)?;
+                    let key = ring::aead::UnboundKey::new(algorithm, key).ok()?;
+                    Some(Cipher::Gcm { key: ring::aead::LessSafeKey::new(key), salt: s })
+                }
+                _ => None,
+            }
+        };
+        key.fill(0);
+        cipher.map(|cipher| Sealer { cipher, streams: Vec::new() })
+    }
+
+    /// Marshals `packet` into `buf` (replacing what it held) and seals it there: the
+    /// payload encrypted in place, the tag appended. False when it cannot be (nothing in
+    /// `buf` is then to be sent).
+    pub fn seal(&mut self, packet: &rtp::Packet, buf: &mut BytesMut) -> bool {
+        use rtc::shared::marshal::{Marshal, MarshalSize};
+        let (len, header_len) = (packet.marshal_size(), packet.header.marshal_size());
+        buf.clear();
+        buf.resize(len, 0);
+        if packet.marshal_to(buf).ok() != Some(len) {
+            return false;
+        }
+        let (ssrc, seq) = (packet.header.ssrc, packet.header.sequence_number);
+        let roc = match self.streams.iter_mut().find(|r| r.ssrc == ssrc) {
+            Some(roll) => roll.advance(seq),
+            None => {
+                self.streams.push(Roll { ssrc, roc: 0, highest: seq });
+                0
+            }
+        };
+        let Some((head, body)) = buf.split_at_mut_checked(header_len) else { return false };
+        match &self.cipher {
+            Cipher::Cm { aes, salt, auth, tag } => {
+                use ctr::cipher::{InnerIvInit, StreamCipher};
+                // IV = salt·2^16 ⊕ SSRC·2^64 ⊕ index·2^16 (RFC 3711 §4.1.1).
+                let mut iv = [0u8; 16];
+                let index = (u64::from(roc) << 16) | u64::from(seq);
+                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+                iv[8..14].copy_from_slice(&index.to_be_bytes()[2..]);
+                iv.iter_mut().zip(salt).for_each(|(v, s)| *v ^= s);
+                let core = ctr::CtrCore::<aes::Aes128Enc, ctr::flavors::Ctr128BE>::inner_iv_init(aes.clone(), &iv.into());
+                ctr::Ctr128BE::from_core(core).apply_keystream(body);
+                use hmac::Mac;
+                // The keyed state is copied, not derived again from the key.
+                let mut mac = auth.clone();
+                mac.update(buf);
+                mac.update(&roc.to_be_bytes());
+                let signed = mac.finalize().into_bytes();
+                let Some(tag) = signed.get(..*tag) else { return false };
+                buf.extend_from_slice(tag);
+            }
+            Cipher::Gcm { key, salt } => {
+                // IV = (00 00 ‖ SSRC ‖ ROC ‖ SEQ) ⊕ salt (RFC 7714 §8.1); the header is
+                // the associated data.
+                let mut iv = [0u8; 12];
+                iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                iv[6..10].copy_from_slice(&roc.to_be_bytes());
+                iv[10..12].copy_from_slice(&seq.to_be_bytes());
+                iv.iter_mut().zip(salt).for_each(|(v, s)| *v ^= s);
+                let nonce = ring::aead::Nonce::assume_unique_for_key(iv);
+                let Ok(tag) = key.seal_in_place_separate_tag(nonce, ring::aead::Aad::from(&*head), body) else { return false };
+                buf.extend_from_slice(tag.as_ref());
+            }
+        }
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use rtc::rtp;
     use rtc::shared::marshal::Marshal;
+    use rtc::srtp::context::Context;
 
     use super::*;
 
@@ -200,19 +382,33 @@ mod tests {
         }
     }
 
-    fn packet(seq: u16) -> (Vec<u8>, rtp::Header) {
-        let p = rtp::Packet {
-            header: rtp::Header { version: 2, payload_type: 96, sequence_number: seq, timestamp: 9000, ssrc: 0x1234_5678, ..Default::default() },
-            payload: bytes::Bytes::from(vec![seq as u8; 300]),
-        };
-        (p.marshal().expect("marshal").to_vec(), p.header)
+    fn packet(seq: u16) -> rtp::Packet {
+        packet_on(0x1234_5678, seq, 300, false)
     }
 
-    /// Our context encrypts exactly as a context keyed with rtc's local master key, and
-    /// what it sends the peer's remote context (keyed the same) decrypts.
+    fn packet_on(ssrc: u32, seq: u16, len: usize, padding: bool) -> rtp::Packet {
+        let header = rtp::Header { version: 2, padding, payload_type: 96, sequence_number: seq, timestamp: 9000, ssrc, ..Default::default() };
+        rtp::Packet { header, payload: bytes::Bytes::from(vec![seq as u8; len]) }
+    }
+
+    /// What `sealer` sends for `p`, sealed in a buffer that held something else.
+    fn sealed(sealer: &mut Sealer, p: &rtp::Packet) -> Vec<u8> {
+        let mut buf = BytesMut::from(&[0xAAu8; 2000][..]);
+        assert!(sealer.seal(p, &mut buf));
+        buf.to_vec()
+    }
+
+    /// Ours encrypts exactly as an rtc-srtp context keyed with rtc's local master key, and
+    /// what it sends the peer's remote context (keyed the same) decrypts: every profile,
+    /// across a sequence-number wrap, with padding, on several SSRCs.
     #[test]
-    fn the_context_is_keyed_as_rtcs_local_one() {
-        for profile in [ProtectionProfile::Aes128CmHmacSha1_80, ProtectionProfile::AeadAes128Gcm, ProtectionProfile::AeadAes256Gcm] {
+    fn the_sealer_is_keyed_as_rtcs_local_context() {
+        for profile in [
+            ProtectionProfile::Aes128CmHmacSha1_80,
+            ProtectionProfile::Aes128CmHmacSha1_32,
+            ProtectionProfile::AeadAes128Gcm,
+            ProtectionProfile::AeadAes256Gcm,
+        ] {
             let (k, s) = (profile.key_len(), profile.salt_len());
             let (lk, ls, rk, rs) = (vec![7u8; k], (1..=s as u8).collect::<Vec<_>>(), vec![9u8; k], vec![3u8; s]);
             let tap = KeyTap::new(provider());
@@ -223,16 +419,40 @@ mod tests {
             let mut ours = outbound(&tap, profile).expect("keyed");
             let mut reference = Context::new(&lk, &ls, profile, None, None, provider().crypto()).expect("reference");
             let mut peer = Context::new(&lk, &ls, profile, None, None, provider().crypto()).expect("peer");
-            for seq in [65_530u16, 65_535, 0, 1] {
-                let (plain, header) = packet(seq);
-                let sealed = ours.encrypt_rtp_with_header(&plain, &header).expect("encrypt");
-                assert_eq!(sealed, reference.encrypt_rtp_with_header(&plain, &header).expect("encrypt"), "{profile:?} seq {seq}");
-                assert_eq!(peer.decrypt_rtp(&sealed).expect("decrypt").to_vec(), plain, "{profile:?} seq {seq}");
+            let mut sent = 0;
+            for (ssrc, first) in [(0x1234_5678u32, 65_000u16), (0x0BAD_CAFE, 65_500), (7, 3)] {
+                for n in 0..1200u16 {
+                    let p = packet_on(ssrc, first.wrapping_add(n), 40 + usize::from(n % 900), n % 7 == 0);
+                    let plain = p.marshal().expect("marshal");
+                    let got = sealed(&mut ours, &p);
+                    assert_eq!(got, reference.encrypt_rtp_with_header(&plain, &p.header).expect("encrypt").to_vec(), "{profile:?} {ssrc} {n}");
+                    assert_eq!(peer.decrypt_rtp(&got).expect("decrypt").to_vec(), plain.to_vec(), "{profile:?} {ssrc} {n}");
+                    sent += 1;
+                }
             }
+            assert_eq!(sent, 3600);
         }
     }
 
-    /// After a second handshake the context comes from its keys; before any (or with half
+    /// The rollover count follows the sequence numbers as a receiver estimates it: up at
+    /// a wrap, the cycle before for a late packet from it, and never below the first.
+    #[test]
+    fn the_rollover_count_is_estimated_as_a_receiver_does() {
+        let mut r = Roll { ssrc: 1, roc: 0, highest: 100 };
+        assert_eq!(r.advance(40_000), 0, "the first half cycle: no cycle before the first");
+        assert_eq!(r.advance(65_535), 0);
+        assert_eq!(r.advance(2), 1);
+        assert_eq!(r.advance(65_534), 0, "late, from the cycle before");
+        assert_eq!((r.roc, r.highest), (1, 2));
+        for seq in (3..=65_535).chain(0..10) {
+            r.advance(seq);
+        }
+        assert_eq!((r.roc, r.highest), (2, 9));
+        assert_eq!(r.advance(5), 2, "reordered inside the cycle");
+        assert_eq!(r.highest, 9);
+    }
+
+    /// After a second handshake the sealer comes from its keys; before any (or with half
     /// of one) there is none.
     #[test]
     fn the_latest_handshake_keys_it_and_none_before() {
@@ -244,17 +464,29 @@ mod tests {
         Context::new(&[3u8; 16], &[4u8; 14], profile, None, None, tap.crypto()).expect("context");
         handshake(&tap, profile, (&[5u8; 16], &[6u8; 14]), (&[7u8; 16], &[8u8; 14]));
         assert_eq!(tap.handshakes(), 2);
-        let (plain, header) = packet(10);
-        let sealed = outbound(&tap, profile).expect("keyed").encrypt_rtp_with_header(&plain, &header).expect("encrypt");
+        let p = packet(10);
+        let plain = p.marshal().expect("marshal").to_vec();
+        let got = sealed(&mut outbound(&tap, profile).expect("keyed"), &p);
         let mut peer = Context::new(&[5u8; 16], &[6u8; 14], profile, None, None, provider().crypto()).expect("peer");
-        assert_eq!(peer.decrypt_rtp(&sealed).expect("decrypt").to_vec(), plain);
+        assert_eq!(peer.decrypt_rtp(&got).expect("decrypt").to_vec(), plain);
         // Nothing secret is kept once used; a handshake after that keys afresh.
         assert!(tap.seen.lock().is_ok_and(|s| s.masters.is_empty() && s.sessions.is_empty()));
         handshake(&tap, profile, (&[9u8; 16], &[10u8; 14]), (&[11u8; 16], &[12u8; 14]));
         assert_eq!(tap.handshakes(), 3);
-        let sealed = outbound(&tap, profile).expect("keyed").encrypt_rtp_with_header(&plain, &header).expect("encrypt");
+        let got = sealed(&mut outbound(&tap, profile).expect("keyed"), &p);
         let mut peer = Context::new(&[9u8; 16], &[10u8; 14], profile, None, None, provider().crypto()).expect("peer");
-        assert_eq!(peer.decrypt_rtp(&sealed).expect("decrypt").to_vec(), plain);
+        assert_eq!(peer.decrypt_rtp(&got).expect("decrypt").to_vec(), plain);
+    }
+
+    /// Keys that do not derive the session key rtc was given key nothing.
+    #[test]
+    fn a_session_key_other_than_rtcs_keys_nothing() {
+        let profile = ProtectionProfile::AeadAes128Gcm;
+        assert!(Sealer::new(profile, &[1u8; 16], &[2u8; 12], &[0u8; 16]).is_none());
+        let mut key = [0u8; 16];
+        derive(&[1u8; 16], &[2u8; 12], 0, &mut key).expect("derive");
+        assert!(Sealer::new(profile, &[1u8; 16], &[2u8; 12], &key).is_some());
+        assert!(Sealer::new(profile, &[1u8; 16], &[2u8; 14], &key).is_none(), "a salt of another profile");
     }
 
     /// A profile read wrongly (its salt or key of another length) keys nothing rather

@@ -141,6 +141,12 @@ impl Stack {
         self.write.remove(at)
     }
 
+    /// Whether anything waits to go out through rtc's next write (what a walk made beside a
+    /// packet, or what an interceptor holds for a whole walk to collect).
+    pub fn holds_output(&self) -> bool {
+        !self.write.is_empty() || self.pending_writes
+    }
+
     /// Whether lost packets of stream `ssrc` are sent again as they were (NACK without
     /// RTX): those resends leave through rtc's SRTP context, so the stream must go through
     /// rtc whole (one SSRC is never encrypted by two contexts).

@@ -77,32 +77,35 @@ pub(crate) fn send_batch(socket: &UdpSocket, msgs: &[(BytesMut, SocketAddr)]) ->
     if msgs.is_empty() {
         return Ok(0);
     }
-    let names: Vec<SockAddr> = msgs.iter().map(|(_, to)| SockAddr::from(*to)).collect();
-    let mut iovs: Vec<libc::iovec> =
-        msgs.iter().map(|(data, _)| libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() }).collect();
-    let mut headers: Vec<libc::mmsghdr> = names
-        .iter()
-        .zip(iovs.iter_mut())
-        .map(|(name, iov)| libc::mmsghdr {
-            msg_hdr: libc::msghdr {
-                msg_name: name.as_ptr().cast_mut().cast(),
-                msg_namelen: name.len(),
-                msg_iov: iov,
-                msg_iovlen: 1,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
-            },
-            msg_len: 0,
-        })
-        .collect();
-    let count = u32::try_from(headers.len()).unwrap_or(0);
+    // On the stack, sized for a whole batch: nothing is allocated per call.
+    let unused = SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let names: [SockAddr; BATCH] = std::array::from_fn(|i| msgs.get(i).map_or_else(|| unused.clone(), |(_, to)| SockAddr::from(*to)));
+    let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| match msgs.get(i) {
+        Some((data, _)) => libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() },
+        None => libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+    });
+    // One raw pointer for all entries (not a reborrow per entry, which would retire the
+    // pointers taken before it).
+    let iov_base = iovs.as_mut_ptr();
+    let mut headers: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| libc::mmsghdr {
+        msg_hdr: libc::msghdr {
+            msg_name: names.get(i).map_or(std::ptr::null_mut(), |n| n.as_ptr().cast_mut().cast()),
+            msg_namelen: names.get(i).map_or(0, SockAddr::len),
+            msg_iov: iov_base.wrapping_add(i),
+            msg_iovlen: 1,
+            msg_control: std::ptr::null_mut(),
+            msg_controllen: 0,
+            msg_flags: 0,
+        },
+        msg_len: 0,
+    });
+    let count = u32::try_from(msgs.len()).unwrap_or(0);
     let fd = socket.as_raw_fd();
     socket.try_io(Interest::WRITABLE, || {
-        // SAFETY: `headers` holds `count` initialised entries; each points at a live
-        // address in `names` and one iovec in `iovs`, which points into a datagram of
-        // `msgs`. All of them outlive the call, and the kernel only reads them (and
-        // writes each entry's `msg_len`).
+        // SAFETY: the first `count` entries of `headers` (count = msgs.len() ≤ BATCH)
+        // each point at a live address in `names` and one iovec in `iovs`, which points
+        // into a datagram of `msgs`. All of them outlive the call, and the kernel only
+        // reads them (and writes each entry's `msg_len`).
         let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), count, libc::MSG_DONTWAIT) };
         usize::try_from(sent).map_err(|_| io::Error::last_os_error())
     })

@@ -595,9 +595,9 @@ struct Peer {
     tap: Arc<crate::srtp_out::KeyTap>,
     /// Its interceptors (shared with rtc's chain).
     stack: crate::stack::SharedStack,
-    /// Forwarded media's own SRTP context once connected (`crate::srtp_out`), and the
+    /// Forwarded media's own SRTP protection once connected (`crate::srtp_out`), and the
     /// handshake it was keyed from.
-    srtp: Option<(rtc::srtp::context::Context, usize)>,
+    srtp: Option<(crate::srtp_out::Sealer, usize)>,
     /// The client's selected pair, where forwarded media goes: the address of its last
     /// signed nominating check, or where rtc last sent DTLS or SRTP(C).
     remote: Option<rtc::shared::TransportContext>,
@@ -625,23 +625,43 @@ struct Outlet {
     queue: std::collections::VecDeque<(BytesMut, SocketAddr)>,
     /// Datagrams dropped because the queue was full.
     send_drops: u64,
+    /// Emptied buffers of [`SEALED_BUFFER`] bytes, for the packets the worker seals itself
+    /// (one per datagram in flight; nothing is allocated per packet once warm).
+    spare: Vec<BytesMut>,
     tcp: tcp::Conns,
     /// What went in and out, published to [`super::Shared`] once per loop round.
     traffic: super::Traffic,
 }
 
 impl Outlet {
-    /// Sends one packet `rtc` produced, over the transport it names (UDP: queued, and sent
-    /// once a batch is full or at the end of the loop round).
+    /// An empty buffer for a datagram the worker seals itself; back to [`Self::spare`] once sent.
+    fn buffer(&mut self) -> BytesMut {
+        self.spare.pop().unwrap_or_else(|| BytesMut::with_capacity(SEALED_BUFFER))
+    }
+
+    /// Keeps a sent datagram's buffer for the next, if it is one of [`Self::buffer`]'s size
+    /// (rtc's own are sized to their packet) and the spares are not already plenty.
+    fn recycle(&mut self, mut data: BytesMut) {
+        if data.capacity() == SEALED_BUFFER && self.spare.len() < MAX_SPARE {
+            data.clear();
+            self.spare.push(data);
+        }
+    }
+
+    /// Sends one packet `rtc` produced, or the worker sealed, over the transport it names
+    /// (UDP: queued, and sent once a batch is full or at the end of the loop round).
     fn send(&mut self, out: TaggedBytesMut) {
         if out.transport.transport_protocol == TransportProtocol::TCP {
             self.traffic.packets_out += 1;
             self.traffic.bytes_out += out.message.len() as u64;
             self.tcp.send(out.transport.peer_addr, &out.message);
+            self.recycle(out.message);
             return;
         }
         if self.queue.len() >= MAX_QUEUED {
-            self.queue.pop_front();
+            if let Some((dropped, _)) = self.queue.pop_front() {
+                self.recycle(dropped);
+            }
             self.send_drops += 1;
             self.traffic.dropped_out += 1;
         }
@@ -657,9 +677,12 @@ impl Outlet {
             match udp::send_batch(&self.socket, self.queue.make_contiguous()) {
                 Ok(n) if n > 0 => {
                     // Counted once per batch, when the kernel took them.
-                    let sent = self.queue.drain(..n.min(self.queue.len()));
-                    self.traffic.packets_out += sent.len() as u64;
-                    self.traffic.bytes_out += sent.map(|(b, _)| b.len() as u64).sum::<u64>();
+                    for _ in 0..n {
+                        let Some((data, _)) = self.queue.pop_front() else { break };
+                        self.traffic.packets_out += 1;
+                        self.traffic.bytes_out += data.len() as u64;
+                        self.recycle(data);
+                    }
                 }
                 Ok(_) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -742,6 +765,7 @@ impl Worker {
             out: Outlet {
                 socket,
                 queue: std::collections::VecDeque::new(),
+                spare: Vec::new(),
                 send_drops: 0,
                 tcp: tcp::Conns::new(tcp_tx),
                 traffic: Default::default(),
@@ -2387,6 +2411,11 @@ impl Peer {
 /// subscribers can outrun the kernel buffer; a stalled socket must not grow memory
 /// without bound).
 const MAX_QUEUED: usize = 16_384;
+/// Capacity of a buffer the worker seals a forwarded packet in: any packet a publisher's
+/// datagram carried ([`udp::MAX_DATAGRAM`]) with the longest SRTP tag.
+const SEALED_BUFFER: usize = udp::MAX_DATAGRAM + crate::srtp_out::MAX_TAG;
+/// Spare sealing buffers a worker keeps (four full batches; a burst beyond allocates).
+const MAX_SPARE: usize = 4 * udp::BATCH;
 
 /// Writes a packet of `track` to each subscriber leg (rewritten for its connection). A
 /// layered leg takes it only from its current layer once that gave it a keyframe, and
@@ -2435,6 +2464,11 @@ fn deliver(
         // A leg whose sender is gone sends nothing, on either path.
         let live = p.pc.rtp_sender(l.sender).is_some();
         let mut copy = Some(copy);
+        // A connection whose packet went past rtc with nothing left behind for it, and no
+        // timer earlier than the one it has, is not flushed this round: walking rtc's
+        // whole (empty) send pipeline for each subscriber on every round was a tenth of a
+        // worker's time.
+        let mut flush = true;
         if live
             && let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
             && let Ok(mut stack) = p.stack.0.lock()
@@ -2444,12 +2478,18 @@ fn deliver(
             // interceptors it would have met there.
             let tagged = TaggedPacket { now, transport: remote, message: AttributedPacket::new(InterceptorPacket::Rtp(packet)) };
             let sent = stack.send_rtp(tagged);
+            // The walk may leave output for rtc (a probe train) or arm a timer (the first
+            // packet arms the sender reports'): the flush collects both.
+            flush = stack.holds_output() || stack.poll_timeout().is_some_and(|t| p.scheduled.is_none_or(|s| t < s));
             drop(stack);
-            if let Some(InterceptorPacket::Rtp(packet)) = sent.map(|t| t.message.packet)
-                && let Ok(plain) = packet.marshal()
-                && let Ok(sealed) = srtp.encrypt_rtp_with_header(&plain, &packet.header)
-            {
-                out.send(TaggedBytesMut { now, transport: remote, message: sealed });
+            if let Some(InterceptorPacket::Rtp(packet)) = sent.map(|t| t.message.packet) {
+                // Marshalled and sealed in the buffer it leaves in.
+                let mut buf = out.buffer();
+                if srtp.seal(&packet, &mut buf) {
+                    out.send(TaggedBytesMut { now, transport: remote, message: buf });
+                } else {
+                    out.recycle(buf);
+                }
             }
         }
         // Otherwise straight into the connection, not through `RTCRtpSender::write_rtp`:
@@ -2469,7 +2509,7 @@ fn deliver(
                 }
             }
         }
-        if !p.dirty {
+        if flush && !p.dirty {
             p.dirty = true;
             dirty.push(peer);
         }
