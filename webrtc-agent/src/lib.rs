@@ -30,6 +30,7 @@ pub mod probe;
 pub mod responder;
 pub mod rtcp_counter;
 mod sdp;
+pub mod sender_reports;
 pub mod simulcast;
 pub mod srtp_out;
 pub mod stack;

@@ -148,6 +148,14 @@ impl Responder {
         Responder { size, streams: HashMap::new(), read: VecDeque::new(), write: VecDeque::new() }
     }
 
+    /// Keeps an RTP packet going out, if its stream is answered (by reference: a packet the
+    /// worker sends itself is not queued here).
+    pub fn on_send(&mut self, packet: &rtc::rtp::Packet) {
+        if let Some(stream) = self.streams.get_mut(&packet.header.ssrc) {
+            stream.history.add(packet);
+        }
+    }
+
     /// Whether a lost packet of stream `ssrc` is sent again as it was, on its own SSRC (NACK
     /// negotiated without RTX).
     pub fn resends_in_place(&self, ssrc: u32) -> bool {
@@ -213,10 +221,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Responder {
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtp(packet) = &msg.message.packet
-            && let Some(stream) = self.streams.get_mut(&packet.header.ssrc)
-        {
-            stream.history.add(packet);
+        if let Packet::Rtp(packet) = &msg.message.packet {
+            self.on_send(packet);
         }
         self.write.push_back(msg);
         Ok(())

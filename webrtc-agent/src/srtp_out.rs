@@ -8,9 +8,9 @@
 //! default one, and noting the master key and salt the first context is keyed with (the
 //! local one: rtc keys it before the remote one). RFC 3711's key derivation (§4.3.1)
 //! encrypts, with the master key, the master salt XOR the label and index, so the first
-//! block derived — label 0, index 0 — is the salt itself. [`outbound`] then keys its own
-//! context the same way and checks that it derives the very session key rtc's context was
-//! given before it is used.
+//! block derived — label 0, index 0 — is the salt itself. [`outbound`] then keys a
+//! [`Sealer`] the same way and checks that it derives the very session key rtc's context
+//! was given before it is used.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

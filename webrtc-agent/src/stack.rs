@@ -18,14 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Interceptor, NackGeneratorInterceptor, Packet, ReceiverReportInterceptor, SenderReportInterceptor, StreamInfo, TaggedPacket,
-    TwccReceiverInterceptor,
+    Attribute, Interceptor, NackGeneratorInterceptor, Packet, ReceiverReportInterceptor, StreamInfo, TaggedPacket, TwccReceiverInterceptor,
 };
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use tracing::debug;
 
 use crate::responder::Responder;
+use crate::sender_reports::SenderReports;
 use crate::wire::Wire;
 
 /// The interceptors (see the module docs), in rtc's slot order.
@@ -35,7 +35,7 @@ pub struct Stack {
     nack_generator: NackGeneratorInterceptor,
     twcc_receiver: TwccReceiverInterceptor,
     receiver_reports: ReceiverReportInterceptor,
-    sender_reports: SenderReportInterceptor,
+    sender_reports: SenderReports,
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
     /// Reused between walks.
@@ -64,7 +64,7 @@ impl Stack {
         nack_generator: NackGeneratorInterceptor,
         twcc_receiver: TwccReceiverInterceptor,
         receiver_reports: ReceiverReportInterceptor,
-        sender_reports: SenderReportInterceptor,
+        sender_reports: SenderReports,
     ) -> Self {
         Stack {
             wire,
@@ -129,6 +129,20 @@ impl Stack {
     /// a stream that [`Stack::resends_in_place`].
     pub fn send_rtp(&mut self, msg: TaggedPacket) -> Option<TaggedPacket> {
         let Packet::Rtp(p) = &msg.message.packet else { return None };
+        if self.write.is_empty() && !self.pending_writes && !msg.message.has(&Attribute::Retransmission) {
+            // Nothing waits anywhere in the stack (interceptors give out packets of their
+            // own only after a timer or an arrival, which set `pending_writes`), so there is
+            // no order to keep: the three that look at RTP going out see it by reference,
+            // in the walk's order, and it is not moved through their queues.
+            let TaggedPacket { now, transport, mut message } = msg;
+            let Packet::Rtp(p) = &mut message.packet else { return None };
+            self.sender_reports.on_send(now, p);
+            self.nack_responder.on_send(p);
+            if self.wire.send_direct(p, now, transport) {
+                self.pending_writes = true;
+            }
+            return Some(TaggedPacket { now, transport, message });
+        }
         let (ssrc, seq) = (p.header.ssrc, p.header.sequence_number);
         let held = self.write.len();
         self.walk(Some(msg), Way::Write);
@@ -371,7 +385,7 @@ mod tests {
             NackGeneratorBuilder::new().build(),
             TwccReceiverBuilder::new().build(),
             ReceiverReportBuilder::new().build(),
-            SenderReportBuilder::new().build(),
+            SenderReports::new(crate::sender_reports::INTERVAL),
         )
     }
 

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
+use rtc::rtp;
 use rtc::sansio::Protocol;
+use rtc::shared::TransportContext;
 use rtc::shared::error::Error;
 
 use crate::bwe::SendSide;
@@ -41,6 +43,38 @@ pub struct Wire {
 }
 
 impl Wire {
+    /// An RTP packet going out: its age noted, numbered for the estimator, and a probe
+    /// train made to follow it when one is due (see [`Self::queue_train`]).
+    fn note_rtp(&mut self, p: &mut rtp::Packet, retransmission: bool, now: Instant) {
+        self.ages.on_sent(p.header.ssrc, p.header.sequence_number, retransmission, now);
+        if let Some(s) = &mut self.send_side {
+            s.on_write(p, now);
+            if !retransmission {
+                s.probe_train(p, now, &mut self.train);
+            }
+        }
+    }
+
+    /// Queues the probe train [`Self::note_rtp`] made, numbered, back to back behind the
+    /// packet that started it: the train the estimate reads.
+    fn queue_train(&mut self, now: Instant, transport: TransportContext) {
+        for mut probe in self.train.drain(..) {
+            if let Some(s) = &mut self.send_side {
+                s.on_write(&mut probe, now);
+            }
+            self.write.push_back(TaggedPacket { now, transport, message: AttributedPacket::new(Packet::Rtp(probe)).with(Attribute::Retransmission) });
+        }
+    }
+
+    /// A media packet the worker sends itself (`Stack::send_rtp`), by reference: what
+    /// [`Protocol::handle_write`] does to it, without queueing it. Returns whether a probe
+    /// train now waits in the queue for rtc's next write.
+    pub fn send_direct(&mut self, p: &mut rtp::Packet, now: Instant, transport: TransportContext) -> bool {
+        self.note_rtp(p, false, now);
+        self.queue_train(now, transport);
+        !self.write.is_empty()
+    }
+
     /// Counting into `counters`, estimating with `send_side` if given.
     pub fn new(counters: Arc<RtcpCounters>, send_side: Option<SendSide>) -> Self {
         Wire { counters, ages: NackLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new(), train: Vec::new() }
@@ -85,27 +119,13 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
     fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         let retransmission = msg.message.has(&Attribute::Retransmission);
         match &mut msg.message.packet {
-            Packet::Rtp(p) => {
-                self.ages.on_sent(p.header.ssrc, p.header.sequence_number, retransmission, msg.now);
-                if let Some(s) = &mut self.send_side {
-                    s.on_write(p, msg.now);
-                    if !retransmission {
-                        s.probe_train(p, msg.now, &mut self.train);
-                    }
-                }
-            }
+            Packet::Rtp(p) => self.note_rtp(p, retransmission, msg.now),
             Packet::Rtcp(packets) => self.counters.count_written(packets),
             _ => {}
         }
         let (now, transport) = (msg.now, msg.transport);
         self.write.push_back(msg);
-        // Back to back behind the packet that started it: the train the estimate reads.
-        for mut probe in self.train.drain(..) {
-            if let Some(s) = &mut self.send_side {
-                s.on_write(&mut probe, now);
-            }
-            self.write.push_back(TaggedPacket { now, transport, message: AttributedPacket::new(Packet::Rtp(probe)).with(Attribute::Retransmission) });
-        }
+        self.queue_train(now, transport);
         Ok(())
     }
 

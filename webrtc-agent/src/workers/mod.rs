@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{
-    GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot, TwccReceiverBuilder,
-};
+use rtc::interceptor::{GCC_MAX_BITRATE, GCC_MIN_BITRATE, NackGeneratorBuilder, ReceiverReportBuilder, Registry, Slot, TwccReceiverBuilder};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers;
@@ -430,7 +428,7 @@ pub(crate) fn build_pc(shared: &Shared, ufrag: &str, password: &str, now: Instan
         NackGeneratorBuilder::new().with_max_nacks_per_packet(NACKS_PER_PACKET).build(),
         TwccReceiverBuilder::new().build(),
         ReceiverReportBuilder::new().build(),
-        SenderReportBuilder::new().build(),
+        crate::sender_reports::SenderReports::new(crate::sender_reports::INTERVAL),
     );
     let stack = crate::stack::SharedStack::new(stack);
     let registry = Registry::new().with(Slot::CongestionControl, stack.clone());
