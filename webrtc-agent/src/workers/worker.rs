@@ -1346,6 +1346,12 @@ impl Worker {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
             p.unsent = 0;
+            // Keyed again (a new DTLS handshake): rtc's new context takes over. Asked here,
+            // not per forwarded packet (the tap is another cache line per subscriber): rtc
+            // only keys while it handles what arrived or a timer, and both flush.
+            if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
+                p.srtp = None;
+            }
             while let Some(out) = p.pc.poll_write() {
                 // DTLS and SRTP(C) go to the selected pair only (STUN answers any check).
                 if out.message.first().is_some_and(|b| *b >= 20) {
@@ -2456,10 +2462,6 @@ fn deliver(
         l.rewriter.rewrite(&mut copy, now);
         if let Some(Selection { vp8: Some(v), .. }) = &mut l.sel {
             v.munge(&mut copy);
-        }
-        if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
-            // Keyed again (a new DTLS handshake): rtc's new context takes over.
-            p.srtp = None;
         }
         // A leg whose sender is gone sends nothing, on either path.
         let live = p.pc.rtp_sender(l.sender).is_some();
