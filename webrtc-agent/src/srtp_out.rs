@@ -196,6 +196,8 @@ pub struct Sealer {
     cipher: Cipher,
     /// What each SSRC sent so far, searched linearly: a connection sends a few.
     streams: Vec<Roll>,
+    /// Packets sealed: the clock of [`Roll::used`].
+    sealed: u64,
 }
 
 /// A profile's session keys, ready to use.
@@ -208,21 +210,31 @@ enum Cipher {
     Gcm { key: ring::aead::LessSafeKey, salt: [u8; 12] },
 }
 
-/// One SSRC's packet index as RFC 3711 Appendix A keeps it: the rollover count and the
-/// highest sequence number sent.
+/// One SSRC's packet index as RFC 3711 Appendix A keeps it (the rollover count and the
+/// highest sequence number sent), and which of the 64 indices up to the highest were used.
 struct Roll {
     ssrc: u32,
     roc: u32,
     highest: u16,
+    /// Bit `i`: index `highest − i` was sealed. An index is never sealed twice (libsrtp's
+    /// sender refuses too): a repeat with other content would reuse a keystream, and
+    /// under GCM a nonce.
+    window: u64,
+    /// When it was last sealed on, in the sealer's count (see [`MAX_STREAMS`]).
+    used: u64,
 }
 
 impl Roll {
-    /// The rollover count of `seq`, estimated as a receiver estimates it (RFC 3711
-    /// Appendix A; while the first half cycle is not passed, libsrtp and rtc take the
-    /// first cycle, not the one before), and the state moved on.
-    fn advance(&mut self, seq: u16) -> u32 {
+    fn new(ssrc: u32, seq: u16) -> Roll {
+        Roll { ssrc, roc: 0, highest: seq, window: 0, used: 0 }
+    }
+
+    /// The rollover count a receiver estimates for `seq` (RFC 3711 Appendix A; while the
+    /// first half cycle is not passed, libsrtp and rtc take the first cycle, not the one
+    /// before).
+    fn estimate(&self, seq: u16) -> u32 {
         const HALF: u16 = 0x8000;
-        let v = if self.roc == 0 && self.highest <= HALF {
+        if self.roc == 0 && self.highest <= HALF {
             0
         } else if self.highest < HALF {
             if i32::from(seq) - i32::from(self.highest) > i32::from(HALF) { self.roc.wrapping_sub(1) } else { self.roc }
@@ -230,15 +242,36 @@ impl Roll {
             self.roc.wrapping_add(1)
         } else {
             self.roc
-        };
-        if v == self.roc.wrapping_add(1) {
-            (self.roc, self.highest) = (v, seq);
-        } else if v == self.roc && seq > self.highest {
-            self.highest = seq;
         }
-        v
+    }
+
+    /// The rollover count to seal `seq` with, the index marked used; `None` for an index
+    /// already sealed or too old to tell, and once 2^48 packets were sealed (RFC 3711 §9.2:
+    /// new keys are needed).
+    fn advance(&mut self, seq: u16) -> Option<u32> {
+        let v = self.estimate(seq);
+        if v == 0 && self.roc == u32::MAX {
+            return None;
+        }
+        let index = |roc: u32, seq: u16| (u64::from(roc) << 16) | u64::from(seq);
+        let (new, top) = (index(v, seq), index(self.roc, self.highest));
+        if new > top || self.window == 0 {
+            let shift = new.saturating_sub(top);
+            self.window = if shift >= 64 { 1 } else { (self.window << shift) | 1 };
+            (self.roc, self.highest) = (v, seq);
+        } else {
+            let back = top - new;
+            if back >= 64 || self.window & (1 << back) != 0 {
+                return None;
+            }
+            self.window |= 1 << back;
+        }
+        Some(v)
     }
 }
+
+/// SSRCs a sealer keeps the state of; the one sealed on least recently makes room.
+const MAX_STREAMS: usize = 64;
 
 /// RFC 3711's key derivation (§4.3.1, AES-CM PRF, key derivation rate 0, as DTLS-SRTP
 /// uses it; RFC 7714 §11 for GCM): `out.len()` bytes for `label`, with AES-128 or AES-256
@@ -303,7 +336,7 @@ impl Sealer {
             }
         };
         key.fill(0);
-        cipher.map(|cipher| Sealer { cipher, streams: Vec::new() })
+        cipher.map(|cipher| Sealer { cipher, streams: Vec::new(), sealed: 0 })
     }
 
     /// Marshals `packet` into `buf` (replacing what it held) and seals it there: the
@@ -318,13 +351,22 @@ impl Sealer {
             return false;
         }
         let (ssrc, seq) = (packet.header.ssrc, packet.header.sequence_number);
-        let roc = match self.streams.iter_mut().find(|r| r.ssrc == ssrc) {
-            Some(roll) => roll.advance(seq),
+        self.sealed += 1;
+        let at = match self.streams.iter().position(|r| r.ssrc == ssrc) {
+            Some(at) => at,
             None => {
-                self.streams.push(Roll { ssrc, roc: 0, highest: seq });
-                0
+                if self.streams.len() >= MAX_STREAMS
+                    && let Some(oldest) = self.streams.iter().enumerate().min_by_key(|(_, r)| r.used).map(|(i, _)| i)
+                {
+                    self.streams.swap_remove(oldest);
+                }
+                self.streams.push(Roll::new(ssrc, seq));
+                self.streams.len() - 1
             }
         };
+        let Some(roll) = self.streams.get_mut(at) else { return false };
+        roll.used = self.sealed;
+        let Some(roc) = roll.advance(seq) else { return false };
         let Some((head, body)) = buf.split_at_mut_checked(header_len) else { return false };
         match &self.cipher {
             Cipher::Cm { aes, salt, auth, tag } => {
@@ -438,18 +480,53 @@ mod tests {
     /// a wrap, the cycle before for a late packet from it, and never below the first.
     #[test]
     fn the_rollover_count_is_estimated_as_a_receiver_does() {
-        let mut r = Roll { ssrc: 1, roc: 0, highest: 100 };
-        assert_eq!(r.advance(40_000), 0, "the first half cycle: no cycle before the first");
-        assert_eq!(r.advance(65_535), 0);
-        assert_eq!(r.advance(2), 1);
-        assert_eq!(r.advance(65_534), 0, "late, from the cycle before");
+        let mut r = Roll::new(1, 100);
+        assert_eq!(r.advance(100), Some(0));
+        assert_eq!(r.advance(40_000), Some(0), "the first half cycle: no cycle before the first");
+        assert_eq!(r.advance(65_500), Some(0));
+        assert_eq!(r.advance(2), Some(1));
+        assert_eq!(r.advance(65_534), Some(0), "late, from the cycle before");
         assert_eq!((r.roc, r.highest), (1, 2));
         for seq in (3..=65_535).chain(0..10) {
-            r.advance(seq);
+            assert!(r.advance(seq).is_some());
         }
         assert_eq!((r.roc, r.highest), (2, 9));
-        assert_eq!(r.advance(5), 2, "reordered inside the cycle");
+        assert_eq!(r.advance(9), None, "an index is never sealed twice");
+        assert_eq!(r.advance(65_535), None, "nor the cycle before's again");
+        r.window &= !(1 << 4);
+        assert_eq!(r.advance(5), Some(2), "reordered inside the cycle, not sent yet");
+        assert_eq!(r.advance(5), None);
         assert_eq!(r.highest, 9);
+        assert_eq!(Roll::new(1, 9).advance(9), Some(0));
+        // Older than the window: refused rather than guessed.
+        let mut r = Roll::new(1, 1000);
+        assert!(r.advance(1000).is_some() && r.advance(1100).is_some());
+        assert_eq!(r.advance(1001), None);
+        // 2^48 packets: keys must change, nothing more is sealed.
+        let mut r = Roll { roc: u32::MAX, highest: 65_535, ..Roll::new(1, 0) };
+        r.window = 1;
+        assert_eq!(r.advance(0), None);
+    }
+
+    /// A repeated packet is not sealed again; a connection keeps at most [`MAX_STREAMS`]
+    /// streams' state, making room by the least recently used.
+    #[test]
+    fn repeats_are_refused_and_streams_are_bounded() {
+        let mut sealer = Sealer::new(ProtectionProfile::AeadAes128Gcm, &[1u8; 16], &[2u8; 12], &{
+            let mut k = [0u8; 16];
+            derive(&[1u8; 16], &[2u8; 12], 0, &mut k).expect("derive");
+            k
+        })
+        .expect("keyed");
+        let mut buf = BytesMut::new();
+        assert!(sealer.seal(&packet(7), &mut buf));
+        assert!(!sealer.seal(&packet(7), &mut buf), "the same index twice");
+        assert!(sealer.seal(&packet(8), &mut buf));
+        for ssrc in 0..200u32 {
+            assert!(sealer.seal(&packet_on(ssrc, 1, 10, false), &mut buf));
+        }
+        assert_eq!(sealer.streams.len(), MAX_STREAMS);
+        assert!(sealer.streams.iter().all(|r| r.ssrc >= 200 - MAX_STREAMS as u32));
     }
 
     /// After a second handshake the sealer comes from its keys; before any (or with half

@@ -623,6 +623,9 @@ struct Outlet {
     socket: UdpSocket,
     /// Datagrams not yet sent, oldest first.
     queue: std::collections::VecDeque<(BytesMut, SocketAddr)>,
+    /// Bytes the queued datagrams' buffers hold (capacity, not length: a sealing buffer
+    /// is of one size whatever it carries).
+    queued_bytes: usize,
     /// Datagrams dropped because the queue was full.
     send_drops: u64,
     /// Emptied buffers of [`SEALED_BUFFER`] bytes, for the packets the worker seals itself
@@ -658,13 +661,15 @@ impl Outlet {
             self.recycle(out.message);
             return;
         }
-        if self.queue.len() >= MAX_QUEUED {
+        while self.queue.len() >= MAX_QUEUED || (self.queued_bytes >= MAX_QUEUED_BYTES && !self.queue.is_empty()) {
             if let Some((dropped, _)) = self.queue.pop_front() {
+                self.queued_bytes = self.queued_bytes.saturating_sub(dropped.capacity());
                 self.recycle(dropped);
             }
             self.send_drops += 1;
             self.traffic.dropped_out += 1;
         }
+        self.queued_bytes += out.message.capacity();
         self.queue.push_back((out.message, out.transport.peer_addr));
         if self.queue.len() >= udp::BATCH {
             self.send_queued();
@@ -679,6 +684,7 @@ impl Outlet {
                     // Counted once per batch, when the kernel took them.
                     for _ in 0..n {
                         let Some((data, _)) = self.queue.pop_front() else { break };
+                        self.queued_bytes = self.queued_bytes.saturating_sub(data.capacity());
                         self.traffic.packets_out += 1;
                         self.traffic.bytes_out += data.len() as u64;
                         self.recycle(data);
@@ -689,7 +695,10 @@ impl Outlet {
                 Err(e) => {
                     // The first datagram cannot be sent (e.g. an address the socket cannot reach): skip it.
                     debug!(error = %e, "send error");
-                    self.queue.pop_front();
+                    if let Some((data, _)) = self.queue.pop_front() {
+                        self.queued_bytes = self.queued_bytes.saturating_sub(data.capacity());
+                        self.recycle(data);
+                    }
                 }
             }
         }
@@ -766,6 +775,7 @@ impl Worker {
                 socket,
                 queue: std::collections::VecDeque::new(),
                 spare: Vec::new(),
+                queued_bytes: 0,
                 send_drops: 0,
                 tcp: tcp::Conns::new(tcp_tx),
                 traffic: Default::default(),
@@ -1407,11 +1417,15 @@ impl Worker {
                 let _ = reply.send(r);
             }
             Cmd::Candidate { transport, candidate } => {
-                if let Some(p) = self.peer_mut(&transport)
+                if let Some(&id) = self.by_transport.get(&transport)
+                    && let Some(p) = self.peers.get_mut(&id)
                     && p.has_remote
-                    && let Err(e) = p.pc.add_remote_candidate(candidate)
                 {
-                    debug!(error = %e, "client candidate refused");
+                    if let Err(e) = p.pc.add_remote_candidate(candidate) {
+                        debug!(error = %e, "client candidate refused");
+                    }
+                    // Whatever rtc does with it (a check, a timer) is collected by the flush.
+                    p.mark_dirty(&mut self.dirty);
                 }
             }
             Cmd::EndSession { transport, session } => self.end_session(&transport, &session),
@@ -2417,6 +2431,9 @@ impl Peer {
 /// subscribers can outrun the kernel buffer; a stalled socket must not grow memory
 /// without bound).
 const MAX_QUEUED: usize = 16_384;
+/// ... and at most this many bytes of buffers (sealing buffers are all of one size, so a
+/// queue of small packets would otherwise hold more than their length says).
+const MAX_QUEUED_BYTES: usize = 16 << 20;
 /// Capacity of a buffer the worker seals a forwarded packet in: any packet a publisher's
 /// datagram carried ([`udp::MAX_DATAGRAM`]) with the longest SRTP tag.
 const SEALED_BUFFER: usize = udp::MAX_DATAGRAM + crate::srtp_out::MAX_TAG;
