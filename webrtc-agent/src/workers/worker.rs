@@ -601,6 +601,10 @@ struct Peer {
     /// The client's selected pair, where forwarded media goes: the address of its last
     /// signed nominating check, or where rtc last sent DTLS or SRTP(C).
     remote: Option<rtc::shared::TransportContext>,
+    /// An empty list with room, lent to each forwarded packet sent past rtc and taken back:
+    /// the transport-wide number the estimator adds (a header extension) then allocates
+    /// nothing per packet.
+    spare_extensions: Vec<rtp::header::Extension>,
 }
 
 /// What a timer entry wakes.
@@ -1602,6 +1606,7 @@ impl Worker {
                 tap,
                 stack,
                 srtp: None,
+                spare_extensions: Vec::new(),
                 remote: None,
             }),
         );
@@ -2491,8 +2496,10 @@ fn deliver(
         if live
             && let (Some((srtp, _)), Some(remote)) = (&mut p.srtp, p.remote)
             && let Ok(mut stack) = p.stack.0.lock()
-            && let Some(packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
+            && let Some(mut packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
         {
+            // Extensions were stripped before the fan-out: the list is empty either way.
+            packet.header.extensions = std::mem::take(&mut p.spare_extensions);
             // Encrypted here, past rtc's pipeline (`crate::srtp_out`), after meeting the
             // interceptors it would have met there.
             let tagged = TaggedPacket { now, transport: remote, message: AttributedPacket::new(InterceptorPacket::Rtp(packet)) };
@@ -2501,10 +2508,14 @@ fn deliver(
             // packet arms the sender reports'): the flush collects both.
             flush = stack.holds_output() || stack.poll_timeout().is_some_and(|t| p.scheduled.is_none_or(|s| t < s));
             drop(stack);
-            if let Some(InterceptorPacket::Rtp(packet)) = sent.map(|t| t.message.packet) {
+            if let Some(InterceptorPacket::Rtp(mut packet)) = sent.map(|t| t.message.packet) {
                 // Marshalled and sealed in the buffer it leaves in.
                 let mut buf = out.buffer();
-                if srtp.seal(&packet, &mut buf) {
+                let sealed = srtp.seal(&packet, &mut buf);
+                let mut spare = std::mem::take(&mut packet.header.extensions);
+                spare.clear();
+                p.spare_extensions = spare;
+                if sealed {
                     out.send(TaggedBytesMut { now, transport: remote, message: buf });
                 } else {
                     out.recycle(buf);
