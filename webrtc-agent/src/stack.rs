@@ -297,11 +297,13 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        // Set first: what an interceptor made before another's timer failed is still
+        // collected (the direct path of `send_rtp` trusts the flag).
+        self.pending_writes = true;
+        self.pending_reads = true;
         for (interceptor, _) in self.all() {
             interceptor.handle_timeout(now)?;
         }
-        self.pending_writes = true;
-        self.pending_reads = true;
         Ok(())
     }
 

@@ -967,6 +967,11 @@ impl Worker {
         }
         // `handle_read` reports problems through its own logs; its result carries nothing to act on.
         let _ = p.pc.handle_read(msg);
+        // rtc keys SRTP as it reads the handshake's last flight: from the next packet on,
+        // its new context takes over (the flush checks again for anything else).
+        if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
+            p.srtp = None;
+        }
         self.drain_peer(peer, now);
     }
 
@@ -2498,7 +2503,9 @@ fn deliver(
             && let Ok(mut stack) = p.stack.0.lock()
             && let Some(mut packet) = copy.take_if(|c| !stack.resends_in_place(c.header.ssrc))
         {
-            // Extensions were stripped before the fan-out: the list is empty either way.
+            // Stripped before the fan-out (here too for a relayed packet from another node:
+            // what is lent must replace an empty list).
+            strip_extensions(&mut packet);
             packet.header.extensions = std::mem::take(&mut p.spare_extensions);
             // Encrypted here, past rtc's pipeline (`crate::srtp_out`), after meeting the
             // interceptors it would have met there.
