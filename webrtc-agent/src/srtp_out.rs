@@ -253,8 +253,7 @@ impl Roll {
         if v == 0 && self.roc == u32::MAX {
             return None;
         }
-        let index = |roc: u32, seq: u16| (u64::from(roc) << 16) | u64::from(seq);
-        let (new, top) = (index(v, seq), index(self.roc, self.highest));
+        let (new, top) = (packet_index(v, seq), packet_index(self.roc, self.highest));
         if new > top || self.window == 0 {
             let shift = new.saturating_sub(top);
             self.window = if shift >= 64 { 1 } else { (self.window << shift) | 1 };
@@ -268,6 +267,11 @@ impl Roll {
         }
         Some(v)
     }
+}
+
+/// RFC 3711's 48-bit packet index: the rollover count, then the sequence number.
+fn packet_index(roc: u32, seq: u16) -> u64 {
+    (u64::from(roc) << 16) | u64::from(seq)
 }
 
 /// SSRCs a sealer keeps the state of; the one sealed on least recently makes room.
@@ -373,7 +377,7 @@ impl Sealer {
                 use ctr::cipher::{InnerIvInit, StreamCipher};
                 // IV = salt·2^16 ⊕ SSRC·2^64 ⊕ index·2^16 (RFC 3711 §4.1.1).
                 let mut iv = [0u8; 16];
-                let index = (u64::from(roc) << 16) | u64::from(seq);
+                let index = packet_index(roc, seq);
                 iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
                 iv[8..14].copy_from_slice(&index.to_be_bytes()[2..]);
                 iv.iter_mut().zip(salt).for_each(|(v, s)| *v ^= s);

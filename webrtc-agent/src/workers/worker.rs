@@ -655,6 +655,13 @@ impl Outlet {
         }
     }
 
+    /// Takes the oldest queued datagram off the queue (and its bytes off the count).
+    fn dequeue(&mut self) -> Option<BytesMut> {
+        let (data, _) = self.queue.pop_front()?;
+        self.queued_bytes = self.queued_bytes.saturating_sub(data.capacity());
+        Some(data)
+    }
+
     /// Sends one packet `rtc` produced, or the worker sealed, over the transport it names
     /// (UDP: queued, and sent once a batch is full or at the end of the loop round).
     fn send(&mut self, out: TaggedBytesMut) {
@@ -666,8 +673,7 @@ impl Outlet {
             return;
         }
         while self.queue.len() >= MAX_QUEUED || (self.queued_bytes >= MAX_QUEUED_BYTES && !self.queue.is_empty()) {
-            if let Some((dropped, _)) = self.queue.pop_front() {
-                self.queued_bytes = self.queued_bytes.saturating_sub(dropped.capacity());
+            if let Some(dropped) = self.dequeue() {
                 self.recycle(dropped);
             }
             self.send_drops += 1;
@@ -687,8 +693,7 @@ impl Outlet {
                 Ok(n) if n > 0 => {
                     // Counted once per batch, when the kernel took them.
                     for _ in 0..n {
-                        let Some((data, _)) = self.queue.pop_front() else { break };
-                        self.queued_bytes = self.queued_bytes.saturating_sub(data.capacity());
+                        let Some(data) = self.dequeue() else { break };
                         self.traffic.packets_out += 1;
                         self.traffic.bytes_out += data.len() as u64;
                         self.recycle(data);
@@ -699,8 +704,7 @@ impl Outlet {
                 Err(e) => {
                     // The first datagram cannot be sent (e.g. an address the socket cannot reach): skip it.
                     debug!(error = %e, "send error");
-                    if let Some((data, _)) = self.queue.pop_front() {
-                        self.queued_bytes = self.queued_bytes.saturating_sub(data.capacity());
+                    if let Some(data) = self.dequeue() {
                         self.recycle(data);
                     }
                 }
@@ -967,8 +971,10 @@ impl Worker {
         }
         // `handle_read` reports problems through its own logs; its result carries nothing to act on.
         let _ = p.pc.handle_read(msg);
-        // rtc keys SRTP as it reads the handshake's last flight: from the next packet on,
-        // its new context takes over (the flush checks again for anything else).
+        // Keyed again (a new DTLS handshake): rtc's new context takes over from the next
+        // packet on. rtc keys SRTP only as it reads a handshake's last flight (its DTLS
+        // handler's `handle_read`), so this is the one place to ask, not per forwarded
+        // packet (the tap is another cache line per subscriber).
         if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
             p.srtp = None;
         }
@@ -1365,12 +1371,6 @@ impl Worker {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             p.dirty = false;
             p.unsent = 0;
-            // Keyed again (a new DTLS handshake): rtc's new context takes over. Asked here,
-            // not per forwarded packet (the tap is another cache line per subscriber): rtc
-            // only keys while it handles what arrived or a timer, and both flush.
-            if p.srtp.as_ref().is_some_and(|(_, h)| *h != p.tap.handshakes()) {
-                p.srtp = None;
-            }
             while let Some(out) = p.pc.poll_write() {
                 // DTLS and SRTP(C) go to the selected pair only (STUN answers any check).
                 if out.message.first().is_some_and(|b| *b >= 20) {
