@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
-import { startServer as start, launchChromium } from './helpers.mjs';
+import { startServer as start, stopServer, launchChromium } from './helpers.mjs';
 
 const KEY = 'cross-origin-test-key-0123456789';
 const SIO = readFileSync(new URL('../node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url));
@@ -18,7 +18,7 @@ const servers = [];
 
 async function startServer(config) {
   const s = await start({ config, key: KEY });
-  servers.push(s.child);
+  servers.push(s);
   return s;
 }
 
@@ -50,7 +50,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  for (const s of servers) s.kill('SIGTERM');
+  await Promise.all(servers.map(stopServer));
   if (app) app.close();
 });
 

@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { startServer, launchChromium, openPage as openDemoPage, waitVideo } from './helpers.mjs';
+import { startServer, launchChromium, openPage as openDemoPage, waitVideo, stopServer } from './helpers.mjs';
 
 const SHOT = process.env.TESSERA_SCREENSHOT || join(process.cwd(), 'demo-screenshot.png');
 
@@ -19,7 +19,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.child.kill('SIGTERM');
+  await stopServer(server);
 });
 
 const openPage = (user, role) => openDemoPage(browser, server.portal, user, role);

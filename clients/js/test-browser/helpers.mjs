@@ -3,7 +3,7 @@
 // Everything runs inside the loopback-only namespace tessera/tests/browser.rs creates.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -28,10 +28,25 @@ export async function startServer({ config, key, args = [] }) {
       buf += d;
       const portal = buf.match(/portal listening on (https?:\/\/\S+)/);
       const api = buf.match(/management API listening on (https?:\/\/\S+)/);
-      if (portal && api) { clearTimeout(timer); resolve({ child, portal: portal[1], api: api[1] }); }
+      if (portal && api) { clearTimeout(timer); resolve({ child, dir, portal: portal[1], api: api[1] }); }
     });
     child.on('exit', (code) => reject(new Error(`server exited ${code}`)));
   });
+}
+
+/** Stops a server `startServer` started (SIGTERM, then SIGKILL after 10 s) and, once it
+ * has exited, removes its config, rooms and recordings. */
+export async function stopServer(server) {
+  if (!server) return;
+  const { child, dir } = server;
+  if (child.exitCode === null && child.signalCode === null) {
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    await exited;
+    clearTimeout(timer);
+  }
+  rmSync(dir, { recursive: true, force: true });
 }
 
 /** Headless Chromium; `media` adds the fake camera/microphone and lets WebRTC use loopback. */

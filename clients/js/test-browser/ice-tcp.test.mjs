@@ -5,7 +5,7 @@
 // TESSERA_UDP_BLOCKED=1; anywhere else it is skipped.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchChromium, openPage, waitVideo } from './helpers.mjs';
+import { startServer, launchChromium, openPage, waitVideo, stopServer } from './helpers.mjs';
 
 let server;
 let browser;
@@ -18,7 +18,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.child.kill('SIGTERM');
+  await stopServer(server);
 });
 
 /** The transport protocols of the page's connected candidate pairs (local candidate). */

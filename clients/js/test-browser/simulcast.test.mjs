@@ -8,7 +8,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { startServer, launchChromium } from './helpers.mjs';
+import { startServer, launchChromium, stopServer } from './helpers.mjs';
 
 const KEY = 'browser-simulcast-key-0123456789';
 let server;
@@ -27,7 +27,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.child.kill('SIGTERM');
+  await stopServer(server);
 });
 
 /** A portal page with `token(user)` (a dev-room token) and `publishCamera()` (Alice joins

@@ -3,7 +3,7 @@
 // publishes and plays another participant's video through the TLS portal.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchChromium, openPage, waitVideo } from './helpers.mjs';
+import { startServer, launchChromium, openPage, waitVideo, stopServer } from './helpers.mjs';
 
 let server;
 let browser;
@@ -15,7 +15,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.child.kill('SIGTERM');
+  await stopServer(server);
 });
 
 test('the demo page joins over https and wss and plays video', async () => {

@@ -4,7 +4,7 @@
 // namespace, as every browser test.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchChromium } from './helpers.mjs';
+import { startServer, launchChromium, stopServer } from './helpers.mjs';
 
 let server;
 let browser;
@@ -19,7 +19,7 @@ before(async () => {
 
 after(async () => {
   if (browser) await browser.close();
-  if (server) server.child.kill('SIGTERM');
+  await stopServer(server);
 });
 
 test('relay-only clients publish and play video through the TURN server', async () => {

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { readFileSync, mkdtempSync } from 'node:fs';
+import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConferenceClient, ConferenceError, RemoteStream, errorCode, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
@@ -127,6 +127,10 @@ test('the checked-in bundle is up to date with the sources', () => {
   const root = new URL('..', import.meta.url).pathname;
   const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
   const args = pkg.scripts.build.replace(/^esbuild /, '').replace('dist/tessera.js', out);
-  execFileSync('sh', ['-c', `node_modules/.bin/esbuild ${args}`], { cwd: root, stdio: 'pipe' });
-  assert.equal(readFileSync(out, 'utf8'), readFileSync(join(root, 'dist/tessera.js'), 'utf8'), 'run `npm run build` in clients/js');
+  try {
+    execFileSync('sh', ['-c', `node_modules/.bin/esbuild ${args}`], { cwd: root, stdio: 'pipe' });
+    assert.equal(readFileSync(out, 'utf8'), readFileSync(join(root, 'dist/tessera.js'), 'utf8'), 'run `npm run build` in clients/js');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
