@@ -11,6 +11,7 @@
 
 mod isolate;
 mod mixer_bare;
+mod quota;
 mod scenario;
 mod server;
 mod simulcast;
@@ -37,7 +38,10 @@ struct Args {
     /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
     /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost),
     /// cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
-    /// its own where there is one; forwarded packets per second at capacity; Tessera only),
+    /// its own where there is one, else each held to --cpu-quota of the servers' CPU;
+    /// forwarded packets per second at capacity; Tessera only), scaling (the ramp on one
+    /// server with one and then two forwarding workers, on one and two CPUs, or on
+    /// --cpu-quota and twice that of one CPU; Tessera only),
     /// or simulcast (one publisher of three layers, 50 subscribers of which 20 on limited
     /// links; per group bit rate, loss, gaps; CPU per packet against fanout50's; Tessera only).
     #[arg(long, default_value = "smoke")]
@@ -82,6 +86,14 @@ struct Args {
     /// Run Tessera with `webrtc.bandwidth_estimation = false` (to measure what it costs).
     #[arg(long)]
     no_bandwidth_estimation: bool,
+    /// Hold each server process (each webrtc node of a cluster) to this fraction of one CPU
+    /// (a cgroup with a CFS quota; root); the ramp's CPU rule is then 95 % of it. cluster
+    /// and scaling use 0.4 by themselves on a machine with fewer than 3 CPUs.
+    #[arg(long)]
+    cpu_quota: Option<f64>,
+    /// Tessera's forwarding workers (`webrtc.workers`; 0: one per CPU it may use).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
@@ -91,28 +103,48 @@ const RAMP_MAX: usize = 1210;
 const RAMP_STEP: usize = 60;
 /// The cluster ramp's last step: two nodes should carry about twice one node's load.
 const CLUSTER_RAMP_MAX: usize = 1210;
+/// What cluster and scaling give each node (or worker) where the machine has too few CPUs
+/// for one each beside the load generator's: two of them fit on one CPU with room spare.
+const SHARED_CPU_QUOTA: f64 = 0.4;
 /// The fidelity scenarios' shape: full peers joining one at a time.
 const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 12] =
-    ["smoke", "one-to-one", "fanout50", "meeting10", "mixer4", "ramp", "mixer-matrix", "mixer-vs-gstreamer", "soak", "cluster", "simulcast", "all"];
+const KNOWN: [&str; 13] = [
+    "smoke",
+    "one-to-one",
+    "fanout50",
+    "meeting10",
+    "mixer4",
+    "ramp",
+    "mixer-matrix",
+    "mixer-vs-gstreamer",
+    "soak",
+    "cluster",
+    "scaling",
+    "simulcast",
+    "all",
+];
 
 /// Whether a ramp step passed: it ran, every subscriber saw video, loss ≤ 1 %, p99 ≤ 50 ms,
-/// and the busiest server process stayed under 95 % of its core.
-fn step_passes(f: &Figures, error: &Option<String>) -> bool {
-    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.max_cpu_pct() < 95.0
+/// and the busiest server process stayed under 95 % of its CPU budget (`budget`: CPUs,
+/// 1.0 for a whole core).
+fn step_passes(f: &Figures, error: &Option<String>, budget: f64) -> bool {
+    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.max_cpu_pct() < 95.0 * budget
 }
 
 /// Adds subscribers to one publisher (10, then `RAMP_STEP` more each step, up to `max`),
 /// each step on a server `start` makes afresh, until a step fails twice in a row (one
-/// spike in a 5 s window should not decide the capacity); see [`step_passes`]. Joins go 8
-/// at a time to keep the run short. The last row carries the capacity.
+/// spike in a 5 s window should not decide the capacity); see [`step_passes`] (`budget`:
+/// each server process's CPUs). Joins go 8 at a time to keep the run short. The last row
+/// carries the capacity.
+#[allow(clippy::too_many_arguments)]
 async fn ramp<S: server::Server>(
     scenario: &str,
     server: &str,
     max: usize,
     load: Load,
     seconds: u64,
+    budget: f64,
     mut start: impl AsyncFnMut() -> anyhow::Result<S>,
     tag: impl Fn(&mut Value),
 ) -> anyhow::Result<Vec<Value>> {
@@ -130,10 +162,11 @@ async fn ramp<S: server::Server>(
             Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
         };
         drop(s);
-        let ok = step_passes(&f, &error);
+        let ok = step_passes(&f, &error, budget);
         let mut r = row(scenario, server, &f);
         tag(&mut r);
         r["step_subscribers"] = json!(n);
+        r["cpu_budget"] = json!(budget);
         r["passed"] = json!(ok);
         if let Some(e) = error {
             eprintln!("tessera-bench: {scenario} step {n} on {server}: {e}");
@@ -157,6 +190,28 @@ async fn ramp<S: server::Server>(
     Ok(rows)
 }
 
+/// The CPU quota each of `units` nodes (or workers) of a scaling scenario gets, all on the
+/// servers' CPU: `--cpu-quota` when given, else [`SHARED_CPU_QUOTA`] when the machine has
+/// no CPU for each beside the load generator's; `None`: a CPU each.
+fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize) -> anyhow::Result<Option<f64>> {
+    let quota = match launch.cpu_quota {
+        Some(q) => q,
+        None if launch.pin_cpu.is_some() && cpus < units + 1 => {
+            eprintln!(
+                "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
+                 {SHARED_CPU_QUOTA} of CPU {} (a cgroup CPU quota), and a step fails at 95 % of that",
+                launch.pin_cpu.unwrap_or(1)
+            );
+            SHARED_CPU_QUOTA
+        }
+        None => return Ok(None),
+    };
+    if quota * units as f64 > 0.95 {
+        bail!("{scenario}: {units} × --cpu-quota {quota} do not fit on one CPU (at most 0.95 together)");
+    }
+    Ok(Some(quota))
+}
+
 /// Runs one scenario on one server kind; returns its rows.
 async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args) -> anyhow::Result<Vec<Value>> {
     let mut rows = Vec::new();
@@ -171,29 +226,48 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
         }
         "ramp" => {
             // A fresh server per step, so steps don't inherit each other's state.
-            rows.extend(ramp("ramp", kind.name(), RAMP_MAX, load, seconds, async || AnyServer::start(kind, launch).await, |_| {}).await?);
+            let budget = launch.cpu_quota.unwrap_or(1.0);
+            rows.extend(ramp("ramp", kind.name(), RAMP_MAX, load, seconds, budget, async || AnyServer::start(kind, launch).await, |_| {}).await?);
         }
-        "cluster" if kind != Kind::Tessera => {
-            eprintln!("tessera-bench: cluster is Tessera only (Janus has no cluster of its own to compare)");
+        "cluster" | "scaling" if kind != Kind::Tessera => {
+            eprintln!("tessera-bench: {name} is Tessera only (it compares Tessera with more of itself)");
         }
         "cluster" => {
             // The ramp twice: one webrtc node, then two; a fresh cluster (NATS too) per step.
             let pinned = launch.pin_cpu.is_some();
             let cpus = isolate::machine_cpus();
-            if pinned && cpus < 3 {
-                eprintln!(
-                    "tessera-bench: cluster: {cpus} CPUs: the second webrtc node shares CPU 0 with the load generator, the portal and \
-                     NATS, so the two-node figure understates what a node of its own would add"
-                );
-            }
+            let quota = shared_cpu_quota(launch, name, cpus, 2)?;
             for nodes in [1usize, 2] {
-                let placement = server::cluster::webrtc_cpus(nodes, cpus, pinned);
-                let start = async || server::cluster::Cluster::start(launch, &placement).await;
+                // With quotas every node goes on the servers' CPU, each with a budget of its own.
+                let placement = match quota {
+                    Some(_) => vec![launch.pin_cpu; nodes],
+                    None => server::cluster::webrtc_cpus(nodes, cpus, pinned),
+                };
+                let nodes_launch = Launch { cpu_quota: quota, ..launch.clone() };
+                let start = async || server::cluster::Cluster::start(&nodes_launch, &placement).await;
                 let tag = |r: &mut Value| {
                     r["webrtc_nodes"] = json!(nodes);
                     r["webrtc_cpus"] = json!(placement);
                 };
-                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, start, tag).await?);
+                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, quota.unwrap_or(1.0), start, tag).await?);
+            }
+        }
+        "scaling" => {
+            // The ramp twice on one server: one forwarding worker, then two, each with a
+            // CPU (or a quota of the servers' CPU) of its own.
+            let cpus = isolate::machine_cpus();
+            let quota = shared_cpu_quota(launch, name, cpus, 2)?;
+            for workers in [1usize, 2] {
+                let worker_launch = match quota {
+                    Some(q) => Launch { workers, cpu_quota: Some(q * workers as f64), ..launch.clone() },
+                    None => Launch { workers, pinned_cpus: workers, ..launch.clone() },
+                };
+                let budget = quota.map_or(workers as f64, |q| q * workers as f64);
+                let tag = |r: &mut Value| {
+                    r["workers"] = json!(workers);
+                };
+                let start = async || AnyServer::start(kind, &worker_launch).await;
+                rows.extend(ramp("scaling", kind.name(), RAMP_MAX, load, seconds, budget, start, tag).await?);
             }
         }
         "simulcast" if kind != Kind::Tessera => {
@@ -270,6 +344,7 @@ fn print_rows(rows: &[Value]) {
             _ if r.get("group").is_some() => format!("sc-{}", c("group")),
             (Some(v), _, _) => format!("{} {}in", text(Some(v)), c("inputs")),
             (_, Some(n), Some(nodes)) => format!("cluster{nodes} {n}"),
+            (_, Some(n), _) if r.get("workers").is_some() => format!("scaling{} {n}", c("workers")),
             (_, Some(n), _) => format!("ramp {n}"),
             _ => c("scenario"),
         };
@@ -342,51 +417,54 @@ fn print_comparison(rows: &[Value]) {
     }
 }
 
-/// The cluster's scaling: forwarded packets per second at each cluster size's capacity
-/// (its largest passing step) and their ratio.
-fn print_cluster(rows: &[Value]) {
-    let at_capacity = |nodes: u64| {
-        rows.iter()
-            .filter(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["passed"] == true)
-            .max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0))
-    };
+/// The cluster's scaling (`cluster`: one webrtc node against two) and a server's
+/// (`scaling`: one forwarding worker against two): forwarded packets per second at each
+/// size's capacity (its largest passing step) and their ratio.
+fn print_scaling(rows: &[Value]) {
+    for (scenario, key, what) in [("cluster", "webrtc_nodes", "webrtc node(s)"), ("scaling", "workers", "worker(s)")] {
+        print_scaled(rows, scenario, key, what);
+    }
+}
+
+fn print_scaled(rows: &[Value], scenario: &str, key: &str, what: &str) {
+    let of = |size: u64| rows.iter().filter(move |r| r["scenario"] == scenario && r[key] == size);
+    let at_capacity = |size: u64| of(size).filter(|r| r["passed"] == true).max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0));
     let (Some(one), Some(two)) = (at_capacity(1), at_capacity(2)) else { return };
     // A ramp that never failed stopped at its last step: the limit was not found.
-    let limited = |nodes: u64| rows.iter().any(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["passed"] == false);
+    let limited = |size: u64| of(size).any(|r| r["passed"] == false);
     let pps = |r: &Value| r["forwarded_pps"].as_f64().unwrap_or(0.0);
     println!();
-    println!("cluster: forwarded pkt/s at capacity (largest passing step)");
-    for (nodes, r) in [(1, one), (2, two)] {
+    println!("{scenario}: forwarded pkt/s at capacity (largest passing step)");
+    for (size, r) in [(1, one), (2, two)] {
+        let cpus = r.get("webrtc_cpus").map(|c| format!(" on CPUs {}", text(Some(c)))).unwrap_or_default();
         println!(
-            "  {nodes} webrtc node(s) on CPUs {}: {} subscribers, {} pkt/s, busiest node {} % of a core{}",
-            text(r.get("webrtc_cpus")),
+            "  {size} {what}{cpus}, {} CPU(s) of budget: {} subscribers, {} pkt/s, busiest process {} % of a core{}",
+            text(r.get("cpu_budget")),
             text(r.get("step_subscribers")),
             pps(r),
             text(r.get("busiest_cpu_pct")),
-            if limited(nodes) { "" } else { " (the ramp ended before a step failed: not the limit)" }
+            if limited(size) { "" } else { " (the ramp ended before a step failed: not the limit)" }
         );
     }
     if pps(one) > 0.0 && limited(1) {
-        println!("  two nodes / one node: {:.2}", pps(two) / pps(one));
+        println!("  two / one: {:.2}", pps(two) / pps(one));
     }
-    // The same load on both: how much of the busiest core it takes with one node and with
-    // two (what a second node relieves, whatever else limits the two-node ramp).
-    let passed = |nodes: u64, n: u64| {
-        rows.iter().find(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == nodes && r["step_subscribers"] == n && r["passed"] == true)
-    };
-    let common = rows
-        .iter()
-        .filter(|r| r["scenario"] == "cluster" && r["webrtc_nodes"] == 1 && r["passed"] == true)
-        .filter_map(|r| r["step_subscribers"].as_u64())
-        .filter(|n| passed(2, *n).is_some())
-        .max();
+    // The same load on both: how much of the busiest process's CPU it takes with one and
+    // with two (what the second relieves, whatever else limits the larger ramp).
+    let passed = |size: u64, n: u64| of(size).find(|r| r["step_subscribers"] == n && r["passed"] == true);
+    let common = of(1).filter(|r| r["passed"] == true).filter_map(|r| r["step_subscribers"].as_u64()).filter(|n| passed(2, *n).is_some()).max();
     if let Some(n) = common
         && let (Some(a), Some(b)) = (passed(1, n), passed(2, n))
     {
         let busiest = |r: &Value| r["busiest_cpu_pct"].as_f64().unwrap_or(0.0);
         let total = |r: &Value| r["cpu_pct"].as_f64().unwrap_or(0.0);
+        if a["webrtc_nodes"].is_null() {
+            // One process either way: what the same load costs it with one and with two.
+            println!("  at {n} subscribers: the server took {:.1} % of a core with one, {:.1} % with two", total(a), total(b));
+            return;
+        }
         println!(
-            "  at {n} subscribers: busiest node {:.1} % of a core with one node, {:.1} % with two ({:.2}× less); all nodes together {:.1} % vs {:.1} %",
+            "  at {n} subscribers: busiest process {:.1} % of a core with one, {:.1} % with two ({:.2}× less); all together {:.1} % vs {:.1} %",
             busiest(a),
             busiest(b),
             if busiest(b) > 0.0 { busiest(a) / busiest(b) } else { 0.0 },
@@ -417,7 +495,7 @@ async fn main() -> anyhow::Result<()> {
             print_comparison(&rows);
         }
         rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
-        print_cluster(&rows);
+        print_scaling(&rows);
         return Ok(());
     }
     let kinds = match args.against.as_str() {
@@ -427,7 +505,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
         bail!(
-            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, mixer-vs-gstreamer, soak, cluster, simulcast)",
+            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, mixer-vs-gstreamer, soak, cluster, scaling, simulcast)",
             args.scenario
         );
     }
@@ -463,14 +541,20 @@ async fn main() -> anyhow::Result<()> {
     if kinds.contains(&Kind::Janus) && !args.janus_bin.exists() {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
     }
+    if args.cpu_quota.is_some_and(|q| !(0.1..=64.0).contains(&q)) {
+        bail!("--cpu-quota must be 0.1-64 (CPUs)");
+    }
     let launch = Launch {
         tessera_bin,
         janus_bin: args.janus_bin.clone(),
         pin_cpu,
+        pinned_cpus: 1,
         all_cpus: false,
         server_ip: server_ip.into(),
         client_ip: client_ip.into(),
         bandwidth_estimation: !args.no_bandwidth_estimation,
+        cpu_quota: args.cpu_quota,
+        workers: args.workers,
     };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();
@@ -483,7 +567,7 @@ async fn main() -> anyhow::Result<()> {
                 // Up to 21 steps of a ramp, each joining its subscribers 8 at a time.
                 "ramp" => Duration::from_secs(1500),
                 "mixer-matrix" => Duration::from_secs(900),
-                "cluster" => Duration::from_secs(1800),
+                "cluster" | "scaling" => Duration::from_secs(2700),
                 "soak" => Duration::from_secs(seconds + 900),
                 _ => Duration::from_secs(seconds * 20 + 240),
             };
@@ -512,7 +596,7 @@ async fn main() -> anyhow::Result<()> {
             print_comparison(&rows);
         }
         rows.iter().filter(|r| r["scenario"] == "soak").for_each(soak::print);
-        print_cluster(&rows);
+        print_scaling(&rows);
         simulcast::print(&rows);
     }
     // A soak that measured a leak, a growth or a loss fails the run, after its report.

@@ -231,7 +231,7 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     let mut cmd = launch.command(&"gst-launch-1.0".into());
     cmd.arg("-q").args(desc.split_whitespace().map(|a| a.replace('"', ""))).stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn().context("starting gst-launch-1.0 (Debian package gstreamer1.0-tools)")?;
-    let mut process = Process { child, dir };
+    let mut process = Process::new(child, dir, launch.cpu_quota, "gst")?;
     let pid = process.child.id();
     let received: Arc<std::sync::Mutex<Vec<Received>>> = Arc::default();
     let listening = {

@@ -58,7 +58,7 @@ fn start_nats() -> anyhow::Result<(Process, String)> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting nats-server (Debian package `nats-server`; scripts/install-deps.sh --test)")?;
-    let process = Process { child, dir };
+    let process = Process::new(child, dir, None, "nats")?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -86,7 +86,7 @@ fn start_webrtc(launch: &Launch, nats: &str, id: &str, cpu: Option<usize>) -> an
         .spawn()
         .with_context(|| format!("starting {}", launch.tessera_bin.display()))?;
     let stdout = child.stdout.take().context("node stdout")?;
-    let process = Process { child, dir };
+    let process = Process::new(child, dir, launch.cpu_quota, id)?;
     let mut lines = BufReader::new(stdout).lines();
     loop {
         let Some(Ok(line)) = lines.next() else { bail!("webrtc node {id} exited before serving") };
@@ -109,7 +109,7 @@ impl Cluster {
             webrtc.push(start_webrtc(launch, &url, &format!("w{}", i + 1), *cpu)?);
         }
         let portal_cfg = format!("[cluster]\nnode_id = \"portal\"\nroles = [\"portal\"]\nroom_spread = 0\nnats_url = \"{url}\"\n");
-        let portal_launch = Launch { pin_cpu: launch.pin_cpu.map(|_| 0), ..launch.clone() };
+        let portal_launch = Launch { pin_cpu: launch.pin_cpu.map(|_| 0), cpu_quota: None, ..launch.clone() };
         let portal = Tessera::start_with_config(&portal_launch, &portal_cfg)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

@@ -132,7 +132,7 @@ loggers: {{
             .spawn()
             .with_context(|| format!("starting {}", launch.janus_bin.display()))?;
         let janus = Janus {
-            process: Process { child, dir },
+            process: Process::new(child, dir, launch.cpu_quota, "janus")?,
             base: format!("http://127.0.0.1:{port}/janus"),
             http: reqwest::Client::new(),
             client_ip: launch.client_ip.clone(),

@@ -104,6 +104,25 @@ pub struct Process {
     pub child: std::process::Child,
     /// Its configuration, data and log.
     pub dir: PathBuf,
+    /// Its CPU budget, if it has one: held for its `Drop`, which runs after the process
+    /// is reaped (fields drop after `Process::drop`).
+    _quota: Option<crate::quota::CpuQuota>,
+}
+
+impl Process {
+    /// A started server, held to `cpu_quota` of one CPU when one is given.
+    pub fn new(mut child: std::process::Child, dir: PathBuf, cpu_quota: Option<f64>, name: &str) -> anyhow::Result<Process> {
+        let quota = match cpu_quota.map(|q| crate::quota::CpuQuota::apply(child.id(), q, name)).transpose() {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        Ok(Process { child, dir, _quota: quota })
+    }
 }
 
 impl Drop for Process {
@@ -123,6 +142,8 @@ pub struct Launch {
     pub janus_bin: PathBuf,
     /// Pin the server to this CPU (the load generator runs on the others).
     pub pin_cpu: Option<usize>,
+    /// How many CPUs from `pin_cpu` on the server may use (1 unless a scenario gives it more).
+    pub pinned_cpus: usize,
     /// Instead, let the server run on every CPU of the machine (the bench's own process
     /// may be pinned, and a child would inherit that).
     pub all_cpus: bool,
@@ -132,6 +153,11 @@ pub struct Launch {
     pub client_ip: String,
     /// Tessera's send-side bandwidth estimation (`webrtc.bandwidth_estimation`).
     pub bandwidth_estimation: bool,
+    /// Each server process (each webrtc node of a cluster) held to this fraction of one
+    /// CPU ([`crate::quota`]); the ramp's CPU rule is then relative to it.
+    pub cpu_quota: Option<f64>,
+    /// Tessera's forwarding worker threads (`webrtc.workers`; 0: one per CPU it may use).
+    pub workers: usize,
 }
 
 impl Launch {
@@ -148,7 +174,8 @@ impl Launch {
         match self.pin_cpu {
             Some(cpu) => {
                 let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpu.to_string()).arg(bin);
+                let last = cpu + self.pinned_cpus.max(1) - 1;
+                c.arg("-c").arg(if last > cpu { format!("{cpu}-{last}") } else { cpu.to_string() }).arg(bin);
                 c
             }
             None => Command::new(bin),

@@ -56,8 +56,8 @@ impl Tessera {
         std::fs::write(
             &cfg,
             format!(
-                "[webrtc]\nbind_ip = \"{}\"\nbandwidth_estimation = {}\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n{tables}",
-                launch.server_ip, launch.bandwidth_estimation
+                "[webrtc]\nbind_ip = \"{}\"\nbandwidth_estimation = {}\nworkers = {}\n[portal]\nmax_requests_per_sec = 1000\n{portal}[log]\nlevel = \"warn\"\n{tables}",
+                launch.server_ip, launch.bandwidth_estimation, launch.workers
             ),
         )?;
         let mut child = launch
@@ -85,7 +85,7 @@ impl Tessera {
         }
         std::thread::spawn(move || for _ in lines {});
         Ok(Tessera {
-            process: Process { child, dir },
+            process: Process::new(child, dir, launch.cpu_quota, "tessera")?,
             portal: portal.unwrap_or_default(),
             api: api.unwrap_or_default(),
             // Idle connections are dropped before the API's own keep-alive (5 s) ends them:
