@@ -40,8 +40,9 @@ struct Args {
     /// cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
     /// its own where there is one, else each held to --cpu-quota of the servers' CPU;
     /// forwarded packets per second at capacity; Tessera only), scaling (the ramp on one
-    /// server with one and then two forwarding workers, on one and two CPUs, or on
-    /// --cpu-quota and twice that of one CPU; Tessera only),
+    /// server with one and then two forwarding workers, on one and two CPUs where the
+    /// machine has them, else each worker thread held to --cpu-quota of the servers' CPU;
+    /// Tessera only),
     /// or simulcast (one publisher of three layers, 50 subscribers of which 20 on limited
     /// links; per group bit rate, loss, gaps; CPU per packet against fanout50's; Tessera only).
     #[arg(long, default_value = "smoke")]
@@ -86,9 +87,10 @@ struct Args {
     /// Run Tessera with `webrtc.bandwidth_estimation = false` (to measure what it costs).
     #[arg(long)]
     no_bandwidth_estimation: bool,
-    /// Hold each server process (each webrtc node of a cluster) to this fraction of one CPU
-    /// (a cgroup with a CFS quota; root); the ramp's CPU rule is then 95 % of it. cluster
-    /// and scaling use 0.4 by themselves on a machine with fewer than 3 CPUs.
+    /// Hold each server process (each webrtc node of a cluster; each forwarding worker in
+    /// scaling) to this fraction of one CPU (a cgroup with a CFS quota; root); the ramp's
+    /// CPU rule is then 95 % of it. cluster and scaling use 0.4 by themselves when the
+    /// servers are pinned on a machine with fewer than 3 CPUs.
     #[arg(long)]
     cpu_quota: Option<f64>,
     /// Tessera's forwarding workers (`webrtc.workers`; 0: one per CPU it may use).
@@ -127,9 +129,14 @@ const KNOWN: [&str; 13] = [
 
 /// Whether a ramp step passed: it ran, every subscriber saw video, loss ≤ 1 %, p99 ≤ 50 ms,
 /// and the busiest server process stayed under 95 % of its CPU budget (`budget`: CPUs,
-/// 1.0 for a whole core).
-fn step_passes(f: &Figures, error: &Option<String>, budget: f64) -> bool {
-    error.is_none() && f.missing_first_frames == 0 && f.loss_pct <= 1.0 && percentile(&f.latency, 0.99) <= 50.0 && f.max_cpu_pct() < 95.0 * budget
+/// 1.0 for a whole core; `None` where the budgets are the worker threads', whose
+/// exhaustion shows as latency).
+fn step_passes(f: &Figures, error: &Option<String>, budget: Option<f64>) -> bool {
+    error.is_none()
+        && f.missing_first_frames == 0
+        && f.loss_pct <= 1.0
+        && percentile(&f.latency, 0.99) <= 50.0
+        && budget.is_none_or(|b| f.max_cpu_pct() < 95.0 * b)
 }
 
 /// Adds subscribers to one publisher (10, then `RAMP_STEP` more each step, up to `max`),
@@ -144,7 +151,7 @@ async fn ramp<S: server::Server>(
     max: usize,
     load: Load,
     seconds: u64,
-    budget: f64,
+    budget: Option<f64>,
     mut start: impl AsyncFnMut() -> anyhow::Result<S>,
     tag: impl Fn(&mut Value),
 ) -> anyhow::Result<Vec<Value>> {
@@ -196,10 +203,14 @@ async fn ramp<S: server::Server>(
 fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize) -> anyhow::Result<Option<f64>> {
     let quota = match launch.cpu_quota {
         Some(q) => q,
+        None if launch.pin_cpu.is_some() && cpus < units + 1 && !quota::available() => {
+            eprintln!("tessera-bench: {scenario}: {cpus} CPUs and no cgroup CPU quota here: the units share the CPUs as they come");
+            return Ok(None);
+        }
         None if launch.pin_cpu.is_some() && cpus < units + 1 => {
             eprintln!(
                 "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
-                 {SHARED_CPU_QUOTA} of CPU {} (a cgroup CPU quota), and a step fails at 95 % of that",
+                 {SHARED_CPU_QUOTA} of CPU {} (a cgroup CPU quota)",
                 launch.pin_cpu.unwrap_or(1)
             );
             SHARED_CPU_QUOTA
@@ -226,7 +237,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
         }
         "ramp" => {
             // A fresh server per step, so steps don't inherit each other's state.
-            let budget = launch.cpu_quota.unwrap_or(1.0);
+            let budget = Some(launch.cpu_quota.unwrap_or(1.0));
             rows.extend(ramp("ramp", kind.name(), RAMP_MAX, load, seconds, budget, async || AnyServer::start(kind, launch).await, |_| {}).await?);
         }
         "cluster" | "scaling" if kind != Kind::Tessera => {
@@ -249,22 +260,24 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                     r["webrtc_nodes"] = json!(nodes);
                     r["webrtc_cpus"] = json!(placement);
                 };
-                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, quota.unwrap_or(1.0), start, tag).await?);
+                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, Some(quota.unwrap_or(1.0)), start, tag).await?);
             }
         }
         "scaling" => {
             // The ramp twice on one server: one forwarding worker, then two, each with a
-            // CPU (or a quota of the servers' CPU) of its own.
+            // CPU of its own, or each worker thread held to a quota of the servers' CPU
+            // (the rest of the process, the portal's signalling, unlimited beside them).
             let cpus = isolate::machine_cpus();
             let quota = shared_cpu_quota(launch, name, cpus, 2)?;
             for workers in [1usize, 2] {
                 let worker_launch = match quota {
-                    Some(q) => Launch { workers, cpu_quota: Some(q * workers as f64), ..launch.clone() },
+                    Some(q) => Launch { workers, cpu_quota: None, worker_quota: Some(q), ..launch.clone() },
                     None => Launch { workers, pinned_cpus: workers, ..launch.clone() },
                 };
-                let budget = quota.map_or(workers as f64, |q| q * workers as f64);
+                let budget = if quota.is_some() { None } else { Some(workers as f64) };
                 let tag = |r: &mut Value| {
                     r["workers"] = json!(workers);
+                    r["worker_quota"] = json!(quota);
                 };
                 let start = async || AnyServer::start(kind, &worker_launch).await;
                 rows.extend(ramp("scaling", kind.name(), RAMP_MAX, load, seconds, budget, start, tag).await?);
@@ -437,9 +450,13 @@ fn print_scaled(rows: &[Value], scenario: &str, key: &str, what: &str) {
     println!("{scenario}: forwarded pkt/s at capacity (largest passing step)");
     for (size, r) in [(1, one), (2, two)] {
         let cpus = r.get("webrtc_cpus").map(|c| format!(" on CPUs {}", text(Some(c)))).unwrap_or_default();
+        let budget = match (r.get("worker_quota").and_then(Value::as_f64), r.get("cpu_budget").and_then(Value::as_f64)) {
+            (Some(q), _) => format!("each worker held to {q} of a CPU"),
+            (None, Some(b)) => format!("{b} CPU(s) of budget"),
+            (None, None) => "no CPU rule".to_string(),
+        };
         println!(
-            "  {size} {what}{cpus}, {} CPU(s) of budget: {} subscribers, {} pkt/s, busiest process {} % of a core{}",
-            text(r.get("cpu_budget")),
+            "  {size} {what}{cpus}, {budget}: {} subscribers, {} pkt/s, busiest process {} % of a core{}",
             text(r.get("step_subscribers")),
             pps(r),
             text(r.get("busiest_cpu_pct")),
@@ -544,6 +561,10 @@ async fn main() -> anyhow::Result<()> {
     if args.cpu_quota.is_some_and(|q| !(0.1..=64.0).contains(&q)) {
         bail!("--cpu-quota must be 0.1-64 (CPUs)");
     }
+    if pin_cpu.is_some() && args.cpu_quota.is_some_and(|q| q > 1.0) {
+        bail!("--cpu-quota above 1 needs --no-pin: a pinned server has one CPU");
+    }
+    quota::sweep();
     let launch = Launch {
         tessera_bin,
         janus_bin: args.janus_bin.clone(),
@@ -555,6 +576,7 @@ async fn main() -> anyhow::Result<()> {
         bandwidth_estimation: !args.no_bandwidth_estimation,
         cpu_quota: args.cpu_quota,
         workers: args.workers,
+        worker_quota: None,
     };
     let names: Vec<&str> = if args.scenario == "all" { ALL.to_vec() } else { vec![args.scenario.as_str()] };
     let mut rows = Vec::new();

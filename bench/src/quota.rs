@@ -44,34 +44,89 @@ fn write(path: &Path, value: &str) -> anyhow::Result<()> {
 }
 
 impl CpuQuota {
-    /// Limits process `pid` (all its threads, and those it starts later) to `fraction` of
-    /// one CPU. `name` tells the cgroup apart in listings.
-    pub fn apply(pid: u32, fraction: f64, name: &str) -> anyhow::Result<CpuQuota> {
+    /// An empty cgroup limited to `fraction` of one CPU; `name` and `id` tell it apart.
+    fn make(fraction: f64, name: &str, id: u32) -> anyhow::Result<(CpuQuota, Hierarchy)> {
         if !(0.1..=64.0).contains(&fraction) {
             bail!("a CPU quota of {fraction} is outside 0.1..=64 CPUs (the kernel takes at least 1 ms of each 10 ms period)");
         }
         let Some(h) = hierarchy() else { bail!("no cgroup CPU controller (needs /sys/fs/cgroup/cpu or cgroup v2 with `cpu`, as root)") };
         let quota_us = (fraction * PERIOD_US as f64).round() as u64;
-        let leaf = format!("tessera-bench-{}-{name}-{pid}", std::process::id());
+        let leaf = format!("{PREFIX}{}-{name}-{id}", std::process::id());
         let dir = match &h {
             Hierarchy::V1(root) | Hierarchy::V2(root) => root.join(leaf),
         };
         std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         let quota = CpuQuota { dir };
-        match h {
+        match &h {
             Hierarchy::V1(_) => {
                 write(&quota.dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
                 write(&quota.dir.join("cpu.cfs_quota_us"), &quota_us.to_string())?;
             }
             Hierarchy::V2(root) => {
-                // The root must hand the controller down (allowed with processes in it).
+                // The root must hand the controller down (the real root may hold processes;
+                // a container's may not, and then this fails with the reason).
                 write(&root.join("cgroup.subtree_control"), "+cpu")?;
                 write(&quota.dir.join("cpu.max"), &format!("{quota_us} {PERIOD_US}"))?;
             }
         }
+        Ok((quota, h))
+    }
+
+    /// Limits process `pid` (all its threads, and those it starts later) to `fraction` of
+    /// one CPU. `name` tells the cgroup apart in listings.
+    pub fn apply(pid: u32, fraction: f64, name: &str) -> anyhow::Result<CpuQuota> {
+        let (quota, _) = CpuQuota::make(fraction, name, pid)?;
         // Moves every thread of the process.
         write(&quota.dir.join("cgroup.procs"), &pid.to_string())?;
         Ok(quota)
+    }
+
+    /// Limits each thread of process `pid` whose name starts with `prefix` to `fraction`
+    /// of one CPU, each in a cgroup of its own (cgroup v1, which places threads one by
+    /// one); the process's other threads stay as they are. Returns one per thread found.
+    pub fn apply_to_threads(pid: u32, prefix: &str, fraction: f64) -> anyhow::Result<Vec<CpuQuota>> {
+        let mut quotas = Vec::new();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("listing the threads of {pid}"))?;
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
+            if !comm.trim_end().starts_with(prefix) {
+                continue;
+            }
+            let (quota, h) = CpuQuota::make(fraction, comm.trim_end(), tid)?;
+            if matches!(h, Hierarchy::V2(_)) {
+                bail!("a CPU quota per thread needs cgroup v1's `cpu` controller (this machine has cgroup v2)");
+            }
+            write(&quota.dir.join("tasks"), &tid.to_string())?;
+            quotas.push(quota);
+        }
+        Ok(quotas)
+    }
+}
+
+/// Names of the bench's cgroups start with this, then the bench's pid.
+const PREFIX: &str = "tessera-bench-";
+
+/// Whether this machine lets the bench make CPU quotas: makes one and removes it.
+pub fn available() -> bool {
+    CpuQuota::make(0.5, "probe", 0).is_ok()
+}
+
+/// Removes what an earlier bench stopped by a signal left behind: empty cgroups named
+/// after a bench process that is gone.
+pub fn sweep() {
+    let Some(root) = hierarchy().map(|h| match h {
+        Hierarchy::V1(r) | Hierarchy::V2(r) => r,
+    }) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&root) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 
@@ -106,8 +161,16 @@ mod tests {
             eprintln!("skipped: needs root and a cgroup CPU controller");
             return;
         }
-        let mut child = Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap();
-        let pid = child.id();
+        // Killed however the test ends, so a failed assertion leaves nothing spinning.
+        struct Spinner(std::process::Child);
+        impl Drop for Spinner {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Spinner(Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap());
+        let pid = child.0.id();
         let quota = CpuQuota::apply(pid, 0.2, "test").unwrap();
         let dir = quota.dir.clone();
         let leaf = dir.file_name().unwrap().to_str().unwrap().to_string();
@@ -117,12 +180,24 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1500));
         let spent = crate::server::cpu_seconds(pid) - before;
         let wall = start.elapsed().as_secs_f64();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(child);
         drop(quota);
         // 0.2 of a CPU for 1.5 s is 0.3 CPU seconds (the tick counts round to 10 ms).
         assert!(spent > 0.1 && spent < 0.2 * wall + 0.1, "{spent} CPU seconds in {wall} s");
         assert!(!dir.exists(), "{} left behind", dir.display());
         assert!(CpuQuota::apply(pid, 0.01, "test").is_err());
+
+        // One thread by name, in a cgroup of its own (cgroup v1 only).
+        if matches!(hierarchy(), Some(Hierarchy::V1(_))) {
+            let child = Spinner(Command::new("sh").args(["-c", "while :; do :; done"]).spawn().unwrap());
+            let pid = child.0.id();
+            let quotas = CpuQuota::apply_to_threads(pid, "sh", 0.2).unwrap();
+            assert_eq!(quotas.len(), 1);
+            assert!(CpuQuota::apply_to_threads(pid, "no-such-thread", 0.2).unwrap().is_empty());
+            let before = crate::server::cpu_seconds(pid);
+            std::thread::sleep(Duration::from_millis(1000));
+            let spent = crate::server::cpu_seconds(pid) - before;
+            assert!(spent > 0.05 && spent < 0.35, "{spent} CPU seconds in 1 s");
+        }
     }
 }

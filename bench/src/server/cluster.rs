@@ -27,7 +27,8 @@ pub struct Cluster {
 }
 
 /// The CPUs the webrtc nodes go on: one each after the load generator's (CPU 0) while
-/// the machine has them; past that they share, and the run says so.
+/// the machine has them; past that they share (where no CPU quota stands in; see
+/// `shared_cpu_quota` in main.rs).
 pub fn webrtc_cpus(nodes: usize, cpus: usize, pinned: bool) -> Vec<Option<usize>> {
     (0..nodes).map(|i| pinned.then(|| (i + 1) % cpus.max(1))).collect()
 }
@@ -73,8 +74,10 @@ fn start_nats() -> anyhow::Result<(Process, String)> {
 fn start_webrtc(launch: &Launch, nats: &str, id: &str, cpu: Option<usize>) -> anyhow::Result<Process> {
     let dir = scratch_dir(id)?;
     let cfg = dir.join("bench.toml");
-    let toml =
-        format!("[webrtc]\nbind_ip = \"{}\"\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\"]\n[log]\nlevel = \"warn\"\n", launch.server_ip);
+    let toml = format!(
+        "[webrtc]\nbind_ip = \"{}\"\nworkers = {}\n[cluster]\nnode_id = \"{id}\"\nroles = [\"webrtc\"]\n[log]\nlevel = \"warn\"\n",
+        launch.server_ip, launch.workers
+    );
     std::fs::write(&cfg, toml)?;
     let mut child = command(&launch.tessera_bin, cpu)
         .args(["serve", "--cluster", nats, "--config"])

@@ -104,9 +104,9 @@ pub struct Process {
     pub child: std::process::Child,
     /// Its configuration, data and log.
     pub dir: PathBuf,
-    /// Its CPU budget, if it has one: held for its `Drop`, which runs after the process
-    /// is reaped (fields drop after `Process::drop`).
-    _quota: Option<crate::quota::CpuQuota>,
+    /// Its CPU budgets (the process's, or some threads'): held for their `Drop`, which
+    /// runs after the process is reaped (fields drop after `Process::drop`).
+    quotas: Vec<crate::quota::CpuQuota>,
 }
 
 impl Process {
@@ -121,7 +121,19 @@ impl Process {
                 return Err(e);
             }
         };
-        Ok(Process { child, dir, _quota: quota })
+        Ok(Process { child, dir, quotas: quota.into_iter().collect() })
+    }
+
+    /// Holds each thread named `prefix…` to `fraction` of one CPU; fails unless `expected`
+    /// such threads were found.
+    pub fn limit_threads(&mut self, prefix: &str, fraction: f64, expected: usize) -> anyhow::Result<()> {
+        let found = crate::quota::CpuQuota::apply_to_threads(self.child.id(), prefix, fraction)?;
+        let n = found.len();
+        self.quotas.extend(found);
+        if n != expected {
+            anyhow::bail!("{n} threads named {prefix}…, expected {expected}");
+        }
+        Ok(())
     }
 }
 
@@ -158,6 +170,10 @@ pub struct Launch {
     pub cpu_quota: Option<f64>,
     /// Tessera's forwarding worker threads (`webrtc.workers`; 0: one per CPU it may use).
     pub workers: usize,
+    /// Each of Tessera's forwarding worker threads held to this fraction of one CPU (the
+    /// rest of the process unlimited): a worker's share of a core, where the machine has
+    /// no core for each.
+    pub worker_quota: Option<f64>,
 }
 
 impl Launch {

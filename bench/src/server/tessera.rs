@@ -72,6 +72,8 @@ impl Tessera {
             .spawn()
             .with_context(|| format!("starting {}", launch.tessera_bin.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
+        // Owned from here on: an error below kills it and removes its folder.
+        let mut process = Process::new(child, dir, launch.cpu_quota, "tessera")?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut portal, mut api) = (None, None);
         while portal.is_none() || api.is_none() {
@@ -84,8 +86,12 @@ impl Tessera {
             }
         }
         std::thread::spawn(move || for _ in lines {});
+        if let Some(q) = launch.worker_quota {
+            // The workers are running once the server listens.
+            process.limit_threads("tessera-worker-", q, launch.workers)?;
+        }
         Ok(Tessera {
-            process: Process::new(child, dir, launch.cpu_quota, "tessera")?,
+            process,
             portal: portal.unwrap_or_default(),
             api: api.unwrap_or_default(),
             // Idle connections are dropped before the API's own keep-alive (5 s) ends them:
