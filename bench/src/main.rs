@@ -201,21 +201,21 @@ async fn ramp<S: server::Server>(
 /// servers' CPU: `--cpu-quota` when given, else [`SHARED_CPU_QUOTA`] when the machine has
 /// no CPU for each beside the load generator's; `None`: a CPU each.
 fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize) -> anyhow::Result<Option<f64>> {
-    let quota = match launch.cpu_quota {
-        Some(q) => q,
-        None if launch.pin_cpu.is_some() && cpus < units + 1 && !quota::available() => {
-            eprintln!("tessera-bench: {scenario}: {cpus} CPUs and no cgroup CPU quota here: the units share the CPUs as they come");
-            return Ok(None);
-        }
-        None if launch.pin_cpu.is_some() && cpus < units + 1 => {
+    let quota = match (launch.cpu_quota, launch.pin_cpu) {
+        (Some(q), _) => q,
+        // Pinned, with no CPU for each unit beside the load generator's.
+        (None, Some(cpu)) if cpus <= units => {
+            if !quota::available() {
+                eprintln!("tessera-bench: {scenario}: {cpus} CPUs and no cgroup CPU quota here: the units share the CPUs as they come");
+                return Ok(None);
+            }
             eprintln!(
                 "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
-                 {SHARED_CPU_QUOTA} of CPU {} (a cgroup CPU quota)",
-                launch.pin_cpu.unwrap_or(1)
+                 {SHARED_CPU_QUOTA} of CPU {cpu} (a cgroup CPU quota)"
             );
             SHARED_CPU_QUOTA
         }
-        None => return Ok(None),
+        (None, _) => return Ok(None),
     };
     if quota * units as f64 > 0.95 {
         bail!("{scenario}: {units} × --cpu-quota {quota} do not fit on one CPU (at most 0.95 together)");

@@ -29,6 +29,15 @@ enum Hierarchy {
     V2(PathBuf),
 }
 
+impl Hierarchy {
+    /// The folder the bench's cgroups are made in.
+    fn root(&self) -> &Path {
+        match self {
+            Hierarchy::V1(root) | Hierarchy::V2(root) => root,
+        }
+    }
+}
+
 fn hierarchy() -> Option<Hierarchy> {
     let v1 = Path::new("/sys/fs/cgroup/cpu");
     if v1.join("cpu.cfs_quota_us").exists() {
@@ -45,16 +54,14 @@ fn write(path: &Path, value: &str) -> anyhow::Result<()> {
 
 impl CpuQuota {
     /// An empty cgroup limited to `fraction` of one CPU; `name` and `id` tell it apart.
-    fn make(fraction: f64, name: &str, id: u32) -> anyhow::Result<(CpuQuota, Hierarchy)> {
+    fn make(fraction: f64, name: &str, id: u32) -> anyhow::Result<CpuQuota> {
         if !(0.1..=64.0).contains(&fraction) {
             bail!("a CPU quota of {fraction} is outside 0.1..=64 CPUs (the kernel takes at least 1 ms of each 10 ms period)");
         }
         let Some(h) = hierarchy() else { bail!("no cgroup CPU controller (needs /sys/fs/cgroup/cpu or cgroup v2 with `cpu`, as root)") };
         let quota_us = (fraction * PERIOD_US as f64).round() as u64;
         let leaf = format!("{PREFIX}{}-{name}-{id}", std::process::id());
-        let dir = match &h {
-            Hierarchy::V1(root) | Hierarchy::V2(root) => root.join(leaf),
-        };
+        let dir = h.root().join(leaf);
         std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         let quota = CpuQuota { dir };
         match &h {
@@ -69,13 +76,13 @@ impl CpuQuota {
                 write(&quota.dir.join("cpu.max"), &format!("{quota_us} {PERIOD_US}"))?;
             }
         }
-        Ok((quota, h))
+        Ok(quota)
     }
 
     /// Limits process `pid` (all its threads, and those it starts later) to `fraction` of
     /// one CPU. `name` tells the cgroup apart in listings.
     pub fn apply(pid: u32, fraction: f64, name: &str) -> anyhow::Result<CpuQuota> {
-        let (quota, _) = CpuQuota::make(fraction, name, pid)?;
+        let quota = CpuQuota::make(fraction, name, pid)?;
         // Moves every thread of the process.
         write(&quota.dir.join("cgroup.procs"), &pid.to_string())?;
         Ok(quota)
@@ -85,6 +92,9 @@ impl CpuQuota {
     /// of one CPU, each in a cgroup of its own (cgroup v1, which places threads one by
     /// one); the process's other threads stay as they are. Returns one per thread found.
     pub fn apply_to_threads(pid: u32, prefix: &str, fraction: f64) -> anyhow::Result<Vec<CpuQuota>> {
+        if matches!(hierarchy(), Some(Hierarchy::V2(_))) {
+            bail!("a CPU quota per thread needs cgroup v1's `cpu` controller (this machine has cgroup v2)");
+        }
         let mut quotas = Vec::new();
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("listing the threads of {pid}"))?;
         for task in tasks.flatten() {
@@ -93,10 +103,7 @@ impl CpuQuota {
             if !comm.trim_end().starts_with(prefix) {
                 continue;
             }
-            let (quota, h) = CpuQuota::make(fraction, comm.trim_end(), tid)?;
-            if matches!(h, Hierarchy::V2(_)) {
-                bail!("a CPU quota per thread needs cgroup v1's `cpu` controller (this machine has cgroup v2)");
-            }
+            let quota = CpuQuota::make(fraction, comm.trim_end(), tid)?;
             write(&quota.dir.join("tasks"), &tid.to_string())?;
             quotas.push(quota);
         }
@@ -115,12 +122,8 @@ pub fn available() -> bool {
 /// Removes what an earlier bench stopped by a signal left behind: empty cgroups named
 /// after a bench process that is gone.
 pub fn sweep() {
-    let Some(root) = hierarchy().map(|h| match h {
-        Hierarchy::V1(r) | Hierarchy::V2(r) => r,
-    }) else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(&root) else { return };
+    let Some(h) = hierarchy() else { return };
+    let Ok(entries) = std::fs::read_dir(h.root()) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };

@@ -111,17 +111,13 @@ pub struct Process {
 
 impl Process {
     /// A started server, held to `cpu_quota` of one CPU when one is given.
-    pub fn new(mut child: std::process::Child, dir: PathBuf, cpu_quota: Option<f64>, name: &str) -> anyhow::Result<Process> {
-        let quota = match cpu_quota.map(|q| crate::quota::CpuQuota::apply(child.id(), q, name)).transpose() {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
-        Ok(Process { child, dir, quotas: quota.into_iter().collect() })
+    pub fn new(child: std::process::Child, dir: PathBuf, cpu_quota: Option<f64>, name: &str) -> anyhow::Result<Process> {
+        // Owned first: if the quota fails, dropping it kills the process and removes its folder.
+        let mut process = Process { child, dir, quotas: Vec::new() };
+        if let Some(q) = cpu_quota {
+            process.quotas.push(crate::quota::CpuQuota::apply(process.child.id(), q, name)?);
+        }
+        Ok(process)
     }
 
     /// Holds each thread named `prefix…` to `fraction` of one CPU; fails unless `expected`
