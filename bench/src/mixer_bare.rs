@@ -222,8 +222,8 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     let probes: Vec<std::net::UdpSocket> = (0..INPUTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     let out = UdpSocket::bind("127.0.0.1:0").await?;
-    // The encoder's threads as the mixer picks them: one on one CPU, else two.
-    let threads = if launch.pin_cpu.is_some() { 1 } else { crate::isolate::machine_cpus().clamp(1, 2) };
+    // The encoder's threads as the mixer picks them: one per 1080p30 of pixel rate, so one.
+    let threads = 1;
     let desc = bare_pipeline(&ports, out.local_addr()?.port(), threads);
     drop(probes);
     let dir = scratch_dir("gstreamer")?;

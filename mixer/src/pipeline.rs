@@ -153,11 +153,20 @@ pub struct ViewPipeline {
     pub failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// Encoder threads: libvpx and x264 threads wait on each other by spinning, so more
-/// threads than the CPUs this process may use burn a whole core (measured: a view pinned
-/// to one CPU with threads=2 ran at 9 of 24 fps on 100 % of that CPU).
-fn encoder_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 2)
+/// Pixels a second one encoder thread is given: 1080p30 (one libvpx thread at `cpu-used=8`
+/// encodes a 1080p frame in about 16 ms on the reference machine, half its 33 ms).
+const PIXELS_PER_ENCODER_THREAD: u64 = 1920 * 1080 * 30;
+
+/// Encoder threads for a view: one per 1080p30 of pixel rate, at most the CPUs this process
+/// may use. libvpx threads spin while they wait for each other, so a thread more than the
+/// picture needs only burns CPU another view could use (measured: two 9-input 720p30 views
+/// on two CPUs with `threads=2` each made 20 fps on 174 % of a core, with one thread each
+/// 30 fps on 130 %; a view pinned to one CPU with `threads=2` made 5 of 30 fps).
+fn encoder_threads(width: u32, height: u32, fps: u32) -> usize {
+    let pixels = u64::from(width) * u64::from(height) * u64::from(fps.max(1));
+    let needed = usize::try_from(pixels.div_ceil(PIXELS_PER_ENCODER_THREAD)).unwrap_or(usize::MAX);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    needed.clamp(1, cpus.max(1))
 }
 
 /// Name prefix of input branch bins, so bus messages can tell an input's failure from the
@@ -231,14 +240,14 @@ impl ViewPipeline {
                 format!(
                     "x264enc name=venc tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads={threads} ! video/x-h264,profile=constrained-baseline ! rtph264pay name=vpay pt={VIDEO_PT} mtu=1200 config-interval=-1",
                     kfi = p.key_frame_interval,
-                    threads = encoder_threads()
+                    threads = encoder_threads(width, height, p.framerate)
                 )
             } else {
                 format!(
                     "vp8enc name=venc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads={threads} static-threshold=100 ! rtpvp8pay name=vpay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
                     bps = kbps * 1000,
                     kfi = p.key_frame_interval,
-                    threads = encoder_threads()
+                    threads = encoder_threads(width, height, p.framerate)
                 )
             };
             desc.push_str(&format!(
@@ -460,6 +469,16 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn one_encoder_thread_per_1080p30() {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        assert_eq!(encoder_threads(1280, 720, 30), 1);
+        assert_eq!(encoder_threads(1920, 1080, 30), 1);
+        assert_eq!(encoder_threads(320, 240, 0), 1);
+        assert_eq!(encoder_threads(1920, 1080, 60), 2.min(cpus));
+        assert_eq!(encoder_threads(3840, 2160, 30), 4.min(cpus));
+    }
 
     /// A track that hands the mixed packets to a channel.
     struct Collect(mpsc::Sender<Vec<u8>>);
