@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tessera_client::media::{LiveFormat, live_source_with};
-use tessera_client::peer::{Marker, PublishOptions, Publisher, Received, Subscriber, now_us};
+use tessera_client::peer::{Marker, PublishOptions, Publisher, Received, Subscriber, is_vp8_keyframe, now_us};
 
 use crate::server::tessera::Tessera;
 use crate::server::{Keep, PeerKind, Server, Sub, cpu_seconds, rss_mb};
@@ -205,8 +205,14 @@ async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str, peer: 
     let (s, keep) = server.subscribe(user, stream, peer).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut first = None;
+    // The first picture the subscriber can show: a keyframe's first packet, where the
+    // payload can be read (a server that forwards from a keyframe and one that forwards the
+    // frames before it differ in the first packet, not in the first picture); a light peer
+    // that does not decrypt sees only that video arrives.
+    let payloads = s.has_payloads();
+    let shows = |p: &Received| p.kind == "video" && (!payloads || is_vp8_keyframe(&p.payload));
     while Instant::now() < deadline {
-        if s.received().lock().map(|r| r.iter().any(|p| p.kind == "video")).unwrap_or(false) {
+        if s.received().lock().map(|r| r.iter().any(shows)).unwrap_or(false) {
             first = Some(started.elapsed().as_secs_f64() * 1000.0);
             break;
         }

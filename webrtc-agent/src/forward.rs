@@ -104,22 +104,37 @@ pub enum KeyframeDecision {
     SendAt(Instant),
     /// A deferred one is already scheduled; nothing to do.
     AlreadyScheduled,
+    /// A PLI was sent and its keyframe has not come yet: that keyframe serves this request
+    /// too (it reaches every subscriber after it), so no other is sent.
+    Covered,
 }
+
+/// How long a sent PLI covers later requests while its keyframe has not come: a publisher
+/// answers within a round trip and a frame, so one that has not by then may have lost the
+/// request, and the next request is sent again (within the interval rule).
+pub const KEYFRAME_AWAIT: Duration = Duration::from_millis(500);
 
 /// Throttles keyframe requests to a publisher: at most one per `interval`, but a request
 /// inside the interval is never lost — it is deferred to the interval's end, so a
-/// subscriber that joins right after another still gets its keyframe soon.
+/// subscriber that joins right after another still gets its keyframe soon. Where the
+/// caller can see keyframes (`detects`), a request made while a sent PLI's keyframe is
+/// still on its way is covered by it (as mediasoup's key frame request manager does), so a
+/// burst of joins or losses costs one keyframe and the interval can stay short.
 #[derive(Debug)]
 pub struct KeyframeThrottle {
     interval: Duration,
     last: Option<Instant>,
     scheduled: bool,
+    detects: bool,
+    /// When the PLI whose keyframe has not come yet was sent.
+    awaiting: Option<Instant>,
 }
 
 impl KeyframeThrottle {
-    /// A throttle with the given minimum interval between PLIs.
-    pub fn new(interval: Duration) -> Self {
-        KeyframeThrottle { interval, last: None, scheduled: false }
+    /// A throttle with the given minimum interval between PLIs; `detects`: the caller
+    /// reports keyframes with [`KeyframeThrottle::keyframe_seen`].
+    pub fn new(interval: Duration, detects: bool) -> Self {
+        KeyframeThrottle { interval, last: None, scheduled: false, detects, awaiting: None }
     }
 
     /// Decides about a request arriving at `now`.
@@ -127,13 +142,16 @@ impl KeyframeThrottle {
         if self.scheduled {
             return KeyframeDecision::AlreadyScheduled;
         }
+        if self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
+            return KeyframeDecision::Covered;
+        }
         match self.last {
-            Some(last) if now.duration_since(last) < self.interval => {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
                 self.scheduled = true;
                 KeyframeDecision::SendAt(last + self.interval)
             }
             _ => {
-                self.last = Some(now);
+                self.sent(now);
                 KeyframeDecision::SendNow
             }
         }
@@ -142,7 +160,24 @@ impl KeyframeThrottle {
     /// Records that the deferred request was sent at `now`.
     pub fn sent_deferred(&mut self, now: Instant) {
         self.scheduled = false;
+        self.sent(now);
+    }
+
+    fn sent(&mut self, now: Instant) {
         self.last = Some(now);
+        if self.detects {
+            self.awaiting = Some(now);
+        }
+    }
+
+    /// Whether a keyframe is awaited (the caller then looks for one in each packet).
+    pub fn awaiting(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
+    /// The publisher's keyframe came: later requests need a new one.
+    pub fn keyframe_seen(&mut self) {
+        self.awaiting = None;
     }
 }
 
@@ -307,9 +342,35 @@ mod tests {
     }
 
     #[test]
+    fn a_request_while_a_keyframe_is_on_its_way_is_covered_by_it() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut t = KeyframeThrottle::new(ms(100), true);
+        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert!(t.awaiting());
+        // Before the keyframe comes, later requests (even past the interval) ride on it.
+        assert_eq!(t.request(t0 + ms(20)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(150)), KeyframeDecision::Covered);
+        t.keyframe_seen();
+        assert!(!t.awaiting());
+        // After it, a request needs a keyframe of its own, within the interval rule.
+        assert_eq!(t.request(t0 + ms(160)), KeyframeDecision::SendNow);
+        t.keyframe_seen();
+        assert_eq!(t.request(t0 + ms(200)), KeyframeDecision::SendAt(t0 + ms(260)));
+        t.sent_deferred(t0 + ms(260));
+        // A keyframe that never comes covers requests for KEYFRAME_AWAIT only.
+        assert_eq!(t.request(t0 + ms(260) + KEYFRAME_AWAIT - ms(1)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(260) + KEYFRAME_AWAIT), KeyframeDecision::SendNow);
+        // Without keyframe detection nothing is covered.
+        let mut blind = KeyframeThrottle::new(ms(100), false);
+        assert_eq!(blind.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0 + ms(150)), KeyframeDecision::SendNow);
+    }
+
+    #[test]
     fn throttle_defers_instead_of_dropping() {
         let t0 = Instant::now();
-        let mut t = KeyframeThrottle::new(Duration::from_millis(500));
+        let mut t = KeyframeThrottle::new(Duration::from_millis(500), false);
         assert_eq!(t.request(t0), KeyframeDecision::SendNow);
         assert_eq!(t.request(t0 + Duration::from_millis(100)), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
         assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
@@ -437,34 +498,51 @@ mod proptests {
         }
 
         #[test]
-        fn keyframe_requests_are_spaced_and_never_lost(interval_ms in 1..1000u64, gaps in prop::collection::vec(0..1500u64, 1..60)) {
+        fn keyframe_requests_are_spaced_and_never_lost(
+            interval_ms in 1..1000u64,
+            detects in any::<bool>(),
+            steps in prop::collection::vec((0..1500u64, any::<bool>()), 1..60),
+        ) {
             let interval = Duration::from_millis(interval_ms);
             let t0 = Instant::now();
-            let mut t = KeyframeThrottle::new(interval);
+            let mut t = KeyframeThrottle::new(interval, detects);
             let mut sent: Vec<Instant> = Vec::new();
             let mut deferred: Option<Instant> = None;
+            // The keyframe answering the last PLI has not come yet.
+            let mut on_its_way = false;
             let mut now = t0;
-            for gap in gaps {
+            for (gap, keyframe_came) in steps {
                 now += Duration::from_millis(gap);
                 // The caller sends a deferred PLI when its time comes.
                 if let Some(at) = deferred.filter(|at| *at <= now) {
                     t.sent_deferred(at);
                     sent.push(at);
                     deferred = None;
+                    on_its_way = true;
+                }
+                if keyframe_came {
+                    t.keyframe_seen();
+                    on_its_way = false;
                 }
                 match t.request(now) {
                     KeyframeDecision::SendNow => {
                         prop_assert!(deferred.is_none());
                         sent.push(now);
+                        on_its_way = true;
                     }
                     KeyframeDecision::SendAt(at) => {
                         prop_assert!(deferred.is_none() && at > now && at <= now + interval);
                         deferred = Some(at);
                     }
                     KeyframeDecision::AlreadyScheduled => prop_assert!(deferred.is_some()),
+                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come covers.
+                    KeyframeDecision::Covered => prop_assert!(
+                        detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT)
+                    ),
                 }
-                // Every request is answered by a PLI sent no earlier than interval after the previous one.
-                prop_assert!(deferred.is_some() || sent.last() == Some(&now));
+                // Every request is answered by a PLI sent no earlier than interval after the
+                // previous one, or by a keyframe still to come.
+                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (detects && on_its_way));
             }
             for pair in sent.windows(2) {
                 prop_assert!(pair[1] - pair[0] >= interval, "PLIs {:?} apart", pair[1] - pair[0]);

@@ -74,7 +74,7 @@ impl AgentSettings {
             public_ip: w.public_ip.parse().ok(),
             port_min: w.udp_port_min,
             port_max: w.udp_port_max,
-            keyframe_interval: Duration::from_millis(300),
+            keyframe_interval: Duration::from_millis(100),
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: w.ice_tcp,

@@ -81,12 +81,27 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Whether a VP8 RTP payload starts a keyframe (payload descriptor, then P bit = 0).
+/// Whether a VP8 RTP payload starts a keyframe (payload descriptor, RFC 7741 §4.2, then
+/// the frame header's P bit = 0).
 pub fn is_vp8_keyframe(payload: &[u8]) -> bool {
     let Some(&d) = payload.first() else { return false };
-    // Skip the extended descriptor bytes when X is set (tests only use the 1-byte form).
     let start = d & 0x10 != 0;
-    let header_at = if d & 0x80 != 0 { 2 } else { 1 };
+    let mut header_at = 1;
+    if d & 0x80 != 0 {
+        let Some(&x) = payload.get(1) else { return false };
+        header_at = 2;
+        if x & 0x80 != 0 {
+            // I: a picture id of 7 bits, or 15 when its first bit (M) is set.
+            let Some(&id) = payload.get(header_at) else { return false };
+            header_at += if id & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            header_at += 1; // L: TL0PICIDX
+        }
+        if x & 0x30 != 0 {
+            header_at += 1; // T or K: TID/Y/KEYIDX
+        }
+    }
     start && payload.get(header_at).is_some_and(|b| b & 0x01 == 0)
 }
 
@@ -204,7 +219,13 @@ impl Connection {
             .with(Slot::from(14_100), crate::loss::KeyframeOnLoss::default());
         // No mDNS: candidates are plain loopback addresses, and joining the multicast group
         // fails in a namespace that holds only loopback.
-        let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);
+        let mut settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            // Checks every 50 ms, as a browser paces them (libwebrtc: 48 ms) rather than
+            // webrtc-rs's 200 ms, which against an ICE-lite server (the client checks and
+            // nominates alone) held every connection back by a whole interval; 28 attempts
+            // keep webrtc-rs's 1.4 s before a pair fails.
+            .with_ice_connection_attempts(Some(Duration::from_millis(50)), Some(28));
         if let Some(profiles) = srtp {
             settings = settings.with_srtp_protection_profiles(profiles);
         }
@@ -906,4 +927,27 @@ pub fn keyframes_by_tag(packets: &[Received]) -> HashMap<u32, usize> {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_vp8_keyframe;
+
+    #[test]
+    fn vp8_keyframes_are_found_behind_every_descriptor_form() {
+        // 1-byte descriptor (S=1), frame header with P=0 / P=1.
+        assert!(is_vp8_keyframe(&[0x10, 0x00]));
+        assert!(!is_vp8_keyframe(&[0x10, 0x01]));
+        // Not the start of a partition.
+        assert!(!is_vp8_keyframe(&[0x00, 0x00]));
+        // X with a 15-bit picture id, TL0PICIDX and TID: the frame header is the 6th byte.
+        assert!(is_vp8_keyframe(&[0x90, 0xE0, 0x81, 0x23, 0x07, 0x40, 0x00]));
+        assert!(!is_vp8_keyframe(&[0x90, 0xE0, 0x81, 0x23, 0x07, 0x40, 0x01]));
+        // X with a 7-bit picture id only.
+        assert!(is_vp8_keyframe(&[0x90, 0x80, 0x05, 0x00]));
+        assert!(!is_vp8_keyframe(&[0x90, 0x80, 0x05, 0x01]));
+        // Cut short.
+        assert!(!is_vp8_keyframe(&[0x90, 0x80, 0x85]));
+        assert!(!is_vp8_keyframe(&[]));
+    }
 }

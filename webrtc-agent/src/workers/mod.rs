@@ -1187,7 +1187,7 @@ mod tests {
             public_ip: None,
             port_min: 40200,
             port_max: 40299,
-            keyframe_interval: Duration::from_millis(300),
+            keyframe_interval: Duration::from_millis(100),
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: false,

@@ -1162,6 +1162,9 @@ impl Worker {
         if !t.active || t.seen.repeat(packet.header.sequence_number) {
             return;
         }
+        if t.throttle.awaiting() && VideoCodec::of(&t.codec.mime_type).starts_keyframe(&packet.payload) {
+            t.throttle.keyframe_seen();
+        }
         strip_extensions(&mut packet);
         for &w in &t.workers {
             if let Some(out) = self.outbox.get_mut(w) {
@@ -1290,7 +1293,7 @@ impl Worker {
                 t.pli_due = Some(at);
                 self.timers.push(Reverse((at, Timer::Pli(track))));
             }
-            KeyframeDecision::AlreadyScheduled => {}
+            KeyframeDecision::AlreadyScheduled | KeyframeDecision::Covered => {}
         }
     }
 
@@ -2554,6 +2557,9 @@ fn deliver(
 }
 
 fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -> Published {
+    // Keyframes are seen (and a sent PLI covers requests until its keyframe) where the
+    // codec's keyframes can be found in its packets.
+    let detects = kind == MediaKind::Video && VideoCodec::of(&codec.mime_type) != VideoCodec::Other;
     Published {
         kind,
         codec,
@@ -2562,7 +2568,7 @@ fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -
         subscribers: Vec::new(),
         workers: Vec::new(),
         taps: Vec::new(),
-        throttle: KeyframeThrottle::new(keyframe_interval),
+        throttle: KeyframeThrottle::new(keyframe_interval, detects),
         pli_due: None,
         seen: SeenWindow::default(),
         active: true,
