@@ -1158,12 +1158,14 @@ impl Worker {
             self.layers_changed(board.id, now);
         }
         let Some(t) = self.published.get_mut(&track) else { return };
+        // Seen even while the track is paused: a keyframe dropped then must not keep covering
+        // the request its resumption makes.
+        if t.throttle.awaiting() && VideoCodec::of(&t.codec.mime_type).starts_keyframe(&packet.payload) {
+            t.throttle.keyframe_seen();
+        }
         // A repeated RTX repair goes to nobody (see `SeenWindow`).
         if !t.active || t.seen.repeat(packet.header.sequence_number) {
             return;
-        }
-        if t.throttle.awaiting() && VideoCodec::of(&t.codec.mime_type).starts_keyframe(&packet.payload) {
-            t.throttle.keyframe_seen();
         }
         strip_extensions(&mut packet);
         for &w in &t.workers {
