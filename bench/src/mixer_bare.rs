@@ -222,8 +222,11 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     let probes: Vec<std::net::UdpSocket> = (0..INPUTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     let out = UdpSocket::bind("127.0.0.1:0").await?;
-    // The encoder's threads as the mixer picks them: one per 1080p30 of pixel rate, so one.
-    let threads = 1;
+    // The encoder's threads as the mixer's rule gives them: one per 1080p30 of pixel rate,
+    // at most the CPUs it may use (one when pinned, as the server is).
+    let pixel_rate = u64::from(WIDTH) * u64::from(HEIGHT) * u64::from(FPS);
+    let cpus = if launch.pin_cpu.is_some() { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+    let threads = usize::try_from(pixel_rate.div_ceil(1920 * 1080 * 30)).unwrap_or(usize::MAX).clamp(1, cpus);
     let desc = bare_pipeline(&ports, out.local_addr()?.port(), threads);
     drop(probes);
     let dir = scratch_dir("gstreamer")?;

@@ -114,12 +114,19 @@ pub enum KeyframeDecision {
 /// request, and the next request is sent again (within the interval rule).
 pub const KEYFRAME_AWAIT: Duration = Duration::from_millis(500);
 
+/// How many times a PLI whose keyframe does not come is sent again for the requests it
+/// covered; after that, only new requests send one (a publisher that stopped sending
+/// video is not asked every half second for ever).
+const KEYFRAME_RETRIES: u8 = 3;
+
 /// Throttles keyframe requests to a publisher: at most one per `interval`, but a request
 /// inside the interval is never lost — it is deferred to the interval's end, so a
 /// subscriber that joins right after another still gets its keyframe soon. Where the
 /// caller can see keyframes (`detects`), a request made while a sent PLI's keyframe is
 /// still on its way is covered by it (as mediasoup's key frame request manager does), so a
-/// burst of joins or losses costs one keyframe and the interval can stay short.
+/// burst of joins or losses costs one keyframe and the interval can stay short; if that
+/// keyframe does not come within [`KEYFRAME_AWAIT`], the PLI is sent again (the caller
+/// calls [`KeyframeThrottle::wait_over`] then), so a covered request is not lost either.
 #[derive(Debug)]
 pub struct KeyframeThrottle {
     interval: Duration,
@@ -128,23 +135,34 @@ pub struct KeyframeThrottle {
     detects: bool,
     /// When the PLI whose keyframe has not come yet was sent.
     awaiting: Option<Instant>,
+    /// A covered request waits for that keyframe.
+    relied_on: bool,
+    /// PLIs sent again since the last keyframe.
+    retries: u8,
 }
 
 impl KeyframeThrottle {
     /// A throttle with the given minimum interval between PLIs; `detects`: the caller
     /// reports keyframes with [`KeyframeThrottle::keyframe_seen`].
     pub fn new(interval: Duration, detects: bool) -> Self {
-        KeyframeThrottle { interval, last: None, scheduled: false, detects, awaiting: None }
+        KeyframeThrottle { interval, last: None, scheduled: false, detects, awaiting: None, relied_on: false, retries: 0 }
     }
 
-    /// Decides about a request arriving at `now`.
-    pub fn request(&mut self, now: Instant) -> KeyframeDecision {
+    /// Decides about a request arriving at `now`. `cover`: a keyframe already on its way
+    /// may serve it — not so for a subscriber that has just connected, which may not
+    /// decrypt the start of a keyframe already in flight.
+    pub fn request(&mut self, now: Instant, cover: bool) -> KeyframeDecision {
         if self.scheduled {
             return KeyframeDecision::AlreadyScheduled;
         }
-        if self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
+        if cover && self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
+            self.relied_on = true;
             return KeyframeDecision::Covered;
         }
+        self.by_interval(now)
+    }
+
+    fn by_interval(&mut self, now: Instant) -> KeyframeDecision {
         match self.last {
             Some(last) if now.saturating_duration_since(last) < self.interval => {
                 self.scheduled = true;
@@ -170,6 +188,27 @@ impl KeyframeThrottle {
         }
     }
 
+    /// When the PLI whose keyframe is awaited was sent: the caller calls
+    /// [`KeyframeThrottle::wait_over`] with it [`KEYFRAME_AWAIT`] later.
+    pub fn awaited_since(&self) -> Option<Instant> {
+        self.awaiting
+    }
+
+    /// The wait for the keyframe of the PLI sent at `sent` is over at `now`: what to do,
+    /// if anything — a PLI again when that keyframe has not come and a covered request
+    /// waits for it.
+    pub fn wait_over(&mut self, sent: Instant, now: Instant) -> Option<KeyframeDecision> {
+        if self.awaiting != Some(sent) || !self.relied_on || self.scheduled {
+            return None;
+        }
+        if self.retries >= KEYFRAME_RETRIES {
+            self.relied_on = false;
+            return None;
+        }
+        self.retries += 1;
+        Some(self.by_interval(now))
+    }
+
     /// Whether a keyframe is awaited (the caller then looks for one in each packet).
     pub fn awaiting(&self) -> bool {
         self.awaiting.is_some()
@@ -178,6 +217,8 @@ impl KeyframeThrottle {
     /// The publisher's keyframe came: later requests need a new one.
     pub fn keyframe_seen(&mut self) {
         self.awaiting = None;
+        self.relied_on = false;
+        self.retries = 0;
     }
 }
 
@@ -201,6 +242,15 @@ impl Default for SeenWindow {
 impl SeenWindow {
     /// Sequence numbers remembered behind the highest one.
     pub const SIZE: usize = 1024;
+
+    /// Whether `seq` is newer than every number seen so far (so not a late packet or a
+    /// retransmission); does not record it.
+    pub fn advances(&self, seq: u16) -> bool {
+        self.highest.is_none_or(|highest| {
+            let ahead = seq.wrapping_sub(highest);
+            ahead != 0 && ahead < 0x8000
+        })
+    }
 
     /// Whether `seq` was delivered before; records it. A packet older than the window is
     /// let through unrecorded (a source that restarted its numbering lower goes on).
@@ -257,8 +307,11 @@ mod seen_window_tests {
         assert!(w.repeat(65300));
         assert!(w.repeat(99));
         assert!(w.repeat(0));
-        // Lost then repaired: the first delivery passes, the second is a repeat.
+        // Lost then repaired: the first delivery passes, the second is a repeat; only a
+        // newer number advances the stream.
+        assert!(w.advances(105) && !w.advances(99) && !w.advances(50));
         assert!(!w.repeat(105));
+        assert!(!w.advances(101) && !w.advances(105));
         assert!(!w.repeat(101));
         assert!(w.repeat(101));
         assert!(!w.repeat(102));
@@ -346,36 +399,64 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(ms(100), true);
-        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
         assert!(t.awaiting());
+        assert_eq!(t.awaited_since(), Some(t0));
         // Before the keyframe comes, later requests (even past the interval) ride on it.
-        assert_eq!(t.request(t0 + ms(20)), KeyframeDecision::Covered);
-        assert_eq!(t.request(t0 + ms(150)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(20), true), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(150), true), KeyframeDecision::Covered);
+        // A subscriber that has just connected does not: it gets its own, within the interval rule.
+        assert_eq!(t.request(t0 + ms(160), false), KeyframeDecision::SendNow);
         t.keyframe_seen();
         assert!(!t.awaiting());
+        // The wait for the first PLI's keyframe ends with nothing to do: a keyframe came.
+        assert_eq!(t.wait_over(t0, t0 + KEYFRAME_AWAIT), None);
         // After it, a request needs a keyframe of its own, within the interval rule.
-        assert_eq!(t.request(t0 + ms(160)), KeyframeDecision::SendNow);
-        t.keyframe_seen();
-        assert_eq!(t.request(t0 + ms(200)), KeyframeDecision::SendAt(t0 + ms(260)));
+        assert_eq!(t.request(t0 + ms(200), true), KeyframeDecision::SendAt(t0 + ms(260)));
         t.sent_deferred(t0 + ms(260));
         // A keyframe that never comes covers requests for KEYFRAME_AWAIT only.
-        assert_eq!(t.request(t0 + ms(260) + KEYFRAME_AWAIT - ms(1)), KeyframeDecision::Covered);
-        assert_eq!(t.request(t0 + ms(260) + KEYFRAME_AWAIT), KeyframeDecision::SendNow);
+        let sent = t0 + ms(260);
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT - ms(1), true), KeyframeDecision::Covered);
+        // ... and the covered request gets the PLI again when the wait is over.
+        assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
+        assert_eq!(t.awaited_since(), Some(sent + KEYFRAME_AWAIT));
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT * 2, true), KeyframeDecision::SendNow);
         // Without keyframe detection nothing is covered.
         let mut blind = KeyframeThrottle::new(ms(100), false);
-        assert_eq!(blind.request(t0), KeyframeDecision::SendNow);
-        assert_eq!(blind.request(t0 + ms(150)), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(blind.awaited_since(), None);
+        assert_eq!(blind.request(t0 + ms(150), true), KeyframeDecision::SendNow);
+    }
+
+    #[test]
+    fn a_pli_whose_keyframe_never_comes_is_sent_again_a_few_times_for_covered_requests() {
+        let t0 = Instant::now();
+        let mut t = KeyframeThrottle::new(Duration::from_millis(100), true);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
+        // Nobody relies on it: the wait ends quietly.
+        assert_eq!(t.wait_over(t0, t0 + KEYFRAME_AWAIT), None);
+        let mut sent = t0 + KEYFRAME_AWAIT;
+        assert_eq!(t.request(sent, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(sent + Duration::from_millis(10), true), KeyframeDecision::Covered);
+        for _ in 0..KEYFRAME_RETRIES {
+            assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
+            sent += KEYFRAME_AWAIT;
+        }
+        // A publisher that sends no keyframe is not asked for ever.
+        assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), None);
+        // A stale wait (a later PLI was sent) does nothing.
+        assert_eq!(t.wait_over(t0, sent + KEYFRAME_AWAIT), None);
     }
 
     #[test]
     fn throttle_defers_instead_of_dropping() {
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(Duration::from_millis(500), false);
-        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
-        assert_eq!(t.request(t0 + Duration::from_millis(100)), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
-        assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(100), true), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
+        assert_eq!(t.request(t0 + Duration::from_millis(200), false), KeyframeDecision::AlreadyScheduled);
         t.sent_deferred(t0 + Duration::from_millis(500));
-        assert_eq!(t.request(t0 + Duration::from_millis(1100)), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(1100), true), KeyframeDecision::SendNow);
     }
 }
 
@@ -501,48 +582,97 @@ mod proptests {
         fn keyframe_requests_are_spaced_and_never_lost(
             interval_ms in 1..1000u64,
             detects in any::<bool>(),
-            steps in prop::collection::vec((0..1500u64, any::<bool>()), 1..60),
+            steps in prop::collection::vec((0..1500u64, any::<bool>(), any::<bool>()), 1..60),
         ) {
             let interval = Duration::from_millis(interval_ms);
             let t0 = Instant::now();
             let mut t = KeyframeThrottle::new(interval, detects);
             let mut sent: Vec<Instant> = Vec::new();
             let mut deferred: Option<Instant> = None;
+            // The ends of the waits for sent PLIs' keyframes (the caller's timers).
+            let mut waits: Vec<Instant> = Vec::new();
             // The keyframe answering the last PLI has not come yet.
             let mut on_its_way = false;
+            // A covered request that no keyframe has answered yet, and the PLIs sent again for it.
+            let mut covered = false;
+            let mut retries = 0;
             let mut now = t0;
-            for (gap, keyframe_came) in steps {
+            for (gap, keyframe_came, cover) in steps {
                 now += Duration::from_millis(gap);
-                // The caller sends a deferred PLI when its time comes.
-                if let Some(at) = deferred.filter(|at| *at <= now) {
-                    t.sent_deferred(at);
-                    sent.push(at);
-                    deferred = None;
-                    on_its_way = true;
+                // The caller's timers, in the order they fall due.
+                loop {
+                    let wait = waits.iter().map(|s| *s + KEYFRAME_AWAIT).filter(|e| *e <= now).min();
+                    let due = deferred.filter(|at| *at <= now);
+                    let at = match (due, wait) {
+                        (Some(d), Some(w)) if w < d => w,
+                        (Some(d), _) => d,
+                        (None, Some(w)) => w,
+                        (None, None) => break,
+                    };
+                    let mut send = false;
+                    if due == Some(at) {
+                        t.sent_deferred(at);
+                        deferred = None;
+                        send = true;
+                    } else {
+                        let s = at - KEYFRAME_AWAIT;
+                        waits.retain(|w| *w != s);
+                        match t.wait_over(s, at) {
+                            None => {}
+                            Some(d) => {
+                                prop_assert!(detects && on_its_way && covered && sent.last() == Some(&s));
+                                retries += 1;
+                                match d {
+                                    KeyframeDecision::SendNow => send = true,
+                                    KeyframeDecision::SendAt(x) => deferred = Some(x),
+                                    other => prop_assert!(false, "{:?} after a wait", other),
+                                }
+                            }
+                        }
+                    }
+                    if send {
+                        sent.push(at);
+                        if detects {
+                            on_its_way = true;
+                            waits.push(at);
+                        }
+                    }
                 }
                 if keyframe_came {
                     t.keyframe_seen();
                     on_its_way = false;
+                    covered = false;
+                    retries = 0;
                 }
-                match t.request(now) {
+                match t.request(now, cover) {
                     KeyframeDecision::SendNow => {
                         prop_assert!(deferred.is_none());
                         sent.push(now);
-                        on_its_way = true;
+                        if detects {
+                            on_its_way = true;
+                            waits.push(now);
+                        }
                     }
                     KeyframeDecision::SendAt(at) => {
                         prop_assert!(deferred.is_none() && at > now && at <= now + interval);
                         deferred = Some(at);
                     }
                     KeyframeDecision::AlreadyScheduled => prop_assert!(deferred.is_some()),
-                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come covers.
-                    KeyframeDecision::Covered => prop_assert!(
-                        detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT)
-                    ),
+                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come
+                    // covers, and only a request that allows it.
+                    KeyframeDecision::Covered => {
+                        prop_assert!(cover && detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT));
+                        covered = true;
+                    }
                 }
                 // Every request is answered by a PLI sent no earlier than interval after the
-                // previous one, or by a keyframe still to come.
-                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (detects && on_its_way));
+                // previous one, or by a keyframe still to come ...
+                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (cover && detects && on_its_way));
+                // ... and a covered one, while that keyframe does not come, by a PLI again
+                // when the wait for it is over (a few times).
+                if covered && retries < KEYFRAME_RETRIES {
+                    prop_assert!(deferred.is_some() || sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT && waits.contains(s)));
+                }
             }
             for pair in sent.windows(2) {
                 prop_assert!(pair[1] - pair[0] >= interval, "PLIs {:?} apart", pair[1] - pair[0]);

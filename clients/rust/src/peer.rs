@@ -85,7 +85,8 @@ pub fn now_us() -> u64 {
 /// the frame header's P bit = 0).
 pub fn is_vp8_keyframe(payload: &[u8]) -> bool {
     let Some(&d) = payload.first() else { return false };
-    let start = d & 0x10 != 0;
+    // S set and partition index 0: the start of a frame.
+    let start = d & 0x10 != 0 && d & 0x0F == 0;
     let mut header_at = 1;
     if d & 0x80 != 0 {
         let Some(&x) = payload.get(1) else { return false };
@@ -945,6 +946,8 @@ mod tests {
         assert!(!is_vp8_keyframe(&[0x90, 0xE0, 0x81, 0x23, 0x07, 0x40, 0x01]));
         // X with a 7-bit picture id only.
         assert!(is_vp8_keyframe(&[0x90, 0x80, 0x05, 0x00]));
+        // The start of a later partition is not the start of the frame.
+        assert!(!is_vp8_keyframe(&[0x11, 0x00]));
         assert!(!is_vp8_keyframe(&[0x90, 0x80, 0x05, 0x01]));
         // Cut short.
         assert!(!is_vp8_keyframe(&[0x90, 0x80, 0x85]));

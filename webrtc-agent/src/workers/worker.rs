@@ -56,7 +56,7 @@ use super::tcp::{self, TcpEvent};
 use super::udp;
 use super::{Shared, TrackId};
 use crate::feedback::is_keyframe_request;
-use crate::forward::{KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
+use crate::forward::{KEYFRAME_AWAIT, KeyframeDecision, KeyframeThrottle, Rewriter, SeenWindow, strip_extensions};
 use crate::simulcast::{AutoState, LayerBoard, VideoCodec, Vp8Munger};
 
 /// `recvmmsg` calls per loop round before the loop drains outputs and timers.
@@ -153,8 +153,10 @@ pub(crate) enum Cmd {
         worker: usize,
         add: bool,
     },
+    /// A keyframe request for a track published here; `cover`: see [`KeyframeThrottle::request`].
     Keyframe {
         track: TrackId,
+        cover: bool,
     },
     Tap {
         track: TrackId,
@@ -242,6 +244,8 @@ struct Published {
     workers: Vec<usize>,
     taps: Vec<TrackTap>,
     throttle: KeyframeThrottle,
+    /// Its codec's family, for finding its keyframes.
+    video: VideoCodec,
     pli_due: Option<Instant>,
     seen: SeenWindow,
     /// Publisher-side mute (`stream-control pause`).
@@ -612,6 +616,8 @@ struct Peer {
 enum Timer {
     Peer(u32),
     Pli(TrackId),
+    /// The wait for the keyframe of a PLI (sent then) to this track is over.
+    KeyframeWait(TrackId, Instant),
     /// Measure a layered video's layers (a board on this worker).
     Layers(u64),
     /// Subscribers on `auto` choose again from their bandwidth estimate.
@@ -1158,13 +1164,15 @@ impl Worker {
             self.layers_changed(board.id, now);
         }
         let Some(t) = self.published.get_mut(&track) else { return };
-        // Seen even while the track is paused: a keyframe dropped then must not keep covering
-        // the request its resumption makes.
-        if t.throttle.awaiting() && VideoCodec::of(&t.codec.mime_type).starts_keyframe(&packet.payload) {
+        let seq = packet.header.sequence_number;
+        // Seen even while the track is paused (a keyframe dropped then must not keep covering
+        // the request its resumption makes), but only at the head of the stream: a late or
+        // repaired packet of an old keyframe is not the one awaited.
+        if t.throttle.awaiting() && t.seen.advances(seq) && t.video.starts_keyframe(&packet.payload) {
             t.throttle.keyframe_seen();
         }
         // A repeated RTX repair goes to nobody (see `SeenWindow`).
-        if !t.active || t.seen.repeat(packet.header.sequence_number) {
+        if t.seen.repeat(seq) || !t.active {
             return;
         }
         strip_extensions(&mut packet);
@@ -1281,26 +1289,45 @@ impl Worker {
 
     /// Asks a track's producer for a keyframe (throttled), wherever it is published.
     fn keyframe(&mut self, track: TrackId, owner: usize, now: Instant) {
+        self.ask_keyframe(track, owner, true, now);
+    }
+
+    /// [`Self::keyframe`]; `cover`: a keyframe already on its way may serve the request
+    /// (see [`KeyframeThrottle::request`]).
+    fn ask_keyframe(&mut self, track: TrackId, owner: usize, cover: bool, now: Instant) {
         if owner != self.index {
-            self.shared.send_to(owner, Cmd::Keyframe { track });
+            self.shared.send_to(owner, Cmd::Keyframe { track, cover });
             return;
         }
         let Some(t) = self.published.get_mut(&track) else { return };
         if t.kind != MediaKind::Video {
             return;
         }
-        match t.throttle.request(now) {
+        let decision = t.throttle.request(now, cover);
+        self.decided(track, decision);
+    }
+
+    /// Carries out a throttle's decision about a track's keyframe request.
+    fn decided(&mut self, track: TrackId, decision: KeyframeDecision) {
+        match decision {
             KeyframeDecision::SendNow => self.send_pli(track),
             KeyframeDecision::SendAt(at) => {
-                t.pli_due = Some(at);
-                self.timers.push(Reverse((at, Timer::Pli(track))));
+                if let Some(t) = self.published.get_mut(&track) {
+                    t.pli_due = Some(at);
+                    self.timers.push(Reverse((at, Timer::Pli(track))));
+                }
             }
             KeyframeDecision::AlreadyScheduled | KeyframeDecision::Covered => {}
         }
     }
 
+    /// Sends the PLI the throttle just counted as sent, and sets the end of the wait for
+    /// its keyframe.
     fn send_pli(&mut self, track: TrackId) {
         let Some(t) = self.published.get(&track) else { return };
+        if let Some(sent) = t.throttle.awaited_since() {
+            self.timers.push(Reverse((sent + KEYFRAME_AWAIT, Timer::KeyframeWait(track, sent))));
+        }
         if let Some(f) = &t.on_keyframe {
             // The producer (the mixer's encoder) takes its own locks: not on the packet thread.
             let f = f.clone();
@@ -1364,6 +1391,13 @@ impl Worker {
                     t.pli_due = None;
                     t.throttle.sent_deferred(now);
                     self.send_pli(track);
+                }
+                Timer::KeyframeWait(track, sent) => {
+                    let Some(t) = self.published.get_mut(&track) else { continue };
+                    if let Some(decision) = t.throttle.wait_over(sent, now) {
+                        debug!(track, "keyframe not come within the wait: PLI again");
+                        self.decided(track, decision);
+                    }
                 }
             }
         }
@@ -1460,7 +1494,7 @@ impl Worker {
                     update_consumers(t);
                 }
             }
-            Cmd::Keyframe { track } => self.keyframe(track, self.index, now),
+            Cmd::Keyframe { track, cover } => self.ask_keyframe(track, self.index, cover, now),
             Cmd::Tap { track, id, tx, exact } => {
                 let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id).filter(|_| !exact);
                 if let Some(board) = layered {
@@ -1824,8 +1858,9 @@ impl Worker {
             sources.extend(p.legs.values().filter(|l| &l.session == s).map(|l| (l.source, l.owner)));
             self.shared.progress(&p.room, &p.participant, &p.transport, Progress::SessionReady { session: s.as_str().into() });
         }
+        // Not covered by a keyframe already in flight: the client may not yet decrypt its start.
         for (track, owner) in sources {
-            self.keyframe(track, owner, now);
+            self.ask_keyframe(track, owner, false, now);
         }
     }
 
@@ -2561,8 +2596,10 @@ fn deliver(
 fn published(kind: MediaKind, codec: RTCRtpCodec, keyframe_interval: Duration) -> Published {
     // Keyframes are seen (and a sent PLI covers requests until its keyframe) where the
     // codec's keyframes can be found in its packets.
-    let detects = kind == MediaKind::Video && VideoCodec::of(&codec.mime_type) != VideoCodec::Other;
+    let video = if kind == MediaKind::Video { VideoCodec::of(&codec.mime_type) } else { VideoCodec::Other };
+    let detects = video != VideoCodec::Other;
     Published {
+        video,
         kind,
         codec,
         publisher: None,
