@@ -114,9 +114,9 @@ pub enum KeyframeDecision {
 /// request, and the next request is sent again (within the interval rule).
 pub const KEYFRAME_AWAIT: Duration = Duration::from_millis(500);
 
-/// How many times a PLI whose keyframe does not come is sent again for the requests it
-/// covered; after that, only new requests send one (a publisher that stopped sending
-/// video is not asked every half second for ever).
+/// How many times a PLI whose keyframe does not come is sent again for the requests
+/// waiting on it; after that, only a new request sends one (a publisher that stopped
+/// sending video is not asked every half second for ever).
 const KEYFRAME_RETRIES: u8 = 3;
 
 /// Throttles keyframe requests to a publisher: at most one per `interval`, but a request
@@ -124,9 +124,10 @@ const KEYFRAME_RETRIES: u8 = 3;
 /// subscriber that joins right after another still gets its keyframe soon. Where the
 /// caller can see keyframes (`detects`), a request made while a sent PLI's keyframe is
 /// still on its way is covered by it (as mediasoup's key frame request manager does), so a
-/// burst of joins or losses costs one keyframe and the interval can stay short; if that
-/// keyframe does not come within [`KEYFRAME_AWAIT`], the PLI is sent again (the caller
-/// calls [`KeyframeThrottle::wait_over`] then), so a covered request is not lost either.
+/// burst of joins or losses costs one keyframe and the interval can stay short; and if
+/// the keyframe does not come within [`KEYFRAME_AWAIT`] of its PLI, the PLI is sent again
+/// (the caller calls [`KeyframeThrottle::wait_over`] then), so a lost PLI loses no
+/// request: taps (the mixer's inputs, recordings, relays) do not ask again by themselves.
 #[derive(Debug)]
 pub struct KeyframeThrottle {
     interval: Duration,
@@ -135,9 +136,9 @@ pub struct KeyframeThrottle {
     detects: bool,
     /// When the PLI whose keyframe has not come yet was sent.
     awaiting: Option<Instant>,
-    /// A covered request waits for that keyframe.
+    /// A request waits for a keyframe (none has come since it was made).
     relied_on: bool,
-    /// PLIs sent again since the last keyframe.
+    /// PLIs sent again since the last request that sent one, or the last keyframe.
     retries: u8,
 }
 
@@ -148,17 +149,18 @@ impl KeyframeThrottle {
         KeyframeThrottle { interval, last: None, scheduled: false, detects, awaiting: None, relied_on: false, retries: 0 }
     }
 
-    /// Decides about a request arriving at `now`. `cover`: a keyframe already on its way
-    /// may serve it — not so for a subscriber that has just connected, which may not
-    /// decrypt the start of a keyframe already in flight.
-    pub fn request(&mut self, now: Instant, cover: bool) -> KeyframeDecision {
+    /// Decides about a request arriving at `now`.
+    pub fn request(&mut self, now: Instant) -> KeyframeDecision {
+        // Whatever the decision, the request waits for the next keyframe.
+        self.relied_on = self.detects;
         if self.scheduled {
             return KeyframeDecision::AlreadyScheduled;
         }
-        if cover && self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
-            self.relied_on = true;
+        if self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
             return KeyframeDecision::Covered;
         }
+        // A request that sends a PLI gets retries of its own.
+        self.retries = 0;
         self.by_interval(now)
     }
 
@@ -195,8 +197,7 @@ impl KeyframeThrottle {
     }
 
     /// The wait for the keyframe of the PLI sent at `sent` is over at `now`: what to do,
-    /// if anything — a PLI again when that keyframe has not come and a covered request
-    /// waits for it.
+    /// if anything — a PLI again when that keyframe has not come and a request waits for it.
     pub fn wait_over(&mut self, sent: Instant, now: Instant) -> Option<KeyframeDecision> {
         if self.awaiting != Some(sent) || !self.relied_on || self.scheduled {
             return None;
@@ -253,7 +254,8 @@ impl SeenWindow {
     }
 
     /// Whether `seq` was delivered before; records it. A packet older than the window is
-    /// let through unrecorded (a source that restarted its numbering lower goes on).
+    /// let through and starts the window anew from it (a source that restarted its
+    /// numbering lower, or came back from a long silence, goes on, and is tracked again).
     pub fn repeat(&mut self, seq: u16) -> bool {
         let Some(highest) = self.highest else {
             self.highest = Some(seq);
@@ -271,7 +273,8 @@ impl SeenWindow {
             }
             self.highest = Some(seq);
         } else if usize::from(highest.wrapping_sub(seq)) >= Self::SIZE {
-            return false;
+            self.bits = [0; Self::SIZE / 64];
+            self.highest = Some(seq);
         }
         self.mark(seq, true)
     }
@@ -315,9 +318,13 @@ mod seen_window_tests {
         assert!(!w.repeat(101));
         assert!(w.repeat(101));
         assert!(!w.repeat(102));
-        // Older than the window: let through (unknown), and not recorded.
-        assert!(!w.repeat(105u16.wrapping_sub(2000)));
-        assert!(!w.repeat(105u16.wrapping_sub(2000)));
+        // Older than the window: let through (unknown); the window starts anew from it, so
+        // the stream goes on from there (a source that restarted lower).
+        let restart = 105u16.wrapping_sub(2000);
+        assert!(!w.repeat(restart));
+        assert!(w.repeat(restart));
+        assert!(w.advances(restart.wrapping_add(1)) && !w.advances(restart.wrapping_sub(1)));
+        assert!(!w.repeat(restart.wrapping_add(1)));
         // A jump ahead by more than the window forgets everything before it.
         assert!(!w.repeat(3105));
         assert!(!w.repeat(3104));
@@ -399,45 +406,42 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(ms(100), true);
-        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
         assert!(t.awaiting());
         assert_eq!(t.awaited_since(), Some(t0));
         // Before the keyframe comes, later requests (even past the interval) ride on it.
-        assert_eq!(t.request(t0 + ms(20), true), KeyframeDecision::Covered);
-        assert_eq!(t.request(t0 + ms(150), true), KeyframeDecision::Covered);
-        // A subscriber that has just connected does not: it gets its own, within the interval rule.
-        assert_eq!(t.request(t0 + ms(160), false), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + ms(20)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(150)), KeyframeDecision::Covered);
         t.keyframe_seen();
         assert!(!t.awaiting());
         // The wait for the first PLI's keyframe ends with nothing to do: a keyframe came.
         assert_eq!(t.wait_over(t0, t0 + KEYFRAME_AWAIT), None);
         // After it, a request needs a keyframe of its own, within the interval rule.
-        assert_eq!(t.request(t0 + ms(200), true), KeyframeDecision::SendAt(t0 + ms(260)));
+        assert_eq!(t.request(t0 + ms(160)), KeyframeDecision::SendNow);
+        t.keyframe_seen();
+        assert_eq!(t.request(t0 + ms(200)), KeyframeDecision::SendAt(t0 + ms(260)));
         t.sent_deferred(t0 + ms(260));
         // A keyframe that never comes covers requests for KEYFRAME_AWAIT only.
         let sent = t0 + ms(260);
-        assert_eq!(t.request(sent + KEYFRAME_AWAIT - ms(1), true), KeyframeDecision::Covered);
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT - ms(1)), KeyframeDecision::Covered);
         // ... and the covered request gets the PLI again when the wait is over.
         assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
         assert_eq!(t.awaited_since(), Some(sent + KEYFRAME_AWAIT));
-        assert_eq!(t.request(sent + KEYFRAME_AWAIT * 2, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT * 2), KeyframeDecision::SendNow);
         // Without keyframe detection nothing is covered.
         let mut blind = KeyframeThrottle::new(ms(100), false);
-        assert_eq!(blind.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0), KeyframeDecision::SendNow);
         assert_eq!(blind.awaited_since(), None);
-        assert_eq!(blind.request(t0 + ms(150), true), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0 + ms(150)), KeyframeDecision::SendNow);
     }
 
     #[test]
-    fn a_pli_whose_keyframe_never_comes_is_sent_again_a_few_times_for_covered_requests() {
+    fn a_pli_whose_keyframe_never_comes_is_sent_again_a_few_times() {
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(Duration::from_millis(100), true);
-        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
-        // Nobody relies on it: the wait ends quietly.
-        assert_eq!(t.wait_over(t0, t0 + KEYFRAME_AWAIT), None);
-        let mut sent = t0 + KEYFRAME_AWAIT;
-        assert_eq!(t.request(sent, true), KeyframeDecision::SendNow);
-        assert_eq!(t.request(sent + Duration::from_millis(10), true), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(10)), KeyframeDecision::Covered);
+        let mut sent = t0;
         for _ in 0..KEYFRAME_RETRIES {
             assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
             sent += KEYFRAME_AWAIT;
@@ -446,17 +450,24 @@ mod tests {
         assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), None);
         // A stale wait (a later PLI was sent) does nothing.
         assert_eq!(t.wait_over(t0, sent + KEYFRAME_AWAIT), None);
+        // A new request that sends a PLI gets retries of its own.
+        let later = sent + KEYFRAME_AWAIT * 2;
+        assert_eq!(t.request(later), KeyframeDecision::SendNow);
+        assert_eq!(t.wait_over(later, later + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
+        // Once the keyframe comes, the wait ends quietly.
+        t.keyframe_seen();
+        assert_eq!(t.wait_over(later + KEYFRAME_AWAIT, later + KEYFRAME_AWAIT * 2), None);
     }
 
     #[test]
     fn throttle_defers_instead_of_dropping() {
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(Duration::from_millis(500), false);
-        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
-        assert_eq!(t.request(t0 + Duration::from_millis(100), true), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
-        assert_eq!(t.request(t0 + Duration::from_millis(200), false), KeyframeDecision::AlreadyScheduled);
+        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(100)), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
+        assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
         t.sent_deferred(t0 + Duration::from_millis(500));
-        assert_eq!(t.request(t0 + Duration::from_millis(1100), true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(1100)), KeyframeDecision::SendNow);
     }
 }
 
@@ -582,7 +593,7 @@ mod proptests {
         fn keyframe_requests_are_spaced_and_never_lost(
             interval_ms in 1..1000u64,
             detects in any::<bool>(),
-            steps in prop::collection::vec((0..1500u64, any::<bool>(), any::<bool>()), 1..60),
+            steps in prop::collection::vec((0..1500u64, any::<bool>()), 1..60),
         ) {
             let interval = Duration::from_millis(interval_ms);
             let t0 = Instant::now();
@@ -593,11 +604,11 @@ mod proptests {
             let mut waits: Vec<Instant> = Vec::new();
             // The keyframe answering the last PLI has not come yet.
             let mut on_its_way = false;
-            // A covered request that no keyframe has answered yet, and the PLIs sent again for it.
-            let mut covered = false;
+            // A request that no keyframe has answered yet, and the PLIs sent again for it.
+            let mut waiting = false;
             let mut retries = 0;
             let mut now = t0;
-            for (gap, keyframe_came, cover) in steps {
+            for (gap, keyframe_came) in steps {
                 now += Duration::from_millis(gap);
                 // The caller's timers, in the order they fall due.
                 loop {
@@ -620,8 +631,9 @@ mod proptests {
                         match t.wait_over(s, at) {
                             None => {}
                             Some(d) => {
-                                prop_assert!(detects && on_its_way && covered && sent.last() == Some(&s));
+                                prop_assert!(detects && on_its_way && waiting && sent.last() == Some(&s));
                                 retries += 1;
+                                prop_assert!(retries <= KEYFRAME_RETRIES, "sent again {} times", retries);
                                 match d {
                                     KeyframeDecision::SendNow => send = true,
                                     KeyframeDecision::SendAt(x) => deferred = Some(x),
@@ -641,12 +653,13 @@ mod proptests {
                 if keyframe_came {
                     t.keyframe_seen();
                     on_its_way = false;
-                    covered = false;
+                    waiting = false;
                     retries = 0;
                 }
-                match t.request(now, cover) {
+                match t.request(now) {
                     KeyframeDecision::SendNow => {
                         prop_assert!(deferred.is_none());
+                        retries = 0;
                         sent.push(now);
                         if detects {
                             on_its_way = true;
@@ -656,21 +669,21 @@ mod proptests {
                     KeyframeDecision::SendAt(at) => {
                         prop_assert!(deferred.is_none() && at > now && at <= now + interval);
                         deferred = Some(at);
+                        retries = 0;
                     }
                     KeyframeDecision::AlreadyScheduled => prop_assert!(deferred.is_some()),
-                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come
-                    // covers, and only a request that allows it.
+                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come covers.
                     KeyframeDecision::Covered => {
-                        prop_assert!(cover && detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT));
-                        covered = true;
+                        prop_assert!(detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT));
                     }
                 }
+                waiting |= detects;
                 // Every request is answered by a PLI sent no earlier than interval after the
                 // previous one, or by a keyframe still to come ...
-                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (cover && detects && on_its_way));
-                // ... and a covered one, while that keyframe does not come, by a PLI again
-                // when the wait for it is over (a few times).
-                if covered && retries < KEYFRAME_RETRIES {
+                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (detects && on_its_way));
+                // ... and, while no keyframe comes (a PLI lost), by a PLI again when the wait
+                // for the last one is over (a few times).
+                if waiting && retries < KEYFRAME_RETRIES {
                     prop_assert!(deferred.is_some() || sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT && waits.contains(s)));
                 }
             }

@@ -35,6 +35,11 @@ use webrtc::peer_connection::{
 
 use crate::signaling::Signaling;
 
+/// A publisher answers at most one keyframe request per this interval, as a browser's
+/// encoder does (libwebrtc's `EncoderRtcpFeedback` ignores a PLI or FIR less than 300 ms
+/// after the last one it took), so servers are measured against the publishers they meet.
+pub const KEYFRAME_REQUEST_MIN_INTERVAL: Duration = Duration::from_millis(300);
+
 /// Largest synthetic video payload: bigger frames are split over several packets.
 pub const MAX_VIDEO_PAYLOAD: usize = 1100;
 
@@ -86,7 +91,7 @@ pub fn now_us() -> u64 {
 pub fn is_vp8_keyframe(payload: &[u8]) -> bool {
     let Some(&d) = payload.first() else { return false };
     // S set and partition index 0: the start of a frame.
-    let start = d & 0x10 != 0 && d & 0x0F == 0;
+    let start = d & 0x10 != 0 && d & 0x07 == 0;
     let mut header_at = 1;
     if d & 0x80 != 0 {
         let Some(&x) = payload.get(1) else { return false };
@@ -553,12 +558,16 @@ impl PreparedPublisher {
             if name == "video" {
                 let (count, wanted) = (keyframe_requests.clone(), keyframe_wanted.clone());
                 tokio::spawn(async move {
+                    let mut taken: Option<Instant> = None;
                     while let Some(ev) = local.poll().await {
                         if let TrackLocalEvent::OnRtcpPacket(pkts) = ev
                             && pkts.iter().any(|p| is_keyframe_request(p.as_ref()))
                         {
                             count.fetch_add(1, Ordering::Relaxed);
-                            wanted.store(true, Ordering::Relaxed);
+                            if taken.is_none_or(|t| t.elapsed() >= KEYFRAME_REQUEST_MIN_INTERVAL) {
+                                taken = Some(Instant::now());
+                                wanted.store(true, Ordering::Relaxed);
+                            }
                         }
                     }
                 });

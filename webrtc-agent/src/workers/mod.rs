@@ -879,7 +879,7 @@ impl WorkerAgent {
                 .unwrap_or_default()
         };
         for (track, worker) in tracks {
-            self.shared.send_to(worker, Cmd::Keyframe { track, cover: true });
+            self.shared.send_to(worker, Cmd::Keyframe { track });
         }
     }
 }
@@ -1034,7 +1034,7 @@ impl StreamSource for WorkerAgent {
             })
         };
         match found {
-            Some((track, worker)) => self.shared.send_to(worker, Cmd::Keyframe { track, cover: true }),
+            Some((track, worker)) => self.shared.send_to(worker, Cmd::Keyframe { track }),
             None => self.keyframe_for(stream),
         }
     }
