@@ -392,6 +392,8 @@ fn print_comparison(rows: &[Value]) {
         ("latency_ms_p99", "latency p99 ms"),
         ("loss_pct", "loss %"),
         ("first_frame_ms", "first frame ms"),
+        // Subscribers the median above leaves out: no picture within 5 s of joining.
+        ("missing_first_frames", "no picture (5 s)"),
         ("capacity_subscribers", "capacity (subs)"),
     ];
     println!();

@@ -1168,6 +1168,7 @@ impl Worker {
         // repaired packet of an old keyframe is not the one awaited.
         if t.throttle.awaiting() && t.seen.advances(seq) && t.video.starts_keyframe(&packet.payload) {
             t.throttle.keyframe_seen();
+            debug!(track, "keyframe came");
         }
         // A repeated RTX repair goes to nobody (see `SeenWindow`).
         if t.seen.repeat(seq) || !t.active {
@@ -1330,6 +1331,7 @@ impl Worker {
         let Some(p) = self.peers.get_mut(&peer) else { return };
         if let Some(mut r) = p.pc.rtp_receiver(receiver) {
             self.out.traffic.plis_out += 1;
+            debug!(track, "PLI to the publisher");
             let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
             if let Err(e) = r.write_rtcp(Instant::now(), vec![Box::new(pli)]) {
                 debug!(error = %e, "PLI to publisher failed");
