@@ -437,7 +437,7 @@ mod tests {
 
     fn publish(room: &str, participant: &str) -> AgentCommand {
         let at = SessionRef { room: room.into(), participant: participant.into(), transport: "t".into(), session: participant.into() };
-        AgentCommand::Publish(PublishSpec { at, tracks: Vec::new(), data: false })
+        AgentCommand::Publish(PublishSpec { at, tracks: Vec::new(), data: false, accept: None })
     }
 
     /// Node `node`'s run `instance`.

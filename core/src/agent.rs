@@ -116,6 +116,10 @@ pub struct PublishSpec {
     pub tracks: Vec<PublishTrack>,
     /// Whether the publication carries a data channel.
     pub data: bool,
+    /// The codecs it may send (the room's `mediaIn`): the agent answers its m-lines with
+    /// those only, and refuses an m-line that offers none; `None`: any codec.
+    #[serde(default)]
+    pub accept: Option<crate::room::MediaIn>,
 }
 
 /// A subscription to set up on a transport.
@@ -371,6 +375,7 @@ pub(crate) mod tests {
             at: at(),
             tracks: vec![PublishTrack { kind: MediaKind::Video, mid: "1".into(), source: "camera".into() }],
             data: true,
+            accept: Some(crate::room::MediaIn::default()),
         });
         round_trip(SubscribeSpec {
             at: at(),

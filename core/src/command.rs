@@ -745,8 +745,13 @@ mod tests {
     #[test]
     fn every_agent_command_and_reply_round_trips() {
         let commands: Vec<AgentCommand> = vec![
-            PublishSpec { at: at(), tracks: vec![PublishTrack { kind: MediaKind::Video, mid: "1".into(), source: "camera".into() }], data: true }
-                .into(),
+            PublishSpec {
+                at: at(),
+                tracks: vec![PublishTrack { kind: MediaKind::Video, mid: "1".into(), source: "camera".into() }],
+                data: true,
+                accept: None,
+            }
+            .into(),
             SubscribeSpec {
                 at: at(),
                 tracks: vec![SubscribeTrack { kind: MediaKind::Audio, mid: "0".into(), from: "s9".into(), layer: Default::default() }],

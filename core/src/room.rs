@@ -179,7 +179,7 @@ impl VideoFormat {
 }
 
 /// Codecs a room accepts from publishers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MediaIn {
     /// Accepted audio codecs.

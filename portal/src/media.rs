@@ -166,6 +166,13 @@ impl Portal {
         }
         let transport = transport_of("publish", d)?;
         let room_cfg = self.inner.store.get(room).ok_or("Room not found")?;
+        // OWT's answers (spelling included) when the room accepts no codec of that kind.
+        if tracks.iter().any(|t| t.kind == MediaKind::Audio) && room_cfg.media_in.audio.is_empty() {
+            return Err("Audio is forbiden".into());
+        }
+        if tracks.iter().any(|t| t.kind == MediaKind::Video) && room_cfg.media_in.video.is_empty() {
+            return Err("Video is forbiden".into());
+        }
         let session = tessera_core::ids::session_id();
         let agent;
         let transport = {
@@ -186,7 +193,7 @@ impl Portal {
         };
         let at =
             SessionRef { room: room.into(), participant: participant.into(), transport: transport.as_str().into(), session: session.as_str().into() };
-        if let Err(e) = agent.call(PublishSpec { at, tracks, data: wants_data }).await {
+        if let Err(e) = agent.call(PublishSpec { at, tracks, data: wants_data, accept: Some(room_cfg.media_in.clone()) }).await {
             self.forget_session(room, participant, &session);
             return Err(e.to_string());
         }

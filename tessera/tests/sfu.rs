@@ -413,6 +413,32 @@ async fn h264_is_forwarded_with_the_subscribers_payload_type() {
     assert!(n > 40, "h264 packets: {n}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_takes_only_the_codecs_of_its_media_in() {
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let room = s.new_room(json!({"mediaIn": {"audio": [], "video": [{"codec": "h264", "profile": "CB"}]}})).await;
+    // No audio codec accepted: publishing audio is refused as OWT refuses it.
+    let (mut asig, _) = s.join(&room, "with-audio").await;
+    let refused = Publisher::start(&mut asig, PublishOptions { audio: true, video: true, data: false, tag: 1, h264: true }, None).await;
+    let err = format!("{:#}", refused.err().expect("audio must be refused"));
+    assert!(err.contains("Audio is forbiden"), "{err}");
+    // A publisher offering only VP8: its offer is refused, naming the m-line and the room's codecs.
+    let (mut vsig, _) = s.join(&room, "vp8").await;
+    let refused = Publisher::start(&mut vsig, PublishOptions { audio: false, video: true, data: false, tag: 2, h264: false }, None).await;
+    let err = format!("{:#}", refused.err().expect("VP8 must be refused"));
+    assert!(err.contains("the offer's m-line 0 has no video codec the room accepts (mediaIn: h264/CB)"), "{err}");
+    // H.264 constrained baseline goes through, to a subscriber, byte for byte.
+    let (mut psig, _) = s.join(&room, "h264").await;
+    let p = Arc::new(Publisher::start(&mut psig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: true }, None).await.unwrap());
+    let (mut ssig, _) = s.join(&room, "sub").await;
+    let sub = Subscriber::start(&mut ssig, &p.stream_id, false, true, false).await.unwrap();
+    let pp = p.clone();
+    tokio::spawn(async move { pp.send_for(Duration::from_secs(1), 30, 500).await.unwrap() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = assert_payloads_match(&p, &sub, "video");
+    assert!(n > 20, "h264 packets: {n}");
+}
+
 /// Parses Prometheus text format 0.0.4 strictly: every line a comment, `# HELP`, `# TYPE`
 /// or a sample of a declared family with a float value. Returns sample → value.
 fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {

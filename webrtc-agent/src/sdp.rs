@@ -121,6 +121,52 @@ pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<St
     })
 }
 
+/// An offer with each publication m-line (`accept`: mid → the room's `mediaIn`) cut down
+/// to the codecs the room accepts and their RTX, so the answer lets the client send only
+/// those (OWT's agent answers the same way). An m-line that offers none of them is an
+/// error naming it and what the room accepts; other m-lines are left as they are.
+pub(crate) fn only_accepted(sdp: &str, accept: &[(&str, &tessera_core::room::MediaIn)]) -> Result<String, String> {
+    if accept.is_empty() {
+        return Ok(sdp.to_string());
+    }
+    let mut refused = None;
+    let out = retain_formats(sdp, |kind, mid, formats| {
+        let (_, media_in) = accept.iter().find(|(m, _)| *m == mid)?;
+        let main: Vec<&Format<'_>> = formats.iter().filter(|f| !f.is_rtx() && f.accepted_by(kind, media_in)).collect();
+        if main.is_empty() {
+            let names: Vec<String> = match kind {
+                "audio" => media_in.audio.iter().map(|a| a.codec.clone()).collect(),
+                _ => media_in.video.iter().map(|v| v.profile.as_ref().map_or(v.codec.clone(), |p| format!("{}/{p}", v.codec))).collect(),
+            };
+            refused.get_or_insert(format!("the offer's m-line {mid} has no {kind} codec the room accepts (mediaIn: {})", names.join(", ")));
+            return None;
+        }
+        let repairs = formats.iter().filter(|f| f.is_rtx() && main.iter().any(|m| f.repairs() == Some(m.pt)));
+        Some(main.iter().copied().chain(repairs).map(|f| f.pt.to_string()).collect())
+    });
+    match refused {
+        Some(reason) => Err(reason),
+        None => Ok(out),
+    }
+}
+
+/// Whether an H.264 fmtp line's `profile-level-id` is of OWT's profile `name`: `CB`
+/// (constrained baseline: profile_idc 66 with constraint_set1), `B` (baseline, constrained
+/// or not), `M` (main, 77) or `H` (high, 100). An unknown name accepts any profile; a line
+/// without `profile-level-id` is baseline (RFC 6184's default, 420010).
+fn h264_profile_is(fmtp: &str, name: &str) -> bool {
+    let id = fmtp.split(';').find_map(|kv| kv.trim().strip_prefix("profile-level-id=")).unwrap_or("420010");
+    let byte = |i: usize| id.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok());
+    let (Some(idc), Some(iop)) = (byte(0), byte(2)) else { return false };
+    match name.to_ascii_uppercase().as_str() {
+        "CB" => idc == 0x42 && iop & 0x40 != 0,
+        "B" => idc == 0x42,
+        "M" => idc == 0x4d,
+        "H" => idc == 0x64,
+        _ => true,
+    }
+}
+
 /// One format of an m-line: its payload type and what its `a=rtpmap` and `a=fmtp` say.
 struct Format<'a> {
     pt: &'a str,
@@ -140,6 +186,27 @@ impl Format<'_> {
 
     fn is_rtx(&self) -> bool {
         self.name().eq_ignore_ascii_case("rtx")
+    }
+
+    /// Whether a room's `mediaIn` lists this format for an m-line of `kind`: the codec by
+    /// name, with the sample rate and channels where the room names them (G.722's RTP clock
+    /// is 8000 for its 16 kHz, so its rate is not compared), and an H.264 profile where the
+    /// room names one (`CB`, `B`, `M`, `H`, from `profile-level-id`).
+    fn accepted_by(&self, kind: &str, media_in: &tessera_core::room::MediaIn) -> bool {
+        let name = self.name();
+        match kind {
+            "audio" => media_in.audio.iter().any(|a| {
+                let channels = self.rtpmap.split('/').nth(2).and_then(|c| c.trim().parse().ok()).unwrap_or(1u32);
+                a.codec.eq_ignore_ascii_case(name)
+                    && (name.eq_ignore_ascii_case("g722") || a.sample_rate.is_none_or(|r| self.clock_rate() == Some(r)))
+                    && a.channel_num.is_none_or(|c| c == channels)
+            }),
+            "video" => media_in.video.iter().any(|v| {
+                v.codec.eq_ignore_ascii_case(name)
+                    && v.profile.as_deref().is_none_or(|p| !name.eq_ignore_ascii_case("h264") || h264_profile_is(self.fmtp, p))
+            }),
+            _ => false,
+        }
     }
 
     /// The payload type an RTX format repairs (`apt=`).
@@ -271,6 +338,63 @@ mod tests {
         // What it keeps still parses, and still offers the codec.
         let parsed = rtc::sdp::SessionDescription::unmarshal(&mut std::io::Cursor::new(out.as_bytes())).unwrap();
         assert_eq!(parsed.media_descriptions[2].media_name.formats, ["127", "125"]);
+    }
+
+    #[test]
+    fn a_publication_is_answered_with_the_codecs_the_room_accepts() {
+        use tessera_core::room::MediaIn;
+        let offer = offer();
+        let section = |sdp: &str, n: usize| sdp.split("\r\nm=").nth(n).unwrap().to_string();
+        let room = |audio: &[&str], video: &[(&str, Option<&str>)]| -> MediaIn {
+            serde_json::from_value(serde_json::json!({
+                "audio": audio.iter().map(|c| serde_json::json!({"codec": c})).collect::<Vec<_>>(),
+                "video": video.iter().map(|(c, p)| match p {
+                    Some(p) => serde_json::json!({"codec": c, "profile": p}),
+                    None => serde_json::json!({"codec": c}),
+                }).collect::<Vec<_>>(),
+            }))
+            .unwrap()
+        };
+        // The default room keeps VP8 and both H.264 with their RTX, Opus, PCMU and PCMA (not RED).
+        let default = MediaIn::default();
+        let out = only_accepted(&offer, &[("0", &default), ("1", &default)]).unwrap();
+        assert!(section(&out, 1).starts_with("audio 9 UDP/TLS/RTP/SAVPF 111 0 8\r\n"), "{out}");
+        assert!(!section(&out, 1).contains("red/48000"));
+        assert!(section(&out, 2).starts_with("video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 127 125\r\n"), "{out}");
+        assert_eq!(section(&out, 3), section(&offer, 3), "other m-lines are left as they are");
+        // H.264 constrained baseline only: the 42e01f format and its RTX.
+        let cb = room(&["opus"], &[("h264", Some("CB"))]);
+        let out = only_accepted(&offer, &[("1", &cb)]).unwrap();
+        assert!(section(&out, 2).starts_with("video 9 UDP/TLS/RTP/SAVPF 127 125\r\n"), "{out}");
+        assert!(!section(&out, 2).contains("VP8"));
+        let parsed = rtc::sdp::SessionDescription::unmarshal(&mut std::io::Cursor::new(out.as_bytes())).unwrap();
+        assert_eq!(parsed.media_descriptions[1].media_name.formats, ["127", "125"]);
+        // Baseline takes both baseline H.264 formats; main takes none of them.
+        let b = room(&["opus"], &[("h264", Some("B"))]);
+        assert!(section(&only_accepted(&offer, &[("1", &b)]).unwrap(), 2).starts_with("video 9 UDP/TLS/RTP/SAVPF 102 103 127 125\r\n"));
+        let main = room(&["opus"], &[("h264", Some("M"))]);
+        let err = only_accepted(&offer, &[("1", &main)]).unwrap_err();
+        assert_eq!(err, "the offer's m-line 1 has no video codec the room accepts (mediaIn: h264/M)");
+        // An audio m-line without the room's codec, with the room's sample rate checked.
+        let g722 = room(&["g722"], &[("vp8", None)]);
+        assert_eq!(only_accepted(&offer, &[("0", &g722)]).unwrap_err(), "the offer's m-line 0 has no audio codec the room accepts (mediaIn: g722)");
+        let mut opus_mono = room(&["opus"], &[]);
+        opus_mono.audio[0].channel_num = Some(1);
+        assert!(only_accepted(&offer, &[("0", &opus_mono)]).is_err());
+        assert_eq!(only_accepted(&offer, &[]).unwrap(), offer);
+    }
+
+    #[test]
+    fn h264_profiles_are_read_from_profile_level_id() {
+        assert!(h264_profile_is("packetization-mode=1;profile-level-id=42e01f", "CB"));
+        assert!(h264_profile_is("profile-level-id=42e01f", "B"));
+        assert!(!h264_profile_is("profile-level-id=42001f", "CB"));
+        assert!(h264_profile_is("profile-level-id=4d001f", "M"));
+        assert!(h264_profile_is("profile-level-id=640c1f", "h"));
+        assert!(!h264_profile_is("profile-level-id=640c1f", "B"));
+        // RFC 6184's default when the line names none: baseline.
+        assert!(h264_profile_is("packetization-mode=1", "B"));
+        assert!(!h264_profile_is("profile-level-id=zz", "B"));
     }
 
     #[test]

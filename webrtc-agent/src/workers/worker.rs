@@ -536,6 +536,8 @@ struct PubSession {
     data: bool,
     data_open: bool,
     ready: bool,
+    /// The codecs its m-lines may carry (the room's `mediaIn`); `None`: any.
+    accept: Option<tessera_core::room::MediaIn>,
 }
 
 /// A subscription waiting for the offer that carries its m-lines.
@@ -1443,6 +1445,7 @@ impl Worker {
                         data: spec.data,
                         data_open: false,
                         ready: false,
+                        accept: spec.accept,
                     });
                 }
             }
@@ -1657,6 +1660,14 @@ impl Worker {
         let local = self.local;
         let tcp = self.listener.is_some();
         let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
+        // Publications answered with the room's codecs only; refused before anything changes.
+        let accepting: Vec<(&str, &tessera_core::room::MediaIn)> = p
+            .publications
+            .iter()
+            .filter_map(|s| s.accept.as_ref().map(|a| (s, a)))
+            .flat_map(|(s, a)| s.announced.iter().map(move |t| (t.mid.as_str(), a)))
+            .collect();
+        let sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
         let order = crate::sdp::mid_order(&sdp);
         let simulcast = crate::sdp::simulcast_rids(&sdp);
         let pending = std::mem::take(&mut p.pending);
