@@ -166,13 +166,6 @@ impl Portal {
         }
         let transport = transport_of("publish", d)?;
         let room_cfg = self.inner.store.get(room).ok_or("Room not found")?;
-        // OWT's answers (spelling included) when the room accepts no codec of that kind.
-        if tracks.iter().any(|t| t.kind == MediaKind::Audio) && room_cfg.media_in.audio.is_empty() {
-            return Err("Audio is forbiden".into());
-        }
-        if tracks.iter().any(|t| t.kind == MediaKind::Video) && room_cfg.media_in.video.is_empty() {
-            return Err("Video is forbiden".into());
-        }
         let session = tessera_core::ids::session_id();
         let agent;
         let transport = {
@@ -184,6 +177,14 @@ impl Portal {
             permitted(p.info.permission.publish, tracks.iter().map(|t| t.kind))?;
             if room_cfg.input_limit >= 0 && inputs as i64 >= room_cfg.input_limit {
                 return Err("Too many inputs".into());
+            }
+            // OWT's answers (spelling included, and after the two above, as OWT checks)
+            // when the room accepts no codec of that kind.
+            if tracks.iter().any(|t| t.kind == MediaKind::Audio) && room_cfg.media_in.audio.is_empty() {
+                return Err("Audio is forbiden".into());
+            }
+            if tracks.iter().any(|t| t.kind == MediaKind::Video) && room_cfg.media_in.video.is_empty() {
+                return Err("Video is forbiden".into());
             }
             agent = self.agent(room, "publish")?;
             let transport = p.open_session(transport, &session, SessionKind::Publication)?;

@@ -121,16 +121,28 @@ pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<St
     })
 }
 
-/// An offer with each publication m-line (`accept`: mid → the room's `mediaIn`) cut down
-/// to the codecs the room accepts and their RTX, so the answer lets the client send only
-/// those (OWT's agent answers the same way). An m-line that offers none of them is an
-/// error naming it and what the room accepts; other m-lines are left as they are.
+/// A description with each publication m-line (`accept`: mid → the room's `mediaIn`) cut
+/// down to the codecs the room accepts and their RTX: applied to the answer, the client
+/// sends only those. (OWT's agent also answers a publication with the room's codecs, but
+/// one codec per m-line, without RTX and without looking at H.264 profiles.) An m-line
+/// that has none of them is an error naming it and what the room accepts; stopped
+/// m-lines (port 0) and other m-lines are left as they are.
 pub(crate) fn only_accepted(sdp: &str, accept: &[(&str, &tessera_core::room::MediaIn)]) -> Result<String, String> {
     if accept.is_empty() {
         return Ok(sdp.to_string());
     }
+    // A stopped m-line (port 0) carries nothing: it is left as it is.
+    let stopped: Vec<&str> = sdp
+        .split("\nm=")
+        .skip(1)
+        .filter(|section| section.split(' ').nth(1) == Some("0"))
+        .filter_map(|section| section.lines().find_map(|l| l.trim().strip_prefix("a=mid:")))
+        .collect();
     let mut refused = None;
     let out = retain_formats(sdp, |kind, mid, formats| {
+        if stopped.contains(&mid) {
+            return None;
+        }
         let (_, media_in) = accept.iter().find(|(m, _)| *m == mid)?;
         let main: Vec<&Format<'_>> = formats.iter().filter(|f| !f.is_rtx() && f.accepted_by(kind, media_in)).collect();
         if main.is_empty() {
@@ -375,6 +387,9 @@ mod tests {
         let main = room(&["opus"], &[("h264", Some("M"))]);
         let err = only_accepted(&offer, &[("1", &main)]).unwrap_err();
         assert_eq!(err, "the offer's m-line 1 has no video codec the room accepts (mediaIn: h264/M)");
+        // A stopped m-line carries nothing: left as it is, not refused.
+        let stopped = offer.replacen("m=video 9 ", "m=video 0 ", 1);
+        assert_eq!(only_accepted(&stopped, &[("1", &main)]).unwrap(), stopped);
         // An audio m-line without the room's codec, with the room's sample rate checked.
         let g722 = room(&["g722"], &[("vp8", None)]);
         assert_eq!(only_accepted(&offer, &[("0", &g722)]).unwrap_err(), "the offer's m-line 0 has no audio codec the room accepts (mediaIn: g722)");

@@ -1660,14 +1660,18 @@ impl Worker {
         let local = self.local;
         let tcp = self.listener.is_some();
         let Some(p) = self.peers.get_mut(&id) else { return Err(AgentError::NoTransport(transport.into())) };
-        // Publications answered with the room's codecs only; refused before anything changes.
-        let accepting: Vec<(&str, &tessera_core::room::MediaIn)> = p
+        // A publication m-line that offers none of the room's codecs is refused before
+        // anything changes. rtc reads the offer whole (it fixes a connection's codecs from
+        // the first description, which later subscriptions need); the answer the client
+        // gets is cut to the room's codecs (below), so it sends only those.
+        let accepting: Vec<(String, tessera_core::room::MediaIn)> = p
             .publications
             .iter()
             .filter_map(|s| s.accept.as_ref().map(|a| (s, a)))
-            .flat_map(|(s, a)| s.announced.iter().map(move |t| (t.mid.as_str(), a)))
+            .flat_map(|(s, a)| s.announced.iter().map(move |t| (t.mid.clone(), a.clone())))
             .collect();
-        let sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
+        let accepting: Vec<(&str, &tessera_core::room::MediaIn)> = accepting.iter().map(|(m, a)| (m.as_str(), a)).collect();
+        crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
         let order = crate::sdp::mid_order(&sdp);
         let simulcast = crate::sdp::simulcast_rids(&sdp);
         let pending = std::mem::take(&mut p.pending);
@@ -1749,7 +1753,12 @@ impl Worker {
         }
         let answer = p.pc.create_answer(None).map_err(|e| AgentError::Rejected(format!("cannot answer the offer: {e}")))?;
         p.pc.set_local_description(now, answer).map_err(|e| AgentError::Failed(format!("applying the answer: {e}")))?;
-        let mut sdp = p.pc.local_description().map(|d| d.sdp).ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        let sdp = p.pc.local_description().map(|d| d.sdp).ok_or_else(|| AgentError::Failed("no local description".into()))?;
+        // rtc keeps its own copy whole (it refuses an edited answer; it only receives on
+        // these m-lines). This fails only where rtc answered none of the room's codecs the
+        // offer had (a codec the room lists that rtc does not know), as `create_answer`
+        // fails where it can answer no codec at all.
+        let mut sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
         if !p.simulcast.is_empty() {
             // Simulcast layers come without repair flows: webrtc-rs cannot yet tell a layer's
             // RTX packets apart (repaired-rtp-stream-id), so the client is told no RTX there
