@@ -1181,8 +1181,8 @@ mod tests {
     use rtc::shared::marshal::Marshal;
     use tessera_core::media::CodecInfo;
 
-    fn agent() -> Arc<WorkerAgent> {
-        let settings = AgentSettings {
+    fn settings() -> AgentSettings {
+        AgentSettings {
             bind_ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
             public_ip: None,
             port_min: 40200,
@@ -1192,8 +1192,11 @@ mod tests {
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: false,
             bandwidth_estimation: true,
-        };
-        WorkerAgent::new(settings, 1).unwrap().0
+        }
+    }
+
+    fn agent() -> Arc<WorkerAgent> {
+        WorkerAgent::new(settings(), 1).unwrap().0
     }
 
     fn packet(seq: u16, pt: u8) -> Vec<u8> {
@@ -1253,5 +1256,69 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(2), tap.recv()).await.unwrap().is_none());
         assert!(source.stream_room("r-common").is_none());
         assert_eq!(agent.stats().local_streams, 0);
+    }
+
+    /// A publisher's offer as webrtc-rs makes it with every default codec on its m-line.
+    fn publisher_offer() -> String {
+        use rtc::media_stream::MediaStreamTrack;
+        use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters};
+        use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+        let mut media = MediaEngine::default();
+        media.register_default_codecs().unwrap();
+        let mut pc = RTCPeerConnectionBuilder::new().with_media_engine(media).build(Instant::now()).unwrap();
+        // No codec named: the m-line offers every codec of the engine, as a browser's does.
+        let encoding =
+            RTCRtpEncodingParameters { rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(7), ..Default::default() }, ..Default::default() };
+        let track = MediaStreamTrack::new("s".into(), "t".into(), "v".into(), RtpCodecKind::Video, vec![encoding]);
+        let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
+        pc.add_transceiver_from_track(track, Some(init)).unwrap();
+        pc.create_offer(None).unwrap().sdp
+    }
+
+    /// The room's `mediaIn` decides what a publication is answered with; an offer without
+    /// any of its codecs is refused, and the transport is left as it was.
+    #[tokio::test]
+    async fn a_publication_is_answered_with_the_rooms_codecs_only() {
+        use tessera_core::agent::{PublishSpec, PublishTrack, SessionRef, TransportRef};
+        use tessera_core::command::Signal;
+        let (agent, mut events) = WorkerAgent::new(settings(), 1).unwrap();
+        let node: Arc<dyn MediaNode> = agent.clone();
+        let offer = publisher_offer();
+        assert!(offer.contains(" VP8/90000") && offer.contains(" H264/90000") && offer.contains(" VP9/90000"), "{offer}");
+        let media_in = |video: serde_json::Value| -> tessera_core::room::MediaIn {
+            serde_json::from_value(serde_json::json!({"audio": [{"codec": "opus"}], "video": video})).unwrap()
+        };
+        let publish = |transport: &str, accept| PublishSpec {
+            at: SessionRef { room: "r".into(), participant: "p".into(), transport: transport.into(), session: transport.into() },
+            tracks: vec![PublishTrack { kind: MediaKind::Video, mid: "0".into(), source: "camera".into() }],
+            data: false,
+            accept: Some(accept),
+        };
+        let signal = |transport: &str, sdp: &str| Signal {
+            at: TransportRef { room: "r".into(), participant: "p".into(), transport: transport.into() },
+            signaling: Signaling::Offer(sdp.to_string()),
+        };
+        // A room of H.264 and VP9: the answer lists those (and their RTX), not VP8 or AV1.
+        node.call(publish("t1", media_in(serde_json::json!([{"codec": "h264"}, {"codec": "vp9"}])))).await.unwrap();
+        node.call(signal("t1", &offer)).await.unwrap();
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+                AgentEvent::Progress { progress: Progress::Answer { sdp }, .. } => break sdp,
+                _ => continue,
+            }
+        };
+        let rtpmaps: Vec<&str> = answer.lines().filter_map(|l| l.trim().strip_prefix("a=rtpmap:")).filter_map(|l| l.split(' ').nth(1)).collect();
+        assert!(rtpmaps.iter().any(|c| c.starts_with("H264/")) && rtpmaps.iter().any(|c| c.starts_with("VP9/")), "{answer}");
+        assert!(rtpmaps.iter().all(|c| ["H264/", "VP9/", "rtx/"].iter().any(|k| c.starts_with(k))), "{rtpmaps:?}\n{answer}");
+        // A room of AV1 only: refused, naming the m-line; no answer is made.
+        node.call(publish("t2", media_in(serde_json::json!([{"codec": "av1"}])))).await.unwrap();
+        let err = node.call(signal("t2", &offer.replace(" AV1/90000", " XYZ/90000"))).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            AgentError::Rejected("the offer's m-line 0 has no video codec the room accepts (mediaIn: av1)".into()).to_string()
+        );
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await {
+            assert!(!matches!(e, AgentEvent::Progress { progress: Progress::Answer { .. }, .. }), "answered a refused offer: {e:?}");
+        }
     }
 }
