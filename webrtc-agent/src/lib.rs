@@ -53,8 +53,9 @@ pub struct AgentSettings {
     pub port_min: u16,
     /// Highest UDP port.
     pub port_max: u16,
-    /// Shortest interval between two keyframe requests to one publisher track (300 ms: a
-    /// browser's encoder ignores a request less than 300 ms after the last it took).
+    /// Shortest interval between two keyframe requests to one publisher track (320 ms: a
+    /// browser's encoder ignores a request that reaches it less than 300 ms after the last
+    /// it took, and the network may bring two requests closer than they were sent).
     pub keyframe_interval: Duration,
     /// ICE: no traffic for this long marks a transport disconnected.
     pub ice_disconnected_timeout: Duration,
@@ -75,7 +76,7 @@ impl AgentSettings {
             public_ip: w.public_ip.parse().ok(),
             port_min: w.udp_port_min,
             port_max: w.udp_port_max,
-            keyframe_interval: Duration::from_millis(300),
+            keyframe_interval: Duration::from_millis(320),
             ice_disconnected_timeout: Duration::from_secs(5),
             ice_failed_timeout: Duration::from_secs(10),
             ice_tcp: w.ice_tcp,
