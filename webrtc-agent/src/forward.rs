@@ -149,14 +149,17 @@ impl KeyframeThrottle {
         KeyframeThrottle { interval, last: None, scheduled: false, detects, awaiting: None, relied_on: false, retries: 0 }
     }
 
-    /// Decides about a request arriving at `now`.
-    pub fn request(&mut self, now: Instant) -> KeyframeDecision {
+    /// Decides about a request arriving at `now`. `cover`: a keyframe already on its way
+    /// may serve it. Not so for a subscription that has just connected: a keyframe in
+    /// flight can reach the client in the moment it cannot yet decrypt (it has not read the
+    /// server's last handshake flight), and be dropped there.
+    pub fn request(&mut self, now: Instant, cover: bool) -> KeyframeDecision {
         // Whatever the decision, the request waits for the next keyframe.
         self.relied_on = self.detects;
         if self.scheduled {
             return KeyframeDecision::AlreadyScheduled;
         }
-        if self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
+        if cover && self.awaiting.is_some_and(|sent| now.saturating_duration_since(sent) < KEYFRAME_AWAIT) {
             // It rides on that PLI, with one retry at least (earlier requests may have used
             // the others up while the publisher did not answer).
             self.retries = self.retries.min(KEYFRAME_RETRIES - 1);
@@ -436,41 +439,41 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(ms(100), true);
-        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
         assert!(t.awaiting());
         assert_eq!(t.awaited_since(), Some(t0));
         // Before the keyframe comes, later requests (even past the interval) ride on it.
-        assert_eq!(t.request(t0 + ms(20)), KeyframeDecision::Covered);
-        assert_eq!(t.request(t0 + ms(150)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(20), true), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0 + ms(150), true), KeyframeDecision::Covered);
+        // A subscription that has just connected is not: it gets its own, within the interval rule.
+        assert_eq!(t.request(t0 + ms(160), false), KeyframeDecision::SendNow);
         t.keyframe_seen();
         assert!(!t.awaiting());
         // The wait for the first PLI's keyframe ends with nothing to do: a keyframe came.
         assert_eq!(t.wait_over(t0, t0 + KEYFRAME_AWAIT), None);
         // After it, a request needs a keyframe of its own, within the interval rule.
-        assert_eq!(t.request(t0 + ms(160)), KeyframeDecision::SendNow);
-        t.keyframe_seen();
-        assert_eq!(t.request(t0 + ms(200)), KeyframeDecision::SendAt(t0 + ms(260)));
+        assert_eq!(t.request(t0 + ms(200), true), KeyframeDecision::SendAt(t0 + ms(260)));
         t.sent_deferred(t0 + ms(260));
         // A keyframe that never comes covers requests for KEYFRAME_AWAIT only.
         let sent = t0 + ms(260);
-        assert_eq!(t.request(sent + KEYFRAME_AWAIT - ms(1)), KeyframeDecision::Covered);
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT - ms(1), true), KeyframeDecision::Covered);
         // ... and the covered request gets the PLI again when the wait is over.
         assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
         assert_eq!(t.awaited_since(), Some(sent + KEYFRAME_AWAIT));
-        assert_eq!(t.request(sent + KEYFRAME_AWAIT * 2), KeyframeDecision::SendNow);
+        assert_eq!(t.request(sent + KEYFRAME_AWAIT * 2, true), KeyframeDecision::SendNow);
         // Without keyframe detection nothing is covered.
         let mut blind = KeyframeThrottle::new(ms(100), false);
-        assert_eq!(blind.request(t0), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0, true), KeyframeDecision::SendNow);
         assert_eq!(blind.awaited_since(), None);
-        assert_eq!(blind.request(t0 + ms(150)), KeyframeDecision::SendNow);
+        assert_eq!(blind.request(t0 + ms(150), true), KeyframeDecision::SendNow);
     }
 
     #[test]
     fn a_pli_whose_keyframe_never_comes_is_sent_again_a_few_times() {
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(Duration::from_millis(100), true);
-        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
-        assert_eq!(t.request(t0 + Duration::from_millis(10)), KeyframeDecision::Covered);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(10), true), KeyframeDecision::Covered);
         let mut sent = t0;
         for _ in 0..KEYFRAME_RETRIES {
             assert_eq!(t.wait_over(sent, sent + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
@@ -482,7 +485,7 @@ mod tests {
         assert_eq!(t.wait_over(t0, sent + KEYFRAME_AWAIT), None);
         // A new request that sends a PLI gets retries of its own.
         let later = sent + KEYFRAME_AWAIT * 2;
-        assert_eq!(t.request(later), KeyframeDecision::SendNow);
+        assert_eq!(t.request(later, true), KeyframeDecision::SendNow);
         assert_eq!(t.wait_over(later, later + KEYFRAME_AWAIT), Some(KeyframeDecision::SendNow));
         // Once the keyframe comes, the wait ends quietly.
         t.keyframe_seen();
@@ -493,11 +496,11 @@ mod tests {
     fn throttle_defers_instead_of_dropping() {
         let t0 = Instant::now();
         let mut t = KeyframeThrottle::new(Duration::from_millis(500), false);
-        assert_eq!(t.request(t0), KeyframeDecision::SendNow);
-        assert_eq!(t.request(t0 + Duration::from_millis(100)), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
-        assert_eq!(t.request(t0 + Duration::from_millis(200)), KeyframeDecision::AlreadyScheduled);
+        assert_eq!(t.request(t0, true), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(100), true), KeyframeDecision::SendAt(t0 + Duration::from_millis(500)));
+        assert_eq!(t.request(t0 + Duration::from_millis(200), true), KeyframeDecision::AlreadyScheduled);
         t.sent_deferred(t0 + Duration::from_millis(500));
-        assert_eq!(t.request(t0 + Duration::from_millis(1100)), KeyframeDecision::SendNow);
+        assert_eq!(t.request(t0 + Duration::from_millis(1100), true), KeyframeDecision::SendNow);
     }
 }
 
@@ -623,7 +626,7 @@ mod proptests {
         fn keyframe_requests_are_spaced_and_never_lost(
             interval_ms in 1..1000u64,
             detects in any::<bool>(),
-            steps in prop::collection::vec((0..1500u64, any::<bool>(), any::<bool>()), 1..60),
+            steps in prop::collection::vec((0..1500u64, any::<bool>(), any::<bool>(), any::<bool>()), 1..60),
         ) {
             let interval = Duration::from_millis(interval_ms);
             let t0 = Instant::now();
@@ -638,7 +641,7 @@ mod proptests {
             let mut waiting = false;
             let mut retries = 0;
             let mut now = t0;
-            for (gap, keyframe_came, asks) in steps {
+            for (gap, keyframe_came, asks, cover) in steps {
                 now += Duration::from_millis(gap);
                 // The caller's timers, in the order they fall due.
                 loop {
@@ -699,7 +702,7 @@ mod proptests {
                 if !asks {
                     continue;
                 }
-                match t.request(now) {
+                match t.request(now, cover) {
                     KeyframeDecision::SendNow => {
                         prop_assert!(deferred.is_none());
                         retries = 0;
@@ -715,16 +718,17 @@ mod proptests {
                         retries = 0;
                     }
                     KeyframeDecision::AlreadyScheduled => prop_assert!(deferred.is_some()),
-                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come covers.
+                    // Only a PLI sent less than KEYFRAME_AWAIT ago whose keyframe has not come
+                    // covers, and only a request that allows it.
                     KeyframeDecision::Covered => {
-                        prop_assert!(detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT));
+                        prop_assert!(cover && detects && on_its_way && sent.last().is_some_and(|s| now - *s < KEYFRAME_AWAIT));
                         retries = retries.min(KEYFRAME_RETRIES - 1);
                     }
                 }
                 waiting |= detects;
                 // Every request is answered by a PLI sent no earlier than interval after the
                 // previous one, or by a keyframe still to come.
-                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (detects && on_its_way));
+                prop_assert!(deferred.is_some() || sent.last() == Some(&now) || (cover && detects && on_its_way));
             }
             for pair in sent.windows(2) {
                 prop_assert!(pair[1] - pair[0] >= interval, "PLIs {:?} apart", pair[1] - pair[0]);

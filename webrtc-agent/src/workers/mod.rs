@@ -879,7 +879,7 @@ impl WorkerAgent {
                 .unwrap_or_default()
         };
         for (track, worker) in tracks {
-            self.shared.send_to(worker, Cmd::Keyframe { track });
+            self.shared.send_to(worker, Cmd::Keyframe { track, cover: true });
         }
     }
 }
@@ -1034,7 +1034,7 @@ impl StreamSource for WorkerAgent {
             })
         };
         match found {
-            Some((track, worker)) => self.shared.send_to(worker, Cmd::Keyframe { track }),
+            Some((track, worker)) => self.shared.send_to(worker, Cmd::Keyframe { track, cover: true }),
             None => self.keyframe_for(stream),
         }
     }

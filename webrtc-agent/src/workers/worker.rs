@@ -153,8 +153,10 @@ pub(crate) enum Cmd {
         worker: usize,
         add: bool,
     },
+    /// A keyframe request for a track published here; `cover`: see [`KeyframeThrottle::request`].
     Keyframe {
         track: TrackId,
+        cover: bool,
     },
     Tap {
         track: TrackId,
@@ -1290,15 +1292,21 @@ impl Worker {
 
     /// Asks a track's producer for a keyframe (throttled), wherever it is published.
     fn keyframe(&mut self, track: TrackId, owner: usize, now: Instant) {
+        self.ask_keyframe(track, owner, true, now);
+    }
+
+    /// [`Self::keyframe`]; `cover`: a keyframe already on its way may serve the request
+    /// (see [`KeyframeThrottle::request`]).
+    fn ask_keyframe(&mut self, track: TrackId, owner: usize, cover: bool, now: Instant) {
         if owner != self.index {
-            self.shared.send_to(owner, Cmd::Keyframe { track });
+            self.shared.send_to(owner, Cmd::Keyframe { track, cover });
             return;
         }
         let Some(t) = self.published.get_mut(&track) else { return };
         if t.kind != MediaKind::Video {
             return;
         }
-        let decision = t.throttle.request(now);
+        let decision = t.throttle.request(now, cover);
         self.decided(track, decision);
     }
 
@@ -1491,7 +1499,7 @@ impl Worker {
                     update_consumers(t);
                 }
             }
-            Cmd::Keyframe { track } => self.keyframe(track, self.index, now),
+            Cmd::Keyframe { track, cover } => self.ask_keyframe(track, self.index, cover, now),
             Cmd::Tap { track, id, tx, exact } => {
                 let layered = self.published.get(&track).and_then(|t| t.meter.as_ref()).map(|m| m.board.id).filter(|_| !exact);
                 if let Some(board) = layered {
@@ -1872,8 +1880,9 @@ impl Worker {
             sources.extend(p.legs.values().filter(|l| &l.session == s).map(|l| (l.source, l.owner)));
             self.shared.progress(&p.room, &p.participant, &p.transport, Progress::SessionReady { session: s.as_str().into() });
         }
+        // Not covered by a keyframe already in flight: the client may not decrypt it yet.
         for (track, owner) in sources {
-            self.keyframe(track, owner, now);
+            self.ask_keyframe(track, owner, false, now);
         }
     }
 
