@@ -116,8 +116,7 @@ pub(crate) fn only_sent_codecs(sdp: &str, sending: &std::collections::HashMap<St
         if main.is_empty() {
             return None;
         }
-        let repairs = formats.iter().filter(|f| f.is_rtx() && main.iter().any(|m| f.repairs() == Some(m.pt)));
-        Some(main.iter().copied().chain(repairs).map(|f| f.pt.to_string()).collect())
+        Some(with_repairs(&main, formats))
     })
 }
 
@@ -153,8 +152,7 @@ pub(crate) fn only_accepted(sdp: &str, accept: &[(&str, &tessera_core::room::Med
             refused.get_or_insert(format!("the offer's m-line {mid} has no {kind} codec the room accepts (mediaIn: {})", names.join(", ")));
             return None;
         }
-        let repairs = formats.iter().filter(|f| f.is_rtx() && main.iter().any(|m| f.repairs() == Some(m.pt)));
-        Some(main.iter().copied().chain(repairs).map(|f| f.pt.to_string()).collect())
+        Some(with_repairs(&main, formats))
     });
     match refused {
         Some(reason) => Err(reason),
@@ -177,6 +175,13 @@ fn h264_profile_is(fmtp: &str, name: &str) -> bool {
         "H" => idc == 0x64,
         _ => true,
     }
+}
+
+/// The payload types of `main` and of the RTX formats among `formats` that repair them:
+/// what an m-line cut down to `main` keeps.
+fn with_repairs(main: &[&Format<'_>], formats: &[Format<'_>]) -> Vec<String> {
+    let repairs = formats.iter().filter(|f| f.is_rtx() && main.iter().any(|m| f.repairs() == Some(m.pt)));
+    main.iter().copied().chain(repairs).map(|f| f.pt.to_string()).collect()
 }
 
 /// One format of an m-line: its payload type and what its `a=rtpmap` and `a=fmtp` say.

@@ -23,6 +23,7 @@ use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::shared::marshal::MarshalSize;
 use serde_json::{Value, json};
 use tessera_webrtc_agent::feedback::{KeyframeRequestTap, is_keyframe_request};
+use tessera_webrtc_agent::simulcast::VideoCodec;
 use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -86,29 +87,10 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Whether a VP8 RTP payload starts a keyframe (payload descriptor, RFC 7741 §4.2, then
-/// the frame header's P bit = 0).
+/// Whether a VP8 RTP payload starts a keyframe (S bit, partition 0, then the frame
+/// header's P bit clear behind any descriptor form, RFC 7741 §4.2): the server's own test.
 pub fn is_vp8_keyframe(payload: &[u8]) -> bool {
-    let Some(&d) = payload.first() else { return false };
-    // S set and partition index 0: the start of a frame.
-    let start = d & 0x10 != 0 && d & 0x07 == 0;
-    let mut header_at = 1;
-    if d & 0x80 != 0 {
-        let Some(&x) = payload.get(1) else { return false };
-        header_at = 2;
-        if x & 0x80 != 0 {
-            // I: a picture id of 7 bits, or 15 when its first bit (M) is set.
-            let Some(&id) = payload.get(header_at) else { return false };
-            header_at += if id & 0x80 != 0 { 2 } else { 1 };
-        }
-        if x & 0x40 != 0 {
-            header_at += 1; // L: TL0PICIDX
-        }
-        if x & 0x30 != 0 {
-            header_at += 1; // T or K: TID/Y/KEYIDX
-        }
-    }
-    start && payload.get(header_at).is_some_and(|b| b & 0x01 == 0)
+    VideoCodec::Vp8.starts_keyframe(payload)
 }
 
 enum ConnEvent {
