@@ -231,6 +231,20 @@ pub enum AgentEvent {
         /// Why.
         reason: String,
     },
+    /// A publication that never became a stream failed on the agent's side (its offer was
+    /// refused); a publication that did ends with [`AgentEvent::StreamEnded`].
+    PublicationFailed {
+        /// Room id.
+        room: RoomId,
+        /// Owner.
+        participant: ParticipantId,
+        /// Its transport.
+        transport: TransportId,
+        /// Publication id.
+        publication: SessionId,
+        /// Why.
+        reason: String,
+    },
     /// A transport closed (peer gone, ICE failed, closed by request). Every session on it
     /// is over, including publications that never became streams.
     TransportClosed {
@@ -288,6 +302,7 @@ impl AgentEvent {
             | AgentEvent::StreamReady { room, .. }
             | AgentEvent::StreamEnded { room, .. }
             | AgentEvent::SubscriptionEnded { room, .. }
+            | AgentEvent::PublicationFailed { room, .. }
             | AgentEvent::TransportClosed { room, .. }
             | AgentEvent::StreamUpdated { room, .. }
             | AgentEvent::MediaLost { room, .. } => room,
@@ -425,6 +440,13 @@ pub(crate) mod tests {
                 transport: "t".into(),
                 subscription: "s".into(),
                 reason: "x".into(),
+            },
+            AgentEvent::PublicationFailed {
+                room: "r".into(),
+                participant: "p".into(),
+                transport: "t".into(),
+                publication: "s".into(),
+                reason: "refused".into(),
             },
             AgentEvent::TransportClosed {
                 room: "r".into(),

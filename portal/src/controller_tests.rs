@@ -290,6 +290,34 @@ async fn a_refusal_by_the_node_reaches_the_client_and_leaves_nothing_behind() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_publication_whose_offer_the_node_refused_ends_with_a_session_error() {
+    let c = controller(json!({"inputLimit": 1}));
+    let mut alice = c.join("alice", "presenter").await;
+    let id = c.publish(&mut alice).await;
+    let Some(AgentCommand::Publish(spec)) = c.node.agent_commands().last().cloned() else { panic!() };
+    received(&mut alice);
+    let who = alice.id.clone();
+    let failed = |publication: &str| AgentEvent::PublicationFailed {
+        room: ROOM.into(),
+        participant: who.as_str().into(),
+        transport: spec.at.transport.clone(),
+        publication: publication.into(),
+        reason: "no codec".into(),
+    };
+    c.event(failed(&id)).await;
+    let got = received(&mut alice);
+    assert_eq!(got, [("progress".to_string(), json!({"id": spec.at.transport, "sessionId": id, "status": "error", "data": "no codec"}))]);
+    assert_eq!(c.request(&mut alice, "unpublish", json!({"id": id})).await, Err(format!("Publication does NOT exist: {id}")));
+    // The room's one input is free again; a stream that flows is not ended by such an event.
+    let second = c.publish(&mut alice).await;
+    c.stream_ready(&alice, &second).await;
+    received(&mut alice);
+    c.event(failed(&second)).await;
+    assert!(received(&mut alice).is_empty());
+    assert_eq!(c.request(&mut alice, "unpublish", json!({"id": second})).await, Ok(None));
+}
+
+#[tokio::test(start_paused = true)]
 async fn subscriptions_need_an_existing_stream_and_end_when_the_node_says_so() {
     let c = controller(json!({}));
     let mut alice = c.join("alice", "presenter").await;

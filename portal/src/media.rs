@@ -589,6 +589,29 @@ impl Portal {
                     self.lock().notify(room.as_str(), participant.as_str(), "progress", data);
                 }
             }
+            AgentEvent::PublicationFailed { room, participant, transport, publication, reason } => {
+                debug!(%room, %participant, %publication, reason = ?reason, "publication refused by the agent");
+                let known = {
+                    let mut conf = self.lock();
+                    let p = conf.rooms.get_mut(room.as_str()).and_then(|r| r.participant_mut(participant.as_str()));
+                    match p {
+                        Some(p)
+                            if p.sessions.get(publication.as_str()) == Some(&SessionKind::Publication)
+                                && !p.ready.contains(publication.as_str())
+                                && p.transports.contains(transport.as_str()) =>
+                        {
+                            p.forget(publication.as_str()).is_some()
+                        }
+                        _ => false,
+                    }
+                };
+                // OWT's session error: the SDK rejects the `publish()` that waits for it
+                // (it does not read the `soac` answer) and the room's input is free again.
+                if known {
+                    let data = json!({"id": transport, "sessionId": publication, "status": "error", "data": reason});
+                    self.lock().notify(room.as_str(), participant.as_str(), "progress", data);
+                }
+            }
             AgentEvent::TransportClosed { room, participant, transport, sessions, reason } => {
                 debug!(%room, %participant, %transport, reason = ?reason, "transport closed by the agent");
                 // Publications that never flowed stop counting against inputLimit here;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tessera_client::peer::{Marker, PublishOptions, Publisher, Subscriber, is_vp8_keyframe, keyframes_by_tag};
+use tessera_client::peer::{Connection, Marker, PublishOptions, Publisher, Subscriber, is_vp8_keyframe, keyframes_by_tag};
 use tessera_client::signaling::Signaling;
 
 const CONFIG: &str = "[portal]\nreconnection_timeout_secs = 2\n[webrtc]\nbind_ip = \"127.0.0.1\"\n";
@@ -427,6 +427,16 @@ async fn a_room_takes_only_the_codecs_of_its_media_in() {
     let refused = Publisher::start(&mut vsig, PublishOptions { audio: false, video: true, data: false, tag: 2, h264: false }, None).await;
     let err = format!("{:#}", refused.err().expect("VP8 must be refused"));
     assert!(err.contains("the offer's m-line 0 has no video codec the room accepts (mediaIn: h264/CB)"), "{err}");
+    // ...and its publication ends with that reason, as OWT's SDK learns it (a `progress`
+    // error: the SDK does not read the `soac` answer); it is gone, its input free again.
+    let failed = vsig
+        .wait_for("the refused publication's error", Duration::from_secs(5), |n| n.event == "progress" && n.data["status"] == "error")
+        .await
+        .unwrap();
+    let id = failed.data["sessionId"].as_str().unwrap().to_string();
+    assert!(failed.data["data"].as_str().unwrap().contains("has no video codec the room accepts"), "{:?}", failed.data);
+    let again = vsig.request("unpublish", Some(json!({"id": id}))).await.unwrap();
+    assert_eq!(again, [json!("error"), json!(format!("Publication does NOT exist: {id}"))]);
     // H.264 constrained baseline goes through, to a subscriber, byte for byte.
     let (mut psig, _) = s.join(&room, "h264").await;
     let p = Arc::new(Publisher::start(&mut psig, PublishOptions { audio: false, video: true, data: false, tag: 3, h264: true }, None).await.unwrap());
@@ -437,6 +447,18 @@ async fn a_room_takes_only_the_codecs_of_its_media_in() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let n = assert_payloads_match(&p, &sub, "video");
     assert!(n > 20, "h264 packets: {n}");
+    // A subscriber whose offer has no H.264 is told so (Tessera does not transcode), rather
+    // than left with a subscription that never plays; the room goes on.
+    let (mut nsig, _) = s.join(&room, "no-h264").await;
+    let conn = Connection::vp8_only("127.0.0.1").await.unwrap();
+    let refused = Subscriber::start_on(&mut nsig, conn, &p.stream_id, false, true, false).await;
+    let err = format!("{:#}", refused.err().expect("a subscriber without H.264 must be refused"));
+    assert!(err.contains("video/H264"), "{err}");
+    let before = sub.packets("video").len();
+    let pp = p.clone();
+    tokio::spawn(async move { pp.send_for(Duration::from_millis(500), 30, 500).await.unwrap() }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sub.packets("video").len() > before + 5, "the first subscriber still receives");
 }
 
 /// Parses Prometheus text format 0.0.4 strictly: every line a comment, `# HELP`, `# TYPE`

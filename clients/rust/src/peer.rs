@@ -18,7 +18,7 @@ use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::shared::marshal::MarshalSize;
 use serde_json::{Value, json};
@@ -157,7 +157,13 @@ impl Connection {
     /// A connection whose media engine also offers the MID and RID header extensions a
     /// simulcast sender needs (RFC 8852).
     pub async fn with_simulcast_extensions(ip: &str) -> anyhow::Result<Connection> {
-        Self::build_with(ip, None, None, true).await
+        Self::build_with(ip, None, None, true, None).await
+    }
+
+    /// A connection whose media engine knows only Opus and VP8, as a client without H.264
+    /// (or any other video codec) offers.
+    pub async fn vp8_only(ip: &str) -> anyhow::Result<Connection> {
+        Self::build_with(ip, None, None, false, Some(vec![(opus(), 111, RtpCodecKind::Audio), (vp8(), 96, RtpCodecKind::Video)])).await
     }
 
     /// A connection with ICE on `ip` that may only use relayed candidates, from the TURN
@@ -183,7 +189,7 @@ impl Connection {
     }
 
     async fn build(ip: &str, srtp: Option<Vec<SrtpProtectionProfile>>, relay: Option<Vec<RTCIceServer>>) -> anyhow::Result<Connection> {
-        Self::build_with(ip, srtp, relay, false).await
+        Self::build_with(ip, srtp, relay, false, None).await
     }
 
     async fn build_with(
@@ -191,11 +197,19 @@ impl Connection {
         srtp: Option<Vec<SrtpProtectionProfile>>,
         relay: Option<Vec<RTCIceServer>>,
         simulcast: bool,
+        codecs: Option<Vec<(RTCRtpCodec, u8, RtpCodecKind)>>,
     ) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
         let mut media = MediaEngine::default();
-        media.register_default_codecs()?;
+        match codecs {
+            None => media.register_default_codecs()?,
+            Some(codecs) => {
+                for (rtp_codec, payload_type, kind) in codecs {
+                    media.register_codec(RTCRtpCodecParameters { rtp_codec, payload_type }, kind)?;
+                }
+            }
+        }
         if simulcast {
             rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers(&mut media)?;
         }

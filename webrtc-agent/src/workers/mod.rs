@@ -288,6 +288,60 @@ impl Shared {
         self.emit(AgentEvent::Progress { room: room.into(), participant: participant.into(), transport: transport.into(), progress });
     }
 
+    /// Sessions a worker ended before they started (see `Worker::refuse`): forgotten here,
+    /// and each reported with `reason` (unless ended meanwhile by the portal).
+    pub(crate) fn sessions_refused(
+        &self,
+        room: &str,
+        participant: &str,
+        transport: &str,
+        publications: &[String],
+        subscriptions: &[String],
+        reason: &str,
+    ) {
+        let (publications, subscriptions) = {
+            let mut s = self.lock();
+            let publications: Vec<&String> = publications
+                .iter()
+                .filter(|id| match s.publications.get(id.as_str()) {
+                    Some(p) if p.transport == transport => s.publications.remove(id.as_str()).is_some(),
+                    _ => false,
+                })
+                .collect();
+            let subscriptions: Vec<&String> = subscriptions
+                .iter()
+                .filter(|id| match s.subscriptions.get(id.as_str()) {
+                    Some(e) if e.transport == transport => s.subscriptions.remove(id.as_str()).is_some(),
+                    _ => false,
+                })
+                .collect();
+            if let Some(entry) = s.transports.get_mut(transport) {
+                for id in publications.iter().chain(&subscriptions) {
+                    entry.sessions.remove(id.as_str());
+                }
+            }
+            (publications, subscriptions)
+        };
+        for id in publications {
+            self.emit(AgentEvent::PublicationFailed {
+                room: room.into(),
+                participant: participant.into(),
+                transport: transport.into(),
+                publication: id.as_str().into(),
+                reason: reason.into(),
+            });
+        }
+        for id in subscriptions {
+            self.emit(AgentEvent::SubscriptionEnded {
+                room: room.into(),
+                participant: participant.into(),
+                transport: transport.into(),
+                subscription: id.as_str().into(),
+                reason: reason.into(),
+            });
+        }
+    }
+
     pub(crate) fn track_flowing(&self, publication: &str, kind: MediaKind, track: TrackId, codec: RTCRtpCodec, layers: Option<Arc<LayerBoard>>) {
         if let Some(p) = self.lock().publications.get_mut(publication) {
             p.tracks.retain(|t| t.kind != kind);
@@ -1317,8 +1371,23 @@ mod tests {
             err.to_string(),
             AgentError::Rejected("the offer's m-line 0 has no video codec the room accepts (mediaIn: av1)".into()).to_string()
         );
+        // The publication the offer was for ends with the same reason (OWT's SDK reads that,
+        // not the `soac` answer).
+        let mut failed = Vec::new();
         while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await {
             assert!(!matches!(e, AgentEvent::Progress { progress: Progress::Answer { .. }, .. }), "answered a refused offer: {e:?}");
+            if let AgentEvent::PublicationFailed { transport, publication, reason, .. } = e {
+                failed.push((transport.to_string(), publication.to_string(), reason));
+            }
         }
+        assert_eq!(failed, [("t2".to_string(), "t2".to_string(), err.to_string())]);
+        assert!(!agent.shared.lock().publications.contains_key("t2"), "the refused publication is forgotten");
+        // Garbage: the same; the answered publication of t1 is not touched by t2's refusals.
+        node.call(publish("t3", media_in(serde_json::json!([{"codec": "vp8"}])))).await.unwrap();
+        let err = node.call(signal("t3", "v=0\r\nnot an offer")).await.unwrap_err();
+        assert!(err.to_string().contains("invalid SDP offer"), "{err}");
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        assert!(matches!(&e, AgentEvent::PublicationFailed { publication, .. } if publication.as_str() == "t3"), "{e:?}");
+        assert!(agent.shared.lock().publications.contains_key("t1"));
     }
 }

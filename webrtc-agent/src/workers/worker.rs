@@ -36,7 +36,7 @@ use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCI
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverId, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::Marshal;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
@@ -538,6 +538,8 @@ struct PubSession {
     data: bool,
     data_open: bool,
     ready: bool,
+    /// An offer carrying it was answered (until then, a refused offer ends it).
+    answered: bool,
     /// The codecs its m-lines may carry (the room's `mediaIn`); `None`: any.
     accept: Option<tessera_core::room::MediaIn>,
 }
@@ -1453,6 +1455,7 @@ impl Worker {
                         data: spec.data,
                         data_open: false,
                         ready: false,
+                        answered: false,
                         accept: spec.accept,
                     });
                 }
@@ -1463,9 +1466,14 @@ impl Worker {
                 }
             }
             Cmd::Offer { transport, sdp, reply } => {
+                let waiting = self.waiting_sessions(&transport);
                 let r = self.offer(&transport, sdp, now);
                 if let Err(e) = &r {
                     warn!(transport = ?transport, error = ?e.to_string(), "offer failed");
+                    // The sessions the offer was to start end with it: a client that does
+                    // not read the `soac` answer (OWT's SDK) learns it from their errors.
+                    let (publications, subscriptions) = waiting;
+                    self.refuse(&transport, &publications, &subscriptions, &e.to_string());
                 }
                 let _ = reply.send(r);
             }
@@ -1662,6 +1670,29 @@ impl Worker {
         Ok(())
     }
 
+    /// The publications and subscriptions of a transport that wait for an offer to carry
+    /// them (none answered yet).
+    fn waiting_sessions(&self, transport: &str) -> (Vec<String>, Vec<String>) {
+        let Some(p) = self.by_transport.get(transport).and_then(|id| self.peers.get(id)) else { return (Vec::new(), Vec::new()) };
+        let publications = p.publications.iter().filter(|s| !s.answered).map(|s| s.id.clone()).collect();
+        let subscriptions = p.pending.iter().map(|s| s.spec.at.session.to_string()).collect();
+        (publications, subscriptions)
+    }
+
+    /// Ends sessions that cannot go on (their offer was refused, the client's answer took
+    /// none of their codec), each with an error the portal passes to its client.
+    fn refuse(&mut self, transport: &str, publications: &[String], subscriptions: &[String], reason: &str) {
+        let Some((room, participant)) =
+            self.by_transport.get(transport).and_then(|id| self.peers.get(id)).map(|p| (p.room.clone(), p.participant.clone()))
+        else {
+            return;
+        };
+        for session in publications.iter().chain(subscriptions) {
+            self.end_session(transport, session);
+        }
+        self.shared.sessions_refused(&room, &participant, transport, publications, subscriptions, reason);
+    }
+
     /// Applies a client offer: attaches pending subscriptions, answers, starts forwarding.
     fn offer(&mut self, transport: &str, sdp: String, now: Instant) -> Result<(), AgentError> {
         let id = *self.by_transport.get(transport).ok_or_else(|| AgentError::NoTransport(transport.into()))?;
@@ -1731,8 +1762,17 @@ impl Worker {
         let mut cut_to = p.sending.clone();
         cut_to.extend(sending.iter().cloned());
         let sdp = crate::sdp::only_sent_codecs(&sdp, &cut_to);
-        let offer = RTCSessionDescription::offer(sdp).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
-        p.pc.set_remote_description(now, offer).map_err(|e| AgentError::Rejected(format!("invalid SDP offer: {e}")))?;
+        let applied = RTCSessionDescription::offer(sdp).and_then(|offer| p.pc.set_remote_description(now, offer));
+        if let Err(e) = applied {
+            // The sending transceivers made for the refused subscriptions must not pair
+            // with the m-lines of a later offer.
+            for (_, _, _, sender, _, _) in &created {
+                if let Some(Err(e)) = p.pc.rtp_transceiver(RTCRtpTransceiverId::from(*sender)).map(|mut t| t.stop()) {
+                    debug!(error = %e, "stopping a refused subscription's transceiver");
+                }
+            }
+            return Err(AgentError::Rejected(format!("invalid SDP offer: {e}")));
+        }
         p.sending = cut_to;
         p.has_remote = true;
         p.simulcast = simulcast;
@@ -1778,13 +1818,26 @@ impl Worker {
         }
         self.shared.progress(&p.room, &p.participant, &p.transport, Progress::Answer { sdp });
 
+        for s in &mut p.publications {
+            s.answered = true;
+        }
         // Bind each sending track to its source with the payload type negotiated here.
         let mut sources_added = Vec::new();
+        // Subscriptions the client's offer cannot carry (it has not their codec).
+        let mut unaccepted: Vec<(String, String)> = Vec::new();
         for (session, src, layer, sender, track_id, ssrc) in created {
             let payload_type =
                 p.pc.rtp_sender(sender).and_then(|mut s| crate::sdp::negotiated_payload_type(&s.get_parameters().rtp_parameters.codecs, &src.codec));
             let Some(payload_type) = payload_type else {
                 warn!(%session, kind = src.kind.as_str(), codec = %src.codec.mime_type, "subscriber did not accept the publisher's codec");
+                let reason = format!(
+                    "the offer has no {}, the codec of the stream's {} (forward streams are sent as published, not transcoded)",
+                    src.codec.mime_type,
+                    src.kind.as_str()
+                );
+                if !unaccepted.iter().any(|(s, _)| *s == session) {
+                    unaccepted.push((session, reason));
+                }
                 continue;
             };
             let leg_id = self.next_leg;
@@ -1831,6 +1884,9 @@ impl Worker {
         p.mark_dirty(&mut self.dirty);
         for (track, owner, leg) in sources_added {
             self.attach(track, owner, id, leg);
+        }
+        for (session, reason) in unaccepted {
+            self.refuse(transport, &[], std::slice::from_ref(&session), &reason);
         }
         if connected {
             self.announce_subscriptions(id, now);
