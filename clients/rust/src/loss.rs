@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use rtc::interceptor::{AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::reception_report::ReceptionReport;
 use rtc::sansio::Protocol;
 use rtc::shared::TransportContext;
 use rtc::shared::error::Error;
@@ -26,6 +28,8 @@ pub const GIVE_UP: Duration = Duration::from_secs(1);
 pub const NO_KEYFRAME_WAIT: Duration = Duration::from_millis(500);
 /// How often missing packets are looked at.
 const CHECK: Duration = Duration::from_millis(100);
+/// The SSRC keyframe requests come from (libwebrtc's for a stream it only receives).
+const RECEIVER_SSRC: u32 = 1;
 /// A jump longer than this is a new sequence (a sender restart), not loss.
 const MAX_GAP: u16 = 512;
 
@@ -168,11 +172,19 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeOnLoss {
             let keyless = s.keyframe_due(now);
             if lost || keyless {
                 s.missing.clear();
-                let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc: ssrc };
+                // Compound RTCP, as libwebrtc sends it where `rtcp-rsize` is not negotiated:
+                // a receiver report naming the stream, then the PLI, from a non-zero SSRC.
+                // Janus (1.1) files RTCP under an m-line by its sender SSRC, else by the
+                // SSRC of a report block: a bare PLI from SSRC 0 landed on its audio
+                // m-line and was dropped, so no re-request of ours ever reached its
+                // publisher.
+                let block = ReceptionReport { ssrc, last_sequence_number: s.highest.map_or(0, u32::from), ..Default::default() };
+                let rr = ReceiverReport { ssrc: RECEIVER_SSRC, reports: vec![block], ..Default::default() };
+                let pli = PictureLossIndication { sender_ssrc: RECEIVER_SSRC, media_ssrc: ssrc };
                 self.write.push_back(TaggedPacket {
                     now,
                     transport: TransportContext::default(),
-                    message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(pli)])),
+                    message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(rr), Box::new(pli)])),
                 });
             }
             waiting |= !s.missing.is_empty() || matches!(s.keyframe, Keyframe::Missing { .. });
@@ -266,7 +278,16 @@ mod tests {
         assert_eq!(plis(&mut k), 0, "not yet");
         assert_eq!(k.poll_timeout(), Some(at(500)));
         k.handle_timeout(at(500)).unwrap();
-        assert_eq!(plis(&mut k), 1, "delta frames alone cannot be decoded");
+        // Compound, as libwebrtc sends it: a receiver report naming the stream, then the
+        // PLI, both from a non-zero SSRC (what Janus needs to route it to the video).
+        let request = k.poll_write().expect("a keyframe request");
+        let Packet::Rtcp(parts) = &request.message.packet else { panic!("not RTCP") };
+        let rr = parts[0].as_any().downcast_ref::<ReceiverReport>().expect("a receiver report first");
+        assert_eq!((rr.ssrc, rr.reports.len(), rr.reports[0].ssrc, rr.reports[0].last_sequence_number), (RECEIVER_SSRC, 1, 7, 4));
+        let pli = parts[1].as_any().downcast_ref::<PictureLossIndication>().expect("then the PLI");
+        assert_eq!((pli.sender_ssrc, pli.media_ssrc, parts.len()), (RECEIVER_SSRC, 7, 2));
+        assert_ne!(RECEIVER_SSRC, 0);
+        assert_eq!(plis(&mut k), 0, "delta frames alone cannot be decoded: one request");
         k.handle_timeout(at(1000)).unwrap();
         assert_eq!(plis(&mut k), 0, "asked a moment ago");
         k.handle_timeout(at(1500)).unwrap();
