@@ -37,10 +37,13 @@ pub enum ApiError {
     /// Something the request needs is unreachable for now, e.g. the cluster's NATS (503, code 2002).
     #[error("{0}")]
     Unavailable(String),
+    /// An OWT route Tessera does not serve (501, code 1301): the message says what instead.
+    #[error("{0}")]
+    NotServed(String),
 }
 
 impl ApiError {
-    /// OWT's numeric error code (Tessera adds 1202 and 1203 for 413 and 409).
+    /// OWT's numeric error code (Tessera adds 1202, 1203 and 1301 for 413, 409 and 501).
     pub fn code(&self) -> u32 {
         match self {
             ApiError::Unauthorized(_) => 1101,
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::Conflict(_) => 1203,
             ApiError::Internal(_) => 2001,
             ApiError::Unavailable(_) => 2002,
+            ApiError::NotServed(_) => 1301,
         }
     }
 }
@@ -69,6 +73,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotServed(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 

@@ -68,10 +68,8 @@ pub(crate) async fn start(_: Authed, state: web::Data<ApiState>, path: web::Path
 /// room was placed afresh after it emptied). Fails naming the recorders that could not be
 /// asked, rather than answering with a list that silently lacks theirs.
 async fn recordings_of(state: &ApiState, room: &str) -> Result<Vec<(std::sync::Arc<dyn RecorderNode>, tessera_core::command::RecordingInfo)>> {
+    // A server without a recorder has no recordings (OWT answers an empty list too).
     let recorders = state.router.recorder_nodes();
-    if recorders.is_empty() {
-        return Err(ApiError::Internal("this server does not record".into()));
-    }
     let (mut all, mut unreachable) = (Vec::new(), Vec::new());
     for recorder in recorders {
         match recorder.call(ListRecordings { room: room.into() }).await {
@@ -122,6 +120,11 @@ pub(crate) async fn patch(_: Authed, state: web::Data<ApiState>, path: web::Path
     let room = find_room(&state, &room)?;
     let ops = body.as_array().ok_or_else(|| ApiError::BadRequest("Invalid request body: expected an array of operations".into()))?;
     let engine = holder(&state, &room.id, &id).await?;
+    if ops.is_empty() {
+        // Nothing to change: the recording as it is.
+        let current = recordings_of(&state, &room.id).await?.into_iter().map(|(_, r)| r).find(|r| r.id == id);
+        return current.map(|r| HttpResponse::Ok().json(r)).ok_or_else(|| recording_error(RecordingError::NoRecording(id)));
+    }
     let mut last = None;
     for (i, op) in ops.iter().enumerate() {
         let kind = match (op.get("op").and_then(Value::as_str), op.get("path").and_then(Value::as_str)) {

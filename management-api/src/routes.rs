@@ -72,6 +72,32 @@ fn api_scope(prefix: &str, shape: StreamShape) -> actix_web::Scope {
         .route("/rooms/{room}/recordings/{id}", web::patch().to(crate::recordings::patch))
         .route("/rooms/{room}/recordings/{id}", web::delete().to(crate::recordings::stop))
         .route("/rooms/{room}/recordings/{id}/file", web::get().to(crate::recordings::file))
+        .route("/rooms/{room}/streaming-ins{rest:(/.*)?}", web::to(not_served))
+        .route("/rooms/{room}/streaming-outs{rest:(/.*)?}", web::to(not_served))
+        .route("/rooms/{room}/sipcalls{rest:(/.*)?}", web::to(not_served))
+        .route("/rooms/{room}/analytics{rest:(/.*)?}", web::to(not_served))
+        .route("/services{rest:(/.*)?}", web::to(not_served))
+        .route("/stream-engine{rest:(/.*)?}", web::to(not_served))
+}
+
+/// OWT routes of features Tessera does not have: a clear answer (after the credentials
+/// check, as any route) instead of a bare 404 that reads like a wrong path.
+async fn not_served(_: Authed, req: HttpRequest) -> Result<HttpResponse> {
+    let path = req.path();
+    let what = if path.contains("/streaming-ins") {
+        "streaming-ins (pulling RTSP/RTMP/HLS into a room) are not served by Tessera: publish over WebRTC instead"
+    } else if path.contains("/streaming-outs") {
+        "streaming-outs (pushing a stream to RTMP/RTSP/HLS/DASH) are not served by Tessera: record the stream (`/recordings`) instead"
+    } else if path.contains("/sipcalls") {
+        "SIP calls are not served by Tessera"
+    } else if path.contains("/analytics") {
+        "analytics (media analysis plugins) are not served by Tessera"
+    } else if path.contains("/services") {
+        "OWT's `/services` routes are not served: a Tessera deployment is one service, its key in `service.key`"
+    } else {
+        "OWT's stream-engine routes are not served by Tessera"
+    };
+    Err(ApiError::NotServed(format!("{} {}: {what}", req.method(), path.escape_debug())))
 }
 
 /// `GET /metrics`: Prometheus text format 0.0.4.
@@ -232,8 +258,10 @@ async fn create_token(caller: Authed, state: web::Data<ApiState>, path: web::Pat
     // OWT clients may send `preference` ({isp, region}, a placement hint Tessera has no use
     // for on one node); anything else is a typo the caller should hear about.
     reject_unknown(fields.keys(), &["user", "role", "preference"], "")?;
-    let user = field("user")?.or(caller.0.user).unwrap_or_default();
-    let role = field("role")?.or(caller.0.role).unwrap_or_default();
+    // As OWT: the user and role signed into the MAuth header win over the body's.
+    let (body_user, body_role) = (field("user")?, field("role")?);
+    let user = caller.0.user.or(body_user).unwrap_or_default();
+    let role = caller.0.role.or(body_role).unwrap_or_default();
     if user.trim().is_empty() || user.len() > 256 {
         return Err(ApiError::BadRequest("Invalid request body: `user` must be a non-empty string of at most 256 bytes".into()));
     }
