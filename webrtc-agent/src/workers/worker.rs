@@ -1831,7 +1831,7 @@ impl Worker {
             let Some(payload_type) = payload_type else {
                 warn!(%session, kind = src.kind.as_str(), codec = %src.codec.mime_type, "subscriber did not accept the publisher's codec");
                 let reason = format!(
-                    "the offer has no {}, the codec of the stream's {} (forward streams are sent as published, not transcoded)",
+                    "the offer has no {}, the codec of the stream's {} (streams are sent in their own codec, not transcoded)",
                     src.codec.mime_type,
                     src.kind.as_str()
                 );
