@@ -303,7 +303,7 @@ pub struct Portal {
     pub ping_timeout_ms: u64,
     /// Largest message a client may send, in bytes.
     pub max_message_bytes: u64,
-    /// Most requests a client may send per second before it is disconnected.
+    /// Requests per second a client is served (burst twice that); the excess is refused.
     pub max_requests_per_sec: u32,
     /// Most connections that have not logged in yet, in total.
     pub max_unauthenticated_sessions: u32,

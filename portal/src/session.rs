@@ -53,28 +53,79 @@ impl State {
     }
 }
 
-/// A token bucket: `rate` requests per second with a burst of `2 * rate`.
+/// Flood control: a token bucket of `rate` requests per second with a burst of `2 * rate`.
+/// Requests past it are refused, not served; a client that keeps sending while refused
+/// (its refusals outrun `4 * rate`, forgiven at `rate` per second) is disconnected. Bursts
+/// are refused rather than punished because real clients make them: OWT's JS SDK sends
+/// every subscribe, offer and ICE candidate at once when it joins a busy room.
 struct Flood {
     tokens: f64,
+    refused: f64,
     rate: f64,
     last: Instant,
+}
+
+/// What flood control says of one request.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Serve,
+    Refuse,
+    Disconnect,
 }
 
 impl Flood {
     fn new(rate: u32) -> Self {
         let rate = f64::from(rate.max(1));
-        Flood { tokens: rate * 2.0, rate, last: Instant::now() }
+        Flood { tokens: rate * 2.0, refused: 0.0, rate, last: Instant::now() }
     }
 
-    fn allow(&mut self) -> bool {
+    fn check(&mut self) -> Verdict {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate * 2.0);
+        let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
+        self.refused = (self.refused - elapsed * self.rate).max(0.0);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
-        } else {
-            false
+            return Verdict::Serve;
+        }
+        self.refused += 1.0;
+        if self.refused > self.rate * 4.0 { Verdict::Disconnect } else { Verdict::Refuse }
+    }
+}
+
+/// The ICE candidates a socket already sent, per transport. OWT's JS SDK sends its
+/// candidates again after every answer it gets (it never clears its pending list), so a
+/// participant that subscribes to twenty streams would send each candidate twenty times;
+/// repeats are answered at once, without reaching the agent or counting as requests.
+#[derive(Default)]
+struct SentCandidates(std::collections::HashSet<(String, String)>);
+
+impl SentCandidates {
+    /// Bounds the memory a client can make the portal hold; past it, repeats are served.
+    const MAX: usize = 256;
+
+    /// The (transport, candidate) of a `soac` carrying an ICE candidate.
+    fn key(name: &str, args: &[Value]) -> Option<(String, String)> {
+        if name != "soac" {
+            return None;
+        }
+        let d = args.first()?;
+        let sig = d.get("signaling")?;
+        if sig.get("type")?.as_str()? != "candidate" {
+            return None;
+        }
+        let line = sig.get("candidate")?.get("candidate")?.as_str()?;
+        Some((d.get("id")?.as_str()?.to_string(), line.trim().to_string()))
+    }
+
+    fn seen(&self, key: &(String, String)) -> bool {
+        self.0.contains(key)
+    }
+
+    fn remember(&mut self, key: (String, String)) {
+        if self.0.len() < Self::MAX {
+            self.0.insert(key);
         }
     }
 }
@@ -107,6 +158,9 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
     let mut flood = Flood::new(portal.inner.settings.max_requests_per_sec);
     // Set once a flood closed the socket: events still queued are dropped unanswered.
     let mut flooded = false;
+    // Set while requests are refused for a flood, so the warning is logged once per flood.
+    let mut refusing = false;
+    let mut sent_candidates = SentCandidates::default();
     let login_deadline = tokio::time::sleep(portal.inner.settings.login_timeout);
     tokio::pin!(login_deadline);
     debug!("socket connected");
@@ -136,14 +190,31 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
             }
             Some(Incoming::Event { .. }) if flooded => {}
             Some(Incoming::Event { name, args, ack: ack_id }) => {
-                if !flood.allow() {
-                    flooded = true;
-                    // `?`: the name is the client's, and must not forge log lines.
-                    warn!(request = ?truncate(&name), "request flood; disconnecting this client");
-                    ack(&handle, ack_id, Err("Too many requests".into()));
-                    handle.disconnect();
+                let candidate = SentCandidates::key(&name, &args);
+                if candidate.as_ref().is_some_and(|c| sent_candidates.seen(c)) {
+                    ack(&handle, ack_id, Ok(None));
                     continue;
                 }
+                match flood.check() {
+                    Verdict::Serve => {}
+                    Verdict::Refuse => {
+                        if !refusing {
+                            refusing = true;
+                            // `?`: the name is the client's, and must not forge log lines.
+                            warn!(request = ?truncate(&name), "request flood; refusing this client's requests past the limit");
+                        }
+                        ack(&handle, ack_id, Err("Too many requests".into()));
+                        continue;
+                    }
+                    Verdict::Disconnect => {
+                        flooded = true;
+                        warn!(request = ?truncate(&name), "request flood goes on while refused; disconnecting this client");
+                        ack(&handle, ack_id, Err("Too many requests".into()));
+                        handle.disconnect();
+                        continue;
+                    }
+                }
+                refusing = false;
                 let mut replay = Vec::new();
                 let reply = match &state {
                     State::Away { room, .. } => {
@@ -161,6 +232,11 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     _ => handle_request(&portal, &link, &mut state, &name, &args, &mut replay).await,
                 };
                 let close_after = matches!(state, State::Ended) && matches!(name.as_str(), "login" | "relogin");
+                if let Some(c) = candidate
+                    && reply.is_ok()
+                {
+                    sent_candidates.remember(c);
+                }
                 ack(&handle, ack_id, reply);
                 // Notifications queued while the socket was gone, after the relogin ack.
                 for (event, data) in replay {
@@ -507,12 +583,43 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn flood_allows_burst_then_refuses() {
+    fn flood_allows_burst_then_refuses_then_disconnects() {
         let mut f = Flood::new(5);
-        let allowed = (0..20).filter(|_| f.allow()).count();
-        assert_eq!(allowed, 10);
-        f.last -= Duration::from_secs(1);
-        assert!(f.allow());
+        let verdicts: Vec<Verdict> = (0..31).map(|_| f.check()).collect();
+        // A burst of 10 is served, the next 20 refused, the 21st refusal disconnects.
+        assert!(verdicts[..10].iter().all(|v| *v == Verdict::Serve), "{verdicts:?}");
+        assert!(verdicts[10..30].iter().all(|v| *v == Verdict::Refuse), "{verdicts:?}");
+        assert_eq!(verdicts[30], Verdict::Disconnect);
+        // A client that backs off is served again and forgiven.
+        let mut f = Flood::new(5);
+        for _ in 0..25 {
+            f.check();
+        }
+        f.last -= Duration::from_secs(4);
+        assert_eq!(f.check(), Verdict::Serve);
+        assert_eq!(f.refused, 0.0);
+    }
+
+    #[test]
+    fn candidate_repeats_are_recognised() {
+        let soac =
+            |id: &str, line: &str| vec![json!({"id": id, "signaling": {"type": "candidate", "candidate": {"candidate": line, "sdpMid": "0"}}})];
+        let mut sent = SentCandidates::default();
+        let a = SentCandidates::key("soac", &soac("t1", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap();
+        assert!(!sent.seen(&a));
+        sent.remember(a.clone());
+        assert!(sent.seen(&a));
+        // The same line on another transport, or another line, is new.
+        assert!(!sent.seen(&SentCandidates::key("soac", &soac("t2", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap()));
+        assert!(!sent.seen(&SentCandidates::key("soac", &soac("t1", "a=candidate:2 1 udp 9 127.0.0.1 5001 typ host")).unwrap()));
+        // Offers and other requests are not candidates.
+        let offer = vec![json!({"id": "t1", "signaling": {"type": "offer", "sdp": "v=0"}})];
+        assert_eq!(SentCandidates::key("soac", &offer), None);
+        assert_eq!(SentCandidates::key("text", &soac("t1", "x")), None);
+        for i in 0..1000 {
+            sent.remember(("t".into(), i.to_string()));
+        }
+        assert_eq!(sent.0.len(), SentCandidates::MAX);
     }
 }
 

@@ -13,7 +13,7 @@ pub struct PortalSettings {
     pub reconnection_timeout: Duration,
     /// How long a socket may stay without logging in.
     pub login_timeout: Duration,
-    /// Requests per second before a client is disconnected for flooding.
+    /// Requests per second a client is served (burst twice that); past it, requests are refused.
     pub max_requests_per_sec: u32,
     /// Socket.IO transport settings.
     pub socketio: SocketIoConfig,

@@ -92,6 +92,55 @@ async fn client_strings_cannot_forge_log_lines() {
     }
 }
 
+/// OWT's JS SDK sends bursts (every subscribe, offer and candidate of a busy room at once,
+/// and its candidates again after each answer): a burst past the limit is refused, not
+/// disconnected, and repeated candidates do not count. Only a client that goes on
+/// sending while refused is disconnected.
+#[tokio::test]
+async fn request_bursts_are_refused_and_only_a_sustained_flood_disconnects() {
+    let (_dir, s) = common::start_with_config("[portal]\nmax_requests_per_sec = 5\n");
+    let room = new_room(&s, json!({})).await;
+    let (mut alice, _) = s.join(&room, "alice").await;
+    let (mut bob, info) = s.join(&room, "bob").await;
+    let published = alice.ok("publish", Some(json!({"media": {"tracks": [{"type": "audio", "mid": "0", "source": "mic"}]}}))).await.unwrap();
+    let transport = published["transportId"].as_str().unwrap().to_string();
+    let candidate = json!({"id": transport, "signaling": {"type": "candidate",
+        "candidate": {"candidate": "a=candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}}});
+    // Far more repeats than the burst of 10: each answered ok.
+    for i in 0..40 {
+        let args = alice.request("soac", Some(candidate.clone())).await.unwrap();
+        assert_eq!(args.first().and_then(Value::as_str), Some("ok"), "repeat #{i}: {args:?}");
+    }
+    // A burst past the limit: some served, the rest refused, the session kept.
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let args = bob.request("text", Some(json!({"to": "all", "message": format!("burst {i}")}))).await.unwrap();
+        answers.push(args);
+    }
+    let refused_count = answers.iter().filter(|a| a.get(1).and_then(Value::as_str) == Some("Too many requests")).count();
+    let served = answers.iter().filter(|a| a.first().and_then(Value::as_str) == Some("ok")).count();
+    assert!(served >= 8 && refused_count >= 8 && served + refused_count == 20, "{answers:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    bob.ok("text", Some(json!({"to": "all", "message": "after the burst"}))).await.unwrap();
+    let text = alice.wait_for("bob's text", Duration::from_secs(5), |n| n.event == "text" && n.data["message"] == "after the burst").await.unwrap();
+    assert_eq!(text.data["from"], info["id"]);
+    // Going on while refused: disconnected (20 refusals are forgiven at 5/s; 4 x 5 = 20).
+    let mut closed = false;
+    for _ in 0..200 {
+        match tokio::time::timeout(Duration::from_secs(2), bob.request("text", Some(json!({"to": "all", "message": "spam"})))).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "a sustained flood should close the socket");
+    // Alice, in the same room, is unharmed.
+    alice.ok("text", Some(json!({"to": "all", "message": "still here"}))).await.unwrap();
+    assert!(s.stderr.lock().unwrap().contains("request flood"));
+}
+
 /// #3: a reconnection ticket used for a successful relogin worked again on another socket,
 /// taking the participant over.
 #[tokio::test]
