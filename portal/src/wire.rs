@@ -26,7 +26,11 @@ pub(crate) fn stream_json(s: &StreamInfo) -> Value {
         StreamKind::Forward(f) => {
             v.insert("type".into(), json!("forward"));
             v.insert("media".into(), json!({"tracks": tracks}));
-            v.insert("info".into(), json!({"owner": f.owner, "type": "webrtc", "inViews": f.in_views, "attributes": f.attributes}));
+            let mut info = json!({"owner": f.owner, "type": "webrtc", "inViews": f.in_views, "attributes": f.attributes});
+            if s.data {
+                info["dataChannel"] = json!(true);
+            }
+            v.insert("info".into(), info);
         }
         StreamKind::Mixed(m) => {
             v.insert("type".into(), json!("mixed"));
@@ -36,7 +40,10 @@ pub(crate) fn stream_json(s: &StreamInfo) -> Value {
             v.insert("info".into(), json!({"label": m.label, "layout": layout_json(&m.layout), "activeInput": active}));
         }
     }
-    if s.data {
+    // OWT's `data: true` marks a data stream, one without media: OWT's JS SDK refuses to
+    // subscribe to a stream with both (`A remote stream is either a data stream or a media
+    // stream`), so a stream with media and a data channel says so in `info.dataChannel` only.
+    if s.data && s.tracks.is_empty() {
         v.insert("data".into(), json!(true));
     }
     Value::Object(v)

@@ -191,8 +191,24 @@ async fn data_channel_messages_arrive_intact_and_in_order() {
     let room = s.new_room(json!({})).await;
     let (mut psig, _) = s.join(&room, "pub").await;
     let p = Publisher::start(&mut psig, PublishOptions { audio: false, video: false, data: true, tag: 1, h264: false }, None).await.unwrap();
-    let (mut ssig, _) = s.join(&room, "sub").await;
+    let (mut ssig, info) = s.join(&room, "sub").await;
+    // A data stream without media is OWT's data stream: `data: true`, no tracks.
+    let listed = info["room"]["streams"].as_array().unwrap().iter().find(|v| v["id"] == p.stream_id.as_str()).unwrap().clone();
+    assert_eq!((listed["data"].clone(), listed["info"]["dataChannel"].clone()), (json!(true), json!(true)), "{listed}");
+    assert_eq!(listed["media"]["tracks"], json!([]), "{listed}");
     let sub = Subscriber::start(&mut ssig, &p.stream_id, false, false, true).await.unwrap();
+    // With media too, no top-level `data`: OWT's JS SDK refuses to subscribe to a stream
+    // that is both (`A remote stream is either a data stream or a media stream`).
+    let (mut msig, _) = s.join(&room, "media-and-data").await;
+    let both = Publisher::start(&mut msig, PublishOptions { audio: true, video: false, data: true, tag: 2, h264: false }, None).await.unwrap();
+    let add = ssig
+        .wait_for("the media and data stream", Duration::from_secs(5), |n| n.event == "stream" && n.data["id"] == both.stream_id.as_str())
+        .await
+        .unwrap();
+    let announced = &add.data["data"];
+    assert!(announced.get("data").is_none(), "{announced}");
+    assert_eq!(announced["info"]["dataChannel"], json!(true), "{announced}");
+    assert_eq!(announced["media"]["tracks"][0]["type"], "audio", "{announced}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let dc = p.data.as_ref().unwrap();
     let mut expected = Vec::new();
