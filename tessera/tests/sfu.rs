@@ -380,6 +380,15 @@ async fn one_transport_carries_publication_and_subscriptions() {
     let dave = Publisher::start(&mut dsig, PublishOptions { audio: false, video: true, data: false, tag: 4, h264: true }, None).await.unwrap();
     let mut erin = Subscriber::start(&mut esig, &carol.stream_id, false, true, false).await.unwrap();
     erin.conn.subscribe(&mut esig, &dave.stream_id, false, true, false).await.unwrap();
+    // Carol's stream again on the same transport: each subscription is its own MediaStream
+    // (msid), or a browser would put both video tracks into one (OWT's JS SDK hands
+    // `event.streams[0]` to the app) and a re-subscription would join the ended one's.
+    let again = erin.conn.subscribe(&mut esig, &carol.stream_id, false, true, false).await.unwrap();
+    let answer = erin.conn.pc.remote_description().await.unwrap().sdp;
+    let msids: Vec<&str> = answer.lines().filter_map(|l| l.strip_prefix("a=msid:")).filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(msids.len(), 3, "{answer}");
+    assert!(msids.contains(&erin.id.as_str()) && msids.contains(&again.as_str()), "msid stream ids {msids:?}, subscriptions {} and {again}", erin.id);
+    assert!(!msids.contains(&carol.stream_id.as_str()), "{msids:?}");
 
     let (alice, bob, carol, dave) = (Arc::new(alice), Arc::new(bob), Arc::new(carol), Arc::new(dave));
     let mut tasks = Vec::new();

@@ -1740,8 +1740,11 @@ impl Worker {
                 MediaKind::Video => RtpCodecKind::Video,
             };
             let track_id = format!("{}-{}-{}", session, src.kind.as_str(), ssrc);
+            // The msid names the subscription, not the source stream: a browser groups the
+            // tracks of one msid into one MediaStream, which would merge two subscriptions
+            // of a stream on one transport, or a re-subscription with the ended one.
             let track = MediaStreamTrack::new(
-                src.stream.clone(),
+                session.clone(),
                 track_id.clone(),
                 format!("{}-{}", src.stream, src.kind.as_str()),
                 kind,
