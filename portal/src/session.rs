@@ -528,8 +528,10 @@ fn in_room(portal: &Portal, state: &mut State, room: &str, participant: &str, na
             let (to, message) = requests::parse::<Text>("text", args)?.checked()?;
             let mut conf = portal.lock();
             if to == "all" {
+                // To everyone, the sender included, as OWT does: OWT apps show their own
+                // messages when they come back.
                 let data = json!({"from": participant, "to": "all", "message": message});
-                conf.broadcast(room, Some(participant), "text", &data);
+                conf.broadcast(room, None, "text", &data);
             } else {
                 if conf.room(room).and_then(|r| r.participant(&to)).is_none() {
                     return Err(format!("Target participant does NOT exist: {}", truncate(&to)));

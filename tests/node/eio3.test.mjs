@@ -83,7 +83,7 @@ for (const [label, opts, protocol] of [
     const t1 = await waitFor(() => curEvents.find(([e]) => e === 'text'), 'text from the v2 client');
     assert.deepEqual(t1[1], { from: me.id, to: 'all', message });
     assert.deepEqual(await request(cur, 'text', { to: me.id, message: 'back at you 👋' }), ['ok', undefined]);
-    const t2 = await waitFor(() => oldEvents.find(([e]) => e === 'text'), 'text to the v2 client');
+    const t2 = await waitFor(() => oldEvents.find(([e, d]) => e === 'text' && d.to === 'me'), 'text to the v2 client');
     assert.deepEqual(t2[1], { from: them.id, to: 'me', message: 'back at you 👋' });
 
     // Stays connected across several of its own heartbeats.

@@ -4,6 +4,8 @@ import { ConferenceClient } from '/sdk/tessera.js';
 
 const $ = (id) => document.getElementById(id);
 let client = null;
+// This participant's id, once joined.
+let myId = null;
 let publication = null;
 const tiles = new Map();
 
@@ -78,12 +80,15 @@ $('join-form').addEventListener('submit', async (ev) => {
     client.addEventListener('participantjoined', () => renderPeople());
     client.addEventListener('participantleft', () => renderPeople());
     client.addEventListener('messagereceived', (e) => {
+      // A message to everyone comes back to its sender too; the form showed it already.
+      if (e.origin === myId) return;
       const from = client.participants.find((p) => p.id === e.origin);
       addMessage(`${from ? from.user : e.origin}: ${e.message}`);
     });
     client.addEventListener('serverdisconnected', () => status('Disconnected.'));
     client.addEventListener('reconnected', () => status(`Reconnected to room ${room}.`));
     const info = await client.join(token);
+    myId = info.self.id;
     status(`In room ${room} as ${info.self.user} (${info.self.role}).`);
     renderPeople();
     $('join').disabled = true;

@@ -44,6 +44,12 @@ test('two participants see each other, the mix, chat, and survive a network drop
   await bob.fill('#chat', 'hello from bob');
   await bob.click('#chat-form button');
   await alice.waitForFunction(() => document.getElementById('messages').textContent.includes('bob: hello from bob'), null, { timeout: 5000 });
+  // The server sends a message to everyone back to its sender too (as OWT does): bob's
+  // page shows it once, as his own (the echo left with alice's copy).
+  await new Promise((r) => setTimeout(r, 300));
+  const bobs = await bob.evaluate(() => document.getElementById('messages').textContent);
+  assert.equal(bobs.split('hello from bob').length - 1, 1, bobs);
+  assert.ok(bobs.includes('me: hello from bob'), bobs);
 
   // Bob's network drops; socket.io reconnects and the client relogs in. Alice sees no leave.
   const leaves = await alice.evaluate(() => { window.__leaves = 0; window.tesseraClient.addEventListener('participantleft', () => window.__leaves++); return 0; });
