@@ -153,6 +153,11 @@ pub(crate) struct Participant {
     pub reads: HashMap<SessionId, Vec<(tessera_core::agent::MediaKind, tessera_core::StreamId)>>,
     /// Ids of the reconnection tickets issued to this participant and not used yet.
     tickets: VecDeque<String>,
+    /// While its login (or the relogin that seats it at a new home) is being answered:
+    /// notifications held back, so that none reaches the client before the answer, and
+    /// none the login result's snapshot holds reaches it twice (see
+    /// [`Participant::snapshot_taken`]).
+    joining: Option<VecDeque<(String, Value)>>,
 }
 
 impl Participant {
@@ -183,6 +188,22 @@ impl Participant {
             kinds: HashMap::new(),
             reads: HashMap::new(),
             tickets: VecDeque::new(),
+            joining: Some(VecDeque::new()),
+        }
+    }
+
+    /// The login result's snapshot of the room was taken (under the room lock): what was
+    /// held back until now is in it.
+    pub fn snapshot_taken(&mut self) {
+        if let Some(q) = &mut self.joining {
+            q.clear();
+        }
+    }
+
+    /// The login was answered: what was held back since the snapshot goes out.
+    pub fn login_answered(&mut self) {
+        for (event, data) in self.joining.take().unwrap_or_default() {
+            deliver(self, &event, data);
         }
     }
 
@@ -322,6 +343,13 @@ impl Conferences {
 }
 
 fn deliver(p: &mut Participant, event: &str, data: Value) {
+    if let Some(held) = &mut p.joining {
+        if held.len() >= MAX_PENDING {
+            held.pop_front();
+        }
+        held.push_back((event.to_string(), data));
+        return;
+    }
     match &mut p.link {
         Link::Connected(handle) => {
             if handle.emit(event, vec![data.clone()]).is_err() {

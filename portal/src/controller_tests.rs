@@ -28,6 +28,8 @@ const ROOM: &str = "room1";
 struct FakeNode {
     agent: Mutex<Vec<AgentCommand>>,
     mixer: Mutex<Vec<MixCommand>>,
+    /// Held by a test to keep `StartView` (which every login awaits) from answering.
+    start_view: tokio::sync::Mutex<()>,
 }
 
 #[async_trait::async_trait]
@@ -53,6 +55,9 @@ impl MediaNode for FakeNode {
 #[async_trait::async_trait]
 impl MixNode for FakeNode {
     async fn handle(&self, command: MixCommand) -> Result<MixReply, MixError> {
+        if matches!(command, MixCommand::StartView(_)) {
+            let _ = self.start_view.lock().await;
+        }
         let reply = match &command {
             MixCommand::StartView(StartView { room, view }) => MixReply::StartView(StreamInfo {
                 id: StreamId::mixed(room, &view.label.as_str().into()),
@@ -125,7 +130,17 @@ fn controller(options: Value) -> Controller {
 }
 
 impl Controller {
+    /// Logs in as the session loop does: the login, then its answer.
     async fn try_join(&self, user: &str, role: &str) -> (Client, Result<Option<Value>, String>) {
+        let (client, reply) = self.login_unanswered(user, role).await;
+        if let crate::session::State::Joined { room, participant, .. } = &client.state {
+            self.portal.login_answered(room, participant);
+        }
+        (client, reply)
+    }
+
+    /// The login request alone, before the socket sends its answer.
+    async fn login_unanswered(&self, user: &str, role: &str) -> (Client, Result<Option<Value>, String>) {
         static SOCKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = format!("sock{}", SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let (tx, out) = mpsc::channel(256);
@@ -219,6 +234,44 @@ async fn a_join_is_announced_and_the_newcomer_sees_the_room() {
     assert_eq!(streams[0]["id"], "room1-common");
     assert_eq!(streams[0]["type"], "mixed");
     assert_eq!(bob.login["permission"]["publish"]["video"], false, "a viewer may not publish");
+}
+
+/// While a login waits (on the mixer here; the ledger or another node in a cluster),
+/// the room goes on. Every event reaches the newcomer once: in the login result's
+/// snapshot or as a notification after the answer, never before it.
+#[tokio::test(start_paused = true)]
+async fn what_happens_during_a_login_reaches_the_newcomer_once_and_after_its_answer() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let early = c.publish(&mut alice).await;
+    let gate = c.node.start_view.lock().await;
+    let login = c.login_unanswered("bob", "viewer");
+    let meanwhile = async {
+        // Bob is seated (alice hears of him) and his login waits on the mixer.
+        loop {
+            settle().await;
+            if received(&mut alice).iter().any(|(n, d)| n == "participant" && d["data"]["user"] == "bob") {
+                break;
+            }
+        }
+        c.stream_ready(&alice, &early).await;
+        drop(gate);
+    };
+    let ((mut bob, reply), ()) = tokio::join!(login, meanwhile);
+    reply.unwrap();
+    let in_snapshot = bob.login["room"]["streams"].as_array().unwrap().iter().any(|s| s["id"] == early.as_str());
+    assert!(in_snapshot, "{}", bob.login);
+    // Not also as a notification (before the fix, a `stream add` reached bob before the
+    // login answer, for a stream the answer listed too).
+    assert_eq!(received(&mut bob), vec![], "nothing before the answer");
+    // After the snapshot, before the answer: held back, then sent once.
+    let late = c.publish(&mut alice).await;
+    c.stream_ready(&alice, &late).await;
+    assert_eq!(received(&mut bob), vec![], "nothing before the answer");
+    let crate::session::State::Joined { room, participant, .. } = &bob.state else { panic!("bob is not in") };
+    c.portal.login_answered(room, participant);
+    let adds: Vec<Value> = stream_events(&received(&mut bob)).into_iter().filter(|d| d["status"] == "add").map(|d| d["id"].clone()).collect();
+    assert_eq!(adds, vec![json!(late)]);
 }
 
 #[tokio::test(start_paused = true)]

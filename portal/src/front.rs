@@ -599,6 +599,10 @@ impl HomeService for Portal {
         let mut state = State::from_front(request.session);
         let mut replay = Vec::new();
         let reply = crate::session::handle_request(self, &link, &mut state, &request.name, &request.args, &mut replay).await;
+        if let (State::Joined { room, participant, .. }, "login" | "relogin") = (&state, request.name.as_str()) {
+            // The front holds notifications back until it has answered the login.
+            self.login_answered(room, participant);
+        }
         // Released while the login ran (it emptied meanwhile): the front finds the home again.
         let moved = fresh && !matches!(state, State::Joined { .. }) && !homes.is_home(room);
         // A logout, drop or failed login ends the socket at the front too.

@@ -317,10 +317,15 @@ impl Portal {
         Ok(ticket)
     }
 
-    /// The room snapshot sent in the login result.
-    pub(crate) fn room_snapshot(&self, room: &tessera_core::Room) -> Value {
-        let conf = self.lock();
+    /// The room snapshot sent in the login result of `joining`, superseding the
+    /// notifications held back for it so far.
+    pub(crate) fn room_snapshot(&self, room: &tessera_core::Room, joining: &str) -> Value {
+        let mut conf = self.lock();
         let (participants, streams) = conf.room(&room.id).map(|r| (r.participants_json(), r.streams_json())).unwrap_or_default();
+        // Under the same lock as the snapshot, so each event is in one or the other.
+        if let Some(p) = conf.rooms.get_mut(room.id.as_str()).and_then(|r| r.participant_mut(joining)) {
+            p.snapshot_taken();
+        }
         json!({
             "id": room.id,
             "views": room.views.iter().map(|v| v.label.clone()).collect::<Vec<_>>(),
@@ -331,6 +336,14 @@ impl Portal {
 }
 
 impl Portal {
+    /// A participant's login was answered (or the relogin that seated it again at a new
+    /// home): the notifications held back since its snapshot go out.
+    pub(crate) fn login_answered(&self, room: &str, participant: &str) {
+        if let Some(p) = self.lock().rooms.get_mut(room).and_then(|r| r.participant_mut(participant)) {
+            p.login_answered();
+        }
+    }
+
     /// Drops a participant of a room this node holds.
     pub(crate) fn local_drop_participant(&self, room: &str, participant: &str) -> Result<(), ControlError> {
         if self.drop_participant_now(room, participant, "dropped over REST") {

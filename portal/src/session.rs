@@ -238,6 +238,9 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
                     sent_candidates.remember(c);
                 }
                 ack(&handle, ack_id, reply);
+                if let (State::Joined { room, participant, .. }, "login" | "relogin") = (&state, name.as_str()) {
+                    portal.login_answered(room, participant);
+                }
                 // Notifications queued while the socket was gone, after the relogin ack.
                 for (event, data) in replay {
                     if handle.emit(&event, vec![data]).is_err() {
@@ -381,7 +384,7 @@ async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args
         "user": claims.user,
         "role": claims.role,
         "permission": permission,
-        "room": portal.room_snapshot(&room),
+        "room": portal.room_snapshot(&room, &participant),
         "reconnectionTicket": ticket,
     });
     let mut ice_servers = inner.settings.ice_servers.clone();
