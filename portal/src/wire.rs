@@ -26,11 +26,15 @@ pub(crate) fn stream_json(s: &StreamInfo) -> Value {
         StreamKind::Forward(f) => {
             v.insert("type".into(), json!("forward"));
             v.insert("media".into(), json!({"tracks": tracks}));
-            let mut info = json!({"owner": f.owner, "type": "webrtc", "inViews": f.in_views, "attributes": f.attributes});
+            let mut info = Map::new();
+            info.insert("owner".into(), json!(f.owner));
+            info.insert("type".into(), json!("webrtc"));
+            info.insert("inViews".into(), json!(f.in_views));
+            info.insert("attributes".into(), f.attributes.clone());
             if s.data {
-                info["dataChannel"] = json!(true);
+                info.insert("dataChannel".into(), json!(true));
             }
-            v.insert("info".into(), info);
+            v.insert("info".into(), Value::Object(info));
         }
         StreamKind::Mixed(m) => {
             v.insert("type".into(), json!("mixed"));
