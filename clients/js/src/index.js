@@ -123,10 +123,28 @@ class Session extends EventTarget {
   }
   async stop() {
     this._pc.close();
-    this._client._sessions.delete(this.id);
-    this._client._publications.delete(this.id);
+    this._client._forget(this.id);
     await this._client._request(this._end, { id: this.id });
+    this._finish();
+  }
+
+  /** Fires `ended`, once. */
+  _finish() {
+    if (this._done) return;
+    this._done = true;
     this.dispatchEvent(new Event('ended'));
+  }
+
+  /** The server ended this session (its transport failed, or in a cluster the node serving
+   * it is gone): `error` with `ev.error`, then `ended`. Publish or subscribe again. */
+  _fail(error) {
+    if (this._done) return;
+    this._pc.close();
+    this._client._forget(this.id);
+    const ev = new Event('error');
+    ev.error = error;
+    this.dispatchEvent(ev);
+    this._finish();
   }
 }
 
@@ -357,6 +375,20 @@ export class ConferenceClient extends EventTarget {
     socket.on('drop', () => this._leaveLocally(new ConferenceError('Dropped by the server', 'dropped')));
   }
 
+  /** After a session started, a `progress` error for it or its transport ends it. */
+  _watch(session) {
+    const entry = this._sessions.get(session.id);
+    if (entry) entry.onError = (e) => session._fail(e);
+  }
+
+  /** Forgets a session: its signaling entries (by session and transport id) and its
+   * publication. */
+  _forget(id) {
+    const entry = this._sessions.get(id);
+    for (const [key, s] of this._sessions) if (s === entry) this._sessions.delete(key);
+    this._publications.delete(id);
+  }
+
   async _negotiate(pc, request, data) {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
@@ -409,6 +441,7 @@ export class ConferenceClient extends EventTarget {
       const publication = new Publication(this, id, pc);
       this._publications.set(id, publication);
       publication.addEventListener('ended', () => this._publications.delete(id));
+      this._watch(publication);
       return publication;
     } catch (e) {
       pc.close();
@@ -437,7 +470,8 @@ export class ConferenceClient extends EventTarget {
       await Promise.all([ready, gotTrack]);
       const sub = new Subscription(this, id, pc, mediaStream, remoteStream);
       sub.layer = options.layer || 'auto';
-      remoteStream.addEventListener('ended', () => { pc.close(); sub.dispatchEvent(new Event('ended')); });
+      remoteStream.addEventListener('ended', () => { pc.close(); this._forget(id); sub._finish(); });
+      this._watch(sub);
       return sub;
     } catch (e) {
       pc.close();

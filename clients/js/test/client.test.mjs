@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ConferenceClient, ConferenceError, RemoteStream, errorCode, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
+import { ConferenceClient, ConferenceError, Publication, RemoteStream, Subscription, errorCode, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
 
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64');
 
@@ -99,6 +99,43 @@ test('join, notifications, relogin after a reconnect, login errors', async () =>
   const bad = fakeSocket({ login: () => ['error', 'Room is full'] });
   const c2 = new ConferenceClient({ io: () => { setTimeout(() => bad.socket.fire('connect'), 0); return bad.socket; } });
   await assert.rejects(c2.join(b64({ host: 'h:1' })), (e) => e instanceof ConferenceError && e.code === 'room_full');
+});
+
+test('a session the server ends after it started fires error, then ended, once', async () => {
+  const ticket = b64({ participantId: 'p1', notAfter: Date.now() + 600_000 });
+  const { socket } = fakeSocket({
+    login: () => ['ok', { id: 'p1', user: 'ann', role: 'presenter', permission: {}, room: { id: 'r', views: [], participants: [], streams: [] },
+      reconnectionTicket: ticket }],
+  });
+  const client = new ConferenceClient({ io: () => { setTimeout(() => socket.fire('connect'), 0); return socket; } });
+  await client.join(b64({ host: 'h:1', secure: false }));
+  const pc = () => ({ closed: false, close() { this.closed = true; } });
+  // A publication on transport t1, a subscription on its own transport t2, as _negotiate
+  // leaves them once ready.
+  const pub = new Publication(client, 'pub1', pc());
+  client._sessions.set('pub1', { pc: pub._pc });
+  client._sessions.set('t1', client._sessions.get('pub1'));
+  client._publications.set('pub1', pub);
+  client._watch(pub);
+  const remote = new RemoteStream({ id: 's9', type: 'forward', media: { tracks: [{ type: 'video' }] }, info: { owner: 'p2' } });
+  const sub = new Subscription(client, 'sub1', pc(), null, remote);
+  client._sessions.set('sub1', { pc: sub._pc });
+  client._watch(sub);
+  const seen = [];
+  for (const s of [pub, sub]) {
+    s.addEventListener('error', (e) => seen.push([s.id, 'error', e.error.code, e.error.message]));
+    s.addEventListener('ended', () => seen.push([s.id, 'ended']));
+  }
+  // The transport's error (no sessionId) ends the publication on it; the subscription goes on.
+  socket.fire('progress', { id: 't1', status: 'error', data: 'webrtc node `n2` is gone' });
+  socket.fire('progress', { id: 't1', status: 'error', data: 'again' });
+  assert.deepEqual(seen, [['pub1', 'error', 'session_failed', 'webrtc node `n2` is gone'], ['pub1', 'ended']]);
+  assert.ok(pub._pc.closed && !sub._pc.closed);
+  assert.ok(!client._sessions.has('t1') && !client._sessions.has('pub1') && !client._publications.has('pub1'));
+  // A session error names the subscription.
+  socket.fire('progress', { id: 't2', sessionId: 'sub1', status: 'error', data: 'cut off' });
+  assert.deepEqual(seen.slice(2), [['sub1', 'error', 'session_failed', 'cut off'], ['sub1', 'ended']]);
+  assert.ok(sub._pc.closed);
 });
 
 test('simulcast layers are ranked and picked by name', () => {

@@ -52,7 +52,7 @@ export class RemoteStream extends EventTarget {
   readonly layers: Layer[];
 }
 
-/** Events: `ended`, `layerschanged` (the server changed `activeLayers`). */
+/** Events: `error` (ev.error: the server ended it), `ended`, `layerschanged` (the server changed `activeLayers`). */
 export class Publication extends EventTarget {
   readonly id: string;
   /** The simulcast layers (RIDs) the server wants sent (the others are paused); null until it says. */
@@ -62,6 +62,7 @@ export class Publication extends EventTarget {
   stop(): Promise<void>;
 }
 
+/** Events: `error` (ev.error: the server ended it), `ended`. */
 export class Subscription extends EventTarget {
   readonly id: string;
   readonly stream: MediaStream;
