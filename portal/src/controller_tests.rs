@@ -274,6 +274,41 @@ async fn what_happens_during_a_login_reaches_the_newcomer_once_and_after_its_ans
     assert_eq!(adds, vec![json!(late)]);
 }
 
+/// Views added or removed over REST while the room is live start or stop at once, and
+/// those present are told (`stream add` / `stream remove`), as for any stream.
+#[tokio::test(start_paused = true)]
+async fn views_changed_over_rest_start_and_stop_in_a_live_room() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    received(&mut alice);
+    async fn update(c: &Controller, views: Value) -> Room {
+        let room = c.portal.inner.store.get(ROOM).unwrap().updated(json!({"views": views})).unwrap();
+        c.portal.inner.store.update(room).await.unwrap()
+    }
+    let room = update(&c, json!([{"label": "common"}, {"label": "gallery"}])).await;
+    c.portal.views_changed(&room).await;
+    let events = received(&mut alice);
+    let stream = stream_events(&events);
+    assert_eq!(stream.len(), 1, "{events:?}");
+    assert_eq!((stream[0]["id"].as_str(), stream[0]["status"].as_str()), (Some("room1-gallery"), Some("add")));
+    assert_eq!(stream[0]["data"]["type"], "mixed");
+    assert!(c.node.mixer_commands().iter().any(|m| matches!(m, MixCommand::StartView(v) if v.view.label == "gallery")));
+    // A newcomer sees both views in its login result, and no add.
+    let mut bob = c.join("bob", "viewer").await;
+    let listed: Vec<&str> = bob.login["room"]["streams"].as_array().unwrap().iter().filter_map(|s| s["id"].as_str()).collect();
+    assert_eq!(listed, ["room1-common", "room1-gallery"]);
+    assert!(stream_events(&received(&mut bob)).is_empty());
+
+    let room = update(&c, json!([{"label": "gallery"}])).await;
+    c.portal.views_changed(&room).await;
+    let events = received(&mut bob);
+    let stream = stream_events(&events);
+    assert_eq!(stream.len(), 1, "{events:?}");
+    assert_eq!((stream[0]["id"].as_str(), stream[0]["status"].as_str()), (Some("room1-common"), Some("remove")));
+    assert!(c.node.mixer_commands().iter().any(|m| matches!(m, MixCommand::StopView(v) if v.view == "common")));
+    assert!(c.portal.lock().room(ROOM).unwrap().stream("room1-common").is_none());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_ready_publication_becomes_a_stream_everyone_sees_and_is_mixed() {
     let c = controller(json!({}));

@@ -439,8 +439,11 @@ impl RoomControl for Portal {
         }
     }
 
-    async fn room_updated(&self, _room: &tessera_core::Room) {
-        // Limits and roles are read from the store at each login; nothing cached to refresh.
+    async fn room_updated(&self, room: &tessera_core::Room) {
+        // Limits and roles are read from the store at each login; views run, so a live
+        // room held here starts and stops them now (in a cluster, a room held elsewhere
+        // picks new views up at its next login).
+        self.views_changed(room).await;
     }
 
     async fn room_deleted(&self, room: &str) {

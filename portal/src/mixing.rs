@@ -44,10 +44,43 @@ impl Portal {
             let Some(r) = conf.rooms.get_mut(room.id.as_str()) else { continue };
             if r.stream(info.id.as_str()).is_none() {
                 let published = Hook::StreamPublished { room: room.id.clone(), stream: info.id.to_string(), kind: "mixed".into(), owner: None };
+                let add = json!({"id": info.id, "status": "add", "data": crate::wire::stream_json(&info)});
                 r.streams.push(info);
+                // A view added to a live room (over REST) is news to those present; a
+                // participant logging in has it in its login result instead (its
+                // notifications until then give way to the snapshot).
+                if room.notifying.stream_change {
+                    conf.broadcast(&room.id, None, "stream", &add);
+                }
                 self.hook(|| published);
             }
         }
+    }
+
+    /// The room's configuration changed over REST: a live room starts the views added and
+    /// stops those removed, telling its participants (`stream add` / `stream remove`).
+    pub(crate) async fn views_changed(&self, room: &Room) {
+        let removed: Vec<ViewLabel> = {
+            let mut conf = self.lock();
+            if !conf.rooms.contains_key(room.id.as_str()) {
+                return;
+            }
+            let Some(started) = conf.mixing.get_mut(room.id.as_str()) else { return };
+            let (kept, removed) = std::mem::take(started).into_iter().partition(|l| room.views.iter().any(|v| v.label == l.as_str()));
+            *started = kept;
+            removed
+        };
+        for label in removed {
+            let stream = tessera_core::StreamId::mixed(&room.id.as_str().into(), &label);
+            if let Ok(m) = self.mixer(&room.id, label.as_str())
+                && let Err(e) = m.call(StopView { room: room.id.as_str().into(), view: label.clone() }).await
+            {
+                debug!(room = %room.id, view = ?label, error = %e, "stopping a removed view");
+            }
+            info!(room = %room.id, view = ?label, "view removed from the room's configuration");
+            self.remove_stream(&room.id, stream.as_str(), "view removed");
+        }
+        self.ensure_mixing(room).await;
     }
 
     /// The last participant left: stop the views started for the room unless someone
