@@ -274,6 +274,19 @@ async fn what_happens_during_a_login_reaches_the_newcomer_once_and_after_its_ans
     assert_eq!(adds, vec![json!(late)]);
 }
 
+/// OWT's sources per kind: a camera gives no audio, a microphone no video.
+#[tokio::test(start_paused = true)]
+async fn a_track_source_must_fit_its_kind() {
+    let c = controller(json!({}));
+    let mut alice = c.join("alice", "presenter").await;
+    let publish = |kind: &str, source: &str| json!({"media": {"tracks": [{"type": kind, "mid": "0", "source": source}]}});
+    let refused = c.request(&mut alice, "publish", publish("audio", "camera")).await.unwrap_err();
+    assert_eq!(refused, "publish: request.media.tracks[0].source `camera` is not one of mic, screen-cast, raw-file, encoded-file for audio");
+    assert!(c.request(&mut alice, "publish", publish("video", "mic")).await.unwrap_err().contains("`mic` is not one of camera,"));
+    c.request(&mut alice, "publish", publish("audio", "screen-cast")).await.unwrap();
+    c.request(&mut alice, "publish", publish("video", "screen-cast")).await.unwrap();
+}
+
 /// Views added or removed over REST while the room is live start or stop at once, and
 /// those present are told (`stream add` / `stream remove`), as for any stream.
 #[tokio::test(start_paused = true)]

@@ -146,8 +146,13 @@ impl Portal {
                         MediaKind::Audio => "mic",
                         MediaKind::Video => "camera",
                     });
-                    if !["mic", "camera", "screen-cast", "raw-file", "encoded-file"].contains(&source) {
-                        return Err(format!("{at}.source `{source}` is not mic, camera, screen-cast, raw-file or encoded-file"));
+                    // OWT's sources per kind: a microphone gives no video, a camera no audio.
+                    let allowed: &[&str] = match kind {
+                        MediaKind::Audio => &["mic", "screen-cast", "raw-file", "encoded-file"],
+                        MediaKind::Video => &["camera", "screen-cast", "raw-file", "encoded-file"],
+                    };
+                    if !allowed.contains(&source) {
+                        return Err(format!("{at}.source `{source}` is not one of {} for {}", allowed.join(", "), kind.as_str()));
                     }
                     tracks.push(PublishTrack { kind, mid: mid.to_string(), source: source.to_string() });
                 }
