@@ -97,16 +97,21 @@ impl Flood {
 /// The ICE candidates a socket already sent, per transport. OWT's JS SDK sends its
 /// candidates again after every answer it gets (it never clears its pending list), so a
 /// participant that subscribes to twenty streams would send each candidate twenty times;
-/// repeats are answered at once, without reaching the agent or counting as requests.
+/// repeats are answered at once, without reaching the agent or counting as requests. Kept
+/// as hashes (keyed per socket), so a client sending huge candidate lines cannot make the
+/// portal hold them.
 #[derive(Default)]
-struct SentCandidates(std::collections::HashSet<(String, String)>);
+struct SentCandidates {
+    seen: std::collections::HashSet<u64>,
+    keys: std::hash::RandomState,
+}
 
 impl SentCandidates {
     /// Bounds the memory a client can make the portal hold; past it, repeats are served.
     const MAX: usize = 256;
 
-    /// The (transport, candidate) of a `soac` carrying an ICE candidate.
-    fn key(name: &str, args: &[Value]) -> Option<(String, String)> {
+    /// The hash of (transport, candidate) of a `soac` carrying an ICE candidate.
+    fn key(&self, name: &str, args: &[Value]) -> Option<u64> {
         if name != "soac" {
             return None;
         }
@@ -116,16 +121,16 @@ impl SentCandidates {
             return None;
         }
         let line = sig.get("candidate")?.get("candidate")?.as_str()?;
-        Some((d.get("id")?.as_str()?.to_string(), line.trim().to_string()))
+        Some(std::hash::BuildHasher::hash_one(&self.keys, (d.get("id")?.as_str()?, line.trim())))
     }
 
-    fn seen(&self, key: &(String, String)) -> bool {
-        self.0.contains(key)
+    fn seen(&self, key: u64) -> bool {
+        self.seen.contains(&key)
     }
 
-    fn remember(&mut self, key: (String, String)) {
-        if self.0.len() < Self::MAX {
-            self.0.insert(key);
+    fn remember(&mut self, key: u64) {
+        if self.seen.len() < Self::MAX {
+            self.seen.insert(key);
         }
     }
 }
@@ -190,8 +195,8 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
             }
             Some(Incoming::Event { .. }) if flooded => {}
             Some(Incoming::Event { name, args, ack: ack_id }) => {
-                let candidate = SentCandidates::key(&name, &args);
-                if candidate.as_ref().is_some_and(|c| sent_candidates.seen(c)) {
+                let candidate = sent_candidates.key(&name, &args);
+                if candidate.is_some_and(|c| sent_candidates.seen(c)) {
                     ack(&handle, ack_id, Ok(None));
                     continue;
                 }
@@ -376,7 +381,11 @@ async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
-    let ticket = portal.ticket_for(&room.id, &participant).map_err(|m| Refused(Refusal::Internal, m))?;
+    let ticket = portal.ticket_for(&room.id, &participant).map_err(|m| {
+        // Seated but not answered: not left in the room (a ghost nobody would remove).
+        portal.leave(&room.id, &participant, "login failed after seating");
+        Refused(Refusal::Internal, m)
+    })?;
     handle.authenticated();
     *state = State::Joined { room: room.id.clone(), participant: participant.clone(), generation: 0 };
     let mut result = json!({
@@ -610,21 +619,26 @@ mod tests {
         let soac =
             |id: &str, line: &str| vec![json!({"id": id, "signaling": {"type": "candidate", "candidate": {"candidate": line, "sdpMid": "0"}}})];
         let mut sent = SentCandidates::default();
-        let a = SentCandidates::key("soac", &soac("t1", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap();
-        assert!(!sent.seen(&a));
-        sent.remember(a.clone());
-        assert!(sent.seen(&a));
+        let a = sent.key("soac", &soac("t1", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap();
+        assert!(!sent.seen(a));
+        sent.remember(a);
+        assert!(sent.seen(a));
+        // The same line again (spaces around it do not count) is a repeat.
+        assert!(sent.seen(sent.key("soac", &soac("t1", " a=candidate:1 1 udp 9 127.0.0.1 5000 typ host ")).unwrap()));
         // The same line on another transport, or another line, is new.
-        assert!(!sent.seen(&SentCandidates::key("soac", &soac("t2", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap()));
-        assert!(!sent.seen(&SentCandidates::key("soac", &soac("t1", "a=candidate:2 1 udp 9 127.0.0.1 5001 typ host")).unwrap()));
+        assert!(!sent.seen(sent.key("soac", &soac("t2", "a=candidate:1 1 udp 9 127.0.0.1 5000 typ host")).unwrap()));
+        assert!(!sent.seen(sent.key("soac", &soac("t1", "a=candidate:2 1 udp 9 127.0.0.1 5001 typ host")).unwrap()));
         // Offers and other requests are not candidates.
         let offer = vec![json!({"id": "t1", "signaling": {"type": "offer", "sdp": "v=0"}})];
-        assert_eq!(SentCandidates::key("soac", &offer), None);
-        assert_eq!(SentCandidates::key("text", &soac("t1", "x")), None);
+        assert_eq!(sent.key("soac", &offer), None);
+        assert_eq!(sent.key("text", &soac("t1", "x")), None);
+        // What is kept is bounded in number and size, however long the lines.
+        let long = "x".repeat(100_000);
         for i in 0..1000 {
-            sent.remember(("t".into(), i.to_string()));
+            let key = sent.key("soac", &soac("t", &format!("{long}{i}"))).unwrap();
+            sent.remember(key);
         }
-        assert_eq!(sent.0.len(), SentCandidates::MAX);
+        assert_eq!(sent.seen.len(), SentCandidates::MAX);
     }
 }
 
