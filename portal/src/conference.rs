@@ -192,11 +192,13 @@ impl Participant {
         }
     }
 
-    /// The login result's snapshot of the room was taken (under the room lock): what was
-    /// held back until now is in it.
+    /// The login result's snapshot of the room was taken (under the room lock): the
+    /// participant and stream events held back until now are in it (its participants and
+    /// streams as they are now); anything else (a text sent to the newcomer meanwhile) is
+    /// not, and still goes out after the answer.
     pub fn snapshot_taken(&mut self) {
         if let Some(q) = &mut self.joining {
-            q.clear();
+            q.retain(|(event, _)| event != "participant" && event != "stream");
         }
     }
 

@@ -146,13 +146,10 @@ impl Portal {
                         MediaKind::Audio => "mic",
                         MediaKind::Video => "camera",
                     });
-                    // OWT's sources per kind: a microphone gives no video, a camera no audio.
-                    let allowed: &[&str] = match kind {
-                        MediaKind::Audio => &["mic", "screen-cast", "raw-file", "encoded-file"],
-                        MediaKind::Video => &["camera", "screen-cast", "raw-file", "encoded-file"],
-                    };
-                    if !allowed.contains(&source) {
-                        return Err(format!("{at}.source `{source}` is not one of {} for {}", allowed.join(", "), kind.as_str()));
+                    // OWT's protocol 1.2 sources, for either kind (its 1.0 schema split them).
+                    const SOURCES: [&str; 5] = ["mic", "camera", "screen-cast", "raw-file", "encoded-file"];
+                    if !SOURCES.contains(&source) {
+                        return Err(format!("{at}.source `{source}` is not one of {}", SOURCES.join(", ")));
                     }
                     tracks.push(PublishTrack { kind, mid: mid.to_string(), source: source.to_string() });
                 }
