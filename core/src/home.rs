@@ -128,6 +128,11 @@ pub enum ControlRequest {
     },
     /// The room was deleted: drop everyone.
     RoomDeleted,
+    /// The room's configuration changed: its home starts and stops views to match.
+    RoomUpdated {
+        /// The room as it is now.
+        room: Box<crate::room::Room>,
+    },
 }
 
 /// The home's answer to a [`ControlRequest`].

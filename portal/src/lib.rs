@@ -440,10 +440,14 @@ impl RoomControl for Portal {
     }
 
     async fn room_updated(&self, room: &tessera_core::Room) {
-        // Limits and roles are read from the store at each login; views run, so a live
-        // room held here starts and stops them now (in a cluster, a room held elsewhere
-        // picks new views up at its next login).
-        self.views_changed(room).await;
+        // Limits and roles are read from the store at each login; views run, so the live
+        // room's home (this node, or the one a cluster says) starts and stops them now.
+        let request = ControlRequest::RoomUpdated { room: Box::new(room.clone()) };
+        match front::control_elsewhere(self, room.id.as_str(), request).await {
+            Some(Err(e)) => tracing::warn!(room = %room.id, error = %e, "the room's home could not be told its views changed"),
+            Some(Ok(_)) => {}
+            None => self.views_changed(room).await,
+        }
     }
 
     async fn room_deleted(&self, room: &str) {

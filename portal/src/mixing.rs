@@ -36,6 +36,23 @@ impl Portal {
                     continue;
                 }
             };
+            // While the view was starting, the room may have emptied (and `room_emptied`
+            // stopped what it had started) or the view may have left its configuration
+            // (`views_changed`): a view nobody will stop is stopped now. A login on its way
+            // in (seating) starts it again itself.
+            let stale = {
+                let conf = self.lock();
+                let wanted = self.inner.store.get(room.id.as_str()).is_some_and(|r| r.views.iter().any(|v| v.label == view.label));
+                let live = conf.rooms.contains_key(room.id.as_str()) || conf.seating.contains_key(room.id.as_str());
+                (!wanted || !live).then_some((wanted, live))
+            };
+            if let Some((wanted, live)) = stale {
+                info!(room = %room.id, view = ?view.label, wanted, live, "a view started for a room that no longer has it: stopped");
+                if let Err(e) = m.call(StopView { room: room.id.as_str().into(), view: label.clone() }).await {
+                    debug!(room = %room.id, view = ?label, error = %e, "stopping a view no longer wanted");
+                }
+                continue;
+            }
             let mut conf = self.lock();
             let started = conf.mixing.entry(room.id.as_str().into()).or_default();
             if !started.contains(&label) {
@@ -65,10 +82,16 @@ impl Portal {
             if !conf.rooms.contains_key(room.id.as_str()) {
                 return;
             }
-            let Some(started) = conf.mixing.get_mut(room.id.as_str()) else { return };
-            let (kept, removed) = std::mem::take(started).into_iter().partition(|l| room.views.iter().any(|v| v.label == l.as_str()));
-            *started = kept;
-            removed
+            // A room with no view running yet (none configured, or none could start) has
+            // nothing to stop, and may have views to start.
+            match conf.mixing.get_mut(room.id.as_str()) {
+                Some(started) => {
+                    let (kept, removed) = std::mem::take(started).into_iter().partition(|l| room.views.iter().any(|v| v.label == l.as_str()));
+                    *started = kept;
+                    removed
+                }
+                None => Vec::new(),
+            }
         };
         for label in removed {
             let stream = tessera_core::StreamId::mixed(&room.id.as_str().into(), &label);

@@ -1314,6 +1314,15 @@ async fn a_room_has_one_home_among_portals() {
         assert!(list.as_array().unwrap().iter().any(|s| s["id"] == publisher.stream_id.as_str()), "{list}");
     }
     wait_transports(&b, "alpha", 2).await;
+    // A view added through bravo's REST API starts at alpha, the room's home, at once.
+    let put = b.client().put(b.url(&format!("/v1/rooms/{room}"))).bearer_auth(common::KEY).json(&serde_json::json!({"views": [{"label": "common"}]}));
+    assert_eq!(put.send().await.unwrap().status(), 200);
+    let mixed = format!("{room}-common");
+    ann.wait_for("the view added over bravo", Duration::from_secs(5), |n| {
+        n.event == "stream" && n.data["status"] == "add" && n.data["id"] == mixed.as_str()
+    })
+    .await
+    .unwrap();
 
     // Bob's connection to bravo dies; alpha hears of it from bravo, what Ann says then waits
     // for him, and he resumes through alpha with his ticket.
