@@ -3486,8 +3486,11 @@ var Session = class extends EventTarget {
   async stop() {
     this._pc.close();
     this._client._forget(this.id);
-    await this._client._request(this._end, { id: this.id });
-    this._finish();
+    try {
+      await this._client._request(this._end, { id: this.id });
+    } finally {
+      this._finish();
+    }
   }
   /** Fires `ended`, once. */
   _finish() {

@@ -124,8 +124,12 @@ class Session extends EventTarget {
   async stop() {
     this._pc.close();
     this._client._forget(this.id);
-    await this._client._request(this._end, { id: this.id });
-    this._finish();
+    try {
+      await this._client._request(this._end, { id: this.id });
+    } finally {
+      // Ended here whatever the server says (it may have ended it already).
+      this._finish();
+    }
   }
 
   /** Fires `ended`, once. */

@@ -138,6 +138,32 @@ test('a session the server ends after it started fires error, then ended, once',
   assert.ok(sub._pc.closed);
 });
 
+test('stop() ends a session once, even when the server refuses the request', async () => {
+  const ticket = b64({ participantId: 'p1', notAfter: Date.now() + 600_000 });
+  const { socket, sent } = fakeSocket({
+    login: () => ['ok', { id: 'p1', user: 'ann', role: 'presenter', permission: {}, room: { id: 'r', views: [], participants: [], streams: [] },
+      reconnectionTicket: ticket }],
+    unsubscribe: () => ['ok'],
+  });
+  const client = new ConferenceClient({ io: () => { setTimeout(() => socket.fire('connect'), 0); return socket; } });
+  await client.join(b64({ host: 'h:1', secure: false }));
+  const pc = () => ({ closed: false, close() { this.closed = true; } });
+  const remote = new RemoteStream({ id: 's9', type: 'forward', media: { tracks: [{ type: 'video' }] }, info: { owner: 'p2' } });
+  const sub = new Subscription(client, 'sub1', pc(), null, remote);
+  // The server no longer knows the publication (it ended it already): stop() rejects with
+  // its answer, and the publication has ended all the same.
+  const pub = new Publication(client, 'pub1', pc());
+  let ended = 0;
+  for (const s of [pub, sub]) s.addEventListener('ended', () => { ended += 1; });
+  await assert.rejects(pub.stop(), /Unknown request: unpublish/);
+  assert.equal(ended, 1);
+  assert.ok(pub._pc.closed);
+  await sub.stop();
+  await assert.rejects(pub.stop());
+  assert.equal(ended, 2, 'once each');
+  assert.deepEqual(sent.filter(([n]) => n !== 'login').map(([n, d]) => [n, d.id]), [['unpublish', 'pub1'], ['unsubscribe', 'sub1'], ['unpublish', 'pub1']]);
+});
+
 test('simulcast layers are ranked and picked by name', () => {
   const track = (rid, size) => ({ type: 'video', id: `s-video-${rid}`, rid, ...(size ? { parameters: { resolution: { width: size[0], height: size[1] } } } : {}) });
   // Listed high first, sizes known: ranked by size.
