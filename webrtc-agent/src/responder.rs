@@ -12,7 +12,7 @@
 //! of 29 KB.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket};
@@ -72,30 +72,68 @@ impl Kept {
     }
 }
 
-/// The last packets of one stream, by sequence number (a power-of-two ring, as rtc's).
+/// Packets a stream's history starts with room for: 2 s of a 240 kbit/s video, so a
+/// subscriber of a light stream does not hold room for a heavy one's.
+const FIRST_SIZE: u16 = 64;
+/// How far back a history must reach: a lost packet is reported within a round trip and
+/// the client's reordering wait, and a repair later than this comes too late to show.
+const REACH: Duration = Duration::from_secs(1);
+
+/// The last packets of one stream, by sequence number (a power-of-two ring, as rtc's). It
+/// starts small and doubles, up to its most, while a lap of the ring takes less than
+/// [`REACH`]: its memory follows the stream's packet rate.
 struct History {
     slots: Vec<Option<Kept>>,
     mask: u16,
     /// The newest sequence number kept, once one is.
     newest: Option<u16>,
+    /// The most it may hold (a power of two).
+    most: u16,
+    /// When the ring last began a lap.
+    lap_began: Option<Instant>,
 }
 
 impl History {
-    /// Room for `size` packets: a power of two up to 32768 (else none, as rtc's).
-    fn new(size: u16) -> Option<History> {
-        size.is_power_of_two().then(|| History { slots: vec![None; usize::from(size)], mask: size - 1, newest: None })
+    /// Room for up to `most` packets: a power of two up to 32768 (else none, as rtc's).
+    fn new(most: u16) -> Option<History> {
+        let size = most.min(FIRST_SIZE);
+        most.is_power_of_two().then(|| History { slots: vec![None; usize::from(size)], mask: size - 1, newest: None, most, lap_began: None })
     }
 
     fn slot(&mut self, seq: u16) -> Option<&mut Option<Kept>> {
         self.slots.get_mut(usize::from(seq & self.mask))
     }
 
-    fn add(&mut self, packet: &rtc::rtp::Packet) {
+    /// Doubles the ring if its last lap was quicker than [`REACH`] (and it may grow).
+    fn lap(&mut self, now: Instant) {
+        let quick = self.lap_began.is_some_and(|began| now.saturating_duration_since(began) < REACH);
+        self.lap_began = Some(now);
+        if !quick || self.slots.len() >= usize::from(self.most) {
+            return;
+        }
+        let size = self.slots.len() * 2;
+        let mut slots = vec![None; size];
+        let mask = self.mask << 1 | 1;
+        // What the ring holds lies within one lap behind the newest, so each packet has a
+        // slot of its own in the ring twice the size.
+        for kept in self.slots.drain(..).flatten() {
+            if let Some(slot) = slots.get_mut(usize::from(kept.sequence_number & mask)) {
+                *slot = Some(kept);
+            }
+        }
+        self.slots = slots;
+        self.mask = mask;
+    }
+
+    fn add(&mut self, now: Instant, packet: &rtc::rtp::Packet) {
         let seq = packet.header.sequence_number;
         match self.newest {
             Some(newest) if seq == newest => return,
             // Newer: the sequence numbers skipped since are gone.
             Some(newest) if seq.wrapping_sub(newest) < 1 << 15 => {
+                if seq & self.mask < newest & self.mask || usize::from(seq.wrapping_sub(newest)) >= self.slots.len() {
+                    self.lap(now);
+                }
                 let mut s = newest.wrapping_add(1);
                 while s != seq {
                     if let Some(slot) = self.slot(s) {
@@ -142,17 +180,17 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// A responder keeping the last `size` packets of each stream (a power of two; another
-    /// size keeps nothing, as rtc's).
+    /// A responder keeping up to the last `size` packets of each stream (a power of two;
+    /// another size keeps nothing, as rtc's), fewer while a stream's rate needs fewer.
     pub fn new(size: u16) -> Responder {
         Responder { size, streams: HashMap::new(), read: VecDeque::new(), write: VecDeque::new() }
     }
 
-    /// Keeps an RTP packet going out, if its stream is answered (by reference: a packet the
-    /// worker sends itself is not queued here).
-    pub fn on_send(&mut self, packet: &rtc::rtp::Packet) {
+    /// Keeps an RTP packet going out at `now`, if its stream is answered (by reference: a
+    /// packet the worker sends itself is not queued here).
+    pub fn on_send(&mut self, now: Instant, packet: &rtc::rtp::Packet) {
         if let Some(stream) = self.streams.get_mut(&packet.header.ssrc) {
-            stream.history.add(packet);
+            stream.history.add(now, packet);
         }
     }
 
@@ -222,7 +260,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Responder {
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtp(packet) = &msg.message.packet {
-            self.on_send(packet);
+            self.on_send(msg.now, packet);
         }
         self.write.push_back(msg);
         Ok(())
@@ -284,22 +322,54 @@ mod tests {
 
     #[test]
     fn the_history_keeps_the_last_packets_and_forgets_what_was_skipped() {
+        let now = Instant::now();
         let mut h = History::new(8).unwrap();
         assert!(History::new(6).is_none());
         assert!(h.get(0).is_none());
         for seq in [65530u16, 65531, 65533] {
-            h.add(&packet(seq));
+            h.add(now + Duration::from_secs(u64::from(seq % 100)), &packet(seq));
         }
         assert!(h.get(65532).is_none(), "skipped");
         assert_eq!(h.get(65533).map(|k| k.sequence_number), Some(65533));
         // Across the wrap, and a late packet is kept without moving the newest.
         for seq in [65535u16, 0, 1, 2] {
-            h.add(&packet(seq));
+            h.add(now + Duration::from_secs(u64::from(seq % 100)), &packet(seq));
         }
-        h.add(&packet(65534));
+        h.add(now, &packet(65534));
         assert!(h.get(65534).is_some());
         assert!(h.get(65530).is_none(), "overwritten by 2");
         assert!(h.get(3).is_none(), "not sent yet");
         assert_eq!(h.newest, Some(2));
+    }
+
+    #[test]
+    fn the_history_grows_with_the_packet_rate_and_keeps_what_it_had() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // 30 packets a second: a lap of 64 takes 2 s, the ring stays at 64.
+        let mut slow = History::new(256).unwrap();
+        for seq in 0..400u16 {
+            slow.add(at(u64::from(seq) * 33), &packet(seq));
+        }
+        assert_eq!(slow.slots.len(), usize::from(FIRST_SIZE));
+        assert!(slow.get(399 - 63).is_some() && slow.get(399 - 64).is_none());
+        // 250 a second: it doubles at each quick lap, up to its most, and a packet kept
+        // before a doubling is still found after it.
+        let mut fast = History::new(256).unwrap();
+        let mut sizes = Vec::new();
+        for seq in 60_000..61_000u16 {
+            fast.add(at(u64::from(seq - 60_000) * 4), &packet(seq));
+            if sizes.last() != Some(&fast.slots.len()) {
+                sizes.push(fast.slots.len());
+                assert!(fast.slots.len() == 64 || (fast.get(seq - 1).is_some() && fast.get(seq - 63).is_some()), "{seq}");
+            }
+        }
+        assert_eq!(sizes, [64, 128, 256]);
+        assert!(fast.get(60_999 - 255).is_some() && fast.get(60_999 - 256).is_none());
+        // A stream that slows keeps its room (a burst will come back).
+        for seq in 61_000..61_600u16 {
+            fast.add(at(4_000 + u64::from(seq - 61_000) * 100), &packet(seq));
+        }
+        assert_eq!(fast.slots.len(), 256);
     }
 }

@@ -137,7 +137,7 @@ impl Stack {
             let TaggedPacket { now, transport, mut message } = msg;
             let Packet::Rtp(p) = &mut message.packet else { return None };
             self.sender_reports.on_send(now, p);
-            self.nack_responder.on_send(p);
+            self.nack_responder.on_send(now, p);
             if self.wire.send_direct(p, now, transport) {
                 self.pending_writes = true;
             }
