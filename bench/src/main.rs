@@ -99,12 +99,15 @@ struct Args {
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
-/// machine, so it also bounds what the ramp can tell). Tessera passed 610 on one core
-/// (2026-12-04): the ramp goes on until a server fails.
-const RAMP_MAX: usize = 1210;
+/// machine, so it also bounds what the ramp can tell). Tessera passed 1210 on one core at
+/// 60–70 % of it (2026-12-05): the ramp goes on until a server fails.
+const RAMP_MAX: usize = 4000;
+/// The ramp's smallest step up (and the resolution its search ends at).
 const RAMP_STEP: usize = 60;
 /// The cluster ramp's last step: two nodes should carry about twice one node's load.
-const CLUSTER_RAMP_MAX: usize = 1210;
+const CLUSTER_RAMP_MAX: usize = RAMP_MAX;
+/// A ramp step's load generator at this share of its CPU or more may be what failed it.
+const GENERATOR_BUSY_PCT: f64 = 90.0;
 /// What cluster and scaling give each node (or worker) where the machine has too few CPUs
 /// for one each beside the load generator's: two of them fit on one CPU with room spare.
 const SHARED_CPU_QUOTA: f64 = 0.4;
@@ -139,11 +142,27 @@ fn step_passes(f: &Figures, error: &Option<String>, budget: Option<f64>) -> bool
         && budget.is_none_or(|b| f.max_cpu_pct() < 95.0 * b)
 }
 
-/// Adds subscribers to one publisher (10, then `RAMP_STEP` more each step, up to `max`),
-/// each step on a server `start` makes afresh, until a step fails twice in a row (one
-/// spike in a 5 s window should not decide the capacity); see [`step_passes`] (`budget`:
-/// each server process's CPUs). Joins go 8 at a time to keep the run short. The last row
-/// carries the capacity.
+/// The step after `n` subscribers passed: `RAMP_STEP` more, or a fifth more once that is
+/// larger (rounded down to tens), so a server that carries thousands is reached in a few
+/// steps and the steps where Janus's limit lies stay fine.
+fn next_step(n: usize) -> usize {
+    n + RAMP_STEP.max(n / 5 / 10 * 10)
+}
+
+/// Between a passed and a failed step: the middle (rounded to tens), while they are more
+/// than `RAMP_STEP` apart.
+fn between(passed: usize, failed: usize) -> Option<usize> {
+    (failed.saturating_sub(passed) > RAMP_STEP).then(|| (passed + failed) / 2 / 10 * 10)
+}
+
+/// Adds subscribers to one publisher (10, then [`next_step`]s up to `max`), each step on a
+/// server `start` makes afresh, until a step fails twice in a row (one spike in a 5 s
+/// window should not decide the capacity); then halves the gap between the last passed
+/// and the failed step down to `RAMP_STEP`. See [`step_passes`] (`budget`: each server
+/// process's CPUs). Joins go 8 at a time to keep the run short. The last row carries the
+/// capacity, and `limit`: `server`, `generator` (the load generator was at
+/// [`GENERATOR_BUSY_PCT`] of its CPU or more in the step that failed: the server may carry
+/// more) or `max` (no step failed).
 #[allow(clippy::too_many_arguments)]
 async fn ramp<S: server::Server>(
     scenario: &str,
@@ -158,6 +177,8 @@ async fn ramp<S: server::Server>(
     let step_s = seconds.min(5);
     let mut rows = Vec::new();
     let mut capacity = 0;
+    // The smallest step that failed twice, and whether its generator was busy.
+    let mut failed: Option<(usize, bool)> = None;
     let mut n = 10;
     let mut retried = false;
     while n <= max {
@@ -184,15 +205,35 @@ async fn ramp<S: server::Server>(
             retried = true;
             continue;
         }
-        if !ok {
-            break;
-        }
         retried = false;
-        capacity = n;
-        n += RAMP_STEP;
+        if ok {
+            capacity = n;
+        } else {
+            failed = Some((n, f.generator_cpu_pct() >= GENERATOR_BUSY_PCT));
+        }
+        n = match failed {
+            None => next_step(n),
+            Some((at, _)) => match between(capacity, at) {
+                Some(mid) => mid,
+                None => break,
+            },
+        };
     }
+    // The memory figure: RSS at the largest passed step over its subscribers.
+    let per_subscriber = rows
+        .iter()
+        .filter(|r| r["passed"] == true && r["step_subscribers"] == capacity)
+        .find_map(|r| r["rss_mb"].as_f64())
+        .filter(|_| capacity > 0)
+        .map(|rss| (rss / capacity as f64 * 1000.0).round() / 1000.0);
     if let Some(last) = rows.last_mut() {
         last["capacity_subscribers"] = json!(capacity);
+        last["rss_mb_per_subscriber"] = json!(per_subscriber);
+        last["limit"] = json!(match failed {
+            None => "max",
+            Some((_, true)) => "generator",
+            Some((_, false)) => "server",
+        });
     }
     Ok(rows)
 }
@@ -348,8 +389,22 @@ fn text(v: Option<&Value>) -> String {
 
 fn print_rows(rows: &[Value]) {
     println!(
-        "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8}",
-        "scenario", "server", "subs", "fwd pps", "Mbit/s", "CPU %", "µs/pkt", "RSS MB", "p50 ms", "p99 ms", "loss %", "ooo %", "1st frame", "mix fps"
+        "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8} {:>6}",
+        "scenario",
+        "server",
+        "subs",
+        "fwd pps",
+        "Mbit/s",
+        "CPU %",
+        "µs/pkt",
+        "RSS MB",
+        "p50 ms",
+        "p99 ms",
+        "loss %",
+        "ooo %",
+        "1st frame",
+        "mix fps",
+        "gen %"
     );
     for r in rows {
         let c = |k: &str| text(r.get(k));
@@ -362,7 +417,7 @@ fn print_rows(rows: &[Value]) {
             _ => c("scenario"),
         };
         println!(
-            "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8}",
+            "{:<12} {:<8} {:>5} {:>9} {:>7} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>9} {:>8} {:>6}",
             scenario,
             c("server"),
             c("subscribers"),
@@ -377,6 +432,18 @@ fn print_rows(rows: &[Value]) {
             c("out_of_order_pct"),
             c("first_frame_ms"),
             c("mixer_fps"),
+            c("generator_cpu_pct"),
+        );
+    }
+    for r in rows.iter().filter(|r| r.get("capacity_subscribers").is_some()) {
+        let c = |k: &str| text(r.get(k));
+        println!(
+            "{} on {}: capacity {} subscribers (limit: {}), RSS per subscriber there {} MB",
+            c("scenario"),
+            c("server"),
+            c("capacity_subscribers"),
+            c("limit"),
+            c("rss_mb_per_subscriber")
         );
     }
 }
@@ -589,7 +656,7 @@ async fn main() -> anyhow::Result<()> {
             // matrix are many runs in one).
             let limit = match name {
                 // Up to 21 steps of a ramp, each joining its subscribers 8 at a time.
-                "ramp" => Duration::from_secs(1500),
+                "ramp" => Duration::from_secs(3600),
                 "mixer-matrix" => Duration::from_secs(900),
                 "cluster" | "scaling" => Duration::from_secs(2700),
                 "soak" => Duration::from_secs(seconds + 900),
@@ -630,4 +697,23 @@ async fn main() -> anyhow::Result<()> {
         bail!("soak failed: {}", why.join("; "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ramp_steps_up_by_a_fifth_and_searches_down_to_its_resolution() {
+        let mut steps = vec![10];
+        while let Some(&n) = steps.last().filter(|n| **n < 1300) {
+            steps.push(next_step(n));
+        }
+        assert_eq!(steps, [10, 70, 130, 190, 250, 310, 370, 440, 520, 620, 740, 880, 1050, 1260, 1510]);
+        assert_eq!(between(1260, 1510), Some(1380));
+        assert_eq!(between(1380, 1510), Some(1440));
+        assert_eq!(between(1440, 1510), Some(1470));
+        assert_eq!(between(1470, 1510), None);
+        assert_eq!(between(0, 10), None);
+    }
 }

@@ -280,6 +280,7 @@ async fn mixer_figures(output: Vec<Received>, sent: Vec<(u64, u32)>, measured: M
         latency,
         cpu_seconds: measured.cpu,
         max_cpu_seconds: measured.max_cpu,
+        generator_cpu_seconds: measured.generator,
         window_s: (measured.to - measured.from) as f64 / 1e6,
         rss_mb: measured.rss,
         mixer_fps: Some(frame_rate(&seen, measured.from, measured.to)),

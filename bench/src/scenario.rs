@@ -25,6 +25,9 @@ pub struct Figures {
     pub cpu_seconds: f64,
     /// The busiest process's share of `cpu_seconds` (the one that saturates first).
     pub max_cpu_seconds: f64,
+    /// The load generator's own CPU seconds over the window (this process: its peers'
+    /// crypto and sockets), to tell a server's limit from the generator's.
+    pub generator_cpu_seconds: f64,
     /// Window length in seconds.
     pub window_s: f64,
     /// Server RSS at the end of the window.
@@ -64,7 +67,12 @@ impl Figures {
 
     /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
     /// subscriber's log.
-    fn window(logs: &[Vec<Received>], Measured { cpu, max_cpu, from, to, rss }: Measured, first_frames: &[f64]) -> Figures {
+    /// The load generator's CPU over the window, in percent of one core.
+    pub fn generator_cpu_pct(&self) -> f64 {
+        self.generator_cpu_seconds / self.window_s.max(0.001) * 100.0
+    }
+
+    fn window(logs: &[Vec<Received>], Measured { cpu, max_cpu, generator, from, to, rss }: Measured, first_frames: &[f64]) -> Figures {
         let w = analyse(logs, from, to);
         let secs = (to - from) as f64 / 1e6;
         Figures {
@@ -72,6 +80,7 @@ impl Figures {
             mbps: w.bytes as f64 * 8.0 / secs / 1e6,
             cpu_seconds: cpu,
             max_cpu_seconds: max_cpu,
+            generator_cpu_seconds: generator,
             window_s: secs,
             rss_mb: rss,
             first_frame_ms: percentile(first_frames, 0.5),
@@ -181,6 +190,8 @@ pub(crate) struct Measured {
     pub(crate) cpu: f64,
     /// CPU seconds of the busiest one.
     pub(crate) max_cpu: f64,
+    /// CPU seconds of the load generator (this process).
+    pub(crate) generator: f64,
     /// The window, µs since the epoch.
     pub(crate) from: u64,
     /// See `from`.
@@ -191,11 +202,19 @@ pub(crate) struct Measured {
 
 /// The servers' CPU seconds and RSS over `seconds` of traffic, and the window.
 pub(crate) async fn measure(pids: &[u32], seconds: u64) -> Measured {
-    let (cpu0, from): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());
+    let me = std::process::id();
+    let (cpu0, gen0, from): (Vec<f64>, f64, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), cpu_seconds(me), now_us());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, to): (Vec<f64>, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), now_us());
+    let (cpu1, gen1, to): (Vec<f64>, f64, u64) = (pids.iter().map(|p| cpu_seconds(*p)).collect(), cpu_seconds(me), now_us());
     let spent: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect();
-    Measured { cpu: spent.iter().sum(), max_cpu: spent.iter().copied().fold(0.0, f64::max), from, to, rss: pids.iter().map(|p| rss_mb(*p)).sum() }
+    Measured {
+        cpu: spent.iter().sum(),
+        max_cpu: spent.iter().copied().fold(0.0, f64::max),
+        generator: gen1 - gen0,
+        from,
+        to,
+        rss: pids.iter().map(|p| rss_mb(*p)).sum(),
+    }
 }
 
 /// Subscribes and returns the subscription with the time from the start of the join
@@ -393,6 +412,7 @@ pub fn row(scenario: &str, server: &str, f: &Figures) -> Value {
         "cpu_seconds": round(f.cpu_seconds, 2),
         "cpu_pct": round(f.cpu_pct(), 1),
         "busiest_cpu_pct": round(f.max_cpu_pct(), 1),
+        "generator_cpu_pct": round(f.generator_cpu_pct(), 1),
         "cpu_us_per_packet": if packets > 0.0 { round(f.cpu_seconds * 1e6 / packets, 2) } else { 0.0 },
         "rss_mb": f.rss_mb.round(),
         "latency_ms_p50": round(percentile(&f.latency, 0.5), 2),
