@@ -57,19 +57,24 @@ pub struct Figures {
 impl Figures {
     /// Server CPU over the window, in percent of one core.
     pub fn cpu_pct(&self) -> f64 {
-        self.cpu_seconds / self.window_s.max(0.001) * 100.0
+        self.of_window(self.cpu_seconds)
     }
 
     /// The busiest process's CPU over the window, in percent of one core.
     pub fn max_cpu_pct(&self) -> f64 {
-        self.max_cpu_seconds / self.window_s.max(0.001) * 100.0
+        self.of_window(self.max_cpu_seconds)
     }
 
     /// Rates, CPU and memory of one measurement window (`measure`'s result), from every
     /// subscriber's log.
     /// The load generator's CPU over the window, in percent of one core.
     pub fn generator_cpu_pct(&self) -> f64 {
-        self.generator_cpu_seconds / self.window_s.max(0.001) * 100.0
+        self.of_window(self.generator_cpu_seconds)
+    }
+
+    /// CPU `seconds` spent over the window, in percent of one core.
+    fn of_window(&self, seconds: f64) -> f64 {
+        seconds / self.window_s.max(0.001) * 100.0
     }
 
     fn window(logs: &[Vec<Received>], Measured { cpu, max_cpu, generator, from, to, rss }: Measured, first_frames: &[f64]) -> Figures {

@@ -550,11 +550,7 @@ async fn try_reseat(portal: &Portal, link: &ClientLink, state: &mut State, ticke
     }
     info!(room = %room.id, participant = %participant, lost_home = %seat.home, "participant seated again by relogin (its room's home was lost)");
     portal.ensure_mixing(&room).await;
-    let next = portal.ticket_for(&room.id, &participant).map_err(|m| {
-        // Seated but not answered: not left in the room (a ghost nobody would remove).
-        portal.leave(&room.id, &participant, "relogin failed after seating");
-        Refused(Refusal::Internal, m)
-    })?;
+    let next = portal.ticket_for_seated(&room.id, &participant, "relogin failed after seating").map_err(|m| Refused(Refusal::Internal, m))?;
     link.authenticated();
     *state = State::Joined { room: room.id.clone(), participant, generation: 0 };
     Ok(Some(Value::String(next)))

@@ -317,6 +317,13 @@ impl Portal {
         Ok(ticket)
     }
 
+    /// [`Portal::ticket_for`] a participant a login (or relogin) has just seated; if none
+    /// can be made, the participant leaves again (`what` failed), rather than stay seated
+    /// unanswered, a participant nobody would remove.
+    pub(crate) fn ticket_for_seated(&self, room: &str, participant: &str, what: &str) -> Result<String, String> {
+        self.ticket_for(room, participant).inspect_err(|_| self.leave(room, participant, what))
+    }
+
     /// The room snapshot sent in the login result of `joining`, superseding the
     /// notifications held back for it so far.
     pub(crate) fn room_snapshot(&self, room: &tessera_core::Room, joining: &str) -> Value {

@@ -40,9 +40,10 @@ impl Portal {
             // stopped what it had started) or the view may have left its configuration
             // (`views_changed`): a view nobody will stop is stopped now. A login on its way
             // in (seating) starts it again itself.
+            // The store is read before the room lock is taken (a database read).
+            let wanted = self.inner.store.get(room.id.as_str()).is_some_and(|r| r.views.iter().any(|v| v.label == view.label));
             let stale = {
                 let conf = self.lock();
-                let wanted = self.inner.store.get(room.id.as_str()).is_some_and(|r| r.views.iter().any(|v| v.label == view.label));
                 let live = conf.rooms.contains_key(room.id.as_str()) || conf.seating.contains_key(room.id.as_str());
                 (!wanted || !live).then_some((wanted, live))
             };

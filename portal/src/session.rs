@@ -381,11 +381,7 @@ async fn try_login(portal: &Portal, handle: &ClientLink, state: &mut State, args
     }
     info!(room = %room.id, participant = %participant, user = ?claims.user, role = ?claims.role, "participant joined");
     portal.ensure_mixing(&room).await;
-    let ticket = portal.ticket_for(&room.id, &participant).map_err(|m| {
-        // Seated but not answered: not left in the room (a ghost nobody would remove).
-        portal.leave(&room.id, &participant, "login failed after seating");
-        Refused(Refusal::Internal, m)
-    })?;
+    let ticket = portal.ticket_for_seated(&room.id, &participant, "login failed after seating").map_err(|m| Refused(Refusal::Internal, m))?;
     handle.authenticated();
     *state = State::Joined { room: room.id.clone(), participant: participant.clone(), generation: 0 };
     let mut result = json!({
