@@ -96,6 +96,13 @@ struct Args {
     /// Tessera's forwarding workers (`webrtc.workers`; 0: one per CPU it may use).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// The ramp's first step (subscribers; ramp, cluster and scaling), e.g. to measure memory
+    /// at one load without the steps below it.
+    #[arg(long, default_value_t = 10)]
+    ramp_from: usize,
+    /// The ramp's last step: it stops there even when every step passed.
+    #[arg(long, default_value_t = RAMP_MAX)]
+    ramp_to: usize,
 }
 
 /// The ramp's last step: a bound on the run's length (the load generator shares the
@@ -104,8 +111,6 @@ struct Args {
 const RAMP_MAX: usize = 4000;
 /// The ramp's smallest step up (and the resolution its search ends at).
 const RAMP_STEP: usize = 60;
-/// The cluster ramp's last step: two nodes should carry about twice one node's load.
-const CLUSTER_RAMP_MAX: usize = RAMP_MAX;
 /// A ramp step's load generator at this share of its CPU or more may be what failed it.
 const GENERATOR_BUSY_PCT: f64 = 90.0;
 /// What cluster and scaling give each node (or worker) where the machine has too few CPUs
@@ -155,7 +160,7 @@ fn between(passed: usize, failed: usize) -> Option<usize> {
     (failed.saturating_sub(passed) > RAMP_STEP).then(|| (passed + failed) / 2 / 10 * 10)
 }
 
-/// Adds subscribers to one publisher (10, then [`next_step`]s up to `max`), each step on a
+/// Adds subscribers to one publisher (`steps.start`, then [`next_step`]s up to `steps.end`), each step on a
 /// server `start` makes afresh, until a step fails twice in a row (one spike in a 5 s
 /// window should not decide the capacity); then halves the gap between the last passed
 /// and the failed step down to `RAMP_STEP`. See [`step_passes`] (`budget`: each server
@@ -167,7 +172,7 @@ fn between(passed: usize, failed: usize) -> Option<usize> {
 async fn ramp<S: server::Server>(
     scenario: &str,
     server: &str,
-    max: usize,
+    steps: std::ops::RangeInclusive<usize>,
     load: Load,
     seconds: u64,
     budget: Option<f64>,
@@ -179,9 +184,9 @@ async fn ramp<S: server::Server>(
     let mut capacity = 0;
     // The smallest step that failed twice, and whether its generator was busy.
     let mut failed: Option<(usize, bool)> = None;
-    let mut n = 10;
+    let mut n = *steps.start();
     let mut retried = false;
-    while n <= max {
+    while n <= *steps.end() {
         let s = start().await?;
         // A step that cannot even be set up (joins refused or timing out under load) is a
         // failed step, not the end of the run.
@@ -279,7 +284,19 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
         "ramp" => {
             // A fresh server per step, so steps don't inherit each other's state.
             let budget = Some(launch.cpu_quota.unwrap_or(1.0));
-            rows.extend(ramp("ramp", kind.name(), RAMP_MAX, load, seconds, budget, async || AnyServer::start(kind, launch).await, |_| {}).await?);
+            rows.extend(
+                ramp(
+                    "ramp",
+                    kind.name(),
+                    args.ramp_from..=args.ramp_to,
+                    load,
+                    seconds,
+                    budget,
+                    async || AnyServer::start(kind, launch).await,
+                    |_| {},
+                )
+                .await?,
+            );
         }
         "cluster" | "scaling" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: {name} is Tessera only (it compares Tessera with more of itself)");
@@ -301,7 +318,9 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                     r["webrtc_nodes"] = json!(nodes);
                     r["webrtc_cpus"] = json!(placement);
                 };
-                rows.extend(ramp("cluster", kind.name(), CLUSTER_RAMP_MAX, load, seconds, Some(quota.unwrap_or(1.0)), start, tag).await?);
+                rows.extend(
+                    ramp("cluster", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, Some(quota.unwrap_or(1.0)), start, tag).await?,
+                );
             }
         }
         "scaling" => {
@@ -321,7 +340,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                     r["worker_quota"] = json!(quota);
                 };
                 let start = async || AnyServer::start(kind, &worker_launch).await;
-                rows.extend(ramp("scaling", kind.name(), RAMP_MAX, load, seconds, budget, start, tag).await?);
+                rows.extend(ramp("scaling", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, budget, start, tag).await?);
             }
         }
         "simulcast" if kind != Kind::Tessera => {
@@ -598,6 +617,9 @@ async fn main() -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(if args.scenario == "soak" { 1800 } else { 10 });
     if seconds == 0 {
         bail!("--seconds must be at least 1");
+    }
+    if args.ramp_from == 0 || args.ramp_from > args.ramp_to {
+        bail!("--ramp-from must be at least 1 and at most --ramp-to ({} and {} given)", args.ramp_from, args.ramp_to);
     }
     if args.scenario == "soak" && (seconds < 30 || !(2..=30).contains(&args.participants) || !(0.0..=100.0).contains(&args.max_loss_pct)) {
         bail!("soak needs --seconds of at least 30, --participants 2-30 and --max-loss-pct 0-100");
