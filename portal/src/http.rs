@@ -21,7 +21,9 @@ where
         let extra = extra.clone();
         App::new().configure(move |cfg| sio.configure(cfg)).configure(extra)
     })
-    .workers(2);
+    .workers(2)
+    // With the socket.io bodies' slices (see `socketio::chunks`): connection buffers stay small.
+    .h1_write_buffer_size(crate::socketio::chunks::WRITE_BUFFER);
     let server = match tls {
         Some(tls) => server.listen_rustls_0_23(listener, tls)?,
         None => server.listen(listener)?,

@@ -118,6 +118,18 @@ for (const transports of [['polling'], ['websocket'], ['polling', 'websocket']])
 }
 
 for (const transports of [['polling'], ['websocket']]) {
+  // The server hands bodies to the network in 4 KiB slices (portal/src/socketio/chunks.rs):
+  // a reply many times that, with multi-byte characters across the cuts, comes back whole.
+  test(`a large reply comes back whole (${transports.join('+')})`, async () => {
+    await withClient({ transports }, async (socket) => {
+      const big = 'é🎉x'.repeat(7000) + 'end';
+      assert.deepEqual(await emitAck(socket, 'echo', big, { n: 1 }), ['ok', big, { n: 1 }]);
+      await checkEcho(socket);
+    });
+  });
+}
+
+for (const transports of [['polling'], ['websocket']]) {
   test(`a message over maxPayload closes only that client (${transports.join('+')})`, async () => {
     const other = await connect();
     try {

@@ -10,6 +10,7 @@
 //! connects `/` by itself. Only the `/` namespace exists; binary packets are rejected
 //! ([`Incoming::Invalid`]).
 
+pub mod chunks;
 pub mod engine;
 pub mod packet;
 mod server;

@@ -321,7 +321,7 @@ impl SocketIo {
                     Ok((response, session, stream)) => {
                         let conn = self.ws_conn(query.eio, session, stream);
                         self.start_session(query.eio, Some(conn), pending);
-                        response
+                        super::chunks::sliced(response)
                     }
                     Err(_) => HttpError::BadRequest.response(),
                 }
@@ -366,7 +366,7 @@ impl SocketIo {
             Ok(Err(e)) => return e.response(),
             Err(_) => entry.eio.encode_payload(&[EPacket::Close]),
         };
-        HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(payload)
+        super::chunks::sliced(HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(payload))
     }
 
     async fn upgrade(&self, req: &HttpRequest, body: web::Payload, sid: &str) -> HttpResponse {
@@ -378,7 +378,7 @@ impl SocketIo {
         if entry.cmd.send(Cmd::Upgrade(conn)).await.is_err() {
             return HttpError::UnknownSid.response();
         }
-        response
+        super::chunks::sliced(response)
     }
 
     async fn on_post(self, req: HttpRequest, mut body: web::Payload) -> HttpResponse {
