@@ -10,7 +10,7 @@ set -euo pipefail
 want_tests=0
 [ "${1:-}" = "--test" ] && want_tests=1
 
-pkgs=(pkg-config
+pkgs=(pkg-config make
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x

@@ -104,6 +104,11 @@ struct ApiArgs {
     ca_cert: Option<PathBuf>,
 }
 
+/// jemalloc, for less memory per subscriber than glibc's malloc (see the `jemalloc` feature).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // One TLS provider for the process (the servers, the CLI's and the webhooks' https
