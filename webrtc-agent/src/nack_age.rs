@@ -23,8 +23,12 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, n
 /// Packets sent longer ago than this, or three round trips if longer (libwebrtc's
 /// rule), are not retransmitted.
 pub const NACK_MAX_AGE: Duration = Duration::from_millis(1000);
-/// Send times kept per stream (as many as the responder's history, and more).
+/// Send times kept per stream at most (as many as the responder's history, and more).
 const SLOTS: usize = 512;
+/// Send times a stream starts with room for; the ring doubles, up to [`SLOTS`], while a lap
+/// of it takes less than [`NACK_MAX_AGE`], as the responder's history does: a subscriber of
+/// a light stream keeps 512 bytes, not 4 KiB.
+const FIRST_SLOTS: usize = 64;
 /// Retransmissions may add at most one packet for every [`SENT_PER_RESEND`] first
 /// transmissions of the connection...
 const SENT_PER_RESEND: u32 = 2;
@@ -33,15 +37,56 @@ const RESEND_BURST: u32 = 100;
 
 /// When a packet first left: its sequence number, and milliseconds after the limit's
 /// base, wrapping (plus one: 0 is an empty slot). Eight bytes, not the 24 of an
-/// `Option<(u16, Instant)>`: every subscriber stream keeps [`SLOTS`] of them.
+/// `Option<(u16, Instant)>`: every subscriber stream keeps up to [`SLOTS`] of them.
 #[derive(Clone, Copy, Default)]
 struct SentAt {
     seq: u16,
     ms: u32,
 }
 
-/// Send times by sequence number modulo [`SLOTS`].
-type SendTimes = Box<[SentAt]>;
+/// Send times by sequence number modulo the ring's length (a power of two, so the slots
+/// stay in step across the sequence numbers' wrap).
+struct SendTimes {
+    slots: Vec<SentAt>,
+    /// When the ring last passed its slot 0 (in [`NackLimit::ms`]'s unit).
+    lap_began: Option<u32>,
+}
+
+impl SendTimes {
+    fn new() -> SendTimes {
+        SendTimes { slots: vec![SentAt::default(); FIRST_SLOTS], lap_began: None }
+    }
+
+    fn get(&self, seq: u16) -> Option<&SentAt> {
+        self.slots.get(usize::from(seq) % self.slots.len().max(1))
+    }
+
+    /// Notes a transmission (a retransmission keeps the first's time); a first
+    /// transmission that begins a lap quicker than [`NACK_MAX_AGE`] doubles the ring
+    /// first (what it holds lies within one lap, so nothing collides).
+    fn note(&mut self, seq: u16, ms: u32, retransmission: bool) {
+        if !retransmission && usize::from(seq) % self.slots.len().max(1) == 0 {
+            let quick = self.lap_began.is_some_and(|began| ms.wrapping_sub(began) < NACK_MAX_AGE.as_millis() as u32);
+            self.lap_began = Some(ms);
+            if quick && self.slots.len() < SLOTS {
+                let len = self.slots.len() * 2;
+                let mut slots = vec![SentAt::default(); len];
+                for kept in self.slots.drain(..).filter(|k| k.ms != 0) {
+                    if let Some(slot) = slots.get_mut(usize::from(kept.seq) % len) {
+                        *slot = kept;
+                    }
+                }
+                self.slots = slots;
+            }
+        }
+        let len = self.slots.len().max(1);
+        if let Some(slot) = self.slots.get_mut(usize::from(seq) % len)
+            && !(slot.ms != 0 && slot.seq == seq)
+        {
+            *slot = SentAt { seq, ms };
+        }
+    }
+}
 
 /// Send times per local stream, and the NACK filter they allow (see the module docs).
 pub struct NackLimit {
@@ -77,7 +122,7 @@ impl NackLimit {
     pub fn bind(&mut self, info: &rtc::interceptor::StreamInfo) {
         let nack = info.rtcp_feedback.iter().any(|f| f.typ == "nack" && f.parameter.is_empty());
         if nack && !self.sent.iter().any(|(s, _)| *s == info.ssrc) {
-            self.sent.push((info.ssrc, vec![SentAt::default(); SLOTS].into_boxed_slice()));
+            self.sent.push((info.ssrc, SendTimes::new()));
         }
     }
 
@@ -94,11 +139,7 @@ impl NackLimit {
         }
         let ms = self.ms(now);
         let Some((_, ring)) = self.sent.iter_mut().find(|(s, _)| *s == ssrc) else { return };
-        if let Some(slot) = ring.get_mut(usize::from(seq) % SLOTS)
-            && !(slot.ms != 0 && slot.seq == seq)
-        {
-            *slot = SentAt { seq, ms };
-        }
+        ring.note(seq, ms, retransmission);
     }
 
     /// A round-trip time measured from a client's receiver report (smoothed as TCP
@@ -125,7 +166,7 @@ impl NackLimit {
             .nacks
             .iter()
             .flat_map(|p| p.packet_list())
-            .filter(|seq| match ring.get(usize::from(*seq) % SLOTS) {
+            .filter(|seq| match ring.get(*seq) {
                 // (A send time after `now` wraps to far past 2³¹: young, as a saturating age would be.)
                 Some(slot) if slot.ms != 0 && slot.seq == *seq => {
                     let age = now_ms.wrapping_sub(slot.ms);
@@ -182,6 +223,46 @@ mod tests {
             rtcp_feedback: vec![rtc::interceptor::RTCPFeedback { typ: "nack".into(), parameter: String::new() }],
             ..Default::default()
         }
+    }
+
+    /// The NACKed sequence numbers that pass the filter, as of `at`.
+    fn passed(k: &mut NackLimit, ssrc: u32, seqs: &[u16], at: Instant) -> Vec<u16> {
+        let nack = TransportLayerNack { sender_ssrc: 1, media_ssrc: ssrc, nacks: nack_pairs_from_sequence_numbers(seqs) };
+        let mut packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(nack)];
+        k.filter(&mut packets, at);
+        packets
+            .iter()
+            .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+            .flat_map(|n| n.nacks.iter().flat_map(|p| p.packet_list()))
+            .collect()
+    }
+
+    #[test]
+    fn the_send_times_follow_the_packet_rate() {
+        let t0 = Instant::now();
+        let mut k = NackLimit::default();
+        k.bind(&video(5));
+        k.bind(&video(6));
+        k.budget = RESEND_BURST * SENT_PER_RESEND;
+        // 30 packets a second: a lap of 64 takes 2.1 s, the ring stays at 64.
+        for seq in 0..300u16 {
+            k.on_sent(5, seq, false, t0 + Duration::from_millis(u64::from(seq) * 1000 / 30));
+        }
+        // 400 a second (past the sequence numbers' wrap): it doubles up to 512, a lap of 1.28 s.
+        let start = 65_000u16;
+        for i in 0..1600u16 {
+            k.on_sent(6, start.wrapping_add(i), false, t0 + Duration::from_micros(u64::from(i) * 2500));
+        }
+        let size = |ssrc: u32| k.sent.iter().find(|(s, _)| *s == ssrc).map(|(_, r)| r.slots.len());
+        assert_eq!(size(5), Some(FIRST_SLOTS));
+        assert_eq!(size(6), Some(SLOTS));
+        // 4 s in: a packet sent 1.1 s before is still in the ring, and refused for its
+        // age (in a ring of 64 it would be unknown and pass); one 0.5 s old passes.
+        let at = t0 + Duration::from_millis(4000);
+        let old = start.wrapping_add(1600 - 440);
+        let young = start.wrapping_add(1600 - 200);
+        assert_eq!(passed(&mut k, 6, &[old, young], at), [young]);
+        assert_eq!(k.refused, 1);
     }
 
     #[test]
