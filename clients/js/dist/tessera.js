@@ -3559,6 +3559,9 @@ var Subscription = class extends Session {
     this.layer = name;
   }
 };
+function deadline(what, ms = 1e4) {
+  return new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, "timeout")), ms));
+}
 function waitGathering(pc, ms = 3e3) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
@@ -3740,11 +3743,21 @@ var ConferenceClient = class extends EventTarget {
     for (const [key, s] of this._sessions) if (s === entry) this._sessions.delete(key);
     this._publications.delete(id);
   }
-  async _negotiate(pc, request, data) {
+  /** A session the server made whose setup failed here: forgotten, and ended there (best
+   * effort: the server may have ended it already). */
+  _abandon(id, end) {
+    this._forget(id);
+    this._request(end, { id }).catch(() => {
+    });
+  }
+  /** Offers, asks the server for the session (`started.id` once it has made one), and
+   * applies its answer. */
+  async _negotiate(pc, request, data, started) {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     await waitGathering(pc);
     const ack = await this._request(request, { ...data, transport: { type: "webrtc" } });
+    started.id = ack.id;
     const session = { pc };
     const answered = new Promise((resolve, reject) => {
       session.onAnswer = resolve;
@@ -3758,13 +3771,14 @@ var ConferenceClient = class extends EventTarget {
         reject(e);
       };
     });
+    ready.catch(() => {
+    });
     this._sessions.set(ack.id, session);
     if (ack.transportId !== ack.id) this._sessions.set(ack.transportId, session);
     await this._request("soac", { id: ack.transportId, signaling: { type: "offer", sdp: pc.localDescription.sdp } });
-    const timeout = (what) => new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, "timeout")), 1e4));
-    const sdp = await Promise.race([answered, timeout("answer")]);
+    const sdp = await Promise.race([answered, deadline("answer")]);
     await pc.setRemoteDescription({ type: "answer", sdp });
-    return { id: ack.id, ready: Promise.race([ready, timeout("ready")]) };
+    return { id: ack.id, ready: Promise.race([ready, deadline("ready")]) };
   }
   _peer() {
     const config = { ...this._options.rtcConfiguration || {} };
@@ -3786,6 +3800,7 @@ var ConferenceClient = class extends EventTarget {
       if (track.kind === "video" && simulcast) init.sendEncodings = simulcast.map((e) => ({ ...e }));
       pc.addTransceiver(track, init);
     }
+    const started = {};
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
@@ -3794,7 +3809,7 @@ var ConferenceClient = class extends EventTarget {
         const source = kind === "audio" ? "mic" : options.source || "camera";
         tracks.push({ type: kind, mid: t.mid, source });
       }
-      const { id, ready } = await this._negotiate(pc, "publish", { media: { tracks }, attributes: options.attributes || {} });
+      const { id, ready } = await this._negotiate(pc, "publish", { media: { tracks }, attributes: options.attributes || {} }, started);
       await ready;
       const publication = new Publication(this, id, pc);
       this._publications.set(id, publication);
@@ -3803,6 +3818,7 @@ var ConferenceClient = class extends EventTarget {
       return publication;
     } catch (e) {
       pc.close();
+      if (started.id) this._abandon(started.id, "unpublish");
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), "webrtc_error");
     }
   }
@@ -3821,12 +3837,13 @@ var ConferenceClient = class extends EventTarget {
       });
     });
     for (const k of kinds) pc.addTransceiver(k, { direction: "recvonly" });
+    const started = {};
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
       const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: kinds[i] === "video" && layer ? layer.id : remoteStream.id }));
-      const { id, ready } = await this._negotiate(pc, "subscribe", { media: { tracks } });
-      await Promise.all([ready, gotTrack]);
+      const { id, ready } = await this._negotiate(pc, "subscribe", { media: { tracks } }, started);
+      await Promise.all([ready, Promise.race([gotTrack, deadline("track")])]);
       const sub = new Subscription(this, id, pc, mediaStream, remoteStream);
       sub.layer = options.layer || "auto";
       remoteStream.addEventListener("ended", () => {
@@ -3838,6 +3855,7 @@ var ConferenceClient = class extends EventTarget {
       return sub;
     } catch (e) {
       pc.close();
+      if (started.id) this._abandon(started.id, "unsubscribe");
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), "webrtc_error");
     }
   }

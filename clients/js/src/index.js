@@ -208,6 +208,11 @@ export class Subscription extends Session {
   }
 }
 
+/** Rejects after `ms` with a `timeout` error naming what did not come. */
+function deadline(what, ms = 10_000) {
+  return new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, 'timeout')), ms));
+}
+
 function waitGathering(pc, ms = 3000) {
   if (pc.iceGatheringState === 'complete') return Promise.resolve();
   return new Promise((resolve) => {
@@ -393,21 +398,32 @@ export class ConferenceClient extends EventTarget {
     this._publications.delete(id);
   }
 
-  async _negotiate(pc, request, data) {
+  /** A session the server made whose setup failed here: forgotten, and ended there (best
+   * effort: the server may have ended it already). */
+  _abandon(id, end) {
+    this._forget(id);
+    this._request(end, { id }).catch(() => {});
+  }
+
+  /** Offers, asks the server for the session (`started.id` once it has made one), and
+   * applies its answer. */
+  async _negotiate(pc, request, data, started) {
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     await waitGathering(pc);
     const ack = await this._request(request, { ...data, transport: { type: 'webrtc' } });
+    started.id = ack.id;
     const session = { pc };
     const answered = new Promise((resolve, reject) => { session.onAnswer = resolve; session.onError = reject; });
     const ready = new Promise((resolve, reject) => { session.onReady = resolve; const prev = session.onError; session.onError = (e) => { prev(e); reject(e); }; });
+    // (Awaited only once answered: an error before that must not also surface unhandled.)
+    ready.catch(() => {});
     this._sessions.set(ack.id, session);
     if (ack.transportId !== ack.id) this._sessions.set(ack.transportId, session);
     await this._request('soac', { id: ack.transportId, signaling: { type: 'offer', sdp: pc.localDescription.sdp } });
-    const timeout = (what) => new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, 'timeout')), 10_000));
-    const sdp = await Promise.race([answered, timeout('answer')]);
+    const sdp = await Promise.race([answered, deadline('answer')]);
     await pc.setRemoteDescription({ type: 'answer', sdp });
-    return { id: ack.id, ready: Promise.race([ready, timeout('ready')]) };
+    return { id: ack.id, ready: Promise.race([ready, deadline('ready')]) };
   }
 
   _peer() {
@@ -432,6 +448,7 @@ export class ConferenceClient extends EventTarget {
       if (track.kind === 'video' && simulcast) init.sendEncodings = simulcast.map((e) => ({ ...e }));
       pc.addTransceiver(track, init);
     }
+    const started = {};
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
@@ -440,7 +457,7 @@ export class ConferenceClient extends EventTarget {
         const source = kind === 'audio' ? 'mic' : (options.source || 'camera');
         tracks.push({ type: kind, mid: t.mid, source });
       }
-      const { id, ready } = await this._negotiate(pc, 'publish', { media: { tracks }, attributes: options.attributes || {} });
+      const { id, ready } = await this._negotiate(pc, 'publish', { media: { tracks }, attributes: options.attributes || {} }, started);
       await ready;
       const publication = new Publication(this, id, pc);
       this._publications.set(id, publication);
@@ -449,6 +466,7 @@ export class ConferenceClient extends EventTarget {
       return publication;
     } catch (e) {
       pc.close();
+      if (started.id) this._abandon(started.id, 'unpublish');
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), 'webrtc_error');
     }
   }
@@ -465,13 +483,14 @@ export class ConferenceClient extends EventTarget {
       pc.addEventListener('track', (e) => { mediaStream.addTrack(e.track); resolve(); });
     });
     for (const k of kinds) pc.addTransceiver(k, { direction: 'recvonly' });
+    const started = {};
     try {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
       // A simulcast layer is asked for by its track's id (OWT's way).
       const tracks = pc.getTransceivers().map((t, i) => ({ type: kinds[i], mid: t.mid, from: kinds[i] === 'video' && layer ? layer.id : remoteStream.id }));
-      const { id, ready } = await this._negotiate(pc, 'subscribe', { media: { tracks } });
-      await Promise.all([ready, gotTrack]);
+      const { id, ready } = await this._negotiate(pc, 'subscribe', { media: { tracks } }, started);
+      await Promise.all([ready, Promise.race([gotTrack, deadline('track')])]);
       const sub = new Subscription(this, id, pc, mediaStream, remoteStream);
       sub.layer = options.layer || 'auto';
       remoteStream.addEventListener('ended', () => { pc.close(); this._forget(id); sub._finish(); });
@@ -479,6 +498,7 @@ export class ConferenceClient extends EventTarget {
       return sub;
     } catch (e) {
       pc.close();
+      if (started.id) this._abandon(started.id, 'unsubscribe');
       throw e instanceof ConferenceError ? e : new ConferenceError(e.message || String(e), 'webrtc_error');
     }
   }

@@ -164,6 +164,45 @@ test('stop() ends a session once, even when the server refuses the request', asy
   assert.deepEqual(sent.filter(([n]) => n !== 'login').map(([n, d]) => [n, d.id]), [['unpublish', 'pub1'], ['unsubscribe', 'sub1'], ['unpublish', 'pub1']]);
 });
 
+test('a subscription whose setup fails after the server made it is ended there too', async () => {
+  const ticket = b64({ participantId: 'p1', notAfter: Date.now() + 600_000 });
+  let fire;
+  const { socket, sent } = fakeSocket({
+    login: () => ['ok', { id: 'p1', user: 'ann', role: 'presenter', permission: {}, room: { id: 'r', views: [], participants: [], streams: [] },
+      reconnectionTicket: ticket }],
+    subscribe: () => ['ok', { id: 'sub1', transportId: 't1' }],
+    // The offer is taken, then the transport fails before any answer.
+    soac: () => { setTimeout(() => fire('progress', { id: 't1', status: 'error', data: 'ICE failed' }), 0); return ['ok']; },
+    unsubscribe: () => ['ok'],
+  });
+  fire = socket.fire;
+  const client = new ConferenceClient({ io: () => { setTimeout(() => socket.fire('connect'), 0); return socket; } });
+  await client.join(b64({ host: 'h:1', secure: false }));
+  // Just enough of a browser's peer connection and MediaStream for subscribe().
+  const pcs = [];
+  globalThis.RTCPeerConnection = class {
+    constructor() { this.closed = false; this.iceGatheringState = 'complete'; this.transceivers = []; pcs.push(this); }
+    addEventListener() {}
+    addTransceiver(kind) { this.transceivers.push({ mid: String(this.transceivers.length), kind }); }
+    getTransceivers() { return this.transceivers; }
+    async createOffer() { return { type: 'offer', sdp: 'v=0' }; }
+    async setLocalDescription(d) { this.localDescription = d; }
+    close() { this.closed = true; }
+  };
+  globalThis.MediaStream = class { addTrack() {} };
+  try {
+    const remote = new RemoteStream({ id: 's9', type: 'forward', media: { tracks: [{ type: 'audio' }, { type: 'video' }] }, info: { owner: 'p2' } });
+    await assert.rejects(client.subscribe(remote), (e) => e instanceof ConferenceError && e.code === 'session_failed' && /ICE failed/.test(e.message));
+    assert.ok(pcs[0].closed);
+    assert.ok(!client._sessions.has('sub1') && !client._sessions.has('t1'), 'forgotten');
+    await new Promise((r) => setTimeout(r, 10));
+    assert.deepEqual(sent.filter(([n]) => n !== 'login').map(([n, d]) => [n, d.id]), [['subscribe', undefined], ['soac', 't1'], ['unsubscribe', 'sub1']]);
+  } finally {
+    delete globalThis.RTCPeerConnection;
+    delete globalThis.MediaStream;
+  }
+});
+
 test('simulcast layers are ranked and picked by name', () => {
   const track = (rid, size) => ({ type: 'video', id: `s-video-${rid}`, rid, ...(size ? { parameters: { resolution: { width: size[0], height: size[1] } } } : {}) });
   // Listed high first, sizes known: ranked by size.
