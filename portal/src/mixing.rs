@@ -29,31 +29,32 @@ impl Portal {
         for view in &room.views {
             let Ok(m) = self.mixer(&room.id, &view.label) else { return };
             let label = ViewLabel::from(view.label.as_str());
-            let info = match m.call(StartView { room: room.id.as_str().into(), view: view.clone() }).await {
-                Ok(info) => info,
-                Err(e) => {
-                    warn!(room = %room.id, view = ?view.label, error = %e, "view could not start");
-                    continue;
-                }
-            };
-            // While the view was starting, the room may have emptied (and `room_emptied`
-            // stopped what it had started) or the view may have left its configuration
-            // (`views_changed`): a view nobody will stop is stopped now. A login on its way
-            // in (seating) starts it again itself.
-            // The store is read before the room lock is taken (a database read).
-            let wanted = self.inner.store.get(room.id.as_str()).is_some_and(|r| r.views.iter().any(|v| v.label == view.label));
-            let stale = {
-                let conf = self.lock();
-                let live = conf.rooms.contains_key(room.id.as_str()) || conf.seating.contains_key(room.id.as_str());
-                (!wanted || !live).then_some((wanted, live))
-            };
-            if let Some((wanted, live)) = stale {
+            // A view stopped as stale (below) is started again if a login came meanwhile:
+            // that login's own start found it running and may rely on it. Twice at most.
+            let mut attempts = 0;
+            let info = loop {
+                attempts += 1;
+                let info = match m.call(StartView { room: room.id.as_str().into(), view: view.clone() }).await {
+                    Ok(info) => info,
+                    Err(e) => {
+                        warn!(room = %room.id, view = ?view.label, error = %e, "view could not start");
+                        break None;
+                    }
+                };
+                // While the view was starting, the room may have emptied (and `room_emptied`
+                // stopped what it had started) or the view may have left its configuration
+                // (`views_changed`): a view nobody will stop is stopped now. A login on its
+                // way in (seating) starts it again itself.
+                let Some((wanted, live)) = self.stale_view(&room.id, &view.label) else { break Some(info) };
                 info!(room = %room.id, view = ?view.label, wanted, live, "a view started for a room that no longer has it: stopped");
                 if let Err(e) = m.call(StopView { room: room.id.as_str().into(), view: label.clone() }).await {
                     debug!(room = %room.id, view = ?label, error = %e, "stopping a view no longer wanted");
                 }
-                continue;
-            }
+                if attempts >= 2 || self.stale_view(&room.id, &view.label).is_some() {
+                    break None;
+                }
+            };
+            let Some(info) = info else { continue };
             let mut conf = self.lock();
             let started = conf.mixing.entry(room.id.as_str().into()).or_default();
             if !started.contains(&label) {
@@ -73,6 +74,17 @@ impl Portal {
                 self.hook(|| published);
             }
         }
+    }
+
+    /// Whether a view just started is stale: `Some((wanted, live))` when the room's
+    /// configuration no longer has it or the room has neither participants nor a login on
+    /// its way in.
+    fn stale_view(&self, room: &str, label: &str) -> Option<(bool, bool)> {
+        // The store is read before the room lock is taken (a database read).
+        let wanted = self.inner.store.get(room).is_some_and(|r| r.views.iter().any(|v| v.label == label));
+        let conf = self.lock();
+        let live = conf.rooms.contains_key(room) || conf.seating.contains_key(room);
+        (!wanted || !live).then_some((wanted, live))
     }
 
     /// The room's configuration changed over REST: a live room starts the views added and

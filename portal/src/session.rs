@@ -65,6 +65,11 @@ struct Flood {
     last: Instant,
 }
 
+/// What a repeated ICE candidate costs flood control, in requests: repeats are answered
+/// without reaching the agent (see [`SentCandidates`]), but a client may not send them
+/// without end.
+const REPEAT_COST: f64 = 0.05;
+
 /// What flood control says of one request.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
@@ -79,17 +84,18 @@ impl Flood {
         Flood { tokens: rate * 2.0, refused: 0.0, rate, last: Instant::now() }
     }
 
-    fn check(&mut self) -> Verdict {
+    /// A request costing `cost` tokens (1 for a request; less for a repeat served at once).
+    fn check(&mut self, cost: f64) -> Verdict {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * 2.0);
         self.refused = (self.refused - elapsed * self.rate).max(0.0);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             return Verdict::Serve;
         }
-        self.refused += 1.0;
+        self.refused += cost;
         if self.refused > self.rate * 4.0 { Verdict::Disconnect } else { Verdict::Refuse }
     }
 }
@@ -196,11 +202,12 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
             Some(Incoming::Event { .. }) if flooded => {}
             Some(Incoming::Event { name, args, ack: ack_id }) => {
                 let candidate = sent_candidates.key(&name, &args);
-                if candidate.is_some_and(|c| sent_candidates.seen(c)) {
-                    ack(&handle, ack_id, Ok(None));
-                    continue;
-                }
-                match flood.check() {
+                let repeat = candidate.is_some_and(|c| sent_candidates.seen(c));
+                match flood.check(if repeat { REPEAT_COST } else { 1.0 }) {
+                    Verdict::Serve if repeat => {
+                        ack(&handle, ack_id, Ok(None));
+                        continue;
+                    }
                     Verdict::Serve => {}
                     Verdict::Refuse => {
                         if !refusing {
@@ -595,7 +602,7 @@ mod tests {
     #[test]
     fn flood_allows_burst_then_refuses_then_disconnects() {
         let mut f = Flood::new(5);
-        let verdicts: Vec<Verdict> = (0..31).map(|_| f.check()).collect();
+        let verdicts: Vec<Verdict> = (0..31).map(|_| f.check(1.0)).collect();
         // A burst of 10 is served, the next 20 refused, the 21st refusal disconnects.
         assert!(verdicts[..10].iter().all(|v| *v == Verdict::Serve), "{verdicts:?}");
         assert!(verdicts[10..30].iter().all(|v| *v == Verdict::Refuse), "{verdicts:?}");
@@ -603,11 +610,26 @@ mod tests {
         // A client that backs off is served again and forgiven.
         let mut f = Flood::new(5);
         for _ in 0..25 {
-            f.check();
+            f.check(1.0);
         }
         f.last -= Duration::from_secs(4);
-        assert_eq!(f.check(), Verdict::Serve);
+        assert_eq!(f.check(1.0), Verdict::Serve);
         assert_eq!(f.refused, 0.0);
+    }
+
+    #[test]
+    fn repeated_candidates_count_a_little_against_the_flood() {
+        // OWT's SDK repeats its candidates after each answer: 20 subscriptions × 5 candidates
+        // cost 5 requests of a burst of 10...
+        let mut f = Flood::new(5);
+        assert!((0..100).all(|_| f.check(REPEAT_COST) == Verdict::Serve));
+        assert!((0..4).all(|_| f.check(1.0) == Verdict::Serve));
+        // ...but a client sending nothing else without end is refused, then disconnected.
+        let mut f = Flood::new(5);
+        let verdicts: Vec<Verdict> = (0..1000).map(|_| f.check(REPEAT_COST)).collect();
+        let served = verdicts.iter().filter(|v| **v == Verdict::Serve).count();
+        assert!((199..=201).contains(&served), "{served}");
+        assert_eq!(verdicts.last(), Some(&Verdict::Disconnect));
     }
 
     #[test]

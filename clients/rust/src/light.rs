@@ -20,7 +20,7 @@ use anyhow::{Context, anyhow};
 use bytes::{Bytes, BytesMut};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::Registry;
+use rtc::interceptor::{Registry, Slot};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{configure_rtcp_reports, configure_twcc_receiver_only};
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
@@ -96,6 +96,11 @@ impl LightPeer {
         media.register_default_codecs()?;
         let registry =
             if options.feedback { configure_rtcp_reports(configure_twcc_receiver_only(Registry::new(), &mut media)?) } else { Registry::new() };
+        // A peer that decrypts can tell a keyframe, and asks for one as a browser does when
+        // none comes (`crate::loss`): a server whose join-time request the publisher ignored
+        // (libwebrtc takes one per 300 ms) must not leave it without a picture for that.
+        let registry =
+            if options.decrypts || options.feedback { registry.with(Slot::from(14_100), crate::loss::KeyframeOnLoss::default()) } else { registry };
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_srtp_protection_profiles(vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80])
