@@ -49,7 +49,7 @@ pub fn check_layered_video(sub: &Subscriber, switches: usize) -> Vec<(usize, usi
         }
     }
     let sent = packets.iter().filter(|p| p.header.marker).count();
-    let frames = tessera_client::media::decode_vp8(&packets).unwrap();
+    let frames = tessera_client::media::decode_vp8(packets).unwrap();
     assert!(frames.len() <= sent && frames.len() + switches + 1 >= sent, "{} of {sent} frames decoded", frames.len());
     frames.iter().map(picture).collect()
 }
