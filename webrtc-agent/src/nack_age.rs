@@ -57,15 +57,21 @@ impl SendTimes {
         SendTimes { slots: vec![SentAt::default(); FIRST_SLOTS], lap_began: None }
     }
 
+    /// The slot of `seq` (the length is a power of two, at least [`FIRST_SLOTS`]: a mask,
+    /// not a division, on this per-packet path).
+    fn index(&self, seq: u16) -> usize {
+        usize::from(seq) & self.slots.len().saturating_sub(1)
+    }
+
     fn get(&self, seq: u16) -> Option<&SentAt> {
-        self.slots.get(usize::from(seq) % self.slots.len().max(1))
+        self.slots.get(self.index(seq))
     }
 
     /// Notes a transmission (a retransmission keeps the first's time); a first
     /// transmission that begins a lap quicker than [`NACK_MAX_AGE`] doubles the ring
     /// first (what it holds lies within one lap, so nothing collides).
     fn note(&mut self, seq: u16, ms: u32, retransmission: bool) {
-        if !retransmission && usize::from(seq) % self.slots.len().max(1) == 0 {
+        if !retransmission && self.index(seq) == 0 {
             let quick = self.lap_began.is_some_and(|began| ms.wrapping_sub(began) < NACK_MAX_AGE.as_millis() as u32);
             self.lap_began = Some(ms);
             if quick && self.slots.len() < SLOTS {
@@ -79,8 +85,8 @@ impl SendTimes {
                 self.slots = slots;
             }
         }
-        let len = self.slots.len().max(1);
-        if let Some(slot) = self.slots.get_mut(usize::from(seq) % len)
+        let at = self.index(seq);
+        if let Some(slot) = self.slots.get_mut(at)
             && !(slot.ms != 0 && slot.seq == seq)
         {
             *slot = SentAt { seq, ms };
