@@ -58,3 +58,20 @@ if [ "$want_tests" = 1 ]; then
     fi
   done
 fi
+
+# OWT's own JS SDK (5.1, archived, not on npm) for the interop browser test
+# (clients/js/test-browser/owt-sdk.test.mjs): fetched when GitHub is reachable; without it
+# that test is skipped and says so. OWT_SDK_DIR points the test at another copy.
+if [ "$want_tests" = 1 ] && [ -z "${OWT_SDK_DIR:-}" ]; then
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  sdk="$root/target/owt-client-javascript"
+  if [ ! -f "$sdk/src/sdk/export.js" ] && command -v git >/dev/null; then
+    rm -rf "$sdk"
+    if timeout 120 git clone -q --depth 1 --branch v5.1 https://github.com/open-webrtc-toolkit/owt-client-javascript "$sdk" 2>/dev/null; then
+      echo "install-deps: fetched OWT JS SDK 5.1 into $sdk" >&2
+    else
+      rm -rf "$sdk"
+      echo "install-deps: GitHub unreachable: the OWT JS SDK interop test will be skipped" >&2
+    fi
+  fi
+fi

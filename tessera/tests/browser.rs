@@ -26,6 +26,11 @@ fn run_in_namespace(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
     let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("unshare");
     cmd.args(["-n", "sh", "-c", script]).current_dir(js_dir()).env("TESSERA_BIN", common::bin());
+    // OWT's JS SDK for owt-sdk.test.mjs, where scripts/install-deps.sh could fetch it.
+    let sdk = common::workspace_root().join("target/owt-client-javascript/src/sdk");
+    if std::env::var_os("OWT_SDK_DIR").is_none() && sdk.join("export.js").is_file() {
+        cmd.env("OWT_SDK_DIR", sdk);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -1,0 +1,332 @@
+// OWT's own JS SDK (5.1, unchanged) against Tessera in real headless Chromium: join with a
+// token from the REST API, publish the fake camera and microphone, subscribe to the
+// forward and the mixed stream, mute, text, unpublish, leave, as OWT's conference sample
+// does, and a relogin after the connection drops. The SDK is not part of this repository
+// (it is archived and not on npm): scripts/install-deps.sh --test fetches tag v5.1 of
+// github.com/open-webrtc-toolkit/owt-client-javascript into target/ when GitHub is
+// reachable, and tessera/tests/browser.rs points OWT_SDK_DIR at its `src/sdk`; without it
+// these tests are skipped. The SDK is served unchanged, as ES modules, from an app origin
+// of its own, with socket.io-client 4's browser build as its `io`.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import { readFileSync, existsSync } from 'node:fs';
+import { join, normalize } from 'node:path';
+import { startServer, stopServer, launchChromium } from './helpers.mjs';
+
+const SDK = process.env.OWT_SDK_DIR;
+const skip = SDK && existsSync(join(SDK, 'export.js')) ? false : 'OWT_SDK_DIR (the OWT JS SDK\'s src/sdk folder) is not set';
+const KEY = 'owt-sdk-interop-key-0123456789ab';
+const SIO = new URL('../node_modules/socket.io-client/dist/socket.io.min.js', import.meta.url);
+
+let server;
+let browser;
+let app;
+let appOrigin;
+let room;
+
+async function rest(method, path, body) {
+  const res = await fetch(`${server.api}${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${KEY}`, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.ok(res.ok, `${method} ${path}: ${res.status} ${text}`);
+  return text;
+}
+
+const token = (user, role = 'presenter') => rest('POST', `/v1/rooms/${room}/tokens`, { user, role });
+
+before(async () => {
+  if (skip) return;
+  server = await startServer({ config: '[webrtc]\nbind_ip = "127.0.0.1"\n', key: KEY });
+  room = JSON.parse(await rest('POST', '/v1/rooms', { name: 'owt-sdk', options: {} })).id;
+  app = createServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
+    if (path === '/socket.io.min.js') {
+      res.writeHead(200, { 'Content-Type': 'text/javascript' });
+      return res.end(readFileSync(SIO));
+    }
+    if (path.startsWith('/sdk/')) {
+      const file = normalize(join(SDK, path.slice('/sdk/'.length)));
+      if (!file.startsWith(normalize(SDK)) || !existsSync(file)) { res.writeHead(404); return res.end(); }
+      res.writeHead(200, { 'Content-Type': 'text/javascript' });
+      return res.end(readFileSync(file));
+    }
+    res.writeHead(200, { 'Content-Type': 'text/html' });
+    res.end('<!doctype html><title>owt app</title><script src="/socket.io.min.js"></script>'
+      + '<script type="module">import * as Owt from "/sdk/export.js"; window.Owt = Owt; window.owtReady = true;</script>');
+  });
+  await new Promise((r) => app.listen(0, '127.0.0.1', r));
+  appOrigin = `http://127.0.0.1:${app.address().port}`;
+  browser = await launchChromium({ media: true });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (app) app.close();
+  await stopServer(server);
+});
+
+/** A page of the app's origin with the SDK loaded and, on `window`, helpers: `join(token)`
+ * (a ConferenceClient that records its events in `window.events`), `watch(stream, id)`
+ * (a <video> of a MediaStream) and `sample(id)` (size, brightness, motion of that video). */
+async function appPage(name) {
+  const page = await browser.newPage();
+  page.on('pageerror', (e) => console.error(`[${name}] page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' || m.type() === 'warning' || process.env.OWT_LOG) console.error(`[${name}] console: ${m.text()}`); });
+  await page.goto(appOrigin + '/');
+  await page.waitForFunction(() => window.owtReady === true, null, { timeout: 10_000 });
+  await page.evaluate(() => {
+    window.events = [];
+    // The SDK's Socket.IO client, for the relogin test to drop its transport.
+    const io = window.io;
+    window.sockets = [];
+    window.io = (...args) => { const s = io(...args); window.sockets.push(s); return s; };
+    window.join = async (tok) => {
+      const client = new window.Owt.Conference.ConferenceClient();
+      for (const type of ['streamadded', 'participantjoined', 'messagereceived', 'serverdisconnected']) {
+        client.addEventListener(type, (e) => {
+          window.events.push({ type, stream: e.stream && e.stream.id, from: e.origin, message: e.message, participant: e.participant && e.participant.userId });
+          if (e.stream) e.stream.addEventListener('ended', () => window.events.push({ type: 'ended', stream: e.stream.id }));
+          if (e.participant) e.participant.addEventListener('left', () => window.events.push({ type: 'left', participant: e.participant.userId }));
+        });
+      }
+      window.client = client;
+      window.info = await client.join(tok);
+      for (const s of window.info.remoteStreams) s.addEventListener('ended', () => window.events.push({ type: 'ended', stream: s.id }));
+      for (const p of window.info.participants) p.addEventListener('left', () => window.events.push({ type: 'left', participant: p.userId }));
+      return { self: window.info.self.userId, role: window.info.self.role, streams: window.info.remoteStreams.map((s) => ({ id: s.id, audio: s.source.audio, video: s.source.video })) };
+    };
+    window.watch = async (stream, id) => {
+      const v = document.createElement('video');
+      v.id = id; v.muted = true; v.autoplay = true; v.playsInline = true;
+      v.srcObject = stream;
+      document.body.appendChild(v);
+      await v.play().catch(() => {});
+    };
+    window.sample = async (id) => {
+      const v = document.getElementById(id);
+      if (!v || !v.videoWidth) return null;
+      const c = document.createElement('canvas');
+      c.width = 160; c.height = 120;
+      const ctx = c.getContext('2d');
+      const grab = () => { ctx.drawImage(v, 0, 0, 160, 120); return ctx.getImageData(0, 0, 160, 120).data; };
+      const a = grab();
+      await new Promise((r) => setTimeout(r, 700));
+      const b = grab();
+      let diff = 0, sum = 0;
+      for (let i = 0; i < a.length; i += 4) { diff += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]); sum += b[i] + b[i + 1] + b[i + 2]; }
+      return { width: v.videoWidth, height: v.videoHeight, changed: diff, mean: sum / (a.length / 4) / 3 };
+    };
+  });
+  return page;
+}
+
+/** Waits (20 s) for the <video id> to play a moving, non-black picture. */
+async function moving(page, id, what) {
+  const deadline = Date.now() + 20_000;
+  let last = null;
+  while (Date.now() < deadline) {
+    last = await page.evaluate((i) => window.sample(i), id);
+    if (last && last.width > 0 && last.changed > 1000 && last.mean > 10) return last;
+    await page.waitForTimeout(300);
+  }
+  assert.fail(`${what}: no moving picture (${JSON.stringify(last)})`);
+}
+
+/** Waits (10 s) for an event matching `pred` in the page's `window.events`. */
+async function event(page, pred, what) {
+  try {
+    await page.waitForFunction(`window.events.some(${pred})`, null, { timeout: 10_000 });
+  } catch {
+    assert.fail(`${what}: not seen; events ${JSON.stringify(await page.evaluate(() => window.events))}`);
+  }
+}
+
+/** Alice's page: joined, publishing the fake camera and microphone (`window.publication`). */
+async function publisher(name, options) {
+  const page = await appPage(name);
+  await page.evaluate(async (tok) => window.join(tok), await token(name));
+  const id = await page.evaluate(async (opts) => {
+    const { Base } = window.Owt;
+    const media = await Base.MediaStreamFactory.createMediaStream(new Base.StreamConstraints(
+      new Base.AudioTrackConstraints(Base.AudioSourceInfo.MIC), new Base.VideoTrackConstraints(Base.VideoSourceInfo.CAMERA)));
+    const local = new Base.LocalStream(media, new Base.StreamSourceInfo('mic', 'camera'), { tag: 'interop' });
+    window.publication = await window.client.publish(local, opts || undefined);
+    window.publication.addEventListener('error', (e) => window.events.push({ type: 'publication-error', message: String(e.error && e.error.message) }));
+    return window.publication.id;
+  }, options || null);
+  return { page, id };
+}
+
+test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish, leave', { skip }, async (t) => {
+  const alice = await publisher('alice');
+  const bob = await appPage('bob');
+  t.after(async () => { await alice.page.close(); await bob.close(); });
+
+  const joined = await bob.evaluate(async (tok) => window.join(tok), await token('bob', 'viewer'));
+  assert.equal(joined.self, 'bob');
+  assert.equal(joined.role, 'viewer');
+  assert.ok(joined.streams.some((s) => s.id === alice.id && s.video === 'camera' && s.audio === 'mic'), JSON.stringify(joined.streams));
+  const mixed = joined.streams.find((s) => s.video === 'mixed');
+  assert.ok(mixed, `a mixed stream is listed: ${JSON.stringify(joined.streams)}`);
+
+  // Forward: the stream as OWT's sample subscribes it (no options: audio and video).
+  await bob.evaluate(async (id) => {
+    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    window.forward = await window.client.subscribe(stream);
+    await window.watch(window.forward.stream, 'forward');
+  }, alice.id);
+  const f = await moving(bob, 'forward', 'forward stream');
+  assert.ok(f.width >= 320, JSON.stringify(f));
+  const tracks = await bob.evaluate(() => window.forward.stream.getTracks().map((tr) => tr.kind).sort());
+  assert.deepEqual(tracks, ['audio', 'video']);
+
+  // Mixed: the room's view at a resolution it offers.
+  await bob.evaluate(async (id) => {
+    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    window.mixed = await window.client.subscribe(stream, { audio: true, video: true });
+    await window.watch(window.mixed.stream, 'mixed');
+  }, mixed.id);
+  const m = await moving(bob, 'mixed', 'mixed stream');
+  assert.ok(m.width > 0, JSON.stringify(m));
+
+  // Stats through the SDK (the shared PeerConnection's report).
+  const inbound = await bob.evaluate(async () => {
+    const report = await window.forward.getStats();
+    let bytes = 0;
+    report.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') bytes += s.bytesReceived; });
+    return bytes;
+  });
+  assert.ok(inbound > 10_000, `inbound video bytes ${inbound}`);
+
+  // Mute: the room's `stream` update comes back, and the SDK fires it on the publication
+  // (its subscriptions never get one: the SDK matches them by fields it never sets).
+  await alice.page.evaluate(() => {
+    window.publication.addEventListener('mute', (e) => window.events.push({ type: 'mute', kind: e.kind }));
+    window.publication.addEventListener('unmute', (e) => window.events.push({ type: 'unmute', kind: e.kind }));
+    return window.publication.mute('video');
+  });
+  await event(alice.page, "(e) => e.type === 'mute' && e.kind === 'video'", 'mute comes back to the publication');
+  await alice.page.evaluate(() => window.publication.unmute('video'));
+  await event(alice.page, "(e) => e.type === 'unmute' && e.kind === 'video'", 'unmute comes back to the publication');
+  await moving(bob, 'forward', 'forward stream after unmute');
+
+  // Text: to everyone (OWT echoes it to the sender too) and to one participant.
+  await bob.evaluate(() => window.client.send('hello all'));
+  await event(alice.page, "(e) => e.type === 'messagereceived' && e.message === 'hello all'", 'text to all');
+  const aliceId = await alice.page.evaluate(() => window.info.self.id);
+  await bob.evaluate((to) => window.client.send('just you', to), aliceId);
+  await event(alice.page, "(e) => e.type === 'messagereceived' && e.message === 'just you'", 'text to one');
+
+  // Unpublish: the subscriber's stream ends.
+  await alice.page.evaluate(() => window.publication.stop());
+  await event(bob, `(e) => e.type === 'ended' && e.stream === '${alice.id}'`, 'the forward stream ends');
+
+  // Leave: the other participant sees it.
+  const carol = await appPage('carol');
+  t.after(() => carol.close());
+  await carol.evaluate(async (tok) => window.join(tok), await token('carol'));
+  await event(bob, "(e) => e.type === 'participantjoined' && e.participant === 'carol'", 'carol joins');
+  await carol.evaluate(() => window.client.leave());
+  await event(bob, "(e) => e.type === 'left' && e.participant === 'carol'", 'carol leaves');
+});
+
+test('OWT SDK: the same stream subscribed again plays (a new subscription, a new track)', { skip }, async (t) => {
+  const alice = await publisher('alice2');
+  const bob = await appPage('bob2');
+  t.after(async () => { await alice.page.close(); await bob.close(); });
+  await bob.evaluate(async (tok) => window.join(tok), await token('bob2'));
+  await bob.evaluate(async (id) => {
+    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const first = await window.client.subscribe(stream, { audio: false, video: true });
+    await window.watch(first.stream, 'first');
+    window.first = first;
+  }, alice.id);
+  await moving(bob, 'first', 'first subscription');
+  await bob.evaluate(async (id) => {
+    window.first.stop();
+    document.getElementById('first').remove();
+    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const again = await window.client.subscribe(stream, { audio: false, video: true });
+    await window.watch(again.stream, 'again');
+  }, alice.id);
+  await moving(bob, 'again', 'second subscription of the same stream');
+});
+
+test('OWT SDK: simulcast publish (rid encodings) and subscribe by rid', { skip }, async (t) => {
+  const alice = await publisher('alice3', { video: [{ rid: 'q', active: true, scaleResolutionDownBy: 4 }, { rid: 'h', active: true, scaleResolutionDownBy: 2 }, { rid: 'f', active: true }] });
+  const bob = await appPage('bob3');
+  t.after(async () => { await alice.page.close(); await bob.close(); });
+  await bob.evaluate(async (tok) => window.join(tok), await token('bob3'));
+  const rids = await bob.waitForFunction((id) => {
+    const s = window.client && window.info.remoteStreams.find((x) => x.id === id);
+    const rs = s && s.settings && s.settings.video ? s.settings.video.map((v) => v.rid).filter(Boolean) : [];
+    return rs.length >= 2 ? rs : false;
+  }, alice.id, { timeout: 10_000 }).then((h) => h.jsonValue()).catch(() => null);
+  assert.ok(rids, 'the stream lists its layers\' rids');
+  const widths = {};
+  for (const rid of ['q', 'f']) {
+    if (!rids.includes(rid)) continue;
+    await bob.evaluate(async ({ id, rid }) => {
+      const stream = window.info.remoteStreams.find((s) => s.id === id);
+      const sub = await window.client.subscribe(stream, { audio: false, video: { rid } });
+      await window.watch(sub.stream, 'rid-' + rid);
+    }, { id: alice.id, rid });
+    widths[rid] = (await moving(bob, 'rid-' + rid, `layer ${rid}`)).width;
+  }
+  assert.ok(widths.q && widths.f && widths.q < widths.f, `low layer narrower than the full one: ${JSON.stringify(widths)}`);
+});
+
+test('OWT SDK: a dropped connection relogins with its ticket; media and control go on', { skip }, async (t) => {
+  const alice = await publisher('alice4');
+  const bob = await appPage('bob4');
+  t.after(async () => { await alice.page.close(); await bob.close(); });
+  await bob.evaluate(async (tok) => window.join(tok), await token('bob4'));
+  await bob.evaluate(async (id) => {
+    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    window.forward = await window.client.subscribe(stream, { audio: false, video: true });
+    await window.watch(window.forward.stream, 'forward');
+    window.connects = 0;
+    window.sockets[0].on('connect', () => { window.connects += 1; });
+  }, alice.id);
+  await moving(bob, 'forward', 'forward stream before the drop');
+  // The network goes: the transport closes under Socket.IO, which reconnects, and the SDK
+  // sends `relogin` with its reconnection ticket.
+  await bob.evaluate(() => window.sockets[0].io.engine.close());
+  await bob.waitForFunction(() => window.connects >= 1 && window.sockets[0].connected, null, { timeout: 15_000 });
+  // Control works on the new connection: text both ways, and a new subscription.
+  await bob.evaluate(() => window.client.send('back'));
+  await event(alice.page, "(e) => e.type === 'messagereceived' && e.message === 'back'", 'text after relogin');
+  await alice.page.evaluate(() => window.client.send('welcome back'));
+  await event(bob, "(e) => e.type === 'messagereceived' && e.message === 'welcome back'", 'text to the relogged participant');
+  await moving(bob, 'forward', 'the subscription made before the drop');
+  const events = await alice.page.evaluate(() => window.events);
+  assert.ok(!events.some((e) => e.type === 'left' && e.participant === 'bob4'), `bob never left: ${JSON.stringify(events)}`);
+  assert.ok(!(await bob.evaluate(() => window.events.some((e) => e.type === 'serverdisconnected'))));
+});
+
+test('OWT SDK: the mixed stream at the resolution it lists, as OWT\'s sample subscribes it', { skip }, async (t) => {
+  const alice = await publisher('alice5');
+  const bob = await appPage('bob5');
+  t.after(async () => { await alice.page.close(); await bob.close(); });
+  await bob.evaluate(async (tok) => window.join(tok), await token('bob5'));
+  // OWT's sample makes a button per resolution in `settings` and `extraCapabilities`; the
+  // mixer encodes each view once (no transcoding), so there is one, the view's own.
+  const offered = await bob.evaluate(() => {
+    const stream = window.info.remoteStreams.find((s) => s.source.video === 'mixed');
+    return { settings: stream.settings.video.map((v) => v.resolution), extra: stream.extraCapabilities.video.resolutions };
+  });
+  assert.equal(offered.settings.length, 1, JSON.stringify(offered));
+  assert.deepEqual(offered.extra, []);
+  const resolution = offered.settings[0];
+  await bob.evaluate(async (resolution) => {
+    const stream = window.info.remoteStreams.find((s) => s.source.video === 'mixed');
+    window.mixed = await window.client.subscribe(stream, { audio: true, video: { resolution } });
+    await window.watch(window.mixed.stream, 'mixed');
+  }, resolution);
+  const m = await moving(bob, 'mixed', 'mixed at its resolution');
+  assert.deepEqual({ width: m.width, height: m.height }, { width: resolution.width, height: resolution.height });
+});
