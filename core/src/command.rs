@@ -258,8 +258,8 @@ pub enum MixError {
 pub struct StartView {
     /// Room id.
     pub room: RoomId,
-    /// The view's settings from the room configuration.
-    pub view: View,
+    /// The view's settings from the room configuration (boxed: the largest command by far).
+    pub view: Box<View>,
 }
 
 /// Stops a view and frees its pipeline.
@@ -805,7 +805,7 @@ mod tests {
     fn every_mix_command_and_reply_round_trips() {
         let view: View = serde_json::from_value(serde_json::json!({"label": "common"})).unwrap();
         let commands: Vec<MixCommand> = vec![
-            StartView { room: "r".into(), view }.into(),
+            StartView { room: "r".into(), view: Box::new(view) }.into(),
             StopView { room: "r".into(), view: "common".into() }.into(),
             Mix { room: "r".into(), view: "common".into(), stream: "s".into() }.into(),
             Unmix { room: "r".into(), view: "common".into(), stream: "s".into() }.into(),

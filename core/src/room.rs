@@ -307,6 +307,39 @@ pub struct ViewVideo {
     pub keep_active_input_primary: bool,
     /// Layout template and custom regions.
     pub layout: Layout,
+    /// Lower-resolution layers of the mixed video, as fractions of `parameters.resolution`
+    /// (OWT's `"x1/2"` notation; Tessera addition). Subscribers take one like a simulcast
+    /// layer (by `rid`, by resolution, or on `auto` by bandwidth); each is encoded only
+    /// while someone takes it. Empty: one encoding (and left out of the room's JSON).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
+}
+
+/// Most lower layers a view may have (with its full one, the SFU's layer limit).
+pub const MAX_VIEW_LAYERS: usize = 3;
+
+impl ViewVideo {
+    /// The mixed video's layers, full size first: `(rid, resolution, scale)`. Entries
+    /// that do not parse are left out (validation refuses them).
+    pub fn layer_sizes(&self) -> Vec<(String, Resolution, (u32, u32))> {
+        let full = self.parameters.resolution;
+        let mut out = vec![("x1".to_string(), full, (1, 1))];
+        for l in &self.layers {
+            if let Some((n, d)) = parse_fraction(l) {
+                // Even sizes, as the encoders want them.
+                let scale = |v: u32| ((u64::from(v) * u64::from(n) / u64::from(d)) as u32) & !1;
+                out.push((format!("x{n}_{d}"), Resolution { width: scale(full.width), height: scale(full.height) }, (n, d)));
+            }
+        }
+        out
+    }
+}
+
+/// `"x1/2"` → `(1, 2)`: a fraction below one with terms 1–16.
+fn parse_fraction(s: &str) -> Option<(u32, u32)> {
+    let (n, d) = s.strip_prefix('x')?.split_once('/')?;
+    let (n, d): (u32, u32) = (n.parse().ok()?, d.parse().ok()?);
+    ((1..=16).contains(&n) && (1..=16).contains(&d) && n < d).then_some((n, d))
 }
 
 impl Default for ViewVideo {
@@ -319,6 +352,7 @@ impl Default for ViewVideo {
             bg_color: Rgb::default(),
             keep_active_input_primary: false,
             layout: Layout::default(),
+            layers: Vec::new(),
         }
     }
 }
@@ -661,6 +695,20 @@ impl Room {
         if !(video.motion_factor > 0.0 && video.motion_factor <= 10.0) {
             return Err(RoomError::new(at("video.motionFactor"), "must be above 0 and at most 10"));
         }
+        if video.layers.len() > MAX_VIEW_LAYERS {
+            return Err(RoomError::new(at("video.layers"), format!("at most {MAX_VIEW_LAYERS} lower layers")));
+        }
+        for (l, layer) in video.layers.iter().enumerate() {
+            let Some((n, d)) = parse_fraction(layer) else {
+                return Err(RoomError::new(at(&format!("video.layers[{l}]")), "must be a fraction below one such as `x1/2` (terms 1-16)"));
+            };
+            if video.layers.iter().take(l).any(|o| parse_fraction(o).is_some_and(|(n2, d2)| n2 * d == n * d2)) {
+                return Err(RoomError::new(at(&format!("video.layers[{l}]")), format!("`{layer}` is the size of an earlier layer")));
+            }
+        }
+        if let Some((_, small, _)) = video.layer_sizes().iter().find(|(_, r, _)| r.width < 16 || r.height < 16) {
+            return Err(RoomError::new(at("video.layers"), format!("a layer of {}x{} is below 16 pixels a side", small.width, small.height)));
+        }
         let layout = &video.layout;
         if !FIT_POLICIES.contains(&layout.fit_policy.as_str()) {
             return Err(RoomError::new(at("video.layout.fitPolicy"), "must be `letterbox` or `crop`"));
@@ -734,6 +782,34 @@ mod tests {
         assert_eq!(v.parameters.framerate, 15);
         assert_eq!(v.parameters.resolution.width, 640);
         assert_eq!(serde_json::to_value(&room).unwrap()["views"][0]["audio"], json!(false));
+    }
+
+    #[test]
+    fn view_layers_parse_scale_and_refuse_what_cannot_be_encoded() {
+        let room = Room::from_options("r".into(), "n".into(), json!({"views": [{"video": {"layers": ["x1/2", "x1/4"]}}]})).unwrap();
+        let sizes = room.views[0].video.as_ref().unwrap().layer_sizes();
+        let got: Vec<(&str, u32, u32)> = sizes.iter().map(|(rid, r, _)| (rid.as_str(), r.width, r.height)).collect();
+        assert_eq!(got, vec![("x1", 640, 480), ("x1_2", 320, 240), ("x1_4", 160, 120)]);
+        // Odd results round down to even sizes.
+        let room = Room::from_options(
+            "r".into(),
+            "n".into(),
+            json!({"views": [{"video": {"parameters": {"resolution": {"width": 1280, "height": 720}}, "layers": ["x1/3"]}}]}),
+        )
+        .unwrap();
+        assert_eq!(room.views[0].video.as_ref().unwrap().layer_sizes()[1].1, Resolution { width: 426, height: 240 });
+        for (layers, reason) in [
+            (json!(["x1/2", "x2/4"]), "earlier layer"),
+            (json!(["x1"]), "fraction below one"),
+            (json!(["1/2"]), "fraction below one"),
+            (json!(["x1/2", "x1/3", "x1/4", "x1/5"]), "at most 3"),
+            (json!(["x1/8"]), "below 16 pixels"),
+        ] {
+            let video = json!({"parameters": {"resolution": {"width": 96, "height": 96}}, "layers": layers});
+            let e = Room::from_options("r".into(), "n".into(), json!({"views": [{"video": video}]})).unwrap_err();
+            assert!(e.field.starts_with("views[0].video.layers"), "{e}");
+            assert!(e.reason.contains(reason), "{layers}: {e}");
+        }
     }
 
     #[test]
@@ -955,6 +1031,10 @@ mod proptests {
             ("bgColor", bg),
             ("keepActiveInputPrimary", boolean()),
             ("layout", layout()),
+            (
+                "layers",
+                or_junk(prop::collection::vec(one_of(&["x1/2", "x1/4", "x3/4", "x2/4", "x1", "x0/2", "1/2", "x1/64"]), 0..5).prop_map(Value::Array)),
+            ),
         ]);
         let audio = object(vec![("format", audio_format()), ("vad", boolean())]);
         object(vec![

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod pipeline;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -93,7 +94,11 @@ struct ViewMix {
     config: View,
     /// Its encoder's totals, over every pipeline it ran.
     encoder: Arc<pipeline::EncoderStats>,
-    video_out: Option<Arc<dyn RtpSink>>,
+    /// The mixed video's tracks, one per layer, full size first; empty without video.
+    video_out: Vec<Arc<dyn RtpSink>>,
+    /// Whether someone takes each layer (index 0, the full one, always flows): kept here
+    /// so a pipeline started again opens the same valves.
+    layer_need: Vec<AtomicBool>,
     audio_out: Option<Arc<dyn RtpSink>>,
     state: Mutex<ViewState>,
 }
@@ -116,7 +121,7 @@ impl ViewMix {
     }
 
     fn demand(&self) -> bool {
-        self.video_out.as_ref().is_some_and(|f| f.has_consumers()) || self.audio_out.as_ref().is_some_and(|f| f.has_consumers())
+        self.video_out.iter().any(|f| f.has_consumers()) || self.audio_out.as_ref().is_some_and(|f| f.has_consumers())
     }
 
     fn stream_info(&self) -> StreamInfo {
@@ -132,17 +137,21 @@ impl ViewMix {
                 rid: None,
             });
         }
-        if let (Some(v), Some(_)) = (&self.config.video, &self.video_out) {
-            let parameters = VideoParameters { bitrate: Some(pipeline::bitrate_kbps(&self.config)), ..v.parameters.clone() };
-            tracks.push(TrackInfo {
-                kind: MediaKind::Video,
-                source: "mixed".into(),
-                mid: None,
-                format: TrackFormat::Video(v.format.clone()),
-                parameters: Some(parameters),
-                status: TrackStatus::Active,
-                rid: None,
-            });
+        if let (Some(v), false) = (&self.config.video, self.video_out.is_empty()) {
+            let full = pipeline::bitrate_kbps(&self.config);
+            let layered = self.video_out.len() > 1;
+            for (rid, resolution, scale) in v.layer_sizes().into_iter().take(self.video_out.len()) {
+                let bitrate = if scale == (1, 1) { full } else { pipeline::layer_bitrate_kbps(full, scale) };
+                tracks.push(TrackInfo {
+                    kind: MediaKind::Video,
+                    source: "mixed".into(),
+                    mid: None,
+                    format: TrackFormat::Video(v.format.clone()),
+                    parameters: Some(VideoParameters { resolution, bitrate: Some(bitrate), ..v.parameters.clone() }),
+                    status: TrackStatus::Active,
+                    rid: layered.then_some(rid),
+                });
+            }
         }
         let active_input = self.lock().active.as_deref().map(StreamId::from);
         StreamInfo {
@@ -242,28 +251,58 @@ impl Mixer {
         if config.audio.is_some() {
             tracks.push(LocalTrack { kind: MediaKind::Audio, codec: opus_codec(), on_keyframe: Arc::new(|| {}), rid: None, on_need: None });
         }
+        let layers = config.video.as_ref().map(|v| v.layer_sizes()).unwrap_or_default();
         if let Some(v) = &config.video {
-            let w = weak_view.clone();
-            let on_keyframe = Arc::new(move || {
-                let view = w.lock().ok().and_then(|g| g.upgrade());
-                if let Some(view) = view
-                    && let Some(p) = &view.lock().pipeline
-                {
-                    p.force_keyframe();
-                }
-            });
-            tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe, rid: None, on_need: None });
+            // With lower layers, each is a simulcast layer of the mixed video (RID and all);
+            // without, one plain track as ever.
+            let layered = layers.len() > 1;
+            // Declared lowest first, as browsers declare simulcast layers: the SFU ranks
+            // layers in that order until it knows their sizes.
+            for (i, (rid, _, _)) in layers.iter().enumerate().rev() {
+                let w = weak_view.clone();
+                let on_keyframe = Arc::new(move || {
+                    let view = w.lock().ok().and_then(|g| g.upgrade());
+                    if let Some(view) = view
+                        && let Some(p) = &view.lock().pipeline
+                    {
+                        p.force_keyframe(i);
+                    }
+                });
+                let w = weak_view.clone();
+                let on_need: Option<tessera_core::media::NeedFn> = (layered && i > 0).then(|| {
+                    Arc::new(move |need: tessera_core::media::Need| {
+                        let tessera_core::media::Need::Layer(wanted) = need else { return };
+                        let view = w.lock().ok().and_then(|g| g.upgrade());
+                        if let Some(view) = view {
+                            debug!(stream = %view.id, layer = i, wanted, "mixed layer need");
+                            if let Some(n) = view.layer_need.get(i) {
+                                n.store(wanted, Ordering::Relaxed);
+                            }
+                            if let Some(p) = &view.lock().pipeline {
+                                p.set_layer_active(i, wanted);
+                            }
+                        }
+                    }) as tessera_core::media::NeedFn
+                });
+                let rid = layered.then(|| rid.clone());
+                tracks.push(LocalTrack { kind: MediaKind::Video, codec: video_codec(&v.format.codec), on_keyframe, rid, on_need });
+            }
         }
         let kinds: Vec<MediaKind> = tracks.iter().map(|t| t.kind).collect();
         let sinks = self.source.publish_local(room, &id, tracks);
-        let mut video_out = None;
+        let mut video_out = Vec::new();
         let mut audio_out = None;
         for (k, f) in kinds.into_iter().zip(sinks) {
             match k {
                 MediaKind::Audio => audio_out = Some(f),
-                MediaKind::Video => video_out = Some(f),
+                MediaKind::Video => video_out.push(f),
             }
         }
+        // Every layer flows until the SFU says which nobody takes (it assumes a new
+        // stream's layers all flow).
+        // The pipeline's order: full size first.
+        video_out.reverse();
+        let layer_need = video_out.iter().map(|_| AtomicBool::new(true)).collect();
         let templates = match &config.video {
             Some(v) => Templates::from_layout(&v.layout, v.max_input),
             None => Templates::from_layout(&Default::default(), 1),
@@ -274,6 +313,7 @@ impl Mixer {
             config: config.clone(),
             encoder: Arc::default(),
             video_out,
+            layer_need,
             audio_out,
             state: Mutex::new(ViewState {
                 inputs: Vec::new(),
@@ -456,6 +496,9 @@ async fn import_inputs(source: &dyn StreamSource, importer: Option<&dyn StreamIm
 fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
     let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone(), &view.encoder)?;
     info!(stream = %view.id, "view pipeline started");
+    for (i, need) in view.layer_need.iter().enumerate().skip(1) {
+        p.set_layer_active(i, need.load(Ordering::Relaxed));
+    }
     let inputs = {
         let mut s = view.lock();
         s.pipeline = Some(p);
@@ -503,7 +546,7 @@ fn attach(source: &dyn StreamSource, view: &Arc<ViewMix>, stream: &str) {
     }
     for kind in [MediaKind::Video, MediaKind::Audio] {
         let wanted = match kind {
-            MediaKind::Video => view.video_out.is_some(),
+            MediaKind::Video => !view.video_out.is_empty(),
             MediaKind::Audio => view.audio_out.is_some(),
         };
         if !wanted || s.taps.iter().any(|(st, k, ..)| st == stream && *k == kind) {
@@ -895,7 +938,7 @@ mod tests {
                         barrier.wait().await;
                         let mut ids = Vec::new();
                         for view in room.views {
-                            ids.push(node.call(StartView { room: room.id.as_str().into(), view }).await.unwrap().id);
+                            ids.push(node.call(StartView { room: room.id.as_str().into(), view: Box::new(view) }).await.unwrap().id);
                         }
                         ids
                     })
@@ -910,7 +953,7 @@ mod tests {
                 // A consumer tapping the registered stream must reach the outputs the view's
                 // pipeline feeds.
                 let tap = agent.tap(&view.id, MediaKind::Video).expect("the mixed stream is registered");
-                assert!(view.video_out.as_ref().is_some_and(|f| f.has_consumers()), "{}: the view feeds a track the source does not serve", view.id);
+                assert!(view.video_out.first().is_some_and(|f| f.has_consumers()), "{}: the view feeds a track the source does not serve", view.id);
                 agent.untap(&view.id, MediaKind::Video, tap.sink_id);
             }
             for v in 0..16 {

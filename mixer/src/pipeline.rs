@@ -3,7 +3,7 @@
 //! ```text
 //! videotestsrc (background colour, live clock) ─┐
 //! appsrc → rtpjitterbuffer → depay → decoder ───┼→ compositor → vp8enc/x264enc → pay → appsink → RtpSink
-//! appsrc → ... (one branch per video input)  ───┘
+//! appsrc → ... (one branch per video input)  ───┘      └→ (lower layers: tee → valve → videoscale → encoder → pay → appsink)
 //! audiotestsrc (silence, live clock) ───────────┐
 //! appsrc → rtpjitterbuffer → rtpopusdepay → opusdec ┼→ audiomixer → opusenc → rtpopuspay → appsink → RtpSink
 //! ```
@@ -141,7 +141,11 @@ pub struct ViewPipeline {
     pipeline: gst::Pipeline,
     compositor: Option<gst::Element>,
     audiomixer: Option<gst::Element>,
-    video_sink: Option<gst::Element>,
+    /// One appsink per layer of the mixed video, full size first.
+    video_sinks: Vec<gst::Element>,
+    /// The lower layers' valves (index 0 is layer 1): closed while nobody takes the layer,
+    /// so it is neither scaled nor encoded; open at the start.
+    valves: Vec<gst::Element>,
     width: u32,
     height: u32,
     branches: HashMap<(String, MediaKind), Branch>,
@@ -181,8 +185,34 @@ const AGGREGATOR_LIVE: &str = "force-live=true min-upstream-latency=120000000 ig
 impl ViewPipeline {
     /// Whether this pipeline makes video (audio-only views have nothing to watch).
     pub fn has_video(&self) -> bool {
-        self.video_sink.is_some()
+        !self.video_sinks.is_empty()
     }
+}
+
+/// Target bitrate of a lower layer: the full one's times the area ratio to the power 0.75
+/// (a smaller picture needs more bits per pixel), at least 50 kbit/s.
+pub fn layer_bitrate_kbps(full_kbps: u32, (n, d): (u32, u32)) -> u32 {
+    let area = (f64::from(n) / f64::from(d.max(1))).powi(2);
+    ((f64::from(full_kbps) * area.powf(0.75)) as u32).max(50)
+}
+
+/// The encoder and payloader of one layer, ending in appsink `vsink<i>`.
+fn encoder_desc(codec: &str, i: usize, width: u32, height: u32, fps: u32, kbps: u32, kfi: u32) -> String {
+    let threads = encoder_threads(width, height, fps);
+    let encoder = if codec == "h264" {
+        format!(
+            "x264enc name=venc{i} tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads={threads} ! video/x-h264,profile=constrained-baseline ! rtph264pay pt={VIDEO_PT} mtu=1200 config-interval=-1"
+        )
+    } else {
+        format!(
+            "vp8enc name=venc{i} deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads={threads} static-threshold=100 ! rtpvp8pay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
+            bps = kbps * 1000
+        )
+    };
+    // A lower layer's sink may see no buffer for a long time (its valve closed): it must
+    // not hold the pipeline's state change waiting for one.
+    let wait = if i == 0 { "" } else { " async=false" };
+    format!("{encoder} ! appsink name=vsink{i} sync=false emit-signals=false max-buffers=64 drop=true{wait} ")
 }
 
 /// Encoder bitrate for a view, in kbit/s: configured, or derived like OWT from resolution,
@@ -224,36 +254,42 @@ impl ViewPipeline {
     /// Builds and starts the pipeline of a view, feeding the given tracks.
     pub fn start(
         view: &View,
-        video_out: Option<Arc<dyn RtpSink>>,
+        video_out: Vec<Arc<dyn RtpSink>>,
         audio_out: Option<Arc<dyn RtpSink>>,
         encoder: &Arc<EncoderStats>,
     ) -> Result<ViewPipeline, PipelineError> {
         gst::init()?;
         let mut desc = String::new();
         let (mut width, mut height) = (0, 0);
-        if let (Some(v), Some(_)) = (&view.video, &video_out) {
+        if let (Some(v), false) = (&view.video, video_out.is_empty()) {
             let p = &v.parameters;
             (width, height) = (p.resolution.width, p.resolution.height);
             let caps = format!("video/x-raw,format=I420,width={},height={},framerate={}/1", width, height, p.framerate);
             let kbps = bitrate_kbps(view);
-            let encoder = if v.format.codec == "h264" {
-                format!(
-                    "x264enc name=venc tune=zerolatency speed-preset=ultrafast bitrate={kbps} key-int-max={kfi} threads={threads} ! video/x-h264,profile=constrained-baseline ! rtph264pay name=vpay pt={VIDEO_PT} mtu=1200 config-interval=-1",
-                    kfi = p.key_frame_interval,
-                    threads = encoder_threads(width, height, p.framerate)
-                )
-            } else {
-                format!(
-                    "vp8enc name=venc deadline=1 cpu-used=8 end-usage=cbr target-bitrate={bps} keyframe-max-dist={kfi} lag-in-frames=0 error-resilient=partitions threads={threads} static-threshold=100 ! rtpvp8pay name=vpay pt={VIDEO_PT} mtu=1200 picture-id-mode=15-bit",
-                    bps = kbps * 1000,
-                    kfi = p.key_frame_interval,
-                    threads = encoder_threads(width, height, p.framerate)
-                )
-            };
-            desc.push_str(&format!(
-                "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp {AGGREGATOR_LIVE} background=black ! {caps} ! queue max-size-buffers=2 leaky=downstream ! {encoder} ! appsink name=vsink sync=false emit-signals=false max-buffers=64 drop=true ",
+            let codec = v.format.codec.as_str();
+            let (fps, kfi) = (p.framerate, p.key_frame_interval);
+            let full = encoder_desc(codec, 0, width, height, fps, kbps, kfi);
+            let head = format!(
+                "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp {AGGREGATOR_LIVE} background=black ! {caps} ! ",
                 bg = rgb_hex(view)
-            ));
+            );
+            let layers = v.layer_sizes();
+            if video_out.len() < 2 {
+                desc.push_str(&format!("{head}queue max-size-buffers=2 leaky=downstream ! {full}"));
+            } else {
+                // A tee after the compositor: the full layer as before, and each lower one
+                // behind a valve, scaled, with its own encoder. The valves start open: the SFU
+                // takes every layer of a new stream to flow until it says which nobody takes.
+                desc.push_str(&format!("{head}tee name=vtee vtee. ! queue max-size-buffers=2 leaky=downstream ! {full}"));
+                for (i, (_, r, scale)) in layers.iter().enumerate().skip(1).take(video_out.len() - 1) {
+                    let layer = encoder_desc(codec, i, r.width, r.height, fps, layer_bitrate_kbps(kbps, *scale), kfi);
+                    desc.push_str(&format!(
+                        "vtee. ! queue max-size-buffers=2 leaky=downstream ! valve name=vvalve{i} drop=false ! videoscale ! video/x-raw,width={w},height={h} ! {layer}",
+                        w = r.width,
+                        h = r.height
+                    ));
+                }
+            }
         }
         if let (Some(_), Some(_)) = (&view.audio, &audio_out) {
             desc.push_str(&format!(
@@ -266,14 +302,23 @@ impl ViewPipeline {
         let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| PipelineError::Gst("not a pipeline".into()))?;
         let compositor = pipeline.by_name("comp");
         let audiomixer = pipeline.by_name("amix");
-        let video_sink = pipeline.by_name("vsink");
         let video_produced = Arc::new(AtomicBool::new(false));
-        if let Some(venc) = pipeline.by_name("venc") {
+        if let Some(venc) = pipeline.by_name("venc0") {
             measure_encoder(&venc, encoder);
         }
-        if let (Some(sink), Some(fanout)) = (&video_sink, video_out) {
-            let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("vsink".into()))?;
-            forward_to(&appsink, fanout, Some(video_produced.clone()));
+        let mut video_sinks = Vec::new();
+        let mut valves = Vec::new();
+        for (i, fanout) in video_out.into_iter().enumerate() {
+            let Some(sink) = pipeline.by_name(&format!("vsink{i}")) else { break };
+            let appsink = sink.clone().downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst(format!("vsink{i}")))?;
+            // The full layer's output is what the stall watch looks at.
+            forward_to(&appsink, fanout, (i == 0).then(|| video_produced.clone()));
+            video_sinks.push(sink);
+            if i > 0
+                && let Some(valve) = pipeline.by_name(&format!("vvalve{i}"))
+            {
+                valves.push(valve);
+            }
         }
         if let (Some(sink), Some(fanout)) = (pipeline.by_name("asink"), audio_out) {
             let appsink = sink.downcast::<gst_app::AppSink>().map_err(|_| PipelineError::Gst("asink".into()))?;
@@ -326,7 +371,7 @@ impl ViewPipeline {
         // would sync to PAUSED and never flow.
         let (result, _, _) = pipeline.state(gst::ClockTime::from_seconds(3));
         result.map_err(|e| PipelineError::Gst(format!("pipeline did not start: {e}")))?;
-        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sink, width, height, branches: HashMap::new(), video_produced, failed })
+        Ok(ViewPipeline { pipeline, compositor, audiomixer, video_sinks, valves, width, height, branches: HashMap::new(), video_produced, failed })
     }
 
     /// The pipeline's bus, to watch for errors.
@@ -437,11 +482,23 @@ impl ViewPipeline {
             .collect()
     }
 
-    /// Asks the video encoder for a keyframe now.
-    pub fn force_keyframe(&self) {
-        if let Some(sink) = &self.video_sink {
+    /// Asks the encoder of layer `layer` (0: full size) for a keyframe now.
+    pub fn force_keyframe(&self, layer: usize) {
+        if let Some(sink) = self.video_sinks.get(layer) {
             let s = gst::Structure::builder("GstForceKeyUnit").field("all-headers", true).build();
             sink.send_event(gst::event::CustomUpstream::new(s));
+        }
+    }
+
+    /// Opens (someone takes it) or closes a lower layer's valve; an opened layer starts
+    /// with a keyframe.
+    pub fn set_layer_active(&self, layer: usize, active: bool) {
+        let Some(valve) = layer.checked_sub(1).and_then(|i| self.valves.get(i)) else { return };
+        if valve.property::<bool>("drop") == active {
+            valve.set_property("drop", !active);
+            if active {
+                self.force_keyframe(layer);
+            }
         }
     }
 
@@ -509,7 +566,7 @@ mod tests {
     fn an_input_failure_loses_only_that_input_and_an_aggregator_failure_marks_the_view() {
         let (video, vrx) = collect();
         let (audio, arx) = collect();
-        let p = ViewPipeline::start(&View::default(), Some(video), Some(audio), &Arc::default()).unwrap();
+        let p = ViewPipeline::start(&View::default(), vec![video], Some(audio), &Arc::default()).unwrap();
         // With no input the view still produces: background video and silence.
         wait_for("mixed video", || vrx.try_recv().is_ok());
         wait_for("mixed audio", || arx.try_recv().is_ok());
@@ -530,5 +587,73 @@ mod tests {
         wait_for("the failure to be recorded", || p.failed.lock().unwrap().is_some());
         let failed = p.failed.lock().unwrap().clone().unwrap();
         assert!(failed.contains("comp") && failed.contains("injected failure"), "{failed}");
+    }
+
+    /// The picture size of a VP8 keyframe's first RTP packet (RFC 7741), if it is one.
+    fn vp8_keyframe_size(rtp: &[u8]) -> Option<(u16, u16)> {
+        let csrcs = usize::from(*rtp.first()? & 0x0f);
+        let mut i = 12 + 4 * csrcs;
+        let d = *rtp.get(i)?;
+        // Only a partition's start (S) of partition 0 has the frame header.
+        if d & 0x10 == 0 || d & 0x07 != 0 {
+            return None;
+        }
+        i += 1;
+        if d & 0x80 != 0 {
+            let x = *rtp.get(i)?;
+            i += 1;
+            if x & 0x80 != 0 {
+                i += if *rtp.get(i)? & 0x80 != 0 { 2 } else { 1 };
+            }
+            if x & 0x40 != 0 {
+                i += 1;
+            }
+            if x & 0x30 != 0 {
+                i += 1;
+            }
+        }
+        let f = rtp.get(i..i + 10)?;
+        if f[0] & 0x01 != 0 || f[3..6] != [0x9d, 0x01, 0x2a] {
+            return None;
+        }
+        Some((u16::from_le_bytes([f[6], f[7]]) & 0x3fff, u16::from_le_bytes([f[8], f[9]]) & 0x3fff))
+    }
+
+    #[test]
+    fn a_lower_layer_is_encoded_at_its_size_only_while_it_is_taken() {
+        let view: View = serde_json::from_value(serde_json::json!({"label": "l", "audio": false, "video": {"layers": ["x1/2", "x1/4"]}})).unwrap();
+        let (full, full_rx) = collect();
+        let (half, half_rx) = collect();
+        let (quarter, quarter_rx) = collect();
+        let p = ViewPipeline::start(&view, vec![full, half, quarter], None, &Arc::default()).unwrap();
+        let keyframe = |rx: &mpsc::Receiver<Vec<u8>>| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(pkt) = rx.recv_timeout(Duration::from_millis(100))
+                    && let Some(size) = vp8_keyframe_size(&pkt)
+                {
+                    return Some(size);
+                }
+            }
+            None
+        };
+        assert_eq!(keyframe(&full_rx), Some((640, 480)));
+        // Every layer flows from the start, at its size.
+        assert_eq!(keyframe(&half_rx), Some((320, 240)));
+        assert_eq!(keyframe(&quarter_rx), Some((160, 120)));
+        // Nobody takes the lower layers: nothing more is encoded for them (after what was
+        // in flight).
+        p.set_layer_active(1, false);
+        p.set_layer_active(2, false);
+        std::thread::sleep(Duration::from_millis(300));
+        while half_rx.try_recv().is_ok() || quarter_rx.try_recv().is_ok() {}
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(half_rx.try_recv().is_err() && quarter_rx.try_recv().is_err(), "a lower layer was encoded while closed");
+        // Taken again: it starts with a keyframe at its size.
+        p.set_layer_active(1, true);
+        assert_eq!(keyframe(&half_rx), Some((320, 240)), "the half layer starts again with a keyframe at its size");
+        assert!(quarter_rx.try_recv().is_err(), "the quarter layer opened with the half one");
+        // The full layer flowed throughout.
+        assert!(full_rx.recv_timeout(Duration::from_secs(1)).is_ok());
     }
 }

@@ -34,7 +34,7 @@ impl Portal {
             let mut attempts = 0;
             let info = loop {
                 attempts += 1;
-                let info = match m.call(StartView { room: room.id.as_str().into(), view: view.clone() }).await {
+                let info = match m.call(StartView { room: room.id.as_str().into(), view: Box::new(view.clone()) }).await {
                     Ok(info) => info,
                     Err(e) => {
                         warn!(room = %room.id, view = ?view.label, error = %e, "view could not start");

@@ -55,9 +55,10 @@ pub(crate) fn stream_json(s: &StreamInfo) -> Value {
 
 fn track_json(s: &StreamInfo, t: &TrackInfo, forward: bool) -> Value {
     let mut v = Map::new();
-    if forward {
+    if forward || t.rid.is_some() {
         // OWT SDK 5.1 keys a forward stream's tracks by id, and subscribes to a simulcast
-        // layer by its track's id (`media.resolve_from` reads these back).
+        // layer by its track's id (`media.resolve_from` reads these back); a mixed video
+        // with layers lists them the same way.
         let id = match &t.rid {
             Some(rid) => format!("{}-{}-{rid}", s.id, t.kind.as_str()),
             None => format!("{}-{}", s.id, t.kind.as_str()),

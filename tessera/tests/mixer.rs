@@ -256,3 +256,56 @@ async fn loudest_input_becomes_active_and_takes_the_primary_region() {
     let q = quadrants(&last_frame(&snapshot(&sub.received)));
     assert!(is(q[0], "blue") && is(q[1], "red"), "speaker in the primary region: {q:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_with_layers_serves_each_layer_at_its_size() {
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let room = s.new_room(json!({"views": [{"label": "common", "audio": false, "video": {"layers": ["x1/2", "x1/4"]}}]})).await;
+    let mixed_id = format!("{room}-common");
+    let mut asig = join(&s, &room, "red").await;
+    let a =
+        Arc::new(Publisher::start(&mut asig, PublishOptions { audio: false, video: true, data: false, tag: 1, h264: false }, None).await.unwrap());
+    let _a_src = live_source(a.clone(), (255, 0, 0), 440).unwrap();
+
+    // The mixed stream lists one video track per layer, with its RID, id and size.
+    let (mut vsig, login) = s.join(&room, "viewer").await;
+    let mixed = login["room"]["streams"].as_array().unwrap().iter().find(|st| st["id"] == mixed_id.as_str()).unwrap().clone();
+    let layers: Vec<(String, String, u64, u64)> = mixed["media"]["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let r = &t["parameters"]["resolution"];
+            (
+                t["rid"].as_str().unwrap_or("").into(),
+                t["id"].as_str().unwrap_or("").into(),
+                r["width"].as_u64().unwrap(),
+                r["height"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let id = |rid: &str| format!("{mixed_id}-video-{rid}");
+    assert_eq!(
+        layers,
+        vec![("x1".into(), id("x1"), 640, 480), ("x1_2".into(), id("x1_2"), 320, 240), ("x1_4".into(), id("x1_4"), 160, 120)],
+        "{mixed}"
+    );
+
+    // A subscriber of the half layer by its track id decodes 320×240 pictures of the mix;
+    // one asking a resolution gets the nearest layer.
+    let half = Subscriber::start_video(&mut vsig, &id("x1_2"), Value::Null).await.unwrap();
+    let red = |f: &Frame| is(f.around(f.width / 2, f.height / 2), "red");
+    wait_for_mix(&half, Duration::from_secs(8), "the half layer", |f| (f.width, f.height) == (320, 240) && red(f)).await;
+    let near = Subscriber::start_video(&mut vsig, &mixed_id, json!({"parameters": {"resolution": {"width": 150, "height": 100}}})).await.unwrap();
+    wait_for_mix(&near, Duration::from_secs(8), "the quarter layer by resolution", |f| (f.width, f.height) == (160, 120) && red(f)).await;
+    // And the full one to a subscriber naming the stream (auto, on a fast link).
+    let full = Subscriber::start_video(&mut vsig, &mixed_id, Value::Null).await.unwrap();
+    wait_for_mix(&full, Duration::from_secs(8), "the full layer", |f| (f.width, f.height) == (640, 480) && red(f)).await;
+    // Each goes on decoding its layer.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (sub, size) in [(&half, (320, 240)), (&near, (160, 120)), (&full, (640, 480))] {
+        let frames = decode_vp8(&sub.packets("video")).unwrap();
+        assert_eq!(frames.last().map(|f| (f.width, f.height)), Some(size));
+        assert!(frames.len() > 10, "decoded {} frames", frames.len());
+    }
+}

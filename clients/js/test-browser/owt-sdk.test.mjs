@@ -308,25 +308,48 @@ test('OWT SDK: a dropped connection relogins with its ticket; media and control 
   assert.ok(!(await bob.evaluate(() => window.events.some((e) => e.type === 'serverdisconnected'))));
 });
 
-test('OWT SDK: the mixed stream at the resolution it lists, as OWT\'s sample subscribes it', { skip }, async (t) => {
-  const alice = await publisher('alice5');
+test('OWT SDK: a mixed stream with layers, by resolution (OWT\'s sample), applyOptions and rid', { skip }, async (t) => {
+  // A view with two lower layers (Tessera's `views[].video.layers`).
+  const layered = JSON.parse(await rest('POST', '/v1/rooms', { name: 'owt-sdk-layers', options: { views: [{ label: 'common', video: { layers: ['x1/2', 'x1/4'] } }] } })).id;
+  const tok = (user) => rest('POST', `/v1/rooms/${layered}/tokens`, { user, role: 'presenter' });
+  const alice = await appPage('alice5');
   const bob = await appPage('bob5');
-  t.after(async () => { await alice.page.close(); await bob.close(); });
-  await bob.evaluate(async (tok) => window.join(tok), await token('bob5'));
-  // OWT's sample makes a button per resolution in `settings` and `extraCapabilities`; the
-  // mixer encodes each view once (no transcoding), so there is one, the view's own.
+  t.after(async () => { await alice.close(); await bob.close(); });
+  await alice.evaluate(async (tk) => window.join(tk), await tok('alice5'));
+  await alice.evaluate(async () => {
+    const { Base } = window.Owt;
+    const media = await Base.MediaStreamFactory.createMediaStream(new Base.StreamConstraints(false, new Base.VideoTrackConstraints(Base.VideoSourceInfo.CAMERA)));
+    window.publication = await window.client.publish(new Base.LocalStream(media, new Base.StreamSourceInfo(undefined, 'camera')));
+  });
+  await bob.evaluate(async (tk) => window.join(tk), await tok('bob5'));
+  // OWT's sample makes a button per resolution in `settings.video`: one per layer here.
   const offered = await bob.evaluate(() => {
     const stream = window.info.remoteStreams.find((s) => s.source.video === 'mixed');
-    return { settings: stream.settings.video.map((v) => v.resolution), extra: stream.extraCapabilities.video.resolutions };
+    return stream.settings.video.map((v) => ({ rid: v.rid, width: v.resolution.width, height: v.resolution.height }));
   });
-  assert.equal(offered.settings.length, 1, JSON.stringify(offered));
-  assert.deepEqual(offered.extra, []);
-  const resolution = offered.settings[0];
-  await bob.evaluate(async (resolution) => {
+  assert.deepEqual(offered, [{ rid: 'x1', width: 640, height: 480 }, { rid: 'x1_2', width: 320, height: 240 }, { rid: 'x1_4', width: 160, height: 120 }]);
+  // By resolution, as the sample's buttons subscribe.
+  await bob.evaluate(async () => {
     const stream = window.info.remoteStreams.find((s) => s.source.video === 'mixed');
-    window.mixed = await window.client.subscribe(stream, { audio: true, video: { resolution } });
+    window.mixed = await window.client.subscribe(stream, { audio: true, video: { resolution: { width: 160, height: 120 } } });
     await window.watch(window.mixed.stream, 'mixed');
-  }, resolution);
-  const m = await moving(bob, 'mixed', 'mixed at its resolution');
-  assert.deepEqual({ width: m.width, height: m.height }, { width: resolution.width, height: resolution.height });
+  });
+  await moving(bob, 'mixed', 'mixed by resolution');
+  // A layer's size is known from its first keyframe: until then the choice may fall on the
+  // full one for a moment.
+  await bob.waitForFunction(() => document.getElementById('mixed').videoWidth === 160, null, { timeout: 10_000 })
+    .catch(async () => assert.fail(`by resolution: ${await bob.evaluate(() => document.getElementById('mixed').videoWidth)} wide, not 160`));
+  assert.equal(await bob.evaluate(() => document.getElementById('mixed').videoHeight), 120);
+  // applyOptions moves the same subscription to another layer.
+  await bob.evaluate(() => window.mixed.applyOptions({ video: { resolution: { width: 640, height: 480 } } }));
+  await bob.waitForFunction(() => document.getElementById('mixed').videoWidth === 640, null, { timeout: 15_000 })
+    .catch(async () => assert.fail(`applyOptions: still ${await bob.evaluate(() => document.getElementById('mixed').videoWidth)} wide`));
+  // And by rid.
+  await bob.evaluate(async () => {
+    const stream = window.info.remoteStreams.find((s) => s.source.video === 'mixed');
+    const sub = await window.client.subscribe(stream, { audio: false, video: { rid: 'x1_2' } });
+    await window.watch(sub.stream, 'mixed-half');
+  });
+  const half = await moving(bob, 'mixed-half', 'mixed layer x1_2');
+  assert.deepEqual([half.width, half.height], [320, 240]);
 });

@@ -33,7 +33,7 @@ pub async fn wait_for_mix(sub: &Subscriber, within: Duration, what: &str, test: 
         if frames.last().is_some_and(&test) {
             return start.elapsed();
         }
-        let last = frames.last().map(quadrants);
-        assert!(start.elapsed() < within, "{what}: not within {within:?}; quadrants of the last frame {last:?}");
+        let last = frames.last().map(|f| (f.width, f.height, quadrants(f)));
+        assert!(start.elapsed() < within, "{what}: not within {within:?}; the last frame's size and quadrants {last:?} ({} frames)", frames.len());
     }
 }
