@@ -34,7 +34,7 @@ use server::{AnyServer, Kind, Launch};
 #[command(name = "tessera-bench", version, about)]
 struct Args {
     /// smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all (the five before),
-    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), mixer-vs-gstreamer (Tessera's 9-input 720p30 view against a bare GStreamer pipeline doing the same work, same CPU, same moving content; CPU ratio and fps), soak
+    /// mixer-matrix (mixer CPU per view: inputs × resolution × fps; Tessera only), mixer-layers (a view with and without lower layers; Tessera only), mixer-vs-gstreamer (Tessera's 9-input 720p30 view against a bare GStreamer pipeline doing the same work, same CPU, same moving content; CPU ratio and fps), soak
     /// (a long meeting with churn, a watched and recorded mix; RSS, fds and threads over
     /// time; Tessera only; fails when memory grows, fds or threads stay, or media is lost),
     /// cluster (the ramp on a cluster of one and then two webrtc nodes, each on a CPU of
@@ -119,7 +119,7 @@ const SHARED_CPU_QUOTA: f64 = 0.4;
 /// The fidelity scenarios' shape: full peers joining one at a time.
 const FULL: Shape = Shape { publishers: 1, fanout: 0, mesh: false, parallel: 1, light: false };
 const ALL: [&str; 5] = ["one-to-one", "fanout50", "meeting10", "mixer4", "ramp"];
-const KNOWN: [&str; 13] = [
+const KNOWN: [&str; 14] = [
     "smoke",
     "one-to-one",
     "fanout50",
@@ -127,6 +127,7 @@ const KNOWN: [&str; 13] = [
     "mixer4",
     "ramp",
     "mixer-matrix",
+    "mixer-layers",
     "mixer-vs-gstreamer",
     "soak",
     "cluster",
@@ -356,8 +357,26 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             eprintln!("tessera-bench: mixer-vs-gstreamer compares Tessera's mixer with a bare GStreamer pipeline; Janus has no mixer");
         }
         "mixer-vs-gstreamer" => rows.extend(mixer_bare::mixer_vs_gstreamer(launch, seconds).await?),
-        "mixer4" | "mixer-matrix" if kind != Kind::Tessera => {
+        "mixer4" | "mixer-matrix" | "mixer-layers" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: {name} is Tessera only: Janus's VideoRoom forwards, it has no video mixer");
+        }
+        "mixer-layers" => {
+            // What a view's lower layers cost: the same view with and without
+            // `["x1/2", "x1/4"]`, one viewer on auto (which needs every layer), alternating.
+            for (width, height) in [(640, 480), (1280, 720)] {
+                for layers in [&[][..], &["x1/2", "x1/4"][..]] {
+                    let s = AnyServer::start(kind, launch).await?;
+                    let t = s.as_tessera().context("mixer needs Tessera")?;
+                    let room = t.create_layered_mix_room(&format!("layers-{width}x{height}-{}", layers.len()), width, height, 30, layers).await?;
+                    let input = LiveFormat { fps: 30, ..LiveFormat::default() };
+                    let f = scenario::mixer(t, &room, 4, input, 1, 30, seconds).await?;
+                    let mut r = row(name, kind.name(), &f);
+                    r["inputs"] = json!(4);
+                    r["view"] = json!(format!("{width}x{height}@30"));
+                    r["layers"] = json!(layers);
+                    rows.push(r);
+                }
+            }
         }
         "mixer4" => {
             let s = AnyServer::start(kind, launch).await?;
@@ -429,7 +448,10 @@ fn print_rows(rows: &[Value]) {
         let c = |k: &str| text(r.get(k));
         let scenario = match (r.get("view"), r.get("step_subscribers"), r.get("webrtc_nodes")) {
             _ if r.get("group").is_some() => format!("sc-{}", c("group")),
-            (Some(v), _, _) => format!("{} {}in", text(Some(v)), c("inputs")),
+            (Some(v), _, _) => {
+                let layered = r.get("layers").and_then(Value::as_array).is_some_and(|l| !l.is_empty());
+                format!("{} {}in{}", text(Some(v)), c("inputs"), if layered { " +layers" } else { "" })
+            }
             (_, Some(n), Some(nodes)) => format!("cluster{nodes} {n}"),
             (_, Some(n), _) if r.get("workers").is_some() => format!("scaling{} {n}", c("workers")),
             (_, Some(n), _) => format!("ramp {n}"),
@@ -610,7 +632,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if !KNOWN.contains(&args.scenario.as_str()) {
         bail!(
-            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, mixer-vs-gstreamer, soak, cluster, scaling, simulcast)",
+            "unknown scenario `{}` (smoke, one-to-one, fanout50, meeting10, mixer4, ramp, all, mixer-matrix, mixer-layers, mixer-vs-gstreamer, soak, cluster, scaling, simulcast)",
             args.scenario
         );
     }

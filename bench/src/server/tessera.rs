@@ -141,9 +141,13 @@ impl Tessera {
 
     /// [`Tessera::create_mix_room`] named `name` (room names are unique).
     pub async fn create_named_mix_room(&self, name: &str, width: u32, height: u32, fps: u32) -> anyhow::Result<String> {
-        let options =
-            json!({"views": [{"label": "common", "video": {"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}}}]});
-        self.create_room(name, options).await
+        self.create_layered_mix_room(name, width, height, fps, &[]).await
+    }
+
+    /// [`Tessera::create_named_mix_room`] whose view has lower `layers` (`"x1/2"`, ...).
+    pub async fn create_layered_mix_room(&self, name: &str, width: u32, height: u32, fps: u32, layers: &[&str]) -> anyhow::Result<String> {
+        let video = json!({"parameters": {"resolution": {"width": width, "height": height}, "framerate": fps}, "layers": layers});
+        self.create_room(name, json!({"views": [{"label": "common", "video": video}]})).await
     }
 
     /// Logs `user` into `room` as a presenter.

@@ -32,6 +32,10 @@ struct Fanout {
     /// The layer each tap chose (a tap that chose none wants the top one), and the one
     /// last told.
     choices: Mutex<(HashMap<u64, LayerChoice>, LayerChoice)>,
+    /// A layer of a layered video produced here (a mixer's view with layers): its RID,
+    /// and whether its producer was last told someone takes it.
+    rid: Option<String>,
+    told: Mutex<Option<bool>>,
 }
 
 impl RtpSink for Fanout {
@@ -70,6 +74,16 @@ impl Fanout {
     /// cannot be told in the wrong order.
     fn retell(&self) {
         let Some(on_need) = &self.on_need else { return };
+        // A layer of a video produced here: whether anyone takes it.
+        if self.rid.is_some() {
+            let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = self.has_consumers();
+            if *told != Some(taken) {
+                *told = Some(taken);
+                on_need(Need::Layer(taken));
+            }
+            return;
+        }
         let mut choices = self.choices.lock().unwrap_or_else(|p| p.into_inner());
         let ids: Vec<u64> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|(_, tx)| !tx.is_closed()).map(|(id, _)| *id).collect();
         choices.0.retain(|id, _| ids.contains(id));
@@ -168,9 +182,28 @@ impl LocalStreams {
         Arc::new(LocalStreams::default())
     }
 
+    /// A stream's track of `kind`; of a layered video, the top layer (declared last).
     fn track(&self, stream: &str, kind: MediaKind) -> Option<Arc<Fanout>> {
         let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        streams.get(stream)?.tracks.iter().find(|t| t.kind == kind).cloned()
+        streams.get(stream)?.tracks.iter().rev().find(|t| t.kind == kind).cloned()
+    }
+
+    /// The layer `rid` of a stream's layered video.
+    fn layer(&self, stream: &str, rid: &str) -> Option<Arc<Fanout>> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.get(stream)?.tracks.iter().find(|t| t.rid.as_deref() == Some(rid)).cloned()
+    }
+
+    fn tap_fanout(&self, track: &Arc<Fanout>) -> Tap {
+        let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(TAP_QUEUE);
+        track.taps.lock().unwrap_or_else(|p| p.into_inner()).push((id, tx));
+        // A new consumer starts with a picture (and in the top layer until it chooses).
+        if track.kind == MediaKind::Video {
+            track.keyframe();
+            track.retell();
+        }
+        Tap { codec: track.codec.clone(), sink_id: id, packets: Box::new(TapRx(rx)) }
     }
 
     /// How many streams there are (produced here or imported).
@@ -182,27 +215,49 @@ impl LocalStreams {
 impl StreamSource for LocalStreams {
     fn tap(&self, stream: &str, kind: MediaKind) -> Option<Tap> {
         let track = self.track(stream, kind)?;
-        let id = self.next_tap.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(TAP_QUEUE);
-        track.taps.lock().unwrap_or_else(|p| p.into_inner()).push((id, tx));
-        // A new consumer starts with a picture (and in the top layer until it chooses).
-        if kind == MediaKind::Video {
-            track.keyframe();
-            track.retell();
-        }
-        Some(Tap { codec: track.codec.clone(), sink_id: id, packets: Box::new(TapRx(rx)) })
+        Some(self.tap_fanout(&track))
     }
 
     fn untap(&self, stream: &str, kind: MediaKind, sink_id: u64) {
-        if let Some(track) = self.track(stream, kind) {
-            track.taps.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != sink_id);
-            track.retell();
+        // Whichever of the kind's tracks (a layer tapped alone) holds the tap.
+        let tracks: Vec<Arc<Fanout>> = {
+            let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            streams.get(stream).map(|s| s.tracks.iter().filter(|t| t.kind == kind).cloned().collect()).unwrap_or_default()
+        };
+        for track in tracks {
+            let removed = {
+                let mut taps = track.taps.lock().unwrap_or_else(|p| p.into_inner());
+                let before = taps.len();
+                taps.retain(|(id, _)| *id != sink_id);
+                taps.len() < before
+            };
+            if removed {
+                track.retell();
+            }
+        }
+    }
+
+    fn layers(&self, stream: &str) -> Vec<String> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.get(stream).map(|s| s.tracks.iter().filter_map(|t| t.rid.clone()).collect()).unwrap_or_default()
+    }
+
+    fn tap_layer(&self, stream: &str, rid: &str) -> Option<Tap> {
+        let track = self.layer(stream, rid)?;
+        Some(self.tap_fanout(&track))
+    }
+
+    fn request_layer_keyframe(&self, stream: &str, rid: &str) {
+        match self.layer(stream, rid) {
+            Some(track) => track.keyframe(),
+            None => self.request_keyframe(stream),
         }
     }
 
     fn set_tap_layer(&self, stream: &str, kind: MediaKind, sink_id: u64, layer: LayerChoice) {
-        // Only a layered video's producer hears choices (nobody would clear them otherwise).
-        if let Some(track) = self.track(stream, kind).filter(|t| t.on_need.is_some()) {
+        // Only a video relayed one layer at a time hears choices (nobody would clear them
+        // otherwise); a layered video produced here has a track per layer instead.
+        if let Some(track) = self.track(stream, kind).filter(|t| t.on_need.is_some() && t.rid.is_none()) {
             track.choices.lock().unwrap_or_else(|p| p.into_inner()).0.insert(sink_id, layer);
             track.retell();
         }
@@ -230,6 +285,8 @@ impl StreamSource for LocalStreams {
                     keyframes: Mutex::default(),
                     on_need: t.on_need,
                     choices: Mutex::default(),
+                    rid: t.rid.filter(|_| t.kind == MediaKind::Video),
+                    told: Mutex::new(None),
                 })
             })
             .collect();
@@ -294,6 +351,35 @@ mod tests {
         streams.untap("s", MediaKind::Video, recorder.sink_id);
         let fill = Need::Choice(LayerChoice::Fill { width: 320, height: 240 });
         assert_eq!(*heard.lock().unwrap(), [fill.clone(), Need::Choice(LayerChoice::Auto), fill]);
+    }
+
+    #[tokio::test]
+    async fn a_layered_video_made_here_is_tapped_whole_at_its_top_or_layer_by_layer() {
+        let streams = LocalStreams::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        // A mixer's view with a half layer: declared lowest first, each layer its own track.
+        let layer = |rid: &str, tell: bool| {
+            let h = heard.clone();
+            let name = rid.to_string();
+            let on_need: Option<NeedFn> = tell.then(|| Arc::new(move |n| h.lock().unwrap().push((name.clone(), n))) as NeedFn);
+            LocalTrack { kind: MediaKind::Video, codec: vp8(), on_keyframe: Arc::new(|| {}), rid: Some(rid.into()), on_need }
+        };
+        let sinks = streams.publish_local("r", "v", vec![layer("x1_2", true), layer("x1", false)]);
+        assert_eq!(streams.layers("v"), ["x1_2", "x1"]);
+        // A whole-video tap (a recording) reads the top layer.
+        let mut whole = streams.tap("v", MediaKind::Video).unwrap();
+        let mut half = streams.tap_layer("v", "x1_2").unwrap();
+        assert!(streams.tap_layer("v", "x1_4").is_none());
+        sinks[0].send(b"half");
+        sinks[1].send(b"full");
+        assert_eq!(&whole.recv().await.unwrap()[..], b"full");
+        assert_eq!(&half.recv().await.unwrap()[..], b"half");
+        // The lower layer's producer hears when someone takes it and when nobody does.
+        streams.untap("v", MediaKind::Video, half.sink_id);
+        assert_eq!(*heard.lock().unwrap(), [("x1_2".to_string(), Need::Layer(true)), ("x1_2".to_string(), Need::Layer(false))]);
+        // Layer choices are not for it.
+        streams.set_tap_layer("v", MediaKind::Video, whole.sink_id, LayerChoice::Fill { width: 10, height: 10 });
+        assert_eq!(heard.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
