@@ -278,7 +278,11 @@ impl Mixer {
                             if let Some(n) = view.layer_need.get(i) {
                                 n.store(wanted, Ordering::Relaxed);
                             }
-                            if let Some(p) = &view.lock().pipeline {
+                            // Called on a media thread, which must not wait: a view busy
+                            // (adding an input) gets it from its supervisor's next tick.
+                            if let Ok(s) = view.state.try_lock()
+                                && let Some(p) = &s.pipeline
+                            {
                                 p.set_layer_active(i, wanted);
                             }
                         }
@@ -298,10 +302,10 @@ impl Mixer {
                 MediaKind::Video => video_out.push(f),
             }
         }
-        // Every layer flows until the SFU says which nobody takes (it assumes a new
-        // stream's layers all flow).
         // The pipeline's order: full size first.
         video_out.reverse();
+        // Every layer flows until the SFU says which nobody takes (it assumes a new
+        // stream's layers all flow).
         let layer_need = video_out.iter().map(|_| AtomicBool::new(true)).collect();
         let templates = match &config.video {
             Some(v) => Templates::from_layout(&v.layout, v.max_input),
@@ -375,6 +379,12 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
                     s.pipeline.as_ref().is_some_and(|p| !p.has_video() || p.video_produced.swap(false, std::sync::atomic::Ordering::Relaxed));
                 if produced {
                     s.last_output = Instant::now();
+                }
+                // The layers' needs, where a media thread could not apply them at once.
+                if let Some(p) = &s.pipeline {
+                    for (i, need) in view.layer_need.iter().enumerate().skip(1) {
+                        p.set_layer_active(i, need.load(Ordering::Relaxed));
+                    }
                 }
                 let failed = s.pipeline.as_ref().and_then(|p| p.failed.lock().ok().and_then(|f| f.clone()));
                 if let Some(error) = &failed {

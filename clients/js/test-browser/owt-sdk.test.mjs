@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { readFileSync, existsSync } from 'node:fs';
 import { join, normalize } from 'node:path';
-import { startServer, stopServer, launchChromium } from './helpers.mjs';
+import { startServer, stopServer, launchChromium, sampleVideo } from './helpers.mjs';
 
 const SDK = process.env.OWT_SDK_DIR;
 const skip = SDK && existsSync(join(SDK, 'export.js')) ? false : 'OWT_SDK_DIR (the OWT JS SDK\'s src/sdk folder) is not set';
@@ -71,11 +71,11 @@ after(async () => {
 
 /** A page of the app's origin with the SDK loaded and, on `window`, helpers: `join(token)`
  * (a ConferenceClient that records its events in `window.events`), `watch(stream, id)`
- * (a <video> of a MediaStream) and `sample(id)` (size, brightness, motion of that video). */
+ * (a <video> of a MediaStream). */
 async function appPage(name) {
   const page = await browser.newPage();
   page.on('pageerror', (e) => console.error(`[${name}] page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error' || m.type() === 'warning' || process.env.OWT_LOG) console.error(`[${name}] console: ${m.text()}`); });
+  page.on('console', (m) => { if (m.type() === 'error' || process.env.OWT_LOG) console.error(`[${name}] console: ${m.text()}`); });
   await page.goto(appOrigin + '/');
   await page.waitForFunction(() => window.owtReady === true, null, { timeout: 10_000 });
   await page.evaluate(() => {
@@ -106,20 +106,6 @@ async function appPage(name) {
       document.body.appendChild(v);
       await v.play().catch(() => {});
     };
-    window.sample = async (id) => {
-      const v = document.getElementById(id);
-      if (!v || !v.videoWidth) return null;
-      const c = document.createElement('canvas');
-      c.width = 160; c.height = 120;
-      const ctx = c.getContext('2d');
-      const grab = () => { ctx.drawImage(v, 0, 0, 160, 120); return ctx.getImageData(0, 0, 160, 120).data; };
-      const a = grab();
-      await new Promise((r) => setTimeout(r, 700));
-      const b = grab();
-      let diff = 0, sum = 0;
-      for (let i = 0; i < a.length; i += 4) { diff += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]); sum += b[i] + b[i + 1] + b[i + 2]; }
-      return { width: v.videoWidth, height: v.videoHeight, changed: diff, mean: sum / (a.length / 4) / 3 };
-    };
   });
   return page;
 }
@@ -129,7 +115,7 @@ async function moving(page, id, what) {
   const deadline = Date.now() + 20_000;
   let last = null;
   while (Date.now() < deadline) {
-    last = await page.evaluate((i) => window.sample(i), id);
+    last = await sampleVideo(page, `#${id}`);
     if (last && last.width > 0 && last.changed > 1000 && last.mean > 10) return last;
     await page.waitForTimeout(300);
   }
