@@ -273,7 +273,6 @@ impl ViewPipeline {
                 "videotestsrc is-live=true pattern=solid-color foreground-color={bg} ! {caps} ! compositor name=comp {AGGREGATOR_LIVE} background=black ! {caps} ! ",
                 bg = rgb_hex(view)
             );
-            let layers = v.layer_sizes();
             if video_out.len() < 2 {
                 desc.push_str(&format!("{head}queue max-size-buffers=2 leaky=downstream ! {full}"));
             } else {
@@ -281,7 +280,7 @@ impl ViewPipeline {
                 // behind a valve, scaled, with its own encoder. The valves start open: the SFU
                 // takes every layer of a new stream to flow until it says which nobody takes.
                 desc.push_str(&format!("{head}tee name=vtee vtee. ! queue max-size-buffers=2 leaky=downstream ! {full}"));
-                for (i, (_, r, scale)) in layers.iter().enumerate().skip(1).take(video_out.len() - 1) {
+                for (i, (_, r, scale)) in v.layer_sizes().iter().enumerate().skip(1).take(video_out.len() - 1) {
                     let layer = encoder_desc(codec, i, r.width, r.height, fps, layer_bitrate_kbps(kbps, *scale), kfi);
                     desc.push_str(&format!(
                         "vtee. ! queue max-size-buffers=2 leaky=downstream ! valve name=vvalve{i} drop=false ! videoscale ! video/x-raw,width={w},height={h} ! {layer}",

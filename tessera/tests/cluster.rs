@@ -579,17 +579,11 @@ async fn mixer_and_recorder_take_streams_over_the_relay() {
     assert!(pcm.len() > 9600 && p440 > 20.0 * p1000, "the publisher's 440 Hz in the mix: {p440} vs {p1000} ({} samples)", pcm.len());
     // The view's half layer, by its RID, relayed from n3 as a simulcast layer is.
     let half = tessera_client::peer::Subscriber::start_video(&mut vsig, &format!("{room}-common-video-x1_2"), Value::Null).await.unwrap();
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let frames = tessera_client::media::decode_vp8(&half.packets("video")).unwrap();
-        let last = frames.last().map(|f| (f.width, f.height, f.around(f.width / 2, f.height / 2)));
-        if last.is_some_and(|(w, h, (r, g, b))| (w, h) == (320, 240) && r > 150 && g < 90 && b < 90) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "no red 320x240 picture of the half layer: last {last:?}");
-    }
-    println!("the mix's half layer from n3 after {:?}", started.elapsed());
+    let took = common::mix::wait_for_mix(&half, Duration::from_secs(10), "a red 320x240 picture of the half layer", |f| {
+        (f.width, f.height) == (320, 240) && common::mix::is(f.around(f.width / 2, f.height / 2), "red")
+    })
+    .await;
+    println!("the mix's half layer from n3 after {took:?}");
 
     // A recording of the forward stream, made on n3 from the relayed packets.
     let body = serde_json::json!({"container": "mkv", "media": {"audio": {"from": publisher.stream_id}, "video": {"from": publisher.stream_id}}});

@@ -70,8 +70,8 @@ after(async () => {
 });
 
 /** A page of the app's origin with the SDK loaded and, on `window`, helpers: `join(token)`
- * (a ConferenceClient that records its events in `window.events`), `watch(stream, id)`
- * (a <video> of a MediaStream). */
+ * (a ConferenceClient that records its events in `window.events`), `remote(id)` (a remote
+ * stream it knows), `watch(stream, id)` (a <video> of a MediaStream). */
 async function appPage(name) {
   const page = await browser.newPage();
   page.on('pageerror', (e) => console.error(`[${name}] page error: ${e.message}`));
@@ -99,6 +99,7 @@ async function appPage(name) {
       for (const p of window.info.participants) p.addEventListener('left', () => window.events.push({ type: 'left', participant: p.userId }));
       return { self: window.info.self.userId, role: window.info.self.role, streams: window.info.remoteStreams.map((s) => ({ id: s.id, audio: s.source.audio, video: s.source.video })) };
     };
+    window.remote = (id) => window.info.remoteStreams.find((s) => s.id === id);
     window.watch = async (stream, id) => {
       const v = document.createElement('video');
       v.id = id; v.muted = true; v.autoplay = true; v.playsInline = true;
@@ -147,12 +148,18 @@ async function publisher(name, options) {
   return { page, id };
 }
 
-test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish, leave', { skip }, async (t) => {
-  const alice = await publisher('alice');
-  const bob = await appPage('bob');
+/** Alice publishing (`publisher`) and Bob's page joined with `role` (default presenter),
+ * both closed after test `t`; `joined` is Bob's `join` result. */
+async function publisherAndViewer(t, suffix, { options, role } = {}) {
+  const alice = await publisher(`alice${suffix}`, options);
+  const bob = await appPage(`bob${suffix}`);
   t.after(async () => { await alice.page.close(); await bob.close(); });
+  const joined = await bob.evaluate(async (tok) => window.join(tok), await token(`bob${suffix}`, role));
+  return { alice, bob, joined };
+}
 
-  const joined = await bob.evaluate(async (tok) => window.join(tok), await token('bob', 'viewer'));
+test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish, leave', { skip }, async (t) => {
+  const { alice, bob, joined } = await publisherAndViewer(t, '', { role: 'viewer' });
   assert.equal(joined.self, 'bob');
   assert.equal(joined.role, 'viewer');
   assert.ok(joined.streams.some((s) => s.id === alice.id && s.video === 'camera' && s.audio === 'mic'), JSON.stringify(joined.streams));
@@ -161,7 +168,7 @@ test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish
 
   // Forward: the stream as OWT's sample subscribes it (no options: audio and video).
   await bob.evaluate(async (id) => {
-    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const stream = window.remote(id);
     window.forward = await window.client.subscribe(stream);
     await window.watch(window.forward.stream, 'forward');
   }, alice.id);
@@ -172,7 +179,7 @@ test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish
 
   // Mixed: the room's view at a resolution it offers.
   await bob.evaluate(async (id) => {
-    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const stream = window.remote(id);
     window.mixed = await window.client.subscribe(stream, { audio: true, video: true });
     await window.watch(window.mixed.stream, 'mixed');
   }, mixed.id);
@@ -221,12 +228,9 @@ test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish
 });
 
 test('OWT SDK: the same stream subscribed again plays (a new subscription, a new track)', { skip }, async (t) => {
-  const alice = await publisher('alice2');
-  const bob = await appPage('bob2');
-  t.after(async () => { await alice.page.close(); await bob.close(); });
-  await bob.evaluate(async (tok) => window.join(tok), await token('bob2'));
+  const { alice, bob } = await publisherAndViewer(t, '2');
   await bob.evaluate(async (id) => {
-    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const stream = window.remote(id);
     const first = await window.client.subscribe(stream, { audio: false, video: true });
     await window.watch(first.stream, 'first');
     window.first = first;
@@ -235,7 +239,7 @@ test('OWT SDK: the same stream subscribed again plays (a new subscription, a new
   await bob.evaluate(async (id) => {
     window.first.stop();
     document.getElementById('first').remove();
-    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const stream = window.remote(id);
     const again = await window.client.subscribe(stream, { audio: false, video: true });
     await window.watch(again.stream, 'again');
   }, alice.id);
@@ -243,10 +247,8 @@ test('OWT SDK: the same stream subscribed again plays (a new subscription, a new
 });
 
 test('OWT SDK: simulcast publish (rid encodings) and subscribe by rid', { skip }, async (t) => {
-  const alice = await publisher('alice3', { video: [{ rid: 'q', active: true, scaleResolutionDownBy: 4 }, { rid: 'h', active: true, scaleResolutionDownBy: 2 }, { rid: 'f', active: true }] });
-  const bob = await appPage('bob3');
-  t.after(async () => { await alice.page.close(); await bob.close(); });
-  await bob.evaluate(async (tok) => window.join(tok), await token('bob3'));
+  const options = { video: [{ rid: 'q', active: true, scaleResolutionDownBy: 4 }, { rid: 'h', active: true, scaleResolutionDownBy: 2 }, { rid: 'f', active: true }] };
+  const { alice, bob } = await publisherAndViewer(t, '3', { options });
   const rids = await bob.waitForFunction((id) => {
     const s = window.client && window.info.remoteStreams.find((x) => x.id === id);
     const rs = s && s.settings && s.settings.video ? s.settings.video.map((v) => v.rid).filter(Boolean) : [];
@@ -257,7 +259,7 @@ test('OWT SDK: simulcast publish (rid encodings) and subscribe by rid', { skip }
   for (const rid of ['q', 'f']) {
     if (!rids.includes(rid)) continue;
     await bob.evaluate(async ({ id, rid }) => {
-      const stream = window.info.remoteStreams.find((s) => s.id === id);
+      const stream = window.remote(id);
       const sub = await window.client.subscribe(stream, { audio: false, video: { rid } });
       await window.watch(sub.stream, 'rid-' + rid);
     }, { id: alice.id, rid });
@@ -267,12 +269,9 @@ test('OWT SDK: simulcast publish (rid encodings) and subscribe by rid', { skip }
 });
 
 test('OWT SDK: a dropped connection relogins with its ticket; media and control go on', { skip }, async (t) => {
-  const alice = await publisher('alice4');
-  const bob = await appPage('bob4');
-  t.after(async () => { await alice.page.close(); await bob.close(); });
-  await bob.evaluate(async (tok) => window.join(tok), await token('bob4'));
+  const { alice, bob } = await publisherAndViewer(t, '4');
   await bob.evaluate(async (id) => {
-    const stream = window.info.remoteStreams.find((s) => s.id === id);
+    const stream = window.remote(id);
     window.forward = await window.client.subscribe(stream, { audio: false, video: true });
     await window.watch(window.forward.stream, 'forward');
     window.connects = 0;
