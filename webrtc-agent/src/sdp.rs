@@ -11,6 +11,22 @@ pub(crate) fn negotiated_payload_type(
     same_stream(same_mime, want, |c| &c.rtp_codec.sdp_fmtp_line).first().map(|c| c.payload_type)
 }
 
+/// Of a sender's negotiated `codecs`, the one it sends `want` with and that codec's RTX,
+/// or `None` when nothing would be left out (or `want` is not among them).
+pub(crate) fn only_sent(
+    codecs: &[rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters],
+    want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec,
+) -> Option<Vec<rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters>> {
+    let pt = negotiated_payload_type(codecs, want)?;
+    let repairs = |c: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| {
+        c.rtp_codec.mime_type.to_ascii_lowercase().ends_with("/rtx")
+            && c.rtp_codec.sdp_fmtp_line.split(';').find_map(|kv| kv.trim().strip_prefix("apt=")).and_then(|v| v.trim().parse::<u8>().ok())
+                == Some(pt)
+    };
+    let kept: Vec<_> = codecs.iter().filter(|c| c.payload_type == pt || repairs(c)).cloned().collect();
+    (kept.len() < codecs.len()).then_some(kept)
+}
+
 /// Of `candidates`, all of `want`'s codec, those that carry the same stream: of the same
 /// H.264 profile and packetization mode if any is, else all of them.
 fn same_stream<'a, T>(candidates: Vec<&'a T>, want: &rtc::rtp_transceiver::rtp_sender::RTCRtpCodec, fmtp: impl Fn(&T) -> &str) -> Vec<&'a T> {
@@ -428,6 +444,34 @@ mod tests {
         let out = only_sent_codecs(&offer, &sending);
         assert!(out.contains("m=video 9 UDP/TLS/RTP/SAVPF 102 103 127 125\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n"), "{out}");
         assert_eq!(only_sent_codecs(&offer, &Default::default()), offer);
+    }
+
+    #[test]
+    fn a_sender_keeps_the_codec_it_sends_and_its_rtx() {
+        let params = |pt: u8, mime: &str, fmtp: &str| rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
+            rtp_codec: codec(mime, 90000, fmtp),
+            payload_type: pt,
+        };
+        let negotiated = vec![
+            params(96, "video/VP8", ""),
+            params(97, "video/rtx", "apt=96"),
+            params(102, "video/H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f"),
+            params(103, "video/rtx", "apt=102"),
+            params(127, "video/H264", "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"),
+            params(125, "video/rtx", "apt=127"),
+        ];
+        let pts = |kept: Option<Vec<rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters>>| {
+            kept.map(|k| k.iter().map(|c| c.payload_type).collect::<Vec<_>>())
+        };
+        assert_eq!(pts(only_sent(&negotiated, &codec("video/VP8", 90000, ""))), Some(vec![96, 97]));
+        // The same H.264 profile, not the first H.264 listed.
+        assert_eq!(pts(only_sent(&negotiated, &h264_cb())), Some(vec![127, 125]));
+        // Not negotiated: nothing to cut to (the subscription is refused elsewhere).
+        assert_eq!(pts(only_sent(&negotiated, &codec("video/AV1", 90000, ""))), None);
+        // Nothing left out: nothing to change.
+        assert_eq!(pts(only_sent(&negotiated[..2], &codec("video/VP8", 90000, ""))), None);
+        let opus = rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: codec("audio/opus", 48000, ""), payload_type: 111 };
+        assert_eq!(pts(only_sent(&[opus.clone(), params(0, "audio/PCMU", "")], &opus.rtp_codec)), Some(vec![111]));
     }
 
     #[test]

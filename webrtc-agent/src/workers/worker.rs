@@ -1875,6 +1875,24 @@ impl Worker {
             );
             sources_added.push((source, src.owner, leg_id));
         }
+        // rtc keeps the codec list each m-line was answered with three times over per
+        // transceiver, and the sender's last parameters once more: ~12 KB for a first
+        // m-line, which the offer keeps whole (`only_sent_codecs`). A sending transceiver
+        // needs only the codec it sends and its RTX once the answer is made, so that is all
+        // it keeps. The answer itself stays whole: a client whose stack takes its codecs
+        // from the first m-line's answer, as webrtc-rs and Pion do, must be able to offer
+        // another codec on a later m-line.
+        for t in p.pc.get_transceivers().collect::<Vec<_>>() {
+            let Some(transceiver) = p.pc.rtp_transceiver(t) else { continue };
+            let (Some(mid), Some(sender)) = (transceiver.mid().clone(), transceiver.sender()) else { continue };
+            let Some(want) = p.sending.get(&mid) else { continue };
+            let Some(kept) = p.pc.rtp_sender(sender).and_then(|mut s| crate::sdp::only_sent(&s.get_parameters().rtp_parameters.codecs, want)) else {
+                continue;
+            };
+            if let Some(Err(e)) = p.pc.rtp_transceiver(t).map(|mut t| t.set_codec_preferences(kept)) {
+                debug!(error = %e, %mid, "keeping only the sent codec");
+            }
+        }
         for sub in pending {
             let session = sub.spec.at.session.to_string();
             if let (Some(from), Some(owner)) = (&sub.spec.data_from, sub.data_owner) {
