@@ -90,6 +90,25 @@ fn ids(v: &Value) -> Vec<String> {
     v["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
 }
 
+/// Node `id`'s entry in a node list (`null` if it is not there).
+fn node(v: &Value, id: &str) -> Value {
+    v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap_or_default()
+}
+
+/// Polls the node list (as `s` sees it) until `found` gives something, and returns that;
+/// fails after `within` saying it never saw `what`, with the last list.
+async fn until_nodes<T>(s: &common::Server, within: Duration, what: &str, found: impl Fn(&Value) -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = nodes(s).await;
+        if let Some(t) = found(&v) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "never saw {what} within {within:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the node list (as `s` sees it) has exactly `want`.
 async fn wait_nodes(s: &common::Server, want: &[&str], within: Duration) -> Value {
     let deadline = Instant::now() + within;
@@ -149,16 +168,11 @@ async fn nodes_join_report_and_leave() {
     let room = b.new_room(serde_json::json!({})).await;
     let (mut sig, _) = b.join(&room, "p").await;
     let _p = tessera_client::peer::Publisher::start(&mut sig, common::av(1), None).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let v = nodes(&a).await;
-        let bravo = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "bravo").cloned().unwrap();
-        if bravo["load"]["transports"] == 1 && bravo["load"]["publications"].as_u64() >= Some(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "bravo's load never showed its publisher: {bravo}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_nodes(&a, Duration::from_secs(6), "bravo's load show its publisher", |v| {
+        let load = &node(v, "bravo")["load"];
+        (load["transports"] == 1 && load["publications"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
 
     // The same id twice: refused (after waiting out a TTL in case it was its own crashed
     // predecessor), with the id and the other instance named.
@@ -482,16 +496,11 @@ async fn portal_drives_media_on_another_node() {
     for sig in [&mut psig, &mut ssig, &mut vsig] {
         sig.ok("logout", None).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = nodes(&p).await;
-        let load = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "media1").unwrap()["load"].clone();
-        if load["transports"] == 0 && load["views"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the room never ended on media1: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_nodes(&p, Duration::from_secs(10), "the room end on media1", |v| {
+        let load = &node(v, "media1")["load"];
+        (load["transports"] == 0 && load["views"] == 0).then_some(())
+    })
+    .await;
     let res = p
         .client()
         .get(p.url(&format!("/v1/rooms/{room}/recordings/{}/file", rec["id"].as_str().unwrap())))
@@ -682,16 +691,11 @@ async fn two_media_nodes_and_a_portal(url: &str, extra: &str) -> [(tempfile::Tem
 
 /// The node whose report shows at least `transports` transports (within 6 s).
 async fn node_with_transports(p: &common::Server, transports: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let v = nodes(p).await;
+    until_nodes(p, Duration::from_secs(6), &format!("a node with {transports} transports"), |v| {
         let busy = v["nodes"].as_array().unwrap().iter().find(|n| n["load"]["transports"].as_u64() >= Some(transports));
-        if let Some(n) = busy {
-            return n["id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no node reported {transports} transports: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        busy.map(|n| n["id"].as_str().unwrap().to_string())
+    })
+    .await
 }
 
 /// A media node dies (SIGKILL): once NATS has said for 2 s that it is gone, the portal tells the
@@ -744,16 +748,11 @@ async fn a_dead_media_node_is_replaced() {
     let mixed = tessera_client::peer::Subscriber::start(&mut vsig, &format!("{room}-common"), true, true, false).await.unwrap();
     mixed.wait_until("mixed video again", Duration::from_secs(8), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
     let survivor_id = if busy == "m1" { "m2" } else { "m1" };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = nodes(&p).await;
-        let load = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == survivor_id).unwrap()["load"].clone();
-        if load["transports"].as_u64() >= Some(3) && load["views"].as_u64() >= Some(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the survivor never reported the room: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    until_nodes(&p, Duration::from_secs(5), "the survivor report the room", |v| {
+        let load = &node(v, survivor_id)["load"];
+        (load["transports"].as_u64() >= Some(3) && load["views"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
     drop(survivor);
 }
 
@@ -774,7 +773,6 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
     let (mut ssig, _) = p.join(&room, "sub").await;
     let sub = tessera_client::peer::Subscriber::start(&mut ssig, &publisher.stream_id, true, true, false).await.unwrap();
     sub.wait_until("video", Duration::from_secs(5), |r| r.iter().filter(|p| p.kind == "video").count() > 20).await.unwrap();
-    let load = |v: &Value, id: &str| v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).cloned().unwrap_or_default();
     let busy = node_with_transports(&p, 2).await;
     let busy = busy.as_str();
     let other = if busy == "m1" { "m2" } else { "m1" };
@@ -782,29 +780,16 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
     let _ = Command::new("kill").arg("-TERM").arg(draining.child.id().to_string()).status();
 
     // Reported draining within a heartbeat or two.
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let v = nodes(&p).await;
-        if load(&v, busy)["draining"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{busy} never reported draining: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_nodes(&p, Duration::from_secs(6), &format!("{busy} report draining"), |v| (node(v, busy)["draining"] == true).then_some(())).await;
     // A new room goes to the other node.
     let room2 = p.new_room(serde_json::json!({})).await;
     let (mut qsig, _) = p.join(&room2, "pub2").await;
     let _second = tessera_client::peer::Publisher::start(&mut qsig, common::av(2), None).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let v = nodes(&p).await;
-        if load(&v, other)["load"]["transports"].as_u64() >= Some(1) {
-            assert_eq!(load(&v, busy)["load"]["transports"], 2, "nothing new on the draining node: {v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new room never reached {other}: {v}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let v = until_nodes(&p, Duration::from_secs(6), &format!("the new room reach {other}"), |v| {
+        (node(v, other)["load"]["transports"].as_u64() >= Some(1)).then(|| v.clone())
+    })
+    .await;
+    assert_eq!(node(&v, busy)["load"]["transports"], 2, "nothing new on the draining node: {v}");
     // The running room goes on, and the node stays up meanwhile.
     let before = sub.packets("video").len();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -831,16 +816,10 @@ async fn a_draining_media_node_finishes_its_rooms_then_stops() {
 
 /// Waits until node `id` reports `transports` WebRTC transports (within 6 s).
 async fn wait_transports(p: &common::Server, id: &str, transports: u64) {
-    let deadline = Instant::now() + Duration::from_secs(6);
-    loop {
-        let v = nodes(p).await;
-        let n = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["load"]["transports"].as_u64());
-        if n == Some(Some(transports)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "node {id} never reported {transports} transports: {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_nodes(p, Duration::from_secs(6), &format!("node {id} report {transports} transports"), |v| {
+        (node(v, id)["load"]["transports"].as_u64() == Some(transports)).then_some(())
+    })
+    .await;
 }
 
 /// Publishes synthetic audio and video tagged `tag` on `sig` and sends for `secs` (30
