@@ -31,6 +31,7 @@ pub mod responder;
 pub mod rtcp_counter;
 mod sdp;
 pub mod sender_reports;
+mod seq_ring;
 pub mod simulcast;
 pub mod srtp_out;
 pub mod stack;

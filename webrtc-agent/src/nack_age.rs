@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::{TransportLayerNack, nack_pairs_from_sequence_numbers};
 
+use crate::seq_ring::{Numbered, SeqRing};
+
 /// Packets sent longer ago than this, or three round trips if longer (libwebrtc's
 /// rule), are not retransmitted.
 pub const NACK_MAX_AGE: Duration = Duration::from_millis(1000);
@@ -44,50 +46,41 @@ struct SentAt {
     ms: u32,
 }
 
-/// Send times by sequence number modulo the ring's length (a power of two, so the slots
-/// stay in step across the sequence numbers' wrap).
+impl Numbered for SentAt {
+    fn seq(&self) -> Option<u16> {
+        (self.ms != 0).then_some(self.seq)
+    }
+}
+
+/// Send times by sequence number.
 struct SendTimes {
-    slots: Vec<SentAt>,
+    slots: SeqRing<SentAt>,
     /// When the ring last passed its slot 0 (in [`NackLimit::ms`]'s unit).
     lap_began: Option<u32>,
 }
 
 impl SendTimes {
     fn new() -> SendTimes {
-        SendTimes { slots: vec![SentAt::default(); FIRST_SLOTS], lap_began: None }
-    }
-
-    /// The slot of `seq` (the length is a power of two, at least [`FIRST_SLOTS`]: a mask,
-    /// not a division, on this per-packet path).
-    fn index(&self, seq: u16) -> usize {
-        usize::from(seq) & self.slots.len().saturating_sub(1)
+        SendTimes { slots: SeqRing::new(FIRST_SLOTS, SLOTS), lap_began: None }
     }
 
     fn get(&self, seq: u16) -> Option<&SentAt> {
-        self.slots.get(self.index(seq))
+        self.slots.get(seq)
     }
 
     /// Notes a transmission (a retransmission keeps the first's time); a first
     /// transmission that begins a lap quicker than [`NACK_MAX_AGE`] doubles the ring
     /// first (what it holds lies within one lap, so nothing collides).
     fn note(&mut self, seq: u16, ms: u32, retransmission: bool) {
-        if !retransmission && self.index(seq) == 0 {
+        if !retransmission && self.slots.index(seq) == 0 {
             let quick = self.lap_began.is_some_and(|began| ms.wrapping_sub(began) < NACK_MAX_AGE.as_millis() as u32);
             self.lap_began = Some(ms);
-            if quick && self.slots.len() < SLOTS {
-                let len = self.slots.len() * 2;
-                let mut slots = vec![SentAt::default(); len];
-                for kept in self.slots.drain(..).filter(|k| k.ms != 0) {
-                    if let Some(slot) = slots.get_mut(usize::from(kept.seq) % len) {
-                        *slot = kept;
-                    }
-                }
-                self.slots = slots;
+            if quick {
+                self.slots.grow();
             }
         }
-        let at = self.index(seq);
-        if let Some(slot) = self.slots.get_mut(at)
-            && !(slot.ms != 0 && slot.seq == seq)
+        if let Some(slot) = self.slots.get_mut(seq)
+            && slot.seq() != Some(seq)
         {
             *slot = SentAt { seq, ms };
         }

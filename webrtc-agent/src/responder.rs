@@ -22,6 +22,8 @@ use rtc::sansio::Protocol;
 use rtc::shared::TransportContext;
 use rtc::shared::error::Error;
 
+use crate::seq_ring::SeqRing;
+
 /// One packet as sent.
 #[derive(Clone)]
 struct Kept {
@@ -79,16 +81,19 @@ const FIRST_SIZE: u16 = 64;
 /// the client's reordering wait, and a repair later than this comes too late to show.
 const REACH: Duration = Duration::from_secs(1);
 
+impl crate::seq_ring::Numbered for Option<Kept> {
+    fn seq(&self) -> Option<u16> {
+        self.as_ref().map(|k| k.sequence_number)
+    }
+}
+
 /// The last packets of one stream, by sequence number (a power-of-two ring, as rtc's). It
 /// starts small and doubles, up to its most, while a lap of the ring takes less than
 /// [`REACH`]: its memory follows the stream's packet rate.
 struct History {
-    slots: Vec<Option<Kept>>,
-    mask: u16,
+    slots: SeqRing<Option<Kept>>,
     /// The newest sequence number kept, once one is.
     newest: Option<u16>,
-    /// The most it may hold (a power of two).
-    most: u16,
     /// When the ring last began a lap.
     lap_began: Option<Instant>,
 }
@@ -96,33 +101,22 @@ struct History {
 impl History {
     /// Room for up to `most` packets: a power of two up to 32768 (else none, as rtc's).
     fn new(most: u16) -> Option<History> {
-        let size = most.min(FIRST_SIZE);
-        most.is_power_of_two().then(|| History { slots: vec![None; usize::from(size)], mask: size - 1, newest: None, most, lap_began: None })
+        let first = most.min(FIRST_SIZE);
+        most.is_power_of_two().then(|| History { slots: SeqRing::new(usize::from(first), usize::from(most)), newest: None, lap_began: None })
     }
 
     fn slot(&mut self, seq: u16) -> Option<&mut Option<Kept>> {
-        self.slots.get_mut(usize::from(seq & self.mask))
+        self.slots.get_mut(seq)
     }
 
-    /// Doubles the ring if its last lap was quicker than [`REACH`] (and it may grow).
+    /// Doubles the ring if its last lap was quicker than [`REACH`] (what it holds lies
+    /// within one lap behind the newest).
     fn lap(&mut self, now: Instant) {
         let quick = self.lap_began.is_some_and(|began| now.saturating_duration_since(began) < REACH);
         self.lap_began = Some(now);
-        if !quick || self.slots.len() >= usize::from(self.most) {
-            return;
+        if quick {
+            self.slots.grow();
         }
-        let size = self.slots.len() * 2;
-        let mut slots = vec![None; size];
-        let mask = self.mask << 1 | 1;
-        // What the ring holds lies within one lap behind the newest, so each packet has a
-        // slot of its own in the ring twice the size.
-        for kept in self.slots.drain(..).flatten() {
-            if let Some(slot) = slots.get_mut(usize::from(kept.sequence_number & mask)) {
-                *slot = Some(kept);
-            }
-        }
-        self.slots = slots;
-        self.mask = mask;
     }
 
     fn add(&mut self, now: Instant, packet: &rtc::rtp::Packet) {
@@ -131,7 +125,7 @@ impl History {
             Some(newest) if seq == newest => return,
             // Newer: the sequence numbers skipped since are gone.
             Some(newest) if seq.wrapping_sub(newest) < 1 << 15 => {
-                if seq & self.mask < newest & self.mask || usize::from(seq.wrapping_sub(newest)) >= self.slots.len() {
+                if self.slots.index(seq) < self.slots.index(newest) || usize::from(seq.wrapping_sub(newest)) >= self.slots.len() {
                     self.lap(now);
                 }
                 let mut s = newest.wrapping_add(1);
@@ -159,7 +153,7 @@ impl History {
         if behind >= 1 << 15 || usize::from(behind) >= self.slots.len() {
             return None;
         }
-        self.slots.get(usize::from(seq & self.mask))?.as_ref().filter(|k| k.sequence_number == seq)
+        self.slots.get(seq)?.as_ref().filter(|k| k.sequence_number == seq)
     }
 }
 
