@@ -120,6 +120,13 @@ impl ViewMix {
         layout::entries(&self.assigned(&mut s))
     }
 
+    /// Opens or closes `p`'s lower layers as their needs were last told.
+    fn apply_layer_needs(&self, p: &ViewPipeline) {
+        for (i, need) in self.layer_need.iter().enumerate().skip(1) {
+            p.set_layer_active(i, need.load(Ordering::Relaxed));
+        }
+    }
+
     fn demand(&self) -> bool {
         self.video_out.iter().any(|f| f.has_consumers()) || self.audio_out.as_ref().is_some_and(|f| f.has_consumers())
     }
@@ -382,9 +389,7 @@ async fn supervise(source: Arc<dyn StreamSource>, importer: Option<Arc<dyn Strea
                 }
                 // The layers' needs, where a media thread could not apply them at once.
                 if let Some(p) = &s.pipeline {
-                    for (i, need) in view.layer_need.iter().enumerate().skip(1) {
-                        p.set_layer_active(i, need.load(Ordering::Relaxed));
-                    }
+                    view.apply_layer_needs(p);
                 }
                 let failed = s.pipeline.as_ref().and_then(|p| p.failed.lock().ok().and_then(|f| f.clone()));
                 if let Some(error) = &failed {
@@ -506,9 +511,7 @@ async fn import_inputs(source: &dyn StreamSource, importer: Option<&dyn StreamIm
 fn start_pipeline(source: &dyn StreamSource, view: &Arc<ViewMix>) -> Result<(), pipeline::PipelineError> {
     let p = ViewPipeline::start(&view.config, view.video_out.clone(), view.audio_out.clone(), &view.encoder)?;
     info!(stream = %view.id, "view pipeline started");
-    for (i, need) in view.layer_need.iter().enumerate().skip(1) {
-        p.set_layer_active(i, need.load(Ordering::Relaxed));
-    }
+    view.apply_layer_needs(&p);
     let inputs = {
         let mut s = view.lock();
         s.pipeline = Some(p);

@@ -588,34 +588,11 @@ mod tests {
         assert!(failed.contains("comp") && failed.contains("injected failure"), "{failed}");
     }
 
-    /// The picture size of a VP8 keyframe's first RTP packet (RFC 7741), if it is one.
+    /// The picture size of a VP8 keyframe's first RTP packet, if it is one (the payloader
+    /// adds no header extension).
     fn vp8_keyframe_size(rtp: &[u8]) -> Option<(u16, u16)> {
         let csrcs = usize::from(*rtp.first()? & 0x0f);
-        let mut i = 12 + 4 * csrcs;
-        let d = *rtp.get(i)?;
-        // Only a partition's start (S) of partition 0 has the frame header.
-        if d & 0x10 == 0 || d & 0x07 != 0 {
-            return None;
-        }
-        i += 1;
-        if d & 0x80 != 0 {
-            let x = *rtp.get(i)?;
-            i += 1;
-            if x & 0x80 != 0 {
-                i += if *rtp.get(i)? & 0x80 != 0 { 2 } else { 1 };
-            }
-            if x & 0x40 != 0 {
-                i += 1;
-            }
-            if x & 0x30 != 0 {
-                i += 1;
-            }
-        }
-        let f = rtp.get(i..i + 10)?;
-        if f[0] & 0x01 != 0 || f[3..6] != [0x9d, 0x01, 0x2a] {
-            return None;
-        }
-        Some((u16::from_le_bytes([f[6], f[7]]) & 0x3fff, u16::from_le_bytes([f[8], f[9]]) & 0x3fff))
+        tessera_webrtc_agent::simulcast::vp8_keyframe_size(rtp.get(12 + 4 * csrcs..)?)
     }
 
     #[test]
