@@ -199,8 +199,9 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
             Some(Incoming::Invalid { reason }) => {
                 debug!(reason = ?truncate(&reason), "invalid packet from client");
             }
-            Some(Incoming::Event { .. }) if flooded => {}
-            Some(Incoming::Event { name, args, ack: ack_id }) => {
+            Some(Incoming::Event(_)) if flooded => {}
+            Some(Incoming::Event(event)) => {
+                let crate::socketio::Event { name, args, ack: ack_id } = *event;
                 let candidate = sent_candidates.key(&name, &args);
                 let repeat = candidate.is_some_and(|c| sent_candidates.seen(c));
                 match flood.check(if repeat { REPEAT_COST } else { 1.0 }) {

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use actix_web::{App, HttpServer, dev::ServerHandle};
+use actix_web::dev::ServerHandle;
 use serde_json::{Value, json};
-use tessera_portal::socketio::{Incoming, Socket, SocketIo, SocketIoConfig};
+use tessera_portal::socketio::{Event, Incoming, Socket, SocketIo, SocketIoConfig};
 use tokio::sync::mpsc;
 
 const MAX_PAYLOAD: usize = 100_000;
@@ -31,19 +31,19 @@ async fn echo_app(mut sockets: mpsc::Receiver<Socket>) {
             let handle = socket.handle.clone();
             while let Some(ev) = socket.events.recv().await {
                 match ev {
-                    Incoming::Event { name, args, ack } => match name.as_str() {
-                        "echo" => {
+                    Incoming::Event(event) => match *event {
+                        Event { name, args, ack } if name == "echo" => {
                             if let Some(id) = ack {
                                 let mut reply = vec![json!("ok")];
                                 reply.extend(args);
                                 let _ = handle.ack(id, reply);
                             }
                         }
-                        "ping-me" => {
+                        Event { name, args, .. } if name == "ping-me" => {
                             let _ = handle.emit("pong-you", args);
                         }
-                        "bye" => handle.disconnect(),
-                        _ => {}
+                        Event { name, .. } if name == "bye" => handle.disconnect(),
+                        Event { .. } => {}
                     },
                     Incoming::Invalid { .. } => {}
                     Incoming::Closed { .. } => break,
@@ -59,20 +59,18 @@ struct TestServer {
     handle: ServerHandle,
 }
 
+/// The portal's own HTTP server (websockets on the upgraded connection) for `io` alone.
+fn serve(io: &SocketIo, workers: usize) -> (std::net::SocketAddr, actix_web::dev::Server) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    let server = tessera_portal::http::serve_socketio(listener, None, io.clone(), workers, |_| {}).expect("serve");
+    (addr, server)
+}
+
 async fn start_server() -> TestServer {
     let (io, sockets) = SocketIo::new(test_config());
     tokio::spawn(echo_app(sockets));
-    let app_io = io.clone();
-    let server = HttpServer::new(move || {
-        let io = app_io.clone();
-        App::new().configure(move |cfg| io.configure(cfg))
-    })
-    .workers(2)
-    .disable_signals()
-    .bind(("127.0.0.1", 0))
-    .expect("bind 127.0.0.1:0");
-    let addr = server.addrs()[0];
-    let server = server.run();
+    let (addr, server) = serve(&io, 2);
     let handle = server.handle();
     tokio::spawn(server);
     TestServer { url: format!("http://{addr}"), io, handle }
@@ -256,17 +254,8 @@ async fn garbage_post_closes_only_that_session() {
 /// A server without the echo app: the test takes the sockets itself.
 async fn start_bare(config: SocketIoConfig) -> (String, SocketIo, mpsc::Receiver<Socket>, ServerHandle) {
     let (io, sockets) = SocketIo::new(config);
-    let app_io = io.clone();
-    let server = HttpServer::new(move || {
-        let io = app_io.clone();
-        App::new().configure(move |cfg| io.configure(cfg))
-    })
-    .workers(1)
-    .disable_signals()
-    .bind(("127.0.0.1", 0))
-    .unwrap();
-    let base = format!("http://{}", server.addrs()[0]);
-    let server = server.run();
+    let (addr, server) = serve(&io, 1);
+    let base = format!("http://{addr}");
     let handle = server.handle();
     tokio::spawn(server);
     (base, io, sockets, handle)

@@ -205,6 +205,34 @@ fn pem_fingerprint(pem: &str) -> String {
     sha2::Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
 }
 
+/// Opens a websocket-only Socket.IO session over TLS (trusting `cert`) and connects `/`:
+/// returns the server's CONNECT answer.
+async fn socketio_over_wss(cert: &std::path::Path, portal: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&std::fs::read(cert).unwrap()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let at = portal.trim_start_matches("https://").trim_end_matches('/');
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.unwrap();
+    let url = format!("wss://{at}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream).await.unwrap();
+    let text = |m: Option<Result<Message, _>>| m.unwrap().unwrap().into_text().unwrap().to_string();
+    let open = text(ws.next().await);
+    assert!(open.starts_with("0{") && open.contains("\"sid\""), "{open}");
+    ws.send(Message::text("40")).await.unwrap();
+    text(ws.next().await)
+}
+
 #[test]
 fn dev_tls_serves_portal_and_api_over_https() {
     let dir = tempdir();
@@ -231,6 +259,9 @@ fn dev_tls_serves_portal_and_api_over_https() {
     use base64::Engine;
     let token: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(token.trim()).unwrap()).unwrap();
     assert_eq!(token["secure"], true, "{token}");
+    // Socket.IO over wss: the websocket is served on the TLS connection itself.
+    let opened = tokio::runtime::Runtime::new().unwrap().block_on(socketio_over_wss(&cert, &server.portal));
+    assert!(opened.starts_with("40{\"sid\":"), "{opened}");
     // No cleartext beside it.
     let plain = Command::new("curl").args(["-sS", "-m", "5", &format!("{}/v1/rooms", server.api.replace("https://", "http://"))]).output().unwrap();
     assert!(!plain.status.success() || plain.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&plain.stdout));

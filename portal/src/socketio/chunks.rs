@@ -2,11 +2,12 @@
 //!
 //! actix's HTTP/1 dispatcher copies each body chunk into its connection's write buffer
 //! and keeps that buffer's capacity for the connection's life (up to 128 KiB). A
-//! WebSocket's body is one chunk per burst of messages, and a login answer lists every
-//! participant of the room (OWT's protocol): in a room of 1000, each connection would
-//! keep a buffer the size of that one answer, ~40 KiB on average, for as long as it
-//! lasts. In slices, with the server's write buffer limit at [`WRITE_BUFFER`], the buffer
-//! never grows past the 8 KiB it starts with. The bytes on the wire are the same.
+//! long-polling answer carries what was queued since the last poll, and a login answer
+//! lists every participant of the room (OWT's protocol): in a room of 1000, each polling
+//! client's keep-alive connection would keep a buffer the size of that one answer, ~40 KiB
+//! on average. In slices, with the server's write buffer limit at [`WRITE_BUFFER`], the
+//! buffer never grows past the 8 KiB it starts with. The bytes on the wire are the same.
+//! (Websockets are not served through the dispatcher: see `socketio::ws`.)
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -3,7 +3,9 @@
 //!
 //! - [`engine`]: Engine.IO packet and long-polling payload codec (both versions).
 //! - [`packet`]: Socket.IO packet codec.
-//! - [`SocketIo`]: the transports (long-polling, websocket, upgrade) and sessions.
+//! - [`SocketIo`]: the transports (long-polling, websocket, upgrade) and sessions; a
+//!   websocket is read and written by its session's task on the connection itself
+//!   (`ws`).
 //!
 //! Each session speaks the version of its handshake (`EIO=3` or `EIO=4`). With v4 the
 //! server pings and the client CONNECTs to `/`; with v3 the client pings and the server
@@ -16,6 +18,7 @@ pub mod packet;
 mod server;
 mod session;
 mod socket;
+mod ws;
 
 pub use server::{SocketIo, SocketIoConfig, cors};
-pub use socket::{Incoming, Socket, SocketClosed, SocketHandle};
+pub use socket::{Event, Incoming, Socket, SocketClosed, SocketHandle};

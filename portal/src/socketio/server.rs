@@ -1,4 +1,5 @@
-//! The Engine.IO transports over actix-web: long-polling GET/POST and websocket.
+//! The Engine.IO transports over actix-web: long-polling GET/POST, and websocket on the
+//! connection actix hands over at the upgrade.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -6,21 +7,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use actix_codec::Framed;
+use actix_http::body::BodySize;
+use actix_http::{Request, Response, h1};
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
+use bytes::BytesMut;
+use futures_util::SinkExt as _;
 use futures_util::StreamExt as _;
 use rand::RngCore as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{Eio, OpenInfo, Packet as EPacket};
-use super::session::{Cmd, SessionTask, WsConn, WsIn};
+use super::session::{Cmd, SessionTask};
 use super::socket::{CloseRequest, Control, Socket};
+use super::ws::{Io, WsConn};
 
 /// Capacity of a session's command channel (HTTP requests waiting on the session task).
 const CMD_QUEUE: usize = 16;
-/// Capacity of the channel from a websocket reader to its session task.
-const WS_IN_QUEUE: usize = 16;
 /// Capacity of the stream of newly connected sockets.
 const SOCKETS_QUEUE: usize = 64;
 
@@ -231,6 +236,28 @@ impl std::fmt::Debug for SocketIo {
     }
 }
 
+/// A websocket handshake that passed: the 101 response, and what the connection is for.
+struct Upgrade {
+    response: Response<()>,
+    then: Then,
+}
+
+enum Then {
+    /// A new session on this websocket alone.
+    Open { eio: Eio, pending: Unauthenticated },
+    /// The upgrade of a polling session.
+    Upgrade { entry: Entry },
+}
+
+impl Then {
+    fn eio(&self) -> Eio {
+        match self {
+            Then::Open { eio, .. } => *eio,
+            Then::Upgrade { entry } => entry.eio,
+        }
+    }
+}
+
 /// Clears the "POST in progress" flag of a session when the request ends.
 struct PostingGuard(Arc<AtomicBool>);
 
@@ -249,16 +276,17 @@ impl SocketIo {
         (SocketIo { inner: Arc::new(inner) }, sockets_rx)
     }
 
-    /// Registers the /socket.io/ routes on an actix App (polling GET/POST and websocket).
+    /// Registers the /socket.io/ routes on an actix App: polling GET/POST. Websockets come
+    /// through [`crate::http::serve_socketio`]'s upgrade, to [`SocketIo::on_upgrade`].
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
         for path in ["/socket.io/", "/socket.io"] {
             let (get, post) = (self.clone(), self.clone());
             cfg.service(
                 web::resource(path)
                     .wrap(cors(&self.inner.config.cors_origins))
-                    .route(web::get().to(move |req: HttpRequest, body: web::Payload| {
+                    .route(web::get().to(move |req: HttpRequest| {
                         let io = get.clone();
-                        async move { io.on_get(req, body).await }
+                        async move { io.on_get(req).await }
                     }))
                     .route(web::post().to(move |req: HttpRequest, body: web::Payload| {
                         let io = post.clone();
@@ -295,38 +323,31 @@ impl SocketIo {
         self.inner.sessions().get(sid).cloned()
     }
 
-    async fn on_get(self, req: HttpRequest, body: web::Payload) -> HttpResponse {
+    /// Admits one more session from `addr` while it has not logged in, or refuses it.
+    fn admit(&self, addr: Option<IpAddr>) -> Result<Unauthenticated, HttpError> {
+        self.inner.admission.admit(addr).ok_or_else(|| {
+            tracing::warn!(client = ?addr, "too many connections waiting to log in; handshake refused");
+            HttpError::Forbidden
+        })
+    }
+
+    async fn on_get(self, req: HttpRequest) -> HttpResponse {
         let query = match parse_query(req.query_string()) {
             Ok(q) => q,
             Err(e) => return e.response(),
         };
-        let admit = || {
-            let addr = req.peer_addr().map(|a| a.ip());
-            let admitted = self.inner.admission.admit(addr);
-            if admitted.is_none() {
-                tracing::warn!(client = ?addr, "too many connections waiting to log in; handshake refused");
-            }
-            admitted
-        };
         match (query.transport, query.sid) {
             (Transport::Polling, None) => {
-                let Some(pending) = admit() else { return HttpError::Forbidden.response() };
+                let pending = match self.admit(req.peer_addr().map(|a| a.ip())) {
+                    Ok(pending) => pending,
+                    Err(refused) => return refused.response(),
+                };
                 let open = self.start_session(query.eio, None, pending);
                 HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(query.eio.encode_payload(&[open]))
             }
             (Transport::Polling, Some(sid)) => self.poll(&sid).await,
-            (Transport::WebSocket, None) => {
-                let Some(pending) = admit() else { return HttpError::Forbidden.response() };
-                match actix_ws::handle(&req, body) {
-                    Ok((response, session, stream)) => {
-                        let conn = self.ws_conn(query.eio, session, stream);
-                        self.start_session(query.eio, Some(conn), pending);
-                        super::chunks::sliced(response)
-                    }
-                    Err(_) => HttpError::BadRequest.response(),
-                }
-            }
-            (Transport::WebSocket, Some(sid)) => self.upgrade(&req, body, &sid).await,
+            // A websocket comes with `Connection: Upgrade`, which actix hands to `on_upgrade`.
+            (Transport::WebSocket, _) => HttpError::BadRequest.response(),
         }
     }
 
@@ -369,16 +390,58 @@ impl SocketIo {
         super::chunks::sliced(HttpResponse::Ok().content_type("text/plain; charset=UTF-8").body(payload))
     }
 
-    async fn upgrade(&self, req: &HttpRequest, body: web::Payload, sid: &str) -> HttpResponse {
-        let Some(entry) = self.entry(sid) else { return HttpError::UnknownSid.response() };
-        let Ok((response, session, stream)) = actix_ws::handle(req, body) else {
-            return HttpError::BadRequest.response();
+    /// A request to upgrade its connection, which actix hands over whole: a websocket that
+    /// opens a session, or one that upgrades a polling session (`sid`). Anything else gets
+    /// its HTTP error on the connection, which then closes.
+    pub(crate) async fn on_upgrade<T: Io + 'static>(self, req: Request, mut framed: Framed<T, h1::Codec>) -> Result<(), actix_web::Error> {
+        let answer = match self.upgrade_to(&req).await {
+            Ok(Upgrade { response, then }) => {
+                framed.send((response, BodySize::None).into()).await?;
+                let parts = framed.into_parts();
+                // What the client sent after its request, if anything, without the 8 KiB
+                // buffer actix read it into.
+                let read = BytesMut::from(&parts.read_buf[..]);
+                let conn = WsConn::new(Box::new(parts.io), read, then.eio(), self.inner.config.max_payload);
+                match then {
+                    Then::Open { eio, pending } => {
+                        self.start_session(eio, Some(conn), pending);
+                    }
+                    Then::Upgrade { entry } => {
+                        if let Err(refused) = entry.cmd.send(Cmd::Upgrade(Box::new(conn))).await {
+                            // The session ended meanwhile.
+                            if let Cmd::Upgrade(conn) = refused.0 {
+                                conn.close().await;
+                            }
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Err(response) => response,
         };
-        let conn = self.ws_conn(entry.eio, session, stream);
-        if entry.cmd.send(Cmd::Upgrade(conn)).await.is_err() {
-            return HttpError::UnknownSid.response();
+        let (head, body) = Response::from(answer).into_parts();
+        let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+        framed.send((head, BodySize::Sized(body.len() as u64)).into()).await?;
+        framed.send(h1::Message::Chunk(Some(body))).await?;
+        framed.send(h1::Message::Chunk(None)).await?;
+        Ok(())
+    }
+
+    /// What an upgrade request leads to, or the error it gets.
+    async fn upgrade_to(&self, req: &Request) -> Result<Upgrade, HttpResponse> {
+        if !matches!(req.path(), "/socket.io/" | "/socket.io") {
+            return Err(HttpResponse::NotFound().finish());
         }
-        super::chunks::sliced(response)
+        let query = parse_query(req.uri().query().unwrap_or_default()).map_err(HttpError::response)?;
+        if query.transport != Transport::WebSocket {
+            return Err(HttpError::BadRequest.response());
+        }
+        let then = match query.sid {
+            None => Then::Open { eio: query.eio, pending: self.admit(req.peer_addr().map(|a| a.ip())).map_err(HttpError::response)? },
+            Some(sid) => Then::Upgrade { entry: self.entry(&sid).ok_or_else(|| HttpError::UnknownSid.response())? },
+        };
+        let response = actix_http::ws::handshake(req.head()).map_err(|_| HttpError::BadRequest.response())?.finish().drop_body();
+        Ok(Upgrade { response, then })
     }
 
     async fn on_post(self, req: HttpRequest, mut body: web::Payload) -> HttpResponse {
@@ -419,7 +482,7 @@ impl SocketIo {
             Err(e) => return fail(&entry, &format!("parse error: {e}"), HttpError::BadRequest).await,
         };
         let (tx, rx) = oneshot::channel();
-        if entry.cmd.send(Cmd::Post(packets, tx)).await.is_err() {
+        if entry.cmd.send(Cmd::Post(Box::new((packets, tx)))).await.is_err() {
             return HttpError::UnknownSid.response();
         }
         match rx.await {
@@ -427,45 +490,6 @@ impl SocketIo {
             Ok(Err(e)) => e.response(),
             Err(_) => HttpError::BadRequest.response(),
         }
-    }
-
-    /// Spawns the reader of a websocket; the session task gets the sender and the read channel.
-    fn ws_conn(&self, eio: Eio, session: actix_ws::Session, stream: actix_ws::MessageStream) -> WsConn {
-        let max = self.inner.config.max_payload;
-        let (tx, rx) = mpsc::channel(WS_IN_QUEUE);
-        let mut stream = stream.max_frame_size(max).aggregate_continuations().max_continuation_size(max);
-        let mut pong_session = session.clone();
-        actix_web::rt::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    m = stream.recv() => m,
-                    () = tx.closed() => break,
-                };
-                let item = match msg {
-                    None | Some(Ok(actix_ws::AggregatedMessage::Close(_))) => WsIn::Closed,
-                    Some(Err(actix_ws::ProtocolError::Overflow)) => WsIn::Error("payload too large".to_owned()),
-                    Some(Err(e)) => WsIn::Error(format!("transport error: {e}")),
-                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => match eio.decode_packet(&text) {
-                        Ok(p) => WsIn::Packet(p),
-                        Err(e) => WsIn::Error(format!("parse error: {e}")),
-                    },
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(bytes))) => match eio.decode_binary_frame(&bytes) {
-                        Ok(p) => WsIn::Packet(p),
-                        Err(e) => WsIn::Error(format!("parse error: {e}")),
-                    },
-                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
-                        let _ = pong_session.pong(&bytes).await;
-                        continue;
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => continue,
-                };
-                let last = !matches!(item, WsIn::Packet(_));
-                if tx.send(item).await.is_err() || last {
-                    break;
-                }
-            }
-        });
-        WsConn { session, incoming: rx }
     }
 }
 

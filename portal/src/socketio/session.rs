@@ -1,6 +1,6 @@
-//! One task per Engine.IO session: owns the transport state, the heartbeat and the
-//! Socket.IO layer. HTTP handlers and websocket readers talk to it over channels, so
-//! no lock is ever held across an `.await`.
+//! One task per Engine.IO session: owns the transport state (its websocket itself), the
+//! heartbeat and the Socket.IO layer. HTTP handlers talk to it over a channel, so no lock
+//! is ever held across an `.await`.
 
 use std::collections::VecDeque;
 use std::future::pending;
@@ -13,37 +13,24 @@ use tokio::time::{Instant, sleep_until, timeout};
 use super::engine::{Eio, Packet as EPacket};
 use super::packet::{Packet as SPacket, PacketError, PacketType};
 use super::server::{HttpError, Inner};
-use super::socket::{CloseRequest, Control, Incoming, Socket, SocketHandle};
+use super::socket::{CloseRequest, Control, Event, Incoming, Socket, SocketHandle};
+use super::ws::{WsConn, WsIn};
 
 /// How long the session waits for the application to take the `Closed` notification.
 const CLOSED_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the session waits to write one websocket frame or a close frame.
-const WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What arrives from a websocket (read by a separate reader task).
-#[derive(Debug)]
-pub(crate) enum WsIn {
-    Packet(EPacket),
-    Error(String),
-    Closed,
-}
-
-/// A websocket connection handed to the session task.
-pub(crate) struct WsConn {
-    pub(crate) session: actix_ws::Session,
-    pub(crate) incoming: mpsc::Receiver<WsIn>,
-}
-
 pub(crate) type PollReply = Result<String, HttpError>;
+/// Where a polling POST's outcome goes.
+pub(crate) type PostReply = oneshot::Sender<Result<(), HttpError>>;
 
-/// Requests from the HTTP handlers.
+/// Requests from the HTTP handlers. The larger ones are boxed: a channel's first block
+/// holds 32 of its messages, and every session has this channel for its whole life.
 pub(crate) enum Cmd {
     /// A long-polling GET waiting for packets.
     Poll(oneshot::Sender<PollReply>),
     /// Packets delivered by a polling POST.
-    Post(Vec<EPacket>, oneshot::Sender<Result<(), HttpError>>),
+    Post(Box<(Vec<EPacket>, PostReply)>),
     /// A websocket opened with this sid (upgrade probe).
-    Upgrade(WsConn),
+    Upgrade(Box<WsConn>),
     /// The HTTP layer saw a protocol error: close the session.
     Fail(String),
 }
@@ -75,8 +62,7 @@ pub(crate) struct SessionTask {
     out_rx: mpsc::Receiver<String>,
     /// Packets ready to go out on the transport, in order.
     queue: VecDeque<EPacket>,
-    ws: Option<actix_ws::Session>,
-    ws_in: Option<mpsc::Receiver<WsIn>>,
+    ws: Option<WsConn>,
     poll: Option<oneshot::Sender<PollReply>>,
     probe: Option<WsConn>,
     probe_deadline: Option<Instant>,
@@ -108,10 +94,6 @@ impl SessionTask {
     ) -> SessionTask {
         let now = Instant::now();
         let (out_tx, out_rx) = mpsc::channel(io.config.outgoing_queue.max(1));
-        let (ws, ws_in) = match ws {
-            Some(c) => (Some(c.session), Some(c.incoming)),
-            None => (None, None),
-        };
         // v4: the server pings; v3: the client pings and the server watches for it.
         let (next_ping, pong_deadline) = match eio {
             Eio::V4 => (Some(now + io.config.ping_interval), None),
@@ -129,7 +111,6 @@ impl SessionTask {
             out_rx,
             queue: open.into_iter().collect(),
             ws,
-            ws_in,
             poll: None,
             probe: None,
             probe_deadline: None,
@@ -176,8 +157,8 @@ impl SessionTask {
             biased;
             () = self.control.requested() => Ev::CloseRequested,
             cmd = self.cmd_rx.recv() => Ev::Cmd(cmd),
-            m = recv_ws(self.ws_in.as_mut()) => Ev::Ws(m),
-            m = recv_ws(self.probe.as_mut().map(|p| &mut p.incoming)) => Ev::Probe(m),
+            m = recv_ws(self.ws.as_mut()) => Ev::Ws(m),
+            m = recv_ws(self.probe.as_mut()) => Ev::Probe(m),
             Some(s) = self.out_rx.recv(), if take_out => Ev::Out(s),
             () = poll_gone(&mut self.poll) => Ev::PollGone,
             () = sleep_opt(deadline) => Ev::Timer,
@@ -190,6 +171,10 @@ impl SessionTask {
             Ev::Cmd(None) => Err("server closed".to_owned()),
             Ev::Cmd(Some(cmd)) => self.on_cmd(cmd).await,
             Ev::Ws(WsIn::Packet(p)) => self.on_packet(p).await,
+            Ev::Ws(WsIn::Ping(data)) => match self.ws.as_mut() {
+                Some(ws) => ws.pong(data, self.io.config.ping_timeout).await,
+                None => Ok(()),
+            },
             Ev::Ws(WsIn::Error(e)) => Err(e),
             Ev::Ws(WsIn::Closed) => Err("transport close".to_owned()),
             Ev::Probe(m) => {
@@ -250,7 +235,8 @@ impl SessionTask {
                 }
                 Ok(())
             }
-            Cmd::Post(packets, tx) => {
+            Cmd::Post(post) => {
+                let (packets, tx) = *post;
                 if self.ws.is_some() {
                     let _ = tx.send(Err(HttpError::BadRequest));
                     return Ok(());
@@ -265,9 +251,10 @@ impl SessionTask {
                 Ok(())
             }
             Cmd::Upgrade(conn) => {
+                let conn = *conn;
                 if self.ws.is_some() || self.probe.is_some() || self.closing.is_some() {
                     tracing::debug!(sid = %self.sid, "refusing a second websocket for the session");
-                    close_ws(conn.session).await;
+                    conn.close().await;
                 } else {
                     tracing::debug!(sid = %self.sid, "websocket upgrade probe started");
                     self.probe = Some(conn);
@@ -283,7 +270,7 @@ impl SessionTask {
         match m {
             WsIn::Packet(EPacket::Ping(data)) if data == "probe" && !self.upgrading => {
                 let sent = match self.probe.as_mut() {
-                    Some(p) => send_ws(self.eio, &mut p.session, &EPacket::Pong(data), self.io.config.ping_timeout).await,
+                    Some(p) => p.send(&EPacket::Pong(data), self.io.config.ping_timeout).await,
                     None => Err(String::new()),
                 };
                 if sent.is_err() {
@@ -298,13 +285,19 @@ impl SessionTask {
             WsIn::Packet(EPacket::Upgrade) if self.upgrading => {
                 if let Some(conn) = self.probe.take() {
                     tracing::debug!(sid = %self.sid, "upgraded to websocket");
-                    self.ws = Some(conn.session);
-                    self.ws_in = Some(conn.incoming);
+                    self.ws = Some(conn);
                 }
                 self.probe_deadline = None;
                 self.upgrading = false;
                 if let Some(tx) = self.poll.take() {
                     let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Noop])));
+                }
+            }
+            WsIn::Ping(data) => {
+                if let Some(p) = self.probe.as_mut()
+                    && p.pong(data, self.io.config.ping_timeout).await.is_err()
+                {
+                    self.drop_probe().await;
                 }
             }
             other => {
@@ -318,7 +311,7 @@ impl SessionTask {
         self.upgrading = false;
         self.probe_deadline = None;
         if let Some(conn) = self.probe.take() {
-            close_ws(conn.session).await;
+            conn.close().await;
         }
     }
 
@@ -404,7 +397,7 @@ impl SessionTask {
             PacketType::Connect if self.socket.is_none() && self.closing.is_none() => self.connect().await,
             PacketType::Disconnect if root && self.socket.is_some() => Err("client namespace disconnect".to_owned()),
             PacketType::Event if root => match p.into_event() {
-                Ok((name, args, ack)) => self.deliver(Incoming::Event { name, args, ack }).await,
+                Ok((name, args, ack)) => self.deliver(Incoming::Event(Box::new(Event { name, args, ack }))).await,
                 Err(reason) => self.deliver(Incoming::Invalid { reason }).await,
             },
             PacketType::Ack | PacketType::ConnectError if root => {
@@ -471,7 +464,7 @@ impl SessionTask {
     async fn flush(&mut self) -> Result<(), String> {
         if let Some(ws) = self.ws.as_mut() {
             while let Some(p) = self.queue.pop_front() {
-                send_ws(self.eio, ws, &p, self.io.config.ping_timeout).await?;
+                ws.send(&p, self.io.config.ping_timeout).await?;
             }
         } else if !self.upgrading && !self.queue.is_empty() && self.poll.is_some() {
             if self.closing.is_none() {
@@ -506,11 +499,10 @@ impl SessionTask {
             let _ = tx.send(Ok(self.eio.encode_payload(&[EPacket::Close])));
         }
         if let Some(ws) = self.ws.take() {
-            close_ws(ws).await;
+            ws.close().await;
         }
-        self.ws_in = None;
         if let Some(conn) = self.probe.take() {
-            close_ws(conn.session).await;
+            conn.close().await;
         }
         if let Some(socket) = self.socket.take() {
             let _ = timeout(CLOSED_DELIVERY_TIMEOUT, socket.events.send(Incoming::Closed { reason })).await;
@@ -526,9 +518,9 @@ impl Drop for SessionTask {
     }
 }
 
-async fn recv_ws(rx: Option<&mut mpsc::Receiver<WsIn>>) -> WsIn {
-    match rx {
-        Some(rx) => rx.recv().await.unwrap_or(WsIn::Closed),
+async fn recv_ws(ws: Option<&mut WsConn>) -> WsIn {
+    match ws {
+        Some(ws) => ws.recv().await,
         None => pending().await,
     }
 }
@@ -545,21 +537,4 @@ async fn sleep_opt(deadline: Option<Instant>) {
         Some(d) => sleep_until(d).await,
         None => pending().await,
     }
-}
-
-async fn send_ws(eio: Eio, ws: &mut actix_ws::Session, p: &EPacket, limit: Duration) -> Result<(), String> {
-    tracing::trace!(kind = p.kind(), "engine.io packet out (websocket)");
-    let sent = match p {
-        EPacket::Binary(bytes) => timeout(limit, ws.binary(eio.binary_frame(bytes))).await,
-        other => timeout(limit, ws.text(eio.encode_packet(other))).await,
-    };
-    match sent {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err("transport close".to_owned()),
-        Err(_) => Err("transport error: websocket write timed out".to_owned()),
-    }
-}
-
-async fn close_ws(ws: actix_ws::Session) {
-    let _ = timeout(WS_CLOSE_TIMEOUT, ws.close(Some(actix_ws::CloseCode::Normal.into()))).await;
 }

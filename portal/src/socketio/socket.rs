@@ -22,12 +22,23 @@ pub struct Socket {
 /// What a client sent, or that its transport closed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// An EVENT packet: name is the first array element; args are the rest; ack is Some(id) when the client wants an acknowledgement.
-    Event { name: String, args: Vec<Value>, ack: Option<u64> },
+    /// An EVENT packet (boxed: a socket's channel holds its messages in blocks of 32).
+    Event(Box<Event>),
     /// The client sent a packet that is not a valid event (e.g. first element not a string, binary packet); the socket stays open.
     Invalid { reason: String },
     /// Transport closed (client disconnect, ping timeout, transport error, server close). Last message.
     Closed { reason: String },
+}
+
+/// An EVENT packet from the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The first array element.
+    pub name: String,
+    /// The rest.
+    pub args: Vec<Value>,
+    /// `Some(id)` when the client wants an acknowledgement.
+    pub ack: Option<u64>,
 }
 
 /// Returned when sending on a socket that is closed (or closing).
