@@ -249,7 +249,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Responder {
     }
 
     fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front()
+        crate::stack::next_of(&mut self.read)
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
@@ -261,7 +261,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Responder {
     }
 
     fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front()
+        crate::stack::next_of(&mut self.write)
     }
 
     fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {

@@ -103,7 +103,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SenderReports {
     }
 
     fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front()
+        crate::stack::next_of(&mut self.read)
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
@@ -115,7 +115,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SenderReports {
     }
 
     fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front()
+        crate::stack::next_of(&mut self.write)
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {

@@ -245,6 +245,20 @@ impl Interceptor for SharedStack {
     }
 }
 
+/// The next packet of one of Tessera's interceptors' queues; a drained queue lets its room
+/// go. Such a queue holds packets only during a walk (or from a timer or an arrival to the
+/// next walk), and RTP going out passes it only on the slow path (retransmissions, what
+/// waits behind them), incoming RTP never; kept, its room for four ~220-byte packets
+/// stayed with every connection once any RTCP had passed (~2.7 KB a subscriber with three
+/// such interceptors), where giving it back costs an allocation per walk that uses it.
+pub(crate) fn next_of(queue: &mut VecDeque<TaggedPacket>) -> Option<TaggedPacket> {
+    let next = queue.pop_front();
+    if next.is_none() && queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
+    next
+}
+
 /// Hands everything on the belt to `interceptor`, and puts what it gives out on the belt.
 fn pass(interceptor: &mut dyn Interceptor, belt: &mut VecDeque<TaggedPacket>, way: Way) {
     while let Some(next) = belt.pop_front() {

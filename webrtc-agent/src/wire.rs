@@ -113,7 +113,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read.pop_front()
+        crate::stack::next_of(&mut self.read)
     }
 
     fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
@@ -130,7 +130,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Wire {
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write.pop_front()
+        crate::stack::next_of(&mut self.write)
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {

@@ -428,17 +428,17 @@ const NACK_HISTORY: u16 = 256;
 /// NACKs sent for one lost packet of a publisher (the generator does not see RTX repairs).
 const NACKS_PER_PACKET: u16 = 3;
 
-/// The codecs and header extensions a connection offers and accepts: rtc's defaults, NACK
-/// and PLI feedback on video, the simulcast extensions, and transport-wide congestion
-/// control feedback (what rtc's `configure_twcc_receiver_only` registers; its interceptor
-/// is in each connection's stack).
+/// The codecs and header extensions a connection offers and accepts: rtc's defaults (each
+/// video codec with NACK, PLI, FIR and REMB feedback already), the simulcast extensions,
+/// and transport-wide congestion control feedback (what rtc's `configure_twcc_receiver_only`
+/// registers; its interceptor is in each connection's stack). Every connection holds a
+/// copy: registering NACK and PLI again, as this did until 2026-12-05, only gave them to
+/// the eleven RTX codecs (`register_feedback` adds to every codec of a kind that lacks it),
+/// ~4 KB a connection of feedback nobody sends on a repair flow.
 fn media_engine() -> Result<MediaEngine, AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let mut media = MediaEngine::default();
     media.register_default_codecs().map_err(|e| failed("media engine", e))?;
-    for parameter in ["", "pli"] {
-        media.register_feedback(RTCPFeedback { typ: "nack".into(), parameter: parameter.into() }, RtpCodecKind::Video);
-    }
     configure_simulcast_extension_headers(&mut media).map_err(|e| failed("interceptors", e))?;
     for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
         media.register_feedback(RTCPFeedback { typ: TYPE_RTCP_FB_TRANSPORT_CC.into(), parameter: String::new() }, kind);
@@ -1314,11 +1314,16 @@ mod tests {
 
     /// A publisher's offer as webrtc-rs makes it with every default codec on its m-line.
     fn publisher_offer() -> String {
+        let mut media = MediaEngine::default();
+        media.register_default_codecs().unwrap();
+        offer_with(media)
+    }
+
+    /// A video offer of every codec `media` has.
+    fn offer_with(media: MediaEngine) -> String {
         use rtc::media_stream::MediaStreamTrack;
         use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters};
         use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-        let mut media = MediaEngine::default();
-        media.register_default_codecs().unwrap();
         let mut pc = RTCPeerConnectionBuilder::new().with_media_engine(media).build(Instant::now()).unwrap();
         // No codec named: the m-line offers every codec of the engine, as a browser's does.
         let encoding =
@@ -1327,6 +1332,32 @@ mod tests {
         let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, streams: vec![], send_encodings: vec![] };
         pc.add_transceiver_from_track(track, Some(init)).unwrap();
         pc.create_offer(None).unwrap().sdp
+    }
+
+    /// The connections' codecs: each video codec with NACK, PLI and transport-wide feedback,
+    /// its RTX repair flow without NACK or PLI (nobody asks to repair a repair, and every
+    /// connection keeps a copy of the lot). Read from what an offer of them all lists.
+    #[test]
+    fn video_codecs_have_their_feedback_and_repair_flows_no_nack() {
+        let offer = offer_with(media_engine().unwrap());
+        let feedback = |pt: &str| {
+            offer.lines().filter(|l| l.starts_with(&format!("a=rtcp-fb:{pt} "))).map(|l| l.split_once(' ').unwrap().1.to_owned()).collect::<Vec<_>>()
+        };
+        let (mut primaries, mut repairs) = (0, 0);
+        for line in offer.lines().filter(|l| l.starts_with("a=rtpmap:")) {
+            let pt = line.trim_start_matches("a=rtpmap:").split(' ').next().unwrap();
+            let fb = feedback(pt);
+            if line.contains(" rtx/") {
+                repairs += 1;
+                assert!(!fb.iter().any(|f| f.starts_with("nack")), "{line}: {fb:?}");
+            } else if line.contains("/90000") {
+                primaries += 1;
+                for want in ["nack", "nack pli", "transport-cc"] {
+                    assert!(fb.iter().any(|f| f == want), "{line}: {fb:?}");
+                }
+            }
+        }
+        assert!(primaries >= 10 && repairs >= 10, "{primaries} video codecs, {repairs} repair flows in\n{offer}");
     }
 
     /// The room's `mediaIn` decides what a publication is answered with; an offer without
