@@ -211,15 +211,7 @@ async fn socketio_over_wss(cert: &std::path::Path, portal: &str) -> String {
     use futures_util::{SinkExt, StreamExt};
     use std::sync::Arc;
     use tokio_tungstenite::tungstenite::Message;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&std::fs::read(cert).unwrap()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = common::tls_trusting(cert);
     let at = portal.trim_start_matches("https://").trim_end_matches('/');
     let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();

@@ -884,16 +884,8 @@ async fn turn_over_tls_and_udp_relays_to_the_media_only() {
     let media: std::net::SocketAddr = plain.split("addrs=[").nth(1).and_then(|r| r.split([',', ']']).next()).unwrap().trim().parse().unwrap();
 
     // A TLS client trusting the server's dev certificate.
-    let cert = std::fs::read(dir.path().join("data/dev-tls/cert.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&cert) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cert_at = dir.path().join("data/dev-tls/cert.pem");
+    let tls = common::tls_trusting(&cert_at);
     let tls_conn = || async {
         let tcp = tokio::net::TcpStream::connect(tls_at).await.unwrap();
         let local = tcp.local_addr().unwrap();
@@ -904,7 +896,10 @@ async fn turn_over_tls_and_udp_relays_to_the_media_only() {
     };
 
     common::http();
-    let api = reqwest::Client::builder().tls_certs_merge(reqwest::Certificate::from_pem_bundle(&cert).unwrap()).build().unwrap();
+    let api = reqwest::Client::builder()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&std::fs::read(&cert_at).unwrap()).unwrap())
+        .build()
+        .unwrap();
     let received = || async {
         let text = api.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
         let line = text.lines().find(|l| l.starts_with("tessera_packets_received_total ")).unwrap().to_string();
