@@ -367,3 +367,11 @@ mod tests {
         assert_eq!(fast.slots.len(), 256);
     }
 }
+
+#[cfg(test)]
+impl Responder {
+    /// Packets its queues have room for (a test of `crate::stack::next_of`).
+    pub(crate) fn queued_room(&self) -> usize {
+        self.read.capacity() + self.write.capacity()
+    }
+}

@@ -164,3 +164,11 @@ impl Interceptor for SenderReports {
 
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
+
+#[cfg(test)]
+impl SenderReports {
+    /// Packets its queues have room for (a test of `crate::stack::next_of`).
+    pub(crate) fn queued_room(&self) -> usize {
+        self.read.capacity() + self.write.capacity()
+    }
+}

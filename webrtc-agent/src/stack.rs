@@ -497,6 +497,27 @@ mod tests {
         assert!(s.send_rtp(tagged(rtp(10, 1), now)).is_some());
     }
 
+    /// A walk leaves Tessera's interceptors' queues without room: they hold packets only
+    /// within it (or from a timer to it), and every connection would keep what they grew.
+    #[test]
+    fn drained_queues_keep_no_room() {
+        let (mut s, now) = (new_stack(false), Instant::now());
+        s.bind_local_stream(&stream(10, Some(11)));
+        for seq in 1..=20 {
+            s.handle_write(tagged(rtp(10, seq), now)).unwrap();
+            while s.poll_write().is_some() {}
+        }
+        // A timer's sender report, collected by the next walk.
+        s.handle_timeout(now + std::time::Duration::from_secs(2)).unwrap();
+        let mut reports = 0;
+        while let Some(out) = s.poll_write() {
+            reports += usize::from(matches!(out.message.packet, Packet::Rtcp(_)));
+        }
+        assert!(reports > 0, "the timer made a sender report");
+        let room = [s.wire.queued_room(), s.nack_responder.queued_room(), s.sender_reports.queued_room()];
+        assert_eq!(room, [0, 0, 0], "wire, responder, sender reports");
+    }
+
     /// The same interceptors in rtc's own chain.
     fn chain(estimating: bool) -> impl Interceptor {
         Registry::new()

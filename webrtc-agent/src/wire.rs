@@ -161,3 +161,11 @@ impl Interceptor for Wire {
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
+
+#[cfg(test)]
+impl Wire {
+    /// Packets its queues have room for (a test of `crate::stack::next_of`).
+    pub(crate) fn queued_room(&self) -> usize {
+        self.read.capacity() + self.write.capacity()
+    }
+}

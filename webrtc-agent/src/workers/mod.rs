@@ -431,10 +431,9 @@ const NACKS_PER_PACKET: u16 = 3;
 /// The codecs and header extensions a connection offers and accepts: rtc's defaults (each
 /// video codec with NACK, PLI, FIR and REMB feedback already), the simulcast extensions,
 /// and transport-wide congestion control feedback (what rtc's `configure_twcc_receiver_only`
-/// registers; its interceptor is in each connection's stack). Every connection holds a
-/// copy: registering NACK and PLI again, as this did until 2026-12-05, only gave them to
-/// the eleven RTX codecs (`register_feedback` adds to every codec of a kind that lacks it),
-/// ~4 KB a connection of feedback nobody sends on a repair flow.
+/// registers; its interceptor is in each connection's stack). NACK and PLI are not
+/// registered again: `register_feedback` adds to every codec of a kind that lacks it, so
+/// that only gave them to the eleven RTX codecs, which are never asked to repair.
 fn media_engine() -> Result<MediaEngine, AgentError> {
     let failed = |what: &str, e: rtc::shared::error::Error| AgentError::Failed(format!("{what}: {e}"));
     let mut media = MediaEngine::default();
