@@ -292,6 +292,14 @@ impl Interceptor for Responder {
 }
 
 #[cfg(test)]
+impl Responder {
+    /// Packets its queues have room for (a test of `crate::stack::next_of`).
+    pub(crate) fn queued_room(&self) -> usize {
+        self.read.capacity() + self.write.capacity()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -365,13 +373,5 @@ mod tests {
             fast.add(at(4_000 + u64::from(seq - 61_000) * 100), &packet(seq));
         }
         assert_eq!(fast.slots.len(), 256);
-    }
-}
-
-#[cfg(test)]
-impl Responder {
-    /// Packets its queues have room for (a test of `crate::stack::next_of`).
-    pub(crate) fn queued_room(&self) -> usize {
-        self.read.capacity() + self.write.capacity()
     }
 }
