@@ -171,6 +171,31 @@ async fn raw_protocol_errors() {
     let (status, _) = get(&client, &format!("{base}/socket.io/?EIO=4&transport=websocket")).await;
     assert_eq!(status, 400, "websocket handshake without an upgrade");
 
+    // Requests to upgrade the connection, which the portal answers on the connection itself.
+    let upgrade = |path: &str, key: bool| {
+        let mut request =
+            client.get(format!("{base}{path}")).header("Connection", "Upgrade").header("Upgrade", "websocket").header("Sec-WebSocket-Version", "13");
+        if key {
+            request = request.header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==");
+        }
+        async move {
+            let response = request.send().await.expect("answered");
+            (response.status().as_u16(), response.text().await.unwrap_or_default())
+        }
+    };
+    let engine_error = |body: &str| serde_json::from_str::<Value>(body).ok().and_then(|v| v["code"].as_u64());
+    let (status, body) = upgrade("/socket.io/?EIO=4&transport=websocket&sid=nope", true).await;
+    assert_eq!((status, engine_error(&body)), (400, Some(1)), "unknown sid: {body}");
+    let (status, body) = upgrade("/socket.io/?EIO=5&transport=websocket", true).await;
+    assert_eq!((status, engine_error(&body)), (400, Some(5)), "unsupported version: {body}");
+    let (status, body) = upgrade("/socket.io/?EIO=4&transport=polling", true).await;
+    assert_eq!((status, engine_error(&body)), (400, Some(3)), "polling asks no upgrade: {body}");
+    let (status, body) = upgrade("/socket.io/?EIO=4&transport=websocket", false).await;
+    assert_eq!((status, engine_error(&body)), (400, Some(3)), "no websocket key: {body}");
+    let (status, _) = upgrade("/elsewhere", true).await;
+    assert_eq!(status, 404);
+    assert_eq!(server.io.session_count(), 0, "no refused upgrade left a session");
+
     server.handle.stop(true).await;
 }
 

@@ -236,6 +236,14 @@ impl std::fmt::Debug for SocketIo {
     }
 }
 
+/// Why an upgrade request is refused.
+enum Refused {
+    /// Not the Socket.IO path.
+    NotFound,
+    /// An engine.io error (engine.io answers these the same over any transport).
+    Engine(HttpError),
+}
+
 /// A websocket handshake that passed: the 101 response, and what the connection is for.
 struct Upgrade {
     response: Response<()>,
@@ -394,7 +402,7 @@ impl SocketIo {
     /// opens a session, or one that upgrades a polling session (`sid`). Anything else gets
     /// its HTTP error on the connection, which then closes.
     pub(crate) async fn on_upgrade<T: Io + 'static>(self, req: Request, mut framed: Framed<T, h1::Codec>) -> Result<(), actix_web::Error> {
-        let answer = match self.upgrade_to(&req).await {
+        let answer = match self.upgrade_to(&req) {
             Ok(Upgrade { response, then }) => {
                 framed.send((response, BodySize::None).into()).await?;
                 let parts = framed.into_parts();
@@ -417,7 +425,8 @@ impl SocketIo {
                 }
                 return Ok(());
             }
-            Err(response) => response,
+            Err(Refused::NotFound) => HttpResponse::NotFound().finish(),
+            Err(Refused::Engine(e)) => e.response(),
         };
         let (head, body) = Response::from(answer).into_parts();
         let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
@@ -428,19 +437,19 @@ impl SocketIo {
     }
 
     /// What an upgrade request leads to, or the error it gets.
-    async fn upgrade_to(&self, req: &Request) -> Result<Upgrade, HttpResponse> {
+    fn upgrade_to(&self, req: &Request) -> Result<Upgrade, Refused> {
         if !matches!(req.path(), "/socket.io/" | "/socket.io") {
-            return Err(HttpResponse::NotFound().finish());
+            return Err(Refused::NotFound);
         }
-        let query = parse_query(req.uri().query().unwrap_or_default()).map_err(HttpError::response)?;
+        let query = parse_query(req.uri().query().unwrap_or_default()).map_err(Refused::Engine)?;
         if query.transport != Transport::WebSocket {
-            return Err(HttpError::BadRequest.response());
+            return Err(Refused::Engine(HttpError::BadRequest));
         }
         let then = match query.sid {
-            None => Then::Open { eio: query.eio, pending: self.admit(req.peer_addr().map(|a| a.ip())).map_err(HttpError::response)? },
-            Some(sid) => Then::Upgrade { entry: self.entry(&sid).ok_or_else(|| HttpError::UnknownSid.response())? },
+            None => Then::Open { eio: query.eio, pending: self.admit(req.peer_addr().map(|a| a.ip())).map_err(Refused::Engine)? },
+            Some(sid) => Then::Upgrade { entry: self.entry(&sid).ok_or(Refused::Engine(HttpError::UnknownSid))? },
         };
-        let response = actix_http::ws::handshake(req.head()).map_err(|_| HttpError::BadRequest.response())?.finish().drop_body();
+        let response = actix_http::ws::handshake(req.head()).map_err(|_| Refused::Engine(HttpError::BadRequest))?.finish().drop_body();
         Ok(Upgrade { response, then })
     }
 
