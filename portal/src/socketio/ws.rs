@@ -54,13 +54,16 @@ pub(crate) struct WsConn {
     max: usize,
     /// The client closed, or the connection failed: nothing more is read.
     ended: bool,
+    /// A close frame went out (an answer to the client's): a second one is a protocol
+    /// error to browsers ("Close received after close").
+    close_sent: bool,
 }
 
 impl WsConn {
     /// A websocket on `io`, after the handshake; `read` holds what the client sent after
     /// its request, if anything.
     pub(crate) fn new(io: Box<dyn Io>, read: BytesMut, eio: Eio, max: usize) -> WsConn {
-        WsConn { io, codec: Codec::new().max_size(max), eio, read, partial: None, max, ended: false }
+        WsConn { io, codec: Codec::new().max_size(max), eio, read, partial: None, max, ended: false, close_sent: false }
     }
 
     /// The next Engine.IO packet, ping or end. Cancel-safe: what was read stays buffered.
@@ -178,15 +181,19 @@ impl WsConn {
         self.write(Message::Pong(data), limit).await
     }
 
-    /// Sends a close frame (best effort) and shuts the connection down.
+    /// Sends a close frame unless one went out already (best effort), and shuts the
+    /// connection down.
     pub(crate) async fn close(mut self) {
-        let _ = self.write(Message::Close(Some(CloseCode::Normal.into())), CLOSE_TIMEOUT).await;
+        if !self.close_sent {
+            let _ = self.write(Message::Close(Some(CloseCode::Normal.into())), CLOSE_TIMEOUT).await;
+        }
         let _ = timeout(CLOSE_TIMEOUT, self.io.shutdown()).await;
     }
 
     /// Writes one message from a buffer of its own size. A write that does not finish in
     /// `limit` leaves the stream mid-frame: the caller ends the session then.
     async fn write(&mut self, message: Message, limit: Duration) -> Result<(), String> {
+        self.close_sent |= matches!(message, Message::Close(_));
         let mut frame = BytesMut::new();
         self.codec.encode(message, &mut frame).map_err(|e| format!("transport error: {e}"))?;
         let io = &mut self.io;
@@ -279,6 +286,11 @@ mod tests {
         client.send(Message::Close(Some(CloseCode::Away.into()))).await;
         assert!(matches!(conn.recv().await, WsIn::Closed));
         assert!(matches!(client.frame().await, Frame::Close(Some(r)) if r.code == CloseCode::Away), "the close is answered with its code");
+        // The session then closes its side: no second close frame, only the end.
+        conn.close().await;
+        let mut rest = Vec::new();
+        client.io.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty() && client.read.is_empty(), "nothing after the answered close: {rest:?}");
     }
 
     #[tokio::test]
