@@ -28,6 +28,8 @@ use super::ws::{Io, WsConn};
 const CMD_QUEUE: usize = 16;
 /// Capacity of the stream of newly connected sockets.
 const SOCKETS_QUEUE: usize = 64;
+/// Where Socket.IO is served: polling requests (actix routes) and websocket upgrades alike.
+const PATHS: [&str; 2] = ["/socket.io/", "/socket.io"];
 
 /// Tunables of the Socket.IO server.
 #[derive(Debug, Clone)]
@@ -287,7 +289,7 @@ impl SocketIo {
     /// Registers the /socket.io/ routes on an actix App: polling GET/POST. Websockets come
     /// through [`crate::http::serve_socketio`]'s upgrade, to [`SocketIo::on_upgrade`].
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
-        for path in ["/socket.io/", "/socket.io"] {
+        for path in PATHS {
             let (get, post) = (self.clone(), self.clone());
             cfg.service(
                 web::resource(path)
@@ -438,7 +440,7 @@ impl SocketIo {
 
     /// What an upgrade request leads to, or the error it gets.
     fn upgrade_to(&self, req: &Request) -> Result<Upgrade, Refused> {
-        if !matches!(req.path(), "/socket.io/" | "/socket.io") {
+        if !PATHS.contains(&req.path()) {
             return Err(Refused::NotFound);
         }
         let query = parse_query(req.uri().query().unwrap_or_default()).map_err(Refused::Engine)?;
