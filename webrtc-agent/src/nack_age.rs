@@ -64,10 +64,6 @@ impl SendTimes {
         SendTimes { slots: SeqRing::new(FIRST_SLOTS, SLOTS), lap_began: None }
     }
 
-    fn get(&self, seq: u16) -> Option<&SentAt> {
-        self.slots.get(seq)
-    }
-
     /// Notes a transmission (a retransmission keeps the first's time); a first
     /// transmission that begins a lap quicker than [`NACK_MAX_AGE`] doubles the ring
     /// first (what it holds lies within one lap, so nothing collides).
@@ -165,9 +161,9 @@ impl NackLimit {
             .nacks
             .iter()
             .flat_map(|p| p.packet_list())
-            .filter(|seq| match ring.get(*seq) {
+            .filter(|seq| match ring.slots.get(*seq) {
                 // (A send time after `now` wraps to far past 2³¹: young, as a saturating age would be.)
-                Some(slot) if slot.ms != 0 && slot.seq == *seq => {
+                Some(slot) if slot.seq() == Some(*seq) => {
                     let age = now_ms.wrapping_sub(slot.ms);
                     age <= max_age || age > 0x8000_0000
                 }

@@ -105,10 +105,6 @@ impl History {
         most.is_power_of_two().then(|| History { slots: SeqRing::new(usize::from(first), usize::from(most)), newest: None, lap_began: None })
     }
 
-    fn slot(&mut self, seq: u16) -> Option<&mut Option<Kept>> {
-        self.slots.get_mut(seq)
-    }
-
     /// Doubles the ring if its last lap was quicker than [`REACH`] (what it holds lies
     /// within one lap behind the newest).
     fn lap(&mut self, now: Instant) {
@@ -130,7 +126,7 @@ impl History {
                 }
                 let mut s = newest.wrapping_add(1);
                 while s != seq {
-                    if let Some(slot) = self.slot(s) {
+                    if let Some(slot) = self.slots.get_mut(s) {
                         *slot = None;
                     }
                     s = s.wrapping_add(1);
@@ -143,7 +139,7 @@ impl History {
             Some(_) => {}
             None => self.newest = Some(seq),
         }
-        if let Some(slot) = self.slot(seq) {
+        if let Some(slot) = self.slots.get_mut(seq) {
             *slot = Some(Kept::of(packet));
         }
     }
