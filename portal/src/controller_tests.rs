@@ -14,7 +14,6 @@ use tessera_core::command::{
 use tessera_core::stream::{ForwardInfo, LayoutEntry, MixedInfo, StreamInfo, StreamKind, TrackFormat, TrackInfo, TrackStatus};
 use tessera_core::token::{PortalAddress, TokenAuthority};
 use tessera_core::{Room, RoomStore, StreamId};
-use tokio::sync::mpsc;
 
 use crate::socketio::SocketHandle;
 use crate::socketio::packet::Packet;
@@ -113,7 +112,7 @@ struct Controller {
 struct Client {
     id: String,
     handle: crate::conference::ClientLink,
-    out: mpsc::Receiver<String>,
+    out: crate::socketio::OutRx,
     state: crate::session::State,
     login: Value,
 }
@@ -143,8 +142,8 @@ impl Controller {
     async fn login_unanswered(&self, user: &str, role: &str) -> (Client, Result<Option<Value>, String>) {
         static SOCKET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = format!("sock{}", SOCKET.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let (tx, out) = mpsc::channel(256);
-        let handle = crate::conference::ClientLink::from(SocketHandle::for_test(&id, tx));
+        let (handle, out) = SocketHandle::for_test(&id, usize::MAX);
+        let handle = crate::conference::ClientLink::from(handle);
         let address = PortalAddress { host: "127.0.0.1:8080".into(), secure: false };
         let (token, _) = self.tokens.issue(ROOM, user, role, &address, now_secs(), 60).unwrap();
         let args = [json!({"token": token, "userAgent": {"sdk": {"type": "JavaScript", "version": "5.1"}}, "protocol": "1.2"})];

@@ -694,9 +694,8 @@ mod tests {
     use super::*;
     use crate::conference::SentLog;
 
-    fn fronted() -> (Fronted, tokio::sync::mpsc::Receiver<String>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let handle = SocketHandle::for_test("s1", tx);
+    fn fronted() -> (Fronted, crate::socketio::OutRx) {
+        let (handle, rx) = SocketHandle::for_test("s1", 16);
         (Fronted { handle, room: "r".into(), home: "n1/a".into(), transports: HashSet::new(), delivered: 0, lost: false, held_back: None }, rx)
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -177,7 +178,7 @@ async fn run_inner(portal: Portal, mut socket: Socket) {
     debug!("socket connected");
     loop {
         let event = tokio::select! {
-            ev = socket.events.recv() => ev,
+            ev = socket.events.next() => ev,
             _ = &mut login_deadline, if matches!(state, State::Fresh) => {
                 info!("no login within the login timeout; closing");
                 handle.disconnect();
@@ -773,8 +774,8 @@ mod proptests {
         conf.where_is.clear();
         let presenter = tessera_core::room::Role::defaults().into_iter().find(|r| r.role == "presenter").unwrap();
         let info = ParticipantInfo { id: ME.into(), role: "presenter".into(), user: "alice".into(), permission: permission_of(&presenter) };
-        let (out, _) = tokio::sync::mpsc::channel(1);
-        let mut p = Participant::new(info, SocketHandle::for_test(ME, out).into());
+        let (handle, _) = SocketHandle::for_test(ME, 1);
+        let mut p = Participant::new(info, handle.into());
         p.link = Link::Waiting(Default::default());
         p.transports.insert("t1".into());
         p.sessions.insert("s-fwd".into(), SessionKind::Publication);
@@ -1005,9 +1006,9 @@ mod proptests {
             if MEDIA.contains(&name) {
                 return (portal.media_request(ROOM, ME, name, args).await, false);
             }
-            let (out, _) = tokio::sync::mpsc::channel(64);
             let id = format!("sock{}", SOCKET.fetch_add(1, Ordering::Relaxed));
-            let handle = ClientLink::from(SocketHandle::for_test(&id, out));
+            let (handle, _) = SocketHandle::for_test(&id, 64);
+            let handle = ClientLink::from(handle);
             let mut replay = Vec::new();
             if name == "login" || name == "relogin" {
                 let mut state = State::Fresh;

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tessera_portal::socketio::{Event, Incoming, Socket, SocketIo, SocketIoConfig};
 use tokio::sync::mpsc;
@@ -29,7 +30,7 @@ async fn echo_app(mut sockets: mpsc::Receiver<Socket>) {
     while let Some(mut socket) = sockets.recv().await {
         tokio::spawn(async move {
             let handle = socket.handle.clone();
-            while let Some(ev) = socket.events.recv().await {
+            while let Some(ev) = socket.events.next().await {
                 match ev {
                     Incoming::Event(event) => match *event {
                         Event { name, args, ack } if name == "echo" => {
@@ -300,7 +301,7 @@ async fn slow_client_is_closed_when_its_queue_overflows() {
     assert!(socket.handle.is_closed());
     let ev = tokio::time::timeout(Duration::from_secs(5), socket.events.recv()).await.unwrap().unwrap();
     assert_eq!(ev, Incoming::Closed { reason: "outgoing queue overflow".into() });
-    assert!(socket.events.recv().await.is_none(), "Closed is the last message");
+    assert!(socket.events.next().await.is_none(), "Closed is the last message");
     assert_eq!(io.session_count(), 0);
     handle.stop(true).await;
 }

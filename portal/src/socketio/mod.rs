@@ -21,4 +21,6 @@ mod socket;
 mod ws;
 
 pub use server::{SocketIo, SocketIoConfig, cors};
+#[cfg(test)]
+pub(crate) use socket::OutRx;
 pub use socket::{Event, Incoming, Socket, SocketClosed, SocketHandle};

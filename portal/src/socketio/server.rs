@@ -20,7 +20,7 @@ use rand::RngCore as _;
 use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{Eio, OpenInfo, Packet as EPacket};
-use super::session::{Cmd, SessionTask};
+use super::session::{Cmd, CmdTx, SessionTask};
 use super::socket::{CloseRequest, Control, Socket};
 use super::ws::{Io, WsConn};
 
@@ -138,7 +138,7 @@ pub(crate) fn generate_id() -> String {
 #[derive(Clone)]
 struct Entry {
     eio: Eio,
-    cmd: mpsc::Sender<Cmd>,
+    cmd: CmdTx,
     control: Arc<Control>,
     posting: Arc<AtomicBool>,
 }
@@ -376,7 +376,7 @@ impl SocketIo {
         .packet();
         let control = Arc::new(Control::default());
         control.hold_unauthenticated(pending);
-        let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+        let (cmd_tx, cmd_rx) = futures_channel::mpsc::channel(CMD_QUEUE);
         let entry = Entry { eio, cmd: cmd_tx, control: control.clone(), posting: Arc::new(AtomicBool::new(false)) };
         self.inner.sessions().insert(sid.clone(), entry);
         tracing::debug!(%sid, websocket = ws.is_some(), ?eio, "engine.io session opened");
@@ -389,7 +389,7 @@ impl SocketIo {
     async fn poll(&self, sid: &str) -> HttpResponse {
         let Some(entry) = self.entry(sid) else { return HttpError::UnknownSid.response() };
         let (tx, rx) = oneshot::channel();
-        if entry.cmd.send(Cmd::Poll(tx)).await.is_err() {
+        if send_cmd(&entry.cmd, Cmd::Poll(tx)).await.is_err() {
             return HttpError::UnknownSid.response();
         }
         let payload = match rx.await {
@@ -417,11 +417,9 @@ impl SocketIo {
                         self.start_session(eio, Some(conn), pending);
                     }
                     Then::Upgrade { entry } => {
-                        if let Err(refused) = entry.cmd.send(Cmd::Upgrade(Box::new(conn))).await {
-                            // The session ended meanwhile.
-                            if let Cmd::Upgrade(conn) = refused.0 {
-                                conn.close().await;
-                            }
+                        // Refused: the session ended meanwhile.
+                        if let Err(Cmd::Upgrade(conn)) = send_cmd(&entry.cmd, Cmd::Upgrade(Box::new(conn))).await {
+                            conn.close().await;
                         }
                     }
                 }
@@ -493,7 +491,7 @@ impl SocketIo {
             Err(e) => return fail(&entry, &format!("parse error: {e}"), HttpError::BadRequest).await,
         };
         let (tx, rx) = oneshot::channel();
-        if entry.cmd.send(Cmd::Post(Box::new((packets, tx)))).await.is_err() {
+        if send_cmd(&entry.cmd, Cmd::Post(Box::new((packets, tx)))).await.is_err() {
             return HttpError::UnknownSid.response();
         }
         match rx.await {
@@ -525,8 +523,19 @@ pub fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::
 
 /// Closes the session for a protocol error seen by the HTTP layer and answers with `error`.
 async fn fail(entry: &Entry, reason: &str, error: HttpError) -> HttpResponse {
-    let _ = entry.cmd.send(Cmd::Fail(reason.to_owned())).await;
+    let _ = send_cmd(&entry.cmd, Cmd::Fail(reason.to_owned())).await;
     error.response()
+}
+
+/// Hands a command to a session task, waiting for room in its queue; the command back if
+/// the session has ended.
+async fn send_cmd(tx: &CmdTx, cmd: Cmd) -> Result<(), Cmd> {
+    // futures' `Sender` sends through `&mut`: each call sends on its own clone.
+    let mut tx = tx.clone();
+    if std::future::poll_fn(|cx| tx.poll_ready(cx)).await.is_err() {
+        return Err(cmd);
+    }
+    tx.try_send(cmd).map_err(futures_channel::mpsc::TrySendError::into_inner)
 }
 
 #[cfg(test)]

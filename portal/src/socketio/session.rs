@@ -7,13 +7,14 @@ use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::engine::{Eio, Packet as EPacket};
 use super::packet::{Packet as SPacket, PacketError, PacketType};
 use super::server::{HttpError, Inner};
-use super::socket::{CloseRequest, Control, Event, Incoming, Socket, SocketHandle};
+use super::socket::{CloseRequest, Control, Event, Incoming, OutRx, OutTx, Socket, SocketHandle};
 use super::ws::{WsConn, WsIn};
 
 /// How long the session waits for the application to take the `Closed` notification.
@@ -35,9 +36,14 @@ pub(crate) enum Cmd {
     Fail(String),
 }
 
+/// The HTTP side's end of a session task's command queue.
+pub(crate) type CmdTx = futures_channel::mpsc::Sender<Cmd>;
+/// The session task's end of it.
+pub(crate) type CmdRx = futures_channel::mpsc::Receiver<Cmd>;
+
 struct Connected {
     id: String,
-    events: mpsc::Sender<Incoming>,
+    events: futures_channel::mpsc::Sender<Incoming>,
 }
 
 enum Ev {
@@ -56,15 +62,16 @@ pub(crate) struct SessionTask {
     eio: Eio,
     io: Arc<Inner>,
     control: Arc<Control>,
-    cmd_rx: mpsc::Receiver<Cmd>,
+    cmd_rx: CmdRx,
     /// Kept so that `out_rx` never reports "all senders gone".
-    out_tx: mpsc::Sender<String>,
-    out_rx: mpsc::Receiver<String>,
+    out_tx: OutTx,
+    out_rx: OutRx,
     /// Packets ready to go out on the transport, in order.
     queue: VecDeque<EPacket>,
     ws: Option<WsConn>,
     poll: Option<oneshot::Sender<PollReply>>,
-    probe: Option<WsConn>,
+    /// Boxed: it exists only during an upgrade, and the session holds its slot for life.
+    probe: Option<Box<WsConn>>,
     probe_deadline: Option<Instant>,
     /// The probe answered `3probe`: polling is paused until the client sends `5`.
     upgrading: bool,
@@ -88,12 +95,12 @@ impl SessionTask {
         eio: Eio,
         io: Arc<Inner>,
         control: Arc<Control>,
-        cmd_rx: mpsc::Receiver<Cmd>,
+        cmd_rx: CmdRx,
         ws: Option<WsConn>,
         open: Option<EPacket>,
     ) -> SessionTask {
         let now = Instant::now();
-        let (out_tx, out_rx) = mpsc::channel(io.config.outgoing_queue.max(1));
+        let (out_tx, out_rx) = futures_channel::mpsc::unbounded();
         // v4: the server pings; v3: the client pings and the server watches for it.
         let (next_ping, pong_deadline) = match eio {
             Eio::V4 => (Some(now + io.config.ping_interval), None),
@@ -122,28 +129,38 @@ impl SessionTask {
         }
     }
 
-    pub(crate) async fn run(mut self) {
-        // Socket.IO v2 (over Engine.IO 3): the server connects "/" without waiting for a
-        // CONNECT, right after the open packet.
-        if self.eio == Eio::V3 {
-            let _ = self.connect().await;
+    /// The session's life. The task holds this future while the participant is connected,
+    /// mostly idle in [`SessionTask::next_event`]: what runs between two events (handling
+    /// one, flushing, connecting, closing) is boxed, so that the task keeps only what
+    /// waiting needs. Not an `async fn`: one keeps its by-value `self` twice (the argument,
+    /// and the local it is moved to), where an `async move` block keeps the one it captured.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn run(mut self) -> impl std::future::Future<Output = ()> {
+        async move {
+            // Socket.IO v2 (over Engine.IO 3): the server connects "/" without waiting for a
+            // CONNECT, right after the open packet.
+            if self.eio == Eio::V3 {
+                let _ = Box::pin(self.connect()).await;
+            }
+            let reason = loop {
+                // Flush first: a websocket-only session starts with the open packet queued.
+                if !self.queue.is_empty()
+                    && let Err(reason) = Box::pin(self.flush()).await
+                {
+                    break self.closing.take().map_or(reason, |c| c.0);
+                }
+                if let Some((reason, _)) = &self.closing
+                    && self.queue.is_empty()
+                {
+                    break reason.clone();
+                }
+                let ev = self.next_event().await;
+                if let Err(reason) = Box::pin(self.handle(ev)).await {
+                    break self.closing.take().map_or(reason, |c| c.0);
+                }
+            };
+            Box::pin(self.finish(reason)).await;
         }
-        let reason = loop {
-            // Flush first: a websocket-only session starts with the open packet queued.
-            if let Err(reason) = self.flush().await {
-                break self.closing.take().map_or(reason, |c| c.0);
-            }
-            if let Some((reason, _)) = &self.closing
-                && self.queue.is_empty()
-            {
-                break reason.clone();
-            }
-            let ev = self.next_event().await;
-            if let Err(reason) = self.handle(ev).await {
-                break self.closing.take().map_or(reason, |c| c.0);
-            }
-        };
-        self.finish(reason).await;
     }
 
     async fn next_event(&mut self) -> Ev {
@@ -156,10 +173,16 @@ impl SessionTask {
         tokio::select! {
             biased;
             () = self.control.requested() => Ev::CloseRequested,
-            cmd = self.cmd_rx.recv() => Ev::Cmd(cmd),
+            cmd = self.cmd_rx.next() => Ev::Cmd(cmd),
             m = recv_ws(self.ws.as_mut()) => Ev::Ws(m),
-            m = recv_ws(self.probe.as_mut()) => Ev::Probe(m),
-            Some(s) = self.out_rx.recv(), if take_out => Ev::Out(s),
+            // Boxed for the same reason as `probe`; made only during an upgrade.
+            m = async {
+                match self.probe.as_mut() {
+                    Some(p) => Box::pin(p.recv()).await,
+                    None => pending().await,
+                }
+            } => Ev::Probe(m),
+            Some(s) = self.out_rx.next(), if take_out => Ev::Out(s),
             () = poll_gone(&mut self.poll) => Ev::PollGone,
             () = sleep_opt(deadline) => Ev::Timer,
         }
@@ -182,6 +205,7 @@ impl SessionTask {
                 Ok(())
             }
             Ev::Out(s) => {
+                self.control.took_one();
                 self.queue.push_back(EPacket::Message(s));
                 Ok(())
             }
@@ -195,6 +219,7 @@ impl SessionTask {
             Some(CloseRequest::Disconnect) if self.closing.is_none() => {
                 // Deliver what the application queued before the DISCONNECT.
                 while let Ok(s) = self.out_rx.try_recv() {
+                    self.control.took_one();
                     self.queue.push_back(EPacket::Message(s));
                 }
                 self.queue.push_back(EPacket::Message(SPacket::disconnect("/").encode()));
@@ -207,6 +232,7 @@ impl SessionTask {
                 // What was queued goes out, then the transport closes with no Socket.IO
                 // DISCONNECT: the client takes it for a lost connection and reconnects.
                 while let Ok(s) = self.out_rx.try_recv() {
+                    self.control.took_one();
                     self.queue.push_back(EPacket::Message(s));
                 }
                 self.queue.push_back(EPacket::Close);
@@ -251,7 +277,6 @@ impl SessionTask {
                 Ok(())
             }
             Cmd::Upgrade(conn) => {
-                let conn = *conn;
                 if self.ws.is_some() || self.probe.is_some() || self.closing.is_some() {
                     tracing::debug!(sid = %self.sid, "refusing a second websocket for the session");
                     conn.close().await;
@@ -285,7 +310,7 @@ impl SessionTask {
             WsIn::Packet(EPacket::Upgrade) if self.upgrading => {
                 if let Some(conn) = self.probe.take() {
                     tracing::debug!(sid = %self.sid, "upgraded to websocket");
-                    self.ws = Some(conn);
+                    self.ws = Some(*conn);
                 }
                 self.probe_deadline = None;
                 self.upgrading = false;
@@ -414,8 +439,9 @@ impl SessionTask {
     /// CONNECT to `/`: hands a new [`Socket`] to the application.
     async fn connect(&mut self) -> Result<(), String> {
         let id = super::server::generate_id();
-        let (events_tx, events_rx) = mpsc::channel(self.io.config.incoming_queue.max(1));
-        let handle = SocketHandle::new(id.clone(), self.out_tx.clone(), self.control.clone());
+        // futures' channel holds one more than asked (a slot for its one sender).
+        let (events_tx, events_rx) = futures_channel::mpsc::channel(self.io.config.incoming_queue.saturating_sub(1));
+        let handle = SocketHandle::new(id.clone(), self.out_tx.clone(), self.io.config.outgoing_queue.max(1), self.control.clone());
         let ok = match self.eio {
             // Socket.IO v2 answers (and announces) "/" with a bare `0`.
             Eio::V3 => SPacket::new(PacketType::Connect, "/", None, None),
@@ -452,7 +478,7 @@ impl SessionTask {
 
     /// Passes an event to the application; waits at most `ping_timeout` for queue space.
     async fn deliver(&mut self, ev: Incoming) -> Result<(), String> {
-        let Some(socket) = &self.socket else { return Ok(()) };
+        let Some(socket) = &mut self.socket else { return Ok(()) };
         match timeout(self.io.config.ping_timeout, socket.events.send(ev)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err("socket events receiver dropped".to_owned()),
@@ -469,6 +495,7 @@ impl SessionTask {
         } else if !self.upgrading && !self.queue.is_empty() && self.poll.is_some() {
             if self.closing.is_none() {
                 while let Ok(s) = self.out_rx.try_recv() {
+                    self.control.took_one();
                     self.queue.push_back(EPacket::Message(s));
                 }
             }
@@ -504,7 +531,7 @@ impl SessionTask {
         if let Some(conn) = self.probe.take() {
             conn.close().await;
         }
-        if let Some(socket) = self.socket.take() {
+        if let Some(mut socket) = self.socket.take() {
             let _ = timeout(CLOSED_DELIVERY_TIMEOUT, socket.events.send(Incoming::Closed { reason })).await;
         }
     }

@@ -1,10 +1,23 @@
 //! The application-facing side of a connected Socket.IO socket.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+
+// The three queues of a session (the handles' packets out, the client's events in, the
+// HTTP side's commands) are futures' channels, not tokio's: tokio's allocates a block of
+// 32 slots when made (and keeps a second one once it has carried 32 messages), ~1.3 KB
+// a queue; futures' allocates per message and holds a few dozen bytes when empty. A
+// portal keeps the three for each participant's whole life.
+
+/// Encoded packets from a socket's handles to its session task. The channel is unbounded;
+/// [`Control`] counts what waits in it, and a handle closes a client that lets
+/// `outgoing_queue` packets pile up.
+pub(crate) type OutTx = futures_channel::mpsc::UnboundedSender<String>;
+/// The session task's end of [`OutTx`].
+pub(crate) type OutRx = futures_channel::mpsc::UnboundedReceiver<String>;
 
 use super::packet::Packet;
 
@@ -16,7 +29,7 @@ pub struct Socket {
     /// Everything the client sends; ends with [`Incoming::Closed`].
     ///
     /// Dropping this receiver while the socket is open closes the socket.
-    pub events: mpsc::Receiver<Incoming>,
+    pub events: futures_channel::mpsc::Receiver<Incoming>,
 }
 
 /// What a client sent, or that its transport closed.
@@ -66,6 +79,8 @@ pub(crate) struct Control {
     closed: AtomicBool,
     request: Mutex<Option<CloseRequest>>,
     notify: Notify,
+    /// Packets queued by the handles and not yet taken by the session task.
+    queued: AtomicUsize,
     /// This session's place among the unauthenticated ones, until login or close.
     unauthenticated: Mutex<Option<super::server::Unauthenticated>>,
 }
@@ -78,6 +93,16 @@ impl Control {
             slot.get_or_insert(request);
         }
         self.notify.notify_one();
+    }
+
+    /// Counts a packet a handle queues; false (and not counted) when `limit` wait already.
+    fn queue_one(&self, limit: usize) -> bool {
+        self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).is_ok()
+    }
+
+    /// The session task took a queued packet.
+    pub(crate) fn took_one(&self) {
+        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     pub(crate) fn take_request(&self) -> Option<CloseRequest> {
@@ -113,7 +138,9 @@ impl Control {
 struct HandleInner {
     id: String,
     /// Encoded Socket.IO packets, carried in Engine.IO messages by the session task.
-    out: mpsc::Sender<String>,
+    out: OutTx,
+    /// Most packets waiting in `out` before the client counts as too slow.
+    limit: usize,
     control: Arc<Control>,
 }
 
@@ -124,8 +151,8 @@ pub struct SocketHandle {
 }
 
 impl SocketHandle {
-    pub(crate) fn new(id: String, out: mpsc::Sender<String>, control: Arc<Control>) -> SocketHandle {
-        SocketHandle { inner: Arc::new(HandleInner { id, out, control }) }
+    pub(crate) fn new(id: String, out: OutTx, limit: usize, control: Arc<Control>) -> SocketHandle {
+        SocketHandle { inner: Arc::new(HandleInner { id, out, limit, control }) }
     }
 
     pub fn id(&self) -> &str {
@@ -168,14 +195,15 @@ impl SocketHandle {
         if self.is_closed() {
             return Err(SocketClosed);
         }
-        match self.inner.out.try_send(packet.encode()) {
+        if !self.inner.control.queue_one(self.inner.limit) {
+            tracing::debug!(socket = %self.inner.id, "outgoing queue full, closing slow client");
+            self.inner.control.request_close(CloseRequest::Overflow);
+            return Err(SocketClosed);
+        }
+        match self.inner.out.unbounded_send(packet.encode()) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::debug!(socket = %self.inner.id, "outgoing queue full, closing slow client");
-                self.inner.control.request_close(CloseRequest::Overflow);
-                Err(SocketClosed)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(_) => {
+                // The session task has ended.
                 self.inner.control.mark_closed();
                 Err(SocketClosed)
             }
@@ -185,8 +213,10 @@ impl SocketHandle {
 
 #[cfg(test)]
 impl SocketHandle {
-    /// A handle whose packets go to `out`, for unit tests of the layers above.
-    pub(crate) fn for_test(id: &str, out: mpsc::Sender<String>) -> SocketHandle {
-        SocketHandle::new(id.to_string(), out, Arc::new(Control::default()))
+    /// A handle whose packets (up to `limit` waiting) go to the receiver returned with it,
+    /// for unit tests of the layers above.
+    pub(crate) fn for_test(id: &str, limit: usize) -> (SocketHandle, OutRx) {
+        let (out, rx) = futures_channel::mpsc::unbounded();
+        (SocketHandle::new(id.to_string(), out, limit, Arc::new(Control::default())), rx)
     }
 }

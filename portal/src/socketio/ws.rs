@@ -6,8 +6,9 @@
 //! 8 KiB buffers for the connection's whole life, and `actix-ws` adds a reader task and
 //! two channels in between; a portal holds one websocket per participant, so that was
 //! ~20 KB a participant for a connection that is idle nearly all the time. Here the read
-//! buffer is as large as the last burst needed and shrinks back when it is drained, and a
-//! frame to send is written from a buffer of its own size, dropped once written.
+//! buffer grows for a burst or a large message and shrinks back to a few hundred bytes
+//! when it is drained, and a frame to send is written from a buffer of its own size,
+//! dropped once written.
 
 use std::io;
 use std::time::Duration;
@@ -21,9 +22,12 @@ use tokio::time::timeout;
 use super::engine::{Eio, Packet as EPacket};
 
 /// How much room a read asks for when the buffer has less: an idle connection holds this.
-const READ_ROOM: usize = 1024;
-/// A drained read buffer larger than this (a burst, a large message) is let go.
-const KEEP_AT_MOST: usize = 4096;
+/// Small, as a participant's requests are: a larger message (an SDP offer) has its
+/// frame header read first, and the codec then reserves room for the whole frame.
+const READ_ROOM: usize = 256;
+/// A drained read buffer larger than this (a burst, a large message) is let go: else each
+/// connection would keep what its largest message needed (the offer, ~3 KB), for life.
+const KEEP_AT_MOST: usize = READ_ROOM;
 /// How long a close frame may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -123,7 +127,9 @@ impl WsConn {
             Frame::Close(reason) => {
                 // Answer the close as RFC 6455 asks (with its code), then end.
                 let code = reason.map_or(CloseCode::Normal, |r| r.code);
-                let _ = self.write(Message::Close(Some(code.into())), CLOSE_TIMEOUT).await;
+                // Boxed: a session waits in `recv` nearly all its life, and this write would
+                // make that wait's future as large as a write's.
+                let _ = Box::pin(self.write(Message::Close(Some(code.into())), CLOSE_TIMEOUT)).await;
                 Some(WsIn::Closed)
             }
         }
