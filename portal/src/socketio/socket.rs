@@ -35,7 +35,7 @@ pub struct Socket {
 /// What a client sent, or that its transport closed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// An EVENT packet (boxed: a socket's channel holds its messages in blocks of 32).
+    /// An EVENT packet (boxed: every message in a socket's queue is the size of the largest).
     Event(Box<Event>),
     /// The client sent a packet that is not a valid event (e.g. first element not a string, binary packet); the socket stays open.
     Invalid { reason: String },
@@ -213,8 +213,9 @@ impl SocketHandle {
 
 #[cfg(test)]
 impl SocketHandle {
-    /// A handle whose packets (up to `limit` waiting) go to the receiver returned with it,
-    /// for unit tests of the layers above.
+    /// A handle whose packets go to the receiver returned with it, for unit tests of the
+    /// layers above; a packet beyond `limit` overflows (the receiver does not count what it
+    /// takes, as the session task does).
     pub(crate) fn for_test(id: &str, limit: usize) -> (SocketHandle, OutRx) {
         let (out, rx) = futures_channel::mpsc::unbounded();
         (SocketHandle::new(id.to_string(), out, limit, Arc::new(Control::default())), rx)
