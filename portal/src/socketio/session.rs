@@ -205,8 +205,7 @@ impl SessionTask {
                 Ok(())
             }
             Ev::Out(s) => {
-                self.control.took_one();
-                self.queue.push_back(EPacket::Message(s));
+                self.queue_out(s);
                 Ok(())
             }
             Ev::PollGone => Err("poll connection closed prematurely".to_owned()),
@@ -214,14 +213,25 @@ impl SessionTask {
         }
     }
 
+    /// Queues a packet a handle sent for the transport, counting it off the handles'
+    /// bound (every packet taken from `out_rx` goes through here).
+    fn queue_out(&mut self, s: String) {
+        self.control.took_one();
+        self.queue.push_back(EPacket::Message(s));
+    }
+
+    /// Takes everything the handles have sent so far.
+    fn drain_out(&mut self) {
+        while let Ok(s) = self.out_rx.try_recv() {
+            self.queue_out(s);
+        }
+    }
+
     fn on_close_request(&mut self) -> Result<(), String> {
         match self.control.take_request() {
             Some(CloseRequest::Disconnect) if self.closing.is_none() => {
                 // Deliver what the application queued before the DISCONNECT.
-                while let Ok(s) = self.out_rx.try_recv() {
-                    self.control.took_one();
-                    self.queue.push_back(EPacket::Message(s));
-                }
+                self.drain_out();
                 self.queue.push_back(EPacket::Message(SPacket::disconnect("/").encode()));
                 self.queue.push_back(EPacket::Close);
                 let grace = self.io.config.ping_interval + self.io.config.ping_timeout;
@@ -231,10 +241,7 @@ impl SessionTask {
             Some(CloseRequest::Abandon) if self.closing.is_none() => {
                 // What was queued goes out, then the transport closes with no Socket.IO
                 // DISCONNECT: the client takes it for a lost connection and reconnects.
-                while let Ok(s) = self.out_rx.try_recv() {
-                    self.control.took_one();
-                    self.queue.push_back(EPacket::Message(s));
-                }
+                self.drain_out();
                 self.queue.push_back(EPacket::Close);
                 let grace = self.io.config.ping_interval + self.io.config.ping_timeout;
                 self.closing = Some(("transport dropped for the client to reconnect".to_owned(), Instant::now() + grace));
@@ -494,10 +501,7 @@ impl SessionTask {
             }
         } else if !self.upgrading && !self.queue.is_empty() && self.poll.is_some() {
             if self.closing.is_none() {
-                while let Ok(s) = self.out_rx.try_recv() {
-                    self.control.took_one();
-                    self.queue.push_back(EPacket::Message(s));
-                }
+                self.drain_out();
             }
             // A close packet travels alone: socket.io-client handles the packets of a payload
             // on the next tick, so a DISCONNECT batched with `1` would be reported as
