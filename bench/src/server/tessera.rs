@@ -103,7 +103,7 @@ impl Tessera {
 
     /// A management API POST with the service key; fails on an error status.
     async fn api_post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<reqwest::Response> {
-        let res = self.http.post(format!("{}{path}", self.api)).bearer_auth(KEY).json(body).timeout(Duration::from_secs(10)).send().await?;
+        let res = send_retrying(self.http.post(format!("{}{path}", self.api)).bearer_auth(KEY).json(body).timeout(Duration::from_secs(10))).await?;
         Ok(res.error_for_status()?)
     }
 
@@ -114,7 +114,7 @@ impl Tessera {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let res = req.send().await.with_context(|| format!("{method} {path}"))?;
+        let res = send_retrying(req).await.with_context(|| format!("{method} {path}"))?;
         let status = res.status();
         let text = res.text().await?;
         if !status.is_success() {
@@ -186,5 +186,25 @@ impl Server for Tessera {
             PeerKind::Light { decrypts } => Sub::Light(light::subscribe(&mut sig, &self.client_ip, stream, decrypts).await?),
         };
         Ok((s, Box::new(sig)))
+    }
+}
+
+/// Sends `req`, and once more when it failed before any answer came (not on a timeout).
+/// The API (actix) answers a connection that carried no request for 5 s with a `408` and
+/// closes it (docs/rest-api.md); the HTTP client may have opened one for a request that
+/// another connection then served, keep it idle, and send the next request into the 408
+/// racing in ("received unexpected message from connection") — seen with the server's
+/// core saturated, whose cached clock makes actix's timers fire early.
+async fn send_retrying(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    let again = req.try_clone();
+    match req.send().await {
+        Err(e) if !e.is_timeout() && (e.is_request() || e.is_connect()) => match again {
+            Some(again) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                again.send().await
+            }
+            None => Err(e),
+        },
+        other => other,
     }
 }
