@@ -37,9 +37,8 @@ async fn one_publisher_three_subscribers_mute_unpublish() {
     let (mut psig, pinfo) = s.join(&room, "pub").await;
     let publisher = Arc::new(Publisher::start(&mut psig, common::av(7), None).await.unwrap());
 
-    // Everyone (the publisher too) hears of the stream, the publisher before its `ready`
-    // (which `Publisher::start` waited for): the stream can be subscribed to by then.
-    let add = psig.drain().iter().find(|n| n.event == "stream" && n.data["status"] == "add").cloned().expect("stream add before ready");
+    // Everyone (the publisher too) hears of the stream.
+    let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
     let info = &add.data["data"];
     assert_eq!(info["id"], publisher.stream_id.as_str());
     assert_eq!(info["type"], "forward");

@@ -355,12 +355,9 @@ impl Shared {
         let mut s = self.lock();
         let Some(p) = s.publications.get_mut(stream.id.as_str()) else { return };
         p.ready = true;
-        // Emitted under the lock, so an end of this publication is reported after it. The
-        // room adds the stream before its publisher hears `ready`: a client that passes the
-        // id on at once (to another participant, over REST) finds the stream there.
-        let session = stream.id.as_str().into();
+        // Emitted under the lock, so an end of this publication is reported after it.
+        self.progress(room, participant, transport, Progress::SessionReady { session: stream.id.as_str().into() });
         self.emit(AgentEvent::StreamReady { room: room.into(), stream });
-        self.progress(room, participant, transport, Progress::SessionReady { session });
     }
 
     /// A worker closed a transport: forget its sessions and tell the portal (ended streams,
