@@ -202,12 +202,18 @@ pub enum AgentEvent {
         /// What happened.
         progress: Progress,
     },
-    /// A publication's media flows: it becomes a forward stream of the room.
+    /// A publication's media flows: it becomes a forward stream of the room, and its
+    /// publisher is told `ready` on `transport`. One event, so that the room controller
+    /// has the stream before the publisher hears `ready` (a client may pass the id on at
+    /// once) and still tells it `ready` before everyone `stream add`, OWT's order (its
+    /// samples read the publication, set when publish resolves, in `streamadded`).
     StreamReady {
         /// Room id.
         room: RoomId,
         /// The stream.
         stream: StreamInfo,
+        /// The publication's transport.
+        transport: TransportId,
     },
     /// A publication ended on the agent's side (peer gone, transport failed).
     StreamEnded {
@@ -431,8 +437,8 @@ pub(crate) mod tests {
                 transport: "t".into(),
                 progress: Progress::SessionReady { session: "s".into() },
             },
-            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::forward() },
-            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::mixed() },
+            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::forward(), transport: "t".into() },
+            AgentEvent::StreamReady { room: "r".into(), stream: crate::stream::tests::mixed(), transport: "t".into() },
             AgentEvent::StreamEnded { room: "r".into(), stream: "s".into(), reason: "gone".into() },
             AgentEvent::SubscriptionEnded {
                 room: "r".into(),

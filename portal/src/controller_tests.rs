@@ -183,7 +183,8 @@ impl Controller {
             tracks: vec![track(MediaKind::Audio), track(MediaKind::Video)],
             data: false,
         };
-        self.event(AgentEvent::StreamReady { room: ROOM.into(), stream }).await;
+        // OWT 1.2: a publication without a named transport has one named after it.
+        self.event(AgentEvent::StreamReady { room: ROOM.into(), stream, transport: publication.into() }).await;
     }
 
     /// Hands the portal one event from the node and lets the work it starts finish.
@@ -388,8 +389,17 @@ async fn a_ready_publication_becomes_a_stream_everyone_sees_and_is_mixed() {
     assert_eq!(spec.tracks.len(), 2);
     assert!(stream_events(&received(&mut bob)).is_empty(), "not a stream before media flows");
 
+    received(&mut alice);
     c.stream_ready(&alice, &id).await;
+    // The publisher hears `ready` on its transport, then `stream add` like everyone (OWT's
+    // order); the room had the stream by then (one event from the node does both).
+    let theirs: Vec<(String, Value)> =
+        received(&mut alice).into_iter().filter(|(n, d)| n == "progress" || (n == "stream" && d["status"] == "add")).collect();
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    assert_eq!(theirs[0], ("progress".to_string(), json!({"id": id, "sessionId": id, "status": "ready"})));
+    assert_eq!((theirs[1].1["status"].as_str(), theirs[1].1["id"].as_str()), (Some("add"), Some(id.as_str())));
     let events = received(&mut bob);
+    assert!(!events.iter().any(|(n, _)| n == "progress"), "only the publisher is told ready: {events:?}");
     let added: Vec<_> = stream_events(&events).into_iter().filter(|e| e["status"] == "add").collect();
     assert_eq!(added.len(), 1, "{events:?}");
     assert_eq!(added[0]["status"], "add");

@@ -518,7 +518,7 @@ impl Portal {
                     self.reapply_held(room.as_str(), participant.as_str(), session.as_str());
                 }
             }
-            AgentEvent::StreamReady { room, mut stream } => {
+            AgentEvent::StreamReady { room, mut stream, transport } => {
                 let (room, id) = (room.to_string(), stream.id.to_string());
                 let Some(owner) = stream.owner().map(ToString::to_string) else { return };
                 let notify = self.inner.store.get(&room).map(|r| r.notifying.stream_change).unwrap_or(true);
@@ -559,6 +559,9 @@ impl Portal {
                 r.streams.push(stream);
                 info!(%room, stream = %id, owner = %owner, "stream added");
                 let published = Hook::StreamPublished { room: room.clone(), stream: id.clone(), kind: "forward".into(), owner: Some(owner.clone()) };
+                // The publisher first (OWT's order), with the stream already in the room.
+                let ready = Progress::SessionReady { session: id.as_str().into() };
+                conf.notify(&room, &owner, "progress", crate::wire::progress_json(&transport, &ready));
                 if notify {
                     conf.broadcast(&room, None, "stream", &json!({"id": id, "status": "add", "data": data}));
                 }

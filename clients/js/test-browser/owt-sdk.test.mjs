@@ -88,7 +88,10 @@ async function appPage(name) {
       const client = new window.Owt.Conference.ConferenceClient();
       for (const type of ['streamadded', 'participantjoined', 'messagereceived', 'serverdisconnected']) {
         client.addEventListener(type, (e) => {
-          window.events.push({ type, stream: e.stream && e.stream.id, from: e.origin, message: e.message, participant: e.participant && e.participant.userId });
+          // `published`: what OWT's basic sample reads in its `streamadded` handler
+          // (`event.stream.id != publicationGlobal.id`, the publication set when publish()
+          // resolved): a publisher told of its own stream first would throw there.
+          window.events.push({ type, stream: e.stream && e.stream.id, from: e.origin, message: e.message, participant: e.participant && e.participant.userId, published: window.publication ? window.publication.id : null });
           if (e.stream) e.stream.addEventListener('ended', () => window.events.push({ type: 'ended', stream: e.stream.id }));
           if (e.participant) e.participant.addEventListener('left', () => window.events.push({ type: 'left', participant: e.participant.userId }));
         });
@@ -160,6 +163,11 @@ async function publisherAndViewer(t, suffix, { options, role } = {}) {
 
 test('OWT SDK: join, publish, subscribe forward and mixed, mute, text, unpublish, leave', { skip }, async (t) => {
   const { alice, bob, joined } = await publisherAndViewer(t, '', { role: 'viewer' });
+  // Alice's publish() resolved (the server's `ready`) before she heard `stream add` of her
+  // own stream, as with OWT's server.
+  await event(alice.page, `(e) => e.type === 'streamadded' && e.stream === ${JSON.stringify(alice.id)}`, 'alice told of her own stream');
+  const own = await alice.page.evaluate((id) => window.events.find((e) => e.type === 'streamadded' && e.stream === id), alice.id);
+  assert.equal(own.published, alice.id, 'publish() had resolved when the stream was added');
   assert.equal(joined.self, 'bob');
   assert.equal(joined.role, 'viewer');
   assert.ok(joined.streams.some((s) => s.id === alice.id && s.video === 'camera' && s.audio === 'mic'), JSON.stringify(joined.streams));

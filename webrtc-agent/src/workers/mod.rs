@@ -349,15 +349,15 @@ impl Shared {
         }
     }
 
-    /// A publication's media all flow: tell its publisher and the room, unless it ended
-    /// meanwhile (an `unpublish` the worker has not applied yet must not resurrect it).
-    pub(crate) fn publication_ready(&self, room: &str, participant: &str, transport: &str, stream: StreamInfo) {
+    /// A publication's media all flow: tell the room (which tells its publisher `ready`),
+    /// unless it ended meanwhile (an `unpublish` the worker has not applied yet must not
+    /// resurrect it).
+    pub(crate) fn publication_ready(&self, room: &str, transport: &str, stream: StreamInfo) {
         let mut s = self.lock();
         let Some(p) = s.publications.get_mut(stream.id.as_str()) else { return };
         p.ready = true;
         // Emitted under the lock, so an end of this publication is reported after it.
-        self.progress(room, participant, transport, Progress::SessionReady { session: stream.id.as_str().into() });
-        self.emit(AgentEvent::StreamReady { room: room.into(), stream });
+        self.emit(AgentEvent::StreamReady { room: room.into(), stream, transport: transport.into() });
     }
 
     /// A worker closed a transport: forget its sessions and tell the portal (ended streams,

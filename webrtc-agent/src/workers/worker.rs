@@ -2322,9 +2322,9 @@ impl Worker {
             return;
         }
         s.ready = true;
-        let (room, participant, transport) = (p.room.clone(), p.participant.clone(), p.transport.clone());
+        let (room, transport) = (p.room.clone(), p.transport.clone());
         if let Some((_, info)) = self.stream_info(id, publication) {
-            self.shared.publication_ready(&room, &participant, &transport, info);
+            self.shared.publication_ready(&room, &transport, info);
         }
     }
 
