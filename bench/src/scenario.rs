@@ -245,6 +245,15 @@ async fn subscribe_timed<S: Server>(server: &S, user: &str, stream: &str, peer: 
     Ok((s, keep, first))
 }
 
+/// Empties the subscribers' packet logs (keeping their room for what comes next).
+fn forget_received<'a>(subs: impl Iterator<Item = &'a Sub>) {
+    for s in subs {
+        if let Ok(mut r) = s.received().lock() {
+            r.clear();
+        }
+    }
+}
+
 fn logs(subs: &[(Subscriber, Keep)]) -> Vec<Vec<Received>> {
     subs.iter().map(|(s, _)| s.received.lock().map(|r| r.clone()).unwrap_or_default()).collect()
 }
@@ -319,9 +328,15 @@ pub async fn sfu<S: Server>(server: &S, load: Load, shape: Shape, seconds: u64) 
             first_frames.extend(first);
             subs.push((*tag, s, keep));
         }
+        // Only the window is measured, and each first frame is timed already: the packets
+        // before are let go as the joins go on. (Kept, the first subscribers of a ramp's
+        // step of thousands held every packet of the minutes the joins took — gigabytes,
+        // and a load generator busy growing and copying them.)
+        forget_received(subs.iter().map(|(_, s, _)| s));
     }
     // Let the last joins' handshakes and keyframe requests settle before measuring.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    forget_received(subs.iter().map(|(_, s, _)| s));
     let counts = |pubs: &[(Arc<Publisher>, Keep)]| pubs.iter().map(|(p, _)| p.sent_counts()).collect::<Vec<_>>();
     let before = counts(&pubs);
     let measured = measure(&server.pids(), seconds).await;

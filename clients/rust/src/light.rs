@@ -226,51 +226,59 @@ fn is_rtp(d: &[u8]) -> bool {
 /// Receives one datagram: its length, its sender, and when it arrived (the kernel's
 /// receive time where the socket records it, else now).
 async fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Instant)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
-    use std::os::fd::AsRawFd;
     loop {
         socket.readable().await?;
-        let got = socket.try_io(tokio::io::Interest::READABLE, || {
-            let mut iov = [std::io::IoSliceMut::new(buf)];
-            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-            let msg =
-                recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
-            let stamp = msg.cmsgs().ok().and_then(|mut c| {
-                c.find_map(|m| match m {
-                    ControlMessageOwned::ScmTimestampns(t) => {
-                        Some(Duration::new(u64::try_from(t.tv_sec()).unwrap_or(0), u32::try_from(t.tv_nsec()).unwrap_or(0)))
-                    }
-                    _ => None,
-                })
-            });
-            let from = msg.address.as_ref().and_then(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                    .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))))
-            });
-            Ok((msg.bytes, from, stamp))
-        });
-        match got {
-            Ok((n, Some(from), stamp)) => {
-                let now = Instant::now();
-                // The kernel stamps with the wall clock: how long ago that was, on the monotonic one.
-                let ago = stamp.and_then(|s| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(s));
-                return Ok((n, from, ago.and_then(|a| now.checked_sub(a)).unwrap_or(now)));
-            }
-            Ok((_, None, _)) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        if let Some(got) = try_recv(socket, buf)? {
+            return Ok(got);
         }
+    }
+}
+
+/// [`recv`] without waiting: `None` when nothing is queued (or a datagram came without a
+/// sender address, which is skipped).
+fn try_recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr, Instant)>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let got = socket.try_io(tokio::io::Interest::READABLE, || {
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let msg = recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
+        let stamp = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::ScmTimestampns(t) => {
+                    Some(Duration::new(u64::try_from(t.tv_sec()).unwrap_or(0), u32::try_from(t.tv_nsec()).unwrap_or(0)))
+                }
+                _ => None,
+            })
+        });
+        let from = msg.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))))
+        });
+        Ok((msg.bytes, from, stamp))
+    });
+    match got {
+        Ok((n, Some(from), stamp)) => {
+            let now = Instant::now();
+            // The kernel stamps with the wall clock: how long ago that was, on the monotonic one.
+            let ago = stamp.and_then(|s| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(s));
+            Ok(Some((n, from, ago.and_then(|a| now.checked_sub(a)).unwrap_or(now))))
+        }
+        Ok((_, None, _)) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
 async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mutex<Vec<Received>>>, mut stop: oneshot::Receiver<()>) {
     let mut buf = vec![0u8; 2048];
-    let record = |r: Received| {
-        if let Ok(mut l) = log.lock() {
-            l.push(r);
-        }
-    };
+    // One timer for the peer's life, moved when the connection's deadline moves: a fresh
+    // one per datagram cost a load generator of thousands of peers a timer-wheel insert
+    // and removal per packet.
+    let mut deadline = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
     loop {
         while let Some(out) = peer.pc.poll_write() {
             let _ = peer.socket.send_to(&out.message, out.transport.peer_addr).await;
@@ -280,32 +288,35 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
             if let RTCMessage::RtpPacket(_, p) = m.message {
                 let kind = kinds.get(&p.header.payload_type).copied().unwrap_or("video");
                 let size = p.header.marshal_size() + p.payload.len();
-                record(Received { kind, header: p.header, payload: p.payload, arrived_us: now_us(), size });
+                record(&log, Received { kind, header: p.header, payload: p.payload, arrived_us: now_us(), size });
             }
         }
-        let deadline = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let next = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        if next != deadline {
+            deadline = next;
+            sleep.as_mut().reset(deadline.into());
+        }
         tokio::select! {
             _ = &mut stop => break,
-            () = tokio::time::sleep_until(deadline.into()) => {
+            () = &mut sleep => {
                 let _ = peer.pc.handle_timeout(Instant::now());
+                // Until the connection names its next deadline (above), not again at once.
+                deadline = Instant::now() + Duration::from_secs(1);
+                sleep.as_mut().reset(deadline.into());
             }
             r = recv(&peer.socket, &mut buf) => {
-                let Ok((n, from, arrived)) = r else { break };
-                let Some(d) = buf.get(..n) else { continue };
-                if !peer.decrypts && is_rtp(d) {
-                    let mut b = d;
-                    if let Ok(header) = rtp::Header::unmarshal(&mut b) {
-                        let kind = kinds.get(&header.payload_type).copied().unwrap_or("video");
-                        record(Received { kind, header, payload: Bytes::new(), arrived_us: now_us(), size: n.saturating_sub(SRTP_TAG) });
+                let Ok(mut got) = r else { break };
+                // What else is queued on the socket, up to a batch, before the next turn.
+                for _ in 0..RECV_BATCH {
+                    let (n, from, arrived) = got;
+                    if let Some(d) = buf.get(..n) {
+                        take(&mut peer, &kinds, &log, d, from, arrived);
                     }
-                    continue;
+                    match try_recv(&peer.socket, &mut buf) {
+                        Ok(Some(more)) => got = more,
+                        _ => break,
+                    }
                 }
-                let msg = TaggedBytesMut {
-                    now: arrived,
-                    transport: TransportContext { local_addr: peer.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
-                    message: BytesMut::from(d),
-                };
-                let _ = peer.pc.handle_read(msg);
             }
         }
     }
@@ -313,6 +324,34 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
     while let Some(out) = peer.pc.poll_write() {
         let _ = peer.socket.send_to(&out.message, out.transport.peer_addr).await;
     }
+}
+
+/// Datagrams a peer reads from its socket in one turn at most.
+const RECV_BATCH: usize = 32;
+
+fn record(log: &Mutex<Vec<Received>>, r: Received) {
+    if let Ok(mut l) = log.lock() {
+        l.push(r);
+    }
+}
+
+/// One datagram: a media packet read in clear by a peer that does not decrypt, anything
+/// else to the connection.
+fn take(peer: &mut LightPeer, kinds: &HashMap<u8, &'static str>, log: &Mutex<Vec<Received>>, d: &[u8], from: SocketAddr, arrived: Instant) {
+    if !peer.decrypts && is_rtp(d) {
+        let mut b = d;
+        if let Ok(header) = rtp::Header::unmarshal(&mut b) {
+            let kind = kinds.get(&header.payload_type).copied().unwrap_or("video");
+            record(log, Received { kind, header, payload: Bytes::new(), arrived_us: now_us(), size: d.len().saturating_sub(SRTP_TAG) });
+        }
+        return;
+    }
+    let msg = TaggedBytesMut {
+        now: arrived,
+        transport: TransportContext { local_addr: peer.local, peer_addr: from, ecn: None, transport_protocol: TransportProtocol::UDP },
+        message: BytesMut::from(d),
+    };
+    let _ = peer.pc.handle_read(msg);
 }
 
 #[cfg(test)]
