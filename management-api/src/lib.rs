@@ -88,7 +88,9 @@ pub fn serve(listener: std::net::TcpListener, tls: Option<rustls::ServerConfig>,
             .wrap(actix_web::middleware::NormalizePath::trim())
             .configure(configure(state.clone()))
     })
-    .workers(2);
+    .workers(2)
+    // An answer is written as it is ready, not held for the client's delayed ACK.
+    .tcp_nodelay(true);
     let server = match tls {
         Some(tls) => server.listen_rustls_0_23(listener, tls)?,
         None => server.listen(listener)?,

@@ -56,6 +56,10 @@ where
                 // With the socket.io bodies' slices (see `socketio::chunks`): polling
                 // connections' buffers stay small.
                 .h1_write_buffer_size(crate::socketio::chunks::WRITE_BUFFER)
+                // Signaling is small messages back to back (an answer, then a notification):
+                // with Nagle's algorithm the second waits for the client's delayed ACK, 40 ms
+                // on Linux (Node, which OWT's portal ran on, turns it off too).
+                .tcp_nodelay(true)
                 .upgrade(upgrade)
                 .finish(app)
         }};
