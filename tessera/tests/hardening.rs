@@ -337,3 +337,23 @@ async fn small_rest_gaps() {
         assert!(res["error"]["message"].as_str().unwrap().contains(&format!("unknown field `{field}`")), "{res}");
     }
 }
+
+/// A participant kept only to stay in the room (a load generator's thousands) reads none of
+/// the notifications it is sent: with them discarded, its connection goes on answering
+/// past the client's 4096-notification queue (kept, the reader stopped there: requests
+/// unanswered, pings too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_discards_notifications_stays_responsive() {
+    let (_dir, s) = common::start_with_config("[portal]\nmax_requests_per_sec = 5000\n");
+    let room = s.new_room(json!({"views": []})).await;
+    let (mut quiet, _) = s.join(&room, "quiet").await;
+    let (mut talker, _) = s.join(&room, "talker").await;
+    quiet.discard_notifications();
+    talker.discard_notifications();
+    for i in 0..4200 {
+        talker.ok("text", Some(json!({"to": "all", "message": format!("m{i}")}))).await.unwrap();
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(5), quiet.ok("text", Some(json!({"to": "all", "message": "still here"})))).await;
+    assert!(matches!(answered, Ok(Ok(_))), "the quiet participant's request went unanswered: {answered:?}");
+    assert!(quiet.wait_for("anything", Duration::from_millis(100), |_| true).await.is_err(), "notifications are discarded");
+}

@@ -177,6 +177,7 @@ impl Server for Tessera {
         let mut sig = self.join(user).await?;
         let opts = PublishOptions { audio: true, video: true, data: false, tag, h264: false };
         let p = Publisher::start(&mut sig, opts, Some(self.connection().await?)).await?;
+        sig.discard_notifications();
         Ok((Arc::new(p), Box::new(sig)))
     }
     async fn subscribe(&self, user: &str, stream: &str, peer: PeerKind) -> anyhow::Result<(Sub, Keep)> {
@@ -185,6 +186,8 @@ impl Server for Tessera {
             PeerKind::Full => Sub::Full(Subscriber::start_on(&mut sig, self.connection().await?, stream, true, true, false).await?),
             PeerKind::Light { decrypts } => Sub::Light(light::subscribe(&mut sig, &self.client_ip, stream, decrypts).await?),
         };
+        // Kept only to stay in the room: the others' joins it is told of are not read.
+        sig.discard_notifications();
         Ok((s, Box::new(sig)))
     }
 }

@@ -36,6 +36,8 @@ pub struct Signaling {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// A second descriptor of the TCP socket, so [`Signaling::kill`] can reset it.
     socket: Option<std::net::TcpStream>,
+    /// Ends the task [`Signaling::discard_notifications`] started when this is dropped.
+    discarding: Option<oneshot::Sender<()>>,
 }
 
 impl Signaling {
@@ -91,7 +93,16 @@ impl Signaling {
             // Connection gone: fail every waiting request.
             pend.lock().map(|mut p| p.clear()).ok();
         });
-        Ok(Signaling { out: out_tx, pending, next_id: 0, notifications: note_rx, backlog: Vec::new(), tasks: vec![writer, reader], socket })
+        Ok(Signaling {
+            out: out_tx,
+            pending,
+            next_id: 0,
+            notifications: note_rx,
+            backlog: Vec::new(),
+            tasks: vec![writer, reader],
+            socket,
+            discarding: None,
+        })
     }
 
     /// Sends a request and waits for its ack arguments (e.g. `["ok", data]`).
@@ -137,6 +148,29 @@ impl Signaling {
             }
             self.backlog.push(n);
         }
+    }
+
+    /// Drops every notification from now on (and the backlog), for a participant kept only
+    /// to stay in the room. Unread, they fill the queue (4096), whose reader then stops —
+    /// pings unanswered, the server's queue to it growing — and a load generator's
+    /// thousands of participants each held megabytes of others' joins. Waiting for a
+    /// notification afterwards fails as on a closed connection; dropping the `Signaling`
+    /// still ends the connection.
+    pub fn discard_notifications(&mut self) {
+        let (closed_tx, closed) = mpsc::channel(1);
+        drop(closed_tx);
+        let mut incoming = std::mem::replace(&mut self.notifications, closed);
+        self.backlog.clear();
+        let (stop_tx, mut stop) = oneshot::channel::<()>();
+        self.discarding = Some(stop_tx);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    n = incoming.recv() => if n.is_none() { break },
+                    _ = &mut stop => break,
+                }
+            }
+        });
     }
 
     /// Moves every notification received so far into the backlog and returns it.
