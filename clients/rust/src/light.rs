@@ -276,7 +276,7 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
     // One timer for the peer's life, moved when the connection's deadline moves: a fresh
     // one per datagram cost a load generator of thousands of peers a timer-wheel insert
     // and removal per packet.
-    let mut deadline = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+    let mut deadline = Instant::now();
     let sleep = tokio::time::sleep_until(deadline.into());
     tokio::pin!(sleep);
     loop {
@@ -292,7 +292,9 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
             }
         }
         let next = peer.pc.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-        if next != deadline {
+        // One that fired is armed again even for the same instant: a completed timer would
+        // be ready at every turn.
+        if next != deadline || sleep.is_elapsed() {
             deadline = next;
             sleep.as_mut().reset(deadline.into());
         }
@@ -300,9 +302,6 @@ async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mut
             _ = &mut stop => break,
             () = &mut sleep => {
                 let _ = peer.pc.handle_timeout(Instant::now());
-                // Until the connection names its next deadline (above), not again at once.
-                deadline = Instant::now() + Duration::from_secs(1);
-                sleep.as_mut().reset(deadline.into());
             }
             r = recv(&peer.socket, &mut buf) => {
                 let Ok(mut got) = r else { break };
