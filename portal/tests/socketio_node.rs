@@ -181,6 +181,9 @@ async fn raw_protocol_errors() {
         }
         async move {
             let response = request.send().await.expect("answered");
+            // A refusal ends the connection, and says so: a client must not pool it.
+            let connection = response.headers().get("connection").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            assert_eq!(connection, "close", "a refused upgrade's connection header");
             (response.status().as_u16(), response.text().await.unwrap_or_default())
         }
     };

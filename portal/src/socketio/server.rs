@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use actix_codec::Framed;
 use actix_http::body::BodySize;
-use actix_http::{Request, Response, h1};
+use actix_http::{ConnectionType, Request, Response, h1};
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
@@ -428,7 +428,11 @@ impl SocketIo {
             Err(Refused::NotFound) => HttpResponse::NotFound().finish(),
             Err(Refused::Engine(e)) => e.response(),
         };
-        let (head, body) = Response::from(answer).into_parts();
+        let (mut head, body) = Response::from(answer).into_parts();
+        // The connection is this handler's and ends with it: say so, or the codec answers
+        // `connection: upgrade` (the request's type) and the client pools a connection that
+        // is about to close, and its next request on it fails with a reset.
+        head.head_mut().set_connection_type(ConnectionType::Close);
         let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
         framed.send((head, BodySize::Sized(body.len() as u64)).into()).await?;
         framed.send(h1::Message::Chunk(Some(body))).await?;
