@@ -72,6 +72,12 @@ pub enum LayerChoice {
         /// Height in pixels.
         height: u32,
     },
+    /// The flowing layer whose measured bit rate is nearest this share of the highest
+    /// flowing layer's (OWT's `"bitrate": "x0.6"` subscription parameter).
+    Bitrate {
+        /// The share, in thousandths (600 for `"x0.6"`).
+        permille: u32,
+    },
     /// The lowest flowing layer that fills a region of this size unenlarged, fitted with
     /// its aspect ratio kept (its width or its height reaches the region's; the highest
     /// flowing one when none does): what a mixer's region needs, decoding no more.

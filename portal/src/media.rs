@@ -69,16 +69,38 @@ fn requested_resolution(parameters: Option<&Value>, at: &str) -> Result<Option<(
     }
 }
 
+/// A subscription's `parameters.bitrate`: OWT's multiplier of the stream's bit rate
+/// (`"x0.6"`), as thousandths; above 1 is the whole stream (the SFU does not transcode up).
+fn requested_bitrate(parameters: Option<&Value>, at: &str) -> Result<Option<u32>, String> {
+    let Some(b) = parameters.filter(|p| !p.is_null()).and_then(|p| p.get("bitrate")).filter(|b| !b.is_null()) else { return Ok(None) };
+    let share = b.as_str().and_then(|s| s.strip_prefix('x')).and_then(|f| f.parse::<f64>().ok()).filter(|f| f.is_finite() && *f > 0.0);
+    match share {
+        // At least one thousandth: "x0.0001" is a share, not nothing.
+        Some(f) => Ok(Some((f.min(1.0) * 1000.0).round().max(1.0) as u32)),
+        None => Err(format!("{at}.parameters.bitrate must be a multiplier of the stream's bit rate, such as \"x0.6\"")),
+    }
+}
+
+/// What a subscriber asks of a video's picture: a resolution, a bit rate multiplier.
+type Wanted = (Option<(u32, u32)>, Option<u32>);
+
+/// Reads a track's `parameters` (resolution and bitrate).
+fn wanted(parameters: Option<&Value>, at: &str) -> Result<Wanted, String> {
+    Ok((requested_resolution(parameters, at)?, requested_bitrate(parameters, at)?))
+}
+
 /// The layer a subscriber asks for: a RID (by track id), else the layer nearest a
-/// resolution, else the server's pick; only a simulcast video has layers.
-fn layer_choice(stream: &StreamInfo, kind: MediaKind, rid: Option<String>, resolution: Option<(u32, u32)>) -> LayerChoice {
+/// resolution, else the one nearest a bit rate, else the server's pick; only a simulcast
+/// video has layers (on others, the SFU does not transcode: parameters change nothing).
+fn layer_choice(stream: &StreamInfo, kind: MediaKind, rid: Option<String>, (resolution, bitrate): Wanted) -> LayerChoice {
     if kind != MediaKind::Video || !stream.tracks.iter().any(|t| t.rid.is_some()) {
         return LayerChoice::Auto;
     }
-    match (rid, resolution) {
-        (Some(rid), _) => LayerChoice::Rid(rid),
-        (None, Some((width, height))) => LayerChoice::Resolution { width, height },
-        (None, None) => LayerChoice::Auto,
+    match (rid, resolution, bitrate) {
+        (Some(rid), _, _) => LayerChoice::Rid(rid),
+        (None, Some((width, height)), _) => LayerChoice::Resolution { width, height },
+        (None, None, Some(permille)) => LayerChoice::Bitrate { permille },
+        (None, None, None) => LayerChoice::Auto,
     }
 }
 
@@ -214,8 +236,8 @@ impl Portal {
                 let kind = kind_of(t, &at)?;
                 let mid = t.get("mid").and_then(Value::as_str).ok_or(format!("{at}.mid must be a string"))?;
                 let from = t.get("from").and_then(Value::as_str).ok_or(format!("{at}.from must be a stream id"))?;
-                let resolution = requested_resolution(t.get("parameters"), &at)?;
-                asked.push((kind, mid.to_string(), from.to_string(), resolution));
+                let wanted = wanted(t.get("parameters"), &at)?;
+                asked.push((kind, mid.to_string(), from.to_string(), wanted));
             }
         }
         let mut tracks = Vec::new();
@@ -232,14 +254,14 @@ impl Portal {
         let transport = {
             let mut conf = self.lock();
             let r = conf.rooms.get_mut(room).ok_or("Illegal request")?;
-            for (kind, mid, from, resolution) in asked {
+            for (kind, mid, from, wanted) in asked {
                 let Some((stream, rid)) = resolve_from(&r.streams, &from) else {
                     return Err(format!("Stream does NOT exist: {from}"));
                 };
                 if !stream.has(kind) || (rid.is_some() && kind != MediaKind::Video) {
                     return Err(format!("Stream {} has no {} track {from}", stream.id, kind.as_str()));
                 }
-                let layer = layer_choice(stream, kind, rid, resolution);
+                let layer = layer_choice(stream, kind, rid, wanted);
                 tracks.push(SubscribeTrack { kind, mid, from: stream.id.clone(), layer });
             }
             if let Some(from) = &data_from
@@ -437,7 +459,7 @@ impl Portal {
                     None => return Err(format!("Stream does NOT exist: {from}")),
                 },
             };
-            let resolution = requested_resolution(video.get("parameters"), REQUEST)?;
+            let (resolution, bitrate) = wanted(video.get("parameters"), REQUEST)?;
             let layered = stream.tracks.iter().any(|t| t.rid.is_some());
             if !layered && (rid.is_some() || resolution.is_some()) {
                 return Err(format!("{REQUEST}: stream {current} has no simulcast layers to choose from (the SFU does not transcode)"));
@@ -445,12 +467,12 @@ impl Portal {
             if !layered {
                 return Ok(None);
             }
-            // Other parameters alone (frame rate, bitrate, keyframe interval: not transcoded)
-            // leave the layer as it is.
-            if video.get("from").is_none() && resolution.is_none() {
+            // Other parameters alone (frame rate, keyframe interval: not transcoded) leave
+            // the layer as it is.
+            if video.get("from").is_none() && resolution.is_none() && bitrate.is_none() {
                 return Ok(None);
             }
-            layer_choice(stream, MediaKind::Video, rid, resolution)
+            layer_choice(stream, MediaKind::Video, rid, (resolution, bitrate))
         };
         let agent = self.agent(room, "subscription-control")?;
         let command = SelectLayer { room: room.into(), participant: participant.into(), session: id.into(), layer: choice };

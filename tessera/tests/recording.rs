@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gstreamer as gst;
-use gstreamer::prelude::*;
 use serde_json::{Value, json};
 use tessera_client::media::live_source;
 use tessera_client::peer::{PublishOptions, Publisher, Subscriber};
@@ -52,48 +50,9 @@ async fn api(s: &common::Server, method: reqwest::Method, path: &str, body: Opti
     s.api(method, path, body).await
 }
 
-/// What a real demuxer and decoder find in a file.
-#[derive(Debug)]
-struct FileCheck {
-    video_frames: usize,
-    audio_buffers: usize,
-    last_video_pts: Duration,
-}
-
-fn decode_file(path: &Path) -> FileCheck {
-    gst::init().unwrap();
-    let desc = format!(
-        "filesrc location=\"{}\" ! decodebin name=d d. ! queue ! videoconvert ! appsink name=v sync=false d. ! queue ! audioconvert ! appsink name=a sync=false",
-        path.display()
-    );
-    let p = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
-    let v = p.by_name("v").unwrap().downcast::<gstreamer_app::AppSink>().unwrap();
-    let a = p.by_name("a").unwrap().downcast::<gstreamer_app::AppSink>().unwrap();
-    p.set_state(gst::State::Playing).unwrap();
-    let (mut frames, mut audio, mut last) = (0, 0, Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (mut v_done, mut a_done) = (false, false);
-    while !(v_done && a_done) && Instant::now() < deadline {
-        if !v_done {
-            match v.try_pull_sample(gst::ClockTime::from_mseconds(20)) {
-                Some(s) => {
-                    frames += 1;
-                    if let Some(pts) = s.buffer().and_then(|b| b.pts()) {
-                        last = Duration::from_nanos(pts.nseconds());
-                    }
-                }
-                None => v_done = v.is_eos(),
-            }
-        }
-        if !a_done {
-            match a.try_pull_sample(gst::ClockTime::from_mseconds(20)) {
-                Some(_) => audio += 1,
-                None => a_done = a.is_eos(),
-            }
-        }
-    }
-    p.set_state(gst::State::Null).unwrap();
-    FileCheck { video_frames: frames, audio_buffers: audio, last_video_pts: last }
+/// What a real demuxer and decoder find in a file (video and audio).
+fn decode_file(path: &Path) -> common::files::Decoded {
+    common::files::decode_file(path, true)
 }
 
 /// `gst-discoverer-1.0` output for a file.
@@ -199,7 +158,7 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     let secs = discovered_seconds(&report);
     assert!((secs - wall).abs() / wall < 0.10, "duration {secs:.2}s vs wall {wall:.2}s");
     let check = decode_file(&fwd_file);
-    assert!(check.video_frames as f64 > wall * 15.0 * 0.7, "{check:?} over {wall:.1}s at 15 fps");
+    assert!(check.video.len() as f64 > wall * 15.0 * 0.7, "{check:?} over {wall:.1}s at 15 fps");
     assert!(check.audio_buffers > 50, "{check:?}");
 
     // Download over the API.
@@ -237,7 +196,7 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
         assert!(Instant::now() < deadline, "not stopped: {r}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(decode_file(&rec2_file).video_frames > 15);
+    assert!(decode_file(&rec2_file).video.len() > 15);
 
     let (status, done) = api(&s, reqwest::Method::DELETE, &format!("/v1/rooms/{room}/recordings/{mixed_id}"), None).await;
     assert_eq!(status, 200);
@@ -245,7 +204,7 @@ async fn record_forward_and_mixed_streams_stop_by_delete_and_by_source_end() {
     let report = discover(&mixed_file);
     assert!(report.contains("matroska") || report.contains("Matroska"), "{report}");
     let check = decode_file(&mixed_file);
-    assert!(check.video_frames > 50, "mixed recording: {check:?}");
+    assert!(check.video.len() > 50, "mixed recording: {check:?}");
     assert!(check.audio_buffers > 50, "mixed recording: {check:?}");
 }
 
@@ -271,7 +230,7 @@ async fn sigterm_finalises_and_sigkill_keeps_a_readable_file() {
     assert!(s.terminate(), "clean exit on SIGTERM");
     let secs = discovered_seconds(&discover(&file));
     assert!(secs > 0.0 && (secs - wall).abs() / wall < 0.15, "finalised duration {secs:.2}s vs {wall:.2}s");
-    assert!(decode_file(&file).video_frames > 20);
+    assert!(decode_file(&file).video.len() > 20);
     drop(s);
 
     // SIGKILL: no chance to finalise, but what was written stays readable.
@@ -291,7 +250,7 @@ async fn sigterm_finalises_and_sigkill_keeps_a_readable_file() {
     let _ = std::process::Command::new("kill").arg("-KILL").arg(s.child.id().to_string()).status();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let check = decode_file(&file);
-    assert!(check.video_frames > 20, "killed recording still decodes: {check:?}");
+    assert!(check.video.len() > 20, "killed recording still decodes: {check:?}");
     assert!(check.last_video_pts > Duration::from_secs(1), "{check:?}");
 }
 
@@ -379,5 +338,5 @@ async fn sigterm_drains_the_running_sessions_then_stops_and_finalises() {
     assert!(stopped_after >= Duration::from_secs(4), "stopped after {stopped_after:?}, before the drain timeout");
     let secs = discovered_seconds(&discover(&file));
     assert!(secs > 4.0, "finalised recording of {secs:.2} s");
-    assert!(decode_file(&file).video_frames > 60);
+    assert!(decode_file(&file).video.len() > 60);
 }

@@ -934,28 +934,6 @@ async fn turn_over_tls_and_udp_relays_to_the_media_only() {
     assert!(allocate(udp, udp_at, &user, "d3JvbmcgcGFzc3dvcmQ=").await.is_err(), "a wrong credential got a relay over UDP");
 }
 
-/// The picture size of every frame a real demuxer and decoder find in a recording.
-fn recorded_sizes(path: &std::path::Path) -> Vec<(i32, i32)> {
-    use gstreamer as gst;
-    use gstreamer::prelude::*;
-    gst::init().unwrap();
-    let desc = format!("filesrc location=\"{}\" ! decodebin ! videoconvert ! appsink name=v sync=false", path.display());
-    let p = gst::parse::launch(&desc).unwrap().downcast::<gst::Pipeline>().unwrap();
-    let v = p.by_name("v").unwrap().downcast::<gstreamer_app::AppSink>().unwrap();
-    p.set_state(gst::State::Playing).unwrap();
-    let mut sizes = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.is_eos() && Instant::now() < deadline {
-        if let Some(s) = v.try_pull_sample(gst::ClockTime::from_mseconds(50))
-            && let Some(st) = s.caps().and_then(|c| c.structure(0))
-        {
-            sizes.push((st.get::<i32>("width").unwrap_or(0), st.get::<i32>("height").unwrap_or(0)));
-        }
-    }
-    p.set_state(gst::State::Null).unwrap();
-    sizes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
@@ -1025,6 +1003,24 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     assert!(r[1].as_str().unwrap().contains("cannot change the source stream"), "{r:?}");
     let r = ssig.request("subscription-control", Some(update(&q.id, json!({"parameters": {"resolution": {"width": "big"}}})))).await.unwrap();
     assert_eq!(r[0], "error", "{r:?}");
+    // A re-offer that renames a flowing publication's layer is refused (its subscribers
+    // are on those layers), and the layers flow on as before.
+    let renamed = p.offer.replace("a=rid:f send", "a=rid:x send").replace("a=simulcast:send q;h;f", "a=simulcast:send q;h;x");
+    assert!(renamed.contains("a=rid:x send") && renamed.contains("a=simulcast:send q;h;x"), "{}", p.offer);
+    let transport = p.conn.transport.clone().unwrap();
+    let r = psig.request("soac", Some(json!({"id": transport, "signaling": {"type": "offer", "sdp": renamed}}))).await.unwrap();
+    assert_eq!(r[0], "error", "{r:?}");
+    let refusal = r[1].as_str().unwrap_or_default();
+    assert!(refusal.contains("cannot change") && refusal.contains("RIDs [q,h,f], offered [q,h,x]"), "{r:?}");
+    let r = ssig.request("subscription-control", Some(update(&q.id, json!({"parameters": {"bitrate": "fast"}})))).await.unwrap();
+    assert!(r[0] == "error" && r[1].as_str().unwrap_or_default().contains("parameters.bitrate must be a multiplier"), "{r:?}");
+    // By bit rate, OWT's multiplier of the top layer's: the least share is the lowest layer.
+    let by_rate = Subscriber::start_video(&mut ssig, &p.stream_id, json!({"parameters": {"bitrate": "x0.001"}})).await.unwrap();
+    let (q_before, auto_before) = (q.packets("video").len(), auto.packets("video").len());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(q.packets("video").len() > q_before + 5 && auto.packets("video").len() > auto_before + 5, "video stopped after the refused re-offer");
+    assert_eq!(runs(&check_layered_video(&q, 0)), [Q], "q after the refused re-offer");
+    assert_eq!(runs(&check_layered_video(&auto, 0)), [F], "auto after the refused re-offer");
 
     // q moves up to f, h down to q by resolution: each at a keyframe of its new layer.
     ssig.ok("subscription-control", Some(update(&q.id, json!({"from": layer("f")})))).await.unwrap();
@@ -1034,6 +1030,9 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     println!("switched up in {up:?}, down in {down:?}");
     assert_eq!(runs(&check_layered_video(&q, 1)), [Q, F]);
     assert_eq!(runs(&check_layered_video(&h, 1)), [H, Q]);
+    ssig.ok("subscription-control", Some(update(&by_rate.id, json!({"parameters": {"bitrate": "x1.0"}})))).await.unwrap();
+    wait_for_picture(&by_rate, F, Duration::from_secs(3)).await;
+    assert_eq!(runs(&check_layered_video(&by_rate, 1)), [Q, F], "by bit rate: x0.001, then x1.0");
 
     // The top layer stops (as a browser's does when its uplink shrinks): its subscribers
     // move to the next layer down, and back up when it returns.
@@ -1052,7 +1051,7 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     println!("moved off the stopped layer in {moved:?}, back in {back:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(s.api(reqwest::Method::DELETE, &format!("{recordings}/{rec_id}"), None).await.0, 200);
-    let sizes = recorded_sizes(std::path::Path::new(&rec_file));
+    let sizes = common::files::decode_file(std::path::Path::new(&rec_file), false).sizes();
     assert!(sizes.len() > 40, "{} frames recorded", sizes.len());
     assert_eq!(runs(&sizes), [(320, 240), (640, 480)], "the recording's picture sizes, in order");
     assert_eq!(runs(&check_layered_video(&auto, 2)), [F, H, F]);

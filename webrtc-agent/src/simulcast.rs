@@ -427,7 +427,7 @@ impl LayerBoard {
     pub fn count_choice(&self, choice: &LayerChoice, on: bool) {
         let cell = match choice {
             LayerChoice::Rid(rid) => self.index_of_rid(rid).and_then(|i| self.want.get(i)).unwrap_or(&self.wide),
-            LayerChoice::Auto | LayerChoice::Resolution { .. } | LayerChoice::Fill { .. } => &self.wide,
+            LayerChoice::Auto | LayerChoice::Resolution { .. } | LayerChoice::Bitrate { .. } | LayerChoice::Fill { .. } => &self.wide,
         };
         if on {
             cell.fetch_add(1, Ordering::Relaxed);
@@ -548,6 +548,13 @@ impl LayerBoard {
                     live.iter().filter_map(|&i| self.size(i).map(|(w, h)| (i, (i64::from(w) * i64::from(h) - want).abs()))).collect();
                 // Ties go to the lower layer (ranked first).
                 sized.iter().min_by_key(|(_, d)| *d).map(|(i, _)| *i).or(live.last().copied())
+            }
+            LayerChoice::Bitrate { permille } => {
+                let top = live.last().map_or(0, |&i| u64::from(self.bitrate(i)));
+                let want = top * u64::from(*permille) / 1000;
+                // Layers not measured yet are left out; ties go to the lower layer.
+                let measured = live.iter().filter(|&&i| self.bitrate(i) > 0).map(|&i| (i, u64::from(self.bitrate(i)).abs_diff(want)));
+                measured.min_by_key(|(_, d)| *d).map(|(i, _)| i).or(live.last().copied())
             }
             // Not shown: the lowest, whether sizes are known or not.
             LayerChoice::Fill { width: 0, .. } | LayerChoice::Fill { height: 0, .. } => live.first().copied(),
@@ -1093,6 +1100,13 @@ mod tests {
         assert_eq!(b.choose(&LayerChoice::Fill { width: 800, height: 480 }), Some(0));
         assert_eq!(b.choose(&LayerChoice::Fill { width: 1920, height: 1080 }), Some(0));
         assert_eq!(b.choose(&LayerChoice::Fill { width: 0, height: 0 }), Some(2));
+        // OWT's bitrate multipliers, of f's 2 Mbit/s: x0.8 (1.6) is nearest f, x0.6, x0.4
+        // and x0.2 (0.4: 0.2 from h, 0.25 from q) h, x0.05 q; with f stopped, of h's.
+        let by_share = |permille| b.choose(&LayerChoice::Bitrate { permille });
+        assert_eq!([800, 600, 400, 200, 50, 1000].map(by_share), [Some(0), Some(1), Some(1), Some(1), Some(2), Some(0)]);
+        b.set_live_mask(0b110);
+        assert_eq!([1000, 500, 250].map(by_share), [Some(1), Some(2), Some(2)], "of h's 600 kbit/s");
+        b.set_live_mask(0b111);
         // h stops: a subscriber that wanted it goes down to q; with q stopped too, up to f.
         b.set_live_mask(0b101);
         assert_eq!(b.choose(&LayerChoice::Rid("h".into())), Some(2));

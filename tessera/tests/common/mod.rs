@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub mod bridge;
+pub mod files;
 pub mod layers;
 pub mod mix;
 

@@ -1713,6 +1713,24 @@ impl Worker {
         crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
         let order = crate::sdp::mid_order(&sdp);
         let simulcast = crate::sdp::simulcast_rids(&sdp);
+        // A flowing video's layers are fixed by the offer that started it (its subscribers,
+        // the mixer and recordings are on them): an offer that renames, adds or drops them
+        // is refused, and the publication goes on as it was.
+        let rids_of = |list: &[(String, Vec<String>)], mid: &str| list.iter().find(|(m, _)| m == mid).map(|(_, r)| r.clone()).unwrap_or_default();
+        for publication in p.publications.iter().filter(|s| s.flowing.iter().any(|(k, _)| *k == MediaKind::Video)) {
+            for t in publication.announced.iter().filter(|t| t.kind == MediaKind::Video) {
+                let (was, now) = (rids_of(&p.simulcast, &t.mid), rids_of(&simulcast, &t.mid));
+                if order.contains(&t.mid) && was != now {
+                    return Err(AgentError::Rejected(format!(
+                        "the simulcast layers of publication {} cannot change once it flows (m-line {}: RIDs [{}], offered [{}])",
+                        publication.id,
+                        t.mid,
+                        was.join(","),
+                        now.join(",")
+                    )));
+                }
+            }
+        }
         let pending = std::mem::take(&mut p.pending);
         // The codec each new subscription's m-line will carry (kept once the offer applies).
         let mut sending = Vec::new();
