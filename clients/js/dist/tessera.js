@@ -3558,7 +3558,61 @@ var Subscription = class extends Session {
     await this._client._request(this._control, { id: this.id, operation: "update", data: { video: { from } } });
     this.layer = name;
   }
+  /** The simulcast layer arriving now (on 'auto', the server's pick): the layer of
+   * `remoteStream.layers` nearest the size of the pictures being decoded, as
+   * `{rid, id, width, height, name}` with `name` 'low', 'medium' or 'high'; null before the
+   * first picture, or when the stream has no layers or their sizes are not known yet. */
+  async currentLayer() {
+    const layers = this._remote.layers.filter((l) => l.width && l.height);
+    if (!layers.length) return null;
+    let size = null;
+    (await this._pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video" && s.frameWidth) size = s.frameWidth * s.frameHeight;
+    });
+    if (size === null) return null;
+    let at = 0;
+    layers.forEach((l, i) => {
+      if (Math.abs(l.width * l.height - size) < Math.abs(layers[at].width * layers[at].height - size)) at = i;
+    });
+    return { ...layers[at], name: layerName(at, layers.length) };
+  }
+  /** Stops this subscription's video while `element` (where it plays) is off screen or the
+   * page is hidden, and resumes it when it shows again: the server sends nothing meanwhile
+   * (no bandwidth, no decoding) and starts again on a keyframe. Returns a function that
+   * stops watching (and resumes the video). Do not also `mute('video')` by hand meanwhile. */
+  pauseWhenHidden(element) {
+    let onScreen = true;
+    let paused = false;
+    const apply = () => {
+      const hide = this._watching && (!onScreen || document.visibilityState === "hidden");
+      if (hide === paused || this._done) return;
+      paused = hide;
+      (hide ? this.mute("video") : this.unmute("video")).catch(() => {
+      });
+    };
+    const observer = new IntersectionObserver((entries) => {
+      onScreen = entries[entries.length - 1].isIntersecting;
+      apply();
+    });
+    const unwatch = () => {
+      observer.disconnect();
+      document.removeEventListener("visibilitychange", apply);
+    };
+    this._watching = true;
+    observer.observe(element);
+    document.addEventListener("visibilitychange", apply);
+    this.addEventListener("ended", unwatch, { once: true });
+    return () => {
+      this._watching = false;
+      unwatch();
+      apply();
+    };
+  }
 };
+function layerName(index, count) {
+  if (index === count - 1) return "high";
+  return index === 0 ? "low" : "medium";
+}
 function deadline(what, ms = 1e4) {
   return new Promise((_, reject) => setTimeout(() => reject(new ConferenceError(`No ${what} from the server`, "timeout")), ms));
 }
@@ -3881,6 +3935,7 @@ export {
   Subscription,
   decodeBase64Json,
   errorCode,
+  layerName,
   pickLayer,
   portalUrl,
   refreshDelay

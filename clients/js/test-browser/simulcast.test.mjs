@@ -1,6 +1,7 @@
 // Simulcast from a real browser: the JS client publishes Chromium's fake camera at
 // 1280x720 as three layers (`simulcast: true`); another client subscribes to the low
-// layer, then switches to high and medium, and the picture size it decodes follows. And
+// layer, then switches to high and medium, and the picture size it decodes follows (and
+// `currentLayer()` names it); off screen (`pauseWhenHidden`) its video stops. And
 // in a room with no views (nothing mixes), layers nobody takes stop being encoded and sent
 // by the browser until someone wants them. And two subscribers on `auto`, one of them
 // behind a throttled link (tc on what the server sends to its port): it moves to a lower
@@ -77,15 +78,40 @@ test('a simulcast publication plays in the layer the subscriber chooses', async 
       }
       return { width: last, after: Math.round(performance.now() - start) };
     };
+    const current = async () => (await subscription.currentLayer())?.name;
     const low = await settle(320, 10000);
+    low.current = await current();
     await subscription.setLayer('high');
     const high = await settle(1280, 15000);
+    high.current = await current();
     await subscription.setLayer('medium');
     const medium = await settle(640, 10000);
+    medium.current = await current();
+    const sleep = (ms) => new Promise((res) => setTimeout(res, ms));
     const frames0 = video.getVideoPlaybackQuality().totalVideoFrames;
-    await new Promise((res) => setTimeout(res, 1000));
+    await sleep(1000);
     const frames = video.getVideoPlaybackQuality().totalVideoFrames - frames0;
-    return { layers: stream.layers.map((l) => l.rid), ids: stream.layers.map((l) => l.id), id: stream.id, low, high, medium, frames, layer: subscription.layer };
+    // Off screen: the video stops coming (no bytes); back on screen, it plays again.
+    const bytes = async () => {
+      let n = 0;
+      (await subscription._pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.bytesReceived; });
+      return n;
+    };
+    const stopWatching = subscription.pauseWhenHidden(video);
+    video.style.position = 'absolute';
+    video.style.top = '10000px';
+    await sleep(1500);
+    const hiddenFrom = await bytes();
+    await sleep(1000);
+    const hiddenBytes = (await bytes()) - hiddenFrom;
+    video.style.top = '0px';
+    const shownAt = performance.now();
+    const shownFrames = video.getVideoPlaybackQuality().totalVideoFrames;
+    while (video.getVideoPlaybackQuality().totalVideoFrames < shownFrames + 5 && performance.now() - shownAt < 5000) await sleep(100);
+    const backAfter = Math.round(performance.now() - shownAt);
+    const framesBack = video.getVideoPlaybackQuality().totalVideoFrames - shownFrames;
+    stopWatching();
+    return { layers: stream.layers.map((l) => l.rid), ids: stream.layers.map((l) => l.id), id: stream.id, low, high, medium, frames, layer: subscription.layer, hiddenBytes, backAfter, framesBack };
   });
   console.log(`simulcast in Chromium: ${JSON.stringify(r)}`);
   assert.ok(!r.error, JSON.stringify(r));
@@ -95,7 +121,11 @@ test('a simulcast publication plays in the layer the subscriber chooses', async 
   assert.equal(r.high.width, 1280, JSON.stringify(r));
   assert.equal(r.medium.width, 640, JSON.stringify(r));
   assert.equal(r.layer, 'medium');
+  assert.deepEqual([r.low.current, r.high.current, r.medium.current], ['low', 'high', 'medium'], 'currentLayer()');
   assert.ok(r.frames > 5, `frames decoded in a second on the medium layer: ${r.frames}`);
+  // pauseWhenHidden: nothing but a stray packet off screen; frames again once shown.
+  assert.ok(r.hiddenBytes < 2000, `video bytes received in a second off screen: ${r.hiddenBytes}`);
+  assert.ok(r.framesBack >= 5, `frames after coming back on screen: ${r.framesBack} in ${r.backAfter} ms`);
 });
 
 test('layers nobody takes are paused in the publishing browser', async (t) => {

@@ -37,6 +37,8 @@ export interface Layer { rid: string; id: string; width?: number; height?: numbe
 /** Three layers, lowest first: quarter, half and full size (150 kbit/s, 500 kbit/s, 1.5 Mbit/s at most). */
 export const DEFAULT_SIMULCAST: RTCRtpEncodingParameters[];
 export function pickLayer(layers: Layer[], name: 'high' | 'medium' | 'low' | 'auto'): Layer | null;
+/** The name `setLayer` gives the layer at `index` of `count` (lowest first). */
+export function layerName(index: number, count: number): 'high' | 'medium' | 'low';
 
 /** A forward (one participant's) or mixed (a view's) stream. Events: `ended`, `updated`. */
 export class RemoteStream extends EventTarget {
@@ -70,6 +72,10 @@ export class Subscription extends EventTarget {
   readonly layer: 'high' | 'medium' | 'low' | 'auto';
   /** Asks for another simulcast layer; the server moves at its next keyframe. */
   setLayer(name: 'high' | 'medium' | 'low' | 'auto'): Promise<void>;
+  /** The simulcast layer arriving now (nearest the decoded picture's size); null before a picture or without layers. */
+  currentLayer(): Promise<(Layer & { name: 'high' | 'medium' | 'low' }) | null>;
+  /** Pauses the video while `element` is off screen or the page hidden; returns a function that stops watching. */
+  pauseWhenHidden(element: Element): () => void;
   mute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   unmute(kind?: 'audio' | 'video' | 'av'): Promise<unknown>;
   stop(): Promise<void>;
