@@ -337,16 +337,7 @@ impl ClusterRouter {
     /// The least-used live webrtc node; `prefer_full` first prefers nodes that also run the
     /// mixer and recorder (for a room's home).
     fn least_used(&self, prefer_full: bool) -> Option<NodeRecord> {
-        let known = self.node.known_nodes();
-        let missing = |n: &NodeRecord| if prefer_full { [Role::Mixer, Role::Recorder].iter().filter(|r| !n.roles.contains(r)).count() } else { 0 };
-        known
-            .iter()
-            .filter(|n| n.roles.contains(&Role::Webrtc) && !n.draining)
-            .min_by(|a, b| {
-                let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, missing(n), n.load.transports, n.id != self.me);
-                key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
-            })
-            .cloned()
+        least_used_webrtc(&self.node.known_nodes(), &self.region, &self.me, prefer_full).cloned()
     }
 
     /// The room's home, choosing one if it has none.
@@ -433,10 +424,7 @@ impl ClusterRouter {
         if let Some(home) = self.home(placement, room).filter(|n| n.roles.contains(&role)) {
             return Some(home);
         }
-        let chosen = self.node.known_nodes().into_iter().filter(|n| n.roles.contains(&role) && !n.draining).min_by(|a, b| {
-            let key = |n: &NodeRecord| (!self.region.is_empty() && n.region != self.region, n.load.views, n.id != self.me);
-            key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
-        })?;
+        let chosen = least_used_part(&self.node.known_nodes(), &self.region, &self.me, role).cloned()?;
         info!(room = %room, node = %chosen.id, role = ?role, "room's media part placed on a node without its webrtc sessions");
         placement.parts.insert(role, chosen.clone());
         Some(chosen)
@@ -634,5 +622,80 @@ impl Router for ClusterRouter {
             }
         }
         out
+    }
+}
+
+/// OWT's `least-used` among the live webrtc nodes, for a portal in `region` (empty: none):
+/// nodes of that region first, then (with `prefer_full`, for a room's home) those that also
+/// mix and record, then the fewest transports, then `me` (commands pass as values), then
+/// the lowest CPU.
+fn least_used_webrtc<'a>(nodes: &'a [NodeRecord], region: &str, me: &str, prefer_full: bool) -> Option<&'a NodeRecord> {
+    let missing = |n: &NodeRecord| if prefer_full { [Role::Mixer, Role::Recorder].iter().filter(|r| !n.roles.contains(r)).count() } else { 0 };
+    nodes.iter().filter(|n| n.roles.contains(&Role::Webrtc) && !n.draining).min_by(|a, b| {
+        let key = |n: &NodeRecord| (!region.is_empty() && n.region != region, missing(n), n.load.transports, n.id != me);
+        key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
+    })
+}
+
+/// The node for a room's mixer or recorder (`role`) when its home lacks it: the portal's
+/// region first, then the fewest views, then `me`, then the lowest CPU.
+fn least_used_part<'a>(nodes: &'a [NodeRecord], region: &str, me: &str, role: Role) -> Option<&'a NodeRecord> {
+    nodes.iter().filter(|n| n.roles.contains(&role) && !n.draining).min_by(|a, b| {
+        let key = |n: &NodeRecord| (!region.is_empty() && n.region != region, n.load.views, n.id != me);
+        key(a).cmp(&key(b)).then(a.load.cpu_pct.total_cmp(&b.load.cpu_pct))
+    })
+}
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+
+    fn node(id: &str, roles: &[Role], region: &str, transports: usize, views: usize, cpu: f64) -> NodeRecord {
+        let mut n = NodeRecord::starting(id.into(), roles.to_vec(), String::new(), region.into());
+        n.load = tessera_core::node::NodeLoad { cpu_pct: cpu, transports, views, ..Default::default() };
+        n
+    }
+
+    #[test]
+    fn webrtc_sessions_go_to_the_least_used_node_of_the_portals_region() {
+        use Role::{Mixer, Recorder, Webrtc};
+        let nodes = [
+            node("eu-busy", &[Webrtc], "eu", 30, 0, 10.0),
+            node("eu-idle", &[Webrtc], "eu", 2, 0, 50.0),
+            node("us-idle", &[Webrtc], "us", 0, 0, 1.0),
+            node("us-mixer", &[Mixer], "us", 0, 0, 0.0),
+        ];
+        let pick = |region: &str, me: &str, full: bool| least_used_webrtc(&nodes, region, me, full).map(|n| n.id.as_str());
+        assert_eq!(pick("eu", "x", false), Some("eu-idle"), "the region first, then the fewest transports");
+        assert_eq!(pick("us", "x", false), Some("us-idle"));
+        assert_eq!(pick("", "x", false), Some("us-idle"), "no region: the fewest transports anywhere");
+        assert_eq!(pick("asia", "x", false), Some("us-idle"), "nobody in the region: the least used elsewhere");
+        // Ties on transports: this node, then the lowest CPU.
+        let tied = [node("a", &[Webrtc], "", 3, 0, 5.0), node("b", &[Webrtc], "", 3, 0, 1.0), node("me", &[Webrtc], "", 3, 0, 90.0)];
+        assert_eq!(least_used_webrtc(&tied, "", "me", false).map(|n| n.id.as_str()), Some("me"));
+        assert_eq!(least_used_webrtc(&tied, "", "z", false).map(|n| n.id.as_str()), Some("b"));
+        // A room's home prefers a node that also mixes and records; draining nodes get nothing.
+        let mut homes = [node("sfu", &[Webrtc], "", 0, 0, 0.0), node("full", &[Webrtc, Mixer, Recorder], "", 9, 0, 0.0)];
+        assert_eq!(least_used_webrtc(&homes, "", "z", true).map(|n| n.id.as_str()), Some("full"));
+        assert_eq!(least_used_webrtc(&homes, "", "z", false).map(|n| n.id.as_str()), Some("sfu"));
+        homes[1].draining = true;
+        assert_eq!(least_used_webrtc(&homes, "", "z", true).map(|n| n.id.as_str()), Some("sfu"));
+        assert_eq!(least_used_webrtc(&nodes[3..], "", "z", false), None, "no webrtc node");
+    }
+
+    #[test]
+    fn mixers_and_recorders_go_to_the_portals_region_then_the_fewest_views() {
+        use Role::{Mixer, Recorder};
+        let nodes = [
+            node("eu-mix", &[Mixer], "eu", 0, 4, 10.0),
+            node("us-mix", &[Mixer], "us", 0, 1, 10.0),
+            node("us-mix2", &[Mixer], "us", 0, 1, 5.0),
+            node("us-rec", &[Recorder], "us", 0, 0, 0.0),
+        ];
+        let pick = |region: &str, role| least_used_part(&nodes, region, "x", role).map(|n| n.id.as_str());
+        assert_eq!(pick("eu", Mixer), Some("eu-mix"), "its region though it has more views");
+        assert_eq!(pick("us", Mixer), Some("us-mix2"), "fewest views, then the lowest CPU");
+        assert_eq!(pick("", Mixer), Some("us-mix2"));
+        assert_eq!(pick("eu", Recorder), Some("us-rec"), "no recorder in the region: elsewhere");
     }
 }
