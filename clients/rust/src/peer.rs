@@ -675,6 +675,17 @@ impl Publisher {
         };
         packet.header.ssrc = t.ssrc;
         packet.header.payload_type = t.payload_type;
+        if self.keep_sent.load(Ordering::Relaxed)
+            && let Ok(mut sent) = self.sent.lock()
+        {
+            let (kind, index) = {
+                let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+                let (kind, index) = if kind == "video" { ("video", &mut c.video_index) } else { ("audio", &mut c.audio_index) };
+                *index += 1;
+                (kind, *index - 1)
+            };
+            sent.insert((kind, index), packet.payload.clone());
+        }
         let _ = t.local.write_rtp(packet).await;
     }
 
