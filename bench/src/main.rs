@@ -351,7 +351,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             if std::env::var(isolate::ENV).is_err() {
                 bail!("simulcast needs the bench's own network namespace (unshare -n, ip and tc, as root): it limits links with tc");
             }
-            rows.extend(simulcast::simulcast(launch, seconds).await?);
+            rows.extend(simulcast::simulcast(launch, load, seconds).await?);
         }
         "mixer-vs-gstreamer" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: mixer-vs-gstreamer compares Tessera's mixer with a bare GStreamer pipeline; Janus has no mixer");

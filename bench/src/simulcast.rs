@@ -1,9 +1,11 @@
 //! The simulcast scenario (Tessera only): one publisher sending three real VP8 layers,
 //! fifty light subscribers on `auto`, twenty of them behind a limited link of their own;
 //! per group what arrived (bit rate, loss, the longest gap in the video, the layer it
-//! ended on), and the server's CPU per forwarded packet against fanout50's on the same
-//! light peers in the same run: fanout50 as it is (audio and video), and like for like
-//! (the same subscribers at the same video rates, without simulcast).
+//! ended on), and the server's CPU per forwarded packet against three references on
+//! fresh servers in the same run: fanout50 as the `fanout50` scenario runs it (full
+//! peers, the bench's `--video-kbps`/`--fps`), fanout50 on the same light peers (audio and
+//! video at the top layer's rate), and like for like (the same subscribers at the same
+//! video rates, without simulcast).
 //!
 //! The limited links are real queues: each limited subscriber has an address of its own
 //! in the bench's namespace, and an HTB class on `lo` (where every packet between two of
@@ -210,9 +212,9 @@ async fn join(t: &Tessera, room: &str, stream: &str, i: usize, limited: bool, sh
     Ok(Member { limited, sub, _sig: sig, first_frame_ms })
 }
 
-/// Runs the scenario, then fanout50 on light peers as the reference; returns the rows:
-/// one per group, the reference, and the comparison.
-pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Value>> {
+/// Runs the scenario, then its references (fanout50, fanout50 on light peers, like for
+/// like); returns the rows: one per group, one per reference, and the comparison.
+pub async fn simulcast(launch: &Launch, load: Load, seconds: u64) -> anyhow::Result<Vec<Value>> {
     let mut rows = Vec::new();
     let t = Tessera::start(launch)?;
     let room = t.create_room("simulcast", json!({"views": []})).await?;
@@ -254,12 +256,22 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
     // The reference: the same count of light subscribers of one synthetic publisher, on a
     // fresh server in the same run (no simulcast, so no bandwidth estimation at work).
     let s = AnyServer::start(Kind::Tessera, launch).await?;
-    let load = crate::scenario::Load { video_kbps: 1200, fps: 15 };
+    let top = Load { video_kbps: 1200, fps: 15 };
     let f: Figures =
-        crate::scenario::sfu(&s, load, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 8, light: true }, seconds).await?;
+        crate::scenario::sfu(&s, top, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 8, light: true }, seconds).await?;
     let mut reference = row("fanout50-light", "tessera", &f);
     reference["reference_for"] = json!("simulcast");
-    let reference_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
+    let light_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
+    rows.push(reference);
+    drop(s);
+    // fanout50 as the criterion names it: the `fanout50` scenario itself, full
+    // webrtc-rs peers (each answering with reports, NACKs and TWCC), the bench's load.
+    let s = AnyServer::start(Kind::Tessera, launch).await?;
+    let f: Figures =
+        crate::scenario::sfu(&s, load, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 1, light: false }, seconds).await?;
+    let mut reference = row("fanout50", "tessera", &f);
+    reference["reference_for"] = json!("simulcast");
+    let fanout50_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
     rows.push(reference);
     drop(s);
     let like = like_for_like(launch, seconds).await?;
@@ -275,8 +287,10 @@ pub async fn simulcast(launch: &Launch, seconds: u64) -> anyhow::Result<Vec<Valu
         "forwarded_pps": (packets as f64 / window_s).round(),
         "cpu_pct": (measured.cpu / window_s * 1000.0).round() / 10.0,
         "cpu_us_per_packet": (cpu_us * 100.0).round() / 100.0,
-        "fanout50_cpu_us_per_packet": reference_us,
-        "cpu_ratio_to_fanout50": ratio(reference_us),
+        "fanout50_cpu_us_per_packet": fanout50_us,
+        "cpu_ratio_to_fanout50": ratio(fanout50_us),
+        "fanout50_light_cpu_us_per_packet": light_us,
+        "cpu_ratio_to_fanout50_light": ratio(light_us),
         "like_for_like_cpu_us_per_packet": like_us,
         "cpu_ratio_to_like_for_like": ratio(like_us),
         "limit_kbps": LIMIT_KBPS,
@@ -376,12 +390,14 @@ pub fn print(rows: &[Value]) {
     }
     if let Some(all) = rows.iter().find(|r| r["scenario"] == "simulcast" && r["group"] == "all") {
         println!(
-            "simulcast: {} pkt/s forwarded, CPU {} %, {} µs/pkt; fanout50 on the same light peers {} µs/pkt: ratio {}; like for like (no simulcast, same rates) {} µs/pkt: ratio {} (subscribers without a first frame: {})",
+            "simulcast: {} pkt/s forwarded, CPU {} %, {} µs/pkt; fanout50 {} µs/pkt: ratio {}; fanout50 on the same light peers {} µs/pkt: ratio {}; like for like (no simulcast, same rates) {} µs/pkt: ratio {} (subscribers without a first frame: {})",
             all["forwarded_pps"],
             all["cpu_pct"],
             all["cpu_us_per_packet"],
             all["fanout50_cpu_us_per_packet"],
             all["cpu_ratio_to_fanout50"],
+            all["fanout50_light_cpu_us_per_packet"],
+            all["cpu_ratio_to_fanout50_light"],
             all["like_for_like_cpu_us_per_packet"],
             all["cpu_ratio_to_like_for_like"],
             all["missing_first_frames"]
