@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ConferenceClient, ConferenceError, Publication, RemoteStream, Subscription, errorCode, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
+import { ConferenceClient, ConferenceError, Publication, RemoteStream, Subscription, errorCode, layerName, pickLayer, portalUrl, refreshDelay } from '../src/index.js';
 
 const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64');
 
@@ -221,6 +221,14 @@ test('simulcast layers are ranked and picked by name', () => {
   assert.deepEqual(plain.layers, []);
   assert.throws(() => pickLayer(plain.layers, 'low'), (e) => e.code === 'bad_request');
   assert.equal(pickLayer(plain.layers, 'auto'), null);
+  // The names currentLayer() gives back are the ones pickLayer takes.
+  for (const n of [1, 2, 3, 4]) {
+    const layers = Array.from({ length: n }, (_, i) => ({ rid: `r${i}` }));
+    for (const name of ['low', 'medium', 'high']) {
+      const at = layers.indexOf(pickLayer(layers, name));
+      if (n > 2 || name !== 'medium') assert.equal(layerName(at, n), n === 1 ? 'high' : name, `${name} of ${n}`);
+    }
+  }
 });
 
 test('the checked-in bundle is up to date with the sources', () => {
