@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::layers::{asked_layers, check_layered_video, runs, wait_for_picture};
+use common::layers::{asked_layers, check_layered_h264, check_layered_video, runs, wait_for_picture, wait_for_picture_in};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1096,6 +1096,60 @@ fn frames_by_width(packets: &[tessera_client::peer::Received], from: usize) -> s
         }
     }
     out
+}
+
+/// H.264 simulcast, as Chromium and Safari send it: the layers are ranked by the sizes in
+/// their sequence parameter sets (cropping applied: x264 codes 160×120 as 160×128 and
+/// crops), each decodes at its size and colour, and a subscriber moves between layers at
+/// IDRs with continuous sequence numbers and timestamps, every frame decodable; a layer
+/// that stops moves its subscribers down to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h264_simulcast_layers_are_ranked_by_their_sps_and_switched_at_idrs() {
+    use tessera_client::simulcast::{SimulcastPublisher, THREE_LAYERS};
+    const Q: (usize, usize, &str) = (160, 120, "blue");
+    const H: (usize, usize, &str) = (320, 240, "green");
+    const F: (usize, usize, &str) = (640, 480, "red");
+    let h264 = tessera_client::media::decode_h264;
+    let (_dir, s) = common::start_with_config(CONFIG);
+    let room = s.new_room(json!({})).await;
+    let (mut psig, _) = s.join(&room, "pub").await;
+    let p = SimulcastPublisher::start_h264(&mut psig, &THREE_LAYERS).await.unwrap();
+    assert!(p.answer.contains("a=simulcast:recv q;h;f") && p.answer.contains("H264"), "{}", p.answer);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, v11) = s.api(reqwest::Method::GET, &format!("/v1.1/rooms/{room}/streams/{}", p.stream_id), None).await;
+    let layers: Vec<(&str, &str, u64, u64)> = v11["media"]["video"]["original"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["simulcastRid"].as_str().unwrap_or("?"),
+                o["format"]["codec"].as_str().unwrap_or("?"),
+                o["parameters"]["resolution"]["width"].as_u64().unwrap_or(0),
+                o["parameters"]["resolution"]["height"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(layers, [("q", "h264", 160, 120), ("h", "h264", 320, 240), ("f", "h264", 640, 480)], "{v11}");
+
+    let layer = |rid: &str| format!("{}-video-{rid}", p.stream_id);
+    let (mut ssig, _) = s.join(&room, "sub").await;
+    let q = Subscriber::start_video(&mut ssig, &layer("q"), Value::Null).await.unwrap();
+    let auto = Subscriber::start_video(&mut ssig, &p.stream_id, Value::Null).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(&check_layered_h264(&q, 0)), [Q]);
+    assert_eq!(runs(&check_layered_h264(&auto, 0)), [F]);
+
+    let update = |id: &str, video: Value| json!({"id": id, "operation": "update", "data": {"video": video}});
+    ssig.ok("subscription-control", Some(update(&q.id, json!({"from": layer("f")})))).await.unwrap();
+    let up = wait_for_picture_in(&q, F, Duration::from_secs(3), h264).await;
+    p.stop_layer("f", true);
+    let moved = wait_for_picture_in(&auto, H, Duration::from_secs(4), h264).await;
+    wait_for_picture_in(&q, H, Duration::from_secs(2), h264).await;
+    println!("h264: q up to f in {up:?}; off the stopped f in {moved:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs(&check_layered_h264(&q, 2)), [Q, F, H]);
+    assert_eq!(runs(&check_layered_h264(&auto, 1)), [F, H]);
 }
 
 /// Waits until the subscriber's newest keyframe is `width` wide; returns how long it took.

@@ -339,11 +339,23 @@ pub fn decode_vp8(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
 
 /// [`decode_vp8`], handing each frame to `each` as it is decoded instead of keeping them
 /// all (a 1280×720 frame is 2.7 MB of RGB).
-pub fn decode_vp8_each(packets: &[Received], mut each: impl FnMut(Frame)) -> anyhow::Result<()> {
+pub fn decode_vp8_each(packets: &[Received], each: impl FnMut(Frame)) -> anyhow::Result<()> {
+    decode_video_each(packets, "VP8", "rtpvp8depay ! vp8dec", each)
+}
+
+/// Decodes received H.264 RTP (packetization mode 1) into RGB frames.
+pub fn decode_h264(packets: &[Received]) -> anyhow::Result<Vec<Frame>> {
+    let mut frames = Vec::new();
+    decode_video_each(packets, "H264", "rtph264depay ! avdec_h264", |f| frames.push(f))?;
+    Ok(frames)
+}
+
+/// Decodes the video of `packets` (`encoding` in RTP caps) through `decoder` into RGB frames.
+fn decode_video_each(packets: &[Received], encoding: &str, decoder: &str, mut each: impl FnMut(Frame)) -> anyhow::Result<()> {
     let mut video: Vec<Received> = packets.iter().filter(|p| p.kind == "video").cloned().collect();
-    let desc = "appsrc name=src format=time ! rtpvp8depay ! vp8dec ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false";
-    let caps = "application/x-rtp,media=video,encoding-name=VP8,clock-rate=90000,payload=96";
-    run_decoder(desc, caps, &mut video, 90000.0, &mut |s, base| {
+    let desc = format!("appsrc name=src format=time ! {decoder} ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false");
+    let caps = format!("application/x-rtp,media=video,encoding-name={encoding},clock-rate=90000,payload=96");
+    run_decoder(&desc, &caps, &mut video, 90000.0, &mut |s, base| {
         let (Some(buf), Some(caps)) = (s.buffer(), s.caps()) else { return Ok(()) };
         let st = caps.structure(0).ok_or_else(|| anyhow!("caps"))?;
         let width = st.get::<i32>("width")? as usize;

@@ -495,7 +495,7 @@ pub(crate) fn vp8() -> RTCRtpCodec {
     RTCRtpCodec { mime_type: "video/VP8".into(), clock_rate: 90000, ..Default::default() }
 }
 
-fn h264() -> RTCRtpCodec {
+pub(crate) fn h264() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: "video/H264".into(),
         clock_rate: 90000,

@@ -1,5 +1,5 @@
 //! A simulcast publisher for tests: one video m-line sending several RID layers (RFC 8853),
-//! each a real VP8 encoding (GStreamer) of its own solid colour and picture size, so a
+//! each a real VP8 or H.264 encoding (GStreamer) of its own solid colour and picture size, so a
 //! subscriber can tell from the decoded pictures which layer reached it. Packets carry
 //! the MID and RID header extensions as browsers send them; a layer can be stopped and
 //! started again (as a browser does when its bandwidth drops).
@@ -23,7 +23,7 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 pub use tessera_webrtc_agent::simulcast::vp8_keyframe_size;
 
 use crate::media::appsink_to_channel;
-use crate::peer::{Connection, vp8};
+use crate::peer::{Connection, h264, vp8};
 use crate::signaling::Signaling;
 
 /// One layer to send: its RID, picture size and colour.
@@ -56,6 +56,15 @@ pub const THREE_NOISY_LAYERS: [LayerSpec; 3] = [
     LayerSpec { rid: "h", width: 320, height: 240, rgb: (0, 0, 0), noise_kbps: Some(250) },
     LayerSpec { rid: "f", width: 640, height: 480, rgb: (0, 0, 0), noise_kbps: Some(700) },
 ];
+
+/// The codec a [`SimulcastPublisher`] encodes its layers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCodec {
+    /// VP8 (libvpx), 15-bit picture ids.
+    Vp8,
+    /// H.264 constrained baseline (x264), SPS and PPS before every IDR, as browsers send.
+    H264,
+}
 
 struct Layer {
     spec: LayerSpec,
@@ -110,17 +119,22 @@ impl SimulcastPublisher {
 
     /// [`SimulcastPublisher::start`] with ICE on `ip`.
     pub async fn start_on(sig: &mut Signaling, ip: &str, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
-        SimulcastPublisher::begin(sig, ip, layers, &[]).await
+        SimulcastPublisher::begin(sig, ip, layers, &[], LayerCodec::Vp8).await
+    }
+
+    /// [`SimulcastPublisher::start`] in H.264.
+    pub async fn start_h264(sig: &mut Signaling, layers: &[LayerSpec]) -> anyhow::Result<SimulcastPublisher> {
+        SimulcastPublisher::begin(sig, &crate::peer::default_ice_ip(), layers, &[], LayerCodec::H264).await
     }
 
     /// [`SimulcastPublisher::start`], with the layers named in `held` declared but not sent
     /// until [`SimulcastPublisher::stop_layer`] restarts them (as a browser short of uplink
     /// starts).
     pub async fn start_holding(sig: &mut Signaling, layers: &[LayerSpec], held: &[&str]) -> anyhow::Result<SimulcastPublisher> {
-        SimulcastPublisher::begin(sig, &crate::peer::default_ice_ip(), layers, held).await
+        SimulcastPublisher::begin(sig, &crate::peer::default_ice_ip(), layers, held, LayerCodec::Vp8).await
     }
 
-    async fn begin(sig: &mut Signaling, ip: &str, layers: &[LayerSpec], held: &[&str]) -> anyhow::Result<SimulcastPublisher> {
+    async fn begin(sig: &mut Signaling, ip: &str, layers: &[LayerSpec], held: &[&str], codec: LayerCodec) -> anyhow::Result<SimulcastPublisher> {
         gst::init()?;
         let conn = Connection::with_simulcast_extensions(ip).await?;
         let layers: Vec<Layer> = layers
@@ -136,7 +150,7 @@ impl SimulcastPublisher {
             .iter()
             .map(|l| RTCRtpEncodingParameters {
                 rtp_coding_parameters: RTCRtpCodingParameters { rid: l.spec.rid.into(), ssrc: Some(l.ssrc), ..Default::default() },
-                codec: vp8(),
+                codec: if codec == LayerCodec::H264 { h264() } else { vp8() },
                 ..Default::default()
             })
             .collect();
@@ -161,7 +175,8 @@ impl SimulcastPublisher {
         conn.apply_answer(answer.clone()).await?;
         let mut conn = conn;
         conn.transport = transport;
-        let payload_type = conn.payload_type(&as_dyn, "video/VP8").await.ok_or_else(|| anyhow!("VP8 not negotiated"))?;
+        let mime = if codec == LayerCodec::H264 { "video/H264" } else { "video/VP8" };
+        let payload_type = conn.payload_type(&as_dyn, mime).await.ok_or_else(|| anyhow!("{mime} not negotiated"))?;
 
         // Keyframe requests name the layer's SSRC.
         let mut tasks = Vec::new();
@@ -190,10 +205,20 @@ impl SimulcastPublisher {
                     (format!("pattern=solid-color foreground-color={colour}"), (u64::from(width) * u64::from(height) * 2).clamp(100_000, 1_000_000))
                 }
             };
+            let encode = match codec {
+                LayerCodec::Vp8 => format!(
+                    "vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
+                     rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit"
+                ),
+                LayerCodec::H264 => format!(
+                    "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=60 bitrate={} ! \
+                     video/x-h264,profile=constrained-baseline ! rtph264pay pt=96 mtu=1100 config-interval=-1 aggregate-mode=zero-latency",
+                    bitrate / 1000
+                ),
+            };
             let desc = format!(
                 "videotestsrc is-live=true {source} ! capsfilter name=size caps=video/x-raw,width={width},height={height},framerate=15/1 ! \
-                 videoconvert ! vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
-                 rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit ! appsink name=v sync=false",
+                 videoconvert ! {encode} ! appsink name=v sync=false",
             );
             let pipeline = gst::parse::launch(&desc)?.downcast::<gst::Pipeline>().map_err(|_| anyhow!("not a pipeline"))?;
             let sink = pipeline.by_name("v").ok_or_else(|| anyhow!("no appsink"))?;

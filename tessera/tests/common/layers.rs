@@ -76,12 +76,58 @@ pub fn runs<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
     out
 }
 
+/// A layered H.264 subscriber's video, checked as [`check_layered_video`] checks VP8
+/// (H.264 has no picture ids): sequence numbers without a gap, timestamps never going
+/// back, the first packet an IDR with its sequence parameter set, and every frame
+/// decodable (`switches` frames at most cut short). Returns each picture's size and colour.
+pub fn check_layered_h264(sub: &Subscriber, switches: usize) -> Vec<(usize, usize, &'static str)> {
+    use tessera_webrtc_agent::simulcast::h264_sps_size;
+    let packets = sub.packets("video");
+    assert!(!packets.is_empty(), "no video");
+    assert!(
+        h264_sps_size(&packets[0].payload).is_some(),
+        "the first packet does not start an IDR with its SPS: {:02x?}",
+        &packets[0].payload.get(..8)
+    );
+    for w in packets.windows(2) {
+        let (a, b) = (&w[0].header, &w[1].header);
+        assert_eq!(b.sequence_number, a.sequence_number.wrapping_add(1), "a gap in the sequence");
+        assert!(b.timestamp.wrapping_sub(a.timestamp) < 0x8000_0000, "timestamp went back: {} -> {}", a.timestamp, b.timestamp);
+    }
+    // Frames by timestamp: a payloader may mark the packet of an IDR's parameter sets too.
+    let mut sent: Vec<u32> = packets.iter().filter(|p| p.header.marker).map(|p| p.header.timestamp).collect();
+    sent.dedup();
+    let frames = tessera_client::media::decode_h264(&packets).unwrap();
+    let lost: Vec<(u32, Option<(u16, u16)>)> = sent
+        .iter()
+        .filter(|ts| !frames.iter().any(|f| f.timestamp == **ts))
+        .map(|ts| (*ts, packets.iter().find(|p| p.header.timestamp == *ts).and_then(|p| h264_sps_size(&p.payload))))
+        .collect();
+    assert!(
+        frames.len() <= sent.len() && frames.len() + switches + 1 >= sent.len(),
+        "{} of {} frames decoded; not decoded (timestamp, SPS size when it starts an IDR): {lost:?}",
+        frames.len(),
+        sent.len()
+    );
+    frames.iter().map(picture).collect()
+}
+
 /// Waits until the subscriber's last decoded picture is `want` (size and colour).
 pub async fn wait_for_picture(sub: &Subscriber, want: (usize, usize, &'static str), within: Duration) -> Duration {
+    wait_for_picture_in(sub, want, within, tessera_client::media::decode_vp8).await
+}
+
+/// [`wait_for_picture`] for video that `decode` decodes.
+pub async fn wait_for_picture_in(
+    sub: &Subscriber,
+    want: (usize, usize, &'static str),
+    within: Duration,
+    decode: fn(&[tessera_client::peer::Received]) -> anyhow::Result<Vec<tessera_client::media::Frame>>,
+) -> Duration {
     let start = Instant::now();
     loop {
         let packets = sub.packets("video");
-        let last = tessera_client::media::decode_vp8(&packets).unwrap().last().map(picture);
+        let last = decode(&packets).unwrap().last().map(picture);
         if last == Some(want) {
             return start.elapsed();
         }
