@@ -44,7 +44,13 @@ impl Signaling {
     /// Connects to a portal base URL such as `http://127.0.0.1:8080`.
     pub async fn connect(portal: &str) -> anyhow::Result<Signaling> {
         let ws_url = format!("{}/socket.io/?EIO=4&transport=websocket", portal.replacen("http", "ws", 1));
-        let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.with_context(|| format!("connecting {ws_url}"))?;
+        // tungstenite zeroes its whole read buffer (128 KiB by default) before every read,
+        // data or not: 4 KiB holds any signalling message's chunk (larger ones take several
+        // reads) and keeps a load generator of thousands of participants off memset. Small
+        // messages back to back (an answer, then candidates) go out at once, as browsers send.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(&ws_url, Some(config), true).await.with_context(|| format!("connecting {ws_url}"))?;
         let socket = {
             use std::os::fd::AsFd;
             ws.get_ref().get_ref().as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from)
