@@ -183,6 +183,8 @@ async fn tessera_views(launch: &Launch, clip: Arc<Clip>, seconds: u64, views: us
             let mut sig = t.join_room(&room, &format!("cam{i}")).await?;
             let opts = PublishOptions { audio: false, video: true, data: false, tag: i as u32, h264: false };
             let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+            // Nothing here compares bytes: keep no copy of each packet sent.
+            p.keep_sent.store(false, std::sync::atomic::Ordering::Relaxed);
             targets.push(Target::Publisher(p.clone()));
             keep.push((sig, p));
         }

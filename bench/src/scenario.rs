@@ -378,6 +378,8 @@ pub async fn mixer(
         let mut sig = t.join_room(room, &format!("cam{i}")).await?;
         let opts = PublishOptions { audio: true, video: true, data: false, tag: i as u32, h264: false };
         let p = Arc::new(Publisher::start(&mut sig, opts, Some(t.connection().await?)).await?);
+        // Nothing here compares bytes: keep no copy of each packet sent.
+        p.keep_sent.store(false, std::sync::atomic::Ordering::Relaxed);
         let colour = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)][i % 4];
         let src = live_source_with(p.clone(), colour, 300 + 100 * i as u32, input)?;
         keep.push((sig, p, src));
