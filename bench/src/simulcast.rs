@@ -253,27 +253,15 @@ pub async fn simulcast(launch: &Launch, load: Load, seconds: u64) -> anyhow::Res
     drop(t);
     drop(shaping);
 
-    // The reference: the same count of light subscribers of one synthetic publisher, on a
-    // fresh server in the same run (no simulcast, so no bandwidth estimation at work).
-    let s = AnyServer::start(Kind::Tessera, launch).await?;
+    // The same count of light subscribers of one synthetic publisher at the top layer's
+    // rate (no simulcast, so no bandwidth estimation at work).
     let top = Load { video_kbps: 1200, fps: 15 };
-    let f: Figures =
-        crate::scenario::sfu(&s, top, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 8, light: true }, seconds).await?;
-    let mut reference = row("fanout50-light", "tessera", &f);
-    reference["reference_for"] = json!("simulcast");
-    let light_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
-    rows.push(reference);
-    drop(s);
+    let light = Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 8, light: true };
+    let light_us = reference(launch, "fanout50-light", top, light, seconds, &mut rows).await?;
     // fanout50 as the criterion names it: the `fanout50` scenario itself, full
     // webrtc-rs peers (each answering with reports, NACKs and TWCC), the bench's load.
-    let s = AnyServer::start(Kind::Tessera, launch).await?;
-    let f: Figures =
-        crate::scenario::sfu(&s, load, Shape { publishers: 1, fanout: FREE + LIMITED, mesh: false, parallel: 1, light: false }, seconds).await?;
-    let mut reference = row("fanout50", "tessera", &f);
-    reference["reference_for"] = json!("simulcast");
-    let fanout50_us = reference["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
-    rows.push(reference);
-    drop(s);
+    let full = Shape { light: false, parallel: 1, ..light };
+    let fanout50_us = reference(launch, "fanout50", load, full, seconds, &mut rows).await?;
     let like = like_for_like(launch, seconds).await?;
     let like_us = like["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
     rows.push(like);
@@ -298,6 +286,18 @@ pub async fn simulcast(launch: &Launch, load: Load, seconds: u64) -> anyhow::Res
         "layers_kbps": LAYERS.iter().map(|l| l.noise_kbps.unwrap_or(0)).collect::<Vec<_>>(),
     }));
     Ok(rows)
+}
+
+/// Runs the fanout `shape` of `load` as reference `name` on a fresh server, adds its row
+/// to `rows`, and returns its CPU µs per forwarded packet.
+async fn reference(launch: &Launch, name: &str, load: Load, shape: Shape, seconds: u64, rows: &mut Vec<Value>) -> anyhow::Result<f64> {
+    let s = AnyServer::start(Kind::Tessera, launch).await?;
+    let f: Figures = crate::scenario::sfu(&s, load, shape, seconds).await?;
+    let mut r = row(name, "tessera", &f);
+    r["reference_for"] = json!("simulcast");
+    let us = r["cpu_us_per_packet"].as_f64().unwrap_or(0.0);
+    rows.push(r);
+    Ok(us)
 }
 
 /// The like-for-like reference, on a fresh server: the scenario's subscribers (light,

@@ -662,31 +662,33 @@ impl Publisher {
     /// Writes an RTP packet made elsewhere (a real encoder) on the `"audio"` or `"video"`
     /// track, with this track's SSRC and negotiated payload type.
     pub async fn write_rtp(&self, kind: &str, mut packet: rtp::Packet) {
-        let t = if kind == "video" { &self.video } else { &self.audio };
+        let (t, kind) = if kind == "video" { (&self.video, "video") } else { (&self.audio, "audio") };
         let Some(t) = t else { return };
         // Continue this track's own sequence: a jump back to the encoder's numbering
         // would look like a replay to SRTP and be dropped.
-        packet.header.sequence_number = {
-            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = if kind == "video" { &mut c.video_seq } else { &mut c.audio_seq };
-            let n = *seq;
+        let (seq, index) = {
+            let mut guard = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let c = &mut *guard;
+            let (seq, index) = if kind == "video" { (&mut c.video_seq, &mut c.video_index) } else { (&mut c.audio_seq, &mut c.audio_index) };
+            let r = (*seq, *index);
             *seq = seq.wrapping_add(1);
-            n
+            *index += 1;
+            r
         };
+        packet.header.sequence_number = seq;
         packet.header.ssrc = t.ssrc;
         packet.header.payload_type = t.payload_type;
+        self.keep(kind, index, &packet.payload);
+        let _ = t.local.write_rtp(packet).await;
+    }
+
+    /// Keeps a copy of packet `index` of `kind` in [`Publisher::sent`], while `keep_sent`.
+    fn keep(&self, kind: &'static str, index: u64, payload: &Bytes) {
         if self.keep_sent.load(Ordering::Relaxed)
             && let Ok(mut sent) = self.sent.lock()
         {
-            let (kind, index) = {
-                let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-                let (kind, index) = if kind == "video" { ("video", &mut c.video_index) } else { ("audio", &mut c.audio_index) };
-                *index += 1;
-                (kind, *index - 1)
-            };
-            sent.insert((kind, index), packet.payload.clone());
+            sent.insert((kind, index), payload.clone());
         }
-        let _ = t.local.write_rtp(packet).await;
     }
 
     /// The SSRC and negotiated payload type of the `"audio"` or `"video"` track.
@@ -744,11 +746,7 @@ impl Publisher {
             Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
             payload.resize((bytes / count).max(payload.len()), 0xAB);
             let payload = Bytes::from(payload);
-            if self.keep_sent.load(Ordering::Relaxed)
-                && let Ok(mut sent) = self.sent.lock()
-            {
-                sent.insert(("video", index), payload.clone());
-            }
+            self.keep("video", index, &payload);
             v.local.write_rtp(packet(v, seq, ts, part + 1 == count, payload)).await.ok();
         }
     }
@@ -767,11 +765,7 @@ impl Publisher {
         Marker { tag: self.tag, index, sent_us: now_us() }.write(&mut payload);
         payload.resize(80, 0);
         let payload = Bytes::from(payload);
-        if self.keep_sent.load(Ordering::Relaxed)
-            && let Ok(mut sent) = self.sent.lock()
-        {
-            sent.insert(("audio", index), payload.clone());
-        }
+        self.keep("audio", index, &payload);
         let ts = (self.started.elapsed().as_secs_f64() * 48000.0) as u32;
         a.local.write_rtp(packet(a, seq, ts, false, payload)).await.ok();
     }

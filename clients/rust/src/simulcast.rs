@@ -13,7 +13,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use serde_json::json;
 use tessera_webrtc_agent::feedback::is_keyframe_request;
@@ -64,6 +64,31 @@ pub enum LayerCodec {
     Vp8,
     /// H.264 constrained baseline (x264), SPS and PPS before every IDR, as browsers send.
     H264,
+}
+
+impl LayerCodec {
+    /// The codec each layer's coding names.
+    fn rtp_codec(self) -> RTCRtpCodec {
+        match self {
+            LayerCodec::Vp8 => vp8(),
+            LayerCodec::H264 => h264(),
+        }
+    }
+
+    /// The encoder and payloader of a layer's pipeline, for `bitrate` bit/s.
+    fn encoder(self, bitrate: u64) -> String {
+        match self {
+            LayerCodec::Vp8 => format!(
+                "vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
+                 rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit"
+            ),
+            LayerCodec::H264 => format!(
+                "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=60 bitrate={} ! \
+                 video/x-h264,profile=constrained-baseline ! rtph264pay pt=96 mtu=1100 config-interval=-1 aggregate-mode=zero-latency",
+                bitrate / 1000
+            ),
+        }
+    }
 }
 
 struct Layer {
@@ -150,7 +175,7 @@ impl SimulcastPublisher {
             .iter()
             .map(|l| RTCRtpEncodingParameters {
                 rtp_coding_parameters: RTCRtpCodingParameters { rid: l.spec.rid.into(), ssrc: Some(l.ssrc), ..Default::default() },
-                codec: if codec == LayerCodec::H264 { h264() } else { vp8() },
+                codec: codec.rtp_codec(),
                 ..Default::default()
             })
             .collect();
@@ -175,8 +200,8 @@ impl SimulcastPublisher {
         conn.apply_answer(answer.clone()).await?;
         let mut conn = conn;
         conn.transport = transport;
-        let mime = if codec == LayerCodec::H264 { "video/H264" } else { "video/VP8" };
-        let payload_type = conn.payload_type(&as_dyn, mime).await.ok_or_else(|| anyhow!("{mime} not negotiated"))?;
+        let mime = codec.rtp_codec().mime_type;
+        let payload_type = conn.payload_type(&as_dyn, &mime).await.ok_or_else(|| anyhow!("{mime} not negotiated"))?;
 
         // Keyframe requests name the layer's SSRC.
         let mut tasks = Vec::new();
@@ -205,17 +230,7 @@ impl SimulcastPublisher {
                     (format!("pattern=solid-color foreground-color={colour}"), (u64::from(width) * u64::from(height) * 2).clamp(100_000, 1_000_000))
                 }
             };
-            let encode = match codec {
-                LayerCodec::Vp8 => format!(
-                    "vp8enc deadline=1 cpu-used=8 keyframe-max-dist=60 end-usage=cbr target-bitrate={bitrate} ! \
-                     rtpvp8pay pt=96 mtu=1100 picture-id-mode=15-bit"
-                ),
-                LayerCodec::H264 => format!(
-                    "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=60 bitrate={} ! \
-                     video/x-h264,profile=constrained-baseline ! rtph264pay pt=96 mtu=1100 config-interval=-1 aggregate-mode=zero-latency",
-                    bitrate / 1000
-                ),
-            };
+            let encode = codec.encoder(bitrate);
             let desc = format!(
                 "videotestsrc is-live=true {source} ! capsfilter name=size caps=video/x-raw,width={width},height={height},framerate=15/1 ! \
                  videoconvert ! {encode} ! appsink name=v sync=false",
