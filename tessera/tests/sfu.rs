@@ -944,10 +944,10 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     let room = s.new_room(json!({})).await;
     let (mut psig, _) = s.join(&room, "pub").await;
     let p = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
-    // The answer receives the three layers, without RTX (webrtc-rs cannot yet tell a
-    // layer's repairs apart: NACKs are answered on the layer's own SSRC).
+    // The answer receives the three layers, with RTX and the repaired RID that names each
+    // layer's RTX flow (restored by the server: webrtc-agent/src/layer_rtx.rs).
     assert!(p.answer.contains("a=simulcast:recv q;h;f"), "{}", p.answer);
-    assert!(!p.answer.to_ascii_lowercase().contains("rtx"), "{}", p.answer);
+    assert!(p.answer.contains(" rtx/90000") && p.answer.contains("sdes:repaired-rtp-stream-id"), "{}", p.answer);
     // The stream lists one video track per layer, each with its RID and its own id.
     let add = psig.wait_for("stream add", Duration::from_secs(5), |n| n.event == "stream" && n.data["status"] == "add").await.unwrap();
     let tracks = add.data["data"]["media"]["tracks"].as_array().unwrap().clone();

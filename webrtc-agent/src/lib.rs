@@ -24,6 +24,7 @@ pub mod bwe;
 mod codec;
 pub mod feedback;
 pub mod forward;
+pub mod layer_rtx;
 pub mod nack_age;
 pub mod net;
 pub mod probe;

@@ -33,6 +33,9 @@ pub struct RtcpCounters {
     pub rtt_samples: AtomicU64,
     /// Sum of those round-trip times, in microseconds.
     pub rtt_us: AtomicU64,
+    /// Retransmissions of simulcast layers that came over RTX and were restored to their
+    /// layer ([`crate::layer_rtx`]; counted per such packet, only a few per lost packet).
+    pub layer_rtx_repairs: AtomicU64,
 }
 
 impl RtcpCounters {

@@ -99,10 +99,23 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// The SDP without RTX (its payload types, their `rtpmap`, `fmtp` and `rtcp-fb` lines) in
-/// the m-sections of the given mids.
-pub(crate) fn without_rtx(sdp: &str, mids: &[&str]) -> String {
-    retain_formats(sdp, |_, mid, formats| mids.contains(&mid).then(|| formats.iter().filter(|f| !f.is_rtx()).map(|f| f.pt.to_string()).collect()))
+/// The RTX payload types of the m-sections of the given mids, each with the payload type
+/// it repairs (`apt`), once each.
+pub(crate) fn rtx_repairs(sdp: &str, mids: &[&str]) -> Vec<(u8, u8)> {
+    let mut out = Vec::new();
+    retain_formats(sdp, |_, mid, formats| {
+        if mids.contains(&mid) {
+            for f in formats.iter().filter(|f| f.is_rtx()) {
+                if let (Ok(rtx), Some(Ok(apt))) = (f.pt.parse::<u8>(), f.repairs().map(str::parse::<u8>))
+                    && !out.contains(&(rtx, apt))
+                {
+                    out.push((rtx, apt));
+                }
+            }
+        }
+        None
+    });
+    out
 }
 
 /// An offer with each m-line the server sends a known codec on (`sending`: mid → the
@@ -475,18 +488,19 @@ mod tests {
     }
 
     #[test]
-    fn rtx_is_taken_out_of_the_named_sections_only() {
-        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97 98\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n\
+    fn rtx_repairs_of_the_named_sections_only() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97 98 99\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n\
                    a=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\na=rtcp-fb:97 nack\r\na=rtpmap:98 H264/90000\r\n\
-                   m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
-        let out = without_rtx(sdp, &["0"]);
-        assert_eq!(
-            out,
-            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:98 H264/90000\r\n\
-             m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n"
-        );
-        assert_eq!(without_rtx(sdp, &["9"]), sdp);
-        assert_eq!(without_rtx("garbage", &["0"]), "garbage");
+                   a=rtpmap:99 rtx/90000\r\na=fmtp:99 apt=98\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96 97 100\r\na=mid:1\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+                   a=rtpmap:100 rtx/90000\r\na=fmtp:100 apt=nonsense\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96 101\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:101 rtx/90000\r\na=fmtp:101 apt=96\r\n";
+        assert_eq!(rtx_repairs(sdp, &["0"]), vec![(97, 96), (99, 98)]);
+        // Once each; a malformed apt is not a repair; section 2 not asked for.
+        assert_eq!(rtx_repairs(sdp, &["0", "1"]), vec![(97, 96), (99, 98)]);
+        assert_eq!(rtx_repairs(sdp, &["2"]), vec![(101, 96)]);
+        assert!(rtx_repairs(sdp, &["9"]).is_empty());
+        assert!(rtx_repairs("garbage", &["0"]).is_empty());
     }
 
     #[test]

@@ -24,12 +24,15 @@ use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use tracing::debug;
 
+use crate::layer_rtx::LayerRtx;
 use crate::responder::Responder;
 use crate::sender_reports::SenderReports;
 use crate::wire::Wire;
 
 /// The interceptors (see the module docs), in rtc's slot order.
 pub struct Stack {
+    /// Ahead of them all: simulcast layers' RTX restored to the layer.
+    layer_rtx: LayerRtx,
     wire: Wire,
     nack_responder: Responder,
     nack_generator: NackGeneratorInterceptor,
@@ -72,6 +75,7 @@ impl Stack {
         sender_reports: SenderReports,
     ) -> Self {
         Stack {
+            layer_rtx: LayerRtx::new(wire.counters().clone()),
             wire,
             nack_responder,
             nack_generator,
@@ -160,6 +164,13 @@ impl Stack {
             self.write.get(i).is_some_and(|m| matches!(&m.message.packet, Packet::Rtp(q) if q.header.ssrc == ssrc && q.header.sequence_number == seq))
         })?;
         self.write.remove(at)
+    }
+
+    /// The RTX payload types of the simulcast m-lines the connection receives, each with
+    /// the payload type it repairs: their packets are restored to their layer
+    /// ([`crate::layer_rtx`]).
+    pub fn expect_layer_rtx(&mut self, apt: Vec<(u8, u8)>) {
+        self.layer_rtx.expect(apt);
     }
 
     /// Whether anything waits to go out through rtc's next write (what a walk made beside a
@@ -287,7 +298,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
     type Error = Error;
     type Time = Instant;
 
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(p) = &mut msg.message.packet {
+            self.layer_rtx.read(p);
+        }
         // The NACK responder answers a NACK with retransmissions: they wait in it for the
         // next whole write walk. (None of the three an RTP packet meets makes a packet as it
         // reads.)
@@ -355,11 +369,13 @@ impl Interceptor for Stack {
     }
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
         self.receives = true;
+        self.layer_rtx.bind(info);
         for (interceptor, _) in self.all() {
             interceptor.bind_remote_stream(info);
         }
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.layer_rtx.unbind(info.ssrc);
         for (interceptor, _) in self.all() {
             interceptor.unbind_remote_stream(info);
         }
@@ -655,6 +671,80 @@ mod tests {
         i.handle_write(tagged(rtp(20, 41), t0 + Duration::from_millis(4600))).unwrap();
         steps.push(drain(i));
         steps
+    }
+
+    /// A simulcast layer's retransmission over RTX (named by its repaired RID) reaches the
+    /// NACK generator as the packet it repairs, and the application as the layer's packet:
+    /// the lost packet is asked for once, not again. Without the RTX it is asked again.
+    #[test]
+    fn a_layers_rtx_repair_ends_the_nack_generators_asking() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let with_ext = |mut packet: Packet, ext: &[(u8, &str)]| {
+            if let Packet::Rtp(p) = &mut packet {
+                for (id, v) in ext {
+                    p.header.set_extension(*id, bytes::Bytes::copy_from_slice(v.as_bytes())).unwrap();
+                }
+            }
+            packet
+        };
+        let nacked = |s: &mut Stack, at: Instant| -> Vec<u16> {
+            s.handle_timeout(at).unwrap();
+            let mut lost = Vec::new();
+            while let Some(m) = s.poll_write() {
+                if let Packet::Rtcp(packets) = &m.message.packet {
+                    for n in packets.iter().filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>()) {
+                        assert_eq!(n.media_ssrc, 40);
+                        lost.extend(n.nacks.iter().flat_map(|pair| pair.packet_list()));
+                    }
+                }
+            }
+            lost
+        };
+        for repaired in [false, true] {
+            let mut s = new_stack(false);
+            s.expect_layer_rtx(vec![(97, 96)]);
+            let mut layer = stream(40, None);
+            layer.rtp_header_extensions = [
+                "urn:ietf:params:rtp-hdrext:sdes:mid",
+                "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
+                "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+            ]
+            .iter()
+            .zip(1..)
+            .map(|(uri, id)| RTPHeaderExtension { uri: (*uri).into(), id })
+            .collect();
+            s.bind_remote_stream(&layer);
+            for seq in (0..10u16).filter(|s| *s != 4) {
+                s.handle_read(tagged(with_ext(rtp(40, seq), &[(1, "0"), (2, "h")]), ms(u64::from(seq) * 33))).unwrap();
+            }
+            while s.poll_read().is_some() {}
+            assert_eq!(nacked(&mut s, ms(400)), vec![4]);
+            if repaired {
+                let rtx = Packet::Rtp(rtc::rtp::Packet {
+                    header: rtc::rtp::header::Header {
+                        version: 2,
+                        ssrc: 41,
+                        payload_type: 97,
+                        sequence_number: 900,
+                        timestamp: 12_000,
+                        ..Default::default()
+                    },
+                    payload: bytes::Bytes::from(vec![0, 4, 4, 4, 4]),
+                });
+                s.handle_read(tagged(with_ext(rtx, &[(1, "0"), (3, "h")]), ms(420))).unwrap();
+                let read = s.poll_read().expect("the repair reaches the application");
+                let Packet::Rtp(p) = &read.message.packet else { panic!("not RTP: {:?}", read.message.packet) };
+                assert_eq!((p.header.ssrc, p.header.payload_type, p.header.sequence_number, &p.payload[..]), (40, 96, 4, &[4u8, 4, 4][..]));
+                assert_eq!(s.wire.counters().layer_rtx_repairs.load(std::sync::atomic::Ordering::Relaxed), 1);
+            }
+            let again = nacked(&mut s, ms(600));
+            if repaired {
+                assert!(again.is_empty(), "asked again after the repair: {again:?}");
+            } else {
+                assert_eq!(again, vec![4], "without the repair the packet is asked for again");
+            }
+        }
     }
 
     #[test]

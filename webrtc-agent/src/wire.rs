@@ -75,6 +75,11 @@ impl Wire {
         !self.write.is_empty()
     }
 
+    /// What it counts into.
+    pub fn counters(&self) -> &Arc<RtcpCounters> {
+        &self.counters
+    }
+
     /// Counting into `counters`, estimating with `send_side` if given.
     pub fn new(counters: Arc<RtcpCounters>, send_side: Option<SendSide>) -> Self {
         Wire { counters, ages: NackLimit::default(), send_side, read: VecDeque::new(), write: VecDeque::new(), train: Vec::new() }

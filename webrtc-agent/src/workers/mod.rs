@@ -231,6 +231,8 @@ pub struct AgentMetrics {
     pub nacked_packets: u64,
     /// NACKs sent to publishers.
     pub nacks_out: u64,
+    /// Simulcast layers' retransmissions that came over RTX, restored to their layer.
+    pub layer_rtx_repairs: u64,
     /// Receiver report blocks from subscribers.
     pub reports: u64,
     /// Sum of their fraction lost (0..1 each).
@@ -688,6 +690,7 @@ impl WorkerAgent {
             nacks_in: load(&r.nacks_in),
             nacked_packets: load(&r.nacked_packets),
             nacks_out: load(&r.nacks_out),
+            layer_rtx_repairs: load(&r.layer_rtx_repairs),
             reports: load(&r.reports),
             fraction_lost_sum: load(&r.fraction_lost_256) as f64 / 256.0,
             rtt_samples: load(&r.rtt_samples),

@@ -1827,15 +1827,16 @@ impl Worker {
         // these m-lines). This fails only where rtc answered none of the room's codecs the
         // offer had (a codec the room lists that rtc does not know), as `create_answer`
         // fails where it can answer no codec at all.
-        let mut sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
+        let sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
         if !p.simulcast.is_empty() {
-            // Simulcast layers come without repair flows: webrtc-rs cannot yet tell a layer's
-            // RTX packets apart (repaired-rtp-stream-id), so the client is told no RTX there
-            // and retransmits on each layer's own SSRC. (webrtc-rs refuses an answer edited
-            // before it is applied; it only ever receives on these m-lines, so its own copy
-            // offering RTX changes nothing.)
+            // Each layer's retransmissions come on an RTX flow of its own that only the
+            // repaired RID names; rtc 0.21 cannot bind those, the stack restores them
+            // (`crate::layer_rtx`).
             let mids: Vec<&str> = p.simulcast.iter().map(|(m, _)| m.as_str()).collect();
-            sdp = crate::sdp::without_rtx(&sdp, &mids);
+            let apt = crate::sdp::rtx_repairs(&sdp, &mids);
+            if let Ok(mut stack) = p.stack.0.lock() {
+                stack.expect_layer_rtx(apt);
+            }
         }
         self.shared.progress(&p.room, &p.participant, &p.transport, Progress::Answer { sdp });
 

@@ -1,0 +1,266 @@
+//! Retransmissions of simulcast layers: RTX flows (RFC 4588) named by the
+//! repaired-rtp-stream-id header extension (RFC 8852), turned back into the packets they
+//! repair before rtc's receiving interceptors and the worker see them.
+//!
+//! A browser publishing simulcast declares no SSRCs: each layer is known by the RID on
+//! its first packets, and each layer's RTX flow by the *repaired* RID on its first
+//! packets. rtc 0.21 binds layers by RID but not their RTX flows (its
+//! `bind_by_rid`: "TODO: Add support of handling repair rtp stream id (rrid)"), and drops
+//! their packets. So here, in the stack ahead of every interceptor, an RTX packet of a
+//! layer becomes the packet it carries (RFC 4588 §4: the layer's SSRC, the payload type
+//! the RTX format's `apt` names, the original sequence number from the payload's first
+//! two bytes, the rest of the payload): the NACK generator sees the repair and stops
+//! asking, the receiver reports count it, and the worker forwards it as it forwards a
+//! packet resent on the layer's own SSRC. The transport-wide number stays, so the TWCC
+//! feedback still covers the RTX packet as sent. A padding-only RTX packet (a bandwidth
+//! probe: nothing to restore) goes on untouched: the TWCC receiver counts it, rtc then
+//! drops it.
+//!
+//! Only SSRCs rtc bound (the layers the SDP's RIDs name) are learnt, and a layer has one
+//! RTX flow, so what a client can make this keep is bounded by what it negotiated.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use rtc::interceptor::StreamInfo;
+use rtc::rtp;
+
+use crate::rtcp_counter::RtcpCounters;
+
+const MID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+const RRID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id";
+
+/// A layer rtc bound, and what its first packets named it.
+struct Layer {
+    ssrc: u32,
+    /// `(mid, rid)`, once a packet carrying both came.
+    name: Option<(Bytes, Bytes)>,
+    /// Its RTX flow's SSRC, once an RTX packet naming the layer came.
+    rtx: Option<u32>,
+}
+
+/// Per connection (see the module docs).
+pub struct LayerRtx {
+    /// RTX payload types of the simulcast m-lines, each with the one it repairs (`apt`).
+    apt: Vec<(u8, u8)>,
+    mid: Option<u8>,
+    rid: Option<u8>,
+    rrid: Option<u8>,
+    layers: Vec<Layer>,
+    counters: Arc<RtcpCounters>,
+}
+
+impl LayerRtx {
+    /// Restoring nothing until [`LayerRtx::expect`] names RTX formats.
+    pub fn new(counters: Arc<RtcpCounters>) -> Self {
+        LayerRtx { apt: Vec::new(), mid: None, rid: None, rrid: None, layers: Vec::new(), counters }
+    }
+
+    /// The RTX payload types negotiated on simulcast m-lines, with the payload type each
+    /// repairs (from the answer).
+    pub fn expect(&mut self, apt: Vec<(u8, u8)>) {
+        self.apt = apt;
+    }
+
+    /// A stream rtc bound: its header extension ids, and its SSRC as a possible layer.
+    pub fn bind(&mut self, info: &StreamInfo) {
+        for e in &info.rtp_header_extensions {
+            let Ok(id) = u8::try_from(e.id) else { continue };
+            match e.uri.as_str() {
+                MID_URI => self.mid = Some(id),
+                RID_URI => self.rid = Some(id),
+                RRID_URI => self.rrid = Some(id),
+                _ => {}
+            }
+        }
+        if !self.layers.iter().any(|l| l.ssrc == info.ssrc) {
+            self.layers.push(Layer { ssrc: info.ssrc, name: None, rtx: None });
+        }
+    }
+
+    /// A stream rtc let go of.
+    pub fn unbind(&mut self, ssrc: u32) {
+        self.layers.retain(|l| l.ssrc != ssrc);
+    }
+
+    /// An RTP packet arriving: a layer's first packets name it; its RTX packets are
+    /// restored in place (see the module docs).
+    pub fn read(&mut self, p: &mut rtp::Packet) {
+        if self.apt.is_empty() {
+            return;
+        }
+        let Some(&(_, apt)) = self.apt.iter().find(|(rtx, _)| *rtx == p.header.payload_type) else {
+            self.learn_layer(p);
+            return;
+        };
+        let Some(layer) = self.layer_repaired_by(p) else { return };
+        let Some(&[high, low]) = p.payload.first_chunk::<2>() else { return };
+        let original = u16::from_be_bytes([high, low]);
+        p.header.ssrc = layer;
+        p.header.payload_type = apt;
+        p.header.sequence_number = original;
+        p.header.padding = false;
+        p.payload = p.payload.slice(2..);
+        if let Some(rrid) = self.rrid {
+            // Now the layer's own packet; a repaired RID on it would only confuse rtc.
+            let _ = p.header.del_extension(rrid);
+        }
+        self.counters.layer_rtx_repairs.fetch_add(1, Relaxed);
+    }
+
+    /// Notes the MID and RID a bound layer's packet carries, until it is named.
+    fn learn_layer(&mut self, p: &rtp::Packet) {
+        let Some(layer) = self.layers.iter_mut().find(|l| l.ssrc == p.header.ssrc) else { return };
+        if layer.name.is_some() {
+            return;
+        }
+        let (Some(mid), Some(rid)) = (self.mid, self.rid) else { return };
+        if let (Some(mid), Some(rid)) = (p.header.get_extension(mid), p.header.get_extension(rid)) {
+            layer.name = Some((mid, rid));
+        }
+    }
+
+    /// The SSRC of the layer an RTX packet repairs: known by its SSRC once an earlier
+    /// packet of the flow named the layer (browsers stop sending MID and RIDs once the
+    /// receiver reports on the flow).
+    fn layer_repaired_by(&mut self, p: &rtp::Packet) -> Option<u32> {
+        let ssrc = p.header.ssrc;
+        if let Some(l) = self.layers.iter().find(|l| l.rtx == Some(ssrc)) {
+            return Some(l.ssrc);
+        }
+        let rrid = p.header.get_extension(self.rrid?)?;
+        let mid = self.mid.and_then(|id| p.header.get_extension(id));
+        let named = |l: &Layer| l.name.as_ref().is_some_and(|(m, r)| *r == rrid && mid.as_ref().is_none_or(|mid| m == mid));
+        // Without a MID the RID must name one layer only (RIDs are per m-line).
+        if mid.is_none() && self.layers.iter().filter(|l| named(l)).count() > 1 {
+            return None;
+        }
+        let layer = self.layers.iter_mut().find(|l| named(l))?;
+        // A layer has one RTX flow: a new SSRC for it (a restarted encoder) replaces the old.
+        layer.rtx = Some(ssrc);
+        Some(layer.ssrc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtc::interceptor::RTPHeaderExtension;
+
+    use super::*;
+
+    const MID: u8 = 1;
+    const RID: u8 = 2;
+    const RRID: u8 = 3;
+
+    fn layer(ssrc: u32) -> StreamInfo {
+        let ext = |uri: &str, id| RTPHeaderExtension { uri: uri.into(), id };
+        StreamInfo {
+            ssrc,
+            payload_type: 96,
+            rtp_header_extensions: vec![ext(MID_URI, 1), ext(RID_URI, 2), ext(RRID_URI, 3), ext("urn:other", 4)],
+            ..Default::default()
+        }
+    }
+
+    fn packet(ssrc: u32, pt: u8, seq: u16, ext: &[(u8, &str)], payload: &[u8]) -> rtp::Packet {
+        let mut p = rtp::Packet {
+            header: rtp::Header { version: 2, ssrc, payload_type: pt, sequence_number: seq, timestamp: 9000, ..Default::default() },
+            payload: Bytes::copy_from_slice(payload),
+        };
+        for (id, value) in ext {
+            p.header.set_extension(*id, Bytes::copy_from_slice(value.as_bytes())).unwrap();
+        }
+        p
+    }
+
+    /// Two layers of m-line "0" (SSRCs 1 and 2, RIDs q and h) named by their first packets.
+    fn two_layers() -> (LayerRtx, Arc<RtcpCounters>) {
+        let counters = Arc::new(RtcpCounters::default());
+        let mut l = LayerRtx::new(counters.clone());
+        l.expect(vec![(97, 96)]);
+        for (ssrc, rid) in [(1, "q"), (2, "h")] {
+            l.bind(&layer(ssrc));
+            l.read(&mut packet(ssrc, 96, 10, &[(MID, "0"), (RID, rid)], b"media"));
+        }
+        (l, counters)
+    }
+
+    #[test]
+    fn a_layers_rtx_packet_becomes_the_packet_it_repairs() {
+        let (mut l, counters) = two_layers();
+        let mut rtx = packet(11, 97, 500, &[(MID, "0"), (RRID, "h"), (4, "x")], &[0x12, 0x34, 7, 8, 9]);
+        rtx.header.padding = true;
+        l.read(&mut rtx);
+        assert_eq!((rtx.header.ssrc, rtx.header.payload_type, rtx.header.sequence_number), (2, 96, 0x1234));
+        assert_eq!(&rtx.payload[..], &[7, 8, 9]);
+        assert!(!rtx.header.padding);
+        assert_eq!(rtx.header.get_extension(RRID), None, "the repaired RID is gone");
+        assert_eq!(rtx.header.get_extension(4).as_deref(), Some(&b"x"[..]), "other extensions stay");
+        assert_eq!(rtx.header.timestamp, 9000);
+        // Later packets of the flow carry no extensions: known by their SSRC.
+        let mut later = packet(11, 97, 501, &[], &[0x12, 0x40, 1]);
+        l.read(&mut later);
+        assert_eq!((later.header.ssrc, later.header.sequence_number, &later.payload[..]), (2, 0x1240, &[1u8][..]));
+        assert_eq!(counters.layer_rtx_repairs.load(Relaxed), 2);
+        // The layer's own packets pass as they are.
+        let mut media = packet(2, 96, 11, &[], b"more");
+        l.read(&mut media);
+        assert_eq!((media.header.ssrc, media.header.sequence_number, &media.payload[..]), (2, 11, &b"more"[..]));
+        // A new RTX SSRC for the layer (a restarted encoder) replaces the old.
+        let mut renewed = packet(12, 97, 1, &[(MID, "0"), (RRID, "h")], &[0, 5, 1]);
+        l.read(&mut renewed);
+        assert_eq!(renewed.header.ssrc, 2);
+        let mut old = packet(11, 97, 502, &[], &[0, 6, 1]);
+        l.read(&mut old);
+        assert_eq!(old.header.ssrc, 11, "the old flow is no longer the layer's");
+    }
+
+    #[test]
+    fn what_cannot_be_restored_passes_untouched() {
+        let (mut l, counters) = two_layers();
+        let untouched = |l: &mut LayerRtx, mut p: rtp::Packet| {
+            let before = p.clone();
+            l.read(&mut p);
+            assert_eq!(p, before);
+        };
+        // A padding-only probe (rtc leaves the padding out of the payload): nothing to restore.
+        untouched(&mut l, packet(11, 97, 1, &[(MID, "0"), (RRID, "q")], &[]));
+        untouched(&mut l, packet(11, 97, 2, &[(MID, "0"), (RRID, "q")], &[9]));
+        // A RID no layer has, another m-line's, no repaired RID at all.
+        untouched(&mut l, packet(13, 97, 1, &[(MID, "0"), (RRID, "f")], &[0, 1, 2]));
+        untouched(&mut l, packet(13, 97, 1, &[(MID, "1"), (RRID, "q")], &[0, 1, 2]));
+        untouched(&mut l, packet(13, 97, 1, &[(MID, "0")], &[0, 1, 2]));
+        // Not an RTX payload type of a simulcast m-line.
+        untouched(&mut l, packet(13, 98, 1, &[(MID, "0"), (RRID, "q")], &[0, 1, 2]));
+        assert_eq!(counters.layer_rtx_repairs.load(Relaxed), 0);
+        // An SSRC rtc did not bind naming itself h does not become the layer.
+        l.read(&mut packet(99, 96, 1, &[(MID, "0"), (RID, "f")], b"junk"));
+        untouched(&mut l, packet(13, 97, 1, &[(MID, "0"), (RRID, "f")], &[0, 1, 2]));
+        // A layer rtc let go of.
+        l.unbind(1);
+        untouched(&mut l, packet(14, 97, 1, &[(MID, "0"), (RRID, "q")], &[0, 1, 2]));
+        // Nothing expected: nothing touched.
+        let (mut quiet, _) = two_layers();
+        quiet.expect(Vec::new());
+        untouched(&mut quiet, packet(11, 97, 1, &[(MID, "0"), (RRID, "h")], &[0, 1, 2]));
+    }
+
+    /// RIDs are per m-line: without a MID, a repaired RID two m-lines have is not taken.
+    #[test]
+    fn without_a_mid_the_rid_must_be_unambiguous() {
+        let (mut l, _) = two_layers();
+        l.bind(&layer(3));
+        l.read(&mut packet(3, 96, 10, &[(MID, "1"), (RID, "h")], b"media"));
+        let mut ambiguous = packet(11, 97, 1, &[(RRID, "h")], &[0, 1, 2]);
+        l.read(&mut ambiguous);
+        assert_eq!(ambiguous.header.ssrc, 11);
+        let mut unique = packet(11, 97, 1, &[(RRID, "q")], &[0, 1, 2]);
+        l.read(&mut unique);
+        assert_eq!(unique.header.ssrc, 1);
+        let mut named = packet(15, 97, 1, &[(MID, "1"), (RRID, "h")], &[0, 1, 2]);
+        l.read(&mut named);
+        assert_eq!(named.header.ssrc, 3);
+    }
+}
