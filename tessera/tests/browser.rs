@@ -21,8 +21,10 @@ fn js_dir() -> PathBuf {
 /// One Chromium at a time: two beside each other on two cores make the video checks flaky.
 static BROWSER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs `script` in a new network namespace (loopback only) and checks node's TAP summary.
-fn run_in_namespace(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
+/// Runs `script` in a new network namespace (loopback only) and checks node's TAP summary,
+/// which it also keeps in `target/browser-tests/<name>.tap` (what each test measured, and
+/// which skipped, stays readable after a run whose output cargo captured).
+fn run_in_namespace(name: &str, script: &str, env: &[(&str, &std::ffi::OsStr)]) {
     let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("unshare");
     cmd.args(["-n", "sh", "-c", script]).current_dir(js_dir()).env("TESSERA_BIN", common::bin());
@@ -37,6 +39,10 @@ fn run_in_namespace(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
     let out = cmd.output().expect("run unshare/node");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let kept = common::workspace_root().join("target/browser-tests");
+    if let Err(e) = std::fs::create_dir_all(&kept).and_then(|()| std::fs::write(kept.join(format!("{name}.tap")), stdout.as_bytes())) {
+        eprintln!("keeping the TAP output in {}: {e}", kept.display());
+    }
     assert!(out.status.success(), "browser tests failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("# fail 0") && !stdout.contains("# pass 0"), "{stdout}");
     println!("{stdout}");
@@ -46,6 +52,7 @@ fn run_in_namespace(script: &str, env: &[(&str, &std::ffi::OsStr)]) {
 fn demo_page_in_headless_chromium() {
     let shot = common::workspace_root().join("target/demo-screenshot.png");
     run_in_namespace(
+        "all",
         "ip link set lo up && exec node --test --test-force-exit --test-concurrency=1 test-browser/",
         &[("TESSERA_SCREENSHOT", shot.as_os_str())],
     );
@@ -57,6 +64,7 @@ fn ice_tcp_in_headless_chromium_with_udp_blocked() {
     // Every UDP packet leaving any socket in the namespace is dropped (the server's and
     // Chromium's alike), so only ICE-TCP can carry media.
     run_in_namespace(
+        "ice-tcp",
         "ip link set lo up \
          && nft add table inet blockudp \
          && nft add chain inet blockudp out '{ type filter hook output priority 0; policy accept; }' \
