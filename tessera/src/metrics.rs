@@ -111,7 +111,7 @@ impl Metrics {
             counter!("tessera_nacks_received_total").absolute(m.nacks_in);
             counter!("tessera_nacked_packets_total").absolute(m.nacked_packets);
             counter!("tessera_nacks_sent_total").absolute(m.nacks_out);
-            counter!("tessera_layer_rtx_repairs_total").absolute(m.layer_rtx_repairs);
+            counter!("tessera_rtx_repairs_total").absolute(m.rtx_repairs);
             // Prometheus summaries without quantiles: rate(_sum) / rate(_count) is the mean.
             gauge!("tessera_client_fraction_lost_sum").set(m.fraction_lost_sum);
             counter!("tessera_client_fraction_lost_count").absolute(m.reports);
@@ -176,7 +176,7 @@ fn describe() {
     describe_counter!("tessera_nacks_received_total", "NACK packets received from subscribers");
     describe_counter!("tessera_nacked_packets_total", "Media packets those NACKs asked for");
     describe_counter!("tessera_nacks_sent_total", "NACK packets sent to publishers");
-    describe_counter!("tessera_layer_rtx_repairs_total", "Retransmissions of simulcast layers received over RTX and restored to their layer");
+    describe_counter!("tessera_rtx_repairs_total", "Retransmissions of simulcast layers received over RTX and restored to their layer");
     describe_gauge!("tessera_client_fraction_lost_sum", "Sum of the loss fractions subscribers reported (receiver reports)");
     describe_counter!("tessera_client_fraction_lost_count", "Receiver report blocks from subscribers");
     describe_gauge!("tessera_client_rtt_seconds_sum", "Sum of round-trip times measured from subscribers' receiver reports");

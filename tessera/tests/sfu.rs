@@ -945,7 +945,7 @@ async fn simulcast_layers_are_chosen_and_switched_on_keyframes() {
     let (mut psig, _) = s.join(&room, "pub").await;
     let p = SimulcastPublisher::start(&mut psig, &THREE_LAYERS).await.unwrap();
     // The answer receives the three layers, with RTX and the repaired RID that names each
-    // layer's RTX flow (restored by the server: webrtc-agent/src/layer_rtx.rs).
+    // layer's RTX flow (restored by the server: webrtc-agent/src/rtx_in.rs).
     assert!(p.answer.contains("a=simulcast:recv q;h;f"), "{}", p.answer);
     assert!(p.answer.contains(" rtx/90000") && p.answer.contains("sdes:repaired-rtp-stream-id"), "{}", p.answer);
     // The stream lists one video track per layer, each with its RID and its own id.

@@ -230,10 +230,11 @@ impl KeyframeThrottle {
 }
 
 /// Sequence numbers a publisher track has already delivered, over the last
-/// [`SeenWindow::SIZE`], so a packet that arrives twice is forwarded once. webrtc-rs hands
-/// every RTX repair to the track, and its NACK generator does not see repairs (they pass
-/// its chain under the RTX SSRC), so it asks for a lost packet again on every round and
-/// each answer used to reach every subscriber.
+/// [`SeenWindow::SIZE`], so a packet that arrives twice is forwarded once: a repair that
+/// crossed a second NACK, or a browser's RTX padding while it probes its bandwidth (copies
+/// of packets it just sent). (Before RTX was restored ahead of the NACK generator,
+/// [`crate::rtx_in`], the generator asked for a lost packet on every round, and each
+/// answer reached every subscriber.)
 #[derive(Debug, Clone)]
 pub struct SeenWindow {
     bits: [u64; Self::SIZE / 64],

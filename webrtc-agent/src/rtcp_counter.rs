@@ -34,8 +34,8 @@ pub struct RtcpCounters {
     /// Sum of those round-trip times, in microseconds.
     pub rtt_us: AtomicU64,
     /// Retransmissions of simulcast layers that came over RTX and were restored to their
-    /// layer ([`crate::layer_rtx`]; counted per such packet, only a few per lost packet).
-    pub layer_rtx_repairs: AtomicU64,
+    /// layer ([`crate::rtx_in`]; counted per such packet, only a few per lost packet).
+    pub rtx_repairs: AtomicU64,
 }
 
 impl RtcpCounters {

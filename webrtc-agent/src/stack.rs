@@ -24,15 +24,15 @@ use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use tracing::debug;
 
-use crate::layer_rtx::LayerRtx;
 use crate::responder::Responder;
+use crate::rtx_in::RtxIn;
 use crate::sender_reports::SenderReports;
 use crate::wire::Wire;
 
 /// The interceptors (see the module docs), in rtc's slot order.
 pub struct Stack {
     /// Ahead of them all: simulcast layers' RTX restored to the layer.
-    layer_rtx: LayerRtx,
+    rtx_in: RtxIn,
     wire: Wire,
     nack_responder: Responder,
     nack_generator: NackGeneratorInterceptor,
@@ -75,7 +75,7 @@ impl Stack {
         sender_reports: SenderReports,
     ) -> Self {
         Stack {
-            layer_rtx: LayerRtx::new(wire.counters().clone()),
+            rtx_in: RtxIn::new(wire.counters().clone()),
             wire,
             nack_responder,
             nack_generator,
@@ -168,9 +168,9 @@ impl Stack {
 
     /// The RTX payload types of the simulcast m-lines the connection receives, each with
     /// the payload type it repairs: their packets are restored to their layer
-    /// ([`crate::layer_rtx`]).
+    /// ([`crate::rtx_in`]).
     pub fn expect_layer_rtx(&mut self, apt: Vec<(u8, u8)>) {
-        self.layer_rtx.expect(apt);
+        self.rtx_in.expect(apt);
     }
 
     /// Whether anything waits to go out through rtc's next write (what a walk made beside a
@@ -300,7 +300,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for Stack {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtp(p) = &mut msg.message.packet {
-            self.layer_rtx.read(p);
+            self.rtx_in.read(p);
         }
         // The NACK responder answers a NACK with retransmissions: they wait in it for the
         // next whole write walk. (None of the three an RTP packet meets makes a packet as it
@@ -369,13 +369,13 @@ impl Interceptor for Stack {
     }
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
         self.receives = true;
-        self.layer_rtx.bind(info);
+        self.rtx_in.bind(info);
         for (interceptor, _) in self.all() {
             interceptor.bind_remote_stream(info);
         }
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        self.layer_rtx.unbind(info.ssrc);
+        self.rtx_in.unbind(info.ssrc);
         for (interceptor, _) in self.all() {
             interceptor.unbind_remote_stream(info);
         }
@@ -673,11 +673,12 @@ mod tests {
         steps
     }
 
-    /// A simulcast layer's retransmission over RTX (named by its repaired RID) reaches the
-    /// NACK generator as the packet it repairs, and the application as the layer's packet:
-    /// the lost packet is asked for once, not again. Without the RTX it is asked again.
+    /// A retransmission over RTX reaches the NACK generator as the packet it repairs, and
+    /// the application as the stream's packet, whether the flow is a simulcast layer's
+    /// (named by its repaired RID) or declared by the SDP (FID): the lost packet is asked
+    /// for once, not again. Without the RTX it is asked again.
     #[test]
-    fn a_layers_rtx_repair_ends_the_nack_generators_asking() {
+    fn an_rtx_repair_ends_the_nack_generators_asking() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let with_ext = |mut packet: Packet, ext: &[(u8, &str)]| {
@@ -701,11 +702,20 @@ mod tests {
             }
             lost
         };
-        for repaired in [false, true] {
+        for case in ["unrepaired", "layer", "declared"] {
             let mut s = new_stack(false);
-            s.expect_layer_rtx(vec![(97, 96)]);
-            let mut layer = stream(40, None);
-            layer.rtp_header_extensions = [
+            let mut stream_info = stream(40, None);
+            // A layer's packets and its RTX's first ones name it; a declared flow needs nothing.
+            type Extensions<'a> = &'a [(u8, &'a str)];
+            let (media_ext, rtx_ext): (Extensions, Extensions) = if case == "declared" {
+                stream_info.ssrc_rtx = Some(41);
+                stream_info.payload_type_rtx = Some(97);
+                (&[], &[])
+            } else {
+                s.expect_layer_rtx(vec![(97, 96)]);
+                (&[(1, "0"), (2, "h")], &[(1, "0"), (3, "h")])
+            };
+            stream_info.rtp_header_extensions = [
                 "urn:ietf:params:rtp-hdrext:sdes:mid",
                 "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id",
                 "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
@@ -714,13 +724,13 @@ mod tests {
             .zip(1..)
             .map(|(uri, id)| RTPHeaderExtension { uri: (*uri).into(), id })
             .collect();
-            s.bind_remote_stream(&layer);
+            s.bind_remote_stream(&stream_info);
             for seq in (0..10u16).filter(|s| *s != 4) {
-                s.handle_read(tagged(with_ext(rtp(40, seq), &[(1, "0"), (2, "h")]), ms(u64::from(seq) * 33))).unwrap();
+                s.handle_read(tagged(with_ext(rtp(40, seq), media_ext), ms(u64::from(seq) * 33))).unwrap();
             }
             while s.poll_read().is_some() {}
-            assert_eq!(nacked(&mut s, ms(400)), vec![4]);
-            if repaired {
+            assert_eq!(nacked(&mut s, ms(400)), vec![4], "{case}");
+            if case != "unrepaired" {
                 let rtx = Packet::Rtp(rtc::rtp::Packet {
                     header: rtc::rtp::header::Header {
                         version: 2,
@@ -732,17 +742,17 @@ mod tests {
                     },
                     payload: bytes::Bytes::from(vec![0, 4, 4, 4, 4]),
                 });
-                s.handle_read(tagged(with_ext(rtx, &[(1, "0"), (3, "h")]), ms(420))).unwrap();
+                s.handle_read(tagged(with_ext(rtx, rtx_ext), ms(420))).unwrap();
                 let read = s.poll_read().expect("the repair reaches the application");
                 let Packet::Rtp(p) = &read.message.packet else { panic!("not RTP: {:?}", read.message.packet) };
-                assert_eq!((p.header.ssrc, p.header.payload_type, p.header.sequence_number, &p.payload[..]), (40, 96, 4, &[4u8, 4, 4][..]));
-                assert_eq!(s.wire.counters().layer_rtx_repairs.load(std::sync::atomic::Ordering::Relaxed), 1);
+                assert_eq!((p.header.ssrc, p.header.payload_type, p.header.sequence_number, &p.payload[..]), (40, 96, 4, &[4u8, 4, 4][..]), "{case}");
+                assert_eq!(s.wire.counters().rtx_repairs.load(std::sync::atomic::Ordering::Relaxed), 1, "{case}");
             }
             let again = nacked(&mut s, ms(600));
-            if repaired {
-                assert!(again.is_empty(), "asked again after the repair: {again:?}");
-            } else {
+            if case == "unrepaired" {
                 assert_eq!(again, vec![4], "without the repair the packet is asked for again");
+            } else {
+                assert!(again.is_empty(), "{case}: asked again after the repair: {again:?}");
             }
         }
     }

@@ -309,7 +309,7 @@ test('a simulcast publication that loses packets is repaired over each layer\'s 
     const line = text.split('\n').find((l) => l.startsWith(`${name} `));
     return line ? Number(line.split(' ')[1]) : 0;
   };
-  const repairs = () => metric('tessera_layer_rtx_repairs_total');
+  const repairs = () => metric('tessera_rtx_repairs_total');
   const nacksBefore = await metric('tessera_nacks_sent_total');
   const before = await repairs();
   // 10 % of what Alice sends (all three layers, their RTX, her RTCP), at random, is dropped

@@ -232,7 +232,7 @@ pub struct AgentMetrics {
     /// NACKs sent to publishers.
     pub nacks_out: u64,
     /// Simulcast layers' retransmissions that came over RTX, restored to their layer.
-    pub layer_rtx_repairs: u64,
+    pub rtx_repairs: u64,
     /// Receiver report blocks from subscribers.
     pub reports: u64,
     /// Sum of their fraction lost (0..1 each).
@@ -427,7 +427,8 @@ pub(crate) fn random_token(len: usize) -> String {
 /// Packets of each outgoing video stream kept for retransmission: 256 is 1.7 s of 720p,
 /// longer than a retransmission can usefully arrive (webrtc-rs keeps 1024: 34 s).
 const NACK_HISTORY: u16 = 256;
-/// NACKs sent for one lost packet of a publisher (the generator does not see RTX repairs).
+/// NACKs sent for one lost packet of a publisher whose repair does not come (one that
+/// comes ends them: RTX is restored ahead of the generator, [`crate::rtx_in`]).
 const NACKS_PER_PACKET: u16 = 3;
 
 /// The codecs and header extensions a connection offers and accepts: rtc's defaults (each
@@ -690,7 +691,7 @@ impl WorkerAgent {
             nacks_in: load(&r.nacks_in),
             nacked_packets: load(&r.nacked_packets),
             nacks_out: load(&r.nacks_out),
-            layer_rtx_repairs: load(&r.layer_rtx_repairs),
+            rtx_repairs: load(&r.rtx_repairs),
             reports: load(&r.reports),
             fraction_lost_sum: load(&r.fraction_lost_256) as f64 / 256.0,
             rtt_samples: load(&r.rtt_samples),

@@ -1831,7 +1831,7 @@ impl Worker {
         if !p.simulcast.is_empty() {
             // Each layer's retransmissions come on an RTX flow of its own that only the
             // repaired RID names; rtc 0.21 cannot bind those, the stack restores them
-            // (`crate::layer_rtx`).
+            // (`crate::rtx_in`).
             let mids: Vec<&str> = p.simulcast.iter().map(|(m, _)| m.as_str()).collect();
             let apt = crate::sdp::rtx_repairs(&sdp, &mids);
             if let Ok(mut stack) = p.stack.0.lock() {

@@ -1,23 +1,27 @@
-//! Retransmissions of simulcast layers: RTX flows (RFC 4588) named by the
-//! repaired-rtp-stream-id header extension (RFC 8852), turned back into the packets they
+//! Retransmissions publishers send over RTX (RFC 4588), turned back into the packets they
 //! repair before rtc's receiving interceptors and the worker see them.
 //!
-//! A browser publishing simulcast declares no SSRCs: each layer is known by the RID on
-//! its first packets, and each layer's RTX flow by the *repaired* RID on its first
-//! packets. rtc 0.21 binds layers by RID but not their RTX flows (its
-//! `bind_by_rid`: "TODO: Add support of handling repair rtp stream id (rrid)"), and drops
-//! their packets. So here, in the stack ahead of every interceptor, an RTX packet of a
-//! layer becomes the packet it carries (RFC 4588 §4: the layer's SSRC, the payload type
-//! the RTX format's `apt` names, the original sequence number from the payload's first
-//! two bytes, the rest of the payload): the NACK generator sees the repair and stops
-//! asking, the receiver reports count it, and the worker forwards it as it forwards a
-//! packet resent on the layer's own SSRC. The transport-wide number stays, so the TWCC
-//! feedback still covers the RTX packet as sent. A padding-only RTX packet (a bandwidth
-//! probe: nothing to restore) goes on untouched: the TWCC receiver counts it, rtc then
-//! drops it.
+//! Two kinds of RTX flow arrive. A stream the SDP declares (`a=ssrc-group:FID <media>
+//! <rtx>`) has its flow bound by rtc with the stream, and rtc restores its packets, but
+//! only at the end of its pipeline, past the interceptors: its NACK generator never saw a
+//! repair and asked again every 100 ms while the packet stayed in its log (Tessera caps
+//! that at three). A browser publishing simulcast declares no SSRCs: each layer is known by
+//! the RID on its first packets, and each layer's RTX flow by the *repaired* RID on its
+//! first packets (RFC 8852); rtc 0.21 binds layers by RID but not their RTX flows (its
+//! `bind_by_rid`: "TODO: Add support of handling repair rtp stream id (rrid)") and drops
+//! their packets.
 //!
-//! Only SSRCs rtc bound (the layers the SDP's RIDs name) are learnt, and a layer has one
-//! RTX flow, so what a client can make this keep is bounded by what it negotiated.
+//! So here, in the stack ahead of every interceptor, an RTX packet of either kind becomes
+//! the packet it carries (RFC 4588 §4: the stream's SSRC, the payload type the RTX
+//! format's `apt` names, the original sequence number from the payload's first two bytes,
+//! the rest of the payload): the NACK generator sees the repair and stops asking, the
+//! receiver reports count it, and the worker forwards it as it forwards a packet resent on
+//! the stream's own SSRC. The transport-wide number stays, so the TWCC feedback still
+//! covers the RTX packet as sent. A padding-only RTX packet (a bandwidth probe: nothing to
+//! restore) goes on untouched: the TWCC receiver counts it, rtc then drops it.
+//!
+//! Only SSRCs rtc bound (those the SDP declares or its RIDs name) are learnt, and a stream
+//! has one RTX flow, so what a client can make this keep is bounded by what it negotiated.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -32,19 +36,23 @@ const MID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 const RRID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id";
 
-/// A layer rtc bound, and what its first packets named it.
+/// A stream rtc bound (a simulcast layer, or any other), and what its first packets named it.
 struct Layer {
     ssrc: u32,
     /// `(mid, rid)`, once a packet carrying both came.
     name: Option<(Bytes, Bytes)>,
-    /// Its RTX flow's SSRC, once an RTX packet naming the layer came.
+    /// Its RTX flow's SSRC: declared by the SDP, or once an RTX packet naming the layer came.
     rtx: Option<u32>,
+    /// The declared flow's RTX payload type and the stream's own.
+    declared: Option<(u8, u8)>,
 }
 
 /// Per connection (see the module docs).
-pub struct LayerRtx {
+pub struct RtxIn {
     /// RTX payload types of the simulcast m-lines, each with the one it repairs (`apt`).
     apt: Vec<(u8, u8)>,
+    /// Whether a bound stream has a declared RTX flow.
+    declared: bool,
     mid: Option<u8>,
     rid: Option<u8>,
     rrid: Option<u8>,
@@ -52,10 +60,11 @@ pub struct LayerRtx {
     counters: Arc<RtcpCounters>,
 }
 
-impl LayerRtx {
-    /// Restoring nothing until [`LayerRtx::expect`] names RTX formats.
+impl RtxIn {
+    /// Restoring nothing until [`RtxIn::expect`] names RTX formats or a stream with a
+    /// declared RTX flow is bound.
     pub fn new(counters: Arc<RtcpCounters>) -> Self {
-        LayerRtx { apt: Vec::new(), mid: None, rid: None, rrid: None, layers: Vec::new(), counters }
+        RtxIn { apt: Vec::new(), declared: false, mid: None, rid: None, rrid: None, layers: Vec::new(), counters }
     }
 
     /// The RTX payload types negotiated on simulcast m-lines, with the payload type each
@@ -64,7 +73,8 @@ impl LayerRtx {
         self.apt = apt;
     }
 
-    /// A stream rtc bound: its header extension ids, and its SSRC as a possible layer.
+    /// A stream rtc bound: its header extension ids, its declared RTX flow, and its SSRC
+    /// as a possible layer.
     pub fn bind(&mut self, info: &StreamInfo) {
         for e in &info.rtp_header_extensions {
             let Ok(id) = u8::try_from(e.id) else { continue };
@@ -75,9 +85,21 @@ impl LayerRtx {
                 _ => {}
             }
         }
-        if !self.layers.iter().any(|l| l.ssrc == info.ssrc) {
-            self.layers.push(Layer { ssrc: info.ssrc, name: None, rtx: None });
+        let declared = info.ssrc_rtx.zip(info.payload_type_rtx);
+        match self.layers.iter_mut().find(|l| l.ssrc == info.ssrc) {
+            Some(l) if declared.is_some() => {
+                l.rtx = declared.map(|(ssrc, _)| ssrc);
+                l.declared = declared.map(|(_, pt)| (pt, info.payload_type));
+            }
+            Some(_) => {}
+            None => self.layers.push(Layer {
+                ssrc: info.ssrc,
+                name: None,
+                rtx: declared.map(|(ssrc, _)| ssrc),
+                declared: declared.map(|(_, pt)| (pt, info.payload_type)),
+            }),
         }
+        self.declared |= declared.is_some();
     }
 
     /// A stream rtc let go of.
@@ -85,13 +107,13 @@ impl LayerRtx {
         self.layers.retain(|l| l.ssrc != ssrc);
     }
 
-    /// An RTP packet arriving: a layer's first packets name it; its RTX packets are
-    /// restored in place (see the module docs).
+    /// An RTP packet arriving: a layer's first packets name it; RTX packets are restored
+    /// in place (see the module docs).
     pub fn read(&mut self, p: &mut rtp::Packet) {
-        if self.apt.is_empty() {
+        if self.apt.is_empty() && !self.declared {
             return;
         }
-        let Some(&(_, apt)) = self.apt.iter().find(|(rtx, _)| *rtx == p.header.payload_type) else {
+        let Some(apt) = self.repaired_payload_type(p.header.payload_type) else {
             self.learn_layer(p);
             return;
         };
@@ -107,11 +129,21 @@ impl LayerRtx {
             // Now the layer's own packet; a repaired RID on it would only confuse rtc.
             let _ = p.header.del_extension(rrid);
         }
-        self.counters.layer_rtx_repairs.fetch_add(1, Relaxed);
+        self.counters.rtx_repairs.fetch_add(1, Relaxed);
+    }
+
+    /// The payload type an RTX payload type repairs; `None` for one that is not RTX.
+    fn repaired_payload_type(&self, pt: u8) -> Option<u8> {
+        let from_answer = self.apt.iter().find(|(rtx, _)| *rtx == pt).map(|(_, apt)| *apt);
+        from_answer.or_else(|| self.layers.iter().find_map(|l| l.declared.filter(|(rtx, _)| *rtx == pt).map(|(_, apt)| apt)))
     }
 
     /// Notes the MID and RID a bound layer's packet carries, until it is named.
     fn learn_layer(&mut self, p: &rtp::Packet) {
+        if self.apt.is_empty() {
+            // No simulcast m-line: no layer to name.
+            return;
+        }
         let Some(layer) = self.layers.iter_mut().find(|l| l.ssrc == p.header.ssrc) else { return };
         if layer.name.is_some() {
             return;
@@ -176,9 +208,9 @@ mod tests {
     }
 
     /// Two layers of m-line "0" (SSRCs 1 and 2, RIDs q and h) named by their first packets.
-    fn two_layers() -> (LayerRtx, Arc<RtcpCounters>) {
+    fn two_layers() -> (RtxIn, Arc<RtcpCounters>) {
         let counters = Arc::new(RtcpCounters::default());
-        let mut l = LayerRtx::new(counters.clone());
+        let mut l = RtxIn::new(counters.clone());
         l.expect(vec![(97, 96)]);
         for (ssrc, rid) in [(1, "q"), (2, "h")] {
             l.bind(&layer(ssrc));
@@ -203,7 +235,7 @@ mod tests {
         let mut later = packet(11, 97, 501, &[], &[0x12, 0x40, 1]);
         l.read(&mut later);
         assert_eq!((later.header.ssrc, later.header.sequence_number, &later.payload[..]), (2, 0x1240, &[1u8][..]));
-        assert_eq!(counters.layer_rtx_repairs.load(Relaxed), 2);
+        assert_eq!(counters.rtx_repairs.load(Relaxed), 2);
         // The layer's own packets pass as they are.
         let mut media = packet(2, 96, 11, &[], b"more");
         l.read(&mut media);
@@ -220,7 +252,7 @@ mod tests {
     #[test]
     fn what_cannot_be_restored_passes_untouched() {
         let (mut l, counters) = two_layers();
-        let untouched = |l: &mut LayerRtx, mut p: rtp::Packet| {
+        let untouched = |l: &mut RtxIn, mut p: rtp::Packet| {
             let before = p.clone();
             l.read(&mut p);
             assert_eq!(p, before);
@@ -234,7 +266,7 @@ mod tests {
         untouched(&mut l, packet(13, 97, 1, &[(MID, "0")], &[0, 1, 2]));
         // Not an RTX payload type of a simulcast m-line.
         untouched(&mut l, packet(13, 98, 1, &[(MID, "0"), (RRID, "q")], &[0, 1, 2]));
-        assert_eq!(counters.layer_rtx_repairs.load(Relaxed), 0);
+        assert_eq!(counters.rtx_repairs.load(Relaxed), 0);
         // An SSRC rtc did not bind naming itself h does not become the layer.
         l.read(&mut packet(99, 96, 1, &[(MID, "0"), (RID, "f")], b"junk"));
         untouched(&mut l, packet(13, 97, 1, &[(MID, "0"), (RRID, "f")], &[0, 1, 2]));
@@ -245,6 +277,32 @@ mod tests {
         let (mut quiet, _) = two_layers();
         quiet.expect(Vec::new());
         untouched(&mut quiet, packet(11, 97, 1, &[(MID, "0"), (RRID, "h")], &[0, 1, 2]));
+    }
+
+    /// A flow the SDP declares (FID) is known by its SSRC from the bind, without simulcast
+    /// m-lines or extensions; its packets are restored with the stream's payload type.
+    #[test]
+    fn a_declared_rtx_flow_is_restored_by_its_ssrc() {
+        let counters = Arc::new(RtcpCounters::default());
+        let mut l = RtxIn::new(counters.clone());
+        let mut media = packet(1, 100, 7, &[], b"media");
+        l.read(&mut media);
+        assert_eq!(media.header.ssrc, 1);
+        l.bind(&StreamInfo { ssrc: 1, ssrc_rtx: Some(21), payload_type: 100, payload_type_rtx: Some(101), ..Default::default() });
+        // rtc binds the flow in its own right too.
+        l.bind(&StreamInfo { ssrc: 21, payload_type: 101, ..Default::default() });
+        let mut rtx = packet(21, 101, 3, &[], &[0, 7, 1, 2]);
+        l.read(&mut rtx);
+        assert_eq!((rtx.header.ssrc, rtx.header.payload_type, rtx.header.sequence_number, &rtx.payload[..]), (1, 100, 7, &[1u8, 2][..]));
+        // Another stream's payload type on that SSRC is not this flow's RTX.
+        let mut other = packet(21, 96, 4, &[], &[0, 8, 1]);
+        l.read(&mut other);
+        assert_eq!(other.header.ssrc, 21);
+        assert_eq!(counters.rtx_repairs.load(Relaxed), 1);
+        l.unbind(1);
+        let mut gone = packet(21, 101, 5, &[], &[0, 9, 1]);
+        l.read(&mut gone);
+        assert_eq!(gone.header.ssrc, 21, "the stream was let go of");
     }
 
     /// RIDs are per m-line: without a MID, a repaired RID two m-lines have is not taken.
