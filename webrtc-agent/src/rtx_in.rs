@@ -37,7 +37,7 @@ const RID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 const RRID_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id";
 
 /// A stream rtc bound (a simulcast layer, or any other), and what its first packets named it.
-struct Layer {
+struct Bound {
     ssrc: u32,
     /// `(mid, rid)`, once a packet carrying both came.
     name: Option<(Bytes, Bytes)>,
@@ -56,7 +56,7 @@ pub struct RtxIn {
     mid: Option<u8>,
     rid: Option<u8>,
     rrid: Option<u8>,
-    layers: Vec<Layer>,
+    streams: Vec<Bound>,
     counters: Arc<RtcpCounters>,
 }
 
@@ -64,7 +64,7 @@ impl RtxIn {
     /// Restoring nothing until [`RtxIn::expect`] names RTX formats or a stream with a
     /// declared RTX flow is bound.
     pub fn new(counters: Arc<RtcpCounters>) -> Self {
-        RtxIn { apt: Vec::new(), declared: false, mid: None, rid: None, rrid: None, layers: Vec::new(), counters }
+        RtxIn { apt: Vec::new(), declared: false, mid: None, rid: None, rrid: None, streams: Vec::new(), counters }
     }
 
     /// The RTX payload types negotiated on simulcast m-lines, with the payload type each
@@ -86,13 +86,13 @@ impl RtxIn {
             }
         }
         let declared = info.ssrc_rtx.zip(info.payload_type_rtx);
-        match self.layers.iter_mut().find(|l| l.ssrc == info.ssrc) {
+        match self.streams.iter_mut().find(|l| l.ssrc == info.ssrc) {
             Some(l) if declared.is_some() => {
                 l.rtx = declared.map(|(ssrc, _)| ssrc);
                 l.declared = declared.map(|(_, pt)| (pt, info.payload_type));
             }
             Some(_) => {}
-            None => self.layers.push(Layer {
+            None => self.streams.push(Bound {
                 ssrc: info.ssrc,
                 name: None,
                 rtx: declared.map(|(ssrc, _)| ssrc),
@@ -104,7 +104,7 @@ impl RtxIn {
 
     /// A stream rtc let go of.
     pub fn unbind(&mut self, ssrc: u32) {
-        self.layers.retain(|l| l.ssrc != ssrc);
+        self.streams.retain(|l| l.ssrc != ssrc);
     }
 
     /// An RTP packet arriving: a layer's first packets name it; RTX packets are restored
@@ -117,7 +117,7 @@ impl RtxIn {
             self.learn_layer(p);
             return;
         };
-        let Some(layer) = self.layer_repaired_by(p) else { return };
+        let Some(layer) = self.repaired_stream(p) else { return };
         let Some(&[high, low]) = p.payload.first_chunk::<2>() else { return };
         let original = u16::from_be_bytes([high, low]);
         p.header.ssrc = layer;
@@ -135,7 +135,7 @@ impl RtxIn {
     /// The payload type an RTX payload type repairs; `None` for one that is not RTX.
     fn repaired_payload_type(&self, pt: u8) -> Option<u8> {
         let from_answer = self.apt.iter().find(|(rtx, _)| *rtx == pt).map(|(_, apt)| *apt);
-        from_answer.or_else(|| self.layers.iter().find_map(|l| l.declared.filter(|(rtx, _)| *rtx == pt).map(|(_, apt)| apt)))
+        from_answer.or_else(|| self.streams.iter().find_map(|l| l.declared.filter(|(rtx, _)| *rtx == pt).map(|(_, apt)| apt)))
     }
 
     /// Notes the MID and RID a bound layer's packet carries, until it is named.
@@ -144,7 +144,7 @@ impl RtxIn {
             // No simulcast m-line: no layer to name.
             return;
         }
-        let Some(layer) = self.layers.iter_mut().find(|l| l.ssrc == p.header.ssrc) else { return };
+        let Some(layer) = self.streams.iter_mut().find(|l| l.ssrc == p.header.ssrc) else { return };
         if layer.name.is_some() {
             return;
         }
@@ -154,22 +154,22 @@ impl RtxIn {
         }
     }
 
-    /// The SSRC of the layer an RTX packet repairs: known by its SSRC once an earlier
-    /// packet of the flow named the layer (browsers stop sending MID and RIDs once the
-    /// receiver reports on the flow).
-    fn layer_repaired_by(&mut self, p: &rtp::Packet) -> Option<u32> {
+    /// The SSRC of the stream an RTX packet repairs: a declared flow's, or a layer's, known
+    /// by its SSRC once an earlier packet of the flow named the layer (browsers stop
+    /// sending MID and RIDs once the receiver reports on the flow).
+    fn repaired_stream(&mut self, p: &rtp::Packet) -> Option<u32> {
         let ssrc = p.header.ssrc;
-        if let Some(l) = self.layers.iter().find(|l| l.rtx == Some(ssrc)) {
+        if let Some(l) = self.streams.iter().find(|l| l.rtx == Some(ssrc)) {
             return Some(l.ssrc);
         }
         let rrid = p.header.get_extension(self.rrid?)?;
         let mid = self.mid.and_then(|id| p.header.get_extension(id));
-        let named = |l: &Layer| l.name.as_ref().is_some_and(|(m, r)| *r == rrid && mid.as_ref().is_none_or(|mid| m == mid));
+        let named = |l: &Bound| l.name.as_ref().is_some_and(|(m, r)| *r == rrid && mid.as_ref().is_none_or(|mid| m == mid));
         // Without a MID the RID must name one layer only (RIDs are per m-line).
-        if mid.is_none() && self.layers.iter().filter(|l| named(l)).count() > 1 {
+        if mid.is_none() && self.streams.iter().filter(|l| named(l)).count() > 1 {
             return None;
         }
-        let layer = self.layers.iter_mut().find(|l| named(l))?;
+        let layer = self.streams.iter_mut().find(|l| named(l))?;
         // A layer has one RTX flow: a new SSRC for it (a restarted encoder) replaces the old.
         layer.rtx = Some(ssrc);
         Some(layer.ssrc)
