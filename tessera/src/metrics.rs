@@ -176,7 +176,10 @@ fn describe() {
     describe_counter!("tessera_nacks_received_total", "NACK packets received from subscribers");
     describe_counter!("tessera_nacked_packets_total", "Media packets those NACKs asked for");
     describe_counter!("tessera_nacks_sent_total", "NACK packets sent to publishers");
-    describe_counter!("tessera_rtx_repairs_total", "Retransmissions of simulcast layers received over RTX and restored to their layer");
+    describe_counter!(
+        "tessera_rtx_repairs_total",
+        "Retransmissions received from publishers over RTX and restored to their stream (simulcast layers and declared flows)"
+    );
     describe_gauge!("tessera_client_fraction_lost_sum", "Sum of the loss fractions subscribers reported (receiver reports)");
     describe_counter!("tessera_client_fraction_lost_count", "Receiver report blocks from subscribers");
     describe_gauge!("tessera_client_rtt_seconds_sum", "Sum of round-trip times measured from subscribers' receiver reports");

@@ -33,8 +33,8 @@ pub struct RtcpCounters {
     pub rtt_samples: AtomicU64,
     /// Sum of those round-trip times, in microseconds.
     pub rtt_us: AtomicU64,
-    /// Retransmissions of simulcast layers that came over RTX and were restored to their
-    /// layer ([`crate::rtx_in`]; counted per such packet, only a few per lost packet).
+    /// Publishers' retransmissions that came over RTX and were restored to their stream
+    /// (a simulcast layer's or a declared flow's; [`crate::rtx_in`]; per such packet).
     pub rtx_repairs: AtomicU64,
 }
 

@@ -61,7 +61,7 @@ pub struct RtxIn {
 }
 
 impl RtxIn {
-    /// Restoring nothing until [`RtxIn::expect`] names RTX formats or a stream with a
+    /// Restoring nothing until [`RtxIn::set_layer_rtx`] names RTX formats or a stream with a
     /// declared RTX flow is bound.
     pub fn new(counters: Arc<RtcpCounters>) -> Self {
         RtxIn { apt: Vec::new(), declared: false, mid: None, rid: None, rrid: None, streams: Vec::new(), counters }
@@ -69,7 +69,7 @@ impl RtxIn {
 
     /// The RTX payload types negotiated on simulcast m-lines, with the payload type each
     /// repairs (from the answer).
-    pub fn expect(&mut self, apt: Vec<(u8, u8)>) {
+    pub fn set_layer_rtx(&mut self, apt: Vec<(u8, u8)>) {
         self.apt = apt;
     }
 
@@ -211,7 +211,7 @@ mod tests {
     fn two_layers() -> (RtxIn, Arc<RtcpCounters>) {
         let counters = Arc::new(RtcpCounters::default());
         let mut l = RtxIn::new(counters.clone());
-        l.expect(vec![(97, 96)]);
+        l.set_layer_rtx(vec![(97, 96)]);
         for (ssrc, rid) in [(1, "q"), (2, "h")] {
             l.bind(&layer(ssrc));
             l.read(&mut packet(ssrc, 96, 10, &[(MID, "0"), (RID, rid)], b"media"));
@@ -275,7 +275,7 @@ mod tests {
         untouched(&mut l, packet(14, 97, 1, &[(MID, "0"), (RRID, "q")], &[0, 1, 2]));
         // Nothing expected: nothing touched.
         let (mut quiet, _) = two_layers();
-        quiet.expect(Vec::new());
+        quiet.set_layer_rtx(Vec::new());
         untouched(&mut quiet, packet(11, 97, 1, &[(MID, "0"), (RRID, "h")], &[0, 1, 2]));
     }
 

@@ -31,7 +31,7 @@ use crate::wire::Wire;
 
 /// The interceptors (see the module docs), in rtc's slot order.
 pub struct Stack {
-    /// Ahead of them all: simulcast layers' RTX restored to the layer.
+    /// Ahead of them all: publishers' RTX restored to the stream it repairs.
     rtx_in: RtxIn,
     wire: Wire,
     nack_responder: Responder,
@@ -169,8 +169,8 @@ impl Stack {
     /// The RTX payload types of the simulcast m-lines the connection receives, each with
     /// the payload type it repairs: their packets are restored to their layer
     /// ([`crate::rtx_in`]).
-    pub fn expect_layer_rtx(&mut self, apt: Vec<(u8, u8)>) {
-        self.rtx_in.expect(apt);
+    pub fn set_layer_rtx(&mut self, apt: Vec<(u8, u8)>) {
+        self.rtx_in.set_layer_rtx(apt);
     }
 
     /// Whether anything waits to go out through rtc's next write (what a walk made beside a
@@ -712,7 +712,7 @@ mod tests {
                 stream_info.payload_type_rtx = Some(97);
                 (&[], &[])
             } else {
-                s.expect_layer_rtx(vec![(97, 96)]);
+                s.set_layer_rtx(vec![(97, 96)]);
                 (&[(1, "0"), (2, "h")], &[(1, "0"), (3, "h")])
             };
             stream_info.rtp_header_extensions = [

@@ -231,7 +231,7 @@ pub struct AgentMetrics {
     pub nacked_packets: u64,
     /// NACKs sent to publishers.
     pub nacks_out: u64,
-    /// Simulcast layers' retransmissions that came over RTX, restored to their layer.
+    /// Publishers' retransmissions that came over RTX, restored to their stream.
     pub rtx_repairs: u64,
     /// Receiver report blocks from subscribers.
     pub reports: u64,

@@ -1828,15 +1828,13 @@ impl Worker {
         // offer had (a codec the room lists that rtc does not know), as `create_answer`
         // fails where it can answer no codec at all.
         let sdp = crate::sdp::only_accepted(&sdp, &accepting).map_err(AgentError::Rejected)?;
-        if !p.simulcast.is_empty() {
-            // Each layer's retransmissions come on an RTX flow of its own that only the
-            // repaired RID names; rtc 0.21 cannot bind those, the stack restores them
-            // (`crate::rtx_in`).
-            let mids: Vec<&str> = p.simulcast.iter().map(|(m, _)| m.as_str()).collect();
-            let apt = crate::sdp::rtx_repairs(&sdp, &mids);
-            if let Ok(mut stack) = p.stack.0.lock() {
-                stack.expect_layer_rtx(apt);
-            }
+        // Each simulcast layer's retransmissions come on an RTX flow of its own that only
+        // the repaired RID names; rtc 0.21 cannot bind those, the stack restores them
+        // (`crate::rtx_in`). Set at every answer: a re-offer may end the simulcast m-lines.
+        let mids: Vec<&str> = p.simulcast.iter().map(|(m, _)| m.as_str()).collect();
+        let apt = if mids.is_empty() { Vec::new() } else { crate::sdp::rtx_repairs(&sdp, &mids) };
+        if let Ok(mut stack) = p.stack.0.lock() {
+            stack.set_layer_rtx(apt);
         }
         self.shared.progress(&p.room, &p.participant, &p.transport, Progress::Answer { sdp });
 
