@@ -48,6 +48,22 @@ async function portalPage() {
       const camera = await navigator.mediaDevices.getUserMedia({ audio: false, video: { width: 1280, height: 720 } });
       return alice.publish(camera, { simulcast: true });
     };
+    // `user` joins and subscribes to `publication` with `options`, playing it in a new
+    // <video>: resolves to { stream, subscription, video }.
+    window.watch = async (user, publication, options) => {
+      const { ConferenceClient } = await import('/sdk/tessera.js');
+      const client = new ConferenceClient();
+      const joined = await client.join(await window.token(user));
+      const stream = joined.remoteStreams.find((s) => s.id === publication.id);
+      if (!stream) throw new Error(`${user} sees no stream ${publication.id}`);
+      const subscription = await client.subscribe(stream, options);
+      const video = document.createElement('video');
+      video.muted = true;
+      video.srcObject = subscription.stream;
+      document.body.appendChild(video);
+      await video.play();
+      return { stream, subscription, video };
+    };
     // The local port of a connection's selected candidate pair.
     window.localPort = async (pc) => {
       let port = null;
@@ -69,18 +85,8 @@ test('a simulcast publication plays in the layer the subscriber chooses', async 
   // Closed after: its publisher and subscriber would load the CPU of the tests after.
   t.after(() => page.close());
   const r = await page.evaluate(async () => {
-    const { ConferenceClient } = await import('/sdk/tessera.js');
     const publication = await window.publishCamera();
-    const bob = new ConferenceClient();
-    const joined = await bob.join(await window.token('bob'));
-    const stream = joined.remoteStreams.find((s) => s.id === publication.id);
-    if (!stream) return { error: 'no stream of alice' };
-    const subscription = await bob.subscribe(stream, { layer: 'low' });
-    const video = document.createElement('video');
-    video.muted = true;
-    video.srcObject = subscription.stream;
-    document.body.appendChild(video);
-    await video.play();
+    const { stream, subscription, video } = await window.watch('bob', publication, { layer: 'low' });
     // The width the video settles on (the same for a second), within `ms`.
     const settle = async (want, ms) => {
       const start = performance.now();
@@ -205,20 +211,8 @@ test('a subscriber on a throttled link gets a lower layer while another keeps th
   t.after(() => page.close());
   // Alice publishes; Bob and Carl subscribe on auto, each on a connection of its own.
   const port = await page.evaluate(async () => {
-    const { ConferenceClient } = await import('/sdk/tessera.js');
     const publication = await window.publishCamera();
-    const watch = async (user) => {
-      const client = new ConferenceClient();
-      const joined = await client.join(await window.token(user));
-      const stream = joined.remoteStreams.find((s) => s.id === publication.id);
-      const subscription = await client.subscribe(stream, { audio: false });
-      const video = document.createElement('video');
-      video.muted = true;
-      video.srcObject = subscription.stream;
-      document.body.appendChild(video);
-      await video.play();
-      return { subscription, video };
-    };
+    const watch = (user) => window.watch(user, publication, { audio: false });
     window.viewers = { bob: await watch('bob'), carl: await watch('carl') };
     // Both start on the top layer.
     const start = performance.now();
@@ -284,17 +278,8 @@ test('a simulcast publication that loses packets is repaired over each layer\'s 
   t.after(() => page.close());
   // Alice publishes; Bob watches the top layer; Alice's local port is what loses packets.
   const port = await page.evaluate(async () => {
-    const { ConferenceClient } = await import('/sdk/tessera.js');
     const publication = await window.publishCamera();
-    const bob = new ConferenceClient();
-    const joined = await bob.join(await window.token('bob'));
-    const stream = joined.remoteStreams.find((s) => s.id === publication.id);
-    const subscription = await bob.subscribe(stream, { audio: false, layer: 'high' });
-    const video = document.createElement('video');
-    video.muted = true;
-    video.srcObject = subscription.stream;
-    document.body.appendChild(video);
-    await video.play();
+    const { subscription, video } = await window.watch('bob', publication, { audio: false, layer: 'high' });
     window.lossy = { publication, subscription, video };
     const start = performance.now();
     while (video.videoWidth === 0 && performance.now() - start < 10000) await new Promise((res) => setTimeout(res, 100));
@@ -344,7 +329,7 @@ test('a simulcast publication that loses packets is repaired over each layer\'s 
   }
   const restored = (await repairs()) - before;
   const nacks = (await metric('tessera_nacks_sent_total')) - nacksBefore;
-  console.log(`simulcast over a lossy uplink in Chromium: ${dropped} packets dropped, ${nacks} NACKs sent, ${restored} RTX packets restored to their layer; ${JSON.stringify(r)}`);
+  console.log(`simulcast over a lossy uplink in Chromium: ${dropped} packets dropped, ${nacks} NACKs sent, ${restored} RTX packets restored; ${JSON.stringify(r)}`);
   for (const rid of ['q', 'h', 'f']) {
     assert.ok(r.layers[rid], `no outbound-rtp for layer ${rid}: ${JSON.stringify(r.layers)}`);
     assert.ok(r.layers[rid].rtxSsrc, `layer ${rid} has no RTX flow: ${JSON.stringify(r.layers)}`);
