@@ -105,6 +105,7 @@ impl RtxIn {
     /// A stream rtc let go of.
     pub fn unbind(&mut self, ssrc: u32) {
         self.streams.retain(|l| l.ssrc != ssrc);
+        self.declared = self.streams.iter().any(|l| l.declared.is_some());
     }
 
     /// An RTP packet arriving: a layer's first packets name it; RTX packets are restored
@@ -303,6 +304,7 @@ mod tests {
         let mut gone = packet(21, 101, 5, &[], &[0, 9, 1]);
         l.read(&mut gone);
         assert_eq!(gone.header.ssrc, 21, "the stream was let go of");
+        assert!(!l.declared, "with no declared flow left, reads take the fast path again");
     }
 
     /// RIDs are per m-line: without a MID, a repaired RID two m-lines have is not taken.

@@ -103,18 +103,15 @@ pub(crate) fn simulcast_rids(sdp: &str) -> Vec<(String, Vec<String>)> {
 /// it repairs (`apt`), once each.
 pub(crate) fn rtx_repairs(sdp: &str, mids: &[&str]) -> Vec<(u8, u8)> {
     let mut out = Vec::new();
-    retain_formats(sdp, |_, mid, formats| {
-        if mids.contains(&mid) {
-            for f in formats.iter().filter(|f| f.is_rtx()) {
-                if let (Ok(rtx), Some(Ok(apt))) = (f.pt.parse::<u8>(), f.repairs().map(str::parse::<u8>))
-                    && !out.contains(&(rtx, apt))
-                {
-                    out.push((rtx, apt));
-                }
+    for section in MediaSection::all(sdp).filter(|s| mids.contains(&s.mid)) {
+        for f in section.formats.iter().filter(|f| f.is_rtx()) {
+            if let (Ok(rtx), Some(Ok(apt))) = (f.pt.parse::<u8>(), f.repairs().map(str::parse::<u8>))
+                && !out.contains(&(rtx, apt))
+            {
+                out.push((rtx, apt));
             }
         }
-        None
-    });
+    }
     out
 }
 
@@ -261,6 +258,39 @@ impl Format<'_> {
     }
 }
 
+/// An m-section that has a mid: its media kind, mid and formats.
+struct MediaSection<'s> {
+    kind: &'s str,
+    mid: &'s str,
+    formats: Vec<Format<'s>>,
+}
+
+impl<'s> MediaSection<'s> {
+    /// One part of `sdp.split_inclusive("\nm=")` after the session part (it starts
+    /// with the m= line's media, its "m=" having gone with the part before).
+    fn parse(section: &'s str) -> Option<MediaSection<'s>> {
+        // A format attribute's payload type and value.
+        let value = |line: &'s str, prefix: &str| -> Option<(&'s str, &'s str)> {
+            let rest = line.trim().strip_prefix(prefix)?;
+            Some(rest.split_once(' ').unwrap_or((rest, "")))
+        };
+        let kind = section.split(' ').next().unwrap_or_default();
+        let mid = section.lines().find_map(|l| l.trim().strip_prefix("a=mid:"))?;
+        let fmtps: Vec<(&str, &str)> = section.lines().filter_map(|l| value(l, "a=fmtp:")).collect();
+        let formats = section
+            .lines()
+            .filter_map(|l| value(l, "a=rtpmap:"))
+            .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| *p == pt).map_or("", |(_, f)| *f) })
+            .collect();
+        Some(MediaSection { kind, mid, formats })
+    }
+
+    /// The m-sections of `sdp` that have a mid, in order.
+    fn all(sdp: &'s str) -> impl Iterator<Item = MediaSection<'s>> {
+        sdp.split_inclusive("\nm=").skip(1).filter_map(MediaSection::parse)
+    }
+}
+
 /// Rewrites each m-section for which `keep(kind, mid, formats)` names the payload types to
 /// keep (`kind`: the m-line's media, `audio`, `video`…; asked of every m-section in order):
 /// the others leave its m= line with their `a=rtpmap`, `a=fmtp` and `a=rtcp-fb` lines.
@@ -272,23 +302,11 @@ fn retain_formats<'s>(sdp: &'s str, mut keep: impl FnMut(&'s str, &str, &[Format
     if let Some(session) = sections.next() {
         out.push_str(session);
     }
-    // A format attribute's payload type and value.
-    let value = |line: &'s str, prefix: &str| -> Option<(&'s str, &'s str)> {
-        let rest = line.trim().strip_prefix(prefix)?;
-        Some(rest.split_once(' ').unwrap_or((rest, "")))
-    };
     for section in sections {
-        let kind = section.split(' ').next().unwrap_or_default();
-        let Some(mid) = section.lines().find_map(|l| l.trim().strip_prefix("a=mid:")) else {
+        let Some(MediaSection { kind, mid, formats }) = MediaSection::parse(section) else {
             out.push_str(section);
             continue;
         };
-        let fmtps: Vec<(&str, &str)> = section.lines().filter_map(|l| value(l, "a=fmtp:")).collect();
-        let formats: Vec<Format<'_>> = section
-            .lines()
-            .filter_map(|l| value(l, "a=rtpmap:"))
-            .map(|(pt, rtpmap)| Format { pt, rtpmap, fmtp: fmtps.iter().find(|(p, _)| *p == pt).map_or("", |(_, f)| *f) })
-            .collect();
         let Some(kept) = keep(kind, mid, &formats) else {
             out.push_str(section);
             continue;
