@@ -2,6 +2,7 @@
 //! over Socket.IO (websocket transport) in [`signaling`], WebRTC publishers and
 //! subscribers in `peer`, and light receive-only peers for load generation in `light`.
 
+pub mod arrival;
 pub mod light;
 pub mod loss;
 pub mod media;

@@ -34,6 +34,7 @@ use webrtc::peer_connection::{
     RTCIceTransportPolicy, RTCSessionDescription, SettingEngineBuilder, register_default_interceptors,
 };
 
+use crate::arrival::{Arrivals, StampingRuntime};
 use crate::signaling::Signaling;
 
 /// A publisher answers at most one keyframe request per this interval, as a browser's
@@ -201,6 +202,7 @@ impl Connection {
     ) -> anyhow::Result<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (gtx, grx) = watch::channel(false);
+        let arrivals = Arc::new(Arrivals::default());
         let mut media = MediaEngine::default();
         match codecs {
             None => media.register_default_codecs()?,
@@ -243,10 +245,11 @@ impl Connection {
             .with_interceptor_registry(registry)
             .with_handler(Arc::new(Handler { events: tx, gathering: gtx }) as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![format!("{ip}:0")])
+            .with_runtime(Arc::new(StampingRuntime::new(arrivals.clone())))
             .build()
             .await?;
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        tokio::spawn(collect_tracks(rx, received.clone()));
+        tokio::spawn(collect_tracks(rx, received.clone(), arrivals));
         Ok(Connection { pc: Arc::new(pc), received, gathered: grx, transport: None })
     }
 
@@ -419,16 +422,19 @@ pub async fn session_ready(sig: &mut Signaling, transport: &str, session: &str, 
     .and_then(|n| if n.data["status"] == "error" { Err(anyhow!("session failed: {}", n.data)) } else { Ok(()) })
 }
 
-/// Records every packet of every track the connection receives.
-async fn collect_tracks(mut events: mpsc::UnboundedReceiver<ConnEvent>, sink: Arc<Mutex<Vec<Received>>>) {
+/// Records every packet of every track the connection receives, with when it reached
+/// the socket (see [`crate::arrival`]; the clock now where the kernel gave no time).
+async fn collect_tracks(mut events: mpsc::UnboundedReceiver<ConnEvent>, sink: Arc<Mutex<Vec<Received>>>, arrivals: Arc<Arrivals>) {
     while let Some(ConnEvent::Track(track)) = events.recv().await {
         let sink = sink.clone();
+        let arrivals = arrivals.clone();
         tokio::spawn(async move {
             let kind = if track.kind().await == RtpCodecKind::Audio { "audio" } else { "video" };
             while let Some(ev) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(p) = ev {
                     let size = p.header.marshal_size() + p.payload.len();
-                    let r = Received { kind, header: p.header, payload: p.payload, arrived_us: now_us(), size };
+                    let arrived_us = arrivals.take(p.header.ssrc, p.header.sequence_number).unwrap_or_else(now_us);
+                    let r = Received { kind, header: p.header, payload: p.payload, arrived_us, size };
                     if let Ok(mut s) = sink.lock() {
                         s.push(r);
                     }
