@@ -50,6 +50,18 @@ pub fn machine_cpus() -> usize {
     if counted == 0 { cpus() } else { counted }
 }
 
+/// Lets every thread of this process (the load generator, pinned to CPU 0 at entry) run
+/// on any of the machine's `cpus` CPUs; what it starts from now on inherits that.
+pub fn unpin_self(cpus: usize) -> anyhow::Result<()> {
+    let list = format!("0-{}", cpus.saturating_sub(1));
+    let pid = std::process::id().to_string();
+    let status = Command::new("taskset").args(["-a", "-p", "-c", &list, &pid]).stdout(std::process::Stdio::null()).status()?;
+    if !status.success() {
+        anyhow::bail!("taskset -a -p -c {list} {pid} failed ({status})");
+    }
+    Ok(())
+}
+
 fn works(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
 }

@@ -93,6 +93,13 @@ struct Args {
     /// servers are pinned on a machine with fewer than 3 CPUs.
     #[arg(long)]
     cpu_quota: Option<f64>,
+    /// Where cluster's webrtc nodes go when each is held to a CPU quota (a machine with too
+    /// few CPUs for one each beside the load generator's): `shared`, every node on the
+    /// servers' CPU and the rest on CPU 0; `own`, each node on a CPU of its own (node 1 on
+    /// the servers' CPU, node 2 on the next one down) with the load generator, the portal
+    /// and NATS free to run on every CPU (on 2 CPUs this measured worse: docs/performance.md).
+    #[arg(long, default_value = "shared")]
+    node_cpus: String,
     /// Tessera's forwarding workers (`webrtc.workers`; 0: one per CPU it may use).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -307,17 +314,34 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             let pinned = launch.pin_cpu.is_some();
             let cpus = isolate::machine_cpus();
             let quota = shared_cpu_quota(launch, name, cpus, 2)?;
+            // With quotas, each node keeps a budget of its own; `own` also gives it a CPU of
+            // its own, and then the load generator may not keep CPU 0 to itself.
+            let own = quota.is_some() && pinned && cpus >= 2 && args.node_cpus == "own";
+            if own {
+                isolate::unpin_self(cpus)?;
+                eprintln!(
+                    "tessera-bench: cluster: each webrtc node on a CPU of its own with its quota; the load generator, the portal and NATS on every CPU"
+                );
+            }
+            let portal_cpu = if own { None } else { launch.pin_cpu.map(|_| 0) };
             for nodes in [1usize, 2] {
-                // With quotas every node goes on the servers' CPU, each with a budget of its own.
-                let placement = match quota {
-                    Some(_) => vec![launch.pin_cpu; nodes],
-                    None => server::cluster::webrtc_cpus(nodes, cpus, pinned),
+                let placement = match (quota, launch.pin_cpu) {
+                    (Some(_), Some(cpu)) if own => (0..nodes).map(|i| Some((cpu + cpus - i % cpus) % cpus)).collect(),
+                    (Some(_), _) => vec![launch.pin_cpu; nodes],
+                    (None, _) => server::cluster::webrtc_cpus(nodes, cpus, pinned),
                 };
                 let nodes_launch = Launch { cpu_quota: quota, ..launch.clone() };
-                let start = async || server::cluster::Cluster::start(&nodes_launch, &placement).await;
+                let start = async || server::cluster::Cluster::start(&nodes_launch, &placement, portal_cpu).await;
                 let tag = |r: &mut Value| {
                     r["webrtc_nodes"] = json!(nodes);
                     r["webrtc_cpus"] = json!(placement);
+                    r["node_cpus"] = json!(if own {
+                        "own"
+                    } else if quota.is_some() {
+                        "shared"
+                    } else {
+                        "pinned"
+                    });
                 };
                 rows.extend(
                     ramp("cluster", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, Some(quota.unwrap_or(1.0)), start, tag).await?,
@@ -670,6 +694,9 @@ async fn main() -> anyhow::Result<()> {
     };
     if kinds.contains(&Kind::Janus) && !args.janus_bin.exists() {
         bail!("{} not found: install the Debian package `janus` (scripts/install-deps.sh --test)", args.janus_bin.display());
+    }
+    if !["own", "shared"].contains(&args.node_cpus.as_str()) {
+        bail!("--node-cpus {}: expected own or shared", args.node_cpus);
     }
     if args.cpu_quota.is_some_and(|q| !(0.1..=64.0).contains(&q)) {
         bail!("--cpu-quota must be 0.1-64 (CPUs)");

@@ -102,17 +102,17 @@ fn start_webrtc(launch: &Launch, nats: &str, id: &str, cpu: Option<usize>) -> an
 }
 
 impl Cluster {
-    /// NATS, then `cpus.len()` webrtc nodes (on those CPUs), then the portal node (with
-    /// the load generator, unpinned from the webrtc nodes' CPUs); ready when the portal
-    /// lists every webrtc node.
-    pub async fn start(launch: &Launch, cpus: &[Option<usize>]) -> anyhow::Result<Cluster> {
+    /// NATS, then `cpus.len()` webrtc nodes (on those CPUs), then the portal node (on
+    /// `portal_cpu`, or wherever the load generator may run); ready when the portal lists
+    /// every webrtc node.
+    pub async fn start(launch: &Launch, cpus: &[Option<usize>], portal_cpu: Option<usize>) -> anyhow::Result<Cluster> {
         let (nats, url) = start_nats()?;
         let mut webrtc = Vec::new();
         for (i, cpu) in cpus.iter().enumerate() {
             webrtc.push(start_webrtc(launch, &url, &format!("w{}", i + 1), *cpu)?);
         }
         let portal_cfg = format!("[cluster]\nnode_id = \"portal\"\nroles = [\"portal\"]\nroom_spread = 0\nnats_url = \"{url}\"\n");
-        let portal_launch = Launch { pin_cpu: launch.pin_cpu.map(|_| 0), cpu_quota: None, ..launch.clone() };
+        let portal_launch = Launch { pin_cpu: portal_cpu, cpu_quota: None, ..launch.clone() };
         let portal = Tessera::start_with_config(&portal_launch, &portal_cfg)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
