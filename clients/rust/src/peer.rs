@@ -845,7 +845,8 @@ pub struct Received {
     pub header: rtp::Header,
     /// Payload.
     pub payload: Bytes,
-    /// Arrival time in µs since the epoch.
+    /// Arrival time in µs since the epoch: for a full peer's UDP packets the kernel's
+    /// receive time ([`crate::arrival`]), else when the client read it.
     pub arrived_us: u64,
     /// Bytes of the RTP packet (header and payload; for a light peer that does not decrypt,
     /// the SRTP packet without its authentication tag).
