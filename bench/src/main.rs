@@ -168,7 +168,8 @@ fn between(passed: usize, failed: usize) -> Option<usize> {
     (failed.saturating_sub(passed) > RAMP_STEP).then(|| (passed + failed) / 2 / 10 * 10)
 }
 
-/// Adds subscribers to one publisher (`steps.start`, then [`next_step`]s up to `steps.end`), each step on a
+/// Adds subscribers to one publisher (`steps.start`, then [`next_step`]s up to `steps.end`;
+/// with more `publishers`, the step's subscribers split evenly among them), each step on a
 /// server `start` makes afresh, until a step fails twice in a row (one spike in a 5 s
 /// window should not decide the capacity); then halves the gap between the last passed
 /// and the failed step down to `RAMP_STEP`. See [`step_passes`] (`budget`: each server
@@ -184,11 +185,16 @@ async fn ramp<S: server::Server>(
     load: Load,
     seconds: u64,
     budget: Option<f64>,
+    publishers: usize,
     mut start: impl AsyncFnMut() -> anyhow::Result<S>,
     tag: impl Fn(&mut Value),
-) -> anyhow::Result<Vec<Value>> {
+    out: &mut Vec<Value>,
+) -> anyhow::Result<()> {
+    let publishers = publishers.max(1);
     let step_s = seconds.min(5);
-    let mut rows = Vec::new();
+    // This ramp's rows are `out[first..]`: pushed as they come, so a run stopped by its
+    // time limit keeps the steps it made.
+    let first = out.len();
     let mut capacity = 0;
     // The smallest step that failed twice, and whether its generator was busy.
     let mut failed: Option<(usize, bool)> = None;
@@ -198,7 +204,8 @@ async fn ramp<S: server::Server>(
         let s = start().await?;
         // A step that cannot even be set up (joins refused or timing out under load) is a
         // failed step, not the end of the run.
-        let (f, error) = match scenario::sfu(&s, load, Shape { publishers: 1, fanout: n, mesh: false, parallel: 8, light: true }, step_s).await {
+        let shape = Shape { publishers, fanout: n / publishers, mesh: false, parallel: 8, light: true };
+        let (f, error) = match scenario::sfu(&s, load, shape, step_s).await {
             Ok(f) => (f, None),
             Err(e) => (Figures { subscribers: n, ..Default::default() }, Some(format!("{e:#}"))),
         };
@@ -209,11 +216,19 @@ async fn ramp<S: server::Server>(
         r["step_subscribers"] = json!(n);
         r["cpu_budget"] = json!(budget);
         r["passed"] = json!(ok);
+        eprintln!(
+            "tessera-bench: {scenario} step {n} on {server}: {}, p99 {:.1} ms, loss {:.2} %, busiest process {:.1} % of a core, {} forwarded pkt/s",
+            if ok { "passed" } else { "failed" },
+            percentile(&f.latency, 0.99),
+            f.loss_pct,
+            f.max_cpu_pct(),
+            r["forwarded_pps"]
+        );
         if let Some(e) = error {
             eprintln!("tessera-bench: {scenario} step {n} on {server}: {e}");
             r["error"] = json!(e);
         }
-        rows.push(r);
+        out.push(r);
         if !ok && !retried {
             retried = true;
             continue;
@@ -233,13 +248,13 @@ async fn ramp<S: server::Server>(
         };
     }
     // The issue's memory figure: RSS at the largest passed step over its subscribers.
-    let per_subscriber = rows
+    let per_subscriber = out[first..]
         .iter()
         .filter(|r| r["passed"] == true && r["step_subscribers"] == capacity)
         .find_map(|r| r["rss_mb"].as_f64())
         .filter(|_| capacity > 0)
         .map(|rss| (rss / capacity as f64 * 1000.0).round() / 1000.0);
-    if let Some(last) = rows.last_mut() {
+    if let Some(last) = out[first..].last_mut() {
         last["capacity_subscribers"] = json!(capacity);
         last["rss_mb_per_subscriber"] = json!(per_subscriber);
         last["limit"] = json!(match failed {
@@ -248,13 +263,15 @@ async fn ramp<S: server::Server>(
             Some((_, false)) => "server",
         });
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// The CPU quota each of `units` nodes (or workers) of a scaling scenario gets, all on the
 /// servers' CPU: `--cpu-quota` when given, else [`SHARED_CPU_QUOTA`] when the machine has
-/// no CPU for each beside the load generator's; `None`: a CPU each.
-fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize) -> anyhow::Result<Option<f64>> {
+/// no CPU for each beside the load generator's; `None`: a CPU each. `own_cpus`: the units
+/// will each have a CPU of their own after all (the cluster's `--node-cpus own`), which
+/// the quota then limits, and the load generator shares.
+fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize, own_cpus: bool) -> anyhow::Result<Option<f64>> {
     let quota = match (launch.cpu_quota, launch.pin_cpu) {
         (Some(q), _) => q,
         // Pinned, with no CPU for each unit beside the load generator's.
@@ -263,23 +280,30 @@ fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize) 
                 eprintln!("tessera-bench: {scenario}: {cpus} CPUs and no cgroup CPU quota here: the units share the CPUs as they come");
                 return Ok(None);
             }
-            eprintln!(
-                "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
-                 {SHARED_CPU_QUOTA} of CPU {cpu} (a cgroup CPU quota)"
-            );
+            if own_cpus {
+                eprintln!(
+                    "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
+                     {SHARED_CPU_QUOTA} of a CPU of its own (a cgroup CPU quota); the load generator, the portal and NATS on every CPU"
+                );
+            } else {
+                eprintln!(
+                    "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
+                     {SHARED_CPU_QUOTA} of CPU {cpu} (a cgroup CPU quota)"
+                );
+            }
             SHARED_CPU_QUOTA
         }
         (None, _) => return Ok(None),
     };
-    if quota * units as f64 > 0.95 {
+    if !own_cpus && quota * units as f64 > 0.95 {
         bail!("{scenario}: {units} × --cpu-quota {quota} do not fit on one CPU (at most 0.95 together)");
     }
     Ok(Some(quota))
 }
 
-/// Runs one scenario on one server kind; returns its rows.
-async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args) -> anyhow::Result<Vec<Value>> {
-    let mut rows = Vec::new();
+/// Runs one scenario on one server kind, adding its rows to `rows` as they come (a
+/// scenario stopped by its time limit keeps those it made).
+async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, args: &Args, rows: &mut Vec<Value>) -> anyhow::Result<()> {
     match name {
         "soak" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: soak is Tessera only (it records and watches the room's mix)");
@@ -292,19 +316,19 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
         "ramp" => {
             // A fresh server per step, so steps don't inherit each other's state.
             let budget = Some(launch.cpu_quota.unwrap_or(1.0));
-            rows.extend(
-                ramp(
-                    "ramp",
-                    kind.name(),
-                    args.ramp_from..=args.ramp_to,
-                    load,
-                    seconds,
-                    budget,
-                    async || AnyServer::start(kind, launch).await,
-                    |_| {},
-                )
-                .await?,
-            );
+            ramp(
+                "ramp",
+                kind.name(),
+                args.ramp_from..=args.ramp_to,
+                load,
+                seconds,
+                budget,
+                1,
+                async || AnyServer::start(kind, launch).await,
+                |_| {},
+                rows,
+            )
+            .await?;
         }
         "cluster" | "scaling" if kind != Kind::Tessera => {
             eprintln!("tessera-bench: {name} is Tessera only (it compares Tessera with more of itself)");
@@ -313,23 +337,24 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             // The ramp twice: one webrtc node, then two; a fresh cluster (NATS too) per step.
             let pinned = launch.pin_cpu.is_some();
             let cpus = isolate::machine_cpus();
-            let quota = shared_cpu_quota(launch, name, cpus, 2)?;
             // With quotas, each node keeps a budget of its own; `own` also gives it a CPU of
             // its own, and then the load generator may not keep CPU 0 to itself.
-            let own = quota.is_some() && pinned && cpus >= 2 && args.node_cpus == "own";
+            let wants_own = pinned && cpus >= 2 && args.node_cpus == "own";
+            let quota = shared_cpu_quota(launch, name, cpus, 2, wants_own)?;
+            let own = quota.is_some() && wants_own;
             if own {
                 isolate::unpin_self(cpus)?;
-                eprintln!(
-                    "tessera-bench: cluster: each webrtc node on a CPU of its own with its quota; the load generator, the portal and NATS on every CPU"
-                );
             }
             let portal_cpu = if own { None } else { launch.pin_cpu.map(|_| 0) };
-            for nodes in [1usize, 2] {
-                let placement = match (quota, launch.pin_cpu) {
+            let place = |nodes: usize| -> Vec<Option<usize>> {
+                match (quota, launch.pin_cpu) {
                     (Some(_), Some(cpu)) if own => (0..nodes).map(|i| Some((cpu + cpus - i % cpus) % cpus)).collect(),
                     (Some(_), _) => vec![launch.pin_cpu; nodes],
                     (None, _) => server::cluster::webrtc_cpus(nodes, cpus, pinned),
-                };
+                }
+            };
+            for nodes in [1usize, 2] {
+                let placement = place(nodes);
                 let nodes_launch = Launch { cpu_quota: quota, ..launch.clone() };
                 let start = async || server::cluster::Cluster::start(&nodes_launch, &placement, portal_cpu).await;
                 let tag = |r: &mut Value| {
@@ -343,9 +368,24 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                         "pinned"
                     });
                 };
-                rows.extend(
-                    ramp("cluster", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, Some(quota.unwrap_or(1.0)), start, tag).await?,
-                );
+                ramp("cluster", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, Some(quota.unwrap_or(1.0)), 1, start, tag, rows).await?;
+            }
+            // Where the nodes' CPUs are stand-ins (budgets), the control: two standalone
+            // servers on the two nodes' CPUs and budgets, a publisher each and half the
+            // subscribers each, nothing between them — what this machine lets two
+            // independent servers carry, so that the cluster's cost can be told from the
+            // stand-in's.
+            if let Some(quota) = quota {
+                let placement = place(2);
+                let launches: Vec<Launch> =
+                    placement.iter().map(|cpu| Launch { cpu_quota: Some(quota), pin_cpu: *cpu, pinned_cpus: 1, ..launch.clone() }).collect();
+                let start = async || server::pair::Pair::start([&launches[0], &launches[1]]);
+                let tag = |r: &mut Value| {
+                    r["standalone_servers"] = json!(2);
+                    r["webrtc_cpus"] = json!(placement);
+                    r["node_cpus"] = json!(if own { "own" } else { "shared" });
+                };
+                ramp("cluster", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, Some(quota), 2, start, tag, rows).await?;
             }
         }
         "scaling" => {
@@ -353,7 +393,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             // CPU of its own, or each worker thread held to a quota of the servers' CPU
             // (the rest of the process, the portal's signalling, unlimited beside them).
             let cpus = isolate::machine_cpus();
-            let quota = shared_cpu_quota(launch, name, cpus, 2)?;
+            let quota = shared_cpu_quota(launch, name, cpus, 2, false)?;
             for workers in [1usize, 2] {
                 let worker_launch = match quota {
                     Some(q) => Launch { workers, cpu_quota: None, worker_quota: Some(q), ..launch.clone() },
@@ -365,7 +405,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
                     r["worker_quota"] = json!(quota);
                 };
                 let start = async || AnyServer::start(kind, &worker_launch).await;
-                rows.extend(ramp("scaling", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, budget, start, tag).await?);
+                ramp("scaling", kind.name(), args.ramp_from..=args.ramp_to, load, seconds, budget, 1, start, tag, rows).await?;
             }
         }
         "simulcast" if kind != Kind::Tessera => {
@@ -438,7 +478,7 @@ async fn run(name: &str, kind: Kind, launch: &Launch, load: Load, seconds: u64, 
             rows.push(row(name, kind.name(), &f));
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 fn text(v: Option<&Value>) -> String {
@@ -478,6 +518,7 @@ fn print_rows(rows: &[Value]) {
             }
             (_, Some(n), Some(nodes)) => format!("cluster{nodes} {n}"),
             (_, Some(n), _) if r.get("workers").is_some() => format!("scaling{} {n}", c("workers")),
+            (_, Some(n), _) if r.get("standalone_servers").is_some() => format!("pair {n}"),
             (_, Some(n), _) => format!("ramp {n}"),
             _ => c("scenario"),
         };
@@ -570,6 +611,32 @@ fn print_comparison(rows: &[Value]) {
 fn print_scaling(rows: &[Value]) {
     for (scenario, key, what) in [("cluster", "webrtc_nodes", "webrtc node(s)"), ("scaling", "workers", "worker(s)")] {
         print_scaled(rows, scenario, key, what);
+    }
+    print_cluster_control(rows);
+}
+
+/// The cluster's control (two standalone servers on the nodes' CPUs and budgets): what it
+/// carried, against one node and against the cluster's two.
+fn print_cluster_control(rows: &[Value]) {
+    let capacity = |key: &str, size: u64| {
+        let of = || rows.iter().filter(move |r| r["scenario"] == "cluster" && r[key] == size);
+        let best = of().filter(|r| r["passed"] == true).max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0))?;
+        // A ramp that never failed did not find its limit.
+        of().any(|r| r["passed"] == false).then(|| best["forwarded_pps"].as_f64().unwrap_or(0.0)).map(|pps| (best, pps))
+    };
+    let Some((pair, pair_pps)) = capacity("standalone_servers", 2) else { return };
+    println!(
+        "  control, two standalone servers (a publisher each, nothing between them) on CPUs {}, each held to {} of a CPU: {} subscribers, {} pkt/s",
+        text(pair.get("webrtc_cpus")),
+        text(pair.get("cpu_budget")),
+        text(pair.get("step_subscribers")),
+        pair_pps
+    );
+    if let Some((_, one)) = capacity("webrtc_nodes", 1).filter(|(_, p)| *p > 0.0) {
+        println!("  two standalone servers / one node: {:.2} (what this placement allows two independent servers)", pair_pps / one);
+    }
+    if let Some((_, two)) = capacity("webrtc_nodes", 2).filter(|_| pair_pps > 0.0) {
+        println!("  two nodes / two standalone servers: {:.2} (the cluster's own cost: the relay, the portal node)", two / pair_pps);
     }
 }
 
@@ -729,17 +796,19 @@ async fn main() -> anyhow::Result<()> {
                 // Up to 21 steps of a ramp, each joining its subscribers 8 at a time.
                 "ramp" => Duration::from_secs(3600),
                 "mixer-matrix" => Duration::from_secs(900),
-                "cluster" | "scaling" => Duration::from_secs(2700),
+                // Three ramps (one node, two, the two standalone servers).
+                "cluster" => Duration::from_secs(5400),
+                "scaling" => Duration::from_secs(2700),
                 "soak" => Duration::from_secs(seconds + 900),
                 _ => Duration::from_secs(seconds * 20 + 240),
             };
             let started = std::time::Instant::now();
-            let result = tokio::time::timeout(limit, run(name, kind, &launch, load, seconds, &args))
+            let result = tokio::time::timeout(limit, run(name, kind, &launch, load, seconds, &args, &mut rows))
                 .await
                 .map_err(|_| anyhow::anyhow!("timed out after {limit:?}"))
                 .and_then(|r| r);
             match result {
-                Ok(r) => rows.extend(r),
+                Ok(()) => {}
                 Err(e) => {
                     // Keep what the earlier scenarios measured.
                     save(&args, &rows)?;

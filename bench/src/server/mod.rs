@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod janus;
+pub mod pair;
 pub mod tessera;
 
 use std::path::PathBuf;
