@@ -21,23 +21,18 @@
 //! and one output, the SFU that hands the inputs to the mixer, an audio mix of the
 //! (silent) view, signaling, and the RTP handling in and out of GStreamer.
 
-use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::socket::sockopt::ReceiveTimestampns;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt};
-use nix::sys::time::TimeSpec;
 use rtc::shared::marshal::{Marshal, Unmarshal};
 use serde_json::{Value, json};
+use tessera_client::arrival::{record_arrivals, recv_stamped};
 use tessera_client::media::{Clip, LiveFormat, decode_vp8_each, encode_counted_clip, read_counter};
 use tessera_client::peer::{PublishOptions, Publisher, Received, Subscriber, now_us};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::scenario::{Figures, Measured, frame_rate, measure, percentile, row};
@@ -232,7 +227,7 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
     let ports: Vec<u16> = probes.iter().map(|s| s.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
     let out = UdpSocket::bind("127.0.0.1:0").await?;
     // The kernel's receive time, as Tessera's viewer (a full peer) takes it.
-    setsockopt(&out, ReceiveTimestampns, &true).context("SO_TIMESTAMPNS on the bare pipeline's output socket")?;
+    record_arrivals(&out).context("SO_TIMESTAMPNS on the bare pipeline's output socket")?;
     // The encoder's threads as the mixer's rule gives them: one per 1080p30 of pixel rate,
     // at most the CPUs it may use (one when pinned, as the server is).
     let pixel_rate = u64::from(WIDTH) * u64::from(HEIGHT) * u64::from(FPS);
@@ -252,7 +247,8 @@ async fn bare(launch: &Launch, clip: Arc<Clip>, seconds: u64) -> anyhow::Result<
         let received = received.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
-            while let Ok((n, arrived_us)) = recv_stamped(&out, &mut buf).await {
+            while let Ok(got) = recv_stamped(&out, &mut buf).await {
+                let (n, arrived_us) = (got.len, got.at.map_or_else(now_us, |at| at.as_micros() as u64));
                 let mut bytes = buf.get(..n).unwrap_or_default();
                 let Ok(p) = rtc::rtp::Packet::unmarshal(&mut bytes) else { continue };
                 if let Ok(mut r) = received.lock() {
@@ -350,31 +346,6 @@ pub async fn mixer_vs_gstreamer(launch: &Launch, seconds: u64) -> anyhow::Result
         rows.push(r);
     }
     Ok(rows)
-}
-
-/// One datagram from `socket` into `buf`: its length and the kernel's receive time (µs
-/// since the Unix epoch; the clock now if the kernel gave none).
-async fn recv_stamped(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, u64)> {
-    loop {
-        socket.readable().await?;
-        let got = socket.try_io(Interest::READABLE, || {
-            let mut iov = [IoSliceMut::new(&mut *buf)];
-            let mut space = nix::cmsg_space!(TimeSpec);
-            let msg =
-                recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
-            let at = msg.cmsgs().ok().and_then(|mut c| {
-                c.find_map(|c| match c {
-                    ControlMessageOwned::ScmTimestampns(t) => Some(t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000),
-                    _ => None,
-                })
-            });
-            Ok((msg.bytes, at.unwrap_or_else(now_us)))
-        });
-        match got {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,65 @@ impl Runtime for StampingRuntime {
     }
 }
 
+/// Has the kernel record each datagram's receive time on a plain socket (`SO_TIMESTAMPNS`),
+/// for [`try_recv_stamped`] to read.
+pub fn record_arrivals(socket: &tokio::net::UdpSocket) -> io::Result<()> {
+    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
+}
+
+/// One datagram read from a plain socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamped {
+    /// Its length.
+    pub len: usize,
+    /// Its sender (`None` if the kernel named none).
+    pub from: Option<SocketAddr>,
+    /// The kernel's receive time, since the Unix epoch, where the socket records it
+    /// ([`record_arrivals`]).
+    pub at: Option<Duration>,
+}
+
+/// Reads one queued datagram into `buf` without waiting (`None`: nothing queued), with its
+/// sender and the kernel's receive time.
+pub fn try_recv_stamped(socket: &tokio::net::UdpSocket, buf: &mut [u8]) -> io::Result<Option<Stamped>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    use std::os::fd::AsRawFd;
+    let got = socket.try_io(tokio::io::Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let msg = recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)?;
+        let at = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::ScmTimestampns(t) => {
+                    Some(Duration::new(u64::try_from(t.tv_sec()).unwrap_or(0), u32::try_from(t.tv_nsec()).unwrap_or(0)))
+                }
+                _ => None,
+            })
+        });
+        let from = msg.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))))
+        });
+        Ok(Stamped { len: msg.bytes, from, at })
+    });
+    match got {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`try_recv_stamped`], waiting for a datagram.
+pub async fn recv_stamped(socket: &tokio::net::UdpSocket, buf: &mut [u8]) -> io::Result<Stamped> {
+    loop {
+        socket.readable().await?;
+        if let Some(got) = try_recv_stamped(socket, buf)? {
+            return Ok(got);
+        }
+    }
+}
+
 /// A socket of webrtc-rs's tokio runtime that notes each RTP datagram's kernel timestamp.
 #[derive(Debug)]
 struct StampingSocket {
@@ -171,6 +230,31 @@ mod tests {
         p.extend_from_slice(&ssrc.to_be_bytes());
         p.extend_from_slice(b"payload");
         p
+    }
+
+    #[tokio::test]
+    async fn a_plain_socket_gives_the_kernel_receive_time_and_sender() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(try_recv_stamped(&socket, &mut buf).unwrap().is_none(), "nothing queued yet");
+        record_arrivals(&socket).unwrap();
+        // The kernel turns receive stamping on for the machine a moment later (deferred
+        // work); until then it stamps a datagram when it is read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        sender.send_to(b"datagram", socket.local_addr().unwrap()).await.unwrap();
+        // Read well after it was queued: the stamp is the queueing time, not the read's.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = recv_stamped(&socket, &mut buf).await.unwrap();
+        let read = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!((got.len, &buf[..got.len]), (8, &b"datagram"[..]));
+        assert_eq!(got.from, Some(sender.local_addr().unwrap()));
+        let at = got.at.expect("SO_TIMESTAMPNS gives a stamp");
+        assert!(
+            at >= before - Duration::from_millis(5) && at + Duration::from_millis(40) <= read,
+            "stamped {at:?}, sent after {before:?}, read at {read:?}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::arrival::{Stamped, record_arrivals, try_recv_stamped};
 use anyhow::{Context, anyhow};
 use bytes::{Bytes, BytesMut};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
@@ -90,7 +91,7 @@ impl LightPeer {
         if options.feedback {
             // Arrival times as the kernel saw them: a load generator's peer may read its
             // socket late, which would squeeze the arrivals its feedback reports.
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimestampns, &true)?;
+            record_arrivals(&socket)?;
         }
         let mut media = MediaEngine::default();
         media.register_default_codecs()?;
@@ -237,38 +238,11 @@ async fn recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Soc
 /// [`recv`] without waiting: `None` when nothing is queued (or a datagram came without a
 /// sender address, which is skipped).
 fn try_recv(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<(usize, SocketAddr, Instant)>> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
-    use std::os::fd::AsRawFd;
-    let got = socket.try_io(tokio::io::Interest::READABLE, || {
-        let mut iov = [std::io::IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-        let msg = recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)?;
-        let stamp = msg.cmsgs().ok().and_then(|mut c| {
-            c.find_map(|m| match m {
-                ControlMessageOwned::ScmTimestampns(t) => {
-                    Some(Duration::new(u64::try_from(t.tv_sec()).unwrap_or(0), u32::try_from(t.tv_nsec()).unwrap_or(0)))
-                }
-                _ => None,
-            })
-        });
-        let from = msg.address.as_ref().and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6))))
-        });
-        Ok((msg.bytes, from, stamp))
-    });
-    match got {
-        Ok((n, Some(from), stamp)) => {
-            let now = Instant::now();
-            // The kernel stamps with the wall clock: how long ago that was, on the monotonic one.
-            let ago = stamp.and_then(|s| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(s));
-            Ok(Some((n, from, ago.and_then(|a| now.checked_sub(a)).unwrap_or(now))))
-        }
-        Ok((_, None, _)) => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
-    }
+    let Some(Stamped { len, from: Some(from), at }) = try_recv_stamped(socket, buf)? else { return Ok(None) };
+    let now = Instant::now();
+    // The kernel stamps with the wall clock: how long ago that was, on the monotonic one.
+    let ago = at.and_then(|s| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(s));
+    Ok(Some((len, from, ago.and_then(|a| now.checked_sub(a)).unwrap_or(now))))
 }
 
 async fn run(mut peer: LightPeer, kinds: HashMap<u8, &'static str>, log: Arc<Mutex<Vec<Received>>>, mut stop: oneshot::Receiver<()>) {
