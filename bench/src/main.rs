@@ -280,17 +280,14 @@ fn shared_cpu_quota(launch: &Launch, scenario: &str, cpus: usize, units: usize, 
                 eprintln!("tessera-bench: {scenario}: {cpus} CPUs and no cgroup CPU quota here: the units share the CPUs as they come");
                 return Ok(None);
             }
-            if own_cpus {
-                eprintln!(
-                    "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
-                     {SHARED_CPU_QUOTA} of a CPU of its own (a cgroup CPU quota); the load generator, the portal and NATS on every CPU"
-                );
+            let of = if own_cpus {
+                "a CPU of its own (a cgroup CPU quota); the load generator, the portal and NATS on every CPU".to_string()
             } else {
-                eprintln!(
-                    "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets \
-                     {SHARED_CPU_QUOTA} of CPU {cpu} (a cgroup CPU quota)"
-                );
-            }
+                format!("CPU {cpu} (a cgroup CPU quota)")
+            };
+            eprintln!(
+                "tessera-bench: {scenario}: {cpus} CPUs, not one for each of {units} beside the load generator's: each gets {SHARED_CPU_QUOTA} of {of}"
+            );
             SHARED_CPU_QUOTA
         }
         (None, _) => return Ok(None),
@@ -609,20 +606,26 @@ fn print_comparison(rows: &[Value]) {
 /// (`scaling`: one forwarding worker against two): forwarded packets per second at each
 /// size's capacity (its largest passing step) and their ratio.
 fn print_scaling(rows: &[Value]) {
-    for (scenario, key, what) in [("cluster", "webrtc_nodes", "webrtc node(s)"), ("scaling", "workers", "worker(s)")] {
-        print_scaled(rows, scenario, key, what);
-    }
+    print_scaled(rows, "cluster", "webrtc_nodes", "webrtc node(s)");
     print_cluster_control(rows);
+    print_scaled(rows, "scaling", "workers", "worker(s)");
+}
+
+/// The largest passing step of the ramp whose rows have `key` = `size` in `scenario`, and
+/// whether that ramp found its limit (a ramp that never failed stopped at its last step).
+fn ramp_capacity<'a>(rows: &'a [Value], scenario: &str, key: &str, size: u64) -> Option<(&'a Value, bool)> {
+    let of = || rows.iter().filter(move |r| r["scenario"] == scenario && r[key] == size);
+    let best = of().filter(|r| r["passed"] == true).max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0))?;
+    Some((best, of().any(|r| r["passed"] == false)))
 }
 
 /// The cluster's control (two standalone servers on the nodes' CPUs and budgets): what it
 /// carried, against one node and against the cluster's two.
 fn print_cluster_control(rows: &[Value]) {
+    // Only ramps that found their limit.
     let capacity = |key: &str, size: u64| {
-        let of = || rows.iter().filter(move |r| r["scenario"] == "cluster" && r[key] == size);
-        let best = of().filter(|r| r["passed"] == true).max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0))?;
-        // A ramp that never failed did not find its limit.
-        of().any(|r| r["passed"] == false).then(|| best["forwarded_pps"].as_f64().unwrap_or(0.0)).map(|pps| (best, pps))
+        let (best, limited) = ramp_capacity(rows, "cluster", key, size)?;
+        limited.then(|| (best, best["forwarded_pps"].as_f64().unwrap_or(0.0)))
     };
     let Some((pair, pair_pps)) = capacity("standalone_servers", 2) else { return };
     println!(
@@ -642,14 +645,13 @@ fn print_cluster_control(rows: &[Value]) {
 
 fn print_scaled(rows: &[Value], scenario: &str, key: &str, what: &str) {
     let of = |size: u64| rows.iter().filter(move |r| r["scenario"] == scenario && r[key] == size);
-    let at_capacity = |size: u64| of(size).filter(|r| r["passed"] == true).max_by_key(|r| r["step_subscribers"].as_u64().unwrap_or(0));
-    let (Some(one), Some(two)) = (at_capacity(1), at_capacity(2)) else { return };
-    // A ramp that never failed stopped at its last step: the limit was not found.
-    let limited = |size: u64| of(size).any(|r| r["passed"] == false);
+    let (Some((one, one_limited)), Some((two, two_limited))) = (ramp_capacity(rows, scenario, key, 1), ramp_capacity(rows, scenario, key, 2)) else {
+        return;
+    };
     let pps = |r: &Value| r["forwarded_pps"].as_f64().unwrap_or(0.0);
     println!();
     println!("{scenario}: forwarded pkt/s at capacity (largest passing step)");
-    for (size, r) in [(1, one), (2, two)] {
+    for (size, r, limited) in [(1, one, one_limited), (2, two, two_limited)] {
         let cpus = r.get("webrtc_cpus").map(|c| format!(" on CPUs {}", text(Some(c)))).unwrap_or_default();
         let budget = match (r.get("worker_quota").and_then(Value::as_f64), r.get("cpu_budget").and_then(Value::as_f64)) {
             (Some(q), _) => format!("each worker held to {q} of a CPU"),
@@ -661,10 +663,10 @@ fn print_scaled(rows: &[Value], scenario: &str, key: &str, what: &str) {
             text(r.get("step_subscribers")),
             pps(r),
             text(r.get("busiest_cpu_pct")),
-            if limited(size) { "" } else { " (the ramp ended before a step failed: not the limit)" }
+            if limited { "" } else { " (the ramp ended before a step failed: not the limit)" }
         );
     }
-    if pps(one) > 0.0 && limited(1) {
+    if pps(one) > 0.0 && one_limited {
         println!("  two / one: {:.2}", pps(two) / pps(one));
     }
     // The same load on both: how much of the busiest process's CPU it takes with one and
